@@ -1,0 +1,45 @@
+# The two entry points of the README: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP_RUN := $(VENV)/.installed-run
+STAMP_TEST := $(VENV)/.installed-test
+
+.PHONY: run test lint typecheck layers unit bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP_RUN): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(STAMP_TEST): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@ $(STAMP_RUN)
+
+# Until the node daemon exists (issue 3), `run` shows what the CLI can do today.
+run: $(STAMP_RUN)
+	$(BIN)/p2pfs --help
+
+lint: $(STAMP_TEST)
+	$(BIN)/ruff check p2pfs tests benchmarks simulations
+	$(BIN)/ruff format --check p2pfs tests
+
+typecheck: $(STAMP_TEST)
+	$(BIN)/mypy
+
+layers: $(STAMP_TEST)
+	$(BIN)/lint-imports
+
+unit: $(STAMP_TEST)
+	$(BIN)/python -m pytest
+
+test: lint typecheck layers unit
+
+bench: $(STAMP_RUN)
+	$(BIN)/python -m p2pfs.bench index
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

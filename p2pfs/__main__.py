@@ -1,0 +1,3 @@
+from p2pfs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,381 @@
+"""Content-defined Merkle trees (one mechanism for files' chunk lists and for directories).
+
+A tree is built bottom-up: level 0 is the list of leaves (chunks of a file, or entries of a
+directory); a level is cut into groups where an item's key has its low four bits clear (about
+one item in 16), with at least two and at most ``MAX_FANOUT`` items a group; each group
+becomes a node one level up. This repeats until one node remains: the root.
+
+Because cuts depend on content, not position, inserting or removing a leaf changes only the
+nodes on its path (and rarely a neighbour): the rest of the tree keeps its hashes, so two
+trees that differ in a few places share almost every node, wherever those nodes sit. That
+is what lets the diff descend only into differing subtrees even after an insertion, which a
+positional binary tree cannot do.
+
+Every node records each child's hash and size (bytes below it), so a receiver that trusts
+only the root can verify any node, leaf or byte range an untrusted peer sends (see
+:func:`verify_range_untrusted`). Node hashes use BLAKE3's derive-key mode with a context per
+tree kind; chunk ids use BLAKE3's plain mode; so a leaf can never pass as a node, and a
+directory node never as a file node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+import blake3
+import msgpack
+
+from p2pfs.errors import IntegrityError, LocalProtocolError, RemoteProtocolError
+from p2pfs.ids import HASH_LEN, ContentHash, content_hash_untrusted
+
+BOUNDARY_MASK = 0x0F
+"""A key whose last byte has these bits clear ends a group: mean fanout 16."""
+MIN_FANOUT = 2
+"""A boundary ends a group only once it holds this many items, so every level shrinks."""
+MAX_FANOUT = 64
+"""A group is cut here regardless of keys, bounding every node's size."""
+MAX_HEIGHT = 40
+"""Far above any real tree (each level at least halves); bounds hostile input."""
+MAX_NODE_BYTES = 64 * 1024
+"""Hard bound on one encoded node (64 directory entries of 255-byte names fit easily)."""
+MAX_SIZE = (1 << 63) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Child:
+    """A subtree as its parent sees it: the subtree's root hash and the bytes below it."""
+
+    hash: ContentHash
+    size: int
+
+
+L = TypeVar("L")
+
+
+class LeafCodec(Protocol[L]):
+    """What a tree needs to know about its leaves."""
+
+    def leaf_to_wire(self, leaf: L) -> list[Any]: ...
+
+    def leaf_from_wire_untrusted(self, value: object) -> L: ...
+
+    def leaf_key(self, leaf: L) -> bytes:
+        """32 bytes that decide whether the leaf ends a group (stable across edits)."""
+        ...
+
+    def leaf_size(self, leaf: L) -> int: ...
+
+    def check_leaf_order_untrusted(self, previous: L, current: L) -> None:
+        """Raise RemoteProtocolError if ``current`` may not follow ``previous``."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class LeafNode(Generic[L]):
+    """A node at height 1: the leaves themselves."""
+
+    leaves: tuple[L, ...]
+
+    height = 1
+
+
+@dataclass(frozen=True, slots=True)
+class BranchNode:
+    """A node at height >= 2: references to nodes one level down."""
+
+    height: int
+    children: tuple[Child, ...]
+
+
+Node = LeafNode[L] | BranchNode
+
+
+class TreeSchema(Generic[L]):
+    """A kind of tree: its leaf codec and the hash context that separates it from others."""
+
+    __slots__ = ("codec", "context", "name")
+
+    def __init__(self, name: str, context: str, codec: LeafCodec[L]) -> None:
+        self.name = name
+        self.context = context
+        self.codec = codec
+
+    # -- hashing and encoding -------------------------------------------------------------
+
+    def node_hash(self, encoded: bytes) -> ContentHash:
+        return ContentHash(blake3.blake3(encoded, derive_key_context=self.context).digest())
+
+    def encode(self, node: LeafNode[L] | BranchNode) -> bytes:
+        """The canonical encoding: msgpack ``[height, [item, ...]]``."""
+        if isinstance(node, LeafNode):
+            items = [self.codec.leaf_to_wire(leaf) for leaf in node.leaves]
+            return msgpack.packb([1, items], use_bin_type=True)  # type: ignore[no-any-return]
+        children = [[child.hash, child.size] for child in node.children]
+        return msgpack.packb([node.height, children], use_bin_type=True)  # type: ignore[no-any-return]
+
+    def decode_untrusted(self, data: bytes) -> LeafNode[L] | BranchNode:
+        """Parse one encoded node from outside; any defect raises RemoteProtocolError."""
+        if len(data) > MAX_NODE_BYTES:
+            raise RemoteProtocolError(f"{self.name} node of {len(data)} bytes exceeds bound")
+        try:
+            value = msgpack.unpackb(
+                data,
+                use_list=True,
+                raw=False,
+                strict_map_key=True,
+                max_bin_len=MAX_NODE_BYTES,
+                max_str_len=MAX_NODE_BYTES,
+                max_array_len=MAX_FANOUT * 8,
+                max_map_len=0,
+                max_ext_len=0,
+            )
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise RemoteProtocolError(f"{self.name} node: malformed msgpack: {exc}") from exc
+        if not isinstance(value, list) or len(value) != 2:
+            raise RemoteProtocolError(f"{self.name} node: expected [height, items]")
+        height, items = value
+        if type(height) is not int or not 1 <= height <= MAX_HEIGHT:
+            raise RemoteProtocolError(f"{self.name} node: bad height {height!r}")
+        if not isinstance(items, list) or len(items) > MAX_FANOUT:
+            raise RemoteProtocolError(f"{self.name} node: items must be a list of <= {MAX_FANOUT}")
+        node: LeafNode[L] | BranchNode
+        if height == 1:
+            leaves = tuple(self.codec.leaf_from_wire_untrusted(item) for item in items)
+            for previous, current in zip(leaves, leaves[1:], strict=False):
+                self.codec.check_leaf_order_untrusted(previous, current)
+            node = LeafNode(leaves)
+        else:
+            if not items:
+                raise RemoteProtocolError(f"{self.name} node: empty branch")
+            node = BranchNode(height, tuple(_child_untrusted(item) for item in items))
+        if self.encode(node) != data:
+            raise RemoteProtocolError(f"{self.name} node: encoding is not canonical")
+        return node
+
+    def node_size(self, node: LeafNode[L] | BranchNode) -> int:
+        if isinstance(node, LeafNode):
+            return sum(self.codec.leaf_size(leaf) for leaf in node.leaves)
+        return sum(child.size for child in node.children)
+
+    def verify_node_untrusted(
+        self, expected: Child, data: bytes, height: int | None = None
+    ) -> LeafNode[L] | BranchNode:
+        """Decode ``data`` and check it is the node ``expected`` names (hash and size)."""
+        if self.node_hash(data) != expected.hash:
+            raise IntegrityError(f"{self.name} node does not match its hash")
+        node = self.decode_untrusted(data)
+        if height is not None and node.height != height:
+            raise IntegrityError(f"{self.name} node has height {node.height}, expected {height}")
+        if self.node_size(node) != expected.size:
+            raise IntegrityError(f"{self.name} node sizes do not add up to {expected.size}")
+        return node
+
+
+def _child_untrusted(value: object) -> Child:
+    if not isinstance(value, list) or len(value) != 2:
+        raise RemoteProtocolError("tree child: expected [hash, size]")
+    raw_hash, size = value
+    if type(size) is not int or not 0 <= size <= MAX_SIZE:
+        raise RemoteProtocolError(f"tree child: bad size {size!r}")
+    return Child(content_hash_untrusted(raw_hash), size)
+
+
+def _is_boundary(key: bytes) -> bool:
+    return key[HASH_LEN - 1] & BOUNDARY_MASK == 0
+
+
+NodeSink = Callable[[ContentHash, bytes, "LeafNode[Any] | BranchNode"], None]
+
+
+class _OpenLevel:
+    """The open group at one height, and how many nodes that height has completed."""
+
+    __slots__ = ("completed", "group")
+
+    def __init__(self) -> None:
+        self.group: list[Child] = []
+        self.completed = 0
+
+
+class TreeBuilder(Generic[L]):
+    """Builds a tree from leaves in order, holding only one open group per level.
+
+    ``sink`` (if given) receives every node as it is completed: (hash, encoding, node).
+    The result equals building level by level over the whole list (tested).
+    """
+
+    __slots__ = ("_finished", "_leaf_group", "_levels", "_schema", "_sink")
+
+    def __init__(self, schema: TreeSchema[L], sink: NodeSink | None = None) -> None:
+        self._schema = schema
+        self._sink = sink
+        self._leaf_group: list[L] = []
+        # _levels[i] holds the nodes of height i + 1 not yet grouped under a parent.
+        self._levels: list[_OpenLevel] = []
+        self._finished = False
+
+    def add(self, leaf: L) -> None:
+        if self._finished:
+            raise LocalProtocolError("tree builder already finished")
+        self._leaf_group.append(leaf)
+        count = len(self._leaf_group)
+        if count >= MAX_FANOUT or (
+            count >= MIN_FANOUT and _is_boundary(self._schema.codec.leaf_key(leaf))
+        ):
+            self._emit_leaf_node()
+
+    def extend(self, leaves: Iterable[L]) -> None:
+        for leaf in leaves:
+            self.add(leaf)
+
+    def finish(self) -> Child:
+        """Close the open groups bottom-up; the first height with a single node is the root."""
+        if self._finished:
+            raise LocalProtocolError("tree builder already finished")
+        self._finished = True
+        if self._leaf_group or not self._levels:
+            self._emit_leaf_node()  # an empty tree is one empty leaf node
+        height_index = 0
+        while True:
+            level = self._levels[height_index]
+            if level.completed == 1:
+                return level.group[0]
+            if level.group:
+                self._emit_branch(height_index)
+            height_index += 1
+
+    def _emit_leaf_node(self) -> None:
+        node: LeafNode[L] = LeafNode(tuple(self._leaf_group))
+        self._leaf_group = []
+        self._emit(node, 0)
+
+    def _emit_branch(self, height_index: int) -> None:
+        level = self._levels[height_index]
+        node = BranchNode(height_index + 2, tuple(level.group))
+        level.group = []
+        self._emit(node, height_index + 1)
+
+    def _emit(self, node: LeafNode[L] | BranchNode, height_index: int) -> None:
+        encoded = self._schema.encode(node)
+        child = Child(self._schema.node_hash(encoded), self._schema.node_size(node))
+        if self._sink is not None:
+            self._sink(child.hash, encoded, node)
+        if height_index == len(self._levels):
+            self._levels.append(_OpenLevel())
+        level = self._levels[height_index]
+        level.completed += 1
+        level.group.append(child)
+        count = len(level.group)
+        if count >= MAX_FANOUT or (count >= MIN_FANOUT and _is_boundary(child.hash)):
+            self._emit_branch(height_index)
+
+
+def build_tree(
+    schema: TreeSchema[L], leaves: Iterable[L]
+) -> tuple[Child, dict[ContentHash, bytes]]:
+    """Build a whole tree in memory: its root and every node's encoding by hash."""
+    nodes: dict[ContentHash, bytes] = {}
+
+    def keep(node_hash: ContentHash, encoded: bytes, _node: object) -> None:
+        nodes[node_hash] = encoded
+
+    builder = TreeBuilder(schema, keep)
+    builder.extend(leaves)
+    return builder.finish(), nodes
+
+
+NodeSource = Callable[[ContentHash], bytes]
+"""Returns a node's encoding by hash (a local store, or a peer behind a request)."""
+
+
+def iter_leaves(
+    schema: TreeSchema[L], root: Child, get_node: NodeSource
+) -> Iterator[tuple[int, L]]:
+    """Walk a tree depth-first, verifying every node; yield (byte offset, leaf) in order."""
+    stack: list[tuple[Child, int, int | None]] = [(root, 0, None)]
+    previous: L | None = None
+    while stack:
+        child, offset, height = stack.pop()
+        node = schema.verify_node_untrusted(child, get_node(child.hash), height)
+        if isinstance(node, LeafNode):
+            for leaf in node.leaves:
+                if previous is not None:
+                    schema.codec.check_leaf_order_untrusted(previous, leaf)
+                previous = leaf
+                yield offset, leaf
+                offset += schema.codec.leaf_size(leaf)
+            continue
+        pending: list[tuple[Child, int, int | None]] = []
+        for grandchild in node.children:
+            pending.append((grandchild, offset, node.height - 1))
+            offset += grandchild.size
+        stack.extend(reversed(pending))
+
+
+def prove_range(
+    schema: TreeSchema[L], root: Child, get_node: NodeSource, start: int, end: int
+) -> list[bytes]:
+    """The nodes a receiver needs to verify the leaves overlapping bytes [start, end).
+
+    The proof is every node on the paths from the root to those leaves, in depth-first
+    order: for a single chunk that is one node per level (about log16 of the chunk count).
+    """
+    if not 0 <= start < end <= root.size:
+        raise LocalProtocolError(f"range [{start}, {end}) outside tree of {root.size} bytes")
+    proof: list[bytes] = []
+    stack: list[tuple[Child, int]] = [(root, 0)]
+    while stack:
+        child, offset = stack.pop()
+        encoded = get_node(child.hash)
+        proof.append(encoded)
+        node = schema.decode_untrusted(encoded)
+        if isinstance(node, BranchNode):
+            pending = []
+            for grandchild in node.children:
+                if offset < end and start < offset + grandchild.size:
+                    pending.append((grandchild, offset))
+                offset += grandchild.size
+            stack.extend(reversed(pending))
+    return proof
+
+
+def verify_range_untrusted(
+    schema: TreeSchema[L], root: Child, proof: Sequence[bytes], start: int, end: int
+) -> list[tuple[int, L]]:
+    """Check ``proof`` (from :func:`prove_range`) against ``root``.
+
+    Returns the verified (offset, leaf) pairs that overlap [start, end). Raises
+    IntegrityError if any node fails its hash, RemoteProtocolError if the proof is
+    malformed, incomplete or carries extra nodes.
+    """
+    if not 0 <= start < end <= root.size:
+        raise RemoteProtocolError(f"range [{start}, {end}) outside tree of {root.size} bytes")
+    if len(proof) > MAX_HEIGHT * MAX_FANOUT * 4:
+        raise RemoteProtocolError("proof has too many nodes")
+    position = 0
+    result: list[tuple[int, L]] = []
+    stack: list[tuple[Child, int, int | None]] = [(root, 0, None)]
+    while stack:
+        child, offset, height = stack.pop()
+        if position >= len(proof):
+            raise RemoteProtocolError("proof ends early")
+        node = schema.verify_node_untrusted(child, proof[position], height)
+        position += 1
+        if isinstance(node, LeafNode):
+            for leaf in node.leaves:
+                size = schema.codec.leaf_size(leaf)
+                if offset < end and start < offset + size:
+                    result.append((offset, leaf))
+                offset += size
+            continue
+        pending = []
+        for grandchild in node.children:
+            if offset < end and start < offset + grandchild.size:
+                pending.append((grandchild, offset, node.height - 1))
+            offset += grandchild.size
+        stack.extend(reversed(pending))
+    if position != len(proof):
+        raise RemoteProtocolError("proof carries nodes it does not need")
+    return result

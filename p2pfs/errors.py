@@ -1,0 +1,33 @@
+"""The one exception hierarchy of p2pfs.
+
+Every error says who is to blame: the remote peer (it sent bytes that break the protocol),
+the data (it fails verification), or ourselves (a caller misused an API). Storage errors are
+local I/O trouble, distinct from all three.
+"""
+
+
+class P2pfsError(Exception):
+    """Root of every error p2pfs raises on purpose."""
+
+
+class RemoteProtocolError(P2pfsError):
+    """Bytes from outside (a peer, a ticket, a file on disk we did not write) are malformed.
+
+    Raised by every ``*_untrusted`` decoder; the peer that sent them is to blame.
+    """
+
+
+class IntegrityError(P2pfsError):
+    """Well-formed data does not match the hash that vouches for it."""
+
+
+class LocalProtocolError(P2pfsError):
+    """Our own code or the local user asked for something impossible."""
+
+
+class InvalidNameError(LocalProtocolError):
+    """A file name that p2pfs refuses to store or transmit (``..``, ``/``, NUL, non-UTF-8...)."""
+
+
+class StorageError(P2pfsError):
+    """The local index or file system failed us (corrupt database, failed write)."""
