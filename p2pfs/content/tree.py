@@ -20,6 +20,7 @@ directory node never as a file node.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
@@ -143,7 +144,7 @@ class TreeSchema(Generic[L]):
         node: LeafNode[L] | BranchNode
         if height == 1:
             leaves = tuple(self.codec.leaf_from_wire_untrusted(item) for item in items)
-            for previous, current in zip(leaves, leaves[1:], strict=False):
+            for previous, current in itertools.pairwise(leaves):
                 self.codec.check_leaf_order_untrusted(previous, current)
             node = LeafNode(leaves)
         else:

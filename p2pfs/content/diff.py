@@ -1,0 +1,288 @@
+"""Tree diff: which paths and which byte ranges of a remote tree differ from a local one.
+
+Both trees are content-defined (see tree.py), so a subtree that exists on both sides has
+the same hash on both sides, wherever it sits. The diff descends both trees one height at a
+time from the top: at each height it first cancels every node whose hash appears on both
+sides (identical subtrees, never opened), then opens only what is left. Remote nodes of one
+height are asked for in one batch, so a diff costs one round trip per tree level, and the
+nodes it touches are O(changes x depth), not O(tree); ``DiffStats`` counts them.
+
+The remote side is untrusted: every remote node is verified against the hash and size its
+parent gave, and a malformed or inconsistent tree raises RemoteProtocolError or
+IntegrityError.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from p2pfs.content.chunking import ChunkRef
+from p2pfs.content.folder import DIR_TREE, FILE_TREE, DirEntry, EntryKind
+from p2pfs.content.tree import Child, LeafNode, TreeSchema
+from p2pfs.errors import RemoteProtocolError
+from p2pfs.ids import ContentHash
+
+L = TypeVar("L")
+
+RemoteNodes = Callable[[Sequence[ContentHash]], Sequence[bytes]]
+"""Fetches nodes of the remote tree by hash, a batch at a time (one request per call)."""
+LocalNode = Callable[[ContentHash], bytes]
+"""Reads one node of a local tree by hash."""
+
+
+@dataclass(slots=True)
+class DiffStats:
+    """What a diff touched: the measure of its cost."""
+
+    remote_nodes: int = 0
+    remote_batches: int = 0
+    local_nodes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LeafDiff(Generic[L]):
+    """Leaves (with byte offsets) present on one side only, as multisets."""
+
+    remote_only: list[tuple[int, L]]
+    local_only: list[tuple[int, L]]
+
+
+@dataclass(slots=True)
+class _Pending:
+    child: Child
+    offset: int
+    height: int | None  # unknown only for a root
+
+
+@dataclass(slots=True)
+class _Side(Generic[L]):
+    frontier: list[_Pending] = field(default_factory=list)
+    leaves: list[tuple[int, L]] = field(default_factory=list)
+
+
+def diff_trees(
+    schema: TreeSchema[L],
+    local_root: Child,
+    local_node: LocalNode,
+    remote_root: Child,
+    remote_nodes: RemoteNodes,
+    stats: DiffStats | None = None,
+) -> LeafDiff[L]:
+    """Leaves of the remote tree missing locally and leaves of the local tree missing remotely."""
+    stats = stats if stats is not None else DiffStats()
+    if local_root == remote_root:
+        return LeafDiff([], [])
+    local: _Side[L] = _Side()
+    remote: _Side[L] = _Side()
+    # Roots first: their heights are unknown until opened.
+    _open_local(schema, local, [_Pending(local_root, 0, None)], local_node, stats)
+    _open_remote(schema, remote, [_Pending(remote_root, 0, None)], remote_nodes, stats)
+    while local.frontier or remote.frontier:
+        _cancel_shared(local.frontier, remote.frontier)
+        heights = [p.height or 0 for p in local.frontier + remote.frontier]
+        if not heights:
+            break
+        top = max(heights)
+        local_open = [p for p in local.frontier if p.height == top]
+        remote_open = [p for p in remote.frontier if p.height == top]
+        local.frontier = [p for p in local.frontier if p.height != top]
+        remote.frontier = [p for p in remote.frontier if p.height != top]
+        _open_local(schema, local, local_open, local_node, stats)
+        _open_remote(schema, remote, remote_open, remote_nodes, stats)
+    return _cancel_leaves(local.leaves, remote.leaves)
+
+
+def _cancel_shared(local: list[_Pending], remote: list[_Pending]) -> None:
+    """Drop every subtree present on both sides (multiset: a chunk run may repeat)."""
+    available = Counter(p.child for p in local)
+    shared: Counter[Child] = Counter()
+    kept_remote = []
+    for pending in remote:
+        if available[pending.child] > shared[pending.child]:
+            shared[pending.child] += 1
+        else:
+            kept_remote.append(pending)
+    remote[:] = kept_remote
+    kept_local = []
+    for pending in local:
+        if shared[pending.child]:
+            shared[pending.child] -= 1
+        else:
+            kept_local.append(pending)
+    local[:] = kept_local
+
+
+def _open_local(
+    schema: TreeSchema[L],
+    side: _Side[L],
+    opening: list[_Pending],
+    local_node: LocalNode,
+    stats: DiffStats,
+) -> None:
+    encodings = [local_node(p.child.hash) for p in opening]
+    stats.local_nodes += len(opening)
+    _expand(schema, side, opening, encodings)
+
+
+def _open_remote(
+    schema: TreeSchema[L],
+    side: _Side[L],
+    opening: list[_Pending],
+    remote_nodes: RemoteNodes,
+    stats: DiffStats,
+) -> None:
+    if not opening:
+        return
+    # A subtree that repeats within the remote frontier is asked for once.
+    wanted = list(dict.fromkeys(p.child.hash for p in opening))
+    answers = remote_nodes(wanted)
+    stats.remote_batches += 1
+    stats.remote_nodes += len(wanted)
+    if len(answers) != len(wanted):
+        raise RemoteProtocolError(f"asked for {len(wanted)} nodes, got {len(answers)}")
+    by_hash = dict(zip(wanted, answers, strict=True))
+    _expand(schema, side, opening, [by_hash[p.child.hash] for p in opening])
+
+
+def _expand(
+    schema: TreeSchema[L], side: _Side[L], opening: list[_Pending], encodings: list[bytes]
+) -> None:
+    for pending, encoded in zip(opening, encodings, strict=True):
+        node = schema.verify_node_untrusted(pending.child, encoded, pending.height)
+        offset = pending.offset
+        if isinstance(node, LeafNode):
+            for leaf in node.leaves:
+                side.leaves.append((offset, leaf))
+                offset += schema.codec.leaf_size(leaf)
+            continue
+        for child in node.children:
+            side.frontier.append(_Pending(child, offset, node.height - 1))
+            offset += child.size
+
+
+def _cancel_leaves(local: list[tuple[int, L]], remote: list[tuple[int, L]]) -> LeafDiff[L]:
+    return LeafDiff(
+        remote_only=_unmatched(remote, Counter(leaf for _, leaf in local)),
+        local_only=_unmatched(local, Counter(leaf for _, leaf in remote)),
+    )
+
+
+def _unmatched(items: list[tuple[int, L]], other: Counter[L]) -> list[tuple[int, L]]:
+    """Items not paired with an equal leaf of the other side (multiset difference)."""
+    left_over = []
+    for offset, leaf in items:
+        if other[leaf]:
+            other[leaf] -= 1
+        else:
+            left_over.append((offset, leaf))
+    return sorted(left_over, key=_by_offset)
+
+
+def _by_offset(item: tuple[int, object]) -> int:
+    return item[0]
+
+
+# -- folders ------------------------------------------------------------------------------
+
+
+class ChangeKind(enum.Enum):
+    ADDED = "added"
+    """Only the remote has this path (a whole file or directory)."""
+    REMOVED = "removed"
+    """Only the local side has this path."""
+    MODIFIED = "modified"
+    """Both have a file here with different content or flags."""
+    REPLACED = "replaced"
+    """A file on one side is a directory on the other."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRange:
+    """A run of consecutive remote chunks that the local version of the file lacks."""
+
+    start: int
+    end: int
+    chunks: tuple[ChunkRef, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PathChange:
+    path: str
+    kind: ChangeKind
+    local: DirEntry | None
+    remote: DirEntry | None
+    ranges: tuple[ChunkRange, ...] = ()
+    """For MODIFIED files: the remote byte ranges whose chunks differ."""
+
+
+def diff_folders(
+    local_root: Child,
+    local_node: LocalNode,
+    remote_root: Child,
+    remote_nodes: RemoteNodes,
+    stats: DiffStats | None = None,
+) -> list[PathChange]:
+    """Every path whose entry differs, with chunk ranges for modified files, in path order."""
+    stats = stats if stats is not None else DiffStats()
+    changes: list[PathChange] = []
+    directories = [("", local_root, remote_root)]
+    while directories:
+        prefix, local_dir, remote_dir = directories.pop()
+        entries = diff_trees(DIR_TREE, local_dir, local_node, remote_dir, remote_nodes, stats)
+        local_by_name = {entry.name: entry for _, entry in entries.local_only}
+        remote_by_name: dict[str, DirEntry] = {}
+        for _, entry in entries.remote_only:
+            if entry.name in remote_by_name:
+                raise RemoteProtocolError(f"remote directory repeats the name {entry.name!r}")
+            remote_by_name[entry.name] = entry
+        for name in sorted(local_by_name.keys() | remote_by_name.keys()):
+            path = f"{prefix}{name}"
+            local_entry = local_by_name.get(name)
+            remote_entry = remote_by_name.get(name)
+            if remote_entry is None:
+                changes.append(PathChange(path, ChangeKind.REMOVED, local_entry, None))
+            elif local_entry is None:
+                changes.append(PathChange(path, ChangeKind.ADDED, None, remote_entry))
+            elif local_entry.kind != remote_entry.kind:
+                changes.append(PathChange(path, ChangeKind.REPLACED, local_entry, remote_entry))
+            elif remote_entry.kind == EntryKind.DIRECTORY:
+                directories.append((f"{path}/", local_entry.root, remote_entry.root))
+            else:
+                ranges = _file_ranges(local_entry, local_node, remote_entry, remote_nodes, stats)
+                changes.append(
+                    PathChange(path, ChangeKind.MODIFIED, local_entry, remote_entry, ranges)
+                )
+    changes.sort(key=lambda change: change.path.encode("utf-8"))
+    return changes
+
+
+def _file_ranges(
+    local_entry: DirEntry,
+    local_node: LocalNode,
+    remote_entry: DirEntry,
+    remote_nodes: RemoteNodes,
+    stats: DiffStats,
+) -> tuple[ChunkRange, ...]:
+    if local_entry.root == remote_entry.root:
+        return ()  # only flags differ
+    leaves = diff_trees(
+        FILE_TREE, local_entry.root, local_node, remote_entry.root, remote_nodes, stats
+    )
+    ranges: list[ChunkRange] = []
+    run: list[ChunkRef] = []
+    run_start = run_end = 0
+    for offset, chunk in leaves.remote_only:
+        if run and offset != run_end:
+            ranges.append(ChunkRange(run_start, run_end, tuple(run)))
+            run = []
+        if not run:
+            run_start = offset
+        run.append(chunk)
+        run_end = offset + chunk.length
+    if run:
+        ranges.append(ChunkRange(run_start, run_end, tuple(run)))
+    return tuple(ranges)
