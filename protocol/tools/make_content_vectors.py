@@ -1,0 +1,196 @@
+"""Regenerate protocol/vectors/content.json from the code.
+
+Run only when the format changes on purpose (and bump the version that changed): the
+vectors are the contract, and tests/test_protocol_vectors.py holds the code to them.
+
+    .venv/bin/python protocol/tools/make_content_vectors.py > protocol/vectors/content.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import blake3
+import msgpack
+
+from p2pfs.content.chunking import DEFAULT_CHUNKER, Chunker, ChunkRef, chunk_id
+from p2pfs.content.folder import (
+    DIR_TREE,
+    FILE_TREE,
+    FLAG_EXECUTABLE,
+    DirEntry,
+    EntryKind,
+    Manifest,
+)
+from p2pfs.content.tree import BranchNode, Child, LeafNode, build_tree
+from p2pfs.ids import ContentHash
+
+
+def annotate(value: Any, label: str) -> list[list[str]]:
+    """msgpack of the subset p2pfs uses, as [hex, note] pieces in order."""
+    if isinstance(value, bool):
+        return [[("c3" if value else "c2"), f"{label}: {str(value).lower()}"]]
+    if isinstance(value, int):
+        encoded = msgpack.packb(value)
+        return [[encoded.hex(), f"{label}: uint {value}"]]
+    if isinstance(value, str):
+        encoded = msgpack.packb(value)
+        raw = value.encode()
+        header = encoded[: len(encoded) - len(raw)]
+        return [[header.hex(), f"{label}: str header, {len(raw)} bytes"], [raw.hex(), f"{value!r}"]]
+    if isinstance(value, bytes):
+        encoded = msgpack.packb(value, use_bin_type=True)
+        header = encoded[: len(encoded) - len(value)]
+        return [[header.hex(), f"{label}: bin header, {len(value)} bytes"], [value.hex(), label]]
+    if isinstance(value, list):
+        header = msgpack.packb([None] * len(value))[: -len(value) or None]
+        pieces = [[header.hex(), f"{label}: array of {len(value)}"]]
+        for index, item in enumerate(value):
+            pieces += annotate(item, f"{label}[{index}]")
+        return pieces
+    raise TypeError(type(value))
+
+
+def encoding_vector(name: str, description: str, value: Any, encoded: bytes) -> dict[str, Any]:
+    pieces = annotate(value, name)
+    assert "".join(hex_part for hex_part, _ in pieces) == encoded.hex(), name
+    return {"name": name, "description": description, "encoding": pieces}
+
+
+def pseudo_random(label: str, size: int) -> bytes:
+    return blake3.blake3(label.encode()).digest(length=size)
+
+
+def main() -> None:
+    vectors: list[dict[str, Any]] = []
+
+    for label, data in (("empty", b""), ("p2pfs", b"p2pfs"), ("1KiB-zeros", bytes(1024))):
+        vectors.append(
+            {
+                "name": f"chunk-id-{label}",
+                "description": "chunk id = BLAKE3-256 (plain mode) of the chunk bytes",
+                "input_hex": data.hex(),
+                "chunk_id": chunk_id(data).hex(),
+            }
+        )
+
+    buffer_label = "p2pfs chunking vector"
+    cuts = Chunker().cut_lengths(pseudo_random(buffer_label, 2 << 20))
+    vectors.append(
+        {
+            "name": "fastcdc-cuts",
+            "description": (
+                "chunk lengths of the first 2 MiB of BLAKE3 XOF output of the ASCII input, "
+                "with the default chunker params"
+            ),
+            "xof_input": buffer_label,
+            "length": 2 << 20,
+            "chunker": DEFAULT_CHUNKER.to_wire(),
+            "cut_lengths": cuts,
+        }
+    )
+
+    chunks = [ChunkRef(chunk_id(b"alpha"), 5), ChunkRef(chunk_id(b"beta!!"), 6)]
+    leaf = LeafNode(tuple(chunks))
+    leaf_encoded = FILE_TREE.encode(leaf)
+    vector = encoding_vector(
+        "file-leaf-node",
+        "file tree node at height 1 listing chunks 'alpha' and 'beta!!' as [length, id]",
+        [1, [[c.length, c.id] for c in chunks]],
+        leaf_encoded,
+    )
+    vector["context"] = FILE_TREE.context
+    vector["node_hash"] = FILE_TREE.node_hash(leaf_encoded).hex()
+    vectors.append(vector)
+
+    children = (
+        Child(FILE_TREE.node_hash(leaf_encoded), 11),
+        Child(ContentHash(bytes(range(32))), 70000),
+    )
+    branch_encoded = FILE_TREE.encode(BranchNode(2, children))
+    vector = encoding_vector(
+        "file-branch-node",
+        "file tree node at height 2: children as [hash, size]",
+        [2, [[c.hash, c.size] for c in children]],
+        branch_encoded,
+    )
+    vector["context"] = FILE_TREE.context
+    vector["node_hash"] = FILE_TREE.node_hash(branch_encoded).hex()
+    vectors.append(vector)
+
+    # A small folder: hello.txt, bin/run (executable), empty/ (an empty directory).
+    hello_root, _ = build_tree(FILE_TREE, Chunker().chunk_refs(b"hello\n"))
+    script = b"#!/bin/sh\necho hi\n"
+    run_root, _ = build_tree(FILE_TREE, Chunker().chunk_refs(script))
+    empty_dir, _ = build_tree(DIR_TREE, [])
+    bin_entries = [DirEntry("run", EntryKind.FILE, FLAG_EXECUTABLE, len(script), run_root.hash)]
+    bin_root, bin_nodes = build_tree(DIR_TREE, bin_entries)
+    top_entries = [
+        DirEntry("bin", EntryKind.DIRECTORY, 0, bin_root.size, bin_root.hash),
+        DirEntry("empty", EntryKind.DIRECTORY, 0, 0, empty_dir.hash),
+        DirEntry("hello.txt", EntryKind.FILE, 0, 6, hello_root.hash),
+    ]
+    top_root, top_nodes = build_tree(DIR_TREE, top_entries)
+    for name, root, nodes, entries in (
+        ("dir-node-bin", bin_root, bin_nodes, bin_entries),
+        ("dir-node-top", top_root, top_nodes, top_entries),
+    ):
+        vector = encoding_vector(
+            name,
+            "directory tree node at height 1: entries [name, kind, flags, size, root]",
+            [1, [DIR_TREE.codec.leaf_to_wire(e) for e in entries]],
+            nodes[root.hash],
+        )
+        vector["context"] = DIR_TREE.context
+        vector["node_hash"] = root.hash.hex()
+        vectors.append(vector)
+    vectors.append(
+        {
+            "name": "empty-trees",
+            "description": "an empty file and an empty directory are each one empty node",
+            "empty_file_root": build_tree(FILE_TREE, [])[0].hash.hex(),
+            "empty_dir_root": empty_dir.hash.hex(),
+            "encoding_hex": msgpack.packb([1, []]).hex(),
+        }
+    )
+
+    manifest = Manifest("demo", DEFAULT_CHUNKER, top_root, 2, 2, False)
+    manifest_encoded = manifest.encode()
+    vector = encoding_vector(
+        "manifest",
+        "share manifest v1 of the small folder above; its keyed hash is the share root",
+        [
+            1,
+            "demo",
+            DEFAULT_CHUNKER.to_wire(),
+            top_root.hash,
+            top_root.size,
+            2,
+            2,
+            False,
+        ],
+        manifest_encoded,
+    )
+    vector["share_root"] = manifest.root().hex()
+    vectors.append(vector)
+
+    json.dump(
+        {
+            "contexts": {
+                "file_tree_node": FILE_TREE.context,
+                "directory_tree_node": DIR_TREE.context,
+                "share_manifest": "p2pfs 2026-11-22 share manifest v1",
+            },
+            "vectors": vectors,
+        },
+        sys.stdout,
+        indent=1,
+        ensure_ascii=False,
+    )
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
