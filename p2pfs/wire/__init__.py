@@ -1,0 +1,1 @@
+"""Sans-I/O wire protocol: frames, messages and the per-stream request/response codec."""
