@@ -12,6 +12,9 @@ import pytest
 from p2pfs.content.chunking import DEFAULT_CHUNKER, Chunker, ChunkerParams, chunk_id
 from p2pfs.content.folder import DIR_TREE, FILE_TREE, MANIFEST_CONTEXT, Manifest
 from p2pfs.content.tree import TreeSchema, build_tree
+from p2pfs.wire.frames import FrameDecoder
+from p2pfs.wire.messages import decode_message_untrusted, encode_message
+from p2pfs.wire.session import PROTOCOL_VERSION
 
 VECTORS_FILE = Path(__file__).parent.parent / "protocol" / "vectors" / "content.json"
 DOCUMENT = json.loads(VECTORS_FILE.read_text())
@@ -90,3 +93,34 @@ def test_small_folder_and_manifest() -> None:
         blake3.blake3(encoded, derive_key_context=MANIFEST_CONTEXT).hexdigest()
         == (vector["share_root"])
     )
+
+
+WIRE = json.loads((VECTORS_FILE.parent / "wire.json").read_text())
+WIRE_TYPES = {
+    "hello": "Hello",
+    "error": "ErrorReply",
+    "get-manifest": "GetManifest",
+    "manifest-reply": "ManifestReply",
+    "get-nodes": "GetNodes",
+    "nodes-reply": "NodesReply",
+    "get-chunks": "GetChunks",
+    "chunk-data": "ChunkData",
+    "cancel": "Cancel",
+}
+
+
+def test_wire_vectors_cover_every_message_and_version() -> None:
+    assert WIRE["protocol_version"] == PROTOCOL_VERSION
+    assert {vector["name"] for vector in WIRE["vectors"]} == set(WIRE_TYPES)
+
+
+@pytest.mark.parametrize("vector", WIRE["vectors"], ids=lambda v: v["name"])
+def test_wire_message_vectors(vector: dict[str, Any]) -> None:
+    frame_bytes = encoding_of(vector)
+    decoder = FrameDecoder()
+    decoder.feed(frame_bytes)
+    frame = decoder.next_frame_untrusted()
+    assert frame is not None
+    message = decode_message_untrusted(frame)
+    assert type(message).__name__ == WIRE_TYPES[vector["name"]]
+    assert encode_message(message) == frame_bytes

@@ -1,9 +1,10 @@
-"""Regenerate protocol/vectors/content.json from the code.
+"""Regenerate the golden vectors in protocol/vectors/ from the code.
 
-Run only when the format changes on purpose (and bump the version that changed): the
-vectors are the contract, and tests/test_protocol_vectors.py holds the code to them.
+Run only when a format changes on purpose (and bump the version that changed): the vectors
+are the contract, and tests/test_protocol_vectors.py holds the code to them.
 
-    .venv/bin/python protocol/tools/make_content_vectors.py > protocol/vectors/content.json
+    .venv/bin/python protocol/tools/make_vectors.py content > protocol/vectors/content.json
+    .venv/bin/python protocol/tools/make_vectors.py wire > protocol/vectors/wire.json
 """
 
 from __future__ import annotations
@@ -26,6 +27,21 @@ from p2pfs.content.folder import (
 )
 from p2pfs.content.tree import BranchNode, Child, LeafNode, build_tree
 from p2pfs.ids import ContentHash
+from p2pfs.wire.codes import ErrorCode
+from p2pfs.wire.messages import (
+    Cancel,
+    ChunkData,
+    ErrorReply,
+    GetChunks,
+    GetManifest,
+    GetNodes,
+    Hello,
+    ManifestReply,
+    Message,
+    NodesReply,
+    encode_message,
+)
+from p2pfs.wire.session import PROTOCOL_VERSION
 
 
 def annotate(value: Any, label: str) -> list[list[str]]:
@@ -63,7 +79,7 @@ def pseudo_random(label: str, size: int) -> bytes:
     return blake3.blake3(label.encode()).digest(length=size)
 
 
-def main() -> None:
+def content_vectors() -> dict[str, Any]:
     vectors: list[dict[str, Any]] = []
 
     for label, data in (("empty", b""), ("p2pfs", b"p2pfs"), ("1KiB-zeros", bytes(1024))):
@@ -176,19 +192,51 @@ def main() -> None:
     vector["share_root"] = manifest.root().hex()
     vectors.append(vector)
 
-    json.dump(
-        {
-            "contexts": {
-                "file_tree_node": FILE_TREE.context,
-                "directory_tree_node": DIR_TREE.context,
-                "share_manifest": "p2pfs 2026-11-22 share manifest v1",
-            },
-            "vectors": vectors,
+    return {
+        "contexts": {
+            "file_tree_node": FILE_TREE.context,
+            "directory_tree_node": DIR_TREE.context,
+            "share_manifest": "p2pfs 2026-11-22 share manifest v1",
         },
-        sys.stdout,
-        indent=1,
-        ensure_ascii=False,
-    )
+        "vectors": vectors,
+    }
+
+
+def wire_vectors() -> dict[str, Any]:
+    root = ContentHash(bytes.fromhex("11" * 32))
+    chunk = ChunkRef(chunk_id(b"alpha"), 5)
+    examples: list[tuple[str, Message]] = [
+        ("hello", Hello(1, 1, "p2pfs/0.1")),
+        ("error", ErrorReply(3, ErrorCode.NOT_FOUND, "no such share")),
+        ("get-manifest", GetManifest(1, root)),
+        ("manifest-reply", ManifestReply(1, b"\x98\x01")),
+        ("get-nodes", GetNodes(2, root, (ContentHash(bytes(32)),))),
+        ("nodes-reply", NodesReply(2, (b"\x92\x01\x90",))),
+        ("get-chunks", GetChunks(3, root, (chunk,))),
+        ("chunk-data", ChunkData(3, 0, b"alpha")),
+        ("cancel", Cancel(3)),
+    ]
+    vectors = []
+    for name, message in examples:
+        frame = encode_message(message)
+        header = msgpack.packb(message.fields(), use_bin_type=True)
+        payload = bytes(message.payload) if isinstance(message, ChunkData) else b""
+        pieces = [
+            [frame[:4].hex(), f"frame length {len(frame) - 4} (u32 big-endian: tag + body)"],
+            [frame[4:5].hex(), f"tag 0x{message.TAG:02x} = {type(message).__name__}"],
+            *annotate(msgpack.unpackb(header, raw=False), "fields"),
+        ]
+        if payload:
+            pieces.append([payload.hex(), f"raw chunk payload, {len(payload)} bytes"])
+        assert "".join(hex_part for hex_part, _ in pieces) == frame.hex(), name
+        vectors.append({"name": name, "encoding": pieces})
+    return {"protocol_version": PROTOCOL_VERSION, "vectors": vectors}
+
+
+def main() -> None:
+    which = sys.argv[1] if len(sys.argv) > 1 else "content"
+    document = content_vectors() if which == "content" else wire_vectors()
+    json.dump(document, sys.stdout, indent=1, ensure_ascii=False)
     sys.stdout.write("\n")
 
 

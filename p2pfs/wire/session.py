@@ -1,0 +1,174 @@
+"""Per-stream protocol state (sans-I/O): ``receive_data`` / ``next_message`` / ``send``.
+
+Every stream starts with a Hello in each direction, then the client sends requests and the
+server answers them in order; a client may pipeline many requests on one stream. The session
+enforces who may send what, version compatibility, increasing request ids, and that every
+reply answers an outstanding request (so a peer cannot inject chunks nobody asked for).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from p2pfs.errors import LocalProtocolError
+from p2pfs.wire.codes import ErrorCode, WireError
+from p2pfs.wire.frames import FrameDecoder
+from p2pfs.wire.messages import (
+    Cancel,
+    ChunkData,
+    ErrorReply,
+    GetChunks,
+    GetManifest,
+    GetNodes,
+    Hello,
+    ManifestReply,
+    Message,
+    NodesReply,
+    decode_message_untrusted,
+    encode_message,
+)
+
+PROTOCOL_VERSION = 1
+MIN_PROTOCOL_VERSION = 1
+AGENT = "p2pfs/0.1"
+
+Request = GetManifest | GetNodes | GetChunks
+Reply = ManifestReply | NodesReply | ChunkData | ErrorReply
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+@dataclass(slots=True)
+class _Outstanding:
+    request: Request
+    chunks_left: int
+
+
+class StreamSession:
+    """One stream's protocol state for one side."""
+
+    def __init__(self, role: Role, version: int = PROTOCOL_VERSION) -> None:
+        self.role = role
+        self._version = version
+        self._decoder = FrameDecoder()
+        self.peer_hello: Hello | None = None
+        self.version: int | None = None
+        """The version both sides speak, once the peer's Hello arrived."""
+        self._last_request_id = 0
+        self._outstanding: dict[int, _Outstanding] = {}
+
+    # -- output ---------------------------------------------------------------------------
+
+    def hello(self) -> bytes:
+        return encode_message(Hello(self._version, MIN_PROTOCOL_VERSION, AGENT))
+
+    def send(self, message: Message) -> bytes:
+        """Encode ``message`` after checking that this side may send it now."""
+        if isinstance(message, Hello):
+            raise LocalProtocolError("use hello()")
+        if self.role is Role.CLIENT:
+            if isinstance(message, GetManifest | GetNodes | GetChunks):
+                if message.request_id <= self._last_request_id:
+                    raise LocalProtocolError("request ids must increase")
+                self._last_request_id = message.request_id
+                expected = len(message.chunks) if isinstance(message, GetChunks) else 1
+                self._outstanding[message.request_id] = _Outstanding(message, expected)
+            elif not isinstance(message, Cancel):
+                raise LocalProtocolError(f"a client does not send {type(message).__name__}")
+        elif not isinstance(message, ManifestReply | NodesReply | ChunkData | ErrorReply):
+            raise LocalProtocolError(f"a server does not send {type(message).__name__}")
+        return encode_message(message)
+
+    def outstanding(self, request_id: int) -> Request | None:
+        entry = self._outstanding.get(request_id)
+        return entry.request if entry else None
+
+    @property
+    def outstanding_count(self) -> int:
+        return len(self._outstanding)
+
+    # -- input ----------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        self._decoder.feed(data)
+
+    def next_message(self) -> Message | None:
+        """The next message from the peer, or None until more data arrives."""
+        frame = self._decoder.next_frame_untrusted()
+        if frame is None:
+            return None
+        message = decode_message_untrusted(frame)
+        if self.peer_hello is None:
+            if not isinstance(message, Hello):
+                raise WireError(ErrorCode.PROTOCOL_VIOLATION, "stream must start with Hello")
+            self._accept_hello(message)
+            return message
+        if isinstance(message, Hello):
+            raise WireError(ErrorCode.PROTOCOL_VIOLATION, "second Hello")
+        if self.role is Role.SERVER:
+            self._check_request(message)
+        else:
+            self._check_reply(message)
+        return message
+
+    def _accept_hello(self, hello: Hello) -> None:
+        if hello.version < MIN_PROTOCOL_VERSION:
+            raise WireError(
+                ErrorCode.VERSION_TOO_OLD,
+                f"peer speaks version {hello.version}, oldest supported {MIN_PROTOCOL_VERSION}",
+            )
+        if hello.min_version > self._version:
+            raise WireError(
+                ErrorCode.VERSION_UNKNOWN,
+                f"peer needs version >= {hello.min_version}, we speak {self._version}",
+            )
+        self.peer_hello = hello
+        self.version = min(hello.version, self._version)
+
+    def _check_request(self, message: Message) -> None:
+        if isinstance(message, Cancel):
+            return
+        if not isinstance(message, GetManifest | GetNodes | GetChunks):
+            raise WireError(
+                ErrorCode.PROTOCOL_VIOLATION, f"a client may not send {type(message).__name__}"
+            )
+        if message.request_id <= self._last_request_id:
+            raise WireError(ErrorCode.PROTOCOL_VIOLATION, "request ids must increase")
+        self._last_request_id = message.request_id
+
+    def _check_reply(self, message: Message) -> None:
+        if not isinstance(message, ManifestReply | NodesReply | ChunkData | ErrorReply):
+            raise WireError(
+                ErrorCode.PROTOCOL_VIOLATION, f"a server may not send {type(message).__name__}"
+            )
+        if isinstance(message, ErrorReply) and message.request_id == 0:
+            return  # about the whole stream
+        entry = self._outstanding.get(message.request_id)
+        if entry is None:
+            raise WireError(ErrorCode.PROTOCOL_VIOLATION, "reply to no outstanding request")
+        request = entry.request
+        if isinstance(message, ErrorReply):
+            del self._outstanding[message.request_id]
+            return
+        expected_type = {GetManifest: ManifestReply, GetNodes: NodesReply, GetChunks: ChunkData}
+        if not isinstance(message, expected_type[type(request)]):
+            raise WireError(ErrorCode.PROTOCOL_VIOLATION, "reply does not match its request")
+        if isinstance(message, NodesReply):
+            assert isinstance(request, GetNodes)
+            if len(message.nodes) != len(request.hashes):
+                raise WireError(ErrorCode.PROTOCOL_VIOLATION, "wrong number of nodes")
+        if isinstance(message, ChunkData):
+            assert isinstance(request, GetChunks)
+            expected_index = len(request.chunks) - entry.chunks_left
+            if message.index != expected_index:
+                raise WireError(ErrorCode.PROTOCOL_VIOLATION, "chunk out of order")
+            if len(message.payload) != request.chunks[message.index].length:
+                raise WireError(ErrorCode.PROTOCOL_VIOLATION, "chunk of the wrong length")
+            entry.chunks_left -= 1
+            if entry.chunks_left:
+                return
+        del self._outstanding[message.request_id]

@@ -1,0 +1,229 @@
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pfs.content.chunking import ChunkRef
+from p2pfs.errors import LocalProtocolError, RemoteProtocolError
+from p2pfs.ids import ContentHash
+from p2pfs.wire.codes import ErrorCode, WireError
+from p2pfs.wire.frames import MAX_FRAME_BYTES, FrameDecoder, encode_frame
+from p2pfs.wire.messages import (
+    Cancel,
+    ChunkData,
+    ErrorReply,
+    GetChunks,
+    GetManifest,
+    GetNodes,
+    Hello,
+    ManifestReply,
+    Message,
+    NodesReply,
+    decode_message_untrusted,
+    encode_chunk_data_header,
+    encode_message,
+)
+from p2pfs.wire.session import PROTOCOL_VERSION, Role, StreamSession
+
+hashes = st.binary(min_size=32, max_size=32).map(ContentHash)
+request_ids = st.integers(1, 2**64 - 1)
+chunk_refs = st.builds(ChunkRef, hashes, st.integers(1, 1 << 20))
+messages = st.one_of(
+    st.builds(Hello, st.integers(0, 100), st.integers(0, 100), st.text(max_size=64)),
+    st.builds(
+        ErrorReply, st.integers(0, 2**64 - 1), st.sampled_from(ErrorCode), st.text(max_size=200)
+    ),
+    st.builds(GetManifest, request_ids, hashes),
+    st.builds(ManifestReply, request_ids, st.binary(max_size=4096)),
+    st.builds(GetNodes, request_ids, hashes, st.lists(hashes, max_size=20).map(tuple)),
+    st.builds(NodesReply, request_ids, st.lists(st.binary(max_size=300), max_size=20).map(tuple)),
+    st.builds(GetChunks, request_ids, hashes, st.lists(chunk_refs, max_size=20).map(tuple)),
+    st.builds(ChunkData, request_ids, st.integers(0, 255), st.binary(max_size=3000)),
+    st.builds(Cancel, request_ids),
+)
+
+
+def decode_one(data: bytes) -> Message:
+    decoder = FrameDecoder()
+    decoder.feed(data)
+    frame = decoder.next_frame_untrusted()
+    assert frame is not None
+    assert decoder.next_frame_untrusted() is None
+    return decode_message_untrusted(frame)
+
+
+def normalised(message: Message) -> Message:
+    if isinstance(message, ChunkData):
+        return ChunkData(message.request_id, message.index, bytes(message.payload))
+    return message
+
+
+@settings(max_examples=300, deadline=None)
+@given(messages)
+def test_every_message_round_trips(message: Message) -> None:
+    assert normalised(decode_one(encode_message(message))) == normalised(message)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(messages, min_size=1, max_size=8), st.integers(1, 50))
+def test_frames_reassemble_from_any_split(batch: list[Message], step: int) -> None:
+    stream = b"".join(encode_message(m) for m in batch)
+    decoder = FrameDecoder()
+    decoded = []
+    for start in range(0, len(stream), step):
+        decoder.feed(stream[start : start + step])
+        while (frame := decoder.next_frame_untrusted()) is not None:
+            decoded.append(normalised(decode_message_untrusted(frame)))
+    assert decoded == [normalised(m) for m in batch]
+
+
+def test_chunk_data_header_matches_whole_encoding() -> None:
+    payload = b"x" * 1000
+    whole = encode_message(ChunkData(7, 3, payload))
+    assert encode_chunk_data_header(7, 3, len(payload)) + payload == whole
+
+
+def test_newer_peers_extra_fields_are_ignored() -> None:
+    body = msgpack.packb([5, bytes(32), "a field from the future"], use_bin_type=True)
+    assert decode_one(encode_frame(GetManifest.TAG, body)) == GetManifest(5, ContentHash(bytes(32)))
+
+
+@pytest.mark.parametrize(
+    ("data", "code"),
+    [
+        (encode_frame(0x7E, msgpack.packb([1])), ErrorCode.UNKNOWN_MESSAGE),
+        (encode_frame(0x00, b""), ErrorCode.UNKNOWN_MESSAGE),
+        (encode_frame(GetManifest.TAG, msgpack.packb([1])), ErrorCode.PROTOCOL_VIOLATION),
+        (encode_frame(GetManifest.TAG, msgpack.packb([1, b"short"])), ErrorCode.PROTOCOL_VIOLATION),
+        (encode_frame(GetManifest.TAG, msgpack.packb({"a": 1})), ErrorCode.PROTOCOL_VIOLATION),
+        (
+            encode_frame(GetManifest.TAG, msgpack.packb([1, bytes(32)]) + b"x"),
+            ErrorCode.PROTOCOL_VIOLATION,
+        ),
+        (
+            encode_frame(GetChunks.TAG, msgpack.packb([1, bytes(32), [[0, bytes(32)]]])),
+            ErrorCode.PROTOCOL_VIOLATION,
+        ),
+        (
+            encode_frame(GetNodes.TAG, msgpack.packb([1, bytes(32), [bytes(32)] * 257])),
+            ErrorCode.PROTOCOL_VIOLATION,
+        ),
+        (encode_frame(Hello.TAG, msgpack.packb(["http", 1, 1, "x"])), ErrorCode.VERSION_UNKNOWN),
+        (encode_frame(ChunkData.TAG, b"\x92"), ErrorCode.PROTOCOL_VIOLATION),
+    ],
+)
+def test_malformed_messages_raise_wire_errors_with_codes(data: bytes, code: ErrorCode) -> None:
+    with pytest.raises(WireError) as info:
+        decode_one(data)
+    assert info.value.code is code
+
+
+def test_oversized_frame_is_refused_from_its_header() -> None:
+    decoder = FrameDecoder()
+    decoder.feed((MAX_FRAME_BYTES + 1).to_bytes(4, "big"))
+    with pytest.raises(WireError) as info:
+        decoder.next_frame_untrusted()
+    assert info.value.code is ErrorCode.FRAME_TOO_LARGE
+    assert decoder.buffered == 4  # nothing allocated for the promised body
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=400))
+def test_junk_raises_only_remote_protocol_errors(junk: bytes) -> None:
+    session = StreamSession(Role.SERVER)
+    session.receive_data(junk)
+    try:
+        while session.next_message() is not None:
+            pass
+    except RemoteProtocolError:
+        pass
+
+
+def pair() -> tuple[StreamSession, StreamSession]:
+    client, server = StreamSession(Role.CLIENT), StreamSession(Role.SERVER)
+    server.receive_data(client.hello())
+    client.receive_data(server.hello())
+    assert isinstance(server.next_message(), Hello)
+    assert isinstance(client.next_message(), Hello)
+    return client, server
+
+
+def test_pipelined_requests_and_in_order_replies() -> None:
+    client, server = pair()
+    root = ContentHash(bytes(32))
+    refs = (ChunkRef(ContentHash(b"a" * 32), 3), ChunkRef(ContentHash(b"b" * 32), 2))
+    server.receive_data(client.send(GetChunks(1, root, refs)) + client.send(GetManifest(2, root)))
+    assert server.next_message() == GetChunks(1, root, refs)
+    assert server.next_message() == GetManifest(2, root)
+    client.receive_data(
+        server.send(ChunkData(1, 0, b"abc"))
+        + server.send(ChunkData(1, 1, b"de"))
+        + server.send(ErrorReply(2, ErrorCode.NOT_FOUND, "no such share"))
+    )
+    assert bytes(client.next_message().payload) == b"abc"  # type: ignore[union-attr]
+    assert bytes(client.next_message().payload) == b"de"  # type: ignore[union-attr]
+    assert client.next_message() == ErrorReply(2, ErrorCode.NOT_FOUND, "no such share")
+    assert client.outstanding_count == 0
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        ChunkData(9, 0, b"abc"),  # nobody asked for request 9
+        ChunkData(1, 1, b"de"),  # out of order
+        ChunkData(1, 0, b"abcd"),  # wrong length
+        NodesReply(1, ()),  # wrong type
+    ],
+)
+def test_unsolicited_or_mismatched_replies_are_violations(reply: Message) -> None:
+    client, server = pair()
+    refs = (ChunkRef(ContentHash(b"a" * 32), 3), ChunkRef(ContentHash(b"b" * 32), 2))
+    server.receive_data(client.send(GetChunks(1, ContentHash(bytes(32)), refs)))
+    client.receive_data(encode_message(reply))
+    with pytest.raises(WireError) as info:
+        client.next_message()
+    assert info.value.code is ErrorCode.PROTOCOL_VIOLATION
+
+
+def test_stream_must_start_with_hello_and_only_once() -> None:
+    server = StreamSession(Role.SERVER)
+    server.receive_data(encode_message(GetManifest(1, ContentHash(bytes(32)))))
+    with pytest.raises(WireError):
+        server.next_message()
+    client, server = pair()
+    server.receive_data(client.hello())
+    with pytest.raises(WireError):
+        server.next_message()
+
+
+def test_server_refuses_decreasing_request_ids_and_client_messages_from_server() -> None:
+    client, server = pair()
+    root = ContentHash(bytes(32))
+    server.receive_data(encode_message(GetManifest(5, root)) + encode_message(GetManifest(5, root)))
+    server.next_message()
+    with pytest.raises(WireError):
+        server.next_message()
+    client.receive_data(encode_message(GetManifest(1, root)))
+    with pytest.raises(WireError):
+        client.next_message()
+    with pytest.raises(LocalProtocolError):
+        server.send(GetManifest(1, root))
+
+
+def test_versions_too_old_and_unknown_are_distinct() -> None:
+    session = StreamSession(Role.SERVER)
+    session.receive_data(encode_message(Hello(0, 0, "ancient")))
+    with pytest.raises(WireError) as info:
+        session.next_message()
+    assert info.value.code is ErrorCode.VERSION_TOO_OLD
+    session = StreamSession(Role.SERVER)
+    session.receive_data(encode_message(Hello(PROTOCOL_VERSION + 5, PROTOCOL_VERSION + 1, "f")))
+    with pytest.raises(WireError) as info:
+        session.next_message()
+    assert info.value.code is ErrorCode.VERSION_UNKNOWN
+    session = StreamSession(Role.SERVER)
+    session.receive_data(encode_message(Hello(PROTOCOL_VERSION + 5, 1, "newer, compatible")))
+    assert isinstance(session.next_message(), Hello)
+    assert session.version == PROTOCOL_VERSION
