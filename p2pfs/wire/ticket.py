@@ -1,0 +1,143 @@
+"""Tickets: what one user hands another to fetch a share (one line, versioned, checksummed).
+
+``p2pfs1`` + lowercase base32 (no padding) of ``payload || checksum``, where ``payload`` is
+msgpack ``[kind, root, node_id or nil, [[host, port], ...]]`` and ``checksum`` the first 4
+bytes of BLAKE3(payload). The digit after ``p2pfs`` is the ticket format version, so a
+ticket from a newer p2pfs is reported as such rather than as a typo.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import ipaddress
+from dataclasses import dataclass
+
+import blake3
+import msgpack
+
+from p2pfs.errors import RemoteProtocolError
+from p2pfs.ids import HASH_LEN, ContentHash, content_hash_untrusted
+
+PREFIX = "p2pfs"
+TICKET_VERSION = 1
+CHECKSUM_BYTES = 4
+MAX_ADDRESSES = 16
+MAX_TICKET_CHARS = 2048
+
+
+class TicketKind(enum.IntEnum):
+    SHARE = 0
+    """Read access to an immutable share: the root is the capability."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    kind: TicketKind
+    root: ContentHash
+    node_id: bytes | None
+    """The sharer's NodeId (32 bytes), unless the ticket was made with --no-hints."""
+    addresses: tuple[PeerAddress, ...]
+
+    def encode(self) -> str:
+        payload = msgpack.packb(
+            [
+                int(self.kind),
+                self.root,
+                self.node_id,
+                [[address.host, address.port] for address in self.addresses],
+            ],
+            use_bin_type=True,
+        )
+        checksum = blake3.blake3(payload).digest()[:CHECKSUM_BYTES]
+        text = base64.b32encode(payload + checksum).decode("ascii").rstrip("=").lower()
+        return f"{PREFIX}{TICKET_VERSION}{text}"
+
+
+class TicketError(RemoteProtocolError):
+    """A ticket that cannot be used; the message is one line meant for the user."""
+
+
+def parse_ticket_untrusted(text: str) -> Ticket:
+    text = text.strip()
+    if len(text) > MAX_TICKET_CHARS:
+        raise TicketError("ticket is too long")
+    if not text.lower().startswith(PREFIX):
+        raise TicketError("not a p2pfs ticket (it should start with 'p2pfs1')")
+    rest = text[len(PREFIX) :]
+    if not rest[:1].isdigit():
+        raise TicketError("ticket has no version digit after 'p2pfs'")
+    if int(rest[0]) != TICKET_VERSION:
+        raise TicketError(
+            f"ticket format {rest[0]} is not understood by this p2pfs (it reads format "
+            f"{TICKET_VERSION}); upgrade p2pfs"
+        )
+    body = rest[1:].upper()
+    try:
+        raw = base64.b32decode(body + "=" * (-len(body) % 8))
+    except ValueError as exc:
+        raise TicketError("ticket is damaged (not base32); copy it again") from exc
+    payload, checksum = raw[:-CHECKSUM_BYTES], raw[-CHECKSUM_BYTES:]
+    if len(raw) <= CHECKSUM_BYTES or blake3.blake3(payload).digest()[:CHECKSUM_BYTES] != checksum:
+        raise TicketError("ticket checksum does not match; copy it again")
+    try:
+        value = msgpack.unpackb(
+            payload, raw=False, max_bin_len=HASH_LEN, max_str_len=256, max_array_len=64
+        )
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise TicketError("ticket content is malformed") from exc
+    if not isinstance(value, list) or len(value) < 4:
+        raise TicketError("ticket content is malformed")
+    kind, root, node_id, addresses = value[:4]
+    if type(kind) is not int or kind not in TicketKind.__members__.values():
+        raise TicketError(f"ticket kind {kind!r} is not understood by this p2pfs")
+    if node_id is not None:
+        node_id = bytes(content_hash_untrusted(node_id))
+    if not isinstance(addresses, list) or len(addresses) > MAX_ADDRESSES:
+        raise TicketError("ticket addresses are malformed")
+    ticket = Ticket(
+        TicketKind(kind),
+        content_hash_untrusted(root),
+        node_id,
+        tuple(_address_untrusted(item) for item in addresses),
+    )
+    # Base32's last character carries spare bits: only the canonical spelling is accepted,
+    # so every changed character is caught.
+    if ticket.encode() != text.lower():
+        raise TicketError("ticket is damaged; copy it again")
+    return ticket
+
+
+def _address_untrusted(value: object) -> PeerAddress:
+    if not isinstance(value, list) or len(value) != 2:
+        raise TicketError("ticket address is malformed")
+    host, port = value
+    if not isinstance(host, str) or type(port) is not int or not 0 < port < 65536:
+        raise TicketError("ticket address is malformed")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise TicketError(f"ticket address {host!r} is not an IP address") from exc
+    return PeerAddress(host, port)
+
+
+def parse_address(text: str) -> PeerAddress:
+    """``HOST:PORT`` or ``[V6]:PORT`` as typed by a user (``--peer``, ``--listen``)."""
+    host, _, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
+        raise TicketError(f"expected HOST:PORT, got {text!r}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise TicketError(f"{host!r} is not an IP address") from exc
+    return PeerAddress(host, int(port_text))

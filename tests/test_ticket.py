@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pfs.ids import ContentHash
+from p2pfs.wire.ticket import (
+    PeerAddress,
+    Ticket,
+    TicketError,
+    TicketKind,
+    parse_address,
+    parse_ticket_untrusted,
+)
+
+ROOT = ContentHash(bytes(range(32)))
+addresses = st.lists(
+    st.builds(
+        PeerAddress,
+        st.ip_addresses().map(str),
+        st.integers(1, 65535),
+    ),
+    max_size=4,
+).map(tuple)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    root=st.binary(min_size=32, max_size=32).map(ContentHash),
+    node=st.none() | st.binary(min_size=32, max_size=32),
+    addrs=addresses,
+)
+def test_tickets_round_trip(
+    root: ContentHash, node: bytes | None, addrs: tuple[PeerAddress, ...]
+) -> None:
+    ticket = Ticket(TicketKind.SHARE, root, node, addrs)
+    text = ticket.encode()
+    assert text.startswith("p2pfs1")
+    assert "\n" not in text and " " not in text
+    assert parse_ticket_untrusted(f"  {text}\n") == ticket
+    assert parse_ticket_untrusted(text.upper().replace("P2PFS1", "p2pfs1")) == ticket
+
+
+def test_every_single_character_change_is_caught() -> None:
+    text = Ticket(TicketKind.SHARE, ROOT, bytes(32), (PeerAddress("127.0.0.1", 4000),)).encode()
+    alphabet = "abcdefghijklmnopqrstuvwxyz234567"
+    for position in range(len("p2pfs1"), len(text)):
+        replacement = alphabet[(alphabet.index(text[position]) + 1) % 32]
+        damaged = text[:position] + replacement + text[position + 1 :]
+        with pytest.raises(TicketError):
+            parse_ticket_untrusted(damaged)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("hello", "not a p2pfs ticket"),
+        ("p2pfsx", "no version digit"),
+        ("p2pfs2aaaa", "upgrade p2pfs"),
+        ("p2pfs1!!!!", "not base32"),
+        ("p2pfs1" + "a" * 3000, "too long"),
+        ("p2pfs1", "checksum"),
+    ],
+)
+def test_bad_tickets_give_one_clear_line(text: str, words: str) -> None:
+    with pytest.raises(TicketError) as info:
+        parse_ticket_untrusted(text)
+    assert words in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_parse_address() -> None:
+    assert parse_address("127.0.0.1:4000") == PeerAddress("127.0.0.1", 4000)
+    assert parse_address("[::1]:5") == PeerAddress("::1", 5)
+    assert str(PeerAddress("::1", 5)) == "[::1]:5"
+    for bad in ("localhost:1", "1.2.3.4", "1.2.3.4:70000", ":5"):
+        with pytest.raises(TicketError):
+            parse_address(bad)
