@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from p2pfs.content.chunking import Chunker, ChunkRef
+from p2pfs.errors import IntegrityError, StorageError
+from p2pfs.store.assemble import PartialFile, is_partial_name
+from tests.helpers_content import random_bytes
+
+ROOT = bytes(range(32))
+
+
+def chunks_of(data: bytes) -> list[tuple[int, ChunkRef]]:
+    offset = 0
+    out = []
+    for ref in Chunker().chunk_refs(data):
+        out.append((offset, ref))
+        offset += ref.length
+    return out
+
+
+def test_destination_appears_only_on_commit(tmp_path: Path) -> None:
+    data = random_bytes(1, 1 << 20)
+    (tmp_path / "f.bin").write_bytes(b"old content")
+    with PartialFile(str(tmp_path), "f.bin", ROOT, len(data)) as partial:
+        for offset, ref in reversed(chunks_of(data)):  # any order
+            partial.write_chunk(offset, data[offset : offset + ref.length], ref)
+            assert (tmp_path / "f.bin").read_bytes() == b"old content"
+        partial.commit(executable=True, mtime_ns=1_600_000_000_000_000_000)
+    assert (tmp_path / "f.bin").read_bytes() == data
+    info = os.stat(tmp_path / "f.bin")
+    assert info.st_mode & stat.S_IXUSR
+    assert info.st_mtime_ns == 1_600_000_000_000_000_000
+    assert not [p for p in os.listdir(tmp_path) if is_partial_name(p)]
+
+
+def test_unverified_bytes_are_never_written(tmp_path: Path) -> None:
+    data = random_bytes(2, 300_000)
+    (offset, ref), *_ = chunks_of(data)
+    with PartialFile(str(tmp_path), "f", ROOT, len(data)) as partial:
+        bad = bytearray(data[: ref.length])
+        bad[5] ^= 1
+        with pytest.raises(IntegrityError):
+            partial.write_chunk(offset, bytes(bad), ref)
+        assert Path(partial.temp_path).read_bytes()[:16] == bytes(16)
+
+
+def test_resume_finds_intact_chunks_and_rejects_torn_ones(tmp_path: Path) -> None:
+    data = random_bytes(3, 2 << 20)
+    chunks = chunks_of(data)
+    with PartialFile(str(tmp_path), "f", ROOT, len(data)) as partial:
+        for offset, ref in chunks[::2]:
+            partial.write_chunk(offset, data[offset : offset + ref.length], ref)
+        temp_path = partial.temp_path
+    # A crash mid-write: one written chunk is torn.
+    torn_offset, _torn = chunks[2]
+    fd = os.open(temp_path, os.O_WRONLY)
+    os.pwrite(fd, b"\xff" * 10, torn_offset + 7)
+    os.close(fd)
+    with PartialFile(str(tmp_path), "f", ROOT, len(data)) as resumed:
+        present = resumed.verified_chunks(chunks)
+        assert present == {offset for offset, _ in chunks[::2]} - {torn_offset}
+        for offset, ref in chunks:
+            if offset not in present:
+                resumed.write_chunk(offset, data[offset : offset + ref.length], ref)
+        resumed.commit(executable=False)
+    assert (tmp_path / "f").read_bytes() == data
+
+
+def test_never_replaces_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    with PartialFile(str(tmp_path), "d", ROOT, 0) as partial, pytest.raises(StorageError):
+        partial.commit(executable=False)
+    assert (tmp_path / "d").is_dir()
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    with PartialFile(str(tmp_path), "empty", ROOT, 0) as partial:
+        partial.commit(executable=False)
+    assert (tmp_path / "empty").read_bytes() == b""
