@@ -1,0 +1,567 @@
+"""The node's SQLite index: shares, local files and their chunk lists, chunk locations.
+
+One database per node home, one connection per :class:`IndexStore`. The connection may be
+used from any thread (the daemon calls in through ``trio.to_thread``) but only from one at a
+time: callers serialise. Every sqlite3 failure leaves as :class:`~p2pfs.errors.StorageError`.
+
+Budget: the index holds at most ~1 MiB per GiB of data it describes. A file's chunk list is
+one packed blob (36 bytes a chunk) and a chunk's location one 8-byte-key row, so a chunk
+costs ~60 bytes; file-tree nodes are rebuilt from the packed list rather than stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sqlite3
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from importlib import resources
+
+from p2pfs.content.chunking import ChunkRef, chunk_id
+from p2pfs.content.folder import FILE_TREE
+from p2pfs.content.names import normalize_local_name
+from p2pfs.content.tree import Child, TreeBuilder
+from p2pfs.errors import IntegrityError, InvalidNameError, StorageError
+from p2pfs.ids import HASH_LEN, ContentHash
+
+log = logging.getLogger(__name__)
+
+INDEX_FILENAME = "index.sqlite3"
+CHUNK_RECORD = struct.Struct(f"<{HASH_LEN}sI")
+"""One chunk in a packed chunk list: id, then length (little-endian u32)."""
+
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[A-Za-z0-9_]+\.sql$")
+
+FileRow = tuple[int, int, int, int, int, bytes, int]
+"""A file as a rescan compares it: (id, size, mtime_ns, inode, mode, root, chunk count)."""
+NewFile = tuple[int, str, int, int, int, int, bytes, bytes]
+"""A file to add: (dir id, on-disk name, size, mtime_ns, inode, mode, root, packed chunks)."""
+
+
+def pack_chunks(chunks: Iterable[ChunkRef]) -> bytes:
+    return b"".join(CHUNK_RECORD.pack(chunk.id, chunk.length) for chunk in chunks)
+
+
+def unpack_chunks(packed: bytes) -> list[ChunkRef]:
+    if len(packed) % CHUNK_RECORD.size:
+        raise StorageError("index: packed chunk list has a ragged length")
+    return [ChunkRef(ContentHash(cid), length) for cid, length in CHUNK_RECORD.iter_unpack(packed)]
+
+
+def chunk_prefix(cid: bytes) -> int:
+    """The chunk-location key: the id's first 8 bytes as a signed 64-bit integer."""
+    return int.from_bytes(cid[:8], "little", signed=True)
+
+
+def build_file_tree(packed: bytes, nodes: dict[ContentHash, bytes] | None = None) -> Child:
+    """Rebuild a file's tree from its packed chunk list; fill ``nodes`` (hash -> encoding)."""
+    sink = None
+    if nodes is not None:
+        store = nodes
+
+        def sink(node_hash: ContentHash, encoded: bytes, _node: object) -> None:
+            store[node_hash] = encoded
+
+    builder = TreeBuilder(FILE_TREE, sink)
+    for cid, length in CHUNK_RECORD.iter_unpack(packed):
+        builder.add(ChunkRef(ContentHash(cid), length))
+    return builder.finish()
+
+
+@dataclass(frozen=True, slots=True)
+class ShareRecord:
+    id: int
+    local_path: str
+    root: ContentHash | None
+    manifest: bytes | None
+    created_ns: int
+    scan_started_ns: int | None
+    scan_generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    """A file of a share as the index knows it."""
+
+    id: int
+    path: str
+    """Normalised path inside the share (``/``-separated)."""
+    local_path: str
+    size: int
+    mtime_ns: int
+    inode: int
+    mode: int
+    root: ContentHash
+    chunks: bytes
+    """Packed chunk list (see :data:`CHUNK_RECORD`)."""
+
+    def chunk_refs(self) -> list[ChunkRef]:
+        return unpack_chunks(self.chunks)
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkLocation:
+    """Where a chunk's bytes were, as of the last scan (verify after reading)."""
+
+    path: str
+    offset: int
+    length: int
+
+
+@contextmanager
+def _guard(what: str) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StorageError(f"index: {what} failed: {exc}") from exc
+
+
+def _migrations() -> list[tuple[int, str]]:
+    found = []
+    for entry in resources.files("p2pfs.store").joinpath("schema").iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.read_text(encoding="utf-8")))
+    found.sort()
+    for position, (version, _) in enumerate(found, start=1):
+        if version != position:
+            raise StorageError(f"index: schema migrations are not numbered 1..n ({version})")
+    return found
+
+
+SCHEMA_VERSION = len(_migrations())
+"""The newest schema this code knows."""
+
+
+class IndexStore:
+    """The SQLite index of one node home. Plain blocking methods; callers serialise."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        with _guard(f"opening {self.path}"):
+            self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            self._setup()
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def _setup(self) -> None:
+        with _guard(f"opening {self.path}"):
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            # Random-keyed indexes (chunk prefixes, file roots) touch pages all over; a
+            # 16 MiB page cache keeps a big scan from spilling them mid-transaction.
+            self._conn.execute("PRAGMA cache_size=-16384")
+            self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+            )
+            row = self._conn.execute("SELECT max(version) FROM schema_version").fetchone()
+        current = row[0] or 0
+        if current > SCHEMA_VERSION:
+            raise StorageError(
+                f"index {self.path} has schema version {current}, newer than this p2pfs "
+                f"knows ({SCHEMA_VERSION}); upgrade p2pfs"
+            )
+        for version, script in _migrations()[current:]:
+            log.info("index %s: applying schema migration %04d", self.path, version)
+            # executescript commits any open transaction first, so the transaction (and
+            # the version row that records it) lives inside the script itself.
+            try:
+                self._conn.executescript(
+                    f"BEGIN IMMEDIATE;\n{script}\n"
+                    f"INSERT INTO schema_version (version) VALUES ({version});\nCOMMIT;"
+                )
+            except sqlite3.Error as exc:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise StorageError(f"index: migration {version:04d} failed: {exc}") from exc
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with _guard("closing"):
+            self._conn.close()
+
+    def __enter__(self) -> IndexStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def begin(self) -> None:
+        """Open a write transaction (see :meth:`transaction` for the usual form)."""
+        with _guard("begin"):
+            self._conn.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        with _guard("commit"):
+            self._conn.execute("COMMIT")
+
+    def rollback(self) -> None:
+        with _guard("rollback"):
+            self._conn.execute("ROLLBACK")
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group writes: all of them land, or none (nests by joining the outer one)."""
+        if self._conn.in_transaction:
+            yield
+            return
+        self.begin()
+        try:
+            yield
+        except BaseException:
+            self.rollback()
+            raise
+        self.commit()
+
+    def schema_version(self) -> int:
+        with _guard("reading schema version"):
+            row = self._conn.execute("SELECT max(version) FROM schema_version").fetchone()
+        return int(row[0] or 0)
+
+    def checkpoint(self) -> None:
+        """Fold the WAL into the main file (so its size is the index's real size)."""
+        with _guard("checkpoint"):
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def size_bytes(self) -> int:
+        """Bytes the index occupies on disk (main file plus WAL)."""
+        total = 0
+        for suffix in ("", "-wal"):
+            with suppress(FileNotFoundError):
+                total += os.stat(self.path + suffix).st_size
+        return total
+
+    # -- shares ---------------------------------------------------------------------------
+
+    _SHARE_COLUMNS = "id, local_path, root, manifest, created_ns, scan_started_ns, scan_generation"
+
+    def _share_from_row(self, row: tuple[object, ...] | None) -> ShareRecord | None:
+        if row is None:
+            return None
+        return ShareRecord(*row)  # type: ignore[arg-type]
+
+    def share_for_path(self, local_path: str, created_ns: int) -> ShareRecord:
+        """The share rooted at ``local_path``, created (with ``created_ns``) if new."""
+        with _guard("reading share"), self.transaction():
+            self._conn.execute(
+                "INSERT OR IGNORE INTO shares (local_path, created_ns) VALUES (?, ?)",
+                (local_path, created_ns),
+            )
+            row = self._conn.execute(
+                f"SELECT {self._SHARE_COLUMNS} FROM shares WHERE local_path = ?",
+                (local_path,),
+            ).fetchone()
+        share = self._share_from_row(row)
+        assert share is not None
+        return share
+
+    def share(self, share_id: int) -> ShareRecord | None:
+        with _guard("reading share"):
+            row = self._conn.execute(
+                f"SELECT {self._SHARE_COLUMNS} FROM shares WHERE id = ?", (share_id,)
+            ).fetchone()
+        return self._share_from_row(row)
+
+    def share_by_root(self, root: bytes) -> ShareRecord | None:
+        with _guard("reading share"):
+            row = self._conn.execute(
+                f"SELECT {self._SHARE_COLUMNS} FROM shares WHERE root = ? ORDER BY id LIMIT 1",
+                (root,),
+            ).fetchone()
+        return self._share_from_row(row)
+
+    def shares(self) -> list[ShareRecord]:
+        with _guard("listing shares"):
+            rows = self._conn.execute(
+                f"SELECT {self._SHARE_COLUMNS} FROM shares ORDER BY id"
+            ).fetchall()
+        return [ShareRecord(*row) for row in rows]
+
+    def begin_scan(self, share_id: int, started_ns: int) -> tuple[int, int]:
+        """Start a scan of a share: returns (generation, racy reference time).
+
+        The generation marks the directories this scan sees. The reference time is the
+        start of the last completed scan, or of this one if none completed: every row in
+        the index was written after it, so rows whose mtime is near or after it may be
+        racily clean.
+        """
+        with _guard("starting scan"), self.transaction():
+            row = self._conn.execute(
+                "UPDATE shares SET scan_generation = scan_generation + 1, "
+                "scan_started_ns = coalesce(scan_started_ns, ?) WHERE id = ? "
+                "RETURNING scan_generation, scan_started_ns",
+                (started_ns, share_id),
+            ).fetchone()
+        if row is None:
+            raise StorageError(f"index: no share {share_id}")
+        return int(row[0]), int(row[1])
+
+    def finish_scan(
+        self,
+        share_id: int,
+        generation: int,
+        root: bytes,
+        manifest: bytes,
+        scan_started_ns: int,
+    ) -> None:
+        """Record a completed scan and drop what it did not see (vanished directories)."""
+        with _guard("finishing scan"), self.transaction():
+            stale = [
+                dir_id
+                for (dir_id,) in self._conn.execute(
+                    "SELECT id FROM dirs WHERE share_id = ? AND generation != ?",
+                    (share_id, generation),
+                )
+            ]
+            for dir_id in stale:
+                self._delete_files_where("dir_id = ?", (dir_id,))
+            self._conn.executemany("DELETE FROM dirs WHERE id = ?", [(d,) for d in stale])
+            self._conn.execute(
+                "UPDATE shares SET root = ?, manifest = ?, scan_started_ns = ? WHERE id = ?",
+                (root, manifest, scan_started_ns, share_id),
+            )
+
+    # -- directories and files ------------------------------------------------------------
+
+    def visit_dir(
+        self, share_id: int, path: str, rel: str, parent_id: int | None
+    ) -> tuple[int, bytes | None, bytes | None]:
+        """A share's directory at ``path``: (id, cached tree hash, cached subdirs digest).
+
+        A new directory changes its parent's entries, so it invalidates the parent's cached
+        tree in the same transaction. Callers mark the directory seen with :meth:`mark_dir`.
+        """
+        with _guard("recording directory"):
+            row = self._conn.execute(
+                "SELECT id, tree_hash, subdirs_digest FROM dirs WHERE share_id = ? AND path = ?",
+                (share_id, path),
+            ).fetchone()
+            if row is not None:
+                return int(row[0]), row[1], row[2]
+            with self.transaction():
+                cursor = self._conn.execute(
+                    "INSERT INTO dirs (share_id, path, rel, generation) VALUES (?, ?, ?, 0)",
+                    (share_id, path, rel),
+                )
+                if parent_id is not None:
+                    self._conn.execute(
+                        "UPDATE dirs SET tree_hash = NULL WHERE id = ?", (parent_id,)
+                    )
+            assert cursor.lastrowid is not None
+            return cursor.lastrowid, None, None
+
+    def mark_dir(self, dir_id: int, rel: str, generation: int) -> None:
+        """Record that scan ``generation`` saw this directory (under share path ``rel``)."""
+        with _guard("recording directory"):
+            self._conn.execute(
+                "UPDATE dirs SET generation = ?, rel = ? WHERE id = ?", (generation, rel, dir_id)
+            )
+
+    def invalidate_dir(self, dir_id: int) -> None:
+        """Forget a directory's cached tree: its rows are about to change."""
+        with _guard("recording directory"):
+            self._conn.execute("UPDATE dirs SET tree_hash = NULL WHERE id = ?", (dir_id,))
+
+    def set_dir_tree(self, dir_id: int, tree_hash: bytes, subdirs_digest: bytes) -> None:
+        with _guard("recording directory"):
+            self._conn.execute(
+                "UPDATE dirs SET tree_hash = ?, subdirs_digest = ? WHERE id = ?",
+                (tree_hash, subdirs_digest, dir_id),
+            )
+
+    def dir_files(self, dir_id: int) -> dict[str, FileRow]:
+        """The files of one directory by on-disk name, in one query."""
+        with _guard("reading directory"):
+            rows = self._conn.execute(
+                "SELECT name, id, size, mtime_ns, inode, mode, root, length(chunks) / ? "
+                "FROM files WHERE dir_id = ?",
+                (CHUNK_RECORD.size, dir_id),
+            ).fetchall()
+        return {row[0]: row[1:] for row in rows}
+
+    def add_files(self, files: Sequence[NewFile]) -> None:
+        """Insert files (names new in their directories) and their chunk locations."""
+        if not files:
+            return
+        with _guard("adding files"), self.transaction():
+            # Ids are assigned here so that one executemany inserts a whole batch (the
+            # connection is the only writer while the transaction holds the write lock).
+            (last,) = self._conn.execute("SELECT coalesce(max(id), 0) FROM files").fetchone()
+            self._conn.executemany(
+                "INSERT INTO files (id, dir_id, name, size, mtime_ns, inode, mode, root, "
+                "chunks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(last + position, *file) for position, file in enumerate(files, start=1)],
+            )
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO chunk_locations (prefix, file_id) VALUES (?, ?)",
+                [
+                    (chunk_prefix(file[7][i : i + 8]), last + position)
+                    for position, file in enumerate(files, start=1)
+                    for i in range(0, len(file[7]), CHUNK_RECORD.size)
+                ],
+            )
+
+    def update_file(
+        self,
+        file_id: int,
+        size: int,
+        mtime_ns: int,
+        inode: int,
+        mode: int,
+        root: bytes,
+        chunks: bytes,
+    ) -> None:
+        """Replace a file's stat and content; chunk locations follow the content."""
+        with _guard("updating file"), self.transaction():
+            row = self._conn.execute(
+                "SELECT root, chunks FROM files WHERE id = ?", (file_id,)
+            ).fetchone()
+            if row is None:
+                raise StorageError(f"index: no file {file_id}")
+            content_changed = row[0] != root or row[1] != chunks
+            if content_changed:
+                self._drop_locations(file_id, row[1])
+                self._conn.execute(
+                    "UPDATE files SET size = ?, mtime_ns = ?, inode = ?, mode = ?, root = ?, "
+                    "chunks = ? WHERE id = ?",
+                    (size, mtime_ns, inode, mode, root, chunks, file_id),
+                )
+                self._add_locations(file_id, chunks)
+            else:
+                self._conn.execute(
+                    "UPDATE files SET size = ?, mtime_ns = ?, inode = ?, mode = ? WHERE id = ?",
+                    (size, mtime_ns, inode, mode, file_id),
+                )
+
+    def delete_files(self, file_ids: Iterable[int]) -> None:
+        with _guard("deleting files"), self.transaction():
+            for file_id in file_ids:
+                self._delete_files_where("id = ?", (file_id,))
+
+    def _delete_files_where(self, condition: str, args: tuple[object, ...]) -> None:
+        rows = self._conn.execute(
+            f"SELECT id, chunks FROM files WHERE {condition}", args
+        ).fetchall()
+        for file_id, chunks in rows:
+            self._drop_locations(file_id, chunks)
+        self._conn.executemany("DELETE FROM files WHERE id = ?", [(row[0],) for row in rows])
+
+    def _add_locations(self, file_id: int, chunks: bytes) -> None:
+        self._conn.executemany(
+            "INSERT OR IGNORE INTO chunk_locations (prefix, file_id) VALUES (?, ?)",
+            [
+                (chunk_prefix(chunks[i : i + 8]), file_id)
+                for i in range(0, len(chunks), CHUNK_RECORD.size)
+            ],
+        )
+
+    def _drop_locations(self, file_id: int, chunks: bytes) -> None:
+        self._conn.executemany(
+            "DELETE FROM chunk_locations WHERE prefix = ? AND file_id = ?",
+            [
+                (chunk_prefix(chunks[i : i + 8]), file_id)
+                for i in range(0, len(chunks), CHUNK_RECORD.size)
+            ],
+        )
+
+    def share_files(self, share_id: int) -> Iterator[FileRecord]:
+        """Every file of a share in path order (the order of its directory trees)."""
+        with _guard("listing files"):
+            rows = self._conn.execute(
+                "SELECT f.id, d.rel, d.path, f.name, f.size, f.mtime_ns, f.inode, f.mode, "
+                "f.root, f.chunks FROM files f JOIN dirs d ON d.id = f.dir_id "
+                "WHERE d.share_id = ? ORDER BY d.rel, f.name",
+                (share_id,),
+            ).fetchall()
+        records = []
+        for file_id, rel, dir_path, name, size, mtime_ns, inode, mode, root, chunks in rows:
+            try:
+                tree_name = normalize_local_name(name)
+            except InvalidNameError as exc:
+                raise StorageError(f"index: stored name {name!r} is invalid") from exc
+            path = f"{rel}/{tree_name}" if rel else tree_name
+            local = os.path.join(dir_path, name)
+            records.append(
+                FileRecord(file_id, path, local, size, mtime_ns, inode, mode, root, chunks)
+            )
+        # Tree order is by UTF-8 bytes of each component, which SQLite's text order on
+        # on-disk names does not always match (NFD vs NFC), so sort here.
+        records.sort(key=lambda record: [part.encode() for part in record.path.split("/")])
+        yield from records
+
+    # -- chunks and trees -----------------------------------------------------------------
+
+    def locate_chunk(self, cid: bytes) -> ChunkLocation | None:
+        """Where a chunk with id ``cid`` can be read locally, or None."""
+        with _guard("locating chunk"):
+            rows = self._conn.execute(
+                "SELECT d.path, f.name, f.chunks FROM chunk_locations c "
+                "JOIN files f ON f.id = c.file_id JOIN dirs d ON d.id = f.dir_id "
+                "WHERE c.prefix = ?",
+                (chunk_prefix(cid),),
+            ).fetchall()
+        for dir_path, name, chunks in rows:
+            offset = 0
+            for other, length in CHUNK_RECORD.iter_unpack(chunks):
+                if other == cid:
+                    return ChunkLocation(os.path.join(dir_path, name), offset, length)
+                offset += length
+        return None
+
+    def file_chunks(self, root: bytes) -> bytes | None:
+        """The packed chunk list of a file with tree root ``root``, or None."""
+        with _guard("reading file"):
+            row = self._conn.execute(
+                "SELECT chunks FROM files WHERE substr(root, 1, 8) = ? AND root = ? LIMIT 1",
+                (root[:8], root),
+            ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def file_tree_nodes(self, root: bytes) -> dict[ContentHash, bytes] | None:
+        """Every node of a local file's tree by hash (rebuilt from its chunk list)."""
+        packed = self.file_chunks(root)
+        if packed is None:
+            return None
+        nodes: dict[ContentHash, bytes] = {}
+        if build_file_tree(packed, nodes).hash != root:
+            raise StorageError(f"index: chunk list of file {root.hex()} does not give its root")
+        return nodes
+
+    def put_dir_nodes(self, nodes: Iterable[tuple[bytes, bytes]]) -> None:
+        with _guard("storing directory nodes"), self.transaction():
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO dir_nodes (hash, node) VALUES (?, ?)", nodes
+            )
+
+    def dir_node(self, node_hash: bytes) -> bytes | None:
+        with _guard("reading directory node"):
+            row = self._conn.execute(
+                "SELECT node FROM dir_nodes WHERE hash = ?", (node_hash,)
+            ).fetchone()
+        return None if row is None else bytes(row[0])
+
+
+def read_chunk(location: ChunkLocation, cid: bytes) -> bytes:
+    """Read a located chunk and check it still is what the index says.
+
+    Raises IntegrityError if the file changed since the scan, StorageError if unreadable.
+    """
+    try:
+        fd = os.open(location.path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+        try:
+            data = os.pread(fd, location.length, location.offset)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise StorageError(f"cannot read chunk from {location.path}: {exc}") from exc
+    if len(data) != location.length or chunk_id(data) != cid:
+        raise IntegrityError(f"{location.path} changed since it was indexed")
+    return data

@@ -1,0 +1,105 @@
+"""The SQLite index: migrations, persistence, chunk locations, the metadata budget."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from p2pfs.content.chunking import DEFAULT_CHUNKER, Chunker
+from p2pfs.content.folder import FILE_TREE
+from p2pfs.content.tree import Child, iter_leaves
+from p2pfs.errors import StorageError
+from p2pfs.store.index import SCHEMA_VERSION, IndexStore, read_chunk, unpack_chunks
+from p2pfs.store.scanner import scan_share
+
+
+def test_migrations_record_version(tmp_path: Path) -> None:
+    with IndexStore(tmp_path / "index.sqlite3") as index:
+        assert index.schema_version() == SCHEMA_VERSION >= 1
+    conn = sqlite3.connect(tmp_path / "index.sqlite3")
+    try:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    finally:
+        conn.close()
+    assert {"schema_version", "shares", "files", "chunk_locations", "dir_nodes"} <= tables
+    assert mode == "wal"
+
+
+def test_reopen_keeps_data(tmp_path: Path) -> None:
+    (tmp_path / "share").mkdir()
+    (tmp_path / "share" / "a.txt").write_bytes(b"hello")
+    with IndexStore(tmp_path / "index.sqlite3") as index:
+        first = scan_share(tmp_path / "share", index)
+    with IndexStore(tmp_path / "index.sqlite3") as index:
+        assert index.schema_version() == SCHEMA_VERSION
+        share = index.share_by_root(first.root)
+        assert share is not None and share.manifest == first.manifest.encode()
+        assert [record.path for record in index.share_files(share.id)] == ["a.txt"]
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    with IndexStore(tmp_path / "index.sqlite3"):
+        pass
+    conn = sqlite3.connect(tmp_path / "index.sqlite3")
+    with conn:
+        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION + 1,))
+    conn.close()
+    with pytest.raises(StorageError, match="newer"):
+        IndexStore(tmp_path / "index.sqlite3")
+
+
+def test_corrupt_database_is_a_storage_error(tmp_path: Path) -> None:
+    (tmp_path / "index.sqlite3").write_bytes(b"this is not a database" * 200)
+    with pytest.raises(StorageError):
+        IndexStore(tmp_path / "index.sqlite3")
+
+
+def test_chunk_location_lookup_returns_the_bytes(tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)
+    (tmp_path / "share").mkdir()
+    (tmp_path / "share" / "blob").write_bytes(data)
+    with IndexStore(tmp_path / "index.sqlite3") as index:
+        result = scan_share(tmp_path / "share", index)
+        records = list(index.share_files(result.share_id))
+        refs = records[0].chunk_refs()
+        assert refs == Chunker(DEFAULT_CHUNKER).chunk_refs(data)
+        offset = 0
+        for ref in refs:
+            location = index.locate_chunk(ref.id)
+            assert location is not None
+            assert (location.offset, location.length) == (offset, ref.length)
+            assert read_chunk(location, ref.id) == data[offset : offset + ref.length]
+            offset += ref.length
+        assert index.locate_chunk(b"\x00" * 32) is None
+
+
+def test_file_tree_is_rebuilt_from_the_chunk_list(tmp_path: Path) -> None:
+    data = os.urandom(6 << 20)
+    (tmp_path / "f").write_bytes(data)
+    with IndexStore(tmp_path / "index.sqlite3") as index:
+        result = scan_share(tmp_path / "f", index)
+        (record,) = index.share_files(result.share_id)
+        nodes = index.file_tree_nodes(record.root)
+        assert nodes is not None
+        tree = Child(record.root, len(data))
+        leaves = [leaf for _, leaf in iter_leaves(FILE_TREE, tree, nodes.__getitem__)]
+        assert leaves == unpack_chunks(record.chunks)
+
+
+@pytest.mark.slow
+def test_metadata_budget(tmp_path: Path) -> None:
+    """<= 1 MiB of index per GiB described: 0.1% of a big random file."""
+    size = 128 << 20
+    with open(tmp_path / "big", "wb") as out:
+        for _ in range(size >> 22):
+            out.write(os.urandom(4 << 20))
+    with IndexStore(tmp_path / "index.sqlite3") as index:
+        result = scan_share(tmp_path / "big", index)
+        index.checkpoint()
+        used = index.size_bytes()
+    assert result.bytes == size
+    assert used / size <= 0.001, f"{used} bytes of index for {size} bytes"
