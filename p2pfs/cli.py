@@ -13,6 +13,16 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TextIO
 
+from rich.console import Console
+from rich.progress import (
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
+
 from p2pfs import __version__
 from p2pfs.errors import P2pfsError
 from p2pfs.home import resolve_home
@@ -119,16 +129,6 @@ def _progress(stream: TextIO) -> Iterator[Callable[[int, int], None] | None]:
     if not stream.isatty():
         yield None
         return
-    from rich.console import Console
-    from rich.progress import (
-        DownloadColumn,
-        Progress,
-        SpinnerColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TransferSpeedColumn,
-    )
-
     bar = Progress(
         SpinnerColumn(),
         TextColumn("indexing {task.fields[files]} files"),

@@ -649,10 +649,7 @@ def scan_share(
         read_hook,
     )
     try:
-        if single_file:
-            result = _scan_single_file(scan, top, name)
-        else:
-            result = _scan_top_dir(scan, top)
+        result = _scan_single_file(scan, top, name) if single_file else _scan_top_dir(scan, top)
         scan.commit()
     except BaseException:
         scan.rollback()

@@ -1,0 +1,86 @@
+"""``p2pfs manifest`` in a real subprocess: output, JSON, exit codes, the home."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from p2pfs.content.chunking import Chunker
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "p2pfs", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+        check=False,
+    )
+
+
+def make_share(root: Path) -> bytes:
+    big = os.urandom(300_000)
+    (root / "sub").mkdir(parents=True)
+    (root / "hello.txt").write_bytes(b"hello\n")
+    (root / "sub" / "big.bin").write_bytes(big)
+    return big
+
+
+def test_manifest_prints_root_and_counts(tmp_path: Path) -> None:
+    make_share(tmp_path / "share")
+    done = run("--home", str(tmp_path / "home"), "manifest", str(tmp_path / "share"))
+    assert done.returncode == 0, done.stderr
+    fields = dict(line.split(None, 1) for line in done.stdout.splitlines())
+    assert len(fields["root"]) == 64 and int(fields["files"]) == 2
+    assert int(fields["bytes"]) == 300_006 and int(fields["chunks"]) >= 3
+    assert done.stderr == ""  # no progress bar when stderr is not a terminal
+    assert (tmp_path / "home" / "index.sqlite3").exists()
+    assert (tmp_path / "home").stat().st_mode & 0o777 == 0o700
+
+
+def test_manifest_json_has_per_file_chunks(tmp_path: Path) -> None:
+    big = make_share(tmp_path / "share")
+    done = run("--home", str(tmp_path / "home"), "manifest", "--json", str(tmp_path / "share"))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["name"] == "share" and report["files"] == 2 and report["problems"] == []
+    entries = {entry["path"]: entry for entry in report["entries"]}
+    assert set(entries) == {"hello.txt", "sub/big.bin"}
+    expected = [[ref.id.hex(), ref.length] for ref in Chunker().chunk_refs(big)]
+    assert entries["sub/big.bin"]["chunks"] == expected
+    assert report["chunks"] == len(expected) + 1
+    plain = run("--home", str(tmp_path / "home"), "manifest", str(tmp_path / "share"))
+    assert plain.stdout.split()[1] == report["root"]
+
+
+def test_home_from_environment(tmp_path: Path) -> None:
+    make_share(tmp_path / "share")
+    done = run("manifest", str(tmp_path / "share"), env={"P2PFS_HOME": str(tmp_path / "envhome")})
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "envhome" / "index.sqlite3").exists()
+
+
+def test_skipped_paths_exit_1_and_name_the_path(tmp_path: Path) -> None:
+    make_share(tmp_path / "share")
+    os.mkfifo(tmp_path / "share" / "pipe")
+    done = run("--home", str(tmp_path / "home"), "manifest", str(tmp_path / "share"))
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert str(tmp_path / "share" / "pipe") in line
+
+
+def test_fatal_errors_exit_2_without_traceback(tmp_path: Path) -> None:
+    missing = run("--home", str(tmp_path / "home"), "manifest", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert str(tmp_path / "nope") in missing.stderr
+    usage = run("--home", str(tmp_path / "home"), "frobnicate")
+    assert usage.returncode == 2 and "Traceback" not in usage.stderr
+    (tmp_path / "home2").mkdir()
+    (tmp_path / "home2" / "index.sqlite3").write_bytes(b"garbage" * 1000)
+    corrupt = run("--home", str(tmp_path / "home2"), "manifest", str(tmp_path))
+    assert corrupt.returncode == 2 and "Traceback" not in corrupt.stderr
+    assert len(corrupt.stderr.splitlines()) == 1

@@ -1,0 +1,307 @@
+"""The scanner on real files: roots, rescans, and every kind of bad input."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import unicodedata
+from pathlib import Path
+
+import pytest
+
+from p2pfs.content.chunking import DEFAULT_CHUNKER, Chunker
+from p2pfs.store.index import IndexStore
+from p2pfs.store.scanner import BLOCK_SIZE, RACY_WINDOW_NS, ScanResult, scan_share
+
+OLD_NS = 1_600_000_000 * 10**9
+"""mtime given to test files so they are not racily clean at the first scan."""
+
+
+def write(path: Path, data: bytes, executable: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.chmod(path, 0o755 if executable else 0o644)
+    os.utime(path, ns=(OLD_NS, OLD_NS))
+
+
+def scan(tmp_path: Path, target: Path, home: str = "home", **kwargs: object) -> ScanResult:
+    (tmp_path / home).mkdir(exist_ok=True)
+    with IndexStore(tmp_path / home / "index.sqlite3") as index:
+        return scan_share(target, index, **kwargs)  # type: ignore[arg-type]
+
+
+NFD_NAME = unicodedata.normalize("NFD", "café")
+BIG = os.urandom(BLOCK_SIZE + 3 * DEFAULT_CHUNKER.max_size + 12345)
+
+
+def make_mixed(root: Path, reverse: bool = False) -> None:
+    """The same content whichever order it is created in."""
+    steps = [
+        lambda: write(root / "a.txt", b"alpha"),
+        lambda: write(root / "empty", b""),
+        lambda: write(root / "run.sh", b"#!/bin/sh\necho hi\n", executable=True),
+        lambda: write(root / "sub" / "deeper" / "big.bin", BIG),
+        lambda: write(root / "sub" / NFD_NAME, "é".encode()),
+        lambda: (root / "emptydir").mkdir(parents=True),
+        lambda: write(root / "sub" / "日本語.txt", b"unicode"),
+    ]
+    for step in reversed(steps) if reverse else steps:
+        step()
+
+
+def test_identical_content_gives_identical_roots(tmp_path: Path) -> None:
+    make_mixed(tmp_path / "one")
+    make_mixed(tmp_path / "two", reverse=True)
+    first = scan(tmp_path, tmp_path / "one", home="h1")
+    second = scan(tmp_path, tmp_path / "two", home="h2")
+    assert first.manifest.tree == second.manifest.tree
+    assert first.problems == second.problems == []
+    assert (first.files, first.directories) == (6, 3)
+    assert first.bytes == len(BIG) + 5 + 18 + 2 + 7
+    with IndexStore(tmp_path / "h1" / "index.sqlite3") as index:
+        paths = [record.path for record in index.share_files(first.share_id)]
+    assert "sub/café" in paths and unicodedata.is_normalized("NFC", "sub/café")
+    assert paths == sorted(paths, key=lambda p: [part.encode() for part in p.split("/")])
+
+
+def test_big_file_chunks_match_the_chunker(tmp_path: Path) -> None:
+    min_size = DEFAULT_CHUNKER.min_size
+    chunker = Chunker(DEFAULT_CHUNKER)
+    contents = {
+        "big": BIG,
+        "one": b"x",
+        "at_min": os.urandom(min_size),
+        "past_min": os.urandom(min_size + 1),
+        "block": os.urandom(BLOCK_SIZE),
+    }
+    for name, data in contents.items():
+        write(tmp_path / "share" / name, data)
+    result = scan(tmp_path, tmp_path / "share")
+    with IndexStore(tmp_path / "home" / "index.sqlite3") as index:
+        records = {record.path: record for record in index.share_files(result.share_id)}
+    for name, data in contents.items():
+        assert records[name].chunk_refs() == chunker.chunk_refs(data), name
+    assert result.chunks == sum(len(chunker.chunk_refs(d)) for d in contents.values())
+
+
+@pytest.mark.parametrize("change", ["content", "exec", "name", "mtime"])
+def test_root_changes_iff_content_changes(tmp_path: Path, change: str) -> None:
+    make_mixed(tmp_path / "share")
+    before = scan(tmp_path, tmp_path / "share").root
+    target = tmp_path / "share" / "a.txt"
+    if change == "content":  # same size; an editor leaves a new mtime
+        target.write_bytes(b"alphA")
+    elif change == "exec":
+        os.chmod(target, 0o755)
+    elif change == "name":
+        target.rename(tmp_path / "share" / "b.txt")
+    else:
+        os.utime(target, ns=(OLD_NS + 10**9, OLD_NS + 10**9))
+    after = scan(tmp_path, tmp_path / "share")
+    assert (after.root != before) == (change != "mtime")
+    fresh = scan(tmp_path, tmp_path / "share", home="fresh")
+    assert fresh.root == after.root
+
+
+def test_rescan_of_unchanged_tree_reads_nothing(tmp_path: Path) -> None:
+    make_mixed(tmp_path / "share")
+    first = scan(tmp_path, tmp_path / "share")
+    assert first.stats.files_hashed == 6
+    second = scan(tmp_path, tmp_path / "share")
+    assert second.root == first.root
+    assert (second.stats.files_hashed, second.stats.bytes_read) == (0, 0)
+    assert second.stats.files_reused == 6
+    assert (second.files, second.bytes, second.chunks) == (first.files, first.bytes, first.chunks)
+
+    os.utime(tmp_path / "share" / "sub" / "日本語.txt", ns=(OLD_NS + 5, OLD_NS + 5))
+    third = scan(tmp_path, tmp_path / "share")
+    assert (third.stats.files_hashed, third.stats.bytes_read) == (1, len(b"unicode"))
+    assert third.root == first.root
+
+
+def test_deletions_leave_the_index(tmp_path: Path) -> None:
+    make_mixed(tmp_path / "share")
+    scan(tmp_path, tmp_path / "share")
+    (tmp_path / "share" / "sub" / "deeper" / "big.bin").unlink()
+    (tmp_path / "share" / "sub" / "deeper").rmdir()
+    (tmp_path / "share" / "a.txt").unlink()
+    after = scan(tmp_path, tmp_path / "share")
+    fresh = scan(tmp_path, tmp_path / "share", home="fresh")
+    assert after.root == fresh.root and after.files == 4
+    with IndexStore(tmp_path / "home" / "index.sqlite3") as index:
+        assert len(list(index.share_files(after.share_id))) == 4
+        assert index.locate_chunk(Chunker().chunk_refs(BIG)[0].id) is None
+
+
+def test_racily_clean_files_are_read_again(tmp_path: Path) -> None:
+    write(tmp_path / "share" / "f", b"data")
+    mtime = os.stat(tmp_path / "share" / "f").st_mtime_ns
+    first = scan(tmp_path, tmp_path / "share", now_ns=mtime + RACY_WINDOW_NS // 2)
+    again = scan(tmp_path, tmp_path / "share", now_ns=mtime + 10 * RACY_WINDOW_NS)
+    assert again.stats.files_hashed == 1  # its mtime was too close to the first scan
+    settled = scan(tmp_path, tmp_path / "share", now_ns=mtime + 20 * RACY_WINDOW_NS)
+    assert settled.stats.files_hashed == 0
+    assert first.root == again.root == settled.root
+
+
+def test_single_file_share(tmp_path: Path) -> None:
+    write(tmp_path / "report.pdf", b"%PDF")
+    write(tmp_path / "other", b"not shared")
+    result = scan(tmp_path, tmp_path / "report.pdf")
+    assert result.manifest.single_file and result.manifest.name == "report.pdf"
+    assert (result.files, result.bytes, result.directories) == (1, 4, 0)
+    again = scan(tmp_path, tmp_path / "report.pdf")
+    assert again.root == result.root and again.stats.files_hashed == 0
+
+
+# -- bad input ----------------------------------------------------------------------------
+
+
+def good_tree(root: Path) -> None:
+    write(root / "keep.txt", b"kept")
+    write(root / "dir" / "inner.txt", b"inner")
+
+
+def assert_consistent(tmp_path: Path, result: ScanResult, clean_root: Path) -> None:
+    """The share holds exactly the good files: same root as a tree of only those."""
+    good_tree(clean_root)
+    clean = scan(tmp_path, clean_root, home="clean-home")
+    assert result.manifest.tree == clean.manifest.tree
+    with IndexStore(tmp_path / "home" / "index.sqlite3") as index:
+        paths = [record.path for record in index.share_files(result.share_id)]
+    assert paths == ["dir/inner.txt", "keep.txt"]
+
+
+def test_symlinks_are_reported_not_followed(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    good_tree(share)
+    os.symlink(".", share / "dir" / "loop")
+    os.symlink("keep.txt", share / "link")
+    result = scan(tmp_path, share)
+    reasons = {Path(p.path).name: p.reason for p in result.problems}
+    assert set(reasons) == {"loop", "link"} and "symbolic link" in reasons["loop"]
+    assert_consistent(tmp_path, result, tmp_path / "clean")
+
+
+def test_fifo_is_skipped(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    good_tree(share)
+    os.mkfifo(share / "pipe")
+    result = scan(tmp_path, share)
+    assert [(Path(p.path).name, "special file" in p.reason) for p in result.problems] == [
+        ("pipe", True)
+    ]
+    assert_consistent(tmp_path, result, tmp_path / "clean")
+
+
+def test_non_utf8_name_is_reported(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    good_tree(share)
+    bad = os.fsencode(share) + b"/bad\xff\xfename"
+    with open(bad, "wb") as out:
+        out.write(b"x")
+    result = scan(tmp_path, share)
+    (problem,) = result.problems
+    assert problem.path.endswith("bad\\xff\\xfename") and "UTF-8" in problem.reason
+    assert_consistent(tmp_path, result, tmp_path / "clean")
+
+
+def test_names_colliding_after_nfc_are_reported(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    good_tree(share)
+    write(share / unicodedata.normalize("NFC", "é.txt"), b"1")
+    write(share / unicodedata.normalize("NFD", "é.txt"), b"2")
+    result = scan(tmp_path, share)
+    assert len(result.problems) == 2
+    assert all("normalisation" in p.reason for p in result.problems)
+    assert_consistent(tmp_path, result, tmp_path / "clean")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_file_is_reported(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    good_tree(share)
+    write(share / "secret", b"s")
+    os.chmod(share / "secret", 0)
+    result = scan(tmp_path, share)
+    assert [Path(p.path).name for p in result.problems] == ["secret"]
+    assert_consistent(tmp_path, result, tmp_path / "clean")
+
+
+def test_file_changing_while_read_is_retried_then_reported(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    good_tree(share)
+    write(share / "busy.log", b"line\n")
+    hook_calls = []
+
+    def keep_writing(path: str) -> None:
+        if path.endswith("busy.log"):
+            hook_calls.append(path)
+            with open(path, "ab") as out:
+                out.write(b"more\n")
+
+    result = scan(tmp_path, share, read_hook=keep_writing)
+    assert len(hook_calls) == 3
+    (problem,) = result.problems
+    assert problem.path.endswith("busy.log") and "changing" in problem.reason
+    assert_consistent(tmp_path, result, tmp_path / "clean")
+
+
+def test_file_changed_once_is_read_again(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    write(share / "f", os.urandom(BLOCK_SIZE + 1))
+    changed: list[str] = []
+
+    def change_once(path: str) -> None:
+        if not changed:
+            changed.append(path)
+            with open(path, "r+b") as out:
+                out.write(b"new")
+
+    result = scan(tmp_path, share, read_hook=change_once)
+    assert result.problems == [] and result.stats.files_hashed == 1
+    fresh = scan(tmp_path, share, home="fresh")
+    assert fresh.root == result.root
+
+
+def test_file_vanishing_mid_scan_is_reported(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    write(share / "one", b"1")
+    write(share / "two", b"2")
+
+    def delete_the_other(path: str) -> None:
+        for name in ("one", "two"):
+            other = share / name
+            if str(other) != path and other.exists():
+                other.unlink()
+
+    result = scan(tmp_path, share, read_hook=delete_the_other)
+    (problem,) = result.problems
+    assert "vanished" in problem.reason and result.files == 1
+
+
+def test_file_modified_by_a_thread_during_a_big_read(tmp_path: Path) -> None:
+    """A real concurrent writer: the scan ends with a problem or a consistent root."""
+    share = tmp_path / "share"
+    write(share / "growing", os.urandom(BLOCK_SIZE * 3))
+    stop = threading.Event()
+
+    def writer() -> None:
+        with open(share / "growing", "ab") as out:
+            while not stop.is_set():
+                out.write(b"x" * 4096)
+                out.flush()
+                time.sleep(0.001)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        result = scan(tmp_path, share)
+    finally:
+        stop.set()
+        thread.join()
+    if result.problems:
+        assert result.files == 0 and "changing" in result.problems[0].reason
+    again = scan(tmp_path, share, home="again")
+    assert again.problems == []
