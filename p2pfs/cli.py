@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -73,6 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return _manifest(args.home, args.path, args.json)
+    except BrokenPipeError:
+        # The reader stopped early (`| head`): not our failure. Point stdout at /dev/null so
+        # the interpreter's final flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except (P2pfsError, OSError) as exc:
         print(f"p2pfs: error: {exc}", file=sys.stderr)
         return EXIT_FATAL

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 import threading
 import time
 import unicodedata
@@ -218,15 +221,49 @@ def test_names_colliding_after_nfc_are_reported(tmp_path: Path) -> None:
     assert_consistent(tmp_path, result, tmp_path / "clean")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def _scan_as_nobody(scratch: Path, share: Path) -> list[str]:
+    """Root reads any file whatever its mode: scan in a forked child that became `nobody`."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        status = 1
+        try:
+            os.close(read_end)
+            os.setgid(65534)
+            os.setuid(65534)
+            with IndexStore(scratch / "home" / "index.sqlite3") as index:
+                result = scan_share(share, index)
+            os.write(write_end, json.dumps([p.path for p in result.problems]).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        output = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    return list(json.loads(output))
+
+
 def test_unreadable_file_is_reported(tmp_path: Path) -> None:
-    share = tmp_path / "share"
-    good_tree(share)
-    write(share / "secret", b"s")
-    os.chmod(share / "secret", 0)
-    result = scan(tmp_path, share)
-    assert [Path(p.path).name for p in result.problems] == ["secret"]
-    assert_consistent(tmp_path, result, tmp_path / "clean")
+    as_root = os.geteuid() == 0
+    scratch = Path(tempfile.mkdtemp(prefix="p2pfs-perm-")) if as_root else tmp_path
+    try:
+        share = scratch / "share"
+        good_tree(share)
+        write(share / "secret", b"s")
+        os.chmod(share / "secret", 0)
+        if as_root:
+            (scratch / "home").mkdir()
+            for directory, _dirs, _files in os.walk(scratch):
+                os.chmod(directory, 0o777)
+            problems = _scan_as_nobody(scratch, share)
+        else:
+            problems = [p.path for p in scan(tmp_path, share).problems]
+        assert [Path(path).name for path in problems] == ["secret"]
+    finally:
+        if as_root:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def test_file_changing_while_read_is_retried_then_reported(tmp_path: Path) -> None:
