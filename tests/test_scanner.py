@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from p2pfs.content.chunking import DEFAULT_CHUNKER, Chunker
+from p2pfs.store.assemble import PARTIAL_PREFIX
 from p2pfs.store.index import IndexStore
 from p2pfs.store.scanner import BLOCK_SIZE, RACY_WINDOW_NS, ScanResult, scan_share
 
@@ -342,3 +343,13 @@ def test_file_modified_by_a_thread_during_a_big_read(tmp_path: Path) -> None:
         assert result.files == 0 and "changing" in result.problems[0].reason
     again = scan(tmp_path, share, home="again")
     assert again.problems == []
+
+
+def test_downloads_in_progress_are_not_indexed(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    good_tree(share)
+    before = scan(tmp_path, share, home="a").root
+    write(share / f"{PARTIAL_PREFIX}0123-movie.mkv", b"half a movie")
+    result = scan(tmp_path, share, home="b")
+    assert result.root == before
+    assert result.problems == []

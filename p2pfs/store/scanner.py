@@ -46,6 +46,7 @@ from p2pfs.content.names import (
 from p2pfs.content.tree import Child, LeafNode, TreeBuilder
 from p2pfs.errors import InvalidNameError, LocalProtocolError, StorageError
 from p2pfs.ids import ContentHash
+from p2pfs.store.assemble import is_partial_name
 from p2pfs.store.index import CHUNK_RECORD, FileRow, IndexStore, NewFile, build_file_tree
 
 log = logging.getLogger(__name__)
@@ -282,6 +283,8 @@ class _Scan:
         subdirs: list[tuple[str, str]] = []
         for entry in entries:
             name = entry.name
+            if is_partial_name(name):
+                continue  # a download in progress: not content of this share (yet)
             if name.isascii() and "\\" not in name and len(name) <= MAX_NAME_BYTES:
                 # What normalize_local_name returns for an ASCII name a directory listed
                 # (never empty, "." or "..", nor holding "/" or NUL), without its cost.
