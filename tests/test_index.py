@@ -69,12 +69,13 @@ def test_chunk_location_lookup_returns_the_bytes(tmp_path: Path) -> None:
         assert refs == Chunker(DEFAULT_CHUNKER).chunk_refs(data)
         offset = 0
         for ref in refs:
-            location = index.locate_chunk(ref.id)
-            assert location is not None
+            (location,) = index.locate_chunk(ref.id)
             assert (location.offset, location.length) == (offset, ref.length)
             assert read_chunk(location, ref.id) == data[offset : offset + ref.length]
+            assert index.locate_chunk(ref.id, share_root=result.root) == [location]
+            assert index.locate_chunk(ref.id, share_root=bytes(32)) == []
             offset += ref.length
-        assert index.locate_chunk(b"\x00" * 32) is None
+        assert index.locate_chunk(b"\x00" * 32) == []
 
 
 def test_file_tree_is_rebuilt_from_the_chunk_list(tmp_path: Path) -> None:

@@ -57,6 +57,21 @@ def chunk_prefix(cid: bytes) -> int:
     return int.from_bytes(cid[:8], "little", signed=True)
 
 
+_INSERT_LOCATION = (
+    "INSERT OR IGNORE INTO chunk_locations (prefix, file_id, offset, length) VALUES (?, ?, ?, ?)"
+)
+
+
+def _location_rows(file_id: int, packed: bytes) -> list[tuple[int, int, int, int]]:
+    rows = []
+    offset = 0
+    for position, (_cid, length) in enumerate(CHUNK_RECORD.iter_unpack(packed)):
+        start = position * CHUNK_RECORD.size
+        rows.append((chunk_prefix(packed[start : start + 8]), file_id, offset, length))
+        offset += length
+    return rows
+
+
 def build_file_tree(packed: bytes, nodes: dict[ContentHash, bytes] | None = None) -> Child:
     """Rebuild a file's tree from its packed chunk list; fill ``nodes`` (hash -> encoding)."""
     sink = None
@@ -401,11 +416,11 @@ class IndexStore:
                 [(last + position, *file) for position, file in enumerate(files, start=1)],
             )
             self._conn.executemany(
-                "INSERT OR IGNORE INTO chunk_locations (prefix, file_id) VALUES (?, ?)",
+                _INSERT_LOCATION,
                 [
-                    (chunk_prefix(file[7][i : i + 8]), last + position)
+                    row
                     for position, file in enumerate(files, start=1)
-                    for i in range(0, len(file[7]), CHUNK_RECORD.size)
+                    for row in _location_rows(last + position, file[7])
                 ],
             )
 
@@ -455,13 +470,7 @@ class IndexStore:
         self._conn.executemany("DELETE FROM files WHERE id = ?", [(row[0],) for row in rows])
 
     def _add_locations(self, file_id: int, chunks: bytes) -> None:
-        self._conn.executemany(
-            "INSERT OR IGNORE INTO chunk_locations (prefix, file_id) VALUES (?, ?)",
-            [
-                (chunk_prefix(chunks[i : i + 8]), file_id)
-                for i in range(0, len(chunks), CHUNK_RECORD.size)
-            ],
-        )
+        self._conn.executemany(_INSERT_LOCATION, _location_rows(file_id, chunks))
 
     def _drop_locations(self, file_id: int, chunks: bytes) -> None:
         self._conn.executemany(
@@ -499,22 +508,29 @@ class IndexStore:
 
     # -- chunks and trees -----------------------------------------------------------------
 
-    def locate_chunk(self, cid: bytes) -> ChunkLocation | None:
-        """Where a chunk with id ``cid`` can be read locally, or None."""
+    def locate_chunk(self, cid: bytes, share_root: bytes | None = None) -> list[ChunkLocation]:
+        """Where a chunk with id ``cid`` may be read locally (in one share, if given).
+
+        Candidates share the id's first 8 bytes; reading one verifies the full id
+        (:func:`read_chunk`), so a prefix collision or a stale row costs a retry, never a
+        wrong byte.
+        """
+        query = (
+            "SELECT d.path, f.name, c.offset, c.length FROM chunk_locations c "
+            "JOIN files f ON f.id = c.file_id JOIN dirs d ON d.id = f.dir_id "
+        )
+        if share_root is None:
+            args: tuple[object, ...] = (chunk_prefix(cid),)
+            query += "WHERE c.prefix = ?"
+        else:
+            args = (chunk_prefix(cid), share_root)
+            query += "JOIN shares s ON s.id = d.share_id WHERE c.prefix = ? AND s.root = ?"
         with _guard("locating chunk"):
-            rows = self._conn.execute(
-                "SELECT d.path, f.name, f.chunks FROM chunk_locations c "
-                "JOIN files f ON f.id = c.file_id JOIN dirs d ON d.id = f.dir_id "
-                "WHERE c.prefix = ?",
-                (chunk_prefix(cid),),
-            ).fetchall()
-        for dir_path, name, chunks in rows:
-            offset = 0
-            for other, length in CHUNK_RECORD.iter_unpack(chunks):
-                if other == cid:
-                    return ChunkLocation(os.path.join(dir_path, name), offset, length)
-                offset += length
-        return None
+            rows = self._conn.execute(query, args).fetchall()
+        return [
+            ChunkLocation(os.path.join(dir_path, name), offset, length)
+            for dir_path, name, offset, length in rows
+        ]
 
     def file_chunks(self, root: bytes) -> bytes | None:
         """The packed chunk list of a file with tree root ``root``, or None."""

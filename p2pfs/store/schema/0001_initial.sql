@@ -43,12 +43,14 @@ CREATE TABLE files (
 -- 8 bytes of the root suffice to find candidates; the full root is compared on lookup.
 CREATE INDEX files_by_root ON files (substr(root, 1, 8));
 
--- First 8 bytes of a chunk id (signed little-endian) -> a file holding it. Prefix collisions
--- are legal: the full id is checked against the file's packed chunk list.
+-- First 8 bytes of a chunk id (signed little-endian) -> where in a file it sits. Prefix
+-- collisions are legal: a reader hashes what it reads before using it.
 CREATE TABLE chunk_locations (
     prefix INTEGER NOT NULL,
     file_id INTEGER NOT NULL,
-    PRIMARY KEY (prefix, file_id)
+    offset INTEGER NOT NULL,
+    length INTEGER NOT NULL,
+    PRIMARY KEY (prefix, file_id, offset)
 ) WITHOUT ROWID;
 
 CREATE TABLE dir_nodes (
