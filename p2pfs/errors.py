@@ -31,3 +31,29 @@ class InvalidNameError(LocalProtocolError):
 
 class StorageError(P2pfsError):
     """The local index or file system failed us (corrupt database, failed write)."""
+
+
+class AuthenticationError(RemoteProtocolError):
+    """A peer could not prove it holds the key of the NodeId it claims (or that we expected)."""
+
+
+class ConnectionClosedError(P2pfsError):
+    """A connection ended (peer close, idle timeout, local close) while an operation needed it.
+
+    ``error_code`` is the QUIC application (or transport) error code carried by the close;
+    ``locally`` says we asked for the close, so callers can tell "we hung up" from the peer
+    closing, an idle timeout or a protocol failure.
+    """
+
+    def __init__(self, message: str, *, error_code: int = 0, locally: bool = False) -> None:
+        super().__init__(message)
+        self.error_code = error_code
+        self.locally = locally
+
+
+class StreamResetError(P2pfsError):
+    """The peer abandoned a stream (RESET_STREAM or STOP_SENDING) with ``error_code``."""
+
+    def __init__(self, message: str, *, error_code: int) -> None:
+        super().__init__(message)
+        self.error_code = error_code

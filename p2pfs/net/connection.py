@@ -1,0 +1,532 @@
+"""One QUIC connection driven from trio: events in, datagrams out, one timer, authentication.
+
+Every input (a datagram batch, the timer, a stream write) ends in ``_after_input``: drain the
+engine's events, send what is pending, re-arm the single timer at ``get_timer()``. The timer
+is a CancelScope deadline in a per-connection task, so re-arming is one attribute write and
+nothing ever polls.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import trio
+
+from p2pfs.errors import (
+    AuthenticationError,
+    ConnectionClosedError,
+    P2pfsError,
+    RemoteProtocolError,
+)
+from p2pfs.identity import Identity, NodeId, node_id_from_certificate_untrusted
+from p2pfs.net import auth
+from p2pfs.net.codes import CloseCode
+from p2pfs.net.engine import ALPN, Engine, TransportConfig
+from p2pfs.net.stream import Stream
+
+logger = logging.getLogger(__name__)
+
+Address = tuple[Any, ...]
+# After a local close, keep the connection's ids routed this long so retransmitted
+# CONNECTION_CLOSEs answer the peer, then forget it even if the engine never reports back.
+CLOSE_LINGER = 1.0
+
+
+class EndpointHooks(Protocol):
+    """What a connection needs from the endpoint that owns its socket."""
+
+    def transmit(self, datagrams: list[tuple[bytes, Address]]) -> None: ...
+    def register_cid(self, cid: bytes, conn: PeerConnection) -> None: ...
+    def unregister_cid(self, cid: bytes) -> None: ...
+    def connection_ready(self, conn: PeerConnection) -> None: ...
+    def connection_finished(self, conn: PeerConnection) -> None: ...
+
+
+class PeerConnection:
+    """An authenticated connection to one peer; ``peer_id`` is proven, not claimed."""
+
+    def __init__(
+        self,
+        *,
+        hooks: EndpointHooks,
+        quic: Any,
+        engine: Engine,
+        config: TransportConfig,
+        identity: Identity,
+        remote_address: Address,
+        expected_peer: NodeId | None,
+        now: float,
+    ) -> None:
+        self._hooks = hooks
+        self._quic = quic
+        self._engine = engine
+        self.config = config
+        self._identity = identity
+        self.remote_address = remote_address
+        self.is_client = expected_peer is not None
+        # Client: the pinned id, confirmed from the TLS certificate before connect() returns.
+        # Server: None until the client's proof verifies.
+        self._peer_id = expected_peer
+        self._streams: dict[int, Stream] = {}
+        # Unbounded is safe: the engine caps how many streams the peer may open at once.
+        self._incoming_send, self._incoming_recv = trio.open_memory_channel[Stream](math.inf)
+        self._error: P2pfsError | None = None
+        self._authenticated = False
+        self.ready = trio.Event()
+        self._closed = trio.Event()
+        self._terminated = False
+        self._closed_locally = False
+        self._auth_deadline = now + config.handshake_timeout
+        self._linger_deadline = math.inf
+        self._auth_stream_id: int | None = None if not self.is_client else 1
+        self._auth_buffer = bytearray()
+        self._nonce = b""
+        self._highest_peer_stream = -1
+        self._blocked_writers: set[Stream] = set()
+        self._full_streams: set[Stream] = set()
+        self._unread = 0
+        self._paused = False
+        self._held: deque[tuple[bytes, Address]] = deque()
+        self.held_dropped = 0
+        self._processing = False
+        self._resume_pending = False
+        self._deferred_close: tuple[int, str] | None = None
+        self._timer_scope: trio.CancelScope | None = None
+        self.cids: set[bytes] = set()
+        events = engine.events
+        self._dispatch: dict[type, Callable[[Any], None]] = {
+            events.StreamDataReceived: self._on_stream_data,
+            events.HandshakeCompleted: self._on_handshake,
+            events.StreamReset: self._on_stream_reset,
+            events.StopSendingReceived: self._on_stop_sending,
+            events.ConnectionIdIssued: self._on_cid_issued,
+            events.ConnectionIdRetired: self._on_cid_retired,
+            events.ConnectionTerminated: self._on_terminated,
+        }
+
+    def __repr__(self) -> str:
+        who = self._peer_id.short() if self._peer_id else "?"
+        return f"<PeerConnection {who}@{self.remote_address[0]}:{self.remote_address[1]}>"
+
+    # -- public API -----------------------------------------------------------------------
+
+    @property
+    def peer_id(self) -> NodeId:
+        if self._peer_id is None or not self._authenticated:
+            raise ConnectionClosedError("peer not authenticated yet")
+        return self._peer_id
+
+    @property
+    def is_closed(self) -> bool:
+        return self._error is not None
+
+    async def open_stream(self) -> Stream:
+        """A new bidirectional stream (the peer sees it on its first byte or FIN)."""
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        stream_id = self._quic.get_next_available_stream_id()
+        stream = Stream(self, stream_id)
+        self._streams[stream_id] = stream
+        return stream
+
+    async def accept_stream(self) -> Stream:
+        """The next stream the peer opened; ConnectionClosedError once the connection ends."""
+        try:
+            return await self._incoming_recv.receive()
+        except trio.EndOfChannel:
+            assert self._error is not None
+            raise self._error from None
+
+    async def close(self, error_code: int = CloseCode.NO_ERROR, reason: str = "") -> None:
+        """Close with ``error_code``; pending stream operations fail with ConnectionClosedError."""
+        self.close_nowait(error_code, reason)
+        await trio.lowlevel.checkpoint()
+
+    def close_nowait(self, error_code: int = CloseCode.NO_ERROR, reason: str = "") -> None:
+        if self._terminated or self._closed_locally:
+            return
+        self._closed_locally = True
+        logger.debug("%r: closing (code %#x, %s)", self, error_code, reason)
+        self._quic.close(error_code=error_code, reason_phrase=reason)
+        self._lost(
+            ConnectionClosedError(
+                f"connection closed locally: {reason or 'no reason'}",
+                error_code=error_code,
+                locally=True,
+            )
+        )
+        self._after_input()
+
+    async def wait_closed(self) -> None:
+        """Wait until the connection is closed by either side or lost."""
+        await self._closed.wait()
+
+    # -- inputs from the endpoint ---------------------------------------------------------
+
+    def datagrams_received(self, datagrams: list[bytes], addr: Address, now: float) -> None:
+        if self._terminated:
+            return
+        if self._paused and self._blocked_writers and not self._over_hard_limit():
+            self._resume_intake()
+        if self._paused:
+            room = self.config.held_datagram_limit - len(self._held)
+            if room < len(datagrams):
+                self.held_dropped += len(datagrams) - max(room, 0)
+            self._held.extend((d, addr) for d in datagrams[: max(room, 0)])
+            return
+        self._engine.receive(self._quic, datagrams, addr, now)
+        self._after_input()
+
+    async def run_timer(self) -> None:
+        """The connection's single timer: sleeps until the next deadline, never polls."""
+        while not self._terminated:
+            with trio.CancelScope(deadline=self._next_deadline()) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            self._timer_scope = None
+            if self._terminated:
+                break
+            self._on_timer(trio.current_time())
+
+    # -- called by Stream -----------------------------------------------------------------
+
+    def _send_stream_data(self, stream_id: int, data: memoryview | bytes, end_stream: bool) -> None:
+        self._quic.send_stream_data(stream_id, data, end_stream=end_stream)
+        if end_stream:
+            self._maybe_forget(stream_id)
+        self._after_input()
+
+    def _reset_stream(
+        self, stream_id: int, error_code: int, *, send_open: bool, receive_open: bool
+    ) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            self._blocked_writers.discard(stream)
+            self._full_streams.discard(stream)
+        if self._error is not None:
+            return
+        if send_open:
+            self._quic.reset_stream(stream_id, error_code)
+        if receive_open:
+            self._quic.stop_stream(stream_id, error_code)
+        self._after_input()
+
+    def _send_backlog(self, stream_id: int) -> int:
+        if self._error is not None:
+            return 0
+        return self._engine.send_backlog(self._quic, stream_id)
+
+    def _writer_blocked(self, stream: Stream) -> None:
+        self._blocked_writers.add(stream)
+        if self._paused and not self._over_hard_limit():
+            # The writer needs ACKs to make progress, and those are in the held datagrams.
+            if self._processing:
+                self._resume_pending = True
+            else:
+                self._resume_intake()
+
+    def _consumed(self, stream: Stream, size: int) -> None:
+        self._unread -= size
+        if stream in self._full_streams and (
+            stream.receive_buffered <= self.config.stream_receive_limit // 2
+        ):
+            self._full_streams.discard(stream)
+        if stream.receive_buffered == 0 and stream._recv_eof:
+            self._maybe_forget(stream.stream_id)
+        if (
+            self._paused
+            and not self._full_streams
+            and self._unread <= self.config.connection_receive_limit // 2
+        ):
+            if self._processing:
+                self._resume_pending = True
+            else:
+                self._resume_intake()
+
+    # -- the input -> output cycle --------------------------------------------------------
+
+    def _after_input(self) -> None:
+        """Drain engine events, transmit, re-arm the timer, wake writers with room."""
+        if self._processing:
+            return  # an outer _after_input is draining; it transmits at the end
+        self._processing = True
+        try:
+            quic = self._quic
+            dispatch = self._dispatch
+            # Learn of a close first: handlers must not write to a closed engine (qh3 raises).
+            if self._error is None:
+                pending = self._engine.close_pending(quic)
+                if pending is not None:
+                    self._lost(_closed_by_peer(pending))
+            while (event := quic.next_event()) is not None:
+                handler = dispatch.get(type(event))
+                if handler is not None:
+                    handler(event)
+            datagrams = quic.datagrams_to_send(now=trio.current_time())
+            if datagrams:
+                self._hooks.transmit(datagrams)
+            if self._blocked_writers:
+                self._blocked_writers = {
+                    s for s in self._blocked_writers if not s._send_room_maybe()
+                }
+        finally:
+            self._processing = False
+        if self._timer_scope is not None:
+            self._timer_scope.deadline = self._next_deadline()
+        if self._deferred_close is not None:
+            code, reason = self._deferred_close
+            self._deferred_close = None
+            self.close_nowait(code, reason)
+        if self._resume_pending:
+            self._resume_pending = False
+            self._resume_intake()
+
+    def _next_deadline(self) -> float:
+        timer = self._quic.get_timer()
+        deadline: float = math.inf if timer is None else float(timer)
+        if not self._authenticated and self._error is None:
+            deadline = min(deadline, self._auth_deadline)
+        return min(deadline, self._linger_deadline)
+
+    def _on_timer(self, now: float) -> None:
+        if now >= self._linger_deadline:
+            self._finish()
+            return
+        timer = self._quic.get_timer()
+        if timer is not None and timer <= now:
+            self._quic.handle_timer(now=now)
+        if not self._authenticated and self._error is None and now >= self._auth_deadline:
+            self._fail(
+                ConnectionClosedError("handshake or authentication timed out"),
+                CloseCode.TIMEOUT,
+            )
+            return
+        self._after_input()
+
+    # -- engine events --------------------------------------------------------------------
+
+    def _on_handshake(self, event: Any) -> None:
+        if self._error is not None:
+            return
+        if event.alpn_protocol != ALPN:
+            self._fail(RemoteProtocolError("peer does not speak p2pfs/1"), CloseCode.PROTOCOL_ERROR)
+            return
+        if self.is_client:
+            self._check_server_certificate()
+            return
+        # Server: challenge the client on our first bidirectional stream.
+        self._nonce = os.urandom(auth.NONCE_LEN)
+        self._auth_stream_id = self._quic.get_next_available_stream_id()
+        self._quic.send_stream_data(self._auth_stream_id, self._nonce)
+
+    def _check_server_certificate(self) -> None:
+        der = self._engine.peer_certificate_der(self._quic)
+        try:
+            presented = node_id_from_certificate_untrusted(der or b"")
+        except AuthenticationError as exc:
+            self._fail(exc, CloseCode.AUTH_FAILED)
+            return
+        if presented != self._peer_id:
+            error = AuthenticationError(f"expected peer {self._peer_id}, it is {presented}")
+            self._fail(error, CloseCode.AUTH_FAILED)
+
+    def _on_stream_data(self, event: Any) -> None:
+        stream_id = event.stream_id
+        if self._error is not None:
+            return
+        if stream_id == self._auth_stream_id:
+            self._on_auth_data(event.data, event.end_stream)
+            return
+        if not self._authenticated or stream_id & 2:
+            # Honest peers open nothing before authentication, and p2pfs uses no
+            # unidirectional streams.
+            self._fail(
+                RemoteProtocolError(f"unexpected stream {stream_id}"), CloseCode.PROTOCOL_ERROR
+            )
+            return
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            if self._is_local(stream_id) or stream_id <= self._highest_peer_stream:
+                return  # a stream we already finished with: late data, nobody wants it
+            self._highest_peer_stream = stream_id
+            stream = Stream(self, stream_id)
+            self._streams[stream_id] = stream
+            self._incoming_send.send_nowait(stream)
+        stream._data_received(event.data, event.end_stream)
+        if event.data:
+            self._unread += len(event.data)
+            if stream.receive_buffered > self.config.stream_receive_limit:
+                self._full_streams.add(stream)
+            if not self._paused and self._should_pause():
+                logger.debug("%r: reader behind, pausing intake", self)
+                self._paused = True
+
+    def _on_stream_reset(self, event: Any) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None:
+            stream._peer_reset(event.error_code)
+
+    def _on_stop_sending(self, event: Any) -> None:
+        stream = self._streams.get(event.stream_id)
+        if stream is not None and self._error is None:
+            stream._peer_stop_sending(event.error_code)
+            self._blocked_writers.discard(stream)
+            # RFC 9000 3.5: answer STOP_SENDING with RESET_STREAM.
+            self._quic.reset_stream(event.stream_id, event.error_code)
+
+    def _on_cid_issued(self, event: Any) -> None:
+        self.cids.add(event.connection_id)
+        self._hooks.register_cid(event.connection_id, self)
+
+    def _on_cid_retired(self, event: Any) -> None:
+        self.cids.discard(event.connection_id)
+        self._hooks.unregister_cid(event.connection_id)
+
+    def _on_terminated(self, event: Any) -> None:
+        if self._error is None:
+            self._lost(_closed_by_peer(event))
+        self._finish()
+
+    # -- authentication -------------------------------------------------------------------
+
+    def _on_auth_data(self, data: bytes, end_stream: bool) -> None:
+        if self._authenticated or self._error is not None:
+            return  # the server's trailing FIN, or nothing we care about
+        self._auth_buffer += data
+        try:
+            if self.is_client:
+                self._client_auth_step(end_stream)
+            else:
+                self._server_auth_step(end_stream)
+        except AuthenticationError as exc:
+            self._fail(exc, CloseCode.AUTH_FAILED)
+
+    def _client_auth_step(self, end_stream: bool) -> None:
+        assert self._peer_id is not None and self._auth_stream_id is not None
+        buf = self._auth_buffer
+        if not self._nonce:
+            if len(buf) < auth.NONCE_LEN:
+                if end_stream:
+                    raise AuthenticationError("server sent a truncated challenge")
+                return
+            self._nonce = bytes(buf[: auth.NONCE_LEN])
+            del buf[: auth.NONCE_LEN]
+            proof = auth.client_proof(self._identity, self._nonce, self._peer_id)
+            self._quic.send_stream_data(self._auth_stream_id, proof, end_stream=True)
+        if buf:
+            if bytes(buf) != auth.ACCEPTED:
+                raise AuthenticationError("server did not accept our proof")
+            self._authenticated = True
+            logger.debug("%r: authenticated server", self)
+            self.ready.set()
+
+    def _server_auth_step(self, end_stream: bool) -> None:
+        assert self._auth_stream_id is not None
+        if len(self._auth_buffer) > auth.MAX_PROOF_LEN:
+            raise AuthenticationError("oversized authentication proof")
+        if not end_stream:
+            return
+        self._peer_id = auth.verify_client_proof_untrusted(
+            bytes(self._auth_buffer), self._nonce, self._identity.node_id
+        )
+        self._auth_buffer.clear()
+        self._quic.send_stream_data(self._auth_stream_id, auth.ACCEPTED, end_stream=True)
+        self._authenticated = True
+        logger.debug("%r: authenticated client", self)
+        self.ready.set()
+        self._hooks.connection_ready(self)
+
+    # -- endings --------------------------------------------------------------------------
+
+    def _fail(self, error: P2pfsError, code: int) -> None:
+        """Close because of ``error``, which pending and future operations then raise."""
+        logger.info("%r: %s", self, error)
+        if self._error is None:
+            self._lost(error)
+        if self._processing:
+            # Let this pass's datagrams (a client's TLS Finished above all) go out first:
+            # a peer still in its handshake cannot read a 1-RTT CONNECTION_CLOSE and would
+            # wait for its timeout instead.
+            self._deferred_close = (code, str(error)[:100])
+        else:
+            self.close_nowait(code, str(error)[:100])
+
+    def _lost(self, error: P2pfsError) -> None:
+        if self._error is None:
+            self._error = error
+        error = self._error
+        for stream in list(self._streams.values()):
+            stream._connection_lost(error)
+        self._blocked_writers.clear()
+        self._incoming_send.close()
+        self._held.clear()
+        # Keep routing its ids a little while (late packets, our retransmitted close), then
+        # forget it even if the engine's draining period would take longer.
+        self._linger_deadline = min(self._linger_deadline, trio.current_time() + CLOSE_LINGER)
+        self.ready.set()
+        self._closed.set()
+
+    def _finish(self) -> None:
+        """Forget the connection: no more datagrams are routed to it."""
+        if self._terminated:
+            return
+        if self._error is None:
+            self._lost(ConnectionClosedError("connection terminated"))
+        self._terminated = True
+        if self._timer_scope is not None:
+            self._timer_scope.cancel()
+        self._hooks.connection_finished(self)
+
+    def _resume_intake(self) -> None:
+        self._paused = False
+        held, self._held = self._held, deque()
+        logger.debug("%r: reader caught up, feeding %d held datagrams", self, len(held))
+        now = trio.current_time()
+        while held and not self._paused and not self._terminated:
+            addr = held[0][1]
+            batch: list[bytes] = []
+            while held and held[0][1] == addr and len(batch) < self.config.receive_batch:
+                batch.append(held.popleft()[0])
+            self._engine.receive(self._quic, batch, addr, now)
+            self._after_input()
+        if held:
+            self._held.extendleft(reversed(held))
+
+    def _should_pause(self) -> bool:
+        if self._over_hard_limit():
+            return True
+        over = bool(self._full_streams) or self._unread > self.config.connection_receive_limit
+        return over and not self._blocked_writers
+
+    def _over_hard_limit(self) -> bool:
+        return self._unread > self.config.connection_receive_hard_limit
+
+    def _maybe_forget(self, stream_id: int) -> None:
+        stream = self._streams.get(stream_id)
+        if (
+            stream is not None
+            and stream._send_closed
+            and stream._recv_eof
+            and not stream.receive_buffered
+        ):
+            del self._streams[stream_id]
+
+    def _is_local(self, stream_id: int) -> bool:
+        return (stream_id & 1) == (0 if self.is_client else 1)
+
+    def _check_open(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+
+def _closed_by_peer(event: Any) -> ConnectionClosedError:
+    reason = getattr(event, "reason_phrase", "") or "no reason"
+    return ConnectionClosedError(
+        f"connection closed: {reason} (code {event.error_code:#x})",
+        error_code=event.error_code,
+    )

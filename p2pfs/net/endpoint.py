@@ -1,0 +1,345 @@
+"""The endpoint: one UDP socket, every connection of a node, demultiplexed by connection id.
+
+Datagrams are read in batches (one wakeup drains the socket), grouped per connection and
+fed to its engine together; each connection then transmits once for the whole batch.
+Anything that does not parse as QUIC, or names no connection and is no Initial, is logged
+at debug and dropped: strangers cannot make the endpoint do more than parse one header.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from p2pfs.errors import (
+    ConnectionClosedError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    StreamResetError,
+)
+from p2pfs.identity import Identity, NodeId
+from p2pfs.net.codes import CloseCode
+from p2pfs.net.connection import Address, PeerConnection
+from p2pfs.net.engine import Engine, TransportConfig, load_engine
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[PeerConnection], Awaitable[None]]
+# Both engines use 8-byte connection ids (QuicConfiguration.connection_id_length default).
+CID_LENGTH = 8
+MIN_INITIAL_SIZE = 1200
+RECEIVE_SIZE = 65535
+# Datagrams queued when the socket send buffer is full; beyond this QUIC's loss recovery
+# takes over, as it would for a drop anywhere on the path.
+SEND_QUEUE_LIMIT = 8192
+
+
+class Endpoint:
+    """A node's QUIC endpoint. Create with :func:`open_endpoint`."""
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        sock: socket.socket,
+        engine: Engine,
+        config: TransportConfig,
+        nursery: trio.Nursery,
+        handler: Handler | None,
+    ) -> None:
+        self.identity = identity
+        self.engine = engine
+        self.config = config
+        self._sock = sock
+        self._nursery = nursery
+        self._handler = handler
+        self._client_config = engine.configuration(identity, config, is_client=True)
+        self._server_config = engine.configuration(identity, config, is_client=False)
+        self._by_cid: dict[bytes, PeerConnection] = {}
+        self._connections: set[PeerConnection] = set()
+        self._pending = 0
+        self._send_queue: deque[tuple[bytes, Address]] = deque()
+        self._send_wakeup = trio.Event()
+        self._closing = False
+        self.datagrams_received = 0
+        self.datagrams_sent = 0
+        self.datagrams_dropped = 0
+        self.bytes_received = 0
+        self.bytes_sent = 0
+
+    @property
+    def node_id(self) -> NodeId:
+        return self.identity.node_id
+
+    @property
+    def local_address(self) -> tuple[str, int]:
+        host, port = self._sock.getsockname()[:2]
+        return host, port
+
+    @property
+    def connections(self) -> frozenset[PeerConnection]:
+        return frozenset(self._connections)
+
+    async def connect(self, address: tuple[str, int], expected_peer: NodeId) -> PeerConnection:
+        """Connect to ``address`` and prove it is ``expected_peer``, or raise.
+
+        Raises AuthenticationError if the server's key is not ``expected_peer``'s or it
+        rejects ours, ConnectionClosedError if the handshake fails or times out.
+        """
+        if self._closing:
+            raise LocalProtocolError("endpoint is closed")
+        infos = await trio.socket.getaddrinfo(
+            address[0], address[1], family=self._sock.family, type=socket.SOCK_DGRAM
+        )
+        if not infos:
+            raise LocalProtocolError(f"cannot resolve {address[0]!r}")
+        remote = infos[0][4]
+        now = trio.current_time()
+        quic = self.engine.connection_class(configuration=self._client_config)
+        quic.connect(remote, now=now)
+        conn = self._new_connection(quic, remote, expected_peer, now)
+        self.register_cid(quic.host_cid, conn)
+        conn.cids.add(quic.host_cid)
+        conn._after_input()
+        try:
+            await conn.ready.wait()
+        except BaseException:
+            conn.close_nowait(CloseCode.NO_ERROR, "connect abandoned")
+            raise
+        if not conn._authenticated:
+            assert conn._error is not None
+            raise conn._error
+        # Authenticated, even if already closed again: the caller's next operation says so.
+        return conn
+
+    # -- EndpointHooks --------------------------------------------------------------------
+
+    def transmit(self, datagrams: list[tuple[bytes, Address]]) -> None:
+        if self._send_queue:
+            self._queue(datagrams, 0)
+            return
+        sock = self._sock
+        for i, (data, addr) in enumerate(datagrams):
+            try:
+                sock.sendto(data, addr)
+            except BlockingIOError:
+                self._queue(datagrams, i)
+                return
+            except OSError as exc:
+                # ICMP errors surfacing on the socket, unreachable hosts: UDP's loss, for
+                # QUIC to recover from or time out on.
+                logger.debug("sendto %s failed: %s", addr, exc)
+                continue
+            self.datagrams_sent += 1
+            self.bytes_sent += len(data)
+
+    def register_cid(self, cid: bytes, conn: PeerConnection) -> None:
+        self._by_cid[cid] = conn
+
+    def unregister_cid(self, cid: bytes) -> None:
+        self._by_cid.pop(cid, None)
+
+    def connection_ready(self, conn: PeerConnection) -> None:
+        self._pending -= 1
+        if self._handler is None:
+            conn.close_nowait(CloseCode.NO_ERROR, "not accepting connections")
+            return
+        self._nursery.start_soon(self._run_handler, self._handler, conn)
+
+    def connection_finished(self, conn: PeerConnection) -> None:
+        for cid in conn.cids:
+            if self._by_cid.get(cid) is conn:
+                del self._by_cid[cid]
+        if conn in self._connections:
+            self._connections.discard(conn)
+            if not conn.is_client and not conn._authenticated:
+                self._pending -= 1
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _new_connection(
+        self, quic: Any, remote: Address, expected_peer: NodeId | None, now: float
+    ) -> PeerConnection:
+        conn = PeerConnection(
+            hooks=self,
+            quic=quic,
+            engine=self.engine,
+            config=self.config,
+            identity=self.identity,
+            remote_address=remote,
+            expected_peer=expected_peer,
+            now=now,
+        )
+        self._connections.add(conn)
+        self._nursery.start_soon(conn.run_timer)
+        return conn
+
+    def _accept(self, dcid: bytes, addr: Address, now: float) -> PeerConnection | None:
+        if self._handler is None or self._closing:
+            return None
+        if self._pending >= self.config.max_pending_connections:
+            logger.debug("dropping Initial from %s: too many handshakes in progress", addr)
+            return None
+        quic = self.engine.connection_class(
+            configuration=self._server_config, original_destination_connection_id=dcid
+        )
+        conn = self._new_connection(quic, addr, None, now)
+        self._pending += 1
+        for cid in (dcid, quic.host_cid):
+            conn.cids.add(cid)
+            self.register_cid(cid, conn)
+        logger.debug("new connection from %s", addr)
+        return conn
+
+    def _dispatch(self, batch: list[tuple[bytes, Address]], now: float) -> None:
+        groups: dict[tuple[PeerConnection, Address], list[bytes]] = {}
+        by_cid = self._by_cid
+        for data, addr in batch:
+            try:
+                dcid, is_initial, _version = self.engine.destination_cid(data, CID_LENGTH)
+            except ValueError as exc:
+                self.datagrams_dropped += 1
+                logger.debug("dropping %d-byte datagram from %s: %s", len(data), addr, exc)
+                continue
+            conn = by_cid.get(dcid)
+            if conn is None:
+                if is_initial and len(data) >= MIN_INITIAL_SIZE:
+                    conn = self._accept(dcid, addr, now)
+                if conn is None:
+                    self.datagrams_dropped += 1
+                    logger.debug("dropping datagram from %s for unknown connection", addr)
+                    continue
+            group = groups.get((conn, addr))
+            if group is None:
+                groups[(conn, addr)] = [data]
+            else:
+                group.append(data)
+        for (conn, addr), datagrams in groups.items():
+            conn.datagrams_received(datagrams, addr, now)
+
+    async def _receive_loop(self) -> None:
+        sock = self._sock
+        limit = self.config.receive_batch
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            batch: list[tuple[bytes, Address]] = []
+            while len(batch) < limit:
+                try:
+                    data, addr = sock.recvfrom(RECEIVE_SIZE)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in (errno.EBADF, errno.ENOTSOCK):
+                        raise
+                    logger.debug("recvfrom: %s", exc)
+                    continue
+                batch.append((data, addr))
+                self.bytes_received += len(data)
+            self.datagrams_received += len(batch)
+            if batch:
+                self._dispatch(batch, trio.current_time())
+
+    async def _send_loop(self) -> None:
+        sock = self._sock
+        while True:
+            await self._send_wakeup.wait()
+            self._send_wakeup = trio.Event()
+            while self._send_queue:
+                await trio.lowlevel.wait_writable(sock)
+                self._flush_queue()
+
+    def _queue(self, datagrams: list[tuple[bytes, Address]], start: int) -> None:
+        room = SEND_QUEUE_LIMIT - len(self._send_queue)
+        chunk = datagrams[start : start + max(room, 0)]
+        self._send_queue.extend(chunk)
+        self.datagrams_dropped += len(datagrams) - start - len(chunk)
+        self._send_wakeup.set()
+
+    def _flush_queue(self) -> None:
+        queue = self._send_queue
+        sock = self._sock
+        while queue:
+            data, addr = queue[0]
+            try:
+                sock.sendto(data, addr)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                logger.debug("sendto %s failed: %s", addr, exc)
+            else:
+                self.datagrams_sent += 1
+                self.bytes_sent += len(data)
+            queue.popleft()
+
+    def _shutdown(self) -> None:
+        """Close every connection; their CONNECTION_CLOSE goes out before this returns."""
+        self._closing = True
+        for conn in list(self._connections):
+            conn.close_nowait(CloseCode.SHUTDOWN, "endpoint shutting down")
+        self._flush_queue()
+
+    async def _run_handler(self, handler: Handler, conn: PeerConnection) -> None:
+        try:
+            await handler(conn)
+        except (ConnectionClosedError, StreamResetError) as exc:
+            logger.debug("%r: handler ended: %s", conn, exc)
+        except RemoteProtocolError as exc:
+            logger.info("%r: peer broke the protocol: %s", conn, exc)
+            conn.close_nowait(CloseCode.PROTOCOL_ERROR, str(exc)[:100])
+        finally:
+            # The handler owns the connection: when it returns, the connection ends.
+            conn.close_nowait(CloseCode.NO_ERROR, "done")
+
+
+@asynccontextmanager
+async def open_endpoint(
+    identity: Identity,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    handler: Handler | None = None,
+    config: TransportConfig | None = None,
+    engine: Engine | str | None = None,
+) -> AsyncIterator[Endpoint]:
+    """Bind a UDP socket and run an endpoint on it until the block exits.
+
+    ``handler(conn)`` runs for every incoming connection once the client is authenticated
+    (none: outgoing connections only); the connection is closed when it returns. Leaving
+    the block closes every connection (CONNECTION_CLOSE sent) and the socket.
+    """
+    config = config or TransportConfig()
+    if not isinstance(engine, Engine):
+        engine = load_engine(engine)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, config.socket_buffer)
+        sock.bind((host, port))
+        async with trio.open_nursery() as nursery:
+            endpoint = Endpoint(
+                identity=identity,
+                sock=sock,
+                engine=engine,
+                config=config,
+                nursery=nursery,
+                handler=handler,
+            )
+            nursery.start_soon(endpoint._receive_loop)
+            nursery.start_soon(endpoint._send_loop)
+            logger.debug("endpoint %s on %s (%s)", identity.node_id.short(), host, engine.name)
+            try:
+                yield endpoint
+            finally:
+                endpoint._shutdown()
+                nursery.cancel_scope.cancel()
+    finally:
+        sock.close()
