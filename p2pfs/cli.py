@@ -1,6 +1,9 @@
 """The ``p2pfs`` command line: argument parsing and output formatting, nothing else.
 
-Exit codes: 0 success, 1 done but some paths were skipped, 2 usage or fatal error.
+Every command but ``daemon`` and ``manifest`` is one call to the running daemon's control
+API. Exit codes: 0 success, 1 done but some paths were skipped, 2 usage or local error,
+3 no daemon is running for this home, 4 the peer or network failed (unreachable, refused,
+bad data).
 """
 
 from __future__ import annotations
@@ -12,27 +15,33 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TextIO
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.progress import (
+    BarColumn,
     DownloadColumn,
     Progress,
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
     TransferSpeedColumn,
 )
 
 from p2pfs import __version__
+from p2pfs.daemon.control_client import SOCKET_NAME, DaemonError, DaemonNotRunning, call
 from p2pfs.errors import P2pfsError
 from p2pfs.home import resolve_home
 from p2pfs.store.index import CHUNK_RECORD, INDEX_FILENAME, IndexStore
 from p2pfs.store.scanner import ScanResult, scan_share
+from p2pfs.wire.ticket import parse_address
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_FATAL = 2
+EXIT_NO_DAEMON = 3
+EXIT_REMOTE = 4
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,12 +61,40 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     manifest = commands.add_parser(
-        "manifest", help="index a file or folder and print its share root and counts"
+        "manifest", help="index a file or folder offline and print its share root and counts"
     )
     manifest.add_argument("path", metavar="PATH")
     manifest.add_argument(
         "--json", action="store_true", help="print one JSON object with per-file chunk lists"
     )
+    daemon = commands.add_parser("daemon", help="run this home's node in the foreground")
+    daemon.add_argument(
+        "--listen", metavar="HOST:PORT", default="0.0.0.0:0", help="UDP address (port 0: any)"
+    )
+    daemon.add_argument(
+        "--peer", metavar="HOST:PORT", action="append", default=[], help="a peer to try"
+    )
+    for name, help_text in (
+        ("id", "this node's id and addresses"),
+        ("status", "peers, shares, transfers, counters"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--json", action="store_true", help="print one JSON object")
+    share = commands.add_parser("share", help="share a file or folder; prints a ticket")
+    share.add_argument("path", metavar="PATH")
+    share.add_argument(
+        "--no-hints", action="store_true", help="ticket names only content, not this node"
+    )
+    share.add_argument("--json", action="store_true", help="print one JSON object")
+    ls = commands.add_parser("ls", help="list what a ticket's share holds")
+    ls.add_argument("ticket", metavar="TICKET")
+    ls.add_argument("--peer", metavar="HOST:PORT", action="append", default=[])
+    ls.add_argument("--json", action="store_true", help="print one JSON object")
+    fetch = commands.add_parser("fetch", help="fetch a ticket's share into DEST")
+    fetch.add_argument("ticket", metavar="TICKET")
+    fetch.add_argument("dest", metavar="DEST")
+    fetch.add_argument("--peer", metavar="HOST:PORT", action="append", default=[])
+    fetch.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -73,18 +110,143 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        return _manifest(args.home, args.path, args.json)
+        if args.command == "manifest":
+            return _manifest(args.home, args.path, args.json)
+        if args.command == "daemon":
+            return _daemon(args)
+        return _call_daemon(args)
     except BrokenPipeError:
         # The reader stopped early (`| head`): not our failure. Point stdout at /dev/null so
         # the interpreter's final flush does not complain either.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except DaemonNotRunning as exc:
+        print(f"p2pfs: {exc}", file=sys.stderr)
+        return EXIT_NO_DAEMON
+    except DaemonError as exc:
+        print(f"p2pfs: error: {exc}", file=sys.stderr)
+        return EXIT_REMOTE if exc.kind == "remote" else EXIT_FATAL
     except (P2pfsError, OSError) as exc:
         print(f"p2pfs: error: {exc}", file=sys.stderr)
         return EXIT_FATAL
     except KeyboardInterrupt:
         print("p2pfs: interrupted", file=sys.stderr)
         return EXIT_FATAL
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    import trio  # noqa: PLC0415 -- only the daemon pays for the async runtime and QUIC
+
+    from p2pfs.daemon.node import NodeConfig, run_node  # noqa: PLC0415
+
+    config = NodeConfig(
+        home=resolve_home(args.home),
+        listen=parse_address(args.listen),
+        peers=tuple(parse_address(peer) for peer in args.peer),
+    )
+    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    # The QUIC engine logs every orderly peer close as a warning; only its errors matter here.
+    logging.getLogger("quic").setLevel(logging.ERROR)
+    trio.run(run_node, config)
+    return EXIT_OK
+
+
+def _call_daemon(args: argparse.Namespace) -> int:
+    socket_path = str(resolve_home(args.home) / SOCKET_NAME)
+    if args.command in ("id", "status"):
+        result = call(socket_path, args.command)
+        _print_result(result, args.json, _human_id if args.command == "id" else _human_status)
+        return EXIT_OK
+    if args.command == "share":
+        params = {"path": os.path.abspath(args.path), "no_hints": args.no_hints}
+        result = call(socket_path, "share", params)
+        for problem in result["problems"]:
+            print(f"p2pfs: skipped {problem['path']}: {problem['reason']}", file=sys.stderr)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            print(f"shared {result['name']}: {result['files']} files, {result['bytes']} bytes")
+            print(result["ticket"])  # the ticket is the last line, for scripts
+        return EXIT_PROBLEMS if result["problems"] else EXIT_OK
+    if args.command == "ls":
+        result = call(socket_path, "ls", {"ticket": args.ticket, "peers": args.peer})
+        _print_result(result, args.json, _human_ls)
+        return EXIT_OK
+    params = {"ticket": args.ticket, "dest": os.path.abspath(args.dest), "peers": args.peer}
+    with _fetch_progress(sys.stderr) as on_event:
+        result = call(socket_path, "fetch", params, on_event)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(
+            f"fetched {result['name']} into {result['destination']}: {result['files']} files, "
+            f"{result['bytes']} bytes ({result['bytes_from_peer']} from the peer, "
+            f"{result['bytes_local']} copied locally, {result['bytes_resumed']} resumed)"
+        )
+    return EXIT_OK
+
+
+def _print_result(
+    result: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]], None]
+) -> None:
+    if as_json:
+        print(json.dumps(result))
+    else:
+        human(result)
+
+
+def _human_id(result: dict[str, Any]) -> None:
+    print(f"node      {result['node_id']}")
+    for address in result["addresses"]:
+        print(f"address   {address}")
+
+
+def _human_status(result: dict[str, Any]) -> None:
+    print(f"node      {result['node_id']}")
+    print(f"peers     {len(result['peers'])}")
+    for peer in result["peers"]:
+        print(f"  {peer['node_id'][:12]}  {peer['address']}")
+    print(f"shares    {len(result['shares'])}")
+    for share in result["shares"]:
+        print(f"  {share['root'][:16]}  {share['path']}")
+    print(f"transfers {len(result['transfers'])}")
+    for transfer in result["transfers"]:
+        print(f"  {transfer['destination']}: {transfer['bytes_done']}/{transfer['bytes_total']}")
+    print(f"sent      {result['bytes_sent']} bytes")
+    print(f"received  {result['bytes_received']} bytes")
+
+
+def _human_ls(result: dict[str, Any]) -> None:
+    for entry in result["entries"]:
+        if entry["kind"] == "directory":
+            print(f"{'':>14}  {entry['path']}/")
+        else:
+            flag = "*" if entry["executable"] else ""
+            print(f"{entry['size']:>14}  {entry['path']}{flag}")
+
+
+@contextmanager
+def _fetch_progress(stream: TextIO) -> Iterator[Callable[[dict[str, Any]], None] | None]:
+    """Bytes, rate and ETA on a terminal; nothing when stderr is piped."""
+    if not stream.isatty():
+        yield None
+        return
+    bar = Progress(
+        TextColumn("fetching"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=Console(file=stream),
+        transient=True,
+    )
+    task = bar.add_task("fetch", total=None)
+
+    def update(event: dict[str, Any]) -> None:
+        bar.update(task, completed=event["bytes_done"], total=event["bytes_total"] or None)
+
+    with bar:
+        yield update
 
 
 def _manifest(home_arg: str | None, path: str, as_json: bool) -> int:

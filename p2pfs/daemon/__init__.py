@@ -1,0 +1,1 @@
+"""The node daemon: root nursery, control API, share server and fetcher."""

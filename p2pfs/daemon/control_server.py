@@ -1,0 +1,122 @@
+"""The control API the CLI talks to: JSON lines over a Unix socket inside the node home.
+
+A client sends one request line ``{"method": name, "params": {...}}``; the daemon answers
+with any number of ``{"event": {...}}`` lines (progress) and then exactly one
+``{"result": {...}}`` or ``{"error": {"kind": ..., "message": ...}}`` line, and closes.
+The socket is mode 0600 inside a 0700 home: only the node's owner can drive it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from p2pfs.errors import LocalProtocolError, P2pfsError, RemoteProtocolError
+
+logger = logging.getLogger(__name__)
+
+MAX_REQUEST_BYTES = 64 * 1024
+
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+Handler = Callable[[dict[str, Any], Emit], Awaitable[dict[str, Any]]]
+
+
+class ControlServer:
+    def __init__(self, socket_path: str, handlers: dict[str, Handler]) -> None:
+        self.socket_path = socket_path
+        self._handlers = handlers
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)  # left by a daemon that was killed
+        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        try:
+            await sock.bind(self.socket_path)
+            os.chmod(self.socket_path, 0o600)
+            sock.listen(64)
+        except OSError:
+            sock.close()
+            raise
+        listener = trio.SocketListener(sock)
+        try:
+            async with trio.open_nursery() as nursery:
+                task_status.started()
+                await trio.serve_listeners(self._handle, [listener], handler_nursery=nursery)
+        finally:
+            # Unlink first: on cancellation the await below raises at once.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+            await listener.aclose()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                request = await _read_request(stream)
+            except LocalProtocolError as exc:
+                await _send(stream, {"error": {"kind": "bad-request", "message": str(exc)}})
+                return
+            method = request.get("method")
+            handler = self._handlers.get(method) if isinstance(method, str) else None
+            if handler is None:
+                message = f"unknown method {method!r}"
+                await _send(stream, {"error": {"kind": "bad-request", "message": message}})
+                return
+            params = request.get("params") or {}
+
+            async def emit(event: dict[str, Any]) -> None:
+                await _send(stream, {"event": event})
+
+            try:
+                result = await handler(params, emit)
+            except trio.BrokenResourceError:
+                logger.debug("control client of %s went away", method)
+                return
+            except P2pfsError as exc:
+                logger.info("%s failed: %s", method, exc)
+                await _send_quietly(stream, {"error": {"kind": _kind(exc), "message": str(exc)}})
+                return
+            await _send_quietly(stream, {"result": result})
+
+
+def _kind(exc: P2pfsError) -> str:
+    if isinstance(exc, RemoteProtocolError):
+        return "remote"
+    if isinstance(exc, LocalProtocolError):
+        return "local"
+    return type(exc).__name__
+
+
+async def _read_request(stream: trio.SocketStream) -> dict[str, Any]:
+    buffer = bytearray()
+    while b"\n" not in buffer:
+        if len(buffer) > MAX_REQUEST_BYTES:
+            raise LocalProtocolError("control request too large")
+        data = await stream.receive_some(65536)
+        if not data:
+            break
+        buffer += data
+    line = bytes(buffer).split(b"\n", 1)[0]
+    try:
+        request = json.loads(line)
+    except ValueError as exc:
+        raise LocalProtocolError(f"control request is not JSON: {exc}") from exc
+    if not isinstance(request, dict):
+        raise LocalProtocolError("control request must be a JSON object")
+    return request
+
+
+async def _send(stream: trio.SocketStream, message: dict[str, Any]) -> None:
+    await stream.send_all(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+
+async def _send_quietly(stream: trio.SocketStream, message: dict[str, Any]) -> None:
+    try:
+        await _send(stream, message)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        logger.debug("control client went away before its answer")

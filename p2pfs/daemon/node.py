@@ -1,0 +1,322 @@
+"""The node daemon: owns the root nursery, the index, the QUIC endpoint, the share service
+and the control API; SIGINT/SIGTERM shut it down cleanly."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from p2pfs.content.folder import DIR_TREE, EntryKind, Manifest, manifest_root
+from p2pfs.errors import (
+    AuthenticationError,
+    ConnectionClosedError,
+    IntegrityError,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
+from p2pfs.identity import Identity, NodeId, load_identity
+from p2pfs.net import Endpoint, PeerConnection, open_endpoint
+from p2pfs.store.index import INDEX_FILENAME, IndexStore
+from p2pfs.store.scanner import scan_share
+from p2pfs.wire.ticket import PeerAddress, Ticket, TicketKind, parse_address, parse_ticket_untrusted
+
+from .control_client import SOCKET_NAME
+from .control_server import ControlServer, Emit
+from .fetcher import Fetcher, FetchProgress
+from .requests import RequestStream
+from .service import ShareService, TransferCounters
+from .storage import AsyncIndex
+from .treewalk import TreeJob, walk_trees
+
+logger = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0
+PROGRESS_INTERVAL = 0.2
+SHUTDOWN_GRACE = 4.0
+"""Seconds the endpoint gets to close connections on shutdown (the goal is 5 s in all)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    home: Path
+    listen: PeerAddress = field(default_factory=lambda: PeerAddress("0.0.0.0", 0))
+    peers: tuple[PeerAddress, ...] = ()
+
+
+@dataclass(slots=True)
+class _Transfer:
+    root: str
+    destination: str
+    peer: str
+    bytes_done: int = 0
+    bytes_total: int = 0
+    files_done: int = 0
+    files_total: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.counters = TransferCounters()
+        self._transfers: dict[int, _Transfer] = {}
+        self._next_transfer = 1
+        self._endpoint: Endpoint | None = None
+        self._identity: Identity | None = None
+        self._index: AsyncIndex | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        home = self.config.home
+        self._identity = load_identity(home)
+        with IndexStore(home / INDEX_FILENAME) as index_store:
+            self._index = AsyncIndex(index_store)
+            service = ShareService(self._index, self.counters)
+            async with open_endpoint(
+                self._identity,
+                self.config.listen.host,
+                self.config.listen.port,
+                handler=service.handle_connection,
+            ) as endpoint:
+                self._endpoint = endpoint
+                control = ControlServer(str(home / SOCKET_NAME), self._handlers())
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(control.serve)
+                    nursery.start_soon(self._wait_for_signal, nursery.cancel_scope)
+                    logger.info(
+                        "node %s listening on %s:%d",
+                        self._identity.node_id,
+                        *endpoint.local_address,
+                    )
+                    task_status.started()
+            # Leaving the endpoint block closes every connection (CONNECTION_CLOSE sent).
+
+    async def _wait_for_signal(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                logger.info("signal %d: shutting down", signum)
+                scope.cancel()
+                return
+
+    def _handlers(self) -> dict[str, Any]:
+        return {
+            "id": self._id,
+            "status": self._status,
+            "share": self._share,
+            "ls": self._ls,
+            "fetch": self._fetch,
+        }
+
+    # -- control API handlers -------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> Endpoint:
+        assert self._endpoint is not None, "the node is not running"
+        return self._endpoint
+
+    @property
+    def index(self) -> AsyncIndex:
+        assert self._index is not None, "the node is not running"
+        return self._index
+
+    def _addresses(self) -> list[PeerAddress]:
+        host, port = self.endpoint.local_address[:2]
+        if host not in ("0.0.0.0", "::"):
+            return [PeerAddress(host, port)]
+        found = ["127.0.0.1"]
+        try:
+            for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+                address = str(info[4][0])
+                if address not in found:
+                    found.append(address)
+        except OSError:
+            logger.debug("no addresses for the host name; advertising loopback only")
+        return [PeerAddress(address, port) for address in found]
+
+    async def _id(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        assert self._identity is not None
+        return {
+            "node_id": str(self._identity.node_id),
+            "addresses": [str(address) for address in self._addresses()],
+            "engine": self.endpoint.engine.name,
+        }
+
+    async def _status(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        shares = await self.index.run(self.index.index.shares)
+        counters = asdict(self.counters)
+        return {
+            "node_id": str(self.endpoint.node_id),
+            "peers": [
+                {"node_id": str(conn.peer_id), "address": _format(conn.remote_address)}
+                for conn in self.endpoint.connections
+                if not conn.is_closed
+            ],
+            "shares": [
+                {"root": share.root.hex(), "path": share.local_path}
+                for share in shares
+                if share.root is not None
+            ],
+            "transfers": [asdict(transfer) for transfer in self._transfers.values()],
+            "counters": counters,
+            "bytes_sent": counters["payload_sent"] + counters["protocol_sent"],
+            "bytes_received": counters["payload_received"] + counters["protocol_received"],
+        }
+
+    async def _share(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        path = params.get("path")
+        if not isinstance(path, str):
+            raise LocalProtocolError("share needs a path")
+        latest: list[dict[str, Any]] = []
+
+        def progress(done_bytes: int, done_files: int) -> None:
+            # Called in the scanner's thread; the pump forwards the latest value.
+            latest.append({"bytes_done": done_bytes, "files_done": done_files})
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_pump_progress, emit, latest)
+            result = await self.index.run(scan_share, path, self.index.index, progress=progress)
+            nursery.cancel_scope.cancel()
+        hints = not params.get("no_hints", False)
+        assert self._identity is not None
+        ticket = Ticket(
+            TicketKind.SHARE,
+            result.root,
+            self._identity.node_id.raw if hints else None,
+            tuple(self._addresses()) if hints else (),
+        )
+        return {
+            "ticket": ticket.encode(),
+            "root": result.root.hex(),
+            "name": result.manifest.name,
+            "files": result.files,
+            "bytes": result.bytes,
+            "chunks": result.chunks,
+            "problems": [{"path": p.path, "reason": p.reason} for p in result.problems],
+        }
+
+    async def _ls(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        ticket = parse_ticket_untrusted(str(params.get("ticket", "")))
+        conn = await self._connect(ticket, _peer_list(params))
+        try:
+            control = await RequestStream.open(conn, self.counters)
+            encoded = await control.manifest(ticket.root)
+            if manifest_root(encoded) != ticket.root:
+                raise IntegrityError("the peer's manifest does not match the ticket's root")
+            manifest = Manifest.decode_untrusted(encoded)
+
+            async def fetch(hashes: list[Any]) -> list[bytes]:
+                return await control.nodes(ticket.root, hashes)
+
+            entries: list[dict[str, Any]] = []
+            level = [TreeJob(DIR_TREE, manifest.tree, tag="")]
+            while level:
+                await walk_trees(level, fetch)
+                next_level = []
+                for job in level:
+                    for _offset, entry in job.leaves:
+                        path = f"{job.tag}{entry.name}"
+                        is_dir = entry.kind is EntryKind.DIRECTORY
+                        entries.append(
+                            {
+                                "path": path,
+                                "kind": "directory" if is_dir else "file",
+                                "size": entry.size,
+                                "executable": entry.executable,
+                            }
+                        )
+                        if is_dir:
+                            next_level.append(TreeJob(DIR_TREE, entry.root, tag=f"{path}/"))
+                level = next_level
+            await control.close()
+        finally:
+            await conn.close()
+        return {
+            "root": ticket.root.hex(),
+            "name": manifest.name,
+            "files": manifest.file_count,
+            "bytes": manifest.tree.size,
+            "entries": entries,
+        }
+
+    async def _fetch(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        ticket = parse_ticket_untrusted(str(params.get("ticket", "")))
+        destination = params.get("dest")
+        if not isinstance(destination, str) or not destination:
+            raise LocalProtocolError("fetch needs a destination")
+        conn = await self._connect(ticket, _peer_list(params))
+        transfer_id = self._next_transfer
+        self._next_transfer += 1
+        transfer = _Transfer(ticket.root.hex(), destination, str(conn.peer_id))
+        self._transfers[transfer_id] = transfer
+        latest: list[dict[str, Any]] = []
+
+        def progress(update: FetchProgress) -> None:
+            transfer.bytes_done = update.bytes_done
+            transfer.bytes_total = update.bytes_total
+            transfer.files_done = update.files_done
+            transfer.files_total = update.files_total
+            latest.append(asdict(update))
+
+        try:
+            fetcher = Fetcher(conn, ticket.root, destination, self.index, self.counters, progress)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_pump_progress, emit, latest)
+                report = await fetcher.run()
+                nursery.cancel_scope.cancel()
+        finally:
+            del self._transfers[transfer_id]
+            await conn.close()
+        return asdict(report)
+
+    async def _connect(self, ticket: Ticket, extra: list[PeerAddress]) -> PeerConnection:
+        candidates = list(dict.fromkeys([*ticket.addresses, *extra, *self.config.peers]))
+        if not candidates:
+            raise LocalProtocolError(
+                "the ticket names no address and no --peer was given (discovery is issue 4)"
+            )
+        expected = NodeId(ticket.node_id) if ticket.node_id is not None else None
+        failures = []
+        for address in candidates:
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    return await self.endpoint.connect((address.host, address.port), expected)  # type: ignore[arg-type]
+            except AuthenticationError:
+                raise
+            except (ConnectionClosedError, RemoteProtocolError, OSError, trio.TooSlowError) as exc:
+                failures.append(f"{address}: {exc or type(exc).__name__}")
+        raise RemoteProtocolError(f"could not reach the sharer ({'; '.join(failures)})")
+
+
+def _peer_list(params: dict[str, Any]) -> list[PeerAddress]:
+    peers = params.get("peers") or []
+    if not isinstance(peers, list):
+        raise LocalProtocolError("peers must be a list of HOST:PORT")
+    return [parse_address(str(peer)) for peer in peers]
+
+
+def _format(address: tuple[str, int] | Any) -> str:
+    return str(PeerAddress(str(address[0]), int(address[1])))
+
+
+async def _pump_progress(emit: Emit, latest: list[dict[str, Any]]) -> None:
+    """Forward the newest progress to the CLI at most every PROGRESS_INTERVAL (a display
+    rate, not a poll: the work itself never waits on this)."""
+    while True:
+        await trio.sleep(PROGRESS_INTERVAL)
+        if latest:
+            event = latest[-1]
+            latest.clear()
+            try:
+                await emit(event)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+
+
+async def run_node(config: NodeConfig) -> None:
+    await Node(config).run()

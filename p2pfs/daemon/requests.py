@@ -1,0 +1,92 @@
+"""Client side of one wire-protocol stream: send requests, read verified-shape replies."""
+
+from __future__ import annotations
+
+from p2pfs.errors import ConnectionClosedError, RemoteProtocolError
+from p2pfs.ids import ContentHash
+from p2pfs.net import PeerConnection, Stream
+from p2pfs.wire.codes import ErrorCode
+from p2pfs.wire.messages import (
+    ErrorReply,
+    GetManifest,
+    GetNodes,
+    Hello,
+    ManifestReply,
+    Message,
+    NodesReply,
+)
+from p2pfs.wire.session import Role, StreamSession
+
+from .service import TransferCounters
+
+RECEIVE_BYTES = 1 << 20
+
+
+class PeerRequestError(RemoteProtocolError):
+    """The peer answered a request with an Error."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"peer answered {code.name}: {message}")
+        self.code = code
+
+
+class RequestStream:
+    """One bidirectional stream in the client role."""
+
+    def __init__(self, stream: Stream, counters: TransferCounters) -> None:
+        self.stream = stream
+        self.session = StreamSession(Role.CLIENT)
+        self._counters = counters
+        self._next_id = 1
+
+    @classmethod
+    async def open(cls, conn: PeerConnection, counters: TransferCounters) -> RequestStream:
+        request_stream = cls(await conn.open_stream(), counters)
+        await request_stream._write(request_stream.session.hello())
+        return request_stream
+
+    def new_request_id(self) -> int:
+        request_id = self._next_id
+        self._next_id += 1
+        return request_id
+
+    async def send(self, message: Message) -> None:
+        await self._write(self.session.send(message))
+
+    async def _write(self, data: bytes) -> None:
+        self._counters.protocol_sent += len(data)
+        await self.stream.send_all(data)
+
+    async def next_reply(self) -> Message:
+        """The next reply (Hello is consumed here); raises if the stream ends first."""
+        while True:
+            message = self.session.next_message()
+            if message is not None:
+                if isinstance(message, Hello):
+                    continue
+                return message
+            data = await self.stream.receive_some(RECEIVE_BYTES)
+            if not data:
+                raise ConnectionClosedError("peer ended the stream with requests outstanding")
+            self.session.receive_data(data)
+
+    async def close(self) -> None:
+        await self.stream.send_eof()
+
+    async def manifest(self, share_root: ContentHash) -> bytes:
+        await self.send(GetManifest(self.new_request_id(), share_root))
+        reply = await self.next_reply()
+        if isinstance(reply, ErrorReply):
+            raise PeerRequestError(reply.code, reply.message)
+        assert isinstance(reply, ManifestReply)  # the session checked the pairing
+        self._counters.protocol_received += len(reply.manifest)
+        return reply.manifest
+
+    async def nodes(self, share_root: ContentHash, hashes: list[ContentHash]) -> list[bytes]:
+        await self.send(GetNodes(self.new_request_id(), share_root, tuple(hashes)))
+        reply = await self.next_reply()
+        if isinstance(reply, ErrorReply):
+            raise PeerRequestError(reply.code, reply.message)
+        assert isinstance(reply, NodesReply)
+        self._counters.protocol_received += sum(len(node) for node in reply.nodes)
+        return list(reply.nodes)

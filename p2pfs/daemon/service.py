@@ -1,0 +1,289 @@
+"""Serving shares to peers: answers GetManifest / GetNodes / GetChunks on every stream.
+
+Access rule: knowing a share's root is the capability to read it. A peer gets a manifest
+only by naming its root, and a tree node only once that node has been reached from a root
+it named *on this connection* (each node served grants its children), so a peer cannot pull
+a node of some other share by guessing or learning its hash. Chunks are served only from
+files of the share the request names. Every chunk read from disk is hashed before it is
+sent: a file changed behind the index's back yields NOT_FOUND, never wrong bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import trio
+
+from p2pfs.content.chunking import ChunkRef
+from p2pfs.content.folder import DIR_TREE, FILE_TREE, EntryKind, Manifest
+from p2pfs.content.tree import BranchNode, LeafNode
+from p2pfs.errors import (
+    ConnectionClosedError,
+    IntegrityError,
+    StorageError,
+    StreamResetError,
+)
+from p2pfs.ids import ContentHash, short_hex
+from p2pfs.net import PeerConnection, Stream
+from p2pfs.store.index import ChunkLocation, IndexStore, read_chunk
+from p2pfs.wire.codes import ErrorCode, WireError
+from p2pfs.wire.messages import (
+    Cancel,
+    ErrorReply,
+    GetChunks,
+    GetManifest,
+    GetNodes,
+    ManifestReply,
+    Message,
+    NodesReply,
+    encode_chunk_data_header,
+)
+from p2pfs.wire.session import Role, StreamSession
+
+from .storage import AsyncIndex, in_thread
+
+logger = logging.getLogger(__name__)
+
+RECEIVE_BYTES = 256 * 1024
+READ_BATCH_BYTES = 4 << 20
+"""Chunks of one request are read from disk in groups of about this size."""
+FILE_NODE_CACHE = 64
+"""Files whose rebuilt tree nodes are kept in memory (rebuilding costs ~2 ms per 256 MiB)."""
+
+
+@dataclass(slots=True)
+class TransferCounters:
+    """What crossed the wire, for `p2pfs status`: chunk payload vs everything else."""
+
+    payload_sent: int = 0
+    protocol_sent: int = 0
+    payload_received: int = 0
+    protocol_received: int = 0
+    chunks_served: int = 0
+    integrity_failures: int = 0
+
+
+class _NodeKind(enum.Enum):
+    DIRECTORY = "directory"
+    FILE = "file"
+
+
+@dataclass(slots=True)
+class _Grant:
+    kind: _NodeKind
+    file_root: ContentHash | None  # for file-tree nodes: the file they belong to
+
+
+@dataclass(slots=True)
+class _ConnectionGrants:
+    """Nodes this connection may ask for, per share root it has named."""
+
+    by_share: dict[ContentHash, dict[ContentHash, _Grant]] = field(default_factory=dict)
+
+    def open_share(self, share_root: ContentHash, tree_root: ContentHash) -> None:
+        grants = self.by_share.setdefault(share_root, {})
+        grants[tree_root] = _Grant(_NodeKind.DIRECTORY, None)
+
+    def lookup(self, share_root: ContentHash, node_hash: ContentHash) -> _Grant | None:
+        return self.by_share.get(share_root, {}).get(node_hash)
+
+    def grant(self, share_root: ContentHash, node_hash: ContentHash, grant: _Grant) -> None:
+        self.by_share.setdefault(share_root, {})[node_hash] = grant
+
+
+class ShareService:
+    def __init__(self, index: AsyncIndex, counters: TransferCounters) -> None:
+        self._index = index
+        self.counters = counters
+        self._file_nodes: OrderedDict[ContentHash, dict[ContentHash, bytes]] = OrderedDict()
+
+    async def handle_connection(self, conn: PeerConnection) -> None:
+        """Serve every stream the peer opens until it closes the connection."""
+        grants = _ConnectionGrants()
+        logger.info("peer %s connected from %s", conn.peer_id.short(), conn.remote_address)
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    stream = await conn.accept_stream()
+                except ConnectionClosedError:
+                    break
+                nursery.start_soon(self._serve_stream, conn, stream, grants)
+        logger.info("peer %s disconnected", conn.peer_id.short())
+
+    async def _serve_stream(
+        self, conn: PeerConnection, stream: Stream, grants: _ConnectionGrants
+    ) -> None:
+        session = StreamSession(Role.SERVER)
+        pending: deque[Message] = deque()
+        try:
+            await self._send(stream, session.hello())
+            while True:
+                data = await stream.receive_some(RECEIVE_BYTES)
+                if not data:
+                    await stream.send_eof()
+                    return
+                self.counters.protocol_received += len(data)
+                session.receive_data(data)
+                while (message := session.next_message()) is not None:
+                    pending.append(message)
+                cancelled = {m.request_id for m in pending if isinstance(m, Cancel)}
+                while pending:
+                    message = pending.popleft()
+                    if not isinstance(message, GetManifest | GetNodes | GetChunks):
+                        continue  # Hello, or a Cancel already collected above
+                    if message.request_id in cancelled:
+                        reply = ErrorReply(message.request_id, ErrorCode.CANCELLED, "cancelled")
+                        await self._send(stream, session.send(reply))
+                        continue
+                    await self._answer(message, stream, session, grants)
+        except WireError as exc:
+            logger.warning("peer %s broke the protocol: %s", conn.peer_id.short(), exc)
+            with contextlib.suppress(StreamResetError, ConnectionClosedError):
+                await self._send(stream, session.send(ErrorReply(0, exc.code, str(exc)[:200])))
+            stream.reset(int(exc.code))
+        except (StreamResetError, ConnectionClosedError) as exc:
+            logger.debug("stream from %s ended: %s", conn.peer_id.short(), exc)
+
+    async def _send(self, stream: Stream, data: bytes) -> None:
+        self.counters.protocol_sent += len(data)
+        await stream.send_all(data)
+
+    async def _answer(
+        self,
+        message: GetManifest | GetNodes | GetChunks,
+        stream: Stream,
+        session: StreamSession,
+        grants: _ConnectionGrants,
+    ) -> None:
+        if isinstance(message, GetChunks):
+            await self._chunks(message, stream, session)
+            return
+        reply: ManifestReply | NodesReply | ErrorReply
+        if isinstance(message, GetManifest):
+            reply = await self._manifest(message, grants)
+        else:
+            reply = await self._nodes(message, grants)
+        await self._send(stream, session.send(reply))
+
+    async def _manifest(
+        self, request: GetManifest, grants: _ConnectionGrants
+    ) -> ManifestReply | ErrorReply:
+        record = await self._index.run(self._index.index.share_by_root, request.share_root)
+        if record is None or record.manifest is None:
+            return _not_found(request.request_id, "no such share here")
+        manifest = Manifest.decode_untrusted(record.manifest)
+        grants.open_share(request.share_root, manifest.tree.hash)
+        return ManifestReply(request.request_id, record.manifest)
+
+    async def _nodes(self, request: GetNodes, grants: _ConnectionGrants) -> NodesReply | ErrorReply:
+        encoded_nodes: list[bytes] = []
+        for node_hash in request.hashes:
+            grant = grants.lookup(request.share_root, node_hash)
+            if grant is None:
+                return _not_found(request.request_id, f"node {short_hex(node_hash)} not reached")
+            encoded = await self._node_bytes(node_hash, grant)
+            if encoded is None:
+                return _not_found(request.request_id, f"node {short_hex(node_hash)} is gone")
+            self._grant_children(request.share_root, encoded, grant, grants)
+            encoded_nodes.append(encoded)
+        return NodesReply(request.request_id, tuple(encoded_nodes))
+
+    async def _node_bytes(self, node_hash: ContentHash, grant: _Grant) -> bytes | None:
+        if grant.kind is _NodeKind.DIRECTORY:
+            return await self._index.run(self._index.index.dir_node, node_hash)
+        assert grant.file_root is not None
+        nodes = self._file_nodes.get(grant.file_root)
+        if nodes is None:
+            nodes = await self._index.run(self._index.index.file_tree_nodes, grant.file_root)
+            if nodes is None:
+                return None
+            self._file_nodes[grant.file_root] = nodes
+            if len(self._file_nodes) > FILE_NODE_CACHE:
+                self._file_nodes.popitem(last=False)
+        else:
+            self._file_nodes.move_to_end(grant.file_root)
+        return nodes.get(node_hash)
+
+    def _grant_children(
+        self,
+        share_root: ContentHash,
+        encoded: bytes,
+        grant: _Grant,
+        grants: _ConnectionGrants,
+    ) -> None:
+        if grant.kind is _NodeKind.DIRECTORY:
+            dir_node = DIR_TREE.decode_untrusted(encoded)
+            if isinstance(dir_node, BranchNode):
+                for child in dir_node.children:
+                    grants.grant(share_root, child.hash, grant)
+                return
+            for entry in dir_node.leaves:
+                if entry.kind is EntryKind.DIRECTORY:
+                    grants.grant(share_root, entry.hash, _Grant(_NodeKind.DIRECTORY, None))
+                else:
+                    grants.grant(share_root, entry.hash, _Grant(_NodeKind.FILE, entry.hash))
+            return
+        file_node = FILE_TREE.decode_untrusted(encoded)
+        if isinstance(file_node, LeafNode):
+            return  # chunks are checked against the share at request time
+        for child in file_node.children:
+            grants.grant(share_root, child.hash, grant)
+
+    async def _chunks(self, request: GetChunks, stream: Stream, session: StreamSession) -> None:
+        locations = await self._index.run(
+            _locate_all, self._index.index, request.chunks, request.share_root
+        )
+        index = 0
+        while index < len(request.chunks):
+            group_end = index
+            group_bytes = 0
+            while group_end < len(request.chunks) and (
+                group_end == index or group_bytes < READ_BATCH_BYTES
+            ):
+                group_bytes += request.chunks[group_end].length
+                group_end += 1
+            wanted = [(request.chunks[i].id, locations[i]) for i in range(index, group_end)]
+            datas = await in_thread(_read_group, wanted)
+            for data in datas:
+                if data is None:
+                    self.counters.integrity_failures += 1
+                    reply = _not_found(request.request_id, f"chunk {index} unavailable")
+                    await self._send(stream, session.send(reply))
+                    return
+                header = encode_chunk_data_header(request.request_id, index, len(data))
+                self.counters.protocol_sent += len(header)
+                self.counters.payload_sent += len(data)
+                self.counters.chunks_served += 1
+                await stream.send_all(header + data)
+                index += 1
+
+
+def _not_found(request_id: int, message: str) -> ErrorReply:
+    return ErrorReply(request_id, ErrorCode.NOT_FOUND, message)
+
+
+def _locate_all(
+    index: IndexStore, chunks: tuple[ChunkRef, ...], share_root: ContentHash
+) -> list[list[ChunkLocation]]:
+    return [index.locate_chunk(chunk.id, share_root) for chunk in chunks]
+
+
+def _read_group(
+    wanted: list[tuple[ContentHash, list[ChunkLocation]]],
+) -> list[bytes | None]:
+    """Read each chunk from the first location that still holds it (hash-checked)."""
+    out: list[bytes | None] = []
+    for chunk_hash, locations in wanted:
+        data = None
+        for location in locations:
+            try:
+                data = read_chunk(location, chunk_hash)
+                break
+            except (IntegrityError, StorageError) as exc:
+                logger.warning("not serving %s: %s", short_hex(chunk_hash), exc)
+        out.append(data)
+    return out
