@@ -74,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     daemon.add_argument(
         "--peer", metavar="HOST:PORT", action="append", default=[], help="a peer to try"
     )
+    for direction in ("upload", "download"):
+        daemon.add_argument(
+            f"--max-{direction}-rate",
+            metavar="BYTES_PER_S",
+            type=int,
+            help=f"cap this node's {direction} of chunk data",
+        )
     for name, help_text in (
         ("id", "this node's id and addresses"),
         ("status", "peers, shares, transfers, counters"),
@@ -143,6 +150,8 @@ def _daemon(args: argparse.Namespace) -> int:
         home=resolve_home(args.home),
         listen=parse_address(args.listen),
         peers=tuple(parse_address(peer) for peer in args.peer),
+        max_upload_rate=args.max_upload_rate,
+        max_download_rate=args.max_download_rate,
     )
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
     # The QUIC engine logs every orderly peer close as a warning; only its errors matter here.

@@ -17,7 +17,14 @@ from typing import Any
 
 import trio
 
-from p2pfs.errors import LocalProtocolError, P2pfsError, RemoteProtocolError
+from p2pfs.errors import (
+    ConnectionClosedError,
+    IntegrityError,
+    LocalProtocolError,
+    P2pfsError,
+    RemoteProtocolError,
+    StreamResetError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,15 +84,42 @@ class ControlServer:
             except trio.BrokenResourceError:
                 logger.debug("control client of %s went away", method)
                 return
-            except P2pfsError as exc:
-                logger.info("%s failed: %s", method, exc)
-                await _send_quietly(stream, {"error": {"kind": _kind(exc), "message": str(exc)}})
+            except (P2pfsError, BaseExceptionGroup) as raised:
+                ours = _our_error(raised)
+                if ours is None:
+                    raise
+                logger.info("%s failed: %s", method, ours)
+                error = {"kind": _kind(ours), "message": str(ours)}
+                await _send_quietly(stream, {"error": error})
+                return
+            except Exception as exc:
+                # The boundary of one request: a bug here must not take the node down with
+                # it. The traceback goes to the log, the client is told it was our fault.
+                logger.exception("%s failed unexpectedly", method)
+                message = f"internal error: {type(exc).__name__}: {exc}"
+                await _send_quietly(stream, {"error": {"kind": "internal", "message": message}})
                 return
             await _send_quietly(stream, {"result": result})
 
 
+def _our_error(raised: BaseException) -> P2pfsError | None:
+    """The P2pfsError that explains ``raised``, looking inside exception groups (a failing
+    task in a nursery arrives wrapped)."""
+    if isinstance(raised, P2pfsError):
+        return raised
+    if isinstance(raised, BaseExceptionGroup):
+        for inner in raised.exceptions:
+            found = _our_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
 def _kind(exc: P2pfsError) -> str:
-    if isinstance(exc, RemoteProtocolError):
+    """Whose fault, for the CLI's exit code: the peer/network, or us."""
+    if isinstance(
+        exc, RemoteProtocolError | IntegrityError | ConnectionClosedError | StreamResetError
+    ):
         return "remote"
     if isinstance(exc, LocalProtocolError):
         return "local"

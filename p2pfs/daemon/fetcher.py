@@ -31,6 +31,7 @@ from p2pfs.store.assemble import PartialFile
 from p2pfs.store.index import ChunkLocation, IndexStore, read_chunk
 from p2pfs.wire.messages import ChunkData, ErrorReply, GetChunks
 
+from .ratelimit import TokenBucket, throttle
 from .requests import PeerRequestError, RequestStream
 from .service import TransferCounters
 from .storage import AsyncIndex, in_thread
@@ -46,8 +47,14 @@ REQUEST_BYTES = 4 << 20
 STREAMS = 4
 PIPELINE_DEPTH = 2
 """Requests in flight per stream: the next one is already queued when one finishes."""
+STALL_TIMEOUT = 10.0
+"""A peer that sends nothing for this long while we wait on it has failed."""
 FRAME_OVERHEAD = 16
 """Approximate framing bytes of one ChunkData (length, tag, fields), for the counters."""
+
+
+class PeerStalledError(RemoteProtocolError):
+    """The peer stopped answering while requests were outstanding."""
 
 
 @dataclass(slots=True)
@@ -98,8 +105,10 @@ class Fetcher:
         index: AsyncIndex,
         counters: TransferCounters,
         progress: Progress | None = None,
+        download_limit: TokenBucket | None = None,
     ) -> None:
         self._conn = conn
+        self._download_limit = download_limit
         self._root = share_root
         self._destination = os.path.abspath(destination)
         self._index = index
@@ -309,12 +318,19 @@ class Fetcher:
         placements: dict[ContentHash, list[tuple[_FileTask, int]]],
     ) -> None:
         for ref in batch:
-            reply = await stream.next_reply()
+            with trio.move_on_after(STALL_TIMEOUT) as stalled:
+                reply = await stream.next_reply()
+            if stalled.cancelled_caught:
+                raise PeerStalledError(
+                    f"peer {self._conn.peer_id.short()} sent nothing for {STALL_TIMEOUT:.0f} s"
+                )
             if isinstance(reply, ErrorReply):
                 raise PeerRequestError(reply.code, reply.message)
             assert isinstance(reply, ChunkData)  # the session checked order and length
             self._counters.payload_received += len(reply.payload)
             self._counters.protocol_received += FRAME_OVERHEAD
+            # Waiting here stops reading the stream, so flow control slows the sender.
+            await throttle(self._download_limit, len(reply.payload))
             try:
                 await self._place(ref, bytes(reply.payload), placements)
             except IntegrityError as exc:

@@ -30,6 +30,7 @@ from p2pfs.wire.ticket import PeerAddress, Ticket, TicketKind, parse_address, pa
 from .control_client import SOCKET_NAME
 from .control_server import ControlServer, Emit
 from .fetcher import Fetcher, FetchProgress
+from .ratelimit import TokenBucket
 from .requests import RequestStream
 from .service import ShareService, TransferCounters
 from .storage import AsyncIndex
@@ -48,6 +49,9 @@ class NodeConfig:
     home: Path
     listen: PeerAddress = field(default_factory=lambda: PeerAddress("0.0.0.0", 0))
     peers: tuple[PeerAddress, ...] = ()
+    max_upload_rate: int | None = None
+    max_download_rate: int | None = None
+    """Bytes per second of chunk payload, for the whole daemon."""
 
 
 @dataclass(slots=True)
@@ -71,13 +75,15 @@ class Node:
         self._endpoint: Endpoint | None = None
         self._identity: Identity | None = None
         self._index: AsyncIndex | None = None
+        self._upload_limit = _bucket(config.max_upload_rate)
+        self._download_limit = _bucket(config.max_download_rate)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         home = self.config.home
         self._identity = load_identity(home)
         with IndexStore(home / INDEX_FILENAME) as index_store:
             self._index = AsyncIndex(index_store)
-            service = ShareService(self._index, self.counters)
+            service = ShareService(self._index, self.counters, self._upload_limit)
             async with open_endpoint(
                 self._identity,
                 self.config.listen.host,
@@ -152,11 +158,7 @@ class Node:
         counters = asdict(self.counters)
         return {
             "node_id": str(self.endpoint.node_id),
-            "peers": [
-                {"node_id": str(conn.peer_id), "address": _format(conn.remote_address)}
-                for conn in self.endpoint.connections
-                if not conn.is_closed
-            ],
+            "peers": _peer_summaries(self.endpoint.connections),
             "shares": [
                 {"root": share.root.hex(), "path": share.local_path}
                 for share in shares
@@ -264,7 +266,15 @@ class Node:
             latest.append(asdict(update))
 
         try:
-            fetcher = Fetcher(conn, ticket.root, destination, self.index, self.counters, progress)
+            fetcher = Fetcher(
+                conn,
+                ticket.root,
+                destination,
+                self.index,
+                self.counters,
+                progress,
+                self._download_limit,
+            )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_pump_progress, emit, latest)
                 report = await fetcher.run()
@@ -286,11 +296,32 @@ class Node:
             try:
                 with trio.fail_after(CONNECT_TIMEOUT):
                     return await self.endpoint.connect((address.host, address.port), expected)  # type: ignore[arg-type]
-            except AuthenticationError:
-                raise
+            except AuthenticationError as exc:
+                raise AuthenticationError(
+                    f"refused {address}: authentication failed, it is not the node the "
+                    f"ticket names ({exc})"
+                ) from exc
             except (ConnectionClosedError, RemoteProtocolError, OSError, trio.TooSlowError) as exc:
                 failures.append(f"{address}: {exc or type(exc).__name__}")
         raise RemoteProtocolError(f"could not reach the sharer ({'; '.join(failures)})")
+
+
+def _peer_summaries(connections: frozenset[PeerConnection]) -> list[dict[str, str]]:
+    """Authenticated, open connections only: a handshake in progress names no one yet."""
+    summaries = []
+    for conn in connections:
+        if conn.is_closed:
+            continue
+        try:
+            peer = conn.peer_id
+        except ConnectionClosedError:
+            continue
+        summaries.append({"node_id": str(peer), "address": _format(conn.remote_address)})
+    return summaries
+
+
+def _bucket(rate: int | None) -> TokenBucket | None:
+    return TokenBucket(rate) if rate else None
 
 
 def _peer_list(params: dict[str, Any]) -> list[PeerAddress]:

@@ -44,6 +44,7 @@ from p2pfs.wire.messages import (
 )
 from p2pfs.wire.session import Role, StreamSession
 
+from .ratelimit import TokenBucket, throttle
 from .storage import AsyncIndex, in_thread
 
 logger = logging.getLogger(__name__)
@@ -96,9 +97,15 @@ class _ConnectionGrants:
 
 
 class ShareService:
-    def __init__(self, index: AsyncIndex, counters: TransferCounters) -> None:
+    def __init__(
+        self,
+        index: AsyncIndex,
+        counters: TransferCounters,
+        upload_limit: TokenBucket | None = None,
+    ) -> None:
         self._index = index
         self.counters = counters
+        self._upload_limit = upload_limit
         self._file_nodes: OrderedDict[ContentHash, dict[ContentHash, bytes]] = OrderedDict()
 
     async def handle_connection(self, conn: PeerConnection) -> None:
@@ -254,6 +261,7 @@ class ShareService:
                     reply = _not_found(request.request_id, f"chunk {index} unavailable")
                     await self._send(stream, session.send(reply))
                     return
+                await throttle(self._upload_limit, len(data))
                 header = encode_chunk_data_header(request.request_id, index, len(data))
                 self.counters.protocol_sent += len(header)
                 self.counters.payload_sent += len(data)
