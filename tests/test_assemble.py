@@ -8,7 +8,7 @@ import pytest
 
 from p2pfs.content.chunking import Chunker, ChunkRef
 from p2pfs.errors import IntegrityError, StorageError
-from p2pfs.store.assemble import PartialFile, is_partial_name
+from p2pfs.store.assemble import Finished, PartialFile, commit_files, is_partial_name
 from tests.helpers_content import random_bytes
 
 ROOT = bytes(range(32))
@@ -46,7 +46,8 @@ def test_unverified_bytes_are_never_written(tmp_path: Path) -> None:
         bad[5] ^= 1
         with pytest.raises(IntegrityError):
             partial.write_chunk(offset, bytes(bad), ref)
-        assert Path(partial.temp_path).read_bytes()[:16] == bytes(16)
+        # Nothing was written, not even an empty temp file.
+        assert not Path(partial.temp_path).exists()
 
 
 def test_resume_finds_intact_chunks_and_rejects_torn_ones(tmp_path: Path) -> None:
@@ -82,3 +83,24 @@ def test_empty_file(tmp_path: Path) -> None:
     with PartialFile(str(tmp_path), "empty", ROOT, 0) as partial:
         partial.commit(executable=False)
     assert (tmp_path / "empty").read_bytes() == b""
+
+
+def test_batch_commit_makes_many_files_appear(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    finished = []
+    contents = {}
+    for number in range(50):
+        directory = tmp_path / ("sub" if number % 2 else "")
+        data = random_bytes(number, number * 100)
+        partial = PartialFile(str(directory), f"f{number}", ROOT, len(data))
+        for offset, ref in chunks_of(data):
+            partial.write_chunk(offset, data[offset : offset + ref.length], ref)
+        partial.close()
+        finished.append(Finished(partial, executable=number % 3 == 0))
+        contents[directory / f"f{number}"] = (data, number % 3 == 0)
+        assert not (directory / f"f{number}").exists()
+    commit_files(finished)
+    for path, (data, executable) in contents.items():
+        assert path.read_bytes() == data
+        assert bool(os.stat(path).st_mode & stat.S_IXUSR) == executable
+    assert not [p for p in tmp_path.rglob("*") if is_partial_name(p.name)]

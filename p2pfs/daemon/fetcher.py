@@ -27,7 +27,7 @@ from p2pfs.content.tree import TreeBuilder
 from p2pfs.errors import IntegrityError, RemoteProtocolError, StorageError
 from p2pfs.ids import ContentHash, short_hex
 from p2pfs.net import PeerConnection
-from p2pfs.store.assemble import PartialFile
+from p2pfs.store.assemble import Finished, PartialFile, commit_files
 from p2pfs.store.index import ChunkLocation, IndexStore, read_chunk
 from p2pfs.wire.messages import ChunkData, ErrorReply, GetChunks
 
@@ -47,6 +47,9 @@ REQUEST_BYTES = 4 << 20
 STREAMS = 4
 PIPELINE_DEPTH = 2
 """Requests in flight per stream: the next one is already queued when one finishes."""
+COMMIT_FILES = 512
+COMMIT_BYTES = 256 << 20
+"""Finished files wait for a batch this big (or the end of a window) to be made durable."""
 STALL_TIMEOUT = 10.0
 """A peer that sends nothing for this long while we wait on it has failed."""
 FRAME_OVERHEAD = 16
@@ -118,6 +121,8 @@ class Fetcher:
         self._done_files = 0
         self._total_bytes = 0
         self._total_files = 0
+        self._uncommitted: list[_FileTask] = []
+        self._uncommitted_bytes = 0
         self.report = FetchReport(short_hex(share_root, 64), "", self._destination)
 
     async def run(self) -> FetchReport:
@@ -199,11 +204,11 @@ class Fetcher:
     # -- files ----------------------------------------------------------------------------
 
     async def _fetch_window(self, control: RequestStream, window: list[_FileTask]) -> None:
+        complete = await in_thread(_already_complete_all, window)
         pending: list[_FileTask] = []
-        for task in window:
-            if await in_thread(_already_complete, task):
+        for task, done in zip(window, complete, strict=True):
+            if done:
                 self.report.bytes_present += task.entry.size
-                await in_thread(_set_executable, task.path, task.entry.executable)
                 self._file_done(task.entry.size)
             else:
                 pending.append(task)
@@ -213,19 +218,13 @@ class Fetcher:
             return await control.nodes(self._root, hashes)
 
         await walk_trees(jobs, fetch)
+        for job in jobs:
+            job.tag.leaves = job.leaves
+        resumed = await in_thread(_open_partials, pending)
         wanted: dict[ContentHash, ChunkRef] = {}
         placements: dict[ContentHash, list[tuple[_FileTask, int]]] = {}
-        for job in jobs:
-            task = job.tag
-            task.leaves = job.leaves
-            task.partial = await in_thread(
-                PartialFile,
-                os.path.dirname(task.path),
-                os.path.basename(task.path),
-                task.entry.hash,
-                task.entry.size,
-            )
-            present = await in_thread(task.partial.verified_chunks, task.leaves)
+        finished: list[_FileTask] = []
+        for task, present in zip(pending, resumed, strict=True):
             for offset, ref in task.leaves:
                 if offset in present:
                     self.report.bytes_resumed += ref.length
@@ -235,11 +234,12 @@ class Fetcher:
                 wanted.setdefault(ref.id, ref)
                 placements.setdefault(ref.id, []).append((task, offset))
             if task.remaining == 0:
-                await self._commit(task)
-        self._report_progress()
+                finished.append(task)
+        await self._commit(finished)
         missing = await self._copy_local(list(wanted.values()), placements)
         if missing:
             await self._fetch_from_peer(missing, placements)
+        await self._commit(self._uncommitted)
         unfinished = [task.rel for task in pending if task.remaining]
         if unfinished:
             raise RemoteProtocolError(f"{len(unfinished)} files incomplete, e.g. {unfinished[0]}")
@@ -251,14 +251,19 @@ class Fetcher:
     ) -> list[ChunkRef]:
         """Write every wanted chunk this node already holds; return the rest."""
         located = await self._index.run(_locate_each, self._index.index, wanted)
-        missing = []
-        for ref, locations in zip(wanted, located, strict=True):
-            data = await in_thread(_read_first, ref, locations) if locations else None
-            if data is None:
-                missing.append(ref)
-                continue
-            self.report.bytes_local += ref.length * len(placements[ref.id])
-            await self._place(ref, data, placements)
+        candidates = [(ref, where) for ref, where in zip(wanted, located, strict=True) if where]
+        missing = [ref for ref, where in zip(wanted, located, strict=True) if not where]
+        for start in range(0, len(candidates), REQUEST_CHUNKS):
+            group = candidates[start : start + REQUEST_CHUNKS]
+            datas = await in_thread(_read_local, group)
+            arrived = []
+            for (ref, _where), data in zip(group, datas, strict=True):
+                if data is None:
+                    missing.append(ref)
+                else:
+                    self.report.bytes_local += ref.length * len(placements[ref.id])
+                    arrived.append((ref, data))
+            await self._place(arrived, placements)
         return missing
 
     async def _fetch_from_peer(
@@ -317,6 +322,8 @@ class Fetcher:
         batch: tuple[ChunkRef, ...],
         placements: dict[ContentHash, list[tuple[_FileTask, int]]],
     ) -> None:
+        """Read one request's chunks, then verify and write them in one worker-thread call."""
+        arrived: list[tuple[ChunkRef, bytes]] = []
         for ref in batch:
             with trio.move_on_after(STALL_TIMEOUT) as stalled:
                 reply = await stream.next_reply()
@@ -331,36 +338,50 @@ class Fetcher:
             self._counters.protocol_received += FRAME_OVERHEAD
             # Waiting here stops reading the stream, so flow control slows the sender.
             await throttle(self._download_limit, len(reply.payload))
-            try:
-                await self._place(ref, bytes(reply.payload), placements)
-            except IntegrityError as exc:
-                self._counters.integrity_failures += 1
-                raise IntegrityError(
-                    f"peer {self._conn.peer_id.short()} sent a chunk that fails its hash"
-                ) from exc
-            self.report.bytes_from_peer += ref.length
+            arrived.append((ref, bytes(reply.payload)))
+        try:
+            await self._place(arrived, placements)
+        except IntegrityError as exc:
+            self._counters.integrity_failures += 1
+            raise IntegrityError(
+                f"peer {self._conn.peer_id.short()} sent a chunk that fails its hash"
+            ) from exc
+        self.report.bytes_from_peer += sum(ref.length for ref, _data in arrived)
 
     async def _place(
         self,
-        ref: ChunkRef,
-        data: bytes,
+        arrived: list[tuple[ChunkRef, bytes]],
         placements: dict[ContentHash, list[tuple[_FileTask, int]]],
     ) -> None:
-        """Verify ``data`` once (in a worker thread) and write it wherever the chunk goes."""
-        targets = placements.get(ref.id, [])
-        await in_thread(_write_all, ref, data, targets)
-        del placements[ref.id]
-        for task, _offset in targets:
-            self._done_bytes += ref.length
-            task.remaining -= 1
-            if task.remaining == 0:
-                await self._commit(task)
+        """Verify chunks and write each wherever it goes; finished files are committed in
+        batches (one sync for many files)."""
+        if not arrived:
+            return
+        writes = [(ref, data, placements.get(ref.id, [])) for ref, data in arrived]
+        await in_thread(_write_all, writes)
+        for ref, _data, targets in writes:
+            placements.pop(ref.id, None)
+            for task, _offset in targets:
+                self._done_bytes += ref.length
+                task.remaining -= 1
+                if task.remaining == 0:
+                    self._uncommitted.append(task)
+                    self._uncommitted_bytes += task.entry.size
+        if len(self._uncommitted) >= COMMIT_FILES or self._uncommitted_bytes >= COMMIT_BYTES:
+            await self._commit(self._uncommitted)
         self._report_progress()
 
-    async def _commit(self, task: _FileTask) -> None:
-        assert task.partial is not None
-        await in_thread(task.partial.commit, task.entry.executable)
-        self._file_done(0)
+    async def _commit(self, tasks: list[_FileTask]) -> None:
+        if not tasks:
+            return
+        batch = list(tasks)
+        if tasks is self._uncommitted:
+            self._uncommitted = []
+            self._uncommitted_bytes = 0
+        finished = [Finished(task.partial, task.entry.executable) for task in batch]  # type: ignore[arg-type]
+        await in_thread(commit_files, finished)
+        for _task in batch:
+            self._file_done(0)
 
     def _file_done(self, extra_bytes: int) -> None:
         self._done_files += 1
@@ -394,6 +415,10 @@ def _check_single_file(manifest: Manifest, leaves: list[tuple[int, DirEntry]]) -
         raise RemoteProtocolError("a single-file share's file must carry the share's name")
 
 
+def _already_complete_all(tasks: list[_FileTask]) -> list[bool]:
+    return [_already_complete(task) for task in tasks]
+
+
 def _already_complete(task: _FileTask) -> bool:
     """True if the destination already holds exactly this file (an earlier fetch finished it)."""
     try:
@@ -402,15 +427,70 @@ def _already_complete(task: _FileTask) -> bool:
         return False
     if not stat.S_ISREG(info.st_mode) or info.st_size != task.entry.size:
         return False
-    if task.entry.size == 0:
-        return True
-    builder = TreeBuilder(FILE_TREE)
-    cutter = StreamCutter(Chunker())
-    with open(task.path, "rb") as handle:
-        while block := handle.read(4 << 20):
-            builder.extend(ChunkRef(chunk_id(view), len(view)) for view in cutter.feed(block))
-    builder.extend(ChunkRef(chunk_id(view), len(view)) for view in cutter.finish())
-    return builder.finish() == task.entry.root
+    if task.entry.size:
+        builder = TreeBuilder(FILE_TREE)
+        cutter = StreamCutter(Chunker())
+        with open(task.path, "rb") as handle:
+            while block := handle.read(4 << 20):
+                builder.extend(ChunkRef(chunk_id(view), len(view)) for view in cutter.feed(block))
+        builder.extend(ChunkRef(chunk_id(view), len(view)) for view in cutter.finish())
+        if builder.finish() != task.entry.root:
+            return False
+    _set_executable(task.path, task.entry.executable)
+    return True
+
+
+def _open_partials(tasks: list[_FileTask]) -> list[set[int]]:
+    """A PartialFile per task, and the offsets of chunks an earlier attempt left intact."""
+    present = []
+    for task in tasks:
+        task.partial = PartialFile(
+            os.path.dirname(task.path),
+            os.path.basename(task.path),
+            task.entry.hash,
+            task.entry.size,
+        )
+        present.append(task.partial.verified_chunks(task.leaves))
+        task.partial.close()
+    return present
+
+
+def _locate_each(index: IndexStore, wanted: list[ChunkRef]) -> list[list[ChunkLocation]]:
+    return [index.locate_chunk(ref.id) for ref in wanted]
+
+
+def _read_local(group: list[tuple[ChunkRef, list[ChunkLocation]]]) -> list[bytes | None]:
+    """Each chunk from the first local file that still holds it (hash-checked), or None."""
+    out: list[bytes | None] = []
+    for ref, locations in group:
+        data = None
+        for location in locations:
+            try:
+                data = read_chunk(location, ref.id)
+                break
+            except (IntegrityError, StorageError):
+                continue
+        out.append(data)
+    return out
+
+
+def _write_all(writes: list[tuple[ChunkRef, bytes, list[tuple[_FileTask, int]]]]) -> None:
+    """Verify every chunk first, then write: nothing is written if any chunk is bad.
+
+    A file whose last chunks these are has its descriptor closed at once, so open files stay
+    few however many small files a batch completes.
+    """
+    for ref, data, _targets in writes:
+        if len(data) != ref.length or chunk_id(data) != ref.id:
+            raise IntegrityError(f"chunk {short_hex(ref.id)} fails its hash")
+    written: dict[int, int] = {}
+    for _ref, data, targets in writes:
+        for task, offset in targets:
+            assert task.partial is not None
+            task.partial.write_verified(offset, data)
+            written[id(task)] = written.get(id(task), 0) + 1
+            if written[id(task)] == task.remaining:
+                task.partial.close()
 
 
 def _set_executable(path: str, executable: bool) -> None:
@@ -418,24 +498,3 @@ def _set_executable(path: str, executable: bool) -> None:
     wanted = mode | 0o111 if executable else mode & ~0o111
     if wanted != mode:
         os.chmod(path, wanted & 0o7777)
-
-
-def _locate_each(index: IndexStore, wanted: list[ChunkRef]) -> list[list[ChunkLocation]]:
-    return [index.locate_chunk(ref.id) for ref in wanted]
-
-
-def _read_first(ref: ChunkRef, locations: list[ChunkLocation]) -> bytes | None:
-    for location in locations:
-        try:
-            return read_chunk(location, ref.id)
-        except (IntegrityError, StorageError):
-            continue
-    return None
-
-
-def _write_all(ref: ChunkRef, data: bytes, targets: list[tuple[_FileTask, int]]) -> None:
-    if len(data) != ref.length or chunk_id(data) != ref.id:
-        raise IntegrityError(f"chunk {short_hex(ref.id)} fails its hash")
-    for task, offset in targets:
-        assert task.partial is not None
-        task.partial.write_verified(offset, data)
