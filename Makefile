@@ -19,9 +19,9 @@ $(STAMP_TEST): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $@ $(STAMP_RUN)
 
-# Until the node daemon exists (issue 3), `run` shows what the CLI can do today.
+# A node in the foreground with the embedded defaults: home in the user data dir, UDP 7337.
 run: $(STAMP_RUN)
-	$(BIN)/p2pfs --help
+	$(BIN)/p2pfs daemon
 
 lint: $(STAMP_TEST)
 	$(BIN)/ruff check p2pfs tests benchmarks simulations

@@ -37,6 +37,8 @@ from p2pfs.store.index import CHUNK_RECORD, INDEX_FILENAME, IndexStore
 from p2pfs.store.scanner import ScanResult, scan_share
 from p2pfs.wire.ticket import parse_address
 
+DEFAULT_LISTEN = "0.0.0.0:7337"
+"""A fixed default port, so tickets made before a restart still name the right address."""
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_FATAL = 2
@@ -69,7 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     daemon = commands.add_parser("daemon", help="run this home's node in the foreground")
     daemon.add_argument(
-        "--listen", metavar="HOST:PORT", default="0.0.0.0:0", help="UDP address (port 0: any)"
+        "--listen",
+        metavar="HOST:PORT",
+        default=DEFAULT_LISTEN,
+        help=f"UDP address (default {DEFAULT_LISTEN}; port 0 picks a free one)",
     )
     daemon.add_argument(
         "--peer", metavar="HOST:PORT", action="append", default=[], help="a peer to try"

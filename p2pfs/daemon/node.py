@@ -4,6 +4,7 @@ and the control API; SIGINT/SIGTERM shut it down cleanly."""
 from __future__ import annotations
 
 import logging
+import resource
 import signal
 import socket
 import time
@@ -80,6 +81,7 @@ class Node:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         home = self.config.home
+        _raise_open_file_limit()
         self._identity = load_identity(home)
         with IndexStore(home / INDEX_FILENAME) as index_store:
             self._index = AsyncIndex(index_store)
@@ -304,6 +306,14 @@ class Node:
             except (ConnectionClosedError, RemoteProtocolError, OSError, trio.TooSlowError) as exc:
                 failures.append(f"{address}: {exc or type(exc).__name__}")
         raise RemoteProtocolError(f"could not reach the sharer ({'; '.join(failures)})")
+
+
+def _raise_open_file_limit() -> None:
+    """Serving many peers and files takes descriptors; the soft limit is often only 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = min(hard, 65536) if hard != resource.RLIM_INFINITY else 65536
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def _peer_summaries(connections: frozenset[PeerConnection]) -> list[dict[str, str]]:
