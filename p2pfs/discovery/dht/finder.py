@@ -1,0 +1,277 @@
+"""``DhtFinder``: the private DHT behind the trio-facing ``Finder`` seam.
+
+The ``kademlia`` package is asyncio code. It runs in a dedicated thread with its own asyncio
+loop, and this facade is the only thing that crosses: each operation is a coroutine handed to
+that loop with ``asyncio.run_coroutine_threadsafe``; the trio task sleeps on a ``trio.Event``
+that the future's done-callback sets through the trio token, so trio never blocks and no trio
+worker thread is held. Cancelling the trio task cancels the asyncio future (and so the task
+behind it). ``serve`` owns the thread: it starts it, and on exit stops the node, cancels and
+awaits every task left on the loop, closes the loop and joins the thread.
+
+Why not trio-asyncio: measured in issue 4, every call had to be wrapped, latency was about 3x
+(51 ms vs 16 ms per set at 100 nodes), and abandoned calls leaked asyncio tasks that later
+crashed the trio program. A thread gives one narrow, explicit boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+
+import trio
+
+from p2pfs.discovery.dht.messages import NODE_ID_LEN, dht_key
+from p2pfs.discovery.dht.node import (
+    DEFAULT_ALPHA,
+    DEFAULT_KSIZE,
+    DEFAULT_RPC_TIMEOUT,
+    DhtNode,
+    Lookup,
+)
+from p2pfs.discovery.dht.protocol import Address, Traffic
+from p2pfs.discovery.dht.records import RecordStore
+from p2pfs.discovery.seam import Provider
+from p2pfs.errors import LocalProtocolError
+from p2pfs.wire.ticket import PeerAddress
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_TTL = 1800.0
+REANNOUNCE_FRACTION = 2 / 3
+REFRESH_INTERVAL = 900.0
+
+
+class DhtFinder:
+    """A node of the private DHT.
+
+    ``node_id`` (our 32-byte NodeId) and ``quic_port`` are what our provider records say;
+    ``host``/``port`` is the DHT's own UDP socket (0 picks a free port, see ``port``);
+    ``bootstrap`` lists known nodes (none: we are the first node of our own DHT). Records we
+    announce live ``ttl`` seconds and are re-announced at 2/3 of it.
+    """
+
+    name = "dht"
+
+    def __init__(
+        self,
+        *,
+        node_id: bytes,
+        quic_port: int,
+        host: str = "0.0.0.0",
+        port: int = 0,
+        bootstrap: Sequence[PeerAddress] = (),
+        ttl: float = DEFAULT_TTL,
+        rpc_timeout: float = DEFAULT_RPC_TIMEOUT,
+        ksize: int = DEFAULT_KSIZE,
+        alpha: int = DEFAULT_ALPHA,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if len(node_id) != NODE_ID_LEN:
+            raise LocalProtocolError("a NodeId is 32 bytes")
+        if not 1 <= quic_port <= 65535:
+            raise LocalProtocolError("the QUIC port must be in [1, 65535]")
+        if ttl < 1:
+            raise LocalProtocolError("the record TTL must be at least one second")
+        self.node_id = node_id
+        self.quic_port = quic_port
+        self.host = host
+        self._requested_port = port
+        self.bootstrap_addresses = tuple(bootstrap)
+        self.ttl = ttl
+        self._node = DhtNode(
+            node_id=node_id,
+            ksize=ksize,
+            alpha=alpha,
+            rpc_timeout=rpc_timeout,
+            records=RecordStore(max_ttl=max(ttl, 3600.0)),
+            clock=clock,
+            random_bytes=os.urandom,
+        )
+        self._port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._accepting = False
+        self._announced: dict[bytes, float] = {}
+        """Discovery key -> trio time of its next announce."""
+        self._wakeup = trio.Event()
+
+    @property
+    def port(self) -> int:
+        """The DHT's bound UDP port (once ``serve`` has started)."""
+        if self._port is None:
+            raise LocalProtocolError("the DHT is not serving yet")
+        return self._port
+
+    @property
+    def traffic(self) -> Traffic:
+        """Datagram counters (read from another thread: approximate while running)."""
+        return self._node.protocol.traffic
+
+    def contacts(self) -> int:
+        return self._node.contacts()
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        if self._loop is not None:
+            raise LocalProtocolError("DhtFinder.serve runs once")
+        bootstrap = await self._resolve(self.bootstrap_addresses)
+        token = trio.lowlevel.current_trio_token()
+        ready = trio.Event()
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        thread = threading.Thread(
+            target=self._thread_main, args=(loop, token, ready), name="p2pfs-dht", daemon=True
+        )
+        thread.start()
+        try:
+            await ready.wait()
+            self._accepting = True
+            _, self._port = await self._call(
+                lambda node: node.listen(self.host, self._requested_port)
+            )
+            logger.info("DHT listening on UDP %s:%d", self.host, self._port)
+            if bootstrap:
+                contacts = await self._call(lambda node: node.bootstrap(bootstrap))
+                logger.info("DHT bootstrapped: %d contacts", contacts)
+            task_status.started()
+            await self._maintain()
+        finally:
+            self._accepting = False
+            stop = self._stop
+            if stop is not None:
+                loop.call_soon_threadsafe(stop.set)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(thread.join)
+
+    def _thread_main(
+        self, loop: asyncio.AbstractEventLoop, token: trio.lowlevel.TrioToken, ready: trio.Event
+    ) -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._loop_main(token, ready))
+            loop.run_until_complete(_drain_tasks())
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+    async def _loop_main(self, token: trio.lowlevel.TrioToken, ready: trio.Event) -> None:
+        self._stop = asyncio.Event()
+        _wake(token, ready)
+        try:
+            await self._stop.wait()
+        finally:
+            self._node.close()
+
+    async def _resolve(self, addresses: Sequence[PeerAddress]) -> list[Address]:
+        resolved = []
+        for address in addresses:
+            try:
+                infos = await trio.socket.getaddrinfo(
+                    address.host, address.port, type=socket.SOCK_DGRAM
+                )
+            except OSError as exc:
+                logger.warning("DHT bootstrap %s does not resolve: %s", address, exc)
+                continue
+            resolved.append((str(infos[0][4][0]), int(infos[0][4][1])))
+        return resolved
+
+    async def _call(self, make: Callable[[DhtNode], Coroutine[Any, Any, T]]) -> T:
+        """Run ``make(node)`` on the DHT loop; cancelling the caller cancels it there."""
+        if not self._accepting or self._loop is None:
+            raise LocalProtocolError("the DHT is not serving")
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        future = asyncio.run_coroutine_threadsafe(make(self._node), self._loop)
+        future.add_done_callback(lambda _: _wake(token, done))
+        try:
+            await done.wait()
+        finally:
+            if not future.done():
+                future.cancel()
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise LocalProtocolError("the DHT stopped during the call") from None
+
+    async def _maintain(self) -> None:
+        """Re-announce each key at 2/3 of the TTL; refresh idle buckets; wait on deadlines."""
+        next_refresh = trio.current_time() + REFRESH_INTERVAL
+        while True:
+            now = trio.current_time()
+            for key, due in list(self._announced.items()):
+                if due <= now and key in self._announced:
+                    self._announced[key] = now + self.ttl * REANNOUNCE_FRACTION
+                    await self._announce_once(key)
+            if now >= next_refresh:
+                next_refresh = now + REFRESH_INTERVAL
+                await self._call(lambda node: node.refresh())
+            deadline = min([next_refresh, *self._announced.values()])
+            with trio.move_on_at(deadline):
+                await self._wakeup.wait()
+            self._wakeup = trio.Event()
+
+    # ---- the Finder seam ------------------------------------------------------------------
+
+    async def _announce_once(self, key: bytes) -> int:
+        ttl = math.ceil(self.ttl)
+        accepted = await self._call(
+            lambda node: node.announce(dht_key(key), self.node_id, self.quic_port, ttl)
+        )
+        logger.debug("announced %s to %d nodes", key.hex()[:12], accepted)
+        return accepted
+
+    async def announce(self, key: bytes) -> None:
+        self._announced[key] = trio.current_time() + self.ttl * REANNOUNCE_FRACTION
+        self._wakeup.set()
+        await self._announce_once(key)
+
+    async def withdraw(self, key: bytes) -> None:
+        self._announced.pop(key, None)
+        self._wakeup.set()
+        await trio.lowlevel.checkpoint()
+
+    async def find(self, key: bytes, limit: int = 16) -> Sequence[Provider]:
+        lookup = await self.lookup(key, limit + 1)
+        found = [
+            Provider(PeerAddress(p.ip, p.port), p.node_id, self.name)
+            for p in lookup.providers
+            if p.node_id != self.node_id
+        ]
+        return found[:limit]
+
+    async def lookup(self, key: bytes, limit: int = 16) -> Lookup:
+        """``find`` with the lookup's statistics (rounds, nodes queried)."""
+        return await self._call(lambda node: node.find_providers(dht_key(key), limit))
+
+    async def add_bootstrap(self, addresses: Sequence[PeerAddress]) -> int:
+        """Join through more nodes while serving; returns the routing table's size."""
+        resolved = await self._resolve(addresses)
+        return await self._call(lambda node: node.bootstrap(resolved))
+
+
+def _wake(token: trio.lowlevel.TrioToken, event: trio.Event) -> None:
+    with contextlib.suppress(trio.RunFinishedError):
+        token.run_sync_soon(event.set)
+
+
+async def _drain_tasks() -> None:
+    """Cancel and await every task left on the loop, including ones they start meanwhile."""
+    current = asyncio.current_task()
+    while tasks := [task for task in asyncio.all_tasks() if task is not current]:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,214 @@
+"""One DHT node on an asyncio loop: the package's routing and crawls plus provider lookups.
+
+``DhtNode`` is what runs inside the DHT thread (``finder.py``) and, unchanged, inside the
+simulation (``simulations/dht``) over an in-memory transport. It owns a ``DhtProtocol`` and
+offers the four operations the facade needs: bootstrap, announce, find providers, refresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kademlia.crawling import NodeSpiderCrawl, SpiderCrawl  # type: ignore[import-untyped]
+from kademlia.node import Node  # type: ignore[import-untyped]
+
+from p2pfs.discovery.dht.messages import ID_LEN, ProviderInfo, ProvidersReply, dht_node_id
+from p2pfs.discovery.dht.protocol import Address, DhtProtocol
+from p2pfs.discovery.dht.records import RecordStore
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KSIZE = 20
+DEFAULT_ALPHA = 3
+DEFAULT_RPC_TIMEOUT = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Lookup:
+    providers: tuple[ProviderInfo, ...]
+    rounds: int
+    """Crawl rounds (the lookup's hops); 0 when answered from this node's own records."""
+    queried: int
+
+
+class ProviderCrawl(SpiderCrawl):  # type: ignore[misc]
+    """An iterative get_providers lookup with the package's crawl (alpha parallel, k nearest).
+
+    ``stop_on_found``: end after the round in which providers first appear (a lookup); else
+    crawl until the k nearest have all answered, collecting their write tokens (an announce).
+    """
+
+    def __init__(
+        self,
+        protocol: DhtProtocol,
+        node: Node,
+        peers: list[Node],
+        ksize: int,
+        alpha: int,
+        *,
+        stop_on_found: bool,
+    ) -> None:
+        super().__init__(protocol, node, peers, ksize, alpha)
+        self.stop_on_found = stop_on_found
+        self.tokens: dict[bytes, bytes] = {}
+        self.providers: dict[tuple[str, int], ProviderInfo] = {}
+        self.rounds = 0
+        self.queried = 0
+
+    async def find(self) -> None:
+        self.rounds += 1
+        await self._find(self._ask)
+
+    async def _ask(self, peer: Node, node: Node) -> Any:
+        self.queried += 1
+        return await self.protocol.call_get_providers(peer, node.id)
+
+    async def _nodes_found(self, responses: dict[bytes, Any]) -> None:
+        unresponsive = []
+        for peer_id, (ok, reply) in responses.items():
+            if not ok:
+                unresponsive.append(peer_id)
+                continue
+            assert isinstance(reply, ProvidersReply)
+            self.tokens[peer_id] = reply.token
+            for provider in reply.providers:
+                self.providers.setdefault((provider.ip, provider.port), provider)
+            self.nearest.push([Node(c.id, c.ip, c.port) for c in reply.nodes])
+        self.nearest.remove(unresponsive)
+        if self.stop_on_found and self.providers:
+            return
+        if self.nearest.have_contacted_all():
+            return
+        await self.find()
+
+    def closest_with_tokens(self) -> list[tuple[Node, bytes]]:
+        return [(node, self.tokens[node.id]) for node in self.nearest if node.id in self.tokens]
+
+
+class DhtNode:
+    def __init__(
+        self,
+        *,
+        node_id: bytes,
+        ksize: int = DEFAULT_KSIZE,
+        alpha: int = DEFAULT_ALPHA,
+        rpc_timeout: float = DEFAULT_RPC_TIMEOUT,
+        records: RecordStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.node = Node(dht_node_id(node_id))
+        self.ksize = ksize
+        self.alpha = alpha
+        self.protocol = DhtProtocol(
+            self.node,
+            ksize=ksize,
+            rpc_timeout=rpc_timeout,
+            records=records or RecordStore(),
+            clock=clock,
+            random_bytes=random_bytes,
+        )
+        self.transport: asyncio.DatagramTransport | None = None
+        self.bootstrap_addresses: list[Address] = []
+
+    async def listen(self, host: str, port: int) -> Address:
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: self.protocol, local_addr=(host, port)
+        )
+        self.transport = transport
+        sockname = transport.get_extra_info("sockname")
+        return str(sockname[0]), int(sockname[1])
+
+    def close(self) -> None:
+        self.protocol.cancel_calls()
+        if self.transport is not None:
+            self.transport.close()
+
+    def contacts(self) -> int:
+        return sum(len(bucket) for bucket in self.protocol.router.buckets)
+
+    async def bootstrap(self, addresses: Sequence[Address]) -> int:
+        """Ping the given addresses, then look ourselves up through those that answered;
+        returns how many nodes the routing table holds afterwards."""
+        self.bootstrap_addresses = list(addresses)
+        replies = await asyncio.gather(
+            *(self.protocol.call_ping_address(address) for address in addresses)
+        )
+        seeds = [
+            Node(reply, *address)
+            for address, (ok, reply) in zip(addresses, replies, strict=True)
+            if ok and reply != self.node.id
+        ]
+        for seed in seeds:
+            self.protocol.welcome_if_new(seed)
+        if seeds:
+            crawl = NodeSpiderCrawl(self.protocol, self.node, seeds, self.ksize, self.alpha)
+            await crawl.find()
+        return self.contacts()
+
+    async def _rejoin_if_alone(self) -> None:
+        if self.contacts() == 0 and self.bootstrap_addresses:
+            await self.bootstrap(self.bootstrap_addresses)
+
+    async def announce(self, key: bytes, provider_id: bytes, port: int, ttl: int) -> int:
+        """Store our provider record on the k nodes nearest ``key``; returns how many took it."""
+        assert len(key) == ID_LEN
+        await self._rejoin_if_alone()
+        target = Node(key)
+        nearest = self.protocol.router.find_neighbors(target, self.alpha)
+        if not nearest:
+            logger.info("announce %s: no known DHT nodes", key.hex()[:12])
+            return 0
+        crawl = ProviderCrawl(
+            self.protocol, target, nearest, self.ksize, self.alpha, stop_on_found=False
+        )
+        await crawl.find()
+        holders = crawl.closest_with_tokens()[: self.ksize]
+        results = await asyncio.gather(
+            *(
+                self.protocol.call_add_provider(node, key, token, provider_id, port, ttl)
+                for node, token in holders
+            )
+        )
+        accepted = sum(1 for ok, took in results if ok and took)
+        logger.debug("announce %s: %d of %d accepted", key.hex()[:12], accepted, len(holders))
+        return accepted
+
+    async def find_providers(self, key: bytes, limit: int) -> Lookup:
+        assert len(key) == ID_LEN
+        own = self.protocol.records.get(key, self.protocol.clock(), limit)
+        if own:
+            now = self.protocol.clock()
+            infos = tuple(
+                ProviderInfo(r.node_id, r.ip, r.port, max(0, int(r.expires - now))) for r in own
+            )
+            return Lookup(infos, 0, 0)
+        await self._rejoin_if_alone()
+        target = Node(key)
+        nearest = self.protocol.router.find_neighbors(target, self.alpha)
+        if not nearest:
+            return Lookup((), 0, 0)
+        crawl = ProviderCrawl(
+            self.protocol, target, nearest, self.ksize, self.alpha, stop_on_found=True
+        )
+        await crawl.find()
+        return Lookup(tuple(crawl.providers.values())[:limit], crawl.rounds, crawl.queried)
+
+    async def refresh(self) -> None:
+        """The package's bucket refresh: look up a random id in every bucket idle for an hour."""
+        await self._rejoin_if_alone()
+        crawls = []
+        for node_id in self.protocol.get_refresh_ids():
+            target = Node(node_id)
+            nearest = self.protocol.router.find_neighbors(target, self.alpha)
+            crawls.append(
+                NodeSpiderCrawl(self.protocol, target, nearest, self.ksize, self.alpha).find()
+            )
+        await asyncio.gather(*crawls)

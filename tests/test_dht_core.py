@@ -1,0 +1,211 @@
+"""Sans-I/O parts of the private DHT: provider records, write tokens, datagram validation."""
+
+from __future__ import annotations
+
+import contextlib
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pfs.discovery.dht.messages import (
+    MAX_DATAGRAM,
+    Contact,
+    DhtMessageError,
+    ProviderInfo,
+    ProvidersReply,
+    Request,
+    Response,
+    add_provider_reply_untrusted,
+    contacts_untrusted,
+    datagram_untrusted,
+    dht_key,
+    encode_request,
+    encode_response,
+    ping_reply_untrusted,
+    providers_reply_untrusted,
+)
+from p2pfs.discovery.dht.records import RecordStore
+from p2pfs.discovery.dht.tokens import WriteTokens
+
+KEYS = [bytes([i]) * 20 for i in range(4)]
+IPS = ["10.0.0.1", "10.0.0.2", "10.0.0.3", "::1"]
+
+announce = st.tuples(
+    st.sampled_from(KEYS),
+    st.binary(min_size=32, max_size=32),
+    st.sampled_from(IPS),
+    st.integers(1, 12),
+    st.floats(0.5, 50.0),
+    st.floats(0.0, 10.0),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(announce, max_size=80), st.integers(1, 6), st.integers(1, 4), st.integers(1, 30))
+def test_records_stay_bounded_and_never_return_expired(
+    steps: list[tuple[bytes, bytes, str, int, float, float]], per_key: int, per_ip: int, total: int
+) -> None:
+    store = RecordStore(per_key=per_key, per_ip=per_ip, total=total, max_ttl=20.0)
+    now = 0.0
+    for key, node_id, ip, port, ttl, advance in steps:
+        now += advance
+        store.add(key, node_id, ip, port, ttl, now)
+        # The newest announce is always there (bounds evict others first) until it expires.
+        assert any(r.node_id == node_id for r in store.get(key, now, 1000))
+        assert len(store) <= total
+        for each in KEYS:
+            live = store.get(each, now, 1000)
+            assert len(live) <= per_key
+            assert all(r.expires > now for r in live)
+            assert all(sum(1 for r in live if r.ip == ip) <= per_ip for ip in IPS)
+            assert all(r.expires <= now + 20.0 for r in live)
+    later = now + 21.0
+    store.expire(later)
+    assert len(store) == 0
+    assert all(store.get(key, later, 10) == [] for key in KEYS)
+
+
+def test_records_refresh_in_place_and_evict_oldest_when_full() -> None:
+    store = RecordStore(per_key=64, total=3)
+    store.add(KEYS[0], b"a" * 32, "10.0.0.1", 1, 10, now=0)
+    store.add(KEYS[0], b"a" * 32, "10.0.0.1", 1, 10, now=5)
+    assert len(store) == 1
+    assert store.get(KEYS[0], 14, 5)[0].expires == 15
+    store.add(KEYS[1], b"b" * 32, "10.0.0.1", 1, 10, now=6)
+    store.add(KEYS[2], b"c" * 32, "10.0.0.1", 1, 10, now=6)
+    store.add(KEYS[0], b"a" * 32, "10.0.0.1", 1, 10, now=7)  # refreshed: now the newest
+    store.add(KEYS[3], b"d" * 32, "10.0.0.1", 1, 10, now=8)
+    assert sorted(store.keys()) == sorted([KEYS[0], KEYS[2], KEYS[3]])
+
+
+def test_one_address_cannot_fill_a_key() -> None:
+    store = RecordStore(per_key=64, per_ip=8)
+    for port in range(1, 100):
+        store.add(KEYS[0], bytes([port]) * 32, "10.0.0.9", port, 1000, now=port)
+    store.add(KEYS[0], b"h" * 32, "10.0.0.1", 1, 100, now=200)
+    live = store.get(KEYS[0], 200, 100)
+    assert len(live) == 9
+    assert {r.port for r in live if r.ip == "10.0.0.9"} == set(range(92, 100))
+
+
+addresses = st.tuples(st.sampled_from(IPS), st.integers(1, 65535))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.binary(min_size=32, max_size=32),
+    st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=5),
+    addresses,
+    addresses,
+    st.integers(0, 10**9),
+)
+def test_tokens_bind_address_and_live_one_to_two_rotations(
+    first: bytes, secrets: list[bytes], me: tuple[str, int], other: tuple[str, int], t0: int
+) -> None:
+    tokens = WriteTokens(secret=first, now=t0, rotation=300)
+    token = tokens.issue(*me)
+    assert tokens.verify(token, *me)
+    if other != me:
+        assert not tokens.verify(token, *other)
+    assert not tokens.verify(token[:-1] + bytes([token[-1] ^ 1]), *me)
+    assert not tokens.needs_rotation(t0 + 299)
+    assert tokens.needs_rotation(t0 + 300)
+    tokens.rotate(secrets[0], t0 + 300)
+    assert tokens.verify(token, *me)  # the previous secret is still accepted
+    for n, secret in enumerate(secrets[1:], start=2):
+        tokens.rotate(secret, t0 + 300 * n)
+    if len(secrets) >= 2 and first not in secrets:
+        assert not tokens.verify(token, *me)
+
+
+def test_tokens_reject_bad_secrets() -> None:
+    with pytest.raises(ValueError):
+        WriteTokens(secret=b"short", now=0)
+
+
+def test_dht_key_is_derived_not_truncated() -> None:
+    key = bytes(range(32))
+    assert len(dht_key(key)) == 20
+    assert dht_key(key) != key[:20]
+    assert dht_key(key) == dht_key(bytes(range(32)))
+
+
+def test_round_trips() -> None:
+    msg_id = b"m" * 20
+    request = datagram_untrusted(encode_request(msg_id, "find_node", [b"a" * 20, b"b" * 20]))
+    assert request == Request(msg_id, "find_node", (b"a" * 20, b"b" * 20))
+    reply = ProvidersReply(
+        b"t" * 16,
+        (Contact(b"c" * 20, "127.0.0.1", 9),),
+        (ProviderInfo(b"n" * 32, "::1", 7, 30),),
+    )
+    response = datagram_untrusted(encode_response(msg_id, reply.to_wire()))
+    assert isinstance(response, Response)
+    assert providers_reply_untrusted(response.payload) == reply
+    assert ping_reply_untrusted(b"i" * 20) == b"i" * 20
+    assert add_provider_reply_untrusted(True) is True
+
+
+PARSERS = [
+    ping_reply_untrusted,
+    contacts_untrusted,
+    providers_reply_untrusted,
+    add_provider_reply_untrusted,
+]
+
+msgpack_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=70)
+    | st.binary(max_size=70),
+    lambda children: (
+        st.lists(children, max_size=40)
+        | st.dictionaries(st.text(max_size=10), children, max_size=10)
+    ),
+    max_leaves=60,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from([0, 1, 2]), st.binary(min_size=20, max_size=20), msgpack_values)
+def test_junk_payloads_raise_one_error_type(kind: int, msg_id: bytes, value: object) -> None:
+    data = bytes([kind]) + msg_id + msgpack.packb(value, use_bin_type=True)
+    try:
+        message = datagram_untrusted(data)
+    except DhtMessageError:
+        return
+    if isinstance(message, Response):
+        for parse in PARSERS:
+            with contextlib.suppress(DhtMessageError):
+                parse(message.payload)
+    # And as a request, with a real method name in front of junk arguments:
+    for method in ("ping", "find_node", "get_providers", "add_provider"):
+        with pytest.raises(DhtMessageError):
+            datagram_untrusted(b"\x00" + msg_id + msgpack.packb([method, [value] * 7]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=MAX_DATAGRAM + 10))
+def test_random_bytes_raise_one_error_type(data: bytes) -> None:
+    with contextlib.suppress(DhtMessageError):
+        datagram_untrusted(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x00" + b"m" * 20 + b"\xdd\xff\xff\xff\xff",  # array of 2**32 elements, no body
+        b"\x00" + b"m" * 20 + b"\xc6\xff\xff\xff\xff",  # bin of 4 GiB
+        b"\x00" + b"m" * 20 + b"\x91" * 3000,  # deep nesting
+        b"\x01" + b"m" * 20 + b"\xc7\x01\x05x",  # an ext type
+        b"\x00" * (MAX_DATAGRAM + 1),
+        b"\x00" + b"m" * 20 + msgpack.packb(["ping", [b"a" * 20]]) + b"trailing",
+    ],
+)
+def test_hostile_datagrams(data: bytes) -> None:
+    with pytest.raises(DhtMessageError):
+        datagram_untrusted(data)

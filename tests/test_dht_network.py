@@ -1,0 +1,289 @@
+"""The private DHT over real UDP on 127.0.0.1: each DhtFinder in its own thread and loop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import msgpack
+import pytest
+import trio
+
+from p2pfs.discovery.dht.finder import DhtFinder
+from p2pfs.discovery.dht.messages import (
+    dht_key,
+    encode_request,
+    providers_reply_untrusted,
+)
+from p2pfs.wire.ticket import PeerAddress
+
+pytestmark = pytest.mark.timeout(60)
+
+KSIZE = 8
+"""Mainline's k: with 20 nodes, records live on 8 of them, so lookups really crawl."""
+RPC_TIMEOUT = 0.5
+
+
+@dataclass
+class Running:
+    finder: DhtFinder
+    scope: trio.CancelScope
+
+    def kill(self) -> None:
+        self.scope.cancel()
+
+
+class Net:
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.nodes: list[Running] = []
+
+    async def add(self, bootstrap: list[int], **options: object) -> Running:
+        finder = DhtFinder(
+            node_id=os.urandom(32),
+            quic_port=10_000 + len(self.nodes),
+            host="127.0.0.1",
+            bootstrap=[PeerAddress("127.0.0.1", port) for port in bootstrap],
+            ksize=KSIZE,
+            rpc_timeout=RPC_TIMEOUT,
+            **options,  # type: ignore[arg-type]
+        )
+        scope = trio.CancelScope()
+
+        async def run(task_status: trio.TaskStatus[None]) -> None:
+            with scope:
+                await finder.serve(task_status=task_status)
+
+        await self.nursery.start(run)
+        running = Running(finder, scope)
+        self.nodes.append(running)
+        return running
+
+    def live(self) -> list[DhtFinder]:
+        return [n.finder for n in self.nodes if not n.scope.cancel_called]
+
+
+@asynccontextmanager
+async def chain(count: int, **options: object) -> AsyncIterator[Net]:
+    """``count`` nodes, each bootstrapped from the one before it."""
+    async with trio.open_nursery() as nursery:
+        net = Net(nursery)
+        for _ in range(count):
+            previous = [net.nodes[-1].finder.port] if net.nodes else []
+            await net.add(previous, **options)
+        yield net
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(caplog: pytest.LogCaptureFixture) -> object:
+    """No DHT thread outlives its test, and asyncio logs no unhandled trouble."""
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    yield
+    assert not [t for t in threading.enumerate() if t.name == "p2pfs-dht"]
+    assert not [r for r in caplog.records if r.name == "asyncio"]
+
+
+def test_lookups_from_random_nodes_all_succeed() -> None:
+    rng = random.Random(1)
+
+    async def main() -> None:
+        async with chain(20) as net:
+            finders = net.live()
+            keys = {}
+            for _ in range(10):
+                key, announcer = os.urandom(32), rng.choice(finders)
+                await announcer.announce(key)
+                keys[key] = announcer
+            for _ in range(100):
+                key = rng.choice(list(keys))
+                seeker = rng.choice([f for f in finders if f is not keys[key]])
+                found = await seeker.find(key)
+                assert [(p.node_id, p.address) for p in found] == [
+                    (keys[key].node_id, PeerAddress("127.0.0.1", keys[key].quic_port))
+                ]
+
+    trio.run(main)
+
+
+def test_lookups_survive_losing_30_percent_of_nodes() -> None:
+    rng = random.Random(2)
+
+    async def main() -> None:
+        async with chain(20) as net:
+            keys = []
+            for _ in range(10):
+                key = os.urandom(32)
+                await rng.choice(net.live()).announce(key)
+                keys.append(key)
+            for victim in rng.sample(net.nodes, 6):
+                victim.kill()
+            await trio.sleep(0.1)
+            assert len(net.live()) == 14
+            for _ in range(100):
+                found = await rng.choice(net.live()).lookup(rng.choice(keys))
+                assert found.providers
+
+    trio.run(main)
+
+
+def test_records_are_reannounced_by_live_providers_and_expire_for_dead_ones() -> None:
+    ttl = 2.0
+
+    async def main() -> None:
+        async with chain(10, ttl=ttl) as net:
+            key = os.urandom(32)
+            stays, leaves = net.nodes[3], net.nodes[6]
+            await stays.finder.announce(key)
+            await leaves.finder.announce(key)
+            seeker = net.nodes[0].finder
+            assert {p.node_id for p in await seeker.find(key)} == {
+                stays.finder.node_id,
+                leaves.finder.node_id,
+            }
+            leaves.kill()
+            await trio.sleep(ttl * 1.8)  # past the first expiry; one re-announce since
+            for finder in net.live():
+                if finder in (stays.finder, leaves.finder):
+                    continue
+                found = await finder.find(key)
+                assert [p.node_id for p in found] == [stays.finder.node_id]
+            # Stored copies of the dead provider's record are gone from every live node (time
+            # 0 lists every record not yet dropped, expired or not).
+            for finder in net.live():
+                records = finder._node.protocol.records.get(dht_key(key), 0.0, 100)
+                assert leaves.finder.node_id not in {r.node_id for r in records}
+
+    trio.run(main)
+
+
+async def _rpc(
+    sock: trio.socket.SocketType, target: tuple[str, int], method: str, args: list[object]
+) -> object:
+    msg_id = os.urandom(20)
+    await sock.sendto(encode_request(msg_id, method, args), target)
+    with trio.fail_after(2):
+        while True:
+            data, _ = await sock.recvfrom(65536)
+            if data[1:21] == msg_id:
+                return msgpack.unpackb(data[21:])
+
+
+async def _udp(ip: str) -> trio.socket.SocketType:
+    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    await sock.bind((ip, 0))
+    return sock
+
+
+def test_announces_need_a_token_for_the_senders_own_address() -> None:
+    async def main() -> None:
+        async with chain(3) as net:
+            target_finder = net.nodes[1].finder
+            target = ("127.0.0.1", target_finder.port)
+            key = dht_key(os.urandom(32))
+            me, other = b"m" * 20, b"o" * 20
+            with await _udp("127.0.0.1") as honest, await _udp("127.0.0.2") as elsewhere:
+                honest_port = honest.getsockname()[1]
+                reply = providers_reply_untrusted(
+                    await _rpc(honest, target, "get_providers", [me, key])
+                )
+                # A forged token, and a real token from another address, are both refused.
+                forged = bytes(16)
+                assert (
+                    await _rpc(honest, target, "add_provider", [me, key, forged, b"n" * 32, 7, 60])
+                    is False
+                )
+                assert (
+                    await _rpc(
+                        elsewhere,
+                        target,
+                        "add_provider",
+                        [other, key, reply.token, b"x" * 32, 7, 60],
+                    )
+                    is False
+                )
+                with await _udp("127.0.0.1") as other_port:
+                    assert (
+                        await _rpc(
+                            other_port,
+                            target,
+                            "add_provider",
+                            [other, key, reply.token, b"x" * 32, 7, 60],
+                        )
+                        is False
+                    )
+                assert target_finder.traffic.refused_announces == 3
+                # The real token from the real address works, and the record carries that IP.
+                assert (
+                    await _rpc(
+                        honest, target, "add_provider", [me, key, reply.token, b"n" * 32, 7, 60]
+                    )
+                    is True
+                )
+                reply = providers_reply_untrusted(
+                    await _rpc(elsewhere, target, "get_providers", [other, key])
+                )
+                assert [(p.node_id, p.ip, p.port) for p in reply.providers] == [
+                    (b"n" * 32, "127.0.0.1", 7)
+                ]
+                assert honest_port != 7
+
+    trio.run(main)
+
+
+def test_junk_datagrams_leave_the_node_answering() -> None:
+    rng = random.Random(3)
+
+    async def main() -> None:
+        async with chain(5) as net:
+            key = os.urandom(32)
+            await net.nodes[4].finder.announce(key)
+            victim = net.nodes[2].finder
+            target = ("127.0.0.1", victim.port)
+            junk = (
+                [rng.randbytes(rng.randrange(1, 1500)) for _ in range(200)]
+                + [
+                    b"\x00" + os.urandom(20) + msgpack.packb(value)
+                    for value in [
+                        ["ping", [1]],
+                        ["find_node", [b"a" * 20, "not bytes"]],
+                        ["get_providers", [b"a" * 20, b"b" * 19]],
+                        ["add_provider", [b"a" * 20, b"k" * 20, b"t", b"n" * 32, 70000, 5]],
+                        ["add_provider", [b"a" * 20, b"k" * 20, b"t", b"n" * 32, True, 5]],
+                        ["store", [b"a" * 20, b"k" * 20, b"v"]],
+                        ["find_value", [b"a" * 20, b"k" * 20]],
+                        ["__init__", []],
+                        [None, None],
+                        list(range(60)),
+                        {"ping": 1},
+                    ]
+                ]
+                + [
+                    b"\x00" + os.urandom(20) + b"\xdd\xff\xff\xff\xff",  # 2**32-element array
+                    b"\x00" + os.urandom(20) + b"\x91" * 2000,  # nesting
+                    b"\x01" + os.urandom(20) + msgpack.packb([[b"x" * 20, "1.2.3.4", 1]]),
+                    b"\x00" * 9000,  # oversized
+                    b"",
+                ]
+            )
+            with await _udp("127.0.0.1") as sock:
+                for n, data in enumerate(junk):
+                    await sock.sendto(data, target)
+                    if n % 20 == 19:
+                        await trio.sleep(0.01)  # within the socket's receive buffer
+            with trio.fail_after(5):
+                while victim.traffic.dropped < len(junk) - 1:  # b"" may not arrive
+                    await trio.sleep(0.05)
+            found = await victim.find(key)
+            assert [p.node_id for p in found] == [net.nodes[4].finder.node_id]
+            for seeker in net.live():
+                if seeker is not net.nodes[4].finder:
+                    assert await seeker.find(key)
+
+    trio.run(main)
