@@ -365,6 +365,13 @@ def libtorrent_fetch(content: Path, work: Path) -> TorrentRun:
 class Reference:
     mb_per_s: float | None
     note: str
+    sender_cpu_s_per_gib: float | None = None
+    receiver_cpu_s_per_gib: float | None = None
+
+    def cpu(self, side: str) -> str:
+        """``; raw engine <side> X.XX`` when the transport bench reported it."""
+        value = getattr(self, f"{side}_cpu_s_per_gib")
+        return "" if value is None else f"; raw engine {side} {value:.2f}"
 
 
 def raw_engine_reference(size_mib: int) -> Reference:
@@ -379,13 +386,19 @@ def raw_engine_reference(size_mib: int) -> Reference:
     except subprocess.TimeoutExpired:
         return Reference(None, "transport bench timed out")
     if completed.returncode != 0:
+        sys.stderr.write(f"transport bench exited {completed.returncode}:\n{completed.stderr}")
         tail = (completed.stderr.strip().splitlines() or ["no output"])[-1]
-        return Reference(None, f"transport bench not usable yet ({tail[:60]})")
+        return Reference(None, f"transport bench failed ({tail[:60]})")
     try:
         parsed = json.loads(completed.stdout)
         rows = parsed["rows"] if isinstance(parsed, dict) else parsed
         row = next(row for row in rows if row.get("transport") == engine)
-        return Reference(float(row["mb_per_s"]), f"raw {engine} bulk stream")
+        return Reference(
+            float(row["mb_per_s"]),
+            f"raw {engine} bulk stream",
+            row.get("sender_cpu_s_per_gib"),
+            row.get("receiver_cpu_s_per_gib"),
+        )
     except (ValueError, KeyError, TypeError, StopIteration):
         return Reference(None, "transport bench printed no figure for this engine")
 
@@ -484,7 +497,7 @@ def big_file_rows(
         Row(
             "receiving side CPU (s/GiB)",
             f"{receiver:.2f} (daemon {run.receiver_cpu / gib:.2f} + CLI {run.cli_cpu / gib:.2f})",
-            f"libtorrent downloader {torrent.downloader_cpu / gib:.2f}",
+            f"libtorrent downloader {torrent.downloader_cpu / gib:.2f}{raw.cpu('receiver')}",
             ratio(receiver, SYNCTHING_RECV_CPU_S_PER_GIB),
             f"<= {SYNCTHING_RECV_CPU_S_PER_GIB} (Syncthing's)",
             receiver <= SYNCTHING_RECV_CPU_S_PER_GIB,
@@ -492,7 +505,7 @@ def big_file_rows(
         Row(
             "sending side CPU (s/GiB)",
             f"{run.sender_cpu / gib:.2f}",
-            f"libtorrent seeder {torrent.seeder_cpu / gib:.2f}",
+            f"libtorrent seeder {torrent.seeder_cpu / gib:.2f}{raw.cpu('sender')}",
             "",
             "",
             None,
@@ -581,6 +594,8 @@ def run_benchmark(work: Path, size: int, files: int) -> tuple[list[Row], dict[st
         small_bytes=small_bytes,
         raw_engine_mb_per_s=raw.mb_per_s,
         raw_engine_note=raw.note,
+        raw_engine_sender_cpu_s_per_gib=raw.sender_cpu_s_per_gib,
+        raw_engine_receiver_cpu_s_per_gib=raw.receiver_cpu_s_per_gib,
         rsync_mb_per_s=rsync.mb_per_s,
         rsync_note=rsync.note,
         syncthing=syncthing_note(),
