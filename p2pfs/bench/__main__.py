@@ -6,6 +6,7 @@ import importlib
 import sys
 
 SUITES = {
+    "dht": "p2pfs.bench.dht",
     "fetch": "p2pfs.bench.fetch",
     "index": "p2pfs.bench.index",
     "transport": "p2pfs.bench.transport",

@@ -257,6 +257,12 @@ class DhtFinder:
         """``find`` with the lookup's statistics (rounds, nodes queried)."""
         return await self._call(lambda node: node.find_providers(dht_key(key), limit))
 
+    async def ping(self, address: PeerAddress) -> bool:
+        """One DHT round trip to ``address`` (an IP literal); True if it answered."""
+        target = (address.host, address.port)
+        ok, _ = await self._call(lambda node: node.protocol.call_ping_address(target))
+        return bool(ok)
+
     async def add_bootstrap(self, addresses: Sequence[PeerAddress]) -> int:
         """Join through more nodes while serving; returns the routing table's size."""
         resolved = await self._resolve(addresses)

@@ -162,7 +162,7 @@ class DhtNode:
         assert len(key) == ID_LEN
         await self._rejoin_if_alone()
         target = Node(key)
-        nearest = self.protocol.router.find_neighbors(target, self.alpha)
+        nearest = self.protocol.router.find_neighbors(target, self.ksize)
         if not nearest:
             logger.info("announce %s: no known DHT nodes", key.hex()[:12])
             return 0
@@ -192,7 +192,7 @@ class DhtNode:
             return Lookup(infos, 0, 0)
         await self._rejoin_if_alone()
         target = Node(key)
-        nearest = self.protocol.router.find_neighbors(target, self.alpha)
+        nearest = self.protocol.router.find_neighbors(target, self.ksize)
         if not nearest:
             return Lookup((), 0, 0)
         crawl = ProviderCrawl(
@@ -207,7 +207,7 @@ class DhtNode:
         crawls = []
         for node_id in self.protocol.get_refresh_ids():
             target = Node(node_id)
-            nearest = self.protocol.router.find_neighbors(target, self.alpha)
+            nearest = self.protocol.router.find_neighbors(target, self.ksize)
             crawls.append(
                 NodeSpiderCrawl(self.protocol, target, nearest, self.ksize, self.alpha).find()
             )

@@ -13,6 +13,7 @@ Runs inside the DHT's own asyncio loop (see ``finder.py``); nothing here is thre
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import math
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from typing import Any
 
 from kademlia.node import Node  # type: ignore[import-untyped]
 from kademlia.protocol import KademliaProtocol  # type: ignore[import-untyped]
+from kademlia.routing import RoutingTable  # type: ignore[import-untyped]
 
 from p2pfs.discovery.dht.messages import (
     MAX_CONTACTS,
@@ -71,6 +73,29 @@ class _Pending:
     parse: Callable[[object], Any]
 
 
+class ExactRoutingTable(RoutingTable):  # type: ignore[misc]
+    """The package's routing table with an exact ``find_neighbors``.
+
+    The package walks buckets outward from the target's with ``TableTraverser``, which stops
+    as soon as the buckets on one side run out even when the other side still has nodes: for
+    keys in the top bucket range it can return nothing from a non-empty table (measured in
+    the simulation: 5% of lookups failed at 0% churn). The k nearest of a few hundred
+    contacts by XOR distance is cheap and is what Kademlia specifies.
+    """
+
+    def find_neighbors(
+        self, node: Node, k: int | None = None, exclude: Node | None = None
+    ) -> list[Node]:
+        target = node.long_id
+        candidates = [
+            contact
+            for bucket in self.buckets
+            for contact in bucket.nodes.values()
+            if contact.id != node.id and (exclude is None or not contact.same_home_as(exclude))
+        ]
+        return heapq.nsmallest(k or self.ksize, candidates, key=lambda c: c.long_id ^ target)
+
+
 class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
     def __init__(
         self,
@@ -85,6 +110,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         if not 0 < ksize <= MAX_CONTACTS:
             raise ValueError(f"ksize must be in [1, {MAX_CONTACTS}]")
         super().__init__(source_node, None, ksize)
+        self.router = ExactRoutingTable(self, ksize, source_node)
         self.ksize = ksize
         self.rpc_timeout = rpc_timeout
         self.records = records

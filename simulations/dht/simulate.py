@@ -1,0 +1,340 @@
+"""Simulate the private DHT at scale: ``python simulations/dht/simulate.py --nodes 10000``.
+
+Drives the real code, unchanged: ``p2pfs.discovery.dht.node.DhtNode`` (the ``kademlia``
+package's routing table, k-buckets and spider crawls, our provider lookup and announce) over
+``DhtProtocol`` (datagram encoding, validation, write tokens, record store). Only the socket
+is replaced: an in-memory datagram transport delivers each datagram after a modelled one-way
+latency, on an asyncio loop whose clock is virtual (the selector advances time to the next
+timer instead of sleeping), so a run takes CPU time only and is reproducible from its seed.
+
+Latency model: each node has an access delay drawn from a log-normal distribution (median
+15 ms, clipped to 2-200 ms); a datagram from a to b takes access(a) + access(b) plus up to
+2 ms of uniform jitter; ``--loss`` drops that fraction of datagrams.
+
+Churn model: the chosen fraction of nodes (providers included) vanish at once without
+notice (their datagrams are dropped from then on) right after the keys were announced, and
+lookups start immediately, before any table refresh. A lookup asks for a key whose provider
+is still alive (a departed provider's records rightly expire after the 30-minute TTL) and
+succeeds when it returns that provider's record; live providers re-announce at 2/3 of the
+TTL, as ``DhtFinder`` does, since a level's lookups run one after another in virtual time and
+span hours. Each churn level starts again from the full network (the departed nodes come
+back, but what live nodes learned during the previous level, such as contacts dropped on
+timeout, stays).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import random
+import selectors
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from p2pfs.discovery.dht.messages import dht_key
+from p2pfs.discovery.dht.node import DhtNode
+
+Address = tuple[str, int]
+TTL = 1800.0
+
+
+class SimulationStalled(RuntimeError):
+    """Nothing is scheduled and nothing is ready: the awaited result can never come."""
+
+
+class _VirtualSelector(selectors.SelectSelector):
+    def __init__(self, loop: VirtualTimeLoop) -> None:
+        super().__init__()
+        self._loop = loop
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        if timeout is None:
+            raise SimulationStalled("no timer and nothing ready")
+        self._loop.now += max(0.0, timeout)
+        return []
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An asyncio loop whose time jumps to the next timer whenever nothing is ready."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        super().__init__(_VirtualSelector(self))
+
+    def time(self) -> float:
+        return self.now
+
+
+class MemoryTransport(asyncio.DatagramTransport):
+    def __init__(self, network: Network, address: Address) -> None:
+        super().__init__()
+        self._network = network
+        self._address = address
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:  # type: ignore[override]
+        self._network.send(self._address, addr, bytes(data))
+
+    def close(self) -> None:
+        self._network.endpoints.pop(self._address, None)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._address if name == "sockname" else default
+
+
+class Network:
+    def __init__(self, loop: VirtualTimeLoop, rng: random.Random, loss: float) -> None:
+        self.loop = loop
+        self.rng = rng
+        self.loss = loss
+        self.endpoints: dict[Address, asyncio.DatagramProtocol] = {}
+        self.down: set[Address] = set()
+        self.access: dict[Address, float] = {}
+        self.datagrams = 0
+        self.bytes = 0
+
+    def attach(self, address: Address, protocol: asyncio.DatagramProtocol) -> MemoryTransport:
+        self.endpoints[address] = protocol
+        self.access[address] = min(0.2, max(0.002, self.rng.lognormvariate(math.log(0.015), 0.6)))
+        transport = MemoryTransport(self, address)
+        protocol.connection_made(transport)
+        return transport
+
+    def send(self, source: Address, target: Address, data: bytes) -> None:
+        if source in self.down:
+            return
+        self.datagrams += 1
+        self.bytes += len(data)
+        if self.loss and self.rng.random() < self.loss:
+            return
+        delay = self.access[source] + self.access.get(target, 0.0) + self.rng.uniform(0, 0.002)
+        self.loop.call_later(delay, self._arrive, source, target, data)
+
+    def _arrive(self, source: Address, target: Address, data: bytes) -> None:
+        protocol = self.endpoints.get(target)
+        if protocol is not None and target not in self.down:
+            protocol.datagram_received(data, source)
+
+
+@dataclass
+class LevelResult:
+    churn: float
+    lookups: int
+    success: float
+    hops_median: float
+    hops_p95: float
+    latency_median_ms: float
+    latency_p95_ms: float
+    messages_per_lookup: float
+    bytes_per_lookup: float
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(fraction * len(ordered)) - 1)]
+
+
+class Simulation:
+    def __init__(self, *, nodes: int, seed: int, ksize: int, alpha: int, loss: float) -> None:
+        self.rng = random.Random(seed)
+        self.loop = VirtualTimeLoop()
+        self.network = Network(self.loop, self.rng, loss)
+        self.size = nodes
+        self.ksize = ksize
+        self.alpha = alpha
+        self.nodes: list[DhtNode] = []
+        self.addresses: list[Address] = []
+        self.keys: dict[bytes, int] = {}
+        """Discovery key -> index of its provider."""
+        self.announced: dict[bytes, float] = {}
+
+    def _new_node(self, index: int) -> tuple[DhtNode, Address]:
+        node = DhtNode(
+            node_id=self.rng.randbytes(32),
+            ksize=self.ksize,
+            alpha=self.alpha,
+            clock=self.loop.time,
+            random_bytes=self.rng.randbytes,
+        )
+        address = (f"10.{index >> 16 & 255}.{index >> 8 & 255}.{index & 255}", 4000)
+        node.transport = self.network.attach(address, node.protocol)
+        return node, address
+
+    async def build(self, progress: bool) -> None:
+        """Nodes join one at a time, each through a random node already in."""
+        for index in range(self.size):
+            node, address = self._new_node(index)
+            if self.nodes:
+                await node.bootstrap([self.rng.choice(self.addresses)])
+            self.nodes.append(node)
+            self.addresses.append(address)
+            if progress and index % 1000 == 999:
+                print(f"  {index + 1} nodes joined", file=sys.stderr)
+
+    async def announce(self, keys: int) -> None:
+        for _ in range(keys):
+            key = self.rng.randbytes(32)
+            self.keys[key] = self.rng.randrange(self.size)
+            await self._announce(key)
+
+    async def _announce(self, key: bytes) -> None:
+        node = self.nodes[self.keys[key]]
+        await node.announce(dht_key(key), bytes(32), 7000, round(TTL))
+        self.announced[key] = self.loop.time()
+
+    async def measure(self, churn: float, lookups: int) -> LevelResult:
+        gone = set(self.rng.sample(range(self.size), round(churn * self.size)))
+        self.network.down = {self.addresses[i] for i in gone}
+        live = [i for i in range(self.size) if i not in gone]
+        keys = [key for key, provider in self.keys.items() if provider not in gone]
+        found = 0
+        hops: list[float] = []
+        latencies: list[float] = []
+        messages = 0
+        volume = 0
+        for _ in range(lookups):
+            key = self.rng.choice(keys)
+            if self.loop.time() - self.announced[key] >= TTL * 2 / 3:
+                await self._announce(key)  # as a live provider's DhtFinder does
+            seeker = self.nodes[self.rng.choice(live)]
+            before = (self.network.datagrams, self.network.bytes, self.loop.time())
+            lookup = await seeker.find_providers(dht_key(key), 16)
+            messages += self.network.datagrams - before[0]
+            volume += self.network.bytes - before[1]
+            provider_ip = self.addresses[self.keys[key]][0]
+            if any(p.ip == provider_ip for p in lookup.providers):
+                found += 1
+                hops.append(lookup.rounds)
+                latencies.append((self.loop.time() - before[2]) * 1000)
+        self.network.down = set()
+        return LevelResult(
+            churn=churn,
+            lookups=lookups,
+            success=found / lookups,
+            hops_median=statistics.median(hops) if hops else float("nan"),
+            hops_p95=_percentile(hops, 0.95),
+            latency_median_ms=statistics.median(latencies) if latencies else float("nan"),
+            latency_p95_ms=_percentile(latencies, 0.95),
+            messages_per_lookup=messages / lookups,
+            bytes_per_lookup=volume / lookups,
+        )
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+        self.loop.run_until_complete(_drain())
+        self.loop.close()
+
+
+async def _drain() -> None:
+    current = asyncio.current_task()
+    while tasks := [task for task in asyncio.all_tasks() if task is not current]:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def run(
+    *,
+    nodes: int,
+    seed: int,
+    churn: list[float],
+    lookups: int,
+    keys: int,
+    ksize: int = 20,
+    alpha: int = 3,
+    loss: float = 0.0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    sim = Simulation(nodes=nodes, seed=seed, ksize=ksize, alpha=alpha, loss=loss)
+    started = time.perf_counter()
+    try:
+        sim.loop.run_until_complete(sim.build(progress))
+        built = time.perf_counter()
+        datagrams_to_build = sim.network.datagrams
+        sim.loop.run_until_complete(sim.announce(keys))
+        levels = [sim.loop.run_until_complete(sim.measure(c, lookups)) for c in churn]
+        contacts = [node.contacts() for node in sim.nodes]
+    finally:
+        sim.close()
+    return {
+        "nodes": nodes,
+        "seed": seed,
+        "ksize": ksize,
+        "alpha": alpha,
+        "loss": loss,
+        "keys": keys,
+        "hop_goal": math.log2(nodes) / 2,
+        "contacts_median": statistics.median(contacts),
+        "datagrams_per_join": datagrams_to_build / nodes,
+        "build_seconds": built - started,
+        "total_seconds": time.perf_counter() - started,
+        "levels": [asdict(level) for level in levels],
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        "| churn | lookups | success | hops median | hops p95 | latency median | "
+        "latency p95 | datagrams/lookup | bytes/lookup |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for level in result["levels"]:
+        lines.append(
+            f"| {level['churn']:.0%} | {level['lookups']} | {level['success']:.2%} "
+            f"| {level['hops_median']:g} | {level['hops_p95']:g} "
+            f"| {level['latency_median_ms']:.0f} ms | {level['latency_p95_ms']:.0f} ms "
+            f"| {level['messages_per_lookup']:.1f} | {level['bytes_per_lookup']:,.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=10_000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--churn", type=float, nargs="+", default=[0.0, 0.1, 0.3, 0.5])
+    parser.add_argument("--lookups", type=int, default=1000)
+    parser.add_argument("--keys", type=int, default=200)
+    parser.add_argument("--ksize", type=int, default=20)
+    parser.add_argument("--alpha", type=int, default=3)
+    parser.add_argument("--loss", type=float, default=0.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    # The package logs a warning for every unanswered call; churn makes thousands of them.
+    logging.getLogger("kademlia").setLevel(logging.ERROR)
+    result = run(
+        nodes=args.nodes,
+        seed=args.seed,
+        churn=args.churn,
+        lookups=args.lookups,
+        keys=args.keys,
+        ksize=args.ksize,
+        alpha=args.alpha,
+        loss=args.loss,
+        progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(
+        f"{result['nodes']} nodes, seed {result['seed']}, k={result['ksize']}, "
+        f"alpha={result['alpha']}, loss {result['loss']:.0%}, {result['keys']} keys; "
+        f"median routing table {result['contacts_median']:g} contacts; "
+        f"{result['datagrams_per_join']:.0f} datagrams per join; hop goal <= "
+        f"{result['hop_goal']:.2f}; built in {result['build_seconds']:.0f} s, "
+        f"total {result['total_seconds']:.0f} s"
+    )
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,55 @@
+"""The DHT simulation at small scale: the same code as ``simulations/dht`` at 10,000 nodes."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "simulations" / "dht" / "simulate.py"
+
+
+@pytest.fixture(scope="module")
+def simulate() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("p2pfs_dht_simulate", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(60)
+def test_300_nodes_meet_the_goals_under_churn(simulate: ModuleType) -> None:
+    result = simulate.run(nodes=300, seed=7, churn=[0.0, 0.3], lookups=150, keys=20)
+    calm, churned = result["levels"]
+    assert calm["success"] == 1.0
+    assert churned["success"] >= 0.99
+    for level in (calm, churned):
+        assert level["hops_median"] <= math.log2(300) / 2
+        assert level["bytes_per_lookup"] < 20_000
+
+
+@pytest.mark.timeout(60)
+def test_same_seed_same_figures(simulate: ModuleType) -> None:
+    runs = [
+        simulate.run(nodes=80, seed=3, churn=[0.3], lookups=40, keys=5)["levels"] for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+
+
+def test_virtual_clock_never_sleeps(simulate: ModuleType) -> None:
+    loop = simulate.VirtualTimeLoop()
+    try:
+
+        async def nap() -> float:
+            await __import__("asyncio").sleep(3600)
+            return float(loop.time())
+
+        assert loop.run_until_complete(nap()) >= 3600
+    finally:
+        loop.close()
