@@ -35,7 +35,7 @@ async def loopback_dht(count: int, **kwargs: float) -> AsyncIterator[list[Mainli
         MainlineFinder(
             20000 + index,
             loopback_testing=True,
-            find_timeout=kwargs.get("find_timeout", 3.0),
+            find_timeout=kwargs.get("find_timeout", 1.5),
             find_settle=0.2,
             reannounce_interval=kwargs.get("reannounce_interval", 600.0),
         )
@@ -189,3 +189,26 @@ def test_pointer_signature_is_checked() -> None:
     assert pointer_from_item_untrusted(_MutableItem(public_key, b"", 0, b"", b"", True)) is None
     # The expanded secret libtorrent signs with is the clamped SHA-512 of the seed.
     assert len(_libtorrent_secret_key(seed)) == 64
+
+
+class BrokenFinder(MainlineFinder):
+    @staticmethod
+    def _translate(alert: object) -> None:
+        raise ZeroDivisionError("alert conversion failed")
+
+
+def test_alert_thread_failure_ends_serve() -> None:
+    threads_before = threading.active_count()
+
+    async def main() -> None:
+        finder = BrokenFinder(7337, loopback_testing=True)
+        with pytest.RaisesGroup(pytest.RaisesGroup(ZeroDivisionError)):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(finder.serve)
+                # The next alert reaches the broken conversion; serve raises its error.
+                finder._require_session().post_dht_stats()
+                await trio.sleep(5)
+                raise AssertionError("serve did not fail")
+
+    trio.run(main)
+    assert threading.active_count() == threads_before

@@ -67,6 +67,11 @@ LOOPBACK_TESTING_SETTINGS: lt.settings_pack = {
     "dht_ignore_dark_internet": False,
     "dht_prefer_verified_node_ids": False,
     "dht_enforce_node_id": False,
+    # Measured here: every node shares 127.0.0.1, so libtorrent's per-IP abuse guard (5
+    # requests/s, then blocked for 5 minutes) and its 8 kB/s DHT upload cap make lookups
+    # fail after a few dozen; on the internet each peer has its own IP and they stay on.
+    "dht_block_ratelimit": 1_000_000,
+    "dht_upload_rate_limit": 10_000_000,
 }
 
 
@@ -297,6 +302,8 @@ class MainlineFinder:
             settings["dht_bootstrap_nodes"] = ",".join(f"{host}:{port}" for host, port in bootstrap)
         return settings
 
+    _translate = staticmethod(_event_from_alert)
+
     @property
     def dht_port(self) -> int:
         """The DHT's UDP port (of the first interface; with port 0 libtorrent binds each
@@ -333,6 +340,7 @@ class MainlineFinder:
             )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._announce_loop)
+                nursery.start_soon(self._watch_thread, done, outcome)
                 task_status.started()
                 await trio.sleep_forever()
         finally:
@@ -374,14 +382,24 @@ class MainlineFinder:
             token.run_sync_soon(ready.set)
             while not self._stop.is_set():
                 session.wait_for_alert(ALERT_WAIT_MS)
-                events = [e for e in map(_event_from_alert, session.pop_alerts()) if e]
+                events = [e for e in map(self._translate, session.pop_alerts()) if e]
                 if events:
                     token.run_sync_soon(self._dispatch, events)
+        except BaseException as exc:  # noqa: BLE001 - carried to serve(), which raises it
+            outcome.append(exc)
         finally:
             # The session's destructor blocks (it closes sockets, stops the DHT): here, not
             # in trio. run_sync_soon is FIFO, so ``done`` comes after every dispatch.
             del session
             token.run_sync_soon(done.set)
+
+    @staticmethod
+    async def _watch_thread(done: trio.Event, outcome: list[BaseException | int]) -> None:
+        """A failure in the alert thread ends ``serve`` with that error, not silence."""
+        await done.wait()
+        if isinstance(outcome[-1], BaseException):
+            raise outcome[-1]
+        raise LocalProtocolError("mainline: the alert thread stopped unasked")
 
     def _require_session(self) -> lt.session:
         session = self._session
