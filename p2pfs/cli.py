@@ -79,6 +79,23 @@ def _parser() -> argparse.ArgumentParser:
     daemon.add_argument(
         "--peer", metavar="HOST:PORT", action="append", default=[], help="a peer to try"
     )
+    daemon.add_argument(
+        "--bootstrap",
+        metavar="HOST:PORT",
+        action="append",
+        default=[],
+        help="a node of the private DHT to join (none: this node starts its own)",
+    )
+    daemon.add_argument(
+        "--dht-port", type=int, default=0, metavar="PORT", help="UDP port of the private DHT"
+    )
+    daemon.add_argument(
+        "--mainline", action="store_true", help="also use the public BitTorrent Mainline DHT"
+    )
+    daemon.add_argument("--mainline-port", type=int, default=0, help=argparse.SUPPRESS)
+    daemon.add_argument("--mainline-loopback-testing", action="store_true", help=argparse.SUPPRESS)
+    daemon.add_argument("--no-lan", action="store_true", help="no LAN discovery beacons")
+    daemon.add_argument("--lan-port", type=int, help=argparse.SUPPRESS)
     for direction in ("upload", "download"):
         daemon.add_argument(
             f"--max-{direction}-rate",
@@ -149,14 +166,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _daemon(args: argparse.Namespace) -> int:
     import trio  # noqa: PLC0415 -- only the daemon pays for the async runtime and QUIC
 
+    from p2pfs.daemon.discovery import DiscoveryConfig  # noqa: PLC0415
     from p2pfs.daemon.node import NodeConfig, run_node  # noqa: PLC0415
+    from p2pfs.discovery.lan import LAN_PORT  # noqa: PLC0415
 
+    listen = parse_address(args.listen)
     config = NodeConfig(
         home=resolve_home(args.home),
-        listen=parse_address(args.listen),
+        listen=listen,
         peers=tuple(parse_address(peer) for peer in args.peer),
         max_upload_rate=args.max_upload_rate,
         max_download_rate=args.max_download_rate,
+        discovery=DiscoveryConfig(
+            dht_host=listen.host,
+            dht_port=args.dht_port,
+            bootstrap=tuple(parse_address(node) for node in args.bootstrap),
+            mainline=args.mainline,
+            mainline_port=args.mainline_port,
+            mainline_loopback_testing=args.mainline_loopback_testing,
+            lan=not args.no_lan,
+            lan_port=LAN_PORT if args.lan_port is None else args.lan_port,
+        ),
     )
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
     # The QUIC engine logs every orderly peer close as a warning; only its errors matter here.

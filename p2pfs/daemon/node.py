@@ -30,6 +30,7 @@ from p2pfs.wire.ticket import PeerAddress, Ticket, TicketKind, parse_address, pa
 
 from .control_client import SOCKET_NAME
 from .control_server import ControlServer, Emit
+from .discovery import Discovery, DiscoveryConfig
 from .fetcher import Fetcher, FetchProgress
 from .ratelimit import TokenBucket
 from .requests import RequestStream
@@ -53,6 +54,7 @@ class NodeConfig:
     max_upload_rate: int | None = None
     max_download_rate: int | None = None
     """Bytes per second of chunk payload, for the whole daemon."""
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
 
 
 @dataclass(slots=True)
@@ -76,6 +78,7 @@ class Node:
         self._endpoint: Endpoint | None = None
         self._identity: Identity | None = None
         self._index: AsyncIndex | None = None
+        self._discovery: Discovery | None = None
         self._upload_limit = _bucket(config.max_upload_rate)
         self._download_limit = _bucket(config.max_download_rate)
 
@@ -94,7 +97,12 @@ class Node:
             ) as endpoint:
                 self._endpoint = endpoint
                 control = ControlServer(str(home / SOCKET_NAME), self._handlers())
+                self._discovery = Discovery(
+                    self.config.discovery, self._identity.node_id.raw, endpoint.local_address[1]
+                )
                 async with trio.open_nursery() as nursery:
+                    await nursery.start(self._discovery.serve)
+                    await self._announce_all()
                     await nursery.start(control.serve)
                     nursery.start_soon(self._wait_for_signal, nursery.cancel_scope)
                     logger.info(
@@ -129,6 +137,17 @@ class Node:
         return self._endpoint
 
     @property
+    def discovery(self) -> Discovery:
+        assert self._discovery is not None, "the node is not running"
+        return self._discovery
+
+    async def _announce_all(self) -> None:
+        """Shares survive restarts in the index; so do their announcements."""
+        for share in await self.index.run(self.index.index.shares):
+            if share.root is not None:
+                await self.discovery.announce(share.root)
+
+    @property
     def index(self) -> AsyncIndex:
         assert self._index is not None, "the node is not running"
         return self._index
@@ -153,6 +172,7 @@ class Node:
             "node_id": str(self._identity.node_id),
             "addresses": [str(address) for address in self._addresses()],
             "engine": self.endpoint.engine.name,
+            "discovery": self.discovery.info(),
         }
 
     async def _status(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
@@ -186,6 +206,7 @@ class Node:
             nursery.start_soon(_pump_progress, emit, latest)
             result = await self.index.run(scan_share, path, self.index.index, progress=progress)
             nursery.cancel_scope.cancel()
+        await self.discovery.announce(result.root)
         hints = not params.get("no_hints", False)
         assert self._identity is not None
         ticket = Ticket(
@@ -287,25 +308,47 @@ class Node:
         return asdict(report)
 
     async def _connect(self, ticket: Ticket, extra: list[PeerAddress]) -> PeerConnection:
-        candidates = list(dict.fromkeys([*ticket.addresses, *extra, *self.config.peers]))
-        if not candidates:
-            raise LocalProtocolError(
-                "the ticket names no address and no --peer was given (discovery is issue 4)"
+        """The first reachable holder: the ticket's hints and --peer addresses first, then
+        whoever discovery finds. A ticket's NodeId pins every candidate; otherwise a
+        provider's own NodeId (from our DHT or LAN) pins it; Mainline providers come with
+        no NodeId, and then the content's hashes are the only check."""
+        pinned = NodeId(ticket.node_id) if ticket.node_id is not None else None
+        direct = list(dict.fromkeys([*ticket.addresses, *extra, *self.config.peers]))
+        failures: list[str] = []
+        for address in direct:
+            conn = await self._try_connect(address, pinned, failures)
+            if conn is not None:
+                return conn
+        providers = await self.discovery.find(ticket.root)
+        for provider in providers:
+            expected = pinned
+            if expected is None and provider.node_id is not None:
+                expected = NodeId(provider.node_id)
+            elif pinned is not None and provider.node_id not in (None, pinned.raw):
+                continue  # a provider that is not the node the ticket names
+            conn = await self._try_connect(provider.address, expected, failures)
+            if conn is not None:
+                return conn
+        if not direct and not providers:
+            raise RemoteProtocolError(
+                "no holder found: the ticket names no address and discovery found no provider"
             )
-        expected = NodeId(ticket.node_id) if ticket.node_id is not None else None
-        failures = []
-        for address in candidates:
-            try:
-                with trio.fail_after(CONNECT_TIMEOUT):
-                    return await self.endpoint.connect((address.host, address.port), expected)  # type: ignore[arg-type]
-            except AuthenticationError as exc:
-                raise AuthenticationError(
-                    f"refused {address}: authentication failed, it is not the node the "
-                    f"ticket names ({exc})"
-                ) from exc
-            except (ConnectionClosedError, RemoteProtocolError, OSError, trio.TooSlowError) as exc:
-                failures.append(f"{address}: {exc or type(exc).__name__}")
-        raise RemoteProtocolError(f"could not reach the sharer ({'; '.join(failures)})")
+        raise RemoteProtocolError(f"could not reach a holder ({'; '.join(failures)})")
+
+    async def _try_connect(
+        self, address: PeerAddress, expected: NodeId | None, failures: list[str]
+    ) -> PeerConnection | None:
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                return await self.endpoint.connect((address.host, address.port), expected)  # type: ignore[arg-type]
+        except AuthenticationError as exc:
+            raise AuthenticationError(
+                f"refused {address}: authentication failed, it is not the node the ticket "
+                f"names ({exc})"
+            ) from exc
+        except (ConnectionClosedError, RemoteProtocolError, OSError, trio.TooSlowError) as exc:
+            failures.append(f"{address}: {exc or type(exc).__name__}")
+            return None
 
 
 def _raise_open_file_limit() -> None:

@@ -1,0 +1,115 @@
+"""The daemon's discovery: runs every enabled backend, announces shares, merges lookups."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from p2pfs.discovery.dht.finder import DhtFinder
+from p2pfs.discovery.keys import share_discovery_key
+from p2pfs.discovery.lan import LAN_PORT, LanFinder
+from p2pfs.discovery.mainline import MainlineFinder
+from p2pfs.discovery.seam import Finder, Provider
+from p2pfs.errors import P2pfsError
+from p2pfs.ids import ContentHash
+from p2pfs.wire.ticket import PeerAddress
+
+logger = logging.getLogger(__name__)
+
+FIND_TIMEOUT = 15.0
+"""Longest a fetch waits on discovery before giving up on the backends still searching."""
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    dht_host: str = "0.0.0.0"
+    dht_port: int = 0
+    bootstrap: tuple[PeerAddress, ...] = ()
+    mainline: bool = False
+    mainline_port: int = 0
+    mainline_loopback_testing: bool = False
+    lan: bool = True
+    lan_port: int = LAN_PORT
+    extra: tuple[Finder, ...] = field(default=())
+    """Backends built by the caller (tests: a shared in-memory directory)."""
+
+
+class Discovery:
+    def __init__(self, config: DiscoveryConfig, node_id: bytes, quic_port: int) -> None:
+        self.dht = DhtFinder(
+            node_id=node_id,
+            quic_port=quic_port,
+            host=config.dht_host,
+            port=config.dht_port,
+            bootstrap=config.bootstrap,
+        )
+        self.finders: list[Finder] = [self.dht]
+        if config.mainline:
+            self.finders.append(
+                MainlineFinder(
+                    quic_port,
+                    listen_port=config.mainline_port,
+                    loopback_testing=config.mainline_loopback_testing,
+                )
+            )
+        if config.lan:
+            self.finders.append(LanFinder(node_id, quic_port, port=config.lan_port))
+        self.finders.extend(config.extra)
+        self.running: list[Finder] = []
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for finder in self.finders:
+                try:
+                    await nursery.start(finder.serve)
+                except (OSError, P2pfsError) as exc:
+                    if finder is self.dht:
+                        raise  # the DHT is how --no-hints tickets work: no silent fallback
+                    # LAN and Mainline are best effort (a host without broadcast, a port in
+                    # use): the node works without them, and says so.
+                    logger.warning("discovery backend %s unavailable: %s", finder.name, exc)
+                    continue
+                self.running.append(finder)
+            logger.info("discovery: %s", ", ".join(f.name for f in self.running))
+            task_status.started()
+
+    async def announce(self, root: ContentHash) -> None:
+        key = share_discovery_key(root)
+        for finder in self.running:
+            await finder.announce(key)
+
+    async def find(self, root: ContentHash, limit: int = 16) -> list[Provider]:
+        """Providers from every backend, merged, those carrying a NodeId first."""
+        key = share_discovery_key(root)
+        found: list[Provider] = []
+
+        async def ask(finder: Finder) -> None:
+            try:
+                found.extend(await finder.find(key, limit))
+            except (OSError, P2pfsError) as exc:
+                logger.info("discovery lookup via %s failed: %s", finder.name, exc)
+
+        with trio.move_on_after(FIND_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for finder in self.running:
+                    nursery.start_soon(ask, finder)
+        return _merge(found)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "backends": [finder.name for finder in self.running],
+            "dht_port": self.dht.port,
+        }
+
+
+def _merge(found: Sequence[Provider]) -> list[Provider]:
+    by_address: dict[PeerAddress, Provider] = {}
+    for provider in found:
+        known = by_address.get(provider.address)
+        if known is None or (known.node_id is None and provider.node_id is not None):
+            by_address[provider.address] = provider
+    return sorted(by_address.values(), key=lambda p: p.node_id is None)
