@@ -319,7 +319,12 @@ class Node:
             conn = await self._try_connect(address, pinned, failures)
             if conn is not None:
                 return conn
-        providers = await self.discovery.find(ticket.root)
+        ipv6 = ":" in self.endpoint.local_address[0]
+        providers = [
+            provider
+            for provider in await self.discovery.find(ticket.root)
+            if (":" in provider.address.host) == ipv6  # our one socket speaks one family
+        ]
         for provider in providers:
             expected = pinned
             if expected is None and provider.node_id is not None:
