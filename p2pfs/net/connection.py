@@ -267,7 +267,7 @@ class PeerConnection:
                 handler = dispatch.get(type(event))
                 if handler is not None:
                     handler(event)
-            datagrams = quic.datagrams_to_send(now=trio.current_time())
+            datagrams = self._engine.datagrams_to_send(quic, trio.current_time())
             if datagrams:
                 self._hooks.transmit(datagrams)
             if self._blocked_writers:
@@ -357,9 +357,9 @@ class PeerConnection:
             stream = Stream(self, stream_id)
             self._streams[stream_id] = stream
             self._incoming_send.send_nowait(stream)
-        stream._data_received(event.data, event.end_stream)
-        if event.data:
-            self._unread += len(event.data)
+        kept = stream._data_received(event.data, event.end_stream)
+        if kept:
+            self._unread += kept
             if stream.receive_buffered > self.config.stream_receive_limit:
                 self._full_streams.add(stream)
             if not self._paused and self._should_pause():

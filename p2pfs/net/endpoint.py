@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import struct
+import sys
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -39,6 +41,12 @@ RECEIVE_SIZE = 65535
 # Datagrams queued when the socket send buffer is full; beyond this QUIC's loss recovery
 # takes over, as it would for a drop anywhere on the path.
 SEND_QUEUE_LIMIT = 8192
+# UDP generic segmentation offload (Linux >= 4.18): one sendmsg carries up to 64 equal-size
+# datagrams, which on loopback cut the sender's syscall cost several-fold.
+UDP_SEGMENT = getattr(socket, "UDP_SEGMENT", 103)
+GSO_MAX_SEGMENTS = 64
+GSO_MAX_BYTES = 65000
+_U16 = struct.Struct("=H")
 
 
 class Endpoint:
@@ -68,6 +76,7 @@ class Endpoint:
         self._send_queue: deque[tuple[bytes, Address]] = deque()
         self._send_wakeup = trio.Event()
         self._closing = False
+        self._gso = config.gso and sys.platform == "linux"
         self.datagrams_received = 0
         self.datagrams_sent = 0
         self.datagrams_dropped = 0
@@ -126,19 +135,56 @@ class Endpoint:
             self._queue(datagrams, 0)
             return
         sock = self._sock
-        for i, (data, addr) in enumerate(datagrams):
+        count = len(datagrams)
+        i = 0
+        while i < count:
+            data, addr = datagrams[i]
+            end = self._gso_run(datagrams, i) if self._gso else i + 1
             try:
-                sock.sendto(data, addr)
+                if end - i == 1:
+                    sock.sendto(data, addr)
+                else:
+                    payload = b"".join([d for d, _ in datagrams[i:end]])
+                    segment = [(socket.SOL_UDP, UDP_SEGMENT, _U16.pack(len(data)))]
+                    sock.sendmsg([payload], segment, 0, addr)
             except BlockingIOError:
                 self._queue(datagrams, i)
                 return
             except OSError as exc:
+                if end - i > 1 and exc.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP):
+                    logger.info("UDP GSO unavailable (%s), sending datagrams one by one", exc)
+                    self._gso = False
+                    continue
                 # ICMP errors surfacing on the socket, unreachable hosts: UDP's loss, for
                 # QUIC to recover from or time out on.
-                logger.debug("sendto %s failed: %s", addr, exc)
+                logger.debug("send to %s failed: %s", addr, exc)
+                i = end
                 continue
-            self.datagrams_sent += 1
-            self.bytes_sent += len(data)
+            self.datagrams_sent += end - i
+            self.bytes_sent += (
+                sum(len(d) for d, _ in datagrams[i:end]) if end - i > 1 else len(data)
+            )
+            i = end
+
+    @staticmethod
+    def _gso_run(datagrams: list[tuple[bytes, Address]], start: int) -> int:
+        """End of the run from ``start`` that one GSO send can carry: same address, same
+        size (the last may be shorter), within the kernel's segment and byte limits."""
+        data, addr = datagrams[start]
+        size = len(data)
+        total = size
+        end = start + 1
+        limit = min(len(datagrams), start + GSO_MAX_SEGMENTS)
+        while end < limit:
+            next_data, next_addr = datagrams[end]
+            length = len(next_data)
+            if next_addr != addr or length > size or total + length > GSO_MAX_BYTES:
+                break
+            total += length
+            end += 1
+            if length < size:
+                break
+        return end
 
     def register_cid(self, cid: bytes, conn: PeerConnection) -> None:
         self._by_cid[cid] = conn

@@ -124,9 +124,10 @@ class Stream:
 
     # -- called by the connection ---------------------------------------------------------
 
-    def _data_received(self, data: bytes, end_stream: bool) -> None:
+    def _data_received(self, data: bytes, end_stream: bool) -> int:
+        """Buffer ``data``; returns how many bytes were kept (for the connection's count)."""
         if self._recv_error is not None:
-            return  # reset locally: drop late data without buffering it
+            return 0  # reset locally: drop late data without buffering it
         if data:
             self._recv.append(data)
             self._recv_buffered += len(data)
@@ -134,6 +135,7 @@ class Stream:
         if end_stream:
             self._recv_eof = True
         self._wake_reader()
+        return len(data)
 
     def _peer_reset(self, error_code: int) -> None:
         if self._recv_error is None and not self._recv_eof:
