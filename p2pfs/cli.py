@@ -119,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     ls.add_argument("ticket", metavar="TICKET")
     ls.add_argument("--peer", metavar="HOST:PORT", action="append", default=[])
     ls.add_argument("--json", action="store_true", help="print one JSON object")
+    find = commands.add_parser("find", help="who holds a ticket's share (discovery only)")
+    find.add_argument("ticket", metavar="TICKET")
+    find.add_argument("--json", action="store_true", help="print one JSON object")
     fetch = commands.add_parser("fetch", help="fetch a ticket's share into DEST")
     fetch.add_argument("ticket", metavar="TICKET")
     fetch.add_argument("dest", metavar="DEST")
@@ -212,6 +215,10 @@ def _call_daemon(args: argparse.Namespace) -> int:
             print(f"shared {result['name']}: {result['files']} files, {result['bytes']} bytes")
             print(result["ticket"])  # the ticket is the last line, for scripts
         return EXIT_PROBLEMS if result["problems"] else EXIT_OK
+    if args.command == "find":
+        result = call(socket_path, "find", {"ticket": args.ticket})
+        _print_result(result, args.json, _human_find)
+        return EXIT_OK if result["providers"] else EXIT_REMOTE
     if args.command == "ls":
         result = call(socket_path, "ls", {"ticket": args.ticket, "peers": args.peer})
         _print_result(result, args.json, _human_ls)
@@ -258,6 +265,14 @@ def _human_status(result: dict[str, Any]) -> None:
         print(f"  {transfer['destination']}: {transfer['bytes_done']}/{transfer['bytes_total']}")
     print(f"sent      {result['bytes_sent']} bytes")
     print(f"received  {result['bytes_received']} bytes")
+
+
+def _human_find(result: dict[str, Any]) -> None:
+    for provider in result["providers"]:
+        node = provider["node_id"] or "(no node id)"
+        print(f"{provider['address']:<24} {node}  via {provider['source']}")
+    if not result["providers"]:
+        print("no provider found", file=sys.stderr)
 
 
 def _human_ls(result: dict[str, Any]) -> None:

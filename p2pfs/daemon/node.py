@@ -127,6 +127,7 @@ class Node:
             "share": self._share,
             "ls": self._ls,
             "fetch": self._fetch,
+            "find": self._find,
         }
 
     # -- control API handlers -------------------------------------------------------------
@@ -223,6 +224,24 @@ class Node:
             "bytes": result.bytes,
             "chunks": result.chunks,
             "problems": [{"path": p.path, "reason": p.reason} for p in result.problems],
+        }
+
+    async def _find(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """Who holds a ticket's share, by discovery alone (the ticket's hints are ignored)."""
+        ticket = parse_ticket_untrusted(str(params.get("ticket", "")))
+        started = time.monotonic()
+        providers = await self.discovery.find(ticket.root)
+        return {
+            "root": ticket.root.hex(),
+            "seconds": time.monotonic() - started,
+            "providers": [
+                {
+                    "address": str(provider.address),
+                    "node_id": str(NodeId(provider.node_id)) if provider.node_id else None,
+                    "source": provider.source,
+                }
+                for provider in providers
+            ],
         }
 
     async def _ls(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
