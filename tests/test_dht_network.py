@@ -287,3 +287,28 @@ def test_junk_datagrams_leave_the_node_answering() -> None:
                     assert await seeker.find(key)
 
     trio.run(main)
+
+
+def test_cancelled_lookups_cancel_the_asyncio_side_and_stop_cleanly() -> None:
+    async def main() -> None:
+        async with chain(4) as net:
+            key = os.urandom(32)
+            await net.nodes[1].finder.announce(key)
+            seeker = net.nodes[3].finder
+            for victim in net.nodes[:3]:
+                victim.kill()
+            await trio.sleep(0.05)
+            # Every contact is dead now: the lookup waits on timeouts, and is cancelled first.
+            with trio.move_on_after(0.1) as scope:
+                await seeker.find(os.urandom(32))  # a key it holds no record of
+            assert scope.cancelled_caught
+            with trio.move_on_after(0.1) as scope:
+                await seeker.announce(key)
+            assert scope.cancelled_caught
+            # The node still serves: a newcomer joins through it and finds the record it holds.
+            newcomer = await net.add([seeker.port])
+            assert await newcomer.finder.ping(PeerAddress("127.0.0.1", seeker.port))
+            found = await newcomer.finder.find(key)
+            assert [p.node_id for p in found] == [net.nodes[1].finder.node_id]
+
+    trio.run(main)
