@@ -87,7 +87,10 @@ def _parser() -> argparse.ArgumentParser:
         help="a node of the private DHT to join (none: this node starts its own)",
     )
     daemon.add_argument(
-        "--dht-port", type=int, default=0, metavar="PORT", help="UDP port of the private DHT"
+        "--dht-port",
+        type=int,
+        metavar="PORT",
+        help="UDP port of the private DHT (default: the QUIC port + 1, or any if that is 0)",
     )
     daemon.add_argument(
         "--mainline", action="store_true", help="also use the public BitTorrent Mainline DHT"
@@ -182,7 +185,7 @@ def _daemon(args: argparse.Namespace) -> int:
         max_download_rate=args.max_download_rate,
         discovery=DiscoveryConfig(
             dht_host=listen.host,
-            dht_port=args.dht_port,
+            dht_port=_dht_port(args.dht_port, listen.port),
             bootstrap=tuple(parse_address(node) for node in args.bootstrap),
             mainline=args.mainline,
             mainline_port=args.mainline_port,
@@ -194,8 +197,18 @@ def _daemon(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
     # The QUIC engine logs every orderly peer close as a warning; only its errors matter here.
     logging.getLogger("quic").setLevel(logging.ERROR)
+    # The DHT package warns of every unanswered call: normal on any real network.
+    logging.getLogger("kademlia").setLevel(logging.ERROR)
     trio.run(run_node, config)
     return EXIT_OK
+
+
+def _dht_port(explicit: int | None, quic_port: int) -> int:
+    """Beside the QUIC port (7338 by default), so a restarted node keeps its DHT address;
+    any free port when QUIC's is chosen freely."""
+    if explicit is not None:
+        return explicit
+    return 0 if quic_port in (0, 65535) else quic_port + 1
 
 
 def _call_daemon(args: argparse.Namespace) -> int:
