@@ -27,7 +27,7 @@ import trio
 
 from p2pfs.errors import ConnectionClosedError
 from p2pfs.identity import Identity, node_id_untrusted
-from p2pfs.net import PeerConnection, open_endpoint
+from p2pfs.net import PeerConnection, TransportConfig, open_endpoint
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -50,7 +50,7 @@ def _emit(record: dict[str, Any]) -> None:
 # -- QUIC roles (run in child processes) ----------------------------------------------------
 
 
-async def _receiver(engine: str) -> None:
+async def _receiver(engine: str, batched: bool) -> None:
     identity = Identity.generate()
     finished = trio.Event()
     result: dict[str, Any] = {}
@@ -78,7 +78,8 @@ async def _receiver(engine: str) -> None:
         finally:
             finished.set()
 
-    async with open_endpoint(identity, handler=handler, engine=engine) as endpoint:
+    config = TransportConfig(batched_receive=batched)
+    async with open_endpoint(identity, handler=handler, engine=engine, config=config) as endpoint:
         _emit({"port": endpoint.local_address[1], "node_id": str(identity.node_id)})
         await finished.wait()
     _emit(result)
@@ -151,9 +152,10 @@ def _child(*args: str) -> subprocess.Popen[str]:
     )
 
 
-def _run_pair(kind: str, size: int) -> dict[str, Any]:
+def _run_pair(kind: str, size: int, batched: bool) -> dict[str, Any]:
     """Start receiver then sender for ``kind`` ("tcp" or an engine); collect their records."""
-    receiver = _child("--role", "receiver", "--engine", kind)
+    extra = ["--batched-receive"] if batched else []
+    receiver = _child("--role", "receiver", "--engine", kind, *extra)
     assert receiver.stdout is not None
     hello = json.loads(receiver.stdout.readline())
     sender_args = ["--role", "sender", "--engine", kind, "--port", str(hello["port"])]
@@ -203,6 +205,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=float, default=None, help="MiB per transfer (512)")
     parser.add_argument("--engine", choices=["qh3", "aioquic", "tcp"], default=None)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--batched-receive",
+        action="store_true",
+        help="receiver uses qh3's batched receive (faster; see TransportConfig.batched_receive)",
+    )
     parser.add_argument("--role", choices=["receiver", "sender"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--node-id", help=argparse.SUPPRESS)
@@ -219,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.engine == "tcp":
             _tcp_receiver() if args.role == "receiver" else _tcp_sender(args.port, size)
         elif args.role == "receiver":
-            trio.run(_receiver, args.engine)
+            trio.run(_receiver, args.engine, args.batched_receive)
         else:
             trio.run(_sender, args.engine, args.port, args.node_id, size)
         return
@@ -230,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         mib = args.size
         if mib is None:
             mib = AIOQUIC_DEFAULT_MIB if engine == "aioquic" else 512
-        rows.append(_run_pair(engine, int(mib * MiB)))
+        rows.append(_run_pair(engine, int(mib * MiB), args.batched_receive))
     if args.json:
         print(json.dumps(rows, indent=2))
     else:

@@ -179,7 +179,7 @@ class PeerConnection:
                 self.held_dropped += len(datagrams) - max(room, 0)
             self._held.extend((d, addr) for d in datagrams[: max(room, 0)])
             return
-        self._engine.receive(self._quic, datagrams, addr, now)
+        self._engine.receive(self._quic, datagrams, addr, now, batched=self.config.batched_receive)
         self._after_input()
 
     async def run_timer(self) -> None:
@@ -492,7 +492,7 @@ class PeerConnection:
             batch: list[bytes] = []
             while held and held[0][1] == addr and len(batch) < self.config.receive_batch:
                 batch.append(held.popleft()[0])
-            self._engine.receive(self._quic, batch, addr, now)
+            self._engine.receive(self._quic, batch, addr, now, batched=self.config.batched_receive)
             self._after_input()
         if held:
             self._held.extendleft(reversed(held))
