@@ -24,8 +24,8 @@ run: $(STAMP_RUN)
 	$(BIN)/p2pfs daemon
 
 lint: $(STAMP_TEST)
-	$(BIN)/ruff check p2pfs tests benchmarks simulations
-	$(BIN)/ruff format --check p2pfs tests
+	$(BIN)/ruff check p2pfs tests simulations protocol
+	$(BIN)/ruff format --check p2pfs tests simulations protocol
 
 typecheck: $(STAMP_TEST)
 	$(BIN)/mypy

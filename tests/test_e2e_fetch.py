@@ -130,6 +130,27 @@ def test_wrong_key_is_refused(tmp_path: Path, daemons: DaemonFactory) -> None:
     assert not (tmp_path / "x").exists()
 
 
+def fetch_in_background(
+    fetcher: DaemonProcess, ticket: str, destination: Path
+) -> subprocess.Popen[str]:
+    """`p2pfs fetch` as its own process, so the test can kill daemons while it runs."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "p2pfs",
+            "--home",
+            str(fetcher.home),
+            "fetch",
+            ticket,
+            str(destination),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def transfer_progress(daemon: DaemonProcess) -> int:
     transfers = daemon.call("status")["transfers"]
     return int(transfers[0]["bytes_done"]) if transfers else 0
@@ -152,26 +173,13 @@ def test_fetcher_killed_mid_fetch_resumes(tmp_path: Path, daemons: DaemonFactory
     fetcher = daemons("fetcher")
     ticket = share(sharer, source)
     destination = tmp_path / "copy"
-    running = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "p2pfs",
-            "--home",
-            str(fetcher.home),
-            "fetch",
-            ticket,
-            str(destination),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    running = fetch_in_background(fetcher, ticket, destination)
     try:
         wait_until(lambda: transfer_progress(fetcher) > 12 * MiB)
         fetcher.kill(signal.SIGKILL)
         fetcher.wait()
     finally:
-        running.wait(30)
+        running.communicate(timeout=30)
     assert running.returncode != 0
     # Never visible half-written: only the temp file exists.
     assert not (destination / "movie.bin").exists()
@@ -199,21 +207,7 @@ def test_sharer_killed_mid_fetch_then_back(tmp_path: Path, daemons: DaemonFactor
     fetcher = daemons("fetcher")
     ticket = share(sharer, source)
     destination = tmp_path / "copy"
-    running = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "p2pfs",
-            "--home",
-            str(fetcher.home),
-            "fetch",
-            ticket,
-            str(destination),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    running = fetch_in_background(fetcher, ticket, destination)
     wait_until(lambda: transfer_progress(fetcher) > 8 * MiB)
     sharer.kill(signal.SIGKILL)
     sharer.wait()
