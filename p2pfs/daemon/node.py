@@ -23,7 +23,7 @@ from p2pfs.errors import (
     RemoteProtocolError,
 )
 from p2pfs.identity import Identity, NodeId, load_identity
-from p2pfs.net import Endpoint, PeerConnection, open_endpoint
+from p2pfs.net import Endpoint, PeerConnection, TransportConfig, open_endpoint
 from p2pfs.store.index import INDEX_FILENAME, IndexStore
 from p2pfs.store.scanner import scan_share
 from p2pfs.wire.ticket import PeerAddress, Ticket, TicketKind, parse_address, parse_ticket_untrusted
@@ -41,6 +41,11 @@ from .treewalk import TreeJob, walk_trees
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0
+TRANSPORT = TransportConfig(batched_receive=True)
+"""qh3's batched receive costs a third of the receiver CPU. Its known fault (a stream's FIN
+sometimes never reported) cannot hurt this protocol: every reply is length-framed and no
+step waits for a FIN (a server stream whose FIN is lost ends with its connection), and a
+lost byte of data would surface as a stall, never as a wrong byte."""
 PROGRESS_INTERVAL = 0.2
 SHUTDOWN_GRACE = 4.0
 """Seconds the endpoint gets to close connections on shutdown (the goal is 5 s in all)."""
@@ -94,6 +99,7 @@ class Node:
                 self.config.listen.host,
                 self.config.listen.port,
                 handler=service.handle_connection,
+                config=TRANSPORT,
             ) as endpoint:
                 self._endpoint = endpoint
                 control = ControlServer(str(home / SOCKET_NAME), self._handlers())
