@@ -106,6 +106,10 @@ WIRE_TYPES = {
     "get-chunks": "GetChunks",
     "chunk-data": "ChunkData",
     "cancel": "Cancel",
+    "get-have": "GetHave",
+    "have-reply": "HaveReply",
+    "have-reply-complete": "HaveReply",
+    "have-update": "HaveUpdate",
 }
 
 

@@ -15,12 +15,16 @@ from p2pfs.wire.messages import (
     ChunkData,
     ErrorReply,
     GetChunks,
+    GetHave,
     GetManifest,
     GetNodes,
+    HaveReply,
+    HaveUpdate,
     Hello,
     ManifestReply,
     Message,
     NodesReply,
+    bitfield_of,
     decode_message_untrusted,
     encode_chunk_data_header,
     encode_message,
@@ -42,6 +46,18 @@ messages = st.one_of(
     st.builds(GetChunks, request_ids, hashes, st.lists(chunk_refs, max_size=20).map(tuple)),
     st.builds(ChunkData, request_ids, st.integers(0, 255), st.binary(max_size=3000)),
     st.builds(Cancel, request_ids),
+    st.builds(GetHave, request_ids, hashes),
+    st.lists(st.booleans(), max_size=100).flatmap(
+        lambda bits: st.builds(
+            HaveReply,
+            request_ids,
+            st.just(len(bits)),
+            st.just(False),
+            st.just(bitfield_of([i for i, bit in enumerate(bits) if bit], len(bits))),
+        )
+    ),
+    st.builds(HaveReply, request_ids, st.integers(0, 1 << 24), st.just(True), st.just(b"")),
+    st.builds(HaveUpdate, request_ids, st.lists(st.integers(0, 1000), max_size=50).map(tuple)),
 )
 
 
@@ -227,3 +243,32 @@ def test_versions_too_old_and_unknown_are_distinct() -> None:
     session.receive_data(encode_message(Hello(PROTOCOL_VERSION + 5, 1, "newer, compatible")))
     assert isinstance(session.next_message(), Hello)
     assert session.version == PROTOCOL_VERSION
+
+
+def test_have_subscription_flow_and_rules() -> None:
+    client, server = pair()
+    root = ContentHash(bytes(32))
+    server.receive_data(client.send(GetHave(1, root)))
+    assert server.next_message() == GetHave(1, root)
+    with pytest.raises(LocalProtocolError):  # nothing may follow a GetHave on its stream
+        client.send(GetManifest(2, root))
+    reply = HaveReply(1, 10, False, bitfield_of([0, 3, 9], 10))
+    client.receive_data(server.send(reply) + server.send(HaveUpdate(1, (4, 5))))
+    received = client.next_message()
+    assert received == reply and received.pieces() == [0, 3, 9]  # type: ignore[union-attr]
+    assert client.next_message() == HaveUpdate(1, (4, 5))
+    client.receive_data(encode_message(HaveUpdate(1, (10,))))  # out of range
+    with pytest.raises(WireError):
+        client.next_message()
+
+
+def test_have_update_before_reply_and_requests_after_get_have_are_violations() -> None:
+    client, server = pair()
+    root = ContentHash(bytes(32))
+    server.receive_data(client.send(GetHave(1, root)) + encode_message(GetManifest(2, root)))
+    server.next_message()
+    with pytest.raises(WireError):
+        server.next_message()
+    client.receive_data(encode_message(HaveUpdate(1, (0,))))
+    with pytest.raises(WireError):
+        client.next_message()

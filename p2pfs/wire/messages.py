@@ -8,7 +8,7 @@ so chunks are never re-encoded. The normative table is protocol/WIRE.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,6 +28,9 @@ MAX_CHUNKS_PER_REQUEST = 256
 MAX_NODES_PER_REPLY = 256
 MAX_TEXT = 1024
 MAX_REQUEST_ID = (1 << 64) - 1
+MAX_PIECES = 1 << 24
+"""16M unique chunks: ~1.2 TiB at the default chunk size, a 2 MiB bitfield."""
+MAX_HAVE_UPDATE = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +198,87 @@ class Cancel:
         return cls(_request_id(fields[0]))
 
 
+@dataclass(frozen=True, slots=True)
+class GetHave:
+    """Subscribe to the server's availability for a share: one HaveReply now, then a
+    HaveUpdate whenever it gains pieces, until the client cancels or ends the stream.
+
+    Pieces are positions in the share's list of unique chunks in tree order (directories
+    depth-first by name, each file's chunks in order, a chunk counted where it first occurs).
+    """
+
+    TAG: ClassVar[int] = 0x17
+    request_id: int
+    share_root: ContentHash
+
+    def fields(self) -> list[Any]:
+        return [self.request_id, self.share_root]
+
+    @classmethod
+    def from_fields_untrusted(cls, fields: list[Any]) -> GetHave:
+        _need(fields, 2, "GetHave")
+        return cls(_request_id(fields[0]), _hash(fields[1]))
+
+
+@dataclass(frozen=True, slots=True)
+class HaveReply:
+    """``complete``: every piece (the bitfield is then empty); else bit i (LSB-first in byte
+    i // 8) says piece i is held."""
+
+    TAG: ClassVar[int] = 0x18
+    request_id: int
+    piece_count: int
+    complete: bool
+    bitfield: bytes
+
+    def fields(self) -> list[Any]:
+        return [self.request_id, self.piece_count, self.complete, self.bitfield]
+
+    @classmethod
+    def from_fields_untrusted(cls, fields: list[Any]) -> HaveReply:
+        _need(fields, 4, "HaveReply")
+        count = _uint(fields[1], "piece count", MAX_PIECES)
+        complete = fields[2]
+        if type(complete) is not bool:
+            raise WireError(ErrorCode.PROTOCOL_VIOLATION, "HaveReply: complete must be bool")
+        bitfield = _blob(fields[3], "bitfield", (MAX_PIECES + 7) // 8)
+        if not complete and len(bitfield) != (count + 7) // 8:
+            raise WireError(ErrorCode.PROTOCOL_VIOLATION, "HaveReply: bitfield length")
+        return cls(_request_id(fields[0]), count, complete, bitfield)
+
+    def pieces(self) -> list[int]:
+        if self.complete:
+            return list(range(self.piece_count))
+        return [
+            index
+            for index in range(self.piece_count)
+            if self.bitfield[index >> 3] & (1 << (index & 7))
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class HaveUpdate:
+    TAG: ClassVar[int] = 0x19
+    request_id: int
+    pieces: tuple[int, ...]
+
+    def fields(self) -> list[Any]:
+        return [self.request_id, list(self.pieces)]
+
+    @classmethod
+    def from_fields_untrusted(cls, fields: list[Any]) -> HaveUpdate:
+        _need(fields, 2, "HaveUpdate")
+        pieces = _list(fields[1], "pieces", MAX_HAVE_UPDATE)
+        return cls(_request_id(fields[0]), tuple(_uint(p, "piece", MAX_PIECES - 1) for p in pieces))
+
+
+def bitfield_of(pieces: Iterable[int], piece_count: int) -> bytes:
+    field = bytearray((piece_count + 7) // 8)
+    for index in pieces:
+        field[index >> 3] |= 1 << (index & 7)
+    return bytes(field)
+
+
 Message = (
     Hello
     | ErrorReply
@@ -205,6 +289,9 @@ Message = (
     | GetChunks
     | ChunkData
     | Cancel
+    | GetHave
+    | HaveReply
+    | HaveUpdate
 )
 _FIELD_DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     cls.TAG: cls.from_fields_untrusted
@@ -217,6 +304,9 @@ _FIELD_DECODERS: dict[int, Callable[[list[Any]], Message]] = {
         NodesReply,
         GetChunks,
         Cancel,
+        GetHave,
+        HaveReply,
+        HaveUpdate,
     )
 }
 RESERVED_TAGS = frozenset({0x00, 0xFF})
@@ -267,7 +357,7 @@ def _unpack_fields(body: memoryview, allow_payload: bool) -> tuple[list[Any], in
         max_buffer_size=MAX_FRAME_BYTES,
         max_bin_len=MAX_FRAME_BYTES,
         max_str_len=MAX_TEXT * 4,
-        max_array_len=max(MAX_HASHES_PER_REQUEST, MAX_CHUNKS_PER_REQUEST, 16),
+        max_array_len=max(MAX_HASHES_PER_REQUEST, MAX_CHUNKS_PER_REQUEST, MAX_HAVE_UPDATE),
         max_map_len=64,
         max_ext_len=0,
     )

@@ -19,8 +19,11 @@ from p2pfs.wire.messages import (
     ChunkData,
     ErrorReply,
     GetChunks,
+    GetHave,
     GetManifest,
     GetNodes,
+    HaveReply,
+    HaveUpdate,
     Hello,
     ManifestReply,
     Message,
@@ -33,8 +36,9 @@ PROTOCOL_VERSION = 1
 MIN_PROTOCOL_VERSION = 1
 AGENT = "p2pfs/0.1"
 
-Request = GetManifest | GetNodes | GetChunks
-Reply = ManifestReply | NodesReply | ChunkData | ErrorReply
+Request = GetManifest | GetNodes | GetChunks | GetHave
+Reply = ManifestReply | NodesReply | ChunkData | ErrorReply | HaveReply | HaveUpdate
+_REPLY_TYPES = (ManifestReply, NodesReply, ChunkData, ErrorReply, HaveReply, HaveUpdate)
 
 
 class Role(enum.Enum):
@@ -46,6 +50,7 @@ class Role(enum.Enum):
 class _Outstanding:
     request: Request
     chunks_left: int
+    piece_count: int = 0
 
 
 class StreamSession:
@@ -60,6 +65,8 @@ class StreamSession:
         """The version both sides speak, once the peer's Hello arrived."""
         self._last_request_id = 0
         self._outstanding: dict[int, _Outstanding] = {}
+        self._subscribed = False
+        """A GetHave is open on this stream: its updates never end, so nothing may follow."""
 
     # -- output ---------------------------------------------------------------------------
 
@@ -71,7 +78,10 @@ class StreamSession:
         if isinstance(message, Hello):
             raise LocalProtocolError("use hello()")
         if self.role is Role.CLIENT:
-            if isinstance(message, GetManifest | GetNodes | GetChunks):
+            if isinstance(message, GetManifest | GetNodes | GetChunks | GetHave):
+                if self._subscribed:
+                    raise LocalProtocolError("nothing may follow a GetHave on its stream")
+                self._subscribed = isinstance(message, GetHave)
                 if message.request_id <= self._last_request_id:
                     raise LocalProtocolError("request ids must increase")
                 self._last_request_id = message.request_id
@@ -79,7 +89,7 @@ class StreamSession:
                 self._outstanding[message.request_id] = _Outstanding(message, expected)
             elif not isinstance(message, Cancel):
                 raise LocalProtocolError(f"a client does not send {type(message).__name__}")
-        elif not isinstance(message, ManifestReply | NodesReply | ChunkData | ErrorReply):
+        elif not isinstance(message, _REPLY_TYPES):
             raise LocalProtocolError(f"a server does not send {type(message).__name__}")
         return encode_message(message)
 
@@ -132,16 +142,19 @@ class StreamSession:
     def _check_request(self, message: Message) -> None:
         if isinstance(message, Cancel):
             return
-        if not isinstance(message, GetManifest | GetNodes | GetChunks):
+        if not isinstance(message, GetManifest | GetNodes | GetChunks | GetHave):
             raise WireError(
                 ErrorCode.PROTOCOL_VIOLATION, f"a client may not send {type(message).__name__}"
             )
+        if self._subscribed:
+            raise WireError(ErrorCode.PROTOCOL_VIOLATION, "a request after GetHave")
+        self._subscribed = isinstance(message, GetHave)
         if message.request_id <= self._last_request_id:
             raise WireError(ErrorCode.PROTOCOL_VIOLATION, "request ids must increase")
         self._last_request_id = message.request_id
 
     def _check_reply(self, message: Message) -> None:
-        if not isinstance(message, ManifestReply | NodesReply | ChunkData | ErrorReply):
+        if not isinstance(message, _REPLY_TYPES):
             raise WireError(
                 ErrorCode.PROTOCOL_VIOLATION, f"a server may not send {type(message).__name__}"
             )
@@ -153,6 +166,9 @@ class StreamSession:
         request = entry.request
         if isinstance(message, ErrorReply):
             del self._outstanding[message.request_id]
+            return
+        if isinstance(request, GetHave):
+            self._check_have(message, entry)
             return
         expected_type = {GetManifest: ManifestReply, GetNodes: NodesReply, GetChunks: ChunkData}
         if not isinstance(message, expected_type[type(request)]):
@@ -172,3 +188,16 @@ class StreamSession:
             if entry.chunks_left:
                 return
         del self._outstanding[message.request_id]
+
+    def _check_have(self, message: Message, entry: _Outstanding) -> None:
+        """HaveReply first (sets the piece count), then HaveUpdates within it; open-ended."""
+        if isinstance(message, HaveReply):
+            if entry.chunks_left != 1:
+                raise WireError(ErrorCode.PROTOCOL_VIOLATION, "a second HaveReply")
+            entry.chunks_left = 0
+            entry.piece_count = message.piece_count
+            return
+        if not isinstance(message, HaveUpdate) or entry.chunks_left:
+            raise WireError(ErrorCode.PROTOCOL_VIOLATION, "reply does not match GetHave")
+        if any(piece >= entry.piece_count for piece in message.pieces):
+            raise WireError(ErrorCode.PROTOCOL_VIOLATION, "HaveUpdate names a piece out of range")

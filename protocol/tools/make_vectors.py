@@ -31,6 +31,9 @@ from p2pfs.wire.codes import ErrorCode
 from p2pfs.wire.messages import (
     Cancel,
     ChunkData,
+    GetHave,
+    HaveReply,
+    HaveUpdate,
     ErrorReply,
     GetChunks,
     GetManifest,
@@ -39,6 +42,7 @@ from p2pfs.wire.messages import (
     ManifestReply,
     Message,
     NodesReply,
+    bitfield_of,
     encode_message,
 )
 from p2pfs.wire.session import PROTOCOL_VERSION
@@ -215,6 +219,10 @@ def wire_vectors() -> dict[str, Any]:
         ("get-chunks", GetChunks(3, root, (chunk,))),
         ("chunk-data", ChunkData(3, 0, b"alpha")),
         ("cancel", Cancel(3)),
+        ("get-have", GetHave(4, root)),
+        ("have-reply", HaveReply(4, 10, False, bitfield_of([0, 3, 9], 10))),
+        ("have-reply-complete", HaveReply(4, 3315, True, b"")),
+        ("have-update", HaveUpdate(4, (4, 5))),
     ]
     vectors = []
     for name, message in examples:
