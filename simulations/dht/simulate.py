@@ -34,7 +34,9 @@ import selectors
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from p2pfs.discovery.dht.messages import dht_key
@@ -132,9 +134,13 @@ class LevelResult:
     latency_p95_ms: float
     messages_per_lookup: float
     bytes_per_lookup: float
+    hops: list[int] = field(default_factory=list)
+    """Hops of each successful lookup, in order (for the distributions and plots)."""
+    latencies_ms: list[float] = field(default_factory=list)
+    """Latency of each successful lookup, in order."""
 
 
-def _percentile(values: list[float], fraction: float) -> float:
+def _percentile(values: Sequence[float], fraction: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
@@ -195,7 +201,7 @@ class Simulation:
         live = [i for i in range(self.size) if i not in gone]
         keys = [key for key, provider in self.keys.items() if provider not in gone]
         found = 0
-        hops: list[float] = []
+        hops: list[int] = []
         latencies: list[float] = []
         messages = 0
         volume = 0
@@ -224,6 +230,8 @@ class Simulation:
             latency_p95_ms=_percentile(latencies, 0.95),
             messages_per_lookup=messages / lookups,
             bytes_per_lookup=volume / lookups,
+            hops=hops,
+            latencies_ms=[round(ms, 3) for ms in latencies],
         )
 
     def close(self) -> None:
@@ -296,6 +304,115 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _pyplot(purpose: str) -> Any:
+    """matplotlib's pyplot on the Agg backend, or None (with a message) when not installed."""
+    try:
+        import matplotlib  # noqa: PLC0415 - optional: pip install -e '.[sim]'
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        print(
+            f"matplotlib is not installed: {purpose} skipped (pip install -e '.[sim]')",
+            file=sys.stderr,
+        )
+        return None
+    return plt
+
+
+def _subtitle(result: dict[str, Any]) -> str:
+    return (
+        f"{result['nodes']:,} nodes, k={result['ksize']}, alpha={result['alpha']}, "
+        f"seed {result['seed']}, {result['levels'][0]['lookups']} lookups per level"
+    )
+
+
+def plot(result: dict[str, Any], directory: Path) -> list[Path]:
+    """Draw success rate, hop-count and latency distributions per churn level as PNGs."""
+    plt = _pyplot("plots")
+    if plt is None:
+        return []
+    directory.mkdir(parents=True, exist_ok=True)
+    levels = result["levels"]
+    labels = [f"{level['churn']:.0%} churn" for level in levels]
+    colours = plt.get_cmap("viridis")(
+        [i / max(1, len(levels) - 1) * 0.85 for i in range(len(levels))]
+    )
+    written = []
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    rates = [level["success"] * 100 for level in levels]
+    bars = ax.bar(labels, rates, color=colours)
+    ax.bar_label(bars, labels=[f"{rate:.2f}%" for rate in rates], padding=2)
+    ax.axhline(99, color="crimson", linestyle="--", linewidth=1, label="goal at 30% churn: 99%")
+    ax.set_ylim(min(90.0, min(rates) - 2), 101.5)
+    ax.set_ylabel("lookups that found the provider (%)")
+    ax.set_title(f"Lookup success rate\n{_subtitle(result)}", fontsize=10)
+    ax.legend(loc="lower left")
+    written.append(_save(plt, fig, directory / "success.png"))
+
+    fig, ax = plt.subplots(figsize=(7.2, 4.2))
+    top = max((max(level["hops"], default=0) for level in levels), default=0)
+    width = 0.8 / len(levels)
+    for i, level in enumerate(levels):
+        count = max(1, len(level["hops"]))
+        shares = [100 * level["hops"].count(h) / count for h in range(top + 1)]
+        ax.bar(
+            [h + (i - (len(levels) - 1) / 2) * width for h in range(top + 1)],
+            shares,
+            width=width,
+            color=colours[i],
+            label=f"{labels[i]} (median {level['hops_median']:g})",
+        )
+    ax.axvline(result["hop_goal"], color="crimson", linestyle="--", linewidth=1)
+    ax.text(
+        result["hop_goal"],
+        ax.get_ylim()[1] * 0.95,
+        " goal: median <= log2(N)/2",
+        color="crimson",
+        va="top",
+        fontsize=8,
+    )
+    ax.set_xticks(range(top + 1))
+    ax.set_xlabel("hops (crawl rounds; 0 = answered from the node's own records)")
+    ax.set_ylabel("share of successful lookups (%)")
+    ax.set_title(f"Hop-count distribution\n{_subtitle(result)}", fontsize=10)
+    ax.legend()
+    written.append(_save(plt, fig, directory / "hops.png"))
+
+    fig, ax = plt.subplots(figsize=(7.2, 4.2))
+    for i, level in enumerate(levels):
+        values = sorted(level["latencies_ms"])
+        if not values:
+            continue
+        ax.step(
+            values,
+            [100 * (n + 1) / len(values) for n in range(len(values))],
+            where="post",
+            color=colours[i],
+            label=f"{labels[i]} (median {level['latency_median_ms']:.0f} ms, "
+            f"p95 {level['latency_p95_ms']:.0f} ms)",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel(
+        "lookup latency (ms, virtual clock, log scale; answered locally = 0 ms, off scale)"
+    )
+    ax.set_ylabel("lookups completed within (%)")
+    ax.set_ylim(0, 101)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(f"Lookup latency distribution (CDF)\n{_subtitle(result)}", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    written.append(_save(plt, fig, directory / "latency.png"))
+    return written
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=10_000)
@@ -306,8 +423,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ksize", type=int, default=20)
     parser.add_argument("--alpha", type=int, default=3)
     parser.add_argument("--loss", type=float, default=0.0)
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--plots",
+        type=Path,
+        default=Path(__file__).resolve().parent,
+        metavar="DIR",
+        help="where the PNG plots go (default: beside this script); needs matplotlib",
+    )
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--save", type=Path, metavar="FILE", help="also write the result as JSON")
+    parser.add_argument(
+        "--replot", type=Path, metavar="FILE", help="only draw the plots of a saved result"
+    )
     args = parser.parse_args(argv)
+    if args.replot:
+        result = json.loads(args.replot.read_text())
+        for path in plot(result, args.plots):
+            print(f"wrote {path}")
+        return 0
     # The package logs a warning for every unanswered call; churn makes thousands of them.
     logging.getLogger("kademlia").setLevel(logging.ERROR)
     result = run(
@@ -321,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
         loss=args.loss,
         progress=not args.json,
     )
+    if args.save:
+        args.save.parent.mkdir(parents=True, exist_ok=True)
+        args.save.write_text(json.dumps(result) + "\n")
+    plots = [] if args.no_plots else plot(result, args.plots)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -333,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         f"total {result['total_seconds']:.0f} s"
     )
     print(table(result))
+    for path in plots:
+        print(f"wrote {path}")
     return 0
 
 
