@@ -14,29 +14,35 @@ import contextlib
 import enum
 import logging
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import trio
 
 from p2pfs.content.chunking import ChunkRef
 from p2pfs.content.folder import DIR_TREE, FILE_TREE, EntryKind, Manifest
-from p2pfs.content.tree import BranchNode, LeafNode
+from p2pfs.content.tree import BranchNode, Child, LeafNode, iter_leaves
 from p2pfs.errors import (
     ConnectionClosedError,
     IntegrityError,
     StorageError,
     StreamResetError,
 )
-from p2pfs.ids import ContentHash, short_hex
+from p2pfs.ids import HASH_LEN, ContentHash, short_hex
 from p2pfs.net import PeerConnection, Stream
-from p2pfs.store.index import ChunkLocation, IndexStore, read_chunk
+from p2pfs.store.index import CHUNK_RECORD, ChunkLocation, IndexStore, read_chunk
 from p2pfs.wire.codes import ErrorCode, WireError
 from p2pfs.wire.messages import (
+    MAX_HAVE_UPDATE,
     Cancel,
     ErrorReply,
     GetChunks,
+    GetHave,
     GetManifest,
     GetNodes,
+    HaveReply,
+    HaveUpdate,
     ManifestReply,
     Message,
     NodesReply,
@@ -46,9 +52,11 @@ from p2pfs.wire.session import Role, StreamSession
 
 from .ratelimit import TokenBucket, throttle
 from .storage import AsyncIndex, in_thread
+from .swarmstate import SwarmRegistry
 
 logger = logging.getLogger(__name__)
 
+E = TypeVar("E", bound=BaseException)
 RECEIVE_BYTES = 256 * 1024
 READ_BATCH_BYTES = 4 << 20
 """Chunks of one request are read from disk in groups of about this size."""
@@ -102,10 +110,13 @@ class ShareService:
         index: AsyncIndex,
         counters: TransferCounters,
         upload_limit: TokenBucket | None = None,
+        swarm: SwarmRegistry | None = None,
     ) -> None:
         self._index = index
         self.counters = counters
         self._upload_limit = upload_limit
+        self._swarm = swarm if swarm is not None else SwarmRegistry()
+        self._piece_counts: dict[ContentHash, int] = {}
         self._file_nodes: OrderedDict[ContentHash, dict[ContentHash, bytes]] = OrderedDict()
 
     async def handle_connection(self, conn: PeerConnection) -> None:
@@ -124,13 +135,32 @@ class ShareService:
     async def _serve_stream(
         self, conn: PeerConnection, stream: Stream, grants: _ConnectionGrants
     ) -> None:
+        """One stream's requests; whatever goes wrong ends this stream only."""
         session = StreamSession(Role.SERVER)
-        pending: deque[Message] = deque()
         try:
+            await self._serve_requests(stream, session, grants)
+        except* WireError as group:
+            exc = _first(group)
+            logger.warning("peer %s broke the protocol: %s", conn.peer_id.short(), exc)
+            with contextlib.suppress(StreamResetError, ConnectionClosedError):
+                await self._send(stream, session.send(ErrorReply(0, exc.code, str(exc)[:200])))
+            stream.reset(int(exc.code))
+        except* (StreamResetError, ConnectionClosedError) as group:
+            logger.debug("stream from %s ended: %s", conn.peer_id.short(), _first(group))
+
+    async def _serve_requests(
+        self, stream: Stream, session: StreamSession, grants: _ConnectionGrants
+    ) -> None:
+        pending: deque[Message] = deque()
+        # A GetHave subscription runs beside this loop under its own scope, ended by the
+        # client's Cancel or end of stream.
+        subscription = trio.CancelScope()
+        async with trio.open_nursery() as subscriptions:
             await self._send(stream, session.hello())
             while True:
                 data = await stream.receive_some(RECEIVE_BYTES)
                 if not data:
+                    subscription.cancel()
                     await stream.send_eof()
                     return
                 self.counters.protocol_received += len(data)
@@ -140,20 +170,20 @@ class ShareService:
                 cancelled = {m.request_id for m in pending if isinstance(m, Cancel)}
                 while pending:
                     message = pending.popleft()
+                    if isinstance(message, GetHave):
+                        await subscriptions.start(
+                            self._have, message, stream, session, subscription
+                        )
+                        continue
                     if not isinstance(message, GetManifest | GetNodes | GetChunks):
-                        continue  # Hello, or a Cancel already collected above
+                        if isinstance(message, Cancel):
+                            subscription.cancel()
+                        continue  # Hello, or a Cancel collected above
                     if message.request_id in cancelled:
                         reply = ErrorReply(message.request_id, ErrorCode.CANCELLED, "cancelled")
                         await self._send(stream, session.send(reply))
                         continue
                     await self._answer(message, stream, session, grants)
-        except WireError as exc:
-            logger.warning("peer %s broke the protocol: %s", conn.peer_id.short(), exc)
-            with contextlib.suppress(StreamResetError, ConnectionClosedError):
-                await self._send(stream, session.send(ErrorReply(0, exc.code, str(exc)[:200])))
-            stream.reset(int(exc.code))
-        except (StreamResetError, ConnectionClosedError) as exc:
-            logger.debug("stream from %s ended: %s", conn.peer_id.short(), exc)
 
     async def _send(self, stream: Stream, data: bytes) -> None:
         self.counters.protocol_sent += len(data)
@@ -179,12 +209,68 @@ class ShareService:
     async def _manifest(
         self, request: GetManifest, grants: _ConnectionGrants
     ) -> ManifestReply | ErrorReply:
-        record = await self._index.run(self._index.index.share_by_root, request.share_root)
-        if record is None or record.manifest is None:
+        encoded = await self._manifest_bytes(request.share_root)
+        if encoded is None:
             return _not_found(request.request_id, "no such share here")
-        manifest = Manifest.decode_untrusted(record.manifest)
+        manifest = Manifest.decode_untrusted(encoded)
         grants.open_share(request.share_root, manifest.tree.hash)
-        return ManifestReply(request.request_id, record.manifest)
+        return ManifestReply(request.request_id, encoded)
+
+    async def _manifest_bytes(self, root: ContentHash) -> bytes | None:
+        record = await self._index.run(self._index.index.share_by_root, root)
+        if record is not None and record.manifest is not None:
+            return record.manifest
+        swarm = self._swarm.get(root)
+        return None if swarm is None else swarm.manifest
+
+    async def _have(
+        self,
+        request: GetHave,
+        stream: Stream,
+        session: StreamSession,
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Answer a GetHave, then forward every piece this node gains until ``scope`` ends."""
+        swarm = self._swarm.get(request.share_root)
+        if swarm is not None and not swarm.complete and swarm.pieces:
+            updates = swarm.subscribe()
+            reply = HaveReply(request.request_id, len(swarm.pieces), False, swarm.bitfield())
+        else:
+            updates = None
+            count = await self._piece_count(request.share_root)
+            if count is None:
+                task_status.started()
+                await self._send(stream, session.send(_not_found(request.request_id, "no share")))
+                return
+            reply = HaveReply(request.request_id, count, True, b"")
+        await self._send(stream, session.send(reply))
+        task_status.started()
+        if updates is None:
+            return
+        with scope:
+            async with updates:
+                async for pieces in updates:
+                    for start in range(0, len(pieces), MAX_HAVE_UPDATE):
+                        batch = tuple(pieces[start : start + MAX_HAVE_UPDATE])
+                        update = HaveUpdate(request.request_id, batch)
+                        await self._send(stream, session.send(update))
+
+    async def _piece_count(self, root: ContentHash) -> int | None:
+        """Pieces of a complete share: every holder numbers them alike (content/pieces.py)."""
+        if root in self._piece_counts:
+            return self._piece_counts[root]
+        swarm = self._swarm.get(root)
+        if swarm is not None and swarm.pieces:
+            return len(swarm.pieces)
+        encoded = await self._manifest_bytes(root)
+        if encoded is None:
+            return None
+        manifest = Manifest.decode_untrusted(encoded)
+        count = await self._index.run(_count_pieces, self._index.index, manifest.tree)
+        self._piece_counts[root] = count
+        return count
 
     async def _nodes(self, request: GetNodes, grants: _ConnectionGrants) -> NodesReply | ErrorReply:
         encoded_nodes: list[bytes] = []
@@ -192,14 +278,19 @@ class ShareService:
             grant = grants.lookup(request.share_root, node_hash)
             if grant is None:
                 return _not_found(request.request_id, f"node {short_hex(node_hash)} not reached")
-            encoded = await self._node_bytes(node_hash, grant)
+            encoded = await self._node_bytes(request.share_root, node_hash, grant)
             if encoded is None:
                 return _not_found(request.request_id, f"node {short_hex(node_hash)} is gone")
             self._grant_children(request.share_root, encoded, grant, grants)
             encoded_nodes.append(encoded)
         return NodesReply(request.request_id, tuple(encoded_nodes))
 
-    async def _node_bytes(self, node_hash: ContentHash, grant: _Grant) -> bytes | None:
+    async def _node_bytes(
+        self, share_root: ContentHash, node_hash: ContentHash, grant: _Grant
+    ) -> bytes | None:
+        swarm = self._swarm.get(share_root)
+        if swarm is not None and node_hash in swarm.nodes:
+            return swarm.nodes[node_hash]
         if grant.kind is _NodeKind.DIRECTORY:
             return await self._index.run(self._index.index.dir_node, node_hash)
         assert grant.file_root is not None
@@ -241,9 +332,19 @@ class ShareService:
             grants.grant(share_root, child.hash, grant)
 
     async def _chunks(self, request: GetChunks, stream: Stream, session: StreamSession) -> None:
-        locations = await self._index.run(
+        locations: list[list[ChunkLocation]] = await self._index.run(
             _locate_all, self._index.index, request.chunks, request.share_root
         )
+        swarm = self._swarm.get(request.share_root)
+        if swarm is not None:
+            for position, ref in enumerate(request.chunks):
+                piece = swarm.index_of.get(ref.id)
+                if not locations[position] and piece is not None and swarm.held[piece]:
+                    held = swarm.locations[piece]
+                    locations[position] = [
+                        ChunkLocation(path, held.offset, ref.length)
+                        for path in held.candidate_paths()
+                    ]
         index = 0
         while index < len(request.chunks):
             group_end = index
@@ -268,6 +369,14 @@ class ShareService:
                 self.counters.chunks_served += 1
                 await stream.send_all(header + data)
                 index += 1
+
+
+def _first(group: BaseExceptionGroup[E]) -> E:
+    """The first leaf of an exception group (a nursery wraps what its body raised)."""
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf  # type: ignore[return-value]
 
 
 def _not_found(request_id: int, message: str) -> ErrorReply:
@@ -295,3 +404,33 @@ def _read_group(
                 logger.warning("not serving %s: %s", short_hex(chunk_hash), exc)
         out.append(data)
     return out
+
+
+def _count_pieces(index: IndexStore, tree: Child) -> int:
+    """Unique chunks of a share in the index (the count does not depend on the order)."""
+    seen: set[bytes] = set()
+    directories = [tree]
+    while directories:
+        directory = directories.pop()
+        for _offset, entry in iter_leaves(DIR_TREE, directory, _require(index.dir_node)):
+            if entry.kind is EntryKind.DIRECTORY:
+                directories.append(entry.root)
+                continue
+            packed = index.file_chunks(entry.hash)
+            if packed is None:
+                raise StorageError(f"index lost the chunk list of file {short_hex(entry.hash)}")
+            seen.update(
+                packed[start : start + HASH_LEN]
+                for start in range(0, len(packed), CHUNK_RECORD.size)
+            )
+    return len(seen)
+
+
+def _require(get: Callable[[ContentHash], bytes | None]) -> Callable[[ContentHash], bytes]:
+    def lookup(node_hash: ContentHash) -> bytes:
+        found = get(node_hash)
+        if found is None:
+            raise StorageError(f"index lost directory node {short_hex(node_hash)}")
+        return found
+
+    return lookup
