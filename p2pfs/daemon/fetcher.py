@@ -1,13 +1,18 @@
-"""Fetching a share from a peer into a destination: manifest, trees, then chunks.
+"""Fetching a share into a destination: manifest, trees, then pieces from every holder.
 
 Order of work, each step verified before the next trusts it:
 1. the manifest, checked against the root the ticket carries;
-2. the directory trees, level by level, batched across directories (one request per batch);
-3. files in windows: their chunk trees (batched), then each chunk from the first place that
-   has it: an intact chunk left in the temp file by an interrupted fetch, any file this node
-   has indexed (dedup: moves and copies cost nothing), else the peer, pipelined over several
-   streams. Every chunk is hashed before it is written; a file is renamed into place only
-   once complete and durable (store/assemble.py).
+2. the directory trees, then every file's chunk tree, level by level, batched across trees
+   (one request per batch of up to 256 nodes); every node is kept, to serve other fetchers;
+3. the pieces (the share's unique chunks in tree order): those already here are taken
+   first (files already complete at the destination, intact chunks left in temp files by an
+   interrupted fetch, any file this node has indexed: moves and copies cost nothing), the
+   rest from every holder at once (swarmfetch.py), while this node serves what it has to
+   other fetchers. Every chunk is hashed before it is written; a file is renamed into place
+   once complete and durable, in batches (store/assemble.py).
+
+Memory: the share's chunk lists are held whole (~150 bytes a chunk: ~2 MB per GiB), the price
+of a piece numbering every peer shares.
 """
 
 from __future__ import annotations
@@ -23,41 +28,31 @@ import trio
 
 from p2pfs.content.chunking import Chunker, ChunkRef, StreamCutter, chunk_id
 from p2pfs.content.folder import DIR_TREE, FILE_TREE, DirEntry, EntryKind, Manifest, manifest_root
+from p2pfs.content.pieces import tree_order_key, unique_pieces
 from p2pfs.content.tree import TreeBuilder
 from p2pfs.errors import IntegrityError, RemoteProtocolError, StorageError
+from p2pfs.identity import NodeId
 from p2pfs.ids import ContentHash, short_hex
 from p2pfs.net import PeerConnection
 from p2pfs.store.assemble import Finished, PartialFile, commit_files
 from p2pfs.store.index import ChunkLocation, IndexStore, read_chunk
-from p2pfs.wire.messages import ChunkData, ErrorReply, GetChunks
+from p2pfs.swarm.picker import PiecePicker
 
-from .ratelimit import TokenBucket, throttle
-from .requests import PeerRequestError, RequestStream
+from .ratelimit import TokenBucket
+from .requests import RequestStream
 from .service import TransferCounters
 from .storage import AsyncIndex, in_thread
+from .swarmfetch import MorePeers, PeerPool, new_rng
+from .swarmstate import PieceLocation, SwarmRegistry, SwarmShare
 from .treewalk import TreeJob, walk_trees
 
 logger = logging.getLogger(__name__)
 
-WINDOW_BYTES = 2 << 30
-WINDOW_FILES = 8192
-"""Files whose chunk lists are held at once: bounds memory for any share size."""
-REQUEST_CHUNKS = 64
-REQUEST_BYTES = 4 << 20
-STREAMS = 4
-PIPELINE_DEPTH = 2
-"""Requests in flight per stream: the next one is already queued when one finishes."""
+LOCAL_BATCH = 64
+"""Chunks copied from local files per worker-thread call."""
 COMMIT_FILES = 512
 COMMIT_BYTES = 256 << 20
-"""Finished files wait for a batch this big (or the end of a window) to be made durable."""
-STALL_TIMEOUT = 10.0
-"""A peer that sends nothing for this long while we wait on it has failed."""
-FRAME_OVERHEAD = 16
-"""Approximate framing bytes of one ChunkData (length, tag, fields), for the counters."""
-
-
-class PeerStalledError(RemoteProtocolError):
-    """The peer stopped answering while requests were outstanding."""
+"""Finished files wait for a batch this big (or the end) to be made durable together."""
 
 
 @dataclass(slots=True)
@@ -77,6 +72,7 @@ class FetchReport:
     directories: int = 0
     bytes: int = 0
     bytes_from_peer: int = 0
+    """Chunk bytes written that came from peers."""
     bytes_local: int = 0
     """Copied from files this node already had (dedup)."""
     bytes_resumed: int = 0
@@ -84,6 +80,8 @@ class FetchReport:
     bytes_present: int = 0
     """Files already complete at the destination."""
     seconds: float = 0.0
+    peers: list[dict[str, object]] = field(default_factory=list)
+    """Per-peer contributions: node id, address, bytes, why it was dropped."""
 
 
 @dataclass(slots=True)
@@ -93,10 +91,15 @@ class _FileTask:
     entry: DirEntry
     leaves: list[tuple[int, ChunkRef]] = field(default_factory=list)
     partial: PartialFile | None = None
+    filled: set[int] = field(default_factory=set)
+    """Offsets whose chunk is written and verified."""
     remaining: int = 0
+    complete: bool = False
 
 
 Progress = Callable[[FetchProgress], None]
+Placements = list[list[tuple[_FileTask, int]]]
+"""Per piece: every (file, offset) where its bytes go."""
 
 
 class Fetcher:
@@ -109,6 +112,9 @@ class Fetcher:
         counters: TransferCounters,
         progress: Progress | None = None,
         download_limit: TokenBucket | None = None,
+        *,
+        registry: SwarmRegistry | None = None,
+        more_peers: MorePeers | None = None,
     ) -> None:
         self._conn = conn
         self._download_limit = download_limit
@@ -117,34 +123,58 @@ class Fetcher:
         self._index = index
         self._counters = counters
         self._progress = progress
+        self._registry = registry if registry is not None else SwarmRegistry()
+        self._more_peers = more_peers or _no_more_peers
         self._done_bytes = 0
         self._done_files = 0
         self._total_bytes = 0
         self._total_files = 0
         self._uncommitted: list[_FileTask] = []
         self._uncommitted_bytes = 0
+        self._placements: Placements = []
+        self._swarm: SwarmShare | None = None
         self.report = FetchReport(short_hex(share_root, 64), "", self._destination)
 
     async def run(self) -> FetchReport:
         started = time.monotonic()
         control = await RequestStream.open(self._conn, self._counters)
-        manifest = await self._manifest(control)
+        encoded, manifest = await self._manifest(control)
         self._total_bytes = manifest.tree.size
         self._total_files = manifest.file_count
         self.report.name = manifest.name
+        swarm = SwarmShare(self._root, encoded)
+        self._swarm = swarm
+        self._registry.shares[self._root] = swarm
         top_dir, rename_single = self._layout(manifest)
         files = await self._walk_directories(control, manifest, top_dir, rename_single)
-        window: list[_FileTask] = []
-        window_bytes = 0
-        for task in files:
-            window.append(task)
-            window_bytes += task.entry.size
-            if window_bytes >= WINDOW_BYTES or len(window) >= WINDOW_FILES:
-                await self._fetch_window(control, window)
-                window, window_bytes = [], 0
-        if window:
-            await self._fetch_window(control, window)
+        await self._walk_files(control, files)
         await control.close()
+        files.sort(key=lambda task: tree_order_key(task.rel))
+        pieces = unique_pieces([ref for _offset, ref in task.leaves] for task in files)
+        swarm.set_pieces(pieces)
+        groups = self._plan(files, pieces)
+        held = await self._take_what_is_here(files, pieces)
+        picker = PiecePicker(len(pieces), held, new_rng(), groups=groups)
+        pool = PeerPool(
+            self._root,
+            pieces,
+            picker,
+            self._counters,
+            self._place_from_peer,
+            self._download_limit,
+        )
+        try:
+            await pool.run(self._conn, self._more_peers)
+        finally:
+            self.report.peers = [
+                {"node_id": s.node_id, "address": s.address, "bytes": s.bytes, "failed": s.failed}
+                for s in pool.stats.values()
+            ]
+        await self._commit(self._uncommitted)
+        unfinished = [task.rel for task in files if not task.complete]
+        if unfinished:
+            raise RemoteProtocolError(f"{len(unfinished)} files incomplete, e.g. {unfinished[0]}")
+        swarm.complete = True
         self.report.files = len(files)
         self.report.bytes = manifest.tree.size
         self.report.seconds = time.monotonic() - started
@@ -152,11 +182,22 @@ class Fetcher:
 
     # -- manifest and layout --------------------------------------------------------------
 
-    async def _manifest(self, control: RequestStream) -> Manifest:
+    async def _manifest(self, control: RequestStream) -> tuple[bytes, Manifest]:
         encoded = await control.manifest(self._root)
         if manifest_root(encoded) != self._root:
             raise IntegrityError("the peer's manifest does not match the ticket's root")
-        return Manifest.decode_untrusted(encoded)
+        return encoded, Manifest.decode_untrusted(encoded)
+
+    def _node_fetcher(self, control: RequestStream) -> Callable[[list[ContentHash]], object]:
+        async def fetch(hashes: list[ContentHash]) -> list[bytes]:
+            nodes = await control.nodes(self._root, hashes)
+            # Kept unverified for a moment: walk_trees verifies each against its parent
+            # before anything uses it, and a bad one fails the whole fetch.
+            assert self._swarm is not None
+            self._swarm.nodes.update(zip(hashes, nodes, strict=True))
+            return nodes
+
+        return fetch
 
     def _layout(self, manifest: Manifest) -> tuple[str, str | None]:
         """Where the top directory goes; for a single file, the name it is written as."""
@@ -176,13 +217,11 @@ class Fetcher:
         top_dir: str,
         rename_single: str | None,
     ) -> list[_FileTask]:
-        async def fetch(hashes: list[ContentHash]) -> list[bytes]:
-            return await control.nodes(self._root, hashes)
-
+        fetch = self._node_fetcher(control)
         files: list[_FileTask] = []
         level: list[TreeJob[DirEntry]] = [TreeJob(DIR_TREE, manifest.tree, tag=("", top_dir))]
         while level:
-            await walk_trees(level, fetch)
+            await walk_trees(level, fetch)  # type: ignore[arg-type]
             next_level: list[TreeJob[DirEntry]] = []
             for job in level:
                 rel_prefix, disk_dir = job.tag
@@ -201,172 +240,122 @@ class Fetcher:
             level = next_level
         return files
 
-    # -- files ----------------------------------------------------------------------------
+    # -- files and pieces -----------------------------------------------------------------
 
-    async def _fetch_window(self, control: RequestStream, window: list[_FileTask]) -> None:
-        complete = await in_thread(_already_complete_all, window)
-        pending: list[_FileTask] = []
-        for task, done in zip(window, complete, strict=True):
-            if done:
-                self.report.bytes_present += task.entry.size
-                self._file_done(task.entry.size)
-            else:
-                pending.append(task)
-        jobs = [TreeJob(FILE_TREE, task.entry.root, tag=task) for task in pending]
-
-        async def fetch(hashes: list[ContentHash]) -> list[bytes]:
-            return await control.nodes(self._root, hashes)
-
-        await walk_trees(jobs, fetch)
+    async def _walk_files(self, control: RequestStream, files: list[_FileTask]) -> None:
+        jobs = [TreeJob(FILE_TREE, task.entry.root, tag=task) for task in files]
+        await walk_trees(jobs, self._node_fetcher(control))  # type: ignore[arg-type]
         for job in jobs:
             job.tag.leaves = job.leaves
-        resumed = await in_thread(_open_partials, pending)
-        wanted: dict[ContentHash, ChunkRef] = {}
-        placements: dict[ContentHash, list[tuple[_FileTask, int]]] = {}
-        finished: list[_FileTask] = []
-        for task, present in zip(pending, resumed, strict=True):
+
+    def _plan(self, files: list[_FileTask], pieces: list[ChunkRef]) -> list[int]:
+        """Where each piece goes; returns each piece's file (for in-order picking)."""
+        index_of = {ref.id: number for number, ref in enumerate(pieces)}
+        self._placements = [[] for _ in pieces]
+        groups = [0] * len(pieces)
+        for file_number, task in enumerate(files):
             for offset, ref in task.leaves:
-                if offset in present:
-                    self.report.bytes_resumed += ref.length
-                    self._done_bytes += ref.length
-                    continue
-                task.remaining += 1
-                wanted.setdefault(ref.id, ref)
-                placements.setdefault(ref.id, []).append((task, offset))
-            if task.remaining == 0:
-                finished.append(task)
-        await self._commit(finished)
-        missing = await self._copy_local(list(wanted.values()), placements)
-        if missing:
-            await self._fetch_from_peer(missing, placements)
-        await self._commit(self._uncommitted)
-        unfinished = [task.rel for task in pending if task.remaining]
-        if unfinished:
-            raise RemoteProtocolError(f"{len(unfinished)} files incomplete, e.g. {unfinished[0]}")
+                piece = index_of[ref.id]
+                if not self._placements[piece]:
+                    groups[piece] = file_number
+                self._placements[piece].append((task, offset))
+        return groups
 
-    async def _copy_local(
-        self,
-        wanted: list[ChunkRef],
-        placements: dict[ContentHash, list[tuple[_FileTask, int]]],
-    ) -> list[ChunkRef]:
-        """Write every wanted chunk this node already holds; return the rest."""
-        located = await self._index.run(_locate_each, self._index.index, wanted)
-        candidates = [(ref, where) for ref, where in zip(wanted, located, strict=True) if where]
-        missing = [ref for ref, where in zip(wanted, located, strict=True) if not where]
-        for start in range(0, len(candidates), REQUEST_CHUNKS):
-            group = candidates[start : start + REQUEST_CHUNKS]
-            datas = await in_thread(_read_local, group)
-            arrived = []
-            for (ref, _where), data in zip(group, datas, strict=True):
-                if data is None:
-                    missing.append(ref)
-                else:
-                    self.report.bytes_local += ref.length * len(placements[ref.id])
-                    arrived.append((ref, data))
-            await self._place(arrived, placements)
-        return missing
+    async def _take_what_is_here(self, files: list[_FileTask], pieces: list[ChunkRef]) -> set[int]:
+        """Pieces already on this node: complete files, resumable temp files, indexed files."""
+        assert self._swarm is not None
+        complete = await in_thread(_already_complete_all, files)
+        resumed = await in_thread(_open_partials, files)
+        index_of = {ref.id: number for number, ref in enumerate(pieces)}
+        held: dict[int, PieceLocation] = {}
+        for task, done, present in zip(files, complete, resumed, strict=True):
+            assert task.partial is not None
+            if done:
+                task.complete = True
+                self.report.bytes_present += task.entry.size
+                self._file_done(task.entry.size)
+                task.filled = {offset for offset, _ref in task.leaves}
+            else:
+                task.filled = set(present)
+                task.remaining = len(task.leaves) - len(present)
+            for offset, ref in task.leaves:
+                if offset in task.filled:
+                    held.setdefault(index_of[ref.id], PieceLocation(task.partial, offset))
+                    if not done:
+                        self.report.bytes_resumed += ref.length
+                        self._done_bytes += ref.length
+        self._swarm.add(list(held.items()))
+        # A piece held in one place may be wanted in others (a chunk twice in the share).
+        for piece, location in held.items():
+            if any(not t.complete and o not in t.filled for t, o in self._placements[piece]):
+                where = [
+                    ChunkLocation(path, location.offset, pieces[piece].length)
+                    for path in location.candidate_paths()
+                ]
+                data = await in_thread(_read_local, [(pieces[piece], where)])
+                if data[0] is not None:
+                    await self._write([(piece, data[0])], pieces)
+        await self._commit([t for t in files if not t.complete and t.remaining == 0])
+        missing = [number for number in range(len(pieces)) if number not in held]
+        return set(held) | await self._copy_local(missing, pieces)
 
-    async def _fetch_from_peer(
-        self,
-        missing: list[ChunkRef],
-        placements: dict[ContentHash, list[tuple[_FileTask, int]]],
-    ) -> None:
-        batches: list[tuple[ChunkRef, ...]] = []
-        current: list[ChunkRef] = []
-        current_bytes = 0
-        for ref in missing:
-            if current and (len(current) >= REQUEST_CHUNKS or current_bytes >= REQUEST_BYTES):
-                batches.append(tuple(current))
-                current, current_bytes = [], 0
-            current.append(ref)
-            current_bytes += ref.length
-        if current:
-            batches.append(tuple(current))
-        send_batches, receive_batches = trio.open_memory_channel[tuple[ChunkRef, ...]](len(batches))
-        for batch in batches:
-            send_batches.send_nowait(batch)
-        send_batches.close()
-        async with trio.open_nursery() as nursery:
-            for _ in range(min(STREAMS, len(batches))):
-                nursery.start_soon(self._stream_worker, receive_batches.clone(), placements)
-        await receive_batches.aclose()
+    async def _copy_local(self, missing: list[int], pieces: list[ChunkRef]) -> set[int]:
+        """Copy the missing pieces any indexed file of this node holds (dedup)."""
+        refs = [pieces[piece] for piece in missing]
+        located = await self._index.run(_locate_each, self._index.index, refs)
+        copied: set[int] = set()
+        candidates = [(p, where) for p, where in zip(missing, located, strict=True) if where]
+        for start in range(0, len(candidates), LOCAL_BATCH):
+            group = candidates[start : start + LOCAL_BATCH]
+            datas = await in_thread(_read_local, [(pieces[piece], where) for piece, where in group])
+            arrived = [
+                (piece, data) for (piece, _where), data in zip(group, datas, strict=True) if data
+            ]
+            for piece, _data in arrived:
+                self.report.bytes_local += pieces[piece].length * len(self._placements[piece])
+                copied.add(piece)
+            await self._write(arrived, pieces)
+        return copied
 
-    async def _stream_worker(
-        self,
-        batches: trio.MemoryReceiveChannel[tuple[ChunkRef, ...]],
-        placements: dict[ContentHash, list[tuple[_FileTask, int]]],
-    ) -> None:
-        """One stream: a sender keeps PIPELINE_DEPTH requests in flight, replies come in order."""
-        stream = await RequestStream.open(self._conn, self._counters)
-        slots = trio.Semaphore(PIPELINE_DEPTH)
-        sent_send, sent_receive = trio.open_memory_channel[tuple[ChunkRef, ...]](PIPELINE_DEPTH)
+    async def _place_from_peer(self, arrived: list[tuple[int, bytes]], peer: NodeId) -> None:
+        assert self._swarm is not None
+        await self._write(arrived, self._swarm.pieces)
+        self.report.bytes_from_peer += sum(len(data) for _piece, data in arrived)
 
-        async def sender() -> None:
-            async with batches, sent_send:
-                async for batch in batches:
-                    await slots.acquire()
-                    await stream.send(GetChunks(stream.new_request_id(), self._root, batch))
-                    await sent_send.send(batch)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(sender)
-            async with sent_receive:
-                async for batch in sent_receive:
-                    await self._receive_batch(stream, batch, placements)
-                    slots.release()
-        await stream.close()
-
-    async def _receive_batch(
-        self,
-        stream: RequestStream,
-        batch: tuple[ChunkRef, ...],
-        placements: dict[ContentHash, list[tuple[_FileTask, int]]],
-    ) -> None:
-        """Read one request's chunks, then verify and write them in one worker-thread call."""
-        arrived: list[tuple[ChunkRef, bytes]] = []
-        for ref in batch:
-            with trio.move_on_after(STALL_TIMEOUT) as stalled:
-                reply = await stream.next_reply()
-            if stalled.cancelled_caught:
-                raise PeerStalledError(
-                    f"peer {self._conn.peer_id.short()} sent nothing for {STALL_TIMEOUT:.0f} s"
-                )
-            if isinstance(reply, ErrorReply):
-                raise PeerRequestError(reply.code, reply.message)
-            assert isinstance(reply, ChunkData)  # the session checked order and length
-            self._counters.payload_received += len(reply.payload)
-            self._counters.protocol_received += FRAME_OVERHEAD
-            # Waiting here stops reading the stream, so flow control slows the sender.
-            await throttle(self._download_limit, len(reply.payload))
-            arrived.append((ref, bytes(reply.payload)))
-        try:
-            await self._place(arrived, placements)
-        except IntegrityError as exc:
-            self._counters.integrity_failures += 1
-            raise IntegrityError(
-                f"peer {self._conn.peer_id.short()} sent a chunk that fails its hash"
-            ) from exc
-        self.report.bytes_from_peer += sum(ref.length for ref, _data in arrived)
-
-    async def _place(
-        self,
-        arrived: list[tuple[ChunkRef, bytes]],
-        placements: dict[ContentHash, list[tuple[_FileTask, int]]],
-    ) -> None:
-        """Verify chunks and write each wherever it goes; finished files are committed in
-        batches (one sync for many files)."""
+    async def _write(self, arrived: list[tuple[int, bytes]], pieces: list[ChunkRef]) -> None:
+        """Verify pieces (in a worker thread) and write each into every slot still empty;
+        finished files are committed in batches (one sync for many files)."""
         if not arrived:
             return
-        writes = [(ref, data, placements.get(ref.id, [])) for ref, data in arrived]
+        assert self._swarm is not None
+        writes = [
+            (
+                pieces[piece],
+                data,
+                [
+                    (task, offset)
+                    for task, offset in self._placements[piece]
+                    if not task.complete and offset not in task.filled
+                ],
+            )
+            for piece, data in arrived
+        ]
         await in_thread(_write_all, writes)
-        for ref, _data, targets in writes:
-            placements.pop(ref.id, None)
-            for task, _offset in targets:
+        locations: list[tuple[int, PieceLocation]] = []
+        for (piece, _data), (ref, _same, targets) in zip(arrived, writes, strict=True):
+            for task, offset in targets:
+                task.filled.add(offset)
                 self._done_bytes += ref.length
                 task.remaining -= 1
                 if task.remaining == 0:
+                    task.complete = True
                     self._uncommitted.append(task)
                     self._uncommitted_bytes += task.entry.size
+            if targets:
+                task, offset = targets[0]
+                assert task.partial is not None
+                locations.append((piece, PieceLocation(task.partial, offset)))
+        self._swarm.add(locations)
         if len(self._uncommitted) >= COMMIT_FILES or self._uncommitted_bytes >= COMMIT_BYTES:
             await self._commit(self._uncommitted)
         self._report_progress()
@@ -378,6 +367,8 @@ class Fetcher:
         if tasks is self._uncommitted:
             self._uncommitted = []
             self._uncommitted_bytes = 0
+        for task in batch:
+            task.complete = True
         finished = [Finished(task.partial, task.entry.executable) for task in batch]  # type: ignore[arg-type]
         await in_thread(commit_files, finished)
         for _task in batch:
@@ -395,6 +386,11 @@ class Fetcher:
                     self._done_bytes, self._total_bytes, self._done_files, self._total_files
                 )
             )
+
+
+async def _no_more_peers(exclude: set[NodeId]) -> list[PeerConnection]:
+    await trio.lowlevel.checkpoint()
+    return []
 
 
 def _make_directory(path: str) -> None:

@@ -3,6 +3,7 @@ and the control API; SIGINT/SIGTERM shut it down cleanly."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import signal
@@ -36,6 +37,7 @@ from .ratelimit import TokenBucket
 from .requests import RequestStream
 from .service import ShareService, TransferCounters
 from .storage import AsyncIndex
+from .swarmstate import SwarmRegistry
 from .treewalk import TreeJob, walk_trees
 
 logger = logging.getLogger(__name__)
@@ -84,6 +86,8 @@ class Node:
         self._identity: Identity | None = None
         self._index: AsyncIndex | None = None
         self._discovery: Discovery | None = None
+        self._swarm = SwarmRegistry()
+        """Shares being fetched, served to other fetchers meanwhile (until a restart)."""
         self._upload_limit = _bucket(config.max_upload_rate)
         self._download_limit = _bucket(config.max_download_rate)
 
@@ -93,7 +97,7 @@ class Node:
         self._identity = load_identity(home)
         with IndexStore(home / INDEX_FILENAME) as index_store:
             self._index = AsyncIndex(index_store)
-            service = ShareService(self._index, self.counters, self._upload_limit)
+            service = ShareService(self._index, self.counters, self._upload_limit, self._swarm)
             async with open_endpoint(
                 self._identity,
                 self.config.listen.host,
@@ -299,7 +303,8 @@ class Node:
         destination = params.get("dest")
         if not isinstance(destination, str) or not destination:
             raise LocalProtocolError("fetch needs a destination")
-        conn = await self._connect(ticket, _peer_list(params))
+        extra = _peer_list(params)
+        conn = await self._connect(ticket, extra)
         transfer_id = self._next_transfer
         self._next_transfer += 1
         transfer = _Transfer(ticket.root.hex(), destination, str(conn.peer_id))
@@ -314,6 +319,12 @@ class Node:
             latest.append(asdict(update))
 
         try:
+            # Other fetchers of this share find us (and trade pieces) while we fetch.
+            await self.discovery.announce(ticket.root)
+
+            async def more_peers(exclude: set[NodeId]) -> list[PeerConnection]:
+                return await self._connect_more(ticket, extra, exclude)
+
             fetcher = Fetcher(
                 conn,
                 ticket.root,
@@ -322,6 +333,8 @@ class Node:
                 self.counters,
                 progress,
                 self._download_limit,
+                registry=self._swarm,
+                more_peers=more_peers,
             )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_pump_progress, emit, latest)
@@ -364,6 +377,41 @@ class Node:
                 "no holder found: the ticket names no address and discovery found no provider"
             )
         raise RemoteProtocolError(f"could not reach a holder ({'; '.join(failures)})")
+
+    async def _connect_more(
+        self, ticket: Ticket, extra: list[PeerAddress], exclude: set[NodeId]
+    ) -> list[PeerConnection]:
+        """Every other holder we can reach now (hints, --peer, discovery), concurrently."""
+        pinned = NodeId(ticket.node_id) if ticket.node_id is not None else None
+        candidates: dict[PeerAddress, NodeId | None] = {}
+        for address in [*ticket.addresses, *extra, *self.config.peers]:
+            candidates.setdefault(address, pinned)
+        ipv6 = ":" in self.endpoint.local_address[0]
+        for provider in await self.discovery.find(ticket.root):
+            if (":" in provider.address.host) != ipv6:
+                continue
+            node = NodeId(provider.node_id) if provider.node_id is not None else None
+            if node is not None and node in exclude:
+                continue
+            candidates.setdefault(provider.address, node)
+        own = self.endpoint.node_id
+        connected: list[PeerConnection] = []
+        failures: list[str] = []
+
+        async def attempt(address: PeerAddress, expected: NodeId | None) -> None:
+            with contextlib.suppress(AuthenticationError):
+                conn = await self._try_connect(address, expected, failures)
+                if conn is None:
+                    return
+                if conn.peer_id in exclude or conn.peer_id == own:
+                    conn.close_nowait(0, "already connected")
+                    return
+                connected.append(conn)
+
+        async with trio.open_nursery() as nursery:
+            for address, expected in candidates.items():
+                nursery.start_soon(attempt, address, expected)
+        return connected
 
     async def _try_connect(
         self, address: PeerAddress, expected: NodeId | None, failures: list[str]

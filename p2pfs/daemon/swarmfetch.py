@@ -1,0 +1,257 @@
+"""Fetching pieces from every holder at once (BitTorrent-style), decided by the PiecePicker.
+
+One worker per connected peer: it subscribes to the peer's availability (GetHave), then runs
+a few request streams, each asking for what the picker hands this peer (rarest first,
+endgame duplicates at the end) in requests sized by the peer's measured bandwidth-delay
+product (PipelineController), so a fast peer is kept busy and a slow one holds little.
+A peer that fails (disconnects, stalls, refuses) has its outstanding pieces returned to the
+pool at once; one that sends a chunk failing verification is disconnected and never used
+again for this share. New holders found by discovery join while the fetch runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from p2pfs.content.chunking import ChunkRef
+from p2pfs.errors import (
+    IntegrityError,
+    P2pfsError,
+    RemoteProtocolError,
+)
+from p2pfs.identity import NodeId
+from p2pfs.ids import ContentHash
+from p2pfs.net import PeerConnection
+from p2pfs.swarm.picker import PiecePicker
+from p2pfs.swarm.pipeline import PipelineController
+from p2pfs.wire.codes import ErrorCode
+from p2pfs.wire.messages import ChunkData, ErrorReply, GetChunks, GetHave, HaveReply, HaveUpdate
+
+from .ratelimit import TokenBucket, throttle
+from .requests import PeerRequestError, RequestStream
+from .service import TransferCounters
+
+logger = logging.getLogger(__name__)
+
+STREAMS_PER_PEER = 3
+MAX_REQUEST_CHUNKS = 64
+STALL_TIMEOUT = 10.0
+"""A peer that sends nothing for this long while we wait on it has failed."""
+HAVE_TIMEOUT = 10.0
+REDISCOVER_INTERVAL = 5.0
+"""How often discovery is asked again for holders while a fetch runs (late joiners)."""
+MAX_PEERS = 16
+FRAME_OVERHEAD = 16
+"""Approximate framing bytes of one ChunkData (length, tag, fields), for the counters."""
+
+Place = Callable[[list[tuple[int, bytes]], NodeId], Awaitable[None]]
+"""Verify and write arrived pieces (raising IntegrityError, writing nothing, if any fails)."""
+MorePeers = Callable[[set[NodeId]], Awaitable[list[PeerConnection]]]
+"""Connect to holders not yet connected (those named are excluded)."""
+
+
+class PeerStalledError(RemoteProtocolError):
+    """The peer stopped answering while requests were outstanding."""
+
+
+@dataclass(slots=True)
+class PeerStats:
+    node_id: str
+    address: str
+    bytes: int = 0
+    failed: str | None = None
+
+
+@dataclass(slots=True)
+class PeerPool:
+    root: ContentHash
+    pieces: list[ChunkRef]
+    picker: PiecePicker
+    counters: TransferCounters
+    place: Place
+    download_limit: TokenBucket | None = None
+    stats: dict[NodeId, PeerStats] = field(default_factory=dict)
+    banned: set[NodeId] = field(default_factory=set)
+    _connected: dict[NodeId, PeerConnection] = field(default_factory=dict)
+    _change: trio.Event = field(default_factory=trio.Event)
+    _done: trio.Event = field(default_factory=trio.Event)
+    _last_error: P2pfsError | None = None
+    _nursery: trio.Nursery | None = None
+
+    async def run(self, first: PeerConnection, more: MorePeers) -> None:
+        """Until every piece is held; raises the last peer's failure if holders run out."""
+        if self.picker.complete:
+            return
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.add(first)
+            nursery.start_soon(self._discover, more)
+            await self._done.wait()
+            nursery.cancel_scope.cancel()
+        for conn in self._connected.values():
+            conn.close_nowait(0, "fetch finished")
+        if not self.picker.complete:
+            raise self._last_error or RemoteProtocolError("no holder could supply the share")
+
+    def add(self, conn: PeerConnection) -> None:
+        peer = conn.peer_id
+        if peer in self.banned or peer in self._connected or len(self._connected) >= MAX_PEERS:
+            conn.close_nowait(0, "not needed")
+            return
+        assert self._nursery is not None
+        self._connected[peer] = conn
+        self.stats[peer] = PeerStats(
+            str(peer), f"{conn.remote_address[0]}:{conn.remote_address[1]}"
+        )
+        self._nursery.start_soon(self._worker, conn)
+
+    def _changed(self) -> None:
+        """Wake every request loop waiting for something to do."""
+        self._change.set()
+        self._change = trio.Event()
+        if self.picker.complete:
+            self._done.set()
+
+    async def _discover(self, more: MorePeers) -> None:
+        while not self.picker.complete:
+            for conn in await more(set(self._connected) | self.banned):
+                self.add(conn)
+            if not self._connected:
+                self._done.set()  # nobody left and nobody new: give up
+                return
+            await trio.sleep(REDISCOVER_INTERVAL)
+
+    async def _worker(self, conn: PeerConnection) -> None:
+        peer = conn.peer_id
+        joined = False
+        try:
+            have = await RequestStream.open(conn, self.counters)
+            await have.send(GetHave(have.new_request_id(), self.root))
+            with trio.fail_after(HAVE_TIMEOUT):
+                reply = await have.next_reply()
+            if isinstance(reply, ErrorReply):
+                raise PeerRequestError(reply.code, reply.message)
+            assert isinstance(reply, HaveReply)
+            if reply.piece_count != len(self.pieces):
+                raise RemoteProtocolError(
+                    f"peer numbers {reply.piece_count} pieces, the trees give {len(self.pieces)}"
+                )
+            self.picker.add_peer(peer, None if reply.complete else reply.pieces())
+            joined = True
+            self._changed()
+            pipeline = PipelineController()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._follow_updates, have, peer)
+                for _ in range(STREAMS_PER_PEER):
+                    nursery.start_soon(self._request_loop, conn, peer, pipeline)
+        except* IntegrityError as group:
+            self._fail(peer, group, ban=True)
+            conn.close_nowait(int(ErrorCode.INTEGRITY), "sent data that fails verification")
+        except* (P2pfsError, trio.TooSlowError) as group:
+            self._fail(peer, group, ban=False)
+            conn.close_nowait(0, "dropped")
+        finally:
+            if joined:
+                self.picker.remove_peer(peer)
+            del self._connected[peer]
+            self._changed()
+            if not self._connected and self._nursery is not None and not self.picker.complete:
+                # The last holder went: ask discovery once more before giving up.
+                self._nursery.start_soon(self._discover_once)
+
+    async def _discover_once(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if not self._connected:
+            self._done.set()
+
+    def _fail(self, peer: NodeId, group: BaseExceptionGroup[BaseException], ban: bool) -> None:
+        error = group.exceptions[0]
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        if isinstance(error, trio.TooSlowError):
+            error = PeerStalledError(f"peer {peer.short()} did not answer GetHave in time")
+        assert isinstance(error, P2pfsError)
+        self._last_error = error
+        self.stats[peer].failed = str(error)
+        if ban:
+            self.banned.add(peer)
+            logger.warning("peer %s sent a chunk that fails verification: not used again", peer)
+        else:
+            logger.info("peer %s dropped: %s", peer.short(), error)
+
+    async def _follow_updates(self, have: RequestStream, peer: NodeId) -> None:
+        while True:
+            update = await have.next_reply()
+            if isinstance(update, ErrorReply):
+                return  # the peer ended its subscription: what it said so far stands
+            assert isinstance(update, HaveUpdate)
+            for piece in update.pieces:
+                self.picker.peer_has(peer, piece)
+            self._changed()
+
+    async def _request_loop(
+        self, conn: PeerConnection, peer: NodeId, pipeline: PipelineController
+    ) -> None:
+        stream = await RequestStream.open(conn, self.counters)
+        average = max(1, sum(p.length for p in self.pieces) // max(1, len(self.pieces)))
+        while not self.picker.complete:
+            wanted_bytes = max(average, pipeline.target_bytes() // STREAMS_PER_PEER)
+            count = max(1, min(MAX_REQUEST_CHUNKS, wanted_bytes // average))
+            picked = self.picker.pick(peer, count)
+            if not picked:
+                await self._change.wait()
+                continue
+            try:
+                await self._request(stream, peer, picked, pipeline)
+            except BaseException:
+                self.picker.failed(peer, [p for p in picked if not self.picker.holds(p)])
+                raise
+        await stream.close()
+
+    async def _request(
+        self,
+        stream: RequestStream,
+        peer: NodeId,
+        picked: list[int],
+        pipeline: PipelineController,
+    ) -> None:
+        refs = tuple(self.pieces[piece] for piece in picked)
+        size = sum(ref.length for ref in refs)
+        sent_at = trio.current_time()
+        pipeline.on_request(size, sent_at)
+        await stream.send(GetChunks(stream.new_request_id(), self.root, refs))
+        arrived: list[tuple[int, bytes]] = []
+        for piece, ref in zip(picked, refs, strict=True):
+            with trio.move_on_after(STALL_TIMEOUT) as stalled:
+                reply = await stream.next_reply()
+            if stalled.cancelled_caught:
+                raise PeerStalledError(
+                    f"peer {peer.short()} sent nothing for {STALL_TIMEOUT:.0f} s"
+                )
+            if isinstance(reply, ErrorReply):
+                raise PeerRequestError(reply.code, reply.message)
+            assert isinstance(reply, ChunkData)  # the session checked order and length
+            self.counters.payload_received += len(reply.payload)
+            self.counters.protocol_received += FRAME_OVERHEAD
+            # Waiting here stops reading the stream, so flow control slows the sender.
+            await throttle(self.download_limit, len(reply.payload))
+            if not self.picker.holds(piece):
+                arrived.append((piece, bytes(reply.payload)))
+            now = trio.current_time()
+            pipeline.on_response(ref.length, now - sent_at, now)
+        if arrived:
+            await self.place(arrived, peer)
+            self.stats[peer].bytes += sum(len(data) for _piece, data in arrived)
+        for piece in picked:
+            self.picker.received(piece, peer)
+        self._changed()
+
+
+def new_rng() -> random.Random:
+    """Picking randomness; seeded from the OS at the edge (tests pass their own)."""
+    return random.Random()
