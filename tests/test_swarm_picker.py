@@ -439,3 +439,26 @@ def test_scale_100k_pieces_50_peers() -> None:
             picker.received(piece, peer)
     elapsed = time.perf_counter() - started
     assert elapsed < 40, f"{elapsed:.1f} s"
+
+
+def test_endgame_opt_out_and_requester_cap() -> None:
+    picker = PiecePicker(2, [], random.Random(1), random_first=0, max_requesters=2)
+    for peer in "abcd":
+        picker.add_peer(peer, None)
+    assert sorted(picker.pick("a", 2)) == [0, 1]
+    assert picker.in_endgame
+    assert picker.pick("b", 2, endgame=False) == []  # fresh pieces only
+    assert sorted(picker.pick("b", 2)) == [0, 1]
+    assert picker.pick("c", 2) == []  # each piece already has 2 requesters
+    picker.failed("b", [1])
+    assert picker.pick("d", 2) == [1]
+    with pytest.raises(LocalProtocolError):
+        PiecePicker(2, [], random.Random(1), max_requesters=0)
+
+
+def test_duplicates_oldest_request_first() -> None:
+    picker = PiecePicker(3, [], random.Random(1), random_first=0)
+    picker.add_peer("a", None)
+    picker.add_peer("b", None)
+    order = picker.pick("a", 3)
+    assert picker.pick("b", 3) == order

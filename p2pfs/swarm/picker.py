@@ -20,7 +20,7 @@ Rules:
   holds something that others want (the rarest pieces are by definition the slowest to get).
 - **Endgame**: once every missing piece that some connected peer holds is outstanding (or
   at most ``endgame_pieces`` pieces are missing), a peer with spare capacity gets duplicate
-  requests for outstanding pieces it has (those with the fewest requesters first);
+  requests for outstanding pieces it has (fewest requesters, then oldest request, first);
   ``received`` then names the other requesters to cancel.
 
 Structure (BitTorrent's rarity buckets): the *pool* (missing pieces not outstanding) is
@@ -115,7 +115,8 @@ class PiecePicker:
 
     ``groups`` (optional) maps each piece to its file index; equally rare pieces of files
     already started are then picked first. ``policy`` selects a baseline order for
-    simulations; daemons keep the default.
+    simulations; daemons keep the default. ``max_requesters`` caps how many peers one
+    piece may be requested from at once in endgame (None: no cap).
     """
 
     def __init__(
@@ -128,6 +129,7 @@ class PiecePicker:
         endgame_pieces: int | None = None,
         groups: Sequence[int] | None = None,
         policy: PickPolicy = PickPolicy.RAREST,
+        max_requesters: int | None = None,
     ) -> None:
         if piece_count < 0:
             raise LocalProtocolError(f"piece_count must be >= 0, not {piece_count}")
@@ -139,6 +141,9 @@ class PiecePicker:
         self._rng = rng
         self._random_first = random_first
         self._endgame_pieces = endgame_pieces
+        if max_requesters is not None and max_requesters < 1:
+            raise LocalProtocolError(f"max_requesters must be >= 1, not {max_requesters}")
+        self._max_requesters = max_requesters
         self._policy = policy
         self._have = bytearray(piece_count)
         for piece in have:
@@ -152,6 +157,8 @@ class PiecePicker:
         self._requests: dict[int, set[Hashable]] = {}
         """Outstanding pieces and the peers they are requested from."""
         self._fresh_picks = 0
+        self._requested_at: dict[int, int] = {}
+        """Outstanding piece -> value of _fresh_picks when it was requested (its age)."""
         self._seq_hint = 0
         self._groups: list[int] | None = None
         self._members: list[list[int]] = []
@@ -222,6 +229,7 @@ class PiecePicker:
         """
         self._check(piece)
         requesters = self._requests.pop(piece, set())
+        self._requested_at.pop(piece, None)
         for other in requesters:
             self._peers[other].outstanding.discard(piece)
         if not self._have[piece]:
@@ -248,10 +256,14 @@ class PiecePicker:
 
     # -- what we answer ----------------------------------------------------------------------
 
-    def pick(self, peer: Hashable, count: int) -> list[int]:
+    def pick(self, peer: Hashable, count: int, *, endgame: bool = True) -> list[int]:
         """Up to ``count`` pieces to request from ``peer`` now; they become outstanding.
 
-        Fewer (possibly none) when the peer has nothing more that we may ask of it.
+        Fewer (possibly none) when the peer has nothing more that we may ask of it. In
+        endgame, duplicates come after fresh pieces, the pieces with the fewest requesters
+        and then the oldest requests first; ``endgame=False`` asks for fresh pieces only (a
+        caller that duplicates only to idle peers, which wastes far less, passes
+        ``endgame=not in_flight``).
         """
         state = self._peer(peer)
         out: list[int] = []
@@ -268,7 +280,7 @@ class PiecePicker:
             self._pick_uniform(peer, state, count, out)
         else:
             self._pick_sequential(peer, state, count, out)
-        if len(out) < count and self.in_endgame:
+        if endgame and len(out) < count and self.in_endgame:
             self._pick_duplicates(peer, state, count - len(out), out)
         return out
 
@@ -280,6 +292,11 @@ class PiecePicker:
         """We hold ``piece`` (it was in ``have`` or has been received)."""
         self._check(piece)
         return bool(self._have[piece])
+
+    def pickable(self, piece: int) -> bool:
+        """We lack ``piece`` and it is requested from nobody: a fresh pick could take it."""
+        self._check(piece)
+        return bool(self._in_pool[piece])
 
     def availability(self, piece: int) -> int:
         """How many connected peers (seeders included) hold ``piece``."""
@@ -376,11 +393,13 @@ class PiecePicker:
         requesters.discard(peer)
         if not requesters:
             del self._requests[piece]
+            del self._requested_at[piece]
             self._pool_add(piece)
 
     def _take(self, piece: int, peer: Hashable, state: _Peer, out: list[int]) -> None:
         self._pool_remove(piece)
         self._requests[piece] = {peer}
+        self._requested_at[piece] = self._fresh_picks
         state.outstanding.add(piece)
         self._fresh_picks += 1
         self._start_group(piece)
@@ -438,7 +457,7 @@ class PiecePicker:
         while need and level < len(self._buckets):
             again = False
             for tier_index, tier in enumerate(self._buckets[level]):
-                if not tier:
+                if not tier.items:
                     continue
                 # Taking from an untouched group starts it: its other pieces at this level
                 # join the preferred tier and come next, so take one and look again.
@@ -529,9 +548,11 @@ class PiecePicker:
     def _pick_duplicates(self, peer: Hashable, state: _Peer, need: int, out: list[int]) -> None:
         has = state.has
         candidates = [
-            (len(requesters), self._rng.random(), piece)
+            (len(requesters), self._requested_at[piece], piece)
             for piece, requesters in self._requests.items()
-            if peer not in requesters and (has is None or has[piece])
+            if peer not in requesters
+            and (has is None or has[piece])
+            and (self._max_requesters is None or len(requesters) < self._max_requesters)
         ]
         candidates.sort()
         for _, _, piece in candidates[:need]:
