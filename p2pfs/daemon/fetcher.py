@@ -147,13 +147,27 @@ class Fetcher:
         self._registry.shares[self._root] = swarm
         top_dir, rename_single = self._layout(manifest)
         files = await self._walk_directories(control, manifest, top_dir, rename_single)
+        logger.info(
+            "fetch %s: %d files listed after %.2f s",
+            manifest.name,
+            len(files),
+            time.monotonic() - started,
+        )
         await self._walk_files(control, files)
+        logger.info("fetch %s: chunk trees after %.2f s", manifest.name, time.monotonic() - started)
         await control.close()
         files.sort(key=lambda task: tree_order_key(task.rel))
         pieces = unique_pieces([ref for _offset, ref in task.leaves] for task in files)
         swarm.set_pieces(pieces)
         groups = self._plan(files, pieces)
         held = await self._take_what_is_here(files, pieces)
+        logger.info(
+            "fetch %s: %d of %d pieces here after %.2f s",
+            manifest.name,
+            len(held),
+            len(pieces),
+            time.monotonic() - started,
+        )
         picker = PiecePicker(len(pieces), held, new_rng(), groups=groups)
         pool = PeerPool(
             self._root,
@@ -167,9 +181,17 @@ class Fetcher:
             await pool.run(self._conn, self._more_peers)
         finally:
             self.report.peers = [
-                {"node_id": s.node_id, "address": s.address, "bytes": s.bytes, "failed": s.failed}
+                {
+                    "node_id": s.node_id,
+                    "address": s.address,
+                    "bytes": s.bytes,
+                    "requests": s.requests,
+                    "pieces_requested": s.pieces_requested,
+                    "failed": s.failed,
+                }
                 for s in pool.stats.values()
             ]
+        logger.info("fetch %s: swarm done after %.2f s", manifest.name, time.monotonic() - started)
         await self._commit(self._uncommitted)
         unfinished = [task.rel for task in files if not task.complete]
         if unfinished:

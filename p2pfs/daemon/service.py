@@ -273,38 +273,49 @@ class ShareService:
         return count
 
     async def _nodes(self, request: GetNodes, grants: _ConnectionGrants) -> NodesReply | ErrorReply:
-        encoded_nodes: list[bytes] = []
+        """All nodes of one request come from the index in one worker-thread call (a request
+        for the trees of 256 small files would otherwise pay 256 thread hops)."""
+        wanted: list[tuple[ContentHash, _Grant]] = []
         for node_hash in request.hashes:
             grant = grants.lookup(request.share_root, node_hash)
             if grant is None:
                 return _not_found(request.request_id, f"node {short_hex(node_hash)} not reached")
-            encoded = await self._node_bytes(request.share_root, node_hash, grant)
+            wanted.append((node_hash, grant))
+        swarm = self._swarm.get(request.share_root)
+        found: dict[ContentHash, bytes] = {}
+        missing_dirs: list[ContentHash] = []
+        missing_files: list[ContentHash] = []
+        for node_hash, grant in wanted:
+            if swarm is not None and node_hash in swarm.nodes:
+                found[node_hash] = swarm.nodes[node_hash]
+            elif grant.kind is _NodeKind.DIRECTORY:
+                missing_dirs.append(node_hash)
+            else:
+                assert grant.file_root is not None
+                cached = self._file_nodes.get(grant.file_root)
+                if cached is not None and node_hash in cached:
+                    self._file_nodes.move_to_end(grant.file_root)
+                    found[node_hash] = cached[node_hash]
+                else:
+                    missing_files.append(grant.file_root)
+        if missing_dirs or missing_files:
+            dirs, files = await self._index.run(
+                _load_nodes, self._index.index, missing_dirs, list(dict.fromkeys(missing_files))
+            )
+            found.update(dirs)
+            for file_root, nodes in files.items():
+                found.update(nodes)
+                self._file_nodes[file_root] = nodes
+                if len(self._file_nodes) > FILE_NODE_CACHE:
+                    self._file_nodes.popitem(last=False)
+        encoded_nodes: list[bytes] = []
+        for node_hash, grant in wanted:
+            encoded = found.get(node_hash)
             if encoded is None:
                 return _not_found(request.request_id, f"node {short_hex(node_hash)} is gone")
             self._grant_children(request.share_root, encoded, grant, grants)
             encoded_nodes.append(encoded)
         return NodesReply(request.request_id, tuple(encoded_nodes))
-
-    async def _node_bytes(
-        self, share_root: ContentHash, node_hash: ContentHash, grant: _Grant
-    ) -> bytes | None:
-        swarm = self._swarm.get(share_root)
-        if swarm is not None and node_hash in swarm.nodes:
-            return swarm.nodes[node_hash]
-        if grant.kind is _NodeKind.DIRECTORY:
-            return await self._index.run(self._index.index.dir_node, node_hash)
-        assert grant.file_root is not None
-        nodes = self._file_nodes.get(grant.file_root)
-        if nodes is None:
-            nodes = await self._index.run(self._index.index.file_tree_nodes, grant.file_root)
-            if nodes is None:
-                return None
-            self._file_nodes[grant.file_root] = nodes
-            if len(self._file_nodes) > FILE_NODE_CACHE:
-                self._file_nodes.popitem(last=False)
-        else:
-            self._file_nodes.move_to_end(grant.file_root)
-        return nodes.get(node_hash)
 
     def _grant_children(
         self,
@@ -404,6 +415,14 @@ def _read_group(
                 logger.warning("not serving %s: %s", short_hex(chunk_hash), exc)
         out.append(data)
     return out
+
+
+def _load_nodes(
+    index: IndexStore, dir_hashes: list[ContentHash], file_roots: list[ContentHash]
+) -> tuple[dict[ContentHash, bytes], dict[ContentHash, dict[ContentHash, bytes]]]:
+    dirs = {h: node for h in dir_hashes if (node := index.dir_node(h)) is not None}
+    files = {r: nodes for r in file_roots if (nodes := index.file_tree_nodes(r)) is not None}
+    return dirs, files
 
 
 def _count_pieces(index: IndexStore, tree: Child) -> int:

@@ -38,8 +38,12 @@ from .service import TransferCounters
 
 logger = logging.getLogger(__name__)
 
-STREAMS_PER_PEER = 3
+STREAMS_PER_PEER = 4
+REQUESTS_IN_FLIGHT = 2
+"""Per stream: the next request is queued at the peer before the current one is answered."""
 MAX_REQUEST_CHUNKS = 64
+MIN_REQUEST_BYTES = 2 << 20
+"""Small pieces are asked for in batches at least this big: per-request costs dominate below."""
 STALL_TIMEOUT = 10.0
 """A peer that sends nothing for this long while we wait on it has failed."""
 HAVE_TIMEOUT = 10.0
@@ -64,6 +68,8 @@ class PeerStats:
     node_id: str
     address: str
     bytes: int = 0
+    requests: int = 0
+    pieces_requested: int = 0
     failed: str | None = None
 
 
@@ -197,36 +203,57 @@ class PeerPool:
     async def _request_loop(
         self, conn: PeerConnection, peer: NodeId, pipeline: PipelineController
     ) -> None:
+        """One stream: a sender keeps REQUESTS_IN_FLIGHT requests queued at the peer (so it
+        never idles between them), the replies are read in order as they come."""
         stream = await RequestStream.open(conn, self.counters)
         average = max(1, sum(p.length for p in self.pieces) // max(1, len(self.pieces)))
-        while not self.picker.complete:
-            wanted_bytes = max(average, pipeline.target_bytes() // STREAMS_PER_PEER)
-            count = max(1, min(MAX_REQUEST_CHUNKS, wanted_bytes // average))
-            picked = self.picker.pick(peer, count)
-            if not picked:
-                await self._change.wait()
-                continue
-            try:
-                await self._request(stream, peer, picked, pipeline)
-            except BaseException:
+        in_flight_send, in_flight = trio.open_memory_channel[tuple[list[int], float]](
+            REQUESTS_IN_FLIGHT - 1
+        )
+        outstanding: list[list[int]] = []
+
+        async def sender() -> None:
+            async with in_flight_send:
+                while not self.picker.complete:
+                    share = pipeline.target_bytes() // (STREAMS_PER_PEER * REQUESTS_IN_FLIGHT)
+                    wanted_bytes = max(MIN_REQUEST_BYTES, share)
+                    count = max(1, min(MAX_REQUEST_CHUNKS, wanted_bytes // average))
+                    picked = self.picker.pick(peer, count)
+                    if not picked:
+                        await self._change.wait()
+                        continue
+                    refs = tuple(self.pieces[piece] for piece in picked)
+                    now = trio.current_time()
+                    pipeline.on_request(sum(ref.length for ref in refs), now)
+                    outstanding.append(picked)
+                    self.stats[peer].requests += 1
+                    self.stats[peer].pieces_requested += len(picked)
+                    await stream.send(GetChunks(stream.new_request_id(), self.root, refs))
+                    await in_flight_send.send((picked, now))
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(sender)
+                async with in_flight:
+                    async for picked, sent_at in in_flight:
+                        await self._receive(stream, peer, picked, sent_at, pipeline)
+                        outstanding.remove(picked)
+        except BaseException:
+            for picked in outstanding:
                 self.picker.failed(peer, [p for p in picked if not self.picker.holds(p)])
-                raise
+            raise
         await stream.close()
 
-    async def _request(
+    async def _receive(
         self,
         stream: RequestStream,
         peer: NodeId,
         picked: list[int],
+        sent_at: float,
         pipeline: PipelineController,
     ) -> None:
-        refs = tuple(self.pieces[piece] for piece in picked)
-        size = sum(ref.length for ref in refs)
-        sent_at = trio.current_time()
-        pipeline.on_request(size, sent_at)
-        await stream.send(GetChunks(stream.new_request_id(), self.root, refs))
         arrived: list[tuple[int, bytes]] = []
-        for piece, ref in zip(picked, refs, strict=True):
+        for piece in picked:
             with trio.move_on_after(STALL_TIMEOUT) as stalled:
                 reply = await stream.next_reply()
             if stalled.cancelled_caught:
@@ -243,7 +270,7 @@ class PeerPool:
             if not self.picker.holds(piece):
                 arrived.append((piece, bytes(reply.payload)))
             now = trio.current_time()
-            pipeline.on_response(ref.length, now - sent_at, now)
+            pipeline.on_response(len(reply.payload), now - sent_at, now)
         if arrived:
             await self.place(arrived, peer)
             self.stats[peer].bytes += sum(len(data) for _piece, data in arrived)
