@@ -99,10 +99,7 @@ class PickerMachine(RuleBasedStateMachine):
             return False
         if self.endgame_pieces is not None and missing <= self.endgame_pieces:
             return True
-        return not any(
-            p not in self.held and not self.outstanding_anywhere(p) and self.avail(p) > 0
-            for p in range(self.n)
-        )
+        return all(p in self.held or self.outstanding_anywhere(p) for p in range(self.n))
 
     def random_phase(self) -> bool:
         return self.fresh_picks < self.random_first and len(self.held) < self.random_first
@@ -365,12 +362,16 @@ def test_no_endgame_while_fresh_pieces_remain() -> None:
     assert picker.pick("b", 5) in ([0, 1], [1, 0])
 
 
-def test_unavailable_pieces_do_not_block_endgame() -> None:
+def test_unavailable_pieces_keep_us_out_of_endgame() -> None:
     picker = PiecePicker(4, [], random.Random(1), random_first=0)
     picker.add_peer("a", [0, 1])
     picker.add_peer("b", [0, 1])
     assert sorted(picker.pick("a", 4)) == [0, 1]
-    assert picker.in_endgame  # pieces 2 and 3: nobody has them
+    assert not picker.in_endgame  # pieces 2 and 3: nobody has them yet
+    assert picker.pick("b", 4) == []
+    picker.add_peer("c", [2, 3])
+    assert sorted(picker.pick("c", 4)) == [2, 3]
+    assert picker.in_endgame
     assert sorted(picker.pick("b", 4)) == [0, 1]
 
 

@@ -18,7 +18,7 @@ Rules:
 - **Random first**: while both the number of pieces picked so far and the number held are
   below ``random_first``, picks are uniform among what the peer can serve, so a newcomer soon
   holds something that others want (the rarest pieces are by definition the slowest to get).
-- **Endgame**: once every missing piece that some connected peer holds is outstanding (or
+- **Endgame**: once every missing piece is outstanding (or
   at most ``endgame_pieces`` pieces are missing), a peer with spare capacity gets duplicate
   requests for outstanding pieces it has (fewest requesters, then oldest request, first);
   ``received`` then names the other requesters to cancel.
@@ -315,16 +315,15 @@ class PiecePicker:
     @property
     def in_endgame(self) -> bool:
         """Duplicate requests are allowed: something is outstanding and either at most
-        ``endgame_pieces`` pieces are missing or every missing piece that a connected peer
-        holds is already outstanding."""
+        ``endgame_pieces`` pieces are missing or every missing piece is outstanding.
+
+        A piece that no connected peer holds keeps us out of endgame: when only the
+        neighbours' holdings run short mid-download, duplicates would waste their upload."""
         if self._missing == 0 or not self._requests:
             return False
         if self._endgame_pieces is not None and self._missing <= self._endgame_pieces:
             return True
-        unavailable = 0
-        if self._seeders == 0:
-            unavailable = len(self._buckets[0][0]) + len(self._buckets[0][1])
-        return len(self._pool) == unavailable
+        return not self._pool
 
     # -- internals ---------------------------------------------------------------------------
 
