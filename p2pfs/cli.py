@@ -98,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     daemon.add_argument("--mainline-port", type=int, default=0, help=argparse.SUPPRESS)
     daemon.add_argument("--mainline-loopback-testing", action="store_true", help=argparse.SUPPRESS)
     daemon.add_argument("--no-lan", action="store_true", help="no LAN discovery beacons")
+    daemon.add_argument("--test-serve-unverified", action="store_true", help=argparse.SUPPRESS)
     daemon.add_argument("--lan-port", type=int, help=argparse.SUPPRESS)
     for direction in ("upload", "download"):
         daemon.add_argument(
@@ -183,6 +184,7 @@ def _daemon(args: argparse.Namespace) -> int:
         peers=tuple(parse_address(peer) for peer in args.peer),
         max_upload_rate=args.max_upload_rate,
         max_download_rate=args.max_download_rate,
+        test_serve_unverified=args.test_serve_unverified,
         discovery=DiscoveryConfig(
             dht_host=listen.host,
             dht_port=_dht_port(args.dht_port, listen.port),

@@ -18,7 +18,7 @@ from p2pfs.errors import (
     LocalProtocolError,
     StreamResetError,
 )
-from p2pfs.identity import Identity
+from p2pfs.identity import Identity, NodeId
 from p2pfs.net import CloseCode, PeerConnection, Stream, TransportConfig, load_engine, open_endpoint
 
 MiB = 1 << 20
@@ -412,3 +412,25 @@ def test_engine_env_selects_aioquic(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("P2PFS_QUIC_ENGINE")
     assert load_engine().name == "qh3"
     assert os.environ.get("P2PFS_QUIC_ENGINE") is None
+
+
+def test_unpinned_client_learns_the_servers_node_id() -> None:
+    server_id, client_id = Identity.generate(), Identity.generate()
+    seen: list[NodeId] = []
+
+    async def handler(conn: PeerConnection) -> None:
+        seen.append(conn.peer_id)
+        await conn.wait_closed()
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            async with (
+                open_endpoint(server_id, handler=handler) as server,
+                open_endpoint(client_id) as client,
+            ):
+                conn = await client.connect(server.local_address, None)
+                assert conn.peer_id == server_id.node_id
+                await conn.close()
+        assert seen == [client_id.node_id]
+
+    trio.run(main)

@@ -350,23 +350,29 @@ class Fetcher:
         if not arrived:
             return
         assert self._swarm is not None
-        writes = [
-            (
-                pieces[piece],
-                data,
-                [
-                    (task, offset)
-                    for task, offset in self._placements[piece]
-                    if not task.complete and offset not in task.filled
-                ],
-            )
-            for piece, data in arrived
-        ]
-        await in_thread(_write_all, writes)
-        locations: list[tuple[int, PieceLocation]] = []
-        for (piece, _data), (ref, _same, targets) in zip(arrived, writes, strict=True):
+        writes = []
+        for piece, data in arrived:
+            targets = [
+                (task, offset)
+                for task, offset in self._placements[piece]
+                if not task.complete and offset not in task.filled
+            ]
+            # Claimed before the write runs: an endgame duplicate of this piece arriving on
+            # another stream meanwhile finds the slots taken, so a slot is never counted
+            # twice and no file can be committed with a hole.
             for task, offset in targets:
                 task.filled.add(offset)
+            writes.append((pieces[piece], data, targets))
+        try:
+            await in_thread(_write_all, writes)
+        except BaseException:
+            for _ref, _data, targets in writes:
+                for task, offset in targets:
+                    task.filled.discard(offset)
+            raise
+        locations: list[tuple[int, PieceLocation]] = []
+        for (piece, _data), (ref, _same, targets) in zip(arrived, writes, strict=True):
+            for task, _offset in targets:
                 self._done_bytes += ref.length
                 task.remaining -= 1
                 if task.remaining == 0:

@@ -62,6 +62,8 @@ class NodeConfig:
     max_download_rate: int | None = None
     """Bytes per second of chunk payload, for the whole daemon."""
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    test_serve_unverified: bool = False
+    """Test hook: serve chunks without re-hashing them, to play a corrupt peer."""
 
 
 @dataclass(slots=True)
@@ -98,6 +100,7 @@ class Node:
         with IndexStore(home / INDEX_FILENAME) as index_store:
             self._index = AsyncIndex(index_store)
             service = ShareService(self._index, self.counters, self._upload_limit, self._swarm)
+            service.verify_reads = not self.config.test_serve_unverified
             async with open_endpoint(
                 self._identity,
                 self.config.listen.host,
@@ -351,10 +354,10 @@ class Node:
         provider's own NodeId (from our DHT or LAN) pins it; Mainline providers come with
         no NodeId, and then the content's hashes are the only check."""
         pinned = NodeId(ticket.node_id) if ticket.node_id is not None else None
-        direct = list(dict.fromkeys([*ticket.addresses, *extra, *self.config.peers]))
+        direct = _direct_candidates(ticket, [*extra, *self.config.peers], pinned)
         failures: list[str] = []
-        for address in direct:
-            conn = await self._try_connect(address, pinned, failures)
+        for address, expected in direct.items():
+            conn = await self._try_connect(address, expected, failures)
             if conn is not None:
                 return conn
         ipv6 = ":" in self.endpoint.local_address[0]
@@ -384,8 +387,7 @@ class Node:
         """Every other holder we can reach now (hints, --peer, discovery), concurrently."""
         pinned = NodeId(ticket.node_id) if ticket.node_id is not None else None
         candidates: dict[PeerAddress, NodeId | None] = {}
-        for address in [*ticket.addresses, *extra, *self.config.peers]:
-            candidates.setdefault(address, pinned)
+        candidates.update(_direct_candidates(ticket, [*extra, *self.config.peers], pinned))
         ipv6 = ":" in self.endpoint.local_address[0]
         for provider in await self.discovery.find(ticket.root):
             if (":" in provider.address.host) != ipv6:
@@ -418,7 +420,7 @@ class Node:
     ) -> PeerConnection | None:
         try:
             with trio.fail_after(CONNECT_TIMEOUT):
-                return await self.endpoint.connect((address.host, address.port), expected)  # type: ignore[arg-type]
+                return await self.endpoint.connect((address.host, address.port), expected)
         except AuthenticationError as exc:
             raise AuthenticationError(
                 f"refused {address}: authentication failed, it is not the node the ticket "
@@ -427,6 +429,17 @@ class Node:
         except (ConnectionClosedError, RemoteProtocolError, OSError, trio.TooSlowError) as exc:
             failures.append(f"{address}: {exc or type(exc).__name__}")
             return None
+
+
+def _direct_candidates(
+    ticket: Ticket, peers: list[PeerAddress], pinned: NodeId | None
+) -> dict[PeerAddress, NodeId | None]:
+    """The ticket's own addresses are its node's (pinned); a --peer may be any holder, so it
+    is reached unpinned (whoever it is proves its key; content hashes check its data)."""
+    candidates: dict[PeerAddress, NodeId | None] = dict.fromkeys(ticket.addresses, pinned)
+    for address in peers:
+        candidates.setdefault(address, None)
+    return candidates
 
 
 def _raise_open_file_limit() -> None:

@@ -116,6 +116,9 @@ class ShareService:
         self.counters = counters
         self._upload_limit = upload_limit
         self._swarm = swarm if swarm is not None else SwarmRegistry()
+        self.verify_reads = True
+        """Hash every chunk read before sending it. Off only in tests that need a peer which
+        sends corrupt data (the daemon's hidden --test-serve-unverified)."""
         self._piece_counts: dict[ContentHash, int] = {}
         self._file_nodes: OrderedDict[ContentHash, dict[ContentHash, bytes]] = OrderedDict()
 
@@ -366,7 +369,7 @@ class ShareService:
                 group_bytes += request.chunks[group_end].length
                 group_end += 1
             wanted = [(request.chunks[i].id, locations[i]) for i in range(index, group_end)]
-            datas = await in_thread(_read_group, wanted)
+            datas = await in_thread(_read_group, wanted, self.verify_reads)
             for data in datas:
                 if data is None:
                     self.counters.integrity_failures += 1
@@ -390,6 +393,13 @@ def _first(group: BaseExceptionGroup[E]) -> E:
     return leaf  # type: ignore[return-value]
 
 
+def _read_raw(location: ChunkLocation) -> bytes:
+    """Test hook only (``verify_reads = False``): what a broken or hostile peer would send."""
+    with open(location.path, "rb") as handle:
+        handle.seek(location.offset)
+        return handle.read(location.length)
+
+
 def _not_found(request_id: int, message: str) -> ErrorReply:
     return ErrorReply(request_id, ErrorCode.NOT_FOUND, message)
 
@@ -401,7 +411,7 @@ def _locate_all(
 
 
 def _read_group(
-    wanted: list[tuple[ContentHash, list[ChunkLocation]]],
+    wanted: list[tuple[ContentHash, list[ChunkLocation]]], verify: bool = True
 ) -> list[bytes | None]:
     """Read each chunk from the first location that still holds it (hash-checked)."""
     out: list[bytes | None] = []
@@ -409,7 +419,7 @@ def _read_group(
         data = None
         for location in locations:
             try:
-                data = read_chunk(location, chunk_hash)
+                data = read_chunk(location, chunk_hash) if verify else _read_raw(location)
                 break
             except (IntegrityError, StorageError) as exc:
                 logger.warning("not serving %s: %s", short_hex(chunk_hash), exc)

@@ -42,12 +42,20 @@ STREAMS_PER_PEER = 4
 REQUESTS_IN_FLIGHT = 2
 """Per stream: the next request is queued at the peer before the current one is answered."""
 MAX_REQUEST_CHUNKS = 64
-MIN_REQUEST_BYTES = 2 << 20
+MIN_REQUEST_BYTES = 512 << 10
 """Small pieces are asked for in batches at least this big: per-request costs dominate below."""
+INITIAL_IN_FLIGHT = 4 << 20
+MIN_IN_FLIGHT = 2 << 20
+MAX_IN_FLIGHT = 64 << 20
+QUEUE_SECONDS = 0.5
+"""In flight to a peer: its bandwidth-delay product, but at least QUEUE_SECONDS of its
+measured delivery rate. On loopback the per-request cost, not the path, is the delay, so BDP
+alone starves a fast peer; a slow peer (a rate-limited seeder) then holds only half a second
+of work, which keeps pieces free for faster peers to supply."""
 STALL_TIMEOUT = 10.0
 """A peer that sends nothing for this long while we wait on it has failed."""
 HAVE_TIMEOUT = 10.0
-REDISCOVER_INTERVAL = 5.0
+REDISCOVER_INTERVAL = 2.0
 """How often discovery is asked again for holders while a fetch runs (late joiners)."""
 MAX_PEERS = 16
 FRAME_OVERHEAD = 16
@@ -86,6 +94,7 @@ class PeerPool:
     _connected: dict[NodeId, PeerConnection] = field(default_factory=dict)
     _change: trio.Event = field(default_factory=trio.Event)
     _done: trio.Event = field(default_factory=trio.Event)
+    _need_peers: trio.Event = field(default_factory=trio.Event)
     _last_error: P2pfsError | None = None
     _nursery: trio.Nursery | None = None
 
@@ -124,13 +133,18 @@ class PeerPool:
             self._done.set()
 
     async def _discover(self, more: MorePeers) -> None:
+        """Ask for more holders now, every REDISCOVER_INTERVAL, and whenever the last
+        connected holder is lost; give up only when nobody is connected and nobody new
+        is found."""
         while not self.picker.complete:
             for conn in await more(set(self._connected) | self.banned):
                 self.add(conn)
             if not self._connected:
-                self._done.set()  # nobody left and nobody new: give up
+                self._done.set()
                 return
-            await trio.sleep(REDISCOVER_INTERVAL)
+            with trio.move_on_after(REDISCOVER_INTERVAL):
+                await self._need_peers.wait()
+            self._need_peers = trio.Event()
 
     async def _worker(self, conn: PeerConnection) -> None:
         peer = conn.peer_id
@@ -166,14 +180,8 @@ class PeerPool:
                 self.picker.remove_peer(peer)
             del self._connected[peer]
             self._changed()
-            if not self._connected and self._nursery is not None and not self.picker.complete:
-                # The last holder went: ask discovery once more before giving up.
-                self._nursery.start_soon(self._discover_once)
-
-    async def _discover_once(self) -> None:
-        await trio.lowlevel.checkpoint()
-        if not self._connected:
-            self._done.set()
+            if not self._connected:
+                self._need_peers.set()  # the last holder went: look for others at once
 
     def _fail(self, peer: NodeId, group: BaseExceptionGroup[BaseException], ban: bool) -> None:
         error = group.exceptions[0]
@@ -215,8 +223,15 @@ class PeerPool:
         async def sender() -> None:
             async with in_flight_send:
                 while not self.picker.complete:
-                    share = pipeline.target_bytes() // (STREAMS_PER_PEER * REQUESTS_IN_FLIGHT)
-                    wanted_bytes = max(MIN_REQUEST_BYTES, share)
+                    # The peer's bandwidth-delay product bounds what is in flight to it (all
+                    # streams together): a slow peer holds few pieces, a fast one many.
+                    target = in_flight_target(pipeline)
+                    room = target - pipeline.in_flight
+                    if room < min(MIN_REQUEST_BYTES, target):
+                        await self._change.wait()
+                        continue
+                    share = target // (STREAMS_PER_PEER * REQUESTS_IN_FLIGHT)
+                    wanted_bytes = min(room, max(MIN_REQUEST_BYTES, share))
                     count = max(1, min(MAX_REQUEST_CHUNKS, wanted_bytes // average))
                     picked = self.picker.pick(peer, count)
                     if not picked:
@@ -277,6 +292,14 @@ class PeerPool:
         for piece in picked:
             self.picker.received(piece, peer)
         self._changed()
+
+
+def in_flight_target(pipeline: PipelineController) -> int:
+    rate = pipeline.throughput
+    if rate is None:
+        return INITIAL_IN_FLIGHT
+    wanted = max(pipeline.target_bytes(), int(rate * QUEUE_SECONDS))
+    return min(MAX_IN_FLIGHT, max(MIN_IN_FLIGHT, wanted))
 
 
 def new_rng() -> random.Random:

@@ -61,6 +61,7 @@ class PeerConnection:
         remote_address: Address,
         expected_peer: NodeId | None,
         now: float,
+        is_client: bool,
     ) -> None:
         self._hooks = hooks
         self._quic = quic
@@ -68,8 +69,9 @@ class PeerConnection:
         self.config = config
         self._identity = identity
         self.remote_address = remote_address
-        self.is_client = expected_peer is not None
-        # Client: the pinned id, confirmed from the TLS certificate before connect() returns.
+        self.is_client = is_client
+        # Client: the pinned id, confirmed from the TLS certificate before connect() returns,
+        # or None (unpinned: learnt from the certificate; the caller trusts content hashes).
         # Server: None until the client's proof verifies.
         self._peer_id = expected_peer
         self._streams: dict[int, Stream] = {}
@@ -331,7 +333,9 @@ class PeerConnection:
         except AuthenticationError as exc:
             self._fail(exc, CloseCode.AUTH_FAILED)
             return
-        if presented != self._peer_id:
+        if self._peer_id is None:
+            self._peer_id = presented  # unpinned: whoever holds this key, proven by TLS
+        elif presented != self._peer_id:
             error = AuthenticationError(f"expected peer {self._peer_id}, it is {presented}")
             self._fail(error, CloseCode.AUTH_FAILED)
 

@@ -96,8 +96,14 @@ class Endpoint:
     def connections(self) -> frozenset[PeerConnection]:
         return frozenset(self._connections)
 
-    async def connect(self, address: tuple[str, int], expected_peer: NodeId) -> PeerConnection:
+    async def connect(
+        self, address: tuple[str, int], expected_peer: NodeId | None
+    ) -> PeerConnection:
         """Connect to ``address`` and prove it is ``expected_peer``, or raise.
+
+        ``expected_peer`` None connects unpinned: the peer's NodeId is learnt from its
+        certificate (it still proves it holds that key), for callers that verify everything
+        they receive against content hashes and need no particular node.
 
         Raises AuthenticationError if the server's key is not ``expected_peer``'s or it
         rejects ours, ConnectionClosedError if the handshake fails or times out.
@@ -113,7 +119,7 @@ class Endpoint:
         now = trio.current_time()
         quic = self.engine.connection_class(configuration=self._client_config)
         quic.connect(remote, now=now)
-        conn = self._new_connection(quic, remote, expected_peer, now)
+        conn = self._new_connection(quic, remote, expected_peer, now, is_client=True)
         self.register_cid(quic.host_cid, conn)
         conn.cids.add(quic.host_cid)
         conn._after_input()
@@ -211,7 +217,13 @@ class Endpoint:
     # -- internals ------------------------------------------------------------------------
 
     def _new_connection(
-        self, quic: Any, remote: Address, expected_peer: NodeId | None, now: float
+        self,
+        quic: Any,
+        remote: Address,
+        expected_peer: NodeId | None,
+        now: float,
+        *,
+        is_client: bool,
     ) -> PeerConnection:
         conn = PeerConnection(
             hooks=self,
@@ -222,6 +234,7 @@ class Endpoint:
             remote_address=remote,
             expected_peer=expected_peer,
             now=now,
+            is_client=is_client,
         )
         self._connections.add(conn)
         self._nursery.start_soon(conn.run_timer)
@@ -236,7 +249,7 @@ class Endpoint:
         quic = self.engine.connection_class(
             configuration=self._server_config, original_destination_connection_id=dcid
         )
-        conn = self._new_connection(quic, addr, None, now)
+        conn = self._new_connection(quic, addr, None, now, is_client=False)
         self._pending += 1
         for cid in (dcid, quic.host_cid):
             conn.cids.add(cid)

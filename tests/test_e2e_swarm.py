@@ -1,0 +1,164 @@
+"""Swarming end to end: several holders at once, real daemons joined by the private DHT."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from p2pfs.bench.daemons import DaemonProcess
+
+MiB = 1 << 20
+
+Group = Callable[..., DaemonProcess]
+
+
+@pytest.fixture
+def group(tmp_path: Path) -> Iterator[Group]:
+    """Daemons in one private DHT (the first is its bootstrap), LAN off."""
+    started: list[DaemonProcess] = []
+
+    def make(name: str, *extra: str) -> DaemonProcess:
+        args = ["--no-lan", *extra]
+        if started:
+            args += ["--bootstrap", f"127.0.0.1:{started[0].call('id')['discovery']['dht_port']}"]
+        daemon = DaemonProcess(tmp_path / name, extra_args=tuple(args)).start()
+        started.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in started:
+        if daemon.process is not None and daemon.process.poll() is None:
+            daemon.kill(signal.SIGCONT)  # a test may have frozen it
+        daemon.stop()
+
+
+def seed_copies(tmp_path: Path, seeders: list[DaemonProcess], data: bytes) -> str:
+    """The same folder (same name, same bytes) shared by every seeder: one root."""
+    ticket = ""
+    for number, seeder in enumerate(seeders):
+        folder = tmp_path / f"copy{number}" / "payload"
+        folder.mkdir(parents=True)
+        (folder / "data.bin").write_bytes(data)
+        ticket = str(seeder.cli_json("share", str(folder))["ticket"])
+    return ticket
+
+
+def fetch_in_background(fetcher: DaemonProcess, ticket: str, dest: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "p2pfs",
+            "--home",
+            str(fetcher.home),
+            "fetch",
+            ticket,
+            str(dest),
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def progress(daemon: DaemonProcess) -> int:
+    transfers = daemon.call("status")["transfers"]
+    return int(transfers[0]["bytes_done"]) if transfers else 0
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.05)
+
+
+def finish(running: subprocess.Popen[str]) -> dict[str, object]:
+    import json  # noqa: PLC0415
+
+    out, err = running.communicate(timeout=180)
+    assert running.returncode == 0, err
+    report: dict[str, object] = json.loads(out.strip().splitlines()[-1])
+    return report
+
+
+def test_three_seeders_one_killed_mid_fetch(tmp_path: Path, group: Group) -> None:
+    data = random.Random(1).randbytes(40 * MiB)
+    seeders = [group(f"seed{n}", "--max-upload-rate", str(6 * MiB)) for n in range(3)]
+    fetcher = group("fetcher")
+    ticket = seed_copies(tmp_path, seeders, data)
+    running = fetch_in_background(fetcher, ticket, tmp_path / "out")
+    wait_until(lambda: progress(fetcher) > 8 * MiB)
+    seeders[1].kill(signal.SIGKILL)
+    report = finish(running)
+    assert (tmp_path / "out" / "data.bin").read_bytes() == data
+    contributions = {p["node_id"]: p["bytes"] for p in report["peers"]}  # type: ignore[union-attr]
+    assert len(contributions) == 3, report["peers"]
+    assert sum(1 for sent in contributions.values() if sent > 0) >= 2
+
+
+@pytest.mark.parametrize("hostile", [False, True], ids=["refuses", "sends-corrupt-bytes"])
+def test_corrupted_seeder_is_dropped(tmp_path: Path, group: Group, hostile: bool) -> None:
+    data = random.Random(2).randbytes(24 * MiB)
+    honest = [group(f"seed{n}", "--max-upload-rate", str(8 * MiB)) for n in range(2)]
+    corrupt = group("corrupt", *(["--test-serve-unverified"] if hostile else []))
+    fetcher = group("fetcher")
+    ticket = seed_copies(tmp_path, [*honest, corrupt], data)
+    # Damage the corrupt seeder's copy behind its back: same size, same mtime.
+    victim = tmp_path / "copy2" / "payload" / "data.bin"
+    stat = victim.stat()
+    with victim.open("r+b") as handle:
+        for offset in range(0, len(data), 1 << 20):
+            handle.seek(offset + 1000)
+            handle.write(b"\xff" * 16)
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    report = finish(fetch_in_background(fetcher, ticket, tmp_path / "out"))
+    assert (tmp_path / "out" / "data.bin").read_bytes() == data
+    by_id = {p["node_id"]: p for p in report["peers"]}  # type: ignore[union-attr]
+    dropped = by_id[corrupt.node_id()]
+    assert dropped["failed"], report["peers"]
+    if hostile:
+        assert "verification" in str(dropped["failed"]) or "hash" in str(dropped["failed"])
+
+
+def test_four_fetchers_trade_among_themselves(tmp_path: Path, group: Group) -> None:
+    data = random.Random(3).randbytes(24 * MiB)
+    seeder = group("seed", "--max-upload-rate", str(8 * MiB))
+    fetchers = [group(f"fetch{n}") for n in range(4)]
+    ticket = seed_copies(tmp_path, [seeder], data)
+    running = [fetch_in_background(f, ticket, tmp_path / f"out{n}") for n, f in enumerate(fetchers)]
+    for process in running:
+        finish(process)
+    for number in range(4):
+        assert (tmp_path / f"out{number}" / "data.bin").read_bytes() == data
+    uploaded = seeder.call("status")["counters"]["payload_sent"]
+    assert uploaded < 2.5 * len(data), f"seeder uploaded {uploaded / len(data):.2f}x the content"
+
+
+def test_a_frozen_peer_does_not_stall_the_fetch(tmp_path: Path, group: Group) -> None:
+    data = random.Random(4).randbytes(24 * MiB)
+    seeders = [group(f"seed{n}", "--max-upload-rate", str(6 * MiB)) for n in range(2)]
+    fetcher = group("fetcher")
+    ticket = seed_copies(tmp_path, seeders, data)
+    running = fetch_in_background(fetcher, ticket, tmp_path / "out")
+    wait_until(lambda: progress(fetcher) > 4 * MiB)
+    seeders[0].kill(signal.SIGSTOP)
+    try:
+        report = finish(running)
+    finally:
+        seeders[0].kill(signal.SIGCONT)
+    assert (tmp_path / "out" / "data.bin").read_bytes() == data
+    by_id = {p["node_id"]: p["bytes"] for p in report["peers"]}  # type: ignore[union-attr]
+    # The frozen peer's pieces went to the live one (reassigned on stall, or duplicated
+    # in endgame): it supplied the bulk.
+    assert by_id[seeders[1].node_id()] > by_id[seeders[0].node_id()], report["peers"]
