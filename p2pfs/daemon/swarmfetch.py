@@ -303,5 +303,6 @@ def in_flight_target(pipeline: PipelineController) -> int:
 
 
 def new_rng() -> random.Random:
-    """Picking randomness; seeded from the OS at the edge (tests pass their own)."""
+    """Picking randomness, seeded from the OS at the edge (the picker's tests and the
+    swarm simulation pass seeded ones)."""
     return random.Random()

@@ -42,10 +42,6 @@ NewFile = tuple[int, str, int, int, int, int, bytes, bytes]
 """A file to add: (dir id, on-disk name, size, mtime_ns, inode, mode, root, packed chunks)."""
 
 
-def pack_chunks(chunks: Iterable[ChunkRef]) -> bytes:
-    return b"".join(CHUNK_RECORD.pack(chunk.id, chunk.length) for chunk in chunks)
-
-
 def unpack_chunks(packed: bytes) -> list[ChunkRef]:
     if len(packed) % CHUNK_RECORD.size:
         raise StorageError("index: packed chunk list has a ragged length")
