@@ -306,7 +306,7 @@ def _fetch_progress(stream: TextIO) -> Iterator[Callable[[dict[str, Any]], None]
         yield None
         return
     bar = Progress(
-        TextColumn("fetching"),
+        TextColumn("fetching from {task.fields[peers]}"),
         BarColumn(),
         DownloadColumn(),
         TransferSpeedColumn(),
@@ -314,10 +314,17 @@ def _fetch_progress(stream: TextIO) -> Iterator[Callable[[dict[str, Any]], None]
         console=Console(file=stream),
         transient=True,
     )
-    task = bar.add_task("fetch", total=None)
+    task = bar.add_task("fetch", total=None, peers="...")
 
     def update(event: dict[str, Any]) -> None:
-        bar.update(task, completed=event["bytes_done"], total=event["bytes_total"] or None)
+        peers = event.get("peers") or []
+        live = sum(1 for peer in peers if not peer["failed"])
+        bar.update(
+            task,
+            completed=event["bytes_done"],
+            total=event["bytes_total"] or None,
+            peers=f"{live} peer{'s' if live != 1 else ''}",
+        )
 
     with bar:
         yield update

@@ -361,3 +361,42 @@ def test_hostile_client_does_not_disturb_an_honest_fetch(
     assert (tmp_path / "out.bin").read_bytes() == data
     assert report["bytes_from_peer"] == len(data)
     assert sharer.call("id")  # still serving
+
+
+def test_progress_bar_on_a_terminal(tmp_path: Path, daemons: DaemonFactory) -> None:
+    """On a TTY `fetch` draws a bar (bytes, rate, peers); piped, it stays quiet (above)."""
+    import pty  # noqa: PLC0415
+
+    source = tmp_path / "big.bin"
+    source.write_bytes(os.urandom(16 * MiB))
+    sharer = daemons("sharer", "--max-upload-rate", str(8 * MiB))
+    fetcher = daemons("fetcher")
+    ticket = share(sharer, source)
+    command = [
+        sys.executable,
+        "-m",
+        "p2pfs",
+        "--home",
+        str(fetcher.home),
+        "fetch",
+        ticket,
+        str(tmp_path / "out.bin"),
+    ]
+    controller, terminal = pty.openpty()
+    with subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal
+    ) as running:
+        os.close(terminal)
+        output = bytearray()
+        while True:
+            try:
+                data = os.read(controller, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            output.extend(data)
+        assert running.wait(60) == 0, output.decode(errors="replace")
+    os.close(controller)
+    assert b"fetching from" in output and b"peer" in output
+    assert (tmp_path / "out.bin").read_bytes() == source.read_bytes()

@@ -133,6 +133,7 @@ class Fetcher:
         self._uncommitted_bytes = 0
         self._placements: Placements = []
         self._swarm: SwarmShare | None = None
+        self._pool: PeerPool | None = None
         self.report = FetchReport(short_hex(share_root, 64), "", self._destination)
 
     async def run(self) -> FetchReport:
@@ -169,7 +170,7 @@ class Fetcher:
             time.monotonic() - started,
         )
         picker = PiecePicker(len(pieces), held, new_rng(), groups=groups)
-        pool = PeerPool(
+        pool = self._pool = PeerPool(
             self._root,
             pieces,
             picker,
@@ -180,17 +181,7 @@ class Fetcher:
         try:
             await pool.run(self._conn, self._more_peers)
         finally:
-            self.report.peers = [
-                {
-                    "node_id": s.node_id,
-                    "address": s.address,
-                    "bytes": s.bytes,
-                    "requests": s.requests,
-                    "pieces_requested": s.pieces_requested,
-                    "failed": s.failed,
-                }
-                for s in pool.stats.values()
-            ]
+            self.report.peers = self.peers()
         logger.info("fetch %s: swarm done after %.2f s", manifest.name, time.monotonic() - started)
         await self._commit(self._uncommitted)
         unfinished = [task.rel for task in files if not task.complete]
@@ -263,6 +254,22 @@ class Fetcher:
         return files
 
     # -- files and pieces -----------------------------------------------------------------
+
+    def peers(self) -> list[dict[str, object]]:
+        """Each peer's contribution so far (for the report, `status` and progress)."""
+        if self._pool is None:
+            return []
+        return [
+            {
+                "node_id": s.node_id,
+                "address": s.address,
+                "bytes": s.bytes,
+                "requests": s.requests,
+                "pieces_requested": s.pieces_requested,
+                "failed": s.failed,
+            }
+            for s in self._pool.stats.values()
+        ]
 
     async def _walk_files(self, control: RequestStream, files: list[_FileTask]) -> None:
         jobs = [TreeJob(FILE_TREE, task.entry.root, tag=task) for task in files]

@@ -76,6 +76,7 @@ class _Transfer:
     files_done: int = 0
     files_total: int = 0
     started: float = field(default_factory=time.monotonic)
+    peers: list[dict[str, object]] = field(default_factory=list)
 
 
 class Node:
@@ -315,11 +316,12 @@ class Node:
         latest: list[dict[str, Any]] = []
 
         def progress(update: FetchProgress) -> None:
+            transfer.peers = fetcher.peers()
             transfer.bytes_done = update.bytes_done
             transfer.bytes_total = update.bytes_total
             transfer.files_done = update.files_done
             transfer.files_total = update.files_total
-            latest.append(asdict(update))
+            latest.append({**asdict(update), "peers": transfer.peers})
 
         try:
             # Other fetchers of this share find us (and trade pieces) while we fetch.
