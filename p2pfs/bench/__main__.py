@@ -9,6 +9,7 @@ SUITES = {
     "dht": "p2pfs.bench.dht",
     "fetch": "p2pfs.bench.fetch",
     "index": "p2pfs.bench.index",
+    "swarm": "p2pfs.bench.swarm",
     "transport": "p2pfs.bench.transport",
 }
 
