@@ -380,8 +380,13 @@ class PeerConnection:
         if stream is not None and self._error is None:
             stream._peer_stop_sending(event.error_code)
             self._blocked_writers.discard(stream)
-            # RFC 9000 3.5: answer STOP_SENDING with RESET_STREAM.
-            self._quic.reset_stream(event.stream_id, event.error_code)
+            # RFC 9000 3.5: answer STOP_SENDING with RESET_STREAM, unless our side of the
+            # stream is already complete (FIN sent): the engines refuse that with ValueError,
+            # and a peer must not be able to crash the endpoint by asking.
+            try:
+                self._quic.reset_stream(event.stream_id, event.error_code)
+            except ValueError:
+                logger.debug("%r: STOP_SENDING for finished stream %d", self, event.stream_id)
 
     def _on_cid_issued(self, event: Any) -> None:
         self.cids.add(event.connection_id)
