@@ -60,6 +60,8 @@ class TransportConfig:
     receive_batch: int = 256
     # Send runs of equal-size datagrams with one sendmsg (Linux UDP_SEGMENT), if available.
     gso: bool = True
+    # Receive coalesced runs of datagrams with one recvmsg (Linux UDP_GRO), if available.
+    gro: bool = True
     # qh3's batched receive: much cheaper, but loses a FIN now and then (see Engine.receive).
     batched_receive: bool = False
 
