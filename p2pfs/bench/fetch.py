@@ -606,8 +606,10 @@ def run_benchmark(work: Path, size: int, files: int) -> tuple[list[Row], dict[st
 # -- output and entry ----------------------------------------------------------------------
 
 
-def print_table(rows: list[Row], caption: str) -> None:
-    table = Table(title="p2pfs fetch benchmark (loopback)", caption=caption)
+def print_table(
+    rows: list[Row], caption: str, title: str = "p2pfs fetch benchmark (loopback)"
+) -> None:
+    table = Table(title=title, caption=caption)
     for column in ("measure", "p2pfs", "reference (same run)", "ratio", "goal", "met"):
         table.add_column(column)
     for row in rows:

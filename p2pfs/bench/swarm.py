@@ -34,8 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import libtorrent as lt  # type: ignore[import-not-found,unused-ignore]
-from rich.console import Console
-from rich.table import Table
 
 from p2pfs.bench.daemons import DaemonProcess
 from p2pfs.bench.fetch import (
@@ -59,6 +57,7 @@ from p2pfs.bench.fetch import (
     verify_copy,
     write_pseudo_random,
 )
+from p2pfs.bench.fetch import print_table as fetch_print_table
 from p2pfs.bench.index import Row
 
 SEEDERS = 3
@@ -563,14 +562,7 @@ def run_benchmark(work: Path, size: int, with_lt_fan_out: bool) -> tuple[list[Ro
 
 
 def print_table(rows: list[Row], caption: str) -> None:
-    # fetch.print_table has its title built in; with a title parameter this would go.
-    table = Table(title="p2pfs swarm benchmark (loopback)", caption=caption)
-    for column in ("measure", "p2pfs", "reference (same run)", "ratio", "goal", "met"):
-        table.add_column(column)
-    for row in rows:
-        met = {True: "yes", False: "NO", None: "n/a" if row.goal else ""}[row.met]
-        table.add_row(row.measure, row.p2pfs, row.reference, row.ratio, row.goal, met)
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    fetch_print_table(rows, caption, title="p2pfs swarm benchmark (loopback)")
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:

@@ -44,6 +44,7 @@ from p2pfs.discovery.dht.messages import (
 )
 from p2pfs.discovery.dht.records import RecordStore
 from p2pfs.discovery.dht.tokens import SECRET_LEN, WriteTokens
+from p2pfs.errors import LocalProtocolError
 
 logger = logging.getLogger(__name__)
 
@@ -322,7 +323,9 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         return await self._call(address, "ping", [self.source_node.id], ping_reply_untrusted)
 
     async def call_store(self, *args: object) -> CallResult:
-        raise NotImplementedError("the p2pfs DHT stores provider records only")
+        """The package's value store is not served: the p2pfs DHT holds provider records only,
+        so calling this is our own misuse."""
+        raise LocalProtocolError("the p2pfs DHT stores provider records only")
 
     async def call_find_value(self, *args: object) -> CallResult:
-        raise NotImplementedError("the p2pfs DHT stores provider records only")
+        raise LocalProtocolError("the p2pfs DHT stores provider records only")
