@@ -10,7 +10,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 
 from p2pfs.bench.daemons import DaemonProcess
 from p2pfs.wire.ticket import PeerAddress, Ticket, TicketKind, parse_ticket_untrusted
+from tests.e2e_helpers import fetch_in_background, transfer_progress, wait_until
 
 MiB = 1 << 20
 
@@ -128,40 +128,6 @@ def test_wrong_key_is_refused(tmp_path: Path, daemons: DaemonFactory) -> None:
     assert completed.returncode == 4
     assert "authenticat" in completed.stderr.lower() or "key" in completed.stderr.lower()
     assert not (tmp_path / "x").exists()
-
-
-def fetch_in_background(
-    fetcher: DaemonProcess, ticket: str, destination: Path
-) -> subprocess.Popen[str]:
-    """`p2pfs fetch` as its own process, so the test can kill daemons while it runs."""
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "p2pfs",
-            "--home",
-            str(fetcher.home),
-            "fetch",
-            ticket,
-            str(destination),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def transfer_progress(daemon: DaemonProcess) -> int:
-    transfers = daemon.call("status")["transfers"]
-    return int(transfers[0]["bytes_done"]) if transfers else 0
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.05)
 
 
 def test_fetcher_killed_mid_fetch_resumes(tmp_path: Path, daemons: DaemonFactory) -> None:

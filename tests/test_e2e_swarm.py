@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from p2pfs.bench.daemons import DaemonProcess
+from tests.e2e_helpers import fetch_in_background, transfer_progress, wait_until
 
 MiB = 1 << 20
 
@@ -51,41 +51,7 @@ def seed_copies(tmp_path: Path, seeders: list[DaemonProcess], data: bytes) -> st
     return ticket
 
 
-def fetch_in_background(fetcher: DaemonProcess, ticket: str, dest: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "p2pfs",
-            "--home",
-            str(fetcher.home),
-            "fetch",
-            ticket,
-            str(dest),
-            "--json",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def progress(daemon: DaemonProcess) -> int:
-    transfers = daemon.call("status")["transfers"]
-    return int(transfers[0]["bytes_done"]) if transfers else 0
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        time.sleep(0.05)
-
-
 def finish(running: subprocess.Popen[str]) -> dict[str, object]:
-    import json  # noqa: PLC0415
-
     out, err = running.communicate(timeout=180)
     assert running.returncode == 0, err
     report: dict[str, object] = json.loads(out.strip().splitlines()[-1])
@@ -97,8 +63,8 @@ def test_three_seeders_one_killed_mid_fetch(tmp_path: Path, group: Group) -> Non
     seeders = [group(f"seed{n}", "--max-upload-rate", str(6 * MiB)) for n in range(3)]
     fetcher = group("fetcher")
     ticket = seed_copies(tmp_path, seeders, data)
-    running = fetch_in_background(fetcher, ticket, tmp_path / "out")
-    wait_until(lambda: progress(fetcher) > 8 * MiB)
+    running = fetch_in_background(fetcher, ticket, tmp_path / "out", "--json")
+    wait_until(lambda: transfer_progress(fetcher) > 8 * MiB)
     seeders[1].kill(signal.SIGKILL)
     report = finish(running)
     assert (tmp_path / "out" / "data.bin").read_bytes() == data
@@ -122,7 +88,7 @@ def test_corrupted_seeder_is_dropped(tmp_path: Path, group: Group, hostile: bool
             handle.seek(offset + 1000)
             handle.write(b"\xff" * 16)
     os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    report = finish(fetch_in_background(fetcher, ticket, tmp_path / "out"))
+    report = finish(fetch_in_background(fetcher, ticket, tmp_path / "out", "--json"))
     assert (tmp_path / "out" / "data.bin").read_bytes() == data
     by_id = {p["node_id"]: p for p in report["peers"]}  # type: ignore[union-attr]
     dropped = by_id[corrupt.node_id()]
@@ -136,7 +102,10 @@ def test_four_fetchers_trade_among_themselves(tmp_path: Path, group: Group) -> N
     seeder = group("seed", "--max-upload-rate", str(8 * MiB))
     fetchers = [group(f"fetch{n}") for n in range(4)]
     ticket = seed_copies(tmp_path, [seeder], data)
-    running = [fetch_in_background(f, ticket, tmp_path / f"out{n}") for n, f in enumerate(fetchers)]
+    running = [
+        fetch_in_background(f, ticket, tmp_path / f"out{n}", "--json")
+        for n, f in enumerate(fetchers)
+    ]
     for process in running:
         finish(process)
     for number in range(4):
@@ -150,8 +119,8 @@ def test_a_frozen_peer_does_not_stall_the_fetch(tmp_path: Path, group: Group) ->
     seeders = [group(f"seed{n}", "--max-upload-rate", str(6 * MiB)) for n in range(2)]
     fetcher = group("fetcher")
     ticket = seed_copies(tmp_path, seeders, data)
-    running = fetch_in_background(fetcher, ticket, tmp_path / "out")
-    wait_until(lambda: progress(fetcher) > 4 * MiB)
+    running = fetch_in_background(fetcher, ticket, tmp_path / "out", "--json")
+    wait_until(lambda: transfer_progress(fetcher) > 4 * MiB)
     seeders[0].kill(signal.SIGSTOP)
     try:
         report = finish(running)
