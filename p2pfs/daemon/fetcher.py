@@ -23,6 +23,7 @@ import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -201,16 +202,19 @@ class Fetcher:
             raise IntegrityError("the peer's manifest does not match the ticket's root")
         return encoded, Manifest.decode_untrusted(encoded)
 
-    def _node_fetcher(self, control: RequestStream) -> Callable[[list[ContentHash]], object]:
+    async def _walk(self, control: RequestStream, jobs: list[TreeJob[Any]]) -> None:
+        """Walk trees from the peer; keep their nodes (to serve other fetchers) only once
+        walk_trees has verified every one against its parent."""
+        fetched: dict[ContentHash, bytes] = {}
+
         async def fetch(hashes: list[ContentHash]) -> list[bytes]:
             nodes = await control.nodes(self._root, hashes)
-            # Kept unverified for a moment: walk_trees verifies each against its parent
-            # before anything uses it, and a bad one fails the whole fetch.
-            assert self._swarm is not None
-            self._swarm.nodes.update(zip(hashes, nodes, strict=True))
+            fetched.update(zip(hashes, nodes, strict=True))
             return nodes
 
-        return fetch
+        await walk_trees(jobs, fetch)
+        assert self._swarm is not None
+        self._swarm.nodes.update(fetched)
 
     def _layout(self, manifest: Manifest) -> tuple[str, str | None]:
         """Where the top directory goes; for a single file, the name it is written as."""
@@ -230,11 +234,10 @@ class Fetcher:
         top_dir: str,
         rename_single: str | None,
     ) -> list[_FileTask]:
-        fetch = self._node_fetcher(control)
         files: list[_FileTask] = []
         level: list[TreeJob[DirEntry]] = [TreeJob(DIR_TREE, manifest.tree, tag=("", top_dir))]
         while level:
-            await walk_trees(level, fetch)  # type: ignore[arg-type]
+            await self._walk(control, level)
             next_level: list[TreeJob[DirEntry]] = []
             for job in level:
                 rel_prefix, disk_dir = job.tag
@@ -273,7 +276,7 @@ class Fetcher:
 
     async def _walk_files(self, control: RequestStream, files: list[_FileTask]) -> None:
         jobs = [TreeJob(FILE_TREE, task.entry.root, tag=task) for task in files]
-        await walk_trees(jobs, self._node_fetcher(control))  # type: ignore[arg-type]
+        await self._walk(control, jobs)
         for job in jobs:
             job.tag.leaves = job.leaves
 
