@@ -283,7 +283,7 @@ class _Scan:
         subdirs: list[tuple[str, str]] = []
         for entry in entries:
             name = entry.name
-            if is_partial_name(name):
+            if name[0] == "." and is_partial_name(name):
                 continue  # a download in progress: not content of this share (yet)
             if name.isascii() and "\\" not in name and len(name) <= MAX_NAME_BYTES:
                 # What normalize_local_name returns for an ASCII name a directory listed
