@@ -340,7 +340,7 @@ class Fetcher:
         for start in range(0, len(candidates), LOCAL_BATCH):
             group = candidates[start : start + LOCAL_BATCH]
             datas = await in_thread(_read_local, [(pieces[piece], where) for piece, where in group])
-            arrived = [
+            arrived: list[tuple[int, bytes | memoryview]] = [
                 (piece, data) for (piece, _where), data in zip(group, datas, strict=True) if data
             ]
             for piece, _data in arrived:
@@ -349,12 +349,16 @@ class Fetcher:
             await self._write(arrived, pieces)
         return copied
 
-    async def _place_from_peer(self, arrived: list[tuple[int, bytes]], peer: NodeId) -> None:
+    async def _place_from_peer(
+        self, arrived: list[tuple[int, bytes | memoryview]], peer: NodeId
+    ) -> None:
         assert self._swarm is not None
         await self._write(arrived, self._swarm.pieces)
         self.report.bytes_from_peer += sum(len(data) for _piece, data in arrived)
 
-    async def _write(self, arrived: list[tuple[int, bytes]], pieces: list[ChunkRef]) -> None:
+    async def _write(
+        self, arrived: list[tuple[int, bytes | memoryview]], pieces: list[ChunkRef]
+    ) -> None:
         """Verify pieces (in a worker thread) and write each into every slot still empty;
         finished files are committed in batches (one sync for many files)."""
         if not arrived:
@@ -508,7 +512,9 @@ def _read_local(group: list[tuple[ChunkRef, list[ChunkLocation]]]) -> list[bytes
     return out
 
 
-def _write_all(writes: list[tuple[ChunkRef, bytes, list[tuple[_FileTask, int]]]]) -> None:
+def _write_all(
+    writes: list[tuple[ChunkRef, bytes | memoryview, list[tuple[_FileTask, int]]]],
+) -> None:
     """Verify every chunk first, then write: nothing is written if any chunk is bad.
 
     A file whose last chunks these are has its descriptor closed at once, so open files stay

@@ -61,7 +61,7 @@ MAX_PEERS = 16
 FRAME_OVERHEAD = 16
 """Approximate framing bytes of one ChunkData (length, tag, fields), for the counters."""
 
-Place = Callable[[list[tuple[int, bytes]], NodeId], Awaitable[None]]
+Place = Callable[[list[tuple[int, bytes | memoryview]], NodeId], Awaitable[None]]
 """Verify and write arrived pieces (raising IntegrityError, writing nothing, if any fails)."""
 MorePeers = Callable[[set[NodeId]], Awaitable[list[PeerConnection]]]
 """Connect to holders not yet connected (those named are excluded)."""
@@ -267,7 +267,7 @@ class PeerPool:
         sent_at: float,
         pipeline: PipelineController,
     ) -> None:
-        arrived: list[tuple[int, bytes]] = []
+        arrived: list[tuple[int, bytes | memoryview]] = []
         for piece in picked:
             with trio.move_on_after(STALL_TIMEOUT) as stalled:
                 reply = await stream.next_reply()
@@ -283,7 +283,8 @@ class PeerPool:
             # Waiting here stops reading the stream, so flow control slows the sender.
             await throttle(self.download_limit, len(reply.payload))
             if not self.picker.holds(piece):
-                arrived.append((piece, bytes(reply.payload)))
+                # The payload is a view into the frame's own copy: no further copy needed.
+                arrived.append((piece, reply.payload))
             now = trio.current_time()
             pipeline.on_response(len(reply.payload), now - sent_at, now)
         if arrived:

@@ -71,7 +71,9 @@ class FrameDecoder:
         body_start = start + LENGTH_BYTES + 1
         end = start + LENGTH_BYTES + length
         tag = self._buffer[start + LENGTH_BYTES]
-        # A copy: the frame outlives later feeds, which may move the buffer.
-        body = memoryview(bytes(self._buffer[body_start:end]))
+        # One copy (through a view, not a bytearray slice, which would copy twice): the
+        # frame outlives later feeds, which may move the buffer.
+        with memoryview(self._buffer) as whole:
+            body = memoryview(bytes(whole[body_start:end]))
         self._start = end
         return Frame(tag, body)
