@@ -36,7 +36,7 @@ from p2pfs.identity import NodeId
 from p2pfs.ids import ContentHash, short_hex
 from p2pfs.net import PeerConnection
 from p2pfs.store.assemble import Finished, PartialFile, commit_files
-from p2pfs.store.index import ChunkLocation, IndexStore, read_chunk
+from p2pfs.store.index import ChunkLocation, IndexStore, read_first_intact
 from p2pfs.swarm.picker import PiecePicker
 
 from .ratelimit import TokenBucket
@@ -498,18 +498,7 @@ def _locate_each(index: IndexStore, wanted: list[ChunkRef]) -> list[list[ChunkLo
 
 
 def _read_local(group: list[tuple[ChunkRef, list[ChunkLocation]]]) -> list[bytes | None]:
-    """Each chunk from the first local file that still holds it (hash-checked), or None."""
-    out: list[bytes | None] = []
-    for ref, locations in group:
-        data = None
-        for location in locations:
-            try:
-                data = read_chunk(location, ref.id)
-                break
-            except (IntegrityError, StorageError):
-                continue
-        out.append(data)
-    return out
+    return [read_first_intact(ref.id, locations) for ref, locations in group]
 
 
 def _write_all(

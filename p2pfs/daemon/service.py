@@ -25,13 +25,12 @@ from p2pfs.content.folder import DIR_TREE, FILE_TREE, EntryKind, Manifest
 from p2pfs.content.tree import BranchNode, Child, LeafNode, iter_leaves
 from p2pfs.errors import (
     ConnectionClosedError,
-    IntegrityError,
     StorageError,
     StreamResetError,
 )
 from p2pfs.ids import HASH_LEN, ContentHash, short_hex
 from p2pfs.net import PeerConnection, Stream
-from p2pfs.store.index import CHUNK_RECORD, ChunkLocation, IndexStore, read_chunk
+from p2pfs.store.index import CHUNK_RECORD, ChunkLocation, IndexStore, read_first_intact
 from p2pfs.wire.codes import ErrorCode, WireError
 from p2pfs.wire.messages import (
     MAX_HAVE_UPDATE,
@@ -413,18 +412,10 @@ def _locate_all(
 def _read_group(
     wanted: list[tuple[ContentHash, list[ChunkLocation]]], verify: bool = True
 ) -> list[bytes | None]:
-    """Read each chunk from the first location that still holds it (hash-checked)."""
-    out: list[bytes | None] = []
-    for chunk_hash, locations in wanted:
-        data = None
-        for location in locations:
-            try:
-                data = read_chunk(location, chunk_hash) if verify else _read_raw(location)
-                break
-            except (IntegrityError, StorageError) as exc:
-                logger.warning("not serving %s: %s", short_hex(chunk_hash), exc)
-        out.append(data)
-    return out
+    """Each chunk from the first location that still holds it (hash-checked)."""
+    if not verify:
+        return [_read_raw(locations[0]) if locations else None for _cid, locations in wanted]
+    return [read_first_intact(cid, locations) for cid, locations in wanted]
 
 
 def _load_nodes(

@@ -577,3 +577,17 @@ def read_chunk(location: ChunkLocation, cid: bytes) -> bytes:
     if len(data) != location.length or chunk_id(data) != cid:
         raise IntegrityError(f"{location.path} changed since it was indexed")
     return data
+
+
+def read_first_intact(cid: bytes, locations: Iterable[ChunkLocation]) -> bytes | None:
+    """The chunk from the first location that still holds it (hash-checked), or None.
+
+    A location whose file changed or vanished since the scan is skipped (and logged): a
+    stale index costs a fallback, never a wrong byte.
+    """
+    for location in locations:
+        try:
+            return read_chunk(location, cid)
+        except (IntegrityError, StorageError) as exc:
+            log.info("chunk %s not where the index says: %s", cid.hex()[:12], exc)
+    return None
