@@ -244,7 +244,10 @@ class PeerPool:
                     self.stats[peer].requests += 1
                     self.stats[peer].pieces_requested += len(picked)
                     await stream.send(GetChunks(stream.new_request_id(), self.root, refs))
-                    await in_flight_send.send((picked, now))
+                    try:
+                        await in_flight_send.send((picked, now))
+                    except trio.BrokenResourceError:
+                        return  # the reader stopped; its own error says why
 
         try:
             async with trio.open_nursery() as nursery:
