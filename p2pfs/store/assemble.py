@@ -19,7 +19,7 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from p2pfs.content.chunking import ChunkRef, chunk_id
@@ -122,10 +122,17 @@ class Finished:
     mtime_ns: int | None = None
 
 
-def commit_files(files: Sequence[Finished]) -> None:
-    """Make every file durable, then rename each into place, then sync each directory."""
+def commit_files(
+    files: Sequence[Finished], before_replace: Callable[[Finished], bool] | None = None
+) -> list[Finished]:
+    """Make every file durable, then rename each into place, then sync each directory.
+
+    ``before_replace(item)`` runs just before each rename; False skips that file (its temp
+    file is removed). Returns the files that were renamed into place.
+    """
     if not files:
-        return
+        return []
+    placed: list[Finished] = []
     try:
         for item in files:
             fd = item.partial._open()  # an empty file was never written: create it now
@@ -139,15 +146,20 @@ def commit_files(files: Sequence[Finished]) -> None:
             os.sync()
         for item in files:
             item.partial.close()
+            if before_replace is not None and not before_replace(item):
+                item.partial.discard()
+                continue
             _refuse_directory(item.partial.final_path)
             os.replace(item.partial.temp_path, item.partial.final_path)
-        for directory in {os.path.dirname(item.partial.final_path) for item in files}:
+            placed.append(item)
+        for directory in {os.path.dirname(item.partial.final_path) for item in placed}:
             fsync_directory(directory)
     except OSError as exc:
         raise StorageError(f"cannot finish {len(files)} files: {exc.strerror or exc}") from exc
     finally:
         for item in files:
             item.partial.close()
+    return placed
 
 
 def fsync_directory(path: str) -> None:

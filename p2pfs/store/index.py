@@ -193,6 +193,11 @@ class IndexStore:
                     self._conn.execute("ROLLBACK")
                 raise StorageError(f"index: migration {version:04d} failed: {exc}") from exc
 
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """For sibling stores sharing this database file and its one writer (store/folders)."""
+        return self._conn
+
     # -- lifecycle ------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -273,6 +278,15 @@ class IndexStore:
         share = self._share_from_row(row)
         assert share is not None
         return share
+
+    def forget_share(self, share_id: int) -> None:
+        """Drop a share's rows (its files stay on disk)."""
+        with _guard("forgetting share"), self.transaction():
+            self._delete_files_where(
+                "dir_id IN (SELECT id FROM dirs WHERE share_id = ?)", (share_id,)
+            )
+            self._conn.execute("DELETE FROM dirs WHERE share_id = ?", (share_id,))
+            self._conn.execute("DELETE FROM shares WHERE id = ?", (share_id,))
 
     def share(self, share_id: int) -> ShareRecord | None:
         with _guard("reading share"):

@@ -71,6 +71,8 @@ Progress = Callable[[int, int], None]
 """Called with (bytes done, files done) so far, cumulative."""
 ReadHook = Callable[[str], None]
 """Test seam: called with a file's path after its bytes were read, before it is re-checked."""
+IgnoreRule = Callable[[str, bool], bool]
+"""``(relative path, is_directory) -> leave it out``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,8 +161,10 @@ class _Scan:
         chunker: Chunker,
         progress: Progress | None,
         read_hook: ReadHook | None,
+        ignore: IgnoreRule | None = None,
     ) -> None:
         self.index = index
+        self.ignore = ignore
         self.share_id = share_id
         self.generation = generation
         self.racy_limit_ns = racy_limit_ns
@@ -249,6 +253,10 @@ class _Scan:
         files, subdirs = self._classify(entries)
         del entries
         files, subdirs = self._drop_collisions(disk_path, files, subdirs)
+        if self.ignore is not None:
+            ignore, prefix = self.ignore, f"{rel}/" if rel else ""
+            files = [item for item in files if not ignore(prefix + item[1], False)]
+            subdirs = [item for item in subdirs if not ignore(prefix + item[1], True)]
 
         result = _DirResult(Child(ContentHash(b""), 0))
         items, changed = self.scan_files(dir_id, disk_path, files, result)
@@ -616,6 +624,7 @@ def scan_share(
     chunker: Chunker | None = None,
     progress: Progress | None = None,
     read_hook: ReadHook | None = None,
+    ignore: IgnoreRule | None = None,
 ) -> ScanResult:
     """Index a file or folder as a share and return its manifest, counts and problems.
 
@@ -623,6 +632,9 @@ def scan_share(
     files modified within :data:`RACY_WINDOW_NS` of the previous scan's start are read
     again. So a benchmark that rescans a tree it just wrote should backdate mtimes or wait
     that long before the first scan, or the rescan re-reads the youngest files.
+
+    ``ignore(relative_path, is_directory)`` leaves out what it returns True for (a sync
+    folder's ignore patterns and state directory); it sees NFC tree paths.
 
     Raises LocalProtocolError if ``path`` cannot be a share (missing, special file, a
     name that is not UTF-8) and StorageError if the index fails; every other trouble
@@ -650,6 +662,7 @@ def scan_share(
         chunker or Chunker(DEFAULT_CHUNKER),
         progress,
         read_hook,
+        ignore,
     )
     try:
         result = _scan_single_file(scan, top, name) if single_file else _scan_top_dir(scan, top)

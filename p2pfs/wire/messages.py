@@ -31,6 +31,7 @@ MAX_REQUEST_ID = (1 << 64) - 1
 MAX_PIECES = 1 << 24
 """16M unique chunks: ~1.2 TiB at the default chunk size, a 2 MiB bitfield."""
 MAX_HAVE_UPDATE = 1024
+MAX_FOLDER_MEMBERS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,6 +273,137 @@ class HaveUpdate:
         return cls(_request_id(fields[0]), tuple(_uint(p, "piece", MAX_PIECES - 1) for p in pieces))
 
 
+@dataclass(frozen=True, slots=True)
+class FolderHello:
+    """Open a sync folder on this connection: the client's nonce for the membership proof.
+
+    Every folder id gets a FolderChallenge, known or not, so a stranger cannot even learn
+    whether this node holds a folder.
+    """
+
+    TAG: ClassVar[int] = 0x20
+    request_id: int
+    folder_id: ContentHash
+    nonce: bytes
+
+    def fields(self) -> list[Any]:
+        return [self.request_id, self.folder_id, self.nonce]
+
+    @classmethod
+    def from_fields_untrusted(cls, fields: list[Any]) -> FolderHello:
+        _need(fields, 3, "FolderHello")
+        return cls(_request_id(fields[0]), _hash(fields[1]), _exact(fields[2], "nonce", 32))
+
+
+@dataclass(frozen=True, slots=True)
+class FolderChallenge:
+    """The server's nonce and its own proof of membership (checked by the client)."""
+
+    TAG: ClassVar[int] = 0x21
+    request_id: int
+    nonce: bytes
+    proof: bytes
+
+    def fields(self) -> list[Any]:
+        return [self.request_id, self.nonce, self.proof]
+
+    @classmethod
+    def from_fields_untrusted(cls, fields: list[Any]) -> FolderChallenge:
+        _need(fields, 3, "FolderChallenge")
+        return cls(
+            _request_id(fields[0]), _exact(fields[1], "nonce", 32), _exact(fields[2], "proof", 32)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FolderProof:
+    """The client's proof; a FolderWelcome grants the folder to this connection."""
+
+    TAG: ClassVar[int] = 0x22
+    request_id: int
+    folder_id: ContentHash
+    proof: bytes
+
+    def fields(self) -> list[Any]:
+        return [self.request_id, self.folder_id, self.proof]
+
+    @classmethod
+    def from_fields_untrusted(cls, fields: list[Any]) -> FolderProof:
+        _need(fields, 3, "FolderProof")
+        return cls(_request_id(fields[0]), _hash(fields[1]), _exact(fields[2], "proof", 32))
+
+
+@dataclass(frozen=True, slots=True)
+class FolderMember:
+    node_id: bytes
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class FolderWelcome:
+    """Membership granted; ``members``: other members the server knows (peer exchange)."""
+
+    TAG: ClassVar[int] = 0x23
+    request_id: int
+    members: tuple[FolderMember, ...] = ()
+
+    def fields(self) -> list[Any]:
+        return [self.request_id, [[m.node_id, m.host, m.port] for m in self.members]]
+
+    @classmethod
+    def from_fields_untrusted(cls, fields: list[Any]) -> FolderWelcome:
+        _need(fields, 2, "FolderWelcome")
+        members = []
+        for item in _list(fields[1], "members", MAX_FOLDER_MEMBERS):
+            entry = _list(item, "member", 3)
+            _need(entry, 3, "member")
+            members.append(
+                FolderMember(
+                    _exact(entry[0], "member node id", 32),
+                    _text(entry[1], "member host", 64),
+                    _uint(entry[2], "member port", 65535),
+                )
+            )
+        return cls(_request_id(fields[0]), tuple(members))
+
+
+@dataclass(frozen=True, slots=True)
+class WatchFolder:
+    """Subscribe to the server's folder index root: one FolderRoot now and one on every
+    change, until the client cancels or ends the stream (nothing may follow it)."""
+
+    TAG: ClassVar[int] = 0x24
+    request_id: int
+    folder_id: ContentHash
+
+    def fields(self) -> list[Any]:
+        return [self.request_id, self.folder_id]
+
+    @classmethod
+    def from_fields_untrusted(cls, fields: list[Any]) -> WatchFolder:
+        _need(fields, 2, "WatchFolder")
+        return cls(_request_id(fields[0]), _hash(fields[1]))
+
+
+@dataclass(frozen=True, slots=True)
+class FolderRoot:
+    """The index root (hash and record count; an all-zero hash with count 0 is empty)."""
+
+    TAG: ClassVar[int] = 0x25
+    request_id: int
+    root: ContentHash
+    records: int
+
+    def fields(self) -> list[Any]:
+        return [self.request_id, self.root, self.records]
+
+    @classmethod
+    def from_fields_untrusted(cls, fields: list[Any]) -> FolderRoot:
+        _need(fields, 3, "FolderRoot")
+        return cls(_request_id(fields[0]), _hash(fields[1]), _uint(fields[2], "records", 1 << 40))
+
+
 def bitfield_of(pieces: Iterable[int], piece_count: int) -> bytes:
     field = bytearray((piece_count + 7) // 8)
     for index in pieces:
@@ -292,6 +424,12 @@ Message = (
     | GetHave
     | HaveReply
     | HaveUpdate
+    | FolderHello
+    | FolderChallenge
+    | FolderProof
+    | FolderWelcome
+    | WatchFolder
+    | FolderRoot
 )
 _FIELD_DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     cls.TAG: cls.from_fields_untrusted
@@ -307,6 +445,12 @@ _FIELD_DECODERS: dict[int, Callable[[list[Any]], Message]] = {
         GetHave,
         HaveReply,
         HaveUpdate,
+        FolderHello,
+        FolderChallenge,
+        FolderProof,
+        FolderWelcome,
+        WatchFolder,
+        FolderRoot,
     )
 }
 RESERVED_TAGS = frozenset({0x00, 0xFF})
@@ -404,6 +548,12 @@ def _text(value: object, name: str, bound: int) -> str:
 def _blob(value: object, name: str, bound: int) -> bytes:
     if not isinstance(value, bytes) or len(value) > bound:
         raise WireError(ErrorCode.PROTOCOL_VIOLATION, f"{name}: expected bytes <= {bound}")
+    return value
+
+
+def _exact(value: object, name: str, length: int) -> bytes:
+    if not isinstance(value, bytes) or len(value) != length:
+        raise WireError(ErrorCode.PROTOCOL_VIOLATION, f"{name}: expected {length} bytes")
     return value
 
 

@@ -18,6 +18,11 @@ from p2pfs.wire.messages import (
     Cancel,
     ChunkData,
     ErrorReply,
+    FolderChallenge,
+    FolderHello,
+    FolderProof,
+    FolderRoot,
+    FolderWelcome,
     GetChunks,
     GetHave,
     GetManifest,
@@ -28,6 +33,7 @@ from p2pfs.wire.messages import (
     ManifestReply,
     Message,
     NodesReply,
+    WatchFolder,
     decode_message_untrusted,
     encode_message,
 )
@@ -36,9 +42,48 @@ PROTOCOL_VERSION = 1
 MIN_PROTOCOL_VERSION = 1
 AGENT = "p2pfs/0.1"
 
-Request = GetManifest | GetNodes | GetChunks | GetHave
-Reply = ManifestReply | NodesReply | ChunkData | ErrorReply | HaveReply | HaveUpdate
-_REPLY_TYPES = (ManifestReply, NodesReply, ChunkData, ErrorReply, HaveReply, HaveUpdate)
+Request = (
+    GetManifest | GetNodes | GetChunks | GetHave | FolderHello | FolderProof | WatchFolder
+)
+Reply = (
+    ManifestReply
+    | NodesReply
+    | ChunkData
+    | ErrorReply
+    | HaveReply
+    | HaveUpdate
+    | FolderChallenge
+    | FolderWelcome
+    | FolderRoot
+)
+_REQUEST_TYPES = (
+    GetManifest,
+    GetNodes,
+    GetChunks,
+    GetHave,
+    FolderHello,
+    FolderProof,
+    WatchFolder,
+)
+_SUBSCRIPTIONS = (GetHave, WatchFolder)
+_REPLY_TYPES = (
+    ManifestReply,
+    NodesReply,
+    ChunkData,
+    ErrorReply,
+    HaveReply,
+    HaveUpdate,
+    FolderChallenge,
+    FolderWelcome,
+    FolderRoot,
+)
+_EXPECTED_REPLY: dict[type, type] = {
+    GetManifest: ManifestReply,
+    GetNodes: NodesReply,
+    GetChunks: ChunkData,
+    FolderHello: FolderChallenge,
+    FolderProof: FolderWelcome,
+}
 
 
 class Role(enum.Enum):
@@ -78,10 +123,10 @@ class StreamSession:
         if isinstance(message, Hello):
             raise LocalProtocolError("use hello()")
         if self.role is Role.CLIENT:
-            if isinstance(message, GetManifest | GetNodes | GetChunks | GetHave):
+            if isinstance(message, _REQUEST_TYPES):
                 if self._subscribed:
-                    raise LocalProtocolError("nothing may follow a GetHave on its stream")
-                self._subscribed = isinstance(message, GetHave)
+                    raise LocalProtocolError("nothing may follow a subscription on its stream")
+                self._subscribed = isinstance(message, _SUBSCRIPTIONS)
                 if message.request_id <= self._last_request_id:
                     raise LocalProtocolError("request ids must increase")
                 self._last_request_id = message.request_id
@@ -142,13 +187,13 @@ class StreamSession:
     def _check_request(self, message: Message) -> None:
         if isinstance(message, Cancel):
             return
-        if not isinstance(message, GetManifest | GetNodes | GetChunks | GetHave):
+        if not isinstance(message, _REQUEST_TYPES):
             raise WireError(
                 ErrorCode.PROTOCOL_VIOLATION, f"a client may not send {type(message).__name__}"
             )
         if self._subscribed:
-            raise WireError(ErrorCode.PROTOCOL_VIOLATION, "a request after GetHave")
-        self._subscribed = isinstance(message, GetHave)
+            raise WireError(ErrorCode.PROTOCOL_VIOLATION, "a request after a subscription")
+        self._subscribed = isinstance(message, _SUBSCRIPTIONS)
         if message.request_id <= self._last_request_id:
             raise WireError(ErrorCode.PROTOCOL_VIOLATION, "request ids must increase")
         self._last_request_id = message.request_id
@@ -170,8 +215,11 @@ class StreamSession:
         if isinstance(request, GetHave):
             self._check_have(message, entry)
             return
-        expected_type = {GetManifest: ManifestReply, GetNodes: NodesReply, GetChunks: ChunkData}
-        if not isinstance(message, expected_type[type(request)]):
+        if isinstance(request, WatchFolder):
+            if not isinstance(message, FolderRoot):
+                raise WireError(ErrorCode.PROTOCOL_VIOLATION, "reply does not match WatchFolder")
+            return  # open-ended: one FolderRoot per change
+        if not isinstance(message, _EXPECTED_REPLY[type(request)]):
             raise WireError(ErrorCode.PROTOCOL_VIOLATION, "reply does not match its request")
         if isinstance(message, NodesReply):
             assert isinstance(request, GetNodes)

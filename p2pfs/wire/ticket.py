@@ -1,8 +1,8 @@
 """Tickets: what one user hands another to fetch a share (one line, versioned, checksummed).
 
 ``p2pfs1`` + lowercase base32 (no padding) of ``payload || checksum``, where ``payload`` is
-msgpack ``[kind, root, node_id or nil, [[host, port], ...]]`` and ``checksum`` the first 4
-bytes of BLAKE3(payload). The digit after ``p2pfs`` is the ticket format version, so a
+msgpack ``[kind, root, node_id or nil, [[host, port], ...]]`` (folder tickets append the
+folder's public write key) and ``checksum`` the first 4 bytes of BLAKE3(payload). The digit after ``p2pfs`` is the ticket format version, so a
 ticket from a newer p2pfs is reported as such rather than as a typo.
 """
 
@@ -29,6 +29,11 @@ MAX_TICKET_CHARS = 2048
 class TicketKind(enum.IntEnum):
     SHARE = 0
     """Read access to an immutable share: the root is the capability."""
+    FOLDER_RW = 1
+    """Membership of a sync folder with the right to change it: ``root`` is the write seed."""
+    FOLDER_RO = 2
+    """Read-only membership of a sync folder: ``root`` is the read key, ``write_public``
+    the folder's public write key (to verify records)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,17 +52,19 @@ class Ticket:
     node_id: bytes | None
     """The sharer's NodeId (32 bytes), unless the ticket was made with --no-hints."""
     addresses: tuple[PeerAddress, ...]
+    write_public: bytes | None = None
+    """Only in read-only folder tickets."""
 
     def encode(self) -> str:
-        payload = msgpack.packb(
-            [
-                int(self.kind),
-                self.root,
-                self.node_id,
-                [[address.host, address.port] for address in self.addresses],
-            ],
-            use_bin_type=True,
-        )
+        fields: list[object] = [
+            int(self.kind),
+            self.root,
+            self.node_id,
+            [[address.host, address.port] for address in self.addresses],
+        ]
+        if self.write_public is not None:
+            fields.append(self.write_public)
+        payload = msgpack.packb(fields, use_bin_type=True)
         checksum = blake3.blake3(payload).digest()[:CHECKSUM_BYTES]
         text = base64.b32encode(payload + checksum).decode("ascii").rstrip("=").lower()
         return f"{PREFIX}{TICKET_VERSION}{text}"
@@ -104,11 +111,17 @@ def parse_ticket_untrusted(text: str) -> Ticket:
         node_id = bytes(content_hash_untrusted(node_id))
     if not isinstance(addresses, list) or len(addresses) > MAX_ADDRESSES:
         raise TicketError("ticket addresses are malformed")
+    write_public = None
+    if kind == TicketKind.FOLDER_RO:
+        if len(value) < 5:
+            raise TicketError("read-only folder ticket lacks the folder's write key")
+        write_public = bytes(content_hash_untrusted(value[4]))
     ticket = Ticket(
         TicketKind(kind),
         content_hash_untrusted(root),
         node_id,
         tuple(_address_untrusted(item) for item in addresses),
+        write_public,
     )
     # Base32's last character carries spare bits: only the canonical spelling is accepted,
     # so every changed character is caught.

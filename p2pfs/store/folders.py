@@ -1,0 +1,125 @@
+"""Sync folders in the node's SQLite index: key material, signed records, known members.
+
+Shares the :class:`IndexStore`'s connection (one database file, one writer); callers
+serialise, as for the index itself.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from p2pfs.errors import StorageError
+from p2pfs.store.index import IndexStore
+
+
+@dataclass(frozen=True, slots=True)
+class FolderRow:
+    id: int
+    folder_id: bytes
+    local_path: str
+    read_key: bytes
+    write_public: bytes
+    write_seed: bytes | None
+    created_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRow:
+    node_id: bytes
+    host: str
+    port: int
+    seen_ns: int
+
+
+@contextmanager
+def _guard(what: str) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise StorageError(f"index: {what}: {exc}") from exc
+
+
+_COLUMNS = "id, folder_id, local_path, read_key, write_public, write_seed, created_ns"
+
+
+class FolderStore:
+    def __init__(self, index: IndexStore) -> None:
+        self.index = index
+        self._conn = index.connection
+
+    def add_folder(
+        self,
+        folder_id: bytes,
+        local_path: str,
+        read_key: bytes,
+        write_public: bytes,
+        write_seed: bytes | None,
+        created_ns: int,
+    ) -> FolderRow:
+        with _guard("adding folder"), self.index.transaction():
+            taken = self._conn.execute(
+                "SELECT local_path FROM folders WHERE folder_id = ? OR local_path = ?",
+                (folder_id, local_path),
+            ).fetchone()
+            if taken is not None:
+                raise StorageError(f"{taken[0]} is already a sync folder (or this one's path)")
+            self._conn.execute(
+                "INSERT INTO folders (folder_id, local_path, read_key, write_public, "
+                "write_seed, created_ns) VALUES (?, ?, ?, ?, ?, ?)",
+                (folder_id, local_path, read_key, write_public, write_seed, created_ns),
+            )
+        row = self.folder_by_path(local_path)
+        assert row is not None
+        return row
+
+    def folders(self) -> list[FolderRow]:
+        with _guard("listing folders"):
+            rows = self._conn.execute(f"SELECT {_COLUMNS} FROM folders ORDER BY id").fetchall()
+        return [FolderRow(*row) for row in rows]
+
+    def folder_by_path(self, local_path: str) -> FolderRow | None:
+        with _guard("reading folder"):
+            row = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM folders WHERE local_path = ?", (local_path,)
+            ).fetchone()
+        return None if row is None else FolderRow(*row)
+
+    def remove_folder(self, folder: int) -> None:
+        with _guard("removing folder"), self.index.transaction():
+            self._conn.execute("DELETE FROM folder_records WHERE folder = ?", (folder,))
+            self._conn.execute("DELETE FROM folder_peers WHERE folder = ?", (folder,))
+            self._conn.execute("DELETE FROM folders WHERE id = ?", (folder,))
+
+    def records(self, folder: int) -> dict[str, bytes]:
+        with _guard("reading folder records"):
+            rows = self._conn.execute(
+                "SELECT path, record FROM folder_records WHERE folder = ?", (folder,)
+            ).fetchall()
+        return {path: bytes(record) for path, record in rows}
+
+    def put_records(self, folder: int, records: Iterable[tuple[str, bytes]]) -> None:
+        with _guard("writing folder records"), self.index.transaction():
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO folder_records (folder, path, record) VALUES (?, ?, ?)",
+                [(folder, path, record) for path, record in records],
+            )
+
+    def peers(self, folder: int) -> list[PeerRow]:
+        with _guard("reading folder peers"):
+            rows = self._conn.execute(
+                "SELECT node_id, host, port, seen_ns FROM folder_peers WHERE folder = ? "
+                "ORDER BY seen_ns DESC",
+                (folder,),
+            ).fetchall()
+        return [PeerRow(*row) for row in rows]
+
+    def put_peer(self, folder: int, node_id: bytes, host: str, port: int, seen_ns: int) -> None:
+        with _guard("writing folder peer"), self.index.transaction():
+            self._conn.execute(
+                "INSERT OR REPLACE INTO folder_peers (folder, node_id, host, port, seen_ns) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (folder, node_id, host, port, seen_ns),
+            )

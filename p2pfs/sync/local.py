@@ -1,0 +1,68 @@
+"""Turning what the scanner saw on disk into new local versions (sans-I/O).
+
+A file whose content or executable bit differs from its record, or that has no live
+record, is a new version by this device; a live record whose file is gone is a delete
+(a tombstone), unless the caller says the absence means nothing (an ignored path, or one
+the scanner could not read: an unreadable file must never turn into a delete that spreads
+to every member). mtime alone is not a change: ``touch`` moves nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from p2pfs.ids import ContentHash
+from p2pfs.sync.versions import FileVersion, VersionVector
+
+
+@dataclass(frozen=True, slots=True)
+class DiskFile:
+    """One regular file as the scanner recorded it."""
+
+    path: str
+    root: ContentHash
+    size: int
+    executable: bool
+    mtime_ns: int
+
+
+def differs(record: FileVersion | None, disk: DiskFile) -> bool:
+    return (
+        record is None
+        or record.deleted
+        or record.root != disk.root
+        or record.executable != disk.executable
+    )
+
+
+def local_changes(
+    records: Mapping[str, FileVersion],
+    disk: Mapping[str, DiskFile],
+    device: bytes,
+    now_ns: int,
+    absence_is_unknown: Callable[[str], bool],
+) -> list[FileVersion]:
+    """New versions (this device's) for every path whose disk state differs from its record."""
+    changes: list[FileVersion] = []
+    for path, found in disk.items():
+        record = records.get(path)
+        if differs(record, found):
+            vector = record.version if record is not None else VersionVector.empty()
+            changes.append(
+                FileVersion(
+                    path,
+                    vector.bump(device),
+                    False,
+                    found.root,
+                    found.size,
+                    found.executable,
+                    found.mtime_ns,
+                    device,
+                )
+            )
+    for path, record in records.items():
+        if record.deleted or path in disk or absence_is_unknown(path):
+            continue
+        changes.append(FileVersion.tombstone(path, record.version.bump(device), now_ns, device))
+    return changes

@@ -1,0 +1,519 @@
+"""End to end: folder sync between real daemons in real processes on 127.0.0.1.
+
+Every wait polls the members' directories and ``p2pfs sync list`` (``wait_until``): nothing
+assumes how long the watcher's debounce or the periodic rescan takes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import signal
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from p2pfs.bench.daemons import DaemonProcess
+from p2pfs.wire.ticket import parse_ticket_untrusted
+from tests.e2e_helpers import wait_until
+
+pytestmark = pytest.mark.timeout(300)
+
+MiB = 1 << 20
+STATE_DIR = ".p2pfs"
+PART_PREFIX = ".p2pfs-part-"
+CONFLICT_MARK = ".sync-conflict-"
+CONVERGE_TIMEOUT = 60.0
+
+DaemonFactory = Callable[..., DaemonProcess]
+Tree = dict[str, tuple[bytes, bool]]
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[DaemonFactory]:
+    started: list[DaemonProcess] = []
+
+    def make(name: str, *extra: str) -> DaemonProcess:
+        daemon = DaemonProcess(tmp_path / name, extra_args=("--no-lan", *extra)).start()
+        started.append(daemon)
+        return daemon
+
+    yield make
+    for daemon in started:
+        daemon.stop()
+
+
+# -- looking at folders ----------------------------------------------------------------------
+
+
+def synced_files(root: Path) -> Iterator[tuple[str, Path]]:
+    """(relative path, path) of every regular file sync is about: no state directory, no
+    transfer temp files, no symlinks."""
+    for directory, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(name for name in dirnames if name != STATE_DIR)
+        for name in sorted(filenames):
+            path = Path(directory, name)
+            if name.startswith(PART_PREFIX) or path.is_symlink():
+                continue
+            yield path.relative_to(root).as_posix(), path
+
+
+def tree(root: Path) -> Tree:
+    """Relative path -> (content, executable) of every synced file under ``root``."""
+    found: Tree = {}
+    if not root.exists():
+        return found
+    for relative, path in synced_files(root):
+        found[relative] = (path.read_bytes(), bool(path.stat().st_mode & stat.S_IXUSR))
+    return found
+
+
+def shape(root: Path) -> dict[str, tuple[int, bool]]:
+    """Relative path -> (size, executable): a cheap first check before reading contents."""
+    return {
+        relative: (path.stat().st_size, bool(path.stat().st_mode & stat.S_IXUSR))
+        for relative, path in synced_files(root)
+    }
+
+
+def settled(read: Callable[[], Any]) -> Any:
+    """``read()``, or None while files move under it (a sync is applying changes)."""
+    try:
+        return read()
+    except FileNotFoundError:
+        return None
+
+
+def contents(root: Path) -> dict[str, bytes]:
+    return {relative: content for relative, (content, _) in tree(root).items()}
+
+
+def content_of(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+
+
+def has_part_files(root: Path) -> bool:
+    return any(
+        name.startswith(PART_PREFIX) for _, _, filenames in os.walk(root) for name in filenames
+    )
+
+
+def conflict_copies(root: Path) -> list[str]:
+    return [relative for relative, _ in synced_files(root) if CONFLICT_MARK in relative]
+
+
+def version_contents(root: Path) -> list[bytes]:
+    versions = root / STATE_DIR / "versions"
+    if not versions.exists():
+        return []
+    return [path.read_bytes() for path in versions.rglob("*") if path.is_file()]
+
+
+# -- driving sync ----------------------------------------------------------------------------
+
+
+Member = tuple[DaemonProcess, Path]
+
+
+def same_path(a: str | Path, b: str | Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def create_folder(daemon: DaemonProcess, path: Path) -> dict[str, Any]:
+    path.mkdir(parents=True, exist_ok=True)
+    created = daemon.cli_json("sync", str(path))
+    assert created["mode"] == "rw" and same_path(created["path"], path)
+    assert created["rw"] != created["ro"]
+    return created
+
+
+def join(daemon: DaemonProcess, path: Path, ticket: str) -> dict[str, Any]:
+    joined = daemon.cli_json("sync", str(path), ticket)
+    assert same_path(joined["path"], path)
+    return joined
+
+
+def folder_state(daemon: DaemonProcess, path: Path) -> dict[str, Any]:
+    folders = daemon.cli_json("sync", "list")["folders"]
+    matching = [folder for folder in folders if same_path(folder["path"], path)]
+    assert len(matching) == 1, folders
+    state: dict[str, Any] = matching[0]
+    return state
+
+
+def converged(members: list[Member]) -> bool:
+    shapes = [settled(lambda root=root: shape(root)) for _, root in members]
+    if shapes[0] is None or any(other != shapes[0] for other in shapes[1:]):
+        return False
+    trees = [settled(lambda root=root: tree(root)) for _, root in members]
+    if trees[0] is None or any(other != trees[0] for other in trees[1:]):
+        return False
+    roots = {folder_state(daemon, root)["root"] for daemon, root in members}
+    return len(roots) == 1
+
+
+def wait_converged(members: list[Member], timeout: float = CONVERGE_TIMEOUT) -> Tree:
+    """Until every member's directory holds the same files and every member's folder index
+    has the same root; returns the common tree."""
+    try:
+        wait_until(lambda: converged(members), timeout)
+    except TimeoutError:
+        report = []
+        for daemon, root in members:
+            state = settled(lambda daemon=daemon, root=root: folder_state(daemon, root))
+            files = settled(lambda root=root: sorted(shape(root).items()))
+            report.append(f"{root}: {files}\n  {state}")
+            report.append(daemon.log_tail(15))
+        raise AssertionError("members did not converge:\n" + "\n".join(report)) from None
+    return tree(members[0][1])
+
+
+def wait_root_changes(daemon: DaemonProcess, path: Path, before: str) -> None:
+    """Until the member's folder index records a local change (a scan picked it up)."""
+    wait_until(lambda: folder_state(daemon, path)["root"] != before, CONVERGE_TIMEOUT)
+
+
+def write_with_mtime(path: Path, data: bytes, mtime_s: int, staging: Path) -> None:
+    """The file appears at once with its mtime already set (no scan sees it half made)."""
+    staging.mkdir(parents=True, exist_ok=True)
+    temporary = staging / path.name
+    temporary.write_bytes(data)
+    os.utime(temporary, ns=(mtime_s * 10**9, mtime_s * 10**9))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(temporary, path)
+
+
+def assert_mtimes_match(a: Path, b: Path) -> None:
+    """mtimes travel with the content; sub-second precision may be rounded."""
+    for relative, path in synced_files(a):
+        ours, theirs = path.stat().st_mtime, (b / relative).stat().st_mtime
+        assert abs(int(ours) - int(theirs)) <= 1, (relative, ours, theirs)
+
+
+def forge_secret(ticket_text: str) -> str:
+    """The same ticket (folder, address hint) with its secret replaced by random bytes."""
+    ticket = parse_ticket_untrusted(ticket_text)
+    fields = {field.name: getattr(ticket, field.name) for field in dataclasses.fields(ticket)}
+    secrets = [name for name, value in fields.items() if "secret" in name and value]
+    if not secrets:  # no field called *secret*: a signing or access key
+        secrets = [
+            name
+            for name, value in fields.items()
+            if name.endswith("key") and isinstance(value, bytes | bytearray)
+        ]
+    assert secrets, f"no secret field in the ticket: {sorted(fields)}"
+    changes = {name: os.urandom(len(fields[name])) for name in secrets}
+    text: str = dataclasses.replace(ticket, **changes).encode()
+    assert text != ticket_text
+    return text
+
+
+# -- tests -----------------------------------------------------------------------------------
+
+UNICODE_NAME = "r\u00e9sum\u00e9 \u65e5\u672c.txt"
+
+
+def test_two_members_follow_each_others_changes(tmp_path: Path, daemons: DaemonFactory) -> None:
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir()
+    (a_dir / "seed.txt").write_text("there before the folder was shared\n")
+    a, b = daemons("home-a"), daemons("home-b")
+    tickets = create_folder(a, a_dir)
+    joined = join(b, b_dir, tickets["rw"])
+    assert joined["mode"] == "rw" and joined["folder"] == tickets["folder"]
+    members = [(a, a_dir), (b, b_dir)]
+    assert wait_converged(members) == tree(a_dir)
+
+    # A: create, nested directories, a unicode name, an executable, a set mtime.
+    (a_dir / "docs" / "notes").mkdir(parents=True)
+    (a_dir / "docs" / "notes" / "deep.txt").write_text("deep note\n")
+    (a_dir / UNICODE_NAME).write_text("unicode name\n")
+    (a_dir / "src" / "lib" / "deeper").mkdir(parents=True)
+    (a_dir / "src" / "lib" / "mod.py").write_text("VALUE = 1\n")
+    (a_dir / "src" / "lib" / "deeper" / "x.txt").write_text("x\n")
+    (a_dir / "src" / "main.py").write_text("print('hello')\n" * 50)
+    (a_dir / "top.txt").write_text("top, first version\n")
+    script = a_dir / "run.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o755)
+    write_with_mtime(a_dir / "old.txt", b"from long ago\n", 1_600_000_000, tmp_path / "staging")
+    synced = wait_converged(members)
+    assert synced[UNICODE_NAME] == (b"unicode name\n", False)
+    assert synced["run.sh"][1] is True
+    assert int((b_dir / "old.txt").stat().st_mtime) == 1_600_000_000
+    assert_mtimes_match(a_dir, b_dir)
+
+    # B: modify in place, append, truncate shorter, truncate to empty.
+    (b_dir / "top.txt").write_text("top, SECOND version\n")
+    with (b_dir / "docs" / "notes" / "deep.txt").open("a") as handle:
+        handle.write("appended on B\n")
+    with (b_dir / "src" / "main.py").open("r+b") as handle:
+        handle.truncate(15)
+    (b_dir / "seed.txt").write_bytes(b"")
+    synced = wait_converged(members)
+    assert synced["top.txt"][0] == b"top, SECOND version\n"
+    assert synced["docs/notes/deep.txt"][0] == b"deep note\nappended on B\n"
+    assert synced["src/main.py"][0] == b"print('hello')\n"
+    assert synced["seed.txt"][0] == b""
+
+    # A: rename, move between directories, exec bit off and on.
+    (a_dir / "top.txt").rename(a_dir / "top-renamed.txt")
+    (a_dir / "src" / "main.py").rename(a_dir / "docs" / "main.py")
+    script.chmod(0o644)
+    (a_dir / "docs" / "notes" / "deep.txt").chmod(0o755)
+    synced = wait_converged(members)
+    assert "top.txt" not in synced and synced["top-renamed.txt"][0] == b"top, SECOND version\n"
+    assert "src/main.py" not in synced and synced["docs/main.py"][0] == b"print('hello')\n"
+    assert synced["run.sh"][1] is False and synced["docs/notes/deep.txt"][1] is True
+
+    # B: delete a file, delete a nested directory: the directory goes on A too.
+    (b_dir / UNICODE_NAME).unlink()
+    shutil.rmtree(b_dir / "src")
+    synced = wait_converged(members)
+    assert UNICODE_NAME not in synced
+    assert not any(relative.startswith("src/") for relative in synced)
+    wait_until(lambda: not (a_dir / "src").exists(), CONVERGE_TIMEOUT)
+
+    # A: a name that was deleted comes back, in a new directory too.
+    (a_dir / UNICODE_NAME).write_text("back again\n")
+    (a_dir / "new" / "dir").mkdir(parents=True)
+    (a_dir / "new" / "dir" / "file.bin").write_bytes(os.urandom(20_000))
+    synced = wait_converged(members)
+    assert synced[UNICODE_NAME][0] == b"back again\n"
+    assert_mtimes_match(a_dir, b_dir)
+    assert not conflict_copies(a_dir) and not conflict_copies(b_dir)
+    assert folder_state(a, a_dir)["files"] == folder_state(b, b_dir)["files"]
+
+
+def test_three_members(tmp_path: Path, daemons: DaemonFactory) -> None:
+    dirs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    dirs[0].mkdir()
+    (dirs[0] / "shared.txt").write_text("from A\n")
+    a, b, c = daemons("home-a"), daemons("home-b"), daemons("home-c")
+    ticket = create_folder(a, dirs[0])["rw"]
+    join(b, dirs[1], ticket)
+    join(c, dirs[2], ticket)  # C learns of B from A
+    members = list(zip([a, b, c], dirs, strict=True))
+    wait_converged(members)
+
+    (dirs[2] / "from-c.txt").write_text("made on C\n")
+    (dirs[2] / "shared.txt").write_text("edited on C\n")
+    (dirs[2] / "sub").mkdir()
+    (dirs[2] / "sub" / "deep.txt").write_text("deep on C\n")
+    synced = wait_converged(members)
+    assert synced["from-c.txt"][0] == b"made on C\n"
+    assert synced["shared.txt"][0] == b"edited on C\n"
+    assert synced["sub/deep.txt"][0] == b"deep on C\n"
+    for daemon, root in members:
+        assert folder_state(daemon, root)["peers"] >= 1
+
+
+def test_concurrent_edits_make_one_conflict_copy(tmp_path: Path, daemons: DaemonFactory) -> None:
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir()
+    (a_dir / "doc.txt").write_text("base\n")
+    (a_dir / "other.txt").write_text("untouched\n")
+    a, b = daemons("home-a"), daemons("home-b")
+    tickets = create_folder(a, a_dir)
+    join(b, b_dir, tickets["rw"])
+    members = [(a, a_dir), (b, b_dir)]
+    wait_converged(members)
+
+    b.stop()
+    before = folder_state(a, a_dir)["root"]
+    (a_dir / "doc.txt").write_text("edited on A\n")
+    wait_root_changes(a, a_dir, before)
+    (b_dir / "doc.txt").write_text("edited on B while it was down\n")
+    b.start()
+
+    wait_until(lambda: len(conflict_copies(a_dir)) == 1, CONVERGE_TIMEOUT)
+    synced = wait_converged(members)
+    copies = [relative for relative in synced if CONFLICT_MARK in relative]
+    assert len(copies) == 1, sorted(synced)
+    assert re.fullmatch(r"doc\.sync-conflict-\d{8}-\d{6}-[^./]{7}\.txt", copies[0]), copies
+    assert {synced["doc.txt"][0], synced[copies[0]][0]} == {
+        b"edited on A\n",
+        b"edited on B while it was down\n",
+    }
+    assert synced["other.txt"][0] == b"untouched\n"
+    for daemon in (a, b):
+        wait_until(
+            lambda daemon=daemon: len(daemon.cli_json("conflicts")["conflicts"]) == 1,
+            CONVERGE_TIMEOUT,
+        )
+        listed = daemon.cli_json("conflicts")["conflicts"]
+        assert [(entry["path"], entry["original"]) for entry in listed] == [(copies[0], "doc.txt")]
+        assert listed[0]["folder"] == tickets["folder"]
+
+
+def test_delete_loses_to_a_concurrent_edit(tmp_path: Path, daemons: DaemonFactory) -> None:
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir()
+    (a_dir / "f.txt").write_text("original\n")
+    (a_dir / "keep.txt").write_text("keep\n")
+    a, b = daemons("home-a"), daemons("home-b")
+    join(b, b_dir, create_folder(a, a_dir)["rw"])
+    members = [(a, a_dir), (b, b_dir)]
+    wait_converged(members)
+
+    b.stop()
+    before = folder_state(a, a_dir)["root"]
+    (a_dir / "f.txt").unlink()
+    wait_root_changes(a, a_dir, before)
+    (b_dir / "f.txt").write_text("edited on B, deleted on A\n")
+    b.start()
+
+    wait_until(lambda: (a_dir / "f.txt").exists(), CONVERGE_TIMEOUT)
+    synced = wait_converged(members)
+    assert synced["f.txt"][0] == b"edited on B, deleted on A\n"
+    assert synced["keep.txt"][0] == b"keep\n"
+    assert not conflict_copies(a_dir)
+
+
+def test_read_only_member_receives_but_does_not_send(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    a_dir, r_dir = tmp_path / "a", tmp_path / "r"
+    a_dir.mkdir()
+    (a_dir / "a.txt").write_text("one\n")
+    a, r = daemons("home-a"), daemons("home-r")
+    tickets = create_folder(a, a_dir)
+    assert join(r, r_dir, tickets["ro"])["mode"] == "ro"
+    assert folder_state(r, r_dir)["mode"] == "ro"
+    wait_converged([(a, a_dir), (r, r_dir)])
+
+    (r_dir / "a.txt").write_text("edited on the read-only member\n")
+    (r_dir / "r-only.txt").write_text("made on the read-only member\n")
+    wait_until(
+        lambda: {"a.txt", "r-only.txt"} <= set(folder_state(r, r_dir)["local_changes"]),
+        CONVERGE_TIMEOUT,
+    )
+    # Barrier: A's later change has reached R, so R's changes would have reached A by now.
+    (a_dir / "later.txt").write_text("later, from A\n")
+    wait_until(lambda: content_of(r_dir / "later.txt") == b"later, from A\n", CONVERGE_TIMEOUT)
+    assert contents(a_dir) == {"a.txt": b"one\n", "later.txt": b"later, from A\n"}
+    assert (r_dir / "a.txt").read_text() == "edited on the read-only member\n"
+    assert {"a.txt", "r-only.txt"} <= set(folder_state(r, r_dir)["local_changes"])
+    assert folder_state(a, a_dir)["local_changes"] == []
+
+
+def test_forged_ticket_gets_nothing(tmp_path: Path, daemons: DaemonFactory) -> None:
+    a_dir, b_dir, x_dir = tmp_path / "a", tmp_path / "b", tmp_path / "x"
+    a_dir.mkdir()
+    (a_dir / "secret.txt").write_text("members only\n")
+    a, b, x = daemons("home-a"), daemons("home-b"), daemons("home-x")
+    tickets = create_folder(a, a_dir)
+    forged = forge_secret(tickets["rw"])
+    # The forger may be refused at once or keep trying in the background: either way it
+    # must never see the folder's files.
+    x.cli("sync", str(x_dir), forged, "--json", check=False, timeout=120)
+    join(b, b_dir, tickets["rw"])
+    wait_converged([(a, a_dir), (b, b_dir)])
+
+    # Barrier: A's later file reached the real member; the forger has had the same chance.
+    (a_dir / "later.txt").write_text("still members only\n")
+    wait_until(lambda: (b_dir / "later.txt").exists(), CONVERGE_TIMEOUT)
+    wait_converged([(a, a_dir), (b, b_dir)])
+    assert tree(x_dir) == {}
+    assert a.process is not None and a.process.poll() is None
+    assert a.call("id")
+    log = a.log_path.read_text(errors="replace")
+    assert "Traceback" not in log and "failed unexpectedly" not in log, a.log_tail()
+
+
+@pytest.mark.slow
+def test_member_killed_while_applying_has_no_torn_files(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir()
+    (a_dir / "big.bin").write_bytes(os.urandom(64 * MiB))
+    for number in range(20):
+        (a_dir / "small" / f"s{number // 5}").mkdir(parents=True, exist_ok=True)
+        (a_dir / "small" / f"s{number // 5}" / f"{number}.dat").write_bytes(
+            os.urandom(number * 1500)
+        )
+    a = daemons("home-a", "--max-upload-rate", str(16 * MiB))
+    b = daemons("home-b")
+    expected = tree(a_dir)
+    ticket = create_folder(a, a_dir)["rw"]
+    join(b, b_dir, ticket)
+
+    def receiving() -> bool:
+        return has_part_files(b_dir) or int(b.call("status")["bytes_received"]) > MiB
+
+    wait_until(receiving, CONVERGE_TIMEOUT)
+    b.kill(signal.SIGKILL)
+    b.wait()
+    # Whatever made it to its final name is whole.
+    for relative, content in tree(b_dir).items():
+        assert content == expected[relative], relative
+
+    b.start()
+    synced = wait_converged([(a, a_dir), (b, b_dir)], timeout=120)
+    assert synced == expected
+    # The temp file the kill left behind is resumed from or cleaned up, not leaked.
+    wait_until(lambda: not has_part_files(b_dir), CONVERGE_TIMEOUT)
+
+
+def test_ignore_patterns_apply_on_every_member(tmp_path: Path, daemons: DaemonFactory) -> None:
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    (a_dir / "build").mkdir(parents=True)
+    (a_dir / ".p2pfsignore").write_text("*.log\nbuild/\n")
+    (a_dir / "a.log").write_text("A's log\n")
+    (a_dir / "build" / "x").write_text("built on A\n")
+    (a_dir / "keep.txt").write_text("keep me\n")
+    a, b = daemons("home-a"), daemons("home-b")
+    join(b, b_dir, create_folder(a, a_dir)["rw"])
+
+    wanted = {".p2pfsignore": b"*.log\nbuild/\n", "keep.txt": b"keep me\n"}
+    wait_until(lambda: settled(lambda: contents(b_dir)) == wanted, CONVERGE_TIMEOUT)
+    wait_until(
+        lambda: folder_state(a, a_dir)["root"] == folder_state(b, b_dir)["root"],
+        CONVERGE_TIMEOUT,
+    )
+    assert not (b_dir / "build").exists()
+
+    # B's own files under the patterns: A's a.log is neither overwritten nor overwrites.
+    (b_dir / "a.log").write_text("B's own a.log\n")
+    (b_dir / "b.log").write_text("B's log\n")
+    (b_dir / "b-note.txt").write_text("from B\n")  # barrier: written after b.log
+    wait_until(lambda: content_of(a_dir / "b-note.txt") == b"from B\n", CONVERGE_TIMEOUT)
+    assert not (a_dir / "b.log").exists()
+    assert (a_dir / "a.log").read_text() == "A's log\n"
+    assert (a_dir / "build" / "x").read_text() == "built on A\n"
+    assert (b_dir / "a.log").read_text() == "B's own a.log\n"
+
+
+def test_replaced_and_deleted_files_are_kept_as_versions(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir()
+    (a_dir / "v.txt").write_text("version one\n")
+    (a_dir / "sub").mkdir()
+    (a_dir / "sub" / "gone.txt").write_text("about to be deleted\n")
+    (a_dir / "stays.txt").write_text("stays\n")
+    a, b = daemons("home-a"), daemons("home-b")
+    join(b, b_dir, create_folder(a, a_dir)["rw"])
+    members = [(a, a_dir), (b, b_dir)]
+    wait_converged(members)
+    assert version_contents(b_dir) == []
+
+    (a_dir / "v.txt").write_text("version two\n")
+    (a_dir / "sub" / "gone.txt").unlink()
+    synced = wait_converged(members)
+    assert synced["v.txt"][0] == b"version two\n" and "sub/gone.txt" not in synced
+    kept = version_contents(b_dir)
+    assert b"version one\n" in kept
+    assert b"about to be deleted\n" in kept
+    # The versions directory is the member's own: never synced back.
+    assert b"version one\n" not in version_contents(a_dir)

@@ -1,0 +1,173 @@
+"""Folder keys, membership proofs, signed records and the folder index tree."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pfs.content.tree import iter_leaves
+from p2pfs.errors import LocalProtocolError, RemoteProtocolError
+from p2pfs.ids import ContentHash
+from p2pfs.sync.keys import FolderKeys
+from p2pfs.sync.records import (
+    EMPTY_INDEX,
+    INDEX_TREE,
+    IndexLeaf,
+    SignedRecord,
+    build_index,
+    index_leaf,
+    path_key,
+    remote_changes,
+)
+from p2pfs.sync.local import DiskFile, local_changes
+from p2pfs.sync.versions import FileVersion, Ordering, VersionVector
+
+DEVICE = bytes([7]) * 32
+KEYS = FolderKeys.from_write_seed(bytes(range(32)))
+OTHER = FolderKeys.from_write_seed(bytes(range(1, 33)))
+
+
+def version(path: str, counter: int = 1, root: bytes = bytes(32)) -> FileVersion:
+    vector = VersionVector.of({DEVICE: counter})
+    return FileVersion(path, vector, False, ContentHash(root), 10, False, 5, DEVICE)
+
+
+def test_read_only_keys_verify_but_cannot_sign() -> None:
+    record = SignedRecord.sign(version("a.txt"), KEYS)
+    read_only = KEYS.read_only()
+    assert read_only.folder_id == KEYS.folder_id
+    assert SignedRecord.decode_untrusted(record.encode(), read_only) == record
+    with pytest.raises(LocalProtocolError):
+        SignedRecord.sign(version("a.txt"), read_only)
+
+
+def test_signatures_are_deterministic() -> None:
+    assert SignedRecord.sign(version("x"), KEYS) == SignedRecord.sign(version("x"), KEYS)
+
+
+def test_record_of_another_folder_is_refused() -> None:
+    foreign = SignedRecord.sign(version("a.txt"), OTHER)
+    with pytest.raises(RemoteProtocolError, match="signature"):
+        SignedRecord.decode_untrusted(foreign.encode(), KEYS)
+
+
+@settings(max_examples=300)
+@given(st.data())
+def test_every_byte_change_of_a_record_is_refused(data: st.DataObject) -> None:
+    encoded = bytearray(SignedRecord.sign(version("dir/a.txt", 3), KEYS).encode())
+    position = data.draw(st.integers(0, len(encoded) - 1))
+    encoded[position] ^= data.draw(st.integers(1, 255))
+    with pytest.raises(RemoteProtocolError):
+        SignedRecord.decode_untrusted(bytes(encoded), KEYS)
+
+
+@given(st.binary(max_size=400))
+def test_junk_is_refused_with_one_error_type(junk: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        SignedRecord.decode_untrusted(junk, KEYS)
+
+
+def test_membership_proof_binds_role_nonces_and_nodes() -> None:
+    a, b, n1, n2 = (bytes([i]) * 32 for i in range(4))
+    proof = KEYS.membership_proof("server", n1, n2, a, b)
+    assert KEYS.check_proof(proof, "server", n1, n2, a, b)
+    assert not KEYS.check_proof(proof, "client", n1, n2, a, b)
+    assert not KEYS.check_proof(proof, "server", n2, n1, a, b)
+    assert not KEYS.check_proof(proof, "server", n1, n2, b, a)
+    assert not OTHER.check_proof(proof, "server", n1, n2, a, b)
+    assert KEYS.read_only().check_proof(proof, "server", n1, n2, a, b)
+
+
+def test_ids_and_discovery_key_differ_from_secrets() -> None:
+    values = {KEYS.folder_id, KEYS.discovery_key, KEYS.read_key, KEYS.write_public}
+    assert len(values) == 4
+    assert KEYS.write_seed not in values
+
+
+paths = st.lists(
+    st.text(alphabet="abcdefgh/", min_size=1, max_size=12).filter(
+        lambda p: all(part for part in p.split("/"))
+    ),
+    unique=True,
+    max_size=300,
+)
+
+
+def leaves_of(names: list[str], counter: int = 1) -> dict[str, IndexLeaf]:
+    return {name: index_leaf(SignedRecord.sign(version(name, counter), KEYS)) for name in names}
+
+
+@settings(max_examples=30, deadline=None)
+@given(paths, st.randoms(use_true_random=False))
+def test_index_root_is_independent_of_insertion_order(names: list[str], rng: random.Random) -> None:
+    leaves = list(leaves_of(names).values())
+    shuffled = leaves[:]
+    rng.shuffle(shuffled)
+    root = build_index(leaves)
+    assert root == build_index(shuffled)
+    assert root.size == len(leaves)
+    if not leaves:
+        assert root == EMPTY_INDEX
+
+
+@settings(max_examples=20, deadline=None)
+@given(paths, st.data())
+def test_diff_names_exactly_the_changed_records(names: list[str], data: st.DataObject) -> None:
+    local = leaves_of(names)
+    changed = data.draw(st.lists(st.sampled_from(names), unique=True) if names else st.just([]))
+    remote = dict(local)
+    remote.update(leaves_of(changed, counter=2))
+    remote.update(leaves_of(["new-file"]) if "new-file" not in remote else {})
+    local_nodes: dict[ContentHash, bytes] = {}
+    remote_nodes: dict[ContentHash, bytes] = {}
+    local_root = build_index(local.values(), lambda h, e, _n: local_nodes.__setitem__(h, e))
+    remote_root = build_index(remote.values(), lambda h, e, _n: remote_nodes.__setitem__(h, e))
+    def fetch(hashes: list[ContentHash]) -> list[bytes]:
+        return [remote_nodes[h] for h in hashes]
+
+    changes = remote_changes(local_root, local_nodes.__getitem__, remote_root, fetch)
+    expected = {leaf for name, leaf in remote.items() if local.get(name) != leaf}
+    assert set(changes) == expected
+    assert set(remote_changes(EMPTY_INDEX, {}.__getitem__, remote_root, fetch)) == set(
+        remote.values()
+    )
+    assert remote_changes(remote_root, remote_nodes.__getitem__, EMPTY_INDEX, fetch) == []
+    walked = [leaf for _o, leaf in iter_leaves(INDEX_TREE, remote_root, remote_nodes.__getitem__)]
+    assert walked == sorted(remote.values())
+    assert all(leaf.path_key == path_key(name) for name, leaf in remote.items())
+
+
+def disk_file(path: str, root: bytes, executable: bool = False) -> DiskFile:
+    return DiskFile(path, ContentHash(root), 4, executable, 99)
+
+
+def test_local_changes_cover_new_edited_chmod_deleted_and_untouched() -> None:
+    me = bytes([9]) * 32
+    records = {
+        "same": version("same", root=bytes([1]) * 32),
+        "edited": version("edited", root=bytes([1]) * 32),
+        "chmod": version("chmod", root=bytes([1]) * 32),
+        "gone": version("gone", root=bytes([1]) * 32),
+        "ignored": version("ignored", root=bytes([1]) * 32),
+        "dead": FileVersion.tombstone("dead", VersionVector.of({DEVICE: 2}), 1, DEVICE),
+    }
+    disk = {
+        "same": disk_file("same", bytes([1]) * 32),
+        "edited": disk_file("edited", bytes([2]) * 32),
+        "chmod": disk_file("chmod", bytes([1]) * 32, executable=True),
+        "new": disk_file("new", bytes([3]) * 32),
+    }
+    changes = {
+        change.path: change
+        for change in local_changes(records, disk, me, 1234, lambda path: path == "ignored")
+    }
+    assert set(changes) == {"edited", "chmod", "gone", "new"}
+    assert changes["gone"].deleted and changes["gone"].mtime_ns == 1234
+    for path in ("edited", "chmod", "gone"):
+        assert changes[path].version.compare(records[path].version) is Ordering.AFTER
+        assert changes[path].modified_by == me
+    assert changes["new"].version == VersionVector.of({me: 1})
+    assert changes["edited"].root == bytes([2]) * 32
