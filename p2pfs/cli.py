@@ -126,6 +126,16 @@ def _parser() -> argparse.ArgumentParser:
     find = commands.add_parser("find", help="who holds a ticket's share (discovery only)")
     find.add_argument("ticket", metavar="TICKET")
     find.add_argument("--json", action="store_true", help="print one JSON object")
+    sync = commands.add_parser(
+        "sync",
+        help="sync a folder: `sync DIR` starts one, `sync DIR TICKET` joins one, "
+        "`sync list`, `sync remove DIR`",
+    )
+    sync.add_argument("target", metavar="DIR | list | remove")
+    sync.add_argument("argument", metavar="TICKET | DIR", nargs="?")
+    sync.add_argument("--json", action="store_true", help="print one JSON object")
+    conflicts = commands.add_parser("conflicts", help="conflict copies in sync folders")
+    conflicts.add_argument("--json", action="store_true", help="print one JSON object")
     fetch = commands.add_parser("fetch", help="fetch a ticket's share into DEST")
     fetch.add_argument("ticket", metavar="TICKET")
     fetch.add_argument("dest", metavar="DEST")
@@ -234,6 +244,12 @@ def _call_daemon(args: argparse.Namespace) -> int:
         result = call(socket_path, "find", {"ticket": args.ticket})
         _print_result(result, args.json, _human_find)
         return EXIT_OK if result["providers"] else EXIT_REMOTE
+    if args.command == "sync":
+        return _sync(socket_path, args)
+    if args.command == "conflicts":
+        result = call(socket_path, "conflicts")
+        _print_result(result, args.json, _human_conflicts)
+        return EXIT_OK
     if args.command == "ls":
         result = call(socket_path, "ls", {"ticket": args.ticket, "peers": args.peer})
         _print_result(result, args.json, _human_ls)
@@ -250,6 +266,44 @@ def _call_daemon(args: argparse.Namespace) -> int:
             f"{result['bytes_local']} copied locally, {result['bytes_resumed']} resumed)"
         )
     return EXIT_OK
+
+
+def _sync(socket_path: str, args: argparse.Namespace) -> int:
+    if args.target == "list" and args.argument is None:
+        result = call(socket_path, "sync_list")
+        _print_result(result, args.json, _human_folders)
+        return EXIT_OK
+    if args.target == "remove" and args.argument is not None:
+        result = call(socket_path, "sync_remove", {"path": os.path.abspath(args.argument)})
+        _print_result(result, args.json, lambda r: print(f"stopped syncing {r['path']}"))
+        return EXIT_OK
+    params = {"path": os.path.abspath(args.target), "ticket": args.argument}
+    result = call(socket_path, "sync", params)
+    if args.json:
+        print(json.dumps(result))
+        return EXIT_OK
+    print(f"syncing {result['path']} ({result['mode']})")
+    if "rw" in result:
+        print(f"read-write ticket: {result['rw']}")
+    print(f"read-only ticket:  {result['ro']}")
+    return EXIT_OK
+
+
+def _human_folders(result: dict[str, Any]) -> None:
+    for folder in result["folders"]:
+        print(
+            f"{folder['path']}  {folder['mode']}  {folder['files']} files  "
+            f"{folder['peers']} peers  root {folder['root'][:12]}"
+        )
+        for path in folder["local_changes"]:
+            print(f"  local change, not sent: {path}")
+        for problem in folder["problems"]:
+            print(f"  problem: {problem}")
+
+
+def _human_conflicts(result: dict[str, Any]) -> None:
+    for conflict in result["conflicts"]:
+        print(f"{conflict['dir']}/{conflict['path']}  (conflicts with {conflict['original']})")
 
 
 def _print_result(

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from p2pfs.bench.daemons import DaemonProcess
-from p2pfs.wire.ticket import parse_ticket_untrusted
+from p2pfs.ids import content_hash_untrusted
+from p2pfs.wire.ticket import TicketKind, parse_ticket_untrusted
 from tests.e2e_helpers import wait_until
 
 pytestmark = pytest.mark.timeout(300)
@@ -166,14 +167,19 @@ def wait_converged(members: list[Member], timeout: float = CONVERGE_TIMEOUT) -> 
     try:
         wait_until(lambda: converged(members), timeout)
     except TimeoutError:
-        report = []
-        for daemon, root in members:
-            state = settled(lambda daemon=daemon, root=root: folder_state(daemon, root))
-            files = settled(lambda root=root: sorted(shape(root).items()))
-            report.append(f"{root}: {files}\n  {state}")
-            report.append(daemon.log_tail(15))
-        raise AssertionError("members did not converge:\n" + "\n".join(report)) from None
+        report = "\n".join(describe(daemon, root) for daemon, root in members)
+        raise AssertionError(f"members did not converge:\n{report}") from None
     return tree(members[0][1])
+
+
+def describe(daemon: DaemonProcess, root: Path) -> str:
+    """A member's files, folder state and log tail, for a failure message."""
+    try:
+        state: Any = folder_state(daemon, root)
+    except (RuntimeError, AssertionError, OSError, ValueError) as exc:
+        state = f"(no state: {exc})"
+    files = settled(lambda: sorted(shape(root).items()))
+    return f"{root}: {files}\n  {state}\n{daemon.log_tail(15)}"
 
 
 def wait_root_changes(daemon: DaemonProcess, path: Path, before: str) -> None:
@@ -199,26 +205,52 @@ def assert_mtimes_match(a: Path, b: Path) -> None:
 
 
 def forge_secret(ticket_text: str) -> str:
-    """The same ticket (folder, address hint) with its secret replaced by random bytes."""
+    """The same ticket (kind, address hint, NodeId) with its secret, the rw ticket's write
+    seed (its ``root``), replaced by random bytes."""
     ticket = parse_ticket_untrusted(ticket_text)
-    fields = {field.name: getattr(ticket, field.name) for field in dataclasses.fields(ticket)}
-    secrets = [name for name, value in fields.items() if "secret" in name and value]
-    if not secrets:  # no field called *secret*: a signing or access key
-        secrets = [
-            name
-            for name, value in fields.items()
-            if name.endswith("key") and isinstance(value, bytes | bytearray)
-        ]
-    assert secrets, f"no secret field in the ticket: {sorted(fields)}"
-    changes = {name: os.urandom(len(fields[name])) for name in secrets}
-    text: str = dataclasses.replace(ticket, **changes).encode()
-    assert text != ticket_text
-    return text
+    assert ticket.kind is TicketKind.FOLDER_RW, ticket.kind
+    forged = dataclasses.replace(ticket, root=content_hash_untrusted(os.urandom(len(ticket.root))))
+    assert forged.addresses == ticket.addresses and forged.addresses
+    return forged.encode()
 
 
 # -- tests -----------------------------------------------------------------------------------
 
 UNICODE_NAME = "r\u00e9sum\u00e9 \u65e5\u672c.txt"
+OLD_MTIME = 1_600_000_000
+
+
+def create_files_on(root: Path, staging: Path) -> None:
+    """Nested directories, a unicode name, an executable, a file with an old mtime."""
+    (root / "docs" / "notes").mkdir(parents=True)
+    (root / "docs" / "notes" / "deep.txt").write_text("deep note\n")
+    (root / UNICODE_NAME).write_text("unicode name\n")
+    (root / "src" / "lib" / "deeper").mkdir(parents=True)
+    (root / "src" / "lib" / "mod.py").write_text("VALUE = 1\n")
+    (root / "src" / "lib" / "deeper" / "x.txt").write_text("x\n")
+    (root / "src" / "main.py").write_text("print('hello')\n" * 50)
+    (root / "top.txt").write_text("top, first version\n")
+    (root / "run.sh").write_text("#!/bin/sh\necho hi\n")
+    (root / "run.sh").chmod(0o755)
+    write_with_mtime(root / "old.txt", b"from long ago\n", OLD_MTIME, staging)
+
+
+def edit_files_on(root: Path) -> None:
+    """Modify, append, truncate shorter, truncate to empty."""
+    (root / "top.txt").write_text("top, SECOND version\n")
+    with (root / "docs" / "notes" / "deep.txt").open("a") as handle:
+        handle.write("appended on B\n")
+    with (root / "src" / "main.py").open("r+b") as handle:
+        handle.truncate(15)
+    (root / "seed.txt").write_bytes(b"")
+
+
+def move_files_on(root: Path) -> None:
+    """Rename, move between directories, exec bit off and on."""
+    (root / "top.txt").rename(root / "top-renamed.txt")
+    (root / "src" / "main.py").rename(root / "docs" / "main.py")
+    (root / "run.sh").chmod(0o644)
+    (root / "docs" / "notes" / "deep.txt").chmod(0o755)
 
 
 def test_two_members_follow_each_others_changes(tmp_path: Path, daemons: DaemonFactory) -> None:
@@ -232,49 +264,27 @@ def test_two_members_follow_each_others_changes(tmp_path: Path, daemons: DaemonF
     members = [(a, a_dir), (b, b_dir)]
     assert wait_converged(members) == tree(a_dir)
 
-    # A: create, nested directories, a unicode name, an executable, a set mtime.
-    (a_dir / "docs" / "notes").mkdir(parents=True)
-    (a_dir / "docs" / "notes" / "deep.txt").write_text("deep note\n")
-    (a_dir / UNICODE_NAME).write_text("unicode name\n")
-    (a_dir / "src" / "lib" / "deeper").mkdir(parents=True)
-    (a_dir / "src" / "lib" / "mod.py").write_text("VALUE = 1\n")
-    (a_dir / "src" / "lib" / "deeper" / "x.txt").write_text("x\n")
-    (a_dir / "src" / "main.py").write_text("print('hello')\n" * 50)
-    (a_dir / "top.txt").write_text("top, first version\n")
-    script = a_dir / "run.sh"
-    script.write_text("#!/bin/sh\necho hi\n")
-    script.chmod(0o755)
-    write_with_mtime(a_dir / "old.txt", b"from long ago\n", 1_600_000_000, tmp_path / "staging")
+    create_files_on(a_dir, tmp_path / "staging")
     synced = wait_converged(members)
     assert synced[UNICODE_NAME] == (b"unicode name\n", False)
     assert synced["run.sh"][1] is True
-    assert int((b_dir / "old.txt").stat().st_mtime) == 1_600_000_000
+    assert int((b_dir / "old.txt").stat().st_mtime) == OLD_MTIME
     assert_mtimes_match(a_dir, b_dir)
 
-    # B: modify in place, append, truncate shorter, truncate to empty.
-    (b_dir / "top.txt").write_text("top, SECOND version\n")
-    with (b_dir / "docs" / "notes" / "deep.txt").open("a") as handle:
-        handle.write("appended on B\n")
-    with (b_dir / "src" / "main.py").open("r+b") as handle:
-        handle.truncate(15)
-    (b_dir / "seed.txt").write_bytes(b"")
+    edit_files_on(b_dir)
     synced = wait_converged(members)
     assert synced["top.txt"][0] == b"top, SECOND version\n"
     assert synced["docs/notes/deep.txt"][0] == b"deep note\nappended on B\n"
     assert synced["src/main.py"][0] == b"print('hello')\n"
     assert synced["seed.txt"][0] == b""
 
-    # A: rename, move between directories, exec bit off and on.
-    (a_dir / "top.txt").rename(a_dir / "top-renamed.txt")
-    (a_dir / "src" / "main.py").rename(a_dir / "docs" / "main.py")
-    script.chmod(0o644)
-    (a_dir / "docs" / "notes" / "deep.txt").chmod(0o755)
+    move_files_on(a_dir)
     synced = wait_converged(members)
     assert "top.txt" not in synced and synced["top-renamed.txt"][0] == b"top, SECOND version\n"
     assert "src/main.py" not in synced and synced["docs/main.py"][0] == b"print('hello')\n"
     assert synced["run.sh"][1] is False and synced["docs/notes/deep.txt"][1] is True
 
-    # B: delete a file, delete a nested directory: the directory goes on A too.
+    # B deletes a file and a nested directory: the directory goes on A too.
     (b_dir / UNICODE_NAME).unlink()
     shutil.rmtree(b_dir / "src")
     synced = wait_converged(members)
@@ -282,7 +292,7 @@ def test_two_members_follow_each_others_changes(tmp_path: Path, daemons: DaemonF
     assert not any(relative.startswith("src/") for relative in synced)
     wait_until(lambda: not (a_dir / "src").exists(), CONVERGE_TIMEOUT)
 
-    # A: a name that was deleted comes back, in a new directory too.
+    # A: a deleted name comes back; a new directory.
     (a_dir / UNICODE_NAME).write_text("back again\n")
     (a_dir / "new" / "dir").mkdir(parents=True)
     (a_dir / "new" / "dir" / "file.bin").write_bytes(os.urandom(20_000))
@@ -371,7 +381,7 @@ def test_delete_loses_to_a_concurrent_edit(tmp_path: Path, daemons: DaemonFactor
     (b_dir / "f.txt").write_text("edited on B, deleted on A\n")
     b.start()
 
-    wait_until(lambda: (a_dir / "f.txt").exists(), CONVERGE_TIMEOUT)
+    wait_until((a_dir / "f.txt").exists, CONVERGE_TIMEOUT)
     synced = wait_converged(members)
     assert synced["f.txt"][0] == b"edited on B, deleted on A\n"
     assert synced["keep.txt"][0] == b"keep\n"
@@ -420,7 +430,7 @@ def test_forged_ticket_gets_nothing(tmp_path: Path, daemons: DaemonFactory) -> N
 
     # Barrier: A's later file reached the real member; the forger has had the same chance.
     (a_dir / "later.txt").write_text("still members only\n")
-    wait_until(lambda: (b_dir / "later.txt").exists(), CONVERGE_TIMEOUT)
+    wait_until(lambda: content_of(b_dir / "later.txt") is not None, CONVERGE_TIMEOUT)
     wait_converged([(a, a_dir), (b, b_dir)])
     assert tree(x_dir) == {}
     assert a.process is not None and a.process.poll() is None

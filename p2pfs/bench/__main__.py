@@ -10,6 +10,7 @@ SUITES = {
     "fetch": "p2pfs.bench.fetch",
     "index": "p2pfs.bench.index",
     "swarm": "p2pfs.bench.swarm",
+    "sync": "p2pfs.bench.sync",
     "transport": "p2pfs.bench.transport",
 }
 

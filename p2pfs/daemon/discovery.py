@@ -78,13 +78,17 @@ class Discovery:
             task_status.started()
 
     async def announce(self, root: ContentHash) -> None:
-        key = share_discovery_key(root)
+        await self.announce_key(share_discovery_key(root))
+
+    async def announce_key(self, key: bytes) -> None:
         for finder in self.running:
             await finder.announce(key)
 
     async def find(self, root: ContentHash, limit: int = 16) -> list[Provider]:
         """Providers from every backend, merged, those carrying a NodeId first."""
-        key = share_discovery_key(root)
+        return await self.find_key(share_discovery_key(root), limit)
+
+    async def find_key(self, key: bytes, limit: int = 16) -> list[Provider]:
         found: list[Provider] = []
 
         async def ask(finder: Finder) -> None:

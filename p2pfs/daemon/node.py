@@ -25,6 +25,7 @@ from p2pfs.errors import (
 )
 from p2pfs.identity import Identity, NodeId, load_identity
 from p2pfs.net import Endpoint, PeerConnection, TransportConfig, open_endpoint
+from p2pfs.store.folders import FolderStore
 from p2pfs.store.index import INDEX_FILENAME, IndexStore
 from p2pfs.store.scanner import scan_share
 from p2pfs.wire.ticket import PeerAddress, Ticket, TicketKind, parse_address, parse_ticket_untrusted
@@ -33,6 +34,8 @@ from .control_client import SOCKET_NAME
 from .control_server import ControlServer, Emit
 from .discovery import Discovery, DiscoveryConfig
 from .fetcher import Fetcher, FetchProgress
+from .folders.manager import FolderConfig, FolderManager
+from .folders.server import FolderServer
 from .ratelimit import TokenBucket
 from .requests import RequestStream
 from .service import ShareService, TransferCounters
@@ -62,6 +65,7 @@ class NodeConfig:
     max_download_rate: int | None = None
     """Bytes per second of chunk payload, for the whole daemon."""
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    folders: FolderConfig = field(default_factory=FolderConfig)
     test_serve_unverified: bool = False
     """Test hook: serve chunks without re-hashing them, to play a corrupt peer."""
 
@@ -91,6 +95,7 @@ class Node:
         self._discovery: Discovery | None = None
         self._swarm = SwarmRegistry()
         """Shares being fetched, served to other fetchers meanwhile (until a restart)."""
+        self._folders: FolderManager | None = None
         self._upload_limit = _bucket(config.max_upload_rate)
         self._download_limit = _bucket(config.max_download_rate)
 
@@ -100,7 +105,15 @@ class Node:
         self._identity = load_identity(home)
         with IndexStore(home / INDEX_FILENAME) as index_store:
             self._index = AsyncIndex(index_store)
-            service = ShareService(self._index, self.counters, self._upload_limit, self._swarm)
+            self._folders = FolderManager(
+                self._index, self.counters, self._identity.node_id, self.config.folders
+            )
+            folder_server = FolderServer(
+                self._index, self._folders.lookup, self._identity.node_id.raw
+            )
+            service = ShareService(
+                self._index, self.counters, self._upload_limit, self._swarm, folder_server
+            )
             service.verify_reads = not self.config.test_serve_unverified
             async with open_endpoint(
                 self._identity,
@@ -117,6 +130,13 @@ class Node:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self._discovery.serve)
                     await self._announce_all()
+                    await nursery.start(
+                        self._folders.serve,
+                        endpoint,
+                        self._discovery,
+                        service.handle_connection,
+                        self.config.peers,
+                    )
                     await nursery.start(control.serve)
                     nursery.start_soon(self._wait_for_signal, nursery.cancel_scope)
                     logger.info(
@@ -142,6 +162,10 @@ class Node:
             "ls": self._ls,
             "fetch": self._fetch,
             "find": self._find,
+            "sync": self._sync,
+            "sync_list": self._sync_list,
+            "sync_remove": self._sync_remove,
+            "conflicts": self._conflicts,
         }
 
     # -- control API handlers -------------------------------------------------------------
@@ -157,10 +181,52 @@ class Node:
         return self._discovery
 
     async def _announce_all(self) -> None:
-        """Shares survive restarts in the index; so do their announcements."""
-        for share in await self.index.run(self.index.index.shares):
-            if share.root is not None:
-                await self.discovery.announce(share.root)
+        """Shares survive restarts in the index; so do their announcements. (A sync folder's
+        scan is a share too, but its root is never published: members reach it by proof.)"""
+        for share in await self._plain_shares():
+            await self.discovery.announce(share.root)
+
+    async def _plain_shares(self) -> list[Any]:
+        folder_paths = await self.index.run(_folder_paths, self.index.index)
+        return [
+            share
+            for share in await self.index.run(self.index.index.shares)
+            if share.root is not None and share.local_path not in folder_paths
+        ]
+
+    @property
+    def folders(self) -> FolderManager:
+        assert self._folders is not None, "the node is not running"
+        return self._folders
+
+    async def _sync(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        path = params.get("path")
+        if not isinstance(path, str) or not path:
+            raise LocalProtocolError("sync needs a directory")
+        ticket = params.get("ticket")
+        result = await self.folders.create_or_join(path, str(ticket) if ticket else None)
+        folder = self.folders.find(result["path"])
+        assert self._identity is not None
+        result.update(self.folders.tickets(folder, self._identity.node_id.raw, self._addresses()))
+        return result
+
+    async def _sync_list(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        folders = []
+        for folder in self.folders.folders.values():
+            summary = folder.summary()
+            summary["peers"] = self.folders.links(folder)
+            folders.append(summary)
+        return {"folders": folders}
+
+    async def _sync_remove(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        return await self.folders.remove(str(params.get("path", "")))
+
+    async def _conflicts(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        found = []
+        for folder in self.folders.folders.values():
+            for conflict in folder.conflicts():
+                found.append({"folder": folder.folder_id.hex(), "dir": folder.path, **conflict})
+        return {"conflicts": found}
 
     @property
     def index(self) -> AsyncIndex:
@@ -191,16 +257,13 @@ class Node:
         }
 
     async def _status(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        shares = await self.index.run(self.index.index.shares)
+        shares = await self._plain_shares()
         counters = asdict(self.counters)
         return {
             "node_id": str(self.endpoint.node_id),
             "peers": _peer_summaries(self.endpoint.connections),
-            "shares": [
-                {"root": share.root.hex(), "path": share.local_path}
-                for share in shares
-                if share.root is not None
-            ],
+            "shares": [{"root": share.root.hex(), "path": share.local_path} for share in shares],
+            "folders": len(self.folders.folders),
             "transfers": [asdict(transfer) for transfer in self._transfers.values()],
             "counters": counters,
             "bytes_sent": counters["payload_sent"] + counters["protocol_sent"],
@@ -442,6 +505,10 @@ def _direct_candidates(
     for address in peers:
         candidates.setdefault(address, None)
     return candidates
+
+
+def _folder_paths(index: IndexStore) -> set[str]:
+    return {row.local_path for row in FolderStore(index).folders()}
 
 
 def _raise_open_file_limit() -> None:

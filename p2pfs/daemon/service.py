@@ -36,6 +36,9 @@ from p2pfs.wire.messages import (
     MAX_HAVE_UPDATE,
     Cancel,
     ErrorReply,
+    FolderHello,
+    FolderProof,
+    FolderRoot,
     GetChunks,
     GetHave,
     GetManifest,
@@ -45,10 +48,12 @@ from p2pfs.wire.messages import (
     ManifestReply,
     Message,
     NodesReply,
+    WatchFolder,
     encode_chunk_data_header,
 )
 from p2pfs.wire.session import Role, StreamSession
 
+from .folders.server import FolderGrants, FolderServer
 from .ratelimit import TokenBucket, throttle
 from .storage import AsyncIndex, in_thread
 from .swarmstate import SwarmRegistry
@@ -91,6 +96,7 @@ class _ConnectionGrants:
     """Nodes this connection may ask for, per share root it has named."""
 
     by_share: dict[ContentHash, dict[ContentHash, _Grant]] = field(default_factory=dict)
+    folders: FolderGrants = field(default_factory=FolderGrants)
 
     def open_share(self, share_root: ContentHash, tree_root: ContentHash) -> None:
         grants = self.by_share.setdefault(share_root, {})
@@ -110,8 +116,10 @@ class ShareService:
         counters: TransferCounters,
         upload_limit: TokenBucket | None = None,
         swarm: SwarmRegistry | None = None,
+        folders: FolderServer | None = None,
     ) -> None:
         self._index = index
+        self._folders = folders
         self.counters = counters
         self._upload_limit = upload_limit
         self._swarm = swarm if swarm is not None else SwarmRegistry()
@@ -132,6 +140,8 @@ class ShareService:
                 except ConnectionClosedError:
                     break
                 nursery.start_soon(self._serve_stream, conn, stream, grants)
+                # The handler ends when the peer closes; folder links watching this
+                # connection end with it.
         logger.info("peer %s disconnected", conn.peer_id.short())
 
     async def _serve_stream(
@@ -140,7 +150,7 @@ class ShareService:
         """One stream's requests; whatever goes wrong ends this stream only."""
         session = StreamSession(Role.SERVER)
         try:
-            await self._serve_requests(stream, session, grants)
+            await self._serve_requests(conn, stream, session, grants)
         except* WireError as group:
             exc = _first(group)
             logger.warning("peer %s broke the protocol: %s", conn.peer_id.short(), exc)
@@ -151,7 +161,11 @@ class ShareService:
             logger.debug("stream from %s ended: %s", conn.peer_id.short(), _first(group))
 
     async def _serve_requests(
-        self, stream: Stream, session: StreamSession, grants: _ConnectionGrants
+        self,
+        conn: PeerConnection,
+        stream: Stream,
+        session: StreamSession,
+        grants: _ConnectionGrants,
     ) -> None:
         pending: deque[Message] = deque()
         # A GetHave subscription runs beside this loop under its own scope, ended by the
@@ -177,6 +191,11 @@ class ShareService:
                             self._have, message, stream, session, subscription
                         )
                         continue
+                    if isinstance(message, FolderHello | FolderProof | WatchFolder):
+                        await self._folder_request(
+                            message, conn, stream, session, grants, subscriptions, subscription
+                        )
+                        continue
                     if not isinstance(message, GetManifest | GetNodes | GetChunks):
                         if isinstance(message, Cancel):
                             subscription.cancel()
@@ -186,6 +205,36 @@ class ShareService:
                         await self._send(stream, session.send(reply))
                         continue
                     await self._answer(message, stream, session, grants)
+
+    async def _folder_request(
+        self,
+        message: FolderHello | FolderProof | WatchFolder,
+        conn: PeerConnection,
+        stream: Stream,
+        session: StreamSession,
+        grants: _ConnectionGrants,
+        subscriptions: trio.Nursery,
+        subscription: trio.CancelScope,
+    ) -> None:
+        folders = self._folders
+        if folders is None:
+            reply = _not_found(message.request_id, "this node syncs no folders")
+            await self._send(stream, session.send(reply))
+            return
+        if isinstance(message, FolderHello):
+            await self._send(stream, session.send(folders.hello(message, conn, grants.folders)))
+        elif isinstance(message, FolderProof):
+            await self._send(stream, session.send(folders.proof(message, conn, grants.folders)))
+        else:
+
+            async def send(reply: FolderRoot | ErrorReply) -> None:
+                await self._send(stream, session.send(reply))
+
+            async def watch(*, task_status: trio.TaskStatus[None]) -> None:
+                with subscription:
+                    await folders.watch(message, grants.folders, send, task_status=task_status)
+
+            await subscriptions.start(watch)
 
     async def _send(self, stream: Stream, data: bytes) -> None:
         self.counters.protocol_sent += len(data)
@@ -198,6 +247,24 @@ class ShareService:
         session: StreamSession,
         grants: _ConnectionGrants,
     ) -> None:
+        folder = (
+            None
+            if self._folders is None or isinstance(message, GetManifest)
+            else self._folders.is_member(grants.folders, message.share_root)
+        )
+        if folder is not None and isinstance(message, GetNodes):
+            assert self._folders is not None
+            await self._send(
+                stream, session.send(await self._folders.nodes(message, grants.folders))
+            )
+            return
+        if folder is not None and isinstance(message, GetChunks):
+            # A member reads chunks of any file the folder holds now (its last scan).
+            share_root = folder.share_root()
+            if share_root is None:
+                await self._send(stream, session.send(_not_found(message.request_id, "empty")))
+                return
+            message = GetChunks(message.request_id, share_root, message.chunks)
         if isinstance(message, GetChunks):
             await self._chunks(message, stream, session)
             return

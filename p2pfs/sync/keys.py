@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from p2pfs.errors import LocalProtocolError
+from p2pfs.ids import ContentHash
 
 SECRET_LEN = 32
 PROOF_LEN = 32
@@ -67,9 +68,9 @@ class FolderKeys:
         return FolderKeys(self.read_key, self.write_public)
 
     @property
-    def folder_id(self) -> bytes:
+    def folder_id(self) -> ContentHash:
         material = self.read_key + self.write_public
-        return blake3.blake3(material, derive_key_context=FOLDER_ID_CONTEXT).digest()
+        return ContentHash(blake3.blake3(material, derive_key_context=FOLDER_ID_CONTEXT).digest())
 
     @property
     def discovery_key(self) -> bytes:

@@ -76,7 +76,7 @@ class Resolution:
     conflict_copy: FileVersion | None = None
 
 
-def _winner_key(version: FileVersion) -> tuple[int, bytes, bytes]:
+def winner_key(version: FileVersion) -> tuple[int, bytes, bytes]:
     # mtime first (the edit the user made last is the one they most likely want at the
     # path), then device id, then the whole encoded record, so distinct records never tie.
     return (version.mtime_ns, version.modified_by, version.encode())
@@ -97,7 +97,7 @@ def resolve(a: FileVersion, b: FileVersion) -> Resolution:
     if a.deleted != b.deleted:
         live = b if a.deleted else a
         return Resolution(replace(live, version=merged))
-    winner, loser = (a, b) if _winner_key(a) > _winner_key(b) else (b, a)
+    winner, loser = (a, b) if winner_key(a) > winner_key(b) else (b, a)
     record = replace(winner, version=merged)
     if winner.deleted or winner.root == loser.root:
         return Resolution(record)

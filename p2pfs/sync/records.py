@@ -152,7 +152,7 @@ def remote_changes(
     local_root: Child, local_node: LocalNode, remote_root: Child, remote_nodes: RemoteNodes
 ) -> list[IndexLeaf]:
     """Leaves of the remote index that the local one lacks (only differing subtrees open)."""
-    if remote_root == EMPTY_INDEX or remote_root == local_root:
+    if remote_root in (EMPTY_INDEX, local_root):
         return []
     if local_root == EMPTY_INDEX:
         return _all_leaves(remote_root, remote_nodes)

@@ -42,9 +42,7 @@ PROTOCOL_VERSION = 1
 MIN_PROTOCOL_VERSION = 1
 AGENT = "p2pfs/0.1"
 
-Request = (
-    GetManifest | GetNodes | GetChunks | GetHave | FolderHello | FolderProof | WatchFolder
-)
+Request = GetManifest | GetNodes | GetChunks | GetHave | FolderHello | FolderProof | WatchFolder
 Reply = (
     ManifestReply
     | NodesReply

@@ -2,8 +2,9 @@
 
 ``p2pfs1`` + lowercase base32 (no padding) of ``payload || checksum``, where ``payload`` is
 msgpack ``[kind, root, node_id or nil, [[host, port], ...]]`` (folder tickets append the
-folder's public write key) and ``checksum`` the first 4 bytes of BLAKE3(payload). The digit after ``p2pfs`` is the ticket format version, so a
-ticket from a newer p2pfs is reported as such rather than as a typo.
+folder's public write key) and ``checksum`` the first 4 bytes of BLAKE3(payload). The digit
+after ``p2pfs`` is the ticket format version, so a ticket from a newer p2pfs is reported as
+such rather than as a typo.
 """
 
 from __future__ import annotations

@@ -1,0 +1,850 @@
+"""Folder sync benchmark (issue 6): ``python -m p2pfs.bench sync``.
+
+Two real daemons in two processes, each with its own home in a temp dir, on loopback (or,
+with ``--netns`` as root, in two network namespaces joined by a veth pair). A synced file of
+``--size-mib`` random bytes is changed on A: (a) 1 MiB overwritten in the middle, (b) 100
+bytes inserted in the middle, (c) renamed. For each, the bytes B received (its daemon's
+``bytes_received`` counter: every QUIC stream payload, sync included) and the time until
+B's copy is byte-identical (B's file polled every 5 ms; BLAKE3 checked). Then (d) the
+latency of small writes (A writes a new small file, B's copy polled every 5 ms) and (e) the
+initial sync of ``--files`` files of 1-64 KiB to B joining a new folder.
+
+Reference in the same run on the same bytes and changes: rsync through an ``rsync --daemon``
+on loopback, ``rsync -a --stats --no-whole-file --delete-delay --fuzzy`` pulling into the
+previous copy; its bytes are what the rsync client (the receiving side) reports as "Total
+bytes received", its time the client's wall time (which includes rsync's own full-file
+checksums). Syncthing is reported as installed or not; this bench does not drive it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import blake3
+from rich.console import Console
+from rich.table import Table
+
+from p2pfs.bench.daemons import START_TIMEOUT, DaemonProcess
+from p2pfs.bench.index import Row
+from p2pfs.daemon.control_client import DaemonNotRunning
+
+KiB = 1 << 10
+MiB = 1 << 20
+MB = 1e6
+POLL_S = 0.005
+SYNC_TIMEOUT = 600.0
+SETTLE_S = 0.5
+STATE_DIR = ".p2pfs"
+PART_PREFIX = ".p2pfs-part-"
+LATENCY_ROUNDS = 20
+INSERT_BYTES = 100
+
+GOAL_OVERWRITE_BYTES = int(1.2 * MiB)
+GOAL_OVERWRITE_S = 1.0
+GOAL_INSERT_BYTES = 256 * KiB
+GOAL_INSERT_S = 1.0
+GOAL_RENAME_BYTES = 32 * KiB
+GOAL_LATENCY_P50_S = 0.5
+GOAL_SMALL_FILES_S = 5.0
+
+NETNS_SUBNET = "10.78.0"
+
+
+# -- data ----------------------------------------------------------------------------------
+
+
+def pseudo_random(label: bytes, size: int, seek: int = 0) -> bytes:
+    """``size`` bytes of BLAKE3 XOF output: incompressible, different per label."""
+    return blake3.blake3(label).digest(length=size, seek=seek)
+
+
+def write_pseudo_random(path: Path, size: int, label: bytes) -> None:
+    with path.open("wb") as handle:
+        for position in range(0, size, 64 * MiB):
+            handle.write(pseudo_random(label, min(64 * MiB, size - position), position))
+
+
+def make_small_tree(top: Path, files: int, directories: int, seed: int) -> int:
+    """``files`` files of 1-64 KiB over ``directories`` directories; returns the total bytes."""
+    rng = random.Random(seed)
+    stream = blake3.blake3(b"p2pfs bench sync small files")
+    position = 0
+    for number in range(files):
+        directory = top / f"d{number % directories:03d}"
+        directory.mkdir(parents=True, exist_ok=True)
+        size = rng.randint(1024, 64 * 1024)
+        (directory / f"f{number:05d}.bin").write_bytes(stream.digest(length=size, seek=position))
+        position += size
+    return position
+
+
+def digest_file(path: Path) -> bytes:
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    if path.stat().st_size > MiB:
+        hasher.update_mmap(str(path))
+    else:
+        hasher.update(path.read_bytes())
+    return hasher.digest()
+
+
+def copy_range(source: Any, length: int, sink: Callable[[bytes], object]) -> None:
+    while length > 0:
+        block = source.read(min(16 * MiB, length))
+        if not block:
+            raise RuntimeError("file shorter than expected")
+        sink(block)
+        length -= len(block)
+
+
+def spliced_digest(path: Path, offset: int, remove: int, insert: bytes) -> bytes:
+    """BLAKE3 of ``path`` with ``remove`` bytes at ``offset`` replaced by ``insert``, without
+    writing it: the digest B's copy must reach, known before the change is made."""
+    size = path.stat().st_size
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    with path.open("rb") as source:
+        copy_range(source, offset, hasher.update)
+        hasher.update(insert)
+        source.seek(offset + remove)
+        copy_range(source, size - offset - remove, hasher.update)
+    return hasher.digest()
+
+
+def write_spliced(path: Path, target: Path, offset: int, insert: bytes) -> None:
+    """``path`` with ``insert`` inserted at ``offset``, written to ``target``."""
+    size = path.stat().st_size
+    with path.open("rb") as source, target.open("wb") as sink:
+        copy_range(source, offset, sink.write)
+        sink.write(insert)
+        copy_range(source, size - offset, sink.write)
+
+
+def overwrite_in_place(path: Path, offset: int, data: bytes) -> None:
+    with path.open("r+b") as handle:
+        handle.seek(offset)
+        handle.write(data)
+
+
+def synced_files(root: Path) -> Iterator[tuple[str, Path]]:
+    for directory, dirnames, filenames in os.walk(root):
+        dirnames[:] = [name for name in dirnames if name != STATE_DIR]
+        for name in filenames:
+            if not name.startswith(PART_PREFIX):
+                path = Path(directory, name)
+                yield path.relative_to(root).as_posix(), path
+
+
+def count_files(root: Path) -> int:
+    """Files under ``root`` without a stat each (the cheap check, polled)."""
+    return sum(1 for _ in synced_files(root))
+
+
+def sizes(root: Path) -> dict[str, int]:
+    found = {}
+    for relative, path in synced_files(root):
+        with contextlib.suppress(FileNotFoundError):
+            found[relative] = path.stat().st_size
+    return found
+
+
+def tree_digests(root: Path) -> dict[str, bytes]:
+    return {relative: digest_file(path) for relative, path in synced_files(root)}
+
+
+def percentile(values: list[float], percent: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[percent - 1]
+
+
+def load_average() -> str:
+    return "/".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+# -- network namespaces --------------------------------------------------------------------
+
+
+def run_ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+class Namespaces:
+    """Two network namespaces joined by a veth pair (10.78.0.1 <-> 10.78.0.2)."""
+
+    def __init__(self) -> None:
+        pid = os.getpid()
+        self.names = (f"p2pfs-sync-{pid}-a", f"p2pfs-sync-{pid}-b")
+        self.links = (f"p2s{pid % 100000}a", f"p2s{pid % 100000}b")
+        self.hosts = (f"{NETNS_SUBNET}.1", f"{NETNS_SUBNET}.2")
+
+    def __enter__(self) -> Namespaces:
+        try:
+            for name in self.names:
+                run_ip("netns", "add", name)
+            a, b = self.links
+            run_ip(
+                *f"link add {a} netns {self.names[0]} type veth peer name {b}".split(),
+                "netns",
+                self.names[1],
+            )
+            for name, link, host in zip(self.names, self.links, self.hosts, strict=True):
+                run_ip("-n", name, "addr", "add", f"{host}/24", "dev", link)
+                run_ip("-n", name, "link", "set", link, "up")
+                run_ip("-n", name, "link", "set", "lo", "up")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for name in self.names:  # deleting a namespace deletes its end of the veth pair
+            subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+
+    def rx_bytes(self, side: int) -> int:
+        """The veth's receive counter inside namespace ``side`` (frames incl. IP/UDP)."""
+        statistics_file = f"/sys/class/net/{self.links[side]}/statistics/rx_bytes"
+        completed = subprocess.run(
+            ["ip", "netns", "exec", self.names[side], "cat", statistics_file],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return int(completed.stdout)
+
+
+class NamespacedDaemon(DaemonProcess):
+    """A daemon run through ``ip netns exec`` (which execs it: the PID is the daemon's).
+    The control socket is a path in its home, reachable from any network namespace."""
+
+    def __init__(self, home: Path, namespace: str, host: str) -> None:
+        repo = str(Path(__file__).resolve().parents[2])
+        path = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+        super().__init__(home, f"{host}:0", ("--no-lan",), {"PYTHONPATH": path})
+        self.namespace = namespace
+
+    def start(self) -> NamespacedDaemon:
+        self.home.mkdir(parents=True, exist_ok=True)
+        if self._log is not None:
+            self._log.close()
+        self._log = self.log_path.open("ab")
+        netns = ["ip", "netns", "exec", self.namespace]
+        daemon = ["daemon", "--listen", self.listen, *self.extra_args]
+        self.process = subprocess.Popen(
+            [*netns, sys.executable, "-m", "p2pfs", "--home", str(self.home), *daemon],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daemon exited at start:\n{self.log_tail()}")
+            try:
+                self.call("id")
+                return self
+            except (DaemonNotRunning, ConnectionError):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"daemon did not start:\n{self.log_tail()}") from None
+                time.sleep(0.05)  # a harness waiting for a process to come up
+
+
+# -- p2pfs ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeRun:
+    seconds: float
+    """From the change on A to B's copy seen complete (its content checked afterwards)."""
+    bytes_received: int
+    """B's ``bytes_received`` delta, read once the counter stopped moving."""
+    wire_bytes: int | None
+    """B's veth rx delta (frames), with --netns only."""
+
+
+@dataclass(frozen=True, slots=True)
+class SmallFilesRun:
+    seconds: float
+    bytes_received: int
+    files: int
+    bytes: int
+    share_seconds: float
+
+
+class Pair:
+    """Daemon A (which changes things) and daemon B (which receives them)."""
+
+    def __init__(self, work: Path, namespaces: Namespaces | None) -> None:
+        self.namespaces = namespaces
+        if namespaces is None:
+            self.a = DaemonProcess(work / "home-a", extra_args=("--no-lan",))
+            self.b = DaemonProcess(work / "home-b", extra_args=("--no-lan",))
+        else:
+            self.a = NamespacedDaemon(work / "home-a", namespaces.names[0], namespaces.hosts[0])
+            self.b = NamespacedDaemon(work / "home-b", namespaces.names[1], namespaces.hosts[1])
+
+    def received(self) -> int:
+        return int(self.b.call("status")["bytes_received"])
+
+    def wire(self) -> int | None:
+        return None if self.namespaces is None else self.namespaces.rx_bytes(1)
+
+    def settled_received(self) -> int:
+        """B's counter once it has not moved for SETTLE_S (trailing acks and index updates)."""
+        deadline = time.monotonic() + 10 * SETTLE_S
+        last = self.received()
+        while time.monotonic() < deadline:
+            time.sleep(SETTLE_S)
+            now = self.received()
+            if now == last:
+                break
+            last = now
+        return last
+
+    def folder(self, daemon: DaemonProcess, path: Path) -> dict[str, Any]:
+        for folder in daemon.cli_json("sync", "list")["folders"]:
+            if os.path.realpath(folder["path"]) == os.path.realpath(path):
+                found: dict[str, Any] = folder
+                return found
+        raise RuntimeError(f"{path} is not a sync folder of {daemon.home}")
+
+    def wait_same_root(self, a_dir: Path, b_dir: Path) -> None:
+        deadline = time.monotonic() + SYNC_TIMEOUT
+        while self.folder(self.a, a_dir)["root"] != self.folder(self.b, b_dir)["root"]:
+            if time.monotonic() > deadline:
+                raise RuntimeError("A and B did not converge")
+            time.sleep(0.2)  # a harness waiting on two processes
+
+
+Identity = tuple[int, int, int]
+
+
+def identity_of(path: Path) -> Identity | None:
+    """Changes whenever the file is replaced, renamed, resized or written."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return (info.st_ino, info.st_size, info.st_ctime_ns)
+
+
+def wait_for_file(
+    path: Path, size: int, digest: bytes, started: float, before: Identity | None = None
+) -> float:
+    """Seconds from ``started`` until ``path`` first had the (stat) identity whose content is
+    ``digest``: polled every POLL_S; the content is hashed only when the identity changes
+    (and never for ``before``, the identity the file had before the change)."""
+    seen = before
+    seen_at = started
+    deadline = started + SYNC_TIMEOUT
+    while True:
+        try:
+            info = path.stat()
+            identity = (info.st_ino, info.st_size, info.st_ctime_ns)
+            if identity != seen:
+                seen, seen_at = identity, time.perf_counter()
+                if info.st_size == size and digest_file(path) == digest:
+                    return seen_at - started
+        except FileNotFoundError:
+            seen = None
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"{path} did not reach the expected content")
+        time.sleep(POLL_S)
+
+
+def measure_change(
+    pair: Pair, change: Callable[[], object], b_file: Path, size: int, digest: bytes
+) -> ChangeRun:
+    before, wire_before = pair.settled_received(), pair.wire()
+    identity = identity_of(b_file)
+    started = time.perf_counter()
+    change()
+    seconds = wait_for_file(b_file, size, digest, started, identity)
+    received = pair.settled_received() - before
+    wire_after = pair.wire()
+    wire = None if wire_before is None or wire_after is None else wire_after - wire_before
+    return ChangeRun(seconds, received, wire)
+
+
+@dataclass(frozen=True, slots=True)
+class BigFileRuns:
+    initial_seconds: float
+    overwrite: ChangeRun
+    insert: ChangeRun
+    rename: ChangeRun
+
+
+def big_file_runs(pair: Pair, work: Path, size: int) -> BigFileRuns:
+    a_dir, b_dir, staging = work / "a", work / "b", work / "staging"
+    for directory in (a_dir, staging):
+        directory.mkdir()
+    big = a_dir / "big.bin"
+    write_pseudo_random(big, size, b"p2pfs bench sync big file")
+    digest = digest_file(big)
+    tickets = pair.a.cli_json("sync", str(a_dir))
+    started = time.perf_counter()
+    pair.b.cli_json("sync", str(b_dir), tickets["rw"])
+    initial = wait_for_file(b_dir / "big.bin", size, digest, started)
+    pair.wait_same_root(a_dir, b_dir)
+
+    middle = size // 2
+    patch = pseudo_random(b"p2pfs bench sync overwrite", MiB)
+    digest = spliced_digest(big, middle, len(patch), patch)
+    overwrite = measure_change(
+        pair, lambda: overwrite_in_place(big, middle, patch), b_dir / "big.bin", size, digest
+    )
+    pair.wait_same_root(a_dir, b_dir)
+
+    insert = pseudo_random(b"p2pfs bench sync insert", INSERT_BYTES)
+    digest = spliced_digest(big, middle, 0, insert)
+    write_spliced(big, staging / "big.bin", middle, insert)  # saved like an editor does
+    size += INSERT_BYTES
+    inserted = measure_change(
+        pair, lambda: os.replace(staging / "big.bin", big), b_dir / "big.bin", size, digest
+    )
+    pair.wait_same_root(a_dir, b_dir)
+
+    renamed = measure_change(
+        pair,
+        lambda: big.rename(a_dir / "big-renamed.bin"),
+        b_dir / "big-renamed.bin",
+        size,
+        digest,
+    )
+    pair.wait_same_root(a_dir, b_dir)
+    if (b_dir / "big.bin").exists():
+        raise RuntimeError("B still has the file under its old name after the rename")
+    return BigFileRuns(initial, overwrite, inserted, renamed)
+
+
+def latency_runs(pair: Pair, work: Path, rounds: int) -> list[float]:
+    """A writes a new small file; seconds until B has it byte for byte (5 ms polling)."""
+    a_dir, b_dir = work / "a", work / "b"
+    (a_dir / "latency").mkdir()
+    pair.wait_same_root(a_dir, b_dir)
+    seconds = []
+    for number in range(rounds):
+        data = pseudo_random(b"p2pfs bench sync latency %d" % number, 200 + number)
+        target = b_dir / "latency" / f"note-{number:02d}.txt"
+        started = time.perf_counter()
+        (a_dir / "latency" / f"note-{number:02d}.txt").write_bytes(data)
+        deadline = started + SYNC_TIMEOUT
+        while True:
+            with contextlib.suppress(FileNotFoundError):
+                if target.read_bytes() == data:
+                    break
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"{target} did not arrive")
+            time.sleep(POLL_S)
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def small_files_run(pair: Pair, work: Path, files: int) -> SmallFilesRun:
+    """A shares a new folder of ``files`` small files; B joins it fresh."""
+    a_dir, b_dir = work / "a-small", work / "b-small"
+    total = make_small_tree(a_dir, files, 100, seed=3)
+    expected = sizes(a_dir)
+    started = time.perf_counter()
+    ticket = pair.a.cli_json("sync", str(a_dir))["rw"]
+    deadline = started + SYNC_TIMEOUT
+    while pair.folder(pair.a, a_dir)["files"] < files:  # A has indexed them all
+        if time.perf_counter() > deadline:
+            raise RuntimeError("A did not index the small files")
+        time.sleep(0.2)  # a harness waiting on a process
+    share_seconds = time.perf_counter() - started
+    before = pair.settled_received()
+    started = time.perf_counter()
+    pair.b.cli_json("sync", str(b_dir), ticket)
+    deadline = started + SYNC_TIMEOUT
+    while count_files(b_dir) != files or sizes(b_dir) != expected:
+        if time.perf_counter() > deadline:
+            raise RuntimeError("B did not receive the small files")
+        time.sleep(0.02)  # a harness waiting on a process; a poll is one directory walk
+    seconds = time.perf_counter() - started
+    received = pair.settled_received() - before
+    if tree_digests(b_dir) != tree_digests(a_dir):
+        raise RuntimeError("B's small files differ from A's")
+    return SmallFilesRun(seconds, received, files, total, share_seconds)
+
+
+# -- rsync reference -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RsyncRun:
+    seconds: float
+    """Client wall time (includes rsync's checksum pass over both copies)."""
+    bytes_received: int
+    """"Total bytes received" as the client (the receiving side) reports it."""
+    literal: int
+    """"Literal data": bytes not matched against the old copy."""
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)  # a harness waiting for a process to come up
+
+
+def stat_number(output: str, label: str) -> int:
+    match = re.search(rf"^{re.escape(label)}: ([\d,.]+)", output, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"rsync --stats printed no {label!r}")
+    return int(re.sub(r"\D", "", match.group(1)))
+
+
+class RsyncDaemon:
+    """``rsync --daemon`` on loopback serving two read-only modules."""
+
+    def __init__(self, rsync: str, work: Path, modules: dict[str, Path]) -> None:
+        self.rsync = rsync
+        self.port = free_tcp_port()
+        config = work / "rsyncd.conf"
+        lines = [
+            "use chroot = no",
+            f"uid = {os.getuid()}",
+            f"gid = {os.getgid()}",
+            f"log file = {work / 'rsyncd.log'}",
+        ]
+        for name, path in modules.items():
+            lines += [f"[{name}]", f"path = {path}", "read only = yes"]
+        config.write_text("\n".join(lines) + "\n")
+        arguments = ["--daemon", "--no-detach", "--address=127.0.0.1", f"--port={self.port}"]
+        self.process = subprocess.Popen([rsync, *arguments, "--config", str(config)])
+        try:
+            wait_for_port(self.port, 10)
+        except OSError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+        self.process.wait()
+
+    def pull(self, module: str, dest: Path, *extra: str) -> RsyncRun:
+        command = [self.rsync, "-a", "--stats", "--no-whole-file", "--delete-delay", "--fuzzy"]
+        command += [*extra, f"rsync://127.0.0.1:{self.port}/{module}/", f"{dest}/"]
+        started = time.perf_counter()
+        completed = subprocess.run(
+            command, capture_output=True, text=True, timeout=SYNC_TIMEOUT, check=True
+        )
+        seconds = time.perf_counter() - started
+        output = completed.stdout
+        return RsyncRun(
+            seconds,
+            stat_number(output, "Total bytes received"),
+            stat_number(output, "Literal data"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class RsyncRuns:
+    overwrite: RsyncRun
+    insert: RsyncRun
+    rename: RsyncRun
+    small_files: RsyncRun
+
+
+def rsync_reference(work: Path, size: int, files: int) -> RsyncRuns | str:
+    """The same file, the same three changes and the same small tree, through rsync."""
+    rsync = shutil.which("rsync")
+    if rsync is None:
+        return "not installed"
+    source, copy, small, small_copy = (
+        work / name for name in ("rs-src", "rs-dst", "rs-small", "rs-small-dst")
+    )
+    for directory in (source, copy, small_copy):
+        directory.mkdir()
+    big = source / "big.bin"
+    write_pseudo_random(big, size, b"p2pfs bench sync big file")
+    make_small_tree(small, files, 100, seed=3)
+    daemon = RsyncDaemon(rsync, work, {"big": source, "small": small})
+    try:
+        daemon.pull("big", copy)
+        middle = size // 2
+        overwrite_in_place(big, middle, pseudo_random(b"p2pfs bench sync overwrite", MiB))
+        overwrite = daemon.pull("big", copy)
+        insert = pseudo_random(b"p2pfs bench sync insert", INSERT_BYTES)
+        write_spliced(big, work / "rs-staging.bin", middle, insert)
+        os.replace(work / "rs-staging.bin", big)
+        inserted = daemon.pull("big", copy)
+        big.rename(source / "big-renamed.bin")
+        renamed = daemon.pull("big", copy)
+        small_files = daemon.pull("small", small_copy)
+    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+        return f"rsync failed: {exc}"
+    finally:
+        daemon.close()
+    if digest_file(copy / "big-renamed.bin") != digest_file(source / "big-renamed.bin"):
+        return "rsync's copy differs from the source"
+    for directory in (source, copy, small, small_copy):
+        shutil.rmtree(directory, ignore_errors=True)
+    return RsyncRuns(overwrite, inserted, renamed, small_files)
+
+
+def syncthing_note() -> str:
+    if shutil.which("syncthing") is None:
+        return "not installed"
+    return "installed, not driven by this bench"
+
+
+# -- report --------------------------------------------------------------------------------
+
+
+def size_text(count: int) -> str:
+    return f"{count / MiB:.2f} MiB" if count >= MiB else f"{count / KiB:.1f} KiB"
+
+
+def ratio(value: float, reference: float | None) -> str:
+    return "" if not reference else f"{value / reference:.2f}x"
+
+
+def change_rows(
+    label: str,
+    run: ChangeRun,
+    reference: RsyncRun | None,
+    note: str,
+    goal_bytes: int,
+    goal_seconds: float | None,
+) -> list[Row]:
+    wire = "" if run.wire_bytes is None else f" (veth rx {size_text(run.wire_bytes)})"
+    rows = [
+        Row(
+            f"{label}: bytes received by B",
+            size_text(run.bytes_received) + wire,
+            note
+            if reference is None
+            else f"rsync {size_text(reference.bytes_received)} "
+            f"(literal {size_text(reference.literal)})",
+            "" if reference is None else ratio(run.bytes_received, reference.bytes_received),
+            f"<= {size_text(goal_bytes)}",
+            run.bytes_received <= goal_bytes,
+        )
+    ]
+    rows.append(
+        Row(
+            f"{label}: until B's copy matches (s)",
+            f"{run.seconds:.3f}",
+            note if reference is None else f"rsync {reference.seconds:.3f} (client wall)",
+            "" if reference is None else ratio(run.seconds, reference.seconds),
+            "" if goal_seconds is None else f"<= {goal_seconds:g} s",
+            None if goal_seconds is None else run.seconds <= goal_seconds,
+        )
+    )
+    return rows
+
+
+def build_rows(
+    size: int,
+    big: BigFileRuns,
+    latencies: list[float],
+    small: SmallFilesRun,
+    rsync: RsyncRuns | str,
+) -> list[Row]:
+    reference = rsync if isinstance(rsync, RsyncRuns) else None
+    note = f"rsync {rsync}" if isinstance(rsync, str) else ""
+    mib = size // MiB
+    rows = [
+        Row(
+            f"initial sync of a {mib} MiB file (s)", f"{big.initial_seconds:.2f}", "", "", "", None
+        ),
+    ]
+    rows += change_rows(
+        f"(a) 1 MiB overwritten mid-file ({mib} MiB)",
+        big.overwrite,
+        None if reference is None else reference.overwrite,
+        note,
+        GOAL_OVERWRITE_BYTES,
+        GOAL_OVERWRITE_S,
+    )
+    rows += change_rows(
+        f"(b) {INSERT_BYTES} bytes inserted mid-file",
+        big.insert,
+        None if reference is None else reference.insert,
+        note,
+        GOAL_INSERT_BYTES,
+        GOAL_INSERT_S,
+    )
+    rows += change_rows(
+        "(c) file renamed",
+        big.rename,
+        None if reference is None else reference.rename,
+        note,
+        GOAL_RENAME_BYTES,
+        None,
+    )
+    p50, p95 = percentile(latencies, 50), percentile(latencies, 95)
+    rows.append(
+        Row(
+            f"(d) small write -> B identical, p50 of {len(latencies)} (s)",
+            f"{p50:.3f}",
+            "n/a (rsync runs on demand)",
+            "",
+            f"<= {GOAL_LATENCY_P50_S:g} s",
+            p50 <= GOAL_LATENCY_P50_S,
+        )
+    )
+    rows.append(
+        Row(
+            f"(d) small write -> B identical, p95 of {len(latencies)} (s)",
+            f"{p95:.3f}",
+            "",
+            "",
+            "",
+            None,
+        )
+    )
+    small_reference = None if reference is None else reference.small_files
+    label = f"{small.files:,} files of 1-64 KiB, {small.bytes / MB:.0f} MB"
+    rows.append(
+        Row(
+            f"(e) initial sync of {label} to a joining B (s)",
+            f"{small.seconds:.2f}",
+            note if small_reference is None else f"rsync {small_reference.seconds:.2f}",
+            "" if small_reference is None else ratio(small.seconds, small_reference.seconds),
+            f"<= {GOAL_SMALL_FILES_S:g} s",
+            small.seconds <= GOAL_SMALL_FILES_S,
+        )
+    )
+    rows.append(
+        Row(
+            "(e) bytes received by B",
+            size_text(small.bytes_received),
+            note
+            if small_reference is None
+            else f"rsync {size_text(small_reference.bytes_received)}",
+            ""
+            if small_reference is None
+            else ratio(small.bytes_received, small_reference.bytes_received),
+            "",
+            None,
+        )
+    )
+    rows.append(
+        Row("(e) A indexing the new folder (s)", f"{small.share_seconds:.2f}", "", "", "", None)
+    )
+    rows.append(Row("context: Syncthing", "", syncthing_note(), "", "", None))
+    return rows
+
+
+def print_table(rows: list[Row], caption: str, title: str) -> None:
+    table = Table(title=title, caption=caption)
+    for column in ("measure", "p2pfs", "reference (same run)", "ratio", "goal", "met"):
+        table.add_column(column)
+    for row in rows:
+        met = {True: "yes", False: "NO", None: "n/a" if row.goal else ""}[row.met]
+        table.add_row(row.measure, row.p2pfs, row.reference, row.ratio, row.goal, met)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+# -- entry ---------------------------------------------------------------------------------
+
+
+def run_benchmark(
+    work: Path, size: int, files: int, namespaces: Namespaces | None
+) -> tuple[list[Row], dict[str, Any]]:
+    pair = Pair(work, namespaces)
+    try:
+        pair.a.start()
+        pair.b.start()
+        big = big_file_runs(pair, work, size)
+        latencies = latency_runs(pair, work, LATENCY_ROUNDS)
+        small = small_files_run(pair, work, files)
+    finally:
+        for daemon in (pair.b, pair.a):
+            daemon.stop()
+    for name in ("a", "b", "staging", "a-small", "b-small"):
+        shutil.rmtree(work / name, ignore_errors=True)
+    rsync = rsync_reference(work, size, files)
+    figures: dict[str, Any] = {
+        "size_bytes": size,
+        "initial_seconds": big.initial_seconds,
+        "overwrite": asdict(big.overwrite),
+        "insert": asdict(big.insert),
+        "rename": asdict(big.rename),
+        "latency_seconds": latencies,
+        "latency_p50": percentile(latencies, 50),
+        "latency_p95": percentile(latencies, 95),
+        "latency_mean": statistics.fmean(latencies),
+        "small_files": asdict(small),
+        "rsync": asdict(rsync) if isinstance(rsync, RsyncRuns) else rsync,
+        "syncthing": syncthing_note(),
+        "network": "netns veth" if namespaces is not None else "loopback",
+    }
+    return build_rows(size, big, latencies, small, rsync), figures
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m p2pfs.bench sync", description=__doc__)
+    parser.add_argument("--size-mib", type=int, default=256, help="the synced big file (256)")
+    parser.add_argument("--files", type=int, default=10_000, help="small files (10,000)")
+    parser.add_argument(
+        "--netns",
+        action="store_true",
+        help="run the daemons in two network namespaces joined by a veth pair (root only)",
+    )
+    parser.add_argument("--workdir", help="scratch directory (default: a temp dir)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
+    if args.netns and (os.geteuid() != 0 or shutil.which("ip") is None):
+        print("--netns needs root and the ip command (iproute2)", file=sys.stderr)
+        return 2
+    scratch = Path(tempfile.mkdtemp(prefix="p2pfs-bench-sync-", dir=args.workdir))
+    load_before = load_average()
+    try:
+        with contextlib.ExitStack() as stack:
+            namespaces = stack.enter_context(Namespaces()) if args.netns else None
+            rows, figures = run_benchmark(scratch, args.size_mib * MiB, args.files, namespaces)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    load_after = load_average()
+    figures.update(load_before=load_before, load_after=load_after, cpus=os.cpu_count())
+    if args.json:
+        print(json.dumps({"rows": [asdict(row) for row in rows], "figures": figures}))
+    else:
+        network = "two network namespaces (veth)" if args.netns else "loopback"
+        print_table(
+            rows,
+            f"{network}; rsync: daemon on loopback, client-reported bytes received; "
+            f"load average (1/5/15 min) {load_before} before, {load_after} after, "
+            f"{os.cpu_count()} CPUs",
+            "p2pfs folder sync benchmark",
+        )
+    return 0 if all(row.met is not False for row in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

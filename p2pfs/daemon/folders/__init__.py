@@ -1,0 +1,1 @@
+"""Folder sync in the daemon: folders, their members, and applying what members changed."""

@@ -1,0 +1,135 @@
+"""The requesting side of folder sync on one connection: prove membership, follow the
+peer's index root, and read its nodes, records and chunks."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import trio
+
+from p2pfs.content.chunking import ChunkRef
+from p2pfs.errors import AuthenticationError
+from p2pfs.ids import ContentHash
+from p2pfs.net import PeerConnection
+from p2pfs.net.codes import CloseCode
+from p2pfs.sync.keys import FolderKeys
+from p2pfs.sync.versions import VersionVector
+from p2pfs.wire.messages import (
+    ChunkData,
+    ErrorReply,
+    FolderChallenge,
+    FolderHello,
+    FolderMember,
+    FolderProof,
+    FolderRoot,
+    FolderWelcome,
+    GetChunks,
+    WatchFolder,
+)
+
+from ..requests import PeerRequestError, RequestStream
+from ..service import TransferCounters
+from .server import CLIENT_ROLE, SERVER_ROLE
+
+logger = logging.getLogger(__name__)
+
+REQUEST_STREAMS = 4
+"""Streams for node and chunk requests: one request in flight on each."""
+MAX_BATCH = 256
+
+
+class FolderLink:
+    """This node as a client of one member, on one authenticated connection."""
+
+    def __init__(
+        self, conn: PeerConnection, keys: FolderKeys, counters: TransferCounters, own_id: bytes
+    ) -> None:
+        self.conn = conn
+        self.keys = keys
+        self.peer_id = conn.peer_id
+        self._counters = counters
+        self._own_id = own_id
+        self._slots = trio.Semaphore(REQUEST_STREAMS)
+        self._idle: list[RequestStream] = []
+        self.seen_vectors: dict[str, VersionVector] = {}
+        """The last vector this member sent per path: one going backwards is refused."""
+
+    async def join(self) -> list[FolderMember]:
+        """Prove membership both ways; returns the other members the peer knows."""
+        stream = await RequestStream.open(self.conn, self._counters)
+        folder_id = self.keys.folder_id
+        client_nonce = os.urandom(32)
+        await stream.send(FolderHello(stream.new_request_id(), folder_id, client_nonce))
+        challenge = await stream.next_reply()
+        if isinstance(challenge, ErrorReply):
+            raise PeerRequestError(challenge.code, challenge.message)
+        assert isinstance(challenge, FolderChallenge)
+        peer = self.peer_id.raw
+        if not self.keys.check_proof(
+            challenge.proof, SERVER_ROLE, client_nonce, challenge.nonce, peer, self._own_id
+        ):
+            raise AuthenticationError(f"peer {self.peer_id.short()} is not a member of the folder")
+        proof = self.keys.membership_proof(
+            CLIENT_ROLE, client_nonce, challenge.nonce, self._own_id, peer
+        )
+        await stream.send(FolderProof(stream.new_request_id(), folder_id, proof))
+        welcome = await stream.next_reply()
+        if isinstance(welcome, ErrorReply):
+            raise AuthenticationError(f"peer {self.peer_id.short()} refused our membership")
+        assert isinstance(welcome, FolderWelcome)
+        self._idle.append(stream)
+        return list(welcome.members)
+
+    @asynccontextmanager
+    async def _stream(self) -> AsyncIterator[RequestStream]:
+        """An idle request stream (opened on demand); one whose request failed midway is
+        dropped, since replies may still be on their way on it."""
+        async with self._slots:
+            stream = self._idle.pop() if self._idle else None
+            if stream is None:
+                stream = await RequestStream.open(self.conn, self._counters)
+            yield stream
+            self._idle.append(stream)
+
+    async def watch(self, on_root: Callable[[ContentHash, int], None]) -> None:
+        """Call ``on_root`` with the peer's index root now and after each change; returns
+        only when the peer ends the subscription."""
+        stream = await RequestStream.open(self.conn, self._counters)
+        await stream.send(WatchFolder(stream.new_request_id(), self.keys.folder_id))
+        while True:
+            reply = await stream.next_reply()
+            if isinstance(reply, ErrorReply):
+                raise PeerRequestError(reply.code, reply.message)
+            assert isinstance(reply, FolderRoot)
+            on_root(reply.root, reply.records)
+
+    async def nodes(self, hashes: list[ContentHash]) -> list[bytes]:
+        """Nodes or records by hash, in batches (the caller verifies each against its hash)."""
+        found: list[bytes] = []
+        for start in range(0, len(hashes), MAX_BATCH):
+            async with self._stream() as stream:
+                batch = hashes[start : start + MAX_BATCH]
+                found.extend(await stream.nodes(self.keys.folder_id, batch))
+        return found
+
+    async def chunks(self, refs: list[ChunkRef], deliver: Callable[[int, bytes], None]) -> None:
+        """Ask for ``refs`` (at most MAX_BATCH); ``deliver(position, bytes)`` as they come
+        (unverified: the caller checks each against its id before writing it)."""
+        async with self._stream() as stream:
+            await stream.send(GetChunks(stream.new_request_id(), self.keys.folder_id, tuple(refs)))
+            for _ in refs:
+                reply = await stream.next_reply()
+                if isinstance(reply, ErrorReply):
+                    raise PeerRequestError(reply.code, reply.message)
+                assert isinstance(reply, ChunkData)  # the session checked order and length
+                self._counters.payload_received += len(reply.payload)
+                deliver(reply.index, bytes(reply.payload))
+
+
+def refuse(conn: PeerConnection, reason: str) -> None:
+    """Drop a member that sent something forged or malformed (its data is never applied)."""
+    logger.warning("dropping member %s: %s", conn.peer_id.short(), reason)
+    conn.close_nowait(CloseCode.PROTOCOL_ERROR, reason[:100])

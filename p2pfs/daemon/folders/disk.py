@@ -1,0 +1,241 @@
+"""Blocking file-system steps of applying a folder change (run in worker threads).
+
+Every step keeps the rule "each file is old or new, never torn, and nothing is lost":
+a replaced file is hard-linked into ``.p2pfs/versions/`` before the new one is renamed over
+it; a deleted file is renamed there; a conflict loser is renamed to its conflict name.
+Parents are created as real directories and never followed through a symbolic link, so a
+remote path cannot write outside the folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import logging
+import os
+import re
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pathspec
+
+from p2pfs.errors import StorageError
+from p2pfs.store.assemble import is_partial_name
+
+logger = logging.getLogger(__name__)
+
+STATE_DIR = ".p2pfs"
+VERSIONS_DIR = f"{STATE_DIR}/versions"
+IGNORE_FILE = ".p2pfsignore"
+DEFAULT_KEEP_VERSIONS_S = 30 * 24 * 3600
+_STAMP = re.compile(r"~(\d{8}-\d{6})(?:\.[^/]*)?$")
+
+
+@dataclass(frozen=True, slots=True)
+class DiskState:
+    """What a path held when it was last scanned: used to refuse touching a file that has
+    changed since (the user's edit always wins over a download in flight)."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+
+
+class IgnoreRules:
+    """``.p2pfsignore`` (gitignore semantics) plus the folder's own state, never synced."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self._spec: pathspec.GitIgnoreSpec | None = None
+        self._loaded: tuple[int, int] | None = None
+
+    def reload(self) -> None:
+        path = os.path.join(self.folder, IGNORE_FILE)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            self._spec, self._loaded = None, None
+            return
+        key = (st.st_mtime_ns, st.st_size)
+        if key == self._loaded:
+            return
+        try:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                self._spec = pathspec.GitIgnoreSpec.from_lines(handle.read().splitlines())
+        except (OSError, ValueError) as exc:
+            logger.warning("cannot read %s: %s; ignoring nothing", path, exc)
+            self._spec = None
+        self._loaded = key
+
+    def __call__(self, path: str, is_directory: bool = False) -> bool:
+        top = path.split("/", 1)[0]
+        if top == STATE_DIR or is_partial_name(path.rsplit("/", 1)[-1]):
+            return True
+        if path == IGNORE_FILE or self._spec is None:
+            return False
+        return self._spec.match_file(path + "/" if is_directory else path) or any(
+            self._spec.match_file(parent + "/") for parent in _parents(path)
+        )
+
+
+def _parents(path: str) -> list[str]:
+    parts = path.split("/")[:-1]
+    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def local_path(folder: str, path: str) -> str:
+    return os.path.join(folder, *path.split("/"))
+
+
+def state_of(folder: str, path: str) -> DiskState | None:
+    try:
+        st = os.lstat(local_path(folder, path))
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return DiskState(-1, st.st_mtime_ns, st.st_ino)  # never equal to a scanned file
+    return DiskState(st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def make_parents(folder: str, path: str) -> str:
+    """Create ``path``'s parent directories (never through a symlink); return the parent."""
+    current = folder
+    for part in path.split("/")[:-1]:
+        current = os.path.join(current, part)
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(current, 0o755)
+            st = os.lstat(current)
+        if not stat.S_ISDIR(st.st_mode):
+            raise StorageError(f"{current} is not a directory; cannot place {path!r} under it")
+    return current
+
+
+def version_path(folder: str, path: str, now: float | None = None) -> str:
+    """Where the current file at ``path`` is kept: ``.p2pfs/versions/dir/name~STAMP.ext``."""
+    when = datetime.datetime.fromtimestamp(time.time() if now is None else now, datetime.UTC)
+    stamp = when.strftime("%Y%m%d-%H%M%S")
+    directory, _, name = path.rpartition("/")
+    dot = name.rfind(".")
+    stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, "")
+    base = f"{VERSIONS_DIR}/{directory + '/' if directory else ''}{stem}~{stamp}"
+    candidate = f"{base}{ext}"
+    number = 1
+    while os.path.lexists(local_path(folder, candidate)):
+        number += 1
+        candidate = f"{base}-{number}{ext}"
+    return candidate
+
+
+def keep_version(folder: str, path: str, *, move: bool) -> str | None:
+    """Keep the file at ``path`` under versions/ (a hard link, or a rename if ``move``)."""
+    source = local_path(folder, path)
+    if not os.path.lexists(source):
+        return None
+    kept = version_path(folder, path)
+    target = local_path(folder, kept)
+    make_parents(folder, kept)
+    try:
+        if move:
+            os.rename(source, target)
+        else:
+            try:
+                os.link(source, target, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP):
+                    raise
+                _copy(source, target)  # a file system without hard links
+    except OSError as exc:
+        raise StorageError(f"cannot keep a version of {source}: {exc.strerror or exc}") from exc
+    return kept
+
+
+def _copy(source: str, target: str) -> None:
+    with open(source, "rb") as reader, open(target + ".tmp", "wb") as writer:
+        while block := reader.read(1 << 20):
+            writer.write(block)
+        os.fsync(writer.fileno())
+    os.replace(target + ".tmp", target)
+
+
+def remove_empty_parents(folder: str, path: str) -> None:
+    """After a delete, remove the directories it left empty (up to the folder itself)."""
+    parts = path.split("/")[:-1]
+    while parts:
+        directory = local_path(folder, "/".join(parts))
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return  # not empty (or gone): everything above stays too
+        parts.pop()
+
+
+def link_within(folder: str, source: str, target: str) -> bool:
+    """Give the file at ``source`` a second name ``target`` (unless ``target`` exists)."""
+    make_parents(folder, target)
+    destination = local_path(folder, target)
+    if os.path.lexists(destination):
+        return False
+    try:
+        os.link(local_path(folder, source), destination, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP):
+            raise StorageError(f"cannot link {destination}: {exc.strerror or exc}") from exc
+        _copy(local_path(folder, source), destination)
+    return True
+
+
+def rename_within(folder: str, source: str, target: str) -> bool:
+    """Rename ``source`` to ``target`` inside the folder unless ``target`` exists."""
+    make_parents(folder, target)
+    destination = local_path(folder, target)
+    if os.path.lexists(destination):
+        return False
+    try:
+        os.rename(local_path(folder, source), destination)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def expire_versions(folder: str, keep_seconds: float, now: float | None = None) -> int:
+    """Delete kept versions older than ``keep_seconds`` (by the stamp in their name)."""
+    top = local_path(folder, VERSIONS_DIR)
+    limit = (time.time() if now is None else now) - keep_seconds
+    removed = 0
+    for directory, _dirs, files in os.walk(top, topdown=False):
+        for name in files:
+            match = _STAMP.search(name)
+            if match is None:
+                continue
+            stamp = match.group(1)
+            when = datetime.datetime.strptime(stamp, "%Y%m%d-%H%M%S").replace(tzinfo=datetime.UTC)
+            if when.timestamp() < limit:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, name))
+                    removed += 1
+        if directory != top:
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
+    return removed
+
+
+def problem_paths(folder: str, problems: list[str]) -> Callable[[str], bool]:
+    """A predicate: is this relative path at or below a path the scanner could not read?"""
+    prefix = os.path.realpath(folder) + os.sep
+    bad = set()
+    for shown in problems:
+        if shown.startswith(prefix):
+            bad.add(shown[len(prefix) :].replace(os.sep, "/"))
+
+    def unreadable(path: str) -> bool:
+        return path in bad or any(parent in bad for parent in _parents(path))
+
+    return unreadable

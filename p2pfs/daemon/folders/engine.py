@@ -1,0 +1,583 @@
+"""One sync folder in the daemon: its records and index tree, local change detection, and
+reconciling with a member (diff of index trees, plan, apply).
+
+Every step that reads or changes the folder's records holds the folder's lock, so a scan
+never interleaves with an apply and each reconcile plans against records that are current.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from p2pfs.content.chunking import ChunkRef
+from p2pfs.content.folder import FILE_TREE
+from p2pfs.content.tree import Child
+from p2pfs.errors import RemoteProtocolError, StorageError
+from p2pfs.ids import ContentHash
+from p2pfs.net import PeerConnection
+from p2pfs.store.assemble import Finished, PartialFile, commit_files
+from p2pfs.store.folders import FolderRow, FolderStore
+from p2pfs.store.index import IndexStore, read_first_intact
+from p2pfs.store.scanner import ScanResult, scan_share
+from p2pfs.sync.keys import FolderKeys
+from p2pfs.sync.local import DiskFile, local_changes
+from p2pfs.sync.planner import CONFLICT_MARKER, ActionKind, plan_file, winner_key
+from p2pfs.sync.records import (
+    EMPTY_INDEX,
+    IndexLeaf,
+    SignedRecord,
+    build_index,
+    path_key,
+    record_hash,
+    remote_changes,
+)
+from p2pfs.sync.versions import FileVersion, Ordering
+from p2pfs.wire.messages import FolderMember
+
+from ..storage import AsyncIndex, in_thread
+from ..treewalk import TreeJob, walk_trees
+from . import disk
+from .client import MAX_BATCH, FolderLink
+
+logger = logging.getLogger(__name__)
+
+CHUNK_BATCH_BYTES = 8 << 20
+COMMIT_BATCH = 512
+KEPT_TREES = 3
+"""Index trees kept servable after they are replaced: a peer may be mid-diff against one."""
+
+
+@dataclass(slots=True)
+class _Planned:
+    """What one reconcile does: records to store, files to place, files to move away."""
+
+    records: list[SignedRecord] = field(default_factory=list)
+    fetch: list[tuple[str, FileVersion]] = field(default_factory=list)
+    """(destination path, version whose content goes there)."""
+    delete: list[str] = field(default_factory=list)
+    conflict_moves: dict[str, str] = field(default_factory=dict)
+    """Local losers of a conflict: path -> conflict copy path (linked before replacement)."""
+    waits_for: dict[str, str] = field(default_factory=dict)
+    """Record path -> the destination that must be placed before the record is stored."""
+
+
+class FolderSync:
+    def __init__(
+        self,
+        row: FolderRow,
+        device: bytes,
+        index: AsyncIndex,
+        store: FolderStore,
+        on_member: Callable[[FolderSync, PeerConnection], None],
+    ) -> None:
+        self.row = row
+        self.path = row.local_path
+        self.keys = (
+            FolderKeys.from_write_seed(row.write_seed)
+            if row.write_seed is not None
+            else FolderKeys(row.read_key, row.write_public)
+        )
+        self.folder_id = self.keys.folder_id
+        self.device = device
+        self._index = index
+        self._store = store
+        self._on_member = on_member
+        self.ignore = disk.IgnoreRules(self.path)
+        self.records: dict[str, SignedRecord] = {}
+        self._leaves: dict[str, IndexLeaf] = {}
+        self._blobs: dict[ContentHash, bytes] = {}
+        self._trees: list[dict[ContentHash, bytes]] = [{}]
+        self._root: Child = EMPTY_INDEX
+        self._changed = trio.Event()
+        self._disk: dict[str, disk.DiskState] = {}
+        self._disk_roots: set[ContentHash] = set()
+        self._share_root: ContentHash | None = None
+        self.unrecorded: set[str] = set()
+        """On a read-only member: local changes that are reported, never propagated."""
+        self.problems: list[str] = []
+        self.peers: dict[bytes, tuple[str, int]] = {}
+        self.lock = trio.Lock()
+        self.scans = 0
+
+    # -- state ----------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        stored = await self._index.run(self._store.records, self.row.id)
+        for encoded in stored.values():
+            record = SignedRecord.decode_untrusted(encoded, self.keys)
+            self._put(record)
+        for peer in await self._index.run(self._store.peers, self.row.id):
+            self.peers[peer.node_id] = (peer.host, peer.port)
+        self._rebuild()
+
+    def _put(self, record: SignedRecord) -> None:
+        path = record.version.path
+        old = self._leaves.get(path)
+        if old is not None:
+            self._blobs.pop(old.record_hash, None)
+        encoded = record.encode()
+        digest = record_hash(encoded)
+        self.records[path] = record
+        self._leaves[path] = IndexLeaf(path_key(path), digest)
+        self._blobs[digest] = encoded
+
+    def _rebuild(self) -> None:
+        nodes: dict[ContentHash, bytes] = {}
+        root = build_index(
+            self._leaves.values(),
+            lambda node_hash, encoded, _n: nodes.__setitem__(node_hash, encoded),
+        )
+        if root == self._root:
+            return
+        self._trees = [nodes, *self._trees[: KEPT_TREES - 1]]
+        self._root = root
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+
+    async def _commit_records(self, records: list[SignedRecord]) -> None:
+        if not records:
+            return
+        rows = [(r.version.path, r.encode()) for r in records]
+        await self._index.run(self._store.put_records, self.row.id, rows)
+        for record in records:
+            self._put(record)
+        self._rebuild()
+
+    @property
+    def root(self) -> Child:
+        return self._root
+
+    @property
+    def writable(self) -> bool:
+        return self.keys.writable
+
+    # -- what the folder server needs (ServedFolder) --------------------------------------
+
+    def served_node(self, node_hash: ContentHash) -> bytes | None:
+        for nodes in self._trees:
+            if node_hash in nodes:
+                return nodes[node_hash]
+        return self._blobs.get(node_hash)
+
+    def has_file_root(self, root: ContentHash) -> bool:
+        return root in self._disk_roots
+
+    def current_root(self) -> tuple[ContentHash, int, trio.Event]:
+        return self._root.hash, self._root.size, self._changed
+
+    def members_except(self, node_id: bytes) -> list[FolderMember]:
+        return [
+            FolderMember(peer, host, port)
+            for peer, (host, port) in list(self.peers.items())[:64]
+            if peer != node_id
+        ]
+
+    def member_connected(self, conn: PeerConnection) -> None:
+        self._on_member(self, conn)
+
+    def share_root(self) -> ContentHash | None:
+        return self._share_root
+
+    async def remember_peer(self, node_id: bytes, host: str, port: int) -> None:
+        if self.peers.get(node_id) == (host, port):
+            return
+        self.peers[node_id] = (host, port)
+        await self._index.run(
+            self._store.put_peer, self.row.id, node_id, host, port, time.time_ns()
+        )
+
+    # -- local changes --------------------------------------------------------------------
+
+    async def rescan(self) -> None:
+        async with self.lock:
+            await self._rescan_locked()
+
+    async def _rescan_locked(self) -> None:
+        await in_thread(self.ignore.reload)
+        result, files = await self._index.run(
+            _scan_folder, self._index.index, self.path, self.ignore
+        )
+        self.scans += 1
+        self._share_root = result.root
+        self.problems = [str(problem) for problem in result.problems]
+        found: dict[str, DiskFile] = {}
+        states: dict[str, disk.DiskState] = {}
+        for path, root, size, mtime_ns, inode, mode in files:
+            found[path] = DiskFile(path, ContentHash(root), size, bool(mode & 0o100), mtime_ns)
+            states[path] = disk.DiskState(size, mtime_ns, inode)
+        self._disk = states
+        self._disk_roots = {item.root for item in found.values()}
+        unreadable = disk.problem_paths(self.path, [p.path for p in result.problems])
+        changes = local_changes(
+            {path: record.version for path, record in self.records.items()},
+            found,
+            self.device,
+            time.time_ns(),
+            lambda path: self.ignore(path) or unreadable(path),
+        )
+        if not self.writable:
+            self.unrecorded = {change.path for change in changes}
+            return
+        signed = [SignedRecord.sign(change, self.keys) for change in changes]
+        if signed:
+            logger.info("folder %s: %d local changes", self.path, len(signed))
+        await self._commit_records(signed)
+
+    # -- reconciling with a member --------------------------------------------------------
+
+    async def reconcile(self, link: FolderLink, remote_root: Child) -> None:
+        """Take what ``link``'s member has that we lack, by the planner's rules.
+
+        Raises RemoteProtocolError (nothing applied) if the member sent a forged,
+        malformed or backwards record.
+        """
+        async with self.lock:
+            await self._rescan_locked()
+            if remote_root.hash == self._root.hash:
+                return
+            local_root, trees = self._root, list(self._trees)
+
+            def local_node(node_hash: ContentHash) -> bytes:
+                for nodes in trees:
+                    if node_hash in nodes:
+                        return nodes[node_hash]
+                raise StorageError("folder index lost one of its own nodes")
+
+            def remote_nodes(hashes: object) -> list[bytes]:
+                return trio.from_thread.run(link.nodes, list(hashes))  # type: ignore[call-overload]
+
+            leaves = await trio.to_thread.run_sync(
+                remote_changes, local_root, local_node, remote_root, remote_nodes
+            )
+            remote = await self._fetch_records(link, leaves)
+            planned = self._plan(remote)
+            await self._apply(link, planned)
+
+    async def _fetch_records(self, link: FolderLink, leaves: list[IndexLeaf]) -> list[SignedRecord]:
+        hashes = [leaf.record_hash for leaf in leaves]
+        encoded = await link.nodes(hashes)
+        records = []
+        for leaf, blob in zip(leaves, encoded, strict=True):
+            if record_hash(blob) != leaf.record_hash:
+                raise RemoteProtocolError("a record does not match its hash in the index tree")
+            record = SignedRecord.decode_untrusted(blob, self.keys)
+            if path_key(record.version.path) != leaf.path_key:
+                raise RemoteProtocolError(f"record for {record.version.path!r} is misplaced")
+            records.append(record)
+        link_vectors = link.seen_vectors
+        for record in records:
+            version = record.version
+            seen = link_vectors.get(version.path)
+            if seen is not None and version.version.compare(seen) is Ordering.BEFORE:
+                raise RemoteProtocolError(f"version vector of {version.path!r} went backwards")
+        for record in records:
+            link_vectors[record.version.path] = record.version.version
+        return records
+
+    def _plan(self, remote: list[SignedRecord]) -> _Planned:
+        planned = _Planned()
+        for theirs in remote:
+            path = theirs.version.path
+            mine = self.records.get(path)
+            if path in self.unrecorded:
+                continue  # a read-only member's own edit: never overwritten
+            if self.writable:
+                self._plan_writable(planned, mine, theirs)
+            else:
+                self._plan_read_only(planned, mine, theirs)
+        return planned
+
+    def _plan_writable(
+        self, planned: _Planned, mine: SignedRecord | None, theirs: SignedRecord
+    ) -> None:
+        local = mine.version if mine is not None else None
+        action = plan_file(local, theirs.version)
+        record = action.record
+        if record is None or (mine is not None and record == mine.version):
+            return
+        signed = theirs if record == theirs.version else SignedRecord.sign(record, self.keys)
+        path = action.path
+        if self.ignore(path):
+            planned.records.append(signed)  # recorded and relayed; the disk is left alone
+            return
+        if action.kind is ActionKind.KEEP:
+            planned.records.append(signed)
+        elif action.kind is ActionKind.FETCH:
+            planned.fetch.append((path, record))
+            planned.waits_for[path] = path
+            planned.records.append(signed)
+        elif action.kind is ActionKind.DELETE:
+            planned.delete.append(path)
+            planned.records.append(signed)
+        else:
+            copy = action.conflict_copy
+            assert copy is not None and local is not None
+            planned.records.append(signed)
+            planned.records.append(SignedRecord.sign(copy, self.keys))
+            if not local.deleted and local.root == copy.root and record.root != copy.root:
+                planned.conflict_moves[path] = copy.path  # ours lost: keep it as the copy
+                planned.fetch.append((path, record))
+                planned.waits_for[path] = planned.waits_for[copy.path] = path
+            else:
+                planned.fetch.append((copy.path, copy))
+                planned.waits_for[copy.path] = copy.path
+            logger.info("folder %s: conflict on %s; copy %s", self.path, path, copy.path)
+
+    def _plan_read_only(
+        self, planned: _Planned, mine: SignedRecord | None, theirs: SignedRecord
+    ) -> None:
+        """A read-only member cannot sign merges: it takes the record that wins (the same
+        rule everywhere, so read-only members agree), and read-write members' merges reach
+        it later."""
+        local = mine.version if mine is not None else None
+        remote = theirs.version
+        if local is not None:
+            order = remote.version.compare(local.version)
+            if order is Ordering.BEFORE or (order is Ordering.EQUAL and remote == local):
+                return
+            if order is not Ordering.AFTER and winner_key(remote) <= winner_key(local):
+                return
+        planned.records.append(theirs)
+        path = remote.path
+        if self.ignore(path):
+            return
+        if remote.deleted:
+            if local is not None and not local.deleted:
+                planned.delete.append(path)
+        elif (
+            local is None
+            or local.deleted
+            or local.root != remote.root
+            or local.executable != remote.executable
+        ):
+            planned.fetch.append((path, remote))
+            planned.waits_for[path] = path
+
+    # -- applying -------------------------------------------------------------------------
+
+    async def _apply(self, link: FolderLink, planned: _Planned) -> None:
+        placed = await self._download(link, planned)
+        ready = [
+            record
+            for record in planned.records
+            if planned.waits_for.get(record.version.path, "") in placed
+            or record.version.path not in planned.waits_for
+        ]
+        deleted = await in_thread(self._delete_files, planned.delete)
+        ready = [
+            record
+            for record in ready
+            if record.version.path not in planned.delete or record.version.path in deleted
+        ]
+        await self._commit_records(ready)
+        skipped = len(planned.records) - len(ready)
+        if planned.records:
+            logger.info(
+                "folder %s: applied %d records from %s (%d files placed, %d deleted, %d waiting)",
+                self.path,
+                len(ready),
+                link.peer_id.short(),
+                len(placed),
+                len(deleted),
+                skipped,
+            )
+        await self._rescan_locked()
+
+    def _delete_files(self, paths: list[str]) -> set[str]:
+        done: set[str] = set()
+        for path in paths:
+            now = disk.state_of(self.path, path)
+            if now is not None and now != self._disk.get(path):
+                logger.info("folder %s: %s changed locally; not deleting it", self.path, path)
+                continue
+            if now is not None:
+                disk.keep_version(self.path, path, move=True)
+                disk.remove_empty_parents(self.path, path)
+            done.add(path)
+        return done
+
+    async def _download(self, link: FolderLink, planned: _Planned) -> set[str]:
+        """Place every file of ``planned.fetch``; returns the paths placed."""
+        items = planned.fetch
+        if not items:
+            return set()
+        jobs = [
+            TreeJob(FILE_TREE, Child(version.root, version.size), tag=(path, version))
+            for path, version in items
+            if version.size and version.root is not None
+        ]
+        await walk_trees(jobs, link.nodes)
+        chunks_of: dict[str, list[tuple[int, ChunkRef]]] = {job.tag[0]: job.leaves for job in jobs}
+        partials: dict[str, PartialFile] = {}
+        failed: set[str] = set()
+        for path, version in items:
+            assert version.root is not None
+            try:
+                parent = await in_thread(disk.make_parents, self.path, path)
+            except StorageError as exc:
+                logger.warning("folder %s: cannot place %s: %s", self.path, path, exc)
+                failed.add(path)
+                continue
+            name = path.rsplit("/", 1)[-1]
+            partials[path] = PartialFile(parent, name, version.root, version.size)
+        try:
+            missing = await self._fill_from_local(partials, chunks_of)
+            await self._fill_from_peer(link, partials, missing)
+            finished = [
+                Finished(partials[path], version.executable, version.mtime_ns)
+                for path, version in items
+                if path in partials
+            ]
+            return await in_thread(self._commit, finished, planned.conflict_moves)
+        finally:
+            for partial in partials.values():
+                partial.close()
+
+    async def _fill_from_local(
+        self,
+        partials: dict[str, PartialFile],
+        chunks_of: dict[str, list[tuple[int, ChunkRef]]],
+    ) -> dict[ContentHash, tuple[ChunkRef, list[tuple[str, int]]]]:
+        """Copy every chunk this node already holds anywhere (renames and copies cost no
+        transfer); returns the rest: chunk id -> (ref, [(path, offset), ...])."""
+        wanted: dict[ContentHash, tuple[ChunkRef, list[tuple[str, int]]]] = {}
+        for path, leaves in chunks_of.items():
+            if path not in partials:
+                continue
+            for offset, ref in leaves:
+                wanted.setdefault(ref.id, (ref, []))[1].append((path, offset))
+        if not wanted:
+            return {}
+
+        def copy_local(index: IndexStore) -> set[ContentHash]:
+            found: set[ContentHash] = set()
+            for cid, (_ref, places) in wanted.items():
+                data = read_first_intact(cid, index.locate_chunk(cid))
+                if data is None:
+                    continue
+                for path, offset in places:
+                    partials[path].write_verified(offset, data)
+                found.add(cid)
+            return found
+
+        local = await self._index.run(copy_local, self._index.index)
+        return {cid: item for cid, item in wanted.items() if cid not in local}
+
+    async def _fill_from_peer(
+        self,
+        link: FolderLink,
+        partials: dict[str, PartialFile],
+        missing: dict[ContentHash, tuple[ChunkRef, list[tuple[str, int]]]],
+    ) -> None:
+        batches: list[list[tuple[ChunkRef, list[tuple[str, int]]]]] = []
+        current: list[tuple[ChunkRef, list[tuple[str, int]]]] = []
+        size = 0
+        for ref, places in missing.values():
+            current.append((ref, places))
+            size += ref.length
+            if len(current) >= MAX_BATCH or size >= CHUNK_BATCH_BYTES:
+                batches.append(current)
+                current, size = [], 0
+        if current:
+            batches.append(current)
+
+        async def run(batch: list[tuple[ChunkRef, list[tuple[str, int]]]]) -> None:
+            received: list[tuple[int, bytes]] = []
+            await link.chunks([ref for ref, _ in batch], lambda i, data: received.append((i, data)))
+
+            def write() -> None:
+                for position, data in received:
+                    ref, places = batch[position]
+                    for path, offset in places:
+                        partials[path].write_chunk(offset, data, ref)
+
+            await in_thread(write)
+
+        async with trio.open_nursery() as nursery:
+            limit = trio.Semaphore(4)
+            for batch in batches:
+                await limit.acquire()
+
+                async def one(batch: list[tuple[ChunkRef, list[tuple[str, int]]]] = batch) -> None:
+                    try:
+                        await run(batch)
+                    finally:
+                        limit.release()
+
+                nursery.start_soon(one)
+
+    def _commit(self, finished: list[Finished], conflict_moves: dict[str, str]) -> set[str]:
+        """Rename each file into place unless its path changed on disk since the scan."""
+        by_final = {item.partial.final_path: path for path, item in _paths(self.path, finished)}
+        placed: set[str] = set()
+
+        def before_replace(item: Finished) -> bool:
+            path = by_final[item.partial.final_path]
+            now = disk.state_of(self.path, path)
+            if now != self._disk.get(path):
+                logger.info("folder %s: %s changed locally during the download", self.path, path)
+                return False
+            if now is not None:
+                copy = conflict_moves.get(path)
+                # The loser (ours) stays as the conflict copy, else as a kept version; a
+                # link, so the path holds the old file until the rename replaces it.
+                if copy is not None:
+                    if not disk.link_within(self.path, path, copy):
+                        return False
+                else:
+                    disk.keep_version(self.path, path, move=False)
+            placed.add(path)
+            return True
+
+        for start in range(0, len(finished), COMMIT_BATCH):
+            commit_files(finished[start : start + COMMIT_BATCH], before_replace)
+        return placed
+
+    # -- reporting ------------------------------------------------------------------------
+
+    def conflicts(self) -> list[dict[str, str]]:
+        found = []
+        for path, record in sorted(self.records.items()):
+            if record.version.deleted or CONFLICT_MARKER not in path:
+                continue
+            directory, slash, name = path.rpartition("/")
+            stem, _, rest = name.partition(CONFLICT_MARKER)
+            ext = rest[rest.find(".") :] if "." in rest else ""
+            found.append({"path": path, "original": f"{directory}{slash}{stem}{ext}"})
+        return found
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "folder": self.folder_id.hex(),
+            "path": self.path,
+            "mode": "rw" if self.writable else "ro",
+            "root": self._root.hash.hex(),
+            "records": self._root.size,
+            "files": sum(1 for r in self.records.values() if not r.version.deleted),
+            "local_changes": sorted(self.unrecorded),
+            "problems": self.problems[:50],
+        }
+
+
+def _paths(folder: str, finished: list[Finished]) -> list[tuple[str, Finished]]:
+    prefix = folder.rstrip("/") + "/"
+    return [(item.partial.final_path[len(prefix) :].replace("\\", "/"), item) for item in finished]
+
+
+ScannedFile = tuple[str, bytes, int, int, int, int]
+
+
+def _scan_folder(
+    index: IndexStore, path: str, ignore: disk.IgnoreRules
+) -> tuple[ScanResult, list[ScannedFile]]:
+    result = scan_share(path, index, ignore=ignore)
+    files = [
+        (f.path, bytes(f.root), f.size, f.mtime_ns, f.inode, f.mode)
+        for f in index.share_files(result.share_id)
+    ]
+    return result, files

@@ -1,0 +1,430 @@
+"""All sync folders of a node: creating and joining them, finding and linking members,
+watching the disk, and the control API behind `p2pfs sync` and `p2pfs conflicts`.
+
+Links are symmetric: on every connection between two members each side proves membership
+as a client, subscribes to the other's index root and pulls what it lacks. A member that
+opened the connection also serves the other's streams on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import trio
+import watchfiles
+
+from p2pfs.content.tree import Child
+from p2pfs.errors import (
+    AuthenticationError,
+    ConnectionClosedError,
+    IntegrityError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    StorageError,
+    StreamResetError,
+)
+from p2pfs.identity import NodeId
+from p2pfs.ids import ContentHash
+from p2pfs.net import Endpoint, PeerConnection
+from p2pfs.store.folders import FolderStore
+from p2pfs.sync.keys import FolderKeys
+from p2pfs.wire.ticket import PeerAddress, Ticket, TicketKind, parse_ticket_untrusted
+
+from ..discovery import Discovery
+from ..requests import PeerRequestError
+from ..service import TransferCounters
+from ..storage import AsyncIndex
+from . import disk
+from .client import FolderLink, refuse
+from .engine import FolderSync
+
+logger = logging.getLogger(__name__)
+E = TypeVar("E", bound=BaseException)
+
+CONNECT_INTERVAL = 5.0
+"""How often a folder looks for members it is not linked to."""
+RESCAN_INTERVAL = 60.0
+"""Full rescans: the safety net under the file-system watcher."""
+WATCH_DEBOUNCE_MS = 50
+CONNECT_TIMEOUT = 5.0
+RETRY_INTERVAL = 5.0
+"""A reconcile that could not finish (a chunk not yet servable, a disk error) is retried."""
+
+
+@dataclass(frozen=True, slots=True)
+class FolderConfig:
+    rescan_interval: float = RESCAN_INTERVAL
+    keep_versions_s: float = disk.DEFAULT_KEEP_VERSIONS_S
+    watch: bool = True
+
+
+class FolderManager:
+    def __init__(
+        self,
+        index: AsyncIndex,
+        counters: TransferCounters,
+        own_id: NodeId,
+        config: FolderConfig | None = None,
+    ) -> None:
+        self._index = index
+        self._store = FolderStore(index.index)
+        self._counters = counters
+        self._own_id = own_id
+        self.config = config or FolderConfig()
+        self.folders: dict[bytes, FolderSync] = {}
+        self._links: dict[tuple[bytes, bytes], FolderLink] = {}
+        self._nursery: trio.Nursery | None = None
+        self._endpoint: Endpoint | None = None
+        self._discovery: Discovery | None = None
+        self._serve_connection: Callable[[PeerConnection], Awaitable[None]] | None = None
+        self._extra_peers: tuple[PeerAddress, ...] = ()
+        self._scopes: dict[bytes, trio.CancelScope] = {}
+
+    def lookup(self, folder_id: bytes) -> FolderSync | None:
+        return self.folders.get(folder_id)
+
+    def folder_paths(self) -> set[str]:
+        return {folder.path for folder in self.folders.values()}
+
+    async def serve(
+        self,
+        endpoint: Endpoint,
+        discovery: Discovery,
+        serve_connection: Callable[[PeerConnection], Awaitable[None]],
+        peers: tuple[PeerAddress, ...] = (),
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        self._endpoint = endpoint
+        self._discovery = discovery
+        self._serve_connection = serve_connection
+        self._extra_peers = peers
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            for row in await self._index.run(self._store.folders):
+                await self._start_folder(row)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _start_folder(self, row: Any) -> FolderSync:
+        folder = FolderSync(row, self._own_id.raw, self._index, self._store, self._member_in)
+        await folder.load()
+        await folder.rescan()
+        self.folders[folder.folder_id] = folder
+        assert self._nursery is not None
+        scope = trio.CancelScope()
+        self._scopes[folder.folder_id] = scope
+        self._nursery.start_soon(self._run_folder, folder, scope)
+        if self._discovery is not None:
+            await self._discovery.announce_key(folder.keys.discovery_key)
+        return folder
+
+    async def _run_folder(self, folder: FolderSync, scope: trio.CancelScope) -> None:
+        with scope:
+            async with trio.open_nursery() as nursery:
+                if self.config.watch:
+                    nursery.start_soon(self._watch, folder)
+                nursery.start_soon(self._rescan_periodically, folder)
+                nursery.start_soon(self._connect_members, folder)
+
+    # -- change detection -----------------------------------------------------------------
+
+    async def _watch(self, folder: FolderSync) -> None:
+        """File-system notifications, debounced, each followed by a (cheap) rescan."""
+
+        def wanted(_change: watchfiles.Change, path: str) -> bool:
+            relative = os.path.relpath(path, folder.path).replace(os.sep, "/")
+            return not folder.ignore(relative)
+
+        try:
+            async for _changes in watchfiles.awatch(
+                folder.path,
+                watch_filter=wanted,
+                debounce=WATCH_DEBOUNCE_MS * 4,
+                step=WATCH_DEBOUNCE_MS,
+                recursive=True,
+                ignore_permission_denied=True,
+            ):
+                await self._rescan(folder)
+        except (OSError, RuntimeError) as exc:
+            logger.warning(
+                "folder %s: watcher failed (%s); periodic rescans only", folder.path, exc
+            )
+
+    async def _rescan_periodically(self, folder: FolderSync) -> None:
+        while True:
+            await trio.sleep(self.config.rescan_interval)
+            await self._rescan(folder)
+            await trio.to_thread.run_sync(
+                disk.expire_versions, folder.path, self.config.keep_versions_s
+            )
+
+    async def _rescan(self, folder: FolderSync) -> None:
+        try:
+            await folder.rescan()
+        except (StorageError, LocalProtocolError) as exc:
+            logger.warning("folder %s: rescan failed: %s", folder.path, exc)
+
+    # -- members --------------------------------------------------------------------------
+
+    def _member_in(self, folder: FolderSync, conn: PeerConnection) -> None:
+        """A peer proved membership as a client on ``conn``: link back on the same
+        connection (unless a link to that member exists)."""
+        if (folder.folder_id, conn.peer_id.raw) in self._links or self._nursery is None:
+            return
+        self._nursery.start_soon(self._link, folder, conn)
+
+    async def _connect_members(self, folder: FolderSync) -> None:
+        while True:
+            with contextlib.suppress(trio.TooSlowError):
+                with trio.fail_after(30):
+                    await self._connect_round(folder)
+            await trio.sleep(CONNECT_INTERVAL)
+
+    async def _connect_round(self, folder: FolderSync) -> None:
+        endpoint = self._endpoint
+        assert endpoint is not None
+        candidates: dict[PeerAddress, NodeId | None] = {}
+        for node_id, (host, port) in folder.peers.items():
+            candidates.setdefault(PeerAddress(host, port), NodeId(node_id))
+        for address in self._extra_peers:
+            candidates.setdefault(address, None)
+        if self._discovery is not None:
+            for provider in await self._discovery.find_key(folder.keys.discovery_key):
+                node = NodeId(provider.node_id) if provider.node_id is not None else None
+                candidates.setdefault(provider.address, node)
+        own_address = endpoint.local_address
+        async with trio.open_nursery() as nursery:
+            for address, node in candidates.items():
+                if node == self._own_id or (address.host, address.port) == own_address:
+                    continue
+                if node is not None and (folder.folder_id, node.raw) in self._links:
+                    continue
+                nursery.start_soon(self._connect_one, folder, address, node)
+
+    async def _connect_one(
+        self, folder: FolderSync, address: PeerAddress, node: NodeId | None
+    ) -> None:
+        endpoint = self._endpoint
+        assert endpoint is not None and self._nursery is not None
+        conn = _open_connection(endpoint, node)
+        if conn is None:
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    conn = await endpoint.connect((address.host, address.port), node)
+            except (
+                AuthenticationError,
+                ConnectionClosedError,
+                RemoteProtocolError,
+                OSError,
+                trio.TooSlowError,
+            ) as exc:
+                logger.debug("folder %s: cannot reach %s: %s", folder.path, address, exc)
+                return
+            if conn.peer_id == self._own_id:
+                conn.close_nowait(0, "that is us")
+                return
+            assert self._serve_connection is not None
+            self._nursery.start_soon(self._serve_connection, conn)
+        if (folder.folder_id, conn.peer_id.raw) not in self._links:
+            self._nursery.start_soon(self._link, folder, conn)
+
+    async def _link(self, folder: FolderSync, conn: PeerConnection) -> None:
+        key = (folder.folder_id, conn.peer_id.raw)
+        if key in self._links:
+            return
+        link = FolderLink(conn, folder.keys, self._counters, self._own_id.raw)
+        self._links[key] = link
+        try:
+            members = await link.join()
+            host, port = conn.remote_address[:2]
+            await folder.remember_peer(conn.peer_id.raw, str(host), int(port))
+            for member in members:
+                if member.node_id != self._own_id.raw and member.node_id not in folder.peers:
+                    await folder.remember_peer(member.node_id, member.host, member.port)
+            logger.info("folder %s: linked with %s", folder.path, conn.peer_id.short())
+            await self._follow(folder, link)
+        except* (
+            AuthenticationError,
+            PeerRequestError,
+            ConnectionClosedError,
+            StreamResetError,
+        ) as group:
+            logger.info(
+                "folder %s: link with %s ended: %s",
+                folder.path,
+                conn.peer_id.short(),
+                _first(group),
+            )
+        except* (RemoteProtocolError, IntegrityError) as group:
+            # Forged, malformed or backwards records, or a chunk failing its hash: nothing
+            # of it was applied; the member is dropped.
+            refuse(conn, f"folder {folder.path}: {_first(group)}")
+        finally:
+            del self._links[key]
+
+    async def _follow(self, folder: FolderSync, link: FolderLink) -> None:
+        """Reconcile whenever the member's root or ours changes and they differ; retry a
+        failed or partial reconcile after RETRY_INTERVAL."""
+        latest: list[Child] = []
+        wake = [trio.Event()]
+
+        def on_root(root: ContentHash, records: int) -> None:
+            latest[:] = [Child(root, records)]
+            wake[0].set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(link.watch, on_root)
+            attempted: tuple[ContentHash, ContentHash] | None = None
+            while True:
+                arrived = wake[0]
+                _root, _count, local_changed = folder.current_root()
+                if latest:
+                    pair = (latest[0].hash, folder.root.hash)
+                    if pair[0] != pair[1] and pair != attempted:
+                        attempted = pair
+                        try:
+                            await folder.reconcile(link, latest[0])
+                        except* (PeerRequestError, StorageError) as group:
+                            logger.info(
+                                "folder %s: sync with %s incomplete: %s",
+                                folder.path,
+                                link.peer_id.short(),
+                                _first(group),
+                            )
+                        continue
+                with trio.move_on_after(RETRY_INTERVAL) as timer:
+                    await _first_of(arrived, local_changed)
+                if timer.cancelled_caught:
+                    attempted = None
+                if arrived.is_set():
+                    wake[0] = trio.Event()
+
+    def links(self, folder: FolderSync) -> int:
+        return sum(1 for (folder_id, _peer) in self._links if folder_id == folder.folder_id)
+
+    # -- control API ----------------------------------------------------------------------
+
+    async def create_or_join(self, path: str, ticket_text: str | None) -> dict[str, Any]:
+        local = os.path.realpath(path)
+        if ticket_text is None:
+            if not os.path.isdir(local):
+                raise LocalProtocolError(f"{path} is not a directory")
+            keys = FolderKeys.from_write_seed(os.urandom(32))
+            hints: list[tuple[bytes, PeerAddress]] = []
+        else:
+            ticket = parse_ticket_untrusted(ticket_text)
+            keys = _keys_of(ticket)
+            hints = [(ticket.node_id, a) for a in ticket.addresses] if ticket.node_id else []
+            os.makedirs(local, exist_ok=True)
+        for folder in self.folders.values():
+            if folder.path == local or _nested(folder.path, local):
+                raise LocalProtocolError(f"{path} overlaps sync folder {folder.path}")
+            if folder.folder_id == keys.folder_id:
+                raise LocalProtocolError(f"this folder is already synced at {folder.path}")
+        row = await self._index.run(
+            self._store.add_folder,
+            keys.folder_id,
+            local,
+            keys.read_key,
+            keys.write_public,
+            keys.write_seed,
+            time.time_ns(),
+        )
+        for node_id, address in hints:
+            await self._index.run(
+                self._store.put_peer, row.id, node_id, address.host, address.port, time.time_ns()
+            )
+        folder = await self._start_folder(row)
+        return {
+            "folder": folder.folder_id.hex(),
+            "path": folder.path,
+            "mode": "rw" if keys.writable else "ro",
+        }
+
+    def tickets(
+        self, folder: FolderSync, node_id: bytes, addresses: list[PeerAddress]
+    ) -> dict[str, str]:
+        keys = folder.keys
+        result = {}
+        if keys.write_seed is not None:
+            rw = Ticket(
+                TicketKind.FOLDER_RW, ContentHash(keys.write_seed), node_id, tuple(addresses)
+            )
+            result["rw"] = rw.encode()
+        ro = Ticket(
+            TicketKind.FOLDER_RO,
+            ContentHash(keys.read_key),
+            node_id,
+            tuple(addresses),
+            keys.write_public,
+        )
+        result["ro"] = ro.encode()
+        return result
+
+    def find(self, path: str) -> FolderSync:
+        local = os.path.realpath(path)
+        for folder in self.folders.values():
+            if folder.path == local:
+                return folder
+        raise LocalProtocolError(f"{path} is not a sync folder")
+
+    async def remove(self, path: str) -> dict[str, Any]:
+        folder = self.find(path)
+        self._scopes.pop(folder.folder_id).cancel()
+        for (folder_id, _peer), link in list(self._links.items()):
+            if folder_id == folder.folder_id:
+                link.conn.close_nowait(0, "folder removed")
+        del self.folders[folder.folder_id]
+        await self._index.run(self._store.remove_folder, folder.row.id)
+        share = await self._index.run(self._index.index.share_for_path, folder.path, 0)
+        await self._index.run(self._index.index.forget_share, share.id)
+        return {"folder": folder.folder_id.hex(), "path": folder.path, "removed": True}
+
+
+def _first(group: BaseExceptionGroup[E]) -> E:
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf  # type: ignore[return-value]
+
+
+async def _first_of(*events: trio.Event) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def wait_for(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        for event in events:
+            nursery.start_soon(wait_for, event)
+
+
+def _keys_of(ticket: Ticket) -> FolderKeys:
+    if ticket.kind is TicketKind.FOLDER_RW:
+        return FolderKeys.from_write_seed(bytes(ticket.root))
+    if ticket.kind is TicketKind.FOLDER_RO and ticket.write_public is not None:
+        return FolderKeys(bytes(ticket.root), ticket.write_public)
+    raise LocalProtocolError("that is a share ticket; use `p2pfs fetch` for it")
+
+
+def _nested(a: str, b: str) -> bool:
+    return a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def _open_connection(endpoint: Endpoint, node: NodeId | None) -> PeerConnection | None:
+    if node is None:
+        return None
+    for conn in endpoint.connections:
+        if conn.is_closed:
+            continue
+        with contextlib.suppress(ConnectionClosedError):
+            if conn.peer_id == node:
+                return conn
+    return None

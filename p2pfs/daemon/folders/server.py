@@ -1,0 +1,194 @@
+"""The serving side of folder sync: membership proofs, root subscriptions, and the nodes,
+records and chunks of a folder, for connections that proved membership.
+
+Access rule: nothing about a folder (not even whether this node has it) reaches a
+connection until its peer has proven it holds the folder's read key. A FolderHello for an
+unknown folder gets a challenge like any other, with a proof nobody can check, and its
+FolderProof gets the same NOT_FOUND as a wrong proof.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from p2pfs.content.folder import FILE_TREE
+from p2pfs.content.tree import LeafNode
+from p2pfs.ids import ContentHash, short_hex
+from p2pfs.net import PeerConnection
+from p2pfs.store.index import IndexStore
+from p2pfs.sync.keys import FolderKeys
+from p2pfs.sync.records import EMPTY_INDEX
+from p2pfs.wire.codes import ErrorCode
+from p2pfs.wire.messages import (
+    ErrorReply,
+    FolderChallenge,
+    FolderHello,
+    FolderMember,
+    FolderProof,
+    FolderRoot,
+    FolderWelcome,
+    GetNodes,
+    NodesReply,
+    WatchFolder,
+)
+
+from ..storage import AsyncIndex
+
+logger = logging.getLogger(__name__)
+
+FILE_NODE_CACHE = 64
+SERVER_ROLE = "server"
+CLIENT_ROLE = "client"
+
+
+class ServedFolder(Protocol):
+    """What the server needs of a folder (implemented by the sync engine)."""
+
+    keys: FolderKeys
+
+    def served_node(self, node_hash: ContentHash) -> bytes | None: ...
+
+    def has_file_root(self, root: ContentHash) -> bool: ...
+
+    def current_root(self) -> tuple[ContentHash, int, trio.Event]: ...
+
+    def members_except(self, node_id: bytes) -> list[FolderMember]: ...
+
+    def member_connected(self, conn: PeerConnection) -> None: ...
+
+    def share_root(self) -> ContentHash | None:
+        """The root of the folder's last scan, which locates its chunks in the index."""
+        ...
+
+
+@dataclass(slots=True)
+class FolderGrants:
+    """One connection's folder state: open challenges and the folders it proved."""
+
+    challenges: dict[bytes, tuple[bytes, bytes]] = field(default_factory=dict)
+    members: set[bytes] = field(default_factory=set)
+    file_nodes: dict[ContentHash, ContentHash] = field(default_factory=dict)
+    """File-tree nodes this connection reached: node hash -> the file root it belongs to."""
+
+
+class FolderServer:
+    def __init__(
+        self, index: AsyncIndex, lookup: Callable[[bytes], ServedFolder | None], own_id: bytes
+    ) -> None:
+        self._index = index
+        self._lookup = lookup
+        self._own_id = own_id
+        self._file_nodes: OrderedDict[ContentHash, dict[ContentHash, bytes]] = OrderedDict()
+
+    def is_member(self, grants: FolderGrants, folder_id: bytes) -> ServedFolder | None:
+        if folder_id not in grants.members:
+            return None
+        return self._lookup(folder_id)
+
+    def hello(
+        self, request: FolderHello, conn: PeerConnection, grants: FolderGrants
+    ) -> FolderChallenge:
+        server_nonce = os.urandom(32)
+        folder = self._lookup(request.folder_id)
+        if folder is None:
+            proof = os.urandom(32)  # indistinguishable from a real one without the key
+        else:
+            proof = folder.keys.membership_proof(
+                SERVER_ROLE, request.nonce, server_nonce, self._own_id, conn.peer_id.raw
+            )
+        grants.challenges[request.folder_id] = (request.nonce, server_nonce)
+        return FolderChallenge(request.request_id, server_nonce, proof)
+
+    def proof(
+        self, request: FolderProof, conn: PeerConnection, grants: FolderGrants
+    ) -> FolderWelcome | ErrorReply:
+        nonces = grants.challenges.pop(request.folder_id, None)
+        folder = self._lookup(request.folder_id)
+        if (
+            nonces is None
+            or folder is None
+            or not folder.keys.check_proof(
+                request.proof, CLIENT_ROLE, nonces[0], nonces[1], conn.peer_id.raw, self._own_id
+            )
+        ):
+            logger.warning("peer %s failed a folder membership proof", conn.peer_id.short())
+            return ErrorReply(request.request_id, ErrorCode.NOT_FOUND, "no such folder here")
+        grants.members.add(request.folder_id)
+        folder.member_connected(conn)
+        return FolderWelcome(request.request_id, tuple(folder.members_except(conn.peer_id.raw)))
+
+    async def watch(
+        self,
+        request: WatchFolder,
+        grants: FolderGrants,
+        send: Callable[[FolderRoot | ErrorReply], Awaitable[None]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Send the folder's index root now and after every change (latest value only)."""
+        folder = self.is_member(grants, request.folder_id)
+        if folder is None:
+            task_status.started()
+            await send(ErrorReply(request.request_id, ErrorCode.NOT_FOUND, "no such folder"))
+            return
+        task_status.started()
+        sent: ContentHash | None = None
+        while True:
+            root, count, changed = folder.current_root()
+            if root != sent:
+                await send(FolderRoot(request.request_id, root, count))
+                sent = root
+            await changed.wait()
+
+    async def nodes(self, request: GetNodes, grants: FolderGrants) -> NodesReply | ErrorReply:
+        """Index nodes, signed records, and the file trees of files the folder holds."""
+        folder = self.is_member(grants, request.share_root)
+        if folder is None:
+            return ErrorReply(request.request_id, ErrorCode.NOT_FOUND, "no such folder")
+        found: list[bytes] = []
+        for node_hash in request.hashes:
+            encoded = folder.served_node(node_hash)
+            if encoded is None:
+                encoded = await self._file_node(folder, node_hash, grants)
+            if encoded is None:
+                message = f"node {short_hex(node_hash)} not here"
+                return ErrorReply(request.request_id, ErrorCode.NOT_FOUND, message)
+            found.append(encoded)
+        return NodesReply(request.request_id, tuple(found))
+
+    async def _file_node(
+        self, folder: ServedFolder, node_hash: ContentHash, grants: FolderGrants
+    ) -> bytes | None:
+        file_root = node_hash if folder.has_file_root(node_hash) else None
+        if file_root is None:
+            file_root = grants.file_nodes.get(node_hash)
+        if file_root is None or node_hash == bytes(EMPTY_INDEX.hash):
+            return None
+        nodes = self._file_nodes.get(file_root)
+        if nodes is None:
+            nodes = await self._index.run(_file_tree_nodes, self._index.index, file_root)
+            if nodes is None:
+                return None
+            self._file_nodes[file_root] = nodes
+            if len(self._file_nodes) > FILE_NODE_CACHE:
+                self._file_nodes.popitem(last=False)
+        else:
+            self._file_nodes.move_to_end(file_root)
+        encoded = nodes.get(node_hash)
+        if encoded is not None:
+            node = FILE_TREE.decode_untrusted(encoded)
+            if not isinstance(node, LeafNode):
+                for child in node.children:
+                    grants.file_nodes[child.hash] = file_root
+        return encoded
+
+
+def _file_tree_nodes(index: IndexStore, root: ContentHash) -> dict[ContentHash, bytes] | None:
+    return index.file_tree_nodes(root)
