@@ -100,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     daemon.add_argument("--no-lan", action="store_true", help="no LAN discovery beacons")
     daemon.add_argument("--test-serve-unverified", action="store_true", help=argparse.SUPPRESS)
     daemon.add_argument("--lan-port", type=int, help=argparse.SUPPRESS)
+    daemon.add_argument("--profile-to", metavar="FILE", help=argparse.SUPPRESS)
     for direction in ("upload", "download"):
         daemon.add_argument(
             f"--max-{direction}-rate",
@@ -211,7 +212,14 @@ def _daemon(args: argparse.Namespace) -> int:
     logging.getLogger("quic").setLevel(logging.ERROR)
     # The DHT package warns of every unanswered call: normal on any real network.
     logging.getLogger("kademlia").setLevel(logging.ERROR)
-    trio.run(run_node, config)
+    if args.profile_to:  # a developer's aid: the main thread's profile, written at exit
+        import cProfile  # noqa: PLC0415
+
+        with cProfile.Profile() as profile:
+            trio.run(run_node, config)
+        profile.dump_stats(args.profile_to)
+    else:
+        trio.run(run_node, config)
     return EXIT_OK
 
 

@@ -8,6 +8,7 @@ import logging
 import resource
 import signal
 import socket
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ TRANSPORT = TransportConfig(batched_receive=True)
 sometimes never reported) cannot hurt this protocol: every reply is length-framed and no
 step waits for a FIN (a server stream whose FIN is lost ends with its connection), and a
 lost byte of data would surface as a stall, never as a wrong byte."""
+GIL_SWITCH_INTERVAL = 0.0005
 PROGRESS_INTERVAL = 0.2
 SHUTDOWN_GRACE = 4.0
 """Seconds the endpoint gets to close connections on shutdown (the goal is 5 s in all)."""
@@ -100,6 +102,11 @@ class Node:
         self._download_limit = _bucket(config.max_download_rate)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # Worker threads doing many small syscalls (creating files, reading chunks) give the
+        # GIL up at each one and wait a whole switch interval to get it back while the event
+        # loop is busy moving data: with 5 ms, writing 256 small files took 0.3-0.5 s in a
+        # folder sync; with 0.5 ms, 0.1-0.27 s (measured here).
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         home = self.config.home
         _raise_open_file_limit()
         self._identity = load_identity(home)

@@ -37,12 +37,13 @@ class _Pending:
     key: tuple[int, ...]
 
 
-async def walk_trees(jobs: list[TreeJob[Any]], fetch: FetchNodes) -> int:
-    """Fill every job's leaves; returns the number of nodes fetched."""
+async def walk_trees(jobs: list[TreeJob[Any]], fetch: FetchNodes, batch_size: int = BATCH) -> int:
+    """Fill every job's leaves; returns the number of nodes fetched. ``batch_size``: distinct
+    nodes per call of ``fetch`` (which may split it into several requests)."""
     frontier = [_Pending(job, job.root, 0, None, ()) for job in jobs]
     fetched = 0
     while frontier:
-        batch, frontier = _take_batch(frontier)
+        batch, frontier = _take_batch(frontier, batch_size)
         wanted = list(dict.fromkeys(p.child.hash for p in batch))
         encodings = dict(zip(wanted, await fetch(wanted), strict=True))
         fetched += len(wanted)
@@ -69,13 +70,13 @@ async def walk_trees(jobs: list[TreeJob[Any]], fetch: FetchNodes) -> int:
     return fetched
 
 
-def _take_batch(frontier: list[_Pending]) -> tuple[list[_Pending], list[_Pending]]:
-    """Up to BATCH distinct hashes; everything else waits for the next round trip."""
+def _take_batch(frontier: list[_Pending], batch_size: int) -> tuple[list[_Pending], list[_Pending]]:
+    """Up to ``batch_size`` distinct hashes; everything else waits for the next round trip."""
     seen: set[ContentHash] = set()
     batch: list[_Pending] = []
     rest: list[_Pending] = []
     for pending in frontier:
-        if pending.child.hash in seen or len(seen) < BATCH:
+        if pending.child.hash in seen or len(seen) < batch_size:
             seen.add(pending.child.hash)
             batch.append(pending)
         else:

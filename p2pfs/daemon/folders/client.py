@@ -108,12 +108,17 @@ class FolderLink:
 
     async def nodes(self, hashes: list[ContentHash]) -> list[bytes]:
         """Nodes or records by hash, in batches (the caller verifies each against its hash)."""
-        found: list[bytes] = []
-        for start in range(0, len(hashes), MAX_BATCH):
+        batches = [hashes[start : start + MAX_BATCH] for start in range(0, len(hashes), MAX_BATCH)]
+        found: list[list[bytes]] = [[] for _ in batches]
+
+        async def one(position: int) -> None:
             async with self._stream() as stream:
-                batch = hashes[start : start + MAX_BATCH]
-                found.extend(await stream.nodes(self.keys.folder_id, batch))
-        return found
+                found[position] = await stream.nodes(self.keys.folder_id, batches[position])
+
+        async with trio.open_nursery() as nursery:  # one batch per request stream at a time
+            for position in range(len(batches)):
+                nursery.start_soon(one, position)
+        return [node for batch in found for node in batch]
 
     async def chunks(self, refs: list[ChunkRef], deliver: Callable[[int, bytes], None]) -> None:
         """Ask for ``refs`` (at most MAX_BATCH); ``deliver(position, bytes)`` as they come

@@ -8,6 +8,7 @@ never interleaves with an apply and each reconcile plans against records that ar
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,8 +23,8 @@ from p2pfs.ids import ContentHash
 from p2pfs.net import PeerConnection
 from p2pfs.store.assemble import Finished, PartialFile, commit_files
 from p2pfs.store.folders import FolderRow, FolderStore
-from p2pfs.store.index import IndexStore, read_first_intact
-from p2pfs.store.scanner import ScanResult, scan_share
+from p2pfs.store.index import CHUNK_RECORD, IndexStore, read_first_intact
+from p2pfs.store.scanner import PlacedFile, ScanResult, record_placed_files, scan_share
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.local import DiskFile, local_changes
 from p2pfs.sync.planner import CONFLICT_MARKER, ActionKind, plan_file, winner_key
@@ -48,6 +49,11 @@ logger = logging.getLogger(__name__)
 
 CHUNK_BATCH_BYTES = 8 << 20
 COMMIT_BATCH = 512
+STEP_FILES = 2048
+STEP_BYTES = 64 << 20
+STEPS_IN_FLIGHT = 2
+"""Files are placed in steps of at most STEP_FILES / STEP_BYTES, a few at once, so one
+step's durable commit overlaps the next one's transfer."""
 KEPT_TREES = 3
 """Index trees kept servable after they are replaced: a peer may be mid-diff against one."""
 
@@ -103,6 +109,10 @@ class FolderSync:
         self.peers: dict[bytes, tuple[str, int]] = {}
         self.lock = trio.Lock()
         self.scans = 0
+        self.dirty = True
+        """The disk may have changed since the last scan. The file-system watcher sets it;
+        without a watcher it stays set, and every reconcile rescans first."""
+        self.watching = False
 
     # -- state ----------------------------------------------------------------------------
 
@@ -193,11 +203,13 @@ class FolderSync:
 
     # -- local changes --------------------------------------------------------------------
 
-    async def rescan(self) -> None:
+    async def rescan(self, *, force: bool = False) -> None:
         async with self.lock:
-            await self._rescan_locked()
+            if force or self.dirty or not self.watching:
+                await self._rescan_locked()
 
     async def _rescan_locked(self) -> None:
+        self.dirty = False  # events from here on mark the next scan
         await in_thread(self.ignore.reload)
         result, files = await self._index.run(
             _scan_folder, self._index.index, self.path, self.ignore
@@ -237,7 +249,10 @@ class FolderSync:
         malformed or backwards record.
         """
         async with self.lock:
-            await self._rescan_locked()
+            timer = _Phases()
+            if self.dirty or not self.watching:
+                await self._rescan_locked()
+            timer.mark("rescan")
             if remote_root.hash == self._root.hash:
                 return
             local_root, trees = self._root, list(self._trees)
@@ -254,21 +269,19 @@ class FolderSync:
             leaves = await trio.to_thread.run_sync(
                 remote_changes, local_root, local_node, remote_root, remote_nodes
             )
+            timer.mark("diff")
             remote = await self._fetch_records(link, leaves)
+            timer.mark("records")
             planned = self._plan(remote)
-            await self._apply(link, planned)
+            timer.mark("plan")
+            await self._apply(link, planned, timer)
+            logger.info("folder %s: reconcile with %s: %s", self.path, link.peer_id.short(), timer)
 
     async def _fetch_records(self, link: FolderLink, leaves: list[IndexLeaf]) -> list[SignedRecord]:
         hashes = [leaf.record_hash for leaf in leaves]
         encoded = await link.nodes(hashes)
-        records = []
-        for leaf, blob in zip(leaves, encoded, strict=True):
-            if record_hash(blob) != leaf.record_hash:
-                raise RemoteProtocolError("a record does not match its hash in the index tree")
-            record = SignedRecord.decode_untrusted(blob, self.keys)
-            if path_key(record.version.path) != leaf.path_key:
-                raise RemoteProtocolError(f"record for {record.version.path!r} is misplaced")
-            records.append(record)
+        # Signature checks cost ~0.1 ms each: off the event loop, which moves the data.
+        records = await in_thread(_verify_records, self.keys, leaves, encoded)
         link_vectors = link.seen_vectors
         for record in records:
             version = record.version
@@ -360,8 +373,8 @@ class FolderSync:
 
     # -- applying -------------------------------------------------------------------------
 
-    async def _apply(self, link: FolderLink, planned: _Planned) -> None:
-        placed = await self._download(link, planned)
+    async def _apply(self, link: FolderLink, planned: _Planned, timer: _Phases) -> None:
+        placed = await self._download(link, planned, timer)
         ready = [
             record
             for record in planned.records
@@ -374,7 +387,9 @@ class FolderSync:
             for record in ready
             if record.version.path not in planned.delete or record.version.path in deleted
         ]
+        timer.mark("delete")
         await self._commit_records(ready)
+        timer.mark("store")
         skipped = len(planned.records) - len(ready)
         if planned.records:
             logger.info(
@@ -386,7 +401,6 @@ class FolderSync:
                 len(deleted),
                 skipped,
             )
-        await self._rescan_locked()
 
     def _delete_files(self, paths: list[str]) -> set[str]:
         done: set[str] = set()
@@ -401,7 +415,7 @@ class FolderSync:
             done.add(path)
         return done
 
-    async def _download(self, link: FolderLink, planned: _Planned) -> set[str]:
+    async def _download(self, link: FolderLink, planned: _Planned, timer: _Phases) -> set[str]:
         """Place every file of ``planned.fetch``; returns the paths placed."""
         items = planned.fetch
         if not items:
@@ -411,32 +425,75 @@ class FolderSync:
             for path, version in items
             if version.size and version.root is not None
         ]
-        await walk_trees(jobs, link.nodes)
+        # Subtrees this node holds (the same content anywhere, or the path's old version)
+        # come from the index: a rename fetches no node, an edit only the nodes above it.
+        known_roots = [version.root for _path, version in items if version.root is not None]
+        for path, _version in items:
+            old = self.records.get(path)
+            if old is not None and old.version.root is not None:
+                known_roots.append(old.version.root)
+        local_nodes = await self._index.run(_local_file_nodes, self._index.index, known_roots)
+
+        async def fetch_nodes(hashes: list[ContentHash]) -> list[bytes]:
+            missing = [h for h in hashes if h not in local_nodes]
+            fetched = dict(zip(missing, await link.nodes(missing), strict=True)) if missing else {}
+            return [local_nodes[h] if h in local_nodes else fetched[h] for h in hashes]
+
+        await walk_trees(jobs, fetch_nodes, batch_size=MAX_BATCH * 4)
+        timer.mark("trees")
         chunks_of: dict[str, list[tuple[int, ChunkRef]]] = {job.tag[0]: job.leaves for job in jobs}
-        partials: dict[str, PartialFile] = {}
-        failed: set[str] = set()
+        parents = await in_thread(_make_all_parents, self.path, [path for path, _ in items])
+        steps: list[list[tuple[str, FileVersion]]] = [[]]
+        step_bytes = 0
         for path, version in items:
-            assert version.root is not None
-            try:
-                parent = await in_thread(disk.make_parents, self.path, path)
-            except StorageError as exc:
-                logger.warning("folder %s: cannot place %s: %s", self.path, path, exc)
-                failed.add(path)
-                continue
-            name = path.rsplit("/", 1)[-1]
-            partials[path] = PartialFile(parent, name, version.root, version.size)
+            if path not in parents:
+                continue  # reported by _make_all_parents; retried on a later reconcile
+            if len(steps[-1]) >= STEP_FILES or step_bytes >= STEP_BYTES:
+                steps.append([])
+                step_bytes = 0
+            steps[-1].append((path, version))
+            step_bytes += version.size
+        placed: set[str] = set()
+        # Steps overlap: one commits (sync, renames) while the next moves data.
+        limit = trio.Semaphore(STEPS_IN_FLIGHT)
+        async with trio.open_nursery() as nursery:
+            for step in steps:
+                await limit.acquire()
+                nursery.start_soon(
+                    self._download_step, link, step, parents, chunks_of, planned, placed, limit
+                )
+        timer.mark("files")
+        return placed
+
+    async def _download_step(
+        self,
+        link: FolderLink,
+        items: list[tuple[str, FileVersion]],
+        parents: dict[str, str],
+        chunks_of: dict[str, list[tuple[int, ChunkRef]]],
+        planned: _Planned,
+        placed: set[str],
+        limit: trio.Semaphore,
+    ) -> None:
+        partials: dict[str, PartialFile] = {}
         try:
+            for path, version in items:
+                assert version.root is not None
+                name = path.rsplit("/", 1)[-1]
+                partials[path] = PartialFile(parents[path], name, version.root, version.size)
             missing = await self._fill_from_local(partials, chunks_of)
             await self._fill_from_peer(link, partials, missing)
             finished = [
                 Finished(partials[path], version.executable, version.mtime_ns)
                 for path, version in items
-                if path in partials
             ]
-            return await in_thread(self._commit, finished, planned.conflict_moves)
+            renamed = await in_thread(self._commit, finished, planned.conflict_moves)
+            await self._record_placed(renamed, dict(items), chunks_of)
+            placed.update(renamed)
         finally:
             for partial in partials.values():
                 partial.close()
+            limit.release()
 
     async def _fill_from_local(
         self,
@@ -511,10 +568,37 @@ class FolderSync:
 
                 nursery.start_soon(one)
 
-    def _commit(self, finished: list[Finished], conflict_moves: dict[str, str]) -> set[str]:
-        """Rename each file into place unless its path changed on disk since the scan."""
+    async def _record_placed(
+        self,
+        placed: dict[str, os.stat_result],
+        versions: dict[str, FileVersion],
+        chunks_of: dict[str, list[tuple[int, ChunkRef]]],
+    ) -> None:
+        """What we placed is known content: index it now (no re-read by the next scan, and
+        other members can fetch its chunks from us at once)."""
+        files = []
+        for path, st in placed.items():
+            version = versions[path]
+            assert version.root is not None
+            packed = b"".join(
+                CHUNK_RECORD.pack(ref.id, ref.length) for _offset, ref in chunks_of.get(path, [])
+            )
+            files.append(
+                PlacedFile(
+                    path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode, version.root, packed
+                )
+            )
+            self._disk[path] = disk.DiskState(st.st_size, st.st_mtime_ns, st.st_ino)
+            self._disk_roots.add(version.root)
+        await self._index.run(record_placed_files, self._index.index, self.path, files)
+
+    def _commit(
+        self, finished: list[Finished], conflict_moves: dict[str, str]
+    ) -> dict[str, os.stat_result]:
+        """Rename each file into place unless its path changed on disk since the scan;
+        returns the placed paths with their new stat."""
         by_final = {item.partial.final_path: path for path, item in _paths(self.path, finished)}
-        placed: set[str] = set()
+        placed: dict[str, os.stat_result] = {}
 
         def before_replace(item: Finished) -> bool:
             path = by_final[item.partial.final_path]
@@ -531,11 +615,11 @@ class FolderSync:
                         return False
                 else:
                     disk.keep_version(self.path, path, move=False)
-            placed.add(path)
             return True
 
         for start in range(0, len(finished), COMMIT_BATCH):
-            commit_files(finished[start : start + COMMIT_BATCH], before_replace)
+            for item in commit_files(finished[start : start + COMMIT_BATCH], before_replace):
+                placed[by_final[item.partial.final_path]] = os.lstat(item.partial.final_path)
         return placed
 
     # -- reporting ------------------------------------------------------------------------
@@ -564,9 +648,58 @@ class FolderSync:
         }
 
 
+class _Phases:
+    """Wall time per phase of one reconcile, for the log (where a slow sync spends it)."""
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+        self._spent: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self._spent[phase] = self._spent.get(phase, 0.0) + now - self._last
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{phase} {seconds:.3f}s" for phase, seconds in self._spent.items())
+
+
 def _paths(folder: str, finished: list[Finished]) -> list[tuple[str, Finished]]:
     prefix = folder.rstrip("/") + "/"
     return [(item.partial.final_path[len(prefix) :].replace("\\", "/"), item) for item in finished]
+
+
+def _verify_records(
+    keys: FolderKeys, leaves: list[IndexLeaf], encoded: list[bytes]
+) -> list[SignedRecord]:
+    records = []
+    for leaf, blob in zip(leaves, encoded, strict=True):
+        if record_hash(blob) != leaf.record_hash:
+            raise RemoteProtocolError("a record does not match its hash in the index tree")
+        record = SignedRecord.decode_untrusted(blob, keys)
+        if path_key(record.version.path) != leaf.path_key:
+            raise RemoteProtocolError(f"record for {record.version.path!r} is misplaced")
+        records.append(record)
+    return records
+
+
+def _make_all_parents(folder: str, paths: list[str]) -> dict[str, str]:
+    parents: dict[str, str] = {}
+    for path in paths:
+        try:
+            parents[path] = disk.make_parents(folder, path)
+        except StorageError as exc:
+            logger.warning("folder %s: cannot place %s: %s", folder, path, exc)
+    return parents
+
+
+def _local_file_nodes(index: IndexStore, roots: list[ContentHash]) -> dict[ContentHash, bytes]:
+    nodes: dict[ContentHash, bytes] = {}
+    for root in dict.fromkeys(roots):
+        found = index.file_tree_nodes(root)
+        if found is not None:
+            nodes.update(found)
+    return nodes
 
 
 ScannedFile = tuple[str, bytes, int, int, int, int]

@@ -138,11 +138,17 @@ class FolderManager:
     async def _watch(self, folder: FolderSync) -> None:
         """File-system notifications, debounced, each followed by a (cheap) rescan."""
 
+        prefix = folder.path.rstrip(os.sep) + os.sep
+
         def wanted(_change: watchfiles.Change, path: str) -> bool:
-            relative = os.path.relpath(path, folder.path).replace(os.sep, "/")
-            return not folder.ignore(relative)
+            # Called for every event (tens of thousands when a sync writes files): keep it
+            # to string slicing.
+            if not path.startswith(prefix):
+                return False
+            return not folder.ignore(path[len(prefix) :].replace(os.sep, "/"))
 
         try:
+            folder.watching = True
             async for _changes in watchfiles.awatch(
                 folder.path,
                 watch_filter=wanted,
@@ -151,8 +157,10 @@ class FolderManager:
                 recursive=True,
                 ignore_permission_denied=True,
             ):
+                folder.dirty = True
                 await self._rescan(folder)
         except (OSError, RuntimeError) as exc:
+            folder.watching = False
             logger.warning(
                 "folder %s: watcher failed (%s); periodic rescans only", folder.path, exc
             )
@@ -160,14 +168,14 @@ class FolderManager:
     async def _rescan_periodically(self, folder: FolderSync) -> None:
         while True:
             await trio.sleep(self.config.rescan_interval)
-            await self._rescan(folder)
+            await self._rescan(folder, force=True)
             await trio.to_thread.run_sync(
                 disk.expire_versions, folder.path, self.config.keep_versions_s
             )
 
-    async def _rescan(self, folder: FolderSync) -> None:
+    async def _rescan(self, folder: FolderSync, *, force: bool = False) -> None:
         try:
-            await folder.rescan()
+            await folder.rescan(force=force)
         except (StorageError, LocalProtocolError) as exc:
             logger.warning("folder %s: rescan failed: %s", folder.path, exc)
 

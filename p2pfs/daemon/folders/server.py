@@ -24,7 +24,6 @@ from p2pfs.ids import ContentHash, short_hex
 from p2pfs.net import PeerConnection
 from p2pfs.store.index import IndexStore
 from p2pfs.sync.keys import FolderKeys
-from p2pfs.sync.records import EMPTY_INDEX
 from p2pfs.wire.codes import ErrorCode
 from p2pfs.wire.messages import (
     ErrorReply,
@@ -152,43 +151,52 @@ class FolderServer:
         folder = self.is_member(grants, request.share_root)
         if folder is None:
             return ErrorReply(request.request_id, ErrorCode.NOT_FOUND, "no such folder")
+        # File-tree nodes: a file root the folder holds, or a node reached from one on this
+        # connection. All trees a request needs are loaded in one worker-thread call.
+        wanted_files: dict[ContentHash, ContentHash] = {}
+        for node_hash in request.hashes:
+            if folder.served_node(node_hash) is not None:
+                continue
+            file_root = node_hash if folder.has_file_root(node_hash) else None
+            file_root = file_root or grants.file_nodes.get(node_hash)
+            if file_root is None:
+                message = f"node {short_hex(node_hash)} not here"
+                return ErrorReply(request.request_id, ErrorCode.NOT_FOUND, message)
+            wanted_files[node_hash] = file_root
+        trees: dict[ContentHash, dict[ContentHash, bytes]] = {}
+        to_load = []
+        for file_root in dict.fromkeys(wanted_files.values()):
+            cached = self._file_nodes.get(file_root)
+            if cached is None:
+                to_load.append(file_root)
+            else:
+                self._file_nodes.move_to_end(file_root)
+                trees[file_root] = cached
+        if to_load:
+            loaded = await self._index.run(_file_trees, self._index.index, to_load)
+            trees.update(loaded)
+            for file_root, nodes in loaded.items():
+                self._file_nodes[file_root] = nodes
+                if len(self._file_nodes) > FILE_NODE_CACHE:
+                    self._file_nodes.popitem(last=False)
         found: list[bytes] = []
         for node_hash in request.hashes:
             encoded = folder.served_node(node_hash)
             if encoded is None:
-                encoded = await self._file_node(folder, node_hash, grants)
-            if encoded is None:
-                message = f"node {short_hex(node_hash)} not here"
-                return ErrorReply(request.request_id, ErrorCode.NOT_FOUND, message)
+                file_root = wanted_files[node_hash]
+                encoded = trees.get(file_root, {}).get(node_hash)
+                if encoded is None:
+                    message = f"node {short_hex(node_hash)} is gone"
+                    return ErrorReply(request.request_id, ErrorCode.NOT_FOUND, message)
+                node = FILE_TREE.decode_untrusted(encoded)
+                if not isinstance(node, LeafNode):
+                    for child in node.children:
+                        grants.file_nodes[child.hash] = file_root
             found.append(encoded)
         return NodesReply(request.request_id, tuple(found))
 
-    async def _file_node(
-        self, folder: ServedFolder, node_hash: ContentHash, grants: FolderGrants
-    ) -> bytes | None:
-        file_root = node_hash if folder.has_file_root(node_hash) else None
-        if file_root is None:
-            file_root = grants.file_nodes.get(node_hash)
-        if file_root is None or node_hash == bytes(EMPTY_INDEX.hash):
-            return None
-        nodes = self._file_nodes.get(file_root)
-        if nodes is None:
-            nodes = await self._index.run(_file_tree_nodes, self._index.index, file_root)
-            if nodes is None:
-                return None
-            self._file_nodes[file_root] = nodes
-            if len(self._file_nodes) > FILE_NODE_CACHE:
-                self._file_nodes.popitem(last=False)
-        else:
-            self._file_nodes.move_to_end(file_root)
-        encoded = nodes.get(node_hash)
-        if encoded is not None:
-            node = FILE_TREE.decode_untrusted(encoded)
-            if not isinstance(node, LeafNode):
-                for child in node.children:
-                    grants.file_nodes[child.hash] = file_root
-        return encoded
 
-
-def _file_tree_nodes(index: IndexStore, root: ContentHash) -> dict[ContentHash, bytes] | None:
-    return index.file_tree_nodes(root)
+def _file_trees(
+    index: IndexStore, roots: list[ContentHash]
+) -> dict[ContentHash, dict[ContentHash, bytes]]:
+    return {root: nodes for root in roots if (nodes := index.file_tree_nodes(root)) is not None}
