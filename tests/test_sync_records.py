@@ -12,6 +12,7 @@ from p2pfs.content.tree import iter_leaves
 from p2pfs.errors import LocalProtocolError, RemoteProtocolError
 from p2pfs.ids import ContentHash
 from p2pfs.sync.keys import FolderKeys
+from p2pfs.sync.local import DiskFile, local_changes
 from p2pfs.sync.records import (
     EMPTY_INDEX,
     INDEX_TREE,
@@ -22,7 +23,6 @@ from p2pfs.sync.records import (
     path_key,
     remote_changes,
 )
-from p2pfs.sync.local import DiskFile, local_changes
 from p2pfs.sync.versions import FileVersion, Ordering, VersionVector
 
 DEVICE = bytes([7]) * 32
@@ -125,6 +125,7 @@ def test_diff_names_exactly_the_changed_records(names: list[str], data: st.DataO
     remote_nodes: dict[ContentHash, bytes] = {}
     local_root = build_index(local.values(), lambda h, e, _n: local_nodes.__setitem__(h, e))
     remote_root = build_index(remote.values(), lambda h, e, _n: remote_nodes.__setitem__(h, e))
+
     def fetch(hashes: list[ContentHash]) -> list[bytes]:
         return [remote_nodes[h] for h in hashes]
 

@@ -1,0 +1,221 @@
+"""A member that holds the folder key but sends forged, malformed or backwards index updates.
+
+The daemon under test is real (its own process); the hostile member is this test process
+running the real endpoint, share service and folder server over a real UDP socket, with a
+folder whose index tree it builds by hand. The member proves membership honestly (it holds
+the read-write ticket), so only the record checks stand between it and the daemon's disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgpack
+import pytest
+import trio
+
+from p2pfs.bench.daemons import DaemonProcess
+from p2pfs.content.tree import Child
+from p2pfs.daemon.folders.client import FolderLink
+from p2pfs.daemon.folders.server import FolderServer
+from p2pfs.daemon.service import ShareService, TransferCounters
+from p2pfs.daemon.storage import AsyncIndex
+from p2pfs.identity import Identity, NodeId
+from p2pfs.ids import ContentHash
+from p2pfs.net import PeerConnection, open_endpoint
+from p2pfs.store.index import IndexStore
+from p2pfs.sync.keys import FolderKeys
+from p2pfs.sync.records import (
+    SIGNATURE_DOMAIN,
+    IndexLeaf,
+    SignedRecord,
+    build_index,
+    path_key,
+    record_hash,
+)
+from p2pfs.sync.versions import FileVersion, VersionVector
+from p2pfs.wire.messages import FolderMember
+from p2pfs.wire.ticket import parse_ticket_untrusted
+from tests.e2e_helpers import wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+DEVICE = bytes([0x42]) * 32
+
+
+@dataclass
+class HostileFolder:
+    """Serves whatever index tree the test gives it (a ServedFolder)."""
+
+    keys: FolderKeys
+    nodes: dict[ContentHash, bytes] = field(default_factory=dict)
+    root: Child = field(default_factory=lambda: Child(ContentHash(bytes(32)), 0))
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def serve(self, blobs: list[tuple[str, bytes]]) -> None:
+        """Publish a tree whose leaves are ``(path, encoded record)`` as given (unchecked)."""
+        nodes: dict[ContentHash, bytes] = {}
+        leaves = []
+        for path, blob in blobs:
+            digest = record_hash(blob)
+            nodes[digest] = blob
+            leaves.append(IndexLeaf(path_key(path), digest))
+        self.root = build_index(leaves, lambda h, e, _n: nodes.__setitem__(h, e))
+        self.nodes = nodes
+        changed, self.changed = self.changed, trio.Event()
+        changed.set()
+
+    def served_node(self, node_hash: ContentHash) -> bytes | None:
+        return self.nodes.get(node_hash)
+
+    def has_file_root(self, root: ContentHash) -> bool:
+        return False
+
+    def current_root(self) -> tuple[ContentHash, int, trio.Event]:
+        return self.root.hash, self.root.size, self.changed
+
+    def members_except(self, node_id: bytes) -> list[FolderMember]:
+        return []
+
+    def member_connected(self, conn: PeerConnection) -> None:
+        pass
+
+    def share_root(self) -> ContentHash | None:
+        return None
+
+
+def tombstone(path: str, counter: int) -> FileVersion:
+    return FileVersion.tombstone(path, VersionVector.of({DEVICE: counter}), 1, DEVICE)
+
+
+def signed(version: FileVersion, keys: FolderKeys) -> bytes:
+    return SignedRecord.sign(version, keys).encode()
+
+
+def raw_record(fields: list[object], keys: FolderKeys) -> bytes:
+    """A record with arbitrary FileVersion fields, validly signed (as a member can)."""
+    encoded_version = msgpack.packb(fields, use_bin_type=True)
+    signature = keys.sign(SIGNATURE_DOMAIN + keys.folder_id + encoded_version)
+    return msgpack.packb([encoded_version, signature], use_bin_type=True)
+
+
+def fields(path: str) -> list[object]:
+    return [path, [[DEVICE, 1]], False, bytes(32), 5, False, 1, DEVICE]
+
+
+def run_hostile_member(
+    home: Path, ticket: str, script: Callable[[HostileFolder], None], *, backwards: bool
+) -> bool:
+    """Join the daemon's folder as a member serving ``script``'s tree; True if the daemon
+    dropped the connection within the time limit."""
+    parsed = parse_ticket_untrusted(ticket)
+    keys = FolderKeys.from_write_seed(bytes(parsed.root))
+    assert parsed.node_id is not None
+    address = parsed.addresses[0]
+    folder = HostileFolder(keys)
+    script(folder)
+
+    async def main() -> bool:
+        identity = Identity.generate()
+        with IndexStore(home / "hostile.sqlite3") as store:
+            index = AsyncIndex(store)
+            server = FolderServer(
+                index, lambda fid: folder if fid == keys.folder_id else None, identity.node_id.raw
+            )
+            service = ShareService(index, TransferCounters(), folders=server)
+            async with open_endpoint(identity, "127.0.0.1", 0) as endpoint:
+                conn = await endpoint.connect((address.host, address.port), NodeId(parsed.node_id))
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(service.handle_connection, conn)
+                    link = FolderLink(conn, keys, TransferCounters(), identity.node_id.raw)
+                    await link.join()
+                    if backwards:
+                        await trio.sleep(2)  # the daemon takes the newer tombstone first
+                        folder.serve([("gone.txt", signed(tombstone("gone.txt", 1), keys))])
+                    with trio.move_on_after(30) as timeout:
+                        await conn.wait_closed()
+                    nursery.cancel_scope.cancel()
+                return not timeout.cancelled_caught
+
+    return trio.run(main)
+
+
+@pytest.fixture
+def member(tmp_path: Path) -> Iterator[tuple[DaemonProcess, Path, str]]:
+    daemon = DaemonProcess(tmp_path / "a", extra_args=("--no-lan",)).start()
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("precious\n")
+    ticket = daemon.cli_json("sync", str(folder))["rw"]
+    try:
+        yield daemon, folder, ticket
+    finally:
+        daemon.stop()
+
+
+def listing(root: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(root)): path.read_bytes()
+        for path in root.rglob("*")
+        if path.is_file() and ".p2pfs" not in path.relative_to(root).parts
+    }
+
+
+FOREIGN = FolderKeys.from_write_seed(bytes(range(32)))
+
+
+@pytest.mark.parametrize(
+    ("reason", "records"),
+    [
+        (
+            "signature does not verify",
+            lambda keys: [("keep.txt", signed(tombstone("keep.txt", 9), FOREIGN))],
+        ),
+        ("reserved name '..'", lambda keys: [("../evil", raw_record(fields("../evil"), keys))]),
+        ("absolute path", lambda keys: [("/etc/x", raw_record(fields("/etc/x"), keys))]),
+        ("separator or NUL", lambda keys: [("a\0b", raw_record(fields("a\0b"), keys))]),
+        ("bad signature length", lambda keys: [("keep.txt", b"\x92\xc4\x01x\xc4\x01y")]),
+        (
+            "is misplaced",
+            lambda keys: [("other.txt", signed(tombstone("keep.txt", 9), keys))],
+        ),
+    ],
+)
+def test_forged_or_malformed_update_drops_the_member(
+    member: tuple[DaemonProcess, Path, str],
+    tmp_path: Path,
+    reason: str,
+    records: Callable[[FolderKeys], list[tuple[str, bytes]]],
+) -> None:
+    daemon, folder, ticket = member
+    before = listing(folder)
+    keys = FolderKeys.from_write_seed(bytes(parse_ticket_untrusted(ticket).root))
+    dropped = run_hostile_member(
+        tmp_path, ticket, lambda hostile: hostile.serve(records(keys)), backwards=False
+    )
+    assert dropped, f"the daemon kept a member whose record has: {reason}"
+    assert listing(folder) == before
+    assert not (tmp_path / "evil").exists()
+    log = daemon.log_path.read_text()
+    drops = [line for line in log.splitlines() if "dropping member" in line]
+    assert len(drops) == 1 and reason in drops[0], daemon.log_tail()
+    assert "Traceback" not in log, daemon.log_tail()
+    assert daemon.call("id")  # still serving
+
+
+def test_vector_going_backwards_drops_the_member(
+    member: tuple[DaemonProcess, Path, str], tmp_path: Path
+) -> None:
+    daemon, folder, ticket = member
+    keys = FolderKeys.from_write_seed(bytes(parse_ticket_untrusted(ticket).root))
+    before = listing(folder)
+
+    def newer_first(hostile: HostileFolder) -> None:
+        hostile.serve([("gone.txt", signed(tombstone("gone.txt", 2), keys))])
+
+    assert run_hostile_member(tmp_path, ticket, newer_first, backwards=True)
+    assert listing(folder) == before
+    wait_until(lambda: "went backwards" in daemon.log_path.read_text(), timeout=10)
+    assert "Traceback" not in daemon.log_path.read_text(), daemon.log_tail()
