@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import tempfile
 import threading
@@ -353,3 +354,26 @@ def test_downloads_in_progress_are_not_indexed(tmp_path: Path) -> None:
     result = scan(tmp_path, share, home="b")
     assert result.root == before
     assert result.problems == []
+
+
+def test_a_renamed_or_moved_file_is_not_read_again(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    (share / "a").mkdir(parents=True)
+    (share / "b").mkdir()
+    payload = random.Random(3).randbytes(300_000)
+    (share / "a" / "one.bin").write_bytes(payload)
+    (share / "a" / "two.bin").write_bytes(payload[::-1])
+    old = time.time_ns() - 60 * 10**9  # well outside the racy window
+    for path in (share / "a" / "one.bin", share / "a" / "two.bin"):
+        os.utime(path, ns=(old, old))
+    with IndexStore(tmp_path / "index.sqlite3") as index:
+        first = scan_share(share, index)
+        (share / "a" / "one.bin").rename(share / "a" / "renamed.bin")
+        (share / "a" / "two.bin").rename(share / "b" / "moved.bin")
+        second = scan_share(share, index)
+        assert second.stats.bytes_read == 0
+        assert second.stats.files_renamed == 2
+        # The content is the same, so only the directory entries differ from a fresh scan.
+        with IndexStore(tmp_path / "fresh.sqlite3") as fresh:
+            assert scan_share(share, fresh).root == second.root
+        assert second.root != first.root

@@ -185,3 +185,8 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
+
+
+def umask() -> int:
+    """The process umask, read once at import."""
+    return _UMASK

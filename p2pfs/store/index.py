@@ -466,6 +466,20 @@ class IndexStore:
                     (size, mtime_ns, inode, mode, file_id),
                 )
 
+    def file_by_identity(
+        self, share_id: int, inode: int, size: int, mtime_ns: int, mode: int
+    ) -> tuple[bytes, bytes] | None:
+        """(root, packed chunks) of a file of the share with this inode, size, mtime and mode:
+        the same file under another name (a rename or move), whose content is known."""
+        with _guard("finding file"):
+            row = self._conn.execute(
+                "SELECT f.root, f.chunks FROM files f JOIN dirs d ON d.id = f.dir_id "
+                "WHERE f.inode = ? AND f.size = ? AND f.mtime_ns = ? AND f.mode = ? "
+                "AND d.share_id = ? LIMIT 1",
+                (inode, size, mtime_ns, mode, share_id),
+            ).fetchone()
+        return None if row is None else (bytes(row[0]), bytes(row[1]))
+
     def delete_files(self, file_ids: Iterable[int]) -> None:
         with _guard("deleting files"), self.transaction():
             for file_id in file_ids:

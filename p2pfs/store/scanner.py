@@ -93,6 +93,8 @@ class ScanStats:
     files_hashed: int = 0
     bytes_read: int = 0
     files_reused: int = 0
+    files_renamed: int = 0
+    """Files found under a new name whose content the index knew (not read again)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +176,7 @@ class _Scan:
         self.read_hook = read_hook
         self.stats = ScanStats()
         self.problems: list[Problem] = []
+        self.vanished: dict[tuple[int, int, int, int], tuple[bytes, bytes]] = {}
         self.done_files = 0
         self.done_bytes = 0
         self._adds: list[NewFile] = []
@@ -181,6 +184,14 @@ class _Scan:
         self._began = 0.0
         self._writes = 0
         self._hashed_since_commit = 0
+
+    def remember_vanished(self, rows: list[FileRow]) -> None:
+        """Rows about to be dropped: a later directory of this scan may hold the same file
+        under a new name (a move between directories)."""
+        for _file_id, size, mtime_ns, inode, mode, root, _count in rows:
+            chunks = self.index.file_chunks(root)
+            if chunks is not None:
+                self.vanished[(inode, size, mtime_ns, mode)] = (root, chunks)
 
     def problem(self, path: str, reason: str) -> None:
         shown = _display(path)
@@ -379,7 +390,11 @@ class _Scan:
             if not changed:
                 changed = True
                 self.write().invalidate_dir(dir_id)
-            found = self.hash_into_index(dir_id, os.path.join(disk_path, name), name, row)
+            found = None
+            if st.st_mtime_ns < racy_limit:
+                found = self.renamed_into_index(dir_id, name, st, row)
+            if found is None:
+                found = self.hash_into_index(dir_id, os.path.join(disk_path, name), name, row)
             if found is None:
                 continue
             flags = FLAG_EXECUTABLE if found.mode & stat.S_IXUSR else 0
@@ -393,8 +408,31 @@ class _Scan:
                 changed = True
                 self.write().invalidate_dir(dir_id)
             stale = [row[0] for row in rows.values()]
+            self.remember_vanished(list(rows.values()))
             self.write().delete_files(stale)
         return items, changed
+
+    def renamed_into_index(
+        self, dir_id: int, name: str, st: os.stat_result, row: FileRow | None
+    ) -> _Hashed | None:
+        """A file the index knows under another name (same inode, size, mtime and mode, and
+        not racily clean): its content is taken from there, not read again."""
+        inode = _signed64(st.st_ino)
+        known = self.vanished.get((inode, st.st_size, st.st_mtime_ns, st.st_mode))
+        if known is None:
+            known = self.index.file_by_identity(
+                self.share_id, inode, st.st_size, st.st_mtime_ns, st.st_mode
+            )
+        if known is None:
+            return None
+        self.stats.files_renamed += 1
+        hashed = _Hashed(st.st_size, st.st_mtime_ns, inode, st.st_mode, *known)
+        fields = (hashed.size, hashed.mtime_ns, inode, hashed.mode, hashed.root, hashed.chunks)
+        if row is None:
+            self.add((dir_id, name, *fields))
+        else:
+            self.write().update_file(row[0], *fields)
+        return hashed
 
     def hash_into_index(
         self, dir_id: int, path: str, name: str, row: FileRow | None

@@ -24,6 +24,7 @@ import pathspec
 
 from p2pfs.errors import StorageError
 from p2pfs.store.assemble import is_partial_name
+from p2pfs.store.assemble import umask as _read_umask
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ STATE_DIR = ".p2pfs"
 VERSIONS_DIR = f"{STATE_DIR}/versions"
 IGNORE_FILE = ".p2pfsignore"
 DEFAULT_KEEP_VERSIONS_S = 30 * 24 * 3600
+UMASK = _read_umask()
 _STAMP = re.compile(r"~(\d{8}-\d{6})(?:\.[^/]*)?$")
 
 

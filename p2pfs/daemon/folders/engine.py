@@ -21,7 +21,7 @@ from p2pfs.content.tree import Child
 from p2pfs.errors import RemoteProtocolError, StorageError
 from p2pfs.ids import ContentHash
 from p2pfs.net import PeerConnection
-from p2pfs.store.assemble import Finished, PartialFile, commit_files
+from p2pfs.store.assemble import Finished, PartialFile, commit_files, fsync_directory
 from p2pfs.store.folders import FolderRow, FolderStore
 from p2pfs.store.index import CHUNK_RECORD, IndexStore, read_first_intact
 from p2pfs.store.scanner import PlacedFile, ScanResult, record_placed_files, scan_share
@@ -374,7 +374,10 @@ class FolderSync:
     # -- applying -------------------------------------------------------------------------
 
     async def _apply(self, link: FolderLink, planned: _Planned, timer: _Phases) -> None:
+        moved = await self._move_renamed(planned)
+        timer.mark("moves")
         placed = await self._download(link, planned, timer)
+        placed.update(moved)
         ready = [
             record
             for record in planned.records
@@ -382,6 +385,7 @@ class FolderSync:
             or record.version.path not in planned.waits_for
         ]
         deleted = await in_thread(self._delete_files, planned.delete)
+        deleted.update(moved.values())
         ready = [
             record
             for record in ready
@@ -401,6 +405,69 @@ class FolderSync:
                 len(deleted),
                 skipped,
             )
+
+    async def _move_renamed(self, planned: _Planned) -> dict[str, str]:
+        """A file fetched under one path while the same content is deleted at another is a
+        rename: the local file is renamed (no copy, no transfer). Returns {new: old}."""
+        deleted_by_root: dict[tuple[ContentHash, bool], str] = {}
+        for old in planned.delete:
+            record = self.records.get(old)
+            if record is not None and record.version.root is not None:
+                key = (record.version.root, record.version.executable)
+                deleted_by_root.setdefault(key, old)
+        moves: dict[str, tuple[str, FileVersion]] = {}
+        for new, version in planned.fetch:
+            if new in planned.conflict_moves or version.root is None:
+                continue
+            key = (version.root, version.executable)
+            if key in deleted_by_root:
+                moves[new] = (deleted_by_root.pop(key), version)
+        if not moves:
+            return {}
+        roots = {new: version.root for new, (_old, version) in moves.items()}
+        chunk_lists = await self._index.run(_chunk_lists, self._index.index, roots)
+        renamed = await in_thread(self._rename_files, moves, chunk_lists)
+        moved_from = {moves[new][0] for new in renamed}
+        planned.fetch = [(path, version) for path, version in planned.fetch if path not in renamed]
+        planned.delete = [path for path in planned.delete if path not in moved_from]
+        if renamed:
+            logger.info(
+                "folder %s: %d renames done locally, no data moved", self.path, len(renamed)
+            )
+        stats = {new: st for new, (st, _packed) in renamed.items()}
+        packed = {new: chunks for new, (_st, chunks) in renamed.items()}
+        versions = {new: version for new, (_old, version) in moves.items()}
+        await self._record_placed(stats, versions, {}, packed_chunks=packed)
+        return {new: moves[new][0] for new in renamed}
+
+    def _rename_files(
+        self, moves: dict[str, tuple[str, FileVersion]], chunk_lists: dict[str, bytes]
+    ) -> dict[str, tuple[os.stat_result, bytes]]:
+        done: dict[str, tuple[os.stat_result, bytes]] = {}
+        for new, (old, version) in moves.items():
+            packed = chunk_lists.get(new)
+            if packed is None:
+                continue
+            if disk.state_of(self.path, old) != self._disk.get(old):
+                continue  # the old file changed: fetch the new one normally
+            if disk.state_of(self.path, new) != self._disk.get(new):
+                continue
+            try:
+                disk.make_parents(self.path, new)
+                if self._disk.get(new) is not None:
+                    disk.keep_version(self.path, new, move=False)
+                target = disk.local_path(self.path, new)
+                os.rename(disk.local_path(self.path, old), target)
+                mode = 0o755 if version.executable else 0o644
+                os.chmod(target, mode & ~disk.UMASK)
+                os.utime(target, ns=(version.mtime_ns, version.mtime_ns))
+                fsync_directory(os.path.dirname(target))
+                disk.remove_empty_parents(self.path, old)
+            except (OSError, StorageError) as exc:
+                logger.warning("folder %s: cannot rename %s to %s: %s", self.path, old, new, exc)
+                continue
+            done[new] = (os.lstat(target), packed)
+        return done
 
     def _delete_files(self, paths: list[str]) -> set[str]:
         done: set[str] = set()
@@ -573,6 +640,7 @@ class FolderSync:
         placed: dict[str, os.stat_result],
         versions: dict[str, FileVersion],
         chunks_of: dict[str, list[tuple[int, ChunkRef]]],
+        packed_chunks: dict[str, bytes] | None = None,
     ) -> None:
         """What we placed is known content: index it now (no re-read by the next scan, and
         other members can fetch its chunks from us at once)."""
@@ -580,9 +648,12 @@ class FolderSync:
         for path, st in placed.items():
             version = versions[path]
             assert version.root is not None
-            packed = b"".join(
-                CHUNK_RECORD.pack(ref.id, ref.length) for _offset, ref in chunks_of.get(path, [])
-            )
+            packed = (packed_chunks or {}).get(path)
+            if packed is None:
+                packed = b"".join(
+                    CHUNK_RECORD.pack(ref.id, ref.length)
+                    for _offset, ref in chunks_of.get(path, [])
+                )
             files.append(
                 PlacedFile(
                     path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode, version.root, packed
@@ -667,6 +738,15 @@ class _Phases:
 def _paths(folder: str, finished: list[Finished]) -> list[tuple[str, Finished]]:
     prefix = folder.rstrip("/") + "/"
     return [(item.partial.final_path[len(prefix) :].replace("\\", "/"), item) for item in finished]
+
+
+def _chunk_lists(index: IndexStore, roots: dict[str, ContentHash | None]) -> dict[str, bytes]:
+    found = {}
+    for path, root in roots.items():
+        packed = index.file_chunks(root) if root is not None else None
+        if packed is not None:
+            found[path] = packed
+    return found
 
 
 def _verify_records(

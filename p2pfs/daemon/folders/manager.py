@@ -51,7 +51,13 @@ CONNECT_INTERVAL = 5.0
 """How often a folder looks for members it is not linked to."""
 RESCAN_INTERVAL = 60.0
 """Full rescans: the safety net under the file-system watcher."""
-WATCH_DEBOUNCE_MS = 50
+WATCH_QUIET_MS = 30
+"""A burst of file-system events ends after this long without one..."""
+WATCH_MAX_WAIT_MS = 120
+"""...or after this long in all; then the folder is rescanned. A write is on the wire in
+about a tenth of a second (Syncthing's default waits 10 s). A file written in bursts with
+pauses between them is recorded once per burst (each a version); the scanner re-reads a
+file that changes while it reads it, so no version mixes two states."""
 CONNECT_TIMEOUT = 5.0
 RETRY_INTERVAL = 5.0
 """A reconcile that could not finish (a chunk not yet servable, a disk error) is retried."""
@@ -152,8 +158,8 @@ class FolderManager:
             async for _changes in watchfiles.awatch(
                 folder.path,
                 watch_filter=wanted,
-                debounce=WATCH_DEBOUNCE_MS * 4,
-                step=WATCH_DEBOUNCE_MS,
+                debounce=WATCH_MAX_WAIT_MS,
+                step=WATCH_QUIET_MS,
                 recursive=True,
                 ignore_permission_denied=True,
             ):
