@@ -12,6 +12,9 @@ import pytest
 from p2pfs.content.chunking import DEFAULT_CHUNKER, Chunker, ChunkerParams, chunk_id
 from p2pfs.content.folder import DIR_TREE, FILE_TREE, MANIFEST_CONTEXT, Manifest
 from p2pfs.content.tree import TreeSchema, build_tree
+from p2pfs.sync.keys import FolderKeys
+from p2pfs.sync.records import INDEX_TREE, SignedRecord, build_index, index_leaf
+from p2pfs.sync.versions import FileVersion
 from p2pfs.wire.frames import FrameDecoder
 from p2pfs.wire.messages import decode_message_untrusted, encode_message
 from p2pfs.wire.session import PROTOCOL_VERSION
@@ -110,6 +113,12 @@ WIRE_TYPES = {
     "have-reply": "HaveReply",
     "have-reply-complete": "HaveReply",
     "have-update": "HaveUpdate",
+    "folder-hello": "FolderHello",
+    "folder-challenge": "FolderChallenge",
+    "folder-proof": "FolderProof",
+    "folder-welcome": "FolderWelcome",
+    "watch-folder": "WatchFolder",
+    "folder-root": "FolderRoot",
 }
 
 
@@ -128,3 +137,49 @@ def test_wire_message_vectors(vector: dict[str, Any]) -> None:
     message = decode_message_untrusted(frame)
     assert type(message).__name__ == WIRE_TYPES[vector["name"]]
     assert encode_message(message) == frame_bytes
+
+
+FOLDER = json.loads((VECTORS_FILE.parent / "folder.json").read_text())
+
+
+def test_folder_keys_derive_as_specified() -> None:
+    keys_doc = FOLDER["keys"]
+    keys = FolderKeys.from_write_seed(bytes.fromhex(keys_doc["write_seed"]))
+    assert keys.read_key.hex() == keys_doc["read_key"]
+    assert keys.write_public.hex() == keys_doc["write_public"]
+    assert keys.folder_id.hex() == keys_doc["folder_id"]
+    assert keys.discovery_key.hex() == keys_doc["discovery_key"]
+    read_only = FolderKeys(keys.read_key, keys.write_public)
+    proof = FOLDER["membership_proof"]
+    client, server = bytes.fromhex(proof["client_node"]), bytes.fromhex(proof["server_node"])
+    nonces = bytes.fromhex(proof["client_nonce"]), bytes.fromhex(proof["server_nonce"])
+    server_proof = bytes.fromhex(proof["server_proof"])
+    client_proof = bytes.fromhex(proof["client_proof"])
+    assert read_only.check_proof(server_proof, "server", *nonces, server, client)
+    assert read_only.check_proof(client_proof, "client", *nonces, client, server)
+
+
+def test_signed_records_and_index_tree() -> None:
+    keys_doc = FOLDER["keys"]
+    keys = FolderKeys(bytes.fromhex(keys_doc["read_key"]), bytes.fromhex(keys_doc["write_public"]))
+    by_name = {vector["name"]: vector for vector in FOLDER["vectors"]}
+    records = []
+    for name in ("live", "tombstone"):
+        version = FileVersion.decode_untrusted(encoding_of(by_name[f"file-version-{name}"]))
+        vector = by_name[f"signed-record-{name}"]
+        record = SignedRecord.decode_untrusted(encoding_of(vector), keys)
+        assert record.version == version
+        assert record.hash.hex() == vector["record_hash"]
+        records.append(record)
+    nodes: dict[bytes, bytes] = {}
+    root = build_index(
+        [index_leaf(record) for record in records],
+        lambda node_hash, encoded, _node: nodes.__setitem__(node_hash, encoded),
+    )
+    assert (root.hash.hex(), root.size) == (
+        FOLDER["index_root"]["hash"],
+        FOLDER["index_root"]["records"],
+    )
+    assert FOLDER["index_context"] == INDEX_TREE.context
+    node_vector = by_name["index-node"]
+    assert nodes[bytes.fromhex(node_vector["hash"])] == encoding_of(node_vector)

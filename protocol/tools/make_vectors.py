@@ -5,6 +5,7 @@ are the contract, and tests/test_protocol_vectors.py holds the code to them.
 
     .venv/bin/python protocol/tools/make_vectors.py content > protocol/vectors/content.json
     .venv/bin/python protocol/tools/make_vectors.py wire > protocol/vectors/wire.json
+    .venv/bin/python protocol/tools/make_vectors.py folder > protocol/vectors/folder.json
 """
 
 from __future__ import annotations
@@ -27,11 +28,20 @@ from p2pfs.content.folder import (
 )
 from p2pfs.content.tree import BranchNode, Child, LeafNode, build_tree
 from p2pfs.ids import ContentHash
+from p2pfs.sync.keys import FolderKeys
+from p2pfs.sync.records import INDEX_TREE, SignedRecord, build_index, index_leaf
+from p2pfs.sync.versions import FileVersion, VersionVector
 from p2pfs.wire.codes import ErrorCode
 from p2pfs.wire.messages import (
     Cancel,
     ChunkData,
     ErrorReply,
+    FolderChallenge,
+    FolderHello,
+    FolderMember,
+    FolderProof,
+    FolderRoot,
+    FolderWelcome,
     GetChunks,
     GetHave,
     GetManifest,
@@ -42,6 +52,7 @@ from p2pfs.wire.messages import (
     ManifestReply,
     Message,
     NodesReply,
+    WatchFolder,
     bitfield_of,
     encode_message,
 )
@@ -50,11 +61,13 @@ from p2pfs.wire.session import PROTOCOL_VERSION
 
 def annotate(value: Any, label: str) -> list[list[str]]:
     """msgpack of the subset p2pfs uses, as [hex, note] pieces in order."""
+    if value is None:
+        return [["c0", f"{label}: nil"]]
     if isinstance(value, bool):
         return [[("c3" if value else "c2"), f"{label}: {str(value).lower()}"]]
     if isinstance(value, int):
         encoded = msgpack.packb(value)
-        return [[encoded.hex(), f"{label}: uint {value}"]]
+        return [[encoded.hex(), f"{label}: {'int' if value < 0 else 'uint'} {value}"]]
     if isinstance(value, str):
         encoded = msgpack.packb(value)
         raw = value.encode()
@@ -223,6 +236,12 @@ def wire_vectors() -> dict[str, Any]:
         ("have-reply", HaveReply(4, 10, False, bitfield_of([0, 3, 9], 10))),
         ("have-reply-complete", HaveReply(4, 3315, True, b"")),
         ("have-update", HaveUpdate(4, (4, 5))),
+        ("folder-hello", FolderHello(5, root, bytes(range(32)))),
+        ("folder-challenge", FolderChallenge(5, bytes(range(32, 64)), bytes(32))),
+        ("folder-proof", FolderProof(6, root, bytes([7]) * 32)),
+        ("folder-welcome", FolderWelcome(6, (FolderMember(bytes([9]) * 32, "10.0.0.2", 7337),))),
+        ("watch-folder", WatchFolder(7, root)),
+        ("folder-root", FolderRoot(7, ContentHash(bytes([0x22]) * 32), 12)),
     ]
     vectors = []
     for name, message in examples:
@@ -241,9 +260,85 @@ def wire_vectors() -> dict[str, Any]:
     return {"protocol_version": PROTOCOL_VERSION, "vectors": vectors}
 
 
+def folder_vectors() -> dict[str, Any]:
+    seed = pseudo_random("folder write seed", 32)
+    keys = FolderKeys.from_write_seed(seed)
+    device = pseudo_random("device", 32)
+    client, server = pseudo_random("client node", 32), pseudo_random("server node", 32)
+    client_nonce, server_nonce = pseudo_random("client nonce", 32), pseudo_random("nonce", 32)
+    live = FileVersion(
+        "docs/a.txt",
+        VersionVector.of({device: 3}),
+        False,
+        ContentHash(pseudo_random("file root", 32)),
+        1234,
+        True,
+        1_700_000_000_123_456_789,
+        device,
+    )
+    dead = FileVersion.tombstone("old.txt", VersionVector.of({device: 2}), 1_700_000_000, device)
+    records = [SignedRecord.sign(version, keys) for version in (live, dead)]
+    nodes: dict[ContentHash, bytes] = {}
+    root = build_index(
+        [index_leaf(record) for record in records],
+        lambda node_hash, encoded, _node: nodes.__setitem__(node_hash, encoded),
+    )
+    vectors = [
+        encoding_vector(
+            f"file-version-{name}",
+            "a FileVersion: [path, [[device, counter]...], deleted, root|nil, size, "
+            "executable, mtime_ns, modified_by]",
+            version.to_wire(),
+            version.encode(),
+        )
+        for name, version in (("live", live), ("tombstone", dead))
+    ]
+    for name, record in zip(("live", "tombstone"), records, strict=True):
+        vector = encoding_vector(
+            f"signed-record-{name}",
+            "[FileVersion encoding, Ed25519 signature over 'p2pfs folder record signature v1' "
+            "NUL || folder_id || FileVersion encoding]",
+            [record.version.encode(), record.signature],
+            record.encode(),
+        )
+        vector["record_hash"] = record.hash.hex()
+        vectors.append(vector)
+    for node_hash, encoded in nodes.items():
+        vector = encoding_vector(
+            "index-node", "a folder index tree node", msgpack.unpackb(encoded), encoded
+        )
+        vector["hash"] = node_hash.hex()
+        vectors.append(vector)
+    return {
+        "keys": {
+            "write_seed": seed.hex(),
+            "read_key": keys.read_key.hex(),
+            "write_public": keys.write_public.hex(),
+            "folder_id": keys.folder_id.hex(),
+            "discovery_key": keys.discovery_key.hex(),
+        },
+        "membership_proof": {
+            "client_node": client.hex(),
+            "server_node": server.hex(),
+            "client_nonce": client_nonce.hex(),
+            "server_nonce": server_nonce.hex(),
+            "server_proof": keys.membership_proof(
+                "server", client_nonce, server_nonce, server, client
+            ).hex(),
+            "client_proof": keys.membership_proof(
+                "client", client_nonce, server_nonce, client, server
+            ).hex(),
+        },
+        "index_root": {"hash": root.hash.hex(), "records": root.size},
+        "index_context": INDEX_TREE.context,
+        "vectors": vectors,
+    }
+
+
 def main() -> None:
     which = sys.argv[1] if len(sys.argv) > 1 else "content"
-    document = content_vectors() if which == "content" else wire_vectors()
+    makers = {"content": content_vectors, "wire": wire_vectors, "folder": folder_vectors}
+    document = makers[which]()
     json.dump(document, sys.stdout, indent=1, ensure_ascii=False)
     sys.stdout.write("\n")
 
