@@ -33,7 +33,7 @@ VERSIONS_DIR = f"{STATE_DIR}/versions"
 IGNORE_FILE = ".p2pfsignore"
 DEFAULT_KEEP_VERSIONS_S = 30 * 24 * 3600
 UMASK = _read_umask()
-_STAMP = re.compile(r"~(\d{8}-\d{6})(?:\.[^/]*)?$")
+_STAMP = re.compile(r"~(\d{8}-\d{6})(?:-\d+)?(?:\.[^/]*)?$")
 
 
 @dataclass(frozen=True, slots=True)
