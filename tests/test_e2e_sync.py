@@ -527,3 +527,30 @@ def test_replaced_and_deleted_files_are_kept_as_versions(
     assert b"about to be deleted\n" in kept
     # The versions directory is the member's own: never synced back.
     assert b"version one\n" not in version_contents(a_dir)
+
+
+def test_joining_a_non_empty_directory_merges_and_never_overwrites(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir()
+    b_dir.mkdir()
+    (a_dir / "same.txt").write_text("identical on both\n")
+    (a_dir / "clash.txt").write_text("A's clash\n")
+    (a_dir / "only-a.txt").write_text("from A\n")
+    (b_dir / "same.txt").write_text("identical on both\n")
+    (b_dir / "clash.txt").write_text("B's clash, there before joining\n")
+    (b_dir / "only-b.txt").write_text("from B\n")
+    a, b = daemons("home-a"), daemons("home-b")
+    tickets = create_folder(a, a_dir)
+    join(b, b_dir, tickets["rw"])
+    synced = wait_converged([(a, a_dir), (b, b_dir)])
+    copies = [relative for relative in synced if CONFLICT_MARK in relative]
+    assert len(copies) == 1 and copies[0].startswith("clash.sync-conflict-"), sorted(synced)
+    assert {synced["clash.txt"][0], synced[copies[0]][0]} == {
+        b"A's clash\n",
+        b"B's clash, there before joining\n",
+    }
+    assert synced["same.txt"][0] == b"identical on both\n"  # one file, no copy
+    assert synced["only-a.txt"][0] == b"from A\n"
+    assert synced["only-b.txt"][0] == b"from B\n"
