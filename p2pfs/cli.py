@@ -99,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     daemon.add_argument("--mainline-loopback-testing", action="store_true", help=argparse.SUPPRESS)
     daemon.add_argument("--no-lan", action="store_true", help="no LAN discovery beacons")
     daemon.add_argument("--test-serve-unverified", action="store_true", help=argparse.SUPPRESS)
+    daemon.add_argument("--test-case-insensitive", action="store_true", help=argparse.SUPPRESS)
     daemon.add_argument("--lan-port", type=int, help=argparse.SUPPRESS)
     daemon.add_argument("--profile-to", metavar="FILE", help=argparse.SUPPRESS)
     for direction in ("upload", "download"):
@@ -185,6 +186,7 @@ def _daemon(args: argparse.Namespace) -> int:
     import trio  # noqa: PLC0415 -- only the daemon pays for the async runtime and QUIC
 
     from p2pfs.daemon.discovery import DiscoveryConfig  # noqa: PLC0415
+    from p2pfs.daemon.folders.manager import FolderConfig  # noqa: PLC0415
     from p2pfs.daemon.node import NodeConfig, run_node  # noqa: PLC0415
     from p2pfs.discovery.lan import LAN_PORT  # noqa: PLC0415
 
@@ -196,6 +198,7 @@ def _daemon(args: argparse.Namespace) -> int:
         max_upload_rate=args.max_upload_rate,
         max_download_rate=args.max_download_rate,
         test_serve_unverified=args.test_serve_unverified,
+        folders=FolderConfig(assume_case_insensitive=args.test_case_insensitive),
         discovery=DiscoveryConfig(
             dht_host=listen.host,
             dht_port=_dht_port(args.dht_port, listen.port),

@@ -554,3 +554,27 @@ def test_joining_a_non_empty_directory_merges_and_never_overwrites(
     assert synced["same.txt"][0] == b"identical on both\n"  # one file, no copy
     assert synced["only-a.txt"][0] == b"from A\n"
     assert synced["only-b.txt"][0] == b"from B\n"
+
+
+def test_names_colliding_on_a_case_insensitive_member_are_reported_not_clobbered(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir()
+    (a_dir / "Readme.txt").write_text("capitalised\n")
+    (a_dir / "README.TXT").write_text("shouting\n")
+    (a_dir / "other.txt").write_text("fine\n")
+    a = daemons("home-a")
+    b = daemons("home-b", "--test-case-insensitive")
+    tickets = create_folder(a, a_dir)
+    join(b, b_dir, tickets["rw"])
+    wait_until(lambda: (b_dir / "other.txt").exists(), CONVERGE_TIMEOUT)
+    wait_until(lambda: bool(b.cli_json("conflicts")["conflicts"]), CONVERGE_TIMEOUT)
+    listed = b.cli_json("conflicts")["conflicts"]
+    assert [(c["path"], c["original"], c["kind"]) for c in listed] == [
+        ("Readme.txt", "README.TXT", "name collision")
+    ]
+    # The first name (in byte order) is placed; the other is not, and nothing was replaced.
+    assert (b_dir / "README.TXT").read_text() == "shouting\n"
+    assert not (b_dir / "Readme.txt").exists()
+    assert any("collides with" in p for p in folder_state(b, b_dir)["problems"])

@@ -12,7 +12,7 @@ from p2pfs.content.tree import iter_leaves
 from p2pfs.errors import LocalProtocolError, RemoteProtocolError
 from p2pfs.ids import ContentHash
 from p2pfs.sync.keys import FolderKeys
-from p2pfs.sync.local import DiskFile, local_changes
+from p2pfs.sync.local import DiskFile, case_collisions, local_changes
 from p2pfs.sync.records import (
     EMPTY_INDEX,
     INDEX_TREE,
@@ -172,3 +172,24 @@ def test_local_changes_cover_new_edited_chmod_deleted_and_untouched() -> None:
         assert changes[path].modified_by == me
     assert changes["new"].version == VersionVector.of({me: 1})
     assert changes["edited"].root == bytes([2]) * 32
+
+
+@given(st.lists(st.text(alphabet="aAbB/", min_size=1, max_size=6), max_size=12), st.data())
+def test_case_collisions_leave_one_path_per_folded_name(
+    incoming: list[str], data: st.DataObject
+) -> None:
+    existing = data.draw(st.lists(st.text(alphabet="aAbB/", min_size=1, max_size=6), max_size=6))
+    existing = list({path.casefold(): path for path in existing}.values())  # a real disk
+    collisions = case_collisions(existing, incoming)
+    placed = [path for path in incoming if path not in collisions]
+    on_disk = dict.fromkeys([*existing, *placed])  # an update of an existing path is no clash
+    folded = [path.casefold() for path in on_disk]
+    assert len(folded) == len(set(folded))
+    for path, holder in collisions.items():
+        assert path.casefold() == holder.casefold() and path != holder
+
+
+def test_case_collision_example() -> None:
+    assert case_collisions(["Docs/Read.me"], ["docs/read.me", "Docs/Read.me", "x"]) == {
+        "docs/read.me": "Docs/Read.me"
+    }

@@ -9,7 +9,7 @@ to every member). mtime alone is not a change: ``touch`` moves nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from p2pfs.ids import ContentHash
@@ -66,3 +66,23 @@ def local_changes(
             continue
         changes.append(FileVersion.tombstone(path, record.version.bump(device), now_ns, device))
     return changes
+
+
+def case_collisions(existing: Iterable[str], incoming: Iterable[str]) -> dict[str, str]:
+    """Incoming paths that would land on an existing (or earlier incoming) path on a file
+    system that ignores case: incoming path -> the path it collides with.
+
+    Paths are compared whole after Unicode case folding, so ``Docs/A.txt`` meets
+    ``docs/a.txt`` (the two directories are one there). Among colliding incoming paths the
+    first in UTF-8 order keeps its place; an existing path always does.
+    """
+    taken: dict[str, str] = {path.casefold(): path for path in existing}
+    collisions: dict[str, str] = {}
+    for path in sorted(incoming, key=lambda p: p.encode("utf-8")):
+        folded = path.casefold()
+        holder = taken.get(folded)
+        if holder is None:
+            taken[folded] = path
+        elif holder != path:
+            collisions[path] = holder
+    return collisions

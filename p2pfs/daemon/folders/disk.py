@@ -88,6 +88,20 @@ def _parents(path: str) -> list[str]:
     return ["/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
+def ignores_case(folder: str) -> bool:
+    """Whether the folder's file system treats names differing only by case as one."""
+    probe_dir = os.path.join(folder, STATE_DIR)
+    os.makedirs(probe_dir, exist_ok=True)
+    name = f"case-probe-{os.getpid()}"
+    probe = os.path.join(probe_dir, name)
+    with open(probe, "w"):
+        pass
+    try:
+        return os.path.exists(os.path.join(probe_dir, name.upper()))
+    finally:
+        os.unlink(probe)
+
+
 def local_path(folder: str, path: str) -> str:
     return os.path.join(folder, *path.split("/"))
 

@@ -26,7 +26,7 @@ from p2pfs.store.folders import FolderRow, FolderStore
 from p2pfs.store.index import CHUNK_RECORD, IndexStore, read_first_intact
 from p2pfs.store.scanner import PlacedFile, ScanResult, record_placed_files, scan_share
 from p2pfs.sync.keys import FolderKeys
-from p2pfs.sync.local import DiskFile, local_changes
+from p2pfs.sync.local import DiskFile, case_collisions, local_changes
 from p2pfs.sync.planner import CONFLICT_MARKER, ActionKind, plan_file, winner_key
 from p2pfs.sync.records import (
     EMPTY_INDEX,
@@ -109,6 +109,10 @@ class FolderSync:
         """On a read-only member: local changes that are reported, never propagated."""
         self.problems: list[str] = []
         self.peers: dict[bytes, tuple[str, int]] = {}
+        self.case_insensitive = False
+        """Names that differ only by case are one file here (probed at load)."""
+        self.collisions: dict[str, str] = {}
+        """Paths not placed because they collide with another on this file system."""
         self.lock = trio.Lock()
         self.scans = 0
         self.dirty = True
@@ -118,7 +122,10 @@ class FolderSync:
 
     # -- state ----------------------------------------------------------------------------
 
-    async def load(self) -> None:
+    async def load(self, *, assume_case_insensitive: bool = False) -> None:
+        self.case_insensitive = assume_case_insensitive or await in_thread(
+            disk.ignores_case, self.path
+        )
         stored = await self._index.run(self._store.records, self.row.id)
         for encoded in stored.values():
             record = SignedRecord.decode_untrusted(encoded, self.keys)
@@ -319,7 +326,26 @@ class FolderSync:
                 self._plan_writable(planned, mine, theirs)
             else:
                 self._plan_read_only(planned, mine, theirs)
+        if self.case_insensitive:
+            self._hold_case_collisions(planned)
         return planned
+
+    def _hold_case_collisions(self, planned: _Planned) -> None:
+        """On a file system that ignores case, a new path equal to another but for case
+        would land on it: it is not placed (and its record waits), and it is reported."""
+        live = {path for path, record in self.records.items() if not record.version.deleted}
+        new = [path for path, _version in planned.fetch if path not in live]
+        collisions = case_collisions(live, new)
+        for path, holder in collisions.items():
+            logger.warning(
+                "folder %s: %r collides with %r on this file system; not placed",
+                self.path,
+                path,
+                holder,
+            )
+        self.collisions.update(collisions)
+        # Never placed, so their records (which wait for placement) are not stored either.
+        planned.fetch = [(path, v) for path, v in planned.fetch if path not in collisions]
 
     def _plan_writable(
         self, planned: _Planned, mine: SignedRecord | None, theirs: SignedRecord
@@ -719,7 +745,10 @@ class FolderSync:
             directory, slash, name = path.rpartition("/")
             stem, _, rest = name.partition(CONFLICT_MARKER)
             ext = rest[rest.find(".") :] if "." in rest else ""
-            found.append({"path": path, "original": f"{directory}{slash}{stem}{ext}"})
+            original = f"{directory}{slash}{stem}{ext}"
+            found.append({"path": path, "original": original, "kind": "conflict copy"})
+        for path, other in sorted(self.collisions.items()):
+            found.append({"path": path, "original": other, "kind": "name collision"})
         return found
 
     def summary(self) -> dict[str, object]:
@@ -731,7 +760,13 @@ class FolderSync:
             "records": self._root.size,
             "files": sum(1 for r in self.records.values() if not r.version.deleted),
             "local_changes": sorted(self.unrecorded),
-            "problems": self.problems[:50],
+            "problems": [
+                *(
+                    f"{path}: collides with {other} on this file system (not placed)"
+                    for path, other in sorted(self.collisions.items())
+                ),
+                *self.problems[:50],
+            ],
         }
 
 

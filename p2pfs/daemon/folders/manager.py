@@ -68,6 +68,8 @@ class FolderConfig:
     rescan_interval: float = RESCAN_INTERVAL
     keep_versions_s: float = disk.DEFAULT_KEEP_VERSIONS_S
     watch: bool = True
+    assume_case_insensitive: bool = False
+    """Test hook: act as on a file system that ignores case (Linux' usually do not)."""
 
 
 class FolderManager:
@@ -120,7 +122,7 @@ class FolderManager:
 
     async def _start_folder(self, row: Any) -> FolderSync:
         folder = FolderSync(row, self._own_id.raw, self._index, self._store, self._member_in)
-        await folder.load()
+        await folder.load(assume_case_insensitive=self.config.assume_case_insensitive)
         await folder.rescan()
         self.folders[folder.folder_id] = folder
         assert self._nursery is not None
