@@ -568,7 +568,7 @@ def test_names_colliding_on_a_case_insensitive_member_are_reported_not_clobbered
     b = daemons("home-b", "--test-case-insensitive")
     tickets = create_folder(a, a_dir)
     join(b, b_dir, tickets["rw"])
-    wait_until(lambda: (b_dir / "other.txt").exists(), CONVERGE_TIMEOUT)
+    wait_until((b_dir / "other.txt").exists, CONVERGE_TIMEOUT)
     wait_until(lambda: bool(b.cli_json("conflicts")["conflicts"]), CONVERGE_TIMEOUT)
     listed = b.cli_json("conflicts")["conflicts"]
     assert [(c["path"], c["original"], c["kind"]) for c in listed] == [
@@ -578,3 +578,84 @@ def test_names_colliding_on_a_case_insensitive_member_are_reported_not_clobbered
     assert (b_dir / "README.TXT").read_text() == "shouting\n"
     assert not (b_dir / "Readme.txt").exists()
     assert any("collides with" in p for p in folder_state(b, b_dir)["problems"])
+
+
+def test_a_member_whose_folder_vanished_deletes_nothing_elsewhere(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir()
+    for number in range(5):
+        (a_dir / f"file-{number}.txt").write_text(f"precious {number}\n")
+    a, b = daemons("home-a"), daemons("home-b")
+    tickets = create_folder(a, a_dir)
+    join(b, b_dir, tickets["rw"])
+    wait_converged([(a, a_dir), (b, b_dir)])
+    before = contents(a_dir)
+
+    shutil.rmtree(b_dir)  # an unmounted disk leaves an empty mount point
+    b_dir.mkdir()
+    wait_until(
+        lambda: any("marker" in problem for problem in folder_state(b, b_dir)["problems"]),
+        CONVERGE_TIMEOUT,
+    )
+    paused_root = folder_state(b, b_dir)["root"]
+    (a_dir / "later.txt").write_text("written after B's disk went away\n")
+    wait_root_changes(a, a_dir, paused_root)
+    b.stop()  # B's folder was paused, not emptied: A lost nothing
+    b.start()
+    wait_until(
+        lambda: any("marker" in problem for problem in folder_state(b, b_dir)["problems"]),
+        CONVERGE_TIMEOUT,
+    )
+    after = contents(a_dir)
+    assert {k: v for k, v in after.items() if k != "later.txt"} == before
+    assert list(b_dir.iterdir()) == []  # nothing written into the empty mount point either
+    assert folder_state(b, b_dir)["root"] == paused_root
+
+
+def test_rejoining_with_local_edits_keeps_them(tmp_path: Path, daemons: DaemonFactory) -> None:
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir()
+    (a_dir / "notes.txt").write_text("shared\n")
+    a, b = daemons("home-a"), daemons("home-b")
+    tickets = create_folder(a, a_dir)
+    join(b, b_dir, tickets["rw"])
+    wait_converged([(a, a_dir), (b, b_dir)])
+
+    b.cli_json("sync", "remove", str(b_dir))
+    (b_dir / "notes.txt").write_text("edited on B while it was not syncing\n")
+    join(b, b_dir, tickets["rw"])
+    synced = wait_converged([(a, a_dir), (b, b_dir)])
+    kept = [content for relative, (content, _x) in synced.items() if relative.startswith("notes")]
+    assert b"edited on B while it was not syncing\n" in kept, sorted(synced)
+
+
+def test_content_ignored_here_is_fetched_once_no_longer_ignored(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir()
+    (a_dir / "base.txt").write_text("base\n")
+    a, b = daemons("home-a"), daemons("home-b")
+    tickets = create_folder(a, a_dir)
+    join(b, b_dir, tickets["rw"])
+    wait_converged([(a, a_dir), (b, b_dir)])
+
+    b.stop()
+    before = folder_state(a, a_dir)["root"]
+    (a_dir / ".p2pfsignore").write_text("*.bak\n")
+    wait_root_changes(a, a_dir, before)
+    (b_dir / "x.bak").write_text("made on B before it heard of the pattern\n")
+    b.start()  # B sends x.bak; A, ignoring *.bak, records it without its content
+    wait_until((b_dir / ".p2pfsignore").exists, CONVERGE_TIMEOUT)
+    wait_until(
+        lambda: folder_state(a, a_dir)["root"] == folder_state(b, b_dir)["root"],
+        CONVERGE_TIMEOUT,
+    )
+    assert not (a_dir / "x.bak").exists()
+
+    (a_dir / ".p2pfsignore").write_text("# nothing ignored any more\n")
+    wait_until((a_dir / "x.bak").exists, CONVERGE_TIMEOUT)
+    synced = wait_converged([(a, a_dir), (b, b_dir)])
+    assert synced["x.bak"][0] == b"made on B before it heard of the pattern\n"

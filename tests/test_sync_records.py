@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -193,3 +194,22 @@ def test_case_collision_example() -> None:
     assert case_collisions(["Docs/Read.me"], ["docs/read.me", "Docs/Read.me", "x"]) == {
         "docs/read.me": "Docs/Read.me"
     }
+
+
+def test_a_file_found_where_content_was_never_held_is_concurrent_not_newer() -> None:
+    me, other = bytes([9]) * 32, bytes([8]) * 32
+    remote = FileVersion(
+        "x.bak",
+        VersionVector.of({other: 4, me: 1}),
+        False,
+        ContentHash(bytes(32)),
+        4,
+        False,
+        1,
+        other,
+    )
+    records = {"x.bak": remote, "gone.bak": replace(remote, path="gone.bak")}
+    disk = {"x.bak": disk_file("x.bak", bytes([5]) * 32)}
+    changes = local_changes(records, disk, me, 7, lambda _p: False, absent={"x.bak", "gone.bak"})
+    assert [change.path for change in changes] == ["x.bak"]  # and no tombstone for gone.bak
+    assert changes[0].version.compare(remote.version) is Ordering.CONCURRENT

@@ -119,7 +119,12 @@ class Node:
                 self._index, self._folders.lookup, self._identity.node_id.raw
             )
             service = ShareService(
-                self._index, self.counters, self._upload_limit, self._swarm, folder_server
+                self._index,
+                self.counters,
+                self._upload_limit,
+                self._swarm,
+                folder_server,
+                self._folders.folder_paths,
             )
             service.verify_reads = not self.config.test_serve_unverified
             async with open_endpoint(

@@ -117,9 +117,13 @@ class ShareService:
         upload_limit: TokenBucket | None = None,
         swarm: SwarmRegistry | None = None,
         folders: FolderServer | None = None,
+        private_paths: Callable[[], set[str]] = set,
     ) -> None:
         self._index = index
         self._folders = folders
+        self._private_paths = private_paths
+        """Local paths whose scans are sync folders: served only to proven members, never
+        as a share by its root."""
         self.counters = counters
         self._upload_limit = upload_limit
         self._swarm = swarm if swarm is not None else SwarmRegistry()
@@ -266,6 +270,9 @@ class ShareService:
                 return
             message = GetChunks(message.request_id, share_root, message.chunks)
         if isinstance(message, GetChunks):
+            if folder is None and await self._is_private(message.share_root):
+                await self._send(stream, session.send(_not_found(message.request_id, "no share")))
+                return
             await self._chunks(message, stream, session)
             return
         reply: ManifestReply | NodesReply | ErrorReply
@@ -287,10 +294,16 @@ class ShareService:
 
     async def _manifest_bytes(self, root: ContentHash) -> bytes | None:
         record = await self._index.run(self._index.index.share_by_root, root)
+        if record is not None and record.local_path in self._private_paths():
+            return None
         if record is not None and record.manifest is not None:
             return record.manifest
         swarm = self._swarm.get(root)
         return None if swarm is None else swarm.manifest
+
+    async def _is_private(self, root: ContentHash) -> bool:
+        record = await self._index.run(self._index.index.share_by_root, root)
+        return record is not None and record.local_path in self._private_paths()
 
     async def _have(
         self,

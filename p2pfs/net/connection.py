@@ -65,6 +65,7 @@ class PeerConnection:
     ) -> None:
         self._hooks = hooks
         self._quic = quic
+        self._pings = 0
         self._engine = engine
         self.config = config
         self._identity = identity
@@ -162,6 +163,15 @@ class PeerConnection:
                 locally=True,
             )
         )
+        self._after_input()
+
+    def ping(self) -> None:
+        """Send a PING: keeps an otherwise quiet connection from reaching its idle timeout
+        (a folder link may carry nothing for hours between changes)."""
+        if self._terminated or self._closed_locally:
+            return
+        self._pings += 1
+        self._quic.send_ping(self._pings)
         self._after_input()
 
     async def wait_closed(self) -> None:

@@ -31,9 +31,14 @@ PARTIAL_PREFIX = ".p2pfs-part-"
 """Temp files start with this; scanners skip them and they are never shared."""
 
 
+PARTIAL_NAME_BYTES = 100
+"""Bytes of the final name kept in a temp name (so it stays under 255 bytes in UTF-8)."""
+
+
 def partial_name(final_name: str, file_root: bytes) -> str:
     """Stable per (name, content), so a resumed fetch finds its own earlier progress."""
-    return f"{PARTIAL_PREFIX}{file_root.hex()[:24]}-{final_name[:80]}"
+    kept = final_name.encode("utf-8")[:PARTIAL_NAME_BYTES].decode("utf-8", "ignore")
+    return f"{PARTIAL_PREFIX}{file_root.hex()[:24]}-{kept}"
 
 
 def is_partial_name(name: str) -> bool:

@@ -23,6 +23,7 @@ class FolderRow:
     read_key: bytes
     write_public: bytes
     write_seed: bytes | None
+    device: bytes
     created_ns: int
 
 
@@ -42,7 +43,7 @@ def _guard(what: str) -> Iterator[None]:
         raise StorageError(f"index: {what}: {exc}") from exc
 
 
-_COLUMNS = "id, folder_id, local_path, read_key, write_public, write_seed, created_ns"
+_COLUMNS = "id, folder_id, local_path, read_key, write_public, write_seed, device, created_ns"
 
 
 class FolderStore:
@@ -57,6 +58,7 @@ class FolderStore:
         read_key: bytes,
         write_public: bytes,
         write_seed: bytes | None,
+        device: bytes,
         created_ns: int,
     ) -> FolderRow:
         with _guard("adding folder"), self.index.transaction():
@@ -68,8 +70,8 @@ class FolderStore:
                 raise StorageError(f"{taken[0]} is already a sync folder (or this one's path)")
             self._conn.execute(
                 "INSERT INTO folders (folder_id, local_path, read_key, write_public, "
-                "write_seed, created_ns) VALUES (?, ?, ?, ?, ?, ?)",
-                (folder_id, local_path, read_key, write_public, write_seed, created_ns),
+                "write_seed, device, created_ns) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (folder_id, local_path, read_key, write_public, write_seed, device, created_ns),
             )
         row = self.folder_by_path(local_path)
         assert row is not None
@@ -93,18 +95,20 @@ class FolderStore:
             self._conn.execute("DELETE FROM folder_peers WHERE folder = ?", (folder,))
             self._conn.execute("DELETE FROM folders WHERE id = ?", (folder,))
 
-    def records(self, folder: int) -> dict[str, bytes]:
+    def records(self, folder: int) -> dict[str, tuple[bytes, bool]]:
+        """path -> (signed record, absent: a live record whose content this node lacks)."""
         with _guard("reading folder records"):
             rows = self._conn.execute(
-                "SELECT path, record FROM folder_records WHERE folder = ?", (folder,)
+                "SELECT path, record, absent FROM folder_records WHERE folder = ?", (folder,)
             ).fetchall()
-        return {path: bytes(record) for path, record in rows}
+        return {path: (bytes(record), bool(absent)) for path, record, absent in rows}
 
-    def put_records(self, folder: int, records: Iterable[tuple[str, bytes]]) -> None:
+    def put_records(self, folder: int, records: Iterable[tuple[str, bytes, bool]]) -> None:
         with _guard("writing folder records"), self.index.transaction():
             self._conn.executemany(
-                "INSERT OR REPLACE INTO folder_records (folder, path, record) VALUES (?, ?, ?)",
-                [(folder, path, record) for path, record in records],
+                "INSERT OR REPLACE INTO folder_records (folder, path, record, absent) "
+                "VALUES (?, ?, ?, ?)",
+                [(folder, path, record, int(absent)) for path, record, absent in records],
             )
 
     def peers(self, folder: int) -> list[PeerRow]:

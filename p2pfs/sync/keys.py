@@ -36,6 +36,7 @@ WRITE_KEY_CONTEXT = "p2pfs 2026-11-22 folder write key v1"
 FOLDER_ID_CONTEXT = "p2pfs 2026-11-22 folder id v1"
 MEMBERSHIP_CONTEXT = "p2pfs 2026-11-22 folder membership proof v1"
 DISCOVERY_CONTEXT = "p2pfs 2026-11-22 folder discovery key v1"
+DEVICE_CONTEXT = "p2pfs 2026-11-22 folder device id v1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,3 +137,9 @@ def _public_key(raw: bytes) -> Ed25519PublicKey:
     if key is None:
         key = _VERIFIERS[raw] = Ed25519PublicKey.from_public_bytes(raw)
     return key
+
+
+def device_id(node_id: bytes, join_nonce: bytes) -> bytes:
+    """A membership's id in version vectors: one per (node, join), so a node that joins again
+    (or lost its index) never passes its new files off as older than its own past edits."""
+    return blake3.blake3(node_id + join_nonce, derive_key_context=DEVICE_CONTEXT).digest()

@@ -9,7 +9,7 @@ to every member). mtime alone is not a change: ``touch`` moves nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from p2pfs.ids import ContentHash
@@ -42,13 +42,22 @@ def local_changes(
     device: bytes,
     now_ns: int,
     absence_is_unknown: Callable[[str], bool],
+    absent: Collection[str] = (),
 ) -> list[FileVersion]:
-    """New versions (this device's) for every path whose disk state differs from its record."""
+    """New versions (this device's) for every path whose disk state differs from its record.
+
+    ``absent``: paths whose record this member stores without holding the content. A file
+    found there was not made from that record, so its version is concurrent with it (only
+    this device's next counter), never after it; and the file's absence is no delete.
+    """
     changes: list[FileVersion] = []
     for path, found in disk.items():
         record = records.get(path)
         if differs(record, found):
-            vector = record.version if record is not None else VersionVector.empty()
+            if record is not None and path in absent:
+                vector = VersionVector.of({device: record.version.counter(device)})
+            else:
+                vector = record.version if record is not None else VersionVector.empty()
             changes.append(
                 FileVersion(
                     path,
@@ -62,7 +71,7 @@ def local_changes(
                 )
             )
     for path, record in records.items():
-        if record.deleted or path in disk or absence_is_unknown(path):
+        if record.deleted or path in disk or path in absent or absence_is_unknown(path):
             continue
         changes.append(FileVersion.tombstone(path, record.version.bump(device), now_ns, device))
     return changes

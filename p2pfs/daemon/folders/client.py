@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import trio
 
 from p2pfs.content.chunking import ChunkRef
-from p2pfs.errors import AuthenticationError
+from p2pfs.errors import AuthenticationError, ConnectionClosedError
 from p2pfs.ids import ContentHash
 from p2pfs.net import PeerConnection
 from p2pfs.net.codes import CloseCode
@@ -36,6 +36,9 @@ from .server import CLIENT_ROLE, SERVER_ROLE
 
 logger = logging.getLogger(__name__)
 
+STALL_TIMEOUT = 20.0
+"""A member that answers nothing for this long has stalled: its link ends (and the folder
+lock it held is released), to be linked again later."""
 REQUEST_STREAMS = 4
 """Streams for node and chunk requests: one request in flight on each."""
 MAX_BATCH = 256
@@ -94,6 +97,17 @@ class FolderLink:
             yield stream
             self._idle.append(stream)
 
+    @contextmanager
+    def _stall_guard(self) -> Iterator[None]:
+        try:
+            with trio.fail_after(STALL_TIMEOUT):
+                yield
+        except trio.TooSlowError:
+            self.conn.close_nowait(CloseCode.NO_ERROR, "stalled")
+            raise ConnectionClosedError(
+                f"member {self.peer_id.short()} answered nothing for {STALL_TIMEOUT:.0f} s"
+            ) from None
+
     async def watch(self, on_root: Callable[[ContentHash, int], None]) -> None:
         """Call ``on_root`` with the peer's index root now and after each change; returns
         only when the peer ends the subscription."""
@@ -113,7 +127,8 @@ class FolderLink:
 
         async def one(position: int) -> None:
             async with self._stream() as stream:
-                found[position] = await stream.nodes(self.keys.folder_id, batches[position])
+                with self._stall_guard():
+                    found[position] = await stream.nodes(self.keys.folder_id, batches[position])
 
         async with trio.open_nursery() as nursery:  # one batch per request stream at a time
             for position in range(len(batches)):
@@ -126,7 +141,8 @@ class FolderLink:
         async with self._stream() as stream:
             await stream.send(GetChunks(stream.new_request_id(), self.keys.folder_id, tuple(refs)))
             for _ in refs:
-                reply = await stream.next_reply()
+                with self._stall_guard():
+                    reply = await stream.next_reply()
                 if isinstance(reply, ErrorReply):
                     raise PeerRequestError(reply.code, reply.message)
                 assert isinstance(reply, ChunkData)  # the session checked order and length

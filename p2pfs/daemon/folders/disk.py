@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 STATE_DIR = ".p2pfs"
 VERSIONS_DIR = f"{STATE_DIR}/versions"
 IGNORE_FILE = ".p2pfsignore"
+MARKER = f"{STATE_DIR}/folder"
+"""Made when a folder is created or joined. Without it the folder is not scanned: an
+unmounted disk or a deleted directory must not read as "every file was deleted"."""
 DEFAULT_KEEP_VERSIONS_S = 30 * 24 * 3600
 UMASK = _read_umask()
 _STAMP = re.compile(r"~(\d{8}-\d{6})(?:-\d+)?(?:\.[^/]*)?$")
@@ -88,10 +91,24 @@ def _parents(path: str) -> list[str]:
     return ["/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
+def write_marker(folder: str) -> None:
+    os.makedirs(os.path.join(folder, STATE_DIR), exist_ok=True)
+    with open(os.path.join(folder, MARKER), "w", encoding="utf-8") as handle:
+        handle.write("This directory is a p2pfs sync folder. Do not delete this file.\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def has_marker(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, MARKER))
+
+
 def ignores_case(folder: str) -> bool:
-    """Whether the folder's file system treats names differing only by case as one."""
+    """Whether the folder's file system treats names differing only by case as one (probed
+    in the state directory; a folder without one, e.g. not mounted, is not written to)."""
     probe_dir = os.path.join(folder, STATE_DIR)
-    os.makedirs(probe_dir, exist_ok=True)
+    if not os.path.isdir(probe_dir):
+        return False
     name = f"case-probe-{os.getpid()}"
     probe = os.path.join(probe_dir, name)
     with open(probe, "w"):
@@ -106,13 +123,26 @@ def local_path(folder: str, path: str) -> str:
     return os.path.join(folder, *path.split("/"))
 
 
+NOT_A_FILE = DiskState(-1, 0, 0)
+"""What a path holds when it is no regular file reached through real directories: never
+equal to a scanned state, so nothing there is replaced or deleted."""
+
+
 def state_of(folder: str, path: str) -> DiskState | None:
+    """The path's regular file as (size, mtime, inode); None if nothing is there."""
     try:
+        current = folder
+        for part in path.split("/")[:-1]:
+            current = os.path.join(current, part)
+            if not stat.S_ISDIR(os.lstat(current).st_mode):
+                return NOT_A_FILE  # a symlink (or file) in the way: never reach through it
         st = os.lstat(local_path(folder, path))
     except FileNotFoundError:
         return None
+    except OSError:
+        return NOT_A_FILE  # unreadable, a name too long here...: leave it alone
     if not stat.S_ISREG(st.st_mode):
-        return DiskState(-1, st.st_mtime_ns, st.st_ino)  # never equal to a scanned file
+        return NOT_A_FILE
     return DiskState(st.st_size, st.st_mtime_ns, st.st_ino)
 
 
@@ -122,11 +152,14 @@ def make_parents(folder: str, path: str) -> str:
     for part in path.split("/")[:-1]:
         current = os.path.join(current, part)
         try:
-            st = os.lstat(current)
-        except FileNotFoundError:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(current, 0o755)
-            st = os.lstat(current)
+            try:
+                st = os.lstat(current)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(current, 0o755)
+                st = os.lstat(current)
+        except OSError as exc:
+            raise StorageError(f"cannot create {current}: {exc.strerror or exc}") from exc
         if not stat.S_ISDIR(st.st_mode):
             raise StorageError(f"{current} is not a directory; cannot place {path!r} under it")
     return current
@@ -139,6 +172,11 @@ def version_path(folder: str, path: str, now: float | None = None) -> str:
     directory, _, name = path.rpartition("/")
     dot = name.rfind(".")
     stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, "")
+    if len(ext.encode("utf-8")) > 32:
+        stem, ext = name, ""
+    # Room for "~YYYYMMDD-HHMMSS-NNN" and the extension within 255 bytes.
+    budget = 255 - len(ext.encode("utf-8")) - 24
+    stem = stem.encode("utf-8")[:budget].decode("utf-8", "ignore")
     base = f"{VERSIONS_DIR}/{directory + '/' if directory else ''}{stem}~{stamp}"
     candidate = f"{base}{ext}"
     number = 1
@@ -153,7 +191,10 @@ def keep_version(folder: str, path: str, *, move: bool) -> str | None:
     source = local_path(folder, path)
     if not os.path.lexists(source):
         return None
-    kept = version_path(folder, path)
+    try:
+        kept = version_path(folder, path)
+    except OSError as exc:
+        raise StorageError(f"cannot keep a version of {source}: {exc.strerror or exc}") from exc
     target = local_path(folder, kept)
     make_parents(folder, kept)
     try:
@@ -195,16 +236,21 @@ def link_within(folder: str, source: str, target: str) -> bool:
     """Give the file at ``source`` a second name ``target`` (unless ``target`` exists)."""
     make_parents(folder, target)
     destination = local_path(folder, target)
-    if os.path.lexists(destination):
-        return False
+    source_path = local_path(folder, source)
     try:
-        os.link(local_path(folder, source), destination, follow_symlinks=False)
+        if os.path.lexists(destination):
+            # Done before (a crash between this link and the replace that follows it).
+            return os.path.samefile(source_path, destination)
+        try:
+            os.link(source_path, destination, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP):
+                raise
+            _copy(source_path, destination)
     except FileNotFoundError:
         return False
     except OSError as exc:
-        if exc.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP):
-            raise StorageError(f"cannot link {destination}: {exc.strerror or exc}") from exc
-        _copy(local_path(folder, source), destination)
+        raise StorageError(f"cannot link {destination}: {exc.strerror or exc}") from exc
     return True
 
 
@@ -212,12 +258,14 @@ def rename_within(folder: str, source: str, target: str) -> bool:
     """Rename ``source`` to ``target`` inside the folder unless ``target`` exists."""
     make_parents(folder, target)
     destination = local_path(folder, target)
-    if os.path.lexists(destination):
-        return False
     try:
+        if os.path.lexists(destination):
+            return False
         os.rename(local_path(folder, source), destination)
     except FileNotFoundError:
         return False
+    except OSError as exc:
+        raise StorageError(f"cannot rename to {destination}: {exc.strerror or exc}") from exc
     return True
 
 
@@ -234,9 +282,12 @@ def expire_versions(folder: str, keep_seconds: float, now: float | None = None) 
             stamp = match.group(1)
             when = datetime.datetime.strptime(stamp, "%Y%m%d-%H%M%S").replace(tzinfo=datetime.UTC)
             if when.timestamp() < limit:
-                with contextlib.suppress(FileNotFoundError):
+                try:
                     os.unlink(os.path.join(directory, name))
-                    removed += 1
+                except OSError as exc:
+                    logger.info("cannot expire %s: %s", name, exc)
+                    continue
+                removed += 1
         if directory != top:
             with contextlib.suppress(OSError):
                 os.rmdir(directory)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 import trio
@@ -40,6 +40,7 @@ from p2pfs.sync.records import (
 from p2pfs.sync.versions import FileVersion, Ordering
 from p2pfs.wire.messages import FolderMember
 
+from ..requests import PeerRequestError
 from ..storage import AsyncIndex, in_thread
 from ..treewalk import TreeJob, walk_trees
 from . import disk
@@ -72,13 +73,14 @@ class _Planned:
     """Local losers of a conflict: path -> conflict copy path (linked before replacement)."""
     waits_for: dict[str, str] = field(default_factory=dict)
     """Record path -> the destination that must be placed before the record is stored."""
+    absent: set[str] = field(default_factory=set)
+    """Paths whose records are stored without their content (ignored here)."""
 
 
 class FolderSync:
     def __init__(
         self,
         row: FolderRow,
-        device: bytes,
         index: AsyncIndex,
         store: FolderStore,
         on_member: Callable[[FolderSync, PeerConnection], None],
@@ -91,7 +93,9 @@ class FolderSync:
             else FolderKeys(row.read_key, row.write_public)
         )
         self.folder_id = self.keys.folder_id
-        self.device = device
+        self.device = row.device
+        """This membership's device id: a re-join (or a lost index) makes a new one, so
+        files found on disk then are concurrent with the folder's records, never older."""
         self._index = index
         self._store = store
         self._on_member = on_member
@@ -105,6 +109,9 @@ class FolderSync:
         self._disk: dict[str, disk.DiskState] = {}
         self._disk_roots: set[ContentHash] = set()
         self._share_root: ContentHash | None = None
+        self.absent: set[str] = set()
+        """Live records whose content this node does not hold (stored while ignored here):
+        their absence is not a delete, and they are fetched once no longer ignored."""
         self.unrecorded: set[str] = set()
         """On a read-only member: local changes that are reported, never propagated."""
         self.problems: list[str] = []
@@ -127,9 +134,11 @@ class FolderSync:
             disk.ignores_case, self.path
         )
         stored = await self._index.run(self._store.records, self.row.id)
-        for encoded in stored.values():
+        for path, (encoded, absent) in stored.items():
             record = SignedRecord.decode_untrusted(encoded, self.keys)
             self._put(record)
+            if absent:
+                self.absent.add(path)
         for peer in await self._index.run(self._store.peers, self.row.id):
             self.peers[peer.node_id] = (peer.host, peer.port)
         self._rebuild()
@@ -145,6 +154,11 @@ class FolderSync:
         self._leaves[path] = IndexLeaf(path_key(path), digest)
         self._blobs[digest] = encoded
 
+    def close(self) -> None:
+        """The folder is no longer synced here: wake whoever waits for its changes."""
+        changed, self._changed = self._changed, trio.Event()
+        changed.set()
+
     def _rebuild(self) -> None:
         nodes: dict[ContentHash, bytes] = {}
         root = build_index(
@@ -158,13 +172,23 @@ class FolderSync:
         changed, self._changed = self._changed, trio.Event()
         changed.set()
 
-    async def _commit_records(self, records: list[SignedRecord]) -> None:
+    async def _commit_records(
+        self, records: list[SignedRecord], absent: Collection[str] = ()
+    ) -> None:
+        """Store records (those at ``absent`` paths as held without content)."""
         if not records:
             return
-        rows = [(r.version.path, r.encode()) for r in records]
+        rows = [
+            (r.version.path, r.encode(), r.version.path in absent and not r.version.deleted)
+            for r in records
+        ]
         await self._index.run(self._store.put_records, self.row.id, rows)
-        for record in records:
+        for (path, _encoded, is_absent), record in zip(rows, records, strict=True):
             self._put(record)
+            if is_absent:
+                self.absent.add(path)
+            else:
+                self.absent.discard(path)
         self._rebuild()
 
     @property
@@ -219,6 +243,13 @@ class FolderSync:
 
     async def _rescan_locked(self) -> None:
         self.dirty = False  # events from here on mark the next scan
+        if not await in_thread(disk.has_marker, self.path):
+            # An unmounted disk or a deleted folder looks like "every file deleted": never
+            # record that. The folder waits until its marker is back.
+            raise StorageError(
+                f"{self.path} lacks its {disk.MARKER} marker (unmounted, moved or deleted?); "
+                "not syncing it until it is back"
+            )
         await in_thread(self.ignore.reload)
         result, files = await self._index.run(
             _scan_folder, self._index.index, self.path, self.ignore
@@ -240,6 +271,7 @@ class FolderSync:
             self.device,
             time.time_ns(),
             lambda path: self.ignore(path) or unreadable(path),
+            absent=self.absent,
         )
         if not self.writable:
             self.unrecorded = {change.path for change in changes}
@@ -261,8 +293,11 @@ class FolderSync:
             timer = _Phases()
             if self.dirty or not self.watching:
                 await self._rescan_locked()
+            elif not await in_thread(disk.has_marker, self.path):
+                raise StorageError(f"{self.path} lacks its {disk.MARKER} marker; not syncing it")
             timer.mark("rescan")
-            if remote_root.hash == self._root.hash:
+            same_root = remote_root.hash == self._root.hash
+            if same_root and not self.missing_content():
                 return
             local_root, trees = self._root, list(self._trees)
 
@@ -275,13 +310,18 @@ class FolderSync:
             def remote_nodes(hashes: object) -> list[bytes]:
                 return trio.from_thread.run(link.nodes, list(hashes))  # type: ignore[call-overload]
 
-            leaves = await trio.to_thread.run_sync(
-                remote_changes, local_root, local_node, remote_root, remote_nodes
+            leaves = (
+                []
+                if same_root
+                else await trio.to_thread.run_sync(
+                    remote_changes, local_root, local_node, remote_root, remote_nodes
+                )
             )
             timer.mark("diff")
             remote = await self._fetch_records(link, leaves)
             timer.mark("records")
             planned = self._plan(remote)
+            self._plan_missing_content(planned)
             timer.mark("plan")
             await self._apply(link, planned, timer)
             logger.info("folder %s: reconcile with %s: %s", self.path, link.peer_id.short(), timer)
@@ -330,6 +370,24 @@ class FolderSync:
             self._hold_case_collisions(planned)
         return planned
 
+    def missing_content(self) -> bool:
+        """Records held without content whose path is no longer ignored here."""
+        return any(not self.ignore(path) for path in self.absent)
+
+    def _plan_missing_content(self, planned: _Planned) -> None:
+        """Records held without content whose path is no longer ignored: fetch the content
+        now (from this member, if it has it; else from another, later)."""
+        planned_paths = {path for path, _version in planned.fetch} | set(planned.waits_for)
+        for path in sorted(self.absent):
+            record = self.records.get(path)
+            if record is None or path in planned_paths or self.ignore(path):
+                continue
+            if self._disk.get(path) is not None:
+                continue  # a local file there: the scan makes it a concurrent version
+            planned.fetch.append((path, record.version))
+            planned.waits_for[path] = path
+            planned.records.append(record)
+
     def _hold_case_collisions(self, planned: _Planned) -> None:
         """On a file system that ignores case, a new path equal to another but for case
         would land on it: it is not placed (and its record waits), and it is reported."""
@@ -350,16 +408,18 @@ class FolderSync:
     def _plan_writable(
         self, planned: _Planned, mine: SignedRecord | None, theirs: SignedRecord
     ) -> None:
+        path = theirs.version.path
+        if self.ignore(path) or path in self.absent:
+            # Content we do not hold: take the winning record as it is (no merge signed, no
+            # conflict copy made: the member holding the other side's content makes those).
+            self._take_winner(planned, mine, theirs)
+            return
         local = mine.version if mine is not None else None
         action = plan_file(local, theirs.version)
         record = action.record
         if record is None or (mine is not None and record == mine.version):
             return
         signed = theirs if record == theirs.version else SignedRecord.sign(record, self.keys)
-        path = action.path
-        if self.ignore(path):
-            planned.records.append(signed)  # recorded and relayed; the disk is left alone
-            return
         if action.kind is ActionKind.KEEP:
             planned.records.append(signed)
         elif action.kind is ActionKind.FETCH:
@@ -373,15 +433,31 @@ class FolderSync:
             copy = action.conflict_copy
             assert copy is not None and local is not None
             planned.records.append(signed)
-            planned.records.append(SignedRecord.sign(copy, self.keys))
-            if not local.deleted and local.root == copy.root and record.root != copy.root:
-                planned.conflict_moves[path] = copy.path  # ours lost: keep it as the copy
+            ours_lost = not local.deleted and local.root == copy.root and record.root != copy.root
+            if ours_lost:
                 planned.fetch.append((path, record))
-                planned.waits_for[path] = planned.waits_for[copy.path] = path
+                planned.waits_for[path] = path
+            if not self._copy_is_new(planned, copy):
+                return  # this conflict's copy exists already (maybe edited since): keep it
+            planned.records.append(SignedRecord.sign(copy, self.keys))
+            if ours_lost:
+                planned.conflict_moves[path] = copy.path  # ours stays, as the copy
+                planned.waits_for[copy.path] = path
             else:
                 planned.fetch.append((copy.path, copy))
                 planned.waits_for[copy.path] = copy.path
             logger.info("folder %s: conflict on %s; copy %s", self.path, path, copy.path)
+
+    def _copy_is_new(self, planned: _Planned, copy: FileVersion) -> bool:
+        if copy.path in planned.waits_for or any(
+            r.version.path == copy.path for r in planned.records
+        ):
+            return False
+        existing = self.records.get(copy.path)
+        if existing is None:
+            return True
+        order = existing.version.version.compare(copy.version)
+        return order not in (Ordering.AFTER, Ordering.EQUAL)
 
     def _plan_read_only(
         self, planned: _Planned, mine: SignedRecord | None, theirs: SignedRecord
@@ -389,24 +465,37 @@ class FolderSync:
         """A read-only member cannot sign merges: it takes the record that wins (the same
         rule everywhere, so read-only members agree), and read-write members' merges reach
         it later."""
+        self._take_winner(planned, mine, theirs)
+
+    def _take_winner(
+        self, planned: _Planned, mine: SignedRecord | None, theirs: SignedRecord
+    ) -> None:
+        """Store ``theirs`` if it wins over ours (AFTER; or CONCURRENT and, as everywhere, a
+        live file over a tombstone, else the newer), and make the disk match it."""
         local = mine.version if mine is not None else None
         remote = theirs.version
         if local is not None:
             order = remote.version.compare(local.version)
             if order is Ordering.BEFORE or (order is Ordering.EQUAL and remote == local):
                 return
-            if order is not Ordering.AFTER and winner_key(remote) <= winner_key(local):
-                return
+            if order is not Ordering.AFTER:
+                if local.deleted != remote.deleted:
+                    if remote.deleted:
+                        return  # a delete never beats a concurrent edit
+                elif winner_key(remote) <= winner_key(local):
+                    return
         planned.records.append(theirs)
         path = remote.path
         if self.ignore(path):
+            planned.absent.add(path)
             return
+        holds_content = local is not None and not local.deleted and path not in self.absent
         if remote.deleted:
-            if local is not None and not local.deleted:
+            if holds_content:
                 planned.delete.append(path)
         elif (
-            local is None
-            or local.deleted
+            not holds_content
+            or local is None
             or local.root != remote.root
             or local.executable != remote.executable
         ):
@@ -434,7 +523,7 @@ class FolderSync:
             if record.version.path not in planned.delete or record.version.path in deleted
         ]
         timer.mark("delete")
-        await self._commit_records(ready)
+        await self._commit_records(ready, planned.absent)
         timer.mark("store")
         skipped = len(planned.records) - len(ready)
         if planned.records:
@@ -513,15 +602,24 @@ class FolderSync:
 
     def _delete_files(self, paths: list[str]) -> set[str]:
         done: set[str] = set()
+        touched: set[str] = set()
         for path in paths:
             now = disk.state_of(self.path, path)
             if now is not None and now != self._disk.get(path):
                 logger.info("folder %s: %s changed locally; not deleting it", self.path, path)
                 continue
             if now is not None:
-                disk.keep_version(self.path, path, move=True)
+                try:
+                    kept = disk.keep_version(self.path, path, move=True)
+                except StorageError as exc:
+                    logger.warning("folder %s: not deleting %s: %s", self.path, path, exc)
+                    continue
+                touched.add(os.path.dirname(disk.local_path(self.path, path)))
+                if kept is not None:
+                    touched.add(os.path.dirname(disk.local_path(self.path, kept)))
                 disk.remove_empty_parents(self.path, path)
             done.add(path)
+        _sync_directories(touched)  # the deletes are durable before their records are
         return done
 
     async def _download(self, link: FolderLink, planned: _Planned, timer: _Phases) -> set[str]:
@@ -585,17 +683,28 @@ class FolderSync:
         limit: trio.Semaphore,
     ) -> None:
         partials: dict[str, PartialFile] = {}
+        failed: set[str] = set()
+        """Files of this step that cannot be placed now (a disk error, content the member
+        lacks): the others go ahead; these are retried on a later reconcile."""
         try:
             for path, version in items:
                 assert version.root is not None
                 name = path.rsplit("/", 1)[-1]
                 partials[path] = PartialFile(parents[path], name, version.root, version.size)
-            missing = await self._fill_from_local(partials, chunks_of)
-            await self._fill_from_peer(link, partials, missing)
+            missing = await self._fill_from_local(partials, chunks_of, failed)
+            await self._fill_from_peer(link, partials, missing, failed)
             finished = [
                 Finished(partials[path], version.executable, version.mtime_ns)
                 for path, version in items
+                if path not in failed
             ]
+            if failed:
+                logger.info(
+                    "folder %s: %d files not placed this time (first: %s)",
+                    self.path,
+                    len(failed),
+                    min(failed),
+                )
             renamed = await in_thread(self._commit, finished, planned.conflict_moves)
             await self._record_placed(renamed, dict(items), chunks_of)
             placed.update(renamed)
@@ -608,6 +717,7 @@ class FolderSync:
         self,
         partials: dict[str, PartialFile],
         chunks_of: dict[str, list[tuple[int, ChunkRef]]],
+        failed: set[str],
     ) -> dict[ContentHash, tuple[ChunkRef, list[tuple[str, int]]]]:
         """Copy every chunk this node already holds anywhere (renames and copies cost no
         transfer); returns the rest: chunk id -> (ref, [(path, offset), ...])."""
@@ -627,7 +737,8 @@ class FolderSync:
                 if data is None:
                     continue
                 for path, offset in places:
-                    partials[path].write_verified(offset, data)
+                    if path not in failed:
+                        _write_or_fail(partials[path], offset, data, None, failed, path)
                 found.add(cid)
             return found
 
@@ -639,6 +750,7 @@ class FolderSync:
         link: FolderLink,
         partials: dict[str, PartialFile],
         missing: dict[ContentHash, tuple[ChunkRef, list[tuple[str, int]]]],
+        failed: set[str],
     ) -> None:
         batches: list[list[tuple[ChunkRef, list[tuple[str, int]]]]] = []
         current: list[tuple[ChunkRef, list[tuple[str, int]]]] = []
@@ -654,13 +766,21 @@ class FolderSync:
 
         async def run(batch: list[tuple[ChunkRef, list[tuple[str, int]]]]) -> None:
             received: list[tuple[int, bytes]] = []
-            await link.chunks([ref for ref, _ in batch], lambda i, data: received.append((i, data)))
+            try:
+                await link.chunks(
+                    [ref for ref, _ in batch], lambda i, data: received.append((i, data))
+                )
+            except PeerRequestError as exc:  # content it has not got (any more): elsewhere
+                logger.info("folder %s: %s", self.path, exc)
+                failed.update(path for _ref, places in batch for path, _offset in places)
+                return
 
             def write() -> None:
                 for position, data in received:
                     ref, places = batch[position]
                     for path, offset in places:
-                        partials[path].write_chunk(offset, data, ref)
+                        if path not in failed:
+                            _write_or_fail(partials[path], offset, data, ref, failed, path)
 
             await in_thread(write)
 
@@ -712,8 +832,18 @@ class FolderSync:
         returns the placed paths with their new stat."""
         by_final = {item.partial.final_path: path for path, item in _paths(self.path, finished)}
         placed: dict[str, os.stat_result] = {}
+        kept_dirs: set[str] = set()
 
         def before_replace(item: Finished) -> bool:
+            try:
+                return prepare_replace(item)
+            except StorageError as exc:
+                logger.warning(
+                    "folder %s: not placing %s: %s", self.path, item.partial.final_path, exc
+                )
+                return False
+
+        def prepare_replace(item: Finished) -> bool:
             path = by_final[item.partial.final_path]
             now = disk.state_of(self.path, path)
             if now != self._disk.get(path):
@@ -727,12 +857,18 @@ class FolderSync:
                     if not disk.link_within(self.path, path, copy):
                         return False
                 else:
-                    disk.keep_version(self.path, path, move=False)
+                    kept = disk.keep_version(self.path, path, move=False)
+                    if kept is not None:
+                        kept_dirs.add(os.path.dirname(disk.local_path(self.path, kept)))
             return True
 
         for start in range(0, len(finished), COMMIT_BATCH):
             for item in commit_files(finished[start : start + COMMIT_BATCH], before_replace):
-                placed[by_final[item.partial.final_path]] = os.lstat(item.partial.final_path)
+                try:
+                    placed[by_final[item.partial.final_path]] = os.lstat(item.partial.final_path)
+                except OSError:
+                    continue  # gone again already: the next scan sees what is there
+        _sync_directories(kept_dirs)
         return placed
 
     # -- reporting ------------------------------------------------------------------------
@@ -789,6 +925,34 @@ class _Phases:
 def _paths(folder: str, finished: list[Finished]) -> list[tuple[str, Finished]]:
     prefix = folder.rstrip("/") + "/"
     return [(item.partial.final_path[len(prefix) :].replace("\\", "/"), item) for item in finished]
+
+
+def _sync_directories(directories: set[str]) -> None:
+    for directory in directories:
+        try:
+            fsync_directory(directory)
+        except OSError as exc:
+            logger.warning("cannot sync directory %s: %s", directory, exc)
+
+
+def _write_or_fail(
+    partial: PartialFile,
+    offset: int,
+    data: bytes,
+    expected: ChunkRef | None,
+    failed: set[str],
+    path: str,
+) -> None:
+    """Write a chunk (verified against ``expected`` if given; a mismatch is the sender's
+    fault and raises IntegrityError); a disk error fails only this file."""
+    try:
+        if expected is None:
+            partial.write_verified(offset, data)
+        else:
+            partial.write_chunk(offset, data, expected)
+    except StorageError as exc:
+        logger.warning("cannot write %s: %s", partial.final_path, exc)
+        failed.add(path)
 
 
 def _chunk_lists(index: IndexStore, roots: dict[str, ContentHash | None]) -> dict[str, bytes]:

@@ -33,7 +33,7 @@ from p2pfs.identity import NodeId
 from p2pfs.ids import ContentHash
 from p2pfs.net import Endpoint, PeerConnection
 from p2pfs.store.folders import FolderStore
-from p2pfs.sync.keys import FolderKeys
+from p2pfs.sync.keys import FolderKeys, device_id
 from p2pfs.wire.ticket import PeerAddress, Ticket, TicketKind, parse_ticket_untrusted
 
 from ..discovery import Discovery
@@ -59,6 +59,8 @@ about a tenth of a second (Syncthing's default waits 10 s). A file written in bu
 pauses between them is recorded once per burst (each a version); the scanner re-reads a
 file that changes while it reads it, so no version mixes two states."""
 CONNECT_TIMEOUT = 5.0
+KEEPALIVE_INTERVAL = 10.0
+"""A PING this often keeps a quiet member link under the transport's 30 s idle timeout."""
 RETRY_INTERVAL = 5.0
 """A reconcile that could not finish (a chunk not yet servable, a disk error) is retried."""
 
@@ -93,6 +95,7 @@ class FolderManager:
         self._serve_connection: Callable[[PeerConnection], Awaitable[None]] | None = None
         self._extra_peers: tuple[PeerAddress, ...] = ()
         self._scopes: dict[bytes, trio.CancelScope] = {}
+        self._folder_nurseries: dict[bytes, trio.Nursery] = {}
 
     def lookup(self, folder_id: bytes) -> FolderSync | None:
         return self.folders.get(folder_id)
@@ -121,21 +124,36 @@ class FolderManager:
             await trio.sleep_forever()
 
     async def _start_folder(self, row: Any) -> FolderSync:
-        folder = FolderSync(row, self._own_id.raw, self._index, self._store, self._member_in)
+        folder = FolderSync(row, self._index, self._store, self._member_in)
         await folder.load(assume_case_insensitive=self.config.assume_case_insensitive)
-        await folder.rescan()
+        try:
+            await folder.rescan()
+        except (StorageError, LocalProtocolError, OSError) as exc:
+            # A folder whose disk is missing still starts: it waits, says why, retries.
+            logger.warning("folder %s: %s", folder.path, exc)
+            folder.problems = [str(exc)]
         self.folders[folder.folder_id] = folder
         assert self._nursery is not None
         scope = trio.CancelScope()
         self._scopes[folder.folder_id] = scope
-        self._nursery.start_soon(self._run_folder, folder, scope)
+        await self._nursery.start(self._run_folder, folder, scope)
         if self._discovery is not None:
             await self._discovery.announce_key(folder.keys.discovery_key)
         return folder
 
-    async def _run_folder(self, folder: FolderSync, scope: trio.CancelScope) -> None:
+    async def _run_folder(
+        self,
+        folder: FolderSync,
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Every task of one folder, links included, runs here: removing the folder cancels
+        them all, and a failure of one folder never reaches the daemon."""
         with scope:
             async with trio.open_nursery() as nursery:
+                self._folder_nurseries[folder.folder_id] = nursery
+                task_status.started()
                 if self.config.watch:
                     nursery.start_soon(self._watch, folder)
                 nursery.start_soon(self._rescan_periodically, folder)
@@ -177,24 +195,29 @@ class FolderManager:
         while True:
             await trio.sleep(self.config.rescan_interval)
             await self._rescan(folder, force=True)
-            await trio.to_thread.run_sync(
-                disk.expire_versions, folder.path, self.config.keep_versions_s
-            )
+            try:
+                await trio.to_thread.run_sync(
+                    disk.expire_versions, folder.path, self.config.keep_versions_s
+                )
+            except OSError as exc:
+                logger.info("folder %s: expiring versions: %s", folder.path, exc)
 
     async def _rescan(self, folder: FolderSync, *, force: bool = False) -> None:
         try:
             await folder.rescan(force=force)
-        except (StorageError, LocalProtocolError) as exc:
+        except (StorageError, LocalProtocolError, OSError) as exc:
             logger.warning("folder %s: rescan failed: %s", folder.path, exc)
+            folder.problems = [str(exc)]
 
     # -- members --------------------------------------------------------------------------
 
     def _member_in(self, folder: FolderSync, conn: PeerConnection) -> None:
         """A peer proved membership as a client on ``conn``: link back on the same
         connection (unless a link to that member exists)."""
-        if (folder.folder_id, conn.peer_id.raw) in self._links or self._nursery is None:
+        nursery = self._folder_nurseries.get(folder.folder_id)
+        if (folder.folder_id, conn.peer_id.raw) in self._links or nursery is None:
             return
-        self._nursery.start_soon(self._link, folder, conn)
+        nursery.start_soon(self._link, folder, conn)
 
     async def _connect_members(self, folder: FolderSync) -> None:
         while True:
@@ -216,9 +239,16 @@ class FolderManager:
                 node = NodeId(provider.node_id) if provider.node_id is not None else None
                 candidates.setdefault(provider.address, node)
         own_address = endpoint.local_address
+        linked = {
+            (str(link.conn.remote_address[0]), int(link.conn.remote_address[1]))
+            for (folder_id, _peer), link in self._links.items()
+            if folder_id == folder.folder_id
+        }
         async with trio.open_nursery() as nursery:
             for address, node in candidates.items():
                 if node == self._own_id or (address.host, address.port) == own_address:
+                    continue
+                if (address.host, address.port) in linked:
                     continue
                 if node is not None and (folder.folder_id, node.raw) in self._links:
                     continue
@@ -248,8 +278,9 @@ class FolderManager:
                 return
             assert self._serve_connection is not None
             self._nursery.start_soon(self._serve_connection, conn)
-        if (folder.folder_id, conn.peer_id.raw) not in self._links:
-            self._nursery.start_soon(self._link, folder, conn)
+        nursery = self._folder_nurseries.get(folder.folder_id)
+        if (folder.folder_id, conn.peer_id.raw) not in self._links and nursery is not None:
+            nursery.start_soon(self._link, folder, conn)
 
     async def _link(self, folder: FolderSync, conn: PeerConnection) -> None:
         key = (folder.folder_id, conn.peer_id.raw)
@@ -271,6 +302,9 @@ class FolderManager:
             PeerRequestError,
             ConnectionClosedError,
             StreamResetError,
+            StorageError,
+            LocalProtocolError,
+            OSError,
         ) as group:
             logger.info(
                 "folder %s: link with %s ended: %s",
@@ -297,17 +331,24 @@ class FolderManager:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(link.watch, on_root)
+            nursery.start_soon(_keep_alive, link.conn)
             attempted: tuple[ContentHash, ContentHash] | None = None
             while True:
                 arrived = wake[0]
                 _root, _count, local_changed = folder.current_root()
                 if latest:
                     pair = (latest[0].hash, folder.root.hash)
-                    if pair[0] != pair[1] and pair != attempted:
+                    wanted = pair[0] != pair[1] or folder.missing_content()
+                    if wanted and pair != attempted:
                         attempted = pair
                         try:
                             await folder.reconcile(link, latest[0])
-                        except* (PeerRequestError, StorageError) as group:
+                        except* (
+                            PeerRequestError,
+                            StorageError,
+                            LocalProtocolError,
+                            OSError,
+                        ) as group:
                             logger.info(
                                 "folder %s: sync with %s incomplete: %s",
                                 folder.path,
@@ -344,6 +385,7 @@ class FolderManager:
                 raise LocalProtocolError(f"{path} overlaps sync folder {folder.path}")
             if folder.folder_id == keys.folder_id:
                 raise LocalProtocolError(f"this folder is already synced at {folder.path}")
+        await trio.to_thread.run_sync(disk.write_marker, local)
         row = await self._index.run(
             self._store.add_folder,
             keys.folder_id,
@@ -351,6 +393,7 @@ class FolderManager:
             keys.read_key,
             keys.write_public,
             keys.write_seed,
+            device_id(self._own_id.raw, os.urandom(16)),
             time.time_ns(),
         )
         for node_id, address in hints:
@@ -393,11 +436,13 @@ class FolderManager:
 
     async def remove(self, path: str) -> dict[str, Any]:
         folder = self.find(path)
+        # Its links end with its tasks; connections stay (other folders and shares use them).
         self._scopes.pop(folder.folder_id).cancel()
-        for (folder_id, _peer), link in list(self._links.items()):
-            if folder_id == folder.folder_id:
-                link.conn.close_nowait(0, "folder removed")
+        self._folder_nurseries.pop(folder.folder_id, None)
         del self.folders[folder.folder_id]
+        folder.close()  # members watching it hear that it is gone
+        async with folder.lock:  # an apply in a worker thread finishes first
+            pass
         await self._index.run(self._store.remove_folder, folder.row.id)
         share = await self._index.run(self._index.index.share_for_path, folder.path, 0)
         await self._index.run(self._index.index.forget_share, share.id)
@@ -409,6 +454,12 @@ def _first(group: BaseExceptionGroup[E]) -> E:
     while isinstance(leaf, BaseExceptionGroup):
         leaf = leaf.exceptions[0]
     return leaf  # type: ignore[return-value]
+
+
+async def _keep_alive(conn: PeerConnection) -> None:
+    while not conn.is_closed:
+        await trio.sleep(KEEPALIVE_INTERVAL)
+        conn.ping()
 
 
 async def _first_of(*events: trio.Event) -> None:

@@ -139,12 +139,14 @@ class FolderServer:
             return
         task_status.started()
         sent: ContentHash | None = None
-        while True:
+        while self._lookup(request.folder_id) is folder:
             root, count, changed = folder.current_root()
             if root != sent:
                 await send(FolderRoot(request.request_id, root, count))
                 sent = root
             await changed.wait()
+        # The folder was removed here (maybe joined again since): this subscription is over.
+        await send(ErrorReply(request.request_id, ErrorCode.NOT_FOUND, "folder removed"))
 
     async def nodes(self, request: GetNodes, grants: FolderGrants) -> NodesReply | ErrorReply:
         """Index nodes, signed records, and the file trees of files the folder holds."""

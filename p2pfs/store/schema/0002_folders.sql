@@ -7,6 +7,7 @@ CREATE TABLE folders (
     read_key BLOB NOT NULL,
     write_public BLOB NOT NULL,
     write_seed BLOB,                 -- NULL on a read-only member
+    device BLOB NOT NULL,            -- this membership's device id in version vectors
     created_ns INTEGER NOT NULL
 );
 
@@ -16,6 +17,7 @@ CREATE TABLE folder_records (
     folder INTEGER NOT NULL REFERENCES folders (id) ON DELETE CASCADE,
     path TEXT NOT NULL,
     record BLOB NOT NULL,
+    absent INTEGER NOT NULL DEFAULT 0,  -- 1: a live record whose content this node lacks
     PRIMARY KEY (folder, path)
 ) WITHOUT ROWID;
 
