@@ -27,7 +27,7 @@ from p2pfs.errors import InvalidNameError, LocalProtocolError, RemoteProtocolErr
 from p2pfs.ids import HASH_LEN, ContentHash, content_hash_untrusted
 
 DEVICE_ID_LEN = 32
-"""A device id is a NodeId's raw bytes (BLAKE3-256 of its Ed25519 key)."""
+"""A device id: 32 bytes, one per folder membership (see p2pfs.sync.keys.device_id)."""
 MAX_DEVICES = 1024
 """Entries a vector may hold: a folder with more writers than this is not one we accept."""
 MAX_COUNTER = (1 << 63) - 1
