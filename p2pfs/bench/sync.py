@@ -13,7 +13,17 @@ Reference in the same run on the same bytes and changes: rsync through an ``rsyn
 on loopback, ``rsync -a --stats --no-whole-file --delete-delay --fuzzy`` pulling into the
 previous copy; its bytes are what the rsync client (the receiving side) reports as "Total
 bytes received", its time the client's wall time (which includes rsync's own full-file
-checksums). Syncthing is reported as installed or not; this bench does not drive it.
+checksums). And Syncthing (unless ``--no-syncthing``): two instances on loopback, each with
+its own home in the temp dir, GUI/REST on a free loopback port with an API key set here, sync
+listener ``tcp://127.0.0.1:PORT``, global/local discovery, relays, NAT, usage and crash
+reporting and upgrades off, each device given the other's static address; one sendreceive
+folder per step, otherwise Syncthing's defaults (watcher on, 10 s delay). It gets the same
+file and the same changes; after each of (a)-(c) a rescan is requested through REST (what the
+GUI's Rescan does), so those times leave out the watcher delay; (d) goes through the watcher
+alone, with 5 writes as each waits ~10 s. Its bytes are B's ``inBytesTotal`` for A (from
+``/rest/system/connections``: the whole TLS connection), read once they stop moving; its
+times poll B's file or tree like the p2pfs steps. The figures stand beside rsync's in the
+reference column, each ratio naming its reference.
 """
 
 from __future__ import annotations
@@ -637,8 +647,6 @@ def rsync_reference(work: Path, size: int, files: int) -> RsyncRuns | str:
     return RsyncRuns(overwrite, inserted, renamed, small_files)
 
 
-
-
 # -- Syncthing reference -------------------------------------------------------------------
 
 
@@ -820,7 +828,7 @@ class SyncthingPair:
 
     def scanned(self, folder: str, files: int) -> bool:
         status = self.status(self.a, folder)
-        return status["state"] == "idle" and status["localFiles"] == files
+        return bool(status["state"] == "idle" and status["localFiles"] == files)
 
     def converged(self, folder: str) -> bool:
         """Both idle, B needs nothing, and A sees B complete."""
@@ -983,38 +991,236 @@ def ratio(value: float, reference: float | None) -> str:
     return "" if not reference else f"{value / reference:.2f}x"
 
 
+@dataclass(frozen=True, slots=True)
+class References:
+    """What the same run measured through rsync and Syncthing (or why not)."""
+
+    rsync: RsyncRuns | str
+    syncthing: SyncthingRuns | str
+
+    @property
+    def rsync_runs(self) -> RsyncRuns | None:
+        return self.rsync if isinstance(self.rsync, RsyncRuns) else None
+
+    @property
+    def syncthing_runs(self) -> SyncthingRuns | None:
+        return self.syncthing if isinstance(self.syncthing, SyncthingRuns) else None
+
+    @property
+    def note(self) -> str:
+        """Shown in a row that has no reference figure."""
+        notes = [
+            f"{name} {reference}" for name, reference in self.named() if isinstance(reference, str)
+        ]
+        return "; ".join(notes)
+
+    def named(self) -> list[tuple[str, RsyncRuns | SyncthingRuns | str]]:
+        return [("rsync", self.rsync), ("Syncthing", self.syncthing)]
+
+
+Part = tuple[str, float, str]
+"""A reference's name, its figure (for the ratio) and its text."""
+
+
+def cells(value: float, parts: list[Part], note: str) -> tuple[str, str]:
+    """The reference and ratio cells of a row: one entry per reference that ran."""
+    if not parts:
+        return note, ""
+    reference = "; ".join(f"{name} {text}" for name, _, text in parts)
+    ratios = "; ".join(f"{ratio(value, figure)} vs {name}" for name, figure, _ in parts if figure)
+    return reference, ratios
+
+
+def bytes_parts(rsync: RsyncRun | None, syncthing: ChangeRun | None) -> list[Part]:
+    parts = []
+    if rsync is not None:
+        text = f"{size_text(rsync.bytes_received)} (literal {size_text(rsync.literal)})"
+        parts.append(("rsync", float(rsync.bytes_received), text))
+    if syncthing is not None:
+        parts.append(
+            ("Syncthing", float(syncthing.bytes_received), size_text(syncthing.bytes_received))
+        )
+    return parts
+
+
+def seconds_parts(rsync: RsyncRun | None, syncthing: ChangeRun | None) -> list[Part]:
+    parts = []
+    if rsync is not None:
+        parts.append(("rsync", rsync.seconds, f"{rsync.seconds:.3f} (client wall)"))
+    if syncthing is not None:
+        text = f"{syncthing.seconds:.3f} (rescan requested)"
+        parts.append(("Syncthing", syncthing.seconds, text))
+    return parts
+
+
 def change_rows(
     label: str,
     run: ChangeRun,
-    reference: RsyncRun | None,
+    rsync: RsyncRun | None,
+    syncthing: ChangeRun | None,
     note: str,
     goal_bytes: int,
     goal_seconds: float | None,
 ) -> list[Row]:
     wire = "" if run.wire_bytes is None else f" (veth rx {size_text(run.wire_bytes)})"
-    rows = [
+    return [
         Row(
             f"{label}: bytes received by B",
             size_text(run.bytes_received) + wire,
-            note
-            if reference is None
-            else f"rsync {size_text(reference.bytes_received)} "
-            f"(literal {size_text(reference.literal)})",
-            "" if reference is None else ratio(run.bytes_received, reference.bytes_received),
+            *cells(run.bytes_received, bytes_parts(rsync, syncthing), note),
             f"<= {size_text(goal_bytes)}",
             run.bytes_received <= goal_bytes,
-        )
-    ]
-    rows.append(
+        ),
         Row(
             f"{label}: until B's copy matches (s)",
             f"{run.seconds:.3f}",
-            note if reference is None else f"rsync {reference.seconds:.3f} (client wall)",
-            "" if reference is None else ratio(run.seconds, reference.seconds),
+            *cells(run.seconds, seconds_parts(rsync, syncthing), note),
             "" if goal_seconds is None else f"<= {goal_seconds:g} s",
             None if goal_seconds is None else run.seconds <= goal_seconds,
-        )
+        ),
+    ]
+
+
+def initial_row(size: int, big: BigFileRuns, references: References) -> Row:
+    syncthing = references.syncthing_runs
+    parts: list[Part] = []
+    if syncthing is not None:
+        seconds = syncthing.big.initial_seconds
+        text = f"{seconds:.2f} (after A's scan, {syncthing.scan_seconds:.2f})"
+        parts.append(("Syncthing", seconds, text))
+    return Row(
+        f"initial sync of a {size // MiB} MiB file (s)",
+        f"{big.initial_seconds:.2f}",
+        *cells(big.initial_seconds, parts, ""),
+        "",
+        None,
     )
+
+
+def big_file_rows(size: int, big: BigFileRuns, references: References) -> list[Row]:
+    rsync, syncthing = references.rsync_runs, references.syncthing_runs
+    theirs = None if syncthing is None else syncthing.big
+    mib, note = size // MiB, references.note
+    rows = [initial_row(size, big, references)]
+    rows += change_rows(
+        f"(a) 1 MiB overwritten mid-file ({mib} MiB)",
+        big.overwrite,
+        None if rsync is None else rsync.overwrite,
+        None if theirs is None else theirs.overwrite,
+        note,
+        GOAL_OVERWRITE_BYTES,
+        GOAL_OVERWRITE_S,
+    )
+    rows += change_rows(
+        f"(b) {INSERT_BYTES} bytes inserted mid-file",
+        big.insert,
+        None if rsync is None else rsync.insert,
+        None if theirs is None else theirs.insert,
+        note,
+        GOAL_INSERT_BYTES,
+        GOAL_INSERT_S,
+    )
+    rows += change_rows(
+        "(c) file renamed",
+        big.rename,
+        None if rsync is None else rsync.rename,
+        None if theirs is None else theirs.rename,
+        note,
+        GOAL_RENAME_BYTES,
+        None,
+    )
+    return rows
+
+
+def latency_rows(latencies: list[float], references: References) -> list[Row]:
+    p50, p95 = percentile(latencies, 50), percentile(latencies, 95)
+    syncthing = references.syncthing_runs
+    rsync_note = "rsync n/a (runs on demand)"
+    p50_parts: list[Part] = []
+    p95_parts: list[Part] = []
+    if syncthing is not None:
+        theirs = syncthing.latency_seconds
+        watcher = (
+            f"{len(theirs)} writes, watcher at its default {syncthing.watcher_delay_s} s delay"
+        )
+        their_p50, their_p95 = percentile(theirs, 50), percentile(theirs, 95)
+        p50_parts.append(("Syncthing", their_p50, f"{their_p50:.3f} ({watcher})"))
+        p95_parts.append(("Syncthing", their_p95, f"{their_p95:.3f}"))
+    reference, ratios = cells(p50, p50_parts, references.note)
+    return [
+        Row(
+            f"(d) small write -> B identical, p50 of {len(latencies)} (s)",
+            f"{p50:.3f}",
+            f"{rsync_note}; {reference}" if reference else rsync_note,
+            ratios,
+            f"<= {GOAL_LATENCY_P50_S:g} s",
+            p50 <= GOAL_LATENCY_P50_S,
+        ),
+        Row(
+            f"(d) small write -> B identical, p95 of {len(latencies)} (s)",
+            f"{p95:.3f}",
+            *cells(p95, p95_parts, ""),
+            "",
+            None,
+        ),
+    ]
+
+
+def small_files_rows(small: SmallFilesRun, references: References) -> list[Row]:
+    rsync = None if references.rsync_runs is None else references.rsync_runs.small_files
+    syncthing = references.syncthing_runs
+    theirs = None if syncthing is None else syncthing.small_files
+    seconds: list[Part] = []
+    received: list[Part] = []
+    indexing: list[Part] = []
+    if rsync is not None:
+        seconds.append(("rsync", rsync.seconds, f"{rsync.seconds:.2f}"))
+        received.append(("rsync", rsync.bytes_received, size_text(rsync.bytes_received)))
+    if theirs is not None:
+        seconds.append(("Syncthing", theirs.seconds, f"{theirs.seconds:.2f}"))
+        received.append(("Syncthing", theirs.bytes_received, size_text(theirs.bytes_received)))
+        text = f"{theirs.share_seconds:.2f} (A's scan)"
+        indexing.append(("Syncthing", theirs.share_seconds, text))
+    label = f"{small.files:,} files of 1-64 KiB, {small.bytes / MB:.0f} MB"
+    return [
+        Row(
+            f"(e) initial sync of {label} to a joining B (s)",
+            f"{small.seconds:.2f}",
+            *cells(small.seconds, seconds, references.note),
+            f"<= {GOAL_SMALL_FILES_S:g} s",
+            small.seconds <= GOAL_SMALL_FILES_S,
+        ),
+        Row(
+            "(e) bytes received by B",
+            size_text(small.bytes_received),
+            *cells(small.bytes_received, received, references.note),
+            "",
+            None,
+        ),
+        Row(
+            "(e) A indexing the new folder (s)",
+            f"{small.share_seconds:.2f}",
+            *cells(small.share_seconds, indexing, ""),
+            "",
+            None,
+        ),
+    ]
+
+
+def context_rows(references: References) -> list[Row]:
+    syncthing = references.syncthing_runs
+    if syncthing is None:
+        rows = [Row("context: Syncthing", "", str(references.syncthing), "", "", None)]
+    else:
+        text = (
+            f"{syncthing.version}, two instances on loopback, default folder settings "
+            f"(watcher on, {syncthing.watcher_delay_s} s delay); (a)-(c) a rescan is requested "
+            "through REST right after the change, so its watcher delay is left out there; "
+            "bytes: B's inBytesTotal from A (TLS connection)"
+        )
+        rows = [Row("context: Syncthing", "", text, "", "", None)]
+    if isinstance(references.rsync, str):
+        rows.append(Row("context: rsync", "", references.rsync, "", "", None))
     return rows
 
 
@@ -1023,92 +1229,14 @@ def build_rows(
     big: BigFileRuns,
     latencies: list[float],
     small: SmallFilesRun,
-    rsync: RsyncRuns | str,
+    references: References,
 ) -> list[Row]:
-    reference = rsync if isinstance(rsync, RsyncRuns) else None
-    note = f"rsync {rsync}" if isinstance(rsync, str) else ""
-    mib = size // MiB
-    rows = [
-        Row(
-            f"initial sync of a {mib} MiB file (s)", f"{big.initial_seconds:.2f}", "", "", "", None
-        ),
+    return [
+        *big_file_rows(size, big, references),
+        *latency_rows(latencies, references),
+        *small_files_rows(small, references),
+        *context_rows(references),
     ]
-    rows += change_rows(
-        f"(a) 1 MiB overwritten mid-file ({mib} MiB)",
-        big.overwrite,
-        None if reference is None else reference.overwrite,
-        note,
-        GOAL_OVERWRITE_BYTES,
-        GOAL_OVERWRITE_S,
-    )
-    rows += change_rows(
-        f"(b) {INSERT_BYTES} bytes inserted mid-file",
-        big.insert,
-        None if reference is None else reference.insert,
-        note,
-        GOAL_INSERT_BYTES,
-        GOAL_INSERT_S,
-    )
-    rows += change_rows(
-        "(c) file renamed",
-        big.rename,
-        None if reference is None else reference.rename,
-        note,
-        GOAL_RENAME_BYTES,
-        None,
-    )
-    p50, p95 = percentile(latencies, 50), percentile(latencies, 95)
-    rows.append(
-        Row(
-            f"(d) small write -> B identical, p50 of {len(latencies)} (s)",
-            f"{p50:.3f}",
-            "n/a (rsync runs on demand)",
-            "",
-            f"<= {GOAL_LATENCY_P50_S:g} s",
-            p50 <= GOAL_LATENCY_P50_S,
-        )
-    )
-    rows.append(
-        Row(
-            f"(d) small write -> B identical, p95 of {len(latencies)} (s)",
-            f"{p95:.3f}",
-            "",
-            "",
-            "",
-            None,
-        )
-    )
-    small_reference = None if reference is None else reference.small_files
-    label = f"{small.files:,} files of 1-64 KiB, {small.bytes / MB:.0f} MB"
-    rows.append(
-        Row(
-            f"(e) initial sync of {label} to a joining B (s)",
-            f"{small.seconds:.2f}",
-            note if small_reference is None else f"rsync {small_reference.seconds:.2f}",
-            "" if small_reference is None else ratio(small.seconds, small_reference.seconds),
-            f"<= {GOAL_SMALL_FILES_S:g} s",
-            small.seconds <= GOAL_SMALL_FILES_S,
-        )
-    )
-    rows.append(
-        Row(
-            "(e) bytes received by B",
-            size_text(small.bytes_received),
-            note
-            if small_reference is None
-            else f"rsync {size_text(small_reference.bytes_received)}",
-            ""
-            if small_reference is None
-            else ratio(small.bytes_received, small_reference.bytes_received),
-            "",
-            None,
-        )
-    )
-    rows.append(
-        Row("(e) A indexing the new folder (s)", f"{small.share_seconds:.2f}", "", "", "", None)
-    )
-    rows.append(Row("context: Syncthing", "", syncthing_note(), "", "", None))
-    return rows
 
 
 def print_table(rows: list[Row], caption: str, title: str) -> None:
@@ -1125,7 +1253,7 @@ def print_table(rows: list[Row], caption: str, title: str) -> None:
 
 
 def run_benchmark(
-    work: Path, size: int, files: int, namespaces: Namespaces | None
+    work: Path, size: int, files: int, namespaces: Namespaces | None, syncthing: bool
 ) -> tuple[list[Row], dict[str, Any]]:
     pair = Pair(work, namespaces)
     try:
@@ -1139,7 +1267,9 @@ def run_benchmark(
             daemon.stop()
     for name in ("a", "b", "staging", "a-small", "b-small"):
         shutil.rmtree(work / name, ignore_errors=True)
-    rsync = rsync_reference(work, size, files)
+    references = References(
+        rsync_reference(work, size, files), syncthing_reference(work, size, files, syncthing)
+    )
     figures: dict[str, Any] = {
         "size_bytes": size,
         "initial_seconds": big.initial_seconds,
@@ -1151,11 +1281,11 @@ def run_benchmark(
         "latency_p95": percentile(latencies, 95),
         "latency_mean": statistics.fmean(latencies),
         "small_files": asdict(small),
-        "rsync": asdict(rsync) if isinstance(rsync, RsyncRuns) else rsync,
-        "syncthing": syncthing_note(),
+        "rsync": asdict(rsync) if (rsync := references.rsync_runs) else references.rsync,
+        "syncthing": asdict(runs) if (runs := references.syncthing_runs) else references.syncthing,
         "network": "netns veth" if namespaces is not None else "loopback",
     }
-    return build_rows(size, big, latencies, small, rsync), figures
+    return build_rows(size, big, latencies, small, references), figures
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -1166,6 +1296,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         "--netns",
         action="store_true",
         help="run the daemons in two network namespaces joined by a veth pair (root only)",
+    )
+    parser.add_argument(
+        "--no-syncthing",
+        action="store_true",
+        help="skip the Syncthing reference (two instances, about a minute more)",
     )
     parser.add_argument("--workdir", help="scratch directory (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -1182,7 +1317,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with contextlib.ExitStack() as stack:
             namespaces = stack.enter_context(Namespaces()) if args.netns else None
-            rows, figures = run_benchmark(scratch, args.size_mib * MiB, args.files, namespaces)
+            size, syncthing = args.size_mib * MiB, not args.no_syncthing
+            rows, figures = run_benchmark(scratch, size, args.files, namespaces, syncthing)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     load_after = load_average()
@@ -1194,6 +1330,8 @@ def main(argv: list[str] | None = None) -> int:
         print_table(
             rows,
             f"{network}; rsync: daemon on loopback, client-reported bytes received; "
+            "Syncthing: two instances on loopback, B's inBytesTotal, (a)-(c) rescan requested, "
+            "(d) through its watcher; "
             f"load average (1/5/15 min) {load_before} before, {load_after} after, "
             f"{os.cpu_count()} CPUs",
             "p2pfs folder sync benchmark",
