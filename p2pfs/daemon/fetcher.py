@@ -36,7 +36,7 @@ from p2pfs.identity import NodeId
 from p2pfs.ids import ContentHash, short_hex
 from p2pfs.net import PeerConnection
 from p2pfs.store.assemble import Finished, PartialFile, commit_files
-from p2pfs.store.index import ChunkLocation, IndexStore, read_first_intact
+from p2pfs.store.index import ChunkLocation, ChunkReader, IndexStore
 from p2pfs.swarm.picker import PiecePicker
 
 from .ratelimit import TokenBucket
@@ -498,7 +498,8 @@ def _locate_each(index: IndexStore, wanted: list[ChunkRef]) -> list[list[ChunkLo
 
 
 def _read_local(group: list[tuple[ChunkRef, list[ChunkLocation]]]) -> list[bytes | None]:
-    return [read_first_intact(ref.id, locations) for ref, locations in group]
+    with ChunkReader() as reader:
+        return [reader.read_first_intact(ref.id, locations) for ref, locations in group]
 
 
 def _write_all(

@@ -30,7 +30,7 @@ from p2pfs.errors import (
 )
 from p2pfs.ids import HASH_LEN, ContentHash, short_hex
 from p2pfs.net import PeerConnection, Stream
-from p2pfs.store.index import CHUNK_RECORD, ChunkLocation, IndexStore, read_first_intact
+from p2pfs.store.index import CHUNK_RECORD, ChunkLocation, ChunkReader, IndexStore
 from p2pfs.wire.codes import ErrorCode, WireError
 from p2pfs.wire.messages import (
     MAX_HAVE_UPDATE,
@@ -495,7 +495,8 @@ def _read_group(
     """Each chunk from the first location that still holds it (hash-checked)."""
     if not verify:
         return [_read_raw(locations[0]) if locations else None for _cid, locations in wanted]
-    return [read_first_intact(cid, locations) for cid, locations in wanted]
+    with ChunkReader() as reader:
+        return [reader.read_first_intact(cid, locations) for cid, locations in wanted]
 
 
 def _load_nodes(

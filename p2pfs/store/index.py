@@ -594,28 +594,65 @@ def read_chunk(location: ChunkLocation, cid: bytes) -> bytes:
 
     Raises IntegrityError if the file changed since the scan, StorageError if unreadable.
     """
-    try:
-        fd = os.open(location.path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-        try:
-            data = os.pread(fd, location.length, location.offset)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        raise StorageError(f"cannot read chunk from {location.path}: {exc}") from exc
-    if len(data) != location.length or chunk_id(data) != cid:
-        raise IntegrityError(f"{location.path} changed since it was indexed")
-    return data
+    with ChunkReader() as reader:
+        return reader.read(location, cid)
 
 
 def read_first_intact(cid: bytes, locations: Iterable[ChunkLocation]) -> bytes | None:
-    """The chunk from the first location that still holds it (hash-checked), or None.
+    """The chunk from the first location that still holds it (hash-checked), or None."""
+    with ChunkReader() as reader:
+        return reader.read_first_intact(cid, locations)
 
-    A location whose file changed or vanished since the scan is skipped (and logged): a
-    stale index costs a fallback, never a wrong byte.
-    """
-    for location in locations:
+
+class ChunkReader:
+    """Reads located chunks, keeping each file open across reads (a big file's thousands of
+    chunks cost one open, not one each). Every chunk is hash-checked."""
+
+    MAX_OPEN = 64
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+
+    def __enter__(self) -> ChunkReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            if len(self._fds) >= self.MAX_OPEN:
+                self.close()
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+            self._fds[path] = fd
+        return fd
+
+    def read(self, location: ChunkLocation, cid: bytes) -> bytes:
+        """Raises IntegrityError if the file changed since the scan, StorageError if
+        unreadable."""
         try:
-            return read_chunk(location, cid)
-        except (IntegrityError, StorageError) as exc:
-            log.info("chunk %s not where the index says: %s", cid.hex()[:12], exc)
-    return None
+            data = os.pread(self._fd(location.path), location.length, location.offset)
+        except OSError as exc:
+            raise StorageError(f"cannot read chunk from {location.path}: {exc}") from exc
+        if len(data) != location.length or chunk_id(data) != cid:
+            raise IntegrityError(f"{location.path} changed since it was indexed")
+        return data
+
+    def read_first_intact(self, cid: bytes, locations: Iterable[ChunkLocation]) -> bytes | None:
+        """The chunk from the first location that still holds it, or None.
+
+        A location whose file changed or vanished since the scan is skipped (and logged): a
+        stale index costs a fallback, never a wrong byte.
+        """
+        for location in locations:
+            try:
+                return self.read(location, cid)
+            except (IntegrityError, StorageError) as exc:
+                log.info("chunk %s not where the index says: %s", cid.hex()[:12], exc)
+        return None

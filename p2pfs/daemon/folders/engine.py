@@ -23,7 +23,7 @@ from p2pfs.ids import ContentHash
 from p2pfs.net import PeerConnection
 from p2pfs.store.assemble import Finished, PartialFile, commit_files, fsync_directory
 from p2pfs.store.folders import FolderRow, FolderStore
-from p2pfs.store.index import CHUNK_RECORD, IndexStore, read_first_intact
+from p2pfs.store.index import CHUNK_RECORD, ChunkLocation, ChunkReader, IndexStore
 from p2pfs.store.scanner import PlacedFile, ScanResult, record_placed_files, scan_share
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.local import DiskFile, case_collisions, local_changes
@@ -730,19 +730,25 @@ class FolderSync:
         if not wanted:
             return {}
 
-        def copy_local(index: IndexStore) -> set[ContentHash]:
-            found: set[ContentHash] = set()
-            for cid, (_ref, places) in wanted.items():
-                data = read_first_intact(cid, index.locate_chunk(cid))
-                if data is None:
-                    continue
-                for path, offset in places:
-                    if path not in failed:
-                        _write_or_fail(partials[path], offset, data, None, failed, path)
-                found.add(cid)
-            return found
+        def locate(index: IndexStore) -> dict[ContentHash, list[ChunkLocation]]:
+            return {cid: found for cid in wanted if (found := index.locate_chunk(cid))}
 
-        local = await self._index.run(copy_local, self._index.index)
+        def copy_local(located: dict[ContentHash, list[ChunkLocation]]) -> set[ContentHash]:
+            copied: set[ContentHash] = set()
+            with ChunkReader() as reader:
+                for cid, locations in located.items():
+                    data = reader.read_first_intact(cid, locations)
+                    if data is None:
+                        continue
+                    for path, offset in wanted[cid][1]:
+                        if path not in failed:
+                            _write_or_fail(partials[path], offset, data, None, failed, path)
+                    copied.add(cid)
+            return copied
+
+        # The index is held only to locate; reading and writing run beside other work.
+        located = await self._index.run(locate, self._index.index)
+        local = await in_thread(copy_local, located) if located else set()
         return {cid: item for cid, item in wanted.items() if cid not in local}
 
     async def _fill_from_peer(
