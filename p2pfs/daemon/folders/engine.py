@@ -361,7 +361,10 @@ class FolderSync:
             path = theirs.version.path
             mine = self.records.get(path)
             if path in self.unrecorded:
-                continue  # a read-only member's own edit: never overwritten
+                # A read-only member's own edit: never overwritten. The record is still
+                # taken (the index converges with the others'); the disk is left alone.
+                self._take_winner(planned, mine, theirs, touch_disk=False)
+                continue
             if self.writable:
                 self._plan_writable(planned, mine, theirs)
             else:
@@ -468,7 +471,12 @@ class FolderSync:
         self._take_winner(planned, mine, theirs)
 
     def _take_winner(
-        self, planned: _Planned, mine: SignedRecord | None, theirs: SignedRecord
+        self,
+        planned: _Planned,
+        mine: SignedRecord | None,
+        theirs: SignedRecord,
+        *,
+        touch_disk: bool = True,
     ) -> None:
         """Store ``theirs`` if it wins over ours (AFTER; or CONCURRENT and, as everywhere, a
         live file over a tombstone, else the newer), and make the disk match it."""
@@ -486,6 +494,8 @@ class FolderSync:
                     return
         planned.records.append(theirs)
         path = remote.path
+        if not touch_disk:
+            return
         if self.ignore(path):
             planned.absent.add(path)
             return
