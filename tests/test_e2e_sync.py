@@ -659,3 +659,32 @@ def test_content_ignored_here_is_fetched_once_no_longer_ignored(
     wait_until((a_dir / "x.bak").exists, CONVERGE_TIMEOUT)
     synced = wait_converged([(a, a_dir), (b, b_dir)])
     assert synced["x.bak"][0] == b"made on B before it heard of the pattern\n"
+
+
+def test_empty_directories_sync_and_their_deletes_travel(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    (a_dir / "empty" / "inner").mkdir(parents=True)
+    (a_dir / "full").mkdir()
+    (a_dir / "full" / "f.txt").write_text("f\n")
+    a, b = daemons("home-a"), daemons("home-b")
+    tickets = create_folder(a, a_dir)
+    join(b, b_dir, tickets["rw"])
+    wait_until((b_dir / "empty" / "inner").is_dir, CONVERGE_TIMEOUT)
+    wait_converged([(a, a_dir), (b, b_dir)])
+    assert folder_state(b, b_dir)["directories"] == 3
+
+    (b_dir / "empty" / "inner").rmdir()  # B removes one empty directory, A makes another
+    (a_dir / "made-on-a").mkdir()
+    wait_until(lambda: not (a_dir / "empty" / "inner").exists(), CONVERGE_TIMEOUT)
+    wait_until((b_dir / "made-on-a").is_dir, CONVERGE_TIMEOUT)
+    wait_until(
+        lambda: folder_state(a, a_dir)["root"] == folder_state(b, b_dir)["root"],
+        CONVERGE_TIMEOUT,
+    )
+    assert (a_dir / "empty").is_dir() and (b_dir / "empty").is_dir()
+
+    shutil.rmtree(a_dir / "full")  # a directory with its files, deleted as a whole
+    wait_until(lambda: not (b_dir / "full").exists(), CONVERGE_TIMEOUT)
+    assert folder_state(a, a_dir)["directories"] == 2  # empty, made-on-a

@@ -505,6 +505,17 @@ class IndexStore:
             ],
         )
 
+    def share_directories(self, share_id: int) -> list[str]:
+        """The share's directories (normalised relative paths) its last scan saw, top
+        excluded."""
+        with _guard("listing directories"):
+            rows = self._conn.execute(
+                "SELECT d.rel FROM dirs d JOIN shares s ON s.id = d.share_id "
+                "WHERE d.share_id = ? AND d.generation = s.scan_generation AND d.rel != ''",
+                (share_id,),
+            ).fetchall()
+        return [rel for (rel,) in rows]
+
     def share_files(self, share_id: int) -> Iterator[FileRecord]:
         """Every file of a share in path order (the order of its directory trees)."""
         with _guard("listing files"):

@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 from p2pfs.ids import ContentHash
-from p2pfs.sync.versions import FileVersion, VersionVector
+from p2pfs.sync.versions import DIRECTORY_ROOT, FileVersion, VersionVector
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +25,11 @@ class DiskFile:
     size: int
     executable: bool
     mtime_ns: int
+
+
+def directory_entry(path: str) -> DiskFile:
+    """A directory as local change detection sees it (mtime is not compared)."""
+    return DiskFile(path, DIRECTORY_ROOT, 0, False, 0)
 
 
 def differs(record: FileVersion | None, disk: DiskFile) -> bool:

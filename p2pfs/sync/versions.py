@@ -36,6 +36,10 @@ MIN_MTIME_NS = -(1 << 63)
 MAX_MTIME_NS = (1 << 63) - 1
 MAX_PATH_BYTES = 64 * 1024
 MAX_FILE_VERSION_BYTES = MAX_PATH_BYTES + MAX_DEVICES * (DEVICE_ID_LEN + 16) + 256
+DIRECTORY_ROOT = ContentHash(bytes.fromhex("d1" * 32))
+"""The root a live record carries for a directory (no file tree has it: a tree root is a
+keyed BLAKE3 hash). Directories are records so that empty ones sync and deletes of whole
+trees travel; their content is their files' own records."""
 """Bound on one encoded FileVersion, checked before msgpack allocates anything."""
 
 
@@ -216,6 +220,10 @@ class FileVersion:
         # not tell this change from an older one by the same device.
         if self.version.counter(self.modified_by) == 0:
             raise LocalProtocolError("modified_by is missing from the version vector")
+
+    @property
+    def is_directory(self) -> bool:
+        return self.root == DIRECTORY_ROOT
 
     @classmethod
     def tombstone(

@@ -220,6 +220,25 @@ def _copy(source: str, target: str) -> None:
     os.replace(target + ".tmp", target)
 
 
+def make_directory(folder: str, path: str) -> None:
+    """A directory at ``path`` (parents too), never through a symlink."""
+    make_parents(folder, f"{path}/-")
+
+
+def remove_directory(folder: str, path: str) -> bool:
+    """Remove the directory at ``path`` if it is a real one and empty."""
+    if state_of(folder, f"{path}/-") == NOT_A_FILE:
+        return False  # a parent is not a real directory: leave it alone
+    target = local_path(folder, path)
+    try:
+        if not stat.S_ISDIR(os.lstat(target).st_mode):
+            return False
+        os.rmdir(target)
+    except OSError:
+        return False
+    return True
+
+
 def remove_empty_parents(folder: str, path: str) -> None:
     """After a delete, remove the directories it left empty (up to the folder itself)."""
     parts = path.split("/")[:-1]

@@ -26,7 +26,7 @@ from p2pfs.store.folders import FolderRow, FolderStore
 from p2pfs.store.index import CHUNK_RECORD, ChunkLocation, ChunkReader, IndexStore
 from p2pfs.store.scanner import PlacedFile, ScanResult, record_placed_files, scan_share
 from p2pfs.sync.keys import FolderKeys
-from p2pfs.sync.local import DiskFile, case_collisions, local_changes
+from p2pfs.sync.local import DiskFile, case_collisions, directory_entry, local_changes
 from p2pfs.sync.planner import CONFLICT_MARKER, ActionKind, plan_file, winner_key
 from p2pfs.sync.records import (
     EMPTY_INDEX,
@@ -251,7 +251,7 @@ class FolderSync:
                 "not syncing it until it is back"
             )
         await in_thread(self.ignore.reload)
-        result, files = await self._index.run(
+        result, files, directories = await self._index.run(
             _scan_folder, self._index.index, self.path, self.ignore
         )
         self.scans += 1
@@ -264,6 +264,8 @@ class FolderSync:
             states[path] = disk.DiskState(size, mtime_ns, inode)
         self._disk = states
         self._disk_roots = {item.root for item in found.values()}
+        for directory in directories:
+            found[directory] = directory_entry(directory)
         unreadable = disk.problem_paths(self.path, [p.path for p in result.problems])
         changes = local_changes(
             {path: record.version for path, record in self.records.items()},
@@ -440,8 +442,10 @@ class FolderSync:
             if ours_lost:
                 planned.fetch.append((path, record))
                 planned.waits_for[path] = path
-            if not self._copy_is_new(planned, copy):
-                return  # this conflict's copy exists already (maybe edited since): keep it
+            if copy.is_directory or not self._copy_is_new(planned, copy):
+                # A directory needs no copy (its content is its files' records); a copy
+                # that exists already (maybe edited since) is kept.
+                return
             planned.records.append(SignedRecord.sign(copy, self.keys))
             if ours_lost:
                 planned.conflict_moves[path] = copy.path  # ours stays, as the copy
@@ -553,12 +557,13 @@ class FolderSync:
         deleted_by_root: dict[tuple[ContentHash, bool], str] = {}
         for old in planned.delete:
             record = self.records.get(old)
-            if record is not None and record.version.root is not None:
-                key = (record.version.root, record.version.executable)
+            version = record.version if record is not None else None
+            if version is not None and version.root is not None and not version.is_directory:
+                key = (version.root, version.executable)
                 deleted_by_root.setdefault(key, old)
         moves: dict[str, tuple[str, FileVersion]] = {}
         for new, version in planned.fetch:
-            if new in planned.conflict_moves or version.root is None:
+            if new in planned.conflict_moves or version.root is None or version.is_directory:
                 continue
             key = (version.root, version.executable)
             if key in deleted_by_root:
@@ -603,7 +608,6 @@ class FolderSync:
                 os.chmod(target, mode & ~disk.UMASK)
                 os.utime(target, ns=(version.mtime_ns, version.mtime_ns))
                 fsync_directory(os.path.dirname(target))
-                disk.remove_empty_parents(self.path, old)
             except (OSError, StorageError) as exc:
                 logger.warning("folder %s: cannot rename %s to %s: %s", self.path, old, new, exc)
                 continue
@@ -611,6 +615,17 @@ class FolderSync:
         return done
 
     def _delete_files(self, paths: list[str]) -> set[str]:
+        directories = [p for p in paths if (r := self.records.get(p)) and r.version.is_directory]
+        done = self._delete_regular_files([p for p in paths if p not in set(directories)])
+        # Deepest first, after the files: a directory goes once what it held is gone. One
+        # still holding something (a local file not synced yet) stays, and the next scan
+        # records it again: content wins over a delete.
+        for path in sorted(directories, key=lambda p: p.count("/"), reverse=True):
+            disk.remove_directory(self.path, path)
+            done.add(path)
+        return done
+
+    def _delete_regular_files(self, paths: list[str]) -> set[str]:
         done: set[str] = set()
         touched: set[str] = set()
         for path in paths:
@@ -627,16 +642,17 @@ class FolderSync:
                 touched.add(os.path.dirname(disk.local_path(self.path, path)))
                 if kept is not None:
                     touched.add(os.path.dirname(disk.local_path(self.path, kept)))
-                disk.remove_empty_parents(self.path, path)
             done.add(path)
         _sync_directories(touched)  # the deletes are durable before their records are
         return done
 
     async def _download(self, link: FolderLink, planned: _Planned, timer: _Phases) -> set[str]:
         """Place every file of ``planned.fetch``; returns the paths placed."""
-        items = planned.fetch
+        directories = [path for path, version in planned.fetch if version.is_directory]
+        made = await in_thread(_make_directories, self.path, directories) if directories else set()
+        items = [(path, version) for path, version in planned.fetch if not version.is_directory]
         if not items:
-            return set()
+            return made
         jobs = [
             TreeJob(FILE_TREE, Child(version.root, version.size), tag=(path, version))
             for path, version in items
@@ -680,7 +696,7 @@ class FolderSync:
                     self._download_step, link, step, parents, chunks_of, planned, placed, limit
                 )
         timer.mark("files")
-        return placed
+        return placed | made
 
     async def _download_step(
         self,
@@ -910,7 +926,12 @@ class FolderSync:
             "mode": "rw" if self.writable else "ro",
             "root": self._root.hash.hex(),
             "records": self._root.size,
-            "files": sum(1 for r in self.records.values() if not r.version.deleted),
+            "files": sum(
+                1
+                for r in self.records.values()
+                if not r.version.deleted and not r.version.is_directory
+            ),
+            "directories": sum(1 for r in self.records.values() if r.version.is_directory),
             "local_changes": sorted(self.unrecorded),
             "problems": [
                 *(
@@ -980,6 +1001,18 @@ def _chunk_lists(index: IndexStore, roots: dict[str, ContentHash | None]) -> dic
     return found
 
 
+def _make_directories(folder: str, paths: list[str]) -> set[str]:
+    made: set[str] = set()
+    for path in sorted(paths, key=lambda p: p.count("/")):
+        try:
+            disk.make_directory(folder, path)
+        except StorageError as exc:
+            logger.warning("folder %s: cannot make directory %s: %s", folder, path, exc)
+            continue
+        made.add(path)
+    return made
+
+
 def _verify_records(
     keys: FolderKeys, leaves: list[IndexLeaf], encoded: list[bytes]
 ) -> list[SignedRecord]:
@@ -1018,10 +1051,10 @@ ScannedFile = tuple[str, bytes, int, int, int, int]
 
 def _scan_folder(
     index: IndexStore, path: str, ignore: disk.IgnoreRules
-) -> tuple[ScanResult, list[ScannedFile]]:
+) -> tuple[ScanResult, list[ScannedFile], list[str]]:
     result = scan_share(path, index, ignore=ignore)
     files = [
         (f.path, bytes(f.root), f.size, f.mtime_ns, f.inode, f.mode)
         for f in index.share_files(result.share_id)
     ]
-    return result, files
+    return result, files, index.share_directories(result.share_id)
