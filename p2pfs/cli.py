@@ -102,6 +102,13 @@ def _parser() -> argparse.ArgumentParser:
     daemon.add_argument("--test-case-insensitive", action="store_true", help=argparse.SUPPRESS)
     daemon.add_argument("--lan-port", type=int, help=argparse.SUPPRESS)
     daemon.add_argument("--profile-to", metavar="FILE", help=argparse.SUPPRESS)
+    daemon.add_argument(
+        "--keep-versions-days",
+        type=float,
+        default=30.0,
+        metavar="DAYS",
+        help="how long sync folders keep replaced and deleted files in .p2pfs/versions/",
+    )
     for direction in ("upload", "download"):
         daemon.add_argument(
             f"--max-{direction}-rate",
@@ -198,7 +205,10 @@ def _daemon(args: argparse.Namespace) -> int:
         max_upload_rate=args.max_upload_rate,
         max_download_rate=args.max_download_rate,
         test_serve_unverified=args.test_serve_unverified,
-        folders=FolderConfig(assume_case_insensitive=args.test_case_insensitive),
+        folders=FolderConfig(
+            keep_versions_s=args.keep_versions_days * 86400,
+            assume_case_insensitive=args.test_case_insensitive,
+        ),
         discovery=DiscoveryConfig(
             dht_host=listen.host,
             dht_port=_dht_port(args.dht_port, listen.port),

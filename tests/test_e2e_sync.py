@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import re
 import shutil
 import signal
@@ -688,3 +689,28 @@ def test_empty_directories_sync_and_their_deletes_travel(
     shutil.rmtree(a_dir / "full")  # a directory with its files, deleted as a whole
     wait_until(lambda: not (b_dir / "full").exists(), CONVERGE_TIMEOUT)
     assert folder_state(a, a_dir)["directories"] == 2  # empty, made-on-a
+
+
+def test_a_local_edit_during_a_download_is_never_overwritten(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir()
+    (a_dir / "f.bin").write_bytes(b"first version\n")
+    a = daemons("home-a", "--max-upload-rate", str(4 * MiB))
+    b = daemons("home-b")
+    tickets = create_folder(a, a_dir)
+    join(b, b_dir, tickets["rw"])
+    wait_converged([(a, a_dir), (b, b_dir)])
+
+    big = random.Random(11).randbytes(24 * MiB)  # ~6 s at the capped rate
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "f.bin").write_bytes(big)
+    os.replace(staging / "f.bin", a_dir / "f.bin")
+    wait_until(lambda: has_part_files(b_dir), CONVERGE_TIMEOUT)
+    (b_dir / "f.bin").write_bytes(b"edited on B while A's version was on its way\n")
+
+    synced = wait_converged([(a, a_dir), (b, b_dir)], timeout=120)
+    kept = {content for relative, (content, _x) in synced.items() if relative.startswith("f")}
+    assert kept == {big, b"edited on B while A's version was on its way\n"}, sorted(synced)
