@@ -34,7 +34,7 @@ layers: $(STAMP_TEST)
 	$(BIN)/lint-imports
 
 unit: $(STAMP_TEST)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 test: lint typecheck layers unit
 

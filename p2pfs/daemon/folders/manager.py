@@ -58,6 +58,7 @@ WATCH_MAX_WAIT_MS = 120
 about a tenth of a second (Syncthing's default waits 10 s). A file written in bursts with
 pauses between them is recorded once per burst (each a version); the scanner re-reads a
 file that changes while it reads it, so no version mixes two states."""
+WATCH_THREAD_WAKE_MS = 300
 CONNECT_TIMEOUT = 5.0
 KEEPALIVE_INTERVAL = 10.0
 """A PING this often keeps a quiet member link under the transport's 30 s idle timeout."""
@@ -182,6 +183,9 @@ class FolderManager:
                 step=WATCH_QUIET_MS,
                 recursive=True,
                 ignore_permission_denied=True,
+                # The watcher's thread returns this often even when nothing happens, so a
+                # shutdown never waits on it longer (its default of 5 s held SIGTERM up).
+                rust_timeout=WATCH_THREAD_WAKE_MS,
             ):
                 folder.dirty = True
                 await self._rescan(folder)
