@@ -25,10 +25,14 @@ class DaemonProcess:
         listen: str = "127.0.0.1:0",
         extra_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
     ) -> None:
+        """``prefix``: a command the daemon runs under that execs it (``ip netns exec NS``),
+        so the PID is still the daemon's."""
         self.home = Path(home)
         self.listen = listen
         self.extra_args = extra_args
+        self.prefix = prefix
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
         self._log: Any = None
@@ -53,6 +57,7 @@ class DaemonProcess:
         self._log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [
+                *self.prefix,
                 sys.executable,
                 "-m",
                 "p2pfs",

@@ -32,7 +32,6 @@ import argparse
 import contextlib
 import json
 import os
-import random
 import re
 import secrets
 import shutil
@@ -53,9 +52,9 @@ import blake3
 from rich.console import Console
 from rich.table import Table
 
-from p2pfs.bench.daemons import START_TIMEOUT, DaemonProcess
+from p2pfs.bench.daemons import DaemonProcess
+from p2pfs.bench.fetch import make_small_tree
 from p2pfs.bench.index import Row
-from p2pfs.daemon.control_client import DaemonNotRunning
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -93,20 +92,6 @@ def write_pseudo_random(path: Path, size: int, label: bytes) -> None:
     with path.open("wb") as handle:
         for position in range(0, size, 64 * MiB):
             handle.write(pseudo_random(label, min(64 * MiB, size - position), position))
-
-
-def make_small_tree(top: Path, files: int, directories: int, seed: int) -> int:
-    """``files`` files of 1-64 KiB over ``directories`` directories; returns the total bytes."""
-    rng = random.Random(seed)
-    stream = blake3.blake3(b"p2pfs bench sync small files")
-    position = 0
-    for number in range(files):
-        directory = top / f"d{number % directories:03d}"
-        directory.mkdir(parents=True, exist_ok=True)
-        size = rng.randint(1024, 64 * 1024)
-        (directory / f"f{number:05d}.bin").write_bytes(stream.digest(length=size, seek=position))
-        position += size
-    return position
 
 
 def digest_file(path: Path) -> bytes:
@@ -248,34 +233,9 @@ class NamespacedDaemon(DaemonProcess):
     def __init__(self, home: Path, namespace: str, host: str) -> None:
         repo = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
-        super().__init__(home, f"{host}:0", ("--no-lan",), {"PYTHONPATH": path})
+        prefix = ("ip", "netns", "exec", namespace)
+        super().__init__(home, f"{host}:0", ("--no-lan",), {"PYTHONPATH": path}, prefix)
         self.namespace = namespace
-
-    def start(self) -> NamespacedDaemon:
-        self.home.mkdir(parents=True, exist_ok=True)
-        if self._log is not None:
-            self._log.close()
-        self._log = self.log_path.open("ab")
-        netns = ["ip", "netns", "exec", self.namespace]
-        daemon = ["daemon", "--listen", self.listen, *self.extra_args]
-        self.process = subprocess.Popen(
-            [*netns, sys.executable, "-m", "p2pfs", "--home", str(self.home), *daemon],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-        )
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"daemon exited at start:\n{self.log_tail()}")
-            try:
-                self.call("id")
-                return self
-            except (DaemonNotRunning, ConnectionError):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"daemon did not start:\n{self.log_tail()}") from None
-                time.sleep(0.05)  # a harness waiting for a process to come up
 
 
 # -- p2pfs ---------------------------------------------------------------------------------
