@@ -66,18 +66,10 @@ def test_kept_versions_hold_the_old_content_and_expire(tmp_path: Path) -> None:
     assert not (tmp_path / ".p2pfs" / "versions" / "d").exists()
 
 
-def test_remove_empty_parents_stops_at_the_first_non_empty(tmp_path: Path) -> None:
-    (tmp_path / "a" / "b" / "c").mkdir(parents=True)
-    (tmp_path / "a" / "keep.txt").write_text("x")
-    disk.remove_empty_parents(str(tmp_path), "a/b/c/gone.txt")
-    assert (tmp_path / "a").is_dir() and not (tmp_path / "a" / "b").exists()
-
-
-def test_link_and_rename_within_never_replace(tmp_path: Path) -> None:
+def test_link_within_never_replaces(tmp_path: Path) -> None:
     (tmp_path / "src.txt").write_text("src")
     (tmp_path / "taken.txt").write_text("taken")
     assert not disk.link_within(str(tmp_path), "src.txt", "taken.txt")
-    assert not disk.rename_within(str(tmp_path), "src.txt", "taken.txt")
     assert (tmp_path / "taken.txt").read_text() == "taken"
     assert disk.link_within(str(tmp_path), "src.txt", "copy/src.txt")
     assert os.path.samefile(tmp_path / "src.txt", tmp_path / "copy" / "src.txt")
@@ -103,3 +95,17 @@ def test_problem_paths_cover_everything_below_an_unreadable_directory(tmp_path: 
     assert unreadable("locked") and unreadable("locked/deep/f")
     assert unreadable("x/file.txt") and not unreadable("x/other.txt")
     assert not unreadable("lockedness")
+
+
+def test_directories_are_made_and_removed_only_when_real_and_empty(tmp_path: Path) -> None:
+    folder = str(tmp_path)
+    disk.make_directory(folder, "a/b/c")
+    assert (tmp_path / "a" / "b" / "c").is_dir()
+    (tmp_path / "a" / "b" / "keep.txt").write_text("x")
+    assert disk.remove_directory(folder, "a/b/c")
+    assert not disk.remove_directory(folder, "a/b")  # not empty: stays
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    (outside / "victim").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(outside)
+    assert not disk.remove_directory(folder, "link/victim")  # never through a symlink
+    assert (outside / "victim").is_dir()

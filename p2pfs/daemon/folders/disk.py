@@ -239,18 +239,6 @@ def remove_directory(folder: str, path: str) -> bool:
     return True
 
 
-def remove_empty_parents(folder: str, path: str) -> None:
-    """After a delete, remove the directories it left empty (up to the folder itself)."""
-    parts = path.split("/")[:-1]
-    while parts:
-        directory = local_path(folder, "/".join(parts))
-        try:
-            os.rmdir(directory)
-        except OSError:
-            return  # not empty (or gone): everything above stays too
-        parts.pop()
-
-
 def link_within(folder: str, source: str, target: str) -> bool:
     """Give the file at ``source`` a second name ``target`` (unless ``target`` exists)."""
     make_parents(folder, target)
@@ -270,21 +258,6 @@ def link_within(folder: str, source: str, target: str) -> bool:
         return False
     except OSError as exc:
         raise StorageError(f"cannot link {destination}: {exc.strerror or exc}") from exc
-    return True
-
-
-def rename_within(folder: str, source: str, target: str) -> bool:
-    """Rename ``source`` to ``target`` inside the folder unless ``target`` exists."""
-    make_parents(folder, target)
-    destination = local_path(folder, target)
-    try:
-        if os.path.lexists(destination):
-            return False
-        os.rename(local_path(folder, source), destination)
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        raise StorageError(f"cannot rename to {destination}: {exc.strerror or exc}") from exc
     return True
 
 

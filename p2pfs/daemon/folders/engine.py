@@ -24,7 +24,7 @@ from p2pfs.net import PeerConnection
 from p2pfs.store.assemble import Finished, PartialFile, commit_files, fsync_directory
 from p2pfs.store.folders import FolderRow, FolderStore
 from p2pfs.store.index import CHUNK_RECORD, ChunkLocation, ChunkReader, IndexStore
-from p2pfs.store.scanner import PlacedFile, ScanResult, record_placed_files, scan_share
+from p2pfs.store.scanner import PlacedFile, record_placed_files
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.local import DiskFile, case_collisions, directory_entry, local_changes
 from p2pfs.sync.planner import CONFLICT_MARKER, ActionKind, plan_file, winner_key
@@ -43,7 +43,7 @@ from p2pfs.wire.messages import FolderMember
 from ..requests import PeerRequestError
 from ..storage import AsyncIndex, in_thread
 from ..treewalk import TreeJob, walk_trees
-from . import disk
+from . import disk, steps
 from .client import MAX_BATCH, FolderLink
 
 logger = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ class FolderSync:
             )
         await in_thread(self.ignore.reload)
         result, files, directories = await self._index.run(
-            _scan_folder, self._index.index, self.path, self.ignore
+            steps.scan_folder, self._index.index, self.path, self.ignore
         )
         self.scans += 1
         self._share_root = result.root
@@ -292,7 +292,7 @@ class FolderSync:
         malformed or backwards record.
         """
         async with self.lock:
-            timer = _Phases()
+            timer = steps.Phases()
             if self.dirty or not self.watching:
                 await self._rescan_locked()
             elif not await in_thread(disk.has_marker, self.path):
@@ -340,7 +340,7 @@ class FolderSync:
         async def verify(part: int) -> None:
             start, end = bounds[part], bounds[part + 1]
             results[part] = await in_thread(
-                _verify_records, self.keys, leaves[start:end], encoded[start:end]
+                steps.verify_records, self.keys, leaves[start:end], encoded[start:end]
             )
 
         async with trio.open_nursery() as nursery:
@@ -518,7 +518,7 @@ class FolderSync:
 
     # -- applying -------------------------------------------------------------------------
 
-    async def _apply(self, link: FolderLink, planned: _Planned, timer: _Phases) -> None:
+    async def _apply(self, link: FolderLink, planned: _Planned, timer: steps.Phases) -> None:
         moved = await self._move_renamed(planned)
         timer.mark("moves")
         placed = await self._download(link, planned, timer)
@@ -571,7 +571,7 @@ class FolderSync:
         if not moves:
             return {}
         roots = {new: version.root for new, (_old, version) in moves.items()}
-        chunk_lists = await self._index.run(_chunk_lists, self._index.index, roots)
+        chunk_lists = await self._index.run(steps.chunk_lists, self._index.index, roots)
         renamed = await in_thread(self._rename_files, moves, chunk_lists)
         moved_from = {moves[new][0] for new in renamed}
         planned.fetch = [(path, version) for path, version in planned.fetch if path not in renamed]
@@ -643,13 +643,17 @@ class FolderSync:
                 if kept is not None:
                     touched.add(os.path.dirname(disk.local_path(self.path, kept)))
             done.add(path)
-        _sync_directories(touched)  # the deletes are durable before their records are
+        steps.sync_directories(touched)  # the deletes are durable before their records are
         return done
 
-    async def _download(self, link: FolderLink, planned: _Planned, timer: _Phases) -> set[str]:
+    async def _download(self, link: FolderLink, planned: _Planned, timer: steps.Phases) -> set[str]:
         """Place every file of ``planned.fetch``; returns the paths placed."""
         directories = [path for path, version in planned.fetch if version.is_directory]
-        made = await in_thread(_make_directories, self.path, directories) if directories else set()
+        made = (
+            await in_thread(steps.make_directories, self.path, directories)
+            if directories
+            else set()
+        )
         items = [(path, version) for path, version in planned.fetch if not version.is_directory]
         if not items:
             return made
@@ -665,7 +669,7 @@ class FolderSync:
             old = self.records.get(path)
             if old is not None and old.version.root is not None:
                 known_roots.append(old.version.root)
-        local_nodes = await self._index.run(_local_file_nodes, self._index.index, known_roots)
+        local_nodes = await self._index.run(steps.local_file_nodes, self._index.index, known_roots)
 
         async def fetch_nodes(hashes: list[ContentHash]) -> list[bytes]:
             missing = [h for h in hashes if h not in local_nodes]
@@ -675,22 +679,22 @@ class FolderSync:
         await walk_trees(jobs, fetch_nodes, batch_size=MAX_BATCH * 4)
         timer.mark("trees")
         chunks_of: dict[str, list[tuple[int, ChunkRef]]] = {job.tag[0]: job.leaves for job in jobs}
-        parents = await in_thread(_make_all_parents, self.path, [path for path, _ in items])
-        steps: list[list[tuple[str, FileVersion]]] = [[]]
+        parents = await in_thread(steps.make_all_parents, self.path, [path for path, _ in items])
+        parts: list[list[tuple[str, FileVersion]]] = [[]]
         step_bytes = 0
         for path, version in items:
             if path not in parents:
-                continue  # reported by _make_all_parents; retried on a later reconcile
-            if len(steps[-1]) >= STEP_FILES or step_bytes >= STEP_BYTES:
-                steps.append([])
+                continue  # reported by make_all_parents; retried on a later reconcile
+            if len(parts[-1]) >= STEP_FILES or step_bytes >= STEP_BYTES:
+                parts.append([])
                 step_bytes = 0
-            steps[-1].append((path, version))
+            parts[-1].append((path, version))
             step_bytes += version.size
         placed: set[str] = set()
         # Steps overlap: one commits (sync, renames) while the next moves data.
         limit = trio.Semaphore(STEPS_IN_FLIGHT)
         async with trio.open_nursery() as nursery:
-            for step in steps:
+            for step in parts:
                 await limit.acquire()
                 nursery.start_soon(
                     self._download_step, link, step, parents, chunks_of, planned, placed, limit
@@ -768,7 +772,7 @@ class FolderSync:
                         continue
                     for path, offset in wanted[cid][1]:
                         if path not in failed:
-                            _write_or_fail(partials[path], offset, data, None, failed, path)
+                            steps.write_or_fail(partials[path], offset, data, None, failed, path)
                     copied.add(cid)
             return copied
 
@@ -812,7 +816,7 @@ class FolderSync:
                     ref, places = batch[position]
                     for path, offset in places:
                         if path not in failed:
-                            _write_or_fail(partials[path], offset, data, ref, failed, path)
+                            steps.write_or_fail(partials[path], offset, data, ref, failed, path)
 
             await in_thread(write)
 
@@ -862,7 +866,9 @@ class FolderSync:
     ) -> dict[str, os.stat_result]:
         """Rename each file into place unless its path changed on disk since the scan;
         returns the placed paths with their new stat."""
-        by_final = {item.partial.final_path: path for path, item in _paths(self.path, finished)}
+        by_final = {
+            item.partial.final_path: path for path, item in steps.paths(self.path, finished)
+        }
         placed: dict[str, os.stat_result] = {}
         kept_dirs: set[str] = set()
 
@@ -900,7 +906,7 @@ class FolderSync:
                     placed[by_final[item.partial.final_path]] = os.lstat(item.partial.final_path)
                 except OSError:
                     continue  # gone again already: the next scan sees what is there
-        _sync_directories(kept_dirs)
+        steps.sync_directories(kept_dirs)
         return placed
 
     # -- reporting ------------------------------------------------------------------------
@@ -941,120 +947,3 @@ class FolderSync:
                 *self.problems[:50],
             ],
         }
-
-
-class _Phases:
-    """Wall time per phase of one reconcile, for the log (where a slow sync spends it)."""
-
-    def __init__(self) -> None:
-        self._last = time.perf_counter()
-        self._spent: dict[str, float] = {}
-
-    def mark(self, phase: str) -> None:
-        now = time.perf_counter()
-        self._spent[phase] = self._spent.get(phase, 0.0) + now - self._last
-        self._last = now
-
-    def __str__(self) -> str:
-        return ", ".join(f"{phase} {seconds:.3f}s" for phase, seconds in self._spent.items())
-
-
-def _paths(folder: str, finished: list[Finished]) -> list[tuple[str, Finished]]:
-    prefix = folder.rstrip("/") + "/"
-    return [(item.partial.final_path[len(prefix) :].replace("\\", "/"), item) for item in finished]
-
-
-def _sync_directories(directories: set[str]) -> None:
-    for directory in directories:
-        try:
-            fsync_directory(directory)
-        except OSError as exc:
-            logger.warning("cannot sync directory %s: %s", directory, exc)
-
-
-def _write_or_fail(
-    partial: PartialFile,
-    offset: int,
-    data: bytes,
-    expected: ChunkRef | None,
-    failed: set[str],
-    path: str,
-) -> None:
-    """Write a chunk (verified against ``expected`` if given; a mismatch is the sender's
-    fault and raises IntegrityError); a disk error fails only this file."""
-    try:
-        if expected is None:
-            partial.write_verified(offset, data)
-        else:
-            partial.write_chunk(offset, data, expected)
-    except StorageError as exc:
-        logger.warning("cannot write %s: %s", partial.final_path, exc)
-        failed.add(path)
-
-
-def _chunk_lists(index: IndexStore, roots: dict[str, ContentHash | None]) -> dict[str, bytes]:
-    found = {}
-    for path, root in roots.items():
-        packed = index.file_chunks(root) if root is not None else None
-        if packed is not None:
-            found[path] = packed
-    return found
-
-
-def _make_directories(folder: str, paths: list[str]) -> set[str]:
-    made: set[str] = set()
-    for path in sorted(paths, key=lambda p: p.count("/")):
-        try:
-            disk.make_directory(folder, path)
-        except StorageError as exc:
-            logger.warning("folder %s: cannot make directory %s: %s", folder, path, exc)
-            continue
-        made.add(path)
-    return made
-
-
-def _verify_records(
-    keys: FolderKeys, leaves: list[IndexLeaf], encoded: list[bytes]
-) -> list[SignedRecord]:
-    records = []
-    for leaf, blob in zip(leaves, encoded, strict=True):
-        if record_hash(blob) != leaf.record_hash:
-            raise RemoteProtocolError("a record does not match its hash in the index tree")
-        record = SignedRecord.decode_untrusted(blob, keys)
-        if path_key(record.version.path) != leaf.path_key:
-            raise RemoteProtocolError(f"record for {record.version.path!r} is misplaced")
-        records.append(record)
-    return records
-
-
-def _make_all_parents(folder: str, paths: list[str]) -> dict[str, str]:
-    parents: dict[str, str] = {}
-    for path in paths:
-        try:
-            parents[path] = disk.make_parents(folder, path)
-        except StorageError as exc:
-            logger.warning("folder %s: cannot place %s: %s", folder, path, exc)
-    return parents
-
-
-def _local_file_nodes(index: IndexStore, roots: list[ContentHash]) -> dict[ContentHash, bytes]:
-    nodes: dict[ContentHash, bytes] = {}
-    for root in dict.fromkeys(roots):
-        found = index.file_tree_nodes(root)
-        if found is not None:
-            nodes.update(found)
-    return nodes
-
-
-ScannedFile = tuple[str, bytes, int, int, int, int]
-
-
-def _scan_folder(
-    index: IndexStore, path: str, ignore: disk.IgnoreRules
-) -> tuple[ScanResult, list[ScannedFile], list[str]]:
-    result = scan_share(path, index, ignore=ignore)
-    files = [
-        (f.path, bytes(f.root), f.size, f.mtime_ns, f.inode, f.mode)
-        for f in index.share_files(result.share_id)
-    ]
-    return result, files, index.share_directories(result.share_id)
