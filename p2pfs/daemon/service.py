@@ -163,6 +163,15 @@ class ShareService:
             stream.reset(int(exc.code))
         except* (StreamResetError, ConnectionClosedError) as group:
             logger.debug("stream from %s ended: %s", conn.peer_id.short(), _first(group))
+        except* StorageError as group:
+            # Our own disk or index failed this request: the peer hears INTERNAL, this
+            # stream ends, and the node serves on.
+            failure = _first(group)
+            logger.warning("serving %s failed: %s", conn.peer_id.short(), failure)
+            with contextlib.suppress(StreamResetError, ConnectionClosedError):
+                reply = ErrorReply(0, ErrorCode.INTERNAL, str(failure)[:200])
+                await self._send(stream, session.send(reply))
+            stream.reset(int(ErrorCode.INTERNAL))
 
     async def _serve_requests(
         self,
@@ -346,6 +355,11 @@ class ShareService:
         swarm = self._swarm.get(root)
         if swarm is not None and swarm.pieces:
             return len(swarm.pieces)
+        record = await self._index.run(self._index.index.share_by_root, root)
+        if record is None:
+            # A share being fetched whose pieces are not numbered yet: its trees are in the
+            # swarm registry, not the index, so there is nothing to count from yet.
+            return None
         encoded = await self._manifest_bytes(root)
         if encoded is None:
             return None
