@@ -714,3 +714,22 @@ def test_a_local_edit_during_a_download_is_never_overwritten(
     synced = wait_converged([(a, a_dir), (b, b_dir)], timeout=120)
     kept = {content for relative, (content, _x) in synced.items() if relative.startswith("f")}
     assert kept == {big, b"edited on B while A's version was on its way\n"}, sorted(synced)
+
+
+def test_members_find_each_other_through_the_dht_alone(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """A ticket stripped of its address hint: the joiner finds a member by the folder's
+    derived discovery key in the private DHT (a third node is the only bootstrap)."""
+    boot = daemons("home-boot")
+    boot_dht = f"127.0.0.1:{boot.call('id')['discovery']['dht_port']}"
+    a = daemons("home-a", "--bootstrap", boot_dht)
+    b = daemons("home-b", "--bootstrap", boot_dht)
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir()
+    (a_dir / "found.txt").write_text("reached through the DHT\n")
+    ticket = parse_ticket_untrusted(create_folder(a, a_dir)["rw"])
+    bare = dataclasses.replace(ticket, node_id=None, addresses=()).encode()
+    join(b, b_dir, bare)
+    synced = wait_converged([(a, a_dir), (b, b_dir)])
+    assert synced["found.txt"][0] == b"reached through the DHT\n"
