@@ -35,7 +35,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,7 +52,7 @@ from rich.console import Console
 from rich.table import Table
 
 from p2pfs.bench.daemons import DaemonProcess
-from p2pfs.bench.fetch import make_small_tree
+from p2pfs.bench.fetch import free_tcp_port, make_small_tree, wait_for_port
 from p2pfs.bench.index import Row
 
 KiB = 1 << 10
@@ -489,25 +488,6 @@ class RsyncRun:
     """"Total bytes received" as the client (the receiving side) reports it."""
     literal: int
     """"Literal data": bytes not matched against the old copy."""
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def wait_for_port(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)  # a harness waiting for a process to come up
 
 
 def stat_number(output: str, label: str) -> int:
