@@ -36,7 +36,10 @@ MARKER = f"{STATE_DIR}/folder"
 unmounted disk or a deleted directory must not read as "every file was deleted"."""
 DEFAULT_KEEP_VERSIONS_S = 30 * 24 * 3600
 UMASK = _read_umask()
-_STAMP = re.compile(r"~(\d{8}-\d{6})(?:-\d+)?(?:\.[^/]*)?$")
+_STAMP_TAIL = re.compile(r"(\d{8}-\d{6})(?:-\d+)?(\.[^./]*)?")
+"""What follows the ``~`` of a kept version's name: the stamp, an optional ``-N`` and the
+original extension (which holds exactly one dot, at its start; see :func:`version_path`)."""
+MAX_EXT_BYTES = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +175,7 @@ def version_path(folder: str, path: str, now: float | None = None) -> str:
     directory, _, name = path.rpartition("/")
     dot = name.rfind(".")
     stem, ext = (name[:dot], name[dot:]) if dot > 0 else (name, "")
-    if len(ext.encode("utf-8")) > 32:
+    if len(ext.encode("utf-8")) > MAX_EXT_BYTES:
         stem, ext = name, ""
     # Room for "~YYYYMMDD-HHMMSS-NNN" and the extension within 255 bytes.
     budget = 255 - len(ext.encode("utf-8")) - 24
@@ -261,25 +264,47 @@ def link_within(folder: str, source: str, target: str) -> bool:
     return True
 
 
+def version_stamp(name: str) -> datetime.datetime | None:
+    """When a kept version was made, from the suffix :func:`version_path` gave its name.
+
+    A user's own name may hold a ``~YYYYMMDD-HHMMSS`` too (the stem is the user's), so the
+    stamp is the first ``~`` whose whole remainder is exactly what p2pfs appends: the
+    stamp, ``-N``, and an extension of one dot and at most 32 bytes. A stamp that is no
+    real date (``~20261399-999999``) reads as None: such a file is never expired.
+    """
+    start = name.find("~")
+    while start >= 0:
+        match = _STAMP_TAIL.fullmatch(name, start + 1)
+        if match is not None and len((match.group(2) or "").encode("utf-8")) <= MAX_EXT_BYTES:
+            try:
+                when = datetime.datetime.strptime(match.group(1), "%Y%m%d-%H%M%S")
+            except ValueError:
+                return None
+            return when.replace(tzinfo=datetime.UTC)
+        start = name.find("~", start + 1)
+    return None
+
+
 def expire_versions(folder: str, keep_seconds: float, now: float | None = None) -> int:
-    """Delete kept versions older than ``keep_seconds`` (by the stamp in their name)."""
+    """Delete kept versions older than ``keep_seconds`` (by the stamp in their name).
+
+    Names that carry no stamp p2pfs wrote are left alone; only OSError can escape (a
+    directory that cannot be walked), and callers treat that as "try again next time".
+    """
     top = local_path(folder, VERSIONS_DIR)
     limit = (time.time() if now is None else now) - keep_seconds
     removed = 0
     for directory, _dirs, files in os.walk(top, topdown=False):
         for name in files:
-            match = _STAMP.search(name)
-            if match is None:
+            when = version_stamp(name)
+            if when is None or when.timestamp() >= limit:
                 continue
-            stamp = match.group(1)
-            when = datetime.datetime.strptime(stamp, "%Y%m%d-%H%M%S").replace(tzinfo=datetime.UTC)
-            if when.timestamp() < limit:
-                try:
-                    os.unlink(os.path.join(directory, name))
-                except OSError as exc:
-                    logger.info("cannot expire %s: %s", name, exc)
-                    continue
-                removed += 1
+            try:
+                os.unlink(os.path.join(directory, name))
+            except OSError as exc:
+                logger.info("cannot expire %s: %s", name, exc)
+                continue
+            removed += 1
         if directory != top:
             with contextlib.suppress(OSError):
                 os.rmdir(directory)
