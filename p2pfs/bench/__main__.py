@@ -8,6 +8,7 @@ import sys
 SUITES = {
     "dht": "p2pfs.bench.dht",
     "fetch": "p2pfs.bench.fetch",
+    "fuzz": "p2pfs.bench.fuzz",
     "index": "p2pfs.bench.index",
     "swarm": "p2pfs.bench.swarm",
     "sync": "p2pfs.bench.sync",

@@ -18,3 +18,7 @@ class CloseCode(IntEnum):
     SHUTDOWN = 0x103
     # Handshake or authentication did not finish in time.
     TIMEOUT = 0x104
+    # Too many connections from the peer's address, or in total.
+    BUSY = 0x105
+    # This node failed while serving the connection (its own fault, not the peer's).
+    INTERNAL = 0x106

@@ -25,6 +25,7 @@ from p2pfs.errors import (
 )
 from p2pfs.identity import Identity, NodeId, node_id_from_certificate_untrusted
 from p2pfs.net import auth
+from p2pfs.net.boundary import EngineGuard, describe
 from p2pfs.net.codes import CloseCode
 from p2pfs.net.engine import ALPN, Engine, TransportConfig
 from p2pfs.net.stream import Stream
@@ -45,6 +46,7 @@ class EndpointHooks(Protocol):
     def unregister_cid(self, cid: bytes) -> None: ...
     def connection_ready(self, conn: PeerConnection) -> None: ...
     def connection_finished(self, conn: PeerConnection) -> None: ...
+    def engine_failed(self, conn: PeerConnection) -> None: ...
 
 
 class PeerConnection:
@@ -83,6 +85,9 @@ class PeerConnection:
         self.ready = trio.Event()
         self._closed = trio.Event()
         self._terminated = False
+        # The engine raised: its state is undefined, so it is never called again.
+        self._broken = False
+        self._guard = EngineGuard(self._engine_failed)
         self._closed_locally = False
         self._auth_deadline = now + config.handshake_timeout
         self._linger_deadline = math.inf
@@ -132,7 +137,10 @@ class PeerConnection:
         """A new bidirectional stream (the peer sees it on its first byte or FIN)."""
         await trio.lowlevel.checkpoint()
         self._check_open()
-        stream_id = self._quic.get_next_available_stream_id()
+        stream_id = -1
+        with self._guard:
+            stream_id = self._quic.get_next_available_stream_id()
+        self._check_open()
         stream = Stream(self, stream_id)
         self._streams[stream_id] = stream
         return stream
@@ -155,7 +163,8 @@ class PeerConnection:
             return
         self._closed_locally = True
         logger.debug("%r: closing (code %#x, %s)", self, error_code, reason)
-        self._quic.close(error_code=error_code, reason_phrase=reason)
+        with self._guard:
+            self._quic.close(error_code=error_code, reason_phrase=reason)
         self._lost(
             ConnectionClosedError(
                 f"connection closed locally: {reason or 'no reason'}",
@@ -171,7 +180,8 @@ class PeerConnection:
         if self._terminated or self._closed_locally:
             return
         self._pings += 1
-        self._quic.send_ping(self._pings)
+        with self._guard:
+            self._quic.send_ping(self._pings)
         self._after_input()
 
     async def wait_closed(self) -> None:
@@ -191,7 +201,10 @@ class PeerConnection:
                 self.held_dropped += len(datagrams) - max(room, 0)
             self._held.extend((d, addr) for d in datagrams[: max(room, 0)])
             return
-        self._engine.receive(self._quic, datagrams, addr, now, batched=self.config.batched_receive)
+        with self._guard:
+            self._engine.receive(
+                self._quic, datagrams, addr, now, batched=self.config.batched_receive
+            )
         self._after_input()
 
     async def run_timer(self) -> None:
@@ -208,7 +221,10 @@ class PeerConnection:
     # -- called by Stream -----------------------------------------------------------------
 
     def _send_stream_data(self, stream_id: int, data: memoryview | bytes, end_stream: bool) -> None:
-        self._quic.send_stream_data(stream_id, data, end_stream=end_stream)
+        self._check_open()
+        with self._guard:
+            self._quic.send_stream_data(stream_id, data, end_stream=end_stream)
+        self._check_open()
         if end_stream:
             self._maybe_forget(stream_id)
         self._after_input()
@@ -222,16 +238,19 @@ class PeerConnection:
             self._full_streams.discard(stream)
         if self._error is not None:
             return
-        if send_open:
-            self._quic.reset_stream(stream_id, error_code)
-        if receive_open:
-            self._quic.stop_stream(stream_id, error_code)
+        with self._guard:
+            if send_open:
+                self._quic.reset_stream(stream_id, error_code)
+            if receive_open:
+                self._quic.stop_stream(stream_id, error_code)
         self._after_input()
 
     def _send_backlog(self, stream_id: int) -> int:
-        if self._error is not None:
-            return 0
-        return self._engine.send_backlog(self._quic, stream_id)
+        backlog = 0
+        if self._error is None:
+            with self._guard:
+                backlog = self._engine.send_backlog(self._quic, stream_id)
+        return backlog
 
     def _writer_blocked(self, stream: Stream) -> None:
         self._blocked_writers.add(stream)
@@ -264,30 +283,16 @@ class PeerConnection:
 
     def _after_input(self) -> None:
         """Drain engine events, transmit, re-arm the timer, wake writers with room."""
-        if self._processing:
+        if self._processing or self._broken:
             return  # an outer _after_input is draining; it transmits at the end
         self._processing = True
         try:
-            quic = self._quic
-            dispatch = self._dispatch
-            # Learn of a close first: handlers must not write to a closed engine (qh3 raises).
-            if self._error is None:
-                pending = self._engine.close_pending(quic)
-                if pending is not None:
-                    self._lost(_closed_by_peer(pending))
-            while (event := quic.next_event()) is not None:
-                handler = dispatch.get(type(event))
-                if handler is not None:
-                    handler(event)
-            datagrams = self._engine.datagrams_to_send(quic, trio.current_time())
-            if datagrams:
-                self._hooks.transmit(datagrams)
-            if self._blocked_writers:
-                self._blocked_writers = {
-                    s for s in self._blocked_writers if not s._send_room_maybe()
-                }
+            with self._guard:
+                self._drain_and_transmit()
         finally:
             self._processing = False
+        if self._broken:
+            return
         if self._timer_scope is not None:
             self._timer_scope.deadline = self._next_deadline()
         if self._deferred_close is not None:
@@ -298,8 +303,34 @@ class PeerConnection:
             self._resume_pending = False
             self._resume_intake()
 
+    def _drain_and_transmit(self) -> None:
+        quic = self._quic
+        dispatch = self._dispatch
+        # Learn of a close first: handlers must not write to a closed engine (qh3 raises).
+        if self._error is None:
+            pending = self._engine.close_pending(quic)
+            if pending is not None:
+                self._lost(_closed_by_peer(pending))
+        while not self._broken and (event := quic.next_event()) is not None:
+            handler = dispatch.get(type(event))
+            if handler is not None:
+                handler(event)
+        if self._broken:
+            return
+        datagrams = self._engine.datagrams_to_send(quic, trio.current_time())
+        if datagrams:
+            self._hooks.transmit(datagrams)
+        if self._blocked_writers:
+            self._blocked_writers = {s for s in self._blocked_writers if not s._send_room_maybe()}
+
     def _next_deadline(self) -> float:
-        timer = self._quic.get_timer()
+        if self._broken:
+            return -math.inf  # wake the timer task at once: it sees the end and leaves
+        timer = None
+        with self._guard:
+            timer = self._quic.get_timer()
+        if self._broken:
+            return -math.inf
         deadline: float = math.inf if timer is None else float(timer)
         if not self._authenticated and self._error is None:
             deadline = min(deadline, self._auth_deadline)
@@ -309,9 +340,12 @@ class PeerConnection:
         if now >= self._linger_deadline:
             self._finish()
             return
-        timer = self._quic.get_timer()
-        if timer is not None and timer <= now:
-            self._quic.handle_timer(now=now)
+        with self._guard:
+            timer = self._quic.get_timer()
+            if timer is not None and timer <= now:
+                self._quic.handle_timer(now=now)
+        if self._broken:
+            return
         if not self._authenticated and self._error is None and now >= self._auth_deadline:
             self._fail(
                 ConnectionClosedError("handshake or authentication timed out"),
@@ -475,6 +509,23 @@ class PeerConnection:
         else:
             self.close_nowait(code, str(error)[:100])
 
+    def _engine_failed(self, exc: BaseException) -> None:
+        """The engine raised on some input: this connection is over, nothing else is.
+
+        Its state may be half-updated, so it is never called again (not even to send a
+        CONNECTION_CLOSE): the peer, if it is one, times out.
+        """
+        if self._broken:
+            return
+        self._broken = True
+        host, port = self.remote_address[0], self.remote_address[1]
+        logger.warning(
+            "connection with %s:%s dropped: the QUIC engine failed (%s)", host, port, describe(exc)
+        )
+        self._hooks.engine_failed(self)
+        self._lost(ConnectionClosedError(f"QUIC engine failed: {type(exc).__name__}"))
+        self._finish()
+
     def _lost(self, error: P2pfsError) -> None:
         if self._error is None:
             self._error = error
@@ -511,9 +562,12 @@ class PeerConnection:
             batch: list[bytes] = []
             while held and held[0][1] == addr and len(batch) < self.config.receive_batch:
                 batch.append(held.popleft()[0])
-            self._engine.receive(self._quic, batch, addr, now, batched=self.config.batched_receive)
+            with self._guard:
+                self._engine.receive(
+                    self._quic, batch, addr, now, batched=self.config.batched_receive
+                )
             self._after_input()
-        if held:
+        if held and not self._terminated:
             self._held.extendleft(reversed(held))
 
     def _should_pause(self) -> bool:

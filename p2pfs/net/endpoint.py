@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import struct
 import sys
@@ -27,6 +28,8 @@ from p2pfs.errors import (
     StreamResetError,
 )
 from p2pfs.identity import Identity, NodeId
+from p2pfs.net.admission import Admission, Admit
+from p2pfs.net.boundary import describe, split_fatal
 from p2pfs.net.codes import CloseCode
 from p2pfs.net.connection import Address, PeerConnection
 from p2pfs.net.engine import Engine, TransportConfig, load_engine
@@ -78,7 +81,8 @@ class Endpoint:
         self._server_config = engine.configuration(identity, config, is_client=False)
         self._by_cid: dict[bytes, PeerConnection] = {}
         self._connections: set[PeerConnection] = set()
-        self._pending = 0
+        self._admission: Admission[PeerConnection] = Admission(config, os.urandom(32))
+        self._retry_versions = engine.retry_versions()
         self._send_queue: deque[tuple[bytes, Address]] = deque()
         self._send_wakeup = trio.Event()
         self._closing = False
@@ -95,6 +99,8 @@ class Endpoint:
         self.datagrams_dropped = 0
         self.bytes_received = 0
         self.bytes_sent = 0
+        self.retries_sent = 0
+        self.engine_failures = 0
 
     @property
     def node_id(self) -> NodeId:
@@ -130,8 +136,7 @@ class Endpoint:
             raise LocalProtocolError(f"cannot resolve {address[0]!r}")
         remote = infos[0][4]
         now = trio.current_time()
-        quic = self.engine.connection_class(configuration=self._client_config)
-        quic.connect(remote, now=now)
+        quic = self.engine.client_connection(self._client_config, remote, now)
         conn = self._new_connection(quic, remote, expected_peer, now, is_client=True)
         self.register_cid(quic.host_cid, conn)
         conn.cids.add(quic.host_cid)
@@ -211,21 +216,30 @@ class Endpoint:
     def unregister_cid(self, cid: bytes) -> None:
         self._by_cid.pop(cid, None)
 
+    @property
+    def pending_handshakes(self) -> int:
+        """Incoming connections still in their handshake or authentication."""
+        return self._admission.pending
+
     def connection_ready(self, conn: PeerConnection) -> None:
-        self._pending -= 1
+        if not self._admission.authenticated(conn, str(conn.remote_address[0])):
+            logger.info("%r: closing: too many connections from its address or in total", conn)
+            conn.close_nowait(CloseCode.BUSY, "too many connections")
+            return
         if self._handler is None:
             conn.close_nowait(CloseCode.NO_ERROR, "not accepting connections")
             return
         self._nursery.start_soon(self._run_handler, self._handler, conn)
 
+    def engine_failed(self, conn: PeerConnection) -> None:
+        self.engine_failures += 1
+
     def connection_finished(self, conn: PeerConnection) -> None:
         for cid in conn.cids:
             if self._by_cid.get(cid) is conn:
                 del self._by_cid[cid]
-        if conn in self._connections:
-            self._connections.discard(conn)
-            if not conn.is_client and not conn._authenticated:
-                self._pending -= 1
+        self._connections.discard(conn)
+        self._admission.finished(conn)
 
     # -- internals ------------------------------------------------------------------------
 
@@ -253,22 +267,73 @@ class Endpoint:
         self._nursery.start_soon(conn.run_timer)
         return conn
 
-    def _accept(self, dcid: bytes, addr: Address, now: float) -> PeerConnection | None:
+    def _accept(self, data: bytes, dcid: bytes, addr: Address, now: float) -> PeerConnection | None:
+        """A server connection for a new Initial, a stateless Retry, or nothing."""
         if self._handler is None or self._closing:
             return None
-        if self._pending >= self.config.max_pending_connections:
+        try:
+            header = self.engine.long_header_untrusted(data, CID_LENGTH)
+        except ValueError:
+            return None
+        original, validated = self._validate_token(header.token, addr, dcid, now)
+        ip = str(addr[0])
+        decision = self._admission.initial(ip, validated)
+        if decision is Admit.RETRY:
+            self._send_retry(header, dcid, addr, now)
+            return None
+        if decision is Admit.DROP:
             logger.debug("dropping Initial from %s: too many handshakes in progress", addr)
             return None
-        quic = self.engine.connection_class(
-            configuration=self._server_config, original_destination_connection_id=dcid
-        )
+        if self._admission.pending >= self.config.max_pending_connections:
+            victim = self._admission.oldest_unvalidated()
+            if victim is not None:
+                self._admission.pending_over(victim)
+                victim.close_nowait(CloseCode.TIMEOUT, "evicted by a validated handshake")
+        try:
+            quic = self.engine.server_connection(
+                self._server_config, original, dcid if validated else None
+            )
+        except ConnectionClosedError as exc:
+            self.engine_failures += 1
+            logger.warning("Initial from %s:%s dropped: %s", addr[0], addr[1], exc)
+            return None
         conn = self._new_connection(quic, addr, None, now, is_client=False)
-        self._pending += 1
+        self._admission.add_pending(conn, ip, validated)
         for cid in (dcid, quic.host_cid):
             conn.cids.add(cid)
             self.register_cid(cid, conn)
-        logger.debug("new connection from %s", addr)
+        logger.debug("new connection from %s (address validated: %s)", addr, validated)
         return conn
+
+    def _validate_token(
+        self, token: bytes, addr: Address, dcid: bytes, now: float
+    ) -> tuple[bytes, bool]:
+        """(the client's original destination id, whether a Retry token proved its address)."""
+        if not token:
+            return dcid, False
+        try:
+            original = self._admission.original_cid_untrusted(
+                bytes(token), (str(addr[0]), int(addr[1])), dcid, now
+            )
+        except RemoteProtocolError as exc:
+            logger.debug("Initial from %s with an unusable token: %s", addr, exc)
+            return dcid, False
+        return original, True
+
+    def _send_retry(self, header: Any, dcid: bytes, addr: Address, now: float) -> None:
+        if header.version not in self._retry_versions:
+            return
+        retry_cid = os.urandom(CID_LENGTH)
+        token = self._admission.issue_token((str(addr[0]), int(addr[1])), dcid, retry_cid, now)
+        try:
+            packet = self.engine.retry_packet(
+                header.version, retry_cid, bytes(header.source_cid), dcid, token
+            )
+        except ValueError as exc:
+            logger.debug("no Retry for %s: %s", addr, exc)
+            return
+        self.retries_sent += 1
+        self.transmit([(packet, addr)])
 
     def _dispatch(self, batch: list[tuple[bytes, Address]], now: float) -> None:
         groups: dict[tuple[PeerConnection, Address], list[bytes]] = {}
@@ -283,7 +348,7 @@ class Endpoint:
             conn = by_cid.get(dcid)
             if conn is None:
                 if is_initial and len(data) >= MIN_INITIAL_SIZE:
-                    conn = self._accept(dcid, addr, now)
+                    conn = self._accept(data, dcid, addr, now)
                 if conn is None:
                     self.datagrams_dropped += 1
                     logger.debug("dropping datagram from %s for unknown connection", addr)
@@ -371,16 +436,37 @@ class Endpoint:
         self._flush_queue()
 
     async def _run_handler(self, handler: Handler, conn: PeerConnection) -> None:
+        """A connection's handler is a failure boundary (GUIDE rule 12): whatever it raises,
+        bare or inside a nursery's ExceptionGroup, ends this connection alone; only
+        cancellation reaches the endpoint's nursery."""
         try:
             await handler(conn)
-        except (ConnectionClosedError, StreamResetError) as exc:
-            logger.debug("%r: handler ended: %s", conn, exc)
-        except RemoteProtocolError as exc:
-            logger.info("%r: peer broke the protocol: %s", conn, exc)
-            conn.close_nowait(CloseCode.PROTOCOL_ERROR, str(exc)[:100])
+        except BaseException as exc:
+            fatal, failure = split_fatal(exc)
+            if failure is not None:
+                self._handler_failed(conn, failure)
+            if fatal is exc:
+                raise
+            if fatal is not None:
+                raise fatal from None
         finally:
             # The handler owns the connection: when it returns, the connection ends.
             conn.close_nowait(CloseCode.NO_ERROR, "done")
+
+    def _handler_failed(self, conn: PeerConnection, failure: BaseException) -> None:
+        """One log line and the right close code for a handler's failure."""
+        leaf = failure
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        if isinstance(leaf, ConnectionClosedError | StreamResetError):
+            logger.debug("%r: handler ended: %s", conn, leaf)
+        elif isinstance(leaf, RemoteProtocolError):
+            logger.info("%r: peer broke the protocol: %s", conn, leaf)
+            conn.close_nowait(CloseCode.PROTOCOL_ERROR, str(leaf)[:100])
+        else:
+            logger.error("%r: connection handler failed: %s", conn, describe(failure))
+            logger.debug("%r: handler failure", conn, exc_info=failure)
+            conn.close_nowait(CloseCode.INTERNAL, "internal error")
 
 
 @asynccontextmanager

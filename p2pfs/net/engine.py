@@ -18,8 +18,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from p2pfs.errors import LocalProtocolError
+from p2pfs.errors import ConnectionClosedError, LocalProtocolError
 from p2pfs.identity import Identity
+from p2pfs.net.boundary import is_fatal
 
 ENGINES = ("qh3", "aioquic")
 DEFAULT_ENGINE = "qh3"
@@ -56,6 +57,18 @@ class TransportConfig:
     held_datagram_limit: int = 4096
     # Unauthenticated connections a server keeps at once (handshake flood bound).
     max_pending_connections: int = 256
+    # Half-open handshakes from one source IP; beyond this its Initials get a Retry.
+    max_pending_per_ip: int = 8
+    # From this many half-open handshakes on, an Initial must carry a Retry token (proof
+    # that its source address is real) before it gets any state: spoofed floods then cost
+    # a header parse and one small Retry each (RFC 9000 8.1.2).
+    retry_threshold: int = 64
+    # How long a Retry token stays valid (seconds; it only has to survive one round trip).
+    retry_token_lifetime: float = 10.0
+    # Authenticated incoming connections kept at once, per source IP and in total; beyond
+    # these a new one is closed with BUSY (identities cost nothing to make, addresses do).
+    max_connections_per_ip: int = 32
+    max_connections: int = 1024
     # Datagrams read from the socket per wakeup before the batch is processed.
     receive_batch: int = 256
     # Send runs of equal-size datagrams with one sendmsg (Linux UDP_SEGMENT), if available.
@@ -111,14 +124,86 @@ class Engine:
             if len(data) < 1 + cid_length:
                 raise ValueError("short header truncated")
             return data[1 : 1 + cid_length], False, None
-        try:
-            header = self.packet.pull_quic_header(
-                self.buffer_class(data=data), host_cid_length=cid_length
-            )
-        except self.buffer_read_error as exc:
-            raise ValueError(str(exc)) from exc
+        header = self.long_header_untrusted(data, cid_length)
         is_initial = header.packet_type == self.packet.QuicPacketType.INITIAL
         return header.destination_cid, is_initial, header.version
+
+    def long_header_untrusted(self, data: bytes, cid_length: int) -> Any:
+        """The engine's QuicHeader of a long-header datagram; ValueError if it does not parse.
+
+        The engine's parser is fed stranger bytes here, so whatever it raises (qh3 raises
+        more than its BufferReadError) becomes ValueError, the datagram's only failure.
+        """
+        try:
+            return self.packet.pull_quic_header(
+                self.buffer_class(data=data), host_cid_length=cid_length
+            )
+        except BaseException as exc:
+            if is_fatal(exc):
+                raise
+            raise ValueError(f"unparsable header ({type(exc).__name__})") from None
+
+    def retry_packet(
+        self,
+        version: int,
+        source_cid: bytes,
+        destination_cid: bytes,
+        original_cid: bytes,
+        token: bytes,
+    ) -> bytes:
+        """A Retry packet (RFC 9000 17.2.5) with its integrity tag, from the engine's encoder."""
+        try:
+            return bytes(
+                self.packet.encode_quic_retry(
+                    version=version,
+                    source_cid=source_cid,
+                    destination_cid=destination_cid,
+                    original_destination_cid=original_cid,
+                    retry_token=token,
+                )
+            )
+        except BaseException as exc:
+            if is_fatal(exc):
+                raise
+            raise ValueError(f"cannot encode a Retry ({type(exc).__name__})") from None
+
+    def retry_versions(self) -> frozenset[int]:
+        """QUIC versions we answer with a Retry (the ones both engines speak)."""
+        versions = self.packet.QuicProtocolVersion
+        return frozenset(int(v) for v in (versions.VERSION_1, versions.VERSION_2))
+
+    def client_connection(self, configuration: Any, remote: Any, now: float) -> Any:
+        """A client QuicConnection that has sent its first flight to ``remote``.
+
+        Raises ConnectionClosedError if the engine fails (one connection's failure).
+        """
+        try:
+            quic = self.connection_class(configuration=configuration)
+            quic.connect(remote, now=now)
+        except BaseException as exc:
+            if is_fatal(exc):
+                raise
+            raise ConnectionClosedError(f"QUIC engine failed: {type(exc).__name__}") from None
+        return quic
+
+    def server_connection(
+        self, configuration: Any, original_cid: bytes, retry_cid: bytes | None
+    ) -> Any:
+        """A server QuicConnection for an Initial whose first destination id was
+        ``original_cid`` (``retry_cid``: the id our Retry gave, once the address is validated).
+
+        Raises ConnectionClosedError if the engine fails (one connection's failure).
+        """
+        try:
+            return self.connection_class(
+                configuration=configuration,
+                original_destination_connection_id=original_cid,
+                retry_source_connection_id=retry_cid,
+            )
+        except BaseException as exc:
+            if is_fatal(exc):
+                raise
+            raise ConnectionClosedError(f"QUIC engine failed: {type(exc).__name__}") from None
 
     def receive(
         self, quic: Any, datagrams: list[bytes], addr: Any, now: float, *, batched: bool
