@@ -15,6 +15,7 @@ IntegrityError.
 from __future__ import annotations
 
 import enum
+import itertools
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from typing import Generic, TypeVar
 
 from p2pfs.content.chunking import ChunkRef
 from p2pfs.content.folder import DIR_TREE, FILE_TREE, DirEntry, EntryKind
-from p2pfs.content.tree import Child, LeafNode, TreeSchema
+from p2pfs.content.tree import Child, LeafNode, TreeSchema, WalkBound, bound_for
 from p2pfs.errors import RemoteProtocolError
 from p2pfs.ids import ContentHash
 
@@ -62,6 +63,9 @@ class _Pending:
 class _Side(Generic[L]):
     frontier: list[_Pending] = field(default_factory=list)
     leaves: list[tuple[int, L]] = field(default_factory=list)
+    bound: WalkBound | None = None
+    """Set on the remote (untrusted) side only."""
+    seen: set[ContentHash] = field(default_factory=set)
 
 
 def diff_trees(
@@ -71,13 +75,21 @@ def diff_trees(
     remote_root: Child,
     remote_nodes: RemoteNodes,
     stats: DiffStats | None = None,
+    remote_bound: WalkBound | None = None,
 ) -> LeafDiff[L]:
-    """Leaves of the remote tree missing locally and leaves of the local tree missing remotely."""
+    """Leaves of the remote tree missing locally and leaves of the local tree missing remotely.
+
+    The remote tree is bounded as it is opened (``remote_bound``, by default what its
+    root's size allows; see tree.WalkBound), and in a strictly ordered tree no remote node
+    may occur twice and the remote leaves must increase: RemoteProtocolError otherwise.
+    """
     stats = stats if stats is not None else DiffStats()
     if local_root == remote_root:
         return LeafDiff([], [])
     local: _Side[L] = _Side()
-    remote: _Side[L] = _Side()
+    remote: _Side[L] = _Side(
+        bound=remote_bound if remote_bound is not None else bound_for(schema, remote_root)
+    )
     # Roots first: their heights are unknown until opened.
     _open_local(schema, local, [_Pending(local_root, 0, None)], local_node, stats)
     _open_remote(schema, remote, [_Pending(remote_root, 0, None)], remote_nodes, stats)
@@ -93,6 +105,10 @@ def diff_trees(
         remote.frontier = [p for p in remote.frontier if p.height != top]
         _open_local(schema, local, local_open, local_node, stats)
         _open_remote(schema, remote, remote_open, remote_nodes, stats)
+    if schema.codec.strict_order:
+        ordered = sorted(remote.leaves, key=_by_offset)
+        for (_o, previous), (_p, current) in itertools.pairwise(ordered):
+            schema.codec.check_leaf_order_untrusted(previous, current)
     return _cancel_leaves(local.leaves, remote.leaves)
 
 
@@ -153,6 +169,12 @@ def _expand(
 ) -> None:
     for pending, encoded in zip(opening, encodings, strict=True):
         node = schema.verify_node_untrusted(pending.child, encoded, pending.height)
+        if side.bound is not None:
+            if schema.codec.strict_order:
+                if pending.child.hash in side.seen:
+                    raise RemoteProtocolError(f"{schema.name}: a node occurs twice in one tree")
+                side.seen.add(pending.child.hash)
+            side.bound.open(schema.name, node, is_root=pending.height is None)
         offset = pending.offset
         if isinstance(node, LeafNode):
             for leaf in node.leaves:

@@ -19,12 +19,21 @@ import msgpack
 
 from p2pfs.content.chunking import DEFAULT_CHUNKER, ChunkerParams, ChunkRef, chunk_id
 from p2pfs.content.names import name_sort_key, validate_name
-from p2pfs.content.tree import MAX_SIZE, Child, TreeBuilder, TreeSchema, verify_range_untrusted
+from p2pfs.content.tree import (
+    MAX_SIZE,
+    Child,
+    TreeBuilder,
+    TreeSchema,
+    WalkBound,
+    verify_range_untrusted,
+)
 from p2pfs.errors import IntegrityError, InvalidNameError, RemoteProtocolError
 from p2pfs.ids import ContentHash, content_hash_untrusted
 
 MAX_CHUNK_LENGTH = 16 << 20
 """No chunker we accept cuts larger chunks (FastCDC's upper bound on max_size)."""
+MIN_CHUNK_BOUND = 64
+"""The smallest minimum chunk size a manifest may name (ChunkerParams' bound)."""
 
 
 class ChunkLeafCodec:
@@ -49,6 +58,15 @@ class ChunkLeafCodec:
 
     def check_leaf_order_untrusted(self, previous: ChunkRef, current: ChunkRef) -> None:
         """Chunks keep file order; any order (and repetition) is legal."""
+
+    strict_order = False
+
+    def __init__(self, min_chunk: int = MIN_CHUNK_BOUND) -> None:
+        self.min_chunk = min_chunk
+
+    def leaf_bound(self, size: int) -> int | None:
+        # Every chunk but a file's last is at least the chunker's minimum size.
+        return -(-size // self.min_chunk) + 1
 
 
 class EntryKind(enum.IntEnum):
@@ -117,6 +135,11 @@ class DirLeafCodec:
     def leaf_size(self, leaf: DirEntry) -> int:
         return leaf.size
 
+    strict_order = True
+
+    def leaf_bound(self, size: int) -> int | None:
+        return None  # sizes are bytes below; a directory's entries are bounded by counts
+
     def check_leaf_order_untrusted(self, previous: DirEntry, current: DirEntry) -> None:
         if name_sort_key(previous.name) >= name_sort_key(current.name):
             raise RemoteProtocolError(
@@ -130,6 +153,14 @@ FILE_TREE: TreeSchema[ChunkRef] = TreeSchema(
 DIR_TREE: TreeSchema[DirEntry] = TreeSchema(
     "directory tree", "p2pfs 2026-11-22 directory tree node v1", DirLeafCodec()
 )
+
+
+def file_tree(chunker: ChunkerParams) -> TreeSchema[ChunkRef]:
+    """The file tree schema whose leaf bound uses ``chunker``'s minimum chunk size (the
+    nodes and hashes are FILE_TREE's; only the bound on untrusted walks is tighter)."""
+    return TreeSchema(FILE_TREE.name, FILE_TREE.context, ChunkLeafCodec(chunker.min_size))
+
+
 MANIFEST_CONTEXT = "p2pfs 2026-11-22 share manifest v1"
 MANIFEST_VERSION = 1
 MAX_MANIFEST_BYTES = 4096
@@ -232,6 +263,12 @@ class Manifest:
         if manifest.encode() != data:
             raise RemoteProtocolError("manifest: encoding is not canonical")
         return manifest
+
+
+def share_bound(manifest: Manifest) -> WalkBound:
+    """One bound for every directory tree of a share: its entries are at most the files
+    and directories the manifest counts (the top directory is not an entry)."""
+    return WalkBound(manifest.file_count + manifest.directory_count)
 
 
 def manifest_root(encoded: bytes) -> ContentHash:

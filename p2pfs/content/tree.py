@@ -72,6 +72,15 @@ class LeafCodec(Protocol[L]):
         """Raise RemoteProtocolError if ``current`` may not follow ``previous``."""
         ...
 
+    @property
+    def strict_order(self) -> bool:
+        """Leaves strictly increase across the whole tree (so no subtree can repeat)."""
+        ...
+
+    def leaf_bound(self, size: int) -> int | None:
+        """The most leaves a tree of ``size`` can hold (None: its size does not bound it)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class LeafNode(Generic[L]):
@@ -172,6 +181,42 @@ class TreeSchema(Generic[L]):
         if self.node_size(node) != expected.size:
             raise IntegrityError(f"{self.name} node sizes do not add up to {expected.size}")
         return node
+
+
+class WalkBound:
+    """Bounds the leaves a walk of untrusted trees may produce, checked as each node is
+    opened, before its children or leaves are queued (so a bomb of a few nodes whose
+    children repeat is refused after a few nodes, not after 16 M leaves).
+
+    ``outstanding`` counts queued subtrees plus leaves produced. Every subtree below a
+    root holds at least one leaf (:meth:`open` refuses an empty one), so ``outstanding``
+    never exceeds the leaves an honest tree really has: a tree within ``limit`` passes.
+    One bound may be shared by many trees (all directories of a share).
+    """
+
+    __slots__ = ("limit", "outstanding")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.outstanding = 0
+
+    def open(self, name: str, node: LeafNode[Any] | BranchNode, *, is_root: bool) -> None:
+        """Account for one node about to be expanded; RemoteProtocolError past the bound."""
+        items = len(node.leaves) if isinstance(node, LeafNode) else len(node.children)
+        if not is_root and items == 0:
+            raise RemoteProtocolError(f"{name}: an empty node below the root")
+        self.outstanding += items - (0 if is_root else 1)
+        if self.outstanding > self.limit:
+            raise RemoteProtocolError(f"{name}: more than {self.limit} leaves")
+
+
+def bound_for(schema: TreeSchema[Any], root: Child, cap: int | None = None) -> WalkBound:
+    """The bound a tree's own (verified) size gives: a file tree ceil(size / min chunk) + 1
+    leaves, an index tree its record count; never more than ``cap``."""
+    limit = schema.codec.leaf_bound(root.size)
+    if cap is not None:
+        limit = cap if limit is None else min(limit, cap)
+    return WalkBound(MAX_SIZE if limit is None else limit)
 
 
 def _child_untrusted(value: object) -> Child:
@@ -292,14 +337,16 @@ NodeSource = Callable[[ContentHash], bytes]
 
 
 def iter_leaves(
-    schema: TreeSchema[L], root: Child, get_node: NodeSource
+    schema: TreeSchema[L], root: Child, get_node: NodeSource, bound: WalkBound | None = None
 ) -> Iterator[tuple[int, L]]:
     """Walk a tree depth-first, verifying every node; yield (byte offset, leaf) in order."""
+    bound = bound if bound is not None else bound_for(schema, root)
     stack: list[tuple[Child, int, int | None]] = [(root, 0, None)]
     previous: L | None = None
     while stack:
         child, offset, height = stack.pop()
         node = schema.verify_node_untrusted(child, get_node(child.hash), height)
+        bound.open(schema.name, node, is_root=height is None)
         if isinstance(node, LeafNode):
             for leaf in node.leaves:
                 if previous is not None:

@@ -1,5 +1,12 @@
 """Walking many remote trees at once: nodes are fetched in batches (one request per batch,
-across all trees), each verified against the hash, size and height its parent gave."""
+across all trees), each verified against the hash, size and height its parent gave.
+
+Untrusted trees are bounded as they are opened (``WalkBound``): a job's leaves never exceed
+its bound (by default what its root's size allows: a file of S bytes has at most
+ceil(S / min chunk) + 1 chunks), a node below a root is never empty, and in a tree whose
+leaves are strictly ordered (directories, folder indexes) no node may occur twice and the
+leaves must increase across the whole tree. Every violation is the peer's fault
+(RemoteProtocolError), raised before the offending node's children are queued."""
 
 from __future__ import annotations
 
@@ -7,7 +14,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from p2pfs.content.tree import Child, LeafNode, TreeSchema
+from p2pfs.content.tree import Child, LeafNode, TreeSchema, WalkBound, bound_for
+from p2pfs.errors import RemoteProtocolError
 from p2pfs.ids import ContentHash
 
 L = TypeVar("L")
@@ -19,13 +27,18 @@ BATCH = 256
 
 @dataclass(slots=True)
 class TreeJob(Generic[L]):
-    """One tree to walk; ``leaves`` fills with (offset, leaf) in tree order."""
+    """One tree to walk; ``leaves`` fills with (offset, leaf) in tree order.
+
+    ``bound``: the leaves this walk may produce (shared by several jobs if they share one
+    object, as a share's directories do); None: what the root's size allows."""
 
     schema: TreeSchema[L]
     root: Child
     tag: Any = None
+    bound: WalkBound | None = None
     leaves: list[tuple[int, L]] = field(default_factory=list)
     _keyed: list[tuple[tuple[int, ...], int, L]] = field(default_factory=list)
+    _seen: set[ContentHash] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -40,6 +53,9 @@ class _Pending:
 async def walk_trees(jobs: list[TreeJob[Any]], fetch: FetchNodes, batch_size: int = BATCH) -> int:
     """Fill every job's leaves; returns the number of nodes fetched. ``batch_size``: distinct
     nodes per call of ``fetch`` (which may split it into several requests)."""
+    for job in jobs:
+        if job.bound is None:
+            job.bound = bound_for(job.schema, job.root)
     frontier = [_Pending(job, job.root, 0, None, ()) for job in jobs]
     fetched = 0
     while frontier:
@@ -52,6 +68,7 @@ async def walk_trees(jobs: list[TreeJob[Any]], fetch: FetchNodes, batch_size: in
             node = schema.verify_node_untrusted(
                 pending.child, encodings[pending.child.hash], pending.height
             )
+            _account(pending, node)
             offset = pending.offset
             if isinstance(node, LeafNode):
                 for position, leaf in enumerate(node.leaves):
@@ -67,7 +84,23 @@ async def walk_trees(jobs: list[TreeJob[Any]], fetch: FetchNodes, batch_size: in
         job._keyed.sort(key=lambda item: item[0])
         job.leaves = [(offset, leaf) for _key, offset, leaf in job._keyed]
         job._keyed = []
+        job._seen = set()
+        if job.schema.codec.strict_order:
+            for (_o, previous), (_p, current) in zip(job.leaves, job.leaves[1:], strict=False):
+                job.schema.codec.check_leaf_order_untrusted(previous, current)
     return fetched
+
+
+def _account(pending: _Pending, node: Any) -> None:
+    """Bound the job before this node's children or leaves are queued."""
+    job = pending.job
+    if job.schema.codec.strict_order:
+        # Strictly ordered leaves cannot repeat, so neither can any subtree holding them.
+        if pending.child.hash in job._seen:
+            raise RemoteProtocolError(f"{job.schema.name}: a node occurs twice in one tree")
+        job._seen.add(pending.child.hash)
+    assert job.bound is not None
+    job.bound.open(job.schema.name, node, is_root=pending.height is None)
 
 
 def _take_batch(frontier: list[_Pending], batch_size: int) -> tuple[list[_Pending], list[_Pending]]:

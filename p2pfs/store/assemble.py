@@ -7,18 +7,35 @@ never torn. The temp file is the record of progress: on resume its chunks are ha
 crash can never be mistaken for a good one, and no journal can disagree with the disk.
 
 Durability is paid per batch, not per file: a batch of finished files is made durable by
-one ``sync()`` (one ``fsync`` when the batch is a single file), then renamed, then each
-directory touched is synced once. Measured here: ``fsync`` costs ~0.4 ms a file, so 10,000
-small files would spend 4 s in fsync alone (8 s with the directory syncs); one ``sync()``
-for 500 files costs ~25 ms.
+``syncfs(2)`` on their file system (``fsync`` of each file where syncfs is missing), then
+renamed, then each directory touched is synced once. ``sync()`` was used before, but it
+cannot report a writeback error, so a failed write could be renamed into place as good.
+
+Hostile neighbours: a local user who can write into the destination directory must not
+redirect a write. Everything is done relative to a descriptor of the destination
+directory, opened without following a final symlink and checked to stay the same
+directory; temp files are created with ``O_EXCL | O_NOFOLLOW``; an existing temp file is
+resumed only if it is a regular file we own with one link. While a PartialFile holds its
+temp file it holds an exclusive ``flock`` on it, so a second fetch of the same content to
+the same place (in this daemon or another) fails at once instead of racing it. Each
+PartialFile remembers which byte ranges it verified in which temp file (by inode): a temp
+file replaced behind its back, or one with a byte never verified, is never committed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import functools
 import logging
 import os
 import stat
+import sys
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -45,30 +62,166 @@ def is_partial_name(name: str) -> bool:
     return name.startswith(PARTIAL_PREFIX)
 
 
+_OPEN_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a fifo planted under a temp name must not block the open.
+_OPEN_EXISTING = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+_HOLDERS: dict[tuple[int, int], weakref.ref[PartialFile]] = {}
+"""Temp files (st_dev, st_ino) locked by a PartialFile of this process."""
+_HOLDERS_LOCK = threading.Lock()
+
+
+@functools.cache
+def _inert() -> int:
+    """A descriptor that no write, chmod, sync or lookup can use (O_PATH of a regular file):
+    dup2-ed over a revoked holder's descriptors, so their numbers stay taken (never reused
+    by another open) while every use of them fails."""
+    return os.open(sys.executable, os.O_PATH | os.O_CLOEXEC)
+
+
 class PartialFile:
-    """A destination file under construction. Holds a file descriptor only while written."""
+    """A destination file under construction. Holds a file descriptor (and the lock on the
+    temp file) only while written; the directory and temp file it first used are the only
+    ones it will ever write or commit."""
 
     def __init__(self, directory: str, final_name: str, file_root: bytes, size: int) -> None:
+        self.directory = directory
+        self.final_name = final_name
+        self.temp_name = partial_name(final_name, file_root)
         self.final_path = os.path.join(directory, final_name)
-        self.temp_path = os.path.join(directory, partial_name(final_name, file_root))
+        self.temp_path = os.path.join(directory, self.temp_name)
         self.size = size
         self._fd = -1
+        self._dir_fd = -1
+        self._dir_identity: tuple[int, int] | None = None
+        self._identity: tuple[int, int] | None = None
+        self._verified: dict[int, int] = {}
+        """Offset -> length of the bytes known good in the temp file named by _identity."""
+        self._revoked = False
 
-    def _open(self) -> int:
-        if self._fd < 0:
-            try:
-                self._fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                if os.fstat(self._fd).st_size != self.size:
-                    os.ftruncate(self._fd, self.size)
-            except OSError as exc:
-                self.close()
-                raise StorageError(f"cannot create {self.temp_path}: {exc.strerror}") from exc
-        return self._fd
+    # -- descriptors ----------------------------------------------------------------------
+
+    def _directory_fd(self) -> int:
+        if self._dir_fd >= 0:
+            return self._dir_fd
+        try:
+            fd = os.open(self.directory or ".", _OPEN_DIRECTORY)
+        except OSError as exc:
+            raise StorageError(f"cannot open directory {self.directory}: {_why(exc)}") from exc
+        st = os.fstat(fd)
+        identity = (st.st_dev, st.st_ino)
+        if self._dir_identity not in (None, identity):
+            os.close(fd)
+            raise StorageError(f"{self.directory} was replaced while {self.final_name} was written")
+        self._dir_identity = identity
+        self._dir_fd = fd
+        return fd
+
+    def _open(self, *, create: bool = True) -> int:
+        """The temp file, locked; -1 if it does not exist and ``create`` is false."""
+        if self._fd >= 0:
+            return self._fd
+        dir_fd = self._directory_fd()
+        try:
+            fd = self._open_existing(dir_fd)
+            if fd < 0:
+                if not create or self._identity is not None:
+                    # Ours vanished (committed or removed by another fetch): never start
+                    # over silently, the chunks we verified were in that file.
+                    if self._identity is not None:
+                        raise StorageError(f"{self.temp_path} vanished while being fetched")
+                    return -1
+                fd = os.open(self.temp_name, _CREATE, 0o600, dir_fd=dir_fd)
+        except OSError as exc:
+            self.close()
+            raise StorageError(f"cannot create {self.temp_path}: {_why(exc)}") from exc
+        try:
+            self._adopt(fd)
+        except BaseException:
+            os.close(fd)
+            self.close()
+            raise
+        self._fd = fd
+        return fd
+
+    def _open_existing(self, dir_fd: int) -> int:
+        """An existing temp file if it is one we can trust (a regular file we own, one
+        link); anything else under that name is removed, unless we already wrote ours."""
+        try:
+            fd = os.open(self.temp_name, _OPEN_EXISTING, dir_fd=dir_fd)
+        except FileNotFoundError:
+            return -1
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EACCES):
+                raise
+            self._remove_foreign(dir_fd, f"{exc.strerror}")
+            return -1
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid() and st.st_nlink == 1:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+            return fd
+        os.close(fd)
+        self._remove_foreign(dir_fd, "not a regular file of ours with one link")
+        return -1
+
+    def _remove_foreign(self, dir_fd: int, why: str) -> None:
+        if self._identity is not None:
+            raise StorageError(f"{self.temp_path} was replaced while being fetched ({why})")
+        logger.warning("removing %s before fetching: %s", self.temp_path, why)
+        try:
+            os.unlink(self.temp_name, dir_fd=dir_fd)
+        except OSError as exc:
+            raise StorageError(f"cannot remove foreign {self.temp_path}: {_why(exc)}") from exc
+
+    def _adopt(self, fd: int) -> None:
+        """Lock the temp file and check it is the one we verified chunks in."""
+        if self._revoked:
+            raise StorageError(f"another fetch took over {self.temp_path}")
+        st = os.fstat(fd)
+        identity = (st.st_dev, st.st_ino)
+        with _HOLDERS_LOCK:
+            if not _try_lock(fd):
+                # Held in this process: by a PartialFile of a fetch that failed without
+                # closing it (the newer fetch takes over), or of one still running (it
+                # fails at its next step). Another process's lock is never taken.
+                holder = _HOLDERS.get(identity, lambda: None)()
+                if holder is not None and holder is not self:
+                    holder._revoke()
+                if not _try_lock(fd):
+                    raise StorageError(f"another fetch is writing {self.temp_path}")
+            _HOLDERS[identity] = weakref.ref(self)
+        if self._identity not in (None, identity):
+            raise StorageError(f"{self.temp_path} was replaced while being fetched")
+        self._identity = identity
+        if st.st_size != self.size:
+            os.ftruncate(fd, self.size)
+
+    def _revoke(self) -> None:
+        """Called under _HOLDERS_LOCK: drop our lock without freeing our descriptor numbers
+        (another thread may be about to use them); every later step of ours fails."""
+        self._revoked = True
+        for fd in (self._fd, self._dir_fd):
+            if fd >= 0:
+                os.dup2(_inert(), fd)  # the locked file's last descriptor goes: lock released
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with _HOLDERS_LOCK:
+            holder = _HOLDERS.get(self._identity) if self._identity is not None else None
+            if holder is not None and holder() is self:
+                del _HOLDERS[self._identity]  # type: ignore[arg-type]
+            if self._fd >= 0:
+                os.close(self._fd)  # releases the flock
+                self._fd = -1
+            if self._dir_fd >= 0:
+                os.close(self._dir_fd)
+                self._dir_fd = -1
+
+    def __del__(self) -> None:
+        # A fetch that fails may drop its PartialFiles without closing them.
+        if self._fd >= 0 or self._dir_fd >= 0:
+            self.close()
 
     def __enter__(self) -> PartialFile:
         return self
@@ -76,16 +229,22 @@ class PartialFile:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    # -- content --------------------------------------------------------------------------
+
     def verified_chunks(self, chunks: Iterable[tuple[int, ChunkRef]]) -> set[int]:
         """Offsets of the chunks already present and intact (left by an earlier attempt)."""
-        if not os.path.exists(self.temp_path):
+        fd = self._open(create=False)
+        if fd < 0:
             return set()
-        fd = self._open()
         present = set()
         for offset, ref in chunks:
-            data = os.pread(fd, ref.length, offset)
+            try:
+                data = os.pread(fd, ref.length, offset)
+            except OSError as exc:
+                raise StorageError(f"cannot read {self.temp_path}: {_why(exc)}") from exc
             if len(data) == ref.length and chunk_id(data) == ref.id:
                 present.add(offset)
+                self._verified[offset] = ref.length
         return present
 
     def write_chunk(self, offset: int, data: bytes | memoryview, expected: ChunkRef) -> None:
@@ -100,22 +259,85 @@ class PartialFile:
             raise StorageError(f"write past the end of {self.final_path}")
         fd = self._open()
         view = memoryview(data)
+        position = offset
         try:
             while view:
-                written = os.pwrite(fd, view, offset)
+                written = os.pwrite(fd, view, position)
                 view = view[written:]
-                offset += written
+                position += written
         except OSError as exc:
             raise StorageError(f"cannot write {self.temp_path}: {exc.strerror}") from exc
+        self._verified[offset] = max(self._verified.get(offset, 0), len(data))
+
+    def fully_verified(self) -> bool:
+        """Every byte of the file was verified into this temp file."""
+        covered = 0
+        for offset in sorted(self._verified):
+            if offset > covered:
+                return False
+            covered = max(covered, offset + self._verified[offset])
+        return covered >= self.size
+
+    # -- commit ---------------------------------------------------------------------------
 
     def commit(self, executable: bool, mtime_ns: int | None = None) -> None:
         """Make the data durable, then atomically replace the destination with it."""
         commit_files([Finished(self, executable, mtime_ns)])
 
+    def _prepare(self, executable: bool, mtime_ns: int | None, fsync: bool) -> tuple[int, int]:
+        """Metadata on the temp file (and its data durable if ``fsync``); returns the file
+        system's (st_dev, a directory fd) for a syncfs. Refuses anything not verified."""
+        fd = self._open()  # an empty file was never written: create it now
+        if self._revoked:
+            raise StorageError(f"another fetch took over {self.temp_path}")
+        if not self.fully_verified():
+            raise StorageError(f"{self.final_path}: not every byte was verified; not committing")
+        try:
+            mode = 0o755 if executable else 0o644
+            os.fchmod(fd, mode & ~_UMASK)
+            if mtime_ns is not None:
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+            if fsync:
+                os.fsync(fd)
+        except OSError as exc:
+            raise StorageError(f"cannot finish {self.temp_path}: {_why(exc)}") from exc
+        return os.fstat(fd).st_dev, self._dir_fd
+
+    def _place(self) -> None:
+        """Rename our (locked, verified) temp file over the destination, within the
+        directory we opened; a directory in the way is refused, not replaced."""
+        fd = self._open(create=False)
+        dir_fd = self._dir_fd
+        try:
+            if self._revoked:
+                raise StorageError(f"another fetch took over {self.temp_path}")
+            if fd < 0:
+                raise StorageError(f"{self.temp_path} is gone")
+            with contextlib.suppress(FileNotFoundError):
+                if stat.S_ISDIR(os.lstat(self.final_name, dir_fd=dir_fd).st_mode):
+                    raise StorageError(
+                        f"{self.final_path} is a directory; not replacing it with a file"
+                    )
+            named = os.lstat(self.temp_name, dir_fd=dir_fd)
+            if (named.st_dev, named.st_ino) != self._identity:
+                raise StorageError(f"{self.temp_path} was replaced while being fetched")
+            os.rename(self.temp_name, self.final_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except OSError as exc:
+            raise StorageError(f"cannot place {self.final_path}: {_why(exc)}") from exc
+        finally:
+            self.close()
+
     def discard(self) -> None:
-        self.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.temp_path)
+        """Remove our temp file (only ours: never one that replaced it)."""
+        try:
+            dir_fd = self._directory_fd()
+            named = os.lstat(self.temp_name, dir_fd=dir_fd)
+            if self._identity is None or (named.st_dev, named.st_ino) == self._identity:
+                os.unlink(self.temp_name, dir_fd=dir_fd)
+        except (OSError, StorageError):
+            pass  # nothing of ours left there
+        finally:
+            self.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,44 +349,109 @@ class Finished:
     mtime_ns: int | None = None
 
 
+FailedFile = Callable[[Finished, StorageError], None]
+
+
 def commit_files(
-    files: Sequence[Finished], before_replace: Callable[[Finished], bool] | None = None
+    files: Sequence[Finished],
+    before_replace: Callable[[Finished], bool] | None = None,
+    on_error: FailedFile | None = None,
 ) -> list[Finished]:
     """Make every file durable, then rename each into place, then sync each directory.
 
     ``before_replace(item)`` runs just before each rename; False skips that file (its temp
-    file is removed). Returns the files that were renamed into place.
+    file is removed). Returns the files that were renamed into place. A file that cannot be
+    finished raises StorageError, or, given ``on_error``, is reported there (its temp file
+    removed) while the others go ahead: one bad path never holds back a batch.
     """
     if not files:
         return []
+    ready: list[Finished] = []
     placed: list[Finished] = []
+
+    def failed(item: Finished, exc: StorageError) -> None:
+        item.partial.discard()
+        if on_error is None:
+            raise exc
+        on_error(item, exc)
+
+    file_systems: dict[int, int] = {}
+    """st_dev -> a directory descriptor on that file system, for its syncfs."""
     try:
+        use_syncfs = _SYNCFS is not None and len(files) > 1
         for item in files:
-            fd = item.partial._open()  # an empty file was never written: create it now
-            mode = 0o755 if item.executable else 0o644
-            os.fchmod(fd, mode & ~_UMASK)
-            if item.mtime_ns is not None:
-                os.utime(fd, ns=(item.mtime_ns, item.mtime_ns))
-        if len(files) == 1:
-            os.fsync(files[0].partial._open())
-        else:
-            os.sync()
-        for item in files:
-            item.partial.close()
+            try:
+                device, dir_fd = item.partial._prepare(
+                    item.executable, item.mtime_ns, fsync=not use_syncfs
+                )
+                if use_syncfs and device not in file_systems:
+                    file_systems[device] = os.dup(dir_fd)
+            except StorageError as exc:
+                failed(item, exc)
+                continue
+            finally:
+                item.partial.close()  # few descriptors open, however big the batch
+            ready.append(item)
+        for dir_fd in file_systems.values():
+            _syncfs(dir_fd)  # raises StorageError: nothing of the batch is placed
+        for item in ready:
             if before_replace is not None and not before_replace(item):
                 item.partial.discard()
                 continue
-            _refuse_directory(item.partial.final_path)
-            os.replace(item.partial.temp_path, item.partial.final_path)
+            try:
+                item.partial._place()
+            except StorageError as exc:
+                failed(item, exc)
+                continue
             placed.append(item)
-        for directory in {os.path.dirname(item.partial.final_path) for item in placed}:
+        directories = {os.path.dirname(item.partial.final_path) for item in placed}
+        for directory in directories:
             fsync_directory(directory)
     except OSError as exc:
         raise StorageError(f"cannot finish {len(files)} files: {exc.strerror or exc}") from exc
     finally:
+        for dir_fd in file_systems.values():
+            os.close(dir_fd)
         for item in files:
             item.partial.close()
     return placed
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _load_syncfs() -> Callable[[int], int] | None:
+    """libc's syncfs(2) where it exists (Linux): one call makes a whole batch durable and,
+    unlike sync(), reports a writeback error on that file system."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        function = ctypes.CDLL(name, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int]
+    function.restype = ctypes.c_int
+    return function  # type: ignore[no-any-return,unused-ignore]
+
+
+_SYNCFS = _load_syncfs()
+
+
+def _syncfs(fd: int) -> None:
+    assert _SYNCFS is not None
+    if _SYNCFS(fd) != 0:
+        code = ctypes.get_errno()
+        raise StorageError(f"cannot make written files durable: {os.strerror(code)}")
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc)
 
 
 def fsync_directory(path: str) -> None:
@@ -174,12 +461,6 @@ def fsync_directory(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _refuse_directory(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISDIR(os.lstat(path).st_mode):
-            raise StorageError(f"{path} is a directory; not replacing it with a file")
 
 
 def _read_umask() -> int:

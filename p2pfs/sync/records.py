@@ -15,6 +15,7 @@ subtrees that differ.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ import blake3
 import msgpack
 
 from p2pfs.content.diff import LocalNode, RemoteNodes, diff_trees
-from p2pfs.content.tree import Child, LeafNode, NodeSink, TreeBuilder, TreeSchema
+from p2pfs.content.tree import Child, LeafNode, NodeSink, TreeBuilder, TreeSchema, bound_for
 from p2pfs.errors import RemoteProtocolError
 from p2pfs.ids import HASH_LEN, ContentHash, content_hash_untrusted
 from p2pfs.sync.keys import FolderKeys
@@ -34,6 +35,9 @@ RECORD_CONTEXT = "p2pfs 2026-11-22 folder record v1"
 PATH_KEY_CONTEXT = "p2pfs 2026-11-22 folder path key v1"
 SIGNATURE_DOMAIN = b"p2pfs folder record signature v1\x00"
 MAX_SIGNED_RECORD_BYTES = MAX_FILE_VERSION_BYTES + SIGNATURE_LEN + 16
+MAX_FOLDER_RECORDS = 1 << 20
+"""Records one folder may hold (every member keeps them all in memory, ~0.5 KiB each): a
+remote index root claiming more is refused before any node is fetched."""
 EMPTY_INDEX = Child(ContentHash(bytes(HASH_LEN)), 0)
 """The root of an index with no records (no node has this hash)."""
 
@@ -124,6 +128,11 @@ class IndexLeafCodec:
     def leaf_size(self, leaf: IndexLeaf) -> int:
         return 1  # a subtree's size is how many records it holds
 
+    strict_order = True
+
+    def leaf_bound(self, size: int) -> int | None:
+        return size  # a leaf's size is 1: the size is the record count, exactly
+
     def check_leaf_order_untrusted(self, previous: IndexLeaf, current: IndexLeaf) -> None:
         if previous.path_key >= current.path_key:
             raise RemoteProtocolError("index leaves out of order or repeated")
@@ -151,9 +160,20 @@ def build_index(leaves: Iterable[IndexLeaf], sink: NodeSink | None = None) -> Ch
 def remote_changes(
     local_root: Child, local_node: LocalNode, remote_root: Child, remote_nodes: RemoteNodes
 ) -> list[IndexLeaf]:
-    """Leaves of the remote index that the local one lacks (only differing subtrees open)."""
+    """Leaves of the remote index that the local one lacks (only differing subtrees open).
+
+    The remote tree must hold exactly its root's record count (verified node by node), at
+    most MAX_FOLDER_RECORDS, with no node twice and leaves strictly increasing: a bomb of a
+    few nodes whose children repeat is refused (RemoteProtocolError) after a few nodes.
+    """
+    if remote_root.size > MAX_FOLDER_RECORDS:
+        raise RemoteProtocolError(
+            f"folder index of {remote_root.size} records exceeds {MAX_FOLDER_RECORDS}"
+        )
     if remote_root in (EMPTY_INDEX, local_root):
         return []
+    if remote_root.hash == EMPTY_INDEX.hash:
+        raise RemoteProtocolError("folder index: the empty root with a record count")
     if local_root == EMPTY_INDEX:
         return _all_leaves(remote_root, remote_nodes)
     diff = diff_trees(INDEX_TREE, local_root, local_node, remote_root, remote_nodes)
@@ -162,20 +182,28 @@ def remote_changes(
 
 def _all_leaves(root: Child, remote_nodes: RemoteNodes) -> list[IndexLeaf]:
     """Every leaf of a remote tree, one batch of node requests per level."""
-    frontier = [root]
+    bound = bound_for(INDEX_TREE, root)
+    seen: set[ContentHash] = set()
+    frontier: list[tuple[Child, int | None]] = [(root, None)]
     leaves: list[IndexLeaf] = []
     while frontier:
-        wanted = list(dict.fromkeys(child.hash for child in frontier))
+        wanted = list(dict.fromkeys(child.hash for child, _root in frontier))
         answers = remote_nodes(wanted)
         if len(answers) != len(wanted):
             raise RemoteProtocolError(f"asked for {len(wanted)} nodes, got {len(answers)}")
         by_hash = dict(zip(wanted, answers, strict=True))
-        next_level: list[Child] = []
-        for child in frontier:
-            node = INDEX_TREE.verify_node_untrusted(child, by_hash[child.hash], None)
+        next_level: list[tuple[Child, int | None]] = []
+        for child, height in frontier:
+            if child.hash in seen:
+                raise RemoteProtocolError("folder index tree: a node occurs twice")
+            seen.add(child.hash)
+            node = INDEX_TREE.verify_node_untrusted(child, by_hash[child.hash], height)
+            bound.open(INDEX_TREE.name, node, is_root=height is None)
             if isinstance(node, LeafNode):
                 leaves.extend(node.leaves)
             else:
-                next_level.extend(node.children)
+                next_level.extend((grandchild, node.height - 1) for grandchild in node.children)
         frontier = next_level
+    for previous, current in itertools.pairwise(leaves):
+        INDEX_TREE.codec.check_leaf_order_untrusted(previous, current)
     return leaves

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import trio
 
-from p2pfs.content.chunking import ChunkRef
-from p2pfs.content.folder import FILE_TREE
+from p2pfs.content.chunking import DEFAULT_CHUNKER, ChunkRef
+from p2pfs.content.folder import file_tree
 from p2pfs.content.tree import Child
 from p2pfs.errors import RemoteProtocolError, StorageError
 from p2pfs.ids import ContentHash
@@ -47,6 +47,10 @@ from . import disk, steps
 from .client import MAX_BATCH, FolderLink
 
 logger = logging.getLogger(__name__)
+
+_FILE_TREE = file_tree(DEFAULT_CHUNKER)
+"""Folders are cut by the default chunker: a file tree of S bytes has at most
+ceil(S / 16 KiB) + 1 leaves, which bounds a member's tree bomb."""
 
 CHUNK_BATCH_BYTES = 8 << 20
 COMMIT_BATCH = 512
@@ -120,6 +124,9 @@ class FolderSync:
         """Names that differ only by case are one file here (probed at load)."""
         self.collisions: dict[str, str] = {}
         """Paths not placed because they collide with another on this file system."""
+        self.unplaced: dict[str, str] = {}
+        """Paths whose file could not be placed (a directory in its way, a disk error):
+        path -> why. Each fails alone; listed in `sync list` until placed."""
         self.lock = trio.Lock()
         self.scans = 0
         self.dirty = True
@@ -648,6 +655,8 @@ class FolderSync:
 
     async def _download(self, link: FolderLink, planned: _Planned, timer: steps.Phases) -> set[str]:
         """Place every file of ``planned.fetch``; returns the paths placed."""
+        for path, _version in planned.fetch:
+            self.unplaced.pop(path, None)  # tried again now; reported again if it fails
         directories = [path for path, version in planned.fetch if version.is_directory]
         made = (
             await in_thread(steps.make_directories, self.path, directories)
@@ -658,7 +667,7 @@ class FolderSync:
         if not items:
             return made
         jobs = [
-            TreeJob(FILE_TREE, Child(version.root, version.size), tag=(path, version))
+            TreeJob(_FILE_TREE, Child(version.root, version.size), tag=(path, version))
             for path, version in items
             if version.size and version.root is not None
         ]
@@ -735,9 +744,12 @@ class FolderSync:
                     len(failed),
                     min(failed),
                 )
-            renamed = await in_thread(self._commit, finished, planned.conflict_moves)
+            renamed, unplaced = await in_thread(self._commit, finished, planned.conflict_moves)
             await self._record_placed(renamed, dict(items), chunks_of)
             placed.update(renamed)
+            for path in renamed:
+                self.unplaced.pop(path, None)
+            self.unplaced.update(unplaced)
         finally:
             for partial in partials.values():
                 partial.close()
@@ -863,14 +875,21 @@ class FolderSync:
 
     def _commit(
         self, finished: list[Finished], conflict_moves: dict[str, str]
-    ) -> dict[str, os.stat_result]:
+    ) -> tuple[dict[str, os.stat_result], dict[str, str]]:
         """Rename each file into place unless its path changed on disk since the scan;
-        returns the placed paths with their new stat."""
+        returns the placed paths with their new stat, and the paths that failed (why).
+        A path that fails (a directory in its way) fails alone: the batch goes on."""
         by_final = {
             item.partial.final_path: path for path, item in steps.paths(self.path, finished)
         }
         placed: dict[str, os.stat_result] = {}
+        unplaced: dict[str, str] = {}
         kept_dirs: set[str] = set()
+
+        def on_error(item: Finished, exc: StorageError) -> None:
+            path = by_final[item.partial.final_path]
+            logger.warning("folder %s: not placing %s: %s", self.path, path, exc)
+            unplaced[path] = str(exc)
 
         def before_replace(item: Finished) -> bool:
             try:
@@ -884,6 +903,11 @@ class FolderSync:
         def prepare_replace(item: Finished) -> bool:
             path = by_final[item.partial.final_path]
             now = disk.state_of(self.path, path)
+            if now == disk.NOT_A_FILE:
+                # A directory (or symlink, or something unreadable) where the record has a
+                # file: never replaced; reported, and retried once it is gone.
+                unplaced[path] = "something that is not a regular file is in the way"
+                return False
             if now != self._disk.get(path):
                 logger.info("folder %s: %s changed locally during the download", self.path, path)
                 return False
@@ -901,13 +925,14 @@ class FolderSync:
             return True
 
         for start in range(0, len(finished), COMMIT_BATCH):
-            for item in commit_files(finished[start : start + COMMIT_BATCH], before_replace):
+            batch = finished[start : start + COMMIT_BATCH]
+            for item in commit_files(batch, before_replace, on_error):
                 try:
                     placed[by_final[item.partial.final_path]] = os.lstat(item.partial.final_path)
                 except OSError:
                     continue  # gone again already: the next scan sees what is there
         steps.sync_directories(kept_dirs)
-        return placed
+        return placed, unplaced
 
     # -- reporting ------------------------------------------------------------------------
 
@@ -944,6 +969,7 @@ class FolderSync:
                     f"{path}: collides with {other} on this file system (not placed)"
                     for path, other in sorted(self.collisions.items())
                 ),
+                *(f"{path}: not placed: {why}" for path, why in sorted(self.unplaced.items())[:50]),
                 *self.problems[:50],
             ],
         }
