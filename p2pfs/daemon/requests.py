@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import trio
+
 from p2pfs.errors import ConnectionClosedError, RemoteProtocolError
 from p2pfs.ids import ContentHash
 from p2pfs.net import PeerConnection, Stream
@@ -17,7 +19,7 @@ from p2pfs.wire.messages import (
 )
 from p2pfs.wire.session import Role, StreamSession
 
-from .service import TransferCounters
+from .service import TransferCounters, receive_within_frame_deadline
 
 RECEIVE_BYTES = 1 << 20
 
@@ -65,10 +67,10 @@ class RequestStream:
                 if isinstance(message, Hello):
                     continue
                 return message
-            data = await self.stream.receive_some(RECEIVE_BYTES)
+            data = await receive_within_frame_deadline(self.stream, self.session, RECEIVE_BYTES)
             if not data:
                 raise ConnectionClosedError("peer ended the stream with requests outstanding")
-            self.session.receive_data(data)
+            self.session.receive_data(data, trio.current_time())
 
     async def close(self) -> None:
         await self.stream.send_eof()

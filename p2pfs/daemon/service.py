@@ -16,7 +16,6 @@ import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import trio
 
@@ -25,11 +24,13 @@ from p2pfs.content.folder import DIR_TREE, FILE_TREE, EntryKind, Manifest
 from p2pfs.content.tree import BranchNode, Child, LeafNode, iter_leaves
 from p2pfs.errors import (
     ConnectionClosedError,
+    LocalProtocolError,
     StorageError,
     StreamResetError,
 )
 from p2pfs.ids import HASH_LEN, ContentHash, short_hex
 from p2pfs.net import PeerConnection, Stream
+from p2pfs.net.boundary import describe, first_leaf, split_fatal
 from p2pfs.store.index import CHUNK_RECORD, ChunkLocation, ChunkReader, IndexStore
 from p2pfs.wire.codes import ErrorCode, WireError
 from p2pfs.wire.messages import (
@@ -60,10 +61,11 @@ from .swarmstate import SwarmRegistry
 
 logger = logging.getLogger(__name__)
 
-E = TypeVar("E", bound=BaseException)
 RECEIVE_BYTES = 256 * 1024
 READ_BATCH_BYTES = 4 << 20
 """Chunks of one request are read from disk in groups of about this size."""
+ERROR_REPLY_TIMEOUT = 5.0
+"""Seconds spent trying to tell a failed stream's peer why before resetting it anyway."""
 FILE_NODE_CACHE = 64
 """Files whose rebuilt tree nodes are kept in memory (rebuilding costs ~2 ms per 256 MiB)."""
 
@@ -137,41 +139,66 @@ class ShareService:
         """Serve every stream the peer opens until it closes the connection."""
         grants = _ConnectionGrants()
         logger.info("peer %s connected from %s", conn.peer_id.short(), conn.remote_address)
-        async with trio.open_nursery() as nursery:
-            while True:
-                try:
-                    stream = await conn.accept_stream()
-                except ConnectionClosedError:
-                    break
-                nursery.start_soon(self._serve_stream, conn, stream, grants)
-                # The handler ends when the peer closes; folder links watching this
-                # connection end with it.
+        try:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    try:
+                        stream = await conn.accept_stream()
+                    except ConnectionClosedError:
+                        break
+                    nursery.start_soon(self._serve_stream, conn, stream, grants)
+                    # The handler ends when the peer closes; folder links watching this
+                    # connection end with it.
+        finally:
+            if self._folders is not None:
+                self._folders.forget(grants.folders)
         logger.info("peer %s disconnected", conn.peer_id.short())
 
     async def _serve_stream(
         self, conn: PeerConnection, stream: Stream, grants: _ConnectionGrants
     ) -> None:
-        """One stream's requests; whatever goes wrong ends this stream only."""
+        """One stream's requests: a failure boundary (GUIDE rule 12). Whatever goes wrong,
+        bare or inside a nursery's group, ends this stream only; cancellation goes on."""
         session = StreamSession(Role.SERVER)
         try:
             await self._serve_requests(conn, stream, session, grants)
-        except* WireError as group:
-            exc = _first(group)
-            logger.warning("peer %s broke the protocol: %s", conn.peer_id.short(), exc)
-            with contextlib.suppress(StreamResetError, ConnectionClosedError):
-                await self._send(stream, session.send(ErrorReply(0, exc.code, str(exc)[:200])))
-            stream.reset(int(exc.code))
-        except* (StreamResetError, ConnectionClosedError) as group:
-            logger.debug("stream from %s ended: %s", conn.peer_id.short(), _first(group))
-        except* StorageError as group:
+        except BaseException as exc:
+            fatal, failure = split_fatal(exc)
+            if failure is not None:
+                if fatal is None:
+                    await self._stream_failed(conn, stream, session, failure)
+                else:
+                    stream.reset(int(ErrorCode.INTERNAL))  # cancelled too: no time to explain
+            if fatal is exc:
+                raise
+            if fatal is not None:
+                raise fatal from None
+
+    async def _stream_failed(
+        self, conn: PeerConnection, stream: Stream, session: StreamSession, failure: BaseException
+    ) -> None:
+        """One log line, an Error to the peer where it can still hear one, and a reset."""
+        exc = first_leaf(failure)
+        who = conn.peer_id.short()
+        if isinstance(exc, StreamResetError | ConnectionClosedError):
+            logger.debug("stream from %s ended: %s", who, exc)
+            return
+        if isinstance(exc, WireError):
+            logger.warning("peer %s broke the protocol: %s", who, exc)
+            code, text = exc.code, str(exc)
+        elif isinstance(exc, StorageError):
             # Our own disk or index failed this request: the peer hears INTERNAL, this
             # stream ends, and the node serves on.
-            failure = _first(group)
-            logger.warning("serving %s failed: %s", conn.peer_id.short(), failure)
-            with contextlib.suppress(StreamResetError, ConnectionClosedError):
-                reply = ErrorReply(0, ErrorCode.INTERNAL, str(failure)[:200])
-                await self._send(stream, session.send(reply))
-            stream.reset(int(ErrorCode.INTERNAL))
+            logger.warning("serving %s failed: %s", who, exc)
+            code, text = ErrorCode.INTERNAL, str(exc)
+        else:
+            logger.error("serving %s failed unexpectedly: %s", who, describe(failure))
+            logger.debug("unexpected failure serving %s", who, exc_info=failure)
+            code, text = ErrorCode.INTERNAL, "internal error"
+        with contextlib.suppress(StreamResetError, ConnectionClosedError, LocalProtocolError):
+            with trio.move_on_after(ERROR_REPLY_TIMEOUT):
+                await self._send(stream, session.send(ErrorReply(0, code, text[:200])))
+        stream.reset(int(code))
 
     async def _serve_requests(
         self,
@@ -187,13 +214,13 @@ class ShareService:
         async with trio.open_nursery() as subscriptions:
             await self._send(stream, session.hello())
             while True:
-                data = await stream.receive_some(RECEIVE_BYTES)
+                data = await receive_within_frame_deadline(stream, session, RECEIVE_BYTES)
                 if not data:
                     subscription.cancel()
                     await stream.send_eof()
                     return
                 self.counters.protocol_received += len(data)
-                session.receive_data(data)
+                session.receive_data(data, trio.current_time())
                 while (message := session.next_message()) is not None:
                     pending.append(message)
                 cancelled = {m.request_id for m in pending if isinstance(m, Cancel)}
@@ -478,12 +505,17 @@ class ShareService:
                 index += 1
 
 
-def _first(group: BaseExceptionGroup[E]) -> E:
-    """The first leaf of an exception group (a nursery wraps what its body raised)."""
-    leaf: BaseException = group
-    while isinstance(leaf, BaseExceptionGroup):
-        leaf = leaf.exceptions[0]
-    return leaf  # type: ignore[return-value]
+async def receive_within_frame_deadline(
+    stream: Stream, session: StreamSession, max_bytes: int
+) -> bytes:
+    """The stream's next bytes; WireError if the peer leaves a frame unfinished past its
+    deadline (bytes already buffered are always read first: we may just have been busy)."""
+    deadline = session.frame_deadline()
+    if deadline is None or stream.receive_buffered:
+        return await stream.receive_some(max_bytes)
+    with trio.move_on_at(deadline):
+        return await stream.receive_some(max_bytes)
+    raise WireError(ErrorCode.PROTOCOL_VIOLATION, "a frame was left unfinished too long")
 
 
 def _read_raw(location: ChunkLocation) -> bytes:

@@ -1,11 +1,15 @@
 """Framing: ``length (u32 big-endian) | tag (u8) | body``, length counting tag and body.
 
 A decoder is fed whatever bytes arrive and hands out whole frames; it checks the declared
-length against its bound before buffering anything, so a hostile length costs nothing.
+length against the bound for the frame's tag (``limit_for``, from the message schema and the
+receiver's role) as soon as the five header bytes are in, so a hostile length costs nothing.
+It also remembers when the frame it is waiting for began to arrive (time is a parameter),
+so the I/O layer can reset a stream that leaves a frame half-sent.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from p2pfs.errors import LocalProtocolError
@@ -38,21 +42,43 @@ def frame_header(tag: int, body_length: int) -> bytes:
 class FrameDecoder:
     """Incremental decoder: ``feed`` bytes, then take frames with ``next_frame``."""
 
-    __slots__ = ("_buffer", "_max_frame", "_start")
+    __slots__ = ("_buffer", "_last_feed", "_limit_for", "_max_frame", "_since", "_start")
 
-    def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
+    def __init__(
+        self,
+        max_frame: int = MAX_FRAME_BYTES,
+        limit_for: Callable[[int], int] | None = None,
+    ) -> None:
         self._buffer = bytearray()
         self._start = 0
         self._max_frame = max_frame
+        self._limit_for = limit_for
+        self._since: float | None = None
+        self._last_feed = 0.0
 
     @property
     def buffered(self) -> int:
         return len(self._buffer) - self._start
 
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
+    @property
+    def unfinished_since(self) -> float | None:
+        """When the first byte of a frame still incomplete was fed (None: no partial frame)."""
+        return self._since if self.buffered else None
+
+    @property
+    def pending_frame_length(self) -> int:
+        """Declared length of the incomplete frame, once its header is in (else 0)."""
+        if self.buffered < LENGTH_BYTES:
+            return 0
+        return int.from_bytes(self._buffer[self._start : self._start + LENGTH_BYTES], "big")
+
+    def feed(self, data: bytes | bytearray | memoryview, now: float = 0.0) -> None:
         if self._start and self._start > len(self._buffer) // 2:
             del self._buffer[: self._start]
             self._start = 0
+        if data and not self.buffered:
+            self._since = now
+        self._last_feed = now
         self._buffer += data
 
     def next_frame_untrusted(self) -> Frame | None:
@@ -66,14 +92,20 @@ class FrameDecoder:
             raise WireError(ErrorCode.PROTOCOL_VIOLATION, "empty frame")
         if length > self._max_frame:
             raise WireError(ErrorCode.FRAME_TOO_LARGE, f"frame of {length} bytes")
+        if available <= LENGTH_BYTES:
+            return None
+        tag = self._buffer[start + LENGTH_BYTES]
+        if self._limit_for is not None and length > self._limit_for(tag):
+            raise WireError(ErrorCode.FRAME_TOO_LARGE, f"frame of {length} bytes, tag 0x{tag:02x}")
         if available < LENGTH_BYTES + length:
             return None
         body_start = start + LENGTH_BYTES + 1
         end = start + LENGTH_BYTES + length
-        tag = self._buffer[start + LENGTH_BYTES]
         # One copy (through a view, not a bytearray slice, which would copy twice): the
         # frame outlives later feeds, which may move the buffer.
         with memoryview(self._buffer) as whole:
             body = memoryview(bytes(whole[body_start:end]))
         self._start = end
+        # What is left arrived by the last feed at the latest: its frame's clock starts there.
+        self._since = self._last_feed
         return Frame(tag, body)

@@ -457,6 +457,67 @@ RESERVED_TAGS = frozenset({0x00, 0xFF})
 """Never assigned: 0x00 catches zeroed buffers, 0xFF is kept for an extension escape."""
 
 
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """What one message type may cost a receiver, derived from its schema.
+
+    ``frame``: the largest frame (tag + body) an honest sender produces, with room for
+    appended fields; ``objects`` / ``depth``: msgpack objects and nesting in its fields
+    (checked before msgpack builds anything, so a frame of nested empty arrays costs a scan
+    of at most ``objects`` bytes, not a gigabyte of lists).
+    """
+
+    frame: int
+    objects: int
+    depth: int
+
+
+# Later versions may append fields: every bound leaves room for a few small ones.
+_EXTRA_OBJECTS = 16
+_SMALL_FRAME = 1024
+_HASH_BYTES = 2 + 32  # msgpack bin8 header + hash
+_UINT_BYTES = 9  # msgpack uint64
+
+
+def _bounds(frame: int, objects: int, depth: int) -> Bounds:
+    # Twice the schema's size: a list one item too long is then refused by the field check
+    # (PROTOCOL_VIOLATION) rather than by the frame bound, and appended fields fit.
+    size = min(2 * max(frame, _SMALL_FRAME) + 64, MAX_FRAME_BYTES)
+    return Bounds(size, objects + _EXTRA_OBJECTS, depth + 1)
+
+
+BOUNDS: dict[int, Bounds] = {
+    Hello.TAG: _bounds(0, 4, 1),
+    ErrorReply.TAG: _bounds(MAX_TEXT * 4 + 2 * _UINT_BYTES, 3, 1),
+    GetManifest.TAG: _bounds(0, 2, 1),
+    ManifestReply.TAG: _bounds(4096, 2, 1),
+    GetNodes.TAG: _bounds(MAX_HASHES_PER_REQUEST * _HASH_BYTES, 3 + MAX_HASHES_PER_REQUEST, 2),
+    NodesReply.TAG: _bounds(MAX_NODES_PER_REPLY * (MAX_NODE_BYTES + 5), 2 + MAX_NODES_PER_REPLY, 2),
+    GetChunks.TAG: _bounds(
+        MAX_CHUNKS_PER_REQUEST * (1 + _UINT_BYTES + _HASH_BYTES), 3 + 3 * MAX_CHUNKS_PER_REQUEST, 3
+    ),
+    ChunkData.TAG: Bounds(MAX_FRAME_BYTES, 2 + _EXTRA_OBJECTS, 2),
+    Cancel.TAG: _bounds(0, 1, 1),
+    GetHave.TAG: _bounds(0, 2, 1),
+    HaveReply.TAG: _bounds((MAX_PIECES + 7) // 8 + 32, 4, 1),
+    HaveUpdate.TAG: _bounds(MAX_HAVE_UPDATE * _UINT_BYTES, 2 + MAX_HAVE_UPDATE, 2),
+    FolderHello.TAG: _bounds(0, 3, 1),
+    FolderChallenge.TAG: _bounds(0, 3, 1),
+    FolderProof.TAG: _bounds(0, 3, 1),
+    FolderWelcome.TAG: _bounds(MAX_FOLDER_MEMBERS * 128, 2 + 4 * MAX_FOLDER_MEMBERS, 3),
+    WatchFolder.TAG: _bounds(0, 2, 1),
+    FolderRoot.TAG: _bounds(0, 3, 1),
+}
+"""Per message tag; a tag missing here is unknown to this version."""
+
+REQUEST_TAGS = frozenset(
+    cls.TAG
+    for cls in (GetManifest, GetNodes, GetChunks, GetHave, FolderHello, FolderProof, WatchFolder)
+) | {Cancel.TAG}
+"""What a client may send after its Hello (Cancel included)."""
+REPLY_TAGS = frozenset(BOUNDS) - REQUEST_TAGS - {Hello.TAG}
+
+
 def encode_message(message: Message) -> bytes:
     """One whole frame."""
     header: bytes = msgpack.packb(message.fields(), use_bin_type=True)
@@ -477,8 +538,13 @@ def encode_chunk_data_header(request_id: int, index: int, payload_length: int) -
 
 def decode_message_untrusted(frame: Frame) -> Message:
     """Parse one frame's message; every defect raises WireError with its code."""
+    bounds = BOUNDS.get(frame.tag)
+    if bounds is None:
+        raise WireError(ErrorCode.UNKNOWN_MESSAGE, f"unknown message tag 0x{frame.tag:02x}")
+    if len(frame.body) + 1 > bounds.frame:
+        raise WireError(ErrorCode.FRAME_TOO_LARGE, f"{len(frame.body)}-byte body for its tag")
     if frame.tag == ChunkData.TAG:
-        fields, end = _unpack_fields(frame.body, allow_payload=True)
+        fields, end = _unpack_fields(frame.body, bounds, allow_payload=True)
         _need(fields, 2, "ChunkData")
         payload = frame.body[end:]
         if len(payload) > MAX_CHUNK_LENGTH:
@@ -486,30 +552,27 @@ def decode_message_untrusted(frame: Frame) -> Message:
         return ChunkData(
             _request_id(fields[0]), _uint(fields[1], "index", MAX_CHUNKS_PER_REQUEST - 1), payload
         )
-    decoder = _FIELD_DECODERS.get(frame.tag)
-    if decoder is None:
-        raise WireError(ErrorCode.UNKNOWN_MESSAGE, f"unknown message tag 0x{frame.tag:02x}")
-    fields, _ = _unpack_fields(frame.body, allow_payload=False)
+    decoder = _FIELD_DECODERS[frame.tag]
+    fields, _ = _unpack_fields(frame.body, bounds, allow_payload=False)
     return decoder(fields)
 
 
-def _unpack_fields(body: memoryview, allow_payload: bool) -> tuple[list[Any], int]:
+def _unpack_fields(body: memoryview, bounds: Bounds, allow_payload: bool) -> tuple[list[Any], int]:
+    # Only a ChunkData's small header array is parsed; its payload never reaches msgpack.
+    data = body[:64] if allow_payload else body
+    _check_shape_untrusted(data, bounds)
     unpacker = msgpack.Unpacker(
         raw=False,
         use_list=True,
         strict_map_key=True,
-        max_buffer_size=MAX_FRAME_BYTES,
-        max_bin_len=MAX_FRAME_BYTES,
+        max_buffer_size=max(len(data), 1),
+        max_bin_len=bounds.frame,
         max_str_len=MAX_TEXT * 4,
-        max_array_len=max(MAX_HASHES_PER_REQUEST, MAX_CHUNKS_PER_REQUEST, MAX_HAVE_UPDATE),
-        max_map_len=64,
+        max_array_len=bounds.objects,
+        max_map_len=bounds.objects // 2,
         max_ext_len=0,
     )
-    if allow_payload:
-        # Only the small header array is parsed; the payload is never fed to msgpack.
-        unpacker.feed(body[:64])
-    else:
-        unpacker.feed(body)
+    unpacker.feed(data)
     try:
         fields = unpacker.unpack()
     except msgpack.OutOfData as exc:
@@ -522,6 +585,68 @@ def _unpack_fields(body: memoryview, allow_payload: bool) -> tuple[list[Any], in
     if not allow_payload and end != len(body):
         raise WireError(ErrorCode.PROTOCOL_VIOLATION, "trailing bytes after message")
     return fields, end
+
+
+# msgpack first bytes of fixed-size scalars -> bytes that follow them.
+_SCALAR_SIZES = {
+    0xC0: 0, 0xC2: 0, 0xC3: 0,  # nil, false, true
+    0xCA: 4, 0xCB: 8,  # float32, float64
+    0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8,  # uint8..64
+    0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8,  # int8..64
+}  # fmt: skip
+# First bytes of str / bin with an n-byte length -> n.
+_SIZED = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}
+# First bytes of array / map with an n-byte count -> (n, items per count).
+_CONTAINERS = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}
+
+
+def _check_shape_untrusted(data: memoryview | bytes, bounds: Bounds) -> None:
+    """Walk the first msgpack object's skeleton without building it: at most
+    ``bounds.objects`` objects nested at most ``bounds.depth`` deep, else WireError.
+
+    The walk stops at the first object over the bound, so its cost is bounded by the
+    schema, never by what the peer declares.
+    """
+    size = len(data)
+    pos = 0
+    objects = 0
+    left = [1]  # items still to read at each open nesting level
+    while left:
+        if not left[-1]:
+            left.pop()
+            continue
+        left[-1] -= 1
+        if pos >= size:
+            raise WireError(ErrorCode.PROTOCOL_VIOLATION, "truncated message fields")
+        objects += 1
+        if objects > bounds.objects:
+            raise WireError(ErrorCode.PROTOCOL_VIOLATION, "too many objects in message fields")
+        first = data[pos]
+        pos += 1
+        count = -1
+        if first <= 0x7F or first >= 0xE0:  # fixint
+            continue
+        if first <= 0x8F:  # fixmap
+            count = 2 * (first & 0x0F)
+        elif first <= 0x9F:  # fixarray
+            count = first & 0x0F
+        elif first <= 0xBF:  # fixstr
+            pos += first & 0x1F
+        elif first in _SCALAR_SIZES:
+            pos += _SCALAR_SIZES[first]
+        elif first in _SIZED:
+            width = _SIZED[first]
+            pos += width + int.from_bytes(data[pos : pos + width], "big")
+        elif first in _CONTAINERS:
+            width, per = _CONTAINERS[first]
+            count = per * int.from_bytes(data[pos : pos + width], "big")
+            pos += width
+        else:  # extension types, and 0xC1, which msgpack never uses
+            raise WireError(ErrorCode.PROTOCOL_VIOLATION, f"msgpack type 0x{first:02x}")
+        if count >= 0:
+            if len(left) > bounds.depth:
+                raise WireError(ErrorCode.PROTOCOL_VIOLATION, "message fields nested too deep")
+            left.append(count)
 
 
 def _need(fields: list[Any], count: int, name: str) -> None:

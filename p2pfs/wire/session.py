@@ -15,6 +15,9 @@ from p2pfs.errors import LocalProtocolError
 from p2pfs.wire.codes import ErrorCode, WireError
 from p2pfs.wire.frames import FrameDecoder
 from p2pfs.wire.messages import (
+    BOUNDS,
+    REPLY_TAGS,
+    REQUEST_TAGS,
     Cancel,
     ChunkData,
     ErrorReply,
@@ -41,6 +44,10 @@ from p2pfs.wire.messages import (
 PROTOCOL_VERSION = 1
 MIN_PROTOCOL_VERSION = 1
 AGENT = "p2pfs/0.1"
+FRAME_DEADLINE = 10.0
+"""Seconds a peer may leave a frame unfinished (plus FRAME_MIN_RATE for its size)."""
+FRAME_MIN_RATE = 64 * 1024
+"""Bytes per second below which a large frame's sender is treated as stalling."""
 
 Request = GetManifest | GetNodes | GetChunks | GetHave | FolderHello | FolderProof | WatchFolder
 Reply = (
@@ -102,7 +109,7 @@ class StreamSession:
     def __init__(self, role: Role, version: int = PROTOCOL_VERSION) -> None:
         self.role = role
         self._version = version
-        self._decoder = FrameDecoder()
+        self._decoder = FrameDecoder(limit_for=self._frame_limit_untrusted)
         self.peer_hello: Hello | None = None
         self.version: int | None = None
         """The version both sides speak, once the peer's Hello arrived."""
@@ -146,8 +153,39 @@ class StreamSession:
 
     # -- input ----------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        self._decoder.feed(data)
+    def receive_data(self, data: bytes | bytearray | memoryview, now: float = 0.0) -> None:
+        """Buffer the peer's bytes; ``now`` (any clock) starts a new frame's deadline."""
+        self._decoder.feed(data, now)
+
+    def frame_deadline(self) -> float | None:
+        """When the peer's unfinished frame is overdue (same clock as ``now``), or None.
+
+        A frame's sender gets FRAME_DEADLINE seconds, plus time for its declared size at
+        FRAME_MIN_RATE, so a peer cannot hold a half-sent frame (and its buffer) forever.
+        """
+        since = self._decoder.unfinished_since
+        if since is None:
+            return None
+        return since + FRAME_DEADLINE + self._decoder.pending_frame_length / FRAME_MIN_RATE
+
+    def _frame_limit_untrusted(self, tag: int) -> int:
+        """The largest frame the peer may send with ``tag`` now (WireError if none).
+
+        Decided from the five header bytes, before the body is buffered: before the Hello
+        only a Hello, then requests to a server (a few KiB) and replies to a client.
+        """
+        bounds = BOUNDS.get(tag)
+        if bounds is None:
+            raise WireError(ErrorCode.UNKNOWN_MESSAGE, f"unknown message tag 0x{tag:02x}")
+        if self.peer_hello is None:
+            allowed = tag == Hello.TAG
+        elif self.role is Role.SERVER:
+            allowed = tag in REQUEST_TAGS
+        else:
+            allowed = tag in REPLY_TAGS
+        if not allowed:
+            raise WireError(ErrorCode.PROTOCOL_VIOLATION, f"message tag 0x{tag:02x} not allowed")
+        return bounds.frame
 
     def next_message(self) -> Message | None:
         """The next message from the peer, or None until more data arrives."""

@@ -43,6 +43,11 @@ from ..storage import AsyncIndex
 logger = logging.getLogger(__name__)
 
 FILE_NODE_CACHE = 64
+MAX_CHALLENGES_PER_CONNECTION = 16
+"""Open FolderHello challenges one connection may hold (an honest client opens one per
+folder and answers it within a round trip); a new one beyond this replaces the oldest."""
+MAX_CHALLENGES = 4096
+"""Open challenges across all connections; beyond this a FolderHello is answered BUSY."""
 SERVER_ROLE = "server"
 CLIENT_ROLE = "client"
 
@@ -85,15 +90,38 @@ class FolderServer:
         self._lookup = lookup
         self._own_id = own_id
         self._file_nodes: OrderedDict[ContentHash, dict[ContentHash, bytes]] = OrderedDict()
+        self._challenges_held = 0
 
     def is_member(self, grants: FolderGrants, folder_id: bytes) -> ServedFolder | None:
         if folder_id not in grants.members:
             return None
         return self._lookup(folder_id)
 
+    @property
+    def challenges_held(self) -> int:
+        """Open FolderHello challenges across all connections."""
+        return self._challenges_held
+
+    def forget(self, grants: FolderGrants) -> None:
+        """The connection holding ``grants`` ended: its open challenges go with it."""
+        self._challenges_held -= len(grants.challenges)
+        grants.challenges.clear()
+
     def hello(
         self, request: FolderHello, conn: PeerConnection, grants: FolderGrants
-    ) -> FolderChallenge:
+    ) -> FolderChallenge | ErrorReply:
+        challenges = grants.challenges
+        if request.folder_id in challenges:
+            del challenges[request.folder_id]  # a new hello replaces its folder's challenge
+            self._challenges_held -= 1
+        elif len(challenges) >= MAX_CHALLENGES_PER_CONNECTION:
+            del challenges[next(iter(challenges))]  # the oldest
+            self._challenges_held -= 1
+        if self._challenges_held >= MAX_CHALLENGES:
+            logger.warning(
+                "folder challenges at their cap: FolderHello from %s refused", conn.peer_id.short()
+            )
+            return ErrorReply(request.request_id, ErrorCode.BUSY, "too many open challenges")
         server_nonce = os.urandom(32)
         folder = self._lookup(request.folder_id)
         if folder is None:
@@ -102,13 +130,16 @@ class FolderServer:
             proof = folder.keys.membership_proof(
                 SERVER_ROLE, request.nonce, server_nonce, self._own_id, conn.peer_id.raw
             )
-        grants.challenges[request.folder_id] = (request.nonce, server_nonce)
+        challenges[request.folder_id] = (request.nonce, server_nonce)
+        self._challenges_held += 1
         return FolderChallenge(request.request_id, server_nonce, proof)
 
     def proof(
         self, request: FolderProof, conn: PeerConnection, grants: FolderGrants
     ) -> FolderWelcome | ErrorReply:
         nonces = grants.challenges.pop(request.folder_id, None)
+        if nonces is not None:
+            self._challenges_held -= 1
         folder = self._lookup(request.folder_id)
         if (
             nonces is None
@@ -156,8 +187,13 @@ class FolderServer:
         # File-tree nodes: a file root the folder holds, or a node reached from one on this
         # connection. All trees a request needs are loaded in one worker-thread call.
         wanted_files: dict[ContentHash, ContentHash] = {}
+        # Nodes the folder serves itself, read once: a record can be replaced while the
+        # file trees load below, and the answer must use what was checked here.
+        served: dict[ContentHash, bytes] = {}
         for node_hash in request.hashes:
-            if folder.served_node(node_hash) is not None:
+            own = folder.served_node(node_hash)
+            if own is not None:
+                served[node_hash] = own
                 continue
             file_root = node_hash if folder.has_file_root(node_hash) else None
             file_root = file_root or grants.file_nodes.get(node_hash)
@@ -183,7 +219,7 @@ class FolderServer:
                     self._file_nodes.popitem(last=False)
         found: list[bytes] = []
         for node_hash in request.hashes:
-            encoded = folder.served_node(node_hash)
+            encoded = served.get(node_hash)
             if encoded is None:
                 file_root = wanted_files[node_hash]
                 encoded = trees.get(file_root, {}).get(node_hash)
