@@ -49,6 +49,10 @@ from p2pfs.ids import ContentHash
 from p2pfs.store.assemble import is_partial_name
 from p2pfs.store.index import CHUNK_RECORD, FileRow, IndexStore, NewFile, build_file_tree
 
+STATE_DIR_NAME = ".p2pfs"
+"""A sync folder's own state directory (compared case-folded: on a file system that
+ignores case, `.P2PFS` is the same directory)."""
+
 log = logging.getLogger(__name__)
 
 RACY_WINDOW_NS = 2_000_000_000
@@ -302,8 +306,10 @@ class _Scan:
         subdirs: list[tuple[str, str]] = []
         for entry in entries:
             name = entry.name
-            if name[0] == "." and is_partial_name(name):
-                continue  # a download in progress: not content of this share (yet)
+            if name[0] == "." and (is_partial_name(name) or name.casefold() == STATE_DIR_NAME):
+                # A download in progress, or a sync folder's state (its kept versions among
+                # it) at any depth: never content of a share, even of a parent folder's.
+                continue
             if name.isascii() and "\\" not in name and len(name) <= MAX_NAME_BYTES:
                 # What normalize_local_name returns for an ASCII name a directory listed
                 # (never empty, "." or "..", nor holding "/" or NUL), without its cost.

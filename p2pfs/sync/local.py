@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
+from p2pfs.errors import LocalProtocolError
 from p2pfs.ids import ContentHash
 from p2pfs.sync.versions import DIRECTORY_ROOT, FileVersion, VersionVector
 
@@ -48,12 +49,16 @@ def local_changes(
     now_ns: int,
     absence_is_unknown: Callable[[str], bool],
     absent: Collection[str] = (),
+    refused: dict[str, str] | None = None,
 ) -> list[FileVersion]:
     """New versions (this device's) for every path whose disk state differs from its record.
 
     ``absent``: paths whose record this member stores without holding the content. A file
     found there was not made from that record, so its version is concurrent with it (only
     this device's next counter), never after it; and the file's absence is no delete.
+
+    ``refused``: paths whose change cannot be recorded (a stored vector that cannot be
+    bumped) are listed there, path -> why; one such path never stops the others.
     """
     changes: list[FileVersion] = []
     for path, found in disk.items():
@@ -63,10 +68,16 @@ def local_changes(
                 vector = VersionVector.of({device: record.version.counter(device)})
             else:
                 vector = record.version if record is not None else VersionVector.empty()
+            try:
+                bumped = vector.bump(device)
+            except LocalProtocolError as exc:
+                if refused is not None:
+                    refused[path] = str(exc)
+                continue
             changes.append(
                 FileVersion(
                     path,
-                    vector.bump(device),
+                    bumped,
                     False,
                     found.root,
                     found.size,
@@ -78,7 +89,13 @@ def local_changes(
     for path, record in records.items():
         if record.deleted or path in disk or path in absent or absence_is_unknown(path):
             continue
-        changes.append(FileVersion.tombstone(path, record.version.bump(device), now_ns, device))
+        try:
+            bumped = record.version.bump(device)
+        except LocalProtocolError as exc:
+            if refused is not None:
+                refused[path] = str(exc)
+            continue
+        changes.append(FileVersion.tombstone(path, bumped, now_ns, device))
     return changes
 
 

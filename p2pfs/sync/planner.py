@@ -93,7 +93,9 @@ def resolve(a: FileVersion, b: FileVersion) -> Resolution:
         return Resolution(a)
     if order is Ordering.BEFORE:
         return Resolution(b)
-    merged = a.version.merge(b.version)
+    # Compacted, keeping both edits' devices: their counters are what tell every older
+    # version apart from this record.
+    merged = a.version.merge(b.version).compact({a.modified_by, b.modified_by})
     if a.deleted != b.deleted:
         live = b if a.deleted else a
         return Resolution(replace(live, version=merged))

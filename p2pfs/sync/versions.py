@@ -32,6 +32,14 @@ MAX_DEVICES = 1024
 """Entries a vector may hold: a folder with more writers than this is not one we accept."""
 MAX_COUNTER = (1 << 63) - 1
 """Counters are non-negative int64 so every implementation (and SQLite) can hold them."""
+MAX_WIRE_COUNTER = 1 << 62
+"""Counters a peer may send: far above any real count (one edit a nanosecond for 146
+years), with 2^62 bumps of headroom below MAX_COUNTER, so a record no member can bump past
+(the old `bump` overflow that stopped a folder's change recording) never gets in."""
+MAX_RECORD_DEVICES = 256
+"""Entries a vector made here may hold (records are compacted to this when made). Well
+below MAX_DEVICES, so merging what any member accepted and adding one device always
+yields a record every member accepts."""
 MIN_MTIME_NS = -(1 << 63)
 MAX_MTIME_NS = (1 << 63) - 1
 MAX_PATH_BYTES = 64 * 1024
@@ -113,14 +121,33 @@ class VersionVector(Mapping[bytes, int]):
         return dict(self.entries).get(device, 0)
 
     def bump(self, device: bytes) -> VersionVector:
-        """The vector of a change made by ``device`` on top of this version."""
+        """The vector of a change made by ``device`` on top of this version (compacted)."""
         _check_device(device)
         counters = dict(self.entries)
         value = counters.get(device, 0) + 1
         if value > MAX_COUNTER:
             raise LocalProtocolError("version counter overflow")
         counters[device] = value
-        return VersionVector.of(counters)
+        return VersionVector.of(counters).compact({device})
+
+    def compact(self, keep: set[bytes], cap: int = MAX_RECORD_DEVICES) -> VersionVector:
+        """At most ``cap`` entries: the devices in ``keep`` and then the largest counters
+        (ties: the larger device id); the smallest counters of other devices are dropped.
+
+        Sound for the planner (protocol/SYNC.md, Vectors): dropping entries only makes a
+        vector smaller, so it can turn AFTER into CONCURRENT (a conflict copy instead of an
+        overwrite: nothing lost), never CONCURRENT into AFTER; and ``keep`` holds the device
+        whose new counter makes the record, which no version that has not seen it can match,
+        so nothing older can ever be AFTER or EQUAL to it. Deterministic, so every member
+        compacts a merge to the same vector.
+        """
+        if len(self.entries) <= cap:
+            return self
+        kept = [(d, c) for d, c in self.entries if d in keep]
+        others = sorted(((c, d) for d, c in self.entries if d not in keep), reverse=True)[
+            : max(cap - len(kept), 0)
+        ]
+        return VersionVector.of({**dict(kept), **{d: c for c, d in others}})
 
     def merge(self, other: VersionVector) -> VersionVector:
         """The per-device maximum: the least version that has seen both."""
@@ -159,7 +186,7 @@ class VersionVector(Mapping[bytes, int]):
             device, counter = item
             if not isinstance(device, bytes) or len(device) != DEVICE_ID_LEN:
                 raise RemoteProtocolError("version vector: bad device id")
-            if type(counter) is not int or not 1 <= counter <= MAX_COUNTER:
+            if type(counter) is not int or not 1 <= counter <= MAX_WIRE_COUNTER:
                 raise RemoteProtocolError(f"version vector: bad counter {counter!r}")
             entries.append((device, counter))
         try:

@@ -79,8 +79,10 @@ class IgnoreRules:
         self._loaded = key
 
     def __call__(self, path: str, is_directory: bool = False) -> bool:
-        top = path.split("/", 1)[0]
-        if top == STATE_DIR or is_partial_name(path.rsplit("/", 1)[-1]):
+        # Any component that is a state directory but for case: on a file system that
+        # ignores case `.P2PFS/...` lands in ours; a nested sync folder's is its own.
+        parts = path.split("/")
+        if any(part.casefold() == STATE_DIR for part in parts) or is_partial_name(parts[-1]):
             return True
         if path == IGNORE_FILE or self._spec is None:
             return False

@@ -274,6 +274,7 @@ class FolderSync:
         for directory in directories:
             found[directory] = directory_entry(directory)
         unreadable = disk.problem_paths(self.path, [p.path for p in result.problems])
+        refused: dict[str, str] = {}
         changes = local_changes(
             {path: record.version for path, record in self.records.items()},
             found,
@@ -281,7 +282,10 @@ class FolderSync:
             time.time_ns(),
             lambda path: self.ignore(path) or unreadable(path),
             absent=self.absent,
+            refused=refused,
         )
+        # One path whose change cannot be recorded fails alone; the rest are recorded.
+        self.problems += [f"{path}: change not recorded: {why}" for path, why in refused.items()]
         if not self.writable:
             self.unrecorded = {change.path for change in changes}
             return
