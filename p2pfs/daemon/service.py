@@ -52,7 +52,7 @@ from p2pfs.wire.messages import (
     WatchFolder,
     encode_chunk_data_header,
 )
-from p2pfs.wire.session import Role, StreamSession
+from p2pfs.wire.session import FRAME_DEADLINE, Role, StreamSession
 
 from .folders.server import FolderGrants, FolderServer
 from .ratelimit import TokenBucket, throttle
@@ -132,6 +132,8 @@ class ShareService:
         self.verify_reads = True
         """Hash every chunk read before sending it. Off only in tests that need a peer which
         sends corrupt data (the daemon's hidden --test-serve-unverified)."""
+        self.frame_deadline = FRAME_DEADLINE
+        """Seconds a peer may leave a request frame unfinished before its stream is reset."""
         self._piece_counts: dict[ContentHash, int] = {}
         self._file_nodes: OrderedDict[ContentHash, dict[ContentHash, bytes]] = OrderedDict()
 
@@ -159,7 +161,7 @@ class ShareService:
     ) -> None:
         """One stream's requests: a failure boundary (GUIDE rule 12). Whatever goes wrong,
         bare or inside a nursery's group, ends this stream only; cancellation goes on."""
-        session = StreamSession(Role.SERVER)
+        session = StreamSession(Role.SERVER, frame_deadline=self.frame_deadline)
         try:
             await self._serve_requests(conn, stream, session, grants)
         except BaseException as exc:

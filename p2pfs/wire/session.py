@@ -106,8 +106,11 @@ class _Outstanding:
 class StreamSession:
     """One stream's protocol state for one side."""
 
-    def __init__(self, role: Role, version: int = PROTOCOL_VERSION) -> None:
+    def __init__(
+        self, role: Role, version: int = PROTOCOL_VERSION, frame_deadline: float = FRAME_DEADLINE
+    ) -> None:
         self.role = role
+        self._frame_deadline = frame_deadline
         self._version = version
         self._decoder = FrameDecoder(limit_for=self._frame_limit_untrusted)
         self.peer_hello: Hello | None = None
@@ -160,13 +163,13 @@ class StreamSession:
     def frame_deadline(self) -> float | None:
         """When the peer's unfinished frame is overdue (same clock as ``now``), or None.
 
-        A frame's sender gets FRAME_DEADLINE seconds, plus time for its declared size at
+        A frame's sender gets ``frame_deadline`` seconds, plus time for its declared size at
         FRAME_MIN_RATE, so a peer cannot hold a half-sent frame (and its buffer) forever.
         """
         since = self._decoder.unfinished_since
         if since is None:
             return None
-        return since + FRAME_DEADLINE + self._decoder.pending_frame_length / FRAME_MIN_RATE
+        return since + self._frame_deadline + self._decoder.pending_frame_length / FRAME_MIN_RATE
 
     def _frame_limit_untrusted(self, tag: int) -> int:
         """The largest frame the peer may send with ``tag`` now (WireError if none).
