@@ -1,9 +1,9 @@
 """The ``p2pfs`` command line: argument parsing and output formatting, nothing else.
 
 Every command but ``daemon`` and ``manifest`` is one call to the running daemon's control
-API. Exit codes: 0 success, 1 done but some paths were skipped, 2 usage or local error,
-3 no daemon is running for this home, 4 the peer or network failed (unreachable, refused,
-bad data).
+API. Exit codes: 0 success, 1 done but some paths were skipped, 2 usage, input or local
+error (a bad ticket or address included), 3 no daemon is running for this home, 4 the peer
+or network failed (unreachable, refused, bad data), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TextIO
@@ -35,7 +37,7 @@ from p2pfs.errors import P2pfsError
 from p2pfs.home import resolve_home
 from p2pfs.store.index import CHUNK_RECORD, INDEX_FILENAME, IndexStore
 from p2pfs.store.scanner import ScanResult, scan_share
-from p2pfs.wire.ticket import parse_address
+from p2pfs.wire.ticket import PeerAddress, parse_address, parse_ticket_untrusted
 
 DEFAULT_LISTEN = "0.0.0.0:7337"
 """A fixed default port, so tickets made before a restart still name the right address."""
@@ -44,6 +46,8 @@ EXIT_PROBLEMS = 1
 EXIT_FATAL = 2
 EXIT_NO_DAEMON = 3
 EXIT_REMOTE = 4
+EXIT_INTERRUPTED = 130
+STOP_WAIT = 15.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,7 +64,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="node state directory (default: $P2PFS_HOME, else the user data dir)",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more (debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     manifest = commands.add_parser(
         "manifest", help="index a file or folder offline and print its share root and counts"
@@ -119,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("id", "this node's id and addresses"),
         ("status", "peers, shares, transfers, counters"),
+        ("stop", "stop this home's daemon (as Ctrl-C in its terminal would)"),
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--json", action="store_true", help="print one JSON object")
@@ -149,6 +155,19 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("ticket", metavar="TICKET")
     fetch.add_argument("dest", metavar="DEST")
     fetch.add_argument("--peer", metavar="HOST:PORT", action="append", default=[])
+    fetch.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files at DEST that differ from the share (old ones kept in "
+        "DEST/.p2pfs/versions/); without it such a fetch stops before writing",
+    )
+    fetch.add_argument(
+        "--give-up-after",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="end (resumable) when no holder has served anything for this long (default 60)",
+    )
     fetch.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -161,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FATAL
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
@@ -185,8 +204,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"p2pfs: error: {exc}", file=sys.stderr)
         return EXIT_FATAL
     except KeyboardInterrupt:
-        print("p2pfs: interrupted", file=sys.stderr)
-        return EXIT_FATAL
+        # Closing the control socket (on the way out) cancels the request in the daemon.
+        what = "; partial data is kept: run it again to resume" if args.command == "fetch" else ""
+        print(f"p2pfs: interrupted{what}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _daemon(args: argparse.Namespace) -> int:
@@ -201,7 +222,7 @@ def _daemon(args: argparse.Namespace) -> int:
     config = NodeConfig(
         home=resolve_home(args.home),
         listen=listen,
-        peers=tuple(parse_address(peer) for peer in args.peer),
+        peers=tuple(parse_address(peer, allow_names=True) for peer in args.peer),
         max_upload_rate=args.max_upload_rate,
         max_download_rate=args.max_download_rate,
         test_serve_unverified=args.test_serve_unverified,
@@ -212,7 +233,7 @@ def _daemon(args: argparse.Namespace) -> int:
         discovery=DiscoveryConfig(
             dht_host=listen.host,
             dht_port=_dht_port(args.dht_port, listen.port),
-            bootstrap=tuple(parse_address(node) for node in args.bootstrap),
+            bootstrap=tuple(_resolved(parse_address(n, allow_names=True)) for n in args.bootstrap),
             mainline=args.mainline,
             mainline_port=args.mainline_port,
             mainline_loopback_testing=args.mainline_loopback_testing,
@@ -220,20 +241,49 @@ def _daemon(args: argparse.Namespace) -> int:
             lan_port=LAN_PORT if args.lan_port is None else args.lan_port,
         ),
     )
-    logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.getLogger().setLevel(level)
     # The QUIC engine logs every orderly peer close as a warning; only its errors matter here.
     logging.getLogger("quic").setLevel(logging.ERROR)
     # The DHT package warns of every unanswered call: normal on any real network.
     logging.getLogger("kademlia").setLevel(logging.ERROR)
-    if args.profile_to:  # a developer's aid: the main thread's profile, written at exit
-        import cProfile  # noqa: PLC0415
+    try:
+        if args.profile_to:  # a developer's aid: the main thread's profile, written at exit
+            import cProfile  # noqa: PLC0415
 
-        with cProfile.Profile() as profile:
+            with cProfile.Profile() as profile:
+                trio.run(run_node, config)
+            profile.dump_stats(args.profile_to)
+        else:
             trio.run(run_node, config)
-        profile.dump_stats(args.profile_to)
-    else:
-        trio.run(run_node, config)
+    except BaseExceptionGroup as group:
+        # A failure at start (a port taken, the home locked) arrives wrapped by the
+        # nurseries it passed through: say it in one line, not as a traceback.
+        ours = _first_p2pfs_error(group)
+        if ours is None:
+            raise
+        raise ours from None
     return EXIT_OK
+
+
+def _first_p2pfs_error(raised: BaseException) -> P2pfsError | None:
+    if isinstance(raised, P2pfsError):
+        return raised
+    if isinstance(raised, BaseExceptionGroup):
+        for inner in raised.exceptions:
+            found = _first_p2pfs_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def _resolved(address: PeerAddress) -> PeerAddress:
+    """A host name for the DHT, resolved once at start (the DHT speaks to IP addresses)."""
+    try:
+        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise OSError(f"cannot resolve {address.host!r}: {exc}") from exc
+    return PeerAddress(str(infos[0][4][0]), address.port)
 
 
 def _dht_port(explicit: int | None, quic_port: int) -> int:
@@ -246,6 +296,16 @@ def _dht_port(explicit: int | None, quic_port: int) -> int:
 
 def _call_daemon(args: argparse.Namespace) -> int:
     socket_path = str(resolve_home(args.home) / SOCKET_NAME)
+    # Input the user typed is checked here, so a typo is a usage error (2), never taken
+    # for a network failure.
+    if getattr(args, "ticket", None) is not None:
+        parse_ticket_untrusted(args.ticket)
+    if args.command == "sync" and args.target not in ("list", "remove") and args.argument:
+        parse_ticket_untrusted(args.argument)
+    for peer in getattr(args, "peer", None) or []:
+        parse_address(peer, allow_names=True)
+    if args.command == "stop":
+        return _stop(socket_path, args.json)
     if args.command in ("id", "status"):
         result = call(socket_path, args.command)
         _print_result(result, args.json, _human_id if args.command == "id" else _human_status)
@@ -275,7 +335,13 @@ def _call_daemon(args: argparse.Namespace) -> int:
         result = call(socket_path, "ls", {"ticket": args.ticket, "peers": args.peer})
         _print_result(result, args.json, _human_ls)
         return EXIT_OK
-    params = {"ticket": args.ticket, "dest": os.path.abspath(args.dest), "peers": args.peer}
+    params = {
+        "ticket": args.ticket,
+        "dest": os.path.abspath(args.dest),
+        "peers": args.peer,
+        "overwrite": args.overwrite,
+        "give_up_after": args.give_up_after,
+    }
     with _fetch_progress(sys.stderr) as on_event:
         result = call(socket_path, "fetch", params, on_event)
     if args.json:
@@ -286,6 +352,28 @@ def _call_daemon(args: argparse.Namespace) -> int:
             f"{result['bytes']} bytes ({result['bytes_from_peer']} from the peer, "
             f"{result['bytes_local']} copied locally, {result['bytes_resumed']} resumed)"
         )
+    return EXIT_OK
+
+
+def _stop(socket_path: str, as_json: bool) -> int:
+    """Ask the daemon to stop, then wait until its socket stops answering."""
+    result = call(socket_path, "stop")
+    deadline = time.monotonic() + STOP_WAIT
+    while time.monotonic() < deadline:
+        try:
+            call(socket_path, "id")
+        except DaemonNotRunning:
+            break
+        except (P2pfsError, OSError):
+            pass  # answering no more, socket not yet gone
+        time.sleep(0.1)  # waiting on another process to exit
+    else:
+        print(f"p2pfs: the daemon (pid {result['pid']}) is still stopping", file=sys.stderr)
+        return EXIT_FATAL
+    if as_json:
+        print(json.dumps({"stopped": True, "pid": result["pid"]}))
+    else:
+        print(f"stopped the daemon (pid {result['pid']})")
     return EXIT_OK
 
 

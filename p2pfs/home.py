@@ -5,15 +5,59 @@ Several nodes can live on one machine by giving each its own home.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
-from collections.abc import Mapping
+import stat
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import platformdirs
 
-from p2pfs.errors import StorageError
+from p2pfs.errors import LocalProtocolError, StorageError
 
 HOME_ENV = "P2PFS_HOME"
+LOCK_NAME = "daemon.lock"
+
+
+class DaemonRunningError(LocalProtocolError):
+    """Another daemon holds this home."""
+
+    def __init__(self, home: Path, pid: str) -> None:
+        who = f"pid {pid}" if pid else "pid unknown"
+        super().__init__(
+            f"a p2pfs daemon is already running for {home} ({who}); stop it with "
+            "`p2pfs stop`, or give this one its own --home"
+        )
+        self.pid = pid
+
+
+@contextlib.contextmanager
+def hold_home_lock(home: Path) -> Iterator[None]:
+    """One daemon per home: an exclusive lock on ``home/daemon.lock`` for the daemon's life,
+    holding its pid. The kernel drops the lock when the process dies, however it dies, so a
+    stale lock file never blocks a restart and a live daemon's socket is never taken over."""
+    path = home / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            raise DaemonRunningError(home, pid) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def tighten_home(home: Path) -> None:
+    """The home holds private keys and folder write seeds: nobody else may read it. New
+    files are private by the daemon's umask; an existing home made looser is tightened."""
+    info = home.lstat()
+    if info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) & 0o077:
+        os.chmod(home, stat.S_IMODE(info.st_mode) & 0o700)
 
 
 def resolve_home(

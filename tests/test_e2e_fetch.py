@@ -114,7 +114,7 @@ def test_single_file_share_and_missing_daemon(tmp_path: Path, daemons: DaemonFac
 def test_bad_tickets_fail_in_one_line(tmp_path: Path, daemons: DaemonFactory, ticket: str) -> None:
     fetcher = daemons("fetcher")
     completed = fetcher.cli("fetch", ticket, str(tmp_path / "x"), check=False)
-    assert completed.returncode == 4
+    assert completed.returncode == 2  # the user's input, not the network
     assert len(completed.stderr.strip().splitlines()) == 1
 
 
@@ -124,9 +124,11 @@ def test_wrong_key_is_refused(tmp_path: Path, daemons: DaemonFactory) -> None:
     sharer, fetcher = daemons("sharer"), daemons("fetcher")
     real = parse_ticket_untrusted(share(sharer, source))
     forged = Ticket(TicketKind.SHARE, real.root, os.urandom(32), real.addresses).encode()
-    completed = fetcher.cli("fetch", forged, str(tmp_path / "x"), check=False)
+    completed = fetcher.cli(
+        "fetch", forged, str(tmp_path / "x"), "--give-up-after", "2", check=False
+    )
     assert completed.returncode == 4
-    assert "authenticat" in completed.stderr.lower() or "key" in completed.stderr.lower()
+    assert "not the node expected" in completed.stderr
     assert not (tmp_path / "x").exists()
 
 
@@ -173,7 +175,7 @@ def test_sharer_killed_mid_fetch_then_back(tmp_path: Path, daemons: DaemonFactor
     fetcher = daemons("fetcher")
     ticket = share(sharer, source)
     destination = tmp_path / "copy"
-    running = fetch_in_background(fetcher, ticket, destination)
+    running = fetch_in_background(fetcher, ticket, destination, "--give-up-after", "5")
     wait_until(lambda: transfer_progress(fetcher) > 8 * MiB)
     sharer.kill(signal.SIGKILL)
     sharer.wait()

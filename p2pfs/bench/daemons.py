@@ -22,13 +22,14 @@ class DaemonProcess:
     def __init__(
         self,
         home: Path,
-        listen: str = "127.0.0.1:0",
+        listen: str | None = "127.0.0.1:0",
         extra_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         prefix: tuple[str, ...] = (),
     ) -> None:
         """``prefix``: a command the daemon runs under that execs it (``ip netns exec NS``),
-        so the PID is still the daemon's."""
+        so the PID is still the daemon's. ``listen`` None: the daemon's default, as
+        `make run` starts it."""
         self.home = Path(home)
         self.listen = listen
         self.extra_args = extra_args
@@ -64,8 +65,7 @@ class DaemonProcess:
                 "--home",
                 str(self.home),
                 "daemon",
-                "--listen",
-                self.listen,
+                *(("--listen", self.listen) if self.listen is not None else ()),
                 *self.extra_args,
             ],
             stdin=subprocess.DEVNULL,

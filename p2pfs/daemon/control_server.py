@@ -3,7 +3,10 @@
 A client sends one request line ``{"method": name, "params": {...}}``; the daemon answers
 with any number of ``{"event": {...}}`` lines (progress) and then exactly one
 ``{"result": {...}}`` or ``{"error": {"kind": ..., "message": ...}}`` line, and closes.
-The socket is mode 0600 inside a 0700 home: only the node's owner can drive it.
+A client that hangs up first cancels its request (Ctrl-C on `p2pfs fetch` stops the
+transfer in the daemon; its partial state stays for a resume).
+The socket is mode 0600 inside a 0700 home: only the node's owner can drive it. The daemon
+holds the home's lock before it serves, so a socket found here at start is stale.
 """
 
 from __future__ import annotations
@@ -80,7 +83,10 @@ class ControlServer:
                 await _send(stream, {"event": event})
 
             try:
-                result = await handler(params, emit)
+                result = await _unless_hung_up(stream, handler(params, emit))
+            except _HungUp:
+                logger.info("%s cancelled: the client hung up", method)
+                return
             except trio.BrokenResourceError:
                 logger.debug("control client of %s went away", method)
                 return
@@ -100,6 +106,46 @@ class ControlServer:
                 await _send_quietly(stream, {"error": {"kind": "internal", "message": message}})
                 return
             await _send_quietly(stream, {"result": result})
+
+
+class _HungUp(Exception):
+    """The control client closed its end before the answer."""
+
+
+async def _unless_hung_up(
+    stream: trio.SocketStream, work: Awaitable[dict[str, Any]]
+) -> dict[str, Any]:
+    """Run ``work`` until it finishes or the client hangs up (then cancel it)."""
+    result: list[dict[str, Any]] = []
+    failure: list[Exception] = []
+    hung_up = False
+
+    async def run(scope: trio.CancelScope) -> None:
+        try:
+            result.append(await work)
+        except Exception as exc:  # noqa: BLE001 -- re-raised below, unwrapped from the nursery
+            failure.append(exc)
+        scope.cancel()
+
+    async def watch(scope: trio.CancelScope) -> None:
+        nonlocal hung_up
+        try:
+            while await stream.receive_some(4096):
+                pass  # a client says nothing after its request; anything more is ignored
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        hung_up = True
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, nursery.cancel_scope)
+        nursery.start_soon(watch, nursery.cancel_scope)
+    if failure:
+        raise failure[0]
+    if result:
+        return result[0]
+    assert hung_up  # else an outer cancellation would have left the block raising
+    raise _HungUp
 
 
 def _our_error(raised: BaseException) -> P2pfsError | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from p2pfs.discovery.keys import share_discovery_key
 from p2pfs.discovery.lan import LAN_PORT, LanFinder
 from p2pfs.discovery.mainline import MainlineFinder
 from p2pfs.discovery.seam import Finder, Provider
-from p2pfs.errors import P2pfsError
+from p2pfs.errors import LocalProtocolError, P2pfsError
 from p2pfs.ids import ContentHash
 from p2pfs.wire.ticket import PeerAddress
 
@@ -22,6 +23,16 @@ logger = logging.getLogger(__name__)
 
 FIND_TIMEOUT = 15.0
 """Longest a fetch waits on discovery before giving up on the backends still searching."""
+
+
+class PortInUseError(LocalProtocolError):
+    """A port this node needs is taken; the message names the flag that picks another."""
+
+    def __init__(self, what: str, address: str, flag: str) -> None:
+        super().__init__(
+            f"the {what} port {address} is already in use (another p2pfs daemon or program); "
+            f"choose another with {flag}"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +51,7 @@ class DiscoveryConfig:
 
 class Discovery:
     def __init__(self, config: DiscoveryConfig, node_id: bytes, quic_port: int) -> None:
+        self._config = config
         self.dht = DhtFinder(
             node_id=node_id,
             quic_port=quic_port,
@@ -56,22 +68,33 @@ class Discovery:
                     loopback_testing=config.mainline_loopback_testing,
                 )
             )
-        if config.lan:
+        if config.lan and _is_wildcard(config.dht_host):
             self.finders.append(LanFinder(node_id, quic_port, port=config.lan_port))
+        elif config.lan:
+            # A beacon's provider address is its datagram's source IP (never one from the
+            # payload); a node bound to one address may not answer there, so it stays quiet
+            # rather than advertise an address that cannot reach it.
+            logger.info("LAN discovery off: it needs the node bound to a wildcard address")
         self.finders.extend(config.extra)
         self.running: list[Finder] = []
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self._config
         async with trio.open_nursery() as nursery:
             for finder in self.finders:
                 try:
                     await nursery.start(finder.serve)
                 except (OSError, P2pfsError) as exc:
                     if finder is self.dht:
-                        raise  # the DHT is how --no-hints tickets work: no silent fallback
+                        # The DHT is how --no-hints tickets work: no silent fallback.
+                        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+                            taken = f"{config.dht_host}:{config.dht_port}"
+                            raise PortInUseError("private DHT", taken, "--dht-port") from exc
+                        raise
                     # LAN and Mainline are best effort (a host without broadcast, a port in
                     # use): the node works without them, and says so.
-                    logger.warning("discovery backend %s unavailable: %s", finder.name, exc)
+                    hint = " (--no-lan turns LAN discovery off)" if finder.name == "lan" else ""
+                    logger.warning("discovery backend %s unavailable: %s%s", finder.name, exc, hint)
                     continue
                 self.running.append(finder)
             logger.info("discovery: %s", ", ".join(f.name for f in self.running))
@@ -108,6 +131,10 @@ class Discovery:
             "backends": [finder.name for finder in self.running],
             "dht_port": self.dht.port,
         }
+
+
+def _is_wildcard(host: str) -> bool:
+    return host in ("0.0.0.0", "::", "")
 
 
 def _merge(found: Sequence[Provider]) -> list[Provider]:

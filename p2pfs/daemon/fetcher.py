@@ -21,17 +21,33 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from p2pfs.content.chunking import Chunker, ChunkRef, StreamCutter, chunk_id
-from p2pfs.content.folder import DIR_TREE, FILE_TREE, DirEntry, EntryKind, Manifest, manifest_root
+from p2pfs.content.folder import (
+    DIR_TREE,
+    FILE_TREE,
+    DirEntry,
+    EntryKind,
+    Manifest,
+    file_tree,
+    manifest_root,
+    share_bound,
+)
 from p2pfs.content.pieces import tree_order_key, unique_pieces
 from p2pfs.content.tree import TreeBuilder
-from p2pfs.errors import IntegrityError, RemoteProtocolError, StorageError
+from p2pfs.errors import (
+    ConnectionClosedError,
+    IntegrityError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    StorageError,
+    StreamResetError,
+)
 from p2pfs.identity import NodeId
 from p2pfs.ids import ContentHash, short_hex
 from p2pfs.net import PeerConnection
@@ -39,11 +55,20 @@ from p2pfs.store.assemble import Finished, PartialFile, commit_files
 from p2pfs.store.index import ChunkLocation, ChunkReader, IndexStore
 from p2pfs.swarm.picker import PiecePicker
 
+from .folders.disk import keep_version
 from .ratelimit import TokenBucket
 from .requests import RequestStream
 from .service import TransferCounters
 from .storage import AsyncIndex, in_thread
-from .swarmfetch import MorePeers, PeerPool, new_rng
+from .swarmfetch import (
+    GIVE_UP_AFTER,
+    STALL_TIMEOUT,
+    HoldersExhaustedError,
+    MorePeers,
+    PeerPool,
+    Release,
+    new_rng,
+)
 from .swarmstate import PieceLocation, SwarmRegistry, SwarmShare
 from .treewalk import TreeJob, walk_trees
 
@@ -81,6 +106,10 @@ class FetchReport:
     bytes_present: int = 0
     """Files already complete at the destination."""
     seconds: float = 0.0
+    first_byte_seconds: float | None = None
+    """From the fetch's start to the first verified chunk written from a peer."""
+    replaced: list[str] = field(default_factory=list)
+    """Files that differed and were replaced (--overwrite); the old ones are kept."""
     peers: list[dict[str, object]] = field(default_factory=list)
     """Per-peer contributions: node id, address, bytes, why it was dropped."""
 
@@ -99,6 +128,8 @@ class _FileTask:
 
 
 Progress = Callable[[FetchProgress], None]
+Connect = Callable[[set[NodeId]], Awaitable[PeerConnection]]
+"""A connection to a holder not among those named (raises once none can be found)."""
 Placements = list[list[tuple[_FileTask, int]]]
 """Per piece: every (file, offset) where its bytes go."""
 
@@ -106,7 +137,7 @@ Placements = list[list[tuple[_FileTask, int]]]
 class Fetcher:
     def __init__(
         self,
-        conn: PeerConnection,
+        connect: Connect,
         share_root: ContentHash,
         destination: str,
         index: AsyncIndex,
@@ -116,8 +147,17 @@ class Fetcher:
         *,
         registry: SwarmRegistry | None = None,
         more_peers: MorePeers | None = None,
+        release: Release | None = None,
+        give_up_after: float = GIVE_UP_AFTER,
+        overwrite: bool = False,
     ) -> None:
-        self._conn = conn
+        self._connect = connect
+        self._release = release or _close
+        self._give_up_after = give_up_after
+        self._overwrite = overwrite
+        self._top_dir = ""
+        self._started = time.monotonic()
+        self._files: list[_FileTask] = []
         self._download_limit = download_limit
         self._root = share_root
         self._destination = os.path.abspath(destination)
@@ -138,26 +178,19 @@ class Fetcher:
         self.report = FetchReport(short_hex(share_root, 64), "", self._destination)
 
     async def run(self) -> FetchReport:
-        started = time.monotonic()
-        control = await RequestStream.open(self._conn, self._counters)
-        encoded, manifest = await self._manifest(control)
-        self._total_bytes = manifest.tree.size
-        self._total_files = manifest.file_count
-        self.report.name = manifest.name
-        swarm = SwarmShare(self._root, encoded)
-        self._swarm = swarm
-        self._registry.shares[self._root] = swarm
-        top_dir, rename_single = self._layout(manifest)
-        files = await self._walk_directories(control, manifest, top_dir, rename_single)
-        logger.info(
-            "fetch %s: %d files listed after %.2f s",
-            manifest.name,
-            len(files),
-            time.monotonic() - started,
-        )
-        await self._walk_files(control, files)
-        logger.info("fetch %s: chunk trees after %.2f s", manifest.name, time.monotonic() - started)
-        await control.close()
+        try:
+            return await self._run()
+        finally:
+            # A failed or cancelled fetch lets go of its temp files (their progress stays
+            # for a resume): another fetch may take them over.
+            _close_partials(self._files)  # no worker thread holds them: closing is instant
+
+    async def _run(self) -> FetchReport:
+        started = self._started = time.monotonic()
+        conn, manifest, files = await self._metadata(started)
+        self._files = files
+        swarm = self._swarm
+        assert swarm is not None
         files.sort(key=lambda task: tree_order_key(task.rel))
         pieces = unique_pieces([ref for _offset, ref in task.leaves] for task in files)
         swarm.set_pieces(pieces)
@@ -178,9 +211,14 @@ class Fetcher:
             self._counters,
             self._place_from_peer,
             self._download_limit,
+            release=self._release,
+            give_up_after=self._give_up_after,
         )
         try:
-            await pool.run(self._conn, self._more_peers)
+            await pool.run(conn, self._more_peers)
+        except HoldersExhaustedError as exc:
+            await self._commit(self._uncommitted)
+            raise _missing_files_error(exc, files) from exc
         finally:
             self.report.peers = self.peers()
         logger.info("fetch %s: swarm done after %.2f s", manifest.name, time.monotonic() - started)
@@ -196,8 +234,55 @@ class Fetcher:
 
     # -- manifest and layout --------------------------------------------------------------
 
+    async def _metadata(self, started: float) -> tuple[PeerConnection, Manifest, list[_FileTask]]:
+        """Manifest and trees from the first holder that serves them whole; a holder that
+        refuses, stalls, breaks the protocol or sends a bad node is left for the next."""
+        refused: set[NodeId] = set()
+        while True:
+            conn = await self._connect(refused)
+            try:
+                manifest, files = await self._metadata_from(conn, started)
+            except (
+                RemoteProtocolError,
+                IntegrityError,
+                ConnectionClosedError,
+                StreamResetError,
+                trio.TooSlowError,
+            ) as exc:
+                reason = str(exc) or type(exc).__name__
+                logger.info("fetch: holder %s could not serve: %s", conn.peer_id.short(), reason)
+                refused.add(conn.peer_id)
+                self._release(conn)
+                continue
+            return conn, manifest, files
+
+    async def _metadata_from(
+        self, conn: PeerConnection, started: float
+    ) -> tuple[Manifest, list[_FileTask]]:
+        control = await RequestStream.open(conn, self._counters)
+        encoded, manifest = await self._manifest(control)
+        self._total_bytes = manifest.tree.size
+        self._total_files = manifest.file_count
+        self.report.name = manifest.name
+        swarm = SwarmShare(self._root, encoded)
+        self._swarm = swarm
+        self._registry.shares[self._root] = swarm
+        top_dir, rename_single = self._layout(manifest)
+        files = await self._walk_directories(control, manifest, top_dir, rename_single)
+        logger.info(
+            "fetch %s: %d files listed after %.2f s",
+            manifest.name,
+            len(files),
+            time.monotonic() - started,
+        )
+        await self._walk_files(control, files, manifest)
+        logger.info("fetch %s: chunk trees after %.2f s", manifest.name, time.monotonic() - started)
+        await control.close()
+        return manifest, files
+
     async def _manifest(self, control: RequestStream) -> tuple[bytes, Manifest]:
-        encoded = await control.manifest(self._root)
+        with trio.fail_after(STALL_TIMEOUT):
+            encoded = await control.manifest(self._root)
         if manifest_root(encoded) != self._root:
             raise IntegrityError("the peer's manifest does not match the ticket's root")
         return encoded, Manifest.decode_untrusted(encoded)
@@ -208,7 +293,8 @@ class Fetcher:
         fetched: dict[ContentHash, bytes] = {}
 
         async def fetch(hashes: list[ContentHash]) -> list[bytes]:
-            nodes = await control.nodes(self._root, hashes)
+            with trio.fail_after(STALL_TIMEOUT):
+                nodes = await control.nodes(self._root, hashes)
             fetched.update(zip(hashes, nodes, strict=True))
             return nodes
 
@@ -220,11 +306,14 @@ class Fetcher:
         """Where the top directory goes; for a single file, the name it is written as."""
         if not manifest.single_file:
             _make_directory(self._destination)
+            self._top_dir = self._destination
             return self._destination, None
         if os.path.isdir(self._destination):
+            self._top_dir = self._destination
             return self._destination, None
         parent = os.path.dirname(self._destination)
         _make_directory(parent)
+        self._top_dir = parent
         return parent, os.path.basename(self._destination)
 
     async def _walk_directories(
@@ -235,7 +324,12 @@ class Fetcher:
         rename_single: str | None,
     ) -> list[_FileTask]:
         files: list[_FileTask] = []
-        level: list[TreeJob[DirEntry]] = [TreeJob(DIR_TREE, manifest.tree, tag=("", top_dir))]
+        # Every directory tree of the share draws on one bound: the manifest's counts (a
+        # few repeated nodes cannot expand into millions of entries).
+        bound = share_bound(manifest)
+        level: list[TreeJob[DirEntry]] = [
+            TreeJob(DIR_TREE, manifest.tree, tag=("", top_dir), bound=bound)
+        ]
         while level:
             await self._walk(control, level)
             next_level: list[TreeJob[DirEntry]] = []
@@ -250,7 +344,9 @@ class Fetcher:
                     if entry.kind is EntryKind.DIRECTORY:
                         await in_thread(_make_directory, path)
                         self.report.directories += 1
-                        next_level.append(TreeJob(DIR_TREE, entry.root, tag=(f"{rel}/", path)))
+                        next_level.append(
+                            TreeJob(DIR_TREE, entry.root, tag=(f"{rel}/", path), bound=bound)
+                        )
                     else:
                         files.append(_FileTask(rel, path, entry))
             level = next_level
@@ -274,8 +370,12 @@ class Fetcher:
             for s in self._pool.stats.values()
         ]
 
-    async def _walk_files(self, control: RequestStream, files: list[_FileTask]) -> None:
-        jobs = [TreeJob(FILE_TREE, task.entry.root, tag=task) for task in files]
+    async def _walk_files(
+        self, control: RequestStream, files: list[_FileTask], manifest: Manifest
+    ) -> None:
+        # The manifest's minimum chunk size bounds each file's leaves by its size.
+        schema = file_tree(manifest.chunker)
+        jobs = [TreeJob(schema, task.entry.root, tag=task) for task in files]
         await self._walk(control, jobs)
         for job in jobs:
             job.tag.leaves = job.leaves
@@ -296,7 +396,9 @@ class Fetcher:
     async def _take_what_is_here(self, files: list[_FileTask], pieces: list[ChunkRef]) -> set[int]:
         """Pieces already on this node: complete files, resumable temp files, indexed files."""
         assert self._swarm is not None
-        complete = await in_thread(_already_complete_all, files)
+        states = await in_thread(_existing_states, files)
+        await self._keep_or_refuse([t for t, s in zip(files, states, strict=True) if s is _DIFFERS])
+        complete = [state is _COMPLETE for state in states]
         resumed = await in_thread(_open_partials, files)
         index_of = {ref.id: number for number, ref in enumerate(pieces)}
         held: dict[int, PieceLocation] = {}
@@ -331,6 +433,26 @@ class Fetcher:
         missing = [number for number in range(len(pieces)) if number not in held]
         return set(held) | await self._copy_local(missing, pieces)
 
+    async def _keep_or_refuse(self, clashing: list[_FileTask]) -> None:
+        """Files at the destination that differ from the share are never replaced silently:
+        the fetch stops before writing anything, unless --overwrite, which keeps each old
+        file under DEST/.p2pfs/versions/ (as sync folders keep replaced files)."""
+        if not clashing:
+            return
+        if not self._overwrite:
+            shown = ", ".join(task.path for task in clashing[:5])
+            more = f" and {len(clashing) - 5} more" if len(clashing) > 5 else ""
+            raise DestinationConflictError(
+                f"{len(clashing)} files at the destination differ from the share and would be "
+                f"replaced: {shown}{more}. Nothing was written; fetch into another directory, "
+                "or pass --overwrite (the old files are kept in DEST/.p2pfs/versions/)"
+            )
+        top = self._top_dir
+        for task in clashing:
+            kept = await in_thread(keep_version, top, os.path.relpath(task.path, top), move=False)
+            logger.info("fetch: replacing %s; the old file is kept as %s", task.path, kept)
+            self.report.replaced.append(task.path)
+
     async def _copy_local(self, missing: list[int], pieces: list[ChunkRef]) -> set[int]:
         """Copy the missing pieces any indexed file of this node holds (dedup)."""
         refs = [pieces[piece] for piece in missing]
@@ -355,6 +477,8 @@ class Fetcher:
         assert self._swarm is not None
         await self._write(arrived, self._swarm.pieces)
         self.report.bytes_from_peer += sum(len(data) for _piece, data in arrived)
+        if self.report.first_byte_seconds is None:
+            self.report.first_byte_seconds = time.monotonic() - self._started
 
     async def _write(
         self, arrived: list[tuple[int, bytes | memoryview]], pieces: list[ChunkRef]
@@ -430,6 +554,20 @@ class Fetcher:
             )
 
 
+def _close(conn: PeerConnection) -> None:
+    conn.close_nowait(0, "fetch done with it")
+
+
+def _missing_files_error(exc: HoldersExhaustedError, files: list[_FileTask]) -> RemoteProtocolError:
+    """Name what is missing, for the user deciding whether to wait or re-run."""
+    unfinished = [task.rel for task in files if not task.complete]
+    example = f", e.g. {unfinished[0]}" if unfinished else ""
+    return RemoteProtocolError(
+        f"{exc}; {len(unfinished)} of {len(files)} files incomplete{example}. Partial data "
+        "is kept: run the same fetch again to resume"
+    )
+
+
 async def _no_more_peers(exclude: set[NodeId]) -> list[PeerConnection]:
     await trio.lowlevel.checkpoint()
     return []
@@ -453,18 +591,28 @@ def _check_single_file(manifest: Manifest, leaves: list[tuple[int, DirEntry]]) -
         raise RemoteProtocolError("a single-file share's file must carry the share's name")
 
 
-def _already_complete_all(tasks: list[_FileTask]) -> list[bool]:
-    return [_already_complete(task) for task in tasks]
+class DestinationConflictError(LocalProtocolError):
+    """Files at the destination differ from the share; the user decides (--overwrite)."""
 
 
-def _already_complete(task: _FileTask) -> bool:
-    """True if the destination already holds exactly this file (an earlier fetch finished it)."""
+_ABSENT, _COMPLETE, _DIFFERS = "absent", "complete", "differs"
+
+
+def _existing_states(tasks: list[_FileTask]) -> list[str]:
+    return [_existing_state(task) for task in tasks]
+
+
+def _existing_state(task: _FileTask) -> str:
+    """What the destination holds at a file's path: nothing, exactly this file (an earlier
+    fetch finished it), or something else."""
     try:
         info = os.lstat(task.path)
     except FileNotFoundError:
-        return False
+        return _ABSENT
+    if stat.S_ISDIR(info.st_mode):
+        raise StorageError(f"{task.path} is a directory; the share has a file there")
     if not stat.S_ISREG(info.st_mode) or info.st_size != task.entry.size:
-        return False
+        return _DIFFERS
     if task.entry.size:
         builder = TreeBuilder(FILE_TREE)
         cutter = StreamCutter(Chunker())
@@ -473,9 +621,15 @@ def _already_complete(task: _FileTask) -> bool:
                 builder.extend(ChunkRef(chunk_id(view), len(view)) for view in cutter.feed(block))
         builder.extend(ChunkRef(chunk_id(view), len(view)) for view in cutter.finish())
         if builder.finish() != task.entry.root:
-            return False
+            return _DIFFERS
     _set_executable(task.path, task.entry.executable)
-    return True
+    return _COMPLETE
+
+
+def _close_partials(tasks: list[_FileTask]) -> None:
+    for task in tasks:
+        if task.partial is not None:
+            task.partial.close()
 
 
 def _open_partials(tasks: list[_FileTask]) -> list[set[int]]:

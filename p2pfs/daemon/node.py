@@ -3,37 +3,42 @@ and the control API; SIGINT/SIGTERM shut it down cleanly."""
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import logging
+import os
 import resource
 import signal
-import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from p2pfs.content.folder import DIR_TREE, EntryKind, Manifest, manifest_root
-from p2pfs.errors import (
-    AuthenticationError,
-    ConnectionClosedError,
-    IntegrityError,
-    LocalProtocolError,
-    RemoteProtocolError,
-)
+from p2pfs.content.folder import DIR_TREE, EntryKind, Manifest, manifest_root, share_bound
+from p2pfs.errors import ConnectionClosedError, IntegrityError, LocalProtocolError
+from p2pfs.home import hold_home_lock, tighten_home
 from p2pfs.identity import Identity, NodeId, load_identity
 from p2pfs.net import Endpoint, PeerConnection, TransportConfig, open_endpoint
 from p2pfs.store.folders import FolderStore
 from p2pfs.store.index import INDEX_FILENAME, IndexStore
 from p2pfs.store.scanner import scan_share
-from p2pfs.wire.ticket import PeerAddress, Ticket, TicketKind, parse_address, parse_ticket_untrusted
+from p2pfs.wire.ticket import (
+    PeerAddress,
+    Ticket,
+    TicketError,
+    TicketKind,
+    parse_address,
+    parse_ticket_untrusted,
+)
 
+from .addresses import AddressBook
 from .control_client import SOCKET_NAME
 from .control_server import ControlServer, Emit
-from .discovery import Discovery, DiscoveryConfig
+from .dialer import Candidate, Dialer, DialError
+from .discovery import Discovery, DiscoveryConfig, PortInUseError
 from .fetcher import Fetcher, FetchProgress
 from .folders.manager import FolderConfig, FolderManager
 from .folders.server import FolderServer
@@ -41,12 +46,12 @@ from .ratelimit import TokenBucket
 from .requests import RequestStream
 from .service import ShareService, TransferCounters
 from .storage import AsyncIndex
+from .swarmfetch import GIVE_UP_AFTER, REDISCOVER_INTERVAL
 from .swarmstate import SwarmRegistry
 from .treewalk import TreeJob, walk_trees
 
 logger = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT = 10.0
 TRANSPORT = TransportConfig(batched_receive=True)
 """qh3's batched receive costs a third of the receiver CPU. Its known fault (a stream's FIN
 sometimes never reported) cannot hurt this protocol: every reply is length-framed and no
@@ -70,6 +75,12 @@ class NodeConfig:
     folders: FolderConfig = field(default_factory=FolderConfig)
     test_serve_unverified: bool = False
     """Test hook: serve chunks without re-hashing them, to play a corrupt peer."""
+
+
+@dataclass(slots=True)
+class _Writer:
+    root: bytes
+    done: trio.Event = field(default_factory=trio.Event)
 
 
 @dataclass(slots=True)
@@ -100,6 +111,12 @@ class Node:
         self._folders: FolderManager | None = None
         self._upload_limit = _bucket(config.max_upload_rate)
         self._download_limit = _bucket(config.max_download_rate)
+        self._addresses: AddressBook | None = None
+        self._dialer: Dialer | None = None
+        self._root_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._writing: dict[str, _Writer] = {}
+        """Destinations being fetched into (real paths), so two fetches never write one."""
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # Worker threads doing many small syscalls (creating files, reading chunks) give the
@@ -108,56 +125,76 @@ class Node:
         # folder sync; with 0.5 ms, 0.1-0.27 s (measured here).
         sys.setswitchinterval(GIL_SWITCH_INTERVAL)
         home = self.config.home
-        _raise_open_file_limit()
-        self._identity = load_identity(home)
-        with IndexStore(home / INDEX_FILENAME) as index_store:
-            self._index = AsyncIndex(index_store)
-            self._folders = FolderManager(
-                self._index, self.counters, self._identity.node_id, self.config.folders
-            )
-            folder_server = FolderServer(
-                self._index, self._folders.lookup, self._identity.node_id.raw
-            )
-            service = ShareService(
-                self._index,
-                self.counters,
-                self._upload_limit,
-                self._swarm,
-                folder_server,
-                self._folders.folder_paths,
-            )
-            service.verify_reads = not self.config.test_serve_unverified
+        with hold_home_lock(home):
+            tighten_home(home)
+            _raise_open_file_limit()
+            self._identity = load_identity(home)
+            _private_file(home / INDEX_FILENAME)
+            with IndexStore(home / INDEX_FILENAME) as index_store:
+                await self._run_with_index(index_store, task_status)
+
+    async def _run_with_index(
+        self, index_store: IndexStore, task_status: trio.TaskStatus[None]
+    ) -> None:
+        assert self._identity is not None
+        self._index = AsyncIndex(index_store)
+        self._folders = FolderManager(
+            self._index, self.counters, self._identity.node_id, self.config.folders
+        )
+        folder_server = FolderServer(self._index, self._folders.lookup, self._identity.node_id.raw)
+        service = ShareService(
+            self._index,
+            self.counters,
+            self._upload_limit,
+            self._swarm,
+            folder_server,
+            self._folders.folder_paths,
+        )
+        service.verify_reads = not self.config.test_serve_unverified
+        listen = self.config.listen
+        try:
             async with open_endpoint(
                 self._identity,
-                self.config.listen.host,
-                self.config.listen.port,
+                listen.host,
+                listen.port,
                 handler=service.handle_connection,
                 config=TRANSPORT,
             ) as endpoint:
                 self._endpoint = endpoint
-                control = ControlServer(str(home / SOCKET_NAME), self._handlers())
-                self._discovery = Discovery(
-                    self.config.discovery, self._identity.node_id.raw, endpoint.local_address[1]
-                )
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(self._discovery.serve)
-                    await self._announce_all()
-                    await nursery.start(
-                        self._folders.serve,
-                        endpoint,
-                        self._discovery,
-                        service.handle_connection,
-                        self.config.peers,
-                    )
-                    await nursery.start(control.serve)
-                    nursery.start_soon(self._wait_for_signal, nursery.cancel_scope)
-                    logger.info(
-                        "node %s listening on %s:%d",
-                        self._identity.node_id,
-                        *endpoint.local_address,
-                    )
-                    task_status.started()
-            # Leaving the endpoint block closes every connection (CONNECTION_CLOSE sent).
+                await self._serve(endpoint, service, task_status)
+                # Leaving the endpoint block closes every connection (CONNECTION_CLOSE sent).
+        except OSError as exc:
+            if self._endpoint is None and exc.errno == errno.EADDRINUSE:
+                raise PortInUseError("QUIC", str(listen), "--listen HOST:PORT") from exc
+            raise
+
+    async def _serve(
+        self, endpoint: Endpoint, service: ShareService, task_status: trio.TaskStatus[None]
+    ) -> None:
+        assert self._identity is not None
+        self._addresses = AddressBook(*endpoint.local_address)
+        control = ControlServer(str(self.config.home / SOCKET_NAME), self._handlers())
+        self._discovery = Discovery(
+            self.config.discovery, self._identity.node_id.raw, endpoint.local_address[1]
+        )
+        async with trio.open_nursery() as nursery:
+            self._root_scope = nursery.cancel_scope
+            self._nursery = nursery
+            self._dialer = Dialer(endpoint, service.handle_connection, nursery)
+            await nursery.start(self._discovery.serve)
+            await self._announce_all()
+            await nursery.start(
+                self.folders.serve, self._dialer, self._discovery, self.config.peers
+            )
+            await nursery.start(control.serve)
+            nursery.start_soon(self._wait_for_signal, nursery.cancel_scope)
+            logger.info(
+                "node %s listening on %s:%d, reachable at %s",
+                self._identity.node_id,
+                *endpoint.local_address,
+                ", ".join(str(a) for a in self._addresses.all()),
+            )
+            task_status.started()
 
     async def _wait_for_signal(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -178,6 +215,7 @@ class Node:
             "sync_list": self._sync_list,
             "sync_remove": self._sync_remove,
             "conflicts": self._conflicts,
+            "stop": self._stop,
         }
 
     # -- control API handlers -------------------------------------------------------------
@@ -219,7 +257,9 @@ class Node:
         result = await self.folders.create_or_join(path, str(ticket) if ticket else None)
         folder = self.folders.find(result["path"])
         assert self._identity is not None
-        result.update(self.folders.tickets(folder, self._identity.node_id.raw, self._addresses()))
+        result.update(
+            self.folders.tickets(folder, self._identity.node_id.raw, self.addresses.for_ticket())
+        )
         return result
 
     async def _sync_list(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
@@ -245,25 +285,35 @@ class Node:
         assert self._index is not None, "the node is not running"
         return self._index
 
-    def _addresses(self) -> list[PeerAddress]:
-        host, port = self.endpoint.local_address[:2]
-        if host not in ("0.0.0.0", "::"):
-            return [PeerAddress(host, port)]
-        found = ["127.0.0.1"]
-        try:
-            for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
-                address = str(info[4][0])
-                if address not in found:
-                    found.append(address)
-        except OSError:
-            logger.debug("no addresses for the host name; advertising loopback only")
-        return [PeerAddress(address, port) for address in found]
+    @property
+    def addresses(self) -> AddressBook:
+        assert self._addresses is not None, "the node is not running"
+        return self._addresses
+
+    @property
+    def dialer(self) -> Dialer:
+        assert self._dialer is not None, "the node is not running"
+        return self._dialer
+
+    async def _stop(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """`p2pfs stop`: answer first, then shut down as on SIGTERM."""
+        assert self._root_scope is not None
+
+        async def later() -> None:
+            await trio.sleep(0.05)  # let the answer reach the client
+            logger.info("stop requested over the control socket: shutting down")
+            assert self._root_scope is not None
+            self._root_scope.cancel()
+
+        assert self._nursery is not None
+        self._nursery.start_soon(later)
+        return {"pid": os.getpid(), "stopping": True}
 
     async def _id(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         assert self._identity is not None
         return {
             "node_id": str(self._identity.node_id),
-            "addresses": [str(address) for address in self._addresses()],
+            "addresses": [str(address) for address in self.addresses.all()],
             "engine": self.endpoint.engine.name,
             "discovery": self.discovery.info(),
         }
@@ -303,7 +353,7 @@ class Node:
             TicketKind.SHARE,
             result.root,
             self._identity.node_id.raw if hints else None,
-            tuple(self._addresses()) if hints else (),
+            tuple(self.addresses.for_ticket()) if hints else (),
         )
         return {
             "ticket": ticket.encode(),
@@ -317,7 +367,7 @@ class Node:
 
     async def _find(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         """Who holds a ticket's share, by discovery alone (the ticket's hints are ignored)."""
-        ticket = parse_ticket_untrusted(str(params.get("ticket", "")))
+        ticket = _ticket(params)
         started = time.monotonic()
         providers = await self.discovery.find(ticket.root)
         return {
@@ -334,8 +384,10 @@ class Node:
         }
 
     async def _ls(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        ticket = parse_ticket_untrusted(str(params.get("ticket", "")))
-        conn = await self._connect(ticket, _peer_list(params))
+        ticket = _ticket(params)
+        holder = object()
+        connect = self._holder_connector(ticket, _peer_list(params), holder, _give_up(params))
+        conn = await connect(set())
         try:
             control = await RequestStream.open(conn, self.counters)
             encoded = await control.manifest(ticket.root)
@@ -347,7 +399,8 @@ class Node:
                 return await control.nodes(ticket.root, hashes)
 
             entries: list[dict[str, Any]] = []
-            level = [TreeJob(DIR_TREE, manifest.tree, tag="")]
+            bound = share_bound(manifest)
+            level = [TreeJob(DIR_TREE, manifest.tree, tag="", bound=bound)]
             while level:
                 await walk_trees(level, fetch)
                 next_level = []
@@ -364,11 +417,13 @@ class Node:
                             }
                         )
                         if is_dir:
-                            next_level.append(TreeJob(DIR_TREE, entry.root, tag=f"{path}/"))
+                            next_level.append(
+                                TreeJob(DIR_TREE, entry.root, tag=f"{path}/", bound=bound)
+                            )
                 level = next_level
             await control.close()
         finally:
-            await conn.close()
+            self.dialer.release_all(holder)
         return {
             "root": ticket.root.hex(),
             "name": manifest.name,
@@ -378,15 +433,18 @@ class Node:
         }
 
     async def _fetch(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        ticket = parse_ticket_untrusted(str(params.get("ticket", "")))
+        ticket = _ticket(params)
         destination = params.get("dest")
         if not isinstance(destination, str) or not destination:
             raise LocalProtocolError("fetch needs a destination")
         extra = _peer_list(params)
-        conn = await self._connect(ticket, extra)
+        give_up = _give_up(params)
+        real = os.path.realpath(destination)
+        await self._claim_destination(real, ticket.root, emit)
+        holder = object()  # this fetch's leases on connections
         transfer_id = self._next_transfer
         self._next_transfer += 1
-        transfer = _Transfer(ticket.root.hex(), destination, str(conn.peer_id))
+        transfer = _Transfer(ticket.root.hex(), destination, "")
         self._transfers[transfer_id] = transfer
         latest: list[dict[str, Any]] = []
 
@@ -403,10 +461,14 @@ class Node:
             await self.discovery.announce(ticket.root)
 
             async def more_peers(exclude: set[NodeId]) -> list[PeerConnection]:
-                return await self._connect_more(ticket, extra, exclude)
+                candidates = await self._share_candidates(ticket, extra, discover=True)
+                return await self.dialer.each(candidates, holder, exclude=exclude)
+
+            def release(conn: PeerConnection) -> None:
+                self.dialer.release(conn, holder)
 
             fetcher = Fetcher(
-                conn,
+                self._holder_connector(ticket, extra, holder, give_up),
                 ticket.root,
                 destination,
                 self.index,
@@ -415,6 +477,9 @@ class Node:
                 self._download_limit,
                 registry=self._swarm,
                 more_peers=more_peers,
+                release=release,
+                give_up_after=give_up,
+                overwrite=bool(params.get("overwrite")),
             )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_pump_progress, emit, latest)
@@ -422,101 +487,96 @@ class Node:
                 nursery.cancel_scope.cancel()
         finally:
             del self._transfers[transfer_id]
-            await conn.close()
+            self.dialer.release_all(holder)
+            self._writing.pop(real).done.set()
         return asdict(report)
 
-    async def _connect(self, ticket: Ticket, extra: list[PeerAddress]) -> PeerConnection:
-        """The first reachable holder: the ticket's hints and --peer addresses first, then
-        whoever discovery finds. A ticket's NodeId pins every candidate; otherwise a
-        provider's own NodeId (from our DHT or LAN) pins it; Mainline providers come with
-        no NodeId, and then the content's hashes are the only check."""
-        pinned = NodeId(ticket.node_id) if ticket.node_id is not None else None
-        direct = _direct_candidates(ticket, [*extra, *self.config.peers], pinned)
-        failures: list[str] = []
-        for address, expected in direct.items():
-            conn = await self._try_connect(address, expected, failures)
-            if conn is not None:
-                return conn
-        ipv6 = ":" in self.endpoint.local_address[0]
-        providers = [
-            provider
-            for provider in await self.discovery.find(ticket.root)
-            if (":" in provider.address.host) == ipv6  # our one socket speaks one family
-        ]
-        for provider in providers:
-            expected = pinned
-            if expected is None and provider.node_id is not None:
-                expected = NodeId(provider.node_id)
-            elif pinned is not None and provider.node_id not in (None, pinned.raw):
-                continue  # a provider that is not the node the ticket names
-            conn = await self._try_connect(provider.address, expected, failures)
-            if conn is not None:
-                return conn
-        if not direct and not providers:
-            raise RemoteProtocolError(
-                "no holder found: the ticket names no address and discovery found no provider"
+    async def _claim_destination(self, real: str, root: bytes, emit: Emit) -> None:
+        """One fetch writes into a destination at a time. A second fetch of the same share
+        into it waits for the first, then finds its files complete; anything else that
+        overlaps (another share, a directory inside the other) is refused."""
+        while True:
+            clash = next(
+                (
+                    (path, writer)
+                    for path, writer in self._writing.items()
+                    if path == real or _nested(path, real)
+                ),
+                None,
             )
-        raise RemoteProtocolError(f"could not reach a holder ({'; '.join(failures)})")
+            if clash is None:
+                self._writing[real] = _Writer(root)
+                return
+            path, writer = clash
+            if path != real or writer.root != root:
+                raise LocalProtocolError(
+                    f"another fetch is writing into {path}; wait for it to finish or fetch "
+                    "into another directory"
+                )
+            logger.info("fetch into %s waits for the fetch already writing there", real)
+            await emit({"waiting": f"another fetch of this share is writing into {real}"})
+            await writer.done.wait()
 
-    async def _connect_more(
-        self, ticket: Ticket, extra: list[PeerAddress], exclude: set[NodeId]
-    ) -> list[PeerConnection]:
-        """Every other holder we can reach now (hints, --peer, discovery), concurrently."""
+    def _holder_connector(
+        self, ticket: Ticket, extra: list[PeerAddress], holder: object, give_up: float
+    ) -> Callable[[set[NodeId]], Awaitable[PeerConnection]]:
+        """A connection to a holder of the ticket's share, not one of those excluded: the
+        ticket's addresses and --peers first, then whoever discovery finds, asked again
+        every few seconds until ``give_up`` seconds have passed without one."""
+
+        async def connect(exclude: set[NodeId]) -> PeerConnection:
+            deadline = trio.current_time() + give_up
+            while True:
+                attempts: list[tuple[Candidate, str]] = []
+                direct = await self._share_candidates(ticket, extra, discover=False)
+                try:
+                    return await self.dialer.first(direct, holder, exclude=exclude)
+                except DialError as exc:
+                    attempts.extend(exc.attempts)
+                found = [
+                    candidate
+                    for candidate in await self._discovered(ticket)
+                    if candidate.address not in {c.address for c in direct}
+                ]
+                try:
+                    return await self.dialer.first(found, holder, exclude=exclude)
+                except DialError as exc:
+                    attempts.extend(exc.attempts)
+                if trio.current_time() >= deadline:
+                    if not attempts:
+                        raise DialError(
+                            [],
+                            "a holder (the ticket names no address and discovery "
+                            f"found no provider in {give_up:g} s)",
+                        )
+                    raise DialError(attempts)
+                await trio.sleep(min(REDISCOVER_INTERVAL, deadline - trio.current_time()))
+
+        return connect
+
+    async def _share_candidates(
+        self, ticket: Ticket, extra: list[PeerAddress], *, discover: bool
+    ) -> list[Candidate]:
+        """The ticket's addresses (pinned to its node), then --peers (any node: whoever it
+        is proves its key and content hashes check its data), then discovery's providers
+        (pinned to their own NodeId where the backend gives one; Mainline's give none)."""
         pinned = NodeId(ticket.node_id) if ticket.node_id is not None else None
-        candidates: dict[PeerAddress, NodeId | None] = {}
-        candidates.update(_direct_candidates(ticket, [*extra, *self.config.peers], pinned))
-        ipv6 = ":" in self.endpoint.local_address[0]
-        for provider in await self.discovery.find(ticket.root):
-            if (":" in provider.address.host) != ipv6:
-                continue
-            node = NodeId(provider.node_id) if provider.node_id is not None else None
-            if node is not None and node in exclude:
-                continue
-            candidates.setdefault(provider.address, node)
-        own = self.endpoint.node_id
-        connected: list[PeerConnection] = []
-        failures: list[str] = []
+        candidates = [Candidate(address, pinned, "ticket") for address in ticket.addresses]
+        candidates += [Candidate(address, None, "peer") for address in extra]
+        candidates += [Candidate(address, None, "peer") for address in self.config.peers]
+        if discover:
+            candidates += await self._discovered(ticket)
+        return candidates
 
-        async def attempt(address: PeerAddress, expected: NodeId | None) -> None:
-            with contextlib.suppress(AuthenticationError):
-                conn = await self._try_connect(address, expected, failures)
-                if conn is None:
-                    return
-                if conn.peer_id in exclude or conn.peer_id == own:
-                    conn.close_nowait(0, "already connected")
-                    return
-                connected.append(conn)
-
-        async with trio.open_nursery() as nursery:
-            for address, expected in candidates.items():
-                nursery.start_soon(attempt, address, expected)
-        return connected
-
-    async def _try_connect(
-        self, address: PeerAddress, expected: NodeId | None, failures: list[str]
-    ) -> PeerConnection | None:
-        try:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                return await self.endpoint.connect((address.host, address.port), expected)
-        except AuthenticationError as exc:
-            raise AuthenticationError(
-                f"refused {address}: authentication failed, it is not the node the ticket "
-                f"names ({exc})"
-            ) from exc
-        except (ConnectionClosedError, RemoteProtocolError, OSError, trio.TooSlowError) as exc:
-            failures.append(f"{address}: {exc or type(exc).__name__}")
-            return None
-
-
-def _direct_candidates(
-    ticket: Ticket, peers: list[PeerAddress], pinned: NodeId | None
-) -> dict[PeerAddress, NodeId | None]:
-    """The ticket's own addresses are its node's (pinned); a --peer may be any holder, so it
-    is reached unpinned (whoever it is proves its key; content hashes check its data)."""
-    candidates: dict[PeerAddress, NodeId | None] = dict.fromkeys(ticket.addresses, pinned)
-    for address in peers:
-        candidates.setdefault(address, None)
-    return candidates
+    async def _discovered(self, ticket: Ticket) -> list[Candidate]:
+        return [
+            Candidate(
+                provider.address,
+                NodeId(provider.node_id) if provider.node_id is not None else None,
+                provider.source,
+            )
+            for provider in await self.discovery.find(ticket.root)
+        ]
 
 
 def _folder_paths(index: IndexStore) -> set[str]:
@@ -553,7 +613,40 @@ def _peer_list(params: dict[str, Any]) -> list[PeerAddress]:
     peers = params.get("peers") or []
     if not isinstance(peers, list):
         raise LocalProtocolError("peers must be a list of HOST:PORT")
-    return [parse_address(str(peer)) for peer in peers]
+    try:
+        return [parse_address(str(peer), allow_names=True) for peer in peers]
+    except TicketError as exc:
+        raise LocalProtocolError(str(exc)) from exc
+
+
+def _ticket(params: dict[str, Any]) -> Ticket:
+    """A ticket the user typed: a bad one is the user's input error, not a peer's."""
+    try:
+        return parse_ticket_untrusted(str(params.get("ticket", "")))
+    except TicketError as exc:
+        raise LocalProtocolError(str(exc)) from exc
+
+
+def _give_up(params: dict[str, Any]) -> float:
+    value = params.get("give_up_after", GIVE_UP_AFTER)
+    if not isinstance(value, int | float) or value <= 0:
+        raise LocalProtocolError("give_up_after must be a positive number of seconds")
+    return float(value)
+
+
+def _nested(a: str, b: str) -> bool:
+    """One path is inside the other."""
+    return a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def _private_file(path: Path) -> None:
+    """Create ``path`` readable by its owner only, or make it so (the index holds folder
+    write seeds; SQLite creates files with the umask's mode)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 def _format(address: tuple[str, int] | Any) -> str:

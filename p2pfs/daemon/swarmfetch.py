@@ -58,6 +58,12 @@ HAVE_TIMEOUT = 10.0
 REDISCOVER_INTERVAL = 2.0
 """How often discovery is asked again for holders while a fetch runs (late joiners)."""
 MAX_PEERS = 16
+GIVE_UP_AFTER = 60.0
+"""A fetch ends (resumable) once no piece has arrived for this long: every holder found is
+gone, refuses, or lacks what is missing."""
+REST_AFTER_FAILURE = 30.0
+"""A holder that refused or failed is not dialled again for this long (a refusing holder
+re-dialled every round would loop forever)."""
 FRAME_OVERHEAD = 16
 """Approximate framing bytes of one ChunkData (length, tag, fields), for the counters."""
 
@@ -65,10 +71,24 @@ Place = Callable[[list[tuple[int, bytes | memoryview]], NodeId], Awaitable[None]
 """Verify and write arrived pieces (raising IntegrityError, writing nothing, if any fails)."""
 MorePeers = Callable[[set[NodeId]], Awaitable[list[PeerConnection]]]
 """Connect to holders not yet connected (those named are excluded)."""
+Release = Callable[[PeerConnection], None]
+"""The pool is done with a connection (whoever else uses it keeps it)."""
+
+
+def _close(conn: PeerConnection) -> None:
+    conn.close_nowait(0, "fetch done with it")
 
 
 class PeerStalledError(RemoteProtocolError):
     """The peer stopped answering while requests were outstanding."""
+
+
+class HoldersExhaustedError(RemoteProtocolError):
+    """No reachable holder served a missing piece for ``GIVE_UP_AFTER`` seconds."""
+
+    def __init__(self, message: str, missing: list[int]) -> None:
+        super().__init__(message)
+        self.missing = missing
 
 
 @dataclass(slots=True)
@@ -89,8 +109,13 @@ class PeerPool:
     counters: TransferCounters
     place: Place
     download_limit: TokenBucket | None = None
+    release: Release = _close
+    give_up_after: float = GIVE_UP_AFTER
     stats: dict[NodeId, PeerStats] = field(default_factory=dict)
     banned: set[NodeId] = field(default_factory=set)
+    resting: dict[NodeId, float] = field(default_factory=dict)
+    """Holders that failed, and until when they are not dialled again."""
+    _last_progress: float = 0.0
     _connected: dict[NodeId, PeerConnection] = field(default_factory=dict)
     _change: trio.Event = field(default_factory=trio.Event)
     _done: trio.Event = field(default_factory=trio.Event)
@@ -101,7 +126,9 @@ class PeerPool:
     async def run(self, first: PeerConnection, more: MorePeers) -> None:
         """Until every piece is held; raises the last peer's failure if holders run out."""
         if self.picker.complete:
+            self.release(first)
             return
+        self._last_progress = trio.current_time()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.add(first)
@@ -109,14 +136,20 @@ class PeerPool:
             await self._done.wait()
             nursery.cancel_scope.cancel()
         for conn in self._connected.values():
-            conn.close_nowait(0, "fetch finished")
+            self.release(conn)
         if not self.picker.complete:
-            raise self._last_error or RemoteProtocolError("no holder could supply the share")
+            missing = [p for p in range(len(self.pieces)) if not self.picker.holds(p)]
+            why = f" (last: {self._last_error})" if self._last_error else ""
+            raise HoldersExhaustedError(
+                f"no reachable holder served any of the {len(missing)} missing pieces for "
+                f"{self.give_up_after:g} s{why}",
+                missing,
+            )
 
     def add(self, conn: PeerConnection) -> None:
         peer = conn.peer_id
         if peer in self.banned or peer in self._connected or len(self._connected) >= MAX_PEERS:
-            conn.close_nowait(0, "not needed")
+            self.release(conn)
             return
         assert self._nursery is not None
         self._connected[peer] = conn
@@ -134,12 +167,14 @@ class PeerPool:
 
     async def _discover(self, more: MorePeers) -> None:
         """Ask for more holders now, every REDISCOVER_INTERVAL, and whenever the last
-        connected holder is lost; give up only when nobody is connected and nobody new
-        is found."""
+        connected holder is lost; give up once no piece has arrived for give_up_after
+        seconds (holders gone, refusing, or lacking what is missing)."""
         while not self.picker.complete:
-            for conn in await more(set(self._connected) | self.banned):
+            now = trio.current_time()
+            resting = {peer for peer, until in self.resting.items() if until > now}
+            for conn in await more(set(self._connected) | self.banned | resting):
                 self.add(conn)
-            if not self._connected:
+            if trio.current_time() - self._last_progress >= self.give_up_after:
                 self._done.set()
                 return
             with trio.move_on_after(REDISCOVER_INTERVAL):
@@ -174,7 +209,8 @@ class PeerPool:
             conn.close_nowait(int(ErrorCode.INTEGRITY), "sent data that fails verification")
         except* (P2pfsError, trio.TooSlowError) as group:
             self._fail(peer, group, ban=False)
-            conn.close_nowait(0, "dropped")
+            self.resting[peer] = trio.current_time() + REST_AFTER_FAILURE
+            self.release(conn)
         finally:
             if joined:
                 self.picker.remove_peer(peer)
@@ -293,6 +329,7 @@ class PeerPool:
         if arrived:
             await self.place(arrived, peer)
             self.stats[peer].bytes += sum(len(data) for _piece, data in arrived)
+            self._last_progress = trio.current_time()
         for piece in picked:
             self.picker.received(piece, peer)
         self._changed()

@@ -2,13 +2,15 @@
 watching the disk, and the control API behind `p2pfs sync` and `p2pfs conflicts`.
 
 Links are symmetric: on every connection between two members each side proves membership
-as a client, subscribes to the other's index root and pulls what it lacks. A member that
-opened the connection also serves the other's streams on it.
+as a client, subscribes to the other's index root and pulls what it lacks. Connections come
+from the node's one dialer (daemon/dialer.py), shared with fetches: a link leases its
+connection and releases it when it ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import time
@@ -31,11 +33,12 @@ from p2pfs.errors import (
 )
 from p2pfs.identity import NodeId
 from p2pfs.ids import ContentHash
-from p2pfs.net import Endpoint, PeerConnection
+from p2pfs.net import PeerConnection
 from p2pfs.store.folders import FolderStore
 from p2pfs.sync.keys import FolderKeys, device_id
 from p2pfs.wire.ticket import PeerAddress, Ticket, TicketKind, parse_ticket_untrusted
 
+from ..dialer import Candidate, Dialer, DialError
 from ..discovery import Discovery
 from ..requests import PeerRequestError
 from ..service import TransferCounters
@@ -59,7 +62,11 @@ about a tenth of a second (Syncthing's default waits 10 s). A file written in bu
 pauses between them is recorded once per burst (each a version); the scanner re-reads a
 file that changes while it reads it, so no version mixes two states."""
 WATCH_THREAD_WAKE_MS = 300
-CONNECT_TIMEOUT = 5.0
+TASK_RESTART_DELAY = 5.0
+"""A folder task that failed unexpectedly starts again after this pause."""
+HINTED_MEMBERS = 64
+"""Member addresses heard from other members (FolderWelcome) kept per folder, untrusted
+until a connection to them authenticates."""
 KEEPALIVE_INTERVAL = 10.0
 """A PING this often keeps a quiet member link under the transport's 30 s idle timeout."""
 RETRY_INTERVAL = 5.0
@@ -91,10 +98,11 @@ class FolderManager:
         self.folders: dict[bytes, FolderSync] = {}
         self._links: dict[tuple[bytes, bytes], FolderLink] = {}
         self._nursery: trio.Nursery | None = None
-        self._endpoint: Endpoint | None = None
+        self._dialer: Dialer | None = None
         self._discovery: Discovery | None = None
-        self._serve_connection: Callable[[PeerConnection], Awaitable[None]] | None = None
         self._extra_peers: tuple[PeerAddress, ...] = ()
+        self._hinted: dict[bytes, dict[bytes, PeerAddress]] = {}
+        """Per folder: members other members named, not yet reached (bounded)."""
         self._scopes: dict[bytes, trio.CancelScope] = {}
         self._folder_nurseries: dict[bytes, trio.Nursery] = {}
 
@@ -106,16 +114,14 @@ class FolderManager:
 
     async def serve(
         self,
-        endpoint: Endpoint,
+        dialer: Dialer,
         discovery: Discovery,
-        serve_connection: Callable[[PeerConnection], Awaitable[None]],
         peers: tuple[PeerAddress, ...] = (),
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        self._endpoint = endpoint
+        self._dialer = dialer
         self._discovery = discovery
-        self._serve_connection = serve_connection
         self._extra_peers = peers
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -156,9 +162,27 @@ class FolderManager:
                 self._folder_nurseries[folder.folder_id] = nursery
                 task_status.started()
                 if self.config.watch:
-                    nursery.start_soon(self._watch, folder)
-                nursery.start_soon(self._rescan_periodically, folder)
-                nursery.start_soon(self._connect_members, folder)
+                    nursery.start_soon(self._supervised, folder, "watcher", self._watch)
+                nursery.start_soon(
+                    self._supervised, folder, "periodic rescan", self._rescan_periodically
+                )
+                nursery.start_soon(self._supervised, folder, "member search", self._connect_members)
+
+    async def _supervised(
+        self, folder: FolderSync, what: str, task: Callable[[FolderSync], Awaitable[None]]
+    ) -> None:
+        """A folder task is a failure boundary: whatever it raises (a bug, a file name or a
+        peer's input nobody foresaw) is logged once, shown in `sync list`, and the task
+        starts again after a pause; the other folders and the daemon carry on.
+        Cancellation is a BaseException and passes through."""
+        while True:
+            try:
+                await task(folder)
+                return
+            except Exception as exc:  # the boundary described above
+                logger.exception("folder %s: %s failed; restarting it", folder.path, what)
+                folder.problems = [f"{what} failed: {type(exc).__name__}: {exc}"]
+            await trio.sleep(TASK_RESTART_DELAY)
 
     # -- change detection -----------------------------------------------------------------
 
@@ -231,60 +255,75 @@ class FolderManager:
             await trio.sleep(CONNECT_INTERVAL)
 
     async def _connect_round(self, folder: FolderSync) -> None:
-        endpoint = self._endpoint
-        assert endpoint is not None
-        candidates: dict[PeerAddress, NodeId | None] = {}
+        """Dial every known member not linked yet: those met before (their authenticated
+        addresses), those other members named, --peers, and discovery's providers."""
+        candidates: list[Candidate] = []
         for node_id, (host, port) in folder.peers.items():
-            candidates.setdefault(PeerAddress(host, port), NodeId(node_id))
-        for address in self._extra_peers:
-            candidates.setdefault(address, None)
+            candidates.append(Candidate(PeerAddress(host, port), NodeId(node_id), "member"))
+        for node_id, address in self._hinted.get(folder.folder_id, {}).items():
+            candidates.append(Candidate(address, NodeId(node_id), "named by a member"))
+        candidates += [Candidate(a, None, "peer") for a in self._extra_peers]
         if self._discovery is not None:
             for provider in await self._discovery.find_key(folder.keys.discovery_key):
                 node = NodeId(provider.node_id) if provider.node_id is not None else None
-                candidates.setdefault(provider.address, node)
-        own_address = endpoint.local_address
-        linked = {
-            (str(link.conn.remote_address[0]), int(link.conn.remote_address[1]))
-            for (folder_id, _peer), link in self._links.items()
-            if folder_id == folder.folder_id
-        }
+                candidates.append(Candidate(provider.address, node, provider.source))
+        linked = {peer for (folder_id, peer) in self._links if folder_id == folder.folder_id}
+        by_node: dict[NodeId | None, list[Candidate]] = {}
+        for candidate in candidates:
+            if candidate.node is not None and candidate.node.raw in linked:
+                continue
+            if candidate.node == self._own_id:
+                continue
+            by_node.setdefault(candidate.node, []).append(candidate)
         async with trio.open_nursery() as nursery:
-            for address, node in candidates.items():
-                if node == self._own_id or (address.host, address.port) == own_address:
-                    continue
-                if (address.host, address.port) in linked:
-                    continue
-                if node is not None and (folder.folder_id, node.raw) in self._links:
-                    continue
-                nursery.start_soon(self._connect_one, folder, address, node)
+            for node, group in by_node.items():
+                if node is None:  # unpinned: each address may be another member
+                    for candidate in group:
+                        nursery.start_soon(self._connect_one, folder, [candidate])
+                else:
+                    nursery.start_soon(self._connect_one, folder, group)
 
-    async def _connect_one(
-        self, folder: FolderSync, address: PeerAddress, node: NodeId | None
-    ) -> None:
-        endpoint = self._endpoint
-        assert endpoint is not None and self._nursery is not None
-        conn = _open_connection(endpoint, node)
-        if conn is None:
-            try:
-                with trio.fail_after(CONNECT_TIMEOUT):
-                    conn = await endpoint.connect((address.host, address.port), node)
-            except (
-                AuthenticationError,
-                ConnectionClosedError,
-                RemoteProtocolError,
-                OSError,
-                trio.TooSlowError,
-            ) as exc:
-                logger.debug("folder %s: cannot reach %s: %s", folder.path, address, exc)
-                return
-            if conn.peer_id == self._own_id:
-                conn.close_nowait(0, "that is us")
-                return
-            assert self._serve_connection is not None
-            self._nursery.start_soon(self._serve_connection, conn)
+    async def _connect_one(self, folder: FolderSync, candidates: list[Candidate]) -> None:
+        """Reach one member (any of its addresses) and link, unless a link exists."""
+        assert self._dialer is not None
+        key_holder = object()
+        linked = [raw for (fid, raw) in self._links if fid == folder.folder_id]
+        try:
+            conn = await self._dialer.first(
+                candidates,
+                key_holder,
+                exclude=[NodeId(raw) for raw in linked],
+                what="a member",
+            )
+        except DialError as exc:
+            logger.debug("folder %s: %s", folder.path, exc)
+            return
         nursery = self._folder_nurseries.get(folder.folder_id)
-        if (folder.folder_id, conn.peer_id.raw) not in self._links and nursery is not None:
-            nursery.start_soon(self._link, folder, conn)
+        if (folder.folder_id, conn.peer_id.raw) in self._links or nursery is None:
+            self._dialer.release(conn, key_holder)
+            return
+        # The link lives in the folder's nursery (the connect round has a deadline).
+        nursery.start_soon(self._leased_link, folder, conn, key_holder)
+
+    async def _leased_link(self, folder: FolderSync, conn: PeerConnection, holder: object) -> None:
+        assert self._dialer is not None
+        try:
+            await self._link(folder, conn)
+        finally:
+            self._dialer.release(conn, holder)
+
+    def _hint(self, folder: FolderSync, node_id: bytes, host: str, port: int) -> None:
+        """Keep a member address another member named: an IP literal and a real port only
+        (no names to resolve on a stranger's say, no port 0), at most HINTED_MEMBERS."""
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return
+        if not 0 < port < 65536:
+            return
+        hinted = self._hinted.setdefault(folder.folder_id, {})
+        if node_id in hinted or len(hinted) < HINTED_MEMBERS:
+            hinted[node_id] = PeerAddress(host, port)
 
     async def _link(self, folder: FolderSync, conn: PeerConnection) -> None:
         key = (folder.folder_id, conn.peer_id.raw)
@@ -294,11 +333,14 @@ class FolderManager:
         self._links[key] = link
         try:
             members = await link.join()
+            # Only an address that authenticated is remembered; addresses other members
+            # name are candidates until a connection to them proves the member's key.
             host, port = conn.remote_address[:2]
             await folder.remember_peer(conn.peer_id.raw, str(host), int(port))
+            self._hinted.get(folder.folder_id, {}).pop(conn.peer_id.raw, None)
             for member in members:
                 if member.node_id != self._own_id.raw and member.node_id not in folder.peers:
-                    await folder.remember_peer(member.node_id, member.host, member.port)
+                    self._hint(folder, member.node_id, member.host, member.port)
             logger.info("folder %s: linked with %s", folder.path, conn.peer_id.short())
             await self._follow(folder, link)
         except* (
@@ -320,6 +362,15 @@ class FolderManager:
             # Forged, malformed or backwards records, or a chunk failing its hash: nothing
             # of it was applied; the member is dropped.
             refuse(conn, f"folder {folder.path}: {_first(group)}")
+        except* Exception as group:  # a link is a failure boundary
+            # A bug met through one member's input ends that link only, with a log line.
+            logger.exception(
+                "folder %s: link with %s failed unexpectedly",
+                folder.path,
+                conn.peer_id.short(),
+                exc_info=_first(group),
+            )
+            conn.close_nowait(0, "internal error")
         finally:
             del self._links[key]
 
@@ -487,15 +538,3 @@ def _keys_of(ticket: Ticket) -> FolderKeys:
 
 def _nested(a: str, b: str) -> bool:
     return a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
-
-
-def _open_connection(endpoint: Endpoint, node: NodeId | None) -> PeerConnection | None:
-    if node is None:
-        return None
-    for conn in endpoint.connections:
-        if conn.is_closed:
-            continue
-        with contextlib.suppress(ConnectionClosedError):
-            if conn.peer_id == node:
-                return conn
-    return None

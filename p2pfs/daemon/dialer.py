@@ -1,0 +1,301 @@
+"""One dialer for every outgoing connection: fetches, swarms and folder links alike.
+
+- An authenticated connection already open to the wanted NodeId is reused (one connection
+  per peer pair, shared by fetches, swarms and sync links); connections are leased, and one
+  this node opened closes when its last user releases it.
+- Candidates are tried concurrently with a short stagger (Happy Eyeballs, RFC 8305: the next
+  starts 250 ms after the previous, or at once when it fails), each with a connect timeout
+  of a few seconds, so one dead address costs a quarter second, not a timeout.
+- Wrong-node, refused, unreachable and "that is this node" candidates are failures of that
+  candidate only; the error names every candidate tried, with its reason.
+- Host names (typed by users: ``--peer``, ``--bootstrap``) are resolved here.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+
+import trio
+
+from p2pfs.errors import (
+    AuthenticationError,
+    ConnectionClosedError,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
+from p2pfs.identity import NodeId
+from p2pfs.net import Endpoint, PeerConnection
+from p2pfs.wire.ticket import PeerAddress
+
+logger = logging.getLogger(__name__)
+
+STAGGER = 0.25
+"""RFC 8305's recommended connection attempt delay."""
+CONNECT_TIMEOUT = 4.0
+"""A QUIC handshake on any real path takes well under a second; a few retransmissions fit."""
+MAX_CONCURRENT = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    address: PeerAddress
+    """An IP literal, or a host name a user typed (resolved when dialled)."""
+    node: NodeId | None
+    """The node it must prove to be (pinned), or None: any node, content hashes check it."""
+    source: str
+    """Where it came from: ticket, peer, member, dht, lan, mainline."""
+
+    def __str__(self) -> str:
+        return f"{self.address} ({self.source})"
+
+
+class DialError(RemoteProtocolError):
+    """No candidate gave a usable connection; ``attempts`` says why, per candidate."""
+
+    def __init__(self, attempts: list[tuple[Candidate, str]], what: str = "a holder") -> None:
+        self.attempts = attempts
+        if attempts:
+            tried = "; ".join(f"{candidate}: {reason}" for candidate, reason in attempts)
+            message = f"could not reach {what} (tried {tried})"
+        else:
+            message = f"could not reach {what}: no address to try"
+        super().__init__(message)
+
+
+ServeConnection = Callable[[PeerConnection], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _Leases:
+    holders: set[Hashable] = field(default_factory=set)
+    opened_here: bool = False
+
+
+class Dialer:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        serve_connection: ServeConnection,
+        nursery: trio.Nursery,
+        *,
+        stagger: float = STAGGER,
+        timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        self._endpoint = endpoint
+        self._serve_connection = serve_connection
+        self._nursery = nursery
+        self.stagger = stagger
+        self.timeout = timeout
+        self._leases: dict[PeerConnection, _Leases] = {}
+
+    # -- connections and leases -----------------------------------------------------------
+
+    def open_to(self, node: NodeId) -> PeerConnection | None:
+        """An authenticated, open connection to ``node``, whoever opened it."""
+        for conn in self._endpoint.connections:
+            if conn.is_closed:
+                continue
+            try:
+                if conn.peer_id == node:
+                    return conn
+            except ConnectionClosedError:
+                continue
+        return None
+
+    def acquire(self, conn: PeerConnection, holder: Hashable) -> None:
+        self._leases.setdefault(conn, _Leases()).holders.add(holder)
+
+    def release(self, conn: PeerConnection, holder: Hashable) -> None:
+        """``holder`` is done with ``conn``; the last user of one we opened closes it."""
+        leases = self._leases.get(conn)
+        if leases is None:
+            return
+        leases.holders.discard(holder)
+        if not leases.holders:
+            del self._leases[conn]
+            if leases.opened_here:
+                conn.close_nowait(0, "no longer needed")
+
+    def release_all(self, holder: Hashable) -> None:
+        for conn in [c for c, leases in self._leases.items() if holder in leases.holders]:
+            self.release(conn, holder)
+
+    def _adopt(self, conn: PeerConnection, holder: Hashable) -> None:
+        """A connection this dialer opened: serve the peer's streams on it too (one
+        connection per pair, used both ways), and forget its leases when it ends."""
+        self._leases.setdefault(conn, _Leases()).opened_here = True
+        self.acquire(conn, holder)
+        self._nursery.start_soon(self._serve_then_forget, conn)
+
+    async def _serve_then_forget(self, conn: PeerConnection) -> None:
+        try:
+            await self._serve_connection(conn)
+        finally:
+            self._leases.pop(conn, None)
+
+    # -- dialling -------------------------------------------------------------------------
+
+    async def first(
+        self,
+        candidates: Iterable[Candidate],
+        holder: Hashable,
+        *,
+        exclude: Iterable[NodeId] = (),
+        what: str = "a holder",
+    ) -> PeerConnection:
+        """The first candidate that connects and proves the right key (leased to
+        ``holder``), or DialError naming every candidate tried."""
+        excluded = set(exclude)
+        wanted = _dedupe(candidates)
+        for candidate in wanted:
+            if candidate.node is not None and candidate.node not in excluded:
+                conn = self.open_to(candidate.node)
+                if conn is not None:
+                    self.acquire(conn, holder)
+                    return conn
+        attempts: list[tuple[Candidate, str]] = []
+        resolved = await self._resolve(wanted, attempts)
+        won: list[PeerConnection] = []
+        async with trio.open_nursery() as nursery:
+            for candidate in resolved:
+                failed = trio.Event()
+                nursery.start_soon(
+                    self._attempt, candidate, holder, excluded, won, attempts, failed, nursery
+                )
+                with trio.move_on_after(self.stagger):
+                    await failed.wait()
+        if won:
+            return won[0]
+        raise DialError(attempts, what)
+
+    async def each(
+        self, candidates: Iterable[Candidate], holder: Hashable, *, exclude: Iterable[NodeId]
+    ) -> list[PeerConnection]:
+        """Every candidate reachable now, one connection per node, concurrently (at most
+        MAX_CONCURRENT handshakes at once)."""
+        excluded = set(exclude)
+        wanted = _dedupe(candidates)
+        connected: dict[NodeId, PeerConnection] = {}
+        for candidate in wanted:
+            if candidate.node is not None and candidate.node not in excluded:
+                conn = self.open_to(candidate.node)
+                if conn is not None and candidate.node not in connected:
+                    self.acquire(conn, holder)
+                    connected[candidate.node] = conn
+        skip = excluded | set(connected)
+        attempts: list[tuple[Candidate, str]] = []
+        resolved = [
+            c for c in await self._resolve(wanted, attempts) if c.node is None or c.node not in skip
+        ]
+        limiter = trio.CapacityLimiter(MAX_CONCURRENT)
+        won: list[PeerConnection] = []
+
+        async def one(candidate: Candidate) -> None:
+            async with limiter:
+                await self._attempt(candidate, holder, skip, won, attempts, trio.Event(), None)
+
+        async with trio.open_nursery() as nursery:
+            for candidate in resolved:
+                nursery.start_soon(one, candidate)
+        for conn in won:
+            if conn.peer_id in connected:
+                self.release(conn, holder)  # two addresses of one node both answered
+            else:
+                connected[conn.peer_id] = conn
+        for candidate, reason in attempts:
+            logger.debug("dial %s failed: %s", candidate, reason)
+        return list(connected.values())
+
+    async def _attempt(
+        self,
+        candidate: Candidate,
+        holder: Hashable,
+        excluded: set[NodeId],
+        won: list[PeerConnection],
+        attempts: list[tuple[Candidate, str]],
+        failed: trio.Event,
+        race: trio.Nursery | None,
+    ) -> None:
+        """One handshake; on success appends to ``won`` (and, in a race, ends the race)."""
+        address = candidate.address
+        try:
+            with trio.fail_after(self.timeout):
+                conn = await self._endpoint.connect((address.host, address.port), candidate.node)
+        except AuthenticationError as exc:
+            attempts.append((candidate, f"not the node expected ({exc})"))
+            failed.set()
+            return
+        except trio.TooSlowError:
+            attempts.append((candidate, f"no answer in {self.timeout:g} s"))
+            failed.set()
+            return
+        except (ConnectionClosedError, RemoteProtocolError, LocalProtocolError, OSError) as exc:
+            attempts.append((candidate, str(exc) or type(exc).__name__))
+            failed.set()
+            return
+        reason = None
+        if conn.peer_id == self._endpoint.node_id:
+            reason = "that is this node"
+        elif conn.peer_id in excluded:
+            reason = "excluded (already connected, or refused earlier)"
+        elif race is not None and won:
+            reason = "another candidate answered first"
+        if reason is not None:
+            conn.close_nowait(0, reason)
+            attempts.append((candidate, reason))
+            failed.set()
+            return
+        self._adopt(conn, holder)
+        won.append(conn)
+        if race is not None:
+            race.cancel_scope.cancel()
+
+    async def _resolve(
+        self, candidates: list[Candidate], attempts: list[tuple[Candidate, str]]
+    ) -> list[Candidate]:
+        """IP literals as they are; host names resolved to each address of the socket's
+        family (our one socket speaks one family)."""
+        family = socket.AF_INET6 if ":" in self._endpoint.local_address[0] else socket.AF_INET
+        resolved: list[Candidate] = []
+        for candidate in candidates:
+            host = candidate.address.host
+            if _is_ip(host):
+                if (":" in host) == (family == socket.AF_INET6):
+                    resolved.append(candidate)
+                else:
+                    attempts.append((candidate, "other address family than this node's socket"))
+                continue
+            try:
+                infos = await trio.socket.getaddrinfo(
+                    host, candidate.address.port, family=family, type=socket.SOCK_DGRAM
+                )
+            except OSError as exc:
+                attempts.append((candidate, f"cannot resolve {host!r}: {exc}"))
+                continue
+            for info in infos:
+                ip = str(info[4][0])
+                resolved.append(
+                    Candidate(
+                        PeerAddress(ip, candidate.address.port), candidate.node, candidate.source
+                    )
+                )
+        return _dedupe(resolved)
+
+
+def _dedupe(candidates: Iterable[Candidate]) -> list[Candidate]:
+    """One candidate per address, the first (best-sourced) kept."""
+    seen: dict[PeerAddress, Candidate] = {}
+    for candidate in candidates:
+        seen.setdefault(candidate.address, candidate)
+    return list(seen.values())
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    except OSError:
+        return False
+    return True

@@ -1,0 +1,5 @@
+"""Fixtures shared by test modules."""
+
+from tests.netbed import netbed
+
+__all__ = ["netbed"]

@@ -1,0 +1,170 @@
+"""A multi-machine test bed: network namespaces as machines, a router namespace between
+their subnets, real daemons started with their defaults (no --listen, no --peer), as
+`make run` starts them.
+
+Each machine sits alone on its own /24 behind the router, so LAN beacons do not cross and
+machines meet only through tickets, the DHT or routed addresses, as on real networks. Only
+namespaces this bed made are touched, and only processes started in them are killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from p2pfs.bench.daemons import DaemonProcess
+
+_beds = itertools.count()
+DEFAULT_PORT = 7337
+DHT_PORT = DEFAULT_PORT + 1
+
+
+def _run(*command: str) -> str:
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)}: {completed.stderr.strip()}")
+    return completed.stdout
+
+
+def can_build_namespaces() -> str | None:
+    """None if this host can build the bed, else why not (for a skip reason)."""
+    if sys.platform != "linux":
+        return "network namespaces are Linux only"
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "no `ip` command (iproute2)"
+    return None
+
+
+@dataclass
+class Machine:
+    bed: NetBed
+    name: str
+    namespace: str
+    address: str
+    veth: str
+    """The machine's side of its link to the router (for byte counts)."""
+    home: Path
+    daemon: DaemonProcess | None = None
+
+    @property
+    def prefix(self) -> tuple[str, ...]:
+        return ("ip", "netns", "exec", self.namespace)
+
+    def start(self, *extra: str, home: Path | None = None) -> DaemonProcess:
+        """A daemon at its defaults (UDP 7337, DHT 7338, LAN on), plus ``extra`` flags."""
+        daemon = DaemonProcess(home or self.home, listen=None, extra_args=extra, prefix=self.prefix)
+        daemon.start()
+        self.bed.daemons.append(daemon)
+        if home is None:
+            self.daemon = daemon
+        return daemon
+
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
+        """The CLI run on this machine (inside its namespace), against its daemon."""
+        completed = subprocess.run(
+            [*self.prefix, sys.executable, "-m", "p2pfs", "--home", str(self.home), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and completed.returncode != 0:
+            raise RuntimeError(
+                f"{self.name}: p2pfs {' '.join(args)} exited {completed.returncode}:\n"
+                f"{completed.stderr}\n{self.daemon.log_tail() if self.daemon else ''}"
+            )
+        return completed
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [*self.prefix, sys.executable, "-m", "p2pfs", "--home", str(self.home), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def link_bytes(self) -> tuple[int, int]:
+        """(received, sent) bytes on the machine's link, as the kernel counts them."""
+        base = f"/sys/class/net/{self.veth}/statistics"
+        received = _run(*self.prefix, "cat", f"{base}/rx_bytes")
+        sent = _run(*self.prefix, "cat", f"{base}/tx_bytes")
+        return int(received), int(sent)
+
+
+@dataclass
+class NetBed:
+    root: Path
+    tag: str
+    router: str = ""
+    machines: list[Machine] = field(default_factory=list)
+    daemons: list[DaemonProcess] = field(default_factory=list)
+    _namespaces: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.router = self._namespace("r")
+        _run("ip", "netns", "exec", self.router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+    def _namespace(self, name: str) -> str:
+        namespace = f"{self.tag}-{name}"
+        _run("ip", "netns", "add", namespace)
+        self._namespaces.append(namespace)
+        _run("ip", "-n", namespace, "link", "set", "lo", "up")
+        return namespace
+
+    def machine(self, name: str) -> Machine:
+        """A new machine alone on its own subnet 10.(bed).(n).0/24 behind the router."""
+        number = len(self.machines) + 1
+        namespace = self._namespace(name)
+        inside, outside = f"{self.tag}{number}m", f"{self.tag}{number}r"
+        subnet = f"10.{200 + int(self.tag[-2:]) % 50}.{number}"
+        _run("ip", "link", "add", inside, "type", "veth", "peer", "name", outside)
+        _run("ip", "link", "set", inside, "netns", namespace)
+        _run("ip", "link", "set", outside, "netns", self.router)
+        _run("ip", "-n", self.router, "addr", "add", f"{subnet}.1/24", "dev", outside)
+        _run("ip", "-n", self.router, "link", "set", outside, "up")
+        _run("ip", "-n", namespace, "addr", "add", f"{subnet}.2/24", "dev", inside)
+        _run("ip", "-n", namespace, "link", "set", inside, "up")
+        _run("ip", "-n", namespace, "route", "add", "default", "via", f"{subnet}.1")
+        machine = Machine(self, name, namespace, f"{subnet}.2", inside, self.root / name / "home")
+        machine.home.mkdir(parents=True)
+        self.machines.append(machine)
+        return machine
+
+    def close(self) -> None:
+        for daemon in self.daemons:
+            daemon.stop()
+        for namespace in reversed(self._namespaces):
+            # Anything still running in our namespaces was started by this bed.
+            pids = subprocess.run(
+                ["ip", "netns", "pids", namespace], capture_output=True, text=True, check=False
+            ).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), 9)
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
+
+
+@pytest.fixture
+def netbed(tmp_path: Path) -> Iterator[NetBed]:
+    reason = can_build_namespaces()
+    if reason is not None:
+        pytest.skip(reason)
+    tag = f"p2b{os.getpid() % 1000:03d}{next(_beds) % 100:02d}"
+    bed = NetBed(tmp_path, tag)
+    try:
+        yield bed
+    finally:
+        bed.close()

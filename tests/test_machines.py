@@ -1,0 +1,285 @@
+"""Between real machines: namespaces as machines on routed subnets, daemons at their defaults.
+
+Each test states what a user on two or three machines would do, and checks it with the
+ticket alone (no --listen, no --peer), the way `make run` starts a node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.e2e_helpers import wait_until
+from tests.netbed import DHT_PORT, Machine, NetBed
+
+MiB = 1 << 20
+
+
+def make_tree(root: Path, sizes: dict[str, int]) -> dict[str, bytes]:
+    contents = {}
+    for name, size in sizes.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = os.urandom(size)
+        path.write_bytes(data)
+        contents[name] = data
+    return contents
+
+
+def share(machine: Machine, path: Path, *extra: str) -> str:
+    completed = machine.cli("share", str(path), *extra)
+    return completed.stdout.strip().splitlines()[-1]
+
+
+def fetch_json(machine: Machine, ticket: str, dest: Path, *extra: str) -> dict[str, object]:
+    completed = machine.cli("fetch", ticket, str(dest), "--json", *extra)
+    result: dict[str, object] = json.loads(completed.stdout.strip().splitlines()[-1])
+    return result
+
+
+def same_tree(left: Path, right: Path) -> bool:
+    def files(root: Path) -> dict[str, bytes]:
+        return {
+            str(p.relative_to(root)): p.read_bytes()
+            for p in root.rglob("*")
+            if p.is_file() and ".p2pfs" not in p.parts
+        }
+
+    return files(left) == files(right)
+
+
+def transfers(machine: Machine) -> list[dict[str, object]]:
+    assert machine.daemon is not None
+    result: list[dict[str, object]] = machine.daemon.call("status")["transfers"]
+    return result
+
+
+def test_addresses_are_the_machines_own(netbed: NetBed, tmp_path: Path) -> None:
+    """`id` names the machine's routed address (never loopback, which on another machine is
+    that machine itself), and a ticket carries it."""
+    m1 = netbed.machine("m1")
+    m1.start()
+    ident = json.loads(m1.cli("id", "--json").stdout)
+    assert ident["addresses"] == [f"{m1.address}:7337"]
+    assert ident["discovery"]["dht_port"] == DHT_PORT
+
+
+def test_share_on_one_machine_fetch_on_another(netbed: NetBed, tmp_path: Path) -> None:
+    m1, m2 = netbed.machine("m1"), netbed.machine("m2")
+    m1.start()
+    m2.start()
+    source = tmp_path / "photos"
+    make_tree(source, {"a.jpg": 3 * MiB, "sub/b.txt": 1000, "sub/deeper/c.bin": 700_000})
+    ticket = share(m1, source)
+    received_before, _ = m2.link_bytes()
+    report = fetch_json(m2, ticket, tmp_path / "copy")
+    received_after, _ = m2.link_bytes()
+    assert same_tree(source, tmp_path / "copy")
+    payload = 3 * MiB + 1000 + 700_000
+    assert report["bytes_from_peer"] == payload
+    # The kernel's count on the machine's link next to the daemon's own: the data crossed
+    # the routed link once, with QUIC's overhead (headers, acks) on top and no more.
+    on_the_wire = received_after - received_before
+    assert payload <= on_the_wire <= payload * 1.15 + 256 * 1024, on_the_wire
+    status = m2.cli("status", "--json")
+    counted = json.loads(status.stdout)["bytes_received"]
+    assert payload <= counted <= on_the_wire
+
+
+def test_sync_join_with_the_ticket_alone(netbed: NetBed, tmp_path: Path) -> None:
+    m1, m2 = netbed.machine("m1"), netbed.machine("m2")
+    m1.start()
+    m2.start()
+    notes_a, notes_b = tmp_path / "a" / "notes", tmp_path / "b" / "notes"
+    notes_a.mkdir(parents=True)
+    (notes_a / "todo.txt").write_text("milk\n")
+    tickets = json.loads(m1.cli("sync", str(notes_a), "--json").stdout)
+    m2.cli("sync", str(notes_b), tickets["rw"])
+    wait_until((notes_b / "todo.txt").exists)
+    assert (notes_b / "todo.txt").read_text() == "milk\n"
+    (notes_b / "done.txt").write_text("eggs\n")
+    wait_until((notes_a / "done.txt").exists)
+    assert (notes_a / "done.txt").read_text() == "eggs\n"
+
+
+def test_a_holder_stops_answering_and_another_is_found_through_the_dht(
+    netbed: NetBed, tmp_path: Path
+) -> None:
+    """The ticket names only m1; m2 holds the same content and is known only to the DHT.
+    m1 freezes mid-fetch: the fetch finishes from m2."""
+    m1, m2, m3 = netbed.machine("m1"), netbed.machine("m2"), netbed.machine("m3")
+    rate = ("--max-upload-rate", str(4 * MiB))
+    m1.start(*rate)
+    bootstrap = ("--bootstrap", f"{m1.address}:{DHT_PORT}")
+    m2.start(*bootstrap, *rate)
+    m3.start(*bootstrap)
+    source = tmp_path / "video"
+    make_tree(source, {"clip.bin": 24 * MiB})
+    ticket = share(m1, source)
+    share(m2, source)  # the same content, so the same root: m2 holds the share too
+    assert m1.daemon is not None
+    running = m3.popen("fetch", ticket, str(tmp_path / "copy"), "--json")
+    try:
+        wait_until(lambda: any(int(str(t["bytes_done"])) > 4 * MiB for t in transfers(m3)))
+        m1.daemon.kill(signal.SIGSTOP)
+        stdout, stderr = running.communicate(timeout=120)
+    finally:
+        m1.daemon.kill(signal.SIGCONT)
+        if running.poll() is None:
+            running.kill()
+    assert running.returncode == 0, stderr
+    assert same_tree(source, tmp_path / "copy")
+    report = json.loads(stdout.strip().splitlines()[-1])
+    contributions = {peer["address"].split(":")[0]: peer["bytes"] for peer in report["peers"]}
+    assert contributions.get(m2.address, 0) > 0, report["peers"]
+
+
+def test_a_stale_dht_record_does_not_stop_a_fetch(netbed: NetBed, tmp_path: Path) -> None:
+    """m2 announced the share, then died (kill -9): its DHT record outlives it. A fetch with a
+    ticket naming only content finds both records and finishes from m1."""
+    m1, m2, m3 = netbed.machine("m1"), netbed.machine("m2"), netbed.machine("m3")
+    m1.start()
+    bootstrap = ("--bootstrap", f"{m1.address}:{DHT_PORT}")
+    m2.start(*bootstrap)
+    m3.start(*bootstrap)
+    source = tmp_path / "docs"
+    make_tree(source, {"report.pdf": 2 * MiB})
+    share(m2, source)
+    ticket = share(m1, source, "--no-hints")
+    found = json.loads(m3.cli("find", ticket, "--json").stdout)["providers"]
+    assert {p["address"].split(":")[0] for p in found} >= {m1.address, m2.address}
+    assert m2.daemon is not None
+    m2.daemon.kill(signal.SIGKILL)
+    m2.daemon.wait()
+    fetch_json(m3, ticket, tmp_path / "copy")
+    assert same_tree(source, tmp_path / "copy")
+
+
+def test_concurrent_fetches_into_one_destination(netbed: NetBed, tmp_path: Path) -> None:
+    """Never wrong bytes, never a false success: the second fetch waits for the first and
+    finds every file complete."""
+    m1, m2 = netbed.machine("m1"), netbed.machine("m2")
+    m1.start("--max-upload-rate", str(8 * MiB))
+    m2.start()
+    source = tmp_path / "set"
+    make_tree(source, {"one.bin": 3 * MiB, "two.bin": 2 * MiB, "three.bin": 1 * MiB})
+    ticket = share(m1, source)
+    destination = tmp_path / "copy"
+    runs = [m2.popen("fetch", ticket, str(destination), "--json") for _ in range(3)]
+    outcomes = [run.communicate(timeout=120) for run in runs]
+    for run, (_stdout, stderr) in zip(runs, outcomes, strict=True):
+        assert run.returncode == 0, stderr
+    assert same_tree(source, destination)
+    assert sorted(p.name for p in destination.iterdir()) == ["one.bin", "three.bin", "two.bin"]
+
+
+def test_ctrl_c_cancels_the_transfer_and_a_rerun_resumes(netbed: NetBed, tmp_path: Path) -> None:
+    m1, m2 = netbed.machine("m1"), netbed.machine("m2")
+    m1.start("--max-upload-rate", str(4 * MiB))
+    m2.start()
+    source = tmp_path / "big"
+    make_tree(source, {"disk.img": 32 * MiB})
+    ticket = share(m1, source)
+    destination = tmp_path / "copy"
+    running = m2.popen("fetch", ticket, str(destination))
+    wait_until(lambda: any(int(str(t["bytes_done"])) > 6 * MiB for t in transfers(m2)))
+    running.send_signal(signal.SIGINT)
+    _stdout, stderr = running.communicate(timeout=30)
+    assert running.returncode == 130, stderr
+    assert "resume" in stderr
+    wait_until(lambda: not transfers(m2), timeout=10)  # cancelled in the daemon too
+    assert not (destination / "disk.img").exists()
+    report = fetch_json(m2, ticket, destination)
+    assert same_tree(source, destination)
+    assert int(str(report["bytes_resumed"])) >= 4 * MiB
+
+
+def test_fetch_never_silently_replaces_a_different_file(netbed: NetBed, tmp_path: Path) -> None:
+    m1, m2 = netbed.machine("m1"), netbed.machine("m2")
+    m1.start()
+    m2.start()
+    source = tmp_path / "dotfiles"
+    make_tree(source, {".bashrc": 2000, "notes.txt": 500})
+    ticket = share(m1, source)
+    destination = tmp_path / "home"
+    destination.mkdir()
+    (destination / ".bashrc").write_text("my own settings\n")
+    refused = m2.cli("fetch", ticket, str(destination), check=False)
+    assert refused.returncode == 2, refused.stderr
+    assert ".bashrc" in refused.stderr and "--overwrite" in refused.stderr
+    assert (destination / ".bashrc").read_text() == "my own settings\n"
+    assert not (destination / "notes.txt").exists()  # stopped before writing anything
+    report = fetch_json(m2, ticket, destination, "--overwrite")
+    assert report["replaced"] == [str(destination / ".bashrc")]
+    assert same_tree(source, destination)
+    kept = list((destination / ".p2pfs" / "versions").glob(".bashrc~*"))
+    assert [p.read_text() for p in kept] == ["my own settings\n"]
+
+
+def test_one_daemon_per_home_and_stop(netbed: NetBed, tmp_path: Path) -> None:
+    m1 = netbed.machine("m1")
+    first = m1.start()
+    second = subprocess.run(
+        [*m1.prefix, *_p2pfs(m1.home), "daemon", "--listen", "0.0.0.0:7400"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert second.returncode == 2
+    assert len(second.stderr.strip().splitlines()) == 1, second.stderr
+    assert f"pid {first.pid}" in second.stderr
+    assert first.call("id")["node_id"]  # the first still answers on its socket
+    stopped = m1.cli("stop")
+    assert "stopped" in stopped.stdout
+    assert first.wait(timeout=15) == 0
+
+
+def test_a_taken_port_is_a_one_line_error_naming_the_flag(netbed: NetBed, tmp_path: Path) -> None:
+    m1 = netbed.machine("m1")
+    m1.start()  # UDP 7337 (QUIC) and 7338 (DHT)
+    for args, flag in (([], "--listen"), (["--listen", "0.0.0.0:7336"], "--dht-port")):
+        other = subprocess.run(
+            [*m1.prefix, *_p2pfs(tmp_path / f"other{flag}"), "daemon", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert other.returncode == 2, other.stderr
+        # A new home logs its first-run steps (key created, index made); then one error
+        # line, never a traceback.
+        lines = other.stderr.strip().splitlines()
+        assert [line for line in lines if "error" in line.lower()] == lines[-1:], lines
+        assert "Traceback" not in other.stderr
+        assert flag in lines[-1] and "in use" in lines[-1]
+
+
+def test_unreachable_candidates_are_passed_quickly(netbed: NetBed, tmp_path: Path) -> None:
+    """Dead --peer addresses before the real holder cost a stagger each, not a timeout, and
+    the error of a fetch nobody can serve names every candidate with its reason."""
+    m1, m2 = netbed.machine("m1"), netbed.machine("m2")
+    m1.start()
+    m2.start()
+    source = tmp_path / "small"
+    make_tree(source, {"x.bin": 100_000})
+    ticket = share(m1, source, "--no-hints")
+    dead = [f"10.{n}.0.9:7337" for n in range(5)]  # routed nowhere: silence
+    args = [arg for address in dead for arg in ("--peer", address)]
+    fetch_json(m2, ticket, tmp_path / "copy", *args, "--peer", f"{m1.address}:7337")
+    assert same_tree(source, tmp_path / "copy")
+    failed = m2.cli(
+        "fetch", ticket, str(tmp_path / "none"), "--give-up-after", "1", *args[:4], check=False
+    )
+    assert failed.returncode == 4, failed.stderr
+    for address in dead[:2]:
+        assert address in failed.stderr
+    assert "no answer" in failed.stderr or "unreachable" in failed.stderr.lower()
+
+
+def _p2pfs(home: Path) -> list[str]:
+    return [sys.executable, "-m", "p2pfs", "--home", str(home)]
