@@ -7,6 +7,7 @@ import sys
 
 SUITES = {
     "dht": "p2pfs.bench.dht",
+    "dial": "p2pfs.bench.dial",
     "fetch": "p2pfs.bench.fetch",
     "fuzz": "p2pfs.bench.fuzz",
     "index": "p2pfs.bench.index",

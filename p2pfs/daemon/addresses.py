@@ -7,8 +7,8 @@ A node advertises exactly the addresses that can answer:
 - bound to one address: that address alone (loopback included, when that is what it is);
 - plus the addresses peers report observing for it, once they are not already listed.
 
-Order is best first, since tickets keep only the first few: public addresses, then private
-(RFC 1918, ULA), then shared (CGNAT 100.64/10), then loopback.
+Order is best first, since tickets keep only the first few: global addresses, then private
+(RFC 1918, ULA, other non-global ranges), then shared (CGNAT 100.64/10), then loopback.
 """
 
 from __future__ import annotations
@@ -55,9 +55,9 @@ def rank(address: IPAddress) -> int:
         return 4
     if isinstance(address, ipaddress.IPv4Address) and address in _SHARED:
         return 2
-    if address.is_private:
-        return 1
-    return 0
+    if address.is_global:
+        return 0
+    return 1  # private (RFC 1918, ULA) and other non-global ranges
 
 
 _SHARED = ipaddress.ip_network("100.64.0.0/10")

@@ -4,8 +4,8 @@
   per peer pair, shared by fetches, swarms and sync links); connections are leased, and one
   this node opened closes when its last user releases it.
 - Candidates are tried concurrently with a short stagger (Happy Eyeballs, RFC 8305: the next
-  starts 250 ms after the previous, or at once when it fails), each with a connect timeout
-  of a few seconds, so one dead address costs a quarter second, not a timeout.
+  starts 150 ms after the previous, or at once when it fails), each with a connect timeout
+  of a few seconds, so one dead address costs 150 ms, not a timeout.
 - Wrong-node, refused, unreachable and "that is this node" candidates are failures of that
   candidate only; the error names every candidate tried, with its reason.
 - Host names (typed by users: ``--peer``, ``--bootstrap``) are resolved here.
@@ -32,8 +32,11 @@ from p2pfs.wire.ticket import PeerAddress
 
 logger = logging.getLogger(__name__)
 
-STAGGER = 0.25
-"""RFC 8305's recommended connection attempt delay."""
+STAGGER = 0.15
+"""RFC 8305's connection attempt delay, within its 100 ms - 2 s range. Below its 250 ms
+default because the candidates of a ticket are mostly dead or alive, not slow: measured with
+5 dead candidates before a live one, 250 ms gave 1.30 s to the first byte, over the 1 s goal;
+a live holder whose handshake takes longer than the stagger still wins the race."""
 CONNECT_TIMEOUT = 4.0
 """A QUIC handshake on any real path takes well under a second; a few retransmissions fit."""
 MAX_CONCURRENT = 8

@@ -1,0 +1,198 @@
+"""Advertised addresses and the one dialer, against real QUIC endpoints on loopback."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from p2pfs.daemon.addresses import OBSERVED_LIMIT, AddressBook, local_addresses, rank
+from p2pfs.daemon.dialer import Candidate, Dialer, DialError
+from p2pfs.identity import Identity
+from p2pfs.net import PeerConnection, open_endpoint
+from p2pfs.wire.ticket import PeerAddress, TicketError, parse_address
+
+# -- addresses -------------------------------------------------------------------------------
+
+
+def test_wildcard_bind_advertises_interfaces_best_first() -> None:
+    found = local_addresses(
+        "0.0.0.0",
+        7337,
+        ["127.0.0.1", "192.168.1.5", "169.254.9.9", "100.64.0.3", "9.9.9.9", "::1"],
+    )
+    assert [a.host for a in found] == ["9.9.9.9", "192.168.1.5", "100.64.0.3"]
+    assert {a.port for a in found} == {7337}
+
+
+def test_loopback_only_when_nothing_else_and_a_bound_address_alone() -> None:
+    assert local_addresses("0.0.0.0", 1, ["127.0.0.1"]) == [PeerAddress("127.0.0.1", 1)]
+    assert local_addresses("0.0.0.0", 1, []) == [PeerAddress("127.0.0.1", 1)]
+    assert local_addresses("10.0.0.7", 2, ["10.0.0.7", "10.0.0.8"]) == [PeerAddress("10.0.0.7", 2)]
+    assert local_addresses("127.0.0.1", 3, ["192.168.0.2"]) == [PeerAddress("127.0.0.1", 3)]
+    assert local_addresses("::", 4, ["fe80::1", "2001:db8::5", "::1", "10.0.0.1"]) == [
+        PeerAddress("2001:db8::5", 4)
+    ]
+
+
+ipv4s = st.integers(0, 2**32 - 1).map(lambda n: str(ipaddress.IPv4Address(n)))
+
+
+@given(st.lists(ipv4s, max_size=12))
+def test_advertised_addresses_are_usable_and_ranked(interfaces: list[str]) -> None:
+    found = [ipaddress.ip_address(a.host) for a in local_addresses("0.0.0.0", 9, interfaces)]
+    assert found
+    assert not any(a.is_link_local or a.is_multicast or a.is_unspecified for a in found)
+    if any(a.is_loopback for a in found):
+        assert all(a.is_loopback for a in found)  # loopback only when nothing else
+    assert [rank(a) for a in found] == sorted(rank(a) for a in found)
+    assert len(set(found)) == len(found)
+
+
+def test_observed_addresses_join_bounded_and_ranked() -> None:
+    book = AddressBook("127.0.0.1", 5000)
+    book.observed(PeerAddress("198.51.100.4", 40000))  # a NAT's public mapping
+    book.observed(PeerAddress("127.0.0.1", 1))  # never loopback from a peer's mouth
+    book.observed(PeerAddress("169.254.1.1", 2))
+    assert book.all() == [PeerAddress("198.51.100.4", 40000), PeerAddress("127.0.0.1", 5000)]
+    for n in range(OBSERVED_LIMIT + 5):
+        book.observed(PeerAddress(f"198.51.100.{n + 10}", 1000))
+    assert len(book.all()) == OBSERVED_LIMIT + 1
+
+
+def test_user_addresses_accept_host_names_tickets_do_not() -> None:
+    assert parse_address("example.org:7337", allow_names=True) == PeerAddress("example.org", 7337)
+    assert parse_address("[::1]:5", allow_names=True) == PeerAddress("::1", 5)
+    for bad in ("exa mple.org:1", "-bad.org:1", "a..b:1", "x" * 300 + ":1"):
+        with pytest.raises(TicketError):
+            parse_address(bad, allow_names=True)
+    with pytest.raises(TicketError):
+        parse_address("example.org:7337")
+
+
+# -- the dialer over real QUIC ---------------------------------------------------------------
+
+
+async def serve_forever(conn: PeerConnection) -> None:
+    await conn.wait_closed()
+
+
+def silent_address() -> PeerAddress:
+    """A loopback UDP port nothing answers on (bound, never read: datagrams vanish)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    _SILENT.append(sock)
+    return PeerAddress("127.0.0.1", sock.getsockname()[1])
+
+
+_SILENT: list[socket.socket] = []
+
+
+def run_dialer_test(body: object) -> None:
+    holder_id, dialer_id, other_id = Identity.generate(), Identity.generate(), Identity.generate()
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            async with (
+                open_endpoint(holder_id, handler=serve_forever) as holder,
+                open_endpoint(other_id, handler=serve_forever) as other,
+                open_endpoint(dialer_id, handler=serve_forever) as mine,
+                trio.open_nursery() as nursery,
+            ):
+                dialer = Dialer(mine, serve_forever, nursery, stagger=0.05, timeout=1.0)
+                await body(dialer, holder, other, mine)  # type: ignore[operator]
+                nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        for sock in _SILENT:
+            sock.close()
+        _SILENT.clear()
+
+
+def address_of(endpoint: object) -> PeerAddress:
+    host, port = endpoint.local_address  # type: ignore[attr-defined]
+    return PeerAddress(host, port)
+
+
+def test_dead_and_wrong_candidates_are_passed_and_the_holder_reached() -> None:
+    async def body(dialer: Dialer, holder: object, other: object, mine: object) -> None:
+        holder_node = holder.node_id  # type: ignore[attr-defined]
+        candidates = [Candidate(silent_address(), holder_node, "ticket") for _ in range(5)]
+        candidates.append(Candidate(address_of(other), holder_node, "ticket"))  # wrong node
+        candidates.append(Candidate(address_of(mine), None, "peer"))  # this node itself
+        candidates.append(Candidate(address_of(holder), holder_node, "ticket"))
+        token = object()
+        conn = await dialer.first(candidates, token)
+        assert conn.peer_id == holder_node
+        # Reuse: a second dial to the same node opens nothing new.
+        again = await dialer.first([Candidate(silent_address(), holder_node, "x")], object())
+        assert again is conn
+
+    run_dialer_test(body)
+
+
+def test_the_error_names_every_candidate_and_its_reason() -> None:
+    async def body(dialer: Dialer, holder: object, other: object, mine: object) -> None:
+        holder_node = holder.node_id  # type: ignore[attr-defined]
+        dead = silent_address()
+        candidates = [
+            Candidate(dead, holder_node, "ticket"),
+            Candidate(address_of(other), holder_node, "ticket"),
+            Candidate(address_of(mine), None, "peer"),
+            Candidate(PeerAddress("no-such-host.invalid", 1), None, "peer"),
+        ]
+        with pytest.raises(DialError) as caught:
+            await dialer.first(candidates, object())
+        reasons = dict((str(c.address), why) for c, why in caught.value.attempts)
+        assert "no answer" in reasons[str(dead)]
+        assert "not the node expected" in reasons[str(address_of(other))]
+        assert reasons[str(address_of(mine))] == "that is this node"
+        assert "cannot resolve" in reasons["no-such-host.invalid:1"]
+        assert str(dead) in str(caught.value)
+
+    run_dialer_test(body)
+
+
+def test_a_leased_connection_closes_with_its_last_user_only() -> None:
+    async def body(dialer: Dialer, holder: object, other: object, mine: object) -> None:
+        node = holder.node_id  # type: ignore[attr-defined]
+        fetch, link = object(), object()
+        conn = await dialer.first([Candidate(address_of(holder), node, "ticket")], fetch)
+        shared = await dialer.first([Candidate(address_of(holder), node, "member")], link)
+        assert shared is conn
+        dialer.release_all(fetch)
+        assert not conn.is_closed  # the link still uses it
+        dialer.release(conn, link)
+        assert conn.is_closed
+
+    run_dialer_test(body)
+
+
+def test_each_reaches_every_node_once() -> None:
+    async def body(dialer: Dialer, holder: object, other: object, mine: object) -> None:
+        token = object()
+        found = await dialer.each(
+            [
+                Candidate(address_of(holder), None, "dht"),
+                Candidate(address_of(other), None, "dht"),
+                Candidate(silent_address(), None, "dht"),
+                Candidate(address_of(mine), None, "lan"),
+            ],
+            token,
+            exclude=[],
+        )
+        assert {c.peer_id for c in found} == {holder.node_id, other.node_id}  # type: ignore[attr-defined]
+        again = await dialer.each(
+            [Candidate(address_of(holder), holder.node_id, "dht")],  # type: ignore[attr-defined]
+            token,
+            exclude=[holder.node_id],  # type: ignore[attr-defined]
+        )
+        assert again == []
+
+    run_dialer_test(body)
