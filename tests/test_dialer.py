@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 from p2pfs.daemon.addresses import OBSERVED_LIMIT, AddressBook, local_addresses, rank
 from p2pfs.daemon.dialer import Candidate, Dialer, DialError
+from p2pfs.errors import AuthenticationError
 from p2pfs.identity import Identity
-from p2pfs.net import PeerConnection, open_endpoint
+from p2pfs.net import PeerConnection, auth, open_endpoint
 from p2pfs.wire.ticket import PeerAddress, TicketError, parse_address
 
 # -- addresses -------------------------------------------------------------------------------
@@ -53,15 +54,21 @@ def test_advertised_addresses_are_usable_and_ranked(interfaces: list[str]) -> No
     assert len(set(found)) == len(found)
 
 
-def test_observed_addresses_join_bounded_and_ranked() -> None:
+def test_observed_addresses_join_once_two_places_confirm_them() -> None:
     book = AddressBook("127.0.0.1", 5000)
-    book.observed(PeerAddress("198.51.100.4", 40000))  # a NAT's public mapping
-    book.observed(PeerAddress("127.0.0.1", 1))  # never loopback from a peer's mouth
-    book.observed(PeerAddress("169.254.1.1", 2))
-    assert book.all() == [PeerAddress("198.51.100.4", 40000), PeerAddress("127.0.0.1", 5000)]
+    public = PeerAddress("198.51.100.4", 40000)  # a NAT's public mapping
+    book.observed(public, "203.0.113.1")
+    book.observed(public, "203.0.113.99")  # the same /24: the same place
+    assert book.all() == [PeerAddress("127.0.0.1", 5000)]
+    assert book.observations() == [(public, 1)]
+    book.observed(public, "192.0.2.50")
+    assert book.all() == [public, PeerAddress("127.0.0.1", 5000)]
+    book.observed(PeerAddress("127.0.0.1", 1), "192.0.2.1")  # never loopback
+    book.observed(PeerAddress("169.254.1.1", 2), "192.0.2.1")  # nor link-local
+    assert len(book.observations()) == 1
     for n in range(OBSERVED_LIMIT + 5):
-        book.observed(PeerAddress(f"198.51.100.{n + 10}", 1000))
-    assert len(book.all()) == OBSERVED_LIMIT + 1
+        book.observed(PeerAddress(f"198.51.100.{n + 10}", 1000), "192.0.2.1")
+    assert len(book.observations()) == OBSERVED_LIMIT
 
 
 def test_user_addresses_accept_host_names_tickets_do_not() -> None:
@@ -196,3 +203,30 @@ def test_each_reaches_every_node_once() -> None:
         assert again == []
 
     run_dialer_test(body)
+
+
+# -- observed addresses in the authentication exchange --------------------------------------
+
+
+@given(
+    st.one_of(
+        ipv4s,
+        st.integers(0, 2**128 - 1).map(lambda n: str(ipaddress.IPv6Address(n))),
+    ),
+    st.integers(1, 65535),
+)
+def test_observed_address_round_trips(host: str, port: int) -> None:
+    encoded = auth.encode_address(host, port)
+    assert auth.decode_address_untrusted(encoded) == (host, port)
+    assert auth.parse_accept_untrusted(auth.ACCEPTED + encoded) == (host, port)
+    for cut in range(len(encoded)):  # read by length: a prefix is "not yet", never wrong
+        assert auth.parse_accept_untrusted(auth.ACCEPTED + encoded[:cut]) is None
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [b"\x02", b"\x01\x05" + bytes(6), b"\x01\x04" + bytes(6), b"\x01\x04" + bytes(7) + b"x"],
+)
+def test_malformed_acceptances_fail_authentication(accept: bytes) -> None:
+    with pytest.raises(AuthenticationError):
+        auth.parse_accept_untrusted(accept)

@@ -88,6 +88,12 @@ def test_share_on_one_machine_fetch_on_another(netbed: NetBed, tmp_path: Path) -
     status = m2.cli("status", "--json")
     counted = json.loads(status.stdout)["bytes_received"]
     assert payload <= counted <= on_the_wire
+    # Each side told the other where it sees it from (in the authenticated exchange): one
+    # report is kept, not yet advertised (that takes two places agreeing).
+    observed = json.loads(m2.cli("id", "--json").stdout)["observed"]
+    assert observed == [{"address": f"{m2.address}:7337", "reporters": 1}]
+    observed = json.loads(m1.cli("id", "--json").stdout)["observed"]
+    assert observed == [{"address": f"{m1.address}:7337", "reporters": 1}]
 
 
 def test_sync_join_with_the_ticket_alone(netbed: NetBed, tmp_path: Path) -> None:

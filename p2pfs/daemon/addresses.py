@@ -5,7 +5,9 @@ A node advertises exactly the addresses that can answer:
   loopback and link-local (a link-local address means nothing off its link, and an IPv6 one
   needs a scope id a ticket cannot carry); loopback only if there is nothing else;
 - bound to one address: that address alone (loopback included, when that is what it is);
-- plus the addresses peers report observing for it, once they are not already listed.
+- plus the addresses peers report observing for it (a NAT's public mapping, say), once
+  peers at two different places (other /24s, or /48s for IPv6) report the same one: a
+  single peer's word could otherwise point everyone who holds our tickets at a victim.
 
 Order is best first, since tickets keep only the first few: global addresses, then private
 (RFC 1918, ULA, other non-global ranges), then shared (CGNAT 100.64/10), then loopback.
@@ -29,6 +31,8 @@ TICKET_ADDRESSES = 4
 """Addresses a ticket carries: enough for a multi-homed host, short enough to paste."""
 OBSERVED_LIMIT = 8
 """Observed addresses kept (most recent reports win): a bound, since peers say them."""
+CONFIRMATIONS = 2
+"""Distinct reporting places before an observed address is advertised."""
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -99,28 +103,40 @@ class AddressBook:
     def __init__(self, bound_host: str, port: int) -> None:
         self.bound_host = bound_host
         self.port = port
-        self._observed: OrderedDict[PeerAddress, None] = OrderedDict()
+        self._observed: OrderedDict[PeerAddress, set[str]] = OrderedDict()
+        """Observed address -> the places (networks) of the peers that reported it."""
 
     @property
     def family(self) -> socket.AddressFamily:
         return socket.AF_INET6 if ":" in self.bound_host else socket.AF_INET
 
-    def observed(self, address: PeerAddress) -> None:
-        """A peer saw our packets come from ``address`` (a NAT's mapping, typically)."""
+    def observed(self, address: PeerAddress, reporter: str) -> None:
+        """A peer at ``reporter`` (its IP) saw our packets come from ``address``."""
         try:
             parsed = ipaddress.ip_address(address.host)
+            place = _place(ipaddress.ip_address(reporter))
         except ValueError:
             return
         if not usable(parsed) or parsed.is_loopback or not 0 < address.port < 65536:
             return
-        self._observed[address] = None
-        self._observed.move_to_end(address)
+        places = self._observed.pop(address, set())
+        if len(places) < CONFIRMATIONS:
+            places.add(place)
+        self._observed[address] = places
         while len(self._observed) > OBSERVED_LIMIT:
             self._observed.popitem(last=False)
 
+    def observations(self) -> list[tuple[PeerAddress, int]]:
+        """Every observed address kept, newest first, with how many places reported it."""
+        return [(address, len(places)) for address, places in reversed(self._observed.items())]
+
     def all(self) -> list[PeerAddress]:
         own = local_addresses(self.bound_host, self.port, interface_addresses(self.family))
-        extra = [address for address in reversed(self._observed) if address not in own]
+        extra = [
+            address
+            for address, places in reversed(self._observed.items())
+            if len(places) >= CONFIRMATIONS and address not in own
+        ]
         # An observed public address beats our private ones: it is what the internet sees.
         merged = own + extra
         merged.sort(key=lambda a: rank(ipaddress.ip_address(a.host)))
@@ -128,3 +144,9 @@ class AddressBook:
 
     def for_ticket(self) -> list[PeerAddress]:
         return self.all()[:TICKET_ADDRESSES]
+
+
+def _place(reporter: IPAddress) -> str:
+    """The network a reporter speaks for: one /24 (IPv4) or /48 (IPv6) is one place."""
+    prefix = 24 if reporter.version == 4 else 48
+    return str(ipaddress.ip_network(f"{reporter}/{prefix}", strict=False))

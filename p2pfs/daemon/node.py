@@ -115,6 +115,7 @@ class Node:
         self._dialer: Dialer | None = None
         self._root_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
+        self._service: ShareService | None = None
         self._writing: dict[str, _Writer] = {}
         """Destinations being fetched into (real paths), so two fetches never write one."""
 
@@ -151,13 +152,14 @@ class Node:
             self._folders.folder_paths,
         )
         service.verify_reads = not self.config.test_serve_unverified
+        self._service = service
         listen = self.config.listen
         try:
             async with open_endpoint(
                 self._identity,
                 listen.host,
                 listen.port,
-                handler=service.handle_connection,
+                handler=self._serve_connection,
                 config=TRANSPORT,
             ) as endpoint:
                 self._endpoint = endpoint
@@ -180,7 +182,7 @@ class Node:
         async with trio.open_nursery() as nursery:
             self._root_scope = nursery.cancel_scope
             self._nursery = nursery
-            self._dialer = Dialer(endpoint, service.handle_connection, nursery)
+            self._dialer = Dialer(endpoint, self._serve_connection, nursery)
             await nursery.start(self._discovery.serve)
             await self._announce_all()
             await nursery.start(
@@ -290,6 +292,15 @@ class Node:
         assert self._addresses is not None, "the node is not running"
         return self._addresses
 
+    async def _serve_connection(self, conn: PeerConnection) -> None:
+        """Every authenticated connection, either way: note where the peer sees us, then
+        serve the streams it opens."""
+        observed = conn.observed_address
+        if observed is not None and self._addresses is not None:
+            self._addresses.observed(PeerAddress(*observed), str(conn.remote_address[0]))
+        assert self._service is not None
+        await self._service.handle_connection(conn)
+
     @property
     def dialer(self) -> Dialer:
         assert self._dialer is not None, "the node is not running"
@@ -314,6 +325,10 @@ class Node:
         return {
             "node_id": str(self._identity.node_id),
             "addresses": [str(address) for address in self.addresses.all()],
+            "observed": [
+                {"address": str(address), "reporters": places}
+                for address, places in self.addresses.observations()
+            ],
             "engine": self.endpoint.engine.name,
             "discovery": self.discovery.info(),
         }

@@ -94,6 +94,8 @@ class PeerConnection:
         self._auth_stream_id: int | None = None if not self.is_client else 1
         self._auth_buffer = bytearray()
         self._nonce = b""
+        self.observed_address: auth.Observed | None = None
+        """Where the peer says it sees our packets come from (its word, after auth)."""
         self._highest_peer_stream = -1
         self._blocked_writers: set[Stream] = set()
         self._full_streams: set[Stream] = set()
@@ -469,14 +471,21 @@ class PeerConnection:
                 return
             self._nonce = bytes(buf[: auth.NONCE_LEN])
             del buf[: auth.NONCE_LEN]
-            proof = auth.client_proof(self._identity, self._nonce, self._peer_id)
+            proof = auth.client_proof(
+                self._identity, self._nonce, self._peer_id, _host_port(self.remote_address)
+            )
             self._quic.send_stream_data(self._auth_stream_id, proof, end_stream=True)
-        if buf:
-            if bytes(buf) != auth.ACCEPTED:
-                raise AuthenticationError("server did not accept our proof")
-            self._authenticated = True
-            logger.debug("%r: authenticated server", self)
-            self.ready.set()
+        if len(buf) > auth.MAX_ACCEPT_LEN:
+            raise AuthenticationError("oversized acceptance")
+        observed = auth.parse_accept_untrusted(bytes(buf))
+        if observed is None:
+            if end_stream:
+                raise AuthenticationError("server sent a truncated acceptance")
+            return
+        self.observed_address = observed
+        self._authenticated = True
+        logger.debug("%r: authenticated server", self)
+        self.ready.set()
 
     def _server_auth_step(self, end_stream: bool) -> None:
         assert self._auth_stream_id is not None
@@ -484,11 +493,12 @@ class PeerConnection:
             raise AuthenticationError("oversized authentication proof")
         if not end_stream:
             return
-        self._peer_id = auth.verify_client_proof_untrusted(
+        self._peer_id, self.observed_address = auth.verify_client_proof_untrusted(
             bytes(self._auth_buffer), self._nonce, self._identity.node_id
         )
         self._auth_buffer.clear()
-        self._quic.send_stream_data(self._auth_stream_id, auth.ACCEPTED, end_stream=True)
+        accept = auth.server_accept(_host_port(self.remote_address))
+        self._quic.send_stream_data(self._auth_stream_id, accept, end_stream=True)
         self._authenticated = True
         logger.debug("%r: authenticated client", self)
         self.ready.set()
@@ -595,6 +605,10 @@ class PeerConnection:
     def _check_open(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+def _host_port(address: Address) -> auth.Observed:
+    return str(address[0]), int(address[1])
 
 
 def _closed_by_peer(event: Any) -> ConnectionClosedError:
