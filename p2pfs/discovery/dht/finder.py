@@ -38,7 +38,8 @@ from p2pfs.discovery.dht.node import (
     Lookup,
 )
 from p2pfs.discovery.dht.protocol import Address, Traffic
-from p2pfs.discovery.dht.records import RecordStore
+from p2pfs.discovery.dht.ratelimit import RequestLimits
+from p2pfs.discovery.dht.records import DEFAULT_MAX_TTL, RecordStore
 from p2pfs.discovery.seam import Provider
 from p2pfs.errors import LocalProtocolError
 from p2pfs.wire.ticket import PeerAddress
@@ -47,7 +48,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-DEFAULT_TTL = 1800.0
+DEFAULT_TTL = DEFAULT_MAX_TTL
+"""Every node caps the TTLs it stores at ``DEFAULT_MAX_TTL``, so a longer one would leave our
+records gone before we re-announce them."""
 REANNOUNCE_FRACTION = 2 / 3
 REFRESH_INTERVAL = 900.0
 
@@ -58,7 +61,8 @@ class DhtFinder:
     ``node_id`` (our 32-byte NodeId) and ``quic_port`` are what our provider records say;
     ``host``/``port`` is the DHT's own UDP socket (0 picks a free port, see ``port``);
     ``bootstrap`` lists known nodes (none: we are the first node of our own DHT). Records we
-    announce live ``ttl`` seconds and are re-announced at 2/3 of it.
+    announce live ``ttl`` seconds (at most ``DEFAULT_MAX_TTL``) and are re-announced at 2/3 of
+    it. ``limits`` bounds the requests answered per source (see ``ratelimit``).
     """
 
     name = "dht"
@@ -76,13 +80,16 @@ class DhtFinder:
         ksize: int = DEFAULT_KSIZE,
         alpha: int = DEFAULT_ALPHA,
         clock: Callable[[], float] = time.monotonic,
+        limits: RequestLimits | None = None,
     ) -> None:
         if len(node_id) != NODE_ID_LEN:
             raise LocalProtocolError("a NodeId is 32 bytes")
         if not 1 <= quic_port <= 65535:
             raise LocalProtocolError("the QUIC port must be in [1, 65535]")
-        if ttl < 1:
-            raise LocalProtocolError("the record TTL must be at least one second")
+        if not 1 <= ttl <= DEFAULT_MAX_TTL:
+            raise LocalProtocolError(
+                f"the record TTL must be between one second and {DEFAULT_MAX_TTL:.0f}"
+            )
         self.node_id = node_id
         self.quic_port = quic_port
         self.host = host
@@ -94,9 +101,10 @@ class DhtFinder:
             ksize=ksize,
             alpha=alpha,
             rpc_timeout=rpc_timeout,
-            records=RecordStore(max_ttl=max(ttl, 3600.0)),
+            records=RecordStore(),
             clock=clock,
             random_bytes=os.urandom,
+            limits=limits,
         )
         self._port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

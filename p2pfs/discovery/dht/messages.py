@@ -9,11 +9,17 @@ logic runs unchanged above it::
 Methods (ids are the package's 160-bit node ids; ``key`` is a DHT key, see ``dht_key``)::
 
     ping          [sender_id]                          -> our_id
-    find_node     [sender_id, target]                  -> [[id, ip, port], ...]
-    get_providers [sender_id, key]                     -> {"token": bytes, "nodes": [...],
+    find_node     [sender_id, target, token?]          -> [[id, ip, port], ...]
+    get_providers [sender_id, key, token?]             -> {"token": bytes, "nodes": [...],
                                                            "providers": [[node_id32, ip,
-                                                                          port, ttl], ...]}
+                                                                          port, ttl], ...],
+                                                           "truncated": true (if so)}
     add_provider  [sender_id, key, token, node_id32, port, ttl] -> bool
+
+The optional ``token`` of ``find_node`` and ``get_providers`` is the write token the asked node
+gave this requester earlier: it proves the requester receives at its source address. Without a
+valid one, a reply is at most ``AMPLIFICATION`` times the request's size (nodes and providers
+trimmed, ``truncated`` set), so a forged source address cannot make a node amplify a flood.
 
 ``store`` and ``find_value`` of the package are not served: values are provider records only.
 Every decoder below ends in ``_untrusted`` and raises ``DhtMessageError`` and nothing else.
@@ -42,6 +48,10 @@ MAX_CONTACTS = 32
 MAX_PROVIDERS_PER_RESPONSE = 32
 MAX_TOKEN_LEN = 32
 MAX_TTL = 24 * 3600
+"""The largest TTL a datagram may carry; a record store caps what it keeps far lower."""
+AMPLIFICATION = 3
+"""A reply to a requester that has not echoed a valid token is at most this many times the
+request's size (a bare get_providers request is 81 bytes)."""
 REQUEST = 0
 RESPONSE = 1
 
@@ -98,13 +108,18 @@ class ProvidersReply:
     token: bytes
     nodes: tuple[Contact, ...]
     providers: tuple[ProviderInfo, ...]
+    truncated: bool = False
+    """The replier left nodes or providers out: ask again echoing ``token`` for all of them."""
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "token": self.token,
             "nodes": [node.to_wire() for node in self.nodes],
             "providers": [provider.to_wire() for provider in self.providers],
         }
+        if self.truncated:
+            wire["truncated"] = True
+        return wire
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,23 +237,29 @@ def _ping_args(args: list[Any]) -> tuple[Any, ...]:
     return (_bytes_untrusted(args[0], ID_LEN, "sender id"),)
 
 
+def _token_untrusted(value: object) -> bytes:
+    if not isinstance(value, bytes) or not 0 < len(value) <= MAX_TOKEN_LEN:
+        raise DhtMessageError("token must be 1 to 32 bytes")
+    return value
+
+
 def _find_args(args: list[Any]) -> tuple[Any, ...]:
-    _arity(args, 2)
-    return (
+    # [sender_id, target] or [sender_id, target, token]: the token is optional.
+    if len(args) not in (2, 3):
+        raise DhtMessageError(f"expected 2 or 3 arguments, got {len(args)}")
+    ids = (
         _bytes_untrusted(args[0], ID_LEN, "sender id"),
         _bytes_untrusted(args[1], ID_LEN, "target"),
     )
+    return (*ids, _token_untrusted(args[2])) if len(args) == 3 else ids
 
 
 def _add_provider_args(args: list[Any]) -> tuple[Any, ...]:
     _arity(args, 6)
-    token = args[2]
-    if not isinstance(token, bytes) or not 0 < len(token) <= MAX_TOKEN_LEN:
-        raise DhtMessageError("token must be 1 to 32 bytes")
     return (
         _bytes_untrusted(args[0], ID_LEN, "sender id"),
         _bytes_untrusted(args[1], ID_LEN, "key"),
-        token,
+        _token_untrusted(args[2]),
         _bytes_untrusted(args[3], NODE_ID_LEN, "provider node id"),
         _int_untrusted(args[4], 1, 65535, "provider port"),
         _int_untrusted(args[5], 1, MAX_TTL, "ttl"),
@@ -266,16 +287,18 @@ def contacts_untrusted(payload: object) -> tuple[Contact, ...]:
 def providers_reply_untrusted(payload: object) -> ProvidersReply:
     if not isinstance(payload, dict):
         raise DhtMessageError("get_providers reply is not a map")
-    token = payload.get("token")
-    if not isinstance(token, bytes) or not 0 < len(token) <= MAX_TOKEN_LEN:
-        raise DhtMessageError("token must be 1 to 32 bytes")
+    token = _token_untrusted(payload.get("token"))
     providers = payload.get("providers", [])
     if not isinstance(providers, list) or len(providers) > MAX_PROVIDERS_PER_RESPONSE:
         raise DhtMessageError("providers must be a list of at most 32")
+    truncated = payload.get("truncated", False)
+    if not isinstance(truncated, bool):
+        raise DhtMessageError("truncated must be a boolean")
     return ProvidersReply(
         token,
         contacts_untrusted(payload.get("nodes", [])),
         tuple(_provider_untrusted(item) for item in providers),
+        truncated,
     )
 
 

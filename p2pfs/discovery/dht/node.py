@@ -20,6 +20,7 @@ from kademlia.node import Node  # type: ignore[import-untyped]
 
 from p2pfs.discovery.dht.messages import ID_LEN, ProviderInfo, ProvidersReply, dht_node_id
 from p2pfs.discovery.dht.protocol import Address, DhtProtocol
+from p2pfs.discovery.dht.ratelimit import RequestLimits
 from p2pfs.discovery.dht.records import RecordStore
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,7 @@ class DhtNode:
         records: RecordStore | None = None,
         clock: Callable[[], float] = time.monotonic,
         random_bytes: Callable[[int], bytes] = os.urandom,
+        limits: RequestLimits | None = None,
     ) -> None:
         self.node = Node(dht_node_id(node_id))
         self.ksize = ksize
@@ -113,6 +115,7 @@ class DhtNode:
             records=records or RecordStore(),
             clock=clock,
             random_bytes=random_bytes,
+            limits=limits,
         )
         self.transport: asyncio.DatagramTransport | None = None
         self.bootstrap_addresses: list[Address] = []

@@ -7,6 +7,13 @@ of it is used, requests are answered synchronously (no task per datagram, so jun
 up tasks or raise inside them), and a reply is accepted only from the address the request
 went to, and only in the shape the method calls for.
 
+Hostile sources (SPEC "Threat model"): before a datagram is decoded, a reply is kept only if it
+answers a request of ours from the address asked (else dropped unread), and a request only if
+its source's token buckets admit it (``ratelimit``). A requester that has not echoed a valid
+write token, so has not shown it receives at its source address, gets a reply of at most
+``AMPLIFICATION`` times its request; our own calls echo the token each node gave us, asking
+once more when a reply came back truncated.
+
 Runs inside the DHT's own asyncio loop (see ``finder.py``); nothing here is thread-safe.
 """
 
@@ -16,6 +23,7 @@ import asyncio
 import heapq
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,12 +33,15 @@ from kademlia.protocol import KademliaProtocol  # type: ignore[import-untyped]
 from kademlia.routing import RoutingTable  # type: ignore[import-untyped]
 
 from p2pfs.discovery.dht.messages import (
+    AMPLIFICATION,
+    HEADER_LEN,
     MAX_CONTACTS,
     MAX_DATAGRAM,
     MAX_PROVIDERS_PER_RESPONSE,
     MSG_ID_LEN,
     DhtMessageError,
     ProviderInfo,
+    ProvidersReply,
     Request,
     Response,
     add_provider_reply_untrusted,
@@ -42,8 +53,9 @@ from p2pfs.discovery.dht.messages import (
     ping_reply_untrusted,
     providers_reply_untrusted,
 )
+from p2pfs.discovery.dht.ratelimit import RequestLimiter, RequestLimits
 from p2pfs.discovery.dht.records import RecordStore
-from p2pfs.discovery.dht.tokens import SECRET_LEN, WriteTokens
+from p2pfs.discovery.dht.tokens import DEFAULT_ROTATION, SECRET_LEN, WriteTokens
 from p2pfs.errors import LocalProtocolError
 
 logger = logging.getLogger(__name__)
@@ -51,6 +63,10 @@ logger = logging.getLogger(__name__)
 Address = tuple[str, int]
 CallResult = tuple[bool, Any]
 """The package's convention: (responded, validated reply or None)."""
+
+RESPONSE_KIND = 1
+PEER_TOKENS = 4096
+"""Tokens other nodes gave us, kept to echo (least recently used dropped beyond this)."""
 
 
 @dataclass
@@ -62,7 +78,12 @@ class Traffic:
     received: int = 0
     received_bytes: int = 0
     dropped: int = 0
+    """Datagrams not acted on: malformed, unsolicited, or rate-limited."""
     refused_announces: int = 0
+    rate_limited: int = 0
+    """Of ``dropped``: requests dropped unread because their source's buckets were empty."""
+    truncated: int = 0
+    """Replies trimmed to the amplification bound (requester without a valid token)."""
     by_method: dict[str, int] = field(default_factory=dict)
 
 
@@ -107,6 +128,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         records: RecordStore,
         clock: Callable[[], float],
         random_bytes: Callable[[int], bytes],
+        limits: RequestLimits | None = None,
     ) -> None:
         if not 0 < ksize <= MAX_CONTACTS:
             raise ValueError(f"ksize must be in [1, {MAX_CONTACTS}]")
@@ -119,6 +141,9 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         self.random_bytes = random_bytes
         self.tokens = WriteTokens(secret=random_bytes(SECRET_LEN), now=clock())
         self.traffic = Traffic()
+        self.limiter = RequestLimiter(limits or RequestLimits(), clock())
+        self._peer_tokens: OrderedDict[Address, tuple[bytes, float]] = OrderedDict()
+        """Address -> (the token that node gave us, when): echoed to prove our address."""
         self._pending: dict[bytes, _Pending] = {}
         self._expiry_timer: asyncio.TimerHandle | None = None
 
@@ -131,6 +156,18 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         self.traffic.received += 1
         self.traffic.received_bytes += len(data)
+        # Decided before any decoding: replies only to our own requests, requests only within
+        # their source's rate (the kernel's source address: forgeable, so limits are per
+        # address and per prefix and in total).
+        if data[:1] == bytes([RESPONSE_KIND]):
+            pending = self._pending.get(bytes(data[1:HEADER_LEN]))
+            if pending is None or pending.address[1] != addr[1]:
+                self.traffic.dropped += 1
+                return
+        elif not self.limiter.admit(str(addr[0]), self.clock()):
+            self.traffic.dropped += 1
+            self.traffic.rate_limited += 1
+            return
         try:
             message = datagram_untrusted(data)
             sender = (ip_untrusted(addr[0]), int(addr[1]))
@@ -141,7 +178,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         if isinstance(message, Response):
             self._accept_reply(message, sender)
         else:
-            self._answer(message, sender)
+            self._answer(message, sender, len(data))
 
     def error_received(self, exc: Exception) -> None:
         logger.debug("DHT socket error: %s", exc)
@@ -163,9 +200,21 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         if not pending.future.done():
             pending.future.set_result(result)
 
-    def _answer(self, request: Request, sender: Address) -> None:
-        handler = getattr(self, f"rpc_{request.method}")
-        payload = handler(sender, *request.args)
+    def _answer(self, request: Request, sender: Address, size: int) -> None:
+        payload: object
+        if request.method in ("find_node", "get_providers"):
+            # The optional third argument is a token we gave this requester: proof that it
+            # receives at its source address. Without one, the reply stays within the budget.
+            token = request.args[2] if len(request.args) == 3 else None
+            self._now()  # rotate the token secret if due before checking against it
+            verified = token is not None and self.tokens.verify(token, *sender)
+            budget = None if verified else AMPLIFICATION * size
+            if request.method == "find_node":
+                payload = self.rpc_find_node(sender, *request.args[:2], budget=budget)
+            else:
+                payload = self.rpc_get_providers(sender, *request.args[:2], budget=budget)
+        else:
+            payload = getattr(self, f"rpc_{request.method}")(sender, *request.args)
         self._send(encode_response(request.msg_id, payload), sender)
 
     def _send(self, data: bytes, address: Address) -> None:
@@ -189,23 +238,43 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         self.welcome_if_new(Node(nodeid, *sender))
         return bytes(self.source_node.id)
 
-    def rpc_find_node(self, sender: Address, nodeid: bytes, key: bytes) -> list[list[Any]]:
+    def rpc_find_node(
+        self, sender: Address, nodeid: bytes, key: bytes, *, budget: int | None = None
+    ) -> list[list[Any]]:
         source = Node(nodeid, *sender)
         self.welcome_if_new(source)
-        return self._contacts_near(key, source)
+        nodes = self._contacts_near(key, source)
+        if budget is None:
+            return nodes
+        # Nearest first: the contacts kept are the ones a lookup most needs.
+        kept = _fill(budget - _size([]) - 2, [nodes])[0]
+        if len(kept) < len(nodes):
+            self.traffic.truncated += 1
+        return kept
 
-    def rpc_get_providers(self, sender: Address, nodeid: bytes, key: bytes) -> dict[str, Any]:
+    def rpc_get_providers(
+        self, sender: Address, nodeid: bytes, key: bytes, *, budget: int | None = None
+    ) -> dict[str, Any]:
         source = Node(nodeid, *sender)
         self.welcome_if_new(source)
         now = self._now()
         records = self.records.get(key, now, MAX_PROVIDERS_PER_RESPONSE)
         providers = [
-            ProviderInfo(r.node_id, r.ip, r.port, max(0, math.ceil(r.expires - now)))
+            ProviderInfo(r.node_id, r.ip, r.port, max(0, math.ceil(r.expires - now))).to_wire()
             for r in records
         ]
         nodes = self._contacts_near(key, source)
-        reply = {"token": self.tokens.issue(*sender), "nodes": nodes, "providers": []}
-        reply["providers"] = [p.to_wire() for p in providers]
+        reply: dict[str, Any] = {"token": self.tokens.issue(*sender), "nodes": [], "providers": []}
+        if budget is not None:
+            # Providers first (they are the answer), then the nearest nodes; the overhead is
+            # measured with the flag set and room for two longer list headers.
+            room = budget - _size({**reply, "truncated": True}) - 4
+            kept_providers, kept_nodes = _fill(room, [providers, nodes])
+            if len(kept_providers) < len(providers) or len(kept_nodes) < len(nodes):
+                self.traffic.truncated += 1
+                reply["truncated"] = True
+            providers, nodes = kept_providers, kept_nodes
+        reply["nodes"], reply["providers"] = nodes, providers
         # IPv6 addresses make the worst case larger than a datagram: trim providers to fit.
         while len(encode_response(bytes(MSG_ID_LEN), reply)) > MAX_DATAGRAM:
             reply["providers"] = reply["providers"][: len(reply["providers"]) // 2]
@@ -297,17 +366,49 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         return await self._ask(node_to_ask, "ping", [self.source_node.id], ping_reply_untrusted)
 
     async def call_find_node(self, node_to_ask: Node, node_to_find: Node) -> CallResult:
-        ok, contacts = await self._ask(
-            node_to_ask, "find_node", [self.source_node.id, node_to_find.id], contacts_untrusted
-        )
+        # With no token from this node yet the reply is trimmed to the nearest few contacts,
+        # which is what the crawl needs most; tokens come from get_providers replies.
+        token = self._peer_token((node_to_ask.ip, node_to_ask.port))
+        args = [self.source_node.id, node_to_find.id, *([token] if token else [])]
+        ok, contacts = await self._ask(node_to_ask, "find_node", args, contacts_untrusted)
         # The package's crawlers build Node(*contact) from these tuples.
         return ok, [(c.id, c.ip, c.port) for c in contacts] if ok else None
 
     async def call_get_providers(self, node_to_ask: Node, key: bytes) -> CallResult:
-        result: CallResult = await self._ask(
-            node_to_ask, "get_providers", [self.source_node.id, key], providers_reply_untrusted
-        )
+        address = (node_to_ask.ip, node_to_ask.port)
+        token = self._peer_token(address)
+        for _ in range(2):
+            args = [self.source_node.id, key, *([token] if token else [])]
+            result: CallResult = await self._ask(
+                node_to_ask, "get_providers", args, providers_reply_untrusted
+            )
+            ok, reply = result
+            if not ok:
+                return result
+            assert isinstance(reply, ProvidersReply)
+            self._remember_token(address, reply.token)
+            if not reply.truncated or token == reply.token:
+                return result
+            # The node did not know our address yet (or our token aged out): one more round
+            # trip echoing the token it just gave us gets the whole reply.
+            token = reply.token
         return result
+
+    def _peer_token(self, address: Address) -> bytes | None:
+        held = self._peer_tokens.get(address)
+        if held is None:
+            return None
+        token, received = held
+        if self.clock() - received >= DEFAULT_ROTATION:  # may be dead at the issuer already
+            del self._peer_tokens[address]
+            return None
+        return token
+
+    def _remember_token(self, address: Address, token: bytes) -> None:
+        self._peer_tokens[address] = (token, self.clock())
+        self._peer_tokens.move_to_end(address)
+        if len(self._peer_tokens) > PEER_TOKENS:
+            self._peer_tokens.popitem(last=False)
 
     async def call_add_provider(
         self, node_to_ask: Node, key: bytes, token: bytes, provider_id: bytes, port: int, ttl: int
@@ -329,3 +430,23 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
 
     async def call_find_value(self, *args: object) -> CallResult:
         raise LocalProtocolError("the p2pfs DHT stores provider records only")
+
+
+def _size(value: object) -> int:
+    return len(encode_response(bytes(MSG_ID_LEN), value))
+
+
+def _fill(room: int, lists: list[list[Any]]) -> list[list[Any]]:
+    """The longest prefixes of ``lists``, in order, whose encoded items fit in ``room`` bytes
+    (a list's items, once the first does not fit, stop; later lists still try)."""
+    kept: list[list[Any]] = []
+    for items in lists:
+        taken = []
+        for item in items:
+            cost = _size(item) - HEADER_LEN
+            if cost > room:
+                break
+            room -= cost
+            taken.append(item)
+        kept.append(taken)
+    return kept
