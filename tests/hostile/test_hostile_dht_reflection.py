@@ -104,11 +104,12 @@ def test_unverified_replies_stay_within_the_amplification_bound() -> None:
                 with await _udp(f"127.1.{n}.9") as sock:
                     asker = os.urandom(20)
                     forged = os.urandom(16)  # a token that this address was never given
-                    for method, args in [
+                    requests: list[tuple[str, list[object]]] = [
                         ("get_providers", [asker, key]),
                         ("get_providers", [asker, key, forged]),
                         ("find_node", [asker, key]),
-                    ]:
+                    ]
+                    for method, args in requests:
                         size, reply = await _exchange(sock, target, method, args)
                         sizes.append((method, size, len(reply)))
             received = victim.traffic.received_bytes - before[0]
