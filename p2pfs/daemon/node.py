@@ -18,15 +18,23 @@ from typing import Any
 import trio
 
 from p2pfs.content.folder import DIR_TREE, EntryKind, Manifest, manifest_root, share_bound
-from p2pfs.errors import ConnectionClosedError, IntegrityError, LocalProtocolError
+from p2pfs.errors import (
+    ConnectionClosedError,
+    IntegrityError,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
 from p2pfs.home import hold_home_lock, tighten_home
 from p2pfs.identity import Identity, NodeId, load_identity
 from p2pfs.net import Endpoint, PeerConnection, TransportConfig, open_endpoint
 from p2pfs.store.folders import FolderStore
 from p2pfs.store.index import INDEX_FILENAME, IndexStore
 from p2pfs.store.scanner import scan_share
+from p2pfs.net.control import ControlKind, Decoder, Incoming, Refuse, RefuseCode, encode
+from p2pfs.net.stream import Stream
 from p2pfs.wire.ticket import (
     PeerAddress,
+    RelayHint,
     Ticket,
     TicketError,
     TicketKind,
@@ -42,7 +50,9 @@ from .discovery import Discovery, DiscoveryConfig, PortInUseError
 from .fetcher import Fetcher, FetchProgress
 from .folders.manager import FolderConfig, FolderManager
 from .folders.server import FolderServer
+from .punch import Puncher
 from .ratelimit import TokenBucket
+from .relay import RelayClient, RelayLimits, RelayRoute, RelayService, guard, read_first_untrusted
 from .requests import RequestStream
 from .service import ShareService, TransferCounters
 from .storage import AsyncIndex
@@ -75,6 +85,10 @@ class NodeConfig:
     folders: FolderConfig = field(default_factory=FolderConfig)
     test_serve_unverified: bool = False
     """Test hook: serve chunks without re-hashing them, to play a corrupt peer."""
+    relay: RelayLimits | None = None
+    """Set (``--relay``): relay for others within these limits."""
+    relay_via: tuple[PeerAddress, ...] = ()
+    """Relays to stay registered with (``--relay-via``), to be reachable behind a NAT."""
 
 
 @dataclass(slots=True)
@@ -118,6 +132,9 @@ class Node:
         self._service: ShareService | None = None
         self._writing: dict[str, _Writer] = {}
         """Destinations being fetched into (real paths), so two fetches never write one."""
+        self._relay_service = RelayService(config.relay) if config.relay is not None else None
+        self._relay_client: RelayClient | None = None
+        self._puncher: Puncher | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # Worker threads doing many small syscalls (creating files, reading chunks) give the
@@ -183,6 +200,13 @@ class Node:
             self._root_scope = nursery.cancel_scope
             self._nursery = nursery
             self._dialer = Dialer(endpoint, self._serve_connection, nursery)
+            self._puncher = Puncher(endpoint, self._punch_candidates)
+            self._relay_client = RelayClient(
+                endpoint, self.config.relay_via, self._dial_relay, self.dialer.release, nursery
+            )
+            self._dialer.via_relay = self._via_relay
+            self._dialer.relayed = self._relayed
+            await nursery.start(self._relay_client.serve)
             await nursery.start(self._discovery.serve)
             await self._announce_all()
             await nursery.start(
@@ -294,12 +318,82 @@ class Node:
 
     async def _serve_connection(self, conn: PeerConnection) -> None:
         """Every authenticated connection, either way: note where the peer sees us, then
-        serve the streams it opens."""
+        serve the streams it opens (request streams and control streams)."""
+        if self._puncher is not None:
+            self._puncher.mark(conn)
         observed = conn.observed_address
-        if observed is not None and self._addresses is not None:
+        # Through a relay, both ends see only the tunnel's synthetic address.
+        if observed is not None and self._addresses is not None and conn.path != "relayed":
             self._addresses.observed(PeerAddress(*observed), str(conn.remote_address[0]))
         assert self._service is not None
-        await self._service.handle_connection(conn)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._serve_control, conn, nursery)
+            await self._service.handle_connection(conn)
+            nursery.cancel_scope.cancel()
+
+    async def _serve_control(self, conn: PeerConnection, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                kind, stream = await conn.accept_control()
+            except ConnectionClosedError:
+                return
+            what = f"{kind.name.lower()} stream from {conn.peer_id.short()}"
+            nursery.start_soon(guard, what, lambda: self._control(conn, kind, stream), stream)
+
+    async def _control(self, conn: PeerConnection, kind: ControlKind, stream: Stream) -> None:
+        decoder = Decoder()
+        first = await read_first_untrusted(stream, decoder)
+        if kind is ControlKind.PUNCH:
+            assert self._puncher is not None
+            await self._puncher.respond(conn, stream, first, decoder)
+        elif isinstance(first, Incoming):
+            assert self._relay_client is not None
+            await self._relay_client.incoming(conn, stream, first, decoder)
+        elif self._relay_service is not None:
+            await self._relay_service.handle(conn, stream, first, decoder)
+        else:
+            await stream.send_all(encode(Refuse(RefuseCode.NOT_A_RELAY, "not a relay")))
+            await stream.send_eof()
+
+    async def _dial_relay(
+        self, address: PeerAddress, relay: NodeId | None, holder: object
+    ) -> PeerConnection:
+        candidate = Candidate(address, relay, "relay")
+        return await self.dialer.first([candidate], holder, what="the relay")
+
+    async def _via_relay(self, candidate: Candidate) -> PeerConnection:
+        assert self._relay_client is not None and candidate.relay is not None
+        assert candidate.node is not None
+        route = RelayRoute(candidate.relay, candidate.address)
+        return await self._relay_client.connect(route, candidate.node)
+
+    def _relayed(self, conn: PeerConnection) -> None:
+        """A connection we made through a relay: try to punch a direct path beside it."""
+        assert self._nursery is not None
+        self._nursery.start_soon(self._punch, conn)
+
+    async def _punch(self, relayed: PeerConnection) -> None:
+        assert self._puncher is not None
+        try:
+            direct = await self._puncher.initiate(relayed)
+        except (RemoteProtocolError, ConnectionClosedError, LocalProtocolError) as exc:
+            logger.info("punch over %r failed: %s", relayed, exc)
+            return
+        if direct is not None:
+            self.dialer.upgrade(relayed, direct)
+
+    def _punch_candidates(self) -> list[PeerAddress]:
+        """Where peers may reach us directly: our addresses, then every observed one
+        (unconfirmed too: a punch goes only to a peer that authenticated)."""
+        own = self.addresses.all()
+        return own + [a for a, _ in self.addresses.observations() if a not in own]
+
+    def _relay_hints(self) -> tuple[RelayHint, ...]:
+        if self._relay_client is None:
+            return ()
+        return tuple(
+            RelayHint(route.relay.raw, route.address) for route in self._relay_client.routes
+        )
 
     @property
     def dialer(self) -> Dialer:
@@ -331,6 +425,11 @@ class Node:
             ],
             "engine": self.endpoint.engine.name,
             "discovery": self.discovery.info(),
+            "relays": [
+                {"node_id": str(NodeId(hint.node_id)), "address": str(hint.address)}
+                for hint in self._relay_hints()
+            ],
+            "relay": self._relay_service.info() if self._relay_service is not None else None,
         }
 
     async def _status(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
@@ -343,6 +442,12 @@ class Node:
             "folders": len(self.folders.folders),
             "transfers": [asdict(transfer) for transfer in self._transfers.values()],
             "counters": counters,
+            "transport": {
+                "datagrams_dropped": self.endpoint.datagrams_dropped,
+                "engine_failures": self.endpoint.engine_failures,
+                "retries_sent": self.endpoint.retries_sent,
+                "pending_handshakes": self.endpoint.pending_handshakes,
+            },
             "bytes_sent": counters["payload_sent"] + counters["protocol_sent"],
             "bytes_received": counters["payload_received"] + counters["protocol_received"],
         }
@@ -369,6 +474,7 @@ class Node:
             result.root,
             self._identity.node_id.raw if hints else None,
             tuple(self.addresses.for_ticket()) if hints else (),
+            relays=self._relay_hints() if hints else (),
         )
         return {
             "ticket": ticket.encode(),
@@ -581,6 +687,12 @@ class Node:
         candidates += [Candidate(address, None, "peer") for address in self.config.peers]
         if discover:
             candidates += await self._discovered(ticket)
+        # Relays last: every direct address gets its chance first (Happy Eyeballs order).
+        if pinned is not None:
+            candidates += [
+                Candidate(hint.address, pinned, "relay", NodeId(hint.node_id))
+                for hint in ticket.relays
+            ]
         return candidates
 
     async def _discovered(self, ticket: Ticket) -> list[Candidate]:
@@ -616,7 +728,8 @@ def _peer_summaries(connections: frozenset[PeerConnection]) -> list[dict[str, st
             peer = conn.peer_id
         except ConnectionClosedError:
             continue
-        summaries.append({"node_id": str(peer), "address": _format(conn.remote_address)})
+        address = "relay" if conn.path == "relayed" else _format(conn.remote_address)
+        summaries.append({"node_id": str(peer), "address": address, "path": conn.path})
     return summaries
 
 
