@@ -67,6 +67,7 @@ from .swarmfetch import (
     MorePeers,
     PeerPool,
     Release,
+    close_connection,
     new_rng,
 )
 from .swarmstate import PieceLocation, SwarmRegistry, SwarmShare
@@ -152,7 +153,7 @@ class Fetcher:
         overwrite: bool = False,
     ) -> None:
         self._connect = connect
-        self._release = release or _close
+        self._release = release or close_connection
         self._give_up_after = give_up_after
         self._overwrite = overwrite
         self._top_dir = ""
@@ -552,10 +553,6 @@ class Fetcher:
                     self._done_bytes, self._total_bytes, self._done_files, self._total_files
                 )
             )
-
-
-def _close(conn: PeerConnection) -> None:
-    conn.close_nowait(0, "fetch done with it")
 
 
 def _missing_files_error(exc: HoldersExhaustedError, files: list[_FileTask]) -> RemoteProtocolError:

@@ -75,7 +75,8 @@ Release = Callable[[PeerConnection], None]
 """The pool is done with a connection (whoever else uses it keeps it)."""
 
 
-def _close(conn: PeerConnection) -> None:
+def close_connection(conn: PeerConnection) -> None:
+    """The default release: nobody else uses the connection."""
     conn.close_nowait(0, "fetch done with it")
 
 
@@ -85,10 +86,6 @@ class PeerStalledError(RemoteProtocolError):
 
 class HoldersExhaustedError(RemoteProtocolError):
     """No reachable holder served a missing piece for ``GIVE_UP_AFTER`` seconds."""
-
-    def __init__(self, message: str, missing: list[int]) -> None:
-        super().__init__(message)
-        self.missing = missing
 
 
 @dataclass(slots=True)
@@ -109,7 +106,7 @@ class PeerPool:
     counters: TransferCounters
     place: Place
     download_limit: TokenBucket | None = None
-    release: Release = _close
+    release: Release = close_connection
     give_up_after: float = GIVE_UP_AFTER
     stats: dict[NodeId, PeerStats] = field(default_factory=dict)
     banned: set[NodeId] = field(default_factory=set)
@@ -138,12 +135,11 @@ class PeerPool:
         for conn in self._connected.values():
             self.release(conn)
         if not self.picker.complete:
-            missing = [p for p in range(len(self.pieces)) if not self.picker.holds(p)]
+            missing = sum(1 for p in range(len(self.pieces)) if not self.picker.holds(p))
             why = f" (last: {self._last_error})" if self._last_error else ""
             raise HoldersExhaustedError(
-                f"no reachable holder served any of the {len(missing)} missing pieces for "
-                f"{self.give_up_after:g} s{why}",
-                missing,
+                f"no reachable holder served any of the {missing} missing pieces for "
+                f"{self.give_up_after:g} s{why}"
             )
 
     def add(self, conn: PeerConnection) -> None:
