@@ -9,6 +9,7 @@ or network failed (unreachable, refused, bad data), 130 interrupted (Ctrl-C).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -103,10 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     daemon.add_argument("--mainline-port", type=int, default=0, help=argparse.SUPPRESS)
     daemon.add_argument("--mainline-loopback-testing", action="store_true", help=argparse.SUPPRESS)
     daemon.add_argument("--no-lan", action="store_true", help="no LAN discovery beacons")
-    daemon.add_argument("--test-serve-unverified", action="store_true", help=argparse.SUPPRESS)
-    daemon.add_argument("--test-case-insensitive", action="store_true", help=argparse.SUPPRESS)
-    daemon.add_argument("--lan-port", type=int, help=argparse.SUPPRESS)
-    daemon.add_argument("--profile-to", metavar="FILE", help=argparse.SUPPRESS)
+    _relay_arguments(daemon)
     daemon.add_argument(
         "--keep-versions-days",
         type=float,
@@ -210,16 +208,55 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def _relay_arguments(daemon: argparse.ArgumentParser) -> None:
+    daemon.add_argument(
+        "--relay",
+        action="store_true",
+        help="relay for nodes behind NATs (run this on a publicly reachable machine)",
+    )
+    daemon.add_argument(
+        "--relay-via",
+        metavar="HOST:PORT",
+        action="append",
+        default=[],
+        help="stay reachable through this relay (repeatable); tickets then name it",
+    )
+    daemon.add_argument(
+        "--relay-client-rate",
+        type=int,
+        metavar="BYTES_PER_S",
+        help="with --relay: bytes/s one client's circuits may carry (default 8 MiB/s)",
+    )
+    daemon.add_argument(
+        "--relay-client-budget",
+        type=int,
+        metavar="BYTES",
+        help="with --relay: bytes one client may move through this relay (default 4 GiB)",
+    )
+    daemon.add_argument("--test-serve-unverified", action="store_true", help=argparse.SUPPRESS)
+    daemon.add_argument("--test-case-insensitive", action="store_true", help=argparse.SUPPRESS)
+    daemon.add_argument("--lan-port", type=int, help=argparse.SUPPRESS)
+    daemon.add_argument("--profile-to", metavar="FILE", help=argparse.SUPPRESS)
+
+
 def _daemon(args: argparse.Namespace) -> int:
     import trio  # noqa: PLC0415 -- only the daemon pays for the async runtime and QUIC
 
     from p2pfs.daemon.discovery import DiscoveryConfig  # noqa: PLC0415
     from p2pfs.daemon.folders.manager import FolderConfig  # noqa: PLC0415
     from p2pfs.daemon.node import NodeConfig, run_node  # noqa: PLC0415
+    from p2pfs.daemon.relay import RelayLimits  # noqa: PLC0415
     from p2pfs.discovery.lan import LAN_PORT  # noqa: PLC0415
 
     listen = parse_address(args.listen)
+    limits = RelayLimits()
+    if args.relay_client_rate:
+        limits = dataclasses.replace(limits, rate=args.relay_client_rate)
+    if args.relay_client_budget:
+        limits = dataclasses.replace(limits, budget=args.relay_client_budget)
     config = NodeConfig(
+        relay=limits if args.relay else None,
+        relay_via=tuple(parse_address(r, allow_names=True) for r in args.relay_via),
         home=resolve_home(args.home),
         listen=listen,
         peers=tuple(parse_address(peer, allow_names=True) for peer in args.peer),
@@ -434,7 +471,7 @@ def _human_status(result: dict[str, Any]) -> None:
     print(f"node      {result['node_id']}")
     print(f"peers     {len(result['peers'])}")
     for peer in result["peers"]:
-        print(f"  {peer['node_id'][:12]}  {peer['address']}")
+        print(f"  {peer['node_id'][:12]}  {peer['address']}  {peer.get('path', 'direct')}")
     print(f"shares    {len(result['shares'])}")
     for share in result["shares"]:
         print(f"  {share['root'][:16]}  {share['path']}")

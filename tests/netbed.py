@@ -5,6 +5,14 @@ their subnets, real daemons started with their defaults (no --listen, no --peer)
 Each machine sits alone on its own /24 behind the router, so LAN beacons do not cross and
 machines meet only through tickets, the DHT or routed addresses, as on real networks. Only
 namespaces this bed made are touched, and only processes started in them are killed.
+
+The router's subnets are the bed's "internet": a machine there is publicly reachable. A home
+(``NetBed.home``) is a machine on a private LAN behind its own home-router namespace, which
+masquerades it onto the internet with the kernel's NAT (nftables): ``nat="cone"`` is
+``masquerade`` (ports kept where free, one mapping per local port whatever the destination:
+most home routers), ``nat="symmetric"`` is ``masquerade fully-random`` (a new random port
+per destination). Nothing from the internet reaches the LAN unless the NAT's connection
+tracking maps it there.
 """
 
 from __future__ import annotations
@@ -28,8 +36,16 @@ DEFAULT_PORT = 7337
 DHT_PORT = DEFAULT_PORT + 1
 
 
-def _run(*command: str) -> str:
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+NAT_RULES = {
+    "cone": "masquerade",
+    "symmetric": "masquerade fully-random",
+}
+
+
+def _run(*command: str, stdin: str | None = None) -> str:
+    completed = subprocess.run(
+        command, input=stdin, capture_output=True, text=True, timeout=30, check=False
+    )
     if completed.returncode != 0:
         raise RuntimeError(f"{' '.join(command)}: {completed.stderr.strip()}")
     return completed.stdout
@@ -46,6 +62,14 @@ def can_build_namespaces() -> str | None:
     return None
 
 
+def can_build_nat() -> str | None:
+    """None if this host can build homes behind NAT routers, else why not."""
+    reason = can_build_namespaces()
+    if reason is None and shutil.which("nft") is None:
+        reason = "no `nft` command (Debian: apt-get install nftables; .ci/run installs it)"
+    return reason
+
+
 @dataclass
 class Machine:
     bed: NetBed
@@ -56,6 +80,8 @@ class Machine:
     """The machine's side of its link to the router (for byte counts)."""
     home: Path
     daemon: DaemonProcess | None = None
+    public: str | None = None
+    """Behind a NAT: its router's internet address (what peers see); None: public itself."""
 
     @property
     def prefix(self) -> tuple[str, ...]:
@@ -143,6 +169,65 @@ class NetBed:
         self.machines.append(machine)
         return machine
 
+    def home(self, name: str, nat: str = "cone") -> Machine:
+        """A machine on a private LAN 192.168.(n).0/24 behind its own home router, whose
+        internet side is 10.(bed).(n).2 on the bed's router, masquerading (``nat``: "cone" or
+        "symmetric", see NAT_RULES)."""
+        rule = NAT_RULES[nat]
+        number = len(self.machines) + 1
+        gateway = self._namespace(f"{name}gw")
+        wan_in, wan_out = f"{self.tag}{number}w", f"{self.tag}{number}r"
+        subnet = f"10.{200 + int(self.tag[-2:]) % 50}.{number}"
+        _run("ip", "link", "add", wan_in, "type", "veth", "peer", "name", wan_out)
+        _run("ip", "link", "set", wan_in, "netns", gateway)
+        _run("ip", "link", "set", wan_out, "netns", self.router)
+        _run("ip", "-n", self.router, "addr", "add", f"{subnet}.1/24", "dev", wan_out)
+        _run("ip", "-n", self.router, "link", "set", wan_out, "up")
+        _run("ip", "-n", gateway, "addr", "add", f"{subnet}.2/24", "dev", wan_in)
+        _run("ip", "-n", gateway, "link", "set", wan_in, "up")
+        _run("ip", "-n", gateway, "route", "add", "default", "via", f"{subnet}.1")
+        _run("ip", "netns", "exec", gateway, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        _run(
+            "ip",
+            "netns",
+            "exec",
+            gateway,
+            "nft",
+            "-f",
+            "-",
+            stdin=(
+                "table ip nat {\n"
+                "  chain postrouting {\n"
+                "    type nat hook postrouting priority 100; policy accept;\n"
+                f'    oifname "{wan_in}" {rule}\n'
+                "  }\n"
+                "}\n"
+            ),
+        )
+        namespace = self._namespace(name)
+        inside, outside = f"{self.tag}{number}m", f"{self.tag}{number}l"
+        lan = f"192.168.{number}"
+        _run("ip", "link", "add", inside, "type", "veth", "peer", "name", outside)
+        _run("ip", "link", "set", inside, "netns", namespace)
+        _run("ip", "link", "set", outside, "netns", gateway)
+        _run("ip", "-n", gateway, "addr", "add", f"{lan}.1/24", "dev", outside)
+        _run("ip", "-n", gateway, "link", "set", outside, "up")
+        _run("ip", "-n", namespace, "addr", "add", f"{lan}.2/24", "dev", inside)
+        _run("ip", "-n", namespace, "link", "set", inside, "up")
+        _run("ip", "-n", namespace, "route", "add", "default", "via", f"{lan}.1")
+        machine = Machine(
+            self,
+            name,
+            namespace,
+            f"{lan}.2",
+            inside,
+            self.root / name / "home",
+            public=f"{subnet}.2",
+        )
+        machine.home.mkdir(parents=True)
+        self.machines.append(machine)
+        return machine
+
     def close(self) -> None:
         for daemon in self.daemons:
             daemon.stop()
@@ -155,6 +240,20 @@ class NetBed:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), 9)
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
+
+
+@pytest.fixture
+def natbed(tmp_path: Path) -> Iterator[NetBed]:
+    """A bed that can also build homes behind NAT routers (skips without nft)."""
+    reason = can_build_nat()
+    if reason is not None:
+        pytest.skip(reason)
+    tag = f"p2n{os.getpid() % 1000:03d}{next(_beds) % 100:02d}"
+    bed = NetBed(tmp_path, tag)
+    try:
+        yield bed
+    finally:
+        bed.close()
 
 
 @pytest.fixture

@@ -6,7 +6,9 @@ from hypothesis import strategies as st
 
 from p2pfs.ids import ContentHash
 from p2pfs.wire.ticket import (
+    MAX_RELAYS,
     PeerAddress,
+    RelayHint,
     Ticket,
     TicketError,
     TicketKind,
@@ -77,3 +79,55 @@ def test_parse_address() -> None:
     for bad in ("localhost:1", "1.2.3.4", "1.2.3.4:70000", ":5"):
         with pytest.raises(TicketError):
             parse_address(bad)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    root=st.binary(min_size=32, max_size=32).map(ContentHash),
+    node=st.binary(min_size=32, max_size=32),
+    addrs=addresses,
+    relays=st.lists(
+        st.builds(
+            RelayHint,
+            st.binary(min_size=32, max_size=32),
+            st.builds(PeerAddress, st.ip_addresses().map(str), st.integers(1, 65535)),
+        ),
+        min_size=1,
+        max_size=MAX_RELAYS,
+    ).map(tuple),
+    kind=st.sampled_from([TicketKind.SHARE, TicketKind.FOLDER_RW]),
+)
+def test_tickets_with_relays_round_trip(
+    root: ContentHash,
+    node: bytes,
+    addrs: tuple[PeerAddress, ...],
+    relays: tuple[RelayHint, ...],
+    kind: TicketKind,
+) -> None:
+    ticket = Ticket(kind, root, node, addrs, relays=relays)
+    assert parse_ticket_untrusted(ticket.encode()) == ticket
+
+
+def test_a_ticket_without_relays_is_spelt_as_before() -> None:
+    """Old tickets keep parsing and new ones without relays are byte-identical to them."""
+    ticket = Ticket(TicketKind.SHARE, ROOT, bytes(32), (PeerAddress("192.0.2.1", 7337),))
+    assert len(msgpack_fields(ticket.encode())) == 4
+    assert parse_ticket_untrusted(ticket.encode()).relays == ()
+
+
+def test_relays_without_a_node_are_refused() -> None:
+    hint = RelayHint(bytes(32), PeerAddress("192.0.2.9", 7337))
+    text = Ticket(TicketKind.SHARE, ROOT, None, (), relays=(hint,)).encode()
+    with pytest.raises(TicketError, match="relays but no node"):
+        parse_ticket_untrusted(text)
+
+
+def msgpack_fields(text: str) -> list[object]:
+    import base64  # noqa: PLC0415
+
+    import msgpack  # noqa: PLC0415
+
+    body = text[len("p2pfs1") :].upper()
+    raw = base64.b32decode(body + "=" * (-len(body) % 8))
+    fields: list[object] = msgpack.unpackb(raw[:-4], raw=False)
+    return fields

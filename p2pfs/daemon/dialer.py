@@ -49,9 +49,13 @@ class Candidate:
     node: NodeId | None
     """The node it must prove to be (pinned), or None: any node, content hashes check it."""
     source: str
-    """Where it came from: ticket, peer, member, dht, lan, mainline."""
+    """Where it came from: ticket, peer, member, dht, lan, mainline, relay."""
+    relay: NodeId | None = None
+    """Set: ``address`` is this relay's, through which ``node`` (pinned) is reached."""
 
     def __str__(self) -> str:
+        if self.relay is not None:
+            return f"relay {self.relay.short()} at {self.address} ({self.source})"
         return f"{self.address} ({self.source})"
 
 
@@ -69,6 +73,8 @@ class DialError(RemoteProtocolError):
 
 
 ServeConnection = Callable[[PeerConnection], Awaitable[None]]
+ViaRelay = Callable[[Candidate], Awaitable[PeerConnection]]
+Relayed = Callable[[PeerConnection], None]
 
 
 @dataclass(slots=True)
@@ -93,20 +99,41 @@ class Dialer:
         self.stagger = stagger
         self.timeout = timeout
         self._leases: dict[PeerConnection, _Leases] = {}
+        self.via_relay: ViaRelay | None = None
+        """Dials a relay candidate (set by the node once its relay client exists)."""
+        self.relayed: Relayed | None = None
+        """Told of every relayed connection this dialer made (the node punches)."""
 
     # -- connections and leases -----------------------------------------------------------
 
     def open_to(self, node: NodeId) -> PeerConnection | None:
-        """An authenticated, open connection to ``node``, whoever opened it."""
+        """An authenticated, open connection to ``node``, whoever opened it; a direct or
+        punched one before a relayed one (new work leaves the relay once a punch works)."""
+        relayed = None
         for conn in self._endpoint.connections:
             if conn.is_closed:
                 continue
             try:
                 if conn.peer_id == node:
-                    return conn
+                    if conn.path != "relayed":
+                        return conn
+                    relayed = conn
             except ConnectionClosedError:
                 continue
-        return None
+        return relayed
+
+    def upgrade(self, relayed: PeerConnection, direct: PeerConnection) -> None:
+        """A punched ``direct`` connection joins ``relayed``'s users (who move their new
+        work to it through ``open_to``); it closes with the last of them."""
+        leases = self._leases.get(relayed)
+        holders = set(leases.holders) if leases is not None else set()
+        if not holders:
+            direct.close_nowait(0, "no longer needed")
+            return
+        self._leases.setdefault(direct, _Leases()).opened_here = True
+        for holder in holders:
+            self.acquire(direct, holder)
+        self._nursery.start_soon(self._serve_then_forget, direct)
 
     def acquire(self, conn: PeerConnection, holder: Hashable) -> None:
         self._leases.setdefault(conn, _Leases()).holders.add(holder)
@@ -226,7 +253,12 @@ class Dialer:
         address = candidate.address
         try:
             with trio.fail_after(self.timeout):
-                conn = await self._endpoint.connect((address.host, address.port), candidate.node)
+                if candidate.relay is not None:
+                    conn = await self._through_relay(candidate)
+                else:
+                    conn = await self._endpoint.connect(
+                        (address.host, address.port), candidate.node
+                    )
         except AuthenticationError as exc:
             attempts.append((candidate, f"not the node expected ({exc})"))
             failed.set()
@@ -253,8 +285,15 @@ class Dialer:
             return
         self._adopt(conn, holder)
         won.append(conn)
+        if conn.path == "relayed" and self.relayed is not None:
+            self.relayed(conn)
         if race is not None:
             race.cancel_scope.cancel()
+
+    async def _through_relay(self, candidate: Candidate) -> PeerConnection:
+        if self.via_relay is None:
+            raise LocalProtocolError("this node does not dial through relays")
+        return await self.via_relay(candidate)
 
     async def _resolve(
         self, candidates: list[Candidate], attempts: list[tuple[Candidate, str]]
@@ -265,6 +304,9 @@ class Dialer:
         resolved: list[Candidate] = []
         for candidate in candidates:
             host = candidate.address.host
+            if candidate.relay is not None and candidate.node is None:
+                attempts.append((candidate, "a relayed candidate needs the node's NodeId"))
+                continue
             if _is_ip(host):
                 if (":" in host) == (family == socket.AF_INET6):
                     resolved.append(candidate)
@@ -282,17 +324,20 @@ class Dialer:
                 ip = str(info[4][0])
                 resolved.append(
                     Candidate(
-                        PeerAddress(ip, candidate.address.port), candidate.node, candidate.source
+                        PeerAddress(ip, candidate.address.port),
+                        candidate.node,
+                        candidate.source,
+                        candidate.relay,
                     )
                 )
         return _dedupe(resolved)
 
 
 def _dedupe(candidates: Iterable[Candidate]) -> list[Candidate]:
-    """One candidate per address, the first (best-sourced) kept."""
-    seen: dict[PeerAddress, Candidate] = {}
+    """One candidate per address (and relay), the first (best-sourced) kept."""
+    seen: dict[tuple[PeerAddress, NodeId | None], Candidate] = {}
     for candidate in candidates:
-        seen.setdefault(candidate.address, candidate)
+        seen.setdefault((candidate.address, candidate.relay), candidate)
     return list(seen.values())
 
 

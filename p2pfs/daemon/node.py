@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,11 @@ from p2pfs.errors import (
 from p2pfs.home import hold_home_lock, tighten_home
 from p2pfs.identity import Identity, NodeId, load_identity
 from p2pfs.net import Endpoint, PeerConnection, TransportConfig, open_endpoint
+from p2pfs.net.control import ControlKind, Decoder, Incoming, Refuse, RefuseCode, encode
+from p2pfs.net.stream import Stream
 from p2pfs.store.folders import FolderStore
 from p2pfs.store.index import INDEX_FILENAME, IndexStore
 from p2pfs.store.scanner import scan_share
-from p2pfs.net.control import ControlKind, Decoder, Incoming, Refuse, RefuseCode, encode
-from p2pfs.net.stream import Stream
 from p2pfs.wire.ticket import (
     PeerAddress,
     RelayHint,
@@ -338,7 +339,7 @@ class Node:
             except ConnectionClosedError:
                 return
             what = f"{kind.name.lower()} stream from {conn.peer_id.short()}"
-            nursery.start_soon(guard, what, lambda: self._control(conn, kind, stream), stream)
+            nursery.start_soon(guard, what, partial(self._control, conn, kind, stream), stream)
 
     async def _control(self, conn: PeerConnection, kind: ControlKind, stream: Stream) -> None:
         decoder = Decoder()
@@ -442,11 +443,9 @@ class Node:
             "folders": len(self.folders.folders),
             "transfers": [asdict(transfer) for transfer in self._transfers.values()],
             "counters": counters,
-            "transport": {
-                "datagrams_dropped": self.endpoint.datagrams_dropped,
-                "engine_failures": self.endpoint.engine_failures,
-                "retries_sent": self.endpoint.retries_sent,
-                "pending_handshakes": self.endpoint.pending_handshakes,
+            "punch": {
+                "attempts": self._puncher.attempts if self._puncher else 0,
+                "successes": self._puncher.successes if self._puncher else 0,
             },
             "bytes_sent": counters["payload_sent"] + counters["protocol_sent"],
             "bytes_received": counters["payload_received"] + counters["protocol_received"],

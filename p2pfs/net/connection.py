@@ -27,6 +27,7 @@ from p2pfs.identity import Identity, NodeId, node_id_from_certificate_untrusted
 from p2pfs.net import auth
 from p2pfs.net.boundary import EngineGuard, describe
 from p2pfs.net.codes import CloseCode
+from p2pfs.net.control import ControlKind
 from p2pfs.net.engine import ALPN, Engine, TransportConfig
 from p2pfs.net.stream import Stream
 
@@ -36,6 +37,12 @@ Address = tuple[Any, ...]
 # After a local close, keep the connection's ids routed this long so retransmitted
 # CONNECTION_CLOSEs answer the peer, then forget it even if the engine never reports back.
 CLOSE_LINGER = 1.0
+# Control streams (relay, punch) waiting for the node to take them; an honest peer opens one
+# or two at a time, so beyond this they are reset rather than queued.
+CONTROL_BACKLOG = 16
+_CONTROL_KINDS = frozenset(int(kind) for kind in ControlKind)
+STREAM_BUSY = 8
+"""Reset code for a control stream nobody takes (the wire's BUSY)."""
 
 
 class EndpointHooks(Protocol):
@@ -80,6 +87,12 @@ class PeerConnection:
         self._streams: dict[int, Stream] = {}
         # Unbounded is safe: the engine caps how many streams the peer may open at once.
         self._incoming_send, self._incoming_recv = trio.open_memory_channel[Stream](math.inf)
+        self._control_send, self._control_recv = trio.open_memory_channel[
+            tuple[ControlKind, Stream]
+        ](CONTROL_BACKLOG)
+        self.path = "relayed" if is_tunnel(remote_address) else "direct"
+        """How the connection reaches the peer: direct, punched (a direct path opened by
+        hole punching) or relayed (through a relay's tunnel)."""
         self._error: P2pfsError | None = None
         self._authenticated = False
         self.ready = trio.Event()
@@ -154,6 +167,21 @@ class PeerConnection:
         except trio.EndOfChannel:
             assert self._error is not None
             raise self._error from None
+
+    async def accept_control(self) -> tuple[ControlKind, Stream]:
+        """The next control stream (relay, punch) the peer opened, with its kind byte read;
+        ConnectionClosedError once the connection ends."""
+        try:
+            return await self._control_recv.receive()
+        except trio.EndOfChannel:
+            assert self._error is not None
+            raise self._error from None
+
+    async def open_control(self, kind: ControlKind, first: bytes = b"") -> Stream:
+        """A new control stream of ``kind``, its kind byte sent with ``first``."""
+        stream = await self.open_stream()
+        await stream.send_all(bytes([kind]) + first)
+        return stream
 
     async def close(self, error_code: int = CloseCode.NO_ERROR, reason: str = "") -> None:
         """Close with ``error_code``; pending stream operations fail with ConnectionClosedError."""
@@ -406,8 +434,24 @@ class PeerConnection:
             self._highest_peer_stream = stream_id
             stream = Stream(self, stream_id)
             self._streams[stream_id] = stream
-            self._incoming_send.send_nowait(stream)
-        kept = stream._data_received(event.data, event.end_stream)
+            data = event.data
+            if data and data[0] in _CONTROL_KINDS:
+                # A control stream: routed by its first byte, which no request stream can
+                # start with (protocol/WIRE.md, "Control streams").
+                try:
+                    self._control_send.send_nowait((ControlKind(data[0]), stream))
+                except trio.WouldBlock:
+                    logger.info("%r: too many control streams waiting, resetting one", self)
+                    self._streams.pop(stream_id, None)
+                    self._quic.reset_stream(stream_id, STREAM_BUSY)
+                    self._quic.stop_stream(stream_id, STREAM_BUSY)
+                    return
+                data = data[1:]
+            else:
+                self._incoming_send.send_nowait(stream)
+            kept = stream._data_received(data, event.end_stream)
+        else:
+            kept = stream._data_received(event.data, event.end_stream)
         if kept:
             self._unread += kept
             if stream.receive_buffered > self.config.stream_receive_limit:
@@ -544,6 +588,7 @@ class PeerConnection:
             stream._connection_lost(error)
         self._blocked_writers.clear()
         self._incoming_send.close()
+        self._control_send.close()
         self._held.clear()
         # Keep routing its ids a little while (late packets, our retransmitted close), then
         # forget it even if the engine's draining period would take longer.
@@ -605,6 +650,15 @@ class PeerConnection:
     def _check_open(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+TUNNEL_PREFIX = "100::"
+"""Tunnel addresses (a relay's circuits, see net/tunnel.py) are drawn from RFC 6666's
+discard-only 100::/64, which no real datagram on either socket family can come from."""
+
+
+def is_tunnel(address: Address) -> bool:
+    return isinstance(address[0], str) and address[0].startswith(TUNNEL_PREFIX)
 
 
 def _host_port(address: Address) -> auth.Observed:

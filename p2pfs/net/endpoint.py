@@ -33,6 +33,8 @@ from p2pfs.net.boundary import describe, split_fatal
 from p2pfs.net.codes import CloseCode
 from p2pfs.net.connection import Address, PeerConnection
 from p2pfs.net.engine import Engine, TransportConfig, load_engine
+from p2pfs.net.stream import Stream
+from p2pfs.net.tunnel import Tunnel
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ GRO_ANCILLARY = socket.CMSG_SPACE(4)
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
 _U16 = struct.Struct("=H")
+PUNCH_PAYLOAD = b"\x00"
 
 
 class Endpoint:
@@ -84,6 +87,8 @@ class Endpoint:
         self._admission: Admission[PeerConnection] = Admission(config, os.urandom(32))
         self._retry_versions = engine.retry_versions()
         self._send_queue: deque[tuple[bytes, Address]] = deque()
+        self._tunnels: dict[Address, Tunnel] = {}
+        """Relay circuits by their synthetic address (net/tunnel.py)."""
         self._send_wakeup = trio.Event()
         self._closing = False
         self._gso = config.gso and sys.platform == "linux"
@@ -134,7 +139,37 @@ class Endpoint:
         )
         if not infos:
             raise LocalProtocolError(f"cannot resolve {address[0]!r}")
-        remote = infos[0][4]
+        return await self._connect(infos[0][4], expected_peer)
+
+    async def connect_tunnel(self, tunnel: Tunnel, expected_peer: NodeId) -> PeerConnection:
+        """Connect through ``tunnel`` (a relay circuit) and prove it is ``expected_peer``:
+        the same handshake and authentication as on a direct path."""
+        if self._closing or tunnel.closed.is_set():
+            raise LocalProtocolError("endpoint or tunnel is closed")
+        return await self._connect(tunnel.address, expected_peer)
+
+    def open_tunnel(self, stream: Stream, label: str, leftover: bytes = b"") -> Tunnel:
+        """Carry datagrams for a new synthetic address on ``stream`` (an accepted relay
+        circuit; ``leftover``: bytes already read from it) until either ends; connections on
+        it close with it."""
+        tunnel = Tunnel(stream, label, leftover)
+        # qh3 hands IPv6 addresses back as 4-tuples (host, port, flowinfo, scope id).
+        for key in _tunnel_keys(tunnel):
+            self._tunnels[key] = tunnel
+        self._nursery.start_soon(self._run_tunnel, tunnel)
+        return tunnel
+
+    async def _run_tunnel(self, tunnel: Tunnel) -> None:
+        try:
+            await tunnel.run(self._dispatch)
+        finally:
+            for key in _tunnel_keys(tunnel):
+                del self._tunnels[key]
+            for conn in list(self._connections):
+                if conn.remote_address == tunnel.address:
+                    conn.close_nowait(CloseCode.NO_ERROR, "relay circuit ended")
+
+    async def _connect(self, remote: Address, expected_peer: NodeId | None) -> PeerConnection:
         now = trio.current_time()
         quic = self.engine.client_connection(self._client_config, remote, now)
         conn = self._new_connection(quic, remote, expected_peer, now, is_client=True)
@@ -155,6 +190,10 @@ class Endpoint:
     # -- EndpointHooks --------------------------------------------------------------------
 
     def transmit(self, datagrams: list[tuple[bytes, Address]]) -> None:
+        if self._tunnels:
+            datagrams = self._tunnel_out(datagrams)
+            if not datagrams:
+                return
         if self._send_queue:
             self._queue(datagrams, 0)
             return
@@ -190,6 +229,18 @@ class Endpoint:
             )
             i = end
 
+    def _tunnel_out(self, datagrams: list[tuple[bytes, Address]]) -> list[tuple[bytes, Address]]:
+        """Hand datagrams for tunnel addresses to their tunnels; the rest go to the socket."""
+        tunnels = self._tunnels
+        direct = []
+        for item in datagrams:
+            tunnel = tunnels.get(item[1])
+            if tunnel is None:
+                direct.append(item)
+            else:
+                tunnel.send(item[0])
+        return direct
+
     @staticmethod
     def _gso_run(datagrams: list[tuple[bytes, Address]], start: int) -> int:
         """End of the run from ``start`` that one GSO send can carry: same address, same
@@ -209,6 +260,29 @@ class Endpoint:
             if length < size:
                 break
         return end
+
+    def send_punch(self, addresses: list[tuple[str, int]], ttl: int) -> None:
+        """One tiny datagram to each address with a short ``ttl``, to open our own NAT's
+        mapping toward it (hole punching) without reaching the far NAT: a datagram that
+        arrives there before the far side's own packet leaves makes Linux conntrack record
+        an inbound flow, and masquerade then gives the far side's packet another port.
+        Receivers that do get one drop it unread (it parses as no QUIC packet)."""
+        v6 = self._sock.family == socket.AF_INET6
+        level, option = (
+            (socket.IPPROTO_IPV6, socket.IPV6_HOPLIMIT)
+            if v6
+            else (socket.IPPROTO_IP, socket.IP_TTL)
+        )
+        ancillary = [(level, option, struct.pack("=i", ttl))]
+        for address in addresses:
+            if (":" in address[0]) != v6:
+                continue
+            try:
+                self._sock.sendmsg([PUNCH_PAYLOAD], ancillary, 0, address)
+            except OSError as exc:
+                logger.debug("punch to %s failed: %s", address, exc)
+            else:
+                self.datagrams_sent += 1
 
     def register_cid(self, cid: bytes, conn: PeerConnection) -> None:
         self._by_cid[cid] = conn
@@ -240,6 +314,9 @@ class Endpoint:
                 del self._by_cid[cid]
         self._connections.discard(conn)
         self._admission.finished(conn)
+        tunnel = self._tunnels.get(conn.remote_address)
+        if tunnel is not None:
+            tunnel.close()  # a circuit carries one connection
 
     # -- internals ------------------------------------------------------------------------
 
@@ -514,6 +591,10 @@ async def open_endpoint(
                 nursery.cancel_scope.cancel()
     finally:
         sock.close()
+
+
+def _tunnel_keys(tunnel: Tunnel) -> tuple[Address, Address]:
+    return tunnel.address, (*tunnel.address, 0, 0)
 
 
 def _gro_segment_size(ancillary: list[tuple[int, int, bytes]]) -> int:

@@ -1,8 +1,10 @@
 """Tickets: what one user hands another to fetch a share (one line, versioned, checksummed).
 
 ``p2pfs1`` + lowercase base32 (no padding) of ``payload || checksum``, where ``payload`` is
-msgpack ``[kind, root, node_id or nil, [[host, port], ...]]`` (folder tickets append the
-folder's public write key) and ``checksum`` the first 4 bytes of BLAKE3(payload). The digit
+msgpack ``[kind, root, node_id or nil, [[host, port], ...]]`` (read-only folder tickets
+append the folder's public write key; a ticket naming relays then appends ``nil`` in that
+place for other kinds, and ``[[relay_node_id, host, port], ...]``) and ``checksum`` the
+first 4 bytes of BLAKE3(payload). The digit
 after ``p2pfs`` is the ticket format version, so a ticket from a newer p2pfs is reported as
 such rather than as a typo.
 """
@@ -24,6 +26,7 @@ PREFIX = "p2pfs"
 TICKET_VERSION = 1
 CHECKSUM_BYTES = 4
 MAX_ADDRESSES = 16
+MAX_RELAYS = 4
 MAX_TICKET_CHARS = 2048
 
 
@@ -47,6 +50,14 @@ class PeerAddress:
 
 
 @dataclass(frozen=True, slots=True)
+class RelayHint:
+    """A relay through which the ticket's node is reachable."""
+
+    node_id: bytes
+    address: PeerAddress
+
+
+@dataclass(frozen=True, slots=True)
 class Ticket:
     kind: TicketKind
     root: ContentHash
@@ -55,6 +66,9 @@ class Ticket:
     addresses: tuple[PeerAddress, ...]
     write_public: bytes | None = None
     """Only in read-only folder tickets."""
+    relays: tuple[RelayHint, ...] = ()
+    """Relays the node is registered with (only with a node_id: a relay circuit names
+    its target by NodeId)."""
 
     def encode(self) -> str:
         fields: list[object] = [
@@ -63,8 +77,12 @@ class Ticket:
             self.node_id,
             [[address.host, address.port] for address in self.addresses],
         ]
-        if self.write_public is not None:
+        if self.write_public is not None or self.relays:
             fields.append(self.write_public)
+        if self.relays:
+            fields.append(
+                [[r.node_id, r.address.host, r.address.port] for r in self.relays[:MAX_RELAYS]]
+            )
         payload = msgpack.packb(fields, use_bin_type=True)
         checksum = blake3.blake3(payload).digest()[:CHECKSUM_BYTES]
         text = base64.b32encode(payload + checksum).decode("ascii").rstrip("=").lower()
@@ -117,18 +135,39 @@ def parse_ticket_untrusted(text: str) -> Ticket:
         if len(value) < 5:
             raise TicketError("read-only folder ticket lacks the folder's write key")
         write_public = bytes(content_hash_untrusted(value[4]))
+    relays: tuple[RelayHint, ...] = ()
+    if len(value) >= 6:
+        if kind != TicketKind.FOLDER_RO and value[4] is not None:
+            raise TicketError("ticket content is malformed")
+        relays = _relays_untrusted(value[5])
+        if relays and node_id is None:
+            raise TicketError("ticket names relays but no node")
     ticket = Ticket(
         TicketKind(kind),
         content_hash_untrusted(root),
         node_id,
         tuple(_address_untrusted(item) for item in addresses),
         write_public,
+        relays,
     )
     # Base32's last character carries spare bits: only the canonical spelling is accepted,
     # so every changed character is caught.
     if ticket.encode() != text.lower():
         raise TicketError("ticket is damaged; copy it again")
     return ticket
+
+
+def _relays_untrusted(value: object) -> tuple[RelayHint, ...]:
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_RELAYS:
+        raise TicketError("ticket relays are malformed")
+    hints = []
+    for item in value:
+        if not isinstance(item, list) or len(item) != 3:
+            raise TicketError("ticket relay is malformed")
+        hints.append(
+            RelayHint(bytes(content_hash_untrusted(item[0])), _address_untrusted(item[1:]))
+        )
+    return tuple(hints)
 
 
 def _address_untrusted(value: object) -> PeerAddress:

@@ -1,0 +1,148 @@
+"""Hole punching over a relayed connection (SPEC "Relays and hole punching").
+
+Once two nodes talk through a relay, the one that dialled (A) opens a PUNCH control stream
+on that end-to-end connection and sends CANDIDATES: where it may be reached directly (its
+interface addresses and every address peers observed it at). The other (B) answers with its
+own and at once sends a few one-byte datagrams to each of A's, which opens B's NAT mapping
+toward A (B's router then lets A's packets in). A, on B's answer, dials B's candidates
+directly with B's NodeId pinned; its Initial opens A's own mapping. The first handshake
+that authenticates is the punched connection: new work goes there (the dialer prefers it)
+and the relayed one closes once its users let go. Behind a NAT that maps every destination
+to a new port (symmetric, ``masquerade fully-random``), the observed ports are wrong for
+the new destination, nothing gets through, and the relay keeps serving.
+
+B's punch datagrams parse as no QUIC packet and A's endpoint drops them unread; they are
+sent only to the candidates of a peer that authenticated over the relayed connection.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import trio
+
+from p2pfs.errors import AuthenticationError, ConnectionClosedError, LocalProtocolError
+from p2pfs.identity import NodeId
+from p2pfs.net import Endpoint, PeerConnection, Stream
+from p2pfs.net.control import (
+    MAX_CANDIDATES,
+    Candidates,
+    ControlError,
+    ControlKind,
+    ControlMessage,
+    Decoder,
+    encode,
+    punchable,
+)
+from p2pfs.wire.ticket import PeerAddress
+
+from .relay import read_first_untrusted
+
+logger = logging.getLogger(__name__)
+
+PUNCH_SCHEDULE = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+"""When B sends its punch datagrams (seconds after answering): one at once for the common
+case, more while A's Initials may still be on their way or retransmitted."""
+DIRECT_TIMEOUT = 3.0
+"""How long A's direct handshakes may take before the punch counts as failed."""
+PUNCH_TTL = 2
+"""Hops a punch datagram lives: enough to cross our own home router (hop 1) and die at
+the next, short of the far NAT (see Endpoint.send_punch for why it must not get there).
+A node behind two layers of NAT (carrier-grade NAT) would need more; not handled yet."""
+PUNCHED_WINDOW = 10.0
+"""B calls a direct connection from A "punched" if it arrives within this of the punch."""
+
+OwnCandidates = Callable[[], list[PeerAddress]]
+
+
+class Puncher:
+    def __init__(self, endpoint: Endpoint, own: OwnCandidates) -> None:
+        self._endpoint = endpoint
+        self._own = own
+        self._punched_toward: dict[NodeId, float] = {}
+        self.attempts = 0
+        self.successes = 0
+
+    def _candidates(self) -> Candidates:
+        family_v6 = ":" in self._endpoint.local_address[0]
+        found = [
+            (a.host, a.port)
+            for a in self._own()
+            if punchable(a.host) and (":" in a.host) == family_v6
+        ]
+        return Candidates(tuple(dict.fromkeys(found))[:MAX_CANDIDATES])
+
+    async def initiate(self, relayed: PeerConnection) -> PeerConnection | None:
+        """A's side: a direct connection to ``relayed``'s peer, or None if none got through."""
+        peer = relayed.peer_id
+        self.attempts += 1
+        stream = await relayed.open_control(ControlKind.PUNCH, encode(self._candidates()))
+        answer = await read_first_untrusted(stream, Decoder())
+        await stream.send_eof()
+        if not isinstance(answer, Candidates):
+            raise ControlError(f"answered CANDIDATES with {type(answer).__name__}")
+        targets = [a for a in answer.addresses if punchable(a[0])]
+        logger.debug("punch: dialling %s directly at %s", peer.short(), targets)
+        won: list[PeerConnection] = []
+        async with trio.open_nursery() as nursery:
+            for address in targets:
+                nursery.start_soon(self._dial, address, peer, won, nursery.cancel_scope)
+        if not won:
+            logger.info("punch to %s failed: staying relayed", peer.short())
+            return None
+        direct = won[0]
+        direct.path = "punched"
+        self.successes += 1
+        logger.info("punched a direct path to %s at %s", peer.short(), direct.remote_address)
+        return direct
+
+    async def _dial(
+        self,
+        address: tuple[str, int],
+        peer: NodeId,
+        won: list[PeerConnection],
+        race: trio.CancelScope,
+    ) -> None:
+        try:
+            with trio.fail_after(DIRECT_TIMEOUT):
+                conn = await self._endpoint.connect(address, peer)
+        except (
+            trio.TooSlowError,
+            AuthenticationError,
+            ConnectionClosedError,
+            LocalProtocolError,
+            OSError,
+        ) as exc:
+            logger.debug("punch: %s:%s failed: %s", address[0], address[1], exc)
+            return
+        if won:
+            conn.close_nowait(0, "another path answered first")
+            return
+        won.append(conn)
+        race.cancel()
+
+    async def respond(
+        self, relayed: PeerConnection, stream: Stream, first: ControlMessage, decoder: Decoder
+    ) -> None:
+        """B's side: answer with our candidates, then punch toward A's."""
+        if not isinstance(first, Candidates) or relayed.path != "relayed":
+            raise ControlError("a punch stream must start with CANDIDATES on a relayed path")
+        await stream.send_all(encode(self._candidates()))
+        await stream.send_eof()
+        targets = [a for a in first.addresses if punchable(a[0])]
+        peer = relayed.peer_id
+        started = trio.current_time()
+        self._punched_toward[peer] = started + PUNCHED_WINDOW
+        for offset in PUNCH_SCHEDULE:
+            await trio.sleep_until(started + offset)
+            self._endpoint.send_punch(targets, PUNCH_TTL)
+
+    def mark(self, conn: PeerConnection) -> None:
+        """B's side: a direct connection from a peer we just punched toward is punched."""
+        if conn.path != "direct":
+            return
+        until = self._punched_toward.get(conn.peer_id)
+        if until is not None and trio.current_time() <= until:
+            conn.path = "punched"
+            self.successes += 1

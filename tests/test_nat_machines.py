@@ -1,0 +1,120 @@
+"""Through NATs: two homes, each a machine behind its own router namespace doing NAT with the
+kernel's connection tracking (nftables masquerade), and one public relay. Real daemons in
+real processes, at their defaults plus the flags each scenario names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.e2e_helpers import wait_until
+from tests.netbed import Machine, NetBed, natbed
+from tests.test_machines import make_tree, same_tree, share
+
+__all__ = ["natbed"]
+
+MiB = 1 << 20
+
+
+def ident(machine: Machine) -> dict[str, object]:
+    result: dict[str, object] = json.loads(machine.cli("id", "--json").stdout)
+    return result
+
+
+def peers(machine: Machine) -> list[dict[str, str]]:
+    assert machine.daemon is not None
+    result: list[dict[str, str]] = machine.daemon.call("status")["peers"]
+    return result
+
+
+def paths_to(machine: Machine, node_id: str) -> set[str]:
+    return {peer["path"] for peer in peers(machine) if peer["node_id"] == node_id}
+
+
+def two_homes(bed: NetBed, nat: str, *relay_flags: str) -> tuple[Machine, Machine, Machine]:
+    """A public relay and two homes behind `nat` routers, each registered with the relay."""
+    relay = bed.machine("relay")
+    relay.start("--relay", *relay_flags)
+    relay_address = f"{relay.address}:7337"
+    a, b = bed.home("a", nat), bed.home("b", nat)
+    for home in (a, b):
+        home.start("--relay-via", relay_address)
+    for home in (a, b):
+        wait_until(lambda home=home: bool(ident(home)["relays"]), timeout=30)  # type: ignore[misc]
+    return relay, a, b
+
+
+def test_cone_nats_fetch_goes_direct_by_punching(natbed: NetBed, tmp_path: Path) -> None:
+    """Share in home A, fetch in home B with the ticket alone: the first connection goes
+    through the relay, a punch opens a direct path, and B's status shows it "punched"."""
+    relay = natbed.machine("relay")
+    relay.start("--relay")
+    a, b = natbed.home("a", "cone"), natbed.home("b", "cone")
+    a.start("--relay-via", f"{relay.address}:7337")
+    # B's downloads are slowed so the transfer is still running when we look at its peers.
+    b.start("--relay-via", f"{relay.address}:7337", "--max-download-rate", str(2 * MiB))
+    for home in (a, b):
+        wait_until(lambda home=home: bool(ident(home)["relays"]), timeout=30)  # type: ignore[misc]
+    a_id = str(ident(a)["node_id"])
+    source = tmp_path / "photos"
+    make_tree(source, {"big.bin": 8 * MiB, "small.txt": 1000})
+    ticket = share(a, source)
+    fetch = b.popen("fetch", ticket, str(tmp_path / "copy"), "--json")
+    try:
+        wait_until(lambda: "punched" in paths_to(b, a_id), timeout=60)
+        _, stderr = fetch.communicate(timeout=120)
+        assert fetch.returncode == 0, stderr
+    finally:
+        fetch.kill()
+    assert same_tree(source, tmp_path / "copy")
+    assert b.daemon is not None and b.daemon.call("status")["punch"]["successes"] >= 1
+    relay_info = ident(relay)["relay"]
+    assert isinstance(relay_info, dict) and relay_info["circuits_total"] >= 1
+
+
+def test_symmetric_nats_fetch_through_the_relay(natbed: NetBed, tmp_path: Path) -> None:
+    """Behind two fully-random NATs punching cannot work: the fetch completes relayed."""
+    relay, a, b = two_homes(natbed, "symmetric")
+    a_id = str(ident(a)["node_id"])
+    source = tmp_path / "docs"
+    make_tree(source, {"report.pdf": 3 * MiB, "notes/n.txt": 5000})
+    ticket = share(a, source)
+    fetch = b.popen("fetch", ticket, str(tmp_path / "copy"), "--json")
+    seen: set[str] = set()
+
+    def fetched() -> bool:
+        seen.update(paths_to(b, a_id))
+        return fetch.poll() is not None
+
+    try:
+        wait_until(fetched, timeout=120)
+        _, stderr = fetch.communicate(timeout=10)
+        assert fetch.returncode == 0, stderr
+    finally:
+        fetch.kill()
+    assert same_tree(source, tmp_path / "copy")
+    assert "relayed" in seen
+    assert "punched" not in seen and "direct" not in seen
+    assert b.daemon is not None
+    wait_until(lambda: b.daemon is not None and b.daemon.call("status")["punch"]["attempts"] >= 1)
+    assert b.daemon.call("status")["punch"]["successes"] == 0
+    relay_info = ident(relay)["relay"]
+    assert isinstance(relay_info, dict) and relay_info["bytes_forwarded"] >= 3 * MiB
+
+
+@pytest.mark.parametrize("nat", ["cone"])
+def test_homes_cannot_reach_each_other_without_the_relay(
+    natbed: NetBed, tmp_path: Path, nat: str
+) -> None:
+    """The bed is honest: with no relay, a ticket from home A does not reach home B."""
+    a, b = natbed.home("a", nat), natbed.home("b", nat)
+    a.start()
+    b.start()
+    source = tmp_path / "x"
+    make_tree(source, {"x.bin": 1000})
+    ticket = share(a, source)
+    completed = b.cli("fetch", ticket, str(tmp_path / "copy"), "--give-up-after", "3", check=False)
+    assert completed.returncode != 0
