@@ -443,6 +443,12 @@ class Node:
             "folders": len(self.folders.folders),
             "transfers": [asdict(transfer) for transfer in self._transfers.values()],
             "counters": counters,
+            "transport": {
+                "datagrams_dropped": self.endpoint.datagrams_dropped,
+                "engine_failures": self.endpoint.engine_failures,
+                "retries_sent": self.endpoint.retries_sent,
+                "pending_handshakes": self.endpoint.pending_handshakes,
+            },
             "punch": {
                 "attempts": self._puncher.attempts if self._puncher else 0,
                 "successes": self._puncher.successes if self._puncher else 0,
