@@ -8,25 +8,30 @@ from pathlib import Path
 
 import pytest
 
-from p2pfs.daemon.folders import disk
 from p2pfs.errors import StorageError
+from p2pfs.store import folderdisk as disk
+from p2pfs.store.assemble import partial_name
+from p2pfs.sync.ignore import IGNORE_FILE
 
 
-def test_ignore_rules_follow_gitignore_and_always_skip_state(tmp_path: Path) -> None:
-    rules = disk.IgnoreRules(str(tmp_path))
+def test_ignore_file_is_read_into_gitignore_rules_that_always_skip_state(
+    tmp_path: Path,
+) -> None:
+    ignore_file = disk.IgnoreFile(str(tmp_path))
+    rules = ignore_file.load()
     assert not rules("notes.txt")
     assert rules(".p2pfs/versions/a~20260101-000000.txt")
-    assert rules("sub/.p2pfs-part-abc-notes.txt")
-    (tmp_path / disk.IGNORE_FILE).write_text("*.log\nbuild/\n!keep.log\n/top-only\n")
-    rules.reload()
+    assert rules("sub/" + partial_name("notes.txt", bytes(32)))  # assembly's temp files
+    (tmp_path / IGNORE_FILE).write_text("*.log\nbuild/\n!keep.log\n/top-only\n")
+    rules = ignore_file.load()
     assert rules("a.log") and rules("deep/dir/b.log")
     assert not rules("keep.log")
     assert rules("build", is_directory=True) and rules("build/out/x.o")
     assert rules("top-only") and not rules("sub/top-only")
-    assert not rules(disk.IGNORE_FILE)  # the patterns themselves are synced
-    (tmp_path / disk.IGNORE_FILE).unlink()
-    rules.reload()
-    assert not rules("a.log")
+    assert not rules(IGNORE_FILE)  # the patterns themselves are synced
+    assert ignore_file.load() is rules  # unchanged file: not read again
+    (tmp_path / IGNORE_FILE).unlink()
+    assert not ignore_file.load()("a.log")
 
 
 def test_make_parents_never_goes_through_a_symlink(tmp_path: Path) -> None:
@@ -109,3 +114,10 @@ def test_directories_are_made_and_removed_only_when_real_and_empty(tmp_path: Pat
     (tmp_path / "link").symlink_to(outside)
     assert not disk.remove_directory(folder, "link/victim")  # never through a symlink
     assert (outside / "victim").is_dir()
+
+
+def test_a_version_stamp_is_the_second_it_was_kept_never_rounded_up() -> None:
+    # Found by hypothesis (test_hostile_storage_names): fromtimestamp rounded 1.9999995 to 2.
+    kept = disk.version_path("/nonexistent-folder", "0", now=1.9999995231628418)
+    stamp = disk.version_stamp(kept.rsplit("/", 1)[-1])
+    assert stamp is not None and stamp.timestamp() == 1

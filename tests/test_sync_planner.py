@@ -1,21 +1,19 @@
+"""The per-path rules (sync/planner.py); sync/reconcile.py applies them to a whole
+reconcile, and tests/test_sync_reconcile.py runs members against it."""
+
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
-
-import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pfs.content.names import MAX_NAME_BYTES, validate_relative_path
 from p2pfs.errors import LocalProtocolError
 from p2pfs.ids import ContentHash
 from p2pfs.sync.planner import (
-    Action,
     ActionKind,
     conflict_name,
+    conflict_original,
     plan_file,
-    plan_folder,
     resolve,
 )
 from p2pfs.sync.versions import FileVersion, Ordering, VersionVector, short_device
@@ -24,8 +22,6 @@ A, B, C = (bytes([i]) * 32 for i in (1, 2, 3))
 R1, R2, R3 = (ContentHash(bytes([i]) * 32) for i in (11, 12, 13))
 SECOND = 1_000_000_000
 T0 = 1_767_225_600 * SECOND  # 2026-01-01T00:00:00Z
-
-State = dict[str, FileVersion]
 
 
 def edit(
@@ -37,26 +33,6 @@ def edit(
 
 def delete(previous: FileVersion, device: bytes, mtime: int) -> FileVersion:
     return FileVersion.tombstone(previous.path, previous.version.bump(device), mtime, device)
-
-
-def apply(state: State, actions: list[Action]) -> None:
-    for action in actions:
-        if action.record is not None:
-            state[action.path] = action.record
-        if action.conflict_copy is not None:
-            state[action.conflict_copy.path] = action.conflict_copy
-
-
-def sync(x: State, y: State) -> None:
-    """Both members plan against the other's index as it was, then apply: one exchange."""
-    x_actions = plan_folder(x, y)
-    y_actions = plan_folder(y, x)
-    apply(x, x_actions)
-    apply(y, y_actions)
-
-
-def live(state: State) -> dict[str, ContentHash | None]:
-    return {path: v.root for path, v in state.items() if not v.deleted}
 
 
 # --- examples ---------------------------------------------------------------------------
@@ -128,7 +104,6 @@ def test_unrecorded_local_change_is_never_overwritten() -> None:
         assert (action.kind, action.record) == (ActionKind.KEEP, base)
     # An untracked file where the remote has one: kept until the scanner records it.
     assert plan_file(None, base, local_changed=True).kind is ActionKind.KEEP
-    assert plan_folder({}, {"f": base}, changed={"f"})[0].kind is ActionKind.KEEP
 
 
 def test_concurrent_edits_conflict_and_newer_mtime_wins() -> None:
@@ -162,103 +137,7 @@ def test_concurrent_identical_content_is_not_a_conflict() -> None:
     assert plan_file(ours, theirs).kind is ActionKind.FETCH  # adopt the winner's mtime
 
 
-def test_plan_folder_checks_keys_and_sorts() -> None:
-    f = edit(None, "f", A, R1, T0)
-    with pytest.raises(LocalProtocolError):
-        plan_folder({"g": f}, {})
-    # Sorted by UTF-8 bytes, as trees sort names ("Z" < "a" < "\u00e9").
-    local = {p: edit(None, p, A, R1, T0) for p in ("\u00e9", "a")}
-    remote = {"Z": edit(None, "Z", B, R2, T0)}
-    assert [a.path for a in plan_folder(local, remote)] == ["Z", "a", "\u00e9"]
-
-
-# --- properties ---------------------------------------------------------------------------
-
-PATHS = ["a", "d/b.txt", ".c"]
-ROOTS = [R1, R2, R3]
-
-
-@dataclass(frozen=True)
-class Op:
-    member: int
-    path: str
-    root: ContentHash | None  # None: delete
-
-
-ops = st.builds(Op, st.integers(0, 2), st.sampled_from(PATHS), st.sampled_from([*ROOTS, None]))
-steps = st.lists(st.one_of(ops, st.tuples(st.integers(0, 2), st.integers(0, 2))), max_size=25)
-DEVICES = [A, B, C]
-
-
-def run(members: list[State], history: list[Op | tuple[int, int]]) -> None:
-    # Every op happens a whole second after the last: a device's conflict copies of one path
-    # then never share a name (see the report: a same-second collision is unfinished).
-    clock = itertools.count(T0, SECOND)
-    for step in history:
-        if isinstance(step, Op):
-            state = members[step.member]
-            current = state.get(step.path)
-            now = next(clock)
-            if step.root is not None:
-                state[step.path] = edit(current, step.path, DEVICES[step.member], step.root, now)
-            elif current is not None and not current.deleted:
-                state[step.path] = delete(current, DEVICES[step.member], now)
-        elif step[0] != step[1]:
-            checked_sync(members[step[0]], members[step[1]])
-
-
-def checked_sync(x: State, y: State) -> None:
-    before_x, before_y = dict(x), dict(y)
-    sync(x, y)
-    assert x == y, "one exchange leaves both indexes identical"
-    survivors = set(live(x).values())
-    for mine, theirs in ((before_x, before_y), (before_y, before_x)):
-        for path, version in mine.items():
-            other = theirs.get(path)
-            superseded = other is not None and version.version.compare(other.version) in (
-                Ordering.BEFORE,
-                Ordering.EQUAL,
-            )
-            if version.deleted or superseded:
-                continue
-            # No content that the other side had not seen and replaced is lost...
-            assert version.root in survivors
-            # ...and a concurrent tombstone never removes it from its path.
-            if other is not None and other.deleted:
-                assert not x[path].deleted
-    # Applying the same exchange again changes nothing.
-    assert all(a.record == x.get(a.path) for a in plan_folder(x, y))
-
-
-@settings(max_examples=150, deadline=None)
-@given(steps)
-def test_two_members_converge_without_losing_edits(history: list[Op | tuple[int, int]]) -> None:
-    # Only members 0 and 1: every sync step is an exchange between them.
-    members: list[State] = [{}, {}, {}]
-    two = [s if isinstance(s, Op) else (0, 1) for s in history]
-    run(members, [s for s in two if not (isinstance(s, Op) and s.member == 2)])
-    checked_sync(members[0], members[1])
-    assert live(members[0]) == live(members[1])
-
-
-@settings(max_examples=150, deadline=None)
-@given(steps)
-def test_three_members_gossiping_in_any_order_converge(
-    history: list[Op | tuple[int, int]],
-) -> None:
-    members: list[State] = [{}, {}, {}]
-    run(members, history)
-    for _ in range(4):
-        for x, y in ((0, 1), (1, 2), (0, 2)):
-            checked_sync(members[x], members[y])
-    assert members[0] == members[1] == members[2]
-
-
-@given(steps)
-def test_plans_are_deterministic(history: list[Op | tuple[int, int]]) -> None:
-    members: list[State] = [{}, {}, {}]
-    run(members, history)
-    first = plan_folder(members[0], members[1])
-    reordered = dict(reversed(list(members[0].items())))
-    assert plan_folder(reordered, dict(reversed(list(members[1].items())))) == first
-    assert plan_folder(members[0], members[1]) == first
+def test_conflict_original_undoes_conflict_name() -> None:
+    for path in ("docs/report.txt", "Makefile", "a.tar.gz", ".bashrc"):
+        assert conflict_original(conflict_name(path, T0, A)) == path
+    assert conflict_original("plain.txt") == "plain.txt"

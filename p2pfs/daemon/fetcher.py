@@ -52,10 +52,10 @@ from p2pfs.identity import NodeId
 from p2pfs.ids import ContentHash, short_hex
 from p2pfs.net import PeerConnection
 from p2pfs.store.assemble import Finished, PartialFile, commit_files
+from p2pfs.store.folderdisk import keep_version
 from p2pfs.store.index import ChunkLocation, ChunkReader, IndexStore
 from p2pfs.swarm.picker import PiecePicker
 
-from .folders.disk import keep_version
 from .ratelimit import TokenBucket
 from .requests import RequestStream
 from .service import TransferCounters

@@ -1,5 +1,7 @@
 """The sync planner: for each path, what a member does with a peer's version of it.
 
+``sync/reconcile.py`` applies these rules to a whole reconcile, as the daemon runs it.
+
 Two members that hold different versions of a path each call :func:`plan_file` with their
 own version as ``local`` and the other's as ``remote``. The decision rests on one symmetric
 function, :func:`resolve`, so both members reach the same record for the path and the same
@@ -31,7 +33,6 @@ from __future__ import annotations
 import datetime
 import enum
 import unicodedata
-from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 
 from p2pfs.content.names import MAX_NAME_BYTES, validate_relative_path
@@ -82,6 +83,14 @@ def winner_key(version: FileVersion) -> tuple[int, bytes, bytes]:
     return (version.mtime_ns, version.modified_by, version.encode())
 
 
+def concurrent_winner(a: FileVersion, b: FileVersion) -> FileVersion:
+    """Which of two concurrent versions keeps the path: a live file beats a tombstone (a
+    delete never removes a concurrent edit), else the larger :func:`winner_key`."""
+    if a.deleted != b.deleted:
+        return b if a.deleted else a
+    return a if winner_key(a) > winner_key(b) else b
+
+
 def resolve(a: FileVersion, b: FileVersion) -> Resolution:
     """Reconcile two versions of the same path. Symmetric: ``resolve(a, b) == resolve(b, a)``."""
     if a.path != b.path:
@@ -96,11 +105,11 @@ def resolve(a: FileVersion, b: FileVersion) -> Resolution:
     # Compacted, keeping both edits' devices: their counters are what tell every older
     # version apart from this record.
     merged = a.version.merge(b.version).compact({a.modified_by, b.modified_by})
-    if a.deleted != b.deleted:
-        live = b if a.deleted else a
-        return Resolution(replace(live, version=merged))
-    winner, loser = (a, b) if winner_key(a) > winner_key(b) else (b, a)
+    winner = concurrent_winner(a, b)
     record = replace(winner, version=merged)
+    if a.deleted != b.deleted:
+        return Resolution(record)
+    loser = b if winner is a else a
     if winner.deleted or winner.root == loser.root:
         return Resolution(record)
     return Resolution(record, conflict_copy(loser))
@@ -140,6 +149,17 @@ def conflict_name(path: str, mtime_ns: int, device: bytes) -> str:
         stem, ext = name, ""  # an absurdly long "extension" is just part of the name
     stem = _truncate_utf8(stem, MAX_NAME_BYTES - len((marker + ext).encode("utf-8")))
     return validate_relative_path(f"{directory}{slash}{stem}{marker}{ext}")
+
+
+def conflict_original(copy_path: str) -> str:
+    """The path a conflict copy was made from (``dir/name.ext`` for
+    ``dir/name.sync-conflict-....ext``); a path without the marker is its own."""
+    directory, slash, name = copy_path.rpartition("/")
+    stem, marker, rest = name.partition(CONFLICT_MARKER)
+    if not marker:
+        return copy_path
+    ext = rest[rest.find(".") :] if "." in rest else ""
+    return f"{directory}{slash}{stem}{ext}"
 
 
 def _truncate_utf8(text: str, limit: int) -> str:
@@ -186,27 +206,6 @@ def plan_file(
     ):
         return Action(ActionKind.KEEP, path, record, reason="same content; vectors merged")
     return Action(ActionKind.FETCH, path, record, reason="remote version wins")
-
-
-def plan_folder(
-    local: Mapping[str, FileVersion],
-    remote: Mapping[str, FileVersion],
-    *,
-    changed: Collection[str] = frozenset(),
-) -> list[Action]:
-    """One action per path in either index, in path order (UTF-8 bytes, as trees sort).
-
-    ``changed`` names the paths whose local file the scanner saw change since its version
-    was recorded (including files it has not recorded at all yet).
-    """
-    actions = []
-    for path in sorted(local.keys() | remote.keys(), key=lambda p: p.encode("utf-8")):
-        mine, theirs = local.get(path), remote.get(path)
-        for version in (mine, theirs):
-            if version is not None and version.path != path:
-                raise LocalProtocolError(f"index key {path!r} holds {version.path!r}")
-        actions.append(plan_file(mine, theirs, local_changed=path in changed))
-    return actions
 
 
 def _path_of(local: FileVersion | None, remote: FileVersion | None) -> str:

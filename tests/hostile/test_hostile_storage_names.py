@@ -13,7 +13,7 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pfs.daemon.folders import disk
+from p2pfs.store import folderdisk as disk
 
 DAY = 86400.0
 NOW = 1_800_000_000.0

@@ -21,13 +21,16 @@ from p2pfs.content.tree import Child
 from p2pfs.errors import RemoteProtocolError, StorageError
 from p2pfs.ids import ContentHash
 from p2pfs.net import PeerConnection
+from p2pfs.store import folderdisk
 from p2pfs.store.assemble import Finished, PartialFile, commit_files, fsync_directory
 from p2pfs.store.folders import FolderRow, FolderStore
 from p2pfs.store.index import CHUNK_RECORD, ChunkLocation, ChunkReader, IndexStore
 from p2pfs.store.scanner import PlacedFile, record_placed_files
+from p2pfs.sync.ignore import IgnoreRules
 from p2pfs.sync.keys import FolderKeys
-from p2pfs.sync.local import DiskFile, case_collisions, directory_entry, local_changes
-from p2pfs.sync.planner import CONFLICT_MARKER, ActionKind, plan_file, winner_key
+from p2pfs.sync.local import DiskFile, directory_entry, local_changes
+from p2pfs.sync.planner import CONFLICT_MARKER, conflict_original
+from p2pfs.sync.reconcile import Holdings, missing_content, plan_read_only, plan_read_write
 from p2pfs.sync.records import (
     EMPTY_INDEX,
     IndexLeaf,
@@ -43,7 +46,7 @@ from p2pfs.wire.messages import FolderMember
 from ..requests import PeerRequestError
 from ..storage import AsyncIndex, in_thread
 from ..treewalk import TreeJob, walk_trees
-from . import disk, steps
+from . import steps
 from .client import MAX_BATCH, FolderLink
 
 logger = logging.getLogger(__name__)
@@ -103,14 +106,16 @@ class FolderSync:
         self._index = index
         self._store = store
         self._on_member = on_member
-        self.ignore = disk.IgnoreRules(self.path)
+        self._ignore_file = folderdisk.IgnoreFile(self.path)
+        self.ignore = IgnoreRules()
+        """The folder's ignore rules as of the last scan."""
         self.records: dict[str, SignedRecord] = {}
         self._leaves: dict[str, IndexLeaf] = {}
         self._blobs: dict[ContentHash, bytes] = {}
         self._trees: list[dict[ContentHash, bytes]] = [{}]
         self._root: Child = EMPTY_INDEX
         self._changed = trio.Event()
-        self._disk: dict[str, disk.DiskState] = {}
+        self._disk: dict[str, folderdisk.DiskState] = {}
         self._disk_roots: set[ContentHash] = set()
         self._share_root: ContentHash | None = None
         self.absent: set[str] = set()
@@ -138,7 +143,7 @@ class FolderSync:
 
     async def load(self, *, assume_case_insensitive: bool = False) -> None:
         self.case_insensitive = assume_case_insensitive or await in_thread(
-            disk.ignores_case, self.path
+            folderdisk.ignores_case, self.path
         )
         stored = await self._index.run(self._store.records, self.row.id)
         for path, (encoded, absent) in stored.items():
@@ -250,14 +255,14 @@ class FolderSync:
 
     async def _rescan_locked(self) -> None:
         self.dirty = False  # events from here on mark the next scan
-        if not await in_thread(disk.has_marker, self.path):
+        if not await in_thread(folderdisk.has_marker, self.path):
             # An unmounted disk or a deleted folder looks like "every file deleted": never
             # record that. The folder waits until its marker is back.
             raise StorageError(
-                f"{self.path} lacks its {disk.MARKER} marker (unmounted, moved or deleted?); "
+                f"{self.path} lacks its {folderdisk.MARKER} marker (unmounted, moved or deleted?); "
                 "not syncing it until it is back"
             )
-        await in_thread(self.ignore.reload)
+        self.ignore = await in_thread(self._ignore_file.load)
         result, files, directories = await self._index.run(
             steps.scan_folder, self._index.index, self.path, self.ignore
         )
@@ -265,15 +270,15 @@ class FolderSync:
         self._share_root = result.root
         self.problems = [str(problem) for problem in result.problems]
         found: dict[str, DiskFile] = {}
-        states: dict[str, disk.DiskState] = {}
+        states: dict[str, folderdisk.DiskState] = {}
         for path, root, size, mtime_ns, inode, mode in files:
             found[path] = DiskFile(path, ContentHash(root), size, bool(mode & 0o100), mtime_ns)
-            states[path] = disk.DiskState(size, mtime_ns, inode)
+            states[path] = folderdisk.DiskState(size, mtime_ns, inode)
         self._disk = states
         self._disk_roots = {item.root for item in found.values()}
         for directory in directories:
             found[directory] = directory_entry(directory)
-        unreadable = disk.problem_paths(self.path, [p.path for p in result.problems])
+        unreadable = folderdisk.problem_paths(self.path, [p.path for p in result.problems])
         refused: dict[str, str] = {}
         changes = local_changes(
             {path: record.version for path, record in self.records.items()},
@@ -306,8 +311,10 @@ class FolderSync:
             timer = steps.Phases()
             if self.dirty or not self.watching:
                 await self._rescan_locked()
-            elif not await in_thread(disk.has_marker, self.path):
-                raise StorageError(f"{self.path} lacks its {disk.MARKER} marker; not syncing it")
+            elif not await in_thread(folderdisk.has_marker, self.path):
+                raise StorageError(
+                    f"{self.path} lacks its {folderdisk.MARKER} marker; not syncing it"
+                )
             timer.mark("rescan")
             same_root = remote_root.hash == self._root.hash
             if same_root and not self.missing_content():
@@ -334,7 +341,6 @@ class FolderSync:
             remote = await self._fetch_records(link, leaves)
             timer.mark("records")
             planned = self._plan(remote)
-            self._plan_missing_content(planned)
             timer.mark("plan")
             await self._apply(link, planned, timer)
             logger.info("folder %s: reconcile with %s: %s", self.path, link.peer_id.short(), timer)
@@ -369,163 +375,51 @@ class FolderSync:
         return records
 
     def _plan(self, remote: list[SignedRecord]) -> _Planned:
-        planned = _Planned()
-        for theirs in remote:
-            path = theirs.version.path
-            mine = self.records.get(path)
-            if path in self.unrecorded:
-                # A read-only member's own edit: never overwritten. The record is still
-                # taken (the index converges with the others'); the disk is left alone.
-                self._take_winner(planned, mine, theirs, touch_disk=False)
-                continue
-            if self.writable:
-                self._plan_writable(planned, mine, theirs)
-            else:
-                self._plan_read_only(planned, mine, theirs)
-        if self.case_insensitive:
-            self._hold_case_collisions(planned)
-        return planned
-
-    def missing_content(self) -> bool:
-        """Records held without content whose path is no longer ignored here."""
-        return any(not self.ignore(path) for path in self.absent)
-
-    def _plan_missing_content(self, planned: _Planned) -> None:
-        """Records held without content whose path is no longer ignored: fetch the content
-        now (from this member, if it has it; else from another, later)."""
-        planned_paths = {path for path, _version in planned.fetch} | set(planned.waits_for)
-        for path in sorted(self.absent):
-            record = self.records.get(path)
-            if record is None or path in planned_paths or self.ignore(path):
-                continue
-            if self._disk.get(path) is not None:
-                continue  # a local file there: the scan makes it a concurrent version
-            planned.fetch.append((path, record.version))
-            planned.waits_for[path] = path
-            planned.records.append(record)
-
-    def _hold_case_collisions(self, planned: _Planned) -> None:
-        """On a file system that ignores case, a new path equal to another but for case
-        would land on it: it is not placed (and its record waits), and it is reported."""
-        live = {path for path, record in self.records.items() if not record.version.deleted}
-        new = [path for path, _version in planned.fetch if path not in live]
-        collisions = case_collisions(live, new)
-        for path, holder in collisions.items():
+        """Plan by the folder rules (``sync/reconcile.py``); sign what we newly record."""
+        held = Holdings(
+            {path: record.version for path, record in self.records.items()},
+            absent=self.absent,
+            ignored=self.ignore,
+            on_disk=self._disk.keys(),
+            case_insensitive=self.case_insensitive,
+        )
+        versions = [record.version for record in remote]
+        plan = (
+            plan_read_write(held, versions)
+            if self.writable
+            else plan_read_only(held, versions, self.unrecorded)
+        )
+        for path, copy in plan.conflicts.items():
+            logger.info("folder %s: conflict on %s; copy %s", self.path, path, copy)
+        for path, holder in plan.collisions.items():
             logger.warning(
                 "folder %s: %r collides with %r on this file system; not placed",
                 self.path,
                 path,
                 holder,
             )
-        self.collisions.update(collisions)
-        # Never placed, so their records (which wait for placement) are not stored either.
-        planned.fetch = [(path, v) for path, v in planned.fetch if path not in collisions]
+        self.collisions.update(plan.collisions)
+        received = {record.version.path: record for record in remote}
+        return _Planned(
+            [self._signed(version, received) for version in plan.records],
+            list(plan.fetch),
+            list(plan.delete),
+            dict(plan.conflict_moves),
+            dict(plan.waits_for),
+            set(plan.absent),
+        )
 
-    def _plan_writable(
-        self, planned: _Planned, mine: SignedRecord | None, theirs: SignedRecord
-    ) -> None:
-        path = theirs.version.path
-        if self.ignore(path) or path in self.absent:
-            # Content we do not hold: take the winning record as it is (no merge signed, no
-            # conflict copy made: the member holding the other side's content makes those).
-            self._take_winner(planned, mine, theirs)
-            return
-        local = mine.version if mine is not None else None
-        action = plan_file(local, theirs.version)
-        record = action.record
-        if record is None or (mine is not None and record == mine.version):
-            return
-        signed = theirs if record == theirs.version else SignedRecord.sign(record, self.keys)
-        if action.kind is ActionKind.KEEP:
-            planned.records.append(signed)
-        elif action.kind is ActionKind.FETCH:
-            planned.fetch.append((path, record))
-            planned.waits_for[path] = path
-            planned.records.append(signed)
-        elif action.kind is ActionKind.DELETE:
-            planned.delete.append(path)
-            planned.records.append(signed)
-        else:
-            copy = action.conflict_copy
-            assert copy is not None and local is not None
-            planned.records.append(signed)
-            ours_lost = not local.deleted and local.root == copy.root and record.root != copy.root
-            if ours_lost:
-                planned.fetch.append((path, record))
-                planned.waits_for[path] = path
-            if copy.is_directory or not self._copy_is_new(planned, copy):
-                # A directory needs no copy (its content is its files' records); a copy
-                # that exists already (maybe edited since) is kept.
-                return
-            planned.records.append(SignedRecord.sign(copy, self.keys))
-            if ours_lost:
-                planned.conflict_moves[path] = copy.path  # ours stays, as the copy
-                planned.waits_for[copy.path] = path
-            else:
-                planned.fetch.append((copy.path, copy))
-                planned.waits_for[copy.path] = copy.path
-            logger.info("folder %s: conflict on %s; copy %s", self.path, path, copy.path)
+    def _signed(self, version: FileVersion, received: dict[str, SignedRecord]) -> SignedRecord:
+        """The signed record of ``version``: one a member sent or we hold, else signed now
+        (only a read-write member's plan holds versions nobody signed yet)."""
+        for known in (received.get(version.path), self.records.get(version.path)):
+            if known is not None and known.version == version:
+                return known
+        return SignedRecord.sign(version, self.keys)
 
-    def _copy_is_new(self, planned: _Planned, copy: FileVersion) -> bool:
-        if copy.path in planned.waits_for or any(
-            r.version.path == copy.path for r in planned.records
-        ):
-            return False
-        existing = self.records.get(copy.path)
-        if existing is None:
-            return True
-        order = existing.version.version.compare(copy.version)
-        return order not in (Ordering.AFTER, Ordering.EQUAL)
-
-    def _plan_read_only(
-        self, planned: _Planned, mine: SignedRecord | None, theirs: SignedRecord
-    ) -> None:
-        """A read-only member cannot sign merges: it takes the record that wins (the same
-        rule everywhere, so read-only members agree), and read-write members' merges reach
-        it later."""
-        self._take_winner(planned, mine, theirs)
-
-    def _take_winner(
-        self,
-        planned: _Planned,
-        mine: SignedRecord | None,
-        theirs: SignedRecord,
-        *,
-        touch_disk: bool = True,
-    ) -> None:
-        """Store ``theirs`` if it wins over ours (AFTER; or CONCURRENT and, as everywhere, a
-        live file over a tombstone, else the newer), and make the disk match it."""
-        local = mine.version if mine is not None else None
-        remote = theirs.version
-        if local is not None:
-            order = remote.version.compare(local.version)
-            if order is Ordering.BEFORE or (order is Ordering.EQUAL and remote == local):
-                return
-            if order is not Ordering.AFTER:
-                if local.deleted != remote.deleted:
-                    if remote.deleted:
-                        return  # a delete never beats a concurrent edit
-                elif winner_key(remote) <= winner_key(local):
-                    return
-        planned.records.append(theirs)
-        path = remote.path
-        if not touch_disk:
-            return
-        if self.ignore(path):
-            planned.absent.add(path)
-            return
-        holds_content = local is not None and not local.deleted and path not in self.absent
-        if remote.deleted:
-            if holds_content:
-                planned.delete.append(path)
-        elif (
-            not holds_content
-            or local is None
-            or local.root != remote.root
-            or local.executable != remote.executable
-        ):
-            planned.fetch.append((path, remote))
-            planned.waits_for[path] = path
+    def missing_content(self) -> bool:
+        """Records held without content whose path is no longer ignored here."""
+        return missing_content(self.absent, self.ignore)
 
     # -- applying -------------------------------------------------------------------------
 
@@ -605,18 +499,18 @@ class FolderSync:
             packed = chunk_lists.get(new)
             if packed is None:
                 continue
-            if disk.state_of(self.path, old) != self._disk.get(old):
+            if folderdisk.state_of(self.path, old) != self._disk.get(old):
                 continue  # the old file changed: fetch the new one normally
-            if disk.state_of(self.path, new) != self._disk.get(new):
+            if folderdisk.state_of(self.path, new) != self._disk.get(new):
                 continue
             try:
-                disk.make_parents(self.path, new)
+                folderdisk.make_parents(self.path, new)
                 if self._disk.get(new) is not None:
-                    disk.keep_version(self.path, new, move=False)
-                target = disk.local_path(self.path, new)
-                os.rename(disk.local_path(self.path, old), target)
+                    folderdisk.keep_version(self.path, new, move=False)
+                target = folderdisk.local_path(self.path, new)
+                os.rename(folderdisk.local_path(self.path, old), target)
                 mode = 0o755 if version.executable else 0o644
-                os.chmod(target, mode & ~disk.UMASK)
+                os.chmod(target, mode & ~folderdisk.UMASK)
                 os.utime(target, ns=(version.mtime_ns, version.mtime_ns))
                 fsync_directory(os.path.dirname(target))
             except (OSError, StorageError) as exc:
@@ -632,7 +526,7 @@ class FolderSync:
         # still holding something (a local file not synced yet) stays, and the next scan
         # records it again: content wins over a delete.
         for path in sorted(directories, key=lambda p: p.count("/"), reverse=True):
-            disk.remove_directory(self.path, path)
+            folderdisk.remove_directory(self.path, path)
             done.add(path)
         return done
 
@@ -640,19 +534,19 @@ class FolderSync:
         done: set[str] = set()
         touched: set[str] = set()
         for path in paths:
-            now = disk.state_of(self.path, path)
+            now = folderdisk.state_of(self.path, path)
             if now is not None and now != self._disk.get(path):
                 logger.info("folder %s: %s changed locally; not deleting it", self.path, path)
                 continue
             if now is not None:
                 try:
-                    kept = disk.keep_version(self.path, path, move=True)
+                    kept = folderdisk.keep_version(self.path, path, move=True)
                 except StorageError as exc:
                     logger.warning("folder %s: not deleting %s: %s", self.path, path, exc)
                     continue
-                touched.add(os.path.dirname(disk.local_path(self.path, path)))
+                touched.add(os.path.dirname(folderdisk.local_path(self.path, path)))
                 if kept is not None:
-                    touched.add(os.path.dirname(disk.local_path(self.path, kept)))
+                    touched.add(os.path.dirname(folderdisk.local_path(self.path, kept)))
             done.add(path)
         steps.sync_directories(touched)  # the deletes are durable before their records are
         return done
@@ -873,7 +767,7 @@ class FolderSync:
                     path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode, version.root, packed
                 )
             )
-            self._disk[path] = disk.DiskState(st.st_size, st.st_mtime_ns, st.st_ino)
+            self._disk[path] = folderdisk.DiskState(st.st_size, st.st_mtime_ns, st.st_ino)
             self._disk_roots.add(version.root)
         await self._index.run(record_placed_files, self._index.index, self.path, files)
 
@@ -906,8 +800,8 @@ class FolderSync:
 
         def prepare_replace(item: Finished) -> bool:
             path = by_final[item.partial.final_path]
-            now = disk.state_of(self.path, path)
-            if now == disk.NOT_A_FILE:
+            now = folderdisk.state_of(self.path, path)
+            if now == folderdisk.NOT_A_FILE:
                 # A directory (or symlink, or something unreadable) where the record has a
                 # file: never replaced; reported, and retried once it is gone.
                 unplaced[path] = "something that is not a regular file is in the way"
@@ -920,12 +814,12 @@ class FolderSync:
                 # The loser (ours) stays as the conflict copy, else as a kept version; a
                 # link, so the path holds the old file until the rename replaces it.
                 if copy is not None:
-                    if not disk.link_within(self.path, path, copy):
+                    if not folderdisk.link_within(self.path, path, copy):
                         return False
                 else:
-                    kept = disk.keep_version(self.path, path, move=False)
+                    kept = folderdisk.keep_version(self.path, path, move=False)
                     if kept is not None:
-                        kept_dirs.add(os.path.dirname(disk.local_path(self.path, kept)))
+                        kept_dirs.add(os.path.dirname(folderdisk.local_path(self.path, kept)))
             return True
 
         for start in range(0, len(finished), COMMIT_BATCH):
@@ -945,10 +839,7 @@ class FolderSync:
         for path, record in sorted(self.records.items()):
             if record.version.deleted or CONFLICT_MARKER not in path:
                 continue
-            directory, slash, name = path.rpartition("/")
-            stem, _, rest = name.partition(CONFLICT_MARKER)
-            ext = rest[rest.find(".") :] if "." in rest else ""
-            original = f"{directory}{slash}{stem}{ext}"
+            original = conflict_original(path)
             found.append({"path": path, "original": original, "kind": "conflict copy"})
         for path, other in sorted(self.collisions.items()):
             found.append({"path": path, "original": other, "kind": "name collision"})

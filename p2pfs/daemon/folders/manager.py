@@ -34,6 +34,7 @@ from p2pfs.errors import (
 from p2pfs.identity import NodeId
 from p2pfs.ids import ContentHash
 from p2pfs.net import PeerConnection
+from p2pfs.store import folderdisk as disk
 from p2pfs.store.folders import FolderStore
 from p2pfs.sync.keys import FolderKeys, device_id
 from p2pfs.wire.ticket import PeerAddress, Ticket, TicketKind, parse_ticket_untrusted
@@ -43,7 +44,6 @@ from ..discovery import Discovery
 from ..requests import PeerRequestError
 from ..service import TransferCounters
 from ..storage import AsyncIndex
-from . import disk
 from .client import FolderLink, refuse
 from .engine import FolderSync
 

@@ -10,13 +10,13 @@ import time
 from p2pfs.content.chunking import ChunkRef
 from p2pfs.errors import RemoteProtocolError, StorageError
 from p2pfs.ids import ContentHash
+from p2pfs.store import folderdisk
 from p2pfs.store.assemble import Finished, PartialFile, fsync_directory
 from p2pfs.store.index import IndexStore
 from p2pfs.store.scanner import ScanResult, scan_share
+from p2pfs.sync.ignore import IgnoreRules
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.records import IndexLeaf, SignedRecord, path_key, record_hash
-
-from . import disk
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def make_directories(folder: str, paths: list[str]) -> set[str]:
     made: set[str] = set()
     for path in sorted(paths, key=lambda p: p.count("/")):
         try:
-            disk.make_directory(folder, path)
+            folderdisk.make_directory(folder, path)
         except StorageError as exc:
             logger.warning("folder %s: cannot make directory %s: %s", folder, path, exc)
             continue
@@ -109,7 +109,7 @@ def make_all_parents(folder: str, paths: list[str]) -> dict[str, str]:
     parents: dict[str, str] = {}
     for path in paths:
         try:
-            parents[path] = disk.make_parents(folder, path)
+            parents[path] = folderdisk.make_parents(folder, path)
         except StorageError as exc:
             logger.warning("folder %s: cannot place %s: %s", folder, path, exc)
     return parents
@@ -128,7 +128,7 @@ ScannedFile = tuple[str, bytes, int, int, int, int]
 
 
 def scan_folder(
-    index: IndexStore, path: str, ignore: disk.IgnoreRules
+    index: IndexStore, path: str, ignore: IgnoreRules
 ) -> tuple[ScanResult, list[ScannedFile], list[str]]:
     result = scan_share(path, index, ignore=ignore)
     files = [

@@ -1,4 +1,5 @@
-"""Blocking file-system steps of applying a folder change (run in worker threads).
+"""Blocking file-system steps of a sync folder (run in worker threads): its marker, the
+ignore file, kept versions, and placing and removing paths safely.
 
 Every step keeps the rule "each file is old or new, never torn, and nothing is lost":
 a replaced file is hard-linked into ``.p2pfs/versions/`` before the new one is renamed over
@@ -20,17 +21,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import pathspec
-
 from p2pfs.errors import StorageError
-from p2pfs.store.assemble import is_partial_name
 from p2pfs.store.assemble import umask as _read_umask
+from p2pfs.sync.ignore import IGNORE_FILE, STATE_DIR, IgnoreRules, parents
 
 logger = logging.getLogger(__name__)
 
-STATE_DIR = ".p2pfs"
 VERSIONS_DIR = f"{STATE_DIR}/versions"
-IGNORE_FILE = ".p2pfsignore"
 MARKER = f"{STATE_DIR}/folder"
 """Made when a folder is created or joined. Without it the folder is not scanned: an
 unmounted disk or a deleted directory must not read as "every file was deleted"."""
@@ -52,48 +49,33 @@ class DiskState:
     inode: int
 
 
-class IgnoreRules:
-    """``.p2pfsignore`` (gitignore semantics) plus the folder's own state, never synced."""
+class IgnoreFile:
+    """The folder's ``.p2pfsignore``, read again only when its (mtime, size) changed."""
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
-        self._spec: pathspec.GitIgnoreSpec | None = None
+        self._rules = IgnoreRules()
         self._loaded: tuple[int, int] | None = None
 
-    def reload(self) -> None:
+    def load(self) -> IgnoreRules:
+        """The rules as the file now says (none if it is missing or unreadable)."""
         path = os.path.join(self.folder, IGNORE_FILE)
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            self._spec, self._loaded = None, None
-            return
+            self._rules, self._loaded = IgnoreRules(), None
+            return self._rules
         key = (st.st_mtime_ns, st.st_size)
         if key == self._loaded:
-            return
+            return self._rules
         try:
             with open(path, encoding="utf-8", errors="replace") as handle:
-                self._spec = pathspec.GitIgnoreSpec.from_lines(handle.read().splitlines())
+                self._rules = IgnoreRules.parse(handle.read())
         except (OSError, ValueError) as exc:
             logger.warning("cannot read %s: %s; ignoring nothing", path, exc)
-            self._spec = None
+            self._rules = IgnoreRules()
         self._loaded = key
-
-    def __call__(self, path: str, is_directory: bool = False) -> bool:
-        # Any component that is a state directory but for case: on a file system that
-        # ignores case `.P2PFS/...` lands in ours; a nested sync folder's is its own.
-        parts = path.split("/")
-        if any(part.casefold() == STATE_DIR for part in parts) or is_partial_name(parts[-1]):
-            return True
-        if path == IGNORE_FILE or self._spec is None:
-            return False
-        return self._spec.match_file(path + "/" if is_directory else path) or any(
-            self._spec.match_file(parent + "/") for parent in _parents(path)
-        )
-
-
-def _parents(path: str) -> list[str]:
-    parts = path.split("/")[:-1]
-    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        return self._rules
 
 
 def write_marker(folder: str) -> None:
@@ -172,7 +154,10 @@ def make_parents(folder: str, path: str) -> str:
 
 def version_path(folder: str, path: str, now: float | None = None) -> str:
     """Where the current file at ``path`` is kept: ``.p2pfs/versions/dir/name~STAMP.ext``."""
-    when = datetime.datetime.fromtimestamp(time.time() if now is None else now, datetime.UTC)
+    # Whole seconds first: fromtimestamp rounds to microseconds, and 1.9999995 must stamp
+    # second 1, not 2 (the stamp says when, to the second, and expiry reads it back).
+    seconds = int(time.time() if now is None else now)
+    when = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
     stamp = when.strftime("%Y%m%d-%H%M%S")
     directory, _, name = path.rpartition("/")
     dot = name.rfind(".")
@@ -322,6 +307,6 @@ def problem_paths(folder: str, problems: list[str]) -> Callable[[str], bool]:
             bad.add(shown[len(prefix) :].replace(os.sep, "/"))
 
     def unreadable(path: str) -> bool:
-        return path in bad or any(parent in bad for parent in _parents(path))
+        return path in bad or any(parent in bad for parent in parents(path))
 
     return unreadable
