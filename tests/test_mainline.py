@@ -9,19 +9,10 @@ from contextlib import asynccontextmanager
 
 import pytest
 import trio
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from p2pfs.discovery.keys import share_discovery_key
-from p2pfs.discovery.mainline import (
-    MainlineFinder,
-    Pointer,
-    _libtorrent_secret_key,
-    _MutableItem,
-    pointer_from_item_untrusted,
-    pointer_public_key,
-    pointer_signed_message,
-)
-from p2pfs.errors import IntegrityError, LocalProtocolError, RemoteProtocolError
+from p2pfs.discovery.keys import mainline_info_hash, share_discovery_key
+from p2pfs.discovery.mainline import MainlineFinder
+from p2pfs.errors import LocalProtocolError
 from p2pfs.ids import ContentHash
 from p2pfs.wire.ticket import PeerAddress
 
@@ -104,28 +95,42 @@ def test_two_providers_and_limit() -> None:
 
 
 def test_withdraw_stops_reannouncing() -> None:
-    """BEP 5 has no delete: withdrawing means the key leaves the re-announce schedule."""
-    announced: list[bytes] = []
+    """BEP 5 has no delete: withdrawing means the key leaves the re-announce schedule.
+
+    Seen from the DHT: the other nodes count the announces they receive per info-hash. After
+    the withdrawal, three more rounds of the kept key arrive; of the withdrawn key at most
+    one more (a traversal already under way when it was withdrawn), never one per round.
+    """
+    kept, withdrawn = mainline_info_hash(OTHER_KEY), mainline_info_hash(KEY)
 
     async def main() -> None:
         async with loopback_dht(3, reannounce_interval=0.5) as finders:
-            await finders[0].announce(KEY)
-            await finders[0].announce(OTHER_KEY)
-            await eventually(lambda: _has(finders[1], KEY))
-            await finders[0].withdraw(KEY)
-            # The schedule keeps only the other key: it is re-announced, KEY never again.
-            assert set(finders[0]._announces) == {OTHER_KEY}
-            before = finders[0]._announces[OTHER_KEY]
-            await trio.sleep(1.2)
-            assert finders[0]._announces[OTHER_KEY] > before
-            announced.extend(finders[0]._announces)
+            provider, storers = finders[0], finders[1:]
+            await provider.announce(KEY)
+            await provider.announce(OTHER_KEY)
+
+            async def both_arrived() -> bool:
+                await trio.lowlevel.checkpoint()
+                return all(s.announces_received[h] for s in storers for h in (kept, withdrawn))
+
+            await eventually(both_arrived)
+            await provider.withdraw(KEY)
+            before = [
+                (s.announces_received[kept], s.announces_received[withdrawn]) for s in storers
+            ]
+
+            async def three_more_rounds() -> bool:
+                await trio.lowlevel.checkpoint()
+                return all(
+                    s.announces_received[kept] >= counts[0] + 3
+                    for s, counts in zip(storers, before, strict=True)
+                )
+
+            await eventually(three_more_rounds)
+            for storer, (_, withdrawn_before) in zip(storers, before, strict=True):
+                assert storer.announces_received[withdrawn] <= withdrawn_before + 1
 
     trio.run(main)
-    assert announced == [OTHER_KEY]
-
-
-async def _has(finder: MainlineFinder, key: bytes) -> bool:
-    return bool(await finder.find(key))
 
 
 def test_busy_port_is_an_error_and_serve_is_once() -> None:
@@ -145,61 +150,6 @@ def test_busy_port_is_an_error_and_serve_is_once() -> None:
     trio.run(main)
     with pytest.raises(LocalProtocolError):
         MainlineFinder(0)
-
-
-async def resolve_eventually(
-    finder: MainlineFinder, public_key: bytes, salt: bytes, seq: int
-) -> Pointer:
-    """The DHT is eventually consistent: on a loaded machine one traversal may come back
-    before the put has settled, so ask again until the expected version shows (bounded)."""
-    with trio.fail_after(30):
-        while True:
-            got = await finder.resolve_pointer(public_key, salt=salt)
-            if got is not None and got.seq >= seq:
-                return got
-
-
-def test_pointer_publish_resolve_and_update() -> None:
-    seed = b"\x07" * 32
-    public_key = pointer_public_key(seed)
-
-    async def main() -> None:
-        async with loopback_dht(3) as finders:
-            assert await finders[2].resolve_pointer(public_key, timeout=3) is None
-            put = await finders[0].publish_pointer(seed, b"root-1", salt=b"folder")
-            assert put.seq == 1
-            assert put.stored_on >= 1
-            got = await resolve_eventually(finders[2], public_key, b"folder", seq=1)
-            assert (got.value, got.seq, got.salt) == (b"root-1", 1, b"folder")
-            # A second writer with the same key (another device of the folder) moves it on.
-            put = await finders[1].publish_pointer(seed, b"root-2", salt=b"folder")
-            assert put.seq == 2
-            got = await resolve_eventually(finders[0], public_key, b"folder", seq=2)
-            assert (got.value, got.seq) == (b"root-2", 2)
-            # Another salt under the same key is another pointer.
-            assert await finders[0].resolve_pointer(public_key, salt=b"x", timeout=3) is None
-            with pytest.raises(LocalProtocolError):
-                await finders[0].publish_pointer(seed, b"x" * 2000)
-
-    trio.run(main)
-
-
-def test_pointer_signature_is_checked() -> None:
-    seed = b"\x05" * 32
-    key = Ed25519PrivateKey.from_private_bytes(seed)
-    public_key = pointer_public_key(seed)
-    signature = key.sign(pointer_signed_message(b"s", 3, b"v"))
-    good = _MutableItem(public_key, b"s", 3, b"v", signature, True)
-    pointer = pointer_from_item_untrusted(good)
-    assert pointer is not None
-    assert pointer.value == b"v"
-    with pytest.raises(IntegrityError):
-        pointer_from_item_untrusted(_MutableItem(public_key, b"s", 4, b"v", signature, True))
-    with pytest.raises(RemoteProtocolError):
-        pointer_from_item_untrusted(_MutableItem(public_key, b"s", 3, {b"a": 1}, signature, True))
-    assert pointer_from_item_untrusted(_MutableItem(public_key, b"", 0, b"", b"", True)) is None
-    # The expanded secret libtorrent signs with is the clamped SHA-512 of the seed.
-    assert len(_libtorrent_secret_key(seed)) == 64
 
 
 class BrokenFinder(MainlineFinder):

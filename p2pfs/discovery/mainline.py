@@ -12,28 +12,25 @@ A share is announced under ``mainline_info_hash(discovery_key)`` with our QUIC p
 the DHT port: BEP 5's ``implied_port`` is off), so whoever looks the info-hash up learns
 ``our public IP : QUIC port``. Mainline records carry no NodeId, hence ``node_id=None``.
 
-BEP 44 mutable items give a signed pointer (``publish_pointer`` / ``resolve_pointer``): a
-small value stored under an Ed25519 public key (and optional salt), with a sequence number
-so newer values win; the folder-sync issue can point a folder's key at its current root.
+BEP 44 mutable items (signed pointers) are not used: nothing in the daemon wrote or read
+one, so that code was removed (issue 14) rather than kept untested by any real caller.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import threading
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import libtorrent as lt
 import trio
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from p2pfs.discovery.keys import mainline_info_hash
 from p2pfs.discovery.seam import Provider
-from p2pfs.errors import IntegrityError, LocalProtocolError, RemoteProtocolError
+from p2pfs.errors import LocalProtocolError
 from p2pfs.wire.ticket import PeerAddress
 
 log = logging.getLogger(__name__)
@@ -49,10 +46,6 @@ EMPTY_TABLE_RETRY_MAX = 60.0
 """While the routing table is empty an announce reaches nobody: retry with backoff to this."""
 ALERT_WAIT_MS = 1000
 """Bound on one ``wait_for_alert``; shutdown also wakes it at once with a posted alert."""
-POINTER_TIMEOUT = 10.0
-MAX_POINTER_VALUE = 990
-"""BEP 44 caps the bencoded value at 1000 bytes; the value goes as one bencoded string."""
-MAX_POINTER_SALT = 64
 
 DEFAULT_INTERFACES = ("0.0.0.0", "[::]")
 LOOPBACK_INTERFACES = ("127.0.0.1",)
@@ -85,21 +78,8 @@ class _PeersReply:
 
 
 @dataclass(frozen=True, slots=True)
-class _MutableItem:
-    public_key: bytes
-    salt: bytes
-    seq: int
-    value: object
-    signature: bytes
-    authoritative: bool
-
-
-@dataclass(frozen=True, slots=True)
-class _PutDone:
-    public_key: bytes
-    salt: bytes
-    seq: int
-    num_success: int
+class _AnnounceReceived:
+    info_hash: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +97,7 @@ class _ExternalAddress:
     host: str
 
 
-_Event = _PeersReply | _MutableItem | _PutDone | _Stats | _Bootstrapped | _ExternalAddress
+_Event = _PeersReply | _AnnounceReceived | _Stats | _Bootstrapped | _ExternalAddress
 
 
 def _event_from_alert(alert: object) -> _Event | None:
@@ -125,19 +105,8 @@ def _event_from_alert(alert: object) -> _Event | None:
     if isinstance(alert, lt.dht_get_peers_reply_alert):
         peers = tuple((str(host), int(port)) for host, port in alert.peers())
         return _PeersReply(bytes(alert.info_hash.to_bytes()), peers)
-    if isinstance(alert, lt.dht_mutable_item_alert):
-        return _MutableItem(
-            bytes(alert.key),
-            bytes(alert.salt),
-            int(alert.seq),
-            alert.item,
-            bytes(alert.signature),
-            bool(alert.authoritative),
-        )
-    if isinstance(alert, lt.dht_put_alert):
-        return _PutDone(
-            bytes(alert.public_key), bytes(alert.salt), int(alert.seq), int(alert.num_success)
-        )
+    if isinstance(alert, lt.dht_announce_alert):
+        return _AnnounceReceived(bytes(alert.info_hash.to_bytes()))
     if isinstance(alert, lt.dht_stats_alert):
         return _Stats(sum(int(bucket["num_nodes"]) for bucket in alert.routing_table))
     if isinstance(alert, lt.dht_bootstrap_alert):
@@ -147,69 +116,6 @@ def _event_from_alert(alert: object) -> _Event | None:
     return None
 
 
-# --- BEP 44 pointers ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Pointer:
-    """A BEP 44 mutable item: ``value`` signed by ``public_key`` at sequence ``seq``."""
-
-    public_key: bytes
-    salt: bytes
-    seq: int
-    value: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class PointerPut:
-    seq: int
-    stored_on: int
-    """How many DHT nodes acknowledged the put (0: nobody stored it)."""
-
-
-def pointer_public_key(key_seed: bytes) -> bytes:
-    """The raw Ed25519 public key of a 32-byte seed (what readers resolve)."""
-    return Ed25519PrivateKey.from_private_bytes(key_seed).public_key().public_bytes_raw()
-
-
-def _libtorrent_secret_key(key_seed: bytes) -> bytes:
-    # libtorrent's ed25519 (orlp/ref10) takes the expanded 64-byte secret: SHA-512 of the
-    # seed with the scalar clamped, exactly as its ed25519_create_keypair derives it.
-    expanded = bytearray(hashlib.sha512(key_seed).digest())
-    expanded[0] &= 248
-    expanded[31] &= 63
-    expanded[31] |= 64
-    return bytes(expanded)
-
-
-def _bencode_bytes(value: bytes) -> bytes:
-    return b"%d:%s" % (len(value), value)
-
-
-def pointer_signed_message(salt: bytes, seq: int, value: bytes) -> bytes:
-    """What BEP 44 signs: ``[4:salt<salt>]3:seqi<seq>e1:v<bencoded value>``."""
-    prefix = b"4:salt" + _bencode_bytes(salt) if salt else b""
-    return prefix + b"3:seqi%de1:v" % seq + _bencode_bytes(value)
-
-
-def pointer_from_item_untrusted(item: _MutableItem) -> Pointer | None:
-    """A found item as a Pointer, ``None`` when nothing was stored under the key.
-
-    libtorrent already checked the signature; we check again (it is cheap) so a binding
-    quirk cannot hand the folder-sync layer an unsigned root.
-    """
-    if item.seq == 0 and not item.value:
-        return None
-    if not isinstance(item.value, bytes) or len(item.value) > MAX_POINTER_VALUE:
-        raise RemoteProtocolError("mainline pointer value is not a bounded byte string")
-    message = pointer_signed_message(item.salt, item.seq, item.value)
-    try:
-        Ed25519PublicKey.from_public_bytes(item.public_key).verify(item.signature, message)
-    except (InvalidSignature, ValueError) as exc:
-        raise IntegrityError("mainline pointer signature does not verify") from exc
-    return Pointer(item.public_key, item.salt, item.seq, item.value)
-
-
 # --- the finder ---------------------------------------------------------------------------
 
 
@@ -217,12 +123,6 @@ class _PeerLookup:
     def __init__(self) -> None:
         self.found: dict[PeerAddress, None] = {}
         self.arrived = trio.Event()
-
-
-class _ItemLookup:
-    def __init__(self) -> None:
-        self.best: _MutableItem | None = None
-        self.done = trio.Event()
 
 
 class MainlineFinder:
@@ -270,9 +170,10 @@ class MainlineFinder:
         self._nodes = 0
         self._stats_arrived = trio.Event()
         self._peer_lookups: dict[bytes, set[_PeerLookup]] = {}
-        self._item_lookups: dict[tuple[bytes, bytes], set[_ItemLookup]] = {}
-        self._puts: dict[tuple[bytes, bytes], list[trio.MemorySendChannel[_PutDone]]] = {}
         self._own_hosts = {"127.0.0.1", "::1"}
+        self.announces_received: Counter[bytes] = Counter()
+        """BEP 5 announces other nodes made to this one, by info-hash: what this node was
+        asked to store for the DHT (tests watch another node's announces arrive here)."""
 
     @staticmethod
     def _settings_pack(
@@ -421,15 +322,8 @@ class MainlineFinder:
                         if 0 < port < 65536:
                             lookup.found.setdefault(PeerAddress(host, port))
                     lookup.arrived.set()
-            elif isinstance(event, _MutableItem):
-                for item_lookup in self._item_lookups.get((event.public_key, event.salt), ()):
-                    if item_lookup.best is None or event.seq >= item_lookup.best.seq:
-                        item_lookup.best = event
-                    if event.authoritative:
-                        item_lookup.done.set()
-            elif isinstance(event, _PutDone):
-                for channel in self._puts.get((event.public_key, event.salt), ()):
-                    channel.send_nowait(event)
+            elif isinstance(event, _AnnounceReceived):
+                self.announces_received[event.info_hash] += 1
             elif isinstance(event, _Stats):
                 self._nodes = event.nodes
                 self._stats_arrived.set()
@@ -534,60 +428,3 @@ class MainlineFinder:
             and address.port == self._quic_port
             and address.host in self._own_hosts
         )
-
-    # --- BEP 44 pointers -------------------------------------------------------------------
-
-    async def publish_pointer(
-        self, key_seed: bytes, value: bytes, *, salt: bytes = b"", timeout: float = POINTER_TIMEOUT
-    ) -> PointerPut:
-        """Store ``value`` under the Ed25519 key of ``key_seed`` (32 bytes).
-
-        libtorrent first reads the current item and signs ``seq + 1``, so the newest put
-        wins everywhere. Returns the sequence number used and how many nodes stored it.
-        """
-        if len(key_seed) != 32:
-            raise LocalProtocolError("a pointer key seed is 32 bytes")
-        if len(value) > MAX_POINTER_VALUE or len(salt) > MAX_POINTER_SALT:
-            raise LocalProtocolError(
-                f"a pointer holds at most {MAX_POINTER_VALUE} bytes (salt {MAX_POINTER_SALT})"
-            )
-        session = self._require_session()
-        public_key = pointer_public_key(key_seed)
-        send, receive = trio.open_memory_channel[_PutDone](math.inf)
-        slot = (public_key, salt)
-        self._puts.setdefault(slot, []).append(send)
-        try:
-            session.dht_put_mutable_item(_libtorrent_secret_key(key_seed), public_key, value, salt)
-            with trio.fail_after(timeout):
-                done = await receive.receive()
-        except trio.TooSlowError:
-            return PointerPut(0, 0)
-        finally:
-            self._puts[slot].remove(send)
-            if not self._puts[slot]:
-                del self._puts[slot]
-            send.close()
-            receive.close()
-        return PointerPut(done.seq, done.num_success)
-
-    async def resolve_pointer(
-        self, public_key: bytes, *, salt: bytes = b"", timeout: float = POINTER_TIMEOUT
-    ) -> Pointer | None:
-        """The newest value found under ``public_key`` (and ``salt``), or ``None``."""
-        if len(public_key) != 32 or len(salt) > MAX_POINTER_SALT:
-            raise LocalProtocolError("a pointer key is 32 bytes (salt at most 64)")
-        session = self._require_session()
-        lookup = _ItemLookup()
-        slot = (public_key, salt)
-        self._item_lookups.setdefault(slot, set()).add(lookup)
-        try:
-            session.dht_get_mutable_item(public_key, salt)
-            with trio.move_on_after(timeout):
-                await lookup.done.wait()
-        finally:
-            self._item_lookups[slot].discard(lookup)
-            if not self._item_lookups[slot]:
-                del self._item_lookups[slot]
-        if lookup.best is None:
-            return None
-        return pointer_from_item_untrusted(lookup.best)
