@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from p2pfs.discovery.dht.finder import DhtFinder
+from p2pfs.discovery.dht.messages import MAX_CONTACTS
+from p2pfs.discovery.dht.node import DEFAULT_KSIZE
 from p2pfs.discovery.keys import share_discovery_key
 from p2pfs.discovery.lan import LAN_PORT, LanFinder
 from p2pfs.discovery.mainline import MainlineFinder
@@ -23,6 +27,15 @@ logger = logging.getLogger(__name__)
 
 FIND_TIMEOUT = 15.0
 """Longest a fetch waits on discovery before giving up on the backends still searching."""
+
+DHT_K_ENV = "P2PFS_DHT_K"
+"""The private DHT's k (replication and bucket size) when ``DiscoveryConfig.dht_ksize`` is
+not set. Not a command-line flag: k is a property of the whole network, which every node
+should share, so no user should tune it. Tests and ``bench dht`` set it to run a few dozen
+loopback daemons with a k small enough that a record lives on a few of them, as it would on
+a few of many thousands: with the default k=20 in a 20-node DHT every node holds every
+record and no lookup crosses the network. (Like ``P2PFS_QUIC_ENGINE``, it reaches daemons
+that tests start in their own processes without a flag in the shipped CLI.)"""
 
 
 class PortInUseError(LocalProtocolError):
@@ -45,6 +58,8 @@ class DiscoveryConfig:
     mainline_loopback_testing: bool = False
     lan: bool = True
     lan_port: int = LAN_PORT
+    dht_ksize: int | None = None
+    """None: ``$P2PFS_DHT_K`` if set, else the DHT's default (20)."""
     extra: tuple[Finder, ...] = field(default=())
     """Backends built by the caller (tests: a shared in-memory directory)."""
 
@@ -58,6 +73,7 @@ class Discovery:
             host=config.dht_host,
             port=config.dht_port,
             bootstrap=config.bootstrap,
+            ksize=dht_ksize(config, os.environ),
         )
         self.finders: list[Finder] = [self.dht]
         if config.mainline:
@@ -130,7 +146,39 @@ class Discovery:
         return {
             "backends": [finder.name for finder in self.running],
             "dht_port": self.dht.port,
+            "dht": self.dht_info(),
         }
+
+    def dht_info(self) -> dict[str, Any]:
+        """The private DHT's size and cost, for ``bench dht`` and tests to diff around a
+        lookup. Counters written on the DHT thread are read here without a lock: each is an
+        int read whole, possibly one datagram behind."""
+        traffic = self.dht.traffic
+        return {
+            "k": self.dht.ksize,
+            "contacts": self.dht.contacts(),
+            "records": self.dht.records(),
+            "lookups": dataclasses.asdict(self.dht.lookups),
+            "traffic": {
+                "sent": traffic.sent,
+                "sent_bytes": traffic.sent_bytes,
+                "received": traffic.received,
+                "received_bytes": traffic.received_bytes,
+                "dropped": traffic.dropped,
+            },
+        }
+
+
+def dht_ksize(config: DiscoveryConfig, environ: Mapping[str, str]) -> int:
+    """The configured k, else ``$P2PFS_DHT_K``, else the default; a bad value is refused."""
+    if config.dht_ksize is not None:
+        return config.dht_ksize
+    text = environ.get(DHT_K_ENV)
+    if text is None:
+        return DEFAULT_KSIZE
+    if not text.isdigit() or not 1 <= int(text) <= MAX_CONTACTS:
+        raise LocalProtocolError(f"{DHT_K_ENV}={text!r}: k must be an integer in 1..{MAX_CONTACTS}")
+    return int(text)
 
 
 def _is_wildcard(host: str) -> bool:

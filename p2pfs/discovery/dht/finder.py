@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import trio
@@ -55,6 +56,22 @@ REANNOUNCE_FRACTION = 2 / 3
 REFRESH_INTERVAL = 900.0
 
 
+@dataclass
+class LookupCounters:
+    """What this node's provider lookups cost, kept on the trio side (exact, not sampled):
+    a benchmark or test diffs them around a lookup to learn its hops."""
+
+    lookups: int = 0
+    local: int = 0
+    """Of ``lookups``: ended without a datagram sent (this node's own records answered, or
+    it knew no other node)."""
+    rounds: int = 0
+    """Crawl rounds (hops) summed over all lookups."""
+    queried: int = 0
+    """Nodes the lookups asked (a truncated reply's second ask with the token not counted:
+    the datagram counters in ``traffic`` see it)."""
+
+
 class DhtFinder:
     """A node of the private DHT.
 
@@ -63,6 +80,7 @@ class DhtFinder:
     ``bootstrap`` lists known nodes (none: we are the first node of our own DHT). Records we
     announce live ``ttl`` seconds (at most ``DEFAULT_MAX_TTL``) and are re-announced at 2/3 of
     it. ``limits`` bounds the requests answered per source (see ``ratelimit``).
+    ``random_bytes`` makes message ids and token secrets (tests pass a seeded generator).
     """
 
     name = "dht"
@@ -80,6 +98,7 @@ class DhtFinder:
         ksize: int = DEFAULT_KSIZE,
         alpha: int = DEFAULT_ALPHA,
         clock: Callable[[], float] = time.monotonic,
+        random_bytes: Callable[[int], bytes] = os.urandom,
         limits: RequestLimits | None = None,
     ) -> None:
         if len(node_id) != NODE_ID_LEN:
@@ -103,9 +122,11 @@ class DhtFinder:
             rpc_timeout=rpc_timeout,
             records=RecordStore(),
             clock=clock,
-            random_bytes=os.urandom,
+            random_bytes=random_bytes,
             limits=limits,
         )
+        self.ksize = ksize
+        self.lookups = LookupCounters()
         self._port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -128,6 +149,10 @@ class DhtFinder:
 
     def contacts(self) -> int:
         return self._node.contacts()
+
+    def records(self) -> int:
+        """Provider records this node holds for others (a length read: safe across threads)."""
+        return len(self._node.protocol.records)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -263,18 +288,18 @@ class DhtFinder:
 
     async def lookup(self, key: bytes, limit: int = 16) -> Lookup:
         """``find`` with the lookup's statistics (rounds, nodes queried)."""
-        return await self._call(lambda node: node.find_providers(dht_key(key), limit))
+        lookup = await self._call(lambda node: node.find_providers(dht_key(key), limit))
+        self.lookups.lookups += 1
+        self.lookups.local += int(lookup.queried == 0)
+        self.lookups.rounds += lookup.rounds
+        self.lookups.queried += lookup.queried
+        return lookup
 
     async def ping(self, address: PeerAddress) -> bool:
         """One DHT round trip to ``address`` (an IP literal); True if it answered."""
         target = (address.host, address.port)
         ok, _ = await self._call(lambda node: node.protocol.call_ping_address(target))
         return bool(ok)
-
-    async def add_bootstrap(self, addresses: Sequence[PeerAddress]) -> int:
-        """Join through more nodes while serving; returns the routing table's size."""
-        resolved = await self._resolve(addresses)
-        return await self._call(lambda node: node.bootstrap(resolved))
 
 
 def _wake(token: trio.lowlevel.TrioToken, event: trio.Event) -> None:
