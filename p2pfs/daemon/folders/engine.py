@@ -22,7 +22,7 @@ from p2pfs.errors import RemoteProtocolError, StorageError
 from p2pfs.ids import ContentHash
 from p2pfs.net import PeerConnection
 from p2pfs.store import folderdisk
-from p2pfs.store.assemble import Finished, PartialFile, commit_files, fsync_directory
+from p2pfs.store.assemble import Finished, PartialFile
 from p2pfs.store.folders import FolderRow, FolderStore
 from p2pfs.store.index import CHUNK_RECORD, ChunkLocation, ChunkReader, IndexStore
 from p2pfs.store.scanner import PlacedFile, record_placed_files
@@ -56,7 +56,6 @@ _FILE_TREE = file_tree(DEFAULT_CHUNKER)
 ceil(S / 16 KiB) + 1 leaves, which bounds a member's tree bomb."""
 
 CHUNK_BATCH_BYTES = 8 << 20
-COMMIT_BATCH = 512
 STEP_FILES = 2048
 STEP_BYTES = 64 << 20
 STEPS_IN_FLIGHT = 2
@@ -434,7 +433,12 @@ class FolderSync:
             if planned.waits_for.get(record.version.path, "") in placed
             or record.version.path not in planned.waits_for
         ]
-        deleted = await in_thread(self._delete_files, planned.delete)
+        directories = {
+            p for p in planned.delete if (r := self.records.get(p)) and r.version.is_directory
+        }
+        deleted = await in_thread(
+            steps.delete_paths, self.path, self._disk, planned.delete, directories
+        )
         deleted.update(moved.values())
         ready = [
             record
@@ -477,7 +481,7 @@ class FolderSync:
             return {}
         roots = {new: version.root for new, (_old, version) in moves.items()}
         chunk_lists = await self._index.run(steps.chunk_lists, self._index.index, roots)
-        renamed = await in_thread(self._rename_files, moves, chunk_lists)
+        renamed = await in_thread(steps.rename_files, self.path, self._disk, moves, chunk_lists)
         moved_from = {moves[new][0] for new in renamed}
         planned.fetch = [(path, version) for path, version in planned.fetch if path not in renamed]
         planned.delete = [path for path in planned.delete if path not in moved_from]
@@ -490,66 +494,6 @@ class FolderSync:
         versions = {new: version for new, (_old, version) in moves.items()}
         await self._record_placed(stats, versions, {}, packed_chunks=packed)
         return {new: moves[new][0] for new in renamed}
-
-    def _rename_files(
-        self, moves: dict[str, tuple[str, FileVersion]], chunk_lists: dict[str, bytes]
-    ) -> dict[str, tuple[os.stat_result, bytes]]:
-        done: dict[str, tuple[os.stat_result, bytes]] = {}
-        for new, (old, version) in moves.items():
-            packed = chunk_lists.get(new)
-            if packed is None:
-                continue
-            if folderdisk.state_of(self.path, old) != self._disk.get(old):
-                continue  # the old file changed: fetch the new one normally
-            if folderdisk.state_of(self.path, new) != self._disk.get(new):
-                continue
-            try:
-                folderdisk.make_parents(self.path, new)
-                if self._disk.get(new) is not None:
-                    folderdisk.keep_version(self.path, new, move=False)
-                target = folderdisk.local_path(self.path, new)
-                os.rename(folderdisk.local_path(self.path, old), target)
-                mode = 0o755 if version.executable else 0o644
-                os.chmod(target, mode & ~folderdisk.UMASK)
-                os.utime(target, ns=(version.mtime_ns, version.mtime_ns))
-                fsync_directory(os.path.dirname(target))
-            except (OSError, StorageError) as exc:
-                logger.warning("folder %s: cannot rename %s to %s: %s", self.path, old, new, exc)
-                continue
-            done[new] = (os.lstat(target), packed)
-        return done
-
-    def _delete_files(self, paths: list[str]) -> set[str]:
-        directories = [p for p in paths if (r := self.records.get(p)) and r.version.is_directory]
-        done = self._delete_regular_files([p for p in paths if p not in set(directories)])
-        # Deepest first, after the files: a directory goes once what it held is gone. One
-        # still holding something (a local file not synced yet) stays, and the next scan
-        # records it again: content wins over a delete.
-        for path in sorted(directories, key=lambda p: p.count("/"), reverse=True):
-            folderdisk.remove_directory(self.path, path)
-            done.add(path)
-        return done
-
-    def _delete_regular_files(self, paths: list[str]) -> set[str]:
-        done: set[str] = set()
-        touched: set[str] = set()
-        for path in paths:
-            now = folderdisk.state_of(self.path, path)
-            if now is not None and now != self._disk.get(path):
-                logger.info("folder %s: %s changed locally; not deleting it", self.path, path)
-                continue
-            if now is not None:
-                try:
-                    kept = folderdisk.keep_version(self.path, path, move=True)
-                except StorageError as exc:
-                    logger.warning("folder %s: not deleting %s: %s", self.path, path, exc)
-                    continue
-                touched.add(os.path.dirname(folderdisk.local_path(self.path, path)))
-                if kept is not None:
-                    touched.add(os.path.dirname(folderdisk.local_path(self.path, kept)))
-            done.add(path)
-        steps.sync_directories(touched)  # the deletes are durable before their records are
-        return done
 
     async def _download(self, link: FolderLink, planned: _Planned, timer: steps.Phases) -> set[str]:
         """Place every file of ``planned.fetch``; returns the paths placed."""
@@ -642,7 +586,9 @@ class FolderSync:
                     len(failed),
                     min(failed),
                 )
-            renamed, unplaced = await in_thread(self._commit, finished, planned.conflict_moves)
+            renamed, unplaced = await in_thread(
+                steps.commit_placed, self.path, self._disk, finished, planned.conflict_moves
+            )
             await self._record_placed(renamed, dict(items), chunks_of)
             placed.update(renamed)
             for path in renamed:
@@ -770,67 +716,6 @@ class FolderSync:
             self._disk[path] = folderdisk.DiskState(st.st_size, st.st_mtime_ns, st.st_ino)
             self._disk_roots.add(version.root)
         await self._index.run(record_placed_files, self._index.index, self.path, files)
-
-    def _commit(
-        self, finished: list[Finished], conflict_moves: dict[str, str]
-    ) -> tuple[dict[str, os.stat_result], dict[str, str]]:
-        """Rename each file into place unless its path changed on disk since the scan;
-        returns the placed paths with their new stat, and the paths that failed (why).
-        A path that fails (a directory in its way) fails alone: the batch goes on."""
-        by_final = {
-            item.partial.final_path: path for path, item in steps.paths(self.path, finished)
-        }
-        placed: dict[str, os.stat_result] = {}
-        unplaced: dict[str, str] = {}
-        kept_dirs: set[str] = set()
-
-        def on_error(item: Finished, exc: StorageError) -> None:
-            path = by_final[item.partial.final_path]
-            logger.warning("folder %s: not placing %s: %s", self.path, path, exc)
-            unplaced[path] = str(exc)
-
-        def before_replace(item: Finished) -> bool:
-            try:
-                return prepare_replace(item)
-            except StorageError as exc:
-                logger.warning(
-                    "folder %s: not placing %s: %s", self.path, item.partial.final_path, exc
-                )
-                return False
-
-        def prepare_replace(item: Finished) -> bool:
-            path = by_final[item.partial.final_path]
-            now = folderdisk.state_of(self.path, path)
-            if now == folderdisk.NOT_A_FILE:
-                # A directory (or symlink, or something unreadable) where the record has a
-                # file: never replaced; reported, and retried once it is gone.
-                unplaced[path] = "something that is not a regular file is in the way"
-                return False
-            if now != self._disk.get(path):
-                logger.info("folder %s: %s changed locally during the download", self.path, path)
-                return False
-            if now is not None:
-                copy = conflict_moves.get(path)
-                # The loser (ours) stays as the conflict copy, else as a kept version; a
-                # link, so the path holds the old file until the rename replaces it.
-                if copy is not None:
-                    if not folderdisk.link_within(self.path, path, copy):
-                        return False
-                else:
-                    kept = folderdisk.keep_version(self.path, path, move=False)
-                    if kept is not None:
-                        kept_dirs.add(os.path.dirname(folderdisk.local_path(self.path, kept)))
-            return True
-
-        for start in range(0, len(finished), COMMIT_BATCH):
-            batch = finished[start : start + COMMIT_BATCH]
-            for item in commit_files(batch, before_replace, on_error):
-                try:
-                    placed[by_final[item.partial.final_path]] = os.lstat(item.partial.final_path)
-                except OSError:
-                    continue  # gone again already: the next scan sees what is there
-        steps.sync_directories(kept_dirs)
-        return placed, unplaced
 
     # -- reporting ------------------------------------------------------------------------
 

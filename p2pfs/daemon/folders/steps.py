@@ -1,24 +1,31 @@
 """Blocking steps and small helpers of the folder engine (run in worker threads or the
-index's thread): scanning, verifying records, placing directories and chunks, and the
-per-phase timer the engine logs."""
+index's thread): scanning, verifying records, placing directories and chunks, renames,
+deletes and commits of placed files (each refused where the path changed since the
+scan), and the per-phase timer the engine logs."""
 
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Collection, Mapping
 
 from p2pfs.content.chunking import ChunkRef
 from p2pfs.errors import RemoteProtocolError, StorageError
 from p2pfs.ids import ContentHash
 from p2pfs.store import folderdisk
-from p2pfs.store.assemble import Finished, PartialFile, fsync_directory
+from p2pfs.store.assemble import Finished, PartialFile, commit_files, fsync_directory
 from p2pfs.store.index import IndexStore
 from p2pfs.store.scanner import ScanResult, scan_share
 from p2pfs.sync.ignore import IgnoreRules
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.records import IndexLeaf, SignedRecord, path_key, record_hash
+from p2pfs.sync.versions import FileVersion
 
 logger = logging.getLogger(__name__)
+
+COMMIT_BATCH = 512
+"""Files renamed into place per durable commit."""
 
 
 class Phases:
@@ -136,3 +143,141 @@ def scan_folder(
         for f in index.share_files(result.share_id)
     ]
     return result, files, index.share_directories(result.share_id)
+
+
+def rename_files(
+    folder: str,
+    scanned: Mapping[str, folderdisk.DiskState],
+    moves: dict[str, tuple[str, FileVersion]],
+    chunk_lists: dict[str, bytes],
+) -> dict[str, tuple[os.stat_result, bytes]]:
+    """Renames planned as a fetch plus a delete of the same content: new -> (old, version).
+    Each happens only if both paths are as scanned; returns new -> (stat, chunk list)."""
+    done: dict[str, tuple[os.stat_result, bytes]] = {}
+    for new, (old, version) in moves.items():
+        packed = chunk_lists.get(new)
+        if packed is None:
+            continue
+        if folderdisk.state_of(folder, old) != scanned.get(old):
+            continue  # the old file changed: fetch the new one normally
+        if folderdisk.state_of(folder, new) != scanned.get(new):
+            continue
+        try:
+            folderdisk.make_parents(folder, new)
+            if scanned.get(new) is not None:
+                folderdisk.keep_version(folder, new, move=False)
+            target = folderdisk.local_path(folder, new)
+            os.rename(folderdisk.local_path(folder, old), target)
+            mode = 0o755 if version.executable else 0o644
+            os.chmod(target, mode & ~folderdisk.UMASK)
+            os.utime(target, ns=(version.mtime_ns, version.mtime_ns))
+            fsync_directory(os.path.dirname(target))
+        except (OSError, StorageError) as exc:
+            logger.warning("folder %s: cannot rename %s to %s: %s", folder, old, new, exc)
+            continue
+        done[new] = (os.lstat(target), packed)
+    return done
+
+
+def delete_paths(
+    folder: str,
+    scanned: Mapping[str, folderdisk.DiskState],
+    paths: list[str],
+    directories: Collection[str],
+) -> set[str]:
+    """Delete ``paths`` (those in ``directories`` are directories); returns those done."""
+    done = _delete_regular_files(folder, scanned, [p for p in paths if p not in directories])
+    # Deepest first, after the files: a directory goes once what it held is gone. One
+    # still holding something (a local file not synced yet) stays, and the next scan
+    # records it again: content wins over a delete.
+    for path in sorted(
+        (p for p in paths if p in directories), key=lambda p: p.count("/"), reverse=True
+    ):
+        folderdisk.remove_directory(folder, path)
+        done.add(path)
+    return done
+
+
+def _delete_regular_files(
+    folder: str, scanned: Mapping[str, folderdisk.DiskState], paths: list[str]
+) -> set[str]:
+    done: set[str] = set()
+    touched: set[str] = set()
+    for path in paths:
+        now = folderdisk.state_of(folder, path)
+        if now is not None and now != scanned.get(path):
+            logger.info("folder %s: %s changed locally; not deleting it", folder, path)
+            continue
+        if now is not None:
+            try:
+                kept = folderdisk.keep_version(folder, path, move=True)
+            except StorageError as exc:
+                logger.warning("folder %s: not deleting %s: %s", folder, path, exc)
+                continue
+            touched.add(os.path.dirname(folderdisk.local_path(folder, path)))
+            if kept is not None:
+                touched.add(os.path.dirname(folderdisk.local_path(folder, kept)))
+        done.add(path)
+    sync_directories(touched)  # the deletes are durable before their records are
+    return done
+
+
+def commit_placed(
+    folder: str,
+    scanned: Mapping[str, folderdisk.DiskState],
+    finished: list[Finished],
+    conflict_moves: Mapping[str, str],
+) -> tuple[dict[str, os.stat_result], dict[str, str]]:
+    """Rename each file into place unless its path changed on disk since the scan;
+    returns the placed paths with their new stat, and the paths that failed (why).
+    A path that fails (a directory in its way) fails alone: the batch goes on."""
+    by_final = {item.partial.final_path: path for path, item in paths(folder, finished)}
+    placed: dict[str, os.stat_result] = {}
+    unplaced: dict[str, str] = {}
+    kept_dirs: set[str] = set()
+
+    def on_error(item: Finished, exc: StorageError) -> None:
+        path = by_final[item.partial.final_path]
+        logger.warning("folder %s: not placing %s: %s", folder, path, exc)
+        unplaced[path] = str(exc)
+
+    def before_replace(item: Finished) -> bool:
+        try:
+            return prepare_replace(item)
+        except StorageError as exc:
+            logger.warning("folder %s: not placing %s: %s", folder, item.partial.final_path, exc)
+            return False
+
+    def prepare_replace(item: Finished) -> bool:
+        path = by_final[item.partial.final_path]
+        now = folderdisk.state_of(folder, path)
+        if now == folderdisk.NOT_A_FILE:
+            # A directory (or symlink, or something unreadable) where the record has a
+            # file: never replaced; reported, and retried once it is gone.
+            unplaced[path] = "something that is not a regular file is in the way"
+            return False
+        if now != scanned.get(path):
+            logger.info("folder %s: %s changed locally during the download", folder, path)
+            return False
+        if now is not None:
+            copy = conflict_moves.get(path)
+            # The loser (ours) stays as the conflict copy, else as a kept version; a
+            # link, so the path holds the old file until the rename replaces it.
+            if copy is not None:
+                if not folderdisk.link_within(folder, path, copy):
+                    return False
+            else:
+                kept = folderdisk.keep_version(folder, path, move=False)
+                if kept is not None:
+                    kept_dirs.add(os.path.dirname(folderdisk.local_path(folder, kept)))
+        return True
+
+    for start in range(0, len(finished), COMMIT_BATCH):
+        batch = finished[start : start + COMMIT_BATCH]
+        for item in commit_files(batch, before_replace, on_error):
+            try:
+                placed[by_final[item.partial.final_path]] = os.lstat(item.partial.final_path)
+            except OSError:
+                continue  # gone again already: the next scan sees what is there
+    sync_directories(kept_dirs)
+    return placed, unplaced
