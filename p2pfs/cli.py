@@ -104,6 +104,11 @@ def _parser() -> argparse.ArgumentParser:
     daemon.add_argument("--mainline-port", type=int, default=0, help=argparse.SUPPRESS)
     daemon.add_argument("--mainline-loopback-testing", action="store_true", help=argparse.SUPPRESS)
     daemon.add_argument("--no-lan", action="store_true", help="no LAN discovery beacons")
+    daemon.add_argument(
+        "--no-port-mapping",
+        action="store_true",
+        help="do not ask the gateway (UPnP, NAT-PMP/PCP) to map this node's UDP port",
+    )
     _relay_arguments(daemon)
     daemon.add_argument(
         "--keep-versions-days",
@@ -263,6 +268,7 @@ def _daemon(args: argparse.Namespace) -> int:
         max_upload_rate=args.max_upload_rate,
         max_download_rate=args.max_download_rate,
         test_serve_unverified=args.test_serve_unverified,
+        port_mapping=not args.no_port_mapping,
         folders=FolderConfig(
             keep_versions_s=args.keep_versions_days * 86400,
             assume_case_insensitive=args.test_case_insensitive,

@@ -1,269 +1,64 @@
-"""A multi-machine test bed: network namespaces as machines, a router namespace between
-their subnets, real daemons started with their defaults (no --listen, no --peer), as
-`make run` starts them.
-
-Each machine sits alone on its own /24 behind the router, so LAN beacons do not cross and
-machines meet only through tickets, the DHT or routed addresses, as on real networks. Only
-namespaces this bed made are touched, and only processes started in them are killed.
-
-The router's subnets are the bed's "internet": a machine there is publicly reachable. A home
-(``NetBed.home``) is a machine on a private LAN behind its own home-router namespace, which
-masquerades it onto the internet with the kernel's NAT (nftables): ``nat="cone"`` is
-``masquerade`` (ports kept where free, one mapping per local port whatever the destination:
-most home routers), ``nat="symmetric"`` is ``masquerade fully-random`` (a new random port
-per destination). Nothing from the internet reaches the LAN unless the NAT's connection
-tracking maps it there.
-"""
+"""The multi-machine test bed's pytest fixtures; the bed itself is ``p2pfs/bench/netbed.py``
+(so ``python -m p2pfs.bench nat`` can build it too), re-exported here for the tests."""
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import os
-import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from p2pfs.bench.daemons import DaemonProcess
+from p2pfs.bench.netbed import (
+    DEFAULT_PORT,
+    DHT_PORT,
+    NAT_RULES,
+    Gateway,
+    Machine,
+    NetBed,
+    can_build_namespaces,
+    can_build_nat,
+    can_build_upnp,
+    new_tag,
+)
 
-_beds = itertools.count()
-DEFAULT_PORT = 7337
-DHT_PORT = DEFAULT_PORT + 1
-
-
-NAT_RULES = {
-    "cone": "masquerade",
-    "symmetric": "masquerade fully-random",
-}
-
-
-def _run(*command: str, stdin: str | None = None) -> str:
-    completed = subprocess.run(
-        command, input=stdin, capture_output=True, text=True, timeout=30, check=False
-    )
-    if completed.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)}: {completed.stderr.strip()}")
-    return completed.stdout
-
-
-def can_build_namespaces() -> str | None:
-    """None if this host can build the bed, else why not (for a skip reason)."""
-    if sys.platform != "linux":
-        return "network namespaces are Linux only"
-    if os.geteuid() != 0:
-        return "network namespaces need root"
-    if shutil.which("ip") is None:
-        return "no `ip` command (iproute2)"
-    return None
+__all__ = [
+    "DEFAULT_PORT",
+    "DHT_PORT",
+    "NAT_RULES",
+    "Gateway",
+    "Machine",
+    "NetBed",
+    "can_build_namespaces",
+    "can_build_nat",
+    "can_build_upnp",
+    "natbed",
+    "netbed",
+    "upnpbed",
+]
 
 
-def can_build_nat() -> str | None:
-    """None if this host can build homes behind NAT routers, else why not."""
-    reason = can_build_namespaces()
-    if reason is None and shutil.which("nft") is None:
-        reason = "no `nft` command (Debian: apt-get install nftables; .ci/run installs it)"
-    return reason
-
-
-@dataclass
-class Machine:
-    bed: NetBed
-    name: str
-    namespace: str
-    address: str
-    veth: str
-    """The machine's side of its link to the router (for byte counts)."""
-    home: Path
-    daemon: DaemonProcess | None = None
-    public: str | None = None
-    """Behind a NAT: its router's internet address (what peers see); None: public itself."""
-
-    @property
-    def prefix(self) -> tuple[str, ...]:
-        return ("ip", "netns", "exec", self.namespace)
-
-    def start(self, *extra: str, home: Path | None = None) -> DaemonProcess:
-        """A daemon at its defaults (UDP 7337, DHT 7338, LAN on), plus ``extra`` flags."""
-        daemon = DaemonProcess(home or self.home, listen=None, extra_args=extra, prefix=self.prefix)
-        daemon.start()
-        self.bed.daemons.append(daemon)
-        if home is None:
-            self.daemon = daemon
-        return daemon
-
-    def cli(
-        self, *args: str, check: bool = True, timeout: float = 120
-    ) -> subprocess.CompletedProcess[str]:
-        """The CLI run on this machine (inside its namespace), against its daemon."""
-        completed = subprocess.run(
-            [*self.prefix, sys.executable, "-m", "p2pfs", "--home", str(self.home), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if check and completed.returncode != 0:
-            raise RuntimeError(
-                f"{self.name}: p2pfs {' '.join(args)} exited {completed.returncode}:\n"
-                f"{completed.stderr}\n{self.daemon.log_tail() if self.daemon else ''}"
-            )
-        return completed
-
-    def popen(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [*self.prefix, sys.executable, "-m", "p2pfs", "--home", str(self.home), *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-
-    def link_bytes(self) -> tuple[int, int]:
-        """(received, sent) bytes on the machine's link, as the kernel counts them."""
-        base = f"/sys/class/net/{self.veth}/statistics"
-        received = _run(*self.prefix, "cat", f"{base}/rx_bytes")
-        sent = _run(*self.prefix, "cat", f"{base}/tx_bytes")
-        return int(received), int(sent)
-
-
-@dataclass
-class NetBed:
-    root: Path
-    tag: str
-    router: str = ""
-    machines: list[Machine] = field(default_factory=list)
-    daemons: list[DaemonProcess] = field(default_factory=list)
-    _namespaces: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.router = self._namespace("r")
-        _run("ip", "netns", "exec", self.router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-
-    def _namespace(self, name: str) -> str:
-        namespace = f"{self.tag}-{name}"
-        _run("ip", "netns", "add", namespace)
-        self._namespaces.append(namespace)
-        _run("ip", "-n", namespace, "link", "set", "lo", "up")
-        return namespace
-
-    def machine(self, name: str) -> Machine:
-        """A new machine alone on its own subnet 10.(bed).(n).0/24 behind the router."""
-        number = len(self.machines) + 1
-        namespace = self._namespace(name)
-        inside, outside = f"{self.tag}{number}m", f"{self.tag}{number}r"
-        subnet = f"10.{200 + int(self.tag[-2:]) % 50}.{number}"
-        _run("ip", "link", "add", inside, "type", "veth", "peer", "name", outside)
-        _run("ip", "link", "set", inside, "netns", namespace)
-        _run("ip", "link", "set", outside, "netns", self.router)
-        _run("ip", "-n", self.router, "addr", "add", f"{subnet}.1/24", "dev", outside)
-        _run("ip", "-n", self.router, "link", "set", outside, "up")
-        _run("ip", "-n", namespace, "addr", "add", f"{subnet}.2/24", "dev", inside)
-        _run("ip", "-n", namespace, "link", "set", inside, "up")
-        _run("ip", "-n", namespace, "route", "add", "default", "via", f"{subnet}.1")
-        machine = Machine(self, name, namespace, f"{subnet}.2", inside, self.root / name / "home")
-        machine.home.mkdir(parents=True)
-        self.machines.append(machine)
-        return machine
-
-    def home(self, name: str, nat: str = "cone") -> Machine:
-        """A machine on a private LAN 192.168.(n).0/24 behind its own home router, whose
-        internet side is 10.(bed).(n).2 on the bed's router, masquerading (``nat``: "cone" or
-        "symmetric", see NAT_RULES)."""
-        rule = NAT_RULES[nat]
-        number = len(self.machines) + 1
-        gateway = self._namespace(f"{name}gw")
-        wan_in, wan_out = f"{self.tag}{number}w", f"{self.tag}{number}r"
-        subnet = f"10.{200 + int(self.tag[-2:]) % 50}.{number}"
-        _run("ip", "link", "add", wan_in, "type", "veth", "peer", "name", wan_out)
-        _run("ip", "link", "set", wan_in, "netns", gateway)
-        _run("ip", "link", "set", wan_out, "netns", self.router)
-        _run("ip", "-n", self.router, "addr", "add", f"{subnet}.1/24", "dev", wan_out)
-        _run("ip", "-n", self.router, "link", "set", wan_out, "up")
-        _run("ip", "-n", gateway, "addr", "add", f"{subnet}.2/24", "dev", wan_in)
-        _run("ip", "-n", gateway, "link", "set", wan_in, "up")
-        _run("ip", "-n", gateway, "route", "add", "default", "via", f"{subnet}.1")
-        _run("ip", "netns", "exec", gateway, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        _run(
-            "ip",
-            "netns",
-            "exec",
-            gateway,
-            "nft",
-            "-f",
-            "-",
-            stdin=(
-                "table ip nat {\n"
-                "  chain postrouting {\n"
-                "    type nat hook postrouting priority 100; policy accept;\n"
-                f'    oifname "{wan_in}" {rule}\n'
-                "  }\n"
-                "}\n"
-            ),
-        )
-        namespace = self._namespace(name)
-        inside, outside = f"{self.tag}{number}m", f"{self.tag}{number}l"
-        lan = f"192.168.{number}"
-        _run("ip", "link", "add", inside, "type", "veth", "peer", "name", outside)
-        _run("ip", "link", "set", inside, "netns", namespace)
-        _run("ip", "link", "set", outside, "netns", gateway)
-        _run("ip", "-n", gateway, "addr", "add", f"{lan}.1/24", "dev", outside)
-        _run("ip", "-n", gateway, "link", "set", outside, "up")
-        _run("ip", "-n", namespace, "addr", "add", f"{lan}.2/24", "dev", inside)
-        _run("ip", "-n", namespace, "link", "set", inside, "up")
-        _run("ip", "-n", namespace, "route", "add", "default", "via", f"{lan}.1")
-        machine = Machine(
-            self,
-            name,
-            namespace,
-            f"{lan}.2",
-            inside,
-            self.root / name / "home",
-            public=f"{subnet}.2",
-        )
-        machine.home.mkdir(parents=True)
-        self.machines.append(machine)
-        return machine
-
-    def close(self) -> None:
-        for daemon in self.daemons:
-            daemon.stop()
-        for namespace in reversed(self._namespaces):
-            # Anything still running in our namespaces was started by this bed.
-            pids = subprocess.run(
-                ["ip", "netns", "pids", namespace], capture_output=True, text=True, check=False
-            ).stdout.split()
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), 9)
-            subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
+def _bed(tmp_path: Path, reason: str | None, kind: str) -> Iterator[NetBed]:
+    if reason is not None:
+        pytest.skip(reason)
+    bed = NetBed(tmp_path, new_tag(kind))
+    try:
+        yield bed
+    finally:
+        bed.close()
 
 
 @pytest.fixture
 def natbed(tmp_path: Path) -> Iterator[NetBed]:
     """A bed that can also build homes behind NAT routers (skips without nft)."""
-    reason = can_build_nat()
-    if reason is not None:
-        pytest.skip(reason)
-    tag = f"p2n{os.getpid() % 1000:03d}{next(_beds) % 100:02d}"
-    bed = NetBed(tmp_path, tag)
-    try:
-        yield bed
-    finally:
-        bed.close()
+    yield from _bed(tmp_path, can_build_nat(), "p2n")
+
+
+@pytest.fixture
+def upnpbed(tmp_path: Path) -> Iterator[NetBed]:
+    """A bed whose homes' routers can run miniupnpd (skips without nft or miniupnpd)."""
+    yield from _bed(tmp_path, can_build_upnp(), "p2u")
 
 
 @pytest.fixture
 def netbed(tmp_path: Path) -> Iterator[NetBed]:
-    reason = can_build_namespaces()
-    if reason is not None:
-        pytest.skip(reason)
-    tag = f"p2b{os.getpid() % 1000:03d}{next(_beds) % 100:02d}"
-    bed = NetBed(tmp_path, tag)
-    try:
-        yield bed
-    finally:
-        bed.close()
+    yield from _bed(tmp_path, can_build_namespaces(), "p2b")

@@ -11,6 +11,7 @@ SUITES = {
     "fetch": "p2pfs.bench.fetch",
     "fuzz": "p2pfs.bench.fuzz",
     "index": "p2pfs.bench.index",
+    "nat": "p2pfs.bench.nat",
     "swarm": "p2pfs.bench.swarm",
     "sync": "p2pfs.bench.sync",
     "transport": "p2pfs.bench.transport",

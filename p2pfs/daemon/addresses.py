@@ -5,6 +5,9 @@ A node advertises exactly the addresses that can answer:
   loopback and link-local (a link-local address means nothing off its link, and an IPv6 one
   needs a scope id a ticket cannot carry); loopback only if there is nothing else;
 - bound to one address: that address alone (loopback included, when that is what it is);
+- plus the external address the gateway mapped for us (UPnP / NAT-PMP, ``portmap.py``):
+  our own router's word, trusted as a local fact, and reachable from outside by
+  construction, so it goes first among addresses of its rank;
 - plus the addresses peers report observing for it (a NAT's public mapping, say), once
   peers at two different places (other /24s, or /48s for IPv6) report the same one: a
   single peer's word could otherwise point everyone who holds our tickets at a victim.
@@ -105,6 +108,20 @@ class AddressBook:
         self.port = port
         self._observed: OrderedDict[PeerAddress, set[str]] = OrderedDict()
         """Observed address -> the places (networks) of the peers that reported it."""
+        self._mapped: PeerAddress | None = None
+
+    @property
+    def wildcard(self) -> bool:
+        """Bound to every interface (only then is a gateway mapping ours to ask for)."""
+        return ipaddress.ip_address(self.bound_host).is_unspecified
+
+    def mapped(self, address: PeerAddress | None) -> None:
+        """The gateway's mapping of our port (its external IP and port), or None: gone."""
+        self._mapped = address
+
+    @property
+    def gateway_mapping(self) -> PeerAddress | None:
+        return self._mapped
 
     @property
     def family(self) -> socket.AddressFamily:
@@ -137,8 +154,9 @@ class AddressBook:
             for address, places in reversed(self._observed.items())
             if len(places) >= CONFIRMATIONS and address not in own
         ]
+        mapped = [self._mapped] if self._mapped is not None else []
         # An observed public address beats our private ones: it is what the internet sees.
-        merged = own + extra
+        merged = mapped + [a for a in own + extra if a not in mapped]
         merged.sort(key=lambda a: rank(ipaddress.ip_address(a.host)))
         return merged
 

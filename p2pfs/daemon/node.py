@@ -51,6 +51,7 @@ from .discovery import Discovery, DiscoveryConfig, PortInUseError
 from .fetcher import Fetcher, FetchProgress
 from .folders.manager import FolderConfig, FolderManager
 from .folders.server import FolderServer
+from .portmap import PortMapper
 from .punch import Puncher
 from .ratelimit import TokenBucket
 from .relay import RelayClient, RelayLimits, RelayRoute, RelayService, guard, read_first_untrusted
@@ -90,6 +91,8 @@ class NodeConfig:
     """Set (``--relay``): relay for others within these limits."""
     relay_via: tuple[PeerAddress, ...] = ()
     """Relays to stay registered with (``--relay-via``), to be reachable behind a NAT."""
+    port_mapping: bool = True
+    """Ask the gateway to map our UDP port (bound to a wildcard only; ``--no-port-mapping``)."""
 
 
 @dataclass(slots=True)
@@ -136,6 +139,7 @@ class Node:
         self._relay_service = RelayService(config.relay) if config.relay is not None else None
         self._relay_client: RelayClient | None = None
         self._puncher: Puncher | None = None
+        self._port_mapper: PortMapper | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # Worker threads doing many small syscalls (creating files, reading chunks) give the
@@ -208,6 +212,9 @@ class Node:
             self._dialer.via_relay = self._via_relay
             self._dialer.relayed = self._relayed
             await nursery.start(self._relay_client.serve)
+            if self.config.port_mapping and self._addresses.wildcard:
+                self._port_mapper = PortMapper(endpoint.local_address[1], self._addresses.mapped)
+                await nursery.start(self._port_mapper.serve)
             await nursery.start(self._discovery.serve)
             await self._announce_all()
             await nursery.start(
@@ -431,6 +438,7 @@ class Node:
                 for hint in self._relay_hints()
             ],
             "relay": self._relay_service.info() if self._relay_service is not None else None,
+            "port_mapping": self._port_mapper.state.info() if self._port_mapper else None,
         }
 
     async def _status(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
