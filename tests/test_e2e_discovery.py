@@ -1,56 +1,125 @@
-"""Discovery end to end: real daemons joined only by the private DHT (no LAN, no hints)."""
+"""Discovery end to end: real daemons joined only by the private DHT (no LAN, no hints).
+
+The daemons run with k=4 (``P2PFS_DHT_K``): a record lives on the 4 nodes nearest its key,
+so a lookup from any other node is answered only by crossing the network. With the default
+k=20 in a 20-node DHT every node would hold every record and no lookup would leave its node.
+"""
 
 from __future__ import annotations
 
-import os
 import random
 import signal
+from collections import Counter
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from p2pfs.bench.daemons import DaemonProcess
+from p2pfs.daemon.discovery import DHT_K_ENV
+
+NODES = 20
+K = 4
+SEED = 4
+
+pytestmark = pytest.mark.timeout(300)
 
 
 def dht_address(daemon: DaemonProcess) -> str:
     return f"127.0.0.1:{daemon.call('id')['discovery']['dht_port']}"
 
 
-def test_twenty_daemons_find_and_fetch_a_no_hints_share(tmp_path: Path) -> None:
-    rng = random.Random(4)
+def dht(daemon: DaemonProcess) -> dict[str, Any]:
+    info: dict[str, Any] = daemon.call("id")["discovery"]["dht"]
+    return info
+
+
+def hops_of_lookup(asker: DaemonProcess, ticket: str) -> tuple[list[str], int]:
+    """Ask ``asker`` who holds ``ticket``'s share; the providers' NodeIds and the crawl
+    rounds (hops) its DHT lookup took, read from its counters around the call."""
+    before = dht(asker)["lookups"]
+    found = asker.call("find", {"ticket": ticket})["providers"]
+    after = dht(asker)["lookups"]
+    assert after["lookups"] == before["lookups"] + 1
+    return [p["node_id"] for p in found], after["rounds"] - before["rounds"]
+
+
+def start_chain(home: Path, count: int, daemons: list[DaemonProcess]) -> None:
+    """``count`` daemons with k=K, each bootstrapped from the one before it, appended to
+    ``daemons`` as they start (so the caller stops those started if one fails)."""
+    for number in range(count):
+        extra = ["--no-lan"]
+        if daemons:
+            extra += ["--bootstrap", dht_address(daemons[-1])]
+        daemon = DaemonProcess(
+            home / f"n{number}", extra_args=tuple(extra), env={DHT_K_ENV: str(K)}
+        )
+        daemons.append(daemon)
+        daemon.start()
+
+
+def lookups(
+    askers: list[DaemonProcess], ticket: str, sharer: DaemonProcess, holders: list[DaemonProcess]
+) -> Counter[int]:
+    """A lookup from each asker: every one finds the sharer, and one from a node without the
+    record crossed the network (at least one hop). Returns the hops of those."""
+    sharer_id = sharer.node_id()
+    hops: Counter[int] = Counter()
+    for asker in askers:
+        found, rounds = hops_of_lookup(asker, ticket)
+        if asker is sharer:
+            continue  # a node is never offered its own record
+        assert sharer_id in found, found
+        if asker in holders:
+            assert rounds == 0  # answered from its own records
+        else:
+            assert rounds >= 1
+            hops[rounds] += 1
+    print(f"hops of network lookups: {sorted(hops.items())}")
+    return hops
+
+
+def test_no_hints_share_found_across_the_network_and_with_30_percent_killed(
+    tmp_path: Path,
+) -> None:
+    print(f"seed={SEED}")
+    rng = random.Random(SEED)
     daemons: list[DaemonProcess] = []
     try:
-        for number in range(20):
-            extra = ["--no-lan"]
-            if daemons:
-                extra += ["--bootstrap", dht_address(daemons[-1])]
-            daemons.append(DaemonProcess(tmp_path / f"n{number}", extra_args=tuple(extra)).start())
+        start_chain(tmp_path, NODES, daemons)
+        assert {dht(d)["k"] for d in daemons} == {K}
         sharer = daemons[7]
         source = tmp_path / "shared"
         source.mkdir()
-        (source / "data.bin").write_bytes(os.urandom(3 << 20))
+        (source / "data.bin").write_bytes(rng.randbytes(3 << 20))
         ticket = sharer.cli_json("share", str(source), "--no-hints")["ticket"]
-        sharer_id = sharer.node_id()
+        # The announce stored the record on exactly the k nodes nearest its key.
+        holders = [d for d in daemons if dht(d)["records"] > 0]
+        assert len(holders) == K, [dht(d)["records"] for d in daemons]
+        assert all(dht(d)["records"] == 1 for d in holders)
 
-        def lookups(nodes: list[DaemonProcess], count: int) -> None:
-            for _ in range(count):
-                asker = rng.choice(nodes)
-                found = asker.call("find", {"ticket": ticket})["providers"]
-                if asker is not sharer:
-                    assert sharer_id in [p["node_id"] for p in found], found
+        hops = lookups([rng.choice(daemons) for _ in range(60)], ticket, sharer, holders)
+        assert hops.total() >= 30  # most askers hold no record: 15 in 19
 
-        lookups(daemons, 100)
-
-        fetcher = daemons[18]
+        fetcher = next(d for d in daemons[10:] if d not in holders)
         report = fetcher.cli_json("fetch", ticket, str(tmp_path / "copy"))
         assert (tmp_path / "copy" / "data.bin").read_bytes() == (source / "data.bin").read_bytes()
         assert report["bytes_from_peer"] == 3 << 20
 
-        # 30% of the nodes die without a word; lookups from the rest still succeed.
-        others = [d for d in daemons if d is not sharer]
-        victims = rng.sample(others, 6)
+        # 30% of the nodes die without a word, among them all but one of the record's
+        # holders: lookups from the rest still find the sharer through the one left. Six
+        # askers without the record, each meeting the dead for the first time (a dead
+        # contact costs a lookup the RPC timeout, 2 s, once; then the asker drops it).
+        survivor = rng.choice(holders)
+        victims = [h for h in holders if h is not survivor]
+        others = [d for d in daemons if d is not sharer and d not in holders]
+        victims += rng.sample(others, NODES * 3 // 10 - len(victims))
         for victim in victims:
             victim.kill(signal.SIGKILL)
             victim.wait()
-        lookups([d for d in daemons if d not in victims], 30)
+        living = [d for d in daemons if d not in victims]
+        askers = rng.sample([d for d in living if d is not sharer and d is not survivor], 6)
+        assert lookups(askers, ticket, sharer, holders).total() == len(askers)
     finally:
         for daemon in daemons:
             daemon.stop()
