@@ -19,15 +19,6 @@ def content_hash_untrusted(value: object) -> ContentHash:
     return ContentHash(value)
 
 
-def hash_from_hex(text: str) -> ContentHash:
-    """Parse 64 hex digits (as printed by :func:`short_hex` callers and ``--json``)."""
-    try:
-        raw = bytes.fromhex(text)
-    except ValueError as exc:
-        raise RemoteProtocolError(f"not a hex hash: {text!r}") from exc
-    return content_hash_untrusted(raw)
-
-
 def short_hex(value: bytes, digits: int = 12) -> str:
     """A prefix for logs; never for identity decisions."""
     return value.hex()[:digits]

@@ -1,4 +1,4 @@
-"""Tree diff: which paths and which byte ranges of a remote tree differ from a local one.
+"""Tree diff: the leaves of a remote tree that a local one lacks, and the reverse.
 
 Both trees are content-defined (see tree.py), so a subtree that exists on both sides has
 the same hash on both sides, wherever it sits. The diff descends both trees one height at a
@@ -14,15 +14,12 @@ IntegrityError.
 
 from __future__ import annotations
 
-import enum
 import itertools
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from p2pfs.content.chunking import ChunkRef
-from p2pfs.content.folder import DIR_TREE, FILE_TREE, DirEntry, EntryKind
 from p2pfs.content.tree import Child, LeafNode, TreeSchema, WalkBound, bound_for
 from p2pfs.errors import RemoteProtocolError
 from p2pfs.ids import ContentHash
@@ -206,105 +203,3 @@ def _unmatched(items: list[tuple[int, L]], other: Counter[L]) -> list[tuple[int,
 
 def _by_offset(item: tuple[int, object]) -> int:
     return item[0]
-
-
-# -- folders ------------------------------------------------------------------------------
-
-
-class ChangeKind(enum.Enum):
-    ADDED = "added"
-    """Only the remote has this path (a whole file or directory)."""
-    REMOVED = "removed"
-    """Only the local side has this path."""
-    MODIFIED = "modified"
-    """Both have a file here with different content or flags."""
-    REPLACED = "replaced"
-    """A file on one side is a directory on the other."""
-
-
-@dataclass(frozen=True, slots=True)
-class ChunkRange:
-    """A run of consecutive remote chunks that the local version of the file lacks."""
-
-    start: int
-    end: int
-    chunks: tuple[ChunkRef, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class PathChange:
-    path: str
-    kind: ChangeKind
-    local: DirEntry | None
-    remote: DirEntry | None
-    ranges: tuple[ChunkRange, ...] = ()
-    """For MODIFIED files: the remote byte ranges whose chunks differ."""
-
-
-def diff_folders(
-    local_root: Child,
-    local_node: LocalNode,
-    remote_root: Child,
-    remote_nodes: RemoteNodes,
-    stats: DiffStats | None = None,
-) -> list[PathChange]:
-    """Every path whose entry differs, with chunk ranges for modified files, in path order."""
-    stats = stats if stats is not None else DiffStats()
-    changes: list[PathChange] = []
-    directories = [("", local_root, remote_root)]
-    while directories:
-        prefix, local_dir, remote_dir = directories.pop()
-        entries = diff_trees(DIR_TREE, local_dir, local_node, remote_dir, remote_nodes, stats)
-        local_by_name = {entry.name: entry for _, entry in entries.local_only}
-        remote_by_name: dict[str, DirEntry] = {}
-        for _, entry in entries.remote_only:
-            if entry.name in remote_by_name:
-                raise RemoteProtocolError(f"remote directory repeats the name {entry.name!r}")
-            remote_by_name[entry.name] = entry
-        for name in sorted(local_by_name.keys() | remote_by_name.keys()):
-            path = f"{prefix}{name}"
-            local_entry = local_by_name.get(name)
-            remote_entry = remote_by_name.get(name)
-            if remote_entry is None:
-                changes.append(PathChange(path, ChangeKind.REMOVED, local_entry, None))
-            elif local_entry is None:
-                changes.append(PathChange(path, ChangeKind.ADDED, None, remote_entry))
-            elif local_entry.kind != remote_entry.kind:
-                changes.append(PathChange(path, ChangeKind.REPLACED, local_entry, remote_entry))
-            elif remote_entry.kind == EntryKind.DIRECTORY:
-                directories.append((f"{path}/", local_entry.root, remote_entry.root))
-            else:
-                ranges = _file_ranges(local_entry, local_node, remote_entry, remote_nodes, stats)
-                changes.append(
-                    PathChange(path, ChangeKind.MODIFIED, local_entry, remote_entry, ranges)
-                )
-    changes.sort(key=lambda change: change.path.encode("utf-8"))
-    return changes
-
-
-def _file_ranges(
-    local_entry: DirEntry,
-    local_node: LocalNode,
-    remote_entry: DirEntry,
-    remote_nodes: RemoteNodes,
-    stats: DiffStats,
-) -> tuple[ChunkRange, ...]:
-    if local_entry.root == remote_entry.root:
-        return ()  # only flags differ
-    leaves = diff_trees(
-        FILE_TREE, local_entry.root, local_node, remote_entry.root, remote_nodes, stats
-    )
-    ranges: list[ChunkRange] = []
-    run: list[ChunkRef] = []
-    run_start = run_end = 0
-    for offset, chunk in leaves.remote_only:
-        if run and offset != run_end:
-            ranges.append(ChunkRange(run_start, run_end, tuple(run)))
-            run = []
-        if not run:
-            run_start = offset
-        run.append(chunk)
-        run_end = offset + chunk.length
-    if run:
-        ranges.append(ChunkRange(run_start, run_end, tuple(run)))
-    return tuple(ranges)

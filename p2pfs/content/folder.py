@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import blake3
 import msgpack
 
-from p2pfs.content.chunking import DEFAULT_CHUNKER, ChunkerParams, ChunkRef, chunk_id
+from p2pfs.content.chunking import DEFAULT_CHUNKER, ChunkerParams, ChunkRef
 from p2pfs.content.names import name_sort_key, validate_name
 from p2pfs.content.tree import (
     MAX_SIZE,
@@ -25,9 +25,8 @@ from p2pfs.content.tree import (
     TreeBuilder,
     TreeSchema,
     WalkBound,
-    verify_range_untrusted,
 )
-from p2pfs.errors import IntegrityError, InvalidNameError, RemoteProtocolError
+from p2pfs.errors import InvalidNameError, RemoteProtocolError
 from p2pfs.ids import ContentHash, content_hash_untrusted
 
 MAX_CHUNK_LENGTH = 16 << 20
@@ -279,29 +278,3 @@ def default_manifest(
     name: str, tree: Child, file_count: int, directory_count: int, single_file: bool
 ) -> Manifest:
     return Manifest(name, DEFAULT_CHUNKER, tree, file_count, directory_count, single_file)
-
-
-def verify_chunks_untrusted(
-    root: Child, proof: Sequence[bytes], start: int, chunks: Sequence[bytes]
-) -> list[ChunkRef]:
-    """Verify contiguous chunk bytes from an untrusted peer against a file's root alone.
-
-    ``start`` is the byte offset of the first chunk and ``proof`` the nodes from
-    :func:`~p2pfs.content.tree.prove_range` for the range the chunks cover. Returns the
-    verified chunk refs; raises IntegrityError on any mismatch, so nothing unverified is
-    ever written.
-    """
-    if not chunks:
-        raise RemoteProtocolError("no chunks to verify")
-    end = start + sum(len(chunk) for chunk in chunks)
-    if end <= start:
-        raise RemoteProtocolError("empty chunk in range")
-    leaves = verify_range_untrusted(FILE_TREE, root, proof, start, end)
-    if len(leaves) != len(chunks) or leaves[0][0] != start:
-        raise IntegrityError("chunks do not line up with the file's chunk boundaries")
-    verified = []
-    for (offset, leaf), data in zip(leaves, chunks, strict=True):
-        if leaf.length != len(data) or chunk_id(data) != leaf.id:
-            raise IntegrityError(f"chunk at offset {offset} does not match its hash")
-        verified.append(leaf)
-    return verified

@@ -12,16 +12,16 @@ is what lets the diff descend only into differing subtrees even after an inserti
 positional binary tree cannot do.
 
 Every node records each child's hash and size (bytes below it), so a receiver that trusts
-only the root can verify any node, leaf or byte range an untrusted peer sends (see
-:func:`verify_range_untrusted`). Node hashes use BLAKE3's derive-key mode with a context per
-tree kind; chunk ids use BLAKE3's plain mode; so a leaf can never pass as a node, and a
-directory node never as a file node.
+only the root can verify every node an untrusted peer sends as it walks down (see
+:func:`iter_leaves`) and knows each leaf's offset. Node hashes use BLAKE3's derive-key mode
+with a context per tree kind; chunk ids use BLAKE3's plain mode; so a leaf can never pass as
+a node, and a directory node never as a file node.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -360,70 +360,3 @@ def iter_leaves(
             pending.append((grandchild, offset, node.height - 1))
             offset += grandchild.size
         stack.extend(reversed(pending))
-
-
-def prove_range(
-    schema: TreeSchema[L], root: Child, get_node: NodeSource, start: int, end: int
-) -> list[bytes]:
-    """The nodes a receiver needs to verify the leaves overlapping bytes [start, end).
-
-    The proof is every node on the paths from the root to those leaves, in depth-first
-    order: for a single chunk that is one node per level (about log16 of the chunk count).
-    """
-    if not 0 <= start < end <= root.size:
-        raise LocalProtocolError(f"range [{start}, {end}) outside tree of {root.size} bytes")
-    proof: list[bytes] = []
-    stack: list[tuple[Child, int]] = [(root, 0)]
-    while stack:
-        child, offset = stack.pop()
-        encoded = get_node(child.hash)
-        proof.append(encoded)
-        node = schema.decode_untrusted(encoded)
-        if isinstance(node, BranchNode):
-            pending = []
-            for grandchild in node.children:
-                if offset < end and start < offset + grandchild.size:
-                    pending.append((grandchild, offset))
-                offset += grandchild.size
-            stack.extend(reversed(pending))
-    return proof
-
-
-def verify_range_untrusted(
-    schema: TreeSchema[L], root: Child, proof: Sequence[bytes], start: int, end: int
-) -> list[tuple[int, L]]:
-    """Check ``proof`` (from :func:`prove_range`) against ``root``.
-
-    Returns the verified (offset, leaf) pairs that overlap [start, end). Raises
-    IntegrityError if any node fails its hash, RemoteProtocolError if the proof is
-    malformed, incomplete or carries extra nodes.
-    """
-    if not 0 <= start < end <= root.size:
-        raise RemoteProtocolError(f"range [{start}, {end}) outside tree of {root.size} bytes")
-    if len(proof) > MAX_HEIGHT * MAX_FANOUT * 4:
-        raise RemoteProtocolError("proof has too many nodes")
-    position = 0
-    result: list[tuple[int, L]] = []
-    stack: list[tuple[Child, int, int | None]] = [(root, 0, None)]
-    while stack:
-        child, offset, height = stack.pop()
-        if position >= len(proof):
-            raise RemoteProtocolError("proof ends early")
-        node = schema.verify_node_untrusted(child, proof[position], height)
-        position += 1
-        if isinstance(node, LeafNode):
-            for leaf in node.leaves:
-                size = schema.codec.leaf_size(leaf)
-                if offset < end and start < offset + size:
-                    result.append((offset, leaf))
-                offset += size
-            continue
-        pending = []
-        for grandchild in node.children:
-            if offset < end and start < offset + grandchild.size:
-                pending.append((grandchild, offset, node.height - 1))
-            offset += grandchild.size
-        stack.extend(reversed(pending))
-    if position != len(proof):
-        raise RemoteProtocolError("proof carries nodes it does not need")
-    return result

@@ -140,10 +140,6 @@ class PipelineController:
     def min_rtt(self) -> float | None:
         return self._rtts[0][1] if self._rtts else None
 
-    @property
-    def srtt(self) -> float | None:
-        return self._srtt
-
     # -- internals ---------------------------------------------------------------------------
 
     def _busy_now(self, now: float) -> float:
