@@ -132,7 +132,9 @@ def run_hostile_member(
                     link = FolderLink(conn, keys, TransferCounters(), identity.node_id.raw)
                     await link.join()
                     if backwards:
-                        await trio.sleep(2)  # the daemon takes the newer tombstone first
+                        # The daemon takes the newer tombstone first: its index holds keep.txt
+                        # (the member fixture's one file) and then gone.txt too.
+                        await _records_reach(link, 2)
                         folder.serve([("gone.txt", signed(tombstone("gone.txt", 1), keys))])
                     with trio.move_on_after(30) as timeout:
                         await conn.wait_closed()
@@ -140,6 +142,22 @@ def run_hostile_member(
                 return not timeout.cancelled_caught
 
     return trio.run(main)
+
+
+async def _records_reach(link: FolderLink, count: int) -> None:
+    """Return once the daemon's index (watched through ``link``) holds ``count`` records. The
+    watch ends here, before the daemon has reason to drop us."""
+    reached = trio.Event()
+
+    def on_root(_root: ContentHash, records: int) -> None:
+        if records >= count:
+            reached.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(link.watch, on_root)
+        with trio.fail_after(30):
+            await reached.wait()
+        nursery.cancel_scope.cancel()
 
 
 @pytest.fixture
