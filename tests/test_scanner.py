@@ -37,7 +37,7 @@ def scan(tmp_path: Path, target: Path, home: str = "home", **kwargs: object) -> 
 
 
 NFD_NAME = unicodedata.normalize("NFD", "café")
-BIG = os.urandom(BLOCK_SIZE + 3 * DEFAULT_CHUNKER.max_size + 12345)
+BIG = random.Random(1).randbytes(BLOCK_SIZE + 3 * DEFAULT_CHUNKER.max_size + 12345)
 
 
 def make_mixed(root: Path, reverse: bool = False) -> None:
@@ -73,12 +73,13 @@ def test_identical_content_gives_identical_roots(tmp_path: Path) -> None:
 def test_big_file_chunks_match_the_chunker(tmp_path: Path) -> None:
     min_size = DEFAULT_CHUNKER.min_size
     chunker = Chunker(DEFAULT_CHUNKER)
+    rng = random.Random(2)
     contents = {
         "big": BIG,
         "one": b"x",
-        "at_min": os.urandom(min_size),
-        "past_min": os.urandom(min_size + 1),
-        "block": os.urandom(BLOCK_SIZE),
+        "at_min": rng.randbytes(min_size),
+        "past_min": rng.randbytes(min_size + 1),
+        "block": rng.randbytes(BLOCK_SIZE),
     }
     for name, data in contents.items():
         write(tmp_path / "share" / name, data)
@@ -289,7 +290,7 @@ def test_file_changing_while_read_is_retried_then_reported(tmp_path: Path) -> No
 
 def test_file_changed_once_is_read_again(tmp_path: Path) -> None:
     share = tmp_path / "share"
-    write(share / "f", os.urandom(BLOCK_SIZE + 1))
+    write(share / "f", random.Random(5).randbytes(BLOCK_SIZE + 1))
     changed: list[str] = []
 
     def change_once(path: str) -> None:
@@ -321,15 +322,23 @@ def test_file_vanishing_mid_scan_is_reported(tmp_path: Path) -> None:
 
 
 def test_file_modified_by_a_thread_during_a_big_read(tmp_path: Path) -> None:
-    """A real concurrent writer: the scan ends with a problem or a consistent root."""
+    """A real concurrent writer: the scan ends with a problem or a consistent root.
+
+    The writer only appends whole 4 KiB pages of ``x``, so every state the file passes
+    through is the original bytes plus some number of pages. A scan without a problem must
+    have indexed exactly one of those states: its size is one of them, and its root is the
+    root of a file holding exactly those bytes.
+    """
     share = tmp_path / "share"
-    write(share / "growing", os.urandom(BLOCK_SIZE * 3))
+    original = random.Random(6).randbytes(BLOCK_SIZE * 3)
+    page = b"x" * 4096
+    write(share / "growing", original)
     stop = threading.Event()
 
     def writer() -> None:
         with open(share / "growing", "ab") as out:
             while not stop.is_set():
-                out.write(b"x" * 4096)
+                out.write(page)
                 out.flush()
                 time.sleep(0.001)
 
@@ -342,6 +351,12 @@ def test_file_modified_by_a_thread_during_a_big_read(tmp_path: Path) -> None:
         thread.join()
     if result.problems:
         assert result.files == 0 and "changing" in result.problems[0].reason
+    else:
+        assert result.files == 1
+        pages, remainder = divmod(result.bytes - len(original), len(page))
+        assert pages >= 0 and remainder == 0, result.bytes
+        write(tmp_path / "snapshot" / "growing", original + page * pages)
+        assert scan(tmp_path, tmp_path / "snapshot", home="snapshot").root == result.root
     again = scan(tmp_path, share, home="again")
     assert again.problems == []
 
