@@ -368,3 +368,30 @@ def test_progress_bar_on_a_terminal(tmp_path: Path, daemons: DaemonFactory) -> N
     os.close(controller)
     assert b"fetching from" in output and b"peer" in output
     assert (tmp_path / "out.bin").read_bytes() == source.read_bytes()
+
+
+def test_a_fetch_whose_holders_all_refuse_ends(tmp_path: Path, daemons: DaemonFactory) -> None:
+    """The sharer's file changed behind its back (it can no longer serve the old chunks) and
+    the other peer does not hold the share: both refuse. The fetch ends with exit 4 naming
+    what is missing, instead of re-dialling them forever."""
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "doc.bin").write_bytes(os.urandom(600_000))
+    sharer, bystander, fetcher = daemons("sharer"), daemons("bystander"), daemons("fetcher")
+    ticket = share(sharer, source)
+    (source / "doc.bin").write_bytes(os.urandom(600_000))  # same size, other bytes
+    completed = fetcher.cli(
+        "fetch",
+        ticket,
+        str(tmp_path / "copy"),
+        "--peer",
+        bystander.address(),
+        "--give-up-after",
+        "3",
+        check=False,
+        timeout=120,
+    )
+    assert completed.returncode == 4, completed.stderr
+    assert len(completed.stderr.strip().splitlines()) == 1
+    assert "doc.bin" in completed.stderr and "resume" in completed.stderr
+    assert not (tmp_path / "copy" / "doc.bin").exists()

@@ -61,9 +61,9 @@ MAX_PEERS = 16
 GIVE_UP_AFTER = 60.0
 """A fetch ends (resumable) once no piece has arrived for this long: every holder found is
 gone, refuses, or lacks what is missing."""
-REST_AFTER_FAILURE = 30.0
-"""A holder that refused or failed is not dialled again for this long (a refusing holder
-re-dialled every round would loop forever)."""
+REST_AFTER_REFUSAL = 30.0
+"""A holder that refused is not dialled again for this long (a refusing holder re-dialled
+every round would loop forever)."""
 FRAME_OVERHEAD = 16
 """Approximate framing bytes of one ChunkData (length, tag, fields), for the counters."""
 
@@ -181,17 +181,7 @@ class PeerPool:
         peer = conn.peer_id
         joined = False
         try:
-            have = await RequestStream.open(conn, self.counters)
-            await have.send(GetHave(have.new_request_id(), self.root))
-            with trio.fail_after(HAVE_TIMEOUT):
-                reply = await have.next_reply()
-            if isinstance(reply, ErrorReply):
-                raise PeerRequestError(reply.code, reply.message)
-            assert isinstance(reply, HaveReply)
-            if reply.piece_count != len(self.pieces):
-                raise RemoteProtocolError(
-                    f"peer numbers {reply.piece_count} pieces, the trees give {len(self.pieces)}"
-                )
+            have, reply = await self._subscribe(conn)
             self.picker.add_peer(peer, None if reply.complete else reply.pieces())
             joined = True
             self._changed()
@@ -203,9 +193,16 @@ class PeerPool:
         except* IntegrityError as group:
             self._fail(peer, group, ban=True)
             conn.close_nowait(int(ErrorCode.INTEGRITY), "sent data that fails verification")
-        except* (P2pfsError, trio.TooSlowError) as group:
+        except* PeerRequestError as group:
+            # It answered, and said no (it does not hold the share, or no longer this
+            # version): asking again at once would only loop.
             self._fail(peer, group, ban=False)
-            self.resting[peer] = trio.current_time() + REST_AFTER_FAILURE
+            self.resting[peer] = trio.current_time() + REST_AFTER_REFUSAL
+            self.release(conn)
+        except* (P2pfsError, trio.TooSlowError) as group:
+            # Stalled or disconnected: often transient (a lost packet, a restart), and it may
+            # be the only holder, so it is dialled again at once; give_up_after bounds it.
+            self._fail(peer, group, ban=False)
             self.release(conn)
         finally:
             if joined:
@@ -214,6 +211,21 @@ class PeerPool:
             self._changed()
             if not self._connected:
                 self._need_peers.set()  # the last holder went: look for others at once
+
+    async def _subscribe(self, conn: PeerConnection) -> tuple[RequestStream, HaveReply]:
+        """GetHave: what the peer holds now (its updates follow on the same stream)."""
+        have = await RequestStream.open(conn, self.counters)
+        await have.send(GetHave(have.new_request_id(), self.root))
+        with trio.fail_after(HAVE_TIMEOUT):
+            reply = await have.next_reply()
+        if isinstance(reply, ErrorReply):
+            raise PeerRequestError(reply.code, reply.message)
+        assert isinstance(reply, HaveReply)
+        if reply.piece_count != len(self.pieces):
+            raise RemoteProtocolError(
+                f"peer numbers {reply.piece_count} pieces, the trees give {len(self.pieces)}"
+            )
+        return have, reply
 
     def _fail(self, peer: NodeId, group: BaseExceptionGroup[BaseException], ban: bool) -> None:
         error = group.exceptions[0]
