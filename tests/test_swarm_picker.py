@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Hashable
 
 import pytest
@@ -418,28 +417,40 @@ def test_misuse_is_a_local_error() -> None:
 
 
 def test_scale_100k_pieces_50_peers() -> None:
-    """A whole download of 100,000 pieces from 50 peers, picks of 16: a few seconds."""
+    """A whole download of 100,000 pieces from 50 peers, picks of 16: every pick names a
+    piece its peer holds, and the download completes without stalling. Five peers hold
+    everything, so while pieces are missing a pick has at least a 1 in 10 chance to get some:
+    200 empty picks in a row (probability < 1e-9) means the picker stopped handing them out.
+    Speed is not asserted here (a wall-clock bound measures the machine, not the picker)."""
     n = 100_000
     rng = random.Random(7)
-    started = time.perf_counter()
     picker = PiecePicker(n, [], random.Random(8))
-    peers: list[Hashable] = []
+    holdings: dict[Hashable, range | set[int]] = {}
     for i in range(50):
         if i < 5:
+            holdings[i] = range(n)
             picker.add_peer(i, None)
         elif i < 30:  # random halves
             bits = rng.randbytes(n)
-            picker.add_peer(i, [p for p in range(n) if bits[p] < 128])
+            holdings[i] = {p for p in range(n) if bits[p] < 128}
+            picker.add_peer(i, sorted(holdings[i]))
         else:  # whole files: contiguous slices
             start = rng.randrange(n)
-            picker.add_peer(i, range(start, min(n, start + 20_000)))
-        peers.append(i)
+            holdings[i] = range(start, min(n, start + 20_000))
+            picker.add_peer(i, holdings[i])
+    peers = list(holdings)
+    received = 0
+    empty_run = 0
     while not picker.complete:
         peer = rng.choice(peers)
-        for piece in picker.pick(peer, 16):
+        picked = picker.pick(peer, 16)
+        empty_run = 0 if picked else empty_run + 1
+        assert empty_run < 200, "the picker stopped handing out pieces"
+        for piece in picked:
+            assert piece in holdings[peer]
             picker.received(piece, peer)
-    elapsed = time.perf_counter() - started
-    assert elapsed < 40, f"{elapsed:.1f} s"
+            received += 1
+    assert received == n  # each piece once: nothing is outstanding when the endgame starts
 
 
 def test_endgame_opt_out_and_requester_cap() -> None:
