@@ -125,6 +125,7 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
         nursery.cancel_scope.cancel()
     return {
         "mode": "in-process",
+        "seed": args.seed,
         "nodes": args.nodes,
         "ksize": args.ksize,
         "lookups": args.lookups,
@@ -286,6 +287,7 @@ def _measure_daemons(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     remote = [f for f in found if f.hops > 0]
     return {
         "mode": "daemons",
+        "seed": args.seed,
         "nodes": args.nodes,
         "ksize": args.ksize,
         "sharers": len(tickets),
@@ -387,12 +389,12 @@ def print_table(rows: list[Row], figures: dict[str, Any]) -> None:
         title = (
             f"p2pfs private DHT benchmark: {figures['nodes']} loopback daemons, "
             f"k={figures['ksize']}, {figures['sharers']} --no-hints shares, "
-            f"{figures['lookups']} lookups"
+            f"{figures['lookups']} lookups, seed {figures['seed']}"
         )
     else:
         title = (
             f"p2pfs private DHT benchmark: {figures['nodes']} loopback nodes in one process, "
-            f"k={figures['ksize']}, {figures['lookups']} lookups"
+            f"k={figures['ksize']}, {figures['lookups']} lookups, seed {figures['seed']}"
         )
     table = Table(title=title)
     for column in ("measure", "p2pfs", "reference (same run)", "goal", "met"):
