@@ -247,6 +247,10 @@ class LanFinder:
         offset = 0
         sent_keys = False
         while True:
+            # A fresh wake-up before the keys are read: an announce or withdraw that lands
+            # while this beacon is being sent sets it, and the next beacon follows at once
+            # (made after the send, it was lost until the next interval).
+            self._beacon_now = trio.Event()
             self._join_groups()
             prefixes, complete, offset = announce_windows(self._keys, offset)
             # A node with nothing to offer stays quiet, except once to say it has nothing.
@@ -263,7 +267,6 @@ class LanFinder:
                 )
             sent_keys = bool(prefixes)
             last = trio.current_time()
-            self._beacon_now = trio.Event()
             jitter = self._rng.uniform(0.9, 1.1)
             with trio.move_on_after(self._interval * jitter):
                 await self._beacon_now.wait()
