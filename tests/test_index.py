@@ -12,6 +12,7 @@ from p2pfs.content.chunking import DEFAULT_CHUNKER, Chunker
 from p2pfs.content.folder import FILE_TREE
 from p2pfs.content.tree import Child, iter_leaves
 from p2pfs.errors import StorageError
+from p2pfs.store.folders import FolderStore
 from p2pfs.store.index import SCHEMA_VERSION, IndexStore, read_chunk, unpack_chunks
 from p2pfs.store.scanner import scan_share
 
@@ -107,3 +108,16 @@ def test_metadata_budget(tmp_path: Path) -> None:
     assert result.bytes == size
     assert used / size <= 0.001, f"{used} bytes of index for {size} bytes"
     assert used / result.chunks <= 75, f"{used / result.chunks:.1f} bytes a chunk"
+
+
+def test_folder_members_not_met_since_a_cutoff_are_forgotten(tmp_path: Path) -> None:
+    """Only authenticated member addresses are stored; old ones expire (issue 12 item 4)."""
+    with IndexStore(tmp_path / "index.sqlite3") as index:
+        store = FolderStore(index)
+        row = store.add_folder(
+            b"f" * 32, str(tmp_path / "dir"), b"r" * 32, b"w" * 32, None, b"d" * 32, 1
+        )
+        store.put_peer(row.id, b"old" * 8, "192.0.2.1", 7337, 1_000)
+        store.put_peer(row.id, b"new" * 8, "192.0.2.2", 7337, 5_000)
+        assert store.forget_peers_before(row.id, 2_000) == 1
+        assert [peer.node_id for peer in store.peers(row.id)] == [b"new" * 8]

@@ -120,6 +120,14 @@ class FolderStore:
             ).fetchall()
         return [PeerRow(*row) for row in rows]
 
+    def forget_peers_before(self, folder: int, cutoff_ns: int) -> int:
+        """Drop members not met (authenticated) since ``cutoff_ns``; returns how many."""
+        with _guard("expiring folder peers"), self.index.transaction():
+            cursor = self._conn.execute(
+                "DELETE FROM folder_peers WHERE folder = ? AND seen_ns < ?", (folder, cutoff_ns)
+            )
+        return cursor.rowcount
+
     def put_peer(self, folder: int, node_id: bytes, host: str, port: int, seen_ns: int) -> None:
         with _guard("writing folder peer"), self.index.transaction():
             self._conn.execute(

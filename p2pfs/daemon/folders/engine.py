@@ -64,6 +64,11 @@ step's durable commit overlaps the next one's transfer."""
 VERIFY_THREADS = 2
 VERIFY_SPLIT_MIN = 256
 KEPT_TREES = 3
+MEMBER_EXPIRY = 30 * 24 * 3600.0
+"""A member not met for this long is forgotten (it left, or moved and will be found again)."""
+MAX_MEMBERS = 256
+"""Members dialled at most (the most recently met)."""
+PEER_SEEN_REFRESH = 24 * 3600.0
 """Index trees kept servable after they are replaced: a peer may be mid-diff against one."""
 
 
@@ -124,6 +129,7 @@ class FolderSync:
         """On a read-only member: local changes that are reported, never propagated."""
         self.problems: list[str] = []
         self.peers: dict[bytes, tuple[str, int]] = {}
+        self._peer_seen: dict[bytes, int] = {}
         self.case_insensitive = False
         """Names that differ only by case are one file here (probed at load)."""
         self.collisions: dict[str, str] = {}
@@ -150,8 +156,14 @@ class FolderSync:
             self._put(record)
             if absent:
                 self.absent.add(path)
-        for peer in await self._index.run(self._store.peers, self.row.id):
+        # Members not met for MEMBER_EXPIRY are forgotten, and at most MAX_MEMBERS of the
+        # most recently met are dialled: an address is kept only because a connection to it
+        # authenticated, but a member that left must not be called forever.
+        cutoff = time.time_ns() - int(MEMBER_EXPIRY * 1e9)
+        await self._index.run(self._store.forget_peers_before, self.row.id, cutoff)
+        for peer in (await self._index.run(self._store.peers, self.row.id))[:MAX_MEMBERS]:
             self.peers[peer.node_id] = (peer.host, peer.port)
+            self._peer_seen[peer.node_id] = peer.seen_ns
         self._rebuild()
 
     def _put(self, record: SignedRecord) -> None:
@@ -238,12 +250,15 @@ class FolderSync:
         return self._share_root
 
     async def remember_peer(self, node_id: bytes, host: str, port: int) -> None:
-        if self.peers.get(node_id) == (host, port):
+        """A member authenticated at ``host:port``: keep it (its last-met time refreshed at
+        most daily, so a live member never expires)."""
+        now = time.time_ns()
+        unchanged = self.peers.get(node_id) == (host, port)
+        if unchanged and now - self._peer_seen.get(node_id, 0) < PEER_SEEN_REFRESH * 1e9:
             return
         self.peers[node_id] = (host, port)
-        await self._index.run(
-            self._store.put_peer, self.row.id, node_id, host, port, time.time_ns()
-        )
+        self._peer_seen[node_id] = now
+        await self._index.run(self._store.put_peer, self.row.id, node_id, host, port, now)
 
     # -- local changes --------------------------------------------------------------------
 
