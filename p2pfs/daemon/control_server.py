@@ -32,6 +32,8 @@ from p2pfs.errors import (
 logger = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 64 * 1024
+PROGRESS_INTERVAL = 0.2
+"""Progress events go to a client at most this often (a display rate, not a poll)."""
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 Handler = Callable[[dict[str, Any], Emit], Awaitable[dict[str, Any]]]
@@ -200,3 +202,17 @@ async def _send_quietly(stream: trio.SocketStream, message: dict[str, Any]) -> N
         await _send(stream, message)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         logger.debug("control client went away before its answer")
+
+
+async def pump_progress(emit: Emit, latest: list[dict[str, Any]]) -> None:
+    """Forward the newest progress to the CLI at most every PROGRESS_INTERVAL (a display
+    rate, not a poll: the work itself never waits on this)."""
+    while True:
+        await trio.sleep(PROGRESS_INTERVAL)
+        if latest:
+            event = latest[-1]
+            latest.clear()
+            try:
+                await emit(event)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return

@@ -10,7 +10,6 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -18,10 +17,8 @@ from typing import Any
 
 import trio
 
-from p2pfs.content.folder import DIR_TREE, EntryKind, Manifest, manifest_root, share_bound
 from p2pfs.errors import (
     ConnectionClosedError,
-    IntegrityError,
     LocalProtocolError,
     RemoteProtocolError,
 )
@@ -37,30 +34,24 @@ from p2pfs.wire.ticket import (
     PeerAddress,
     RelayHint,
     Ticket,
-    TicketError,
     TicketKind,
-    parse_address,
-    parse_ticket_untrusted,
 )
 
 from .addresses import AddressBook
 from .control_client import SOCKET_NAME
-from .control_server import ControlServer, Emit
-from .dialer import Candidate, Dialer, DialError
+from .control_server import ControlServer, Emit, pump_progress
+from .dialer import Candidate, Dialer
 from .discovery import Discovery, DiscoveryConfig, PortInUseError
-from .fetcher import Fetcher, FetchProgress
+from .fetches import Fetches, user_ticket
 from .folders.manager import FolderConfig, FolderManager
 from .folders.server import FolderServer
 from .portmap import PortMapper
 from .punch import Puncher
 from .ratelimit import TokenBucket
 from .relay import RelayClient, RelayLimits, RelayRoute, RelayService, guard, read_first_untrusted
-from .requests import RequestStream
 from .service import ShareService, TransferCounters
 from .storage import AsyncIndex
-from .swarmfetch import GIVE_UP_AFTER, REDISCOVER_INTERVAL
 from .swarmstate import SwarmRegistry
-from .treewalk import TreeJob, walk_trees
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +61,6 @@ sometimes never reported) cannot hurt this protocol: every reply is length-frame
 step waits for a FIN (a server stream whose FIN is lost ends with its connection), and a
 lost byte of data would surface as a stall, never as a wrong byte."""
 GIL_SWITCH_INTERVAL = 0.0005
-PROGRESS_INTERVAL = 0.2
 SHUTDOWN_GRACE = 4.0
 """Seconds the endpoint gets to close connections on shutdown (the goal is 5 s in all)."""
 
@@ -95,31 +85,10 @@ class NodeConfig:
     """Ask the gateway to map our UDP port (bound to a wildcard only; ``--no-port-mapping``)."""
 
 
-@dataclass(slots=True)
-class _Writer:
-    root: bytes
-    done: trio.Event = field(default_factory=trio.Event)
-
-
-@dataclass(slots=True)
-class _Transfer:
-    root: str
-    destination: str
-    peer: str
-    bytes_done: int = 0
-    bytes_total: int = 0
-    files_done: int = 0
-    files_total: int = 0
-    started: float = field(default_factory=time.monotonic)
-    peers: list[dict[str, object]] = field(default_factory=list)
-
-
 class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.counters = TransferCounters()
-        self._transfers: dict[int, _Transfer] = {}
-        self._next_transfer = 1
         self._endpoint: Endpoint | None = None
         self._identity: Identity | None = None
         self._index: AsyncIndex | None = None
@@ -134,8 +103,7 @@ class Node:
         self._root_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
         self._service: ShareService | None = None
-        self._writing: dict[str, _Writer] = {}
-        """Destinations being fetched into (real paths), so two fetches never write one."""
+        self._fetches: Fetches | None = None
         self._relay_service = RelayService(config.relay) if config.relay is not None else None
         self._relay_client: RelayClient | None = None
         self._puncher: Puncher | None = None
@@ -205,6 +173,15 @@ class Node:
             self._root_scope = nursery.cancel_scope
             self._nursery = nursery
             self._dialer = Dialer(endpoint, self._serve_connection, nursery)
+            self._fetches = Fetches(
+                self._dialer,
+                self._discovery,
+                self.index,
+                self.counters,
+                self._swarm,
+                self._download_limit,
+                self.config.peers,
+            )
             self._puncher = Puncher(endpoint, self._punch_candidates)
             self._relay_client = RelayClient(
                 endpoint, self.config.relay_via, self._dial_relay, self.dialer.release, nursery
@@ -408,6 +385,17 @@ class Node:
         assert self._dialer is not None, "the node is not running"
         return self._dialer
 
+    @property
+    def fetches(self) -> Fetches:
+        assert self._fetches is not None, "the node is not running"
+        return self._fetches
+
+    async def _ls(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        return await self.fetches.ls(params, emit)
+
+    async def _fetch(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        return await self.fetches.fetch(params, emit)
+
     async def _stop(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         """`p2pfs stop`: answer first, then shut down as on SIGTERM."""
         assert self._root_scope is not None
@@ -449,7 +437,7 @@ class Node:
             "peers": _peer_summaries(self.endpoint.connections),
             "shares": [{"root": share.root.hex(), "path": share.local_path} for share in shares],
             "folders": len(self.folders.folders),
-            "transfers": [asdict(transfer) for transfer in self._transfers.values()],
+            "transfers": [asdict(t) for t in self.fetches.transfers.values()],
             "counters": counters,
             "transport": {
                 "datagrams_dropped": self.endpoint.datagrams_dropped,
@@ -476,7 +464,7 @@ class Node:
             latest.append({"bytes_done": done_bytes, "files_done": done_files})
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_pump_progress, emit, latest)
+            nursery.start_soon(pump_progress, emit, latest)
             result = await self.index.run(scan_share, path, self.index.index, progress=progress)
             nursery.cancel_scope.cancel()
         await self.discovery.announce(result.root)
@@ -501,7 +489,7 @@ class Node:
 
     async def _find(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         """Who holds a ticket's share, by discovery alone (the ticket's hints are ignored)."""
-        ticket = _ticket(params)
+        ticket = user_ticket(params)
         started = time.monotonic()
         providers = await self.discovery.find(ticket.root)
         return {
@@ -516,207 +504,6 @@ class Node:
                 for provider in providers
             ],
         }
-
-    async def _ls(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        ticket = _ticket(params)
-        holder = object()
-        connect = self._holder_connector(ticket, _peer_list(params), holder, _give_up(params))
-        conn = await connect(set())
-        try:
-            control = await RequestStream.open(conn, self.counters)
-            encoded = await control.manifest(ticket.root)
-            if manifest_root(encoded) != ticket.root:
-                raise IntegrityError("the peer's manifest does not match the ticket's root")
-            manifest = Manifest.decode_untrusted(encoded)
-
-            async def fetch(hashes: list[Any]) -> list[bytes]:
-                return await control.nodes(ticket.root, hashes)
-
-            entries: list[dict[str, Any]] = []
-            bound = share_bound(manifest)
-            level = [TreeJob(DIR_TREE, manifest.tree, tag="", bound=bound)]
-            while level:
-                await walk_trees(level, fetch)
-                next_level = []
-                for job in level:
-                    for _offset, entry in job.leaves:
-                        path = f"{job.tag}{entry.name}"
-                        is_dir = entry.kind is EntryKind.DIRECTORY
-                        entries.append(
-                            {
-                                "path": path,
-                                "kind": "directory" if is_dir else "file",
-                                "size": entry.size,
-                                "executable": entry.executable,
-                            }
-                        )
-                        if is_dir:
-                            next_level.append(
-                                TreeJob(DIR_TREE, entry.root, tag=f"{path}/", bound=bound)
-                            )
-                level = next_level
-            await control.close()
-        finally:
-            self.dialer.release_all(holder)
-        return {
-            "root": ticket.root.hex(),
-            "name": manifest.name,
-            "files": manifest.file_count,
-            "bytes": manifest.tree.size,
-            "entries": entries,
-        }
-
-    async def _fetch(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        ticket = _ticket(params)
-        destination = params.get("dest")
-        if not isinstance(destination, str) or not destination:
-            raise LocalProtocolError("fetch needs a destination")
-        extra = _peer_list(params)
-        give_up = _give_up(params)
-        real = os.path.realpath(destination)
-        await self._claim_destination(real, ticket.root, emit)
-        holder = object()  # this fetch's leases on connections
-        transfer_id = self._next_transfer
-        self._next_transfer += 1
-        transfer = _Transfer(ticket.root.hex(), destination, "")
-        self._transfers[transfer_id] = transfer
-        latest: list[dict[str, Any]] = []
-
-        def progress(update: FetchProgress) -> None:
-            transfer.peers = fetcher.peers()
-            transfer.bytes_done = update.bytes_done
-            transfer.bytes_total = update.bytes_total
-            transfer.files_done = update.files_done
-            transfer.files_total = update.files_total
-            latest.append({**asdict(update), "peers": transfer.peers})
-
-        try:
-            # Other fetchers of this share find us (and trade pieces) while we fetch.
-            await self.discovery.announce(ticket.root)
-
-            async def more_peers(exclude: set[NodeId]) -> list[PeerConnection]:
-                candidates = await self._share_candidates(ticket, extra, discover=True)
-                return await self.dialer.each(candidates, holder, exclude=exclude)
-
-            def release(conn: PeerConnection) -> None:
-                self.dialer.release(conn, holder)
-
-            fetcher = Fetcher(
-                self._holder_connector(ticket, extra, holder, give_up),
-                ticket.root,
-                destination,
-                self.index,
-                self.counters,
-                progress,
-                self._download_limit,
-                registry=self._swarm,
-                more_peers=more_peers,
-                release=release,
-                give_up_after=give_up,
-                overwrite=bool(params.get("overwrite")),
-            )
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_pump_progress, emit, latest)
-                report = await fetcher.run()
-                nursery.cancel_scope.cancel()
-        finally:
-            del self._transfers[transfer_id]
-            self.dialer.release_all(holder)
-            self._writing.pop(real).done.set()
-        return asdict(report)
-
-    async def _claim_destination(self, real: str, root: bytes, emit: Emit) -> None:
-        """One fetch writes into a destination at a time. A second fetch of the same share
-        into it waits for the first, then finds its files complete; anything else that
-        overlaps (another share, a directory inside the other) is refused."""
-        while True:
-            clash = next(
-                (
-                    (path, writer)
-                    for path, writer in self._writing.items()
-                    if path == real or _nested(path, real)
-                ),
-                None,
-            )
-            if clash is None:
-                self._writing[real] = _Writer(root)
-                return
-            path, writer = clash
-            if path != real or writer.root != root:
-                raise LocalProtocolError(
-                    f"another fetch is writing into {path}; wait for it to finish or fetch "
-                    "into another directory"
-                )
-            logger.info("fetch into %s waits for the fetch already writing there", real)
-            await emit({"waiting": f"another fetch of this share is writing into {real}"})
-            await writer.done.wait()
-
-    def _holder_connector(
-        self, ticket: Ticket, extra: list[PeerAddress], holder: object, give_up: float
-    ) -> Callable[[set[NodeId]], Awaitable[PeerConnection]]:
-        """A connection to a holder of the ticket's share, not one of those excluded: the
-        ticket's addresses and --peers first, then whoever discovery finds, asked again
-        every few seconds until ``give_up`` seconds have passed without one."""
-
-        async def connect(exclude: set[NodeId]) -> PeerConnection:
-            deadline = trio.current_time() + give_up
-            while True:
-                attempts: list[tuple[Candidate, str]] = []
-                direct = await self._share_candidates(ticket, extra, discover=False)
-                try:
-                    return await self.dialer.first(direct, holder, exclude=exclude)
-                except DialError as exc:
-                    attempts.extend(exc.attempts)
-                found = [
-                    candidate
-                    for candidate in await self._discovered(ticket)
-                    if candidate.address not in {c.address for c in direct}
-                ]
-                try:
-                    return await self.dialer.first(found, holder, exclude=exclude)
-                except DialError as exc:
-                    attempts.extend(exc.attempts)
-                if trio.current_time() >= deadline:
-                    if not attempts:
-                        raise DialError(
-                            [],
-                            "a holder (the ticket names no address and discovery "
-                            f"found no provider in {give_up:g} s)",
-                        )
-                    raise DialError(attempts)
-                await trio.sleep(min(REDISCOVER_INTERVAL, deadline - trio.current_time()))
-
-        return connect
-
-    async def _share_candidates(
-        self, ticket: Ticket, extra: list[PeerAddress], *, discover: bool
-    ) -> list[Candidate]:
-        """The ticket's addresses (pinned to its node), then --peers (any node: whoever it
-        is proves its key and content hashes check its data), then discovery's providers
-        (pinned to their own NodeId where the backend gives one; Mainline's give none)."""
-        pinned = NodeId(ticket.node_id) if ticket.node_id is not None else None
-        candidates = [Candidate(address, pinned, "ticket") for address in ticket.addresses]
-        candidates += [Candidate(address, None, "peer") for address in extra]
-        candidates += [Candidate(address, None, "peer") for address in self.config.peers]
-        if discover:
-            candidates += await self._discovered(ticket)
-        # Relays last: every direct address gets its chance first (Happy Eyeballs order).
-        if pinned is not None:
-            candidates += [
-                Candidate(hint.address, pinned, "relay", NodeId(hint.node_id))
-                for hint in ticket.relays
-            ]
-        return candidates
-
-    async def _discovered(self, ticket: Ticket) -> list[Candidate]:
-        return [
-            Candidate(
-                provider.address,
-                NodeId(provider.node_id) if provider.node_id is not None else None,
-                provider.source,
-            )
-            for provider in await self.discovery.find(ticket.root)
-        ]
 
 
 def _folder_paths(index: IndexStore) -> set[str]:
@@ -750,36 +537,6 @@ def _bucket(rate: int | None) -> TokenBucket | None:
     return TokenBucket(rate) if rate else None
 
 
-def _peer_list(params: dict[str, Any]) -> list[PeerAddress]:
-    peers = params.get("peers") or []
-    if not isinstance(peers, list):
-        raise LocalProtocolError("peers must be a list of HOST:PORT")
-    try:
-        return [parse_address(str(peer), allow_names=True) for peer in peers]
-    except TicketError as exc:
-        raise LocalProtocolError(str(exc)) from exc
-
-
-def _ticket(params: dict[str, Any]) -> Ticket:
-    """A ticket the user typed: a bad one is the user's input error, not a peer's."""
-    try:
-        return parse_ticket_untrusted(str(params.get("ticket", "")))
-    except TicketError as exc:
-        raise LocalProtocolError(str(exc)) from exc
-
-
-def _give_up(params: dict[str, Any]) -> float:
-    value = params.get("give_up_after", GIVE_UP_AFTER)
-    if not isinstance(value, int | float) or value <= 0:
-        raise LocalProtocolError("give_up_after must be a positive number of seconds")
-    return float(value)
-
-
-def _nested(a: str, b: str) -> bool:
-    """One path is inside the other."""
-    return a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
-
-
 def _private_file(path: Path) -> None:
     """Create ``path`` readable by its owner only, or make it so (the index holds folder
     write seeds; SQLite creates files with the umask's mode)."""
@@ -792,20 +549,6 @@ def _private_file(path: Path) -> None:
 
 def _format(address: tuple[str, int] | Any) -> str:
     return str(PeerAddress(str(address[0]), int(address[1])))
-
-
-async def _pump_progress(emit: Emit, latest: list[dict[str, Any]]) -> None:
-    """Forward the newest progress to the CLI at most every PROGRESS_INTERVAL (a display
-    rate, not a poll: the work itself never waits on this)."""
-    while True:
-        await trio.sleep(PROGRESS_INTERVAL)
-        if latest:
-            event = latest[-1]
-            latest.clear()
-            try:
-                await emit(event)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
 
 
 async def run_node(config: NodeConfig) -> None:
