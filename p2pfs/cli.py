@@ -34,7 +34,7 @@ from rich.progress import (
 
 from p2pfs import __version__
 from p2pfs.daemon.control_client import SOCKET_NAME, DaemonError, DaemonNotRunning, call
-from p2pfs.errors import P2pfsError
+from p2pfs.errors import P2pfsError, explaining_error
 from p2pfs.home import resolve_home
 from p2pfs.store.index import CHUNK_RECORD, INDEX_FILENAME, IndexStore
 from p2pfs.store.scanner import ScanResult, scan_share
@@ -302,22 +302,11 @@ def _daemon(args: argparse.Namespace) -> int:
     except BaseExceptionGroup as group:
         # A failure at start (a port taken, the home locked) arrives wrapped by the
         # nurseries it passed through: say it in one line, not as a traceback.
-        ours = _first_p2pfs_error(group)
+        ours = explaining_error(group)
         if ours is None:
             raise
         raise ours from None
     return EXIT_OK
-
-
-def _first_p2pfs_error(raised: BaseException) -> P2pfsError | None:
-    if isinstance(raised, P2pfsError):
-        return raised
-    if isinstance(raised, BaseExceptionGroup):
-        for inner in raised.exceptions:
-            found = _first_p2pfs_error(inner)
-            if found is not None:
-                return found
-    return None
 
 
 def _resolved(address: PeerAddress) -> PeerAddress:

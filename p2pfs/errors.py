@@ -57,3 +57,16 @@ class StreamResetError(P2pfsError):
     def __init__(self, message: str, *, error_code: int) -> None:
         super().__init__(message)
         self.error_code = error_code
+
+
+def explaining_error(raised: BaseException) -> P2pfsError | None:
+    """The P2pfsError that explains ``raised``, looking inside exception groups (a failure
+    in a nursery arrives wrapped), or None if it is not one of ours."""
+    if isinstance(raised, P2pfsError):
+        return raised
+    if isinstance(raised, BaseExceptionGroup):
+        for inner in raised.exceptions:
+            found = explaining_error(inner)
+            if found is not None:
+                return found
+    return None

@@ -27,6 +27,7 @@ from p2pfs.errors import (
     P2pfsError,
     RemoteProtocolError,
     StreamResetError,
+    explaining_error,
 )
 
 logger = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class ControlServer:
                 logger.debug("control client of %s went away", method)
                 return
             except (P2pfsError, BaseExceptionGroup) as raised:
-                ours = _our_error(raised)
+                ours = explaining_error(raised)
                 if ours is None:
                     raise
                 logger.info("%s failed: %s", method, ours)
@@ -148,19 +149,6 @@ async def _unless_hung_up(
         return result[0]
     assert hung_up  # else an outer cancellation would have left the block raising
     raise _HungUp
-
-
-def _our_error(raised: BaseException) -> P2pfsError | None:
-    """The P2pfsError that explains ``raised``, looking inside exception groups (a failing
-    task in a nursery arrives wrapped)."""
-    if isinstance(raised, P2pfsError):
-        return raised
-    if isinstance(raised, BaseExceptionGroup):
-        for inner in raised.exceptions:
-            found = _our_error(inner)
-            if found is not None:
-                return found
-    return None
 
 
 def _kind(exc: P2pfsError) -> str:
