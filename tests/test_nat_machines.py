@@ -34,6 +34,25 @@ def paths_to(machine: Machine, node_id: str) -> set[str]:
     return {peer["path"] for peer in peers(machine) if peer["node_id"] == node_id}
 
 
+def fetch_watching_paths(fetcher: Machine, ticket: str, dest: Path, holder: str) -> set[str]:
+    """Run a fetch to its end; return every path type (direct, punched, relayed) the
+    fetcher's status showed toward ``holder`` meanwhile."""
+    fetch = fetcher.popen("fetch", ticket, str(dest), "--json")
+    seen: set[str] = set()
+
+    def fetched() -> bool:
+        seen.update(paths_to(fetcher, holder))
+        return fetch.poll() is not None
+
+    try:
+        wait_until(fetched, timeout=120)
+        _, stderr = fetch.communicate(timeout=10)
+        assert fetch.returncode == 0, stderr
+    finally:
+        fetch.kill()
+    return seen
+
+
 def two_homes(bed: NetBed, nat: str, *relay_flags: str) -> tuple[Machine, Machine, Machine]:
     """A public relay and two homes behind `nat` routers, each registered with the relay."""
     relay = bed.machine("relay")
@@ -82,19 +101,7 @@ def test_symmetric_nats_fetch_through_the_relay(natbed: NetBed, tmp_path: Path) 
     source = tmp_path / "docs"
     make_tree(source, {"report.pdf": 3 * MiB, "notes/n.txt": 5000})
     ticket = share(a, source)
-    fetch = b.popen("fetch", ticket, str(tmp_path / "copy"), "--json")
-    seen: set[str] = set()
-
-    def fetched() -> bool:
-        seen.update(paths_to(b, a_id))
-        return fetch.poll() is not None
-
-    try:
-        wait_until(fetched, timeout=120)
-        _, stderr = fetch.communicate(timeout=10)
-        assert fetch.returncode == 0, stderr
-    finally:
-        fetch.kill()
+    seen = fetch_watching_paths(b, ticket, tmp_path / "copy", a_id)
     assert same_tree(source, tmp_path / "copy")
     assert "relayed" in seen
     assert "punched" not in seen and "direct" not in seen

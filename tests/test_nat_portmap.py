@@ -10,7 +10,7 @@ from pathlib import Path
 from tests.e2e_helpers import wait_until
 from tests.netbed import DEFAULT_PORT, Gateway, Machine, NetBed, upnpbed
 from tests.test_machines import make_tree, same_tree, share
-from tests.test_nat_machines import ident, paths_to
+from tests.test_nat_machines import fetch_watching_paths, ident
 
 __all__ = ["upnpbed"]
 
@@ -53,19 +53,7 @@ def test_mapped_home_is_fetched_from_directly(upnpbed: NetBed, tmp_path: Path) -
     source = tmp_path / "photos"
     make_tree(source, {"big.bin": 6 * MiB, "small.txt": 1000})
     ticket = share(home, source)
-    fetch = public.popen("fetch", ticket, str(tmp_path / "copy"), "--json")
-    seen: set[str] = set()
-
-    def fetched() -> bool:
-        seen.update(paths_to(public, home_id))
-        return fetch.poll() is not None
-
-    try:
-        wait_until(fetched, timeout=120)
-        _, stderr = fetch.communicate(timeout=10)
-        assert fetch.returncode == 0, stderr
-    finally:
-        fetch.kill()
+    seen = fetch_watching_paths(public, ticket, tmp_path / "copy", home_id)
     assert same_tree(source, tmp_path / "copy")
     assert seen == {"direct"}
 
