@@ -2,22 +2,45 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
 
 import blake3
+import msgpack
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from p2pfs.content.chunking import DEFAULT_CHUNKER, Chunker, ChunkerParams, chunk_id
 from p2pfs.content.folder import DIR_TREE, FILE_TREE, MANIFEST_CONTEXT, Manifest
 from p2pfs.content.tree import TreeSchema, build_tree
+from p2pfs.discovery.beacon import Beacon, MessageType, parse_beacon_untrusted
+from p2pfs.discovery.dht import messages as dht
+from p2pfs.discovery.keys import (
+    MAINLINE_KEY_CONTEXT,
+    SHARE_KEY_CONTEXT,
+    mainline_info_hash,
+    share_discovery_key,
+)
+from p2pfs.errors import RemoteProtocolError
+from p2pfs.identity import Identity, NodeId, node_id_untrusted
+from p2pfs.ids import ContentHash
+from p2pfs.net import auth, control
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.records import INDEX_TREE, SignedRecord, build_index, index_leaf
 from p2pfs.sync.versions import FileVersion
 from p2pfs.wire.frames import FrameDecoder
 from p2pfs.wire.messages import decode_message_untrusted, encode_message
 from p2pfs.wire.session import PROTOCOL_VERSION
+from p2pfs.wire.ticket import (
+    TICKET_VERSION,
+    PeerAddress,
+    RelayHint,
+    Ticket,
+    TicketKind,
+    parse_ticket_untrusted,
+)
 
 VECTORS_FILE = Path(__file__).parent.parent / "protocol" / "vectors" / "content.json"
 DOCUMENT = json.loads(VECTORS_FILE.read_text())
@@ -183,3 +206,330 @@ def test_signed_records_and_index_tree() -> None:
     assert FOLDER["index_context"] == INDEX_TREE.context
     node_vector = by_name["index-node"]
     assert nodes[bytes.fromhex(node_vector["hash"])] == encoding_of(node_vector)
+
+
+def load(name: str) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads((VECTORS_FILE.parent / name).read_text())
+    return document
+
+
+def from_json(value: Any) -> Any:
+    """The typed JSON of vectors/*.json back to msgpack values: {"bin": hex} is bytes and
+    {"map": [[key, value]...]} a map, in order."""
+    if isinstance(value, list):
+        return [from_json(item) for item in value]
+    if isinstance(value, dict) and set(value) == {"bin"}:
+        return bytes.fromhex(value["bin"])
+    if isinstance(value, dict) and set(value) == {"map"}:
+        return {from_json(k): from_json(v) for k, v in value["map"]}
+    return value
+
+
+def hex_or_none(text: str | None) -> bytes | None:
+    return None if text is None else bytes.fromhex(text)
+
+
+# --- tickets (vectors/ticket.json, WIRE.md "Tickets") ---------------------------------------
+
+TICKETS = load("ticket.json")
+
+
+def ticket_of(doc: dict[str, Any]) -> Ticket:
+    return Ticket(
+        TicketKind(doc["kind"]),
+        ContentHash(bytes.fromhex(doc["root"])),
+        hex_or_none(doc["node_id"]),
+        tuple(PeerAddress(host, port) for host, port in doc["addresses"]),
+        hex_or_none(doc["write_public"]),
+        tuple(
+            RelayHint(bytes.fromhex(node), PeerAddress(host, port))
+            for node, host, port in doc["relays"]
+        ),
+    )
+
+
+def documented_ticket_fields(doc: dict[str, Any]) -> list[Any]:
+    """The payload array exactly as WIRE.md describes it, from the vector's plain fields."""
+    fields: list[Any] = [
+        doc["kind"],
+        bytes.fromhex(doc["root"]),
+        hex_or_none(doc["node_id"]),
+        doc["addresses"],
+    ]
+    if doc["kind"] == TicketKind.FOLDER_RO or doc["relays"]:
+        fields.append(hex_or_none(doc["write_public"]))
+    if doc["relays"]:
+        fields.append([[bytes.fromhex(n), host, port] for n, host, port in doc["relays"]])
+    return fields
+
+
+def test_ticket_vectors_cover_every_kind_with_and_without_hints() -> None:
+    assert TICKETS["format_version"] == TICKET_VERSION
+    docs = [vector["ticket"] for vector in TICKETS["vectors"]]
+    assert {doc["kind"] for doc in docs} == {int(kind) for kind in TicketKind}
+    for kind in TicketKind:
+        of_kind = [doc for doc in docs if doc["kind"] == kind]
+        assert any(doc["addresses"] for doc in of_kind), kind
+        assert any(doc["relays"] for doc in of_kind), kind
+    assert any(doc["node_id"] is None for doc in docs)
+    assert any(doc["node_id"] and not doc["addresses"] for doc in docs)
+
+
+@pytest.mark.parametrize("vector", TICKETS["vectors"], ids=lambda v: v["name"])
+def test_ticket_vectors(vector: dict[str, Any]) -> None:
+    payload = encoding_of(vector)
+    checksum = bytes.fromhex(vector["checksum"])
+    # The layout, computed here from the documented rules rather than by the codec.
+    assert msgpack.unpackb(payload, raw=False) == documented_ticket_fields(vector["ticket"])
+    assert blake3.blake3(payload).digest()[:4] == checksum
+    body = base64.b32encode(payload + checksum).decode("ascii").rstrip("=").lower()
+    assert vector["text"] == "p2pfs1" + body
+    # Both directions through the code.
+    ticket = ticket_of(vector["ticket"])
+    assert ticket.encode() == vector["text"]
+    assert parse_ticket_untrusted(vector["text"]) == ticket
+
+
+# --- NodeIds, authentication, control frames (vectors/transport.json, WIRE.md) --------------
+
+TRANSPORT = load("transport.json")
+TRANSPORT_VECTORS = {vector["name"]: vector for vector in TRANSPORT["vectors"]}
+
+
+def identity_of(role: str) -> Identity:
+    seed = bytes.fromhex(TRANSPORT["identities"][role]["ed25519_seed"])
+    return Identity.from_private_key(Ed25519PrivateKey.from_private_bytes(seed))
+
+
+@pytest.mark.parametrize("role", sorted(TRANSPORT["identities"]))
+def test_identities_from_fixed_seeds(role: str) -> None:
+    doc = TRANSPORT["identities"][role]
+    identity = identity_of(role)
+    public_key = bytes.fromhex(doc["public_key"])
+    assert identity.public_key == public_key
+    assert blake3.blake3(public_key).hexdigest() == doc["node_id"]
+    assert identity.node_id.raw.hex() == doc["node_id"]
+    assert str(identity.node_id) == doc["node_id_text"]
+    assert node_id_untrusted(doc["node_id_text"]) == identity.node_id
+
+
+@pytest.mark.parametrize("vector", TRANSPORT["node_id_texts"], ids=lambda v: v["name"])
+def test_node_id_text(vector: dict[str, str]) -> None:
+    raw = bytes.fromhex(vector["node_id"])
+    assert base64.b32encode(raw).decode("ascii").rstrip("=").lower() == vector["text"]
+    assert str(NodeId(raw)) == vector["text"]
+    assert node_id_untrusted(vector["text"]) == NodeId(raw)
+
+
+@pytest.mark.parametrize("vector", TRANSPORT["rejected_node_id_texts"], ids=lambda v: v["why"])
+def test_node_id_text_rejected(vector: dict[str, str]) -> None:
+    with pytest.raises(RemoteProtocolError):
+        node_id_untrusted(vector["text"])
+
+
+def test_client_authentication_proof() -> None:
+    client, server = identity_of("client"), identity_of("server")
+    nonce = bytes.fromhex(TRANSPORT_VECTORS["auth-nonce"]["nonce"])
+    transcript = encoding_of(TRANSPORT_VECTORS["auth-transcript"])
+    assert transcript == (
+        b"p2pfs/1 client authentication\x00" + nonce + client.node_id.raw + server.node_id.raw
+    )
+    assert auth.transcript(nonce, client.node_id, server.node_id) == transcript
+
+    vector = TRANSPORT_VECTORS["auth-client-proof"]
+    proof = encoding_of(vector)
+    observed = (vector["observed"][0], vector["observed"][1])
+    assert auth.client_proof(client, nonce, server.node_id, observed) == proof
+    assert auth.verify_client_proof_untrusted(proof, nonce, server.node_id) == (
+        client.node_id,
+        observed,
+    )
+    # The signature, checked with the documented key and transcript rather than the code.
+    cert_len = int.from_bytes(proof[:2], "big")
+    signature = proof[2 + cert_len : 2 + cert_len + 64]
+    Ed25519PublicKey.from_public_bytes(client.public_key).verify(signature, transcript)
+    assert proof[2 + cert_len + 64 :] == bytes([4, 192, 0, 2, 10]) + (7337).to_bytes(2, "big")
+
+
+@pytest.mark.parametrize("family", ["v4", "v6"])
+def test_server_acceptance(family: str) -> None:
+    vector = TRANSPORT_VECTORS[f"auth-server-accept-{family}"]
+    accept = encoding_of(vector)
+    observed = (vector["observed"][0], vector["observed"][1])
+    assert auth.server_accept(observed) == accept
+    assert auth.parse_accept_untrusted(accept) == observed
+    for end in range(len(accept)):
+        assert auth.parse_accept_untrusted(accept[:end]) is None
+
+
+def control_message_of(name: str, fields: dict[str, Any]) -> control.ControlMessage:
+    """The message a control vector names, from its plain fields."""
+    if name in ("register", "accept"):
+        return control.Register() if name == "register" else control.Accept()
+    if name in ("connect", "incoming"):
+        node = bytes.fromhex(fields["target" if name == "connect" else "source"])
+        return control.Connect(node) if name == "connect" else control.Incoming(node)
+    if name == "refuse":
+        return control.Refuse(control.RefuseCode(fields["code"]), fields["reason"])
+    if name == "candidates":
+        return control.Candidates(tuple((host, port) for host, port in fields["addresses"]))
+    assert name == "data", name
+    return control.Data(bytes.fromhex(fields["datagram"]))
+
+
+def test_control_vectors_cover_every_frame_type() -> None:
+    assert TRANSPORT["control_kinds"] == {k.name: f"{k:02x}" for k in control.ControlKind}
+    names = {n.removeprefix("control-") for n in TRANSPORT_VECTORS if n.startswith("control-")}
+    assert names == {frame_type.name.lower() for frame_type in control.FrameType}
+
+
+@pytest.mark.parametrize(
+    "vector",
+    [v for v in TRANSPORT["vectors"] if v["name"].startswith("control-")],
+    ids=lambda v: v["name"],
+)
+def test_control_frame_vectors(vector: dict[str, Any]) -> None:
+    frame = encoding_of(vector)
+    message = control_message_of(vector["name"].removeprefix("control-"), vector["fields"])
+    assert control.encode(message) == frame
+    decoder = control.Decoder()
+    decoder.feed(frame)
+    assert decoder.next_untrusted() == message
+    assert decoder.buffered == 0
+
+
+# --- discovery keys, LAN beacons, DHT datagrams (vectors/discovery.json, DISCOVERY.md) -------
+
+DISCOVERY = load("discovery.json")
+DISCOVERY_VECTORS = {vector["name"]: vector for vector in DISCOVERY["vectors"]}
+
+
+def derive(context: str, data: bytes, length: int = 32) -> str:
+    return blake3.blake3(data, derive_key_context=context).digest()[:length].hex()
+
+
+def test_discovery_keys() -> None:
+    contexts, keys = DISCOVERY["contexts"], DISCOVERY["keys"]
+    assert contexts == {
+        "share_discovery_key": SHARE_KEY_CONTEXT,
+        "mainline_info_hash": MAINLINE_KEY_CONTEXT,
+        "private_dht_key": dht.DHT_KEY_CONTEXT,
+        "private_dht_node_id": dht.DHT_NODE_ID_CONTEXT,
+    }
+    root = ContentHash(bytes.fromhex(keys["share_root"]))
+    share_key = share_discovery_key(root)
+    assert share_key.hex() == keys["share_discovery_key"]
+    assert derive(contexts["share_discovery_key"], root) == keys["share_discovery_key"]
+    assert keys["folder_discovery_key"] == FOLDER["keys"]["discovery_key"]
+    for what in ("share", "folder"):
+        key = bytes.fromhex(keys[f"{what}_discovery_key"])
+        info_hash, dht_key = keys[f"{what}_mainline_info_hash"], keys[f"{what}_dht_key"]
+        assert mainline_info_hash(key).hex() == info_hash
+        assert derive(contexts["mainline_info_hash"], key, 20) == info_hash
+        assert dht.dht_key(key).hex() == dht_key
+        assert derive(contexts["private_dht_key"], key, 20) == dht_key
+    for pair in DISCOVERY["dht_node_ids"]:
+        node_id = bytes.fromhex(pair["node_id"])
+        assert dht.dht_node_id(node_id).hex() == pair["dht_node_id"]
+        assert derive(contexts["private_dht_node_id"], node_id, 20) == pair["dht_node_id"]
+
+
+def beacon_of(doc: dict[str, Any]) -> Beacon:
+    return Beacon(
+        MessageType(doc["type"]),
+        bytes.fromhex(doc["node_id"]),
+        doc["instance"],
+        doc["port"],
+        tuple(bytes.fromhex(prefix) for prefix in doc["prefixes"]),
+        doc["complete"],
+    )
+
+
+@pytest.mark.parametrize(
+    "vector",
+    [v for v in DISCOVERY["vectors"] if v["name"].startswith("beacon-")],
+    ids=lambda v: v["name"],
+)
+def test_beacon_vectors(vector: dict[str, Any]) -> None:
+    datagram = encoding_of(vector)
+    message = beacon_of(vector["beacon"])
+    assert message.to_wire() == datagram
+    assert parse_beacon_untrusted(datagram) == message
+    # Reserved trailing bytes are ignored (a later version may append fields).
+    assert parse_beacon_untrusted(datagram + b"\x00\x01") == message
+
+
+def test_beacons_cover_every_type_and_carry_key_prefixes() -> None:
+    beacons = [beacon_of(v["beacon"]) for n, v in DISCOVERY_VECTORS.items() if "beacon" in v]
+    assert {message.type for message in beacons} == set(MessageType)
+    keys = DISCOVERY["keys"]
+    held = {bytes.fromhex(keys[f"{what}_discovery_key"])[:8] for what in ("share", "folder")}
+    assert set(DISCOVERY_VECTORS["beacon-announce"]["beacon"]["prefixes"]) == {
+        prefix.hex() for prefix in held
+    }
+
+
+def dht_reply_parser(name: str) -> Any:
+    parsers = {
+        "dht-ping-reply": dht.ping_reply_untrusted,
+        "dht-find-node-reply": dht.contacts_untrusted,
+        "dht-get-providers-reply": dht.providers_reply_untrusted,
+        "dht-get-providers-reply-truncated": dht.providers_reply_untrusted,
+        "dht-add-provider-reply": dht.add_provider_reply_untrusted,
+    }
+    return parsers[name]
+
+
+def dht_reply_of(name: str, body: Any) -> Any:
+    """The value a reply's parser must give, built from the vector's plain body."""
+    if name == "dht-find-node-reply":
+        return tuple(dht.Contact(*contact) for contact in body)
+    if name.startswith("dht-get-providers-reply"):
+        return dht.ProvidersReply(
+            body["token"],
+            tuple(dht.Contact(*contact) for contact in body["nodes"]),
+            tuple(dht.ProviderInfo(*provider) for provider in body["providers"]),
+            body.get("truncated", False),
+        )
+    return body
+
+
+def dht_reply_to_wire(value: Any) -> Any:
+    if isinstance(value, dht.ProvidersReply):
+        return value.to_wire()
+    if isinstance(value, tuple):
+        return [contact.to_wire() for contact in value]
+    return value
+
+
+def test_dht_vectors_cover_every_method_and_its_reply() -> None:
+    methods = {
+        from_json(v["body"])[0]
+        for n, v in DISCOVERY_VECTORS.items()
+        if n.startswith("dht-") and not n.endswith(("-reply", "-reply-truncated"))
+    }
+    assert methods == dht.METHODS
+    for method in dht.METHODS:
+        assert f"dht-{method.replace('_', '-')}-reply" in DISCOVERY_VECTORS
+
+
+@pytest.mark.parametrize(
+    "vector",
+    [v for v in DISCOVERY["vectors"] if v["name"].startswith("dht-")],
+    ids=lambda v: v["name"],
+)
+def test_dht_datagram_vectors(vector: dict[str, Any]) -> None:
+    datagram = encoding_of(vector)
+    msg_id = bytes.fromhex(vector["message_id"])
+    body = from_json(vector["body"])
+    decoded = dht.datagram_untrusted(datagram)
+    if datagram[0] == dht.REQUEST:
+        method, args = body
+        assert decoded == dht.Request(msg_id, method, tuple(args))
+        assert dht.encode_request(msg_id, method, args) == datagram
+        return
+    assert decoded == dht.Response(msg_id, body)
+    name = vector["name"]
+    value = dht_reply_parser(name)(decoded.payload)
+    assert value == dht_reply_of(name, body)
+    assert dht.encode_response(msg_id, dht_reply_to_wire(value)) == datagram

@@ -6,16 +6,24 @@ are the contract, and tests/test_protocol_vectors.py holds the code to them.
     .venv/bin/python protocol/tools/make_vectors.py content > protocol/vectors/content.json
     .venv/bin/python protocol/tools/make_vectors.py wire > protocol/vectors/wire.json
     .venv/bin/python protocol/tools/make_vectors.py folder > protocol/vectors/folder.json
+    .venv/bin/python protocol/tools/make_vectors.py ticket > protocol/vectors/ticket.json
+    .venv/bin/python protocol/tools/make_vectors.py transport > protocol/vectors/transport.json
+    .venv/bin/python protocol/tools/make_vectors.py discovery > protocol/vectors/discovery.json
+
+Every input is fixed (keys from fixed seeds, fixed nonces and ids), so a run reproduces the
+files byte for byte; `git diff protocol/vectors` after a run shows what a change did.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
-import blake3
 import msgpack
+from net_vectors import discovery_vectors, ticket_vectors, transport_vectors
+from vectorlib import annotate, encoding_vector, pseudo_random
 
 from p2pfs.content.chunking import DEFAULT_CHUNKER, Chunker, ChunkRef, chunk_id
 from p2pfs.content.folder import (
@@ -57,43 +65,6 @@ from p2pfs.wire.messages import (
     encode_message,
 )
 from p2pfs.wire.session import PROTOCOL_VERSION
-
-
-def annotate(value: Any, label: str) -> list[list[str]]:
-    """msgpack of the subset p2pfs uses, as [hex, note] pieces in order."""
-    if value is None:
-        return [["c0", f"{label}: nil"]]
-    if isinstance(value, bool):
-        return [[("c3" if value else "c2"), f"{label}: {str(value).lower()}"]]
-    if isinstance(value, int):
-        encoded = msgpack.packb(value)
-        return [[encoded.hex(), f"{label}: {'int' if value < 0 else 'uint'} {value}"]]
-    if isinstance(value, str):
-        encoded = msgpack.packb(value)
-        raw = value.encode()
-        header = encoded[: len(encoded) - len(raw)]
-        return [[header.hex(), f"{label}: str header, {len(raw)} bytes"], [raw.hex(), f"{value!r}"]]
-    if isinstance(value, bytes):
-        encoded = msgpack.packb(value, use_bin_type=True)
-        header = encoded[: len(encoded) - len(value)]
-        return [[header.hex(), f"{label}: bin header, {len(value)} bytes"], [value.hex(), label]]
-    if isinstance(value, list):
-        header = msgpack.packb([None] * len(value))[: -len(value) or None]
-        pieces = [[header.hex(), f"{label}: array of {len(value)}"]]
-        for index, item in enumerate(value):
-            pieces += annotate(item, f"{label}[{index}]")
-        return pieces
-    raise TypeError(type(value))
-
-
-def encoding_vector(name: str, description: str, value: Any, encoded: bytes) -> dict[str, Any]:
-    pieces = annotate(value, name)
-    assert "".join(hex_part for hex_part, _ in pieces) == encoded.hex(), name
-    return {"name": name, "description": description, "encoding": pieces}
-
-
-def pseudo_random(label: str, size: int) -> bytes:
-    return blake3.blake3(label.encode()).digest(length=size)
 
 
 def content_vectors() -> dict[str, Any]:
@@ -337,7 +308,14 @@ def folder_vectors() -> dict[str, Any]:
 
 def main() -> None:
     which = sys.argv[1] if len(sys.argv) > 1 else "content"
-    makers = {"content": content_vectors, "wire": wire_vectors, "folder": folder_vectors}
+    makers: dict[str, Callable[[], dict[str, Any]]] = {
+        "content": content_vectors,
+        "wire": wire_vectors,
+        "folder": folder_vectors,
+        "ticket": ticket_vectors,
+        "transport": transport_vectors,
+        "discovery": discovery_vectors,
+    }
     document = makers[which]()
     json.dump(document, sys.stdout, indent=1, ensure_ascii=False)
     sys.stdout.write("\n")
