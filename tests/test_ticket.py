@@ -178,3 +178,16 @@ def test_read_only_folder_tickets_round_trip(
     ticket = Ticket(TicketKind.FOLDER_RO, read_key, node, addrs, write_public, relays)
     assert ticket.encode() == documented_text(ticket)
     assert parse_ticket_untrusted(ticket.encode()) == ticket
+
+
+def test_fields_after_the_known_ones_are_ignored() -> None:
+    """A later format 1 ticket may append fields; this version uses what it knows."""
+    root, node, relay = bytes(range(32)), bytes([7]) * 32, bytes([9]) * 32
+    fields = [0, root, node, [["192.0.2.1", 7337]], None, [[relay, "192.0.2.9", 7337]], "new"]
+    payload = msgpack.packb(fields)
+    raw = payload + blake3.blake3(payload).digest()[:4]
+    text = "p2pfs1" + base64.b32encode(raw).decode().rstrip("=").lower()
+    ticket = parse_ticket_untrusted(text)
+    assert (ticket.root, ticket.node_id) == (root, node)
+    assert [str(a) for a in ticket.addresses] == ["192.0.2.1:7337"]
+    assert [hint.node_id for hint in ticket.relays] == [relay]
