@@ -90,13 +90,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         action="append",
         default=[],
-        help="a node of the private DHT to join (none: this node starts its own)",
+        help="a node of the private DHT to join, at its main address (e.g. HOST:7337; "
+        "none: this node starts its own)",
     )
     daemon.add_argument(
         "--dht-port",
         type=int,
         metavar="PORT",
-        help="UDP port of the private DHT (default: the QUIC port + 1, or any if that is 0)",
+        help="give the private DHT a UDP socket of its own on PORT (0: any) instead of "
+        "sharing the node's one port with QUIC",
     )
     daemon.add_argument(
         "--mainline", action="store_true", help="also use the public BitTorrent Mainline DHT"
@@ -275,7 +277,7 @@ def _daemon(args: argparse.Namespace) -> int:
         ),
         discovery=DiscoveryConfig(
             dht_host=listen.host,
-            dht_port=_dht_port(args.dht_port, listen.port),
+            dht_port=args.dht_port,
             bootstrap=tuple(_resolved(parse_address(n, allow_names=True)) for n in args.bootstrap),
             mainline=args.mainline,
             mainline_port=args.mainline_port,
@@ -316,14 +318,6 @@ def _resolved(address: PeerAddress) -> PeerAddress:
     except OSError as exc:
         raise OSError(f"cannot resolve {address.host!r}: {exc}") from exc
     return PeerAddress(str(infos[0][4][0]), address.port)
-
-
-def _dht_port(explicit: int | None, quic_port: int) -> int:
-    """Beside the QUIC port (7338 by default), so a restarted node keeps its DHT address;
-    any free port when QUIC's is chosen freely."""
-    if explicit is not None:
-        return explicit
-    return 0 if quic_port in (0, 65535) else quic_port + 1
 
 
 def _call_daemon(args: argparse.Namespace) -> int:

@@ -10,7 +10,6 @@ import pytest
 
 from p2pfs.bench.netbed import (
     DEFAULT_PORT,
-    DHT_PORT,
     NAT_RULES,
     Gateway,
     Machine,
@@ -23,7 +22,6 @@ from p2pfs.bench.netbed import (
 
 __all__ = [
     "DEFAULT_PORT",
-    "DHT_PORT",
     "NAT_RULES",
     "Gateway",
     "Machine",

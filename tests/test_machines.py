@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from tests.e2e_helpers import wait_until
-from tests.netbed import DHT_PORT, Machine, NetBed
+from tests.netbed import DEFAULT_PORT, Machine, NetBed
 
 MiB = 1 << 20
 
@@ -65,7 +65,7 @@ def test_addresses_are_the_machines_own(netbed: NetBed, tmp_path: Path) -> None:
     m1.start()
     ident = json.loads(m1.cli("id", "--json").stdout)
     assert ident["addresses"] == [f"{m1.address}:7337"]
-    assert ident["discovery"]["dht_port"] == DHT_PORT
+    assert ident["discovery"]["dht_port"] == DEFAULT_PORT  # one port for QUIC and the DHT
 
 
 def test_share_on_one_machine_fetch_on_another(netbed: NetBed, tmp_path: Path) -> None:
@@ -120,7 +120,7 @@ def test_a_holder_stops_answering_and_another_is_found_through_the_dht(
     m1, m2, m3 = netbed.machine("m1"), netbed.machine("m2"), netbed.machine("m3")
     rate = ("--max-upload-rate", str(4 * MiB))
     m1.start(*rate)
-    bootstrap = ("--bootstrap", f"{m1.address}:{DHT_PORT}")
+    bootstrap = ("--bootstrap", f"{m1.address}:{DEFAULT_PORT}")
     m2.start(*bootstrap, *rate)
     m3.start(*bootstrap)
     source = tmp_path / "video"
@@ -149,7 +149,7 @@ def test_a_stale_dht_record_does_not_stop_a_fetch(netbed: NetBed, tmp_path: Path
     ticket naming only content finds both records and finishes from m1."""
     m1, m2, m3 = netbed.machine("m1"), netbed.machine("m2"), netbed.machine("m3")
     m1.start()
-    bootstrap = ("--bootstrap", f"{m1.address}:{DHT_PORT}")
+    bootstrap = ("--bootstrap", f"{m1.address}:{DEFAULT_PORT}")
     m2.start(*bootstrap)
     m3.start(*bootstrap)
     source = tmp_path / "docs"
@@ -247,8 +247,9 @@ def test_one_daemon_per_home_and_stop(netbed: NetBed, tmp_path: Path) -> None:
 
 def test_a_taken_port_is_a_one_line_error_naming_the_flag(netbed: NetBed, tmp_path: Path) -> None:
     m1 = netbed.machine("m1")
-    m1.start()  # UDP 7337 (QUIC) and 7338 (DHT)
-    for args, flag in (([], "--listen"), (["--listen", "0.0.0.0:7336"], "--dht-port")):
+    m1.start()  # UDP 7337: QUIC and the DHT
+    taken = ["--listen", "0.0.0.0:7336", "--dht-port", "7337"]  # the opt-out's own socket
+    for args, flag in (([], "--listen"), (taken, "--dht-port")):
         other = subprocess.run(
             [*m1.prefix, *_p2pfs(tmp_path / f"other{flag}"), "daemon", *args],
             capture_output=True,

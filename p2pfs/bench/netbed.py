@@ -40,7 +40,7 @@ from p2pfs.bench.daemons import DaemonProcess
 
 _beds = itertools.count()
 DEFAULT_PORT = 7337
-DHT_PORT = DEFAULT_PORT + 1
+"""The node's one UDP port: QUIC and the private DHT share it (SPEC "One UDP port")."""
 
 
 UPNP_WAN = 11
@@ -142,7 +142,7 @@ class Machine:
         return ("ip", "netns", "exec", self.namespace)
 
     def start(self, *extra: str, home: Path | None = None) -> DaemonProcess:
-        """A daemon at its defaults (UDP 7337, DHT 7338, LAN on), plus ``extra`` flags."""
+        """A daemon at its defaults (UDP 7337, QUIC and DHT; LAN on), plus ``extra`` flags."""
         daemon = DaemonProcess(home or self.home, listen=None, extra_args=extra, prefix=self.prefix)
         daemon.start()
         self.bed.daemons.append(daemon)

@@ -15,6 +15,7 @@ import trio
 from p2pfs.discovery.dht.finder import DhtFinder
 from p2pfs.discovery.dht.messages import MAX_CONTACTS
 from p2pfs.discovery.dht.node import DEFAULT_KSIZE
+from p2pfs.discovery.dht.shared import SharedPort
 from p2pfs.discovery.keys import share_discovery_key
 from p2pfs.discovery.lan import LAN_PORT, LanFinder
 from p2pfs.discovery.mainline import MainlineFinder
@@ -51,7 +52,9 @@ class PortInUseError(LocalProtocolError):
 @dataclass(frozen=True, slots=True)
 class DiscoveryConfig:
     dht_host: str = "0.0.0.0"
-    dht_port: int = 0
+    dht_port: int | None = None
+    """None: the DHT shares the node's one UDP port (the QUIC endpoint's socket); a number:
+    a socket of its own on that port (0: any free one), the ``--dht-port`` opt-out."""
     bootstrap: tuple[PeerAddress, ...] = ()
     mainline: bool = False
     mainline_port: int = 0
@@ -65,15 +68,20 @@ class DiscoveryConfig:
 
 
 class Discovery:
-    def __init__(self, config: DiscoveryConfig, node_id: bytes, quic_port: int) -> None:
+    def __init__(
+        self, config: DiscoveryConfig, node_id: bytes, quic_port: int, shared: SharedPort
+    ) -> None:
+        """``shared``: the endpoint that owns the node's UDP port, for the DHT to share
+        unless ``config.dht_port`` asks for a socket of its own."""
         self._config = config
         self.dht = DhtFinder(
             node_id=node_id,
             quic_port=quic_port,
             host=config.dht_host,
-            port=config.dht_port,
+            port=config.dht_port or 0,
             bootstrap=config.bootstrap,
             ksize=dht_ksize(config, os.environ),
+            shared=shared if config.dht_port is None else None,
         )
         self.finders: list[Finder] = [self.dht]
         if config.mainline:

@@ -167,7 +167,7 @@ class Node:
         self._addresses = AddressBook(*endpoint.local_address)
         control = ControlServer(str(self.config.home / SOCKET_NAME), self._handlers())
         self._discovery = Discovery(
-            self.config.discovery, self._identity.node_id.raw, endpoint.local_address[1]
+            self.config.discovery, self._identity.node_id.raw, endpoint.local_address[1], endpoint
         )
         async with trio.open_nursery() as nursery:
             self._root_scope = nursery.cancel_scope

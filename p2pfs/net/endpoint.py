@@ -4,10 +4,17 @@ Datagrams are read in batches (one wakeup drains the socket), grouped per connec
 fed to its engine together; each connection then transmits once for the whole batch.
 Anything that does not parse as QUIC, or names no connection and is no Initial, is logged
 at debug and dropped: strangers cannot make the endpoint do more than parse one header.
+
+The socket is the node's one UDP port: a datagram whose first byte lacks QUIC's fixed bit
+(0x40, set in every packet both engines send; neither offers RFC 9287's grease_quic_bit, so
+no peer may clear it toward us) and whose first byte has a handler registered with
+``set_datagram_handler`` goes to that handler before any QUIC parsing (the private DHT's
+0x00/0x01, protocol/WIRE.md "One UDP port"); the rest is QUIC's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -58,7 +65,13 @@ GRO_ANCILLARY = socket.CMSG_SPACE(4)
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000
 _U16 = struct.Struct("=H")
-PUNCH_PAYLOAD = b"\x00"
+PUNCH_PAYLOAD = b"\x02"
+"""A punch datagram's one byte: neither QUIC (fixed bit clear) nor the DHT (0x00/0x01), so
+a receiver drops it unread (protocol/WIRE.md "One UDP port")."""
+QUIC_FIXED_BIT = 0x40
+DatagramHandler = Callable[[bytes, Address], None]
+"""Takes one non-QUIC datagram and its source; runs on the endpoint's receive path, so it
+must return at once (hand the datagram over, never process it there) and never raise."""
 
 
 class Endpoint:
@@ -90,6 +103,9 @@ class Endpoint:
         self._tunnels: dict[Address, Tunnel] = {}
         """Relay circuits by their synthetic address (net/tunnel.py)."""
         self._send_wakeup = trio.Event()
+        self._foreign: dict[int, DatagramHandler] = {}
+        """First byte -> handler for datagrams of another protocol on this socket."""
+        self._trio_token = trio.lowlevel.current_trio_token()
         self._closing = False
         self._gso = config.gso and sys.platform == "linux"
         self._gro = False
@@ -119,6 +135,40 @@ class Endpoint:
     @property
     def connections(self) -> frozenset[PeerConnection]:
         return frozenset(self._connections)
+
+    def set_datagram_handler(self, first_bytes: bytes, handler: DatagramHandler | None) -> None:
+        """Route datagrams arriving on the socket (not through relay tunnels) whose first
+        byte is one of ``first_bytes`` to ``handler`` instead of QUIC; None removes the
+        route. Bytes with QUIC's fixed bit set are refused: they would take QUIC packets."""
+        for byte in first_bytes:
+            if byte & QUIC_FIXED_BIT:
+                raise LocalProtocolError(f"first byte {byte:#04x} has QUIC's fixed bit set")
+            if handler is None:
+                self._foreign.pop(byte, None)
+            else:
+                self._foreign[byte] = handler
+
+    def send_threadsafe(self, data: bytes, address: Address) -> None:
+        """Send one datagram of another protocol from any thread (the DHT's).
+
+        A direct ``sendto`` on the shared socket: the kernel sends each datagram (and each
+        GSO run) whole, so datagrams of two threads never interleave. It may overtake
+        QUIC datagrams waiting in the send queue: those keep their own order, and no
+        ordering between the two protocols exists to keep. When the socket buffer is full
+        the datagram joins that queue through trio (``transmit``), as QUIC's would. The
+        endpoint's datagram counters are trio's alone and do not count these."""
+        try:
+            self._sock.sendto(data, address)
+        except BlockingIOError:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._trio_token.run_sync_soon(self._transmit_foreign, data, address)
+        except OSError as exc:
+            # As for QUIC: unreachable hosts and ICMP errors are the path's loss.
+            logger.debug("send to %s failed: %s", address, exc)
+
+    def _transmit_foreign(self, data: bytes, address: Address) -> None:
+        if not self._closing:
+            self.transmit([(data, address)])
 
     async def connect(
         self, address: tuple[str, int], expected_peer: NodeId | None
@@ -470,8 +520,25 @@ class Endpoint:
                 else:
                     batch.append((data, addr))
             self.datagrams_received += len(batch)
+            if self._foreign:
+                batch = self._take_foreign(batch)
             if batch:
                 self._dispatch(batch, trio.current_time())
+
+    def _take_foreign(self, batch: list[tuple[bytes, Address]]) -> list[tuple[bytes, Address]]:
+        """Hand datagrams of other protocols to their handlers; return QUIC's (and junk,
+        which ``_dispatch`` drops). A first byte is tested before anything else is read."""
+        handlers = self._foreign
+        kept = []
+        for item in batch:
+            data = item[0]
+            if data and not data[0] & QUIC_FIXED_BIT:
+                handler = handlers.get(data[0])
+                if handler is not None:
+                    handler(data, item[1])
+                    continue
+            kept.append(item)
+        return kept
 
     async def _send_loop(self) -> None:
         sock = self._sock

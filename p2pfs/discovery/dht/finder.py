@@ -41,6 +41,7 @@ from p2pfs.discovery.dht.node import (
 from p2pfs.discovery.dht.protocol import Address, Traffic
 from p2pfs.discovery.dht.ratelimit import RequestLimits
 from p2pfs.discovery.dht.records import DEFAULT_MAX_TTL, RecordStore
+from p2pfs.discovery.dht.shared import DHT_FIRST_BYTES, SharedPort
 from p2pfs.discovery.seam import Provider
 from p2pfs.errors import LocalProtocolError
 from p2pfs.wire.ticket import PeerAddress
@@ -76,7 +77,8 @@ class DhtFinder:
     """A node of the private DHT.
 
     ``node_id`` (our 32-byte NodeId) and ``quic_port`` are what our provider records say;
-    ``host``/``port`` is the DHT's own UDP socket (0 picks a free port, see ``port``);
+    ``shared`` is the endpoint whose socket (the node's one UDP port) the DHT shares; without
+    one, ``host``/``port`` is a UDP socket of the DHT's own (0 picks a free port, see ``port``);
     ``bootstrap`` lists known nodes (none: we are the first node of our own DHT). Records we
     announce live ``ttl`` seconds (at most ``DEFAULT_MAX_TTL``) and are re-announced at 2/3 of
     it. ``limits`` bounds the requests answered per source (see ``ratelimit``).
@@ -100,6 +102,7 @@ class DhtFinder:
         clock: Callable[[], float] = time.monotonic,
         random_bytes: Callable[[int], bytes] = os.urandom,
         limits: RequestLimits | None = None,
+        shared: SharedPort | None = None,
     ) -> None:
         if len(node_id) != NODE_ID_LEN:
             raise LocalProtocolError("a NodeId is 32 bytes")
@@ -113,6 +116,7 @@ class DhtFinder:
         self.quic_port = quic_port
         self.host = host
         self._requested_port = port
+        self._shared = shared
         self.bootstrap_addresses = tuple(bootstrap)
         self.ttl = ttl
         self._node = DhtNode(
@@ -171,22 +175,35 @@ class DhtFinder:
         try:
             await ready.wait()
             self._accepting = True
-            _, self._port = await self._call(
-                lambda node: node.listen(self.host, self._requested_port)
-            )
-            logger.info("DHT listening on UDP %s:%d", self.host, self._port)
+            await self._open_socket()
             if bootstrap:
                 contacts = await self._call(lambda node: node.bootstrap(bootstrap))
                 logger.info("DHT bootstrapped: %d contacts", contacts)
             task_status.started()
             await self._maintain()
         finally:
+            if self._shared is not None:
+                # From trio, as routing is: no datagram is handed to the loop after this.
+                self._shared.set_datagram_handler(DHT_FIRST_BYTES, None)
             self._accepting = False
             stop = self._stop
             if stop is not None:
                 loop.call_soon_threadsafe(stop.set)
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(thread.join)
+
+    async def _open_socket(self) -> None:
+        shared = self._shared
+        if shared is None:
+            _, self._port = await self._call(
+                lambda node: node.listen(self.host, self._requested_port)
+            )
+            logger.info("DHT listening on UDP %s:%d", self.host, self._port)
+            return
+        transport = await self._call(lambda node: node.attach(shared))
+        shared.set_datagram_handler(DHT_FIRST_BYTES, transport.deliver)
+        self._port = shared.local_address[1]
+        logger.info("DHT sharing the node's UDP port %d", self._port)
 
     def _thread_main(
         self, loop: asyncio.AbstractEventLoop, token: trio.lowlevel.TrioToken, ready: trio.Event

@@ -22,6 +22,7 @@ from p2pfs.discovery.dht.messages import ID_LEN, ProviderInfo, ProvidersReply, d
 from p2pfs.discovery.dht.protocol import Address, DhtProtocol
 from p2pfs.discovery.dht.ratelimit import RequestLimits
 from p2pfs.discovery.dht.records import RecordStore
+from p2pfs.discovery.dht.shared import SharedPort, SharedSocketTransport
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,13 @@ class DhtNode:
         self.transport = transport
         sockname = transport.get_extra_info("sockname")
         return str(sockname[0]), int(sockname[1])
+
+    async def attach(self, port: SharedPort) -> SharedSocketTransport:
+        """Use ``port``'s socket (the node's one UDP port) instead of a socket of our own;
+        the caller routes the port's DHT datagrams to the returned transport's ``deliver``."""
+        transport = SharedSocketTransport(port, self.protocol, asyncio.get_running_loop())
+        self.transport = transport
+        return transport
 
     def close(self) -> None:
         self.protocol.cancel_calls()
