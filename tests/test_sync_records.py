@@ -5,11 +5,12 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+import blake3
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pfs.content.tree import iter_leaves
+from p2pfs.content.tree import build_tree, iter_leaves
 from p2pfs.errors import LocalProtocolError, RemoteProtocolError
 from p2pfs.ids import ContentHash
 from p2pfs.sync.keys import FolderKeys
@@ -18,6 +19,7 @@ from p2pfs.sync.records import (
     EMPTY_INDEX,
     INDEX_TREE,
     IndexLeaf,
+    IndexTree,
     SignedRecord,
     build_index,
     index_leaf,
@@ -213,3 +215,59 @@ def test_a_file_found_where_content_was_never_held_is_concurrent_not_newer() -> 
     changes = local_changes(records, disk, me, 7, lambda _p: False, absent={"x.bak", "gone.bak"})
     assert [change.path for change in changes] == ["x.bak"]  # and no tombstone for gone.bak
     assert changes[0].version.compare(remote.version) is Ordering.CONCURRENT
+
+
+def _leaf_hash(label: bytes) -> ContentHash:
+    return ContentHash(blake3.blake3(label).digest())
+
+
+_EDITS = st.lists(
+    st.lists(
+        st.tuples(st.integers(0, 400), st.one_of(st.none(), st.binary(min_size=1, max_size=4))),
+        min_size=1,
+        max_size=12,
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 600), _EDITS)
+def test_index_tree_updated_in_place_equals_a_fresh_build(
+    start: int, batches: list[list[tuple[int, bytes | None]]]
+) -> None:
+    """After any sequence of edits, inserts and removals, the tree updated along the changed
+    keys has the root a fresh build has, and its delta-maintained node set is exactly the
+    fresh build's nodes (nothing stale kept, nothing missing)."""
+    leaves = {path_key(f"f{i}"): _leaf_hash(b"v0 %d" % i) for i in range(start)}
+    tree = IndexTree(IndexLeaf(k, v) for k, v in leaves.items())
+    nodes = tree.nodes()
+    for batch in batches:
+        changes: dict[bytes, ContentHash | None] = {
+            path_key(f"f{number}"): None if value is None else _leaf_hash(value)
+            for number, value in batch
+        }
+        delta = tree.update(changes)
+        for key, digest in changes.items():
+            if digest is None:
+                leaves.pop(key, None)
+            else:
+                leaves[key] = digest
+        ordered = sorted(IndexLeaf(k, v) for k, v in leaves.items())
+        assert tree.root == build_index(ordered)
+        for gone in delta.removed:
+            nodes.pop(gone, None)
+        nodes.update(delta.added)
+        assert nodes == (build_tree(INDEX_TREE, ordered)[1] if ordered else {})
+
+
+def test_one_edit_of_a_big_index_touches_only_its_path() -> None:
+    """The work of one change is the nodes along its path, not the records: one edit among
+    20,000 makes one node per level (about 4) and drops as many."""
+    keys = [path_key(f"d/f{i}") for i in range(20_000)]
+    tree = IndexTree(IndexLeaf(k, _leaf_hash(k)) for k in keys)
+    height = len(tree._levels)
+    delta = tree.update({keys[1234]: _leaf_hash(b"edited")})
+    assert 1 <= len(delta.added) <= 2 * height
+    assert len(delta.removed) == len(delta.added)
+    assert tree.root == build_index(IndexLeaf(k, v) for k, v in tree.leaves.items())

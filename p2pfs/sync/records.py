@@ -15,6 +15,7 @@ subtrees that differ.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,7 +25,18 @@ import blake3
 import msgpack
 
 from p2pfs.content.diff import LocalNode, RemoteNodes, diff_trees
-from p2pfs.content.tree import Child, LeafNode, NodeSink, TreeBuilder, TreeSchema, bound_for
+from p2pfs.content.tree import (
+    BOUNDARY_MASK,
+    MAX_FANOUT,
+    MIN_FANOUT,
+    BranchNode,
+    Child,
+    LeafNode,
+    NodeSink,
+    TreeBuilder,
+    TreeSchema,
+    bound_for,
+)
 from p2pfs.errors import RemoteProtocolError
 from p2pfs.ids import HASH_LEN, ContentHash, content_hash_untrusted
 from p2pfs.sync.keys import FolderKeys
@@ -207,3 +219,259 @@ def _all_leaves(root: Child, remote_nodes: RemoteNodes) -> list[IndexLeaf]:
     for previous, current in itertools.pairwise(leaves):
         INDEX_TREE.codec.check_leaf_order_untrusted(previous, current)
     return leaves
+
+
+def _is_cut(key: bytes, count: int) -> bool:
+    """The grouping rule of :class:`TreeBuilder`: a group ends at MAX_FANOUT items, or at a
+    boundary key once it holds MIN_FANOUT."""
+    return count >= MAX_FANOUT or (count >= MIN_FANOUT and key[HASH_LEN - 1] & BOUNDARY_MASK == 0)
+
+
+def _leaf_key(leaf: IndexLeaf) -> bytes:
+    return leaf.path_key
+
+
+def _key(item: IndexLeaf | Child) -> bytes:
+    return item.path_key if isinstance(item, IndexLeaf) else item.hash
+
+
+def _node(height: int, group: list[Any]) -> LeafNode[IndexLeaf] | BranchNode:
+    return LeafNode(tuple(group)) if height == 0 else BranchNode(height + 1, tuple(group))
+
+
+@dataclass(slots=True)
+class IndexDelta:
+    """What one :meth:`IndexTree.update` changed: nodes made (hash -> encoding) and nodes
+    no longer in the tree."""
+
+    added: dict[ContentHash, bytes]
+    removed: set[ContentHash]
+
+    def make(self, height: int, group: list[Any]) -> Child:
+        node = _node(height, group)
+        encoded = INDEX_TREE.encode(node)
+        child = Child(INDEX_TREE.node_hash(encoded), INDEX_TREE.node_size(node))
+        self.added[child.hash] = encoded
+        return child
+
+    def drop(self, children: Iterable[Child]) -> None:
+        for child in children:
+            self.added.pop(child.hash, None)  # made earlier in this update, gone again
+            self.removed.add(child.hash)
+
+    def settle(self) -> None:
+        """A node dropped and made again in one update is still in the tree."""
+        self.removed.difference_update(self.added)
+
+
+@dataclass(slots=True)
+class _Level:
+    """One height: its items (leaves, or the nodes of the level below) cut into groups."""
+
+    items: list[Any]
+    sizes: list[int]
+    nodes: list[Child]
+
+
+class IndexTree:
+    """The folder index tree kept up to date along the changed paths, never rebuilt.
+
+    The tree is content-defined: where a group ends depends only on the items since the
+    previous cut. So a change is re-cut from the start of the group holding it only until a
+    new cut lands on an old one; every group after that is unchanged. Each level repeats
+    this for the run of nodes that changed below it, so one change costs O(fanout x height)
+    node encodings (plus list moves), not O(records) hashing. The result is always the tree
+    :func:`build_index` makes of the same leaves (property-tested).
+    """
+
+    __slots__ = ("_first_keys", "_levels", "leaves")
+
+    REBUILD_FRACTION = 8
+    """A batch changing over 1/8 of the leaves is built afresh: cheaper than many re-cuts,
+    and the same tree."""
+
+    def __init__(self, leaves: Iterable[IndexLeaf] = ()) -> None:
+        self.leaves: dict[bytes, ContentHash] = {leaf.path_key: leaf.record_hash for leaf in leaves}
+        self._levels: list[_Level] = []
+        self._first_keys: list[bytes] = []
+        """The first path key of each leaf group: a change finds its group by bisection."""
+        self._build(IndexDelta({}, set()))
+
+    @property
+    def root(self) -> Child:
+        return self._levels[-1].nodes[0] if self._levels else EMPTY_INDEX
+
+    def nodes(self) -> dict[ContentHash, bytes]:
+        """Every node of the current tree by hash, encoded afresh (a load, or a check)."""
+        delta = IndexDelta({}, set())
+        for height, level in enumerate(self._levels):
+            start = 0
+            for size in level.sizes:
+                delta.make(height, level.items[start : start + size])
+                start += size
+        return delta.added
+
+    def update(self, changes: dict[bytes, ContentHash | None]) -> IndexDelta:
+        """Set each path key's record hash (None: remove the leaf); returns the nodes made
+        and dropped."""
+        delta = IndexDelta({}, set())
+        effective = {k: v for k, v in changes.items() if self.leaves.get(k) != v}
+        for key, digest in effective.items():
+            if digest is None:
+                del self.leaves[key]
+            else:
+                self.leaves[key] = digest
+        if not effective:
+            return delta
+        if not self._levels or len(effective) * self.REBUILD_FRACTION > len(self.leaves):
+            for level in self._levels:
+                delta.drop(level.nodes)
+            self._build(delta)
+        else:
+            for key in sorted(effective):
+                self._change_leaf(key, effective[key], delta)
+        delta.settle()
+        return delta
+
+    # -- building and re-cutting ----------------------------------------------------------
+
+    def _build(self, delta: IndexDelta) -> None:
+        self._levels = []
+        items: list[Any] = [IndexLeaf(k, v) for k, v in sorted(self.leaves.items())]
+        if items:
+            self._build_from(0, items, delta)
+        self._first_keys = self._leaf_group_keys()
+
+    def _build_from(self, height: int, items: list[Any], delta: IndexDelta) -> None:
+        """Cut ``items`` into level ``height`` and every level above, up to one node."""
+        del self._levels[height:]
+        while True:
+            sizes = _cut(items)
+            level = _Level(items, sizes, [])
+            start = 0
+            for size in sizes:
+                level.nodes.append(delta.make(height, items[start : start + size]))
+                start += size
+            self._levels.append(level)
+            if len(level.nodes) == 1:
+                return
+            items, height = level.nodes, height + 1
+
+    def _leaf_group_keys(self) -> list[bytes]:
+        if not self._levels:
+            return []
+        bottom, keys, start = self._levels[0], [], 0
+        for size in bottom.sizes:
+            keys.append(bottom.items[start].path_key)
+            start += size
+        return keys
+
+    def _change_leaf(self, key: bytes, digest: ContentHash | None, delta: IndexDelta) -> None:
+        if not self._levels:  # an earlier key of this batch emptied the tree
+            self._build(delta)
+            return
+        items = self._levels[0].items
+        at = bisect.bisect_left(items, key, key=_leaf_key)
+        present = at < len(items) and items[at].path_key == key
+        new = [] if digest is None else [IndexLeaf(key, digest)]
+        removed = 1 if present else 0
+        items[at : at + removed] = new
+        if not items:
+            for level in self._levels:
+                delta.drop(level.nodes)
+            self._levels, self._first_keys = [], []
+            return
+        # A group that starts at or before the change (its first key is still in the list,
+        # or was the key removed, which leaves the same position).
+        group = max(bisect.bisect_right(self._first_keys, key) - 1, 0)
+        start = bisect.bisect_left(items, self._first_keys[group], key=_leaf_key) if group else 0
+        first, end, sizes, offset = self._recut(0, group, start, at, removed, len(new), delta)
+        keys = []
+        for size in sizes:
+            keys.append(items[offset].path_key)
+            offset += size
+        self._first_keys[first:end] = keys
+
+    def _recut(
+        self,
+        height: int,
+        group: int,
+        start: int,
+        at: int,
+        removed: int,
+        added: int,
+        delta: IndexDelta,
+    ) -> tuple[int, int, list[int], int]:
+        """Level ``height``'s items [at, at + removed) became ``added`` items (already in its
+        list); ``group`` starts at item ``start`` <= ``at``. Re-cut from the group holding
+        ``at`` until a new cut meets an old one, replace those groups' nodes, and carry the
+        change up. Returns the groups replaced (first, end), their new sizes, and the item
+        position where the first of them starts."""
+        level = self._levels[height]
+        sizes = level.sizes
+        while group + 1 < len(sizes) and start + sizes[group] <= at:
+            start += sizes[group]
+            group += 1
+        last = group
+        old_end = start + sizes[group]  # in old coordinates
+        while old_end < at + removed and last + 1 < len(sizes):
+            last += 1
+            old_end += sizes[last]
+        # Where the old groups after `last` end, in new coordinates: a cut there, past the
+        # change, means every later group is as it was.
+        next_old = old_end + added - removed
+        items = level.items
+        new_sizes: list[int] = []
+        count = 0
+        position = start
+        while position < len(items):
+            count += 1
+            if _is_cut(_key(items[position]), count):
+                new_sizes.append(count)
+                count = 0
+                while next_old < position + 1 and last + 1 < len(sizes):
+                    last += 1
+                    next_old += sizes[last]
+                if position + 1 == next_old and position + 1 >= at + added:
+                    break
+            position += 1
+        else:
+            if count:
+                new_sizes.append(count)
+            last = len(sizes) - 1
+        first, end = group, last + 1
+        delta.drop(level.nodes[first:end])  # before making: a group may come out the same
+        made, offset = [], start
+        for size in new_sizes:
+            made.append(delta.make(height, items[offset : offset + size]))
+            offset += size
+        sizes[first:end] = new_sizes
+        level.nodes[first:end] = made
+        self._carry_up(height, first, end - first, len(made), delta)
+        return first, end, new_sizes, start
+
+    def _carry_up(self, height: int, at: int, removed: int, added: int, delta: IndexDelta) -> None:
+        """Level ``height``'s nodes [at, at + removed) became ``added`` nodes: the level
+        above re-cuts them (or appears, or goes if this level now holds only the root)."""
+        nodes = self._levels[height].nodes
+        if len(nodes) == 1:
+            for above in self._levels[height + 1 :]:
+                delta.drop(above.nodes)
+            del self._levels[height + 1 :]
+            return
+        if height + 1 == len(self._levels):
+            self._build_from(height + 1, nodes, delta)
+            return
+        self._recut(height + 1, 0, 0, at, removed, added, delta)
+
+
+def _cut(items: list[Any]) -> list[int]:
+    sizes, count = [], 0
+    for item in items:
+        count += 1
+        if _is_cut(_key(item), count):
+            sizes.append(count)
+            count = 0
+    if count or not sizes:
+        sizes.append(count)
+    return sizes

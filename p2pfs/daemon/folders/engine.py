@@ -34,8 +34,8 @@ from p2pfs.sync.reconcile import Holdings, missing_content, plan_read_only, plan
 from p2pfs.sync.records import (
     EMPTY_INDEX,
     IndexLeaf,
+    IndexTree,
     SignedRecord,
-    build_index,
     path_key,
     record_hash,
     remote_changes,
@@ -64,6 +64,9 @@ step's durable commit overlaps the next one's transfer."""
 VERIFY_THREADS = 2
 VERIFY_SPLIT_MIN = 256
 KEPT_TREES = 3
+TREE_UPDATE_IN_THREAD = 256
+"""Index-tree updates of more records than this run in a worker thread (a big batch, or a
+first load, rebuilds the tree: ~1.7 s for 200,000 records); one edit costs ~0.3 ms."""
 MEMBER_EXPIRY = 30 * 24 * 3600.0
 """A member not met for this long is forgotten (it left, or moved and will be found again)."""
 MAX_MEMBERS = 256
@@ -114,9 +117,14 @@ class FolderSync:
         self.ignore = IgnoreRules()
         """The folder's ignore rules as of the last scan."""
         self.records: dict[str, SignedRecord] = {}
-        self._leaves: dict[str, IndexLeaf] = {}
         self._blobs: dict[ContentHash, bytes] = {}
-        self._trees: list[dict[ContentHash, bytes]] = [{}]
+        self._tree = IndexTree()
+        """The index tree, updated along the changed paths (never rebuilt per change)."""
+        self._nodes: dict[ContentHash, bytes] = {}
+        """Every node of the current index tree, by hash."""
+        self._retired: list[dict[ContentHash, bytes]] = []
+        """Nodes the last KEPT_TREES - 1 updates removed: the trees before them stay
+        servable for members mid-diff."""
         self._root: Child = EMPTY_INDEX
         self._changed = trio.Event()
         self._disk: dict[str, folderdisk.DiskState] = {}
@@ -151,9 +159,10 @@ class FolderSync:
             folderdisk.ignores_case, self.path
         )
         stored = await self._index.run(self._store.records, self.row.id)
+        changes: dict[bytes, ContentHash | None] = {}
         for path, (encoded, absent) in stored.items():
             record = SignedRecord.decode_untrusted(encoded, self.keys)
-            self._put(record)
+            self._put(record, changes)
             if absent:
                 self.absent.add(path)
         # Members not met for MEMBER_EXPIRY are forgotten, and at most MAX_MEMBERS of the
@@ -164,33 +173,40 @@ class FolderSync:
         for peer in (await self._index.run(self._store.peers, self.row.id))[:MAX_MEMBERS]:
             self.peers[peer.node_id] = (peer.host, peer.port)
             self._peer_seen[peer.node_id] = peer.seen_ns
-        self._rebuild()
+        await self._update_tree(changes)
 
-    def _put(self, record: SignedRecord) -> None:
+    def _put(self, record: SignedRecord, pending: dict[bytes, ContentHash | None]) -> None:
+        """Hold ``record``; its index leaf (path key -> record hash) joins ``pending``, the
+        changes the tree takes next."""
         path = record.version.path
-        old = self._leaves.get(path)
+        key = path_key(path)
+        old = pending.get(key) or self._tree.leaves.get(key)
         if old is not None:
-            self._blobs.pop(old.record_hash, None)
+            self._blobs.pop(old, None)
         encoded = record.encode()
         digest = record_hash(encoded)
         self.records[path] = record
-        self._leaves[path] = IndexLeaf(path_key(path), digest)
         self._blobs[digest] = encoded
+        pending[key] = digest
 
     def close(self) -> None:
         """The folder is no longer synced here: wake whoever waits for its changes."""
         changed, self._changed = self._changed, trio.Event()
         changed.set()
 
-    def _rebuild(self) -> None:
-        nodes: dict[ContentHash, bytes] = {}
-        root = build_index(
-            self._leaves.values(),
-            lambda node_hash, encoded, _n: nodes.__setitem__(node_hash, encoded),
-        )
+    async def _update_tree(self, changes: dict[bytes, ContentHash | None]) -> None:
+        """Carry changed leaves into the index tree (only the nodes along their paths);
+        a big batch runs in a worker thread, off the event loop."""
+        if len(changes) > TREE_UPDATE_IN_THREAD:
+            delta = await trio.to_thread.run_sync(self._tree.update, changes)
+        else:
+            delta = self._tree.update(changes)
+        root = self._tree.root
         if root == self._root:
             return
-        self._trees = [nodes, *self._trees[: KEPT_TREES - 1]]
+        retired = {h: self._nodes.pop(h) for h in delta.removed if h in self._nodes}
+        self._nodes.update(delta.added)
+        self._retired = [retired, *self._retired[: KEPT_TREES - 2]]
         self._root = root
         changed, self._changed = self._changed, trio.Event()
         changed.set()
@@ -206,13 +222,14 @@ class FolderSync:
             for r in records
         ]
         await self._index.run(self._store.put_records, self.row.id, rows)
+        changes: dict[bytes, ContentHash | None] = {}
         for (path, _encoded, is_absent), record in zip(rows, records, strict=True):
-            self._put(record)
+            self._put(record, changes)
             if is_absent:
                 self.absent.add(path)
             else:
                 self.absent.discard(path)
-        self._rebuild()
+        await self._update_tree(changes)
 
     @property
     def root(self) -> Child:
@@ -225,7 +242,7 @@ class FolderSync:
     # -- what the folder server needs (ServedFolder) --------------------------------------
 
     def served_node(self, node_hash: ContentHash) -> bytes | None:
-        for nodes in self._trees:
+        for nodes in (self._nodes, *self._retired):
             if node_hash in nodes:
                 return nodes[node_hash]
         return self._blobs.get(node_hash)
@@ -333,7 +350,7 @@ class FolderSync:
             same_root = remote_root.hash == self._root.hash
             if same_root and not self.missing_content():
                 return
-            local_root, trees = self._root, list(self._trees)
+            local_root, trees = self._root, [self._nodes, *self._retired]
 
             def local_node(node_hash: ContentHash) -> bytes:
                 for nodes in trees:
