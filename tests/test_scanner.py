@@ -17,7 +17,13 @@ import pytest
 from p2pfs.content.chunking import DEFAULT_CHUNKER, Chunker
 from p2pfs.store.assemble import PARTIAL_PREFIX
 from p2pfs.store.index import IndexStore
-from p2pfs.store.scanner import BLOCK_SIZE, RACY_WINDOW_NS, ScanResult, scan_share
+from p2pfs.store.scanner import (
+    BLOCK_SIZE,
+    RACY_WINDOW_NS,
+    ScanResult,
+    scan_directories,
+    scan_share,
+)
 
 OLD_NS = 1_600_000_000 * 10**9
 """mtime given to test files so they are not racily clean at the first scan."""
@@ -392,3 +398,32 @@ def test_a_renamed_or_moved_file_is_not_read_again(tmp_path: Path) -> None:
         with IndexStore(tmp_path / "fresh.sqlite3") as fresh:
             assert scan_share(share, fresh).root == second.root
         assert second.root != first.root
+
+
+def test_partial_scan_reads_only_the_named_directories(tmp_path: Path) -> None:
+    """A watcher-driven rescan lists only the directories named: an edit there is read, a
+    new subdirectory is scanned whole, a removed one is dropped with all below; the other
+    directories are neither listed nor read, and the next full scan gives the root a fresh
+    index gives the same tree."""
+    top = tmp_path / "share"
+    for number in range(40):
+        write(top / f"d{number % 4}" / f"f{number}.txt", b"x%d" % number * 50)
+    write(top / "d3" / "deep" / "g.txt", b"deep")
+    with IndexStore(tmp_path / "index.sqlite3") as index:
+        scan_share(top, index)
+        write(top / "d0" / "f0.txt", b"edited")
+        write(top / "d0" / "new" / "n.txt", b"new file")
+        shutil.rmtree(top / "d3")
+        part = scan_directories(top, index, [str(top / "d0"), str(top / "d3" / "deep")])
+        assert part is not None
+        # d3 is gone: its nearest recorded ancestor (the top) is listed instead.
+        assert sorted(part.shallow) == ["", "d0"]
+        assert sorted(part.deep) == ["d0/new", "d3"]
+        assert part.stats.files_hashed == 2  # the edit and the new file, nothing else
+        paths = {path for path, *_rest in part.files}
+        assert "d0/f0.txt" in paths and "d0/new/n.txt" in paths
+        assert not any(path.startswith(("d1/", "d2/", "d3/")) for path in paths)
+        assert {"d0", "d1", "d2", "d0/new"} <= set(part.directories)
+        after = scan_share(top, index)
+    with IndexStore(tmp_path / "fresh.sqlite3") as fresh:
+        assert scan_share(top, fresh).root == after.root

@@ -402,6 +402,46 @@ class IndexStore:
                 (tree_hash, subdirs_digest, dir_id),
             )
 
+    def dir_id(self, share_id: int, path: str) -> int | None:
+        """The id of a share's directory at on-disk ``path``, if a scan recorded it."""
+        with _guard("reading directory"):
+            row = self._conn.execute(
+                "SELECT id FROM dirs WHERE share_id = ? AND path = ?", (share_id, path)
+            ).fetchone()
+        return None if row is None else int(row[0])
+
+    def child_dirs(self, share_id: int, path: str) -> dict[str, tuple[int, str]]:
+        """The recorded subdirectories right below on-disk ``path``: path -> (id, rel).
+
+        A range of the (share_id, path) index: every path below ``path/`` sorts before
+        ``path0`` ('0' follows '/'), so only that subtree's rows are read."""
+        with _guard("reading directory"):
+            rows = self._conn.execute(
+                "SELECT path, id, rel FROM dirs WHERE share_id = ? AND path > ? AND path < ?",
+                (share_id, path + os.sep, path + chr(ord(os.sep) + 1)),
+            ).fetchall()
+        start = len(path) + 1
+        return {p: (i, rel) for p, i, rel in rows if os.sep not in p[start:]}
+
+    def forget_dir_tree(self, share_id: int, path: str) -> list[FileRow]:
+        """Drop the directory at on-disk ``path``, everything below it and their files (it
+        is gone from disk, or now ignored); returns the dropped files' rows."""
+        with _guard("dropping directory"), self.transaction():
+            ids = [
+                int(dir_id)
+                for (dir_id,) in self._conn.execute(
+                    "SELECT id FROM dirs WHERE share_id = ? AND (path = ? OR "
+                    "(path > ? AND path < ?))",
+                    (share_id, path, path + os.sep, path + chr(ord(os.sep) + 1)),
+                )
+            ]
+            dropped: list[FileRow] = []
+            for dir_id in ids:
+                dropped.extend(self.dir_files(dir_id).values())
+                self._delete_files_where("dir_id = ?", (dir_id,))
+            self._conn.executemany("DELETE FROM dirs WHERE id = ?", [(d,) for d in ids])
+        return dropped
+
     def dir_files(self, dir_id: int) -> dict[str, FileRow]:
         """The files of one directory by on-disk name, in one query."""
         with _guard("reading directory"):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 import trio
@@ -25,8 +25,8 @@ from p2pfs.store import folderdisk
 from p2pfs.store.assemble import Finished, PartialFile
 from p2pfs.store.folders import FolderRow, FolderStore
 from p2pfs.store.index import CHUNK_RECORD, ChunkLocation, ChunkReader, IndexStore
-from p2pfs.store.scanner import PlacedFile, record_placed_files
-from p2pfs.sync.ignore import IgnoreRules
+from p2pfs.store.scanner import PartScan, PlacedFile, Problem, record_placed_files
+from p2pfs.sync.ignore import IGNORE_FILE, IgnoreRules
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.local import DiskFile, directory_entry, local_changes
 from p2pfs.sync.planner import CONFLICT_MARKER, conflict_original
@@ -146,6 +146,8 @@ class FolderSync:
         """Paths whose file could not be placed (a directory in its way, a disk error):
         path -> why. Each fails alone; listed in `sync list` until placed."""
         self.lock = trio.Lock()
+        self._pending: set[str] | None = set()
+        """Directories the watcher named since the last scan (None: scan everything)."""
         self.scans = 0
         self.dirty = True
         """The disk may have changed since the last scan. The file-system watcher sets it;
@@ -279,12 +281,25 @@ class FolderSync:
 
     # -- local changes --------------------------------------------------------------------
 
+    def note_changes(self, paths: Iterable[str]) -> None:
+        """The watcher saw these on-disk paths change: the next rescan lists only their
+        directories (the periodic full rescan remains the safety net)."""
+        self.dirty = True
+        if self._pending is None:
+            return
+        for path in paths:
+            if os.path.basename(path) == IGNORE_FILE:
+                self._pending = None  # new ignore rules may change any path: scan all
+                return
+            self._pending.add(os.path.dirname(path))
+
     async def rescan(self, *, force: bool = False) -> None:
         async with self.lock:
             if force or self.dirty or not self.watching:
-                await self._rescan_locked()
+                await self._rescan_locked(full=force)
 
-    async def _rescan_locked(self) -> None:
+    async def _rescan_locked(self, *, full: bool = True) -> None:
+        pending, self._pending = self._pending, set()
         self.dirty = False  # events from here on mark the next scan
         if not await in_thread(folderdisk.has_marker, self.path):
             # An unmounted disk or a deleted folder looks like "every file deleted": never
@@ -293,6 +308,13 @@ class FolderSync:
                 f"{self.path} lacks its {folderdisk.MARKER} marker (unmounted, moved or deleted?); "
                 "not syncing it until it is back"
             )
+        if not full and pending and self.scans and self.watching:
+            part = await self._index.run(
+                steps.scan_folder_part, self._index.index, self.path, self.ignore, pending
+            )
+            if part is not None:
+                await self._record_part(part)
+                return
         self.ignore = await in_thread(self._ignore_file.load)
         result, files, directories = await self._index.run(
             steps.scan_folder, self._index.index, self.path, self.ignore
@@ -309,10 +331,46 @@ class FolderSync:
         self._disk_roots = {item.root for item in found.values()}
         for directory in directories:
             found[directory] = directory_entry(directory)
-        unreadable = folderdisk.problem_paths(self.path, [p.path for p in result.problems])
+        records = {path: record.version for path, record in self.records.items()}
+        await self._record_changes(records, found, result.problems, lambda _path: True)
+
+    async def _record_part(self, part: PartScan) -> None:
+        """A partial scan's findings: only paths in its scope are compared with records."""
+        shallow, deep = set(part.shallow), tuple(f"{d}/" for d in part.deep)
+        deep_paths = set(part.deep)
+
+        def in_scope(path: str) -> bool:
+            return (
+                path.rpartition("/")[0] in shallow
+                or path in deep_paths
+                or (bool(deep) and path.startswith(deep))
+            )
+
+        found: dict[str, DiskFile] = {}
+        for path in [p for p in self._disk if in_scope(p)]:
+            del self._disk[path]
+        for path, root, size, mtime_ns, inode, mode in part.files:
+            found[path] = DiskFile(path, ContentHash(root), size, bool(mode & 0o100), mtime_ns)
+            self._disk[path] = folderdisk.DiskState(size, mtime_ns, inode)
+            self._disk_roots.add(ContentHash(root))
+        for directory in part.directories:
+            found[directory] = directory_entry(directory)
+        records = {p: r.version for p, r in self.records.items() if in_scope(p)}
+        await self._record_changes(records, found, part.problems, in_scope)
+
+    async def _record_changes(
+        self,
+        records: dict[str, FileVersion],
+        found: dict[str, DiskFile],
+        problems: list[Problem],
+        in_scope: Callable[[str], bool],
+    ) -> None:
+        """Sign and store a new version for each path in scope whose disk state differs
+        from its record (on a read-only member: list it as a local change)."""
+        unreadable = folderdisk.problem_paths(self.path, [p.path for p in problems])
         refused: dict[str, str] = {}
         changes = local_changes(
-            {path: record.version for path, record in self.records.items()},
+            records,
             found,
             self.device,
             time.time_ns(),
@@ -321,9 +379,12 @@ class FolderSync:
             refused=refused,
         )
         # One path whose change cannot be recorded fails alone; the rest are recorded.
-        self.problems += [f"{path}: change not recorded: {why}" for path, why in refused.items()]
+        news = [str(p) for p in problems]
+        news += [f"{path}: change not recorded: {why}" for path, why in refused.items()]
+        self.problems += [p for p in news if p not in self.problems]
         if not self.writable:
-            self.unrecorded = {change.path for change in changes}
+            self.unrecorded = {p for p in self.unrecorded if not in_scope(p)}
+            self.unrecorded.update(change.path for change in changes)
             return
         signed = [SignedRecord.sign(change, self.keys) for change in changes]
         if signed:
@@ -341,7 +402,7 @@ class FolderSync:
         async with self.lock:
             timer = steps.Phases()
             if self.dirty or not self.watching:
-                await self._rescan_locked()
+                await self._rescan_locked(full=False)
             elif not await in_thread(folderdisk.has_marker, self.path):
                 raise StorageError(
                     f"{self.path} lacks its {folderdisk.MARKER} marker; not syncing it"

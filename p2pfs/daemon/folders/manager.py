@@ -200,7 +200,7 @@ class FolderManager:
 
         try:
             folder.watching = True
-            async for _changes in watchfiles.awatch(
+            async for changes in watchfiles.awatch(
                 folder.path,
                 watch_filter=wanted,
                 debounce=WATCH_MAX_WAIT_MS,
@@ -211,7 +211,9 @@ class FolderManager:
                 # shutdown never waits on it longer (its default of 5 s held SIGTERM up).
                 rust_timeout=WATCH_THREAD_WAKE_MS,
             ):
-                folder.dirty = True
+                # Only the directories of these paths are listed again (cheap whatever
+                # the folder's size); the periodic full rescan is the safety net.
+                folder.note_changes(path for _change, path in changes)
                 await self._rescan(folder)
         except (OSError, RuntimeError) as exc:
             folder.watching = False

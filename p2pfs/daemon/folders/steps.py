@@ -16,7 +16,7 @@ from p2pfs.ids import ContentHash
 from p2pfs.store import folderdisk
 from p2pfs.store.assemble import Finished, PartialFile, commit_files, fsync_directory
 from p2pfs.store.index import IndexStore
-from p2pfs.store.scanner import ScanResult, scan_share
+from p2pfs.store.scanner import PartScan, ScanResult, scan_directories, scan_share
 from p2pfs.sync.ignore import IgnoreRules
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.records import IndexLeaf, SignedRecord, path_key, record_hash
@@ -143,6 +143,13 @@ def scan_folder(
         for f in index.share_files(result.share_id)
     ]
     return result, files, index.share_directories(result.share_id)
+
+
+def scan_folder_part(
+    index: IndexStore, path: str, ignore: IgnoreRules, directories: Collection[str]
+) -> PartScan | None:
+    """Rescan only ``directories`` (a watcher's events); None where a full scan must run."""
+    return scan_directories(path, index, directories, ignore=ignore)
 
 
 def rename_files(
