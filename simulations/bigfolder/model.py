@@ -81,7 +81,9 @@ def main(rss_b: list[float], edit_p50: list[float]) -> None:
     plot(rows, rss_b, edit_p50)
 
 
-def plot(rows: list[tuple[int, float, float, float, float]], rss: list[float], edit: list[float]) -> None:
+def plot(
+    rows: list[tuple[int, float, float, float, float]], rss: list[float], edit: list[float]
+) -> None:
     try:
         import matplotlib  # noqa: PLC0415
 
