@@ -187,7 +187,11 @@ class Dialer:
                     self.acquire(conn, holder)
                     return conn
         attempts: list[tuple[Candidate, str]] = []
-        resolved = await self._resolve(wanted, attempts)
+        resolved = [
+            c
+            for c in await self._resolve(wanted, attempts)
+            if c.node is None or c.node not in excluded  # no handshake only to refuse it
+        ]
         won: list[PeerConnection] = []
         async with trio.open_nursery() as nursery:
             for candidate in resolved:

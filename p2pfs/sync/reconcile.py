@@ -209,8 +209,10 @@ def _take_winner(
 
 
 def _finish(draft: _Draft, held: Holdings) -> Plan:
-    collisions = _hold_case_collisions(draft, held) if held.case_insensitive else {}
     _fetch_missing_content(draft, held)
+    # Last, so every placement is checked, content fetched for a no-longer-ignored record
+    # included (hypothesis found one landing on a live path that differs only by case).
+    collisions = _hold_case_collisions(draft, held) if held.case_insensitive else {}
     return Plan(
         records=tuple(draft.records),
         fetch=tuple(draft.fetch),
@@ -224,11 +226,16 @@ def _finish(draft: _Draft, held: Holdings) -> Plan:
 
 
 def _hold_case_collisions(draft: _Draft, held: Holdings) -> dict[str, str]:
-    """A new path equal to a live one but for case would land on it: it is not placed (so
-    its record, which waits for the placement, is not stored either)."""
-    live = {path for path, version in held.records.items() if not version.deleted}
-    new = [path for path, _version in draft.fetch if path not in live]
-    collisions = case_collisions(live, new)
+    """A placement equal but for case to a path whose file is here would land on it: it is
+    not placed (so its record, which waits for the placement, is not stored either).
+    Every placement is checked, a path already recorded too (two records may differ only
+    by case when one of them is held absent); an absent record has no file to land on."""
+    placed = {
+        path
+        for path, version in held.records.items()
+        if not version.deleted and path not in held.absent
+    }
+    collisions = case_collisions(placed, [path for path, _version in draft.fetch])
     draft.fetch = [(path, v) for path, v in draft.fetch if path not in collisions]
     return collisions
 
