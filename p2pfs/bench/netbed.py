@@ -205,12 +205,9 @@ class NetBed:
         _run("ip", "-n", namespace, "link", "set", "lo", "up")
         return namespace
 
-    def machine(self, name: str) -> Machine:
-        """A new machine alone on its own subnet 10.(bed).(n).0/24 behind the router."""
-        number = len(self.machines) + 1
-        namespace = self._namespace(name)
-        inside, outside = f"{self.tag}{number}m", f"{self.tag}{number}r"
-        subnet = f"10.{200 + int(self.tag[-2:]) % 50}.{number}"
+    def _link_to_router(self, namespace: str, inside: str, outside: str, subnet: str) -> None:
+        """A veth pair from ``namespace`` (``subnet``.2) to the bed's router (``subnet``.1),
+        which is the namespace's default route."""
         _run("ip", "link", "add", inside, "type", "veth", "peer", "name", outside)
         _run("ip", "link", "set", inside, "netns", namespace)
         _run("ip", "link", "set", outside, "netns", self.router)
@@ -219,6 +216,14 @@ class NetBed:
         _run("ip", "-n", namespace, "addr", "add", f"{subnet}.2/24", "dev", inside)
         _run("ip", "-n", namespace, "link", "set", inside, "up")
         _run("ip", "-n", namespace, "route", "add", "default", "via", f"{subnet}.1")
+
+    def machine(self, name: str) -> Machine:
+        """A new machine alone on its own subnet 10.(bed).(n).0/24 behind the router."""
+        number = len(self.machines) + 1
+        namespace = self._namespace(name)
+        inside, outside = f"{self.tag}{number}m", f"{self.tag}{number}r"
+        subnet = f"10.{200 + int(self.tag[-2:]) % 50}.{number}"
+        self._link_to_router(namespace, inside, outside, subnet)
         machine = Machine(self, name, namespace, f"{subnet}.2", inside, self.root / name / "home")
         machine.home.mkdir(parents=True)
         self.machines.append(machine)
@@ -235,14 +240,7 @@ class NetBed:
         wan_in, wan_out = f"{self.tag}{number}w", f"{self.tag}{number}r"
         first = UPNP_WAN if upnp else 10
         subnet = f"{first}.{200 + int(self.tag[-2:]) % 50}.{number}"
-        _run("ip", "link", "add", wan_in, "type", "veth", "peer", "name", wan_out)
-        _run("ip", "link", "set", wan_in, "netns", gateway)
-        _run("ip", "link", "set", wan_out, "netns", self.router)
-        _run("ip", "-n", self.router, "addr", "add", f"{subnet}.1/24", "dev", wan_out)
-        _run("ip", "-n", self.router, "link", "set", wan_out, "up")
-        _run("ip", "-n", gateway, "addr", "add", f"{subnet}.2/24", "dev", wan_in)
-        _run("ip", "-n", gateway, "link", "set", wan_in, "up")
-        _run("ip", "-n", gateway, "route", "add", "default", "via", f"{subnet}.1")
+        self._link_to_router(gateway, wan_in, wan_out, subnet)
         _run("ip", "netns", "exec", gateway, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         _run(
             "ip",
