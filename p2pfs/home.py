@@ -1,23 +1,32 @@
 """The node home: the directory that holds one node's state (index, keys, config).
 
-Several nodes can live on one machine by giving each its own home.
+Several nodes can live on one machine by giving each its own home. The node key file is read
+and written here (the edge); :class:`p2pfs.identity.Identity` is the key in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import platformdirs
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from p2pfs.errors import LocalProtocolError, StorageError
+from p2pfs.identity import Identity
+
+logger = logging.getLogger(__name__)
 
 HOME_ENV = "P2PFS_HOME"
 LOCK_NAME = "daemon.lock"
+KEY_FILE = "node.key"
+CERT_FILE = "node.crt"
 
 
 class DaemonRunningError(LocalProtocolError):
@@ -83,3 +92,54 @@ def resolve_home(
     if not home.is_dir():
         raise StorageError(f"node home {home} is not a directory")
     return home
+
+
+def load_identity(home: Path) -> Identity:
+    """Load the node key from ``home`` (creating key and certificate on first use)."""
+    home.mkdir(parents=True, exist_ok=True)
+    key_path = home / KEY_FILE
+    cert_path = home / CERT_FILE
+    if key_path.exists():
+        key = _read_private_key(key_path)
+    else:
+        key = Ed25519PrivateKey.generate()
+        _write_atomic(key_path, Identity.from_private_key(key).private_key_pem)
+        logger.info("created node key %s", key_path)
+    identity = Identity.from_private_key(key)
+    if not cert_path.exists() or cert_path.read_bytes() != identity.certificate_pem:
+        # The certificate is derived from the key; rewriting it heals a missing or stale file.
+        _write_atomic(cert_path, identity.certificate_pem)
+    return identity
+
+
+def _read_private_key(path: Path) -> Ed25519PrivateKey:
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        logger.warning("node key %s is readable by others (mode %o)", path, mode & 0o777)
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as exc:
+        raise StorageError(f"node key {path} is unreadable: {exc}") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise StorageError(f"node key {path} is not an Ed25519 key")
+    return key
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (mode 0600) so a crash leaves either nothing or all of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

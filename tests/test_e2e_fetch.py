@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from p2pfs.bench.daemons import DaemonProcess
+from p2pfs.ids import NodeId
 from p2pfs.wire.ticket import PeerAddress, Ticket, TicketKind, parse_ticket_untrusted
 from tests.e2e_helpers import fetch_in_background, transfer_progress, wait_until
 
@@ -123,7 +124,7 @@ def test_wrong_key_is_refused(tmp_path: Path, daemons: DaemonFactory) -> None:
     source.write_text("only for the right peer\n")
     sharer, fetcher = daemons("sharer"), daemons("fetcher")
     real = parse_ticket_untrusted(share(sharer, source))
-    forged = Ticket(TicketKind.SHARE, real.root, os.urandom(32), real.addresses).encode()
+    forged = Ticket(TicketKind.SHARE, real.root, NodeId(os.urandom(32)), real.addresses).encode()
     completed = fetcher.cli(
         "fetch", forged, str(tmp_path / "x"), "--give-up-after", "2", check=False
     )
@@ -268,7 +269,8 @@ def test_lossy_reordering_duplicating_path(tmp_path: Path, daemons: DaemonFactor
 HOSTILE_CLIENT = r"""
 import os, sys, trio
 from pathlib import Path
-from p2pfs.identity import load_identity, node_id_untrusted
+from p2pfs.home import load_identity
+from p2pfs.ids import node_id_untrusted
 from p2pfs.net import open_endpoint
 
 async def main(home, host, port, peer):

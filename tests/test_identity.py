@@ -14,17 +14,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given
 from hypothesis import strategies as st
 
+from p2pfs.certs import node_id_from_certificate_untrusted, verify_signature_untrusted
 from p2pfs.errors import AuthenticationError, RemoteProtocolError
-from p2pfs.identity import (
-    CERT_FILE,
-    KEY_FILE,
-    Identity,
-    NodeId,
-    load_identity,
-    node_id_from_certificate_untrusted,
-    node_id_untrusted,
-    verify_signature_untrusted,
-)
+from p2pfs.home import CERT_FILE, KEY_FILE, load_identity
+from p2pfs.identity import Identity
+from p2pfs.ids import NodeId, node_id_untrusted
 
 
 def test_first_use_creates_private_key_file_and_reuses_it(tmp_path: Path) -> None:

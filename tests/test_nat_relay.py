@@ -14,7 +14,8 @@ import trio
 
 from p2pfs.bench.daemons import DaemonProcess
 from p2pfs.errors import ConnectionClosedError, LocalProtocolError, StreamResetError
-from p2pfs.identity import Identity, NodeId
+from p2pfs.identity import Identity
+from p2pfs.ids import NodeId
 from p2pfs.net import Endpoint, PeerConnection, Stream, open_endpoint
 from p2pfs.net.control import (
     Accept,

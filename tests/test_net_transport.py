@@ -18,7 +18,8 @@ from p2pfs.errors import (
     LocalProtocolError,
     StreamResetError,
 )
-from p2pfs.identity import Identity, NodeId
+from p2pfs.identity import Identity
+from p2pfs.ids import NodeId
 from p2pfs.net import CloseCode, PeerConnection, Stream, TransportConfig, load_engine, open_endpoint
 
 MiB = 1 << 20

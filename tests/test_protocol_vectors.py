@@ -24,8 +24,8 @@ from p2pfs.discovery.keys import (
     share_discovery_key,
 )
 from p2pfs.errors import RemoteProtocolError
-from p2pfs.identity import Identity, NodeId, node_id_untrusted
-from p2pfs.ids import ContentHash
+from p2pfs.identity import Identity
+from p2pfs.ids import ContentHash, NodeId, node_id_untrusted
 from p2pfs.net import auth, control
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.records import INDEX_TREE, SignedRecord, build_index, index_leaf
@@ -238,11 +238,11 @@ def ticket_of(doc: dict[str, Any]) -> Ticket:
     return Ticket(
         TicketKind(doc["kind"]),
         ContentHash(bytes.fromhex(doc["root"])),
-        hex_or_none(doc["node_id"]),
+        None if doc["node_id"] is None else NodeId(bytes.fromhex(doc["node_id"])),
         tuple(PeerAddress(host, port) for host, port in doc["addresses"]),
         hex_or_none(doc["write_public"]),
         tuple(
-            RelayHint(bytes.fromhex(node), PeerAddress(host, port))
+            RelayHint(NodeId(bytes.fromhex(node)), PeerAddress(host, port))
             for node, host, port in doc["relays"]
         ),
     )

@@ -22,8 +22,8 @@ from p2pfs.daemon.folders.client import FolderLink
 from p2pfs.daemon.folders.server import FolderServer
 from p2pfs.daemon.service import ShareService, TransferCounters
 from p2pfs.daemon.storage import AsyncIndex
-from p2pfs.identity import Identity, NodeId
-from p2pfs.ids import ContentHash
+from p2pfs.identity import Identity
+from p2pfs.ids import ContentHash, NodeId
 from p2pfs.net import PeerConnection, open_endpoint
 from p2pfs.store.index import IndexStore
 from p2pfs.sync.keys import FolderKeys

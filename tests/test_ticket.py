@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pfs.ids import ContentHash
+from p2pfs.ids import ContentHash, NodeId
 from p2pfs.wire.ticket import (
     MAX_RELAYS,
     PeerAddress,
@@ -21,6 +21,7 @@ from p2pfs.wire.ticket import (
 )
 
 ROOT = ContentHash(bytes(range(32)))
+node_ids = st.binary(min_size=32, max_size=32).map(NodeId)
 
 
 def documented_text(ticket: Ticket) -> str:
@@ -30,13 +31,13 @@ def documented_text(ticket: Ticket) -> str:
     fields: list[object] = [
         int(ticket.kind),
         bytes(ticket.root),
-        ticket.node_id,
+        None if ticket.node_id is None else ticket.node_id.raw,
         [[address.host, address.port] for address in ticket.addresses],
     ]
     if ticket.kind == TicketKind.FOLDER_RO or ticket.relays:
         fields.append(ticket.write_public)
     if ticket.relays:
-        fields.append([[r.node_id, r.address.host, r.address.port] for r in ticket.relays])
+        fields.append([[r.node_id.raw, r.address.host, r.address.port] for r in ticket.relays])
     payload = msgpack.packb(fields, use_bin_type=True)
     checksum = blake3.blake3(payload).digest()[:4]
     return "p2pfs1" + base64.b32encode(payload + checksum).decode("ascii").rstrip("=").lower()
@@ -55,11 +56,11 @@ addresses = st.lists(
 @settings(max_examples=100, deadline=None)
 @given(
     root=st.binary(min_size=32, max_size=32).map(ContentHash),
-    node=st.none() | st.binary(min_size=32, max_size=32),
+    node=st.none() | node_ids,
     addrs=addresses,
 )
 def test_tickets_round_trip(
-    root: ContentHash, node: bytes | None, addrs: tuple[PeerAddress, ...]
+    root: ContentHash, node: NodeId | None, addrs: tuple[PeerAddress, ...]
 ) -> None:
     ticket = Ticket(TicketKind.SHARE, root, node, addrs)
     text = ticket.encode()
@@ -71,7 +72,9 @@ def test_tickets_round_trip(
 
 
 def test_every_single_character_change_is_caught() -> None:
-    text = Ticket(TicketKind.SHARE, ROOT, bytes(32), (PeerAddress("127.0.0.1", 4000),)).encode()
+    text = Ticket(
+        TicketKind.SHARE, ROOT, NodeId(bytes(32)), (PeerAddress("127.0.0.1", 4000),)
+    ).encode()
     alphabet = "abcdefghijklmnopqrstuvwxyz234567"
     for position in range(len("p2pfs1"), len(text)):
         replacement = alphabet[(alphabet.index(text[position]) + 1) % 32]
@@ -110,12 +113,12 @@ def test_parse_address() -> None:
 @settings(max_examples=100, deadline=None)
 @given(
     root=st.binary(min_size=32, max_size=32).map(ContentHash),
-    node=st.binary(min_size=32, max_size=32),
+    node=node_ids,
     addrs=addresses,
     relays=st.lists(
         st.builds(
             RelayHint,
-            st.binary(min_size=32, max_size=32),
+            node_ids,
             st.builds(PeerAddress, st.ip_addresses().map(str), st.integers(1, 65535)),
         ),
         min_size=1,
@@ -125,7 +128,7 @@ def test_parse_address() -> None:
 )
 def test_tickets_with_relays_round_trip(
     root: ContentHash,
-    node: bytes,
+    node: NodeId,
     addrs: tuple[PeerAddress, ...],
     relays: tuple[RelayHint, ...],
     kind: TicketKind,
@@ -137,13 +140,13 @@ def test_tickets_with_relays_round_trip(
 
 def test_a_ticket_without_relays_is_spelt_as_before() -> None:
     """Old tickets keep parsing and new ones without relays are byte-identical to them."""
-    ticket = Ticket(TicketKind.SHARE, ROOT, bytes(32), (PeerAddress("192.0.2.1", 7337),))
+    ticket = Ticket(TicketKind.SHARE, ROOT, NodeId(bytes(32)), (PeerAddress("192.0.2.1", 7337),))
     assert len(msgpack_fields(ticket.encode())) == 4
     assert parse_ticket_untrusted(ticket.encode()).relays == ()
 
 
 def test_relays_without_a_node_are_refused() -> None:
-    hint = RelayHint(bytes(32), PeerAddress("192.0.2.9", 7337))
+    hint = RelayHint(NodeId(bytes(32)), PeerAddress("192.0.2.9", 7337))
     text = Ticket(TicketKind.SHARE, ROOT, None, (), relays=(hint,)).encode()
     with pytest.raises(TicketError, match="relays but no node"):
         parse_ticket_untrusted(text)
@@ -160,19 +163,19 @@ def msgpack_fields(text: str) -> list[object]:
 @given(
     read_key=st.binary(min_size=32, max_size=32).map(ContentHash),
     write_public=st.binary(min_size=32, max_size=32),
-    node=st.binary(min_size=32, max_size=32),
+    node=node_ids,
     addrs=addresses,
     relay_count=st.integers(0, MAX_RELAYS),
 )
 def test_read_only_folder_tickets_round_trip(
     read_key: ContentHash,
     write_public: bytes,
-    node: bytes,
+    node: NodeId,
     addrs: tuple[PeerAddress, ...],
     relay_count: int,
 ) -> None:
     relays = tuple(
-        RelayHint(bytes([i]) * 32, PeerAddress(f"192.0.2.{i + 1}", 7337))
+        RelayHint(NodeId(bytes([i]) * 32), PeerAddress(f"192.0.2.{i + 1}", 7337))
         for i in range(relay_count)
     )
     ticket = Ticket(TicketKind.FOLDER_RO, read_key, node, addrs, write_public, relays)
@@ -188,6 +191,6 @@ def test_fields_after_the_known_ones_are_ignored() -> None:
     raw = payload + blake3.blake3(payload).digest()[:4]
     text = "p2pfs1" + base64.b32encode(raw).decode().rstrip("=").lower()
     ticket = parse_ticket_untrusted(text)
-    assert (ticket.root, ticket.node_id) == (root, node)
+    assert (ticket.root, ticket.node_id) == (root, NodeId(node))
     assert [str(a) for a in ticket.addresses] == ["192.0.2.1:7337"]
-    assert [hint.node_id for hint in ticket.relays] == [relay]
+    assert [hint.node_id for hint in ticket.relays] == [NodeId(relay)]

@@ -26,7 +26,8 @@ from typing import Any
 import trio
 
 from p2pfs.errors import ConnectionClosedError
-from p2pfs.identity import Identity, node_id_untrusted
+from p2pfs.identity import Identity
+from p2pfs.ids import node_id_untrusted
 from p2pfs.net import PeerConnection, TransportConfig, open_endpoint
 
 MiB = 1 << 20

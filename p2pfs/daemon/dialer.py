@@ -26,7 +26,7 @@ from p2pfs.errors import (
     LocalProtocolError,
     RemoteProtocolError,
 )
-from p2pfs.identity import NodeId
+from p2pfs.ids import NodeId
 from p2pfs.net import Endpoint, PeerConnection
 from p2pfs.wire.ticket import PeerAddress
 

@@ -48,8 +48,7 @@ from p2pfs.errors import (
     StorageError,
     StreamResetError,
 )
-from p2pfs.identity import NodeId
-from p2pfs.ids import ContentHash, short_hex
+from p2pfs.ids import ContentHash, NodeId, short_hex
 from p2pfs.net import PeerConnection
 from p2pfs.store.assemble import Finished, PartialFile, commit_files
 from p2pfs.store.folderdisk import keep_version

@@ -19,7 +19,7 @@ import trio
 
 from p2pfs.content.folder import DIR_TREE, EntryKind, Manifest, manifest_root, share_bound
 from p2pfs.errors import IntegrityError, LocalProtocolError
-from p2pfs.identity import NodeId
+from p2pfs.ids import NodeId
 from p2pfs.net import PeerConnection
 from p2pfs.wire.ticket import (
     PeerAddress,
@@ -262,7 +262,7 @@ class Fetches:
         """The ticket's addresses (pinned to its node), then --peers (any node: whoever it
         is proves its key and content hashes check its data), then discovery's providers
         (pinned to their own NodeId where the backend gives one; Mainline's give none)."""
-        pinned = NodeId(ticket.node_id) if ticket.node_id is not None else None
+        pinned = ticket.node_id
         candidates = [Candidate(address, pinned, "ticket") for address in ticket.addresses]
         candidates += [Candidate(address, None, "peer") for address in extra]
         candidates += [Candidate(address, None, "peer") for address in self._peers]
@@ -271,8 +271,7 @@ class Fetches:
         # Relays last: every direct address gets its chance first (Happy Eyeballs order).
         if pinned is not None:
             candidates += [
-                Candidate(hint.address, pinned, "relay", NodeId(hint.node_id))
-                for hint in ticket.relays
+                Candidate(hint.address, pinned, "relay", hint.node_id) for hint in ticket.relays
             ]
         return candidates
 

@@ -22,8 +22,9 @@ from p2pfs.errors import (
     LocalProtocolError,
     RemoteProtocolError,
 )
-from p2pfs.home import hold_home_lock, tighten_home
-from p2pfs.identity import Identity, NodeId, load_identity
+from p2pfs.home import hold_home_lock, load_identity, tighten_home
+from p2pfs.identity import Identity
+from p2pfs.ids import NodeId
 from p2pfs.net import Endpoint, PeerConnection, TransportConfig, open_endpoint
 from p2pfs.net.control import ControlKind, Decoder, Incoming, Refuse, RefuseCode, encode
 from p2pfs.net.stream import Stream
@@ -269,7 +270,7 @@ class Node:
         folder = self.folders.find(result["path"])
         assert self._identity is not None
         result.update(
-            self.folders.tickets(folder, self._identity.node_id.raw, self.addresses.for_ticket())
+            self.folders.tickets(folder, self._identity.node_id, self.addresses.for_ticket())
         )
         return result
 
@@ -376,9 +377,7 @@ class Node:
     def _relay_hints(self) -> tuple[RelayHint, ...]:
         if self._relay_client is None:
             return ()
-        return tuple(
-            RelayHint(route.relay.raw, route.address) for route in self._relay_client.routes
-        )
+        return tuple(RelayHint(route.relay, route.address) for route in self._relay_client.routes)
 
     @property
     def dialer(self) -> Dialer:
@@ -422,7 +421,7 @@ class Node:
             "engine": self.endpoint.engine.name,
             "discovery": self.discovery.info(),
             "relays": [
-                {"node_id": str(NodeId(hint.node_id)), "address": str(hint.address)}
+                {"node_id": str(hint.node_id), "address": str(hint.address)}
                 for hint in self._relay_hints()
             ],
             "relay": self._relay_service.info() if self._relay_service is not None else None,
@@ -473,7 +472,7 @@ class Node:
         ticket = Ticket(
             TicketKind.SHARE,
             result.root,
-            self._identity.node_id.raw if hints else None,
+            self._identity.node_id if hints else None,
             tuple(self.addresses.for_ticket()) if hints else (),
             relays=self._relay_hints() if hints else (),
         )

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import trio
 
 from p2pfs.errors import AuthenticationError, ConnectionClosedError, LocalProtocolError
-from p2pfs.identity import NodeId
+from p2pfs.ids import NodeId
 from p2pfs.net import Endpoint, PeerConnection, Stream
 from p2pfs.net.control import (
     MAX_CANDIDATES,

@@ -27,7 +27,7 @@ from p2pfs.errors import (
     RemoteProtocolError,
     StreamResetError,
 )
-from p2pfs.identity import NodeId
+from p2pfs.ids import NodeId
 from p2pfs.net import Endpoint, PeerConnection, Stream
 from p2pfs.net.boundary import describe, first_leaf, split_fatal
 from p2pfs.net.control import (

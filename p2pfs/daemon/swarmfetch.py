@@ -24,8 +24,7 @@ from p2pfs.errors import (
     P2pfsError,
     RemoteProtocolError,
 )
-from p2pfs.identity import NodeId
-from p2pfs.ids import ContentHash
+from p2pfs.ids import ContentHash, NodeId
 from p2pfs.net import PeerConnection
 from p2pfs.swarm.picker import PiecePicker
 from p2pfs.swarm.pipeline import PipelineController

@@ -25,15 +25,15 @@ from __future__ import annotations
 
 import ipaddress
 
-from p2pfs.errors import AuthenticationError
-from p2pfs.identity import (
+from p2pfs.certs import (
     MAX_CERTIFICATE_LEN,
     SIGNATURE_LEN,
-    Identity,
-    NodeId,
     public_key_from_certificate_untrusted,
     verify_signature_untrusted,
 )
+from p2pfs.errors import AuthenticationError
+from p2pfs.identity import Identity
+from p2pfs.ids import NodeId
 
 CONTEXT = b"p2pfs/1 client authentication\x00"
 NONCE_LEN = 32

@@ -17,13 +17,15 @@ from typing import Any, Protocol
 
 import trio
 
+from p2pfs.certs import node_id_from_certificate_untrusted
 from p2pfs.errors import (
     AuthenticationError,
     ConnectionClosedError,
     P2pfsError,
     RemoteProtocolError,
 )
-from p2pfs.identity import Identity, NodeId, node_id_from_certificate_untrusted
+from p2pfs.identity import Identity
+from p2pfs.ids import NodeId
 from p2pfs.net import auth
 from p2pfs.net.boundary import EngineGuard, describe
 from p2pfs.net.codes import CloseCode

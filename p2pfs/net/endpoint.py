@@ -34,7 +34,8 @@ from p2pfs.errors import (
     RemoteProtocolError,
     StreamResetError,
 )
-from p2pfs.identity import Identity, NodeId
+from p2pfs.identity import Identity
+from p2pfs.ids import NodeId
 from p2pfs.net.admission import Admission, Admit
 from p2pfs.net.boundary import describe, split_fatal
 from p2pfs.net.codes import CloseCode

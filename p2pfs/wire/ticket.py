@@ -20,7 +20,7 @@ import blake3
 import msgpack
 
 from p2pfs.errors import RemoteProtocolError
-from p2pfs.ids import HASH_LEN, ContentHash, content_hash_untrusted
+from p2pfs.ids import HASH_LEN, ContentHash, NodeId, content_hash_untrusted
 
 PREFIX = "p2pfs"
 TICKET_VERSION = 1
@@ -53,7 +53,7 @@ class PeerAddress:
 class RelayHint:
     """A relay through which the ticket's node is reachable."""
 
-    node_id: bytes
+    node_id: NodeId
     address: PeerAddress
 
 
@@ -61,8 +61,8 @@ class RelayHint:
 class Ticket:
     kind: TicketKind
     root: ContentHash
-    node_id: bytes | None
-    """The sharer's NodeId (32 bytes), unless the ticket was made with --no-hints."""
+    node_id: NodeId | None
+    """The sharer's NodeId, unless the ticket was made with --no-hints."""
     addresses: tuple[PeerAddress, ...]
     write_public: bytes | None = None
     """Only in read-only folder tickets."""
@@ -74,14 +74,14 @@ class Ticket:
         fields: list[object] = [
             int(self.kind),
             self.root,
-            self.node_id,
+            None if self.node_id is None else self.node_id.raw,
             [[address.host, address.port] for address in self.addresses],
         ]
         if self.write_public is not None or self.relays:
             fields.append(self.write_public)
         if self.relays:
             fields.append(
-                [[r.node_id, r.address.host, r.address.port] for r in self.relays[:MAX_RELAYS]]
+                [[r.node_id.raw, r.address.host, r.address.port] for r in self.relays[:MAX_RELAYS]]
             )
         payload = msgpack.packb(fields, use_bin_type=True)
         checksum = blake3.blake3(payload).digest()[:CHECKSUM_BYTES]
@@ -131,7 +131,7 @@ def parse_ticket_untrusted(text: str) -> Ticket:
     if type(kind) is not int or kind not in TicketKind.__members__.values():
         raise TicketError(f"ticket kind {kind!r} is not understood by this p2pfs")
     if node_id is not None:
-        node_id = bytes(content_hash_untrusted(node_id))
+        node_id = NodeId(bytes(content_hash_untrusted(node_id)))
     if not isinstance(addresses, list) or len(addresses) > MAX_ADDRESSES:
         raise TicketError("ticket addresses are malformed")
     write_public = None
@@ -167,7 +167,7 @@ def _relays_untrusted(value: object) -> tuple[RelayHint, ...]:
         if not isinstance(item, list) or len(item) != 3:
             raise TicketError("ticket relay is malformed")
         hints.append(
-            RelayHint(bytes(content_hash_untrusted(item[0])), _address_untrusted(item[1:]))
+            RelayHint(NodeId(bytes(content_hash_untrusted(item[0]))), _address_untrusted(item[1:]))
         )
     return tuple(hints)
 

@@ -23,8 +23,8 @@ from p2pfs.discovery.keys import (
     mainline_info_hash,
     share_discovery_key,
 )
-from p2pfs.identity import Identity, NodeId
-from p2pfs.ids import ContentHash
+from p2pfs.identity import Identity
+from p2pfs.ids import ContentHash, NodeId
 from p2pfs.net import auth, control
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.wire.ticket import PeerAddress, RelayHint, Ticket, TicketKind
@@ -62,13 +62,13 @@ def ticket_fields(ticket: Ticket) -> list[Any]:
     fields: list[Any] = [
         int(ticket.kind),
         bytes(ticket.root),
-        ticket.node_id,
+        None if ticket.node_id is None else ticket.node_id.raw,
         [[a.host, a.port] for a in ticket.addresses],
     ]
     if ticket.write_public is not None or ticket.relays:
         fields.append(ticket.write_public)
     if ticket.relays:
-        fields.append([[r.node_id, r.address.host, r.address.port] for r in ticket.relays])
+        fields.append([[r.node_id.raw, r.address.host, r.address.port] for r in ticket.relays])
     return fields
 
 
@@ -76,10 +76,10 @@ def ticket_json(ticket: Ticket) -> dict[str, Any]:
     return {
         "kind": int(ticket.kind),
         "root": bytes(ticket.root).hex(),
-        "node_id": ticket.node_id.hex() if ticket.node_id else None,
+        "node_id": ticket.node_id.raw.hex() if ticket.node_id else None,
         "addresses": [[a.host, a.port] for a in ticket.addresses],
         "write_public": ticket.write_public.hex() if ticket.write_public else None,
-        "relays": [[r.node_id.hex(), r.address.host, r.address.port] for r in ticket.relays],
+        "relays": [[r.node_id.raw.hex(), r.address.host, r.address.port] for r in ticket.relays],
     }
 
 
@@ -97,11 +97,11 @@ def ticket_vector(name: str, description: str, ticket: Ticket) -> dict[str, Any]
 
 def ticket_vectors() -> dict[str, Any]:
     keys = FolderKeys.from_write_seed(FOLDER_SEED)
-    node = SERVER.node_id.raw
+    node = SERVER.node_id
     home = (PeerAddress("192.0.2.1", 7337), PeerAddress("2001:db8::1", 7337))
     relays = (
-        RelayHint(RELAY.node_id.raw, PeerAddress("203.0.113.5", 7337)),
-        RelayHint(CLIENT.node_id.raw, PeerAddress("2001:db8:5::9", 443)),
+        RelayHint(RELAY.node_id, PeerAddress("203.0.113.5", 7337)),
+        RelayHint(CLIENT.node_id, PeerAddress("2001:db8:5::9", 443)),
     )
     share, rw, ro = TicketKind.SHARE, TicketKind.FOLDER_RW, TicketKind.FOLDER_RO
     read_key, public = ContentHash(keys.read_key), keys.write_public

@@ -31,8 +31,7 @@ from p2pfs.errors import (
     StorageError,
     StreamResetError,
 )
-from p2pfs.identity import NodeId
-from p2pfs.ids import ContentHash
+from p2pfs.ids import ContentHash, NodeId
 from p2pfs.net import PeerConnection
 from p2pfs.store import folderdisk as disk
 from p2pfs.store.folders import FolderStore
@@ -435,7 +434,7 @@ class FolderManager:
         else:
             ticket = parse_ticket_untrusted(ticket_text)
             keys = _keys_of(ticket)
-            hints = [(ticket.node_id, a) for a in ticket.addresses] if ticket.node_id else []
+            hints = [(ticket.node_id.raw, a) for a in ticket.addresses] if ticket.node_id else []
             os.makedirs(local, exist_ok=True)
         for folder in self.folders.values():
             if folder.path == local or _nested(folder.path, local):
@@ -465,7 +464,7 @@ class FolderManager:
         }
 
     def tickets(
-        self, folder: FolderSync, node_id: bytes, addresses: list[PeerAddress]
+        self, folder: FolderSync, node_id: NodeId, addresses: list[PeerAddress]
     ) -> dict[str, str]:
         keys = folder.keys
         result = {}
