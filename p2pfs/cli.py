@@ -33,12 +33,13 @@ from rich.progress import (
 )
 
 from p2pfs import __version__
+from p2pfs.address import PeerAddress, parse_address
 from p2pfs.daemon.control_client import SOCKET_NAME, DaemonError, DaemonNotRunning, call
 from p2pfs.errors import P2pfsError, explaining_error
 from p2pfs.home import resolve_home
 from p2pfs.store.index import CHUNK_RECORD, INDEX_FILENAME, IndexStore
 from p2pfs.store.scanner import ScanResult, scan_share
-from p2pfs.wire.ticket import PeerAddress, parse_address, parse_ticket_untrusted
+from p2pfs.wire.ticket import parse_ticket_untrusted
 
 DEFAULT_LISTEN = "0.0.0.0:7337"
 """A fixed default port, so tickets made before a restart still name the right address."""

@@ -15,13 +15,13 @@ import msgpack
 import pytest
 import trio
 
+from p2pfs.address import PeerAddress
 from p2pfs.discovery.dht.finder import DhtFinder
 from p2pfs.discovery.dht.messages import (
     dht_key,
     encode_request,
     providers_reply_untrusted,
 )
-from p2pfs.wire.ticket import PeerAddress
 
 pytestmark = pytest.mark.timeout(60)
 

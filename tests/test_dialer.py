@@ -10,12 +10,12 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from p2pfs.address import PeerAddress, parse_address
 from p2pfs.daemon.addresses import OBSERVED_LIMIT, AddressBook, local_addresses, rank
 from p2pfs.daemon.dialer import Candidate, Dialer, DialError
-from p2pfs.errors import AuthenticationError
+from p2pfs.errors import AuthenticationError, LocalProtocolError
 from p2pfs.identity import Identity
 from p2pfs.net import PeerConnection, auth, open_endpoint
-from p2pfs.wire.ticket import PeerAddress, TicketError, parse_address
 
 # -- addresses -------------------------------------------------------------------------------
 
@@ -75,9 +75,9 @@ def test_user_addresses_accept_host_names_tickets_do_not() -> None:
     assert parse_address("example.org:7337", allow_names=True) == PeerAddress("example.org", 7337)
     assert parse_address("[::1]:5", allow_names=True) == PeerAddress("::1", 5)
     for bad in ("exa mple.org:1", "-bad.org:1", "a..b:1", "x" * 300 + ":1"):
-        with pytest.raises(TicketError):
+        with pytest.raises(LocalProtocolError):
             parse_address(bad, allow_names=True)
-    with pytest.raises(TicketError):
+    with pytest.raises(LocalProtocolError):
         parse_address("example.org:7337")
 
 

@@ -19,6 +19,7 @@ import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
+from p2pfs.address import PeerAddress
 from p2pfs.discovery.beacon import (
     HEADER_LEN,
     MAX_ANNOUNCE_PREFIXES,
@@ -33,7 +34,6 @@ from p2pfs.discovery.beacon import (
 )
 from p2pfs.discovery.lan import LanFinder
 from p2pfs.errors import LocalProtocolError, RemoteProtocolError
-from p2pfs.wire.ticket import PeerAddress
 
 ID_A = b"\xaa" * 32
 ID_B = b"\xbb" * 32

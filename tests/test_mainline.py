@@ -10,11 +10,11 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
+from p2pfs.address import PeerAddress
 from p2pfs.discovery.keys import mainline_info_hash, share_discovery_key
 from p2pfs.discovery.mainline import MainlineFinder
 from p2pfs.errors import LocalProtocolError
 from p2pfs.ids import ContentHash
-from p2pfs.wire.ticket import PeerAddress
 
 KEY = share_discovery_key(ContentHash(b"\x11" * 32))
 OTHER_KEY = share_discovery_key(ContentHash(b"\x22" * 32))

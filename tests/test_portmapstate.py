@@ -6,6 +6,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
+from p2pfs.address import PeerAddress
 from p2pfs.daemon.addresses import AddressBook
 from p2pfs.daemon.portmapstate import (
     RETRY_AFTER,
@@ -15,7 +16,6 @@ from p2pfs.daemon.portmapstate import (
     Mapped,
     PortMapState,
 )
-from p2pfs.wire.ticket import PeerAddress
 
 
 def test_requesting_until_a_transport_answers() -> None:

@@ -12,6 +12,7 @@ import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from p2pfs.address import PeerAddress
 from p2pfs.content.chunking import DEFAULT_CHUNKER, Chunker, ChunkerParams, chunk_id
 from p2pfs.content.folder import DIR_TREE, FILE_TREE, MANIFEST_CONTEXT, Manifest
 from p2pfs.content.tree import TreeSchema, build_tree
@@ -33,14 +34,7 @@ from p2pfs.sync.versions import FileVersion
 from p2pfs.wire.frames import FrameDecoder
 from p2pfs.wire.messages import decode_message_untrusted, encode_message
 from p2pfs.wire.session import PROTOCOL_VERSION
-from p2pfs.wire.ticket import (
-    TICKET_VERSION,
-    PeerAddress,
-    RelayHint,
-    Ticket,
-    TicketKind,
-    parse_ticket_untrusted,
-)
+from p2pfs.wire.ticket import TICKET_VERSION, RelayHint, Ticket, TicketKind, parse_ticket_untrusted
 
 VECTORS_FILE = Path(__file__).parent.parent / "protocol" / "vectors" / "content.json"
 DOCUMENT = json.loads(VECTORS_FILE.read_text())

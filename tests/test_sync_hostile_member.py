@@ -20,8 +20,9 @@ from p2pfs.bench.daemons import DaemonProcess
 from p2pfs.content.tree import Child
 from p2pfs.daemon.folders.client import FolderLink
 from p2pfs.daemon.folders.server import FolderServer
-from p2pfs.daemon.service import ShareService, TransferCounters
+from p2pfs.daemon.service import ShareService
 from p2pfs.daemon.storage import AsyncIndex
+from p2pfs.daemon.streams import TransferCounters
 from p2pfs.identity import Identity
 from p2pfs.ids import ContentHash, NodeId
 from p2pfs.net import PeerConnection, open_endpoint

@@ -8,15 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from p2pfs.address import PeerAddress, parse_address
+from p2pfs.errors import LocalProtocolError
 from p2pfs.ids import ContentHash, NodeId
 from p2pfs.wire.ticket import (
     MAX_RELAYS,
-    PeerAddress,
     RelayHint,
     Ticket,
     TicketError,
     TicketKind,
-    parse_address,
     parse_ticket_untrusted,
 )
 
@@ -106,7 +106,7 @@ def test_parse_address() -> None:
     assert parse_address("[::1]:5") == PeerAddress("::1", 5)
     assert str(PeerAddress("::1", 5)) == "[::1]:5"
     for bad in ("localhost:1", "1.2.3.4", "1.2.3.4:70000", ":5"):
-        with pytest.raises(TicketError):
+        with pytest.raises(LocalProtocolError):
             parse_address(bad)
 
 

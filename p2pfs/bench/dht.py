@@ -46,10 +46,10 @@ import trio
 from rich.console import Console
 from rich.table import Table
 
+from p2pfs.address import PeerAddress
 from p2pfs.bench.daemons import DaemonProcess
 from p2pfs.daemon.discovery import DHT_K_ENV
 from p2pfs.discovery.dht.finder import DhtFinder
-from p2pfs.wire.ticket import PeerAddress
 
 
 @dataclass(frozen=True, slots=True)

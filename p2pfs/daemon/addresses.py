@@ -26,7 +26,7 @@ from collections.abc import Iterable
 
 import psutil
 
-from p2pfs.wire.ticket import PeerAddress
+from p2pfs.address import PeerAddress
 
 logger = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from p2pfs.address import PeerAddress
 from p2pfs.errors import (
     AuthenticationError,
     ConnectionClosedError,
@@ -28,7 +29,6 @@ from p2pfs.errors import (
 )
 from p2pfs.ids import NodeId
 from p2pfs.net import Endpoint, PeerConnection
-from p2pfs.wire.ticket import PeerAddress
 
 logger = logging.getLogger(__name__)
 

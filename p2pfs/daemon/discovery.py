@@ -12,6 +12,7 @@ from typing import Any
 
 import trio
 
+from p2pfs.address import PeerAddress
 from p2pfs.discovery.dht.finder import DhtFinder
 from p2pfs.discovery.dht.messages import MAX_CONTACTS
 from p2pfs.discovery.dht.node import DEFAULT_KSIZE
@@ -22,7 +23,6 @@ from p2pfs.discovery.mainline import MainlineFinder
 from p2pfs.discovery.seam import Finder, Provider
 from p2pfs.errors import LocalProtocolError, P2pfsError
 from p2pfs.ids import ContentHash
-from p2pfs.wire.ticket import PeerAddress
 
 logger = logging.getLogger(__name__)
 

@@ -57,8 +57,8 @@ from p2pfs.swarm.picker import PiecePicker
 
 from .ratelimit import TokenBucket
 from .requests import RequestStream
-from .service import TransferCounters
 from .storage import AsyncIndex, in_thread
+from .streams import TransferCounters
 from .swarmfetch import (
     GIVE_UP_AFTER,
     STALL_TIMEOUT,

@@ -17,17 +17,12 @@ from typing import Any
 
 import trio
 
+from p2pfs.address import PeerAddress, parse_address
 from p2pfs.content.folder import DIR_TREE, EntryKind, Manifest, manifest_root, share_bound
 from p2pfs.errors import IntegrityError, LocalProtocolError
 from p2pfs.ids import NodeId
 from p2pfs.net import PeerConnection
-from p2pfs.wire.ticket import (
-    PeerAddress,
-    Ticket,
-    TicketError,
-    parse_address,
-    parse_ticket_untrusted,
-)
+from p2pfs.wire.ticket import Ticket, TicketError, parse_ticket_untrusted
 
 from .control_server import Emit, pump_progress
 from .dialer import Candidate, Dialer, DialError
@@ -35,8 +30,8 @@ from .discovery import Discovery
 from .fetcher import Fetcher, FetchProgress
 from .ratelimit import TokenBucket
 from .requests import RequestStream
-from .service import TransferCounters
 from .storage import AsyncIndex
+from .streams import TransferCounters
 from .swarmfetch import GIVE_UP_AFTER, REDISCOVER_INTERVAL
 from .swarmstate import SwarmRegistry
 from .treewalk import TreeJob, walk_trees
@@ -290,10 +285,7 @@ def _peer_list(params: dict[str, Any]) -> list[PeerAddress]:
     peers = params.get("peers") or []
     if not isinstance(peers, list):
         raise LocalProtocolError("peers must be a list of HOST:PORT")
-    try:
-        return [parse_address(str(peer), allow_names=True) for peer in peers]
-    except TicketError as exc:
-        raise LocalProtocolError(str(exc)) from exc
+    return [parse_address(str(peer), allow_names=True) for peer in peers]
 
 
 def user_ticket(params: dict[str, Any]) -> Ticket:

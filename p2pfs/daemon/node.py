@@ -17,6 +17,7 @@ from typing import Any
 
 import trio
 
+from p2pfs.address import PeerAddress
 from p2pfs.errors import (
     ConnectionClosedError,
     LocalProtocolError,
@@ -31,12 +32,7 @@ from p2pfs.net.stream import Stream
 from p2pfs.store.folders import FolderStore
 from p2pfs.store.index import INDEX_FILENAME, IndexStore
 from p2pfs.store.scanner import scan_share
-from p2pfs.wire.ticket import (
-    PeerAddress,
-    RelayHint,
-    Ticket,
-    TicketKind,
-)
+from p2pfs.wire.ticket import RelayHint, Ticket, TicketKind
 
 from .addresses import AddressBook
 from .control_client import SOCKET_NAME
@@ -50,8 +46,9 @@ from .portmap import PortMapper
 from .punch import Puncher
 from .ratelimit import TokenBucket
 from .relay import RelayClient, RelayLimits, RelayRoute, RelayService, guard, read_first_untrusted
-from .service import ShareService, TransferCounters
+from .service import ShareService
 from .storage import AsyncIndex
+from .streams import TransferCounters
 from .swarmstate import SwarmRegistry
 
 logger = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ from collections.abc import Callable
 import libtorrent as lt
 import trio
 
+from p2pfs.address import PeerAddress
 from p2pfs.net.boundary import describe, split_fatal
-from p2pfs.wire.ticket import PeerAddress
 
 from .portmapstate import ExternalIp, MapEvent, MapFailed, Mapped, PortMapState
 

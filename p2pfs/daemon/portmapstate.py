@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from p2pfs.wire.ticket import PeerAddress
+from p2pfs.address import PeerAddress
 
 RETRY_AFTER = (60.0, 300.0, 900.0, 1800.0)
 """Seconds before asking again once every transport failed (no gateway, or it refused):

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import trio
 
+from p2pfs.address import PeerAddress
 from p2pfs.errors import AuthenticationError, ConnectionClosedError, LocalProtocolError
 from p2pfs.ids import NodeId
 from p2pfs.net import Endpoint, PeerConnection, Stream
@@ -35,7 +36,6 @@ from p2pfs.net.control import (
     encode,
     punchable,
 )
-from p2pfs.wire.ticket import PeerAddress
 
 from .relay import read_first_untrusted
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from p2pfs.address import PeerAddress
 from p2pfs.errors import (
     ConnectionClosedError,
     LocalProtocolError,
@@ -43,7 +44,6 @@ from p2pfs.net.control import (
     Register,
     encode,
 )
-from p2pfs.wire.ticket import PeerAddress
 
 from .ratelimit import TokenBucket
 

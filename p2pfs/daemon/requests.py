@@ -19,7 +19,7 @@ from p2pfs.wire.messages import (
 )
 from p2pfs.wire.session import Role, StreamSession
 
-from .service import TransferCounters, receive_within_frame_deadline
+from .streams import TransferCounters, receive_within_frame_deadline
 
 RECEIVE_BYTES = 1 << 20
 

@@ -57,6 +57,7 @@ from p2pfs.wire.session import FRAME_DEADLINE, Role, StreamSession
 from .folders.server import FolderGrants, FolderServer
 from .ratelimit import TokenBucket, throttle
 from .storage import AsyncIndex, in_thread
+from .streams import TransferCounters, receive_within_frame_deadline
 from .swarmstate import SwarmRegistry
 
 logger = logging.getLogger(__name__)
@@ -68,18 +69,6 @@ ERROR_REPLY_TIMEOUT = 5.0
 """Seconds spent trying to tell a failed stream's peer why before resetting it anyway."""
 FILE_NODE_CACHE = 64
 """Files whose rebuilt tree nodes are kept in memory (rebuilding costs ~2 ms per 256 MiB)."""
-
-
-@dataclass(slots=True)
-class TransferCounters:
-    """What crossed the wire, for `p2pfs status`: chunk payload vs everything else."""
-
-    payload_sent: int = 0
-    protocol_sent: int = 0
-    payload_received: int = 0
-    protocol_received: int = 0
-    chunks_served: int = 0
-    integrity_failures: int = 0
 
 
 class _NodeKind(enum.Enum):
@@ -505,19 +494,6 @@ class ShareService:
                 self.counters.chunks_served += 1
                 await stream.send_all(header + data)
                 index += 1
-
-
-async def receive_within_frame_deadline(
-    stream: Stream, session: StreamSession, max_bytes: int
-) -> bytes:
-    """The stream's next bytes; WireError if the peer leaves a frame unfinished past its
-    deadline (bytes already buffered are always read first: we may just have been busy)."""
-    deadline = session.frame_deadline()
-    if deadline is None or stream.receive_buffered:
-        return await stream.receive_some(max_bytes)
-    with trio.move_on_at(deadline):
-        return await stream.receive_some(max_bytes)
-    raise WireError(ErrorCode.PROTOCOL_VIOLATION, "a frame was left unfinished too long")
 
 
 def _read_raw(location: ChunkLocation) -> bytes:

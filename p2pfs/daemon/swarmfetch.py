@@ -33,7 +33,7 @@ from p2pfs.wire.messages import ChunkData, ErrorReply, GetChunks, GetHave, HaveR
 
 from .ratelimit import TokenBucket, throttle
 from .requests import PeerRequestError, RequestStream
-from .service import TransferCounters
+from .streams import TransferCounters
 
 logger = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import trio
 
+from p2pfs.address import PeerAddress
 from p2pfs.discovery.beacon import (
     MAX_DATAGRAM,
     Beacon,
@@ -42,7 +43,6 @@ from p2pfs.discovery.beacon import (
 )
 from p2pfs.discovery.seam import Provider
 from p2pfs.errors import LocalProtocolError
-from p2pfs.wire.ticket import PeerAddress
 
 log = logging.getLogger(__name__)
 

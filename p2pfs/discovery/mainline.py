@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import libtorrent as lt
 import trio
 
+from p2pfs.address import PeerAddress
 from p2pfs.discovery.keys import mainline_info_hash
 from p2pfs.discovery.seam import Provider
 from p2pfs.errors import LocalProtocolError
-from p2pfs.wire.ticket import PeerAddress
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import trio
 
-from p2pfs.wire.ticket import PeerAddress
+from p2pfs.address import PeerAddress
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import blake3
 import msgpack
 
+from p2pfs.address import PeerAddress
 from p2pfs.errors import RemoteProtocolError
 from p2pfs.ids import HASH_LEN, ContentHash, NodeId, content_hash_untrusted
 
@@ -38,15 +39,6 @@ class TicketKind(enum.IntEnum):
     FOLDER_RO = 2
     """Read-only membership of a sync folder: ``root`` is the read key, ``write_public``
     the folder's public write key (to verify records)."""
-
-
-@dataclass(frozen=True, slots=True)
-class PeerAddress:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,34 +175,3 @@ def _address_untrusted(value: object) -> PeerAddress:
     except ValueError as exc:
         raise TicketError(f"ticket address {host!r} is not an IP address") from exc
     return PeerAddress(host, port)
-
-
-def parse_address(text: str, *, allow_names: bool = False) -> PeerAddress:
-    """``HOST:PORT`` or ``[V6]:PORT`` as typed by a user (``--peer``, ``--listen``).
-
-    ``allow_names``: HOST may also be a DNS name (``--peer``, ``--bootstrap``: users with a
-    dynamic DNS name), resolved when used.
-    """
-    host, _, port_text = text.rpartition(":")
-    host = host.strip("[]")
-    if not host or not port_text.isdigit() or not 0 <= int(port_text) < 65536:
-        raise TicketError(f"expected HOST:PORT, got {text!r}")
-    try:
-        ipaddress.ip_address(host)
-    except ValueError as exc:
-        if not (allow_names and _is_host_name(host)):
-            kind = "an IP address or host name" if allow_names else "an IP address"
-            raise TicketError(f"{host!r} is not {kind}") from exc
-    return PeerAddress(host, int(port_text))
-
-
-def _is_host_name(text: str) -> bool:
-    """A DNS name as RFC 1123 allows it (letters, digits, hyphens; dot-separated labels)."""
-    labels = text.rstrip(".").split(".")
-    return len(text) <= 253 and all(
-        0 < len(label) <= 63
-        and not label.startswith("-")
-        and not label.endswith("-")
-        and all(c.isascii() and (c.isalnum() or c == "-") for c in label)
-        for label in labels
-    )

@@ -13,6 +13,7 @@ import msgpack
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from vectorlib import Pieces, annotate, joined, pieces_vector, pseudo_random, to_json
 
+from p2pfs.address import PeerAddress
 from p2pfs.discovery import beacon
 from p2pfs.discovery.beacon import Beacon, MessageType
 from p2pfs.discovery.dht import messages as dht
@@ -27,7 +28,7 @@ from p2pfs.identity import Identity
 from p2pfs.ids import ContentHash, NodeId
 from p2pfs.net import auth, control
 from p2pfs.sync.keys import FolderKeys
-from p2pfs.wire.ticket import PeerAddress, RelayHint, Ticket, TicketKind
+from p2pfs.wire.ticket import RelayHint, Ticket, TicketKind
 
 # --- shared fixed inputs --------------------------------------------------------------------
 

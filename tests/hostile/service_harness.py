@@ -14,8 +14,9 @@ from pathlib import Path
 
 from p2pfs.daemon.folders.server import CLIENT_ROLE, FolderServer, ServedFolder
 from p2pfs.daemon.requests import PeerRequestError, RequestStream
-from p2pfs.daemon.service import ShareService, TransferCounters
+from p2pfs.daemon.service import ShareService
 from p2pfs.daemon.storage import AsyncIndex
+from p2pfs.daemon.streams import TransferCounters
 from p2pfs.errors import ConnectionClosedError, StreamResetError
 from p2pfs.identity import Identity
 from p2pfs.ids import ContentHash

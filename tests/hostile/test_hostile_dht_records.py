@@ -22,6 +22,7 @@ import pytest
 import trio
 from kademlia.node import Node  # type: ignore[import-untyped]
 
+from p2pfs.address import PeerAddress
 from p2pfs.discovery.dht.finder import DhtFinder
 from p2pfs.discovery.dht.messages import (
     MAX_PROVIDERS_PER_RESPONSE,
@@ -33,7 +34,6 @@ from p2pfs.discovery.dht.messages import (
 )
 from p2pfs.discovery.dht.ratelimit import Rate, RequestLimiter, RequestLimits
 from p2pfs.discovery.dht.records import DEFAULT_MAX_TTL, RecordStore
-from p2pfs.wire.ticket import PeerAddress
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -26,6 +26,7 @@ import msgpack
 import pytest
 import trio
 
+from p2pfs.address import PeerAddress
 from p2pfs.discovery.dht.finder import DhtFinder
 from p2pfs.discovery.dht.messages import (
     AMPLIFICATION,
@@ -35,7 +36,6 @@ from p2pfs.discovery.dht.messages import (
     providers_reply_untrusted,
 )
 from p2pfs.discovery.dht.ratelimit import Rate, RequestLimits
-from p2pfs.wire.ticket import PeerAddress
 
 pytestmark = pytest.mark.timeout(60)
 

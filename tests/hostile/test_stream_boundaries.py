@@ -15,7 +15,7 @@ import trio
 
 from p2pfs.daemon.folders.server import MAX_CHALLENGES_PER_CONNECTION
 from p2pfs.daemon.requests import RequestStream
-from p2pfs.daemon.service import TransferCounters
+from p2pfs.daemon.streams import TransferCounters
 from p2pfs.errors import ConnectionClosedError, P2pfsError, StreamResetError
 from p2pfs.identity import Identity
 from p2pfs.ids import ContentHash

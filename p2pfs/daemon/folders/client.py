@@ -31,7 +31,7 @@ from p2pfs.wire.messages import (
 )
 
 from ..requests import PeerRequestError, RequestStream
-from ..service import TransferCounters
+from ..streams import TransferCounters
 from .server import CLIENT_ROLE, SERVER_ROLE
 
 logger = logging.getLogger(__name__)

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import trio
 import watchfiles
 
+from p2pfs.address import PeerAddress
 from p2pfs.content.tree import Child
 from p2pfs.errors import (
     AuthenticationError,
@@ -36,13 +37,13 @@ from p2pfs.net import PeerConnection
 from p2pfs.store import folderdisk as disk
 from p2pfs.store.folders import FolderStore
 from p2pfs.sync.keys import FolderKeys, device_id
-from p2pfs.wire.ticket import PeerAddress, Ticket, TicketKind, parse_ticket_untrusted
+from p2pfs.wire.ticket import Ticket, TicketKind, parse_ticket_untrusted
 
 from ..dialer import Candidate, Dialer, DialError
 from ..discovery import Discovery
 from ..requests import PeerRequestError
-from ..service import TransferCounters
 from ..storage import AsyncIndex
+from ..streams import TransferCounters
 from .client import FolderLink, refuse
 from .engine import FolderSync
 

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from p2pfs.address import PeerAddress
 from p2pfs.discovery.dht.messages import NODE_ID_LEN, dht_key
 from p2pfs.discovery.dht.node import (
     DEFAULT_ALPHA,
@@ -44,7 +45,6 @@ from p2pfs.discovery.dht.records import DEFAULT_MAX_TTL, RecordStore
 from p2pfs.discovery.dht.shared import DHT_FIRST_BYTES, SharedPort
 from p2pfs.discovery.seam import Provider
 from p2pfs.errors import LocalProtocolError
-from p2pfs.wire.ticket import PeerAddress
 
 logger = logging.getLogger(__name__)
 
