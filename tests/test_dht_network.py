@@ -125,7 +125,7 @@ def test_lookups_from_random_nodes_all_succeed(rng: random.Random) -> None:
                 key = rng.choice(list(keys))
                 seeker = rng.choice([f for f in finders if f is not keys[key]])
                 found = await seeker.find(key)
-                assert [(p.node_id, p.address) for p in found] == [
+                assert [(p.node_id.raw, p.address) for p in found] == [
                     (keys[key].node_id, PeerAddress("127.0.0.1", keys[key].quic_port))
                 ]
 
@@ -164,7 +164,7 @@ def test_records_are_reannounced_by_live_providers_and_expire_for_dead_ones(
             await stays.finder.announce(key)
             await leaves.finder.announce(key)
             seeker = net.nodes[0].finder
-            assert {p.node_id for p in await seeker.find(key)} == {
+            assert {p.node_id.raw for p in await seeker.find(key)} == {
                 stays.finder.node_id,
                 leaves.finder.node_id,
             }
@@ -173,7 +173,7 @@ def test_records_are_reannounced_by_live_providers_and_expire_for_dead_ones(
 
             async def only_the_live_provider_left() -> bool:
                 for finder in others:
-                    if [p.node_id for p in await finder.find(key)] != [stays.finder.node_id]:
+                    if [p.node_id.raw for p in await finder.find(key)] != [stays.finder.node_id]:
                         return False
                 # Time 0 lists every record not yet dropped, expired or not.
                 return not any(
@@ -322,7 +322,7 @@ def test_junk_datagrams_leave_the_node_answering(rng: random.Random) -> None:
                 while victim.traffic.dropped < len(junk) - 1:  # b"" may not arrive
                     await trio.sleep(0.05)
             found = await victim.find(key)
-            assert [p.node_id for p in found] == [net.nodes[4].finder.node_id]
+            assert [p.node_id.raw for p in found] == [net.nodes[4].finder.node_id]
             for seeker in net.live():
                 if seeker is not net.nodes[4].finder:
                     assert await seeker.find(key)
@@ -349,6 +349,6 @@ def test_cancelled_lookups_cancel_the_asyncio_side_and_stop_cleanly(rng: random.
             newcomer = await net.add([seeker.port])
             assert await newcomer.finder.ping(PeerAddress("127.0.0.1", seeker.port))
             found = await newcomer.finder.find(key)
-            assert [p.node_id for p in found] == [net.nodes[1].finder.node_id]
+            assert [p.node_id.raw for p in found] == [net.nodes[1].finder.node_id]
 
     trio.run(main)

@@ -34,6 +34,7 @@ from p2pfs.discovery.beacon import (
 )
 from p2pfs.discovery.lan import LanFinder
 from p2pfs.errors import LocalProtocolError, RemoteProtocolError
+from p2pfs.ids import NodeId
 
 ID_A = b"\xaa" * 32
 ID_B = b"\xbb" * 32
@@ -231,7 +232,7 @@ def test_query_answer_on_loopback() -> None:
             with trio.fail_after(30):  # a hang guard, not a measurement
                 found = await a.find(KEY_B, limit=1)
             assert [(p.address, p.node_id, p.source) for p in found] == [
-                (PeerAddress("127.0.0.1", 7002), ID_B, "lan")
+                (PeerAddress("127.0.0.1", 7002), NodeId(ID_B), "lan")
             ]
             assert await b.find(KEY_A) == []
             # Announcing a second key beacons at once (rate-limited to one a second).
@@ -281,7 +282,7 @@ CHILD = textwrap.dedent(
                 while not (found := await finder.find(theirs, limit=1)):
                     pass
             report["find_seconds"] = trio.current_time() - start
-            report["found"] = [[p.address.host, p.address.port, p.node_id.hex()] for p in found]
+            report["found"] = [[p.address.host, p.address.port, p.node_id.raw.hex()] for p in found]
             start = trio.current_time()
             await trio.sleep_until(start + 2)
             await finder.announce(mine2)

@@ -1,4 +1,5 @@
-"""The daemon's discovery: runs every enabled backend, announces shares, merges lookups."""
+"""The daemon's discovery: builds the configured backends, and runs any sequence of
+``Finder`` backends (``p2pfs.discovery.seam``), announcing to all and merging lookups."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import errno
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -22,7 +23,7 @@ from p2pfs.discovery.lan import LAN_PORT, LanFinder
 from p2pfs.discovery.mainline import MainlineFinder
 from p2pfs.discovery.seam import Finder, Provider
 from p2pfs.errors import LocalProtocolError, P2pfsError
-from p2pfs.ids import ContentHash
+from p2pfs.ids import ContentHash, NodeId
 
 logger = logging.getLogger(__name__)
 
@@ -63,59 +64,82 @@ class DiscoveryConfig:
     lan_port: int = LAN_PORT
     dht_ksize: int | None = None
     """None: ``$P2PFS_DHT_K`` if set, else the DHT's default (20)."""
-    extra: tuple[Finder, ...] = field(default=())
-    """Backends built by the caller (tests: a shared in-memory directory)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Required:
+    """A backend the node cannot run without: its failure to start ends the daemon rather
+    than fall back silently. ``what``, ``address`` and ``flag`` name it when its port is
+    taken."""
+
+    what: str
+    address: str
+    flag: str
+
+
+def configured_finders(
+    config: DiscoveryConfig, node_id: NodeId, quic_port: int, shared: SharedPort
+) -> tuple[DhtFinder, list[Finder]]:
+    """The backends ``config`` enables, the private DHT first (and also returned alone: the
+    node reports its counters). ``shared``: the endpoint that owns the node's UDP port, for
+    the DHT to share unless ``config.dht_port`` asks for a socket of its own."""
+    dht = DhtFinder(
+        node_id=node_id.raw,
+        quic_port=quic_port,
+        host=config.dht_host,
+        port=config.dht_port or 0,
+        bootstrap=config.bootstrap,
+        ksize=dht_ksize(config, os.environ),
+        shared=shared if config.dht_port is None else None,
+    )
+    finders: list[Finder] = [dht]
+    if config.mainline:
+        finders.append(
+            MainlineFinder(
+                quic_port,
+                listen_port=config.mainline_port,
+                loopback_testing=config.mainline_loopback_testing,
+            )
+        )
+    if config.lan and _is_wildcard(config.dht_host):
+        finders.append(LanFinder(node_id.raw, quic_port, port=config.lan_port))
+    elif config.lan:
+        # A beacon's provider address is its datagram's source IP (never one from the
+        # payload); a node bound to one address may not answer there, so it stays quiet
+        # rather than advertise an address that cannot reach it.
+        logger.info("LAN discovery off: it needs the node bound to a wildcard address")
+    return dht, finders
+
+
+def dht_required(config: DiscoveryConfig) -> Required:
+    """The private DHT is how --no-hints tickets work: it is never optional."""
+    return Required("private DHT", f"{config.dht_host}:{config.dht_port}", "--dht-port")
 
 
 class Discovery:
+    """Runs a sequence of :class:`Finder` backends (the daemon's from
+    :func:`configured_finders`; tests' in-memory ones), announces to all of them and merges
+    what they find. It knows no backend by type."""
+
     def __init__(
-        self, config: DiscoveryConfig, node_id: bytes, quic_port: int, shared: SharedPort
+        self, finders: Sequence[Finder], *, required: Mapping[Finder, Required] | None = None
     ) -> None:
-        """``shared``: the endpoint that owns the node's UDP port, for the DHT to share
-        unless ``config.dht_port`` asks for a socket of its own."""
-        self._config = config
-        self.dht = DhtFinder(
-            node_id=node_id,
-            quic_port=quic_port,
-            host=config.dht_host,
-            port=config.dht_port or 0,
-            bootstrap=config.bootstrap,
-            ksize=dht_ksize(config, os.environ),
-            shared=shared if config.dht_port is None else None,
-        )
-        self.finders: list[Finder] = [self.dht]
-        if config.mainline:
-            self.finders.append(
-                MainlineFinder(
-                    quic_port,
-                    listen_port=config.mainline_port,
-                    loopback_testing=config.mainline_loopback_testing,
-                )
-            )
-        if config.lan and _is_wildcard(config.dht_host):
-            self.finders.append(LanFinder(node_id, quic_port, port=config.lan_port))
-        elif config.lan:
-            # A beacon's provider address is its datagram's source IP (never one from the
-            # payload); a node bound to one address may not answer there, so it stays quiet
-            # rather than advertise an address that cannot reach it.
-            logger.info("LAN discovery off: it needs the node bound to a wildcard address")
-        self.finders.extend(config.extra)
+        self.finders = list(finders)
+        self._required = dict(required or {})
         self.running: list[Finder] = []
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        config = self._config
         async with trio.open_nursery() as nursery:
             for finder in self.finders:
                 try:
                     await nursery.start(finder.serve)
                 except (OSError, P2pfsError) as exc:
-                    if finder is self.dht:
-                        # The DHT is how --no-hints tickets work: no silent fallback.
+                    needed = self._required.get(finder)
+                    if needed is not None:
                         if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
-                            taken = f"{config.dht_host}:{config.dht_port}"
-                            raise PortInUseError("private DHT", taken, "--dht-port") from exc
+                            raise PortInUseError(needed.what, needed.address, needed.flag) from exc
                         raise
-                    # LAN and Mainline are best effort (a host without broadcast, a port in
+                    # The others are best effort (LAN without broadcast, a Mainline port in
                     # use): the node works without them, and says so.
                     hint = " (--no-lan turns LAN discovery off)" if finder.name == "lan" else ""
                     logger.warning("discovery backend %s unavailable: %s%s", finder.name, exc, hint)
@@ -150,31 +174,29 @@ class Discovery:
                     nursery.start_soon(ask, finder)
         return _merge(found)
 
-    def info(self) -> dict[str, Any]:
-        return {
-            "backends": [finder.name for finder in self.running],
-            "dht_port": self.dht.port,
-            "dht": self.dht_info(),
-        }
+    @property
+    def backends(self) -> list[str]:
+        return [finder.name for finder in self.running]
 
-    def dht_info(self) -> dict[str, Any]:
-        """The private DHT's size and cost, for ``bench dht`` and tests to diff around a
-        lookup. Counters written on the DHT thread are read here without a lock: each is an
-        int read whole, possibly one datagram behind."""
-        traffic = self.dht.traffic
-        return {
-            "k": self.dht.ksize,
-            "contacts": self.dht.contacts(),
-            "records": self.dht.records(),
-            "lookups": dataclasses.asdict(self.dht.lookups),
-            "traffic": {
-                "sent": traffic.sent,
-                "sent_bytes": traffic.sent_bytes,
-                "received": traffic.received,
-                "received_bytes": traffic.received_bytes,
-                "dropped": traffic.dropped,
-            },
-        }
+
+def dht_info(dht: DhtFinder) -> dict[str, Any]:
+    """The private DHT's size and cost, for ``bench dht`` and tests to diff around a
+    lookup. Counters written on the DHT thread are read here without a lock: each is an
+    int read whole, possibly one datagram behind."""
+    traffic = dht.traffic
+    return {
+        "k": dht.ksize,
+        "contacts": dht.contacts(),
+        "records": dht.records(),
+        "lookups": dataclasses.asdict(dht.lookups),
+        "traffic": {
+            "sent": traffic.sent,
+            "sent_bytes": traffic.sent_bytes,
+            "received": traffic.received,
+            "received_bytes": traffic.received_bytes,
+            "dropped": traffic.dropped,
+        },
+    }
 
 
 def dht_ksize(config: DiscoveryConfig, environ: Mapping[str, str]) -> int:

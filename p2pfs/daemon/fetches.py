@@ -83,7 +83,7 @@ class Fetches:
     async def ls(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         ticket = user_ticket(params)
         holder = object()
-        connect = self._holder_connector(ticket, _peer_list(params), holder, _give_up(params))
+        connect = self.holder_connector(ticket, _peer_list(params), holder, _give_up(params))
         conn = await connect(set())
         try:
             control = await RequestStream.open(conn, self._counters)
@@ -165,7 +165,7 @@ class Fetches:
                 self._dialer.release(conn, holder)
 
             fetcher = Fetcher(
-                self._holder_connector(ticket, extra, holder, give_up),
+                self.holder_connector(ticket, extra, holder, give_up),
                 ticket.root,
                 destination,
                 self._index,
@@ -214,7 +214,7 @@ class Fetches:
             await emit({"waiting": f"another fetch of this share is writing into {real}"})
             await writer.done.wait()
 
-    def _holder_connector(
+    def holder_connector(
         self, ticket: Ticket, extra: list[PeerAddress], holder: object, give_up: float
     ) -> Callable[[set[NodeId]], Awaitable[PeerConnection]]:
         """A connection to a holder of the ticket's share, not one of those excluded: the
@@ -272,11 +272,7 @@ class Fetches:
 
     async def _discovered(self, ticket: Ticket) -> list[Candidate]:
         return [
-            Candidate(
-                provider.address,
-                NodeId(provider.node_id) if provider.node_id is not None else None,
-                provider.source,
-            )
+            Candidate(provider.address, provider.node_id, provider.source)
             for provider in await self._discovery.find(ticket.root)
         ]
 

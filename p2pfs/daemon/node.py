@@ -18,6 +18,7 @@ from typing import Any
 import trio
 
 from p2pfs.address import PeerAddress
+from p2pfs.discovery.dht.finder import DhtFinder
 from p2pfs.errors import (
     ConnectionClosedError,
     LocalProtocolError,
@@ -38,7 +39,14 @@ from .addresses import AddressBook
 from .control_client import SOCKET_NAME
 from .control_server import ControlServer, Emit, pump_progress
 from .dialer import Candidate, Dialer
-from .discovery import Discovery, DiscoveryConfig, PortInUseError
+from .discovery import (
+    Discovery,
+    DiscoveryConfig,
+    PortInUseError,
+    configured_finders,
+    dht_info,
+    dht_required,
+)
 from .fetches import Fetches, user_ticket
 from .folders.manager import FolderConfig, FolderManager
 from .folders.server import FolderServer
@@ -91,6 +99,7 @@ class Node:
         self._identity: Identity | None = None
         self._index: AsyncIndex | None = None
         self._discovery: Discovery | None = None
+        self._dht: DhtFinder | None = None
         self._swarm = SwarmRegistry()
         """Shares being fetched, served to other fetchers meanwhile (until a restart)."""
         self._folders: FolderManager | None = None
@@ -164,8 +173,11 @@ class Node:
         assert self._identity is not None
         self._addresses = AddressBook(*endpoint.local_address)
         control = ControlServer(str(self.config.home / SOCKET_NAME), self._handlers())
+        self._dht, finders = configured_finders(
+            self.config.discovery, self._identity.node_id, endpoint.local_address[1], endpoint
+        )
         self._discovery = Discovery(
-            self.config.discovery, self._identity.node_id.raw, endpoint.local_address[1], endpoint
+            finders, required={self._dht: dht_required(self.config.discovery)}
         )
         async with trio.open_nursery() as nursery:
             self._root_scope = nursery.cancel_scope
@@ -416,13 +428,21 @@ class Node:
                 for address, places in self.addresses.observations()
             ],
             "engine": self.endpoint.engine.name,
-            "discovery": self.discovery.info(),
+            "discovery": self._discovery_info(),
             "relays": [
                 {"node_id": str(hint.node_id), "address": str(hint.address)}
                 for hint in self._relay_hints()
             ],
             "relay": self._relay_service.info() if self._relay_service is not None else None,
             "port_mapping": self._port_mapper.state.info() if self._port_mapper else None,
+        }
+
+    def _discovery_info(self) -> dict[str, Any]:
+        assert self._dht is not None
+        return {
+            "backends": self.discovery.backends,
+            "dht_port": self._dht.port,
+            "dht": dht_info(self._dht),
         }
 
     async def _status(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
@@ -494,7 +514,7 @@ class Node:
             "providers": [
                 {
                     "address": str(provider.address),
-                    "node_id": str(NodeId(provider.node_id)) if provider.node_id else None,
+                    "node_id": str(provider.node_id) if provider.node_id else None,
                     "source": provider.source,
                 }
                 for provider in providers

@@ -43,6 +43,7 @@ from p2pfs.discovery.beacon import (
 )
 from p2pfs.discovery.seam import Provider
 from p2pfs.errors import LocalProtocolError
+from p2pfs.ids import NodeId
 
 log = logging.getLogger(__name__)
 
@@ -363,7 +364,7 @@ class LanFinder:
         # Link-local IPv6 last: reaching it needs the scope, which not every dialer handles.
         found = sorted(self._table.holders(key, trio.current_time()), key=lambda s: "%" in s.host)
         return [
-            Provider(PeerAddress(sighting.host, sighting.port), sighting.node_id, SOURCE)
+            Provider(PeerAddress(sighting.host, sighting.port), NodeId(sighting.node_id), SOURCE)
             for sighting in found[:limit]
         ]
 

@@ -9,6 +9,7 @@ from typing import Protocol
 import trio
 
 from p2pfs.address import PeerAddress
+from p2pfs.ids import NodeId
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +22,7 @@ class Provider:
     """
 
     address: PeerAddress
-    node_id: bytes | None = None
+    node_id: NodeId | None = None
     source: str = ""
 
 
@@ -50,32 +51,38 @@ class Finder(Protocol):
 
 @dataclass
 class MemoryDirectory:
-    """The shared 'network' of MemoryFinders: key -> providers."""
+    """The shared 'network' of MemoryFinders: key -> providers, in announcement order (a
+    dict used as an ordered set, so lookups are deterministic)."""
 
-    records: dict[bytes, dict[bytes | None, Provider]] = field(default_factory=dict)
+    records: dict[bytes, dict[Provider, None]] = field(default_factory=dict)
 
 
 class MemoryFinder:
     """A real, in-process backend: announcements are visible to every finder sharing the
-    directory. For tests of code above the seam; not a mock of any network backend."""
+    directory. For tests of code above the seam (``tests/test_discovery_dialing.py``); not a
+    mock of any network backend. ``me`` is the record this finder announces: what a
+    network backend would publish for this node (an address, and a NodeId if it carries
+    one)."""
 
     name = "memory"
 
     def __init__(self, directory: MemoryDirectory, me: Provider) -> None:
         self._directory = directory
-        self._me = me
+        self.me = me
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         await trio.sleep_forever()
 
     async def announce(self, key: bytes) -> None:
-        self._directory.records.setdefault(key, {})[self._me.node_id] = self._me
+        await trio.lowlevel.checkpoint()
+        self._directory.records.setdefault(key, {})[self.me] = None
 
     async def withdraw(self, key: bytes) -> None:
-        self._directory.records.get(key, {}).pop(self._me.node_id, None)
+        await trio.lowlevel.checkpoint()
+        self._directory.records.get(key, {}).pop(self.me, None)
 
     async def find(self, key: bytes, limit: int = 16) -> Sequence[Provider]:
         await trio.lowlevel.checkpoint()
-        found = [p for p in self._directory.records.get(key, {}).values() if p != self._me]
+        found = [p for p in self._directory.records.get(key, {}) if p != self.me]
         return found[:limit]

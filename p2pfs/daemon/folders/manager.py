@@ -267,8 +267,7 @@ class FolderManager:
         candidates += [Candidate(a, None, "peer") for a in self._extra_peers]
         if self._discovery is not None:
             for provider in await self._discovery.find_key(folder.keys.discovery_key):
-                node = NodeId(provider.node_id) if provider.node_id is not None else None
-                candidates.append(Candidate(provider.address, node, provider.source))
+                candidates.append(Candidate(provider.address, provider.node_id, provider.source))
         linked = {peer for (folder_id, peer) in self._links if folder_id == folder.folder_id}
         by_node: dict[NodeId | None, list[Candidate]] = {}
         for candidate in candidates:

@@ -45,6 +45,7 @@ from p2pfs.discovery.dht.records import DEFAULT_MAX_TTL, RecordStore
 from p2pfs.discovery.dht.shared import DHT_FIRST_BYTES, SharedPort
 from p2pfs.discovery.seam import Provider
 from p2pfs.errors import LocalProtocolError
+from p2pfs.ids import NodeId
 
 logger = logging.getLogger(__name__)
 
@@ -297,7 +298,7 @@ class DhtFinder:
     async def find(self, key: bytes, limit: int = 16) -> Sequence[Provider]:
         lookup = await self.lookup(key, limit + 1)
         found = [
-            Provider(PeerAddress(p.ip, p.port), p.node_id, self.name)
+            Provider(PeerAddress(p.ip, p.port), NodeId(p.node_id), self.name)
             for p in lookup.providers
             if p.node_id != self.node_id
         ]
