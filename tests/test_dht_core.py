@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import random
 
 import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kademlia.node import Node  # type: ignore[import-untyped]
 
 from p2pfs.discovery.dht.messages import (
     MAX_DATAGRAM,
@@ -18,6 +20,7 @@ from p2pfs.discovery.dht.messages import (
     Request,
     Response,
     add_provider_reply_untrusted,
+    contacts_to_wire,
     contacts_untrusted,
     datagram_untrusted,
     dht_key,
@@ -26,6 +29,7 @@ from p2pfs.discovery.dht.messages import (
     ping_reply_untrusted,
     providers_reply_untrusted,
 )
+from p2pfs.discovery.dht.protocol import DhtProtocol
 from p2pfs.discovery.dht.records import RecordStore
 from p2pfs.discovery.dht.tokens import WriteTokens
 
@@ -209,3 +213,55 @@ def test_random_bytes_raise_one_error_type(data: bytes) -> None:
 def test_hostile_datagrams(data: bytes) -> None:
     with pytest.raises(DhtMessageError):
         datagram_untrusted(data)
+
+
+# --- the server's replies are the pinned encoders' output ------------------------------------
+
+
+def served_protocol(contacts: int) -> DhtProtocol:
+    rng = random.Random(14)
+    me = Node(bytes(20), "192.0.2.1", 7000)
+    protocol = DhtProtocol(
+        me,
+        ksize=8,
+        rpc_timeout=1.0,
+        records=RecordStore(),
+        clock=lambda: 100.0,
+        random_bytes=rng.randbytes,
+    )
+    for i in range(contacts):
+        protocol.router.add_contact(Node(rng.randbytes(20), f"198.51.100.{i + 1}", 7000 + i))
+    return protocol
+
+
+@pytest.mark.parametrize("budget", [None, 3 * 81])
+def test_served_get_providers_is_the_encoder_output_and_parses(budget: int | None) -> None:
+    """What the server sends is ``ProvidersReply.to_wire`` (pinned by the golden vectors in
+    protocol/vectors/discovery.json), read back whole by the parser a requester uses."""
+    protocol = served_protocol(contacts=12)
+    key = bytes([5]) * 20
+    for i in range(6):
+        protocol.records.add(key, bytes([i]) * 32, f"203.0.113.{i + 1}", 7337, 600, 100.0)
+    sender = ("192.0.2.99", 4000)
+    reply = protocol.rpc_get_providers(sender, bytes([9]) * 20, key, budget=budget)
+    parsed = providers_reply_untrusted(reply)
+    assert parsed.to_wire() == reply
+    assert parsed.token == protocol.tokens.issue(*sender)
+    assert all(p.ttl == 600 for p in parsed.providers)
+    if budget is None:
+        assert not parsed.truncated
+        assert len(parsed.providers) == 6 and len(parsed.nodes) == 8
+    else:
+        assert parsed.truncated
+        assert len(encode_response(bytes(20), reply)) <= budget
+        assert parsed.providers  # the answer goes first
+
+
+def test_served_find_node_is_the_encoder_output_and_parses() -> None:
+    protocol = served_protocol(contacts=12)
+    target = bytes([7]) * 20
+    reply = protocol.rpc_find_node(("192.0.2.99", 4000), bytes([9]) * 20, target)
+    contacts = contacts_untrusted(reply)
+    assert contacts_to_wire(contacts) == reply
+    distances = [int.from_bytes(c.id, "big") ^ int.from_bytes(target, "big") for c in contacts]
+    assert len(contacts) == 8 and distances == sorted(distances)  # k nearest, nearest first

@@ -399,7 +399,7 @@ def dht_vectors(share_key: bytes) -> list[dict[str, Any]]:
         dht_vector(
             "dht-find-node-reply",
             "contacts [id, ip, port], nearest first",
-            response(ids[2], [c.to_wire() for c in contacts]),
+            response(ids[2], dht.contacts_to_wire(contacts)),
         ),
         dht_vector(
             "dht-get-providers",

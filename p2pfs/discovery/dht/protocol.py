@@ -25,8 +25,8 @@ import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from kademlia.node import Node  # type: ignore[import-untyped]
 from kademlia.protocol import KademliaProtocol  # type: ignore[import-untyped]
@@ -39,12 +39,14 @@ from p2pfs.discovery.dht.messages import (
     MAX_DATAGRAM,
     MAX_PROVIDERS_PER_RESPONSE,
     MSG_ID_LEN,
+    Contact,
     DhtMessageError,
     ProviderInfo,
     ProvidersReply,
     Request,
     Response,
     add_provider_reply_untrusted,
+    contacts_to_wire,
     contacts_untrusted,
     datagram_untrusted,
     encode_request,
@@ -230,9 +232,9 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         if self.router.is_new_node(node):
             self.router.add_contact(node)
 
-    def _contacts_near(self, key: bytes, exclude: Node | None) -> list[list[Any]]:
+    def _contacts_near(self, key: bytes, exclude: Node | None) -> list[Contact]:
         neighbors = self.router.find_neighbors(Node(key), self.ksize, exclude=exclude)
-        return [[n.id, n.ip, n.port] for n in neighbors]
+        return [Contact(bytes(n.id), n.ip, n.port) for n in neighbors]
 
     def rpc_ping(self, sender: Address, nodeid: bytes) -> bytes:
         self.welcome_if_new(Node(nodeid, *sender))
@@ -244,13 +246,13 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         source = Node(nodeid, *sender)
         self.welcome_if_new(source)
         nodes = self._contacts_near(key, source)
-        if budget is None:
-            return nodes
-        # Nearest first: the contacts kept are the ones a lookup most needs.
-        kept = _fill(budget - _size([]) - 2, [nodes])[0]
-        if len(kept) < len(nodes):
-            self.traffic.truncated += 1
-        return kept
+        if budget is not None:
+            # Nearest first: the contacts kept are the ones a lookup most needs.
+            kept, _ = _fill(budget - _size(contacts_to_wire(())) - 2, nodes)
+            if len(kept) < len(nodes):
+                self.traffic.truncated += 1
+            nodes = kept
+        return contacts_to_wire(nodes)
 
     def rpc_get_providers(
         self, sender: Address, nodeid: bytes, key: bytes, *, budget: int | None = None
@@ -259,26 +261,28 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         self.welcome_if_new(source)
         now = self._now()
         records = self.records.get(key, now, MAX_PROVIDERS_PER_RESPONSE)
-        providers = [
-            ProviderInfo(r.node_id, r.ip, r.port, max(0, math.ceil(r.expires - now))).to_wire()
+        providers: list[ProviderInfo] = [
+            ProviderInfo(r.node_id, r.ip, r.port, max(0, math.ceil(r.expires - now)))
             for r in records
         ]
-        nodes = self._contacts_near(key, source)
-        reply: dict[str, Any] = {"token": self.tokens.issue(*sender), "nodes": [], "providers": []}
+        nodes: list[Contact] = self._contacts_near(key, source)
+        token = self.tokens.issue(*sender)
+        truncated = False
         if budget is not None:
             # Providers first (they are the answer), then the nearest nodes; the overhead is
             # measured with the flag set and room for two longer list headers.
-            room = budget - _size({**reply, "truncated": True}) - 4
-            kept_providers, kept_nodes = _fill(room, [providers, nodes])
-            if len(kept_providers) < len(providers) or len(kept_nodes) < len(nodes):
+            room = budget - _size(ProvidersReply(token, (), (), truncated=True).to_wire()) - 4
+            kept_providers, room = _fill(room, providers)
+            kept_nodes, _ = _fill(room, nodes)
+            truncated = len(kept_providers) < len(providers) or len(kept_nodes) < len(nodes)
+            if truncated:
                 self.traffic.truncated += 1
-                reply["truncated"] = True
             providers, nodes = kept_providers, kept_nodes
-        reply["nodes"], reply["providers"] = nodes, providers
+        reply = ProvidersReply(token, tuple(nodes), tuple(providers), truncated)
         # IPv6 addresses make the worst case larger than a datagram: trim providers to fit.
-        while len(encode_response(bytes(MSG_ID_LEN), reply)) > MAX_DATAGRAM:
-            reply["providers"] = reply["providers"][: len(reply["providers"]) // 2]
-        return reply
+        while _size(reply.to_wire()) > MAX_DATAGRAM:
+            reply = replace(reply, providers=reply.providers[: len(reply.providers) // 2])
+        return reply.to_wire()
 
     def rpc_add_provider(
         self,
@@ -436,17 +440,17 @@ def _size(value: object) -> int:
     return len(encode_response(bytes(MSG_ID_LEN), value))
 
 
-def _fill(room: int, lists: list[list[Any]]) -> list[list[Any]]:
-    """The longest prefixes of ``lists``, in order, whose encoded items fit in ``room`` bytes
-    (a list's items, once the first does not fit, stop; later lists still try)."""
-    kept: list[list[Any]] = []
-    for items in lists:
-        taken = []
-        for item in items:
-            cost = _size(item) - HEADER_LEN
-            if cost > room:
-                break
-            room -= cost
-            taken.append(item)
-        kept.append(taken)
-    return kept
+_Item = TypeVar("_Item", Contact, ProviderInfo)
+
+
+def _fill(room: int, items: list[_Item]) -> tuple[list[_Item], int]:
+    """The longest prefix of ``items`` whose encoded items fit in ``room`` bytes (once one
+    does not fit, the rest are left out), and the room left."""
+    taken: list[_Item] = []
+    for item in items:
+        cost = _size(item.to_wire()) - HEADER_LEN
+        if cost > room:
+            break
+        room -= cost
+        taken.append(item)
+    return taken, room
