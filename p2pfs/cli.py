@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from rich.console import Console
 from rich.progress import (
@@ -50,6 +50,10 @@ EXIT_NO_DAEMON = 3
 EXIT_REMOTE = 4
 EXIT_INTERRUPTED = 130
 STOP_WAIT = 15.0
+
+
+if TYPE_CHECKING:
+    from p2pfs.daemon.node import NodeConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -178,6 +182,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line as ``main`` reads it (test entry points that run a daemon of their
+    own, such as tests/unverified_daemon.py, take the same arguments)."""
+    return _parser().parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -241,18 +251,16 @@ def _relay_arguments(daemon: argparse.ArgumentParser) -> None:
         metavar="BYTES",
         help="with --relay: bytes one client may move through this relay (default 4 GiB)",
     )
-    daemon.add_argument("--test-serve-unverified", action="store_true", help=argparse.SUPPRESS)
     daemon.add_argument("--test-case-insensitive", action="store_true", help=argparse.SUPPRESS)
     daemon.add_argument("--lan-port", type=int, help=argparse.SUPPRESS)
     daemon.add_argument("--profile-to", metavar="FILE", help=argparse.SUPPRESS)
 
 
-def _daemon(args: argparse.Namespace) -> int:
-    import trio  # noqa: PLC0415 -- only the daemon pays for the async runtime and QUIC
-
+def daemon_config(args: argparse.Namespace) -> NodeConfig:
+    """The node configuration of a parsed ``daemon`` command line."""
     from p2pfs.daemon.discovery import DiscoveryConfig  # noqa: PLC0415
     from p2pfs.daemon.folders.manager import FolderConfig  # noqa: PLC0415
-    from p2pfs.daemon.node import NodeConfig, run_node  # noqa: PLC0415
+    from p2pfs.daemon.node import NodeConfig  # noqa: PLC0415
     from p2pfs.daemon.relay import RelayLimits  # noqa: PLC0415
     from p2pfs.discovery.lan import LAN_PORT  # noqa: PLC0415
 
@@ -262,7 +270,7 @@ def _daemon(args: argparse.Namespace) -> int:
         limits = dataclasses.replace(limits, rate=args.relay_client_rate)
     if args.relay_client_budget:
         limits = dataclasses.replace(limits, budget=args.relay_client_budget)
-    config = NodeConfig(
+    return NodeConfig(
         relay=limits if args.relay else None,
         relay_via=tuple(parse_address(r, allow_names=True) for r in args.relay_via),
         home=resolve_home(args.home),
@@ -270,7 +278,6 @@ def _daemon(args: argparse.Namespace) -> int:
         peers=tuple(parse_address(peer, allow_names=True) for peer in args.peer),
         max_upload_rate=args.max_upload_rate,
         max_download_rate=args.max_download_rate,
-        test_serve_unverified=args.test_serve_unverified,
         port_mapping=not args.no_port_mapping,
         folders=FolderConfig(
             keep_versions_s=args.keep_versions_days * 86400,
@@ -287,6 +294,14 @@ def _daemon(args: argparse.Namespace) -> int:
             lan_port=LAN_PORT if args.lan_port is None else args.lan_port,
         ),
     )
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    import trio  # noqa: PLC0415 -- only the daemon pays for the async runtime and QUIC
+
+    from p2pfs.daemon.node import run_node  # noqa: PLC0415
+
+    config = daemon_config(args)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.getLogger().setLevel(level)
     # The QUIC engine logs every orderly peer close as a warning; only its errors matter here.

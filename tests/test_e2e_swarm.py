@@ -8,6 +8,7 @@ import random
 import re
 import signal
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from tests.e2e_helpers import fetch_in_background, transfer_progress, wait_until
 MiB = 1 << 20
 
 Group = Callable[..., DaemonProcess]
+SHIPPED = (sys.executable, "-m", "p2pfs")
+UNVERIFIED = (sys.executable, str(Path(__file__).with_name("unverified_daemon.py")))
+"""A daemon that sends chunks unchecked (a test-only entry point: the shipped CLI cannot)."""
 
 
 @pytest.fixture
@@ -26,11 +30,11 @@ def group(tmp_path: Path) -> Iterator[Group]:
     """Daemons in one private DHT (the first is its bootstrap), LAN off."""
     started: list[DaemonProcess] = []
 
-    def make(name: str, *extra: str) -> DaemonProcess:
+    def make(name: str, *extra: str, program: tuple[str, ...] = SHIPPED) -> DaemonProcess:
         args = ["--no-lan", *extra]
         if started:
             args += ["--bootstrap", f"127.0.0.1:{started[0].call('id')['discovery']['dht_port']}"]
-        daemon = DaemonProcess(tmp_path / name, extra_args=tuple(args)).start()
+        daemon = DaemonProcess(tmp_path / name, extra_args=tuple(args), program=program).start()
         started.append(daemon)
         return daemon
 
@@ -78,7 +82,7 @@ def test_three_seeders_one_killed_mid_fetch(tmp_path: Path, group: Group) -> Non
 def test_corrupted_seeder_is_dropped(tmp_path: Path, group: Group, hostile: bool) -> None:
     data = random.Random(2).randbytes(24 * MiB)
     honest = [group(f"seed{n}", "--max-upload-rate", str(8 * MiB)) for n in range(2)]
-    corrupt = group("corrupt", *(["--test-serve-unverified"] if hostile else []))
+    corrupt = group("corrupt", program=UNVERIFIED if hostile else SHIPPED)
     fetcher = group("fetcher")
     ticket = seed_copies(tmp_path, [*honest, corrupt], data)
     # Damage the corrupt seeder's copy behind its back: same size, same mtime.

@@ -26,14 +26,17 @@ class DaemonProcess:
         extra_args: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
         prefix: tuple[str, ...] = (),
+        program: tuple[str, ...] = (sys.executable, "-m", "p2pfs"),
     ) -> None:
         """``prefix``: a command the daemon runs under that execs it (``ip netns exec NS``),
         so the PID is still the daemon's. ``listen`` None: the daemon's default, as
-        `make run` starts it."""
+        `make run` starts it. ``program``: what takes the CLI's arguments (a test entry
+        point may stand in for the shipped CLI)."""
         self.home = Path(home)
         self.listen = listen
         self.extra_args = extra_args
         self.prefix = prefix
+        self.program = program
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
         self._log: Any = None
@@ -59,9 +62,7 @@ class DaemonProcess:
         self.process = subprocess.Popen(
             [
                 *self.prefix,
-                sys.executable,
-                "-m",
-                "p2pfs",
+                *self.program,
                 "--home",
                 str(self.home),
                 "daemon",

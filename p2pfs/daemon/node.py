@@ -81,8 +81,6 @@ class NodeConfig:
     """Bytes per second of chunk payload, for the whole daemon."""
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     folders: FolderConfig = field(default_factory=FolderConfig)
-    test_serve_unverified: bool = False
-    """Test hook: serve chunks without re-hashing them, to play a corrupt peer."""
     relay: RelayLimits | None = None
     """Set (``--relay``): relay for others within these limits."""
     relay_via: tuple[PeerAddress, ...] = ()
@@ -92,6 +90,10 @@ class NodeConfig:
 
 
 class Node:
+    share_service: type[ShareService] = ShareService
+    """What serves shares; a test subclass plays a corrupt peer with its own
+    (tests/unverified_daemon.py)."""
+
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.counters = TransferCounters()
@@ -140,7 +142,7 @@ class Node:
             self._index, self.counters, self._identity.node_id, self.config.folders
         )
         folder_server = FolderServer(self._index, self._folders.lookup, self._identity.node_id.raw)
-        service = ShareService(
+        service = self.share_service(
             self._index,
             self.counters,
             self._upload_limit,
@@ -148,7 +150,6 @@ class Node:
             folder_server,
             self._folders.folder_paths,
         )
-        service.verify_reads = not self.config.test_serve_unverified
         self._service = service
         listen = self.config.listen
         try:

@@ -118,9 +118,6 @@ class ShareService:
         self.counters = counters
         self._upload_limit = upload_limit
         self._swarm = swarm if swarm is not None else SwarmRegistry()
-        self.verify_reads = True
-        """Hash every chunk read before sending it. Off only in tests that need a peer which
-        sends corrupt data (the daemon's hidden --test-serve-unverified)."""
         self.frame_deadline = FRAME_DEADLINE
         """Seconds a peer may leave a request frame unfinished before its stream is reset."""
         self._piece_counts: dict[ContentHash, int] = {}
@@ -456,6 +453,15 @@ class ShareService:
         for child in file_node.children:
             grants.grant(share_root, child.hash, grant)
 
+    async def read_chunks(
+        self, wanted: list[tuple[ContentHash, list[ChunkLocation]]]
+    ) -> list[bytes | None]:
+        """Each wanted chunk from the first location that still holds it, hash-checked before
+        it is sent (None: no location does; a file changed behind the index's back). A
+        subclass in the tests overrides this to play a peer that sends corrupt data
+        (tests/unverified_daemon.py); the shipped daemon has no switch for it."""
+        return await in_thread(_read_group, wanted)
+
     async def _chunks(self, request: GetChunks, stream: Stream, session: StreamSession) -> None:
         locations: list[list[ChunkLocation]] = await self._index.run(
             _locate_all, self._index.index, request.chunks, request.share_root
@@ -480,7 +486,7 @@ class ShareService:
                 group_bytes += request.chunks[group_end].length
                 group_end += 1
             wanted = [(request.chunks[i].id, locations[i]) for i in range(index, group_end)]
-            datas = await in_thread(_read_group, wanted, self.verify_reads)
+            datas = await self.read_chunks(wanted)
             for data in datas:
                 if data is None:
                     self.counters.integrity_failures += 1
@@ -496,13 +502,6 @@ class ShareService:
                 index += 1
 
 
-def _read_raw(location: ChunkLocation) -> bytes:
-    """Test hook only (``verify_reads = False``): what a broken or hostile peer would send."""
-    with open(location.path, "rb") as handle:
-        handle.seek(location.offset)
-        return handle.read(location.length)
-
-
 def _not_found(request_id: int, message: str) -> ErrorReply:
     return ErrorReply(request_id, ErrorCode.NOT_FOUND, message)
 
@@ -513,12 +512,8 @@ def _locate_all(
     return [index.locate_chunk(chunk.id, share_root) for chunk in chunks]
 
 
-def _read_group(
-    wanted: list[tuple[ContentHash, list[ChunkLocation]]], verify: bool = True
-) -> list[bytes | None]:
+def _read_group(wanted: list[tuple[ContentHash, list[ChunkLocation]]]) -> list[bytes | None]:
     """Each chunk from the first location that still holds it (hash-checked)."""
-    if not verify:
-        return [_read_raw(locations[0]) if locations else None for _cid, locations in wanted]
     with ChunkReader() as reader:
         return [reader.read_first_intact(cid, locations) for cid, locations in wanted]
 
