@@ -43,6 +43,8 @@ from p2pfs.wire.ticket import parse_ticket_untrusted
 
 DEFAULT_LISTEN = "0.0.0.0:7337"
 """A fixed default port, so tickets made before a restart still name the right address."""
+DEFAULT_GUI = "127.0.0.1:8384"
+"""Loopback only: the API key guards it from other local users, not from the network."""
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_FATAL = 2
@@ -50,6 +52,8 @@ EXIT_NO_DAEMON = 3
 EXIT_REMOTE = 4
 EXIT_INTERRUPTED = 130
 STOP_WAIT = 15.0
+SYNC_VERBS = ("list", "show", "pause", "resume", "remove")
+"""`sync VERB DIR`; any other first word is a directory to sync."""
 
 
 if TYPE_CHECKING:
@@ -118,6 +122,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     _relay_arguments(daemon)
     daemon.add_argument(
+        "--gui",
+        metavar="HOST:PORT",
+        default=DEFAULT_GUI,
+        help=f"serve the HTTP API and web UI here (default {DEFAULT_GUI}; a taken port falls "
+        "back to a free one: `p2pfs id` tells the URL)",
+    )
+    daemon.add_argument("--no-gui", action="store_true", help="no HTTP API or web UI")
+    daemon.add_argument(
         "--keep-versions-days",
         type=float,
         default=30.0,
@@ -154,9 +166,10 @@ def _parser() -> argparse.ArgumentParser:
     sync = commands.add_parser(
         "sync",
         help="sync a folder: `sync DIR` starts one, `sync DIR TICKET` joins one, "
-        "`sync list`, `sync remove DIR`",
+        "`sync list`, `sync show DIR` (its tickets again), `sync pause|resume DIR`, "
+        "`sync remove DIR`",
     )
-    sync.add_argument("target", metavar="DIR | list | remove")
+    sync.add_argument("target", metavar="DIR | list | show | pause | resume | remove")
     sync.add_argument("argument", metavar="TICKET | DIR", nargs="?")
     sync.add_argument("--json", action="store_true", help="print one JSON object")
     conflicts = commands.add_parser("conflicts", help="conflict copies in sync folders")
@@ -279,6 +292,7 @@ def daemon_config(args: argparse.Namespace) -> NodeConfig:
         max_upload_rate=args.max_upload_rate,
         max_download_rate=args.max_download_rate,
         port_mapping=not args.no_port_mapping,
+        gui=None if args.no_gui else parse_address(args.gui),
         folders=FolderConfig(
             keep_versions_s=args.keep_versions_days * 86400,
             assume_case_insensitive=args.test_case_insensitive,
@@ -342,7 +356,7 @@ def _call_daemon(args: argparse.Namespace) -> int:
     # for a network failure.
     if getattr(args, "ticket", None) is not None:
         parse_ticket_untrusted(args.ticket)
-    if args.command == "sync" and args.target not in ("list", "remove") and args.argument:
+    if args.command == "sync" and args.target not in SYNC_VERBS and args.argument:
         parse_ticket_untrusted(args.argument)
     for peer in getattr(args, "peer", None) or []:
         parse_address(peer, allow_names=True)
@@ -424,6 +438,15 @@ def _sync(socket_path: str, args: argparse.Namespace) -> int:
         result = call(socket_path, "sync_list")
         _print_result(result, args.json, _human_folders)
         return EXIT_OK
+    if args.target == "show" and args.argument is not None:
+        result = call(socket_path, "sync_show", {"path": os.path.abspath(args.argument)})
+        _print_result(result, args.json, _human_tickets)
+        return EXIT_OK
+    if args.target in ("pause", "resume") and args.argument is not None:
+        result = call(socket_path, f"sync_{args.target}", {"path": os.path.abspath(args.argument)})
+        done = "paused" if result["paused"] else "resumed"
+        _print_result(result, args.json, lambda r: print(f"{done} {r['path']}"))
+        return EXIT_OK
     if args.target == "remove" and args.argument is not None:
         result = call(socket_path, "sync_remove", {"path": os.path.abspath(args.argument)})
         _print_result(result, args.json, lambda r: print(f"stopped syncing {r['path']}"))
@@ -434,10 +457,14 @@ def _sync(socket_path: str, args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return EXIT_OK
     print(f"syncing {result['path']} ({result['mode']})")
+    _human_tickets(result)
+    return EXIT_OK
+
+
+def _human_tickets(result: dict[str, Any]) -> None:
     if "rw" in result:
         print(f"read-write ticket: {result['rw']}")
     print(f"read-only ticket:  {result['ro']}")
-    return EXIT_OK
 
 
 def _human_folders(result: dict[str, Any]) -> None:
@@ -470,6 +497,8 @@ def _human_id(result: dict[str, Any]) -> None:
     print(f"node      {result['node_id']}")
     for address in result["addresses"]:
         print(f"address   {address}")
+    if result.get("api"):
+        print(f"web UI    {result['api']['ui']}")
 
 
 def _human_status(result: dict[str, Any]) -> None:

@@ -70,3 +70,15 @@ def explaining_error(raised: BaseException) -> P2pfsError | None:
             if found is not None:
                 return found
     return None
+
+
+def blame(exc: P2pfsError) -> str:
+    """Whose fault, as the control API and the HTTP API name it: ``remote`` (the peer or
+    the network), ``local`` (our input or state), else the error's class name."""
+    if isinstance(
+        exc, RemoteProtocolError | IntegrityError | ConnectionClosedError | StreamResetError
+    ):
+        return "remote"
+    if isinstance(exc, LocalProtocolError):
+        return "local"
+    return type(exc).__name__

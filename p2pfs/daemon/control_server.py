@@ -21,12 +21,9 @@ from typing import Any
 import trio
 
 from p2pfs.errors import (
-    ConnectionClosedError,
-    IntegrityError,
     LocalProtocolError,
     P2pfsError,
-    RemoteProtocolError,
-    StreamResetError,
+    blame,
     explaining_error,
 )
 
@@ -98,7 +95,7 @@ class ControlServer:
                 if ours is None:
                     raise
                 logger.info("%s failed: %s", method, ours)
-                error = {"kind": _kind(ours), "message": str(ours)}
+                error = {"kind": blame(ours), "message": str(ours)}
                 await _send_quietly(stream, {"error": error})
                 return
             except Exception as exc:
@@ -149,17 +146,6 @@ async def _unless_hung_up(
         return result[0]
     assert hung_up  # else an outer cancellation would have left the block raising
     raise _HungUp
-
-
-def _kind(exc: P2pfsError) -> str:
-    """Whose fault, for the CLI's exit code: the peer/network, or us."""
-    if isinstance(
-        exc, RemoteProtocolError | IntegrityError | ConnectionClosedError | StreamResetError
-    ):
-        return "remote"
-    if isinstance(exc, LocalProtocolError):
-        return "local"
-    return type(exc).__name__
 
 
 async def _read_request(stream: trio.SocketStream) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 import trio
 
 from p2pfs.address import PeerAddress
+from p2pfs.api.metrics import Histogram
 from p2pfs.discovery.dht.finder import DhtFinder
 from p2pfs.discovery.dht.messages import MAX_CONTACTS
 from p2pfs.discovery.dht.node import DEFAULT_KSIZE
@@ -126,6 +127,8 @@ class Discovery:
     ) -> None:
         self.finders = list(finders)
         self._required = dict(required or {})
+        self.lookup_latency = Histogram()
+        """Seconds each find took over all backends (for /metrics)."""
         self.running: list[Finder] = []
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -168,10 +171,12 @@ class Discovery:
             except (OSError, P2pfsError) as exc:
                 logger.info("discovery lookup via %s failed: %s", finder.name, exc)
 
+        started = trio.current_time()
         with trio.move_on_after(FIND_TIMEOUT):
             async with trio.open_nursery() as nursery:
                 for finder in self.running:
                     nursery.start_soon(ask, finder)
+        self.lookup_latency.observe(trio.current_time() - started)
         return _merge(found)
 
     @property

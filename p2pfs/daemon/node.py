@@ -18,10 +18,14 @@ from typing import Any
 import trio
 
 from p2pfs.address import PeerAddress
+from p2pfs.api import metrics as api_metrics
+from p2pfs.api import server as api_server
+from p2pfs.api.app import ApiApp
 from p2pfs.discovery.dht.finder import DhtFinder
 from p2pfs.errors import (
     ConnectionClosedError,
     LocalProtocolError,
+    P2pfsError,
     RemoteProtocolError,
 )
 from p2pfs.home import hold_home_lock, load_identity, tighten_home
@@ -47,7 +51,9 @@ from .discovery import (
     dht_info,
     dht_required,
 )
+from .events import EventBus, RateMeter
 from .fetches import Fetches, user_ticket
+from .folders.engine import FolderSync
 from .folders.manager import FolderConfig, FolderManager
 from .folders.server import FolderServer
 from .portmap import PortMapper
@@ -87,6 +93,8 @@ class NodeConfig:
     """Relays to stay registered with (``--relay-via``), to be reachable behind a NAT."""
     port_mapping: bool = True
     """Ask the gateway to map our UDP port (bound to a wildcard only; ``--no-port-mapping``)."""
+    gui: PeerAddress | None = None
+    """Serve the HTTP API and web UI here (``--gui``; a taken port falls back to a free one)."""
 
 
 class Node:
@@ -117,6 +125,10 @@ class Node:
         self._relay_client: RelayClient | None = None
         self._puncher: Puncher | None = None
         self._port_mapper: PortMapper | None = None
+        self.events = EventBus()
+        self._peer_rates = RateMeter()
+        self._transfer_rates = RateMeter()
+        self._api: api_server.ApiInfo | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # Worker threads doing many small syscalls (creating files, reading chunks) give the
@@ -139,7 +151,7 @@ class Node:
         assert self._identity is not None
         self._index = AsyncIndex(index_store)
         self._folders = FolderManager(
-            self._index, self.counters, self._identity.node_id, self.config.folders
+            self._index, self.counters, self._identity.node_id, self.config.folders, self.events
         )
         folder_server = FolderServer(self._index, self._folders.lookup, self._identity.node_id.raw)
         service = self.share_service(
@@ -209,6 +221,8 @@ class Node:
                 self.folders.serve, self._dialer, self._discovery, self.config.peers
             )
             await nursery.start(control.serve)
+            if self.config.gui is not None:
+                await nursery.start(self._serve_api, self.config.gui)
             nursery.start_soon(self._wait_for_signal, nursery.cancel_scope)
             logger.info(
                 "node %s listening on %s:%d, reachable at %s",
@@ -225,6 +239,75 @@ class Node:
                 scope.cancel()
                 return
 
+    async def _serve_api(
+        self, where: PeerAddress, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        key = api_server.load_key(self.config.home)
+        sock = api_server.bind(where.host, where.port)
+        self._api = api_server.ApiInfo(api_server.url_of(sock), key)
+        app = ApiApp(key, self._handlers(), self.events, self._metrics)
+        logger.info("HTTP API and web UI at %s", self._api.url)
+        await api_server.serve(app, sock, task_status=task_status)
+
+    async def _metrics(self) -> bytes:
+        states: dict[str, int] = {}
+        for folder in self.folders.folders.values():
+            state = self._folder_state(folder)
+            states[state] = states.get(state, 0) + 1
+        counters = self.counters
+        snapshot = api_metrics.Snapshot(
+            bytes_by_kind={
+                ("sent", "payload"): counters.payload_sent,
+                ("sent", "protocol"): counters.protocol_sent,
+                ("received", "payload"): counters.payload_received,
+                ("received", "protocol"): counters.protocol_received,
+            },
+            peers=[
+                api_metrics.PeerTraffic(
+                    peer["node_id"], peer["path"], peer["bytes_sent"], peer["bytes_received"]
+                )
+                for peer in self._peers()
+            ],
+            chunks={
+                "received": counters.chunks_received,
+                "rejected": counters.chunks_rejected,
+                "served": counters.chunks_served,
+                "unreadable": counters.integrity_failures,
+            },
+            dht_lookups=self._dht.lookups.lookups if self._dht is not None else 0,
+            lookup_latency=self.discovery.lookup_latency,
+            folders_by_state=states,
+            event_subscribers=self.events.subscribers,
+            events_emitted=self.events.emitted,
+        )
+        return api_metrics.render(snapshot)
+
+    def _peers(self) -> list[dict[str, Any]]:
+        """Open connections with their traffic and its rate now."""
+        now = trio.current_time()
+        peers = []
+        rates = self._peer_rates
+        for conn, summary in _peer_summaries(self.endpoint.connections):
+            summary["bytes_sent"] = conn.bytes_sent
+            summary["bytes_received"] = conn.bytes_received
+            summary["send_rate"] = rates.rate((conn, "sent"), conn.bytes_sent, now)
+            summary["receive_rate"] = rates.rate((conn, "received"), conn.bytes_received, now)
+            peers.append(summary)
+        rates.keep_only(
+            {(conn, way) for conn in self.endpoint.connections for way in ("sent", "received")}
+        )
+        return peers
+
+    def _transfers(self) -> list[dict[str, Any]]:
+        now = trio.current_time()
+        found = []
+        for key, transfer in self.fetches.transfers.items():
+            summary = asdict(transfer)
+            summary["rate"] = self._transfer_rates.rate(key, transfer.bytes_done, now)
+            found.append(summary)
+        self._transfer_rates.keep_only(set(self.fetches.transfers))
+        return found
+
     def _handlers(self) -> dict[str, Any]:
         return {
             "id": self._id,
@@ -236,6 +319,9 @@ class Node:
             "sync": self._sync,
             "sync_list": self._sync_list,
             "sync_remove": self._sync_remove,
+            "sync_show": self._sync_show,
+            "sync_pause": self._sync_pause,
+            "sync_resume": self._sync_resume,
             "conflicts": self._conflicts,
             "stop": self._stop,
         }
@@ -282,18 +368,52 @@ class Node:
         result.update(
             self.folders.tickets(folder, self._identity.node_id, self.addresses.for_ticket())
         )
+        self.events.emit("folder-added", path=result["path"], mode=result["mode"])
         return result
+
+    async def _sync_show(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """A folder's tickets again (`p2pfs sync show DIR`): a lost ticket is not lost."""
+        folder = self.folders.find(str(params.get("path", "")))
+        assert self._identity is not None
+        own = self._identity.node_id
+        return {
+            "path": folder.path,
+            "mode": "rw" if folder.writable else "ro",
+            **self.folders.tickets(folder, own, self.addresses.for_ticket()),
+        }
 
     async def _sync_list(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         folders = []
         for folder in self.folders.folders.values():
             summary = folder.summary()
             summary["peers"] = self.folders.links(folder)
+            summary["members"] = self.folders.members(folder)
+            summary["device"] = folder.device.hex()
+            summary["state"] = self._folder_state(folder)
+            summary["progress"] = (
+                round(100 * folder.sync_done / folder.sync_total, 1)
+                if folder.activity == "syncing" and folder.sync_total
+                else None
+            )
             folders.append(summary)
         return {"folders": folders}
 
+    def _folder_state(self, folder: FolderSync) -> str:
+        """idle, scanning, syncing, paused, or error (idle with problems to show)."""
+        if folder.folder_id in self.folders.paused:
+            return "paused"
+        return "error" if folder.activity == "idle" and folder.problems else str(folder.activity)
+
+    async def _sync_pause(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        return await self.folders.pause(str(params.get("path", "")))
+
+    async def _sync_resume(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        return await self.folders.resume(str(params.get("path", "")))
+
     async def _sync_remove(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        return await self.folders.remove(str(params.get("path", "")))
+        result = await self.folders.remove(str(params.get("path", "")))
+        self.events.emit("folder-removed", **result)
+        return result
 
     async def _conflicts(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         found = []
@@ -403,7 +523,14 @@ class Node:
         return await self.fetches.ls(params, emit)
 
     async def _fetch(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
-        return await self.fetches.fetch(params, emit)
+        self.events.emit("fetch-started", ticket=params.get("ticket"), dest=params.get("dest"))
+        try:
+            result = await self.fetches.fetch(params, emit)
+        except P2pfsError as exc:
+            self.events.emit("error", what="fetch", dest=params.get("dest"), message=str(exc))
+            raise
+        self.events.emit("fetch-done", **{k: result[k] for k in ("root", "destination", "bytes")})
+        return result
 
     async def _stop(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         """`p2pfs stop`: answer first, then shut down as on SIGTERM."""
@@ -436,6 +563,7 @@ class Node:
             ],
             "relay": self._relay_service.info() if self._relay_service is not None else None,
             "port_mapping": self._port_mapper.state.info() if self._port_mapper else None,
+            "api": self._api.to_json() if self._api is not None else None,
         }
 
     def _discovery_info(self) -> dict[str, Any]:
@@ -451,10 +579,10 @@ class Node:
         counters = asdict(self.counters)
         return {
             "node_id": str(self.endpoint.node_id),
-            "peers": _peer_summaries(self.endpoint.connections),
+            "peers": self._peers(),
             "shares": [{"root": share.root.hex(), "path": share.local_path} for share in shares],
             "folders": len(self.folders.folders),
-            "transfers": [asdict(t) for t in self.fetches.transfers.values()],
+            "transfers": self._transfers(),
             "counters": counters,
             "transport": {
                 "datagrams_dropped": self.endpoint.datagrams_dropped,
@@ -485,6 +613,7 @@ class Node:
             result = await self.index.run(scan_share, path, self.index.index, progress=progress)
             nursery.cancel_scope.cancel()
         await self.discovery.announce(result.root)
+        self.events.emit("share-added", root=result.root.hex(), path=path)
         hints = not params.get("no_hints", False)
         assert self._identity is not None
         ticket = Ticket(
@@ -535,7 +664,9 @@ def _raise_open_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-def _peer_summaries(connections: frozenset[PeerConnection]) -> list[dict[str, str]]:
+def _peer_summaries(
+    connections: frozenset[PeerConnection],
+) -> list[tuple[PeerConnection, dict[str, Any]]]:
     """Authenticated, open connections only: a handshake in progress names no one yet."""
     summaries = []
     for conn in connections:
@@ -546,7 +677,7 @@ def _peer_summaries(connections: frozenset[PeerConnection]) -> list[dict[str, st
         except ConnectionClosedError:
             continue
         address = "relay" if conn.path == "relayed" else _format(conn.remote_address)
-        summaries.append({"node_id": str(peer), "address": address, "path": conn.path})
+        summaries.append((conn, {"node_id": str(peer), "address": address, "path": conn.path}))
     return summaries
 
 

@@ -25,6 +25,10 @@ class TransferCounters:
     protocol_received: int = 0
     chunks_served: int = 0
     integrity_failures: int = 0
+    chunks_received: int = 0
+    """Chunks peers sent us (each is hashed before it is written)."""
+    chunks_rejected: int = 0
+    """Times a peer's chunks failed their hash (the batch is dropped, the peer banned)."""
 
 
 async def receive_within_frame_deadline(

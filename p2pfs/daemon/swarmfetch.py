@@ -190,6 +190,7 @@ class PeerPool:
                 for _ in range(STREAMS_PER_PEER):
                     nursery.start_soon(self._request_loop, conn, peer, pipeline)
         except* IntegrityError as group:
+            self.counters.chunks_rejected += 1
             self._fail(peer, group, ban=True)
             conn.close_nowait(int(ErrorCode.INTEGRITY), "sent data that fails verification")
         except* PeerRequestError as group:
@@ -326,6 +327,7 @@ class PeerPool:
             assert isinstance(reply, ChunkData)  # the session checked order and length
             self.counters.payload_received += len(reply.payload)
             self.counters.protocol_received += FRAME_OVERHEAD
+            self.counters.chunks_received += 1
             # Waiting here stops reading the stream, so flow control slows the sender.
             await throttle(self.download_limit, len(reply.payload))
             if not self.picker.holds(piece):

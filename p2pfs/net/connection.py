@@ -93,6 +93,10 @@ class PeerConnection:
             tuple[ControlKind, Stream]
         ](CONTROL_BACKLOG)
         self.path = "relayed" if is_tunnel(remote_address) else "direct"
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        """UDP payload bytes of this connection's datagrams (QUIC headers included), for
+        per-peer rates and metrics."""
         """How the connection reaches the peer: direct, punched (a direct path opened by
         hole punching) or relayed (through a relay's tunnel)."""
         self._error: P2pfsError | None = None
@@ -233,6 +237,7 @@ class PeerConnection:
                 self.held_dropped += len(datagrams) - max(room, 0)
             self._held.extend((d, addr) for d in datagrams[: max(room, 0)])
             return
+        self.bytes_received += sum(map(len, datagrams))
         with self._guard:
             self._engine.receive(
                 self._quic, datagrams, addr, now, batched=self.config.batched_receive
@@ -351,6 +356,7 @@ class PeerConnection:
             return
         datagrams = self._engine.datagrams_to_send(quic, trio.current_time())
         if datagrams:
+            self.bytes_sent += sum(len(datagram) for datagram, _address in datagrams)
             self._hooks.transmit(datagrams)
         if self._blocked_writers:
             self._blocked_writers = {s for s in self._blocked_writers if not s._send_room_maybe()}

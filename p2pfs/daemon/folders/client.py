@@ -147,6 +147,7 @@ class FolderLink:
                     raise PeerRequestError(reply.code, reply.message)
                 assert isinstance(reply, ChunkData)  # the session checked order and length
                 self._counters.payload_received += len(reply.payload)
+                self._counters.chunks_received += 1
                 deliver(reply.index, bytes(reply.payload))
 
 

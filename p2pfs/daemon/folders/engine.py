@@ -7,10 +7,11 @@ never interleaves with an apply and each reconcile plans against records that ar
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import trio
@@ -153,6 +154,12 @@ class FolderSync:
         """The disk may have changed since the last scan. The file-system watcher sets it;
         without a watcher it stays set, and every reconcile rescans first."""
         self.watching = False
+        self.activity = "idle"
+        """What the folder is doing now, for `sync list` and the API: idle, scanning or
+        syncing (then ``sync_done`` of ``sync_total`` bytes are placed)."""
+        self.sync_done = self.sync_total = 0
+        self.on_event: Callable[..., object] = _no_event
+        """Where what happens here is told (the daemon's event bus)."""
 
     # -- state ----------------------------------------------------------------------------
 
@@ -296,7 +303,8 @@ class FolderSync:
     async def rescan(self, *, force: bool = False) -> None:
         async with self.lock:
             if force or self.dirty or not self.watching:
-                await self._rescan_locked(full=force)
+                with self._doing("scanning"):
+                    await self._rescan_locked(full=force)
 
     async def _rescan_locked(self, *, full: bool = True) -> None:
         pending, self._pending = self._pending, set()
@@ -386,6 +394,15 @@ class FolderSync:
             self.unrecorded = {p for p in self.unrecorded if not in_scope(p)}
             self.unrecorded.update(change.path for change in changes)
             return
+        if changes:
+            self.on_event(
+                "local-changes",
+                folder=self.folder_id.hex(),
+                dir=self.path,
+                paths=[change.path for change in changes[:100]],
+                changes=len(changes),
+                recorded=self.writable,
+            )
         signed = [SignedRecord.sign(change, self.keys) for change in changes]
         if signed:
             logger.info("folder %s: %d local changes", self.path, len(signed))
@@ -434,7 +451,9 @@ class FolderSync:
             timer.mark("records")
             planned = self._plan(remote)
             timer.mark("plan")
-            await self._apply(link, planned, timer)
+            total = sum(version.size for _path, version in planned.fetch)
+            with self._doing("syncing", total):
+                await self._apply(link, planned, timer)
             logger.info("folder %s: reconcile with %s: %s", self.path, link.peer_id.short(), timer)
 
     async def _fetch_records(self, link: FolderLink, leaves: list[IndexLeaf]) -> list[SignedRecord]:
@@ -542,6 +561,15 @@ class FolderSync:
         await self._commit_records(ready, planned.absent)
         timer.mark("store")
         skipped = len(planned.records) - len(ready)
+        if ready:
+            self.on_event(
+                "folder-changes",
+                folder=self.folder_id.hex(),
+                dir=self.path,
+                member=str(link.peer_id),
+                paths=[record.version.path for record in ready[:100]],
+                changes=len(ready),
+            )
         if planned.records:
             logger.info(
                 "folder %s: applied %d records from %s (%d files placed, %d deleted, %d waiting)",
@@ -684,6 +712,7 @@ class FolderSync:
             )
             await self._record_placed(renamed, dict(items), chunks_of)
             placed.update(renamed)
+            self.sync_done += sum(version.size for path, version in items if path in renamed)
             for path in renamed:
                 self.unplaced.pop(path, None)
             self.unplaced.update(unplaced)
@@ -823,6 +852,17 @@ class FolderSync:
             found.append({"path": path, "original": other, "kind": "name collision"})
         return found
 
+    @contextlib.contextmanager
+    def _doing(self, activity: str, total: int = 0) -> Iterator[None]:
+        self.activity, self.sync_done, self.sync_total = activity, 0, total
+        self.on_event("folder-state", folder=self.folder_id.hex(), dir=self.path, state=activity)
+        try:
+            yield
+        finally:
+            self.activity = "idle"
+            state = "error" if self.problems else "idle"
+            self.on_event("folder-state", folder=self.folder_id.hex(), dir=self.path, state=state)
+
     def summary(self) -> dict[str, object]:
         return {
             "folder": self.folder_id.hex(),
@@ -846,3 +886,7 @@ class FolderSync:
                 *self.problems[:50],
             ],
         }
+
+
+def _no_event(_kind: str, **_data: object) -> None:
+    """A folder outside a daemon (tests, benchmarks) tells no one."""

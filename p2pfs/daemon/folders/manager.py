@@ -41,6 +41,7 @@ from p2pfs.wire.ticket import Ticket, TicketKind, parse_ticket_untrusted
 
 from ..dialer import Candidate, Dialer, DialError
 from ..discovery import Discovery
+from ..events import EventBus
 from ..requests import PeerRequestError
 from ..storage import AsyncIndex
 from ..streams import TransferCounters
@@ -89,7 +90,9 @@ class FolderManager:
         counters: TransferCounters,
         own_id: NodeId,
         config: FolderConfig | None = None,
+        events: EventBus | None = None,
     ) -> None:
+        self.events = events if events is not None else EventBus()
         self._index = index
         self._store = FolderStore(index.index)
         self._counters = counters
@@ -97,6 +100,10 @@ class FolderManager:
         self.config = config or FolderConfig()
         self.folders: dict[bytes, FolderSync] = {}
         self._links: dict[tuple[bytes, bytes], FolderLink] = {}
+        self._member_roots: dict[tuple[bytes, bytes], Child] = {}
+        self.paused: set[bytes] = set()
+        """Folders paused until `sync resume` (or a restart: not stored yet)."""
+        """The last index root each linked member announced (its completion vs ours)."""
         self._nursery: trio.Nursery | None = None
         self._dialer: Dialer | None = None
         self._discovery: Discovery | None = None
@@ -107,7 +114,8 @@ class FolderManager:
         self._folder_nurseries: dict[bytes, trio.Nursery] = {}
 
     def lookup(self, folder_id: bytes) -> FolderSync | None:
-        return self.folders.get(folder_id)
+        """The folder to serve to a member (none while paused: nothing goes in or out)."""
+        return None if folder_id in self.paused else self.folders.get(folder_id)
 
     def folder_paths(self) -> set[str]:
         return {folder.path for folder in self.folders.values()}
@@ -132,6 +140,7 @@ class FolderManager:
 
     async def _start_folder(self, row: Any) -> FolderSync:
         folder = FolderSync(row, self._index, self._store, self._member_in)
+        folder.on_event = self.events.emit
         await folder.load(assume_case_insensitive=self.config.assume_case_insensitive)
         try:
             await folder.rescan()
@@ -374,6 +383,7 @@ class FolderManager:
             conn.close_nowait(0, "internal error")
         finally:
             del self._links[key]
+            self._member_roots.pop(key, None)
 
     async def _follow(self, folder: FolderSync, link: FolderLink) -> None:
         """Reconcile whenever the member's root or ours changes and they differ; retry a
@@ -383,6 +393,7 @@ class FolderManager:
 
         def on_root(root: ContentHash, records: int) -> None:
             latest[:] = [Child(root, records)]
+            self._member_roots[(folder.folder_id, link.peer_id.raw)] = latest[0]
             wake[0].set()
 
         async with trio.open_nursery() as nursery:
@@ -421,6 +432,24 @@ class FolderManager:
 
     def links(self, folder: FolderSync) -> int:
         return sum(1 for (folder_id, _peer) in self._links if folder_id == folder.folder_id)
+
+    def members(self, folder: FolderSync) -> list[dict[str, Any]]:
+        """Linked members: how each reaches us and whether its index equals ours (the
+        whole folder's completion; a percentage would need the member's file list)."""
+        found = []
+        for (folder_id, peer), link in self._links.items():
+            if folder_id != folder.folder_id:
+                continue
+            remote = self._member_roots.get((folder_id, peer))
+            found.append(
+                {
+                    "node_id": str(link.peer_id),
+                    "path": link.conn.path,
+                    "records": remote.size if remote is not None else None,
+                    "in_sync": remote is not None and remote.hash == folder.root.hash,
+                }
+            )
+        return found
 
     # -- control API ----------------------------------------------------------------------
 
@@ -490,10 +519,41 @@ class FolderManager:
                 return folder
         raise LocalProtocolError(f"{path} is not a sync folder")
 
+    async def pause(self, path: str) -> dict[str, Any]:
+        """Stop the folder's watcher, scans and links, and serve it to no one, until
+        ``resume``; its files and records stay as they are."""
+        folder = self.find(path)
+        if folder.folder_id not in self.paused:
+            self.paused.add(folder.folder_id)
+            self._scopes.pop(folder.folder_id).cancel()
+            self._folder_nurseries.pop(folder.folder_id, None)
+            async with folder.lock:  # an apply in a worker thread finishes first
+                pass
+            folder.on_event(
+                "folder-state", folder=folder.folder_id.hex(), dir=folder.path, state="paused"
+            )
+        return {"folder": folder.folder_id.hex(), "path": folder.path, "paused": True}
+
+    async def resume(self, path: str) -> dict[str, Any]:
+        folder = self.find(path)
+        if folder.folder_id in self.paused:
+            self.paused.discard(folder.folder_id)
+            scope = trio.CancelScope()
+            self._scopes[folder.folder_id] = scope
+            assert self._nursery is not None
+            await self._nursery.start(self._run_folder, folder, scope)
+            folder.on_event(
+                "folder-state", folder=folder.folder_id.hex(), dir=folder.path, state="idle"
+            )
+            await self._rescan(folder, force=True)  # what changed while paused is recorded now
+        return {"folder": folder.folder_id.hex(), "path": folder.path, "paused": False}
+
     async def remove(self, path: str) -> dict[str, Any]:
         folder = self.find(path)
         # Its links end with its tasks; connections stay (other folders and shares use them).
-        self._scopes.pop(folder.folder_id).cancel()
+        if (scope := self._scopes.pop(folder.folder_id, None)) is not None:
+            scope.cancel()
+        self.paused.discard(folder.folder_id)
         self._folder_nurseries.pop(folder.folder_id, None)
         del self.folders[folder.folder_id]
         folder.close()  # members watching it hear that it is gone
