@@ -113,7 +113,6 @@ def _parser() -> argparse.ArgumentParser:
         "--mainline", action="store_true", help="also use the public BitTorrent Mainline DHT"
     )
     daemon.add_argument("--mainline-port", type=int, default=0, help=argparse.SUPPRESS)
-    daemon.add_argument("--mainline-loopback-testing", action="store_true", help=argparse.SUPPRESS)
     daemon.add_argument("--no-lan", action="store_true", help="no LAN discovery beacons")
     daemon.add_argument(
         "--no-port-mapping",
@@ -303,7 +302,6 @@ def daemon_config(args: argparse.Namespace) -> NodeConfig:
             bootstrap=tuple(_resolved(parse_address(n, allow_names=True)) for n in args.bootstrap),
             mainline=args.mainline,
             mainline_port=args.mainline_port,
-            mainline_loopback_testing=args.mainline_loopback_testing,
             lan=not args.no_lan,
             lan_port=LAN_PORT if args.lan_port is None else args.lan_port,
         ),

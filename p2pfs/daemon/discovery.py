@@ -60,7 +60,6 @@ class DiscoveryConfig:
     bootstrap: tuple[PeerAddress, ...] = ()
     mainline: bool = False
     mainline_port: int = 0
-    mainline_loopback_testing: bool = False
     lan: bool = True
     lan_port: int = LAN_PORT
     dht_ksize: int | None = None
@@ -95,13 +94,7 @@ def configured_finders(
     )
     finders: list[Finder] = [dht]
     if config.mainline:
-        finders.append(
-            MainlineFinder(
-                quic_port,
-                listen_port=config.mainline_port,
-                loopback_testing=config.mainline_loopback_testing,
-            )
-        )
+        finders.append(MainlineFinder(quic_port, listen_port=config.mainline_port))
     if config.lan and _is_wildcard(config.dht_host):
         finders.append(LanFinder(node_id.raw, quic_port, port=config.lan_port))
     elif config.lan:
