@@ -196,7 +196,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line as ``main`` reads it (test entry points that run a daemon of their
-    own, such as tests/unverified_daemon.py, take the same arguments)."""
+    own, such as tests/hooked_daemon.py, take the same arguments)."""
     return _parser().parse_args(argv)
 
 
@@ -263,7 +263,6 @@ def _relay_arguments(daemon: argparse.ArgumentParser) -> None:
         metavar="BYTES",
         help="with --relay: bytes one client may move through this relay (default 4 GiB)",
     )
-    daemon.add_argument("--test-case-insensitive", action="store_true", help=argparse.SUPPRESS)
     daemon.add_argument("--lan-port", type=int, help=argparse.SUPPRESS)
     daemon.add_argument("--profile-to", metavar="FILE", help=argparse.SUPPRESS)
 
@@ -292,10 +291,7 @@ def daemon_config(args: argparse.Namespace) -> NodeConfig:
         max_download_rate=args.max_download_rate,
         port_mapping=not args.no_port_mapping,
         gui=None if args.no_gui else parse_address(args.gui),
-        folders=FolderConfig(
-            keep_versions_s=args.keep_versions_days * 86400,
-            assume_case_insensitive=args.test_case_insensitive,
-        ),
+        folders=FolderConfig(keep_versions_s=args.keep_versions_days * 86400),
         discovery=DiscoveryConfig(
             dht_host=listen.host,
             dht_port=args.dht_port,

@@ -16,13 +16,12 @@ import pytest
 
 from p2pfs.bench.daemons import DaemonProcess
 from tests.e2e_helpers import fetch_in_background, transfer_progress, wait_until
+from tests.hooked_daemon import PROGRAM as HOOKED_DAEMON
 
 MiB = 1 << 20
 
 Group = Callable[..., DaemonProcess]
 SHIPPED = (sys.executable, "-m", "p2pfs")
-UNVERIFIED = (sys.executable, str(Path(__file__).with_name("unverified_daemon.py")))
-"""A daemon that sends chunks unchecked (a test-only entry point: the shipped CLI cannot)."""
 
 
 @pytest.fixture
@@ -82,7 +81,11 @@ def test_three_seeders_one_killed_mid_fetch(tmp_path: Path, group: Group) -> Non
 def test_corrupted_seeder_is_dropped(tmp_path: Path, group: Group, hostile: bool) -> None:
     data = random.Random(2).randbytes(24 * MiB)
     honest = [group(f"seed{n}", "--max-upload-rate", str(8 * MiB)) for n in range(2)]
-    corrupt = group("corrupt", program=UNVERIFIED if hostile else SHIPPED)
+    # Sending chunks unchecked is a test-only hook: the shipped daemon cannot.
+    if hostile:
+        corrupt = group("corrupt", "--serve-unverified", program=HOOKED_DAEMON)
+    else:
+        corrupt = group("corrupt")
     fetcher = group("fetcher")
     ticket = seed_copies(tmp_path, [*honest, corrupt], data)
     # Damage the corrupt seeder's copy behind its back: same size, same mtime.

@@ -23,6 +23,7 @@ from p2pfs.bench.daemons import DaemonProcess
 from p2pfs.ids import content_hash_untrusted
 from p2pfs.wire.ticket import TicketKind, parse_ticket_untrusted
 from tests.e2e_helpers import wait_until
+from tests.hooked_daemon import PROGRAM as HOOKED_DAEMON
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -40,8 +41,12 @@ Tree = dict[str, tuple[bytes, bool]]
 def daemons(tmp_path: Path) -> Iterator[DaemonFactory]:
     started: list[DaemonProcess] = []
 
-    def make(name: str, *extra: str) -> DaemonProcess:
-        daemon = DaemonProcess(tmp_path / name, extra_args=("--no-lan", *extra)).start()
+    def make(name: str, *extra: str, program: tuple[str, ...] | None = None) -> DaemonProcess:
+        """``program``: a test entry point in place of the shipped CLI (its hooks in
+        ``extra``)."""
+        options = {} if program is None else {"program": program}
+        daemon = DaemonProcess(tmp_path / name, extra_args=("--no-lan", *extra), **options)
+        daemon.start()
         started.append(daemon)
         return daemon
 
@@ -566,7 +571,7 @@ def test_names_colliding_on_a_case_insensitive_member_are_reported_not_clobbered
     (a_dir / "README.TXT").write_text("shouting\n")
     (a_dir / "other.txt").write_text("fine\n")
     a = daemons("home-a")
-    b = daemons("home-b", "--test-case-insensitive")
+    b = daemons("home-b", "--case-insensitive", program=HOOKED_DAEMON)  # a test-only hook
     tickets = create_folder(a, a_dir)
     join(b, b_dir, tickets["rw"])
     wait_until((b_dir / "other.txt").exists, CONVERGE_TIMEOUT)

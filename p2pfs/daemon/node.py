@@ -100,7 +100,7 @@ class NodeConfig:
 class Node:
     share_service: type[ShareService] = ShareService
     """What serves shares; a test subclass plays a corrupt peer with its own
-    (tests/unverified_daemon.py)."""
+    (tests/hooked_daemon.py)."""
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config

@@ -1,0 +1,75 @@
+"""Test-only entry point: the p2pfs daemon with hooks the shipped CLI does not have.
+
+- ``--serve-unverified``: the share service sends chunks as they lie on disk, never
+  hash-checked: a peer that serves corrupt data (tests/test_e2e_swarm.py's hostile seeder).
+- ``--case-insensitive``: folders behave as on a case-insensitive file system, whatever this
+  one is (tests/test_e2e_sync.py's name-collision test).
+
+Run as ``python tests/hooked_daemon.py [hooks] --home HOME daemon [daemon options]`` (the
+hooks may stand anywhere; the rest are the CLI's arguments), or give :data:`PROGRAM` to
+``DaemonProcess(program=...)`` with the hooks among its ``extra_args``. Not in the wheel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import trio
+
+from p2pfs.cli import daemon_config, parse_args
+from p2pfs.daemon.node import Node
+from p2pfs.daemon.service import ShareService
+from p2pfs.ids import ContentHash
+from p2pfs.store.index import ChunkLocation
+
+PROGRAM = (sys.executable, str(Path(__file__).resolve()))
+HOOKS = frozenset({"--serve-unverified", "--case-insensitive"})
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class UnverifiedShareService(ShareService):
+    async def read_chunks(
+        self, wanted: list[tuple[ContentHash, list[ChunkLocation]]]
+    ) -> list[bytes | None]:
+        return await trio.to_thread.run_sync(_read_raw, wanted)
+
+
+class UnverifiedNode(Node):
+    share_service = UnverifiedShareService
+
+
+def _read_raw(wanted: list[tuple[ContentHash, list[ChunkLocation]]]) -> list[bytes | None]:
+    """Each chunk's bytes at its first recorded location, whatever they are now."""
+    datas: list[bytes | None] = []
+    for _chunk_id, locations in wanted:
+        if not locations:
+            datas.append(None)
+            continue
+        location = locations[0]
+        with open(location.path, "rb") as handle:
+            handle.seek(location.offset)
+            datas.append(handle.read(location.length))
+    return datas
+
+
+def main(argv: list[str]) -> None:
+    hooks = {arg for arg in argv if arg in HOOKS}
+    args = parse_args([arg for arg in argv if arg not in HOOKS])
+    if args.command != "daemon":
+        raise SystemExit("usage: hooked_daemon.py [hooks] --home HOME daemon [options]")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    logging.getLogger("quic").setLevel(logging.ERROR)
+    logging.getLogger("kademlia").setLevel(logging.ERROR)
+    config = daemon_config(args)
+    if "--case-insensitive" in hooks:
+        folders = dataclasses.replace(config.folders, assume_case_insensitive=True)
+        config = dataclasses.replace(config, folders=folders)
+    node = UnverifiedNode(config) if "--serve-unverified" in hooks else Node(config)
+    trio.run(node.run)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
