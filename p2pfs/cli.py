@@ -34,8 +34,9 @@ from rich.progress import (
 
 from p2pfs import __version__
 from p2pfs.address import PeerAddress, parse_address
+from p2pfs.config import Option, load_config
 from p2pfs.daemon.control_client import SOCKET_NAME, DaemonError, DaemonNotRunning, call
-from p2pfs.errors import P2pfsError, explaining_error
+from p2pfs.errors import LocalProtocolError, P2pfsError, explaining_error
 from p2pfs.home import resolve_home
 from p2pfs.store.index import CHUNK_RECORD, INDEX_FILENAME, IndexStore
 from p2pfs.store.scanner import ScanResult, scan_share
@@ -66,7 +67,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_FATAL, f"{self.prog}: error: {message}\n")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(daemon_defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """The command line; ``daemon_defaults`` (from the home's config.toml) replace the
+    daemon flags' defaults, so flags given still win."""
     parser = _Parser(prog="p2pfs", description="Peer-to-peer file sync.")
     parser.add_argument("--version", action="version", version=f"p2pfs {__version__}")
     parser.add_argument(
@@ -85,6 +88,134 @@ def _parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print one JSON object with per-file chunk lists"
     )
     daemon = commands.add_parser("daemon", help="run this home's node in the foreground")
+    _daemon_arguments(daemon)
+    if daemon_defaults:
+        daemon.set_defaults(**daemon_defaults)
+    for name, help_text in (
+        ("id", "this node's id and addresses"),
+        ("status", "peers, shares, transfers, counters"),
+        ("stop", "stop this home's daemon (as Ctrl-C in its terminal would)"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--json", action="store_true", help="print one JSON object")
+    share = commands.add_parser("share", help="share a file or folder; prints a ticket")
+    share.add_argument("path", metavar="PATH")
+    share.add_argument(
+        "--no-hints", action="store_true", help="ticket names only content, not this node"
+    )
+    share.add_argument("--json", action="store_true", help="print one JSON object")
+    ls = commands.add_parser("ls", help="list what a ticket's share holds")
+    ls.add_argument("ticket", metavar="TICKET")
+    ls.add_argument("--peer", metavar="HOST:PORT", action="append", default=[])
+    ls.add_argument("--json", action="store_true", help="print one JSON object")
+    find = commands.add_parser("find", help="who holds a ticket's share (discovery only)")
+    find.add_argument("ticket", metavar="TICKET")
+    find.add_argument("--json", action="store_true", help="print one JSON object")
+    sync = commands.add_parser(
+        "sync",
+        help="sync a folder: `sync DIR` starts one, `sync DIR TICKET` joins one, "
+        "`sync list`, `sync show DIR` (its tickets again), `sync pause|resume DIR`, "
+        "`sync remove DIR`",
+    )
+    sync.add_argument("target", metavar="DIR | list | show | pause | resume | remove")
+    sync.add_argument("argument", metavar="TICKET | DIR", nargs="?")
+    sync.add_argument("--json", action="store_true", help="print one JSON object")
+    conflicts = commands.add_parser("conflicts", help="conflict copies in sync folders")
+    conflicts.add_argument("--json", action="store_true", help="print one JSON object")
+    fetch = commands.add_parser("fetch", help="fetch a ticket's share into DEST")
+    fetch.add_argument("ticket", metavar="TICKET")
+    fetch.add_argument("dest", metavar="DEST")
+    fetch.add_argument("--peer", metavar="HOST:PORT", action="append", default=[])
+    fetch.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files at DEST that differ from the share (old ones kept in "
+        "DEST/.p2pfs/versions/); without it such a fetch stops before writing",
+    )
+    fetch.add_argument(
+        "--give-up-after",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="end (resumable) when no holder has served anything for this long (default 60)",
+    )
+    fetch.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line as ``main`` reads it (test entry points that run a daemon of their
+    own, such as tests/hooked_daemon.py, take the same arguments), with the home's
+    config.toml under a ``daemon`` command's flags."""
+    args = _parser().parse_args(argv)
+    return _with_config(argv, args) if args.command == "daemon" else args
+
+
+def _with_config(argv: Sequence[str] | None, args: argparse.Namespace) -> argparse.Namespace:
+    settings = load_config(resolve_home(args.home), _daemon_options())
+    return _parser(settings).parse_args(argv) if settings else args
+
+
+def _daemon_options() -> dict[str, Option]:
+    """Every documented ``daemon`` flag, by its long name without dashes."""
+    probe = argparse.ArgumentParser()
+    _daemon_arguments(probe)
+    options = {}
+    for action in probe._actions:  # argparse's only list of them
+        names = [name for name in action.option_strings if name.startswith("--")]
+        if not names or action.help == argparse.SUPPRESS or action.dest == "help":
+            continue
+        if isinstance(action, argparse._StoreTrueAction):
+            kind: type = bool
+        else:
+            kind = action.type if isinstance(action.type, type) else str
+        repeated = isinstance(action, argparse._AppendAction)
+        options[names[0][2:]] = Option(action.dest, kind, repeated)
+    return options
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "daemon":
+        try:
+            args = _with_config(argv, args)
+        except LocalProtocolError as exc:
+            print(f"p2pfs: error: {exc}", file=sys.stderr)
+            return EXIT_FATAL
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_FATAL
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "manifest":
+            return _manifest(args.home, args.path, args.json)
+        if args.command == "daemon":
+            return _daemon(args)
+        return _call_daemon(args)
+    except BrokenPipeError:
+        # The reader stopped early (`| head`): not our failure. Point stdout at /dev/null so
+        # the interpreter's final flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except DaemonNotRunning as exc:
+        return _failed(args, "no-daemon", exc, EXIT_NO_DAEMON)
+    except DaemonError as exc:
+        return _failed(args, exc.kind, exc, EXIT_REMOTE if exc.kind == "remote" else EXIT_FATAL)
+    except (P2pfsError, OSError) as exc:
+        return _failed(args, "local", exc, EXIT_FATAL)
+    except KeyboardInterrupt:
+        # Closing the control socket (on the way out) cancels the request in the daemon.
+        what = "; partial data is kept: run it again to resume" if args.command == "fetch" else ""
+        print(f"p2pfs: interrupted{what}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _daemon_arguments(daemon: argparse.ArgumentParser) -> None:
     daemon.add_argument(
         "--listen",
         metavar="HOST:PORT",
@@ -142,100 +273,20 @@ def _parser() -> argparse.ArgumentParser:
             type=int,
             help=f"cap this node's {direction} of chunk data",
         )
-    for name, help_text in (
-        ("id", "this node's id and addresses"),
-        ("status", "peers, shares, transfers, counters"),
-        ("stop", "stop this home's daemon (as Ctrl-C in its terminal would)"),
-    ):
-        command = commands.add_parser(name, help=help_text)
-        command.add_argument("--json", action="store_true", help="print one JSON object")
-    share = commands.add_parser("share", help="share a file or folder; prints a ticket")
-    share.add_argument("path", metavar="PATH")
-    share.add_argument(
-        "--no-hints", action="store_true", help="ticket names only content, not this node"
-    )
-    share.add_argument("--json", action="store_true", help="print one JSON object")
-    ls = commands.add_parser("ls", help="list what a ticket's share holds")
-    ls.add_argument("ticket", metavar="TICKET")
-    ls.add_argument("--peer", metavar="HOST:PORT", action="append", default=[])
-    ls.add_argument("--json", action="store_true", help="print one JSON object")
-    find = commands.add_parser("find", help="who holds a ticket's share (discovery only)")
-    find.add_argument("ticket", metavar="TICKET")
-    find.add_argument("--json", action="store_true", help="print one JSON object")
-    sync = commands.add_parser(
-        "sync",
-        help="sync a folder: `sync DIR` starts one, `sync DIR TICKET` joins one, "
-        "`sync list`, `sync show DIR` (its tickets again), `sync pause|resume DIR`, "
-        "`sync remove DIR`",
-    )
-    sync.add_argument("target", metavar="DIR | list | show | pause | resume | remove")
-    sync.add_argument("argument", metavar="TICKET | DIR", nargs="?")
-    sync.add_argument("--json", action="store_true", help="print one JSON object")
-    conflicts = commands.add_parser("conflicts", help="conflict copies in sync folders")
-    conflicts.add_argument("--json", action="store_true", help="print one JSON object")
-    fetch = commands.add_parser("fetch", help="fetch a ticket's share into DEST")
-    fetch.add_argument("ticket", metavar="TICKET")
-    fetch.add_argument("dest", metavar="DEST")
-    fetch.add_argument("--peer", metavar="HOST:PORT", action="append", default=[])
-    fetch.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace files at DEST that differ from the share (old ones kept in "
-        "DEST/.p2pfs/versions/); without it such a fetch stops before writing",
-    )
-    fetch.add_argument(
-        "--give-up-after",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="end (resumable) when no holder has served anything for this long (default 60)",
-    )
-    fetch.add_argument("--json", action="store_true", help="print one JSON object")
-    return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The command line as ``main`` reads it (test entry points that run a daemon of their
-    own, such as tests/hooked_daemon.py, take the same arguments)."""
-    return _parser().parse_args(argv)
+def _failed(args: argparse.Namespace, kind: str, exc: Exception, code: int) -> int:
+    """One line on stderr; with ``--json`` also one JSON object on stdout, so a script
+    reading stdout gets an object either way."""
+    print(f"p2pfs: error: {exc}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"error": {"kind": kind, "message": str(exc), "exit": code}}))
+    return code
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return EXIT_FATAL
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    try:
-        if args.command == "manifest":
-            return _manifest(args.home, args.path, args.json)
-        if args.command == "daemon":
-            return _daemon(args)
-        return _call_daemon(args)
-    except BrokenPipeError:
-        # The reader stopped early (`| head`): not our failure. Point stdout at /dev/null so
-        # the interpreter's final flush does not complain either.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
-    except DaemonNotRunning as exc:
-        print(f"p2pfs: {exc}", file=sys.stderr)
-        return EXIT_NO_DAEMON
-    except DaemonError as exc:
-        print(f"p2pfs: error: {exc}", file=sys.stderr)
-        return EXIT_REMOTE if exc.kind == "remote" else EXIT_FATAL
-    except (P2pfsError, OSError) as exc:
-        print(f"p2pfs: error: {exc}", file=sys.stderr)
-        return EXIT_FATAL
-    except KeyboardInterrupt:
-        # Closing the control socket (on the way out) cancels the request in the daemon.
-        what = "; partial data is kept: run it again to resume" if args.command == "fetch" else ""
-        print(f"p2pfs: interrupted{what}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``1 file``, ``2 files``, ``0 files``."""
+    return f"{count} {word if count == 1 else many or word + 's'}"
 
 
 def _relay_arguments(daemon: argparse.ArgumentParser) -> None:
@@ -368,7 +419,10 @@ def _call_daemon(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(result))
         else:
-            print(f"shared {result['name']}: {result['files']} files, {result['bytes']} bytes")
+            print(
+                f"shared {result['name']}: {plural(result['files'], 'file')}, "
+                f"{plural(result['bytes'], 'byte')}"
+            )
             print(result["ticket"])  # the ticket is the last line, for scripts
         return EXIT_PROBLEMS if result["problems"] else EXIT_OK
     if args.command == "find":
@@ -398,8 +452,9 @@ def _call_daemon(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         print(
-            f"fetched {result['name']} into {result['destination']}: {result['files']} files, "
-            f"{result['bytes']} bytes ({result['bytes_from_peer']} from the peer, "
+            f"fetched {result['name']} into {result['destination']}: "
+            f"{plural(result['files'], 'file')}, "
+            f"{plural(result['bytes'], 'byte')} ({result['bytes_from_peer']} from the peer, "
             f"{result['bytes_local']} copied locally, {result['bytes_resumed']} resumed)"
         )
     return EXIT_OK
@@ -462,11 +517,20 @@ def _human_tickets(result: dict[str, Any]) -> None:
 
 
 def _human_folders(result: dict[str, Any]) -> None:
+    if not result["folders"]:
+        print("no sync folders (start one with `p2pfs sync DIR`)")
     for folder in result["folders"]:
+        state = folder.get("state", "idle")
+        if folder.get("progress") is not None:
+            state += f" {folder['progress']:.0f}%"
         print(
-            f"{folder['path']}  {folder['mode']}  {folder['files']} files  "
-            f"{folder['peers']} peers  root {folder['root'][:12]}"
+            f"{folder['path']}  {folder['mode']}  {state}  {plural(folder['files'], 'file')}  "
+            f"{plural(folder['peers'], 'peer')}  root {folder['root'][:12]}  "
+            f"device {folder.get('device', '')[:6]}"
         )
+        for member in folder.get("members", []):
+            same = "up to date" if member["in_sync"] else "differs"
+            print(f"  member {member['node_id'][:12]}  {member['path']}  {same}")
         for path in folder["local_changes"]:
             print(f"  local change, not sent: {path}")
         for problem in folder["problems"]:
@@ -474,6 +538,8 @@ def _human_folders(result: dict[str, Any]) -> None:
 
 
 def _human_conflicts(result: dict[str, Any]) -> None:
+    if not result["conflicts"]:
+        print("no conflicts")
     for conflict in result["conflicts"]:
         print(f"{conflict['dir']}/{conflict['path']}  (conflicts with {conflict['original']})")
 
@@ -497,17 +563,17 @@ def _human_id(result: dict[str, Any]) -> None:
 
 def _human_status(result: dict[str, Any]) -> None:
     print(f"node      {result['node_id']}")
-    print(f"peers     {len(result['peers'])}")
+    print(f"peers     {len(result['peers']) or 'none'}")
     for peer in result["peers"]:
         print(f"  {peer['node_id'][:12]}  {peer['address']}  {peer.get('path', 'direct')}")
-    print(f"shares    {len(result['shares'])}")
+    print(f"shares    {len(result['shares']) or 'none'}")
     for share in result["shares"]:
         print(f"  {share['root'][:16]}  {share['path']}")
-    print(f"transfers {len(result['transfers'])}")
+    print(f"transfers {len(result['transfers']) or 'none'}")
     for transfer in result["transfers"]:
         print(f"  {transfer['destination']}: {transfer['bytes_done']}/{transfer['bytes_total']}")
-    print(f"sent      {result['bytes_sent']} bytes")
-    print(f"received  {result['bytes_received']} bytes")
+    print(f"sent      {plural(result['bytes_sent'], 'byte')}")
+    print(f"received  {plural(result['bytes_received'], 'byte')}")
 
 
 def _human_find(result: dict[str, Any]) -> None:
@@ -519,6 +585,8 @@ def _human_find(result: dict[str, Any]) -> None:
 
 
 def _human_ls(result: dict[str, Any]) -> None:
+    if not result["entries"]:
+        print("(the share is empty)")
     for entry in result["entries"]:
         if entry["kind"] == "directory":
             print(f"{'':>14}  {entry['path']}/")

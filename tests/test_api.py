@@ -351,5 +351,9 @@ def test_no_gui_serves_nothing(tmp_path: Path) -> None:
     daemon = DaemonProcess(tmp_path / "n", extra_args=("--no-lan", "--no-gui")).start()
     try:
         assert daemon.call("id")["api"] is None
+        # Empty lists say so.
+        assert daemon.cli("sync", "list").stdout.startswith("no sync folders")
+        assert daemon.cli("conflicts").stdout == "no conflicts\n"
+        assert "web UI" not in daemon.cli("id").stdout
     finally:
         daemon.stop()
