@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP_RUN := $(VENV)/.installed-run
 STAMP_TEST := $(VENV)/.installed-test
 
-.PHONY: run test lint typecheck layers unit bench clean
+.PHONY: run test lint typecheck layers unit bench browser-test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ unit: $(STAMP_TEST)
 	$(BIN)/python -m pytest --durations=15
 
 test: lint typecheck layers unit
+
+# The web UI in headless Chromium (tests/test_api_browser.py): Playwright from PyPI, the
+# browser from the system (apt-get install chromium); screenshots in build/artifacts/.
+browser-test: $(STAMP_TEST)
+	$(BIN)/python -m pip install --quiet -e '.[test,browser]'
+	P2PFS_TEST_ARTIFACTS=build/artifacts $(BIN)/python -m pytest tests/test_api_browser.py -v
 
 bench: $(STAMP_RUN)
 	$(BIN)/python -m p2pfs.bench index
