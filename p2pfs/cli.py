@@ -67,6 +67,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_FATAL, f"{self.prog}: error: {message}\n")
 
 
+def _add_ticket_commands(commands: Any) -> None:
+    """share, and the commands that take a ticket to look at (ls, find, connect)."""
+    share = commands.add_parser("share", help="share a file or folder; prints a ticket")
+    share.add_argument("path", metavar="PATH")
+    share.add_argument(
+        "--no-hints", action="store_true", help="ticket names only content, not this node"
+    )
+    share.add_argument("--json", action="store_true", help="print one JSON object")
+    ls = commands.add_parser("ls", help="list what a ticket's share holds")
+    ls.add_argument("ticket", metavar="TICKET")
+    ls.add_argument("--peer", metavar="HOST:PORT", action="append", default=[])
+    ls.add_argument("--json", action="store_true", help="print one JSON object")
+    find = commands.add_parser("find", help="who holds a ticket's share (discovery only)")
+    find.add_argument("ticket", metavar="TICKET")
+    find.add_argument("--json", action="store_true", help="print one JSON object")
+    connect = commands.add_parser(
+        "connect",
+        help="connect to a ticket's node now and say how (direct, punched or relayed) and how fast",
+    )
+    connect.add_argument("ticket", metavar="TICKET")
+    connect.add_argument("--json", action="store_true", help="print one JSON object")
+
+
 def _parser(daemon_defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
     """The command line; ``daemon_defaults`` (from the home's config.toml) replace the
     daemon flags' defaults, so flags given still win."""
@@ -98,19 +121,7 @@ def _parser(daemon_defaults: dict[str, Any] | None = None) -> argparse.ArgumentP
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--json", action="store_true", help="print one JSON object")
-    share = commands.add_parser("share", help="share a file or folder; prints a ticket")
-    share.add_argument("path", metavar="PATH")
-    share.add_argument(
-        "--no-hints", action="store_true", help="ticket names only content, not this node"
-    )
-    share.add_argument("--json", action="store_true", help="print one JSON object")
-    ls = commands.add_parser("ls", help="list what a ticket's share holds")
-    ls.add_argument("ticket", metavar="TICKET")
-    ls.add_argument("--peer", metavar="HOST:PORT", action="append", default=[])
-    ls.add_argument("--json", action="store_true", help="print one JSON object")
-    find = commands.add_parser("find", help="who holds a ticket's share (discovery only)")
-    find.add_argument("ticket", metavar="TICKET")
-    find.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_ticket_commands(commands)
     sync = commands.add_parser(
         "sync",
         help="sync a folder: `sync DIR` starts one, `sync DIR TICKET` joins one, "
@@ -429,6 +440,10 @@ def _call_daemon(args: argparse.Namespace) -> int:
         result = call(socket_path, "find", {"ticket": args.ticket})
         _print_result(result, args.json, _human_find)
         return EXIT_OK if result["providers"] else EXIT_REMOTE
+    if args.command == "connect":
+        result = call(socket_path, "connect", {"ticket": args.ticket})
+        _print_result(result, args.json, _human_connect)
+        return EXIT_OK
     if args.command == "sync":
         return _sync(socket_path, args)
     if args.command == "conflicts":
@@ -574,6 +589,18 @@ def _human_status(result: dict[str, Any]) -> None:
         print(f"  {transfer['destination']}: {transfer['bytes_done']}/{transfer['bytes_total']}")
     print(f"sent      {plural(result['bytes_sent'], 'byte')}")
     print(f"received  {plural(result['bytes_received'], 'byte')}")
+
+
+def _human_connect(result: dict[str, Any]) -> None:
+    print(
+        f"connected to {result['node_id']} {result['path']} at {result['address']} "
+        f"in {result['connect_seconds'] * 1000:.0f} ms"
+    )
+    punch = result["punch"]
+    if punch is not None and punch["succeeded"]:
+        print(f"punched a direct path at {punch['address']} in {punch['seconds'] * 1000:.0f} ms")
+    elif punch is not None:
+        print("no direct path: the hole punch did not get through, staying relayed")
 
 
 def _human_find(result: dict[str, Any]) -> None:

@@ -358,22 +358,27 @@ def test_server_acceptance(family: str) -> None:
 
 def control_message_of(name: str, fields: dict[str, Any]) -> control.ControlMessage:
     """The message a control vector names, from its plain fields."""
-    if name in ("register", "accept"):
-        return control.Register() if name == "register" else control.Accept()
-    if name in ("connect", "incoming"):
-        node = bytes.fromhex(fields["target" if name == "connect" else "source"])
-        return control.Connect(node) if name == "connect" else control.Incoming(node)
+    if name == "register":
+        return control.Register()
+    if name in ("accept", "accept-circuit"):
+        return control.Accept(bytes.fromhex(fields.get("circuit", "")))
+    if name == "connect":
+        return control.Connect(bytes.fromhex(fields["target"]))
+    if name == "incoming":
+        return control.Incoming(bytes.fromhex(fields["source"]), bytes.fromhex(fields["circuit"]))
     if name == "refuse":
         return control.Refuse(control.RefuseCode(fields["code"]), fields["reason"])
-    if name == "candidates":
-        return control.Candidates(tuple((host, port) for host, port in fields["addresses"]))
-    assert name == "data", name
-    return control.Data(bytes.fromhex(fields["datagram"]))
+    assert name == "candidates", name
+    return control.Candidates(tuple((host, port) for host, port in fields["addresses"]))
 
 
 def test_control_vectors_cover_every_frame_type() -> None:
     assert TRANSPORT["control_kinds"] == {k.name: f"{k:02x}" for k in control.ControlKind}
-    names = {n.removeprefix("control-") for n in TRANSPORT_VECTORS if n.startswith("control-")}
+    names = {
+        n.removeprefix("control-").split("-")[0]
+        for n in TRANSPORT_VECTORS
+        if n.startswith("control-")
+    }
     assert names == {frame_type.name.lower() for frame_type in control.FrameType}
 
 
@@ -527,3 +532,13 @@ def test_dht_datagram_vectors(vector: dict[str, Any]) -> None:
     value = dht_reply_parser(name)(decoded.payload)
     assert value == dht_reply_of(name, body)
     assert dht.encode_response(msg_id, dht_reply_to_wire(value)) == datagram
+
+
+def test_relay_datagram_vector() -> None:
+    vector = TRANSPORT_VECTORS["relay-datagram"]
+    encoded = encoding_of(vector)
+    circuit = bytes.fromhex(vector["fields"]["circuit"])
+    datagram = bytes.fromhex(vector["fields"]["datagram"])
+    assert control.relay_datagram(circuit, datagram) == encoded
+    assert control.parse_relay_datagram_untrusted(encoded) == (circuit, datagram)
+    assert encoded[0] == control.RELAY_DATAGRAM and not encoded[0] & 0x40

@@ -13,6 +13,11 @@ For a small and a larger share, per path: time to the first verified byte
 dialling included) and throughput (share bytes / whole fetch time), p50 of ``--runs``. The
 relay runs with ``--relay-client-rate`` raised to 1 GiB/s so the row measures the path, not
 the default per-client cap (8 MiB/s).
+
+Then, per path, ``p2pfs connect`` with the ticket (``--connects`` times; each a new
+connection): the time to an authenticated connection, and for the punched path the time
+until the direct one is up (the relayed connect plus the punch) and how many punches got
+through. The relay's CPU time per GiB it forwarded over the whole run is the last row.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import psutil
 from rich.console import Console
 from rich.table import Table
 
@@ -43,6 +49,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--runs", type=int, default=3, help="fetches per path and size (p50)")
     parser.add_argument("--small-kib", type=int, default=64, help="the small share's size")
     parser.add_argument("--large-mib", type=int, default=32, help="the larger share's size")
+    parser.add_argument(
+        "--connects", type=int, default=20, help="`p2pfs connect` tries per path (punch success)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     reason = can_build_nat()
@@ -53,7 +62,7 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="p2pfs-bench-nat-") as scratch:
         bed = NetBed(Path(scratch), new_tag("p2q"))
         try:
-            figures = run(bed, Path(scratch), sizes, args.runs)
+            figures = run(bed, Path(scratch), sizes, args.runs, args.connects)
         finally:
             bed.close()
     if args.json:
@@ -67,7 +76,9 @@ Fetch = Callable[[str], dict[str, float]]
 """Fetch a ticket once; the daemon's fetch report."""
 
 
-def run(bed: NetBed, root: Path, sizes: dict[str, int], runs: int) -> dict[str, dict[str, object]]:
+def run(
+    bed: NetBed, root: Path, sizes: dict[str, int], runs: int, connects: int
+) -> dict[str, dict[str, object]]:
     relay = bed.machine("relay")
     relay.start("--relay", "--relay-client-rate", RELAY_RATE)
     via = ("--relay-via", f"{relay.address}:7337")
@@ -99,6 +110,10 @@ def run(bed: NetBed, root: Path, sizes: dict[str, int], runs: int) -> dict[str, 
         (source / f"{name}.bin").write_bytes(os.urandom(size))
         sources[name] = source
     counter = itertools.count()
+    assert relay.daemon is not None
+    relay_cpu = psutil.Process(relay.daemon.pid)
+    cpu_before = _cpu_seconds(relay_cpu)
+    forwarded_before = _forwarded(relay)
     figures: dict[str, dict[str, object]] = {}
     for path, pair in pairs.items():
         if isinstance(pair, str):
@@ -117,8 +132,45 @@ def run(bed: NetBed, root: Path, sizes: dict[str, int], runs: int) -> dict[str, 
                 "first_byte_s": [float(r["first_byte_seconds"]) for r in reports],
                 "mb_per_s": [float(r["bytes"]) / float(r["seconds"]) / 1e6 for r in reports],
             }
+        row["connect"] = _connects(fetcher, ticket, connects)
         figures[path] = row
+    forwarded = _forwarded(relay) - forwarded_before
+    figures["relay"] = {
+        "cpu_s": _cpu_seconds(relay_cpu) - cpu_before,
+        "bytes_forwarded": forwarded,
+    }
     return figures
+
+
+def _connects(fetcher: Machine, ticket: str, tries: int) -> dict[str, object]:
+    """``p2pfs connect`` ``tries`` times: connect seconds, and the punch's outcome."""
+    reports = []
+    for _ in range(tries):
+        result = fetcher.cli("connect", ticket, "--json", timeout=60)
+        reports.append(json.loads(result.stdout))
+    punches = [r["punch"] for r in reports if r["punch"] is not None]
+    return {
+        "paths": sorted({r["path"] for r in reports}),
+        "connect_s": [float(r["connect_seconds"]) for r in reports],
+        "direct_s": [
+            float(r["connect_seconds"]) + float(p["seconds"])
+            for r in reports
+            if (p := r["punch"]) is not None and p["succeeded"]
+        ],
+        "punches": len(punches),
+        "punched": sum(1 for p in punches if p["succeeded"]),
+    }
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+def _forwarded(relay: Machine) -> int:
+    info = _ident(relay)["relay"]
+    assert isinstance(info, dict)
+    return int(info["bytes_forwarded"])
 
 
 def _ident(machine: Machine) -> dict[str, object]:
@@ -152,6 +204,8 @@ def print_table(figures: dict[str, dict[str, object]], sizes: dict[str, int]) ->
         table.add_column(f"{name}: MB/s", justify="right")
     reference = figures.get("direct", {})
     for path, row in figures.items():
+        if path == "relay":
+            continue
         if "skipped" in row:
             table.add_row(path, f"skipped: {row['skipped']}")
             continue
@@ -163,7 +217,37 @@ def print_table(figures: dict[str, dict[str, object]], sizes: dict[str, int]) ->
             cells.append(f"{first * 1000:.0f} ms ({first / base_first:.1f}x)")
             cells.append(f"{rate:.1f} ({rate / base_rate:.2f}x)")
         table.add_row(path, *cells)
-    Console(file=sys.stdout).print(table)
+    console = Console(file=sys.stdout)
+    console.print(table)
+    console.print(connect_table(figures))
+    relay = figures["relay"]
+    gib = float(relay["bytes_forwarded"]) / (1 << 30)  # type: ignore[arg-type]
+    if gib > 0:
+        cpu = float(relay["cpu_s"])  # type: ignore[arg-type]
+        console.print(
+            f"relay CPU: {cpu:.1f} s for {gib * 1024:.0f} MiB forwarded = {cpu / gib:.2f} s/GiB "
+            "(the whole run: registrations, connects and keepalives included)"
+        )
+
+
+def connect_table(figures: dict[str, dict[str, object]]) -> Table:
+    table = Table(title="time to connect with `p2pfs connect TICKET` (p50; each a new connection)")
+    for column in ("path", "paths seen", "authenticated", "direct path up", "punches through"):
+        table.add_column(column, justify="left" if column.startswith("path") else "right")
+    for path, row in figures.items():
+        entry = row.get("connect")
+        if not isinstance(entry, dict):
+            continue
+        direct = entry["direct_s"]
+        punches = int(entry["punches"])
+        table.add_row(
+            path,
+            ", ".join(entry["paths"]),
+            f"{statistics.median(entry['connect_s']) * 1000:.0f} ms",
+            f"{statistics.median(direct) * 1000:.0f} ms" if direct else "-",
+            f"{entry['punched']}/{punches}" if punches else "-",
+        )
+    return table
 
 
 def _p50(row: dict[str, object], name: str, measure: str) -> float:

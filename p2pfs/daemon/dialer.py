@@ -175,12 +175,14 @@ class Dialer:
         *,
         exclude: Iterable[NodeId] = (),
         what: str = "a holder",
+        reuse: bool = True,
     ) -> PeerConnection:
         """The first candidate that connects and proves the right key (leased to
-        ``holder``), or DialError naming every candidate tried."""
+        ``holder``), or DialError naming every candidate tried. ``reuse`` False: a new
+        connection even if one is open (to measure a path: ``p2pfs connect``)."""
         excluded = set(exclude)
         wanted = _dedupe(candidates)
-        for candidate in wanted:
+        for candidate in wanted if reuse else ():
             if candidate.node is not None and candidate.node not in excluded:
                 conn = self.open_to(candidate.node)
                 if conn is not None:

@@ -251,6 +251,12 @@ class Fetches:
 
         return connect
 
+    async def ticket_candidates(self, ticket: Ticket) -> list[Candidate]:
+        """Where the ticket's node may be reached: its addresses and relays, or, for a
+        ticket that names none, whoever discovery finds."""
+        bare = not ticket.addresses and not ticket.relays
+        return await self._share_candidates(ticket, [], discover=bare)
+
     async def _share_candidates(
         self, ticket: Ticket, extra: list[PeerAddress], *, discover: bool
     ) -> list[Candidate]:

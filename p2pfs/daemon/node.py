@@ -10,6 +10,7 @@ import resource
 import signal
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -57,7 +58,7 @@ from .folders.engine import FolderSync
 from .folders.manager import FolderConfig, FolderManager
 from .folders.server import FolderServer
 from .portmap import PortMapper
-from .punch import Puncher
+from .punch import PUNCH_OUTCOMES_KEPT, Puncher, PunchOutcome
 from .ratelimit import TokenBucket
 from .relay import RelayClient, RelayLimits, RelayRoute, RelayService, guard, read_first_untrusted
 from .service import ShareService
@@ -124,6 +125,7 @@ class Node:
         self._relay_service = RelayService(config.relay) if config.relay is not None else None
         self._relay_client: RelayClient | None = None
         self._puncher: Puncher | None = None
+        self._punch_outcomes: OrderedDict[PeerConnection, PunchOutcome] = OrderedDict()
         self._port_mapper: PortMapper | None = None
         self.events = EventBus()
         self._peer_rates = RateMeter()
@@ -206,6 +208,8 @@ class Node:
                 self.config.peers,
             )
             self._puncher = Puncher(endpoint, self._punch_candidates)
+            if self._relay_service is not None:
+                self._relay_service.attach(endpoint)
             self._relay_client = RelayClient(
                 endpoint, self.config.relay_via, self._dial_relay, self.dialer.release, nursery
             )
@@ -316,6 +320,7 @@ class Node:
             "ls": self._ls,
             "fetch": self._fetch,
             "find": self._find,
+            "connect": self._connect,
             "sync": self._sync,
             "sync_list": self._sync_list,
             "sync_remove": self._sync_remove,
@@ -490,13 +495,30 @@ class Node:
 
     async def _punch(self, relayed: PeerConnection) -> None:
         assert self._puncher is not None
+        outcome = PunchOutcome()
+        self._punch_outcomes[relayed] = outcome
+        while len(self._punch_outcomes) > PUNCH_OUTCOMES_KEPT:
+            self._punch_outcomes.popitem(last=False)
         try:
             direct = await self._puncher.initiate(relayed)
         except (RemoteProtocolError, ConnectionClosedError, LocalProtocolError) as exc:
             logger.info("punch over %r failed: %s", relayed, exc)
-            return
+            direct = None
+        finally:
+            outcome.done.set()
         if direct is not None:
+            outcome.direct = direct
+            outcome.seconds = trio.current_time() - outcome.started
             self.dialer.upgrade(relayed, direct)
+
+    async def punch_outcome(self, relayed: PeerConnection) -> PunchOutcome | None:
+        """How the punch beside ``relayed`` (a connection we dialled) ended; None if none
+        was tried (the node has no puncher)."""
+        outcome = self._punch_outcomes.get(relayed)
+        if outcome is None:
+            return None
+        await outcome.done.wait()
+        return outcome
 
     def _punch_candidates(self) -> list[PeerAddress]:
         """Where peers may reach us directly: our addresses, then every observed one
@@ -531,6 +553,36 @@ class Node:
             raise
         self.events.emit("fetch-done", **{k: result[k] for k in ("root", "destination", "bytes")})
         return result
+
+    async def _connect(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """`p2pfs connect TICKET`: a new connection to the ticket's node, as a fetch would
+        make it (addresses, then relays), timed; when it is relayed, the punch beside it."""
+        ticket = user_ticket(params)
+        if ticket.node_id is None:
+            raise LocalProtocolError("that ticket names no node (it was made with --no-hints)")
+        holder = object()
+        started = trio.current_time()
+        candidates = await self.fetches.ticket_candidates(ticket)
+        conn = await self.dialer.first(candidates, holder, what="the ticket's node", reuse=False)
+        try:
+            report: dict[str, Any] = {
+                "node_id": str(conn.peer_id),
+                "path": conn.path,
+                "connect_seconds": trio.current_time() - started,
+                "address": _peer_address(conn),
+                "punch": None,
+            }
+            if conn.path == "relayed":
+                outcome = await self.punch_outcome(conn)
+                if outcome is not None:
+                    report["punch"] = {
+                        "succeeded": outcome.direct is not None,
+                        "seconds": outcome.seconds,
+                        "address": _peer_address(outcome.direct) if outcome.direct else None,
+                    }
+            return report
+        finally:
+            self.dialer.release(conn, holder)
 
     async def _stop(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         """`p2pfs stop`: answer first, then shut down as on SIGTERM."""
@@ -676,9 +728,13 @@ def _peer_summaries(
             peer = conn.peer_id
         except ConnectionClosedError:
             continue
-        address = "relay" if conn.path == "relayed" else _format(conn.remote_address)
+        address = _peer_address(conn)
         summaries.append((conn, {"node_id": str(peer), "address": address, "path": conn.path}))
     return summaries
+
+
+def _peer_address(conn: PeerConnection) -> str:
+    return "relay" if conn.path == "relayed" else _format(conn.remote_address)
 
 
 def _bucket(rate: int | None) -> TokenBucket | None:

@@ -2,9 +2,10 @@
 
 Once two nodes talk through a relay, the one that dialled (A) opens a PUNCH control stream
 on that end-to-end connection and sends CANDIDATES: where it may be reached directly (its
-interface addresses and every address peers observed it at). The other (B) answers with its
-own and at once sends a few one-byte datagrams to each of A's, which opens B's NAT mapping
-toward A (B's router then lets A's packets in). A, on B's answer, dials B's candidates
+interface addresses and every address peers observed it at). The other (B) sends a one-byte
+datagram to each of A's, which opens B's NAT mapping toward A (B's router then lets A's
+packets in), then answers with its own candidates, and sends a few more datagrams while A's
+Initials may be on their way. A, on B's answer, dials B's candidates
 directly with B's NodeId pinned; its Initial opens A's own mapping. The first handshake
 that authenticates is the punched connection: new work goes there (the dialer prefers it)
 and the relayed one closes once its users let go. Behind a NAT that maps every destination
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import trio
 
@@ -42,8 +44,8 @@ from .relay import read_first_untrusted
 logger = logging.getLogger(__name__)
 
 PUNCH_SCHEDULE = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
-"""When B sends its punch datagrams (seconds after answering): one at once for the common
-case, more while A's Initials may still be on their way or retransmitted."""
+"""When B sends its punch datagrams (seconds after A's CANDIDATES arrive): one before its
+answer, more while A's Initials may still be on their way or retransmitted."""
 DIRECT_TIMEOUT = 3.0
 """How long A's direct handshakes may take before the punch counts as failed."""
 PUNCH_TTL = 2
@@ -53,7 +55,22 @@ A node behind two layers of NAT (carrier-grade NAT) would need more; not handled
 PUNCHED_WINDOW = 10.0
 """B calls a direct connection from A "punched" if it arrives within this of the punch."""
 
+PUNCH_OUTCOMES_KEPT = 64
+"""Outcomes of recent punches a node keeps for ``p2pfs connect`` to report."""
+
 OwnCandidates = Callable[[], list[PeerAddress]]
+
+
+@dataclass(slots=True)
+class PunchOutcome:
+    """One punch beside a relayed connection, as the dialling side saw it."""
+
+    started: float = field(default_factory=trio.current_time)
+    done: trio.Event = field(default_factory=trio.Event)
+    direct: PeerConnection | None = None
+    """The punched connection; None while running, or if nothing got through."""
+    seconds: float | None = None
+    """From the punch's start to the direct connection's authentication."""
 
 
 class Puncher:
@@ -128,13 +145,19 @@ class Puncher:
         """B's side: answer with our candidates, then punch toward A's."""
         if not isinstance(first, Candidates) or relayed.path != "relayed":
             raise ControlError("a punch stream must start with CANDIDATES on a relayed path")
-        await stream.send_all(encode(self._candidates()))
-        await stream.send_eof()
         targets = [a for a in first.addresses if punchable(a[0])]
         peer = relayed.peer_id
         started = trio.current_time()
         self._punched_toward[peer] = started + PUNCHED_WINDOW
-        for offset in PUNCH_SCHEDULE:
+        # The first punch leaves before our answer can: A dials only once it has the
+        # answer, so its Initial never reaches our router ahead of the mapping. Were it
+        # to, a Linux router would track that Initial as a flow to itself, and our punch
+        # would then be mapped to another port (the tuple is taken), for as long as A's
+        # retransmissions keep that entry alive: every punch for the next 30 s would fail.
+        self._endpoint.send_punch(targets, PUNCH_TTL)
+        await stream.send_all(encode(self._candidates()))
+        await stream.send_eof()
+        for offset in PUNCH_SCHEDULE[1:]:
             await trio.sleep_until(started + offset)
             self._endpoint.send_punch(targets, PUNCH_TTL)
 

@@ -27,6 +27,17 @@ class TokenBucket:
         self._tokens -= amount
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
+    def take_if_available(self, amount: int, now: float) -> bool:
+        """Take ``amount`` tokens only if there are that many (a policer: what it refuses
+        is dropped, never delayed)."""
+        if self._updated is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
+        self._updated = now
+        if self._tokens < amount:
+            return False
+        self._tokens -= amount
+        return True
+
 
 async def throttle(bucket: TokenBucket | None, amount: int) -> None:
     """Wait until ``amount`` bytes may move (no-op without a limit)."""

@@ -2,11 +2,13 @@
 
 - A node started with ``--relay`` serves ``RelayService``: an authenticated peer may
   REGISTER (it is then reachable through this relay while that stream stays open) or
-  CONNECT to a registered NodeId. The relay opens a control stream to the target with
-  INCOMING (the source's proven NodeId), and once the target ACCEPTs it splices the two
-  streams, copying bytes it never reads: the end-to-end QUIC connection inside is the two
-  ends' own. It forwards only between two nodes that each hold an authenticated connection
-  to it, to a NodeId (never to an address), within per-client limits (``RelayLimits``).
+  CONNECT to a registered NodeId. The relay names the circuit with a random id, opens a
+  control stream to the target with INCOMING (the source's proven NodeId and the id), and
+  once the target ACCEPTs, forwards relay datagrams of that circuit between the addresses
+  of the two ends' connections with it, unread and unqueued: the end-to-end QUIC
+  connection inside is the two ends' own (net/tunnel.py). It forwards only between two
+  nodes that each hold an authenticated connection to it, to a NodeId (never to an
+  address), within per-client limits (``RelayLimits``).
 - A node started with ``--relay-via HOST:PORT`` keeps a registration with each such relay
   (``RelayClient``), names them in its tickets and ``id``, accepts INCOMING only from relays
   it registered with, and dials others through a relay named in their ticket.
@@ -14,7 +16,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -31,7 +35,10 @@ from p2pfs.errors import (
 from p2pfs.ids import NodeId
 from p2pfs.net import Endpoint, PeerConnection, Stream
 from p2pfs.net.boundary import describe, first_leaf, split_fatal
+from p2pfs.net.connection import Address
 from p2pfs.net.control import (
+    CIRCUIT_LEN,
+    RELAY_DATAGRAM,
     Accept,
     Connect,
     ControlError,
@@ -44,6 +51,7 @@ from p2pfs.net.control import (
     Register,
     encode,
 )
+from p2pfs.net.tunnel import HEADER_LEN
 
 from .ratelimit import TokenBucket
 
@@ -54,7 +62,6 @@ FIRST_FRAME_TIMEOUT = 10.0
 """A control stream's first frame comes at once from an honest peer."""
 TARGET_TIMEOUT = 5.0
 """How long the relay waits for a target to accept a circuit."""
-SPLICE_READ = 64 * 1024
 KEEPALIVE = 10.0
 """Ping the relay this often: keeps the connection and every NAT's mapping on the way alive
 (Linux conntrack forgets an idle UDP flow after 30 s, many home routers sooner)."""
@@ -95,6 +102,8 @@ class RelayStats:
     circuits: int = 0
     circuits_total: int = 0
     bytes_forwarded: int = 0
+    datagrams_forwarded: int = 0
+    datagrams_dropped: int = 0
     refused: dict[str, int] = field(default_factory=dict)
     cut_off: int = 0
 
@@ -141,6 +150,15 @@ async def guard(what: str, run: Callable[[], Awaitable[None]], stream: Stream) -
             raise fatal from None
 
 
+@dataclass(slots=True)
+class _Circuit:
+    """A circuit the relay forwards datagrams on, between the connections of its two ends."""
+
+    ends: tuple[PeerConnection, PeerConnection]
+    clients: tuple[_Client, _Client]
+    cut_off: trio.Event = field(default_factory=trio.Event)
+
+
 class RelayService:
     """The relay side (``--relay``)."""
 
@@ -149,6 +167,23 @@ class RelayService:
         self.stats = RelayStats()
         self._registered: dict[NodeId, PeerConnection] = {}
         self._clients: OrderedDict[NodeId, _Client] = OrderedDict()
+        self._circuits: dict[bytes, _Circuit] = {}
+        self._endpoint: Endpoint | None = None
+        self._outgoing: list[tuple[bytes, Address]] = []
+        """Datagrams forwarded from the receive batch in hand, sent together once it is
+        handled (in runs of one size to one address: one GSO send each)."""
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    def attach(self, endpoint: Endpoint) -> None:
+        """Forward relay datagrams arriving on ``endpoint``'s port."""
+        self._endpoint = endpoint
+        self._token = trio.lowlevel.current_trio_token()
+        endpoint.set_datagram_handler(bytes([RELAY_DATAGRAM]), self._forward)
+
+    def _flush(self) -> None:
+        outgoing, self._outgoing = self._outgoing, []
+        if self._endpoint is not None and outgoing:
+            self._endpoint.transmit(outgoing)
 
     def info(self) -> dict[str, object]:
         self.stats.registered = len(self._registered)
@@ -157,6 +192,8 @@ class RelayService:
             "circuits": self.stats.circuits,
             "circuits_total": self.stats.circuits_total,
             "bytes_forwarded": self.stats.bytes_forwarded,
+            "datagrams_forwarded": self.stats.datagrams_forwarded,
+            "datagrams_dropped": self.stats.datagrams_dropped,
             "refused": dict(self.stats.refused),
             "cut_off": self.stats.cut_off,
             "clients": {
@@ -174,13 +211,48 @@ class RelayService:
             self._clients.popitem(last=False)
         return client
 
+    def _forward(self, data: bytes, source: Address) -> None:
+        """One relay datagram (on the endpoint's receive path: no waiting, no raising).
+        Only an end of the circuit may send on it, only to the other end, within both
+        ends' rate (beyond, the datagram is dropped, as a full UDP path would)."""
+        stats = self.stats
+        circuit = self._circuits.get(data[1:HEADER_LEN])
+        if circuit is None or self._endpoint is None or circuit.cut_off.is_set():
+            stats.datagrams_dropped += 1
+            return
+        first, second = circuit.ends
+        if _same_address(source, first.remote_address):
+            destination = second.remote_address
+        elif _same_address(source, second.remote_address):
+            destination = first.remote_address
+        else:
+            stats.datagrams_dropped += 1
+            return
+        size = len(data) - HEADER_LEN
+        now = trio.current_time()
+        if not all(client.bucket.take_if_available(size, now) for client in circuit.clients):
+            stats.datagrams_dropped += 1
+            return
+        for client in circuit.clients:
+            client.used += size
+            if client.used > self.limits.budget:
+                stats.cut_off += 1
+                circuit.cut_off.set()
+                return
+        if not self._outgoing and self._token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(self._flush)
+        self._outgoing.append((data, destination))
+        stats.bytes_forwarded += size
+        stats.datagrams_forwarded += 1
+
     async def handle(
         self, conn: PeerConnection, stream: Stream, first: ControlMessage, decoder: Decoder
     ) -> None:
         if isinstance(first, Register):
             await self._register(conn, stream)
         elif isinstance(first, Connect):
-            await self._connect(conn, stream, NodeId(first.target), decoder.take_rest())
+            await self._connect(conn, stream, NodeId(first.target))
         else:
             await self._refuse(stream, RefuseCode.UNEXPECTED, "REGISTER or CONNECT only")
 
@@ -204,9 +276,7 @@ class RelayService:
                 del self._registered[node]
                 logger.info("relay: %s unregistered", node.short())
 
-    async def _connect(
-        self, conn: PeerConnection, stream: Stream, target: NodeId, leftover: bytes
-    ) -> None:
+    async def _connect(self, conn: PeerConnection, stream: Stream, target: NodeId) -> None:
         source = conn.peer_id
         target_conn = self._registered.get(target)
         if target_conn is None or target_conn.is_closed:
@@ -215,80 +285,78 @@ class RelayService:
         if target == source:
             await self._refuse(stream, RefuseCode.UNEXPECTED, "a circuit to yourself")
             return
-        ends = (self._client(source), self._client(target))
+        clients = (self._client(source), self._client(target))
         busy = self.stats.circuits >= self.limits.total_circuits or any(
-            c.circuits >= self.limits.circuits or c.used >= self.limits.budget for c in ends
+            c.circuits >= self.limits.circuits or c.used >= self.limits.budget for c in clients
         )
         if busy:
             await self._refuse(stream, RefuseCode.BUSY, "circuit or byte limit reached")
             return
-        for client in ends:
+        for client in clients:
             client.circuits += 1
         self.stats.circuits += 1
         self.stats.circuits_total += 1
+        circuit_id = self._new_circuit_id()
         try:
-            far = await self._open_to_target(target_conn, source)
-            if far is None:
+            far_stream = await self._open_to_target(target_conn, source, circuit_id)
+            if far_stream is None:
                 await self._refuse(stream, RefuseCode.UNAVAILABLE, "target did not accept")
                 return
-            far_stream, far_rest = far
-            await stream.send_all(encode(Accept()))
-            logger.info("relay: circuit %s -> %s", source.short(), target.short())
+            circuit = _Circuit((conn, target_conn), clients)
+            self._circuits[circuit_id] = circuit
             try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._copy, stream, far_stream, leftover, ends, nursery)
-                    nursery.start_soon(self._copy, far_stream, stream, far_rest, ends, nursery)
+                await stream.send_all(encode(Accept(circuit_id)))
+                logger.info("relay: circuit %s -> %s", source.short(), target.short())
+                await _hold(circuit, stream, far_stream)
             finally:
+                del self._circuits[circuit_id]
                 far_stream.reset(0)
         finally:
-            for client in ends:
+            for client in clients:
                 client.circuits -= 1
             self.stats.circuits -= 1
 
+    def _new_circuit_id(self) -> bytes:
+        while True:
+            circuit_id = os.urandom(CIRCUIT_LEN)
+            if circuit_id not in self._circuits:
+                return circuit_id
+
     async def _open_to_target(
-        self, target_conn: PeerConnection, source: NodeId
-    ) -> tuple[Stream, bytes] | None:
-        far = await target_conn.open_control(ControlKind.RELAY, encode(Incoming(source.raw)))
-        decoder = Decoder()
+        self, target_conn: PeerConnection, source: NodeId, circuit_id: bytes
+    ) -> Stream | None:
+        far = await target_conn.open_control(
+            ControlKind.RELAY, encode(Incoming(source.raw, circuit_id))
+        )
         with trio.move_on_after(TARGET_TIMEOUT):
-            answer = await read_first_untrusted(far, decoder)
+            answer = await read_first_untrusted(far, Decoder())
             if isinstance(answer, Accept):
-                return far, decoder.take_rest()
+                return far
         far.reset(int(RefuseCode.UNAVAILABLE))
         return None
 
-    async def _copy(
-        self,
-        source: Stream,
-        sink: Stream,
-        first: bytes,
-        ends: tuple[_Client, _Client],
-        nursery: trio.Nursery,
-    ) -> None:
-        """Bytes one way, unread, charged to both ends' rate and budget."""
-        data = first
-        while True:
-            if not data:
-                data = await source.receive_some(SPLICE_READ)
-                if not data:
-                    await sink.send_eof()
-                    return
-            now = trio.current_time()
-            delay = 0.0
-            for client in ends:
-                client.used += len(data)
-                delay = max(delay, client.bucket.delay_for(len(data), now))
-            if any(client.used > self.limits.budget for client in ends):
-                self.stats.cut_off += 1
-                source.reset(int(RefuseCode.BUSY))
-                sink.reset(int(RefuseCode.BUSY))
-                nursery.cancel_scope.cancel()
-                raise BudgetExceeded("a client used up its byte budget")
-            if delay > 0:
-                await trio.sleep(delay)
-            await sink.send_all(data)
-            self.stats.bytes_forwarded += len(data)
-            data = b""
+
+async def _hold(circuit: _Circuit, near: Stream, far: Stream) -> None:
+    """Keep the circuit while both streams stay open and its ends stay within budget."""
+    async with trio.open_nursery() as nursery:
+        for stream in (near, far):
+            nursery.start_soon(_until_ended, stream, nursery.cancel_scope)
+        await circuit.cut_off.wait()
+        near.reset(int(RefuseCode.BUSY))
+        far.reset(int(RefuseCode.BUSY))
+        nursery.cancel_scope.cancel()
+        raise BudgetExceeded("a client used up its byte budget")
+
+
+async def _until_ended(stream: Stream, scope: trio.CancelScope) -> None:
+    while await stream.receive_some(1024):
+        raise ControlError("data on an established circuit's stream")
+    scope.cancel()
+
+
+def _same_address(a: Address, b: Address) -> bool:
+    # IPv6 addresses may come as 4-tuples (host, port, flowinfo, scope id).
+    return bool(a[0] == b[0] and a[1] == b[1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,10 +441,10 @@ class RelayClient:
             await stream.send_all(encode(Refuse(RefuseCode.UNEXPECTED, "not my relay")))
             await stream.send_eof()
             return
-        await stream.send_all(encode(Accept()))
         source = NodeId(first.source)
         label = f"from {source.short()} via {conn.peer_id.short()}"
-        self._endpoint.open_tunnel(stream, label, decoder.take_rest())
+        self._endpoint.open_tunnel(stream, first.circuit, _address_of(conn), label)
+        await stream.send_all(encode(Accept()))
 
     async def connect(self, route: RelayRoute, target: NodeId) -> PeerConnection:
         """An end-to-end connection to ``target`` through ``route``'s relay."""
@@ -384,10 +452,11 @@ class RelayClient:
         relay_conn = await self._dial(route.address, route.relay, holder)
         try:
             stream = await relay_conn.open_control(ControlKind.RELAY, encode(Connect(target.raw)))
-            decoder = Decoder()
-            _accepted(await read_first_untrusted(stream, decoder), "CONNECT")
+            accept = _accepted(await read_first_untrusted(stream, Decoder()), "CONNECT")
             label = f"to {target.short()} via {route.relay.short()}"
-            tunnel = self._endpoint.open_tunnel(stream, label, decoder.take_rest())
+            tunnel = self._endpoint.open_tunnel(
+                stream, accept.circuit, _address_of(relay_conn), label
+            )
             conn = await self._endpoint.connect_tunnel(tunnel, target)
         except BaseException:
             self._release(relay_conn, holder)
@@ -403,11 +472,19 @@ class RelayClient:
         self._release(conn, holder)
 
 
-def _accepted(answer: ControlMessage, request: str) -> None:
+def _accepted(answer: ControlMessage, request: str) -> Accept:
     if isinstance(answer, Refuse):
         raise RelayRefused(answer)
     if not isinstance(answer, Accept):
         raise ControlError(f"relay answered {request} with {type(answer).__name__}")
+    if request == "CONNECT" and not answer.circuit:
+        raise ControlError("the relay accepted CONNECT without a circuit id")
+    return answer
+
+
+def _address_of(conn: PeerConnection) -> Callable[[], Address]:
+    """The relay's address as ``conn`` sees it at each call."""
+    return lambda: conn.remote_address
 
 
 async def _keepalive(conn: PeerConnection) -> None:

@@ -7,8 +7,9 @@ The connection routes each new stream by that byte (``PeerConnection.accept_cont
 
 After the kind byte, both sides send frames ``u16 length (big-endian) | u8 type | body``,
 ``length`` counting the type and the body (1..MAX_FRAME). Once a CONNECT or INCOMING is
-accepted, the stream carries DATA frames only: each one QUIC datagram of the end-to-end
-connection (the relay copies those bytes without reading them).
+accepted, nothing more is said on the stream: the end-to-end connection's datagrams travel
+as relay datagrams (``RELAY_DATAGRAM``, net/tunnel.py) named by the circuit id the relay
+chose, and the stream's end is the circuit's end.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class FrameType(enum.IntEnum):
     ACCEPT = 0x04
     REFUSE = 0x05
     CANDIDATES = 0x06
-    DATA = 0x07
+    # 0x07 carried tunnelled datagrams on the stream before relay datagrams: never reuse.
 
 
 class RefuseCode(enum.IntEnum):
@@ -50,11 +51,15 @@ class RefuseCode(enum.IntEnum):
 
 
 NODE_ID_LEN = 32
-MAX_DATAGRAM = 2048
-"""Largest end-to-end datagram carried (QUIC here sends at most 1350 bytes)."""
-MAX_FRAME = 1 + MAX_DATAGRAM
+CIRCUIT_LEN = 8
+"""A relay circuit's id: random, chosen by the relay, named in every relay datagram."""
+RELAY_DATAGRAM = 0x03
+"""First byte of a relay datagram on the node's UDP port: ``0x03 | circuit | datagram``
+(neither QUIC, whose fixed bit it clears, nor the DHT's 0x00/0x01, nor a punch's 0x02)."""
 MAX_CANDIDATES = 8
 MAX_REASON = 200
+MAX_FRAME = 1 + 1 + MAX_REASON
+"""The longest frame, a REFUSE (a candidate list of 8 IPv6 addresses is 161 bytes)."""
 _HEADER = 2
 
 
@@ -77,11 +82,14 @@ class Connect:
 class Incoming:
     source: bytes
     """The NodeId (32 bytes) of the node asking for a circuit (the relay authenticated it)."""
+    circuit: bytes
+    """The circuit's id (CIRCUIT_LEN bytes) for the relay datagrams that follow."""
 
 
 @dataclass(frozen=True, slots=True)
 class Accept:
-    pass
+    circuit: bytes = b""
+    """Empty, except in the relay's answer to CONNECT: the circuit's id (CIRCUIT_LEN)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,26 +104,19 @@ class Candidates:
     """Where the sender may be reached directly: interface and observed addresses."""
 
 
-@dataclass(frozen=True, slots=True)
-class Data:
-    datagram: bytes
-
-
-ControlMessage = Register | Connect | Incoming | Accept | Refuse | Candidates | Data
+ControlMessage = Register | Connect | Incoming | Accept | Refuse | Candidates
 
 
 def encode(message: ControlMessage) -> bytes:
     """One frame."""
-    if isinstance(message, Data):
-        return _frame(FrameType.DATA, message.datagram)
     if isinstance(message, Register):
         return _frame(FrameType.REGISTER, b"")
     if isinstance(message, Connect):
         return _frame(FrameType.CONNECT, _node_id(message.target))
     if isinstance(message, Incoming):
-        return _frame(FrameType.INCOMING, _node_id(message.source))
+        return _frame(FrameType.INCOMING, _node_id(message.source) + _circuit(message.circuit))
     if isinstance(message, Accept):
-        return _frame(FrameType.ACCEPT, b"")
+        return _frame(FrameType.ACCEPT, _circuit(message.circuit) if message.circuit else b"")
     if isinstance(message, Refuse):
         reason = message.reason.encode("utf-8")[:MAX_REASON]
         return _frame(FrameType.REFUSE, bytes([message.code]) + reason)
@@ -124,9 +125,17 @@ def encode(message: ControlMessage) -> bytes:
     return _frame(FrameType.CANDIDATES, body)
 
 
-def encode_datagrams(datagrams: list[bytes]) -> bytes:
-    """DATA frames for a run of datagrams, in one buffer (one stream write)."""
-    return b"".join([_frame(FrameType.DATA, d) for d in datagrams])
+def relay_datagram(circuit: bytes, datagram: bytes) -> bytes:
+    """One end-to-end datagram as it travels through a relay circuit."""
+    return bytes([RELAY_DATAGRAM]) + _circuit(circuit) + datagram
+
+
+def parse_relay_datagram_untrusted(data: bytes) -> tuple[bytes, bytes]:
+    """The circuit id and end-to-end datagram of a relay datagram; ControlError if it is
+    none (a receiver on the hot path slices the same bytes directly)."""
+    if len(data) <= 1 + CIRCUIT_LEN or data[0] != RELAY_DATAGRAM:
+        raise ControlError("not a relay datagram")
+    return data[1 : 1 + CIRCUIT_LEN], data[1 + CIRCUIT_LEN :]
 
 
 def _frame(kind: FrameType, body: bytes) -> bytes:
@@ -139,6 +148,12 @@ def _frame(kind: FrameType, body: bytes) -> bytes:
 def _node_id(raw: bytes) -> bytes:
     if len(raw) != NODE_ID_LEN:
         raise ValueError("a NodeId is 32 bytes")
+    return raw
+
+
+def _circuit(raw: bytes) -> bytes:
+    if len(raw) != CIRCUIT_LEN:
+        raise ValueError(f"a circuit id is {CIRCUIT_LEN} bytes")
     return raw
 
 
@@ -180,18 +195,22 @@ class Decoder:
 
 def parse_untrusted(kind: int, body: bytes) -> ControlMessage:
     """One frame's message from its type byte and body; ControlError if malformed."""
-    if kind == FrameType.DATA:
-        if not body:
-            raise ControlError("empty datagram")
-        return Data(body)
-    if kind in (FrameType.REGISTER, FrameType.ACCEPT):
+    if kind == FrameType.REGISTER:
         if body:
-            raise ControlError("trailing bytes in an empty message")
-        return Register() if kind == FrameType.REGISTER else Accept()
-    if kind in (FrameType.CONNECT, FrameType.INCOMING):
+            raise ControlError("trailing bytes in REGISTER")
+        return Register()
+    if kind == FrameType.ACCEPT:
+        if len(body) not in (0, CIRCUIT_LEN):
+            raise ControlError("ACCEPT carries nothing or a circuit id")
+        return Accept(body)
+    if kind == FrameType.CONNECT:
         if len(body) != NODE_ID_LEN:
             raise ControlError("a NodeId is 32 bytes")
-        return Connect(body) if kind == FrameType.CONNECT else Incoming(body)
+        return Connect(body)
+    if kind == FrameType.INCOMING:
+        if len(body) != NODE_ID_LEN + CIRCUIT_LEN:
+            raise ControlError("INCOMING is a NodeId and a circuit id")
+        return Incoming(body[:NODE_ID_LEN], body[NODE_ID_LEN:])
     if kind == FrameType.REFUSE:
         if not body or len(body) > 1 + MAX_REASON:
             raise ControlError("malformed refusal")

@@ -40,8 +40,10 @@ from p2pfs.net.admission import Admission, Admit
 from p2pfs.net.boundary import describe, split_fatal
 from p2pfs.net.codes import CloseCode
 from p2pfs.net.connection import Address, PeerConnection
+from p2pfs.net.control import RELAY_DATAGRAM
 from p2pfs.net.engine import Engine, TransportConfig, load_engine
 from p2pfs.net.stream import Stream
+from p2pfs.net.tunnel import HEADER_LEN as TUNNEL_HEADER_LEN
 from p2pfs.net.tunnel import Tunnel
 
 logger = logging.getLogger(__name__)
@@ -103,6 +105,8 @@ class Endpoint:
         self._send_queue: deque[tuple[bytes, Address]] = deque()
         self._tunnels: dict[Address, Tunnel] = {}
         """Relay circuits by their synthetic address (net/tunnel.py)."""
+        self._circuits: dict[bytes, Tunnel] = {}
+        """The same circuits by their id, for relay datagrams arriving."""
         self._send_wakeup = trio.Event()
         self._foreign: dict[int, DatagramHandler] = {}
         """First byte -> handler for datagrams of another protocol on this socket."""
@@ -199,23 +203,29 @@ class Endpoint:
             raise LocalProtocolError("endpoint or tunnel is closed")
         return await self._connect(tunnel.address, expected_peer)
 
-    def open_tunnel(self, stream: Stream, label: str, leftover: bytes = b"") -> Tunnel:
-        """Carry datagrams for a new synthetic address on ``stream`` (an accepted relay
-        circuit; ``leftover``: bytes already read from it) until either ends; connections on
-        it close with it."""
-        tunnel = Tunnel(stream, label, leftover)
+    def open_tunnel(
+        self, stream: Stream, circuit: bytes, relay: Callable[[], Address], label: str
+    ) -> Tunnel:
+        """Carry a new synthetic address's datagrams through the relay circuit ``circuit``
+        (accepted on ``stream``; ``relay`` gives the relay's address now) until the stream
+        or the tunnel ends; connections on it close with it."""
+        if circuit in self._circuits:
+            raise LocalProtocolError("the relay named a circuit id already in use")
+        tunnel = Tunnel(stream, circuit, relay, label)
         # qh3 hands IPv6 addresses back as 4-tuples (host, port, flowinfo, scope id).
         for key in _tunnel_keys(tunnel):
             self._tunnels[key] = tunnel
+        self._circuits[circuit] = tunnel
         self._nursery.start_soon(self._run_tunnel, tunnel)
         return tunnel
 
     async def _run_tunnel(self, tunnel: Tunnel) -> None:
         try:
-            await tunnel.run(self._dispatch)
+            await tunnel.run()
         finally:
             for key in _tunnel_keys(tunnel):
                 del self._tunnels[key]
+            del self._circuits[tunnel.circuit]
             for conn in list(self._connections):
                 if conn.remote_address == tunnel.address:
                     conn.close_nowait(CloseCode.NO_ERROR, "relay circuit ended")
@@ -281,16 +291,17 @@ class Endpoint:
             i = end
 
     def _tunnel_out(self, datagrams: list[tuple[bytes, Address]]) -> list[tuple[bytes, Address]]:
-        """Hand datagrams for tunnel addresses to their tunnels; the rest go to the socket."""
+        """Datagrams for tunnel addresses become relay datagrams to their relay (still in
+        runs of one size to one address, so GSO carries them as it does direct ones)."""
         tunnels = self._tunnels
-        direct = []
+        sent = []
         for item in datagrams:
             tunnel = tunnels.get(item[1])
             if tunnel is None:
-                direct.append(item)
-            else:
-                tunnel.send(item[0])
-        return direct
+                sent.append(item)
+            elif not tunnel.closed.is_set():
+                sent.append(tunnel.wrap(item[0]))
+        return sent
 
     @staticmethod
     def _gso_run(datagrams: list[tuple[bytes, Address]], start: int) -> int:
@@ -521,7 +532,7 @@ class Endpoint:
                 else:
                     batch.append((data, addr))
             self.datagrams_received += len(batch)
-            if self._foreign:
+            if self._foreign or self._circuits:
                 batch = self._take_foreign(batch)
             if batch:
                 self._dispatch(batch, trio.current_time())
@@ -530,10 +541,17 @@ class Endpoint:
         """Hand datagrams of other protocols to their handlers; return QUIC's (and junk,
         which ``_dispatch`` drops). A first byte is tested before anything else is read."""
         handlers = self._foreign
+        circuits = self._circuits
         kept = []
         for item in batch:
             data = item[0]
             if data and not data[0] & QUIC_FIXED_BIT:
+                if data[0] == RELAY_DATAGRAM and circuits:
+                    tunnel = circuits.get(data[1:TUNNEL_HEADER_LEN])
+                    if tunnel is not None and tunnel.from_relay(item[1]):
+                        tunnel.bytes_received += len(data) - TUNNEL_HEADER_LEN
+                        kept.append((data[TUNNEL_HEADER_LEN:], tunnel.address))
+                        continue
                 handler = handlers.get(data[0])
                 if handler is not None:
                     handler(data, item[1])

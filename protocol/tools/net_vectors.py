@@ -44,6 +44,7 @@ def identity_from_seed(label: str) -> tuple[bytes, Identity]:
 CLIENT_SEED, CLIENT = identity_from_seed("client node key")
 SERVER_SEED, SERVER = identity_from_seed("server node key")
 RELAY_SEED, RELAY = identity_from_seed("relay node key")
+CIRCUIT = pseudo_random("relay circuit id", control.CIRCUIT_LEN)
 
 
 def address_pieces(host: str, port: int, label: str) -> Pieces:
@@ -232,7 +233,6 @@ def auth_vectors() -> list[dict[str, Any]]:
 
 def control_vectors() -> list[dict[str, Any]]:
     candidates = (("192.0.2.1", 7337), ("2001:db8::1", 7338))
-    datagram = pseudo_random("relayed datagram", 24)
     examples: list[tuple[str, control.ControlMessage, Any, Pieces]] = [
         ("register", control.Register(), {}, []),
         (
@@ -243,11 +243,17 @@ def control_vectors() -> list[dict[str, Any]]:
         ),
         (
             "incoming",
-            control.Incoming(CLIENT.node_id.raw),
-            {"source": CLIENT.node_id.raw.hex()},
-            [[CLIENT.node_id.raw.hex(), "source NodeId"]],
+            control.Incoming(CLIENT.node_id.raw, CIRCUIT),
+            {"source": CLIENT.node_id.raw.hex(), "circuit": CIRCUIT.hex()},
+            [[CLIENT.node_id.raw.hex(), "source NodeId"], [CIRCUIT.hex(), "circuit id"]],
         ),
         ("accept", control.Accept(), {}, []),
+        (
+            "accept-circuit",
+            control.Accept(CIRCUIT),
+            {"circuit": CIRCUIT.hex()},
+            [[CIRCUIT.hex(), "circuit id (the relay's answer to CONNECT)"]],
+        ),
         (
             "refuse",
             control.Refuse(control.RefuseCode.NOT_REGISTERED, "not registered here"),
@@ -264,16 +270,10 @@ def control_vectors() -> list[dict[str, Any]]:
                 *address_pieces(*candidates[1], "candidate 1"),
             ],
         ),
-        (
-            "data",
-            control.Data(datagram),
-            {"datagram": datagram.hex()},
-            [[datagram.hex(), "one end-to-end QUIC datagram (copied unread)"]],
-        ),
     ]
     vectors = []
     for name, message, fields, body in examples:
-        kind = control.FrameType[name.upper()]
+        kind = control.FrameType[name.split("-")[0].upper()]
         encoded = control.encode(message)
         length = 1 + len(bytes.fromhex(joined(body)))
         pieces = [
@@ -287,6 +287,19 @@ def control_vectors() -> list[dict[str, Any]]:
     return vectors
 
 
+def relay_datagram_vectors() -> list[dict[str, Any]]:
+    datagram = pseudo_random("relayed datagram", 24)
+    pieces = [
+        ["03", "relay datagram (first byte on the node's UDP port)"],
+        [CIRCUIT.hex(), "circuit id"],
+        [datagram.hex(), "one end-to-end QUIC datagram (forwarded unread)"],
+    ]
+    encoded = control.relay_datagram(CIRCUIT, datagram)
+    vector = pieces_vector("relay-datagram", "a datagram through a relay circuit", pieces, encoded)
+    vector["fields"] = {"circuit": CIRCUIT.hex(), "datagram": datagram.hex()}
+    return [vector]
+
+
 def transport_vectors() -> dict[str, Any]:
     return {
         "identities": {
@@ -297,7 +310,7 @@ def transport_vectors() -> dict[str, Any]:
         "node_id_texts": node_id_texts(),
         "rejected_node_id_texts": rejected_node_id_texts(),
         "control_kinds": {kind.name: f"{kind:02x}" for kind in control.ControlKind},
-        "vectors": auth_vectors() + control_vectors(),
+        "vectors": auth_vectors() + control_vectors() + relay_datagram_vectors(),
     }
 
 
