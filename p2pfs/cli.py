@@ -53,7 +53,7 @@ EXIT_NO_DAEMON = 3
 EXIT_REMOTE = 4
 EXIT_INTERRUPTED = 130
 STOP_WAIT = 15.0
-SYNC_VERBS = ("list", "show", "pause", "resume", "remove")
+SYNC_VERBS = ("list", "show", "pause", "resume", "revert", "remove")
 """`sync VERB DIR`; any other first word is a directory to sync."""
 
 
@@ -75,6 +75,11 @@ def _add_ticket_commands(commands: Any) -> None:
         "--no-hints", action="store_true", help="ticket names only content, not this node"
     )
     share.add_argument("--json", action="store_true", help="print one JSON object")
+    unshare = commands.add_parser(
+        "unshare", help="stop sharing (by the shared path or 8+ digits of the share's root)"
+    )
+    unshare.add_argument("target", metavar="ROOT | PATH")
+    unshare.add_argument("--json", action="store_true", help="print one JSON object")
     ls = commands.add_parser("ls", help="list what a ticket's share holds")
     ls.add_argument("ticket", metavar="TICKET")
     ls.add_argument("--peer", metavar="HOST:PORT", action="append", default=[])
@@ -126,9 +131,9 @@ def _parser(daemon_defaults: dict[str, Any] | None = None) -> argparse.ArgumentP
         "sync",
         help="sync a folder: `sync DIR` starts one, `sync DIR TICKET` joins one, "
         "`sync list`, `sync show DIR` (its tickets again), `sync pause|resume DIR`, "
-        "`sync remove DIR`",
+        "`sync revert DIR` (a read-only member's local edits), `sync remove DIR`",
     )
-    sync.add_argument("target", metavar="DIR | list | show | pause | resume | remove")
+    sync.add_argument("target", metavar="DIR | list | show | pause | resume | revert | remove")
     sync.add_argument("argument", metavar="TICKET | DIR", nargs="?")
     sync.add_argument("--json", action="store_true", help="print one JSON object")
     conflicts = commands.add_parser("conflicts", help="conflict copies in sync folders")
@@ -436,6 +441,11 @@ def _call_daemon(args: argparse.Namespace) -> int:
             )
             print(result["ticket"])  # the ticket is the last line, for scripts
         return EXIT_PROBLEMS if result["problems"] else EXIT_OK
+    if args.command == "unshare":
+        target = os.path.abspath(args.target) if os.path.exists(args.target) else args.target
+        result = call(socket_path, "unshare", {"what": target})
+        _print_result(result, args.json, lambda r: print(f"stopped sharing {r['path']}"))
+        return EXIT_OK
     if args.command == "find":
         result = call(socket_path, "find", {"ticket": args.ticket})
         _print_result(result, args.json, _human_find)
@@ -511,6 +521,10 @@ def _sync(socket_path: str, args: argparse.Namespace) -> int:
         done = "paused" if result["paused"] else "resumed"
         _print_result(result, args.json, lambda r: print(f"{done} {r['path']}"))
         return EXIT_OK
+    if args.target == "revert" and args.argument is not None:
+        result = call(socket_path, "sync_revert", {"path": os.path.abspath(args.argument)})
+        _print_result(result, args.json, _human_reverted)
+        return EXIT_OK
     if args.target == "remove" and args.argument is not None:
         result = call(socket_path, "sync_remove", {"path": os.path.abspath(args.argument)})
         _print_result(result, args.json, lambda r: print(f"stopped syncing {r['path']}"))
@@ -523,6 +537,18 @@ def _sync(socket_path: str, args: argparse.Namespace) -> int:
     print(f"syncing {result['path']} ({result['mode']})")
     _human_tickets(result)
     return EXIT_OK
+
+
+def _human_reverted(result: dict[str, Any]) -> None:
+    if not result["reverted"]:
+        print(f"no local changes in {result['path']}")
+        return
+    print(
+        f"reverted {plural(len(result['reverted']), 'local change')} in {result['path']} "
+        "(kept in .p2pfs/versions/)"
+    )
+    for path in result["pending"]:
+        print(f"  not fetched yet (no member has it now): {path}")
 
 
 def _human_tickets(result: dict[str, Any]) -> None:

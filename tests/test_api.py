@@ -257,6 +257,45 @@ def check_page(api: Api, ticket: str) -> None:
     assert status == 200 and content_type == "image/svg+xml" and svg.startswith(b"<svg")
 
 
+def local_changes(api: Api) -> list[str]:
+    return [change["path"] for change in api.json("GET", "/api/local-changes")["local_changes"]]
+
+
+def check_revert(b: DaemonProcess, api_b: Api, tmp_path: Path) -> None:
+    # Revert: the new file is put aside, the edited one comes back from A.
+    (tmp_path / "fb" / "hello.txt").write_bytes(b"edited on a read-only member")
+    wait_until(lambda: "hello.txt" in local_changes(api_b), timeout=30)
+    reverted = b.cli_json("sync", "revert", str(tmp_path / "fb"))
+    assert reverted["reverted"] == ["hello.txt", "mine.txt"] and reverted["pending"] == []
+    assert (tmp_path / "fb" / "hello.txt").read_bytes() == b"hello over http"
+    assert not (tmp_path / "fb" / "mine.txt").exists()
+    kept = {
+        p.name.split("~")[0]: p.read_bytes()
+        for p in (tmp_path / "fb" / ".p2pfs" / "versions").iterdir()
+    }
+    assert kept == {"hello": b"edited on a read-only member", "mine": b"kept here"}
+    assert local_changes(api_b) == []
+    assert "no local changes" in b.cli("sync", "revert", str(tmp_path / "fb")).stdout
+
+
+def check_shares(a: DaemonProcess, api_a: Api, tmp_path: Path, examples: dict[str, Any]) -> None:
+    shared = api_a.json("POST", "/api/shares", {"path": str(tmp_path / "fa" / "hello.txt")})
+    assert_same_shape(examples["POST /api/shares"], shared, "POST /api/shares")
+    assert api_a.json("GET", "/api/shares")["shares"][0]["root"] == shared["root"]
+    gone = a.cli_json("unshare", shared["root"][:10])
+    assert gone == {
+        "root": shared["root"],
+        "path": str(tmp_path / "fa" / "hello.txt"),
+        "unshared": True,
+    }
+    assert api_a.json("GET", "/api/shares") == {"shares": []}
+    again = a.cli("unshare", str(tmp_path / "fa" / "hello.txt"), "--json", check=False)
+    assert (
+        again.returncode == 2
+        and "is not shared here" in json.loads(again.stdout)["error"]["message"]
+    )
+
+
 def check_pause(b: DaemonProcess, api_b: Api, tmp_path: Path) -> None:
     # Paused, B takes nothing; resumed, it catches up.
     paused = b.cli_json("sync", "pause", str(tmp_path / "fb"))
@@ -316,6 +355,7 @@ def test_http_api_drives_two_daemons(
         ),
         timeout=30,
     )
+    check_revert(b, api_b, tmp_path)
     folders = api_b.json("GET", "/api/folders")
     assert folders == api_b.json("POST", "/api/control/sync_list")
     [folder] = folders["folders"]
@@ -324,9 +364,7 @@ def test_http_api_drives_two_daemons(
     member = api_b.json("GET", "/api/folders")["folders"][0]["members"][0]
     assert member["node_id"] == a.node_id() and member["path"] == "direct"
 
-    shared = api_a.json("POST", "/api/shares", {"path": str(tmp_path / "fa" / "hello.txt")})
-    assert_same_shape(examples["POST /api/shares"], shared, "POST /api/shares")
-    assert api_a.json("GET", "/api/shares")["shares"][0]["root"] == shared["root"]
+    check_shares(a, api_a, tmp_path, examples)
 
     # Every documented view answers with the documented keys.
     for name, example in examples.items():

@@ -147,6 +147,11 @@ class Discovery:
     async def announce(self, root: ContentHash) -> None:
         await self.announce_key(share_discovery_key(root))
 
+    async def withdraw(self, root: ContentHash) -> None:
+        """Stop announcing a share (records already stored elsewhere expire)."""
+        for finder in self.running:
+            await finder.withdraw(share_discovery_key(root))
+
     async def announce_key(self, key: bytes) -> None:
         for finder in self.running:
             await finder.announce(key)

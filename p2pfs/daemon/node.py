@@ -327,6 +327,8 @@ class Node:
             "sync_show": self._sync_show,
             "sync_pause": self._sync_pause,
             "sync_resume": self._sync_resume,
+            "sync_revert": self._sync_revert,
+            "unshare": self._unshare,
             "conflicts": self._conflicts,
             "stop": self._stop,
         }
@@ -414,6 +416,9 @@ class Node:
 
     async def _sync_resume(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         return await self.folders.resume(str(params.get("path", "")))
+
+    async def _sync_revert(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        return await self.folders.revert(str(params.get("path", "")))
 
     async def _sync_remove(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         result = await self.folders.remove(str(params.get("path", "")))
@@ -684,6 +689,25 @@ class Node:
             "chunks": result.chunks,
             "problems": [{"path": p.path, "reason": p.reason} for p in result.problems],
         }
+
+    async def _unshare(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
+        """`p2pfs unshare ROOT|PATH`: forget a share (its files stay) and stop announcing
+        it; its ticket stops working here. A root may be given by a prefix of 8+ digits."""
+        what = str(params.get("what", ""))
+        found = [
+            share
+            for share in await self._plain_shares()
+            if share.local_path == what
+            or (len(what) >= 8 and share.root.hex().startswith(what.lower()))
+        ]
+        if len(found) != 1:
+            why = "is not shared here" if not found else "names several shares: give more digits"
+            raise LocalProtocolError(f"{what} {why} (`p2pfs status` lists the shares)")
+        share = found[0]
+        await self.index.run(self.index.index.forget_share, share.id)
+        await self.discovery.withdraw(share.root)
+        self.events.emit("share-removed", root=share.root.hex(), path=share.local_path)
+        return {"root": share.root.hex(), "path": share.local_path, "unshared": True}
 
     async def _find(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         """Who holds a ticket's share, by discovery alone (the ticket's hints are ignored)."""

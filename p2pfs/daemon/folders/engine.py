@@ -19,7 +19,7 @@ import trio
 from p2pfs.content.chunking import DEFAULT_CHUNKER, ChunkRef
 from p2pfs.content.folder import file_tree
 from p2pfs.content.tree import Child
-from p2pfs.errors import RemoteProtocolError, StorageError
+from p2pfs.errors import LocalProtocolError, RemoteProtocolError, StorageError
 from p2pfs.ids import ContentHash
 from p2pfs.net import PeerConnection
 from p2pfs.store import folderdisk
@@ -851,6 +851,27 @@ class FolderSync:
         for path, other in sorted(self.collisions.items()):
             found.append({"path": path, "original": other, "kind": "name collision"})
         return found
+
+    async def revert(self) -> tuple[list[str], list[str]]:
+        """A read-only member's "Revert Local Changes": each local edit moves to
+        ``.p2pfs/versions/`` (nothing is lost), and each path the folder has a file for is
+        held *absent*, so the next reconcile fetches the folder's version again. Returns
+        (paths put aside or gone, paths to fetch)."""
+        if self.writable:
+            raise LocalProtocolError(f"{self.path}: a read-write member records its changes")
+        async with self.lock:
+            paths = sorted(self.unrecorded)
+            refetch = []
+            for path in paths:
+                await in_thread(folderdisk.keep_version, self.path, path, move=True)
+                self._disk.pop(path, None)
+                record = self.records.get(path)
+                if record is None or record.version.deleted or record.version.is_directory:
+                    continue  # a new local file or directory: put aside, nothing to fetch
+                refetch.append(record)
+            await self._commit_records(refetch, [r.version.path for r in refetch])
+            self.unrecorded.difference_update(paths)
+        return paths, [record.version.path for record in refetch]
 
     @contextlib.contextmanager
     def _doing(self, activity: str, total: int = 0) -> Iterator[None]:

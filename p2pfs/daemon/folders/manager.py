@@ -548,6 +548,26 @@ class FolderManager:
             await self._rescan(folder, force=True)  # what changed while paused is recorded now
         return {"folder": folder.folder_id.hex(), "path": folder.path, "paused": False}
 
+    async def revert(self, path: str) -> dict[str, Any]:
+        """`sync revert`: a read-only member's local edits go to versions/ and the folder's
+        files come back, fetched now from a linked member (else at the next link)."""
+        folder = self.find(path)
+        reverted, refetch = await folder.revert()
+        for key, link in list(self._links.items()):
+            remote = self._member_roots.get(key)
+            if key[0] != folder.folder_id or remote is None or not refetch:
+                continue
+            fetched = False
+            try:
+                await folder.reconcile(link, remote)
+                fetched = True
+            except* (PeerRequestError, StorageError, OSError, ConnectionClosedError) as group:
+                logger.info("folder %s: revert fetch incomplete: %s", folder.path, _first(group))
+            if fetched:
+                break
+        pending = sorted(p for p in refetch if p in folder.absent)
+        return {"path": folder.path, "reverted": reverted, "pending": pending}
+
     async def remove(self, path: str) -> dict[str, Any]:
         folder = self.find(path)
         # Its links end with its tasks; connections stay (other folders and shares use them).
