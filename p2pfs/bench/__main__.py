@@ -6,6 +6,7 @@ import importlib
 import sys
 
 SUITES = {
+    "api": "p2pfs.bench.api",
     "bigfolder": "p2pfs.bench.bigfolder",
     "dht": "p2pfs.bench.dht",
     "dial": "p2pfs.bench.dial",
