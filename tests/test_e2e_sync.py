@@ -567,23 +567,40 @@ def test_names_colliding_on_a_case_insensitive_member_are_reported_not_clobbered
 ) -> None:
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     a_dir.mkdir()
+    b_dir.mkdir()
     (a_dir / "Readme.txt").write_text("capitalised\n")
     (a_dir / "README.TXT").write_text("shouting\n")
     (a_dir / "other.txt").write_text("fine\n")
+    (a_dir / ".p2pfsignore").write_text("/Notes.txt\n")
+    (a_dir / "notes.txt").write_text("synced\n")
+    (b_dir / ".p2pfsignore").write_text("/Notes.txt\n")
+    (b_dir / "Notes.txt").write_text("B's own, ignored\n")  # blocks notes.txt on B
     a = daemons("home-a")
     b = daemons("home-b", "--case-insensitive", program=HOOKED_DAEMON)  # a test-only hook
     tickets = create_folder(a, a_dir)
     join(b, b_dir, tickets["rw"])
     wait_until((b_dir / "other.txt").exists, CONVERGE_TIMEOUT)
-    wait_until(lambda: bool(b.cli_json("conflicts")["conflicts"]), CONVERGE_TIMEOUT)
-    listed = b.cli_json("conflicts")["conflicts"]
-    assert [(c["path"], c["original"], c["kind"]) for c in listed] == [
-        ("Readme.txt", "README.TXT", "name collision")
+
+    def collisions() -> list[tuple[str, str, str]]:
+        listed = b.cli_json("conflicts")["conflicts"]
+        return [(c["path"], c["original"], c["kind"]) for c in listed]
+
+    wait_until(lambda: len(collisions()) == 2, CONVERGE_TIMEOUT)
+    assert collisions() == [
+        ("Readme.txt", "README.TXT", "name collision"),
+        ("notes.txt", "Notes.txt", "name collision"),  # an ignored file holds the name
     ]
     # The first name (in byte order) is placed; the other is not, and nothing was replaced.
     assert (b_dir / "README.TXT").read_text() == "shouting\n"
     assert not (b_dir / "Readme.txt").exists()
+    assert not (b_dir / "notes.txt").exists()
     assert any("collides with" in p for p in folder_state(b, b_dir)["problems"])
+    # The user moves the ignored file away: the path is placed and no longer reported.
+    (b_dir / "Notes.txt").unlink()
+    wait_until((b_dir / "notes.txt").exists, CONVERGE_TIMEOUT)
+    assert (b_dir / "notes.txt").read_text() == "synced\n"
+    wait_until(lambda: len(collisions()) == 1, CONVERGE_TIMEOUT)
+    assert collisions() == [("Readme.txt", "README.TXT", "name collision")]
 
 
 def test_a_member_whose_folder_vanished_deletes_nothing_elsewhere(

@@ -427,3 +427,25 @@ def test_partial_scan_reads_only_the_named_directories(tmp_path: Path) -> None:
         after = scan_share(top, index)
     with IndexStore(tmp_path / "fresh.sqlite3") as fresh:
         assert scan_share(top, fresh).root == after.root
+
+
+def test_what_the_ignore_rule_leaves_out_is_listed(tmp_path: Path) -> None:
+    """A sync folder on a file system that ignores case must know the names its ignored
+    files and directories hold; a full and a partial scan list them (nothing below them)."""
+    top = tmp_path / "share"
+    write(top / "keep.txt", b"kept")
+    write(top / "Notes.txt", b"ignored file")
+    write(top / "Build" / "out.o", b"inside an ignored directory")
+    write(top / "d" / "x.log", b"ignored below")
+
+    def ignore(path: str, _is_directory: bool) -> bool:
+        return path in ("Notes.txt", "Build") or path.endswith(".log")
+
+    with IndexStore(tmp_path / "index.sqlite3") as index:
+        result = scan_share(top, index, ignore=ignore)
+        assert sorted(result.ignored) == ["Build", "Notes.txt", "d/x.log"]
+        assert result.files == 1
+        write(top / "d" / "y.log", b"new, ignored")
+        part = scan_directories(top, index, [str(top / "d")], ignore=ignore)
+        assert part is not None and sorted(part.ignored) == ["d/x.log", "d/y.log"]
+        assert not part.files

@@ -112,6 +112,8 @@ class ScanResult:
     directories: int
     problems: list[Problem]
     stats: ScanStats
+    ignored: list[str] = field(default_factory=list)
+    """Files and directories the ignore rule left out (rel paths; nothing below them)."""
 
 
 class _FileChanged(Exception):
@@ -136,6 +138,8 @@ class PartScan:
     """Directories scanned whole (new) or dropped (gone): everything below is in scope."""
     problems: list[Problem] = field(default_factory=list)
     stats: ScanStats = field(default_factory=ScanStats)
+    ignored: list[str] = field(default_factory=list)
+    """Files and directories in scope the ignore rule left out (rel paths)."""
 
 
 def _display(path: str) -> str:
@@ -200,6 +204,9 @@ class _Scan:
         self.read_hook = read_hook
         self.stats = ScanStats()
         self.problems: list[Problem] = []
+        self.ignored: list[str] = []
+        """What the ignore rule left out: a sync folder on a file system that ignores case
+        must not place a path over one of these names."""
         self.vanished: dict[tuple[int, int, int, int], tuple[bytes, bytes]] = {}
         self.done_files = 0
         self.done_bytes = 0
@@ -325,8 +332,13 @@ class _Scan:
         files, subdirs = self._drop_collisions(disk_path, files, subdirs)
         if self.ignore is not None:
             ignore, prefix = self.ignore, f"{rel}/" if rel else ""
-            files = [item for item in files if not ignore(prefix + item[1], False)]
-            subdirs = [item for item in subdirs if not ignore(prefix + item[1], True)]
+            kept_files = [item for item in files if not ignore(prefix + item[1], False)]
+            kept_dirs = [item for item in subdirs if not ignore(prefix + item[1], True)]
+            if len(kept_files) != len(files) or len(kept_dirs) != len(subdirs):
+                kept = {item[1] for item in kept_files} | {tree for _name, tree in kept_dirs}
+                names = [item[1] for item in files] + [tree for _name, tree in subdirs]
+                self.ignored += [prefix + name for name in names if name not in kept]
+            files, subdirs = kept_files, kept_dirs
         return files, subdirs
 
     def scan_shallow(self, disk_path: str, rel: str, dir_id: int, part: PartScan) -> None:
@@ -796,6 +808,7 @@ def scan_share(
         directories=directories,
         problems=scan.problems,
         stats=scan.stats,
+        ignored=scan.ignored,
     )
 
 
@@ -839,7 +852,7 @@ def scan_directories(
         ignore,
     )
     scan.visited = []
-    part = PartScan(problems=scan.problems, stats=scan.stats)
+    part = PartScan(problems=scan.problems, stats=scan.stats, ignored=scan.ignored)
     try:
         for disk_path, (rel, dir_id) in sorted(targets.items(), key=lambda t: t[1][0].count("/")):
             if any(rel == d or rel.startswith(d + "/") for d in part.deep):

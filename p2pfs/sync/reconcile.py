@@ -13,9 +13,10 @@ send-receive and receive-only folders, take explicit paths:
 
 Both take the winner as it is for a path whose content this member does not hold (ignored
 here, or stored *absent*): the members holding both sides' content make the merges there.
-On a file system that ignores case, a new path equal to a live one but for case is held
-back (not placed, its record waits) and reported. Records held absent whose path is no
-longer ignored have their content fetched.
+On a file system that ignores case, a placement equal but for case to a file that is here
+(a synced one, one not recorded yet, or an ignored one) is held back (not placed, its record
+waits) and reported as a collision; once that file is gone the next plan places it.
+Records held absent whose path is no longer ignored have their content fetched.
 
 A record "waits" for a destination (:attr:`Plan.waits_for`): the engine stores it only once
 that destination is placed, so a record never claims content the member does not hold.
@@ -45,6 +46,10 @@ class Holdings:
     ignored: Callable[[str], bool] = _nothing_ignored
     on_disk: Collection[str] = frozenset()
     """Paths holding a regular file as of the last scan."""
+    ignored_on_disk: Collection[str] = frozenset()
+    """Paths of files and directories the last scan left out as ignored here (only their
+    names matter: on a file system that ignores case, they hold names a placement must not
+    land on)."""
     case_insensitive: bool = False
 
 
@@ -166,6 +171,11 @@ def _plan_path(
             draft.waits_for[copy.path] = path
         else:
             draft.place(copy.path, copy)
+            # The merged record is AFTER the loser's: once stored, the conflict is never
+            # planned again here, and every member takes the merged record over the loser.
+            # So it waits for the copy, or the loser's edit would vanish whenever its content
+            # cannot be fetched now (its member offline, or its file changed since).
+            draft.waits_for[path] = copy.path
 
 
 def _copy_is_new(draft: _Draft, held: Holdings, copy: FileVersion) -> bool:
@@ -229,13 +239,19 @@ def _hold_case_collisions(draft: _Draft, held: Holdings) -> dict[str, str]:
     """A placement equal but for case to a path whose file is here would land on it: it is
     not placed (so its record, which waits for the placement, is not stored either).
     Every placement is checked, a path already recorded too (two records may differ only
-    by case when one of them is held absent); an absent record has no file to land on."""
-    placed = {
+    by case when one of them is held absent); an absent record has no file to land on.
+    Files that are not synced count too (found by the scan but not recorded: a read-only
+    member's own edit; or ignored here): a placement would otherwise wait on them unseen,
+    the destination never being as scanned. For an ignored path the scan, not the record,
+    says whether a file is here (its absence is never recorded)."""
+    here = {
         path
         for path, version in held.records.items()
-        if not version.deleted and path not in held.absent
+        if not version.deleted and path not in held.absent and not held.ignored(path)
     }
-    collisions = case_collisions(placed, [path for path, _version in draft.fetch])
+    here.update(held.on_disk)
+    here.update(held.ignored_on_disk)
+    collisions = case_collisions(here, [path for path, _version in draft.fetch])
     draft.fetch = [(path, v) for path, v in draft.fetch if path not in collisions]
     return collisions
 

@@ -130,6 +130,9 @@ class FolderSync:
         self._changed = trio.Event()
         self._disk: dict[str, folderdisk.DiskState] = {}
         self._disk_roots: set[ContentHash] = set()
+        self._ignored_on_disk: set[str] = set()
+        """What the last scans left out as ignored: on a file system that ignores case, no
+        placement may land on one of these names (it is reported as a collision)."""
         self._share_root: ContentHash | None = None
         self.absent: set[str] = set()
         """Live records whose content this node does not hold (stored while ignored here):
@@ -288,6 +291,11 @@ class FolderSync:
 
     # -- local changes --------------------------------------------------------------------
 
+    def watched(self, path: str) -> bool:
+        """Whether a change at ``path`` matters here: not ignored, or an ignored file the
+        last scan found (one gone may unblock a placement that collided with its name)."""
+        return not self.ignore(path) or path in self._ignored_on_disk
+
     def note_changes(self, paths: Iterable[str]) -> None:
         """The watcher saw these on-disk paths change: the next rescan lists only their
         directories (the periodic full rescan remains the safety net)."""
@@ -330,6 +338,7 @@ class FolderSync:
         self.scans += 1
         self._share_root = result.root
         self.problems = [str(problem) for problem in result.problems]
+        self._ignored_on_disk = set(result.ignored)
         found: dict[str, DiskFile] = {}
         states: dict[str, folderdisk.DiskState] = {}
         for path, root, size, mtime_ns, inode, mode in files:
@@ -357,6 +366,8 @@ class FolderSync:
         found: dict[str, DiskFile] = {}
         for path in [p for p in self._disk if in_scope(p)]:
             del self._disk[path]
+        self._ignored_on_disk = {p for p in self._ignored_on_disk if not in_scope(p)}
+        self._ignored_on_disk.update(part.ignored)
         for path, root, size, mtime_ns, inode, mode in part.files:
             found[path] = DiskFile(path, ContentHash(root), size, bool(mode & 0o100), mtime_ns)
             self._disk[path] = folderdisk.DiskState(size, mtime_ns, inode)
@@ -492,6 +503,7 @@ class FolderSync:
             absent=self.absent,
             ignored=self.ignore,
             on_disk=self._disk.keys(),
+            ignored_on_disk=self._ignored_on_disk,
             case_insensitive=self.case_insensitive,
         )
         versions = [record.version for record in remote]
@@ -509,6 +521,10 @@ class FolderSync:
                 path,
                 holder,
             )
+        # Every path planned now is reported as it stands now: a collision the user resolved
+        # (the other file removed or renamed) is placed and no longer listed.
+        for path in [*(version.path for version in versions), *(p for p, _v in plan.fetch)]:
+            self.collisions.pop(path, None)
         self.collisions.update(plan.collisions)
         received = {record.version.path: record for record in remote}
         return _Planned(

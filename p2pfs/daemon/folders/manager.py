@@ -205,7 +205,7 @@ class FolderManager:
             # to string slicing.
             if not path.startswith(prefix):
                 return False
-            return not folder.ignore(path[len(prefix) :].replace(os.sep, "/"))
+            return folder.watched(path[len(prefix) :].replace(os.sep, "/"))
 
         try:
             folder.watching = True
