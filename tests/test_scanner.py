@@ -16,14 +16,10 @@ import pytest
 
 from p2pfs.content.chunking import DEFAULT_CHUNKER, Chunker
 from p2pfs.store.assemble import PARTIAL_PREFIX
+from p2pfs.store.filehash import BLOCK_SIZE
 from p2pfs.store.index import IndexStore
-from p2pfs.store.scanner import (
-    BLOCK_SIZE,
-    RACY_WINDOW_NS,
-    ScanResult,
-    scan_directories,
-    scan_share,
-)
+from p2pfs.store.partscan import scan_directories
+from p2pfs.store.scanner import RACY_WINDOW_NS, ScanResult, scan_share
 
 OLD_NS = 1_600_000_000 * 10**9
 """mtime given to test files so they are not racily clean at the first scan."""

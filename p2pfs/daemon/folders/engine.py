@@ -26,7 +26,9 @@ from p2pfs.store import folderdisk
 from p2pfs.store.assemble import Finished, PartialFile
 from p2pfs.store.folders import FolderRow, FolderStore
 from p2pfs.store.index import CHUNK_RECORD, ChunkLocation, ChunkReader, IndexStore
-from p2pfs.store.scanner import PartScan, PlacedFile, Problem, record_placed_files
+from p2pfs.store.partscan import PartScan
+from p2pfs.store.placed import PlacedFile, record_placed_files
+from p2pfs.store.scanner import Problem
 from p2pfs.sync.ignore import IGNORE_FILE, IgnoreRules
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.local import DiskFile, directory_entry, local_changes

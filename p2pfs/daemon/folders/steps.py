@@ -16,7 +16,8 @@ from p2pfs.ids import ContentHash
 from p2pfs.store import folderdisk
 from p2pfs.store.assemble import Finished, PartialFile, commit_files, fsync_directory
 from p2pfs.store.index import IndexStore
-from p2pfs.store.scanner import PartScan, ScanResult, scan_directories, scan_share
+from p2pfs.store.partscan import PartScan, scan_directories
+from p2pfs.store.scanner import ScanResult, scan_share
 from p2pfs.sync.ignore import IgnoreRules
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.records import IndexLeaf, SignedRecord, path_key, record_hash

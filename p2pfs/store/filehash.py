@@ -1,0 +1,202 @@
+"""Reading and hashing one file for the scanner: a small file in one read, a big one
+streamed in blocks through a two-thread pipeline (cut here, hash there: FastCDC and BLAKE3
+both release the GIL), so a big file is never held whole. A file that changes while read
+raises :class:`FileChanged`; the scanner decides whether to read it again.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import stat
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import blake3
+
+from p2pfs.content.chunking import Chunker, ChunkRef, chunk_id
+from p2pfs.content.folder import FILE_TREE
+from p2pfs.content.tree import LeafNode
+from p2pfs.ids import ContentHash
+from p2pfs.store.index import CHUNK_RECORD, build_file_tree
+
+BLOCK_SIZE = 4 << 20
+"""Files up to this size are read with one ``os.read``; larger ones stream in such blocks."""
+PIPELINE_BUFFERS = 3
+OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+# Non-blocking so that a file swapped for a fifo between stat and open cannot hang us.
+OPEN_FLAGS |= getattr(os, "O_NONBLOCK", 0)
+
+
+class FileChanged(Exception):
+    """The file's stat moved while it was read; read it again."""
+
+
+def signed64(value: int) -> int:
+    # SQLite integers are signed; some file systems hand out inode numbers >= 2**63.
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What must not move while a file is read (ctime catches a restored mtime)."""
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+@dataclass(slots=True)
+class Hashed:
+    """A file as read: its stat when read and its content's root and chunk list."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+    mode: int
+    root: bytes
+    chunks: bytes
+
+
+def hash_file_once(
+    path: str,
+    chunker: Chunker,
+    count_read: Callable[[int], None],
+    count_small: Callable[[int], None],
+    read_hook: Callable[[str], None] | None = None,
+) -> Hashed:
+    """Read and hash a regular file, never following a symlink; raises FileChanged if its
+    stat moved while it was read (read it again) and OSError if it cannot be read.
+
+    ``count_read`` hears every block of a big file as it is read (progress), ``count_small``
+    the one read of a small file.
+    """
+    fd = os.open(path, OPEN_FLAGS)
+    try:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            raise FileChanged
+        if before.st_size <= BLOCK_SIZE:
+            packed = hash_small(fd, before.st_size, chunker, count_small)
+        else:
+            packed = Pipeline(chunker, count_read).run(fd)
+        if read_hook is not None:
+            read_hook(path)
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if identity(before) != identity(after):
+        raise FileChanged
+    size = sum(length for _, length in CHUNK_RECORD.iter_unpack(packed))
+    if size != before.st_size:
+        raise FileChanged
+    if len(packed) == CHUNK_RECORD.size:  # one chunk: the root is one leaf node
+        cid, length = CHUNK_RECORD.unpack(packed)
+        leaf = FILE_TREE.encode(LeafNode((ChunkRef(ContentHash(cid), length),)))
+        root = FILE_TREE.node_hash(leaf)
+    else:
+        root = build_file_tree(packed).hash
+    return Hashed(
+        size=size,
+        mtime_ns=before.st_mtime_ns,
+        inode=signed64(before.st_ino),
+        mode=before.st_mode,
+        root=root,
+        chunks=packed,
+    )
+
+
+def hash_small(fd: int, size: int, chunker: Chunker, count: Callable[[int], None]) -> bytes:
+    """The packed chunk list of a file of ``size`` bytes (at most BLOCK_SIZE), read at once."""
+    # One read of size + 1 bytes: a file that grew shows it by the extra byte (and by
+    # its stat afterwards); short reads only happen near EOF or on odd file systems.
+    data = os.read(fd, size + 1)
+    while len(data) < size:
+        more = os.read(fd, size + 1 - len(data))
+        if not more:
+            break
+        data += more
+    count(len(data))
+    if len(data) != size:
+        raise FileChanged
+    if not data:
+        return b""
+    if size <= chunker.params.min_size:  # FastCDC never cuts below min_size
+        return CHUNK_RECORD.pack(chunk_id(data), size)
+    return b"".join(CHUNK_RECORD.pack(ref.id, ref.length) for ref in chunker.chunk_refs(data))
+
+
+class Pipeline:
+    """Chunk and hash one file in blocks: cut in the calling thread, hash in another.
+
+    Blocks live in a few recycled buffers, each holding the uncut tail of the previous block
+    (less than ``max_size``) followed by up to BLOCK_SIZE new bytes. A cut is final once
+    ``max_size`` bytes follow the chunk's start, exactly as
+    :class:`~p2pfs.content.chunking.StreamCutter` decides, but without copying each block.
+    """
+
+    def __init__(self, chunker: Chunker, count_read: Callable[[int], None]) -> None:
+        self.chunker = chunker
+        self.count_read = count_read
+        self.max_size = chunker.params.max_size
+        self.capacity = BLOCK_SIZE + self.max_size
+        self.free: queue.Queue[bytearray] = queue.Queue()
+        self.work: queue.Queue[tuple[bytearray, list[int]] | None] = queue.Queue()
+        self.packed: list[bytes] = []
+        self.failure: list[BaseException] = []
+
+    def run(self, fd: int) -> bytes:
+        """The packed chunk list of everything ``fd`` reads until EOF."""
+        for _ in range(PIPELINE_BUFFERS):
+            self.free.put(bytearray(self.capacity))
+        thread = threading.Thread(target=self._hash_blocks, name="p2pfs-hash", daemon=True)
+        thread.start()
+        try:
+            self._cut_blocks(fd)
+        finally:
+            self.work.put(None)
+            thread.join()
+        if self.failure:
+            raise self.failure[0]
+        return b"".join(self.packed)
+
+    def _cut_blocks(self, fd: int) -> None:
+        buffer = self.free.get()
+        filled = 0
+        eof = False
+        while not eof and not self.failure:
+            with memoryview(buffer) as view:
+                while filled < self.capacity:
+                    count = os.readv(fd, [view[filled:]])
+                    if not count:
+                        eof = True
+                        break
+                    self.count_read(count)
+                    filled += count
+                lengths: list[int] = []
+                start = 0
+                for piece in self.chunker.cut(view[:filled]):
+                    if not eof and filled - start < self.max_size:
+                        break
+                    lengths.append(len(piece))
+                    start += len(piece)
+            if eof:
+                self.work.put((buffer, lengths))
+                return
+            following = self.free.get()
+            carry = filled - start
+            following[:carry] = buffer[start:filled]
+            self.work.put((buffer, lengths))
+            buffer, filled = following, carry
+
+    def _hash_blocks(self) -> None:
+        try:
+            while (item := self.work.get()) is not None:
+                buffer, lengths = item
+                with memoryview(buffer) as view:
+                    offset = 0
+                    for length in lengths:
+                        digest = blake3.blake3(view[offset : offset + length]).digest()
+                        self.packed.append(CHUNK_RECORD.pack(digest, length))
+                        offset += length
+                self.free.put(buffer)
+        except BaseException as exc:  # noqa: BLE001  (re-raised in the calling thread)
+            self.failure.append(exc)
+            self.free.put(bytearray(self.capacity))  # never leave the cutter waiting
