@@ -24,7 +24,7 @@ from p2pfs.daemon.service import ShareService
 from p2pfs.daemon.storage import AsyncIndex
 from p2pfs.daemon.streams import TransferCounters
 from p2pfs.identity import Identity
-from p2pfs.ids import ContentHash, NodeId
+from p2pfs.ids import ContentHash
 from p2pfs.net import PeerConnection, open_endpoint
 from p2pfs.store.index import IndexStore
 from p2pfs.sync.keys import FolderKeys
@@ -127,7 +127,7 @@ def run_hostile_member(
             )
             service = ShareService(index, TransferCounters(), folders=server)
             async with open_endpoint(identity, "127.0.0.1", 0) as endpoint:
-                conn = await endpoint.connect((address.host, address.port), NodeId(parsed.node_id))
+                conn = await endpoint.connect((address.host, address.port), parsed.node_id)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(service.handle_connection, conn)
                     link = FolderLink(conn, keys, TransferCounters(), identity.node_id.raw)

@@ -12,22 +12,16 @@ import logging
 import os
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
-from dataclasses import dataclass, field
 
 import trio
 
-from p2pfs.content.chunking import DEFAULT_CHUNKER, ChunkRef
-from p2pfs.content.folder import file_tree
 from p2pfs.content.tree import Child
 from p2pfs.errors import LocalProtocolError, RemoteProtocolError, StorageError
 from p2pfs.ids import ContentHash
 from p2pfs.net import PeerConnection
 from p2pfs.store import folderdisk
-from p2pfs.store.assemble import Finished, PartialFile
 from p2pfs.store.folders import FolderRow, FolderStore
-from p2pfs.store.index import CHUNK_RECORD, ChunkLocation, ChunkReader, IndexStore
 from p2pfs.store.partscan import PartScan
-from p2pfs.store.placed import PlacedFile, record_placed_files
 from p2pfs.store.scanner import Problem
 from p2pfs.sync.ignore import IGNORE_FILE, IgnoreRules
 from p2pfs.sync.keys import FolderKeys
@@ -46,24 +40,13 @@ from p2pfs.sync.records import (
 from p2pfs.sync.versions import FileVersion, Ordering
 from p2pfs.wire.messages import FolderMember
 
-from ..requests import PeerRequestError
 from ..storage import AsyncIndex, in_thread
-from ..treewalk import TreeJob, walk_trees
 from . import steps
-from .client import MAX_BATCH, FolderLink
+from .client import FolderLink
+from .placing import DiskView, Placer, Planned
 
 logger = logging.getLogger(__name__)
 
-_FILE_TREE = file_tree(DEFAULT_CHUNKER)
-"""Folders are cut by the default chunker: a file tree of S bytes has at most
-ceil(S / 16 KiB) + 1 leaves, which bounds a member's tree bomb."""
-
-CHUNK_BATCH_BYTES = 8 << 20
-STEP_FILES = 2048
-STEP_BYTES = 64 << 20
-STEPS_IN_FLIGHT = 2
-"""Files are placed in steps of at most STEP_FILES / STEP_BYTES, a few at once, so one
-step's durable commit overlaps the next one's transfer."""
 VERIFY_THREADS = 2
 VERIFY_SPLIT_MIN = 256
 KEPT_TREES = 3
@@ -76,22 +59,6 @@ MAX_MEMBERS = 256
 """Members dialled at most (the most recently met)."""
 PEER_SEEN_REFRESH = 24 * 3600.0
 """Index trees kept servable after they are replaced: a peer may be mid-diff against one."""
-
-
-@dataclass(slots=True)
-class _Planned:
-    """What one reconcile does: records to store, files to place, files to move away."""
-
-    records: list[SignedRecord] = field(default_factory=list)
-    fetch: list[tuple[str, FileVersion]] = field(default_factory=list)
-    """(destination path, version whose content goes there)."""
-    delete: list[str] = field(default_factory=list)
-    conflict_moves: dict[str, str] = field(default_factory=dict)
-    """Local losers of a conflict: path -> conflict copy path (linked before replacement)."""
-    waits_for: dict[str, str] = field(default_factory=dict)
-    """Record path -> the destination that must be placed before the record is stored."""
-    absent: set[str] = field(default_factory=set)
-    """Paths whose records are stored without their content (ignored here)."""
 
 
 class FolderSync:
@@ -130,11 +97,7 @@ class FolderSync:
         servable for members mid-diff."""
         self._root: Child = EMPTY_INDEX
         self._changed = trio.Event()
-        self._disk: dict[str, folderdisk.DiskState] = {}
-        self._disk_roots: set[ContentHash] = set()
-        self._ignored_on_disk: set[str] = set()
-        """What the last scans left out as ignored: on a file system that ignores case, no
-        placement may land on one of these names (it is reported as a collision)."""
+        self.disk = DiskView()
         self._share_root: ContentHash | None = None
         self.absent: set[str] = set()
         """Live records whose content this node does not hold (stored while ignored here):
@@ -165,6 +128,9 @@ class FolderSync:
         self.sync_done = self.sync_total = 0
         self.on_event: Callable[..., object] = _no_event
         """Where what happens here is told (the daemon's event bus)."""
+        self._placer = Placer(
+            self.path, index, self.disk, self.records, self.unplaced, self._placed_bytes
+        )
 
     # -- state ----------------------------------------------------------------------------
 
@@ -262,7 +228,7 @@ class FolderSync:
         return self._blobs.get(node_hash)
 
     def has_file_root(self, root: ContentHash) -> bool:
-        return root in self._disk_roots
+        return root in self.disk.roots
 
     def current_root(self) -> tuple[ContentHash, int, trio.Event]:
         return self._root.hash, self._root.size, self._changed
@@ -296,7 +262,7 @@ class FolderSync:
     def watched(self, path: str) -> bool:
         """Whether a change at ``path`` matters here: not ignored, or an ignored file the
         last scan found (one gone may unblock a placement that collided with its name)."""
-        return not self.ignore(path) or path in self._ignored_on_disk
+        return not self.ignore(path) or path in self.disk.ignored
 
     def note_changes(self, paths: Iterable[str]) -> None:
         """The watcher saw these on-disk paths change: the next rescan lists only their
@@ -340,14 +306,14 @@ class FolderSync:
         self.scans += 1
         self._share_root = result.root
         self.problems = [str(problem) for problem in result.problems]
-        self._ignored_on_disk = set(result.ignored)
+        self.disk.ignored = set(result.ignored)
         found: dict[str, DiskFile] = {}
         states: dict[str, folderdisk.DiskState] = {}
         for path, root, size, mtime_ns, inode, mode in files:
             found[path] = DiskFile(path, ContentHash(root), size, bool(mode & 0o100), mtime_ns)
             states[path] = folderdisk.DiskState(size, mtime_ns, inode)
-        self._disk = states
-        self._disk_roots = {item.root for item in found.values()}
+        self.disk.states = states
+        self.disk.roots = {item.root for item in found.values()}
         for directory in directories:
             found[directory] = directory_entry(directory)
         records = {path: record.version for path, record in self.records.items()}
@@ -366,14 +332,14 @@ class FolderSync:
             )
 
         found: dict[str, DiskFile] = {}
-        for path in [p for p in self._disk if in_scope(p)]:
-            del self._disk[path]
-        self._ignored_on_disk = {p for p in self._ignored_on_disk if not in_scope(p)}
-        self._ignored_on_disk.update(part.ignored)
+        for path in [p for p in self.disk.states if in_scope(p)]:
+            del self.disk.states[path]
+        self.disk.ignored = {p for p in self.disk.ignored if not in_scope(p)}
+        self.disk.ignored.update(part.ignored)
         for path, root, size, mtime_ns, inode, mode in part.files:
             found[path] = DiskFile(path, ContentHash(root), size, bool(mode & 0o100), mtime_ns)
-            self._disk[path] = folderdisk.DiskState(size, mtime_ns, inode)
-            self._disk_roots.add(ContentHash(root))
+            self.disk.states[path] = folderdisk.DiskState(size, mtime_ns, inode)
+            self.disk.roots.add(ContentHash(root))
         for directory in part.directories:
             found[directory] = directory_entry(directory)
         records = {p: r.version for p, r in self.records.items() if in_scope(p)}
@@ -498,14 +464,14 @@ class FolderSync:
             link_vectors[record.version.path] = record.version.version
         return records
 
-    def _plan(self, remote: list[SignedRecord]) -> _Planned:
+    def _plan(self, remote: list[SignedRecord]) -> Planned:
         """Plan by the folder rules (``sync/reconcile.py``); sign what we newly record."""
         held = Holdings(
             {path: record.version for path, record in self.records.items()},
             absent=self.absent,
             ignored=self.ignore,
-            on_disk=self._disk.keys(),
-            ignored_on_disk=self._ignored_on_disk,
+            on_disk=self.disk.states.keys(),
+            ignored_on_disk=self.disk.ignored,
             case_insensitive=self.case_insensitive,
         )
         versions = [record.version for record in remote]
@@ -529,7 +495,7 @@ class FolderSync:
             self.collisions.pop(path, None)
         self.collisions.update(plan.collisions)
         received = {record.version.path: record for record in remote}
-        return _Planned(
+        return Planned(
             [self._signed(version, received) for version in plan.records],
             list(plan.fetch),
             list(plan.delete),
@@ -552,10 +518,10 @@ class FolderSync:
 
     # -- applying -------------------------------------------------------------------------
 
-    async def _apply(self, link: FolderLink, planned: _Planned, timer: steps.Phases) -> None:
-        moved = await self._move_renamed(planned)
+    async def _apply(self, link: FolderLink, planned: Planned, timer: steps.Phases) -> None:
+        moved = await self._placer.move_renamed(planned)
         timer.mark("moves")
-        placed = await self._download(link, planned, timer)
+        placed = await self._placer.download(link, planned, timer)
         placed.update(moved)
         ready = [
             record
@@ -567,7 +533,7 @@ class FolderSync:
             p for p in planned.delete if (r := self.records.get(p)) and r.version.is_directory
         }
         deleted = await in_thread(
-            steps.delete_paths, self.path, self._disk, planned.delete, directories
+            steps.delete_paths, self.path, self.disk.states, planned.delete, directories
         )
         deleted.update(moved.values())
         ready = [
@@ -599,264 +565,6 @@ class FolderSync:
                 skipped,
             )
 
-    async def _move_renamed(self, planned: _Planned) -> dict[str, str]:
-        """A file fetched under one path while the same content is deleted at another is a
-        rename: the local file is renamed (no copy, no transfer). Returns {new: old}."""
-        deleted_by_root: dict[tuple[ContentHash, bool], str] = {}
-        for old in planned.delete:
-            record = self.records.get(old)
-            version = record.version if record is not None else None
-            if version is not None and version.root is not None and not version.is_directory:
-                key = (version.root, version.executable)
-                deleted_by_root.setdefault(key, old)
-        moves: dict[str, tuple[str, FileVersion]] = {}
-        for new, version in planned.fetch:
-            if new in planned.conflict_moves or version.root is None or version.is_directory:
-                continue
-            key = (version.root, version.executable)
-            if key in deleted_by_root:
-                moves[new] = (deleted_by_root.pop(key), version)
-        if not moves:
-            return {}
-        roots = {new: version.root for new, (_old, version) in moves.items()}
-        chunk_lists = await self._index.run(steps.chunk_lists, self._index.index, roots)
-        renamed = await in_thread(steps.rename_files, self.path, self._disk, moves, chunk_lists)
-        moved_from = {moves[new][0] for new in renamed}
-        planned.fetch = [(path, version) for path, version in planned.fetch if path not in renamed]
-        planned.delete = [path for path in planned.delete if path not in moved_from]
-        if renamed:
-            logger.info(
-                "folder %s: %d renames done locally, no data moved", self.path, len(renamed)
-            )
-        stats = {new: st for new, (st, _packed) in renamed.items()}
-        packed = {new: chunks for new, (_st, chunks) in renamed.items()}
-        versions = {new: version for new, (_old, version) in moves.items()}
-        await self._record_placed(stats, versions, {}, packed_chunks=packed)
-        return {new: moves[new][0] for new in renamed}
-
-    async def _download(self, link: FolderLink, planned: _Planned, timer: steps.Phases) -> set[str]:
-        """Place every file of ``planned.fetch``; returns the paths placed."""
-        for path, _version in planned.fetch:
-            self.unplaced.pop(path, None)  # tried again now; reported again if it fails
-        directories = [path for path, version in planned.fetch if version.is_directory]
-        made = (
-            await in_thread(steps.make_directories, self.path, directories)
-            if directories
-            else set()
-        )
-        items = [(path, version) for path, version in planned.fetch if not version.is_directory]
-        if not items:
-            return made
-        jobs = [
-            TreeJob(_FILE_TREE, Child(version.root, version.size), tag=(path, version))
-            for path, version in items
-            if version.size and version.root is not None
-        ]
-        # Subtrees this node holds (the same content anywhere, or the path's old version)
-        # come from the index: a rename fetches no node, an edit only the nodes above it.
-        known_roots = [version.root for _path, version in items if version.root is not None]
-        for path, _version in items:
-            old = self.records.get(path)
-            if old is not None and old.version.root is not None:
-                known_roots.append(old.version.root)
-        local_nodes = await self._index.run(steps.local_file_nodes, self._index.index, known_roots)
-
-        async def fetch_nodes(hashes: list[ContentHash]) -> list[bytes]:
-            missing = [h for h in hashes if h not in local_nodes]
-            fetched = dict(zip(missing, await link.nodes(missing), strict=True)) if missing else {}
-            return [local_nodes[h] if h in local_nodes else fetched[h] for h in hashes]
-
-        await walk_trees(jobs, fetch_nodes, batch_size=MAX_BATCH * 4)
-        timer.mark("trees")
-        chunks_of: dict[str, list[tuple[int, ChunkRef]]] = {job.tag[0]: job.leaves for job in jobs}
-        parents = await in_thread(steps.make_all_parents, self.path, [path for path, _ in items])
-        parts: list[list[tuple[str, FileVersion]]] = [[]]
-        step_bytes = 0
-        for path, version in items:
-            if path not in parents:
-                continue  # reported by make_all_parents; retried on a later reconcile
-            if len(parts[-1]) >= STEP_FILES or step_bytes >= STEP_BYTES:
-                parts.append([])
-                step_bytes = 0
-            parts[-1].append((path, version))
-            step_bytes += version.size
-        placed: set[str] = set()
-        # Steps overlap: one commits (sync, renames) while the next moves data.
-        limit = trio.Semaphore(STEPS_IN_FLIGHT)
-        async with trio.open_nursery() as nursery:
-            for step in parts:
-                await limit.acquire()
-                nursery.start_soon(
-                    self._download_step, link, step, parents, chunks_of, planned, placed, limit
-                )
-        timer.mark("files")
-        return placed | made
-
-    async def _download_step(
-        self,
-        link: FolderLink,
-        items: list[tuple[str, FileVersion]],
-        parents: dict[str, str],
-        chunks_of: dict[str, list[tuple[int, ChunkRef]]],
-        planned: _Planned,
-        placed: set[str],
-        limit: trio.Semaphore,
-    ) -> None:
-        partials: dict[str, PartialFile] = {}
-        failed: set[str] = set()
-        """Files of this step that cannot be placed now (a disk error, content the member
-        lacks): the others go ahead; these are retried on a later reconcile."""
-        try:
-            for path, version in items:
-                assert version.root is not None
-                name = path.rsplit("/", 1)[-1]
-                partials[path] = PartialFile(parents[path], name, version.root, version.size)
-            missing = await self._fill_from_local(partials, chunks_of, failed)
-            await self._fill_from_peer(link, partials, missing, failed)
-            finished = [
-                Finished(partials[path], version.executable, version.mtime_ns)
-                for path, version in items
-                if path not in failed
-            ]
-            if failed:
-                logger.info(
-                    "folder %s: %d files not placed this time (first: %s)",
-                    self.path,
-                    len(failed),
-                    min(failed),
-                )
-            renamed, unplaced = await in_thread(
-                steps.commit_placed, self.path, self._disk, finished, planned.conflict_moves
-            )
-            await self._record_placed(renamed, dict(items), chunks_of)
-            placed.update(renamed)
-            self.sync_done += sum(version.size for path, version in items if path in renamed)
-            for path in renamed:
-                self.unplaced.pop(path, None)
-            self.unplaced.update(unplaced)
-        finally:
-            for partial in partials.values():
-                partial.close()
-            limit.release()
-
-    async def _fill_from_local(
-        self,
-        partials: dict[str, PartialFile],
-        chunks_of: dict[str, list[tuple[int, ChunkRef]]],
-        failed: set[str],
-    ) -> dict[ContentHash, tuple[ChunkRef, list[tuple[str, int]]]]:
-        """Copy every chunk this node already holds anywhere (renames and copies cost no
-        transfer); returns the rest: chunk id -> (ref, [(path, offset), ...])."""
-        wanted: dict[ContentHash, tuple[ChunkRef, list[tuple[str, int]]]] = {}
-        for path, leaves in chunks_of.items():
-            if path not in partials:
-                continue
-            for offset, ref in leaves:
-                wanted.setdefault(ref.id, (ref, []))[1].append((path, offset))
-        if not wanted:
-            return {}
-
-        def locate(index: IndexStore) -> dict[ContentHash, list[ChunkLocation]]:
-            return {cid: found for cid in wanted if (found := index.locate_chunk(cid))}
-
-        def copy_local(located: dict[ContentHash, list[ChunkLocation]]) -> set[ContentHash]:
-            copied: set[ContentHash] = set()
-            with ChunkReader() as reader:
-                for cid, locations in located.items():
-                    data = reader.read_first_intact(cid, locations)
-                    if data is None:
-                        continue
-                    for path, offset in wanted[cid][1]:
-                        if path not in failed:
-                            steps.write_or_fail(partials[path], offset, data, None, failed, path)
-                    copied.add(cid)
-            return copied
-
-        # The index is held only to locate; reading and writing run beside other work.
-        located = await self._index.run(locate, self._index.index)
-        local = await in_thread(copy_local, located) if located else set()
-        return {cid: item for cid, item in wanted.items() if cid not in local}
-
-    async def _fill_from_peer(
-        self,
-        link: FolderLink,
-        partials: dict[str, PartialFile],
-        missing: dict[ContentHash, tuple[ChunkRef, list[tuple[str, int]]]],
-        failed: set[str],
-    ) -> None:
-        batches: list[list[tuple[ChunkRef, list[tuple[str, int]]]]] = []
-        current: list[tuple[ChunkRef, list[tuple[str, int]]]] = []
-        size = 0
-        for ref, places in missing.values():
-            current.append((ref, places))
-            size += ref.length
-            if len(current) >= MAX_BATCH or size >= CHUNK_BATCH_BYTES:
-                batches.append(current)
-                current, size = [], 0
-        if current:
-            batches.append(current)
-
-        async def run(batch: list[tuple[ChunkRef, list[tuple[str, int]]]]) -> None:
-            received: list[tuple[int, bytes]] = []
-            try:
-                await link.chunks(
-                    [ref for ref, _ in batch], lambda i, data: received.append((i, data))
-                )
-            except PeerRequestError as exc:  # content it has not got (any more): elsewhere
-                logger.info("folder %s: %s", self.path, exc)
-                failed.update(path for _ref, places in batch for path, _offset in places)
-                return
-
-            def write() -> None:
-                for position, data in received:
-                    ref, places = batch[position]
-                    for path, offset in places:
-                        if path not in failed:
-                            steps.write_or_fail(partials[path], offset, data, ref, failed, path)
-
-            await in_thread(write)
-
-        async with trio.open_nursery() as nursery:
-            limit = trio.Semaphore(4)
-            for batch in batches:
-                await limit.acquire()
-
-                async def one(batch: list[tuple[ChunkRef, list[tuple[str, int]]]] = batch) -> None:
-                    try:
-                        await run(batch)
-                    finally:
-                        limit.release()
-
-                nursery.start_soon(one)
-
-    async def _record_placed(
-        self,
-        placed: dict[str, os.stat_result],
-        versions: dict[str, FileVersion],
-        chunks_of: dict[str, list[tuple[int, ChunkRef]]],
-        packed_chunks: dict[str, bytes] | None = None,
-    ) -> None:
-        """What we placed is known content: index it now (no re-read by the next scan, and
-        other members can fetch its chunks from us at once)."""
-        files = []
-        for path, st in placed.items():
-            version = versions[path]
-            assert version.root is not None
-            packed = (packed_chunks or {}).get(path)
-            if packed is None:
-                packed = b"".join(
-                    CHUNK_RECORD.pack(ref.id, ref.length)
-                    for _offset, ref in chunks_of.get(path, [])
-                )
-            files.append(
-                PlacedFile(
-                    path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode, version.root, packed
-                )
-            )
-            self._disk[path] = folderdisk.DiskState(st.st_size, st.st_mtime_ns, st.st_ino)
-            self._disk_roots.add(version.root)
-        await self._index.run(record_placed_files, self._index.index, self.path, files)
-
     # -- reporting ------------------------------------------------------------------------
 
     def conflicts(self) -> list[dict[str, str]]:
@@ -882,7 +590,7 @@ class FolderSync:
             refetch = []
             for path in paths:
                 await in_thread(folderdisk.keep_version, self.path, path, move=True)
-                self._disk.pop(path, None)
+                self.disk.states.pop(path, None)
                 record = self.records.get(path)
                 if record is None or record.version.deleted or record.version.is_directory:
                     continue  # a new local file or directory: put aside, nothing to fetch
@@ -890,6 +598,9 @@ class FolderSync:
             await self._commit_records(refetch, [r.version.path for r in refetch])
             self.unrecorded.difference_update(paths)
         return paths, [record.version.path for record in refetch]
+
+    def _placed_bytes(self, count: int) -> None:
+        self.sync_done += count
 
     @contextlib.contextmanager
     def _doing(self, activity: str, total: int = 0) -> Iterator[None]:

@@ -1,0 +1,354 @@
+"""Placing a reconcile's files on a sync folder's disk: local renames first, then downloads
+in steps (file trees from local subtrees, chunks from any local file first, the rest from
+the member), each step committed durably and recorded in the scan index at once."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import trio
+
+from p2pfs.content.chunking import DEFAULT_CHUNKER, ChunkRef
+from p2pfs.content.folder import file_tree
+from p2pfs.content.tree import Child
+from p2pfs.ids import ContentHash
+from p2pfs.store import folderdisk
+from p2pfs.store.assemble import Finished, PartialFile
+from p2pfs.store.index import CHUNK_RECORD, ChunkLocation, ChunkReader, IndexStore
+from p2pfs.store.placed import PlacedFile, record_placed_files
+from p2pfs.sync.records import SignedRecord
+from p2pfs.sync.versions import FileVersion
+
+from ..requests import PeerRequestError
+from ..storage import AsyncIndex, in_thread
+from ..treewalk import TreeJob, walk_trees
+from . import steps
+from .client import MAX_BATCH, FolderLink
+
+logger = logging.getLogger(__name__)
+
+_FILE_TREE = file_tree(DEFAULT_CHUNKER)
+"""Folders are cut by the default chunker: a file tree of S bytes has at most
+ceil(S / 16 KiB) + 1 leaves, which bounds a member's tree bomb."""
+
+CHUNK_BATCH_BYTES = 8 << 20
+STEP_FILES = 2048
+STEP_BYTES = 64 << 20
+STEPS_IN_FLIGHT = 2
+"""Files are placed in steps of at most STEP_FILES / STEP_BYTES, a few at once, so one
+step's durable commit overlaps the next one's transfer."""
+
+
+@dataclass(slots=True)
+class DiskView:
+    """The folder's disk as the last scans saw it, and the files placed since."""
+
+    states: dict[str, folderdisk.DiskState] = field(default_factory=dict)
+    """Regular files (synced or not yet recorded): path -> state as scanned or placed."""
+    roots: set[ContentHash] = field(default_factory=set)
+    """Content roots of those files (what this node can serve)."""
+    ignored: set[str] = field(default_factory=set)
+    """What the scans left out as ignored: on a file system that ignores case, no placement
+    may land on one of these names (it is reported as a collision)."""
+
+
+@dataclass(slots=True)
+class Planned:
+    """What one reconcile does: records to store, files to place, files to move away."""
+
+    records: list[SignedRecord] = field(default_factory=list)
+    fetch: list[tuple[str, FileVersion]] = field(default_factory=list)
+    """(destination path, version whose content goes there)."""
+    delete: list[str] = field(default_factory=list)
+    conflict_moves: dict[str, str] = field(default_factory=dict)
+    """Local losers of a conflict: path -> conflict copy path (linked before replacement)."""
+    waits_for: dict[str, str] = field(default_factory=dict)
+    """Record path -> the destination that must be placed before the record is stored."""
+    absent: set[str] = field(default_factory=set)
+    """Paths whose records are stored without their content (ignored here)."""
+
+
+class Placer:
+    """Performs a plan's renames and downloads for one folder."""
+
+    def __init__(
+        self,
+        path: str,
+        index: AsyncIndex,
+        disk: DiskView,
+        records: Mapping[str, SignedRecord],
+        unplaced: dict[str, str],
+        on_placed: Callable[[int], None],
+    ) -> None:
+        self.path = path
+        self._index = index
+        self.disk = disk
+        self.records = records
+        """The folder's records (the live mapping: a placed path's old version is read)."""
+        self.unplaced = unplaced
+        """Paths whose file could not be placed: path -> why (the folder reports them)."""
+        self.on_placed = on_placed
+        """Told the bytes of each step's files once they are placed (progress)."""
+
+    async def move_renamed(self, planned: Planned) -> dict[str, str]:
+        """A file fetched under one path while the same content is deleted at another is a
+        rename: the local file is renamed (no copy, no transfer). Returns {new: old}."""
+        deleted_by_root: dict[tuple[ContentHash, bool], str] = {}
+        for old in planned.delete:
+            record = self.records.get(old)
+            version = record.version if record is not None else None
+            if version is not None and version.root is not None and not version.is_directory:
+                key = (version.root, version.executable)
+                deleted_by_root.setdefault(key, old)
+        moves: dict[str, tuple[str, FileVersion]] = {}
+        for new, version in planned.fetch:
+            if new in planned.conflict_moves or version.root is None or version.is_directory:
+                continue
+            key = (version.root, version.executable)
+            if key in deleted_by_root:
+                moves[new] = (deleted_by_root.pop(key), version)
+        if not moves:
+            return {}
+        roots = {new: version.root for new, (_old, version) in moves.items()}
+        chunk_lists = await self._index.run(steps.chunk_lists, self._index.index, roots)
+        renamed = await in_thread(
+            steps.rename_files, self.path, self.disk.states, moves, chunk_lists
+        )
+        moved_from = {moves[new][0] for new in renamed}
+        planned.fetch = [(path, version) for path, version in planned.fetch if path not in renamed]
+        planned.delete = [path for path in planned.delete if path not in moved_from]
+        if renamed:
+            logger.info(
+                "folder %s: %d renames done locally, no data moved", self.path, len(renamed)
+            )
+        stats = {new: st for new, (st, _packed) in renamed.items()}
+        packed = {new: chunks for new, (_st, chunks) in renamed.items()}
+        versions = {new: version for new, (_old, version) in moves.items()}
+        await self._record_placed(stats, versions, {}, packed_chunks=packed)
+        return {new: moves[new][0] for new in renamed}
+
+    async def download(self, link: FolderLink, planned: Planned, timer: steps.Phases) -> set[str]:
+        """Place every file of ``planned.fetch``; returns the paths placed."""
+        for path, _version in planned.fetch:
+            self.unplaced.pop(path, None)  # tried again now; reported again if it fails
+        directories = [path for path, version in planned.fetch if version.is_directory]
+        made = (
+            await in_thread(steps.make_directories, self.path, directories)
+            if directories
+            else set()
+        )
+        items = [(path, version) for path, version in planned.fetch if not version.is_directory]
+        if not items:
+            return made
+        jobs = [
+            TreeJob(_FILE_TREE, Child(version.root, version.size), tag=(path, version))
+            for path, version in items
+            if version.size and version.root is not None
+        ]
+        # Subtrees this node holds (the same content anywhere, or the path's old version)
+        # come from the index: a rename fetches no node, an edit only the nodes above it.
+        known_roots = [version.root for _path, version in items if version.root is not None]
+        for path, _version in items:
+            old = self.records.get(path)
+            if old is not None and old.version.root is not None:
+                known_roots.append(old.version.root)
+        local_nodes = await self._index.run(steps.local_file_nodes, self._index.index, known_roots)
+
+        async def fetch_nodes(hashes: list[ContentHash]) -> list[bytes]:
+            missing = [h for h in hashes if h not in local_nodes]
+            fetched = dict(zip(missing, await link.nodes(missing), strict=True)) if missing else {}
+            return [local_nodes[h] if h in local_nodes else fetched[h] for h in hashes]
+
+        await walk_trees(jobs, fetch_nodes, batch_size=MAX_BATCH * 4)
+        timer.mark("trees")
+        chunks_of: dict[str, list[tuple[int, ChunkRef]]] = {job.tag[0]: job.leaves for job in jobs}
+        parents = await in_thread(steps.make_all_parents, self.path, [path for path, _ in items])
+        parts: list[list[tuple[str, FileVersion]]] = [[]]
+        step_bytes = 0
+        for path, version in items:
+            if path not in parents:
+                continue  # reported by make_all_parents; retried on a later reconcile
+            if len(parts[-1]) >= STEP_FILES or step_bytes >= STEP_BYTES:
+                parts.append([])
+                step_bytes = 0
+            parts[-1].append((path, version))
+            step_bytes += version.size
+        placed: set[str] = set()
+        # Steps overlap: one commits (sync, renames) while the next moves data.
+        limit = trio.Semaphore(STEPS_IN_FLIGHT)
+        async with trio.open_nursery() as nursery:
+            for step in parts:
+                await limit.acquire()
+                nursery.start_soon(
+                    self._download_step, link, step, parents, chunks_of, planned, placed, limit
+                )
+        timer.mark("files")
+        return placed | made
+
+    async def _download_step(
+        self,
+        link: FolderLink,
+        items: list[tuple[str, FileVersion]],
+        parents: dict[str, str],
+        chunks_of: dict[str, list[tuple[int, ChunkRef]]],
+        planned: Planned,
+        placed: set[str],
+        limit: trio.Semaphore,
+    ) -> None:
+        partials: dict[str, PartialFile] = {}
+        failed: set[str] = set()
+        """Files of this step that cannot be placed now (a disk error, content the member
+        lacks): the others go ahead; these are retried on a later reconcile."""
+        try:
+            for path, version in items:
+                assert version.root is not None
+                name = path.rsplit("/", 1)[-1]
+                partials[path] = PartialFile(parents[path], name, version.root, version.size)
+            missing = await self._fill_from_local(partials, chunks_of, failed)
+            await self._fill_from_peer(link, partials, missing, failed)
+            finished = [
+                Finished(partials[path], version.executable, version.mtime_ns)
+                for path, version in items
+                if path not in failed
+            ]
+            if failed:
+                logger.info(
+                    "folder %s: %d files not placed this time (first: %s)",
+                    self.path,
+                    len(failed),
+                    min(failed),
+                )
+            renamed, unplaced = await in_thread(
+                steps.commit_placed, self.path, self.disk.states, finished, planned.conflict_moves
+            )
+            await self._record_placed(renamed, dict(items), chunks_of)
+            placed.update(renamed)
+            self.on_placed(sum(version.size for path, version in items if path in renamed))
+            for path in renamed:
+                self.unplaced.pop(path, None)
+            self.unplaced.update(unplaced)
+        finally:
+            for partial in partials.values():
+                partial.close()
+            limit.release()
+
+    async def _fill_from_local(
+        self,
+        partials: dict[str, PartialFile],
+        chunks_of: dict[str, list[tuple[int, ChunkRef]]],
+        failed: set[str],
+    ) -> dict[ContentHash, tuple[ChunkRef, list[tuple[str, int]]]]:
+        """Copy every chunk this node already holds anywhere (renames and copies cost no
+        transfer); returns the rest: chunk id -> (ref, [(path, offset), ...])."""
+        wanted: dict[ContentHash, tuple[ChunkRef, list[tuple[str, int]]]] = {}
+        for path, leaves in chunks_of.items():
+            if path not in partials:
+                continue
+            for offset, ref in leaves:
+                wanted.setdefault(ref.id, (ref, []))[1].append((path, offset))
+        if not wanted:
+            return {}
+
+        def locate(index: IndexStore) -> dict[ContentHash, list[ChunkLocation]]:
+            return {cid: found for cid in wanted if (found := index.locate_chunk(cid))}
+
+        def copy_local(located: dict[ContentHash, list[ChunkLocation]]) -> set[ContentHash]:
+            copied: set[ContentHash] = set()
+            with ChunkReader() as reader:
+                for cid, locations in located.items():
+                    data = reader.read_first_intact(cid, locations)
+                    if data is None:
+                        continue
+                    for path, offset in wanted[cid][1]:
+                        if path not in failed:
+                            steps.write_or_fail(partials[path], offset, data, None, failed, path)
+                    copied.add(cid)
+            return copied
+
+        # The index is held only to locate; reading and writing run beside other work.
+        located = await self._index.run(locate, self._index.index)
+        local = await in_thread(copy_local, located) if located else set()
+        return {cid: item for cid, item in wanted.items() if cid not in local}
+
+    async def _fill_from_peer(
+        self,
+        link: FolderLink,
+        partials: dict[str, PartialFile],
+        missing: dict[ContentHash, tuple[ChunkRef, list[tuple[str, int]]]],
+        failed: set[str],
+    ) -> None:
+        batches: list[list[tuple[ChunkRef, list[tuple[str, int]]]]] = []
+        current: list[tuple[ChunkRef, list[tuple[str, int]]]] = []
+        size = 0
+        for ref, places in missing.values():
+            current.append((ref, places))
+            size += ref.length
+            if len(current) >= MAX_BATCH or size >= CHUNK_BATCH_BYTES:
+                batches.append(current)
+                current, size = [], 0
+        if current:
+            batches.append(current)
+
+        async def run(batch: list[tuple[ChunkRef, list[tuple[str, int]]]]) -> None:
+            received: list[tuple[int, bytes]] = []
+            try:
+                await link.chunks(
+                    [ref for ref, _ in batch], lambda i, data: received.append((i, data))
+                )
+            except PeerRequestError as exc:  # content it has not got (any more): elsewhere
+                logger.info("folder %s: %s", self.path, exc)
+                failed.update(path for _ref, places in batch for path, _offset in places)
+                return
+
+            def write() -> None:
+                for position, data in received:
+                    ref, places = batch[position]
+                    for path, offset in places:
+                        if path not in failed:
+                            steps.write_or_fail(partials[path], offset, data, ref, failed, path)
+
+            await in_thread(write)
+
+        async with trio.open_nursery() as nursery:
+            limit = trio.Semaphore(4)
+            for batch in batches:
+                await limit.acquire()
+
+                async def one(batch: list[tuple[ChunkRef, list[tuple[str, int]]]] = batch) -> None:
+                    try:
+                        await run(batch)
+                    finally:
+                        limit.release()
+
+                nursery.start_soon(one)
+
+    async def _record_placed(
+        self,
+        placed: dict[str, os.stat_result],
+        versions: dict[str, FileVersion],
+        chunks_of: dict[str, list[tuple[int, ChunkRef]]],
+        packed_chunks: dict[str, bytes] | None = None,
+    ) -> None:
+        """What we placed is known content: index it now (no re-read by the next scan, and
+        other members can fetch its chunks from us at once)."""
+        files = []
+        for path, st in placed.items():
+            version = versions[path]
+            assert version.root is not None
+            packed = (packed_chunks or {}).get(path)
+            if packed is None:
+                packed = b"".join(
+                    CHUNK_RECORD.pack(ref.id, ref.length)
+                    for _offset, ref in chunks_of.get(path, [])
+                )
+            files.append(
+                PlacedFile(
+                    path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode, version.root, packed
+                )
+            )
+            self.disk.states[path] = folderdisk.DiskState(st.st_size, st.st_mtime_ns, st.st_ino)
+            self.disk.roots.add(version.root)
+        await self._index.run(record_placed_files, self._index.index, self.path, files)
