@@ -287,7 +287,7 @@ def _daemon_arguments(daemon: argparse.ArgumentParser) -> None:
             f"--max-{direction}-rate",
             metavar="BYTES_PER_S",
             type=int,
-            help=f"cap this node's {direction} of chunk data",
+            help=f"cap this node's {direction} of chunk data (fetches, shares and sync folders)",
         )
 
 

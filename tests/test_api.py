@@ -5,6 +5,7 @@ event stream, /metrics parsed, every example of protocol/API.md checked against 
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
 import threading
@@ -25,6 +26,8 @@ from p2pfs.daemon.events import SUBSCRIBER_BUFFER, EventBus, RateMeter
 from tests.e2e_helpers import wait_until
 
 PAUSE_PROOF_WAIT = 1.5
+CAP = 1_000_000
+CAPPED_FILE = 1_500_000
 API_MD = Path(__file__).resolve().parent.parent / "protocol" / "API.md"
 
 # -- the parts alone -------------------------------------------------------------------------
@@ -385,13 +388,33 @@ def test_http_api_drives_two_daemons(
     check_page(api_b, created["ro"])
 
 
-def test_no_gui_serves_nothing(tmp_path: Path) -> None:
-    daemon = DaemonProcess(tmp_path / "n", extra_args=("--no-lan", "--no-gui")).start()
+def test_no_gui_and_the_download_cap_covers_sync(tmp_path: Path) -> None:
+    """Without --gui there is no API; and a capped member receives a sync file no faster
+    than its --max-download-rate (it once took 8 MB in 0.37 s under a cap)."""
+    a = DaemonProcess(tmp_path / "a", extra_args=("--no-lan", "--no-gui")).start()
     try:
-        assert daemon.call("id")["api"] is None
-        # Empty lists say so.
-        assert daemon.cli("sync", "list").stdout.startswith("no sync folders")
-        assert daemon.cli("conflicts").stdout == "no conflicts\n"
-        assert "web UI" not in daemon.cli("id").stdout
+        capped = ("--no-lan", "--no-gui", "--max-download-rate", str(CAP))
+        b = DaemonProcess(tmp_path / "b", extra_args=capped).start()
+        try:
+            assert b.call("id")["api"] is None
+            # Empty lists say so.
+            assert b.cli("sync", "list").stdout.startswith("no sync folders")
+            assert b.cli("conflicts").stdout == "no conflicts\n"
+            assert "web UI" not in b.cli("id").stdout
+
+            (tmp_path / "fa").mkdir()
+            (tmp_path / "fa" / "big.bin").write_bytes(os.urandom(CAPPED_FILE))
+            ticket = a.call("sync", {"path": str(tmp_path / "fa")})["ro"]
+            started = time.monotonic()
+            b.call("sync", {"path": str(tmp_path / "fb"), "ticket": ticket})
+            wait_until(lambda: size_of(tmp_path / "fb" / "big.bin") == CAPPED_FILE, timeout=60)
+            # The bucket's burst (256 KiB) is free; the rest waits on the rate.
+            assert time.monotonic() - started >= (CAPPED_FILE - 256 * 1024) / CAP * 0.9
+        finally:
+            b.stop()
     finally:
-        daemon.stop()
+        a.stop()
+
+
+def size_of(path: Path) -> int:
+    return path.stat().st_size if path.exists() else -1

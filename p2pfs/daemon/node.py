@@ -153,7 +153,12 @@ class Node:
         assert self._identity is not None
         self._index = AsyncIndex(index_store)
         self._folders = FolderManager(
-            self._index, self.counters, self._identity.node_id, self.config.folders, self.events
+            self._index,
+            self.counters,
+            self._identity.node_id,
+            self.config.folders,
+            self.events,
+            self._download_limit,
         )
         folder_server = FolderServer(self._index, self._folders.lookup, self._identity.node_id.raw)
         service = self.share_service(

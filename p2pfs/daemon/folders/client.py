@@ -30,6 +30,7 @@ from p2pfs.wire.messages import (
     WatchFolder,
 )
 
+from ..ratelimit import TokenBucket, throttle
 from ..requests import PeerRequestError, RequestStream
 from ..streams import TransferCounters
 from .server import CLIENT_ROLE, SERVER_ROLE
@@ -48,9 +49,16 @@ class FolderLink:
     """This node as a client of one member, on one authenticated connection."""
 
     def __init__(
-        self, conn: PeerConnection, keys: FolderKeys, counters: TransferCounters, own_id: bytes
+        self,
+        conn: PeerConnection,
+        keys: FolderKeys,
+        counters: TransferCounters,
+        own_id: bytes,
+        download_limit: TokenBucket | None = None,
     ) -> None:
         self.conn = conn
+        self._download_limit = download_limit
+        """The daemon's --max-download-rate, shared with fetches."""
         self.keys = keys
         self.peer_id = conn.peer_id
         self._counters = counters
@@ -148,6 +156,8 @@ class FolderLink:
                 assert isinstance(reply, ChunkData)  # the session checked order and length
                 self._counters.payload_received += len(reply.payload)
                 self._counters.chunks_received += 1
+                # Waiting here stops reading the stream: flow control slows the member.
+                await throttle(self._download_limit, len(reply.payload))
                 deliver(reply.index, bytes(reply.payload))
 
 

@@ -42,6 +42,7 @@ from p2pfs.wire.ticket import Ticket, TicketKind, parse_ticket_untrusted
 from ..dialer import Candidate, Dialer, DialError
 from ..discovery import Discovery
 from ..events import EventBus
+from ..ratelimit import TokenBucket
 from ..requests import PeerRequestError
 from ..storage import AsyncIndex
 from ..streams import TransferCounters
@@ -91,7 +92,9 @@ class FolderManager:
         own_id: NodeId,
         config: FolderConfig | None = None,
         events: EventBus | None = None,
+        download_limit: TokenBucket | None = None,
     ) -> None:
+        self._download_limit = download_limit
         self.events = events if events is not None else EventBus()
         self._index = index
         self._store = FolderStore(index.index)
@@ -339,7 +342,7 @@ class FolderManager:
         key = (folder.folder_id, conn.peer_id.raw)
         if key in self._links:
             return
-        link = FolderLink(conn, folder.keys, self._counters, self._own_id.raw)
+        link = FolderLink(conn, folder.keys, self._counters, self._own_id.raw, self._download_limit)
         self._links[key] = link
         try:
             members = await link.join()
