@@ -567,7 +567,7 @@ def _human_folders(result: dict[str, Any]) -> None:
         print(
             f"{folder['path']}  {folder['mode']}  {state}  {plural(folder['files'], 'file')}  "
             f"{plural(folder['peers'], 'peer')}  root {folder['root'][:12]}  "
-            f"device {folder.get('device', '')[:6]}"
+            f"device {folder.get('device', '')}"
         )
         for member in folder.get("members", []):
             same = "up to date" if member["in_sync"] else "differs"
@@ -609,7 +609,8 @@ def _human_status(result: dict[str, Any]) -> None:
         print(f"  {peer['node_id'][:12]}  {peer['address']}  {peer.get('path', 'direct')}")
     print(f"shares    {len(result['shares']) or 'none'}")
     for share in result["shares"]:
-        print(f"  {share['root'][:16]}  {share['path']}")
+        stale = "  (stale: its files changed; share it again)" if share.get("stale") else ""
+        print(f"  {share['root'][:16]}  {share['path']}{stale}")
     print(f"transfers {len(result['transfers']) or 'none'}")
     for transfer in result["transfers"]:
         print(f"  {transfer['destination']}: {transfer['bytes_done']}/{transfer['bytes_total']}")

@@ -281,10 +281,28 @@ def check_revert(b: DaemonProcess, api_b: Api, tmp_path: Path) -> None:
     assert "no local changes" in b.cli("sync", "revert", str(tmp_path / "fb")).stdout
 
 
-def check_shares(a: DaemonProcess, api_a: Api, tmp_path: Path, examples: dict[str, Any]) -> None:
-    shared = api_a.json("POST", "/api/shares", {"path": str(tmp_path / "fa" / "hello.txt")})
+def check_shares(
+    a: DaemonProcess, api_a: Api, api_b: Api, tmp_path: Path, examples: dict[str, Any]
+) -> None:
+    shared_path = str(tmp_path / "fa" / "hello.txt")
+    shared = api_a.json("POST", "/api/shares", {"path": shared_path})
     assert_same_shape(examples["POST /api/shares"], shared, "POST /api/shares")
     assert api_a.json("GET", "/api/shares")["shares"][0]["root"] == shared["root"]
+    # A shared file changed since: its ticket fails, and the sharer's status says stale.
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"first words")
+    ticket = api_a.json("POST", "/api/shares", {"path": str(plain)})["ticket"]
+    plain.write_bytes(b"other words")
+    fetch = {"ticket": ticket, "dest": str(tmp_path / "got.bin"), "give_up_after": 1}
+    status, _, payload = api_b.request("POST", "/api/fetches", fetch)
+    assert status == 502 and json.loads(payload)["error"]["kind"] == "remote"
+    stale = {s["path"]: s["stale"] for s in api_a.json("GET", "/api/shares")["shares"]}
+    assert stale == {str(plain): True, shared_path: False}
+    assert "stale: its files changed" in a.cli("status").stdout
+    failed = api_b.json("GET", "/api/events?types=error")["events"]
+    assert failed[-1]["data"]["what"] == "fetch"
+    a.cli("unshare", str(plain))
+
     gone = a.cli_json("unshare", shared["root"][:10])
     assert gone == {
         "root": shared["root"],
@@ -363,11 +381,12 @@ def test_http_api_drives_two_daemons(
     assert folders == api_b.json("POST", "/api/control/sync_list")
     [folder] = folders["folders"]
     assert folder["state"] in ("idle", "scanning", "syncing")
+    assert re.fullmatch("[a-z2-7]{7}", folder["device"])  # as conflict copies spell it
     wait_until(lambda: api_b.json("GET", "/api/folders")["folders"][0]["members"] != [])
     member = api_b.json("GET", "/api/folders")["folders"][0]["members"][0]
     assert member["node_id"] == a.node_id() and member["path"] == "direct"
 
-    check_shares(a, api_a, tmp_path, examples)
+    check_shares(a, api_a, api_b, tmp_path, examples)
 
     # Every documented view answers with the documented keys.
     for name, example in examples.items():

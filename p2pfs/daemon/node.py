@@ -28,6 +28,7 @@ from p2pfs.errors import (
     LocalProtocolError,
     P2pfsError,
     RemoteProtocolError,
+    explaining_error,
 )
 from p2pfs.home import hold_home_lock, load_identity, tighten_home
 from p2pfs.identity import Identity
@@ -38,6 +39,7 @@ from p2pfs.net.stream import Stream
 from p2pfs.store.folders import FolderStore
 from p2pfs.store.index import INDEX_FILENAME, IndexStore
 from p2pfs.store.scanner import scan_share
+from p2pfs.sync.versions import short_device
 from p2pfs.wire.ticket import RelayHint, Ticket, TicketKind
 
 from .addresses import AddressBook
@@ -400,7 +402,8 @@ class Node:
             summary = folder.summary()
             summary["peers"] = self.folders.links(folder)
             summary["members"] = self.folders.members(folder)
-            summary["device"] = folder.device.hex()
+            # As conflict copies spell it (`name.sync-conflict-DATE-TIME-DEVICE.ext`).
+            summary["device"] = short_device(folder.device)
             summary["state"] = self._folder_state(folder)
             summary["progress"] = (
                 round(100 * folder.sync_done / folder.sync_total, 1)
@@ -558,8 +561,11 @@ class Node:
         self.events.emit("fetch-started", ticket=params.get("ticket"), dest=params.get("dest"))
         try:
             result = await self.fetches.fetch(params, emit)
-        except P2pfsError as exc:
-            self.events.emit("error", what="fetch", dest=params.get("dest"), message=str(exc))
+        except (P2pfsError, BaseExceptionGroup) as raised:
+            # Told, then raised as it came (a nursery's group too: the caller unwraps it).
+            ours = explaining_error(raised)
+            if ours is not None:
+                self.events.emit("error", what="fetch", dest=params.get("dest"), message=str(ours))
             raise
         self.events.emit("fetch-done", **{k: result[k] for k in ("root", "destination", "bytes")})
         return result
@@ -642,7 +648,14 @@ class Node:
         return {
             "node_id": str(self.endpoint.node_id),
             "peers": self._peers(),
-            "shares": [{"root": share.root.hex(), "path": share.local_path} for share in shares],
+            "shares": [
+                {
+                    "root": share.root.hex(),
+                    "path": share.local_path,
+                    "stale": self._service is not None and share.root in self._service.stale,
+                }
+                for share in shares
+            ],
             "folders": len(self.folders.folders),
             "transfers": self._transfers(),
             "counters": counters,

@@ -121,6 +121,9 @@ class ShareService:
         self.frame_deadline = FRAME_DEADLINE
         """Seconds a peer may leave a request frame unfinished before its stream is reset."""
         self._piece_counts: dict[ContentHash, int] = {}
+        self.stale: set[ContentHash] = set()
+        """Shares a chunk of which no longer reads back as indexed (their files changed
+        since `share`): `status` says so, so the sharer knows to share them again."""
         self._file_nodes: OrderedDict[ContentHash, dict[ContentHash, bytes]] = OrderedDict()
 
     async def handle_connection(self, conn: PeerConnection) -> None:
@@ -490,6 +493,7 @@ class ShareService:
             for data in datas:
                 if data is None:
                     self.counters.integrity_failures += 1
+                    self.stale.add(request.share_root)
                     reply = _not_found(request.request_id, f"chunk {index} unavailable")
                     await self._send(stream, session.send(reply))
                     return
