@@ -75,6 +75,7 @@ class DialError(RemoteProtocolError):
 ServeConnection = Callable[[PeerConnection], Awaitable[None]]
 ViaRelay = Callable[[Candidate], Awaitable[PeerConnection]]
 Relayed = Callable[[PeerConnection], None]
+RelaysFor = Callable[[NodeId], Awaitable[list[Candidate]]]
 
 
 @dataclass(slots=True)
@@ -103,6 +104,9 @@ class Dialer:
         """Dials a relay candidate (set by the node once its relay client exists)."""
         self.relayed: Relayed | None = None
         """Told of every relayed connection this dialer made (the node punches)."""
+        self.relays_for: RelaysFor | None = None
+        """Relays that say they relay for a node (the private DHT), asked when nothing
+        else reaches it."""
 
     # -- connections and leases -----------------------------------------------------------
 
@@ -176,10 +180,13 @@ class Dialer:
         exclude: Iterable[NodeId] = (),
         what: str = "a holder",
         reuse: bool = True,
+        relay_lookup: bool = True,
     ) -> PeerConnection:
         """The first candidate that connects and proves the right key (leased to
-        ``holder``), or DialError naming every candidate tried. ``reuse`` False: a new
-        connection even if one is open (to measure a path: ``p2pfs connect``)."""
+        ``holder``), or DialError naming every candidate tried. When all fail, relays
+        found for the pinned nodes (``relays_for``) are tried too, unless ``relay_lookup``
+        is False (dialling a relay itself). ``reuse`` False: a new connection even if one
+        is open (to measure a path: ``p2pfs connect``)."""
         excluded = set(exclude)
         wanted = _dedupe(candidates)
         for candidate in wanted if reuse else ():
@@ -194,18 +201,37 @@ class Dialer:
             for c in await self._resolve(wanted, attempts)
             if c.node is None or c.node not in excluded  # no handshake only to refuse it
         ]
+        won = await self._race(resolved, holder, excluded, attempts)
+        if won is None and relay_lookup and self.relays_for is not None:
+            # Every way we were told of failed: ask who relays for the nodes we want.
+            asked = {c.node for c in wanted if c.relay is not None}
+            extra: list[Candidate] = []
+            for node in dict.fromkeys(c.node for c in wanted if c.node is not None):
+                if node not in asked and node not in excluded:
+                    extra += await self.relays_for(node)
+            won = await self._race(extra, holder, excluded, attempts)
+        if won is not None:
+            return won
+        raise DialError(attempts, what)
+
+    async def _race(
+        self,
+        candidates: list[Candidate],
+        holder: Hashable,
+        excluded: set[NodeId],
+        attempts: list[tuple[Candidate, str]],
+    ) -> PeerConnection | None:
+        """Happy Eyeballs over ``candidates``: the first that authenticates, or None."""
         won: list[PeerConnection] = []
         async with trio.open_nursery() as nursery:
-            for candidate in resolved:
+            for candidate in candidates:
                 failed = trio.Event()
                 nursery.start_soon(
                     self._attempt, candidate, holder, excluded, won, attempts, failed, nursery
                 )
                 with trio.move_on_after(self.stagger):
                     await failed.wait()
-        if won:
-            return won[0]
-        raise DialError(attempts, what)
+        return won[0] if won else None
 
     async def each(
         self, candidates: Iterable[Candidate], holder: Hashable, *, exclude: Iterable[NodeId]

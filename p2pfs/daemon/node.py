@@ -10,7 +10,6 @@ import resource
 import signal
 import sys
 import time
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -27,25 +26,21 @@ from p2pfs.errors import (
     ConnectionClosedError,
     LocalProtocolError,
     P2pfsError,
-    RemoteProtocolError,
     explaining_error,
 )
 from p2pfs.home import hold_home_lock, load_identity, tighten_home
 from p2pfs.identity import Identity
-from p2pfs.ids import NodeId
 from p2pfs.net import Endpoint, PeerConnection, TransportConfig, open_endpoint
-from p2pfs.net.control import ControlKind, Decoder, Incoming, Refuse, RefuseCode, encode
-from p2pfs.net.stream import Stream
 from p2pfs.store.folders import FolderStore
 from p2pfs.store.index import INDEX_FILENAME, IndexStore
 from p2pfs.store.scanner import scan_share
 from p2pfs.sync.versions import short_device
-from p2pfs.wire.ticket import RelayHint, Ticket, TicketKind
+from p2pfs.wire.ticket import Ticket, TicketKind
 
 from .addresses import AddressBook
 from .control_client import SOCKET_NAME
 from .control_server import ControlServer, Emit, pump_progress
-from .dialer import Candidate, Dialer
+from .dialer import Dialer
 from .discovery import (
     Discovery,
     DiscoveryConfig,
@@ -60,9 +55,9 @@ from .folders.engine import FolderSync
 from .folders.manager import FolderConfig, FolderManager
 from .folders.server import FolderServer
 from .portmap import PortMapper
-from .punch import PUNCH_OUTCOMES_KEPT, Puncher, PunchOutcome
 from .ratelimit import TokenBucket
-from .relay import RelayClient, RelayLimits, RelayRoute, RelayService, guard, read_first_untrusted
+from .reach import Reach
+from .relay import RelayLimits, guard
 from .service import ShareService
 from .storage import AsyncIndex
 from .streams import TransferCounters
@@ -124,10 +119,7 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self._service: ShareService | None = None
         self._fetches: Fetches | None = None
-        self._relay_service = RelayService(config.relay) if config.relay is not None else None
-        self._relay_client: RelayClient | None = None
-        self._puncher: Puncher | None = None
-        self._punch_outcomes: OrderedDict[PeerConnection, PunchOutcome] = OrderedDict()
+        self._reach: Reach | None = None
         self._port_mapper: PortMapper | None = None
         self.events = EventBus()
         self._peer_rates = RateMeter()
@@ -201,6 +193,12 @@ class Node:
         self._discovery = Discovery(
             finders, required={self._dht: dht_required(self.config.discovery)}
         )
+        self._reach = Reach(
+            self._identity.node_id,
+            self.config.relay,
+            self.config.relay_via,
+            (*self.config.peers, *self.config.discovery.bootstrap),
+        )
         async with trio.open_nursery() as nursery:
             self._root_scope = nursery.cancel_scope
             self._nursery = nursery
@@ -214,19 +212,13 @@ class Node:
                 self._download_limit,
                 self.config.peers,
             )
-            self._puncher = Puncher(endpoint, self._punch_candidates)
-            if self._relay_service is not None:
-                self._relay_service.attach(endpoint)
-            self._relay_client = RelayClient(
-                endpoint, self.config.relay_via, self._dial_relay, self.dialer.release, nursery
-            )
-            self._dialer.via_relay = self._via_relay
-            self._dialer.relayed = self._relayed
-            await nursery.start(self._relay_client.serve)
             if self.config.port_mapping and self._addresses.wildcard:
                 self._port_mapper = PortMapper(endpoint.local_address[1], self._addresses.mapped)
                 await nursery.start(self._port_mapper.serve)
             await nursery.start(self._discovery.serve)
+            await nursery.start(
+                self._reach.serve, endpoint, self._dialer, self._addresses, self._dht
+            )
             await self._announce_all()
             await nursery.start(
                 self.folders.serve, self._dialer, self._discovery, self.config.peers
@@ -453,8 +445,8 @@ class Node:
     async def _serve_connection(self, conn: PeerConnection) -> None:
         """Every authenticated connection, either way: note where the peer sees us, then
         serve the streams it opens (request streams and control streams)."""
-        if self._puncher is not None:
-            self._puncher.mark(conn)
+        if self._reach is not None:
+            self._reach.mark(conn)
         observed = conn.observed_address
         # Through a relay, both ends see only the tunnel's synthetic address.
         if observed is not None and self._addresses is not None and conn.path != "relayed":
@@ -472,77 +464,13 @@ class Node:
             except ConnectionClosedError:
                 return
             what = f"{kind.name.lower()} stream from {conn.peer_id.short()}"
-            nursery.start_soon(guard, what, partial(self._control, conn, kind, stream), stream)
+            control = partial(self.reach.control, conn, kind, stream)
+            nursery.start_soon(guard, what, control, stream)
 
-    async def _control(self, conn: PeerConnection, kind: ControlKind, stream: Stream) -> None:
-        decoder = Decoder()
-        first = await read_first_untrusted(stream, decoder)
-        if kind is ControlKind.PUNCH:
-            assert self._puncher is not None
-            await self._puncher.respond(conn, stream, first, decoder)
-        elif isinstance(first, Incoming):
-            assert self._relay_client is not None
-            await self._relay_client.incoming(conn, stream, first, decoder)
-        elif self._relay_service is not None:
-            await self._relay_service.handle(conn, stream, first, decoder)
-        else:
-            await stream.send_all(encode(Refuse(RefuseCode.NOT_A_RELAY, "not a relay")))
-            await stream.send_eof()
-
-    async def _dial_relay(
-        self, address: PeerAddress, relay: NodeId | None, holder: object
-    ) -> PeerConnection:
-        candidate = Candidate(address, relay, "relay")
-        return await self.dialer.first([candidate], holder, what="the relay")
-
-    async def _via_relay(self, candidate: Candidate) -> PeerConnection:
-        assert self._relay_client is not None and candidate.relay is not None
-        assert candidate.node is not None
-        route = RelayRoute(candidate.relay, candidate.address)
-        return await self._relay_client.connect(route, candidate.node)
-
-    def _relayed(self, conn: PeerConnection) -> None:
-        """A connection we made through a relay: try to punch a direct path beside it."""
-        assert self._nursery is not None
-        self._nursery.start_soon(self._punch, conn)
-
-    async def _punch(self, relayed: PeerConnection) -> None:
-        assert self._puncher is not None
-        outcome = PunchOutcome()
-        self._punch_outcomes[relayed] = outcome
-        while len(self._punch_outcomes) > PUNCH_OUTCOMES_KEPT:
-            self._punch_outcomes.popitem(last=False)
-        try:
-            direct = await self._puncher.initiate(relayed)
-        except (RemoteProtocolError, ConnectionClosedError, LocalProtocolError) as exc:
-            logger.info("punch over %r failed: %s", relayed, exc)
-            direct = None
-        finally:
-            outcome.done.set()
-        if direct is not None:
-            outcome.direct = direct
-            outcome.seconds = trio.current_time() - outcome.started
-            self.dialer.upgrade(relayed, direct)
-
-    async def punch_outcome(self, relayed: PeerConnection) -> PunchOutcome | None:
-        """How the punch beside ``relayed`` (a connection we dialled) ended; None if none
-        was tried (the node has no puncher)."""
-        outcome = self._punch_outcomes.get(relayed)
-        if outcome is None:
-            return None
-        await outcome.done.wait()
-        return outcome
-
-    def _punch_candidates(self) -> list[PeerAddress]:
-        """Where peers may reach us directly: our addresses, then every observed one
-        (unconfirmed too: a punch goes only to a peer that authenticated)."""
-        own = self.addresses.all()
-        return own + [a for a, _ in self.addresses.observations() if a not in own]
-
-    def _relay_hints(self) -> tuple[RelayHint, ...]:
-        if self._relay_client is None:
-            return ()
-        return tuple(RelayHint(route.relay, route.address) for route in self._relay_client.routes)
+    @property
+    def reach(self) -> Reach:
+        assert self._reach is not None, "the node is not running"
+        return self._reach
 
     @property
     def dialer(self) -> Dialer:
@@ -589,7 +517,7 @@ class Node:
                 "punch": None,
             }
             if conn.path == "relayed":
-                outcome = await self.punch_outcome(conn)
+                outcome = await self.reach.punch_outcome(conn)
                 if outcome is not None:
                     report["punch"] = {
                         "succeeded": outcome.direct is not None,
@@ -627,9 +555,9 @@ class Node:
             "discovery": self._discovery_info(),
             "relays": [
                 {"node_id": str(hint.node_id), "address": str(hint.address)}
-                for hint in self._relay_hints()
+                for hint in self.reach.hints()
             ],
-            "relay": self._relay_service.info() if self._relay_service is not None else None,
+            "relay": self.reach.relay_info(),
             "port_mapping": self._port_mapper.state.info() if self._port_mapper else None,
             "api": self._api.to_json() if self._api is not None else None,
         }
@@ -665,10 +593,7 @@ class Node:
                 "retries_sent": self.endpoint.retries_sent,
                 "pending_handshakes": self.endpoint.pending_handshakes,
             },
-            "punch": {
-                "attempts": self._puncher.attempts if self._puncher else 0,
-                "successes": self._puncher.successes if self._puncher else 0,
-            },
+            "punch": self.reach.punch_info(),
             "bytes_sent": counters["payload_sent"] + counters["protocol_sent"],
             "bytes_received": counters["payload_received"] + counters["protocol_received"],
         }
@@ -696,7 +621,7 @@ class Node:
             result.root,
             self._identity.node_id if hints else None,
             tuple(self.addresses.for_ticket()) if hints else (),
-            relays=self._relay_hints() if hints else (),
+            relays=self.reach.hints() if hints else (),
         )
         return {
             "ticket": ticket.encode(),

@@ -9,9 +9,9 @@
   connection inside is the two ends' own (net/tunnel.py). It forwards only between two
   nodes that each hold an authenticated connection to it, to a NodeId (never to an
   address), within per-client limits (``RelayLimits``).
-- A node started with ``--relay-via HOST:PORT`` keeps a registration with each such relay
-  (``RelayClient``), names them in its tickets and ``id``, accepts INCOMING only from relays
-  it registered with, and dials others through a relay named in their ticket.
+- While a node is registered, the relay announces itself in the private DHT under a key
+  derived from that node's NodeId, so peers that know only the NodeId find the way in.
+The registering and dialling side is ``relayclient.RelayClient``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from p2pfs.address import PeerAddress
+from p2pfs.discovery.keys import relay_for_discovery_key
 from p2pfs.errors import (
     ConnectionClosedError,
     LocalProtocolError,
@@ -62,10 +62,6 @@ FIRST_FRAME_TIMEOUT = 10.0
 """A control stream's first frame comes at once from an honest peer."""
 TARGET_TIMEOUT = 5.0
 """How long the relay waits for a target to accept a circuit."""
-KEEPALIVE = 10.0
-"""Ping the relay this often: keeps the connection and every NAT's mapping on the way alive
-(Linux conntrack forgets an idle UDP flow after 30 s, many home routers sooner)."""
-RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)
 BUDGET_MEMORY = 4096
 """Clients whose byte use the relay remembers (oldest forgotten first)."""
 
@@ -159,11 +155,23 @@ class _Circuit:
     cut_off: trio.Event = field(default_factory=trio.Event)
 
 
+Announce = Callable[[bytes], Awaitable[None]]
+"""Announce (or withdraw) this node under a discovery key in the private DHT."""
+
+
 class RelayService:
     """The relay side (``--relay``)."""
 
-    def __init__(self, limits: RelayLimits) -> None:
+    def __init__(
+        self,
+        limits: RelayLimits,
+        *,
+        announce: Announce | None = None,
+        withdraw: Announce | None = None,
+    ) -> None:
         self.limits = limits
+        self._announce = announce
+        self._withdraw = withdraw
         self.stats = RelayStats()
         self._registered: dict[NodeId, PeerConnection] = {}
         self._clients: OrderedDict[NodeId, _Client] = OrderedDict()
@@ -266,15 +274,23 @@ class RelayService:
         node = conn.peer_id
         self._registered[node] = conn
         logger.info("relay: %s registered from %s", node.short(), conn.remote_address)
+        key = relay_for_discovery_key(node.raw)
         try:
             await stream.send_all(encode(Accept()))
-            # Registered while the stream is open; nothing more is said on it.
-            while await stream.receive_some(1024):
-                raise ControlError("data on a registration stream")
+            async with trio.open_nursery() as nursery:
+                if self._announce is not None:
+                    nursery.start_soon(self._announce, key)
+                # Registered while the stream is open; nothing more is said on it.
+                while await stream.receive_some(1024):
+                    raise ControlError("data on a registration stream")
+                nursery.cancel_scope.cancel()
         finally:
             if self._registered.get(node) is conn:
                 del self._registered[node]
                 logger.info("relay: %s unregistered", node.short())
+                if self._withdraw is not None:
+                    with trio.CancelScope(shield=True), trio.move_on_after(1):
+                        await self._withdraw(key)
 
     async def _connect(self, conn: PeerConnection, stream: Stream, target: NodeId) -> None:
         source = conn.peer_id
@@ -357,137 +373,3 @@ async def _until_ended(stream: Stream, scope: trio.CancelScope) -> None:
 def _same_address(a: Address, b: Address) -> bool:
     # IPv6 addresses may come as 4-tuples (host, port, flowinfo, scope id).
     return bool(a[0] == b[0] and a[1] == b[1])
-
-
-@dataclass(frozen=True, slots=True)
-class RelayRoute:
-    relay: NodeId
-    address: PeerAddress
-
-
-DialRelay = Callable[[PeerAddress, NodeId | None, object], Awaitable[PeerConnection]]
-Release = Callable[[PeerConnection, object], None]
-
-
-class RelayClient:
-    """The registered side (``--relay-via``) and the dialling side of circuits."""
-
-    def __init__(
-        self,
-        endpoint: Endpoint,
-        relays: tuple[PeerAddress, ...],
-        dial: DialRelay,
-        release: Release,
-        nursery: trio.Nursery,
-    ) -> None:
-        self._endpoint = endpoint
-        self._nursery = nursery
-        self._relays = relays
-        self._dial = dial
-        self._release = release
-        self._routes: dict[PeerAddress, tuple[RelayRoute, PeerConnection]] = {}
-
-    @property
-    def routes(self) -> list[RelayRoute]:
-        """The relays this node is registered with now (for tickets and ``id``)."""
-        return [route for route, _conn in self._routes.values()]
-
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            for address in self._relays:
-                nursery.start_soon(self._keep_registered, address)
-            task_status.started()
-
-    async def _keep_registered(self, address: PeerAddress) -> None:
-        failures = 0
-        while True:
-            holder = object()
-            try:
-                conn = await self._dial(address, None, holder)
-                try:
-                    await self._registered(address, conn)
-                    failures = 0
-                finally:
-                    self._routes.pop(address, None)
-                    self._release(conn, holder)
-            except RelayRefused as exc:
-                logger.warning("relay %s: %s", address, exc)
-            except (RemoteProtocolError, ConnectionClosedError, LocalProtocolError) as exc:
-                logger.info("relay %s unreachable or lost: %s", address, exc)
-            delay = RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)]
-            failures += 1
-            await trio.sleep(delay)
-
-    async def _registered(self, address: PeerAddress, conn: PeerConnection) -> None:
-        stream = await conn.open_control(ControlKind.RELAY, encode(Register()))
-        _accepted(await read_first_untrusted(stream, Decoder()), "REGISTER")
-        route = RelayRoute(conn.peer_id, address)
-        self._routes[address] = (route, conn)
-        logger.info("reachable through relay %s at %s", conn.peer_id.short(), address)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_keepalive, conn)
-            while await stream.receive_some(1024):
-                raise ControlError("data on a registration stream")
-            nursery.cancel_scope.cancel()
-
-    def is_our_relay(self, conn: PeerConnection) -> bool:
-        return any(registered is conn for _route, registered in self._routes.values())
-
-    async def incoming(
-        self, conn: PeerConnection, stream: Stream, first: ControlMessage, decoder: Decoder
-    ) -> None:
-        """A relay asks us to take a circuit: only from a relay we registered with."""
-        if not isinstance(first, Incoming) or not self.is_our_relay(conn):
-            await stream.send_all(encode(Refuse(RefuseCode.UNEXPECTED, "not my relay")))
-            await stream.send_eof()
-            return
-        source = NodeId(first.source)
-        label = f"from {source.short()} via {conn.peer_id.short()}"
-        self._endpoint.open_tunnel(stream, first.circuit, _address_of(conn), label)
-        await stream.send_all(encode(Accept()))
-
-    async def connect(self, route: RelayRoute, target: NodeId) -> PeerConnection:
-        """An end-to-end connection to ``target`` through ``route``'s relay."""
-        holder = object()
-        relay_conn = await self._dial(route.address, route.relay, holder)
-        try:
-            stream = await relay_conn.open_control(ControlKind.RELAY, encode(Connect(target.raw)))
-            accept = _accepted(await read_first_untrusted(stream, Decoder()), "CONNECT")
-            label = f"to {target.short()} via {route.relay.short()}"
-            tunnel = self._endpoint.open_tunnel(
-                stream, accept.circuit, _address_of(relay_conn), label
-            )
-            conn = await self._endpoint.connect_tunnel(tunnel, target)
-        except BaseException:
-            self._release(relay_conn, holder)
-            raise
-        # The relay connection is ours while the circuit lives.
-        self._nursery.start_soon(self._release_after, tunnel.closed, relay_conn, holder)
-        return conn
-
-    async def _release_after(
-        self, closed: trio.Event, conn: PeerConnection, holder: object
-    ) -> None:
-        await closed.wait()
-        self._release(conn, holder)
-
-
-def _accepted(answer: ControlMessage, request: str) -> Accept:
-    if isinstance(answer, Refuse):
-        raise RelayRefused(answer)
-    if not isinstance(answer, Accept):
-        raise ControlError(f"relay answered {request} with {type(answer).__name__}")
-    if request == "CONNECT" and not answer.circuit:
-        raise ControlError("the relay accepted CONNECT without a circuit id")
-    return answer
-
-
-def _address_of(conn: PeerConnection) -> Callable[[], Address]:
-    """The relay's address as ``conn`` sees it at each call."""
-    return lambda: conn.remote_address
-
-
-async def _keepalive(conn: PeerConnection) -> None:
-    while not conn.is_closed:
-        await trio.sleep(KEEPALIVE)
-        conn.ping()

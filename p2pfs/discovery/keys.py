@@ -14,6 +14,8 @@ from p2pfs.ids import ContentHash
 
 SHARE_KEY_CONTEXT = "p2pfs 2026-11-22 share discovery key v1"
 MAINLINE_KEY_CONTEXT = "p2pfs 2026-11-22 mainline info-hash v1"
+RELAYS_KEY_CONTEXT = "p2pfs 2026-12-03 relays discovery key v1"
+RELAY_FOR_KEY_CONTEXT = "p2pfs 2026-12-03 relay for node discovery key v1"
 KEY_LEN = 32
 MAINLINE_KEY_LEN = 20
 
@@ -27,3 +29,14 @@ def mainline_info_hash(discovery_key: bytes) -> bytes:
     return blake3.blake3(discovery_key, derive_key_context=MAINLINE_KEY_CONTEXT).digest()[
         :MAINLINE_KEY_LEN
     ]
+
+
+def relays_discovery_key() -> bytes:
+    """The key every relay announces itself under, for nodes to find relays by."""
+    return blake3.blake3(b"", derive_key_context=RELAYS_KEY_CONTEXT).digest()
+
+
+def relay_for_discovery_key(node_id: bytes) -> bytes:
+    """The key a relay announces itself under while ``node_id`` is registered with it, for
+    peers that know only the NodeId to find the way in."""
+    return blake3.blake3(node_id, derive_key_context=RELAY_FOR_KEY_CONTEXT).digest()

@@ -1,0 +1,228 @@
+"""Reaching beyond direct addresses (SPEC "Relays and hole punching"): the relay service
+(``--relay``), the home relays this node stays registered with, hole punching beside
+relayed connections, and finding the relays that relay for a node.
+
+The node hands this the control streams its peers open; the dialer asks it to dial through
+relays, tells it of each relayed connection it made (to punch beside it), and asks it who
+relays for a node that nothing else reached.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any
+
+import trio
+
+from p2pfs.address import PeerAddress
+from p2pfs.discovery.keys import relay_for_discovery_key, relays_discovery_key
+from p2pfs.discovery.seam import Finder
+from p2pfs.errors import ConnectionClosedError, LocalProtocolError, RemoteProtocolError
+from p2pfs.ids import NodeId
+from p2pfs.net import Endpoint, PeerConnection, Stream
+from p2pfs.net.control import ControlKind, Decoder, Incoming, Refuse, RefuseCode, encode
+from p2pfs.wire.ticket import RelayHint
+
+from .addresses import AddressBook
+from .dialer import Candidate, Dialer
+from .punch import PUNCH_OUTCOMES_KEPT, Puncher, PunchOutcome
+from .relay import RelayLimits, RelayService, read_first_untrusted
+from .relayclient import RelayClient, RelayRoute
+
+logger = logging.getLogger(__name__)
+
+
+class Reach:
+    def __init__(
+        self,
+        own: NodeId,
+        relay: RelayLimits | None,
+        relay_via: tuple[PeerAddress, ...],
+        known: tuple[PeerAddress, ...],
+    ) -> None:
+        """``relay``: serve as a relay within these limits; ``relay_via``: the relays to
+        stay registered with (none: find them); ``known``: --peer and --bootstrap nodes,
+        the first places to look for relays."""
+        self._own = own
+        self._relay_via = relay_via
+        self._known = known
+        self._dht: Finder | None = None
+        self.service = (
+            RelayService(relay, announce=self._announce, withdraw=self._withdraw)
+            if relay is not None
+            else None
+        )
+        self._client: RelayClient | None = None
+        self._puncher: Puncher | None = None
+        self._dialer: Dialer | None = None
+        self._addresses: AddressBook | None = None
+        self._nursery: trio.Nursery | None = None
+        self._punch_outcomes: OrderedDict[PeerConnection, PunchOutcome] = OrderedDict()
+
+    async def serve(
+        self,
+        endpoint: Endpoint,
+        dialer: Dialer,
+        addresses: AddressBook,
+        dht: Finder,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run until cancelled; ``dht`` must be serving already."""
+        self._dht = dht
+        self._dialer = dialer
+        self._addresses = addresses
+        self._puncher = Puncher(endpoint, self._punch_candidates)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self.service is not None:
+                self.service.attach(endpoint)
+                nursery.start_soon(self._announce, relays_discovery_key())
+            # A relay is reachable itself; it still registers where told to (--relay-via).
+            find = self._find_relays if self.service is None else None
+            self._client = RelayClient(
+                endpoint,
+                self._relay_via,
+                self._dial_relay,
+                dialer.release,
+                nursery,
+                find_relays=find,
+            )
+            dialer.via_relay = self._via_relay
+            dialer.relayed = self._relayed
+            dialer.relays_for = self._relays_for
+            await nursery.start(self._client.serve)
+            task_status.started()
+
+    # -- what the node asks ---------------------------------------------------------------
+
+    def hints(self) -> tuple[RelayHint, ...]:
+        """The relays we are registered with now, for tickets and ``id``."""
+        if self._client is None:
+            return ()
+        return tuple(RelayHint(route.relay, route.address) for route in self._client.routes)
+
+    def relay_info(self) -> dict[str, Any] | None:
+        return self.service.info() if self.service is not None else None
+
+    def punch_info(self) -> dict[str, int]:
+        puncher = self._puncher
+        return {
+            "attempts": puncher.attempts if puncher else 0,
+            "successes": puncher.successes if puncher else 0,
+        }
+
+    def mark(self, conn: PeerConnection) -> None:
+        """A new authenticated connection: punched, if it came from a peer we punched to."""
+        if self._puncher is not None:
+            self._puncher.mark(conn)
+
+    async def control(self, conn: PeerConnection, kind: ControlKind, stream: Stream) -> None:
+        """One control stream a peer opened (the node guards it)."""
+        decoder = Decoder()
+        first = await read_first_untrusted(stream, decoder)
+        if kind is ControlKind.PUNCH and self._puncher is not None:
+            await self._puncher.respond(conn, stream, first, decoder)
+        elif isinstance(first, Incoming) and self._client is not None:
+            await self._client.incoming(conn, stream, first, decoder)
+        elif self.service is not None:
+            await self.service.handle(conn, stream, first, decoder)
+        else:
+            await stream.send_all(encode(Refuse(RefuseCode.NOT_A_RELAY, "not a relay")))
+            await stream.send_eof()
+
+    async def punch_outcome(self, relayed: PeerConnection) -> PunchOutcome | None:
+        """How the punch beside ``relayed`` (a connection we dialled) ended; None if none
+        was tried."""
+        outcome = self._punch_outcomes.get(relayed)
+        if outcome is None:
+            return None
+        await outcome.done.wait()
+        return outcome
+
+    # -- relays ---------------------------------------------------------------------------
+
+    async def _announce(self, key: bytes) -> None:
+        if self._dht is not None:
+            await self._dht.announce(key)
+
+    async def _withdraw(self, key: bytes) -> None:
+        if self._dht is not None:
+            await self._dht.withdraw(key)
+
+    async def _find_relays(self) -> list[tuple[PeerAddress, NodeId | None]]:
+        """Where a relay may be: our --peer and --bootstrap nodes first (a refusal says
+        they are not), then relays that announce themselves in the private DHT."""
+        found: dict[PeerAddress, NodeId | None] = dict.fromkeys(self._known)
+        if self._dht is not None:
+            try:
+                providers = await self._dht.find(relays_discovery_key())
+            except (OSError, RemoteProtocolError, LocalProtocolError) as exc:
+                logger.info("looking for relays in the DHT failed: %s", exc)
+                providers = []
+            for provider in providers:
+                if provider.node_id != self._own:
+                    found.setdefault(provider.address, provider.node_id)
+        return list(found.items())
+
+    async def _relays_for(self, node: NodeId) -> list[Candidate]:
+        """Relays that announce that ``node`` is registered with them."""
+        if self._dht is None:
+            return []
+        try:
+            providers = await self._dht.find(relay_for_discovery_key(node.raw))
+        except (OSError, RemoteProtocolError, LocalProtocolError) as exc:
+            logger.info("looking up relays for %s failed: %s", node.short(), exc)
+            return []
+        return [
+            Candidate(provider.address, node, "relay (dht)", provider.node_id)
+            for provider in providers
+            if provider.node_id is not None and provider.node_id != node
+        ]
+
+    async def _dial_relay(
+        self, address: PeerAddress, relay: NodeId | None, holder: object
+    ) -> PeerConnection:
+        assert self._dialer is not None
+        candidate = Candidate(address, relay, "relay")
+        return await self._dialer.first([candidate], holder, what="the relay", relay_lookup=False)
+
+    async def _via_relay(self, candidate: Candidate) -> PeerConnection:
+        assert self._client is not None and candidate.relay is not None
+        assert candidate.node is not None
+        route = RelayRoute(candidate.relay, candidate.address)
+        return await self._client.connect(route, candidate.node)
+
+    # -- punching -------------------------------------------------------------------------
+
+    def _relayed(self, conn: PeerConnection) -> None:
+        """A connection we made through a relay: try to punch a direct path beside it."""
+        assert self._nursery is not None
+        self._nursery.start_soon(self._punch, conn)
+
+    async def _punch(self, relayed: PeerConnection) -> None:
+        assert self._puncher is not None and self._dialer is not None
+        outcome = PunchOutcome()
+        self._punch_outcomes[relayed] = outcome
+        while len(self._punch_outcomes) > PUNCH_OUTCOMES_KEPT:
+            self._punch_outcomes.popitem(last=False)
+        direct = None
+        try:
+            direct = await self._puncher.initiate(relayed)
+        except (RemoteProtocolError, ConnectionClosedError, LocalProtocolError) as exc:
+            logger.info("punch over %r failed: %s", relayed, exc)
+        finally:
+            if direct is not None:
+                outcome.direct = direct
+                outcome.seconds = trio.current_time() - outcome.started
+            outcome.done.set()
+        if direct is not None:
+            self._dialer.upgrade(relayed, direct)
+
+    def _punch_candidates(self) -> list[PeerAddress]:
+        """Where peers may reach us directly: our addresses, then every observed one
+        (unconfirmed too: a punch goes only to a peer that authenticated)."""
+        assert self._addresses is not None
+        own = self._addresses.all()
+        return own + [a for a, _ in self._addresses.observations() if a not in own]
