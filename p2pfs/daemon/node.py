@@ -506,7 +506,7 @@ class Node:
             raise LocalProtocolError("that ticket names no node (it was made with --no-hints)")
         holder = object()
         started = trio.current_time()
-        candidates = await self.fetches.ticket_candidates(ticket)
+        candidates = [c for c in await self.fetches.ticket_candidates(ticket) if c.node is not None]
         conn = await self.dialer.first(candidates, holder, what="the ticket's node", reuse=False)
         try:
             report: dict[str, Any] = {
