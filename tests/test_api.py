@@ -102,6 +102,8 @@ def test_metrics_render_parses_as_prometheus_text() -> None:
 
 class Api:
     def __init__(self, daemon: DaemonProcess) -> None:
+        # The control socket answers while the HTTP server is still starting.
+        wait_until(lambda: daemon.call("id")["api"] is not None, timeout=30)
         info = daemon.cli_json("id")["api"]
         self.url: str = info["url"]
         self.key: str = info["key"]

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from p2pfs.bench.daemons import DaemonProcess
+from tests.e2e_helpers import wait_until
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install '.[browser]'")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -33,6 +34,7 @@ WAIT_MS = 30_000
 
 
 def api_info(daemon: DaemonProcess) -> dict[str, str]:
+    wait_until(lambda: daemon.call("id")["api"] is not None, timeout=30)
     info: dict[str, str] = daemon.call("id")["api"]
     return info
 

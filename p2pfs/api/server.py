@@ -8,6 +8,7 @@ a taken port falls back to a free one (several nodes on one machine all default 
 from __future__ import annotations
 
 import errno
+import importlib
 import logging
 import os
 import secrets
@@ -74,6 +75,12 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def load_http_stack() -> None:
+    """Import hypercorn (~0.1 s): in a worker thread, so the control socket (already up)
+    answers meanwhile; a daemon with --no-gui never pays it."""
+    importlib.import_module("hypercorn.trio")
+
+
 def url_of(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -86,7 +93,7 @@ async def serve(
     task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on ``sock`` (already listening) until cancelled."""
-    # Imported here: a daemon started with --no-gui never loads the HTTP stack.
+    # Imported by load_http_stack first (these are then lookups).
     from hypercorn.config import Config  # noqa: PLC0415
     from hypercorn.trio import serve as hypercorn_serve  # noqa: PLC0415
 

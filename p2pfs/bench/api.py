@@ -62,6 +62,17 @@ class Stream:
         self.response.close()
 
 
+def api_of(daemon: DaemonProcess) -> dict[str, str]:
+    """The daemon's API address and key, once its HTTP server is up."""
+    deadline = time.monotonic() + 30
+    while (info := daemon.call("id")["api"]) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the daemon's HTTP API did not start")
+        time.sleep(0.05)  # waiting on another process
+    result: dict[str, str] = info
+    return result
+
+
 def get(info: dict[str, str], path: str) -> Any:
     request = urllib.request.Request(info["url"] + path)
     request.add_header("X-API-Key", info["key"])
@@ -115,7 +126,7 @@ def run(base: Path, window: float, events: int) -> dict[str, Any]:
     a = DaemonProcess(base / "a", extra_args=("--no-lan",)).start()
     b = DaemonProcess(base / "b", extra_args=("--no-lan",)).start()
     try:
-        info_a, info_b = a.call("id")["api"], b.call("id")["api"]
+        info_a, info_b = api_of(a), api_of(b)
         (base / "fa").mkdir()
         created = post(info_a, "/api/folders", {"path": str(base / "fa")})
         post(info_b, "/api/folders", {"path": str(base / "fb"), "ticket": created["rw"]})

@@ -245,6 +245,7 @@ class Node:
     async def _serve_api(
         self, where: PeerAddress, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        await trio.to_thread.run_sync(api_server.load_http_stack)
         key = api_server.load_key(self.config.home)
         sock = api_server.bind(where.host, where.port)
         self._api = api_server.ApiInfo(api_server.url_of(sock), key)
