@@ -163,3 +163,39 @@ def test_a_sync_ticket_alone_joins_a_folder_across_two_homes(
     (b_dir / "from-b.txt").write_text("written in home B\n")
     wait_until((a_dir / "from-b.txt").is_file, timeout=60)
     assert (a_dir / "from-b.txt").read_text() == "written in home B\n"
+
+
+def test_a_relayed_fetch_carries_on_through_another_relay_when_its_relay_dies(
+    natbed: NetBed, tmp_path: Path
+) -> None:
+    """Two symmetric homes (no punching) that know two public relays register with both;
+    the relay carrying a fetch is killed mid-transfer, and the fetch completes through the
+    other one."""
+    relays = [natbed.machine("r1"), natbed.machine("r2")]
+    for relay in relays:
+        relay.start("--relay")
+    a, b = natbed.home("a", "symmetric"), natbed.home("b", "symmetric")
+    a.start(*knowing(*relays, dht=False))
+    b.start(*knowing(*relays, dht=False), "--max-download-rate", str(2 * MiB))
+    registered(a, 2)
+    registered(b, 1)
+    source = tmp_path / "video"
+    make_tree(source, {"clip.bin": 8 * MiB})
+    ticket = share(a, source)
+    fetch = b.popen("fetch", ticket, str(tmp_path / "copy"), "--json")
+    try:
+
+        def carrying() -> list[Machine]:
+            return [r for r in relays if ident(r)["relay"]["circuits"]]  # type: ignore[index]
+
+        wait_until(lambda: bool(carrying()), timeout=60)
+        dead = carrying()[0]
+        assert dead.daemon is not None and dead.daemon.process is not None
+        dead.daemon.process.kill()
+        _, stderr = fetch.communicate(timeout=120)
+        assert fetch.returncode == 0, stderr
+    finally:
+        fetch.kill()
+    assert same_tree(source, tmp_path / "copy")
+    survivor = next(r for r in relays if r is not dead)
+    assert ident(survivor)["relay"]["circuits_total"] >= 1  # type: ignore[index]

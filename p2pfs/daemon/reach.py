@@ -32,6 +32,9 @@ from .relayclient import RelayClient, RelayRoute
 
 logger = logging.getLogger(__name__)
 
+PUNCH_RETRY_DELAYS = (10.0, 30.0, 60.0, 120.0, *(300.0,) * 12)
+"""When to punch again beside a relayed connection still in use (about an hour in all)."""
+
 
 class Reach:
     def __init__(
@@ -202,23 +205,36 @@ class Reach:
         self._nursery.start_soon(self._punch, conn)
 
     async def _punch(self, relayed: PeerConnection) -> None:
-        assert self._puncher is not None and self._dialer is not None
+        """Punch beside ``relayed`` now, and again later while it stays in use and no direct
+        path to its peer exists: a NAT that saw the peer's packets unasked (a DHT lookup,
+        an earlier try) refuses the punch until that flow expires."""
+        assert self._dialer is not None
         outcome = PunchOutcome()
         self._punch_outcomes[relayed] = outcome
         while len(self._punch_outcomes) > PUNCH_OUTCOMES_KEPT:
             self._punch_outcomes.popitem(last=False)
-        direct = None
+        direct = await self._punch_once(relayed)
+        if direct is not None:
+            outcome.direct = direct
+            outcome.seconds = trio.current_time() - outcome.started
+        outcome.done.set()
+        for delay in PUNCH_RETRY_DELAYS:
+            if direct is not None:
+                self._dialer.upgrade(relayed, direct)
+                return
+            await trio.sleep(delay)
+            current = self._dialer.open_to(relayed.peer_id) if not relayed.is_closed else None
+            if current is None or current.path != "relayed":
+                return  # the relayed connection ended, or another path exists now
+            direct = await self._punch_once(relayed)
+
+    async def _punch_once(self, relayed: PeerConnection) -> PeerConnection | None:
+        assert self._puncher is not None
         try:
-            direct = await self._puncher.initiate(relayed)
+            return await self._puncher.initiate(relayed)
         except (RemoteProtocolError, ConnectionClosedError, LocalProtocolError) as exc:
             logger.info("punch over %r failed: %s", relayed, exc)
-        finally:
-            if direct is not None:
-                outcome.direct = direct
-                outcome.seconds = trio.current_time() - outcome.started
-            outcome.done.set()
-        if direct is not None:
-            self._dialer.upgrade(relayed, direct)
+            return None
 
     def _punch_candidates(self) -> list[PeerAddress]:
         """Where peers may reach us directly: our addresses, then every observed one

@@ -203,6 +203,10 @@ class PeerPool:
             # Stalled or disconnected: often transient (a lost packet, a restart), and it may
             # be the only holder, so it is dialled again at once; give_up_after bounds it.
             self._fail(peer, group, ban=False)
+            if conn.path == "relayed":
+                # A relayed path that stalls has most likely lost its relay; closing it lets
+                # the next dial take another relay now, not after the idle timeout.
+                conn.close_nowait(0, "relayed path stalled")
             self.release(conn)
         finally:
             if joined:
