@@ -20,6 +20,7 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from p2pfs.api.app import ApiApp
 from p2pfs.api.metrics import Histogram, PeerTraffic, Snapshot, render
 from p2pfs.bench.daemons import DaemonProcess
 from p2pfs.daemon.events import SUBSCRIBER_BUFFER, EventBus, RateMeter
@@ -95,6 +96,52 @@ def test_metrics_render_parses_as_prometheus_text() -> None:
     assert samples[("p2pfs_discovery_lookup_seconds_bucket", (("le", "+Inf"),))] == 5
     assert samples[("p2pfs_discovery_lookup_seconds_count", ())] == 5
     assert samples[("p2pfs_chunks_total", (("outcome", "rejected"),))] == 1
+
+
+def test_a_handler_bug_is_a_json_500_and_the_app_serves_on() -> None:
+    """The ASGI app alone (no server): a handler raising something unforeseen is answered
+    as our fault, as the control socket does, and the next request is served."""
+    key = "k" * 24
+
+    async def broken(params: dict[str, Any], emit: Any) -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+    async def fine(params: dict[str, Any], emit: Any) -> dict[str, Any]:
+        return {"echo": params}
+
+    async def metrics() -> bytes:
+        return b""
+
+    app = ApiApp(key, {"broken": broken, "fine": fine}, EventBus(), metrics)
+
+    async def call(name: str) -> tuple[int, Any]:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b'{"a": 1}', "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": f"/api/control/{name}",
+            "query_string": b"",
+            "headers": [(b"host", b"127.0.0.1:8384"), (b"x-api-key", key.encode())],
+        }
+        await app(scope, receive, send)
+        return sent[0]["status"], json.loads(sent[1]["body"])
+
+    async def main() -> None:
+        status, body = await call("broken")
+        assert status == 500
+        assert body == {
+            "error": {"kind": "internal", "message": "internal error: RuntimeError: boom"}
+        }
+        assert await call("fine") == (200, {"echo": {"a": 1}})
+
+    trio.run(main)
 
 
 # -- over HTTP, with real daemons ------------------------------------------------------------

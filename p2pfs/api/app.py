@@ -94,8 +94,15 @@ class ApiApp:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.requests += 1
+        started = False
+
+        async def tracked(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self._route(scope, receive, send)
+            await self._route(scope, receive, tracked)
         except HttpError as exc:
             await _json(send, exc.status, {"error": {"kind": exc.kind, "message": str(exc)}})
         except (P2pfsError, BaseExceptionGroup) as raised:
@@ -105,6 +112,13 @@ class ApiApp:
             kind = blame(ours)
             status = 502 if kind == "remote" else 400 if kind == "local" else 500
             await _json(send, status, {"error": {"kind": kind, "message": str(ours)}})
+        except Exception as exc:
+            # One request is a failure boundary, as on the control socket: a bug met here
+            # is logged with its traceback and answered as ours; the daemon serves on.
+            logger.exception("HTTP %s %s failed unexpectedly", scope["method"], scope["path"])
+            if not started:
+                message = f"internal error: {type(exc).__name__}: {exc}"
+                await _json(send, 500, {"error": {"kind": "internal", "message": message}})
 
     async def _route(self, scope: Scope, receive: Receive, send: Send) -> None:
         method: str = scope["method"]
