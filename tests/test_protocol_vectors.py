@@ -20,8 +20,12 @@ from p2pfs.discovery.beacon import Beacon, MessageType, parse_beacon_untrusted
 from p2pfs.discovery.dht import messages as dht
 from p2pfs.discovery.keys import (
     MAINLINE_KEY_CONTEXT,
+    RELAY_FOR_KEY_CONTEXT,
+    RELAYS_KEY_CONTEXT,
     SHARE_KEY_CONTEXT,
     mainline_info_hash,
+    relay_for_discovery_key,
+    relays_discovery_key,
     share_discovery_key,
 )
 from p2pfs.errors import RemoteProtocolError
@@ -414,7 +418,14 @@ def test_discovery_keys() -> None:
         "mainline_info_hash": MAINLINE_KEY_CONTEXT,
         "private_dht_key": dht.DHT_KEY_CONTEXT,
         "private_dht_node_id": dht.DHT_NODE_ID_CONTEXT,
+        "relays_key": RELAYS_KEY_CONTEXT,
+        "relay_for_key": RELAY_FOR_KEY_CONTEXT,
     }
+    assert relays_discovery_key().hex() == keys["relays_key"]
+    assert derive(contexts["relays_key"], b"") == keys["relays_key"]
+    relayed = bytes.fromhex(keys["relay_for_node_id"])
+    assert relay_for_discovery_key(relayed).hex() == keys["relay_for_key"]
+    assert derive(contexts["relay_for_key"], relayed) == keys["relay_for_key"]
     root = ContentHash(bytes.fromhex(keys["share_root"]))
     share_key = share_discovery_key(root)
     assert share_key.hex() == keys["share_discovery_key"]

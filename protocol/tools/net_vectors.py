@@ -20,8 +20,12 @@ from p2pfs.discovery.dht import messages as dht
 from p2pfs.discovery.dht.messages import Contact, ProviderInfo, ProvidersReply
 from p2pfs.discovery.keys import (
     MAINLINE_KEY_CONTEXT,
+    RELAY_FOR_KEY_CONTEXT,
+    RELAYS_KEY_CONTEXT,
     SHARE_KEY_CONTEXT,
     mainline_info_hash,
+    relay_for_discovery_key,
+    relays_discovery_key,
     share_discovery_key,
 )
 from p2pfs.identity import Identity
@@ -452,6 +456,8 @@ def discovery_vectors() -> dict[str, Any]:
             "mainline_info_hash": MAINLINE_KEY_CONTEXT,
             "private_dht_key": dht.DHT_KEY_CONTEXT,
             "private_dht_node_id": dht.DHT_NODE_ID_CONTEXT,
+            "relays_key": RELAYS_KEY_CONTEXT,
+            "relay_for_key": RELAY_FOR_KEY_CONTEXT,
         },
         "keys": {
             "share_root": bytes(SHARE_ROOT).hex(),
@@ -461,6 +467,9 @@ def discovery_vectors() -> dict[str, Any]:
             "folder_discovery_key": folder_key.hex(),
             "folder_mainline_info_hash": mainline_info_hash(folder_key).hex(),
             "folder_dht_key": dht.dht_key(folder_key).hex(),
+            "relays_key": relays_discovery_key().hex(),
+            "relay_for_node_id": SERVER.node_id.raw.hex(),
+            "relay_for_key": relay_for_discovery_key(SERVER.node_id.raw).hex(),
         },
         "dht_node_ids": [
             {
