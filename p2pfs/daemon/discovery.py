@@ -149,8 +149,11 @@ class Discovery:
 
     async def withdraw(self, root: ContentHash) -> None:
         """Stop announcing a share (records already stored elsewhere expire)."""
+        await self.withdraw_key(share_discovery_key(root))
+
+    async def withdraw_key(self, key: bytes) -> None:
         for finder in self.running:
-            await finder.withdraw(share_discovery_key(root))
+            await finder.withdraw(key)
 
     async def announce_key(self, key: bytes) -> None:
         for finder in self.running:

@@ -89,6 +89,15 @@ class FolderStore:
             ).fetchone()
         return None if row is None else FolderRow(*row)
 
+    def set_paused(self, folder: int, paused: bool) -> None:
+        with _guard("pausing folder"), self.index.transaction():
+            self._conn.execute("UPDATE folders SET paused = ? WHERE id = ?", (int(paused), folder))
+
+    def paused_folders(self) -> set[int]:
+        with _guard("listing paused folders"):
+            rows = self._conn.execute("SELECT id FROM folders WHERE paused").fetchall()
+        return {row[0] for row in rows}
+
     def remove_folder(self, folder: int) -> None:
         with _guard("removing folder"), self.index.transaction():
             self._conn.execute("DELETE FROM folder_records WHERE folder = ?", (folder,))

@@ -105,7 +105,7 @@ class FolderManager:
         self._links: dict[tuple[bytes, bytes], FolderLink] = {}
         self._member_roots: dict[tuple[bytes, bytes], Child] = {}
         self.paused: set[bytes] = set()
-        """Folders paused until `sync resume` (or a restart: not stored yet)."""
+        """Folders paused until `sync resume` (stored: a restart keeps them paused)."""
         """The last index root each linked member announced (its completion vs ours)."""
         self._nursery: trio.Nursery | None = None
         self._dialer: Dialer | None = None
@@ -136,12 +136,13 @@ class FolderManager:
         self._extra_peers = peers
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            paused = await self._index.run(self._store.paused_folders)
             for row in await self._index.run(self._store.folders):
-                await self._start_folder(row)
+                await self._start_folder(row, paused=row.id in paused)
             task_status.started()
             await trio.sleep_forever()
 
-    async def _start_folder(self, row: Any) -> FolderSync:
+    async def _start_folder(self, row: Any, *, paused: bool = False) -> FolderSync:
         folder = FolderSync(row, self._index, self._store, self._member_in)
         folder.on_event = self.events.emit
         await folder.load(assume_case_insensitive=self.config.assume_case_insensitive)
@@ -152,6 +153,9 @@ class FolderManager:
             logger.warning("folder %s: %s", folder.path, exc)
             folder.problems = [str(exc)]
         self.folders[folder.folder_id] = folder
+        if paused:  # loaded and listed; nothing runs, nothing is announced or served
+            self.paused.add(folder.folder_id)
+            return folder
         assert self._nursery is not None
         scope = trio.CancelScope()
         self._scopes[folder.folder_id] = scope
@@ -532,6 +536,9 @@ class FolderManager:
             self._folder_nurseries.pop(folder.folder_id, None)
             async with folder.lock:  # an apply in a worker thread finishes first
                 pass
+            await self._index.run(self._store.set_paused, folder.row.id, True)
+            if self._discovery is not None:
+                await self._discovery.withdraw_key(folder.keys.discovery_key)
             folder.on_event(
                 "folder-state", folder=folder.folder_id.hex(), dir=folder.path, state="paused"
             )
@@ -545,6 +552,9 @@ class FolderManager:
             self._scopes[folder.folder_id] = scope
             assert self._nursery is not None
             await self._nursery.start(self._run_folder, folder, scope)
+            await self._index.run(self._store.set_paused, folder.row.id, False)
+            if self._discovery is not None:
+                await self._discovery.announce_key(folder.keys.discovery_key)
             folder.on_event(
                 "folder-state", folder=folder.folder_id.hex(), dir=folder.path, state="idle"
             )
