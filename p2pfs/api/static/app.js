@@ -78,6 +78,7 @@ function folderView(folder) {
     el("span", { class: `state ${folder.state}` }, folder.state + (folder.progress != null ? ` ${folder.progress}%` : "")),
     el("span", {}, folder.mode === "rw" ? "read-write" : "read-only"),
     el("span", {}, plural(folder.files, "file")),
+    el("span", { title: "this member's tag in conflict copies' names" }, `device ${folder.device}`),
   );
   if (folder.state === "syncing") {
     head.append(el("progress", { max: "100", value: String(folder.progress || 0) }));
@@ -110,9 +111,10 @@ async function refreshFolders() {
 async function refreshStatus() {
   const status = await api("GET", "/api/status");
   fill(document.getElementById("share-list"), status.shares,
-    (s) => el("li", {}, `shared ${s.path} (root ${s.root.slice(0, 12)})`), "no shares");
+    (s) => el("li", {}, `shared ${s.path} (root ${s.root.slice(0, 12)})${s.stale ? " — stale: its files changed, share it again" : ""}`), "no shares");
   fill(document.getElementById("transfer-list"), status.transfers,
-    (t) => el("li", {}, `fetching ${t.destination}: ${bytes(t.bytes_done)} of ${bytes(t.bytes_total)}, ${bytes(t.rate)}/s`), "no fetch running");
+    (t) => el("li", {}, `fetching ${t.destination}: ${bytes(t.bytes_done)} of ${bytes(t.bytes_total)}, ${bytes(t.rate)}/s `,
+      el("progress", { max: String(t.bytes_total || 1), value: String(t.bytes_done) })), "no fetch running");
   const rows = status.peers.map((p) => el("tr", {},
     el("td", {}, p.node_id.slice(0, 16) + "…"), el("td", {}, p.address), el("td", { class: "path" }, p.path),
     el("td", {}, `${bytes(p.send_rate)}/s`), el("td", {}, `${bytes(p.receive_rate)}/s`)));
