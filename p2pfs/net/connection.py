@@ -162,7 +162,7 @@ class PeerConnection:
         with self._guard:
             stream_id = self._quic.get_next_available_stream_id()
         self._check_open()
-        stream = Stream(self, stream_id)
+        stream = Stream(self, stream_id, self.config.send_buffer_limit)
         self._streams[stream_id] = stream
         return stream
 
@@ -255,9 +255,9 @@ class PeerConnection:
                 break
             self._on_timer(trio.current_time())
 
-    # -- called by Stream -----------------------------------------------------------------
+    # -- StreamOwner: called by Stream ----------------------------------------------------
 
-    def _send_stream_data(self, stream_id: int, data: memoryview | bytes, end_stream: bool) -> None:
+    def stream_send(self, stream_id: int, data: memoryview | bytes, *, end_stream: bool) -> None:
         self._check_open()
         with self._guard:
             self._quic.send_stream_data(stream_id, data, end_stream=end_stream)
@@ -266,7 +266,7 @@ class PeerConnection:
             self._maybe_forget(stream_id)
         self._after_input()
 
-    def _reset_stream(
+    def stream_abandon(
         self, stream_id: int, error_code: int, *, send_open: bool, receive_open: bool
     ) -> None:
         stream = self._streams.pop(stream_id, None)
@@ -282,14 +282,14 @@ class PeerConnection:
                 self._quic.stop_stream(stream_id, error_code)
         self._after_input()
 
-    def _send_backlog(self, stream_id: int) -> int:
+    def stream_backlog(self, stream_id: int) -> int:
         backlog = 0
         if self._error is None:
             with self._guard:
                 backlog = self._engine.send_backlog(self._quic, stream_id)
         return backlog
 
-    def _writer_blocked(self, stream: Stream) -> None:
+    def stream_writer_blocked(self, stream: Stream) -> None:
         self._blocked_writers.add(stream)
         if self._paused and not self._over_hard_limit():
             # The writer needs ACKs to make progress, and those are in the held datagrams.
@@ -298,13 +298,13 @@ class PeerConnection:
             else:
                 self._resume_intake()
 
-    def _consumed(self, stream: Stream, size: int) -> None:
+    def stream_consumed(self, stream: Stream, size: int) -> None:
         self._unread -= size
         if stream in self._full_streams and (
             stream.receive_buffered <= self.config.stream_receive_limit // 2
         ):
             self._full_streams.discard(stream)
-        if stream.receive_buffered == 0 and stream._recv_eof:
+        if stream.receive_buffered == 0 and stream.receive_finished:
             self._maybe_forget(stream.stream_id)
         if (
             self._paused
@@ -359,7 +359,7 @@ class PeerConnection:
             self.bytes_sent += sum(len(datagram) for datagram, _address in datagrams)
             self._hooks.transmit(datagrams)
         if self._blocked_writers:
-            self._blocked_writers = {s for s in self._blocked_writers if not s._send_room_maybe()}
+            self._blocked_writers = {s for s in self._blocked_writers if not s.send_room_maybe()}
 
     def _next_deadline(self) -> float:
         if self._broken:
@@ -440,7 +440,7 @@ class PeerConnection:
             if self._is_local(stream_id) or stream_id <= self._highest_peer_stream:
                 return  # a stream we already finished with: late data, nobody wants it
             self._highest_peer_stream = stream_id
-            stream = Stream(self, stream_id)
+            stream = Stream(self, stream_id, self.config.send_buffer_limit)
             self._streams[stream_id] = stream
             data = event.data
             if data and data[0] in _CONTROL_KINDS:
@@ -457,9 +457,9 @@ class PeerConnection:
                 data = data[1:]
             else:
                 self._incoming_send.send_nowait(stream)
-            kept = stream._data_received(data, event.end_stream)
+            kept = stream.data_received(data, event.end_stream)
         else:
-            kept = stream._data_received(event.data, event.end_stream)
+            kept = stream.data_received(event.data, event.end_stream)
         if kept:
             self._unread += kept
             if stream.receive_buffered > self.config.stream_receive_limit:
@@ -471,12 +471,12 @@ class PeerConnection:
     def _on_stream_reset(self, event: Any) -> None:
         stream = self._streams.get(event.stream_id)
         if stream is not None:
-            stream._peer_reset(event.error_code)
+            stream.peer_reset(event.error_code)
 
     def _on_stop_sending(self, event: Any) -> None:
         stream = self._streams.get(event.stream_id)
         if stream is not None and self._error is None:
-            stream._peer_stop_sending(event.error_code)
+            stream.peer_stop_sending(event.error_code)
             self._blocked_writers.discard(stream)
             # RFC 9000 3.5: answer STOP_SENDING with RESET_STREAM, unless our side of the
             # stream is already complete (FIN sent): the engines refuse that with ValueError,
@@ -593,7 +593,7 @@ class PeerConnection:
             self._error = error
         error = self._error
         for stream in list(self._streams.values()):
-            stream._connection_lost(error)
+            stream.connection_lost(error)
         self._blocked_writers.clear()
         self._incoming_send.close()
         self._control_send.close()
@@ -646,8 +646,8 @@ class PeerConnection:
         stream = self._streams.get(stream_id)
         if (
             stream is not None
-            and stream._send_closed
-            and stream._recv_eof
+            and stream.send_finished
+            and stream.receive_finished
             and not stream.receive_buffered
         ):
             del self._streams[stream_id]
