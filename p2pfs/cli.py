@@ -115,7 +115,13 @@ def _parser(daemon_defaults: dict[str, Any] | None = None) -> argparse.ArgumentP
     manifest.add_argument(
         "--json", action="store_true", help="print one JSON object with per-file chunk lists"
     )
-    daemon = commands.add_parser("daemon", help="run this home's node in the foreground")
+    daemon = commands.add_parser(
+        "daemon",
+        help="run this home's node in the foreground",
+        description="Run this home's node in the foreground. Every option below can also be "
+        "set in HOME/config.toml under its long name without the dashes (`no-lan = true`, "
+        '`peer = ["HOST:PORT"]`); options given here win.',
+    )
     _daemon_arguments(daemon)
     if daemon_defaults:
         daemon.set_defaults(**daemon_defaults)
