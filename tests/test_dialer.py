@@ -166,6 +166,42 @@ def test_the_error_names_every_candidate_and_its_reason() -> None:
     run_dialer_test(body)
 
 
+def test_when_every_way_fails_the_relays_found_for_the_node_are_tried() -> None:
+    """The dialer's relay fallback: only once every candidate failed, only for pinned
+    nodes no relay was named for, and not when dialling a relay itself. The circuit is
+    stood in for by a direct connection (circuits are tested in test_nat_relay and the
+    namespace bed); what is checked is the dialer's policy."""
+
+    async def body(dialer: Dialer, holder: object, other: object, mine: object) -> None:
+        holder_node = holder.node_id  # type: ignore[attr-defined]
+        relay_node = other.node_id  # type: ignore[attr-defined]
+        asked: list[object] = []
+        through: list[Candidate] = []
+
+        async def relays_for(node: object) -> list[Candidate]:
+            asked.append(node)
+            return [Candidate(address_of(other), holder_node, "relay (dht)", relay_node)]
+
+        async def via_relay(candidate: Candidate) -> PeerConnection:
+            through.append(candidate)
+            return await mine.connect(  # type: ignore[attr-defined,no-any-return]
+                (address_of(holder).host, address_of(holder).port), candidate.node
+            )
+
+        dialer.relays_for = relays_for  # type: ignore[assignment]
+        dialer.via_relay = via_relay
+        dead = [Candidate(silent_address(), holder_node, "ticket") for _ in range(2)]
+        with pytest.raises(DialError):
+            await dialer.first(dead, object(), relay_lookup=False)
+        assert asked == []
+        conn = await dialer.first(dead, object())
+        assert conn.peer_id == holder_node
+        assert asked == [holder_node]
+        assert [c.relay for c in through] == [relay_node]
+
+    run_dialer_test(body)
+
+
 def test_a_leased_connection_closes_with_its_last_user_only() -> None:
     async def body(dialer: Dialer, holder: object, other: object, mine: object) -> None:
         node = holder.node_id  # type: ignore[attr-defined]

@@ -123,15 +123,9 @@ def run(
         row: dict[str, object] = {}
         for name, source in sources.items():
             ticket = holder.cli("share", str(source)).stdout.strip().splitlines()[-1]
-            reports = []
-            for _ in range(runs):
-                dest = root / "copies" / f"{path}-{name}-{next(counter)}"
-                result = fetcher.cli("fetch", ticket, str(dest), "--json", timeout=600)
-                reports.append(json.loads(result.stdout.strip().splitlines()[-1]))
-            row[name] = {
-                "first_byte_s": [float(r["first_byte_seconds"]) for r in reports],
-                "mb_per_s": [float(r["bytes"]) / float(r["seconds"]) / 1e6 for r in reports],
-            }
+            processes = {"holder": holder, "fetcher": fetcher, "relay": relay}
+            destinations = [root / "copies" / f"{path}-{name}-{next(counter)}" for _ in range(runs)]
+            row[name] = _fetches(fetcher, ticket, destinations, processes)
         row["connect"] = _connects(fetcher, ticket, connects)
         figures[path] = row
     forwarded = _forwarded(relay) - forwarded_before
@@ -140,6 +134,26 @@ def run(
         "bytes_forwarded": forwarded,
     }
     return figures
+
+
+def _fetches(
+    fetcher: Machine, ticket: str, destinations: list[Path], processes: dict[str, Machine]
+) -> dict[str, object]:
+    """One fetch of ``ticket`` into each destination: first byte, rate, and each
+    process's CPU per GiB over them all."""
+    before = {who: _cpu_of(machine) for who, machine in processes.items()}
+    reports = []
+    for dest in destinations:
+        result = fetcher.cli("fetch", ticket, str(dest), "--json", timeout=600)
+        reports.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    moved = sum(float(r["bytes"]) for r in reports) / (1 << 30)
+    return {
+        "first_byte_s": [float(r["first_byte_seconds"]) for r in reports],
+        "mb_per_s": [float(r["bytes"]) / float(r["seconds"]) / 1e6 for r in reports],
+        "cpu_s_per_gib": {
+            who: (_cpu_of(machine) - before[who]) / moved for who, machine in processes.items()
+        },
+    }
 
 
 def _connects(fetcher: Machine, ticket: str, tries: int) -> dict[str, object]:
@@ -160,6 +174,11 @@ def _connects(fetcher: Machine, ticket: str, tries: int) -> dict[str, object]:
         "punches": len(punches),
         "punched": sum(1 for p in punches if p["succeeded"]),
     }
+
+
+def _cpu_of(machine: Machine) -> float:
+    assert machine.daemon is not None
+    return _cpu_seconds(psutil.Process(machine.daemon.pid))
 
 
 def _cpu_seconds(process: psutil.Process) -> float:
@@ -220,6 +239,7 @@ def print_table(figures: dict[str, dict[str, object]], sizes: dict[str, int]) ->
     console = Console(file=sys.stdout)
     console.print(table)
     console.print(connect_table(figures))
+    console.print(cpu_table(figures, sizes))
     relay = figures["relay"]
     gib = float(relay["bytes_forwarded"]) / (1 << 30)  # type: ignore[arg-type]
     if gib > 0:
@@ -228,6 +248,26 @@ def print_table(figures: dict[str, dict[str, object]], sizes: dict[str, int]) ->
             f"relay CPU: {cpu:.1f} s for {gib * 1024:.0f} MiB forwarded = {cpu / gib:.2f} s/GiB "
             "(the whole run: registrations, connects and keepalives included)"
         )
+
+
+def cpu_table(figures: dict[str, dict[str, object]], sizes: dict[str, int]) -> Table:
+    """Each daemon's CPU per GiB fetched over the larger share's runs: what limits a path
+    on a machine whose cores all three processes share."""
+    large = list(sizes)[-1]
+    table = Table(title=f"CPU seconds per GiB fetched ({large} share, all runs; 2 shared cores)")
+    for column in ("path", "holder", "fetcher", "relay", "sum"):
+        table.add_column(column, justify="left" if column == "path" else "right")
+    for path, row in figures.items():
+        entry = row.get(large)
+        if not isinstance(entry, dict):
+            continue
+        cpu = entry["cpu_s_per_gib"]
+        table.add_row(
+            path,
+            *(f"{cpu[who]:.1f}" for who in ("holder", "fetcher", "relay")),
+            f"{sum(cpu.values()):.1f}",
+        )
+    return table
 
 
 def connect_table(figures: dict[str, dict[str, object]]) -> Table:

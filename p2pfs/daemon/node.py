@@ -379,7 +379,9 @@ class Node:
         folder = self.folders.find(result["path"])
         assert self._identity is not None
         result.update(
-            self.folders.tickets(folder, self._identity.node_id, self.addresses.for_ticket())
+            self.folders.tickets(
+                folder, self._identity.node_id, self.addresses.for_ticket(), self.reach.hints()
+            )
         )
         self.events.emit("folder-added", path=result["path"], mode=result["mode"])
         return result
@@ -392,7 +394,7 @@ class Node:
         return {
             "path": folder.path,
             "mode": "rw" if folder.writable else "ro",
-            **self.folders.tickets(folder, own, self.addresses.for_ticket()),
+            **self.folders.tickets(folder, own, self.addresses.for_ticket(), self.reach.hints()),
         }
 
     async def _sync_list(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:

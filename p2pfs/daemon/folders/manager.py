@@ -37,7 +37,7 @@ from p2pfs.net import PeerConnection
 from p2pfs.store import folderdisk as disk
 from p2pfs.store.folders import FolderStore
 from p2pfs.sync.keys import FolderKeys, device_id
-from p2pfs.wire.ticket import Ticket, TicketKind, parse_ticket_untrusted
+from p2pfs.wire.ticket import RelayHint, Ticket, TicketKind, parse_ticket_untrusted
 
 from ..dialer import Candidate, Dialer, DialError
 from ..discovery import Discovery
@@ -112,6 +112,9 @@ class FolderManager:
         self._discovery: Discovery | None = None
         self._extra_peers: tuple[PeerAddress, ...] = ()
         self._hinted: dict[bytes, dict[bytes, PeerAddress]] = {}
+        self._ticket_relays: dict[bytes, list[Candidate]] = {}
+        """Per folder, the relays the joining ticket named for its maker (kept until a
+        restart; the private DHT's relay-for lookup finds them after that too)."""
         """Per folder: members other members named, not yet reached (bounded)."""
         self._scopes: dict[bytes, trio.CancelScope] = {}
         self._folder_nurseries: dict[bytes, trio.Nursery] = {}
@@ -278,6 +281,7 @@ class FolderManager:
         candidates: list[Candidate] = []
         for node_id, (host, port) in folder.peers.items():
             candidates.append(Candidate(PeerAddress(host, port), NodeId(node_id), "member"))
+        candidates += self._ticket_relays.get(folder.folder_id, [])
         for node_id, address in self._hinted.get(folder.folder_id, {}).items():
             candidates.append(Candidate(address, NodeId(node_id), "named by a member"))
         candidates += [Candidate(a, None, "peer") for a in self._extra_peers]
@@ -467,10 +471,16 @@ class FolderManager:
                 raise LocalProtocolError(f"{path} is not a directory")
             keys = FolderKeys.from_write_seed(os.urandom(32))
             hints: list[tuple[bytes, PeerAddress]] = []
+            relays: list[Candidate] = []
         else:
             ticket = parse_ticket_untrusted(ticket_text)
             keys = _keys_of(ticket)
             hints = [(ticket.node_id.raw, a) for a in ticket.addresses] if ticket.node_id else []
+            relays = [
+                Candidate(hint.address, ticket.node_id, "relay (ticket)", hint.node_id)
+                for hint in ticket.relays
+                if ticket.node_id is not None
+            ]
             os.makedirs(local, exist_ok=True)
         for folder in self.folders.values():
             if folder.path == local or _nested(folder.path, local):
@@ -492,6 +502,8 @@ class FolderManager:
             await self._index.run(
                 self._store.put_peer, row.id, node_id, address.host, address.port, time.time_ns()
             )
+        if relays:
+            self._ticket_relays[keys.folder_id] = relays
         folder = await self._start_folder(row)
         return {
             "folder": folder.folder_id.hex(),
@@ -500,13 +512,23 @@ class FolderManager:
         }
 
     def tickets(
-        self, folder: FolderSync, node_id: NodeId, addresses: list[PeerAddress]
+        self,
+        folder: FolderSync,
+        node_id: NodeId,
+        addresses: list[PeerAddress],
+        relays: tuple[RelayHint, ...] = (),
     ) -> dict[str, str]:
+        """The folder's tickets, naming this node, its addresses and the relays it is
+        registered with (a joiner behind another NAT reaches us through one)."""
         keys = folder.keys
         result = {}
         if keys.write_seed is not None:
             rw = Ticket(
-                TicketKind.FOLDER_RW, ContentHash(keys.write_seed), node_id, tuple(addresses)
+                TicketKind.FOLDER_RW,
+                ContentHash(keys.write_seed),
+                node_id,
+                tuple(addresses),
+                relays=relays,
             )
             result["rw"] = rw.encode()
         ro = Ticket(
@@ -515,6 +537,7 @@ class FolderManager:
             node_id,
             tuple(addresses),
             keys.write_public,
+            relays=relays,
         )
         result["ro"] = ro.encode()
         return result
