@@ -30,7 +30,7 @@ from p2pfs.net import auth
 from p2pfs.net.boundary import EngineGuard, describe
 from p2pfs.net.codes import CloseCode
 from p2pfs.net.control import ControlKind
-from p2pfs.net.engine import ALPN, Engine, TransportConfig
+from p2pfs.net.engine import ALPN, Engine, EngineConnection, TransportConfig
 from p2pfs.net.stream import Stream
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class PeerConnection:
         self,
         *,
         hooks: EndpointHooks,
-        quic: Any,
+        quic: EngineConnection,
         engine: Engine,
         config: TransportConfig,
         identity: Identity,

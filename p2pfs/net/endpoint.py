@@ -41,7 +41,7 @@ from p2pfs.net.boundary import describe, split_fatal
 from p2pfs.net.codes import CloseCode
 from p2pfs.net.connection import Address, PeerConnection
 from p2pfs.net.control import RELAY_DATAGRAM
-from p2pfs.net.engine import Engine, TransportConfig, load_engine
+from p2pfs.net.engine import Engine, EngineConnection, TransportConfig, load_engine
 from p2pfs.net.stream import Stream
 from p2pfs.net.tunnel import HEADER_LEN as TUNNEL_HEADER_LEN
 from p2pfs.net.tunnel import Tunnel
@@ -384,7 +384,7 @@ class Endpoint:
 
     def _new_connection(
         self,
-        quic: Any,
+        quic: EngineConnection,
         remote: Address,
         expected_peer: NodeId | None,
         now: float,

@@ -1,0 +1,70 @@
+"""Every read of a QUIC engine's private fields, in one audited place.
+
+Neither qh3 nor aioquic exposes all that the adapter needs. Each function below reaches into
+one private field, says why, and degrades to the public API (or a safe answer) when the
+field is missing, so an engine upgrade that renames it costs speed or precision, not
+correctness. Nothing else in p2pfs may touch a ``_``-prefixed engine attribute; when an
+engine grows a public accessor, the reach-in here goes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cryptography.hazmat.primitives.serialization import Encoding
+
+
+def qh3_fast_transmit(quic: Any, now: float) -> list[tuple[bytes, Any]] | None:
+    """qh3 without a qlog: its native core's datagrams, skipping the Python wrapper.
+
+    Reach-in: ``quic._core`` and ``quic._quic_logger`` (qh3). The wrapper parses every
+    outgoing packet header for logging even when no logger is set: a third of the sender's
+    CPU in the bulk profile. None when this is not such a qh3 connection (the caller then
+    uses the public ``datagrams_to_send``).
+    """
+    core = getattr(quic, "_core", None)
+    if core is None or getattr(quic, "_quic_logger", True) is not None:
+        return None
+    datagrams = []
+    poll = core.poll_transmit
+    while (transmit := poll(now)) is not None:
+        datagrams.append((transmit[0], transmit[1]))
+    return datagrams
+
+
+def aioquic_peer_certificate_der(quic: Any) -> bytes | None:
+    """The DER certificate an aioquic connection's peer presented, if any.
+
+    Reach-in: ``quic.tls._peer_certificate`` (aioquic has no public accessor; qh3's public
+    ``get_peercert`` is used before this is tried).
+    """
+    cert = getattr(getattr(quic, "tls", None), "_peer_certificate", None)
+    if cert is None:
+        return None
+    return bytes(cert.public_bytes(Encoding.DER))
+
+
+def aioquic_send_backlog(quic: Any, stream_id: int) -> int:
+    """Bytes written to an aioquic stream that were never transmitted.
+
+    Reach-in: ``quic._streams[id].sender._buffer_stop`` against its public
+    ``highest_offset`` (aioquic has no accessor; qh3 has ``get_send_buffer_size``). Without
+    it a writer could not be bounded, so a missing field answers 0 (never blocks) rather
+    than failing the connection.
+    """
+    streams = getattr(quic, "_streams", None)
+    stream = None if streams is None else streams.get(stream_id)
+    if stream is None:
+        return 0
+    sender = stream.sender
+    return max(0, int(getattr(sender, "_buffer_stop", 0)) - int(sender.highest_offset))
+
+
+def pending_close(quic: Any) -> Any:
+    """The ConnectionTerminated an engine has decided on but not emitted yet, if any.
+
+    Reach-in: ``quic._close_event`` (both engines). They emit ConnectionTerminated only
+    after the closing/draining period (3 PTO); waiting for it would leave callers blocked
+    on a connection that is already gone.
+    """
+    return getattr(quic, "_close_event", None)

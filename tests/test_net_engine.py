@@ -1,0 +1,81 @@
+"""The engine reach-ins (net/engine_internals.py) still find the private fields they read.
+
+Each reach-in degrades quietly when its field disappears (slower transmit, an unbounded
+writer, no certificate), so an engine upgrade that renames one would pass every other test:
+these fail instead.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from p2pfs.certs import node_id_from_certificate_untrusted
+from p2pfs.identity import Identity
+from p2pfs.net import engine_internals
+from p2pfs.net.endpoint import CID_LENGTH
+from p2pfs.net.engine import Engine, EngineConnection, TransportConfig, load_engine
+
+CLIENT, SERVER = ("192.0.2.1", 4001), ("192.0.2.2", 4002)
+
+
+def connected_pair(
+    engine: Engine, server_id: Identity
+) -> tuple[EngineConnection, EngineConnection]:
+    """A client and server engine connection, handshake done in memory, no loss."""
+    config = TransportConfig()
+    client = engine.client_connection(
+        engine.configuration(Identity.generate(), config, is_client=True), SERVER, 0.0
+    )
+    server: EngineConnection | None = None
+    for _ in range(20):
+        moved = False
+        for data, _addr in client.datagrams_to_send(now=0.0):
+            moved = True
+            if server is None:
+                dcid = engine.destination_cid(data, CID_LENGTH)[0]
+                server = engine.server_connection(
+                    engine.configuration(server_id, config, is_client=False), dcid, None
+                )
+            server.receive_datagram(data, CLIENT, 0.0)
+        if server is not None:
+            for data, _addr in server.datagrams_to_send(now=0.0):
+                moved = True
+                client.receive_datagram(data, SERVER, 0.0)
+        if not moved:
+            break
+    assert server is not None
+    return client, server
+
+
+@pytest.mark.parametrize("name", ["qh3", "aioquic"])
+def test_reach_ins_find_their_fields(name: str) -> None:
+    engine = load_engine(name)
+    server_id = Identity.generate()
+    client, server = connected_pair(engine, server_id)
+
+    # The peer's certificate: through the public getter (qh3) or the reach-in (aioquic).
+    der = engine.peer_certificate_der(client)
+    assert der is not None
+    assert node_id_from_certificate_untrusted(der) == server_id.node_id
+
+    # Unsent bytes are counted: written, then nothing transmitted yet.
+    stream_id = client.get_next_available_stream_id()
+    client.send_stream_data(stream_id, b"x" * 50_000)
+    assert engine.send_backlog(client, stream_id) == 50_000
+    # Pacing lets the first datagrams out a moment after the write.
+    sent = [d for t in (0.001, 0.002, 0.005) for d in engine.datagrams_to_send(client, t)]
+    assert sent
+    assert engine.send_backlog(client, stream_id) < 50_000
+
+    # No close decided yet; after close() the pending ConnectionTerminated is visible.
+    assert engine.close_pending(server) is None
+    server.close(error_code=0x42, reason_phrase="bye")
+    pending = engine.close_pending(server)
+    assert pending is not None
+    assert pending.error_code == 0x42
+
+    if name == "qh3":
+        # The fast transmit path is taken (None would mean: fell back to the wrapper).
+        assert engine_internals.qh3_fast_transmit(client, 0.0) is not None
+    else:
+        assert engine_internals.qh3_fast_transmit(client, 0.0) is None
