@@ -479,12 +479,12 @@ def test_no_gui_and_the_download_cap_covers_sync(tmp_path: Path) -> None:
             # The bucket's burst (256 KiB) is free; the rest waits on the rate.
             assert time.monotonic() - started >= (CAPPED_FILE - 256 * 1024) / CAP * 0.9
             # A pause survives a restart; resume ends it.
-            b.cli("sync", "pause", str(tmp_path / "fb"))
+            b.call("sync_pause", {"path": str(tmp_path / "fb")})
             b.stop()
             b.start()
-            assert b.cli_json("sync", "list")["folders"][0]["state"] == "paused"
-            b.cli("sync", "resume", str(tmp_path / "fb"))
-            assert b.cli_json("sync", "list")["folders"][0]["state"] != "paused"
+            assert b.call("sync_list")["folders"][0]["state"] == "paused"
+            b.call("sync_resume", {"path": str(tmp_path / "fb")})
+            assert b.call("sync_list")["folders"][0]["state"] != "paused"
         finally:
             b.stop()
     finally:
