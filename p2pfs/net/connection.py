@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -31,6 +30,7 @@ from p2pfs.net.boundary import EngineGuard, describe
 from p2pfs.net.codes import CloseCode
 from p2pfs.net.control import ControlKind
 from p2pfs.net.engine import ALPN, Engine, EngineConnection, TransportConfig
+from p2pfs.net.intake import Intake, IntakeLimits
 from p2pfs.net.stream import Stream
 
 logger = logging.getLogger(__name__)
@@ -116,12 +116,14 @@ class PeerConnection:
         self.observed_address: auth.Observed | None = None
         """Where the peer says it sees our packets come from (its word, after auth)."""
         self._highest_peer_stream = -1
-        self._blocked_writers: set[Stream] = set()
-        self._full_streams: set[Stream] = set()
-        self._unread = 0
-        self._paused = False
-        self._held: deque[tuple[bytes, Address]] = deque()
-        self.held_dropped = 0
+        self._intake: Intake[Stream, tuple[bytes, Address]] = Intake(
+            IntakeLimits(
+                stream=config.stream_receive_limit,
+                connection=config.connection_receive_limit,
+                hard=config.connection_receive_hard_limit,
+                held=config.held_datagram_limit,
+            )
+        )
         self._processing = False
         self._resume_pending = False
         self._deferred_close: tuple[int, str] | None = None
@@ -149,6 +151,11 @@ class PeerConnection:
         if self._peer_id is None or not self._authenticated:
             raise ConnectionClosedError("peer not authenticated yet")
         return self._peer_id
+
+    @property
+    def held_dropped(self) -> int:
+        """Datagrams dropped because intake was paused and the hold queue was full."""
+        return self._intake.held_dropped
 
     @property
     def is_closed(self) -> bool:
@@ -229,13 +236,11 @@ class PeerConnection:
     def datagrams_received(self, datagrams: list[bytes], addr: Address, now: float) -> None:
         if self._terminated:
             return
-        if self._paused and self._blocked_writers and not self._over_hard_limit():
+        intake = self._intake
+        if intake.resume_for_writer():
             self._resume_intake()
-        if self._paused:
-            room = self.config.held_datagram_limit - len(self._held)
-            if room < len(datagrams):
-                self.held_dropped += len(datagrams) - max(room, 0)
-            self._held.extend((d, addr) for d in datagrams[: max(room, 0)])
+        if intake.paused:
+            intake.hold((d, addr) for d in datagrams)
             return
         self.bytes_received += sum(map(len, datagrams))
         with self._guard:
@@ -271,8 +276,7 @@ class PeerConnection:
     ) -> None:
         stream = self._streams.pop(stream_id, None)
         if stream is not None:
-            self._blocked_writers.discard(stream)
-            self._full_streams.discard(stream)
+            self._intake.forget(stream)
         if self._error is not None:
             return
         with self._guard:
@@ -290,8 +294,7 @@ class PeerConnection:
         return backlog
 
     def stream_writer_blocked(self, stream: Stream) -> None:
-        self._blocked_writers.add(stream)
-        if self._paused and not self._over_hard_limit():
+        if self._intake.writer_blocked(stream):
             # The writer needs ACKs to make progress, and those are in the held datagrams.
             if self._processing:
                 self._resume_pending = True
@@ -299,18 +302,10 @@ class PeerConnection:
                 self._resume_intake()
 
     def stream_consumed(self, stream: Stream, size: int) -> None:
-        self._unread -= size
-        if stream in self._full_streams and (
-            stream.receive_buffered <= self.config.stream_receive_limit // 2
-        ):
-            self._full_streams.discard(stream)
+        resume = self._intake.consumed(stream, size, stream.receive_buffered)
         if stream.receive_buffered == 0 and stream.receive_finished:
             self._maybe_forget(stream.stream_id)
-        if (
-            self._paused
-            and not self._full_streams
-            and self._unread <= self.config.connection_receive_limit // 2
-        ):
+        if resume:
             if self._processing:
                 self._resume_pending = True
             else:
@@ -358,8 +353,8 @@ class PeerConnection:
         if datagrams:
             self.bytes_sent += sum(len(datagram) for datagram, _address in datagrams)
             self._hooks.transmit(datagrams)
-        if self._blocked_writers:
-            self._blocked_writers = {s for s in self._blocked_writers if not s.send_room_maybe()}
+        if self._intake.blocked_writers:
+            self._intake.retain_blocked(lambda s: not s.send_room_maybe())
 
     def _next_deadline(self) -> float:
         if self._broken:
@@ -461,12 +456,10 @@ class PeerConnection:
         else:
             kept = stream.data_received(event.data, event.end_stream)
         if kept:
-            self._unread += kept
-            if stream.receive_buffered > self.config.stream_receive_limit:
-                self._full_streams.add(stream)
-            if not self._paused and self._should_pause():
+            was_paused = self._intake.paused
+            self._intake.received(stream, kept, stream.receive_buffered)
+            if self._intake.paused and not was_paused:
                 logger.debug("%r: reader behind, pausing intake", self)
-                self._paused = True
 
     def _on_stream_reset(self, event: Any) -> None:
         stream = self._streams.get(event.stream_id)
@@ -477,7 +470,7 @@ class PeerConnection:
         stream = self._streams.get(event.stream_id)
         if stream is not None and self._error is None:
             stream.peer_stop_sending(event.error_code)
-            self._blocked_writers.discard(stream)
+            self._intake.writer_gone(stream)
             # RFC 9000 3.5: answer STOP_SENDING with RESET_STREAM, unless our side of the
             # stream is already complete (FIN sent): the engines refuse that with ValueError,
             # and a peer must not be able to crash the endpoint by asking.
@@ -594,10 +587,9 @@ class PeerConnection:
         error = self._error
         for stream in list(self._streams.values()):
             stream.connection_lost(error)
-        self._blocked_writers.clear()
+        self._intake.lost()
         self._incoming_send.close()
         self._control_send.close()
-        self._held.clear()
         # Keep routing its ids a little while (late packets, our retransmitted close), then
         # forget it even if the engine's draining period would take longer.
         self._linger_deadline = min(self._linger_deadline, trio.current_time() + CLOSE_LINGER)
@@ -616,11 +608,11 @@ class PeerConnection:
         self._hooks.connection_finished(self)
 
     def _resume_intake(self) -> None:
-        self._paused = False
-        held, self._held = self._held, deque()
+        intake = self._intake
+        held = intake.resume()
         logger.debug("%r: reader caught up, feeding %d held datagrams", self, len(held))
         now = trio.current_time()
-        while held and not self._paused and not self._terminated:
+        while held and not intake.paused and not self._terminated:
             addr = held[0][1]
             batch: list[bytes] = []
             while held and held[0][1] == addr and len(batch) < self.config.receive_batch:
@@ -631,16 +623,7 @@ class PeerConnection:
                 )
             self._after_input()
         if held and not self._terminated:
-            self._held.extendleft(reversed(held))
-
-    def _should_pause(self) -> bool:
-        if self._over_hard_limit():
-            return True
-        over = bool(self._full_streams) or self._unread > self.config.connection_receive_limit
-        return over and not self._blocked_writers
-
-    def _over_hard_limit(self) -> bool:
-        return self._unread > self.config.connection_receive_hard_limit
+            intake.put_back(held)
 
     def _maybe_forget(self, stream_id: int) -> None:
         stream = self._streams.get(stream_id)
