@@ -72,7 +72,7 @@ def test_metrics_render_parses_as_prometheus_text() -> None:
     text = render(
         Snapshot(
             bytes_by_kind={("sent", "payload"): 10, ("received", "protocol"): 7},
-            peers=[PeerTraffic('a"b\\c', "relayed", 5, 6)],
+            peers=[PeerTraffic('a"b\\c', "relayed", 5, 6, 2, 3)],
             chunks={"received": 3, "rejected": 1},
             dht_lookups=4,
             lookup_latency=latency,
@@ -87,8 +87,10 @@ def test_metrics_render_parses_as_prometheus_text() -> None:
         for s in family.samples
     }
     assert samples[("p2pfs_bytes_total", (("direction", "sent"), ("kind", "payload")))] == 10
-    peer = (("direction", "received"), ("path", "relayed"), ("peer", 'a"b\\c'))
+    peer = (("direction", "received"), ("kind", "udp"), ("path", "relayed"), ("peer", 'a"b\\c'))
     assert samples[("p2pfs_peer_bytes_total", peer)] == 6
+    peer = (("direction", "sent"), ("kind", "payload"), ("path", "relayed"), ("peer", 'a"b\\c'))
+    assert samples[("p2pfs_peer_bytes_total", peer)] == 2
     assert samples[("p2pfs_connections", (("path", "relayed"),))] == 1
     assert samples[("p2pfs_folders", (("state", "syncing"),))] == 2
     assert samples[("p2pfs_folders", (("state", "idle"),))] == 0
@@ -297,6 +299,14 @@ def check_metrics(api: Api) -> None:
     assert sum(v for (n, _), v in samples.items() if n == "p2pfs_folders") == 1
     assert samples[("p2pfs_chunks_total", (("outcome", "received"),))] >= 1
     assert samples[("p2pfs_bytes_total", (("direction", "received"), ("kind", "payload")))] >= 15
+    per_peer = [
+        value
+        for (name, labels), value in samples.items()
+        if name == "p2pfs_peer_bytes_total"
+        and ("kind", "payload") in labels
+        and ("direction", "received") in labels
+    ]
+    assert per_peer and max(per_peer) >= 15  # hello.txt's bytes, from A
 
 
 def check_page(api: Api, ticket: str) -> None:

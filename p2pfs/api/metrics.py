@@ -42,6 +42,8 @@ class PeerTraffic:
     path: str
     bytes_sent: int
     bytes_received: int
+    payload_sent: int = 0
+    payload_received: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,12 +85,17 @@ def render(snapshot: Snapshot) -> bytes:
         yield traffic
         per_peer = CounterMetricFamily(
             "p2pfs_peer_bytes",
-            "UDP bytes of each open connection by peer, direction and path type",
-            labels=["peer", "direction", "path"],
+            "Bytes of each open connection by peer, direction, kind (udp: every datagram "
+            "byte; payload: chunk data within them) and path type",
+            labels=["peer", "direction", "kind", "path"],
         )
         for peer in snapshot.peers:
-            per_peer.add_metric([peer.node_id, "sent", peer.path], peer.bytes_sent)
-            per_peer.add_metric([peer.node_id, "received", peer.path], peer.bytes_received)
+            for direction, udp, payload in (
+                ("sent", peer.bytes_sent, peer.payload_sent),
+                ("received", peer.bytes_received, peer.payload_received),
+            ):
+                per_peer.add_metric([peer.node_id, direction, "udp", peer.path], udp)
+                per_peer.add_metric([peer.node_id, direction, "payload", peer.path], payload)
         yield per_peer
         chunks = CounterMetricFamily("p2pfs_chunks", "Chunks by outcome", labels=["outcome"])
         for outcome, value in sorted(snapshot.chunks.items()):

@@ -274,7 +274,12 @@ class Node:
             },
             peers=[
                 api_metrics.PeerTraffic(
-                    peer["node_id"], peer["path"], peer["bytes_sent"], peer["bytes_received"]
+                    peer["node_id"],
+                    peer["path"],
+                    peer["bytes_sent"],
+                    peer["bytes_received"],
+                    peer["payload_sent"],
+                    peer["payload_received"],
                 )
                 for peer in self._peers()
             ],
@@ -300,6 +305,8 @@ class Node:
         for conn, summary in _peer_summaries(self.endpoint.connections):
             summary["bytes_sent"] = conn.bytes_sent
             summary["bytes_received"] = conn.bytes_received
+            summary["payload_sent"] = conn.payload_sent
+            summary["payload_received"] = conn.payload_received
             summary["send_rate"] = rates.rate((conn, "sent"), conn.bytes_sent, now)
             summary["receive_rate"] = rates.rate((conn, "received"), conn.bytes_received, now)
             peers.append(summary)

@@ -235,7 +235,7 @@ class ShareService:
                         reply = ErrorReply(message.request_id, ErrorCode.CANCELLED, "cancelled")
                         await self._send(stream, session.send(reply))
                         continue
-                    await self._answer(message, stream, session, grants)
+                    await self._answer(message, stream, session, grants, conn)
 
     async def _folder_request(
         self,
@@ -277,6 +277,7 @@ class ShareService:
         stream: Stream,
         session: StreamSession,
         grants: _ConnectionGrants,
+        conn: PeerConnection,
     ) -> None:
         folder = (
             None
@@ -300,7 +301,7 @@ class ShareService:
             if folder is None and await self._is_private(message.share_root):
                 await self._send(stream, session.send(_not_found(message.request_id, "no share")))
                 return
-            await self._chunks(message, stream, session)
+            await self._chunks(message, stream, session, conn)
             return
         reply: ManifestReply | NodesReply | ErrorReply
         if isinstance(message, GetManifest):
@@ -465,7 +466,9 @@ class ShareService:
         (tests/hooked_daemon.py); the shipped daemon has no switch for it."""
         return await in_thread(_read_group, wanted)
 
-    async def _chunks(self, request: GetChunks, stream: Stream, session: StreamSession) -> None:
+    async def _chunks(
+        self, request: GetChunks, stream: Stream, session: StreamSession, conn: PeerConnection
+    ) -> None:
         locations: list[list[ChunkLocation]] = await self._index.run(
             _locate_all, self._index.index, request.chunks, request.share_root
         )
@@ -501,6 +504,7 @@ class ShareService:
                 header = encode_chunk_data_header(request.request_id, index, len(data))
                 self.counters.protocol_sent += len(header)
                 self.counters.payload_sent += len(data)
+                conn.payload_sent += len(data)
                 self.counters.chunks_served += 1
                 await stream.send_all(header + data)
                 index += 1

@@ -302,7 +302,7 @@ class PeerPool:
                 nursery.start_soon(sender)
                 async with in_flight:
                     async for picked, sent_at in in_flight:
-                        await self._receive(stream, peer, picked, sent_at, pipeline)
+                        await self._receive(conn, stream, peer, picked, sent_at, pipeline)
                         outstanding.remove(picked)
         except BaseException:
             for picked in outstanding:
@@ -312,6 +312,7 @@ class PeerPool:
 
     async def _receive(
         self,
+        conn: PeerConnection,
         stream: RequestStream,
         peer: NodeId,
         picked: list[int],
@@ -330,6 +331,7 @@ class PeerPool:
                 raise PeerRequestError(reply.code, reply.message)
             assert isinstance(reply, ChunkData)  # the session checked order and length
             self.counters.payload_received += len(reply.payload)
+            conn.payload_received += len(reply.payload)
             self.counters.protocol_received += FRAME_OVERHEAD
             self.counters.chunks_received += 1
             # Waiting here stops reading the stream, so flow control slows the sender.

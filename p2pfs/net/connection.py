@@ -95,6 +95,9 @@ class PeerConnection:
         self.path = "relayed" if is_tunnel(remote_address) else "direct"
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.payload_sent = 0
+        self.payload_received = 0
+        """Chunk bytes the daemon sent and received over this connection (it counts them)."""
         """UDP payload bytes of this connection's datagrams (QUIC headers included), for
         per-peer rates and metrics."""
         """How the connection reaches the peer: direct, punched (a direct path opened by

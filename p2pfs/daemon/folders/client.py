@@ -155,6 +155,7 @@ class FolderLink:
                     raise PeerRequestError(reply.code, reply.message)
                 assert isinstance(reply, ChunkData)  # the session checked order and length
                 self._counters.payload_received += len(reply.payload)
+                self.conn.payload_received += len(reply.payload)
                 self._counters.chunks_received += 1
                 # Waiting here stops reading the stream: flow control slows the member.
                 await throttle(self._download_limit, len(reply.payload))
