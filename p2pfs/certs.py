@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import NameOID
@@ -59,7 +59,9 @@ def public_key_from_certificate_untrusted(der: bytes) -> bytes:
     try:
         cert = x509.load_der_x509_certificate(der)
         key = cert.public_key()
-    except ValueError as exc:
+    # InvalidVersion (a bad version field) and UnsupportedAlgorithm (an unknown key type)
+    # are not ValueErrors; any of them is the peer's malformed certificate.
+    except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm) as exc:
         raise AuthenticationError(f"peer certificate does not parse: {exc}") from exc
     if not isinstance(key, Ed25519PublicKey):
         raise AuthenticationError(f"peer key is {type(key).__name__}, not Ed25519")

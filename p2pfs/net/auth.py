@@ -19,11 +19,16 @@ client: the address it dialled), ``family (4 | 6) || IP (4 | 16 bytes) || u16 po
 node behind a NAT learns its public mapping. It rides inside the TLS-protected connection;
 what a peer says of us is still only its word, so the node trusts it as the address book
 says (bounded, and confirmed by more than one peer before it goes into tickets).
+
+``ClientAuth`` and ``ServerAuth`` run the exchange as pure state machines (bytes in, bytes
+to send and a result out; the nonce's randomness comes in as a parameter); the connection
+only carries their bytes on the stream.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
 
 from p2pfs.certs import (
     MAX_CERTIFICATE_LEN,
@@ -121,3 +126,98 @@ def verify_client_proof_untrusted(
         public_key, transcript(nonce, client_id, server_id), proof[2 + cert_len : signed_end]
     )
     return client_id, observed
+
+
+# -- the exchange as two state machines -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticated:
+    """The exchange succeeded: who the peer is and where it says it sees us."""
+
+    peer: NodeId
+    observed: Observed
+
+
+@dataclass(frozen=True, slots=True)
+class AuthStep:
+    """What one input produced: bytes to send on the auth stream (then FIN) if any, and the
+    result once the exchange is complete."""
+
+    send: bytes = b""
+    done: Authenticated | None = None
+
+
+class ClientAuth:
+    """The client's side: answer the server's nonce, then read its acceptance.
+
+    ``server_id`` is the NodeId the TLS handshake proved; ``server_address`` where we
+    dialled it. Every input error raises AuthenticationError.
+    """
+
+    def __init__(self, identity: Identity, server_id: NodeId, server_address: Observed) -> None:
+        self._identity = identity
+        self._server_id = server_id
+        self._server_address = server_address
+        self._buffer = bytearray()
+        self._answered = False
+        self._done = False
+
+    def receive_untrusted(self, data: bytes, end_stream: bool) -> AuthStep:
+        if self._done:
+            return AuthStep()  # the server's trailing FIN
+        self._buffer += data
+        send = b""
+        if not self._answered:
+            if len(self._buffer) < NONCE_LEN:
+                if end_stream:
+                    raise AuthenticationError("server sent a truncated challenge")
+                return AuthStep()
+            nonce = bytes(self._buffer[:NONCE_LEN])
+            del self._buffer[:NONCE_LEN]
+            send = client_proof(self._identity, nonce, self._server_id, self._server_address)
+            self._answered = True
+        if len(self._buffer) > MAX_ACCEPT_LEN:
+            raise AuthenticationError("oversized acceptance")
+        observed = parse_accept_untrusted(bytes(self._buffer))
+        if observed is None:
+            if end_stream:
+                raise AuthenticationError("server sent a truncated acceptance")
+            return AuthStep(send=send)
+        self._done = True
+        return AuthStep(send=send, done=Authenticated(self._server_id, observed))
+
+
+class ServerAuth:
+    """The server's side: send ``nonce`` (fresh randomness, given by the caller), collect
+    the client's proof up to its FIN, verify it, accept.
+
+    ``client_address`` is where the client's packets come from. Every input error raises
+    AuthenticationError.
+    """
+
+    def __init__(self, server_id: NodeId, nonce: bytes, client_address: Observed) -> None:
+        if len(nonce) != NONCE_LEN:
+            raise ValueError(f"nonce must be {NONCE_LEN} bytes")
+        self._server_id = server_id
+        self.challenge = nonce
+        self._client_address = client_address
+        self._buffer = bytearray()
+        self._done = False
+
+    def receive_untrusted(self, data: bytes, end_stream: bool) -> AuthStep:
+        if self._done:
+            return AuthStep()
+        self._buffer += data
+        if len(self._buffer) > MAX_PROOF_LEN:
+            raise AuthenticationError("oversized authentication proof")
+        if not end_stream:
+            return AuthStep()
+        client_id, observed = verify_client_proof_untrusted(
+            bytes(self._buffer), self.challenge, self._server_id
+        )
+        self._buffer.clear()
+        self._done = True
+        return AuthStep(
+            send=server_accept(self._client_address), done=Authenticated(client_id, observed)
+        )

@@ -114,8 +114,8 @@ class PeerConnection:
         self._auth_deadline = now + config.handshake_timeout
         self._linger_deadline = math.inf
         self._auth_stream_id: int | None = None if not self.is_client else 1
-        self._auth_buffer = bytearray()
-        self._nonce = b""
+        # The client-authentication exchange (net/auth.py), once TLS has finished.
+        self._auth: auth.ClientAuth | auth.ServerAuth | None = None
         self.observed_address: auth.Observed | None = None
         """Where the peer says it sees our packets come from (its word, after auth)."""
         self._highest_peer_stream = -1
@@ -402,9 +402,12 @@ class PeerConnection:
             self._check_server_certificate()
             return
         # Server: challenge the client on our first bidirectional stream.
-        self._nonce = os.urandom(auth.NONCE_LEN)
+        server = auth.ServerAuth(
+            self._identity.node_id, os.urandom(auth.NONCE_LEN), _host_port(self.remote_address)
+        )
+        self._auth = server
         self._auth_stream_id = self._quic.get_next_available_stream_id()
-        self._quic.send_stream_data(self._auth_stream_id, self._nonce)
+        self._quic.send_stream_data(self._auth_stream_id, server.challenge)
 
     def _check_server_certificate(self) -> None:
         der = self._engine.peer_certificate_der(self._quic)
@@ -418,6 +421,8 @@ class PeerConnection:
         elif presented != self._peer_id:
             error = AuthenticationError(f"expected peer {self._peer_id}, it is {presented}")
             self._fail(error, CloseCode.AUTH_FAILED)
+            return
+        self._auth = auth.ClientAuth(self._identity, presented, _host_port(self.remote_address))
 
     def _on_stream_data(self, event: Any) -> None:
         stream_id = event.stream_id
@@ -500,57 +505,27 @@ class PeerConnection:
     def _on_auth_data(self, data: bytes, end_stream: bool) -> None:
         if self._authenticated or self._error is not None:
             return  # the server's trailing FIN, or nothing we care about
-        self._auth_buffer += data
+        assert self._auth_stream_id is not None
+        if self._auth is None:
+            error = AuthenticationError("authentication data before the TLS handshake")
+            self._fail(error, CloseCode.AUTH_FAILED)
+            return
         try:
-            if self.is_client:
-                self._client_auth_step(end_stream)
-            else:
-                self._server_auth_step(end_stream)
+            step = self._auth.receive_untrusted(data, end_stream)
         except AuthenticationError as exc:
             self._fail(exc, CloseCode.AUTH_FAILED)
-
-    def _client_auth_step(self, end_stream: bool) -> None:
-        assert self._peer_id is not None and self._auth_stream_id is not None
-        buf = self._auth_buffer
-        if not self._nonce:
-            if len(buf) < auth.NONCE_LEN:
-                if end_stream:
-                    raise AuthenticationError("server sent a truncated challenge")
-                return
-            self._nonce = bytes(buf[: auth.NONCE_LEN])
-            del buf[: auth.NONCE_LEN]
-            proof = auth.client_proof(
-                self._identity, self._nonce, self._peer_id, _host_port(self.remote_address)
-            )
-            self._quic.send_stream_data(self._auth_stream_id, proof, end_stream=True)
-        if len(buf) > auth.MAX_ACCEPT_LEN:
-            raise AuthenticationError("oversized acceptance")
-        observed = auth.parse_accept_untrusted(bytes(buf))
-        if observed is None:
-            if end_stream:
-                raise AuthenticationError("server sent a truncated acceptance")
             return
-        self.observed_address = observed
-        self._authenticated = True
-        logger.debug("%r: authenticated server", self)
-        self.ready.set()
-
-    def _server_auth_step(self, end_stream: bool) -> None:
-        assert self._auth_stream_id is not None
-        if len(self._auth_buffer) > auth.MAX_PROOF_LEN:
-            raise AuthenticationError("oversized authentication proof")
-        if not end_stream:
+        if step.send:
+            self._quic.send_stream_data(self._auth_stream_id, step.send, end_stream=True)
+        if step.done is None:
             return
-        self._peer_id, self.observed_address = auth.verify_client_proof_untrusted(
-            bytes(self._auth_buffer), self._nonce, self._identity.node_id
-        )
-        self._auth_buffer.clear()
-        accept = auth.server_accept(_host_port(self.remote_address))
-        self._quic.send_stream_data(self._auth_stream_id, accept, end_stream=True)
+        self._peer_id = step.done.peer
+        self.observed_address = step.done.observed
         self._authenticated = True
-        logger.debug("%r: authenticated client", self)
+        logger.debug("%r: authenticated %s", self, "server" if self.is_client else "client")
         self.ready.set()
-        self._hooks.connection_ready(self)
+        if not self.is_client:
+            self._hooks.connection_ready(self)
 
     # -- endings --------------------------------------------------------------------------
 
