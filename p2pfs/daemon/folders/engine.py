@@ -341,7 +341,11 @@ class FolderSync:
             self.disk.states[path] = folderdisk.DiskState(size, mtime_ns, inode)
             self.disk.roots.add(ContentHash(root))
         for directory in part.directories:
-            found[directory] = directory_entry(directory)
+            # A directory the scan listed is not itself in scope (only its entries are):
+            # compared with no record, it would become a new version with a fresh vector,
+            # concurrent with (or older than) the folder's record of it.
+            if in_scope(directory):
+                found[directory] = directory_entry(directory)
         records = {p: r.version for p, r in self.records.items() if in_scope(p)}
         await self._record_changes(records, found, part.problems, in_scope)
 

@@ -1,0 +1,67 @@
+"""A sync folder's local change detection on a real disk and index (no network): what a
+watcher-driven partial scan records."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import trio
+
+from p2pfs.daemon.folders.engine import FolderSync
+from p2pfs.daemon.storage import AsyncIndex
+from p2pfs.store import folderdisk
+from p2pfs.store.folders import FolderStore
+from p2pfs.store.index import IndexStore
+from p2pfs.sync.keys import FolderKeys
+from p2pfs.sync.versions import Ordering
+
+OLD_NS = 1_600_000_000 * 10**9
+
+
+def test_an_edit_in_a_directory_records_the_file_not_the_directory(tmp_path: Path) -> None:
+    # Found measuring the e2e follow test: the directory a partial scan lists was recorded
+    # as a new version with a fresh vector (older than the folder's, or concurrent), so
+    # members signed spurious directory versions and a peer could drop the link ("vector
+    # went backwards").
+    top = tmp_path / "folder"
+    (top / "docs" / "notes").mkdir(parents=True)
+    for name in ("docs/notes/deep.txt", "docs/top.txt"):
+        (top / name).write_text("first\n")
+        os.utime(top / name, ns=(OLD_NS, OLD_NS))
+    folderdisk.write_marker(str(top))
+
+    async def main() -> None:
+        with IndexStore(tmp_path / "index.sqlite3") as index:
+            store = FolderStore(index)
+            keys = FolderKeys.from_write_seed(bytes(range(32)))
+            row = store.add_folder(
+                keys.folder_id,
+                str(top),
+                keys.read_key,
+                keys.write_public,
+                keys.write_seed,
+                bytes([7]) * 32,
+                0,
+            )
+            folder = FolderSync(row, AsyncIndex(index), store, lambda _f, _c: None)
+            await folder.load()
+            await folder.rescan(force=True)
+            # The directory goes and comes back: its record is now at counter 3.
+            (top / "docs" / "notes").rename(tmp_path / "away")
+            await folder.rescan(force=True)
+            (tmp_path / "away").rename(top / "docs" / "notes")
+            await folder.rescan(force=True)
+            before = dict(folder.records)
+            assert before["docs/notes"].version.version.counter(row.device) == 3
+            assert {"docs", "docs/notes", "docs/notes/deep.txt"} <= set(before)
+            folder.watching = True
+            (top / "docs" / "notes" / "deep.txt").write_text("second\n")
+            folder.note_changes([str(top / "docs" / "notes" / "deep.txt")])
+            await folder.rescan()
+            changed = {p for p, r in folder.records.items() if before.get(p) != r}
+            assert changed == {"docs/notes/deep.txt"}
+            after = folder.records["docs/notes/deep.txt"].version.version
+            assert after.compare(before["docs/notes/deep.txt"].version.version) is Ordering.AFTER
+
+    trio.run(main)
