@@ -18,7 +18,12 @@ import trio
 from p2pfs.address import PeerAddress
 from p2pfs.discovery.keys import relay_for_discovery_key, relays_discovery_key
 from p2pfs.discovery.seam import Finder
-from p2pfs.errors import ConnectionClosedError, LocalProtocolError, RemoteProtocolError
+from p2pfs.errors import (
+    ConnectionClosedError,
+    LocalProtocolError,
+    P2pfsError,
+    RemoteProtocolError,
+)
 from p2pfs.ids import NodeId
 from p2pfs.net import Endpoint, PeerConnection, Stream
 from p2pfs.net.control import ControlKind, Decoder, Incoming, Refuse, RefuseCode, encode
@@ -147,12 +152,20 @@ class Reach:
     # -- relays ---------------------------------------------------------------------------
 
     async def _announce(self, key: bytes) -> None:
+        """Announce in the private DHT; a failure is logged, never the caller's (a relay
+        registration must not end because the DHT is down)."""
         if self._dht is not None:
-            await self._dht.announce(key)
+            try:
+                await self._dht.announce(key)
+            except (OSError, P2pfsError) as exc:
+                logger.info("announcing %s in the DHT failed: %s", key.hex()[:12], exc)
 
     async def _withdraw(self, key: bytes) -> None:
         if self._dht is not None:
-            await self._dht.withdraw(key)
+            try:
+                await self._dht.withdraw(key)
+            except (OSError, P2pfsError) as exc:
+                logger.info("withdrawing %s from the DHT failed: %s", key.hex()[:12], exc)
 
     async def _find_relays(self) -> list[tuple[PeerAddress, NodeId | None]]:
         """Where a relay may be: our --peer and --bootstrap nodes first (a refusal says
@@ -161,7 +174,7 @@ class Reach:
         if self._dht is not None:
             try:
                 providers = await self._dht.find(relays_discovery_key())
-            except (OSError, RemoteProtocolError, LocalProtocolError) as exc:
+            except (OSError, P2pfsError) as exc:
                 logger.info("looking for relays in the DHT failed: %s", exc)
                 providers = []
             for provider in providers:
@@ -175,7 +188,7 @@ class Reach:
             return []
         try:
             providers = await self._dht.find(relay_for_discovery_key(node.raw))
-        except (OSError, RemoteProtocolError, LocalProtocolError) as exc:
+        except (OSError, P2pfsError) as exc:
             logger.info("looking up relays for %s failed: %s", node.short(), exc)
             return []
         return [
