@@ -147,6 +147,15 @@ class AddressBook:
         """Every observed address kept, newest first, with how many places reported it."""
         return [(address, len(places)) for address, places in reversed(self._observed.items())]
 
+    def seen_through_nat(self) -> bool:
+        """Whether a peer saw our packets come from an IP none of our interfaces has (and
+        no gateway mapping is ours): a NAT between us and it. A hint, not a reachability
+        test: it says we may need a relay, never that we are reachable."""
+        if self._mapped is not None or not self._observed:
+            return False
+        interfaces = set(interface_addresses(self.family)) | {self.bound_host}
+        return any(address.host not in interfaces for address in self._observed)
+
     def all(self) -> list[PeerAddress]:
         own = local_addresses(self.bound_host, self.port, interface_addresses(self.family))
         extra = [

@@ -37,6 +37,9 @@ from .relayclient import RelayClient, RelayRoute
 
 logger = logging.getLogger(__name__)
 
+RELAYS_FOR_TTL = 30.0
+"""How long a node's relays found in the DHT (or that none were) are believed."""
+RELAYS_FOR_KEPT = 256
 PUNCH_RETRY_DELAYS = (10.0, 30.0, 60.0, 120.0, *(300.0,) * 12)
 """When to punch again beside a relayed connection still in use (about an hour in all)."""
 
@@ -67,6 +70,7 @@ class Reach:
         self._addresses: AddressBook | None = None
         self._nursery: trio.Nursery | None = None
         self._punch_outcomes: OrderedDict[PeerConnection, PunchOutcome] = OrderedDict()
+        self._relays_for_cache: OrderedDict[NodeId, tuple[float, list[Candidate]]] = OrderedDict()
 
     async def serve(
         self,
@@ -169,9 +173,11 @@ class Reach:
 
     async def _find_relays(self) -> list[tuple[PeerAddress, NodeId | None]]:
         """Where a relay may be: our --peer and --bootstrap nodes first (a refusal says
-        they are not), then relays that announce themselves in the private DHT."""
+        they are not), then, once a peer has seen us through a NAT, relays that announce
+        themselves in the private DHT (a lookup a node that needs none does not make)."""
         found: dict[PeerAddress, NodeId | None] = dict.fromkeys(self._known)
-        if self._dht is not None:
+        assert self._addresses is not None
+        if self._dht is not None and self._addresses.seen_through_nat():
             try:
                 providers = await self._dht.find(relays_discovery_key())
             except (OSError, P2pfsError) as exc:
@@ -183,19 +189,28 @@ class Reach:
         return list(found.items())
 
     async def _relays_for(self, node: NodeId) -> list[Candidate]:
-        """Relays that announce that ``node`` is registered with them."""
+        """Relays that announce that ``node`` is registered with them; asked at most once
+        every RELAYS_FOR_TTL per node (a fetch redialling a dead holder asks each round)."""
         if self._dht is None:
             return []
+        now = trio.current_time()
+        cached = self._relays_for_cache.get(node)
+        if cached is not None and cached[0] > now:
+            return cached[1]
         try:
             providers = await self._dht.find(relay_for_discovery_key(node.raw))
         except (OSError, P2pfsError) as exc:
             logger.info("looking up relays for %s failed: %s", node.short(), exc)
-            return []
-        return [
+            providers = []
+        found = [
             Candidate(provider.address, node, "relay (dht)", provider.node_id)
             for provider in providers
             if provider.node_id is not None and provider.node_id != node
         ]
+        self._relays_for_cache[node] = (now + RELAYS_FOR_TTL, found)
+        while len(self._relays_for_cache) > RELAYS_FOR_KEPT:
+            self._relays_for_cache.popitem(last=False)
+        return found
 
     async def _dial_relay(
         self, address: PeerAddress, relay: NodeId | None, holder: object
