@@ -571,6 +571,10 @@ def test_names_colliding_on_a_case_insensitive_member_are_reported_not_clobbered
     (a_dir / "Readme.txt").write_text("capitalised\n")
     (a_dir / "README.TXT").write_text("shouting\n")
     (a_dir / "other.txt").write_text("fine\n")
+    (a_dir / "Docs").mkdir()
+    (a_dir / "Docs" / "a.txt").write_text("in Docs\n")
+    (a_dir / "docs").mkdir()
+    (a_dir / "docs" / "b.txt").write_text("in docs: would land in Docs\n")
     (a_dir / ".p2pfsignore").write_text("/Notes.txt\n")
     (a_dir / "notes.txt").write_text("synced\n")
     (b_dir / ".p2pfsignore").write_text("/Notes.txt\n")
@@ -585,11 +589,15 @@ def test_names_colliding_on_a_case_insensitive_member_are_reported_not_clobbered
         listed = b.cli_json("conflicts")["conflicts"]
         return [(c["path"], c["original"], c["kind"]) for c in listed]
 
-    wait_until(lambda: len(collisions()) == 2, CONVERGE_TIMEOUT)
+    wait_until(lambda: len(collisions()) == 4, CONVERGE_TIMEOUT)
     assert collisions() == [
         ("Readme.txt", "README.TXT", "name collision"),
+        ("docs", "Docs", "name collision"),
+        ("docs/b.txt", "Docs", "name collision"),  # its directory is Docs there
         ("notes.txt", "Notes.txt", "name collision"),  # an ignored file holds the name
     ]
+    assert (b_dir / "Docs" / "a.txt").read_text() == "in Docs\n"
+    assert not (b_dir / "docs").exists()
     # The first name (in byte order) is placed; the other is not, and nothing was replaced.
     assert (b_dir / "README.TXT").read_text() == "shouting\n"
     assert not (b_dir / "Readme.txt").exists()
@@ -599,8 +607,8 @@ def test_names_colliding_on_a_case_insensitive_member_are_reported_not_clobbered
     (b_dir / "Notes.txt").unlink()
     wait_until((b_dir / "notes.txt").exists, CONVERGE_TIMEOUT)
     assert (b_dir / "notes.txt").read_text() == "synced\n"
-    wait_until(lambda: len(collisions()) == 1, CONVERGE_TIMEOUT)
-    assert collisions() == [("Readme.txt", "README.TXT", "name collision")]
+    wait_until(lambda: len(collisions()) == 3, CONVERGE_TIMEOUT)
+    assert ("notes.txt", "Notes.txt", "name collision") not in collisions()
 
 
 def test_a_member_whose_folder_vanished_deletes_nothing_elsewhere(

@@ -181,21 +181,41 @@ def test_local_changes_cover_new_edited_chmod_deleted_and_untouched() -> None:
 def test_case_collisions_leave_one_path_per_folded_name(
     incoming: list[str], data: st.DataObject
 ) -> None:
-    existing = data.draw(st.lists(st.text(alphabet="aAbB/", min_size=1, max_size=6), max_size=6))
-    existing = list({path.casefold(): path for path in existing}.values())  # a real disk
+    drawn = data.draw(st.lists(st.text(alphabet="aAbB/", min_size=1, max_size=6), max_size=6))
+    existing: list[str] = []  # a real disk: no two names (of files or directories) fold alike
+    for path in drawn:
+        if one_name_per_folded_name([*existing, path]):
+            existing.append(path)
     collisions = case_collisions(existing, incoming)
     placed = [path for path in incoming if path not in collisions]
-    on_disk = dict.fromkeys([*existing, *placed])  # an update of an existing path is no clash
-    folded = [path.casefold() for path in on_disk]
-    assert len(folded) == len(set(folded))
+    assert one_name_per_folded_name([*existing, *placed])
     for path, holder in collisions.items():
-        assert path.casefold() == holder.casefold() and path != holder
+        # The holder is the path or one of its directories, but for case.
+        parts = path.split("/")
+        ours = {"/".join(parts[:end]) for end in range(1, len(parts) + 1)}
+        assert holder not in ours
+        assert holder.casefold() in {prefix.casefold() for prefix in ours}
+
+
+def one_name_per_folded_name(paths: list[str]) -> bool:
+    """Whether every path and directory above it differs from any other but for case."""
+    names: dict[str, str] = {}
+    for path in paths:
+        parts = path.split("/")
+        for end in range(1, len(parts) + 1):
+            prefix = "/".join(parts[:end])
+            if names.setdefault(prefix.casefold(), prefix) != prefix:
+                return False
+    return True
 
 
 def test_case_collision_example() -> None:
     assert case_collisions(["Docs/Read.me"], ["docs/read.me", "Docs/Read.me", "x"]) == {
         "docs/read.me": "Docs/Read.me"
     }
+    # A directory differing only by case is one directory there: the file would land in it.
+    assert case_collisions(["Docs/a"], ["docs/b", "Docs/c", "docsx/d"]) == {"docs/b": "Docs"}
+    assert case_collisions([], ["Src/x", "src/y", "src"]) == {"src": "Src", "src/y": "Src"}
 
 
 def test_a_file_found_where_content_was_never_held_is_concurrent_not_newer() -> None:

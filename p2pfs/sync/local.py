@@ -103,17 +103,42 @@ def case_collisions(existing: Iterable[str], incoming: Iterable[str]) -> dict[st
     """Incoming paths that would land on an existing (or earlier incoming) path on a file
     system that ignores case: incoming path -> the path it collides with.
 
-    Paths are compared whole after Unicode case folding, so ``Docs/A.txt`` meets
-    ``docs/a.txt`` (the two directories are one there). Among colliding incoming paths the
-    first in UTF-8 order keeps its place; an existing path always does.
+    Paths are compared after Unicode case folding, whole and by their directories: on such
+    a file system ``docs/read.me`` lands on ``Docs/Read.me``, and ``docs/b`` lands in the
+    directory ``Docs`` (named as the holder). Among colliding incoming paths the first in
+    UTF-8 order keeps its place; an existing path always does (the first in UTF-8 order,
+    should two existing ones differ only by case).
     """
-    taken: dict[str, str] = {path.casefold(): path for path in existing}
+    taken: dict[str, str] = {}
+    for path in sorted(existing, key=lambda p: p.encode("utf-8")):
+        _take(taken, path)
     collisions: dict[str, str] = {}
     for path in sorted(incoming, key=lambda p: p.encode("utf-8")):
-        folded = path.casefold()
-        holder = taken.get(folded)
+        holder = _holder(taken, path)
         if holder is None:
-            taken[folded] = path
-        elif holder != path:
+            _take(taken, path)
+        else:
             collisions[path] = holder
     return collisions
+
+
+def _prefixes(path: str) -> list[str]:
+    """``a/b/c`` -> ``["a/b/c", "a/b", "a"]``: the path, then its directories."""
+    found = [path]
+    while "/" in path:
+        path = path.rpartition("/")[0]
+        found.append(path)
+    return found
+
+
+def _take(taken: dict[str, str], path: str) -> None:
+    for prefix in _prefixes(path):
+        taken.setdefault(prefix.casefold(), prefix)
+
+
+def _holder(taken: dict[str, str], path: str) -> str | None:
+    for prefix in _prefixes(path):
+        holder = taken.get(prefix.casefold())
+        if holder is not None and holder != prefix:
+            return holder
+    return None
