@@ -109,11 +109,18 @@ def case_collisions(existing: Iterable[str], incoming: Iterable[str]) -> dict[st
     UTF-8 order keeps its place; an existing path always does (the first in UTF-8 order,
     should two existing ones differ only by case).
     """
+    arriving = sorted(incoming, key=lambda p: p.encode("utf-8"))
+    if not arriving:
+        return {}
+    # Only names an incoming path could meet matter: a big folder's other paths are passed
+    # over at the cost of folding their first component.
+    tops = {path.partition("/")[0].casefold() for path in arriving}
+    nearby = [path for path in existing if path.partition("/")[0].casefold() in tops]
     taken: dict[str, str] = {}
-    for path in sorted(existing, key=lambda p: p.encode("utf-8")):
+    for path in sorted(nearby, key=lambda p: p.encode("utf-8")):
         _take(taken, path)
     collisions: dict[str, str] = {}
-    for path in sorted(incoming, key=lambda p: p.encode("utf-8")):
+    for path in arriving:
         holder = _holder(taken, path)
         if holder is None:
             _take(taken, path)
