@@ -230,6 +230,17 @@ class PeerConnection:
             self._quic.send_ping(self._pings)
         self._after_input()
 
+    def send_pending(self) -> None:
+        """Transmit what the engine has queued (a new client's first flight)."""
+        self._after_input()
+
+    async def wait_authenticated(self) -> None:
+        """Wait until the peer is authenticated; raise why not if the connection ended first."""
+        await self.ready.wait()
+        if not self._authenticated:
+            assert self._error is not None
+            raise self._error
+
     async def wait_closed(self) -> None:
         """Wait until the connection is closed by either side or lost."""
         await self._closed.wait()

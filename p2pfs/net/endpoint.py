@@ -236,15 +236,12 @@ class Endpoint:
         conn = self._new_connection(quic, remote, expected_peer, now, is_client=True)
         self.register_cid(quic.host_cid, conn)
         conn.cids.add(quic.host_cid)
-        conn._after_input()
+        conn.send_pending()  # the client's first flight
         try:
-            await conn.ready.wait()
+            await conn.wait_authenticated()
         except BaseException:
             conn.close_nowait(CloseCode.NO_ERROR, "connect abandoned")
             raise
-        if not conn._authenticated:
-            assert conn._error is not None
-            raise conn._error
         # Authenticated, even if already closed again: the caller's next operation says so.
         return conn
 
