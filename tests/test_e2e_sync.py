@@ -149,7 +149,9 @@ def join(daemon: DaemonProcess, path: Path, ticket: str) -> dict[str, Any]:
 
 
 def folder_state(daemon: DaemonProcess, path: Path) -> dict[str, Any]:
-    folders = daemon.cli_json("sync", "list")["folders"]
+    # Over the control socket, what `p2pfs sync list --json` prints: a convergence poll
+    # spawning two CLI processes cost 0.3-1 s a round, most of a sync test's time.
+    folders = daemon.call("sync_list")["folders"]
     matching = [folder for folder in folders if same_path(folder["path"], path)]
     assert len(matching) == 1, folders
     state: dict[str, Any] = matching[0]
@@ -307,6 +309,10 @@ def test_two_members_follow_each_others_changes(tmp_path: Path, daemons: DaemonF
     assert_mtimes_match(a_dir, b_dir)
     assert not conflict_copies(a_dir) and not conflict_copies(b_dir)
     assert folder_state(a, a_dir)["files"] == folder_state(b, b_dir)["files"]
+    (listed,) = b.cli_json("sync", "list")["folders"]  # the CLI says so too
+    assert {k: listed[k] for k in ("path", "root", "files")} == {
+        k: folder_state(b, b_dir)[k] for k in ("path", "root", "files")
+    }
 
 
 def test_three_members(tmp_path: Path, daemons: DaemonFactory) -> None:
