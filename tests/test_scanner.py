@@ -324,43 +324,51 @@ def test_file_vanishing_mid_scan_is_reported(tmp_path: Path) -> None:
 
 
 def test_file_modified_by_a_thread_during_a_big_read(tmp_path: Path) -> None:
-    """A real concurrent writer: the scan ends with a problem or a consistent root.
+    """A real concurrent writer during the first read: the scan reads the file again once
+    the writer is done, and indexes exactly one state of it, never a torn one.
 
     The writer only appends whole 4 KiB pages of ``x``, so every state the file passes
-    through is the original bytes plus some number of pages. A scan without a problem must
-    have indexed exactly one of those states: its size is one of them, and its root is the
-    root of a file holding exactly those bytes.
+    through is the original bytes plus some number of pages: the indexed size is one of
+    them, and the root is the root of a file holding exactly those bytes. (A writer that
+    never stops is reported: test_file_changing_while_read_is_retried_then_reported.)
     """
     share = tmp_path / "share"
     original = random.Random(6).randbytes(BLOCK_SIZE * 3)
     page = b"x" * 4096
     write(share / "growing", original)
     stop = threading.Event()
+    started = threading.Event()
 
     def writer() -> None:
         with open(share / "growing", "ab") as out:
             while not stop.is_set():
                 out.write(page)
                 out.flush()
+                started.set()
                 time.sleep(0.001)
 
     thread = threading.Thread(target=writer)
     thread.start()
+    started.wait(10)
+
+    def writer_done(_path: str) -> None:  # after the first read: the file stays put now
+        stop.set()
+        thread.join()
+
     try:
-        result = scan(tmp_path, share)
+        result = scan(tmp_path, share, read_hook=writer_done)
     finally:
         stop.set()
         thread.join()
-    if result.problems:
-        assert result.files == 0 and "changing" in result.problems[0].reason
-    else:
-        assert result.files == 1
-        pages, remainder = divmod(result.bytes - len(original), len(page))
-        assert pages >= 0 and remainder == 0, result.bytes
-        write(tmp_path / "snapshot" / "growing", original + page * pages)
-        assert scan(tmp_path, tmp_path / "snapshot", home="snapshot").root == result.root
+    assert result.problems == [] and result.files == 1
+    pages, remainder = divmod(result.bytes - len(original), len(page))
+    assert pages >= 1 and remainder == 0, result.bytes
+    assert result.bytes == (share / "growing").stat().st_size  # the final state
+    snapshot = tmp_path / "snapshot" / "share"  # the same name: the root covers it
+    write(snapshot / "growing", original + page * pages)
+    assert scan(tmp_path, snapshot, home="snapshot").root == result.root
     again = scan(tmp_path, share, home="again")
-    assert again.problems == []
+    assert again.problems == [] and again.root == result.root
 
 
 def test_downloads_in_progress_are_not_indexed(tmp_path: Path) -> None:
