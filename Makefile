@@ -24,8 +24,8 @@ run: $(STAMP_RUN)
 	$(BIN)/p2pfs daemon
 
 lint: $(STAMP_TEST)
-	$(BIN)/ruff check p2pfs tests simulations protocol
-	$(BIN)/ruff format --check p2pfs tests simulations protocol
+	$(BIN)/ruff check p2pfs benchmarks tests simulations protocol
+	$(BIN)/ruff format --check p2pfs benchmarks tests simulations protocol
 
 typecheck: $(STAMP_TEST)
 	$(BIN)/mypy
@@ -45,7 +45,7 @@ browser-test: $(STAMP_TEST)
 	P2PFS_TEST_ARTIFACTS=build/artifacts $(BIN)/python -m pytest tests/test_api_browser.py -v
 
 bench: $(STAMP_RUN)
-	$(BIN)/python -m p2pfs.bench index
+	$(BIN)/python -m benchmarks index
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -167,7 +167,7 @@ def _parser(daemon_defaults: dict[str, Any] | None = None) -> argparse.ArgumentP
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line as ``main`` reads it (test entry points that run a daemon of their
-    own, such as tests/hooked_daemon.py, take the same arguments), with the home's
+    own, such as tests/support/hooked_daemon.py, take the same arguments), with the home's
     config.toml under a ``daemon`` command's flags."""
     args = _parser().parse_args(argv)
     return _with_config(argv, args) if args.command == "daemon" else args

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from p2pfs.bench.daemons import DaemonProcess
+from tests.support.daemons import DaemonProcess
 
 
 def fetch_in_background(

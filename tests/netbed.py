@@ -1,5 +1,5 @@
-"""The multi-machine test bed's pytest fixtures; the bed itself is ``p2pfs/bench/netbed.py``
-(so ``python -m p2pfs.bench nat`` can build it too), re-exported here for the tests."""
+"""The multi-machine test bed's pytest fixtures; the bed itself is ``tests/support/netbed.py``
+(``python -m benchmarks nat`` builds it too), re-exported here for the tests."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from p2pfs.bench.netbed import (
+from tests.support.netbed import (
     DEFAULT_PORT,
     NAT_RULES,
     Gateway,

@@ -22,9 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from p2pfs.api.app import ApiApp
 from p2pfs.api.metrics import Histogram, PeerTraffic, Snapshot, render
-from p2pfs.bench.daemons import DaemonProcess
 from p2pfs.daemon.events import SUBSCRIBER_BUFFER, EventBus, RateMeter
 from tests.e2e_helpers import wait_until
+from tests.support.daemons import DaemonProcess
 
 PAUSE_PROOF_WAIT = 1.5
 CAP = 1_000_000

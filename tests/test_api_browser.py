@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from p2pfs.bench.daemons import DaemonProcess
 from tests.e2e_helpers import wait_until
+from tests.support.daemons import DaemonProcess
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install '.[browser]'")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

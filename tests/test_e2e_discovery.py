@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from p2pfs.bench.daemons import DaemonProcess
 from p2pfs.daemon.discovery import DHT_K_ENV
+from tests.support.daemons import DaemonProcess
 
 NODES = 20
 K = 4

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from p2pfs.address import PeerAddress
-from p2pfs.bench.daemons import DaemonProcess
 from p2pfs.ids import NodeId
 from p2pfs.wire.ticket import Ticket, TicketKind, parse_ticket_untrusted
 from tests.e2e_helpers import fetch_in_background, transfer_progress, wait_until
+from tests.support.daemons import DaemonProcess
 
 MiB = 1 << 20
 

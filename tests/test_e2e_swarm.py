@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from p2pfs.bench.daemons import DaemonProcess
 from tests.e2e_helpers import fetch_in_background, transfer_progress, wait_until
-from tests.hooked_daemon import PROGRAM as HOOKED_DAEMON
+from tests.support.daemons import DaemonProcess
+from tests.support.hooked_daemon import PROGRAM as HOOKED_DAEMON
 
 MiB = 1 << 20
 

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from p2pfs.bench.daemons import DaemonProcess
 from p2pfs.ids import content_hash_untrusted
 from p2pfs.wire.ticket import TicketKind, parse_ticket_untrusted
 from tests.e2e_helpers import wait_until
-from tests.hooked_daemon import PROGRAM as HOOKED_DAEMON
+from tests.support.daemons import DaemonProcess
+from tests.support.hooked_daemon import PROGRAM as HOOKED_DAEMON
 
 pytestmark = pytest.mark.timeout(300)
 

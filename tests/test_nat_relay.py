@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import trio
 
-from p2pfs.bench.daemons import DaemonProcess
 from p2pfs.errors import ConnectionClosedError, LocalProtocolError, StreamResetError
 from p2pfs.identity import Identity
 from p2pfs.ids import NodeId
@@ -33,6 +32,7 @@ from p2pfs.net.control import (
     parse_relay_datagram_untrusted,
     relay_datagram,
 )
+from tests.support.daemons import DaemonProcess
 
 BUDGET = 1_000_000
 

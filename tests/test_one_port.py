@@ -15,13 +15,13 @@ import pytest
 import trio
 
 from p2pfs.address import PeerAddress
-from p2pfs.bench.daemons import DaemonProcess
 from p2pfs.discovery.dht.finder import DhtFinder
 from p2pfs.discovery.dht.shared import DHT_FIRST_BYTES
 from p2pfs.errors import LocalProtocolError
 from p2pfs.identity import Identity
 from p2pfs.ids import node_id_untrusted
 from p2pfs.net import PeerConnection, open_endpoint
+from tests.support.daemons import DaemonProcess
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -16,7 +16,6 @@ import msgpack
 import pytest
 import trio
 
-from p2pfs.bench.daemons import DaemonProcess
 from p2pfs.content.tree import Child
 from p2pfs.daemon.folders.client import FolderLink
 from p2pfs.daemon.folders.server import FolderServer
@@ -40,6 +39,7 @@ from p2pfs.sync.versions import FileVersion, VersionVector
 from p2pfs.wire.messages import FolderMember
 from p2pfs.wire.ticket import parse_ticket_untrusted
 from tests.e2e_helpers import wait_until
+from tests.support.daemons import DaemonProcess
 
 pytestmark = pytest.mark.timeout(120)
 

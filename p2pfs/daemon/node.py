@@ -98,7 +98,7 @@ class NodeConfig:
 class Node:
     share_service: type[ShareService] = ShareService
     """What serves shares; a test subclass plays a corrupt peer with its own
-    (tests/hooked_daemon.py)."""
+    (tests/support/hooked_daemon.py)."""
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config

@@ -463,7 +463,7 @@ class ShareService:
         """Each wanted chunk from the first location that still holds it, hash-checked before
         it is sent (None: no location does; a file changed behind the index's back). A
         subclass in the tests overrides this to play a peer that sends corrupt data
-        (tests/hooked_daemon.py); the shipped daemon has no switch for it."""
+        (tests/support/hooked_daemon.py); the shipped daemon has no switch for it."""
         return await in_thread(_read_group, wanted)
 
     async def _chunks(

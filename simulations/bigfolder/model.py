@@ -1,7 +1,7 @@
 """Projects a big folder's memory and per-change cost to 1M and 10M files (issue 16).
 
 Two kinds of input:
-- measured by ``python -m p2pfs.bench bigfolder`` (two daemons on loopback; the figures of
+- measured by ``python -m benchmarks bigfolder`` (two daemons on loopback; the figures of
   the run named in README.md): peak RSS at 10k/20k/50k files, and one edit's p50;
 - measured here on the sans-I/O core and the engine's in-memory steps that still walk
   every file per change: the index tree's update along one changed path

@@ -11,7 +11,9 @@ from __future__ import annotations
 import pytest
 import trio
 
-from p2pfs.bench.fuzz import (
+from p2pfs.identity import Identity
+from p2pfs.net import ENGINES, TransportConfig, open_endpoint
+from tests.support.fuzz import (
     capture_client_hello,
     connect_during_flood,
     echo_handler,
@@ -19,8 +21,6 @@ from p2pfs.bench.fuzz import (
     honest_exchange,
     open_flood_sockets,
 )
-from p2pfs.identity import Identity
-from p2pfs.net import ENGINES, TransportConfig, open_endpoint
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from p2pfs.bench.daemons import DaemonProcess
 from tests.e2e_helpers import wait_until
+from tests.support.daemons import DaemonProcess
 
 pytestmark = pytest.mark.timeout(300)
 

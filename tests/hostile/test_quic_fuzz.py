@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 import trio
 
-from p2pfs.bench.fuzz import (
+from p2pfs.net import ENGINES
+from tests.support.fuzz import (
     KEY_SHARE,
     CapturedHello,
     Mutator,
@@ -22,7 +23,6 @@ from p2pfs.bench.fuzz import (
     fuzz_client_role,
     fuzz_server_role,
 )
-from p2pfs.net import ENGINES
 
 CASES = 300
 X25519MLKEM768 = 0x11EC

@@ -1,6 +1,6 @@
 """Raw transport ceiling: one bulk stream between two processes over loopback.
 
-    python -m p2pfs.bench.transport [--size MiB] [--engine qh3|aioquic] [--json]
+    python -m benchmarks.transport [--size MiB] [--engine qh3|aioquic] [--json]
 
 A receiver process and a sender process (so each side has its own interpreter and core, as
 two nodes would) move ``--size`` MiB through one stream of p2pfs.net with the default
@@ -25,6 +25,7 @@ from typing import Any
 
 import trio
 
+from benchmarks import child_env
 from p2pfs.errors import ConnectionClosedError
 from p2pfs.identity import Identity
 from p2pfs.ids import node_id_untrusted
@@ -147,7 +148,8 @@ def _tcp_sender(port: int, size: int) -> None:
 
 def _child(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "p2pfs.bench.transport", *args],
+        [sys.executable, "-m", "benchmarks.transport", *args],
+        env=child_env(),
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -202,7 +204,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m p2pfs.bench.transport", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.transport", description=__doc__)
     parser.add_argument("--size", type=float, default=None, help="MiB per transfer (512)")
     parser.add_argument("--engine", choices=["qh3", "aioquic", "tcp"], default=None)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -1,4 +1,4 @@
-"""Big folders (issue 16): ``python -m p2pfs.bench bigfolder``.
+"""Big folders (issue 16): ``python -m benchmarks bigfolder``.
 
 For each N (10k, 20k, 50k; 200k with ``--big``) a tree of N small files (100 B-2 KiB, fixed
 seed) over ~500 directories (25 top directories of 20 each) is written, two real daemons
@@ -34,10 +34,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from p2pfs.bench.daemons import DaemonProcess
-from p2pfs.bench.index import Row
-from p2pfs.bench.sync import load_average, print_table
+from benchmarks.index import Row
+from benchmarks.sync import load_average, print_table
 from p2pfs.store.index import IndexStore
+from tests.support.daemons import DaemonProcess
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -305,7 +305,7 @@ def rows_for(runs: list[SizeRun], base: int) -> list[Row]:
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m p2pfs.bench bigfolder")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks bigfolder")
     parser.add_argument(
         "--sizes",
         default="10000,20000,50000",

@@ -1,4 +1,4 @@
-"""``python -m p2pfs.bench dial``: time from `fetch` start to the first verified byte.
+"""``python -m benchmarks dial``: time from `fetch` start to the first verified byte.
 
 Two daemons on loopback, a small share on one. Measured in the same run:
 - reference: the fetch names only the holder's address;
@@ -28,13 +28,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from p2pfs.bench.daemons import DaemonProcess
+from tests.support.daemons import DaemonProcess
 
 DEAD_CANDIDATES = 5
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m p2pfs.bench dial")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks dial")
     parser.add_argument("--runs", type=int, default=5, help="fetches per case (p50 reported)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)

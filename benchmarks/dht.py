@@ -1,4 +1,4 @@
-"""Private DHT benchmark (issues 4, 14): ``python -m p2pfs.bench dht [--in-process]``.
+"""Private DHT benchmark (issues 4, 14): ``python -m benchmarks dht [--in-process]``.
 
 Default: ``--nodes`` (30) real daemons in their own processes on 127.0.0.1, started with
 ``--no-lan`` and ``P2PFS_DHT_K=--ksize`` (4), each bootstrapped from the previous one's DHT
@@ -47,9 +47,9 @@ from rich.console import Console
 from rich.table import Table
 
 from p2pfs.address import PeerAddress
-from p2pfs.bench.daemons import DaemonProcess
 from p2pfs.daemon.discovery import DHT_K_ENV
 from p2pfs.discovery.dht.finder import DhtFinder
+from tests.support.daemons import DaemonProcess
 
 
 @dataclass(frozen=True, slots=True)
@@ -406,7 +406,7 @@ def print_table(rows: list[Row], figures: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m p2pfs.bench dht")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks dht")
     parser.add_argument("--nodes", type=int, default=30)
     parser.add_argument(
         "--in-process",

@@ -1,6 +1,6 @@
-"""``python -m p2pfs.bench nat``: fetches across the namespace bed's NATs, by path.
+"""``python -m benchmarks nat``: fetches across the namespace bed's NATs, by path.
 
-One bed (p2pfs/bench/netbed.py; needs root, ``ip`` and ``nft``; the port-mapped row also
+One bed (tests/support/netbed.py; needs root, ``ip`` and ``nft``; the port-mapped row also
 ``miniupnpd``), real daemons at their defaults plus the flags each path needs:
 - direct: a public machine fetches from another public machine (the same-run reference);
 - port-mapped: a public machine fetches from a home behind a cone NAT whose router runs
@@ -38,14 +38,14 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from p2pfs.bench.netbed import Machine, NetBed, can_build_nat, can_build_upnp, new_tag
+from tests.support.netbed import Machine, NetBed, can_build_nat, can_build_upnp, new_tag
 
 MiB = 1 << 20
 RELAY_RATE = str(1 << 30)
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m p2pfs.bench nat")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks nat")
     parser.add_argument("--runs", type=int, default=3, help="fetches per path and size (p50)")
     parser.add_argument("--small-kib", type=int, default=64, help="the small share's size")
     parser.add_argument("--large-mib", type=int, default=32, help="the larger share's size")

@@ -5,7 +5,7 @@
 - ``--case-insensitive``: folders behave as on a case-insensitive file system, whatever this
   one is (tests/test_e2e_sync.py's name-collision test).
 
-Run as ``python tests/hooked_daemon.py [hooks] --home HOME daemon [daemon options]`` (the
+Run as ``python tests/support/hooked_daemon.py [hooks] --home HOME daemon [daemon options]`` (the
 hooks may stand anywhere; the rest are the CLI's arguments), or give :data:`PROGRAM` to
 ``DaemonProcess(program=...)`` with the hooks among its ``extra_args``. Not in the wheel.
 """

@@ -1,4 +1,4 @@
-"""Folder sync benchmark (issue 6): ``python -m p2pfs.bench sync``.
+"""Folder sync benchmark (issue 6): ``python -m benchmarks sync``.
 
 Two real daemons in two processes, each with its own home in a temp dir, on loopback (or,
 with ``--netns`` as root, in two network namespaces joined by a veth pair). A synced file of
@@ -51,9 +51,9 @@ import blake3
 from rich.console import Console
 from rich.table import Table
 
-from p2pfs.bench.daemons import DaemonProcess
-from p2pfs.bench.fetch import free_tcp_port, make_small_tree, wait_for_port
-from p2pfs.bench.index import Row
+from benchmarks.fetch import free_tcp_port, make_small_tree, wait_for_port
+from benchmarks.index import Row
+from tests.support.daemons import DaemonProcess
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -1229,7 +1229,7 @@ def run_benchmark(
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m p2pfs.bench sync", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks sync", description=__doc__)
     parser.add_argument("--size-mib", type=int, default=256, help="the synced big file (256)")
     parser.add_argument("--files", type=int, default=10_000, help="small files (10,000)")
     parser.add_argument(

@@ -21,8 +21,8 @@ own beside the masquerade. miniupnpd refuses to map on a WAN address in a reserv
 router behind carrier-grade NAT should; so such a router's internet side gets an address
 from ``UPNP_WAN`` (11.0.0.0/8, routed nowhere but inside the bed's namespaces).
 
-The bed lives here rather than under tests/ so ``python -m p2pfs.bench nat`` can build it
-too; tests/netbed.py adds the pytest fixtures.
+The bed is test support that ``python -m benchmarks nat`` builds too; tests/netbed.py adds
+the pytest fixtures.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from p2pfs.bench.daemons import DaemonProcess
+from tests.support.daemons import DaemonProcess
 
 _beds = itertools.count()
 DEFAULT_PORT = 7337

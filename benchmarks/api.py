@@ -1,4 +1,4 @@
-"""``python -m p2pfs.bench api``: what the web UI costs a daemon, and how fast it hears.
+"""``python -m benchmarks api``: what the web UI costs a daemon, and how fast it hears.
 
 Two daemons on loopback (their defaults, ``--no-lan``) sync one folder (A read-write, B
 joined read-write), then, on B:
@@ -30,7 +30,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from p2pfs.bench.daemons import DaemonProcess
+from tests.support.daemons import DaemonProcess
 
 
 class Stream:
@@ -108,7 +108,7 @@ def latencies(stream: Stream, folder: Path, kind: str, runs: int, tag: str) -> l
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m p2pfs.bench api")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks api")
     parser.add_argument("--window", type=float, default=20.0, help="seconds per idle window")
     parser.add_argument("--events", type=int, default=20, help="latency samples per kind")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

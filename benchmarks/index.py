@@ -1,4 +1,4 @@
-"""Indexing benchmark (issue 2): ``python -m p2pfs.bench index``.
+"""Indexing benchmark (issue 2): ``python -m benchmarks index``.
 
 Every p2pfs figure is printed beside a reference measured in the same run on the same bytes:
 FastCDC alone and BLAKE3 alone over the big file, fixed 1 MiB blocks for the insertion, a
@@ -27,6 +27,7 @@ from pyfastcdc import FastCDC
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks import child_env
 from p2pfs.content.chunking import DEFAULT_CHUNKER, Chunker
 from p2pfs.store.index import IndexStore
 from p2pfs.store.scanner import scan_share
@@ -230,7 +231,8 @@ def _probe(kind: str, tree: str, home: str) -> dict[str, Any]:
 
 def _run_probe(kind: str, tree: Path, home: Path) -> dict[str, Any]:
     output = subprocess.run(
-        [sys.executable, "-m", "p2pfs.bench.index", "--probe", kind, str(tree), str(home)],
+        [sys.executable, "-m", "benchmarks.index", "--probe", kind, str(tree), str(home)],
+        env=child_env(),
         check=True,
         capture_output=True,
         text=True,
@@ -355,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m p2pfs.bench index")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks index")
     parser.add_argument(
         "--probe", nargs=3, metavar=("KIND", "TREE", "HOME"), help=argparse.SUPPRESS
     )

@@ -1,4 +1,4 @@
-"""Fetch benchmark (issue 3): ``python -m p2pfs.bench fetch``.
+"""Fetch benchmark (issue 3): ``python -m benchmarks fetch``.
 
 Two real daemons in two processes on loopback, each with its own home in a temp dir: one
 shares, the other fetches (one big file, then a tree of small files). Every p2pfs figure sits
@@ -32,8 +32,9 @@ import libtorrent as lt  # type: ignore[import-not-found,unused-ignore]
 from rich.console import Console
 from rich.table import Table
 
-from p2pfs.bench.daemons import DaemonProcess
-from p2pfs.bench.index import Row
+from benchmarks import child_env
+from benchmarks.index import Row
+from tests.support.daemons import DaemonProcess
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -308,7 +309,8 @@ def lt_get_role(torrent: str, save_path: str, port: int) -> None:
 def bench_child(*args: str, stdin: int | None = None) -> Iterator[subprocess.Popen[str]]:
     """A role of this module in a child process, killed (by its own PID) if still running."""
     child = subprocess.Popen(
-        [sys.executable, "-m", "p2pfs.bench.fetch", *args],
+        [sys.executable, "-m", "benchmarks.fetch", *args],
+        env=child_env(),
         stdin=stdin,
         stdout=subprocess.PIPE,
         text=True,
@@ -377,11 +379,16 @@ class Reference:
 def raw_engine_reference(size_mib: int) -> Reference:
     """The transport bench's bulk stream (same engine, default settings), as a subprocess."""
     engine = os.environ.get("P2PFS_QUIC_ENGINE", "qh3")
-    command = [sys.executable, "-m", "p2pfs.bench", "transport", "--engine", engine]
+    command = [sys.executable, "-m", "benchmarks", "transport", "--engine", engine]
     command += ["--size", str(size_mib), "--json"]
     try:
         completed = subprocess.run(
-            command, capture_output=True, text=True, timeout=CHILD_TIMEOUT, check=False
+            command,
+            capture_output=True,
+            text=True,
+            timeout=CHILD_TIMEOUT,
+            check=False,
+            env=child_env(),
         )
     except subprocess.TimeoutExpired:
         return Reference(None, "transport bench timed out")
@@ -619,7 +626,7 @@ def print_table(
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m p2pfs.bench fetch", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks fetch", description=__doc__)
     parser.add_argument("--size-mib", type=int, help="single file size (1024; --quick 256)")
     parser.add_argument("--files", type=int, help="small files (10,000; --quick 2,000)")
     parser.add_argument("--quick", action="store_true", help="a smoke run with smaller data")

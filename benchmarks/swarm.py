@@ -1,4 +1,4 @@
-"""Swarm benchmark (issue 5): ``python -m p2pfs.bench swarm``.
+"""Swarm benchmark (issue 5): ``python -m benchmarks swarm``.
 
 Real daemons in real processes on loopback, each with its own home, joined by a private DHT
 (the first daemon of a group is its bootstrap; LAN discovery off so that no other daemon on
@@ -12,7 +12,7 @@ name, same bytes, one share root); fetchers find them through the DHT. Three sce
    libtorrent's seeder in the same setup (every downloader connected to every other).
 
 Every copy is checked file by file (BLAKE3) against the source. Helpers come from the fetch
-benchmark (``p2pfs.bench.fetch``); only the multi-peer libtorrent role lives here.
+benchmark (``benchmarks.fetch``); only the multi-peer libtorrent role lives here.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from typing import Any
 
 import libtorrent as lt  # type: ignore[import-not-found,unused-ignore]
 
-from p2pfs.bench.daemons import DaemonProcess
-from p2pfs.bench.fetch import (
+from benchmarks import child_env
+from benchmarks.fetch import (
     CHILD_TIMEOUT,
     LT_PIECE_SIZE,
     MB,
@@ -57,8 +57,9 @@ from p2pfs.bench.fetch import (
     verify_copy,
     write_pseudo_random,
 )
-from p2pfs.bench.fetch import print_table as fetch_print_table
-from p2pfs.bench.index import Row
+from benchmarks.fetch import print_table as fetch_print_table
+from benchmarks.index import Row
+from tests.support.daemons import DaemonProcess
 
 SEEDERS = 3
 FETCHERS = 4
@@ -328,9 +329,10 @@ def lt_peers(torrent: Path, saves: list[tuple[Path, str]]) -> Iterator[list[LtPe
     peers: list[LtPeer] = []
     try:
         for save, mode in saves:
-            command = [sys.executable, "-m", "p2pfs.bench.swarm", "--lt-peer"]
+            command = [sys.executable, "-m", "benchmarks.swarm", "--lt-peer"]
             process = subprocess.Popen(
                 [*command, str(torrent), str(save), mode],
+                env=child_env(),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
@@ -566,7 +568,7 @@ def print_table(rows: list[Row], caption: str) -> None:
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m p2pfs.bench swarm", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks swarm", description=__doc__)
     parser.add_argument("--size-mib", type=int, help="content size (512; --quick 64)")
     parser.add_argument("--quick", action="store_true", help="a smoke run with smaller data")
     parser.add_argument(
