@@ -12,7 +12,10 @@ from hypothesis import strategies as st
 from kademlia.node import Node  # type: ignore[import-untyped]
 
 from p2pfs.discovery.dht.messages import (
+    CLIENT_REQUEST,
     MAX_DATAGRAM,
+    REQUEST,
+    RESPONSE,
     Contact,
     DhtMessageError,
     ProviderInfo,
@@ -265,3 +268,31 @@ def test_served_find_node_is_the_encoder_output_and_parses() -> None:
     assert contacts_to_wire(contacts) == reply
     distances = [int.from_bytes(c.id, "big") ^ int.from_bytes(target, "big") for c in contacts]
     assert len(contacts) == 8 and distances == sorted(distances)  # k nearest, nearest first
+
+
+class _Sent:
+    """A transport that keeps what the protocol sends."""
+
+    def __init__(self) -> None:
+        self.datagrams: list[tuple[bytes, object]] = []
+
+    def sendto(self, data: bytes, address: object) -> None:
+        self.datagrams.append((data, address))
+
+
+@pytest.mark.parametrize("from_client", [False, True])
+def test_a_client_is_answered_but_joins_no_routing_table(from_client: bool) -> None:
+    """A node behind a NAT asks as a client: it gets its answer, and the answerer does not
+    add it as a contact (so no lookup ever hands its address to others to contact)."""
+    protocol = served_protocol(contacts=3)
+    sent = _Sent()
+    protocol.transport = sent
+    asker = bytes([0xAB]) * 20
+    request = encode_request(
+        bytes([1]) * 20, "find_node", [asker, bytes(20)], from_client=from_client
+    )
+    assert request[0] == (CLIENT_REQUEST if from_client else REQUEST)
+    protocol.datagram_received(request, ("203.0.113.9", 7337))
+    assert len(sent.datagrams) == 1 and sent.datagrams[0][0][0] == RESPONSE
+    known = {bytes(node.id) for bucket in protocol.router.buckets for node in bucket.get_nodes()}
+    assert (asker in known) is not from_client

@@ -87,15 +87,15 @@ def test_cone_nats_fetch_goes_direct_by_punching(natbed: NetBed, tmp_path: Path)
     """Share in home A, fetch in home B with the ticket alone: the first connection goes
     through the relay, a punch opens a direct path, and B's status shows it "punched".
 
-    Without the DHT: its lookups send the homes datagrams from each other unasked, and a
-    Linux NAT that has seen one keeps that tuple for it, so a punch fails until the flow
-    times out (SPEC "Relays and hole punching"; the punch is retried)."""
+    With the DHT on: the homes find they are behind a NAT and run it as clients, so no DHT
+    node learns of them and sends them datagrams unasked (which would make their NATs
+    refuse the punch: SPEC "Relays and hole punching")."""
     relay = natbed.machine("relay")
     relay.start("--relay")
     a, b = natbed.home("a", "cone"), natbed.home("b", "cone")
-    a.start(*knowing(relay, dht=False))
+    a.start(*knowing(relay))
     # B's downloads are slowed so the transfer is still running when we look at its peers.
-    b.start(*knowing(relay, dht=False), "--max-download-rate", str(2 * MiB))
+    b.start(*knowing(relay), "--max-download-rate", str(2 * MiB))
     for home in (a, b):
         registered(home)
     a_id = str(ident(a)["node_id"])

@@ -533,10 +533,11 @@ def test_dht_datagram_vectors(vector: dict[str, Any]) -> None:
     msg_id = bytes.fromhex(vector["message_id"])
     body = from_json(vector["body"])
     decoded = dht.datagram_untrusted(datagram)
-    if datagram[0] == dht.REQUEST:
+    if datagram[0] in (dht.REQUEST, dht.CLIENT_REQUEST):
         method, args = body
-        assert decoded == dht.Request(msg_id, method, tuple(args))
-        assert dht.encode_request(msg_id, method, args) == datagram
+        client = datagram[0] == dht.CLIENT_REQUEST
+        assert decoded == dht.Request(msg_id, method, tuple(args), client)
+        assert dht.encode_request(msg_id, method, args, from_client=client) == datagram
         return
     assert decoded == dht.Response(msg_id, body)
     name = vector["name"]

@@ -95,6 +95,11 @@ class NodeConfig:
     """Serve the HTTP API and web UI here (``--gui``; a taken port falls back to a free one)."""
 
 
+NAT_SETTLE = 1.0
+"""How long a starting node waits for its first peer to say where it sees it."""
+NAT_RECHECK = 30.0
+
+
 class Node:
     share_service: type[ShareService] = ShareService
     """What serves shares; a test subclass plays a corrupt peer with its own
@@ -215,10 +220,15 @@ class Node:
             if self.config.port_mapping and self._addresses.wildcard:
                 self._port_mapper = PortMapper(endpoint.local_address[1], self._addresses.mapped)
                 await nursery.start(self._port_mapper.serve)
-            await nursery.start(self._discovery.serve)
             await nursery.start(
                 self._reach.serve, endpoint, self._dialer, self._addresses, self._dht
             )
+            # Whether a NAT stands between us and our peers decides the DHT's mode, and
+            # must be known before its first request: a node any other has added to its
+            # routing table is contacted unasked, which makes a NAT refuse punches.
+            await self._settle_nat()
+            await nursery.start(self._discovery.serve)
+            nursery.start_soon(self._track_nat)
             await self._announce_all()
             await nursery.start(
                 self.folders.serve, self._dialer, self._discovery, self.config.peers
@@ -234,6 +244,24 @@ class Node:
                 ", ".join(str(a) for a in self._addresses.all()),
             )
             task_status.started()
+
+    async def _settle_nat(self) -> None:
+        """Give the first connections (to --peer and --bootstrap nodes, for relays) up to
+        NAT_SETTLE to report where they see us, then set the DHT's mode."""
+        assert self._addresses is not None and self._dht is not None
+        known = self.config.peers or self.config.discovery.bootstrap
+        if self._addresses.wildcard and known:
+            with trio.move_on_after(NAT_SETTLE):
+                while not self._addresses.observations():
+                    await trio.sleep(0.02)
+        self._dht.client_mode = self._addresses.seen_through_nat()
+
+    async def _track_nat(self) -> None:
+        """Follow what peers report later (a mapping granted, a network changed)."""
+        assert self._addresses is not None and self._dht is not None
+        while True:
+            await trio.sleep(NAT_RECHECK)
+            self._dht.client_mode = self._addresses.seen_through_nat()
 
     async def _wait_for_signal(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

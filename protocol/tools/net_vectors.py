@@ -379,7 +379,11 @@ def beacon_vectors(share_key: bytes, folder_key: bytes) -> list[dict[str, Any]]:
 
 
 def dht_vector(name: str, description: str, encoded: bytes) -> dict[str, Any]:
-    kind = "request" if encoded[0] == dht.REQUEST else "response"
+    kind = {
+        dht.REQUEST: "request",
+        dht.CLIENT_REQUEST: "request from a node in client mode",
+        dht.RESPONSE: "response",
+    }[encoded[0]]
     body = msgpack.unpackb(encoded[dht.HEADER_LEN :], raw=False)
     pieces = [
         [f"{encoded[0]:02x}", f"{encoded[0]} = {kind}"],
@@ -407,6 +411,11 @@ def dht_vectors(share_key: bytes) -> list[dict[str, Any]]:
         dht_vector("dht-ping-reply", "the answerer's id", response(ids[0], answerer)),
         dht_vector(
             "dht-find-node", "find_node without a token", request(ids[1], "find_node", [asker, key])
+        ),
+        dht_vector(
+            "dht-find-node-client",
+            "find_node from a node in client mode: answered, its sender added to no table",
+            request(ids[1], "find_node", [asker, key], from_client=True),
         ),
         dht_vector(
             "dht-find-node-token",

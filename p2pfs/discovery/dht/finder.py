@@ -148,6 +148,18 @@ class DhtFinder:
         return self._port
 
     @property
+    def client_mode(self) -> bool:
+        return bool(self._node.protocol.client_mode)
+
+    @client_mode.setter
+    def client_mode(self, on: bool) -> None:
+        """Send requests as a DHT client (behind a NAT: join no one's routing table). One
+        bool the DHT's thread reads per request."""
+        if on != self._node.protocol.client_mode:
+            logger.info("DHT %s", "client mode: behind a NAT" if on else "server mode")
+        self._node.protocol.client_mode = on
+
+    @property
     def traffic(self) -> Traffic:
         """Datagram counters (read from another thread: approximate while running)."""
         return self._node.protocol.traffic

@@ -55,6 +55,11 @@ AMPLIFICATION = 3
 request's size (a bare get_providers request is 81 bytes)."""
 REQUEST = 0
 RESPONSE = 1
+CLIENT_REQUEST = 4
+"""A request from a node in client mode (behind a NAT): answered like any, but its sender
+joins no routing table, so nobody learns of it as a node to contact unasked (libp2p's
+client mode, BEP 43's read-only nodes). 2 and 3 are the UDP port's punch and relay
+datagrams (protocol/WIRE.md "One UDP port")."""
 
 DHT_KEY_CONTEXT = "p2pfs 2026-11-22 private dht key v1"
 DHT_NODE_ID_CONTEXT = "p2pfs 2026-11-22 private dht node id v1"
@@ -134,6 +139,8 @@ class Request:
     method: str
     args: tuple[Any, ...]
     """Validated per method: see ``_ARG_CHECKS``."""
+    from_client: bool = False
+    """Sent as CLIENT_REQUEST: answer, but do not add the sender as a contact."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,9 +150,11 @@ class Response:
     """Still untrusted: validated by ``*_reply_untrusted`` for the method that was asked."""
 
 
-def encode_request(msg_id: bytes, method: str, args: list[Any]) -> bytes:
+def encode_request(
+    msg_id: bytes, method: str, args: list[Any], *, from_client: bool = False
+) -> bytes:
     body: bytes = msgpack.packb([method, args], use_bin_type=True)
-    return bytes([REQUEST]) + msg_id + body
+    return bytes([CLIENT_REQUEST if from_client else REQUEST]) + msg_id + body
 
 
 def encode_response(msg_id: bytes, payload: object) -> bytes:
@@ -179,7 +188,7 @@ def datagram_untrusted(data: bytes) -> Request | Response:
     body = _unpack_untrusted(bytes(data[HEADER_LEN:]))
     if kind == RESPONSE:
         return Response(msg_id, body)
-    if kind != REQUEST:
+    if kind not in (REQUEST, CLIENT_REQUEST):
         raise DhtMessageError(f"unknown datagram kind {kind}")
     if not isinstance(body, list) or len(body) != 2:
         raise DhtMessageError("request is not [method, args]")
@@ -188,7 +197,7 @@ def datagram_untrusted(data: bytes) -> Request | Response:
         raise DhtMessageError("unknown method")
     if not isinstance(args, list):
         raise DhtMessageError("arguments are not a list")
-    return Request(msg_id, method, _ARG_CHECKS[method](args))
+    return Request(msg_id, method, _ARG_CHECKS[method](args), kind == CLIENT_REQUEST)
 
 
 def _bytes_untrusted(value: object, length: int, what: str) -> bytes:

@@ -148,6 +148,10 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         """Address -> (the token that node gave us, when): echoed to prove our address."""
         self._pending: dict[bytes, _Pending] = {}
         self._expiry_timer: asyncio.TimerHandle | None = None
+        self.client_mode = False
+        """Send our requests as CLIENT_REQUEST (set from another thread: one bool)."""
+        self._welcoming = True
+        """False while answering a client's request: its sender joins no routing table."""
 
     def __getattr__(self, name: str) -> Any:
         # rpcudp turns every unknown attribute into a remote call; a typo must fail loudly.
@@ -203,6 +207,13 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             pending.future.set_result(result)
 
     def _answer(self, request: Request, sender: Address, size: int) -> None:
+        self._welcoming = not request.from_client
+        try:
+            self._answer_welcomed(request, sender, size)
+        finally:
+            self._welcoming = True
+
+    def _answer_welcomed(self, request: Request, sender: Address, size: int) -> None:
         payload: object
         if request.method in ("find_node", "get_providers"):
             # The optional third argument is a token we gave this requester: proof that it
@@ -229,7 +240,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
     def welcome_if_new(self, node: Node) -> None:
         # The package also pushes its stored values to newcomers; provider records are not
         # replicated (their providers re-announce to whoever is closest then, as in BEP 5).
-        if self.router.is_new_node(node):
+        if self._welcoming and self.router.is_new_node(node):
             self.router.add_contact(node)
 
     def _contacts_near(self, key: bytes, exclude: Node | None) -> list[Contact]:
@@ -341,7 +352,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         timer = loop.call_later(self.rpc_timeout, self._expire_call, msg_id)
         self._pending[msg_id] = _Pending(future, timer, address, parse)
         self.traffic.by_method[method] = self.traffic.by_method.get(method, 0) + 1
-        self._send(encode_request(msg_id, method, args), address)
+        self._send(encode_request(msg_id, method, args, from_client=self.client_mode), address)
         return future
 
     def _expire_call(self, msg_id: bytes) -> None:

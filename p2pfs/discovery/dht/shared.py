@@ -17,11 +17,11 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from p2pfs.discovery.dht.messages import MAX_DATAGRAM, REQUEST, RESPONSE
+from p2pfs.discovery.dht.messages import CLIENT_REQUEST, MAX_DATAGRAM, REQUEST, RESPONSE
 
 logger = logging.getLogger(__name__)
 
-DHT_FIRST_BYTES = bytes([REQUEST, RESPONSE])
+DHT_FIRST_BYTES = bytes([REQUEST, RESPONSE, CLIENT_REQUEST])
 """What the shared port routes to the DHT (protocol/WIRE.md "One UDP port")."""
 QUEUE_LIMIT = 1024
 """Datagrams waiting for the DHT's loop; beyond, new ones are dropped, as a full socket
