@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.index import Row
-from benchmarks.sync import load_average, print_table
+from benchmarks.sync import print_table
+from benchmarks.sync_common import load_average
 from p2pfs.store.index import IndexStore
 from tests.support.daemons import DaemonProcess
 
