@@ -85,7 +85,8 @@ def two_homes(
 
 def test_cone_nats_fetch_goes_direct_by_punching(natbed: NetBed, tmp_path: Path) -> None:
     """Share in home A, fetch in home B with the ticket alone: the first connection goes
-    through the relay, a punch opens a direct path, and B's status shows it "punched".
+    through the relay, a punch opens a direct path, B's status shows it "punched", and the
+    fetch completes over it though the relay is killed mid-transfer.
 
     With the DHT on: the homes find they are behind a NAT and run it as clients, so no DHT
     node learns of them and sends them datagrams unasked (which would make their NATs
@@ -105,14 +106,17 @@ def test_cone_nats_fetch_goes_direct_by_punching(natbed: NetBed, tmp_path: Path)
     fetch = b.popen("fetch", ticket, str(tmp_path / "copy"), "--json")
     try:
         wait_until(lambda: "punched" in paths_to(b, a_id), timeout=60)
+        relay_info = ident(relay)["relay"]
+        assert isinstance(relay_info, dict) and relay_info["circuits_total"] >= 1
+        # The relay dies mid-transfer: the punched path carries the fetch to its end.
+        assert relay.daemon is not None and relay.daemon.process is not None
+        relay.daemon.process.kill()
         _, stderr = fetch.communicate(timeout=120)
         assert fetch.returncode == 0, stderr
     finally:
         fetch.kill()
     assert same_tree(source, tmp_path / "copy")
     assert b.daemon is not None and b.daemon.call("status")["punch"]["successes"] >= 1
-    relay_info = ident(relay)["relay"]
-    assert isinstance(relay_info, dict) and relay_info["circuits_total"] >= 1
 
 
 def test_symmetric_nats_fetch_through_the_relay(natbed: NetBed, tmp_path: Path) -> None:
