@@ -103,8 +103,8 @@ def test_no_hints_share_found_across_the_network_and_with_30_percent_killed(
         assert len(holders) == K, [dht(d)["records"] for d in daemons]
         assert all(dht(d)["records"] == 1 for d in holders)
 
-        hops = lookups([rng.choice(daemons) for _ in range(60)], ticket, sharer, holders)
-        assert hops.total() >= 30  # most askers hold no record: 15 in 19
+        hops = lookups([rng.choice(daemons) for _ in range(30)], ticket, sharer, holders)
+        assert hops.total() >= 15  # most askers hold no record: 15 in 19
 
         fetcher = next(d for d in daemons[10:] if d not in holders)
         report = fetcher.cli_json("fetch", ticket, str(tmp_path / "copy"))

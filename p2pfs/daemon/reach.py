@@ -37,6 +37,8 @@ from .relayclient import RelayClient, RelayRoute
 
 logger = logging.getLogger(__name__)
 
+RETIRE_AFTER = 1.0
+"""Grace before a relayed connection with a punched twin closes."""
 RELAYS_FOR_TTL = 30.0
 """How long a node's relays found in the DHT (or that none were) are believed."""
 RELAYS_FOR_KEPT = 256
@@ -249,12 +251,21 @@ class Reach:
         for delay in PUNCH_RETRY_DELAYS:
             if direct is not None:
                 self._dialer.upgrade(relayed, direct)
+                await self._retire(relayed)
                 return
             await trio.sleep(delay)
             current = self._dialer.open_to(relayed.peer_id) if not relayed.is_closed else None
             if current is None or current.path != "relayed":
                 return  # the relayed connection ended, or another path exists now
             direct = await self._punch_once(relayed)
+
+    async def _retire(self, relayed: PeerConnection) -> None:
+        """Close a relayed connection once a direct one to its peer is up (after a short
+        grace for what is in flight): its users, a fetch's worker or a folder link, fail
+        over to the direct connection the dialer now prefers, instead of staying on the
+        relay for as long as they run."""
+        await trio.sleep(RETIRE_AFTER)
+        relayed.close_nowait(0, "moved to a direct path")
 
     async def _punch_once(self, relayed: PeerConnection) -> PeerConnection | None:
         assert self._puncher is not None
