@@ -121,12 +121,18 @@ def run(
             continue
         holder, fetcher = pair
         row: dict[str, object] = {}
-        for name, source in sources.items():
-            ticket = holder.cli("share", str(source)).stdout.strip().splitlines()[-1]
+        # Tickets made before the two ever met: later ones may name the public address a
+        # punch taught the holder, which its NAT then still lets the fetcher through on.
+        tickets = {
+            name: holder.cli("share", str(source)).stdout.strip().splitlines()[-1]
+            for name, source in sources.items()
+        }
+        first_ticket = next(iter(tickets.values()))
+        for name, ticket in tickets.items():
             processes = {"holder": holder, "fetcher": fetcher, "relay": relay}
             destinations = [root / "copies" / f"{path}-{name}-{next(counter)}" for _ in range(runs)]
             row[name] = _fetches(fetcher, ticket, destinations, processes)
-        row["connect"] = _connects(fetcher, ticket, connects)
+        row["connect"] = _connects(fetcher, first_ticket, connects)
         figures[path] = row
     forwarded = _forwarded(relay) - forwarded_before
     figures["relay"] = {
