@@ -205,3 +205,19 @@ def test_a_relayed_fetch_carries_on_through_another_relay_when_its_relay_dies(
     assert same_tree(source, tmp_path / "copy")
     survivor = next(r for r in relays if r is not dead)
     assert ident(survivor)["relay"]["circuits_total"] >= 1  # type: ignore[index]
+
+
+def test_a_home_finds_a_relay_through_the_dht(natbed: NetBed) -> None:
+    """A home that knows only a public node that is no relay (its --peer and DHT bootstrap)
+    learns from it that it sits behind a NAT, looks for relays in the private DHT, and
+    registers with the one announced there."""
+    public, relay = natbed.machine("pub"), natbed.machine("relay")
+    public.start()
+    relay.start("--relay", "--bootstrap", f"{public.address}:7337")
+    home = natbed.home("a", "cone")
+    home.start(*knowing(public))
+    wait_until(lambda: bool(ident(home)["relays"]), timeout=60)
+    relays = ident(home)["relays"]
+    assert isinstance(relays, list)
+    assert [r["node_id"] for r in relays] == [ident(relay)["node_id"]]
+    assert not ident(public)["relays"]  # a public node sees no NAT: it looks for none

@@ -246,10 +246,10 @@ class Node:
             task_status.started()
 
     async def _settle_nat(self) -> None:
-        """Give the first connections (to --peer and --bootstrap nodes, for relays) up to
-        NAT_SETTLE to report where they see us, then set the DHT's mode."""
+        """Give the first connections (to --peer, --bootstrap and --relay-via nodes, for
+        relays) up to NAT_SETTLE to report where they see us, then set the DHT's mode."""
         assert self._addresses is not None and self._dht is not None
-        known = self.config.peers or self.config.discovery.bootstrap
+        known = self.config.peers or self.config.discovery.bootstrap or self.config.relay_via
         if self._addresses.wildcard and known:
             with trio.move_on_after(NAT_SETTLE):
                 while not self._addresses.observations():

@@ -37,6 +37,7 @@ from .relayclient import RelayClient, RelayRoute
 
 logger = logging.getLogger(__name__)
 
+ANNOUNCE_RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0, 30.0)
 RETIRE_AFTER = 1.0
 """Grace before a relayed connection with a punched twin closes."""
 RELAYS_FOR_TTL = 30.0
@@ -83,7 +84,7 @@ class Reach:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Run until cancelled; ``dht`` must be serving already."""
+        """Run until cancelled (``dht`` may start serving later: announcements wait)."""
         self._dht = dht
         self._dialer = dialer
         self._addresses = addresses
@@ -92,7 +93,7 @@ class Reach:
             self._nursery = nursery
             if self.service is not None:
                 self.service.attach(endpoint)
-                nursery.start_soon(self._announce, relays_discovery_key())
+                nursery.start_soon(self._announce_until_done, relays_discovery_key())
             # A relay is reachable itself; it still registers where told to (--relay-via).
             find = self._find_relays if self.service is None else None
             self._client = RelayClient(
@@ -157,14 +158,26 @@ class Reach:
 
     # -- relays ---------------------------------------------------------------------------
 
-    async def _announce(self, key: bytes) -> None:
+    async def _announce(self, key: bytes) -> bool:
         """Announce in the private DHT; a failure is logged, never the caller's (a relay
-        registration must not end because the DHT is down)."""
-        if self._dht is not None:
-            try:
-                await self._dht.announce(key)
-            except (OSError, P2pfsError) as exc:
-                logger.info("announcing %s in the DHT failed: %s", key.hex()[:12], exc)
+        registration must not end because the DHT is down). Whether it was sent."""
+        if self._dht is None:
+            return False
+        try:
+            await self._dht.announce(key)
+        except (OSError, P2pfsError) as exc:
+            logger.info("announcing %s in the DHT failed: %s", key.hex()[:12], exc)
+            return False
+        return True
+
+    async def _announce_until_done(self, key: bytes) -> None:
+        """The relays key, announced once the DHT serves (the DHT re-announces it after)."""
+        for delay in ANNOUNCE_RETRY_DELAYS:
+            if await self._announce(key):
+                return
+            await trio.sleep(delay)
+        while not await self._announce(key):
+            await trio.sleep(ANNOUNCE_RETRY_DELAYS[-1])
 
     async def _withdraw(self, key: bytes) -> None:
         if self._dht is not None:

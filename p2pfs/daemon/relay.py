@@ -155,7 +155,7 @@ class _Circuit:
     cut_off: trio.Event = field(default_factory=trio.Event)
 
 
-Announce = Callable[[bytes], Awaitable[None]]
+Announce = Callable[[bytes], Awaitable[object]]
 """Announce (or withdraw) this node under a discovery key in the private DHT."""
 
 
