@@ -64,14 +64,19 @@ def lookups(
     sharer: DaemonProcess,
     holders: list[DaemonProcess],
     fetched_by: DaemonProcess | None = None,
+    tries: int = 1,
 ) -> Counter[int]:
     """A lookup from each asker: every one finds the sharer (or, once ``fetched_by`` has
-    fetched the share and announced itself, either of the two), and one from a node
-    without the record crossed the network (at least one hop). Returns the hops of those."""
+    fetched the share and announced itself, either of the two) within ``tries`` lookups
+    (a fetch asks again every few seconds), and one from a node without the record crossed
+    the network (at least one hop). Returns the hops of those."""
     wanted = {sharer.node_id()} | ({fetched_by.node_id()} if fetched_by else set())
     hops: Counter[int] = Counter()
     for asker in askers:
-        found, rounds = hops_of_lookup(asker, ticket)
+        for _ in range(tries):
+            found, rounds = hops_of_lookup(asker, ticket)
+            if wanted & set(found):
+                break
         if asker is sharer:
             continue  # a node is never offered its own record
         assert wanted & set(found), found
@@ -124,7 +129,10 @@ def test_no_hints_share_found_across_the_network_and_with_30_percent_killed(
             victim.wait()
         living = [d for d in daemons if d not in victims]
         askers = rng.sample([d for d in living if d is not sharer and d is not survivor], 6)
-        assert lookups(askers, ticket, sharer, holders, fetcher).total() == len(askers)
+        # A first lookup may spend itself on the dead (each costs it a 2 s timeout, and the
+        # k=4 nearest were mostly killed); the asker has dropped them for the second.
+        found = lookups(askers, ticket, sharer, holders, fetcher, tries=2)
+        assert found.total() == len(askers)
     finally:
         for daemon in daemons:
             daemon.stop()
