@@ -12,7 +12,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -220,19 +219,6 @@ class EventStream:
 
     def close(self) -> None:
         self.response.close()
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
-    a = DaemonProcess(tmp_path / "a", extra_args=("--no-lan",)).start()
-    try:
-        b = DaemonProcess(tmp_path / "b", extra_args=("--no-lan",)).start()
-        try:
-            yield a, b
-        finally:
-            b.stop()
-    finally:
-        a.stop()
 
 
 def documented_examples() -> dict[str, Any]:

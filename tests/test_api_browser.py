@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,19 +53,6 @@ def artifacts(tmp_path: Path) -> Path:
     place = Path(os.environ.get("P2PFS_TEST_ARTIFACTS") or tmp_path / "artifacts")
     place.mkdir(parents=True, exist_ok=True)
     return place
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
-    a = DaemonProcess(tmp_path / "a", extra_args=("--no-lan",)).start()
-    try:
-        b = DaemonProcess(tmp_path / "b", extra_args=("--no-lan",)).start()
-        try:
-            yield a, b
-        finally:
-            b.stop()
-    finally:
-        a.stop()
 
 
 def test_web_ui_adds_a_folder_by_ticket_and_shows_a_file_arrive(

@@ -9,7 +9,6 @@ every other file of the batch, keep its directory and what is in it, and list ``
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,17 +17,6 @@ from tests.e2e_helpers import wait_until
 from tests.support.daemons import DaemonProcess
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
-    a = DaemonProcess(tmp_path / "a", extra_args=("--no-lan",)).start()
-    b = DaemonProcess(tmp_path / "b", extra_args=("--no-lan",)).start()
-    try:
-        yield a, b
-    finally:
-        a.stop()
-        b.stop()
 
 
 def _state(daemon: DaemonProcess, path: Path) -> dict[str, object]:
