@@ -9,12 +9,12 @@ import socket
 import stat
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from benchmarks.linkemu import LinkConditions, LinkForwarder
 from p2pfs.address import PeerAddress
 from p2pfs.ids import NodeId
 from p2pfs.wire.ticket import Ticket, TicketKind, parse_ticket_untrusted
@@ -190,66 +190,6 @@ def test_sharer_killed_mid_fetch_then_back(tmp_path: Path, daemons: DaemonFactor
     assert report["bytes_resumed"] > 0
 
 
-class LossyRelay:
-    """A UDP relay that drops, duplicates and reorders datagrams, seeded."""
-
-    def __init__(self, target: tuple[str, int], seed: int, loss: float = 0.02) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.1)
-        self.target = target
-        self.rng = random.Random(seed)
-        self.loss = loss
-        self.client: tuple[str, int] | None = None
-        self.dropped = 0
-        self.relayed = 0
-        self._held: tuple[bytes, tuple[str, int]] | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @property
-    def address(self) -> str:
-        host, port = self.sock.getsockname()
-        return f"{host}:{port}"
-
-    def __enter__(self) -> LossyRelay:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sock.close()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                data, sender = self.sock.recvfrom(65535)
-            except TimeoutError:
-                continue
-            if sender == self.target:
-                destination = self.client
-            else:
-                self.client = sender
-                destination = self.target
-            if destination is None:
-                continue
-            roll = self.rng.random()
-            if roll < self.loss:
-                self.dropped += 1
-                continue
-            self.relayed += 1
-            if roll < self.loss * 1.5:
-                self.sock.sendto(data, destination)  # duplicate
-            if roll > 0.98 and self._held is None:
-                self._held = (data, destination)  # released after the next one: reordered
-                continue
-            self.sock.sendto(data, destination)
-            if self._held is not None:
-                self.sock.sendto(*self._held)
-                self._held = None
-
-
 def test_lossy_reordering_duplicating_path(tmp_path: Path, daemons: DaemonFactory) -> None:
     source = tmp_path / "payload.bin"
     data = random.Random(9).randbytes(12 * MiB)
@@ -257,14 +197,16 @@ def test_lossy_reordering_duplicating_path(tmp_path: Path, daemons: DaemonFactor
     sharer, fetcher = daemons("sharer"), daemons("fetcher")
     real = parse_ticket_untrusted(share(sharer, source))
     target = real.addresses[0]
-    with LossyRelay((target.host, target.port), seed=42) as relay:
-        host, port = relay.address.split(":")
-        via_relay = Ticket(
-            TicketKind.SHARE, real.root, real.node_id, (PeerAddress(host, int(port)),)
+    # 2% lost, 1% duplicated, 2% held back 2 ms (overtaken) in each direction, seeded.
+    lossy = LinkConditions(loss=0.02, duplicate=0.01, reorder=0.02, reorder_delay=0.002)
+    with LinkForwarder((target.host, target.port), lossy, seed=42) as link:
+        via_link = Ticket(
+            TicketKind.SHARE, real.root, real.node_id, (PeerAddress(*link.address),)
         ).encode()
-        fetcher.cli_json("fetch", via_relay, str(tmp_path / "out.bin"), timeout=240)
+        fetcher.cli_json("fetch", via_link, str(tmp_path / "out.bin"), timeout=240)
     assert (tmp_path / "out.bin").read_bytes() == data
-    assert relay.dropped > 0
+    assert link.forward.stats.lost > 0
+    assert link.backward.stats.lost > 0
 
 
 HOSTILE_CLIENT = r"""
