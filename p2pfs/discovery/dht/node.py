@@ -29,6 +29,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_KSIZE = 20
 DEFAULT_ALPHA = 3
 DEFAULT_RPC_TIMEOUT = 2.0
+SEED_FACTOR = 3
+"""A crawl starts from this many times k of our contacts nearest the target. Only the k
+nearest are asked first; the rest stand behind them, so a crawl whose nearest seeds all time
+out (nodes gone since we last heard from them) goes on from our next-nearest contacts instead
+of ending with nothing."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +65,7 @@ class ProviderCrawl(SpiderCrawl):  # type: ignore[misc]
         self.stop_on_found = stop_on_found
         self.tokens: dict[bytes, bytes] = {}
         self.providers: dict[tuple[str, int], ProviderInfo] = {}
+        self.failed: set[bytes] = set()
         self.rounds = 0
         self.queried = 0
 
@@ -81,8 +87,13 @@ class ProviderCrawl(SpiderCrawl):  # type: ignore[misc]
             self.tokens[peer_id] = reply.token
             for provider in reply.providers:
                 self.providers.setdefault((provider.ip, provider.port), provider)
-            self.nearest.push([Node(c.id, c.ip, c.port) for c in reply.nodes])
+            learned = [Node(c.id, c.ip, c.port) for c in reply.nodes if c.id not in self.failed]
+            self.nearest.push(learned)
         self.nearest.remove(unresponsive)
+        # A node that timed out stays out: other nodes' tables still name it, and pushed back
+        # in it would count as contacted and hold one of the k nearest places, so a lookup
+        # whose nearest holders died would end without asking the live nodes behind them.
+        self.failed.update(unresponsive)
         if self.stop_on_found and self.providers:
             return
         if self.nearest.have_contacted_all():
@@ -173,7 +184,7 @@ class DhtNode:
         assert len(key) == ID_LEN
         await self._rejoin_if_alone()
         target = Node(key)
-        nearest = self.protocol.router.find_neighbors(target, self.ksize)
+        nearest = self._crawl_seeds(target)
         if not nearest:
             logger.info("announce %s: no known DHT nodes", key.hex()[:12])
             return 0
@@ -192,6 +203,10 @@ class DhtNode:
         logger.debug("announce %s: %d of %d accepted", key.hex()[:12], accepted, len(holders))
         return accepted
 
+    def _crawl_seeds(self, target: Node) -> list[Node]:
+        found: list[Node] = self.protocol.router.find_neighbors(target, self.ksize * SEED_FACTOR)
+        return found
+
     async def find_providers(self, key: bytes, limit: int) -> Lookup:
         assert len(key) == ID_LEN
         own = self.protocol.records.get(key, self.protocol.clock(), limit)
@@ -203,7 +218,7 @@ class DhtNode:
             return Lookup(infos, 0, 0)
         await self._rejoin_if_alone()
         target = Node(key)
-        nearest = self.protocol.router.find_neighbors(target, self.ksize)
+        nearest = self._crawl_seeds(target)
         if not nearest:
             return Lookup((), 0, 0)
         crawl = ProviderCrawl(
