@@ -50,6 +50,7 @@ def local_changes(
     absence_is_unknown: Callable[[str], bool],
     absent: Collection[str] = (),
     refused: dict[str, str] | None = None,
+    same: Callable[[str, bytes, bool], bool] | None = None,
 ) -> list[FileVersion]:
     """New versions (this device's) for every path whose disk state differs from its record.
 
@@ -59,9 +60,15 @@ def local_changes(
 
     ``refused``: paths whose change cannot be recorded (a stored vector that cannot be
     bumped) are listed there, path -> why; one such path never stops the others.
+
+    ``same(path, root, executable)``: a cheap check that ``path``'s record is live with
+    this content (true only where ``differs`` is false): paths it confirms are passed over
+    without reading their records.
     """
     changes: list[FileVersion] = []
     for path, found in disk.items():
+        if same is not None and same(path, found.root, found.executable):
+            continue
         record = records.get(path)
         if differs(record, found):
             if record is not None and path in absent:
@@ -86,8 +93,11 @@ def local_changes(
                     device,
                 )
             )
-    for path, record in records.items():
-        if record.deleted or path in disk or path in absent or absence_is_unknown(path):
+    for path in records:
+        if path in disk or path in absent or absence_is_unknown(path):
+            continue
+        record = records[path]
+        if record.deleted:
             continue
         try:
             bumped = record.version.bump(device)

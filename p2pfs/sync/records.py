@@ -80,6 +80,13 @@ class SignedRecord:
         return record_hash(self.encode())
 
     @classmethod
+    def decode_stored(cls, data: bytes) -> SignedRecord:
+        """A record this node stored (verified when a member sent it, or signed here),
+        parsed without checking it again: ~3 us instead of ~0.3 ms with the signature."""
+        encoded_version, signature = msgpack.unpackb(data, raw=False)
+        return cls(FileVersion.decode_stored(encoded_version), signature)
+
+    @classmethod
     def decode_untrusted(cls, data: bytes, keys: FolderKeys) -> SignedRecord:
         """Parse and check a record from a peer: canonical, well-formed, signed for this folder."""
         if len(data) > MAX_SIGNED_RECORD_BYTES:

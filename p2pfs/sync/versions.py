@@ -300,6 +300,29 @@ class FileVersion:
         return _pack(self.to_wire())
 
     @classmethod
+    def decode_stored(cls, data: bytes) -> FileVersion:
+        """A version this node encoded or checked before storing it: built without the
+        checks of :meth:`decode_untrusted` (a record read back costs ~3 us, not ~20)."""
+        path, vector, deleted, root, size, executable, mtime_ns, modified_by = msgpack.unpackb(
+            data, raw=False
+        )
+        entries = object.__new__(VersionVector)
+        object.__setattr__(entries, "entries", tuple((d, c) for d, c in vector))
+        version = object.__new__(cls)
+        for name, value in (
+            ("path", path),
+            ("version", entries),
+            ("deleted", deleted),
+            ("root", root),
+            ("size", size),
+            ("executable", executable),
+            ("mtime_ns", mtime_ns),
+            ("modified_by", modified_by),
+        ):
+            object.__setattr__(version, name, value)
+        return version
+
+    @classmethod
     def decode_untrusted(cls, data: bytes) -> FileVersion:
         value = _unpack_untrusted(data, "file version", MAX_FILE_VERSION_BYTES)
         version = cls.from_wire_untrusted(value)

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 
 import trio
 
@@ -26,7 +26,7 @@ from p2pfs.store.scanner import Problem
 from p2pfs.sync.ignore import IGNORE_FILE, IgnoreRules
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.local import DiskFile, directory_entry, local_changes
-from p2pfs.sync.planner import CONFLICT_MARKER, conflict_original
+from p2pfs.sync.planner import conflict_original
 from p2pfs.sync.reconcile import Holdings, missing_content, plan_read_only, plan_read_write
 from p2pfs.sync.records import (
     EMPTY_INDEX,
@@ -34,9 +34,9 @@ from p2pfs.sync.records import (
     IndexTree,
     SignedRecord,
     path_key,
-    record_hash,
     remote_changes,
 )
+from p2pfs.sync.recordset import IndexedPaths, RecordSet
 from p2pfs.sync.versions import FileVersion, Ordering
 from p2pfs.wire.messages import FolderMember
 
@@ -86,8 +86,7 @@ class FolderSync:
         self._ignore_file = folderdisk.IgnoreFile(self.path)
         self.ignore = IgnoreRules()
         """The folder's ignore rules as of the last scan."""
-        self.records: dict[str, SignedRecord] = {}
-        self._blobs: dict[ContentHash, bytes] = {}
+        self.records = RecordSet()  # every record of the folder, encoded (decoded when read)
         self._tree = IndexTree()
         """The index tree, updated along the changed paths (never rebuilt per change)."""
         self._nodes: dict[ContentHash, bytes] = {}
@@ -97,7 +96,9 @@ class FolderSync:
         servable for members mid-diff."""
         self._root: Child = EMPTY_INDEX
         self._changed = trio.Event()
-        self.disk = DiskView()
+        # disk.states, indexed by directory (a partial scan's scope is found in it)
+        self._states: IndexedPaths[folderdisk.DiskState] = IndexedPaths()
+        self.disk = DiskView(self._states)
         self._share_root: ContentHash | None = None
         self.absent: set[str] = set()
         """Live records whose content this node does not hold (stored while ignored here):
@@ -140,11 +141,13 @@ class FolderSync:
         )
         stored = await self._index.run(self._store.records, self.row.id)
         changes: dict[bytes, ContentHash | None] = {}
+        # Stored records were verified when they arrived (or signed here): loading checks
+        # no signature again (~0.3 ms each: a minute for 200,000 records).
         for path, (encoded, absent) in stored.items():
-            record = SignedRecord.decode_untrusted(encoded, self.keys)
-            self._put(record, changes)
+            changes[path_key(path)] = self.records.put(path, encoded)
             if absent:
                 self.absent.add(path)
+        del stored
         # Members not met for MEMBER_EXPIRY are forgotten, and at most MAX_MEMBERS of the
         # most recently met are dialled: an address is kept only because a connection to it
         # authenticated, but a member that left must not be called forever.
@@ -155,19 +158,13 @@ class FolderSync:
             self._peer_seen[peer.node_id] = peer.seen_ns
         await self._update_tree(changes)
 
-    def _put(self, record: SignedRecord, pending: dict[bytes, ContentHash | None]) -> None:
+    def _put(
+        self, record: SignedRecord, encoded: bytes, pending: dict[bytes, ContentHash | None]
+    ) -> None:
         """Hold ``record``; its index leaf (path key -> record hash) joins ``pending``, the
         changes the tree takes next."""
         path = record.version.path
-        key = path_key(path)
-        old = pending.get(key) or self._tree.leaves.get(key)
-        if old is not None:
-            self._blobs.pop(old, None)
-        encoded = record.encode()
-        digest = record_hash(encoded)
-        self.records[path] = record
-        self._blobs[digest] = encoded
-        pending[key] = digest
+        pending[path_key(path)] = self.records.put(path, encoded, record)
 
     def close(self) -> None:
         """The folder is no longer synced here: wake whoever waits for its changes."""
@@ -203,8 +200,8 @@ class FolderSync:
         ]
         await self._index.run(self._store.put_records, self.row.id, rows)
         changes: dict[bytes, ContentHash | None] = {}
-        for (path, _encoded, is_absent), record in zip(rows, records, strict=True):
-            self._put(record, changes)
+        for (path, encoded, is_absent), record in zip(rows, records, strict=True):
+            self._put(record, encoded, changes)
             if is_absent:
                 self.absent.add(path)
             else:
@@ -225,7 +222,7 @@ class FolderSync:
         for nodes in (self._nodes, *self._retired):
             if node_hash in nodes:
                 return nodes[node_hash]
-        return self._blobs.get(node_hash)
+        return self.records.encoded_by_hash(node_hash)
 
     def has_file_root(self, root: ContentHash) -> bool:
         return root in self.disk.roots
@@ -308,16 +305,18 @@ class FolderSync:
         self.problems = [str(problem) for problem in result.problems]
         self.disk.ignored = set(result.ignored)
         found: dict[str, DiskFile] = {}
-        states: dict[str, folderdisk.DiskState] = {}
+        states: IndexedPaths[folderdisk.DiskState] = IndexedPaths()
         for path, root, size, mtime_ns, inode, mode in files:
             found[path] = DiskFile(path, ContentHash(root), size, bool(mode & 0o100), mtime_ns)
             states[path] = folderdisk.DiskState(size, mtime_ns, inode)
-        self.disk.states = states
+        del files
+        self.disk.states = self._states = states
         self.disk.roots = {item.root for item in found.values()}
         for directory in directories:
             found[directory] = directory_entry(directory)
-        records = {path: record.version for path, record in self.records.items()}
-        await self._record_changes(records, found, result.problems, lambda _path: True)
+        await self._record_changes(
+            self.records.versions(), found, result.problems, lambda _path: True, whole=True
+        )
 
     async def _record_part(self, part: PartScan) -> None:
         """A partial scan's findings: only paths in its scope are compared with records."""
@@ -332,8 +331,8 @@ class FolderSync:
             )
 
         found: dict[str, DiskFile] = {}
-        for path in [p for p in self.disk.states if in_scope(p)]:
-            del self.disk.states[path]
+        for path in self._states.index.in_scope(shallow, deep_paths):
+            del self._states[path]
         self.disk.ignored = {p for p in self.disk.ignored if not in_scope(p)}
         self.disk.ignored.update(part.ignored)
         for path, root, size, mtime_ns, inode, mode in part.files:
@@ -346,29 +345,38 @@ class FolderSync:
             # concurrent with (or older than) the folder's record of it.
             if in_scope(directory):
                 found[directory] = directory_entry(directory)
-        records = {p: r.version for p, r in self.records.items() if in_scope(p)}
+        records = {p: self.records[p].version for p in self.records.in_scope(shallow, deep_paths)}
         await self._record_changes(records, found, part.problems, in_scope)
 
     async def _record_changes(
         self,
-        records: dict[str, FileVersion],
+        records: Mapping[str, FileVersion],
         found: dict[str, DiskFile],
         problems: list[Problem],
         in_scope: Callable[[str], bool],
+        *,
+        whole: bool = False,
     ) -> None:
         """Sign and store a new version for each path in scope whose disk state differs
-        from its record (on a read-only member: list it as a local change)."""
+        from its record (on a read-only member: list it as a local change). ``whole``:
+        the scope is the folder (compared in a worker thread, most records undecoded)."""
         unreadable = folderdisk.problem_paths(self.path, [p.path for p in problems])
         refused: dict[str, str] = {}
-        changes = local_changes(
-            records,
-            found,
-            self.device,
-            time.time_ns(),
-            lambda path: self.ignore(path) or unreadable(path),
-            absent=self.absent,
-            refused=refused,
-        )
+
+        def compare() -> list[FileVersion]:
+            return local_changes(
+                records,
+                found,
+                self.device,
+                time.time_ns(),
+                lambda path: self.ignore(path) or unreadable(path),
+                absent=self.absent,
+                refused=refused,
+                same=self.records.matches,
+            )
+
+        # The folder's lock is held: nothing changes the records while a thread reads them.
+        changes = await in_thread(compare) if whole else compare()
         # One path whose change cannot be recorded fails alone; the rest are recorded.
         news = [str(p) for p in problems]
         news += [f"{path}: change not recorded: {why}" for path, why in refused.items()]
@@ -471,7 +479,7 @@ class FolderSync:
     def _plan(self, remote: list[SignedRecord]) -> Planned:
         """Plan by the folder rules (``sync/reconcile.py``); sign what we newly record."""
         held = Holdings(
-            {path: record.version for path, record in self.records.items()},
+            self.records.versions(),
             absent=self.absent,
             ignored=self.ignore,
             on_disk=self.disk.states.keys(),
@@ -573,9 +581,7 @@ class FolderSync:
 
     def conflicts(self) -> list[dict[str, str]]:
         found = []
-        for path, record in sorted(self.records.items()):
-            if record.version.deleted or CONFLICT_MARKER not in path:
-                continue
+        for path in sorted(self.records.conflict_copies):
             original = conflict_original(path)
             found.append({"path": path, "original": original, "kind": "conflict copy"})
         for path, other in sorted(self.collisions.items()):
@@ -624,12 +630,8 @@ class FolderSync:
             "mode": "rw" if self.writable else "ro",
             "root": self._root.hash.hex(),
             "records": self._root.size,
-            "files": sum(
-                1
-                for r in self.records.values()
-                if not r.version.deleted and not r.version.is_directory
-            ),
-            "directories": sum(1 for r in self.records.values() if r.version.is_directory),
+            "files": self.records.files,
+            "directories": self.records.directories,
             "local_changes": sorted(self.unrecorded),
             "problems": [
                 *(
