@@ -13,6 +13,7 @@ SUITES = {
     "fetch": "benchmarks.fetch",
     "fuzz": "benchmarks.fuzz",
     "index": "benchmarks.index",
+    "links": "benchmarks.links",
     "nat": "benchmarks.nat",
     "swarm": "benchmarks.swarm",
     "sync": "benchmarks.sync",

@@ -1,0 +1,305 @@
+"""Real links (issue 13): ``python -m benchmarks links``.
+
+p2pfs fetch between two real daemons (two processes on loopback, LAN discovery off), beside
+the raw QUIC engine's bulk stream (the ``transport`` bench's receiver and sender roles, the
+same engine and default TransportConfig), both through the same seeded link emulator
+(benchmarks/linkemu.py) and under the same conditions:
+
+- ``lan``: 20 ms RTT, 0.1% loss each way, 100 Mbit/s each way;
+- ``wan``: 80 ms RTT, 1% loss each way, 100 Mbit/s each way;
+- ``direct``: no emulator (loopback), for the CPU cost per GiB of each side (the multi-core
+  model in simulations/multicore reads these).
+
+The bottleneck queue is one bandwidth-delay product (drop-tail). Each condition runs
+``--runs`` times with seeds 1..N, p2pfs and the raw engine alternating with the same seed;
+the table gives the median MB/s of each and their ratio (goal: p2pfs >= 0.8x the raw engine).
+p2pfs's time is the fetching daemon's own (manifest request to last file renamed); the raw
+engine's is its receiver's (first byte to EOF), so p2pfs also pays the manifest's round trip.
+Every p2pfs copy is checked byte for byte, and the link's counters must show that every byte
+crossed it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks import child_env
+from benchmarks.fetch import (
+    load_average,
+    process_tree_cpu,
+    verify_copy,
+    write_pseudo_random,
+)
+from benchmarks.linkemu import LinkConditions, LinkForwarder
+from p2pfs.address import PeerAddress
+from p2pfs.wire.ticket import Ticket, parse_ticket_untrusted
+from tests.support.daemons import DaemonProcess
+
+MiB = 1 << 20
+GiB = 1 << 30
+MB = 1e6
+CHILD_TIMEOUT = 600.0
+GOAL = 0.8
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    name: str
+    link: LinkConditions | None
+    size_mib: int
+    describe: str
+
+
+CONDITIONS = {
+    "lan": Condition("lan", LinkConditions.path(0.020, 0.001, 100), 64, "20 ms, 0.1%, 100 Mbit/s"),
+    "wan": Condition("wan", LinkConditions.path(0.080, 0.01, 100), 8, "80 ms, 1%, 100 Mbit/s"),
+    "direct": Condition("direct", None, 256, "loopback, no emulator"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    who: str
+    condition: str
+    seed: int
+    bytes: int
+    seconds: float
+    sender_cpu: float
+    receiver_cpu: float
+    lost: int
+    """Datagrams the link's random loss dropped, both directions."""
+    queue_dropped: int
+    """Datagrams dropped at the bottleneck's full queue, both directions."""
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / self.seconds / MB
+
+
+def _link(condition: Condition, target: tuple[str, int], seed: int) -> LinkForwarder | None:
+    return None if condition.link is None else LinkForwarder(target, condition.link, seed=seed)
+
+
+def _drops(link: LinkForwarder | None) -> tuple[int, int]:
+    """(random losses, queue drops) of both directions."""
+    if link is None:
+        return 0, 0
+    f, b = link.forward.stats, link.backward.stats
+    return f.lost + b.lost, f.queue_dropped + b.queue_dropped
+
+
+def p2pfs_run(condition: Condition, seed: int, source: Path, work: Path) -> Run:
+    """A fresh pair of daemons (no connection left from an earlier run), one fetch."""
+    size = source.stat().st_size
+    sharer = DaemonProcess(work / "sharer", extra_args=("--no-lan",))
+    getter = DaemonProcess(work / "getter", extra_args=("--no-lan",))
+    try:
+        sharer.start()
+        getter.start()
+        ticket = parse_ticket_untrusted(sharer.cli_json("share", str(source))["ticket"])
+        target = ticket.addresses[0]
+        link = _link(condition, (target.host, target.port), seed)
+        if link is not None:
+            address = PeerAddress(*link.address)
+            ticket = Ticket(ticket.kind, ticket.root, ticket.node_id, (address,))
+        before = (process_tree_cpu(sharer.pid), process_tree_cpu(getter.pid))
+        destination = work / "copy.bin"
+        if link is None:
+            report = getter.cli_json("fetch", ticket.encode(), str(destination))
+        else:
+            with link:
+                report = getter.cli_json("fetch", ticket.encode(), str(destination))
+            # Every byte crossed the emulated link, none went around it.
+            if link.backward.stats.delivered_bytes < size:
+                raise RuntimeError("p2pfs: the payload did not go through the link")
+        after = (process_tree_cpu(sharer.pid), process_tree_cpu(getter.pid))
+        verify_copy(source, destination, "p2pfs")
+        if report["bytes_from_peer"] != size:
+            raise RuntimeError(f"p2pfs moved {report['bytes_from_peer']} of {size} bytes")
+        return Run(
+            "p2pfs",
+            condition.name,
+            seed,
+            size,
+            float(report["seconds"]),
+            after[0] - before[0],
+            after[1] - before[1],
+            *_drops(link),
+        )
+    finally:
+        for daemon in (getter, sharer):
+            daemon.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _transport_child(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.transport", *args],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def raw_run(condition: Condition, seed: int, size: int, batched: bool, engine: str = "qh3") -> Run:
+    """The transport bench's receiver and sender roles, the sender dialling the link;
+    ``batched``: the receiver uses qh3's batched receive, as the daemon does."""
+    extra = ["--batched-receive"] if batched else []
+    receiver = _transport_child("--role", "receiver", "--engine", engine, *extra)
+    sender: subprocess.Popen[str] | None = None
+    try:
+        assert receiver.stdout is not None
+        hello = json.loads(receiver.stdout.readline())
+        link = _link(condition, ("127.0.0.1", int(hello["port"])), seed)
+        port = hello["port"] if link is None else link.address[1]
+        sender_args = ["--role", "sender", "--engine", engine, "--port", str(port)]
+        sender_args += ["--size", str(size / MiB), "--node-id", hello["node_id"]]
+        if link is not None:
+            link.__enter__()
+        try:
+            sender = _transport_child(*sender_args)
+            sent_out, _ = sender.communicate(timeout=CHILD_TIMEOUT)
+            received_out, _ = receiver.communicate(timeout=CHILD_TIMEOUT)
+        finally:
+            if link is not None:
+                link.__exit__(None, None, None)
+        if sender.returncode or receiver.returncode:
+            raise RuntimeError(f"raw {engine}: a transport process failed")
+        sent = json.loads(sent_out.strip().splitlines()[-1])
+        received = json.loads(received_out.strip().splitlines()[-1])
+        if received["bytes"] != size:
+            raise RuntimeError(f"raw {engine}: received {received['bytes']} of {size} bytes")
+        return Run(
+            f"raw {engine}",
+            condition.name,
+            seed,
+            size,
+            float(received["seconds"]),
+            float(sent["cpu"]),
+            float(received["cpu"]),
+            *_drops(link),
+        )
+    finally:
+        for child in (sender, receiver):
+            if child is not None and child.poll() is None:
+                child.kill()
+                child.wait()
+
+
+def summarise(condition: Condition, runs: list[Run]) -> dict[str, Any]:
+    ours = [r for r in runs if r.who == "p2pfs"]
+    raw = [r for r in runs if r.who != "p2pfs"]
+    p2pfs_rate = statistics.median(r.mb_per_s for r in ours)
+    raw_rate = statistics.median(r.mb_per_s for r in raw)
+
+    def per_gib(selected: list[Run], side: str) -> float:
+        cpu: float = sum(getattr(r, f"{side}_cpu") for r in selected)
+        return cpu / (sum(r.bytes for r in selected) / GiB)
+
+    return {
+        "condition": condition.name,
+        "describe": condition.describe,
+        "mib": condition.size_mib,
+        "runs": len(ours),
+        "p2pfs_mb_s": p2pfs_rate,
+        "raw_mb_s": raw_rate,
+        "ratio": p2pfs_rate / raw_rate,
+        "p2pfs_runs_mb_s": [round(r.mb_per_s, 2) for r in ours],
+        "raw_runs_mb_s": [round(r.mb_per_s, 2) for r in raw],
+        "p2pfs_sender_cpu_s_per_gib": per_gib(ours, "sender"),
+        "p2pfs_receiver_cpu_s_per_gib": per_gib(ours, "receiver"),
+        "raw_sender_cpu_s_per_gib": per_gib(raw, "sender"),
+        "raw_receiver_cpu_s_per_gib": per_gib(raw, "receiver"),
+        "lost_p2pfs": [r.lost for r in ours],
+        "lost_raw": [r.lost for r in raw],
+        "queue_dropped_p2pfs": [r.queue_dropped for r in ours],
+        "queue_dropped_raw": [r.queue_dropped for r in raw],
+    }
+
+
+def run_condition(
+    condition: Condition, runs: int, scratch: Path, raw_batched: bool
+) -> dict[str, Any]:
+    size = condition.size_mib * MiB
+    source = scratch / f"{condition.name}.bin"
+    write_pseudo_random(source, size, condition.name.encode())
+    results = []
+    for seed in range(1, runs + 1):
+        results.append(p2pfs_run(condition, seed, source, scratch / "daemons"))
+        results.append(raw_run(condition, seed, size, raw_batched))
+        last = results[-2:]
+        sys.stderr.write(
+            f"{condition.name} seed {seed}: p2pfs {last[0].mb_per_s:.2f} MB/s, "
+            f"raw {last[1].mb_per_s:.2f} MB/s\n"
+        )
+    source.unlink()
+    summary = summarise(condition, results)
+    summary["all_runs"] = [{**asdict(r), "mb_per_s": r.mb_per_s} for r in results]
+    return summary
+
+
+def print_table(rows: list[dict[str, Any]], note: str) -> None:
+    header = (
+        f"{'condition':<28}{'MiB':>5}{'runs':>5}{'p2pfs MB/s':>12}{'raw MB/s':>10}"
+        f"{'ratio':>7}{'goal':>6}  CPU s/GiB send/recv p2pfs | raw"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        goal = "" if row["condition"] == "direct" else ("yes" if row["ratio"] >= GOAL else "NO")
+        print(
+            f"{row['describe']:<28}{row['mib']:>5}{row['runs']:>5}{row['p2pfs_mb_s']:>12.2f}"
+            f"{row['raw_mb_s']:>10.2f}{row['ratio']:>6.2f}x{goal:>6}  "
+            f"{row['p2pfs_sender_cpu_s_per_gib']:.1f}/{row['p2pfs_receiver_cpu_s_per_gib']:.1f}"
+            f" | {row['raw_sender_cpu_s_per_gib']:.1f}/{row['raw_receiver_cpu_s_per_gib']:.1f}"
+        )
+    print(note)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks links", description=__doc__)
+    parser.add_argument(
+        "--conditions", default="lan,wan", help=f"comma-separated, of {','.join(CONDITIONS)}"
+    )
+    parser.add_argument("--runs", type=int, default=3, help="seeds per condition (3)")
+    parser.add_argument("--size-mib", type=int, help="override every condition's size")
+    parser.add_argument(
+        "--raw-batched",
+        action="store_true",
+        help="the raw engine's receiver uses qh3's batched receive (the daemon's setting)",
+    )
+    parser.add_argument("--workdir", help="scratch directory (default: a temp dir)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    chosen = [CONDITIONS[name] for name in args.conditions.split(",")]
+    if args.size_mib:
+        chosen = [Condition(c.name, c.link, args.size_mib, c.describe) for c in chosen]
+    scratch = Path(tempfile.mkdtemp(prefix="p2pfs-bench-links-", dir=args.workdir))
+    load_before, started = load_average(), time.monotonic()
+    try:
+        rows = [run_condition(c, args.runs, scratch, args.raw_batched) for c in chosen]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    note = (
+        f"load average {load_before} before, {load_average()} after; "
+        f"{time.monotonic() - started:.0f} s; medians of {args.runs} seeded runs"
+    )
+    if args.json:
+        print(json.dumps({"rows": rows, "note": note}))
+    else:
+        print_table(rows, note)
+    return 0 if all(r["ratio"] >= GOAL for r in rows if r["condition"] != "direct") else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
