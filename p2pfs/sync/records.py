@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import bisect
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import blake3
 import msgpack
@@ -271,11 +271,83 @@ class IndexDelta:
         self.removed.difference_update(self.added)
 
 
+_LEAF = 2 * HASH_LEN
+"""Bytes of one packed index leaf: path key, then record hash."""
+
+
+class PackedLeaves:
+    """The index tree's leaves in path-key order, packed 64 bytes each in one bytearray
+    (an IndexLeaf object per record, with its two bytes objects and a dict entry, cost
+    ~0.2 KiB). Reads as a sequence of IndexLeaf, made when read."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, leaves: Iterable[IndexLeaf] = ()) -> None:
+        self._data = bytearray(b"".join(leaf.path_key + leaf.record_hash for leaf in leaves))
+
+    def __len__(self) -> int:
+        return len(self._data) // _LEAF
+
+    def _leaf(self, index: int) -> IndexLeaf:
+        start = index * _LEAF
+        if not 0 <= start < len(self._data):
+            raise IndexError(index)
+        return IndexLeaf(
+            bytes(self._data[start : start + HASH_LEN]),
+            ContentHash(bytes(self._data[start + HASH_LEN : start + _LEAF])),
+        )
+
+    @overload
+    def __getitem__(self, index: int) -> IndexLeaf: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[IndexLeaf]: ...
+    def __getitem__(self, index: int | slice) -> IndexLeaf | list[IndexLeaf]:
+        if isinstance(index, slice):
+            return [self._leaf(i) for i in range(*index.indices(len(self)))]
+        return self._leaf(index + len(self) if index < 0 else index)
+
+    def __iter__(self) -> Iterator[IndexLeaf]:
+        for index in range(len(self)):
+            yield self._leaf(index)
+
+    def __setitem__(self, index: slice, leaves: list[IndexLeaf]) -> None:
+        start, stop, _step = index.indices(len(self))
+        self._data[start * _LEAF : max(stop, start) * _LEAF] = b"".join(
+            leaf.path_key + leaf.record_hash for leaf in leaves
+        )
+
+    def find(self, key: bytes) -> int:
+        """Where ``key`` is, or would be inserted (bisection on the packed keys)."""
+        data, low, high = self._data, 0, len(self)
+        while low < high:
+            middle = (low + high) // 2
+            start = middle * _LEAF
+            if data[start : start + HASH_LEN] < key:
+                low = middle + 1
+            else:
+                high = middle
+        return low
+
+    def get(self, key: bytes) -> ContentHash | None:
+        start = self.find(key) * _LEAF
+        if self._data[start : start + HASH_LEN] == key:
+            return ContentHash(bytes(self._data[start + HASH_LEN : start + _LEAF]))
+        return None
+
+    def last_key_bytes(self) -> bytes:
+        """The last byte of every leaf's path key (all a cut depends on)."""
+        return bytes(self._data[HASH_LEN - 1 :: _LEAF])
+
+    def as_dict(self) -> dict[bytes, ContentHash]:
+        return {leaf.path_key: leaf.record_hash for leaf in self}
+
+
 @dataclass(slots=True)
 class _Level:
     """One height: its items (leaves, or the nodes of the level below) cut into groups."""
 
-    items: list[Any]
+    items: Any
+    """Level 0: the tree's PackedLeaves; above: the list of nodes of the level below."""
     sizes: list[int]
     nodes: list[Child]
 
@@ -291,18 +363,29 @@ class IndexTree:
     :func:`build_index` makes of the same leaves (property-tested).
     """
 
-    __slots__ = ("_first_keys", "_levels", "leaves")
+    __slots__ = ("_first_keys", "_leaves", "_levels")
 
     REBUILD_FRACTION = 8
     """A batch changing over 1/8 of the leaves is built afresh: cheaper than many re-cuts,
     and the same tree."""
 
     def __init__(self, leaves: Iterable[IndexLeaf] = ()) -> None:
-        self.leaves: dict[bytes, ContentHash] = {leaf.path_key: leaf.record_hash for leaf in leaves}
+        unique = {leaf.path_key: leaf.record_hash for leaf in leaves}
+        self._leaves = PackedLeaves(IndexLeaf(k, unique[k]) for k in sorted(unique))
+        """Level 0's items: every leaf, packed."""
         self._levels: list[_Level] = []
         self._first_keys: list[bytes] = []
         """The first path key of each leaf group: a change finds its group by bisection."""
         self._build(IndexDelta({}, set()))
+
+    @property
+    def leaves(self) -> dict[bytes, ContentHash]:
+        """Every leaf, path key -> record hash (made afresh: for checks, not per change)."""
+        return self._leaves.as_dict()
+
+    def get(self, key: bytes) -> ContentHash | None:
+        """The record hash at ``key``, if any."""
+        return self._leaves.get(key)
 
     @property
     def root(self) -> Child:
@@ -322,15 +405,19 @@ class IndexTree:
         """Set each path key's record hash (None: remove the leaf); returns the nodes made
         and dropped."""
         delta = IndexDelta({}, set())
-        effective = {k: v for k, v in changes.items() if self.leaves.get(k) != v}
-        for key, digest in effective.items():
-            if digest is None:
-                del self.leaves[key]
-            else:
-                self.leaves[key] = digest
+        rebuild = not self._levels or len(changes) * self.REBUILD_FRACTION > len(self._leaves)
+        leaves: Any = self._leaves.as_dict() if rebuild else self._leaves
+        effective = {k: v for k, v in changes.items() if leaves.get(k) != v}
         if not effective:
             return delta
-        if not self._levels or len(effective) * self.REBUILD_FRACTION > len(self.leaves):
+        if rebuild:
+            for key, digest in effective.items():
+                if digest is None:
+                    del leaves[key]
+                else:
+                    leaves[key] = digest
+            self._leaves = PackedLeaves(IndexLeaf(k, leaves[k]) for k in sorted(leaves))
+            del leaves
             for level in self._levels:
                 delta.drop(level.nodes)
             self._build(delta)
@@ -344,12 +431,11 @@ class IndexTree:
 
     def _build(self, delta: IndexDelta) -> None:
         self._levels = []
-        items: list[Any] = [IndexLeaf(k, v) for k, v in sorted(self.leaves.items())]
-        if items:
-            self._build_from(0, items, delta)
+        if self._leaves:
+            self._build_from(0, self._leaves, delta)
         self._first_keys = self._leaf_group_keys()
 
-    def _build_from(self, height: int, items: list[Any], delta: IndexDelta) -> None:
+    def _build_from(self, height: int, items: Any, delta: IndexDelta) -> None:
         """Cut ``items`` into level ``height`` and every level above, up to one node."""
         del self._levels[height:]
         while True:
@@ -375,10 +461,12 @@ class IndexTree:
 
     def _change_leaf(self, key: bytes, digest: ContentHash | None, delta: IndexDelta) -> None:
         if not self._levels:  # an earlier key of this batch emptied the tree
-            self._build(delta)
+            if digest is not None:
+                self._leaves[0:0] = [IndexLeaf(key, digest)]
+                self._build(delta)
             return
         items = self._levels[0].items
-        at = bisect.bisect_left(items, key, key=_leaf_key)
+        at = items.find(key)
         present = at < len(items) and items[at].path_key == key
         new = [] if digest is None else [IndexLeaf(key, digest)]
         removed = 1 if present else 0
@@ -391,7 +479,7 @@ class IndexTree:
         # A group that starts at or before the change (its first key is still in the list,
         # or was the key removed, which leaves the same position).
         group = max(bisect.bisect_right(self._first_keys, key) - 1, 0)
-        start = bisect.bisect_left(items, self._first_keys[group], key=_leaf_key) if group else 0
+        start = items.find(self._first_keys[group]) if group else 0
         first, end, sizes, offset = self._recut(0, group, start, at, removed, len(new), delta)
         keys = []
         for size in sizes:
@@ -472,11 +560,15 @@ class IndexTree:
         self._recut(height + 1, 0, 0, at, removed, added, delta)
 
 
-def _cut(items: list[Any]) -> list[int]:
+def _cut(items: Any) -> list[int]:
+    """Group sizes of a level's items (the grouping rule of :func:`_is_cut`)."""
+    # Only each key's last byte decides a cut: read them all at once where leaves are packed.
+    lasts = items.last_key_bytes() if isinstance(items, PackedLeaves) else None
     sizes, count = [], 0
-    for item in items:
+    for position in range(len(items)):
         count += 1
-        if _is_cut(_key(item), count):
+        last = lasts[position] if lasts is not None else _key(items[position])[HASH_LEN - 1]
+        if count >= MAX_FANOUT or (count >= MIN_FANOUT and last & BOUNDARY_MASK == 0):
             sizes.append(count)
             count = 0
     if count or not sizes:
