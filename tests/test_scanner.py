@@ -67,9 +67,15 @@ def test_identical_content_gives_identical_roots(tmp_path: Path) -> None:
     assert (first.files, first.directories) == (6, 3)
     assert first.bytes == len(BIG) + 5 + 18 + 2 + 7
     with IndexStore(tmp_path / "h1" / "index.sqlite3") as index:
-        paths = [record.path for record in index.share_files(first.share_id)]
+        records = list(index.share_files(first.share_id))
+        states = index.share_file_states(first.share_id)
+    paths = [record.path for record in records]
     assert "sub/café" in paths and unicodedata.is_normalized("NFC", "sub/café")
     assert paths == sorted(paths, key=lambda p: [part.encode() for part in p.split("/")])
+    # What a sync folder keeps of a scan: the same files, without chunk lists or order.
+    assert sorted(states) == sorted(
+        (r.path, r.root, r.size, r.mtime_ns, r.inode, r.mode) for r in records
+    )
 
 
 def test_big_file_chunks_match_the_chunker(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pfs.ids import ContentHash
+from p2pfs.sync.ignore import PARTIAL_PREFIX, STATE_DIR, IgnoreRules
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.planner import CONFLICT_MARKER
 from p2pfs.sync.records import SignedRecord, record_hash
@@ -120,3 +121,22 @@ def test_directory_index_finds_the_paths_a_full_walk_would(
         del states[path]
     assert set(states) == left - expected
     assert states.index.in_scope(shallow, deep) == set()
+
+
+def state_rule_by_parts(path: str) -> bool:
+    """The always-ignored rule, checked component by component (as before the shortcut)."""
+    parts = path.split("/")
+    return any(p.casefold() == STATE_DIR for p in parts) or parts[-1].startswith(PARTIAL_PREFIX)
+
+
+components = st.sampled_from(
+    [".p2pfs", ".P2PFS", ".p2PfS", ".p2pfs-part-x", ".p2pfsignore", "x.p2pfs", "a", "ﬃ", "ǅ"]
+)
+
+
+@given(st.lists(st.one_of(components, st.text(min_size=1, max_size=4)), min_size=1, max_size=4))
+def test_the_state_directory_shortcut_ignores_exactly_what_the_parts_rule_does(
+    parts: list[str],
+) -> None:
+    path = "/".join(part.replace("/", "_") for part in parts)
+    assert IgnoreRules()(path) == state_rule_by_parts(path)

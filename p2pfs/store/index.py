@@ -556,6 +556,27 @@ class IndexStore:
             ).fetchall()
         return [rel for (rel,) in rows]
 
+    def share_file_states(self, share_id: int) -> list[tuple[str, bytes, int, int, int, int]]:
+        """(path, root, size, mtime_ns, inode, mode) of every file of a share, in no order:
+        what a sync folder keeps of a scan. Unlike :meth:`share_files`, no chunk lists, local
+        paths or sort (a third of an unchanged 20k-file rescan went there)."""
+        with _guard("listing file states"):
+            rows = self._conn.execute(
+                "SELECT d.rel, f.name, f.root, f.size, f.mtime_ns, f.inode, f.mode "
+                "FROM files f JOIN dirs d ON d.id = f.dir_id WHERE d.share_id = ?",
+                (share_id,),
+            ).fetchall()
+        states = []
+        for rel, stored, root, size, mtime_ns, inode, mode in rows:
+            name = stored
+            if not name.isascii() or "\\" in name:  # the scanner's shortcut, as there
+                try:
+                    name = normalize_local_name(stored)
+                except InvalidNameError as exc:
+                    raise StorageError(f"index: stored name {stored!r} is invalid") from exc
+            states.append((f"{rel}/{name}" if rel else name, root, size, mtime_ns, inode, mode))
+        return states
+
     def share_files(self, share_id: int) -> Iterator[FileRecord]:
         """Every file of a share in path order (the order of its directory trees)."""
         with _guard("listing files"):

@@ -37,11 +37,15 @@ class IgnoreRules:
         return cls(pathspec.GitIgnoreSpec.from_lines(text.splitlines()))
 
     def __call__(self, path: str, is_directory: bool = False) -> bool:
-        parts = path.split("/")
-        if any(part.casefold() == STATE_DIR for part in parts) or parts[-1].startswith(
-            PARTIAL_PREFIX
-        ):
-            return True
+        # A scan asks this of every file: the component checks run only where the state
+        # directory's name could occur at all (casefold works per character, so a part
+        # that folds to it leaves it in the folded path).
+        if STATE_DIR in path.casefold():
+            parts = path.split("/")
+            if any(part.casefold() == STATE_DIR for part in parts) or parts[-1].startswith(
+                PARTIAL_PREFIX
+            ):
+                return True
         if path == IGNORE_FILE or self.spec is None:
             return False
         return self.spec.match_file(path + "/" if is_directory else path) or any(

@@ -139,10 +139,7 @@ def scan_folder(
     index: IndexStore, path: str, ignore: IgnoreRules
 ) -> tuple[ScanResult, list[ScannedFile], list[str]]:
     result = scan_share(path, index, ignore=ignore)
-    files = [
-        (f.path, bytes(f.root), f.size, f.mtime_ns, f.inode, f.mode)
-        for f in index.share_files(result.share_id)
-    ]
+    files = index.share_file_states(result.share_id)
     return result, files, index.share_directories(result.share_id)
 
 
