@@ -569,26 +569,72 @@ def _human_folders(result: dict[str, Any]) -> None:
     for folder in result["folders"]:
         state = folder.get("state", "idle")
         if folder.get("progress") is not None:
-            state += f" {folder['progress']:.0f}%"
+            state += f" {int(folder['progress'])}%"  # never "100%" while bytes are missing
         print(
             f"{folder['path']}  {folder['mode']}  {state}  {plural(folder['files'], 'file')}  "
             f"{plural(folder['peers'], 'peer')}  root {folder['root'][:12]}  "
             f"device {folder.get('device', '')}"
         )
+        completion = folder.get("completion")
+        if completion and completion["need_items"]:
+            print(f"  this node: {_completion(completion)}")
         for member in folder.get("members", []):
-            same = "up to date" if member["in_sync"] else "differs"
-            print(f"  member {member['node_id'][:12]}  {member['path']}  {same}")
+            print(
+                f"  member {member['node_id'][:12]}  {member['path']}  {_member_state(member)}"
+                + (f"  device {member['device']}" if member.get("device") else "")
+            )
+        for conflict in folder.get("conflicts", []):
+            print(f"  conflict copy: {conflict['path']}  (by {_conflict_maker(conflict)})")
         for path in folder["local_changes"]:
             print(f"  local change, not sent: {path}")
         for problem in folder["problems"]:
             print(f"  problem: {problem}")
 
 
+def _completion(need: dict[str, Any]) -> str:
+    """``45% (3 files, 1.2 MB to fetch)``, or ``100%``."""
+    if not need["need_items"] and not need["need_bytes"]:
+        return "100%"
+    return (
+        f"{int(need['percent'])}% ({plural(need['need_items'], 'file')}, "
+        f"{_bytes(need['need_bytes'])} to fetch)"
+    )
+
+
+def _member_state(member: dict[str, Any]) -> str:
+    """A member's completion as it reports it; a member too old to report one: whether
+    its index equals ours."""
+    completion = member.get("completion")
+    if completion is None:
+        return "up to date" if member["in_sync"] else "differs"
+    if member["in_sync"] and not completion["need_items"]:
+        return "up to date"
+    return _completion(completion) + ("" if member["in_sync"] else ", index differs")
+
+
+def _conflict_maker(conflict: dict[str, Any]) -> str:
+    if conflict.get("own"):
+        return f"this node, device {conflict['device']}"
+    if conflict.get("member"):
+        return f"member {conflict['member'][:12]}, device {conflict['device']}"
+    return f"device {conflict.get('device') or '?'}, not a member met since start"
+
+
+def _bytes(count: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return plural(count, "byte")
+
+
 def _human_conflicts(result: dict[str, Any]) -> None:
     if not result["conflicts"]:
         print("no conflicts")
     for conflict in result["conflicts"]:
-        print(f"{conflict['dir']}/{conflict['path']}  (conflicts with {conflict['original']})")
+        line = f"{conflict['dir']}/{conflict['path']}  (conflicts with {conflict['original']}"
+        if conflict["kind"] == "conflict copy":
+            line += f"; by {_conflict_maker(conflict)}"
+        print(line + ")")
 
 
 def _print_result(

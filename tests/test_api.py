@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -471,9 +472,27 @@ def test_no_gui_and_the_download_cap_covers_sync(tmp_path: Path) -> None:
             ticket = a.call("sync", {"path": str(tmp_path / "fa")})["ro"]
             started = time.monotonic()
             b.call("sync", {"path": str(tmp_path / "fb"), "ticket": ticket})
+            # Mid-sync, B reports its need to A (FolderRoot) and shows it itself.
+            seen_at_a = wait_for_value(lambda: member_completion(a), lambda c: c["need_items"])
+            assert seen_at_a["need_items"] == 1 and 0 < seen_at_a["need_bytes"] <= CAPPED_FILE
+            assert (seen_at_a["global_items"], seen_at_a["global_bytes"]) == (1, CAPPED_FILE)
+            assert seen_at_a["percent"] < 100
+            own = b.call("sync_list")["folders"][0]
+            assert own["completion"]["global_bytes"] == CAPPED_FILE
+            if own["completion"]["need_items"]:  # else it finished in between
+                assert own["progress"] == own["completion"]["percent"] < 100
             wait_until(lambda: size_of(tmp_path / "fb" / "big.bin") == CAPPED_FILE, timeout=60)
             # The bucket's burst (256 KiB) is free; the rest waits on the rate.
             assert time.monotonic() - started >= (CAPPED_FILE - 256 * 1024) / CAP * 0.9
+            done = wait_for_value(lambda: member_completion(a), lambda c: c["percent"] == 100)
+            assert done == {
+                "need_items": 0,
+                "need_bytes": 0,
+                "global_items": 1,
+                "global_bytes": CAPPED_FILE,
+                "percent": 100.0,
+            }
+            assert b.call("sync_list")["folders"][0]["completion"] == done
             # A pause survives a restart; resume ends it.
             b.call("sync_pause", {"path": str(tmp_path / "fb")})
             b.stop()
@@ -485,6 +504,31 @@ def test_no_gui_and_the_download_cap_covers_sync(tmp_path: Path) -> None:
             b.stop()
     finally:
         a.stop()
+
+
+def member_completion(daemon: DaemonProcess) -> dict[str, Any] | None:
+    """The completion the first linked member of the daemon's first folder reports."""
+    folders = daemon.call("sync_list")["folders"]
+    members = folders[0]["members"] if folders else []
+    return members[0]["completion"] if members else None
+
+
+def wait_for_value(
+    read: Callable[[], dict[str, Any] | None],
+    wanted: Callable[[dict[str, Any]], object],
+    timeout: float = 30,
+) -> dict[str, Any]:
+    found: list[dict[str, Any]] = []
+
+    def check() -> bool:
+        value = read()
+        if value is not None and wanted(value):
+            found.append(value)
+            return True
+        return False
+
+    wait_until(check, timeout=timeout)
+    return found[-1]
 
 
 def size_of(path: Path) -> int:

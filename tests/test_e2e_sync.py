@@ -566,6 +566,18 @@ def test_joining_a_non_empty_directory_merges_and_never_overwrites(
     assert synced["same.txt"][0] == b"identical on both\n"  # one file, no copy
     assert synced["only-a.txt"][0] == b"from A\n"
     assert synced["only-b.txt"][0] == b"from B\n"
+    # Both members name the member whose edit the copy keeps (its device tag in the name).
+    maker, other = (a, b) if synced[copies[0]][0] == b"A's clash\n" else (b, a)
+    tag = copies[0].rsplit("-", 1)[1].split(".")[0]
+    for daemon, own in ((maker, True), (other, False)):
+        [listed] = daemon.cli_json("conflicts")["conflicts"]
+        assert (listed["device"], listed["member"], listed["own"]) == (tag, maker.node_id(), own)
+        [folder] = daemon.cli_json("sync", "list")["folders"]
+        assert folder["conflicts"] == [
+            {k: v for k, v in listed.items() if k not in ("folder", "dir")}
+        ]
+    assert f"by member {maker.node_id()[:12]}, device {tag}" in other.cli("conflicts").stdout
+    assert f"by this node, device {tag}" in maker.cli("sync", "list").stdout
 
 
 def test_names_colliding_on_a_case_insensitive_member_are_reported_not_clobbered(

@@ -138,8 +138,10 @@ WIRE_TYPES = {
     "folder-challenge": "FolderChallenge",
     "folder-proof": "FolderProof",
     "folder-welcome": "FolderWelcome",
+    "folder-welcome-device": "FolderWelcome",
     "watch-folder": "WatchFolder",
     "folder-root": "FolderRoot",
+    "folder-root-need": "FolderRoot",
 }
 
 

@@ -36,7 +36,7 @@ from p2pfs.sync.records import (
     record_hash,
 )
 from p2pfs.sync.versions import FileVersion, VersionVector
-from p2pfs.wire.messages import FolderMember
+from p2pfs.wire.messages import FolderMember, FolderNeed
 from p2pfs.wire.ticket import parse_ticket_untrusted
 from tests.e2e_helpers import wait_until
 from tests.support.daemons import DaemonProcess
@@ -51,6 +51,7 @@ class HostileFolder:
     """Serves whatever index tree the test gives it (a ServedFolder)."""
 
     keys: FolderKeys
+    device: bytes = DEVICE
     nodes: dict[ContentHash, bytes] = field(default_factory=dict)
     root: Child = field(default_factory=lambda: Child(ContentHash(bytes(32)), 0))
     changed: trio.Event = field(default_factory=trio.Event)
@@ -76,6 +77,9 @@ class HostileFolder:
 
     def current_root(self) -> tuple[ContentHash, int, trio.Event]:
         return self.root.hash, self.root.size, self.changed
+
+    def progress(self) -> tuple[FolderNeed, trio.Event]:
+        return FolderNeed(0, 0, 0, 0), trio.Event()
 
     def members_except(self, node_id: bytes) -> list[FolderMember]:
         return []
@@ -150,7 +154,7 @@ async def _records_reach(link: FolderLink, count: int) -> None:
     watch ends here, before the daemon has reason to drop us."""
     reached = trio.Event()
 
-    def on_root(_root: ContentHash, records: int) -> None:
+    def on_root(_root: ContentHash, records: int, _need: FolderNeed | None) -> None:
         if records >= count:
             reached.set()
 

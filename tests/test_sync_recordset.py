@@ -71,6 +71,7 @@ def test_record_set_counts_and_serves_what_a_dict_of_records_would(
     live = [r.version for r in model.values() if not r.version.deleted]
     assert held.files == sum(1 for v in live if not v.is_directory)
     assert held.directories == sum(1 for v in live if v.is_directory)
+    assert held.file_bytes == sum(v.size for v in live if not v.is_directory)
     assert held.conflict_copies == {v.path for v in live if CONFLICT_MARKER in v.path}
     for path, record in model.items():
         assert held.encoded_by_hash(record.hash) == record.encode()
@@ -78,7 +79,10 @@ def test_record_set_counts_and_serves_what_a_dict_of_records_would(
         root = version.root or bytes(32)
         assert held.matches(path, root, version.executable) == (not version.deleted)
         assert not held.matches(path, bytes(31) + b"\x01", version.executable)
+        is_file = not version.deleted and not version.is_directory
+        assert held.file_size(path) == (version.size if is_file else None)
         assert held.versions()[path] == version
+    assert held.file_size("never/put") is None
     # A replaced record is no longer served by its hash.
     for path, data in puts:
         record = SignedRecord.sign(data.draw(versions(path)), KEYS)

@@ -14,6 +14,10 @@ from p2pfs.wire.messages import (
     Cancel,
     ChunkData,
     ErrorReply,
+    FolderMember,
+    FolderNeed,
+    FolderRoot,
+    FolderWelcome,
     GetChunks,
     GetHave,
     GetManifest,
@@ -104,6 +108,59 @@ def test_chunk_data_header_matches_whole_encoding() -> None:
 def test_newer_peers_extra_fields_are_ignored() -> None:
     body = msgpack.packb([5, bytes(32), "a field from the future"], use_bin_type=True)
     assert decode_one(encode_frame(GetManifest.TAG, body)) == GetManifest(5, ContentHash(bytes(32)))
+
+
+def test_folder_need_and_device_are_appended_fields_both_ways() -> None:
+    """A peer from before the need/device fields sends three or two fields: it decodes
+    with none; ours decodes with them; and an old decoder (which reads only the fields it
+    knows) gets from our message exactly what it got before."""
+    root = ContentHash(bytes([3]) * 32)
+    old = msgpack.packb([7, root, 12], use_bin_type=True)
+    assert decode_one(encode_frame(FolderRoot.TAG, old)) == FolderRoot(7, root, 12, None)
+    ours = FolderRoot(7, root, 12, FolderNeed(2, 300, 9, 1000))
+    decoded = decode_one(encode_message(ours))
+    assert decoded == ours
+    fields = msgpack.unpackb(encode_message(ours)[5:], raw=False)
+    assert fields[:3] == [7, bytes(root), 12]
+    member = FolderMember(bytes([9]) * 32, "10.0.0.2", 7337)
+    old_welcome = msgpack.packb([6, [[member.node_id, "10.0.0.2", 7337]]], use_bin_type=True)
+    assert decode_one(encode_frame(FolderWelcome.TAG, old_welcome)) == FolderWelcome(
+        6, (member,), None
+    )
+    welcome = FolderWelcome(6, (member,), bytes([0x42]) * 32)
+    assert decode_one(encode_message(welcome)) == welcome
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [7, bytes(32), 12, 1],  # a need cut short
+        [7, bytes(32), 12, 1, 2, 3, -4],
+        [7, bytes(32), 12, 1, 2, 3, 1 << 49],
+        [7, bytes(32), 12, 1, "2", 3, 4],
+    ],
+)
+def test_malformed_folder_need_is_a_violation(fields: list[object]) -> None:
+    with pytest.raises(WireError) as info:
+        decode_one(encode_frame(FolderRoot.TAG, msgpack.packb(fields, use_bin_type=True)))
+    assert info.value.code is ErrorCode.PROTOCOL_VIOLATION
+
+
+@pytest.mark.parametrize(
+    ("need", "percent"),
+    [
+        (FolderNeed(0, 0, 10, 1000), 100.0),
+        (FolderNeed(0, 0, 0, 0), 100.0),
+        (FolderNeed(5, 450, 10, 1000), 55.0),
+        (FolderNeed(1, 1, 10, 1 << 30), 99.9),  # a byte missing is not 100%
+        (FolderNeed(2, 0, 4, 0), 50.0),  # empty files only: by count
+        (FolderNeed(3, 5000, 10, 1000), 0.0),  # a peer's inconsistent figures stay in range
+        (FolderNeed(1, 0, 0, 0), 0.0),
+    ],
+)
+def test_folder_need_percent(need: FolderNeed, percent: float) -> None:
+    assert need.percent == percent
+    assert need.as_dict()["percent"] == percent
 
 
 @pytest.mark.parametrize(

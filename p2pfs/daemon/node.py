@@ -441,11 +441,17 @@ class Node:
             # As conflict copies spell it (`name.sync-conflict-DATE-TIME-DEVICE.ext`).
             summary["device"] = short_device(folder.device)
             summary["state"] = self._folder_state(folder)
+            # Our own need, as members hear it: "syncing N%" shows its percentage.
+            completion = folder.need().as_dict()
+            summary["completion"] = completion
             summary["progress"] = (
-                round(100 * folder.sync_done / folder.sync_total, 1)
-                if folder.activity == "syncing" and folder.sync_total
+                completion["percent"]
+                if folder.activity == "syncing" or completion["need_items"]
                 else None
             )
+            summary["conflicts"] = [
+                c for c in self.folders.conflicts(folder) if c["kind"] == "conflict copy"
+            ]
             folders.append(summary)
         return {"folders": folders}
 
@@ -472,7 +478,7 @@ class Node:
     async def _conflicts(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         found = []
         for folder in self.folders.folders.values():
-            for conflict in folder.conflicts():
+            for conflict in self.folders.conflicts(folder):
                 found.append({"folder": folder.folder_id.hex(), "dir": folder.path, **conflict})
         return {"conflicts": found}
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import re
 import unicodedata
 from dataclasses import dataclass, replace
 
@@ -160,6 +161,18 @@ def conflict_original(copy_path: str) -> str:
         return copy_path
     ext = rest[rest.find(".") :] if "." in rest else ""
     return f"{directory}{slash}{stem}{ext}"
+
+
+def conflict_device(copy_path: str) -> str | None:
+    """The device tag in a conflict copy's name (``short_device`` of the device whose
+    version it keeps), or None for a path that is not named as a conflict copy."""
+    name = copy_path.rpartition("/")[2]
+    _stem, marker, rest = name.partition(CONFLICT_MARKER)
+    found = _CONFLICT_STAMP.match(rest) if marker else None
+    return found.group(1) if found else None
+
+
+_CONFLICT_STAMP = re.compile(r"[0-9]{8}-[0-9]{6}-([a-z2-7]{7})")
 
 
 def _truncate_utf8(text: str, limit: int) -> str:

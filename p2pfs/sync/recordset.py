@@ -115,10 +115,11 @@ class IndexedPaths(dict[str, V]):
     update = setdefault = popitem = __ior__ = _unsupported  # type: ignore[assignment]
 
 
-def _brief(encoded: bytes) -> tuple[bool, bytes | None, bool]:
-    """(deleted, root, executable) of a stored record, read without building its objects."""
+def _brief(encoded: bytes) -> tuple[bool, bytes | None, bool, int]:
+    """(deleted, root, executable, size) of a stored record, read without building its
+    objects."""
     version = msgpack.unpackb(msgpack.unpackb(encoded)[0])
-    return version[2], version[3], version[5]
+    return version[2], version[3], version[5], version[4]
 
 
 class RecordSet(Mapping[str, SignedRecord]):
@@ -137,6 +138,7 @@ class RecordSet(Mapping[str, SignedRecord]):
         "by_directory",
         "conflict_copies",
         "directories",
+        "file_bytes",
         "files",
     )
 
@@ -149,6 +151,8 @@ class RecordSet(Mapping[str, SignedRecord]):
         """Paths of live conflict copies (few, and listed by ``conflicts``)."""
         self.files = 0
         """Live file records."""
+        self.file_bytes = 0
+        """The sum of their sizes."""
         self.directories = 0
         """Live directory records."""
 
@@ -200,13 +204,14 @@ class RecordSet(Mapping[str, SignedRecord]):
         return digest
 
     def _count(self, path: str, encoded: bytes, sign: int) -> None:
-        deleted, root, _executable = _brief(encoded)
+        deleted, root, _executable, size = _brief(encoded)
         if deleted:
             return
         if root == DIRECTORY_ROOT:
             self.directories += sign
         else:
             self.files += sign
+            self.file_bytes += sign * size
         if CONFLICT_MARKER in path:
             if sign > 0:
                 self.conflict_copies.add(path)
@@ -219,8 +224,17 @@ class RecordSet(Mapping[str, SignedRecord]):
         encoded = self._encoded.get(path)
         if encoded is None:
             return False
-        deleted, recorded_root, recorded_executable = _brief(encoded)
+        deleted, recorded_root, recorded_executable, _size = _brief(encoded)
         return not deleted and recorded_root == root and recorded_executable == executable
+
+    def file_size(self, path: str) -> int | None:
+        """The size of ``path``'s live file record; None if it has none (no record, a
+        tombstone or a directory). Read without decoding the record."""
+        encoded = self._encoded.get(path)
+        if encoded is None:
+            return None
+        deleted, root, _executable, size = _brief(encoded)
+        return None if deleted or root == DIRECTORY_ROOT else size
 
     def in_scope(self, shallow: Collection[str], deep: Collection[str]) -> set[str]:
         return self.by_directory.in_scope(shallow, deep)

@@ -342,14 +342,23 @@ class FolderMember:
 
 @dataclass(frozen=True, slots=True)
 class FolderWelcome:
-    """Membership granted; ``members``: other members the server knows (peer exchange)."""
+    """Membership granted; ``members``: other members the server knows (peer exchange);
+    ``device``: the server's device id in this folder (appended field, absent from older
+    peers), so members can tell whose conflict copy is whose."""
 
     TAG: ClassVar[int] = 0x23
     request_id: int
     members: tuple[FolderMember, ...] = ()
+    device: bytes | None = None
 
     def fields(self) -> list[Any]:
-        return [self.request_id, [[m.node_id, m.host, m.port] for m in self.members]]
+        fields: list[Any] = [
+            self.request_id,
+            [[m.node_id, m.host, m.port] for m in self.members],
+        ]
+        if self.device is not None:
+            fields.append(self.device)
+        return fields
 
     @classmethod
     def from_fields_untrusted(cls, fields: list[Any]) -> FolderWelcome:
@@ -365,7 +374,8 @@ class FolderWelcome:
                     _uint(entry[2], "member port", 65535),
                 )
             )
-        return cls(_request_id(fields[0]), tuple(members))
+        device = _exact(fields[2], "device", 32) if len(fields) > 2 else None
+        return cls(_request_id(fields[0]), tuple(members), device)
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,22 +396,79 @@ class WatchFolder:
         return cls(_request_id(fields[0]), _hash(fields[1]))
 
 
+MAX_NEED = 1 << 48
+"""Bound of each FolderNeed count (items or bytes): far above any real folder."""
+
+
+@dataclass(frozen=True, slots=True)
+class FolderNeed:
+    """A member's own account of its sync: files (``items``) and bytes it still has to
+    fetch, out of the folder's live files as it knows them (``global_*``)."""
+
+    items: int
+    bytes: int
+    global_items: int
+    global_bytes: int
+
+    @property
+    def percent(self) -> float:
+        """Completion by bytes, as Syncthing shows it (by files when all are empty); never
+        100 while anything is needed, never below 0 whatever a peer says."""
+        if self.items == 0 and self.bytes == 0:
+            return 100.0
+        if self.global_bytes > 0:
+            share = 100.0 * (1.0 - self.bytes / self.global_bytes)
+        elif self.global_items > 0:  # empty files only: by count
+            share = 100.0 * (1.0 - self.items / self.global_items)
+        else:
+            share = 0.0
+        return round(min(max(share, 0.0), 99.9), 1)
+
+    def as_dict(self) -> dict[str, int | float]:
+        return {
+            "need_items": self.items,
+            "need_bytes": self.bytes,
+            "global_items": self.global_items,
+            "global_bytes": self.global_bytes,
+            "percent": self.percent,
+        }
+
+
 @dataclass(frozen=True, slots=True)
 class FolderRoot:
-    """The index root (hash and record count; an all-zero hash with count 0 is empty)."""
+    """The index root (hash and record count; an all-zero hash with count 0 is empty), and
+    the server's own need (appended fields, absent from older peers): sent again when only
+    the need changes, at most once per PROGRESS_INTERVAL."""
 
     TAG: ClassVar[int] = 0x25
     request_id: int
     root: ContentHash
     records: int
+    need: FolderNeed | None = None
 
     def fields(self) -> list[Any]:
-        return [self.request_id, self.root, self.records]
+        fields: list[Any] = [self.request_id, self.root, self.records]
+        if self.need is not None:
+            need = self.need
+            fields += [need.items, need.bytes, need.global_items, need.global_bytes]
+        return fields
 
     @classmethod
     def from_fields_untrusted(cls, fields: list[Any]) -> FolderRoot:
         _need(fields, 3, "FolderRoot")
-        return cls(_request_id(fields[0]), _hash(fields[1]), _uint(fields[2], "records", 1 << 40))
+        need = None
+        if len(fields) > 3:
+            _need(fields, 7, "FolderRoot need")
+            counts = [
+                _uint(fields[3 + i], name, MAX_NEED)
+                for i, name in enumerate(
+                    ("need items", "need bytes", "global items", "global bytes")
+                )
+            ]
+            need = FolderNeed(*counts)
+        return cls(
+            _request_id(fields[0]), _hash(fields[1]), _uint(fields[2], "records", 1 << 40), need
+        )
 
 
 def bitfield_of(pieces: Iterable[int], piece_count: int) -> bytes:
@@ -504,9 +571,11 @@ BOUNDS: dict[int, Bounds] = {
     FolderHello.TAG: _bounds(0, 3, 1),
     FolderChallenge.TAG: _bounds(0, 3, 1),
     FolderProof.TAG: _bounds(0, 3, 1),
-    FolderWelcome.TAG: _bounds(MAX_FOLDER_MEMBERS * 128, 2 + 4 * MAX_FOLDER_MEMBERS, 3),
+    FolderWelcome.TAG: _bounds(
+        MAX_FOLDER_MEMBERS * 128 + _HASH_BYTES, 3 + 4 * MAX_FOLDER_MEMBERS, 3
+    ),
     WatchFolder.TAG: _bounds(0, 2, 1),
-    FolderRoot.TAG: _bounds(0, 3, 1),
+    FolderRoot.TAG: _bounds(0, 7, 1),
 }
 """Per message tag; a tag missing here is unknown to this version."""
 

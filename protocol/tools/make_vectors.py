@@ -47,6 +47,7 @@ from p2pfs.wire.messages import (
     FolderChallenge,
     FolderHello,
     FolderMember,
+    FolderNeed,
     FolderProof,
     FolderRoot,
     FolderWelcome,
@@ -211,8 +212,18 @@ def wire_vectors() -> dict[str, Any]:
         ("folder-challenge", FolderChallenge(5, bytes(range(32, 64)), bytes(32))),
         ("folder-proof", FolderProof(6, root, bytes([7]) * 32)),
         ("folder-welcome", FolderWelcome(6, (FolderMember(bytes([9]) * 32, "10.0.0.2", 7337),))),
+        (
+            "folder-welcome-device",
+            FolderWelcome(
+                6, (FolderMember(bytes([9]) * 32, "10.0.0.2", 7337),), bytes([0x42]) * 32
+            ),
+        ),
         ("watch-folder", WatchFolder(7, root)),
         ("folder-root", FolderRoot(7, ContentHash(bytes([0x22]) * 32), 12)),
+        (
+            "folder-root-need",
+            FolderRoot(7, ContentHash(bytes([0x22]) * 32), 12, FolderNeed(3, 1 << 20, 10, 5 << 20)),
+        ),
     ]
     vectors = []
     for name, message in examples:

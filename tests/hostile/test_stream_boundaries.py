@@ -27,6 +27,7 @@ from p2pfs.wire.messages import (
     FolderChallenge,
     FolderHello,
     FolderMember,
+    FolderNeed,
     GetNodes,
     NodesReply,
 )
@@ -38,6 +39,7 @@ class Folder:
 
     def __init__(self, keys: FolderKeys, *, raise_on_lookup: bool) -> None:
         self.keys = keys
+        self.device = bytes(32)
         self._raise = raise_on_lookup
         self._reads: dict[ContentHash, int] = {}
         self.node = ContentHash(os.urandom(32))
@@ -54,6 +56,9 @@ class Folder:
 
     def current_root(self) -> tuple[ContentHash, int, trio.Event]:
         return ContentHash(bytes(32)), 0, trio.Event()
+
+    def progress(self) -> tuple[FolderNeed, trio.Event]:
+        return FolderNeed(0, 0, 0, 0), trio.Event()
 
     def members_except(self, node_id: bytes) -> list[FolderMember]:
         return []

@@ -75,13 +75,14 @@ async function refreshNode() {
 function folderView(folder) {
   const head = el("div", { class: "head" },
     el("span", { class: "path" }, folder.path),
-    el("span", { class: `state ${folder.state}` }, folder.state + (folder.progress != null ? ` ${folder.progress}%` : "")),
+    el("span", { class: `state ${folder.state}` }, folder.state + (folder.progress != null ? ` ${Math.floor(folder.progress)}%` : "")),
     el("span", {}, folder.mode === "rw" ? "read-write" : "read-only"),
     el("span", {}, plural(folder.files, "file")),
     el("span", { title: "this member's tag in conflict copies' names" }, `device ${folder.device}`),
   );
-  if (folder.state === "syncing") {
-    head.append(el("progress", { max: "100", value: String(folder.progress || 0) }));
+  if (folder.progress != null) {
+    head.append(el("progress", { max: "100", value: String(folder.progress) }),
+      el("span", {}, completionText(folder.completion)));
   }
   const paused = folder.state === "paused";
   head.append(
@@ -90,12 +91,38 @@ function folderView(folder) {
     el("button", { onclick: () => { if (confirm(`Stop syncing ${folder.path}? Its files stay.`)) act(() => api("DELETE", `/api/folders?path=${encodeURIComponent(folder.path)}`)); } }, "Remove"),
   );
   const members = el("ul", { class: "members" });
-  fill(members, folder.members, (m) => el("li", {},
-    `${m.node_id.slice(0, 16)}… ${m.path} — ${m.in_sync ? "up to date" : "differs"}`), "no member connected");
+  fill(members, folder.members, memberView, "no member connected");
   const node = el("div", { class: "folder" }, head, members);
   for (const change of folder.local_changes) node.append(el("div", { class: "problems" }, `local change, not sent: ${change}`));
   for (const problem of folder.problems) node.append(el("div", { class: "problems" }, problem));
   return node;
+}
+
+function completionText(c) {
+  if (!c.need_items && !c.need_bytes) return "100%";
+  return `${Math.floor(c.percent)}% (${plural(c.need_items, "file")}, ${bytes(c.need_bytes)} to fetch)`;
+}
+
+function memberView(m) {
+  // A member's completion as it reports it; a member too old to report one: same index or not.
+  const c = m.completion;
+  let text = m.in_sync ? "up to date" : "differs";
+  if (c && !(m.in_sync && !c.need_items)) text = completionText(c) + (m.in_sync ? "" : ", index differs");
+  const item = el("li", { class: "member", "data-node": m.node_id },
+    `${m.node_id.slice(0, 16)}… ${m.path}${m.device ? ` device ${m.device}` : ""} — ${text}`);
+  if (c && c.need_items) item.append(el("progress", { max: "100", value: String(c.percent) }));
+  return item;
+}
+
+function conflictMaker(c) {
+  if (c.own) return `this node, device ${c.device}`;
+  if (c.member) return `member ${c.member.slice(0, 16)}…, device ${c.device}`;
+  return `device ${c.device || "?"}, not a member met since start`;
+}
+
+function folderBusy(f) {
+  return f.state === "syncing" || f.state === "scanning" || f.completion.need_items > 0
+    || f.members.some((m) => m.completion && m.completion.need_items > 0);
 }
 
 async function refreshFolders() {
@@ -104,8 +131,8 @@ async function refreshFolders() {
   list.replaceChildren(...(result.folders.length ? result.folders.map(folderView) : [el("p", { class: "empty" }, "no folder is synced")]));
   const conflicts = await api("GET", "/api/conflicts");
   fill(document.getElementById("conflict-list"), conflicts.conflicts,
-    (c) => el("li", {}, `${c.dir}/${c.path} (conflicts with ${c.original})`), "no conflicts");
-  return result.folders.some((f) => f.state === "syncing" || f.state === "scanning");
+    (c) => el("li", {}, `${c.dir}/${c.path} (conflicts with ${c.original}${c.kind === "conflict copy" ? `; by ${conflictMaker(c)}` : ""})`), "no conflicts");
+  return result.folders.some(folderBusy);
 }
 
 async function refreshStatus() {

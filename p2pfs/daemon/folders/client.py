@@ -23,6 +23,7 @@ from p2pfs.wire.messages import (
     FolderChallenge,
     FolderHello,
     FolderMember,
+    FolderNeed,
     FolderProof,
     FolderRoot,
     FolderWelcome,
@@ -65,6 +66,9 @@ class FolderLink:
         self._own_id = own_id
         self._slots = trio.Semaphore(REQUEST_STREAMS)
         self._idle: list[RequestStream] = []
+        self.device: bytes | None = None
+        """The member's device id in the folder, as its FolderWelcome told (None from a
+        peer older than that field). Informational: it names conflict copies' makers."""
         self.seen_vectors: dict[str, VersionVector] = {}
         """The last vector this member sent per path: one going backwards is refused."""
 
@@ -91,6 +95,7 @@ class FolderLink:
         if isinstance(welcome, ErrorReply):
             raise AuthenticationError(f"peer {self.peer_id.short()} refused our membership")
         assert isinstance(welcome, FolderWelcome)
+        self.device = welcome.device
         self._idle.append(stream)
         return list(welcome.members)
 
@@ -116,9 +121,9 @@ class FolderLink:
                 f"member {self.peer_id.short()} answered nothing for {STALL_TIMEOUT:.0f} s"
             ) from None
 
-    async def watch(self, on_root: Callable[[ContentHash, int], None]) -> None:
-        """Call ``on_root`` with the peer's index root now and after each change; returns
-        only when the peer ends the subscription."""
+    async def watch(self, on_root: Callable[[ContentHash, int, FolderNeed | None], None]) -> None:
+        """Call ``on_root`` with the peer's index root and need now and after each change;
+        returns only when the peer ends the subscription."""
         stream = await RequestStream.open(self.conn, self._counters)
         await stream.send(WatchFolder(stream.new_request_id(), self.keys.folder_id))
         while True:
@@ -126,7 +131,7 @@ class FolderLink:
             if isinstance(reply, ErrorReply):
                 raise PeerRequestError(reply.code, reply.message)
             assert isinstance(reply, FolderRoot)
-            on_root(reply.root, reply.records)
+            on_root(reply.root, reply.records, reply.need)
 
     async def nodes(self, hashes: list[ContentHash]) -> list[bytes]:
         """Nodes or records by hash, in batches (the caller verifies each against its hash)."""

@@ -17,7 +17,7 @@ import trio
 
 from p2pfs.content.tree import Child
 from p2pfs.errors import LocalProtocolError, RemoteProtocolError, StorageError
-from p2pfs.ids import ContentHash
+from p2pfs.ids import ContentHash, NodeId
 from p2pfs.net import PeerConnection
 from p2pfs.store import folderdisk
 from p2pfs.store.folders import FolderRow, FolderStore
@@ -26,7 +26,7 @@ from p2pfs.store.scanner import Problem
 from p2pfs.sync.ignore import IGNORE_FILE, IgnoreRules
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.local import DiskFile, directory_entry, local_changes
-from p2pfs.sync.planner import conflict_original
+from p2pfs.sync.planner import conflict_device, conflict_original
 from p2pfs.sync.reconcile import Holdings, missing_content, plan_read_only, plan_read_write
 from p2pfs.sync.records import (
     EMPTY_INDEX,
@@ -37,12 +37,13 @@ from p2pfs.sync.records import (
     remote_changes,
 )
 from p2pfs.sync.recordset import IndexedPaths, RecordSet
-from p2pfs.sync.versions import FileVersion, Ordering
-from p2pfs.wire.messages import FolderMember
+from p2pfs.sync.versions import FileVersion, Ordering, short_device
+from p2pfs.wire.messages import FolderMember, FolderNeed
 
 from ..storage import AsyncIndex, in_thread
 from . import steps
 from .client import FolderLink
+from .need import NeedTracker, is_file
 from .placing import DiskView, Placer, Planned
 
 logger = logging.getLogger(__name__)
@@ -126,11 +127,18 @@ class FolderSync:
         self.activity = "idle"
         """What the folder is doing now, for `sync list` and the API: idle, scanning or
         syncing (then ``sync_done`` of ``sync_total`` bytes are placed)."""
-        self.sync_done = self.sync_total = 0
         self.on_event: Callable[..., object] = _no_event
         """Where what happens here is told (the daemon's event bus)."""
+        # This node's need (`sync list`'s N%; members hear it in FolderRoot).
+        self._need = NeedTracker()
         self._placer = Placer(
-            self.path, index, self.disk, self.records, self.unplaced, self._placed_bytes
+            self.path,
+            index,
+            self.disk,
+            self.records,
+            self.unplaced,
+            self._placed_bytes,
+            self._received_bytes,
         )
 
     # -- state ----------------------------------------------------------------------------
@@ -442,9 +450,21 @@ class FolderSync:
             timer.mark("records")
             planned = self._plan(remote)
             timer.mark("plan")
-            total = sum(version.size for _path, version in planned.fetch)
-            with self._doing("syncing", total):
-                await self._apply(link, planned, timer)
+            self._need.plan(
+                {path: version.size for path, version in planned.fetch if is_file(version)},
+                self.records,
+            )
+            self._progress_changed()
+            with self._doing("syncing"):
+                placed: set[str] = set()
+                try:
+                    placed = await self._apply(link, planned, timer)
+                finally:
+                    # What was not placed stays needed (a failed reconcile placed nothing
+                    # it stored: the next one plans it again).
+                    left = {p: n for p, n in self._need.pending.items() if p not in placed}
+                    self._need.plan(left, self.records)
+                    self._progress_changed()
             logger.info("folder %s: reconcile with %s: %s", self.path, link.peer_id.short(), timer)
 
     async def _fetch_records(self, link: FolderLink, leaves: list[IndexLeaf]) -> list[SignedRecord]:
@@ -530,8 +550,13 @@ class FolderSync:
 
     # -- applying -------------------------------------------------------------------------
 
-    async def _apply(self, link: FolderLink, planned: Planned, timer: steps.Phases) -> None:
+    async def _apply(self, link: FolderLink, planned: Planned, timer: steps.Phases) -> set[str]:
+        """Place, delete and store what ``planned`` says; returns the paths placed."""
         moved = await self._placer.move_renamed(planned)
+        pending = self._need.pending
+        self._placed_bytes(
+            sum(1 for path in moved if path in pending), sum(pending.get(p, 0) for p in moved)
+        )
         timer.mark("moves")
         placed = await self._placer.download(link, planned, timer)
         placed.update(moved)
@@ -576,16 +601,46 @@ class FolderSync:
                 len(deleted),
                 skipped,
             )
+        return placed
 
     # -- reporting ------------------------------------------------------------------------
 
-    def conflicts(self) -> list[dict[str, str]]:
-        found = []
+    def conflicts(
+        self, member_devices: Mapping[bytes, bytes] | None = None
+    ) -> list[dict[str, str | bool | None]]:
+        """Conflict copies (each with the device tag in its name, and the member that tag
+        belongs to: this node (``own``), one of ``member_devices`` (node id -> device), or
+        None) and name collisions."""
+        tags = {
+            short_device(device): str(NodeId(node))
+            for node, device in (member_devices or {}).items()
+        }
+        own = short_device(self.device)
+        found: list[dict[str, str | bool | None]] = []
         for path in sorted(self.records.conflict_copies):
             original = conflict_original(path)
-            found.append({"path": path, "original": original, "kind": "conflict copy"})
+            tag = conflict_device(path)
+            found.append(
+                {
+                    "path": path,
+                    "original": original,
+                    "kind": "conflict copy",
+                    "device": tag,
+                    "member": tags.get(tag or ""),
+                    "own": tag == own,
+                }
+            )
         for path, other in sorted(self.collisions.items()):
-            found.append({"path": path, "original": other, "kind": "name collision"})
+            found.append(
+                {
+                    "path": path,
+                    "original": other,
+                    "kind": "name collision",
+                    "device": None,
+                    "member": None,
+                    "own": False,
+                }
+            )
         return found
 
     async def revert(self) -> tuple[list[str], list[str]]:
@@ -609,12 +664,39 @@ class FolderSync:
             self.unrecorded.difference_update(paths)
         return paths, [record.version.path for record in refetch]
 
-    def _placed_bytes(self, count: int) -> None:
-        self.sync_done += count
+    def _placed_bytes(self, files: int, size: int) -> None:
+        self._need.placed_files += files
+        self._need.placed_bytes += size
+        self._progress_changed()
+
+    def _received_bytes(self, size: int) -> None:
+        self._need.received += size
+        self._progress_changed()
+
+    def _progress_changed(self) -> None:
+        progress, self._need.changed = self._need.changed, trio.Event()
+        progress.set()
+
+    @property
+    def sync_done(self) -> int:
+        """Bytes of the current (or last) plan's files placed or received."""
+        return self._need.done()
+
+    @property
+    def sync_total(self) -> int:
+        return self._need.pending_bytes
+
+    def need(self) -> FolderNeed:
+        """Files and bytes this node still has to fetch, of the folder as it knows it."""
+        return self._need.need(self.records, self.absent, self.ignore)
+
+    def progress(self) -> tuple[FolderNeed, trio.Event]:
+        """The need now, and an event set when it next changes."""
+        return self.need(), self._need.changed
 
     @contextlib.contextmanager
-    def _doing(self, activity: str, total: int = 0) -> Iterator[None]:
-        self.activity, self.sync_done, self.sync_total = activity, 0, total
+    def _doing(self, activity: str) -> Iterator[None]:
+        self.activity = activity
         self.on_event("folder-state", folder=self.folder_id.hex(), dir=self.path, state=activity)
         try:
             yield

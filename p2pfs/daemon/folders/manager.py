@@ -37,6 +37,8 @@ from p2pfs.net import PeerConnection
 from p2pfs.store import folderdisk as disk
 from p2pfs.store.folders import FolderStore
 from p2pfs.sync.keys import FolderKeys, device_id
+from p2pfs.sync.versions import short_device
+from p2pfs.wire.messages import FolderNeed
 from p2pfs.wire.ticket import RelayHint, Ticket, TicketKind, parse_ticket_untrusted
 
 from ..dialer import Candidate, Dialer, DialError
@@ -104,9 +106,14 @@ class FolderManager:
         self.folders: dict[bytes, FolderSync] = {}
         self._links: dict[tuple[bytes, bytes], FolderLink] = {}
         self._member_roots: dict[tuple[bytes, bytes], Child] = {}
+        """The last index root each linked member announced."""
+        self._member_needs: dict[tuple[bytes, bytes], FolderNeed] = {}
+        """The last need each linked member reported (none from older peers)."""
+        self._devices: dict[bytes, dict[bytes, bytes]] = {}
+        """Per folder, members' device ids (node id -> device) as their FolderWelcome told
+        (kept while the daemon runs: a member's conflict copies outlive its link)."""
         self.paused: set[bytes] = set()
         """Folders paused until `sync resume` (stored: a restart keeps them paused)."""
-        """The last index root each linked member announced (its completion vs ours)."""
         self._nursery: trio.Nursery | None = None
         self._dialer: Dialer | None = None
         self._discovery: Discovery | None = None
@@ -358,6 +365,9 @@ class FolderManager:
             # name are candidates until a connection to them proves the member's key.
             host, port = conn.remote_address[:2]
             await folder.remember_peer(conn.peer_id.raw, str(host), int(port))
+            if link.device is not None:
+                devices = self._devices.setdefault(folder.folder_id, {})
+                devices[conn.peer_id.raw] = link.device
             self._hinted.get(folder.folder_id, {}).pop(conn.peer_id.raw, None)
             for member in members:
                 if member.node_id != self._own_id.raw and member.node_id not in folder.peers:
@@ -395,6 +405,7 @@ class FolderManager:
         finally:
             del self._links[key]
             self._member_roots.pop(key, None)
+            self._member_needs.pop(key, None)
 
     async def _follow(self, folder: FolderSync, link: FolderLink) -> None:
         """Reconcile whenever the member's root or ours changes and they differ; retry a
@@ -402,9 +413,15 @@ class FolderManager:
         latest: list[Child] = []
         wake = [trio.Event()]
 
-        def on_root(root: ContentHash, records: int) -> None:
+        key = (folder.folder_id, link.peer_id.raw)
+
+        def on_root(root: ContentHash, records: int, need: FolderNeed | None) -> None:
+            if need is not None:
+                self._member_needs[key] = need
+            if latest and latest[0].hash == root:
+                return  # only the member's need changed: nothing to reconcile
             latest[:] = [Child(root, records)]
-            self._member_roots[(folder.folder_id, link.peer_id.raw)] = latest[0]
+            self._member_roots[key] = latest[0]
             wake[0].set()
 
         async with trio.open_nursery() as nursery:
@@ -445,22 +462,31 @@ class FolderManager:
         return sum(1 for (folder_id, _peer) in self._links if folder_id == folder.folder_id)
 
     def members(self, folder: FolderSync) -> list[dict[str, Any]]:
-        """Linked members: how each reaches us and whether its index equals ours (the
-        whole folder's completion; a percentage would need the member's file list)."""
+        """Linked members: how each reaches us, whether its index equals ours, and its
+        completion as it reports it (None from a peer too old to report one)."""
         found = []
         for (folder_id, peer), link in self._links.items():
             if folder_id != folder.folder_id:
                 continue
             remote = self._member_roots.get((folder_id, peer))
+            need = self._member_needs.get((folder_id, peer))
             found.append(
                 {
                     "node_id": str(link.peer_id),
                     "path": link.conn.path,
                     "records": remote.size if remote is not None else None,
                     "in_sync": remote is not None and remote.hash == folder.root.hash,
+                    "completion": need.as_dict() if need is not None else None,
+                    "device": short_device(link.device) if link.device is not None else None,
                 }
             )
         return found
+
+    def conflicts(self, folder: FolderSync) -> list[dict[str, str | bool | None]]:
+        """The folder's conflicts, each copy's device tag matched to a member (this node
+        included) if known."""
+        devices = {**self._devices.get(folder.folder_id, {}), self._own_id.raw: folder.device}
+        return folder.conflicts(devices)
 
     # -- control API ----------------------------------------------------------------------
 

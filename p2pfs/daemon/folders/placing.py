@@ -81,7 +81,8 @@ class Placer:
         disk: DiskView,
         records: Mapping[str, SignedRecord],
         unplaced: dict[str, str],
-        on_placed: Callable[[int], None],
+        on_placed: Callable[[int, int], None],
+        on_received: Callable[[int], None] = lambda _bytes: None,
     ) -> None:
         self.path = path
         self._index = index
@@ -91,7 +92,9 @@ class Placer:
         self.unplaced = unplaced
         """Paths whose file could not be placed: path -> why (the folder reports them)."""
         self.on_placed = on_placed
-        """Told the bytes of each step's files once they are placed (progress)."""
+        """Told the files and bytes of each step once they are placed (progress)."""
+        self.on_received = on_received
+        """Told the bytes of each chunk received from a member (progress within a file)."""
 
     async def move_renamed(self, planned: Planned) -> dict[str, str]:
         """A file fetched under one path while the same content is deleted at another is a
@@ -226,7 +229,9 @@ class Placer:
             )
             await self._record_placed(renamed, dict(items), chunks_of)
             placed.update(renamed)
-            self.on_placed(sum(version.size for path, version in items if path in renamed))
+            self.on_placed(
+                len(renamed), sum(version.size for path, version in items if path in renamed)
+            )
             for path in renamed:
                 self.unplaced.pop(path, None)
             self.unplaced.update(unplaced)
@@ -294,10 +299,13 @@ class Placer:
 
         async def run(batch: list[tuple[ChunkRef, list[tuple[str, int]]]]) -> None:
             received: list[tuple[int, bytes]] = []
+
+            def take(position: int, data: bytes) -> None:
+                received.append((position, data))
+                self.on_received(len(data))
+
             try:
-                await link.chunks(
-                    [ref for ref, _ in batch], lambda i, data: received.append((i, data))
-                )
+                await link.chunks([ref for ref, _ in batch], take)
             except PeerRequestError as exc:  # content it has not got (any more): elsewhere
                 logger.info("folder %s: %s", self.path, exc)
                 failed.update(path for _ref, places in batch for path, _offset in places)

@@ -30,6 +30,7 @@ from p2pfs.wire.messages import (
     FolderChallenge,
     FolderHello,
     FolderMember,
+    FolderNeed,
     FolderProof,
     FolderRoot,
     FolderWelcome,
@@ -48,6 +49,8 @@ MAX_CHALLENGES_PER_CONNECTION = 16
 folder and answers it within a round trip); a new one beyond this replaces the oldest."""
 MAX_CHALLENGES = 4096
 """Open challenges across all connections; beyond this a FolderHello is answered BUSY."""
+PROGRESS_INTERVAL = 0.5
+"""A FolderRoot that only updates the need is sent at most this often per subscription."""
 SERVER_ROLE = "server"
 CLIENT_ROLE = "client"
 
@@ -56,12 +59,18 @@ class ServedFolder(Protocol):
     """What the server needs of a folder (implemented by the sync engine)."""
 
     keys: FolderKeys
+    device: bytes
+    """This node's device id in the folder (told to members in FolderWelcome)."""
 
     def served_node(self, node_hash: ContentHash) -> bytes | None: ...
 
     def has_file_root(self, root: ContentHash) -> bool: ...
 
     def current_root(self) -> tuple[ContentHash, int, trio.Event]: ...
+
+    def progress(self) -> tuple[FolderNeed, trio.Event]:
+        """This node's need now, and an event set when it changes."""
+        ...
 
     def members_except(self, node_id: bytes) -> list[FolderMember]: ...
 
@@ -152,7 +161,8 @@ class FolderServer:
             return ErrorReply(request.request_id, ErrorCode.NOT_FOUND, "no such folder here")
         grants.members.add(request.folder_id)
         folder.member_connected(conn)
-        return FolderWelcome(request.request_id, tuple(folder.members_except(conn.peer_id.raw)))
+        members = tuple(folder.members_except(conn.peer_id.raw))
+        return FolderWelcome(request.request_id, members, folder.device)
 
     async def watch(
         self,
@@ -162,20 +172,29 @@ class FolderServer:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Send the folder's index root now and after every change (latest value only)."""
+        """Send the folder's index root and need now and after every change (latest values
+        only; a change of the need alone at most every PROGRESS_INTERVAL)."""
         folder = self.is_member(grants, request.folder_id)
         if folder is None:
             task_status.started()
             await send(ErrorReply(request.request_id, ErrorCode.NOT_FOUND, "no such folder"))
             return
         task_status.started()
-        sent: ContentHash | None = None
+        sent: tuple[ContentHash, FolderNeed] | None = None
+        sent_at = -PROGRESS_INTERVAL
         while self._lookup(request.folder_id) is folder:
             root, count, changed = folder.current_root()
-            if root != sent:
-                await send(FolderRoot(request.request_id, root, count))
-                sent = root
-            await changed.wait()
+            need, progressed = folder.progress()
+            if sent is None or (root, need) != sent:
+                wait = sent_at + PROGRESS_INTERVAL - trio.current_time()
+                if sent is not None and root == sent[0] and wait > 0:
+                    # The need alone changed: not sent more often (a new root is not held).
+                    with trio.move_on_after(wait):
+                        await changed.wait()
+                    continue
+                await send(FolderRoot(request.request_id, root, count, need))
+                sent, sent_at = (root, need), trio.current_time()
+            await _either(changed, progressed)
         # The folder was removed here (maybe joined again since): this subscription is over.
         await send(ErrorReply(request.request_id, ErrorCode.NOT_FOUND, "folder removed"))
 
@@ -232,6 +251,17 @@ class FolderServer:
                         grants.file_nodes[child.hash] = file_root
             found.append(encoded)
         return NodesReply(request.request_id, tuple(found))
+
+
+async def _either(first: trio.Event, second: trio.Event) -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def wait_for(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(wait_for, first)
+        nursery.start_soon(wait_for, second)
 
 
 def _file_trees(
