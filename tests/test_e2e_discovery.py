@@ -74,9 +74,11 @@ def lookups(
     hops: Counter[int] = Counter()
     for asker in askers:
         for _ in range(tries):
+            before = dht(asker)
             found, rounds = hops_of_lookup(asker, ticket)
             if wanted & set(found):
                 break
+            print(f"a lookup found nothing: before {before}, after {dht(asker)}")
         if asker is sharer:
             continue  # a node is never offered its own record
         assert wanted & set(found), found
