@@ -183,10 +183,14 @@ class LinkForwarder:
         backward: LinkConditions | None = None,
         seed: int = 0,
         socket_buffer: int = 8 << 20,
+        seeds: tuple[int, int] | None = None,
     ) -> None:
+        """``seeds``: the (forward, backward) RNG seeds, instead of ``2 seed, 2 seed + 1``; so
+        two runs whose bulk data flows in opposite directions can meet the same losses."""
         self.target = target
-        self.forward = LinkDirection(forward, random.Random(seed * 2))
-        self.backward = LinkDirection(backward or forward, random.Random(seed * 2 + 1))
+        forward_seed, backward_seed = seeds or (seed * 2, seed * 2 + 1)
+        self.forward = LinkDirection(forward, random.Random(forward_seed))
+        self.backward = LinkDirection(backward or forward, random.Random(backward_seed))
         self.client: Address | None = None
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         # Large buffers, so the kernel's socket is not a hidden second bottleneck.

@@ -86,8 +86,18 @@ class Run:
         return self.bytes / self.seconds / MB
 
 
-def _link(condition: Condition, target: tuple[str, int], seed: int) -> LinkForwarder | None:
-    return None if condition.link is None else LinkForwarder(target, condition.link, seed=seed)
+def _link(
+    condition: Condition, target: tuple[str, int], seed: int, data_to_target: bool
+) -> LinkForwarder | None:
+    """The emulated link, its direction that carries the bulk data seeded ``2 seed`` and
+    the one that carries the ACKs ``2 seed + 1``, whichever end dials: p2pfs's fetcher
+    dials the sender, the transport bench's sender dials the receiver. The n-th datagram of
+    the data then meets the same fate in both runs (same seed)."""
+    if condition.link is None:
+        return None
+    data, acks = seed * 2, seed * 2 + 1
+    seeds = (data, acks) if data_to_target else (acks, data)
+    return LinkForwarder(target, condition.link, seeds=seeds)
 
 
 def _drops(link: LinkForwarder | None) -> tuple[int, int]:
@@ -108,7 +118,7 @@ def p2pfs_run(condition: Condition, seed: int, source: Path, work: Path) -> Run:
         getter.start()
         ticket = parse_ticket_untrusted(sharer.cli_json("share", str(source))["ticket"])
         target = ticket.addresses[0]
-        link = _link(condition, (target.host, target.port), seed)
+        link = _link(condition, (target.host, target.port), seed, data_to_target=False)
         if link is not None:
             address = PeerAddress(*link.address)
             ticket = Ticket(ticket.kind, ticket.root, ticket.node_id, (address,))
@@ -160,7 +170,7 @@ def raw_run(condition: Condition, seed: int, size: int, batched: bool, engine: s
     try:
         assert receiver.stdout is not None
         hello = json.loads(receiver.stdout.readline())
-        link = _link(condition, ("127.0.0.1", int(hello["port"])), seed)
+        link = _link(condition, ("127.0.0.1", int(hello["port"])), seed, data_to_target=True)
         port = hello["port"] if link is None else link.address[1]
         sender_args = ["--role", "sender", "--engine", engine, "--port", str(port)]
         sender_args += ["--size", str(size / MiB), "--node-id", hello["node_id"]]
