@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import stat
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -781,3 +782,78 @@ def test_members_find_each_other_through_the_dht_alone(
     join(b, b_dir, bare)
     synced = wait_converged([(a, a_dir), (b, b_dir)])
     assert synced["found.txt"][0] == b"reached through the DHT\n"
+
+
+# -- work per change (issue 16) ----------------------------------------------------------------
+
+BIG_DIRECTORIES, BIG_PER_DIRECTORY = 30, 100
+
+
+def work_of(daemon: DaemonProcess, path: Path) -> dict[str, int]:
+    work: dict[str, int] = folder_state(daemon, path)["work"]
+    return work
+
+
+def settled_work(members: list[Member]) -> list[dict[str, int]]:
+    """Each member's work counters once they stop moving for a while (after a change, the
+    receiving member's watcher reports the placed file and it rescans that directory)."""
+    last: list[dict[str, int]] = []
+    quiet_since = time.monotonic()
+    deadline = quiet_since + CONVERGE_TIMEOUT
+    while time.monotonic() < deadline:
+        now = [work_of(daemon, root) for daemon, root in members]
+        if now != last:
+            last, quiet_since = now, time.monotonic()
+        elif time.monotonic() - quiet_since >= 1.0:
+            return now
+        time.sleep(0.1)
+    raise AssertionError(f"work counters never settled: {last}")
+
+
+def test_one_change_in_a_big_folder_costs_the_change_not_the_folder(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """3,000 files in 30 directories; one edit. Counted, not timed: the members scan, compare,
+    plan, store and re-hash that directory and that record, never the whole folder (each of
+    these counts would be >= 3,000 if any step walked it)."""
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    rng = random.Random(16)
+    for number in range(BIG_DIRECTORIES * BIG_PER_DIRECTORY):
+        directory = a_dir / f"d{number % BIG_DIRECTORIES:02d}"
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"f{number:05d}.txt"
+        path.write_bytes(rng.randbytes(rng.randint(10, 200)))
+        os.utime(path, (OLD_MTIME, OLD_MTIME))  # not racily clean: no re-hash on rescans
+    total = BIG_DIRECTORIES * BIG_PER_DIRECTORY
+    a, b = daemons("home-a"), daemons("home-b")
+    tickets = create_folder(a, a_dir)
+    join(b, b_dir, tickets["rw"])
+    members = [(a, a_dir), (b, b_dir)]
+
+    def same_roots() -> bool:
+        states = [folder_state(daemon, root) for daemon, root in members]
+        return bool(states[0]["files"] == total and states[0]["root"] == states[1]["root"])
+
+    wait_until(same_roots, CONVERGE_TIMEOUT)
+    before = settled_work(members)
+
+    edited = a_dir / "d07" / "f00007.txt"
+    edited.write_bytes(b"edited once\n")
+    wait_until(lambda: content_of(b_dir / "d07" / "f00007.txt") == b"edited once\n", 30)
+    wait_until(same_roots, CONVERGE_TIMEOUT)
+    after = settled_work(members)
+    spent = [
+        {key: now[key] - then[key] for key in now} for then, now in zip(before, after, strict=True)
+    ]
+    a_spent, b_spent = spent
+    one_directory = BIG_PER_DIRECTORY + 1
+    for side in spent:
+        assert side["full_scans"] == 0, spent
+        assert side["records_stored"] == 1, spent  # the edited file's new record, no other
+        # The index tree: the nodes along one leaf's path (a few levels), not a rebuild.
+        assert 1 <= side["index_nodes_made"] <= 12, spent
+        assert side["files_scanned"] <= 2 * one_directory, spent
+        assert side["paths_compared"] <= 4 * one_directory, spent
+    assert a_spent["partial_scans"] >= 1 and a_spent["files_scanned"] >= 1, spent
+    assert b_spent["records_planned"] == 1, spent  # the one record A changed
+    assert a_spent["records_planned"] == 0, spent

@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
 
 import trio
 
@@ -22,7 +23,7 @@ from p2pfs.net import PeerConnection
 from p2pfs.store import folderdisk
 from p2pfs.store.folders import FolderRow, FolderStore
 from p2pfs.store.partscan import PartScan
-from p2pfs.store.scanner import Problem
+from p2pfs.store.scanner import Problem, ScanStats
 from p2pfs.sync.ignore import IGNORE_FILE, IgnoreRules
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.local import DiskFile, directory_entry, local_changes
@@ -60,6 +61,29 @@ MAX_MEMBERS = 256
 """Members dialled at most (the most recently met)."""
 PEER_SEEN_REFRESH = 24 * 3600.0
 """Index trees kept servable after they are replaced: a peer may be mid-diff against one."""
+
+
+@dataclass(slots=True)
+class FolderWork:
+    """What handling this folder's changes has cost so far, in counts (not time): one
+    change should cost O(the change) whatever the folder's size (issue 16). Listed in
+    `sync list --json` as ``work``."""
+
+    full_scans: int = 0
+    partial_scans: int = 0
+    files_scanned: int = 0
+    """Regular files a scan listed and stat-ed (hashed, reused or renamed)."""
+    paths_compared: int = 0
+    """Disk paths and records that local change detection compared."""
+    records_planned: int = 0
+    """A member's records the planner was given."""
+    records_stored: int = 0
+    index_nodes_made: int = 0
+    """Index-tree nodes encoded by updates (a rebuild makes them all)."""
+
+
+def _scanned(stats: ScanStats) -> int:
+    return stats.files_hashed + stats.files_reused + stats.files_renamed
 
 
 class FolderSync:
@@ -119,7 +143,7 @@ class FolderSync:
         self.lock = trio.Lock()
         self._pending: set[str] | None = set()
         """Directories the watcher named since the last scan (None: scan everything)."""
-        self.scans = 0
+        self.scans, self.work = 0, FolderWork()
         self.dirty = True
         """The disk may have changed since the last scan. The file-system watcher sets it;
         without a watcher it stays set, and every reconcile rescans first."""
@@ -186,6 +210,7 @@ class FolderSync:
             delta = await trio.to_thread.run_sync(self._tree.update, changes)
         else:
             delta = self._tree.update(changes)
+        self.work.index_nodes_made += len(delta.added)
         root = self._tree.root
         if root == self._root:
             return
@@ -207,6 +232,7 @@ class FolderSync:
             for r in records
         ]
         await self._index.run(self._store.put_records, self.row.id, rows)
+        self.work.records_stored += len(rows)
         changes: dict[bytes, ContentHash | None] = {}
         for (path, encoded, is_absent), record in zip(rows, records, strict=True):
             self._put(record, encoded, changes)
@@ -302,6 +328,8 @@ class FolderSync:
                 steps.scan_folder_part, self._index.index, self.path, self.ignore, pending
             )
             if part is not None:
+                self.work.partial_scans += 1
+                self.work.files_scanned += _scanned(part.stats)
                 await self._record_part(part)
                 return
         self.ignore = await in_thread(self._ignore_file.load)
@@ -309,6 +337,8 @@ class FolderSync:
             steps.scan_folder, self._index.index, self.path, self.ignore
         )
         self.scans += 1
+        self.work.full_scans += 1
+        self.work.files_scanned += _scanned(result.stats)
         self._share_root = result.root
         self.problems = [str(problem) for problem in result.problems]
         self.disk.ignored = set(result.ignored)
@@ -370,6 +400,7 @@ class FolderSync:
         the scope is the folder (compared in a worker thread, most records undecoded)."""
         unreadable = folderdisk.problem_paths(self.path, [p.path for p in problems])
         refused: dict[str, str] = {}
+        self.work.paths_compared += len(found) + len(records)
 
         def compare() -> list[FileVersion]:
             return local_changes(
@@ -507,6 +538,7 @@ class FolderSync:
             case_insensitive=self.case_insensitive,
         )
         versions = [record.version for record in remote]
+        self.work.records_planned += len(versions)
         plan = (
             plan_read_write(held, versions)
             if self.writable
@@ -715,6 +747,7 @@ class FolderSync:
             "files": self.records.files,
             "directories": self.records.directories,
             "local_changes": sorted(self.unrecorded),
+            "work": asdict(self.work),
             "problems": [
                 *(
                     f"{path}: collides with {other} on this file system (not placed)"
