@@ -856,4 +856,5 @@ def test_one_change_in_a_big_folder_costs_the_change_not_the_folder(
         assert side["paths_compared"] <= 4 * one_directory, spent
     assert a_spent["partial_scans"] >= 1 and a_spent["files_scanned"] >= 1, spent
     assert b_spent["records_planned"] == 1, spent  # the one record A changed
-    assert a_spent["records_planned"] == 0, spent
+    # A may diff against B's root before B took the edit: B's old record of that path.
+    assert a_spent["records_planned"] <= 1, spent

@@ -1,37 +1,85 @@
 """Projects a big folder's memory and per-change cost to 1M and 10M files (issue 16).
 
 Two kinds of input:
-- measured by ``python -m benchmarks bigfolder`` (two daemons on loopback; the figures of
-  the run named in README.md): peak RSS at 10k/20k/50k files, and one edit's p50;
-- measured here on the sans-I/O core and the engine's in-memory steps that still walk
-  every file per change: the index tree's update along one changed path
-  (``IndexTree.update``), and the scope filter of a partial rescan (a predicate over every
-  record path and every scanned-file path, which is O(N) in C-speed Python loops).
+- measured by ``python -m benchmarks bigfolder`` (two daemons on loopback; the run named in
+  README.md): each size's peak RSS of the receiving member (B) and one edit's p50;
+- measured here, on the structures a folder keeps per file and the per-change steps whose
+  cost depends on the folder at all:
+  - the memory a folder holds per file once loaded (``RecordSet`` of signed records, the
+    index tree's packed leaves, the scanned files' states with their directory index), by
+    tracemalloc, so the steady state is known apart from the transient peaks;
+  - the index tree's update along one changed path (``IndexTree.update``, O(height));
+  - finding a partial scan's scope (``DirectoryIndex.in_scope``: O(directories + paths in
+    the changed directory)), at a fixed 100 files per directory.
 
-Memory is projected linearly (base + per-file slope from the bench). The per-change cost is
-the fixed part the bench measured at 10k minus what the O(N) and O(log N) terms cost there,
-plus those terms at N. Run: ``.venv/bin/python simulations/bigfolder/model.py``.
+Memory is projected linearly (least squares over the bench sizes: base + per-file slope),
+next to the steady state measured here. The per-change cost is the bench's p50 at its
+smallest size minus the two terms there (the fixed part: watcher debounce, transfer,
+commit, B's apply), plus the two terms at N. Run:
+``.venv/bin/python simulations/bigfolder/model.py 10000:136:0.068 50000:330:0.068 ...``
+(files:B's peak RSS MiB:edit p50 s).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import blake3
 
 from p2pfs.ids import ContentHash
-from p2pfs.sync.records import IndexLeaf, IndexTree, path_key
+from p2pfs.store.folderdisk import DiskState
+from p2pfs.sync.keys import FolderKeys
+from p2pfs.sync.records import IndexLeaf, IndexTree, SignedRecord, path_key
+from p2pfs.sync.recordset import DirectoryIndex, IndexedPaths, RecordSet
+from p2pfs.sync.versions import FileVersion, VersionVector
 
 MiB = 1 << 20
-# The sizes the bench ran at; its figures come in on the command line (see README.md).
-BENCH_FILES = [10_000, 20_000, 50_000]
+KiB = 1 << 10
 TARGETS = [10_000, 50_000, 200_000, 1_000_000, 10_000_000]
+PER_DIRECTORY = 100
+"""Files per directory for the scope term (the bench's 500 directories grow with N)."""
+
+
+def path_of(number: int) -> str:
+    directory = number // PER_DIRECTORY
+    return f"t{directory % 25:02d}/s{directory // 25:05d}/f{number:07d}.txt"
+
+
+def steady_bytes_per_file(files: int = 20_000) -> float:
+    """What a loaded folder keeps per file: its records, index leaves and scanned states."""
+    keys = FolderKeys.from_write_seed(bytes(range(32)))
+    device = bytes([7]) * 32
+    vector = VersionVector.empty().bump(device)
+    encoded = []
+    for number in range(files):
+        root = ContentHash(blake3.blake3(b"%d" % number).digest())
+        version = FileVersion(path_of(number), vector, False, root, 1000, False, 1 << 60, device)
+        encoded.append((version.path, SignedRecord.sign(version, keys).encode()))
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    records = RecordSet()
+    leaves = []
+    for path, blob in encoded:
+        # Their own copies, as a load from SQLite makes them.
+        own_path = "".join(path)
+        leaves.append(IndexLeaf(path_key(own_path), records.put(own_path, bytes(blob))))
+    tree = IndexTree(leaves)
+    del leaves
+    states: IndexedPaths[DiskState] = IndexedPaths()
+    for number in range(files):
+        states["".join(path_of(number))] = DiskState(1000 + number, (1 << 60) + number, number)
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    del records, tree, states
+    return held / files
 
 
 def tree_update_seconds(files: int, rounds: int = 200) -> float:
-    keys = [path_key(f"t{i % 25:02d}/s{i % 20:02d}/f{i:07d}.txt") for i in range(files)]
+    keys = [path_key(path_of(i)) for i in range(files)]
     tree = IndexTree(IndexLeaf(k, ContentHash(blake3.blake3(k).digest())) for k in keys)
     started = time.perf_counter()
     for number in range(rounds):
@@ -40,14 +88,14 @@ def tree_update_seconds(files: int, rounds: int = 200) -> float:
     return (time.perf_counter() - started) / rounds
 
 
-def scope_filter_seconds(files: int) -> float:
-    """What _record_part spends per change on the in-memory dicts: two passes over N paths."""
-    paths = [f"t{i % 25:02d}/s{i % 20:02d}/f{i:07d}.txt" for i in range(files)]
-    shallow, deep = {"t03/s07"}, ("t03/s07/new/",)
+def scope_seconds(files: int, rounds: int = 200) -> float:
+    """One watcher event's scope: the paths of one directory, found in the index."""
+    index = DirectoryIndex(path_of(i) for i in range(files))
+    directories = sorted({path_of(i).rpartition("/")[0] for i in range(0, files, PER_DIRECTORY)})
     started = time.perf_counter()
-    for _ in range(2):
-        _ = [p for p in paths if p.rpartition("/")[0] in shallow or p.startswith(deep)]
-    return time.perf_counter() - started
+    for number in range(rounds):
+        index.in_scope({directories[(number * 31) % len(directories)]}, ())
+    return (time.perf_counter() - started) / rounds
 
 
 def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -60,29 +108,39 @@ def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - b * mx, b
 
 
-def main(rss_b: list[float], edit_p50: list[float]) -> None:
-    base, per_file = fit([float(n) for n in BENCH_FILES], rss_b)
-    print(f"memory: {base:.0f} MiB + {per_file * MiB / 1024:.2f} KiB per file (B, least squares)")
+def main(sizes: list[int], rss_b: list[float], edit_p50: list[float]) -> None:
+    base, per_file = fit([float(n) for n in sizes], rss_b)
+    steady = steady_bytes_per_file()
+    print(f"peak memory: {base:.0f} MiB + {per_file * MiB / KiB:.2f} KiB per file (B, fit)")
+    print(f"steady state kept per file (records, index leaves, scanned states): {steady:.0f} B")
     measure_at = [10_000, 50_000, 200_000]
     tree = {n: tree_update_seconds(n) for n in measure_at}
-    scope = {n: scope_filter_seconds(n) for n in measure_at}
+    scope = {n: scope_seconds(n) for n in measure_at}
     scope_a, scope_b = fit([float(n) for n in measure_at], [scope[n] for n in measure_at])
     tree_a, tree_b = fit([float(n) for n in measure_at], [tree[n] for n in measure_at])
-    fixed = edit_p50[0] - (scope_a + scope_b * 10_000) - (tree_a + tree_b * 10_000)
-    print(f"fixed per-change cost (debounce, transfer, commit): {fixed * 1000:.0f} ms")
-    print("files | RSS MiB | tree update ms | scope filter ms | one change s")
+    small = sizes[0]
+    fixed = edit_p50[0] - (scope_a + scope_b * small) - (tree_a + tree_b * small)
+    print(f"fixed per-change cost (debounce, transfer, commit, apply): {fixed * 1000:.0f} ms")
+    print("files | peak RSS MiB | steady MiB | tree update ms | scope ms | one change s")
     rows = []
     for n in TARGETS:
         rss = base + per_file * n
+        kept = steady * n / MiB
         t = tree_a + tree_b * n
         s = scope_a + scope_b * n
-        rows.append((n, rss, t, s, fixed + t + s))
-        print(f"{n:>10,} | {rss:8.0f} | {t * 1000:8.3f} | {s * 1000:8.1f} | {fixed + t + s:6.3f}")
-    plot(rows, rss_b, edit_p50)
+        rows.append((n, rss, kept, t, s, fixed + t + s))
+        print(
+            f"{n:>10,} | {rss:8.0f} | {kept:8.0f} | {t * 1000:8.3f} | {s * 1000:8.3f} | "
+            f"{fixed + t + s:6.3f}"
+        )
+    plot(rows, sizes, rss_b, edit_p50)
 
 
 def plot(
-    rows: list[tuple[int, float, float, float, float]], rss: list[float], edit: list[float]
+    rows: list[tuple[int, float, float, float, float, float]],
+    sizes: list[int],
+    rss: list[float],
+    edit: list[float],
 ) -> None:
     try:
         import matplotlib  # noqa: PLC0415
@@ -94,16 +152,17 @@ def plot(
         return
     files = [row[0] for row in rows]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    left.loglog(files, [row[1] for row in rows], "o-", label="projected (B)")
-    left.loglog(BENCH_FILES, rss, "s", label="measured (bench)")
+    left.loglog(files, [row[1] for row in rows], "o-", label="peak, projected (B)")
+    left.loglog(files, [row[2] for row in rows], ".--", label="steady state kept (measured here)")
+    left.loglog(sizes, rss, "s", label="peak, measured (bench)")
     left.axhline(150, color="red", linestyle="--", label="goal 150 MiB at 200k")
     left.set_xlabel("files in the folder")
-    left.set_ylabel("peak RSS, MiB")
-    left.legend()
-    right.loglog(files, [row[4] for row in rows], "o-", label="one change, projected")
-    right.loglog(files, [row[3] for row in rows], ".--", label="of it: O(N) scope filter")
-    right.loglog(files, [row[2] for row in rows], ".:", label="of it: index-tree update")
-    right.loglog(BENCH_FILES, edit, "s", label="measured p50 (bench)")
+    left.set_ylabel("MiB")
+    left.legend(fontsize=8)
+    right.loglog(files, [row[5] for row in rows], "o-", label="one change, projected")
+    right.loglog(files, [row[4] for row in rows], ".--", label="of it: partial-scan scope")
+    right.loglog(files, [row[3] for row in rows], ".:", label="of it: index-tree update")
+    right.loglog(sizes, edit, "s", label="measured p50 (bench)")
     right.axhline(0.3, color="red", linestyle="--", label="goal 0.3 s")
     right.set_xlabel("files in the folder")
     right.set_ylabel("seconds")
@@ -116,9 +175,14 @@ def plot(
 
 
 if __name__ == "__main__":
-    # rss_b (MiB) and edit p50 (s) at 10k, 20k, 50k: from the bench run in README.md.
-    values = [float(v) for v in sys.argv[1:]] if len(sys.argv) == 7 else []
-    if not values:
-        print("usage: model.py RSS10k RSS20k RSS50k EDIT10k EDIT20k EDIT50k", file=sys.stderr)
+    # files:rss_b_mib:edit_p50_s per bench size, from the bench run in README.md.
+    try:
+        triples = [arg.split(":") for arg in sys.argv[1:]]
+        parsed = [(int(n), float(r), float(e)) for n, r, e in triples]
+    except ValueError:
+        parsed = []
+    if len(parsed) < 2:
+        name = os.path.basename(sys.argv[0])
+        print(f"usage: {name} FILES:RSS_B_MIB:EDIT_P50_S ... (two sizes or more)", file=sys.stderr)
         raise SystemExit(2)
-    main(values[:3], values[3:])
+    main([p[0] for p in parsed], [p[1] for p in parsed], [p[2] for p in parsed])
