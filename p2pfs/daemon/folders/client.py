@@ -16,7 +16,6 @@ from p2pfs.ids import ContentHash
 from p2pfs.net import PeerConnection
 from p2pfs.net.codes import CloseCode
 from p2pfs.sync.keys import FolderKeys
-from p2pfs.sync.versions import VersionVector
 from p2pfs.wire.messages import (
     ChunkData,
     ErrorReply,
@@ -69,8 +68,9 @@ class FolderLink:
         self.device: bytes | None = None
         """The member's device id in the folder, as its FolderWelcome told (None from a
         peer older than that field). Informational: it names conflict copies' makers."""
-        self.seen_vectors: dict[str, VersionVector] = {}
-        """The last vector this member sent per path: one going backwards is refused."""
+        self.seen_vectors: dict[str, bytes] = {}
+        """The last vector this member sent per path, encoded (a decoded vector is ~0.3 KiB
+        of objects, and a join fills this for every path): one going backwards is refused."""
 
     async def join(self) -> list[FolderMember]:
         """Prove membership both ways; returns the other members the peer knows."""

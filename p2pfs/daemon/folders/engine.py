@@ -38,7 +38,7 @@ from p2pfs.sync.records import (
     remote_changes,
 )
 from p2pfs.sync.recordset import IndexedPaths, RecordSet
-from p2pfs.sync.versions import FileVersion, Ordering, short_device
+from p2pfs.sync.versions import FileVersion, Ordering, VersionVector, short_device
 from p2pfs.wire.messages import FolderMember, FolderNeed
 
 from ..storage import AsyncIndex, in_thread
@@ -558,10 +558,13 @@ class FolderSync:
         for record in records:
             version = record.version
             seen = link_vectors.get(version.path)
-            if seen is not None and version.version.compare(seen) is Ordering.BEFORE:
+            if (
+                seen is not None
+                and version.version.compare(VersionVector.decode_untrusted(seen)) is Ordering.BEFORE
+            ):
                 raise RemoteProtocolError(f"version vector of {version.path!r} went backwards")
         for record in records:
-            link_vectors[record.version.path] = record.version.version
+            link_vectors[record.version.path] = record.version.version.encode()
         return records
 
     def _plan(self, remote: list[SignedRecord]) -> Planned:
