@@ -102,6 +102,14 @@ class LinkDirection:
         self._queued_bytes = 0
         self._arrivals: list[tuple[float, int, bytes]] = []  # heap (time, seq, datagram)
         self._seq = 0
+        self._marks: list[int] = []
+        self.passed: dict[int, float] = {}
+        """When the bytes delivered first reached each of the ``watch`` marks."""
+
+    def watch(self, *marks: int) -> None:
+        """Note when the bytes delivered reach each mark (a benchmark's rate on the wire,
+        between two marks, leaves out connection set-up and the tail)."""
+        self._marks = sorted(marks)
 
     def offer(self, now: float, datagram: bytes) -> bool:
         """A datagram enters the link at ``now``; False when it is dropped."""
@@ -164,6 +172,8 @@ class LinkDirection:
             out.append(datagram)
             self.stats.delivered += 1
             self.stats.delivered_bytes += len(datagram)
+            while self._marks and self.stats.delivered_bytes >= self._marks[0]:
+                self.passed[self._marks.pop(0)] = now
         return out
 
 

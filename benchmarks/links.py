@@ -12,7 +12,9 @@ same engine and default TransportConfig), both through the same seeded link emul
 
 The bottleneck queue is one bandwidth-delay product (drop-tail). Each condition runs
 ``--runs`` times with seeds 1..N, p2pfs and the raw engine alternating with the same seed;
-the table gives the median MB/s of each and their ratio (goal: p2pfs >= 0.8x the raw engine).
+the table gives the median MB/s of each and their ratio (goal: p2pfs >= 0.8x the raw engine),
+and ``wire``: the median over seeds of the ratio of the two rates on the link itself, while
+the data direction delivers the 10th to the 90th percent of the size (no set-up, no tail).
 p2pfs's time is the fetching daemon's own (manifest request to last file renamed); the raw
 engine's is its receiver's (first byte to EOF), so p2pfs also pays the manifest's round trip.
 Every p2pfs copy is checked byte for byte, and the link's counters must show that every byte
@@ -80,6 +82,8 @@ class Run:
     """Datagrams the link's random loss dropped, both directions."""
     queue_dropped: int
     """Datagrams dropped at the bottleneck's full queue, both directions."""
+    wire_mb_per_s: float | None
+    """The data direction's rate on the link between 10% and 90% of the size delivered."""
 
     @property
     def mb_per_s(self) -> float:
@@ -98,6 +102,25 @@ def _link(
     data, acks = seed * 2, seed * 2 + 1
     seeds = (data, acks) if data_to_target else (acks, data)
     return LinkForwarder(target, condition.link, seeds=seeds)
+
+
+WIRE_MARKS = (0.1, 0.9)
+
+
+def _watch(link: LinkForwarder | None, size: int, data_to_target: bool) -> None:
+    if link is not None:
+        direction = link.forward if data_to_target else link.backward
+        direction.watch(*(int(size * mark) for mark in WIRE_MARKS))
+
+
+def _wire_rate(link: LinkForwarder | None, size: int, data_to_target: bool) -> float | None:
+    if link is None:
+        return None
+    passed = (link.forward if data_to_target else link.backward).passed
+    low, high = (int(size * mark) for mark in WIRE_MARKS)
+    if low not in passed or high not in passed or passed[high] <= passed[low]:
+        return None
+    return (high - low) / (passed[high] - passed[low]) / MB
 
 
 def _drops(link: LinkForwarder | None) -> tuple[int, int]:
@@ -119,6 +142,7 @@ def p2pfs_run(condition: Condition, seed: int, source: Path, work: Path) -> Run:
         ticket = parse_ticket_untrusted(sharer.cli_json("share", str(source))["ticket"])
         target = ticket.addresses[0]
         link = _link(condition, (target.host, target.port), seed, data_to_target=False)
+        _watch(link, size, data_to_target=False)
         if link is not None:
             address = PeerAddress(*link.address)
             ticket = Ticket(ticket.kind, ticket.root, ticket.node_id, (address,))
@@ -145,6 +169,7 @@ def p2pfs_run(condition: Condition, seed: int, source: Path, work: Path) -> Run:
             after[0] - before[0],
             after[1] - before[1],
             *_drops(link),
+            _wire_rate(link, size, data_to_target=False),
         )
     finally:
         for daemon in (getter, sharer):
@@ -171,6 +196,7 @@ def raw_run(condition: Condition, seed: int, size: int, batched: bool, engine: s
         assert receiver.stdout is not None
         hello = json.loads(receiver.stdout.readline())
         link = _link(condition, ("127.0.0.1", int(hello["port"])), seed, data_to_target=True)
+        _watch(link, size, data_to_target=True)
         port = hello["port"] if link is None else link.address[1]
         sender_args = ["--role", "sender", "--engine", engine, "--port", str(port)]
         sender_args += ["--size", str(size / MiB), "--node-id", hello["node_id"]]
@@ -198,6 +224,7 @@ def raw_run(condition: Condition, seed: int, size: int, batched: bool, engine: s
             float(sent["cpu"]),
             float(received["cpu"]),
             *_drops(link),
+            _wire_rate(link, size, data_to_target=True),
         )
     finally:
         for child in (sender, receiver):
@@ -234,7 +261,18 @@ def summarise(condition: Condition, runs: list[Run]) -> dict[str, Any]:
         "lost_raw": [r.lost for r in raw],
         "queue_dropped_p2pfs": [r.queue_dropped for r in ours],
         "queue_dropped_raw": [r.queue_dropped for r in raw],
+        "wire_ratio": _wire_ratio(ours, raw),
     }
+
+
+def _wire_ratio(ours: list[Run], raw: list[Run]) -> float | None:
+    """Median of the per-seed ratios of the rates on the wire (same seed, same losses)."""
+    pairs = [
+        a.wire_mb_per_s / b.wire_mb_per_s
+        for a, b in zip(ours, raw, strict=True)
+        if a.wire_mb_per_s and b.wire_mb_per_s
+    ]
+    return statistics.median(pairs) if pairs else None
 
 
 def run_condition(
@@ -261,15 +299,16 @@ def run_condition(
 def print_table(rows: list[dict[str, Any]], note: str) -> None:
     header = (
         f"{'condition':<28}{'MiB':>5}{'runs':>5}{'p2pfs MB/s':>12}{'raw MB/s':>10}"
-        f"{'ratio':>7}{'goal':>6}  CPU s/GiB send/recv p2pfs | raw"
+        f"{'ratio':>7}{'goal':>6}{'wire':>7}  CPU s/GiB send/recv p2pfs | raw"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
         goal = "" if row["condition"] == "direct" else ("yes" if row["ratio"] >= GOAL else "NO")
+        wire = "" if row["wire_ratio"] is None else f"{row['wire_ratio']:.2f}x"
         print(
             f"{row['describe']:<28}{row['mib']:>5}{row['runs']:>5}{row['p2pfs_mb_s']:>12.2f}"
-            f"{row['raw_mb_s']:>10.2f}{row['ratio']:>6.2f}x{goal:>6}  "
+            f"{row['raw_mb_s']:>10.2f}{row['ratio']:>6.2f}x{goal:>6}{wire:>7}  "
             f"{row['p2pfs_sender_cpu_s_per_gib']:.1f}/{row['p2pfs_receiver_cpu_s_per_gib']:.1f}"
             f" | {row['raw_sender_cpu_s_per_gib']:.1f}/{row['raw_receiver_cpu_s_per_gib']:.1f}"
         )

@@ -51,6 +51,7 @@ def test_bottleneck_paces_at_its_rate() -> None:
     rate = 10 * MBIT  # 1.25 MB/s
     conditions = LinkConditions(rate=rate, burst=1200, queue_bytes=10 << 20)
     link = LinkDirection(conditions, random.Random(0))
+    link.watch(1_200_000, 2_400_000)
     for n in range(2_000):  # 2.4 MB offered at once
         assert link.offer(0.0, bytes([n % 256]) * 1200)
     arrivals = drain(link)
@@ -60,6 +61,9 @@ def test_bottleneck_paces_at_its_rate() -> None:
     in_window = [at for at, _ in arrivals if 0.5 <= at < 0.6]
     assert abs(len(in_window) * 1200 - 0.1 * rate) <= 1200
     assert [d[0] for _, d in arrivals] == [n % 256 for n in range(2_000)]  # FIFO
+    # The marks: when the 1,000th and the 2,000th datagram were delivered.
+    assert link.passed[1_200_000] == arrivals[999][0]
+    assert link.passed[2_400_000] == arrivals[-1][0]
 
 
 def test_a_full_queue_drops_the_tail() -> None:
