@@ -32,12 +32,15 @@ LATENCY_ROUNDS = 20
 INSERT_BYTES = 100
 
 GOAL_OVERWRITE_BYTES = int(1.2 * MiB)
-GOAL_OVERWRITE_S = 1.0
+GOAL_OVERWRITE_S = 0.5
 GOAL_INSERT_BYTES = 256 * KiB
-GOAL_INSERT_S = 1.0
+GOAL_INSERT_S = 0.6
 GOAL_RENAME_BYTES = 32 * KiB
 GOAL_LATENCY_P50_S = 0.5
-GOAL_SMALL_FILES_S = 5.0
+GOAL_SMALL_FILES_S = 4.0
+GOAL_INITIAL_VS_FETCH = 1.2
+"""Issue 13's goals: the initial sync of the big file at most 1.2x a ``p2pfs fetch`` of a
+file of the same size between the same two daemons in the same run."""
 
 NETNS_SUBNET = "10.78.0"
 
@@ -192,11 +195,13 @@ class NamespacedDaemon(DaemonProcess):
     """A daemon run through ``ip netns exec`` (which execs it: the PID is the daemon's).
     The control socket is a path in its home, reachable from any network namespace."""
 
-    def __init__(self, home: Path, namespace: str, host: str) -> None:
+    def __init__(
+        self, home: Path, namespace: str, host: str, extra_args: tuple[str, ...] = ("--no-lan",)
+    ) -> None:
         repo = str(Path(__file__).resolve().parents[2])
         path = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
         prefix = ("ip", "netns", "exec", namespace)
-        super().__init__(home, f"{host}:0", ("--no-lan",), {"PYTHONPATH": path}, prefix)
+        super().__init__(home, f"{host}:0", extra_args, {"PYTHONPATH": path}, prefix)
         self.namespace = namespace
 
 
@@ -244,16 +249,29 @@ class Receiver(Protocol):
 
 
 class Pair:
-    """Daemon A (which changes things) and daemon B (which receives them)."""
+    """Daemon A (which changes things) and daemon B (which receives them); with ``profile``
+    each runs under cProfile (its main thread) into ``profile/a.prof`` and ``b.prof``."""
 
-    def __init__(self, work: Path, namespaces: Namespaces | None) -> None:
+    def __init__(
+        self, work: Path, namespaces: Namespaces | None, profile: Path | None = None
+    ) -> None:
         self.namespaces = namespaces
+
+        def extra(side: str) -> tuple[str, ...]:
+            if profile is None:
+                return ("--no-lan",)
+            return ("--no-lan", "--profile-to", str(profile / f"{side}.prof"))
+
         if namespaces is None:
-            self.a = DaemonProcess(work / "home-a", extra_args=("--no-lan",))
-            self.b = DaemonProcess(work / "home-b", extra_args=("--no-lan",))
+            self.a = DaemonProcess(work / "home-a", extra_args=extra("a"))
+            self.b = DaemonProcess(work / "home-b", extra_args=extra("b"))
         else:
-            self.a = NamespacedDaemon(work / "home-a", namespaces.names[0], namespaces.hosts[0])
-            self.b = NamespacedDaemon(work / "home-b", namespaces.names[1], namespaces.hosts[1])
+            self.a = NamespacedDaemon(
+                work / "home-a", namespaces.names[0], namespaces.hosts[0], extra("a")
+            )
+            self.b = NamespacedDaemon(
+                work / "home-b", namespaces.names[1], namespaces.hosts[1], extra("b")
+            )
 
     def received(self) -> int:
         return int(self.b.call("status")["bytes_received"])
@@ -378,6 +396,23 @@ def big_file_runs(pair: Pair, work: Path, size: int) -> BigFileRuns:
     if (b_dir / "big.bin").exists():
         raise RuntimeError("B still has the file under its old name after the rename")
     return BigFileRuns(initial, overwrite, inserted, renamed)
+
+
+def fetch_run(pair: Pair, work: Path, size: int) -> float:
+    """The initial sync's reference: ``p2pfs fetch`` of a file of the same size (other
+    bytes, so nothing of the synced file is reused) from A to B; the CLI's wall time."""
+    big, dest = work / "fetch-src.bin", work / "fetch-dst.bin"
+    write_pseudo_random(big, size, b"p2pfs bench sync fetch reference")
+    digest = digest_file(big)  # page-cached, as the synced file is
+    ticket = pair.a.cli_json("share", str(big))["ticket"]
+    started = time.perf_counter()
+    pair.b.cli_json("fetch", ticket, str(dest))
+    seconds = time.perf_counter() - started
+    if digest_file(dest) != digest:
+        raise RuntimeError("the fetched reference file differs from A's")
+    for path in (big, dest):
+        path.unlink()
+    return seconds
 
 
 def latency_runs(pair: Pair, work: Path, rounds: int) -> list[float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 
 import trio
@@ -43,6 +43,12 @@ lock it held is released), to be linked again later."""
 REQUEST_STREAMS = 4
 """Streams for node and chunk requests: one request in flight on each."""
 MAX_BATCH = 256
+REQUESTS_IN_FLIGHT = 2
+"""Chunk requests queued per request stream: the member reads the next request while the
+current one's replies are still on their way, so it never idles between requests."""
+
+Arrived = list[tuple[int, bytes | memoryview]]
+"""A batch's chunks as they arrived: (position in the batch, unverified bytes)."""
 
 
 class FolderLink:
@@ -148,23 +154,68 @@ class FolderLink:
                 nursery.start_soon(one, position)
         return [node for batch in found for node in batch]
 
-    async def chunks(self, refs: list[ChunkRef], deliver: Callable[[int, bytes], None]) -> None:
-        """Ask for ``refs`` (at most MAX_BATCH); ``deliver(position, bytes)`` as they come
-        (unverified: the caller checks each against its id before writing it)."""
-        async with self._stream() as stream:
-            await stream.send(GetChunks(stream.new_request_id(), self.keys.folder_id, tuple(refs)))
-            for _ in refs:
-                with self._stall_guard():
-                    reply = await stream.next_reply()
-                if isinstance(reply, ErrorReply):
-                    raise PeerRequestError(reply.code, reply.message)
-                assert isinstance(reply, ChunkData)  # the session checked order and length
-                self._counters.payload_received += len(reply.payload)
-                self.conn.payload_received += len(reply.payload)
-                self._counters.chunks_received += 1
-                # Waiting here stops reading the stream: flow control slows the member.
-                await throttle(self._download_limit, len(reply.payload))
-                deliver(reply.index, bytes(reply.payload))
+    async def chunk_batches(
+        self,
+        batches: Sequence[Sequence[ChunkRef]],
+        on_batch: Callable[[int, Arrived], Awaitable[None]],
+        on_refused: Callable[[int, PeerRequestError], None],
+    ) -> None:
+        """Ask for every batch (each at most MAX_BATCH chunks) on all request streams at
+        once, REQUESTS_IN_FLIGHT requests queued on each. ``on_batch(number, arrived)`` is
+        awaited with each complete batch (unverified: the caller checks each chunk against
+        its id before writing it); a batch the member refuses (content it no longer holds)
+        goes to ``on_refused`` and the others go on."""
+        pending = iter(range(len(batches)))
+        """Shared by the streams: each takes the next batch not yet asked for."""
+
+        async def one_stream() -> None:
+            async with self._stream() as stream:
+                queued_send, queued = trio.open_memory_channel[int](REQUESTS_IN_FLIGHT - 1)
+
+                async def ask() -> None:
+                    async with queued_send:
+                        for number in pending:
+                            refs = tuple(batches[number])
+                            request = GetChunks(stream.new_request_id(), self.keys.folder_id, refs)
+                            await stream.send(request)
+                            await queued_send.send(number)
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(ask)
+                    async with queued:
+                        async for number in queued:
+                            await self._receive_batch(
+                                stream, number, batches[number], on_batch, on_refused
+                            )
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(REQUEST_STREAMS, len(batches))):
+                nursery.start_soon(one_stream)
+
+    async def _receive_batch(
+        self,
+        stream: RequestStream,
+        number: int,
+        refs: Sequence[ChunkRef],
+        on_batch: Callable[[int, Arrived], Awaitable[None]],
+        on_refused: Callable[[int, PeerRequestError], None],
+    ) -> None:
+        arrived: Arrived = []
+        for _ in refs:
+            with self._stall_guard():
+                reply = await stream.next_reply()
+            if isinstance(reply, ErrorReply):  # ends this request; the next ones follow
+                on_refused(number, PeerRequestError(reply.code, reply.message))
+                return
+            assert isinstance(reply, ChunkData)  # the session checked order and length
+            self._counters.payload_received += len(reply.payload)
+            self.conn.payload_received += len(reply.payload)
+            self._counters.chunks_received += 1
+            # Waiting here stops reading the stream: flow control slows the member.
+            await throttle(self._download_limit, len(reply.payload))
+            # The payload is a view into the frame's own copy: kept as it is, no copy.
+            arrived.append((reply.index, reply.payload))
+        await on_batch(number, arrived)
 
 
 def refuse(conn: PeerConnection, reason: str) -> None:

@@ -26,7 +26,7 @@ from ..requests import PeerRequestError
 from ..storage import AsyncIndex, in_thread
 from ..treewalk import TreeJob, walk_trees
 from . import steps
-from .client import MAX_BATCH, FolderLink
+from .client import MAX_BATCH, Arrived, FolderLink
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,9 @@ _FILE_TREE = file_tree(DEFAULT_CHUNKER)
 """Folders are cut by the default chunker: a file tree of S bytes has at most
 ceil(S / 16 KiB) + 1 leaves, which bounds a member's tree bomb."""
 
-CHUNK_BATCH_BYTES = 8 << 20
+CHUNK_BATCH_BYTES = 1 << 20
+"""Bytes asked for per chunk request: small enough that writes overlap the transfer
+(requests are queued on every stream, so their size adds no idle time)."""
 STEP_FILES = 2048
 STEP_BYTES = 64 << 20
 STEPS_IN_FLIGHT = 2
@@ -296,42 +298,29 @@ class Placer:
                 current, size = [], 0
         if current:
             batches.append(current)
+        if not batches:
+            return
 
-        async def run(batch: list[tuple[ChunkRef, list[tuple[str, int]]]]) -> None:
-            received: list[tuple[int, bytes]] = []
+        async def write(number: int, arrived: Arrived) -> None:
+            batch = batches[number]
+            self.on_received(sum(len(data) for _position, data in arrived))
 
-            def take(position: int, data: bytes) -> None:
-                received.append((position, data))
-                self.on_received(len(data))
-
-            try:
-                await link.chunks([ref for ref, _ in batch], take)
-            except PeerRequestError as exc:  # content it has not got (any more): elsewhere
-                logger.info("folder %s: %s", self.path, exc)
-                failed.update(path for _ref, places in batch for path, _offset in places)
-                return
-
-            def write() -> None:
-                for position, data in received:
+            def write_all() -> None:
+                for position, data in arrived:
                     ref, places = batch[position]
                     for path, offset in places:
                         if path not in failed:
                             steps.write_or_fail(partials[path], offset, data, ref, failed, path)
 
-            await in_thread(write)
+            await in_thread(write_all)
 
-        async with trio.open_nursery() as nursery:
-            limit = trio.Semaphore(4)
-            for batch in batches:
-                await limit.acquire()
+        def refused(number: int, exc: PeerRequestError) -> None:
+            # Content it has not got (any more): these files are retried later.
+            logger.info("folder %s: %s", self.path, exc)
+            failed.update(path for _ref, places in batches[number] for path, _offset in places)
 
-                async def one(batch: list[tuple[ChunkRef, list[tuple[str, int]]]] = batch) -> None:
-                    try:
-                        await run(batch)
-                    finally:
-                        limit.release()
-
-                nursery.start_soon(one)
+        refs = [[ref for ref, _places in batch] for batch in batches]
+        await link.chunk_batches(refs, write, refused)
 
     async def _record_placed(
         self,

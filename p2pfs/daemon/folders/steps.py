@@ -61,7 +61,7 @@ def sync_directories(directories: set[str]) -> None:
 def write_or_fail(
     partial: PartialFile,
     offset: int,
-    data: bytes,
+    data: bytes | memoryview,
     expected: ChunkRef | None,
     failed: set[str],
     path: str,
