@@ -275,10 +275,13 @@ class PeerPool:
                     # streams together): a slow peer holds few pieces, a fast one many.
                     target = in_flight_target(pipeline)
                     room = target - pipeline.in_flight
-                    if room < min(MIN_REQUEST_BYTES, target):
+                    share = target // (STREAMS_PER_PEER * REQUESTS_IN_FLIGHT)
+                    # Wait for room for half a share at least: asking as soon as any
+                    # 512 KiB was free made requests of ~6 chunks on a fast peer, each
+                    # paying its round of lookups, reads and a write on both sides.
+                    if room < min(max(MIN_REQUEST_BYTES, share // 2), target):
                         await self._change.wait()
                         continue
-                    share = target // (STREAMS_PER_PEER * REQUESTS_IN_FLIGHT)
                     wanted_bytes = min(room, max(MIN_REQUEST_BYTES, share))
                     count = max(1, min(MAX_REQUEST_CHUNKS, wanted_bytes // average))
                     picked = self.picker.pick(peer, count)

@@ -133,6 +133,7 @@ class PeerConnection:
         self._timer_scope: trio.CancelScope | None = None
         self.cids: set[bytes] = set()
         events = engine.events
+        self._stream_data_type: type = events.StreamDataReceived
         self._dispatch: dict[type, Callable[[Any], None]] = {
             events.StreamDataReceived: self._on_stream_data,
             events.HandshakeCompleted: self._on_handshake,
@@ -263,6 +264,28 @@ class PeerConnection:
             )
         self._after_input()
 
+    def gro_received(self, buffer: bytes, segment: int, addr: Address, now: float) -> None:
+        """A GRO run: datagrams of ``segment`` bytes each (the last may be shorter), all
+        short-header packets for this connection, in one buffer."""
+        if self._terminated:
+            return
+        if (
+            not self.config.batched_receive
+            or self._intake.paused
+            or self._intake.resume_for_writer()
+        ):
+            # The general path (it holds datagrams while paused, or resumes first).
+            self.datagrams_received(
+                [buffer[start : start + segment] for start in range(0, len(buffer), segment)],
+                addr,
+                now,
+            )
+            return
+        self.bytes_received += len(buffer)
+        with self._guard:
+            self._engine.receive_run(self._quic, buffer, segment, addr, now)
+        self._after_input()
+
     async def run_timer(self) -> None:
         """The connection's single timer: sleeps until the next deadline, never polls."""
         while not self._terminated:
@@ -357,10 +380,34 @@ class PeerConnection:
             pending = self._engine.close_pending(quic)
             if pending is not None:
                 self._lost(_closed_by_peer(pending))
+        # Data for streams already open is gathered per stream and handed over once per
+        # pass: a bulk transfer yields an event per packet or two, and per event the
+        # stream and intake bookkeeping was a large share of the receiver's own work.
+        gathered: dict[int, tuple[Stream, list[bytes], bool]] = {}
+        data_type = self._stream_data_type
+        streams = self._streams
         while not self._broken and (event := quic.next_event()) is not None:
-            handler = dispatch.get(type(event))
+            kind = type(event)
+            if kind is data_type and self._authenticated and self._error is None:
+                stream = streams.get(event.stream_id)
+                if stream is not None and event.stream_id != self._auth_stream_id:
+                    entry = gathered.get(event.stream_id)
+                    if entry is None:
+                        gathered[event.stream_id] = (stream, [event.data], event.end_stream)
+                    else:
+                        entry[1].append(event.data)
+                        if event.end_stream:
+                            gathered[event.stream_id] = (stream, entry[1], True)
+                    continue
+            if gathered:
+                # Anything else (a reset, a new stream, a close) sees the data before it.
+                self._hand_over(gathered)
+                gathered = {}
+            handler = dispatch.get(kind)
             if handler is not None:
                 handler(event)
+        if gathered and not self._broken:
+            self._hand_over(gathered)
         if self._broken:
             return
         datagrams = self._engine.datagrams_to_send(quic, trio.current_time())
@@ -369,6 +416,17 @@ class PeerConnection:
             self._hooks.transmit(datagrams)
         if self._intake.blocked_writers:
             self._intake.retain_blocked(lambda s: not s.send_room_maybe())
+
+    def _hand_over(self, gathered: dict[int, tuple[Stream, list[bytes], bool]]) -> None:
+        for stream, parts, end_stream in gathered.values():
+            if self._error is not None:
+                return
+            kept = stream.data_received_parts(parts, end_stream)
+            if kept:
+                was_paused = self._intake.paused
+                self._intake.received(stream, kept, stream.receive_buffered)
+                if self._intake.paused and not was_paused:
+                    logger.debug("%r: reader behind, pausing intake", self)
 
     def _next_deadline(self) -> float:
         if self._broken:

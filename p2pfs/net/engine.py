@@ -275,6 +275,19 @@ class Engine:
         for data in datagrams:
             quic.receive_datagram(data, addr, now)
 
+    def receive_run(
+        self, quic: EngineConnection, buffer: bytes, segment: int, addr: Any, now: float
+    ) -> None:
+        """Feed a GRO run (datagrams of ``segment`` bytes back to back in ``buffer``) to one
+        connection, batched (this is only called with TransportConfig.batched_receive).
+
+        qh3 takes the buffer whole; otherwise it is split and fed as a batch.
+        """
+        if engine_internals.qh3_fast_receive_run(quic, buffer, segment, addr, now):
+            return
+        datagrams = [buffer[start : start + segment] for start in range(0, len(buffer), segment)]
+        self.receive(quic, datagrams, addr, now, batched=True)
+
     def datagrams_to_send(self, quic: EngineConnection, now: float) -> list[tuple[bytes, Any]]:
         """What the connection wants sent now."""
         fast = engine_internals.qh3_fast_transmit(quic, now)

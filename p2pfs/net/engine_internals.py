@@ -32,6 +32,30 @@ def qh3_fast_transmit(quic: Any, now: float) -> list[tuple[bytes, Any]] | None:
     return datagrams
 
 
+def qh3_fast_receive_run(quic: Any, buffer: bytes, segment: int, addr: Any, now: float) -> bool:
+    """qh3 without a qlog, handshake done: a GRO run straight into the native core.
+
+    Reach-in: ``quic._core``, ``quic._quic_logger``, ``quic._handshake_complete``,
+    ``quic._call_core`` and ``quic._drain_core`` (qh3). The public ``receive_gro_buffer``
+    does the same but first slices every datagram out of the buffer to log it, even with
+    no logger set: an object per datagram, the cost this path exists to avoid. False (the
+    caller then takes the public route) when this is not such a connection.
+    """
+    core = getattr(quic, "_core", None)
+    if (
+        core is None
+        or getattr(quic, "_quic_logger", True) is not None
+        or getattr(quic, "_handshake_complete", False) is not True
+        or not hasattr(core, "receive_gro_buffer")
+        or not hasattr(quic, "_drain_core")
+        or not hasattr(quic, "_call_core")
+    ):
+        return False
+    quic._call_core(core.receive_gro_buffer, buffer, segment, addr, now)
+    quic._drain_core()
+    return True
+
+
 def aioquic_peer_certificate_der(quic: Any) -> bytes | None:
     """The DER certificate an aioquic connection's peer presented, if any.
 

@@ -258,6 +258,22 @@ class Stream(trio.abc.HalfCloseableStream):
         self._wake_reader()
         return len(data)
 
+    def data_received_parts(self, parts: list[bytes], end_stream: bool) -> int:
+        """``data_received`` for several pieces that arrived in order; returns bytes kept."""
+        if self._recv_error is not None or self._closed:
+            return 0
+        size = 0
+        for part in parts:
+            if part:
+                self._recv.append(part)
+                size += len(part)
+        self._recv_buffered += size
+        self.bytes_received += size
+        if end_stream:
+            self._recv_eof = True
+        self._wake_reader()
+        return size
+
     def peer_reset(self, error_code: int) -> None:
         if self._recv_error is None and not self._recv_eof:
             self._recv_error = StreamBrokenError(
