@@ -104,3 +104,45 @@ def test_batch_commit_makes_many_files_appear(tmp_path: Path) -> None:
         assert path.read_bytes() == data
         assert bool(os.stat(path).st_mode & stat.S_IXUSR) == executable
     assert not [p for p in tmp_path.rglob("*") if is_partial_name(p.name)]
+
+
+def test_threads_writing_one_new_file_at_once_share_its_descriptor(tmp_path: Path) -> None:
+    """A fetch writes batches in several worker threads; two may hold chunks of one file
+    that is not open yet. Each must write through the one locked descriptor: the second
+    used to fail on the first's lock and close the descriptor the first was writing with."""
+    import threading  # noqa: PLC0415
+
+    files = 40
+    writers = 4
+    piece = 4096
+    failures: list[StorageError] = []
+    done: list[tuple[Finished, bytes]] = []
+    for number in range(files):
+        data = random_bytes(number, writers * piece)
+        partial = PartialFile(str(tmp_path), f"f{number}", bytes([number]) * 32, len(data))
+        start = threading.Barrier(writers)
+
+        def write(
+            part: int,
+            partial: PartialFile = partial,
+            data: bytes = data,
+            start: threading.Barrier = start,
+        ) -> None:
+            start.wait()
+            try:
+                offset = part * piece
+                partial.write_verified(offset, data[offset : offset + piece])
+            except StorageError as exc:  # what the race raised
+                failures.append(exc)
+
+        threads = [threading.Thread(target=write, args=(part,)) for part in range(writers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not failures, failures[0]
+        assert partial.fully_verified()
+        done.append((Finished(partial, executable=False), data))
+    commit_files([finished for finished, _data in done])  # one sync for all
+    for number, (_finished, data) in enumerate(done):
+        assert (tmp_path / f"f{number}").read_bytes() == data

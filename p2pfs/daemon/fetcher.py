@@ -530,13 +530,23 @@ class Fetcher:
         if not tasks:
             return
         batch = list(tasks)
-        if tasks is self._uncommitted:
+        pending = tasks is self._uncommitted
+        if pending:
             self._uncommitted = []
             self._uncommitted_bytes = 0
         for task in batch:
             task.complete = True
         finished = [Finished(task.partial, task.entry.executable) for task in batch]  # type: ignore[arg-type]
-        await in_thread(commit_files, finished)
+        try:
+            await in_thread(commit_files, finished)
+        except BaseException:
+            if pending:
+                # Not committed (a cancelled worker never starts the thread): the batch
+                # goes back, for the fetch's last commit or a failure that names it. Lost
+                # here, its files stayed temp files while the fetch reported success.
+                self._uncommitted[:0] = batch
+                self._uncommitted_bytes += sum(task.entry.size for task in batch)
+            raise
         for _task in batch:
             self._file_done(0)
 

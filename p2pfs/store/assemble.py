@@ -100,6 +100,12 @@ class PartialFile:
         self._verified: dict[int, int] = {}
         """Offset -> length of the bytes known good in the temp file named by _identity."""
         self._revoked = False
+        # A fetch verifies and writes batches in worker threads, several at once, and two
+        # may hold chunks of one file: without this, both found no descriptor open, the
+        # second failed on the first's lock ("another fetch is writing") and its cleanup
+        # closed the descriptor the first was writing through. Reentrant: _open's failure
+        # path calls close.
+        self._descriptor_lock = threading.RLock()
 
     # -- descriptors ----------------------------------------------------------------------
 
@@ -121,8 +127,15 @@ class PartialFile:
 
     def _open(self, *, create: bool = True) -> int:
         """The temp file, locked; -1 if it does not exist and ``create`` is false."""
+        fd = self._fd
+        if fd >= 0:
+            return fd
+        with self._descriptor_lock:
+            return self._open_locked(create)
+
+    def _open_locked(self, create: bool) -> int:
         if self._fd >= 0:
-            return self._fd
+            return self._fd  # another thread opened it while we waited
         dir_fd = self._directory_fd()
         try:
             fd = self._open_existing(dir_fd)
@@ -207,7 +220,7 @@ class PartialFile:
                 os.dup2(_inert(), fd)  # the locked file's last descriptor goes: lock released
 
     def close(self) -> None:
-        with _HOLDERS_LOCK:
+        with self._descriptor_lock, _HOLDERS_LOCK:
             holder = _HOLDERS.get(self._identity) if self._identity is not None else None
             if holder is not None and holder() is self:
                 del _HOLDERS[self._identity]  # type: ignore[arg-type]
