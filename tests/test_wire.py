@@ -99,6 +99,27 @@ def test_frames_reassemble_from_any_split(batch: list[Message], step: int) -> No
     assert decoded == [normalised(m) for m in batch]
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(messages, min_size=1, max_size=8), st.data())
+def test_frames_reassemble_from_pieces_of_any_kind(
+    batch: list[Message], data: st.DataObject
+) -> None:
+    """Pieces fed as bytes (kept uncopied, frames handed out as views into them), bytearray
+    or memoryview (copied), in any mix and at any cut: the same frames come out."""
+    stream = b"".join(encode_message(m) for m in batch)
+    cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(stream) - 1)), max_size=12)))
+    decoder = FrameDecoder()
+    decoded = []
+    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        piece = stream[start:end]
+        kind = data.draw(st.sampled_from([bytes, bytearray, memoryview]))
+        decoder.feed(kind(piece))
+        while (frame := decoder.next_frame_untrusted()) is not None:
+            decoded.append(normalised(decode_message_untrusted(frame)))
+    assert decoded == [normalised(m) for m in batch]
+    assert decoder.buffered == 0
+
+
 def test_chunk_data_header_matches_whole_encoding() -> None:
     payload = b"x" * 1000
     whole = encode_message(ChunkData(7, 3, payload))

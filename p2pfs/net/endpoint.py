@@ -262,14 +262,15 @@ class Endpoint:
         i = 0
         while i < count:
             data, addr = datagrams[i]
-            end = self._gso_run(datagrams, i) if self._gso else i + 1
+            end, size = self._gso_run(datagrams, i) if self._gso else (i + 1, len(data))
             try:
                 if end - i == 1:
                     sock.sendto(data, addr)
                 else:
-                    payload = b"".join([d for d, _ in datagrams[i:end]])
+                    # The datagrams as the message's buffers (the kernel gathers them):
+                    # joining them first copied every byte sent once more.
                     segment = [(socket.SOL_UDP, UDP_SEGMENT, _U16.pack(len(data)))]
-                    sock.sendmsg([payload], segment, 0, addr)
+                    sock.sendmsg([d for d, _ in datagrams[i:end]], segment, 0, addr)
             except BlockingIOError:
                 self._queue(datagrams, i)
                 return
@@ -284,9 +285,7 @@ class Endpoint:
                 i = end
                 continue
             self.datagrams_sent += end - i
-            self.bytes_sent += (
-                sum(len(d) for d, _ in datagrams[i:end]) if end - i > 1 else len(data)
-            )
+            self.bytes_sent += size
             i = end
 
     def _tunnel_out(self, datagrams: list[tuple[bytes, Address]]) -> list[tuple[bytes, Address]]:
@@ -303,9 +302,10 @@ class Endpoint:
         return sent
 
     @staticmethod
-    def _gso_run(datagrams: list[tuple[bytes, Address]], start: int) -> int:
-        """End of the run from ``start`` that one GSO send can carry: same address, same
-        size (the last may be shorter), within the kernel's segment and byte limits."""
+    def _gso_run(datagrams: list[tuple[bytes, Address]], start: int) -> tuple[int, int]:
+        """End of the run from ``start`` that one GSO send can carry (same address, same
+        size, the last may be shorter, within the kernel's segment and byte limits), and
+        its bytes."""
         data, addr = datagrams[start]
         size = len(data)
         total = size
@@ -320,7 +320,7 @@ class Endpoint:
             end += 1
             if length < size:
                 break
-        return end
+        return end, total
 
     def send_punch(self, addresses: list[tuple[str, int]], ttl: int) -> None:
         """One tiny datagram to each address with a short ``ttl``, to open our own NAT's

@@ -40,9 +40,25 @@ def frame_header(tag: int, body_length: int) -> bytes:
 
 
 class FrameDecoder:
-    """Incremental decoder: ``feed`` bytes, then take frames with ``next_frame``."""
+    """Incremental decoder: ``feed`` bytes, then take frames with ``next_frame``.
 
-    __slots__ = ("_buffer", "_last_feed", "_limit_for", "_max_frame", "_since", "_start")
+    Bytes fed as an immutable ``bytes`` object while nothing else is buffered are kept as
+    they are, and a frame that lies whole inside them is handed out as a view into them:
+    bulk chunk data (a stream read of up to 1 MiB holding many whole ChunkData frames) is
+    then never copied here. Only a frame's unfinished tail moves into the decoder's own
+    buffer, where frames are copied out as before.
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_direct",
+        "_direct_pos",
+        "_last_feed",
+        "_limit_for",
+        "_max_frame",
+        "_since",
+        "_start",
+    )
 
     def __init__(
         self,
@@ -51,6 +67,9 @@ class FrameDecoder:
     ) -> None:
         self._buffer = bytearray()
         self._start = 0
+        self._direct: bytes | None = None
+        """Fed bytes kept uncopied; unread from _direct_pos on (_buffer is then empty)."""
+        self._direct_pos = 0
         self._max_frame = max_frame
         self._limit_for = limit_for
         self._since: float | None = None
@@ -58,7 +77,8 @@ class FrameDecoder:
 
     @property
     def buffered(self) -> int:
-        return len(self._buffer) - self._start
+        direct = 0 if self._direct is None else len(self._direct) - self._direct_pos
+        return len(self._buffer) - self._start + direct
 
     @property
     def unfinished_since(self) -> float | None:
@@ -68,39 +88,55 @@ class FrameDecoder:
     @property
     def pending_frame_length(self) -> int:
         """Declared length of the incomplete frame, once its header is in (else 0)."""
-        if self.buffered < LENGTH_BYTES:
+        data: bytes | bytearray = self._buffer
+        start = self._start
+        if self._direct is not None:
+            data, start = self._direct, self._direct_pos
+        if len(data) - start < LENGTH_BYTES:
             return 0
-        return int.from_bytes(self._buffer[self._start : self._start + LENGTH_BYTES], "big")
+        return int.from_bytes(data[start : start + LENGTH_BYTES], "big")
 
     def feed(self, data: bytes | bytearray | memoryview, now: float = 0.0) -> None:
+        if data and not self.buffered:
+            self._since = now
+            if type(data) is bytes:
+                self._buffer.clear()
+                self._start = 0
+                self._direct = data
+                self._direct_pos = 0
+                self._last_feed = now
+                return
+        self._spill()
         if self._start and self._start > len(self._buffer) // 2:
             del self._buffer[: self._start]
             self._start = 0
-        if data and not self.buffered:
-            self._since = now
         self._last_feed = now
         self._buffer += data
 
     def next_frame_untrusted(self) -> Frame | None:
         """The next whole frame, or None until more bytes arrive."""
-        available = len(self._buffer) - self._start
-        if available < LENGTH_BYTES:
-            return None
+        direct = self._direct
+        if direct is not None:
+            start = self._direct_pos
+            header = self._header_untrusted(direct, start)
+            if header is None:
+                self._spill()
+                return None
+            tag, end = header
+            # A view into the fed bytes object, which nothing can change: no copy.
+            body = memoryview(direct)[start + LENGTH_BYTES + 1 : end]
+            if end == len(direct):
+                self._direct = None
+            else:
+                self._direct_pos = end
+            self._since = self._last_feed
+            return Frame(tag, body)
         start = self._start
-        length = int.from_bytes(self._buffer[start : start + LENGTH_BYTES], "big")
-        if length == 0:
-            raise WireError(ErrorCode.PROTOCOL_VIOLATION, "empty frame")
-        if length > self._max_frame:
-            raise WireError(ErrorCode.FRAME_TOO_LARGE, f"frame of {length} bytes")
-        if available <= LENGTH_BYTES:
+        header = self._header_untrusted(self._buffer, start)
+        if header is None:
             return None
-        tag = self._buffer[start + LENGTH_BYTES]
-        if self._limit_for is not None and length > self._limit_for(tag):
-            raise WireError(ErrorCode.FRAME_TOO_LARGE, f"frame of {length} bytes, tag 0x{tag:02x}")
-        if available < LENGTH_BYTES + length:
-            return None
+        tag, end = header
         body_start = start + LENGTH_BYTES + 1
-        end = start + LENGTH_BYTES + length
         # One copy (through a view, not a bytearray slice, which would copy twice): the
         # frame outlives later feeds, which may move the buffer.
         with memoryview(self._buffer) as whole:
@@ -109,3 +145,29 @@ class FrameDecoder:
         # What is left arrived by the last feed at the latest: its frame's clock starts there.
         self._since = self._last_feed
         return Frame(tag, body)
+
+    def _header_untrusted(self, data: bytes | bytearray, start: int) -> tuple[int, int] | None:
+        """(tag, end) of the whole frame at ``start``; None while it is incomplete."""
+        available = len(data) - start
+        if available < LENGTH_BYTES:
+            return None
+        length = int.from_bytes(data[start : start + LENGTH_BYTES], "big")
+        if length == 0:
+            raise WireError(ErrorCode.PROTOCOL_VIOLATION, "empty frame")
+        if length > self._max_frame:
+            raise WireError(ErrorCode.FRAME_TOO_LARGE, f"frame of {length} bytes")
+        if available <= LENGTH_BYTES:
+            return None
+        tag = data[start + LENGTH_BYTES]
+        if self._limit_for is not None and length > self._limit_for(tag):
+            raise WireError(ErrorCode.FRAME_TOO_LARGE, f"frame of {length} bytes, tag 0x{tag:02x}")
+        if available < LENGTH_BYTES + length:
+            return None
+        return tag, start + LENGTH_BYTES + length
+
+    def _spill(self) -> None:
+        """Move kept bytes still unread into the decoder's own buffer (more bytes follow)."""
+        direct = self._direct
+        if direct is not None:
+            self._direct = None
+            self._buffer += memoryview(direct)[self._direct_pos :]
