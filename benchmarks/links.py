@@ -177,46 +177,68 @@ def p2pfs_run(condition: Condition, seed: int, source: Path, work: Path) -> Run:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _transport_child(*args: str) -> subprocess.Popen[str]:
+def _child(module: str, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.transport", *args],
+        [sys.executable, "-m", module, *args],
         env=child_env(),
         stdout=subprocess.PIPE,
         text=True,
     )
 
 
-def raw_run(condition: Condition, seed: int, size: int, batched: bool, engine: str = "qh3") -> Run:
+def raw_run(
+    condition: Condition,
+    seed: int,
+    size: int,
+    batched: bool,
+    reverse: bool = False,
+    engine: str = "qh3",
+) -> Run:
     """The transport bench's receiver and sender roles, the sender dialling the link;
-    ``batched``: the receiver uses qh3's batched receive, as the daemon does."""
+    ``batched``: the receiver uses qh3's batched receive, as the daemon does; ``reverse``:
+    the receiver dials the sender instead, as a p2pfs fetcher does (benchmarks/links_reverse.py,
+    qh3 only)."""
     extra = ["--batched-receive"] if batched else []
-    receiver = _transport_child("--role", "receiver", "--engine", engine, *extra)
-    sender: subprocess.Popen[str] | None = None
+    if reverse:
+        listener = _child(
+            "benchmarks.links_reverse", "--role", "serve", "--size", str(size), *extra
+        )
+    else:
+        listener = _child("benchmarks.transport", "--role", "receiver", "--engine", engine, *extra)
+    dialler: subprocess.Popen[str] | None = None
+    data_to_target = not reverse
     try:
-        assert receiver.stdout is not None
-        hello = json.loads(receiver.stdout.readline())
-        link = _link(condition, ("127.0.0.1", int(hello["port"])), seed, data_to_target=True)
-        _watch(link, size, data_to_target=True)
-        port = hello["port"] if link is None else link.address[1]
-        sender_args = ["--role", "sender", "--engine", engine, "--port", str(port)]
-        sender_args += ["--size", str(size / MiB), "--node-id", hello["node_id"]]
+        assert listener.stdout is not None
+        hello = json.loads(listener.stdout.readline())
+        link = _link(condition, ("127.0.0.1", int(hello["port"])), seed, data_to_target)
+        _watch(link, size, data_to_target)
+        port = str(hello["port"] if link is None else link.address[1])
+        if reverse:
+            module = "benchmarks.links_reverse"
+            args = ["--role", "pull", "--port", port, "--size", str(size), *extra]
+        else:
+            module = "benchmarks.transport"
+            args = ["--role", "sender", "--engine", engine, "--port", port]
+            args += ["--size", str(size / MiB)]
+        args += ["--node-id", hello["node_id"]]
         if link is not None:
             link.__enter__()
         try:
-            sender = _transport_child(*sender_args)
-            sent_out, _ = sender.communicate(timeout=CHILD_TIMEOUT)
-            received_out, _ = receiver.communicate(timeout=CHILD_TIMEOUT)
+            dialler = _child(module, *args)
+            dialled_out, _ = dialler.communicate(timeout=CHILD_TIMEOUT)
+            listened_out, _ = listener.communicate(timeout=CHILD_TIMEOUT)
         finally:
             if link is not None:
                 link.__exit__(None, None, None)
-        if sender.returncode or receiver.returncode:
+        if dialler.returncode or listener.returncode:
             raise RuntimeError(f"raw {engine}: a transport process failed")
-        sent = json.loads(sent_out.strip().splitlines()[-1])
-        received = json.loads(received_out.strip().splitlines()[-1])
+        records = [json.loads(out.strip().splitlines()[-1]) for out in (dialled_out, listened_out)]
+        sent = next(r for r in records if r["role"] == "sender")
+        received = next(r for r in records if r["role"] == "receiver")
         if received["bytes"] != size:
             raise RuntimeError(f"raw {engine}: received {received['bytes']} of {size} bytes")
         return Run(
-            f"raw {engine}",
+            f"raw {engine}" + (" reversed" if reverse else ""),
             condition.name,
             seed,
             size,
@@ -224,10 +246,10 @@ def raw_run(condition: Condition, seed: int, size: int, batched: bool, engine: s
             float(sent["cpu"]),
             float(received["cpu"]),
             *_drops(link),
-            _wire_rate(link, size, data_to_target=True),
+            _wire_rate(link, size, data_to_target),
         )
     finally:
-        for child in (sender, receiver):
+        for child in (dialler, listener):
             if child is not None and child.poll() is None:
                 child.kill()
                 child.wait()
@@ -276,7 +298,7 @@ def _wire_ratio(ours: list[Run], raw: list[Run]) -> float | None:
 
 
 def run_condition(
-    condition: Condition, runs: int, scratch: Path, raw_batched: bool
+    condition: Condition, runs: int, scratch: Path, raw_batched: bool, raw_reverse: bool
 ) -> dict[str, Any]:
     size = condition.size_mib * MiB
     source = scratch / f"{condition.name}.bin"
@@ -284,7 +306,7 @@ def run_condition(
     results = []
     for seed in range(1, runs + 1):
         results.append(p2pfs_run(condition, seed, source, scratch / "daemons"))
-        results.append(raw_run(condition, seed, size, raw_batched))
+        results.append(raw_run(condition, seed, size, raw_batched, raw_reverse))
         last = results[-2:]
         sys.stderr.write(
             f"{condition.name} seed {seed}: p2pfs {last[0].mb_per_s:.2f} MB/s, "
@@ -327,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the raw engine's receiver uses qh3's batched receive (the daemon's setting)",
     )
+    parser.add_argument(
+        "--raw-reverse",
+        action="store_true",
+        help="the raw engine's receiver dials its sender, as a p2pfs fetcher does",
+    )
     parser.add_argument("--workdir", help="scratch directory (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
@@ -336,7 +363,9 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="p2pfs-bench-links-", dir=args.workdir))
     load_before, started = load_average(), time.monotonic()
     try:
-        rows = [run_condition(c, args.runs, scratch, args.raw_batched) for c in chosen]
+        rows = [
+            run_condition(c, args.runs, scratch, args.raw_batched, args.raw_reverse) for c in chosen
+        ]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     note = (
