@@ -18,7 +18,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, overload
 
 import blake3
@@ -66,12 +66,17 @@ def record_hash(encoded: bytes) -> ContentHash:
 class SignedRecord:
     version: FileVersion
     signature: bytes
+    encoded: bytes | None = field(default=None, compare=False, repr=False)
+    """The canonical encoding, when this record was decoded from it (kept, not made again:
+    a join stores every record it received)."""
 
     @classmethod
     def sign(cls, version: FileVersion, keys: FolderKeys) -> SignedRecord:
         return cls(version, keys.sign(_signed_message(keys.folder_id, version)))
 
     def encode(self) -> bytes:
+        if self.encoded is not None:
+            return self.encoded
         packed: bytes = msgpack.packb([self.version.encode(), self.signature], use_bin_type=True)
         return packed
 
@@ -84,7 +89,7 @@ class SignedRecord:
         """A record this node stored (verified when a member sent it, or signed here),
         parsed without checking it again: ~3 us instead of ~0.3 ms with the signature."""
         encoded_version, signature = msgpack.unpackb(data, raw=False)
-        return cls(FileVersion.decode_stored(encoded_version), signature)
+        return cls(FileVersion.decode_stored(encoded_version), signature, data)
 
     @classmethod
     def decode_untrusted(cls, data: bytes, keys: FolderKeys) -> SignedRecord:
@@ -114,6 +119,7 @@ class SignedRecord:
         record = cls(version, signature)
         if record.encode() != data:
             raise RemoteProtocolError("signed record: encoding is not canonical")
+        record = cls(version, signature, bytes(data))
         if not keys.verify(signature, _signed_message(keys.folder_id, version)):
             raise RemoteProtocolError(f"record for {version.path!r}: signature does not verify")
         return record
