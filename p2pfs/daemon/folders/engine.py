@@ -498,8 +498,10 @@ class FolderSync:
             )
             timer.mark("diff")
             remote = await self._fetch_records(link, leaves)
+            del leaves  # a join's are one object per record: gone before the plan and apply
             timer.mark("records")
             planned = self._plan(remote)
+            del remote
             timer.mark("plan")
             self._need.plan(
                 {path: version.size for path, version in planned.fetch if is_file(version)},
