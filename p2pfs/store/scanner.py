@@ -432,7 +432,11 @@ class Scan:
         self, dir_id: int, path: str, name: str, row: FileRow | None
     ) -> Hashed | None:
         """Hash one file and queue its row; None (with a problem, row dropped) if skipped."""
-        hashed = self.hash_file(path)
+        # A big file that changed is re-cut only around the change (its old cuts are known).
+        previous = (
+            self.index.file_chunks(row[5]) if row is not None and row[1] > BLOCK_SIZE else None
+        )
+        hashed = self.hash_file(path, previous)
         if hashed is None:
             if row is not None:
                 self.write().delete_files([row[0]])
@@ -483,12 +487,17 @@ class Scan:
 
     # -- reading files --------------------------------------------------------------------
 
-    def hash_file(self, path: str) -> Hashed | None:
+    def hash_file(self, path: str, previous: bytes | None = None) -> Hashed | None:
         """Read and hash a file, retrying if it changes underneath; None (and a problem)."""
         for _attempt in range(READ_ATTEMPTS):
             try:
                 hashed = hash_file_once(
-                    path, self.chunker, self._count_read, self._count_small, self.read_hook
+                    path,
+                    self.chunker,
+                    self._count_read,
+                    self._count_small,
+                    self.read_hook,
+                    previous,
                 )
             except FileChanged:
                 log.debug("%s changed while being read, retrying", _display(path))
