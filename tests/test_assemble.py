@@ -146,3 +146,37 @@ def test_threads_writing_one_new_file_at_once_share_its_descriptor(tmp_path: Pat
     commit_files([finished for finished, _data in done])  # one sync for all
     for number, (_finished, data) in enumerate(done):
         assert (tmp_path / f"f{number}").read_bytes() == data
+
+
+def test_chunks_copied_from_another_file_count_only_where_they_verify(tmp_path: Path) -> None:
+    """copy_chunks (a sync member's unchanged runs, copied from the file's previous
+    version): a chunk whose source bytes changed since they were indexed stays unverified,
+    so the file cannot be committed until it is written again from verified bytes."""
+    data = random_bytes(7, 1 << 20)
+    leaves = chunks_of(data)
+    assert len(leaves) >= 3
+    source = tmp_path / "old.bin"
+    changed = bytearray(data)
+    second_offset, second = leaves[1]
+    changed[second_offset + 10] ^= 1  # the source lost one chunk's bytes
+    source.write_bytes(bytes(changed))
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        with PartialFile(str(tmp_path), "f.bin", ROOT, len(data)) as partial:
+            done = partial.copy_chunks(fd, 0, 0, [ref for _offset, ref in leaves])
+            assert done == {offset for offset, _ref in leaves} - {second_offset}
+            with pytest.raises(StorageError):
+                partial.commit(executable=False)
+    finally:
+        os.close(fd)
+    assert not (tmp_path / "f.bin").exists()
+    with PartialFile(str(tmp_path), "f.bin", ROOT, len(data)) as partial:
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            partial.copy_chunks(fd, 0, 0, [ref for _offset, ref in leaves])
+        finally:
+            os.close(fd)
+        piece = data[second_offset : second_offset + second.length]
+        partial.write_chunk(second_offset, piece, second)
+        partial.commit(executable=False)
+    assert (tmp_path / "f.bin").read_bytes() == data

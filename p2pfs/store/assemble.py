@@ -282,6 +282,39 @@ class PartialFile:
             raise StorageError(f"cannot write {self.temp_path}: {exc.strerror}") from exc
         self._verified[offset] = max(self._verified.get(offset, 0), len(data))
 
+    def copy_chunks(
+        self, source_fd: int, source_offset: int, offset: int, refs: Sequence[ChunkRef]
+    ) -> set[int]:
+        """Copy a run of chunks from another file in the kernel (``copy_file_range``: no
+        pass through Python, shared extents where the file system can), then verify each
+        chunk as it landed here; returns the offsets verified. A chunk that fails (the
+        source changed since it was scanned) stays unverified, to be written again."""
+        total = sum(ref.length for ref in refs)
+        if offset < 0 or offset + total > self.size:
+            raise StorageError(f"copy past the end of {self.final_path}")
+        fd = self._open()
+        copied = 0
+        try:
+            copied = _copy_range(source_fd, fd, source_offset, offset, total)
+        except OSError as exc:
+            raise StorageError(f"cannot copy into {self.temp_path}: {_why(exc)}") from exc
+        verified: set[int] = set()
+        position = offset
+        for ref in refs:
+            if position + ref.length > offset + copied:
+                break
+            try:
+                data = os.pread(fd, ref.length, position)
+            except OSError as exc:
+                raise StorageError(f"cannot read {self.temp_path}: {_why(exc)}") from exc
+            if len(data) == ref.length and chunk_id(data) == ref.id:
+                self._verified[position] = max(self._verified.get(position, 0), ref.length)
+                verified.add(position)
+            else:
+                self._verified.pop(position, None)  # what was verified there is overwritten
+            position += ref.length
+        return verified
+
     def fully_verified(self) -> bool:
         """Every byte of the file was verified into this temp file."""
         covered = 0
@@ -428,6 +461,38 @@ def commit_files(
         for item in files:
             item.partial.close()
     return placed
+
+
+_NO_COPY_RANGE = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
+"""copy_file_range refusals that a plain read/write loop gets around (another file system,
+an old kernel, a file system without it)."""
+
+
+def _copy_range(source_fd: int, fd: int, source_offset: int, offset: int, length: int) -> int:
+    """Copy ``length`` bytes between offsets; returns the bytes copied (fewer only where
+    the source ends first)."""
+    done = 0
+    while done < length:
+        try:
+            count = os.copy_file_range(
+                source_fd, fd, length - done, source_offset + done, offset + done
+            )
+        except OSError as exc:
+            if exc.errno not in _NO_COPY_RANGE:
+                raise
+            count = -1
+        if count < 0:  # copied by hand from here on
+            while done < length:
+                block = os.pread(source_fd, min(1 << 20, length - done), source_offset + done)
+                if not block:
+                    return done
+                written = os.pwrite(fd, block, offset + done)
+                done += written
+            return done
+        if count == 0:
+            return done
+        done += count
+    return done
 
 
 def _try_lock(fd: int) -> bool:

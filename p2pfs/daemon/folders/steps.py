@@ -15,7 +15,7 @@ from p2pfs.errors import RemoteProtocolError, StorageError
 from p2pfs.ids import ContentHash
 from p2pfs.store import folderdisk
 from p2pfs.store.assemble import Finished, PartialFile, commit_files, fsync_directory
-from p2pfs.store.index import IndexStore
+from p2pfs.store.index import CHUNK_RECORD, IndexStore
 from p2pfs.store.partscan import PartScan, scan_directories
 from p2pfs.store.scanner import ScanResult, scan_share
 from p2pfs.sync.ignore import IgnoreRules
@@ -25,6 +25,7 @@ from p2pfs.sync.versions import FileVersion
 
 logger = logging.getLogger(__name__)
 
+_OPEN_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 COMMIT_BATCH = 512
 """Files renamed into place per durable commit."""
 
@@ -76,6 +77,53 @@ def write_or_fail(
     except StorageError as exc:
         logger.warning("cannot write %s: %s", partial.final_path, exc)
         failed.add(path)
+
+
+def copy_from_previous(
+    folder: str,
+    path: str,
+    partial: PartialFile,
+    previous: bytes,
+    leaves: list[tuple[int, ChunkRef]],
+) -> set[int]:
+    """The chunks of ``leaves`` that the file now at ``path`` held in its previous version
+    (chunk list ``previous``), copied from it in runs of consecutive chunks (an edit
+    leaves long runs: everything before and after it) and verified where they landed;
+    returns the offsets done. A disk error or a changed file only leaves chunks to the
+    general path (any local file, then the member)."""
+    old_offsets: dict[bytes, int] = {}
+    position = 0
+    for cid, length in CHUNK_RECORD.iter_unpack(previous):
+        old_offsets.setdefault(cid, position)
+        position += length
+    runs: list[tuple[int, int, int, list[ChunkRef]]] = []
+    """(source offset, target offset, length, chunks)"""
+    for offset, ref in leaves:
+        source = old_offsets.get(ref.id)
+        if source is None:
+            continue
+        if runs:
+            run_source, run_target, run_length, refs = runs[-1]
+            if run_source + run_length == source and run_target + run_length == offset:
+                refs.append(ref)
+                runs[-1] = (run_source, run_target, run_length + ref.length, refs)
+                continue
+        runs.append((source, offset, ref.length, [ref]))
+    if not runs or folderdisk.state_of(folder, path) in (None, folderdisk.NOT_A_FILE):
+        return set()
+    done: set[int] = set()
+    try:
+        fd = os.open(folderdisk.local_path(folder, path), _OPEN_READ)
+    except OSError:
+        return done
+    try:
+        for source, target, _length, refs in runs:
+            done |= partial.copy_chunks(fd, source, target, refs)
+    except StorageError as exc:
+        logger.info("folder %s: copying from the old %s: %s", folder, path, exc)
+    finally:
+        os.close(fd)
+    return done
 
 
 def chunk_lists(index: IndexStore, roots: dict[str, ContentHash | None]) -> dict[str, bytes]:
