@@ -7,7 +7,10 @@ bytes inserted in the middle, (c) renamed. For each, the bytes B received (its d
 ``bytes_received`` counter: every QUIC stream payload, sync included) and the time until
 B's copy is byte-identical (B's file polled every 5 ms; BLAKE3 checked). Then (d) the
 latency of small writes (A writes a new small file, B's copy polled every 5 ms) and (e) the
-initial sync of ``--files`` files of 1-64 KiB to B joining a new folder.
+initial sync of ``--files`` files of 1-64 KiB to B joining a new folder. The initial sync
+of the big file stands beside ``p2pfs fetch`` of a file of the same size (other bytes)
+between the same daemons in the same run (issue 13's goal: at most 1.2x). ``--profile DIR``
+runs both daemons under cProfile and keeps their logs (per-phase timings) there.
 
 Reference in the same run on the same bytes and changes: rsync through an ``rsync --daemon``
 on loopback, ``rsync -a --stats --no-whole-file --delete-delay --fuzzy`` pulling into the
