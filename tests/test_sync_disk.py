@@ -121,3 +121,32 @@ def test_a_version_stamp_is_the_second_it_was_kept_never_rounded_up() -> None:
     kept = disk.version_path("/nonexistent-folder", "0", now=1.9999995231628418)
     stamp = disk.version_stamp(kept.rsplit("/", 1)[-1])
     assert stamp is not None and stamp.timestamp() == 1
+
+
+def test_an_edit_copies_the_unchanged_runs_from_the_previous_version(tmp_path: Path) -> None:
+    """steps.copy_from_previous: a 100-byte insert leaves everything but the chunk it
+    landed in (and at most its neighbour) to be copied from the file already here; the
+    result, with the rest written from verified bytes, is the new content."""
+    from p2pfs.content.chunking import Chunker  # noqa: PLC0415
+    from p2pfs.daemon.folders.steps import copy_from_previous  # noqa: PLC0415
+    from p2pfs.store.assemble import PartialFile  # noqa: PLC0415
+    from p2pfs.store.index import CHUNK_RECORD  # noqa: PLC0415
+    from tests.helpers_content import random_bytes  # noqa: PLC0415
+
+    chunker = Chunker()
+    old = random_bytes(11, 3 << 20)
+    new = old[: 1 << 20] + b"i" * 100 + old[1 << 20 :]
+    (tmp_path / "f.bin").write_bytes(old)
+    previous = b"".join(CHUNK_RECORD.pack(ref.id, ref.length) for ref in chunker.chunk_refs(old))
+    leaves, offset = [], 0
+    for ref in chunker.chunk_refs(new):
+        leaves.append((offset, ref))
+        offset += ref.length
+    with PartialFile(str(tmp_path), "f.bin", bytes(32), len(new)) as partial:
+        done = copy_from_previous(str(tmp_path), "f.bin", partial, previous, leaves)
+        assert len(leaves) - 2 <= len(done) < len(leaves)
+        for start, ref in leaves:
+            if start not in done:
+                partial.write_chunk(start, new[start : start + ref.length], ref)
+        partial.commit(executable=False)
+    assert (tmp_path / "f.bin").read_bytes() == new
