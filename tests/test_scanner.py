@@ -19,7 +19,7 @@ from p2pfs.store.assemble import PARTIAL_PREFIX
 from p2pfs.store.filehash import BLOCK_SIZE
 from p2pfs.store.index import IndexStore
 from p2pfs.store.partscan import scan_directories
-from p2pfs.store.scanner import RACY_WINDOW_NS, ScanResult, scan_share
+from p2pfs.store.scanner import RACY_WINDOW_NS, FileState, ScanResult, file_states_of, scan_share
 
 OLD_NS = 1_600_000_000 * 10**9
 """mtime given to test files so they are not racily clean at the first scan."""
@@ -459,3 +459,31 @@ def test_what_the_ignore_rule_leaves_out_is_listed(tmp_path: Path) -> None:
         part = scan_directories(top, index, [str(top / "d")], ignore=ignore)
         assert part is not None and sorted(part.ignored) == ["d/x.log", "d/y.log"]
         assert not part.files
+
+
+def test_an_unchanged_rescan_gathers_every_file_state_and_a_changed_one_lists_the_index(
+    tmp_path: Path,
+) -> None:
+    """A sync folder's rescan takes its file states from the scan when it reused every file
+    (no listing of the index); any file hashed again makes it list the index instead. Either
+    way the states are the index's."""
+    make_mixed(tmp_path / "share")
+    old = time.time_ns() - 10 * RACY_WINDOW_NS  # not racily clean: reused on a rescan
+    for path in (tmp_path / "share").rglob("*"):
+        os.utime(path, ns=(old, old), follow_symlinks=False)
+    with IndexStore(tmp_path / "index.sqlite3") as index:
+        scan_share(tmp_path / "share", index)
+        reused: list[FileState] = []
+        result = scan_share(tmp_path / "share", index, reused_states=reused)
+        listed = index.share_file_states(result.share_id)
+        assert result.stats.files_hashed == 0 and len(reused) == result.files == 6
+        assert file_states_of(index, result, reused) is reused
+        assert sorted(reused) == sorted(listed)
+        (tmp_path / "share" / "a.txt").write_bytes(b"changed\n")
+        reused = []
+        result = scan_share(tmp_path / "share", index, reused_states=reused)
+        assert result.stats.files_hashed == 1 and len(reused) == 5
+        states = file_states_of(index, result, reused)
+        assert states is not reused
+        assert sorted(states) == sorted(index.share_file_states(result.share_id))
+        assert len(states) == 6

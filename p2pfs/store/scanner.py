@@ -122,6 +122,8 @@ class DirResult:
 
 
 _FileItem = tuple[str, int, int, bytes]
+FileState = tuple[str, bytes, int, int, int, int]
+"""(path, root, size, mtime_ns, inode as stored, mode) of one file."""
 """A file as its directory's tree lists it: (tree name, flags, size, root)."""
 
 
@@ -162,6 +164,9 @@ class Scan:
         self._hashed_since_commit = 0
         self.visited: list[tuple[int, str]] | None = None
         """(dir id, rel) of every directory a partial scan visited."""
+        self.collected: list[FileState] | None = None
+        """Where reused files' states go, if a caller wants them (see ``scan_share``)."""
+        self._rel = ""
 
     def remember_vanished(self, rows: list[FileRow]) -> None:
         """Rows about to be dropped: a later directory of this scan may hold the same file
@@ -245,6 +250,7 @@ class Scan:
         del entries
 
         result = DirResult(Child(ContentHash(b""), 0))
+        self._rel = rel
         items, changed = self.scan_files(dir_id, disk_path, files, result)
         del files
         if self.progress is not None:
@@ -365,6 +371,7 @@ class Scan:
         items: list[_FileItem] = []
         changed = False
         racy_limit = self.racy_limit_ns
+        collected, prefix = self.collected, f"{self._rel}/" if self._rel else ""
         for name, tree_name, st in files:
             row = rows.pop(name, None)
             if (
@@ -377,6 +384,10 @@ class Scan:
             ):
                 flags = FLAG_EXECUTABLE if st.st_mode & stat.S_IXUSR else 0
                 items.append((tree_name, flags, st.st_size, row[5]))
+                if collected is not None:
+                    collected.append(
+                        (prefix + tree_name, row[5], st.st_size, st.st_mtime_ns, row[3], st.st_mode)
+                    )
                 result.chunks += row[6]
                 self.stats.files_reused += 1
                 self.done_bytes += st.st_size
@@ -539,6 +550,7 @@ def scan_share(
     progress: Progress | None = None,
     read_hook: ReadHook | None = None,
     ignore: IgnoreRule | None = None,
+    reused_states: list[FileState] | None = None,
 ) -> ScanResult:
     """Index a file or folder as a share and return its manifest, counts and problems.
 
@@ -549,6 +561,11 @@ def scan_share(
 
     ``ignore(relative_path, is_directory)`` leaves out what it returns True for (a sync
     folder's ignore patterns and state directory); it sees NFC tree paths.
+
+    ``reused_states`` receives (path, root, size, mtime_ns, inode, mode) of every file the
+    scan reused unread: when it hashed, renamed and skipped nothing, that is every file, as
+    :meth:`IndexStore.share_file_states` would list them (a sync folder's rescan spares
+    that listing; see :func:`file_states_of`).
 
     Raises LocalProtocolError if ``path`` cannot be a share (missing, special file, a
     name that is not UTF-8) and StorageError if the index fails; every other trouble
@@ -578,6 +595,7 @@ def scan_share(
         read_hook,
         ignore,
     )
+    scan.collected = reused_states
     try:
         result = _scan_single_file(scan, top, name) if single_file else _scan_top_dir(scan, top)
         scan.commit()
@@ -608,6 +626,22 @@ def scan_share(
         stats=scan.stats,
         ignored=scan.ignored,
     )
+
+
+def file_states_of(
+    index: IndexStore, result: ScanResult, reused: list[FileState]
+) -> list[FileState]:
+    """Every file's state after a scan: the ``reused_states`` it gathered when it reused
+    every file (an unchanged rescan, then no listing of the index), else the index's."""
+    stats = result.stats
+    if (
+        not stats.files_hashed
+        and not stats.files_renamed
+        and not result.problems
+        and len(reused) == result.files
+    ):
+        return reused
+    return index.share_file_states(result.share_id)
 
 
 def _scan_top_dir(scan: Scan, top: str) -> DirResult:
