@@ -661,8 +661,12 @@ def _human_status(result: dict[str, Any]) -> None:
         print(f"  {peer['node_id'][:12]}  {peer['address']}  {peer.get('path', 'direct')}")
     print(f"shares    {len(result['shares']) or 'none'}")
     for share in result["shares"]:
-        stale = "  (stale: its files changed; share it again)" if share.get("stale") else ""
+        stale = "  (stale: a chunk no longer reads back; share it again)" if share["stale"] else ""
         print(f"  {share['root'][:16]}  {share['path']}{stale}")
+        if share.get("replaces"):
+            earlier = ", ".join(root[:16] for root in share["replaces"])
+            print(f"    its files changed: indexed again (before: {earlier}); ticket now:")
+            print(f"    {share['ticket']}")
     print(f"transfers {len(result['transfers']) or 'none'}")
     for transfer in result["transfers"]:
         print(f"  {transfer['destination']}: {transfer['bytes_done']}/{transfer['bytes_total']}")

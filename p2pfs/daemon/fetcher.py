@@ -238,8 +238,15 @@ class Fetcher:
         """Manifest and trees from the first holder that serves them whole; a holder that
         refuses, stalls, breaks the protocol or sends a bad node is left for the next."""
         refused: set[NodeId] = set()
+        reasons: list[str] = []
         while True:
-            conn = await self._connect(refused)
+            try:
+                conn = await self._connect(refused)
+            except RemoteProtocolError as exc:
+                if not reasons:
+                    raise
+                # No other holder: what the ones reached said is the answer to show.
+                raise RemoteProtocolError(f"{'; '.join(reasons)} (no other holder: {exc})") from exc
             try:
                 manifest, files = await self._metadata_from(conn, started)
             except (
@@ -251,6 +258,7 @@ class Fetcher:
             ) as exc:
                 reason = str(exc) or type(exc).__name__
                 logger.info("fetch: holder %s could not serve: %s", conn.peer_id.short(), reason)
+                reasons.append(f"holder {conn.peer_id.short()}: {reason}")
                 refused.add(conn.peer_id)
                 self._release(conn)
                 continue

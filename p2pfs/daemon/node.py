@@ -26,10 +26,12 @@ from p2pfs.errors import (
     ConnectionClosedError,
     LocalProtocolError,
     P2pfsError,
+    StorageError,
     explaining_error,
 )
 from p2pfs.home import hold_home_lock, load_identity, tighten_home
 from p2pfs.identity import Identity
+from p2pfs.ids import ContentHash
 from p2pfs.net import Endpoint, PeerConnection, TransportConfig, open_endpoint
 from p2pfs.store.folders import FolderStore
 from p2pfs.store.index import INDEX_FILENAME, IndexStore
@@ -98,6 +100,12 @@ class NodeConfig:
 NAT_SETTLE = 1.0
 """How long a starting node waits for its first peer to say where it sees it."""
 NAT_RECHECK = 30.0
+SHARE_RECHECK = 15 * 60.0
+"""Every share is re-indexed this often (a stat walk: unchanged files are not read again);
+one found stale (a chunk no longer reads back as indexed) at once."""
+REPLACED_ANNOUNCED = 4
+"""Earlier roots of one share still announced and answered "changed" (older ones are
+withdrawn and forgotten, as are all at a restart)."""
 
 
 class Node:
@@ -230,6 +238,7 @@ class Node:
             await nursery.start(self._discovery.serve)
             nursery.start_soon(self._track_nat)
             await self._announce_all()
+            nursery.start_soon(self._keep_shares_current)
             await nursery.start(
                 self.folders.serve, self._dialer, self._discovery, self.config.peers
             )
@@ -391,6 +400,52 @@ class Node:
         scan is a share too, but its root is never published: members reach it by proof.)"""
         for share in await self._plain_shares():
             await self.discovery.announce(share.root)
+
+    async def _keep_shares_current(self) -> None:
+        """A share whose files changed is indexed again and announced under its new root;
+        the old root is answered that the share changed (ShareService.replaced)."""
+        assert self._service is not None
+        service = self._service
+        while True:
+            found = service.stale_found
+            with trio.move_on_after(SHARE_RECHECK) as timer:
+                await found.wait()
+            for share in await self._plain_shares():
+                if timer.cancelled_caught or share.root in service.stale:
+                    await self._reindex(share)
+
+    async def _reindex(self, share: Any) -> None:
+        old = share.root
+        try:
+            result = await self.index.run(scan_share, share.local_path, self.index.index)
+        except (LocalProtocolError, StorageError, OSError) as exc:
+            logger.warning("share %s: indexing it again failed: %s", share.local_path, exc)
+            return  # stays stale; tried again at the next recheck
+        if result.root == old:
+            return  # unchanged (a stale mark stays: a chunk did not read back; not retried)
+        await self.discovery.announce(result.root)
+        await self._share_changed(share.local_path, old, result.root)
+        logger.info(
+            "share %s changed: indexed again, announced as %s", share.local_path, result.root
+        )
+
+    async def _share_changed(self, path: str, old: ContentHash, new: ContentHash) -> None:
+        """The share at ``path`` had root ``old`` and now has ``new`` (announced already)."""
+        assert self._service is not None
+        service = self._service
+        # Tickets of every earlier root now lead to the newest (said only to the sharer).
+        for earlier, newer in list(service.replaced.items()):
+            if newer == old:
+                service.replaced[earlier] = new
+        service.replaced[old] = new
+        service.stale.discard(old)
+        # The last few old roots stay announced, so a peer holding an old ticket without
+        # addresses still reaches us and hears that the share changed.
+        previous = [root for root, newer in service.replaced.items() if newer == new]
+        for dropped in previous[:-REPLACED_ANNOUNCED]:
+            del service.replaced[dropped]
+            await self.discovery.withdraw(dropped)
+        self.events.emit("share-changed", path=path, root=new.hex(), previous=old.hex())
 
     async def _plain_shares(self) -> list[Any]:
         folder_paths = await self.index.run(_folder_paths, self.index.index)
@@ -626,14 +681,7 @@ class Node:
         return {
             "node_id": str(self.endpoint.node_id),
             "peers": self._peers(),
-            "shares": [
-                {
-                    "root": share.root.hex(),
-                    "path": share.local_path,
-                    "stale": self._service is not None and share.root in self._service.stale,
-                }
-                for share in shares
-            ],
+            "shares": [self._share_info(share) for share in shares],
             "folders": len(self.folders.folders),
             "transfers": self._transfers(),
             "counters": counters,
@@ -648,6 +696,28 @@ class Node:
             "bytes_received": counters["payload_received"] + counters["protocol_received"],
         }
 
+    def _share_info(self, share: Any) -> dict[str, Any]:
+        """A share as `status` and the API list it: its ticket now, and the roots it had
+        before its files changed (their tickets are answered that the share changed)."""
+        assert self._service is not None and self._identity is not None
+        service = self._service
+        ticket = Ticket(
+            TicketKind.SHARE,
+            share.root,
+            self._identity.node_id,
+            tuple(self.addresses.for_ticket()),
+            relays=self.reach.hints(),
+        )
+        return {
+            "root": share.root.hex(),
+            "path": share.local_path,
+            "stale": share.root in service.stale,
+            "ticket": ticket.encode(),
+            "replaces": sorted(
+                old.hex() for old, new in service.replaced.items() if new == share.root
+            ),
+        }
+
     async def _share(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         path = params.get("path")
         if not isinstance(path, str):
@@ -658,11 +728,15 @@ class Node:
             # Called in the scanner's thread; the pump forwards the latest value.
             latest.append({"bytes_done": done_bytes, "files_done": done_files})
 
+        before = {share.local_path: share.root for share in await self._plain_shares()}
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump_progress, emit, latest)
             result = await self.index.run(scan_share, path, self.index.index, progress=progress)
             nursery.cancel_scope.cancel()
         await self.discovery.announce(result.root)
+        old = before.get(os.path.realpath(path))
+        if old is not None and old != result.root:  # shared again after its files changed
+            await self._share_changed(os.path.realpath(path), old, result.root)
         self.events.emit("share-added", root=result.root.hex(), path=path)
         hints = not params.get("no_hints", False)
         assert self._identity is not None

@@ -60,6 +60,7 @@ from .streams import TransferCounters, receive_within_frame_deadline
 from .swarmstate import SwarmRegistry
 
 logger = logging.getLogger(__name__)
+SHARE_CHANGED = "this share's files changed since its ticket was made; ask its sharer for a new one"
 
 RECEIVE_BYTES = 256 * 1024
 READ_BATCH_BYTES = 4 << 20
@@ -122,7 +123,13 @@ class ShareService:
         self._piece_counts: dict[ContentHash, int] = {}
         self.stale: set[ContentHash] = set()
         """Shares a chunk of which no longer reads back as indexed (their files changed
-        since `share`): `status` says so, so the sharer knows to share them again."""
+        since `share`): the node re-indexes them (and `status` says so meanwhile)."""
+        self.stale_found = trio.Event()
+        """Set (and replaced) when a share is newly found stale."""
+        self.replaced: dict[ContentHash, ContentHash] = {}
+        """Share roots re-indexed since (old root -> the path's root now): asked for, an old
+        root is answered that the share changed, never with its new root (a ticket to
+        the old content is not one to the new)."""
         self._file_nodes: OrderedDict[ContentHash, dict[ContentHash, bytes]] = OrderedDict()
 
     async def handle_connection(self, conn: PeerConnection) -> None:
@@ -311,7 +318,7 @@ class ShareService:
     ) -> ManifestReply | ErrorReply:
         encoded = await self._manifest_bytes(request.share_root)
         if encoded is None:
-            return _not_found(request.request_id, "no such share here")
+            return _not_found(request.request_id, self._gone(request.share_root))
         manifest = Manifest.decode_untrusted(encoded)
         grants.open_share(request.share_root, manifest.tree.hash)
         return ManifestReply(request.request_id, encoded)
@@ -324,6 +331,11 @@ class ShareService:
             return record.manifest
         swarm = self._swarm.get(root)
         return None if swarm is None else swarm.manifest
+
+    def _gone(self, root: ContentHash, otherwise: str = "no such share here") -> str:
+        if root in self.replaced:
+            return SHARE_CHANGED
+        return otherwise
 
     async def _have(
         self,
@@ -523,8 +535,12 @@ class ShareService:
                 await self._send_chunks(stream, conn, parts, payload)
             if missing:
                 self.counters.integrity_failures += 1
-                self.stale.add(request.share_root)
-                reply = _not_found(request.request_id, f"chunk {index} unavailable")
+                if request.share_root not in self.stale:
+                    self.stale.add(request.share_root)
+                    found, self.stale_found = self.stale_found, trio.Event()
+                    found.set()
+                why = self._gone(request.share_root, f"chunk {index} unavailable")
+                reply = _not_found(request.request_id, why)
                 await self._send(stream, session.send(reply))
                 return
 

@@ -138,7 +138,10 @@ async function refreshFolders() {
 async function refreshStatus() {
   const status = await api("GET", "/api/status");
   fill(document.getElementById("share-list"), status.shares,
-    (s) => el("li", {}, `shared ${s.path} (root ${s.root.slice(0, 12)})${s.stale ? " — stale: its files changed, share it again" : ""}`), "no shares");
+    (s) => el("li", {}, `shared ${s.path} (root ${s.root.slice(0, 12)})`
+      + (s.stale ? " — stale: a chunk no longer reads back, share it again" : "")
+      + (s.replaces.length ? ` — its files changed, indexed again; old tickets (${s.replaces.map((r) => r.slice(0, 12)).join(", ")}) are told so. Ticket now: ` : " "),
+      el("span", { class: "ticket" }, s.ticket)), "no shares");
   fill(document.getElementById("transfer-list"), status.transfers,
     (t) => el("li", {}, `fetching ${t.destination}: ${bytes(t.bytes_done)} of ${bytes(t.bytes_total)}, ${bytes(t.rate)}/s `,
       el("progress", { max: String(t.bytes_total || 1), value: String(t.bytes_done) })), "no fetch running");
