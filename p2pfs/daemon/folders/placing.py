@@ -35,6 +35,7 @@ _FILE_TREE = file_tree(DEFAULT_CHUNKER)
 ceil(S / 16 KiB) + 1 leaves, which bounds a member's tree bomb."""
 
 CHUNK_BATCH_BYTES = 1 << 20
+WRITES_IN_FLIGHT = 4
 """Bytes asked for per chunk request: small enough that writes overlap the transfer
 (requests are queued on every stream, so their size adds no idle time)."""
 STEP_FILES = 2048
@@ -335,18 +336,13 @@ class Placer:
         if not batches:
             return
 
-        async def write(number: int, arrived: Arrived) -> None:
+        def write_all(number: int, arrived: Arrived) -> None:
             batch = batches[number]
-            self.on_received(sum(len(data) for _position, data in arrived))
-
-            def write_all() -> None:
-                for position, data in arrived:
-                    ref, places = batch[position]
-                    for path, offset in places:
-                        if path not in failed:
-                            steps.write_or_fail(partials[path], offset, data, ref, failed, path)
-
-            await in_thread(write_all)
+            for position, data in arrived:
+                ref, places = batch[position]
+                for path, offset in places:
+                    if path not in failed:
+                        steps.write_or_fail(partials[path], offset, data, ref, failed, path)
 
         def refused(number: int, exc: PeerRequestError) -> None:
             # Content it has not got (any more): these files are retried later.
@@ -354,7 +350,24 @@ class Placer:
             failed.update(path for _ref, places in batches[number] for path, _offset in places)
 
         refs = [[ref for ref, _places in batch] for batch in batches]
-        await link.chunk_batches(refs, write, refused)
+        writers = trio.Semaphore(WRITES_IN_FLIGHT)
+        async with trio.open_nursery() as nursery:
+
+            async def write(number: int, arrived: Arrived) -> None:
+                # Written beside the transfer: the stream goes on reading meanwhile (a
+                # batch of small files is many creates, long enough to stall a stream).
+                await writers.acquire()
+                self.on_received(sum(len(data) for _position, data in arrived))
+
+                async def run() -> None:
+                    try:
+                        await in_thread(write_all, number, arrived)
+                    finally:
+                        writers.release()
+
+                nursery.start_soon(run)
+
+            await link.chunk_batches(refs, write, refused)
 
     async def _record_placed(
         self,
