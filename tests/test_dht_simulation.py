@@ -35,13 +35,16 @@ def test_300_nodes_meet_the_goals_under_churn(simulate: ModuleType) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_lookups_get_past_dead_nearest_nodes(simulate: ModuleType) -> None:
+def test_lookups_get_past_dead_nearest_nodes_without_waiting_on_them(simulate: ModuleType) -> None:
     # Half the nodes vanish at once, before any table notices: a lookup's nearest seeds and the
-    # nodes other tables still hand out are often dead. With k=4, all four replicas of a record
-    # are gone in about 6% of lookups, so about 94% is the most any lookup can find. Before
-    # dead nodes were kept out of a crawl and seeds reached past the k nearest, 79% were found.
+    # nodes other tables still hand out are often dead. Found with the package's round-based
+    # crawl: 79% (each dead node in a round held it for the 2 s RPC timeout: median 4.2 s on
+    # the virtual clock); with dead nodes kept out and seeds 3k deep: 92%; with queries kept in
+    # flight (a slow one frees its slot after 0.5 s) and 2k candidates: 99%, median 0.23 s.
     result = simulate.run(nodes=300, seed=7, churn=[0.5], lookups=150, keys=20, ksize=4)
-    assert result["levels"][0]["success"] >= 0.9
+    level = result["levels"][0]
+    assert level["success"] >= 0.97
+    assert level["latency_median_ms"] < 1000  # virtual time: no dead node holds a lookup 2 s
 
 
 @pytest.mark.timeout(60)

@@ -13,12 +13,12 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from kademlia.crawling import NodeSpiderCrawl, SpiderCrawl  # type: ignore[import-untyped]
+from kademlia.crawling import NodeSpiderCrawl  # type: ignore[import-untyped]
 from kademlia.node import Node  # type: ignore[import-untyped]
 
-from p2pfs.discovery.dht.messages import ID_LEN, ProviderInfo, ProvidersReply, dht_node_id
+from p2pfs.discovery.dht.crawl import ProviderCrawl
+from p2pfs.discovery.dht.messages import ID_LEN, ProviderInfo, dht_node_id
 from p2pfs.discovery.dht.protocol import Address, DhtProtocol
 from p2pfs.discovery.dht.ratelimit import RequestLimits
 from p2pfs.discovery.dht.records import RecordStore
@@ -40,68 +40,9 @@ of ending with nothing."""
 class Lookup:
     providers: tuple[ProviderInfo, ...]
     rounds: int
-    """Crawl rounds (the lookup's hops); 0 when answered from this node's own records."""
+    """The lookup's hops: the depth of the answer that named the providers (1 = one of our own
+    contacts); 0 when answered from this node's own records."""
     queried: int
-
-
-class ProviderCrawl(SpiderCrawl):  # type: ignore[misc]
-    """An iterative get_providers lookup with the package's crawl (alpha parallel, k nearest).
-
-    ``stop_on_found``: end after the round in which providers first appear (a lookup); else
-    crawl until the k nearest have all answered, collecting their write tokens (an announce).
-    """
-
-    def __init__(
-        self,
-        protocol: DhtProtocol,
-        node: Node,
-        peers: list[Node],
-        ksize: int,
-        alpha: int,
-        *,
-        stop_on_found: bool,
-    ) -> None:
-        super().__init__(protocol, node, peers, ksize, alpha)
-        self.stop_on_found = stop_on_found
-        self.tokens: dict[bytes, bytes] = {}
-        self.providers: dict[tuple[str, int], ProviderInfo] = {}
-        self.failed: set[bytes] = set()
-        self.rounds = 0
-        self.queried = 0
-
-    async def find(self) -> None:
-        self.rounds += 1
-        await self._find(self._ask)
-
-    async def _ask(self, peer: Node, node: Node) -> Any:
-        self.queried += 1
-        return await self.protocol.call_get_providers(peer, node.id)
-
-    async def _nodes_found(self, responses: dict[bytes, Any]) -> None:
-        unresponsive = []
-        for peer_id, (ok, reply) in responses.items():
-            if not ok:
-                unresponsive.append(peer_id)
-                continue
-            assert isinstance(reply, ProvidersReply)
-            self.tokens[peer_id] = reply.token
-            for provider in reply.providers:
-                self.providers.setdefault((provider.ip, provider.port), provider)
-            learned = [Node(c.id, c.ip, c.port) for c in reply.nodes if c.id not in self.failed]
-            self.nearest.push(learned)
-        self.nearest.remove(unresponsive)
-        # A node that timed out stays out: other nodes' tables still name it, and pushed back
-        # in it would count as contacted and hold one of the k nearest places, so a lookup
-        # whose nearest holders died would end without asking the live nodes behind them.
-        self.failed.update(unresponsive)
-        if self.stop_on_found and self.providers:
-            return
-        if self.nearest.have_contacted_all():
-            return
-        await self.find()
-
-    def closest_with_tokens(self) -> list[tuple[Node, bytes]]:
-        return [(node, self.tokens[node.id]) for node in self.nearest if node.id in self.tokens]
 
 
 class DhtNode:
