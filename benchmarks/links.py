@@ -196,15 +196,13 @@ def raw_run(
 ) -> Run:
     """The transport bench's receiver and sender roles, the sender dialling the link;
     ``batched``: the receiver uses qh3's batched receive, as the daemon does; ``reverse``:
-    the receiver dials the sender instead, as a p2pfs fetcher does (benchmarks/links_reverse.py,
-    qh3 only)."""
+    the receiver dials the sender instead, as a p2pfs fetcher does."""
     extra = ["--batched-receive"] if batched else []
-    if reverse:
-        listener = _child(
-            "benchmarks.links_reverse", "--role", "serve", "--size", str(size), *extra
-        )
-    else:
-        listener = _child("benchmarks.transport", "--role", "receiver", "--engine", engine, *extra)
+    extra += ["--engine", engine, "--size", str(size / MiB)]
+    # The listener is the receiver, or with ``reverse`` the sender; the other role dials.
+    listening, dialling = ("sender", "receiver") if reverse else ("receiver", "sender")
+    extra += ["--listener", listening]
+    listener = _child("benchmarks.transport", "--role", listening, *extra)
     dialler: subprocess.Popen[str] | None = None
     data_to_target = not reverse
     try:
@@ -213,18 +211,12 @@ def raw_run(
         link = _link(condition, ("127.0.0.1", int(hello["port"])), seed, data_to_target)
         _watch(link, size, data_to_target)
         port = str(hello["port"] if link is None else link.address[1])
-        if reverse:
-            module = "benchmarks.links_reverse"
-            args = ["--role", "pull", "--port", port, "--size", str(size), *extra]
-        else:
-            module = "benchmarks.transport"
-            args = ["--role", "sender", "--engine", engine, "--port", port]
-            args += ["--size", str(size / MiB)]
+        args = ["--role", dialling, "--port", port, *extra]
         args += ["--node-id", hello["node_id"]]
         if link is not None:
             link.__enter__()
         try:
-            dialler = _child(module, *args)
+            dialler = _child("benchmarks.transport", *args)
             dialled_out, _ = dialler.communicate(timeout=CHILD_TIMEOUT)
             listened_out, _ = listener.communicate(timeout=CHILD_TIMEOUT)
         finally:

@@ -50,9 +50,59 @@ def _emit(record: dict[str, Any]) -> None:
 
 
 # -- QUIC roles (run in child processes) ----------------------------------------------------
+# The data goes from the sender to the receiver; either of them may be the one that listens.
+# By default the receiver listens and the sender dials; with ``--listener sender`` the
+# receiver dials, as a p2pfs fetcher dials the node that serves it (QUIC's two roles do not
+# send alike under loss: see SPEC "Real links"). The dialler opens the one stream (a
+# receiver that dials asks with 2 bytes); the receiver reads by length, so a lost FIN cannot
+# stall the bench, and answers "ok"; the sender closes the connection once it has the answer
+# (closing any earlier could drop the "ok" still in flight).
 
 
-async def _receiver(engine: str, batched: bool) -> None:
+async def _send_bulk(stream: Any, size: int) -> dict[str, Any]:
+    block = bytes(range(256)) * (CHUNK // 256)
+    start, cpu0 = time.perf_counter(), _cpu()
+    left = size
+    while left:
+        piece = block[: min(left, CHUNK)]
+        await stream.send_all(piece)
+        left -= len(piece)
+    await stream.send_eof()
+    answer = b""
+    while len(answer) < 2 and (more := await stream.receive_some(2)):
+        answer += more
+    if answer != b"ok":
+        raise ConnectionClosedError("the receiver closed before it had everything")
+    seconds, cpu = time.perf_counter() - start, _cpu() - cpu0
+    return {"bytes": size, "seconds": seconds, "cpu": cpu, "role": "sender"}
+
+
+async def _receive_bulk(stream: Any, size: int) -> dict[str, Any]:
+    first = await stream.receive_some(CHUNK)
+    start, cpu0 = time.perf_counter(), _cpu()
+    total = len(first)
+    while total < size and (chunk := await stream.receive_some(CHUNK)):
+        total += len(chunk)
+    seconds, cpu = time.perf_counter() - start, _cpu() - cpu0
+    # The sender may close the connection as soon as this arrives; our FIN may not get
+    # out first, and that is fine.
+    with contextlib.suppress(ConnectionClosedError):
+        await stream.send_all(b"ok")
+        await stream.send_eof()
+    return {"bytes": total, "seconds": seconds, "cpu": cpu, "role": "receiver"}
+
+
+async def _move(conn: PeerConnection, stream: Any, role: str, size: int) -> dict[str, Any]:
+    if role == "sender":
+        result = await _send_bulk(stream, size)
+        await conn.close()
+    else:
+        result = await _receive_bulk(stream, size)
+        await conn.wait_closed()
+    return result
+
+
+async def _listen(role: str, engine: str, size: int, batched: bool) -> None:
     identity = Identity.generate()
     finished = trio.Event()
     result: dict[str, Any] = {}
@@ -60,23 +110,9 @@ async def _receiver(engine: str, batched: bool) -> None:
     async def handler(conn: PeerConnection) -> None:
         try:
             stream = await conn.accept_stream()
-            first = await stream.receive_some(CHUNK)
-            start, cpu0 = time.perf_counter(), _cpu()
-            total = len(first)
-            while chunk := await stream.receive_some(CHUNK):
-                total += len(chunk)
-            result.update(
-                bytes=total,
-                seconds=time.perf_counter() - start,
-                cpu=_cpu() - cpu0,
-                role="receiver",
-            )
-            # The sender closes the connection as soon as this arrives; our FIN may not
-            # get out first, and that is fine.
-            with contextlib.suppress(ConnectionClosedError):
-                await stream.send_all(b"ok")
-                await stream.send_eof()
-            await conn.wait_closed()
+            if role == "sender":
+                await stream.receive_some(2)
+            result.update(await _move(conn, stream, role, size))
         finally:
             finished.set()
 
@@ -87,22 +123,15 @@ async def _receiver(engine: str, batched: bool) -> None:
     _emit(result)
 
 
-async def _sender(engine: str, port: int, node_id: str, size: int) -> None:
-    block = bytes(range(256)) * (CHUNK // 256)
-    async with open_endpoint(Identity.generate(), engine=engine) as endpoint:
+async def _dial(role: str, engine: str, port: int, node_id: str, size: int, batched: bool) -> None:
+    config = TransportConfig(batched_receive=batched)
+    async with open_endpoint(Identity.generate(), engine=engine, config=config) as endpoint:
         conn = await endpoint.connect(("127.0.0.1", port), node_id_untrusted(node_id))
         stream = await conn.open_stream()
-        start, cpu0 = time.perf_counter(), _cpu()
-        left = size
-        while left:
-            piece = block[: min(left, CHUNK)]
-            await stream.send_all(piece)
-            left -= len(piece)
-        await stream.send_eof()
-        assert await stream.receive_some() == b"ok"
-        cpu = _cpu() - cpu0
-        await conn.close()
-    _emit({"bytes": size, "seconds": time.perf_counter() - start, "cpu": cpu, "role": "sender"})
+        if role == "receiver":
+            await stream.send_all(b"go")
+        result = await _move(conn, stream, role, size)
+    _emit(result)
 
 
 # -- TCP reference roles --------------------------------------------------------------------
@@ -158,7 +187,7 @@ def _child(*args: str) -> subprocess.Popen[str]:
 def _run_pair(kind: str, size: int, batched: bool) -> dict[str, Any]:
     """Start receiver then sender for ``kind`` ("tcp" or an engine); collect their records."""
     extra = ["--batched-receive"] if batched else []
-    receiver = _child("--role", "receiver", "--engine", kind, *extra)
+    receiver = _child("--role", "receiver", "--engine", kind, "--size", str(size / MiB), *extra)
     assert receiver.stdout is not None
     hello = json.loads(receiver.stdout.readline())
     sender_args = ["--role", "sender", "--engine", kind, "--port", str(hello["port"])]
@@ -214,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
         help="receiver uses qh3's batched receive (faster; see TransportConfig.batched_receive)",
     )
     parser.add_argument("--role", choices=["receiver", "sender"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--listener", choices=["receiver", "sender"], default="receiver", help=argparse.SUPPRESS
+    )
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--node-id", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -228,10 +260,12 @@ def main(argv: list[str] | None = None) -> None:
         size = int((args.size or 0) * MiB)
         if args.engine == "tcp":
             _tcp_receiver() if args.role == "receiver" else _tcp_sender(args.port, size)
-        elif args.role == "receiver":
-            trio.run(_receiver, args.engine, args.batched_receive)
+        elif args.role == args.listener:
+            trio.run(_listen, args.role, args.engine, size, args.batched_receive)
         else:
-            trio.run(_sender, args.engine, args.port, args.node_id, size)
+            trio.run(
+                _dial, args.role, args.engine, args.port, args.node_id, size, args.batched_receive
+            )
         return
 
     engines = [args.engine] if args.engine else ["qh3", "aioquic"]
