@@ -15,6 +15,11 @@ start on loopback, A makes it a sync folder and B joins. Measured:
   rescan: ``steps.scan_folder`` on A's own index) beside a bare ``os.scandir`` + ``stat``
   walk of the same tree, both best of 3 with a warm cache.
 
+``--rescan-only`` skips the daemons: each tree is written, scanned once into a fresh index
+(2 s after the last write, so no file is racily clean), then only the unchanged rescan and
+the bare walk are timed (best of 3), with ``--profile DIR`` profiling one more rescan into
+``rescan-N.prof``.
+
 ``--profile DIR`` runs the daemons under cProfile (``--profile-to``) and leaves the profiles
 there: ``a-N.prof`` and ``b-N.prof``.
 """
@@ -241,6 +246,37 @@ def time_rescan(home: Path, folder: Path) -> tuple[float, float]:
     return rescan, walk
 
 
+def rescan_only(work: Path, files: int, profile: Path | None) -> tuple[float, float]:
+    """The unchanged-rescan figures alone: tree written, indexed once, then timed."""
+    from p2pfs.daemon.folders.steps import scan_folder  # noqa: PLC0415
+    from p2pfs.sync.ignore import IgnoreRules  # noqa: PLC0415
+
+    folder = work / "a"
+    folder.mkdir(parents=True)
+    make_tree(folder, files)
+    # The first scan must start 2 s after the last write (scanner.RACY_WINDOW_NS), else
+    # the rescan reads the youngest files again.
+    time.sleep(2.1)  # waiting out the scanner's racy window
+    (work / "home-a").mkdir()
+    with IndexStore(work / "home-a" / "index.sqlite3") as index:
+        scan_folder(index, str(folder), IgnoreRules())
+        if profile is not None:
+            import cProfile  # noqa: PLC0415
+
+            cProfile.runctx(
+                "scan_folder(index, str(folder), IgnoreRules())",
+                globals(),
+                {
+                    "scan_folder": scan_folder,
+                    "index": index,
+                    "folder": folder,
+                    "IgnoreRules": IgnoreRules,
+                },
+                str(profile / f"rescan-{files}.prof"),
+            )
+    return time_rescan(work / "home-a", folder)
+
+
 def base_rss(work: Path) -> int:
     """The peak RSS of a daemon syncing a tiny folder: the fixed cost per-file memory is
     measured beyond (the larger of A and B)."""
@@ -315,6 +351,11 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--big", action="store_true", help="add 200,000 files (slow)")
     parser.add_argument("--edits", type=int, default=9, help="edits per size (default 9)")
     parser.add_argument("--profile", type=Path, help="run the daemons under cProfile into DIR")
+    parser.add_argument(
+        "--rescan-only",
+        action="store_true",
+        help="no daemons: time only the unchanged rescan beside the bare walk",
+    )
     parser.add_argument("--workdir", help="where the trees are written (default: $TMPDIR)")
     parser.add_argument("--json", action="store_true", help="figures as one JSON line")
     return parser.parse_args(argv)
@@ -330,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load_average()
     runs: list[SizeRun] = []
     scratch = Path(tempfile.mkdtemp(prefix="p2pfs-bench-bigfolder-", dir=args.workdir))
+    if args.rescan_only:
+        return rescan_only_main(args, sizes, scratch)
     try:
         base = base_rss(scratch / "base")
         for files in sizes:
@@ -356,6 +399,41 @@ def main(argv: list[str] | None = None) -> int:
             f"{load_after} after, {os.cpu_count()} CPUs",
             "p2pfs big-folder benchmark",
         )
+    return 0 if all(row.met is not False for row in rows) else 1
+
+
+def rescan_only_main(args: argparse.Namespace, sizes: list[int], scratch: Path) -> int:
+    rows: list[Row] = []
+    load_before = load_average()
+    try:
+        for files in sizes:
+            work = scratch / str(files)
+            try:
+                rescan, walk = rescan_only(work, files, args.profile)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            ratio = walk / rescan
+            print(json.dumps({"files": files, "rescan": rescan, "walk": walk}), file=sys.stderr)
+            big = files == 200_000
+            rows.append(
+                Row(
+                    f"unchanged rescan, {files // 1000}k",
+                    f"{rescan:.3f} s",
+                    f"scandir+stat {walk:.3f} s",
+                    f"{ratio:.2f}x",
+                    ">= 0.5x" if big else "",
+                    ratio >= GOAL_RESCAN_RATIO if big else None,
+                )
+            )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    print_table(
+        rows,
+        f"files {MIN_SIZE} B-{MAX_SIZE // KiB} KiB over {TOP_DIRS * SUB_DIRS} directories, "
+        f"seed {SEED}; best of 3, warm cache; load average {load_before} before, "
+        f"{load_average()} after, {os.cpu_count()} CPUs",
+        "p2pfs unchanged rescan",
+    )
     return 0 if all(row.met is not False for row in rows) else 1
 
 

@@ -121,6 +121,8 @@ class DirResult:
     chunks: int = 0
 
 
+_S_IFMT, _S_IFREG, _S_IXUSR = 0o170000, stat.S_IFREG, stat.S_IXUSR
+_INODE_SIGN = 1 << 63
 _FileItem = tuple[str, int, int, bytes]
 FileState = tuple[str, bytes, int, int, int, int]
 """(path, root, size, mtime_ns, inode as stored, mode) of one file."""
@@ -279,8 +281,9 @@ class Scan:
         self, disk_path: str, rel: str, entries: list[os.DirEntry[str]]
     ) -> tuple[list[tuple[str, str, os.stat_result]], list[tuple[str, str]]]:
         """A listing's shareable files (with lstat) and subdirectories, ignores applied."""
-        files, subdirs = self._classify(entries)
-        files, subdirs = self._drop_collisions(disk_path, files, subdirs)
+        files, subdirs, normalized = self._classify(entries)
+        if normalized:  # names listed once each: only a normalised one can equal another
+            files, subdirs = self._drop_collisions(disk_path, files, subdirs)
         if self.ignore is not None:
             ignore, prefix = self.ignore, f"{rel}/" if rel else ""
             kept_files = [item for item in files if not ignore(prefix + item[1], False)]
@@ -294,10 +297,16 @@ class Scan:
 
     def _classify(
         self, entries: list[os.DirEntry[str]]
-    ) -> tuple[list[tuple[str, str, os.stat_result]], list[tuple[str, str]]]:
-        """Split a listing into regular files (with lstat) and subdirectories; report the rest."""
+    ) -> tuple[list[tuple[str, str, os.stat_result]], list[tuple[str, str]], bool]:
+        """Split a listing into regular files (with lstat) and subdirectories; report the rest.
+        The flag says whether a name was normalised (only then can two names collide)."""
+        # The hot loop of an unchanged rescan (once per entry of the share): the common
+        # cases (a plain ASCII name; a directory or a regular file, known from the
+        # listing's d_type without a system call) are tested first, with local names.
         files: list[tuple[str, str, os.stat_result]] = []
         subdirs: list[tuple[str, str]] = []
+        add_file, add_dir = files.append, subdirs.append
+        normalized = False
         for entry in entries:
             name = entry.name
             if name[0] == "." and (is_partial_name(name) or name.casefold() == STATE_DIR_NAME):
@@ -314,24 +323,25 @@ class Scan:
                 except InvalidNameError as exc:
                     self.problem(entry.path, str(exc))
                     continue
+                normalized = True
             try:
-                if entry.is_symlink():
-                    self.problem(entry.path, "symbolic link, not followed")
-                elif entry.is_dir(follow_symlinks=False):
-                    subdirs.append((entry.name, tree_name))
-                elif entry.is_file(follow_symlinks=False):
+                if entry.is_file(follow_symlinks=False):
                     st = entry.stat(follow_symlinks=False)
-                    if stat.S_ISREG(st.st_mode):
-                        files.append((entry.name, tree_name, st))
+                    if st.st_mode & _S_IFMT == _S_IFREG:
+                        add_file((name, tree_name, st))
                     else:
                         self.problem(entry.path, "not a regular file any more, skipped")
+                elif entry.is_dir(follow_symlinks=False):
+                    add_dir((name, tree_name))
+                elif entry.is_symlink():
+                    self.problem(entry.path, "symbolic link, not followed")
                 else:
                     self.problem(entry.path, "special file (fifo, socket or device), skipped")
             except FileNotFoundError:
                 self.problem(entry.path, "vanished during the scan")
             except OSError as exc:
                 self.problem(entry.path, f"cannot stat: {exc.strerror or exc}")
-        return files, subdirs
+        return files, subdirs, normalized
 
     def _drop_collisions(
         self,
@@ -369,28 +379,29 @@ class Scan:
         """
         rows = self.index.dir_files(dir_id)
         items: list[_FileItem] = []
+        add_item = items.append
         changed = False
         racy_limit = self.racy_limit_ns
         collected, prefix = self.collected, f"{self._rel}/" if self._rel else ""
+        collect = collected.append if collected is not None else None
+        reused = reused_bytes = reused_chunks = 0
+        # The hot loop of an unchanged rescan: one dict pop and one tuple compare per file.
         for name, tree_name, st in files:
             row = rows.pop(name, None)
+            size, mtime_ns, inode, mode = st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode
+            if inode >= _INODE_SIGN:  # stored as SQLite's signed 64 bits (filehash.signed64)
+                inode -= 1 << 64
             if (
                 row is not None
-                and row[1] == st.st_size
-                and row[2] == st.st_mtime_ns
-                and row[3] == signed64(st.st_ino)
-                and row[4] == st.st_mode
-                and st.st_mtime_ns < racy_limit
+                and (row[1], row[2], row[3], row[4]) == (size, mtime_ns, inode, mode)
+                and mtime_ns < racy_limit
             ):
-                flags = FLAG_EXECUTABLE if st.st_mode & stat.S_IXUSR else 0
-                items.append((tree_name, flags, st.st_size, row[5]))
-                if collected is not None:
-                    collected.append(
-                        (prefix + tree_name, row[5], st.st_size, st.st_mtime_ns, row[3], st.st_mode)
-                    )
-                result.chunks += row[6]
-                self.stats.files_reused += 1
-                self.done_bytes += st.st_size
+                add_item((tree_name, FLAG_EXECUTABLE if mode & _S_IXUSR else 0, size, row[5]))
+                if collect is not None:
+                    collect((prefix + tree_name, row[5], size, mtime_ns, inode, mode))
+                reused_chunks += row[6]
+                reused += 1
+                reused_bytes += size
                 continue
             if not changed:
                 changed = True
@@ -406,6 +417,9 @@ class Scan:
             items.append((tree_name, flags, found.size, found.root))
             result.chunks += len(found.chunks) // CHUNK_RECORD.size
             self.done_bytes += found.size
+        result.chunks += reused_chunks
+        self.stats.files_reused += reused
+        self.done_bytes += reused_bytes
         result.files = len(items)
         self.done_files += len(items)
         if rows:  # files gone from disk, or no longer shareable
