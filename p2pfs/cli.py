@@ -295,6 +295,14 @@ def _daemon_arguments(daemon: argparse.ArgumentParser) -> None:
             type=int,
             help=f"cap this node's {direction} of chunk data (fetches, shares and sync folders)",
         )
+    daemon.add_argument(
+        "--data-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="fetch from up to N peers at once in worker processes, each with its own QUIC "
+        "connection (default 0: all in the daemon's process; see SPEC 'Data plane workers')",
+    )
 
 
 def _failed(args: argparse.Namespace, kind: str, exc: Exception, code: int) -> int:
@@ -362,6 +370,7 @@ def daemon_config(args: argparse.Namespace) -> NodeConfig:
         peers=tuple(parse_address(peer, allow_names=True) for peer in args.peer),
         max_upload_rate=args.max_upload_rate,
         max_download_rate=args.max_download_rate,
+        data_workers=max(0, args.data_workers),
         port_mapping=not args.no_port_mapping,
         gui=None if args.no_gui else parse_address(args.gui),
         folders=FolderConfig(keep_versions_s=args.keep_versions_days * 86400),

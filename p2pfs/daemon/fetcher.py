@@ -71,6 +71,7 @@ from .swarmfetch import (
 )
 from .swarmstate import PieceLocation, SwarmRegistry, SwarmShare
 from .treewalk import TreeJob, walk_trees
+from .workers import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,10 @@ class _FileTask:
     """Offsets whose chunk is written and verified."""
     remaining: int = 0
     complete: bool = False
+    number: int = -1
+    """Its place in the fetch's file list (how data-plane workers name it)."""
+    identity: tuple[int, int] | None = None
+    """(st_dev, st_ino) of its temp file, once opened for data-plane workers."""
 
 
 Progress = Callable[[FetchProgress], None]
@@ -150,7 +155,9 @@ class Fetcher:
         release: Release | None = None,
         give_up_after: float = GIVE_UP_AFTER,
         overwrite: bool = False,
+        workers: WorkerPool | None = None,
     ) -> None:
+        self._workers = workers
         self._connect = connect
         self._release = release or close_connection
         self._give_up_after = give_up_after
@@ -213,6 +220,8 @@ class Fetcher:
             self._download_limit,
             release=self._release,
             give_up_after=self._give_up_after,
+            workers=self._workers,
+            placement=self if self._workers is not None else None,
         )
         try:
             await pool.run(conn, self._more_peers)
@@ -374,6 +383,7 @@ class Fetcher:
                 "requests": s.requests,
                 "pieces_requested": s.pieces_requested,
                 "failed": s.failed,
+                "worker": s.worker,
             }
             for s in self._pool.stats.values()
         ]
@@ -394,6 +404,7 @@ class Fetcher:
         self._placements = [[] for _ in pieces]
         groups = [0] * len(pieces)
         for file_number, task in enumerate(files):
+            task.number = file_number
             for offset, ref in task.leaves:
                 piece = index_of[ref.id]
                 if not self._placements[piece]:
@@ -516,8 +527,19 @@ class Fetcher:
                 for task, offset in targets:
                     task.filled.discard(offset)
             raise
+        await self._written(
+            [
+                (piece, ref, targets)
+                for (piece, _d), (ref, _s, targets) in zip(arrived, writes, strict=True)
+            ]
+        )
+
+    async def _written(self, done: list[tuple[int, ChunkRef, list[tuple[_FileTask, int]]]]) -> None:
+        """Pieces verified and written into these (claimed) slots: count them, serve them,
+        commit the files they complete."""
+        assert self._swarm is not None
         locations: list[tuple[int, PieceLocation]] = []
-        for (piece, _data), (ref, _same, targets) in zip(arrived, writes, strict=True):
+        for piece, ref, targets in done:
             for task, _offset in targets:
                 self._done_bytes += ref.length
                 task.remaining -= 1
@@ -533,6 +555,59 @@ class Fetcher:
         if len(self._uncommitted) >= COMMIT_FILES or self._uncommitted_bytes >= COMMIT_BYTES:
             await self._commit(self._uncommitted)
         self._report_progress()
+
+    # -- data-plane workers (swarmfetch.WorkerPlacement) --------------------------------
+
+    async def targets(self, pieces: list[int]) -> list[list[tuple[int, int]]]:
+        """Where a worker writes each piece: every slot of it in a file not complete yet
+        (slots already claimed too: a worker writes the same verified bytes, and claiming
+        them all when it lands leaves no slot waiting on a write that may fail). Temp files
+        are created (and locked) here, before a worker may write into them."""
+        places: list[list[tuple[int, int]]] = []
+        to_open: dict[int, _FileTask] = {}
+        for piece in pieces:
+            slots = []
+            for task, offset in self._placements[piece]:
+                if task.complete:
+                    continue
+                slots.append((task.number, offset))
+                if task.identity is None:
+                    to_open[task.number] = task
+            places.append(slots)
+        if to_open:
+            opened = list(to_open.values())
+            identities = await in_thread(_writer_identities, opened)
+            for task, identity in zip(opened, identities, strict=True):
+                task.identity = identity
+        return places
+
+    def file_info(self, number: int) -> tuple[str, tuple[int, int]]:
+        task = self._files[number]
+        assert task.partial is not None and task.identity is not None
+        return task.partial.temp_path, task.identity
+
+    async def landed(self, pieces: list[int], peer: NodeId, gone: set[int]) -> None:
+        """A worker verified and wrote these pieces into the slots targets() named."""
+        assert self._swarm is not None
+        done = []
+        for piece in pieces:
+            ref = self._swarm.pieces[piece]
+            targets = [
+                (task, offset)
+                for task, offset in self._placements[piece]
+                if not task.complete and offset not in task.filled
+            ]
+            for task, offset in targets:
+                assert task.partial is not None
+                if task.number in gone:
+                    raise StorageError(f"{task.partial.temp_path} vanished while being fetched")
+                task.partial.mark_verified(offset, ref.length)
+                task.filled.add(offset)
+            done.append((piece, ref, targets))
+        await self._written(done)
+        self.report.bytes_from_peer += sum(ref.length for _piece, ref, _targets in done)
+        if self.report.first_byte_seconds is None:
+            self.report.first_byte_seconds = time.monotonic() - self._started
 
     async def _commit(self, tasks: list[_FileTask]) -> None:
         if not tasks:
@@ -668,6 +743,14 @@ def _locate_each(index: IndexStore, wanted: list[ChunkRef]) -> list[list[ChunkLo
 def _read_local(group: list[tuple[ChunkRef, list[ChunkLocation]]]) -> list[bytes | None]:
     with ChunkReader() as reader:
         return [reader.read_first_intact(ref.id, locations) for ref, locations in group]
+
+
+def _writer_identities(tasks: list[_FileTask]) -> list[tuple[int, int]]:
+    identities = []
+    for task in tasks:
+        assert task.partial is not None
+        identities.append(task.partial.writer_identity())
+    return identities
 
 
 def _write_all(

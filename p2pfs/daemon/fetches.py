@@ -35,6 +35,7 @@ from .streams import TransferCounters
 from .swarmfetch import GIVE_UP_AFTER, REDISCOVER_INTERVAL
 from .swarmstate import SwarmRegistry
 from .treewalk import TreeJob, walk_trees
+from .workers import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,9 @@ class Fetches:
         swarm: SwarmRegistry,
         download_limit: TokenBucket | None,
         peers: tuple[PeerAddress, ...],
+        workers: WorkerPool | None = None,
     ) -> None:
+        self._workers = workers
         self._dialer = dialer
         self._discovery = discovery
         self._index = index
@@ -177,6 +180,7 @@ class Fetches:
                 release=release,
                 give_up_after=give_up,
                 overwrite=bool(params.get("overwrite")),
+                workers=self._workers,
             )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(pump_progress, emit, latest)

@@ -64,6 +64,7 @@ from .service import ShareService
 from .storage import AsyncIndex
 from .streams import TransferCounters
 from .swarmstate import SwarmRegistry
+from .workers import WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,8 @@ class NodeConfig:
     """Ask the gateway to map our UDP port (bound to a wildcard only; ``--no-port-mapping``)."""
     gui: PeerAddress | None = None
     """Serve the HTTP API and web UI here (``--gui``; a taken port falls back to a free one)."""
+    data_workers: int = 0
+    """Fetch from up to this many peers at once in worker processes (``--data-workers``)."""
 
 
 NAT_SETTLE = 1.0
@@ -216,6 +219,15 @@ class Node:
             self._root_scope = nursery.cancel_scope
             self._nursery = nursery
             self._dialer = Dialer(endpoint, self._serve_connection, nursery)
+            workers = None
+            if self.config.data_workers > 0:
+                workers = WorkerPool(
+                    self.config.home,
+                    self.config.data_workers,
+                    TRANSPORT.batched_receive,
+                    verbose=logging.getLogger().isEnabledFor(logging.DEBUG),
+                )
+                await nursery.start(workers.run)
             self._fetches = Fetches(
                 self._dialer,
                 self._discovery,
@@ -224,6 +236,7 @@ class Node:
                 self._swarm,
                 self._download_limit,
                 self.config.peers,
+                workers,
             )
             if self.config.port_mapping and self._addresses.wildcard:
                 self._port_mapper = PortMapper(endpoint.local_address[1], self._addresses.mapped)

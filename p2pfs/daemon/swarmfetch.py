@@ -11,10 +11,13 @@ again for this share. New holders found by discovery join while the fetch runs.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import trio
 
@@ -23,6 +26,7 @@ from p2pfs.errors import (
     IntegrityError,
     P2pfsError,
     RemoteProtocolError,
+    StorageError,
 )
 from p2pfs.ids import ContentHash, NodeId
 from p2pfs.net import PeerConnection
@@ -34,6 +38,7 @@ from p2pfs.wire.messages import ChunkData, ErrorReply, GetChunks, GetHave, HaveR
 from .ratelimit import TokenBucket, throttle
 from .requests import PeerRequestError, RequestStream
 from .streams import TransferCounters
+from .workers import WorkerEndedError, WorkerLink, WorkerPool
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +79,23 @@ Release = Callable[[PeerConnection], None]
 """The pool is done with a connection (whoever else uses it keeps it)."""
 
 
+class WorkerPlacement(Protocol):
+    """The fetch's side of data-plane workers: where pieces go, and what landed."""
+
+    async def targets(self, pieces: list[int]) -> list[list[tuple[int, int]]]:
+        """Per piece, its (file number, offset) slots; their temp files exist when this
+        returns."""
+        ...
+
+    def file_info(self, number: int) -> tuple[str, tuple[int, int]]:
+        """A file number's temp path and (st_dev, st_ino)."""
+        ...
+
+    async def landed(self, pieces: list[int], peer: NodeId, gone: set[int]) -> None:
+        """A worker verified and wrote these pieces (``gone``: temp files it found gone)."""
+        ...
+
+
 def close_connection(conn: PeerConnection) -> None:
     """The default release: nobody else uses the connection."""
     conn.close_nowait(0, "fetch done with it")
@@ -95,6 +117,8 @@ class PeerStats:
     requests: int = 0
     pieces_requested: int = 0
     failed: str | None = None
+    worker: int | None = None
+    """The pid of the worker process fetching from this peer (None: the daemon itself)."""
 
 
 @dataclass(slots=True)
@@ -107,6 +131,9 @@ class PeerPool:
     download_limit: TokenBucket | None = None
     release: Release = close_connection
     give_up_after: float = GIVE_UP_AFTER
+    workers: WorkerPool | None = None
+    """Set: each direct peer's requests run in a worker process while one is free."""
+    placement: WorkerPlacement | None = None
     stats: dict[NodeId, PeerStats] = field(default_factory=dict)
     banned: set[NodeId] = field(default_factory=set)
     resting: dict[NodeId, float] = field(default_factory=dict)
@@ -185,14 +212,23 @@ class PeerPool:
             joined = True
             self._changed()
             pipeline = PipelineController()
-            async with trio.open_nursery() as nursery:
+            async with self._worker_for(conn) as link, trio.open_nursery() as nursery:
                 nursery.start_soon(self._follow_updates, have, peer)
-                for _ in range(STREAMS_PER_PEER):
-                    nursery.start_soon(self._request_loop, conn, peer, pipeline)
+                if link is not None:
+                    nursery.start_soon(self._remote_loop, link, conn, peer, pipeline)
+                else:
+                    for _ in range(STREAMS_PER_PEER):
+                        nursery.start_soon(self._request_loop, conn, peer, pipeline)
         except* IntegrityError as group:
             self.counters.chunks_rejected += 1
             self._fail(peer, group, ban=True)
             conn.close_nowait(int(ErrorCode.INTEGRITY), "sent data that fails verification")
+        except* WorkerEndedError as group:
+            # Our worker process died, not the peer: the peer is dialled again at once (a
+            # fresh worker takes it), not after the rediscovery interval.
+            self._fail(peer, group, ban=False)
+            self.release(conn)
+            self._need_peers.set()
         except* PeerRequestError as group:
             # It answered, and said no (it does not hold the share, or no longer this
             # version): asking again at once would only loop.
@@ -351,6 +387,139 @@ class PeerPool:
         for piece in picked:
             self.picker.received(piece, peer)
         self._changed()
+
+    # -- data-plane workers ---------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _worker_for(self, conn: PeerConnection) -> AsyncIterator[WorkerLink | None]:
+        """A worker process for this peer's requests, or None (this process fetches):
+        workers off or all busy, a relayed path (a worker dials addresses only), or a
+        download limit (the bucket lives here)."""
+        if (
+            self.workers is None
+            or self.placement is None
+            or not self.workers.available
+            or conn.path == "relayed"
+            or self.download_limit is not None
+        ):
+            yield None
+            return
+        async with self.workers.session(
+            conn.peer_id,
+            (str(conn.remote_address[0]), int(conn.remote_address[1])),
+            self.root,
+            streams=STREAMS_PER_PEER,
+            in_flight=REQUESTS_IN_FLIGHT,
+            stall=STALL_TIMEOUT,
+        ) as link:
+            if link is not None:
+                self.stats[conn.peer_id].worker = link.pid
+            yield link
+
+    async def _remote_loop(
+        self, link: WorkerLink, conn: PeerConnection, peer: NodeId, pipeline: PipelineController
+    ) -> None:
+        """The request loop's picking and accounting, with the requests, verification and
+        writes in the worker: batches go out as the pipeline has room, landed batches are
+        counted as if received here; a failed or vanished worker fails this peer."""
+        assert self.placement is not None
+        placement = self.placement
+        average = max(1, sum(p.length for p in self.pieces) // max(1, len(self.pieces)))
+        outstanding: dict[int, tuple[list[int], float]] = {}
+        numbers = itertools.count()
+
+        async def dispatch() -> None:
+            while not self.picker.complete:
+                target = in_flight_target(pipeline)
+                room = target - pipeline.in_flight
+                share = target // (STREAMS_PER_PEER * REQUESTS_IN_FLIGHT)
+                if room < min(max(MIN_REQUEST_BYTES, share // 2), target):
+                    await self._change.wait()
+                    continue
+                wanted_bytes = min(room, max(MIN_REQUEST_BYTES, share))
+                count = max(1, min(MAX_REQUEST_CHUNKS, wanted_bytes // average))
+                picked = self.picker.pick(peer, count)
+                if not picked:
+                    await self._change.wait()
+                    continue
+                refs = [self.pieces[piece] for piece in picked]
+                now = trio.current_time()
+                pipeline.on_request(sum(ref.length for ref in refs), now)
+                number = next(numbers)
+                outstanding[number] = (picked, now)
+                self.stats[peer].requests += 1
+                self.stats[peer].pieces_requested += len(picked)
+                targets = await placement.targets(picked)
+                await link.send_batch(number, refs, targets, placement.file_info)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(dispatch)
+                while True:
+                    report = await link.next_report()
+                    batch = landed_batch(report, outstanding, link, peer)
+                    await self._landed(conn, peer, *batch, report, pipeline)
+        except BaseException:
+            for picked, _sent_at in outstanding.values():
+                self.picker.failed(peer, [p for p in picked if not self.picker.holds(p)])
+            raise
+
+    async def _landed(
+        self,
+        conn: PeerConnection,
+        peer: NodeId,
+        picked: list[int],
+        sent_at: float,
+        report: dict[str, Any],
+        pipeline: PipelineController,
+    ) -> None:
+        size = int(report["bytes"])
+        self.counters.payload_received += size
+        conn.payload_received += size
+        self.counters.protocol_received += FRAME_OVERHEAD * len(picked)
+        self.counters.chunks_received += len(picked)
+        now = trio.current_time()
+        for piece in picked:
+            pipeline.on_response(self.pieces[piece].length, now - sent_at, now)
+        new = [piece for piece in picked if not self.picker.holds(piece)]
+        if new:
+            assert self.placement is not None
+            await self.placement.landed(new, peer, {int(n) for n in report["gone"]})
+            self.stats[peer].bytes += sum(self.pieces[piece].length for piece in new)
+            self._last_progress = trio.current_time()
+        for piece in picked:
+            self.picker.received(piece, peer)
+        self._changed()
+
+
+def landed_batch(
+    report: dict[str, Any],
+    outstanding: dict[int, tuple[list[int], float]],
+    link: WorkerLink,
+    peer: NodeId,
+) -> tuple[list[int], float]:
+    """The batch a ``landed`` report names (taken out of ``outstanding``); a ``failed``
+    report raises what it stands for."""
+    if report["op"] == "failed":
+        raise worker_failure(report, peer)
+    batch = outstanding.pop(int(report["id"]), None)
+    if batch is None:
+        raise WorkerEndedError(f"worker {link.pid} reported an unknown batch")
+    return batch
+
+
+def worker_failure(report: dict[str, Any], peer: NodeId) -> P2pfsError:
+    """The error a worker's ``failed`` report stands for (handled as the main path's)."""
+    kind, message = str(report.get("kind")), str(report.get("message"))
+    if kind == "integrity":
+        return IntegrityError(message)
+    if kind == "refused":
+        return PeerRequestError(ErrorCode.from_wire(int(report.get("code", 0))), message)
+    if kind == "stalled":
+        return PeerStalledError(f"peer {peer.short()}: {message}")
+    if kind == "storage":
+        return StorageError(message)
+    return WorkerEndedError(f"worker for peer {peer.short()}: {kind}: {message}")
 
 
 def in_flight_target(pipeline: PipelineController) -> int:

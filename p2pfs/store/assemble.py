@@ -282,6 +282,20 @@ class PartialFile:
             raise StorageError(f"cannot write {self.temp_path}: {exc.strerror}") from exc
         self._verified[offset] = max(self._verified.get(offset, 0), len(data))
 
+    def writer_identity(self) -> tuple[int, int]:
+        """Open (creating it if need be) and lock the temp file; its (st_dev, st_ino). A
+        data-plane worker process writes verified chunks into exactly this file: it opens
+        the path itself and refuses any other inode."""
+        self._open()
+        assert self._identity is not None
+        return self._identity
+
+    def mark_verified(self, offset: int, length: int) -> None:
+        """A chunk another process (a data-plane worker) verified and wrote here."""
+        if offset < 0 or offset + length > self.size:
+            raise StorageError(f"chunk past the end of {self.final_path}")
+        self._verified[offset] = max(self._verified.get(offset, 0), length)
+
     def copy_chunks(
         self, source_fd: int, source_offset: int, offset: int, refs: Sequence[ChunkRef]
     ) -> set[int]:

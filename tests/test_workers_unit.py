@@ -1,0 +1,111 @@
+"""Data-plane worker pieces without processes: the pipe's messages, the verify-then-write
+step (nothing of a batch is written unless every chunk verifies; only the inode main
+opened is written), and how a worker's failure is reported and read back."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from p2pfs.content.chunking import ChunkRef, chunk_id
+from p2pfs.daemon.requests import PeerRequestError
+from p2pfs.daemon.swarmfetch import PeerStalledError, worker_failure
+from p2pfs.daemon.workers.channel import Channel, WorkerChannelError
+from p2pfs.daemon.workers.process import (
+    Batch,
+    TempFile,
+    WorkerStalledError,
+    failure_of,
+    write_verified,
+)
+from p2pfs.errors import IntegrityError, StorageError
+from p2pfs.ids import NodeId
+from p2pfs.wire.codes import ErrorCode
+
+PEER = NodeId(bytes(32))
+
+
+def temp_file(path: Path, size: int) -> TempFile:
+    path.write_bytes(b"\0" * size)
+    info = path.stat()
+    return TempFile(str(path), (info.st_dev, info.st_ino))
+
+
+def batch(chunks: list[bytes], places: list[list[tuple[int, int]]]) -> Batch:
+    refs = tuple(ChunkRef(chunk_id(data), len(data)) for data in chunks)
+    return Batch(7, refs, places)
+
+
+def test_a_batch_is_written_to_every_place_only_when_all_chunks_verify(tmp_path: Path) -> None:
+    files = {0: temp_file(tmp_path / "a", 12), 1: temp_file(tmp_path / "b", 4)}
+    chunks = [b"abcd", b"efgh"]
+    good = batch(chunks, [[(0, 0), (1, 0)], [(0, 8)]])
+    assert write_verified(good, list(chunks), files) == []
+    assert (tmp_path / "a").read_bytes() == b"abcd\0\0\0\0efgh"
+    assert (tmp_path / "b").read_bytes() == b"abcd"
+    # One chunk of the batch is bad: nothing of it is written, the good one included.
+    bad = batch(chunks, [[(0, 4)], [(1, 0)]])
+    with pytest.raises(IntegrityError):
+        write_verified(bad, [b"abcd", b"efgX"], files)
+    assert (tmp_path / "a").read_bytes() == b"abcd\0\0\0\0efgh"
+
+
+def test_only_the_inode_main_opened_is_written(tmp_path: Path) -> None:
+    files = {0: temp_file(tmp_path / "a", 4), 1: temp_file(tmp_path / "b", 4)}
+    os.rename(tmp_path / "a", tmp_path / "committed")  # main committed it meanwhile
+    chunks = [b"abcd"]
+    assert write_verified(batch(chunks, [[(0, 0), (1, 0)]]), chunks, files) == [0]
+    assert (tmp_path / "b").read_bytes() == b"abcd"
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "other").write_bytes(b"\0" * 4)  # made while b exists: another inode
+    os.rename(tmp_path / "other", tmp_path / "b")  # another file under the name: refused
+    with pytest.raises(StorageError, match="not the temp file"):
+        write_verified(batch(chunks, [[(1, 0)]]), chunks, files)
+    assert (tmp_path / "b").read_bytes() == b"\0" * 4
+    (tmp_path / "b").unlink()
+    (tmp_path / "b").symlink_to(tmp_path / "committed")  # a link under the name: refused
+    with pytest.raises(StorageError):
+        write_verified(batch(chunks, [[(1, 0)]]), chunks, files)
+
+
+def test_messages_cross_the_pipe_whole_and_garbage_is_an_error() -> None:
+    trio.run(_cross_the_pipe)
+
+
+async def _cross_the_pipe() -> None:
+    left, right = trio.testing.memory_stream_pair()
+    main, worker = Channel(left, left), Channel(right, right)
+    payload = {"op": "batch", "id": 3, "chunks": [[b"\x01" * 32, 5, [[0, 0]]]] * 64}
+    await main.send({"op": "file", "id": 0, "path": "x", "dev": 1, "ino": 2})
+    await main.send(payload)
+    assert (await worker.receive()) == {"op": "file", "id": 0, "path": "x", "dev": 1, "ino": 2}
+    assert (await worker.receive()) == payload
+    await left.send_all(b"\x93\x01\x02\x03")  # msgpack, but not a message
+    with pytest.raises(WorkerChannelError):
+        await worker.receive()
+    await main.aclose()
+    assert await Channel(right, right).receive() is None  # the pipe ended
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected"),
+    [
+        (IntegrityError("chunk 0123 fails its hash"), IntegrityError),
+        (PeerRequestError(ErrorCode.NOT_FOUND, "gone"), PeerRequestError),
+        (WorkerStalledError("peer sent nothing for 10 s"), PeerStalledError),
+        (StorageError("cannot write"), StorageError),
+    ],
+)
+def test_a_failure_reads_back_as_the_main_path_would_raise_it(
+    raised: Exception, expected: type[Exception]
+) -> None:
+    report = failure_of(BaseExceptionGroup("session", [raised]))
+    error = worker_failure(report, PEER)
+    assert type(error) is expected
+    assert str(raised).split(": ")[-1] in str(error)
+    if isinstance(error, PeerRequestError):
+        assert error.code is ErrorCode.NOT_FOUND
