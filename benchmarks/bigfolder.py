@@ -21,7 +21,8 @@ the bare walk are timed (best of 3), with ``--profile DIR`` profiling one more r
 ``rescan-N.prof``.
 
 ``--profile DIR`` runs the daemons under cProfile (``--profile-to``) and leaves the profiles
-there: ``a-N.prof`` and ``b-N.prof``.
+there: ``a-N.prof`` and ``b-N.prof``, with the daemons' logs (``a-N.log``, ``b-N.log``: each
+reconcile's phases).
 """
 
 from __future__ import annotations
@@ -170,6 +171,7 @@ class Pair:
                 return ("--no-lan",)
             return ("--no-lan", "--profile-to", str(profile / f"{side}-{label}.prof"))
 
+        self.profile, self.label = profile, label
         self.a = DaemonProcess(work / "home-a", extra_args=extra("a"))
         self.b = DaemonProcess(work / "home-b", extra_args=extra("b"))
 
@@ -181,6 +183,9 @@ class Pair:
     def __exit__(self, *exc_info: object) -> None:
         for daemon in (self.b, self.a):
             daemon.stop()
+        if self.profile is not None:  # the logs hold each reconcile's phases
+            for side, daemon in (("a", self.a), ("b", self.b)):
+                shutil.copy(daemon.log_path, self.profile / f"{side}-{self.label}.log")
 
     def same_root(self, a_dir: Path, b_dir: Path) -> bool:
         return bool(folder_of(self.a, a_dir)["root"] == folder_of(self.b, b_dir)["root"])

@@ -825,7 +825,9 @@ def test_one_change_in_a_big_folder_costs_the_change_not_the_folder(
         path.write_bytes(rng.randbytes(rng.randint(10, 200)))
         os.utime(path, (OLD_MTIME, OLD_MTIME))  # not racily clean: no re-hash on rescans
     total = BIG_DIRECTORIES * BIG_PER_DIRECTORY
-    a, b = daemons("home-a"), daemons("home-b")
+    a = daemons("home-a")
+    # B's join runs in batches of 256 records (a test-only hook; 8,192 in the daemon).
+    b = daemons("home-b", "--small-join-batches", program=HOOKED_DAEMON)
     tickets = create_folder(a, a_dir)
     join(b, b_dir, tickets["rw"])
     members = [(a, a_dir), (b, b_dir)]
@@ -836,6 +838,8 @@ def test_one_change_in_a_big_folder_costs_the_change_not_the_folder(
 
     wait_until(same_roots, CONVERGE_TIMEOUT)
     before = settled_work(members)
+    # The join, in 12 batches, planned each of A's records (files and directories) once.
+    assert before[1]["records_planned"] == total + BIG_DIRECTORIES, before
 
     edited = a_dir / "d07" / "f00007.txt"
     edited.write_bytes(b"edited once\n")

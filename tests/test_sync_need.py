@@ -68,3 +68,22 @@ def test_a_conflict_copy_names_its_device_tag() -> None:
     assert conflict_device(copy) == short_device(DEVICE)
     assert conflict_device("notes/a.txt") is None
     assert conflict_device("a.sync-conflict-garbage.txt") is None
+
+
+def test_records_not_planned_yet_count_as_needed_until_their_batch_is_planned() -> None:
+    """A join plans a member's records in batches: the ones not planned yet are needed
+    (bytes estimated), so the completion never reads 100% (or 99.9%) after the first batch."""
+    records = RecordSet()
+    tracker = NeedTracker()
+    # The first of three batches planned: 2 files of 100 bytes; 4 records to go (~100 each).
+    tracker.plan({"a": 100, "b": 100}, records, unplanned=4, unplanned_bytes=400)
+    first = tracker.need(records, (), lambda _path: False)
+    assert first == FolderNeed(6, 600, 6, 600) and first.percent == 0.0
+    tracker.placed_files, tracker.placed_bytes = 2, 200  # placed; stored at the batch's end
+    placed = tracker.need(records, (), lambda _path: False)
+    assert placed == FolderNeed(4, 400, 6, 600) and placed.percent == round(100 * 200 / 600, 1)
+    put(records, "a", 100)
+    put(records, "b", 100)
+    # The last batch planned: nothing is estimated any more.
+    tracker.plan({"c": 50}, records)
+    assert tracker.need(records, (), lambda _path: False) == FolderNeed(1, 50, 3, 250)

@@ -9,7 +9,7 @@ to every member). mtime alone is not a change: ``touch`` moves nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from p2pfs.errors import LocalProtocolError
@@ -42,7 +42,7 @@ def differs(record: FileVersion | None, disk: DiskFile) -> bool:
     )
 
 
-def local_changes(
+def iter_local_changes(
     records: Mapping[str, FileVersion],
     disk: Mapping[str, DiskFile],
     device: bytes,
@@ -51,8 +51,11 @@ def local_changes(
     absent: Collection[str] = (),
     refused: dict[str, str] | None = None,
     same: Callable[[str, bytes, bool], bool] | None = None,
-) -> list[FileVersion]:
-    """New versions (this device's) for every path whose disk state differs from its record.
+) -> Iterator[FileVersion]:
+    """New versions (this device's) for every path whose disk state differs from its record,
+    made as they are read (a first scan's are every file: the caller takes them in batches).
+    Between two reads the caller may store records (the paths of ``records`` are listed when
+    the files are done), but must not change ``disk``.
 
     ``absent``: paths whose record this member stores without holding the content. A file
     found there was not made from that record, so its version is concurrent with it (only
@@ -65,7 +68,6 @@ def local_changes(
     this content (true only where ``differs`` is false): paths it confirms are passed over
     without reading their records.
     """
-    changes: list[FileVersion] = []
     for path, found in disk.items():
         if same is not None and same(path, found.root, found.executable):
             continue
@@ -81,7 +83,7 @@ def local_changes(
                 if refused is not None:
                     refused[path] = str(exc)
                 continue
-            changes.append(
+            yield (
                 FileVersion(
                     path,
                     bumped,
@@ -93,7 +95,7 @@ def local_changes(
                     device,
                 )
             )
-    for path in records:
+    for path in list(records):
         if path in disk or path in absent or absence_is_unknown(path):
             continue
         record = records[path]
@@ -105,8 +107,23 @@ def local_changes(
             if refused is not None:
                 refused[path] = str(exc)
             continue
-        changes.append(FileVersion.tombstone(path, bumped, now_ns, device))
-    return changes
+        yield FileVersion.tombstone(path, bumped, now_ns, device)
+
+
+def local_changes(
+    records: Mapping[str, FileVersion],
+    disk: Mapping[str, DiskFile],
+    device: bytes,
+    now_ns: int,
+    absence_is_unknown: Callable[[str], bool],
+    absent: Collection[str] = (),
+    refused: dict[str, str] | None = None,
+    same: Callable[[str, bytes, bool], bool] | None = None,
+) -> list[FileVersion]:
+    """:func:`iter_local_changes`, all at once."""
+    return list(
+        iter_local_changes(records, disk, device, now_ns, absence_is_unknown, absent, refused, same)
+    )
 
 
 def case_collisions(existing: Iterable[str], incoming: Iterable[str]) -> dict[str, str]:

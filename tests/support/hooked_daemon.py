@@ -4,6 +4,9 @@
   hash-checked: a peer that serves corrupt data (tests/test_e2e_swarm.py's hostile seeder).
 - ``--case-insensitive``: folders behave as on a case-insensitive file system, whatever this
   one is (tests/test_e2e_sync.py's name-collision test).
+- ``--small-join-batches``: a member's records are planned and applied 256 at a time (not
+  8,192), so a test folder's join runs in many batches (tests/test_e2e_sync.py's
+  work-per-change test).
 
 Run as ``python tests/support/hooked_daemon.py [hooks] --home HOME daemon [daemon options]`` (the
 hooks may stand anywhere; the rest are the CLI's arguments), or give :data:`PROGRAM` to
@@ -26,7 +29,8 @@ from p2pfs.ids import ContentHash
 from p2pfs.store.index import ChunkLocation
 
 PROGRAM = (sys.executable, str(Path(__file__).resolve()))
-HOOKS = frozenset({"--serve-unverified", "--case-insensitive"})
+HOOKS = frozenset({"--serve-unverified", "--case-insensitive", "--small-join-batches"})
+SMALL_JOIN_BATCH = 256
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -66,6 +70,9 @@ def main(argv: list[str]) -> None:
     config = daemon_config(args)
     if "--case-insensitive" in hooks:
         folders = dataclasses.replace(config.folders, assume_case_insensitive=True)
+        config = dataclasses.replace(config, folders=folders)
+    if "--small-join-batches" in hooks:
+        folders = dataclasses.replace(config.folders, join_batch=SMALL_JOIN_BATCH)
         config = dataclasses.replace(config, folders=folders)
     node = UnverifiedNode(config) if "--serve-unverified" in hooks else Node(config)
     trio.run(node.run)

@@ -8,6 +8,7 @@ never interleaves with an apply and each reconcile plans against records that ar
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import time
@@ -26,13 +27,14 @@ from p2pfs.store.partscan import PartScan
 from p2pfs.store.scanner import Problem, ScanStats
 from p2pfs.sync.ignore import IGNORE_FILE, IgnoreRules
 from p2pfs.sync.keys import FolderKeys
-from p2pfs.sync.local import DiskFile, directory_entry, local_changes
+from p2pfs.sync.local import DiskFile, directory_entry, iter_local_changes
 from p2pfs.sync.planner import conflict_device, conflict_original
 from p2pfs.sync.reconcile import Holdings, missing_content, plan_read_only, plan_read_write
 from p2pfs.sync.records import (
     EMPTY_INDEX,
     IndexLeaf,
     IndexTree,
+    PackedLeaves,
     SignedRecord,
     path_key,
     remote_changes,
@@ -53,6 +55,10 @@ VERIFY_THREADS = 2
 VERIFY_SPLIT_MIN = 256
 KEPT_TREES = 3
 RECORD_BATCH = 4096
+"""Local changes signed and stored per batch (a first scan records every file)."""
+JOIN_BATCH = 8192
+"""A member's differing records fetched, verified, planned and applied per batch: a join
+holds one batch decoded and planned at a time (~2 KiB a record), not every record."""
 """Local changes signed and stored per batch (a first scan records every file)."""
 SIGN_IN_THREAD = 64
 """Local changes signed on the event loop at most (~60 us each); more go to a thread."""
@@ -151,7 +157,8 @@ class FolderSync:
         self.lock = trio.Lock()
         self._pending: set[str] | None = set()
         """Directories the watcher named since the last scan (None: scan everything)."""
-        self.scans, self.work = 0, FolderWork()
+        # join_batch: records planned per batch (a test hook lowers it)
+        self.scans, self.work, self.join_batch = 0, FolderWork(), JOIN_BATCH
         self.dirty = True
         """The disk may have changed since the last scan. The file-system watcher sets it;
         without a watcher it stays set, and every reconcile rescans first."""
@@ -413,50 +420,54 @@ class FolderSync:
         refused: dict[str, str] = {}
         self.work.paths_compared += len(found) + len(records)
 
-        def compare() -> list[FileVersion]:
-            return local_changes(
-                records,
-                found,
-                self.device,
-                time.time_ns(),
-                lambda path: self.ignore(path) or unreadable(path),
-                absent=self.absent,
-                refused=refused,
-                same=self.records.matches,
-            )
+        changes = iter_local_changes(
+            records,
+            found,
+            self.device,
+            time.time_ns(),
+            lambda path: self.ignore(path) or unreadable(path),
+            absent=self.absent,
+            refused=refused,
+            same=self.records.matches,
+        )
 
-        # The folder's lock is held: nothing changes the records while a thread reads them.
-        changes = await in_thread(compare) if whole else compare()
-        # One path whose change cannot be recorded fails alone; the rest are recorded.
-        news = [str(p) for p in problems]
-        news += [f"{path}: change not recorded: {why}" for path, why in refused.items()]
-        self.problems += [p for p in news if p not in self.problems]
+        def take() -> list[FileVersion]:
+            return list(itertools.islice(changes, RECORD_BATCH))
+
         if not self.writable:
             self.unrecorded = {p for p in self.unrecorded if not in_scope(p)}
-            self.unrecorded.update(change.path for change in changes)
-            return
-        if changes:
-            self.on_event(
-                "local-changes",
-                folder=self.folder_id.hex(),
-                dir=self.path,
-                paths=[change.path for change in changes[:100]],
-                changes=len(changes),
-                recorded=self.writable,
-            )
-        if changes:
-            logger.info("folder %s: %d local changes", self.path, len(changes))
-        # In batches (a first scan records every file): signed in a worker thread, off the
-        # event loop, and stored before the next batch is signed.
+        total = 0
+        # In batches (a first scan records every file): compared in a worker thread when
+        # the scope is the folder, signed in one when many, and stored before the next batch
+        # is compared, so a first scan holds one batch of new versions, not one per file.
+        # The folder's lock is held: nothing else changes the records meanwhile.
         async with self._tree_updated_at_end():
-            for start in range(0, len(changes), RECORD_BATCH):
-                batch = changes[start : start + RECORD_BATCH]
+            while batch := await in_thread(take) if whole else take():
+                total += len(batch)
+                if not self.writable:
+                    self.unrecorded.update(change.path for change in batch)
+                    continue
+                self.on_event(
+                    "local-changes",
+                    folder=self.folder_id.hex(),
+                    dir=self.path,
+                    paths=[change.path for change in batch[:100]],
+                    changes=len(batch),
+                    recorded=self.writable,
+                )
                 signed = (
                     _sign_all(self.keys, batch)
                     if len(batch) < SIGN_IN_THREAD
                     else await in_thread(_sign_all, self.keys, batch)
                 )
+                del batch
                 await self._commit_records(signed)
+        # One path whose change cannot be recorded fails alone; the rest are recorded.
+        news = [str(p) for p in problems]
+        news += [f"{path}: change not recorded: {why}" for path, why in refused.items()]
+        self.problems += [p for p in news if p not in self.problems]
+        if total and self.writable:
+            logger.info("folder %s: %d local changes", self.path, total)
 
     # -- reconciling with a member --------------------------------------------------------
 
@@ -489,7 +500,7 @@ class FolderSync:
             def remote_nodes(hashes: object) -> list[bytes]:
                 return trio.from_thread.run(link.nodes, list(hashes))  # type: ignore[call-overload]
 
-            leaves = (
+            leaves = PackedLeaves(
                 []
                 if same_root
                 else await trio.to_thread.run_sync(
@@ -497,18 +508,41 @@ class FolderSync:
                 )
             )
             timer.mark("diff")
-            remote = await self._fetch_records(link, leaves)
-            del leaves  # a join's are one object per record: gone before the plan and apply
-            timer.mark("records")
-            planned = self._plan(remote)
-            del remote
-            timer.mark("plan")
-            self._need.plan(
-                {path: version.size for path, version in planned.fetch if is_file(version)},
-                self.records,
-            )
-            self._progress_changed()
             with self._doing("syncing"):
+                await self._take_in_batches(link, leaves, timer)
+            logger.info("folder %s: reconcile with %s: %s", self.path, link.peer_id.short(), timer)
+
+    async def _take_in_batches(
+        self, link: FolderLink, leaves: PackedLeaves, timer: steps.Phases
+    ) -> None:
+        """Fetch, verify, plan and apply the member's differing records JOIN_BATCH at a
+        time (a join's are every record): the decoded records and the plan of one batch are
+        held at once, never the whole folder's. The tree takes the stored records once, at
+        the end. A batch is verified whole before any of it is planned, so a forged or
+        backwards record stops the reconcile with nothing of its batch applied (earlier
+        batches, all validly signed, stay)."""
+        left: dict[str, int] = {}  # planned in an earlier batch and not placed
+        seen_records = seen_bytes = 0  # for the estimate of what is not planned yet
+        async with self._tree_updated_at_end():
+            for start in range(0, max(len(leaves), 1), self.join_batch):
+                batch = leaves[start : start + self.join_batch]
+                unplanned = max(len(leaves) - start - len(batch), 0)
+                remote = await self._fetch_records(link, batch)
+                del batch
+                timer.mark("records")
+                seen_records += len(remote)
+                seen_bytes += sum(r.version.size for r in remote if is_file(r.version))
+                planned = self._plan(remote)
+                del remote
+                timer.mark("plan")
+                fetched = {p: v.size for p, v in planned.fetch if is_file(v)}
+                self._need.plan(
+                    {**left, **fetched},
+                    self.records,
+                    unplanned=unplanned,
+                    unplanned_bytes=unplanned * seen_bytes // max(seen_records, 1),
+                )
+                self._progress_changed()
                 placed: set[str] = set()
                 try:
                     placed = await self._apply(link, planned, timer)
@@ -516,9 +550,15 @@ class FolderSync:
                     # What was not placed stays needed (a failed reconcile placed nothing
                     # it stored: the next one plans it again).
                     left = {p: n for p, n in self._need.pending.items() if p not in placed}
-                    self._need.plan(left, self.records)
+                    # The records not planned yet stay needed too if this batch failed;
+                    # otherwise the next batch plans them.
+                    self._need.plan(
+                        left,
+                        self.records,
+                        unplanned=unplanned,
+                        unplanned_bytes=self._need.unplanned_bytes,
+                    )
                     self._progress_changed()
-            logger.info("folder %s: reconcile with %s: %s", self.path, link.peer_id.short(), timer)
 
     @contextlib.asynccontextmanager
     async def _tree_updated_at_end(self) -> AsyncIterator[None]:
@@ -758,7 +798,7 @@ class FolderSync:
 
     @property
     def sync_total(self) -> int:
-        return self._need.pending_bytes
+        return self._need.pending_bytes + self._need.unplanned_bytes
 
     def need(self) -> FolderNeed:
         """Files and bytes this node still has to fetch, of the folder as it knows it."""

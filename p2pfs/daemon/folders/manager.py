@@ -49,7 +49,7 @@ from ..requests import PeerRequestError
 from ..storage import AsyncIndex
 from ..streams import TransferCounters
 from .client import FolderLink, refuse
-from .engine import FolderSync
+from .engine import JOIN_BATCH, FolderSync
 
 logger = logging.getLogger(__name__)
 E = TypeVar("E", bound=BaseException)
@@ -84,6 +84,9 @@ class FolderConfig:
     watch: bool = True
     assume_case_insensitive: bool = False
     """Test hook: act as on a file system that ignores case (Linux' usually do not)."""
+    join_batch: int = JOIN_BATCH
+    """A member's differing records planned and applied per batch (a test hook makes it
+    small, so a small folder's join runs in many batches)."""
 
 
 class FolderManager:
@@ -155,6 +158,7 @@ class FolderManager:
     async def _start_folder(self, row: Any, *, paused: bool = False) -> FolderSync:
         folder = FolderSync(row, self._index, self._store, self._member_in)
         folder.on_event = self.events.emit
+        folder.join_batch = self.config.join_batch
         await folder.load(assume_case_insensitive=self.config.assume_case_insensitive)
         try:
             await folder.rescan()

@@ -4,7 +4,9 @@ member's completion from it); `sync list` shows ours as "syncing N%".
 
 Kept by counters so that reading it walks no records: the record set counts live files
 and bytes as records change; a plan sets what is pending; placed steps and received chunks
-count it down.
+count it down. A reconcile plans a member's records in batches (a join's are every record):
+the records it has not planned yet count as needed files, with bytes estimated from the
+mean size of the records it has planned so far (their sizes are unknown until fetched).
 """
 
 from __future__ import annotations
@@ -33,14 +35,28 @@ class NeedTracker:
     placed_bytes: int = 0
     received: int = 0
     """Placed files and bytes, and chunk bytes received, since ``pending`` was set."""
+    unplanned: int = 0
+    """A member's differing records that the running reconcile has not planned yet (each
+    counts as a needed file: an upper bound, as some are directories or deletes)."""
+    unplanned_bytes: int = 0
+    """Their estimated size."""
     delta: tuple[int, int] = (0, 0)
     """Files and bytes ``pending`` adds to the records' figures (planned, not stored yet)."""
     changed: trio.Event = field(default_factory=trio.Event)
     """Set (and replaced, by the engine) whenever the need changes."""
 
-    def plan(self, pending: dict[str, int], records: RecordSet) -> None:
-        """The files still to place are ``pending`` (a new plan's, or what one left)."""
+    def plan(
+        self,
+        pending: dict[str, int],
+        records: RecordSet,
+        *,
+        unplanned: int = 0,
+        unplanned_bytes: int = 0,
+    ) -> None:
+        """The files still to place are ``pending`` (a new plan's, or what one left), and
+        ``unplanned`` records of ``unplanned_bytes`` (estimated) are to be planned still."""
         self.pending = pending
+        self.unplanned, self.unplanned_bytes = unplanned, unplanned_bytes
         self.pending_bytes = sum(pending.values())
         self.placed_files = self.placed_bytes = self.received = 0
         files = size = 0
@@ -62,8 +78,8 @@ class NeedTracker:
     ) -> FolderNeed:
         """Pending files not placed yet, plus records held without content that are no
         longer ignored here (the next reconcile fetches them)."""
-        files = len(self.pending) - self.placed_files
-        size = self.pending_bytes - self.done()
+        files = len(self.pending) - self.placed_files + self.unplanned
+        size = self.pending_bytes - self.done() + self.unplanned_bytes
         for path in absent:
             if path in self.pending or ignored(path):
                 continue
@@ -74,6 +90,6 @@ class NeedTracker:
         return FolderNeed(
             max(files, 0),
             max(size, 0),
-            max(records.files + self.delta[0], 0),
-            max(records.file_bytes + self.delta[1], 0),
+            max(records.files + self.delta[0] + self.unplanned, 0),
+            max(records.file_bytes + self.delta[1] + self.unplanned_bytes, 0),
         )
