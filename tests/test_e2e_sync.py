@@ -813,9 +813,10 @@ def settled_work(members: list[Member]) -> list[dict[str, int]]:
 def test_one_change_in_a_big_folder_costs_the_change_not_the_folder(
     tmp_path: Path, daemons: DaemonFactory
 ) -> None:
-    """3,000 files in 30 directories; one edit. Counted, not timed: the members scan, compare,
-    plan, store and re-hash that directory and that record, never the whole folder (each of
-    these counts would be >= 3,000 if any step walked it)."""
+    """3,000 files in 30 directories, joined; one edit. Counted, not timed: the join's own
+    placements make B list nothing again; for the edit the members scan, compare, plan,
+    store and re-hash that directory and that record, never the whole folder (each of these
+    counts would be >= 3,000 if any step walked it)."""
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     rng = random.Random(16)
     for number in range(BIG_DIRECTORIES * BIG_PER_DIRECTORY):
@@ -840,6 +841,9 @@ def test_one_change_in_a_big_folder_costs_the_change_not_the_folder(
     before = settled_work(members)
     # The join, in 12 batches, planned each of A's records (files and directories) once.
     assert before[1]["records_planned"] == total + BIG_DIRECTORIES, before
+    # B's watcher reported the 3,000 files the join placed; each is what B recorded as it
+    # placed it, so no directory was listed again (nor the folder: one scan, at the start).
+    assert before[1]["full_scans"] == 1 and before[1]["files_scanned"] < 100, before
 
     edited = a_dir / "d07" / "f00007.txt"
     edited.write_bytes(b"edited once\n")

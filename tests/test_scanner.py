@@ -16,9 +16,10 @@ import pytest
 
 from p2pfs.content.chunking import DEFAULT_CHUNKER, Chunker
 from p2pfs.store.assemble import PARTIAL_PREFIX
-from p2pfs.store.filehash import BLOCK_SIZE
+from p2pfs.store.filehash import BLOCK_SIZE, hash_file_once
 from p2pfs.store.index import IndexStore
 from p2pfs.store.partscan import scan_directories
+from p2pfs.store.placed import PlacedFile, record_placed_files
 from p2pfs.store.scanner import RACY_WINDOW_NS, FileState, ScanResult, file_states_of, scan_share
 
 OLD_NS = 1_600_000_000 * 10**9
@@ -437,6 +438,56 @@ def test_partial_scan_reads_only_the_named_directories(tmp_path: Path) -> None:
         after = scan_share(top, index)
     with IndexStore(tmp_path / "fresh.sqlite3") as fresh:
         assert scan_share(top, fresh).root == after.root
+
+
+def test_watched_paths_still_as_indexed_cost_no_listing(tmp_path: Path) -> None:
+    """A watcher's events name files: one its index row still describes (a file this node
+    placed and recorded, or one only touched) lists no directory; an edit, a delete, a new
+    file and a racily clean rewrite (same size and mtime, other bytes) each list theirs."""
+    top = tmp_path / "share"
+    for number in range(12):
+        write(top / f"d{number % 6}" / f"f{number}.txt", b"%d" % number * 40)
+    racy = top / "d5" / "racy.txt"
+    racy.write_bytes(b"a" * 40)  # mtime now: racily clean until a later full scan
+    with IndexStore(tmp_path / "index.sqlite3") as index:
+        scan_share(top, index)
+        # Placed by a sync download (mtime now, so read again and found equal): recorded
+        # as a scan would have, then its events arrive.
+        placed = top / "d0" / "placed.txt"
+        placed.write_bytes(b"placed")
+        st = os.lstat(placed)
+        hashed = hash_file_once(
+            str(placed), Chunker(DEFAULT_CHUNKER), lambda _n: None, lambda _n: None
+        )
+        record_placed_files(
+            index,
+            str(top),
+            [
+                PlacedFile(
+                    "d0/placed.txt",
+                    st.st_size,
+                    st.st_mtime_ns,
+                    st.st_ino,
+                    st.st_mode,
+                    hashed.root,
+                    hashed.chunks,
+                )
+            ],
+        )
+        os.utime(top / "d1" / "f1.txt", ns=(OLD_NS + 5, OLD_NS))  # atime only: same row
+        quiet = [str(placed), str(top / "d1" / "f1.txt"), str(racy)]
+        part = scan_directories(top, index, (), changed_paths=quiet)
+        assert part is not None and part.shallow == [] and part.stats.files_hashed == 0
+        write(top / "d2" / "f2.txt", b"edited")
+        (top / "d3" / "f3.txt").unlink()
+        write(top / "d4" / "new.txt", b"new")
+        mtime = os.lstat(racy).st_mtime_ns
+        racy.write_bytes(b"b" * 40)
+        os.utime(racy, ns=(mtime, mtime))
+        changed = [str(top / d) for d in ("d2/f2.txt", "d3/f3.txt", "d4/new.txt")]
+        part = scan_directories(top, index, (), changed_paths=[*quiet, *changed])
+        assert part is not None and sorted(part.shallow) == ["d2", "d3", "d4", "d5"]
+        assert part.stats.files_hashed == 3  # the edit, the new file, the racy rewrite
 
 
 def test_what_the_ignore_rule_leaves_out_is_listed(tmp_path: Path) -> None:

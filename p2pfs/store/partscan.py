@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from p2pfs.content.chunking import DEFAULT_CHUNKER, Chunker
@@ -14,7 +14,8 @@ from p2pfs.content.names import normalize_local_name
 from p2pfs.content.tree import Child
 from p2pfs.errors import InvalidNameError
 from p2pfs.ids import ContentHash
-from p2pfs.store.index import IndexStore
+from p2pfs.store.filehash import BLOCK_SIZE, FileChanged, hash_file_once, signed64
+from p2pfs.store.index import FileRow, IndexStore
 from p2pfs.store.scanner import (
     RACY_WINDOW_NS,
     DirResult,
@@ -58,6 +59,7 @@ def scan_directories(
     *,
     ignore: IgnoreRule | None = None,
     chunker: Chunker | None = None,
+    changed_paths: Collection[str] = (),
 ) -> PartScan | None:
     """Rescan only the named directories' own entries (on-disk paths inside the share), as a
     file-system watcher reports them: their files are reused or hashed as in a full scan, a
@@ -68,11 +70,22 @@ def scan_directories(
     (the periodic full scan recomputes them cheaply from the directory caches, which this
     invalidates where it changed something). Returns None where only a full scan will do:
     none completed yet, too many directories, or a path that cannot be resolved.
+
+    ``changed_paths`` are on-disk paths a watcher reported (files, directories, gone
+    ones): the directory of each is listed again unless the path is a file its index row
+    still describes (see :func:`changed_directories`), as files this node placed itself are.
     """
     top = os.path.realpath(os.fspath(path))
     share = index.share_for_path(top, time.time_ns())
     if share.root is None or share.scan_started_ns is None:
         return None
+    racy_limit = share.scan_started_ns - RACY_WINDOW_NS
+    chunker = chunker or Chunker(DEFAULT_CHUNKER)
+    if changed_paths:
+        directories = {
+            *directories,
+            *changed_directories(index, share.id, changed_paths, racy_limit, chunker),
+        }
     targets = _resolve_targets(index, share.id, top, directories, ignore)
     if targets is None or len(targets) > MAX_PARTIAL_DIRECTORIES:
         return None
@@ -80,8 +93,8 @@ def scan_directories(
         index,
         share.id,
         share.scan_generation,
-        share.scan_started_ns - RACY_WINDOW_NS,
-        chunker or Chunker(DEFAULT_CHUNKER),
+        racy_limit,
+        chunker,
         None,
         None,
         ignore,
@@ -108,6 +121,71 @@ def scan_directories(
         if rel and rel not in part.directories:
             part.directories.append(rel)
     return part
+
+
+def changed_directories(
+    index: IndexStore,
+    share_id: int,
+    paths: Iterable[str],
+    racy_limit_ns: int,
+    chunker: Chunker,
+) -> set[str]:
+    """The directories (on disk) of those ``paths`` a watcher reported that changed: all
+    but the regular files the index row of their name still describes, as a scan would
+    judge them (same size, mtime, inode and mode; a racily clean one read again and its
+    content compared). Costs one lstat per path and one listing of the index per
+    directory, no directory listing: the events for a join's thousands of placed files
+    (each recorded as it was placed) cost no rescan at all."""
+    by_dir: dict[str, list[str]] = {}
+    for changed in paths:
+        directory, _, name = os.path.normpath(changed).rpartition(os.sep)
+        by_dir.setdefault(directory or os.sep, []).append(name)
+    changed_dirs: set[str] = set()
+    for directory, names in by_dir.items():
+        dir_id = index.dir_id(share_id, directory)
+        if dir_id is None:
+            changed_dirs.add(directory)
+            continue
+        rows = index.dir_files(dir_id)
+        for name in names:
+            if not _still_indexed(
+                os.path.join(directory, name), rows.get(name), racy_limit_ns, chunker
+            ):
+                changed_dirs.add(directory)
+                break
+    return changed_dirs
+
+
+def _still_indexed(path: str, row: FileRow | None, racy_limit: int, chunker: Chunker) -> bool:
+    """Whether the file at ``path`` is what ``row`` records (False if not a file now)."""
+    if row is None:
+        return False
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if (row[1], row[2], row[3], row[4]) != (
+        st.st_size,
+        st.st_mtime_ns,
+        signed64(st.st_ino),
+        st.st_mode,
+    ):
+        return False
+    if st.st_mtime_ns < racy_limit:
+        return True
+    # Racily clean (written within the timestamp tick of the last full scan, as a file
+    # placed just after it may be): a small file is read again, a big one left to the scan.
+    if st.st_size > BLOCK_SIZE:
+        return False
+    try:
+        hashed = hash_file_once(path, chunker, _uncounted, _uncounted)
+    except (FileChanged, OSError):
+        return False
+    return hashed.root == row[5] and hashed.mtime_ns == row[2] and hashed.size == row[1]
+
+
+def _uncounted(_count: int) -> None:
+    """A read nobody counts (a racily clean file checked against its row)."""
 
 
 def _resolve_targets(

@@ -80,6 +80,9 @@ MAX_MEMBERS = 256
 """Members dialled at most (the most recently met)."""
 PEER_SEEN_REFRESH = 24 * 3600.0
 """Index trees kept servable after they are replaced: a peer may be mid-diff against one."""
+MAX_NOTED_PATHS = 1 << 20
+"""Changed paths kept for the next (partial) rescan, about 100 MiB at most; beyond, a
+full rescan."""
 
 
 @dataclass(slots=True)
@@ -165,7 +168,7 @@ class FolderSync:
         path -> why. Each fails alone; listed in `sync list` until placed."""
         self.lock = trio.Lock()
         self._pending: set[str] | None = set()
-        """Directories the watcher named since the last scan (None: scan everything)."""
+        """On-disk paths the watcher named since the last scan (None: scan everything)."""
         # join_batch: records planned per batch (a test hook lowers it)
         self.scans, self.work, self.join_batch = 0, FolderWork(), JOIN_BATCH
         self.dirty = True
@@ -323,16 +326,20 @@ class FolderSync:
         return not self.ignore(path) or path in self.disk.ignored
 
     def note_changes(self, paths: Iterable[str]) -> None:
-        """The watcher saw these on-disk paths change: the next rescan lists only their
-        directories (the periodic full rescan remains the safety net)."""
+        """The watcher saw these on-disk paths change: the next rescan lists only the
+        directories of those that differ from their index rows (files this node placed
+        itself do not; the periodic full rescan remains the safety net)."""
         self.dirty = True
-        if self._pending is None:
+        pending = self._pending
+        if pending is None:
             return
         for path in paths:
             if os.path.basename(path) == IGNORE_FILE:
                 self._pending = None  # new ignore rules may change any path: scan all
                 return
-            self._pending.add(os.path.dirname(path))
+            pending.add(path)
+        if len(pending) > MAX_NOTED_PATHS:
+            self._pending = None  # bounded memory: a full scan
 
     async def rescan(self, *, force: bool = False) -> None:
         async with self.lock:

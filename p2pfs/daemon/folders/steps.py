@@ -197,10 +197,11 @@ def scan_folder(
 
 
 def scan_folder_part(
-    index: IndexStore, path: str, ignore: IgnoreRules, directories: Collection[str]
+    index: IndexStore, path: str, ignore: IgnoreRules, paths: Collection[str]
 ) -> PartScan | None:
-    """Rescan only ``directories`` (a watcher's events); None where a full scan must run."""
-    return scan_directories(path, index, directories, ignore=ignore)
+    """Rescan only the directories of ``paths`` (a watcher's events) that changed; None
+    where a full scan must run."""
+    return scan_directories(path, index, (), ignore=ignore, changed_paths=paths)
 
 
 def rename_files(
