@@ -11,6 +11,11 @@ name, same bytes, one share root); fetchers find them through the DHT. Three sce
 3. 1 seeder and 4 fetchers started at once: the seeder's upload over the content size, beside
    libtorrent's seeder in the same setup (every downloader connected to every other).
 
+``--workers N`` starts the fetcher with ``--data-workers N`` (issue 13's data-plane workers).
+``--only workers`` runs instead the comparison of issue 13's swarm goal: 1 seeder and 3
+seeders uncapped, the fetcher with workers off and with ``--workers N`` (default 3), off and
+on alternating, with the fetcher's CPU split between its main process and its workers.
+
 Every copy is checked file by file (BLAKE3) against the source. Helpers come from the fetch
 benchmark (``benchmarks.fetch``); only the multi-peer libtorrent role lives here.
 """
@@ -38,6 +43,7 @@ import libtorrent as lt  # type: ignore[import-not-found,unused-ignore]
 from benchmarks import child_env
 from benchmarks.fetch import (
     CHILD_TIMEOUT,
+    CLOCK_TICKS,
     LT_PIECE_SIZE,
     MB,
     GiB,
@@ -144,9 +150,13 @@ class SwarmRun:
     """What the fetcher's report says it got from each seeder."""
     seeders_cpu: float
     fetcher_cpu: float
+    """The fetching daemon and every process it started (its data-plane workers)."""
     cli_cpu: float
     load: str
     phases: list[str]
+    fetcher_main_cpu: float = 0.0
+    """The fetching daemon's own process alone (the rest of fetcher_cpu: its workers)."""
+    workers: int = 0
     """The fetching daemon's log lines on the fetch's phases (times since it started)."""
 
     @property
@@ -159,13 +169,22 @@ def fetch_phases(daemon: DaemonProcess) -> list[str]:
     return [line.split(f"fetch {FOLDER}: ", 1)[1] for line in lines if f"fetch {FOLDER}: " in line]
 
 
-def p2pfs_swarm(work: Path, name: str, folders: list[Path], cap: int | None) -> SwarmRun:
-    """``len(folders)`` seeders (upload capped at ``cap`` bytes/s if set), one fetcher."""
+def own_process_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` itself (utime + stime), not its children."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(value) for value in fields[11:13]) / CLOCK_TICKS
+
+
+def p2pfs_swarm(
+    work: Path, name: str, folders: list[Path], cap: int | None, workers: int = 0
+) -> SwarmRun:
+    """``len(folders)`` seeders (upload capped at ``cap`` bytes/s if set), one fetcher (with
+    ``workers`` data-plane workers)."""
     limit = () if cap is None else ("--max-upload-rate", str(cap))
     dest = work / f"out-{name}"
     with daemon_group(work, name) as start:
         seeders = [start(f"seed{number}", *limit) for number in range(len(folders))]
-        getter = start("fetcher")
+        getter = start("fetcher", *(("--data-workers", str(workers)) if workers else ()))
         pairs = zip(seeders, folders, strict=True)
         tickets = [str(seeder.cli_json("share", str(f))["ticket"]) for seeder, f in pairs]
         ids = [seeder.node_id() for seeder in seeders]
@@ -173,9 +192,11 @@ def p2pfs_swarm(work: Path, name: str, folders: list[Path], cap: int | None) -> 
         pids = [seeder.pid for seeder in seeders]
         load = load_average()
         before = (sum(map(process_tree_cpu, pids)), process_tree_cpu(getter.pid))
+        main_before = own_process_cpu(getter.pid)
         cli_before = reaped_children_cpu()
         fetched = timed_fetch(getter, tickets[0], dest)
         after = (sum(map(process_tree_cpu, pids)), process_tree_cpu(getter.pid))
+        main_cpu = own_process_cpu(getter.pid) - main_before
         cli_cpu = reaped_children_cpu() - cli_before
         sent = [payload_sent(seeder) - was for seeder, was in zip(seeders, sent, strict=True)]
         phases = fetch_phases(getter)
@@ -196,6 +217,8 @@ def p2pfs_swarm(work: Path, name: str, folders: list[Path], cap: int | None) -> 
         cli_cpu=cli_cpu,
         load=load,
         phases=phases,
+        fetcher_main_cpu=main_cpu,
+        workers=workers,
     )
 
 
@@ -537,10 +560,58 @@ def fan_out_rows(run: FanOutRun, torrent: LtRun | None, note: str) -> list[Row]:
     ]
 
 
-def run_benchmark(work: Path, size: int, with_lt_fan_out: bool) -> tuple[list[Row], dict[str, Any]]:
+def workers_rows(size: int, runs: dict[str, SwarmRun]) -> list[Row]:
+    """Issue 13's swarm goal, workers off and on: 3 seeders over 1 seeder, and the CPU split."""
+    gib = size / GiB
+    rows = []
+    for mode in ("off", "on"):
+        one, three = runs[f"one-{mode}"], runs[f"three-{mode}"]
+        label = "workers off" if mode == "off" else f"--data-workers {three.workers}"
+        gain = three.mb_per_s / one.mb_per_s
+        rows.append(
+            Row(
+                f"{label}: {SEEDERS} seeders uncapped vs 1, {size // MiB} MiB (MB/s, CLI wall)",
+                f"{three.mb_per_s:.1f} (daemon {three.bytes / three.daemon_seconds / MB:.1f})",
+                f"1 seeder: {one.mb_per_s:.1f}",
+                f"{gain:.2f}x",
+                ">= 1.5x",
+                gain >= 1.5,
+            )
+        )
+        for run, who in ((one, "1 seeder"), (three, f"{SEEDERS} seeders")):
+            workers = run.fetcher_cpu - run.fetcher_main_cpu
+            rows.append(
+                Row(
+                    f"  {who}: fetcher CPU s/GiB (main + workers; CLI)",
+                    f"{run.fetcher_main_cpu / gib:.2f} + {workers / gib:.2f}; "
+                    f"{run.cli_cpu / gib:.2f}",
+                    f"seeders {run.seeders_cpu / gib:.2f} (load {run.load})",
+                    "",
+                    "",
+                    None,
+                )
+            )
+    return rows
+
+
+def run_workers_comparison(work: Path, size: int, workers: int) -> tuple[list[Row], dict[str, Any]]:
     folders = seed_copies(work, SEEDERS, size)
-    capped = p2pfs_swarm(work, "capped", folders, CAP_BYTES_PER_S)
-    uncapped = p2pfs_swarm(work, "uncapped", folders, None)
+    runs: dict[str, SwarmRun] = {}
+    for mode, count in (("off", 0), ("on", workers)):
+        # One seeder, then three, off then on: each pair in the same conditions.
+        runs[f"one-{mode}"] = p2pfs_swarm(work, f"one-{mode}", folders[:1], None, count)
+        runs[f"three-{mode}"] = p2pfs_swarm(work, f"three-{mode}", folders, None, count)
+    figures: dict[str, Any] = {"bytes": size}
+    figures.update({name: {**asdict(run), "mb_per_s": run.mb_per_s} for name, run in runs.items()})
+    return workers_rows(size, runs), figures
+
+
+def run_benchmark(
+    work: Path, size: int, with_lt_fan_out: bool, workers: int = 0
+) -> tuple[list[Row], dict[str, Any]]:
+    folders = seed_copies(work, SEEDERS, size)
+    capped = p2pfs_swarm(work, "capped", folders, CAP_BYTES_PER_S, workers)
+    uncapped = p2pfs_swarm(work, "uncapped", folders, None, workers)
     lt_uncapped = libtorrent_swarm(work, folders, 1, "three")
     fan_out = p2pfs_fan_out(work, folders[0], FETCHERS)
     lt_fan_out = None
@@ -575,6 +646,17 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         "--no-lt-fan-out", action="store_true", help="skip libtorrent's 1 seeder + 4 fetchers"
     )
     parser.add_argument("--workdir", help="scratch directory (default: a temp dir)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="the fetcher runs with --data-workers N (default 0; --only workers: 3)",
+    )
+    parser.add_argument(
+        "--only",
+        choices=["workers"],
+        help="workers: 1 vs 3 uncapped seeders, workers off and on (issue 13's swarm goal)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
         "--lt-peer", nargs=3, metavar=("TORRENT", "SAVE", "MODE"), help=argparse.SUPPRESS
@@ -594,7 +676,12 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load_average()
     started = time.perf_counter()
     try:
-        rows, figures = run_benchmark(scratch, args.size_mib * MiB, not args.no_lt_fan_out)
+        if args.only == "workers":
+            workers = SEEDERS if args.workers is None else args.workers
+            rows, figures = run_workers_comparison(scratch, args.size_mib * MiB, workers)
+        else:
+            size = args.size_mib * MiB
+            rows, figures = run_benchmark(scratch, size, not args.no_lt_fan_out, args.workers or 0)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     load_after = load_average()

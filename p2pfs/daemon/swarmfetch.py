@@ -212,7 +212,8 @@ class PeerPool:
             joined = True
             self._changed()
             pipeline = PipelineController()
-            async with self._worker_for(conn) as link, trio.open_nursery() as nursery:
+            worker = self._worker_for(conn, seeder=reply.complete)
+            async with worker as link, trio.open_nursery() as nursery:
                 nursery.start_soon(self._follow_updates, have, peer)
                 if link is not None:
                     nursery.start_soon(self._remote_loop, link, conn, peer, pipeline)
@@ -391,13 +392,18 @@ class PeerPool:
     # -- data-plane workers ---------------------------------------------------------------
 
     @asynccontextmanager
-    async def _worker_for(self, conn: PeerConnection) -> AsyncIterator[WorkerLink | None]:
+    async def _worker_for(
+        self, conn: PeerConnection, *, seeder: bool
+    ) -> AsyncIterator[WorkerLink | None]:
         """A worker process for this peer's requests, or None (this process fetches):
-        workers off or all busy, a relayed path (a worker dials addresses only), or a
-        download limit (the bucket lives here)."""
+        workers off or all busy, a peer still fetching the share itself (it will ask us for
+        pieces, and its dialer may pick the worker's connection to us, which serves
+        nothing), a relayed path (a worker dials addresses only), or a download limit (the
+        bucket lives here)."""
         if (
             self.workers is None
             or self.placement is None
+            or not seeder
             or not self.workers.available
             or conn.path == "relayed"
             or self.download_limit is not None

@@ -2,7 +2,7 @@
 
 A worker process is started before it is needed (importing trio, qh3 and the package and
 loading the identity take a few hundred ms), waits for a ``hello``, serves one peer for one
-fetch, and exits when main closes its pipe. Taking a warm process starts its replacement.
+fetch, and exits when main closes its pipe; a replacement is warmed once that session ends.
 At most ``limit`` sessions run at once; beyond that a peer is fetched in the main process
 as without workers.
 """
@@ -180,6 +180,10 @@ class WorkerPool:
             self._sessions -= 1
             if process is not None:
                 await _end(process)
+            if self._nursery is not None and len(self._warm) + self._sessions < self.limit:
+                # Warmed again only now: starting one (imports, ~0.4 CPU-s) the moment a
+                # warm one is taken would compete with the transfer it was taken for.
+                self._nursery.start_soon(self._start_warm)
 
     async def _take(self) -> trio.Process | None:
         while self._warm:
@@ -193,8 +197,6 @@ class WorkerPool:
             except OSError as exc:
                 logger.warning("cannot start a data-plane worker: %s", exc)
                 return None
-        if self._nursery is not None:
-            self._nursery.start_soon(self._start_warm)
         return process
 
 
