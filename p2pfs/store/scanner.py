@@ -377,7 +377,10 @@ class Scan:
 
         Returns the tree items and whether any row of the directory changed.
         """
-        rows = self.index.dir_files(dir_id)
+        # Rows without their ids: an unchanged directory never needs them (the full rows
+        # are read once it has a change).
+        states = self.index.dir_file_states(dir_id)
+        rows: dict[str, FileRow] | None = None
         items: list[_FileItem] = []
         add_item = items.append
         changed = False
@@ -387,30 +390,28 @@ class Scan:
         reused = reused_bytes = reused_chunks = 0
         # The hot loop of an unchanged rescan: one dict pop and one tuple compare per file.
         for name, tree_name, st in files:
-            row = rows.pop(name, None)
+            known = states.pop(name, None)
             size, mtime_ns, inode, mode = st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode
             if inode >= _INODE_SIGN:  # stored as SQLite's signed 64 bits (filehash.signed64)
                 inode -= 1 << 64
             if (
-                row is not None
-                and (row[1], row[2], row[3], row[4]) == (size, mtime_ns, inode, mode)
+                known is not None
+                and (known[0], known[1], known[2], known[3]) == (size, mtime_ns, inode, mode)
                 and mtime_ns < racy_limit
             ):
-                add_item((tree_name, FLAG_EXECUTABLE if mode & _S_IXUSR else 0, size, row[5]))
+                add_item((tree_name, FLAG_EXECUTABLE if mode & _S_IXUSR else 0, size, known[4]))
                 if collect is not None:
-                    collect((prefix + tree_name, row[5], size, mtime_ns, inode, mode))
-                reused_chunks += row[6]
+                    collect((prefix + tree_name, known[4], size, mtime_ns, inode, mode))
+                reused_chunks += known[5]
                 reused += 1
                 reused_bytes += size
                 continue
+            if rows is None:
+                rows = self.index.dir_files(dir_id)
             if not changed:
                 changed = True
                 self.write().invalidate_dir(dir_id)
-            found = None
-            if st.st_mtime_ns < racy_limit:
-                found = self.renamed_into_index(dir_id, name, st, row)
-            if found is None:
-                found = self.hash_into_index(dir_id, os.path.join(disk_path, name), name, row)
+            found = self.read_changed(dir_id, disk_path, name, st, rows.get(name))
             if found is None:
                 continue
             flags = FLAG_EXECUTABLE if found.mode & stat.S_IXUSR else 0
@@ -422,14 +423,28 @@ class Scan:
         self.done_bytes += reused_bytes
         result.files = len(items)
         self.done_files += len(items)
-        if rows:  # files gone from disk, or no longer shareable
+        if states:  # files gone from disk, or no longer shareable
             if not changed:
                 changed = True
                 self.write().invalidate_dir(dir_id)
-            stale = [row[0] for row in rows.values()]
-            self.remember_vanished(list(rows.values()))
-            self.write().delete_files(stale)
+            if rows is None:
+                rows = self.index.dir_files(dir_id)
+            gone = [rows[name] for name in states if name in rows]
+            self.remember_vanished(gone)
+            self.write().delete_files([row[0] for row in gone])
         return items, changed
+
+    def read_changed(
+        self, dir_id: int, disk_path: str, name: str, st: os.stat_result, row: FileRow | None
+    ) -> Hashed | None:
+        """A file its row (if any) does not vouch for: found renamed, else read; its row
+        queued. None (with a problem) if it could not be read."""
+        found = None
+        if st.st_mtime_ns < self.racy_limit_ns:
+            found = self.renamed_into_index(dir_id, name, st, row)
+        if found is None:
+            found = self.hash_into_index(dir_id, os.path.join(disk_path, name), name, row)
+        return found
 
     def renamed_into_index(
         self, dir_id: int, name: str, st: os.stat_result, row: FileRow | None
