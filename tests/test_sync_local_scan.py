@@ -65,3 +65,53 @@ def test_an_edit_in_a_directory_records_the_file_not_the_directory(tmp_path: Pat
             assert after.compare(before["docs/notes/deep.txt"].version.version) is Ordering.AFTER
 
     trio.run(main)
+
+
+def test_a_full_rescan_records_what_changed_and_keeps_the_states_of_what_is_on_disk(
+    tmp_path: Path,
+) -> None:
+    """A full rescan updates the scanned states in place and hands local change detection
+    only the files that differ: unchanged files stay unrecorded, an edit, a new file and a
+    delete are recorded, and a gone file's state goes."""
+    top = tmp_path / "folder"
+    for number in range(60):
+        path = top / f"d{number % 3}" / f"f{number:02d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"file {number}\n")
+        os.utime(path, ns=(OLD_NS, OLD_NS))
+    folderdisk.write_marker(str(top))
+
+    async def main() -> None:
+        with IndexStore(tmp_path / "index.sqlite3") as index:
+            store = FolderStore(index)
+            keys = FolderKeys.from_write_seed(bytes(range(32)))
+            row = store.add_folder(
+                keys.folder_id,
+                str(top),
+                keys.read_key,
+                keys.write_public,
+                keys.write_seed,
+                bytes([7]) * 32,
+                0,
+            )
+            folder = FolderSync(row, AsyncIndex(index), store, lambda _f, _c: None)
+            await folder.load()
+            await folder.rescan(force=True)
+            assert folder.records.files == 60 and folder.records.directories == 3
+            assert len(folder.disk.states) == 60
+            first = dict(folder.records)
+            stored = folder.work.records_stored
+            await folder.rescan(force=True)  # nothing changed: nothing recorded
+            assert folder.work.records_stored == stored and dict(folder.records) == first
+            (top / "d0" / "f00.txt").write_text("edited\n")
+            (top / "d1" / "f01.txt").unlink()
+            (top / "d2" / "new.txt").write_text("new\n")
+            await folder.rescan(force=True)
+            changed = {p for p, r in folder.records.items() if first.get(p) != r}
+            assert changed == {"d0/f00.txt", "d1/f01.txt", "d2/new.txt"}
+            assert folder.records["d1/f01.txt"].version.deleted
+            assert "d1/f01.txt" not in folder.disk.states and "d2/new.txt" in folder.disk.states
+            assert folder.disk.states["d0/f00.txt"].size == len("edited\n")
+            assert folder.records.files == 60 and len(folder.disk.states) == 60
+
+    trio.run(main)

@@ -175,6 +175,13 @@ def test_local_changes_cover_new_edited_chmod_deleted_and_untouched() -> None:
         assert changes[path].modified_by == me
     assert changes["new"].version == VersionVector.of({me: 1})
     assert changes["edited"].root == bytes([2]) * 32
+    # A full scan passes only the files that may differ, and every path it found apart
+    # (``present``): the same changes, "same" no longer needing a DiskFile.
+    differing = {path: found for path, found in disk.items() if path != "same"}
+    lean = local_changes(
+        records, differing, me, 1234, lambda path: path == "ignored", present=set(disk)
+    )
+    assert {change.path: change for change in lean} == changes
 
 
 @given(st.lists(st.text(alphabet="aAbB/", min_size=1, max_size=6), max_size=12), st.data())

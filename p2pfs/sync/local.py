@@ -9,7 +9,7 @@ to every member). mtime alone is not a change: ``touch`` moves nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from p2pfs.errors import LocalProtocolError
@@ -51,6 +51,7 @@ def iter_local_changes(
     absent: Collection[str] = (),
     refused: dict[str, str] | None = None,
     same: Callable[[str, bytes, bool], bool] | None = None,
+    present: Container[str] | None = None,
 ) -> Iterator[FileVersion]:
     """New versions (this device's) for every path whose disk state differs from its record,
     made as they are read (a first scan's are every file: the caller takes them in batches).
@@ -67,7 +68,12 @@ def iter_local_changes(
     ``same(path, root, executable)``: a cheap check that ``path``'s record is live with
     this content (true only where ``differs`` is false): paths it confirms are passed over
     without reading their records.
+
+    ``present``: every path found on disk, when ``disk`` holds only those that may differ
+    from their records (a full scan's unchanged files need no DiskFile each); a record
+    whose path is in neither is gone from disk.
     """
+    on_disk = disk if present is None else present
     for path, found in disk.items():
         if same is not None and same(path, found.root, found.executable):
             continue
@@ -96,7 +102,7 @@ def iter_local_changes(
                 )
             )
     for path in list(records):
-        if path in disk or path in absent or absence_is_unknown(path):
+        if path in on_disk or path in disk or path in absent or absence_is_unknown(path):
             continue
         record = records[path]
         if record.deleted:
@@ -119,10 +125,13 @@ def local_changes(
     absent: Collection[str] = (),
     refused: dict[str, str] | None = None,
     same: Callable[[str, bytes, bool], bool] | None = None,
+    present: Container[str] | None = None,
 ) -> list[FileVersion]:
     """:func:`iter_local_changes`, all at once."""
     return list(
-        iter_local_changes(records, disk, device, now_ns, absence_is_unknown, absent, refused, same)
+        iter_local_changes(
+            records, disk, device, now_ns, absence_is_unknown, absent, refused, same, present
+        )
     )
 
 

@@ -17,6 +17,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Collection,
+    Container,
     Iterable,
     Iterator,
     Mapping,
@@ -49,7 +50,13 @@ from p2pfs.sync.records import (
     remote_changes,
 )
 from p2pfs.sync.recordset import IndexedPaths, RecordSet
-from p2pfs.sync.versions import FileVersion, Ordering, VersionVector, short_device
+from p2pfs.sync.versions import (
+    DIRECTORY_ROOT,
+    FileVersion,
+    Ordering,
+    VersionVector,
+    short_device,
+)
 from p2pfs.wire.messages import FolderMember, FolderNeed
 
 from ..storage import AsyncIndex, in_thread
@@ -376,18 +383,42 @@ class FolderSync:
         self._share_root = result.root
         self.problems = [str(problem) for problem in result.problems]
         self.disk.ignored = set(result.ignored)
-        found: dict[str, DiskFile] = {}
-        states: IndexedPaths[folderdisk.DiskState] = IndexedPaths()
-        for path, root, size, mtime_ns, inode, mode in files:
-            found[path] = DiskFile(path, ContentHash(root), size, bool(mode & 0o100), mtime_ns)
-            states[path] = folderdisk.DiskState(size, mtime_ns, inode)
-        del files
-        self.disk.states = self._states = states
-        self.disk.roots = {item.root for item in found.values()}
+        # The scan lists every file: its states are updated in place, one file at a time,
+        # and only the files that differ from their records become DiskFiles (new maps and a
+        # DiskFile per file beside the old maps held ~1 KiB a file at once: a big folder's
+        # first scan, and the full rescan after a join, peaked there).
+        states, roots = self._states, set[ContentHash]()
+        stale = set(states)
+        differing: dict[str, DiskFile] = {}
+        same = self.records.matches
+        files.reverse()  # popped from the end: each tuple is freed once taken
+        while files:
+            path, root, size, mtime_ns, inode, mode = files.pop()
+            stale.discard(path)
+            old = states.get(path)
+            if old is None or (old.size, old.mtime_ns, old.inode) != (size, mtime_ns, inode):
+                states[path] = folderdisk.DiskState(size, mtime_ns, inode)
+            digest = ContentHash(root)
+            roots.add(digest)
+            executable = bool(mode & 0o100)
+            if not same(path, digest, executable):
+                differing[path] = DiskFile(path, digest, size, executable, mtime_ns)
+        for path in stale:
+            del states[path]
+        del stale
+        self.disk.roots = roots
+        on_disk = set(directories)
         for directory in directories:
-            found[directory] = directory_entry(directory)
+            if not same(directory, DIRECTORY_ROOT, False):
+                differing[directory] = directory_entry(directory)
         await self._record_changes(
-            self.records.versions(), found, result.problems, lambda _path: True, whole=True
+            self.records.versions(),
+            differing,
+            result.problems,
+            lambda _path: True,
+            whole=True,
+            present=_OnDisk(states, on_disk),
+            compared=len(states) + len(on_disk),
         )
 
     async def _record_part(self, part: PartScan) -> None:
@@ -428,13 +459,17 @@ class FolderSync:
         in_scope: Callable[[str], bool],
         *,
         whole: bool = False,
+        present: Container[str] | None = None,
+        compared: int | None = None,
     ) -> None:
         """Sign and store a new version for each path in scope whose disk state differs
         from its record (on a read-only member: list it as a local change). ``whole``:
-        the scope is the folder (compared in a worker thread, most records undecoded)."""
+        the scope is the folder (compared in a worker thread, most records undecoded).
+        ``present``: every path the scan found, when ``found`` holds only those that may
+        differ (``compared`` of them)."""
         unreadable = folderdisk.problem_paths(self.path, [p.path for p in problems])
         refused: dict[str, str] = {}
-        self.work.paths_compared += len(found) + len(records)
+        self.work.paths_compared += (len(found) if compared is None else compared) + len(records)
 
         changes = iter_local_changes(
             records,
@@ -445,6 +480,7 @@ class FolderSync:
             absent=self.absent,
             refused=refused,
             same=self.records.matches,
+            present=present,
         )
 
         def take() -> list[FileVersion]:
@@ -885,6 +921,17 @@ class FolderSync:
                 *self.problems[:50],
             ],
         }
+
+
+@dataclass(frozen=True, slots=True)
+class _OnDisk:
+    """The paths a full scan found: its files' states and its directories."""
+
+    files: Container[str]
+    directories: Container[str]
+
+    def __contains__(self, path: object) -> bool:
+        return path in self.files or path in self.directories
 
 
 def _no_event(_kind: str, **_data: object) -> None:
