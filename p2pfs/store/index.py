@@ -38,7 +38,7 @@ _MIGRATION_NAME = re.compile(r"^(\d{4})_[A-Za-z0-9_]+\.sql$")
 
 FileRow = tuple[int, int, int, int, int, bytes, int]
 """A file as a rescan compares it: (id, size, mtime_ns, inode, mode, root, chunk count)."""
-FileState = tuple[int, int, int, int, bytes, int]
+RowState = tuple[int, int, int, int, bytes, int]
 """A file as an unchanged rescan compares it: (size, mtime_ns, inode, mode, root, chunk
 count)."""
 NewFile = tuple[int, str, int, int, int, int, bytes, bytes]
@@ -455,9 +455,9 @@ class IndexStore:
             ).fetchall()
         return {row[0]: row[1:] for row in rows}
 
-    def dir_file_states(self, dir_id: int) -> dict[str, FileState]:
+    def dir_file_states(self, dir_id: int) -> dict[str, RowState]:
         """The files of one directory by on-disk name as an unchanged rescan compares them
-        (:data:`FileState`: no row id, one column fewer per file than :meth:`dir_files`)."""
+        (:data:`RowState`: no row id, one column fewer per file than :meth:`dir_files`)."""
         with _guard("reading directory"):
             rows = self._conn.execute(
                 "SELECT name, size, mtime_ns, inode, mode, root, length(chunks) / ? "
