@@ -31,6 +31,7 @@ import contextlib
 import itertools
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -169,6 +170,13 @@ class Machine:
         return completed
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
+        """The CLI as a user starts it from a terminal. Ctrl-C is not left ignored:
+        a test run started in the background (`pytest &`) has SIGINT ignored, the child
+        would inherit that, and Python then installs no KeyboardInterrupt handler (a
+        Ctrl-C test saw its fetch run to the end and exit 0). A handler of ours is reset to
+        the default at exec, where an ignored signal stays ignored."""
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         return subprocess.Popen(
             [*self.prefix, sys.executable, "-m", "p2pfs", "--home", str(self.home), *args],
             stdout=subprocess.PIPE,
