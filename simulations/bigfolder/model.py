@@ -26,6 +26,7 @@ import os
 import sys
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import blake3
@@ -49,8 +50,10 @@ def path_of(number: int) -> str:
     return f"t{directory % 25:02d}/s{directory // 25:05d}/f{number:07d}.txt"
 
 
-def steady_bytes_per_file(files: int = 20_000) -> float:
-    """What a loaded folder keeps per file: its records, index leaves and scanned states."""
+def steady_parts_per_file(files: int = 20_000) -> dict[str, float]:
+    """What a loaded folder keeps per file, structure by structure (bytes, tracemalloc):
+    its records, index tree, scanned states, content roots, and what each linked member's
+    link keeps (the vectors it sent, by path)."""
     keys = FolderKeys.from_write_seed(bytes(range(32)))
     device = bytes([7]) * 32
     vector = VersionVector.empty().bump(device)
@@ -59,23 +62,49 @@ def steady_bytes_per_file(files: int = 20_000) -> float:
         root = ContentHash(blake3.blake3(b"%d" % number).digest())
         version = FileVersion(path_of(number), vector, False, root, 1000, False, 1 << 60, device)
         encoded.append((version.path, SignedRecord.sign(version, keys).encode()))
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
+    parts: dict[str, float] = {}
+    kept: list[object] = []
+
+    def measure(name: str, build: Callable[[], object]) -> None:
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        kept.append(build())
+        parts[name] = (tracemalloc.get_traced_memory()[0] - before) / files
+        tracemalloc.stop()
+
     records = RecordSet()
-    leaves = []
-    for path, blob in encoded:
-        # Their own copies, as a load from SQLite makes them.
-        own_path = "".join(path)
-        leaves.append(IndexLeaf(path_key(own_path), records.put(own_path, bytes(blob))))
-    tree = IndexTree(leaves)
-    del leaves
-    states: IndexedPaths[DiskState] = IndexedPaths()
-    for number in range(files):
-        states["".join(path_of(number))] = DiskState(1000 + number, (1 << 60) + number, number)
-    held = tracemalloc.get_traced_memory()[0] - before
-    tracemalloc.stop()
-    del records, tree, states
-    return held / files
+    leaves: list[IndexLeaf] = []
+
+    def load_records() -> RecordSet:
+        for path, blob in encoded:
+            # Their own copies, as a load from SQLite makes them ("".join or bytes() of one
+            # object would hand back that object).
+            own_path = path.encode().decode()
+            leaves.append(
+                IndexLeaf(path_key(own_path), records.put(own_path, blob[:-1] + blob[-1:]))
+            )
+        return records
+
+    measure("records (RecordSet: encodings, paths, by hash, by directory)", load_records)
+    measure("index tree (packed leaves, nodes)", lambda: IndexTree(leaves))
+    leaves.clear()
+
+    def scanned_states() -> IndexedPaths[DiskState]:
+        states: IndexedPaths[DiskState] = IndexedPaths()
+        for number in range(files):
+            states["".join(path_of(number))] = DiskState(1000 + number, (1 << 60) + number, number)
+        return states
+
+    measure("scanned states (IndexedPaths of DiskState)", scanned_states)
+    measure(
+        "content roots (set)",
+        lambda: {ContentHash(blake3.blake3(b"r%d" % n).digest()) for n in range(files)},
+    )
+    measure(
+        "a link's vectors seen, by path (per linked member)",
+        lambda: {path: vector.encode() for path, _blob in encoded},  # the records' paths
+    )
+    return parts
 
 
 def tree_update_seconds(files: int, rounds: int = 200) -> float:
@@ -110,9 +139,13 @@ def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 def main(sizes: list[int], rss_b: list[float], edit_p50: list[float]) -> None:
     base, per_file = fit([float(n) for n in sizes], rss_b)
-    steady = steady_bytes_per_file()
+    parts = steady_parts_per_file()
+    steady = sum(parts.values())
     print(f"peak memory: {base:.0f} MiB + {per_file * MiB / KiB:.2f} KiB per file (B, fit)")
-    print(f"steady state kept per file (records, index leaves, scanned states): {steady:.0f} B")
+    print("kept per file, by structure (tracemalloc):")
+    for name, size in sorted(parts.items(), key=lambda item: -item[1]):
+        print(f"  {size:6.0f} B  {name}")
+    print(f"  {steady:6.0f} B  in all (one linked member)")
     measure_at = [10_000, 50_000, 200_000]
     tree = {n: tree_update_seconds(n) for n in measure_at}
     scope = {n: scope_seconds(n) for n in measure_at}
