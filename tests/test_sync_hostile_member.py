@@ -72,8 +72,8 @@ class HostileFolder:
     def served_node(self, node_hash: ContentHash) -> bytes | None:
         return self.nodes.get(node_hash)
 
-    def has_file_root(self, root: ContentHash) -> bool:
-        return False
+    async def held_file_roots(self, roots: list[ContentHash]) -> set[ContentHash]:
+        return set()
 
     def current_root(self) -> tuple[ContentHash, int, trio.Event]:
         return self.root.hash, self.root.size, self.changed

@@ -10,9 +10,11 @@ import trio
 
 from p2pfs.daemon.folders.engine import FolderSync
 from p2pfs.daemon.storage import AsyncIndex
+from p2pfs.ids import ContentHash
 from p2pfs.store import folderdisk
 from p2pfs.store.folders import FolderStore
 from p2pfs.store.index import IndexStore
+from p2pfs.store.scanner import scan_share
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.versions import Ordering
 
@@ -115,3 +117,45 @@ def test_a_full_rescan_records_what_changed_and_keeps_the_states_of_what_is_on_d
             assert folder.records.files == 60 and len(folder.disk.states) == 60
 
     trio.run(main)
+
+
+def test_a_folder_serves_the_roots_of_its_own_files_only(tmp_path: Path) -> None:
+    """The file roots a folder serves are read from the scan index, scoped to the folder's
+    share: another share's file in the same index is not the folder's to serve."""
+    top, other = tmp_path / "folder", tmp_path / "other"
+    top.mkdir()
+    other.mkdir()
+    (top / "mine.txt").write_text("the folder's file\n")
+    (other / "theirs.txt").write_text("another share's file\n")
+    folderdisk.write_marker(str(top))
+
+    async def main() -> None:
+        with IndexStore(tmp_path / "index.sqlite3") as index:
+            scan_share(str(other), index)
+            store = FolderStore(index)
+            keys = FolderKeys.from_write_seed(bytes(range(32)))
+            row = store.add_folder(
+                keys.folder_id,
+                str(top),
+                keys.read_key,
+                keys.write_public,
+                keys.write_seed,
+                bytes([7]) * 32,
+                0,
+            )
+            folder = FolderSync(row, AsyncIndex(index), store, lambda _f, _c: None)
+            await folder.load()
+            await folder.rescan(force=True)
+            mine = folder.records["mine.txt"].version.root
+            assert mine is not None
+            theirs = ContentHash(scanned_root(index, other / "theirs.txt"))
+            unknown = ContentHash(bytes(32))
+            assert await folder.held_file_roots([mine, theirs, unknown]) == {mine}
+
+    trio.run(main)
+
+
+def scanned_root(index: IndexStore, path: Path) -> bytes:
+    """The tree root the scan index holds for ``path`` (another share's file)."""
+    row = index.connection.execute("SELECT root FROM files WHERE name = ?", (path.name,)).fetchone()
+    return bytes(row[0])

@@ -120,6 +120,24 @@ class FolderStore:
                 [(folder, path, record, int(absent)) for path, record, absent in records],
             )
 
+    def held_roots(self, share_path: str, roots: Iterable[bytes]) -> set[bytes]:
+        """Those of ``roots`` that a file of the share at ``share_path`` (its real path, as
+        the scan keeps it) has as its tree root, per the scan index: what a folder serves
+        (no other share's files). One indexed lookup each."""
+        held: set[bytes] = set()
+        with _guard("reading folder files"):
+            for root in roots:
+                row = self._conn.execute(
+                    "SELECT 1 FROM files JOIN dirs ON files.dir_id = dirs.id "
+                    "JOIN shares ON dirs.share_id = shares.id "
+                    "WHERE substr(files.root, 1, 8) = ? AND files.root = ? "
+                    "AND shares.local_path = ? LIMIT 1",
+                    (root[:8], root, share_path),
+                ).fetchone()
+                if row is not None:
+                    held.add(root)
+        return held
+
     def peers(self, folder: int) -> list[PeerRow]:
         with _guard("reading folder peers"):
             rows = self._conn.execute(

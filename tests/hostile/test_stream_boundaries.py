@@ -51,8 +51,8 @@ class Folder:
         self._reads[node_hash] = self._reads.get(node_hash, 0) + 1
         return b"record" if node_hash == self.node and self._reads[node_hash] == 1 else None
 
-    def has_file_root(self, root: ContentHash) -> bool:
-        return False
+    async def held_file_roots(self, roots: list[ContentHash]) -> set[ContentHash]:
+        return set()
 
     def current_root(self) -> tuple[ContentHash, int, trio.Event]:
         return ContentHash(bytes(32)), 0, trio.Event()

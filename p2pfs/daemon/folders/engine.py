@@ -128,7 +128,8 @@ class FolderSync:
         on_member: Callable[[FolderSync, PeerConnection], None],
     ) -> None:
         self.row = row
-        self.path = row.local_path
+        # _real_path: the folder as the scan index names its share
+        self.path, self._real_path = row.local_path, os.path.realpath(row.local_path)
         self.keys = (
             FolderKeys.from_write_seed(row.write_seed)
             if row.write_seed is not None
@@ -295,8 +296,14 @@ class FolderSync:
                 return nodes[node_hash]
         return self.records.encoded_by_hash(node_hash)
 
-    def has_file_root(self, root: ContentHash) -> bool:
-        return root in self.disk.roots
+    async def held_file_roots(self, roots: list[ContentHash]) -> set[ContentHash]:
+        """Those of ``roots`` that a file of this folder has, per the scan index (the
+        placed files are recorded there at once): read there, not kept in memory (a set of
+        roots cost ~0.17 KiB a file)."""
+        if not roots:
+            return set()
+        held = await self._index.run(self._store.held_roots, self._real_path, roots)
+        return {ContentHash(root) for root in held}
 
     def current_root(self) -> tuple[ContentHash, int, trio.Event]:
         return self._root.hash, self._root.size, self._changed
@@ -387,7 +394,7 @@ class FolderSync:
         # and only the files that differ from their records become DiskFiles (new maps and a
         # DiskFile per file beside the old maps held ~1 KiB a file at once: a big folder's
         # first scan, and the full rescan after a join, peaked there).
-        states, roots = self._states, set[ContentHash]()
+        states = self._states
         stale = set(states)
         differing: dict[str, DiskFile] = {}
         same = self.records.matches
@@ -399,14 +406,12 @@ class FolderSync:
             if old is None or (old.size, old.mtime_ns, old.inode) != (size, mtime_ns, inode):
                 states[path] = folderdisk.DiskState(size, mtime_ns, inode)
             digest = ContentHash(root)
-            roots.add(digest)
             executable = bool(mode & 0o100)
             if not same(path, digest, executable):
                 differing[path] = DiskFile(path, digest, size, executable, mtime_ns)
         for path in stale:
             del states[path]
         del stale
-        self.disk.roots = roots
         on_disk = set(directories)
         for directory in directories:
             if not same(directory, DIRECTORY_ROOT, False):
@@ -441,7 +446,6 @@ class FolderSync:
         for path, root, size, mtime_ns, inode, mode in part.files:
             found[path] = DiskFile(path, ContentHash(root), size, bool(mode & 0o100), mtime_ns)
             self.disk.states[path] = folderdisk.DiskState(size, mtime_ns, inode)
-            self.disk.roots.add(ContentHash(root))
         for directory in part.directories:
             # A directory the scan listed is not itself in scope (only its entries are):
             # compared with no record, it would become a new version with a fresh vector,

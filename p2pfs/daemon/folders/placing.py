@@ -51,8 +51,6 @@ class DiskView:
 
     states: dict[str, folderdisk.DiskState] = field(default_factory=dict)
     """Regular files (synced or not yet recorded): path -> state as scanned or placed."""
-    roots: set[ContentHash] = field(default_factory=set)
-    """Content roots of those files (what this node can serve)."""
     ignored: set[str] = field(default_factory=set)
     """What the scans left out as ignored: on a file system that ignores case, no placement
     may land on one of these names (it is reported as a collision)."""
@@ -394,5 +392,4 @@ class Placer:
                 )
             )
             self.disk.states[path] = folderdisk.DiskState(st.st_size, st.st_mtime_ns, st.st_ino)
-            self.disk.roots.add(version.root)
         await self._index.run(record_placed_files, self._index.index, self.path, files)

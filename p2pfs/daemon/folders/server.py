@@ -64,7 +64,9 @@ class ServedFolder(Protocol):
 
     def served_node(self, node_hash: ContentHash) -> bytes | None: ...
 
-    def has_file_root(self, root: ContentHash) -> bool: ...
+    async def held_file_roots(self, roots: list[ContentHash]) -> set[ContentHash]:
+        """Those of ``roots`` that are the tree root of a file the folder holds."""
+        ...
 
     def current_root(self) -> tuple[ContentHash, int, trio.Event]: ...
 
@@ -213,9 +215,12 @@ class FolderServer:
             own = folder.served_node(node_hash)
             if own is not None:
                 served[node_hash] = own
-                continue
-            file_root = node_hash if folder.has_file_root(node_hash) else None
-            file_root = file_root or grants.file_nodes.get(node_hash)
+        others = [h for h in dict.fromkeys(request.hashes) if h not in served]
+        # Which are roots of the folder's files is read from the scan index (one query
+        # each): nodes reached from a tree already served here need no lookup.
+        held = await folder.held_file_roots([h for h in others if h not in grants.file_nodes])
+        for node_hash in others:
+            file_root = node_hash if node_hash in held else grants.file_nodes.get(node_hash)
             if file_root is None:
                 message = f"node {short_hex(node_hash)} not here"
                 return ErrorReply(request.request_id, ErrorCode.NOT_FOUND, message)
