@@ -160,10 +160,19 @@ class FetchRun:
 
 
 @contextmanager
-def daemon_pair(work: Path) -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
-    """A sharing and a fetching daemon, each with its own home; both stopped on the way out."""
-    sharer = DaemonProcess(work / "home-sharer")
-    getter = DaemonProcess(work / "home-getter")
+def daemon_pair(
+    work: Path, profile: Path | None = None
+) -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
+    """A sharing and a fetching daemon, each with its own home; both stopped on the way out.
+    With ``profile``, each runs under cProfile (its main thread) into profile/SIDE.prof."""
+
+    def options(side: str) -> tuple[str, ...]:
+        if profile is None:
+            return ()
+        return ("--profile-to", str(profile / f"{side}.prof"))
+
+    sharer = DaemonProcess(work / "home-sharer", extra_args=options("sharer"))
+    getter = DaemonProcess(work / "home-getter", extra_args=options("getter"))
     try:
         sharer.start()
         getter.start()
@@ -575,38 +584,51 @@ def figures_of(prefix: str, run: FetchRun, torrent: TorrentRun) -> dict[str, Any
     return figures
 
 
-def run_benchmark(work: Path, size: int, files: int) -> tuple[list[Row], dict[str, Any]]:
+def run_benchmark(
+    work: Path, size: int, files: int, only: str | None = None, profile: Path | None = None
+) -> tuple[list[Row], dict[str, Any]]:
+    """Both cases, or ``only`` one ("big": the 1 GiB file and its references; "small": the
+    small files beside libtorrent). ``profile``: the daemons run under cProfile into it."""
+    rows: list[Row] = []
+    figures: dict[str, Any] = {}
     big = work / "big.bin"
-    write_pseudo_random(big, size, b"p2pfs bench fetch big file")
     small = work / "small"
-    small_bytes = make_small_tree(small, files, 100, seed=3)
-    file_digests(big)  # page-cached, and a first read of the small tree too
-    file_digests(small)
-    with daemon_pair(work) as (sharer, getter):
-        big_run = p2pfs_fetch(sharer, getter, big, work / "fetched-big.bin")
-        (work / "fetched-big.bin").unlink()
-        small_run = p2pfs_fetch(sharer, getter, small, work / "fetched-small")
-        shutil.rmtree(work / "fetched-small")
-    big_torrent = libtorrent_fetch(big, work)
-    small_torrent = libtorrent_fetch(small, work)
-    raw = raw_engine_reference(size // MiB)
-    rsync = rsync_reference(big, work)
-    rows = big_file_rows(size, big_run, raw, big_torrent, rsync)
-    rows += small_files_rows(files, small_bytes, small_run, small_torrent)
-    figures = figures_of("big", big_run, big_torrent)
-    figures.update(figures_of("small", small_run, small_torrent))
-    figures.update(
-        big_bytes=size,
-        small_files=files,
-        small_bytes=small_bytes,
-        raw_engine_mb_per_s=raw.mb_per_s,
-        raw_engine_note=raw.note,
-        raw_engine_sender_cpu_s_per_gib=raw.sender_cpu_s_per_gib,
-        raw_engine_receiver_cpu_s_per_gib=raw.receiver_cpu_s_per_gib,
-        rsync_mb_per_s=rsync.mb_per_s,
-        rsync_note=rsync.note,
-        syncthing=syncthing_note(),
-    )
+    if only != "small":
+        write_pseudo_random(big, size, b"p2pfs bench fetch big file")
+        file_digests(big)  # page-cached
+    if only != "big":
+        small_bytes = make_small_tree(small, files, 100, seed=3)
+        file_digests(small)  # a first read of the small tree too
+    with daemon_pair(work, profile) as (sharer, getter):
+        if only != "small":
+            big_run = p2pfs_fetch(sharer, getter, big, work / "fetched-big.bin")
+            (work / "fetched-big.bin").unlink()
+        if only != "big":
+            # Kept until the end: removing 10,000 files just before libtorrent's run made
+            # its creates slow (ext4 without a journal skips inodes freed in the last 30 s,
+            # scanning past each of them on every create).
+            small_run = p2pfs_fetch(sharer, getter, small, work / "fetched-small")
+    if only != "small":
+        big_torrent = libtorrent_fetch(big, work)
+        raw = raw_engine_reference(size // MiB)
+        rsync = rsync_reference(big, work)
+        rows += big_file_rows(size, big_run, raw, big_torrent, rsync)
+        figures.update(figures_of("big", big_run, big_torrent))
+        figures.update(
+            big_bytes=size,
+            raw_engine_mb_per_s=raw.mb_per_s,
+            raw_engine_note=raw.note,
+            raw_engine_sender_cpu_s_per_gib=raw.sender_cpu_s_per_gib,
+            raw_engine_receiver_cpu_s_per_gib=raw.receiver_cpu_s_per_gib,
+            rsync_mb_per_s=rsync.mb_per_s,
+            rsync_note=rsync.note,
+            syncthing=syncthing_note(),
+        )
+    if only != "big":
+        small_torrent = libtorrent_fetch(small, work)
+        rows += small_files_rows(files, small_bytes, small_run, small_torrent)
+        figures.update(figures_of("small", small_run, small_torrent))
+        figures.update(small_files=files, small_bytes=small_bytes)
     return rows, figures
 
 
@@ -632,6 +654,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a smoke run with smaller data")
     parser.add_argument("--workdir", help="scratch directory (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--only", choices=("big", "small"), help="run one case (with its references) only"
+    )
+    parser.add_argument(
+        "--profile", type=Path, help="run both daemons under cProfile into DIR/SIDE.prof"
+    )
     parser.add_argument("--lt-seed", nargs=2, metavar=("TORRENT", "SAVE"), help=argparse.SUPPRESS)
     parser.add_argument(
         "--lt-get", nargs=3, metavar=("TORRENT", "SAVE", "PORT"), help=argparse.SUPPRESS
@@ -655,7 +683,12 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="p2pfs-bench-fetch-", dir=args.workdir))
     load_before = load_average()
     try:
-        rows, figures = run_benchmark(scratch, args.size_mib * MiB, args.files)
+        if args.profile is not None:
+            args.profile = args.profile.resolve()
+            args.profile.mkdir(parents=True, exist_ok=True)
+        rows, figures = run_benchmark(
+            scratch, args.size_mib * MiB, args.files, args.only, args.profile
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     load_after = load_average()

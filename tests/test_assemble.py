@@ -180,3 +180,73 @@ def test_chunks_copied_from_another_file_count_only_where_they_verify(tmp_path: 
         partial.write_chunk(second_offset, piece, second)
         partial.commit(executable=False)
     assert (tmp_path / "f.bin").read_bytes() == data
+
+
+def test_a_new_file_written_whole_is_placed_with_its_metadata_in_a_batch(tmp_path: Path) -> None:
+    """write_new (a small file whose every chunk is in hand): created, written and given
+    its mode and mtime in one step; it appears only when the batch commits, and a file
+    whose commit asks for other metadata gets that instead (the general path)."""
+    finished = []
+    contents = {}
+    for number in range(6):
+        data = random_bytes(100 + number, 1000 + number * 5000)
+        partial = PartialFile(str(tmp_path), f"f{number}", ROOT, len(data))
+        assert partial.untouched
+        parts = [(offset, data[offset : offset + ref.length]) for offset, ref in chunks_of(data)]
+        assert partial.write_new(parts, executable=number == 1, mtime_ns=1_500_000_000 * 10**9)
+        assert not partial.untouched
+        assert not (tmp_path / f"f{number}").exists()
+        # f2's commit names another mtime than it was written with: that one is applied.
+        mtime = 1_700_000_000 * 10**9 if number == 2 else 1_500_000_000 * 10**9
+        finished.append(Finished(partial, executable=number == 1, mtime_ns=mtime))
+        contents[tmp_path / f"f{number}"] = (data, mtime, number == 1)
+    assert len(commit_files(finished)) == 6
+    for path, (data, mtime, executable) in contents.items():
+        info = os.stat(path)
+        assert path.read_bytes() == data
+        assert info.st_mtime_ns == mtime
+        assert bool(info.st_mode & stat.S_IXUSR) == executable
+    assert not [p for p in os.listdir(tmp_path) if is_partial_name(p)]
+
+
+def test_write_new_leaves_an_existing_temp_file_to_the_resuming_path(tmp_path: Path) -> None:
+    data = random_bytes(7, 200_000)
+    chunks = chunks_of(data)
+    parts = [(offset, data[offset : offset + ref.length]) for offset, ref in chunks]
+    with PartialFile(str(tmp_path), "f", ROOT, len(data)) as first:
+        first.write_verified(*parts[0])
+    resumed = PartialFile(str(tmp_path), "f", ROOT, len(data))
+    assert not resumed.write_new(parts, executable=False)  # nothing done: a temp file is there
+    assert resumed.verified_chunks(chunks) == {chunks[0][0]}
+    for offset, piece in parts[1:]:
+        resumed.write_verified(offset, piece)
+    resumed.commit(executable=False)
+    assert (tmp_path / "f").read_bytes() == data
+
+
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_temp_file_replaced_behind_a_closed_writer_is_never_placed(
+    tmp_path: Path, whole: bool
+) -> None:
+    """The temp file is removed and a right-sized file of zeros planted under its name
+    while ours is closed (or still open, for a file written whole): ext4 hands the freed
+    inode number out again at once, so the number alone matched and the zeros were
+    committed as the file. The inode's generation tells them apart."""
+    data = random_bytes(8, 30_000)
+    parts = [(offset, data[offset : offset + ref.length]) for offset, ref in chunks_of(data)]
+    writer = PartialFile(str(tmp_path), "f", ROOT, len(data))
+    if whole:
+        assert writer.write_new(parts, executable=False)
+    else:
+        for offset, piece in parts:
+            writer.write_verified(offset, piece)
+        writer.close()
+    os.unlink(writer.temp_path)
+    Path(writer.temp_path).write_bytes(b"\0" * len(data))  # same size, never verified
+    failures: list[str] = []
+    placed = commit_files(
+        [Finished(writer, executable=False), Finished(writer, executable=False)],
+        on_error=lambda _item, exc: failures.append(str(exc)),
+    )
+    assert placed == [] and failures and "replaced" in failures[0]
+    assert not (tmp_path / "f").exists()

@@ -340,3 +340,31 @@ def test_a_fetch_whose_holders_all_refuse_ends(tmp_path: Path, daemons: DaemonFa
     assert len(completed.stderr.strip().splitlines()) == 1
     assert "doc.bin" in completed.stderr and "resume" in completed.stderr
     assert not (tmp_path / "copy" / "doc.bin").exists()
+
+
+def test_a_local_disk_error_ends_the_fetch_and_blames_no_peer(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """Writing into the destination fails (here: an immutable directory, which even root
+    cannot create files in). The fetch ends at once naming the local error; before, the
+    StorageError counted as the peer's failure: the peer was dropped and dialled again
+    until the give-up time, and the fetch ended blaming the holders."""
+    source = tmp_path / "source"
+    (source / "locked").mkdir(parents=True)
+    (source / "locked" / "doc.bin").write_bytes(os.urandom(300_000))
+    sharer, fetcher = daemons("sharer"), daemons("fetcher")
+    ticket = share(sharer, source)
+    locked = tmp_path / "copy" / "locked"
+    locked.mkdir(parents=True)
+    chattr = subprocess.run(["chattr", "+i", str(locked)], capture_output=True, check=False)
+    if chattr.returncode != 0:
+        pytest.skip("chattr +i is not supported here")
+    try:
+        completed = fetcher.cli("fetch", ticket, str(tmp_path / "copy"), check=False, timeout=60)
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    assert completed.returncode != 0
+    assert "cannot create" in completed.stderr and "locked" in completed.stderr
+    assert "holder" not in completed.stderr
+    log = fetcher.log_path.read_text()
+    assert "dropped" not in log  # the peer was not failed for our disk

@@ -179,6 +179,8 @@ class Fetcher:
         self._total_files = 0
         self._uncommitted: list[_FileTask] = []
         self._uncommitted_bytes = 0
+        self._committer: trio.Nursery | None = None
+        self._commit_slot = trio.Semaphore(1)
         self._placements: Placements = []
         self._swarm: SwarmShare | None = None
         self._pool: PeerPool | None = None
@@ -223,13 +225,21 @@ class Fetcher:
             workers=self._workers,
             placement=self if self._workers is not None else None,
         )
-        try:
-            await pool.run(conn, self._more_peers)
-        except HoldersExhaustedError as exc:
+        exhausted: HoldersExhaustedError | None = None
+        # Full batches of finished files are committed (made durable, renamed) beside the
+        # transfer, one at a time: the stream that completed a batch goes on reading.
+        async with trio.open_nursery() as committer:
+            self._committer = committer
+            try:
+                await pool.run(conn, self._more_peers)
+            except HoldersExhaustedError as exc:
+                exhausted = exc
+            finally:
+                self._committer = None
+                self.report.peers = self.peers()
+        if exhausted is not None:
             await self._commit(self._uncommitted)
-            raise _missing_files_error(exc, files) from exc
-        finally:
-            self.report.peers = self.peers()
+            raise _missing_files_error(exhausted, files) from exhausted
         logger.info("fetch %s: swarm done after %.2f s", manifest.name, time.monotonic() - started)
         await self._commit(self._uncommitted)
         unfinished = [task.rel for task in files if not task.complete]
@@ -553,7 +563,12 @@ class Fetcher:
                 locations.append((piece, PieceLocation(task.partial, offset)))
         self._swarm.add(locations)
         if len(self._uncommitted) >= COMMIT_FILES or self._uncommitted_bytes >= COMMIT_BYTES:
-            await self._commit(self._uncommitted)
+            if self._committer is None:
+                await self._commit(self._uncommitted)
+            else:
+                # Waits only while the previous batch is still being committed.
+                await self._commit_slot.acquire()
+                self._committer.start_soon(self._commit_beside, self._take_uncommitted())
         self._report_progress()
 
     # -- data-plane workers (swarmfetch.WorkerPlacement) --------------------------------
@@ -609,14 +624,24 @@ class Fetcher:
         if self.report.first_byte_seconds is None:
             self.report.first_byte_seconds = time.monotonic() - self._started
 
-    async def _commit(self, tasks: list[_FileTask]) -> None:
+    def _take_uncommitted(self) -> list[_FileTask]:
+        batch, self._uncommitted, self._uncommitted_bytes = self._uncommitted, [], 0
+        return batch
+
+    async def _commit_beside(self, batch: list[_FileTask]) -> None:
+        try:
+            await self._commit(batch, pending=True)
+        finally:
+            self._commit_slot.release()
+
+    async def _commit(self, tasks: list[_FileTask], *, pending: bool = False) -> None:
+        """Commit ``tasks``; ``pending``: they were taken from the uncommitted files (and
+        go back there if they could not be committed)."""
+        if tasks is self._uncommitted:
+            tasks, pending = self._take_uncommitted(), True
         if not tasks:
             return
         batch = list(tasks)
-        pending = tasks is self._uncommitted
-        if pending:
-            self._uncommitted = []
-            self._uncommitted_bytes = 0
         for task in batch:
             task.complete = True
         finished = [Finished(task.partial, task.entry.executable) for task in batch]  # type: ignore[arg-type]
@@ -688,7 +713,28 @@ _ABSENT, _COMPLETE, _DIFFERS = "absent", "complete", "differs"
 
 
 def _existing_states(tasks: list[_FileTask]) -> list[str]:
-    return [_existing_state(task) for task in tasks]
+    # One listing per directory first: a name not in it needs no lstat (a fetch into a new
+    # directory of 10,000 files made 10,000 failed lstats, then as many failed opens).
+    names = _Listings()
+    return [_existing_state(task) if names.holds(task.path) else _ABSENT for task in tasks]
+
+
+class _Listings:
+    """The names in each directory, listed once; a directory that cannot be listed
+    answers "maybe" for every name (the caller then looks the name up itself)."""
+
+    def __init__(self) -> None:
+        self._names: dict[str, set[str] | None] = {}
+
+    def holds(self, path: str) -> bool:
+        directory, name = os.path.split(path)
+        if directory not in self._names:
+            try:
+                self._names[directory] = set(os.listdir(directory or "."))
+            except OSError:
+                self._names[directory] = None
+        names = self._names[directory]
+        return names is None or name in names
 
 
 def _existing_state(task: _FileTask) -> str:
@@ -724,15 +770,19 @@ def _close_partials(tasks: list[_FileTask]) -> None:
 def _open_partials(tasks: list[_FileTask]) -> list[set[int]]:
     """A PartialFile per task, and the offsets of chunks an earlier attempt left intact."""
     present = []
+    names = _Listings()
     for task in tasks:
-        task.partial = PartialFile(
+        task.partial = partial = PartialFile(
             os.path.dirname(task.path),
             os.path.basename(task.path),
             task.entry.hash,
             task.entry.size,
         )
-        present.append(task.partial.verified_chunks(task.leaves))
-        task.partial.close()
+        if names.holds(partial.temp_path):  # else no earlier attempt left one
+            present.append(partial.verified_chunks(task.leaves))
+            partial.close()
+        else:
+            present.append(set())
     return present
 
 
@@ -758,20 +808,29 @@ def _write_all(
 ) -> None:
     """Verify every chunk first, then write: nothing is written if any chunk is bad.
 
-    A file whose last chunks these are has its descriptor closed at once, so open files stay
-    few however many small files a batch completes.
+    A new file whose every chunk is here is written whole in one step (created, written,
+    given its mode: store/assemble.py's write_new) and stays open for its commit, which
+    comes once COMMIT_FILES are done; the rest chunk by chunk, and a file whose last
+    chunks these are has its descriptor closed at once.
     """
     for ref, data, _targets in writes:
         if len(data) != ref.length or chunk_id(data) != ref.id:
             raise IntegrityError(f"chunk {short_hex(ref.id)} fails its hash")
-    written: dict[int, int] = {}
+    per_file: dict[int, tuple[_FileTask, list[tuple[int, bytes | memoryview]]]] = {}
     for _ref, data, targets in writes:
         for task, offset in targets:
-            assert task.partial is not None
-            task.partial.write_verified(offset, data)
-            written[id(task)] = written.get(id(task), 0) + 1
-            if written[id(task)] == task.remaining:
-                task.partial.close()
+            per_file.setdefault(id(task), (task, []))[1].append((offset, data))
+    for task, parts in per_file.values():
+        partial = task.partial
+        assert partial is not None
+        last = len(parts) == task.remaining
+        whole = last and len(parts) == len(task.leaves) and partial.untouched
+        if whole and partial.write_new(parts, task.entry.executable):
+            continue
+        for offset, data in parts:
+            partial.write_verified(offset, data)
+        if last:
+            partial.close()
 
 
 def _set_executable(path: str, executable: bool) -> None:

@@ -144,6 +144,9 @@ class PeerPool:
     _done: trio.Event = field(default_factory=trio.Event)
     _need_peers: trio.Event = field(default_factory=trio.Event)
     _last_error: P2pfsError | None = None
+    _local_error: StorageError | None = None
+    """Our own disk failed (full, read-only, a directory in the way): the fetch ends with
+    it; no peer is blamed or dropped for it, and asking other peers would not help."""
     _nursery: trio.Nursery | None = None
 
     async def run(self, first: PeerConnection, more: MorePeers) -> None:
@@ -160,6 +163,8 @@ class PeerPool:
             nursery.cancel_scope.cancel()
         for conn in self._connected.values():
             self.release(conn)
+        if self._local_error is not None:
+            raise self._local_error
         if not self.picker.complete:
             missing = sum(1 for p in range(len(self.pieces)) if not self.picker.holds(p))
             why = f" (last: {self._last_error})" if self._last_error else ""
@@ -220,6 +225,8 @@ class PeerPool:
                 else:
                     for _ in range(STREAMS_PER_PEER):
                         nursery.start_soon(self._request_loop, conn, peer, pipeline)
+        except* StorageError as group:
+            self._stop_for_local_error(group, conn)
         except* IntegrityError as group:
             self.counters.chunks_rejected += 1
             self._fail(peer, group, ban=True)
@@ -252,6 +259,21 @@ class PeerPool:
             self._changed()
             if not self._connected:
                 self._need_peers.set()  # the last holder went: look for others at once
+
+    def _stop_for_local_error(
+        self, group: BaseExceptionGroup[StorageError], conn: PeerConnection
+    ) -> None:
+        """Writing here failed: a local fault, not the peer's (it was counted as a peer
+        failure: the peer dropped and dialled again while the fetch went on failing)."""
+        error: BaseException = group.exceptions[0]
+        while isinstance(error, BaseExceptionGroup):
+            error = error.exceptions[0]
+        assert isinstance(error, StorageError)
+        if self._local_error is None:
+            self._local_error = error
+            logger.warning("fetch: stopping, cannot write here: %s", error)
+        self.release(conn)
+        self._done.set()
 
     async def _subscribe(self, conn: PeerConnection) -> tuple[RequestStream, HaveReply]:
         """GetHave: what the peer holds now (its updates follow on the same stream)."""

@@ -212,7 +212,8 @@ class Placer:
                 name = path.rsplit("/", 1)[-1]
                 partials[path] = PartialFile(parents[path], name, version.root, version.size)
             missing = await self._fill_from_local(partials, chunks_of, failed)
-            await self._fill_from_peer(link, partials, missing, failed)
+            versions = dict(items)
+            await self._fill_from_peer(link, partials, missing, failed, versions, chunks_of)
             finished = [
                 Finished(partials[path], version.executable, version.mtime_ns)
                 for path, version in items
@@ -319,6 +320,8 @@ class Placer:
         partials: dict[str, PartialFile],
         missing: dict[ContentHash, tuple[ChunkRef, list[tuple[str, int]]]],
         failed: set[str],
+        versions: Mapping[str, FileVersion],
+        chunks_of: Mapping[str, list[tuple[int, ChunkRef]]],
     ) -> None:
         batches: list[list[tuple[ChunkRef, list[tuple[str, int]]]]] = []
         current: list[tuple[ChunkRef, list[tuple[str, int]]]] = []
@@ -335,12 +338,21 @@ class Placer:
             return
 
         def write_all(number: int, arrived: Arrived) -> None:
+            # Every chunk verified before anything is written (a mismatch is the member's
+            # fault: IntegrityError), then written file by file: a new file whose every
+            # chunk is in this batch in one step (steps.write_parts).
             batch = batches[number]
+            per_path: dict[str, list[tuple[int, bytes | memoryview]]] = {}
             for position, data in arrived:
                 ref, places = batch[position]
+                steps.verify_chunk(ref, data)
                 for path, offset in places:
-                    if path not in failed:
-                        steps.write_or_fail(partials[path], offset, data, ref, failed, path)
+                    per_path.setdefault(path, []).append((offset, data))
+            for path, parts in per_path.items():
+                if path not in failed:
+                    whole = len(parts) == len(chunks_of.get(path, ()))
+                    version = versions[path] if whole else None
+                    steps.write_parts(partials[path], parts, version, failed, path)
 
         def refused(number: int, exc: PeerRequestError) -> None:
             # Content it has not got (any more): these files are retried later.

@@ -10,8 +10,8 @@ import os
 import time
 from collections.abc import Collection, Mapping
 
-from p2pfs.content.chunking import ChunkRef
-from p2pfs.errors import RemoteProtocolError, StorageError
+from p2pfs.content.chunking import ChunkRef, chunk_id
+from p2pfs.errors import IntegrityError, RemoteProtocolError, StorageError
 from p2pfs.ids import ContentHash
 from p2pfs.store import folderdisk
 from p2pfs.store.assemble import Finished, PartialFile, commit_files, fsync_directory
@@ -74,6 +74,33 @@ def write_or_fail(
             partial.write_verified(offset, data)
         else:
             partial.write_chunk(offset, data, expected)
+    except StorageError as exc:
+        logger.warning("cannot write %s: %s", partial.final_path, exc)
+        failed.add(path)
+
+
+def verify_chunk(ref: ChunkRef, data: bytes | memoryview) -> None:
+    """A member's chunk must be the one asked for (else it sent bad data: IntegrityError)."""
+    if len(data) != ref.length or chunk_id(data) != ref.id:
+        raise IntegrityError(f"chunk {ref.id.hex()[:12]} from the member fails its hash")
+
+
+def write_parts(
+    partial: PartialFile,
+    parts: list[tuple[int, bytes | memoryview]],
+    whole: FileVersion | None,
+    failed: set[str],
+    path: str,
+) -> None:
+    """Write verified chunks (offset, bytes) of one file; ``whole``: they are all of it,
+    with this version's metadata, so a new file is written in one step (created,
+    written, given its mode and mtime, closed: PartialFile.write_new). A disk error
+    fails only this file."""
+    try:
+        if whole is not None and partial.write_new(parts, whole.executable, whole.mtime_ns):
+            return
+        for offset, data in parts:
+            partial.write_verified(offset, data)
     except StorageError as exc:
         logger.warning("cannot write %s: %s", partial.final_path, exc)
         failed.add(path)
