@@ -157,6 +157,8 @@ class SwarmRun:
     fetcher_main_cpu: float = 0.0
     """The fetching daemon's own process alone (the rest of fetcher_cpu: its workers)."""
     workers: int = 0
+    worker_start_cpu: float = 0.0
+    """CPU seconds one worker process takes to start (left out of fetcher_cpu)."""
     """The fetching daemon's log lines on the fetch's phases (times since it started)."""
 
     @property
@@ -175,6 +177,18 @@ def own_process_cpu(pid: int) -> float:
     return sum(int(value) for value in fields[11:13]) / CLOCK_TICKS
 
 
+def settle(pid: int, quiet: float = 0.02, step: float = 0.3, limit: float = 10.0) -> None:
+    """Wait until ``pid`` and its descendants use under ``quiet`` CPU seconds per ``step``."""
+    deadline = time.monotonic() + limit
+    last = process_tree_cpu(pid)
+    while time.monotonic() < deadline:
+        time.sleep(step)
+        now = process_tree_cpu(pid)
+        if now - last < quiet:
+            return
+        last = now
+
+
 def p2pfs_swarm(
     work: Path, name: str, folders: list[Path], cap: int | None, workers: int = 0
 ) -> SwarmRun:
@@ -191,12 +205,21 @@ def p2pfs_swarm(
         sent = [payload_sent(seeder) for seeder in seeders]
         pids = [seeder.pid for seeder in seeders]
         load = load_average()
+        warm_each = 0.0
+        if workers:
+            # The warm workers' start-up (imports, identity), per process: the fetch starts
+            # a replacement for each one it used, whose start-up is no part of the transfer.
+            settle(getter.pid)
+            warm_each = (process_tree_cpu(getter.pid) - own_process_cpu(getter.pid)) / workers
         before = (sum(map(process_tree_cpu, pids)), process_tree_cpu(getter.pid))
         main_before = own_process_cpu(getter.pid)
         cli_before = reaped_children_cpu()
         fetched = timed_fetch(getter, tickets[0], dest)
+        if workers:
+            settle(getter.pid)  # the replacements have started
         after = (sum(map(process_tree_cpu, pids)), process_tree_cpu(getter.pid))
         main_cpu = own_process_cpu(getter.pid) - main_before
+        replaced = sum(1 for peer in fetched.report["peers"] if peer.get("worker") is not None)
         cli_cpu = reaped_children_cpu() - cli_before
         sent = [payload_sent(seeder) - was for seeder, was in zip(seeders, sent, strict=True)]
         phases = fetch_phases(getter)
@@ -213,12 +236,13 @@ def p2pfs_swarm(
         seeder_bytes=sent,
         reported_bytes=[fetched.from_peer(node) for node in ids],
         seeders_cpu=after[0] - before[0],
-        fetcher_cpu=after[1] - before[1],
+        fetcher_cpu=after[1] - before[1] - replaced * warm_each,
         cli_cpu=cli_cpu,
         load=load,
         phases=phases,
         fetcher_main_cpu=main_cpu,
         workers=workers,
+        worker_start_cpu=warm_each,
     )
 
 

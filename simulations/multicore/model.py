@@ -9,7 +9,12 @@ Inputs, measured on this machine and stored beside this file:
   loopback p2pfs fetch, and of the raw engine's bulk stream (sender and receiver), from the
   same run (``python -m benchmarks links --conditions direct --json``);
 - ``handoff.json``: CPU seconds per GiB of handing payload from one process to another
-  through a pipe and through shared memory (``handoff.py --save``).
+  through a pipe and through shared memory (``handoff.py --save``);
+- ``workers.json`` (once the workers were built, fetch side): the fetching daemon's own CPU
+  and its workers' CPU per GiB, one peer in a worker, beside the same run's single-process
+  fetcher (``from_bench.py`` over ``benchmarks swarm --only workers`` runs). It replaces
+  the assumed control share with the measured one (main's share of the receiver's work)
+  and adds the measured overhead of the split (workers + main over single process).
 
 A node's throughput T (GiB/s) is the largest rate that meets every CPU constraint
 (link rates are left out: this is about CPU). With per-GiB costs ``W`` in the workers and
@@ -20,7 +25,9 @@ A node's throughput T (GiB/s) is the largest rate that meets every CPU constrain
 - workers: ``T = min(1 / M, min(n, k) / W, c / (W + M))``: main is one process, a
   connection lives in one worker (one core at most), and all of it shares ``c`` cores.
 
-Two worker variants: *workers write* (a worker verifies and writes the chunks itself; only
+Designs: *as built* (the receiver's peers in workers, as measured; every sender a single
+process, as the serving side is not split yet; no stripes), and two full-split variants:
+*workers write* (a worker verifies and writes the chunks itself; only
 control crosses to main, at ``control_share`` of today's cost per GiB), and *payload via
 main* (the worker hands each verified payload to main, which writes it: shared-memory
 hand-off on both sides plus the write path in main). A transfer between two nodes runs at the
@@ -41,6 +48,43 @@ MB = 1e6
 WRITE_SHARE = 0.15
 """Share of the receiver's cost per GiB that is writing and fsync (the *payload via main*
 variant keeps it in main); an assumption, see README.md."""
+
+
+UNSTRIPED = ("single process", "as built (fetch side)")
+"""Designs with one connection per peer (stripes are not built)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerCosts:
+    """Measured with workers built (fetch side), CPU seconds per GiB of the fetching node."""
+
+    main: float
+    """The daemon's own process, its peer in a worker (control: picking, accounting, commits)."""
+    worker: float
+    single: float
+    """The same run's fetcher without workers."""
+
+    @property
+    def control_share(self) -> float:
+        return self.main / (self.main + self.worker)
+
+    @property
+    def overhead(self) -> float:
+        """The split's cost: main + worker over the single process, per GiB."""
+        return (self.main + self.worker) / self.single
+
+    @classmethod
+    def load(cls, directory: Path = HERE) -> WorkerCosts | None:
+        path = directory / "workers.json"
+        if not path.exists():
+            return None
+        measured = json.loads(path.read_text())
+        on, off = measured["one-on"], measured["one-off"]
+        return cls(
+            main=on["fetcher_main_cpu_s_per_gib"],
+            worker=on["fetcher_workers_cpu_s_per_gib"],
+            single=off["fetcher_main_cpu_s_per_gib"],
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,12 +129,17 @@ class Design:
     name: str
     control_share: float
     payload_via_main: bool = False
+    overhead: float = 1.0
+    """Workers + main over the single process, per GiB (measured once built)."""
+    single_sender: bool = False
+    """Only the fetching side is split (as built); senders are one process each."""
 
     def node_rate(
         self, cost: float, costs: Costs, cores: int, connections: int, side: str
     ) -> float:
-        if self.name == "single process":
+        if self.name == "single process" or (self.single_sender and side == "sender"):
             return single_process(cost, cores)
+        cost *= self.overhead
         control = self.control_share * cost
         if not self.payload_via_main:
             return with_workers(cost - control, control, cores, connections)
@@ -130,7 +179,7 @@ def table(costs: Costs, designs: list[Design], cores_list: list[int], peers_list
     ]
     for design in designs:
         for peers in peers_list:
-            for stripes in (1, 4) if design.name != "single process" else (1,):
+            for stripes in (1, 4) if design.name not in UNSTRIPED else (1,):
                 label = design.name + ("" if stripes == 1 else f", {stripes} stripes")
                 rates = [design.fetch_rate(costs, c, peers, stripes) * GiB / MB for c in cores_list]
                 lines.append(f"{label:<34}{peers:>6}" + "".join(f"{r:>10.0f}" for r in rates))
@@ -153,6 +202,7 @@ def plot(costs: Costs, designs: list[Design], path: Path) -> None:
 
     colours = {"single process": "tab:red", "workers write": "tab:blue"}
     colours["payload via main"] = "tab:green"
+    colours["as built (fetch side)"] = "tab:orange"
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     cores_axis = list(range(1, 33))
     for design in designs:
@@ -161,7 +211,9 @@ def plot(costs: Costs, designs: list[Design], path: Path) -> None:
             label = f"{design.name}, {peers} peer{'s' if peers > 1 else ''}"
             left.plot(cores_axis, rates, style, color=colours[design.name], label=label)
     # How much the main process's share of the work (an assumption) moves the ceiling.
-    low, high = Design("workers write", 0.05), Design("workers write", 0.2)
+    full = next(d for d in designs if d.name == "workers write")
+    low = Design("workers write", 0.05, overhead=full.overhead)
+    high = Design("workers write", 0.2, overhead=full.overhead)
     left.fill_between(
         cores_axis,
         [mb_s(high, c, 16, 1) for c in cores_axis],
@@ -182,7 +234,7 @@ def plot(costs: Costs, designs: list[Design], path: Path) -> None:
     peers_axis = list(range(1, 17))
     for design in designs:
         for stripes, marker in ((1, ""), (4, "o")):
-            if design.name == "single process" and stripes > 1:
+            if design.name in UNSTRIPED and stripes > 1:
                 continue
             rates = [mb_s(design, 16, p, stripes) for p in peers_axis]
             label = design.name + (f", {stripes} stripes a peer" if stripes > 1 else "")
@@ -211,17 +263,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--control-share",
         type=float,
-        default=0.1,
-        help="share of today's CPU per GiB that stays in main (0.1)",
+        help="share of the per-GiB work that stays in main (default: measured, workers.json; "
+        "0.1 without it)",
     )
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     costs = Costs.load()
+    measured = WorkerCosts.load()
+    share = args.control_share
+    if share is None:
+        share = 0.1 if measured is None else measured.control_share
+    overhead = 1.0 if measured is None else measured.overhead
+    if measured is not None:
+        print(
+            f"measured (workers.json): main {measured.main:.2f} + worker {measured.worker:.2f} "
+            f"CPU s/GiB vs single process {measured.single:.2f}: control share "
+            f"{measured.control_share:.1%}, overhead {measured.overhead:.2f}x"
+        )
     designs = [
         Design("single process", 1.0),
-        Design("workers write", args.control_share),
-        Design("payload via main", args.control_share, payload_via_main=True),
+        Design("workers write", share, overhead=overhead),
+        Design("payload via main", share, payload_via_main=True, overhead=overhead),
     ]
+    if measured is not None:
+        designs.insert(
+            1, Design("as built (fetch side)", share, overhead=overhead, single_sender=True)
+        )
     print(table(costs, designs, [1, 2, 4, 8, 16, 32], [1, 4, 16]))
     if not args.no_plot:
         try:
