@@ -68,6 +68,9 @@ gone, refuses, or lacks what is missing."""
 REST_AFTER_REFUSAL = 30.0
 """A holder that refused is not dialled again for this long (a refusing holder re-dialled
 every round would loop forever)."""
+WORKER_FAILURES = 3
+"""Worker processes that may die or fail in one fetch before it stops using workers (a
+worker failing the same way each time would otherwise be replaced in a loop)."""
 FRAME_OVERHEAD = 16
 """Approximate framing bytes of one ChunkData (length, tag, fields), for the counters."""
 
@@ -148,6 +151,7 @@ class PeerPool:
     """Our own disk failed (full, read-only, a directory in the way): the fetch ends with
     it; no peer is blamed or dropped for it, and asking other peers would not help."""
     _nursery: trio.Nursery | None = None
+    _worker_failures: int = 0
 
     async def run(self, first: PeerConnection, more: MorePeers) -> None:
         """Until every piece is held; raises the last peer's failure if holders run out."""
@@ -233,7 +237,8 @@ class PeerPool:
             conn.close_nowait(int(ErrorCode.INTEGRITY), "sent data that fails verification")
         except* WorkerEndedError as group:
             # Our worker process died, not the peer: the peer is dialled again at once (a
-            # fresh worker takes it), not after the rediscovery interval.
+            # fresh worker takes it, or this process after WORKER_FAILURES of them).
+            self._worker_failures += 1
             self._fail(peer, group, ban=False)
             self.release(conn)
             self._need_peers.set()
@@ -420,12 +425,13 @@ class PeerPool:
         """A worker process for this peer's requests, or None (this process fetches):
         workers off or all busy, a peer still fetching the share itself (it will ask us for
         pieces, and its dialer may pick the worker's connection to us, which serves
-        nothing), a relayed path (a worker dials addresses only), or a download limit (the
-        bucket lives here)."""
+        nothing), WORKER_FAILURES workers dead in this fetch, a relayed path (a worker
+        dials addresses only), or a download limit (the bucket lives here)."""
         if (
             self.workers is None
             or self.placement is None
             or not seeder
+            or self._worker_failures >= WORKER_FAILURES
             or not self.workers.available
             or conn.path == "relayed"
             or self.download_limit is not None
