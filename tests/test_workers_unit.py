@@ -5,6 +5,8 @@ opened is written), and how a worker's failure is reported and read back."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import trio.testing
 from p2pfs.content.chunking import ChunkRef, chunk_id
 from p2pfs.daemon.requests import PeerRequestError
 from p2pfs.daemon.swarmfetch import PeerStalledError, worker_failure
+from p2pfs.daemon.workers import WorkerEndedError, WorkerLink
 from p2pfs.daemon.workers.channel import Channel, WorkerChannelError
 from p2pfs.daemon.workers.process import (
     Batch,
@@ -109,3 +112,25 @@ def test_a_failure_reads_back_as_the_main_path_would_raise_it(
     assert str(raised).split(": ")[-1] in str(error)
     if isinstance(error, PeerRequestError):
         assert error.code is ErrorCode.NOT_FOUND
+
+
+def test_a_dead_worker_fails_its_peer_not_the_fetch() -> None:
+    """Sending a batch to, or reading a report from, a worker process that is gone raises
+    the error the fetch handles as that peer failing (a broken pipe would end the fetch)."""
+
+    async def run() -> None:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-c", "pass"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        assert process.stdin is not None and process.stdout is not None
+        await process.wait()
+        link = WorkerLink(process, Channel(process.stdout, process.stdin))
+        with pytest.raises(WorkerEndedError, match="ended"):
+            await link.next_report()
+        ref = ChunkRef(chunk_id(b"x"), 1)
+        with pytest.raises(WorkerEndedError, match="gone"):
+            for number in range(64):  # the first writes may still fit the pipe's buffer
+                await link.send_batch(number, [ref], [[(0, 0)]], lambda _n: ("p", (1, 2)))
+        await process.stdout.aclose()
+
+    trio.run(run)

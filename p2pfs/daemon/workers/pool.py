@@ -58,6 +58,19 @@ class WorkerLink:
         targets: Sequence[Sequence[tuple[int, int]]],
         file_info: FileInfo,
     ) -> None:
+        try:
+            await self._send_batch(number, refs, targets, file_info)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # The worker died: its peer fails, never the fetch.
+            raise WorkerEndedError(f"worker process {self.pid} is gone") from exc
+
+    async def _send_batch(
+        self,
+        number: int,
+        refs: Sequence[ChunkRef],
+        targets: Sequence[Sequence[tuple[int, int]]],
+        file_info: FileInfo,
+    ) -> None:
         for places in targets:
             for file_number, _offset in places:
                 if file_number not in self._files:
@@ -173,7 +186,10 @@ class WorkerPool:
                 "in_flight": in_flight,
                 "stall": stall,
             }
-            await channel.send(hello)
+            try:
+                await channel.send(hello)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise WorkerEndedError(f"warm worker {process.pid} is gone") from exc
             logger.info("worker %d takes peer %s at %s:%d", process.pid, peer.short(), *address)
             yield WorkerLink(process, channel)
         finally:

@@ -253,7 +253,11 @@ async def serve(home: Path) -> None:
         logger.info("worker for %s:%d ends: %s", host, port, error)
         await _report(channel, failure_of(error))
     except BaseExceptionGroup as group:
-        unexpected = group.subgroup(lambda e: not isinstance(e, P2pfsError | OSError))
+        unexpected = group.subgroup(
+            lambda e: (
+                not isinstance(e, BaseExceptionGroup | P2pfsError | OSError | trio.TooSlowError)
+            )
+        )
         await _report(channel, failure_of(group))
         if unexpected is not None:
             raise
