@@ -25,7 +25,7 @@ from p2pfs.daemon.workers.process import (
     failure_of,
     write_verified,
 )
-from p2pfs.errors import IntegrityError, StorageError
+from p2pfs.errors import ConnectionClosedError, IntegrityError, StorageError
 from p2pfs.ids import NodeId
 from p2pfs.wire.codes import ErrorCode
 
@@ -101,6 +101,8 @@ async def _cross_the_pipe() -> None:
         (PeerRequestError(ErrorCode.NOT_FOUND, "gone"), PeerRequestError),
         (WorkerStalledError("peer sent nothing for 10 s"), PeerStalledError),
         (StorageError("cannot write"), StorageError),
+        (ConnectionClosedError("connection lost"), ConnectionClosedError),
+        (ValueError("a bug"), WorkerEndedError),
     ],
 )
 def test_a_failure_reads_back_as_the_main_path_would_raise_it(

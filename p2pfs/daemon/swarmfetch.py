@@ -23,6 +23,7 @@ import trio
 
 from p2pfs.content.chunking import ChunkRef
 from p2pfs.errors import (
+    ConnectionClosedError,
     IntegrityError,
     P2pfsError,
     RemoteProtocolError,
@@ -553,6 +554,9 @@ def worker_failure(report: dict[str, Any], peer: NodeId) -> P2pfsError:
         return PeerStalledError(f"peer {peer.short()}: {message}")
     if kind == "storage":
         return StorageError(message)
+    if kind == "closed":
+        # The peer's connection failed, not our worker: not counted against workers.
+        return ConnectionClosedError(f"peer {peer.short()}: {message}")
     return WorkerEndedError(f"worker for peer {peer.short()}: {kind}: {message}")
 
 
