@@ -13,6 +13,8 @@ import pytest
 import trio
 import trio.testing
 
+from p2pfs.cli import daemon_config, parse_args
+from p2pfs.config import CONFIG_NAME
 from p2pfs.content.chunking import ChunkRef, chunk_id
 from p2pfs.daemon.requests import PeerRequestError
 from p2pfs.daemon.swarmfetch import PeerStalledError, worker_failure
@@ -136,3 +138,13 @@ def test_a_dead_worker_fails_its_peer_not_the_fetch() -> None:
         await process.stdout.aclose()
 
     trio.run(run)
+
+
+def test_workers_are_off_by_default_and_set_by_flag_or_config(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    assert daemon_config(parse_args(["--home", str(home), "daemon"])).data_workers == 0
+    home.mkdir(exist_ok=True)  # parse_args may create it
+    (home / CONFIG_NAME).write_text("data-workers = 3\n")
+    assert daemon_config(parse_args(["--home", str(home), "daemon"])).data_workers == 3
+    flags = ["--home", str(home), "daemon", "--data-workers", "0"]
+    assert daemon_config(parse_args(flags)).data_workers == 0  # the flag wins
