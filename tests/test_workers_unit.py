@@ -104,6 +104,7 @@ async def _cross_the_pipe() -> None:
         (WorkerStalledError("peer sent nothing for 10 s"), PeerStalledError),
         (StorageError("cannot write"), StorageError),
         (ConnectionClosedError("connection lost"), ConnectionClosedError),
+        (trio.TooSlowError(), ConnectionClosedError),
         (ValueError("a bug"), WorkerEndedError),
     ],
 )

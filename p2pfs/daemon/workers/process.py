@@ -46,6 +46,9 @@ from .channel import Channel
 logger = logging.getLogger(__name__)
 
 _OPEN = os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+CONNECT_TIMEOUT = 10.0
+"""The daemon is connected to this peer already: a worker that cannot reach it in this long
+reports the peer's connection failed."""
 
 
 class WorkerStalledError(P2pfsError):
@@ -213,7 +216,7 @@ def failure_of(error: BaseException) -> dict[str, Any]:
         kind = "stalled"
     elif isinstance(error, StorageError):
         kind = "storage"
-    elif isinstance(error, P2pfsError | OSError):
+    elif isinstance(error, P2pfsError | OSError | trio.TooSlowError):
         kind = "closed"
     else:
         kind = "internal"
@@ -237,7 +240,8 @@ async def serve(home: Path) -> None:
     bind = "::" if ":" in host else "0.0.0.0"
     try:
         async with open_endpoint(identity, bind, 0, config=config) as endpoint:
-            conn = await endpoint.connect((host, port), NodeId(bytes(hello["peer"])))
+            with trio.fail_after(CONNECT_TIMEOUT):
+                conn = await endpoint.connect((host, port), NodeId(bytes(hello["peer"])))
             await channel.send({"op": "ready"})
             session = Session(
                 conn,
