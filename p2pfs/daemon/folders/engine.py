@@ -24,7 +24,6 @@ from collections.abc import (
 )
 from dataclasses import asdict, dataclass
 
-import outcome
 import trio
 
 from p2pfs.content.tree import Child
@@ -629,20 +628,23 @@ class FolderSync:
         (raising what the fetch raised, only then: a bad record in the next batch never
         interrupts the batch being applied)."""
         done = trio.Event()
-        result: list[outcome.Outcome[list[SignedRecord]]] = []
+        result: list[list[SignedRecord] | BaseExceptionGroup[P2pfsError | OSError]] = []
 
         async def fetch() -> None:
             try:
-                result.append(outcome.Value(await self._fetch_records(link, batch)))
+                result.append(await self._fetch_records(link, batch))
             except* (P2pfsError, OSError) as group:  # raised where the batch is awaited
-                result.append(outcome.Error(group))
+                result.append(group)
             done.set()
 
         nursery.start_soon(fetch)
 
         async def records() -> list[SignedRecord]:
             await done.wait()
-            return result.pop().unwrap()
+            fetched = result.pop()
+            if isinstance(fetched, BaseExceptionGroup):
+                raise fetched
+            return fetched
 
         return records
 
