@@ -83,6 +83,21 @@ Release = Callable[[PeerConnection], None]
 """The pool is done with a connection (whoever else uses it keeps it)."""
 
 
+def request_count(pipeline: PipelineController, average_piece: int) -> int:
+    """How many pieces to ask a peer for now (0: wait for room). The peer's bandwidth-delay
+    product bounds what is in flight to it (all streams together): a slow peer holds few
+    pieces, a fast one many. A request waits for room for half a share at least: asking as
+    soon as any 512 KiB was free made requests of ~6 chunks on a fast peer, each paying its
+    round of lookups, reads and a write on both sides."""
+    target = in_flight_target(pipeline)
+    room = target - pipeline.in_flight
+    share = target // (STREAMS_PER_PEER * REQUESTS_IN_FLIGHT)
+    if room < min(max(MIN_REQUEST_BYTES, share // 2), target):
+        return 0
+    wanted_bytes = min(room, max(MIN_REQUEST_BYTES, share))
+    return max(1, min(MAX_REQUEST_CHUNKS, wanted_bytes // average_piece))
+
+
 class WorkerPlacement(Protocol):
     """The fetch's side of data-plane workers: where pieces go, and what landed."""
 
@@ -336,20 +351,8 @@ class PeerPool:
         async def sender() -> None:
             async with in_flight_send:
                 while not self.picker.complete:
-                    # The peer's bandwidth-delay product bounds what is in flight to it (all
-                    # streams together): a slow peer holds few pieces, a fast one many.
-                    target = in_flight_target(pipeline)
-                    room = target - pipeline.in_flight
-                    share = target // (STREAMS_PER_PEER * REQUESTS_IN_FLIGHT)
-                    # Wait for room for half a share at least: asking as soon as any
-                    # 512 KiB was free made requests of ~6 chunks on a fast peer, each
-                    # paying its round of lookups, reads and a write on both sides.
-                    if room < min(max(MIN_REQUEST_BYTES, share // 2), target):
-                        await self._change.wait()
-                        continue
-                    wanted_bytes = min(room, max(MIN_REQUEST_BYTES, share))
-                    count = max(1, min(MAX_REQUEST_CHUNKS, wanted_bytes // average))
-                    picked = self.picker.pick(peer, count)
+                    count = request_count(pipeline, average)
+                    picked = self.picker.pick(peer, count) if count else []
                     if not picked:
                         await self._change.wait()
                         continue
@@ -465,15 +468,8 @@ class PeerPool:
 
         async def dispatch() -> None:
             while not self.picker.complete:
-                target = in_flight_target(pipeline)
-                room = target - pipeline.in_flight
-                share = target // (STREAMS_PER_PEER * REQUESTS_IN_FLIGHT)
-                if room < min(max(MIN_REQUEST_BYTES, share // 2), target):
-                    await self._change.wait()
-                    continue
-                wanted_bytes = min(room, max(MIN_REQUEST_BYTES, share))
-                count = max(1, min(MAX_REQUEST_CHUNKS, wanted_bytes // average))
-                picked = self.picker.pick(peer, count)
+                count = request_count(pipeline, average)
+                picked = self.picker.pick(peer, count) if count else []
                 if not picked:
                     await self._change.wait()
                     continue
