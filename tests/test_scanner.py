@@ -538,3 +538,48 @@ def test_an_unchanged_rescan_gathers_every_file_state_and_a_changed_one_lists_th
         assert states is not reused
         assert sorted(states) == sorted(index.share_file_states(result.share_id))
         assert len(states) == 6
+
+
+def test_a_sync_folder_reads_its_files_states_from_the_index_by_tree_path(
+    tmp_path: Path,
+) -> None:
+    """What a sync folder checks before it replaces or deletes a file comes from the scan
+    index, by normalised path: names stored in another normal form (an NFD directory and
+    file), many names in one directory, a missing one; dropping a row makes the next scan
+    rebuild its directory's tree (the file moved away is not listed from the cache)."""
+    from p2pfs.store import folderdisk
+
+    top = tmp_path / "share"
+    nfd_dir, nfd_file = unicodedata.normalize("NFD", "répertoire"), "été.txt"
+    write(top / nfd_dir / unicodedata.normalize("NFD", nfd_file), b"nfd\n")
+    for i in range(40):  # more than are looked up one by one
+        write(top / "many" / f"f{i:02}", b"x" * i)
+    write(top / "top.txt", b"top\n")
+    with IndexStore(tmp_path / "index.sqlite3") as index:
+        first = scan_share(top, index)
+        folder = str(top)
+        wanted = [
+            f"{unicodedata.normalize('NFC', nfd_dir)}/{nfd_file}",
+            "top.txt",
+            "missing.txt",
+            "many/f03",
+            "many/nope",
+            *(f"many/f{i:02}" for i in range(0, 40, 3)),
+        ]
+        states = folderdisk.scanned_states(index, folder, wanted)
+        assert set(wanted) - set(states) == {"missing.txt", "many/nope"}
+        st = os.lstat(top / nfd_dir / unicodedata.normalize("NFD", nfd_file))
+        assert states.pop(wanted[0]) == folderdisk.DiskState(4, st.st_mtime_ns, st.st_ino)
+        for path, state in states.items():
+            assert state == folderdisk.state_of(folder, path), path
+        many = [f"many/f{i:02}" for i in range(40)]
+        assert set(folderdisk.scanned_states(index, folder, many)) == set(many)
+        assert folderdisk.scanned_paths(index, folder) == {*many, "top.txt", wanted[0]}
+        assert folderdisk.scanned_states(index, str(tmp_path / "elsewhere"), many) == {}
+
+        os.unlink(top / "many" / "f05")
+        index.forget_files_at(os.path.realpath(folder), ["many/f05"])
+        assert "many/f05" not in folderdisk.scanned_states(index, folder, many)
+        again = scan_share(top, index)
+        assert again.files == first.files - 1 and again.root != first.root
+        assert again.root == scan_share(top, IndexStore(tmp_path / "fresh.sqlite3")).root

@@ -100,7 +100,7 @@ def test_a_full_rescan_records_what_changed_and_keeps_the_states_of_what_is_on_d
             await folder.load()
             await folder.rescan(force=True)
             assert folder.records.files == 60 and folder.records.directories == 3
-            assert len(folder.disk.states) == 60
+            assert len(await folder.disk.scanned(folder.records.keys())) == 60
             first = dict(folder.records)
             stored = folder.work.records_stored
             await folder.rescan(force=True)  # nothing changed: nothing recorded
@@ -112,9 +112,12 @@ def test_a_full_rescan_records_what_changed_and_keeps_the_states_of_what_is_on_d
             changed = {p for p, r in folder.records.items() if first.get(p) != r}
             assert changed == {"d0/f00.txt", "d1/f01.txt", "d2/new.txt"}
             assert folder.records["d1/f01.txt"].version.deleted
-            assert "d1/f01.txt" not in folder.disk.states and "d2/new.txt" in folder.disk.states
-            assert folder.disk.states["d0/f00.txt"].size == len("edited\n")
-            assert folder.records.files == 60 and len(folder.disk.states) == 60
+            scanned = await folder.disk.scanned(["d1/f01.txt", "d2/new.txt", "d0/f00.txt"])
+            assert "d1/f01.txt" not in scanned and "d2/new.txt" in scanned
+            assert scanned["d0/f00.txt"].size == len("edited\n")
+            assert scanned["d2/new.txt"] == folderdisk.state_of(str(top), "d2/new.txt")
+            assert folder.records.files == 60
+            assert len(await folder.disk.scanned(folder.records.keys())) == 60
 
     trio.run(main)
 

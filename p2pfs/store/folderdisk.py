@@ -18,11 +18,12 @@ import os
 import re
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from p2pfs.errors import StorageError
 from p2pfs.store.assemble import umask as _read_umask
+from p2pfs.store.index import IndexStore
 from p2pfs.sync.ignore import IGNORE_FILE, STATE_DIR, IgnoreRules, parents
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,24 @@ def local_path(folder: str, path: str) -> str:
 NOT_A_FILE = DiskState(-1, 0, 0)
 """What a path holds when it is no regular file reached through real directories: never
 equal to a scanned state, so nothing there is replaced or deleted."""
+
+
+def scanned_states(index: IndexStore, folder: str, paths: Iterable[str]) -> dict[str, DiskState]:
+    """What the scan index says ``paths`` held when last scanned or placed (those with a
+    regular file then): the folder keeps no state per file in memory, it asks here (in the
+    index's thread) just before it replaces, renames or deletes those files."""
+    top = os.path.realpath(folder)
+    return {
+        path: DiskState(size, mtime_ns, inode)
+        for path, (_id, size, mtime_ns, inode) in index.files_at(top, paths).items()
+    }
+
+
+def scanned_paths(index: IndexStore, folder: str) -> set[str]:
+    """Every path with a file as last scanned or placed (what a plan on a file system that
+    ignores case checks its placements against)."""
+    share_id = index.share_id_at(os.path.realpath(folder))
+    return set() if share_id is None else {s[0] for s in index.share_file_states(share_id)}
 
 
 def state_of(folder: str, path: str) -> DiskState | None:

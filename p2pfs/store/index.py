@@ -43,6 +43,17 @@ RowState = tuple[int, int, int, int, bytes, int]
 count)."""
 NewFile = tuple[int, str, int, int, int, int, bytes, bytes]
 """A file to add: (dir id, on-disk name, size, mtime_ns, inode, mode, root, packed chunks)."""
+StatRow = tuple[int, int, int, int]
+"""A file as a sync folder checks it before touching it: (id, size, mtime_ns, inode), the
+inode as ``st_ino`` gives it (unsigned)."""
+_NAMES_PER_QUERY = 32
+"""Up to this many names of one directory are looked up one by one; more read its rows."""
+_INODE_MASK = (1 << 64) - 1
+
+
+def _stat_row(row: Sequence[int]) -> StatRow:
+    # The inode is stored as SQLite's signed 64 bits (filehash.signed64): back to st_ino's.
+    return (int(row[0]), int(row[1]), int(row[2]), int(row[3]) & _INODE_MASK)
 
 
 def unpack_chunks(packed: bytes) -> list[ChunkRef]:
@@ -465,6 +476,99 @@ class IndexStore:
                 (CHUNK_RECORD.size, dir_id),
             ).fetchall()
         return {row[0]: row[1:] for row in rows}
+
+    def files_at(self, top: str, paths: Iterable[str]) -> dict[str, StatRow]:
+        """The files the index holds (as last scanned or placed) at those of ``paths``
+        (normalised paths inside the share at on-disk ``top``): path -> :data:`StatRow`.
+
+        What a sync folder asks before it replaces or deletes a file, so it keeps no state
+        per file in memory: one directory lookup per directory named (by its on-disk path,
+        which is the normalised one for an ASCII name; by ``rel`` otherwise), then each
+        ASCII name through the (dir_id, name) index, or the directory's rows when a name
+        may be stored in another normal form."""
+        by_dir: dict[str, list[str]] = {}
+        for path in paths:
+            rel, _, name = path.rpartition("/")
+            by_dir.setdefault(rel, []).append(name)
+        found: dict[str, StatRow] = {}
+        if not by_dir:
+            return found
+        share_id = self.share_id_at(top)
+        if share_id is None:
+            return found
+        with _guard("reading file states"):
+            for rel, names in by_dir.items():
+                prefix = f"{rel}/" if rel else ""
+                for dir_id in self._dirs_at(share_id, top, rel):
+                    plain = [n for n in names if n.isascii() and "\\" not in n]
+                    if len(plain) == len(names) and len(names) <= _NAMES_PER_QUERY:
+                        for name in names:
+                            hit = self._conn.execute(
+                                "SELECT id, size, mtime_ns, inode FROM files "
+                                "WHERE dir_id = ? AND name = ?",
+                                (dir_id, name),
+                            ).fetchone()
+                            if hit is not None:
+                                found[prefix + name] = _stat_row(hit)
+                        continue
+                    wanted = set(names)
+                    for stored, *rest in self._conn.execute(
+                        "SELECT name, id, size, mtime_ns, inode FROM files WHERE dir_id = ?",
+                        (dir_id,),
+                    ):
+                        name = stored
+                        if not name.isascii() or "\\" in name:
+                            try:
+                                name = normalize_local_name(stored)
+                            except InvalidNameError:
+                                continue  # never a tree name: no path asks for it
+                        if name in wanted:
+                            found[prefix + name] = _stat_row(rest)
+        return found
+
+    def _dirs_at(self, share_id: int, top: str, rel: str) -> list[int]:
+        """The recorded directories whose normalised path in the share is ``rel``."""
+        disk_path = os.path.join(top, *rel.split("/")) if rel else top
+        ids = [
+            int(dir_id)
+            for (dir_id,) in self._conn.execute(
+                "SELECT id FROM dirs WHERE share_id = ? AND path = ?", (share_id, disk_path)
+            )
+        ]
+        if not rel.isascii() or "\\" in rel:
+            # Stored under another normal form on disk: found by its normalised path (no
+            # index on rel: a scan of the share's directories, for such names only).
+            ids += [
+                int(dir_id)
+                for (dir_id,) in self._conn.execute(
+                    "SELECT id FROM dirs WHERE share_id = ? AND rel = ? AND path != ?",
+                    (share_id, rel, disk_path),
+                )
+            ]
+        return ids
+
+    def forget_files_at(self, top: str, paths: Iterable[str]) -> None:
+        """Drop the rows of those of ``paths`` (as :meth:`files_at` finds them): their
+        files were moved away, and the next placement there must find the path empty."""
+        ids = [(row[0],) for row in self.files_at(top, paths).values()]
+        if not ids:
+            return
+        with _guard("dropping files"), self.transaction():
+            # Their directories' cached trees listed them: rebuilt by the next scan.
+            self._conn.executemany(
+                "UPDATE dirs SET tree_hash = NULL WHERE id = (SELECT dir_id FROM files "
+                "WHERE id = ?)",
+                ids,
+            )
+            self.delete_files(file_id for (file_id,) in ids)
+
+    def share_id_at(self, top: str) -> int | None:
+        """The id of the share at on-disk ``top``, if one was recorded."""
+        with _guard("reading share"):
+            row = self._conn.execute(
+                "SELECT id FROM shares WHERE local_path = ?", (top,)
+            ).fetchone()
+        return None if row is None else int(row[0])
 
     def add_files(self, files: Sequence[NewFile]) -> None:
         """Insert files (names new in their directories) and their chunk locations."""

@@ -48,7 +48,7 @@ from p2pfs.sync.records import (
     path_key,
     remote_changes,
 )
-from p2pfs.sync.recordset import IndexedPaths, RecordSet
+from p2pfs.sync.recordset import RecordSet
 from p2pfs.sync.versions import (
     DIRECTORY_ROOT,
     FileVersion,
@@ -154,9 +154,9 @@ class FolderSync:
         self._root: Child = EMPTY_INDEX
         self._changed = trio.Event()
         self._held_changes: dict[bytes, ContentHash | None] | None = None
-        # disk.states, indexed by directory (a partial scan's scope is found in it)
-        self._states: IndexedPaths[folderdisk.DiskState] = IndexedPaths()
-        self.disk = DiskView(self._states)
+        # The files' states as scanned or placed are read from the scan index when asked
+        # (a state per file held here cost ~0.34 KiB a file).
+        self.disk = DiskView(self._scanned)
         self._share_root: ContentHash | None = None
         self.absent: set[str] = set()
         """Live records whose content this node does not hold (stored while ignored here):
@@ -389,28 +389,21 @@ class FolderSync:
         self._share_root = result.root
         self.problems = [str(problem) for problem in result.problems]
         self.disk.ignored = set(result.ignored)
-        # The scan lists every file: its states are updated in place, one file at a time,
-        # and only the files that differ from their records become DiskFiles (new maps and a
-        # DiskFile per file beside the old maps held ~1 KiB a file at once: a big folder's
-        # first scan, and the full rescan after a join, peaked there).
-        states = self._states
-        stale = set(states)
+        # The scan lists every file (their states stay in the scan index): only the files
+        # that differ from their records become DiskFiles, the rest leave just their paths
+        # (a DiskFile per file held ~1 KiB a file at once: a big folder's first scan, and
+        # the full rescan after a join, peaked there).
+        present: set[str] = set()
         differing: dict[str, DiskFile] = {}
         same = self.records.matches
         files.reverse()  # popped from the end: each tuple is freed once taken
         while files:
-            path, root, size, mtime_ns, inode, mode = files.pop()
-            stale.discard(path)
-            old = states.get(path)
-            if old is None or (old.size, old.mtime_ns, old.inode) != (size, mtime_ns, inode):
-                states[path] = folderdisk.DiskState(size, mtime_ns, inode)
+            path, root, size, mtime_ns, _inode, mode = files.pop()
+            present.add(path)
             digest = ContentHash(root)
             executable = bool(mode & 0o100)
             if not same(path, digest, executable):
                 differing[path] = DiskFile(path, digest, size, executable, mtime_ns)
-        for path in stale:
-            del states[path]
-        del stale
         on_disk = set(directories)
         for directory in directories:
             if not same(directory, DIRECTORY_ROOT, False):
@@ -421,8 +414,8 @@ class FolderSync:
             result.problems,
             lambda _path: True,
             whole=True,
-            present=_OnDisk(states, on_disk),
-            compared=len(states) + len(on_disk),
+            present=_OnDisk(present, on_disk),
+            compared=len(present) + len(on_disk),
         )
 
     async def _record_part(self, part: PartScan) -> None:
@@ -438,13 +431,10 @@ class FolderSync:
             )
 
         found: dict[str, DiskFile] = {}
-        for path in self._states.index.in_scope(shallow, deep_paths):
-            del self._states[path]
         self.disk.ignored = {p for p in self.disk.ignored if not in_scope(p)}
         self.disk.ignored.update(part.ignored)
-        for path, root, size, mtime_ns, inode, mode in part.files:
+        for path, root, size, mtime_ns, _inode, mode in part.files:
             found[path] = DiskFile(path, ContentHash(root), size, bool(mode & 0o100), mtime_ns)
-            self.disk.states[path] = folderdisk.DiskState(size, mtime_ns, inode)
         for directory in part.directories:
             # A directory the scan listed is not itself in scope (only its entries are):
             # compared with no record, it would become a new version with a fresh vector,
@@ -593,7 +583,7 @@ class FolderSync:
                 timer.mark("records")
                 seen_records += len(remote)
                 seen_bytes += sum(r.version.size for r in remote if is_file(r.version))
-                planned = self._plan(remote)
+                planned = self._plan(remote, await self._files_for_plan())
                 del remote
                 timer.mark("plan")
                 fetched = {p: v.size for p, v in planned.fetch if is_file(v)}
@@ -697,13 +687,32 @@ class FolderSync:
             link_vectors[record.version.path] = record.version.version.encode()
         return records
 
-    def _plan(self, remote: list[SignedRecord]) -> Planned:
-        """Plan by the folder rules (``sync/reconcile.py``); sign what we newly record."""
+    async def _scanned(self, paths: Collection[str]) -> dict[str, folderdisk.DiskState]:
+        """The files at ``paths`` as last scanned or placed (read from the scan index)."""
+        if not paths:
+            return {}
+        return await self._index.run(
+            folderdisk.scanned_states, self._index.index, self._real_path, paths
+        )
+
+    async def _files_for_plan(self) -> Collection[str]:
+        """The paths holding a file that the planner asks about: those of records held
+        absent (a file there becomes a concurrent version, never a fetch over it); on a
+        file system that ignores case, all of them (no placement may land on one)."""
+        if self.case_insensitive:
+            return await self._index.run(
+                folderdisk.scanned_paths, self._index.index, self._real_path
+            )
+        return (await self._scanned(list(self.absent))).keys()
+
+    def _plan(self, remote: list[SignedRecord], on_disk: Collection[str]) -> Planned:
+        """Plan by the folder rules (``sync/reconcile.py``); sign what we newly record.
+        ``on_disk``: the paths with a file the plan may ask about (:meth:`_files_for_plan`)."""
         held = Holdings(
             self.records.versions(),
             absent=self.absent,
             ignored=self.ignore,
-            on_disk=self.disk.states.keys(),
+            on_disk=on_disk,
             ignored_on_disk=self.disk.ignored,
             case_insensitive=self.case_insensitive,
         )
@@ -771,8 +780,9 @@ class FolderSync:
         directories = {
             p for p in planned.delete if (r := self.records.get(p)) and r.version.is_directory
         }
+        scanned = await self._scanned([p for p in planned.delete if p not in directories])
         deleted = await in_thread(
-            steps.delete_paths, self.path, self.disk.states, planned.delete, directories
+            steps.delete_paths, self.path, scanned, planned.delete, directories
         )
         deleted.update(moved.values())
         ready = [
@@ -857,7 +867,8 @@ class FolderSync:
             refetch = []
             for path in paths:
                 await in_thread(folderdisk.keep_version, self.path, path, move=True)
-                self.disk.states.pop(path, None)
+                # Moved away: the fetch that follows must find the path as scanned, empty.
+                await self._index.run(self._index.index.forget_files_at, self._real_path, [path])
                 record = self.records.get(path)
                 if record is None or record.version.deleted or record.version.is_directory:
                     continue  # a new local file or directory: put aside, nothing to fetch

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 import trio
@@ -49,8 +49,9 @@ step's durable commit overlaps the next one's transfer."""
 class DiskView:
     """The folder's disk as the last scans saw it, and the files placed since."""
 
-    states: dict[str, folderdisk.DiskState] = field(default_factory=dict)
-    """Regular files (synced or not yet recorded): path -> state as scanned or placed."""
+    scanned: Callable[[Collection[str]], Awaitable[dict[str, folderdisk.DiskState]]]
+    """The regular files (synced or not yet recorded) at some paths: path -> state as last
+    scanned or placed, read from the scan index when asked (no state per file is held)."""
     ignored: set[str] = field(default_factory=set)
     """What the scans left out as ignored: on a file system that ignores case, no placement
     may land on one of these names (it is reported as a collision)."""
@@ -118,9 +119,8 @@ class Placer:
             return {}
         roots = {new: version.root for new, (_old, version) in moves.items()}
         chunk_lists = await self._index.run(steps.chunk_lists, self._index.index, roots)
-        renamed = await in_thread(
-            steps.rename_files, self.path, self.disk.states, moves, chunk_lists
-        )
+        scanned = await self.disk.scanned([*moves, *(old for old, _v in moves.values())])
+        renamed = await in_thread(steps.rename_files, self.path, scanned, moves, chunk_lists)
         moved_from = {moves[new][0] for new in renamed}
         planned.fetch = [(path, version) for path, version in planned.fetch if path not in renamed]
         planned.delete = [path for path in planned.delete if path not in moved_from]
@@ -226,8 +226,9 @@ class Placer:
                     len(failed),
                     min(failed),
                 )
+            scanned = await self.disk.scanned([path for path, _version in items])
             renamed, unplaced = await in_thread(
-                steps.commit_placed, self.path, self.disk.states, finished, planned.conflict_moves
+                steps.commit_placed, self.path, scanned, finished, planned.conflict_moves
             )
             await self._record_placed(renamed, dict(items), chunks_of)
             placed.update(renamed)
@@ -293,9 +294,10 @@ class Placer:
         a few kernel copies (no per-chunk index lookup, read and write); returns the
         offsets done per path."""
         roots: dict[str, ContentHash | None] = {}
+        scanned = await self.disk.scanned(list(partials))
         for path in partials:
             record = self.records.get(path)
-            if path in self.disk.states and record is not None and record.version.root:
+            if path in scanned and record is not None and record.version.root:
                 roots[path] = record.version.root
         if not roots:
             return {}
@@ -387,7 +389,8 @@ class Placer:
         packed_chunks: dict[str, bytes] | None = None,
     ) -> None:
         """What we placed is known content: index it now (no re-read by the next scan, and
-        other members can fetch its chunks from us at once)."""
+        other members can fetch its chunks from us at once). Its row is also its state as
+        placed (:attr:`DiskView.scanned`): a later download or delete there checks it."""
         files = []
         for path, st in placed.items():
             version = versions[path]
@@ -403,5 +406,4 @@ class Placer:
                     path, st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode, version.root, packed
                 )
             )
-            self.disk.states[path] = folderdisk.DiskState(st.st_size, st.st_mtime_ns, st.st_ino)
         await self._index.run(record_placed_files, self._index.index, self.path, files)
