@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from p2pfs.ids import content_hash_untrusted
+from p2pfs.net import TransportConfig
 from p2pfs.wire.ticket import TicketKind, parse_ticket_untrusted
 from tests.e2e_helpers import wait_until
 from tests.support.daemons import DaemonProcess
@@ -33,6 +34,7 @@ STATE_DIR = ".p2pfs"
 PART_PREFIX = ".p2pfs-part-"
 CONFLICT_MARK = ".sync-conflict-"
 CONVERGE_TIMEOUT = 60.0
+IDLE_TIMEOUT = TransportConfig().idle_timeout
 
 DaemonFactory = Callable[..., DaemonProcess]
 Tree = dict[str, tuple[bytes, bool]]
@@ -485,6 +487,30 @@ def test_member_killed_while_applying_has_no_torn_files(
     assert synced == expected
     # The temp file the kill left behind is resumed from or cleaned up, not leaked.
     wait_until(lambda: not has_part_files(b_dir), CONVERGE_TIMEOUT)
+
+
+def test_a_restarted_member_is_linked_again_before_the_old_connection_times_out(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """B is killed and started again. A's link to B still runs on the old connection, which
+    carries nothing until the transport's idle timeout (30 s); B's new connection must take
+    the link over, so B's edit reaches A well before that timeout would have ended the old
+    one (without the take-over it arrives only after it)."""
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir()
+    (a_dir / "a.txt").write_text("from A\n")
+    a, b = daemons("home-a"), daemons("home-b")
+    join(b, b_dir, create_folder(a, a_dir)["rw"])
+    wait_converged([(a, a_dir), (b, b_dir)])
+
+    b.kill(signal.SIGKILL)
+    b.wait()
+    b.start()
+    (b_dir / "after-restart.txt").write_text("from B, restarted\n")
+    wait_until(
+        lambda: content_of(a_dir / "after-restart.txt") == b"from B, restarted\n",
+        IDLE_TIMEOUT / 2,
+    )
 
 
 def test_ignore_patterns_apply_on_every_member(tmp_path: Path, daemons: DaemonFactory) -> None:

@@ -446,3 +446,55 @@ def test_unpinned_client_learns_the_servers_node_id() -> None:
         assert seen == [client_id.node_id]
 
     trio.run(main)
+
+
+class _Blackhole:
+    """A UDP forwarder between one client and a server that can stop passing anything,
+    as a peer that restarted or vanished (no CONNECTION_CLOSE ever comes)."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.silent = False
+        self.socket = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.client: Any = None
+
+    async def run(self) -> None:
+        while True:
+            data, source = await self.socket.recvfrom(65536)
+            if self.silent:
+                continue
+            if source == self.target:
+                if self.client is not None:
+                    await self.socket.sendto(data, self.client)
+            else:
+                self.client = source
+                await self.socket.sendto(data, self.target)
+
+
+@engine_param
+def test_responsive_tells_a_live_peer_from_a_silent_one(engine: str) -> None:
+    server_id, client_id = Identity.generate(), Identity.generate()
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            async with (
+                open_endpoint(server_id, handler=echo_handler, engine=engine) as server,
+                open_endpoint(client_id, engine=engine) as client,
+                trio.open_nursery() as nursery,
+            ):
+                forwarder = _Blackhole(server.local_address)
+                await forwarder.socket.bind(("127.0.0.1", 0))
+                nursery.start_soon(forwarder.run)
+                conn = await client.connect(forwarder.socket.getsockname(), server_id.node_id)
+                assert await conn.responsive(2.0)
+                forwarder.silent = True
+                assert not await conn.responsive(1.0)
+                assert not conn.is_closed  # silent is not closed: the idle timeout is far off
+                forwarder.silent = False
+                assert await conn.responsive(2.0)
+                conn.close_nowait()
+                assert not await conn.responsive(2.0)
+                nursery.cancel_scope.cancel()
+                forwarder.socket.close()
+
+    trio.run(main)

@@ -77,6 +77,7 @@ class PeerConnection:
         self._hooks = hooks
         self._quic = quic
         self._pings = 0
+        self._ping_acks: dict[int, trio.Event] = {}
         self._engine = engine
         self.config = config
         self._identity = identity
@@ -142,6 +143,7 @@ class PeerConnection:
             events.ConnectionIdIssued: self._on_cid_issued,
             events.ConnectionIdRetired: self._on_cid_retired,
             events.ConnectionTerminated: self._on_terminated,
+            events.PingAcknowledged: self._on_ping_acknowledged,
         }
 
     def __repr__(self) -> str:
@@ -230,6 +232,25 @@ class PeerConnection:
         with self._guard:
             self._quic.send_ping(self._pings)
         self._after_input()
+
+    async def responsive(self, timeout: float) -> bool:
+        """Whether the peer acknowledges a PING within ``timeout`` seconds. A peer that
+        restarted (or vanished) never does, while its old connection would only end at the
+        idle timeout; the engine retransmits the PING on its own probe timer meanwhile."""
+        if self._terminated or self._closed_locally or self._error is not None:
+            return False
+        self._pings += 1
+        uid = self._pings
+        acknowledged = self._ping_acks[uid] = trio.Event()
+        try:
+            with self._guard:
+                self._quic.send_ping(uid)
+            self._after_input()
+            with trio.move_on_after(timeout):
+                await _first_set(acknowledged, self._closed)
+            return acknowledged.is_set()
+        finally:
+            self._ping_acks.pop(uid, None)
 
     def send_pending(self) -> None:
         """Transmit what the engine has queued (a new client's first flight)."""
@@ -564,6 +585,11 @@ class PeerConnection:
         self.cids.discard(event.connection_id)
         self._hooks.unregister_cid(event.connection_id)
 
+    def _on_ping_acknowledged(self, event: Any) -> None:
+        acknowledged = self._ping_acks.get(event.uid)
+        if acknowledged is not None:
+            acknowledged.set()
+
     def _on_terminated(self, event: Any) -> None:
         if self._error is None:
             self._lost(_closed_by_peer(event))
@@ -709,3 +735,15 @@ def _closed_by_peer(event: Any) -> ConnectionClosedError:
         f"connection closed: {reason} (code {event.error_code:#x})",
         error_code=event.error_code,
     )
+
+
+async def _first_set(first: trio.Event, second: trio.Event) -> None:
+    """Return once either event is set."""
+    async with trio.open_nursery() as nursery:
+
+        async def wait_for(event: trio.Event) -> None:
+            await event.wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(wait_for, first)
+        nursery.start_soon(wait_for, second)

@@ -33,7 +33,7 @@ from p2pfs.errors import (
     StreamResetError,
 )
 from p2pfs.ids import ContentHash, NodeId
-from p2pfs.net import PeerConnection
+from p2pfs.net import CloseCode, PeerConnection
 from p2pfs.store import folderdisk as disk
 from p2pfs.store.folders import FolderStore
 from p2pfs.sync.keys import FolderKeys, device_id
@@ -75,6 +75,10 @@ KEEPALIVE_INTERVAL = 10.0
 """A PING this often keeps a quiet member link under the transport's 30 s idle timeout."""
 RETRY_INTERVAL = 5.0
 """A reconcile that could not finish (a chunk not yet servable, a disk error) is retried."""
+STALE_PROBE_TIMEOUT = 2.0
+"""How long a link's connection may leave a PING unanswered, once the member has proved
+itself on another connection, before the link moves to the new one (several probe
+timeouts at any RTT a member link should keep)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,9 +296,37 @@ class FolderManager:
         """A peer proved membership as a client on ``conn``: link back on the same
         connection (unless a link to that member exists)."""
         nursery = self._folder_nurseries.get(folder.folder_id)
-        if (folder.folder_id, conn.peer_id.raw) in self._links or nursery is None:
+        if nursery is None:
             return
-        nursery.start_soon(self._link, folder, conn)
+        existing = self._links.get((folder.folder_id, conn.peer_id.raw))
+        if existing is None:
+            nursery.start_soon(self._link, folder, conn)
+        elif existing.conn is not conn:
+            nursery.start_soon(self._relink_if_stale, folder, existing, conn)
+
+    async def _relink_if_stale(
+        self, folder: FolderSync, existing: FolderLink, conn: PeerConnection
+    ) -> None:
+        """A member proved itself on a new connection while our link to it runs on an older
+        one. A member that restarted does so, and its old connection then carries nothing
+        until the idle timeout (30 s): our changes would not reach it, nor its ours, until
+        then. If the old connection no longer answers, it is closed and the link moves to
+        the new one. Both are alive when two members dial each other at once: the link
+        stays where it is (no flapping between them)."""
+        key = (folder.folder_id, conn.peer_id.raw)
+        if await existing.conn.responsive(STALE_PROBE_TIMEOUT):
+            return
+        logger.info(
+            "folder %s: %s reconnected; its old connection is silent: linking on the new one",
+            folder.path,
+            conn.peer_id.short(),
+        )
+        existing.conn.close_nowait(CloseCode.NO_ERROR, "superseded by a new connection")
+        with trio.move_on_after(STALE_PROBE_TIMEOUT):
+            while self._links.get(key) is existing:
+                await trio.sleep(0.01)
+        if key not in self._links and not conn.is_closed:
+            await self._link(folder, conn)
 
     async def _connect_members(self, folder: FolderSync) -> None:
         while True:
@@ -424,9 +456,10 @@ class FolderManager:
             )
             conn.close_nowait(0, "internal error")
         finally:
-            del self._links[key]
-            self._member_roots.pop(key, None)
-            self._member_needs.pop(key, None)
+            if self._links.get(key) is link:
+                del self._links[key]
+                self._member_roots.pop(key, None)
+                self._member_needs.pop(key, None)
 
     async def _follow(self, folder: FolderSync, link: FolderLink) -> None:
         """Reconcile whenever the member's root or ours changes and they differ; retry a
