@@ -16,6 +16,7 @@ from p2pfs.store.folders import FolderStore
 from p2pfs.store.index import IndexStore
 from p2pfs.store.scanner import scan_share
 from p2pfs.sync.keys import FolderKeys
+from p2pfs.sync.records import build_index, index_leaf
 from p2pfs.sync.versions import Ordering
 
 OLD_NS = 1_600_000_000 * 10**9
@@ -162,3 +163,49 @@ def scanned_root(index: IndexStore, path: Path) -> bytes:
     """The tree root the scan index holds for ``path`` (another share's file)."""
     row = index.connection.execute("SELECT root FROM files WHERE name = ?", (path.name,)).fetchone()
     return bytes(row[0])
+
+
+def test_a_first_scan_past_the_held_changes_builds_the_tree_from_the_store(
+    tmp_path: Path,
+) -> None:
+    """Past ``held_changes`` leaf changes, a first scan (or a join) builds its index tree
+    from the store's leaves at the end rather than from a dict of every change: the same
+    tree, served, and the one a restart loads."""
+    top = tmp_path / "folder"
+    for number in range(40):
+        path = top / f"d{number % 4}" / f"f{number:02d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"file {number}\n")
+        os.utime(path, ns=(OLD_NS, OLD_NS))
+    folderdisk.write_marker(str(top))
+
+    async def main() -> None:
+        with IndexStore(tmp_path / "index.sqlite3") as index:
+            store = FolderStore(index)
+            keys = FolderKeys.from_write_seed(bytes(range(32)))
+            row = store.add_folder(
+                keys.folder_id,
+                str(top),
+                keys.read_key,
+                keys.write_public,
+                keys.write_seed,
+                bytes([7]) * 32,
+                0,
+            )
+            folder = FolderSync(row, AsyncIndex(index), store, lambda _f, _c: None)
+            folder.held_changes = 10
+            await folder.load()
+            await folder.rescan(force=True)
+            assert len(folder.records) == 44 and folder.root.size == 44
+            assert folder.root == build_index(index_leaf(r) for r in folder.records.values())
+            assert folder.served_node(folder.root.hash) is not None
+            (top / "d1" / "f01.txt").write_text("edited\n")
+            await folder.rescan(force=True)  # one change: along its path, not rebuilt
+            assert folder.root == build_index(index_leaf(r) for r in folder.records.values())
+            folder.close()
+            again = FolderSync(row, AsyncIndex(index), store, lambda _f, _c: None)
+            await again.load()
+            assert again.root == folder.root and again.records.files == 40
+            again.close()
+
+    trio.run(main)

@@ -3,14 +3,28 @@ work per change): they answer exactly what the dicts and full walks they replace
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pfs.ids import ContentHash
+from p2pfs.store.folders import FolderStore
+from p2pfs.store.index import IndexStore
 from p2pfs.sync.ignore import PARTIAL_PREFIX, STATE_DIR, IgnoreRules
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.planner import CONFLICT_MARKER
-from p2pfs.sync.records import SignedRecord, record_hash
+from p2pfs.sync.records import (
+    IndexLeaf,
+    IndexTree,
+    PackedLeaves,
+    SignedRecord,
+    build_index,
+    index_leaf,
+    path_key,
+    record_hash,
+)
 from p2pfs.sync.recordset import DirectoryIndex, IndexedPaths, RecordSet
 from p2pfs.sync.versions import DIRECTORY_ROOT, FileVersion, VersionVector
 
@@ -144,3 +158,130 @@ def test_the_state_directory_shortcut_ignores_exactly_what_the_parts_rule_does(
 ) -> None:
     path = "/".join(part.replace("/", "_") for part in parts)
     assert IgnoreRules()(path) == state_rule_by_parts(path)
+
+
+def folder_store(directory: Path) -> tuple[IndexStore, FolderStore, int]:
+    index = IndexStore(directory / "index.sqlite3")
+    store = FolderStore(index)
+    row = store.add_folder(
+        KEYS.folder_id,
+        str(directory / "folder"),
+        KEYS.read_key,
+        KEYS.write_public,
+        KEYS.write_seed,
+        bytes([7]) * 32,
+        0,
+    )
+    return index, store, row.id
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.tuples(paths, st.data(), st.booleans()), max_size=25),
+    st.sets(directories, max_size=3),
+    st.sets(directories, max_size=3),
+)
+def test_records_in_the_folders_store_answer_what_records_in_memory_do(
+    puts: list[tuple[str, st.DataObject, bool]], shallow: set[str], deep: set[str]
+) -> None:
+    """The daemon's RecordSet reads the folder's SQLite store (no record kept in memory):
+    stored in batches (a path may come twice in one), it counts, serves by path, hash and
+    directory, and loads (counts, absent paths, the index tree's leaves) as a RecordSet
+    over memory does."""
+    with tempfile.TemporaryDirectory() as scratch:
+        index, store, folder = folder_store(Path(scratch))
+        stored = RecordSet(store.record_source(folder))
+        memory = RecordSet()
+        absent: dict[str, bool] = {}
+        batch: list[tuple[str, bytes, bool]] = []
+        records: list[SignedRecord] = []
+        for number, (path, data, is_absent) in enumerate(puts):
+            record = SignedRecord.sign(data.draw(versions(path)), KEYS)
+            memory.put(path, record.encode(), record)
+            absent[path] = is_absent and not record.version.deleted  # as the engine stores
+            batch.append((path, record.encode(), absent[path]))
+            records.append(record)
+            if number % 4 == 3 or number == len(puts) - 1:
+                replaced = store.put_records(folder, batch)
+                for (p, encoded, _a), r, (old, key, digest) in zip(
+                    batch, records, replaced, strict=True
+                ):
+                    assert key == path_key(p) and digest == record_hash(encoded)
+                    stored.noted(p, old, encoded, r if number % 2 else None, digest)
+                batch, records = [], []
+        assert dict(stored) == dict(memory) and len(stored) == len(memory)
+        assert sorted(stored) == sorted(memory)
+        assert stored.counts == memory.counts
+        assert stored.in_scope(shallow, deep) == memory.in_scope(shallow, deep)
+        asked = {path for path, _data, _absent in puts} | {"never/put"}
+        assert stored.records_at(asked) == memory.records_at(asked) == dict(memory)
+        found = [(p, r.version.root or bytes(32), r.version.executable) for p, r in memory.items()]
+        found.append(("never/put", bytes(32), False))
+        assert stored.unmatched(found) == memory.unmatched(found)
+        for path, record in memory.items():
+            assert stored.encoded_by_hash(record.hash) == record.encode()
+            assert stored.file_size(path) == memory.file_size(path)
+        # A restart: a fresh RecordSet over the same store, loaded.
+        stored.close()
+        loaded = store.load_records(folder)
+        assert loaded.counts == memory.counts
+        assert loaded.absent == {path for path, is_absent in absent.items() if is_absent}
+        tree = IndexTree.from_packed(PackedLeaves.packed(loaded.leaves))
+        assert tree.leaves == {path_key(p): r.hash for p, r in memory.items()}
+        assert tree.root == build_index(index_leaf(r) for r in memory.values())
+        index.close()
+
+
+def test_records_stored_before_schema_5_get_their_hash_key_and_directory_at_load(
+    tmp_path: Path,
+) -> None:
+    index, store, folder = folder_store(tmp_path)
+    version = FileVersion(
+        "docs/a.txt",
+        VersionVector.empty().bump(DEVICES[0]),
+        False,
+        ContentHash(bytes(32)),
+        5,
+        False,
+        0,
+        DEVICES[0],
+    )
+    record = SignedRecord.sign(version, KEYS)
+    # As an older p2pfs wrote it: no derived columns.
+    index.connection.execute(
+        "INSERT INTO folder_records (folder, path, record, absent) VALUES (?, ?, ?, 0)",
+        (folder, "docs/a.txt", record.encode()),
+    )
+    records = RecordSet(store.record_source(folder))
+    assert records.encoded_by_hash(record.hash) is None
+    loaded = store.load_records(folder)
+    assert loaded.counts.files == 1 and loaded.counts.file_bytes == 5
+    assert bytes(loaded.leaves) == path_key("docs/a.txt") + record.hash
+    assert records.encoded_by_hash(record.hash) == record.encode()
+    assert records.in_scope({"docs"}, ()) == {"docs/a.txt"}
+    records.close()
+    index.close()
+
+
+@given(
+    st.dictionaries(st.binary(min_size=32, max_size=32), st.binary(min_size=32, max_size=32)),
+    st.dictionaries(
+        st.binary(min_size=32, max_size=32),
+        st.one_of(st.none(), st.binary(min_size=32, max_size=32)),
+    ),
+)
+def test_merged_packed_leaves_are_the_leaves_with_the_changes_applied(
+    leaves: dict[bytes, bytes], changes: dict[bytes, bytes | None]
+) -> None:
+    packed = PackedLeaves(IndexLeaf(k, ContentHash(leaves[k])) for k in sorted(leaves))
+    # Some changes land on held keys.
+    changes.update({k: None for k in list(leaves)[::3]})
+    expected = {**leaves}
+    for key, digest in changes.items():
+        if digest is None:
+            expected.pop(key, None)
+        else:
+            expected[key] = digest
+    merged = packed.merged({k: None if v is None else ContentHash(v) for k, v in changes.items()})
+    assert merged.as_dict() == expected
+    assert [leaf.path_key for leaf in merged] == sorted(expected)

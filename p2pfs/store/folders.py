@@ -7,12 +7,20 @@ serialise, as for the index itself.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from p2pfs.errors import StorageError
+from p2pfs.ids import ContentHash
 from p2pfs.store.index import IndexStore
+from p2pfs.sync.records import path_key, record_hash
+from p2pfs.sync.recordset import READ_BATCH, RecordCounts, parent
+
+DERIVE_BATCH = 4096
+READER_CACHE_KIB = 4096
+"""The record reader's own SQLite page cache (the index connection has 16 MiB)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +41,15 @@ class PeerRow:
     host: str
     port: int
     seen_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedRecords:
+    counts: RecordCounts
+    absent: set[str]
+    """Paths of live records held without their content."""
+    leaves: bytearray
+    """The index tree's leaves in path-key order, packed (see sync.records.PackedLeaves)."""
 
 
 @contextmanager
@@ -104,21 +121,82 @@ class FolderStore:
             self._conn.execute("DELETE FROM folder_peers WHERE folder = ?", (folder,))
             self._conn.execute("DELETE FROM folders WHERE id = ?", (folder,))
 
-    def records(self, folder: int) -> dict[str, tuple[bytes, bool]]:
-        """path -> (signed record, absent: a live record whose content this node lacks)."""
-        with _guard("reading folder records"):
-            rows = self._conn.execute(
+    def load_records(self, folder: int) -> LoadedRecords:
+        """What a folder keeps in memory of its records, read in one pass (a load): the
+        counts, the paths held absent, and the index tree's leaves in path-key order,
+        packed (64 bytes a record; streamed from an index, so nothing per record is made).
+        Rows written before schema 5 get their hash, key and directory first."""
+        counts = RecordCounts()
+        absent: set[str] = set()
+        leaves = bytearray()
+        with _guard("reading folder records"), self.index.transaction():
+            self._derive_columns(folder)
+            for path, encoded, is_absent in self._conn.execute(
                 "SELECT path, record, absent FROM folder_records WHERE folder = ?", (folder,)
-            ).fetchall()
-        return {path: (bytes(record), bool(absent)) for path, record, absent in rows}
+            ):
+                counts.records += 1
+                counts.count(path, encoded, 1)
+                if is_absent:
+                    absent.add(path)
+            for key, digest in self._conn.execute(
+                "SELECT key, hash FROM folder_records WHERE folder = ? ORDER BY key", (folder,)
+            ):
+                leaves += key
+                leaves += digest
+        return LoadedRecords(counts, absent, leaves)
 
-    def put_records(self, folder: int, records: Iterable[tuple[str, bytes, bool]]) -> None:
-        with _guard("writing folder records"), self.index.transaction():
+    def tree_leaves(self, folder: int) -> bytearray:
+        """The index tree's leaves (path key, record hash) in key order, packed."""
+        leaves = bytearray()
+        with _guard("reading folder records"):
+            for key, digest in self._conn.execute(
+                "SELECT key, hash FROM folder_records WHERE folder = ? ORDER BY key", (folder,)
+            ):
+                leaves += key
+                leaves += digest
+        return leaves
+
+    def _derive_columns(self, folder: int) -> None:
+        """Fill hash, key and dir where they are missing (rows older than schema 5)."""
+        while rows := self._conn.execute(
+            "SELECT path, record FROM folder_records WHERE folder = ? AND hash IS NULL "
+            f"LIMIT {DERIVE_BATCH}",
+            (folder,),
+        ).fetchall():
             self._conn.executemany(
-                "INSERT OR REPLACE INTO folder_records (folder, path, record, absent) "
-                "VALUES (?, ?, ?, ?)",
-                [(folder, path, record, int(absent)) for path, record, absent in records],
+                "UPDATE folder_records SET hash = ?, key = ?, dir = ? "
+                "WHERE folder = ? AND path = ?",
+                [
+                    (record_hash(encoded), path_key(path), parent(path), folder, path)
+                    for path, encoded in rows
+                ],
             )
+
+    def put_records(
+        self, folder: int, records: Iterable[tuple[str, bytes, bool]]
+    ) -> list[tuple[bytes | None, bytes, ContentHash]]:
+        """Store (path, signed record, absent) rows, in one transaction; returns, for each,
+        the record it replaced (None: a new path), its path key and its record hash."""
+        replaced = []
+        with _guard("writing folder records"), self.index.transaction():
+            # Row by row: a later row for a path replaces an earlier one of the same call.
+            for path, encoded, absent in records:
+                old = self._conn.execute(
+                    "SELECT record FROM folder_records WHERE folder = ? AND path = ?",
+                    (folder, path),
+                ).fetchone()
+                key, digest = path_key(path), record_hash(encoded)
+                replaced.append((None if old is None else bytes(old[0]), key, digest))
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO folder_records "
+                    "(folder, path, record, absent, hash, key, dir) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (folder, path, encoded, int(absent), digest, key, parent(path)),
+                )
+        return replaced
+
+    def record_source(self, folder: int) -> SqliteRecords:
+        """The folder's records, read on a connection of their own (see SqliteRecords)."""
+        return SqliteRecords(self.index.path, folder)
 
     def held_roots(self, share_path: str, roots: Iterable[bytes]) -> set[bytes]:
         """Those of ``roots`` that a file of the share at ``share_path`` (its real path, as
@@ -162,3 +240,94 @@ class FolderStore:
                 "VALUES (?, ?, ?, ?, ?)",
                 (folder, node_id, host, port, seen_ns),
             )
+
+
+class SqliteRecords:
+    """A folder's records read from the index database (a ``RecordSource``), on a
+    read-only connection of its own: a read on the event loop never waits for the index
+    connection's writer (WAL: readers see what was committed), and each call holds a lock
+    only for its own statements, so a worker thread's bulk read interleaves with the event
+    loop's single ones. Writes go through :meth:`FolderStore.put_records`."""
+
+    def __init__(self, path: str, folder: int) -> None:
+        self._folder = folder
+        self._lock = threading.Lock()
+        with _guard("opening the folder's record reader"):
+            self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._conn.execute("PRAGMA query_only=ON")
+            self._conn.execute(f"PRAGMA cache_size=-{READER_CACHE_KIB}")
+
+    def close(self) -> None:
+        with self._lock, _guard("closing the folder's record reader"):
+            self._conn.close()
+
+    def get(self, path: str) -> bytes | None:
+        with self._lock, _guard("reading a folder record"):
+            row = self._conn.execute(
+                "SELECT record FROM folder_records WHERE folder = ? AND path = ?",
+                (self._folder, path),
+            ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def get_many(self, paths: Collection[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        wanted = list(paths)
+        for start in range(0, len(wanted), READ_BATCH):
+            batch = wanted[start : start + READ_BATCH]
+            marks = ",".join("?" * len(batch))
+            with self._lock, _guard("reading folder records"):
+                rows = self._conn.execute(
+                    "SELECT path, record FROM folder_records "
+                    f"WHERE folder = ? AND path IN ({marks})",
+                    (self._folder, *batch),
+                ).fetchall()
+            found.update((path, bytes(record)) for path, record in rows)
+        return found
+
+    def by_hash(self, digest: ContentHash) -> bytes | None:
+        with self._lock, _guard("reading a folder record by hash"):
+            row = self._conn.execute(
+                "SELECT record FROM folder_records WHERE hash = ? AND folder = ?",
+                (digest, self._folder),
+            ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def in_directories(self, shallow: Collection[str], deep: Collection[str]) -> set[str]:
+        found: set[str] = set()
+        with self._lock, _guard("reading folder paths by directory"):
+            for directory in shallow:
+                found.update(
+                    path
+                    for (path,) in self._conn.execute(
+                        "SELECT path FROM folder_records WHERE folder = ? AND dir = ?",
+                        (self._folder, directory),
+                    )
+                )
+            for directory in deep:
+                # d itself, and every path below it: 'd/' <= path < 'd0' ('0' follows '/')
+                found.update(
+                    path
+                    for (path,) in self._conn.execute(
+                        "SELECT path FROM folder_records WHERE folder = ? AND "
+                        "(path = ? OR (path >= ? AND path < ?))",
+                        (self._folder, directory, f"{directory}/", f"{directory}0")
+                        if directory
+                        else (self._folder, directory, "", ""),
+                    )
+                )
+        return found
+
+    def paths(self) -> Iterator[str]:
+        after = ""  # no record has the empty path
+        while True:
+            with self._lock, _guard("listing folder records"):
+                rows = self._conn.execute(
+                    "SELECT path FROM folder_records WHERE folder = ? AND path > ? "
+                    "ORDER BY path LIMIT ?",
+                    (self._folder, after, READ_BATCH),
+                ).fetchall()
+            if not rows:
+                return
+            for (path,) in rows:
+                yield path
+            after = rows[-1][0]

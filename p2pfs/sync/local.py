@@ -101,7 +101,10 @@ def iter_local_changes(
                     device,
                 )
             )
-    for path in list(records):
+    # A view that reads its paths in pages (the folder's store: ``paged``) is iterated as
+    # it is (a list of 200,000 paths held ~14 MiB); a dict is copied first, as records may
+    # be stored between two reads.
+    for path in records if getattr(records, "paged", False) else list(records):
         if path in on_disk or path in disk or path in absent or absence_is_unknown(path):
             continue
         record = records[path]

@@ -22,7 +22,7 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import trio
 
@@ -45,10 +45,9 @@ from p2pfs.sync.records import (
     IndexTree,
     PackedLeaves,
     SignedRecord,
-    path_key,
     remote_changes,
 )
-from p2pfs.sync.recordset import RecordSet
+from p2pfs.sync.recordset import KnownVersions, RecordSet
 from p2pfs.sync.versions import (
     DIRECTORY_ROOT,
     FileVersion,
@@ -77,6 +76,9 @@ holds one batch decoded and planned at a time (~2 KiB a record), not every recor
 """Local changes signed and stored per batch (a first scan records every file)."""
 SIGN_IN_THREAD = 64
 """Local changes signed on the event loop at most (~60 us each); more go to a thread."""
+HELD_CHANGES = 16384
+"""Leaf changes held for the tree's update at the end of a join or first scan (~0.2 KiB
+each); beyond, the tree is built from the store's leaves then (64 bytes a record)."""
 TREE_UPDATE_IN_THREAD = 256
 """Index-tree updates of more records than this run in a worker thread (a big batch, or a
 first load, rebuilds the tree: ~1.7 s for 200,000 records); one edit costs ~0.3 ms."""
@@ -144,7 +146,8 @@ class FolderSync:
         self._ignore_file = folderdisk.IgnoreFile(self.path)
         self.ignore = IgnoreRules()
         """The folder's ignore rules as of the last scan."""
-        self.records = RecordSet()  # every record of the folder, encoded (decoded when read)
+        # Every record of the folder, read from its SQLite store (none held in memory).
+        self.records = RecordSet(store.record_source(row.id))
         self._tree = IndexTree()
         """The index tree, updated along the changed paths (never rebuilt per change)."""
         self._nodes: dict[ContentHash, bytes] = {}  # every node of the current tree, by hash
@@ -153,7 +156,7 @@ class FolderSync:
         servable for members mid-diff."""
         self._root: Child = EMPTY_INDEX
         self._changed = trio.Event()
-        self._held_changes: dict[bytes, ContentHash | None] | None = None
+        self._held: _HeldChanges | None = None
         # The files' states as scanned or placed are read from the scan index when asked
         # (a state per file held here cost ~0.34 KiB a file).
         self.disk = DiskView(self._scanned)
@@ -176,8 +179,14 @@ class FolderSync:
         self.lock = trio.Lock()
         self._pending: set[str] | None = set()
         """On-disk paths the watcher named since the last scan (None: scan everything)."""
-        # join_batch: records planned per batch (a test hook lowers it)
-        self.scans, self.work, self.join_batch = 0, FolderWork(), JOIN_BATCH
+        # join_batch: records planned per batch; held_changes: leaf changes held for the
+        # tree at most (test hooks lower them)
+        self.scans, self.work, self.join_batch, self.held_changes = (
+            0,
+            FolderWork(),
+            JOIN_BATCH,
+            HELD_CHANGES,
+        )
         self.dirty = True
         """The disk may have changed since the last scan. The file-system watcher sets it;
         without a watcher it stays set, and every reconcile rescans first."""
@@ -205,15 +214,11 @@ class FolderSync:
         self.case_insensitive = assume_case_insensitive or await in_thread(
             folderdisk.ignores_case, self.path
         )
-        stored = await self._index.run(self._store.records, self.row.id)
-        changes: dict[bytes, ContentHash | None] = {}
-        # Stored records were verified when they arrived (or signed here): loading checks
-        # no signature again (~0.3 ms each: a minute for 200,000 records).
-        for path, (encoded, absent) in stored.items():
-            changes[path_key(path)] = self.records.put(path, encoded)
-            if absent:
-                self.absent.add(path)
-        del stored
+        # Stored records were verified when they arrived (or signed here): a load reads
+        # their counts and the tree's leaves (streamed, packed), decodes none of them.
+        loaded = await self._index.run(self._store.load_records, self.row.id)
+        self.records.counts = loaded.counts
+        self.absent = loaded.absent
         # Members not met for MEMBER_EXPIRY are forgotten, and at most MAX_MEMBERS of the
         # most recently met are dialled: an address is kept only because a connection to it
         # authenticated, but a member that left must not be called forever.
@@ -222,26 +227,21 @@ class FolderSync:
         for peer in (await self._index.run(self._store.peers, self.row.id))[:MAX_MEMBERS]:
             self.peers[peer.node_id] = (peer.host, peer.port)
             self._peer_seen[peer.node_id] = peer.seen_ns
-        await self._update_tree(changes)
-
-    def _put(
-        self, record: SignedRecord, encoded: bytes, pending: dict[bytes, ContentHash | None]
-    ) -> None:
-        """Hold ``record``; its index leaf (path key -> record hash) joins ``pending``, the
-        changes the tree takes next."""
-        path = record.version.path
-        pending[path_key(path)] = self.records.put(path, encoded, record)
+        leaves = PackedLeaves.packed(loaded.leaves)
+        del loaded
+        await self._replace_tree(await trio.to_thread.run_sync(IndexTree.from_packed, leaves))
 
     def close(self) -> None:
         """The folder is no longer synced here: wake whoever waits for its changes."""
         changed, self._changed = self._changed, trio.Event()
         changed.set()
+        self.records.close()
 
     async def _update_tree(self, changes: dict[bytes, ContentHash | None]) -> None:
         """Carry changed leaves into the index tree (only the nodes along their paths);
         a big batch runs in a worker thread, off the event loop."""
-        if self._held_changes is not None:
-            self._held_changes.update(changes)
+        if self._held is not None:
+            self._held.add(changes)
             return
         if len(changes) > TREE_UPDATE_IN_THREAD:
             delta = await trio.to_thread.run_sync(self._tree.update, changes)
@@ -254,6 +254,21 @@ class FolderSync:
         retired = {h: self._nodes.pop(h) for h in delta.removed if h in self._nodes}
         self._nodes.update(delta.added)
         self._retired = [retired, *self._retired[: KEPT_TREES - 2]]
+        self._new_root(root)
+
+    async def _replace_tree(self, tree: IndexTree) -> None:
+        """``tree`` (built afresh from the stored records) becomes the folder's tree; the
+        old one's nodes stay servable as a retired tree."""
+        nodes = await trio.to_thread.run_sync(tree.nodes)
+        self.work.index_nodes_made += len(nodes)
+        self._tree = tree
+        retired, self._nodes = self._nodes, nodes
+        if tree.root == self._root:
+            return
+        self._retired = [retired, *self._retired[: KEPT_TREES - 2]]
+        self._new_root(tree.root)
+
+    def _new_root(self, root: Child) -> None:
         self._root = root
         changed, self._changed = self._changed, trio.Event()
         changed.set()
@@ -268,11 +283,13 @@ class FolderSync:
             (r.version.path, r.encode(), r.version.path in absent and not r.version.deleted)
             for r in records
         ]
-        await self._index.run(self._store.put_records, self.row.id, rows)
+        replaced = await self._index.run(self._store.put_records, self.row.id, rows)
         self.work.records_stored += len(rows)
         changes: dict[bytes, ContentHash | None] = {}
-        for (path, encoded, is_absent), record in zip(rows, records, strict=True):
-            self._put(record, encoded, changes)
+        for (path, encoded, is_absent), record, (old, key, digest) in zip(
+            rows, records, replaced, strict=True
+        ):
+            changes[key] = self.records.noted(path, old, encoded, record, digest)
             if is_absent:
                 self.absent.add(path)
             else:
@@ -395,7 +412,19 @@ class FolderSync:
         # the full rescan after a join, peaked there).
         present: set[str] = set()
         differing: dict[str, DiskFile] = {}
-        same = self.records.matches
+        # Which files differ from their records is read in a worker thread, in batches
+        # (a record read is a SQLite lookup: ~2 us each, 0.4 s at 200,000 files).
+        unmatched = await in_thread(
+            self.records.unmatched,
+            itertools.chain(
+                ((f[0], f[1], bool(f[5] & 0o100)) for f in files),
+                ((d, DIRECTORY_ROOT, False) for d in directories),
+            ),
+        )
+
+        def same(path: str, _root: bytes, _executable: bool) -> bool:
+            return path not in unmatched
+
         files.reverse()  # popped from the end: each tuple is freed once taken
         while files:
             path, root, size, mtime_ns, _inode, mode = files.pop()
@@ -441,7 +470,8 @@ class FolderSync:
             # concurrent with (or older than) the folder's record of it.
             if in_scope(directory):
                 found[directory] = directory_entry(directory)
-        records = {p: self.records[p].version for p in self.records.in_scope(shallow, deep_paths)}
+        scope = self.records.in_scope(shallow, deep_paths)
+        records = {p: r.version for p, r in self.records.records_at(scope).items()}
         await self._record_changes(records, found, part.problems, in_scope)
 
     async def _record_changes(
@@ -583,7 +613,15 @@ class FolderSync:
                 timer.mark("records")
                 seen_records += len(remote)
                 seen_bytes += sum(r.version.size for r in remote if is_file(r.version))
-                planned = self._plan(remote, await self._files_for_plan())
+                # The batch's paths' records, read in one go off the event loop.
+                asked = {record.version.path for record in remote}
+                known = await in_thread(self.records.records_at, asked)
+                planned = self._plan(
+                    remote,
+                    KnownVersions(known, asked, self.records),
+                    await self._files_for_plan(),
+                )
+                del known, asked
                 del remote
                 timer.mark("plan")
                 fetched = {p: v.size for p, v in planned.fetch if is_file(v)}
@@ -643,17 +681,24 @@ class FolderSync:
         """Records stored inside the block reach the index tree once, when it ends: one
         rebuild rather than one per batch, and no member diffs against a half-way tree
         (the records themselves are stored at once)."""
-        if self._held_changes is not None:  # nested: the outer block carries them
+        if self._held is not None:  # nested: the outer block carries them
             yield
             return
-        self._held_changes = {}
+        self._held = _HeldChanges(self.held_changes)
         try:
             yield
         finally:
-            held, self._held_changes = self._held_changes, None
-            if held:
-                with trio.CancelScope(shield=True):  # the tree must match the records
-                    await self._update_tree(held)
+            held, self._held = self._held, None
+            with trio.CancelScope(shield=True):  # the tree must match the records
+                if held.overflow:
+                    leaves = await self._index.run(self._store.tree_leaves, self.row.id)
+                    tree = await trio.to_thread.run_sync(
+                        IndexTree.from_packed, PackedLeaves.packed(leaves)
+                    )
+                    del leaves
+                    await self._replace_tree(tree)
+                elif held.changes:
+                    await self._update_tree(held.changes)
 
     async def _fetch_records(self, link: FolderLink, leaves: list[IndexLeaf]) -> list[SignedRecord]:
         hashes = [leaf.record_hash for leaf in leaves]
@@ -705,11 +750,14 @@ class FolderSync:
             )
         return (await self._scanned(list(self.absent))).keys()
 
-    def _plan(self, remote: list[SignedRecord], on_disk: Collection[str]) -> Planned:
-        """Plan by the folder rules (``sync/reconcile.py``); sign what we newly record.
-        ``on_disk``: the paths with a file the plan may ask about (:meth:`_files_for_plan`)."""
+    def _plan(
+        self, remote: list[SignedRecord], records: KnownVersions, on_disk: Collection[str]
+    ) -> Planned:
+        """Plan by the folder rules (``sync/reconcile.py``) against ``records`` (ours, the
+        batch's paths read ahead); sign what we newly record. ``on_disk``: the paths with a
+        file the plan may ask about (:meth:`_files_for_plan`)."""
         held = Holdings(
-            self.records.versions(),
+            records,
             absent=self.absent,
             ignored=self.ignore,
             on_disk=on_disk,
@@ -739,7 +787,7 @@ class FolderSync:
         self.collisions.update(plan.collisions)
         received = {record.version.path: record for record in remote}
         return Planned(
-            [self._signed(version, received) for version in plan.records],
+            [self._signed(version, received, records) for version in plan.records],
             list(plan.fetch),
             list(plan.delete),
             dict(plan.conflict_moves),
@@ -747,12 +795,17 @@ class FolderSync:
             set(plan.absent),
         )
 
-    def _signed(self, version: FileVersion, received: dict[str, SignedRecord]) -> SignedRecord:
+    def _signed(
+        self, version: FileVersion, received: dict[str, SignedRecord], records: KnownVersions
+    ) -> SignedRecord:
         """The signed record of ``version``: one a member sent or we hold, else signed now
         (only a read-write member's plan holds versions nobody signed yet)."""
-        for known in (received.get(version.path), self.records.get(version.path)):
-            if known is not None and known.version == version:
-                return known
+        theirs = received.get(version.path)
+        if theirs is not None and theirs.version == version:
+            return theirs
+        mine = records.record(version.path)
+        if mine is not None and mine.version == version:
+            return mine
         return SignedRecord.sign(version, self.keys)
 
     def missing_content(self) -> bool:
@@ -938,6 +991,25 @@ class FolderSync:
                 *self.problems[:50],
             ],
         }
+
+
+@dataclass(slots=True)
+class _HeldChanges:
+    """Index-leaf changes held for the tree until a join or a first scan ends."""
+
+    limit: int
+    changes: dict[bytes, ContentHash | None] = field(default_factory=dict)
+    overflow: bool = False
+    """More than ``limit`` came: the tree is built from the store's leaves instead (a
+    dict of every change cost ~0.2 KiB a record at once)."""
+
+    def add(self, changes: dict[bytes, ContentHash | None]) -> None:
+        if self.overflow:
+            return
+        self.changes.update(changes)
+        if len(self.changes) > self.limit:
+            self.overflow = True
+            self.changes = {}
 
 
 @dataclass(frozen=True, slots=True)
