@@ -328,18 +328,18 @@ def context_rows(references: References) -> list[Row]:
 
 def build_rows(
     size: int,
-    big: BigFileRuns,
+    big: BigFileRuns | None,
     fetch_seconds: float,
     latencies: list[float],
-    small: SmallFilesRun,
+    small: SmallFilesRun | None,
     references: References,
 ) -> list[Row]:
-    return [
-        *big_file_rows(size, big, fetch_seconds, references),
-        *latency_rows(latencies, references),
-        *small_files_rows(small, references),
-        *context_rows(references),
-    ]
+    rows = [] if big is None else big_file_rows(size, big, fetch_seconds, references)
+    if latencies:
+        rows += latency_rows(latencies, references)
+    if small is not None:
+        rows += small_files_rows(small, references)
+    return rows + context_rows(references)
 
 
 def print_table(rows: list[Row], caption: str, title: str) -> None:
@@ -355,41 +355,78 @@ def print_table(rows: list[Row], caption: str, title: str) -> None:
 # -- entry ---------------------------------------------------------------------------------
 
 
+def sync_empty_folders(pair: Pair, work: Path) -> None:
+    """The synced folders a/ and b/ without the big file (for (d) run alone)."""
+    (work / "a").mkdir()
+    tickets = pair.a.cli_json("sync", str(work / "a"))
+    pair.b.cli_json("sync", str(work / "b"), tickets["rw"])
+
+
+CASES = ("big", "latency", "small")
+"""What ``--only`` picks: the big file (its initial sync beside ``p2pfs fetch``, then
+(a)-(c)), the small-write latency (d), the small files' initial sync (e)."""
+
+
 def run_benchmark(
     work: Path, size: int, files: int, namespaces: Namespaces | None, options: argparse.Namespace
 ) -> tuple[list[Row], dict[str, Any]]:
+    cases = set(options.only or CASES)
     pair = Pair(work, namespaces, options.profile)
+    big: BigFileRuns | None = None
+    fetch_seconds = 0.0
+    latencies: list[float] = []
+    small: SmallFilesRun | None = None
     try:
         pair.a.start()
         pair.b.start()
-        big = big_file_runs(pair, work, size)
-        fetch_seconds = fetch_run(pair, work, size)
-        latencies = latency_runs(pair, work, LATENCY_ROUNDS)
-        small = small_files_run(pair, work, files)
+        if "big" in cases:
+            big = big_file_runs(pair, work, size)
+            fetch_seconds = fetch_run(pair, work, size)
+        if "latency" in cases:
+            if big is None:  # (d) writes into the synced folder the big case makes
+                sync_empty_folders(pair, work)
+            latencies = latency_runs(pair, work, LATENCY_ROUNDS)
+        if "small" in cases:
+            small = small_files_run(pair, work, files)
     finally:
         for daemon in (pair.b, pair.a):
             daemon.stop()
+        if options.logs is not None:  # the daemons' per-phase timings, without cProfile
+            for side, daemon in (("a", pair.a), ("b", pair.b)):
+                with contextlib.suppress(OSError):
+                    shutil.copy(daemon.home / "daemon.log", options.logs / f"{side}.log")
     for name in ("a", "b", "staging", "a-small", "b-small"):
         shutil.rmtree(work / name, ignore_errors=True)
-    rsync = "skipped (--no-rsync)" if options.no_rsync else rsync_reference(work, size, files)
-    syncthing = not options.no_syncthing
-    references = References(rsync, syncthing_reference(work, size, files, syncthing))
-    figures: dict[str, Any] = {
-        "size_bytes": size,
-        "initial_seconds": big.initial_seconds,
-        "fetch_seconds": fetch_seconds,
-        "overwrite": asdict(big.overwrite),
-        "insert": asdict(big.insert),
-        "rename": asdict(big.rename),
-        "latency_seconds": latencies,
-        "latency_p50": percentile(latencies, 50),
-        "latency_p95": percentile(latencies, 95),
-        "latency_mean": statistics.fmean(latencies),
-        "small_files": asdict(small),
-        "rsync": asdict(ran) if (ran := references.rsync_runs) else references.rsync,
-        "syncthing": asdict(runs) if (runs := references.syncthing_runs) else references.syncthing,
-        "network": "netns veth" if namespaces is not None else "loopback",
-    }
+    if options.only:  # the references run every case: only beside a whole run
+        rsync: RsyncRuns | str = "skipped (--only)"
+        syncthing: SyncthingRuns | str = "skipped (--only)"
+    else:
+        rsync = "skipped (--no-rsync)" if options.no_rsync else rsync_reference(work, size, files)
+        syncthing = syncthing_reference(work, size, files, not options.no_syncthing)
+    references = References(rsync, syncthing)
+    figures: dict[str, Any] = {"size_bytes": size, "cases": sorted(cases)}
+    if big is not None:
+        figures.update(
+            initial_seconds=big.initial_seconds,
+            fetch_seconds=fetch_seconds,
+            overwrite=asdict(big.overwrite),
+            insert=asdict(big.insert),
+            rename=asdict(big.rename),
+        )
+    if latencies:
+        figures.update(
+            latency_seconds=latencies,
+            latency_p50=percentile(latencies, 50),
+            latency_p95=percentile(latencies, 95),
+            latency_mean=statistics.fmean(latencies),
+        )
+    if small is not None:
+        figures["small_files"] = asdict(small)
+    figures.update(
+        rsync=asdict(ran) if (ran := references.rsync_runs) else references.rsync,
+        syncthing=asdict(runs) if (runs := references.syncthing_runs) else references.syncthing,
+        network="netns veth" if namespaces is not None else "loopback",
+    )
     return build_rows(size, big, fetch_seconds, latencies, small, references), figures
 
 
@@ -413,6 +450,18 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         help="run both daemons under cProfile (main thread) into DIR/a.prof and DIR/b.prof",
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=CASES,
+        help="run only this case (repeatable): big (initial sync, fetch, (a)-(c)), "
+        "latency (d), small (e); no rsync or Syncthing reference then",
+    )
+    parser.add_argument(
+        "--logs",
+        type=Path,
+        help="keep both daemons' logs (their per-phase timings) in DIR/a.log and DIR/b.log",
+    )
     parser.add_argument("--workdir", help="scratch directory (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser.parse_args(argv)
@@ -426,6 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile is not None:
         args.profile = args.profile.resolve()
         args.profile.mkdir(parents=True, exist_ok=True)
+        args.logs = args.logs or args.profile
+    if args.logs is not None:
+        args.logs = args.logs.resolve()
+        args.logs.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="p2pfs-bench-sync-", dir=args.workdir))
     load_before = load_average()
     try:
@@ -434,15 +487,7 @@ def main(argv: list[str] | None = None) -> int:
             size = args.size_mib * MiB
             rows, figures = run_benchmark(scratch, size, args.files, namespaces, args)
     finally:
-        if args.profile is None:
-            shutil.rmtree(scratch, ignore_errors=True)
-        else:  # the daemons' logs (their per-phase timings) go with the profiles
-            for side in ("a", "b"):
-                with contextlib.suppress(OSError):
-                    shutil.copy(
-                        scratch / f"home-{side}" / "daemon.log", args.profile / f"{side}.log"
-                    )
-            shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     load_after = load_average()
     figures.update(load_before=load_before, load_after=load_after, cpus=os.cpu_count())
     if args.json:
