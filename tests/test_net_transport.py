@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 import trio
 
+from p2pfs.daemon.liveness import close_when_silent
 from p2pfs.errors import (
     AuthenticationError,
     ConnectionClosedError,
@@ -452,11 +454,17 @@ class _Blackhole:
     """A UDP forwarder between one client and a server that can stop passing anything,
     as a peer that restarted or vanished (no CONNECTION_CLOSE ever comes)."""
 
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
+    def __init__(self) -> None:
+        self.target: tuple[str, int] | None = None
         self.silent = False
         self.socket = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.client: Any = None
+
+    def __enter__(self) -> _Blackhole:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.socket.close()
 
     async def run(self) -> None:
         while True:
@@ -466,7 +474,7 @@ class _Blackhole:
             if source == self.target:
                 if self.client is not None:
                     await self.socket.sendto(data, self.client)
-            else:
+            elif self.target is not None:
                 self.client = source
                 await self.socket.sendto(data, self.target)
 
@@ -476,13 +484,13 @@ def test_responsive_tells_a_live_peer_from_a_silent_one(engine: str) -> None:
     server_id, client_id = Identity.generate(), Identity.generate()
 
     async def main() -> None:
-        with trio.fail_after(20):
+        with trio.fail_after(20), _Blackhole() as forwarder:
             async with (
                 open_endpoint(server_id, handler=echo_handler, engine=engine) as server,
                 open_endpoint(client_id, engine=engine) as client,
                 trio.open_nursery() as nursery,
             ):
-                forwarder = _Blackhole(server.local_address)
+                forwarder.target = server.local_address
                 await forwarder.socket.bind(("127.0.0.1", 0))
                 nursery.start_soon(forwarder.run)
                 conn = await client.connect(forwarder.socket.getsockname(), server_id.node_id)
@@ -495,6 +503,51 @@ def test_responsive_tells_a_live_peer_from_a_silent_one(engine: str) -> None:
                 conn.close_nowait()
                 assert not await conn.responsive(2.0)
                 nursery.cancel_scope.cancel()
-                forwarder.socket.close()
+
+    trio.run(main)
+
+
+@engine_param
+def test_close_when_silent_spares_a_peer_we_do_not_read_and_closes_a_silent_one(
+    engine: str,
+) -> None:
+    """A throttled transfer (we stop reading, so intake pauses and the peer's datagrams
+    wait unprocessed) is a live peer and keeps its connection; once we read again, a peer
+    whose packets stop coming has its connection closed long before the idle timeout."""
+    server_id, client_id = Identity.generate(), Identity.generate()
+
+    async def flood(conn: PeerConnection) -> None:
+        stream = await conn.accept_stream()
+        with contextlib.suppress(ConnectionClosedError, StreamResetError):
+            while True:
+                await stream.send_all(bytes(1 << 20))
+
+    async def main() -> None:
+        with trio.fail_after(30), _Blackhole() as forwarder:
+            async with (
+                open_endpoint(server_id, handler=flood, engine=engine) as server,
+                open_endpoint(client_id, engine=engine) as client,
+                trio.open_nursery() as nursery,
+            ):
+                forwarder.target = server.local_address
+                await forwarder.socket.bind(("127.0.0.1", 0))
+                nursery.start_soon(forwarder.run)
+                conn = await client.connect(forwarder.socket.getsockname(), server_id.node_id)
+                stream = await conn.open_stream()
+                await stream.send_all(b"go")
+                nursery.start_soon(close_when_silent, conn, 0.3, 0.5)
+                await trio.sleep(3)  # never reading: intake paused for most of it
+                assert not conn.is_closed
+
+                async def drain() -> None:
+                    with contextlib.suppress(ConnectionClosedError, StreamResetError):
+                        while await stream.receive_some():
+                            pass
+
+                nursery.start_soon(drain)  # reading again: intake resumes
+                forwarder.silent = True
+                with trio.fail_after(TransportConfig().idle_timeout / 4):
+                    await conn.wait_closed()
+                nursery.cancel_scope.cancel()
 
     trio.run(main)

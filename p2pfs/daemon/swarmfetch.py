@@ -36,6 +36,7 @@ from p2pfs.swarm.pipeline import PipelineController
 from p2pfs.wire.codes import ErrorCode
 from p2pfs.wire.messages import ChunkData, ErrorReply, GetChunks, GetHave, HaveReply, HaveUpdate
 
+from .liveness import TRANSFER_QUIET_AFTER, close_when_silent
 from .ratelimit import TokenBucket, throttle
 from .requests import PeerRequestError, RequestStream
 from .streams import TransferCounters
@@ -240,6 +241,9 @@ class PeerPool:
             worker = self._worker_for(conn, seeder=reply.complete)
             async with worker as link, trio.open_nursery() as nursery:
                 nursery.start_soon(self._follow_updates, have, peer)
+                # A holder that crashed or lost its relay is dropped in ~4 s, not at the
+                # stall timeout (its pieces go to the others at once).
+                nursery.start_soon(close_when_silent, conn, TRANSFER_QUIET_AFTER)
                 if link is not None:
                     nursery.start_soon(self._remote_loop, link, conn, peer, pipeline)
                 else:

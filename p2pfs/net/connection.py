@@ -239,6 +239,10 @@ class PeerConnection:
         idle timeout; the engine retransmits the PING on its own probe timer meanwhile."""
         if self._terminated or self._closed_locally or self._error is not None:
             return False
+        if self._intake.paused:
+            # We are not reading (the application is behind), so its datagrams wait
+            # unprocessed: the peer is sending, the silence is ours.
+            return True
         self._pings += 1
         uid = self._pings
         acknowledged = self._ping_acks[uid] = trio.Event()
@@ -248,7 +252,7 @@ class PeerConnection:
             self._after_input()
             with trio.move_on_after(timeout):
                 await _first_set(acknowledged, self._closed)
-            return acknowledged.is_set()
+            return acknowledged.is_set() or (self._intake.paused and self._error is None)
         finally:
             self._ping_acks.pop(uid, None)
 
