@@ -285,3 +285,22 @@ def test_merged_packed_leaves_are_the_leaves_with_the_changes_applied(
     merged = packed.merged({k: None if v is None else ContentHash(v) for k, v in changes.items()})
     assert merged.as_dict() == expected
     assert [leaf.path_key for leaf in merged] == sorted(expected)
+
+
+def test_a_links_vectors_are_kept_in_the_store_and_one_going_backwards_is_refused(
+    tmp_path: Path,
+) -> None:
+    index, store, _folder = folder_store(tmp_path)
+    one = VersionVector.empty().bump(DEVICES[0])
+    two = one.bump(DEVICES[0])
+    other = one.bump(DEVICES[1])
+    assert store.note_vectors(1, [("a", two), ("b", one)]) is None
+    # Newer, equal and concurrent vectors pass; an older one is named (nothing is kept).
+    assert store.note_vectors(1, [("b", other), ("a", two)]) is None
+    assert store.note_vectors(1, [("c", one), ("b", one)]) == "b"
+    assert store.note_vectors(1, [("c", one)]) is None
+    assert store.note_vectors(2, [("a", one)]) is None  # another link's history is its own
+    store.forget_vectors(1)  # the link ended
+    assert store.note_vectors(1, [("a", one), ("b", one)]) is None
+    store.forget_vectors(3)  # never sent anything
+    index.close()

@@ -17,6 +17,7 @@ from p2pfs.ids import ContentHash
 from p2pfs.store.index import IndexStore
 from p2pfs.sync.records import path_key, record_hash
 from p2pfs.sync.recordset import READ_BATCH, RecordCounts, parent
+from p2pfs.sync.versions import Ordering, VersionVector
 
 DERIVE_BATCH = 4096
 READER_CACHE_KIB = 4096
@@ -193,6 +194,43 @@ class FolderStore:
                     (folder, path, encoded, int(absent), digest, key, parent(path)),
                 )
         return replaced
+
+    def note_vectors(self, link: int, vectors: Iterable[tuple[str, VersionVector]]) -> str | None:
+        """A member's link (``link``: its serial) sent these (path, vector): the first path
+        whose vector is older than one the link sent before, if any (then nothing is kept);
+        else each is kept as the link's latest for its path. Kept in a temporary table of
+        the index connection (gone with it): a dict by path cost ~0.16 KiB a record."""
+        rows = []
+        with _guard("checking a member's vectors"), self.index.transaction():
+            self._conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS link_vectors (link INTEGER NOT NULL, "
+                "path TEXT NOT NULL, vector BLOB NOT NULL, PRIMARY KEY (link, path)) "
+                "WITHOUT ROWID"
+            )
+            for path, vector in vectors:
+                seen = self._conn.execute(
+                    "SELECT vector FROM temp.link_vectors WHERE link = ? AND path = ?",
+                    (link, path),
+                ).fetchone()
+                if seen is not None:
+                    before = VersionVector.decode_untrusted(bytes(seen[0]))
+                    if vector.compare(before) is Ordering.BEFORE:
+                        return path
+                rows.append((link, path, vector.encode()))
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO temp.link_vectors (link, path, vector) VALUES (?, ?, ?)",
+                rows,
+            )
+        return None
+
+    def forget_vectors(self, link: int) -> None:
+        """The link ended: what it sent is forgotten."""
+        with _guard("forgetting a member's vectors"), self.index.transaction():
+            exists = self._conn.execute(
+                "SELECT 1 FROM temp.sqlite_master WHERE name = 'link_vectors'"
+            ).fetchone()
+            if exists is not None:
+                self._conn.execute("DELETE FROM temp.link_vectors WHERE link = ?", (link,))
 
     def record_source(self, folder: int) -> SqliteRecords:
         """The folder's records, read on a connection of their own (see SqliteRecords)."""

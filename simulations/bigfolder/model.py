@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -34,8 +35,10 @@ import blake3
 
 from p2pfs.ids import ContentHash
 from p2pfs.store.folderdisk import DiskState
+from p2pfs.store.folders import FolderStore
+from p2pfs.store.index import IndexStore
 from p2pfs.sync.keys import FolderKeys
-from p2pfs.sync.records import IndexLeaf, IndexTree, SignedRecord, path_key
+from p2pfs.sync.records import IndexLeaf, IndexTree, PackedLeaves, SignedRecord, path_key
 from p2pfs.sync.recordset import DirectoryIndex, IndexedPaths, RecordSet
 from p2pfs.sync.versions import FileVersion, VersionVector
 
@@ -73,22 +76,32 @@ def steady_parts_per_file(files: int = 20_000) -> dict[str, float]:
         parts[name] = (tracemalloc.get_traced_memory()[0] - before) / files
         tracemalloc.stop()
 
-    records = RecordSet()
-    leaves: list[IndexLeaf] = []
+    # The records go to a folder's SQLite store (not measured: it is the database); the
+    # folder keeps their counts and a reader, and the index tree of their leaves, read in
+    # key order and packed, with every node's encoding (served to members).
+    scratch = tempfile.TemporaryDirectory()
+    index = IndexStore(Path(scratch.name) / "index.sqlite3")
+    store = FolderStore(index)
+    folder = store.add_folder(
+        keys.folder_id, "/folder", keys.read_key, keys.write_public, keys.write_seed, device, 0
+    ).id
+    for start in range(0, files, 4096):
+        store.put_records(folder, [(p, blob, False) for p, blob in encoded[start : start + 4096]])
+    loaded = []
 
     def load_records() -> RecordSet:
-        for path, blob in encoded:
-            # Their own copies, as a load from SQLite makes them ("".join or bytes() of one
-            # object would hand back that object).
-            own_path = path.encode().decode()
-            leaves.append(
-                IndexLeaf(path_key(own_path), records.put(own_path, blob[:-1] + blob[-1:]))
-            )
+        records = RecordSet(store.record_source(folder))
+        loaded.append(store.load_records(folder))
+        records.counts = loaded[0].counts
         return records
 
-    measure("records (RecordSet: encodings, paths, by hash, by directory)", load_records)
-    measure("index tree (packed leaves, nodes)", lambda: IndexTree(leaves))
-    leaves.clear()
+    measure("records (RecordSet over the folder's SQLite store: counts, a reader)", load_records)
+
+    def load_tree() -> object:
+        tree = IndexTree.from_packed(PackedLeaves.packed(loaded.pop().leaves))
+        return tree, tree.nodes()
+
+    measure("index tree (packed leaves, every node's encoding)", load_tree)
 
     def scanned_states() -> IndexedPaths[DiskState]:
         states: IndexedPaths[DiskState] = IndexedPaths()
@@ -100,8 +113,11 @@ def steady_parts_per_file(files: int = 20_000) -> dict[str, float]:
     # The content roots a folder serves are read from the scan index (SQLite), not kept.
     measure(
         "a link's vectors seen, by path (per linked member)",
-        lambda: {path: vector.encode() for path, _blob in encoded},  # the records' paths
+        # its own path strings: the records' are no longer in memory to share
+        lambda: {path.encode().decode(): vector.encode() for path, _blob in encoded},
     )
+    index.close()
+    scratch.cleanup()
     return parts
 
 

@@ -3,6 +3,7 @@ peer's index root, and read its nodes, records and chunks."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -43,6 +44,8 @@ lock it held is released), to be linked again later."""
 REQUEST_STREAMS = 4
 """Streams for node and chunk requests: one request in flight on each."""
 MAX_BATCH = 256
+_LINK_SERIALS = itertools.count(1)
+"""Each link's serial (unique in this process)."""
 REQUESTS_IN_FLIGHT = 2
 """Chunk requests queued per request stream: the member reads the next request while the
 current one's replies are still on their way, so it never idles between requests."""
@@ -74,9 +77,11 @@ class FolderLink:
         self.device: bytes | None = None
         """The member's device id in the folder, as its FolderWelcome told (None from a
         peer older than that field). Informational: it names conflict copies' makers."""
-        self.seen_vectors: dict[str, bytes] = {}
-        """The last vector this member sent per path, encoded (a decoded vector is ~0.3 KiB
-        of objects, and a join fills this for every path): one going backwards is refused."""
+        self.serial = next(_LINK_SERIALS)
+        """Names this link's vectors in the folder's store: the last vector the member sent
+        per path is kept there while the link lasts (one going backwards is refused)."""
+        self.sent_records = False
+        """Whether the member sent records on this link (its vectors are kept)."""
 
     async def join(self) -> list[FolderMember]:
         """Prove membership both ways; returns the other members the peer knows."""

@@ -463,6 +463,14 @@ class FolderManager:
                 del self._links[key]
                 self._member_roots.pop(key, None)
                 self._member_needs.pop(key, None)
+            with trio.CancelScope(shield=True):
+                await self._forget_link(folder, link)
+
+    async def _forget_link(self, folder: FolderSync, link: FolderLink) -> None:
+        try:
+            await folder.link_ended(link)
+        except StorageError as exc:  # kept until the daemon restarts: only disk, no harm
+            logger.warning("folder %s: forgetting a link's vectors: %s", folder.path, exc)
 
     async def _follow(self, folder: FolderSync, link: FolderLink) -> None:
         """Reconcile whenever the member's root or ours changes and they differ; retry a
