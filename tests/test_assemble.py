@@ -8,6 +8,7 @@ import pytest
 
 from p2pfs.content.chunking import Chunker, ChunkRef
 from p2pfs.errors import IntegrityError, StorageError
+from p2pfs.store import assemble
 from p2pfs.store.assemble import Finished, PartialFile, commit_files, is_partial_name
 from tests.helpers_content import random_bytes
 
@@ -180,6 +181,46 @@ def test_chunks_copied_from_another_file_count_only_where_they_verify(tmp_path: 
         partial.write_chunk(second_offset, piece, second)
         partial.commit(executable=False)
     assert (tmp_path / "f.bin").read_bytes() == data
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("shift", [0, 100, 4095])
+def test_a_long_run_copied_from_an_old_version_lands_verified_at_any_alignment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shift: int, direct: bool
+) -> None:
+    """copy_chunks of a run longer than a copy block, landing ``shift`` bytes after where
+    the source has it (an insert before it): page-aligned stretches go with O_DIRECT
+    (``direct``; else all through the page cache), the edges through the cache; a chunk
+    whose source bytes changed is not written. With that chunk and the inserted bytes
+    written from verified bytes, the file is the new content."""
+    monkeypatch.setattr(assemble, "_DIRECT", direct)
+    data = random_bytes(8, 2 * assemble.COPY_BLOCK + 12345)
+    leaves = chunks_of(data)
+    inserted = random_bytes(9, shift)
+    new = inserted + data
+    bad_offset, bad = leaves[len(leaves) // 2]
+    source = bytearray(data)
+    source[bad_offset + bad.length - 1] ^= 1  # its last byte, next to a good chunk's first
+    (tmp_path / "old.bin").write_bytes(bytes(source))
+    fd = os.open(tmp_path / "old.bin", os.O_RDONLY)
+    try:
+        with PartialFile(str(tmp_path), "f.bin", ROOT, len(new)) as partial:
+            done = partial.copy_chunks(fd, 0, shift, [ref for _offset, ref in leaves])
+            assert done == {shift + offset for offset, _ref in leaves} - {shift + bad_offset}
+            temp = tmp_path / partial.temp_name
+            written = temp.read_bytes()
+            assert written[shift + bad_offset : shift + bad_offset + bad.length] == bytes(
+                bad.length
+            )  # never written: still the hole the temp file was sized with
+            if shift:
+                partial.write_chunk(0, inserted, Chunker().chunk_refs(inserted)[0])
+            assert not partial.fully_verified()  # the changed chunk is still missing
+            piece = data[bad_offset : bad_offset + bad.length]
+            partial.write_chunk(shift + bad_offset, piece, bad)
+            partial.commit(executable=False)
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f.bin").read_bytes() == new
 
 
 def test_a_new_file_written_whole_is_placed_with_its_metadata_in_a_batch(tmp_path: Path) -> None:
