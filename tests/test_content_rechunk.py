@@ -3,15 +3,18 @@ pass over the new bytes, whatever the edit and however the bytes arrive in block
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pfs.content.chunking import DEFAULT_CHUNKER, Chunker, ChunkerParams, ChunkRef
 from p2pfs.content.rechunk import Rechunker, rechunk
-from p2pfs.store.filehash import BLOCK_SIZE, hash_file_once
+from p2pfs.store.filehash import BLOCK_SIZE, hash_file_once, rechunk_file
+from p2pfs.store.index import CHUNK_RECORD
 
 BIG = Chunker(DEFAULT_CHUNKER)
 SMALL = Chunker(ChunkerParams("fastcdc", "2020", 64, 256, 1024, 1))
@@ -103,6 +106,39 @@ def test_rechunk_equals_a_full_pass(
     expected = SMALL.chunk_refs(new_data)
     assert rechunk(SMALL, old, new_data) == expected
     assert fed_in_blocks(SMALL, old, new_data, blocks) == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32),
+    size=st.integers(0, 40_000),
+    kind=st.sampled_from(["random", "zeros", "repeated"]),
+    edits=edits_strategy,
+    block_size=st.integers(1, 9000),
+)
+def test_a_file_rechunked_in_its_own_buffer_equals_a_full_pass(
+    tmp_path_factory: pytest.TempPathFactory,
+    seed: int,
+    size: int,
+    kind: str,
+    edits: list[Edit],
+    block_size: int,
+) -> None:
+    """store/filehash.py's rechunk_file: reads into one buffer, scans it in place and
+    moves what the scan keeps to its front (no blocks joined); any block size gives the
+    chunks of a full pass."""
+    old_data = content(seed, size, kind)
+    new_data = apply(old_data, edits, seed + 1)
+    path = tmp_path_factory.mktemp("rechunk") / "f.bin"
+    path.write_bytes(new_data)
+    previous = b"".join(CHUNK_RECORD.pack(ref.id, ref.length) for ref in SMALL.chunk_refs(old_data))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        packed = rechunk_file(fd, SMALL, previous, lambda _n: None, block_size)
+    finally:
+        os.close(fd)
+    expected = SMALL.chunk_refs(new_data)
+    assert packed == b"".join(CHUNK_RECORD.pack(ref.id, ref.length) for ref in expected)
 
 
 @settings(max_examples=100, deadline=None)

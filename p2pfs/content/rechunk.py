@@ -56,17 +56,23 @@ class Rechunker:
 
     def feed(self, block: bytes | bytearray | memoryview) -> list[ChunkRef]:
         self._buffer = self._buffer + bytes(block) if self._buffer else bytes(block)
-        return self._drain(final=False)
-
-    def finish(self) -> list[ChunkRef]:
-        chunks = self._drain(final=True)
-        assert not self._buffer and self._pending is None
+        chunks, kept = self.scan(memoryview(self._buffer), final=False)
+        self._buffer = self._buffer[kept:]
         return chunks
 
-    def _drain(self, final: bool) -> list[ChunkRef]:
-        buffer = self._buffer
-        view = memoryview(buffer)
-        end = len(buffer)
+    def finish(self) -> list[ChunkRef]:
+        chunks, kept = self.scan(memoryview(self._buffer), final=True)
+        assert kept == len(self._buffer) and self._pending is None
+        self._buffer = b""
+        return chunks
+
+    def scan(self, view: memoryview, final: bool) -> tuple[list[ChunkRef], int]:
+        """For a caller that keeps its own buffer (no joining of blocks): ``view`` holds
+        the bytes kept from the last call followed by new ones; returns the chunks now
+        final and the offset from which the bytes must be kept for the next call (at
+        most two chunks of ``max_size``, the one pending and the one checked after it;
+        ``len(view)`` once ``final``)."""
+        end = len(view)
         out: list[ChunkRef] = []
         pending = self._pending
         pending_start = 0
@@ -109,8 +115,7 @@ class Rechunker:
                 break
             start = moved
         self._pending = pending
-        self._buffer = buffer[pending_start if pending is not None else start :]
-        return out
+        return out, pending_start if pending is not None else start
 
     def _cut(self, view: memoryview, start: int, final: bool, out: list[ChunkRef]) -> int:
         """Out of step: FastCDC over a window from ``start``, until a chunk is one of the

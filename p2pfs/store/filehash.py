@@ -129,18 +129,39 @@ def hash_small(fd: int, size: int, chunker: Chunker, count: Callable[[int], None
 
 
 def rechunk_file(
-    fd: int, chunker: Chunker, previous: bytes, count_read: Callable[[int], None]
+    fd: int,
+    chunker: Chunker,
+    previous: bytes,
+    count_read: Callable[[int], None],
+    block_size: int = BLOCK_SIZE,
 ) -> bytes:
     """The packed chunk list of everything ``fd`` reads until EOF, FastCDC running only
     where the bytes differ from the ``previous`` chunk list (each chunk is hashed once, as
-    in the pipeline; the cutting, the pipeline's other half, mostly disappears)."""
+    in the pipeline; the cutting, the pipeline's other half, mostly disappears).
+
+    One buffer, read into and hashed in place: fresh 4 MiB reads (a page fault per 4 KiB)
+    and joining each block to the uncut tail were ~0.1 s of a 256 MiB file's ~0.14 s."""
     old = [ChunkRef(ContentHash(cid), length) for cid, length in CHUNK_RECORD.iter_unpack(previous)]
     rechunker = Rechunker(chunker, old)
+    largest = max([chunker.params.max_size, *(ref.length for ref in old)])
+    buffer = bytearray(block_size + 2 * largest)  # what a scan keeps: two chunks at most
     packed: list[bytes] = []
-    while block := os.read(fd, BLOCK_SIZE):
-        count_read(len(block))
-        packed.extend(CHUNK_RECORD.pack(ref.id, ref.length) for ref in rechunker.feed(block))
-    packed.extend(CHUNK_RECORD.pack(ref.id, ref.length) for ref in rechunker.finish())
+    filled = 0
+    eof = False
+    with memoryview(buffer) as view:
+        while not eof:
+            while filled < len(buffer):
+                count = os.readv(fd, [view[filled:]])
+                if not count:
+                    eof = True
+                    break
+                count_read(count)
+                filled += count
+            chunks, kept = rechunker.scan(view[:filled], final=eof)
+            packed.extend(CHUNK_RECORD.pack(ref.id, ref.length) for ref in chunks)
+            assert kept or eof or filled < len(buffer), "a scan keeps two chunks at most"
+            view[: filled - kept] = view[kept:filled]
+            filled -= kept
     return b"".join(packed)
 
 
