@@ -37,6 +37,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from p2pfs.content.chunking import ChunkRef, chunk_id
@@ -604,15 +605,23 @@ def _copy_verified(
     """Copy the chunks ``refs`` (consecutive, from ``source_offset`` in the source to
     ``offset`` here), each verified in the buffer before it is written; returns offset ->
     length of the chunks written. ``direct_fd`` (or -1): the target opened ``O_DIRECT``,
-    used for whole aligned pages (the rest through ``fd``)."""
+    used for whole aligned pages (the rest through ``fd``).
+
+    Two buffers: a block is read and verified in this thread while the one before it is
+    written in another (reads, BLAKE3 and writes all release the GIL)."""
     written: dict[int, int] = {}
     largest = max((ref.length for ref in refs), default=0)
     # mmap: page-aligned memory, as direct I/O needs; the data sits in it at the target's
     # offset modulo DIRECT_ALIGN so that aligned file offsets are aligned addresses.
-    buffer = mmap.mmap(-1, max(COPY_BLOCK, largest) + 2 * DIRECT_ALIGN)
+    size = max(COPY_BLOCK, largest) + 2 * DIRECT_ALIGN
+    buffers = [mmap.mmap(-1, size) for _ in range(2)]
+    views = [memoryview(buffer) for buffer in buffers]
+    writes: list[Future[None] | None] = [None, None]
+    writer = _StretchWriter(fd, direct_fd)
     try:
-        with memoryview(buffer) as view:
+        with ThreadPoolExecutor(1, thread_name_prefix="p2pfs-copy") as executor:
             index = 0
+            number = 0
             source, target = source_offset, offset
             while index < len(refs):
                 block: list[ChunkRef] = []
@@ -623,34 +632,71 @@ def _copy_verified(
                     block.append(refs[index])
                     length += refs[index].length
                     index += 1
+                side = number % 2
+                number += 1
+                if (earlier := writes[side]) is not None:
+                    earlier.result()  # this buffer is free again (or its write failed)
+                view = views[side]
                 lead = target % DIRECT_ALIGN
                 got = _read_into(source_fd, view[lead : lead + length], source)
-                # Verified stretches (consecutive chunks that hash right) are written; a
-                # chunk that fails ends one and is left to be fetched.
-                stretch_start = position = 0
-                for ref in block:
-                    end = position + ref.length
-                    good = end <= got and chunk_id(view[lead + position : lead + end]) == ref.id
-                    if good:
-                        written[target + position] = ref.length
-                    else:
-                        if position > stretch_start:
-                            direct_fd = _write_stretch(
-                                fd, direct_fd, view, lead, stretch_start, position, target
-                            )
-                        stretch_start = end
-                    position = end
-                if position > stretch_start:
-                    direct_fd = _write_stretch(
-                        fd, direct_fd, view, lead, stretch_start, position, target
-                    )
+                stretches = _verify_block(view, lead, got, block, target, written)
+                writes[side] = executor.submit(writer.write, view, lead, stretches, target)
                 source += length
                 target += length
                 if got < length:
                     break  # the source ended early: the rest stays to be fetched
+            for pending in writes:
+                if pending is not None:
+                    pending.result()
     finally:
-        buffer.close()
+        for view in views:
+            view.release()
+        for buffer in buffers:
+            buffer.close()
     return written
+
+
+def _verify_block(
+    view: memoryview,
+    lead: int,
+    got: int,
+    block: list[ChunkRef],
+    target: int,
+    written: dict[int, int],
+) -> list[tuple[int, int]]:
+    """The stretches (block-relative start, end) of consecutive chunks that hash right, each
+    chunk of them entered in ``written`` (target offset -> length); a chunk that fails (or
+    lies past ``got``, where the source ended) ends a stretch and is left to be fetched."""
+    stretches: list[tuple[int, int]] = []
+    stretch_start = position = 0
+    for ref in block:
+        end = position + ref.length
+        if end <= got and chunk_id(view[lead + position : lead + end]) == ref.id:
+            written[target + position] = ref.length
+        else:
+            if position > stretch_start:
+                stretches.append((stretch_start, position))
+            stretch_start = end
+        position = end
+    if position > stretch_start:
+        stretches.append((stretch_start, position))
+    return stretches
+
+
+class _StretchWriter:
+    """Writes verified stretches of a copy buffer to the target (in the copy's writer
+    thread, one stretch at a time)."""
+
+    def __init__(self, fd: int, direct_fd: int) -> None:
+        self.fd = fd
+        self.direct_fd = direct_fd
+        """-1 once the file system refused a direct write (the rest through the cache)."""
+
+    def write(
+        self, view: memoryview, lead: int, stretches: list[tuple[int, int]], target: int
+    ) -> None:
+        for start, end in stretches:
+            self.direct_fd = _write_stretch(self.fd, self.direct_fd, view, lead, start, end, target)
 
 
 def _read_into(fd: int, view: memoryview, offset: int) -> int:
