@@ -246,9 +246,14 @@ def time_rescan(home: Path, folder: Path) -> tuple[float, float]:
     from p2pfs.sync.ignore import IgnoreRules  # noqa: PLC0415
 
     with IndexStore(home / "index.sqlite3") as index:
-        rescan = best_of(3, lambda: scan_folder(index, str(folder), IgnoreRules()))
+        rescan = best_of(3, lambda: scan_folder(index, str(folder), IgnoreRules(), _told))
     walk = best_of(3, lambda: bare_walk(str(folder)))
     return rescan, walk
+
+
+def _told(_files: object) -> None:
+    """What a scan tells per directory goes, in a daemon, to the comparison with its
+    records (timed apart); the rescan figure is the scan's own cost."""
 
 
 def rescan_only(work: Path, files: int, profile: Path | None) -> tuple[float, float]:
@@ -264,18 +269,19 @@ def rescan_only(work: Path, files: int, profile: Path | None) -> tuple[float, fl
     time.sleep(2.1)  # waiting out the scanner's racy window
     (work / "home-a").mkdir()
     with IndexStore(work / "home-a" / "index.sqlite3") as index:
-        scan_folder(index, str(folder), IgnoreRules())
+        scan_folder(index, str(folder), IgnoreRules(), _told)
         if profile is not None:
             import cProfile  # noqa: PLC0415
 
             cProfile.runctx(
-                "scan_folder(index, str(folder), IgnoreRules())",
+                "scan_folder(index, str(folder), IgnoreRules(), _told)",
                 globals(),
                 {
                     "scan_folder": scan_folder,
                     "index": index,
                     "folder": folder,
                     "IgnoreRules": IgnoreRules,
+                    "_told": _told,
                 },
                 str(profile / f"rescan-{files}.prof"),
             )

@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 
 from p2pfs.content.chunking import DEFAULT_CHUNKER, Chunker
+from p2pfs.store import folderdisk
 from p2pfs.store.assemble import PARTIAL_PREFIX
 from p2pfs.store.filehash import BLOCK_SIZE, hash_file_once
 from p2pfs.store.index import IndexStore
 from p2pfs.store.partscan import scan_directories
 from p2pfs.store.placed import PlacedFile, record_placed_files
-from p2pfs.store.scanner import RACY_WINDOW_NS, FileState, ScanResult, file_states_of, scan_share
+from p2pfs.store.scanner import RACY_WINDOW_NS, FileState, ScanResult, scan_share
 
 OLD_NS = 1_600_000_000 * 10**9
 """mtime given to test files so they are not racily clean at the first scan."""
@@ -512,32 +513,31 @@ def test_what_the_ignore_rule_leaves_out_is_listed(tmp_path: Path) -> None:
         assert not part.files
 
 
-def test_an_unchanged_rescan_gathers_every_file_state_and_a_changed_one_lists_the_index(
-    tmp_path: Path,
-) -> None:
-    """A sync folder's rescan takes its file states from the scan when it reused every file
-    (no listing of the index); any file hashed again makes it list the index instead. Either
-    way the states are the index's."""
+def test_a_scan_tells_each_directorys_files_as_the_index_lists_them(tmp_path: Path) -> None:
+    """A sync folder's full scan is told each directory's files once, reused, read again,
+    renamed or new alike (it compares them with its records a directory at a time and
+    holds no list of the folder): exactly the files the index lists after the scan."""
     make_mixed(tmp_path / "share")
     old = time.time_ns() - 10 * RACY_WINDOW_NS  # not racily clean: reused on a rescan
     for path in (tmp_path / "share").rglob("*"):
         os.utime(path, ns=(old, old), follow_symlinks=False)
     with IndexStore(tmp_path / "index.sqlite3") as index:
-        scan_share(tmp_path / "share", index)
-        reused: list[FileState] = []
-        result = scan_share(tmp_path / "share", index, reused_states=reused)
-        listed = index.share_file_states(result.share_id)
-        assert result.stats.files_hashed == 0 and len(reused) == result.files == 6
-        assert file_states_of(index, result, reused) is reused
-        assert sorted(reused) == sorted(listed)
-        (tmp_path / "share" / "a.txt").write_bytes(b"changed\n")
-        reused = []
-        result = scan_share(tmp_path / "share", index, reused_states=reused)
-        assert result.stats.files_hashed == 1 and len(reused) == 5
-        states = file_states_of(index, result, reused)
-        assert states is not reused
-        assert sorted(states) == sorted(index.share_file_states(result.share_id))
-        assert len(states) == 6
+        told: list[list[FileState]] = []
+        for change in (None, "edit", "move", "delete"):
+            share = tmp_path / "share"
+            if change == "edit":
+                (share / "a.txt").write_bytes(b"changed\n")
+            elif change == "move":
+                os.rename(share / "a.txt", share / "sub" / "moved.txt")
+            elif change == "delete":
+                os.unlink(share / "sub" / "moved.txt")
+            told.clear()
+            result = scan_share(share, index, on_files=told.append)
+            listed = index.share_file_states(result.share_id)
+            flat = [state for directory in told for state in directory]
+            assert sorted(flat) == sorted(listed) and len(flat) == result.files, change
+            assert all(len({s[0].rpartition("/")[0] for s in d}) == 1 for d in told)
+        assert result.files == 5 and result.stats.files_hashed == 0
 
 
 def test_a_sync_folder_reads_its_files_states_from_the_index_by_tree_path(
@@ -547,8 +547,6 @@ def test_a_sync_folder_reads_its_files_states_from_the_index_by_tree_path(
     index, by normalised path: names stored in another normal form (an NFD directory and
     file), many names in one directory, a missing one; dropping a row makes the next scan
     rebuild its directory's tree (the file moved away is not listed from the cache)."""
-    from p2pfs.store import folderdisk
-
     top = tmp_path / "share"
     nfd_dir, nfd_file = unicodedata.normalize("NFD", "répertoire"), "été.txt"
     write(top / nfd_dir / unicodedata.normalize("NFD", nfd_file), b"nfd\n")

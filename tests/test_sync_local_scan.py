@@ -73,9 +73,11 @@ def test_an_edit_in_a_directory_records_the_file_not_the_directory(tmp_path: Pat
 def test_a_full_rescan_records_what_changed_and_keeps_the_states_of_what_is_on_disk(
     tmp_path: Path,
 ) -> None:
-    """A full rescan updates the scanned states in place and hands local change detection
-    only the files that differ: unchanged files stay unrecorded, an edit, a new file and a
-    delete are recorded, and a gone file's state goes."""
+    """A full rescan hands local change detection only the files that differ (compared a
+    directory at a time as the scan finds them): unchanged files stay unrecorded, an edit,
+    a new file and a delete are recorded, and a gone file's state goes. A delete is found
+    whether or not the count of files found changes (a file swapped for another, an empty
+    directory gone alone)."""
     top = tmp_path / "folder"
     for number in range(60):
         path = top / f"d{number % 3}" / f"f{number:02d}.txt"
@@ -119,6 +121,18 @@ def test_a_full_rescan_records_what_changed_and_keeps_the_states_of_what_is_on_d
             assert scanned["d2/new.txt"] == folderdisk.state_of(str(top), "d2/new.txt")
             assert folder.records.files == 60
             assert len(await folder.disk.scanned(folder.records.keys())) == 60
+            (top / "d1" / "f04.txt").rename(top / "d1" / "swapped.txt")
+            (top / "d1" / "swapped.txt").write_text("other content\n")
+            (top / "empty").mkdir()
+            await folder.rescan(force=True)
+            assert folder.records["d1/f04.txt"].version.deleted
+            assert not folder.records["empty"].version.deleted
+            (top / "empty").rmdir()
+            await folder.rescan(force=True)
+            assert folder.records["empty"].version.deleted and folder.records.directories == 3
+            stored = folder.work.records_stored
+            await folder.rescan(force=True)
+            assert folder.work.records_stored == stored
 
     trio.run(main)
 

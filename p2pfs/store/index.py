@@ -38,9 +38,9 @@ _MIGRATION_NAME = re.compile(r"^(\d{4})_[A-Za-z0-9_]+\.sql$")
 
 FileRow = tuple[int, int, int, int, int, bytes, int]
 """A file as a rescan compares it: (id, size, mtime_ns, inode, mode, root, chunk count)."""
-RowState = tuple[int, int, int, int, bytes, int]
-"""A file as an unchanged rescan compares it: (size, mtime_ns, inode, mode, root, chunk
-count)."""
+RowState = tuple[str, int, int, int, int, bytes, int]
+"""A file as an unchanged rescan compares it: (on-disk name, size, mtime_ns, inode, mode,
+root, chunk count)."""
 NewFile = tuple[int, str, int, int, int, int, bytes, bytes]
 """A file to add: (dir id, on-disk name, size, mtime_ns, inode, mode, root, packed chunks)."""
 StatRow = tuple[int, int, int, int]
@@ -475,7 +475,8 @@ class IndexStore:
                 "FROM files WHERE dir_id = ?",
                 (CHUNK_RECORD.size, dir_id),
             ).fetchall()
-        return {row[0]: row[1:] for row in rows}
+        # Each row kept whole (name first): slicing the name off cost a tuple per file.
+        return {row[0]: row for row in rows}
 
     def files_at(self, top: str, paths: Iterable[str]) -> dict[str, StatRow]:
         """The files the index holds (as last scanned or placed) at those of ``paths``

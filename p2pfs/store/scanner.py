@@ -19,7 +19,7 @@ import os
 import stat
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import blake3
@@ -69,6 +69,10 @@ ReadHook = Callable[[str], None]
 """Test seam: called with a file's path after its bytes were read, before it is re-checked."""
 IgnoreRule = Callable[[str, bool], bool]
 """``(relative path, is_directory) -> leave it out``."""
+FileState = tuple[str, bytes, int, int, int, int]
+"""(path, root, size, mtime_ns, inode as stored, mode) of one file."""
+FilesSeen = Callable[[list[FileState]], None]
+"""Called with one directory's files as the scan leaves them (see ``scan_share``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +112,11 @@ class ScanResult:
     """Files and directories the ignore rule left out (rel paths; nothing below them)."""
 
 
+def astuple_stat(found: Hashed) -> tuple[int, int, int, int]:
+    """(size, mtime_ns, inode as stored, mode) of a file as read."""
+    return found.size, found.mtime_ns, found.inode, found.mode
+
+
 def _display(path: str) -> str:
     """A printable form of a path whose bytes may not be UTF-8."""
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
@@ -124,8 +133,6 @@ class DirResult:
 _S_IFMT, _S_IFREG, _S_IXUSR = 0o170000, stat.S_IFREG, stat.S_IXUSR
 _INODE_SIGN = 1 << 63
 _FileItem = tuple[str, int, int, bytes]
-FileState = tuple[str, bytes, int, int, int, int]
-"""(path, root, size, mtime_ns, inode as stored, mode) of one file."""
 """A file as its directory's tree lists it: (tree name, flags, size, root)."""
 
 
@@ -166,8 +173,8 @@ class Scan:
         self._hashed_since_commit = 0
         self.visited: list[tuple[int, str]] | None = None
         """(dir id, rel) of every directory a partial scan visited."""
-        self.collected: list[FileState] | None = None
-        """Where reused files' states go, if a caller wants them (see ``scan_share``)."""
+        self.on_files: FilesSeen | None = None
+        """Told each directory's files, if a caller wants them (see ``scan_share``)."""
         self._rel = ""
 
     def remember_vanished(self, rows: list[FileRow]) -> None:
@@ -385,10 +392,12 @@ class Scan:
         add_item = items.append
         changed = False
         racy_limit = self.racy_limit_ns
-        collected, prefix = self.collected, f"{self._rel}/" if self._rel else ""
-        collect = collected.append if collected is not None else None
+        on_files, prefix = self.on_files, f"{self._rel}/" if self._rel else ""
+        seen: list[FileState] = []
+        collect = seen.append if on_files is not None else None
         reused = reused_bytes = reused_chunks = 0
-        # The hot loop of an unchanged rescan: one dict pop and one tuple compare per file.
+        # The hot loop of an unchanged rescan: one dict pop and four compares per file (no
+        # tuple built to compare).
         for name, tree_name, st in files:
             known = states.pop(name, None)
             size, mtime_ns, inode, mode = st.st_size, st.st_mtime_ns, st.st_ino, st.st_mode
@@ -396,13 +405,16 @@ class Scan:
                 inode -= 1 << 64
             if (
                 known is not None
-                and (known[0], known[1], known[2], known[3]) == (size, mtime_ns, inode, mode)
+                and known[2] == mtime_ns
+                and known[1] == size
+                and known[3] == inode
+                and known[4] == mode
                 and mtime_ns < racy_limit
             ):
-                add_item((tree_name, FLAG_EXECUTABLE if mode & _S_IXUSR else 0, size, known[4]))
+                add_item((tree_name, FLAG_EXECUTABLE if mode & _S_IXUSR else 0, size, known[5]))
                 if collect is not None:
-                    collect((prefix + tree_name, known[4], size, mtime_ns, inode, mode))
-                reused_chunks += known[5]
+                    collect((prefix + tree_name, known[5], size, mtime_ns, inode, mode))
+                reused_chunks += known[6]
                 reused += 1
                 reused_bytes += size
                 continue
@@ -416,8 +428,12 @@ class Scan:
                 continue
             flags = FLAG_EXECUTABLE if found.mode & stat.S_IXUSR else 0
             items.append((tree_name, flags, found.size, found.root))
+            if collect is not None:
+                collect((prefix + tree_name, found.root, *astuple_stat(found)))
             result.chunks += len(found.chunks) // CHUNK_RECORD.size
             self.done_bytes += found.size
+        if on_files is not None and seen:
+            on_files(seen)
         result.chunks += reused_chunks
         self.stats.files_reused += reused
         self.done_bytes += reused_bytes
@@ -427,12 +443,16 @@ class Scan:
             if not changed:
                 changed = True
                 self.write().invalidate_dir(dir_id)
-            if rows is None:
-                rows = self.index.dir_files(dir_id)
-            gone = [rows[name] for name in states if name in rows]
-            self.remember_vanished(gone)
-            self.write().delete_files([row[0] for row in gone])
+            self.drop_gone(dir_id, states.keys(), rows)
         return items, changed
+
+    def drop_gone(self, dir_id: int, names: Iterable[str], rows: dict[str, FileRow] | None) -> None:
+        """Drop the rows of a directory's files that are gone (kept to find moves)."""
+        if rows is None:
+            rows = self.index.dir_files(dir_id)
+        gone = [rows[name] for name in names if name in rows]
+        self.remember_vanished(gone)
+        self.write().delete_files([row[0] for row in gone])
 
     def read_changed(
         self, dir_id: int, disk_path: str, name: str, st: os.stat_result, row: FileRow | None
@@ -579,7 +599,7 @@ def scan_share(
     progress: Progress | None = None,
     read_hook: ReadHook | None = None,
     ignore: IgnoreRule | None = None,
-    reused_states: list[FileState] | None = None,
+    on_files: FilesSeen | None = None,
 ) -> ScanResult:
     """Index a file or folder as a share and return its manifest, counts and problems.
 
@@ -591,10 +611,11 @@ def scan_share(
     ``ignore(relative_path, is_directory)`` leaves out what it returns True for (a sync
     folder's ignore patterns and state directory); it sees NFC tree paths.
 
-    ``reused_states`` receives (path, root, size, mtime_ns, inode, mode) of every file the
-    scan reused unread: when it hashed, renamed and skipped nothing, that is every file, as
-    :meth:`IndexStore.share_file_states` would list them (a sync folder's rescan spares
-    that listing; see :func:`file_states_of`).
+    ``on_files`` is called once per directory with (path, root, size, mtime_ns, inode,
+    mode) of each of its files the scan kept (reused, renamed or read; as
+    :meth:`IndexStore.share_file_states` lists them after the scan), in the scan's thread:
+    a sync folder compares them with its records there, a directory at a time, and holds
+    no list of the folder's files.
 
     Raises LocalProtocolError if ``path`` cannot be a share (missing, special file, a
     name that is not UTF-8) and StorageError if the index fails; every other trouble
@@ -624,7 +645,7 @@ def scan_share(
         read_hook,
         ignore,
     )
-    scan.collected = reused_states
+    scan.on_files = on_files
     try:
         result = _scan_single_file(scan, top, name) if single_file else _scan_top_dir(scan, top)
         scan.commit()
@@ -655,22 +676,6 @@ def scan_share(
         stats=scan.stats,
         ignored=scan.ignored,
     )
-
-
-def file_states_of(
-    index: IndexStore, result: ScanResult, reused: list[FileState]
-) -> list[FileState]:
-    """Every file's state after a scan: the ``reused_states`` it gathered when it reused
-    every file (an unchanged rescan, then no listing of the index), else the index's."""
-    stats = result.stats
-    if (
-        not stats.files_hashed
-        and not stats.files_renamed
-        and not result.problems
-        and len(reused) == result.files
-    ):
-        return reused
-    return index.share_file_states(result.share_id)
 
 
 def _scan_top_dir(scan: Scan, top: str) -> DirResult:

@@ -395,8 +395,12 @@ class FolderSync:
                 await self._record_part(part)
                 return
         self.ignore = await in_thread(self._ignore_file.load)
-        result, files, directories = await self._index.run(
-            steps.scan_folder, self._index.index, self.path, self.ignore
+        # The scan tells each directory's files to `compare` in the index's thread (the
+        # folder's lock keeps the records still meanwhile): no list of the folder's files
+        # is held, nor a DiskFile per file that matches its record.
+        compare = _FullCompare(self.records.unmatched, self.absent)
+        result, directories = await self._index.run(
+            steps.scan_folder, self._index.index, self.path, self.ignore, compare
         )
         self.scans += 1
         self.work.full_scans += 1
@@ -404,46 +408,51 @@ class FolderSync:
         self._share_root = result.root
         self.problems = [str(problem) for problem in result.problems]
         self.disk.ignored = set(result.ignored)
-        # The scan lists every file (their states stay in the scan index): only the files
-        # that differ from their records become DiskFiles, the rest leave just their paths
-        # (a DiskFile per file held ~1 KiB a file at once: a big folder's first scan, and
-        # the full rescan after a join, peaked there).
-        present: set[str] = set()
-        differing: dict[str, DiskFile] = {}
-        # Which files differ from their records is read in a worker thread, in batches
-        # (a record read is a SQLite lookup: ~2 us each, 0.4 s at 200,000 files).
-        unmatched = await in_thread(
-            self.records.unmatched,
-            itertools.chain(
-                ((f[0], f[1], bool(f[5] & 0o100)) for f in files),
-                ((d, DIRECTORY_ROOT, False) for d in directories),
-            ),
+        differing = compare.differing
+        # Records are SQLite reads: the directories' and the absent ones' in a thread.
+        unmatched_dirs = await in_thread(
+            self.records.unmatched, [(d, DIRECTORY_ROOT, False) for d in directories]
         )
-
-        def same(path: str, _root: bytes, _executable: bool) -> bool:
-            return path not in unmatched
-
-        files.reverse()  # popped from the end: each tuple is freed once taken
-        while files:
-            path, root, size, mtime_ns, _inode, mode = files.pop()
-            present.add(path)
-            digest = ContentHash(root)
-            executable = bool(mode & 0o100)
-            if not same(path, digest, executable):
-                differing[path] = DiskFile(path, digest, size, executable, mtime_ns)
-        on_disk = set(directories)
+        matched_dirs = 0
         for directory in directories:
-            if not same(directory, DIRECTORY_ROOT, False):
+            if directory in unmatched_dirs:
                 differing[directory] = directory_entry(directory)
+            elif directory not in self.absent:
+                matched_dirs += 1
+        # A live record whose path the scan did not find becomes a delete. When every live
+        # record (but those held absent, never deletes) matched what the scan found, none
+        # did: no set of the paths found is needed. Else the paths come from the index.
+        absent_files, absent_dirs = await in_thread(self._live_absent)
+        present: Container[str]
+        if (
+            compare.matched == self.records.files - absent_files
+            and matched_dirs == self.records.directories - absent_dirs
+        ):
+            present = _EVERYWHERE
+        else:
+            files = await self._index.run(
+                folderdisk.scanned_paths, self._index.index, self._real_path
+            )
+            present = _OnDisk(files, set(directories))
         await self._record_changes(
             self.records.versions(),
             differing,
             result.problems,
             lambda _path: True,
             whole=True,
-            present=_OnDisk(present, on_disk),
-            compared=len(present) + len(on_disk),
+            present=present,
+            compared=compare.files + len(directories),
         )
+
+    def _live_absent(self) -> tuple[int, int]:
+        """(files, directories) among the live records held absent (blocking reads)."""
+        files = directories = 0
+        for path in self.absent:
+            if self.records.file_size(path) is not None:
+                files += 1
+            elif self.records.matches(path, DIRECTORY_ROOT, False):
+                directories += 1
+        return files, directories
 
     async def _record_part(self, part: PartScan) -> None:
         """A partial scan's findings: only paths in its scope are compared with records."""
@@ -1012,6 +1021,45 @@ class _HeldChanges:
         if len(self.changes) > self.limit:
             self.overflow = True
             self.changes = {}
+
+
+class _FullCompare:
+    """Told each directory's files by a full scan (in the index's thread): keeps a
+    DiskFile for each that differs from its record, and counts those that match."""
+
+    def __init__(
+        self,
+        unmatched: Callable[[Iterable[tuple[str, bytes, bool]]], set[str]],
+        absent: Container[str],
+    ) -> None:
+        self.unmatched, self.absent = unmatched, absent
+        self.differing: dict[str, DiskFile] = {}
+        self.files = 0
+        self.matched = 0
+        """Files found that match their live record (those held absent left out)."""
+
+    def __call__(self, files: list[tuple[str, bytes, int, int, int, int]]) -> None:
+        absent, differing = self.absent, self.differing
+        self.files += len(files)
+        # One batch of record reads per directory (RecordSet.unmatched).
+        unmatched = self.unmatched((f[0], f[1], bool(f[5] & 0o100)) for f in files)
+        for path, root, size, mtime_ns, _inode, mode in files:
+            if path in unmatched:
+                differing[path] = DiskFile(
+                    path, ContentHash(root), size, bool(mode & 0o100), mtime_ns
+                )
+            elif path not in absent:
+                self.matched += 1
+
+
+class _Everywhere:
+    """Every path counts as found (a full scan found every live record's path)."""
+
+    def __contains__(self, path: object) -> bool:
+        return True
+
+
+_EVERYWHERE = _Everywhere()
 
 
 @dataclass(frozen=True, slots=True)

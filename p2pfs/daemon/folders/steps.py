@@ -17,7 +17,7 @@ from p2pfs.store import folderdisk
 from p2pfs.store.assemble import Finished, PartialFile, commit_files, fsync_directory
 from p2pfs.store.index import CHUNK_RECORD, IndexStore
 from p2pfs.store.partscan import PartScan, scan_directories
-from p2pfs.store.scanner import FileState, ScanResult, file_states_of, scan_share
+from p2pfs.store.scanner import FilesSeen, ScanResult, scan_share
 from p2pfs.sync.ignore import IgnoreRules
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.records import IndexLeaf, SignedRecord, path_key, record_hash
@@ -207,20 +207,17 @@ def local_file_nodes(index: IndexStore, roots: list[ContentHash]) -> dict[Conten
     return nodes
 
 
-ScannedFile = tuple[str, bytes, int, int, int, int]
-
-
 def scan_folder(
-    index: IndexStore, path: str, ignore: IgnoreRules
-) -> tuple[ScanResult, list[ScannedFile], list[str]]:
+    index: IndexStore, path: str, ignore: IgnoreRules, on_files: FilesSeen
+) -> tuple[ScanResult, list[str]]:
+    """A full scan of the folder: ``on_files`` is told each directory's files (in this
+    thread, see :func:`scan_share`); returns the result and the directories found."""
     # Without patterns the rules leave out only the state directory and temp files, which
     # the scanner leaves out itself: not asking them of every file spares ~15% of an
     # unchanged rescan.
     rule = ignore if ignore.spec is not None else None
-    reused: list[FileState] = []
-    result = scan_share(path, index, ignore=rule, reused_states=reused)
-    files = file_states_of(index, result, reused)
-    return result, files, index.share_directories(result.share_id)
+    result = scan_share(path, index, ignore=rule, on_files=on_files)
+    return result, index.share_directories(result.share_id)
 
 
 def scan_folder_part(
