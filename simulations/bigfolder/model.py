@@ -6,8 +6,9 @@ Two kinds of input:
 - measured here, on the structures a folder keeps per file and the per-change steps whose
   cost depends on the folder at all:
   - the memory a folder holds per file once loaded (``RecordSet`` of signed records, the
-    index tree's packed leaves, the scanned files' states with their directory index), by
-    tracemalloc, so the steady state is known apart from the transient peaks;
+    index tree's packed leaves; the scanned files' states are read from the scan index
+    since session 21), by tracemalloc, so the steady state is known apart from the
+    transient peaks;
   - the index tree's update along one changed path (``IndexTree.update``, O(height));
   - finding a partial scan's scope (``DirectoryIndex.in_scope``: O(directories + paths in
     the changed directory)), at a fixed 100 files per directory.
@@ -34,12 +35,11 @@ from pathlib import Path
 import blake3
 
 from p2pfs.ids import ContentHash
-from p2pfs.store.folderdisk import DiskState
 from p2pfs.store.folders import FolderStore
 from p2pfs.store.index import IndexStore
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.records import IndexLeaf, IndexTree, PackedLeaves, SignedRecord, path_key
-from p2pfs.sync.recordset import DirectoryIndex, IndexedPaths, RecordSet
+from p2pfs.sync.recordset import DirectoryIndex, RecordSet
 from p2pfs.sync.versions import FileVersion, VersionVector
 
 MiB = 1 << 20
@@ -56,8 +56,8 @@ def path_of(number: int) -> str:
 
 def steady_parts_per_file(files: int = 20_000) -> dict[str, float]:
     """What a loaded folder keeps per file, structure by structure (bytes, tracemalloc):
-    its records, index tree, scanned states, and what each linked member's link keeps (the
-    vectors it sent, by path)."""
+    its records, index tree, and what each linked member's link keeps (the vectors it sent,
+    by path)."""
     keys = FolderKeys.from_write_seed(bytes(range(32)))
     device = bytes([7]) * 32
     vector = VersionVector.empty().bump(device)
@@ -103,14 +103,9 @@ def steady_parts_per_file(files: int = 20_000) -> dict[str, float]:
 
     measure("index tree (packed leaves, every node's encoding)", load_tree)
 
-    def scanned_states() -> IndexedPaths[DiskState]:
-        states: IndexedPaths[DiskState] = IndexedPaths()
-        for number in range(files):
-            states["".join(path_of(number))] = DiskState(1000 + number, (1 << 60) + number, number)
-        return states
-
-    measure("scanned states (IndexedPaths of DiskState)", scanned_states)
-    # The content roots a folder serves are read from the scan index (SQLite), not kept.
+    # The scanned files' states (337 B a file as an IndexedPaths of DiskState, session
+    # 20) and the content roots a folder serves are read from the scan index (SQLite) when
+    # asked, not kept.
     measure(
         "a link's vectors seen, by path (per linked member)",
         # its own path strings: the records' are no longer in memory to share

@@ -378,18 +378,13 @@ class FolderSync:
     async def _rescan_locked(self, *, full: bool = True) -> None:
         pending, self._pending = self._pending, set()
         self.dirty = False  # events from here on mark the next scan
-        if not await in_thread(folderdisk.has_marker, self.path):
-            # An unmounted disk or a deleted folder looks like "every file deleted": never
-            # record that. The folder waits until its marker is back.
-            raise StorageError(
-                f"{self.path} lacks its {folderdisk.MARKER} marker (unmounted, moved or deleted?); "
-                "not syncing it until it is back"
-            )
+        await self._check_marker()
         if not full and pending and self.scans and self.watching:
             part = await self._index.run(
                 steps.scan_folder_part, self._index.index, self.path, self.ignore, pending
             )
             if part is not None:
+                await self._check_marker()
                 self.work.partial_scans += 1
                 self.work.files_scanned += _scanned(part.stats)
                 await self._record_part(part)
@@ -402,6 +397,7 @@ class FolderSync:
         result, directories = await self._index.run(
             steps.scan_folder, self._index.index, self.path, self.ignore, compare
         )
+        await self._check_marker()
         self.scans += 1
         self.work.full_scans += 1
         self.work.files_scanned += _scanned(result.stats)
@@ -453,6 +449,19 @@ class FolderSync:
             elif self.records.matches(path, DIRECTORY_ROOT, False):
                 directories += 1
         return files, directories
+
+    async def _check_marker(self) -> None:
+        """Raise StorageError if the folder's marker is gone: an unmounted disk or a deleted
+        folder looks like "every file deleted", never recorded. Checked before a scan and
+        again after it (the folder may have gone while it ran: a scan that found the files
+        gone and the marker still there must not be believed). The folder waits until its
+        marker is back, then scans in full."""
+        if not await in_thread(folderdisk.has_marker, self.path):
+            self._pending = None
+            raise StorageError(
+                f"{self.path} lacks its {folderdisk.MARKER} marker (unmounted, moved or deleted?); "
+                "not syncing it until it is back"
+            )
 
     async def _record_part(self, part: PartScan) -> None:
         """A partial scan's findings: only paths in its scope are compared with records."""
