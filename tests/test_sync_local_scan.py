@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import trio
 
+from p2pfs.daemon.folders import engine
 from p2pfs.daemon.folders.engine import FolderSync
 from p2pfs.daemon.storage import AsyncIndex
 from p2pfs.ids import ContentHash
@@ -70,14 +72,17 @@ def test_an_edit_in_a_directory_records_the_file_not_the_directory(tmp_path: Pat
     trio.run(main)
 
 
+@pytest.mark.parametrize("held", [engine.DIFFERING_HELD, 8])
 def test_a_full_rescan_records_what_changed_and_keeps_the_states_of_what_is_on_disk(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held: int
 ) -> None:
     """A full rescan hands local change detection only the files that differ (compared a
     directory at a time as the scan finds them): unchanged files stay unrecorded, an edit,
     a new file and a delete are recorded, and a gone file's state goes. A delete is found
     whether or not the count of files found changes (a file swapped for another, an empty
-    directory gone alone)."""
+    directory gone alone). With more differing files than are held (8: the first scan's
+    60), they are read again from the scan index in batches: the same records result."""
+    monkeypatch.setattr(engine, "DIFFERING_HELD", held)
     top = tmp_path / "folder"
     for number in range(60):
         path = top / f"d{number % 3}" / f"f{number:02d}.txt"

@@ -51,6 +51,19 @@ _NAMES_PER_QUERY = 32
 _INODE_MASK = (1 << 64) - 1
 
 
+def _state_of(
+    rel: str, stored: str, root: bytes, size: int, mtime_ns: int, inode: int, mode: int
+) -> tuple[str, bytes, int, int, int, int]:
+    """(path, root, size, mtime_ns, inode, mode) of a file row (its tree path normalised)."""
+    name = stored
+    if not name.isascii() or "\\" in name:  # the scanner's shortcut, as there
+        try:
+            name = normalize_local_name(stored)
+        except InvalidNameError as exc:
+            raise StorageError(f"index: stored name {stored!r} is invalid") from exc
+    return (f"{rel}/{name}" if rel else name, root, size, mtime_ns, inode, mode)
+
+
 def _stat_row(row: Sequence[int]) -> StatRow:
     # The inode is stored as SQLite's signed 64 bits (filehash.signed64): back to st_ino's.
     return (int(row[0]), int(row[1]), int(row[2]), int(row[3]) & _INODE_MASK)
@@ -685,16 +698,35 @@ class IndexStore:
                 "FROM files f JOIN dirs d ON d.id = f.dir_id WHERE d.share_id = ?",
                 (share_id,),
             ).fetchall()
-        states = []
-        for rel, stored, root, size, mtime_ns, inode, mode in rows:
-            name = stored
-            if not name.isascii() or "\\" in name:  # the scanner's shortcut, as there
-                try:
-                    name = normalize_local_name(stored)
-                except InvalidNameError as exc:
-                    raise StorageError(f"index: stored name {stored!r} is invalid") from exc
-            states.append((f"{rel}/{name}" if rel else name, root, size, mtime_ns, inode, mode))
-        return states
+        return [_state_of(*row) for row in rows]
+
+    def iter_file_states(
+        self, share_id: int, batch: int = 4096
+    ) -> Iterator[list[tuple[str, bytes, int, int, int, int]]]:
+        """:meth:`share_file_states` in batches of ``batch`` files, read on a read-only
+        connection of its own (WAL: what was committed), so a worker thread may stream them
+        while the index's connection serves others: a first scan's changes are compared a
+        batch at a time, not held for every file."""
+        with _guard("opening a file-state reader"):
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            with _guard("reading file states"):
+                conn.execute("PRAGMA query_only=ON")
+            last = -1
+            while True:
+                with _guard("reading file states"):
+                    rows = conn.execute(
+                        "SELECT f.id, d.rel, f.name, f.root, f.size, f.mtime_ns, f.inode, "
+                        "f.mode FROM files f JOIN dirs d ON d.id = f.dir_id "
+                        "WHERE d.share_id = ? AND f.id > ? ORDER BY f.id LIMIT ?",
+                        (share_id, last, batch),
+                    ).fetchall()
+                if not rows:
+                    return
+                last = rows[-1][0]
+                yield [_state_of(*row[1:]) for row in rows]
+        finally:
+            conn.close()
 
     def share_files(self, share_id: int) -> Iterator[FileRecord]:
         """Every file of a share in path order (the order of its directory trees)."""

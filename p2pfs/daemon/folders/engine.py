@@ -18,6 +18,7 @@ from collections.abc import (
     Callable,
     Collection,
     Container,
+    ItemsView,
     Iterable,
     Iterator,
     Mapping,
@@ -32,6 +33,7 @@ from p2pfs.ids import ContentHash, NodeId
 from p2pfs.net import PeerConnection
 from p2pfs.store import folderdisk
 from p2pfs.store.folders import FolderRow, FolderStore
+from p2pfs.store.index import IndexStore
 from p2pfs.store.partscan import PartScan
 from p2pfs.store.scanner import Problem, ScanStats
 from p2pfs.sync.ignore import IGNORE_FILE, IgnoreRules
@@ -68,6 +70,10 @@ VERIFY_SPLIT_MIN = 256
 KEPT_TREES = 3
 RECORD_BATCH = 4096
 """Local changes signed and stored per batch (a first scan records every file)."""
+DIFFERING_HELD = 16384
+"""Files a full scan finds differing from their records that are kept at most; beyond (a
+first scan: every file), they are read again from the scan index in batches while they
+are recorded (a DiskFile held per file cost ~0.3 KiB a file at once)."""
 JOIN_BATCH = 8192
 """A member's differing records fetched, verified, planned and applied per batch: a join
 holds one batch decoded and planned at a time (~2 KiB a record), not every record."""
@@ -393,7 +399,7 @@ class FolderSync:
         # The scan tells each directory's files to `compare` in the index's thread (the
         # folder's lock keeps the records still meanwhile): no list of the folder's files
         # is held, nor a DiskFile per file that matches its record.
-        compare = _FullCompare(self.records.unmatched, self.absent)
+        compare = _FullCompare(self.records.unmatched, self.absent, DIFFERING_HELD)
         result, directories = await self._index.run(
             steps.scan_folder, self._index.index, self.path, self.ignore, compare
         )
@@ -404,17 +410,27 @@ class FolderSync:
         self._share_root = result.root
         self.problems = [str(problem) for problem in result.problems]
         self.disk.ignored = set(result.ignored)
-        differing = compare.differing
         # Records are SQLite reads: the directories' and the absent ones' in a thread.
         unmatched_dirs = await in_thread(
             self.records.unmatched, [(d, DIRECTORY_ROOT, False) for d in directories]
         )
         matched_dirs = 0
+        changed_dirs: dict[str, DiskFile] = {}
         for directory in directories:
             if directory in unmatched_dirs:
-                differing[directory] = directory_entry(directory)
+                changed_dirs[directory] = directory_entry(directory)
             elif directory not in self.absent:
                 matched_dirs += 1
+        differing: Mapping[str, DiskFile]
+        if compare.overflow:
+            # Too many differ to hold (a first scan: every file): read again from the
+            # scan index and compared a batch at a time while they are recorded.
+            differing = _StreamedChanges(
+                self._index.index, result.share_id, self.records.unmatched, changed_dirs
+            )
+        else:
+            differing = compare.differing
+            differing.update(changed_dirs)
         # A live record whose path the scan did not find becomes a delete. When every live
         # record (but those held absent, never deletes) matched what the scan found, none
         # did: no set of the paths found is needed. Else the paths come from the index.
@@ -493,7 +509,7 @@ class FolderSync:
     async def _record_changes(
         self,
         records: Mapping[str, FileVersion],
-        found: dict[str, DiskFile],
+        found: Mapping[str, DiskFile],
         problems: list[Problem],
         in_scope: Callable[[str], bool],
         *,
@@ -1040,9 +1056,12 @@ class _FullCompare:
         self,
         unmatched: Callable[[Iterable[tuple[str, bytes, bool]]], set[str]],
         absent: Container[str],
+        limit: int,
     ) -> None:
-        self.unmatched, self.absent = unmatched, absent
+        self.unmatched, self.absent, self.limit = unmatched, absent, limit
         self.differing: dict[str, DiskFile] = {}
+        self.overflow = False
+        """More than ``limit`` differ: none kept (the caller reads them again, in batches)."""
         self.files = 0
         self.matched = 0
         """Files found that match their live record (those held absent left out)."""
@@ -1052,13 +1071,65 @@ class _FullCompare:
         self.files += len(files)
         # One batch of record reads per directory (RecordSet.unmatched).
         unmatched = self.unmatched((f[0], f[1], bool(f[5] & 0o100)) for f in files)
+        self.matched += sum(1 for f in files if f[0] not in unmatched and f[0] not in absent)
+        if self.overflow or not unmatched:
+            return
         for path, root, size, mtime_ns, _inode, mode in files:
             if path in unmatched:
                 differing[path] = DiskFile(
                     path, ContentHash(root), size, bool(mode & 0o100), mtime_ns
                 )
-            elif path not in absent:
-                self.matched += 1
+        if len(differing) > self.limit:
+            self.overflow = True
+            differing.clear()
+
+
+class _StreamedChanges(Mapping[str, DiskFile]):
+    """A full scan's files that differ from their records, when too many to hold: read
+    from the scan index (on a reader of its own, so a worker thread may run it) and
+    compared with the records a batch at a time, as local change detection takes them;
+    then the directories that differ.
+
+    Only iterated (``items``): membership is asked by local change detection only of
+    paths the scan did not find, and none of those is here but the directories."""
+
+    def __init__(
+        self,
+        index: IndexStore,
+        share_id: int,
+        unmatched: Callable[[Iterable[tuple[str, bytes, bool]]], set[str]],
+        directories: dict[str, DiskFile],
+    ) -> None:
+        self._index, self._share_id = index, share_id
+        self._unmatched, self._directories = unmatched, directories
+
+    def _stream(self) -> Iterator[tuple[str, DiskFile]]:
+        for batch in self._index.iter_file_states(self._share_id):
+            differ = self._unmatched((f[0], f[1], bool(f[5] & 0o100)) for f in batch)
+            for path, root, size, mtime_ns, _inode, mode in batch:
+                if path in differ:
+                    executable = bool(mode & 0o100)
+                    yield path, DiskFile(path, ContentHash(root), size, executable, mtime_ns)
+        yield from self._directories.items()
+
+    def items(self) -> ItemsView[str, DiskFile]:
+        return _StreamedItems(self)
+
+    def __iter__(self) -> Iterator[str]:
+        return (path for path, _found in self._stream())
+
+    def __getitem__(self, path: str) -> DiskFile:
+        return self._directories[path]
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self._stream())
+
+
+class _StreamedItems(ItemsView[str, DiskFile]):
+    _mapping: _StreamedChanges
+
+    def __iter__(self) -> Iterator[tuple[str, DiskFile]]:
+        return self._mapping._stream()
 
 
 class _Everywhere:
