@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from dataclasses import astuple
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,13 @@ from p2pfs.content.folder import FILE_TREE
 from p2pfs.content.tree import Child, iter_leaves
 from p2pfs.errors import StorageError
 from p2pfs.store.folders import FolderStore
-from p2pfs.store.index import SCHEMA_VERSION, IndexStore, read_chunk, unpack_chunks
+from p2pfs.store.index import (
+    LOCATE_BATCH,
+    SCHEMA_VERSION,
+    IndexStore,
+    read_chunk,
+    unpack_chunks,
+)
 from p2pfs.store.scanner import scan_share
 
 
@@ -77,6 +84,30 @@ def test_chunk_location_lookup_returns_the_bytes(tmp_path: Path) -> None:
             assert index.locate_chunk(ref.id, share_root=bytes(32)) == []
             offset += ref.length
         assert index.locate_chunk(b"\x00" * 32) == []
+
+
+def test_locate_chunks_answers_as_locate_chunk_does(tmp_path: Path) -> None:
+    """The batched lookup (one query per LOCATE_BATCH ids) gives each id the locations
+    locate_chunk gives it: repeated ids, unknown ids, a share filter, many batches."""
+    share = tmp_path / "share"
+    share.mkdir()
+    blobs = [os.urandom(1000 + number) for number in range(5)]
+    for number, blob in enumerate(blobs):
+        (share / f"f{number}").write_bytes(blob)
+    (share / "copy").write_bytes(blobs[0])  # one chunk in two files
+    with IndexStore(tmp_path / "index.sqlite3") as index:
+        result = scan_share(share, index)
+        known = [Chunker(DEFAULT_CHUNKER).chunk_refs(blob)[0].id for blob in blobs]
+        unknown = [number.to_bytes(32, "big") for number in range(LOCATE_BATCH + 7)]
+        cids = [known[0], *unknown[:3], known[1], known[0], *unknown[3:], *known[2:]]
+        for root in (None, result.root, bytes(32)):
+            got = index.locate_chunks(cids, root)
+            assert len(got) == len(cids)
+            for cid, locations in zip(cids, got, strict=True):
+                expected = index.locate_chunk(cid, root)
+                assert sorted(map(astuple, locations)) == sorted(map(astuple, expected))
+        assert len(index.locate_chunks([known[0]])[0]) == 2
+        assert index.locate_chunks([]) == []
 
 
 def test_file_tree_is_rebuilt_from_the_chunk_list(tmp_path: Path) -> None:

@@ -436,7 +436,8 @@ class Fetcher:
             if done:
                 task.complete = True
                 self.report.bytes_present += task.entry.size
-                self._file_done(task.entry.size)
+                self._done_files += 1
+                self._done_bytes += task.entry.size
                 task.filled = {offset for offset, _ref in task.leaves}
             else:
                 task.filled = set(present)
@@ -447,6 +448,7 @@ class Fetcher:
                     if not done:
                         self.report.bytes_resumed += ref.length
                         self._done_bytes += ref.length
+        self._report_progress()
         self._swarm.add(list(held.items()))
         # A piece held in one place may be wanted in others (a chunk twice in the share).
         for piece, location in held.items():
@@ -655,12 +657,9 @@ class Fetcher:
                 self._uncommitted[:0] = batch
                 self._uncommitted_bytes += sum(task.entry.size for task in batch)
             raise
-        for _task in batch:
-            self._file_done(0)
-
-    def _file_done(self, extra_bytes: int) -> None:
-        self._done_files += 1
-        self._done_bytes += extra_bytes
+        # One progress report per batch: per file, each built the peers' list and a
+        # progress event (10,000 of them for a fetch of 10,000 small files).
+        self._done_files += len(batch)
         self._report_progress()
 
     def _report_progress(self) -> None:
@@ -787,7 +786,7 @@ def _open_partials(tasks: list[_FileTask]) -> list[set[int]]:
 
 
 def _locate_each(index: IndexStore, wanted: list[ChunkRef]) -> list[list[ChunkLocation]]:
-    return [index.locate_chunk(ref.id) for ref in wanted]
+    return index.locate_chunks([ref.id for ref in wanted])
 
 
 def _read_local(group: list[tuple[ChunkRef, list[ChunkLocation]]]) -> list[bytes | None]:

@@ -565,7 +565,7 @@ def _locate_request(
         record = index.share_by_root(request.share_root)
         if record is not None and record.local_path in private:
             return True, []
-    return False, [index.locate_chunk(chunk.id, request.share_root) for chunk in request.chunks]
+    return False, index.locate_chunks([chunk.id for chunk in request.chunks], request.share_root)
 
 
 def _read_group(wanted: list[tuple[ContentHash, list[ChunkLocation]]]) -> list[bytes | None]:

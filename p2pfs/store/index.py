@@ -80,6 +80,9 @@ def chunk_prefix(cid: bytes) -> int:
     return int.from_bytes(cid[:8], "little", signed=True)
 
 
+LOCATE_BATCH = 500
+"""Chunk ids per locate_chunks query (SQLite's default bound is 32,766 variables)."""
+
 _INSERT_LOCATION = (
     "INSERT OR IGNORE INTO chunk_locations (prefix, file_id, offset, length) VALUES (?, ?, ?, ?)"
 )
@@ -778,6 +781,35 @@ class IndexStore:
             ChunkLocation(os.path.join(dir_path, name), offset, length)
             for dir_path, name, offset, length in rows
         ]
+
+    def locate_chunks(
+        self, cids: Sequence[bytes], share_root: bytes | None = None
+    ) -> list[list[ChunkLocation]]:
+        """``locate_chunk`` of each id, in one query per LOCATE_BATCH distinct ids: a
+        request of small files (one chunk each) made one query per chunk."""
+        prefixes = [chunk_prefix(cid) for cid in cids]
+        found: dict[int, list[ChunkLocation]] = {}
+        distinct = list(dict.fromkeys(prefixes))
+        query = (
+            "SELECT c.prefix, d.path, f.name, c.offset, c.length FROM chunk_locations c "
+            "JOIN files f ON f.id = c.file_id JOIN dirs d ON d.id = f.dir_id "
+        )
+        if share_root is not None:
+            query += "JOIN shares s ON s.id = d.share_id WHERE s.root = ? AND "
+        else:
+            query += "WHERE "
+        for start in range(0, len(distinct), LOCATE_BATCH):
+            part = distinct[start : start + LOCATE_BATCH]
+            args: tuple[object, ...] = tuple(part)
+            if share_root is not None:
+                args = (share_root, *part)
+            marks = ",".join("?" * len(part))
+            with _guard("locating chunks"):
+                rows = self._conn.execute(f"{query}c.prefix IN ({marks})", args).fetchall()
+            for prefix, dir_path, name, offset, length in rows:
+                location = ChunkLocation(os.path.join(dir_path, name), offset, length)
+                found.setdefault(prefix, []).append(location)
+        return [list(found.get(prefix, ())) for prefix in prefixes]
 
     def file_chunks(self, root: bytes) -> bytes | None:
         """The packed chunk list of a file with tree root ``root``, or None."""
