@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -221,7 +222,9 @@ class FolderLink:
                 self.conn.payload_received += len(reply.payload)
                 self._counters.chunks_received += 1
                 # Waiting here stops reading the stream: flow control slows the member.
+                # Our own limit's wait is not the member stalling: no deadline meanwhile.
                 if self._download_limit is not None:
+                    guard.deadline = math.inf
                     await throttle(self._download_limit, len(reply.payload))
                 # The payload is a view into the frame's own copy: kept as it is, no copy.
                 arrived.append((reply.index, reply.payload))
