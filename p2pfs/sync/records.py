@@ -48,8 +48,8 @@ PATH_KEY_CONTEXT = "p2pfs 2026-11-22 folder path key v1"
 SIGNATURE_DOMAIN = b"p2pfs folder record signature v1\x00"
 MAX_SIGNED_RECORD_BYTES = MAX_FILE_VERSION_BYTES + SIGNATURE_LEN + 16
 MAX_FOLDER_RECORDS = 1 << 20
-"""Records one folder may hold (every member keeps them all in memory, ~1 KiB each with
-their scanned state, several KiB at a join's peak): a remote index root claiming more is
+"""Records one folder may hold (every member stores them all, and keeps the index tree's
+leaves and nodes in memory, ~0.1 KiB a record): a remote index root claiming more is
 refused before any node is fetched."""
 EMPTY_INDEX = Child(ContentHash(bytes(HASH_LEN)), 0)
 """The root of an index with no records (no node has this hash)."""
