@@ -25,7 +25,7 @@ from p2pfs.sync.records import (
     path_key,
     record_hash,
 )
-from p2pfs.sync.recordset import DirectoryIndex, IndexedPaths, RecordSet
+from p2pfs.sync.recordset import DirectoryIndex, IndexedPaths, KnownVersions, RecordSet
 from p2pfs.sync.versions import DIRECTORY_ROOT, FileVersion, VersionVector
 
 KEYS = FolderKeys.from_write_seed(bytes(range(32)))
@@ -304,3 +304,32 @@ def test_a_links_vectors_are_kept_in_the_store_and_one_going_backwards_is_refuse
     assert store.note_vectors(1, [("a", one), ("b", one)]) is None
     store.forget_vectors(3)  # never sent anything
     index.close()
+
+
+def test_a_plans_view_answers_asked_paths_from_the_read_ahead_and_others_from_the_set() -> None:
+    held = RecordSet()
+    records = {
+        path: SignedRecord.sign(
+            FileVersion(
+                path,
+                VersionVector.empty().bump(DEVICES[0]),
+                False,
+                ContentHash(bytes(32)),
+                1,
+                False,
+                0,
+                DEVICES[0],
+            ),
+            KEYS,
+        )
+        for path in ("a", "b", "c")
+    }
+    for path, record in records.items():
+        held.put(path, record.encode(), record)
+    # "a" and "new" were read ahead ("new" has no record); "b" was not asked.
+    view = KnownVersions({"a": records["a"]}, {"a", "new"}, held)
+    assert view["a"] == records["a"].version and view.record("a") == records["a"]
+    assert "new" not in view and view.get("new") is None and view.record("new") is None
+    assert view["b"] == records["b"].version and view.record("b") == records["b"]
+    assert "b" in view and "zzz" not in view
+    assert sorted(view) == ["a", "b", "c"] and len(view) == 3
