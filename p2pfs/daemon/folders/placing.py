@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
@@ -148,6 +147,28 @@ class Placer:
         items = [(path, version) for path, version in planned.fetch if not version.is_directory]
         if not items:
             return made
+        jobs = [
+            TreeJob(_FILE_TREE, Child(version.root, version.size), tag=(path, version))
+            for path, version in items
+            if version.size and version.root is not None
+        ]
+        # Subtrees this node holds (the same content anywhere, or the path's old version)
+        # come from the index: a rename fetches no node, an edit only the nodes above it.
+        known_roots = [version.root for _path, version in items if version.root is not None]
+        for path, _version in items:
+            old = self.records.get(path)
+            if old is not None and old.version.root is not None:
+                known_roots.append(old.version.root)
+        local_nodes = await self._index.run(steps.local_file_nodes, self._index.index, known_roots)
+
+        async def fetch_nodes(hashes: list[ContentHash]) -> list[bytes]:
+            missing = [h for h in hashes if h not in local_nodes]
+            fetched = dict(zip(missing, await link.nodes(missing), strict=True)) if missing else {}
+            return [local_nodes[h] if h in local_nodes else fetched[h] for h in hashes]
+
+        await walk_trees(jobs, fetch_nodes, batch_size=MAX_BATCH * 4)
+        timer.mark("trees")
+        chunks_of: dict[str, list[tuple[int, ChunkRef]]] = {job.tag[0]: job.leaves for job in jobs}
         parents = await in_thread(steps.make_all_parents, self.path, [path for path, _ in items])
         parts: list[list[tuple[str, FileVersion]]] = [[]]
         step_bytes = 0
@@ -160,15 +181,13 @@ class Placer:
             parts[-1].append((path, version))
             step_bytes += version.size
         placed: set[str] = set()
-        # Steps overlap: one commits (sync, renames) while the next walks its files' trees
-        # and moves data. Each step walks its own trees: walking every tree first left the
-        # transfer idle for a phase that grew with the files (12.3 s of a 50k join).
+        # Steps overlap: one commits (sync, renames) while the next moves data.
         limit = trio.Semaphore(STEPS_IN_FLIGHT)
         async with trio.open_nursery() as nursery:
             for step in parts:
                 await limit.acquire()
                 nursery.start_soon(
-                    self._download_step, link, step, parents, planned, placed, limit, timer
+                    self._download_step, link, step, parents, chunks_of, planned, placed, limit
                 )
         timer.mark("files")
         return placed | made
@@ -178,19 +197,16 @@ class Placer:
         link: FolderLink,
         items: list[tuple[str, FileVersion]],
         parents: dict[str, str],
+        chunks_of: dict[str, list[tuple[int, ChunkRef]]],
         planned: Planned,
         placed: set[str],
         limit: trio.Semaphore,
-        timer: steps.Phases,
     ) -> None:
         partials: dict[str, PartialFile] = {}
         failed: set[str] = set()
         """Files of this step that cannot be placed now (a disk error, content the member
         lacks): the others go ahead; these are retried on a later reconcile."""
         try:
-            started = time.perf_counter()
-            chunks_of = await self._walk_trees(link, items)
-            timer.note("trees", time.perf_counter() - started)
             for path, version in items:
                 assert version.root is not None
                 name = path.rsplit("/", 1)[-1]
@@ -226,32 +242,6 @@ class Placer:
             for partial in partials.values():
                 partial.close()
             limit.release()
-
-    async def _walk_trees(
-        self, link: FolderLink, items: list[tuple[str, FileVersion]]
-    ) -> dict[str, list[tuple[int, ChunkRef]]]:
-        """Each file's chunk list, from its tree: subtrees this node holds (the same content
-        anywhere, or the path's old version) come from the index (a rename fetches no
-        node, an edit only the nodes above it), the rest from the member."""
-        jobs = [
-            TreeJob(_FILE_TREE, Child(version.root, version.size), tag=path)
-            for path, version in items
-            if version.size and version.root is not None
-        ]
-        known_roots = [version.root for _path, version in items if version.root is not None]
-        for path, _version in items:
-            old = self.records.get(path)
-            if old is not None and old.version.root is not None:
-                known_roots.append(old.version.root)
-        local_nodes = await self._index.run(steps.local_file_nodes, self._index.index, known_roots)
-
-        async def fetch_nodes(hashes: list[ContentHash]) -> list[bytes]:
-            missing = [h for h in hashes if h not in local_nodes]
-            fetched = dict(zip(missing, await link.nodes(missing), strict=True)) if missing else {}
-            return [local_nodes[h] if h in local_nodes else fetched[h] for h in hashes]
-
-        await walk_trees(jobs, fetch_nodes, batch_size=MAX_BATCH * 4)
-        return {job.tag: job.leaves for job in jobs}
 
     async def _fill_from_local(
         self,

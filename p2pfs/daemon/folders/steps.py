@@ -36,22 +36,14 @@ class Phases:
     def __init__(self) -> None:
         self._last = time.perf_counter()
         self._spent: dict[str, float] = {}
-        self._within: dict[str, float] = {}
 
     def mark(self, phase: str) -> None:
         now = time.perf_counter()
         self._spent[phase] = self._spent.get(phase, 0.0) + now - self._last
         self._last = now
 
-    def note(self, part: str, seconds: float) -> None:
-        """Time spent on ``part`` within the current phase, beside other work (shown apart:
-        it overlaps, so it does not add up with the phases)."""
-        self._within[part] = self._within.get(part, 0.0) + seconds
-
     def __str__(self) -> str:
-        shown = [f"{phase} {seconds:.3f}s" for phase, seconds in self._spent.items()]
-        shown += [f"({part} {seconds:.3f}s within)" for part, seconds in self._within.items()]
-        return ", ".join(shown)
+        return ", ".join(f"{phase} {seconds:.3f}s" for phase, seconds in self._spent.items())
 
 
 def paths(folder: str, finished: list[Finished]) -> list[tuple[str, Finished]]:
