@@ -103,6 +103,8 @@ class PartialFile:
         self._verified: dict[int, int] = {}
         """Offset -> length of the bytes known good in the temp file named by _identity."""
         self._revoked = False
+        self._unsynced = 0
+        """Bytes written through the cache since the kernel was last told to write back."""
         self._finished_as: tuple[bool, int | None] | None = None
         """(executable, mtime_ns) given to write_new: the temp file was written whole and
         closed with that metadata, so its commit needs no reopen (see write_new)."""
@@ -291,6 +293,11 @@ class PartialFile:
         except OSError as exc:
             raise StorageError(f"cannot write {self.temp_path}: {exc.strerror}") from exc
         self._verified[offset] = max(self._verified.get(offset, 0), len(data))
+        self._unsynced += len(data)
+        if self._unsynced >= WRITEBACK_EVERY:
+            # Threads may race on the count: it only paces an advisory call.
+            self._unsynced = 0
+            _start_writeback(fd)
 
     def writer_identity(self) -> tuple[int, int]:
         """Open (creating it if need be) and lock the temp file; its (st_dev, st_ino). A
@@ -785,6 +792,37 @@ def _load_syncfs() -> Callable[[int], int] | None:
 
 
 _SYNCFS = _load_syncfs()
+
+WRITEBACK_EVERY = 8 << 20
+"""A big file's writeback is started after every this many bytes written."""
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        function = ctypes.CDLL(name, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function  # type: ignore[no-any-return,unused-ignore]
+
+
+_SYNC_FILE_RANGE = _load_sync_file_range()
+
+
+def _start_writeback(fd: int) -> None:
+    """Start writing the file's dirty pages to the disk now (``sync_file_range(2)``,
+    ``SYNC_FILE_RANGE_WRITE``: no wait, nothing made durable). Why: a big file's commit
+    otherwise fsyncs all of it at once (0.13-0.14 s for 256 MiB here, after the last chunk
+    came); started while chunks still arrive, little is left for that fsync, which still
+    runs (crash safety is unchanged). Advisory: a refusal (a file system without it) is
+    ignored, and a write error shows at the commit's fsync as before."""
+    if _SYNC_FILE_RANGE is not None:
+        _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 def _syncfs(fd: int) -> None:
