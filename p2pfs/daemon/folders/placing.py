@@ -292,9 +292,9 @@ class Placer:
         chunks_of: dict[str, list[tuple[int, ChunkRef]]],
         failed: set[str],
     ) -> dict[str, set[int]]:
-        """An edited file's unchanged runs come from its previous version on this disk in
-        a few kernel copies (no per-chunk index lookup, read and write); returns the
-        offsets done per path."""
+        """An edited file's unchanged runs come from its previous version on this disk, a
+        run at a time (no per-chunk index lookup; PartialFile.copy_chunks verifies each
+        chunk before writing it); returns the offsets done per path."""
         roots: dict[str, ContentHash | None] = {}
         scanned = await self.disk.scanned(list(partials))
         for path in partials:

@@ -115,8 +115,8 @@ def copy_from_previous(
 ) -> set[int]:
     """The chunks of ``leaves`` that the file now at ``path`` held in its previous version
     (chunk list ``previous``), copied from it in runs of consecutive chunks (an edit
-    leaves long runs: everything before and after it) and verified where they landed;
-    returns the offsets done. A disk error or a changed file only leaves chunks to the
+    leaves long runs: everything before and after it), each chunk verified before it is
+    written; returns the offsets done. A disk error or a changed file only leaves chunks to the
     general path (any local file, then the member)."""
     old_offsets: dict[bytes, int] = {}
     position = 0
