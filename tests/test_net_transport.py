@@ -466,7 +466,14 @@ class _Blackhole:
     def __exit__(self, *_exc: object) -> None:
         self.socket.close()
 
-    async def run(self) -> None:
+    async def start(self, nursery: trio.Nursery, target: tuple[str, int]) -> tuple[str, int]:
+        """Forward to ``target`` from now on; returns the address a client dials."""
+        self.target = target
+        await self.socket.bind(("127.0.0.1", 0))
+        nursery.start_soon(self._forward)
+        return self.socket.getsockname()  # type: ignore[no-any-return]
+
+    async def _forward(self) -> None:
         while True:
             data, source = await self.socket.recvfrom(65536)
             if self.silent:
@@ -490,10 +497,8 @@ def test_responsive_tells_a_live_peer_from_a_silent_one(engine: str) -> None:
                 open_endpoint(client_id, engine=engine) as client,
                 trio.open_nursery() as nursery,
             ):
-                forwarder.target = server.local_address
-                await forwarder.socket.bind(("127.0.0.1", 0))
-                nursery.start_soon(forwarder.run)
-                conn = await client.connect(forwarder.socket.getsockname(), server_id.node_id)
+                via = await forwarder.start(nursery, server.local_address)
+                conn = await client.connect(via, server_id.node_id)
                 assert await conn.responsive(2.0)
                 forwarder.silent = True
                 assert not await conn.responsive(1.0)
@@ -529,10 +534,8 @@ def test_close_when_silent_spares_a_peer_we_do_not_read_and_closes_a_silent_one(
                 open_endpoint(client_id, engine=engine) as client,
                 trio.open_nursery() as nursery,
             ):
-                forwarder.target = server.local_address
-                await forwarder.socket.bind(("127.0.0.1", 0))
-                nursery.start_soon(forwarder.run)
-                conn = await client.connect(forwarder.socket.getsockname(), server_id.node_id)
+                via = await forwarder.start(nursery, server.local_address)
+                conn = await client.connect(via, server_id.node_id)
                 stream = await conn.open_stream()
                 await stream.send_all(b"go")
                 nursery.start_soon(close_when_silent, conn, 0.3, 0.5)

@@ -32,6 +32,7 @@ from p2pfs.net.control import ControlKind
 from p2pfs.net.engine import ALPN, Engine, EngineConnection, TransportConfig
 from p2pfs.net.intake import Intake, IntakeLimits
 from p2pfs.net.stream import Stream
+from p2pfs.waits import first_of
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ class PeerConnection:
                 self._quic.send_ping(uid)
             self._after_input()
             with trio.move_on_after(timeout):
-                await _first_set(acknowledged, self._closed)
+                await first_of(acknowledged, self._closed)
             return acknowledged.is_set() or (self._intake.paused and self._error is None)
         finally:
             self._ping_acks.pop(uid, None)
@@ -739,15 +740,3 @@ def _closed_by_peer(event: Any) -> ConnectionClosedError:
         f"connection closed: {reason} (code {event.error_code:#x})",
         error_code=event.error_code,
     )
-
-
-async def _first_set(first: trio.Event, second: trio.Event) -> None:
-    """Return once either event is set."""
-    async with trio.open_nursery() as nursery:
-
-        async def wait_for(event: trio.Event) -> None:
-            await event.wait()
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(wait_for, first)
-        nursery.start_soon(wait_for, second)

@@ -38,6 +38,7 @@ from p2pfs.store import folderdisk as disk
 from p2pfs.store.folders import FolderStore
 from p2pfs.sync.keys import FolderKeys, device_id
 from p2pfs.sync.versions import short_device
+from p2pfs.waits import first_of
 from p2pfs.wire.messages import FolderNeed
 from p2pfs.wire.ticket import RelayHint, Ticket, TicketKind, parse_ticket_untrusted
 
@@ -517,7 +518,7 @@ class FolderManager:
                             )
                         continue
                 with trio.move_on_after(RETRY_INTERVAL) as timer:
-                    await _first_of(arrived, local_changed)
+                    await first_of(arrived, local_changed)
                 if timer.cancelled_caught:
                     attempted = None
                 if arrived.is_set():
@@ -717,17 +718,6 @@ def _first(group: BaseExceptionGroup[E]) -> E:
     while isinstance(leaf, BaseExceptionGroup):
         leaf = leaf.exceptions[0]
     return leaf  # type: ignore[return-value]
-
-
-async def _first_of(*events: trio.Event) -> None:
-    async with trio.open_nursery() as nursery:
-
-        async def wait_for(event: trio.Event) -> None:
-            await event.wait()
-            nursery.cancel_scope.cancel()
-
-        for event in events:
-            nursery.start_soon(wait_for, event)
 
 
 def _keys_of(ticket: Ticket) -> FolderKeys:

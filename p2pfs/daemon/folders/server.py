@@ -24,6 +24,7 @@ from p2pfs.ids import ContentHash, short_hex
 from p2pfs.net import PeerConnection
 from p2pfs.store.index import IndexStore
 from p2pfs.sync.keys import FolderKeys
+from p2pfs.waits import first_of
 from p2pfs.wire.codes import ErrorCode
 from p2pfs.wire.messages import (
     ErrorReply,
@@ -196,7 +197,7 @@ class FolderServer:
                     continue
                 await send(FolderRoot(request.request_id, root, count, need))
                 sent, sent_at = (root, need), trio.current_time()
-            await _either(changed, progressed)
+            await first_of(changed, progressed)
         # The folder was removed here (maybe joined again since): this subscription is over.
         await send(ErrorReply(request.request_id, ErrorCode.NOT_FOUND, "folder removed"))
 
@@ -256,17 +257,6 @@ class FolderServer:
                         grants.file_nodes[child.hash] = file_root
             found.append(encoded)
         return NodesReply(request.request_id, tuple(found))
-
-
-async def _either(first: trio.Event, second: trio.Event) -> None:
-    async with trio.open_nursery() as nursery:
-
-        async def wait_for(event: trio.Event) -> None:
-            await event.wait()
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(wait_for, first)
-        nursery.start_soon(wait_for, second)
 
 
 def _file_trees(
