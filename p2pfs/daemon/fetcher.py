@@ -55,6 +55,7 @@ from p2pfs.store.folderdisk import keep_version
 from p2pfs.store.index import ChunkLocation, ChunkReader, IndexStore
 from p2pfs.swarm.picker import PiecePicker
 
+from .mergedcalls import MergedCalls
 from .ratelimit import TokenBucket
 from .requests import RequestStream
 from .storage import AsyncIndex, in_thread
@@ -137,6 +138,8 @@ Connect = Callable[[set[NodeId]], Awaitable[PeerConnection]]
 """A connection to a holder not among those named (raises once none can be found)."""
 Placements = list[list[tuple[_FileTask, int]]]
 """Per piece: every (file, offset) where its bytes go."""
+_Writes = list[tuple[ChunkRef, bytes | memoryview, list[tuple[_FileTask, int]]]]
+"""Verified pieces to write: each chunk, its bytes and the (file, offset) slots it fills."""
 
 
 class Fetcher:
@@ -180,6 +183,7 @@ class Fetcher:
         self._uncommitted: list[_FileTask] = []
         self._uncommitted_bytes = 0
         self._committer: trio.Nursery | None = None
+        self._writer: MergedCalls[_Writes] | None = None
         self._commit_slot = trio.Semaphore(1)
         self._placements: Placements = []
         self._swarm: SwarmShare | None = None
@@ -228,13 +232,19 @@ class Fetcher:
         exhausted: HoldersExhaustedError | None = None
         # Full batches of finished files are committed (made durable, renamed) beside the
         # transfer, one at a time: the stream that completed a batch goes on reading.
+        # Peers' batches are written by one thread call at a time (mergedcalls.py).
         async with trio.open_nursery() as committer:
             self._committer = committer
+            writer = self._writer = MergedCalls(_write_batches)
+            writing = trio.CancelScope()
+            committer.start_soon(_serve_in, writing, writer)
             try:
                 await pool.run(conn, self._more_peers)
             except HoldersExhaustedError as exc:
                 exhausted = exc
             finally:
+                writing.cancel()  # every batch's stream is done: none is waiting
+                self._writer = None
                 self._committer = None
                 self.report.peers = self.peers()
         if exhausted is not None:
@@ -519,7 +529,7 @@ class Fetcher:
         if not arrived:
             return
         assert self._swarm is not None
-        writes = []
+        writes: _Writes = []
         for piece, data in arrived:
             targets = [
                 (task, offset)
@@ -533,7 +543,10 @@ class Fetcher:
                 task.filled.add(offset)
             writes.append((pieces[piece], data, targets))
         try:
-            await in_thread(_write_all, writes)
+            if self._writer is not None:
+                await self._writer.call(writes)
+            else:
+                await in_thread(_write_all, writes)
         except BaseException:
             for _ref, _data, targets in writes:
                 for task, offset in targets:
@@ -802,9 +815,26 @@ def _writer_identities(tasks: list[_FileTask]) -> list[tuple[int, int]]:
     return identities
 
 
-def _write_all(
-    writes: list[tuple[ChunkRef, bytes | memoryview, list[tuple[_FileTask, int]]]],
-) -> None:
+async def _serve_in(scope: trio.CancelScope, writer: MergedCalls[_Writes]) -> None:
+    with scope:
+        await writer.serve()
+
+
+def _write_batches(batches: list[_Writes]) -> list[Exception | None]:
+    """Each batch verified and written on its own: a bad chunk fails its batch only (its
+    peer is the one to blame), a local write error its batch (the fetch then stops)."""
+    errors: list[Exception | None] = []
+    for writes in batches:
+        try:
+            _write_all(writes)
+        except (IntegrityError, StorageError) as exc:
+            errors.append(exc)
+        else:
+            errors.append(None)
+    return errors
+
+
+def _write_all(writes: _Writes) -> None:
     """Verify every chunk first, then write: nothing is written if any chunk is bad.
 
     A new file whose every chunk is here is written whole in one step (created, written,
