@@ -123,6 +123,31 @@ def test_file_tree_is_rebuilt_from_the_chunk_list(tmp_path: Path) -> None:
         assert leaves == unpack_chunks(record.chunks)
 
 
+def test_file_trees_many_answers_as_file_tree_nodes_within_a_share(tmp_path: Path) -> None:
+    """The batched read gives each root the tree file_tree_nodes gives it; unknown roots
+    (one sharing a known root's 8-byte prefix) are left out, and with a share path only
+    that share's files count."""
+    shares = [tmp_path / "one", tmp_path / "two"]
+    roots: list[list[bytes]] = []
+    with IndexStore(tmp_path / "index.sqlite3") as index:
+        for number, share in enumerate(shares):
+            share.mkdir()
+            for file in range(3):
+                (share / f"f{file}").write_bytes(os.urandom(500 + 700 * file + number))
+            result = scan_share(share, index)
+            roots.append([record.root for record in index.share_files(result.share_id)])
+        known = roots[0] + roots[1]
+        twin = known[0][:8] + bytes(24)
+        unknown = [twin, *(number.to_bytes(32, "big") for number in range(LOCATE_BATCH + 3))]
+        wanted = [*unknown[:2], *known, known[0], *unknown[2:]]
+        assert index.file_trees_many(wanted) == {
+            root: index.file_tree_nodes(root) for root in known
+        }
+        scoped = index.file_trees_many(wanted, os.path.realpath(shares[1]))
+        assert scoped == {root: index.file_tree_nodes(root) for root in roots[1]}
+        assert index.file_trees_many([], str(shares[0])) == {}
+
+
 @pytest.mark.slow
 def test_metadata_budget(tmp_path: Path) -> None:
     """<= 1 MiB of index per GiB described: 0.1% of a big random file."""

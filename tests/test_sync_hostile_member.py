@@ -72,8 +72,10 @@ class HostileFolder:
     def served_node(self, node_hash: ContentHash) -> bytes | None:
         return self.nodes.get(node_hash)
 
-    async def held_file_roots(self, roots: list[ContentHash]) -> set[ContentHash]:
-        return set()
+    async def held_file_trees(
+        self, roots: list[ContentHash]
+    ) -> dict[ContentHash, dict[ContentHash, bytes]]:
+        return {}
 
     def current_root(self) -> tuple[ContentHash, int, trio.Event]:
         return self.root.hash, self.root.size, self.changed

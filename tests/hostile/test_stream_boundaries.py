@@ -51,8 +51,10 @@ class Folder:
         self._reads[node_hash] = self._reads.get(node_hash, 0) + 1
         return b"record" if node_hash == self.node and self._reads[node_hash] == 1 else None
 
-    async def held_file_roots(self, roots: list[ContentHash]) -> set[ContentHash]:
-        return set()
+    async def held_file_trees(
+        self, roots: list[ContentHash]
+    ) -> dict[ContentHash, dict[ContentHash, bytes]]:
+        return {}
 
     def current_root(self) -> tuple[ContentHash, int, trio.Event]:
         return ContentHash(bytes(32)), 0, trio.Event()

@@ -325,6 +325,15 @@ class FolderSync:
         held = await self._index.run(self._store.held_roots, self._real_path, roots)
         return {ContentHash(root) for root in held}
 
+    async def held_file_trees(
+        self, roots: list[ContentHash]
+    ) -> dict[ContentHash, dict[ContentHash, bytes]]:
+        """The trees (node hash -> encoding) of those of ``roots`` that a file of this
+        folder has (as :meth:`held_file_roots`), read in one call."""
+        if not roots:
+            return {}
+        return await self._index.run(self._index.index.file_trees_many, roots, self._real_path)
+
     def current_root(self) -> tuple[ContentHash, int, trio.Event]:
         return self._root.hash, self._root.size, self._changed
 
@@ -648,12 +657,8 @@ class FolderSync:
                 # The batch's paths' records, read in one go off the event loop.
                 asked = {record.version.path for record in remote}
                 known = await in_thread(self.records.records_at, asked)
-                planned = self._plan(
-                    remote,
-                    KnownVersions(known, asked, self.records),
-                    await self._files_for_plan(),
-                )
-                del known, asked
+                versions = KnownVersions(known, asked, self.records)
+                planned = self._plan(remote, versions, await self._files_for_plan())
                 del remote
                 timer.mark("plan")
                 fetched = {p: v.size for p, v in planned.fetch if is_file(v)}
@@ -662,7 +667,9 @@ class FolderSync:
                     self.records,
                     unplanned=unplanned,
                     unplanned_bytes=unplanned * seen_bytes // max(seen_records, 1),
+                    versions=versions,
                 )
+                del known, asked, versions
                 self._progress_changed()
                 placed: set[str] = set()
                 try:

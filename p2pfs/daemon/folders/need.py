@@ -11,7 +11,7 @@ mean size of the records it has planned so far (their sizes are unknown until fe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import trio
@@ -52,16 +52,23 @@ class NeedTracker:
         *,
         unplanned: int = 0,
         unplanned_bytes: int = 0,
+        versions: Mapping[str, FileVersion] | None = None,
     ) -> None:
         """The files still to place are ``pending`` (a new plan's, or what one left), and
-        ``unplanned`` records of ``unplanned_bytes`` (estimated) are to be planned still."""
+        ``unplanned`` records of ``unplanned_bytes`` (estimated) are to be planned still.
+        ``versions``: the records as the plan read them ahead (else each path's is read
+        from ``records``: a query a path on the event loop, 4,096 of them a join batch)."""
         self.pending = pending
         self.unplanned, self.unplanned_bytes = unplanned, unplanned_bytes
         self.pending_bytes = sum(pending.values())
         self.placed_files = self.placed_bytes = self.received = 0
         files = size = 0
         for path, new_size in pending.items():
-            old = records.file_size(path)
+            if versions is None:
+                old = records.file_size(path)
+            else:
+                version = versions.get(path)
+                old = version.size if version is not None and is_file(version) else None
             if old is None:
                 files += 1
                 size += new_size

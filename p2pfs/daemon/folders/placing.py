@@ -20,6 +20,7 @@ from p2pfs.store.assemble import Finished, PartialFile
 from p2pfs.store.index import CHUNK_RECORD, ChunkLocation, ChunkReader, IndexStore
 from p2pfs.store.placed import PlacedFile, record_placed_files
 from p2pfs.sync.records import SignedRecord
+from p2pfs.sync.recordset import RecordSet
 from p2pfs.sync.versions import FileVersion
 
 from ..requests import PeerRequestError
@@ -73,6 +74,14 @@ class Planned:
     """Paths whose records are stored without their content (ignored here)."""
 
 
+@dataclass(slots=True)
+class _StepTrees:
+    """One step's files' chunk lists, once their trees are walked."""
+
+    walked: trio.Event = field(default_factory=trio.Event)
+    chunks_of: dict[str, list[tuple[int, ChunkRef]]] = field(default_factory=dict)
+
+
 class Placer:
     """Performs a plan's renames and downloads for one folder."""
 
@@ -81,7 +90,7 @@ class Placer:
         path: str,
         index: AsyncIndex,
         disk: DiskView,
-        records: Mapping[str, SignedRecord],
+        records: RecordSet,
         unplaced: dict[str, str],
         on_placed: Callable[[int, int], None],
         on_received: Callable[[int], None] = lambda _bytes: None,
@@ -147,18 +156,13 @@ class Placer:
         items = [(path, version) for path, version in planned.fetch if not version.is_directory]
         if not items:
             return made
-        jobs = [
-            TreeJob(_FILE_TREE, Child(version.root, version.size), tag=(path, version))
-            for path, version in items
-            if version.size and version.root is not None
-        ]
         # Subtrees this node holds (the same content anywhere, or the path's old version)
         # come from the index: a rename fetches no node, an edit only the nodes above it.
         known_roots = [version.root for _path, version in items if version.root is not None]
-        for path, _version in items:
-            old = self.records.get(path)
-            if old is not None and old.version.root is not None:
-                known_roots.append(old.version.root)
+        # The paths' records in one read off the event loop (a query a path before).
+        previous = await in_thread(self.records.records_at, [path for path, _v in items])
+        known_roots += [old.version.root for old in previous.values() if old.version.root]
+        del previous
         local_nodes = await self._index.run(steps.local_file_nodes, self._index.index, known_roots)
 
         async def fetch_nodes(hashes: list[ContentHash]) -> list[bytes]:
@@ -166,9 +170,6 @@ class Placer:
             fetched = dict(zip(missing, await link.nodes(missing), strict=True)) if missing else {}
             return [local_nodes[h] if h in local_nodes else fetched[h] for h in hashes]
 
-        await walk_trees(jobs, fetch_nodes, batch_size=MAX_BATCH * 4)
-        timer.mark("trees")
-        chunks_of: dict[str, list[tuple[int, ChunkRef]]] = {job.tag[0]: job.leaves for job in jobs}
         parents = await in_thread(steps.make_all_parents, self.path, [path for path, _ in items])
         parts: list[list[tuple[str, FileVersion]]] = [[]]
         step_bytes = 0
@@ -180,14 +181,33 @@ class Placer:
                 step_bytes = 0
             parts[-1].append((path, version))
             step_bytes += version.size
+        trees = [_StepTrees() for _ in parts]
+
+        async def walk_in_order() -> None:
+            # One walk at a time, in step order, while the steps before move data: walking
+            # every tree of the batch first left the transfer idle meanwhile (7.4 s of a
+            # 50k join).
+            for number, step in enumerate(parts):
+                jobs = [
+                    TreeJob(_FILE_TREE, Child(version.root, version.size), tag=path)
+                    for path, version in step
+                    if version.size and version.root is not None
+                ]
+                await walk_trees(jobs, fetch_nodes, batch_size=MAX_BATCH * 4)
+                trees[number].chunks_of = {job.tag: job.leaves for job in jobs}
+                trees[number].walked.set()
+                if number == 0:
+                    timer.mark("trees")
+
         placed: set[str] = set()
         # Steps overlap: one commits (sync, renames) while the next moves data.
         limit = trio.Semaphore(STEPS_IN_FLIGHT)
         async with trio.open_nursery() as nursery:
-            for step in parts:
+            nursery.start_soon(walk_in_order)
+            for number, step in enumerate(parts):
                 await limit.acquire()
                 nursery.start_soon(
-                    self._download_step, link, step, parents, chunks_of, planned, placed, limit
+                    self._download_step, link, step, parents, trees[number], planned, placed, limit
                 )
         timer.mark("files")
         return placed | made
@@ -197,7 +217,7 @@ class Placer:
         link: FolderLink,
         items: list[tuple[str, FileVersion]],
         parents: dict[str, str],
-        chunks_of: dict[str, list[tuple[int, ChunkRef]]],
+        trees: _StepTrees,
         planned: Planned,
         placed: set[str],
         limit: trio.Semaphore,
@@ -207,6 +227,8 @@ class Placer:
         """Files of this step that cannot be placed now (a disk error, content the member
         lacks): the others go ahead; these are retried on a later reconcile."""
         try:
+            await trees.walked.wait()
+            chunks_of = trees.chunks_of
             for path, version in items:
                 assert version.root is not None
                 name = path.rsplit("/", 1)[-1]

@@ -65,8 +65,11 @@ class ServedFolder(Protocol):
 
     def served_node(self, node_hash: ContentHash) -> bytes | None: ...
 
-    async def held_file_roots(self, roots: list[ContentHash]) -> set[ContentHash]:
-        """Those of ``roots`` that are the tree root of a file the folder holds."""
+    async def held_file_trees(
+        self, roots: list[ContentHash]
+    ) -> dict[ContentHash, dict[ContentHash, bytes]]:
+        """The trees (node hash -> encoding) of those of ``roots`` that are the tree root
+        of a file the folder holds."""
         ...
 
     def current_root(self) -> tuple[ContentHash, int, trio.Event]: ...
@@ -217,18 +220,20 @@ class FolderServer:
             if own is not None:
                 served[node_hash] = own
         others = [h for h in dict.fromkeys(request.hashes) if h not in served]
-        # Which are roots of the folder's files is read from the scan index (one query
-        # each): nodes reached from a tree already served here need no lookup.
-        held = await folder.held_file_roots([h for h in others if h not in grants.file_nodes])
+        # Which are roots of the folder's files is read from the scan index with their trees,
+        # in one call (two queries a file before): nodes reached from a tree already served
+        # here need no lookup.
+        trees = await folder.held_file_trees([h for h in others if h not in grants.file_nodes])
         for node_hash in others:
-            file_root = node_hash if node_hash in held else grants.file_nodes.get(node_hash)
+            file_root = node_hash if node_hash in trees else grants.file_nodes.get(node_hash)
             if file_root is None:
                 message = f"node {short_hex(node_hash)} not here"
                 return ErrorReply(request.request_id, ErrorCode.NOT_FOUND, message)
             wanted_files[node_hash] = file_root
-        trees: dict[ContentHash, dict[ContentHash, bytes]] = {}
         to_load = []
         for file_root in dict.fromkeys(wanted_files.values()):
+            if file_root in trees:
+                continue
             cached = self._file_nodes.get(file_root)
             if cached is None:
                 to_load.append(file_root)
@@ -236,10 +241,14 @@ class FolderServer:
                 self._file_nodes.move_to_end(file_root)
                 trees[file_root] = cached
         if to_load:
-            loaded = await self._index.run(_file_trees, self._index.index, to_load)
-            trees.update(loaded)
-            for file_root, nodes in loaded.items():
+            trees.update(await self._index.run(_file_trees, self._index.index, to_load))
+        for file_root in dict.fromkeys(wanted_files.values()):
+            nodes = trees.get(file_root)
+            if nodes is not None and len(nodes) > 1:
+                # Only a tree of several nodes is asked again (its children): a one-chunk
+                # file's single node is never wanted twice.
                 self._file_nodes[file_root] = nodes
+                self._file_nodes.move_to_end(file_root)
                 if len(self._file_nodes) > FILE_NODE_CACHE:
                     self._file_nodes.popitem(last=False)
         found: list[bytes] = []
@@ -247,10 +256,14 @@ class FolderServer:
             encoded = served.get(node_hash)
             if encoded is None:
                 file_root = wanted_files[node_hash]
-                encoded = trees.get(file_root, {}).get(node_hash)
+                nodes = trees.get(file_root, {})
+                encoded = nodes.get(node_hash)
                 if encoded is None:
                     message = f"node {short_hex(node_hash)} is gone"
                     return ErrorReply(request.request_id, ErrorCode.NOT_FOUND, message)
+                if len(nodes) == 1:
+                    found.append(encoded)  # a one-chunk file: its root is its only leaf
+                    continue
                 node = FILE_TREE.decode_untrusted(encoded)
                 if not isinstance(node, LeafNode):
                     for child in node.children:

@@ -200,10 +200,8 @@ def make_all_parents(folder: str, paths: list[str]) -> dict[str, str]:
 
 def local_file_nodes(index: IndexStore, roots: list[ContentHash]) -> dict[ContentHash, bytes]:
     nodes: dict[ContentHash, bytes] = {}
-    for root in dict.fromkeys(roots):
-        found = index.file_tree_nodes(root)
-        if found is not None:
-            nodes.update(found)
+    for found in index.file_trees_many(list(dict.fromkeys(roots))).values():
+        nodes.update(found)
     return nodes
 
 
