@@ -123,6 +123,20 @@ def scan_directories(
     return part
 
 
+def sift_changed_paths(
+    index: IndexStore, path: str | os.PathLike[str], paths: Iterable[str]
+) -> set[str] | None:
+    """:func:`changed_directories` of the share at ``path`` (the directories a later
+    :func:`scan_directories` must list for these watcher paths); None before its first
+    full scan. A file judged still indexed now needs no look later: a change after this
+    call brings a new event."""
+    share = index.share_for_path(os.path.realpath(os.fspath(path)), time.time_ns())
+    if share.root is None or share.scan_started_ns is None:
+        return None
+    racy_limit = share.scan_started_ns - RACY_WINDOW_NS
+    return changed_directories(index, share.id, paths, racy_limit, Chunker(DEFAULT_CHUNKER))
+
+
 def changed_directories(
     index: IndexStore,
     share_id: int,

@@ -219,11 +219,15 @@ def scan_folder(
 
 
 def scan_folder_part(
-    index: IndexStore, path: str, ignore: IgnoreRules, paths: Collection[str]
+    index: IndexStore,
+    path: str,
+    ignore: IgnoreRules,
+    paths: Collection[str],
+    directories: Collection[str] = (),
 ) -> PartScan | None:
-    """Rescan only the directories of ``paths`` (a watcher's events) that changed; None
-    where a full scan must run."""
-    return scan_directories(path, index, (), ignore=ignore, changed_paths=paths)
+    """Rescan only ``directories`` and the directories of ``paths`` (a watcher's events)
+    that changed; None where a full scan must run."""
+    return scan_directories(path, index, directories, ignore=ignore, changed_paths=paths)
 
 
 def rename_files(
