@@ -161,8 +161,10 @@ class Placer:
         known_roots = [version.root for _path, version in items if version.root is not None]
         # The paths' records in one read off the event loop (a query a path before).
         previous = await in_thread(self.records.records_at, [path for path, _v in items])
-        known_roots += [old.version.root for old in previous.values() if old.version.root]
+        # The paths' previous versions: an edit's unchanged runs are copied from them.
+        old_roots = {path: old.version.root for path, old in previous.items() if old.version.root}
         del previous
+        known_roots += old_roots.values()
         local_nodes = await self._index.run(steps.local_file_nodes, self._index.index, known_roots)
 
         async def fetch_nodes(hashes: list[ContentHash]) -> list[bytes]:
@@ -207,7 +209,15 @@ class Placer:
             for number, step in enumerate(parts):
                 await limit.acquire()
                 nursery.start_soon(
-                    self._download_step, link, step, parents, trees[number], planned, placed, limit
+                    self._download_step,
+                    link,
+                    step,
+                    parents,
+                    trees[number],
+                    old_roots,
+                    planned,
+                    placed,
+                    limit,
                 )
         timer.mark("files")
         return placed | made
@@ -218,6 +228,7 @@ class Placer:
         items: list[tuple[str, FileVersion]],
         parents: dict[str, str],
         trees: _StepTrees,
+        old_roots: Mapping[str, ContentHash],
         planned: Planned,
         placed: set[str],
         limit: trio.Semaphore,
@@ -233,7 +244,7 @@ class Placer:
                 assert version.root is not None
                 name = path.rsplit("/", 1)[-1]
                 partials[path] = PartialFile(parents[path], name, version.root, version.size)
-            missing = await self._fill_from_local(partials, chunks_of, failed)
+            missing = await self._fill_from_local(partials, chunks_of, old_roots, failed)
             versions = dict(items)
             await self._fill_from_peer(link, partials, missing, failed, versions, chunks_of)
             finished = [
@@ -269,11 +280,12 @@ class Placer:
         self,
         partials: dict[str, PartialFile],
         chunks_of: dict[str, list[tuple[int, ChunkRef]]],
+        old_roots: Mapping[str, ContentHash],
         failed: set[str],
     ) -> dict[ContentHash, tuple[ChunkRef, list[tuple[str, int]]]]:
         """Copy every chunk this node already holds anywhere (renames and copies cost no
         transfer); returns the rest: chunk id -> (ref, [(path, offset), ...])."""
-        covered = await self._copy_from_previous(partials, chunks_of, failed)
+        covered = await self._copy_from_previous(partials, chunks_of, old_roots, failed)
         wanted: dict[ContentHash, tuple[ChunkRef, list[tuple[str, int]]]] = {}
         for path, leaves in chunks_of.items():
             if path not in partials:
@@ -312,17 +324,17 @@ class Placer:
         self,
         partials: dict[str, PartialFile],
         chunks_of: dict[str, list[tuple[int, ChunkRef]]],
+        old_roots: Mapping[str, ContentHash],
         failed: set[str],
     ) -> dict[str, set[int]]:
         """An edited file's unchanged runs come from its previous version on this disk, a
         run at a time (no per-chunk index lookup; PartialFile.copy_chunks verifies each
         chunk before writing it); returns the offsets done per path."""
-        roots: dict[str, ContentHash | None] = {}
-        scanned = await self.disk.scanned(list(partials))
-        for path in partials:
-            record = self.records.get(path)
-            if path in scanned and record is not None and record.version.root:
-                roots[path] = record.version.root
+        candidates = [path for path in partials if path in old_roots]
+        if not candidates:
+            return {}  # new paths (a join's): no scan index read
+        scanned = await self.disk.scanned(candidates)
+        roots: dict[str, ContentHash | None] = {p: old_roots[p] for p in candidates if p in scanned}
         if not roots:
             return {}
         previous = await self._index.run(steps.chunk_lists, self._index.index, roots)

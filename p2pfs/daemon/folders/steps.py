@@ -189,12 +189,22 @@ def verify_records(
 
 
 def make_all_parents(folder: str, paths: list[str]) -> dict[str, str]:
+    """Each path's parent directory, made where missing (never through a symlink); a path
+    whose parent cannot be made is left out (logged). Each directory is checked once a
+    call (its files were two lstat calls each, on every file of a join)."""
     parents: dict[str, str] = {}
+    made: dict[str, str | None] = {}
     for path in paths:
-        try:
-            parents[path] = folderdisk.make_parents(folder, path)
-        except StorageError as exc:
-            logger.warning("folder %s: cannot place %s: %s", folder, path, exc)
+        directory = path.rpartition("/")[0]
+        if directory not in made:
+            try:
+                made[directory] = folderdisk.make_parents(folder, path)
+            except StorageError as exc:
+                logger.warning("folder %s: cannot place %s: %s", folder, path, exc)
+                made[directory] = None
+        parent = made[directory]
+        if parent is not None:
+            parents[path] = parent
     return parents
 
 
