@@ -277,8 +277,17 @@ class FolderManager:
             )
 
     async def _rescan_periodically(self, folder: FolderSync) -> None:
+        deferred = False
         while True:
             await trio.sleep(self.config.rescan_interval)
+            if folder.lock.locked() and not deferred:
+                # Busy (a join holds the lock for minutes): the full rescan runs an interval
+                # after it ends, not queued behind it, where the first change after a
+                # 200k-file join waited for it (~3 s). Deferred once at most.
+                async with folder.lock:
+                    deferred = True
+                continue
+            deferred = False
             await self._rescan(folder, force=True)
             try:
                 await trio.to_thread.run_sync(
