@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import msgpack
 
@@ -27,7 +27,6 @@ from p2pfs.sync.planner import CONFLICT_MARKER
 from p2pfs.sync.records import SignedRecord, record_hash
 from p2pfs.sync.versions import DIRECTORY_ROOT, FileVersion
 
-V = TypeVar("V")
 
 DECODED_CACHE = 1024
 """Records kept decoded (the most recently read): a reconcile reads its paths' records a
@@ -82,44 +81,6 @@ class DirectoryIndex:
                 if path in self._children.get(parent(path), ()):
                     found.add(path)
         return found
-
-
-class IndexedPaths(dict[str, V]):
-    """A dict by path that keeps a :class:`DirectoryIndex` of its keys (the folder's
-    scanned files: a partial scan drops the states in its scope without a full walk).
-
-    Only item assignment, ``del``, ``pop`` and ``clear`` change it (the others raise)."""
-
-    __slots__ = ("index",)
-
-    def __init__(self, items: Mapping[str, V] | None = None) -> None:
-        super().__init__()
-        self.index = DirectoryIndex()
-        for path, value in (items or {}).items():
-            self[path] = value
-
-    def __setitem__(self, path: str, value: V) -> None:
-        if path not in self:
-            self.index.add(path)
-        super().__setitem__(path, value)
-
-    def __delitem__(self, path: str) -> None:
-        super().__delitem__(path)
-        self.index.discard(path)
-
-    def pop(self, path: str, *default: V) -> V:  # type: ignore[override]
-        if path in self:
-            self.index.discard(path)
-        return super().pop(path, *default)
-
-    def clear(self) -> None:
-        super().clear()
-        self.index.clear()
-
-    def _unsupported(self, *_args: object, **_kwargs: object) -> None:
-        raise TypeError("IndexedPaths changes only by item assignment, del, pop and clear")
-
-    update = setdefault = popitem = __ior__ = _unsupported  # type: ignore[assignment]
 
 
 def record_brief(encoded: bytes) -> tuple[bool, bytes | None, bool, int]:
