@@ -27,7 +27,6 @@ from p2pfs.sync.planner import CONFLICT_MARKER
 from p2pfs.sync.records import SignedRecord, record_hash
 from p2pfs.sync.versions import DIRECTORY_ROOT, FileVersion
 
-
 DECODED_CACHE = 1024
 """Records kept decoded (the most recently read): a reconcile reads its paths' records a
 few times over (plan, sign, apply)."""
