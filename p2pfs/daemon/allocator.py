@@ -7,9 +7,10 @@ allocates gets a heap of its own, whose holes the next batch's blocks do not fil
 50k peak at 145 MiB (183 before; the watcher's sifting, engine.py, is in both figures).
 
 glibc's mapping threshold stays adaptive. Fixing it at 128 KiB (tried with the heap cap)
-gained nothing more (B 143 vs 145 MiB at 50k, 189 vs 187 MiB at 200k, one run each) and made every block above it
-a fresh mapping: a fetch's stream reads and send buffers, whose pages each fault in anew
-(10,000 small files 6.05-7.48 s against 5.04-5.55 s adaptive, alternating, under the lock).
+gained nothing more (B 143 vs 145 MiB at 50k, 189 vs 187 MiB at 200k, one run each) and
+made every block above it a fresh mapping: a fetch's stream reads and send buffers, whose
+pages each fault in anew (10,000 small files 6.05-7.48 s against 5.04-5.55 s adaptive,
+alternating, under the lock).
 """
 
 from __future__ import annotations
