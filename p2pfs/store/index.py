@@ -856,23 +856,15 @@ class IndexStore:
         self, roots: Sequence[bytes], share_path: str | None = None
     ) -> dict[ContentHash, dict[ContentHash, bytes]]:
         """``file_tree_nodes`` of each root a file has (see :meth:`file_chunks_many`)."""
-        trees: dict[ContentHash, dict[ContentHash, bytes]] = {}
-        for root, packed in self.file_chunks_many(roots, share_path).items():
-            nodes: dict[ContentHash, bytes] = {}
-            if build_file_tree(packed, nodes).hash != root:
-                raise StorageError(f"index: chunk list of file {root.hex()} does not give its root")
-            trees[ContentHash(root)] = nodes
-        return trees
+        return {
+            ContentHash(root): _file_tree(root, packed)
+            for root, packed in self.file_chunks_many(roots, share_path).items()
+        }
 
     def file_tree_nodes(self, root: bytes) -> dict[ContentHash, bytes] | None:
         """Every node of a local file's tree by hash (rebuilt from its chunk list)."""
         packed = self.file_chunks(root)
-        if packed is None:
-            return None
-        nodes: dict[ContentHash, bytes] = {}
-        if build_file_tree(packed, nodes).hash != root:
-            raise StorageError(f"index: chunk list of file {root.hex()} does not give its root")
-        return nodes
+        return None if packed is None else _file_tree(root, packed)
 
     def put_dir_nodes(self, nodes: Iterable[tuple[bytes, bytes]]) -> None:
         with _guard("storing directory nodes"), self.transaction():
@@ -955,3 +947,12 @@ class ChunkReader:
             except (IntegrityError, StorageError) as exc:
                 log.info("chunk %s not where the index says: %s", cid.hex()[:12], exc)
         return None
+
+
+def _file_tree(root: bytes, packed: bytes) -> dict[ContentHash, bytes]:
+    """Every node of a file's tree by hash, rebuilt from its stored chunk list, which must
+    give ``root`` (else the index is corrupt)."""
+    nodes: dict[ContentHash, bytes] = {}
+    if build_file_tree(packed, nodes).hash != root:
+        raise StorageError(f"index: chunk list of file {root.hex()} does not give its root")
+    return nodes

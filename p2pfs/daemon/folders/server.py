@@ -22,7 +22,6 @@ from p2pfs.content.folder import FILE_TREE
 from p2pfs.content.tree import LeafNode
 from p2pfs.ids import ContentHash, short_hex
 from p2pfs.net import PeerConnection
-from p2pfs.store.index import IndexStore
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.waits import first_of
 from p2pfs.wire.codes import ErrorCode
@@ -241,7 +240,7 @@ class FolderServer:
                 self._file_nodes.move_to_end(file_root)
                 trees[file_root] = cached
         if to_load:
-            trees.update(await self._index.run(_file_trees, self._index.index, to_load))
+            trees.update(await self._index.run(self._index.index.file_trees_many, to_load))
         for file_root in dict.fromkeys(wanted_files.values()):
             nodes = trees.get(file_root)
             if nodes is not None and len(nodes) > 1:
@@ -270,9 +269,3 @@ class FolderServer:
                         grants.file_nodes[child.hash] = file_root
             found.append(encoded)
         return NodesReply(request.request_id, tuple(found))
-
-
-def _file_trees(
-    index: IndexStore, roots: list[ContentHash]
-) -> dict[ContentHash, dict[ContentHash, bytes]]:
-    return {root: nodes for root in roots if (nodes := index.file_tree_nodes(root)) is not None}
