@@ -19,7 +19,7 @@ from p2pfs.store import folderdisk
 from p2pfs.store.assemble import PARTIAL_PREFIX
 from p2pfs.store.filehash import BLOCK_SIZE, hash_file_once
 from p2pfs.store.index import IndexStore
-from p2pfs.store.partscan import scan_directories
+from p2pfs.store.partscan import scan_directories, sift_changed_paths
 from p2pfs.store.placed import PlacedFile, record_placed_files
 from p2pfs.store.scanner import RACY_WINDOW_NS, FileState, ScanResult, scan_share
 
@@ -489,6 +489,30 @@ def test_watched_paths_still_as_indexed_cost_no_listing(tmp_path: Path) -> None:
         part = scan_directories(top, index, (), changed_paths=[*quiet, *changed])
         assert part is not None and sorted(part.shallow) == ["d2", "d3", "d4", "d5"]
         assert part.stats.files_hashed == 3  # the edit, the new file, the racy rewrite
+
+
+def test_sifting_a_joins_noted_paths_keeps_only_the_changed_directories(tmp_path: Path) -> None:
+    """What a join does with the watcher's paths after each batch: nothing to sift before
+    the share's first full scan (None: the next scan lists everything anyway); after it,
+    paths still as indexed are dropped and only the directories of changed, new or
+    vanished files are kept, on disk and absolute."""
+    top = tmp_path / "share"
+    for number in range(8):
+        write(top / f"d{number % 4}" / f"f{number}.txt", b"%d" % number * 30)
+    with IndexStore(tmp_path / "index.sqlite3") as index:
+        noted = [str(top / "d0" / "f0.txt"), str(top / "d1" / "f1.txt")]
+        assert sift_changed_paths(index, top, noted) is None
+        scan_share(top, index)
+        assert sift_changed_paths(index, top, noted) == set()
+        write(top / "d1" / "f1.txt", b"edited")
+        (top / "d2" / "f2.txt").unlink()
+        write(top / "d3" / "new.txt", b"new")
+        noted += [str(top / "d2" / "f2.txt"), str(top / "d3" / "new.txt")]
+        assert sift_changed_paths(index, top, noted) == {
+            str(top / "d1"),
+            str(top / "d2"),
+            str(top / "d3"),
+        }
 
 
 def test_what_the_ignore_rule_leaves_out_is_listed(tmp_path: Path) -> None:
