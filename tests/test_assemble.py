@@ -10,6 +10,7 @@ from p2pfs.content.chunking import Chunker, ChunkRef
 from p2pfs.errors import IntegrityError, StorageError
 from p2pfs.store import assemble
 from p2pfs.store.assemble import Finished, PartialFile, commit_files, is_partial_name
+from p2pfs.store.directories import SharedDirectories
 from tests.helpers_content import random_bytes
 
 ROOT = bytes(range(32))
@@ -291,3 +292,89 @@ def test_a_temp_file_replaced_behind_a_closed_writer_is_never_placed(
     )
     assert placed == [] and failures and "replaced" in failures[0]
     assert not (tmp_path / "f").exists()
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _write_whole(
+    directory: Path, name: str, data: bytes, directories: SharedDirectories
+) -> PartialFile:
+    partial = PartialFile(str(directory), name, ROOT, len(data), directories=directories)
+    parts = [(offset, data[offset : offset + ref.length]) for offset, ref in chunks_of(data)]
+    assert partial.write_new(parts, executable=False)
+    return partial
+
+
+def test_a_batch_opens_one_descriptor_per_directory_and_closes_it_after(tmp_path: Path) -> None:
+    directories = SharedDirectories()
+    before = _open_descriptors()
+    finished = []
+    contents = {}
+    for number in range(12):
+        directory = tmp_path / f"d{number % 3}"
+        directory.mkdir(exist_ok=True)
+        data = random_bytes(200 + number, 3000 + number)
+        finished.append(Finished(_write_whole(directory, f"f{number}", data, directories), False))
+        contents[directory / f"f{number}"] = data
+    assert directories.open_count() == 3
+    assert _open_descriptors() == before + 3 + 12  # three directories, twelve temp files
+    assert len(commit_files(finished)) == 12
+    assert directories.open_count() == 0
+    assert _open_descriptors() == before
+    assert all(path.read_bytes() == data for path, data in contents.items())
+
+
+def test_a_directory_swapped_for_a_symlink_between_two_files_of_a_batch_is_not_followed(
+    tmp_path: Path,
+) -> None:
+    """The batch's descriptor names the directory it opened: a file started after the
+    swap is written and placed there too, never through the symlink; once the batch has
+    let the descriptor go, the path is opened again and the symlink refused."""
+    dest, moved, elsewhere = tmp_path / "dest", tmp_path / "moved", tmp_path / "elsewhere"
+    dest.mkdir()
+    elsewhere.mkdir()
+    directories = SharedDirectories()
+    first = _write_whole(dest, "a", b"first file", directories)
+    os.rename(dest, moved)
+    dest.symlink_to(elsewhere)
+    second = _write_whole(dest, "b", b"second file", directories)
+    chunked = PartialFile(str(dest), "c", ROOT, 10, directories=directories)
+    chunked.write_verified(0, b"third file")
+    chunked.close()  # the batch still holds the directory: c's commit uses it again
+    placed = commit_files([Finished(p, executable=False) for p in (first, second, chunked)])
+    assert len(placed) == 3
+    assert list(elsewhere.iterdir()) == []
+    assert (moved / "a").read_bytes() == b"first file"
+    assert (moved / "b").read_bytes() == b"second file"
+    assert (moved / "c").read_bytes() == b"third file"
+    assert directories.open_count() == 0
+    late = PartialFile(str(dest), "d", ROOT, 4, directories=directories)
+    with pytest.raises(StorageError, match="cannot open directory"):
+        late.write_verified(0, b"late")
+    assert list(elsewhere.iterdir()) == [] and directories.open_count() == 0
+
+
+def test_a_taken_over_file_leaves_the_batch_directory_to_the_others(tmp_path: Path) -> None:
+    """A newer PartialFile of this process takes a temp file over from an older one of the
+    same batch: the older can neither commit nor remove it, and the batch's directory
+    descriptor stays good for the rest."""
+    directories = SharedDirectories()
+    data = random_bytes(300, 5000)
+    chunks = chunks_of(data)
+    parts = [(offset, data[offset : offset + ref.length]) for offset, ref in chunks]
+    old = PartialFile(str(tmp_path), "f", ROOT, len(data), directories=directories)
+    for offset, piece in parts:
+        old.write_verified(offset, piece)  # keeps its descriptor (and lock)
+    other = _write_whole(tmp_path, "g", b"another file", directories)
+    new = PartialFile(str(tmp_path), "f", ROOT, len(data), directories=directories)
+    assert new.verified_chunks(chunks) == {offset for offset, _ref in chunks}
+    with pytest.raises(StorageError):
+        old.commit(executable=False)
+    old.discard()
+    assert Path(new.temp_path).exists()
+    assert len(commit_files([Finished(new, False), Finished(other, False)])) == 2
+    assert (tmp_path / "f").read_bytes() == data
+    assert (tmp_path / "g").read_bytes() == b"another file"
+    assert directories.open_count() == 0

@@ -51,6 +51,7 @@ from p2pfs.errors import (
 from p2pfs.ids import ContentHash, NodeId, short_hex
 from p2pfs.net import PeerConnection
 from p2pfs.store.assemble import Finished, PartialFile, commit_files
+from p2pfs.store.directories import SharedDirectories
 from p2pfs.store.folderdisk import keep_version
 from p2pfs.store.index import ChunkLocation, ChunkReader, IndexStore
 from p2pfs.swarm.picker import PiecePicker
@@ -783,12 +784,14 @@ def _open_partials(tasks: list[_FileTask]) -> list[set[int]]:
     """A PartialFile per task, and the offsets of chunks an earlier attempt left intact."""
     present = []
     names = _Listings()
+    directories = SharedDirectories()  # one descriptor per directory, not one per file
     for task in tasks:
         task.partial = partial = PartialFile(
             os.path.dirname(task.path),
             os.path.basename(task.path),
             task.entry.hash,
             task.entry.size,
+            directories=directories,
         )
         if names.holds(partial.temp_path):  # else no earlier attempt left one
             present.append(partial.verified_chunks(task.leaves))

@@ -8,18 +8,20 @@ crash can never be mistaken for a good one, and no journal can disagree with the
 
 Durability is paid per batch, not per file: a batch of finished files is made durable by
 ``syncfs(2)`` on their file system (``fsync`` of each file where syncfs is missing), then
-renamed, then each directory touched is synced once. ``sync()`` was used before, but it
-cannot report a writeback error, so a failed write could be renamed into place as good.
+renamed, then the renames made durable by one more syncfs (an fsync of each directory
+touched without it). ``sync()`` was used before, but it cannot report a writeback error,
+so a failed write could be renamed into place as good.
 
 Hostile neighbours: a local user who can write into the destination directory must not
 redirect a write. Everything is done relative to a descriptor of the destination
 directory, opened without following a final symlink and checked to stay the same
-directory; temp files are created with ``O_EXCL | O_NOFOLLOW``; an existing temp file is
-resumed only if it is a regular file we own with one link. While a PartialFile holds its
-temp file it holds an exclusive ``flock`` on it, so a second fetch of the same content to
-the same place (in this daemon or another) fails at once instead of racing it. Each
-PartialFile remembers which byte ranges it verified in which temp file (by inode): a temp
-file replaced behind its back, or one with a byte never verified, is never committed.
+directory (one per directory for a batch's files, given ``SharedDirectories``); temp
+files are created with ``O_EXCL | O_NOFOLLOW``; an existing temp file is resumed only if
+it is a regular file we own with one link. While a PartialFile holds its temp file it
+holds an exclusive ``flock`` on it, so a second fetch of the same content to the same
+place (in this daemon or another) fails at once instead of racing it. Each PartialFile
+remembers which byte ranges it verified in which temp file (by inode): a temp file
+replaced behind its back, or one with a byte never verified, is never committed.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from dataclasses import dataclass
 
 from p2pfs.content.chunking import ChunkRef, chunk_id
 from p2pfs.errors import IntegrityError, StorageError
+from p2pfs.store.directories import DirectoryIdentity, SharedDirectories, open_directory
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +66,6 @@ def is_partial_name(name: str) -> bool:
     return name.startswith(PARTIAL_PREFIX)
 
 
-_OPEN_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a fifo planted under a temp name must not block the open.
 _OPEN_EXISTING = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -85,9 +87,18 @@ def _inert() -> int:
 class PartialFile:
     """A destination file under construction. Holds a file descriptor (and the lock on the
     temp file) only while written; the directory and temp file it first used are the only
-    ones it will ever write or commit."""
+    ones it will ever write or commit. ``directories``: the batch's shared directory
+    descriptors (else it opens its own)."""
 
-    def __init__(self, directory: str, final_name: str, file_root: bytes, size: int) -> None:
+    def __init__(
+        self,
+        directory: str,
+        final_name: str,
+        file_root: bytes,
+        size: int,
+        *,
+        directories: SharedDirectories | None = None,
+    ) -> None:
         self.directory = directory
         self.final_name = final_name
         self.temp_name = partial_name(final_name, file_root)
@@ -96,10 +107,16 @@ class PartialFile:
         self.size = size
         self._fd = -1
         self._dir_fd = -1
-        self._dir_identity: tuple[int, int] | None = None
+        self._directories = directories
+        self._dir_lent = False
+        """_dir_fd is lent by ``directories`` (released, not closed, by close)."""
+        self._dir_identity: DirectoryIdentity | None = None
         self._identity: tuple[int, int] | None = None
         self._generation: int | None = None
         """The inode's generation (FS_IOC_GETVERSION) where the file system has one."""
+        self._generation_due = False
+        """The generation is still to be read from _fd: only a temp file closed before its
+        commit is ever reopened and compared, so it is read at close, not at the open."""
         self._verified: dict[int, int] = {}
         """Offset -> length of the bytes known good in the temp file named by _identity."""
         self._revoked = False
@@ -120,18 +137,25 @@ class PartialFile:
     def _directory_fd(self) -> int:
         if self._dir_fd >= 0:
             return self._dir_fd
-        try:
-            fd = os.open(self.directory or ".", _OPEN_DIRECTORY)
-        except OSError as exc:
-            raise StorageError(f"cannot open directory {self.directory}: {_why(exc)}") from exc
-        st = os.fstat(fd)
-        identity = (st.st_dev, st.st_ino)
-        if self._dir_identity not in (None, identity):
-            os.close(fd)
-            raise StorageError(f"{self.directory} was replaced while {self.final_name} was written")
-        self._dir_identity = identity
-        self._dir_fd = fd
-        return fd
+        with self._descriptor_lock:
+            if self._dir_fd >= 0:
+                return self._dir_fd
+            if self._directories is not None:
+                fd, identity = self._directories.acquire(self.directory)
+            else:
+                fd, identity = open_directory(self.directory)
+            if self._dir_identity not in (None, identity):
+                if self._directories is not None:
+                    self._directories.release(self.directory)
+                else:
+                    os.close(fd)
+                raise StorageError(
+                    f"{self.directory} was replaced while {self.final_name} was written"
+                )
+            self._dir_identity = identity
+            self._dir_lent = self._directories is not None
+            self._dir_fd = fd
+            return fd
 
     def _open(self, *, create: bool = True) -> int:
         """The temp file, locked; -1 if it does not exist and ``create`` is false."""
@@ -213,16 +237,14 @@ class PartialFile:
                 if not _try_lock(fd):
                     raise StorageError(f"another fetch is writing {self.temp_path}")
             _HOLDERS[identity] = weakref.ref(self)
-        if self._identity not in (None, identity):
-            raise StorageError(f"{self.temp_path} was replaced while being fetched")
         # The inode number alone is not enough: a temp file removed and planted again
         # while ours was closed may get the same number (ext4 hands it out again at
         # once), and would have been adopted with our verified ranges (a right-sized file
         # of zeros committed). The file system's generation of the inode tells them apart.
-        generation = _generation(fd)
-        if self._identity is not None and generation != self._generation:
+        if self._identity is None:
+            self._generation_due = True  # read at close, if it is closed before its commit
+        elif identity != self._identity or _generation(fd) != self._generation:
             raise StorageError(f"{self.temp_path} was replaced while being fetched")
-        self._generation = generation
         self._identity = identity
         if size_it and st.st_size != self.size:
             os.ftruncate(fd, self.size)
@@ -231,9 +253,14 @@ class PartialFile:
         """Called under _HOLDERS_LOCK: drop our lock without freeing our descriptor numbers
         (another thread may be about to use them); every later step of ours fails."""
         self._revoked = True
-        for fd in (self._fd, self._dir_fd):
-            if fd >= 0:
-                os.dup2(_inert(), fd)  # the locked file's last descriptor goes: lock released
+        if self._fd >= 0:
+            os.dup2(_inert(), self._fd)  # the locked file's last descriptor goes: lock released
+        if self._dir_lent:
+            # The batch's descriptor stays open for its other files (and lent to us until we
+            # close): only our own uses of it end.
+            self._dir_fd = _inert()
+        elif self._dir_fd >= 0:
+            os.dup2(_inert(), self._dir_fd)
 
     def close(self) -> None:
         with self._descriptor_lock, _HOLDERS_LOCK:
@@ -241,11 +268,18 @@ class PartialFile:
             if holder is not None and holder() is self:
                 del _HOLDERS[self._identity]  # type: ignore[arg-type]
             if self._fd >= 0:
+                if self._generation_due and not self._revoked:
+                    self._generation = _generation(self._fd)
+                self._generation_due = False
                 os.close(self._fd)  # releases the flock
                 self._fd = -1
-            if self._dir_fd >= 0:
+            if self._dir_lent:
+                assert self._directories is not None
+                self._directories.release(self.directory)
+                self._dir_lent = False
+            elif self._dir_fd >= 0:
                 os.close(self._dir_fd)
-                self._dir_fd = -1
+            self._dir_fd = -1
 
     def __del__(self) -> None:
         # A fetch that fails may drop its PartialFiles without closing them.
@@ -334,7 +368,9 @@ class PartialFile:
 
         Why: a small file written chunk by chunk paid a failed open, a create, lock,
         truncate and close, then a reopen and lock for its mode, another for its rename
-        (~40 system calls a file, issue 13's small-files profile); here ~8 and a rename.
+        (~40 system calls a file, issue 13's small-files profile); here 5 (create, fstat,
+        flock, write, fchmod; utime given an mtime) and the commit's lstat, rename and close,
+        given the batch's ``SharedDirectories``.
         The caller closes it (commit_files does) or keeps few such files open.
         """
         if not self.untouched or self._revoked:
@@ -479,6 +515,7 @@ class PartialFile:
                 raise StorageError(f"{self.temp_path} was replaced while being fetched")
             # A directory in the way makes rename fail (EISDIR): no lstat of it first.
             os.rename(self.temp_name, self.final_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            self._generation_due = False  # placed: never reopened
         except IsADirectoryError as exc:
             raise StorageError(
                 f"{self.final_path} is a directory; not replacing it with a file"
@@ -489,8 +526,11 @@ class PartialFile:
             self.close()
 
     def discard(self) -> None:
-        """Remove our temp file (only ours: never one that replaced it)."""
+        """Remove our temp file (only ours: never one that replaced it, nor one another
+        fetch took over)."""
         try:
+            if self._revoked:
+                return
             dir_fd = self._directory_fd()
             named = os.lstat(self.temp_name, dir_fd=dir_fd)
             if self._identity is None or (named.st_dev, named.st_ino) == self._identity:
