@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from p2pfs.content.tree import build_tree, iter_leaves
 from p2pfs.errors import LocalProtocolError, RemoteProtocolError
 from p2pfs.ids import ContentHash
+from p2pfs.sync import records
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.local import DiskFile, case_collisions, local_changes
 from p2pfs.sync.records import (
@@ -20,6 +21,8 @@ from p2pfs.sync.records import (
     INDEX_TREE,
     IndexLeaf,
     IndexTree,
+    LeafQueue,
+    PackedLeaves,
     SignedRecord,
     build_index,
     index_leaf,
@@ -138,7 +141,7 @@ def test_diff_names_exactly_the_changed_records(names: list[str], data: st.DataO
     assert set(remote_changes(EMPTY_INDEX, {}.__getitem__, remote_root, fetch)) == set(
         remote.values()
     )
-    assert remote_changes(remote_root, remote_nodes.__getitem__, EMPTY_INDEX, fetch) == []
+    assert not remote_changes(remote_root, remote_nodes.__getitem__, EMPTY_INDEX, fetch)
     walked = [leaf for _o, leaf in iter_leaves(INDEX_TREE, remote_root, remote_nodes.__getitem__)]
     assert walked == sorted(remote.values())
     assert all(leaf.path_key == path_key(name) for name, leaf in remote.items())
@@ -146,6 +149,40 @@ def test_diff_names_exactly_the_changed_records(names: list[str], data: st.DataO
 
 def disk_file(path: str, root: bytes, executable: bool = False) -> DiskFile:
     return DiskFile(path, ContentHash(root), 4, executable, 99)
+
+
+def test_a_whole_remote_index_is_walked_a_few_nodes_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A join's walk asks for at most NODES_PER_ASK nodes at once and packs the leaves
+    in key order, the same as the tree's own leaves."""
+    monkeypatch.setattr(records, "NODES_PER_ASK", 5)
+    rng = random.Random(3)
+    leaves = [IndexLeaf(rng.randbytes(32), ContentHash(rng.randbytes(32))) for _ in range(3000)]
+    nodes: dict[ContentHash, bytes] = {}
+    root = build_index(leaves, lambda h, e, _n: nodes.__setitem__(h, e))
+    asks: list[int] = []
+
+    def fetch(hashes: list[ContentHash]) -> list[bytes]:
+        asks.append(len(hashes))
+        return [nodes[h] for h in hashes]
+
+    walked = remote_changes(EMPTY_INDEX, {}.__getitem__, root, fetch)
+    assert list(walked) == sorted(leaves)
+    assert max(asks) == 5 and sum(asks) == len(nodes)
+
+
+def test_queued_leaves_are_taken_from_the_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(records, "QUEUE_CHUNK", 128)
+    leaves = sorted(IndexLeaf(path_key(f"f{i}"), _leaf_hash(b"%d" % i)) for i in range(1000))
+    queue = LeafQueue()
+    for leaf in leaves:
+        queue.append(leaf)
+    assert len(queue) == 1000 and list(queue) == leaves
+    taken = [queue.pop(300) for _ in range(4)]
+    assert taken[0] == leaves[700:] and taken[3] == leaves[:100]
+    assert [leaf for batch in reversed(taken) for leaf in batch] == leaves
+    assert len(queue) == 0 and queue.pop(5) == []
 
 
 def test_local_changes_cover_new_edited_chmod_deleted_and_untouched() -> None:
@@ -259,13 +296,14 @@ _EDITS = st.lists(
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.integers(0, 600), _EDITS)
+@given(st.integers(0, 600), _EDITS, st.booleans())
 def test_index_tree_updated_in_place_equals_a_fresh_build(
-    start: int, batches: list[list[tuple[int, bytes | None]]]
+    start: int, batches: list[list[tuple[int, bytes | None]]], on_copies: bool
 ) -> None:
     """After any sequence of edits, inserts and removals, the tree updated along the changed
-    keys has the root a fresh build has, and its delta-maintained node set is exactly the
-    fresh build's nodes (nothing stale kept, nothing missing)."""
+    keys has the root and the nodes a fresh build has (each served by ``node``), and each
+    update retires exactly the nodes that left, with their encodings. Updated on copies,
+    the tree before stays as it was."""
     leaves = {path_key(f"f{i}"): _leaf_hash(b"v0 %d" % i) for i in range(start)}
     tree = IndexTree(IndexLeaf(k, v) for k, v in leaves.items())
     nodes = tree.nodes()
@@ -274,18 +312,36 @@ def test_index_tree_updated_in_place_equals_a_fresh_build(
             path_key(f"f{number}"): None if value is None else _leaf_hash(value)
             for number, value in batch
         }
-        delta = tree.update(changes)
+        before = tree
+        if on_copies:
+            tree, delta = tree.updated(changes)
+        else:
+            delta = tree.update(changes)
         for key, digest in changes.items():
             if digest is None:
                 leaves.pop(key, None)
             else:
                 leaves[key] = digest
         ordered = sorted(IndexLeaf(k, v) for k, v in leaves.items())
+        fresh = build_tree(INDEX_TREE, ordered)[1] if ordered else {}
         assert tree.root == build_index(ordered)
-        for gone in delta.removed:
-            nodes.pop(gone, None)
-        nodes.update(delta.added)
-        assert nodes == (build_tree(INDEX_TREE, ordered)[1] if ordered else {})
+        assert tree.nodes() == fresh and tree.node_count == len(fresh)
+        assert all(tree.node(h) == encoded for h, encoded in fresh.items())
+        assert delta.retired == {h: e for h, e in nodes.items() if h not in fresh}
+        assert set(fresh) - set(nodes) <= delta.made <= set(fresh)
+        if on_copies:
+            assert all(before.node(h) == encoded for h, encoded in nodes.items())
+        nodes = fresh
+
+
+def test_a_tree_built_from_packed_leaves_serves_every_node_of_a_fresh_build() -> None:
+    leaves = sorted(IndexLeaf(path_key(f"f{i}"), _leaf_hash(b"%d" % i)) for i in range(5000))
+    tree = IndexTree.from_packed(PackedLeaves(leaves))
+    root, expected = build_tree(INDEX_TREE, leaves)
+    assert tree.root == root == build_index(leaves)
+    assert tree.nodes() == expected
+    assert all(tree.node(h) == encoded for h, encoded in expected.items())
+    assert tree.node(ContentHash(bytes(32))) is None
 
 
 def test_one_edit_of_a_big_index_touches_only_its_path() -> None:
@@ -295,6 +351,6 @@ def test_one_edit_of_a_big_index_touches_only_its_path() -> None:
     tree = IndexTree(IndexLeaf(k, _leaf_hash(k)) for k in keys)
     height = len(tree._levels)
     delta = tree.update({keys[1234]: _leaf_hash(b"edited")})
-    assert 1 <= len(delta.added) <= 2 * height
-    assert len(delta.removed) == len(delta.added)
+    assert 1 <= len(delta.made) <= 2 * height
+    assert len(delta.retired) == len(delta.made)
     assert tree.root == build_index(IndexLeaf(k, v) for k, v in tree.leaves.items())

@@ -42,3 +42,20 @@ def tune_allocator() -> bool:
     if not applied:
         logger.info("allocator settings not applied (mallopt refused them)")
     return applied
+
+
+def release_free_memory() -> bool:
+    """Hand the C allocator's free pages back to the system (glibc's ``malloc_trim``):
+    freed blocks in the middle of a heap stay resident until reused, and a big block
+    allocated next (a folder's index leaves, rebuilt at a join's end) cannot reuse
+    scattered ones. Returns whether any memory was released (False on another C library)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return False
+    trim.argtypes = (ctypes.c_size_t,)
+    trim.restype = ctypes.c_int
+    return bool(trim(0))

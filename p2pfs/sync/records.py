@@ -16,7 +16,6 @@ subtrees that differ.
 from __future__ import annotations
 
 import bisect
-import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, overload
@@ -185,8 +184,9 @@ def build_index(leaves: Iterable[IndexLeaf], sink: NodeSink | None = None) -> Ch
 
 def remote_changes(
     local_root: Child, local_node: LocalNode, remote_root: Child, remote_nodes: RemoteNodes
-) -> list[IndexLeaf]:
-    """Leaves of the remote index that the local one lacks (only differing subtrees open).
+) -> LeafQueue:
+    """Leaves of the remote index that the local one lacks (only differing subtrees open),
+    packed, in path-key order.
 
     The remote tree must hold exactly its root's record count (verified node by node), at
     most MAX_FOLDER_RECORDS, with no node twice and leaves strictly increasing: a bomb of a
@@ -197,42 +197,59 @@ def remote_changes(
             f"folder index of {remote_root.size} records exceeds {MAX_FOLDER_RECORDS}"
         )
     if remote_root in (EMPTY_INDEX, local_root):
-        return []
+        return LeafQueue()
     if remote_root.hash == EMPTY_INDEX.hash:
         raise RemoteProtocolError("folder index: the empty root with a record count")
     if local_root == EMPTY_INDEX:
         return _all_leaves(remote_root, remote_nodes)
     diff = diff_trees(INDEX_TREE, local_root, local_node, remote_root, remote_nodes)
-    return [leaf for _offset, leaf in diff.remote_only]
+    queue = LeafQueue()
+    for _offset, leaf in diff.remote_only:
+        queue.append(leaf)
+    return queue
 
 
-def _all_leaves(root: Child, remote_nodes: RemoteNodes) -> list[IndexLeaf]:
-    """Every leaf of a remote tree, one batch of node requests per level."""
+NODES_PER_ASK = 2048
+"""Remote index nodes asked for (and held, encoded) at once by a walk of a whole tree:
+a 200k-record tree's leaf level is ~12k nodes, ~14 MB encoded."""
+
+
+def _all_leaves(root: Child, remote_nodes: RemoteNodes) -> LeafQueue:
+    """Every leaf of a remote tree, packed as each node is verified: one batch of node
+    requests per level (per NODES_PER_ASK nodes). An IndexLeaf object per record, held
+    for the whole tree, cost ~0.2 KiB a record at once (a 200k-record join's diff took
+    B's peak RSS 80 MiB up for a moment)."""
     bound = bound_for(INDEX_TREE, root)
     seen: set[ContentHash] = set()
     frontier: list[tuple[Child, int | None]] = [(root, None)]
-    leaves: list[IndexLeaf] = []
+    queue = LeafQueue()
+    previous = b""
     while frontier:
-        wanted = list(dict.fromkeys(child.hash for child, _root in frontier))
-        answers = remote_nodes(wanted)
-        if len(answers) != len(wanted):
-            raise RemoteProtocolError(f"asked for {len(wanted)} nodes, got {len(answers)}")
-        by_hash = dict(zip(wanted, answers, strict=True))
         next_level: list[tuple[Child, int | None]] = []
-        for child, height in frontier:
-            if child.hash in seen:
-                raise RemoteProtocolError("folder index tree: a node occurs twice")
-            seen.add(child.hash)
-            node = INDEX_TREE.verify_node_untrusted(child, by_hash[child.hash], height)
-            bound.open(INDEX_TREE.name, node, is_root=height is None)
-            if isinstance(node, LeafNode):
-                leaves.extend(node.leaves)
-            else:
-                next_level.extend((grandchild, node.height - 1) for grandchild in node.children)
+        for start in range(0, len(frontier), NODES_PER_ASK):
+            part = frontier[start : start + NODES_PER_ASK]
+            wanted = list(dict.fromkeys(child.hash for child, _height in part))
+            answers = remote_nodes(wanted)
+            if len(answers) != len(wanted):
+                raise RemoteProtocolError(f"asked for {len(wanted)} nodes, got {len(answers)}")
+            by_hash = dict(zip(wanted, answers, strict=True))
+            del answers
+            for child, height in part:
+                if child.hash in seen:
+                    raise RemoteProtocolError("folder index tree: a node occurs twice")
+                seen.add(child.hash)
+                node = INDEX_TREE.verify_node_untrusted(child, by_hash[child.hash], height)
+                bound.open(INDEX_TREE.name, node, is_root=height is None)
+                if isinstance(node, LeafNode):
+                    for leaf in node.leaves:
+                        if previous >= leaf.path_key:
+                            raise RemoteProtocolError("index leaves out of order or repeated")
+                        previous = leaf.path_key
+                        queue.append(leaf)
+                else:
+                    next_level.extend((grandchild, node.height - 1) for grandchild in node.children)
         frontier = next_level
-    for previous, current in itertools.pairwise(leaves):
-        INDEX_TREE.codec.check_leaf_order_untrusted(previous, current)
-    return leaves
+    return queue
 
 
 def _is_cut(key: bytes, count: int) -> bool:
@@ -255,27 +272,50 @@ def _node(height: int, group: list[Any]) -> LeafNode[IndexLeaf] | BranchNode:
 
 @dataclass(slots=True)
 class IndexDelta:
-    """What one :meth:`IndexTree.update` changed: nodes made (hash -> encoding) and nodes
-    no longer in the tree."""
+    """What one :meth:`IndexTree.update` changed: the nodes made (now in the tree) and
+    those no longer in it, with their encodings (a member mid-diff against the tree before
+    may still ask for them). Keeps the tree's own maps of its nodes as it goes."""
 
-    added: dict[ContentHash, bytes]
-    removed: set[ContentHash]
+    leaf_groups: dict[ContentHash, bytes]
+    """The tree's leaf nodes: hash -> the group's first path key."""
+    branches: dict[ContentHash, bytes]
+    """The tree's nodes above the leaves: hash -> encoding."""
+    made: set[ContentHash] = field(default_factory=set)
+    retired: dict[ContentHash, bytes] = field(default_factory=dict)
 
     def make(self, height: int, group: list[Any]) -> Child:
         node = _node(height, group)
         encoded = INDEX_TREE.encode(node)
         child = Child(INDEX_TREE.node_hash(encoded), INDEX_TREE.node_size(node))
-        self.added[child.hash] = encoded
+        if height == 0:
+            self.leaf_groups[child.hash] = group[0].path_key
+        else:
+            self.branches[child.hash] = encoded
+        self.made.add(child.hash)
         return child
 
-    def drop(self, children: Iterable[Child]) -> None:
+    def drop_branches(self, children: Iterable[Child]) -> None:
         for child in children:
-            self.added.pop(child.hash, None)  # made earlier in this update, gone again
-            self.removed.add(child.hash)
+            self._retire(child.hash, self.branches.pop(child.hash))
+
+    def drop_leaf_group(self, child: Child, leaves: list[IndexLeaf]) -> None:
+        """``child`` leaves the tree; ``leaves`` is its group as it was."""
+        del self.leaf_groups[child.hash]
+        if child.hash in self.made:  # made earlier in this update: never served
+            self.made.discard(child.hash)
+        else:
+            self.retired[child.hash] = INDEX_TREE.encode(LeafNode(tuple(leaves)))
+
+    def _retire(self, node_hash: ContentHash, encoded: bytes) -> None:
+        if node_hash in self.made:
+            self.made.discard(node_hash)
+        else:
+            self.retired[node_hash] = encoded
 
     def settle(self) -> None:
         """A node dropped and made again in one update is still in the tree."""
-        self.removed.difference_update(self.added)
+        for node_hash in self.made:
+            self.retired.pop(node_hash, None)
 
 
 _LEAF = 2 * HASH_LEN
@@ -318,6 +358,9 @@ class PackedLeaves:
             at = position + 1 if held else position
         out += data[at * _LEAF :]
         return PackedLeaves.packed(out)
+
+    def copy(self) -> PackedLeaves:
+        return PackedLeaves.packed(bytearray(self._data))
 
     def __len__(self) -> int:
         return len(self._data) // _LEAF
@@ -376,6 +419,50 @@ class PackedLeaves:
         return {leaf.path_key: leaf.record_hash for leaf in self}
 
 
+class LeafQueue:
+    """Leaves (a diff's, a join's every record) packed in chunks of QUEUE_CHUNK, taken from
+    the end a batch at a time: each chunk's memory goes as soon as it is taken (one
+    bytearray of every leaf shrinks only at each halving: 12.8 MB at 200k records kept
+    until half of them were taken)."""
+
+    __slots__ = ("_chunks",)
+
+    def __init__(self) -> None:
+        self._chunks: list[bytearray] = []
+
+    def append(self, leaf: IndexLeaf) -> None:
+        if not self._chunks or len(self._chunks[-1]) >= QUEUE_CHUNK * _LEAF:
+            self._chunks.append(bytearray())
+        chunk = self._chunks[-1]
+        chunk += leaf.path_key
+        chunk += leaf.record_hash
+
+    def __len__(self) -> int:
+        return sum(len(chunk) for chunk in self._chunks) // _LEAF
+
+    def __iter__(self) -> Iterator[IndexLeaf]:
+        for chunk in self._chunks:
+            yield from PackedLeaves.packed(chunk)
+
+    def pop(self, count: int) -> list[IndexLeaf]:
+        """The last ``count`` leaves (or all, if fewer), removed, in key order."""
+        taken: list[IndexLeaf] = []
+        while count > 0 and self._chunks:
+            chunk = self._chunks[-1]
+            cut = max(len(chunk) - count * _LEAF, 0)
+            taken[:0] = PackedLeaves.packed(chunk[cut:])
+            count -= (len(chunk) - cut) // _LEAF
+            if cut:
+                self._chunks[-1] = chunk[:cut]
+            else:
+                self._chunks.pop()
+        return taken
+
+
+QUEUE_CHUNK = 4096
+"""Leaves a chunk of a LeafQueue (256 KiB)."""
+
+
 @dataclass(slots=True)
 class _Level:
     """One height: its items (leaves, or the nodes of the level below) cut into groups."""
@@ -395,9 +482,13 @@ class IndexTree:
     this for the run of nodes that changed below it, so one change costs O(fanout x height)
     node encodings (plus list moves), not O(records) hashing. The result is always the tree
     :func:`build_index` makes of the same leaves (property-tested).
+
+    Nodes above the leaves are kept encoded; a leaf node is encoded from the packed leaves
+    when asked for (:meth:`node`): its encoding repeats its leaves (~70 bytes a record, 14
+    MB at 200k records, beside the 12.8 MB of packed leaves).
     """
 
-    __slots__ = ("_first_keys", "_leaves", "_levels")
+    __slots__ = ("_branches", "_first_keys", "_leaf_groups", "_leaves", "_levels")
 
     REBUILD_FRACTION = 8
     """A batch changing over 1/8 of the leaves is built afresh: cheaper than many re-cuts,
@@ -410,7 +501,9 @@ class IndexTree:
         self._levels: list[_Level] = []
         self._first_keys: list[bytes] = []
         """The first path key of each leaf group: a change finds its group by bisection."""
-        self._build(IndexDelta({}, set()))
+        self._leaf_groups: dict[ContentHash, bytes] = {}
+        self._branches: dict[ContentHash, bytes] = {}
+        self._build(self._delta())
 
     @classmethod
     def from_packed(cls, leaves: PackedLeaves) -> IndexTree:
@@ -418,8 +511,27 @@ class IndexTree:
         them): built without an object per leaf."""
         tree = cls()
         tree._leaves = leaves
-        tree._build(IndexDelta({}, set()))
+        tree._build(tree._delta())
         return tree
+
+    def _delta(self) -> IndexDelta:
+        return IndexDelta(self._leaf_groups, self._branches)
+
+    def node(self, node_hash: ContentHash) -> bytes | None:
+        """The encoding of a node of this tree, if it is one."""
+        encoded = self._branches.get(node_hash)
+        if encoded is not None:
+            return encoded
+        first = self._leaf_groups.get(node_hash)
+        if first is None:
+            return None
+        size = self._levels[0].sizes[bisect.bisect_left(self._first_keys, first)]
+        start = self._leaves.find(first)
+        return INDEX_TREE.encode(LeafNode(tuple(self._leaves[start : start + size])))
+
+    @property
+    def node_count(self) -> int:
+        return len(self._leaf_groups) + len(self._branches)
 
     @property
     def leaves(self) -> dict[bytes, ContentHash]:
@@ -435,34 +547,60 @@ class IndexTree:
         return self._levels[-1].nodes[0] if self._levels else EMPTY_INDEX
 
     def nodes(self) -> dict[ContentHash, bytes]:
-        """Every node of the current tree by hash, encoded afresh (a load, or a check)."""
-        delta = IndexDelta({}, set())
+        """Every node of the current tree by hash, encoded afresh (a check, or a tree
+        replaced whole whose nodes stay servable)."""
+        nodes: dict[ContentHash, bytes] = {}
         for height, level in enumerate(self._levels):
             start = 0
-            for size in level.sizes:
-                delta.make(height, level.items[start : start + size])
+            for size, child in zip(level.sizes, level.nodes, strict=True):
+                nodes[child.hash] = INDEX_TREE.encode(
+                    _node(height, level.items[start : start + size])
+                )
                 start += size
-        return delta.added
+        return nodes
 
     def update(self, changes: dict[bytes, ContentHash | None]) -> IndexDelta:
         """Set each path key's record hash (None: remove the leaf); returns the nodes made
         and dropped."""
-        delta = IndexDelta({}, set())
-        rebuild = not self._levels or len(changes) * self.REBUILD_FRACTION > len(self._leaves)
+        delta = self._delta()
         effective = {k: v for k, v in changes.items() if self._leaves.get(k) != v}
         if not effective:
             return delta
-        if rebuild:
+        if self._rebuilds(changes):
             # Merged as packed bytes: a dict of every leaf cost ~0.2 KiB a record at once.
+            # Nothing of the tree before is changed in place (see :meth:`updated`).
+            retired = self.nodes()
             self._leaves = self._leaves.merged(effective)
-            for level in self._levels:
-                delta.drop(level.nodes)
+            self._leaf_groups, self._branches = {}, {}
+            delta = self._delta()
             self._build(delta)
+            delta.retired.update(retired)
         else:
             for key in sorted(effective):
                 self._change_leaf(key, effective[key], delta)
         delta.settle()
         return delta
+
+    def updated(self, changes: dict[bytes, ContentHash | None]) -> tuple[IndexTree, IndexDelta]:
+        """:meth:`update` on a copy (for a worker thread: this tree, unchanged, serves
+        its nodes meanwhile). A rebuild shares nothing it changes, so copies nothing."""
+        tree = IndexTree.__new__(IndexTree)
+        if self._rebuilds(changes):
+            tree._leaves, tree._levels = self._leaves, self._levels
+            tree._first_keys = self._first_keys
+            tree._leaf_groups, tree._branches = self._leaf_groups, self._branches
+        else:
+            tree._leaves, tree._levels = self._leaves.copy(), []
+            items: Any = tree._leaves
+            for level in self._levels:  # a level's items are the nodes of the one below
+                tree._levels.append(_Level(items, list(level.sizes), list(level.nodes)))
+                items = tree._levels[-1].nodes
+            tree._first_keys = list(self._first_keys)
+            tree._leaf_groups, tree._branches = dict(self._leaf_groups), dict(self._branches)
+        return tree, tree.update(changes)
+
+    def _rebuilds(self, changes: Mapping[bytes, ContentHash | None]) -> bool:
+        return not self._levels or len(changes) * self.REBUILD_FRACTION > len(self._leaves)
 
     # -- building and re-cutting ----------------------------------------------------------
 
@@ -506,18 +644,19 @@ class IndexTree:
         at = items.find(key)
         present = at < len(items) and items[at].path_key == key
         new = [] if digest is None else [IndexLeaf(key, digest)]
-        removed = 1 if present else 0
-        items[at : at + removed] = new
+        old = items[at : at + 1] if present else []
+        items[at : at + len(old)] = new
         if not items:
-            for level in self._levels:
-                delta.drop(level.nodes)
+            delta.drop_leaf_group(self._levels[0].nodes[0], old)
+            for level in self._levels[1:]:
+                delta.drop_branches(level.nodes)
             self._levels, self._first_keys = [], []
             return
         # A group that starts at or before the change (its first key is still in the list,
         # or was the key removed, which leaves the same position).
         group = max(bisect.bisect_right(self._first_keys, key) - 1, 0)
         start = items.find(self._first_keys[group]) if group else 0
-        first, end, sizes, offset = self._recut(0, group, start, at, removed, len(new), delta)
+        first, end, sizes, offset = self._recut(0, group, start, at, old, len(new), delta)
         keys = []
         for size in sizes:
             keys.append(items[offset].path_key)
@@ -530,15 +669,17 @@ class IndexTree:
         group: int,
         start: int,
         at: int,
-        removed: int,
+        old: int | list[IndexLeaf],
         added: int,
         delta: IndexDelta,
     ) -> tuple[int, int, list[int], int]:
         """Level ``height``'s items [at, at + removed) became ``added`` items (already in its
-        list); ``group`` starts at item ``start`` <= ``at``. Re-cut from the group holding
-        ``at`` until a new cut meets an old one, replace those groups' nodes, and carry the
-        change up. Returns the groups replaced (first, end), their new sizes, and the item
-        position where the first of them starts."""
+        list); ``old`` is the items removed (leaves), or their count (nodes). ``group``
+        starts at item ``start`` <= ``at``. Re-cut from the group holding ``at`` until a new
+        cut meets an old one, replace those groups' nodes, and carry the change up. Returns
+        the groups replaced (first, end), their new sizes, and the item position where the
+        first of them starts."""
+        removed = old if isinstance(old, int) else len(old)
         level = self._levels[height]
         sizes = level.sizes
         while group + 1 < len(sizes) and start + sizes[group] <= at:
@@ -572,7 +713,16 @@ class IndexTree:
                 new_sizes.append(count)
             last = len(sizes) - 1
         first, end = group, last + 1
-        delta.drop(level.nodes[first:end])  # before making: a group may come out the same
+        # Dropped before making: a group may come out the same.
+        if isinstance(old, int):
+            delta.drop_branches(level.nodes[first:end])
+        else:  # the dropped leaf groups as they were: the change undone
+            old_end = start + sum(sizes[first:end])
+            was = items[start:at] + old + items[at + added : old_end - removed + added]
+            offset = 0
+            for child, size in zip(level.nodes[first:end], sizes[first:end], strict=True):
+                delta.drop_leaf_group(child, was[offset : offset + size])
+                offset += size
         made, offset = [], start
         for size in new_sizes:
             made.append(delta.make(height, items[offset : offset + size]))
@@ -588,7 +738,7 @@ class IndexTree:
         nodes = self._levels[height].nodes
         if len(nodes) == 1:
             for above in self._levels[height + 1 :]:
-                delta.drop(above.nodes)
+                delta.drop_branches(above.nodes)
             del self._levels[height + 1 :]
             return
         if height + 1 == len(self._levels):

@@ -45,6 +45,7 @@ from p2pfs.sync.records import (
     EMPTY_INDEX,
     IndexLeaf,
     IndexTree,
+    LeafQueue,
     PackedLeaves,
     SignedRecord,
     remote_changes,
@@ -57,6 +58,7 @@ from p2pfs.sync.versions import (
 )
 from p2pfs.wire.messages import FolderMember, FolderNeed
 
+from ..allocator import release_free_memory
 from ..storage import AsyncIndex, in_thread
 from . import steps
 from .client import FolderLink
@@ -154,10 +156,9 @@ class FolderSync:
         self.records = RecordSet(store.record_source(row.id))
         self._tree = IndexTree()
         """The index tree, updated along the changed paths (never rebuilt per change)."""
-        self._nodes: dict[ContentHash, bytes] = {}  # every node of the current tree, by hash
-        self._retired: list[dict[ContentHash, bytes]] = []
-        """Nodes the last KEPT_TREES - 1 updates removed: the trees before them stay
-        servable for members mid-diff."""
+        self._retired: list[Callable[[ContentHash], bytes | None]] = []
+        """Nodes the last KEPT_TREES - 1 updates removed (by hash): the trees before them
+        stay servable for members mid-diff."""
         self._root: Child = EMPTY_INDEX
         self._changed = trio.Event()
         self._held: _HeldChanges | None = None
@@ -250,28 +251,25 @@ class FolderSync:
             self._held.add(changes)
             return
         if len(changes) > TREE_UPDATE_IN_THREAD:
-            delta = await trio.to_thread.run_sync(self._tree.update, changes)
+            # On a copy: members are served from the tree as it is meanwhile.
+            self._tree, delta = await trio.to_thread.run_sync(self._tree.updated, changes)
         else:
             delta = self._tree.update(changes)
-        self.work.index_nodes_made += len(delta.added)
+        self.work.index_nodes_made += len(delta.made)
         root = self._tree.root
         if root == self._root:
             return
-        retired = {h: self._nodes.pop(h) for h in delta.removed if h in self._nodes}
-        self._nodes.update(delta.added)
-        self._retired = [retired, *self._retired[: KEPT_TREES - 2]]
+        self._retired = [delta.retired.get, *self._retired[: KEPT_TREES - 2]]
         self._new_root(root)
 
     async def _replace_tree(self, tree: IndexTree) -> None:
         """``tree`` (built afresh from the stored records) becomes the folder's tree; the
-        old one's nodes stay servable as a retired tree."""
-        nodes = await trio.to_thread.run_sync(tree.nodes)
-        self.work.index_nodes_made += len(nodes)
-        self._tree = tree
-        retired, self._nodes = self._nodes, nodes
+        old one stays servable as a retired tree (nothing changes it any more)."""
+        self.work.index_nodes_made += tree.node_count
+        old, self._tree = self._tree, tree
         if tree.root == self._root:
             return
-        self._retired = [retired, *self._retired[: KEPT_TREES - 2]]
+        self._retired = [old.node, *self._retired[: KEPT_TREES - 2]]
         self._new_root(tree.root)
 
     def _new_root(self, root: Child) -> None:
@@ -313,9 +311,10 @@ class FolderSync:
     # -- what the folder server needs (ServedFolder) --------------------------------------
 
     def served_node(self, node_hash: ContentHash) -> bytes | None:
-        for nodes in (self._nodes, *self._retired):
-            if node_hash in nodes:
-                return nodes[node_hash]
+        for node in (self._tree.node, *self._retired):
+            found = node(node_hash)
+            if found is not None:
+                return found
         return self.records.encoded_by_hash(node_hash)
 
     async def held_file_roots(self, roots: list[ContentHash]) -> set[ContentHash]:
@@ -615,19 +614,20 @@ class FolderSync:
             same_root = remote_root.hash == self._root.hash
             if same_root and not self.missing_content():
                 return
-            local_root, trees = self._root, [self._nodes, *self._retired]
+            local_root, trees = self._root, [self._tree.node, *self._retired]
 
             def local_node(node_hash: ContentHash) -> bytes:
-                for nodes in trees:
-                    if node_hash in nodes:
-                        return nodes[node_hash]
+                for node in trees:
+                    found = node(node_hash)
+                    if found is not None:
+                        return found
                 raise StorageError("folder index lost one of its own nodes")
 
             def remote_nodes(hashes: object) -> list[bytes]:
                 return trio.from_thread.run(link.nodes, list(hashes))  # type: ignore[call-overload]
 
-            leaves = PackedLeaves(
-                []
+            leaves = (
+                LeafQueue()
                 if same_root
                 else await trio.to_thread.run_sync(
                     remote_changes, local_root, local_node, remote_root, remote_nodes
@@ -639,28 +639,29 @@ class FolderSync:
             logger.info("folder %s: reconcile with %s: %s", self.path, link.peer_id.short(), timer)
 
     async def _take_in_batches(
-        self, link: FolderLink, leaves: PackedLeaves, timer: steps.Phases
+        self, link: FolderLink, leaves: LeafQueue, timer: steps.Phases
     ) -> None:
         """Fetch, verify, plan and apply the member's differing records JOIN_BATCH at a
         time (a join's are every record): the decoded records and the plan of one batch are
-        held at once, never the whole folder's. The tree takes the stored records once, at
-        the end. A batch is verified whole before any of it is planned, so a forged or
-        backwards record stops the reconcile with nothing of its batch applied (earlier
-        batches, all validly signed, stay)."""
+        held at once, never the whole folder's (``leaves`` is emptied as they are taken).
+        The tree takes the stored records once, at the end. A batch is verified whole
+        before any of it is planned, so a forged or backwards record stops the reconcile
+        with nothing of its batch applied (earlier batches, all validly signed, stay)."""
         left: dict[str, int] = {}  # planned in an earlier batch and not placed
         seen_records = seen_bytes = 0  # for the estimate of what is not planned yet
         size = self.join_batch
         async with self._tree_updated_at_end(), trio.open_nursery() as nursery:
             # The next batch's records are fetched and verified while this one is applied
             # (verification is ~0.13 ms a record, in threads: off the join's critical path).
-            ahead = self._fetch_ahead(nursery, link, leaves[0:size])
-            for start in range(0, max(len(leaves), 1), size):
-                unplanned = max(len(leaves) - start - size, 0)
+            # The leaves are taken (from the end) as batches are fetched: their memory (64
+            # bytes a record) goes as the join goes, and is gone when the tree is rebuilt.
+            total = len(leaves)
+            ahead = self._fetch_ahead(nursery, link, leaves.pop(size))
+            for start in range(0, max(total, 1), size):
+                unplanned = max(total - start - size, 0)
                 remote = await ahead()
                 if unplanned:
-                    ahead = self._fetch_ahead(
-                        nursery, link, leaves[start + size : start + 2 * size]
-                    )
+                    ahead = self._fetch_ahead(nursery, link, leaves.pop(size))
                 timer.mark("records")
                 seen_records += len(remote)
                 seen_bytes += sum(r.version.size for r in remote if is_file(r.version))
@@ -770,6 +771,9 @@ class FolderSync:
             held, self._held = self._held, None
             with trio.CancelScope(shield=True):  # the tree must match the records
                 if held.overflow:
+                    # The join's (or scan's) freed blocks are scattered holes the leaves'
+                    # one block cannot reuse: given back first, not kept beside it.
+                    await in_thread(release_free_memory)
                     leaves = await self._index.run(self._store.tree_leaves, self.row.id)
                     tree = await trio.to_thread.run_sync(
                         IndexTree.from_packed, PackedLeaves.packed(leaves)
