@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from p2pfs.content.chunking import ChunkRef, chunk_id
 from p2pfs.errors import IntegrityError, StorageError
 from p2pfs.store.directories import DirectoryIdentity, SharedDirectories, open_directory
-from p2pfs.store.heldcalls import PLAIN_CALLS, FileCalls
 
 logger = logging.getLogger(__name__)
 
@@ -111,8 +110,6 @@ class PartialFile:
         self._directories = directories
         self._dir_lent = False
         """_dir_fd is lent by ``directories`` (released, not closed, by close)."""
-        self._calls: FileCalls = PLAIN_CALLS
-        """The temp file's short calls: the batch's directory may keep the GIL through them."""
         self._dir_identity: DirectoryIdentity | None = None
         self._identity: tuple[int, int] | None = None
         self._generation: int | None = None
@@ -143,9 +140,8 @@ class PartialFile:
         with self._descriptor_lock:
             if self._dir_fd >= 0:
                 return self._dir_fd
-            calls = PLAIN_CALLS
             if self._directories is not None:
-                fd, identity, calls = self._directories.acquire(self.directory)
+                fd, identity = self._directories.acquire(self.directory)
             else:
                 fd, identity = open_directory(self.directory)
             if self._dir_identity not in (None, identity):
@@ -158,7 +154,6 @@ class PartialFile:
                 )
             self._dir_identity = identity
             self._dir_lent = self._directories is not None
-            self._calls = calls
             self._dir_fd = fd
             return fd
 
@@ -229,17 +224,17 @@ class PartialFile:
         """Lock the temp file and check it is the one we verified chunks in."""
         if self._revoked:
             raise StorageError(f"another fetch took over {self.temp_path}")
-        st = self._calls.fstat(fd)
-        identity = (st.dev, st.ino)
+        st = os.fstat(fd)
+        identity = (st.st_dev, st.st_ino)
         with _HOLDERS_LOCK:
-            if not self._calls.try_lock(fd):
+            if not _try_lock(fd):
                 # Held in this process: by a PartialFile of a fetch that failed without
                 # closing it (the newer fetch takes over), or of one still running (it
                 # fails at its next step). Another process's lock is never taken.
                 holder = _HOLDERS.get(identity, lambda: None)()
                 if holder is not None and holder is not self:
                     holder._revoke()
-                if not self._calls.try_lock(fd):
+                if not _try_lock(fd):
                     raise StorageError(f"another fetch is writing {self.temp_path}")
             _HOLDERS[identity] = weakref.ref(self)
         # The inode number alone is not enough: a temp file removed and planted again
@@ -251,7 +246,7 @@ class PartialFile:
         elif identity != self._identity or _generation(fd) != self._generation:
             raise StorageError(f"{self.temp_path} was replaced while being fetched")
         self._identity = identity
-        if size_it and st.size != self.size:
+        if size_it and st.st_size != self.size:
             os.ftruncate(fd, self.size)
 
     def _revoke(self) -> None:
@@ -276,7 +271,7 @@ class PartialFile:
                 if self._generation_due and not self._revoked:
                     self._generation = _generation(self._fd)
                 self._generation_due = False
-                self._calls.close(self._fd)  # releases the flock
+                os.close(self._fd)  # releases the flock
                 self._fd = -1
             if self._dir_lent:
                 assert self._directories is not None
@@ -404,7 +399,9 @@ class PartialFile:
                     _write_at(fd, data, offset)
                     self._verified[offset] = max(self._verified.get(offset, 0), len(data))
                 mode = 0o755 if executable else 0o644
-                self._calls.set_metadata(fd, mode & ~_UMASK, mtime_ns)
+                os.fchmod(fd, mode & ~_UMASK)
+                if mtime_ns is not None:
+                    os.utime(fd, ns=(mtime_ns, mtime_ns))
             except OSError as exc:
                 self.close()
                 raise StorageError(f"cannot write {self.temp_path}: {_why(exc)}") from exc
@@ -492,13 +489,14 @@ class PartialFile:
             raise StorageError(f"{self.final_path}: not every byte was verified; not committing")
         try:
             mode = 0o755 if executable else 0o644
-            self._calls.set_metadata(fd, mode & ~_UMASK, mtime_ns)
+            os.fchmod(fd, mode & ~_UMASK)
+            if mtime_ns is not None:
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
             if fsync:
                 os.fsync(fd)
         except OSError as exc:
             raise StorageError(f"cannot finish {self.temp_path}: {_why(exc)}") from exc
-        assert self._identity is not None
-        return self._identity[0]
+        return os.fstat(fd).st_dev
 
     def _place(self) -> None:
         """Rename our (locked, verified) temp file over the destination, within the
@@ -512,7 +510,8 @@ class PartialFile:
                 raise StorageError(f"another fetch took over {self.temp_path}")
             if fd < 0:
                 raise StorageError(f"{self.temp_path} is gone")
-            if self._calls.lstat(self.temp_name, dir_fd) != self._identity:
+            named = os.lstat(self.temp_name, dir_fd=dir_fd)
+            if (named.st_dev, named.st_ino) != self._identity:
                 raise StorageError(f"{self.temp_path} was replaced while being fetched")
             # A directory in the way makes rename fail (EISDIR): no lstat of it first.
             os.rename(self.temp_name, self.final_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -807,6 +806,14 @@ def _write_at(fd: int, data: bytes | memoryview, offset: int) -> None:
         written = os.pwrite(fd, view, position)
         view = view[written:]
         position += written
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _load_syncfs() -> Callable[[int], int] | None:

@@ -8,7 +8,6 @@ import threading
 from dataclasses import dataclass
 
 from p2pfs.errors import StorageError
-from p2pfs.store.heldcalls import FileCalls, calls_for_directory
 
 _OPEN_DIRECTORY = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -35,7 +34,6 @@ def open_directory(path: str) -> tuple[int, DirectoryIdentity]:
 class _Shared:
     fd: int
     identity: DirectoryIdentity
-    calls: FileCalls
     users: int = 0
 
 
@@ -54,18 +52,15 @@ class SharedDirectories:
         self._lock = threading.Lock()
         self._open: dict[str, _Shared] = {}
 
-    def acquire(self, path: str) -> tuple[int, DirectoryIdentity, FileCalls]:
-        """The directory's descriptor, lent until ``release(path)``, and the calls its
-        files' writers use (heldcalls.py: the GIL kept through the short ones where the
-        file system is local; looked up once per directory)."""
+    def acquire(self, path: str) -> tuple[int, DirectoryIdentity]:
+        """The directory's descriptor, lent until ``release(path)``."""
         with self._lock:
             shared = self._open.get(path)
             if shared is None:
                 fd, identity = open_directory(path)
-                shared = _Shared(fd, identity, calls_for_directory(fd))
-                self._open[path] = shared
+                shared = self._open[path] = _Shared(fd, identity)
             shared.users += 1
-            return shared.fd, shared.identity, shared.calls
+            return shared.fd, shared.identity
 
     def release(self, path: str) -> None:
         with self._lock:
