@@ -18,6 +18,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+from collections.abc import Callable
+from typing import Any, cast
 
 logger = logging.getLogger(__name__)
 
@@ -25,19 +27,27 @@ M_ARENA_MAX = -8
 ARENA_MAX = 2
 
 
+def _glibc_function(name: str, argtypes: tuple[Any, ...]) -> Callable[..., int] | None:
+    """glibc's ``name`` typed to return an int; None on another C library (musl has
+    neither mallopt nor malloc_trim: its defaults stay)."""
+    library = ctypes.util.find_library("c")
+    if library is None:
+        return None
+    try:
+        function = getattr(ctypes.CDLL(library), name)
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = argtypes
+    function.restype = ctypes.c_int
+    return cast(Callable[..., int], function)
+
+
 def tune_allocator() -> bool:
     """Cap glibc's heaps at two; call before threads start. Returns whether it applied
     (False on another C library)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
+    mallopt = _glibc_function("mallopt", (ctypes.c_int, ctypes.c_int))
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt): defaults stay
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
     applied = bool(mallopt(M_ARENA_MAX, ARENA_MAX))
     if not applied:
         logger.info("allocator settings not applied (mallopt refused them)")
@@ -49,13 +59,5 @@ def release_free_memory() -> bool:
     freed blocks in the middle of a heap stay resident until reused, and a big block
     allocated next (a folder's index leaves, rebuilt at a join's end) cannot reuse
     scattered ones. Returns whether any memory was released (False on another C library)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return False
-    trim.argtypes = (ctypes.c_size_t,)
-    trim.restype = ctypes.c_int
-    return bool(trim(0))
+    trim = _glibc_function("malloc_trim", (ctypes.c_size_t,))
+    return trim is not None and bool(trim(0))
