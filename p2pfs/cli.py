@@ -20,18 +20,6 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TextIO
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-
 from p2pfs import __version__
 from p2pfs.address import PeerAddress, parse_address
 from p2pfs.config import Option, load_config
@@ -720,6 +708,17 @@ def _fetch_progress(stream: TextIO) -> Iterator[Callable[[dict[str, Any]], None]
     if not stream.isatty():
         yield None
         return
+    # Imported here: the daemon (this module is its entry point) never draws a bar.
+    from rich.console import Console  # noqa: PLC0415
+    from rich.progress import (  # noqa: PLC0415
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     bar = Progress(
         TextColumn("fetching from {task.fields[peers]}"),
         BarColumn(),
@@ -793,6 +792,16 @@ def _progress(stream: TextIO) -> Iterator[Callable[[int, int], None] | None]:
     if not stream.isatty():
         yield None
         return
+    from rich.console import Console  # noqa: PLC0415
+    from rich.progress import (  # noqa: PLC0415
+        DownloadColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TransferSpeedColumn,
+    )
+
     bar = Progress(
         SpinnerColumn(),
         TextColumn("indexing {task.fields[files]} files"),

@@ -21,7 +21,6 @@ from p2pfs.discovery.dht.node import DEFAULT_KSIZE
 from p2pfs.discovery.dht.shared import SharedPort
 from p2pfs.discovery.keys import share_discovery_key
 from p2pfs.discovery.lan import LAN_PORT, LanFinder
-from p2pfs.discovery.mainline import MainlineFinder
 from p2pfs.discovery.seam import Finder, Provider
 from p2pfs.errors import LocalProtocolError, P2pfsError
 from p2pfs.ids import ContentHash, NodeId
@@ -94,6 +93,9 @@ def configured_finders(
     )
     finders: list[Finder] = [dht]
     if config.mainline:
+        # libtorrent costs ~9 MiB resident once imported: only a node that asks pays it.
+        from p2pfs.discovery.mainline import MainlineFinder  # noqa: PLC0415
+
         finders.append(MainlineFinder(quic_port, listen_port=config.mainline_port))
     if config.lan and _is_wildcard(config.dht_host):
         finders.append(LanFinder(node_id.raw, quic_port, port=config.lan_port))
