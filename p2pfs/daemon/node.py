@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
@@ -58,6 +58,7 @@ from .fetches import Fetches, user_ticket
 from .folders.engine import FolderSync
 from .folders.manager import FolderConfig, FolderManager
 from .folders.server import FolderServer
+from .portmap import PortMapper
 from .ratelimit import TokenBucket
 from .reach import Reach
 from .relay import RelayLimits, guard
@@ -66,9 +67,6 @@ from .storage import AsyncIndex
 from .streams import TransferCounters
 from .swarmstate import SwarmRegistry
 from .workers import WorkerPool
-
-if TYPE_CHECKING:
-    from .portmap import PortMapper
 
 logger = logging.getLogger(__name__)
 
@@ -250,10 +248,6 @@ class Node:
                 workers,
             )
             if self.config.port_mapping and self._addresses.wildcard:
-                # libtorrent costs ~9 MiB resident once imported: a node bound to one
-                # address maps no port and never loads it.
-                from .portmap import PortMapper  # noqa: PLC0415
-
                 self._port_mapper = PortMapper(endpoint.local_address[1], self._addresses.mapped)
                 await nursery.start(self._port_mapper.serve)
             await nursery.start(

@@ -1,16 +1,11 @@
-"""Gateway port mapping (UPnP IGD and NAT-PMP/PCP) of the node's UDP port, via libtorrent.
+"""Gateway port mapping of the node's UDP port: PCP (falling back to NAT-PMP) and UPnP IGD,
+both asked at once, in trio; what the gateway says goes to ``PortMapState``.
 
-A libtorrent session of its own with only UPnP and NAT-PMP on (no DHT, LSD, torrents). As in
-``discovery/mainline.py``, one thread of ours waits on the session's alerts and hands plain
-values to trio with ``TrioToken.run_sync_soon``; the state lives in a ``PortMapState`` on the
-trio side. libtorrent renews granted leases itself; we ask again (``RETRY_AFTER``) when
-every transport failed, and delete the mapping on exit.
-
-libtorrent 2.x keeps its port mappers per listen socket: with no listen interface
-``add_port_mapping`` returns no handle and nothing is mapped (measured), so the session
-listens on an ephemeral port, and libtorrent maps that port (TCP and UDP) for BitTorrent
-on its own. We delete every mapping the session reports that is not ours as soon as it is
-reported, so the gateway keeps only the node's UDP port.
+The messages are ``gatewaywire.py``'s. Each protocol runs as one task that maps, renews
+halfway through the granted lease, and reports a failure; once every protocol has failed,
+the state says when to ask again. On exit the mappings are deleted (bounded by
+``STOP_TIMEOUT``). The gateway is the default route's next hop (Linux: ``/proc/net/route``)
+for PCP/NAT-PMP, and whatever device answers the SSDP search for UPnP.
 
 Port mapping never stops the daemon: any failure here is logged once and the node goes on
 without it.
@@ -20,74 +15,96 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
-from collections.abc import Callable
+import os
+import random
+import socket as stdlib_socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import urlsplit
 
-import libtorrent as lt
 import trio
 
 from p2pfs.address import PeerAddress
+from p2pfs.errors import LocalProtocolError, P2pfsError, RemoteProtocolError
 from p2pfs.net.boundary import describe, split_fatal
 
+from . import gatewaywire as wire
 from .portmapstate import ExternalIp, MapEvent, MapFailed, Mapped, PortMapState
 
 logger = logging.getLogger(__name__)
+Parsed = TypeVar("Parsed")
 
-ALERT_WAIT_MS = 250
-"""Bound on one ``wait_for_alert``: how long the thread may take to notice a stop."""
 STOP_TIMEOUT = 3.0
 """Seconds shutdown gives the gateway to confirm the deletion (within the daemon's grace)."""
 LEASE = 3600
 """Seconds a lease asks for: a mapping of a daemon that died unasked lapses within this."""
+MIN_RENEW = 30.0
+"""Renew no more often than this, whatever short lease a gateway grants."""
+UDP_TRIES = (0.25, 0.5, 1.0, 2.0)
+"""PCP/NAT-PMP: wait this long for an answer before each resend (RFC 6886's doubling,
+cut short: a LAN gateway answers in milliseconds or not at all)."""
+SSDP_WAIT = 3.0
+HTTP_TIMEOUT = 5.0
+CONFLICT_TRIES = 3
+"""UPnP: external ports tried at random when another host holds ours (error 718)."""
+UPNP_CONFLICT = 718
+ROUTE_TABLE = "/proc/net/route"
+DESCRIPTION = "p2pfs"
+
+Failure = (P2pfsError, OSError, trio.TooSlowError)
+"""What a gateway conversation can end in; anything else is a bug and ends the mapper."""
 
 
-def _settings() -> lt.settings_pack:
-    return {
-        # An ephemeral port on every IPv4 interface: libtorrent starts its mappers per
-        # listen socket (see the module doc).
-        "listen_interfaces": "0.0.0.0:0",
-        "enable_dht": False,
-        "enable_lsd": False,
-        "enable_upnp": True,
-        "enable_natpmp": True,
-        "upnp_lease_duration": LEASE,
-        # In libtorrent 2.x's settings, missing from its type stubs.
-        "natpmp_lease_duration": LEASE,  # type: ignore[typeddict-unknown-key]
-        "alert_mask": int(lt.alert_category.port_mapping)
-        | int(lt.alert_category.status)
-        | int(lt.alert_category.error),
-    }
-
-
-def _event_from_alert(alert: object) -> tuple[int, MapEvent] | ExternalIp | None:
-    """Copy what we use out of an alert (runs in the alert thread): (mapping handle, event)."""
-    if isinstance(alert, lt.portmap_alert):
-        # Our handles only ever map UDP; libtorrent's own (TCP too) are deleted on sight.
-        return int(alert.mapping), Mapped(_transport(alert), int(alert.external_port))
-    if isinstance(alert, lt.portmap_error_alert):
-        return int(alert.mapping), MapFailed(_transport(alert), str(alert.error.message()))
-    if isinstance(alert, lt.external_ip_alert):
-        return ExternalIp(str(alert.external_address))
+def default_gateway(route_table: str = ROUTE_TABLE) -> str | None:
+    """The IPv4 default route's next hop, or None (no default route, not Linux)."""
+    try:
+        with open(route_table, encoding="ascii") as table:
+            lines = table.read().splitlines()[1:]
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        # Destination 0.0.0.0, flags RTF_UP | RTF_GATEWAY.
+        if len(fields) >= 4 and fields[1] == "00000000" and int(fields[3], 16) & 0x3 == 0x3:
+            return stdlib_socket.inet_ntoa(struct.pack("<I", int(fields[2], 16)))
     return None
 
 
-def _transport(alert: lt.portmap_alert | lt.portmap_error_alert) -> str:
-    return "upnp" if alert.map_transport == lt.portmap_transport.upnp else "natpmp"
+def _source_address(host: str, port: int) -> str:
+    """Our address on the way to ``host`` (a connected UDP socket sends nothing)."""
+    with stdlib_socket.socket(stdlib_socket.AF_INET, stdlib_socket.SOCK_DGRAM) as probe:
+        probe.connect((host, port))
+        return str(probe.getsockname()[0])
+
+
+@dataclass(slots=True)
+class _Lease:
+    """A granted mapping: how to renew it and how to delete it."""
+
+    renew: Callable[[], Awaitable[wire.MapReply]]
+    delete: Callable[[], Awaitable[None]]
+    reply: wire.MapReply
 
 
 class PortMapper:
     """Maps ``local_port`` (UDP) at the gateway while ``serve`` runs; ``changed`` is called
     (in trio) whenever the external address appears, changes or goes."""
 
-    def __init__(self, local_port: int, changed: Callable[[PeerAddress | None], None]) -> None:
+    def __init__(
+        self,
+        local_port: int,
+        changed: Callable[[PeerAddress | None], None],
+        *,
+        route_table: str = ROUTE_TABLE,
+    ) -> None:
         self.state = PortMapState(local_port, trio.current_time())
         self._changed = changed
-        self._handles: set[int] = set()
-        self._session: lt.session | None = None
-        self._stop = threading.Event()
-        self._wake = trio.Event()
-        self._thread_error: BaseException | None = None
-        self._thread_ended = False
+        self._route_table = route_table
+        self._round = 0
+        self._round_changed = trio.Event()
+        self._leases: dict[str, _Lease] = {}
         self._last: PeerAddress | None = None
         self._logged_failure = False
 
@@ -108,112 +125,73 @@ class PortMapper:
                 raise fatal from None
 
     async def _serve(self) -> None:
-        token = trio.lowlevel.current_trio_token()
-        ready, done = trio.Event(), trio.Event()
-        thread = threading.Thread(
-            target=self._alert_thread,
-            args=(token, ready, done),
-            name="p2pfs-portmap-alerts",
-            daemon=True,
-        )
-        thread.start()
         try:
-            await ready.wait()
-            self._check_thread()
-            self._request()
-            while True:
-                self._wake = trio.Event()
-                retry = self.state.retry_at()
-                with trio.move_on_at(math.inf if retry is None else retry) as timer:
-                    await self._wake.wait()
-                self._check_thread()
-                if timer.cancelled_caught:
-                    logger.debug("port mapping: asking the gateway again")
-                    self._request()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keep, "natpmp", self._map_pcp)
+                nursery.start_soon(self._keep, "upnp", self._map_upnp)
+                while True:
+                    retry = self.state.retry_at()
+                    changed = self._round_changed
+                    with trio.move_on_at(math.inf if retry is None else retry) as timer:
+                        await changed.wait()
+                    if timer.cancelled_caught:
+                        logger.debug("port mapping: asking the gateway again")
+                        self.state.requested(trio.current_time())
+                        self._next_round()
         finally:
-            self._stop.set()
-            # The thread deletes the mapping and destroys the session, which waits for the
-            # gateway's answers; bounded so shutdown stays within the daemon's grace.
             with trio.CancelScope(shield=True), trio.move_on_after(STOP_TIMEOUT) as waited:
-                await done.wait()
+                async with trio.open_nursery() as deleting:
+                    for lease in self._leases.values():
+                        deleting.start_soon(_delete_quietly, lease)
             if waited.cancelled_caught:
                 logger.info("port mapping: the gateway did not confirm the deletion in time")
 
-    def _check_thread(self) -> None:
-        if self._thread_error is not None:
-            raise self._thread_error
-        if self._thread_ended:
-            raise RuntimeError("the port mapping thread stopped unasked")
+    def _next_round(self) -> None:
+        self._round += 1
+        self._round_changed.set()
+        self._round_changed = trio.Event()
 
-    def _request(self) -> None:
-        session = self._session
-        if session is None:
+    async def _keep(self, transport: str, open_lease: Callable[[], Awaitable[_Lease]]) -> None:
+        """One protocol: map, renew until refused, report; wait for the next round."""
+        while True:
+            started_round = self._round
+            try:
+                lease = await open_lease()
+                self._leases[transport] = lease
+                while True:
+                    self._granted(transport, lease.reply)
+                    delay = (
+                        max(lease.reply.lifetime / 2, MIN_RENEW)
+                        if lease.reply.lifetime
+                        else LEASE / 2
+                    )
+                    await trio.sleep(delay)
+                    lease.reply = await lease.renew()
+            except Failure as exc:
+                self._leases.pop(transport, None)
+                self._handle(MapFailed(transport, str(exc) or type(exc).__name__))
+            while self._round == started_round:
+                await self._round_changed.wait()
+
+    def _granted(self, transport: str, reply: wire.MapReply) -> None:
+        if reply.external_host is not None:
+            self._handle(ExternalIp(reply.external_host), after=False)
+        self._handle(Mapped(transport, reply.external_port))
+
+    def _handle(self, event: MapEvent, *, after: bool = True) -> None:
+        self.state.handle(event)
+        if not after:
             return
-        for handle in self._handles:
-            session.delete_port_mapping(handle)
-        port = self.state.local_port
-        self._handles = set(session.add_port_mapping(lt.portmap_protocol.udp, port, port))
-        self.state.requested(trio.current_time())
-        if not self._handles:
-            self.state.handle(MapFailed("upnp", "no interface to map from"))
-            self.state.handle(MapFailed("natpmp", "no interface to map from"))
-            self._after_events()
-
-    def _alert_thread(
-        self, token: trio.lowlevel.TrioToken, ready: trio.Event, done: trio.Event
-    ) -> None:
-        session: lt.session | None = None
-        try:
-            session = lt.session(lt.session_params(_settings()))
-            self._session = session
-            token.run_sync_soon(ready.set)
-            while not self._stop.is_set():
-                session.wait_for_alert(ALERT_WAIT_MS)
-                events = [e for e in map(_event_from_alert, session.pop_alerts()) if e]
-                if events:
-                    token.run_sync_soon(self._dispatch, events)
-            # Delete ours, then let the session's destructor (in this thread, not trio's)
-            # send the requests.
-            for handle in self._handles:
-                session.delete_port_mapping(handle)
-        except BaseException as exc:  # noqa: BLE001 - carried to trio, which logs it once
-            self._thread_error = exc
-        finally:
-            self._session = None
-            del session
-            self._thread_ended = True
-            token.run_sync_soon(self._wake_up)
-            token.run_sync_soon(ready.set)
-            token.run_sync_soon(done.set)
-
-    def _wake_up(self) -> None:
-        self._wake.set()
-
-    def _dispatch(self, events: list[tuple[int, MapEvent] | ExternalIp]) -> None:
-        session = self._session
-        for item in events:
-            if isinstance(item, ExternalIp):
-                self.state.handle(item)
-                continue
-            handle, event = item
-            if handle not in self._handles:
-                # libtorrent's own mapping of its listen port: not wanted at the gateway.
-                if isinstance(event, Mapped) and session is not None:
-                    session.delete_port_mapping(handle)
-                continue
-            self.state.handle(event)
-        self._after_events()
-
-    def _after_events(self) -> None:
-        external = self.state.external()
-        self._set_external(external)
-        if self.state.state == "failed" and not self._logged_failure:
-            self._logged_failure = True
-            errors = ", ".join(f"{k}: {v}" for k, v in self.state.errors().items())
-            logger.info(
-                "port mapping: no gateway mapped UDP %d (%s)", self.state.local_port, errors
-            )
-        self._wake.set()
+        self._set_external(self.state.external())
+        if self.state.state == "failed":
+            if not self._logged_failure:
+                self._logged_failure = True
+                errors = ", ".join(f"{k}: {v}" for k, v in self.state.errors().items())
+                logger.info(
+                    "port mapping: no gateway mapped UDP %d (%s)", self.state.local_port, errors
+                )
+            self._round_changed.set()  # the retry time is due now
+            self._round_changed = trio.Event()
 
     def _set_external(self, external: PeerAddress | None) -> None:
         if external != self._last:
@@ -221,3 +199,188 @@ class PortMapper:
             if external is not None:
                 logger.info("port mapping: reachable at %s through the gateway", external)
             self._changed(external)
+
+    async def _map_pcp(self) -> _Lease:
+        gateway = default_gateway(self._route_table)
+        if gateway is None:
+            raise LocalProtocolError("no default route")
+        return await open_pcp_lease(gateway, wire.GATEWAY_PORT, self.state.local_port)
+
+    # -- UPnP IGD -------------------------------------------------------------------------
+
+    async def _map_upnp(self) -> _Lease:
+        location = await _ssdp_search()
+        description = await _http("GET", location)
+        if description.status != 200:
+            raise RemoteProtocolError(f"the gateway's description: HTTP {description.status}")
+        service = wire.find_wan_service(description.body, location)
+        host = urlsplit(service.control_url).hostname
+        if host is None or host != urlsplit(location).hostname:
+            # Only the device that answered the search is spoken to.
+            raise RemoteProtocolError("a control URL on another host than the gateway")
+        client = _source_address(host, 80)
+        port = self.state.local_port
+
+        async def call(action: str, arguments: dict[str, str | int]) -> dict[str, str]:
+            body = wire.soap_body(service.service_type, action, arguments)
+            response = await _http(
+                "POST", service.control_url, body, f"{service.service_type}#{action}"
+            )
+            return wire.parse_soap(response)
+
+        async def add(external: int) -> wire.MapReply:
+            lease = LEASE
+            for _ in range(2):
+                try:
+                    await call(
+                        "AddPortMapping",
+                        {
+                            "NewRemoteHost": "",
+                            "NewExternalPort": external,
+                            "NewProtocol": "UDP",
+                            "NewInternalPort": port,
+                            "NewInternalClient": client,
+                            "NewEnabled": 1,
+                            "NewPortMappingDescription": DESCRIPTION,
+                            "NewLeaseDuration": lease,
+                        },
+                    )
+                    break
+                except wire.GatewayRefusedError as exc:
+                    if exc.code != wire.UPNP_ONLY_PERMANENT_LEASES or lease == 0:
+                        raise
+                    lease = 0  # deleted at exit; a crash leaves it until the router restarts
+            external_ip = await call("GetExternalIPAddress", {})
+            return wire.MapReply(external, lease, external_ip.get("NewExternalIPAddress"))
+
+        candidates = [port] + [random.randint(1024, 65535) for _ in range(CONFLICT_TRIES)]
+        for number, external in enumerate(candidates):
+            try:
+                reply = await add(external)
+                break
+            except wire.GatewayRefusedError as exc:
+                if exc.code != UPNP_CONFLICT or number == len(candidates) - 1:
+                    raise
+        granted = reply.external_port
+
+        async def renew() -> wire.MapReply:
+            return await add(granted)
+
+        async def delete() -> None:
+            await call(
+                "DeletePortMapping",
+                {"NewRemoteHost": "", "NewExternalPort": granted, "NewProtocol": "UDP"},
+            )
+
+        return _Lease(renew, delete, reply)
+
+
+async def _delete_quietly(lease: _Lease) -> None:
+    try:
+        await lease.delete()
+    except Failure as exc:
+        logger.debug("port mapping: deleting a mapping failed: %s", describe(exc))
+
+
+async def _ask(
+    sock: trio.socket.SocketType, request: bytes, parse: Callable[[bytes], Parsed]
+) -> Parsed:
+    """Send ``request`` until an answer parses (resending on silence); a malformed
+    datagram is ignored (anyone on the LAN may send one), a refusal is raised."""
+    for wait in UDP_TRIES:
+        await sock.send(request)
+        with trio.move_on_after(wait):
+            while True:
+                data = await sock.recv(1100)
+                try:
+                    return parse(data)
+                except wire.GatewayRefusedError:
+                    raise
+                except RemoteProtocolError:
+                    continue
+    raise trio.TooSlowError("no answer from the gateway")
+
+
+async def _ssdp_search() -> str:
+    """The description URL of the first IGD that answers an SSDP search on the LAN."""
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    with sock:
+        sock.setsockopt(trio.socket.IPPROTO_IP, trio.socket.IP_MULTICAST_TTL, 2)
+        await sock.bind(("0.0.0.0", 0))
+        for target in wire.IGD_SEARCH_TARGETS:
+            await sock.sendto(wire.ssdp_search(target), wire.SSDP_GROUP)
+        with trio.move_on_after(SSDP_WAIT):
+            while True:
+                data, (sender, _port) = await sock.recvfrom(2048)
+                try:
+                    location = wire.parse_ssdp_location(data)
+                except RemoteProtocolError:
+                    continue
+                # A device may only name itself: no answer on the LAN points us elsewhere.
+                if urlsplit(location).hostname == sender:
+                    return location
+    raise RemoteProtocolError("no UPnP gateway answered the search")
+
+
+async def _http(
+    method: str, url: str, body: bytes = b"", soap_action: str | None = None
+) -> wire.HttpResponse:
+    parts = urlsplit(url)
+    assert parts.hostname is not None  # the wire module accepts http URLs with a host only
+    with trio.fail_after(HTTP_TIMEOUT):
+        stream = await trio.open_tcp_stream(parts.hostname, parts.port or 80)
+        async with stream:
+            await stream.send_all(wire.http_request(method, url, body, soap_action))
+            received = bytearray()
+            while len(received) <= wire.HTTP_LIMIT:
+                data = await stream.receive_some(16384)
+                if not data:
+                    break
+                received += data
+            else:
+                raise RemoteProtocolError("the gateway's HTTP answer is too long")
+    return wire.parse_http_response(bytes(received))
+
+
+async def open_pcp_lease(gateway: str, gateway_port: int, port: int) -> _Lease:
+    """Map UDP ``port`` over PCP, or NAT-PMP where the gateway answers PCP with "unsupported
+    version"; the lease renews and deletes over the protocol that granted it."""
+    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    nonce = os.urandom(12)
+    client = ""
+
+    async def pcp(lifetime: int, suggested: int) -> wire.MapReply:
+        request = wire.pcp_map_request(client, port, suggested, lifetime, nonce)
+        return await _ask(sock, request, lambda data: wire.parse_pcp_map(data, nonce, port))
+
+    async def natpmp(lifetime: int, suggested: int) -> wire.MapReply:
+        host = await _ask(sock, wire.natpmp_address_request(), wire.parse_natpmp_address)
+        request = wire.natpmp_map_request(port, suggested, lifetime)
+        reply = await _ask(sock, request, lambda data: wire.parse_natpmp_map(data, port))
+        return wire.MapReply(reply.external_port, reply.lifetime, host)
+
+    try:
+        await sock.connect((gateway, gateway_port))
+        client = str(sock.getsockname()[0])  # a PCP server checks it against the source
+        ask = pcp
+        try:
+            reply = await pcp(LEASE, port)
+        except wire.GatewayRefusedError as exc:
+            if exc.code != wire.PCP_UNSUPPORTED_VERSION:
+                raise
+            ask = natpmp
+            reply = await natpmp(LEASE, port)
+    except BaseException:
+        sock.close()
+        raise
+
+    async def renew() -> wire.MapReply:
+        return await ask(LEASE, reply.external_port)
+
+    async def delete() -> None:
+        try:
+            await ask(0, 0)
+        finally:
+            sock.close()
+
+    return _Lease(renew, delete, reply)

@@ -1,7 +1,7 @@
 """The state of this node's gateway port mapping, without I/O: what the gateway said, what
-to advertise, when to ask again. ``portmap.py`` feeds it what libtorrent reports.
+to advertise, when to ask again. ``portmap.py`` feeds it what the gateway answers.
 
-The mapping is asked for over two transports at once (UPnP IGD and NAT-PMP/PCP), as the
+The mapping is asked for over two transports at once (UPnP IGD and PCP/NAT-PMP), as the
 same UDP port: whichever gateway protocol answers first makes the node reachable. The
 external address is the gateway's external IP (reported by the gateway itself) with the
 external port it granted. Time comes in as a parameter.
@@ -17,8 +17,8 @@ from p2pfs.address import PeerAddress
 RETRY_AFTER = (60.0, 300.0, 900.0, 1800.0)
 """Seconds before asking again once every transport failed (no gateway, or it refused):
 a laptop that moves to a network with a gateway gets mapped within minutes, a network
-without one costs a few datagrams an hour. Leases of granted mappings are renewed by
-libtorrent itself (halfway through the lease, as RFC 6886 asks)."""
+without one costs a few datagrams an hour. Granted leases are renewed by ``portmap.py``
+halfway through the lease, as RFC 6886 asks."""
 TRANSPORTS = ("upnp", "natpmp")
 
 
