@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import struct
+from urllib.parse import urlsplit
 
 import pytest
 from hypothesis import given
@@ -106,6 +107,8 @@ def test_ssdp_answer_names_the_description() -> None:
         b"NOTIFY * HTTP/1.1\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nST: x\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nLOCATION: file:///etc/passwd\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nLOCATION: http://192.168.2.1:99999/d.xml\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nLOCATION: http://[192.168.2.1/d.xml\r\n\r\n",
     ):
         with pytest.raises(RemoteProtocolError):
             wire.parse_ssdp_location(bad)
@@ -169,6 +172,14 @@ def test_http_answers_by_length_and_chunked() -> None:
     assert wire.parse_http_response(chunked) == wire.HttpResponse(200, b"hello")
     with pytest.raises(RemoteProtocolError):
         wire.parse_http_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort")
+
+
+@given(st.text(max_size=60))
+def test_any_location_is_an_http_url_or_a_protocol_error(tail: str) -> None:
+    answer = f"HTTP/1.1 200 OK\r\nLocation: http://{tail}\r\n\r\n".encode("utf-8", "replace")
+    with contextlib.suppress(RemoteProtocolError):
+        url = wire.parse_ssdp_location(answer)
+        assert urlsplit(url).hostname and (urlsplit(url).port or 80) < 65536
 
 
 @given(st.binary(max_size=200))

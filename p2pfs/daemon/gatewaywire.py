@@ -200,11 +200,20 @@ def parse_ssdp_location(data: bytes) -> str:
     for line in lines[1:]:
         name, _, value = line.partition(":")
         if name.strip().lower() == "location":
-            location = value.strip()
-            if urlsplit(location).scheme != "http" or not urlsplit(location).hostname:
-                raise RemoteProtocolError("an SSDP location that is not an http URL")
-            return location
+            return http_url(value.strip())
     raise RemoteProtocolError("an SSDP answer without a location")
+
+
+def http_url(url: str) -> str:
+    """``url`` if it is a plain http URL with a host and a valid port."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises ValueError for a port out of range
+    except ValueError as exc:
+        raise RemoteProtocolError(f"a malformed URL from the gateway: {url[:100]!r}") from exc
+    if parts.scheme != "http" or not parts.hostname:
+        raise RemoteProtocolError(f"not an http URL: {url[:100]!r}")
+    return url
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,10 +325,11 @@ def find_wan_service(description: bytes, description_url: str) -> WanService:
             found.setdefault(service_type, control)
     for service_type in WAN_SERVICES:
         if service_type in found:
-            url = urljoin(base, found[service_type])
-            if urlsplit(url).scheme != "http" or not urlsplit(url).hostname:
-                raise RemoteProtocolError("a control URL that is not an http URL")
-            return WanService(service_type, url)
+            try:
+                url = urljoin(base, found[service_type])
+            except ValueError as exc:
+                raise RemoteProtocolError("a malformed control URL") from exc
+            return WanService(service_type, http_url(url))
     raise RemoteProtocolError("the gateway's description names no WAN connection service")
 
 
