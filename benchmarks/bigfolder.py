@@ -10,7 +10,9 @@ start on loopback, A makes it a sync folder and B joins. Measured:
   is byte-identical (polled every 2 ms). Edits are 1 s apart after both roots agree, so
   each measures one change on a settled pair; p50 and max over ``--edits`` edits;
 - peak RSS of each daemon (``VmHWM``), and memory per file beyond a fixed base: the peak of
-  a daemon pair syncing a 100-file folder, measured first in the same run;
+  a daemon pair syncing a 100-file folder, measured first in the same run; beside it each
+  daemon's resident set sampled every 0.1 s, its highest per phase (A's first scan, the
+  join, the edits), so a peak is tied to what the daemon was doing;
 - after the daemons stop, an unchanged-folder rescan (the blocking part of a daemon's full
   rescan: ``steps.scan_folder`` on A's own index) beside a bare ``os.scandir`` + ``stat``
   walk of the same tree, both best of 3 with a warm cache.
@@ -19,6 +21,9 @@ start on loopback, A makes it a sync folder and B joins. Measured:
 (2 s after the last write, so no file is racily clean), then only the unchanged rescan and
 the bare walk are timed (best of 3), with ``--profile DIR`` profiling one more rescan into
 ``rescan-N.prof``.
+
+``--rescan-interval S`` gives A a full rescan every S seconds (the daemon's default is 60):
+with more ``--edits``, edits meet A's full rescans in every run, not by chance.
 
 ``--profile DIR`` runs the daemons under cProfile (``--profile-to``) and leaves the profiles
 there: ``a-N.prof`` and ``b-N.prof``, with the daemons' logs (``a-N.log``, ``b-N.log``: each
@@ -35,6 +40,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -57,6 +63,7 @@ POLL_S = 0.002
 TIMEOUT_S = 1800.0
 BASE_FILES = 100
 EDIT_PAUSE_S = 1.0
+SAMPLE_S = 0.1
 
 GOAL_EDIT_50K = 0.2
 GOAL_EDIT_200K = 0.3
@@ -130,6 +137,53 @@ def peak_rss(pid: int) -> int:
     raise RuntimeError(f"no VmHWM for pid {pid}")
 
 
+def resident(pid: int) -> int:
+    """Bytes: the process's resident set now (VmRSS); 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * KiB
+    except OSError:
+        pass
+    return 0
+
+
+class RssSampler:
+    """Each daemon's resident set every SAMPLE_S in a thread: the highest per phase (the
+    harness names the phase as it goes), and when A's highest was seen."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.phase = "start"
+        self.peaks: dict[str, dict[str, int]] = {side: {} for side in pids}
+        self.a_peak_at = (0, "", 0.0)
+        self._started = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(SAMPLE_S):
+            phase = self.phase
+            for side, pid in self.pids.items():
+                rss = resident(pid)
+                peaks = self.peaks[side]
+                peaks[phase] = max(peaks.get(phase, 0), rss)
+                if side == "a" and rss > self.a_peak_at[0]:
+                    self.a_peak_at = (rss, phase, time.perf_counter() - self._started)
+
+    def shown(self, side: str) -> str:
+        return " / ".join(f"{phase} {mib(rss)}" for phase, rss in self.peaks[side].items())
+
+
 def folder_of(daemon: DaemonProcess, path: Path) -> dict[str, Any]:
     for folder in daemon.call("sync_list")["folders"]:
         if os.path.realpath(folder["path"]) == os.path.realpath(path):
@@ -156,6 +210,9 @@ class SizeRun:
     edits: list[float]
     rss_a: int
     rss_b: int
+    sampled_a: str
+    sampled_b: str
+    a_peak_phase: str
     rescan_seconds: float
     walk_seconds: float
 
@@ -165,11 +222,16 @@ class SizeRun:
 
 
 class Pair:
-    def __init__(self, work: Path, profile: Path | None, label: str) -> None:
+    def __init__(
+        self, work: Path, profile: Path | None, label: str, rescan_interval: float | None = None
+    ) -> None:
         def extra(side: str) -> tuple[str, ...]:
+            found: tuple[str, ...] = ("--no-lan",)
+            if side == "a" and rescan_interval is not None:
+                found += ("--rescan-interval", str(rescan_interval))
             if profile is None:
-                return ("--no-lan",)
-            return ("--no-lan", "--profile-to", str(profile / f"{side}-{label}.prof"))
+                return found
+            return (*found, "--profile-to", str(profile / f"{side}-{label}.prof"))
 
         self.profile, self.label = profile, label
         self.a = DaemonProcess(work / "home-a", extra_args=extra("a"))
@@ -190,12 +252,16 @@ class Pair:
     def same_root(self, a_dir: Path, b_dir: Path) -> bool:
         return bool(folder_of(self.a, a_dir)["root"] == folder_of(self.b, b_dir)["root"])
 
-    def share_and_join(self, a_dir: Path, b_dir: Path, files: int) -> tuple[float, float]:
+    def share_and_join(
+        self, a_dir: Path, b_dir: Path, files: int, sampler: RssSampler
+    ) -> tuple[float, float]:
         started = time.perf_counter()
+        sampler.phase = "scan"
         rw = self.a.call("sync", {"path": str(a_dir)})["rw"]
         wait_until("A's first scan", lambda: folder_of(self.a, a_dir)["files"] >= files)
         first_scan = time.perf_counter() - started
         started = time.perf_counter()
+        sampler.phase = "join"
         self.b.call("sync", {"path": str(b_dir), "ticket": rw})
         wait_until(
             "B's initial sync",
@@ -218,7 +284,13 @@ def one_edit(a_file: Path, b_file: Path, data: bytes) -> float:
         time.sleep(POLL_S)
 
 
-def run_size(work: Path, files: int, edits: int, profile: Path | None) -> SizeRun:
+def run_size(
+    work: Path,
+    files: int,
+    edits: int,
+    profile: Path | None,
+    rescan_interval: float | None = None,
+) -> SizeRun:
     a_dir, b_dir = work / "a", work / "b"
     a_dir.mkdir(parents=True)
     started = time.perf_counter()
@@ -226,8 +298,12 @@ def run_size(work: Path, files: int, edits: int, profile: Path | None) -> SizeRu
     write_seconds = time.perf_counter() - started
     rng = random.Random(SEED + files)
     latencies = []
-    with Pair(work, profile, str(files)) as pair:
-        first_scan, initial = pair.share_and_join(a_dir, b_dir, files)
+    with (
+        Pair(work, profile, str(files), rescan_interval) as pair,
+        RssSampler({"a": pair.a.pid, "b": pair.b.pid}) as sampler,
+    ):
+        first_scan, initial = pair.share_and_join(a_dir, b_dir, files, sampler)
+        sampler.phase = "edits"
         for _ in range(edits):
             time.sleep(EDIT_PAUSE_S)
             rel = rng.choice(paths)
@@ -236,7 +312,21 @@ def run_size(work: Path, files: int, edits: int, profile: Path | None) -> SizeRu
             wait_until("A and B to agree", lambda: pair.same_root(a_dir, b_dir), pause=0.02)
         rss_a, rss_b = peak_rss(pair.a.pid), peak_rss(pair.b.pid)
     rescan, walk = time_rescan(work / "home-a", a_dir)
-    return SizeRun(files, write_seconds, first_scan, initial, latencies, rss_a, rss_b, rescan, walk)
+    rss, phase, seconds = sampler.a_peak_at
+    return SizeRun(
+        files,
+        write_seconds,
+        first_scan,
+        initial,
+        latencies,
+        rss_a,
+        rss_b,
+        sampler.shown("a"),
+        sampler.shown("b"),
+        f"{mib(rss)} in {phase}, {seconds:.1f} s in",
+        rescan,
+        walk,
+    )
 
 
 def time_rescan(home: Path, folder: Path) -> tuple[float, float]:
@@ -338,6 +428,9 @@ def rows_for(runs: list[SizeRun], base: int) -> list[Row]:
                 (peak <= GOAL_RSS_200K if big else True) and per_file <= GOAL_PER_FILE,
             )
         )
+        for side, sampled in (("A", run.sampled_a), ("B", run.sampled_b)):
+            rows.append(Row(f"{side} sampled per phase, {n}", sampled, "", "", "", None))
+        rows.append(Row(f"A's sampled peak, {n}", run.a_peak_phase, "", "", "", None))
         ratio = run.walk_seconds / run.rescan_seconds
         rows.append(
             Row(
@@ -362,6 +455,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--big", action="store_true", help="add 200,000 files (slow)")
     parser.add_argument("--edits", type=int, default=9, help="edits per size (default 9)")
     parser.add_argument("--profile", type=Path, help="run the daemons under cProfile into DIR")
+    parser.add_argument(
+        "--rescan-interval",
+        type=float,
+        metavar="S",
+        help="A's full rescans every S seconds (the daemon's default: 60)",
+    )
     parser.add_argument(
         "--rescan-only",
         action="store_true",
@@ -390,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
             work = scratch / str(files)
             work.mkdir()
             try:
-                runs.append(run_size(work, files, args.edits, args.profile))
+                runs.append(run_size(work, files, args.edits, args.profile, args.rescan_interval))
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             print(json.dumps(asdict(runs[-1])), file=sys.stderr)
@@ -406,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
             rows,
             f"loopback; files {MIN_SIZE} B-{MAX_SIZE // KiB} KiB over "
             f"{TOP_DIRS * SUB_DIRS} directories, seed {SEED}; {args.edits} edits per size, "
-            f"{EDIT_PAUSE_S:.0f} s apart; load average {load_before} before, "
+            f"{EDIT_PAUSE_S:.0f} s apart; A's full rescan every "
+            f"{args.rescan_interval or 60:g} s; load average {load_before} before, "
             f"{load_after} after, {os.cpu_count()} CPUs",
             "p2pfs big-folder benchmark",
         )

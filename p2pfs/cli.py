@@ -334,6 +334,9 @@ def _relay_arguments(daemon: argparse.ArgumentParser) -> None:
     )
     daemon.add_argument("--lan-port", type=int, help=argparse.SUPPRESS)
     daemon.add_argument("--profile-to", metavar="FILE", help=argparse.SUPPRESS)
+    # Seconds between a sync folder's full rescans (the watcher's safety net; default 60):
+    # a benchmark shortens it so edits meet a rescan.
+    daemon.add_argument("--rescan-interval", type=float, help=argparse.SUPPRESS)
 
 
 def daemon_config(args: argparse.Namespace) -> NodeConfig:
@@ -350,6 +353,9 @@ def daemon_config(args: argparse.Namespace) -> NodeConfig:
         limits = dataclasses.replace(limits, rate=args.relay_client_rate)
     if args.relay_client_budget:
         limits = dataclasses.replace(limits, budget=args.relay_client_budget)
+    folders = FolderConfig(keep_versions_s=args.keep_versions_days * 86400)
+    if args.rescan_interval is not None:
+        folders = dataclasses.replace(folders, rescan_interval=args.rescan_interval)
     return NodeConfig(
         relay=limits if args.relay else None,
         relay_via=tuple(parse_address(r, allow_names=True) for r in args.relay_via),
@@ -361,7 +367,7 @@ def daemon_config(args: argparse.Namespace) -> NodeConfig:
         data_workers=max(0, args.data_workers),
         port_mapping=not args.no_port_mapping,
         gui=None if args.no_gui else parse_address(args.gui),
-        folders=FolderConfig(keep_versions_s=args.keep_versions_days * 86400),
+        folders=folders,
         discovery=DiscoveryConfig(
             dht_host=listen.host,
             dht_port=args.dht_port,

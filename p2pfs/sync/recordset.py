@@ -321,6 +321,12 @@ class RecordSet(Mapping[str, SignedRecord]):
         check()
         return differing
 
+    def live(self, paths: Collection[str]) -> set[str]:
+        """Those of ``paths`` with a live record (a file or a directory, not a tombstone),
+        read in batches without decoding them."""
+        held = self._source.get_many(paths)
+        return {path for path, encoded in held.items() if not record_brief(encoded)[0]}
+
     def file_size(self, path: str) -> int | None:
         """The size of ``path``'s live file record; None if it has none (no record, a
         tombstone or a directory). Read without decoding the record."""
