@@ -27,7 +27,7 @@ with more ``--edits``, edits meet A's full rescans in every run, not by chance.
 
 ``--profile DIR`` runs the daemons under cProfile (``--profile-to``) and leaves the profiles
 there: ``a-N.prof`` and ``b-N.prof``, with the daemons' logs (``a-N.log``, ``b-N.log``: each
-reconcile's phases).
+reconcile's phases); ``--logs DIR`` keeps only the logs, the daemons unprofiled.
 """
 
 from __future__ import annotations
@@ -223,7 +223,12 @@ class SizeRun:
 
 class Pair:
     def __init__(
-        self, work: Path, profile: Path | None, label: str, rescan_interval: float | None = None
+        self,
+        work: Path,
+        profile: Path | None,
+        label: str,
+        rescan_interval: float | None = None,
+        logs: Path | None = None,
     ) -> None:
         def extra(side: str) -> tuple[str, ...]:
             found: tuple[str, ...] = ("--no-lan",)
@@ -233,7 +238,8 @@ class Pair:
                 return found
             return (*found, "--profile-to", str(profile / f"{side}-{label}.prof"))
 
-        self.profile, self.label = profile, label
+        self.label = label
+        self.logs = profile if logs is None else logs
         self.a = DaemonProcess(work / "home-a", extra_args=extra("a"))
         self.b = DaemonProcess(work / "home-b", extra_args=extra("b"))
 
@@ -245,9 +251,9 @@ class Pair:
     def __exit__(self, *exc_info: object) -> None:
         for daemon in (self.b, self.a):
             daemon.stop()
-        if self.profile is not None:  # the logs hold each reconcile's phases
+        if self.logs is not None:  # the logs hold each reconcile's phases
             for side, daemon in (("a", self.a), ("b", self.b)):
-                shutil.copy(daemon.log_path, self.profile / f"{side}-{self.label}.log")
+                shutil.copy(daemon.log_path, self.logs / f"{side}-{self.label}.log")
 
     def same_root(self, a_dir: Path, b_dir: Path) -> bool:
         return bool(folder_of(self.a, a_dir)["root"] == folder_of(self.b, b_dir)["root"])
@@ -290,6 +296,7 @@ def run_size(
     edits: int,
     profile: Path | None,
     rescan_interval: float | None = None,
+    logs: Path | None = None,
 ) -> SizeRun:
     a_dir, b_dir = work / "a", work / "b"
     a_dir.mkdir(parents=True)
@@ -299,7 +306,7 @@ def run_size(
     rng = random.Random(SEED + files)
     latencies = []
     with (
-        Pair(work, profile, str(files), rescan_interval) as pair,
+        Pair(work, profile, str(files), rescan_interval, logs) as pair,
         RssSampler({"a": pair.a.pid, "b": pair.b.pid}) as sampler,
     ):
         first_scan, initial = pair.share_and_join(a_dir, b_dir, files, sampler)
@@ -308,7 +315,10 @@ def run_size(
             time.sleep(EDIT_PAUSE_S)
             rel = rng.choice(paths)
             data = rng.randbytes(rng.randint(MIN_SIZE, MAX_SIZE))
+            clock = time.strftime("%H:%M:%S")
             latencies.append(one_edit(a_dir / rel, b_dir / rel, data))
+            # Beside the daemons' logs (--logs): which side an edit waited on.
+            print(f"edit of {rel} at {clock}: {latencies[-1]:.3f} s", file=sys.stderr)
             wait_until("A and B to agree", lambda: pair.same_root(a_dir, b_dir), pause=0.02)
         rss_a, rss_b = peak_rss(pair.a.pid), peak_rss(pair.b.pid)
     rescan, walk = time_rescan(work / "home-a", a_dir)
@@ -455,6 +465,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--big", action="store_true", help="add 200,000 files (slow)")
     parser.add_argument("--edits", type=int, default=9, help="edits per size (default 9)")
     parser.add_argument("--profile", type=Path, help="run the daemons under cProfile into DIR")
+    parser.add_argument("--logs", type=Path, help="keep the daemons' logs in DIR")
     parser.add_argument(
         "--rescan-interval",
         type=float,
@@ -476,8 +487,9 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if args.big:
         sizes.append(200_000)
-    if args.profile is not None:
-        args.profile.mkdir(parents=True, exist_ok=True)
+    for kept in (args.profile, args.logs):
+        if kept is not None:
+            kept.mkdir(parents=True, exist_ok=True)
     load_before = load_average()
     runs: list[SizeRun] = []
     scratch = Path(tempfile.mkdtemp(prefix="p2pfs-bench-bigfolder-", dir=args.workdir))
@@ -489,7 +501,9 @@ def main(argv: list[str] | None = None) -> int:
             work = scratch / str(files)
             work.mkdir()
             try:
-                runs.append(run_size(work, files, args.edits, args.profile, args.rescan_interval))
+                runs.append(
+                    run_size(work, files, args.edits, args.profile, args.rescan_interval, args.logs)
+                )
             finally:
                 shutil.rmtree(work, ignore_errors=True)
             print(json.dumps(asdict(runs[-1])), file=sys.stderr)
