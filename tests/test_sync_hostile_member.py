@@ -16,7 +16,9 @@ import msgpack
 import pytest
 import trio
 
-from p2pfs.content.tree import Child
+from p2pfs.content.chunking import Chunker
+from p2pfs.content.folder import FILE_TREE
+from p2pfs.content.tree import Child, build_tree
 from p2pfs.daemon.folders.client import FolderLink
 from p2pfs.daemon.folders.server import FolderServer
 from p2pfs.daemon.service import ShareService
@@ -26,6 +28,7 @@ from p2pfs.identity import Identity
 from p2pfs.ids import ContentHash
 from p2pfs.net import PeerConnection, open_endpoint
 from p2pfs.store.index import IndexStore
+from p2pfs.store.scanner import scan_share
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.records import (
     SIGNATURE_DOMAIN,
@@ -40,6 +43,8 @@ from p2pfs.wire.messages import FolderMember, FolderNeed
 from p2pfs.wire.ticket import parse_ticket_untrusted
 from tests.e2e_helpers import wait_until
 from tests.support.daemons import DaemonProcess
+from tests.support.hooked_daemon import PROGRAM as HOOKED_DAEMON
+from tests.support.hooked_daemon import SMALL_JOIN_BATCH
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,6 +60,10 @@ class HostileFolder:
     nodes: dict[ContentHash, bytes] = field(default_factory=dict)
     root: Child = field(default_factory=lambda: Child(ContentHash(bytes(32)), 0))
     changed: trio.Event = field(default_factory=trio.Event)
+    file_nodes: dict[ContentHash, bytes] = field(default_factory=dict)
+    """File-tree nodes of the content it serves (``content``)."""
+    content: ContentHash | None = None
+    """The share root of a directory scanned into its index: chunks are read there."""
 
     def serve(self, blobs: list[tuple[str, bytes]]) -> None:
         """Publish a tree whose leaves are ``(path, encoded record)`` as given (unchecked)."""
@@ -70,7 +79,7 @@ class HostileFolder:
         changed.set()
 
     def served_node(self, node_hash: ContentHash) -> bytes | None:
-        return self.nodes.get(node_hash)
+        return self.nodes.get(node_hash) or self.file_nodes.get(node_hash)
 
     async def held_file_trees(
         self, roots: list[ContentHash]
@@ -90,7 +99,7 @@ class HostileFolder:
         pass
 
     def share_root(self) -> ContentHash | None:
-        return None
+        return self.content
 
 
 def tombstone(path: str, counter: int) -> FileVersion:
@@ -113,10 +122,16 @@ def fields(path: str) -> list[object]:
 
 
 def run_hostile_member(
-    home: Path, ticket: str, script: Callable[[HostileFolder], None], *, backwards: bool
+    home: Path,
+    ticket: str,
+    script: Callable[[HostileFolder], None],
+    *,
+    backwards: bool,
+    content: Path | None = None,
 ) -> bool:
-    """Join the daemon's folder as a member serving ``script``'s tree; True if the daemon
-    dropped the connection within the time limit."""
+    """Join the daemon's folder as a member serving ``script``'s tree (and the files of
+    ``content``: scanned into its index, their chunks served); True if the daemon dropped
+    the connection within the time limit."""
     parsed = parse_ticket_untrusted(ticket)
     keys = FolderKeys.from_write_seed(bytes(parsed.root))
     assert parsed.node_id is not None
@@ -127,6 +142,8 @@ def run_hostile_member(
     async def main() -> bool:
         identity = Identity.generate()
         with IndexStore(home / "hostile.sqlite3") as store:
+            if content is not None:
+                folder.content = scan_share(content, store).root
             index = AsyncIndex(store)
             server = FolderServer(
                 index, lambda fid: folder if fid == keys.folder_id else None, identity.node_id.raw
@@ -244,3 +261,58 @@ def test_vector_going_backwards_drops_the_member(
     assert listing(folder) == before
     wait_until(lambda: "went backwards" in daemon.log_path.read_text(), timeout=10)
     assert "Traceback" not in daemon.log_path.read_text(), daemon.log_tail()
+
+
+def test_forged_record_in_a_later_join_batch_keeps_the_batches_before(tmp_path: Path) -> None:
+    """A join in batches that overlap (the next planned and started while one commits): a
+    forged record in the last batch stops the join with the batches before it placed and
+    stored whole, and nothing of its own batch placed."""
+    daemon = DaemonProcess(
+        tmp_path / "a", extra_args=("--no-lan", "--small-join-batches"), program=HOOKED_DAEMON
+    ).start()
+    try:
+        folder = tmp_path / "folder"
+        folder.mkdir()
+        (folder / "keep.txt").write_text("precious\n")
+        ticket = daemon.cli_json("sync", str(folder))["rw"]
+        keys = FolderKeys.from_write_seed(bytes(parse_ticket_untrusted(ticket).root))
+        content = tmp_path / "content"
+        content.mkdir()
+        chunker = Chunker()
+        blobs: list[tuple[str, bytes]] = []
+        file_nodes: dict[ContentHash, bytes] = {}
+        for number in range(3 * SMALL_JOIN_BATCH - 10):
+            path = f"f{number:04d}.bin"
+            data = (f"{number:04d} " * (25 + number % 40)).encode()
+            (content / path).write_bytes(data)
+            root, nodes = build_tree(FILE_TREE, chunker.chunk_refs(data))
+            file_nodes.update(nodes)
+            vector = VersionVector.of({DEVICE: 1})
+            version = FileVersion(path, vector, False, root.hash, root.size, False, 1, DEVICE)
+            blobs.append((path, signed(version, keys)))
+        # Batches are taken from the end of the member's leaves (path-key order): the
+        # forged record, first in that order, is in the last batch.
+        first = min(path_key(path) for path, _blob in blobs)
+        forged = next(name for n in range(10_000) if path_key(name := f"forged{n}.txt") < first)
+        blobs.append((forged, signed(tombstone(forged, 1), FOREIGN)))
+        ordered = sorted(blobs, key=lambda item: path_key(item[0]), reverse=True)
+        earlier = {path for path, _blob in ordered[: 2 * SMALL_JOIN_BATCH]}
+        assert forged not in earlier
+
+        def serve(hostile: HostileFolder) -> None:
+            hostile.file_nodes = file_nodes
+            hostile.serve(blobs)
+
+        assert run_hostile_member(tmp_path, ticket, serve, backwards=False, content=content)
+        placed = listing(folder)
+        assert set(placed) == {"keep.txt", *earlier}
+        for path in earlier:
+            assert placed[path] == (content / path).read_bytes()
+        log = daemon.log_path.read_text()
+        assert "signature does not verify" in log, daemon.log_tail()
+        assert "Traceback" not in log, daemon.log_tail()
+        # The records stored are those of the files placed: the earlier batches' only.
+        (listed,) = daemon.call("sync_list")["folders"]
+        assert listed["files"] == 1 + len(earlier), listed
+    finally:
+        daemon.stop()
