@@ -18,7 +18,7 @@ Memory is projected linearly (least squares over the bench sizes: base + per-fil
 next to the steady state measured here. The per-change cost is the bench's p50 at its
 smallest size minus the two terms there (the fixed part: watcher debounce, transfer,
 commit, B's apply), plus the two terms at N. Run:
-``.venv/bin/python simulations/bigfolder/model.py 10000:136:0.068 50000:330:0.068 ...``
+``.venv/bin/python simulations/bigfolder/model.py 50000:130:0.089 200000:141:0.091``
 (files:B's peak RSS MiB:edit p50 s).
 """
 
