@@ -124,3 +124,23 @@ def test_default_gateway_from_the_route_table(tmp_path: Path) -> None:
     table.write_text("Iface\tDestination\tGateway\tFlags\n")
     assert portmap.default_gateway(str(table)) is None
     assert portmap.default_gateway(str(tmp_path / "missing")) is None
+
+
+def test_a_lease_whose_renewal_is_refused_lets_its_socket_go() -> None:
+    answers = iter([0, 2])  # granted, then "not authorized" at the renewal
+
+    def answer(request: bytes) -> list[bytes]:
+        return [pcp_answer(request, result=next(answers))]
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(run_gateway, answer, [])
+            lease = await portmap.open_pcp_lease("127.0.0.1", port, PORT)
+            with pytest.raises(wire.GatewayRefusedError):
+                await lease.renew()
+            lease.close()
+            with pytest.raises(OSError):  # the socket is closed: nothing left open
+                await lease.renew()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

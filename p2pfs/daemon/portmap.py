@@ -81,11 +81,13 @@ def _source_address(host: str, port: int) -> str:
 
 @dataclass(slots=True)
 class _Lease:
-    """A granted mapping: how to renew it and how to delete it."""
+    """A granted mapping: how to renew it, how to delete it, and what to let go of when
+    it ends without a deletion (its renewal failed)."""
 
     renew: Callable[[], Awaitable[wire.MapReply]]
     delete: Callable[[], Awaitable[None]]
     reply: wire.MapReply
+    close: Callable[[], None] = lambda: None
 
 
 class PortMapper:
@@ -155,6 +157,7 @@ class PortMapper:
         """One protocol: map, renew until refused, report; wait for the next round."""
         while True:
             started_round = self._round
+            lease: _Lease | None = None
             try:
                 lease = await open_lease()
                 self._leases[transport] = lease
@@ -169,6 +172,8 @@ class PortMapper:
                     lease.reply = await lease.renew()
             except Failure as exc:
                 self._leases.pop(transport, None)
+                if lease is not None:
+                    lease.close()
                 self._handle(MapFailed(transport, str(exc) or type(exc).__name__))
             while self._round == started_round:
                 await self._round_changed.wait()
@@ -383,4 +388,4 @@ async def open_pcp_lease(gateway: str, gateway_port: int, port: int) -> _Lease:
         finally:
             sock.close()
 
-    return _Lease(renew, delete, reply)
+    return _Lease(renew, delete, reply, sock.close)
