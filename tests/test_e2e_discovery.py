@@ -124,7 +124,9 @@ def test_no_hints_share_found_across_the_network_and_with_30_percent_killed(
         # contact costs a lookup the RPC timeout, 2 s, once; then the asker drops it).
         survivor = rng.choice(holders)
         victims = [h for h in holders if h is not survivor]
-        others = [d for d in daemons if d is not sharer and d not in holders]
+        # The fetcher lives: it provides the share now, and a lookup that finds it counts
+        # (its node id is asked of it then).
+        others = [d for d in daemons if d not in (sharer, fetcher) and d not in holders]
         victims += rng.sample(others, NODES * 3 // 10 - len(victims))
         for victim in victims:
             victim.kill(signal.SIGKILL)
