@@ -15,7 +15,7 @@ from p2pfs.daemon.folders.engine import FolderSync
 from p2pfs.daemon.storage import AsyncIndex
 from p2pfs.ids import ContentHash
 from p2pfs.store import folderdisk
-from p2pfs.store.folders import FolderStore
+from p2pfs.store.folders import FolderRow, FolderStore
 from p2pfs.store.index import IndexStore
 from p2pfs.store.scanner import scan_share
 from p2pfs.sync.keys import FolderKeys
@@ -23,6 +23,35 @@ from p2pfs.sync.records import build_index, index_leaf
 from p2pfs.sync.versions import Ordering
 
 OLD_NS = 1_600_000_000 * 10**9
+
+
+def write_old_tree(top: Path, paths: list[str]) -> None:
+    """A sync folder of small files dated long ago (so a rescan sees them as settled)."""
+    for number, name in enumerate(paths):
+        path = top / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"file {number}\n")
+        os.utime(path, ns=(OLD_NS, OLD_NS))
+    folderdisk.write_marker(str(top))
+
+
+def add_folder(index: IndexStore, top: Path) -> tuple[FolderStore, FolderRow]:
+    store = FolderStore(index)
+    keys = FolderKeys.from_write_seed(bytes(range(32)))
+    row = store.add_folder(
+        keys.folder_id,
+        str(top),
+        keys.read_key,
+        keys.write_public,
+        keys.write_seed,
+        bytes([7]) * 32,
+        0,
+    )
+    return store, row
+
+
+def folder_sync(index: IndexStore, store: FolderStore, row: FolderRow) -> FolderSync:
+    return FolderSync(row, AsyncIndex(index), store, lambda _f, _c: None)
 
 
 def test_an_edit_in_a_directory_records_the_file_not_the_directory(tmp_path: Path) -> None:
@@ -39,18 +68,8 @@ def test_an_edit_in_a_directory_records_the_file_not_the_directory(tmp_path: Pat
 
     async def main() -> None:
         with IndexStore(tmp_path / "index.sqlite3") as index:
-            store = FolderStore(index)
-            keys = FolderKeys.from_write_seed(bytes(range(32)))
-            row = store.add_folder(
-                keys.folder_id,
-                str(top),
-                keys.read_key,
-                keys.write_public,
-                keys.write_seed,
-                bytes([7]) * 32,
-                0,
-            )
-            folder = FolderSync(row, AsyncIndex(index), store, lambda _f, _c: None)
+            store, row = add_folder(index, top)
+            folder = folder_sync(index, store, row)
             await folder.load()
             await folder.rescan(force=True)
             # The directory goes and comes back: its record is now at counter 3.
@@ -85,27 +104,12 @@ def test_a_full_rescan_records_what_changed_and_keeps_the_states_of_what_is_on_d
     60), they are read again from the scan index in batches: the same records result."""
     monkeypatch.setattr(engine, "DIFFERING_HELD", held)
     top = tmp_path / "folder"
-    for number in range(60):
-        path = top / f"d{number % 3}" / f"f{number:02d}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"file {number}\n")
-        os.utime(path, ns=(OLD_NS, OLD_NS))
-    folderdisk.write_marker(str(top))
+    write_old_tree(top, [f"d{number % 3}/f{number:02d}.txt" for number in range(60)])
 
     async def main() -> None:
         with IndexStore(tmp_path / "index.sqlite3") as index:
-            store = FolderStore(index)
-            keys = FolderKeys.from_write_seed(bytes(range(32)))
-            row = store.add_folder(
-                keys.folder_id,
-                str(top),
-                keys.read_key,
-                keys.write_public,
-                keys.write_seed,
-                bytes([7]) * 32,
-                0,
-            )
-            folder = FolderSync(row, AsyncIndex(index), store, lambda _f, _c: None)
+            store, row = add_folder(index, top)
+            folder = folder_sync(index, store, row)
             await folder.load()
             await folder.rescan(force=True)
             assert folder.records.files == 60 and folder.records.directories == 3
@@ -156,18 +160,8 @@ def test_a_folder_serves_the_roots_of_its_own_files_only(tmp_path: Path) -> None
     async def main() -> None:
         with IndexStore(tmp_path / "index.sqlite3") as index:
             scan_share(str(other), index)
-            store = FolderStore(index)
-            keys = FolderKeys.from_write_seed(bytes(range(32)))
-            row = store.add_folder(
-                keys.folder_id,
-                str(top),
-                keys.read_key,
-                keys.write_public,
-                keys.write_seed,
-                bytes([7]) * 32,
-                0,
-            )
-            folder = FolderSync(row, AsyncIndex(index), store, lambda _f, _c: None)
+            store, row = add_folder(index, top)
+            folder = folder_sync(index, store, row)
             await folder.load()
             await folder.rescan(force=True)
             mine = folder.records["mine.txt"].version.root
@@ -192,27 +186,12 @@ def test_a_first_scan_past_the_held_changes_builds_the_tree_from_the_store(
     from the store's leaves at the end rather than from a dict of every change: the same
     tree, served, and the one a restart loads."""
     top = tmp_path / "folder"
-    for number in range(40):
-        path = top / f"d{number % 4}" / f"f{number:02d}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"file {number}\n")
-        os.utime(path, ns=(OLD_NS, OLD_NS))
-    folderdisk.write_marker(str(top))
+    write_old_tree(top, [f"d{number % 4}/f{number:02d}.txt" for number in range(40)])
 
     async def main() -> None:
         with IndexStore(tmp_path / "index.sqlite3") as index:
-            store = FolderStore(index)
-            keys = FolderKeys.from_write_seed(bytes(range(32)))
-            row = store.add_folder(
-                keys.folder_id,
-                str(top),
-                keys.read_key,
-                keys.write_public,
-                keys.write_seed,
-                bytes([7]) * 32,
-                0,
-            )
-            folder = FolderSync(row, AsyncIndex(index), store, lambda _f, _c: None)
+            store, row = add_folder(index, top)
+            folder = folder_sync(index, store, row)
             folder.held_changes = 10
             await folder.load()
             await folder.rescan(force=True)
@@ -223,7 +202,7 @@ def test_a_first_scan_past_the_held_changes_builds_the_tree_from_the_store(
             await folder.rescan(force=True)  # one change: along its path, not rebuilt
             assert folder.root == build_index(index_leaf(r) for r in folder.records.values())
             folder.close()
-            again = FolderSync(row, AsyncIndex(index), store, lambda _f, _c: None)
+            again = folder_sync(index, store, row)
             await again.load()
             assert again.root == folder.root and again.records.files == 40
             again.close()
@@ -242,27 +221,13 @@ def test_a_full_rescan_that_finds_an_edit_or_a_delete_holds_nothing_per_file(
     unchanged rescan's plus far less than 0.1 KiB a file (tracemalloc: every thread)."""
     files = 6000
     top = tmp_path / "folder"
-    for number in range(files):  # 60 directories of 100: a directory's rows stay small
-        path = top / f"d{number % 60:02d}" / f"f{number:05d}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"file {number}\n")
-        os.utime(path, ns=(OLD_NS, OLD_NS))
-    folderdisk.write_marker(str(top))
+    # 60 directories of 100: a directory's rows stay small.
+    write_old_tree(top, [f"d{number % 60:02d}/f{number:05d}.txt" for number in range(files)])
 
     async def main() -> None:
         with IndexStore(tmp_path / "index.sqlite3") as index:
-            store = FolderStore(index)
-            keys = FolderKeys.from_write_seed(bytes(range(32)))
-            row = store.add_folder(
-                keys.folder_id,
-                str(top),
-                keys.read_key,
-                keys.write_public,
-                keys.write_seed,
-                bytes([7]) * 32,
-                0,
-            )
-            folder = FolderSync(row, AsyncIndex(index), store, lambda _f, _c: None)
+            store, row = add_folder(index, top)
+            folder = folder_sync(index, store, row)
             await folder.load()
             await folder.rescan(force=True)
 
