@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.filesystem import describe
 from benchmarks.index import Row
 from benchmarks.sync import print_table
 from benchmarks.sync_common import load_average
@@ -93,6 +94,7 @@ def make_tree(top: Path, files: int, seed: int = SEED) -> list[str]:
         rel = f"{directory}/f{number:06d}.txt"
         write_file(top / rel, rng.randbytes(rng.randint(MIN_SIZE, MAX_SIZE)))
         paths.append(rel)
+    os.sync()  # written back before anything is timed (see benchmarks.fetch.make_small_tree)
     return paths
 
 
@@ -493,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load_average()
     runs: list[SizeRun] = []
     scratch = Path(tempfile.mkdtemp(prefix="p2pfs-bench-bigfolder-", dir=args.workdir))
+    file_system = describe(scratch)
     if args.rescan_only:
         return rescan_only_main(args, sizes, scratch)
     try:
@@ -520,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
             f"loopback; files {MIN_SIZE} B-{MAX_SIZE // KiB} KiB over "
             f"{TOP_DIRS * SUB_DIRS} directories, seed {SEED}; {args.edits} edits per size, "
             f"{EDIT_PAUSE_S:.0f} s apart; A's full rescan every "
-            f"{args.rescan_interval or 60:g} s; load average {load_before} before, "
+            f"{args.rescan_interval or 60:g} s; trees on {file_system}; "
+            f"load average {load_before} before, "
             f"{load_after} after, {os.cpu_count()} CPUs",
             "p2pfs big-folder benchmark",
         )

@@ -46,6 +46,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks.filesystem import describe
 from benchmarks.index import Row
 from benchmarks.sync_common import (
     GOAL_INITIAL_VS_FETCH,
@@ -480,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         args.logs = args.logs.resolve()
         args.logs.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="p2pfs-bench-sync-", dir=args.workdir))
+    file_system = describe(scratch)
     load_before = load_average()
     try:
         with contextlib.ExitStack() as stack:
@@ -499,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{network}; rsync: daemon on loopback, client-reported bytes received; "
             "Syncthing: two instances on loopback, B's inBytesTotal, (a)-(c) rescan requested, "
             "(d) through its watcher; "
+            f"trees on {file_system}; "
             f"load average (1/5/15 min) {load_before} before, {load_after} after, "
             f"{os.cpu_count()} CPUs",
             "p2pfs folder sync benchmark",

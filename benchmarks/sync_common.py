@@ -115,8 +115,23 @@ def synced_files(root: Path) -> Iterator[tuple[str, Path]]:
 
 
 def count_files(root: Path) -> int:
-    """Files under ``root`` without a stat each (the cheap check, polled)."""
-    return sum(1 for _ in synced_files(root))
+    """Files under ``root`` without a stat each: the check polled while a daemon works.
+
+    Directory entries' types only, no path objects: 6 ms for 10,000 files here, where a
+    walk through ``synced_files`` took 65 ms, and polled every 20 ms that walk took ~0.75
+    of one of this machine's two cores from the daemons being measured.
+    """
+    count = 0
+    pending = [os.fspath(root)]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.name not in SKIPPED_DIRS:
+                        pending.append(entry.path)
+                elif not entry.name.startswith(SKIPPED_PREFIXES):
+                    count += 1
+    return count
 
 
 def sizes(root: Path) -> dict[str, int]:
