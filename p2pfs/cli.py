@@ -355,7 +355,9 @@ def daemon_config(args: argparse.Namespace) -> NodeConfig:
         limits = dataclasses.replace(limits, budget=args.relay_client_budget)
     folders = FolderConfig(keep_versions_s=args.keep_versions_days * 86400)
     if args.rescan_interval is not None:
-        folders = dataclasses.replace(folders, rescan_interval=args.rescan_interval)
+        folders = dataclasses.replace(
+            folders, rescan_interval=args.rescan_interval, rescan_interval_fixed=True
+        )
     return NodeConfig(
         relay=limits if args.relay else None,
         relay_via=tuple(parse_address(r, allow_names=True) for r in args.relay_via),

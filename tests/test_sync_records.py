@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import blake3
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,7 +15,7 @@ from p2pfs.content.tree import build_tree, iter_leaves
 from p2pfs.errors import LocalProtocolError, RemoteProtocolError
 from p2pfs.ids import ContentHash
 from p2pfs.sync import records
-from p2pfs.sync.keys import FolderKeys
+from p2pfs.sync.keys import WRITE_KEY_CONTEXT, FolderKeys
 from p2pfs.sync.local import DiskFile, case_collisions, local_changes
 from p2pfs.sync.records import (
     EMPTY_INDEX,
@@ -52,6 +53,32 @@ def test_read_only_keys_verify_but_cannot_sign() -> None:
 
 def test_signatures_are_deterministic() -> None:
     assert SignedRecord.sign(version("x"), KEYS) == SignedRecord.sign(version("x"), KEYS)
+
+
+@given(message=st.binary(max_size=300), seed=st.binary(min_size=32, max_size=32))
+@settings(max_examples=50)
+def test_folder_signatures_are_openssls_bytes_both_ways(message: bytes, seed: bytes) -> None:
+    # Records are signed and checked with libsodium; members that signed with OpenSSL
+    # (cryptography) before must still be checked, and check ours.
+    keys = FolderKeys.from_write_seed(seed)
+    derived = blake3.blake3(seed, derive_key_context=WRITE_KEY_CONTEXT).digest()
+    openssl = Ed25519PrivateKey.from_private_bytes(derived)
+    assert keys.write_public == openssl.public_key().public_bytes_raw()
+    assert keys.sign(message) == openssl.sign(message)
+    assert keys.verify(openssl.sign(message), message)
+    openssl.public_key().verify(keys.sign(message), message)  # raises if not
+
+
+def test_a_signature_of_the_wrong_length_or_altered_is_refused() -> None:
+    signature = KEYS.sign(b"record")
+    assert KEYS.verify(signature, b"record")
+    assert not KEYS.verify(signature[:-1], b"record")
+    assert not KEYS.verify(signature + b"\0", b"record")
+    assert not KEYS.verify(signature, b"recorD")
+    for position in (0, 31, 32, 63):  # R and S, each end
+        altered = bytearray(signature)
+        altered[position] ^= 0x01
+        assert not KEYS.verify(bytes(altered), b"record")
 
 
 def test_record_of_another_folder_is_refused() -> None:

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 
 import blake3
 import msgpack
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+import nacl.bindings
+import nacl.exceptions
 
 from p2pfs.errors import LocalProtocolError
 from p2pfs.ids import ContentHash
@@ -58,8 +57,7 @@ class FolderKeys:
         if len(seed) != SECRET_LEN:
             raise LocalProtocolError("a folder's write seed is 32 bytes")
         read_key = blake3.blake3(seed, derive_key_context=READ_KEY_CONTEXT).digest()
-        public = _signing_key(seed).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-        return cls(read_key, public, seed)
+        return cls(read_key, _signing_key(seed)[32:], seed)
 
     @property
     def writable(self) -> bool:
@@ -80,13 +78,16 @@ class FolderKeys:
     def sign(self, message: bytes) -> bytes:
         if self.write_seed is None:
             raise LocalProtocolError("a read-only member cannot sign folder records")
-        return _signing_key(self.write_seed).sign(message)
+        signed: bytes = nacl.bindings.crypto_sign(message, _signing_key(self.write_seed))
+        return signed[: nacl.bindings.crypto_sign_BYTES]
 
     def verify(self, signature: bytes, message: bytes) -> bool:
         """Whether ``signature`` is the folder write key's over ``message``."""
+        if len(signature) != nacl.bindings.crypto_sign_BYTES:
+            return False
         try:
-            _public_key(self.write_public).verify(signature, message)
-        except InvalidSignature:
+            nacl.bindings.crypto_sign_open(signature + message, self.write_public)
+        except nacl.exceptions.BadSignatureError:
             return False
         return True
 
@@ -119,23 +120,21 @@ class FolderKeys:
         return hmac.compare_digest(expected, proof)
 
 
-_SIGNERS: dict[bytes, Ed25519PrivateKey] = {}
-_VERIFIERS: dict[bytes, Ed25519PublicKey] = {}
+_SIGNERS: dict[bytes, bytes] = {}
 
 
-def _signing_key(seed: bytes) -> Ed25519PrivateKey:
-    # Key setup costs more than a signature; a daemon holds a handful of folders.
+def _signing_key(seed: bytes) -> bytes:
+    """libsodium's 64-byte secret key (Ed25519 seed, then public key) for a write seed.
+
+    Records are signed and checked with libsodium rather than OpenSSL (``cryptography``):
+    a check took 55 us against 106 us here, a signature 19 against 32 us, the same bytes.
+    A join checks every record it is sent (50,000 at once for a folder of 50,000 files).
+    """
     key = _SIGNERS.get(seed)
     if key is None:
         derived = blake3.blake3(seed, derive_key_context=WRITE_KEY_CONTEXT).digest()
-        key = _SIGNERS[seed] = Ed25519PrivateKey.from_private_bytes(derived)
-    return key
-
-
-def _public_key(raw: bytes) -> Ed25519PublicKey:
-    key = _VERIFIERS.get(raw)
-    if key is None:
-        key = _VERIFIERS[raw] = Ed25519PublicKey.from_public_bytes(raw)
+        _public, key = nacl.bindings.crypto_sign_seed_keypair(derived)
+        _SIGNERS[seed] = key
     return key
 
 

@@ -115,14 +115,14 @@ class SignedRecord:
             raise RemoteProtocolError("signed record: fields must be bytes")
         if len(signature) != SIGNATURE_LEN:
             raise RemoteProtocolError("signed record: bad signature length")
+        # The version's own bytes are checked canonical here, so they are what the record
+        # encodes and what was signed: not encoded twice more for those two checks.
         version = FileVersion.decode_untrusted(encoded_version)
-        record = cls(version, signature)
-        if record.encode() != data:
+        if msgpack.packb([encoded_version, signature], use_bin_type=True) != data:
             raise RemoteProtocolError("signed record: encoding is not canonical")
-        record = cls(version, signature, bytes(data))
-        if not keys.verify(signature, _signed_message(keys.folder_id, version)):
+        if not keys.verify(signature, SIGNATURE_DOMAIN + keys.folder_id + encoded_version):
             raise RemoteProtocolError(f"record for {version.path!r}: signature does not verify")
-        return record
+        return cls(version, signature, bytes(data))
 
 
 def _signed_message(folder_id: bytes, version: FileVersion) -> bytes:

@@ -201,6 +201,9 @@ class FolderSync:
         """The disk may have changed since the last scan. The file-system watcher sets it;
         without a watcher it stays set, and every reconcile rescans first."""
         self.watching = False
+        self.last_full_scan_s: float | None = None
+        """How long the last forced full rescan held the lock (sets the next one's
+        interval)."""
         self.activity = "idle"
         """What the folder is doing now, for `sync list` and the API: idle, scanning or
         syncing (then ``sync_done`` of ``sync_total`` bytes are placed)."""
@@ -392,7 +395,10 @@ class FolderSync:
         async with self.lock:
             if force or self.dirty or not self.watching:
                 with self._doing("scanning"):
+                    started = trio.current_time()
                     await self._rescan_locked(full=force)
+                    if force:
+                        self.last_full_scan_s = trio.current_time() - started
 
     async def _rescan_locked(self, *, full: bool = True) -> None:
         pending, self._pending = self._pending, set()

@@ -59,7 +59,15 @@ E = TypeVar("E", bound=BaseException)
 CONNECT_INTERVAL = 5.0
 """How often a folder looks for members it is not linked to."""
 RESCAN_INTERVAL = 60.0
-"""Full rescans: the safety net under the file-system watcher."""
+"""Full rescans: the safety net under the file-system watcher, at least this far apart."""
+RESCAN_SHARE = 0.01
+"""...and, while the watcher works, far enough apart that they hold the folder's lock at
+most this share of the time: a 200k-file folder's held it 2.3-3.9 s each minute, and an
+edit noted meanwhile waited that long to reach the other members..."""
+RESCAN_INTERVAL_WATCHED_MAX = 600.0
+"""...but never further apart than this. Syncthing waits an hour with its watcher on, but
+it hears when inotify's queue overflows; watchfiles does not report that (its issue #348),
+so events lost that way wait for this safety net."""
 WATCH_QUIET_MS = 30
 """A burst of file-system events ends after this long without one..."""
 WATCH_MAX_WAIT_MS = 120
@@ -85,9 +93,26 @@ itself on another connection, before the link moves to the new one (several prob
 timeouts at any RTT a member link should keep)."""
 
 
+def full_rescan_delay(
+    base: float, last_scan_s: float | None, *, watching: bool, fixed: bool = False
+) -> float:
+    """Seconds until a folder's next full rescan. Without a working watcher the full
+    rescan is how changes are found: every ``base`` seconds. With one it is only the
+    safety net: its cost is bounded to RESCAN_SHARE of the time, within
+    [base, RESCAN_INTERVAL_WATCHED_MAX] (``base`` itself if larger). ``fixed``: ``base``
+    whatever the cost (set by hand)."""
+    if fixed or not watching or last_scan_s is None:
+        return base
+    bounded = min(last_scan_s / RESCAN_SHARE, RESCAN_INTERVAL_WATCHED_MAX)
+    return max(base, bounded)
+
+
 @dataclass(frozen=True, slots=True)
 class FolderConfig:
     rescan_interval: float = RESCAN_INTERVAL
+    rescan_interval_fixed: bool = False
+    """Set by hand (`daemon --rescan-interval`): every ``rescan_interval`` seconds, not
+    stretched by the scans' cost."""
     keep_versions_s: float = disk.DEFAULT_KEEP_VERSIONS_S
     watch: bool = True
     assume_case_insensitive: bool = False
@@ -279,7 +304,14 @@ class FolderManager:
     async def _rescan_periodically(self, folder: FolderSync) -> None:
         deferred = False
         while True:
-            await trio.sleep(self.config.rescan_interval)
+            await trio.sleep(
+                full_rescan_delay(
+                    self.config.rescan_interval,
+                    folder.last_full_scan_s,
+                    watching=folder.watching,
+                    fixed=self.config.rescan_interval_fixed,
+                )
+            )
             if folder.lock.locked() and not deferred:
                 # Busy (a join holds the lock for minutes): the full rescan runs an interval
                 # after it ends, not queued behind it, where the first change after a
