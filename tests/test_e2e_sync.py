@@ -853,7 +853,8 @@ def test_one_change_in_a_big_folder_costs_the_change_not_the_folder(
         os.utime(path, (OLD_MTIME, OLD_MTIME))  # not racily clean: no re-hash on rescans
     total = BIG_DIRECTORIES * BIG_PER_DIRECTORY
     a = daemons("home-a")
-    # B's join runs in batches of 256 records (a test-only hook; 8,192 in the daemon).
+    # B's join runs in batches of 256 records after a first one of 32 (a test-only hook;
+    # 4,096 after 512 in the daemon).
     b = daemons("home-b", "--small-join-batches", program=HOOKED_DAEMON)
     tickets = create_folder(a, a_dir)
     join(b, b_dir, tickets["rw"])
@@ -865,7 +866,7 @@ def test_one_change_in_a_big_folder_costs_the_change_not_the_folder(
 
     wait_until(same_roots, CONVERGE_TIMEOUT)
     before = settled_work(members)
-    # The join, in 12 batches, planned each of A's records (files and directories) once.
+    # The join, in 13 batches, planned each of A's records (files and directories) once.
     assert before[1]["records_planned"] == total + BIG_DIRECTORIES, before
     # B's watcher reported the 3,000 files the join placed; each is what B recorded as it
     # placed it, so no directory was listed again (nor the folder: a full or partial scan

@@ -20,6 +20,7 @@ from p2pfs.content.chunking import Chunker
 from p2pfs.content.folder import FILE_TREE
 from p2pfs.content.tree import Child, build_tree
 from p2pfs.daemon.folders.client import FolderLink
+from p2pfs.daemon.folders.engine import FIRST_BATCH_SHARE, join_batch_sizes
 from p2pfs.daemon.folders.server import FolderServer
 from p2pfs.daemon.service import ShareService
 from p2pfs.daemon.storage import AsyncIndex
@@ -296,7 +297,11 @@ def test_forged_record_in_a_later_join_batch_keeps_the_batches_before(tmp_path: 
         forged = next(name for n in range(10_000) if path_key(name := f"forged{n}.txt") < first)
         blobs.append((forged, signed(tombstone(forged, 1), FOREIGN)))
         ordered = sorted(blobs, key=lambda item: path_key(item[0]), reverse=True)
-        earlier = {path for path, _blob in ordered[: 2 * SMALL_JOIN_BATCH]}
+        sizes = join_batch_sizes(
+            len(blobs), SMALL_JOIN_BATCH, SMALL_JOIN_BATCH // FIRST_BATCH_SHARE
+        )
+        assert len(sizes) == 4 and sizes[0] < SMALL_JOIN_BATCH  # a short first batch too
+        earlier = {path for path, _blob in ordered[: sum(sizes[:-1])]}
         assert forged not in earlier
 
         def serve(hostile: HostileFolder) -> None:

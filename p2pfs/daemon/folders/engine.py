@@ -77,6 +77,11 @@ DIFFERING_HELD = 16384
 first scan: every file), they are read again from the scan index in batches while they
 are recorded (a DiskFile held per file cost ~0.3 KiB a file at once)."""
 JOIN_BATCH = 4096
+FIRST_BATCH_SHARE = 8
+"""A reconcile of several batches starts with one this many times smaller (512 of 4,096):
+nothing is placed until the first batch is fetched and checked, while each later one is
+fetched beside the apply of the one before. 50k join: first file placed 1.0 s after the
+link instead of 3.2 s, the join 21.2 / 21.6 s instead of 22.1 / 22.7 s."""
 """A member's differing records fetched, verified, planned and applied per batch: a join
 holds one batch decoded and planned at a time (~2 KiB a record), with the next one fetched
 beside it, not every record (8,192: 18 MiB more at B's peak in a 20k-file join, no faster)."""
@@ -119,6 +124,21 @@ class FolderWork:
     records_stored: int = 0
     index_nodes_made: int = 0
     """Index-tree nodes encoded by updates (a rebuild makes them all)."""
+
+
+def join_batch_sizes(total: int, batch: int, first: int) -> list[int]:
+    """How many of ``total`` differing records each batch of a reconcile takes: at most
+    ``batch``, the first at most ``first`` when there is more than one batch (the first
+    file is placed sooner); one empty batch when there are none."""
+    if total <= batch:
+        return [total]
+    head = min(first, batch)
+    sizes = [head]
+    left = total - head
+    while left > 0:
+        sizes.append(min(batch, left))
+        left -= sizes[-1]
+    return sizes
 
 
 def _sign_all(keys: FolderKeys, versions: list[FileVersion]) -> list[SignedRecord]:
@@ -671,19 +691,20 @@ class FolderSync:
         with nothing of its batch applied (earlier batches, all validly signed, stay)."""
         left: dict[str, int] = {}  # planned in an earlier batch and not placed
         seen_records = seen_bytes = 0  # for the estimate of what is not planned yet
-        size = self.join_batch
         async with self._tree_updated_at_end(), trio.open_nursery() as nursery:
             # The next batch's records are fetched and verified while this one is applied
             # (verification is ~0.13 ms a record, in threads: off the join's critical path).
             # The leaves are taken (from the end) as batches are fetched: their memory (64
             # bytes a record) goes as the join goes, and is gone when the tree is rebuilt.
             total = len(leaves)
-            ahead = self._fetch_ahead(nursery, link, leaves.pop(size))
-            for start in range(0, max(total, 1), size):
-                unplanned = max(total - start - size, 0)
+            first = max(1, self.join_batch // FIRST_BATCH_SHARE)
+            sizes = join_batch_sizes(total, self.join_batch, first)
+            ahead = self._fetch_ahead(nursery, link, leaves.pop(sizes[0]))
+            for number in range(len(sizes)):
+                unplanned = sum(sizes[number + 1 :])
                 remote = await ahead()
                 if unplanned:
-                    ahead = self._fetch_ahead(nursery, link, leaves.pop(size))
+                    ahead = self._fetch_ahead(nursery, link, leaves.pop(sizes[number + 1]))
                 timer.mark("records")
                 seen_records += len(remote)
                 seen_bytes += sum(r.version.size for r in remote if is_file(r.version))
