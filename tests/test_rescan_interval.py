@@ -16,7 +16,7 @@ from p2pfs.daemon.folders.manager import (
     full_rescan_delay,
 )
 from p2pfs.store.index import IndexStore
-from tests.test_sync_local_scan import add_folder, folder_sync, write_old_tree
+from tests.test_sync_local_scan import loaded_folder, write_old_tree
 
 seconds = st.floats(min_value=0.0, max_value=1e5, allow_nan=False, allow_infinity=False)
 
@@ -53,9 +53,7 @@ def test_a_forced_rescan_records_how_long_it_held_the_folder(tmp_path: Path) -> 
 
     async def main() -> None:
         with IndexStore(tmp_path / "index.sqlite3") as index:
-            store, row = add_folder(index, top)
-            folder = folder_sync(index, store, row)
-            await folder.load()
+            folder = await loaded_folder(index, top)
             assert folder.last_full_scan_s is None
             before = trio.current_time()
             await folder.rescan(force=True)

@@ -54,6 +54,14 @@ def folder_sync(index: IndexStore, store: FolderStore, row: FolderRow) -> Folder
     return FolderSync(row, AsyncIndex(index), store, lambda _f, _c: None)
 
 
+async def loaded_folder(index: IndexStore, top: Path) -> FolderSync:
+    """The folder at ``top`` added to ``index`` and loaded, as a daemon starts it."""
+    store, row = add_folder(index, top)
+    folder = folder_sync(index, store, row)
+    await folder.load()
+    return folder
+
+
 def test_an_edit_in_a_directory_records_the_file_not_the_directory(tmp_path: Path) -> None:
     # Found measuring the e2e follow test: the directory a partial scan lists was recorded
     # as a new version with a fresh vector (older than the folder's, or concurrent), so
@@ -108,9 +116,7 @@ def test_a_full_rescan_records_what_changed_and_keeps_the_states_of_what_is_on_d
 
     async def main() -> None:
         with IndexStore(tmp_path / "index.sqlite3") as index:
-            store, row = add_folder(index, top)
-            folder = folder_sync(index, store, row)
-            await folder.load()
+            folder = await loaded_folder(index, top)
             await folder.rescan(force=True)
             assert folder.records.files == 60 and folder.records.directories == 3
             assert len(await folder.disk.scanned(folder.records.keys())) == 60
@@ -160,9 +166,7 @@ def test_a_folder_serves_the_roots_of_its_own_files_only(tmp_path: Path) -> None
     async def main() -> None:
         with IndexStore(tmp_path / "index.sqlite3") as index:
             scan_share(str(other), index)
-            store, row = add_folder(index, top)
-            folder = folder_sync(index, store, row)
-            await folder.load()
+            folder = await loaded_folder(index, top)
             await folder.rescan(force=True)
             mine = folder.records["mine.txt"].version.root
             assert mine is not None
@@ -226,9 +230,7 @@ def test_a_full_rescan_that_finds_an_edit_or_a_delete_holds_nothing_per_file(
 
     async def main() -> None:
         with IndexStore(tmp_path / "index.sqlite3") as index:
-            store, row = add_folder(index, top)
-            folder = folder_sync(index, store, row)
-            await folder.load()
+            folder = await loaded_folder(index, top)
             await folder.rescan(force=True)
 
             async def rescan_peak() -> int:
