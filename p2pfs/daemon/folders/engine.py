@@ -77,14 +77,14 @@ DIFFERING_HELD = 16384
 first scan: every file), they are read again from the scan index in batches while they
 are recorded (a DiskFile held per file cost ~0.3 KiB a file at once)."""
 JOIN_BATCH = 4096
+"""A member's differing records fetched, verified, planned and applied per batch: a join
+holds one batch decoded and planned at a time (~2 KiB a record), with the next one fetched
+beside it, not every record (8,192: 18 MiB more at B's peak in a 20k-file join, no faster)."""
 FIRST_BATCH_SHARE = 8
 """A reconcile of several batches starts with one this many times smaller (512 of 4,096):
 nothing is placed until the first batch is fetched and checked, while each later one is
 fetched beside the apply of the one before. 50k join: first file placed 1.0 s after the
 link instead of 3.2 s, the join 21.2 / 21.6 s instead of 22.1 / 22.7 s."""
-"""A member's differing records fetched, verified, planned and applied per batch: a join
-holds one batch decoded and planned at a time (~2 KiB a record), with the next one fetched
-beside it, not every record (8,192: 18 MiB more at B's peak in a 20k-file join, no faster)."""
 SIGN_IN_THREAD = 64
 """Local changes signed on the event loop at most (~60 us each); more go to a thread."""
 HELD_CHANGES = 16384
