@@ -47,8 +47,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.fetch import process_tree_cpu
 from benchmarks.filesystem import describe
 from benchmarks.index import Row
+from benchmarks.machinecpu import MachineShare, MachineTicks
 from benchmarks.sync import print_table
 from benchmarks.sync_common import load_average
 from p2pfs.store.index import IndexStore
@@ -218,6 +220,11 @@ class SizeRun:
     a_peak_phase: str
     rescan_seconds: float
     walk_seconds: float
+    join_cpu_a: float
+    """CPU seconds each daemon spent while B joined (the initial sync)."""
+    join_cpu_b: float
+    join_machine: str
+    """The machine's idle and stolen shares over the join (a busy host shows as steal)."""
 
     @property
     def edit_p50(self) -> float:
@@ -245,6 +252,8 @@ class Pair:
         self.logs = profile if logs is None else logs
         self.a = DaemonProcess(work / "home-a", extra_args=extra("a"))
         self.b = DaemonProcess(work / "home-b", extra_args=extra("b"))
+        self.join_cpu = (0.0, 0.0)
+        self.join_machine = MachineShare(0.0, 0.0)
 
     def __enter__(self) -> Pair:
         self.a.start()
@@ -271,12 +280,20 @@ class Pair:
         first_scan = time.perf_counter() - started
         started = time.perf_counter()
         sampler.phase = "join"
+        cpu_before = process_tree_cpu(self.a.pid), process_tree_cpu(self.b.pid)
+        machine_before = MachineTicks.now()
         self.b.call("sync", {"path": str(b_dir), "ticket": rw})
         wait_until(
             "B's initial sync",
             lambda: folder_of(self.b, b_dir)["files"] >= files and self.same_root(a_dir, b_dir),
         )
-        return first_scan, time.perf_counter() - started
+        joined = time.perf_counter() - started
+        self.join_machine = MachineShare.between(machine_before, MachineTicks.now())
+        self.join_cpu = (
+            process_tree_cpu(self.a.pid) - cpu_before[0],
+            process_tree_cpu(self.b.pid) - cpu_before[1],
+        )
+        return first_scan, joined
 
 
 def one_edit(a_file: Path, b_file: Path, data: bytes) -> float:
@@ -339,6 +356,8 @@ def run_size(
         f"{mib(rss)} in {phase}, {seconds:.1f} s in",
         rescan,
         walk,
+        *pair.join_cpu,
+        str(pair.join_machine),
     )
 
 
@@ -426,6 +445,17 @@ def rows_for(runs: list[SizeRun], base: int) -> list[Row]:
                 "",
                 f"<= {GOAL_INITIAL_50K:.0f} s" if goal_initial else "",
                 run.initial_sync_seconds <= GOAL_INITIAL_50K if goal_initial else None,
+            )
+        )
+        rows.append(
+            Row(
+                f"initial sync CPU A / B, {n}",
+                f"{run.join_cpu_a:.1f} s / {run.join_cpu_b:.1f} s; "
+                f"B {run.join_cpu_b / run.files * 1e3:.2f} ms a file",
+                run.join_machine,
+                "",
+                "",
+                None,
             )
         )
         peak = max(run.rss_a, run.rss_b)
