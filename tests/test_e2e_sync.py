@@ -872,6 +872,8 @@ def test_one_change_in_a_big_folder_costs_the_change_not_the_folder(
     # placed it, so no directory was listed again (nor the folder: a full or partial scan
     # after the join would count 3,000 files scanned).
     assert before[1]["files_scanned"] < 100, before
+    # Each small file's tree is one node, asked of A once.
+    assert before[1]["file_nodes_walked"] == total, before
 
     edited = a_dir / "d07" / "f00007.txt"
     edited.write_bytes(b"edited once\n")
@@ -892,5 +894,6 @@ def test_one_change_in_a_big_folder_costs_the_change_not_the_folder(
         assert side["paths_compared"] <= 4 * one_directory, spent
     assert a_spent["partial_scans"] >= 1 and a_spent["files_scanned"] >= 1, spent
     assert b_spent["records_planned"] == 1, spent  # the one record A changed
+    assert b_spent["file_nodes_walked"] == 1, spent  # the edited file's new tree, one node
     # A may diff against B's root before B took the edit: B's old record of that path.
     assert a_spent["records_planned"] <= 1, spent

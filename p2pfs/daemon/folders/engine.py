@@ -64,6 +64,7 @@ from . import steps
 from .client import FolderLink
 from .need import NeedTracker, is_file
 from .placing import DiskView, Placer, Planned
+from .work import FolderWork
 
 logger = logging.getLogger(__name__)
 
@@ -105,25 +106,6 @@ records whose files are gone."""
 MAX_NOTED_PATHS = 1 << 20
 """Changed paths kept for the next (partial) rescan, about 100 MiB at most; beyond, a
 full rescan."""
-
-
-@dataclass(slots=True)
-class FolderWork:
-    """What handling this folder's changes has cost so far, in counts (not time): one
-    change should cost O(the change) whatever the folder's size (issue 16). Listed in
-    `sync list --json` as ``work``."""
-
-    full_scans: int = 0
-    partial_scans: int = 0
-    files_scanned: int = 0
-    """Regular files a scan listed and stat-ed (hashed, reused or renamed)."""
-    paths_compared: int = 0
-    """Disk paths and records that local change detection compared."""
-    records_planned: int = 0
-    """A member's records the planner was given."""
-    records_stored: int = 0
-    index_nodes_made: int = 0
-    """Index-tree nodes encoded by updates (a rebuild makes them all)."""
 
 
 def join_batch_sizes(total: int, batch: int, first: int) -> list[int]:
@@ -237,6 +219,7 @@ class FolderSync:
             self.disk,
             self.records,
             self.unplaced,
+            self.work,
             self._placed_bytes,
             self._received_bytes,
         )

@@ -28,6 +28,7 @@ from ..storage import AsyncIndex, in_thread
 from ..treewalk import TreeJob, walk_trees
 from . import steps
 from .client import MAX_BATCH, Arrived, FolderLink
+from .work import FolderWork
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ class Placer:
         disk: DiskView,
         records: RecordSet,
         unplaced: dict[str, str],
+        work: FolderWork,
         on_placed: Callable[[int, int], None],
         on_received: Callable[[int], None] = lambda _bytes: None,
     ) -> None:
@@ -102,6 +104,8 @@ class Placer:
         """The folder's records (the live mapping: a placed path's old version is read)."""
         self.unplaced = unplaced
         """Paths whose file could not be placed: path -> why (the folder reports them)."""
+        self.work = work
+        """The folder's work counters (the file-tree nodes walks ask members for)."""
         self.on_placed = on_placed
         """Told the files and bytes of each step once they are placed (progress)."""
         self.on_received = on_received
@@ -169,6 +173,7 @@ class Placer:
 
         async def fetch_nodes(hashes: list[ContentHash]) -> list[bytes]:
             missing = [h for h in hashes if h not in local_nodes]
+            self.work.file_nodes_walked += len(missing)
             fetched = dict(zip(missing, await link.nodes(missing), strict=True)) if missing else {}
             return [local_nodes[h] if h in local_nodes else fetched[h] for h in hashes]
 
