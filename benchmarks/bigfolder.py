@@ -51,6 +51,7 @@ from benchmarks.fetch import process_tree_cpu
 from benchmarks.filesystem import describe
 from benchmarks.index import Row
 from benchmarks.machinecpu import MachineShare, MachineTicks
+from benchmarks.scratchfs import FRESH_FS_BYTES, ScratchFsError, fresh_ext4
 from benchmarks.sync import print_table
 from benchmarks.sync_common import load_average
 from p2pfs.store.index import IndexStore
@@ -511,12 +512,30 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         help="no daemons: time only the unchanged rescan beside the bare walk",
     )
     parser.add_argument("--workdir", help="where the trees are written (default: $TMPDIR)")
+    parser.add_argument(
+        "--fresh-fs",
+        action="store_true",
+        help="run on a new ext4 (no journal) loop-mounted under --workdir for this run, so "
+        "earlier runs' removals do not slow its creates (root; benchmarks/scratchfs.py)",
+    )
     parser.add_argument("--json", action="store_true", help="figures as one JSON line")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
+    if not args.fresh_fs:
+        return run(args)
+    try:
+        with fresh_ext4(FRESH_FS_BYTES, args.workdir) as mount_point:
+            args.workdir = str(mount_point)
+            return run(args)
+    except ScratchFsError as exc:
+        print(f"--fresh-fs: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if args.big:
         sizes.append(200_000)

@@ -48,6 +48,7 @@ from rich.table import Table
 
 from benchmarks.filesystem import describe
 from benchmarks.index import Row
+from benchmarks.scratchfs import FRESH_FS_BYTES, ScratchFsError, fresh_ext4
 from benchmarks.sync_common import (
     GOAL_INITIAL_VS_FETCH,
     GOAL_INSERT_BYTES,
@@ -464,12 +465,30 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         help="keep both daemons' logs (their per-phase timings) in DIR/a.log and DIR/b.log",
     )
     parser.add_argument("--workdir", help="scratch directory (default: a temp dir)")
+    parser.add_argument(
+        "--fresh-fs",
+        action="store_true",
+        help="run on a new ext4 (no journal) loop-mounted under --workdir for this run, so "
+        "earlier runs' removals do not slow its creates (root; benchmarks/scratchfs.py)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
+    if not args.fresh_fs:
+        return run(args)
+    try:
+        with fresh_ext4(FRESH_FS_BYTES, args.workdir) as mount_point:
+            args.workdir = str(mount_point)
+            return run(args)
+    except ScratchFsError as exc:
+        print(f"--fresh-fs: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
     if args.netns and (os.geteuid() != 0 or shutil.which("ip") is None):
         print("--netns needs root and the ip command (iproute2)", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ the member), each step committed durably and recorded in the scan index at once.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -23,6 +24,7 @@ from p2pfs.sync.records import SignedRecord
 from p2pfs.sync.recordset import RecordSet
 from p2pfs.sync.versions import FileVersion
 
+from ..mergedcalls import MergedCalls
 from ..requests import PeerRequestError
 from ..storage import AsyncIndex, in_thread
 from ..treewalk import TreeJob, walk_trees
@@ -39,7 +41,8 @@ ceil(S / 16 KiB) + 1 leaves, which bounds a member's tree bomb."""
 CHUNK_BATCH_BYTES = 1 << 20
 WRITES_IN_FLIGHT = 4
 """Bytes asked for per chunk request: small enough that writes overlap the transfer
-(requests are queued on every stream, so their size adds no idle time)."""
+(requests are queued on every stream, so their size adds no idle time). A step holds at
+most WRITES_IN_FLIGHT answered batches waiting for the writer."""
 STEP_FILES = 2048
 STEP_BYTES = 64 << 20
 STEPS_IN_FLIGHT = 2
@@ -207,23 +210,32 @@ class Placer:
                     timer.mark("trees")
 
         placed: set[str] = set()
-        # Steps overlap: one commits (sync, renames) while the next moves data.
+        # Steps overlap: one commits (sync, renames) while the next moves data. Their
+        # answered batches are written by one thread call at a time (mergedcalls.py).
         limit = trio.Semaphore(STEPS_IN_FLIGHT)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(walk_in_order)
-            for number, step in enumerate(parts):
-                await limit.acquire()
-                nursery.start_soon(
-                    self._download_step,
-                    link,
-                    step,
-                    parents,
-                    trees[number],
-                    old_roots,
-                    planned,
-                    placed,
-                    limit,
-                )
+        writer: MergedCalls[Callable[[], None]] = MergedCalls(_run_writes)
+        writing = trio.CancelScope()
+        async with trio.open_nursery() as serving:
+            serving.start_soon(_serve_in, writing, writer)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(walk_in_order)
+                    for number, step in enumerate(parts):
+                        await limit.acquire()
+                        nursery.start_soon(
+                            self._download_step,
+                            link,
+                            step,
+                            parents,
+                            trees[number],
+                            old_roots,
+                            planned,
+                            placed,
+                            limit,
+                            writer,
+                        )
+            finally:
+                writing.cancel()  # every step is done: no batch is waiting
         timer.mark("files")
         return placed | made
 
@@ -237,6 +249,7 @@ class Placer:
         planned: Planned,
         placed: set[str],
         limit: trio.Semaphore,
+        writer: MergedCalls[Callable[[], None]],
     ) -> None:
         partials: dict[str, PartialFile] = {}
         failed: set[str] = set()
@@ -251,7 +264,7 @@ class Placer:
                 partials[path] = PartialFile(parents[path], name, version.root, version.size)
             missing = await self._fill_from_local(partials, chunks_of, old_roots, failed)
             versions = dict(items)
-            await self._fill_from_peer(link, partials, missing, failed, versions, chunks_of)
+            await self._fill_from_peer(link, partials, missing, failed, versions, chunks_of, writer)
             finished = [
                 Finished(partials[path], version.executable, version.mtime_ns)
                 for path, version in items
@@ -365,6 +378,7 @@ class Placer:
         failed: set[str],
         versions: Mapping[str, FileVersion],
         chunks_of: Mapping[str, list[tuple[int, ChunkRef]]],
+        writer: MergedCalls[Callable[[], None]],
     ) -> None:
         batches: list[list[tuple[ChunkRef, list[tuple[str, int]]]]] = []
         current: list[tuple[ChunkRef, list[tuple[str, int]]]] = []
@@ -413,8 +427,12 @@ class Placer:
                 self.on_received(sum(len(data) for _position, data in arrived))
 
                 async def run() -> None:
+                    # Shielded: the step closes its files once this returns, so a write
+                    # queued or running in the writer's thread is waited for, not left
+                    # behind (the writer serves until every step is done).
                     try:
-                        await in_thread(write_all, number, arrived)
+                        with trio.CancelScope(shield=True):
+                            await writer.call(functools.partial(write_all, number, arrived))
                     finally:
                         writers.release()
 
@@ -448,3 +466,24 @@ class Placer:
                 )
             )
         await self._index.run(record_placed_files, self._index.index, self.path, files)
+
+
+def _run_writes(writes: list[Callable[[], None]]) -> list[Exception | None]:
+    """Each answered batch's writes on their own: a chunk that fails its hash fails its
+    batch (the member is to blame, IntegrityError); disk errors fail single files inside.
+    Any error goes back to its own batch's step, raised there: the writer itself never
+    fails, so no step waits on a writer that is gone."""
+    errors: list[Exception | None] = []
+    for write in writes:
+        try:
+            write()
+        except Exception as exc:  # noqa: BLE001 - handed to the batch's caller, raised there
+            errors.append(exc)
+        else:
+            errors.append(None)
+    return errors
+
+
+async def _serve_in(scope: trio.CancelScope, writer: MergedCalls[Callable[[], None]]) -> None:
+    with scope:
+        await writer.serve()
