@@ -19,6 +19,7 @@ import trio
 from p2pfs.content.chunking import Chunker
 from p2pfs.content.folder import FILE_TREE
 from p2pfs.content.tree import Child, build_tree
+from p2pfs.daemon import service as service_module
 from p2pfs.daemon.folders.client import FolderLink
 from p2pfs.daemon.folders.engine import FIRST_BATCH_SHARE, join_batch_sizes
 from p2pfs.daemon.folders.server import FolderServer
@@ -28,7 +29,8 @@ from p2pfs.daemon.streams import TransferCounters
 from p2pfs.identity import Identity
 from p2pfs.ids import ContentHash
 from p2pfs.net import PeerConnection, open_endpoint
-from p2pfs.store.index import IndexStore
+from p2pfs.store.assemble import is_partial_name
+from p2pfs.store.index import ChunkLocation, IndexStore
 from p2pfs.store.scanner import scan_share
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.records import (
@@ -321,3 +323,57 @@ def test_forged_record_in_a_later_join_batch_keeps_the_batches_before(tmp_path: 
         assert listed["files"] == 1 + len(earlier), listed
     finally:
         daemon.stop()
+
+
+def test_member_sending_a_chunk_that_fails_its_hash_is_dropped(
+    member: tuple[DaemonProcess, Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member whose records and trees are honest but one chunk's bytes are not: that file
+    is never written (nor any file of the batch it came in), the member is dropped with the
+    reason, the daemon goes on, and the files of other batches that were placed are exact."""
+    daemon, folder, ticket = member
+    keys = FolderKeys.from_write_seed(bytes(parse_ticket_untrusted(ticket).root))
+    content = tmp_path / "content"
+    content.mkdir()
+    chunker = Chunker()
+    blobs: list[tuple[str, bytes]] = []
+    file_nodes: dict[ContentHash, bytes] = {}
+    for number in range(300):
+        path = f"f{number:04d}.bin"
+        data = (f"{number:04d} " * (25 + number % 40)).encode()
+        (content / path).write_bytes(data)
+        root, nodes = build_tree(FILE_TREE, chunker.chunk_refs(data))
+        file_nodes.update(nodes)
+        version = FileVersion(
+            path, VersionVector.of({DEVICE: 1}), False, root.hash, root.size, False, 1, DEVICE
+        )
+        blobs.append((path, signed(version, keys)))
+    bad_path = "f0123.bin"
+    bad_chunk = chunker.chunk_refs((content / bad_path).read_bytes())[0].id
+    honest_reads = service_module._read_group
+
+    def lying_reads(wanted: list[tuple[ContentHash, list[ChunkLocation]]]) -> list[bytes | None]:
+        found = honest_reads(wanted)
+        return [
+            bytes([data[0] ^ 0xFF]) + data[1:] if data is not None and cid == bad_chunk else data
+            for (cid, _locations), data in zip(wanted, found, strict=True)
+        ]
+
+    monkeypatch.setattr(service_module, "_read_group", lying_reads)
+
+    def serve(hostile: HostileFolder) -> None:
+        hostile.file_nodes = file_nodes
+        hostile.serve(blobs)
+
+    assert run_hostile_member(tmp_path, ticket, serve, backwards=False, content=content)
+    # Temp files of the failed batch may stay (a later reconcile resumes them); no file.
+    placed = {p: d for p, d in listing(folder).items() if not is_partial_name(Path(p).name)}
+    assert bad_path not in placed
+    assert placed.pop("keep.txt") == b"precious\n"
+    for path, data in placed.items():
+        assert data == (content / path).read_bytes(), path
+    log = daemon.log_path.read_text()
+    drops = [line for line in log.splitlines() if "dropping member" in line]
+    assert len(drops) == 1 and "fails its hash" in drops[0], daemon.log_tail()
+    assert "Traceback" not in log, daemon.log_tail()
+    assert daemon.call("id")  # still serving
