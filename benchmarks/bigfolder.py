@@ -34,6 +34,7 @@ reconcile's phases); ``--logs DIR`` keeps only the logs, the daemons unprofiled.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -515,8 +516,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--fresh-fs",
         action="store_true",
-        help="run on a new ext4 (no journal) loop-mounted under --workdir for this run, so "
-        "earlier runs' removals do not slow its creates (root; benchmarks/scratchfs.py)",
+        help="each size on a new ext4 (no journal) loop-mounted under the scratch directory, "
+        "so earlier runs' removals do not slow its creates (root; benchmarks/scratchfs.py)",
     )
     parser.add_argument("--json", action="store_true", help="figures as one JSON line")
     return parser.parse_args(argv)
@@ -524,15 +525,20 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    if not args.fresh_fs:
-        return run(args)
     try:
-        with fresh_ext4(FRESH_FS_BYTES, args.workdir) as mount_point:
-            args.workdir = str(mount_point)
-            return run(args)
+        return run(args)
     except ScratchFsError as exc:
         print(f"--fresh-fs: {exc}", file=sys.stderr)
         return 2
+
+
+def size_place(args: argparse.Namespace, scratch: Path) -> contextlib.AbstractContextManager[Path]:
+    """Where one size's trees go: a fresh file system of its own with ``--fresh-fs`` (the
+    sizes before it removed theirs at the end: on the same file system its creates would
+    pay for them), else the scratch directory."""
+    if args.fresh_fs:
+        return fresh_ext4(FRESH_FS_BYTES, scratch)
+    return contextlib.nullcontext(scratch)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -551,14 +557,19 @@ def run(args: argparse.Namespace) -> int:
     try:
         base = base_rss(scratch / "base")
         for files in sizes:
-            work = scratch / str(files)
-            work.mkdir()
-            try:
-                runs.append(
-                    run_size(work, files, args.edits, args.profile, args.rescan_interval, args.logs)
-                )
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
+            with size_place(args, scratch) as place:
+                work = place / str(files)
+                work.mkdir()
+                if args.fresh_fs:
+                    file_system = f"a fresh {describe(work)} per size"
+                try:
+                    runs.append(
+                        run_size(
+                            work, files, args.edits, args.profile, args.rescan_interval, args.logs
+                        )
+                    )
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
             print(json.dumps(asdict(runs[-1])), file=sys.stderr)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
