@@ -98,3 +98,39 @@ def test_an_unexpected_error_in_the_thread_ends_serve() -> None:
     with pytest.raises(BaseExceptionGroup) as raised:
         trio.run(main)
     assert raised.group_contains(ValueError)
+
+
+def test_a_cancelled_caller_withdraws_a_queued_batch_and_waits_out_a_running_one() -> None:
+    """Cancelled while its batch waits, the batch never runs; cancelled while its batch is
+    being run, the caller returns (Cancelled) only after the thread is done with it, so it
+    may close what the batch writes to."""
+    recorder = Recorder()
+    finished: dict[str, bool] = {}
+
+    async def main() -> None:
+        calls = MergedCalls(recorder)
+
+        async def submit(batch: str, scope: trio.CancelScope) -> None:
+            with scope:
+                await calls.call(batch)
+            finished[batch] = recorder.calls != [] or recorder.go.is_set()
+
+        async with trio.open_nursery() as serving:
+            serving.start_soon(calls.serve)
+            running, waiting = trio.CancelScope(), trio.CancelScope()
+            async with trio.open_nursery() as callers:
+                callers.start_soon(submit, "running", running)
+                await trio.to_thread.run_sync(recorder.started.wait, 10)
+                callers.start_soon(submit, "waiting", waiting)
+                await trio.testing.wait_all_tasks_blocked()
+                waiting.cancel()
+                running.cancel()
+                await trio.testing.wait_all_tasks_blocked()
+                # The queued batch is gone at once; the running one's caller still waits.
+                assert "waiting" in finished and "running" not in finished
+                recorder.go.set()
+            serving.cancel_scope.cancel()
+
+    trio.run(main)
+    assert recorder.calls == [["running"]]  # "waiting" was withdrawn, never run
+    assert finished == {"waiting": False, "running": True}

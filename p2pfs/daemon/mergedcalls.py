@@ -34,7 +34,8 @@ class _Job(Generic[B]):
 class MergedCalls(Generic[B]):
     """Run ``function`` on batches in a worker thread, one call at a time, each call taking
     every batch queued until then. ``serve`` runs the calls (in the caller's nursery);
-    ``call`` queues a batch and returns once it was handled, raising its own error."""
+    ``call`` queues a batch and returns once it was handled, raising its own error, and
+    never returns (not even cancelled) while its batch is being run."""
 
     def __init__(self, function: BatchFunction[B]) -> None:
         self._function = function
@@ -46,17 +47,39 @@ class MergedCalls(Generic[B]):
             await self._wake.wait()
             self._wake = trio.Event()
             jobs, self._queued = self._queued, []
+            if not jobs:
+                continue  # every batch queued since was withdrawn (its caller cancelled)
             # Not cancellable once started (trio waits for the thread), so every job taken
             # here is answered.
-            errors = await in_thread(self._function, [job.batch for job in jobs])
+            try:
+                errors = await in_thread(self._function, [job.batch for job in jobs])
+            except Exception as exc:
+                # A bug in the function ends serve; its callers are answered first (one
+                # cancelled meanwhile waits for exactly this).
+                for job in jobs:
+                    job.error = RuntimeError(f"the merged call failed: {exc!r}")
+                    job.done.set()
+                raise
             for job, error in zip(jobs, errors, strict=True):
                 job.error = error
                 job.done.set()
 
     async def call(self, batch: B) -> None:
+        """Queue ``batch`` and wait for its call. Cancelled, a batch no call has taken yet
+        is withdrawn (never run); one being run is waited for first (the thread cannot be
+        stopped, and the caller may close what it writes to once this returns)."""
         job = _Job(batch)
         self._queued.append(job)
         self._wake.set()
-        await job.done.wait()
+        try:
+            await job.done.wait()
+        except trio.Cancelled:
+            if job in self._queued:
+                self._queued.remove(job)
+            else:
+                with trio.CancelScope(shield=True):
+                    # Taken by a call under way: its thread sets this when it returns.
+                    await job.done.wait()
+            raise
         if job.error is not None:
             raise job.error

@@ -427,12 +427,10 @@ class Placer:
                 self.on_received(sum(len(data) for _position, data in arrived))
 
                 async def run() -> None:
-                    # Shielded: the step closes its files once this returns, so a write
-                    # queued or running in the writer's thread is waited for, not left
-                    # behind (the writer serves until every step is done).
+                    # The step closes its files once this returns: a write the writer's
+                    # thread is running is waited for even when cancelled (MergedCalls).
                     try:
-                        with trio.CancelScope(shield=True):
-                            await writer.call(functools.partial(write_all, number, arrived))
+                        await writer.call(functools.partial(write_all, number, arrived))
                     finally:
                         writers.release()
 
