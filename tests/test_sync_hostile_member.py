@@ -105,6 +105,27 @@ class HostileFolder:
         return self.content
 
 
+def served_files(
+    content: Path, count: int, keys: FolderKeys
+) -> tuple[list[tuple[str, bytes]], dict[ContentHash, bytes]]:
+    """``count`` small files written into ``content`` (made here) for a hostile member to
+    serve: their signed records ``(path, blob)`` and their file-tree nodes by hash."""
+    content.mkdir()
+    chunker = Chunker()
+    blobs: list[tuple[str, bytes]] = []
+    file_nodes: dict[ContentHash, bytes] = {}
+    for number in range(count):
+        path = f"f{number:04d}.bin"
+        data = (f"{number:04d} " * (25 + number % 40)).encode()
+        (content / path).write_bytes(data)
+        root, nodes = build_tree(FILE_TREE, chunker.chunk_refs(data))
+        file_nodes.update(nodes)
+        vector = VersionVector.of({DEVICE: 1})
+        version = FileVersion(path, vector, False, root.hash, root.size, False, 1, DEVICE)
+        blobs.append((path, signed(version, keys)))
+    return blobs, file_nodes
+
+
 def tombstone(path: str, counter: int) -> FileVersion:
     return FileVersion.tombstone(path, VersionVector.of({DEVICE: counter}), 1, DEVICE)
 
@@ -280,19 +301,7 @@ def test_forged_record_in_a_later_join_batch_keeps_the_batches_before(tmp_path: 
         ticket = daemon.cli_json("sync", str(folder))["rw"]
         keys = FolderKeys.from_write_seed(bytes(parse_ticket_untrusted(ticket).root))
         content = tmp_path / "content"
-        content.mkdir()
-        chunker = Chunker()
-        blobs: list[tuple[str, bytes]] = []
-        file_nodes: dict[ContentHash, bytes] = {}
-        for number in range(3 * SMALL_JOIN_BATCH - 10):
-            path = f"f{number:04d}.bin"
-            data = (f"{number:04d} " * (25 + number % 40)).encode()
-            (content / path).write_bytes(data)
-            root, nodes = build_tree(FILE_TREE, chunker.chunk_refs(data))
-            file_nodes.update(nodes)
-            vector = VersionVector.of({DEVICE: 1})
-            version = FileVersion(path, vector, False, root.hash, root.size, False, 1, DEVICE)
-            blobs.append((path, signed(version, keys)))
+        blobs, file_nodes = served_files(content, 3 * SMALL_JOIN_BATCH - 10, keys)
         # Batches are taken from the end of the member's leaves (path-key order): the
         # forged record, first in that order, is in the last batch.
         first = min(path_key(path) for path, _blob in blobs)
@@ -334,22 +343,9 @@ def test_member_sending_a_chunk_that_fails_its_hash_is_dropped(
     daemon, folder, ticket = member
     keys = FolderKeys.from_write_seed(bytes(parse_ticket_untrusted(ticket).root))
     content = tmp_path / "content"
-    content.mkdir()
-    chunker = Chunker()
-    blobs: list[tuple[str, bytes]] = []
-    file_nodes: dict[ContentHash, bytes] = {}
-    for number in range(300):
-        path = f"f{number:04d}.bin"
-        data = (f"{number:04d} " * (25 + number % 40)).encode()
-        (content / path).write_bytes(data)
-        root, nodes = build_tree(FILE_TREE, chunker.chunk_refs(data))
-        file_nodes.update(nodes)
-        version = FileVersion(
-            path, VersionVector.of({DEVICE: 1}), False, root.hash, root.size, False, 1, DEVICE
-        )
-        blobs.append((path, signed(version, keys)))
+    blobs, file_nodes = served_files(content, 300, keys)
     bad_path = "f0123.bin"
-    bad_chunk = chunker.chunk_refs((content / bad_path).read_bytes())[0].id
+    bad_chunk = Chunker().chunk_refs((content / bad_path).read_bytes())[0].id
     honest_reads = service_module._read_group
 
     def lying_reads(wanted: list[tuple[ContentHash, list[ChunkLocation]]]) -> list[bytes | None]:
