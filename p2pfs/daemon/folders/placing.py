@@ -214,9 +214,8 @@ class Placer:
         # answered batches are written by one thread call at a time (mergedcalls.py).
         limit = trio.Semaphore(STEPS_IN_FLIGHT)
         writer: MergedCalls[Callable[[], None]] = MergedCalls(_run_writes)
-        writing = trio.CancelScope()
         async with trio.open_nursery() as serving:
-            serving.start_soon(_serve_in, writing, writer)
+            serving.start_soon(writer.serve)
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(walk_in_order)
@@ -235,7 +234,7 @@ class Placer:
                             writer,
                         )
             finally:
-                writing.cancel()  # every step is done: no batch is waiting
+                serving.cancel_scope.cancel()  # every step is done: no batch is waiting
         timer.mark("files")
         return placed | made
 
@@ -480,8 +479,3 @@ def _run_writes(writes: list[Callable[[], None]]) -> list[Exception | None]:
         else:
             errors.append(None)
     return errors
-
-
-async def _serve_in(scope: trio.CancelScope, writer: MergedCalls[Callable[[], None]]) -> None:
-    with scope:
-        await writer.serve()
