@@ -226,7 +226,8 @@ class SizeRun:
     """CPU seconds each daemon spent while B joined (the initial sync)."""
     join_cpu_b: float
     join_machine: str
-    """The machine's idle and stolen shares over the join (a busy host shows as steal)."""
+    """The machine's idle and stolen shares over the join (steal: time the hypervisor took,
+    where it reports it; this VM's busy minutes showed none, only slower work)."""
 
     @property
     def edit_p50(self) -> float:
