@@ -9,7 +9,7 @@ import pytest
 from p2pfs.content.chunking import Chunker, ChunkRef
 from p2pfs.errors import IntegrityError, StorageError
 from p2pfs.store import assemble
-from p2pfs.store.assemble import Finished, PartialFile, commit_files, is_partial_name
+from p2pfs.store.assemble import Finished, PartialFile, commit_files, is_partial_name, umask
 from p2pfs.store.directories import SharedDirectories
 from tests.helpers_content import random_bytes
 
@@ -247,8 +247,27 @@ def test_a_new_file_written_whole_is_placed_with_its_metadata_in_a_batch(tmp_pat
         info = os.stat(path)
         assert path.read_bytes() == data
         assert info.st_mtime_ns == mtime
-        assert bool(info.st_mode & stat.S_IXUSR) == executable
+        assert stat.S_IMODE(info.st_mode) == (0o755 if executable else 0o644) & ~umask()
     assert not [p for p in os.listdir(tmp_path) if is_partial_name(p)]
+
+
+def test_final_state_is_read_in_the_directory_the_file_is_placed_into(tmp_path: Path) -> None:
+    """What a commit compares against the scan: read through the directory descriptor the
+    file holds, so a path whose directory was swapped for a symlink since is not followed."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(b"old")
+    partial = PartialFile(str(tmp_path / "d"), "f", ROOT, 3)
+    with partial:
+        held = partial.final_state()
+        assert held is not None and held.st_size == 3
+        assert held.st_ino == os.lstat(tmp_path / "d" / "f").st_ino
+        os.rename(tmp_path / "d", tmp_path / "moved")
+        (tmp_path / "elsewhere").mkdir()
+        os.symlink(tmp_path / "elsewhere", tmp_path / "d")
+        again = partial.final_state()
+        assert again is not None and again.st_ino == held.st_ino  # the directory it holds
+        os.unlink(tmp_path / "moved" / "f")
+        assert partial.final_state() is None
 
 
 def test_write_new_leaves_an_existing_temp_file_to_the_resuming_path(tmp_path: Path) -> None:

@@ -368,9 +368,9 @@ class PartialFile:
 
         Why: a small file written chunk by chunk paid a failed open, a create, lock,
         truncate and close, then a reopen and lock for its mode, another for its rename
-        (~40 system calls a file, issue 13's small-files profile); here 5 (create, fstat,
-        flock, write, fchmod; utime given an mtime) and the commit's lstat, rename and close,
-        given the batch's ``SharedDirectories``.
+        (~40 system calls a file, issue 13's small-files profile); here 4 (create with its
+        mode, fstat, flock, write; utime given an mtime) and the commit's lstat, rename and
+        close, given the batch's ``SharedDirectories``.
         The caller closes it (commit_files does) or keeps few such files open.
         """
         if not self.untouched or self._revoked:
@@ -378,10 +378,14 @@ class PartialFile:
         total = sum(len(data) for _offset, data in parts)
         if any(offset < 0 or offset + len(data) > self.size for offset, data in parts):
             raise StorageError(f"write past the end of {self.final_path}")
+        mode = 0o755 if executable else 0o644
         with self._descriptor_lock:
             dir_fd = self._directory_fd()
             try:
-                fd = os.open(self.temp_name, _CREATE, 0o600, dir_fd=dir_fd)
+                # Created with its final mode (the kernel applies the umask, as the
+                # general path's fchmod does): its bytes are verified before they are
+                # written, so nothing private shows in it meanwhile; one call fewer a file.
+                fd = os.open(self.temp_name, _CREATE, mode, dir_fd=dir_fd)
             except FileExistsError:
                 return False
             except OSError as exc:
@@ -398,8 +402,6 @@ class PartialFile:
                 for offset, data in parts:
                     _write_at(fd, data, offset)
                     self._verified[offset] = max(self._verified.get(offset, 0), len(data))
-                mode = 0o755 if executable else 0o644
-                os.fchmod(fd, mode & ~_UMASK)
                 if mtime_ns is not None:
                     os.utime(fd, ns=(mtime_ns, mtime_ns))
             except OSError as exc:
@@ -524,6 +526,17 @@ class PartialFile:
             raise StorageError(f"cannot place {self.final_path}: {_why(exc)}") from exc
         finally:
             self.close()
+
+    def final_state(self) -> os.stat_result | None:
+        """What is under the final name now, in the directory this file is placed into
+        (not reached through the path again: nothing swapped in on the way is followed);
+        None if nothing is. Raises StorageError when it cannot be read."""
+        try:
+            return os.lstat(self.final_name, dir_fd=self._directory_fd())
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StorageError(f"cannot read {self.final_path}: {_why(exc)}") from exc
 
     def discard(self) -> None:
         """Remove our temp file (only ours: never one that replaced it, nor one another

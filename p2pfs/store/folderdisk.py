@@ -147,6 +147,13 @@ def state_of(folder: str, path: str) -> DiskState | None:
         return None
     except OSError:
         return NOT_A_FILE  # unreadable, a name too long here...: leave it alone
+    return state_from_stat(st)
+
+
+def state_from_stat(st: os.stat_result | None) -> DiskState | None:
+    """An lstat's result as a DiskState (None: nothing there)."""
+    if st is None:
+        return None
     if not stat.S_ISREG(st.st_mode):
         return NOT_A_FILE
     return DiskState(st.st_size, st.st_mtime_ns, st.st_ino)

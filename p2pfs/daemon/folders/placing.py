@@ -18,6 +18,7 @@ from p2pfs.content.tree import Child
 from p2pfs.ids import ContentHash
 from p2pfs.store import folderdisk
 from p2pfs.store.assemble import Finished, PartialFile
+from p2pfs.store.directories import SharedDirectories
 from p2pfs.store.index import CHUNK_RECORD, ChunkLocation, ChunkReader, IndexStore
 from p2pfs.store.placed import PlacedFile, record_placed_files
 from p2pfs.sync.records import SignedRecord
@@ -257,10 +258,13 @@ class Placer:
         try:
             await trees.walked.wait()
             chunks_of = trees.chunks_of
+            directories = SharedDirectories()  # one descriptor per directory, not per file
             for path, version in items:
                 assert version.root is not None
                 name = path.rsplit("/", 1)[-1]
-                partials[path] = PartialFile(parents[path], name, version.root, version.size)
+                partials[path] = PartialFile(
+                    parents[path], name, version.root, version.size, directories=directories
+                )
             missing = await self._fill_from_local(partials, chunks_of, old_roots, failed)
             versions = dict(items)
             await self._fill_from_peer(link, partials, missing, failed, versions, chunks_of, writer)

@@ -345,7 +345,12 @@ def commit_placed(
 
     def prepare_replace(item: Finished) -> bool:
         path = by_final[item.partial.final_path]
-        now = folderdisk.state_of(folder, path)
+        # Looked up in the directory the file is renamed into, by the descriptor it holds:
+        # one lstat, not one for each directory on the path (every file of a join).
+        try:
+            now = folderdisk.state_from_stat(item.partial.final_state())
+        except StorageError:
+            now = folderdisk.NOT_A_FILE  # unreadable, a name too long here...: left alone
         if now == folderdisk.NOT_A_FILE:
             # A directory (or symlink, or something unreadable) where the record has a
             # file: never replaced; reported, and retried once it is gone.
