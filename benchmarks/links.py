@@ -13,6 +13,8 @@ same engine and default TransportConfig), both through the same seeded link emul
 The bottleneck queue is one bandwidth-delay product (drop-tail). Each condition runs
 ``--runs`` times with seeds 1..N, p2pfs and the raw engine alternating with the same seed;
 the table gives the median MB/s of each and their ratio (goal: p2pfs >= 0.8x the raw engine),
+p2pfs at its defaults (on a long path a fetch runs up to 4 connections to the peer: SPEC
+"Stripes") and p2pfs with one connection (``--stripes 1``, the same seed) beside it,
 and ``wire``: the median over seeds of the ratio of the two rates on the link itself, while
 the data direction delivers the 10th to the 90th percent of the size (no set-up, no tail).
 p2pfs's time is the fetching daemon's own (manifest request to last file renamed); the raw
@@ -131,11 +133,18 @@ def _drops(link: LinkForwarder | None) -> tuple[int, int]:
     return f.lost + b.lost, f.queue_dropped + b.queue_dropped
 
 
-def p2pfs_run(condition: Condition, seed: int, source: Path, work: Path) -> Run:
-    """A fresh pair of daemons (no connection left from an earlier run), one fetch."""
+ONE_CONNECTION = "p2pfs, 1 connection"
+
+
+def p2pfs_run(
+    condition: Condition, seed: int, source: Path, work: Path, *, one_connection: bool = False
+) -> Run:
+    """A fresh pair of daemons (no connection left from an earlier run), one fetch;
+    ``one_connection``: the fetcher runs with ``--stripes 1``."""
     size = source.stat().st_size
     sharer = DaemonProcess(work / "sharer", extra_args=("--no-lan",))
-    getter = DaemonProcess(work / "getter", extra_args=("--no-lan",))
+    stripes = ("--stripes", "1") if one_connection else ()
+    getter = DaemonProcess(work / "getter", extra_args=("--no-lan", *stripes))
     try:
         sharer.start()
         getter.start()
@@ -161,7 +170,7 @@ def p2pfs_run(condition: Condition, seed: int, source: Path, work: Path) -> Run:
         if report["bytes_from_peer"] != size:
             raise RuntimeError(f"p2pfs moved {report['bytes_from_peer']} of {size} bytes")
         return Run(
-            "p2pfs",
+            ONE_CONNECTION if one_connection else "p2pfs",
             condition.name,
             seed,
             size,
@@ -249,9 +258,11 @@ def raw_run(
 
 def summarise(condition: Condition, runs: list[Run]) -> dict[str, Any]:
     ours = [r for r in runs if r.who == "p2pfs"]
-    raw = [r for r in runs if r.who != "p2pfs"]
+    single = [r for r in runs if r.who == ONE_CONNECTION]
+    raw = [r for r in runs if r.who.startswith("raw")]
     p2pfs_rate = statistics.median(r.mb_per_s for r in ours)
     raw_rate = statistics.median(r.mb_per_s for r in raw)
+    single_rate = statistics.median(r.mb_per_s for r in single) if single else None
 
     def per_gib(selected: list[Run], side: str) -> float:
         cpu: float = sum(getattr(r, f"{side}_cpu") for r in selected)
@@ -265,6 +276,9 @@ def summarise(condition: Condition, runs: list[Run]) -> dict[str, Any]:
         "p2pfs_mb_s": p2pfs_rate,
         "raw_mb_s": raw_rate,
         "ratio": p2pfs_rate / raw_rate,
+        "one_connection_mb_s": single_rate,
+        "one_connection_ratio": None if single_rate is None else single_rate / raw_rate,
+        "one_connection_runs_mb_s": [round(r.mb_per_s, 2) for r in single],
         "p2pfs_runs_mb_s": [round(r.mb_per_s, 2) for r in ours],
         "raw_runs_mb_s": [round(r.mb_per_s, 2) for r in raw],
         "p2pfs_sender_cpu_s_per_gib": per_gib(ours, "sender"),
@@ -290,7 +304,12 @@ def _wire_ratio(ours: list[Run], raw: list[Run]) -> float | None:
 
 
 def run_condition(
-    condition: Condition, runs: int, scratch: Path, raw_batched: bool, raw_reverse: bool
+    condition: Condition,
+    runs: int,
+    scratch: Path,
+    raw_batched: bool,
+    raw_reverse: bool,
+    one_connection: bool = True,
 ) -> dict[str, Any]:
     size = condition.size_mib * MiB
     source = scratch / f"{condition.name}.bin"
@@ -298,12 +317,12 @@ def run_condition(
     results = []
     for seed in range(1, runs + 1):
         results.append(p2pfs_run(condition, seed, source, scratch / "daemons"))
+        if one_connection:
+            daemons = scratch / "daemons"
+            results.append(p2pfs_run(condition, seed, source, daemons, one_connection=True))
         results.append(raw_run(condition, seed, size, raw_batched, raw_reverse))
-        last = results[-2:]
-        sys.stderr.write(
-            f"{condition.name} seed {seed}: p2pfs {last[0].mb_per_s:.2f} MB/s, "
-            f"raw {last[1].mb_per_s:.2f} MB/s\n"
-        )
+        rates = ", ".join(f"{r.who} {r.mb_per_s:.2f} MB/s" for r in results if r.seed == seed)
+        sys.stderr.write(f"{condition.name} seed {seed}: {rates}\n")
     source.unlink()
     summary = summarise(condition, results)
     summary["all_runs"] = [{**asdict(r), "mb_per_s": r.mb_per_s} for r in results]
@@ -313,16 +332,23 @@ def run_condition(
 def print_table(rows: list[dict[str, Any]], note: str) -> None:
     header = (
         f"{'condition':<28}{'MiB':>5}{'runs':>5}{'p2pfs MB/s':>12}{'raw MB/s':>10}"
-        f"{'ratio':>7}{'goal':>6}{'wire':>7}  CPU s/GiB send/recv p2pfs | raw"
+        f"{'ratio':>7}{'goal':>6}{'wire':>7}{'1 conn MB/s':>13}{'ratio':>7}"
+        "  CPU s/GiB send/recv p2pfs | raw"
     )
     print(header)
     print("-" * len(header))
     for row in rows:
         goal = "" if row["condition"] == "direct" else ("yes" if row["ratio"] >= GOAL else "NO")
         wire = "" if row["wire_ratio"] is None else f"{row['wire_ratio']:.2f}x"
+        single = row["one_connection_mb_s"]
+        one = (
+            f"{'':>13}{'':>7}"
+            if single is None
+            else (f"{single:>13.2f}{row['one_connection_ratio']:>6.2f}x")
+        )
         print(
             f"{row['describe']:<28}{row['mib']:>5}{row['runs']:>5}{row['p2pfs_mb_s']:>12.2f}"
-            f"{row['raw_mb_s']:>10.2f}{row['ratio']:>6.2f}x{goal:>6}{wire:>7}  "
+            f"{row['raw_mb_s']:>10.2f}{row['ratio']:>6.2f}x{goal:>6}{wire:>7}{one}  "
             f"{row['p2pfs_sender_cpu_s_per_gib']:.1f}/{row['p2pfs_receiver_cpu_s_per_gib']:.1f}"
             f" | {row['raw_sender_cpu_s_per_gib']:.1f}/{row['raw_receiver_cpu_s_per_gib']:.1f}"
         )
@@ -346,6 +372,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the raw engine's receiver dials its sender, as a p2pfs fetcher does",
     )
+    parser.add_argument(
+        "--no-one-connection",
+        action="store_true",
+        help="skip the p2pfs runs with one connection (--stripes 1)",
+    )
     parser.add_argument("--workdir", help="scratch directory (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
@@ -356,7 +387,15 @@ def main(argv: list[str] | None = None) -> int:
     load_before, started = load_average(), time.monotonic()
     try:
         rows = [
-            run_condition(c, args.runs, scratch, args.raw_batched, args.raw_reverse) for c in chosen
+            run_condition(
+                c,
+                args.runs,
+                scratch,
+                args.raw_batched,
+                args.raw_reverse,
+                one_connection=not args.no_one_connection,
+            )
+            for c in chosen
         ]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -28,6 +28,7 @@ from p2pfs.errors import LocalProtocolError, P2pfsError, explaining_error
 from p2pfs.home import resolve_home
 from p2pfs.store.index import CHUNK_RECORD, INDEX_FILENAME, IndexStore
 from p2pfs.store.scanner import ScanResult, scan_share
+from p2pfs.swarm.stripes import DEFAULT_MAX_STRIPES, STRIPE_MIN_RTT
 from p2pfs.wire.ticket import parse_ticket_untrusted
 
 DEFAULT_LISTEN = "0.0.0.0:7337"
@@ -291,6 +292,15 @@ def _daemon_arguments(daemon: argparse.ArgumentParser) -> None:
         help="fetch from up to N peers at once in worker processes, each with its own QUIC "
         "connection (default 0: all in the daemon's process; see SPEC 'Data plane workers')",
     )
+    daemon.add_argument(
+        "--stripes",
+        type=int,
+        default=DEFAULT_MAX_STRIPES,
+        metavar="N",
+        help="fetch from one peer over up to N QUIC connections where its path is long "
+        f"(round trip >= {STRIPE_MIN_RTT * 1000:.0f} ms; default {DEFAULT_MAX_STRIPES}; "
+        "1: one connection; see SPEC 'Stripes')",
+    )
 
 
 def _failed(args: argparse.Namespace, kind: str, exc: Exception, code: int) -> int:
@@ -367,6 +377,7 @@ def daemon_config(args: argparse.Namespace) -> NodeConfig:
         max_upload_rate=args.max_upload_rate,
         max_download_rate=args.max_download_rate,
         data_workers=max(0, args.data_workers),
+        max_stripes=max(1, args.stripes),
         port_mapping=not args.no_port_mapping,
         gui=None if args.no_gui else parse_address(args.gui),
         folders=folders,

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import trio
 
+from benchmarks.linkemu import LinkConditions, LinkForwarder
 from p2pfs.daemon.liveness import close_when_silent
 from p2pfs.errors import (
     AuthenticationError,
@@ -554,3 +555,38 @@ def test_close_when_silent_spares_a_peer_we_do_not_read_and_closes_a_silent_one(
                 nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+@engine_param
+def test_the_round_trip_read_from_the_engine_is_the_paths(engine: str) -> None:
+    """`latest_rtt` (a reach into each engine) reads a real sample: on loopback it is far
+    below a path with 30 ms each way (the link emulator), and there never below 60 ms."""
+    server_id, client_id = Identity.generate(), Identity.generate()
+    samples: dict[str, float | None] = {}
+
+    async def round_trips(conn: PeerConnection, name: str) -> None:
+        for _ in range(3):
+            stream = await conn.open_stream()
+            await stream.send_all(b"ping")
+            await stream.send_eof()
+            assert await read_all(stream) == b"ping"
+        samples[name] = conn.latest_rtt
+
+    async def main() -> None:
+        with trio.fail_after(30):
+            async with (
+                open_endpoint(server_id, handler=echo_handler, engine=engine) as server,
+                open_endpoint(client_id, engine=engine) as client,
+            ):
+                direct = await client.connect(server.local_address, server_id.node_id)
+                await round_trips(direct, "direct")
+                delayed = LinkConditions(delay=0.030)
+                with LinkForwarder(server.local_address, delayed, seed=1) as link:
+                    far = await client.connect(link.address, server_id.node_id)
+                    await round_trips(far, "far")
+
+    trio.run(main)
+    direct, far = samples["direct"], samples["far"]
+    assert direct is not None and far is not None
+    assert far >= 0.060
+    assert 0 < direct < far

@@ -66,6 +66,7 @@ from .swarmfetch import (
     STALL_TIMEOUT,
     HoldersExhaustedError,
     MorePeers,
+    OpenStripe,
     PeerPool,
     Release,
     close_connection,
@@ -160,8 +161,12 @@ class Fetcher:
         give_up_after: float = GIVE_UP_AFTER,
         overwrite: bool = False,
         workers: WorkerPool | None = None,
+        open_stripe: OpenStripe | None = None,
+        max_stripes: int = 1,
     ) -> None:
         self._workers = workers
+        self._open_stripe = open_stripe
+        self._max_stripes = max_stripes
         self._connect = connect
         self._release = release or close_connection
         self._give_up_after = give_up_after
@@ -229,6 +234,8 @@ class Fetcher:
             give_up_after=self._give_up_after,
             workers=self._workers,
             placement=self if self._workers is not None else None,
+            open_stripe=self._open_stripe,
+            max_stripes=self._max_stripes,
         )
         exhausted: HoldersExhaustedError | None = None
         # Full batches of finished files are committed (made durable, renamed) beside the
@@ -405,6 +412,7 @@ class Fetcher:
                 "pieces_requested": s.pieces_requested,
                 "failed": s.failed,
                 "worker": s.worker,
+                "connections": s.connections,
             }
             for s in self._pool.stats.values()
         ]

@@ -22,6 +22,7 @@ from p2pfs.content.folder import DIR_TREE, EntryKind, Manifest, manifest_root, s
 from p2pfs.errors import IntegrityError, LocalProtocolError
 from p2pfs.ids import NodeId
 from p2pfs.net import PeerConnection
+from p2pfs.swarm.stripes import DEFAULT_MAX_STRIPES
 from p2pfs.wire.ticket import Ticket, TicketError, parse_ticket_untrusted
 
 from .control_server import Emit, pump_progress
@@ -69,8 +70,10 @@ class Fetches:
         download_limit: TokenBucket | None,
         peers: tuple[PeerAddress, ...],
         workers: WorkerPool | None = None,
+        max_stripes: int = DEFAULT_MAX_STRIPES,
     ) -> None:
         self._workers = workers
+        self._max_stripes = max_stripes
         self._dialer = dialer
         self._discovery = discovery
         self._index = index
@@ -167,6 +170,13 @@ class Fetches:
             def release(conn: PeerConnection) -> None:
                 self._dialer.release(conn, holder)
 
+            async def open_stripe(conn: PeerConnection) -> PeerConnection:
+                host, port = str(conn.remote_address[0]), int(conn.remote_address[1])
+                candidate = Candidate(PeerAddress(host, port), conn.peer_id, "stripe")
+                return await self._dialer.first(
+                    [candidate], holder, reuse=False, relay_lookup=False, what="a stripe"
+                )
+
             fetcher = Fetcher(
                 self.holder_connector(ticket, extra, holder, give_up),
                 ticket.root,
@@ -181,6 +191,8 @@ class Fetches:
                 give_up_after=give_up,
                 overwrite=bool(params.get("overwrite")),
                 workers=self._workers,
+                open_stripe=open_stripe,
+                max_stripes=self._max_stripes,
             )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(pump_progress, emit, latest)

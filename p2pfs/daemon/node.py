@@ -37,6 +37,7 @@ from p2pfs.net import Endpoint, PeerConnection, TransportConfig, open_endpoint
 from p2pfs.store.folders import FolderStore
 from p2pfs.store.index import INDEX_FILENAME, IndexStore
 from p2pfs.store.scanner import scan_share
+from p2pfs.swarm.stripes import DEFAULT_MAX_STRIPES
 from p2pfs.sync.versions import short_device
 from p2pfs.wire.ticket import Ticket, TicketKind
 
@@ -105,6 +106,8 @@ class NodeConfig:
     """Serve the HTTP API and web UI here (``--gui``; a taken port falls back to a free one)."""
     data_workers: int = 0
     """Fetch from up to this many peers at once in worker processes (``--data-workers``)."""
+    max_stripes: int = DEFAULT_MAX_STRIPES
+    """Connections a fetch may run to one peer on a long path (``--stripes``; 1: one)."""
 
 
 NAT_SETTLE = 1.0
@@ -246,6 +249,7 @@ class Node:
                 self._download_limit,
                 self.config.peers,
                 workers,
+                self.config.max_stripes,
             )
             if self.config.port_mapping and self._addresses.wildcard:
                 self._port_mapper = PortMapper(endpoint.local_address[1], self._addresses.mapped)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -33,9 +33,11 @@ from p2pfs.ids import ContentHash, NodeId
 from p2pfs.net import PeerConnection
 from p2pfs.swarm.picker import PiecePicker
 from p2pfs.swarm.pipeline import PipelineController
+from p2pfs.swarm.stripes import stripes_for
 from p2pfs.wire.codes import ErrorCode
 from p2pfs.wire.messages import ChunkData, ErrorReply, GetChunks, GetHave, HaveReply, HaveUpdate
 
+from .dialer import DialError
 from .liveness import TRANSFER_QUIET_AFTER, close_when_silent
 from .ratelimit import TokenBucket, throttle
 from .requests import PeerRequestError, RequestStream
@@ -85,16 +87,29 @@ MorePeers = Callable[[set[NodeId]], Awaitable[list[PeerConnection]]]
 """Connect to holders not yet connected (those named are excluded)."""
 Release = Callable[[PeerConnection], None]
 """The pool is done with a connection (whoever else uses it keeps it)."""
+OpenStripe = Callable[[PeerConnection], Awaitable[PeerConnection]]
+"""One more connection to the peer of the one given (the same address, its NodeId pinned)."""
 
 
-def request_count(pipeline: PipelineController, average_piece: int) -> int:
+@dataclass(slots=True)
+class Lane:
+    """One connection's part of fetching from a peer: its own pipeline (the rate and round
+    trip of its own window), whom the picker hands its pieces to (the peer, or a stripe's
+    own seat), and over how many connections the peer is fetched (they share its floor)."""
+
+    seat: Hashable
+    pipeline: PipelineController = field(default_factory=PipelineController)
+    connections: int = 1
+
+
+def request_count(lane: Lane, average_piece: int) -> int:
     """How many pieces to ask a peer for now (0: wait for room). The peer's bandwidth-delay
     product bounds what is in flight to it (all streams together): a slow peer holds few
     pieces, a fast one many. A request waits for room for half a share at least: asking as
     soon as any 512 KiB was free made requests of ~6 chunks on a fast peer, each paying its
     round of lookups, reads and a write on both sides."""
-    target = in_flight_target(pipeline)
-    room = target - pipeline.in_flight
+    target = in_flight_target(lane.pipeline, lane.connections)
+    room = target - lane.pipeline.in_flight
     share = target // (STREAMS_PER_PEER * REQUESTS_IN_FLIGHT)
     if room < min(max(MIN_REQUEST_BYTES, share // 2), target):
         return 0
@@ -142,6 +157,8 @@ class PeerStats:
     failed: str | None = None
     worker: int | None = None
     """The pid of the worker process fetching from this peer (None: the daemon itself)."""
+    connections: int = 1
+    """Connections this fetch ran to the peer: the first and its stripes (swarm/stripes.py)."""
 
 
 @dataclass(slots=True)
@@ -157,6 +174,11 @@ class PeerPool:
     workers: WorkerPool | None = None
     """Set: each direct peer's requests run in a worker process while one is free."""
     placement: WorkerPlacement | None = None
+    open_stripe: OpenStripe | None = None
+    """Dials one more connection to a peer (its address, its NodeId pinned); None: no
+    stripes."""
+    max_stripes: int = 1
+    """Connections to one peer at most (swarm/stripes.py decides how many below that)."""
     stats: dict[NodeId, PeerStats] = field(default_factory=dict)
     banned: set[NodeId] = field(default_factory=set)
     resting: dict[NodeId, float] = field(default_factory=dict)
@@ -236,11 +258,16 @@ class PeerPool:
         peer = conn.peer_id
         joined = False
         try:
+            asked = trio.current_time()
             have, reply = await self._subscribe(conn)
+            answered = trio.current_time() - asked
             self.picker.add_peer(peer, None if reply.complete else reply.pieces())
             joined = True
             self._changed()
-            pipeline = PipelineController()
+            # Decided before the first request: a first connection that starts alone queues
+            # the whole in-flight budget (4 MiB), which on a slow window is its tail.
+            stripes = self._stripes_for(conn, peer, reply.complete, answered)
+            lane = Lane(peer, connections=stripes)
             worker = self._worker_for(conn, seeder=reply.complete)
             async with worker as link, trio.open_nursery() as nursery:
                 nursery.start_soon(self._follow_updates, have, peer)
@@ -248,10 +275,14 @@ class PeerPool:
                 # stall timeout (its pieces go to the others at once).
                 nursery.start_soon(close_when_silent, conn, TRANSFER_QUIET_AFTER)
                 if link is not None:
-                    nursery.start_soon(self._remote_loop, link, conn, peer, pipeline)
+                    nursery.start_soon(self._remote_loop, link, conn, peer, lane)
                 else:
                     for _ in range(STREAMS_PER_PEER):
-                        nursery.start_soon(self._request_loop, conn, peer, pipeline)
+                        nursery.start_soon(self._request_loop, conn, peer, lane)
+                for number in range(1, stripes):
+                    nursery.start_soon(
+                        self._stripe, conn, peer, Lane((peer, number), connections=stripes)
+                    )
         except* StorageError as group:
             self._stop_for_local_error(group, conn)
         except* IntegrityError as group:
@@ -344,10 +375,14 @@ class PeerPool:
             self._changed()
 
     async def _request_loop(
-        self, conn: PeerConnection, peer: NodeId, pipeline: PipelineController
+        self,
+        conn: PeerConnection,
+        peer: NodeId,
+        lane: Lane,
     ) -> None:
         """One stream: a sender keeps REQUESTS_IN_FLIGHT requests queued at the peer (so it
         never idles between them), the replies are read in order as they come."""
+        seat, pipeline = lane.seat, lane.pipeline
         stream = await RequestStream.open(conn, self.counters)
         average = max(1, sum(p.length for p in self.pieces) // max(1, len(self.pieces)))
         in_flight_send, in_flight = trio.open_memory_channel[tuple[list[int], float]](
@@ -358,8 +393,8 @@ class PeerPool:
         async def sender() -> None:
             async with in_flight_send:
                 while not self.picker.complete:
-                    count = request_count(pipeline, average)
-                    picked = self.picker.pick(peer, count) if count else []
+                    count = request_count(lane, average)
+                    picked = self.picker.pick(seat, count) if count else []
                     if not picked:
                         await self._change.wait()
                         continue
@@ -383,7 +418,7 @@ class PeerPool:
 
         async def place(arrived: list[tuple[int, bytes | memoryview]], picked: list[int]) -> None:
             try:
-                await self._place_batch(peer, arrived, picked)
+                await self._place_batch(peer, arrived, picked, seat)
                 outstanding.remove(picked)
             finally:
                 placing.release()
@@ -398,7 +433,7 @@ class PeerPool:
                         nursery.start_soon(place, arrived, picked)
         except BaseException:
             for picked in outstanding:
-                self.picker.failed(peer, [p for p in picked if not self.picker.holds(p)])
+                self.picker.failed(seat, [p for p in picked if not self.picker.holds(p)])
             raise
         await stream.close()
 
@@ -437,7 +472,11 @@ class PeerPool:
         return arrived
 
     async def _place_batch(
-        self, peer: NodeId, arrived: list[tuple[int, bytes | memoryview]], picked: list[int]
+        self,
+        peer: NodeId,
+        arrived: list[tuple[int, bytes | memoryview]],
+        picked: list[int],
+        seat: Hashable,
     ) -> None:
         """Verify and write a request's new pieces, then count them held."""
         if arrived:
@@ -445,8 +484,75 @@ class PeerPool:
             self.stats[peer].bytes += sum(len(data) for _piece, data in arrived)
             self._last_progress = trio.current_time()
         for piece in picked:
-            self.picker.received(piece, peer)
+            self.picker.received(piece, seat)
         self._changed()
+
+    # -- stripes: more connections to one peer on a long path ----------------------------
+
+    def _stripes_for(
+        self, conn: PeerConnection, peer: NodeId, seeder: bool, answered: float
+    ) -> int:
+        """How many connections to run to ``peer`` (swarm/stripes.py), from the round trip
+        its GetHave took and the engine's latest sample (each is the path's plus whatever
+        delay the peer added, so the smaller is taken). Only a peer that holds the whole
+        share: each stripe is a seat of its own in the picker, and a seeder's seats need
+        no availability updates."""
+        if self.open_stripe is None or self.max_stripes <= 1 or not seeder:
+            return 1
+        sample = conn.latest_rtt
+        rtt = answered if sample is None else min(answered, sample)
+        average = sum(p.length for p in self.pieces) // max(1, len(self.pieces))
+        plan = stripes_for(
+            rtt,
+            relayed=conn.path == "relayed",
+            max_stripes=self.max_stripes,
+            peers=len(self._connected),
+            remaining_bytes=self.picker.missing * average,
+        )
+        if plan.stripes > 1:
+            logger.info("peer %s: %d connections (%s)", peer.short(), plan.stripes, plan.reason)
+        else:
+            logger.debug("peer %s: one connection (%s)", peer.short(), plan.reason)
+        return plan.stripes
+
+    async def _stripe(self, conn: PeerConnection, peer: NodeId, lane: Lane) -> None:
+        """One more connection to ``peer`` running requests as the first does (in a worker
+        process while one is free). A stripe that cannot be opened, stalls or loses its
+        connection ends alone, its pieces back in the pool, while the first connection
+        carries on; what else it raises is the peer's (a bad chunk bans the peer).
+
+        Each connection has a pipeline of its own: its rate and round trip are its own
+        window's, and with one pipeline for the peer the first connection's requests took
+        the whole in-flight budget (on an 80 ms path with 1% loss the stripes got none).
+        And a seat of its own in the picker (the peer's NodeId and the stripe's number):
+        pieces queued on a slow connection at the end are asked again on an idle one (the
+        endgame), as they would be of another peer."""
+        assert self.open_stripe is not None
+        stats = self.stats[peer]
+        seat = lane.seat
+        self.picker.add_peer(seat, None)
+        try:
+            async with self._worker_for(conn, seeder=True) as link:
+                if link is not None:
+                    stats.connections += 1
+                    await self._remote_loop(link, conn, peer, lane)
+                    return
+            extra = await self.open_stripe(conn)
+            stats.connections += 1
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(close_when_silent, extra, TRANSFER_QUIET_AFTER)
+                    async with trio.open_nursery() as requests:
+                        for _ in range(STREAMS_PER_PEER):
+                            requests.start_soon(self._request_loop, extra, peer, lane)
+                    nursery.cancel_scope.cancel()
+            finally:
+                self.release(extra)
+        except* (DialError, ConnectionClosedError, PeerStalledError) as group:
+            logger.info("peer %s: a stripe ended: %s", peer.short(), _first_error(group))
+        finally:
+            self.picker.remove_peer(seat)  # what it had outstanding goes back to the pool
+            self._changed()
 
     # -- data-plane workers ---------------------------------------------------------------
 
@@ -483,11 +589,16 @@ class PeerPool:
             yield link
 
     async def _remote_loop(
-        self, link: WorkerLink, conn: PeerConnection, peer: NodeId, pipeline: PipelineController
+        self,
+        link: WorkerLink,
+        conn: PeerConnection,
+        peer: NodeId,
+        lane: Lane,
     ) -> None:
         """The request loop's picking and accounting, with the requests, verification and
         writes in the worker: batches go out as the pipeline has room, landed batches are
         counted as if received here; a failed or vanished worker fails this peer."""
+        seat, pipeline = lane.seat, lane.pipeline
         assert self.placement is not None
         placement = self.placement
         average = max(1, sum(p.length for p in self.pieces) // max(1, len(self.pieces)))
@@ -496,8 +607,8 @@ class PeerPool:
 
         async def dispatch() -> None:
             while not self.picker.complete:
-                count = request_count(pipeline, average)
-                picked = self.picker.pick(peer, count) if count else []
+                count = request_count(lane, average)
+                picked = self.picker.pick(seat, count) if count else []
                 if not picked:
                     await self._change.wait()
                     continue
@@ -517,10 +628,10 @@ class PeerPool:
                 while True:
                     report = await link.next_report()
                     batch = landed_batch(report, outstanding, link, peer)
-                    await self._landed(conn, peer, *batch, report, pipeline)
+                    await self._landed(conn, peer, *batch, report, pipeline, seat)
         except BaseException:
             for picked, _sent_at in outstanding.values():
-                self.picker.failed(peer, [p for p in picked if not self.picker.holds(p)])
+                self.picker.failed(seat, [p for p in picked if not self.picker.holds(p)])
             raise
 
     async def _landed(
@@ -531,6 +642,7 @@ class PeerPool:
         sent_at: float,
         report: dict[str, Any],
         pipeline: PipelineController,
+        seat: Hashable,
     ) -> None:
         size = int(report["bytes"])
         self.counters.payload_received += size
@@ -547,7 +659,7 @@ class PeerPool:
             self.stats[peer].bytes += sum(self.pieces[piece].length for piece in new)
             self._last_progress = trio.current_time()
         for piece in picked:
-            self.picker.received(piece, peer)
+            self.picker.received(piece, seat)
         self._changed()
 
 
@@ -584,12 +696,24 @@ def worker_failure(report: dict[str, Any], peer: NodeId) -> P2pfsError:
     return WorkerEndedError(f"worker for peer {peer.short()}: {kind}: {message}")
 
 
-def in_flight_target(pipeline: PipelineController) -> int:
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+def in_flight_target(pipeline: PipelineController, connections: int = 1) -> int:
+    """What to keep in flight on one connection. A peer fetched over several connections
+    shares the floor and the first guess out among them: those keep one fast connection's
+    streams busy, and on a slow window they are the tail of the fetch (4 MiB queued at
+    0.2 MB/s is 20 s)."""
+    floor = max(MIN_REQUEST_BYTES, MIN_IN_FLIGHT // connections)
     rate = pipeline.throughput
     if rate is None:
-        return INITIAL_IN_FLIGHT
+        return max(floor, INITIAL_IN_FLIGHT // connections)
     wanted = max(pipeline.target_bytes(), int(rate * QUEUE_SECONDS))
-    return min(MAX_IN_FLIGHT, max(MIN_IN_FLIGHT, wanted))
+    return min(MAX_IN_FLIGHT, max(floor, wanted))
 
 
 def new_rng() -> random.Random:

@@ -160,6 +160,11 @@ class PeerConnection:
         return self._peer_id
 
     @property
+    def latest_rtt(self) -> float | None:
+        """The QUIC engine's latest round-trip sample (s); None before the first."""
+        return self._engine.latest_rtt(self._quic)
+
+    @property
     def held_dropped(self) -> int:
         """Datagrams dropped because intake was paused and the hold queue was full."""
         return self._intake.held_dropped

@@ -310,6 +310,10 @@ class Engine:
             return int(getter(stream_id))
         return engine_internals.aioquic_send_backlog(quic, stream_id)
 
+    def latest_rtt(self, quic: EngineConnection) -> float | None:
+        """The connection's latest RTT sample in seconds; None before the first."""
+        return engine_internals.latest_rtt(quic)
+
     def close_pending(self, quic: EngineConnection) -> Any:
         """The ConnectionTerminated the engine has decided on but not yet emitted, if any."""
         return engine_internals.pending_close(quic)

@@ -92,3 +92,20 @@ def pending_close(quic: Any) -> Any:
     on a connection that is already gone.
     """
     return getattr(quic, "_close_event", None)
+
+
+def latest_rtt(quic: Any) -> float | None:
+    """The engine's latest round-trip sample in seconds, or None before the first.
+
+    Reach-in: ``quic._core.latest_rtt`` (qh3's native core; its Python wrapper has no
+    accessor) or ``quic._loss._rtt_latest`` (aioquic). The swarm reads the smallest of a few
+    samples to tell a long path from a short one (swarm/stripes.py); the smoothed RTT would
+    not do: it starts from the handshake's samples, which include the key exchange's CPU
+    (15 ms measured on loopback). None (unknown) opens no extra connection.
+    """
+    core = getattr(quic, "_core", None)
+    if core is not None:
+        rtt = getattr(core, "latest_rtt", None)
+    else:
+        rtt = getattr(getattr(quic, "_loss", None), "_rtt_latest", None)
+    return float(rtt) if isinstance(rtt, (int, float)) and rtt > 0 else None

@@ -1,0 +1,114 @@
+"""Stripes end to end: real daemons, a real UDP path through the seeded link emulator.
+
+A long path (40 ms round trip, some loss) gets several connections to the one holder; a
+short one (loopback) keeps one. Both copies are checked byte for byte, and the holder's log
+must show the connections it accepted (the fetcher's own report could be wrong)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from benchmarks.linkemu import LinkConditions, LinkForwarder
+from p2pfs.address import PeerAddress
+from p2pfs.swarm.stripes import DEFAULT_MAX_STRIPES
+from p2pfs.wire.ticket import Ticket, TicketKind, parse_ticket_untrusted
+from tests.support.daemons import DaemonProcess
+
+MiB = 1 << 20
+
+
+class FirstConnectionOnly(LinkForwarder):
+    """A path that lets one QUIC connection through and no later one (as some middleboxes
+    do): once the client has sent a short-header (1-RTT) packet, every long-header packet
+    it sends (a new connection's Initial) is dropped."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.established = False
+        self.refused = 0
+
+    def _send(self, datagram: bytes, to: tuple[str, int]) -> None:
+        if to == self.target:
+            if datagram[0] & 0x80 == 0:
+                self.established = True
+            elif self.established:
+                self.refused += 1
+                return
+        super()._send(datagram, to)
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
+    sharer = DaemonProcess(tmp_path / "sharer").start()
+    fetcher = DaemonProcess(tmp_path / "fetcher").start()
+    yield sharer, fetcher
+    fetcher.stop()
+    sharer.stop()
+
+
+def connections_accepted(daemon: DaemonProcess, peer: str) -> int:
+    log = (daemon.home / "daemon.log").read_text()
+    return sum(1 for line in log.splitlines() if f"peer {peer} connected from" in line)
+
+
+def shared_file(tmp_path: Path, daemon: DaemonProcess, size: int) -> tuple[bytes, Ticket]:
+    data = random.Random(size).randbytes(size)
+    source = tmp_path / "payload.bin"
+    source.write_bytes(data)
+    ticket = parse_ticket_untrusted(str(daemon.cli_json("share", str(source))["ticket"]))
+    return data, ticket
+
+
+def test_a_long_path_is_fetched_over_several_connections(
+    tmp_path: Path, pair: tuple[DaemonProcess, DaemonProcess]
+) -> None:
+    sharer, fetcher = pair
+    data, real = shared_file(tmp_path, sharer, 24 * MiB)
+    target = real.addresses[0]
+    long_path = LinkConditions.path(0.040, 0.002, None)
+    with LinkForwarder((target.host, target.port), long_path, seed=7) as link:
+        via_link = Ticket(
+            TicketKind.SHARE, real.root, real.node_id, (PeerAddress(*link.address),)
+        ).encode()
+        report = fetcher.cli_json("fetch", via_link, str(tmp_path / "out.bin"), timeout=240)
+    assert (tmp_path / "out.bin").read_bytes() == data
+    [peer] = report["peers"]
+    assert peer["connections"] == DEFAULT_MAX_STRIPES
+    fetcher_id = str(fetcher.cli_json("status")["node_id"])
+    assert connections_accepted(sharer, fetcher_id[:12]) >= DEFAULT_MAX_STRIPES
+
+
+def test_a_short_path_keeps_one_connection(
+    tmp_path: Path, pair: tuple[DaemonProcess, DaemonProcess]
+) -> None:
+    sharer, fetcher = pair
+    data, real = shared_file(tmp_path, sharer, 24 * MiB)
+    report = fetcher.cli_json("fetch", real.encode(), str(tmp_path / "out.bin"), timeout=120)
+    assert (tmp_path / "out.bin").read_bytes() == data
+    [peer] = report["peers"]
+    assert peer["connections"] == 1
+
+
+def test_stripes_that_cannot_connect_end_alone(
+    tmp_path: Path, pair: tuple[DaemonProcess, DaemonProcess]
+) -> None:
+    sharer, fetcher = pair
+    data, real = shared_file(tmp_path, sharer, 16 * MiB)
+    target = real.addresses[0]
+    with FirstConnectionOnly(
+        (target.host, target.port), LinkConditions(delay=0.020, loss=0.005), seed=3
+    ) as link:
+        via_link = Ticket(
+            TicketKind.SHARE, real.root, real.node_id, (PeerAddress(*link.address),)
+        ).encode()
+        report = fetcher.cli_json("fetch", via_link, str(tmp_path / "out.bin"), timeout=240)
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert link.refused > 0  # the stripes were tried, and their handshakes dropped
+    [peer] = report["peers"]
+    assert peer["failed"] is None
+    assert peer["connections"] == 1
+    assert "a stripe ended" in (fetcher.home / "daemon.log").read_text()
