@@ -167,7 +167,8 @@ def p2pfs_run(
                 raise RuntimeError("p2pfs: the payload did not go through the link")
         after = (process_tree_cpu(sharer.pid), process_tree_cpu(getter.pid))
         verify_copy(source, destination, "p2pfs")
-        if report["bytes_from_peer"] != size:
+        # More is the endgame's duplicates (asked on two connections, both answered).
+        if report["bytes_from_peer"] < size:
             raise RuntimeError(f"p2pfs moved {report['bytes_from_peer']} of {size} bytes")
         return Run(
             ONE_CONNECTION if one_connection else "p2pfs",
