@@ -297,7 +297,8 @@ def _daemon_arguments(daemon: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_MAX_STRIPES,
         metavar="N",
-        help="fetch from one peer over up to N QUIC connections where its path is long "
+        help="fetch from one peer (or sync with one member) over up to N QUIC connections "
+        "where its path is long "
         f"(round trip >= {STRIPE_MIN_RTT * 1000:.0f} ms; default {DEFAULT_MAX_STRIPES}; "
         "1: one connection; see SPEC 'Stripes')",
     )
@@ -363,7 +364,9 @@ def daemon_config(args: argparse.Namespace) -> NodeConfig:
         limits = dataclasses.replace(limits, rate=args.relay_client_rate)
     if args.relay_client_budget:
         limits = dataclasses.replace(limits, budget=args.relay_client_budget)
-    folders = FolderConfig(keep_versions_s=args.keep_versions_days * 86400)
+    folders = FolderConfig(
+        keep_versions_s=args.keep_versions_days * 86400, max_stripes=max(1, args.stripes)
+    )
     if args.rescan_interval is not None:
         folders = dataclasses.replace(
             folders, rescan_interval=args.rescan_interval, rescan_interval_fixed=True

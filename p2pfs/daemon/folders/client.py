@@ -3,6 +3,7 @@ peer's index root, and read its nodes, records and chunks."""
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import math
@@ -13,7 +14,7 @@ from contextlib import asynccontextmanager, contextmanager
 import trio
 
 from p2pfs.content.chunking import ChunkRef
-from p2pfs.errors import AuthenticationError, ConnectionClosedError
+from p2pfs.errors import AuthenticationError, ConnectionClosedError, StreamResetError
 from p2pfs.ids import ContentHash
 from p2pfs.net import PeerConnection
 from p2pfs.net.codes import CloseCode
@@ -83,6 +84,9 @@ class FolderLink:
         per path is kept there while the link lasts (one going backwards is refused)."""
         self.sent_records = False
         """Whether the member sent records on this link (its vectors are kept)."""
+        self.stripes: list[FolderLink] = []
+        """More connections to the same member, joined, that carry chunk batches too
+        (a long path: swarm/stripes.py); the manager opens and closes them."""
 
     async def join(self) -> list[FolderMember]:
         """Prove membership both ways; returns the other members the peer knows."""
@@ -162,6 +166,17 @@ class FolderLink:
                 nursery.start_soon(one, position)
         return [node for batch in found for node in batch]
 
+    async def add_stripe(self, conn: PeerConnection) -> FolderLink:
+        """Prove membership on one more connection to the same member, whose request
+        streams then carry chunk batches beside this link's (swarm/stripes.py: a long
+        path's one connection is held to its own congestion window)."""
+        if conn.peer_id != self.peer_id:
+            raise AuthenticationError("a stripe must reach the same member")
+        stripe = FolderLink(conn, self.keys, self._counters, self._own_id, self._download_limit)
+        await stripe.join()
+        self.stripes.append(stripe)
+        return stripe
+
     async def chunk_batches(
         self,
         batches: Sequence[Sequence[ChunkRef]],
@@ -169,36 +184,60 @@ class FolderLink:
         on_refused: Callable[[int, PeerRequestError], None],
     ) -> None:
         """Ask for every batch (each at most MAX_BATCH chunks) on all request streams at
-        once, REQUESTS_IN_FLIGHT requests queued on each. ``on_batch(number, arrived)`` is
-        awaited with each complete batch (unverified: the caller checks each chunk against
-        its id before writing it); a batch the member refuses (content it no longer holds)
-        goes to ``on_refused`` and the others go on."""
-        pending = iter(range(len(batches)))
-        """Shared by the streams: each takes the next batch not yet asked for."""
+        once, this link's and its stripes', REQUESTS_IN_FLIGHT requests queued on each.
+        ``on_batch(number, arrived)`` is awaited with each complete batch (unverified: the
+        caller checks each chunk against its id before writing it); a batch the member
+        refuses (content it no longer holds) goes to ``on_refused`` and the others go on.
+        A stripe whose connection fails or stalls is dropped and its batches are asked
+        again on the others; a failure of this link's own connection ends the call."""
+        work = _BatchQueue(len(batches))
 
-        async def one_stream() -> None:
-            async with self._stream() as stream:
+        async def one_stream(link: FolderLink) -> None:
+            async with link._stream() as stream:
                 queued_send, queued = trio.open_memory_channel[int](REQUESTS_IN_FLIGHT - 1)
+                asked: list[int] = []
+                """Requested on this stream and not yet handed on, oldest first."""
 
                 async def ask() -> None:
                     async with queued_send:
-                        for number in pending:
+                        while (number := await work.take()) is not None:
+                            asked.append(number)
                             refs = tuple(batches[number])
                             request = GetChunks(stream.new_request_id(), self.keys.folder_id, refs)
                             await stream.send(request)
                             await queued_send.send(number)
 
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(ask)
-                    async with queued:
-                        async for number in queued:
-                            await self._receive_batch(
-                                stream, number, batches[number], on_batch, on_refused
-                            )
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(ask)
+                        async with queued:
+                            async for number in queued:
+                                await link._receive_batch(
+                                    stream, number, batches[number], on_batch, on_refused
+                                )
+                                asked.remove(number)
+                                work.done()
+                finally:
+                    work.give_back(asked)
 
+        async def stripe_stream(stripe: FolderLink) -> None:
+            try:
+                await one_stream(stripe)
+            except (ConnectionClosedError, StreamResetError) as exc:
+                if stripe in self.stripes:
+                    logger.info("member %s: a stripe ended: %s", self.peer_id.short(), exc)
+                    self.stripes.remove(stripe)
+                    stripe.conn.close_nowait(CloseCode.NO_ERROR, "stripe failed")
+
+        links = [self]
+        if len(batches) > 1:
+            links += [stripe for stripe in self.stripes if not stripe.conn.is_closed]
         async with trio.open_nursery() as nursery:
+            # Round the connections: the streams started first take the first batches
+            # (two each), and a small transfer should still spread over every connection.
             for _ in range(min(REQUEST_STREAMS, len(batches))):
-                nursery.start_soon(one_stream)
+                for link in links:
+                    nursery.start_soon(one_stream if link is self else stripe_stream, link)
 
     async def _receive_batch(
         self,
@@ -236,3 +275,36 @@ def refuse(conn: PeerConnection, reason: str) -> None:
     """Drop a member that sent something forged or malformed (its data is never applied)."""
     logger.warning("dropping member %s: %s", conn.peer_id.short(), reason)
     conn.close_nowait(CloseCode.PROTOCOL_ERROR, reason[:100])
+
+
+class _BatchQueue:
+    """The batches of one ``chunk_batches`` call, shared by every stream: each takes the
+    next one not asked for; a failed stripe's batches come back for the others. A taker
+    waits while batches are out on other streams (one may come back) and gets None once
+    every batch is done."""
+
+    def __init__(self, count: int) -> None:
+        self._waiting: collections.deque[int] = collections.deque(range(count))
+        self._left = count
+        self._changed = trio.Event()
+
+    async def take(self) -> int | None:
+        while not self._waiting:
+            if self._left == 0:
+                return None
+            await self._changed.wait()
+        return self._waiting.popleft()
+
+    def done(self) -> None:
+        self._left -= 1
+        self._wake()
+
+    def give_back(self, numbers: list[int]) -> None:
+        if numbers:
+            self._waiting.extendleft(reversed(numbers))
+            numbers.clear()
+            self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()

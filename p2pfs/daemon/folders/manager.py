@@ -36,6 +36,7 @@ from p2pfs.ids import ContentHash, NodeId
 from p2pfs.net import CloseCode, PeerConnection
 from p2pfs.store import folderdisk as disk
 from p2pfs.store.folders import FolderStore
+from p2pfs.swarm.stripes import DEFAULT_MAX_STRIPES, MIN_BYTES_PER_STRIPE, stripes_for
 from p2pfs.sync.keys import FolderKeys, device_id
 from p2pfs.sync.versions import short_device
 from p2pfs.waits import first_of
@@ -88,6 +89,8 @@ within ~12 s instead of at the idle timeout."""
 RETRY_INTERVAL = 5.0
 """A reconcile that could not finish (a chunk not yet servable, a disk error) is retried."""
 STALE_PROBE_TIMEOUT = 2.0
+STRIPE_JOIN_TIMEOUT = 10.0
+"""A stripe's membership proof (two round trips) must be done within this."""
 """How long a link's connection may leave a PING unanswered, once the member has proved
 itself on another connection, before the link moves to the new one (several probe
 timeouts at any RTT a member link should keep)."""
@@ -120,6 +123,9 @@ class FolderConfig:
     join_batch: int = JOIN_BATCH
     """A member's differing records planned and applied per batch (a test hook makes it
     small, so a small folder's join runs in many batches)."""
+    max_stripes: int = DEFAULT_MAX_STRIPES
+    """Connections a link to a member on a long path may carry chunks over (``--stripes``;
+    swarm/stripes.py)."""
 
 
 class FolderManager:
@@ -457,8 +463,12 @@ class FolderManager:
             return
         link = FolderLink(conn, folder.keys, self._counters, self._own_id.raw, self._download_limit)
         self._links[key] = link
+        stripe_holder = object()  # the link's leases on its stripes' connections
         try:
+            asked = trio.current_time()
             members = await link.join()
+            # The join is two round trips (and a signature each way).
+            joined_in = (trio.current_time() - asked) / 2
             # Only an address that authenticated is remembered; addresses other members
             # name are candidates until a connection to them proves the member's key.
             host, port = conn.remote_address[:2]
@@ -471,7 +481,12 @@ class FolderManager:
                 if member.node_id != self._own_id.raw and member.node_id not in folder.peers:
                     self._hint(folder, member.node_id, member.host, member.port)
             logger.info("folder %s: linked with %s", folder.path, conn.peer_id.short())
-            await self._follow(folder, link)
+            stripes = self._stripes_for(folder, conn, joined_in)
+            async with trio.open_nursery() as nursery:
+                for _ in range(stripes - 1):
+                    nursery.start_soon(self._stripe, folder, link, stripe_holder)
+                await self._follow(folder, link)
+                nursery.cancel_scope.cancel()
         except* (
             AuthenticationError,
             PeerRequestError,
@@ -501,12 +516,71 @@ class FolderManager:
             )
             conn.close_nowait(0, "internal error")
         finally:
+            if self._dialer is not None:
+                self._dialer.release_all(stripe_holder)
+            link.stripes.clear()
             if self._links.get(key) is link:
                 del self._links[key]
                 self._member_roots.pop(key, None)
                 self._member_needs.pop(key, None)
             with trio.CancelScope(shield=True):
                 await self._forget_link(folder, link)
+
+    def _stripes_for(self, folder: FolderSync, conn: PeerConnection, joined_in: float) -> int:
+        """Connections the link to ``conn``'s member carries chunks over (swarm/stripes.py)
+        from the smaller of the join's round trip and the engine's latest sample; a link
+        lives on, so what is left to move is not known: no limit from it."""
+        if self._dialer is None or self.config.max_stripes <= 1:
+            return 1
+        sample = conn.latest_rtt
+        rtt = joined_in if sample is None else min(joined_in, sample)
+        linked = sum(1 for folder_id, _member in self._links if folder_id == folder.folder_id)
+        plan = stripes_for(
+            rtt,
+            relayed=conn.path == "relayed",
+            max_stripes=self.config.max_stripes,
+            peers=max(1, linked),
+            remaining_bytes=self.config.max_stripes * MIN_BYTES_PER_STRIPE,
+        )
+        if plan.stripes > 1:
+            logger.info(
+                "folder %s: %d connections to %s (%s)",
+                folder.path,
+                plan.stripes,
+                conn.peer_id.short(),
+                plan.reason,
+            )
+        return plan.stripes
+
+    async def _stripe(self, folder: FolderSync, link: FolderLink, holder: object) -> None:
+        """One more connection to the link's member, joined, carrying chunk batches while
+        it lasts (kept alive, and closed when it stops answering, as the link is). One
+        that cannot be opened or joined is given up with a log line: the link carries on."""
+        assert self._dialer is not None
+        conn = link.conn
+        host, port = conn.remote_address[:2]
+        candidate = Candidate(PeerAddress(str(host), int(port)), conn.peer_id, "stripe")
+        try:
+            stripe = await self._dialer.first(
+                [candidate], holder, reuse=False, relay_lookup=False, what="a stripe"
+            )
+            with trio.fail_after(STRIPE_JOIN_TIMEOUT):
+                joined = await link.add_stripe(stripe)
+        except (
+            DialError,
+            AuthenticationError,
+            PeerRequestError,
+            ConnectionClosedError,
+            StreamResetError,
+            trio.TooSlowError,
+        ) as exc:
+            logger.info("folder %s: no stripe to %s: %s", folder.path, conn.peer_id.short(), exc)
+            return
+        try:
+            await close_when_silent(stripe, KEEPALIVE_INTERVAL)
+        finally:
+            if joined in link.stripes:
+                link.stripes.remove(joined)
 
     async def _forget_link(self, folder: FolderSync, link: FolderLink) -> None:
         try:
