@@ -20,12 +20,15 @@ the data direction delivers the 10th to the 90th percent of the size (no set-up,
 p2pfs's time is the fetching daemon's own (manifest request to last file renamed); the raw
 engine's is its receiver's (first byte to EOF), so p2pfs also pays the manifest's round trip.
 Every p2pfs copy is checked byte for byte, and the link's counters must show that every byte
-crossed it.
+crossed it. ``--sync`` adds folder sync through the same links: a folder holding the
+condition's file joined through the link, at the defaults and with ``--stripes 1``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import shutil
 import statistics
@@ -185,6 +188,78 @@ def p2pfs_run(
         for daemon in (getter, sharer):
             daemon.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+SYNC_POLL = 0.05
+
+
+def sync_run(
+    condition: Condition, seed: int, source: Path, work: Path, *, one_connection: bool
+) -> float:
+    """A fresh pair of daemons; one makes a sync folder holding ``source``, the other joins
+    it through the link. Seconds from the join to the file complete and exact on the joiner
+    (its own rounds: membership, records, index nodes, then the chunks)."""
+    folder_a, folder_b = work / "a", work / "b"
+    folder_a.mkdir(parents=True)
+    shutil.copyfile(source, folder_a / source.name)
+    expected = source.read_bytes()
+    holder = DaemonProcess(work / "home-a", extra_args=("--no-lan",))
+    stripes = ("--stripes", "1") if one_connection else ()
+    joiner = DaemonProcess(work / "home-b", extra_args=("--no-lan", *stripes))
+    try:
+        holder.start()
+        joiner.start()
+        ticket = parse_ticket_untrusted(str(holder.cli_json("sync", str(folder_a))["rw"]))
+        target = ticket.addresses[0]
+        link = _link(condition, (target.host, target.port), seed, data_to_target=False)
+        if link is not None:
+            ticket = dataclasses.replace(ticket, addresses=(PeerAddress(*link.address),))
+        with link if link is not None else contextlib.nullcontext():
+            started = time.monotonic()
+            joiner.cli_json("sync", str(folder_b), ticket.encode())
+            deadline = started + CHILD_TIMEOUT
+            while not _holds(folder_b / source.name, expected):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("sync: the file did not arrive")
+                time.sleep(SYNC_POLL)
+            return time.monotonic() - started
+    finally:
+        for daemon in (joiner, holder):
+            daemon.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _holds(path: Path, expected: bytes) -> bool:
+    try:
+        return path.stat().st_size == len(expected) and path.read_bytes() == expected
+    except OSError:
+        return False
+
+
+def sync_condition(condition: Condition, runs: int, scratch: Path) -> dict[str, Any]:
+    """Folder sync through the link: at the defaults and with one connection, seed by
+    seed alternating (the same seed meets the same losses)."""
+    size = condition.size_mib * MiB
+    source = scratch / f"{condition.name}-sync.bin"
+    write_pseudo_random(source, size, condition.name.encode())
+    striped, single = [], []
+    for seed in range(1, runs + 1):
+        striped.append(sync_run(condition, seed, source, scratch / "sync", one_connection=False))
+        single.append(sync_run(condition, seed, source, scratch / "sync", one_connection=True))
+        sys.stderr.write(
+            f"{condition.name} sync seed {seed}: {striped[-1]:.2f} s, "
+            f"1 connection {single[-1]:.2f} s\n"
+        )
+    source.unlink()
+    return {
+        "condition": condition.name,
+        "describe": condition.describe,
+        "mib": condition.size_mib,
+        "seconds": statistics.median(striped),
+        "one_connection_seconds": statistics.median(single),
+        "runs_s": [round(t, 2) for t in striped],
+        "one_connection_runs_s": [round(t, 2) for t in single],
+    }
 
 
 def _child(module: str, *args: str) -> subprocess.Popen[str]:
@@ -356,6 +431,21 @@ def print_table(rows: list[dict[str, Any]], note: str) -> None:
     print(note)
 
 
+def print_sync_table(rows: list[dict[str, Any]]) -> None:
+    header = (
+        f"{'sync: join to file complete':<28}{'MiB':>5}{'seconds':>10}{'1 conn s':>10}"
+        f"{'speed-up':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        speedup = row["one_connection_seconds"] / row["seconds"]
+        print(
+            f"{row['describe']:<28}{row['mib']:>5}{row['seconds']:>10.2f}"
+            f"{row['one_connection_seconds']:>10.2f}{speedup:>9.2f}x"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks links", description=__doc__)
     parser.add_argument(
@@ -378,6 +468,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="skip the p2pfs runs with one connection (--stripes 1)",
     )
+    parser.add_argument(
+        "--sync",
+        action="store_true",
+        help="also join a sync folder holding the condition's file through the link, at the "
+        "defaults and with --stripes 1",
+    )
     parser.add_argument("--workdir", help="scratch directory (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
@@ -398,6 +494,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             for c in chosen
         ]
+        sync_rows = (
+            [sync_condition(c, args.runs, scratch) for c in chosen if c.link is not None]
+            if args.sync
+            else []
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     note = (
@@ -405,9 +506,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{time.monotonic() - started:.0f} s; medians of {args.runs} seeded runs"
     )
     if args.json:
-        print(json.dumps({"rows": rows, "note": note}))
+        print(json.dumps({"rows": rows, "sync": sync_rows, "note": note}))
     else:
         print_table(rows, note)
+        if sync_rows:
+            print_sync_table(sync_rows)
     return 0 if all(r["ratio"] >= GOAL for r in rows if r["condition"] != "direct") else 1
 
 
