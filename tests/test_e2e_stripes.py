@@ -6,6 +6,7 @@ must show the connections it accepted (the fetcher's own report could be wrong).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from benchmarks.linkemu import LinkConditions, LinkForwarder
 from p2pfs.address import PeerAddress
 from p2pfs.swarm.stripes import DEFAULT_MAX_STRIPES
 from p2pfs.wire.ticket import Ticket, TicketKind, parse_ticket_untrusted
-from tests.e2e_helpers import wait_until
+from tests.e2e_helpers import content_of, wait_until
 from tests.support.daemons import DaemonProcess
 
 MiB = 1 << 20
@@ -116,22 +117,39 @@ def test_stripes_that_cannot_connect_end_alone(
     assert "a stripe ended" in (fetcher.home / "daemon.log").read_text()
 
 
-def test_a_folder_joined_over_a_long_path_moves_its_chunks_over_several_connections(
-    tmp_path: Path,
-) -> None:
+@contextlib.contextmanager
+def folder_members(
+    tmp_path: Path, size: int
+) -> Iterator[tuple[DaemonProcess, DaemonProcess, Ticket, Path, bytes]]:
+    """A folder holding one file of ``size`` bytes on A, and B not yet joined: (A, B, the
+    folder's read-write ticket, B's folder path, the file's bytes)."""
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     a_dir.mkdir()
-    data = random.Random(11).randbytes(16 * MiB)
+    data = random.Random(size).randbytes(size)
     (a_dir / "big.bin").write_bytes(data)
     a = DaemonProcess(tmp_path / "home-a", extra_args=("--no-lan",)).start()
     b = DaemonProcess(tmp_path / "home-b", extra_args=("--no-lan",)).start()
     try:
-        real = parse_ticket_untrusted(str(a.cli_json("sync", str(a_dir))["rw"]))
+        ticket = parse_ticket_untrusted(str(a.cli_json("sync", str(a_dir))["rw"]))
+        yield a, b, ticket, b_dir, data
+    finally:
+        b.stop()
+        a.stop()
+
+
+def join_through(b: DaemonProcess, b_dir: Path, real: Ticket, link: LinkForwarder) -> None:
+    via_link = dataclasses.replace(real, addresses=(PeerAddress(*link.address),))
+    b.cli_json("sync", str(b_dir), via_link.encode())
+
+
+def test_a_folder_joined_over_a_long_path_moves_its_chunks_over_several_connections(
+    tmp_path: Path,
+) -> None:
+    with folder_members(tmp_path, 16 * MiB) as (a, b, real, b_dir, data):
         target = real.addresses[0]
         long_path = LinkConditions.path(0.040, 0.002, None)
         with LinkForwarder((target.host, target.port), long_path, seed=5) as link:
-            via_link = dataclasses.replace(real, addresses=(PeerAddress(*link.address),))
-            b.cli_json("sync", str(b_dir), via_link.encode())
+            join_through(b, b_dir, real, link)
             wait_until(lambda: content_of(b_dir / "big.bin") == data, timeout=180)
             b_log = (b.home / "daemon.log").read_text()
             assert f"{DEFAULT_MAX_STRIPES} connections to" in b_log
@@ -139,37 +157,16 @@ def test_a_folder_joined_over_a_long_path_moves_its_chunks_over_several_connecti
             assert connections_accepted(a, b_id[:12]) >= DEFAULT_MAX_STRIPES
             assert "a stripe ended" not in b_log
             assert "no stripe to" not in b_log
-    finally:
-        b.stop()
-        a.stop()
-
-
-def content_of(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except (FileNotFoundError, IsADirectoryError):
-        return None
 
 
 def test_a_folder_link_whose_stripes_cannot_connect_carries_on_alone(tmp_path: Path) -> None:
-    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
-    a_dir.mkdir()
-    data = random.Random(12).randbytes(8 * MiB)
-    (a_dir / "big.bin").write_bytes(data)
-    a = DaemonProcess(tmp_path / "home-a", extra_args=("--no-lan",)).start()
-    b = DaemonProcess(tmp_path / "home-b", extra_args=("--no-lan",)).start()
-    try:
-        real = parse_ticket_untrusted(str(a.cli_json("sync", str(a_dir))["rw"]))
+    with folder_members(tmp_path, 8 * MiB) as (_a, b, real, b_dir, data):
         target = real.addresses[0]
         path = LinkConditions(delay=0.020)
         with FirstConnectionOnly((target.host, target.port), path, seed=4) as link:
-            via_link = dataclasses.replace(real, addresses=(PeerAddress(*link.address),))
-            b.cli_json("sync", str(b_dir), via_link.encode())
+            join_through(b, b_dir, real, link)
             wait_until(lambda: content_of(b_dir / "big.bin") == data, timeout=180)
             log = b.home / "daemon.log"
             wait_until(lambda: log.read_text().count("no stripe to") >= 1, timeout=30)
             assert link.refused > 0
             assert "link with" not in log.read_text()  # the link itself never ended
-    finally:
-        b.stop()
-        a.stop()

@@ -23,7 +23,7 @@ import pytest
 from p2pfs.ids import content_hash_untrusted
 from p2pfs.net import TransportConfig
 from p2pfs.wire.ticket import TicketKind, parse_ticket_untrusted
-from tests.e2e_helpers import wait_until
+from tests.e2e_helpers import content_of, wait_until
 from tests.support.daemons import DaemonProcess
 from tests.support.hooked_daemon import PROGRAM as HOOKED_DAEMON
 
@@ -101,13 +101,6 @@ def settled(read: Callable[[], Any]) -> Any:
 
 def contents(root: Path) -> dict[str, bytes]:
     return {relative: content for relative, (content, _) in tree(root).items()}
-
-
-def content_of(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except (FileNotFoundError, IsADirectoryError):
-        return None
 
 
 def has_part_files(root: Path) -> bool:
