@@ -11,13 +11,14 @@ import dataclasses
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from benchmarks.linkemu import LinkConditions, LinkForwarder
 from p2pfs.address import PeerAddress
 from p2pfs.swarm.stripes import DEFAULT_MAX_STRIPES
-from p2pfs.wire.ticket import Ticket, TicketKind, parse_ticket_untrusted
+from p2pfs.wire.ticket import Ticket, parse_ticket_untrusted
 from tests.e2e_helpers import content_of, wait_until
 from tests.support.daemons import DaemonProcess
 
@@ -66,6 +67,20 @@ def shared_file(tmp_path: Path, daemon: DaemonProcess, size: int) -> tuple[bytes
     return data, ticket
 
 
+def via(real: Ticket, link: LinkForwarder) -> Ticket:
+    """The ticket with the link's address in place of the holder's own."""
+    return dataclasses.replace(real, addresses=(PeerAddress(*link.address),))
+
+
+def fetch_through(
+    link: LinkForwarder, real: Ticket, fetcher: DaemonProcess, out: Path
+) -> dict[str, Any]:
+    report: dict[str, Any] = fetcher.cli_json(
+        "fetch", via(real, link).encode(), str(out), timeout=240
+    )
+    return report
+
+
 def test_a_long_path_is_fetched_over_several_connections(
     tmp_path: Path, pair: tuple[DaemonProcess, DaemonProcess]
 ) -> None:
@@ -74,10 +89,7 @@ def test_a_long_path_is_fetched_over_several_connections(
     target = real.addresses[0]
     long_path = LinkConditions.path(0.040, 0.002, None)
     with LinkForwarder((target.host, target.port), long_path, seed=7) as link:
-        via_link = Ticket(
-            TicketKind.SHARE, real.root, real.node_id, (PeerAddress(*link.address),)
-        ).encode()
-        report = fetcher.cli_json("fetch", via_link, str(tmp_path / "out.bin"), timeout=240)
+        report = fetch_through(link, real, fetcher, tmp_path / "out.bin")
     assert (tmp_path / "out.bin").read_bytes() == data
     [peer] = report["peers"]
     assert peer["connections"] == DEFAULT_MAX_STRIPES
@@ -105,10 +117,7 @@ def test_stripes_that_cannot_connect_end_alone(
     with FirstConnectionOnly(
         (target.host, target.port), LinkConditions(delay=0.020, loss=0.005), seed=3
     ) as link:
-        via_link = Ticket(
-            TicketKind.SHARE, real.root, real.node_id, (PeerAddress(*link.address),)
-        ).encode()
-        report = fetcher.cli_json("fetch", via_link, str(tmp_path / "out.bin"), timeout=240)
+        report = fetch_through(link, real, fetcher, tmp_path / "out.bin")
     assert (tmp_path / "out.bin").read_bytes() == data
     assert link.refused > 0  # the stripes were tried, and their handshakes dropped
     [peer] = report["peers"]
@@ -138,8 +147,7 @@ def folder_members(
 
 
 def join_through(b: DaemonProcess, b_dir: Path, real: Ticket, link: LinkForwarder) -> None:
-    via_link = dataclasses.replace(real, addresses=(PeerAddress(*link.address),))
-    b.cli_json("sync", str(b_dir), via_link.encode())
+    b.cli_json("sync", str(b_dir), via(real, link).encode())
 
 
 def test_a_folder_joined_over_a_long_path_moves_its_chunks_over_several_connections(
