@@ -89,11 +89,11 @@ within ~12 s instead of at the idle timeout."""
 RETRY_INTERVAL = 5.0
 """A reconcile that could not finish (a chunk not yet servable, a disk error) is retried."""
 STALE_PROBE_TIMEOUT = 2.0
-STRIPE_JOIN_TIMEOUT = 10.0
-"""A stripe's membership proof (two round trips) must be done within this."""
 """How long a link's connection may leave a PING unanswered, once the member has proved
 itself on another connection, before the link moves to the new one (several probe
 timeouts at any RTT a member link should keep)."""
+STRIPE_JOIN_TIMEOUT = 10.0
+"""A stripe's membership proof (two round trips) must be done within this."""
 
 
 def full_rescan_delay(
