@@ -139,15 +139,23 @@ def _drops(link: LinkForwarder | None) -> tuple[int, int]:
 ONE_CONNECTION = "p2pfs, 1 connection"
 
 
+def _daemon_flags(condition: Condition) -> tuple[str, ...]:
+    """LAN discovery off; through the emulator, datagrams of the base size. The emulator
+    sits on loopback, where a daemon would send datagrams of up to 60,000 bytes
+    (net/pathsize.py); the internet path it stands for carries 1,500-byte frames."""
+    return ("--no-lan",) if condition.link is None else ("--no-lan", "--no-link-datagrams")
+
+
 def p2pfs_run(
     condition: Condition, seed: int, source: Path, work: Path, *, one_connection: bool = False
 ) -> Run:
     """A fresh pair of daemons (no connection left from an earlier run), one fetch;
     ``one_connection``: the fetcher runs with ``--stripes 1``."""
     size = source.stat().st_size
-    sharer = DaemonProcess(work / "sharer", extra_args=("--no-lan",))
+    flags = _daemon_flags(condition)
+    sharer = DaemonProcess(work / "sharer", extra_args=flags)
     stripes = ("--stripes", "1") if one_connection else ()
-    getter = DaemonProcess(work / "getter", extra_args=("--no-lan", *stripes))
+    getter = DaemonProcess(work / "getter", extra_args=(*flags, *stripes))
     try:
         sharer.start()
         getter.start()
@@ -203,9 +211,10 @@ def sync_run(
     folder_a.mkdir(parents=True)
     shutil.copyfile(source, folder_a / source.name)
     expected = source.read_bytes()
-    holder = DaemonProcess(work / "home-a", extra_args=("--no-lan",))
+    flags = _daemon_flags(condition)
+    holder = DaemonProcess(work / "home-a", extra_args=flags)
     stripes = ("--stripes", "1") if one_connection else ()
-    joiner = DaemonProcess(work / "home-b", extra_args=("--no-lan", *stripes))
+    joiner = DaemonProcess(work / "home-b", extra_args=(*flags, *stripes))
     try:
         holder.start()
         joiner.start()
@@ -283,6 +292,7 @@ def raw_run(
     ``batched``: the receiver uses qh3's batched receive, as the daemon does; ``reverse``:
     the receiver dials the sender instead, as a p2pfs fetcher does."""
     extra = ["--batched-receive"] if batched else []
+    extra += [] if condition.link is None else ["--base-datagrams"]
     extra += ["--engine", engine, "--size", str(size / MiB)]
     # The listener is the receiver, or with ``reverse`` the sender; the other role dials.
     listening, dialling = ("sender", "receiver") if reverse else ("receiver", "sender")

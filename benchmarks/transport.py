@@ -4,7 +4,8 @@
 
 A receiver process and a sender process (so each side has its own interpreter and core, as
 two nodes would) move ``--size`` MiB through one stream of p2pfs.net with the default
-TransportConfig. Reported per engine: MB/s at the receiver (first byte to EOF) and CPU
+TransportConfig (on loopback, datagrams of up to 60,000 bytes: net/pathsize.py;
+``--base-datagrams``: 1,350). Reported per engine: MB/s at the receiver (first byte to EOF) and CPU
 seconds per GiB of each process (getrusage over the transfer). A TCP loopback transfer of
 the same size between two processes is measured in the same run as the reference.
 """
@@ -102,7 +103,7 @@ async def _move(conn: PeerConnection, stream: Any, role: str, size: int) -> dict
     return result
 
 
-async def _listen(role: str, engine: str, size: int, batched: bool) -> None:
+async def _listen(role: str, engine: str, size: int, config: TransportConfig) -> None:
     identity = Identity.generate()
     finished = trio.Event()
     result: dict[str, Any] = {}
@@ -116,15 +117,15 @@ async def _listen(role: str, engine: str, size: int, batched: bool) -> None:
         finally:
             finished.set()
 
-    config = TransportConfig(batched_receive=batched)
     async with open_endpoint(identity, handler=handler, engine=engine, config=config) as endpoint:
         _emit({"port": endpoint.local_address[1], "node_id": str(identity.node_id)})
         await finished.wait()
     _emit(result)
 
 
-async def _dial(role: str, engine: str, port: int, node_id: str, size: int, batched: bool) -> None:
-    config = TransportConfig(batched_receive=batched)
+async def _dial(
+    role: str, engine: str, port: int, node_id: str, size: int, config: TransportConfig
+) -> None:
     async with open_endpoint(Identity.generate(), engine=engine, config=config) as endpoint:
         conn = await endpoint.connect(("127.0.0.1", port), node_id_untrusted(node_id))
         stream = await conn.open_stream()
@@ -242,6 +243,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="receiver uses qh3's batched receive (faster; see TransportConfig.batched_receive)",
     )
+    parser.add_argument(
+        "--base-datagrams",
+        action="store_true",
+        help="datagrams of the base size even on loopback (as p2pfs's --no-link-datagrams; "
+        "for runs through an emulated internet path)",
+    )
     parser.add_argument("--role", choices=["receiver", "sender"], help=argparse.SUPPRESS)
     parser.add_argument(
         "--listener", choices=["receiver", "sender"], default="receiver", help=argparse.SUPPRESS
@@ -258,14 +265,15 @@ def main(argv: list[str] | None = None) -> None:
                 format=f"%(relativeCreated)d {args.role} %(name)s %(message)s",
             )
         size = int((args.size or 0) * MiB)
+        config = TransportConfig(
+            batched_receive=args.batched_receive, link_sized_datagrams=not args.base_datagrams
+        )
         if args.engine == "tcp":
             _tcp_receiver() if args.role == "receiver" else _tcp_sender(args.port, size)
         elif args.role == args.listener:
-            trio.run(_listen, args.role, args.engine, size, args.batched_receive)
+            trio.run(_listen, args.role, args.engine, size, config)
         else:
-            trio.run(
-                _dial, args.role, args.engine, args.port, args.node_id, size, args.batched_receive
-            )
+            trio.run(_dial, args.role, args.engine, args.port, args.node_id, size, config)
         return
 
     engines = [args.engine] if args.engine else ["qh3", "aioquic"]

@@ -302,6 +302,13 @@ def _daemon_arguments(daemon: argparse.ArgumentParser) -> None:
         f"(round trip >= {STRIPE_MIN_RTT * 1000:.0f} ms; default {DEFAULT_MAX_STRIPES}; "
         "1: one connection; see SPEC 'Stripes')",
     )
+    daemon.add_argument(
+        "--no-link-datagrams",
+        action="store_true",
+        help="send QUIC datagrams of the base 1,350 bytes to every peer, even on loopback "
+        "and on-link networks (default: as big as the link carries; see SPEC 'Identity and "
+        "transport')",
+    )
 
 
 def _failed(args: argparse.Namespace, kind: str, exc: Exception, code: int) -> int:
@@ -381,6 +388,7 @@ def daemon_config(args: argparse.Namespace) -> NodeConfig:
         max_download_rate=args.max_download_rate,
         data_workers=max(0, args.data_workers),
         max_stripes=max(1, args.stripes),
+        link_datagrams=not args.no_link_datagrams,
         port_mapping=not args.no_port_mapping,
         gui=None if args.no_gui else parse_address(args.gui),
         folders=folders,

@@ -45,10 +45,15 @@ class FirstConnectionOnly(LinkForwarder):
         super()._send(datagram, to)
 
 
+WAN_FLAGS = ("--no-link-datagrams",)
+
+
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
-    sharer = DaemonProcess(tmp_path / "sharer").start()
-    fetcher = DaemonProcess(tmp_path / "fetcher").start()
+    # The emulated path stands for the internet: datagrams of the base size, as the
+    # daemons would send there (on loopback they would send up to 60,000 bytes).
+    sharer = DaemonProcess(tmp_path / "sharer", extra_args=WAN_FLAGS).start()
+    fetcher = DaemonProcess(tmp_path / "fetcher", extra_args=WAN_FLAGS).start()
     yield sharer, fetcher
     fetcher.stop()
     sharer.stop()
@@ -136,8 +141,8 @@ def folder_members(
     a_dir.mkdir()
     data = random.Random(size).randbytes(size)
     (a_dir / "big.bin").write_bytes(data)
-    a = DaemonProcess(tmp_path / "home-a", extra_args=("--no-lan",)).start()
-    b = DaemonProcess(tmp_path / "home-b", extra_args=("--no-lan",)).start()
+    a = DaemonProcess(tmp_path / "home-a", extra_args=("--no-lan", *WAN_FLAGS)).start()
+    b = DaemonProcess(tmp_path / "home-b", extra_args=("--no-lan", *WAN_FLAGS)).start()
     try:
         ticket = parse_ticket_untrusted(str(a.cli_json("sync", str(a_dir))["rw"]))
         yield a, b, ticket, b_dir, data

@@ -19,12 +19,17 @@ CLIENT, SERVER = ("192.0.2.1", 4001), ("192.0.2.2", 4002)
 
 
 def connected_pair(
-    engine: Engine, server_id: Identity
+    engine: Engine, server_id: Identity, datagram_size: int | None = None
 ) -> tuple[EngineConnection, EngineConnection]:
-    """A client and server engine connection, handshake done in memory, no loss."""
+    """A client and server engine connection, handshake done in memory, no loss; both
+    send datagrams of up to ``datagram_size`` bytes (default: the base size)."""
     config = TransportConfig()
     client = engine.client_connection(
-        engine.configuration(Identity.generate(), config, is_client=True), SERVER, 0.0
+        engine.configuration(
+            Identity.generate(), config, is_client=True, datagram_size=datagram_size
+        ),
+        SERVER,
+        0.0,
     )
     server: EngineConnection | None = None
     for _ in range(20):
@@ -34,7 +39,11 @@ def connected_pair(
             if server is None:
                 dcid = engine.destination_cid(data, CID_LENGTH)[0]
                 server = engine.server_connection(
-                    engine.configuration(server_id, config, is_client=False), dcid, None
+                    engine.configuration(
+                        server_id, config, is_client=False, datagram_size=datagram_size
+                    ),
+                    dcid,
+                    None,
                 )
             server.receive_datagram(data, CLIENT, 0.0)
         if server is not None:
@@ -79,6 +88,30 @@ def test_reach_ins_find_their_fields(name: str) -> None:
         assert engine_internals.qh3_fast_transmit(client, 0.0) is not None
     else:
         assert engine_internals.qh3_fast_transmit(client, 0.0) is None
+
+
+@pytest.mark.parametrize("name", ["qh3", "aioquic"])
+def test_both_sides_send_datagrams_as_big_as_configured(name: str) -> None:
+    """The server's datagrams grow with its configured size: the client advertises that it
+    receives up to the QUIC maximum (qh3's client says 1,472 unless the reach-in rewrites
+    its transport parameters), and the engine carries its largest size."""
+    engine = load_engine(name)
+    for size in (TransportConfig().max_datagram_size, engine.largest_datagram):
+        client, server = connected_pair(engine, Identity.generate(), size)
+        largest = {}
+        for sender, receiver, address in ((server, client, SERVER), (client, server, CLIENT)):
+            stream_id = sender.get_next_available_stream_id()
+            sender.send_stream_data(stream_id, b"x" * 400_000, end_stream=True)
+            sent = [d for t in (0.001, 0.002, 0.005, 0.01) for d in sender.datagrams_to_send(t)]
+            largest[sender] = max(len(data) for data, _addr in sent)
+            for data, _addr in sent:
+                receiver.receive_datagram(data, address, 0.01)
+        if size == engine.largest_datagram:
+            assert size - 64 < largest[server] <= size, (size, largest)
+            assert size - 64 < largest[client] <= size, (size, largest)
+        else:  # qh3's client probes its own way up to an Ethernet frame
+            assert largest[server] <= size, (size, largest)
+            assert largest[client] <= 1472, (size, largest)
 
 
 @pytest.mark.parametrize(

@@ -590,3 +590,54 @@ def test_the_round_trip_read_from_the_engine_is_the_paths(engine: str) -> None:
     assert direct is not None and far is not None
     assert far >= 0.060
     assert 0 < direct < far
+
+
+@engine_param
+@pytest.mark.parametrize("link_sized", [True, False])
+def test_loopback_datagrams_are_as_big_as_the_link_allows(engine: str, link_sized: bool) -> None:
+    """Over loopback each side sends datagrams up to the engine's largest (net/pathsize.py),
+    which the other side receives whole (its receive buffer and GRO runs hold them); with
+    link-sized datagrams off, the base size."""
+    config = TransportConfig(link_sized_datagrams=link_sized)
+    size = 3 << 20
+    up, down = pattern(5, size), pattern(6, size)
+    received: dict[str, bytes] = {}
+    ratios: dict[str, float] = {}
+
+    async def handler(conn: PeerConnection) -> None:
+        stream = await conn.accept_stream()
+        received["server"] = await read_all(stream)
+        await stream.send_all(down)
+        await stream.send_eof()
+        await conn.wait_closed()
+
+    async def main() -> None:
+        server_id, client_id = Identity.generate(), Identity.generate()
+        with trio.fail_after(30):
+            async with (
+                open_endpoint(server_id, handler=handler, engine=engine, config=config) as server,
+                open_endpoint(client_id, engine=engine, config=config) as client,
+            ):
+                conn = await client.connect(server.local_address, server_id.node_id)
+                stream = await conn.open_stream()
+                await stream.send_all(up)
+                await stream.send_eof()
+                received["client"] = await read_all(stream)
+                await conn.close()
+                for name, endpoint in (("server", server), ("client", client)):
+                    ratios[name] = endpoint.bytes_received / endpoint.datagrams_received
+                assert client.datagram_size(server.local_address) == (
+                    min(config.loopback_datagram_size, load_engine(engine).largest_datagram)
+                    if link_sized
+                    else config.max_datagram_size
+                )
+
+    trio.run(main)
+    assert received == {"server": up, "client": down}
+    for name, ratio in ratios.items():
+        # Acknowledgements are small datagrams in the count: the mean is well under the
+        # data's size, but with big datagrams far above any Ethernet frame.
+        if link_sized:
+            assert ratio > 4 * 1472, (name, ratios)
+        else:
+            assert ratio <= 1472, (name, ratios)

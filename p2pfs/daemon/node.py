@@ -11,7 +11,7 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -108,6 +108,9 @@ class NodeConfig:
     """Fetch from up to this many peers at once in worker processes (``--data-workers``)."""
     max_stripes: int = DEFAULT_MAX_STRIPES
     """Connections a fetch may run to one peer on a long path (``--stripes``; 1: one)."""
+    link_datagrams: bool = True
+    """Datagrams as big as the link carries to loopback and on-link peers (net/pathsize.py;
+    ``--no-link-datagrams``: the base size to every peer)."""
 
 
 NAT_SETTLE = 1.0
@@ -128,6 +131,7 @@ class Node:
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
+        self._transport = replace(TRANSPORT, link_sized_datagrams=config.link_datagrams)
         self.counters = TransferCounters()
         self._endpoint: Endpoint | None = None
         self._identity: Identity | None = None
@@ -199,7 +203,7 @@ class Node:
                 listen.host,
                 listen.port,
                 handler=self._serve_connection,
-                config=TRANSPORT,
+                config=self._transport,
             ) as endpoint:
                 self._endpoint = endpoint
                 await self._serve(endpoint, service, task_status)
@@ -237,6 +241,7 @@ class Node:
                     self.config.home,
                     self.config.data_workers,
                     TRANSPORT.batched_receive,
+                    link_datagrams=self.config.link_datagrams,
                     verbose=logging.getLogger().isEnabledFor(logging.DEBUG),
                 )
                 await nursery.start(workers.run)

@@ -42,6 +42,7 @@ from p2pfs.net.codes import CloseCode
 from p2pfs.net.connection import Address, PeerConnection
 from p2pfs.net.control import RELAY_DATAGRAM
 from p2pfs.net.engine import Engine, EngineConnection, TransportConfig, load_engine
+from p2pfs.net.pathsize import PathSizes
 from p2pfs.net.stream import Stream
 from p2pfs.net.tunnel import HEADER_LEN as TUNNEL_HEADER_LEN
 from p2pfs.net.tunnel import Tunnel
@@ -98,8 +99,11 @@ class Endpoint:
         self._sock = sock
         self._nursery = nursery
         self._handler = handler
-        self._client_config = engine.configuration(identity, config, is_client=True)
-        self._server_config = engine.configuration(identity, config, is_client=False)
+        self._configs: dict[tuple[bool, int], Any] = {}
+        self._path_sizes = PathSizes(
+            config.max_datagram_size,
+            min(config.loopback_datagram_size, engine.largest_datagram),
+        )
         self._by_cid: dict[bytes, PeerConnection] = {}
         self._connections: set[PeerConnection] = set()
         self._admission: Admission[PeerConnection] = Admission(config, os.urandom(32))
@@ -232,9 +236,29 @@ class Endpoint:
                 if conn.remote_address == tunnel.address:
                     conn.close_nowait(CloseCode.NO_ERROR, "relay circuit ended")
 
+    def datagram_size(self, remote: Address) -> int:
+        """How big this node's datagrams to ``remote`` are (net/pathsize.py): the base size
+        through a relay tunnel or where link-sized datagrams are off."""
+        if not self.config.link_sized_datagrams or remote in self._tunnels:
+            return self.config.max_datagram_size
+        return self._path_sizes.datagram_size(str(remote[0]))
+
+    def _configuration(self, remote: Address, *, is_client: bool) -> Any:
+        """The engine configuration for a connection to ``remote`` (one per datagram size)."""
+        key = (is_client, self.datagram_size(remote))
+        configuration = self._configs.get(key)
+        if configuration is None:
+            configuration = self.engine.configuration(
+                self.identity, self.config, is_client=is_client, datagram_size=key[1]
+            )
+            self._configs[key] = configuration
+        return configuration
+
     async def _connect(self, remote: Address, expected_peer: NodeId | None) -> PeerConnection:
         now = trio.current_time()
-        quic = self.engine.client_connection(self._client_config, remote, now)
+        quic = self.engine.client_connection(
+            self._configuration(remote, is_client=True), remote, now
+        )
         conn = self._new_connection(quic, remote, expected_peer, now, is_client=True)
         self.register_cid(quic.host_cid, conn)
         conn.cids.add(quic.host_cid)
@@ -429,7 +453,7 @@ class Endpoint:
                 victim.close_nowait(CloseCode.TIMEOUT, "evicted by a validated handshake")
         try:
             quic = self.engine.server_connection(
-                self._server_config, original, dcid if validated else None
+                self._configuration(addr, is_client=False), original, dcid if validated else None
             )
         except ConnectionClosedError as exc:
             self.engine_failures += 1

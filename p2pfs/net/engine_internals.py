@@ -9,6 +9,7 @@ engine grows a public accessor, the reach-in here goes.
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -109,3 +110,47 @@ def latest_rtt(quic: Any) -> float | None:
     else:
         rtt = getattr(getattr(quic, "_loss", None), "_rtt_latest", None)
     return float(rtt) if isinstance(rtt, (int, float)) and rtt > 0 else None
+
+
+def qh3_connection_class(
+    base: type, packet: ModuleType, tls: ModuleType, buffer_class: type, receive_limit: int
+) -> type:
+    """qh3's QuicConnection (``base``; ``packet``, ``tls`` and ``buffer_class``: qh3's own
+    modules), its client advertising ``receive_limit`` as the largest UDP payload it accepts.
+
+    Reach-in: ``QuicConnection._create_tls`` (qh3), and the transport parameters already
+    set in the new TLS context's ``handshake_extensions`` (public fields, rewritten before
+    the ClientHello is sent). qh3's client advertises 1,472 bytes whatever it can receive,
+    which caps what the server may send to an Ethernet frame even on loopback (servers
+    advertise nothing: the QUIC maximum). The endpoint reads up to the QUIC maximum, so the
+    advertisement says what is true. If the hook is gone, clients keep qh3's 1,472: big
+    datagrams then flow towards servers only.
+    """
+    if not callable(getattr(base, "_create_tls", None)):
+        return base
+
+    def advertised(value: bytes) -> bytes:
+        parameters = packet.pull_quic_transport_parameters(buffer_class(data=value))
+        if (parameters.max_udp_payload_size or receive_limit) >= receive_limit:
+            return value
+        parameters.max_udp_payload_size = receive_limit
+        buffer = buffer_class(capacity=len(value) + 16)
+        packet.push_quic_transport_parameters(buffer, parameters)
+        return bytes(buffer.data)
+
+    class Connection(base):  # type: ignore[misc]
+        def _create_tls(self, remote_source_cid: bytes | None) -> Any:
+            bridge = super()._create_tls(remote_source_cid)
+            context: Any = getattr(bridge, "tls", None)
+            extensions = getattr(context, "handshake_extensions", None)
+            if isinstance(extensions, list):
+                context.handshake_extensions = [
+                    (kind, advertised(value))
+                    if kind == tls.ExtensionType.QUIC_TRANSPORT_PARAMETERS
+                    else (kind, value)
+                    for kind, value in extensions
+                ]
+            return bridge
+
+    Connection.__name__ = Connection.__qualname__ = base.__name__
+    return Connection

@@ -184,6 +184,18 @@ class Machine:
             text=True,
         )
 
+    def count_each_datagram(self) -> None:
+        """Make the link's packet counts count datagrams: a UDP GSO send (up to 64 datagrams
+        in one buffer) otherwise crosses a veth whole and is counted as one packet."""
+        _run("ip", "-n", self.namespace, "link", "set", self.veth, "gso_max_segs", "1")
+
+    def link_packets(self) -> tuple[int, int]:
+        """(received, sent) packets on the machine's link, as the kernel counts them."""
+        base = f"/sys/class/net/{self.veth}/statistics"
+        received = _run(*self.prefix, "cat", f"{base}/rx_packets")
+        sent = _run(*self.prefix, "cat", f"{base}/tx_packets")
+        return int(received), int(sent)
+
     def link_bytes(self) -> tuple[int, int]:
         """(received, sent) bytes on the machine's link, as the kernel counts them."""
         base = f"/sys/class/net/{self.veth}/statistics"
@@ -236,6 +248,37 @@ class NetBed:
         machine.home.mkdir(parents=True)
         self.machines.append(machine)
         return machine
+
+    def lan(self, *names: str) -> list[Machine]:
+        """Machines together on one LAN 10.(bed).(100 + n).0/24: a bridge in the router's
+        namespace, the router .1 on it and their default route; each machine reaches the
+        others on-link (no gateway between them) through Ethernet frames of 1,500 bytes."""
+        number = len(self.machines) + 1
+        subnet = f"10.{200 + int(self.tag[-2:]) % 50}.{100 + number}"
+        bridge = f"{self.tag}{number}b"
+        _run("ip", "-n", self.router, "link", "add", bridge, "type", "bridge")
+        _run("ip", "-n", self.router, "addr", "add", f"{subnet}.1/24", "dev", bridge)
+        _run("ip", "-n", self.router, "link", "set", bridge, "up")
+        machines = []
+        for host, name in enumerate(names, start=2):
+            number = len(self.machines) + 1
+            namespace = self._namespace(name)
+            inside, outside = f"{self.tag}{number}m", f"{self.tag}{number}r"
+            _run("ip", "link", "add", inside, "type", "veth", "peer", "name", outside)
+            _run("ip", "link", "set", inside, "netns", namespace)
+            _run("ip", "link", "set", outside, "netns", self.router)
+            _run("ip", "-n", self.router, "link", "set", outside, "master", bridge)
+            _run("ip", "-n", self.router, "link", "set", outside, "up")
+            _run("ip", "-n", namespace, "addr", "add", f"{subnet}.{host}/24", "dev", inside)
+            _run("ip", "-n", namespace, "link", "set", inside, "up")
+            _run("ip", "-n", namespace, "route", "add", "default", "via", f"{subnet}.1")
+            machine = Machine(
+                self, name, namespace, f"{subnet}.{host}", inside, self.root / name / "home"
+            )
+            machine.home.mkdir(parents=True)
+            self.machines.append(machine)
+            machines.append(machine)
+        return machines
 
     def home(self, name: str, nat: str = "cone", upnp: bool = False) -> Machine:
         """A machine on a private LAN 192.168.(n).0/24 behind its own home router, whose

@@ -5,8 +5,8 @@ worker is started by the daemon from the same installation), so a message that d
 parse is a bug; it ends the worker's session, never the daemon.
 
 Main -> worker:
-- ``{"op": "hello", "peer", "host", "port", "root", "batched", "streams", "in_flight",
-  "stall"}``: the peer to dial (its NodeId pinned) and the share;
+- ``{"op": "hello", "peer", "host", "port", "root", "batched", "link_datagrams",
+  "streams", "in_flight", "stall"}``: the peer to dial (its NodeId pinned) and the share;
 - ``{"op": "file", "id", "path", "dev", "ino"}``: a temp file chunks may be written into (the
   worker writes only into that inode);
 - ``{"op": "batch", "id", "chunks": [[chunk id, length, [[file id, offset], ...]], ...]}``:

@@ -109,6 +109,7 @@ class WorkerPool:
     home: Path
     limit: int
     batched_receive: bool
+    link_datagrams: bool = True
     verbose: bool = False
     _warm: list[trio.Process] = field(default_factory=list)
     _sessions: int = 0
@@ -182,6 +183,7 @@ class WorkerPool:
                 "port": address[1],
                 "root": bytes(root),
                 "batched": self.batched_receive,
+                "link_datagrams": self.link_datagrams,
                 "streams": streams,
                 "in_flight": in_flight,
                 "stall": stall,

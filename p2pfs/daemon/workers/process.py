@@ -236,7 +236,10 @@ async def serve(home: Path) -> None:
     if hello is None or hello["op"] != "hello":
         return  # the daemon stopped before it needed this worker
     host, port = str(hello["host"]), int(hello["port"])
-    config = TransportConfig(batched_receive=bool(hello["batched"]))
+    config = TransportConfig(
+        batched_receive=bool(hello["batched"]),
+        link_sized_datagrams=bool(hello.get("link_datagrams", True)),
+    )
     bind = "::" if ":" in host else "0.0.0.0"
     try:
         async with open_endpoint(identity, bind, 0, config=config) as endpoint:

@@ -1,0 +1,134 @@
+"""How big the QUIC datagrams to one peer address may be.
+
+Every datagram costs the engine the same packet work whatever its size (header protection,
+an AEAD call, the frame loop, an acknowledgement), so on a link that carries big frames, big
+datagrams move the same bytes for a fraction of the CPU (Identity and transport in SPEC.md:
+the raw engine moved 247 MB/s at 1,350 bytes and 1,093 MB/s at 32,000 on this loopback).
+But a datagram bigger than some hop of the path is lost without a word, so a size is only
+raised where the whole path is known:
+
+- a loopback address: the path is this kernel, and its MTU is the loopback interface's;
+- an on-link address (its route has no gateway, net/linkroutes.py): the path is one link,
+  and the largest datagram is the kernel's MTU for that route, at most an Ethernet frame's
+  (a jumbo-frame link is only as good as every device on it, and nothing here probes it);
+- anything else, relay tunnels included: the configured base size, which fits any path with
+  an MTU of 1,400 or more.
+
+The receiving side accepts anything up to the QUIC maximum (engine.RECEIVE_DATAGRAM_LIMIT),
+so each side's choice is its own.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+from p2pfs.net.linkroutes import IPAddress, Route, on_link, parse_ipv4_routes, parse_ipv6_routes
+
+logger = logging.getLogger(__name__)
+
+ETHERNET_MTU = 1500
+IPV4_UDP_OVERHEAD = 20 + 8
+IPV6_UDP_OVERHEAD = 40 + 8
+# Linux's IP_MTU / IPV6_MTU socket options (linux/in.h, linux/in6.h): the MTU the kernel
+# knows for a connected socket's route (the interface's, or a smaller one learnt by PMTU).
+IP_MTU = getattr(socket, "IP_MTU", 14)
+IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
+ROUTE_TABLES = (Path("/proc/net/route"), Path("/proc/net/ipv6_route"))
+# Routes change (a laptop moves between networks): tables and answers are re-read after this.
+REFRESH_SECONDS = 30.0
+CACHE_ENTRIES = 1024
+
+
+class PathSizes:
+    """Datagram size per peer IP, from the kernel's routes and MTUs (cached for a while)."""
+
+    def __init__(
+        self,
+        base: int,
+        loopback_limit: int,
+        *,
+        read_routes: Callable[[], list[Route]] | None = None,
+        route_mtu: Callable[[IPAddress], int | None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.base = base
+        self.loopback_limit = max(base, loopback_limit)
+        self._read_routes = read_routes or read_kernel_routes
+        self._route_mtu = route_mtu or kernel_route_mtu
+        self._clock = clock
+        self._routes: list[Route] = []
+        self._routes_read_at = -float("inf")
+        self._sizes: OrderedDict[IPAddress, tuple[float, int]] = OrderedDict()
+
+    def datagram_size(self, host: str) -> int:
+        """The datagram size to use towards ``host`` (an IP literal; anything else: base)."""
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return self.base
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        now = self._clock()
+        cached = self._sizes.get(address)
+        if cached is not None and now - cached[0] < REFRESH_SECONDS:
+            return cached[1]
+        size = self._measure(address, now)
+        self._sizes[address] = (now, size)
+        self._sizes.move_to_end(address)
+        while len(self._sizes) > CACHE_ENTRIES:
+            self._sizes.popitem(last=False)
+        return size
+
+    def _measure(self, address: IPAddress, now: float) -> int:
+        overhead = IPV4_UDP_OVERHEAD if address.version == 4 else IPV6_UDP_OVERHEAD
+        if address.is_loopback:
+            limit = self.loopback_limit
+        else:
+            if now - self._routes_read_at >= REFRESH_SECONDS:
+                self._routes = self._read_routes()
+                self._routes_read_at = now
+            if not on_link(self._routes, address):
+                return self.base
+            limit = ETHERNET_MTU - overhead
+        mtu = self._route_mtu(address)
+        if mtu is None:
+            return self.base
+        return max(self.base, min(limit, mtu - overhead))
+
+
+def read_kernel_routes() -> list[Route]:
+    """The kernel's IPv4 main table and IPv6 routes; empty where /proc has none (not Linux)."""
+    routes: list[Route] = []
+    for table in ROUTE_TABLES:
+        try:
+            text = table.read_text()
+        except OSError:
+            continue
+        if table.name == "route":
+            routes.extend(parse_ipv4_routes(text, sys.byteorder))
+        else:
+            routes.extend(parse_ipv6_routes(text))
+    return routes
+
+
+def kernel_route_mtu(address: IPAddress) -> int | None:
+    """The MTU of the kernel's route to ``address``, asked through a connected UDP socket
+    (connecting sends nothing); None where the kernel cannot say."""
+    family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+    level, option = (
+        (socket.IPPROTO_IP, IP_MTU) if address.version == 4 else (socket.IPPROTO_IPV6, IPV6_MTU)
+    )
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((str(address), 9))
+            return int(probe.getsockopt(level, option))
+    except OSError as exc:
+        logger.debug("no route MTU for %s: %s", address, exc)
+        return None
