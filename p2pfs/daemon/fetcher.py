@@ -140,7 +140,9 @@ Connect = Callable[[set[NodeId]], Awaitable[PeerConnection]]
 """A connection to a holder not among those named (raises once none can be found)."""
 Placements = list[list[tuple[_FileTask, int]]]
 """Per piece: every (file, offset) where its bytes go."""
-_Writes = list[tuple[ChunkRef, bytes | memoryview, list[tuple[_FileTask, int]]]]
+_Targets = list[tuple[_FileTask, int]]
+"""The (file, offset) slots a piece fills."""
+_Writes = list[tuple[ChunkRef, bytes | memoryview, _Targets]]
 """Verified pieces to write: each chunk, its bytes and the (file, offset) slots it fills."""
 
 
@@ -191,6 +193,8 @@ class Fetcher:
         self._committer: trio.Nursery | None = None
         self._writer: MergedCalls[_Writes] | None = None
         self._commit_slot = trio.Semaphore(1)
+        self._settling: dict[tuple[int, int], trio.Event] = {}
+        """Slots (file number, offset) claimed by a write in progress, and its settling."""
         self._placements: Placements = []
         self._swarm: SwarmShare | None = None
         self._pool: PeerPool | None = None
@@ -534,22 +538,52 @@ class Fetcher:
         self, arrived: list[tuple[int, bytes | memoryview]], pieces: list[ChunkRef]
     ) -> None:
         """Verify pieces (in a worker thread) and write each into every slot still empty;
-        finished files are committed in batches (one sync for many files)."""
-        if not arrived:
-            return
+        finished files are committed in batches (one sync for many files).
+
+        A slot that another write in progress has claimed is left to it, and this call
+        waits for that write to settle: if it failed (a bad chunk elsewhere in its batch,
+        its peer cancelled), it gave its claims back and this copy, verified here, fills
+        them. Without the wait the piece was counted held (this peer delivered it) while
+        its slot stayed empty, and the swarm ended with a file incomplete."""
+        while arrived:
+            settling = await self._write_claimed(arrived, pieces)
+            for event in {id(e): e for events in settling.values() for e in events}.values():
+                await event.wait()
+            arrived = [(piece, data) for piece, data in arrived if piece in settling]
+
+    def _claim(self, piece: int, settled: trio.Event) -> tuple[_Targets, list[trio.Event]]:
+        """Claim ``piece``'s empty slots (under ``settled``, set when the claiming write
+        settles); also the events of the writes in progress that hold its other slots."""
+        targets: _Targets = []
+        pending: list[trio.Event] = []
+        for task, offset in self._placements[piece]:
+            if task.complete:
+                continue
+            if offset not in task.filled:
+                targets.append((task, offset))
+            elif (other := self._settling.get((task.number, offset))) is not None:
+                pending.append(other)
+        # Claimed before the write runs: an endgame duplicate of this piece arriving on
+        # another stream meanwhile finds the slots taken, so a slot is never counted twice
+        # and no file can be committed with a hole.
+        for task, offset in targets:
+            task.filled.add(offset)
+            self._settling[(task.number, offset)] = settled
+        return targets, pending
+
+    async def _write_claimed(
+        self, arrived: list[tuple[int, bytes | memoryview]], pieces: list[ChunkRef]
+    ) -> dict[int, list[trio.Event]]:
+        """One pass of ``_write``: the pieces' empty slots claimed, written and counted.
+        Returns, per piece, the writes in progress that hold its other slots."""
         assert self._swarm is not None
+        settled = trio.Event()
         writes: _Writes = []
+        settling: dict[int, list[trio.Event]] = {}
         for piece, data in arrived:
-            targets = [
-                (task, offset)
-                for task, offset in self._placements[piece]
-                if not task.complete and offset not in task.filled
-            ]
-            # Claimed before the write runs: an endgame duplicate of this piece arriving on
-            # another stream meanwhile finds the slots taken, so a slot is never counted
-            # twice and no file can be committed with a hole.
-            for task, offset in targets:
-                task.filled.add(offset)
+            targets, pending = self._claim(piece, settled)
+            if pending:
+                settling[piece] = pending
             writes.append((pieces[piece], data, targets))
         try:
             if self._writer is not None:
@@ -561,12 +595,18 @@ class Fetcher:
                 for task, offset in targets:
                     task.filled.discard(offset)
             raise
+        finally:
+            for _ref, _data, targets in writes:
+                for task, offset in targets:
+                    self._settling.pop((task.number, offset), None)
+            settled.set()
         await self._written(
             [
                 (piece, ref, targets)
                 for (piece, _d), (ref, _s, targets) in zip(arrived, writes, strict=True)
             ]
         )
+        return settling
 
     async def _written(self, done: list[tuple[int, ChunkRef, list[tuple[_FileTask, int]]]]) -> None:
         """Pieces verified and written into these (claimed) slots: count them, serve them,
@@ -626,25 +666,36 @@ class Fetcher:
         return task.partial.temp_path, task.identity
 
     async def landed(self, pieces: list[int], peer: NodeId, gone: set[int]) -> None:
-        """A worker verified and wrote these pieces into the slots targets() named."""
+        """A worker verified and wrote these pieces into the slots targets() named (claimed
+        ones too): each empty slot is counted now; one that a write in progress holds is
+        counted once that write settles, if it failed and left the slot empty."""
         assert self._swarm is not None
-        done = []
-        for piece in pieces:
-            ref = self._swarm.pieces[piece]
-            targets = [
-                (task, offset)
-                for task, offset in self._placements[piece]
-                if not task.complete and offset not in task.filled
-            ]
-            for task, offset in targets:
-                assert task.partial is not None
-                if task.number in gone:
-                    raise StorageError(f"{task.partial.temp_path} vanished while being fetched")
-                task.partial.mark_verified(offset, ref.length)
-                task.filled.add(offset)
-            done.append((piece, ref, targets))
-        await self._written(done)
-        self.report.bytes_from_peer += sum(ref.length for _piece, ref, _targets in done)
+        counted = 0
+        while pieces:
+            done = []
+            waits: dict[int, trio.Event] = {}
+            later = []
+            for piece in pieces:
+                ref = self._swarm.pieces[piece]
+                targets, pending = self._claim(piece, trio.Event())
+                for task, offset in targets:
+                    assert task.partial is not None
+                    # Nothing to settle: the bytes are already written.
+                    del self._settling[(task.number, offset)]
+                    if task.number in gone:
+                        raise StorageError(f"{task.partial.temp_path} vanished while being fetched")
+                    task.partial.mark_verified(offset, ref.length)
+                done.append((piece, ref, targets))
+                if pending:
+                    later.append(piece)
+                    waits.update((id(event), event) for event in pending)
+            await self._written(done)
+            if not counted:
+                counted = sum(ref.length for _piece, ref, _targets in done)
+            for event in waits.values():
+                await event.wait()
+            pieces = later
+        self.report.bytes_from_peer += counted
         if self.report.first_byte_seconds is None:
             self.report.first_byte_seconds = time.monotonic() - self._started
 
