@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from p2pfs.net.intake import Intake, IntakeLimits
 
-LIMITS = IntakeLimits(stream=100, connection=250, hard=600, held=5)
+LIMITS = IntakeLimits(stream=100, connection=250, hard=600, held=5, held_bytes=40)
 STREAMS = range(4)
 
 ops = st.lists(
@@ -20,6 +20,7 @@ ops = st.lists(
         st.tuples(st.just("block"), st.sampled_from(STREAMS), st.just(0)),
         st.tuples(st.just("unblock"), st.sampled_from(STREAMS), st.just(0)),
         st.tuples(st.just("abandon"), st.sampled_from(STREAMS), st.just(0)),
+        # n datagrams of 3n to 3n + 6 bytes (a held item is its own size).
         st.tuples(st.just("arrive"), st.just(0), st.integers(1, 4)),
     ),
     max_size=60,
@@ -30,7 +31,7 @@ ops = st.lists(
 class Model:
     """The connection around the intake: per-stream unread bytes and datagram bookkeeping."""
 
-    intake: Intake[int, int] = field(default_factory=lambda: Intake(LIMITS))
+    intake: Intake[int, int] = field(default_factory=lambda: Intake(LIMITS, measure=int))
     buffered: dict[int, int] = field(default_factory=lambda: dict.fromkeys(STREAMS, 0))
     offered: int = 0
     fed: int = 0
@@ -87,13 +88,14 @@ def test_intake_accounting_and_liveness(steps: list[tuple[str, int, int]]) -> No
                 m.resume()
             m.offered += n
             if intake.paused:
-                intake.hold(range(n))
+                intake.hold(range(3 * n, 3 * n + 2 * n, 2))
             else:
                 m.fed += n
         # Accounting: every unread byte is counted once.
         assert intake.unread == sum(m.buffered.values())
         # Held datagrams are bounded, and each one is fed, held or counted as dropped.
         assert len(intake.held) <= LIMITS.held
+        assert intake.held_bytes == sum(intake.held) <= LIMITS.held_bytes
         assert m.fed + len(intake.held) + intake.held_dropped == m.offered
         if not intake.paused:
             assert not intake.held
@@ -115,3 +117,22 @@ def test_put_back_keeps_order() -> None:
     intake.put_back(held)
     intake.hold([5])
     assert list(intake.held) == [2, 3, 4, 5]
+
+
+def test_held_datagrams_are_bounded_by_their_bytes_too() -> None:
+    """Datagrams of up to 64 KiB: the count alone would let a paused connection park 256
+    MiB; the byte bound drops what is beyond it (QUIC resends what mattered)."""
+    limits = IntakeLimits(stream=100, connection=250, hard=600, held=100, held_bytes=150_000)
+    intake: Intake[int, bytes] = Intake(limits, measure=len)
+    intake.received(0, 300, 300)
+    assert intake.paused
+    intake.hold([bytes(60_000), bytes(60_000), bytes(60_000), bytes(1_000)])
+    assert [len(d) for d in intake.held] == [60_000, 60_000, 1_000]
+    assert intake.held_bytes == 121_000
+    assert intake.held_dropped == 1
+    held = intake.resume()
+    assert intake.held_bytes == 0
+    held.popleft()
+    intake.received(0, 1, 301)
+    intake.put_back(held)
+    assert intake.held_bytes == 61_000

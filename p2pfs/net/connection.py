@@ -127,7 +127,9 @@ class PeerConnection:
                 connection=config.connection_receive_limit,
                 hard=config.connection_receive_hard_limit,
                 held=config.held_datagram_limit,
-            )
+                held_bytes=config.held_datagram_bytes,
+            ),
+            measure=_datagram_size,
         )
         self._processing = False
         self._resume_pending = False
@@ -745,3 +747,7 @@ def _closed_by_peer(event: Any) -> ConnectionClosedError:
         f"connection closed: {reason} (code {event.error_code:#x})",
         error_code=event.error_code,
     )
+
+
+def _datagram_size(item: tuple[bytes, Address]) -> int:
+    return len(item[0])

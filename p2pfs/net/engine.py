@@ -69,6 +69,8 @@ class TransportConfig:
     # Datagrams parked while a connection's intake is paused; beyond this they are dropped
     # and QUIC's loss recovery resends them once the reader catches up.
     held_datagram_limit: int = 4096
+    # ... and their bytes (datagrams up to 64 KiB: 4,096 of them would be 256 MiB).
+    held_datagram_bytes: int = 16 * MiB
     # Unauthenticated connections a server keeps at once (handshake flood bound).
     max_pending_connections: int = 256
     # Half-open handshakes from one source IP; beyond this its Initials get a Retry.

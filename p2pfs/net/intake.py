@@ -38,17 +38,22 @@ class IntakeLimits:
     connection: int
     hard: int
     held: int
+    """Datagrams parked while paused, at most; and their bytes, at most (a datagram may be
+    anything up to 64 KiB: a count alone would let 4,096 of them hold 256 MiB)."""
+    held_bytes: int = 1 << 62
 
 
 class Intake(Generic[S, D]):
     """Unread-byte accounting, blocked writers and held datagrams of one connection."""
 
-    def __init__(self, limits: IntakeLimits) -> None:
+    def __init__(self, limits: IntakeLimits, measure: Callable[[D], int] = lambda _item: 0) -> None:
         self.limits = limits
         self.unread = 0
         self.paused = False
         self.held: deque[D] = deque()
+        self.held_bytes = 0
         self.held_dropped = 0
+        self._measure = measure
         self._full: set[S] = set()
         self._blocked: set[S] = set()
 
@@ -108,8 +113,13 @@ class Intake(Generic[S, D]):
     def hold(self, items: Iterable[D]) -> None:
         """Park ``items`` while paused; beyond the bound they are dropped (and counted)."""
         for item in items:
-            if len(self.held) < self.limits.held:
+            size = self._measure(item)
+            if (
+                len(self.held) < self.limits.held
+                and self.held_bytes + size <= self.limits.held_bytes
+            ):
                 self.held.append(item)
+                self.held_bytes += size
             else:
                 self.held_dropped += 1
 
@@ -117,16 +127,19 @@ class Intake(Generic[S, D]):
         """Unpause and hand over what was held, oldest first."""
         self.paused = False
         held, self.held = self.held, deque()
+        self.held_bytes = 0
         return held
 
     def put_back(self, items: deque[D]) -> None:
         """Return what could not be fed (intake paused again) to the front of the queue."""
         self.held.extendleft(reversed(items))
+        self.held_bytes += sum(map(self._measure, items))
 
     def lost(self) -> None:
         """The connection ended: nothing is held or blocked any more."""
         self._blocked.clear()
         self.held.clear()
+        self.held_bytes = 0
 
     # -- internals ------------------------------------------------------------------------
 
