@@ -641,3 +641,30 @@ def test_loopback_datagrams_are_as_big_as_the_link_allows(engine: str, link_size
             assert ratio > 4 * 1472, (name, ratios)
         else:
             assert ratio <= 1472, (name, ratios)
+
+
+@engine_param
+def test_parts_arrive_as_their_concatenation(engine: str) -> None:
+    """send_all_parts: empty parts, parts over the send bound (split across several engine
+    writes) and many small ones arrive in order, as one send_all of their join would."""
+    rng = random.Random(8)
+    sizes = [0, 5, 3 << 20, 0, 1, 70_000, *[rng.randrange(1, 9000) for _ in range(300)], 0]
+    parts = [pattern(n, size) for n, size in enumerate(sizes)]
+    received: dict[str, bytes] = {}
+
+    async def handler(conn: PeerConnection) -> None:
+        stream = await conn.accept_stream()
+        received["server"] = await read_all(stream)
+        await stream.send_eof()
+        await conn.wait_closed()
+
+    async def body(server: Any, conn: PeerConnection) -> None:
+        stream = await conn.open_stream()
+        await stream.send_all_parts([memoryview(p) for p in parts[:3]] + parts[3:])
+        await stream.send_eof()
+        assert stream.bytes_sent == sum(sizes)
+        await read_all(stream)
+        await conn.close()
+
+    run_pair(engine, handler, body)
+    assert received["server"] == b"".join(parts)

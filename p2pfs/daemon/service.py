@@ -550,7 +550,7 @@ class ShareService:
         await throttle(self._upload_limit, payload)
         self.counters.payload_sent += payload
         conn.payload_sent += payload
-        await stream.send_all(b"".join(parts))
+        await stream.send_all_parts(parts)
 
 
 def _not_found(request_id: int, message: str) -> ErrorReply:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import trio
@@ -332,10 +332,16 @@ class PeerConnection:
 
     # -- StreamOwner: called by Stream ----------------------------------------------------
 
-    def stream_send(self, stream_id: int, data: memoryview | bytes, *, end_stream: bool) -> None:
+    def stream_send(
+        self, stream_id: int, pieces: Sequence[memoryview | bytes], *, end_stream: bool
+    ) -> None:
         self._check_open()
         with self._guard:
-            self._quic.send_stream_data(stream_id, data, end_stream=end_stream)
+            send = self._quic.send_stream_data
+            for piece in pieces:
+                send(stream_id, piece, end_stream=False)
+            if end_stream:
+                send(stream_id, b"", end_stream=True)
         self._check_open()
         if end_stream:
             self._maybe_forget(stream_id)

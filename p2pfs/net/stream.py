@@ -29,6 +29,7 @@ import contextlib
 import logging
 import operator
 from collections import deque
+from collections.abc import Sequence
 from typing import Protocol
 
 import trio
@@ -51,8 +52,11 @@ class StreamBrokenError(StreamResetError, trio.BrokenResourceError):
 class StreamOwner(Protocol):
     """What a stream needs from the connection that carries it."""
 
-    def stream_send(self, stream_id: int, data: memoryview | bytes, *, end_stream: bool) -> None:
-        """Queue ``data`` (and the FIN) in the engine; raises the connection's error if closed."""
+    def stream_send(
+        self, stream_id: int, pieces: Sequence[memoryview | bytes], *, end_stream: bool
+    ) -> None:
+        """Queue ``pieces`` in order (and the FIN) in the engine, then transmit once; raises
+        the connection's error if closed."""
 
     def stream_abandon(
         self, stream_id: int, error_code: int, *, send_open: bool, receive_open: bool
@@ -121,26 +125,35 @@ class Stream(trio.abc.HalfCloseableStream):
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Queue ``data``, waiting whenever the stream's backlog would exceed the bound."""
+        await self.send_all_parts([data])
+
+    async def send_all_parts(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Queue ``parts`` one after the other, as ``send_all`` of their concatenation would,
+        without joining them first: a server's reply is frame headers and chunk payloads,
+        and joining a 4 MiB group copied it once more on the event loop (0.33 CPU-s per GiB
+        of the sender's main thread)."""
         limit = self._send_limit
-        view = memoryview(data).cast("B")
+        views = deque(view for view in (memoryview(p).cast("B") for p in parts) if view)
+        remaining = sum(len(view) for view in views)
         with self._send_slot():
             await trio.lowlevel.checkpoint_if_cancelled()
             while True:
                 self._check_sendable()
-                if not view:
+                if not remaining:
                     break
                 backlog = self.send_backlog
                 room = limit - backlog
                 # Wait for room for the whole remainder or a quarter of the bound, whichever
                 # is less: topping up in slivers would cost a transmit pass per few bytes.
-                if room < min(len(view), limit // 4):
+                if room < min(remaining, limit // 4):
                     await self._wait_send_room()
                     continue
-                piece = view[:room]
-                self._owner.stream_send(self.stream_id, piece, end_stream=False)
-                self.bytes_sent += len(piece)
-                self.max_send_backlog = max(self.max_send_backlog, backlog + len(piece))
-                view = view[len(piece) :]
+                pieces = _take(views, room)
+                size = sum(len(piece) for piece in pieces)
+                self._owner.stream_send(self.stream_id, pieces, end_stream=False)
+                self.bytes_sent += size
+                self.max_send_backlog = max(self.max_send_backlog, backlog + size)
+                remaining -= size
             await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -168,7 +181,7 @@ class Stream(trio.abc.HalfCloseableStream):
                 return
             self._check_sendable()
             self._send_closed = True
-            self._owner.stream_send(self.stream_id, b"", end_stream=True)
+            self._owner.stream_send(self.stream_id, (), end_stream=True)
 
     # -- trio.abc.ReceiveStream -----------------------------------------------------------
 
@@ -222,7 +235,7 @@ class Stream(trio.abc.HalfCloseableStream):
         if send_open:
             # If the connection is gone there is nothing left to finish.
             with contextlib.suppress(P2pfsError):
-                self._owner.stream_send(self.stream_id, b"", end_stream=True)
+                self._owner.stream_send(self.stream_id, (), end_stream=True)
         if receive_open:
             self._owner.stream_abandon(self.stream_id, 0, send_open=False, receive_open=True)
         self._wake_all()
@@ -381,3 +394,18 @@ class _SendSlot:
 
     def __exit__(self, *exc_info: object) -> None:
         self._stream._sending = False
+
+
+def _take(views: deque[memoryview], size: int) -> list[memoryview]:
+    """Up to ``size`` bytes from the front of ``views``, the last one split if need be."""
+    taken: list[memoryview] = []
+    while views and size > 0:
+        view = views[0]
+        if len(view) <= size:
+            taken.append(views.popleft())
+            size -= len(view)
+        else:
+            taken.append(view[:size])
+            views[0] = view[size:]
+            size = 0
+    return taken
