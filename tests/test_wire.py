@@ -350,3 +350,22 @@ def test_have_update_before_reply_and_requests_after_get_have_are_violations() -
     client.receive_data(encode_message(HaveUpdate(1, (0,))))
     with pytest.raises(WireError):
         client.next_message()
+
+
+def test_frames_inside_one_fed_object_are_views_and_spanning_ones_are_joined_once() -> None:
+    """After a frame that spanned two feeds, the frames wholly inside the second feed are
+    still views into it (the decoder kept its own buffer before, and copied them)."""
+    frames = [encode_frame(0x20, bytes([n]) * 1000) for n in range(4)]
+    stream = b"".join(frames)
+    first, second = stream[:1500], stream[1500:]  # the second frame spans both
+    decoder = FrameDecoder()
+    decoder.feed(first)
+    decoder.feed(second)
+    bodies = []
+    while (frame := decoder.next_frame_untrusted()) is not None:
+        bodies.append(frame.body)
+    assert [bytes(b) for b in bodies] == [bytes([n]) * 1000 for n in range(4)]
+    assert bodies[0].obj is first
+    assert bodies[1].obj is not first and bodies[1].obj is not second
+    assert bodies[2].obj is second and bodies[3].obj is second
+    assert decoder.buffered == 0 and decoder.unfinished_since is None

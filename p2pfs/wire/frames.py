@@ -9,6 +9,8 @@ so the I/O layer can reset a stream that leaves a frame half-sent.
 
 from __future__ import annotations
 
+import itertools
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,22 +44,22 @@ def frame_header(tag: int, body_length: int) -> bytes:
 class FrameDecoder:
     """Incremental decoder: ``feed`` bytes, then take frames with ``next_frame``.
 
-    Bytes fed as an immutable ``bytes`` object while nothing else is buffered are kept as
-    they are, and a frame that lies whole inside them is handed out as a view into them:
-    bulk chunk data (a stream read of up to 1 MiB holding many whole ChunkData frames) is
-    then never copied here. Only a frame's unfinished tail moves into the decoder's own
-    buffer, where frames are copied out as before.
+    Fed bytes are kept as they came (a ``bytes`` object as is; anything mutable copied once),
+    in order. A frame that lies whole inside one of them is handed out as a view into it, so
+    bulk chunk data (a stream read holding many whole ChunkData frames) is never copied
+    here; a frame spread over several is joined once into a bytes object of its own. (A
+    single buffer that every feed was appended to copied each byte of such a frame twice:
+    into the buffer and out of it.)
     """
 
     __slots__ = (
-        "_buffer",
-        "_direct",
-        "_direct_pos",
         "_last_feed",
         "_limit_for",
         "_max_frame",
+        "_pieces",
+        "_pos",
         "_since",
-        "_start",
+        "_size",
     )
 
     def __init__(
@@ -65,11 +67,11 @@ class FrameDecoder:
         max_frame: int = MAX_FRAME_BYTES,
         limit_for: Callable[[int], int] | None = None,
     ) -> None:
-        self._buffer = bytearray()
-        self._start = 0
-        self._direct: bytes | None = None
-        """Fed bytes kept uncopied; unread from _direct_pos on (_buffer is then empty)."""
-        self._direct_pos = 0
+        self._pieces: deque[bytes] = deque()
+        self._pos = 0
+        """Bytes of the first piece already handed out."""
+        self._size = 0
+        """Unread bytes over all pieces."""
         self._max_frame = max_frame
         self._limit_for = limit_for
         self._since: float | None = None
@@ -77,97 +79,97 @@ class FrameDecoder:
 
     @property
     def buffered(self) -> int:
-        direct = 0 if self._direct is None else len(self._direct) - self._direct_pos
-        return len(self._buffer) - self._start + direct
+        return self._size
 
     @property
     def unfinished_since(self) -> float | None:
         """When the first byte of a frame still incomplete was fed (None: no partial frame)."""
-        return self._since if self.buffered else None
+        return self._since if self._size else None
 
     @property
     def pending_frame_length(self) -> int:
         """Declared length of the incomplete frame, once its header is in (else 0)."""
-        data: bytes | bytearray = self._buffer
-        start = self._start
-        if self._direct is not None:
-            data, start = self._direct, self._direct_pos
-        if len(data) - start < LENGTH_BYTES:
+        if self._size < LENGTH_BYTES:
             return 0
-        return int.from_bytes(data[start : start + LENGTH_BYTES], "big")
+        return int.from_bytes(self._peek(LENGTH_BYTES), "big")
 
     def feed(self, data: bytes | bytearray | memoryview, now: float = 0.0) -> None:
-        if data and not self.buffered:
+        if not data:
+            return
+        if not self._size:
             self._since = now
-            if type(data) is bytes:
-                self._buffer.clear()
-                self._start = 0
-                self._direct = data
-                self._direct_pos = 0
-                self._last_feed = now
-                return
-        self._spill()
-        if self._start and self._start > len(self._buffer) // 2:
-            del self._buffer[: self._start]
-            self._start = 0
         self._last_feed = now
-        self._buffer += data
+        piece = data if type(data) is bytes else bytes(data)
+        self._pieces.append(piece)
+        self._size += len(piece)
 
     def next_frame_untrusted(self) -> Frame | None:
         """The next whole frame, or None until more bytes arrive."""
-        direct = self._direct
-        if direct is not None:
-            start = self._direct_pos
-            header = self._header_untrusted(direct, start)
-            if header is None:
-                self._spill()
-                return None
-            tag, end = header
-            # A view into the fed bytes object, which nothing can change: no copy.
-            body = memoryview(direct)[start + LENGTH_BYTES + 1 : end]
-            if end == len(direct):
-                self._direct = None
-            else:
-                self._direct_pos = end
-            self._since = self._last_feed
-            return Frame(tag, body)
-        start = self._start
-        header = self._header_untrusted(self._buffer, start)
-        if header is None:
+        if self._size < LENGTH_BYTES:
             return None
-        tag, end = header
-        body_start = start + LENGTH_BYTES + 1
-        # One copy (through a view, not a bytearray slice, which would copy twice): the
-        # frame outlives later feeds, which may move the buffer.
-        with memoryview(self._buffer) as whole:
-            body = memoryview(bytes(whole[body_start:end]))
-        self._start = end
-        # What is left arrived by the last feed at the latest: its frame's clock starts there.
-        self._since = self._last_feed
-        return Frame(tag, body)
-
-    def _header_untrusted(self, data: bytes | bytearray, start: int) -> tuple[int, int] | None:
-        """(tag, end) of the whole frame at ``start``; None while it is incomplete."""
-        available = len(data) - start
-        if available < LENGTH_BYTES:
-            return None
-        length = int.from_bytes(data[start : start + LENGTH_BYTES], "big")
+        header = self._peek(min(self._size, LENGTH_BYTES + 1))
+        length = int.from_bytes(header[:LENGTH_BYTES], "big")
         if length == 0:
             raise WireError(ErrorCode.PROTOCOL_VIOLATION, "empty frame")
         if length > self._max_frame:
             raise WireError(ErrorCode.FRAME_TOO_LARGE, f"frame of {length} bytes")
-        if available <= LENGTH_BYTES:
+        if len(header) <= LENGTH_BYTES:
             return None
-        tag = data[start + LENGTH_BYTES]
+        tag = header[LENGTH_BYTES]
         if self._limit_for is not None and length > self._limit_for(tag):
             raise WireError(ErrorCode.FRAME_TOO_LARGE, f"frame of {length} bytes, tag 0x{tag:02x}")
-        if available < LENGTH_BYTES + length:
+        total = LENGTH_BYTES + length
+        if self._size < total:
             return None
-        return tag, start + LENGTH_BYTES + length
+        first = self._pieces[0]
+        start = self._pos
+        if len(first) - start >= total:
+            # Whole inside one fed object, which nothing can change: a view, no copy.
+            body = memoryview(first)[start + LENGTH_BYTES + 1 : start + total]
+            self._advance(total)
+        else:
+            body = memoryview(self._take(total))[LENGTH_BYTES + 1 :]
+        # What is left arrived by the last feed at the latest: its frame's clock starts there.
+        self._since = self._last_feed
+        return Frame(tag, body)
 
-    def _spill(self) -> None:
-        """Move kept bytes still unread into the decoder's own buffer (more bytes follow)."""
-        direct = self._direct
-        if direct is not None:
-            self._direct = None
-            self._buffer += memoryview(direct)[self._direct_pos :]
+    def _peek(self, count: int) -> bytes:
+        """The first ``count`` unread bytes (``count`` <= buffered), not consumed."""
+        first = self._pieces[0]
+        start = self._pos
+        if len(first) - start >= count:
+            return first[start : start + count]
+        out = bytearray(first[start:])
+        for piece in itertools.islice(self._pieces, 1, None):
+            out += piece[: count - len(out)]
+            if len(out) == count:
+                break
+        return bytes(out)
+
+    def _take(self, count: int) -> bytes:
+        """The first ``count`` unread bytes, joined (one copy), and consumed."""
+        parts: list[memoryview] = []
+        needed = count
+        while needed:
+            first = self._pieces[0]
+            start = self._pos
+            available = len(first) - start
+            if available <= needed:
+                parts.append(memoryview(first)[start:])
+                self._pieces.popleft()
+                self._pos = 0
+                needed -= available
+            else:
+                parts.append(memoryview(first)[start : start + needed])
+                self._pos = start + needed
+                needed = 0
+        self._size -= count
+        return b"".join(parts)
+
+    def _advance(self, count: int) -> None:
+        """Consume ``count`` bytes that lie inside the first piece."""
+        self._pos += count
+        self._size -= count
+        if self._pos == len(self._pieces[0]):
+            self._pieces.popleft()
+            self._pos = 0
