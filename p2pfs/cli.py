@@ -685,7 +685,10 @@ def _human_status(result: dict[str, Any]) -> None:
     print(f"node      {result['node_id']}")
     print(f"peers     {len(result['peers']) or 'none'}")
     for peer in result["peers"]:
-        print(f"  {peer['node_id'][:12]}  {peer['address']}  {peer.get('path', 'direct')}")
+        datagrams = f"  datagrams of {peer['datagram_size']:,} B" if "datagram_size" in peer else ""
+        print(
+            f"  {peer['node_id'][:12]}  {peer['address']}  {peer.get('path', 'direct')}{datagrams}"
+        )
     print(f"shares    {len(result['shares']) or 'none'}")
     for share in result["shares"]:
         stale = "  (stale: a chunk no longer reads back; share it again)" if share["stale"] else ""

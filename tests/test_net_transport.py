@@ -619,6 +619,7 @@ def test_loopback_datagrams_are_as_big_as_the_link_allows(engine: str, link_size
                 open_endpoint(client_id, engine=engine, config=config) as client,
             ):
                 conn = await client.connect(server.local_address, server_id.node_id)
+                assert conn.datagram_size == client.datagram_size(server.local_address)
                 stream = await conn.open_stream()
                 await stream.send_all(up)
                 await stream.send_eof()

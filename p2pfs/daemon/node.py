@@ -380,6 +380,7 @@ class Node:
             summary["payload_received"] = conn.payload_received
             summary["send_rate"] = rates.rate((conn, "sent"), conn.bytes_sent, now)
             summary["receive_rate"] = rates.rate((conn, "received"), conn.bytes_received, now)
+            summary["datagram_size"] = conn.datagram_size
             peers.append(summary)
         rates.keep_only(
             {(conn, way) for conn in self.endpoint.connections for way in ("sent", "received")}

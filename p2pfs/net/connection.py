@@ -74,8 +74,12 @@ class PeerConnection:
         expected_peer: NodeId | None,
         now: float,
         is_client: bool,
+        datagram_size: int | None = None,
     ) -> None:
         self._hooks = hooks
+        self.datagram_size = datagram_size or config.max_datagram_size
+        """The size this side's datagrams on the connection were configured to (its path's,
+        net/pathsize.py; qh3's own probing may raise a client's from 1,350 to ~1,450)."""
         self._quic = quic
         self._pings = 0
         self._ping_acks: dict[int, trio.Event] = {}

@@ -243,9 +243,9 @@ class Endpoint:
             return self.config.max_datagram_size
         return self._path_sizes.datagram_size(str(remote[0]))
 
-    def _configuration(self, remote: Address, *, is_client: bool) -> Any:
-        """The engine configuration for a connection to ``remote`` (one per datagram size)."""
-        key = (is_client, self.datagram_size(remote))
+    def _configuration(self, size: int, *, is_client: bool) -> Any:
+        """The engine configuration for datagrams of ``size`` bytes (one per size)."""
+        key = (is_client, size)
         configuration = self._configs.get(key)
         if configuration is None:
             configuration = self.engine.configuration(
@@ -256,10 +256,9 @@ class Endpoint:
 
     async def _connect(self, remote: Address, expected_peer: NodeId | None) -> PeerConnection:
         now = trio.current_time()
-        quic = self.engine.client_connection(
-            self._configuration(remote, is_client=True), remote, now
-        )
-        conn = self._new_connection(quic, remote, expected_peer, now, is_client=True)
+        size = self.datagram_size(remote)
+        quic = self.engine.client_connection(self._configuration(size, is_client=True), remote, now)
+        conn = self._new_connection(quic, remote, expected_peer, now, True, size)
         self.register_cid(quic.host_cid, conn)
         conn.cids.add(quic.host_cid)
         conn.send_pending()  # the client's first flight
@@ -411,8 +410,8 @@ class Endpoint:
         remote: Address,
         expected_peer: NodeId | None,
         now: float,
-        *,
         is_client: bool,
+        datagram_size: int,
     ) -> PeerConnection:
         conn = PeerConnection(
             hooks=self,
@@ -424,6 +423,7 @@ class Endpoint:
             expected_peer=expected_peer,
             now=now,
             is_client=is_client,
+            datagram_size=datagram_size,
         )
         self._connections.add(conn)
         self._nursery.start_soon(conn.run_timer)
@@ -451,15 +451,16 @@ class Endpoint:
             if victim is not None:
                 self._admission.pending_over(victim)
                 victim.close_nowait(CloseCode.TIMEOUT, "evicted by a validated handshake")
+        size = self.datagram_size(addr)
         try:
             quic = self.engine.server_connection(
-                self._configuration(addr, is_client=False), original, dcid if validated else None
+                self._configuration(size, is_client=False), original, dcid if validated else None
             )
         except ConnectionClosedError as exc:
             self.engine_failures += 1
             logger.warning("Initial from %s:%s dropped: %s", addr[0], addr[1], exc)
             return None
-        conn = self._new_connection(quic, addr, None, now, is_client=False)
+        conn = self._new_connection(quic, addr, None, now, False, size)
         self._admission.add_pending(conn, ip, validated)
         for cid in (dcid, quic.host_cid):
             conn.cids.add(cid)
