@@ -74,6 +74,8 @@ PUNCH_PAYLOAD = b"\x02"
 a receiver drops it unread (protocol/WIRE.md "One UDP port")."""
 QUIC_FIXED_BIT = 0x40
 _SHORT_HEADER_MASK = 0xC0
+_NOT_SHORT_HEADER = bytes(b & _SHORT_HEADER_MASK != QUIC_FIXED_BIT for b in range(256))
+"""A translation table: 1 for a first byte that is not a short-header QUIC packet's."""
 """Header form and fixed bit: a short-header QUIC packet has them 0 and 1."""
 DatagramHandler = Callable[[bytes, Address], None]
 """Takes one non-QUIC datagram and its source; runs on the endpoint's receive path, so it
@@ -603,21 +605,8 @@ class Endpoint:
         connection id, as in any bulk transfer. Whole, its datagrams are never split into
         separate objects (per datagram, that was most of the receiver's own Python work).
         None for anything else."""
-        # Datagrams of other protocols (relay, DHT, punches) never have the fixed bit: a
-        # run whose every first byte passes this check holds only QUIC.
-        if data[0] & _SHORT_HEADER_MASK != QUIC_FIXED_BIT:
-            return None
-        cid_end = 1 + CID_LENGTH
-        dcid = data[1:cid_end]
-        conn = self._by_cid.get(dcid)
-        if conn is None:
-            return None
-        if all(
-            data[start] & _SHORT_HEADER_MASK == QUIC_FIXED_BIT and data.startswith(dcid, start + 1)
-            for start in range(segment, len(data), segment)
-        ):
-            return conn
-        return None
+        dcid = one_connection_run(data, segment)
+        return None if dcid is None else self._by_cid.get(dcid)
 
     def _take_foreign(self, batch: list[tuple[bytes, Address]]) -> list[tuple[bytes, Address]]:
         """Hand datagrams of other protocols to their handlers; return QUIC's (and junk,
@@ -759,6 +748,27 @@ async def open_endpoint(
                 nursery.cancel_scope.cancel()
     finally:
         sock.close()
+
+
+def one_connection_run(data: bytes, segment: int) -> bytes | None:
+    """The destination connection id shared by every datagram of a GRO run of ``segment``
+    bytes each (the last may be shorter), if each is a short-header QUIC packet; else None.
+
+    Datagrams of other protocols (relay, DHT, punches) never have the fixed bit, so a run
+    that passes holds only QUIC. Checked with strided slices, a few C calls a run: a test
+    per datagram in Python was 0.35 CPU-s per GiB of the receiver at 1,350-byte datagrams
+    (py-spy)."""
+    if not data or 1 in data[::segment].translate(_NOT_SHORT_HEADER):
+        return None
+    dcid = data[1 : 1 + CID_LENGTH]
+    if len(dcid) < CID_LENGTH:
+        return None
+    count = -(-len(data) // segment)
+    for offset in range(CID_LENGTH):
+        # A datagram too short to hold the id makes its slice shorter: no match.
+        if data[1 + offset :: segment] != dcid[offset : offset + 1] * count:
+            return None
+    return dcid
 
 
 def _tunnel_keys(tunnel: Tunnel) -> tuple[Address, Address]:
