@@ -185,14 +185,16 @@ def _child(*args: str) -> subprocess.Popen[str]:
     )
 
 
-def _run_pair(kind: str, size: int, batched: bool) -> dict[str, Any]:
+def _run_pair(kind: str, size: int, batched: bool, base_datagrams: bool) -> dict[str, Any]:
     """Start receiver then sender for ``kind`` ("tcp" or an engine); collect their records."""
     extra = ["--batched-receive"] if batched else []
+    extra += ["--base-datagrams"] if base_datagrams else []
     receiver = _child("--role", "receiver", "--engine", kind, "--size", str(size / MiB), *extra)
     assert receiver.stdout is not None
     hello = json.loads(receiver.stdout.readline())
     sender_args = ["--role", "sender", "--engine", kind, "--port", str(hello["port"])]
     sender_args += ["--size", str(size / MiB)]
+    sender_args += ["--base-datagrams"] if base_datagrams else []
     if "node_id" in hello:
         sender_args += ["--node-id", hello["node_id"]]
     sender = _child(*sender_args)
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
         mib = args.size
         if mib is None:
             mib = AIOQUIC_DEFAULT_MIB if engine == "aioquic" else 512
-        rows.append(_run_pair(engine, int(mib * MiB), args.batched_receive))
+        rows.append(_run_pair(engine, int(mib * MiB), args.batched_receive, args.base_datagrams))
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
