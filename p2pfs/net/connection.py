@@ -136,6 +136,7 @@ class PeerConnection:
             measure=_datagram_size,
         )
         self._processing = False
+        self._unsettled = False
         self._resume_pending = False
         self._deferred_close: tuple[int, str] | None = None
         self._timer_scope: trio.CancelScope | None = None
@@ -301,9 +302,13 @@ class PeerConnection:
             )
         self._after_input()
 
-    def gro_received(self, buffer: bytes, segment: int, addr: Address, now: float) -> None:
+    def gro_received(
+        self, buffer: bytes, segment: int, addr: Address, now: float, *, settle: bool = True
+    ) -> None:
         """A GRO run: datagrams of ``segment`` bytes each (the last may be shorter), all
-        short-header packets for this connection, in one buffer."""
+        short-header packets for this connection, in one buffer. ``settle=False``: more of
+        this connection's runs follow in the same read, so its events, transmit (an ACK)
+        and timer wait for ``settle()`` after the last of them."""
         if self._terminated:
             return
         if (
@@ -321,7 +326,16 @@ class PeerConnection:
         self.bytes_received += len(buffer)
         with self._guard:
             self._engine.receive_run(self._quic, buffer, segment, addr, now)
-        self._after_input()
+        if settle:
+            self._after_input()
+        else:
+            self._unsettled = True
+
+    def settle(self) -> None:
+        """What ``gro_received(settle=False)`` left: events handed over, one transmit."""
+        if self._unsettled:
+            self._unsettled = False
+            self._after_input()
 
     async def run_timer(self) -> None:
         """The connection's single timer: sleeps until the next deadline, never polls."""
