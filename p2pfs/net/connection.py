@@ -326,10 +326,9 @@ class PeerConnection:
         self.bytes_received += len(buffer)
         with self._guard:
             self._engine.receive_run(self._quic, buffer, segment, addr, now)
+        self._unsettled = not settle
         if settle:
             self._after_input()
-        else:
-            self._unsettled = True
 
     def settle(self) -> None:
         """What ``gro_received(settle=False)`` left: events handed over, one transmit."""

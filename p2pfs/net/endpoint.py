@@ -77,9 +77,9 @@ PUNCH_PAYLOAD = b"\x02"
 a receiver drops it unread (protocol/WIRE.md "One UDP port")."""
 QUIC_FIXED_BIT = 0x40
 _SHORT_HEADER_MASK = 0xC0
+"""Header form and fixed bit: a short-header QUIC packet has them 0 and 1."""
 _NOT_SHORT_HEADER = bytes(b & _SHORT_HEADER_MASK != QUIC_FIXED_BIT for b in range(256))
 """A translation table: 1 for a first byte that is not a short-header QUIC packet's."""
-"""Header form and fixed bit: a short-header QUIC packet has them 0 and 1."""
 DatagramHandler = Callable[[bytes, Address], None]
 """Takes one non-QUIC datagram and its source; runs on the endpoint's receive path, so it
 must return at once (hand the datagram over, never process it there) and never raise."""
@@ -558,21 +558,19 @@ class Endpoint:
                         for start in range(0, len(data), segment)
                     )
                     continue
+                if unsettled is not None and (batch or unsettled is not conn):
+                    unsettled.settle()
+                    unsettled, unsettled_bytes = None, 0
                 if batch:
-                    if unsettled is not None:
-                        unsettled.settle()
-                        unsettled, unsettled_bytes = None, 0
                     self._deliver(batch, now)
                     batch = []
-                if unsettled is not None and unsettled is not conn:
-                    unsettled.settle()
-                    unsettled_bytes = 0
                 unsettled_bytes += len(data)
-                keep_open = unsettled_bytes < SETTLE_BYTES
-                conn.gro_received(data, segment, addr, now, settle=not keep_open)
-                unsettled = conn if keep_open else None
-                if not keep_open:
-                    unsettled_bytes = 0
+                if unsettled_bytes < SETTLE_BYTES:
+                    conn.gro_received(data, segment, addr, now, settle=False)
+                    unsettled = conn
+                else:
+                    conn.gro_received(data, segment, addr, now)
+                    unsettled, unsettled_bytes = None, 0
             if unsettled is not None:
                 unsettled.settle()
             if batch:
