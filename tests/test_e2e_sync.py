@@ -423,6 +423,31 @@ def test_read_only_member_receives_but_does_not_send(
     assert folder_state(a, a_dir)["local_changes"] == []
 
 
+def test_records_are_vouched_by_a_signed_root_only_from_a_read_write_member(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """A read-write member signs its index root, so a member joining from it checks each
+    record against the signed tree, not by its own signature; a read-only member holds no
+    key to sign with, so a member joining from it alone checks every record's signature."""
+    a_dir, r_dir, c_dir = tmp_path / "a", tmp_path / "r", tmp_path / "c"
+    a_dir.mkdir()
+    for number in range(20):
+        (a_dir / f"f{number:02d}.txt").write_text(f"file {number}\n")
+    a, r, c = daemons("home-a"), daemons("home-r"), daemons("home-c")
+    tickets = create_folder(a, a_dir)
+    join(r, r_dir, tickets["ro"])
+    wait_converged([(a, a_dir), (r, r_dir)])
+    from_a = folder_state(r, r_dir)["work"]
+    assert from_a["records_vouched"] >= 20 and from_a["records_verified"] == 0, from_a
+    # C joins from R alone: A is gone, and R's ticket names R.
+    r_ticket = r.cli_json("sync", "show", str(r_dir))["ro"]
+    a.stop()
+    join(c, c_dir, r_ticket)
+    wait_converged([(r, r_dir), (c, c_dir)])
+    from_r = folder_state(c, c_dir)["work"]
+    assert from_r["records_verified"] >= 20 and from_r["records_vouched"] == 0, from_r
+
+
 def test_forged_ticket_gets_nothing(tmp_path: Path, daemons: DaemonFactory) -> None:
     a_dir, b_dir, x_dir = tmp_path / "a", tmp_path / "b", tmp_path / "x"
     a_dir.mkdir()

@@ -33,7 +33,14 @@ from p2pfs.identity import Identity
 from p2pfs.ids import ContentHash, NodeId, node_id_untrusted
 from p2pfs.net import auth, control
 from p2pfs.sync.keys import FolderKeys
-from p2pfs.sync.records import INDEX_TREE, SignedRecord, build_index, index_leaf
+from p2pfs.sync.records import (
+    INDEX_TREE,
+    SignedRecord,
+    build_index,
+    index_leaf,
+    root_signature_valid,
+    root_statement,
+)
 from p2pfs.sync.versions import FileVersion
 from p2pfs.wire.frames import FrameDecoder
 from p2pfs.wire.messages import decode_message_untrusted, encode_message
@@ -142,6 +149,7 @@ WIRE_TYPES = {
     "watch-folder": "WatchFolder",
     "folder-root": "FolderRoot",
     "folder-root-need": "FolderRoot",
+    "folder-root-signed": "FolderRoot",
 }
 
 
@@ -204,6 +212,9 @@ def test_signed_records_and_index_tree() -> None:
         FOLDER["index_root"]["records"],
     )
     assert FOLDER["index_context"] == INDEX_TREE.context
+    statement = bytes.fromhex(FOLDER["index_root"]["statement"])
+    assert statement == root_statement(keys.folder_id, root)
+    assert root_signature_valid(keys, root, bytes.fromhex(FOLDER["index_root"]["signature"]))
     node_vector = by_name["index-node"]
     assert nodes[bytes.fromhex(node_vector["hash"])] == encoding_of(node_vector)
 

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pfs.content.tree import build_tree, iter_leaves
+from p2pfs.content.tree import Child, build_tree, iter_leaves
 from p2pfs.errors import LocalProtocolError, RemoteProtocolError
 from p2pfs.ids import ContentHash
 from p2pfs.sync import records
@@ -29,6 +29,9 @@ from p2pfs.sync.records import (
     index_leaf,
     path_key,
     remote_changes,
+    root_signature_valid,
+    root_statement,
+    sign_root,
 )
 from p2pfs.sync.versions import FileVersion, Ordering, VersionVector
 
@@ -95,6 +98,61 @@ def test_every_byte_change_of_a_record_is_refused(data: st.DataObject) -> None:
     encoded[position] ^= data.draw(st.integers(1, 255))
     with pytest.raises(RemoteProtocolError):
         SignedRecord.decode_untrusted(bytes(encoded), KEYS)
+
+
+@given(
+    digest=st.binary(min_size=32, max_size=32),
+    count=st.integers(0, 1 << 40),
+    other_digest=st.binary(min_size=32, max_size=32),
+    other_count=st.integers(0, 1 << 40),
+)
+def test_a_signed_index_root_verifies_only_for_its_folder_hash_and_count(
+    digest: bytes, count: int, other_digest: bytes, other_count: int
+) -> None:
+    root = Child(ContentHash(digest), count)
+    signature = sign_root(KEYS, root)
+    assert root_signature_valid(KEYS, root, signature)
+    assert root_signature_valid(KEYS.read_only(), root, signature)  # any member checks it
+    assert not root_signature_valid(OTHER, root, signature)
+    assert not root_signature_valid(KEYS, root, sign_root(OTHER, root))
+    other = Child(ContentHash(other_digest), other_count)
+    if other != root:
+        assert not root_signature_valid(KEYS, other, signature)
+    with pytest.raises(LocalProtocolError):
+        sign_root(KEYS.read_only(), root)  # only the write key signs
+
+
+def test_root_and_record_signatures_cannot_stand_for_each_other() -> None:
+    """Distinct domains: no record's signed message is a root statement, nor the reverse."""
+    record = SignedRecord.sign(version("a.txt"), KEYS)
+    statement = root_statement(KEYS.folder_id, Child(record.hash, 1))
+    assert not statement.startswith(records.SIGNATURE_DOMAIN)
+    assert not (records.SIGNATURE_DOMAIN + KEYS.folder_id).startswith(records.ROOT_SIGNATURE_DOMAIN)
+    assert not root_signature_valid(KEYS, Child(record.hash, 1), record.signature)
+    forged = records.msgpack.packb(
+        [record.version.encode(), sign_root(KEYS, Child(record.hash, 1))], use_bin_type=True
+    )
+    with pytest.raises(RemoteProtocolError, match="signature does not verify"):
+        SignedRecord.decode_untrusted(forged, KEYS)
+
+
+def test_a_vouched_record_is_parsed_without_its_own_signature_but_every_other_check() -> None:
+    """Under a signed root (the caller matched the record to its leaf) the record's own
+    signature is not checked; its form still is."""
+    foreign = SignedRecord.sign(version("a.txt"), OTHER).encode()
+    assert SignedRecord.decode_untrusted(foreign, KEYS, vouched=True).version == version("a.txt")
+    with pytest.raises(RemoteProtocolError, match="signature does not verify"):
+        SignedRecord.decode_untrusted(foreign, KEYS)
+    encoded_version, signature = records.msgpack.unpackb(foreign, raw=False)
+    not_canonical = records.msgpack.packb([encoded_version, signature], use_bin_type=False)
+    with pytest.raises(RemoteProtocolError):
+        SignedRecord.decode_untrusted(not_canonical, KEYS, vouched=True)
+    with pytest.raises(RemoteProtocolError, match="signature length"):
+        SignedRecord.decode_untrusted(
+            records.msgpack.packb([encoded_version, signature[:-1]], use_bin_type=True),
+            KEYS,
+            vouched=True,
+        )
 
 
 @given(st.binary(max_size=400))

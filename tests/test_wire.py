@@ -152,6 +152,21 @@ def test_folder_need_and_device_are_appended_fields_both_ways() -> None:
     assert decode_one(encode_message(welcome)) == welcome
 
 
+def test_folder_root_signature_is_appended_after_the_need() -> None:
+    """A read-write member appends its root signature after the need; a decoder from before
+    it reads the need as ever; one of 63 or 65 bytes is a violation."""
+    root = ContentHash(bytes([3]) * 32)
+    signed = FolderRoot(7, root, 12, FolderNeed(2, 300, 9, 1000), bytes([5]) * 64)
+    assert decode_one(encode_message(signed)) == signed
+    fields = msgpack.unpackb(encode_message(signed)[5:], raw=False)
+    assert fields[:7] == [7, bytes(root), 12, 2, 300, 9, 1000] and fields[7] == bytes([5]) * 64
+    for length in (63, 65):
+        body = msgpack.packb([*fields[:7], bytes(length)], use_bin_type=True)
+        with pytest.raises(WireError) as info:
+            decode_one(encode_frame(FolderRoot.TAG, body))
+        assert info.value.code is ErrorCode.PROTOCOL_VIOLATION
+
+
 @pytest.mark.parametrize(
     "fields",
     [

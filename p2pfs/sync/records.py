@@ -45,6 +45,9 @@ SIGNATURE_LEN = 64
 RECORD_CONTEXT = "p2pfs 2026-11-22 folder record v1"
 PATH_KEY_CONTEXT = "p2pfs 2026-11-22 folder path key v1"
 SIGNATURE_DOMAIN = b"p2pfs folder record signature v1\x00"
+ROOT_SIGNATURE_DOMAIN = b"p2pfs folder index root signature v1\x00"
+"""Prefix of a signed index root's statement: no record's signed message starts with it
+(those start with SIGNATURE_DOMAIN), so neither signature can stand for the other."""
 MAX_SIGNED_RECORD_BYTES = MAX_FILE_VERSION_BYTES + SIGNATURE_LEN + 16
 MAX_FOLDER_RECORDS = 1 << 20
 """Records one folder may hold (every member stores them all, and keeps the index tree's
@@ -92,8 +95,15 @@ class SignedRecord:
         return cls(FileVersion.decode_stored(encoded_version), signature, data)
 
     @classmethod
-    def decode_untrusted(cls, data: bytes, keys: FolderKeys) -> SignedRecord:
-        """Parse and check a record from a peer: canonical, well-formed, signed for this folder."""
+    def decode_untrusted(
+        cls, data: bytes, keys: FolderKeys, *, vouched: bool = False
+    ) -> SignedRecord:
+        """Parse and check a record from a peer: canonical, well-formed, signed for this folder.
+
+        ``vouched``: the caller matched ``data``'s hash to a leaf of an index tree whose
+        root the write key signed (:func:`root_signature_valid`), so the write key stands
+        behind these exact bytes already and the record's own signature is not checked
+        again (~41 us a record here, a tenth of a join's receiving CPU)."""
         if len(data) > MAX_SIGNED_RECORD_BYTES:
             raise RemoteProtocolError(f"signed record of {len(data)} bytes exceeds bound")
         try:
@@ -120,13 +130,31 @@ class SignedRecord:
         version = FileVersion.decode_untrusted(encoded_version)
         if msgpack.packb([encoded_version, signature], use_bin_type=True) != data:
             raise RemoteProtocolError("signed record: encoding is not canonical")
-        if not keys.verify(signature, SIGNATURE_DOMAIN + keys.folder_id + encoded_version):
+        if not vouched and not keys.verify(
+            signature, SIGNATURE_DOMAIN + keys.folder_id + encoded_version
+        ):
             raise RemoteProtocolError(f"record for {version.path!r}: signature does not verify")
         return cls(version, signature, bytes(data))
 
 
 def _signed_message(folder_id: bytes, version: FileVersion) -> bytes:
     return SIGNATURE_DOMAIN + folder_id + version.encode()
+
+
+def root_statement(folder_id: bytes, root: Child) -> bytes:
+    """What a signed index root says: this folder's index tree with this root and record
+    count is the write key's. Every node below is checked against its parent and every
+    record against its leaf's hash, so the one signature covers every record in the tree."""
+    return ROOT_SIGNATURE_DOMAIN + folder_id + bytes(root.hash) + root.size.to_bytes(8, "big")
+
+
+def sign_root(keys: FolderKeys, root: Child) -> bytes:
+    """The write key's signature over ``root`` (a read-write member's own index root)."""
+    return keys.sign(root_statement(keys.folder_id, root))
+
+
+def root_signature_valid(keys: FolderKeys, root: Child, signature: bytes) -> bool:
+    return keys.verify(signature, root_statement(keys.folder_id, root))
 
 
 @dataclass(frozen=True, slots=True, order=True)

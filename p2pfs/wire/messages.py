@@ -397,6 +397,8 @@ class WatchFolder:
 
 
 MAX_NEED = 1 << 48
+ROOT_SIGNATURE_LEN = 64
+"""An Ed25519 signature (FolderRoot's root signature)."""
 """Bound of each FolderNeed count (items or bytes): far above any real folder."""
 
 
@@ -438,25 +440,31 @@ class FolderNeed:
 class FolderRoot:
     """The index root (hash and record count; an all-zero hash with count 0 is empty), and
     the server's own need (appended fields, absent from older peers): sent again when only
-    the need changes, at most once per PROGRESS_INTERVAL."""
+    the need changes, at most once per PROGRESS_INTERVAL. A read-write server appends the
+    folder write key's signature over the root (``sync/records.py``: ``root_statement``):
+    its records are then vouched for by the tree, not each by its own signature."""
 
     TAG: ClassVar[int] = 0x25
     request_id: int
     root: ContentHash
     records: int
     need: FolderNeed | None = None
+    root_signature: bytes | None = None
 
     def fields(self) -> list[Any]:
         fields: list[Any] = [self.request_id, self.root, self.records]
         if self.need is not None:
             need = self.need
             fields += [need.items, need.bytes, need.global_items, need.global_bytes]
+            if self.root_signature is not None:
+                fields.append(self.root_signature)
         return fields
 
     @classmethod
     def from_fields_untrusted(cls, fields: list[Any]) -> FolderRoot:
         _need(fields, 3, "FolderRoot")
         need = None
+        signature = None
         if len(fields) > 3:
             _need(fields, 7, "FolderRoot need")
             counts = [
@@ -466,8 +474,14 @@ class FolderRoot:
                 )
             ]
             need = FolderNeed(*counts)
+            if len(fields) > 7:
+                signature = _exact(fields[7], "FolderRoot root signature", ROOT_SIGNATURE_LEN)
         return cls(
-            _request_id(fields[0]), _hash(fields[1]), _uint(fields[2], "records", 1 << 40), need
+            _request_id(fields[0]),
+            _hash(fields[1]),
+            _uint(fields[2], "records", 1 << 40),
+            need,
+            signature,
         )
 
 

@@ -37,7 +37,14 @@ from p2pfs.content.folder import (
 from p2pfs.content.tree import BranchNode, Child, LeafNode, build_tree
 from p2pfs.ids import ContentHash
 from p2pfs.sync.keys import FolderKeys
-from p2pfs.sync.records import INDEX_TREE, SignedRecord, build_index, index_leaf
+from p2pfs.sync.records import (
+    INDEX_TREE,
+    SignedRecord,
+    build_index,
+    index_leaf,
+    root_statement,
+    sign_root,
+)
 from p2pfs.sync.versions import FileVersion, VersionVector
 from p2pfs.wire.codes import ErrorCode
 from p2pfs.wire.messages import (
@@ -224,6 +231,16 @@ def wire_vectors() -> dict[str, Any]:
             "folder-root-need",
             FolderRoot(7, ContentHash(bytes([0x22]) * 32), 12, FolderNeed(3, 1 << 20, 10, 5 << 20)),
         ),
+        (
+            "folder-root-signed",
+            FolderRoot(
+                7,
+                ContentHash(bytes([0x22]) * 32),
+                12,
+                FolderNeed(3, 1 << 20, 10, 5 << 20),
+                bytes([0x5A]) * 64,
+            ),
+        ),
     ]
     vectors = []
     for name, message in examples:
@@ -311,7 +328,12 @@ def folder_vectors() -> dict[str, Any]:
                 "client", client_nonce, server_nonce, client, server
             ).hex(),
         },
-        "index_root": {"hash": root.hash.hex(), "records": root.size},
+        "index_root": {
+            "hash": root.hash.hex(),
+            "records": root.size,
+            "statement": root_statement(keys.folder_id, root).hex(),
+            "signature": sign_root(keys, root).hex(),
+        },
         "index_context": INDEX_TREE.context,
         "vectors": vectors,
     }

@@ -14,11 +14,18 @@ from contextlib import asynccontextmanager, contextmanager
 import trio
 
 from p2pfs.content.chunking import ChunkRef
-from p2pfs.errors import AuthenticationError, ConnectionClosedError, StreamResetError
+from p2pfs.content.tree import Child
+from p2pfs.errors import (
+    AuthenticationError,
+    ConnectionClosedError,
+    RemoteProtocolError,
+    StreamResetError,
+)
 from p2pfs.ids import ContentHash
 from p2pfs.net import PeerConnection
 from p2pfs.net.codes import CloseCode
 from p2pfs.sync.keys import FolderKeys
+from p2pfs.sync.records import root_signature_valid
 from p2pfs.wire.messages import (
     ChunkData,
     ErrorReply,
@@ -139,9 +146,13 @@ class FolderLink:
                 f"member {self.peer_id.short()} answered nothing for {STALL_TIMEOUT:.0f} s"
             ) from None
 
-    async def watch(self, on_root: Callable[[ContentHash, int, FolderNeed | None], None]) -> None:
-        """Call ``on_root`` with the peer's index root and need now and after each change;
-        returns only when the peer ends the subscription."""
+    async def watch(
+        self, on_root: Callable[[ContentHash, int, FolderNeed | None, bool], None]
+    ) -> None:
+        """Call ``on_root`` with the peer's index root, its need and whether the root came
+        signed by the write key (checked here: a signature that does not verify is a
+        forgery, RemoteProtocolError) now and after each change; returns only when the
+        peer ends the subscription."""
         stream = await RequestStream.open(self.conn, self._counters)
         await stream.send(WatchFolder(stream.new_request_id(), self.keys.folder_id))
         while True:
@@ -149,7 +160,14 @@ class FolderLink:
             if isinstance(reply, ErrorReply):
                 raise PeerRequestError(reply.code, reply.message)
             assert isinstance(reply, FolderRoot)
-            on_root(reply.root, reply.records, reply.need)
+            signed = reply.root_signature is not None
+            if signed and not root_signature_valid(
+                self.keys, Child(reply.root, reply.records), reply.root_signature or b""
+            ):
+                raise RemoteProtocolError(
+                    f"member {self.peer_id.short()}: index root signature does not verify"
+                )
+            on_root(reply.root, reply.records, reply.need, signed)
 
     async def nodes(self, hashes: list[ContentHash]) -> list[bytes]:
         """Nodes or records by hash, in batches (the caller verifies each against its hash)."""

@@ -592,16 +592,19 @@ class FolderManager:
         """Reconcile whenever the member's root or ours changes and they differ; retry a
         failed or partial reconcile after RETRY_INTERVAL."""
         latest: list[Child] = []
+        signed = [False]
+        """Whether the member signed its latest root (a read-write member does)."""
         wake = [trio.Event()]
 
         key = (folder.folder_id, link.peer_id.raw)
 
-        def on_root(root: ContentHash, records: int, need: FolderNeed | None) -> None:
+        def on_root(root: ContentHash, records: int, need: FolderNeed | None, sig: bool) -> None:
             if need is not None:
                 self._member_needs[key] = need
             if latest and latest[0].hash == root:
                 return  # only the member's need changed: nothing to reconcile
             latest[:] = [Child(root, records)]
+            signed[0] = sig
             self._member_roots[key] = latest[0]
             wake[0].set()
 
@@ -618,7 +621,7 @@ class FolderManager:
                     if wanted and pair != attempted:
                         attempted = pair
                         try:
-                            await folder.reconcile(link, latest[0])
+                            await folder.reconcile(link, latest[0], root_signed=signed[0])
                         except* (
                             PeerRequestError,
                             StorageError,

@@ -73,6 +73,10 @@ class ServedFolder(Protocol):
 
     def current_root(self) -> tuple[ContentHash, int, trio.Event]: ...
 
+    def root_signature(self, root: ContentHash, count: int) -> bytes | None:
+        """The write key's signature over this index root; None on a read-only member."""
+        ...
+
     def progress(self) -> tuple[FolderNeed, trio.Event]:
         """This node's need now, and an event set when it changes."""
         ...
@@ -197,7 +201,8 @@ class FolderServer:
                     with trio.move_on_after(wait):
                         await changed.wait()
                     continue
-                await send(FolderRoot(request.request_id, root, count, need))
+                signature = folder.root_signature(root, count)
+                await send(FolderRoot(request.request_id, root, count, need, signature))
                 sent, sent_at = (root, need), trio.current_time()
             await first_of(changed, progressed)
         # The folder was removed here (maybe joined again since): this subscription is over.

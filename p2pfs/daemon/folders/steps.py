@@ -175,13 +175,15 @@ def make_directories(folder: str, paths: list[str]) -> set[str]:
 
 
 def verify_records(
-    keys: FolderKeys, leaves: list[IndexLeaf], encoded: list[bytes]
+    keys: FolderKeys, leaves: list[IndexLeaf], encoded: list[bytes], vouched: bool = False
 ) -> list[SignedRecord]:
+    """Each record checked against its leaf; ``vouched``: the leaves are of a tree whose
+    root the write key signed, so its own signature is not checked again."""
     records = []
     for leaf, blob in zip(leaves, encoded, strict=True):
         if record_hash(blob) != leaf.record_hash:
             raise RemoteProtocolError("a record does not match its hash in the index tree")
-        record = SignedRecord.decode_untrusted(blob, keys)
+        record = SignedRecord.decode_untrusted(blob, keys, vouched=vouched)
         if path_key(record.version.path) != leaf.path_key:
             raise RemoteProtocolError(f"record for {record.version.path!r} is misplaced")
         records.append(record)

@@ -19,6 +19,11 @@ class FolderWork:
     """Disk paths and records that local change detection compared."""
     records_planned: int = 0
     """A member's records the planner was given."""
+    records_verified: int = 0
+    """A member's records whose own signatures were checked (a read-only member's)."""
+    records_vouched: int = 0
+    """A member's records taken under its signed index root: each checked against its
+    leaf's hash, not by its own signature (a read-write member's)."""
     records_stored: int = 0
     index_nodes_made: int = 0
     """Index-tree nodes encoded by updates (a rebuild makes them all)."""
