@@ -735,6 +735,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", type=Path, help="run both daemons under cProfile into DIR/SIDE.prof"
     )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the scratch directory (daemons' logs) and say where"
+    )
     parser.add_argument("--lt-seed", nargs=2, metavar=("TORRENT", "SAVE"), help=argparse.SUPPRESS)
     parser.add_argument(
         "--lt-get", nargs=3, metavar=("TORRENT", "SAVE", "PORT"), help=argparse.SUPPRESS
@@ -766,7 +769,10 @@ def main(argv: list[str] | None = None) -> int:
             scratch, args.size_mib * MiB, args.files, args.only, args.profile
         )
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        if args.keep:
+            print(f"scratch kept: {scratch}", file=sys.stderr)
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
     load_after = load_average()
     figures.update(
         load_before=load_before, load_after=load_after, cpus=os.cpu_count(), file_system=file_system
