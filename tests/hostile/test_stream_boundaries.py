@@ -59,6 +59,9 @@ class Folder:
     def current_root(self) -> tuple[ContentHash, int, trio.Event]:
         return ContentHash(bytes(32)), 0, trio.Event()
 
+    def root_signature(self, root: ContentHash, count: int) -> bytes | None:
+        return None
+
     def progress(self) -> tuple[FolderNeed, trio.Event]:
         return FolderNeed(0, 0, 0, 0), trio.Event()
 
