@@ -736,7 +736,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
         "--profile", type=Path, help="run both daemons under cProfile into DIR/SIDE.prof"
     )
     parser.add_argument(
-        "--keep", action="store_true", help="keep the scratch directory (daemons' logs) and say where"
+        "--keep",
+        action="store_true",
+        help="keep the scratch directory (daemons' logs) and say where",
     )
     parser.add_argument("--lt-seed", nargs=2, metavar=("TORRENT", "SAVE"), help=argparse.SUPPRESS)
     parser.add_argument(

@@ -26,8 +26,6 @@ from p2pfs.config import Option, load_config
 from p2pfs.daemon.control_client import SOCKET_NAME, DaemonError, DaemonNotRunning, call
 from p2pfs.errors import LocalProtocolError, P2pfsError, explaining_error
 from p2pfs.home import resolve_home
-from p2pfs.store.index import CHUNK_RECORD, INDEX_FILENAME, IndexStore
-from p2pfs.store.scanner import ScanResult, scan_share
 from p2pfs.swarm.stripes import DEFAULT_MAX_STRIPES, STRIPE_MIN_RTT
 from p2pfs.wire.ticket import parse_ticket_untrusted
 
@@ -48,6 +46,8 @@ SYNC_VERBS = ("list", "show", "pause", "resume", "revert", "remove")
 
 if TYPE_CHECKING:
     from p2pfs.daemon.node import NodeConfig
+    from p2pfs.store.index import IndexStore
+    from p2pfs.store.scanner import ScanResult
 
 
 class _Parser(argparse.ArgumentParser):
@@ -778,6 +778,11 @@ def _fetch_progress(stream: TextIO) -> Iterator[Callable[[dict[str, Any]], None]
 
 
 def _manifest(home_arg: str | None, path: str, as_json: bool) -> int:
+    # The only command that indexes in this process: the index and scanner (50 of the
+    # CLI's 130 ms of imports) load here, not for every command.
+    from p2pfs.store.index import INDEX_FILENAME, IndexStore  # noqa: PLC0415
+    from p2pfs.store.scanner import scan_share  # noqa: PLC0415
+
     home = resolve_home(home_arg)
     with IndexStore(home / INDEX_FILENAME) as index:
         with _progress(sys.stderr) as progress:
@@ -797,6 +802,8 @@ def _manifest(home_arg: str | None, path: str, as_json: bool) -> int:
 
 def _write_json(out: TextIO, result: ScanResult, index: IndexStore) -> None:
     """One JSON object, written file by file so a big share is never one string."""
+    from p2pfs.store.index import CHUNK_RECORD  # noqa: PLC0415
+
     head = {
         "root": result.root.hex(),
         "name": result.manifest.name,

@@ -84,3 +84,18 @@ def test_fatal_errors_exit_2_without_traceback(tmp_path: Path) -> None:
     corrupt = run("--home", str(tmp_path / "home2"), "manifest", str(tmp_path))
     assert corrupt.returncode == 2 and "Traceback" not in corrupt.stderr
     assert len(corrupt.stderr.splitlines()) == 1
+
+
+def test_commands_that_call_the_daemon_load_neither_the_index_nor_the_key_libraries() -> None:
+    """Every CLI command but ``daemon`` and ``manifest`` is one call to the daemon: importing
+    the index, the scanner or X.509 for it cost 80 of 130 ms per command (a fetch's wall
+    time includes it)."""
+    probe = (
+        "import sys, p2pfs.cli; "
+        "print(sorted(m for m in ('p2pfs.store.index', 'p2pfs.store.scanner', "
+        "'cryptography.x509', 'p2pfs.identity', 'trio') if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert loaded.stdout.strip() == "[]", loaded.stdout
