@@ -140,6 +140,11 @@ def test_sync_join_with_the_ticket_alone(netbed: NetBed, tmp_path: Path) -> None
     (notes_b / "done.txt").write_text("eggs\n")
     wait_until((notes_a / "done.txt").exists)
     assert (notes_a / "done.txt").read_text() == "eggs\n"
+    # Both are read-write: each took the other's records under its signed index root.
+    for machine in (m1, m2):
+        (folder,) = json.loads(machine.cli("sync", "list", "--json").stdout)["folders"]
+        work = folder["work"]
+        assert work["records_vouched"] >= 1 and work["records_verified"] == 0, work
 
 
 def test_a_holder_stops_answering_and_another_is_found_through_the_dht(
