@@ -15,6 +15,7 @@ from p2pfs.content.tree import (
     LeafNode,
     TreeBuilder,
     build_tree,
+    is_leaf_encoding,
     iter_leaves,
 )
 from p2pfs.errors import IntegrityError, LocalProtocolError, RemoteProtocolError
@@ -127,3 +128,15 @@ def test_a_chunk_can_never_pass_as_a_node() -> None:
     root, nodes = build_tree(FILE_TREE, random_chunk_refs(2, 10))
     encoded = nodes[root.hash]
     assert chunk_id(encoded) != root.hash
+
+
+@settings(max_examples=60)
+@given(seed=st.integers(0, 2**32), count=st.integers(1, 3_000))
+def test_a_nodes_own_encoding_says_whether_it_is_a_leaf(seed: int, count: int) -> None:
+    """The serving path reads leafness from a node's first bytes instead of decoding it:
+    for every node of every tree (one leaf node up to several levels) the answer matches
+    the decoded node."""
+    _root, nodes = build_tree(FILE_TREE, random_chunk_refs(seed, count))
+    for encoded in nodes.values():
+        decoded = FILE_TREE.decode_untrusted(encoded)
+        assert is_leaf_encoding(encoded) == isinstance(decoded, LeafNode)

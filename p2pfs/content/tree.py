@@ -183,6 +183,14 @@ class TreeSchema(Generic[L]):
         return node
 
 
+def is_leaf_encoding(encoded: bytes) -> bool:
+    """Whether a node this node encoded itself is a leaf node, read from its first bytes:
+    canonical msgpack ``[height, items]`` is 0x92 then the height as a positive fixint
+    (1..MAX_HEIGHT), and a leaf's height is 1. Only for trusted encodings: it checks
+    nothing else (a serving node reads this instead of decoding each node it sends)."""
+    return encoded[:2] == b"\x92\x01"
+
+
 class WalkBound:
     """Bounds the leaves a walk of untrusted trees may produce, checked as each node is
     opened, before its children or leaves are queued (so a bomb of a few nodes whose
