@@ -397,9 +397,9 @@ class WatchFolder:
 
 
 MAX_NEED = 1 << 48
+"""Bound of each FolderNeed count (items or bytes): far above any real folder."""
 ROOT_SIGNATURE_LEN = 64
 """An Ed25519 signature (FolderRoot's root signature)."""
-"""Bound of each FolderNeed count (items or bytes): far above any real folder."""
 
 
 @dataclass(frozen=True, slots=True)
