@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from p2pfs.store.filehash import SETTLED_FINE_NS
+from p2pfs.store.index import INDEX_FILENAME
 from tests.e2e_helpers import fetch_in_background, transfer_progress, wait_until
 from tests.support.daemons import DaemonProcess
 from tests.support.hooked_daemon import PROGRAM as HOOKED_DAEMON
@@ -45,14 +50,31 @@ def group(tmp_path: Path) -> Iterator[Group]:
 
 
 def seed_copies(tmp_path: Path, seeders: list[DaemonProcess], data: bytes) -> str:
-    """The same folder (same name, same bytes) shared by every seeder: one root."""
-    ticket = ""
-    for number, seeder in enumerate(seeders):
+    """The same folder (same name, same bytes) shared by every seeder: one root. The
+    copies are written a moment before they are shared, as most shared files are: their
+    ctimes are settled when scanned (store/filehash.py settled_ctime), so a seeder sends
+    their chunks unhashed while their stat has not moved."""
+    folders = []
+    for number in range(len(seeders)):
         folder = tmp_path / f"copy{number}" / "payload"
         folder.mkdir(parents=True)
         (folder / "data.bin").write_bytes(data)
+        folders.append(folder)
+    time.sleep(2 * SETTLED_FINE_NS / 1e9)
+    ticket = ""
+    for seeder, folder in zip(seeders, folders, strict=True):
         ticket = str(seeder.cli_json("share", str(folder))["ticket"])
     return ticket
+
+
+def settled_ctime_of(daemon: DaemonProcess, name: str) -> int | None:
+    """The settled ctime the daemon's index records for its shared file ``name``."""
+    uri = f"file:{daemon.home / INDEX_FILENAME}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+        (value,) = conn.execute(
+            "SELECT settled_ctime_ns FROM files WHERE name = ?", (name,)
+        ).fetchone()
+    return None if value is None else int(value)
 
 
 def finish(running: subprocess.Popen[str]) -> dict[str, object]:
@@ -88,9 +110,11 @@ def test_corrupted_seeder_is_dropped(tmp_path: Path, group: Group, hostile: bool
         corrupt = group("corrupt")
     fetcher = group("fetcher")
     ticket = seed_copies(tmp_path, [*honest, corrupt], data)
-    # Damage the corrupt seeder's copy behind its back: same size, same mtime.
+    # Damage the corrupt seeder's copy behind its back: same size, same mtime. Only its
+    # ctime moves, and the seeder trusted the file's settled row until then.
     victim = tmp_path / "copy2" / "payload" / "data.bin"
     stat = victim.stat()
+    assert settled_ctime_of(corrupt, "data.bin") == stat.st_ctime_ns
     with victim.open("r+b") as handle:
         for offset in range(0, len(data), 1 << 20):
             handle.seek(offset + 1000)
@@ -104,7 +128,8 @@ def test_corrupted_seeder_is_dropped(tmp_path: Path, group: Group, hostile: bool
         # It sent the damaged bytes: the fetcher's hash check caught them.
         assert re.fullmatch(r"chunk [0-9a-f]{12} fails its hash", failed), report["peers"]
     else:
-        # Its own check of the file before sending found the change: it refused the chunk.
+        # Its own check of the file before sending (the moved ctime, then the hash) found
+        # the change: it refused the chunk.
         assert re.fullmatch(r"peer answered NOT_FOUND: chunk \d+ unavailable", failed), failed
 
 

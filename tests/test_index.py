@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from dataclasses import astuple
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from p2pfs.content.chunking import DEFAULT_CHUNKER, Chunker
 from p2pfs.content.folder import FILE_TREE
 from p2pfs.content.tree import Child, iter_leaves
-from p2pfs.errors import StorageError
+from p2pfs.errors import IntegrityError, StorageError
+from p2pfs.store.filehash import SETTLED_COARSE_NS, SETTLED_FINE_NS, settled_ctime
 from p2pfs.store.folders import FolderStore
 from p2pfs.store.index import (
     LOCATE_BATCH,
     SCHEMA_VERSION,
+    ChunkReader,
     IndexStore,
     read_chunk,
     unpack_chunks,
@@ -177,3 +182,85 @@ def test_folder_members_not_met_since_a_cutoff_are_forgotten(tmp_path: Path) -> 
         store.put_peer(row.id, b"new" * 8, "192.0.2.2", 7337, 5_000)
         assert store.forget_peers_before(row.id, 2_000) == 1
         assert [peer.node_id for peer in store.peers(row.id)] == [b"new" * 8]
+
+
+@given(
+    ctime_ns=st.integers(0, 1 << 62),
+    mtime_ns=st.integers(0, 1 << 62),
+    read_started_ns=st.integers(0, 1 << 62),
+    later_ns=st.integers(0, 1 << 40),
+)
+def test_a_settled_ctime_is_older_than_the_read_by_more_than_a_tick(
+    ctime_ns: int, mtime_ns: int, read_started_ns: int, later_ns: int
+) -> None:
+    """Settled: both times older than the read by more than a tick (50 ms where both have
+    a sub-second part, else 2 s); a later read never unsettles what an earlier one
+    settled."""
+    settled = settled_ctime(ctime_ns, mtime_ns, read_started_ns)
+    fine = ctime_ns % 10**9 != 0 and mtime_ns % 10**9 != 0
+    tick = SETTLED_FINE_NS if fine else SETTLED_COARSE_NS
+    if max(ctime_ns, mtime_ns) < read_started_ns - tick:
+        assert settled == ctime_ns
+    else:
+        assert settled is None
+    if settled is not None:
+        assert settled_ctime(ctime_ns, mtime_ns, read_started_ns + later_ns) == ctime_ns
+
+
+def _settled_share(tmp_path: Path, data: bytes) -> Path:
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "blob").write_bytes(data)
+    # Older than a timestamp tick before the scan reads it: its ctime is then settled.
+    time.sleep(2 * SETTLED_FINE_NS / 1e9)
+    return share
+
+
+def test_a_server_trusts_a_settled_file_until_its_stat_moves(tmp_path: Path) -> None:
+    """A scan records a settled file's ctime; while the file's stat still shows it, a
+    server's reader sends its chunks without hashing them (shown with a wrong id, which
+    only a hash would catch), a local reader still hashes. An in-place edit of the same
+    size with the mtime put back moves the ctime: the server's reader hashes again and
+    refuses the changed bytes."""
+    data = os.urandom(3 << 20)
+    share = _settled_share(tmp_path, data)
+    with IndexStore(tmp_path / "index.sqlite3") as index:
+        scan_share(share, index)
+        (record,) = index.share_files(index.share_id_at(str(share.resolve())) or 0)
+        refs = record.chunk_refs()
+        first = refs[0]
+        (location,) = index.locate_chunks([first.id])[0]
+    st = (share / "blob").stat()
+    assert location.settled == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    wrong = bytes(32)
+    with ChunkReader(trust_settled=True) as server:
+        assert server.read(location, wrong) == data[: first.length]
+        assert server.read(location, first.id) == data[: first.length]
+    with ChunkReader() as local, pytest.raises(IntegrityError):
+        local.read(location, wrong)
+    time.sleep(2 * SETTLED_FINE_NS / 1e9)  # the edit's ctime lands in a later tick
+    with open(share / "blob", "r+b") as handle:
+        handle.write(b"\xff" * 16)
+    os.utime(share / "blob", ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (share / "blob").stat().st_mtime_ns == st.st_mtime_ns
+    with ChunkReader(trust_settled=True) as server, pytest.raises(IntegrityError):
+        server.read(location, first.id)
+
+
+def test_a_file_whose_times_are_not_settled_is_hashed_when_served(tmp_path: Path) -> None:
+    """A file whose mtime is not older than its scan by a tick (here: in the future, as an
+    archive or a skewed clock leaves it) gets no settled ctime, unlike a settled one
+    beside it: its chunks are hashed whenever they are served."""
+    share = _settled_share(tmp_path, os.urandom(200_000))
+    ahead = time.time_ns() + 60 * 10**9
+    (share / "ahead").write_bytes(os.urandom(100_000))
+    os.utime(share / "ahead", ns=(ahead, ahead))
+    with IndexStore(tmp_path / "index.sqlite3") as index:
+        scan_share(share, index)
+        share_id = index.share_id_at(str(share.resolve()))
+        assert share_id is not None
+        settled = {}
+        for record in index.share_files(share_id):
+            (found,) = index.locate_chunks([record.chunk_refs()[0].id])
+            settled[record.path] = found[0].settled is not None
+    assert settled == {"blob": True, "ahead": False}

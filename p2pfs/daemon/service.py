@@ -468,7 +468,8 @@ class ShareService:
         self, wanted: list[tuple[ContentHash, list[ChunkLocation]]]
     ) -> list[bytes | None]:
         """Each wanted chunk from the first location that still holds it, hash-checked before
-        it is sent (None: no location does; a file changed behind the index's back). A
+        it is sent unless its file is untouched since the scan hashed it (None: no location
+        does; a file changed behind the index's back). A
         subclass in the tests overrides this to play a peer that sends corrupt data
         (tests/support/hooked_daemon.py); the shipped daemon has no switch for it."""
         return await in_thread(_read_group, wanted)
@@ -572,8 +573,9 @@ def _locate_request(
 
 
 def _read_group(wanted: list[tuple[ContentHash, list[ChunkLocation]]]) -> list[bytes | None]:
-    """Each chunk from the first location that still holds it (hash-checked)."""
-    with ChunkReader() as reader:
+    """Each chunk from the first location that still holds it (hash-checked unless its
+    file's stat shows it untouched since the scan: ChunkReader)."""
+    with ChunkReader(trust_settled=True) as reader:
         return [reader.read_first_intact(cid, locations) for cid, locations in wanted]
 
 

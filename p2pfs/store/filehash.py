@@ -10,6 +10,7 @@ import os
 import queue
 import stat
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,6 +55,31 @@ class Hashed:
     mode: int
     root: bytes
     chunks: bytes
+    settled_ctime_ns: int | None = None
+    """The file's ctime when read, if it was settled then (:func:`settled_ctime`)."""
+
+
+SETTLED_FINE_NS = 50_000_000
+"""How much older than a read a ctime must be to be settled on a file system that keeps
+sub-second times: comfortably more than the kernel's timestamp tick (a jiffy, 1-10 ms)."""
+
+SETTLED_COARSE_NS = 2_000_000_000
+"""The same where the times are whole seconds (or FAT's 2 s): any file system's tick."""
+
+
+def settled_ctime(ctime_ns: int, mtime_ns: int, read_started_ns: int) -> int | None:
+    """``ctime_ns`` if every write after ``read_started_ns`` must change it, else None.
+
+    A write marks the inode changed before it touches the bytes, and the new ctime is the
+    kernel's coarse clock at that moment: later than this ctime as long as the ctime is
+    older than the read by more than one tick. Times with no sub-second part are taken
+    to be from a coarse file system (a fine one gives that once in 10^9 files: harmless).
+    Used so that a server may trust the row of a file whose stat has not moved since
+    (store/index.py ChunkReader), as a scan already trusts it for the content's hash.
+    """
+    fine = ctime_ns % 1_000_000_000 and mtime_ns % 1_000_000_000
+    limit = read_started_ns - (SETTLED_FINE_NS if fine else SETTLED_COARSE_NS)
+    return ctime_ns if ctime_ns < limit and mtime_ns < limit else None
 
 
 def hash_file_once(
@@ -71,6 +97,7 @@ def hash_file_once(
     the one read of a small file. ``previous``: the packed chunk list the path had before;
     a big file is then re-cut only around what changed (content/rechunk.py).
     """
+    read_started_ns = time.time_ns()
     fd = os.open(path, OPEN_FLAGS)
     try:
         before = os.fstat(fd)
@@ -105,6 +132,7 @@ def hash_file_once(
         mode=before.st_mode,
         root=root,
         chunks=packed,
+        settled_ctime_ns=settled_ctime(before.st_ctime_ns, before.st_mtime_ns, read_started_ns),
     )
 
 

@@ -61,7 +61,8 @@ def record_placed_files(index: IndexStore, share_path: str, placed: Sequence[Pla
                 inode = signed64(item.inode)
                 fields = (item.size, item.mtime_ns, inode, item.mode, item.root, item.chunks)
                 if row is None:
-                    new_files.append((dir_id, name, *fields))
+                    # Just written: no settled ctime, so its chunks are hashed when served.
+                    new_files.append((dir_id, name, *fields, None))
                 else:
                     index.update_file(row[0], *fields)
             index.invalidate_dir(dir_id)

@@ -482,8 +482,9 @@ class Scan:
         self.stats.files_renamed += 1
         hashed = Hashed(st.st_size, st.st_mtime_ns, inode, st.st_mode, *known)
         fields = (hashed.size, hashed.mtime_ns, inode, hashed.mode, hashed.root, hashed.chunks)
+        # Not read now: its chunks are hashed whenever they are served (no settled ctime).
         if row is None:
-            self.add((dir_id, name, *fields))
+            self.add((dir_id, name, *fields, None))
         else:
             self.write().update_file(row[0], *fields)
         return hashed
@@ -511,6 +512,7 @@ class Scan:
                     hashed.mode,
                     hashed.root,
                     hashed.chunks,
+                    hashed.settled_ctime_ns,
                 )
             )
         else:
@@ -522,6 +524,7 @@ class Scan:
                 hashed.mode,
                 hashed.root,
                 hashed.chunks,
+                hashed.settled_ctime_ns,
             )
         if hashed is not None and hashed.size > BLOCK_SIZE:
             self.maybe_commit(hashed.size)
