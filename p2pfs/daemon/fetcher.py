@@ -73,6 +73,7 @@ from .swarmfetch import (
     new_rng,
 )
 from .swarmstate import PieceLocation, SwarmRegistry, SwarmShare
+from .treewalk import WINDOW as WALK_WINDOW
 from .treewalk import TreeJob, walk_trees
 from .workers import WorkerPool
 
@@ -342,12 +343,11 @@ class Fetcher:
         fetched: dict[ContentHash, bytes] = {}
 
         async def fetch(hashes: list[ContentHash]) -> list[bytes]:
-            with trio.fail_after(STALL_TIMEOUT):
-                nodes = await control.nodes(self._root, hashes)
+            nodes = await control.nodes(self._root, hashes, reply_within=STALL_TIMEOUT)
             fetched.update(zip(hashes, nodes, strict=True))
             return nodes
 
-        await walk_trees(jobs, fetch)
+        await walk_trees(jobs, fetch, batch_size=WALK_WINDOW)
         assert self._swarm is not None
         self._swarm.nodes.update(fetched)
 

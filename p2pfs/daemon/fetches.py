@@ -33,8 +33,9 @@ from .ratelimit import TokenBucket
 from .requests import RequestStream
 from .storage import AsyncIndex
 from .streams import TransferCounters
-from .swarmfetch import GIVE_UP_AFTER, REDISCOVER_INTERVAL
+from .swarmfetch import GIVE_UP_AFTER, REDISCOVER_INTERVAL, STALL_TIMEOUT
 from .swarmstate import SwarmRegistry
+from .treewalk import WINDOW as WALK_WINDOW
 from .treewalk import TreeJob, walk_trees
 from .workers import WorkerPool
 
@@ -99,13 +100,13 @@ class Fetches:
             manifest = Manifest.decode_untrusted(encoded)
 
             async def fetch(hashes: list[Any]) -> list[bytes]:
-                return await control.nodes(ticket.root, hashes)
+                return await control.nodes(ticket.root, hashes, reply_within=STALL_TIMEOUT)
 
             entries: list[dict[str, Any]] = []
             bound = share_bound(manifest)
             level = [TreeJob(DIR_TREE, manifest.tree, tag="", bound=bound)]
             while level:
-                await walk_trees(level, fetch)
+                await walk_trees(level, fetch, batch_size=WALK_WINDOW)
                 next_level = []
                 for job in level:
                     for _offset, entry in job.leaves:

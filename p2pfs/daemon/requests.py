@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import trio
 
 from p2pfs.errors import ConnectionClosedError, RemoteProtocolError
@@ -9,6 +11,7 @@ from p2pfs.ids import ContentHash
 from p2pfs.net import PeerConnection, Stream
 from p2pfs.wire.codes import ErrorCode
 from p2pfs.wire.messages import (
+    MAX_HASHES_PER_REQUEST,
     ErrorReply,
     GetManifest,
     GetNodes,
@@ -84,11 +87,32 @@ class RequestStream:
         self._counters.protocol_received += len(reply.manifest)
         return reply.manifest
 
-    async def nodes(self, share_root: ContentHash, hashes: list[ContentHash]) -> list[bytes]:
-        await self.send(GetNodes(self.new_request_id(), share_root, tuple(hashes)))
-        reply = await self.next_reply()
-        if isinstance(reply, ErrorReply):
-            raise PeerRequestError(reply.code, reply.message)
-        assert isinstance(reply, NodesReply)
-        self._counters.protocol_received += sum(len(node) for node in reply.nodes)
-        return list(reply.nodes)
+    async def nodes(
+        self,
+        share_root: ContentHash,
+        hashes: list[ContentHash],
+        *,
+        reply_within: float | None = None,
+    ) -> list[bytes]:
+        """The nodes ``hashes`` name, in order: one GetNodes per MAX_HASHES_PER_REQUEST,
+        all sent before the first reply is read, so however many there are they cost one
+        round trip (a walk of 10,000 files' trees asked 40 in turn: 3.2 s at 80 ms).
+        ``reply_within``: seconds each reply may take (TooSlowError), not the whole call."""
+        requests = [
+            GetNodes(self.new_request_id(), share_root, tuple(hashes[start : start + step]))
+            for step in (MAX_HASHES_PER_REQUEST,)
+            for start in range(0, len(hashes), step)
+        ]
+        await self._write(b"".join(self.session.send(request) for request in requests))
+        nodes: list[bytes] = []
+        for request in requests:
+            with trio.fail_after(reply_within) if reply_within else contextlib.nullcontext():
+                reply = await self.next_reply()
+            if isinstance(reply, ErrorReply):
+                raise PeerRequestError(reply.code, reply.message)
+            assert isinstance(reply, NodesReply)  # the session checked the pairing
+            if reply.request_id != request.request_id:
+                raise RemoteProtocolError("the peer answered node requests out of order")
+            self._counters.protocol_received += sum(len(node) for node in reply.nodes)
+            nodes.extend(reply.nodes)
+        return nodes

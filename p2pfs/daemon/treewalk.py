@@ -24,6 +24,11 @@ L = TypeVar("L")
 FetchNodes = Callable[[list[ContentHash]], Awaitable[list[bytes]]]
 BATCH = 256
 """Nodes per request (the wire protocol's bound)."""
+WINDOW = 16 * BATCH
+"""Nodes asked per round trip by a walk on one request stream, which pipelines them as
+requests of BATCH (RequestStream.nodes). Measured through the link emulator at 80 ms, 1%
+(2,000 files): the chunk trees took 8 round trips at BATCH; a fetch's whole tree walk now
+takes one per level of depth while each level holds at most WINDOW nodes."""
 
 
 @dataclass(slots=True)
