@@ -32,6 +32,8 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -208,6 +210,123 @@ def p2pfs_run(
         for daemon in (getter, sharer):
             daemon.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+TREE_PHASES = ("files listed", "chunk trees", "swarm done")
+"""The fetcher's log lines ``fetch NAME: <phase> after X s``, in order."""
+
+
+def make_tree(top: Path, files: int, seed: int) -> int:
+    """``files`` files of 200 B-4 KiB, in files/50 directories of 3 subdirectories each (a
+    source tree's shape: most of a fetch is its metadata); returns the total bytes."""
+    rng = random.Random(seed)
+    total = 0
+    for number in range(files):
+        directory = top / f"d{number % max(1, files // 50):03d}" / f"e{number % 3}"
+        directory.mkdir(parents=True, exist_ok=True)
+        data = rng.randbytes(rng.randint(200, 4096))
+        (directory / f"f{number:05d}.txt").write_bytes(data)
+        total += len(data)
+    return total
+
+
+def _phases(log: str, name: str) -> list[float]:
+    """Seconds from the fetch's start to each of TREE_PHASES, from the fetcher's log."""
+    found = {}
+    for phase in TREE_PHASES:
+        match = re.search(rf"fetch {re.escape(name)}: (?:\d+ )?{phase} after ([0-9.]+) s", log)
+        if match is None:
+            raise RuntimeError(f"p2pfs tree: no '{phase}' line in the fetcher's log")
+        found[phase] = float(match.group(1))
+    return [found[phase] for phase in TREE_PHASES]
+
+
+def tree_run(condition: Condition, seed: int, source: Path, work: Path) -> dict[str, float]:
+    """A fresh pair of daemons, one fetch of the tree ``source`` through the link: the
+    daemon's seconds and its phases (listed, chunk trees, swarm done)."""
+    flags = _daemon_flags(condition)
+    sharer = DaemonProcess(work / "sharer", extra_args=flags)
+    getter = DaemonProcess(work / "getter", extra_args=flags)
+    try:
+        sharer.start()
+        getter.start()
+        ticket = parse_ticket_untrusted(sharer.cli_json("share", str(source))["ticket"])
+        target = ticket.addresses[0]
+        link = _link(condition, (target.host, target.port), seed, data_to_target=False)
+        assert link is not None
+        ticket = Ticket(ticket.kind, ticket.root, ticket.node_id, (PeerAddress(*link.address),))
+        destination = work / "copy"
+        with link:
+            report = getter.cli_json("fetch", ticket.encode(), str(destination))
+        for original in source.rglob("*"):
+            if original.is_file():
+                copy = destination / original.relative_to(source)
+                if copy.read_bytes() != original.read_bytes():
+                    raise RuntimeError(f"p2pfs tree: {copy} differs")
+        listed, trees, swarm = _phases(getter.log_path.read_text(), source.name)
+        return {
+            "seconds": float(report["seconds"]),
+            "listed": listed,
+            "trees": trees - listed,
+            "swarm": swarm - trees,
+        }
+    finally:
+        for daemon in (getter, sharer):
+            daemon.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def tree_condition(condition: Condition, files: int, runs: int, scratch: Path) -> dict[str, Any]:
+    """The tree through the link, seed by seed, beside the raw engine moving its bytes as
+    one stream through the same link and seed (what the data alone costs there)."""
+    assert condition.link is not None
+    source = scratch / "tree"
+    size = make_tree(source, files, 1)
+    ours, raw = [], []
+    for seed in range(1, runs + 1):
+        ours.append(tree_run(condition, seed, source, scratch / "tree-daemons"))
+        raw.append(raw_run(condition, seed, size, batched=False).seconds)
+        sys.stderr.write(
+            f"{condition.name} tree seed {seed}: p2pfs {ours[-1]['seconds']:.2f} s "
+            f"(listed {ours[-1]['listed']:.2f}, chunk trees {ours[-1]['trees']:.2f}, swarm "
+            f"{ours[-1]['swarm']:.2f}), raw one stream {raw[-1]:.2f} s\n"
+        )
+    shutil.rmtree(source)
+    rtt = 2 * condition.link.delay
+
+    def median(key: str) -> float:
+        return statistics.median(run[key] for run in ours)
+
+    return {
+        "condition": condition.name,
+        "describe": condition.describe,
+        "files": files,
+        "mb": size / MB,
+        "runs": runs,
+        "seconds": median("seconds"),
+        "listed": median("listed"),
+        "trees": median("trees"),
+        "trees_round_trips": median("trees") / rtt,
+        "swarm": median("swarm"),
+        "raw_seconds": statistics.median(raw),
+        "all_runs": ours,
+        "raw_runs_s": [round(t, 3) for t in raw],
+    }
+
+
+def print_tree_table(rows: list[dict[str, Any]]) -> None:
+    header = (
+        f"{'tree: fetch through the link':<28}{'files':>7}{'MB':>6}{'p2pfs s':>9}"
+        f"{'listed':>8}{'trees':>7}{'(RTTs)':>8}{'swarm':>7}{'raw 1 stream s':>16}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(
+            f"{row['describe']:<28}{row['files']:>7}{row['mb']:>6.1f}{row['seconds']:>9.2f}"
+            f"{row['listed']:>8.2f}{row['trees']:>7.2f}{row['trees_round_trips']:>8.1f}"
+            f"{row['swarm']:>7.2f}{row['raw_seconds']:>16.2f}"
+        )
 
 
 SYNC_POLL = 0.05
@@ -500,6 +619,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also join a sync folder holding the condition's file through the link, at the "
         "defaults and with --stripes 1",
     )
+    parser.add_argument(
+        "--tree",
+        type=int,
+        metavar="FILES",
+        help="also fetch a tree of FILES files of 200 B-4 KiB through each emulated link "
+        "(phases: listing, chunk trees, swarm), beside the raw engine moving its bytes",
+    )
     parser.add_argument("--workdir", help="scratch directory (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
@@ -520,6 +646,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             for c in chosen
         ]
+        tree_rows = (
+            [tree_condition(c, args.tree, args.runs, scratch) for c in chosen if c.link]
+            if args.tree
+            else []
+        )
         sync_rows = (
             [sync_condition(c, args.runs, scratch) for c in chosen if c.link is not None]
             if args.sync
@@ -532,9 +663,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{time.monotonic() - started:.0f} s; medians of {args.runs} seeded runs"
     )
     if args.json:
-        print(json.dumps({"rows": rows, "sync": sync_rows, "note": note}))
+        print(json.dumps({"rows": rows, "sync": sync_rows, "tree": tree_rows, "note": note}))
     else:
         print_table(rows, note)
+        if tree_rows:
+            print_tree_table(tree_rows)
         if sync_rows:
             print_sync_table(sync_rows)
     return (
