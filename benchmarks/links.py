@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import json
 import random
-import re
 import shutil
 import statistics
 import subprocess
@@ -212,10 +211,6 @@ def p2pfs_run(
         shutil.rmtree(work, ignore_errors=True)
 
 
-TREE_PHASES = ("files listed", "chunk trees", "swarm done")
-"""The fetcher's log lines ``fetch NAME: <phase> after X s``, in order."""
-
-
 def make_tree(top: Path, files: int, seed: int) -> int:
     """``files`` files of 200 B-4 KiB, in files/50 directories of 3 subdirectories each (a
     source tree's shape: most of a fetch is its metadata); returns the total bytes."""
@@ -228,17 +223,6 @@ def make_tree(top: Path, files: int, seed: int) -> int:
         (directory / f"f{number:05d}.txt").write_bytes(data)
         total += len(data)
     return total
-
-
-def _phases(log: str, name: str) -> list[float]:
-    """Seconds from the fetch's start to each of TREE_PHASES, from the fetcher's log."""
-    found = {}
-    for phase in TREE_PHASES:
-        match = re.search(rf"fetch {re.escape(name)}: (?:\d+ )?{phase} after ([0-9.]+) s", log)
-        if match is None:
-            raise RuntimeError(f"p2pfs tree: no '{phase}' line in the fetcher's log")
-        found[phase] = float(match.group(1))
-    return [found[phase] for phase in TREE_PHASES]
 
 
 def tree_run(condition: Condition, seed: int, source: Path, work: Path) -> dict[str, float]:
@@ -263,12 +247,14 @@ def tree_run(condition: Condition, seed: int, source: Path, work: Path) -> dict[
                 copy = destination / original.relative_to(source)
                 if copy.read_bytes() != original.read_bytes():
                     raise RuntimeError(f"p2pfs tree: {copy} differs")
-        listed, trees, swarm = _phases(getter.log_path.read_text(), source.name)
+        seconds, listed, trees = (
+            float(report[key]) for key in ("seconds", "listed_seconds", "trees_seconds")
+        )
         return {
-            "seconds": float(report["seconds"]),
+            "seconds": seconds,
             "listed": listed,
             "trees": trees - listed,
-            "swarm": swarm - trees,
+            "swarm": seconds - trees,
         }
     finally:
         for daemon in (getter, sharer):

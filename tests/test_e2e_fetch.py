@@ -82,6 +82,10 @@ def test_mixed_folder_arrives_byte_identical(tmp_path: Path, daemons: DaemonFact
     report = fetcher.cli_json("fetch", ticket, str(tmp_path / "copy"))
     assert snapshot(tmp_path / "copy") == snapshot(source)
     assert report["bytes_from_peer"] == report["bytes"] > 64 * MiB
+    # Where the time went: listing, then chunk trees, then the first byte, within the whole.
+    phases = ("listed_seconds", "trees_seconds", "first_byte_seconds", "seconds")
+    assert report["listed_seconds"] > 0, report
+    assert sorted(report[phase] for phase in phases) == [report[phase] for phase in phases]
     # The sharer counted what it sent; payload is the content, protocol a small overhead.
     counters = sharer.cli_json("status")["counters"]
     assert counters["payload_sent"] == report["bytes"]

@@ -113,6 +113,11 @@ class FetchReport:
     seconds: float = 0.0
     first_byte_seconds: float | None = None
     """From the fetch's start to the first verified chunk written from a peer."""
+    listed_seconds: float | None = None
+    """From the fetch's start to every file listed (connection, manifest, directory trees):
+    on a long path, one round trip per level of directories."""
+    trees_seconds: float | None = None
+    """From the fetch's start to every file's chunk tree walked (then the transfer)."""
     replaced: list[str] = field(default_factory=list)
     """Files that differed and were replaced (--overwrite); the old ones are kept."""
     peers: list[dict[str, object]] = field(default_factory=list)
@@ -319,14 +324,16 @@ class Fetcher:
         self._registry.shares[self._root] = swarm
         top_dir, rename_single = self._layout(manifest)
         files = await self._walk_directories(control, manifest, top_dir, rename_single)
+        self.report.listed_seconds = time.monotonic() - started
         logger.info(
             "fetch %s: %d files listed after %.2f s",
             manifest.name,
             len(files),
-            time.monotonic() - started,
+            self.report.listed_seconds,
         )
         await self._walk_files(control, files, manifest)
-        logger.info("fetch %s: chunk trees after %.2f s", manifest.name, time.monotonic() - started)
+        self.report.trees_seconds = time.monotonic() - started
+        logger.info("fetch %s: chunk trees after %.2f s", manifest.name, self.report.trees_seconds)
         await control.close()
         return manifest, files
 
