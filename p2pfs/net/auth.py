@@ -4,7 +4,7 @@ Neither qh3 nor aioquic lets a server request a TLS client certificate (aioquic 
 test-only flag, qh3 none), so the server learns the client's NodeId on the connection's first
 server-initiated bidirectional stream:
 
-    server -> client   nonce (32 random bytes)
+    server -> client   nonce (32 random bytes), with the server's first flight
     client -> server   u16 certificate length, certificate (DER), Ed25519 signature (64),
                        observed address, FIN
     server -> client   0x01 (accepted), observed address, FIN

@@ -117,13 +117,8 @@ class PeerConnection:
         self._broken = False
         self._guard = EngineGuard(self._engine_failed)
         self._closed_locally = False
-        self._auth_deadline = now + config.handshake_timeout
         self._linger_deadline = math.inf
-        self._auth_stream_id: int | None = None if not self.is_client else 1
-        # The client-authentication exchange (net/auth.py), once TLS has finished.
-        self._auth: auth.ClientAuth | auth.ServerAuth | None = None
-        self.observed_address: auth.Observed | None = None
-        """Where the peer says it sees our packets come from (its word, after auth)."""
+        self._start_auth(now)
         self._highest_peer_stream = -1
         self._intake: Intake[Stream, tuple[bytes, Address]] = Intake(
             IntakeLimits(
@@ -153,6 +148,20 @@ class PeerConnection:
             events.ConnectionTerminated: self._on_terminated,
             events.PingAcknowledged: self._on_ping_acknowledged,
         }
+        if not is_client:
+            self._challenge()
+
+    def _start_auth(self, now: float) -> None:
+        """The client-authentication exchange's state (net/auth.py)."""
+        self._auth_deadline = now + self.config.handshake_timeout
+        self._auth_stream_id: int | None = None if not self.is_client else 1
+        # A client's, once TLS has finished; a server's from the start (_challenge).
+        self._auth: auth.ClientAuth | auth.ServerAuth | None = None
+        self._early_auth = bytearray()
+        """A client's authentication data that came before its handshake's end."""
+        self._early_auth_end = False
+        self.observed_address: auth.Observed | None = None
+        """Where the peer says it sees our packets come from (its word, after auth)."""
 
     def __repr__(self) -> str:
         who = self._peer_id.short() if self._peer_id else "?"
@@ -525,8 +534,12 @@ class PeerConnection:
             return
         if self.is_client:
             self._check_server_certificate()
-            return
-        # Server: challenge the client on our first bidirectional stream.
+
+    def _challenge(self) -> None:
+        """Server: challenge the client on our first bidirectional stream at once. The
+        engine sends it with the server's first flight (0.5-RTT data), so the client can
+        answer with its Finished: a connection is 2 round trips, not 3 (the challenge
+        waited for the handshake to complete)."""
         server = auth.ServerAuth(
             self._identity.node_id, os.urandom(auth.NONCE_LEN), _host_port(self.remote_address)
         )
@@ -548,6 +561,9 @@ class PeerConnection:
             self._fail(error, CloseCode.AUTH_FAILED)
             return
         self._auth = auth.ClientAuth(self._identity, presented, _host_port(self.remote_address))
+        if self._early_auth or self._early_auth_end:
+            early, self._early_auth = bytes(self._early_auth), bytearray()
+            self._on_auth_data(early, self._early_auth_end)
 
     def _on_stream_data(self, event: Any) -> None:
         stream_id = event.stream_id
@@ -637,8 +653,14 @@ class PeerConnection:
             return  # the server's trailing FIN, or nothing we care about
         assert self._auth_stream_id is not None
         if self._auth is None:
-            error = AuthenticationError("authentication data before the TLS handshake")
-            self._fail(error, CloseCode.AUTH_FAILED)
+            # A client: the server's challenge came with its first flight, and this engine
+            # handed it over before the handshake's end (it may: the datagram that carries
+            # the server's Finished carries the challenge too). Kept for the handshake.
+            self._early_auth += data
+            self._early_auth_end = end_stream
+            if len(self._early_auth) > auth.NONCE_LEN + auth.MAX_ACCEPT_LEN:
+                error = AuthenticationError("oversized authentication data before the handshake")
+                self._fail(error, CloseCode.AUTH_FAILED)
             return
         try:
             step = self._auth.receive_untrusted(data, end_stream)
