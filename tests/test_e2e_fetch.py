@@ -374,3 +374,29 @@ def test_a_local_disk_error_ends_the_fetch_and_blames_no_peer(
     assert "holder" not in completed.stderr
     log = fetcher.log_path.read_text()
     assert "dropped" not in log  # the peer was not failed for our disk
+
+
+def test_the_transfer_starts_one_round_trip_after_the_trees(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """The first holder's availability (GetHave) is asked right after the manifest, so its
+    answer is here when the trees are walked: the first chunk comes one round trip (its
+    GetChunks) after the trees, not two. Through the link emulator with a 0.5 s round
+    trip, so that the count shows above any scheduling noise (two round trips take at
+    least 1 s however fast the machine is)."""
+    rtt = 0.5
+    source = tmp_path / "note.txt"
+    source.write_bytes(b"one small file, one chunk\n" * 40)
+    sharer = daemons("sharer", "--no-link-datagrams")
+    fetcher = daemons("fetcher", "--no-link-datagrams")
+    real = parse_ticket_untrusted(share(sharer, source))
+    target = real.addresses[0]
+    path = LinkConditions.path(rtt, 0.0, None)
+    with LinkForwarder((target.host, target.port), path, seeds=(1, 2)) as link:
+        via_link = Ticket(
+            TicketKind.SHARE, real.root, real.node_id, (PeerAddress(*link.address),)
+        ).encode()
+        report = fetcher.cli_json("fetch", via_link, str(tmp_path / "out.txt"), timeout=120)
+    assert (tmp_path / "out.txt").read_bytes() == source.read_bytes()
+    after_trees = report["first_byte_seconds"] - report["trees_seconds"]
+    assert after_trees < 1.7 * rtt, f"{after_trees / rtt:.2f} round trips after the trees"

@@ -55,6 +55,7 @@ from p2pfs.store.directories import SharedDirectories
 from p2pfs.store.folderdisk import keep_version
 from p2pfs.store.index import ChunkLocation, ChunkReader, IndexStore
 from p2pfs.swarm.picker import PiecePicker
+from p2pfs.wire.codes import ErrorCode
 
 from .mergedcalls import MergedCalls
 from .ratelimit import TokenBucket
@@ -69,8 +70,10 @@ from .swarmfetch import (
     OpenStripe,
     PeerPool,
     Release,
+    Subscribed,
     close_connection,
     new_rng,
+    subscribe_early,
 )
 from .swarmstate import PieceLocation, SwarmRegistry, SwarmShare
 from .treewalk import WINDOW as WALK_WINDOW
@@ -216,7 +219,7 @@ class Fetcher:
 
     async def _run(self) -> FetchReport:
         started = self._started = time.monotonic()
-        conn, manifest, files = await self._metadata(started)
+        conn, manifest, files, subscribed = await self._metadata(started)
         self._files = files
         swarm = self._swarm
         assert swarm is not None
@@ -257,7 +260,7 @@ class Fetcher:
             writing = trio.CancelScope()
             committer.start_soon(_serve_in, writing, writer)
             try:
-                await pool.run(conn, self._more_peers)
+                await pool.run(conn, self._more_peers, subscribed)
             except HoldersExhaustedError as exc:
                 exhausted = exc
             finally:
@@ -281,7 +284,9 @@ class Fetcher:
 
     # -- manifest and layout --------------------------------------------------------------
 
-    async def _metadata(self, started: float) -> tuple[PeerConnection, Manifest, list[_FileTask]]:
+    async def _metadata(
+        self, started: float
+    ) -> tuple[PeerConnection, Manifest, list[_FileTask], Subscribed]:
         """Manifest and trees from the first holder that serves them whole; a holder that
         refuses, stalls, breaks the protocol or sends a bad node is left for the next."""
         refused: set[NodeId] = set()
@@ -295,7 +300,7 @@ class Fetcher:
                 # No other holder: what the ones reached said is the answer to show.
                 raise RemoteProtocolError(f"{'; '.join(reasons)} (no other holder: {exc})") from exc
             try:
-                manifest, files = await self._metadata_from(conn, started)
+                manifest, files, subscribed = await self._metadata_from(conn, started)
             except (
                 RemoteProtocolError,
                 IntegrityError,
@@ -309,13 +314,27 @@ class Fetcher:
                 refused.add(conn.peer_id)
                 self._release(conn)
                 continue
-            return conn, manifest, files
+            return conn, manifest, files, subscribed
 
     async def _metadata_from(
         self, conn: PeerConnection, started: float
-    ) -> tuple[Manifest, list[_FileTask]]:
+    ) -> tuple[Manifest, list[_FileTask], Subscribed]:
         control = await RequestStream.open(conn, self._counters)
+        asked = trio.current_time()
         encoded, manifest = await self._manifest(control)
+        round_trip = trio.current_time() - asked
+        have = await subscribe_early(conn, self._root, self._counters)
+        try:
+            files = await self._listing(control, encoded, manifest, started)
+        except BaseException:
+            have.stream.reset(int(ErrorCode.CANCELLED))  # the server ends its subscription
+            raise
+        return manifest, files, Subscribed(have, round_trip)
+
+    async def _listing(
+        self, control: RequestStream, encoded: bytes, manifest: Manifest, started: float
+    ) -> list[_FileTask]:
+        """The manifest's files, their directories made, their chunk trees walked."""
         self._total_bytes = manifest.tree.size
         self._total_files = manifest.file_count
         self.report.name = manifest.name
@@ -335,7 +354,7 @@ class Fetcher:
         self.report.trees_seconds = time.monotonic() - started
         logger.info("fetch %s: chunk trees after %.2f s", manifest.name, self.report.trees_seconds)
         await control.close()
-        return manifest, files
+        return files
 
     async def _manifest(self, control: RequestStream) -> tuple[bytes, Manifest]:
         with trio.fail_after(STALL_TIMEOUT):

@@ -161,6 +161,26 @@ class PeerStats:
     """Connections this fetch ran to the peer: the first and its stripes (swarm/stripes.py)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    """A GetHave already sent to a peer (its reply not read yet), and the round trip of a
+    request the peer answered just before (for the stripes' plan in place of GetHave's)."""
+
+    stream: RequestStream
+    round_trip: float
+
+
+async def subscribe_early(
+    conn: PeerConnection, root: ContentHash, counters: TransferCounters
+) -> RequestStream:
+    """Send GetHave for ``root`` on a new stream; the reply is read later. A fetch sends it
+    to its first holder right after the manifest: the reply then waits while the trees are
+    walked, and the transfer starts without that round trip."""
+    have = await RequestStream.open(conn, counters)
+    await have.send(GetHave(have.new_request_id(), root))
+    return have
+
+
 @dataclass(slots=True)
 class PeerPool:
     root: ContentHash
@@ -195,15 +215,20 @@ class PeerPool:
     _nursery: trio.Nursery | None = None
     _worker_failures: int = 0
 
-    async def run(self, first: PeerConnection, more: MorePeers) -> None:
-        """Until every piece is held; raises the last peer's failure if holders run out."""
+    async def run(
+        self, first: PeerConnection, more: MorePeers, subscribed: Subscribed | None = None
+    ) -> None:
+        """Until every piece is held; raises the last peer's failure if holders run out.
+        ``subscribed``: ``first``'s GetHave, already sent (subscribe_early)."""
         if self.picker.complete:
+            if subscribed is not None:
+                subscribed.stream.stream.reset(int(ErrorCode.CANCELLED))
             self.release(first)
             return
         self._last_progress = trio.current_time()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            self.add(first)
+            self.add(first, subscribed)
             nursery.start_soon(self._discover, more)
             await self._done.wait()
             nursery.cancel_scope.cancel()
@@ -219,9 +244,11 @@ class PeerPool:
                 f"{self.give_up_after:g} s{why}"
             )
 
-    def add(self, conn: PeerConnection) -> None:
+    def add(self, conn: PeerConnection, subscribed: Subscribed | None = None) -> None:
         peer = conn.peer_id
         if peer in self.banned or peer in self._connected or len(self._connected) >= MAX_PEERS:
+            if subscribed is not None:
+                subscribed.stream.stream.reset(int(ErrorCode.CANCELLED))
             self.release(conn)
             return
         assert self._nursery is not None
@@ -229,7 +256,7 @@ class PeerPool:
         self.stats[peer] = PeerStats(
             str(peer), f"{conn.remote_address[0]}:{conn.remote_address[1]}"
         )
-        self._nursery.start_soon(self._worker, conn)
+        self._nursery.start_soon(self._worker, conn, subscribed)
 
     def _changed(self) -> None:
         """Wake every request loop waiting for something to do."""
@@ -254,13 +281,11 @@ class PeerPool:
                 await self._need_peers.wait()
             self._need_peers = trio.Event()
 
-    async def _worker(self, conn: PeerConnection) -> None:
+    async def _worker(self, conn: PeerConnection, subscribed: Subscribed | None = None) -> None:
         peer = conn.peer_id
         joined = False
         try:
-            asked = trio.current_time()
-            have, reply = await self._subscribe(conn)
-            answered = trio.current_time() - asked
+            have, reply, answered = await self._availability(conn, subscribed)
             self.picker.add_peer(peer, None if reply.complete else reply.pieces())
             joined = True
             self._changed()
@@ -334,10 +359,25 @@ class PeerPool:
         self.release(conn)
         self._done.set()
 
-    async def _subscribe(self, conn: PeerConnection) -> tuple[RequestStream, HaveReply]:
-        """GetHave: what the peer holds now (its updates follow on the same stream)."""
-        have = await RequestStream.open(conn, self.counters)
-        await have.send(GetHave(have.new_request_id(), self.root))
+    async def _availability(
+        self, conn: PeerConnection, subscribed: Subscribed | None
+    ) -> tuple[RequestStream, HaveReply, float]:
+        """The peer's GetHave stream, its HaveReply and a round trip to it: subscribed now,
+        or the reply read to a GetHave sent earlier (``subscribed``)."""
+        if subscribed is not None:
+            return (
+                subscribed.stream,
+                await self._have_reply(subscribed.stream),
+                subscribed.round_trip,
+            )
+        asked = trio.current_time()
+        have = await subscribe_early(conn, self.root, self.counters)
+        reply = await self._have_reply(have)
+        return have, reply, trio.current_time() - asked
+
+    async def _have_reply(self, have: RequestStream) -> HaveReply:
+        """The HaveReply to a GetHave sent on ``have``: what the peer holds now (its updates
+        follow on the same stream)."""
         with trio.fail_after(HAVE_TIMEOUT):
             reply = await have.next_reply()
         if isinstance(reply, ErrorReply):
@@ -347,7 +387,7 @@ class PeerPool:
             raise RemoteProtocolError(
                 f"peer numbers {reply.piece_count} pieces, the trees give {len(self.pieces)}"
             )
-        return have, reply
+        return reply
 
     def _fail(self, peer: NodeId, group: BaseExceptionGroup[BaseException], ban: bool) -> None:
         error = group.exceptions[0]
