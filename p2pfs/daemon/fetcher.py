@@ -414,6 +414,7 @@ class Fetcher:
         while level:
             await self._walk(control, level)
             next_level: list[TreeJob[DirEntry]] = []
+            directories: list[str] = []
             for job in level:
                 rel_prefix, disk_dir = job.tag
                 if manifest.single_file and not rel_prefix:
@@ -423,13 +424,16 @@ class Fetcher:
                     name = rename_single if rename_single and not rel_prefix else entry.name
                     path = os.path.join(disk_dir, name)
                     if entry.kind is EntryKind.DIRECTORY:
-                        await in_thread(_make_directory, path)
+                        directories.append(path)
                         self.report.directories += 1
                         next_level.append(
                             TreeJob(DIR_TREE, entry.root, tag=(f"{rel}/", path), bound=bound)
                         )
                     else:
                         files.append(_FileTask(rel, path, entry))
+            # A level's directories made in one thread call, not one each (600 of them
+            # for 10,000 files in 200 directories of 3).
+            await in_thread(_make_directories, directories)
             level = next_level
         return files
 
@@ -789,6 +793,11 @@ def _missing_files_error(exc: HoldersExhaustedError, files: list[_FileTask]) -> 
 async def _no_more_peers(exclude: set[NodeId]) -> list[PeerConnection]:
     await trio.lowlevel.checkpoint()
     return []
+
+
+def _make_directories(paths: list[str]) -> None:
+    for path in paths:
+        _make_directory(path)
 
 
 def _make_directory(path: str) -> None:
