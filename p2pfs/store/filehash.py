@@ -21,7 +21,7 @@ from p2pfs.content.folder import FILE_TREE
 from p2pfs.content.rechunk import Rechunker
 from p2pfs.content.tree import LeafNode
 from p2pfs.ids import ContentHash
-from p2pfs.store.index import CHUNK_RECORD, build_file_tree
+from p2pfs.store.index import CHUNK_RECORD, build_file_tree, signed64
 
 BLOCK_SIZE = 4 << 20
 """Files up to this size are read with one ``os.read``; larger ones stream in such blocks."""
@@ -33,11 +33,6 @@ OPEN_FLAGS |= getattr(os, "O_NONBLOCK", 0)
 
 class FileChanged(Exception):
     """The file's stat moved while it was read; read it again."""
-
-
-def signed64(value: int) -> int:
-    # SQLite integers are signed; some file systems hand out inode numbers >= 2**63.
-    return value - (1 << 64) if value >= 1 << 63 else value
 
 
 def identity(st: os.stat_result) -> tuple[int, int, int, int]:

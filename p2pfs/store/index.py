@@ -983,10 +983,14 @@ def _location(
     return ChunkLocation(os.path.join(dir_path, name), offset, length, settled)
 
 
+def signed64(value: int) -> int:
+    # SQLite integers are signed; some file systems hand out inode numbers >= 2**63.
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
 def _settled_identity(st: os.stat_result) -> tuple[int, int, int, int]:
     """(size, mtime_ns, ctime_ns, inode as the index stores it: signed 64 bits)."""
-    inode = st.st_ino - (1 << 64) if st.st_ino >= 1 << 63 else st.st_ino
-    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, inode)
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, signed64(st.st_ino))
 
 
 def _file_tree(root: bytes, packed: bytes) -> dict[ContentHash, bytes]:

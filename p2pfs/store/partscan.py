@@ -14,8 +14,8 @@ from p2pfs.content.names import normalize_local_name
 from p2pfs.content.tree import Child
 from p2pfs.errors import InvalidNameError
 from p2pfs.ids import ContentHash
-from p2pfs.store.filehash import BLOCK_SIZE, FileChanged, hash_file_once, signed64
-from p2pfs.store.index import FileRow, IndexStore
+from p2pfs.store.filehash import BLOCK_SIZE, FileChanged, hash_file_once
+from p2pfs.store.index import FileRow, IndexStore, signed64
 from p2pfs.store.scanner import (
     RACY_WINDOW_NS,
     DirResult,

@@ -9,8 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from p2pfs.store.filehash import signed64
-from p2pfs.store.index import IndexStore, NewFile
+from p2pfs.store.index import IndexStore, NewFile, signed64
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,8 +44,8 @@ from p2pfs.content.tree import Child, TreeBuilder
 from p2pfs.errors import InvalidNameError, LocalProtocolError, StorageError
 from p2pfs.ids import ContentHash
 from p2pfs.store.assemble import is_partial_name
-from p2pfs.store.filehash import BLOCK_SIZE, FileChanged, Hashed, hash_file_once, signed64
-from p2pfs.store.index import CHUNK_RECORD, FileRow, IndexStore, NewFile
+from p2pfs.store.filehash import BLOCK_SIZE, FileChanged, Hashed, hash_file_once
+from p2pfs.store.index import CHUNK_RECORD, FileRow, IndexStore, NewFile, signed64
 
 STATE_DIR_NAME = ".p2pfs"
 """A sync folder's own state directory (compared case-folded: on a file system that
