@@ -175,6 +175,32 @@ def test_several_clients_and_server_learns_their_node_ids(engine: str) -> None:
 
 
 @engine_param
+def test_warm_up_sends_nothing_and_connections_still_work(engine: str) -> None:
+    """warm_up builds a client hello in memory only: no datagram leaves the socket, no
+    connection is kept, and both ends connect and move data afterwards."""
+    server_id, client_id = Identity.generate(), Identity.generate()
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            async with (
+                open_endpoint(server_id, handler=echo_handler, engine=engine) as server,
+                open_endpoint(client_id, engine=engine) as client,
+            ):
+                await trio.to_thread.run_sync(client.warm_up)
+                await trio.to_thread.run_sync(server.warm_up)
+                assert (client.datagrams_sent, server.datagrams_sent) == (0, 0)
+                assert not client.connections and not server.connections
+                conn = await client.connect(server.local_address, server_id.node_id)
+                stream = await conn.open_stream()
+                await stream.send_all(b"after warm-up")
+                await stream.send_eof()
+                assert await read_all(stream) == b"after warm-up"
+                await conn.close()
+
+    trio.run(main)
+
+
+@engine_param
 def test_wrong_expected_peer_fails_and_server_app_never_sees_it(engine: str) -> None:
     server_id, client_id, impostor = Identity.generate(), Identity.generate(), Identity.generate()
     handled: list[PeerConnection] = []

@@ -371,6 +371,14 @@ class ShareService:
                         update = HaveUpdate(request.request_id, batch)
                         await self._send(stream, session.send(update))
 
+    async def count_pieces(self, root: ContentHash) -> None:
+        """Count a share's pieces ahead of the first GetHave (a task of its own: a failure
+        ends it with a log line; that GetHave then counts, or fails, itself)."""
+        try:
+            await self._piece_count(root)
+        except StorageError as exc:
+            logger.warning("share %s: cannot count its pieces: %s", short_hex(root), exc)
+
     async def _piece_count(self, root: ContentHash) -> int | None:
         """Pieces of a complete share: every holder numbers them alike (content/pieces.py)."""
         if root in self._piece_counts:
