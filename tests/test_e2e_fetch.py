@@ -86,6 +86,8 @@ def test_mixed_folder_arrives_byte_identical(tmp_path: Path, daemons: DaemonFact
     phases = ("listed_seconds", "trees_seconds", "first_byte_seconds", "seconds")
     assert report["listed_seconds"] > 0, report
     assert sorted(report[phase] for phase in phases) == [report[phase] for phase in phases]
+    # Its trees came pushed with the manifest: no node was asked for by hash.
+    assert report["tree_nodes_pushed"] > 0 and report["tree_nodes_asked"] == 0, report
     # The sharer counted what it sent; payload is the content, protocol a small overhead.
     counters = sharer.cli_json("status")["counters"]
     assert counters["payload_sent"] == report["bytes"]
@@ -376,14 +378,14 @@ def test_a_local_disk_error_ends_the_fetch_and_blames_no_peer(
     assert "dropped" not in log  # the peer was not failed for our disk
 
 
-def test_the_transfer_starts_one_round_trip_after_the_trees(
+def test_a_small_share_costs_one_round_trip_before_its_chunks(
     tmp_path: Path, daemons: DaemonFactory
 ) -> None:
-    """The first holder's availability (GetHave) is asked right after the manifest, so its
-    answer is here when the trees are walked: the first chunk comes one round trip (its
-    GetChunks) after the trees, not two. Through the link emulator with a 0.5 s round
-    trip, so that the count shows above any scheduling noise (two round trips take at
-    least 1 s however fast the machine is)."""
+    """Availability (GetHave), the manifest and the pushed trees (GetTree) are asked at
+    once: the trees are known one round trip after the connection (two), not one per tree
+    level after the manifest, and the first chunk comes one round trip (its GetChunks)
+    after them. Through the link emulator with a 0.5 s round trip, so that the count shows
+    above any scheduling noise (a round trip takes 0.5 s however fast the machine is)."""
     rtt = 0.5
     source = tmp_path / "note.txt"
     source.write_bytes(b"one small file, one chunk\n" * 40)
@@ -398,5 +400,8 @@ def test_the_transfer_starts_one_round_trip_after_the_trees(
         ).encode()
         report = fetcher.cli_json("fetch", via_link, str(tmp_path / "out.txt"), timeout=120)
     assert (tmp_path / "out.txt").read_bytes() == source.read_bytes()
+    assert report["tree_nodes_asked"] == 0, report
+    # Connection (2 round trips) and metadata (1); asked level by level it took 5.
+    assert report["trees_seconds"] < 3.7 * rtt, f"{report['trees_seconds'] / rtt:.2f} round trips"
     after_trees = report["first_byte_seconds"] - report["trees_seconds"]
     assert after_trees < 1.7 * rtt, f"{after_trees / rtt:.2f} round trips after the trees"

@@ -42,6 +42,7 @@ from p2pfs.sync.records import (
     root_statement,
 )
 from p2pfs.sync.versions import FileVersion
+from p2pfs.wire import messages
 from p2pfs.wire.frames import FrameDecoder
 from p2pfs.wire.messages import decode_message_untrusted, encode_message
 from p2pfs.wire.session import PROTOCOL_VERSION
@@ -141,6 +142,9 @@ WIRE_TYPES = {
     "have-reply": "HaveReply",
     "have-reply-complete": "HaveReply",
     "have-update": "HaveUpdate",
+    "get-tree": "GetTree",
+    "tree-nodes": "TreeNodes",
+    "tree-nodes-last": "TreeNodes",
     "folder-hello": "FolderHello",
     "folder-challenge": "FolderChallenge",
     "folder-proof": "FolderProof",
@@ -156,6 +160,13 @@ WIRE_TYPES = {
 def test_wire_vectors_cover_every_message_and_version() -> None:
     assert WIRE["protocol_version"] == PROTOCOL_VERSION
     assert {vector["name"] for vector in WIRE["vectors"]} == set(WIRE_TYPES)
+    # Every message this version knows has a vector (a new message needs one).
+    known = {
+        name
+        for name, value in vars(messages).items()
+        if isinstance(value, type) and getattr(value, "TAG", None) in messages.BOUNDS
+    }
+    assert set(WIRE_TYPES.values()) == known
 
 
 @pytest.mark.parametrize("vector", WIRE["vectors"], ids=lambda v: v["name"])

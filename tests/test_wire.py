@@ -22,12 +22,14 @@ from p2pfs.wire.messages import (
     GetHave,
     GetManifest,
     GetNodes,
+    GetTree,
     HaveReply,
     HaveUpdate,
     Hello,
     ManifestReply,
     Message,
     NodesReply,
+    TreeNodes,
     bitfield_of,
     decode_message_untrusted,
     encode_chunk_data_header,
@@ -62,6 +64,14 @@ messages = st.one_of(
     ),
     st.builds(HaveReply, request_ids, st.integers(0, 1 << 24), st.just(True), st.just(b"")),
     st.builds(HaveUpdate, request_ids, st.lists(st.integers(0, 1000), max_size=50).map(tuple)),
+    st.builds(GetTree, request_ids, hashes, st.integers(0, 1 << 30)),
+    st.builds(
+        TreeNodes,
+        request_ids,
+        st.lists(st.binary(max_size=300), max_size=10).map(tuple),
+        st.lists(st.binary(max_size=300), max_size=10).map(tuple),
+        st.booleans(),
+    ),
 )
 
 
@@ -365,6 +375,50 @@ def test_have_update_before_reply_and_requests_after_get_have_are_violations() -
     client.receive_data(encode_message(HaveUpdate(1, (0,))))
     with pytest.raises(WireError):
         client.next_message()
+
+
+def test_tree_push_spans_frames_within_its_budget() -> None:
+    client, server = pair()
+    root = ContentHash(bytes(32))
+    server.receive_data(client.send(GetTree(1, root, 100)) + client.send(GetManifest(2, root)))
+    assert server.next_message() == GetTree(1, root, 100)
+    assert server.next_message() == GetManifest(2, root)
+    client.receive_data(
+        server.send(TreeNodes(1, (b"d" * 40,), (b"f" * 20,), False))
+        + server.send(TreeNodes(1, (), (b"f" * 40,), True))  # exactly the budget
+        + server.send(ManifestReply(2, b"m"))
+    )
+    assert client.next_message() == TreeNodes(1, (b"d" * 40,), (b"f" * 20,), False)
+    assert client.next_message() == TreeNodes(1, (), (b"f" * 40,), True)
+    assert client.next_message() == ManifestReply(2, b"m")
+    assert client.outstanding_count == 0
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [TreeNodes(1, (b"d" * 60,), (b"f" * 41,), True)],  # one byte over the budget
+        [TreeNodes(1, (b"d" * 90,), (), False), TreeNodes(1, (), (b"f" * 11,), True)],
+        [TreeNodes(1, (), (), True), TreeNodes(1, (), (), True)],  # after the last one
+        [NodesReply(1, ())],  # not what answers a GetTree
+    ],
+)
+def test_tree_push_beyond_its_budget_or_end_is_a_violation(frames: list[Message]) -> None:
+    client, server = pair()
+    server.receive_data(client.send(GetTree(1, ContentHash(bytes(32)), 100)))
+    client.receive_data(b"".join(encode_message(frame) for frame in frames))
+    with pytest.raises(WireError) as info:
+        for _frame in frames:
+            client.next_message()
+    assert info.value.code is ErrorCode.PROTOCOL_VIOLATION
+
+
+def test_tree_nodes_hold_at_most_a_reply_of_nodes_between_both_lists() -> None:
+    fields = [1, [b"n"] * 200, [b"n"] * 57, False]
+    with pytest.raises(WireError):
+        decode_one(encode_frame(TreeNodes.TAG, msgpack.packb(fields)))
+    fields[2] = [b"n"] * 56
+    assert len(decode_one(encode_frame(TreeNodes.TAG, msgpack.packb(fields))).file_nodes) == 56  # type: ignore[union-attr]
 
 
 def test_frames_inside_one_fed_object_are_views_and_spanning_ones_are_joined_once() -> None:

@@ -77,6 +77,7 @@ from .swarmfetch import (
     subscribe_early,
 )
 from .swarmstate import PieceLocation, SwarmRegistry, SwarmShare
+from .treepush import TreePush
 from .treewalk import WINDOW as WALK_WINDOW
 from .treewalk import TreeJob, walk_trees
 from .workers import WorkerPool
@@ -122,6 +123,11 @@ class FetchReport:
     on a long path, one round trip per level of directories."""
     trees_seconds: float | None = None
     """From the fetch's start to every file's chunk tree walked (then the transfer)."""
+    tree_nodes_pushed: int = 0
+    """Tree nodes the first holder pushed with the manifest (GetTree), unasked."""
+    tree_nodes_asked: int = 0
+    """Tree nodes the walk still asked for by hash (GetNodes): past the push's budget, or
+    all of them from a holder that pushes none."""
     replaced: list[str] = field(default_factory=list)
     """Files that differed and were replaced (--overwrite); the old ones are kept."""
     peers: list[dict[str, object]] = field(default_factory=list)
@@ -326,19 +332,30 @@ class Fetcher:
         # (11 ms) read as a long path, and four connections cost 0.3-0.5 s of CPU a side.
         sample = conn.latest_rtt
         control = await RequestStream.open(conn, self._counters)
-        asked = trio.current_time()
-        encoded, manifest = await self._manifest(control)
-        round_trip = min(trio.current_time() - asked, math.inf if sample is None else sample)
+        # Availability, the manifest and the pushed trees are asked at once: one round
+        # trip for all three; the walk then asks only for what did not fit in the push.
         have = await subscribe_early(conn, self._root, self._counters)
+        pushed = await TreePush.ask(conn, self._root, self._counters, reply_within=STALL_TIMEOUT)
         try:
-            files = await self._listing(control, encoded, manifest, started)
+            asked = trio.current_time()
+            encoded, manifest = await self._manifest(control)
+            round_trip = min(trio.current_time() - asked, math.inf if sample is None else sample)
+            files = await self._listing(control, encoded, manifest, started, pushed)
         except BaseException:
             have.stream.reset(int(ErrorCode.CANCELLED))  # the server ends its subscription
             raise
+        finally:
+            self.report.tree_nodes_pushed = pushed.pushed
+            pushed.end()
         return manifest, files, Subscribed(have, round_trip)
 
     async def _listing(
-        self, control: RequestStream, encoded: bytes, manifest: Manifest, started: float
+        self,
+        control: RequestStream,
+        encoded: bytes,
+        manifest: Manifest,
+        started: float,
+        pushed: TreePush,
     ) -> list[_FileTask]:
         """The manifest's files, their directories made, their chunk trees walked."""
         self._total_bytes = manifest.tree.size
@@ -348,7 +365,7 @@ class Fetcher:
         self._swarm = swarm
         self._registry.shares[self._root] = swarm
         top_dir, rename_single = self._layout(manifest)
-        files = await self._walk_directories(control, manifest, top_dir, rename_single)
+        files = await self._walk_directories(control, manifest, top_dir, rename_single, pushed)
         self.report.listed_seconds = time.monotonic() - started
         logger.info(
             "fetch %s: %d files listed after %.2f s",
@@ -356,7 +373,7 @@ class Fetcher:
             len(files),
             self.report.listed_seconds,
         )
-        await self._walk_files(control, files, manifest)
+        await self._walk_files(control, files, manifest, pushed)
         self.report.trees_seconds = time.monotonic() - started
         logger.info("fetch %s: chunk trees after %.2f s", manifest.name, self.report.trees_seconds)
         await control.close()
@@ -369,13 +386,26 @@ class Fetcher:
             raise IntegrityError("the peer's manifest does not match the ticket's root")
         return encoded, Manifest.decode_untrusted(encoded)
 
-    async def _walk(self, control: RequestStream, jobs: list[TreeJob[Any]]) -> None:
-        """Walk trees from the peer; keep their nodes (to serve other fetchers) only once
-        walk_trees has verified every one against its parent."""
+    async def _walk(
+        self,
+        control: RequestStream,
+        jobs: list[TreeJob[Any]],
+        pushed: TreePush,
+    ) -> None:
+        """Walk trees from the peer, taking pushed nodes first; keep their nodes (to serve
+        other fetchers) only once walk_trees has verified every one against its parent."""
         fetched: dict[ContentHash, bytes] = {}
 
         async def fetch(hashes: list[ContentHash]) -> list[bytes]:
-            nodes = await control.nodes(self._root, hashes, reply_within=STALL_TIMEOUT)
+            await pushed.wait_for(hashes)
+            have = pushed.nodes
+            missing = [node_hash for node_hash in hashes if node_hash not in have]
+            got: dict[ContentHash, bytes] = {}
+            if missing:
+                self.report.tree_nodes_asked += len(missing)
+                asked = await control.nodes(self._root, missing, reply_within=STALL_TIMEOUT)
+                got = dict(zip(missing, asked, strict=True))
+            nodes = [have[h] if h in have else got[h] for h in hashes]
             fetched.update(zip(hashes, nodes, strict=True))
             return nodes
 
@@ -403,6 +433,7 @@ class Fetcher:
         manifest: Manifest,
         top_dir: str,
         rename_single: str | None,
+        pushed: TreePush,
     ) -> list[_FileTask]:
         files: list[_FileTask] = []
         # Every directory tree of the share draws on one bound: the manifest's counts (a
@@ -412,7 +443,7 @@ class Fetcher:
             TreeJob(DIR_TREE, manifest.tree, tag=("", top_dir), bound=bound)
         ]
         while level:
-            await self._walk(control, level)
+            await self._walk(control, level, pushed)
             next_level: list[TreeJob[DirEntry]] = []
             directories: list[str] = []
             for job in level:
@@ -459,12 +490,16 @@ class Fetcher:
         ]
 
     async def _walk_files(
-        self, control: RequestStream, files: list[_FileTask], manifest: Manifest
+        self,
+        control: RequestStream,
+        files: list[_FileTask],
+        manifest: Manifest,
+        pushed: TreePush,
     ) -> None:
         # The manifest's minimum chunk size bounds each file's leaves by its size.
         schema = file_tree(manifest.chunker)
         jobs = [TreeJob(schema, task.entry.root, tag=task) for task in files]
-        await self._walk(control, jobs)
+        await self._walk(control, jobs, pushed)
         for job in jobs:
             job.tag.leaves = job.leaves
 

@@ -15,10 +15,12 @@ from p2pfs.wire.messages import (
     ErrorReply,
     GetManifest,
     GetNodes,
+    GetTree,
     Hello,
     ManifestReply,
     Message,
     NodesReply,
+    TreeNodes,
 )
 from p2pfs.wire.session import Role, StreamSession
 
@@ -117,3 +119,18 @@ class RequestStream:
             self._counters.protocol_received += sum(len(node) for node in reply.nodes)
             nodes.extend(reply.nodes)
         return nodes
+
+    async def ask_tree(self, share_root: ContentHash, budget: int) -> None:
+        """Send a GetTree; its TreeNodes are read with tree_frame."""
+        await self.send(GetTree(self.new_request_id(), share_root, budget))
+
+    async def tree_frame(self, *, reply_within: float) -> TreeNodes:
+        """The next TreeNodes of the GetTree asked (its nodes unverified: a walk verifies
+        each where it uses it); raises TooSlowError after ``reply_within`` seconds."""
+        with trio.fail_after(reply_within):
+            reply = await self.next_reply()
+        if isinstance(reply, ErrorReply):
+            raise PeerRequestError(reply.code, reply.message)
+        assert isinstance(reply, TreeNodes)  # the session checked pairing and budget
+        self._counters.protocol_received += reply.size
+        return reply

@@ -34,6 +34,7 @@ from p2pfs.store.index import CHUNK_RECORD, ChunkLocation, ChunkReader, IndexSto
 from p2pfs.wire.codes import ErrorCode, WireError
 from p2pfs.wire.messages import (
     MAX_HAVE_UPDATE,
+    MAX_NODES_PER_REPLY,
     Cancel,
     ErrorReply,
     FolderHello,
@@ -43,11 +44,13 @@ from p2pfs.wire.messages import (
     GetHave,
     GetManifest,
     GetNodes,
+    GetTree,
     HaveReply,
     HaveUpdate,
     ManifestReply,
     Message,
     NodesReply,
+    TreeNodes,
     WatchFolder,
     encode_chunk_data_header,
 )
@@ -67,6 +70,12 @@ READ_BATCH_BYTES = 4 << 20
 """Chunks of one request are read from disk in groups of about this size."""
 ERROR_REPLY_TIMEOUT = 5.0
 """Seconds spent trying to tell a failed stream's peer why before resetting it anyway."""
+TREE_PUSH_LIMIT = 4 << 20
+"""The most node bytes one GetTree pushes, whatever its budget: the trees of ~90,000 small
+files (~45 bytes a file-tree leaf, ~60 a directory entry); a bigger share's walk asks
+GetNodes for the rest. It bounds the index reads one request costs."""
+TREE_PUSH_BATCH = 2048
+"""Nodes looked up per worker-thread call while pushing (a thread hop each)."""
 FILE_NODE_CACHE = 64
 """Files whose rebuilt tree nodes are kept in memory (rebuilding costs ~2 ms per 256 MiB)."""
 
@@ -233,7 +242,7 @@ class ShareService:
                             message, conn, stream, session, grants, subscriptions, subscription
                         )
                         continue
-                    if not isinstance(message, GetManifest | GetNodes | GetChunks):
+                    if not isinstance(message, GetManifest | GetNodes | GetChunks | GetTree):
                         if isinstance(message, Cancel):
                             subscription.cancel()
                         continue  # Hello, or a Cancel collected above
@@ -279,12 +288,15 @@ class ShareService:
 
     async def _answer(
         self,
-        message: GetManifest | GetNodes | GetChunks,
+        message: GetManifest | GetNodes | GetChunks | GetTree,
         stream: Stream,
         session: StreamSession,
         grants: _ConnectionGrants,
         conn: PeerConnection,
     ) -> None:
+        if isinstance(message, GetTree):
+            await self._tree(message, stream, session, grants)  # shares only, as GetManifest
+            return
         folder = (
             None
             if self._folders is None or isinstance(message, GetManifest)
@@ -408,7 +420,22 @@ class ShareService:
             if grant is None:
                 return _not_found(request.request_id, f"node {short_hex(node_hash)} not reached")
             wanted.append((node_hash, grant))
-        swarm = self._swarm.get(request.share_root)
+        found = await self._load(request.share_root, wanted)
+        encoded_nodes: list[bytes] = []
+        for node_hash, grant in wanted:
+            encoded = found.get(node_hash)
+            if encoded is None:
+                return _not_found(request.request_id, f"node {short_hex(node_hash)} is gone")
+            self._grant_children(request.share_root, encoded, grant, grants)
+            encoded_nodes.append(encoded)
+        return NodesReply(request.request_id, tuple(encoded_nodes))
+
+    async def _load(
+        self, share_root: ContentHash, wanted: list[tuple[ContentHash, _Grant]]
+    ) -> dict[ContentHash, bytes]:
+        """The encodings of granted nodes that are here: the swarm's (a share being
+        fetched), cached file trees, then the index in one worker-thread call."""
+        swarm = self._swarm.get(share_root)
         found: dict[ContentHash, bytes] = {}
         missing_dirs: list[ContentHash] = []
         missing_files: list[ContentHash] = []
@@ -435,14 +462,54 @@ class ShareService:
                 self._file_nodes[file_root] = nodes
                 if len(self._file_nodes) > FILE_NODE_CACHE:
                     self._file_nodes.popitem(last=False)
-        encoded_nodes: list[bytes] = []
-        for node_hash, grant in wanted:
-            encoded = found.get(node_hash)
-            if encoded is None:
-                return _not_found(request.request_id, f"node {short_hex(node_hash)} is gone")
-            self._grant_children(request.share_root, encoded, grant, grants)
-            encoded_nodes.append(encoded)
-        return NodesReply(request.request_id, tuple(encoded_nodes))
+        return found
+
+    async def _tree(
+        self, request: GetTree, stream: Stream, session: StreamSession, grants: _ConnectionGrants
+    ) -> None:
+        """Push a share's tree nodes breadth first, directory and file trees alike, until
+        the next would pass the budget (the client's, at most TREE_PUSH_LIMIT): the walk
+        that follows then costs no round trip per level. Work per request is bounded by
+        the budget plus one batch of nodes looked up."""
+        root = request.share_root
+        encoded = await self._manifest_bytes(root)
+        if encoded is None:
+            await self._send(stream, session.send(_not_found(request.request_id, self._gone(root))))
+            return
+        manifest = Manifest.decode_untrusted(encoded)
+        grants.open_share(root, manifest.tree.hash)
+        budget = min(request.budget, TREE_PUSH_LIMIT)
+        frontier: deque[ContentHash] = deque([manifest.tree.hash])
+        queued = {manifest.tree.hash}
+        dirs: list[bytes] = []
+        files: list[bytes] = []
+        while frontier and budget > 0:
+            batch = [frontier.popleft() for _ in range(min(len(frontier), TREE_PUSH_BATCH))]
+            wanted = [(h, g) for h in batch if (g := grants.lookup(root, h)) is not None]
+            found = await self._load(root, wanted)
+            for node_hash, grant in wanted:
+                node = found.get(node_hash)
+                if node is None or len(node) > budget:
+                    budget = 0  # gone, or past the budget: the client asks for the rest
+                    break
+                budget -= len(node)
+                (dirs if grant.kind is _NodeKind.DIRECTORY else files).append(node)
+                for child in self._grant_children(root, node, grant, grants):
+                    if child not in queued:
+                        queued.add(child)
+                        frontier.append(child)
+                if len(dirs) + len(files) == MAX_NODES_PER_REPLY:
+                    reply = TreeNodes(request.request_id, tuple(dirs), tuple(files), False)
+                    await self._send(stream, session.send(reply))
+                    dirs, files = [], []
+            if (dirs or files) and frontier and budget > 0:
+                # Each batch's nodes go out before the next is looked up: the top levels
+                # (a few nodes) reach the client at once, not with the next 256.
+                reply = TreeNodes(request.request_id, tuple(dirs), tuple(files), False)
+                await self._send(stream, session.send(reply))
+                dirs, files = [], []
+        reply = TreeNodes(request.request_id, tuple(dirs), tuple(files), True)
+        await self._send(stream, session.send(reply))
 
     def _grant_children(
         self,
@@ -450,27 +517,33 @@ class ShareService:
         encoded: bytes,
         grant: _Grant,
         grants: _ConnectionGrants,
-    ) -> None:
+    ) -> list[ContentHash]:
+        """Grant a served node's children to the connection; returns their hashes."""
+        children: list[ContentHash] = []
         if grant.kind is _NodeKind.DIRECTORY:
             dir_node = DIR_TREE.decode_untrusted(encoded)
             if isinstance(dir_node, BranchNode):
                 for child in dir_node.children:
                     grants.grant(share_root, child.hash, grant)
-                return
+                    children.append(child.hash)
+                return children
             for entry in dir_node.leaves:
                 if entry.kind is EntryKind.DIRECTORY:
                     grants.grant(share_root, entry.hash, _Grant(_NodeKind.DIRECTORY, None))
                 else:
                     grants.grant(share_root, entry.hash, _Grant(_NodeKind.FILE, entry.hash))
-            return
+                children.append(entry.hash)
+            return children
         if is_leaf_encoding(encoded):
             # Chunks are checked against the share at request time. Not decoded: the trees
             # of 10,000 small files were 10,000 leaf nodes decoded on the sender's loop.
-            return
+            return children
         file_node = FILE_TREE.decode_untrusted(encoded)
         assert isinstance(file_node, BranchNode)
         for child in file_node.children:
             grants.grant(share_root, child.hash, grant)
+            children.append(child.hash)
+        return children
 
     async def read_chunks(
         self, wanted: list[tuple[ContentHash, list[ChunkLocation]]]

@@ -32,6 +32,8 @@ MAX_PIECES = 1 << 24
 """16M unique chunks: ~1.2 TiB at the default chunk size, a 2 MiB bitfield."""
 MAX_HAVE_UPDATE = 1024
 MAX_FOLDER_MEMBERS = 64
+MAX_TREE_BUDGET = 1 << 30
+"""The largest GetTree budget a request may name (a server pushes at most its own cap)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +257,65 @@ class HaveReply:
             for index in range(self.piece_count)
             if self.bitfield[index >> 3] & (1 << (index & 7))
         ]
+
+
+@dataclass(frozen=True, slots=True)
+class GetTree:
+    """A share's tree nodes, pushed without being named: the directory trees and the file
+    trees below the manifest's root, breadth first, until their encodings would pass
+    ``budget`` bytes. Answered by TreeNodes frames, the last one marked; the client walks
+    its trees as before and asks GetNodes only for what did not come."""
+
+    TAG: ClassVar[int] = 0x1A
+    request_id: int
+    share_root: ContentHash
+    budget: int
+
+    def fields(self) -> list[Any]:
+        return [self.request_id, self.share_root, self.budget]
+
+    @classmethod
+    def from_fields_untrusted(cls, fields: list[Any]) -> GetTree:
+        _need(fields, 3, "GetTree")
+        return cls(
+            _request_id(fields[0]), _hash(fields[1]), _uint(fields[2], "budget", MAX_TREE_BUDGET)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TreeNodes:
+    """Nodes for a GetTree, directory-tree and file-tree nodes apart (each is hashed with
+    its own tree's key); ``last``: the answer is complete. Unnamed by the request, each
+    node counts against the request's budget and is verified when a walk reaches it."""
+
+    TAG: ClassVar[int] = 0x1B
+    request_id: int
+    dir_nodes: tuple[bytes, ...]
+    file_nodes: tuple[bytes, ...]
+    last: bool
+
+    def fields(self) -> list[Any]:
+        return [self.request_id, list(self.dir_nodes), list(self.file_nodes), self.last]
+
+    @classmethod
+    def from_fields_untrusted(cls, fields: list[Any]) -> TreeNodes:
+        _need(fields, 4, "TreeNodes")
+        dirs = _list(fields[1], "dir_nodes", MAX_NODES_PER_REPLY)
+        files = _list(fields[2], "file_nodes", MAX_NODES_PER_REPLY - len(dirs))
+        last = fields[3]
+        if type(last) is not bool:
+            raise WireError(ErrorCode.PROTOCOL_VIOLATION, "TreeNodes: last must be bool")
+        return cls(
+            _request_id(fields[0]),
+            tuple(_blob(n, "node", MAX_NODE_BYTES) for n in dirs),
+            tuple(_blob(n, "node", MAX_NODE_BYTES) for n in files),
+            last,
+        )
+
+    @property
+    def size(self) -> int:
+        """The bytes of its nodes (what counts against the budget)."""
+        return sum(map(len, self.dir_nodes)) + sum(map(len, self.file_nodes))
 
 
 @dataclass(frozen=True, slots=True)
@@ -505,6 +566,8 @@ Message = (
     | GetHave
     | HaveReply
     | HaveUpdate
+    | GetTree
+    | TreeNodes
     | FolderHello
     | FolderChallenge
     | FolderProof
@@ -526,6 +589,8 @@ _FIELD_DECODERS: dict[int, Callable[[list[Any]], Message]] = {
         GetHave,
         HaveReply,
         HaveUpdate,
+        GetTree,
+        TreeNodes,
         FolderHello,
         FolderChallenge,
         FolderProof,
@@ -582,6 +647,8 @@ BOUNDS: dict[int, Bounds] = {
     GetHave.TAG: _bounds(0, 2, 1),
     HaveReply.TAG: _bounds((MAX_PIECES + 7) // 8 + 32, 4, 1),
     HaveUpdate.TAG: _bounds(MAX_HAVE_UPDATE * _UINT_BYTES, 2 + MAX_HAVE_UPDATE, 2),
+    GetTree.TAG: _bounds(0, 3, 1),
+    TreeNodes.TAG: _bounds(MAX_NODES_PER_REPLY * (MAX_NODE_BYTES + 5), 4 + MAX_NODES_PER_REPLY, 2),
     FolderHello.TAG: _bounds(0, 3, 1),
     FolderChallenge.TAG: _bounds(0, 3, 1),
     FolderProof.TAG: _bounds(0, 3, 1),
@@ -595,7 +662,16 @@ BOUNDS: dict[int, Bounds] = {
 
 REQUEST_TAGS = frozenset(
     cls.TAG
-    for cls in (GetManifest, GetNodes, GetChunks, GetHave, FolderHello, FolderProof, WatchFolder)
+    for cls in (
+        GetManifest,
+        GetNodes,
+        GetChunks,
+        GetHave,
+        GetTree,
+        FolderHello,
+        FolderProof,
+        WatchFolder,
+    )
 ) | {Cancel.TAG}
 """What a client may send after its Hello (Cancel included)."""
 REPLY_TAGS = frozenset(BOUNDS) - REQUEST_TAGS - {Hello.TAG}

@@ -30,12 +30,14 @@ from p2pfs.wire.messages import (
     GetHave,
     GetManifest,
     GetNodes,
+    GetTree,
     HaveReply,
     HaveUpdate,
     Hello,
     ManifestReply,
     Message,
     NodesReply,
+    TreeNodes,
     WatchFolder,
     decode_message_untrusted,
     encode_message,
@@ -49,10 +51,13 @@ FRAME_DEADLINE = 10.0
 FRAME_MIN_RATE = 64 * 1024
 """Bytes per second below which a large frame's sender is treated as stalling."""
 
-Request = GetManifest | GetNodes | GetChunks | GetHave | FolderHello | FolderProof | WatchFolder
+Request = (
+    GetManifest | GetNodes | GetChunks | GetHave | GetTree | FolderHello | FolderProof | WatchFolder
+)
 Reply = (
     ManifestReply
     | NodesReply
+    | TreeNodes
     | ChunkData
     | ErrorReply
     | HaveReply
@@ -66,6 +71,7 @@ _REQUEST_TYPES = (
     GetNodes,
     GetChunks,
     GetHave,
+    GetTree,
     FolderHello,
     FolderProof,
     WatchFolder,
@@ -74,6 +80,7 @@ _SUBSCRIPTIONS = (GetHave, WatchFolder)
 _REPLY_TYPES = (
     ManifestReply,
     NodesReply,
+    TreeNodes,
     ChunkData,
     ErrorReply,
     HaveReply,
@@ -86,6 +93,7 @@ _EXPECTED_REPLY: dict[type, type] = {
     GetManifest: ManifestReply,
     GetNodes: NodesReply,
     GetChunks: ChunkData,
+    GetTree: TreeNodes,
     FolderHello: FolderChallenge,
     FolderProof: FolderWelcome,
 }
@@ -101,6 +109,8 @@ class _Outstanding:
     request: Request
     chunks_left: int
     piece_count: int = 0
+    budget_left: int = 0
+    """GetTree: node bytes the server may still push."""
 
 
 class StreamSession:
@@ -139,7 +149,8 @@ class StreamSession:
                     raise LocalProtocolError("request ids must increase")
                 self._last_request_id = message.request_id
                 expected = len(message.chunks) if isinstance(message, GetChunks) else 1
-                self._outstanding[message.request_id] = _Outstanding(message, expected)
+                budget = message.budget if isinstance(message, GetTree) else 0
+                self._outstanding[message.request_id] = _Outstanding(message, expected, 0, budget)
             elif not isinstance(message, Cancel):
                 raise LocalProtocolError(f"a client does not send {type(message).__name__}")
         elif not isinstance(message, _REPLY_TYPES):
@@ -264,6 +275,12 @@ class StreamSession:
             assert isinstance(request, GetNodes)
             if len(message.nodes) != len(request.hashes):
                 raise WireError(ErrorCode.PROTOCOL_VIOLATION, "wrong number of nodes")
+        if isinstance(message, TreeNodes):
+            entry.budget_left -= message.size
+            if entry.budget_left < 0:
+                raise WireError(ErrorCode.PROTOCOL_VIOLATION, "tree nodes beyond the budget")
+            if not message.last:
+                return
         if isinstance(message, ChunkData):
             assert isinstance(request, GetChunks)
             expected_index = len(request.chunks) - entry.chunks_left

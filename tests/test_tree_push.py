@@ -1,0 +1,139 @@
+"""GetTree: a share's tree nodes pushed with its manifest, within a budget, over real QUIC
+to a real share service; what the push leaves out stays reachable by GetNodes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from p2pfs.content.folder import DIR_TREE, FILE_TREE, EntryKind, Manifest
+from p2pfs.daemon import service as service_module
+from p2pfs.daemon.requests import PeerRequestError, RequestStream
+from p2pfs.daemon.streams import TransferCounters
+from p2pfs.daemon.treewalk import TreeJob, walk_trees
+from p2pfs.ids import ContentHash
+from p2pfs.net import PeerConnection
+from p2pfs.store.scanner import scan_share
+from p2pfs.wire.codes import ErrorCode
+from tests.hostile.service_harness import served
+
+
+def _tree(top: Path) -> int:
+    """Three directories of five files (one of several chunks); returns the file count."""
+    count = 0
+    for d in range(3):
+        folder = top / f"dir{d}" / "inner"
+        folder.mkdir(parents=True)
+        for f in range(5):
+            size = 3 << 20 if (d, f) == (1, 2) else 100 + 37 * f + d
+            (folder / f"file{f}.bin").write_bytes(os.urandom(size))
+            count += 1
+    return count
+
+
+async def _push(
+    conn: PeerConnection, root: ContentHash, budget: int
+) -> tuple[dict[Any, bytes], int]:
+    """Every node one GetTree brings, keyed by its hash; and the bytes it took."""
+    stream = await RequestStream.open(conn, TransferCounters())
+    await stream.ask_tree(root, budget)
+    nodes: dict[ContentHash, bytes] = {}
+    used = 0
+    while True:
+        frame = await stream.tree_frame(reply_within=10)
+        used += frame.size
+        nodes.update((DIR_TREE.node_hash(n), n) for n in frame.dir_nodes)
+        nodes.update((FILE_TREE.node_hash(n), n) for n in frame.file_nodes)
+        if frame.last:
+            await stream.close()
+            return nodes, used
+
+
+async def _walk_share(
+    conn: PeerConnection, root: ContentHash, pushed: dict[Any, bytes]
+) -> tuple[int, int]:
+    """Walk the share as a fetch does, pushed nodes first: (files found, nodes asked)."""
+    control = RequestStream.open
+    stream = await control(conn, TransferCounters())
+    manifest = Manifest.decode_untrusted(await stream.manifest(root))
+    asked = 0
+
+    async def fetch(hashes: list[ContentHash]) -> list[bytes]:
+        nonlocal asked
+        missing = [h for h in hashes if h not in pushed]
+        asked += len(missing)
+        got = dict(zip(missing, await stream.nodes(root, missing), strict=True)) if missing else {}
+        return [pushed.get(h) or got[h] for h in hashes]
+
+    files = []
+    level: list[TreeJob[Any]] = [TreeJob(DIR_TREE, manifest.tree)]
+    while level:
+        await walk_trees(level, fetch)
+        entries = [entry for job in level for _offset, entry in job.leaves]
+        level = [TreeJob(DIR_TREE, e.root) for e in entries if e.kind is EntryKind.DIRECTORY]
+        files += [e for e in entries if e.kind is not EntryKind.DIRECTORY]
+    file_jobs: list[TreeJob[Any]] = [TreeJob(FILE_TREE, entry.root) for entry in files]
+    await walk_trees(file_jobs, fetch)
+    assert all(job.leaves for job in file_jobs)
+    await stream.close()
+    return len(files), asked
+
+
+def test_a_small_share_comes_whole_with_one_request(tmp_path: Path) -> None:
+    count = _tree(tmp_path / "share")
+
+    async def main() -> None:
+        with trio.fail_after(30):
+            async with served(tmp_path) as s:
+                root = scan_share(tmp_path / "share", s.service._index.index).root
+                pushed, _used = await _push(s.conn, root, 1 << 20)
+                assert await _walk_share(s.conn, root, pushed) == (count, 0)
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize("budget", [0, 300, 2000])
+def test_a_push_stops_at_its_budget_and_the_rest_is_asked(tmp_path: Path, budget: int) -> None:
+    count = _tree(tmp_path / "share")
+
+    async def main() -> None:
+        with trio.fail_after(30):
+            async with served(tmp_path) as s:
+                root = scan_share(tmp_path / "share", s.service._index.index).root
+                pushed, used = await _push(s.conn, root, budget)
+                assert used <= budget
+                found, asked = await _walk_share(s.conn, root, pushed)
+                assert found == count and asked > 0
+
+    trio.run(main)
+
+
+def test_the_server_caps_what_a_budget_asks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _tree(tmp_path / "share")
+    monkeypatch.setattr(service_module, "TREE_PUSH_LIMIT", 500)
+
+    async def main() -> None:
+        with trio.fail_after(30):
+            async with served(tmp_path) as s:
+                root = scan_share(tmp_path / "share", s.service._index.index).root
+                _pushed, used = await _push(s.conn, root, 1 << 30)
+                assert 0 < used <= 500
+
+    trio.run(main)
+
+
+def test_an_unknown_root_is_not_found(tmp_path: Path) -> None:
+    async def main() -> None:
+        with trio.fail_after(30):
+            async with served(tmp_path) as s:
+                with pytest.raises(PeerRequestError) as info:
+                    await _push(s.conn, ContentHash(bytes(range(32))), 1 << 20)
+                assert info.value.code is ErrorCode.NOT_FOUND
+
+    trio.run(main)
