@@ -36,11 +36,11 @@ def _tree(top: Path) -> int:
 
 
 async def _push(
-    conn: PeerConnection, root: ContentHash, budget: int
+    conn: PeerConnection, root: ContentHash, budget: int, *, file_trees: bool = True
 ) -> tuple[dict[Any, bytes], int]:
     """Every node one GetTree brings, keyed by its hash; and the bytes it took."""
     stream = await RequestStream.open(conn, TransferCounters())
-    await stream.ask_tree(root, budget)
+    await stream.ask_tree(root, budget, file_trees=file_trees)
     nodes: dict[ContentHash, bytes] = {}
     used = 0
     while True:
@@ -54,9 +54,10 @@ async def _push(
 
 
 async def _walk_share(
-    conn: PeerConnection, root: ContentHash, pushed: dict[Any, bytes]
+    conn: PeerConnection, root: ContentHash, pushed: dict[Any, bytes], *, file_trees: bool = True
 ) -> tuple[int, int]:
-    """Walk the share as a fetch does, pushed nodes first: (files found, nodes asked)."""
+    """Walk the share as a fetch does (or its directories, as a listing does), pushed nodes
+    first: (files found, nodes asked)."""
     control = RequestStream.open
     stream = await control(conn, TransferCounters())
     manifest = Manifest.decode_untrusted(await stream.manifest(root))
@@ -76,9 +77,10 @@ async def _walk_share(
         entries = [entry for job in level for _offset, entry in job.leaves]
         level = [TreeJob(DIR_TREE, e.root) for e in entries if e.kind is EntryKind.DIRECTORY]
         files += [e for e in entries if e.kind is not EntryKind.DIRECTORY]
-    file_jobs: list[TreeJob[Any]] = [TreeJob(FILE_TREE, entry.root) for entry in files]
-    await walk_trees(file_jobs, fetch)
-    assert all(job.leaves for job in file_jobs)
+    if file_trees:
+        file_jobs: list[TreeJob[Any]] = [TreeJob(FILE_TREE, entry.root) for entry in files]
+        await walk_trees(file_jobs, fetch)
+        assert all(job.leaves for job in file_jobs)
     await stream.close()
     return len(files), asked
 
@@ -92,6 +94,21 @@ def test_a_small_share_comes_whole_with_one_request(tmp_path: Path) -> None:
                 root = scan_share(tmp_path / "share", s.service._index.index).root
                 pushed, _used = await _push(s.conn, root, 1 << 20)
                 assert await _walk_share(s.conn, root, pushed) == (count, 0)
+
+    trio.run(main)
+
+
+def test_a_listing_gets_its_directories_and_no_file_trees(tmp_path: Path) -> None:
+    count = _tree(tmp_path / "share")
+
+    async def main() -> None:
+        with trio.fail_after(30):
+            async with served(tmp_path) as s:
+                root = scan_share(tmp_path / "share", s.service._index.index).root
+                pushed, _used = await _push(s.conn, root, 1 << 20, file_trees=False)
+                assert len(pushed) == 1 + 3 + 3  # top, dir0..2, their inner directories
+                found = await _walk_share(s.conn, root, pushed, file_trees=False)
+                assert found == (count, 0)
 
     trio.run(main)
 

@@ -64,7 +64,7 @@ messages = st.one_of(
     ),
     st.builds(HaveReply, request_ids, st.integers(0, 1 << 24), st.just(True), st.just(b"")),
     st.builds(HaveUpdate, request_ids, st.lists(st.integers(0, 1000), max_size=50).map(tuple)),
-    st.builds(GetTree, request_ids, hashes, st.integers(0, 1 << 30)),
+    st.builds(GetTree, request_ids, hashes, st.integers(0, 1 << 30), st.booleans()),
     st.builds(
         TreeNodes,
         request_ids,
@@ -380,8 +380,10 @@ def test_have_update_before_reply_and_requests_after_get_have_are_violations() -
 def test_tree_push_spans_frames_within_its_budget() -> None:
     client, server = pair()
     root = ContentHash(bytes(32))
-    server.receive_data(client.send(GetTree(1, root, 100)) + client.send(GetManifest(2, root)))
-    assert server.next_message() == GetTree(1, root, 100)
+    server.receive_data(
+        client.send(GetTree(1, root, 100, True)) + client.send(GetManifest(2, root))
+    )
+    assert server.next_message() == GetTree(1, root, 100, True)
     assert server.next_message() == GetManifest(2, root)
     client.receive_data(
         server.send(TreeNodes(1, (b"d" * 40,), (b"f" * 20,), False))
@@ -405,7 +407,7 @@ def test_tree_push_spans_frames_within_its_budget() -> None:
 )
 def test_tree_push_beyond_its_budget_or_end_is_a_violation(frames: list[Message]) -> None:
     client, server = pair()
-    server.receive_data(client.send(GetTree(1, ContentHash(bytes(32)), 100)))
+    server.receive_data(client.send(GetTree(1, ContentHash(bytes(32)), 100, True)))
     client.receive_data(b"".join(encode_message(frame) for frame in frames))
     with pytest.raises(WireError) as info:
         for _frame in frames:

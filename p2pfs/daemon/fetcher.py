@@ -346,6 +346,7 @@ class Fetcher:
             raise
         finally:
             self.report.tree_nodes_pushed = pushed.pushed
+            self.report.tree_nodes_asked = pushed.asked
             pushed.end()
         return manifest, files, Subscribed(have, round_trip)
 
@@ -396,16 +397,11 @@ class Fetcher:
         other fetchers) only once walk_trees has verified every one against its parent."""
         fetched: dict[ContentHash, bytes] = {}
 
+        async def ask(hashes: list[ContentHash]) -> list[bytes]:
+            return await control.nodes(self._root, hashes, reply_within=STALL_TIMEOUT)
+
         async def fetch(hashes: list[ContentHash]) -> list[bytes]:
-            await pushed.wait_for(hashes)
-            have = pushed.nodes
-            missing = [node_hash for node_hash in hashes if node_hash not in have]
-            got: dict[ContentHash, bytes] = {}
-            if missing:
-                self.report.tree_nodes_asked += len(missing)
-                asked = await control.nodes(self._root, missing, reply_within=STALL_TIMEOUT)
-                got = dict(zip(missing, asked, strict=True))
-            nodes = [have[h] if h in have else got[h] for h in hashes]
+            nodes = await pushed.take(hashes, ask)
             fetched.update(zip(hashes, nodes, strict=True))
             return nodes
 

@@ -35,6 +35,7 @@ from .storage import AsyncIndex
 from .streams import TransferCounters
 from .swarmfetch import GIVE_UP_AFTER, REDISCOVER_INTERVAL, STALL_TIMEOUT
 from .swarmstate import SwarmRegistry
+from .treepush import TreePush
 from .treewalk import WINDOW as WALK_WINDOW
 from .treewalk import TreeJob, walk_trees
 from .workers import WorkerPool
@@ -92,15 +93,25 @@ class Fetches:
         holder = object()
         connect = self.holder_connector(ticket, _peer_list(params), holder, _give_up(params))
         conn = await connect(set())
+        pushed: TreePush | None = None
         try:
             control = await RequestStream.open(conn, self._counters)
+            # The directory trees come pushed with the manifest: one round trip however
+            # deep the share (up to the push's budget; the rest is asked by hash).
+            pushed = await TreePush.ask(
+                conn, ticket.root, self._counters, reply_within=STALL_TIMEOUT, file_trees=False
+            )
             encoded = await control.manifest(ticket.root)
             if manifest_root(encoded) != ticket.root:
                 raise IntegrityError("the peer's manifest does not match the ticket's root")
             manifest = Manifest.decode_untrusted(encoded)
+            tree = pushed
+
+            async def ask(hashes: list[Any]) -> list[bytes]:
+                return await control.nodes(ticket.root, hashes, reply_within=STALL_TIMEOUT)
 
             async def fetch(hashes: list[Any]) -> list[bytes]:
-                return await control.nodes(ticket.root, hashes, reply_within=STALL_TIMEOUT)
+                return await tree.take(hashes, ask)
 
             entries: list[dict[str, Any]] = []
             bound = share_bound(manifest)
@@ -127,6 +138,8 @@ class Fetches:
                 level = next_level
             await control.close()
         finally:
+            if pushed is not None:
+                pushed.end()
             self._dialer.release_all(holder)
         return {
             "root": ticket.root.hex(),

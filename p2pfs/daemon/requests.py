@@ -120,9 +120,9 @@ class RequestStream:
             nodes.extend(reply.nodes)
         return nodes
 
-    async def ask_tree(self, share_root: ContentHash, budget: int) -> None:
+    async def ask_tree(self, share_root: ContentHash, budget: int, *, file_trees: bool) -> None:
         """Send a GetTree; its TreeNodes are read with tree_frame."""
-        await self.send(GetTree(self.new_request_id(), share_root, budget))
+        await self.send(GetTree(self.new_request_id(), share_root, budget, file_trees))
 
     async def tree_frame(self, *, reply_within: float) -> TreeNodes:
         """The next TreeNodes of the GetTree asked (its nodes unverified: a walk verifies

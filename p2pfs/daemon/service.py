@@ -108,6 +108,11 @@ class _ConnectionGrants:
     def grant(self, share_root: ContentHash, node_hash: ContentHash, grant: _Grant) -> None:
         self.by_share.setdefault(share_root, {})[node_hash] = grant
 
+    def is_file(self, share_root: ContentHash, node_hash: ContentHash) -> bool:
+        """Whether a granted node belongs to a file's tree."""
+        grant = self.lookup(share_root, node_hash)
+        return grant is not None and grant.kind is _NodeKind.FILE
+
 
 class ShareService:
     def __init__(
@@ -467,10 +472,11 @@ class ShareService:
     async def _tree(
         self, request: GetTree, stream: Stream, session: StreamSession, grants: _ConnectionGrants
     ) -> None:
-        """Push a share's tree nodes breadth first, directory and file trees alike, until
-        the next would pass the budget (the client's, at most TREE_PUSH_LIMIT): the walk
-        that follows then costs no round trip per level. Work per request is bounded by
-        the budget plus one batch of nodes looked up."""
+        """Push a share's tree nodes breadth first, directory and file trees alike (or the
+        directory trees alone, for a listing), until the next would pass the budget (the
+        client's, at most TREE_PUSH_LIMIT): the walk that follows then costs no round trip
+        per level. Work per request is bounded by the budget plus one batch of nodes
+        looked up."""
         root = request.share_root
         encoded = await self._manifest_bytes(root)
         if encoded is None:
@@ -495,9 +501,12 @@ class ShareService:
                 budget -= len(node)
                 (dirs if grant.kind is _NodeKind.DIRECTORY else files).append(node)
                 for child in self._grant_children(root, node, grant, grants):
-                    if child not in queued:
-                        queued.add(child)
-                        frontier.append(child)
+                    if child in queued:
+                        continue
+                    if not request.file_trees and grants.is_file(root, child):
+                        continue  # a listing: directory trees alone
+                    queued.add(child)
+                    frontier.append(child)
                 if len(dirs) + len(files) == MAX_NODES_PER_REPLY:
                     reply = TreeNodes(request.request_id, tuple(dirs), tuple(files), False)
                     await self._send(stream, session.send(reply))

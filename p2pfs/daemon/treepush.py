@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 import trio
 
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 PUSH_BUDGET = 4 << 20
 """Node bytes a fetch accepts pushed: the trees of ~90,000 small files (~45 bytes a
 file-tree leaf, ~60 a directory entry), all held in memory until the walk has taken them."""
+AskNodes = Callable[[list[ContentHash]], Awaitable[list[bytes]]]
+"""Nodes by hash from the peer (RequestStream.nodes)."""
 _PUSH_FAILURES = (RemoteProtocolError, ConnectionClosedError, StreamResetError, trio.TooSlowError)
 
 
@@ -43,6 +46,8 @@ class TreePush:
         self.nodes: dict[ContentHash, bytes] = {}
         self.pushed = 0
         """Nodes received so far (a node sent twice counts twice)."""
+        self.asked = 0
+        """Nodes asked for by hash (GetNodes) because the push did not bring them."""
         self._peer = peer
         self._stream = stream
         self._reply_within = reply_within
@@ -55,17 +60,30 @@ class TreePush:
         counters: TransferCounters,
         *,
         reply_within: float,
+        file_trees: bool = True,
         budget: int = PUSH_BUDGET,
     ) -> TreePush:
-        """Send the GetTree on a stream of its own; nothing is read yet."""
+        """Send the GetTree on a stream of its own; nothing is read yet. ``file_trees``:
+        file-tree nodes too (a fetch), else directory trees alone (a listing)."""
         peer = conn.peer_id.short()
         try:
             stream = await RequestStream.open(conn, counters)
-            await stream.ask_tree(share_root, budget)
+            await stream.ask_tree(share_root, budget, file_trees=file_trees)
         except _PUSH_FAILURES as exc:
             logger.info("fetch: could not ask holder %s for its trees: %s", peer, exc)
             return cls(peer, None, reply_within)
         return cls(peer, stream, reply_within)
+
+    async def take(self, hashes: list[ContentHash], ask: AskNodes) -> list[bytes]:
+        """The nodes ``hashes`` name, in order: pushed ones (read as they come), the rest
+        from ``ask`` (GetNodes), all unverified."""
+        await self.wait_for(hashes)
+        missing = [node_hash for node_hash in hashes if node_hash not in self.nodes]
+        got: dict[ContentHash, bytes] = {}
+        if missing:
+            self.asked += len(missing)
+            got = dict(zip(missing, await ask(missing), strict=True))
+        return [self.nodes[h] if h in self.nodes else got[h] for h in hashes]
 
     @property
     def done(self) -> bool:

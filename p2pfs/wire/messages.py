@@ -261,25 +261,29 @@ class HaveReply:
 
 @dataclass(frozen=True, slots=True)
 class GetTree:
-    """A share's tree nodes, pushed without being named: the directory trees and the file
-    trees below the manifest's root, breadth first, until their encodings would pass
-    ``budget`` bytes. Answered by TreeNodes frames, the last one marked; the client walks
-    its trees as before and asks GetNodes only for what did not come."""
+    """A share's tree nodes, pushed without being named: the directory trees (and, if
+    ``file_trees``, the file trees) below the manifest's root, breadth first, until their
+    encodings would pass ``budget`` bytes. Answered by TreeNodes frames, the last one
+    marked; the client walks its trees as before and asks GetNodes only for what did not
+    come. A listing asks for directory trees alone."""
 
     TAG: ClassVar[int] = 0x1A
     request_id: int
     share_root: ContentHash
     budget: int
+    file_trees: bool
 
     def fields(self) -> list[Any]:
-        return [self.request_id, self.share_root, self.budget]
+        return [self.request_id, self.share_root, self.budget, self.file_trees]
 
     @classmethod
     def from_fields_untrusted(cls, fields: list[Any]) -> GetTree:
-        _need(fields, 3, "GetTree")
-        return cls(
-            _request_id(fields[0]), _hash(fields[1]), _uint(fields[2], "budget", MAX_TREE_BUDGET)
-        )
+        _need(fields, 4, "GetTree")
+        file_trees = fields[3]
+        if type(file_trees) is not bool:
+            raise WireError(ErrorCode.PROTOCOL_VIOLATION, "GetTree: file_trees must be bool")
+        budget = _uint(fields[2], "budget", MAX_TREE_BUDGET)
+        return cls(_request_id(fields[0]), _hash(fields[1]), budget, file_trees)
 
 
 @dataclass(frozen=True, slots=True)
@@ -647,7 +651,7 @@ BOUNDS: dict[int, Bounds] = {
     GetHave.TAG: _bounds(0, 2, 1),
     HaveReply.TAG: _bounds((MAX_PIECES + 7) // 8 + 32, 4, 1),
     HaveUpdate.TAG: _bounds(MAX_HAVE_UPDATE * _UINT_BYTES, 2 + MAX_HAVE_UPDATE, 2),
-    GetTree.TAG: _bounds(0, 3, 1),
+    GetTree.TAG: _bounds(0, 4, 1),
     TreeNodes.TAG: _bounds(MAX_NODES_PER_REPLY * (MAX_NODE_BYTES + 5), 4 + MAX_NODES_PER_REPLY, 2),
     FolderHello.TAG: _bounds(0, 3, 1),
     FolderChallenge.TAG: _bounds(0, 3, 1),

@@ -217,7 +217,7 @@ def wire_vectors() -> dict[str, Any]:
         ("have-reply", HaveReply(4, 10, False, bitfield_of([0, 3, 9], 10))),
         ("have-reply-complete", HaveReply(4, 3315, True, b"")),
         ("have-update", HaveUpdate(4, (4, 5))),
-        ("get-tree", GetTree(8, root, 4 << 20)),
+        ("get-tree", GetTree(8, root, 4 << 20, True)),
         ("tree-nodes", TreeNodes(8, (b"\x92\x01\x90",), (b"\x92\x01\x90",), False)),
         ("tree-nodes-last", TreeNodes(8, (), (), True)),
         ("folder-hello", FolderHello(5, root, bytes(range(32)))),
