@@ -170,19 +170,56 @@ class FolderLink:
             on_root(reply.root, reply.records, reply.need, signed)
 
     async def nodes(self, hashes: list[ContentHash]) -> list[bytes]:
-        """Nodes or records by hash, in batches (the caller verifies each against its hash)."""
+        """Nodes or records by hash, in batches of MAX_BATCH, one batch per request stream
+        at a time, this link's streams and its stripes' (the caller verifies each against
+        its hash). On a lossy long path one connection is held to its own congestion
+        window: a join's records and trees, on it alone, took longer than their files
+        (2,000 files at 80 ms, 1%: records 2.06 s, trees 0.71 s). A stripe that fails is
+        dropped and its batches asked again on the others."""
         batches = [hashes[start : start + MAX_BATCH] for start in range(0, len(hashes), MAX_BATCH)]
         found: list[list[bytes]] = [[] for _ in batches]
+        work = _BatchQueue(len(batches))
 
-        async def one(position: int) -> None:
-            async with self._stream() as stream:
-                with self._stall_guard():
-                    found[position] = await stream.nodes(self.keys.folder_id, batches[position])
+        async def one_stream(link: FolderLink) -> None:
+            async with link._stream() as stream:
+                while (number := await work.take()) is not None:
+                    try:
+                        with self._stall_guard():
+                            found[number] = await stream.nodes(self.keys.folder_id, batches[number])
+                    except BaseException:
+                        work.give_back([number])
+                        raise
+                    work.done()
 
-        async with trio.open_nursery() as nursery:  # one batch per request stream at a time
-            for position in range(len(batches)):
-                nursery.start_soon(one, position)
+        await self._on_every_stream(len(batches), one_stream)
         return [node for batch in found for node in batch]
+
+    async def _on_every_stream(
+        self, batches: int, one_stream: Callable[[FolderLink], Awaitable[None]]
+    ) -> None:
+        """Run ``one_stream`` on each request stream of this link and, for more than one
+        batch, of its stripes; a stripe whose connection fails or stalls is dropped (its
+        stream gave its batches back to the queue first), a failure of this link's own
+        connection ends the call."""
+
+        async def stripe_stream(stripe: FolderLink) -> None:
+            try:
+                await one_stream(stripe)
+            except (ConnectionClosedError, StreamResetError) as exc:
+                if stripe in self.stripes:
+                    logger.info("member %s: a stripe ended: %s", self.peer_id.short(), exc)
+                    self.stripes.remove(stripe)
+                    stripe.conn.close_nowait(CloseCode.NO_ERROR, "stripe failed")
+
+        links = [self]
+        if batches > 1:
+            links += [stripe for stripe in self.stripes if not stripe.conn.is_closed]
+        async with trio.open_nursery() as nursery:
+            # Round the connections: the streams started first take the first batches,
+            # and a small transfer should still spread over every connection.
+            for _ in range(min(REQUEST_STREAMS, batches)):
+                for link in links:
+                    nursery.start_soon(one_stream if link is self else stripe_stream, link)
 
     async def add_stripe(self, conn: PeerConnection) -> FolderLink:
         """Prove membership on one more connection to the same member, whose request
@@ -238,24 +275,7 @@ class FolderLink:
                 finally:
                     work.give_back(asked)
 
-        async def stripe_stream(stripe: FolderLink) -> None:
-            try:
-                await one_stream(stripe)
-            except (ConnectionClosedError, StreamResetError) as exc:
-                if stripe in self.stripes:
-                    logger.info("member %s: a stripe ended: %s", self.peer_id.short(), exc)
-                    self.stripes.remove(stripe)
-                    stripe.conn.close_nowait(CloseCode.NO_ERROR, "stripe failed")
-
-        links = [self]
-        if len(batches) > 1:
-            links += [stripe for stripe in self.stripes if not stripe.conn.is_closed]
-        async with trio.open_nursery() as nursery:
-            # Round the connections: the streams started first take the first batches
-            # (two each), and a small transfer should still spread over every connection.
-            for _ in range(min(REQUEST_STREAMS, len(batches))):
-                for link in links:
-                    nursery.start_soon(one_stream if link is self else stripe_stream, link)
+        await self._on_every_stream(len(batches), one_stream)
 
     async def _receive_batch(
         self,
@@ -296,10 +316,10 @@ def refuse(conn: PeerConnection, reason: str) -> None:
 
 
 class _BatchQueue:
-    """The batches of one ``chunk_batches`` call, shared by every stream: each takes the
-    next one not asked for; a failed stripe's batches come back for the others. A taker
-    waits while batches are out on other streams (one may come back) and gets None once
-    every batch is done."""
+    """The batches of one ``chunk_batches`` or ``nodes`` call, shared by every stream: each
+    takes the next one not asked for; a failed stripe's batches come back for the others. A
+    taker waits while batches are out on other streams (one may come back) and gets None
+    once every batch is done."""
 
     def __init__(self, count: int) -> None:
         self._waiting: collections.deque[int] = collections.deque(range(count))
