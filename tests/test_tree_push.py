@@ -4,6 +4,7 @@ to a real share service; what the push leaves out stays reachable by GetNodes.""
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,48 +86,53 @@ async def _walk_share(
     return len(files), asked
 
 
-def test_a_small_share_comes_whole_with_one_request(tmp_path: Path) -> None:
-    count = _tree(tmp_path / "share")
+Body = Callable[[PeerConnection, ContentHash], Awaitable[None]]
+
+
+def _with_share(tmp_path: Path, body: Body) -> None:
+    """Run ``body(connection, root)`` against a real service sharing ``tmp_path/share``."""
 
     async def main() -> None:
         with trio.fail_after(30):
             async with served(tmp_path) as s:
                 root = scan_share(tmp_path / "share", s.service._index.index).root
-                pushed, _used = await _push(s.conn, root, 1 << 20)
-                assert await _walk_share(s.conn, root, pushed) == (count, 0)
+                await body(s.conn, root)
 
     trio.run(main)
+
+
+def test_a_small_share_comes_whole_with_one_request(tmp_path: Path) -> None:
+    count = _tree(tmp_path / "share")
+
+    async def body(conn: PeerConnection, root: ContentHash) -> None:
+        pushed, _used = await _push(conn, root, 1 << 20)
+        assert await _walk_share(conn, root, pushed) == (count, 0)
+
+    _with_share(tmp_path, body)
 
 
 def test_a_listing_gets_its_directories_and_no_file_trees(tmp_path: Path) -> None:
     count = _tree(tmp_path / "share")
 
-    async def main() -> None:
-        with trio.fail_after(30):
-            async with served(tmp_path) as s:
-                root = scan_share(tmp_path / "share", s.service._index.index).root
-                pushed, _used = await _push(s.conn, root, 1 << 20, file_trees=False)
-                assert len(pushed) == 1 + 3 + 3  # top, dir0..2, their inner directories
-                found = await _walk_share(s.conn, root, pushed, file_trees=False)
-                assert found == (count, 0)
+    async def body(conn: PeerConnection, root: ContentHash) -> None:
+        pushed, _used = await _push(conn, root, 1 << 20, file_trees=False)
+        assert len(pushed) == 1 + 3 + 3  # top, dir0..2, their inner directories
+        assert await _walk_share(conn, root, pushed, file_trees=False) == (count, 0)
 
-    trio.run(main)
+    _with_share(tmp_path, body)
 
 
 @pytest.mark.parametrize("budget", [0, 300, 2000])
 def test_a_push_stops_at_its_budget_and_the_rest_is_asked(tmp_path: Path, budget: int) -> None:
     count = _tree(tmp_path / "share")
 
-    async def main() -> None:
-        with trio.fail_after(30):
-            async with served(tmp_path) as s:
-                root = scan_share(tmp_path / "share", s.service._index.index).root
-                pushed, used = await _push(s.conn, root, budget)
-                assert used <= budget
-                found, asked = await _walk_share(s.conn, root, pushed)
-                assert found == count and asked > 0
+    async def body(conn: PeerConnection, root: ContentHash) -> None:
+        pushed, used = await _push(conn, root, budget)
+        assert used <= budget
+        found, asked = await _walk_share(conn, root, pushed)
+        assert found == count and asked > 0
 
-    trio.run(main)
+    _with_share(tmp_path, body)
 
 
 def test_the_server_caps_what_a_budget_asks(
@@ -135,14 +141,11 @@ def test_the_server_caps_what_a_budget_asks(
     _tree(tmp_path / "share")
     monkeypatch.setattr(service_module, "TREE_PUSH_LIMIT", 500)
 
-    async def main() -> None:
-        with trio.fail_after(30):
-            async with served(tmp_path) as s:
-                root = scan_share(tmp_path / "share", s.service._index.index).root
-                _pushed, used = await _push(s.conn, root, 1 << 30)
-                assert 0 < used <= 500
+    async def body(conn: PeerConnection, root: ContentHash) -> None:
+        _pushed, used = await _push(conn, root, 1 << 30)
+        assert 0 < used <= 500
 
-    trio.run(main)
+    _with_share(tmp_path, body)
 
 
 def test_an_unknown_root_is_not_found(tmp_path: Path) -> None:

@@ -664,19 +664,18 @@ BOUNDS: dict[int, Bounds] = {
 }
 """Per message tag; a tag missing here is unknown to this version."""
 
-REQUEST_TAGS = frozenset(
-    cls.TAG
-    for cls in (
-        GetManifest,
-        GetNodes,
-        GetChunks,
-        GetHave,
-        GetTree,
-        FolderHello,
-        FolderProof,
-        WatchFolder,
-    )
-) | {Cancel.TAG}
+REQUEST_TYPES = (
+    GetManifest,
+    GetNodes,
+    GetChunks,
+    GetHave,
+    GetTree,
+    FolderHello,
+    FolderProof,
+    WatchFolder,
+)
+"""The requests a client sends (each answered by the server), Cancel aside."""
+REQUEST_TAGS = frozenset(cls.TAG for cls in REQUEST_TYPES) | {Cancel.TAG}
 """What a client may send after its Hello (Cancel included)."""
 REPLY_TAGS = frozenset(BOUNDS) - REQUEST_TAGS - {Hello.TAG}
 

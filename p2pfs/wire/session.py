@@ -18,6 +18,7 @@ from p2pfs.wire.messages import (
     BOUNDS,
     REPLY_TAGS,
     REQUEST_TAGS,
+    REQUEST_TYPES,
     Cancel,
     ChunkData,
     ErrorReply,
@@ -65,16 +66,6 @@ Reply = (
     | FolderChallenge
     | FolderWelcome
     | FolderRoot
-)
-_REQUEST_TYPES = (
-    GetManifest,
-    GetNodes,
-    GetChunks,
-    GetHave,
-    GetTree,
-    FolderHello,
-    FolderProof,
-    WatchFolder,
 )
 _SUBSCRIPTIONS = (GetHave, WatchFolder)
 _REPLY_TYPES = (
@@ -141,7 +132,7 @@ class StreamSession:
         if isinstance(message, Hello):
             raise LocalProtocolError("use hello()")
         if self.role is Role.CLIENT:
-            if isinstance(message, _REQUEST_TYPES):
+            if isinstance(message, REQUEST_TYPES):
                 if self._subscribed:
                     raise LocalProtocolError("nothing may follow a subscription on its stream")
                 self._subscribed = isinstance(message, _SUBSCRIPTIONS)
@@ -237,7 +228,7 @@ class StreamSession:
     def _check_request(self, message: Message) -> None:
         if isinstance(message, Cancel):
             return
-        if not isinstance(message, _REQUEST_TYPES):
+        if not isinstance(message, REQUEST_TYPES):
             raise WireError(
                 ErrorCode.PROTOCOL_VIOLATION, f"a client may not send {type(message).__name__}"
             )
