@@ -20,7 +20,7 @@ import trio
 from p2pfs.address import PeerAddress, parse_address
 from p2pfs.content.folder import DIR_TREE, EntryKind, Manifest, manifest_root, share_bound
 from p2pfs.errors import IntegrityError, LocalProtocolError
-from p2pfs.ids import NodeId
+from p2pfs.ids import ContentHash, NodeId
 from p2pfs.net import PeerConnection
 from p2pfs.swarm.stripes import DEFAULT_MAX_STRIPES
 from p2pfs.wire.ticket import Ticket, TicketError, parse_ticket_untrusted
@@ -93,7 +93,6 @@ class Fetches:
         holder = object()
         connect = self.holder_connector(ticket, _peer_list(params), holder, _give_up(params))
         conn = await connect(set())
-        pushed: TreePush | None = None
         try:
             control = await RequestStream.open(conn, self._counters)
             # The directory trees come pushed with the manifest: one round trip however
@@ -101,45 +100,12 @@ class Fetches:
             pushed = await TreePush.ask(
                 conn, ticket.root, self._counters, reply_within=STALL_TIMEOUT, file_trees=False
             )
-            encoded = await control.manifest(ticket.root)
-            if manifest_root(encoded) != ticket.root:
-                raise IntegrityError("the peer's manifest does not match the ticket's root")
-            manifest = Manifest.decode_untrusted(encoded)
-            tree = pushed
-
-            async def ask(hashes: list[Any]) -> list[bytes]:
-                return await control.nodes(ticket.root, hashes, reply_within=STALL_TIMEOUT)
-
-            async def fetch(hashes: list[Any]) -> list[bytes]:
-                return await tree.take(hashes, ask)
-
-            entries: list[dict[str, Any]] = []
-            bound = share_bound(manifest)
-            level = [TreeJob(DIR_TREE, manifest.tree, tag="", bound=bound)]
-            while level:
-                await walk_trees(level, fetch, batch_size=WALK_WINDOW)
-                next_level = []
-                for job in level:
-                    for _offset, entry in job.leaves:
-                        path = f"{job.tag}{entry.name}"
-                        is_dir = entry.kind is EntryKind.DIRECTORY
-                        entries.append(
-                            {
-                                "path": path,
-                                "kind": "directory" if is_dir else "file",
-                                "size": entry.size,
-                                "executable": entry.executable,
-                            }
-                        )
-                        if is_dir:
-                            next_level.append(
-                                TreeJob(DIR_TREE, entry.root, tag=f"{path}/", bound=bound)
-                            )
-                level = next_level
+            try:
+                manifest, entries = await self._list(ticket.root, control, pushed)
+            finally:
+                pushed.end()
             await control.close()
         finally:
-            if pushed is not None:
-                pushed.end()
             self._dialer.release_all(holder)
         return {
             "root": ticket.root.hex(),
@@ -148,6 +114,46 @@ class Fetches:
             "bytes": manifest.tree.size,
             "entries": entries,
         }
+
+    async def _list(
+        self, root: ContentHash, control: RequestStream, pushed: TreePush
+    ) -> tuple[Manifest, list[dict[str, Any]]]:
+        """The share's manifest and every entry of its directory trees, level by level."""
+        encoded = await control.manifest(root)
+        if manifest_root(encoded) != root:
+            raise IntegrityError("the peer's manifest does not match the ticket's root")
+        manifest = Manifest.decode_untrusted(encoded)
+
+        async def ask(hashes: list[Any]) -> list[bytes]:
+            return await control.nodes(root, hashes, reply_within=STALL_TIMEOUT)
+
+        async def fetch(hashes: list[Any]) -> list[bytes]:
+            return await pushed.take(hashes, ask)
+
+        entries: list[dict[str, Any]] = []
+        bound = share_bound(manifest)
+        level = [TreeJob(DIR_TREE, manifest.tree, tag="", bound=bound)]
+        while level:
+            await walk_trees(level, fetch, batch_size=WALK_WINDOW)
+            next_level = []
+            for job in level:
+                for _offset, entry in job.leaves:
+                    path = f"{job.tag}{entry.name}"
+                    is_dir = entry.kind is EntryKind.DIRECTORY
+                    entries.append(
+                        {
+                            "path": path,
+                            "kind": "directory" if is_dir else "file",
+                            "size": entry.size,
+                            "executable": entry.executable,
+                        }
+                    )
+                    if is_dir:
+                        next_level.append(
+                            TreeJob(DIR_TREE, entry.root, tag=f"{path}/", bound=bound)
+                        )
+            level = next_level
+        return manifest, entries
 
     async def fetch(self, params: dict[str, Any], emit: Emit) -> dict[str, Any]:
         ticket = user_ticket(params)

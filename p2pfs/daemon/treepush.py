@@ -70,7 +70,7 @@ class TreePush:
             stream = await RequestStream.open(conn, counters)
             await stream.ask_tree(share_root, budget, file_trees=file_trees)
         except _PUSH_FAILURES as exc:
-            logger.info("fetch: could not ask holder %s for its trees: %s", peer, exc)
+            logger.info("could not ask holder %s for its trees: %s", peer, exc)
             return cls(peer, None, reply_within)
         return cls(peer, stream, reply_within)
 
@@ -84,11 +84,6 @@ class TreePush:
             self.asked += len(missing)
             got = dict(zip(missing, await ask(missing), strict=True))
         return [self.nodes[h] if h in self.nodes else got[h] for h in hashes]
-
-    @property
-    def done(self) -> bool:
-        """Nothing more will come."""
-        return self._stream is None
 
     async def wait_for(self, hashes: list[ContentHash]) -> None:
         """Read frames until every hash is here or the push has ended."""
@@ -105,7 +100,7 @@ class TreePush:
             frame = await stream.tree_frame(reply_within=self._reply_within)
         except _PUSH_FAILURES as exc:
             # What came before stays usable: each node is checked where it is used.
-            logger.info("fetch: holder %s stopped pushing trees: %s", self._peer, exc)
+            logger.info("holder %s stopped pushing trees: %s", self._peer, exc)
             self._stop()
             return
         self.nodes.update((DIR_TREE.node_hash(node), node) for node in frame.dir_nodes)

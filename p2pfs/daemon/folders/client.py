@@ -184,7 +184,7 @@ class FolderLink:
             async with link._stream() as stream:
                 while (number := await work.take()) is not None:
                     try:
-                        with self._stall_guard():
+                        with link._stall_guard():  # a stalled stripe closes that stripe only
                             found[number] = await stream.nodes(self.keys.folder_id, batches[number])
                     except BaseException:
                         work.give_back([number])
