@@ -20,6 +20,7 @@ from p2pfs.ids import NodeId
 from p2pfs.wire.ticket import Ticket, TicketKind, parse_ticket_untrusted
 from tests.e2e_helpers import fetch_in_background, transfer_progress, wait_until
 from tests.support.daemons import DaemonProcess
+from tests.support.hooked_daemon import PROGRAM as HOOKED_DAEMON
 
 MiB = 1 << 20
 
@@ -98,6 +99,29 @@ def test_mixed_folder_arrives_byte_identical(tmp_path: Path, daemons: DaemonFact
     # the first destination is re-verified in place instead).
     again = fetcher.cli_json("fetch", ticket, str(tmp_path / "copy"))
     assert again["bytes_from_peer"] == 0 and again["bytes_present"] == report["bytes"]
+
+
+def test_a_hostile_tree_push_is_ignored_and_the_trees_asked(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """A holder that pushes junk nodes, its top node altered, then more than the budget:
+    none of it is used (a pushed node only stands in for its own hash, and is verified
+    there), the push ends at the budget, and the walk asks every node by hash."""
+    source = tmp_path / "source"
+    make_mixed_folder(source)
+    sharer = DaemonProcess(
+        tmp_path / "sharer", extra_args=("--push-bad-trees",), program=HOOKED_DAEMON
+    ).start()
+    try:
+        fetcher = daemons("fetcher")
+        report = fetcher.cli_json("fetch", share(sharer, source), str(tmp_path / "copy"))
+    finally:
+        sharer.stop()
+    assert snapshot(tmp_path / "copy") == snapshot(source)
+    assert report["tree_nodes_pushed"] > 0 and report["tree_nodes_asked"] > 0, report
+    log = (fetcher.home / "daemon.log").read_text()
+    assert "stopped pushing trees" in log and "beyond the budget" in log
+    assert "could not serve" not in log  # the holder's push failed, not the holder
 
 
 def test_single_file_share_and_missing_daemon(tmp_path: Path, daemons: DaemonFactory) -> None:

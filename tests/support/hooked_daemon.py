@@ -7,6 +7,8 @@
 - ``--small-join-batches``: a member's records are planned and applied 256 at a time (not
   8,192), so a test folder's join runs in many batches (tests/test_e2e_sync.py's
   work-per-change test).
+- ``--push-bad-trees``: a GetTree is answered with junk and altered nodes, then more node
+  bytes than its budget allows (tests/test_e2e_fetch.py's hostile push).
 
 Run as ``python tests/support/hooked_daemon.py [hooks] --home HOME daemon [daemon options]`` (the
 hooks may stand anywhere; the rest are the CLI's arguments), or give :data:`PROGRAM` to
@@ -17,19 +19,28 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from p2pfs.cli import daemon_config, parse_args
+from p2pfs.content.folder import Manifest
+from p2pfs.content.tree import MAX_NODE_BYTES
 from p2pfs.daemon.node import Node
 from p2pfs.daemon.service import ShareService
 from p2pfs.ids import ContentHash
+from p2pfs.net import Stream
 from p2pfs.store.index import ChunkLocation
+from p2pfs.wire.messages import MAX_NODES_PER_REPLY, GetTree, TreeNodes
+from p2pfs.wire.session import StreamSession
 
 PROGRAM = (sys.executable, str(Path(__file__).resolve()))
-HOOKS = frozenset({"--serve-unverified", "--case-insensitive", "--small-join-batches"})
+HOOKS = frozenset(
+    {"--serve-unverified", "--case-insensitive", "--small-join-batches", "--push-bad-trees"}
+)
 SMALL_JOIN_BATCH = 256
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -43,6 +54,30 @@ class UnverifiedShareService(ShareService):
 
 class UnverifiedNode(Node):
     share_service = UnverifiedShareService
+
+
+class BadPushShareService(ShareService):
+    async def _tree(
+        self, request: GetTree, stream: Stream, session: StreamSession, grants: Any
+    ) -> None:
+        """Push what a hostile holder would: nodes that hash to nothing asked, the share's
+        real top node with one byte changed, then frames past the client's budget."""
+        encoded = await self._manifest_bytes(request.share_root)
+        assert encoded is not None
+        top = Manifest.decode_untrusted(encoded).tree.hash
+        real = await self._index.run(self._index.index.dir_node, top)
+        assert real is not None
+        altered = real[:-1] + bytes([real[-1] ^ 1])
+        junk = tuple(os.urandom(200) for _ in range(10))
+        first = TreeNodes(request.request_id, (altered, *junk), junk, False)
+        await stream.send_all(session.send(first))
+        big = tuple(os.urandom(MAX_NODE_BYTES) for _ in range(MAX_NODES_PER_REPLY // 2))
+        for _ in range(request.budget // (len(big) * MAX_NODE_BYTES) + 1):
+            await stream.send_all(session.send(TreeNodes(request.request_id, big, (), False)))
+
+
+class BadPushNode(Node):
+    share_service = BadPushShareService
 
 
 def _read_raw(wanted: list[tuple[ContentHash, list[ChunkLocation]]]) -> list[bytes | None]:
@@ -75,6 +110,8 @@ def main(argv: list[str]) -> None:
         folders = dataclasses.replace(config.folders, join_batch=SMALL_JOIN_BATCH)
         config = dataclasses.replace(config, folders=folders)
     node = UnverifiedNode(config) if "--serve-unverified" in hooks else Node(config)
+    if "--push-bad-trees" in hooks:
+        node = BadPushNode(config)
     trio.run(node.run)
 
 
