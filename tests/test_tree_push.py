@@ -14,12 +14,16 @@ import trio
 from p2pfs.content.folder import DIR_TREE, FILE_TREE, EntryKind, Manifest
 from p2pfs.daemon import service as service_module
 from p2pfs.daemon.requests import PeerRequestError, RequestStream
+from p2pfs.daemon.service import ShareService
 from p2pfs.daemon.streams import TransferCounters
+from p2pfs.daemon.treepush import TreePush
 from p2pfs.daemon.treewalk import TreeJob, walk_trees
 from p2pfs.ids import ContentHash
-from p2pfs.net import PeerConnection
+from p2pfs.net import PeerConnection, Stream
 from p2pfs.store.scanner import scan_share
 from p2pfs.wire.codes import ErrorCode
+from p2pfs.wire.messages import GetTree, TreeNodes
+from p2pfs.wire.session import StreamSession
 from tests.hostile.service_harness import served
 
 
@@ -155,5 +159,43 @@ def test_an_unknown_root_is_not_found(tmp_path: Path) -> None:
                 with pytest.raises(PeerRequestError) as info:
                     await _push(s.conn, ContentHash(bytes(range(32))), 1 << 20)
                 assert info.value.code is ErrorCode.NOT_FOUND
+
+    trio.run(main)
+
+
+class DripPushService(ShareService):
+    """Pushes a node that nothing asked for every 50 ms, each frame in time, forever."""
+
+    async def _tree(
+        self, request: GetTree, stream: Stream, session: StreamSession, grants: Any
+    ) -> None:
+        while True:
+            junk = TreeNodes(request.request_id, (os.urandom(50),), (), False)
+            await stream.send_all(session.send(junk))
+            await trio.sleep(0.05)
+
+
+def test_a_push_that_drips_is_stopped_and_the_walk_asks(tmp_path: Path) -> None:
+    _tree(tmp_path / "share")
+
+    async def main() -> None:
+        with trio.fail_after(30):
+            async with served(tmp_path, service_class=DripPushService) as s:
+                root = scan_share(tmp_path / "share", s.service._index.index).root
+                push = await TreePush.ask(s.conn, root, TransferCounters(), reply_within=0.5)
+                control = await RequestStream.open(s.conn, TransferCounters())
+                top = Manifest.decode_untrusted(await control.manifest(root)).tree
+
+                async def ask(hashes: list[ContentHash]) -> list[bytes]:
+                    return await control.nodes(root, hashes)
+
+                [node] = await push.take([top.hash], ask)
+                DIR_TREE.verify_node_untrusted(top, node)
+                assert push.asked == 1 and push.pushed > 0
+                # Stopped: a later wait reads no more frames and asks at once.
+                started = trio.current_time()
+                await push.take([top.hash], ask)
+                assert push.asked == 2 and trio.current_time() - started < 0.5
+                push.end()
 
     trio.run(main)

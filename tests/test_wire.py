@@ -402,6 +402,7 @@ def test_tree_push_spans_frames_within_its_budget() -> None:
         [TreeNodes(1, (b"d" * 60,), (b"f" * 41,), True)],  # one byte over the budget
         [TreeNodes(1, (b"d" * 90,), (), False), TreeNodes(1, (), (b"f" * 11,), True)],
         [TreeNodes(1, (), (), True), TreeNodes(1, (), (), True)],  # after the last one
+        [TreeNodes(1, (), (), False)],  # empty and not the last: frames without end
         [NodesReply(1, ())],  # not what answers a GetTree
     ],
 )

@@ -86,14 +86,21 @@ class TreePush:
         return [self.nodes[h] if h in self.nodes else got[h] for h in hashes]
 
     async def wait_for(self, hashes: list[ContentHash]) -> None:
-        """Read frames until every hash is here or the push has ended."""
+        """Read frames until every hash is here or the push has ended. The wait is bounded
+        as a GetNodes reply is (``reply_within``), not per frame: a holder drip-feeding
+        frames (each in time, none bringing what is waited for) would hold the walk for
+        as long as it liked; past the bound the push is stopped and the walk asks."""
         here = 0
-        while self._stream is not None:
-            while here < len(hashes) and hashes[here] in self.nodes:
-                here += 1
-            if here == len(hashes):
-                return
-            await self._read_frame(self._stream)
+        with trio.move_on_after(self._reply_within) as late:
+            while self._stream is not None:
+                while here < len(hashes) and hashes[here] in self.nodes:
+                    here += 1
+                if here == len(hashes):
+                    return
+                await self._read_frame(self._stream)
+        if late.cancelled_caught:
+            logger.info("holder %s pushed its trees too slowly: asking for them", self._peer)
+            self._stop()
 
     async def _read_frame(self, stream: RequestStream) -> None:
         try:

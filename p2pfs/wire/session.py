@@ -271,6 +271,9 @@ class StreamSession:
             if entry.budget_left < 0:
                 raise WireError(ErrorCode.PROTOCOL_VIOLATION, "tree nodes beyond the budget")
             if not message.last:
+                if not message.dir_nodes and not message.file_nodes:
+                    # Each frame before the last brings a node: the budget bounds them.
+                    raise WireError(ErrorCode.PROTOCOL_VIOLATION, "an empty TreeNodes not last")
                 return
         if isinstance(message, ChunkData):
             assert isinstance(request, GetChunks)

@@ -48,14 +48,17 @@ class Served:
 
 @asynccontextmanager
 async def served(
-    tmp_path: Path, lookup: Callable[[bytes], ServedFolder | None] = lambda _fid: None
+    tmp_path: Path,
+    lookup: Callable[[bytes], ServedFolder | None] = lambda _fid: None,
+    service_class: type[ShareService] = ShareService,
 ) -> AsyncIterator[Served]:
-    """A share service on a real endpoint and an authenticated client connection to it."""
+    """A share service (``service_class``: one a test made hostile) on a real endpoint and
+    an authenticated client connection to it."""
     server_id, client_id = Identity.generate(), Identity.generate()
     with IndexStore(tmp_path / "index.sqlite3") as store:
         index = AsyncIndex(store)
         folders = FolderServer(index, lookup, server_id.node_id.raw)
-        service = ShareService(index, TransferCounters(), folders=folders)
+        service = service_class(index, TransferCounters(), folders=folders)
         async with (
             open_endpoint(server_id, handler=service.handle_connection) as server,
             open_endpoint(client_id) as client,
