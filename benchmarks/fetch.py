@@ -42,7 +42,7 @@ from rich.table import Table
 from benchmarks import child_env
 from benchmarks.filesystem import describe
 from benchmarks.index import Row
-from benchmarks.scratchfs import FRESH_FS_BYTES, ScratchFsError, fresh_ext4
+from benchmarks.scratchfs import run_on_fresh_fs_if_asked
 from tests.support.daemons import DaemonProcess
 
 MiB = 1 << 20
@@ -768,15 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.lt_get:
         lt_get_role(args.lt_get[0], args.lt_get[1], int(args.lt_get[2]))
         return 0
-    if not args.fresh_fs:
-        return run(args)
-    try:
-        with fresh_ext4(FRESH_FS_BYTES, args.workdir) as mount_point:
-            args.workdir = str(mount_point)
-            return run(args)
-    except ScratchFsError as exc:
-        print(f"--fresh-fs: {exc}", file=sys.stderr)
-        return 2
+    return run_on_fresh_fs_if_asked(args, run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,11 +11,13 @@ other. Needs root (mount); the image is removed when the run ends.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import subprocess
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 GiB = 1 << 30
@@ -61,3 +63,19 @@ def fresh_ext4(size: int, under: Path | None = None, journal: bool = False) -> I
         image.unlink(missing_ok=True)
         mount_point.rmdir()
         place.rmdir()
+
+
+def run_on_fresh_fs_if_asked(
+    args: argparse.Namespace, run: Callable[[argparse.Namespace], int]
+) -> int:
+    """``run(args)``; with ``args.fresh_fs``, on a new ext4 under ``args.workdir`` that
+    becomes the run's workdir (a bench's ``--fresh-fs``). Exit status 2 if none can be made."""
+    if not args.fresh_fs:
+        return run(args)
+    try:
+        with fresh_ext4(FRESH_FS_BYTES, args.workdir) as mount_point:
+            args.workdir = str(mount_point)
+            return run(args)
+    except ScratchFsError as exc:
+        print(f"--fresh-fs: {exc}", file=sys.stderr)
+        return 2

@@ -48,7 +48,7 @@ from rich.table import Table
 
 from benchmarks.filesystem import describe
 from benchmarks.index import Row
-from benchmarks.scratchfs import FRESH_FS_BYTES, ScratchFsError, fresh_ext4
+from benchmarks.scratchfs import run_on_fresh_fs_if_asked
 from benchmarks.sync_common import (
     GOAL_INITIAL_VS_FETCH,
     GOAL_INSERT_BYTES,
@@ -477,15 +477,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    if not args.fresh_fs:
-        return run(args)
-    try:
-        with fresh_ext4(FRESH_FS_BYTES, args.workdir) as mount_point:
-            args.workdir = str(mount_point)
-            return run(args)
-    except ScratchFsError as exc:
-        print(f"--fresh-fs: {exc}", file=sys.stderr)
-        return 2
+    return run_on_fresh_fs_if_asked(args, run)
 
 
 def run(args: argparse.Namespace) -> int:
