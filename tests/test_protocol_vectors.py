@@ -151,9 +151,12 @@ WIRE_TYPES = {
     "folder-welcome": "FolderWelcome",
     "folder-welcome-device": "FolderWelcome",
     "watch-folder": "WatchFolder",
+    "watch-folder-push": "WatchFolder",
     "folder-root": "FolderRoot",
     "folder-root-need": "FolderRoot",
     "folder-root-signed": "FolderRoot",
+    "folder-nodes": "FolderNodes",
+    "folder-nodes-last": "FolderNodes",
 }
 
 

@@ -64,6 +64,11 @@ class RequestStream:
         self._counters.protocol_sent += len(data)
         await self.stream.send_all(data)
 
+    @property
+    def push_open(self) -> bool:
+        """A WatchFolder's push follows the root just read (StreamSession.push_open)."""
+        return self.session.push_open
+
     async def next_reply(self) -> Message:
         """The next reply (Hello is consumed here); raises if the stream ends first."""
         while True:

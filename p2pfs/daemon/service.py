@@ -15,7 +15,7 @@ import enum
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import trio
 
@@ -38,6 +38,7 @@ from p2pfs.wire.messages import (
     Cancel,
     ErrorReply,
     FolderHello,
+    FolderNodes,
     FolderProof,
     FolderRoot,
     GetChunks,
@@ -54,7 +55,7 @@ from p2pfs.wire.messages import (
     WatchFolder,
     encode_chunk_data_header,
 )
-from p2pfs.wire.session import FRAME_DEADLINE, Role, StreamSession
+from p2pfs.wire.session import FOLDER_PUSH_VERSION, FRAME_DEADLINE, Role, StreamSession
 
 from .folders.server import FolderGrants, FolderServer
 from .ratelimit import TokenBucket, throttle
@@ -277,8 +278,10 @@ class ShareService:
         elif isinstance(message, FolderProof):
             await self._send(stream, session.send(folders.proof(message, conn, grants.folders)))
         else:
+            if (session.version or 0) < FOLDER_PUSH_VERSION:
+                message = replace(message, push_budget=0)  # a client older than pushes
 
-            async def send(reply: FolderRoot | ErrorReply) -> None:
+            async def send(reply: FolderRoot | FolderNodes | ErrorReply) -> None:
                 await self._send(stream, session.send(reply))
 
             async def watch(*, task_status: trio.TaskStatus[None]) -> None:

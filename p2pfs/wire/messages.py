@@ -451,14 +451,20 @@ class WatchFolder:
     TAG: ClassVar[int] = 0x24
     request_id: int
     folder_id: ContentHash
+    push_budget: int = 0
+    """Appended field (absent from older peers, read as 0): node bytes the client takes
+    pushed after each FolderRoot (FolderNodes); 0 asks for no push."""
 
     def fields(self) -> list[Any]:
+        if self.push_budget:
+            return [self.request_id, self.folder_id, self.push_budget]
         return [self.request_id, self.folder_id]
 
     @classmethod
     def from_fields_untrusted(cls, fields: list[Any]) -> WatchFolder:
         _need(fields, 2, "WatchFolder")
-        return cls(_request_id(fields[0]), _hash(fields[1]))
+        budget = _uint(fields[2], "push_budget", MAX_TREE_BUDGET) if len(fields) > 2 else 0
+        return cls(_request_id(fields[0]), _hash(fields[1]), budget)
 
 
 MAX_NEED = 1 << 48
@@ -550,6 +556,63 @@ class FolderRoot:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class FolderNodes:
+    """What the client of a WatchFolder that asked for a push will want after the FolderRoot
+    before it: the index nodes a member holding the server's previous root would ask for
+    (all of them from the top, after the first root), the records at their changed leaves,
+    and those records' file trees, each list of its own kind (hashed with its own key),
+    until the next would pass the push budget. ``last``: the push for that root is
+    complete. Unnamed by any request: the client keys each by the hash it computes and
+    verifies it where it is used, as a node it asked for."""
+
+    TAG: ClassVar[int] = 0x26
+    request_id: int
+    index_nodes: tuple[bytes, ...]
+    records: tuple[bytes, ...]
+    file_nodes: tuple[bytes, ...]
+    last: bool
+
+    def fields(self) -> list[Any]:
+        return [
+            self.request_id,
+            list(self.index_nodes),
+            list(self.records),
+            list(self.file_nodes),
+            self.last,
+        ]
+
+    @classmethod
+    def from_fields_untrusted(cls, fields: list[Any]) -> FolderNodes:
+        _need(fields, 5, "FolderNodes")
+        index = _list(fields[1], "index_nodes", MAX_NODES_PER_REPLY)
+        records = _list(fields[2], "records", MAX_NODES_PER_REPLY - len(index))
+        files = _list(fields[3], "file_nodes", MAX_NODES_PER_REPLY - len(index) - len(records))
+        last = fields[4]
+        if type(last) is not bool:
+            raise WireError(ErrorCode.PROTOCOL_VIOLATION, "FolderNodes: last must be bool")
+        return cls(
+            _request_id(fields[0]),
+            tuple(_blob(n, "index node", MAX_NODE_BYTES) for n in index),
+            tuple(_blob(n, "record", MAX_NODE_BYTES) for n in records),
+            tuple(_blob(n, "file node", MAX_NODE_BYTES) for n in files),
+            last,
+        )
+
+    @property
+    def size(self) -> int:
+        """The bytes of its nodes and records (what counts against the budget)."""
+        return (
+            sum(map(len, self.index_nodes))
+            + sum(map(len, self.records))
+            + sum(map(len, self.file_nodes))
+        )
+
+    @property
+    def empty(self) -> bool:
+        return not (self.index_nodes or self.records or self.file_nodes)
+
+
 def bitfield_of(pieces: Iterable[int], piece_count: int) -> bytes:
     field = bytearray((piece_count + 7) // 8)
     for index in pieces:
@@ -578,6 +641,7 @@ Message = (
     | FolderWelcome
     | WatchFolder
     | FolderRoot
+    | FolderNodes
 )
 _FIELD_DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     cls.TAG: cls.from_fields_untrusted
@@ -601,6 +665,7 @@ _FIELD_DECODERS: dict[int, Callable[[list[Any]], Message]] = {
         FolderWelcome,
         WatchFolder,
         FolderRoot,
+        FolderNodes,
     )
 }
 RESERVED_TAGS = frozenset({0x00, 0xFF})
@@ -661,6 +726,9 @@ BOUNDS: dict[int, Bounds] = {
     ),
     WatchFolder.TAG: _bounds(0, 2, 1),
     FolderRoot.TAG: _bounds(0, 7, 1),
+    FolderNodes.TAG: _bounds(
+        MAX_NODES_PER_REPLY * (MAX_NODE_BYTES + 5), 5 + MAX_NODES_PER_REPLY, 2
+    ),
 }
 """Per message tag; a tag missing here is unknown to this version."""
 

@@ -24,6 +24,7 @@ from p2pfs.wire.messages import (
     ErrorReply,
     FolderChallenge,
     FolderHello,
+    FolderNodes,
     FolderProof,
     FolderRoot,
     FolderWelcome,
@@ -44,8 +45,11 @@ from p2pfs.wire.messages import (
     encode_message,
 )
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MIN_PROTOCOL_VERSION = 1
+FOLDER_PUSH_VERSION = 2
+"""From this version on a server pushes FolderNodes after each FolderRoot of a WatchFolder
+that asked for them; an older one ignores the request's push budget."""
 AGENT = "p2pfs/0.1"
 FRAME_DEADLINE = 10.0
 """Seconds a peer may leave a frame unfinished (plus FRAME_MIN_RATE for its size)."""
@@ -66,6 +70,7 @@ Reply = (
     | FolderChallenge
     | FolderWelcome
     | FolderRoot
+    | FolderNodes
 )
 _SUBSCRIPTIONS = (GetHave, WatchFolder)
 _REPLY_TYPES = (
@@ -79,6 +84,7 @@ _REPLY_TYPES = (
     FolderChallenge,
     FolderWelcome,
     FolderRoot,
+    FolderNodes,
 )
 _EXPECTED_REPLY: dict[type, type] = {
     GetManifest: ManifestReply,
@@ -101,7 +107,9 @@ class _Outstanding:
     chunks_left: int
     piece_count: int = 0
     budget_left: int = 0
-    """GetTree: node bytes the server may still push."""
+    """GetTree: node bytes the server may still push; WatchFolder: those of the open push."""
+    push_open: bool = False
+    """WatchFolder with a push budget: a FolderRoot came, its last FolderNodes not yet."""
 
 
 class StreamSession:
@@ -155,6 +163,11 @@ class StreamSession:
     @property
     def outstanding_count(self) -> int:
         return len(self._outstanding)
+
+    @property
+    def push_open(self) -> bool:
+        """A WatchFolder's push is under way: FolderNodes are due before the next root."""
+        return any(entry.push_open for entry in self._outstanding.values())
 
     # -- input ----------------------------------------------------------------------------
 
@@ -257,8 +270,7 @@ class StreamSession:
             self._check_have(message, entry)
             return
         if isinstance(request, WatchFolder):
-            if not isinstance(message, FolderRoot):
-                raise WireError(ErrorCode.PROTOCOL_VIOLATION, "reply does not match WatchFolder")
+            self._check_watch(message, request, entry)
             return  # open-ended: one FolderRoot per change
         if not isinstance(message, _EXPECTED_REPLY[type(request)]):
             raise WireError(ErrorCode.PROTOCOL_VIOLATION, "reply does not match its request")
@@ -286,6 +298,26 @@ class StreamSession:
             if entry.chunks_left:
                 return
         del self._outstanding[message.request_id]
+
+    def _check_watch(self, message: Message, request: WatchFolder, entry: _Outstanding) -> None:
+        """FolderRoot per change; with a push budget each is followed by FolderNodes frames
+        within the budget, every one before the last holding something."""
+        if isinstance(message, FolderRoot):
+            if entry.push_open:
+                raise WireError(ErrorCode.PROTOCOL_VIOLATION, "a FolderRoot inside a push")
+            if request.push_budget and (self.version or 0) >= FOLDER_PUSH_VERSION:
+                entry.push_open = True
+                entry.budget_left = request.push_budget
+            return
+        if not isinstance(message, FolderNodes) or not entry.push_open:
+            raise WireError(ErrorCode.PROTOCOL_VIOLATION, "reply does not match WatchFolder")
+        entry.budget_left -= message.size
+        if entry.budget_left < 0:
+            raise WireError(ErrorCode.PROTOCOL_VIOLATION, "pushed folder nodes beyond the budget")
+        if message.last:
+            entry.push_open = False
+        elif message.empty:
+            raise WireError(ErrorCode.PROTOCOL_VIOLATION, "an empty FolderNodes not last")
 
     def _check_have(self, message: Message, entry: _Outstanding) -> None:
         """HaveReply first (sets the piece count), then HaveUpdates within it; open-ended."""

@@ -55,6 +55,7 @@ from p2pfs.wire.messages import (
     FolderHello,
     FolderMember,
     FolderNeed,
+    FolderNodes,
     FolderProof,
     FolderRoot,
     FolderWelcome,
@@ -231,6 +232,7 @@ def wire_vectors() -> dict[str, Any]:
             ),
         ),
         ("watch-folder", WatchFolder(7, root)),
+        ("watch-folder-push", WatchFolder(7, root, 256 << 10)),
         ("folder-root", FolderRoot(7, ContentHash(bytes([0x22]) * 32), 12)),
         (
             "folder-root-need",
@@ -246,6 +248,11 @@ def wire_vectors() -> dict[str, Any]:
                 bytes([0x5A]) * 64,
             ),
         ),
+        (
+            "folder-nodes",
+            FolderNodes(7, (b"\x92\x01\x90",), (b"\x92\xc4\x01\x00\xc4\x00",), (), False),
+        ),
+        ("folder-nodes-last", FolderNodes(7, (), (), (), True)),
     ]
     vectors = []
     for name, message in examples:

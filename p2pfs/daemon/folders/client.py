@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager, contextmanager
 import trio
 
 from p2pfs.content.chunking import ChunkRef
+from p2pfs.content.folder import FILE_TREE
 from p2pfs.content.tree import Child
 from p2pfs.errors import (
     AuthenticationError,
@@ -25,7 +26,7 @@ from p2pfs.ids import ContentHash
 from p2pfs.net import PeerConnection
 from p2pfs.net.codes import CloseCode
 from p2pfs.sync.keys import FolderKeys
-from p2pfs.sync.records import root_signature_valid
+from p2pfs.sync.records import INDEX_TREE, record_hash, root_signature_valid
 from p2pfs.wire.messages import (
     ChunkData,
     ErrorReply,
@@ -33,6 +34,7 @@ from p2pfs.wire.messages import (
     FolderHello,
     FolderMember,
     FolderNeed,
+    FolderNodes,
     FolderProof,
     FolderRoot,
     FolderWelcome,
@@ -44,6 +46,7 @@ from ..ratelimit import TokenBucket, throttle
 from ..requests import PeerRequestError, RequestStream
 from ..streams import TransferCounters
 from .server import CLIENT_ROLE, SERVER_ROLE
+from .work import FolderWork
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,11 @@ REQUEST_STREAMS = 4
 MAX_BATCH = 256
 _LINK_SERIALS = itertools.count(1)
 """Each link's serial (unique in this process)."""
+PUSH_BUDGET = 256 << 10
+"""Node bytes a watch takes pushed after each root (WatchFolder): one edit's index path,
+record and file tree are a few KiB; a join gets the top of the index and the first
+records. Read before the reconcile starts, so it is kept to what a slow path carries in
+about a round trip's worth of time, not the megabytes a whole join would want."""
 REQUESTS_IN_FLIGHT = 2
 """Chunk requests queued per request stream: the member reads the next request while the
 current one's replies are still on their way, so it never idles between requests."""
@@ -73,8 +81,13 @@ class FolderLink:
         counters: TransferCounters,
         own_id: bytes,
         download_limit: TokenBucket | None = None,
+        work: FolderWork | None = None,
     ) -> None:
         self.conn = conn
+        self._work = work
+        """The folder's counts: nodes taken from pushes and asked for are added there."""
+        self._pushed: dict[ContentHash, bytes] = {}
+        """What the member pushed after its latest root, by hash (unverified)."""
         self._download_limit = download_limit
         """The daemon's --max-download-rate, shared with fetches."""
         self.keys = keys
@@ -154,12 +167,13 @@ class FolderLink:
         forgery, RemoteProtocolError) now and after each change; returns only when the
         peer ends the subscription."""
         stream = await RequestStream.open(self.conn, self._counters)
-        await stream.send(WatchFolder(stream.new_request_id(), self.keys.folder_id))
+        request = WatchFolder(stream.new_request_id(), self.keys.folder_id, PUSH_BUDGET)
+        await stream.send(request)
         while True:
             reply = await stream.next_reply()
             if isinstance(reply, ErrorReply):
                 raise PeerRequestError(reply.code, reply.message)
-            assert isinstance(reply, FolderRoot)
+            assert isinstance(reply, FolderRoot)  # the session checked the order
             signed = reply.root_signature is not None
             if signed and not root_signature_valid(
                 self.keys, Child(reply.root, reply.records), reply.root_signature or b""
@@ -167,7 +181,28 @@ class FolderLink:
                 raise RemoteProtocolError(
                     f"member {self.peer_id.short()}: index root signature does not verify"
                 )
+            await self._take_push(stream)
             on_root(reply.root, reply.records, reply.need, signed)
+
+    async def _take_push(self, stream: RequestStream) -> None:
+        """Read the FolderNodes that follow a FolderRoot (older members send none: the
+        session lets through only what the WatchFolder asked for). Read whole before the
+        root is told: they come right behind it, within the budget. Each is keyed by the
+        hash computed here under its own kind's key, so it can only stand in for that
+        hash, and is verified where it is used as a node asked for would be."""
+        pushed: dict[ContentHash, bytes] = {}
+        with self._stall_guard():
+            while stream.push_open:
+                frame = await stream.next_reply()
+                if isinstance(frame, ErrorReply):
+                    raise PeerRequestError(frame.code, frame.message)
+                assert isinstance(frame, FolderNodes)
+                pushed.update((INDEX_TREE.node_hash(node), node) for node in frame.index_nodes)
+                pushed.update((record_hash(record), record) for record in frame.records)
+                pushed.update((FILE_TREE.node_hash(node), node) for node in frame.file_nodes)
+        # A new root's push replaces the last one's: what a reconcile still wants of an
+        # older root is asked for.
+        self._pushed = pushed
 
     async def nodes(self, hashes: list[ContentHash]) -> list[bytes]:
         """Nodes or records by hash, in batches of MAX_BATCH, one batch per request stream
@@ -176,6 +211,21 @@ class FolderLink:
         window: a join's records and trees, on it alone, took longer than their files
         (2,000 files at 80 ms, 1%: records 2.06 s, trees 0.71 s). A stripe that fails is
         dropped and its batches asked again on the others."""
+        pushed = self._pushed
+        if pushed:
+            missing = [node_hash for node_hash in hashes if node_hash not in pushed]
+            if self._work is not None:
+                self._work.nodes_pushed += len(hashes) - len(missing)
+            if len(missing) < len(hashes):
+                asked = dict(zip(missing, await self._ask_nodes(missing), strict=True))
+                return [pushed[h] if h in pushed else asked[h] for h in hashes]
+        return await self._ask_nodes(hashes)
+
+    async def _ask_nodes(self, hashes: list[ContentHash]) -> list[bytes]:
+        if not hashes:
+            return []
+        if self._work is not None:
+            self._work.nodes_asked += len(hashes)
         batches = [hashes[start : start + MAX_BATCH] for start in range(0, len(hashes), MAX_BATCH)]
         found: list[list[bytes]] = [[] for _ in batches]
         work = _BatchQueue(len(batches))

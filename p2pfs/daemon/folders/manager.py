@@ -461,7 +461,14 @@ class FolderManager:
         key = (folder.folder_id, conn.peer_id.raw)
         if key in self._links:
             return
-        link = FolderLink(conn, folder.keys, self._counters, self._own_id.raw, self._download_limit)
+        link = FolderLink(
+            conn,
+            folder.keys,
+            self._counters,
+            self._own_id.raw,
+            self._download_limit,
+            work=folder.work,
+        )
         self._links[key] = link
         stripe_holder = object()  # the link's leases on its stripes' connections
         try:

@@ -13,16 +13,20 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+import msgpack
 import trio
 
 from p2pfs.content.folder import FILE_TREE
-from p2pfs.content.tree import LeafNode
-from p2pfs.ids import ContentHash, short_hex
+from p2pfs.content.tree import Child, LeafNode
+from p2pfs.errors import RemoteProtocolError
+from p2pfs.ids import HASH_LEN, ContentHash, short_hex
 from p2pfs.net import PeerConnection
 from p2pfs.sync.keys import FolderKeys
+from p2pfs.sync.records import SignedRecord
+from p2pfs.sync.rootpush import index_push
 from p2pfs.waits import first_of
 from p2pfs.wire.codes import ErrorCode
 from p2pfs.wire.messages import (
@@ -31,6 +35,7 @@ from p2pfs.wire.messages import (
     FolderHello,
     FolderMember,
     FolderNeed,
+    FolderNodes,
     FolderProof,
     FolderRoot,
     FolderWelcome,
@@ -51,6 +56,12 @@ MAX_CHALLENGES = 4096
 """Open challenges across all connections; beyond this a FolderHello is answered BUSY."""
 PROGRESS_INTERVAL = 0.5
 """A FolderRoot that only updates the need is sent at most this often per subscription."""
+FOLDER_PUSH_LIMIT = 1 << 20
+"""Node bytes pushed after one FolderRoot at most, whatever the client's budget."""
+PUSH_FRAME_NODES = 256
+"""Items in one FolderNodes frame (the protocol's bound)."""
+PUSHES_KEPT = 8
+"""Pushes kept made (per folder, previous root, root and budget) for other watchers."""
 SERVER_ROLE = "server"
 CLIENT_ROLE = "client"
 
@@ -108,6 +119,9 @@ class FolderServer:
         self._lookup = lookup
         self._own_id = own_id
         self._file_nodes: OrderedDict[ContentHash, dict[ContentHash, bytes]] = OrderedDict()
+        self._pushes: OrderedDict[tuple[bytes, Child | None, Child, int], list[FolderNodes]] = (
+            OrderedDict()
+        )
         self._challenges_held = 0
 
     def is_member(self, grants: FolderGrants, folder_id: bytes) -> ServedFolder | None:
@@ -177,7 +191,7 @@ class FolderServer:
         self,
         request: WatchFolder,
         grants: FolderGrants,
-        send: Callable[[FolderRoot | ErrorReply], Awaitable[None]],
+        send: Callable[[FolderRoot | FolderNodes | ErrorReply], Awaitable[None]],
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -191,6 +205,9 @@ class FolderServer:
         task_status.started()
         sent: tuple[ContentHash, FolderNeed] | None = None
         sent_at = -PROGRESS_INTERVAL
+        budget = min(request.push_budget, FOLDER_PUSH_LIMIT)
+        pushed_for: Child | None = None
+        """The root the last push was for: the client, if in step, holds it."""
         while self._lookup(request.folder_id) is folder:
             root, count, changed = folder.current_root()
             need, progressed = folder.progress()
@@ -204,9 +221,30 @@ class FolderServer:
                 signature = folder.root_signature(root, count)
                 await send(FolderRoot(request.request_id, root, count, need, signature))
                 sent, sent_at = (root, need), trio.current_time()
+                if request.push_budget:
+                    current = Child(root, count)
+                    frames = await self._push(folder, pushed_for, current, budget)
+                    for frame in frames:
+                        await send(replace(frame, request_id=request.request_id))
+                    pushed_for = current
             await first_of(changed, progressed)
         # The folder was removed here (maybe joined again since): this subscription is over.
         await send(ErrorReply(request.request_id, ErrorCode.NOT_FOUND, "folder removed"))
+
+    async def _push(
+        self, folder: ServedFolder, previous: Child | None, root: Child, budget: int
+    ) -> list[FolderNodes]:
+        """The FolderNodes frames that follow a FolderRoot of ``root`` (at least one, the
+        last marked): what a client holding ``previous`` will ask for, within ``budget``.
+        Every watcher of a folder gets the same push for the same change: made once."""
+        key = (folder.keys.folder_id, previous, root, budget)
+        frames = self._pushes.get(key)
+        if frames is None:
+            frames = await _make_push(folder, previous, root, budget)
+            self._pushes[key] = frames
+            if len(self._pushes) > PUSHES_KEPT:
+                self._pushes.popitem(last=False)
+        return frames
 
     async def nodes(self, request: GetNodes, grants: FolderGrants) -> NodesReply | ErrorReply:
         """Index nodes, signed records, and the file trees of files the folder holds."""
@@ -274,3 +312,58 @@ class FolderServer:
                         grants.file_nodes[child.hash] = file_root
             found.append(encoded)
         return NodesReply(request.request_id, tuple(found))
+
+
+async def _make_push(
+    folder: ServedFolder, previous: Child | None, root: Child, budget: int
+) -> list[FolderNodes]:
+    """Index nodes, then the records at the changed leaves, then those records' file trees
+    (each tree whole or not at all), until the next would pass ``budget``."""
+    index = index_push(previous, root, folder.served_node, budget)
+    size = index.size
+    records: list[bytes] = []
+    for record_hash in index.record_hashes:
+        encoded = folder.served_node(record_hash)
+        if encoded is None or size + len(encoded) > budget:
+            break
+        records.append(encoded)
+        size += len(encoded)
+    roots = [root for root in map(_file_root, records) if root is not None]
+    file_nodes: list[bytes] = []
+    if roots and size < budget:
+        trees = await folder.held_file_trees(list(dict.fromkeys(roots)))
+        for file_root in dict.fromkeys(roots):
+            nodes = trees.get(file_root)
+            if not nodes:
+                continue
+            tree_size = sum(map(len, nodes.values()))
+            if size + tree_size > budget:
+                break
+            file_nodes.extend(nodes.values())
+            size += tree_size
+    return _frames(index.nodes, records, file_nodes)
+
+
+def _file_root(encoded: bytes) -> ContentHash | None:
+    """The file root a stored record names (None: a directory, a delete, or a record that
+    does not parse, whose tree is then simply not pushed)."""
+    try:
+        root = SignedRecord.decode_stored(encoded).version.root
+    except (ValueError, TypeError, msgpack.UnpackException, RemoteProtocolError):
+        return None
+    return root if isinstance(root, bytes) and len(root) == HASH_LEN else None
+
+
+def _frames(index: list[bytes], records: list[bytes], files: list[bytes]) -> list[FolderNodes]:
+    """The push cut into frames of at most PUSH_FRAME_NODES items, the last one marked."""
+    items = [(0, n) for n in index] + [(1, r) for r in records] + [(2, f) for f in files]
+    frames: list[FolderNodes] = []
+    for start in range(0, len(items), PUSH_FRAME_NODES):
+        part = items[start : start + PUSH_FRAME_NODES]
+        kinds = [tuple(encoded for kind, encoded in part if kind == want) for want in range(3)]
+        frames.append(FolderNodes(0, kinds[0], kinds[1], kinds[2], last=False))
+    if frames:
+        frames[-1] = replace(frames[-1], last=True)
+    else:
+        frames.append(FolderNodes(0, (), (), (), last=True))
+    return frames

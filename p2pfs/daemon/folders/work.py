@@ -29,3 +29,8 @@ class FolderWork:
     """Index-tree nodes encoded by updates (a rebuild makes them all)."""
     file_nodes_walked: int = 0
     """File-tree nodes placements asked members for (the rest were held here)."""
+    nodes_pushed: int = 0
+    """Index nodes, records and file-tree nodes a reconcile took from what a member pushed
+    after its root (FolderNodes), not asking for them."""
+    nodes_asked: int = 0
+    """Index nodes, records and file-tree nodes asked of members by hash (GetNodes)."""
