@@ -948,5 +948,9 @@ def test_one_change_in_a_big_folder_costs_the_change_not_the_folder(
     assert a_spent["partial_scans"] >= 1 and a_spent["files_scanned"] >= 1, spent
     assert b_spent["records_planned"] == 1, spent  # the one record A changed
     assert b_spent["file_nodes_walked"] == 1, spent  # the edited file's new tree, one node
+    # A pushed them right behind its new root (FolderNodes): the index path, the record and
+    # its tree; B asked for none of them.
+    assert b_spent["nodes_asked"] == 0, spent
+    assert 3 <= b_spent["nodes_pushed"] <= 12, spent
     # A may diff against B's root before B took the edit: B's old record of that path.
     assert a_spent["records_planned"] <= 1, spent

@@ -145,6 +145,8 @@ def test_sync_join_with_the_ticket_alone(netbed: NetBed, tmp_path: Path) -> None
         (folder,) = json.loads(machine.cli("sync", "list", "--json").stdout)["folders"]
         work = folder["work"]
         assert work["records_vouched"] >= 1 and work["records_verified"] == 0, work
+        # What each reconcile needed came pushed behind the other's root (FolderNodes).
+        assert work["nodes_pushed"] >= 3, work
 
 
 def test_a_holder_stops_answering_and_another_is_found_through_the_dht(

@@ -16,6 +16,7 @@ from p2pfs.wire.messages import (
     ErrorReply,
     FolderMember,
     FolderNeed,
+    FolderNodes,
     FolderRoot,
     FolderWelcome,
     GetChunks,
@@ -30,6 +31,7 @@ from p2pfs.wire.messages import (
     Message,
     NodesReply,
     TreeNodes,
+    WatchFolder,
     bitfield_of,
     decode_message_untrusted,
     encode_chunk_data_header,
@@ -70,6 +72,15 @@ messages = st.one_of(
         request_ids,
         st.lists(st.binary(max_size=300), max_size=10).map(tuple),
         st.lists(st.binary(max_size=300), max_size=10).map(tuple),
+        st.booleans(),
+    ),
+    st.builds(WatchFolder, request_ids, hashes, st.integers(0, 1 << 30)),
+    st.builds(
+        FolderNodes,
+        request_ids,
+        st.lists(st.binary(max_size=300), max_size=6).map(tuple),
+        st.lists(st.binary(max_size=300), max_size=6).map(tuple),
+        st.lists(st.binary(max_size=300), max_size=6).map(tuple),
         st.booleans(),
     ),
 )
@@ -414,6 +425,89 @@ def test_tree_push_beyond_its_budget_or_end_is_a_violation(frames: list[Message]
         for _frame in frames:
             client.next_message()
     assert info.value.code is ErrorCode.PROTOCOL_VIOLATION
+
+
+def watching(version: int = PROTOCOL_VERSION, budget: int = 100) -> StreamSession:
+    """A client session whose WatchFolder (push budget ``budget``) reached a server
+    speaking ``version``."""
+    client, server = StreamSession(Role.CLIENT), StreamSession(Role.SERVER, version=version)
+    server.receive_data(
+        client.hello() + client.send(WatchFolder(1, ContentHash(bytes(32)), budget))
+    )
+    client.receive_data(server.hello())
+    assert isinstance(server.next_message(), Hello)
+    assert isinstance(client.next_message(), Hello)
+    return client
+
+
+def root_message(records: int = 1) -> FolderRoot:
+    return FolderRoot(1, ContentHash(bytes([records]) * 32), records)
+
+
+def test_a_folder_push_follows_each_root_within_its_budget() -> None:
+    client = watching()
+    frames: list[Message] = [
+        root_message(1),
+        FolderNodes(1, (b"i" * 30,), (b"r" * 30,), (), False),
+        FolderNodes(1, (), (), (b"f" * 40,), True),  # exactly the budget
+        root_message(2),
+        FolderNodes(1, (), (), (), True),  # an empty push: only its last frame
+        root_message(3),
+    ]
+    client.receive_data(b"".join(map(encode_message, frames)))
+    for frame in frames:
+        assert client.next_message() == frame
+        still_open = isinstance(frame, FolderRoot) or not getattr(frame, "last", True)
+        assert client.push_open == still_open
+    assert client.outstanding_count == 1  # the watch stays open
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [root_message(), FolderNodes(1, (b"i" * 60,), (b"r" * 41,), (), True)],  # over by one
+        [root_message(), FolderNodes(1, (), (), (), False)],  # empty and not the last
+        [root_message(), root_message(2)],  # a root inside a push
+        [FolderNodes(1, (), (), (), True)],  # a push before any root
+        [root_message(), FolderNodes(1, (), (), (), True), FolderNodes(1, (), (), (), True)],
+        [root_message(), NodesReply(1, ())],  # not what follows a root
+    ],
+)
+def test_a_folder_push_out_of_its_rules_is_a_violation(frames: list[Message]) -> None:
+    client = watching()
+    client.receive_data(b"".join(encode_message(frame) for frame in frames))
+    with pytest.raises(WireError) as info:
+        for _frame in frames:
+            client.next_message()
+    assert info.value.code is ErrorCode.PROTOCOL_VIOLATION
+
+
+@pytest.mark.parametrize(("version", "budget"), [(1, 100), (PROTOCOL_VERSION, 0)])
+def test_no_push_is_due_from_an_older_server_or_without_a_budget(version: int, budget: int) -> None:
+    client = watching(version, budget)
+    client.receive_data(encode_message(root_message(1)) + encode_message(root_message(2)))
+    assert client.next_message() == root_message(1)
+    assert not client.push_open
+    assert client.next_message() == root_message(2)  # the next root, no push between
+    client.receive_data(encode_message(FolderNodes(1, (), (), (), True)))
+    with pytest.raises(WireError):
+        client.next_message()
+
+
+def test_a_watch_without_a_budget_encodes_as_before() -> None:
+    """Older servers read two fields; a client asking no push sends just those."""
+    root = ContentHash(bytes(32))
+    assert encode_message(WatchFolder(1, root)) == encode_message(WatchFolder(1, root, 0))
+    assert decode_one(encode_message(WatchFolder(1, root))) == WatchFolder(1, root, 0)
+
+
+def test_folder_nodes_hold_at_most_a_reply_of_items_between_their_lists() -> None:
+    fields = [1, [b"n"] * 100, [b"n"] * 100, [b"n"] * 57, False]
+    with pytest.raises(WireError):
+        decode_one(encode_frame(FolderNodes.TAG, msgpack.packb(fields)))
+    fields[3] = [b"n"] * 56
+    decoded = decode_one(encode_frame(FolderNodes.TAG, msgpack.packb(fields)))
+    assert isinstance(decoded, FolderNodes) and len(decoded.file_nodes) == 56
 
 
 def test_tree_nodes_hold_at_most_a_reply_of_nodes_between_both_lists() -> None:

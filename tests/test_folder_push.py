@@ -1,0 +1,199 @@
+"""A member pushes, right behind each FolderRoot, what a watcher in step with it will ask
+for (FolderNodes): over real QUIC to a real folder server, the watcher's diff and record
+fetch then ask for nothing; a push of junk or past its budget never stands in for a node."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from p2pfs.content.tree import Child
+from p2pfs.daemon import service as service_module
+from p2pfs.daemon.folders.client import FolderLink
+from p2pfs.daemon.folders.server import FolderServer, ServedFolder
+from p2pfs.daemon.folders.work import FolderWork
+from p2pfs.daemon.streams import TransferCounters
+from p2pfs.errors import RemoteProtocolError
+from p2pfs.ids import ContentHash
+from p2pfs.sync.keys import FolderKeys
+from p2pfs.sync.records import EMPTY_INDEX, INDEX_TREE, LeafQueue, remote_changes
+from p2pfs.wire.messages import FolderNodes
+from p2pfs.wire.session import Role, StreamSession
+from tests.hostile.service_harness import served
+from tests.test_sync_hostile_member import HostileFolder
+
+KEYS = FolderKeys.from_write_seed(bytes(range(32)))
+
+
+def blobs(count: int, size: int = 200) -> list[tuple[str, bytes]]:
+    """Stand-ins for records (a watcher's push holds them unverified; the reconcile checks
+    them): the folder serves any node of its tree by hash."""
+    return [(f"dir{n % 7}/file{n}", os.urandom(size)) for n in range(count)]
+
+
+def index_nodes(folder: HostileFolder) -> dict[ContentHash, bytes]:
+    """The index nodes (not the record stand-ins) of the folder's current tree."""
+    return {h: n for h, n in folder.nodes.items() if INDEX_TREE.node_hash(n) == h}
+
+
+async def watch_roots(link: FolderLink, nursery: trio.Nursery) -> trio.MemoryReceiveChannel[Child]:
+    send, receive = trio.open_memory_channel[Child](10)
+
+    def on_root(root: ContentHash, records: int, _need: object, _signed: bool) -> None:
+        send.send_nowait(Child(root, records))
+
+    nursery.start_soon(link.watch, on_root)
+    return receive
+
+
+def test_a_watcher_in_step_asks_for_nothing_the_push_brought(tmp_path: Path) -> None:
+    folder = HostileFolder(KEYS)
+    first = blobs(600)
+    folder.serve(first)
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            async with served(tmp_path, {KEYS.folder_id: folder}.get) as s:
+                work = FolderWork()
+                link = FolderLink(
+                    s.conn, KEYS, TransferCounters(), s.client_id.node_id.raw, work=work
+                )
+                await link.join()
+                async with trio.open_nursery() as nursery:
+                    roots = await watch_roots(link, nursery)
+                    old_root = await roots.receive()
+                    assert old_root == folder.root
+                    # A first root: the whole index and every record fit the budget.
+                    old_nodes = index_nodes(folder)
+                    leaves = await walked(link, old_root)
+                    assert len(leaves) == len(first)
+                    records = await link.nodes([leaf.record_hash for leaf in leaves])
+                    assert sorted(records) == sorted(blob for _path, blob in first)
+                    assert work.nodes_asked == 0
+                    assert work.nodes_pushed == len(old_nodes) + len(first)
+
+                    # One record changed: its index path and record come with the root.
+                    edited = list(first)
+                    edited[123] = (edited[123][0], os.urandom(200))
+                    kept = dict(folder.nodes)
+                    folder.serve(edited)
+                    folder.nodes.update(kept)  # the tree before stays servable
+                    new_root = await roots.receive()
+                    pushed_before = work.nodes_pushed
+                    changed = await walked(link, new_root, old_root, old_nodes)
+                    assert len(changed) == 1
+                    [record] = await link.nodes([leaf.record_hash for leaf in changed])
+                    assert record == edited[123][1]
+                    assert work.nodes_asked == 0
+                    # A path's few nodes and one record, not the folder again.
+                    assert 2 <= work.nodes_pushed - pushed_before <= 6
+                    nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+async def walked(
+    link: FolderLink,
+    root: Child,
+    local_root: Child = EMPTY_INDEX,
+    local_nodes: dict[ContentHash, bytes] | None = None,
+) -> LeafQueue:
+    """The member's leaves a watcher holding ``local_root`` lacks, its nodes through
+    ``link.nodes`` from a worker thread (as the engine's diff runs)."""
+
+    def remote(hashes: object) -> list[bytes]:
+        return trio.from_thread.run(link.nodes, list(hashes))  # type: ignore[call-overload]
+
+    local = (local_nodes or {}).__getitem__
+    return await trio.to_thread.run_sync(remote_changes, local_root, local, root, remote)
+
+
+class JunkPushServer(FolderServer):
+    """Pushes bytes that are nobody's nodes (or, with ``overrun``, past the budget)."""
+
+    overrun = False
+
+    async def _push(
+        self, folder: ServedFolder, previous: Child | None, root: Child, budget: int
+    ) -> list[FolderNodes]:
+        size = budget + 1 if self.overrun else 64
+        return [FolderNodes(0, (os.urandom(size),), (os.urandom(64),), (os.urandom(64),), True)]
+
+
+@pytest.mark.parametrize("overrun", [False, True])
+def test_a_pushed_node_stands_only_for_its_own_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrun: bool
+) -> None:
+    folder = HostileFolder(KEYS)
+    records = blobs(50)
+    folder.serve(records)
+    monkeypatch.setattr(JunkPushServer, "overrun", overrun)
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            async with served(tmp_path, {KEYS.folder_id: folder}.get) as s:
+                s.folders.__class__ = JunkPushServer
+                work = FolderWork()
+                link = FolderLink(
+                    s.conn, KEYS, TransferCounters(), s.client_id.node_id.raw, work=work
+                )
+                await link.join()
+                got: list[Child] = []
+                if overrun:
+                    # Past its budget the push is a protocol violation: the watch ends.
+                    with pytest.raises(RemoteProtocolError):
+                        await link.watch(lambda r, n, _need, _s: got.append(Child(r, n)))
+                    assert not got
+                    return
+                async with trio.open_nursery() as nursery:
+                    roots = await watch_roots(link, nursery)
+                    root = await roots.receive()
+                    leaves = await walked(link, root)
+                    fetched = await link.nodes([leaf.record_hash for leaf in leaves])
+                    assert sorted(fetched) == sorted(blob for _path, blob in records)
+                    assert work.nodes_pushed == 0
+                    assert work.nodes_asked == len(index_nodes(folder)) + len(records)
+                    nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_an_older_member_pushes_nothing_and_is_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member speaking protocol version 1 ignores the push budget (and the watcher, told
+    the version by its Hello, waits for no push): roots are read as before and every node
+    is asked for."""
+    folder = HostileFolder(KEYS)
+    records = blobs(20)
+    folder.serve(records)
+
+    def version_1_session(role: Role, **kwargs: float) -> StreamSession:
+        return StreamSession(role, version=1, **kwargs)
+
+    monkeypatch.setattr(service_module, "StreamSession", version_1_session)
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            async with served(tmp_path, {KEYS.folder_id: folder}.get) as s:
+                work = FolderWork()
+                link = FolderLink(
+                    s.conn, KEYS, TransferCounters(), s.client_id.node_id.raw, work=work
+                )
+                await link.join()
+                async with trio.open_nursery() as nursery:
+                    roots = await watch_roots(link, nursery)
+                    root = await roots.receive()
+                    assert root == folder.root
+                    folder.serve(blobs(21))
+                    assert await roots.receive() == folder.root  # the next root, no push
+                    leaves = await walked(link, folder.root)
+                    await link.nodes([leaf.record_hash for leaf in leaves])
+                    assert work.nodes_pushed == 0
+                    assert work.nodes_asked == len(folder.nodes)
+                    nursery.cancel_scope.cancel()
+
+    trio.run(main)
