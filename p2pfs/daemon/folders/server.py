@@ -21,7 +21,6 @@ import trio
 
 from p2pfs.content.folder import FILE_TREE
 from p2pfs.content.tree import Child, LeafNode
-from p2pfs.errors import RemoteProtocolError
 from p2pfs.ids import HASH_LEN, ContentHash, short_hex
 from p2pfs.net import PeerConnection
 from p2pfs.sync.keys import FolderKeys
@@ -348,8 +347,12 @@ def _file_root(encoded: bytes) -> ContentHash | None:
     """The file root a stored record names (None: a directory, a delete, or a record that
     does not parse, whose tree is then simply not pushed)."""
     try:
-        root = SignedRecord.decode_stored(encoded).version.root
-    except (ValueError, TypeError, msgpack.UnpackException, RemoteProtocolError):
+        version = SignedRecord.decode_stored(encoded).version
+        if version.deleted or version.is_directory:
+            return None
+        root = version.root
+    except (ValueError, TypeError, AttributeError, msgpack.UnpackException) as exc:
+        logger.info("folder push: a stored record does not parse: %s", exc)
         return None
     return root if isinstance(root, bytes) and len(root) == HASH_LEN else None
 
