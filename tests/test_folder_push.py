@@ -197,3 +197,34 @@ def test_an_older_member_pushes_nothing_and_is_asked(
                     nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_a_member_already_at_the_root_gets_no_push(tmp_path: Path) -> None:
+    """Once a member announced the very root we are about to send (it took our change, or
+    we took its), it holds everything of it: the push is empty."""
+    folder = HostileFolder(KEYS)
+    records = blobs(30)
+    folder.serve(records)
+
+    def member_root(folder_id: bytes, member: bytes) -> Child | None:
+        return folder.root if folder_id == KEYS.folder_id and member == client else None
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            async with served(tmp_path, {KEYS.folder_id: folder}.get, member_root=member_root) as s:
+                work = FolderWork()
+                link = FolderLink(
+                    s.conn, KEYS, TransferCounters(), s.client_id.node_id.raw, work=work
+                )
+                client.extend(s.client_id.node_id.raw)
+                await link.join()
+                async with trio.open_nursery() as nursery:
+                    roots = await watch_roots(link, nursery)
+                    assert await roots.receive() == folder.root
+                    await link.nodes([ContentHash(h) for h in folder.nodes])
+                    assert work.nodes_pushed == 0
+                    assert work.nodes_asked == len(folder.nodes)
+                    nursery.cancel_scope.cancel()
+
+    client = bytearray()
+    trio.run(main)

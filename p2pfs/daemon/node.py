@@ -186,7 +186,12 @@ class Node:
             self.events,
             self._download_limit,
         )
-        folder_server = FolderServer(self._index, self._folders.lookup, self._identity.node_id.raw)
+        folder_server = FolderServer(
+            self._index,
+            self._folders.lookup,
+            self._identity.node_id.raw,
+            member_root=self._folders.member_root,
+        )
         service = self.share_service(
             self._index,
             self.counters,

@@ -60,6 +60,10 @@ class RequestStream:
     async def send(self, message: Message) -> None:
         await self._write(self.session.send(message))
 
+    async def send_each(self, messages: list[Message]) -> None:
+        """Several requests in one write (the server answers them in order)."""
+        await self._write(b"".join(self.session.send(message) for message in messages))
+
     async def _write(self, data: bytes) -> None:
         self._counters.protocol_sent += len(data)
         await self.stream.send_all(data)

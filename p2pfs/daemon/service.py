@@ -286,7 +286,9 @@ class ShareService:
 
             async def watch(*, task_status: trio.TaskStatus[None]) -> None:
                 with subscription:
-                    await folders.watch(message, grants.folders, send, task_status=task_status)
+                    await folders.watch(
+                        message, grants.folders, send, conn.peer_id.raw, task_status=task_status
+                    )
 
             await subscriptions.start(watch)
 

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from p2pfs.content.tree import Child
 from p2pfs.daemon.folders.server import CLIENT_ROLE, FolderServer, ServedFolder
 from p2pfs.daemon.requests import PeerRequestError, RequestStream
 from p2pfs.daemon.service import ShareService
@@ -51,13 +52,15 @@ async def served(
     tmp_path: Path,
     lookup: Callable[[bytes], ServedFolder | None] = lambda _fid: None,
     service_class: type[ShareService] = ShareService,
+    member_root: Callable[[bytes, bytes], Child | None] = lambda _folder, _member: None,
 ) -> AsyncIterator[Served]:
     """A share service (``service_class``: one a test made hostile) on a real endpoint and
-    an authenticated client connection to it."""
+    an authenticated client connection to it; ``member_root``: the root the folder server
+    takes each member to have announced."""
     server_id, client_id = Identity.generate(), Identity.generate()
     with IndexStore(tmp_path / "index.sqlite3") as store:
         index = AsyncIndex(store)
-        folders = FolderServer(index, lookup, server_id.node_id.raw)
+        folders = FolderServer(index, lookup, server_id.node_id.raw, member_root)
         service = service_class(index, TransferCounters(), folders=folders)
         async with (
             open_endpoint(server_id, handler=service.handle_connection) as server,

@@ -39,6 +39,7 @@ from p2pfs.wire.messages import (
     FolderRoot,
     FolderWelcome,
     GetChunks,
+    Message,
     WatchFolder,
 )
 
@@ -88,6 +89,8 @@ class FolderLink:
         """The folder's counts: nodes taken from pushes and asked for are added there."""
         self._pushed: dict[ContentHash, bytes] = {}
         """What the member pushed after its latest root, by hash (unverified)."""
+        self._watch_stream: RequestStream | None = None
+        """The join's stream, its WatchFolder sent behind the proof, for watch() to read."""
         self._download_limit = download_limit
         """The daemon's --max-download-rate, shared with fetches."""
         self.keys = keys
@@ -108,8 +111,12 @@ class FolderLink:
         """More connections to the same member, joined, that carry chunk batches too
         (a long path: swarm/stripes.py); the manager opens and closes them."""
 
-    async def join(self) -> list[FolderMember]:
-        """Prove membership both ways; returns the other members the peer knows."""
+    async def join(self, *, watch: bool = True) -> list[FolderMember]:
+        """Prove membership both ways; returns the other members the peer knows. With
+        ``watch`` the WatchFolder goes right behind the proof on the same stream (the
+        server answers a stream's requests in order, so it is a member by then): the first
+        root and its push come a round trip sooner than asked after the welcome, and
+        :meth:`watch` reads them there."""
         stream = await RequestStream.open(self.conn, self._counters)
         folder_id = self.keys.folder_id
         client_nonce = os.urandom(32)
@@ -126,13 +133,19 @@ class FolderLink:
         proof = self.keys.membership_proof(
             CLIENT_ROLE, client_nonce, challenge.nonce, self._own_id, peer
         )
-        await stream.send(FolderProof(stream.new_request_id(), folder_id, proof))
+        requests: list[Message] = [FolderProof(stream.new_request_id(), folder_id, proof)]
+        if watch:
+            requests.append(WatchFolder(stream.new_request_id(), folder_id, PUSH_BUDGET))
+        await stream.send_each(requests)
         welcome = await stream.next_reply()
         if isinstance(welcome, ErrorReply):
             raise AuthenticationError(f"peer {self.peer_id.short()} refused our membership")
         assert isinstance(welcome, FolderWelcome)
         self.device = welcome.device
-        self._idle.append(stream)
+        if watch:
+            self._watch_stream = stream
+        else:
+            self._idle.append(stream)
         return list(welcome.members)
 
     @asynccontextmanager
@@ -166,9 +179,11 @@ class FolderLink:
         signed by the write key (checked here: a signature that does not verify is a
         forgery, RemoteProtocolError) now and after each change; returns only when the
         peer ends the subscription."""
-        stream = await RequestStream.open(self.conn, self._counters)
-        request = WatchFolder(stream.new_request_id(), self.keys.folder_id, PUSH_BUDGET)
-        await stream.send(request)
+        stream, self._watch_stream = self._watch_stream, None
+        if stream is None:
+            stream = await RequestStream.open(self.conn, self._counters)
+            request = WatchFolder(stream.new_request_id(), self.keys.folder_id, PUSH_BUDGET)
+            await stream.send(request)
         while True:
             reply = await stream.next_reply()
             if isinstance(reply, ErrorReply):
@@ -213,12 +228,14 @@ class FolderLink:
         dropped and its batches asked again on the others."""
         pushed = self._pushed
         if pushed:
-            missing = [node_hash for node_hash in hashes if node_hash not in pushed]
-            if self._work is not None:
-                self._work.nodes_pushed += len(hashes) - len(missing)
-            if len(missing) < len(hashes):
-                asked = dict(zip(missing, await self._ask_nodes(missing), strict=True))
-                return [pushed[h] if h in pushed else asked[h] for h in hashes]
+            # Taken out as used: a push is held only until its reconcile has taken it.
+            here = {h: pushed.pop(h) for h in dict.fromkeys(hashes) if h in pushed}
+            if here:
+                missing = [node_hash for node_hash in hashes if node_hash not in here]
+                if self._work is not None:
+                    self._work.nodes_pushed += len(hashes) - len(missing)
+                here.update(zip(missing, await self._ask_nodes(missing), strict=True))
+                return [here[h] for h in hashes]
         return await self._ask_nodes(hashes)
 
     async def _ask_nodes(self, hashes: list[ContentHash]) -> list[bytes]:
@@ -278,7 +295,7 @@ class FolderLink:
         if conn.peer_id != self.peer_id:
             raise AuthenticationError("a stripe must reach the same member")
         stripe = FolderLink(conn, self.keys, self._counters, self._own_id, self._download_limit)
-        await stripe.join()
+        await stripe.join(watch=False)  # a stripe carries requests only
         self.stripes.append(stripe)
         return stripe
 

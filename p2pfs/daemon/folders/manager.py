@@ -172,6 +172,10 @@ class FolderManager:
         """The folder to serve to a member (none while paused: nothing goes in or out)."""
         return None if folder_id in self.paused else self.folders.get(folder_id)
 
+    def member_root(self, folder_id: bytes, node_id: bytes) -> Child | None:
+        """The index root the member last announced to us (None: not linked here)."""
+        return self._member_roots.get((folder_id, node_id))
+
     def folder_paths(self) -> set[str]:
         return {folder.path for folder in self.folders.values()}
 

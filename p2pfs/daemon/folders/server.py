@@ -112,11 +112,18 @@ class FolderGrants:
 
 class FolderServer:
     def __init__(
-        self, index: AsyncIndex, lookup: Callable[[bytes], ServedFolder | None], own_id: bytes
+        self,
+        index: AsyncIndex,
+        lookup: Callable[[bytes], ServedFolder | None],
+        own_id: bytes,
+        member_root: Callable[[bytes, bytes], Child | None] = lambda _folder, _member: None,
     ) -> None:
         self._index = index
         self._lookup = lookup
         self._own_id = own_id
+        self._member_root = member_root
+        """(folder id, node id) -> the root that member last announced to us: a push of
+        the same root would bring it only what it holds."""
         self._file_nodes: OrderedDict[ContentHash, dict[ContentHash, bytes]] = OrderedDict()
         self._pushes: OrderedDict[tuple[bytes, Child | None, Child, int], list[FolderNodes]] = (
             OrderedDict()
@@ -191,11 +198,13 @@ class FolderServer:
         request: WatchFolder,
         grants: FolderGrants,
         send: Callable[[FolderRoot | FolderNodes | ErrorReply], Awaitable[None]],
+        member: bytes,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Send the folder's index root and need now and after every change (latest values
-        only; a change of the need alone at most every PROGRESS_INTERVAL)."""
+        only; a change of the need alone at most every PROGRESS_INTERVAL) to ``member`` (its
+        node id), each followed by its push if the request asked for one."""
         folder = self.is_member(grants, request.folder_id)
         if folder is None:
             task_status.started()
@@ -222,7 +231,12 @@ class FolderServer:
                 sent, sent_at = (root, need), trio.current_time()
                 if request.push_budget:
                     current = Child(root, count)
-                    frames = await self._push(folder, pushed_for, current, budget)
+                    if self._member_root(request.folder_id, member) == current:
+                        # Our root is the member's own (it took our change, or we took
+                        # its): it holds every node, record and tree of it.
+                        frames = _frames([], [], [])
+                    else:
+                        frames = await self._push(folder, pushed_for, current, budget)
                     for frame in frames:
                         await send(replace(frame, request_id=request.request_id))
                     pushed_for = current
