@@ -165,9 +165,9 @@ class FolderSync:
         self.records = RecordSet(store.record_source(row.id))
         self._tree = IndexTree()
         """The index tree, updated along the changed paths (never rebuilt per change)."""
-        self._retired: list[Callable[[ContentHash], bytes | None]] = []
-        """Nodes the last KEPT_TREES - 1 updates removed (by hash): the trees before them
-        stay servable for members mid-diff."""
+        self._retired: list[tuple[Child, Callable[[ContentHash], bytes | None]]] = []
+        """The roots before the last KEPT_TREES - 1 updates, newest first, each with the
+        nodes its update removed (by hash): those trees stay servable for members mid-diff."""
         self._root: Child = EMPTY_INDEX
         self._changed = trio.Event()
         self._held: _HeldChanges | None = None
@@ -272,7 +272,7 @@ class FolderSync:
         root = self._tree.root
         if root == self._root:
             return
-        self._retired = [delta.retired.get, *self._retired[: KEPT_TREES - 2]]
+        self._retired = [(self._root, delta.retired.get), *self._retired[: KEPT_TREES - 2]]
         self._new_root(root)
 
     async def _replace_tree(self, tree: IndexTree) -> None:
@@ -282,7 +282,7 @@ class FolderSync:
         old, self._tree = self._tree, tree
         if tree.root == self._root:
             return
-        self._retired = [old.node, *self._retired[: KEPT_TREES - 2]]
+        self._retired = [(self._root, old.node), *self._retired[: KEPT_TREES - 2]]
         self._new_root(tree.root)
 
     def _new_root(self, root: Child) -> None:
@@ -324,7 +324,7 @@ class FolderSync:
     # -- what the folder server needs (ServedFolder) --------------------------------------
 
     def served_node(self, node_hash: ContentHash) -> bytes | None:
-        for node in (self._tree.node, *self._retired):
+        for node in (self._tree.node, *(removed for _root, removed in self._retired)):
             found = node(node_hash)
             if found is not None:
                 return found
@@ -656,9 +656,15 @@ class FolderSync:
                 )
             timer.mark("rescan")
             same_root = remote_root.hash == self._root.hash
-            if same_root and not self.missing_content():
+            # A member at a root we had (it has not taken our latest change yet) holds
+            # nothing we lack: each of its records is ours or one we replaced since. Its
+            # diff would ask for the nodes of our own last change (a round trip on a long
+            # path, the folder held meanwhile) to plan nothing.
+            behind = any(remote_root == root for root, _removed in self._retired)
+            if (same_root or behind) and not self.missing_content():
                 return
-            local_root, trees = self._root, [self._tree.node, *self._retired]
+            local_root = self._root
+            trees = [self._tree.node, *(removed for _root, removed in self._retired)]
 
             def local_node(node_hash: ContentHash) -> bytes:
                 for node in trees:
