@@ -23,7 +23,9 @@ p2pfs's time is the fetching daemon's own (manifest request to last file renamed
 engine's is its receiver's (first byte to EOF), so p2pfs also pays the manifest's round trip.
 Every p2pfs copy is checked byte for byte, and the link's counters must show that every byte
 crossed it. ``--sync`` adds folder sync through the same links: a folder holding the
-condition's file joined through the link, at the defaults and with ``--stripes 1``.
+condition's file joined through the link, at the defaults and with ``--stripes 1``;
+``--sync-edits N`` a folder of small files joined through it, then N edits on one member
+timed until the other holds them, against the path's round trip.
 """
 
 from __future__ import annotations
@@ -355,6 +357,88 @@ def sync_run(
         shutil.rmtree(work, ignore_errors=True)
 
 
+EDIT_FILES = 200
+"""The folder the edits bench joins first: small files in a source tree's shape."""
+EDIT_PAUSE = 0.5
+"""Seconds between edits: each one settles (the other member's root comes back) first."""
+
+
+def sync_edits_run(condition: Condition, seed: int, work: Path, edits: int) -> dict[str, Any]:
+    """A fresh pair of daemons: A makes a folder of EDIT_FILES small files, B joins it
+    through the link; then A rewrites one file ``edits`` times, each timed from A's write
+    to B holding the new bytes (A's watcher, its root and what comes with it, the chunk)."""
+    folder_a, folder_b = work / "a", work / "b"
+    make_tree(folder_a, EDIT_FILES, seed)
+    paths = sorted(path.relative_to(folder_a) for path in folder_a.rglob("*.txt"))
+    flags = _daemon_flags(condition)
+    holder = DaemonProcess(work / "home-a", extra_args=flags)
+    joiner = DaemonProcess(work / "home-b", extra_args=flags)
+    rng = random.Random(seed)
+    try:
+        holder.start()
+        joiner.start()
+        ticket = parse_ticket_untrusted(str(holder.cli_json("sync", str(folder_a))["rw"]))
+        target = ticket.addresses[0]
+        link = _link(condition, (target.host, target.port), seed, data_to_target=False)
+        if link is not None:
+            ticket = dataclasses.replace(ticket, addresses=(PeerAddress(*link.address),))
+        with link if link is not None else contextlib.nullcontext():
+            started = time.monotonic()
+            joiner.cli_json("sync", str(folder_b), ticket.encode())
+            for path in paths:
+                _wait_for(folder_b / path, (folder_a / path).read_bytes(), started)
+            joined = time.monotonic() - started
+            latencies = []
+            for _ in range(edits):
+                time.sleep(EDIT_PAUSE)
+                path = paths[rng.randrange(len(paths))]
+                data = rng.randbytes(rng.randint(200, 4096))
+                changed = time.monotonic()
+                (folder_a / path).write_bytes(data)
+                _wait_for(folder_b / path, data, changed, poll=0.002)
+                latencies.append(time.monotonic() - changed)
+        work_b = joiner.cli_json("sync", "list")["folders"][0]["work"]
+        return {"join_s": joined, "edits_s": latencies, "nodes_asked": work_b.get("nodes_asked")}
+    finally:
+        for daemon in (joiner, holder):
+            daemon.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _wait_for(path: Path, expected: bytes, since: float, poll: float = SYNC_POLL) -> None:
+    while not _holds(path, expected):
+        if time.monotonic() - since > CHILD_TIMEOUT:
+            raise RuntimeError(f"sync: {path.name} did not arrive")
+        time.sleep(poll)
+
+
+def sync_edits_condition(
+    condition: Condition, runs: int, edits: int, scratch: Path
+) -> dict[str, Any]:
+    """Edits crossing the link, ``edits`` per seed; the round trip is the reference (half
+    of one for the root and what comes with it, one for the chunk: 1.5 at the least)."""
+    rtt = 2 * condition.link.delay if condition.link is not None else 0.0
+    joins, latencies = [], []
+    for seed in range(1, runs + 1):
+        run = sync_edits_run(condition, seed, scratch / "edits", edits)
+        joins.append(run["join_s"])
+        latencies += run["edits_s"]
+        sys.stderr.write(
+            f"{condition.name} edits seed {seed}: join {run['join_s']:.2f} s, edits p50 "
+            f"{statistics.median(run['edits_s']):.3f} s\n"
+        )
+    latencies.sort()
+    return {
+        "condition": condition.name,
+        "describe": condition.describe,
+        "rtt_s": rtt,
+        "join_s": statistics.median(joins),
+        "edit_p50_s": statistics.median(latencies),
+        "edit_max_s": latencies[-1],
+        "edits": len(latencies),
+    }
+
+
 def _holds(path: Path, expected: bytes) -> bool:
     try:
         return path.stat().st_size == len(expected) and path.read_bytes() == expected
@@ -577,6 +661,22 @@ def print_sync_table(rows: list[dict[str, Any]]) -> None:
         )
 
 
+def print_edits_table(rows: list[dict[str, Any]]) -> None:
+    header = (
+        f"{'sync: one edit to identical':<28}{'RTT s':>7}{'p50 s':>8}{'RTTs':>6}{'max s':>8}"
+        f"{f'join {EDIT_FILES} s':>13}"
+    )
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        rtts = row["edit_p50_s"] / row["rtt_s"] if row["rtt_s"] else float("nan")
+        print(
+            f"{row['describe']:<28}{row['rtt_s']:>7.3f}{row['edit_p50_s']:>8.3f}{rtts:>6.2f}"
+            f"{row['edit_max_s']:>8.3f}{row['join_s']:>13.2f}"
+        )
+    print("(reference: the round trip; an edit needs half of one for the root, one for its chunk)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks links", description=__doc__)
     parser.add_argument(
@@ -612,6 +712,18 @@ def main(argv: list[str] | None = None) -> int:
         help="also fetch a tree of FILES files of 200 B-4 KiB through each emulated link "
         "(phases: listing, chunk trees, swarm), beside the raw engine moving its bytes",
     )
+    parser.add_argument(
+        "--no-fetch",
+        action="store_true",
+        help="skip the fetch rows (run only what --sync, --tree or --sync-edits ask for)",
+    )
+    parser.add_argument(
+        "--sync-edits",
+        type=int,
+        metavar="EDITS",
+        help=f"also join a folder of {EDIT_FILES} small files through each emulated link, then "
+        "time EDITS edits on one member until the other holds them",
+    )
     parser.add_argument("--workdir", help="scratch directory (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
@@ -631,6 +743,7 @@ def main(argv: list[str] | None = None) -> int:
                 one_connection=not args.no_one_connection,
             )
             for c in chosen
+            if not args.no_fetch
         ]
         tree_rows = (
             [tree_condition(c, args.tree, args.runs, scratch) for c in chosen if c.link]
@@ -642,6 +755,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.sync
             else []
         )
+        edit_rows = (
+            [
+                sync_edits_condition(c, args.runs, args.sync_edits, scratch)
+                for c in chosen
+                if c.link is not None
+            ]
+            if args.sync_edits
+            else []
+        )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     note = (
@@ -649,13 +771,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{time.monotonic() - started:.0f} s; medians of {args.runs} seeded runs"
     )
     if args.json:
-        print(json.dumps({"rows": rows, "sync": sync_rows, "tree": tree_rows, "note": note}))
+        everything = {"rows": rows, "sync": sync_rows, "tree": tree_rows, "edits": edit_rows}
+        print(json.dumps({**everything, "note": note}))
     else:
-        print_table(rows, note)
+        if rows:
+            print_table(rows, note)
+        else:
+            print(note)
         if tree_rows:
             print_tree_table(tree_rows)
         if sync_rows:
             print_sync_table(sync_rows)
+        if edit_rows:
+            print_edits_table(edit_rows)
     return (
         0 if all(r["ratio"] >= GOAL for r in rows if not r["condition"].startswith("direct")) else 1
     )

@@ -166,10 +166,24 @@ def test_a_folder_joined_over_a_long_path_moves_its_chunks_over_several_connecti
             wait_until(lambda: content_of(b_dir / "big.bin") == data, timeout=180)
             b_log = (b.home / "daemon.log").read_text()
             assert f"{DEFAULT_MAX_STRIPES} connections to" in b_log
-            b_id = str(b.cli_json("status")["node_id"])
+            status = b.cli_json("status")
+            b_id = str(status["node_id"])
             assert connections_accepted(a, b_id[:12]) >= DEFAULT_MAX_STRIPES
             assert "a stripe ended" not in b_log
             assert "no stripe to" not in b_log
+            # Each connection carried its share of the chunks: stripes that came up after
+            # the transfer began (the trees come pushed, so chunks are asked for at once)
+            # took part too, and the link did not queue the file on its own connection.
+            a_id = str(real.node_id)
+            carried = sorted(
+                (
+                    int(peer["payload_received"])
+                    for peer in status["peers"]
+                    if peer["node_id"] == a_id
+                ),
+                reverse=True,
+            )  # B's connections to A, and A's to B (which carry A's requests)
+            assert carried[DEFAULT_MAX_STRIPES - 1] >= len(data) // 10, carried
 
 
 def test_a_folder_link_whose_stripes_cannot_connect_carries_on_alone(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from p2pfs.net import PeerConnection
 from p2pfs.net.codes import CloseCode
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.records import INDEX_TREE, record_hash, root_signature_valid
+from p2pfs.waits import first_of
 from p2pfs.wire.messages import (
     ChunkData,
     ErrorReply,
@@ -64,6 +65,8 @@ PUSH_BUDGET = 256 << 10
 record and file tree are a few KiB; a join gets the top of the index and the first
 records. Read before the reconcile starts, so it is kept to what a slow path carries in
 about a round trip's worth of time, not the megabytes a whole join would want."""
+STRIPE_WAIT = 1.0
+"""Seconds a chunk transfer of several batches waits for stripes still being opened."""
 REQUESTS_IN_FLIGHT = 2
 """Chunk requests queued per request stream: the member reads the next request while the
 current one's replies are still on their way, so it never idles between requests."""
@@ -89,6 +92,10 @@ class FolderLink:
         """The folder's counts: nodes taken from pushes and asked for are added there."""
         self._pushed: dict[ContentHash, bytes] = {}
         """What the member pushed after its latest root, by hash (unverified)."""
+        self._stripes_changed = trio.Event()
+        """Set (and replaced) when a stripe joins or fails to: calls under way take it in."""
+        self.stripes_pending = 0
+        """Stripes the manager is still opening: a chunk transfer waits a moment for them."""
         self._watch_stream: RequestStream | None = None
         """The join's stream, its WatchFolder sent behind the proof, for watch() to read."""
         self._download_limit = download_limit
@@ -258,16 +265,17 @@ class FolderLink:
                         raise
                     work.done()
 
-        await self._on_every_stream(len(batches), one_stream)
+        await self._on_every_stream(work, one_stream)
         return [node for batch in found for node in batch]
 
     async def _on_every_stream(
-        self, batches: int, one_stream: Callable[[FolderLink], Awaitable[None]]
+        self, work: _BatchQueue, one_stream: Callable[[FolderLink], Awaitable[None]]
     ) -> None:
         """Run ``one_stream`` on each request stream of this link and, for more than one
-        batch, of its stripes; a stripe whose connection fails or stalls is dropped (its
-        stream gave its batches back to the queue first), a failure of this link's own
-        connection ends the call."""
+        batch, of its stripes, those that join while the call runs too; a stripe whose
+        connection fails or stalls is dropped (its stream gave its batches back to the
+        queue first), a failure of this link's own connection ends the call."""
+        batches = work.count
 
         async def stripe_stream(stripe: FolderLink) -> None:
             try:
@@ -287,6 +295,18 @@ class FolderLink:
             for _ in range(min(REQUEST_STREAMS, batches)):
                 for link in links:
                     nursery.start_soon(one_stream if link is self else stripe_stream, link)
+            if batches > 1:
+
+                async def take_in_new_stripes() -> None:
+                    while not work.finished:
+                        for stripe in self.stripes:
+                            if stripe not in links and not stripe.conn.is_closed:
+                                links.append(stripe)
+                                for _ in range(REQUEST_STREAMS):
+                                    nursery.start_soon(stripe_stream, stripe)
+                        await first_of(self._stripes_changed, work.changed)
+
+                nursery.start_soon(take_in_new_stripes)
 
     async def add_stripe(self, conn: PeerConnection) -> FolderLink:
         """Prove membership on one more connection to the same member, whose request
@@ -297,7 +317,26 @@ class FolderLink:
         stripe = FolderLink(conn, self.keys, self._counters, self._own_id, self._download_limit)
         await stripe.join(watch=False)  # a stripe carries requests only
         self.stripes.append(stripe)
+        self._stripes_moved()
         return stripe
+
+    def stripe_attempt_over(self) -> None:
+        """One stripe the manager was opening is joined or given up."""
+        self.stripes_pending -= 1
+        self._stripes_moved()
+
+    def _stripes_moved(self) -> None:
+        moved, self._stripes_changed = self._stripes_changed, trio.Event()
+        moved.set()
+
+    async def _wait_for_stripes(self) -> None:
+        """Until the stripes being opened are up (or given up), STRIPE_WAIT at most. Chunks
+        asked for before they are up queue on this link's one connection and stay there:
+        with trees pushed, a join asked for a 16 MiB file's chunks before its stripes had
+        joined (three round trips each) and took 11 s through 40 ms, 0.2%, not 3.5 s."""
+        with trio.move_on_after(STRIPE_WAIT):
+            while self.stripes_pending > 0:
+                await self._stripes_changed.wait()
 
     async def chunk_batches(
         self,
@@ -312,6 +351,8 @@ class FolderLink:
         refuses (content it no longer holds) goes to ``on_refused`` and the others go on.
         A stripe whose connection fails or stalls is dropped and its batches are asked
         again on the others; a failure of this link's own connection ends the call."""
+        if len(batches) > 1:
+            await self._wait_for_stripes()
         work = _BatchQueue(len(batches))
 
         async def one_stream(link: FolderLink) -> None:
@@ -342,7 +383,7 @@ class FolderLink:
                 finally:
                     work.give_back(asked)
 
-        await self._on_every_stream(len(batches), one_stream)
+        await self._on_every_stream(work, one_stream)
 
     async def _receive_batch(
         self,
@@ -389,9 +430,19 @@ class _BatchQueue:
     once every batch is done."""
 
     def __init__(self, count: int) -> None:
+        self.count = count
         self._waiting: collections.deque[int] = collections.deque(range(count))
         self._left = count
         self._changed = trio.Event()
+
+    @property
+    def finished(self) -> bool:
+        return self._left == 0
+
+    @property
+    def changed(self) -> trio.Event:
+        """Set when a batch is done or given back (then replaced)."""
+        return self._changed
 
     async def take(self) -> int | None:
         while not self._waiting:

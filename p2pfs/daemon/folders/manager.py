@@ -493,6 +493,7 @@ class FolderManager:
                     self._hint(folder, member.node_id, member.host, member.port)
             logger.info("folder %s: linked with %s", folder.path, conn.peer_id.short())
             stripes = self._stripes_for(folder, conn, joined_in)
+            link.stripes_pending = stripes - 1
             async with trio.open_nursery() as nursery:
                 for _ in range(stripes - 1):
                     nursery.start_soon(self._stripe, folder, link, stripe_holder)
@@ -587,6 +588,8 @@ class FolderManager:
         ) as exc:
             logger.info("folder %s: no stripe to %s: %s", folder.path, conn.peer_id.short(), exc)
             return
+        finally:
+            link.stripe_attempt_over()
         try:
             await close_when_silent(stripe, KEEPALIVE_INTERVAL)
         finally:
