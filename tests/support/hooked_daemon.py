@@ -32,14 +32,27 @@ from p2pfs.content.tree import MAX_NODE_BYTES
 from p2pfs.daemon.node import Node
 from p2pfs.daemon.service import ShareService
 from p2pfs.ids import ContentHash
-from p2pfs.net import Stream
+from p2pfs.net import PeerConnection, Stream
 from p2pfs.store.index import ChunkLocation
-from p2pfs.wire.messages import MAX_NODES_PER_REPLY, GetTree, TreeNodes
+from p2pfs.wire.messages import (
+    MAX_NODES_PER_REPLY,
+    GetChunks,
+    GetManifest,
+    GetNodes,
+    GetTree,
+    TreeNodes,
+)
 from p2pfs.wire.session import StreamSession
 
 PROGRAM = (sys.executable, str(Path(__file__).resolve()))
 HOOKS = frozenset(
-    {"--serve-unverified", "--case-insensitive", "--small-join-batches", "--push-bad-trees"}
+    {
+        "--serve-unverified",
+        "--case-insensitive",
+        "--small-join-batches",
+        "--push-bad-trees",
+        "--stall-first-manifest",
+    }
 )
 SMALL_JOIN_BATCH = 256
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -80,6 +93,30 @@ class BadPushNode(Node):
     share_service = BadPushShareService
 
 
+class FirstManifestStalledService(ShareService):
+    """Never answers the first GetManifest it is asked (as a stream the engine stopped
+    sending on looks to the fetcher); answers every later one."""
+
+    stalled = False
+
+    async def _answer(
+        self,
+        message: GetManifest | GetNodes | GetChunks | GetTree,
+        stream: Stream,
+        session: StreamSession,
+        grants: Any,
+        conn: PeerConnection,
+    ) -> None:
+        if isinstance(message, GetManifest) and not FirstManifestStalledService.stalled:
+            FirstManifestStalledService.stalled = True
+            await trio.sleep_forever()
+        await super()._answer(message, stream, session, grants, conn)
+
+
+class FirstManifestStalledNode(Node):
+    share_service = FirstManifestStalledService
+
+
 def _read_raw(wanted: list[tuple[ContentHash, list[ChunkLocation]]]) -> list[bytes | None]:
     """Each chunk's bytes at its first recorded location, whatever they are now."""
     datas: list[bytes | None] = []
@@ -112,6 +149,8 @@ def main(argv: list[str]) -> None:
     node = UnverifiedNode(config) if "--serve-unverified" in hooks else Node(config)
     if "--push-bad-trees" in hooks:
         node = BadPushNode(config)
+    if "--stall-first-manifest" in hooks:
+        node = FirstManifestStalledNode(config)
     trio.run(node.run)
 
 
