@@ -277,9 +277,12 @@ class Fetches:
                     attempts.extend(exc.attempts)
                 if trio.current_time() >= deadline:
                     if not attempts:
+                        # Nothing dialled: no address at all, or only holders already
+                        # tried (and passed over) by this fetch.
+                        named = "names no other holder" if direct else "names no address"
                         raise DialError(
                             [],
-                            "a holder (the ticket names no address and discovery "
+                            f"a holder (the ticket {named} and discovery "
                             f"found no provider in {give_up:g} s)",
                         )
                     raise DialError(attempts)
