@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -320,41 +321,50 @@ def print_tree_table(rows: list[dict[str, Any]]) -> None:
 SYNC_POLL = 0.05
 
 
-def sync_run(
-    condition: Condition, seed: int, source: Path, work: Path, *, one_connection: bool
-) -> float:
-    """A fresh pair of daemons; one makes a sync folder holding ``source``, the other joins
-    it through the link. Seconds from the join to the file complete and exact on the joiner
-    (its own rounds: membership, records, index nodes, then the chunks)."""
-    folder_a, folder_b = work / "a", work / "b"
-    folder_a.mkdir(parents=True)
-    shutil.copyfile(source, folder_a / source.name)
-    expected = source.read_bytes()
+@contextlib.contextmanager
+def _folder_joined_through(
+    condition: Condition,
+    seed: int,
+    work: Path,
+    joiner_extra: tuple[str, ...] = (),
+) -> Iterator[tuple[DaemonProcess, float]]:
+    """A fresh pair of daemons: A makes a sync folder of ``work/a`` (filled by the caller),
+    B joins it as ``work/b`` through the link. Yields B and when the join was asked; both
+    daemons stop and ``work`` is removed after."""
     flags = _daemon_flags(condition)
     holder = DaemonProcess(work / "home-a", extra_args=flags)
-    stripes = ("--stripes", "1") if one_connection else ()
-    joiner = DaemonProcess(work / "home-b", extra_args=(*flags, *stripes))
+    joiner = DaemonProcess(work / "home-b", extra_args=(*flags, *joiner_extra))
     try:
         holder.start()
         joiner.start()
-        ticket = parse_ticket_untrusted(str(holder.cli_json("sync", str(folder_a))["rw"]))
+        ticket = parse_ticket_untrusted(str(holder.cli_json("sync", str(work / "a"))["rw"]))
         target = ticket.addresses[0]
         link = _link(condition, (target.host, target.port), seed, data_to_target=False)
         if link is not None:
             ticket = dataclasses.replace(ticket, addresses=(PeerAddress(*link.address),))
         with link if link is not None else contextlib.nullcontext():
             started = time.monotonic()
-            joiner.cli_json("sync", str(folder_b), ticket.encode())
-            deadline = started + CHILD_TIMEOUT
-            while not _holds(folder_b / source.name, expected):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("sync: the file did not arrive")
-                time.sleep(SYNC_POLL)
-            return time.monotonic() - started
+            joiner.cli_json("sync", str(work / "b"), ticket.encode())
+            yield joiner, started
     finally:
         for daemon in (joiner, holder):
             daemon.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def sync_run(
+    condition: Condition, seed: int, source: Path, work: Path, *, one_connection: bool
+) -> float:
+    """A fresh pair of daemons; one makes a sync folder holding ``source``, the other joins
+    it through the link. Seconds from the join to the file complete and exact on the joiner
+    (its own rounds: membership, records, index nodes, then the chunks)."""
+    (work / "a").mkdir(parents=True)
+    shutil.copyfile(source, work / "a" / source.name)
+    expected = source.read_bytes()
+    stripes = ("--stripes", "1") if one_connection else ()
+    with _folder_joined_through(condition, seed, work, stripes) as (_joiner, started):
+        _wait_for(work / "b" / source.name, expected, started)
+        return time.monotonic() - started
 
 
 EDIT_FILES = 200
@@ -370,39 +380,22 @@ def sync_edits_run(condition: Condition, seed: int, work: Path, edits: int) -> d
     folder_a, folder_b = work / "a", work / "b"
     make_tree(folder_a, EDIT_FILES, seed)
     paths = sorted(path.relative_to(folder_a) for path in folder_a.rglob("*.txt"))
-    flags = _daemon_flags(condition)
-    holder = DaemonProcess(work / "home-a", extra_args=flags)
-    joiner = DaemonProcess(work / "home-b", extra_args=flags)
     rng = random.Random(seed)
-    try:
-        holder.start()
-        joiner.start()
-        ticket = parse_ticket_untrusted(str(holder.cli_json("sync", str(folder_a))["rw"]))
-        target = ticket.addresses[0]
-        link = _link(condition, (target.host, target.port), seed, data_to_target=False)
-        if link is not None:
-            ticket = dataclasses.replace(ticket, addresses=(PeerAddress(*link.address),))
-        with link if link is not None else contextlib.nullcontext():
-            started = time.monotonic()
-            joiner.cli_json("sync", str(folder_b), ticket.encode())
-            for path in paths:
-                _wait_for(folder_b / path, (folder_a / path).read_bytes(), started)
-            joined = time.monotonic() - started
-            latencies = []
-            for _ in range(edits):
-                time.sleep(EDIT_PAUSE)
-                path = paths[rng.randrange(len(paths))]
-                data = rng.randbytes(rng.randint(200, 4096))
-                changed = time.monotonic()
-                (folder_a / path).write_bytes(data)
-                _wait_for(folder_b / path, data, changed, poll=0.002)
-                latencies.append(time.monotonic() - changed)
+    with _folder_joined_through(condition, seed, work) as (joiner, started):
+        for path in paths:
+            _wait_for(folder_b / path, (folder_a / path).read_bytes(), started)
+        joined = time.monotonic() - started
+        latencies = []
+        for _ in range(edits):
+            time.sleep(EDIT_PAUSE)
+            path = paths[rng.randrange(len(paths))]
+            data = rng.randbytes(rng.randint(200, 4096))
+            changed = time.monotonic()
+            (folder_a / path).write_bytes(data)
+            _wait_for(folder_b / path, data, changed, poll=0.002)
+            latencies.append(time.monotonic() - changed)
         work_b = joiner.cli_json("sync", "list")["folders"][0]["work"]
         return {"join_s": joined, "edits_s": latencies, "nodes_asked": work_b.get("nodes_asked")}
-    finally:
-        for daemon in (joiner, holder):
-            daemon.stop()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def _wait_for(path: Path, expected: bytes, since: float, poll: float = SYNC_POLL) -> None:

@@ -5,7 +5,11 @@ fetch then ask for nothing; a push of junk or past its budget never stands in fo
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -22,7 +26,7 @@ from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.records import EMPTY_INDEX, INDEX_TREE, LeafQueue, remote_changes
 from p2pfs.wire.messages import FolderNodes
 from p2pfs.wire.session import Role, StreamSession
-from tests.hostile.service_harness import served
+from tests.hostile.service_harness import Served, served
 from tests.test_sync_hostile_member import HostileFolder
 
 KEYS = FolderKeys.from_write_seed(bytes(range(32)))
@@ -49,6 +53,33 @@ async def watch_roots(link: FolderLink, nursery: trio.Nursery) -> trio.MemoryRec
     return receive
 
 
+@dataclass
+class Joined:
+    link: FolderLink
+    work: FolderWork
+    roots: trio.MemoryReceiveChannel[Child]
+
+
+@asynccontextmanager
+async def joined(
+    tmp_path: Path,
+    folder: HostileFolder,
+    before_join: Callable[[Served], None] = lambda _served: None,
+    **serving: Any,
+) -> AsyncIterator[Joined]:
+    """A watcher joined to ``folder``'s real folder server over real QUIC, its roots (each
+    after its push) arriving in ``roots``. ``before_join`` sees the server first (the
+    WatchFolder goes with the proof, so a server's behaviour is set before the join)."""
+    async with served(tmp_path, {KEYS.folder_id: folder}.get, **serving) as s:
+        before_join(s)
+        work = FolderWork()
+        link = FolderLink(s.conn, KEYS, TransferCounters(), s.client_id.node_id.raw, work=work)
+        await link.join()
+        async with trio.open_nursery() as nursery:
+            yield Joined(link, work, await watch_roots(link, nursery))
+            nursery.cancel_scope.cancel()
+
+
 def test_a_watcher_in_step_asks_for_nothing_the_push_brought(tmp_path: Path) -> None:
     folder = HostileFolder(KEYS)
     first = blobs(600)
@@ -56,41 +87,33 @@ def test_a_watcher_in_step_asks_for_nothing_the_push_brought(tmp_path: Path) -> 
 
     async def main() -> None:
         with trio.fail_after(60):
-            async with served(tmp_path, {KEYS.folder_id: folder}.get) as s:
-                work = FolderWork()
-                link = FolderLink(
-                    s.conn, KEYS, TransferCounters(), s.client_id.node_id.raw, work=work
-                )
-                await link.join()
-                async with trio.open_nursery() as nursery:
-                    roots = await watch_roots(link, nursery)
-                    old_root = await roots.receive()
-                    assert old_root == folder.root
-                    # A first root: the whole index and every record fit the budget.
-                    old_nodes = index_nodes(folder)
-                    leaves = await walked(link, old_root)
-                    assert len(leaves) == len(first)
-                    records = await link.nodes([leaf.record_hash for leaf in leaves])
-                    assert sorted(records) == sorted(blob for _path, blob in first)
-                    assert work.nodes_asked == 0
-                    assert work.nodes_pushed == len(old_nodes) + len(first)
+            async with joined(tmp_path, folder) as j:
+                old_root = await j.roots.receive()
+                assert old_root == folder.root
+                # A first root: the whole index and every record fit the budget.
+                old_nodes = index_nodes(folder)
+                leaves = await walked(j.link, old_root)
+                assert len(leaves) == len(first)
+                records = await j.link.nodes([leaf.record_hash for leaf in leaves])
+                assert sorted(records) == sorted(blob for _path, blob in first)
+                assert j.work.nodes_asked == 0
+                assert j.work.nodes_pushed == len(old_nodes) + len(first)
 
-                    # One record changed: its index path and record come with the root.
-                    edited = list(first)
-                    edited[123] = (edited[123][0], os.urandom(200))
-                    kept = dict(folder.nodes)
-                    folder.serve(edited)
-                    folder.nodes.update(kept)  # the tree before stays servable
-                    new_root = await roots.receive()
-                    pushed_before = work.nodes_pushed
-                    changed = await walked(link, new_root, old_root, old_nodes)
-                    assert len(changed) == 1
-                    [record] = await link.nodes([leaf.record_hash for leaf in changed])
-                    assert record == edited[123][1]
-                    assert work.nodes_asked == 0
-                    # A path's few nodes and one record, not the folder again.
-                    assert 2 <= work.nodes_pushed - pushed_before <= 6
-                    nursery.cancel_scope.cancel()
+                # One record changed: its index path and record come with the root.
+                edited = list(first)
+                edited[123] = (edited[123][0], os.urandom(200))
+                kept = dict(folder.nodes)
+                folder.serve(edited)
+                folder.nodes.update(kept)  # the tree before stays servable
+                new_root = await j.roots.receive()
+                pushed_before = j.work.nodes_pushed
+                changed = await walked(j.link, new_root, old_root, old_nodes)
+                assert len(changed) == 1
+                [record] = await j.link.nodes([leaf.record_hash for leaf in changed])
+                assert record == edited[123][1]
+                assert j.work.nodes_asked == 0
+                # A path's few nodes and one record, not the folder again.
+                assert 2 <= j.work.nodes_pushed - pushed_before <= 6
 
     trio.run(main)
 
@@ -123,40 +146,43 @@ class JunkPushServer(FolderServer):
         return [FolderNodes(0, (os.urandom(size),), (os.urandom(64),), (os.urandom(64),), True)]
 
 
-@pytest.mark.parametrize("overrun", [False, True])
-def test_a_pushed_node_stands_only_for_its_own_hash(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrun: bool
-) -> None:
+def test_a_pushed_node_stands_only_for_its_own_hash(tmp_path: Path) -> None:
     folder = HostileFolder(KEYS)
     records = blobs(50)
     folder.serve(records)
-    monkeypatch.setattr(JunkPushServer, "overrun", overrun)
+
+    def junk_pushing(s: Served) -> None:
+        s.folders.__class__ = JunkPushServer
+
+    async def main() -> None:
+        with trio.fail_after(60):
+            async with joined(tmp_path, folder, junk_pushing) as j:
+                leaves = await walked(j.link, await j.roots.receive())
+                fetched = await j.link.nodes([leaf.record_hash for leaf in leaves])
+                assert sorted(fetched) == sorted(blob for _path, blob in records)
+                assert j.work.nodes_pushed == 0
+                assert j.work.nodes_asked == len(index_nodes(folder)) + len(records)
+
+    trio.run(main)
+
+
+def test_a_push_past_its_budget_ends_the_watch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = HostileFolder(KEYS)
+    folder.serve(blobs(5))
+    monkeypatch.setattr(JunkPushServer, "overrun", True)
 
     async def main() -> None:
         with trio.fail_after(60):
             async with served(tmp_path, {KEYS.folder_id: folder}.get) as s:
                 s.folders.__class__ = JunkPushServer
-                work = FolderWork()
-                link = FolderLink(
-                    s.conn, KEYS, TransferCounters(), s.client_id.node_id.raw, work=work
-                )
+                link = FolderLink(s.conn, KEYS, TransferCounters(), s.client_id.node_id.raw)
                 await link.join()
                 got: list[Child] = []
-                if overrun:
-                    # Past its budget the push is a protocol violation: the watch ends.
-                    with pytest.raises(RemoteProtocolError):
-                        await link.watch(lambda r, n, _need, _s: got.append(Child(r, n)))
-                    assert not got
-                    return
-                async with trio.open_nursery() as nursery:
-                    roots = await watch_roots(link, nursery)
-                    root = await roots.receive()
-                    leaves = await walked(link, root)
-                    fetched = await link.nodes([leaf.record_hash for leaf in leaves])
-                    assert sorted(fetched) == sorted(blob for _path, blob in records)
-                    assert work.nodes_pushed == 0
-                    assert work.nodes_asked == len(index_nodes(folder)) + len(records)
-                    nursery.cancel_scope.cancel()
+                with pytest.raises(RemoteProtocolError):  # a protocol violation
+                    await link.watch(lambda r, n, _need, _s: got.append(Child(r, n)))
+                assert not got
 
     trio.run(main)
 
@@ -168,8 +194,7 @@ def test_an_older_member_pushes_nothing_and_is_asked(
     the version by its Hello, waits for no push): roots are read as before and every node
     is asked for."""
     folder = HostileFolder(KEYS)
-    records = blobs(20)
-    folder.serve(records)
+    folder.serve(blobs(20))
 
     def version_1_session(role: Role, **kwargs: float) -> StreamSession:
         return StreamSession(role, version=1, **kwargs)
@@ -178,23 +203,14 @@ def test_an_older_member_pushes_nothing_and_is_asked(
 
     async def main() -> None:
         with trio.fail_after(60):
-            async with served(tmp_path, {KEYS.folder_id: folder}.get) as s:
-                work = FolderWork()
-                link = FolderLink(
-                    s.conn, KEYS, TransferCounters(), s.client_id.node_id.raw, work=work
-                )
-                await link.join()
-                async with trio.open_nursery() as nursery:
-                    roots = await watch_roots(link, nursery)
-                    root = await roots.receive()
-                    assert root == folder.root
-                    folder.serve(blobs(21))
-                    assert await roots.receive() == folder.root  # the next root, no push
-                    leaves = await walked(link, folder.root)
-                    await link.nodes([leaf.record_hash for leaf in leaves])
-                    assert work.nodes_pushed == 0
-                    assert work.nodes_asked == len(folder.nodes)
-                    nursery.cancel_scope.cancel()
+            async with joined(tmp_path, folder) as j:
+                assert await j.roots.receive() == folder.root
+                folder.serve(blobs(21))
+                assert await j.roots.receive() == folder.root  # the next root, no push
+                leaves = await walked(j.link, folder.root)
+                await j.link.nodes([leaf.record_hash for leaf in leaves])
+                assert j.work.nodes_pushed == 0
+                assert j.work.nodes_asked == len(folder.nodes)
 
     trio.run(main)
 
@@ -203,28 +219,21 @@ def test_a_member_already_at_the_root_gets_no_push(tmp_path: Path) -> None:
     """Once a member announced the very root we are about to send (it took our change, or
     we took its), it holds everything of it: the push is empty."""
     folder = HostileFolder(KEYS)
-    records = blobs(30)
-    folder.serve(records)
+    folder.serve(blobs(30))
+    client = bytearray()
 
     def member_root(folder_id: bytes, member: bytes) -> Child | None:
         return folder.root if folder_id == KEYS.folder_id and member == client else None
 
+    def note_client(s: Served) -> None:
+        client.extend(s.client_id.node_id.raw)
+
     async def main() -> None:
         with trio.fail_after(60):
-            async with served(tmp_path, {KEYS.folder_id: folder}.get, member_root=member_root) as s:
-                work = FolderWork()
-                link = FolderLink(
-                    s.conn, KEYS, TransferCounters(), s.client_id.node_id.raw, work=work
-                )
-                client.extend(s.client_id.node_id.raw)
-                await link.join()
-                async with trio.open_nursery() as nursery:
-                    roots = await watch_roots(link, nursery)
-                    assert await roots.receive() == folder.root
-                    await link.nodes([ContentHash(h) for h in folder.nodes])
-                    assert work.nodes_pushed == 0
-                    assert work.nodes_asked == len(folder.nodes)
-                    nursery.cancel_scope.cancel()
+            async with joined(tmp_path, folder, note_client, member_root=member_root) as j:
+                assert await j.roots.receive() == folder.root
+                await j.link.nodes([ContentHash(h) for h in folder.nodes])
+                assert j.work.nodes_pushed == 0
+                assert j.work.nodes_asked == len(folder.nodes)
 
-    client = bytearray()
     trio.run(main)
