@@ -32,6 +32,8 @@ from p2pfs.wire.messages import (
     NodesReply,
     TreeNodes,
     WatchFolder,
+    _chunk_data_fast_untrusted,
+    _chunk_data_untrusted,
     bitfield_of,
     decode_message_untrusted,
     encode_chunk_data_header,
@@ -145,6 +147,85 @@ def test_chunk_data_header_matches_whole_encoding() -> None:
     payload = b"x" * 1000
     whole = encode_message(ChunkData(7, 3, payload))
     assert encode_chunk_data_header(7, 3, len(payload)) + payload == whole
+
+
+def _one_int(value: int) -> st.SearchStrategy[bytes]:
+    """``value`` in each msgpack integer encoding that can hold it (signed ones too: a
+    peer may use them, and the general path reads them as the same int)."""
+    encodings = []
+    if 0 <= value < 0x80:
+        encodings.append(bytes([value]))
+    for tag, width, signed in (
+        (0xCC, 1, False), (0xCD, 2, False), (0xCE, 4, False), (0xCF, 8, False),
+        (0xD0, 1, True), (0xD1, 2, True), (0xD2, 4, True), (0xD3, 8, True),
+    ):  # fmt: skip
+        try:
+            encodings.append(bytes([tag]) + value.to_bytes(width, "big", signed=signed))
+        except OverflowError:
+            continue
+    if -32 <= value < 0:
+        encodings.append(value.to_bytes(1, "big", signed=True))
+    return st.sampled_from(encodings)
+
+
+chunk_headers = st.tuples(
+    st.sampled_from([0x92, 0x93, 0x91, 0xDC]),
+    st.integers(-40, 2**64 - 1).flatmap(_one_int),
+    st.integers(-3, 300).flatmap(_one_int),
+    st.binary(max_size=40),
+    st.booleans(),
+)
+
+
+@settings(max_examples=600)
+@given(chunk_headers, st.binary(max_size=64))
+def test_chunk_data_fast_path_returns_only_what_the_general_path_returns(
+    header: tuple[int, bytes, bytes, bytes, bool], tail: bytes
+) -> None:
+    """The fast decoder of ChunkData (``[request id, index]`` as unsigned ints) is a
+    shortcut, never a second parser: where it answers, the general path gives the same
+    message; it declines everything else, and the whole decoder answers or refuses as the
+    general path alone does. Inputs: array headers of 2 (and wrong counts), each int in
+    every encoding msgpack allows, bytes cut anywhere, junk after."""
+    array, request_id, index, extra, cut = header
+    body = bytes([array]) + request_id + index + (extra if array != 0x92 else b"") + tail
+    if cut and len(body) > 1:
+        body = body[: len(body) // 2]
+    view = memoryview(body)
+    fast = _chunk_data_fast_untrusted(view)
+    try:
+        general: ChunkData | WireError = _chunk_data_untrusted(view)
+    except WireError as exc:
+        general = exc
+    if fast is not None:
+        assert isinstance(general, ChunkData)
+        assert (fast.request_id, fast.index, bytes(fast.payload)) == (
+            general.request_id,
+            general.index,
+            bytes(general.payload),
+        )
+    whole = encode_frame(ChunkData.TAG, body)
+    if isinstance(general, WireError):
+        with pytest.raises(WireError) as raised:
+            decode_one(whole)
+        assert raised.value.code == general.code
+    else:
+        decoded = decode_one(whole)
+        assert isinstance(decoded, ChunkData)
+        assert (decoded.request_id, decoded.index, bytes(decoded.payload)) == (
+            general.request_id,
+            general.index,
+            bytes(general.payload),
+        )
+
+
+def test_the_usual_chunk_data_takes_the_fast_path() -> None:
+    """What our own server sends is what the shortcut reads (else it would buy nothing)."""
+    for request_id, index in ((1, 0), (127, 127), (128, 255), (2**40, 3), (2**64 - 1, 200)):
+        body = encode_chunk_data_header(request_id, index, 5)[5:] + b"hello"
+        fast = _chunk_data_fast_untrusted(memoryview(body))
+        assert fast is not None
+        assert (fast.request_id, fast.index, bytes(fast.payload)) == (request_id, index, b"hello")
 
 
 def test_newer_peers_extra_fields_are_ignored() -> None:

@@ -73,13 +73,20 @@ class RequestStream:
         """A WatchFolder's push follows the root just read (StreamSession.push_open)."""
         return self.session.push_open
 
+    def buffered_reply(self) -> Message | None:
+        """The next reply if it has already arrived whole, else None; never waits. A reader
+        of many small replies takes them here without a cancel scope and a trip through
+        the scheduler each (10,000 small files: 11,228 replies on one stream)."""
+        while True:
+            message = self.session.next_message()
+            if not isinstance(message, Hello):
+                return message
+
     async def next_reply(self) -> Message:
         """The next reply (Hello is consumed here); raises if the stream ends first."""
         while True:
-            message = self.session.next_message()
+            message = self.buffered_reply()
             if message is not None:
-                if isinstance(message, Hello):
-                    continue
                 return message
             data = await receive_within_frame_deadline(self.stream, self.session, RECEIVE_BYTES)
             if not data:

@@ -493,12 +493,14 @@ class PeerPool:
         """A request's replies, read in order; the pieces not held yet, with their data."""
         arrived: list[tuple[int, bytes | memoryview]] = []
         for piece in picked:
-            with trio.move_on_after(STALL_TIMEOUT) as stalled:
-                reply = await stream.next_reply()
-            if stalled.cancelled_caught:
-                raise PeerStalledError(
-                    f"peer {peer.short()} sent nothing for {STALL_TIMEOUT:.0f} s"
-                )
+            reply = stream.buffered_reply()
+            if reply is None:
+                with trio.move_on_after(STALL_TIMEOUT) as stalled:
+                    reply = await stream.next_reply()
+                if stalled.cancelled_caught:
+                    raise PeerStalledError(
+                        f"peer {peer.short()} sent nothing for {STALL_TIMEOUT:.0f} s"
+                    )
             if isinstance(reply, ErrorReply):
                 raise PeerRequestError(reply.code, reply.message)
             assert isinstance(reply, ChunkData)  # the session checked order and length
@@ -506,8 +508,9 @@ class PeerPool:
             conn.payload_received += len(reply.payload)
             self.counters.protocol_received += FRAME_OVERHEAD
             self.counters.chunks_received += 1
-            # Waiting here stops reading the stream, so flow control slows the sender.
-            await throttle(self.download_limit, len(reply.payload))
+            if self.download_limit is not None:
+                # Waiting here stops reading the stream, so flow control slows the sender.
+                await throttle(self.download_limit, len(reply.payload))
             if not self.picker.holds(piece):
                 # The payload is a view into the frame's own copy: no further copy needed.
                 arrived.append((piece, reply.payload))

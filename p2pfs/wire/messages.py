@@ -774,17 +774,56 @@ def decode_message_untrusted(frame: Frame) -> Message:
     if len(frame.body) + 1 > bounds.frame:
         raise WireError(ErrorCode.FRAME_TOO_LARGE, f"{len(frame.body)}-byte body for its tag")
     if frame.tag == ChunkData.TAG:
-        fields, end = _unpack_fields(frame.body, bounds, allow_payload=True)
-        _need(fields, 2, "ChunkData")
-        payload = frame.body[end:]
-        if len(payload) > MAX_CHUNK_LENGTH:
-            raise WireError(ErrorCode.PROTOCOL_VIOLATION, "chunk payload too large")
-        return ChunkData(
-            _request_id(fields[0]), _uint(fields[1], "index", MAX_CHUNKS_PER_REQUEST - 1), payload
-        )
+        return _chunk_data_fast_untrusted(frame.body) or _chunk_data_untrusted(frame.body)
     decoder = _FIELD_DECODERS[frame.tag]
     fields, _ = _unpack_fields(frame.body, bounds, allow_payload=False)
     return decoder(fields)
+
+
+def _chunk_data_untrusted(body: memoryview) -> ChunkData:
+    fields, end = _unpack_fields(body, BOUNDS[ChunkData.TAG], allow_payload=True)
+    _need(fields, 2, "ChunkData")
+    payload = body[end:]
+    if len(payload) > MAX_CHUNK_LENGTH:
+        raise WireError(ErrorCode.PROTOCOL_VIOLATION, "chunk payload too large")
+    return ChunkData(
+        _request_id(fields[0]), _uint(fields[1], "index", MAX_CHUNKS_PER_REQUEST - 1), payload
+    )
+
+
+# msgpack first bytes of the unsigned encodings -> bytes that follow (positive fixints,
+# 0x00-0x7f, carry their value in the first byte).
+_UINT_WIDTHS = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+
+
+def _chunk_data_fast_untrusted(body: memoryview) -> ChunkData | None:
+    """A ChunkData whose fields are the usual ``[request id, index]`` in msgpack's unsigned
+    encodings, read without building an unpacker; None for anything else, which the
+    general path then accepts or refuses. It returns only what the general path would:
+    the same two values, the same bounds (a test holds the two paths to it). The general
+    path costs ~4 us a chunk (a msgpack Unpacker with its limits, the shape walk), which
+    10,000 small files pay 11,228 times on one thread."""
+    if len(body) < 3 or body[0] != 0x92:
+        return None
+    values = []
+    pos = 1
+    for _ in range(2):
+        if pos >= len(body):
+            return None
+        first = body[pos]
+        if first < 0x80:
+            values.append(first)
+            pos += 1
+            continue
+        width = _UINT_WIDTHS.get(first)
+        if width is None or pos + 1 + width > len(body):
+            return None
+        values.append(int.from_bytes(body[pos + 1 : pos + 1 + width], "big"))
+        pos += 1 + width
+    request_id, index = values
+    if index >= MAX_CHUNKS_PER_REQUEST or len(body) - pos > MAX_CHUNK_LENGTH:
+        return None
+    return ChunkData(request_id, index, body[pos:])
 
 
 def _unpack_fields(body: memoryview, bounds: Bounds, allow_payload: bool) -> tuple[list[Any], int]:

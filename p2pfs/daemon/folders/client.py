@@ -395,11 +395,15 @@ class FolderLink:
         on_refused: Callable[[int, PeerRequestError], None],
     ) -> None:
         arrived: Arrived = []
-        # One deadline for the batch, pushed on by each reply (a cancel scope per chunk
-        # was a fifth of the event loop's work per small file).
+        # One deadline for the batch, pushed on before each wait (a cancel scope per chunk
+        # was a fifth of the event loop's work per small file); replies already here are
+        # taken without waiting at all.
         with self._stall_guard() as guard:
             for _ in refs:
-                reply = await stream.next_reply()
+                reply = stream.buffered_reply()
+                if reply is None:
+                    guard.deadline = trio.current_time() + STALL_TIMEOUT
+                    reply = await stream.next_reply()
                 if isinstance(reply, ErrorReply):  # ends this request; the next ones follow
                     on_refused(number, PeerRequestError(reply.code, reply.message))
                     return
@@ -414,7 +418,6 @@ class FolderLink:
                     await throttle(self._download_limit, len(reply.payload))
                 # The payload is a view into the frame's own copy: kept as it is, no copy.
                 arrived.append((reply.index, reply.payload))
-                guard.deadline = trio.current_time() + STALL_TIMEOUT
         await on_batch(number, arrived)
 
 

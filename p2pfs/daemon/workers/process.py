@@ -124,10 +124,12 @@ class Session:
     async def _receive(self, stream: RequestStream, batch: Batch) -> None:
         payloads: list[bytes | memoryview] = []
         for _ref in batch.refs:
-            with trio.move_on_after(self.stall) as stalled:
-                reply = await stream.next_reply()
-            if stalled.cancelled_caught:
-                raise WorkerStalledError(f"peer sent nothing for {self.stall:.0f} s")
+            reply = stream.buffered_reply()
+            if reply is None:
+                with trio.move_on_after(self.stall) as stalled:
+                    reply = await stream.next_reply()
+                if stalled.cancelled_caught:
+                    raise WorkerStalledError(f"peer sent nothing for {self.stall:.0f} s")
             if isinstance(reply, ErrorReply):
                 raise PeerRequestError(reply.code, reply.message)
             assert isinstance(reply, ChunkData)  # the session checked order and length
