@@ -125,20 +125,24 @@ def test_a_hostile_tree_push_is_ignored_and_the_trees_asked(
 
 
 def test_a_holder_whose_metadata_stalls_is_tried_again_on_a_new_connection(
-    tmp_path: Path, daemons: DaemonFactory
+    tmp_path: Path,
 ) -> None:
     """The only holder's manifest reply never comes on the first connection (what a
     stream the engine stopped sending on looks like): the fetch opens another connection
-    to it after the stall bound and completes, rather than giving the holder up."""
+    to it after the stall bound (2 s here, 10 s in the shipped daemon) and completes,
+    rather than giving the holder up."""
     source = tmp_path / "note.txt"
     source.write_bytes(b"stalled once\n" * 100)
     sharer = DaemonProcess(
         tmp_path / "sharer", extra_args=("--stall-first-manifest",), program=HOOKED_DAEMON
     ).start()
+    fetcher = DaemonProcess(
+        tmp_path / "fetcher", extra_args=("--short-stalls",), program=HOOKED_DAEMON
+    ).start()
     try:
-        fetcher = daemons("fetcher")
         fetcher.cli_json("fetch", share(sharer, source), str(tmp_path / "copy.txt"))
     finally:
+        fetcher.stop()
         sharer.stop()
     assert (tmp_path / "copy.txt").read_bytes() == source.read_bytes()
     log = (fetcher.home / "daemon.log").read_text()

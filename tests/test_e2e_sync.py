@@ -831,7 +831,7 @@ def test_a_local_edit_during_a_download_is_never_overwritten(
     join(b, b_dir, tickets["rw"])
     wait_converged([(a, a_dir), (b, b_dir)])
 
-    big = random.Random(11).randbytes(24 * MiB)  # ~6 s at the capped rate
+    big = random.Random(11).randbytes(12 * MiB)  # ~3 s at the capped rate
     staging = tmp_path / "staging"
     staging.mkdir()
     (staging / "f.bin").write_bytes(big)

@@ -9,6 +9,9 @@
   work-per-change test).
 - ``--push-bad-trees``: a GetTree is answered with junk and altered nodes, then more node
   bytes than its budget allows (tests/test_e2e_fetch.py's hostile push).
+- ``--stall-first-manifest``: the first GetManifest is never answered (a stalled holder).
+- ``--short-stalls``: a fetch gives a holder's metadata SHORT_STALL seconds, not
+  fetcher.STALL_TIMEOUT (10 s), so that the stalled-holder test does not wait out 10 s.
 
 Run as ``python tests/support/hooked_daemon.py [hooks] --home HOME daemon [daemon options]`` (the
 hooks may stand anywhere; the rest are the CLI's arguments), or give :data:`PROGRAM` to
@@ -29,6 +32,7 @@ import trio
 from p2pfs.cli import daemon_config, parse_args
 from p2pfs.content.folder import Manifest
 from p2pfs.content.tree import MAX_NODE_BYTES
+from p2pfs.daemon import fetcher
 from p2pfs.daemon.node import Node
 from p2pfs.daemon.service import ShareService
 from p2pfs.ids import ContentHash
@@ -52,8 +56,10 @@ HOOKS = frozenset(
         "--small-join-batches",
         "--push-bad-trees",
         "--stall-first-manifest",
+        "--short-stalls",
     }
 )
+SHORT_STALL = 2.0
 SMALL_JOIN_BATCH = 256
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -151,6 +157,8 @@ def main(argv: list[str]) -> None:
         node = BadPushNode(config)
     if "--stall-first-manifest" in hooks:
         node = FirstManifestStalledNode(config)
+    if "--short-stalls" in hooks:
+        fetcher.STALL_TIMEOUT = SHORT_STALL
     trio.run(node.run)
 
 
