@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from p2pfs.daemon.folders import steps
 from p2pfs.errors import StorageError
 from p2pfs.store import folderdisk as disk
 from p2pfs.store.assemble import partial_name
@@ -114,6 +115,37 @@ def test_directories_are_made_and_removed_only_when_real_and_empty(tmp_path: Pat
     (tmp_path / "link").symlink_to(outside)
     assert not disk.remove_directory(folder, "link/victim")  # never through a symlink
     assert (outside / "victim").is_dir()
+
+
+def test_a_deleted_tree_whose_rest_comes_later_leaves_no_directory_behind(tmp_path: Path) -> None:
+    """A member's rmtree can reach another member as two batches of deletes. A directory
+    that still holds a file when its delete is applied is not done (its delete is not
+    recorded, and planned again); once the rest is deleted, every directory goes. Counted
+    done at once, the emptied directories stayed behind with their deletes recorded, and
+    the next full scan sent them back to the member that deleted them."""
+    folder = str(tmp_path)
+    for name in ("src/lib/mod.py", "src/lib/deeper/x.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    scanned = {
+        name: disk.state_of(folder, name) for name in ("src/lib/mod.py", "src/lib/deeper/x.txt")
+    }
+    tree = {"src", "src/lib", "src/lib/deeper"}
+    first = steps.delete_paths(folder, scanned, ["src/lib/mod.py", *sorted(tree)], tree)
+    assert first == {"src/lib/mod.py"}
+    assert (tmp_path / "src" / "lib" / "deeper" / "x.txt").exists()
+    second = steps.delete_paths(folder, scanned, ["src/lib/deeper/x.txt", *sorted(tree)], tree)
+    assert second == {"src/lib/deeper/x.txt", *tree}
+    assert not (tmp_path / "src").exists()
+    # Nothing left to remove is done: a directory gone already, one behind a symlink
+    # (never reached through), a file where the directory was.
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    (outside / "victim").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(outside)
+    (tmp_path / "now-a-file").write_text("x")
+    odd = {"gone", "link/victim", "now-a-file"}
+    assert steps.delete_paths(folder, {}, sorted(odd), odd) == odd
+    assert (outside / "victim").is_dir() and (tmp_path / "now-a-file").is_file()
 
 
 def test_a_version_stamp_is_the_second_it_was_kept_never_rounded_up() -> None:

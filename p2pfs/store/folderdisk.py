@@ -255,6 +255,16 @@ def remove_directory(folder: str, path: str) -> bool:
     return True
 
 
+def holds_directory(folder: str, path: str) -> bool:
+    """A real directory is at ``path``, reached through real directories only."""
+    if state_of(folder, f"{path}/-") == NOT_A_FILE:
+        return False
+    try:
+        return stat.S_ISDIR(os.lstat(local_path(folder, path)).st_mode)
+    except OSError:
+        return False
+
+
 def link_within(folder: str, source: str, target: str) -> bool:
     """Give the file at ``source`` a second name ``target`` (unless ``target`` exists)."""
     make_parents(folder, target)

@@ -285,13 +285,20 @@ def delete_paths(
     """Delete ``paths`` (those in ``directories`` are directories); returns those done."""
     done = _delete_regular_files(folder, scanned, [p for p in paths if p not in directories])
     # Deepest first, after the files: a directory goes once what it held is gone. One
-    # still holding something (a local file not synced yet) stays, and the next scan
-    # records it again: content wins over a delete.
+    # still holding something is not done: its delete is not recorded, and the next
+    # reconcile plans it again. What it holds may be the rest of the deleted tree, whose
+    # records come in a later batch (a member's watcher can report one rmtree in two
+    # bursts): counted done here, the emptied directories stayed behind with their
+    # deletes recorded, and the next full scan sent them back to the member that had
+    # deleted them. Or a local file not synced yet: content wins over a delete (once
+    # synced, the member that deleted the directory makes it again for the file).
     for path in sorted(
         (p for p in paths if p in directories), key=lambda p: p.count("/"), reverse=True
     ):
-        folderdisk.remove_directory(folder, path)
-        done.add(path)
+        if folderdisk.remove_directory(folder, path) or not folderdisk.holds_directory(
+            folder, path
+        ):
+            done.add(path)
     return done
 
 
