@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from p2pfs.content.chunking import DEFAULT_CHUNKER, Chunker
-from p2pfs.store import folderdisk
+from p2pfs.store import folderdisk, scanner
 from p2pfs.store.assemble import PARTIAL_PREFIX
 from p2pfs.store.filehash import BLOCK_SIZE, hash_file_once
 from p2pfs.store.index import IndexStore
@@ -159,6 +159,62 @@ def test_racily_clean_files_are_read_again(tmp_path: Path) -> None:
     settled = scan(tmp_path, tmp_path / "share", now_ns=mtime + 20 * RACY_WINDOW_NS)
     assert settled.stats.files_hashed == 0
     assert first.root == again.root == settled.root
+
+
+def test_a_size_that_moved_before_its_mtime_is_read_again_once_the_time_lands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A truncate seen between its size update and its time update (new size, old mtime)
+    is read again after a pause: the record gets the mtime the write left, not the one
+    before it. One whose mtime was set back on purpose keeps it after the pause."""
+    target = tmp_path / "share" / "seed.txt"
+    write(target, b"there before the folder was shared\n")
+    scan(tmp_path, tmp_path / "share")
+    # The torn state: emptied, the old mtime still on it.
+    target.write_bytes(b"")
+    os.utime(target, ns=(OLD_NS, OLD_NS))
+    landed = OLD_NS + 7 * 10**9
+    pauses: list[float] = []
+
+    def time_update_lands(seconds: float) -> None:
+        pauses.append(seconds)
+        os.utime(target, ns=(landed, landed))
+
+    monkeypatch.setattr(scanner, "_pause", time_update_lands)
+    result = scan(tmp_path, tmp_path / "share")
+    assert len(pauses) == 1
+    with IndexStore(tmp_path / "home" / "index.sqlite3") as index:
+        [row] = index.share_files(result.share_id)
+    assert (row.size, row.mtime_ns) == (0, landed)
+
+    # Set back on purpose (cp -p of a shorter file): read again after the pause, kept.
+    target.write_bytes(b"short")
+    os.utime(target, ns=(landed, landed))
+    monkeypatch.setattr(scanner, "_pause", pauses.append)
+    result = scan(tmp_path, tmp_path / "share")
+    assert len(pauses) == 2
+    with IndexStore(tmp_path / "home" / "index.sqlite3") as index:
+        [row] = index.share_files(result.share_id)
+    assert (row.size, row.mtime_ns) == (5, landed)
+
+
+def test_files_written_with_one_fixed_mtime_cost_a_bounded_number_of_pauses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build that writes every file with one mtime (SOURCE_DATE_EPOCH) changes sizes
+    and keeps mtimes: the scan pauses for at most TORN_REREADS_PER_SCAN of them."""
+    count = scanner.TORN_REREADS_PER_SCAN + 6
+    for number in range(count):
+        write(tmp_path / "share" / f"f{number}", b"x" * number)
+    scan(tmp_path, tmp_path / "share")
+    for number in range(count):
+        write(tmp_path / "share" / f"f{number}", b"y" * (number + 1))
+    pauses: list[float] = []
+    monkeypatch.setattr(scanner, "_pause", pauses.append)
+    result = scan(tmp_path, tmp_path / "share")
+    assert len(pauses) == scanner.TORN_REREADS_PER_SCAN
+    assert result.stats.files_hashed == count  # each file counted once
+    assert result.bytes == sum(number + 1 for number in range(count))
 
 
 def test_single_file_share(tmp_path: Path) -> None:
