@@ -299,6 +299,8 @@ def delete_paths(
             folder, path
         ):
             done.add(path)
+        else:
+            logger.info("folder %s: %s is deleted elsewhere but not empty here; kept", folder, path)
     return done
 
 
