@@ -166,7 +166,7 @@ def test_a_size_that_moved_before_its_mtime_is_read_again_once_the_time_lands(
 ) -> None:
     """A truncate seen between its size update and its time update (new size, old mtime)
     is read again after a pause: the record gets the mtime the write left, not the one
-    before it. One whose mtime was set back on purpose keeps it after the pause."""
+    before it. One whose mtime was set back on purpose keeps it (and is read once)."""
     target = tmp_path / "share" / "seed.txt"
     write(target, b"there before the folder was shared\n")
     scan(tmp_path, tmp_path / "share")
@@ -187,12 +187,14 @@ def test_a_size_that_moved_before_its_mtime_is_read_again_once_the_time_lands(
         [row] = index.share_files(result.share_id)
     assert (row.size, row.mtime_ns) == (0, landed)
 
-    # Set back on purpose (cp -p of a shorter file): read again after the pause, kept.
+    # Set back on purpose (cp -p of a shorter file): the same stat after the pause, so
+    # kept, and not read a second time.
     target.write_bytes(b"short")
     os.utime(target, ns=(landed, landed))
     monkeypatch.setattr(scanner, "_pause", pauses.append)
     result = scan(tmp_path, tmp_path / "share")
     assert len(pauses) == 2
+    assert result.stats.files_hashed == 1 and result.stats.bytes_read == 5
     with IndexStore(tmp_path / "home" / "index.sqlite3") as index:
         [row] = index.share_files(result.share_id)
     assert (row.size, row.mtime_ns) == (5, landed)

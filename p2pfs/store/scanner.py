@@ -60,13 +60,13 @@ not trusted: the file is read again, as git does for racily clean entries."""
 READ_ATTEMPTS = 3
 """A file that changes while read is retried this many times, then reported."""
 TORN_STAT_PAUSE = 0.001
-"""The pause before a file whose size moved while its mtime and inode did not is read
-once more. A truncate or write changes the size first and the times a few microseconds
-later, and a stat in between (a watcher's rescan, right behind the write) sees the new
-size with the old mtime: recorded so, the content's version carried a stale mtime, and the
-one that landed a moment later was never sent (mtime alone is not a change;
-test_two_members_follow_each_others_changes, 1 run in ~80). A file whose mtime was set
-back on purpose is the same after it."""
+"""The pause before a file whose size moved while its mtime and inode did not is looked
+at again, and read again if its stat moved. A truncate or write changes the size first
+and the times a few microseconds later, and a stat in between (a watcher's rescan, right
+behind the write) sees the new size with the old mtime: recorded so, the content's version
+carried a stale mtime, and the one that landed a moment later was never sent (mtime alone
+is not a change; test_two_members_follow_each_others_changes, 1 run in ~80). A file whose
+mtime was set back on purpose has the same stat after it."""
 TORN_REREADS_PER_SCAN = 64
 """At most this many such pauses a scan: a tool that writes every file with one fixed
 mtime (reproducible builds) must not cost a pause per file."""
@@ -525,9 +525,12 @@ class Scan:
         ):
             self.torn_rereads += 1
             _pause(TORN_STAT_PAUSE)
-            hashed = self.hash_file(path, previous)
-            if hashed is not None:
-                self.stats.files_hashed -= 1  # one file, read twice
+            # Read again only if the stat moved meanwhile: a file set back on purpose (or
+            # a big one) costs one stat, not a second read.
+            if _stat_moved(path, hashed):
+                hashed = self.hash_file(path, previous)
+                if hashed is not None:
+                    self.stats.files_hashed -= 1  # one file, read twice
         if hashed is None:
             if row is not None:
                 self.write().delete_files([row[0]])
@@ -619,6 +622,18 @@ def _size_moved_alone(hashed: Hashed, row: FileRow) -> bool:
     """Read with another size than its row, but the row's mtime and inode: a write caught
     between its size and its time update (or an mtime set back on purpose)."""
     return hashed.size != row[1] and hashed.mtime_ns == row[2] and hashed.inode == row[3]
+
+
+def _stat_moved(path: str, hashed: Hashed) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return True  # read again: that read reports what is wrong
+    return (st.st_size, st.st_mtime_ns, signed64(st.st_ino)) != (
+        hashed.size,
+        hashed.mtime_ns,
+        hashed.inode,
+    )
 
 
 def _subdirs_digest(subtrees: list[tuple[str, Child]]) -> bytes:
