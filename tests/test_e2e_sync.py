@@ -595,6 +595,40 @@ def test_ignore_patterns_apply_on_every_member(tmp_path: Path, daemons: DaemonFa
     assert (b_dir / "a.log").read_text() == "B's own a.log\n"
 
 
+def test_a_directory_deleted_elsewhere_but_holding_ignored_files_stays_reported_until_they_go(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """A deletes logs/; on B it holds a file B ignores. B deletes what was synced, keeps
+    the directory and says why in `sync list`; the directory never comes back to A. Once
+    B's user removes the ignored file, B's next retry deletes the directory too."""
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    (a_dir / "logs").mkdir(parents=True)
+    (a_dir / ".p2pfsignore").write_text("*.log\n")
+    (a_dir / "logs" / "keep.txt").write_text("synced\n")
+    a, b = daemons("home-a"), daemons("home-b")
+    join(b, b_dir, create_folder(a, a_dir)["rw"])
+    wait_until(lambda: content_of(b_dir / "logs" / "keep.txt") == b"synced\n", CONVERGE_TIMEOUT)
+    (b_dir / "logs" / "b.log").write_text("B's own, ignored\n")
+
+    shutil.rmtree(a_dir / "logs")
+    wait_until(lambda: not (b_dir / "logs" / "keep.txt").exists(), CONVERGE_TIMEOUT)
+    wait_until(
+        lambda: any(p.startswith("logs: not deleted") for p in folder_state(b, b_dir)["problems"]),
+        CONVERGE_TIMEOUT,
+    )
+    assert (b_dir / "logs" / "b.log").exists()
+    assert not (a_dir / "logs").exists()
+
+    (b_dir / "logs" / "b.log").unlink()
+    wait_until(lambda: not (b_dir / "logs").exists(), CONVERGE_TIMEOUT)
+    wait_until(
+        lambda: folder_state(a, a_dir)["root"] == folder_state(b, b_dir)["root"],
+        CONVERGE_TIMEOUT,
+    )
+    assert not any("not deleted" in p for p in folder_state(b, b_dir)["problems"])
+    assert not (a_dir / "logs").exists()
+
+
 def test_replaced_and_deleted_files_are_kept_as_versions(
     tmp_path: Path, daemons: DaemonFactory
 ) -> None:

@@ -109,6 +109,9 @@ MAX_NOTED_PATHS = 1 << 20
 full rescan."""
 
 
+UNDELETED = "a member deleted it, but it holds files here not synced (new, or ignored here)"
+
+
 def join_batch_sizes(total: int, batch: int, first: int) -> list[int]:
     """How many of ``total`` differing records each batch of a reconcile takes: at most
     ``batch``, the first at most ``first`` when there is more than one batch (the first
@@ -187,9 +190,13 @@ class FolderSync:
         """Names that differ only by case are one file here (probed at load)."""
         self.collisions: dict[str, str] = {}
         """Paths not placed because they collide with another on this file system."""
-        self.unplaced: dict[str, str] = {}
-        """Paths whose file could not be placed (a directory in its way, a disk error):
-        path -> why. Each fails alone; listed in `sync list` until placed."""
+        # unplaced: paths whose file could not be placed (a directory in its way, a disk
+        # error), path -> why; each fails alone, listed in `sync list` until placed.
+        # undeleted: directories a member deleted that are not empty here (files not
+        # synced yet, or ignored here), path -> why; their deletes are not recorded and
+        # are tried again at each reconcile (a link retries every few seconds while the
+        # roots differ), listed in `sync list` until deleted or their record changes.
+        self.unplaced, self.undeleted = dict[str, str](), dict[str, str]()
         self.lock = trio.Lock()
         # _pending: on-disk paths the watcher named since the last scan (None: scan
         # everything); _sifted: the directories of those a join sifted (None: none sifted)
@@ -985,11 +992,14 @@ class FolderSync:
             steps.delete_paths, self.path, scanned, planned.delete, directories
         )
         deleted.update(moved.values())
+        self._note_undeleted(directories, deleted)
         ready = [
             record
             for record in ready
             if record.version.path not in planned.delete or record.version.path in deleted
         ]
+        for record in ready:
+            self.undeleted.pop(record.version.path, None)  # deleted, or made again
         timer.mark("delete")
         await self._commit_records(ready, planned.absent)
         timer.mark("store")
@@ -1014,6 +1024,14 @@ class FolderSync:
                 skipped,
             )
         return placed
+
+    def _note_undeleted(self, directories: Collection[str], deleted: Collection[str]) -> None:
+        for path in directories:
+            if path in deleted or path in self.undeleted:
+                continue
+            # Logged once: the reconcile that tries it again comes every few seconds.
+            logger.info("folder %s: %s deleted by a member, not empty here: kept", self.path, path)
+            self.undeleted[path] = UNDELETED
 
     # -- reporting ------------------------------------------------------------------------
 
@@ -1135,6 +1153,10 @@ class FolderSync:
                     for path, other in sorted(self.collisions.items())
                 ),
                 *(f"{path}: not placed: {why}" for path, why in sorted(self.unplaced.items())[:50]),
+                *(
+                    f"{path}: not deleted: {why}"
+                    for path, why in sorted(self.undeleted.items())[:50]
+                ),
                 *self.problems[:50],
             ],
         }

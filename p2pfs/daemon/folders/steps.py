@@ -291,7 +291,8 @@ def delete_paths(
     # bursts): counted done here, the emptied directories stayed behind with their
     # deletes recorded, and the next full scan sent them back to the member that had
     # deleted them. Or a local file not synced yet: content wins over a delete (once
-    # synced, the member that deleted the directory makes it again for the file).
+    # synced, the member that deleted the directory makes it again for the file). Or
+    # files ignored here: the directory stays until they go (FolderSync.undeleted).
     for path in sorted(
         (p for p in paths if p in directories), key=lambda p: p.count("/"), reverse=True
     ):
@@ -299,8 +300,6 @@ def delete_paths(
             folder, path
         ):
             done.add(path)
-        else:
-            logger.info("folder %s: %s is deleted elsewhere but not empty here; kept", folder, path)
     return done
 
 
