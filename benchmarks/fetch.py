@@ -622,6 +622,9 @@ def small_files_rows(
     # The engine's floor for these bytes: one bulk stream of the same size, no files, no
     # lookups. A fetch cannot beat libtorrent if the engine alone does not.
     floor = None if raw.mb_per_s is None else size / MB / raw.mb_per_s
+    p2pfs_cpu = run.sender_cpu + run.receiver_cpu + run.cli_cpu
+    torrent_cpu = torrent.seeder_cpu + torrent.downloader_cpu
+    cores = os.cpu_count() or 1
     return [
         Row(
             f"share {label} (s, indexing)",
@@ -645,6 +648,18 @@ def small_files_rows(
             f"libtorrent, then a syncfs of its files: {torrent.seconds:.2f} + "
             f"{torrent.sync_seconds:.2f}",
             ratio(run.fetch_seconds, torrent.seconds + torrent.sync_seconds),
+            "",
+            None,
+        ),
+        Row(
+            # Every daemon here shares the machine's cores: a fetch cannot take less wall
+            # time than all its processes' CPU spread over every core, whatever overlaps.
+            "context: CPU of all processes (core-s)",
+            f"{p2pfs_cpu:.2f} (sender {run.sender_cpu:.2f}, receiver {run.receiver_cpu:.2f}, "
+            f"CLI {run.cli_cpu:.2f}): >= {p2pfs_cpu / cores:.2f} s on {cores} cores",
+            f"libtorrent seeder {torrent.seeder_cpu:.2f} + downloader "
+            f"{torrent.downloader_cpu:.2f}: >= {torrent_cpu / cores:.2f} s",
+            ratio(p2pfs_cpu, torrent_cpu),
             "",
             None,
         ),
