@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,7 +20,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TextIO
 
 from p2pfs import __version__
-from p2pfs.address import PeerAddress, parse_address
+from p2pfs.address import parse_address
 from p2pfs.config import Option, load_config
 from p2pfs.daemon.control_client import SOCKET_NAME, DaemonError, DaemonNotRunning, call
 from p2pfs.errors import LocalProtocolError, P2pfsError, explaining_error
@@ -395,7 +394,9 @@ def daemon_config(args: argparse.Namespace) -> NodeConfig:
         discovery=DiscoveryConfig(
             dht_host=listen.host,
             dht_port=args.dht_port,
-            bootstrap=tuple(_resolved(parse_address(n, allow_names=True)) for n in args.bootstrap),
+            # Names stay names: the DHT resolves them each time it joins (a daemon started
+            # before its network, or a name that moved, still gets there).
+            bootstrap=tuple(parse_address(n, allow_names=True) for n in args.bootstrap),
             mainline=args.mainline,
             mainline_port=args.mainline_port,
             lan=not args.no_lan,
@@ -433,15 +434,6 @@ def _daemon(args: argparse.Namespace) -> int:
             raise
         raise ours from None
     return EXIT_OK
-
-
-def _resolved(address: PeerAddress) -> PeerAddress:
-    """A host name for the DHT, resolved once at start (the DHT speaks to IP addresses)."""
-    try:
-        infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_DGRAM)
-    except OSError as exc:
-        raise OSError(f"cannot resolve {address.host!r}: {exc}") from exc
-    return PeerAddress(str(infos[0][4][0]), address.port)
 
 
 def _call_daemon(args: argparse.Namespace) -> int:

@@ -59,7 +59,7 @@ class Net:
         self.rng = rng
         self.nodes: list[Running] = []
 
-    async def add(self, bootstrap: list[int], **options: object) -> Running:
+    async def add(self, bootstrap: list[int] | list[PeerAddress], **options: object) -> Running:
         # Each node its own generator (its thread draws from it), seeded from the test's.
         own = random.Random(self.rng.getrandbits(64))
         finder = DhtFinder(
@@ -67,7 +67,10 @@ class Net:
             random_bytes=own.randbytes,
             quic_port=10_000 + len(self.nodes),
             host="127.0.0.1",
-            bootstrap=[PeerAddress("127.0.0.1", port) for port in bootstrap],
+            bootstrap=[
+                node if isinstance(node, PeerAddress) else PeerAddress("127.0.0.1", node)
+                for node in bootstrap
+            ],
             ksize=KSIZE,
             rpc_timeout=RPC_TIMEOUT,
             **options,  # type: ignore[arg-type]
@@ -190,6 +193,59 @@ def test_records_are_reannounced_by_live_providers_and_expire_for_dead_ones(
             with trio.fail_after(ttl * 5):
                 while not await only_the_live_provider_left():
                     await trio.sleep(ttl / 20)
+
+    trio.run(main)
+
+
+def test_a_node_started_before_its_bootstrap_node_joins_it_once_it_answers(
+    rng: random.Random,
+) -> None:
+    """A node whose bootstrap node (named, not an IP) is not up yet, as for a daemon started
+    before its network: it serves alone, tries again with backoff, resolving the name each
+    time, and joins once the node answers; what it announced meanwhile is then found."""
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            net = Net(nursery, rng)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            late = await net.add([PeerAddress("localhost", port)], join_retry=0.2)
+            key = rng.randbytes(32)
+            await late.finder.announce(key)  # alone: it reaches no one
+            assert late.finder.contacts() == 0
+            seed = await net.add([], port=port)
+            with trio.fail_after(20):
+                while late.finder.contacts() == 0:
+                    await trio.sleep(0.05)
+                # Joined, it announces again what it announced while alone.
+                while not await seed.finder.find(key):
+                    await trio.sleep(0.05)
+            assert [p.node_id.raw for p in await seed.finder.find(key)] == [late.finder.node_id]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_what_the_first_node_announced_alone_goes_out_when_a_node_joins_it(
+    rng: random.Random,
+) -> None:
+    """The first node of a private DHT shares before anyone joins it: that announce reaches
+    no one (it was found only after the re-announce, 2/3 of the TTL later). The first node
+    that joins through it has it announced at once."""
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            net = Net(nursery, rng)
+            first = await net.add([])
+            key = rng.randbytes(32)
+            await first.finder.announce(key)
+            joiner = await net.add([first.finder.port])
+            with trio.fail_after(10):
+                while not await joiner.finder.find(key):
+                    await trio.sleep(0.1)
+            assert [p.node_id.raw for p in await joiner.finder.find(key)] == [first.finder.node_id]
+            nursery.cancel_scope.cancel()
 
     trio.run(main)
 

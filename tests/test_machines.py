@@ -327,3 +327,33 @@ def test_unreachable_candidates_are_passed_quickly(netbed: NetBed, tmp_path: Pat
 
 def _p2pfs(home: Path) -> list[str]:
     return [sys.executable, "-m", "p2pfs", "--home", str(home)]
+
+
+def test_a_bootstrap_name_that_resolves_only_later_is_joined_then(
+    netbed: NetBed, tmp_path: Path
+) -> None:
+    """m2 starts with a --bootstrap host name its resolver does not know yet, as a daemon
+    started at boot before its network. It starts anyway (it refused to before); once the
+    name resolves, it joins the DHT through m1 and finds m1's share, which carries no
+    address hints (machines on their own subnets: no LAN discovery either)."""
+    m1, m2 = netbed.machine("m1"), netbed.machine("m2")
+    m2.hosts({})
+    m2.start("--bootstrap", f"seed.test:{DEFAULT_PORT}")
+    m1.start()
+    source = tmp_path / "notes"
+    make_tree(source, {"todo.txt": 1000})
+    ticket = share(m1, source, "--no-hints")
+    assert m2.daemon is not None
+    assert m2.daemon.call("id")["discovery"]["dht"]["contacts"] == 0
+    m2.hosts({"seed.test": m1.address})
+    wait_until(lambda: m2.daemon.call("id")["discovery"]["dht"]["contacts"] > 0, timeout=30)
+
+    def m1_found() -> bool:
+        # m1 shared while its DHT held no one: it announces again once m2 reaches it.
+        completed = m2.cli("find", ticket, "--json", check=False)
+        if completed.returncode != 0:
+            return False
+        found = json.loads(completed.stdout)["providers"]
+        return m1.address in {p["address"].split(":")[0] for p in found}
+
+    wait_until(m1_found, timeout=30)

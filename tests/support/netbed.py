@@ -41,6 +41,8 @@ from tests.support.daemons import DaemonProcess
 
 _beds = itertools.count()
 DEFAULT_PORT = 7337
+NETNS_ETC = Path("/etc/netns")
+"""Per-namespace files ``ip netns exec`` binds over /etc (Machine.hosts)."""
 """The node's one UDP port: QUIC and the private DHT share it (SPEC "One UDP port")."""
 
 
@@ -168,6 +170,21 @@ class Machine:
                 f"{completed.stderr}\n{self.daemon.log_tail() if self.daemon else ''}"
             )
         return completed
+
+    def hosts(self, names: dict[str, str]) -> None:
+        """Give this machine its own ``/etc/hosts`` (``ip netns exec`` binds
+        ``/etc/netns/NAMESPACE/hosts`` over it for what it starts) listing ``names`` (name ->
+        address), and a resolver that asks nobody, so a name not listed fails at once.
+        Call it before starting what should see it; later calls rewrite the same file in
+        place, which a running daemon then reads at its next lookup."""
+        directory = NETNS_ETC / self.namespace
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "resolv.conf").write_text(
+            "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n"
+        )
+        lines = ["127.0.0.1 localhost", *(f"{address} {name}" for name, address in names.items())]
+        with (directory / "hosts").open("w") as hosts:  # truncated in place: the bind sees it
+            hosts.write("\n".join(lines) + "\n")
 
     def popen(self, *args: str) -> subprocess.Popen[str]:
         """The CLI as a user starts it from a terminal. Ctrl-C is not left ignored:
@@ -427,3 +444,6 @@ class NetBed:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), 9)
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True, check=False)
+            shutil.rmtree(NETNS_ETC / namespace, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            NETNS_ETC.rmdir()  # only if empty: another bed's, or the system's, stay

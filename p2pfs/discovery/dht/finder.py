@@ -56,6 +56,18 @@ DEFAULT_TTL = DEFAULT_MAX_TTL
 records gone before we re-announce them."""
 REANNOUNCE_FRACTION = 2 / 3
 REFRESH_INTERVAL = 900.0
+JOIN_RETRY_FIRST = 5.0
+JOIN_RETRY_MAX = 300.0
+RESOLVE_TIMEOUT = 10.0
+"""Seconds a bootstrap name may take to resolve before this join goes on without it."""
+ALONE_POLL = 1.0
+"""While a key's last announce reached no one and the routing table is empty, how often the
+table is looked at: the first contact (a node that joined through us, or one we joined) has
+the key announced at once. The first node of a private DHT shares before anyone joins it."""
+"""A node with bootstrap nodes but no contacts (its bootstrap names did not resolve yet, or
+no bootstrap node answered: a daemon started before the network) tries again after
+JOIN_RETRY_FIRST seconds, twice as long each time up to JOIN_RETRY_MAX, resolving the names
+again each time; so does one that lost every contact."""
 
 
 @dataclass
@@ -104,6 +116,7 @@ class DhtFinder:
         random_bytes: Callable[[int], bytes] = os.urandom,
         limits: RequestLimits | None = None,
         shared: SharedPort | None = None,
+        join_retry: float = JOIN_RETRY_FIRST,
     ) -> None:
         if len(node_id) != NODE_ID_LEN:
             raise LocalProtocolError("a NodeId is 32 bytes")
@@ -119,6 +132,7 @@ class DhtFinder:
         self._requested_port = port
         self._shared = shared
         self.bootstrap_addresses = tuple(bootstrap)
+        self.join_retry = join_retry
         self.ttl = ttl
         self._node = DhtNode(
             node_id=node_id,
@@ -138,6 +152,9 @@ class DhtFinder:
         self._accepting = False
         self._announced: dict[bytes, float] = {}
         """Discovery key -> trio time of its next announce."""
+        self._unheard: dict[bytes, float] = {}
+        """Announced keys whose last announce no node took -> the wait before the next try
+        (doubling from join_retry), unless a first contact comes sooner."""
         self._wakeup = trio.Event()
 
     @property
@@ -165,6 +182,7 @@ class DhtFinder:
         return self._node.protocol.traffic
 
     def contacts(self) -> int:
+        """Routing table entries (length reads of the loop's lists: safe across threads)."""
         return self._node.contacts()
 
     def records(self) -> int:
@@ -193,7 +211,7 @@ class DhtFinder:
                 contacts = await self._call(lambda node: node.bootstrap(bootstrap))
                 logger.info("DHT bootstrapped: %d contacts", contacts)
             task_status.started()
-            await self._maintain()
+            await self._maintain(joined=not self.bootstrap_addresses or self.contacts() > 0)
         finally:
             if self._shared is not None:
                 # From trio, as routing is: no datagram is handed to the loop after this.
@@ -239,15 +257,33 @@ class DhtFinder:
         finally:
             self._node.close()
 
+    async def _join(self) -> bool:
+        """Resolve the bootstrap nodes again and join through them if still alone; whether
+        the routing table holds anyone now."""
+        bootstrap = await self._resolve(self.bootstrap_addresses)
+        contacts = await self._call(lambda node: node.rejoin(bootstrap))
+        if contacts:
+            logger.info("DHT joined: %d contacts", contacts)
+        else:
+            logger.info("DHT: no bootstrap node answered yet; trying again later")
+        return contacts > 0
+
     async def _resolve(self, addresses: Sequence[PeerAddress]) -> list[Address]:
+        """Each address with its host name resolved now (a name that does not resolve is
+        left out, with a warning; it is tried again at the next join), in our socket's
+        address family."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         resolved = []
         for address in addresses:
             try:
-                infos = await trio.socket.getaddrinfo(
-                    address.host, address.port, type=socket.SOCK_DGRAM
-                )
-            except OSError as exc:
-                logger.warning("DHT bootstrap %s does not resolve: %s", address, exc)
+                # Bounded: the announces wait while this runs (a resolver that does not
+                # answer took 5 s per server and attempt).
+                with trio.fail_after(RESOLVE_TIMEOUT):
+                    infos = await trio.socket.getaddrinfo(
+                        address.host, address.port, family=family, type=socket.SOCK_DGRAM
+                    )
+            except (OSError, trio.TooSlowError) as exc:
+                logger.warning("DHT bootstrap %s does not resolve: %s", address, exc or "timed out")
                 continue
             resolved.append((str(infos[0][4][0]), int(infos[0][4][1])))
         return resolved
@@ -270,19 +306,48 @@ class DhtFinder:
         except concurrent.futures.CancelledError:
             raise LocalProtocolError("the DHT stopped during the call") from None
 
-    async def _maintain(self) -> None:
-        """Re-announce each key at 2/3 of the TTL; refresh idle buckets; wait on deadlines."""
-        next_refresh = trio.current_time() + REFRESH_INTERVAL
+    async def _maintain(self, *, joined: bool) -> None:
+        """Re-announce each key at 2/3 of the TTL; refresh idle buckets; join again (with
+        backoff) while alone; wait on deadlines."""
+        now = trio.current_time()
+        next_refresh = now + REFRESH_INTERVAL
+        join_wait = self.join_retry
+        next_join = math.inf if joined else now + join_wait
+        was_alone = self.contacts() == 0
         while True:
             now = trio.current_time()
+            alone = self.contacts() == 0
+            if was_alone and not alone:
+                # A first contact: what reached no one goes out now.
+                for key in self._unheard.keys() & self._announced.keys():
+                    self._announced[key] = now
+            was_alone = alone
+            if now >= next_join:
+                if await self._join():
+                    join_wait, next_join = self.join_retry, math.inf
+                    alone = was_alone = False
+                    # What was announced while alone reached no one: announce it now.
+                    self._announced = dict.fromkeys(self._announced, now)
+                else:
+                    join_wait = min(2 * join_wait, JOIN_RETRY_MAX)
+                    next_join = now + join_wait
             for key, due in list(self._announced.items()):
                 if due <= now and key in self._announced:
+                    if alone and key in self._unheard:
+                        # No one to tell (and each try would ping the bootstrap nodes
+                        # again): a join or a first contact announces it.
+                        self._announced[key] = now + self._unheard[key]
+                        continue
                     self._announced[key] = now + self.ttl * REANNOUNCE_FRACTION
                     await self._announce_once(key)
             if now >= next_refresh:
                 next_refresh = now + REFRESH_INTERVAL
                 await self._call(lambda node: node.refresh())
-            deadline = min([next_refresh, *self._announced.values()])
+                if self.bootstrap_addresses and self.contacts() == 0:
+                    next_join = min(next_join, now)  # lost every contact: join again
+            deadline = min([next_refresh, next_join, *self._announced.values()])
+            if self._unheard and alone:
+                deadline = min(deadline, now + ALONE_POLL)
             with trio.move_on_at(deadline):
                 await self._wakeup.wait()
             self._wakeup = trio.Event()
@@ -295,6 +360,17 @@ class DhtFinder:
             lambda node: node.announce(dht_key(key), self.node_id, self.quic_port, ttl)
         )
         logger.debug("announced %s to %d nodes", key.hex()[:12], accepted)
+        if accepted:
+            self._unheard.pop(key, None)
+        elif key in self._announced:
+            wait = (
+                min(2 * self._unheard[key], JOIN_RETRY_MAX)
+                if key in self._unheard
+                else self.join_retry
+            )
+            self._unheard[key] = wait
+            self._announced[key] = trio.current_time() + wait
+            self._wakeup.set()  # the maintaining loop's deadline moved
         return accepted
 
     async def announce(self, key: bytes) -> None:
@@ -304,6 +380,7 @@ class DhtFinder:
 
     async def withdraw(self, key: bytes) -> None:
         self._announced.pop(key, None)
+        self._unheard.pop(key, None)
         self._wakeup.set()
         await trio.lowlevel.checkpoint()
 

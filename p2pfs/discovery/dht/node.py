@@ -116,6 +116,15 @@ class DhtNode:
             await crawl.find()
         return self.contacts()
 
+    async def rejoin(self, addresses: Sequence[Address]) -> int:
+        """``bootstrap`` through ``addresses`` (resolved again by the caller) if the routing
+        table is empty; remembered for the next rejoin either way. How many nodes it holds."""
+        if addresses:
+            self.bootstrap_addresses = list(addresses)
+        if self.contacts() == 0 and self.bootstrap_addresses:
+            return await self.bootstrap(self.bootstrap_addresses)
+        return self.contacts()
+
     async def _rejoin_if_alone(self) -> None:
         if self.contacts() == 0 and self.bootstrap_addresses:
             await self.bootstrap(self.bootstrap_addresses)
