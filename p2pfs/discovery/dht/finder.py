@@ -317,20 +317,18 @@ class DhtFinder:
         while True:
             now = trio.current_time()
             alone = self.contacts() == 0
-            if was_alone and not alone:
-                # A first contact: what reached no one goes out now.
-                for key in self._unheard.keys() & self._announced.keys():
-                    self._announced[key] = now
-            was_alone = alone
             if now >= next_join:
                 if await self._join():
                     join_wait, next_join = self.join_retry, math.inf
-                    alone = was_alone = False
-                    # What was announced while alone reached no one: announce it now.
-                    self._announced = dict.fromkeys(self._announced, now)
+                    alone = False
                 else:
                     join_wait = min(2 * join_wait, JOIN_RETRY_MAX)
                     next_join = now + join_wait
+            if was_alone and not alone:
+                # Joined, or a first node joined us: what reached no one goes out now.
+                for key in self._unheard.keys() & self._announced.keys():
+                    self._announced[key] = now
+            was_alone = alone
             for key, due in list(self._announced.items()):
                 if due <= now and key in self._announced:
                     if alone and key in self._unheard:
