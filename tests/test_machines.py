@@ -357,3 +357,33 @@ def test_a_bootstrap_name_that_resolves_only_later_is_joined_then(
         return m1.address in {p["address"].split(":")[0] for p in found}
 
     wait_until(m1_found, timeout=30)
+
+
+def test_a_machine_whose_address_changes_is_found_at_its_new_one_at_once(
+    netbed: NetBed, tmp_path: Path
+) -> None:
+    """m2's address changes while its daemon runs (a new DHCP lease, a laptop that moved):
+    it notices within seconds and announces its shares again, so a hint-less ticket's
+    fetcher finds it at the new address. Before, its DHT records named the old address
+    until the next re-announce, 20 minutes later."""
+    m1, m2, m3 = netbed.machine("m1"), netbed.machine("m2"), netbed.machine("m3")
+    m1.start()
+    bootstrap = ("--bootstrap", f"{m1.address}:{DEFAULT_PORT}")
+    m2.start(*bootstrap)
+    m3.start(*bootstrap)
+    source = tmp_path / "photos"
+    make_tree(source, {"beach.jpg": 300_000})
+    ticket = share(m2, source, "--no-hints")
+
+    def found_at(address: str) -> bool:
+        completed = m3.cli("find", ticket, "--json", check=False)
+        if completed.returncode != 0:
+            return False
+        providers = json.loads(completed.stdout)["providers"]
+        return address in {p["address"].split(":")[0] for p in providers}
+
+    wait_until(lambda: found_at(m2.address), timeout=20)
+    moved = m2.readdress(77)
+    wait_until(lambda: found_at(moved), timeout=20)
+    fetch_json(m3, ticket, tmp_path / "copy")
+    assert same_tree(source, tmp_path / "copy")

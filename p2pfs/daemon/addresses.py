@@ -156,6 +156,11 @@ class AddressBook:
         interfaces = set(interface_addresses(self.family)) | {self.bound_host}
         return any(address.host not in interfaces for address in self._observed)
 
+    def interfaces_now(self) -> frozenset[str]:
+        """The interface addresses we advertise, read now (to notice that they changed)."""
+        own = local_addresses(self.bound_host, self.port, interface_addresses(self.family))
+        return frozenset(address.host for address in own)
+
     def all(self) -> list[PeerAddress]:
         own = local_addresses(self.bound_host, self.port, interface_addresses(self.family))
         extra = [

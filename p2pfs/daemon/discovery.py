@@ -161,6 +161,11 @@ class Discovery:
         for finder in self.running:
             await finder.announce(key)
 
+    def addresses_changed(self) -> None:
+        """Every backend says what it announced again, from the new addresses."""
+        for finder in self.running:
+            finder.addresses_changed()
+
     async def find(self, root: ContentHash, limit: int = 16) -> list[Provider]:
         """Providers from every backend, merged, those carrying a NodeId first."""
         return await self.find_key(share_discovery_key(root), limit)

@@ -116,6 +116,9 @@ class NodeConfig:
 NAT_SETTLE = 1.0
 """How long a starting node waits for its first peer to say where it sees it."""
 NAT_RECHECK = 30.0
+ADDRESS_POLL = 2.0
+"""How often a node bound to a wildcard reads its interface addresses for a change (a laptop
+on another network, a new DHCP lease): one getifaddrs, well under a millisecond."""
 SHARE_RECHECK = 15 * 60.0
 """Every share is re-indexed this often (a stat walk: unchanged files are not read again);
 one found stale (a chunk no longer reads back as indexed) at once."""
@@ -274,6 +277,7 @@ class Node:
             await self._settle_nat()
             await nursery.start(self._discovery.serve)
             nursery.start_soon(self._track_nat)
+            nursery.start_soon(self._watch_addresses)
             await self._announce_all()
             nursery.start_soon(self._keep_shares_current)
             await nursery.start(
@@ -311,6 +315,27 @@ class Node:
         while True:
             await trio.sleep(NAT_RECHECK)
             self._dht.client_mode = self._addresses.seen_through_nat()
+
+    async def _watch_addresses(self) -> None:
+        """Announce everything again when this machine's addresses change: a DHT record
+        names the address its announce came from, so until the next re-announce (20 min)
+        a hint-less ticket's fetchers were sent to an address the node no longer has."""
+        assert self._addresses is not None
+        if not self._addresses.wildcard:
+            return  # bound to one address: a change of it is the socket's end, not a move
+        last = self._addresses.interfaces_now()
+        while True:
+            await trio.sleep(ADDRESS_POLL)
+            now = self._addresses.interfaces_now()
+            if now == last:
+                continue
+            logger.info(
+                "this machine's addresses changed (%s -> %s): announcing again",
+                ", ".join(sorted(last)),
+                ", ".join(sorted(now)),
+            )
+            last = now
+            self.discovery.addresses_changed()
 
     async def _wait_for_signal(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

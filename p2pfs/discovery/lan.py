@@ -324,6 +324,10 @@ class LanFinder:
             self._beacon_now.set()
         await trio.lowlevel.checkpoint()
 
+    def addresses_changed(self) -> None:
+        """A beacon now: peers take a beacon's address from its datagram's source."""
+        self._beacon_now.set()
+
     async def withdraw(self, key: bytes) -> None:
         if key in self._keys:
             del self._keys[key]

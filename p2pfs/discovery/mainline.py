@@ -345,6 +345,12 @@ class MainlineFinder:
         self._schedule_changed.set()
         await trio.lowlevel.checkpoint()
 
+    def addresses_changed(self) -> None:
+        """Every key announced again now (Mainline records carry the sender's address)."""
+        for key in self._announces:
+            self._announces[key] = -math.inf
+        self._schedule_changed.set()
+
     async def withdraw(self, key: bytes) -> None:
         # BEP 5 has no "unannounce": the records elsewhere expire within ~30 minutes.
         self._announces.pop(key, None)

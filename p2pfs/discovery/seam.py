@@ -48,6 +48,11 @@ class Finder(Protocol):
         """Providers of ``key`` known now or found by one lookup (may be empty)."""
         ...
 
+    def addresses_changed(self) -> None:
+        """This machine's addresses changed (another network, another lease): what was
+        announced names an address that may be gone; say it all again now."""
+        ...
+
 
 @dataclass
 class MemoryDirectory:
@@ -86,3 +91,6 @@ class MemoryFinder:
         await trio.lowlevel.checkpoint()
         found = [p for p in self._directory.records.get(key, {}) if p != self.me]
         return found[:limit]
+
+    def addresses_changed(self) -> None:
+        pass  # its records name ``me``, which does not move

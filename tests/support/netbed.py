@@ -171,6 +171,18 @@ class Machine:
             )
         return completed
 
+    def readdress(self, host: int) -> str:
+        """Move this machine (one made by ``NetBed.machine``) to host ``host`` of its subnet,
+        as a new DHCP lease would: the old address goes, the new one and the default route
+        come. Returns the new address (also ``address`` from now on)."""
+        subnet = self.address.rsplit(".", 1)[0]
+        new = f"{subnet}.{host}"
+        _run("ip", "-n", self.namespace, "addr", "del", f"{self.address}/24", "dev", self.veth)
+        _run("ip", "-n", self.namespace, "addr", "add", f"{new}/24", "dev", self.veth)
+        _run("ip", "-n", self.namespace, "route", "replace", "default", "via", f"{subnet}.1")
+        self.address = new
+        return new
+
     def hosts(self, names: dict[str, str]) -> None:
         """Give this machine its own ``/etc/hosts`` (``ip netns exec`` binds
         ``/etc/netns/NAMESPACE/hosts`` over it for what it starts) listing ``names`` (name ->

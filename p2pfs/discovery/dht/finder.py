@@ -376,6 +376,14 @@ class DhtFinder:
         self._wakeup.set()
         await self._announce_once(key)
 
+    def addresses_changed(self) -> None:
+        """Every key announced again now: a record's address is the one its storer saw the
+        announce come from, so the records made before name the old one (for up to 2/3 of
+        the TTL, 20 min, before the next re-announce)."""
+        now = trio.current_time()
+        self._announced = dict.fromkeys(self._announced, now)
+        self._wakeup.set()
+
     async def withdraw(self, key: bytes) -> None:
         self._announced.pop(key, None)
         self._unheard.pop(key, None)
