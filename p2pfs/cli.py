@@ -241,7 +241,7 @@ def _daemon_arguments(daemon: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         help="a node of the private DHT to join, at its main address (e.g. HOST:7337; "
-        "none: this node starts its own)",
+        "a host name is resolved each time the node joins; none: this node starts its own)",
     )
     daemon.add_argument(
         "--dht-port",
