@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.linkemu import LinkConditions, LinkForwarder
+from benchmarks.scratchfs import ScratchFsError, fresh_ext4
 from p2pfs.address import PeerAddress
 from p2pfs.ids import NodeId
 from p2pfs.wire.ticket import Ticket, TicketKind, parse_ticket_untrusted
@@ -455,3 +457,31 @@ def test_a_small_share_costs_one_round_trip_before_its_chunks(
     assert report["trees_seconds"] < 3.7 * rtt, f"{report['trees_seconds'] / rtt:.2f} round trips"
     after_trees = report["first_byte_seconds"] - report["trees_seconds"]
     assert after_trees < 1.7 * rtt, f"{after_trees / rtt:.2f} round trips after the trees"
+
+
+def test_a_fetch_that_cannot_fit_stops_before_writing_a_file(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """Onto a file system with less room than the share (a 16 MiB ext4 of its own): the
+    fetch stops at once with exit 2, saying what it needs and what is free, and leaves no
+    file behind (it used to fill the disk with a temp file, then fail on "No space left on
+    device"). A share that fits still goes through there."""
+    with contextlib.ExitStack() as stack:
+        try:
+            small = stack.enter_context(fresh_ext4(16 * MiB, under=tmp_path))
+        except ScratchFsError as exc:
+            pytest.skip(str(exc))
+        too_big, fits = tmp_path / "too-big", tmp_path / "fits"
+        too_big.mkdir()
+        fits.mkdir()
+        (too_big / "disk.img").write_bytes(os.urandom(24 * MiB))
+        (fits / "notes.bin").write_bytes(os.urandom(2 * MiB))
+        sharer, fetcher = daemons("sharer"), daemons("fetcher")
+        completed = fetcher.cli("fetch", share(sharer, too_big), str(small / "a"), check=False)
+        assert completed.returncode == 2, completed.stderr
+        assert "needs 25.2 MB more" in completed.stderr, completed.stderr
+        assert not [path for path in small.rglob("*") if path.is_file()]
+        fetcher.cli("fetch", share(sharer, fits), str(small / "b"))
+        assert (small / "b" / "notes.bin").read_bytes() == (fits / "notes.bin").read_bytes()
+        for daemon in (fetcher, sharer):
+            daemon.stop()  # nothing of theirs left open in the file system it unmounts

@@ -535,6 +535,12 @@ class Fetcher:
         await self._keep_or_refuse([t for t, s in zip(files, states, strict=True) if s is _DIFFERS])
         complete = [state is _COMPLETE for state in states]
         resumed = await in_thread(_open_partials, files)
+        to_write = [
+            (task.entry.size, sum(ref.length for offset, ref in task.leaves if offset in present))
+            for task, done, present in zip(files, complete, resumed, strict=True)
+            if not done
+        ]
+        await in_thread(_check_room, self._top_dir, to_write)
         index_of = {ref.id: number for number, ref in enumerate(pieces)}
         held: dict[int, PieceLocation] = {}
         for task, done, present in zip(files, complete, resumed, strict=True):
@@ -925,6 +931,26 @@ def _close_partials(tasks: list[_FileTask]) -> None:
     for task in tasks:
         if task.partial is not None:
             task.partial.close()
+
+
+def _check_room(top_dir: str, to_write: list[tuple[int, int]]) -> None:
+    """Refuse, before any file is written, a fetch that cannot fit: each file still to write
+    (its size, and the bytes an earlier attempt left in its temp file) in whole blocks,
+    against what the destination's file system has free. Without it, a fetch onto a nearly
+    full disk failed with "No space left on device" once it had filled the disk with a temp
+    file. Only a sure refusal: directories and metadata are not counted."""
+    try:
+        fs = os.statvfs(top_dir)
+    except OSError:
+        return  # the writes will say what is wrong
+    block = fs.f_frsize or 4096
+    free = (fs.f_bfree if os.geteuid() == 0 else fs.f_bavail) * fs.f_frsize
+    needed = sum(max(0, -(-size // block) * block - present) for size, present in to_write)
+    if needed > free:
+        raise StorageError(
+            f"{top_dir}: this fetch needs {needed / 1e6:.1f} MB more and its file system has "
+            f"{free / 1e6:.1f} MB free; no file was written"
+        )
 
 
 def _open_partials(tasks: list[_FileTask]) -> list[set[int]]:
