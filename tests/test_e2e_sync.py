@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.scratchfs import ScratchFsError, fresh_ext4
 from p2pfs.ids import content_hash_untrusted
 from p2pfs.net import TransportConfig
 from p2pfs.store.index import INDEX_FILENAME
@@ -989,3 +990,36 @@ def test_one_change_in_a_big_folder_costs_the_change_not_the_folder(
     # B's root before it took the edit is one A had: A does not diff against it (it asked
     # for B's copy of the path's nodes and planned B's old record, to do nothing).
     assert a_spent["records_planned"] == 0 and a_spent["nodes_asked"] == 0, spent
+
+
+def test_a_file_too_big_for_the_disk_is_reported_not_fetched_and_the_rest_syncs(
+    tmp_path: Path, daemons: DaemonFactory
+) -> None:
+    """B's folder is on a 16 MiB file system of its own; A adds a 24 MiB file and a small
+    one. B places the small one, lists the big one in `sync list` problems with the room it
+    needs, and fetches none of it. Before, B fetched it again at every reconcile (176 MB in
+    30 s), and its temp file filled the disk so the small file could not be placed either,
+    with nothing in `sync list`."""
+    with contextlib.ExitStack() as stack:
+        try:
+            small = stack.enter_context(fresh_ext4(16 * MiB, under=tmp_path))
+        except ScratchFsError as exc:
+            pytest.skip(str(exc))
+        a, b = daemons("a"), daemons("b")
+        a_dir, b_dir = tmp_path / "a-folder", small / "b-folder"
+        created = create_folder(a, a_dir)
+        b_dir.mkdir()
+        join(b, b_dir, created["rw"])
+        (a_dir / "big.bin").write_bytes(os.urandom(24 * MiB))
+        (a_dir / "small.txt").write_text("hello\n")
+
+        def big_reported() -> bool:
+            problems = folder_state(b, b_dir)["problems"]
+            return any(p.startswith("big.bin: not placed: needs 25.2 MB more") for p in problems)
+
+        wait_until(lambda: (b_dir / "small.txt").exists() and big_reported(), CONVERGE_TIMEOUT)
+        assert (b_dir / "small.txt").read_text() == "hello\n"
+        assert not has_part_files(b_dir)
+        assert b.call("status")["counters"]["payload_received"] < MiB
+        for daemon in (b, a):
+            daemon.stop()  # nothing of theirs left open in the file system it unmounts

@@ -56,6 +56,7 @@ from p2pfs.store.assemble import Finished, PartialFile, commit_files
 from p2pfs.store.directories import SharedDirectories
 from p2pfs.store.folderdisk import keep_version
 from p2pfs.store.index import ChunkLocation, ChunkReader, IndexStore
+from p2pfs.store.room import ToWrite, room_short
 from p2pfs.swarm.picker import PiecePicker
 from p2pfs.wire.codes import ErrorCode
 
@@ -536,11 +537,17 @@ class Fetcher:
         complete = [state is _COMPLETE for state in states]
         resumed = await in_thread(_open_partials, files)
         to_write = [
-            (task.entry.size, sum(ref.length for offset, ref in task.leaves if offset in present))
-            for task, done, present in zip(files, complete, resumed, strict=True)
-            if not done
+            ToWrite(task.entry.size, task.partial.directory, task.partial.temp_name)
+            for task, done in zip(files, complete, strict=True)
+            if not done and task.partial is not None
         ]
-        await in_thread(_check_room, self._top_dir, to_write)
+        short = await in_thread(room_short, to_write)
+        if short is not None:
+            needed, free = short
+            raise StorageError(
+                f"{self._top_dir}: this fetch needs {needed / 1e6:.1f} MB more and its file "
+                f"system has {free / 1e6:.1f} MB free; no file was written"
+            )
         index_of = {ref.id: number for number, ref in enumerate(pieces)}
         held: dict[int, PieceLocation] = {}
         for task, done, present in zip(files, complete, resumed, strict=True):
@@ -931,26 +938,6 @@ def _close_partials(tasks: list[_FileTask]) -> None:
     for task in tasks:
         if task.partial is not None:
             task.partial.close()
-
-
-def _check_room(top_dir: str, to_write: list[tuple[int, int]]) -> None:
-    """Refuse, before any file is written, a fetch that cannot fit: each file still to write
-    (its size, and the bytes an earlier attempt left in its temp file) in whole blocks,
-    against what the destination's file system has free. Without it, a fetch onto a nearly
-    full disk failed with "No space left on device" once it had filled the disk with a temp
-    file. Only a sure refusal: directories and metadata are not counted."""
-    try:
-        fs = os.statvfs(top_dir)
-    except OSError:
-        return  # the writes will say what is wrong
-    block = fs.f_frsize or 4096
-    free = (fs.f_bfree if os.geteuid() == 0 else fs.f_bavail) * fs.f_frsize
-    needed = sum(max(0, -(-size // block) * block - present) for size, present in to_write)
-    if needed > free:
-        raise StorageError(
-            f"{top_dir}: this fetch needs {needed / 1e6:.1f} MB more and its file system has "
-            f"{free / 1e6:.1f} MB free; no file was written"
-        )
 
 
 def _open_partials(tasks: list[_FileTask]) -> list[set[int]]:

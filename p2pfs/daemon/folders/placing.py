@@ -16,8 +16,8 @@ from p2pfs.content.chunking import DEFAULT_CHUNKER, ChunkRef
 from p2pfs.content.folder import file_tree
 from p2pfs.content.tree import Child
 from p2pfs.ids import ContentHash
-from p2pfs.store import folderdisk
-from p2pfs.store.assemble import Finished, PartialFile
+from p2pfs.store import folderdisk, room
+from p2pfs.store.assemble import Finished, PartialFile, partial_name
 from p2pfs.store.directories import SharedDirectories
 from p2pfs.store.index import CHUNK_RECORD, ChunkLocation, ChunkReader, IndexStore
 from p2pfs.store.placed import PlacedFile, record_placed_files
@@ -252,15 +252,27 @@ class Placer:
         writer: MergedCalls[Callable[[], None]],
     ) -> None:
         partials: dict[str, PartialFile] = {}
-        failed: set[str] = set()
-        """Files of this step that cannot be placed now (a disk error, content the member
-        lacks): the others go ahead; these are retried on a later reconcile."""
+        failed: dict[str, str] = {}
+        """Files of this step that cannot be placed now, path -> why (no room, a disk
+        error; "" for content the member lacks): the others go ahead; these are retried
+        on a later reconcile, and those with a why are listed in `sync list` meanwhile."""
         try:
             await trees.walked.wait()
             chunks_of = trees.chunks_of
+            # A file that cannot fit is not fetched (the transfer was paid again at every
+            # reconcile, and its temp file left no room for the files after it).
+            to_write = []
+            for path, version in items:
+                assert version.root is not None
+                name = partial_name(path.rsplit("/", 1)[-1], version.root)
+                to_write.append(room.ToWrite(version.size, parents[path], name))
+            lacking = await in_thread(room.lacking_room, to_write)
+            failed.update((items[position][0], why) for position, why in lacking.items())
             directories = SharedDirectories()  # one descriptor per directory, not per file
             for path, version in items:
                 assert version.root is not None
+                if path in failed:
+                    continue
                 name = path.rsplit("/", 1)[-1]
                 partials[path] = PartialFile(
                     parents[path], name, version.root, version.size, directories=directories
@@ -292,6 +304,7 @@ class Placer:
             for path in renamed:
                 self.unplaced.pop(path, None)
             self.unplaced.update(unplaced)
+            self.unplaced.update((path, why) for path, why in failed.items() if why)
         finally:
             for partial in partials.values():
                 partial.close()
@@ -302,7 +315,7 @@ class Placer:
         partials: dict[str, PartialFile],
         chunks_of: dict[str, list[tuple[int, ChunkRef]]],
         old_roots: Mapping[str, ContentHash],
-        failed: set[str],
+        failed: dict[str, str],
     ) -> dict[ContentHash, tuple[ChunkRef, list[tuple[str, int]]]]:
         """Copy every chunk this node already holds anywhere (renames and copies cost no
         transfer); returns the rest: chunk id -> (ref, [(path, offset), ...])."""
@@ -346,7 +359,7 @@ class Placer:
         partials: dict[str, PartialFile],
         chunks_of: dict[str, list[tuple[int, ChunkRef]]],
         old_roots: Mapping[str, ContentHash],
-        failed: set[str],
+        failed: dict[str, str],
     ) -> dict[str, set[int]]:
         """An edited file's unchanged runs come from its previous version on this disk, a
         run at a time (no per-chunk index lookup; PartialFile.copy_chunks verifies each
@@ -378,7 +391,7 @@ class Placer:
         link: FolderLink,
         partials: dict[str, PartialFile],
         missing: dict[ContentHash, tuple[ChunkRef, list[tuple[str, int]]]],
-        failed: set[str],
+        failed: dict[str, str],
         versions: Mapping[str, FileVersion],
         chunks_of: Mapping[str, list[tuple[int, ChunkRef]]],
         writer: MergedCalls[Callable[[], None]],
@@ -417,7 +430,9 @@ class Placer:
         def refused(number: int, exc: PeerRequestError) -> None:
             # Content it has not got (any more): these files are retried later.
             logger.info("folder %s: %s", self.path, exc)
-            failed.update(path for _ref, places in batches[number] for path, _offset in places)
+            failed.update(
+                (path, "") for _ref, places in batches[number] for path, _offset in places
+            )
 
         refs = [[ref for ref, _places in batch] for batch in batches]
         writers = trio.Semaphore(WRITES_IN_FLIGHT)

@@ -64,11 +64,11 @@ def write_or_fail(
     offset: int,
     data: bytes | memoryview,
     expected: ChunkRef | None,
-    failed: set[str],
+    failed: dict[str, str],
     path: str,
 ) -> None:
     """Write a chunk (verified against ``expected`` if given; a mismatch is the sender's
-    fault and raises IntegrityError); a disk error fails only this file."""
+    fault and raises IntegrityError); a disk error fails only this file (path -> why)."""
     try:
         if expected is None:
             partial.write_verified(offset, data)
@@ -76,7 +76,7 @@ def write_or_fail(
             partial.write_chunk(offset, data, expected)
     except StorageError as exc:
         logger.warning("cannot write %s: %s", partial.final_path, exc)
-        failed.add(path)
+        failed[path] = str(exc)
 
 
 def verify_chunk(ref: ChunkRef, data: bytes | memoryview) -> None:
@@ -89,7 +89,7 @@ def write_parts(
     partial: PartialFile,
     parts: list[tuple[int, bytes | memoryview]],
     whole: FileVersion | None,
-    failed: set[str],
+    failed: dict[str, str],
     path: str,
 ) -> None:
     """Write verified chunks (offset, bytes) of one file; ``whole``: they are all of it,
@@ -103,7 +103,7 @@ def write_parts(
             partial.write_verified(offset, data)
     except StorageError as exc:
         logger.warning("cannot write %s: %s", partial.final_path, exc)
-        failed.add(path)
+        failed[path] = str(exc)
 
 
 def copy_from_previous(
