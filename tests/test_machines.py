@@ -52,6 +52,26 @@ def same_tree(left: Path, right: Path) -> bool:
     return files(left) == files(right)
 
 
+def dht_of_three(netbed: NetBed) -> tuple[Machine, Machine, Machine]:
+    """Three machines on subnets of their own, daemons at defaults; m1 is the private DHT's
+    bootstrap node for the other two."""
+    m1, m2, m3 = netbed.machine("m1"), netbed.machine("m2"), netbed.machine("m3")
+    m1.start()
+    bootstrap = ("--bootstrap", f"{m1.address}:{DEFAULT_PORT}")
+    m2.start(*bootstrap)
+    m3.start(*bootstrap)
+    return m1, m2, m3
+
+
+def found_at(machine: Machine, ticket: str, address: str) -> bool:
+    """``machine``'s discovery finds a holder of ``ticket``'s share at ``address`` now."""
+    completed = machine.cli("find", ticket, "--json", check=False)
+    if completed.returncode != 0:
+        return False
+    providers = json.loads(completed.stdout)["providers"]
+    return address in {p["address"].split(":")[0] for p in providers}
+
+
 def transfers(machine: Machine) -> list[dict[str, object]]:
     assert machine.daemon is not None
     result: list[dict[str, object]] = machine.daemon.call("status")["transfers"]
@@ -184,11 +204,7 @@ def test_a_holder_stops_answering_and_another_is_found_through_the_dht(
 def test_a_stale_dht_record_does_not_stop_a_fetch(netbed: NetBed, tmp_path: Path) -> None:
     """m2 announced the share, then died (kill -9): its DHT record outlives it. A fetch with a
     ticket naming only content finds both records and finishes from m1."""
-    m1, m2, m3 = netbed.machine("m1"), netbed.machine("m2"), netbed.machine("m3")
-    m1.start()
-    bootstrap = ("--bootstrap", f"{m1.address}:{DEFAULT_PORT}")
-    m2.start(*bootstrap)
-    m3.start(*bootstrap)
+    m1, m2, m3 = dht_of_three(netbed)
     source = tmp_path / "docs"
     make_tree(source, {"report.pdf": 2 * MiB})
     share(m2, source)
@@ -347,16 +363,8 @@ def test_a_bootstrap_name_that_resolves_only_later_is_joined_then(
     assert m2.daemon.call("id")["discovery"]["dht"]["contacts"] == 0
     m2.hosts({"seed.test": m1.address})
     wait_until(lambda: m2.daemon.call("id")["discovery"]["dht"]["contacts"] > 0, timeout=30)
-
-    def m1_found() -> bool:
-        # m1 shared while its DHT held no one: it announces again once m2 reaches it.
-        completed = m2.cli("find", ticket, "--json", check=False)
-        if completed.returncode != 0:
-            return False
-        found = json.loads(completed.stdout)["providers"]
-        return m1.address in {p["address"].split(":")[0] for p in found}
-
-    wait_until(m1_found, timeout=30)
+    # m1 shared while its DHT held no one: it announces again once m2 reaches it.
+    wait_until(lambda: found_at(m2, ticket, m1.address), timeout=30)
 
 
 def test_a_machine_whose_address_changes_is_found_at_its_new_one_at_once(
@@ -366,24 +374,12 @@ def test_a_machine_whose_address_changes_is_found_at_its_new_one_at_once(
     it notices within seconds and announces its shares again, so a hint-less ticket's
     fetcher finds it at the new address. Before, its DHT records named the old address
     until the next re-announce, 20 minutes later."""
-    m1, m2, m3 = netbed.machine("m1"), netbed.machine("m2"), netbed.machine("m3")
-    m1.start()
-    bootstrap = ("--bootstrap", f"{m1.address}:{DEFAULT_PORT}")
-    m2.start(*bootstrap)
-    m3.start(*bootstrap)
+    _m1, m2, m3 = dht_of_three(netbed)
     source = tmp_path / "photos"
     make_tree(source, {"beach.jpg": 300_000})
     ticket = share(m2, source, "--no-hints")
-
-    def found_at(address: str) -> bool:
-        completed = m3.cli("find", ticket, "--json", check=False)
-        if completed.returncode != 0:
-            return False
-        providers = json.loads(completed.stdout)["providers"]
-        return address in {p["address"].split(":")[0] for p in providers}
-
-    wait_until(lambda: found_at(m2.address), timeout=20)
+    wait_until(lambda: found_at(m3, ticket, m2.address), timeout=20)
     moved = m2.readdress(77)
-    wait_until(lambda: found_at(moved), timeout=20)
+    wait_until(lambda: found_at(m3, ticket, moved), timeout=20)
     fetch_json(m3, ticket, tmp_path / "copy")
     assert same_tree(source, tmp_path / "copy")
