@@ -58,16 +58,17 @@ REANNOUNCE_FRACTION = 2 / 3
 REFRESH_INTERVAL = 900.0
 JOIN_RETRY_FIRST = 5.0
 JOIN_RETRY_MAX = 300.0
+"""A node with bootstrap nodes but no contacts (its bootstrap names did not resolve yet, or
+no bootstrap node answered: a daemon started before the network) tries again after
+JOIN_RETRY_FIRST seconds, twice as long each time up to JOIN_RETRY_MAX, resolving the names
+again each time; so does one that lost every contact. An announce no node took is tried
+again on the same schedule."""
 RESOLVE_TIMEOUT = 10.0
 """Seconds a bootstrap name may take to resolve before this join goes on without it."""
 ALONE_POLL = 1.0
 """While a key's last announce reached no one and the routing table is empty, how often the
 table is looked at: the first contact (a node that joined through us, or one we joined) has
 the key announced at once. The first node of a private DHT shares before anyone joins it."""
-"""A node with bootstrap nodes but no contacts (its bootstrap names did not resolve yet, or
-no bootstrap node answered: a daemon started before the network) tries again after
-JOIN_RETRY_FIRST seconds, twice as long each time up to JOIN_RETRY_MAX, resolving the names
-again each time; so does one that lost every contact."""
 
 
 @dataclass
