@@ -41,9 +41,9 @@ from tests.support.daemons import DaemonProcess
 
 _beds = itertools.count()
 DEFAULT_PORT = 7337
+"""The node's one UDP port: QUIC and the private DHT share it (SPEC "One UDP port")."""
 NETNS_ETC = Path("/etc/netns")
 """Per-namespace files ``ip netns exec`` binds over /etc (Machine.hosts)."""
-"""The node's one UDP port: QUIC and the private DHT share it (SPEC "One UDP port")."""
 
 
 UPNP_WAN = 11
