@@ -694,6 +694,21 @@ def _human_status(result: dict[str, Any]) -> None:
         print(f"  {transfer['destination']}: {transfer['bytes_done']}/{transfer['bytes_total']}")
     print(f"sent      {plural(result['bytes_sent'], 'byte')}")
     print(f"received  {plural(result['bytes_received'], 'byte')}")
+    transport = result["transport"]
+    drops = transport.get("kernel_drops")
+    dropped = "" if drops is None else f"; {plural(drops, 'datagram')} dropped by the kernel"
+    print(
+        f"udp       buffers {transport['receive_buffer'] // 1024} KiB in, "
+        f"{transport['send_buffer'] // 1024} KiB out{dropped}"
+    )
+    if (
+        min(transport["receive_buffer"], transport["send_buffer"])
+        < transport["socket_buffer_wanted"]
+    ):
+        print(
+            f"  below the {transport['socket_buffer_wanted'] // 1024} KiB asked: the kernel "
+            "caps them (Linux: net.core.rmem_max and wmem_max); fast transfers lose datagrams"
+        )
 
 
 def _human_connect(result: dict[str, Any]) -> None:

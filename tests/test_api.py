@@ -79,6 +79,8 @@ def test_metrics_render_parses_as_prometheus_text() -> None:
             folders_by_state={"syncing": 2},
             event_subscribers=1,
             events_emitted=9,
+            udp_buffers={"receive": 4096, "send": 2048},
+            udp_kernel_drops=12,
         )
     ).decode()
     samples = {
@@ -98,6 +100,8 @@ def test_metrics_render_parses_as_prometheus_text() -> None:
     assert samples[("p2pfs_discovery_lookup_seconds_bucket", (("le", "+Inf"),))] == 5
     assert samples[("p2pfs_discovery_lookup_seconds_count", ())] == 5
     assert samples[("p2pfs_chunks_total", (("outcome", "rejected"),))] == 1
+    assert samples[("p2pfs_udp_buffer_bytes", (("direction", "receive"),))] == 4096
+    assert samples[("p2pfs_udp_kernel_drops_total", ())] == 12
 
 
 def test_a_handler_bug_is_a_json_500_and_the_app_serves_on() -> None:

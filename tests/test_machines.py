@@ -105,9 +105,14 @@ def test_share_on_one_machine_fetch_on_another(netbed: NetBed, tmp_path: Path) -
     # the routed link once, with QUIC's overhead (headers, acks) on top and no more.
     on_the_wire = received_after - received_before
     assert payload <= on_the_wire <= payload * 1.15 + 256 * 1024, on_the_wire
-    status = m2.cli("status", "--json")
-    counted = json.loads(status.stdout)["bytes_received"]
+    status = json.loads(m2.cli("status", "--json").stdout)
+    counted = status["bytes_received"]
     assert payload <= counted <= on_the_wire
+    # The daemon (root here) got the socket buffers it asks for, past any kernel cap, and
+    # finds its socket's drop count in its machine's (namespace's) table.
+    transport = status["transport"]
+    assert transport["receive_buffer"] == transport["socket_buffer_wanted"] == 4 * MiB
+    assert isinstance(transport["kernel_drops"], int)
     # Each side told the other where it sees it from (in the authenticated exchange): one
     # report is kept, not yet advertised (that takes two places agreeing).
     observed = json.loads(m2.cli("id", "--json").stdout)["observed"]

@@ -58,6 +58,10 @@ class Snapshot:
     folders_by_state: dict[str, int]
     event_subscribers: int
     events_emitted: int
+    udp_buffers: dict[str, int] = field(default_factory=dict)
+    """receive / send -> bytes the kernel granted the node's UDP socket."""
+    udp_kernel_drops: int | None = None
+    """Datagrams the kernel dropped at the socket (None: the platform does not say)."""
 
 
 FOLDER_STATES = ("idle", "scanning", "syncing", "paused", "error")
@@ -126,6 +130,20 @@ def render(snapshot: Snapshot) -> bytes:
         yield CounterMetricFamily(
             "p2pfs_events", "Events emitted since start", value=snapshot.events_emitted
         )
+        buffers = GaugeMetricFamily(
+            "p2pfs_udp_buffer_bytes",
+            "The UDP socket's kernel buffers as granted (below what was asked when capped)",
+            labels=["direction"],
+        )
+        for direction, size in sorted(snapshot.udp_buffers.items()):
+            buffers.add_metric([direction], size)
+        yield buffers
+        if snapshot.udp_kernel_drops is not None:
+            yield CounterMetricFamily(
+                "p2pfs_udp_kernel_drops",
+                "Datagrams the kernel dropped before the daemon read them (a full buffer)",
+                value=snapshot.udp_kernel_drops,
+            )
 
     class _Once(Collector):
         def collect(self) -> Iterable[Metric]:

@@ -396,6 +396,11 @@ class Node:
             folders_by_state=states,
             event_subscribers=self.events.subscribers,
             events_emitted=self.events.emitted,
+            udp_buffers={
+                "receive": self.endpoint.buffers.receive,
+                "send": self.endpoint.buffers.send,
+            },
+            udp_kernel_drops=self.endpoint.kernel_drops(),
         )
         return api_metrics.render(snapshot)
 
@@ -764,6 +769,10 @@ class Node:
                 "engine_failures": self.endpoint.engine_failures,
                 "retries_sent": self.endpoint.retries_sent,
                 "pending_handshakes": self.endpoint.pending_handshakes,
+                "socket_buffer_wanted": self.endpoint.buffers.wanted,
+                "receive_buffer": self.endpoint.buffers.receive,
+                "send_buffer": self.endpoint.buffers.send,
+                "kernel_drops": self.endpoint.kernel_drops(),
             },
             "punch": self.reach.punch_info(),
             "bytes_sent": counters["payload_sent"] + counters["protocol_sent"],

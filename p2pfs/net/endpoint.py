@@ -43,6 +43,7 @@ from p2pfs.net.connection import Address, PeerConnection
 from p2pfs.net.control import RELAY_DATAGRAM
 from p2pfs.net.engine import Engine, EngineConnection, TransportConfig, load_engine
 from p2pfs.net.pathsize import PathSizes
+from p2pfs.net.sockbuf import SocketBuffers, kernel_drops, size_buffers
 from p2pfs.net.stream import Stream
 from p2pfs.net.tunnel import HEADER_LEN as TUNNEL_HEADER_LEN
 from p2pfs.net.tunnel import Tunnel
@@ -97,8 +98,11 @@ class Endpoint:
         config: TransportConfig,
         nursery: trio.Nursery,
         handler: Handler | None,
+        buffers: SocketBuffers,
     ) -> None:
         self.identity = identity
+        self.buffers = buffers
+        """The socket's kernel buffers as granted (net/sockbuf.py)."""
         self.engine = engine
         self.config = config
         self._sock = sock
@@ -142,6 +146,11 @@ class Endpoint:
     @property
     def node_id(self) -> NodeId:
         return self.identity.node_id
+
+    def kernel_drops(self) -> int | None:
+        """Datagrams the kernel dropped before this endpoint read them (a full receive
+        buffer); None where the platform does not say."""
+        return kernel_drops(self._sock)
 
     @property
     def local_address(self) -> tuple[str, int]:
@@ -758,8 +767,9 @@ async def open_endpoint(
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            sock.setsockopt(socket.SOL_SOCKET, option, config.socket_buffer)
+        buffers = size_buffers(sock, config.socket_buffer)
+        if buffers.short:
+            logger.warning("%s", buffers.advice())
         sock.bind((host, port))
         async with trio.open_nursery() as nursery:
             endpoint = Endpoint(
@@ -769,6 +779,7 @@ async def open_endpoint(
                 config=config,
                 nursery=nursery,
                 handler=handler,
+                buffers=buffers,
             )
             nursery.start_soon(endpoint._receive_loop)
             nursery.start_soon(endpoint._send_loop)
