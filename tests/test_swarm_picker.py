@@ -468,9 +468,22 @@ def test_endgame_opt_out_and_requester_cap() -> None:
         PiecePicker(2, [], random.Random(1), max_requesters=0)
 
 
-def test_duplicates_oldest_request_first() -> None:
-    picker = PiecePicker(3, [], random.Random(1), random_first=0)
+def test_duplicates_newest_request_first() -> None:
+    """A peer answers in order: its newest requests come last, so those are duplicated
+    first; a piece with fewer requesters still comes before one with more."""
+    picker = PiecePicker(4, [], random.Random(1), random_first=0)
+    for peer in "abc":
+        picker.add_peer(peer, None)
+    order = picker.pick("a", 4)
+    assert picker.pick("b", 1) == [order[-1]]
+    assert picker.pick("c", 4) == [order[2], order[1], order[0], order[3]]
+
+
+def test_idle_is_nothing_outstanding() -> None:
+    picker = PiecePicker(2, [], random.Random(1), random_first=0)
     picker.add_peer("a", None)
-    picker.add_peer("b", None)
-    order = picker.pick("a", 3)
-    assert picker.pick("b", 3) == order
+    assert picker.idle("a")
+    (piece,) = picker.pick("a", 1)
+    assert not picker.idle("a")
+    picker.received(piece, "a")
+    assert picker.idle("a")

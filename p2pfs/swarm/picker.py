@@ -20,7 +20,9 @@ Rules:
   holds something that others want (the rarest pieces are by definition the slowest to get).
 - **Endgame**: once every missing piece is outstanding (or
   at most ``endgame_pieces`` pieces are missing), a peer with spare capacity gets duplicate
-  requests for outstanding pieces it has (fewest requesters, then oldest request, first);
+  requests for outstanding pieces it has (fewest requesters, then the newest request
+  first: a peer answers its requests in order, so the newest are the ones it will deliver
+  last, and a duplicate of its oldest would race a piece already on its way);
   ``received`` then names the other requesters to cancel.
 
 Structure (BitTorrent's rarity buckets): the *pool* (missing pieces not outstanding) is
@@ -261,7 +263,7 @@ class PiecePicker:
 
         Fewer (possibly none) when the peer has nothing more that we may ask of it. In
         endgame, duplicates come after fresh pieces, the pieces with the fewest requesters
-        and then the oldest requests first; ``endgame=False`` asks for fresh pieces only (a
+        and then the newest requests first; ``endgame=False`` asks for fresh pieces only (a
         caller that duplicates only to idle peers, which wastes far less, passes
         ``endgame=not in_flight``).
         """
@@ -287,6 +289,11 @@ class PiecePicker:
     def outstanding(self, peer: Hashable) -> set[int]:
         """The pieces requested from ``peer`` and not yet received, failed or cancelled."""
         return set(self._peer(peer).outstanding)
+
+    def idle(self, peer: Hashable) -> bool:
+        """Nothing is outstanding with ``peer``: what a caller that duplicates only to idle
+        peers passes as ``pick(..., endgame=picker.idle(peer))``."""
+        return not self._peer(peer).outstanding
 
     def holds(self, piece: int) -> bool:
         """We hold ``piece`` (it was in ``have`` or has been received)."""
@@ -547,7 +554,7 @@ class PiecePicker:
     def _pick_duplicates(self, peer: Hashable, state: _Peer, need: int, out: list[int]) -> None:
         has = state.has
         candidates = [
-            (len(requesters), self._requested_at[piece], piece)
+            (len(requesters), -self._requested_at[piece], piece)
             for piece, requesters in self._requests.items()
             if peer not in requesters
             and (has is None or has[piece])
