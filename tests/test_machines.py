@@ -174,6 +174,47 @@ def test_sync_join_with_the_ticket_alone(netbed: NetBed, tmp_path: Path) -> None
         assert work["nodes_pushed"] >= 3, work
 
 
+def test_a_joining_member_takes_chunks_from_every_member_in_step(
+    netbed: NetBed, tmp_path: Path
+) -> None:
+    """Three members hold a folder, each behind a 16 Mbit/s uplink; a fourth joins with
+    the first's ticket alone. It meets the other two through the first's welcome and takes
+    the file's chunks from all three at once (each in step, at the same root), as a fetch
+    swarms: before, all of it came from the ticket's member."""
+    machines = [netbed.machine(f"m{number}") for number in range(1, 5)]
+    for machine in machines:
+        machine.start()
+    dirs = [tmp_path / machine.name / "media" for machine in machines]
+    dirs[0].mkdir(parents=True)
+    size = 16 * MiB
+    (dirs[0] / "film.bin").write_bytes(os.urandom(size))
+    tickets = json.loads(machines[0].cli("sync", str(dirs[0]), "--json").stdout)
+    for machine, directory in zip(machines[1:3], dirs[1:3], strict=True):
+        machine.cli("sync", str(directory), tickets["rw"])
+    for directory in dirs[1:3]:
+        wait_until(lambda d=directory: same_tree(dirs[0], d), timeout=60)
+
+    def members_linked(machine: Machine) -> int:
+        (folder,) = json.loads(machine.cli("sync", "list", "--json").stdout)["folders"]
+        return len(folder["members"])
+
+    wait_until(lambda: all(members_linked(m) == 2 for m in machines[:3]), timeout=30)
+    for machine in machines[:3]:
+        machine.cap_uplink(16_000_000)
+
+    def sent(machine: Machine) -> int:
+        assert machine.daemon is not None
+        return int(machine.daemon.call("status")["counters"]["payload_sent"])
+
+    before = [sent(machine) for machine in machines[:3]]
+    machines[3].cli("sync", str(dirs[3]), tickets["rw"])
+    wait_until(lambda: same_tree(dirs[0], dirs[3]), timeout=60)
+    shares = [sent(machine) - was for machine, was in zip(machines[:3], before, strict=True)]
+    assert sum(shares) <= size * 1.05, shares  # each chunk came once
+    assert shares[1] + shares[2] >= size // 4, shares  # the other members helped
+    assert members_linked(machines[3]) == 3
+
+
 def test_a_holder_stops_answering_and_another_is_found_through_the_dht(
     netbed: NetBed, tmp_path: Path
 ) -> None:

@@ -8,6 +8,7 @@ the read-write ticket), so only the record checks stand between it and the daemo
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,18 +114,23 @@ class HostileFolder:
         return self.content
 
 
+def _text_of(number: int) -> bytes:
+    return (f"{number:04d} " * (25 + number % 40)).encode()
+
+
 def served_files(
-    content: Path, count: int, keys: FolderKeys
+    content: Path, count: int, keys: FolderKeys, data_of: Callable[[int], bytes] = _text_of
 ) -> tuple[list[tuple[str, bytes]], dict[ContentHash, bytes]]:
-    """``count`` small files written into ``content`` (made here) for a hostile member to
-    serve: their signed records ``(path, blob)`` and their file-tree nodes by hash."""
+    """``count`` files (small text unless ``data_of(number)`` says otherwise) written into
+    ``content`` (made here) for a hostile member to serve: their signed records ``(path,
+    blob)`` and their file-tree nodes by hash."""
     content.mkdir()
     chunker = Chunker()
     blobs: list[tuple[str, bytes]] = []
     file_nodes: dict[ContentHash, bytes] = {}
     for number in range(count):
         path = f"f{number:04d}.bin"
-        data = (f"{number:04d} " * (25 + number % 40)).encode()
+        data = data_of(number)
         (content / path).write_bytes(data)
         root, nodes = build_tree(FILE_TREE, chunker.chunk_refs(data))
         file_nodes.update(nodes)
@@ -435,3 +441,92 @@ def test_member_sending_a_chunk_that_fails_its_hash_is_dropped(
     assert len(drops) == 1 and "fails its hash" in drops[0], daemon.log_tail()
     assert "Traceback" not in log, daemon.log_tail()
     assert daemon.call("id")  # still serving
+
+
+@pytest.fixture
+def honest_and_victim(tmp_path: Path) -> Iterator[tuple[DaemonProcess, DaemonProcess]]:
+    """An honest member (its upload held to 2 MB/s) and the daemon that will join."""
+    honest = DaemonProcess(
+        tmp_path / "m", extra_args=("--no-lan", "--max-upload-rate", "2000000")
+    ).start()
+    victim = DaemonProcess(tmp_path / "v", extra_args=("--no-lan",)).start()
+    try:
+        yield honest, victim
+    finally:
+        victim.stop()
+        honest.stop()
+
+
+def test_a_helper_sending_a_chunk_that_fails_its_hash_is_dropped_and_the_member_serves_it(
+    honest_and_victim: tuple[DaemonProcess, DaemonProcess],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The victim joins through an honest member while a hostile member at the same root
+    helps with the chunks and corrupts every one it sends: it is dropped with the reason,
+    nothing it sent is written, the honest member serves its batches, and the files are
+    exact."""
+    honest, victim = honest_and_victim
+    honest_dir, victim_dir = tmp_path / "m-folder", tmp_path / "v-folder"
+    honest_dir.mkdir()
+    ticket = honest.cli_json("sync", str(honest_dir))["rw"]
+    keys = FolderKeys.from_write_seed(bytes(parse_ticket_untrusted(ticket).root))
+    content = tmp_path / "content"
+    blobs, file_nodes = served_files(content, 16, keys, lambda _number: os.urandom(1 << 20))
+    lying = [False]
+    honest_reads = service_module._read_group
+
+    def reads(wanted: list[tuple[ContentHash, list[ChunkLocation]]]) -> list[bytes | None]:
+        found = honest_reads(wanted)
+        if not lying[0]:
+            return found
+        return [bytes([data[0] ^ 0xFF]) + data[1:] if data else data for data in found]
+
+    monkeypatch.setattr(service_module, "_read_group", reads)
+    hostile = HostileFolder(keys, file_nodes=file_nodes)
+    hostile.serve(blobs)
+
+    async def main() -> bool:
+        identity = Identity.generate()
+        with IndexStore(tmp_path / "hostile.sqlite3") as store:
+            hostile.content = scan_share(content, store).root
+            index = AsyncIndex(store)
+            server = FolderServer(
+                index, lambda fid: hostile if fid == keys.folder_id else None,
+                identity.node_id.raw,
+            )  # fmt: skip
+            service = ShareService(index, TransferCounters(), folders=server)
+            async with (
+                open_endpoint(identity, "127.0.0.1", 0) as endpoint,
+                trio.open_nursery() as nursery,
+            ):
+
+                async def member_of(daemon: DaemonProcess) -> PeerConnection:
+                    host, port = daemon.address().rsplit(":", 1)
+                    conn = await endpoint.connect((host, int(port)), None)
+                    nursery.start_soon(service.handle_connection, conn)
+                    link = FolderLink(conn, keys, TransferCounters(), identity.node_id.raw)
+                    await link.join()
+                    return conn
+
+                # The honest member takes the folder from us while we are honest.
+                to_honest = await member_of(honest)
+                await trio.to_thread.run_sync(
+                    lambda: wait_until(lambda: listing(honest_dir) == listing(content))
+                )
+                lying[0] = True
+                await trio.to_thread.run_sync(victim.cli_json, "sync", str(victim_dir), ticket)
+                to_victim = await member_of(victim)
+                with trio.move_on_after(30) as timeout:
+                    await to_victim.wait_closed()
+                to_honest.close_nowait(0, "done")
+                nursery.cancel_scope.cancel()
+            return not timeout.cancelled_caught
+
+    assert trio.run(main)
+    wait_until(lambda: listing(victim_dir) == listing(content), timeout=60)
+    log = victim.log_path.read_text()
+    drops = [line for line in log.splitlines() if "dropping member" in line]
+    assert len(drops) == 1 and "fails its hash" in drops[0], victim.log_tail()
+    assert "Traceback" not in log, victim.log_tail()
+    assert victim.call("id")

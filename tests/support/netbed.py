@@ -213,6 +213,15 @@ class Machine:
             text=True,
         )
 
+    def cap_uplink(self, bits_per_second: int) -> None:
+        """Shape what this machine sends on its link to ``bits_per_second`` (a token
+        bucket queueing up to 50 ms, as a home uplink queues), as a slow uplink would: the
+        kernel here has no netem, but tbf needs none."""
+        _run(
+            "tc", "-n", self.namespace, "qdisc", "replace", "dev", self.veth, "root",
+            "tbf", "rate", f"{bits_per_second}bit", "burst", "64kb", "latency", "50ms",
+        )  # fmt: skip
+
     def count_each_datagram(self) -> None:
         """Make the link's packet counts count datagrams: a UDP GSO send (up to 64 datagrams
         in one buffer) otherwise crosses a veth whole and is counted as one packet."""

@@ -25,6 +25,7 @@ from p2pfs.errors import (
 from p2pfs.ids import ContentHash
 from p2pfs.net import PeerConnection
 from p2pfs.net.codes import CloseCode
+from p2pfs.swarm.pipeline import PipelineController
 from p2pfs.sync.keys import FolderKeys
 from p2pfs.sync.records import INDEX_TREE, record_hash, root_signature_valid
 from p2pfs.waits import first_of
@@ -47,6 +48,7 @@ from p2pfs.wire.messages import (
 from ..ratelimit import TokenBucket, throttle
 from ..requests import PeerRequestError, RequestStream
 from ..streams import TransferCounters
+from ..swarmfetch import INITIAL_IN_FLIGHT, MAX_IN_FLIGHT, MIN_IN_FLIGHT, in_flight_target
 from .server import CLIENT_ROLE, SERVER_ROLE
 from .work import FolderWork
 
@@ -67,6 +69,9 @@ records. Read before the reconcile starts, so it is kept to what a slow path car
 about a round trip's worth of time, not the megabytes a whole join would want."""
 STRIPE_WAIT = 1.0
 """Seconds a chunk transfer of several batches waits for stripes still being opened."""
+HELPERS_POLL = 0.25
+"""Seconds between looks for members that can help a chunk transfer, when no batch
+completes sooner."""
 REQUESTS_IN_FLIGHT = 2
 """Chunk requests queued per request stream: the member reads the next request while the
 current one's replies are still on their way, so it never idles between requests."""
@@ -117,6 +122,11 @@ class FolderLink:
         self.stripes: list[FolderLink] = []
         """More connections to the same member, joined, that carry chunk batches too
         (a long path: swarm/stripes.py); the manager opens and closes them."""
+        self.pipeline = PipelineController(
+            initial_bytes=INITIAL_IN_FLIGHT, min_bytes=MIN_IN_FLIGHT, max_bytes=MAX_IN_FLIGHT
+        )
+        """Chunk bytes asked of this connection and not received, and its measured rate."""
+        self._room_changed = trio.Event()
 
     async def join(self, *, watch: bool = True) -> list[FolderMember]:
         """Prove membership both ways; returns the other members the peer knows. With
@@ -269,13 +279,23 @@ class FolderLink:
         return [node for batch in found for node in batch]
 
     async def _on_every_stream(
-        self, work: _BatchQueue, one_stream: Callable[[FolderLink], Awaitable[None]]
+        self,
+        work: _BatchQueue,
+        one_stream: Callable[[FolderLink], Awaitable[None]],
+        helpers: Callable[[], Sequence[FolderLink]] = tuple,
     ) -> None:
         """Run ``one_stream`` on each request stream of this link and, for more than one
-        batch, of its stripes, those that join while the call runs too; a stripe whose
-        connection fails or stalls is dropped (its stream gave its batches back to the
-        queue first), a failure of this link's own connection ends the call."""
+        batch, of its stripes, those that join while the call runs too, and of
+        ``helpers``; a stripe whose connection fails or stalls is dropped (its stream gave
+        its batches back to the queue first), a helper that fails stops helping, a failure
+        of this link's own connection ends the call."""
         batches = work.count
+
+        async def helper_stream(helper: FolderLink) -> None:
+            try:
+                await one_stream(helper)
+            except (ConnectionClosedError, StreamResetError, PeerRequestError) as exc:
+                logger.info("member %s stopped helping: %s", helper.peer_id.short(), exc)
 
         async def stripe_stream(stripe: FolderLink) -> None:
             try:
@@ -295,6 +315,20 @@ class FolderLink:
             for _ in range(min(REQUEST_STREAMS, batches)):
                 for link in links:
                     nursery.start_soon(one_stream if link is self else stripe_stream, link)
+            if batches > 1:
+
+                async def take_in_helpers() -> None:
+                    helping: set[FolderLink] = set()
+                    while not work.finished:
+                        for helper in helpers():
+                            if helper not in helping and not helper.conn.is_closed:
+                                helping.add(helper)
+                                for _ in range(REQUEST_STREAMS):
+                                    nursery.start_soon(helper_stream, helper)
+                        with trio.move_on_after(HELPERS_POLL):
+                            await work.changed.wait()
+
+                nursery.start_soon(take_in_helpers)
             if batches > 1:
 
                 async def take_in_new_stripes() -> None:
@@ -342,49 +376,74 @@ class FolderLink:
     async def chunk_batches(
         self,
         batches: Sequence[Sequence[ChunkRef]],
-        on_batch: Callable[[int, Arrived], Awaitable[None]],
+        on_batch: Callable[[int, Arrived, FolderLink], Awaitable[None]],
         on_refused: Callable[[int, PeerRequestError], None],
+        helpers: Callable[[], Sequence[FolderLink]] = tuple,
     ) -> None:
         """Ask for every batch (each at most MAX_BATCH chunks) on all request streams at
         once, this link's and its stripes', REQUESTS_IN_FLIGHT requests queued on each.
-        ``on_batch(number, arrived)`` is awaited with each complete batch (unverified: the
-        caller checks each chunk against its id before writing it); a batch the member
-        refuses (content it no longer holds) goes to ``on_refused`` and the others go on.
-        A stripe whose connection fails or stalls is dropped and its batches are asked
-        again on the others; a failure of this link's own connection ends the call."""
+        ``on_batch(number, arrived, source)`` is awaited with each complete batch
+        (unverified: the caller checks each chunk against its id before writing it, and
+        ``source`` is the link that sent it); a batch the member refuses (content it no
+        longer holds) goes to ``on_refused`` and the others go on. A stripe whose
+        connection fails or stalls is dropped and its batches are asked again on the
+        others; a failure of this link's own connection ends the call.
+
+        ``helpers()``: links to other members that hold the same content (at the same
+        root), read again as batches complete (a member linked meanwhile joins in): their
+        streams take batches from the same queue, so a join or a big change comes from
+        every such member at once, as a fetch swarms. A helper that refuses a batch, fails
+        or stalls stops helping and gives its batches back; this link's member still
+        answers for all of them."""
         if len(batches) > 1:
             await self._wait_for_stripes()
         work = _BatchQueue(len(batches))
 
         async def one_stream(link: FolderLink) -> None:
+            refusal = on_refused if link.peer_id == self.peer_id else _stop_helping
+
+            async def arrived(number: int, chunks: Arrived) -> None:
+                await on_batch(number, chunks, link)
+
             async with link._stream() as stream:
-                queued_send, queued = trio.open_memory_channel[int](REQUESTS_IN_FLIGHT - 1)
+                queued_send, queued = trio.open_memory_channel[tuple[int, float]](
+                    REQUESTS_IN_FLIGHT - 1
+                )
                 asked: list[int] = []
                 """Requested on this stream and not yet handed on, oldest first."""
+                left: dict[int, int] = {}
+                """Bytes of each asked batch not received yet (the link's in flight)."""
 
                 async def ask() -> None:
                     async with queued_send:
-                        while (number := await work.take()) is not None:
+                        while True:
+                            await link._room_for_a_batch()
+                            if (number := await work.take()) is None:
+                                return
                             asked.append(number)
                             refs = tuple(batches[number])
+                            left[number] = sum(ref.length for ref in refs)
+                            now = trio.current_time()
+                            link.pipeline.on_request(left[number], now)
                             request = GetChunks(stream.new_request_id(), self.keys.folder_id, refs)
                             await stream.send(request)
-                            await queued_send.send(number)
+                            await queued_send.send((number, now))
 
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(ask)
                         async with queued:
-                            async for number in queued:
+                            async for number, sent_at in queued:
                                 await link._receive_batch(
-                                    stream, number, batches[number], on_batch, on_refused
+                                    stream, number, batches[number], arrived, refusal, sent_at, left
                                 )
                                 asked.remove(number)
                                 work.done()
                 finally:
                     work.give_back(asked)
+                    link._settle(sum(left.values()))
 
-        await self._on_every_stream(work, one_stream)
+        await self._on_every_stream(work, one_stream, helpers)
 
     async def _receive_batch(
         self,
@@ -393,7 +452,11 @@ class FolderLink:
         refs: Sequence[ChunkRef],
         on_batch: Callable[[int, Arrived], Awaitable[None]],
         on_refused: Callable[[int, PeerRequestError], None],
+        sent_at: float,
+        left: dict[int, int],
     ) -> None:
+        """One batch's replies; each counts toward this link's delivery rate and frees
+        room for the next batch (``left``: the bytes each asked batch still owes)."""
         arrived: Arrived = []
         # One deadline for the batch, pushed on before each wait (a cancel scope per chunk
         # was a fifth of the event loop's work per small file); replies already here are
@@ -405,9 +468,14 @@ class FolderLink:
                     guard.deadline = trio.current_time() + STALL_TIMEOUT
                     reply = await stream.next_reply()
                 if isinstance(reply, ErrorReply):  # ends this request; the next ones follow
+                    self._settle(left.pop(number))
                     on_refused(number, PeerRequestError(reply.code, reply.message))
                     return
                 assert isinstance(reply, ChunkData)  # the session checked order and length
+                now = trio.current_time()
+                self.pipeline.on_response(len(reply.payload), now - sent_at, now)
+                left[number] -= len(reply.payload)
+                self._room_changed.set()
                 self._counters.payload_received += len(reply.payload)
                 self.conn.payload_received += len(reply.payload)
                 self._counters.chunks_received += 1
@@ -418,7 +486,32 @@ class FolderLink:
                     await throttle(self._download_limit, len(reply.payload))
                 # The payload is a view into the frame's own copy: kept as it is, no copy.
                 arrived.append((reply.index, reply.payload))
+        left.pop(number)
         await on_batch(number, arrived)
+
+    async def _room_for_a_batch(self) -> None:
+        """Wait while this link has its fill in flight: the fetch's rule (its measured
+        bandwidth-delay product, at least half a second of its rate, 2-64 MiB), so a slow
+        member holds few batches and the rest stay queued for faster ones (helpers,
+        stripes) instead of waiting seconds behind its uplink."""
+        while self.pipeline.in_flight and self.pipeline.in_flight >= in_flight_target(
+            self.pipeline
+        ):
+            if self._room_changed.is_set():  # shared by the link's streams: renewed once
+                self._room_changed = trio.Event()
+            await self._room_changed.wait()
+
+    def _settle(self, unreceived: int) -> None:
+        """Asked bytes that will not come on this stream (refused, failed, given back)."""
+        if unreceived:
+            self.pipeline.on_cancel(unreceived, trio.current_time())
+            self._room_changed.set()
+
+
+def _stop_helping(number: int, exc: PeerRequestError) -> None:
+    """A helper lacks a batch (its content moved on meanwhile): it stops, and gives the
+    batch back for the member whose root is being taken."""
+    raise exc
 
 
 def refuse(conn: PeerConnection, reason: str) -> None:

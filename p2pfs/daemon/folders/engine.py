@@ -22,6 +22,7 @@ from collections.abc import (
     Iterable,
     Iterator,
     Mapping,
+    Sequence,
 )
 from dataclasses import asdict, dataclass, field
 
@@ -644,11 +645,17 @@ class FolderSync:
     # -- reconciling with a member --------------------------------------------------------
 
     async def reconcile(
-        self, link: FolderLink, remote_root: Child, *, root_signed: bool = False
+        self,
+        link: FolderLink,
+        remote_root: Child,
+        *,
+        root_signed: bool = False,
+        helpers: Callable[[], Sequence[FolderLink]] = tuple,
     ) -> None:
         """Take what ``link``'s member has that we lack, by the planner's rules.
         ``root_signed``: the member sent the write key's signature over ``remote_root``
-        (checked), so the records under it are not checked one by one.
+        (checked), so the records under it are not checked one by one. ``helpers()``:
+        links to other members at ``remote_root`` too, which send chunks beside it.
 
         Raises RemoteProtocolError (nothing applied) if the member sent a forged,
         malformed or backwards record.
@@ -692,11 +699,19 @@ class FolderSync:
             )
             timer.mark("diff")
             with self._doing("syncing"):
-                await self._take_in_batches(link, leaves, timer, vouched=root_signed)
+                await self._take_in_batches(
+                    link, leaves, timer, vouched=root_signed, helpers=helpers
+                )
             logger.info("folder %s: reconcile with %s: %s", self.path, link.peer_id.short(), timer)
 
     async def _take_in_batches(
-        self, link: FolderLink, leaves: LeafQueue, timer: steps.Phases, *, vouched: bool
+        self,
+        link: FolderLink,
+        leaves: LeafQueue,
+        timer: steps.Phases,
+        *,
+        vouched: bool,
+        helpers: Callable[[], Sequence[FolderLink]],
     ) -> None:
         """Fetch, verify, plan and apply the member's differing records JOIN_BATCH at a
         time (a join's are every record): the decoded records and the plan of one batch are
@@ -742,7 +757,7 @@ class FolderSync:
                 self._progress_changed()
                 placed: set[str] = set()
                 try:
-                    placed = await self._apply(link, planned, timer)
+                    placed = await self._apply(link, planned, timer, helpers)
                     await self._sift_noted()
                 finally:
                     # What was not placed stays needed (a failed reconcile placed nothing
@@ -968,7 +983,13 @@ class FolderSync:
 
     # -- applying -------------------------------------------------------------------------
 
-    async def _apply(self, link: FolderLink, planned: Planned, timer: steps.Phases) -> set[str]:
+    async def _apply(
+        self,
+        link: FolderLink,
+        planned: Planned,
+        timer: steps.Phases,
+        helpers: Callable[[], Sequence[FolderLink]],
+    ) -> set[str]:
         """Place, delete and store what ``planned`` says; returns the paths placed."""
         moved = await self._placer.move_renamed(planned)
         pending = self._need.pending
@@ -976,7 +997,7 @@ class FolderSync:
             sum(1 for path in moved if path in pending), sum(pending.get(p, 0) for p in moved)
         )
         timer.mark("moves")
-        placed = await self._placer.download(link, planned, timer)
+        placed = await self._placer.download(link, planned, timer, helpers)
         placed.update(moved)
         ready = [
             record

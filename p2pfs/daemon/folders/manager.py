@@ -10,6 +10,7 @@ connection and releases it when it ends.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -161,10 +162,12 @@ class FolderManager:
         self._discovery: Discovery | None = None
         self._extra_peers: tuple[PeerAddress, ...] = ()
         self._hinted: dict[bytes, dict[bytes, PeerAddress]] = {}
+        """Per folder: members other members named, not yet reached (bounded)."""
+        self._members_named: dict[bytes, trio.Event] = {}
+        """Per folder: set when a member names another we are not linked to."""
         self._ticket_relays: dict[bytes, list[Candidate]] = {}
         """Per folder, the relays the joining ticket named for its maker (kept until a
         restart; the private DHT's relay-for lookup finds them after that too)."""
-        """Per folder: members other members named, not yet reached (bounded)."""
         self._scopes: dict[bytes, trio.CancelScope] = {}
         self._folder_nurseries: dict[bytes, trio.Nursery] = {}
 
@@ -385,10 +388,15 @@ class FolderManager:
 
     async def _connect_members(self, folder: FolderSync) -> None:
         while True:
+            # Set when a member names one we have no link to: dialled at once, not up to
+            # CONNECT_INTERVAL later (a joiner meets every member within its first round
+            # trips, and they can help its first reconcile).
+            named = self._members_named[folder.folder_id] = trio.Event()
             with contextlib.suppress(trio.TooSlowError):
                 with trio.fail_after(30):
                     await self._connect_round(folder)
-            await trio.sleep(CONNECT_INTERVAL)
+            with trio.move_on_after(CONNECT_INTERVAL):
+                await named.wait()
 
     async def _connect_round(self, folder: FolderSync) -> None:
         """Dial every known member not linked yet: those met before (their authenticated
@@ -491,6 +499,12 @@ class FolderManager:
             for member in members:
                 if member.node_id != self._own_id.raw and member.node_id not in folder.peers:
                     self._hint(folder, member.node_id, member.host, member.port)
+            if any(
+                member.node_id != self._own_id.raw
+                and (folder.folder_id, member.node_id) not in self._links
+                for member in members
+            ):
+                self._members_named.get(folder.folder_id, trio.Event()).set()
             logger.info("folder %s: linked with %s", folder.path, conn.peer_id.short())
             stripes = self._stripes_for(folder, conn, joined_in)
             link.stripes_pending = stripes - 1
@@ -635,7 +649,14 @@ class FolderManager:
                     if wanted and pair != attempted:
                         attempted = pair
                         try:
-                            await folder.reconcile(link, latest[0], root_signed=signed[0])
+                            await folder.reconcile(
+                                link,
+                                latest[0],
+                                root_signed=signed[0],
+                                helpers=functools.partial(
+                                    self._helpers, folder, link, latest[0].hash
+                                ),
+                            )
                         except* (
                             PeerRequestError,
                             StorageError,
@@ -655,6 +676,19 @@ class FolderManager:
                     attempted = None
                 if arrived.is_set():
                     wake[0] = trio.Event()
+
+    def _helpers(self, folder: FolderSync, link: FolderLink, root: ContentHash) -> list[FolderLink]:
+        """Links to the folder's other members whose latest root is ``root``: they hold
+        what a reconcile toward it fetches, and carry chunk batches beside ``link``."""
+        return [
+            other
+            for key, other in self._links.items()
+            if key[0] == folder.folder_id
+            and other is not link
+            and not other.conn.is_closed
+            and (root_now := self._member_roots.get(key)) is not None
+            and root_now.hash == root
+        ]
 
     def links(self, folder: FolderSync) -> int:
         return sum(1 for (folder_id, _peer) in self._links if folder_id == folder.folder_id)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -15,6 +15,7 @@ import trio
 from p2pfs.content.chunking import DEFAULT_CHUNKER, ChunkRef
 from p2pfs.content.folder import file_tree
 from p2pfs.content.tree import Child
+from p2pfs.errors import IntegrityError
 from p2pfs.ids import ContentHash
 from p2pfs.store import folderdisk, room
 from p2pfs.store.assemble import Finished, PartialFile, partial_name
@@ -30,7 +31,7 @@ from ..requests import PeerRequestError
 from ..storage import AsyncIndex, in_thread
 from ..treewalk import TreeJob, walk_trees
 from . import steps
-from .client import MAX_BATCH, Arrived, FolderLink
+from .client import MAX_BATCH, Arrived, FolderLink, refuse
 from .work import FolderWork
 
 logger = logging.getLogger(__name__)
@@ -151,8 +152,16 @@ class Placer:
         await self._record_placed(stats, versions, {}, packed_chunks=packed)
         return {new: moves[new][0] for new in renamed}
 
-    async def download(self, link: FolderLink, planned: Planned, timer: steps.Phases) -> set[str]:
-        """Place every file of ``planned.fetch``; returns the paths placed."""
+    async def download(
+        self,
+        link: FolderLink,
+        planned: Planned,
+        timer: steps.Phases,
+        helpers: Callable[[], Sequence[FolderLink]] = tuple,
+    ) -> set[str]:
+        """Place every file of ``planned.fetch``; returns the paths placed. ``helpers()``:
+        links to other members at the same root, whose streams carry chunk batches too
+        (read at each step: a member that caught up meanwhile helps the next one)."""
         for path, _version in planned.fetch:
             self.unplaced.pop(path, None)  # tried again now; reported again if it fails
         directories = [path for path, version in planned.fetch if version.is_directory]
@@ -225,6 +234,7 @@ class Placer:
                         nursery.start_soon(
                             self._download_step,
                             link,
+                            helpers,
                             step,
                             parents,
                             trees[number],
@@ -242,6 +252,7 @@ class Placer:
     async def _download_step(
         self,
         link: FolderLink,
+        helpers: Callable[[], Sequence[FolderLink]],
         items: list[tuple[str, FileVersion]],
         parents: dict[str, str],
         trees: _StepTrees,
@@ -279,7 +290,9 @@ class Placer:
                 )
             missing = await self._fill_from_local(partials, chunks_of, old_roots, failed)
             versions = dict(items)
-            await self._fill_from_peer(link, partials, missing, failed, versions, chunks_of, writer)
+            await self._fill_from_peer(
+                link, helpers, partials, missing, failed, versions, chunks_of, writer
+            )
             finished = [
                 Finished(partials[path], version.executable, version.mtime_ns)
                 for path, version in items
@@ -389,6 +402,7 @@ class Placer:
     async def _fill_from_peer(
         self,
         link: FolderLink,
+        helpers: Callable[[], Sequence[FolderLink]],
         partials: dict[str, PartialFile],
         missing: dict[ContentHash, tuple[ChunkRef, list[tuple[str, int]]]],
         failed: dict[str, str],
@@ -396,6 +410,9 @@ class Placer:
         chunks_of: Mapping[str, list[tuple[int, ChunkRef]]],
         writer: MergedCalls[Callable[[], None]],
     ) -> None:
+        """The chunks still missing, from ``link``'s member and, beside it, from the other
+        members ``helpers()`` names (at the same root). A helper whose batch fails its hash
+        is dropped (as a member is) and the batch is asked again of the member."""
         batches: list[list[tuple[ChunkRef, list[tuple[str, int]]]]] = []
         current: list[tuple[ChunkRef, list[tuple[str, int]]]] = []
         size = 0
@@ -407,11 +424,9 @@ class Placer:
                 current, size = [], 0
         if current:
             batches.append(current)
-        if not batches:
-            return
 
         def write_all(number: int, arrived: Arrived) -> None:
-            # Every chunk verified before anything is written (a mismatch is the member's
+            # Every chunk verified before anything is written (a mismatch is the sender's
             # fault: IntegrityError), then written file by file: a new file whose every
             # chunk is in this batch in one step (steps.write_parts).
             batch = batches[number]
@@ -434,27 +449,46 @@ class Placer:
                 (path, "") for _ref, places in batches[number] for path, _offset in places
             )
 
-        refs = [[ref for ref, _places in batch] for batch in batches]
-        writers = trio.Semaphore(WRITES_IN_FLIGHT)
-        async with trio.open_nursery() as nursery:
+        async def take(asked: list[int], helpers: Callable[[], Sequence[FolderLink]]) -> list[int]:
+            """One round over ``asked``: returns those a helper sent corrupt."""
+            again: list[int] = []
+            writers = trio.Semaphore(WRITES_IN_FLIGHT)
+            async with trio.open_nursery() as nursery:
 
-            async def write(number: int, arrived: Arrived) -> None:
-                # Written beside the transfer: the stream goes on reading meanwhile (a
-                # batch of small files is many creates, long enough to stall a stream).
-                await writers.acquire()
-                self.on_received(sum(len(data) for _position, data in arrived))
+                async def write(position: int, arrived: Arrived, source: FolderLink) -> None:
+                    # Written beside the transfer: the stream goes on reading meanwhile (a
+                    # batch of small files is many creates, long enough to stall a stream).
+                    number = asked[position]
+                    await writers.acquire()
+                    self.on_received(sum(len(data) for _position, data in arrived))
 
-                async def run() -> None:
-                    # The step closes its files once this returns: a write the writer's
-                    # thread is running is waited for even when cancelled (MergedCalls).
-                    try:
-                        await writer.call(functools.partial(write_all, number, arrived))
-                    finally:
-                        writers.release()
+                    async def run() -> None:
+                        # The step closes its files once this returns: a write the writer's
+                        # thread is running is waited for even when cancelled (MergedCalls).
+                        try:
+                            await writer.call(functools.partial(write_all, number, arrived))
+                        except IntegrityError as exc:
+                            if source.peer_id == link.peer_id:
+                                raise
+                            if not source.conn.is_closed:  # one drop for its batches
+                                refuse(source.conn, f"folder {self.path}: {exc}")
+                            again.append(number)
+                        finally:
+                            writers.release()
 
-                nursery.start_soon(run)
+                    nursery.start_soon(run)
 
-            await link.chunk_batches(refs, write, refused)
+                await link.chunk_batches(
+                    [[ref for ref, _places in batches[number]] for number in asked],
+                    write,
+                    lambda position, exc: refused(asked[position], exc),
+                    helpers,
+                )
+            return sorted(again)
+
+        again = await take(list(range(len(batches))), helpers) if batches else []
+        if again:
+            await take(again, tuple)
 
     async def _record_placed(
         self,
