@@ -186,7 +186,7 @@ def test_a_joining_member_takes_chunks_from_every_member_in_step(
         machine.start()
     dirs = [tmp_path / machine.name / "media" for machine in machines]
     dirs[0].mkdir(parents=True)
-    size = 16 * MiB
+    size = 8 * MiB
     (dirs[0] / "film.bin").write_bytes(os.urandom(size))
     tickets = json.loads(machines[0].cli("sync", str(dirs[0]), "--json").stdout)
     for machine, directory in zip(machines[1:3], dirs[1:3], strict=True):

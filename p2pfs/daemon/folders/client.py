@@ -329,7 +329,6 @@ class FolderLink:
                             await work.changed.wait()
 
                 nursery.start_soon(take_in_helpers)
-            if batches > 1:
 
                 async def take_in_new_stripes() -> None:
                     while not work.finished:
