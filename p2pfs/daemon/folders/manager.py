@@ -41,7 +41,7 @@ from p2pfs.swarm.stripes import DEFAULT_MAX_STRIPES, MIN_BYTES_PER_STRIPE, strip
 from p2pfs.sync.keys import FolderKeys, device_id
 from p2pfs.sync.versions import short_device
 from p2pfs.waits import first_of
-from p2pfs.wire.messages import FolderNeed
+from p2pfs.wire.messages import FolderMember, FolderNeed
 from p2pfs.wire.ticket import RelayHint, Ticket, TicketKind, parse_ticket_untrusted
 
 from ..dialer import Candidate, Dialer, DialError
@@ -163,8 +163,6 @@ class FolderManager:
         self._extra_peers: tuple[PeerAddress, ...] = ()
         self._hinted: dict[bytes, dict[bytes, PeerAddress]] = {}
         """Per folder: members other members named, not yet reached (bounded)."""
-        self._members_named: dict[bytes, trio.Event] = {}
-        """Per folder: set when a member names another we are not linked to."""
         self._ticket_relays: dict[bytes, list[Candidate]] = {}
         """Per folder, the relays the joining ticket named for its maker (kept until a
         restart; the private DHT's relay-for lookup finds them after that too)."""
@@ -388,19 +386,16 @@ class FolderManager:
 
     async def _connect_members(self, folder: FolderSync) -> None:
         while True:
-            # Set when a member names one we have no link to: dialled at once, not up to
-            # CONNECT_INTERVAL later (a joiner meets every member within its first round
-            # trips, and they can help its first reconcile).
-            named = self._members_named[folder.folder_id] = trio.Event()
             with contextlib.suppress(trio.TooSlowError):
                 with trio.fail_after(30):
                     await self._connect_round(folder)
-            with trio.move_on_after(CONNECT_INTERVAL):
-                await named.wait()
+            await trio.sleep(CONNECT_INTERVAL)
 
     async def _connect_round(self, folder: FolderSync) -> None:
         """Dial every known member not linked yet: those met before (their authenticated
-        addresses), those other members named, --peers, and discovery's providers."""
+        addresses), those other members named, --peers, and discovery's providers. The
+        known ones are dialled at once, not after the discovery lookup (which can take a
+        second or more on a DHT that has few nodes)."""
         candidates: list[Candidate] = []
         for node_id, (host, port) in folder.peers.items():
             candidates.append(Candidate(PeerAddress(host, port), NodeId(node_id), "member"))
@@ -408,24 +403,42 @@ class FolderManager:
         for node_id, address in self._hinted.get(folder.folder_id, {}).items():
             candidates.append(Candidate(address, NodeId(node_id), "named by a member"))
         candidates += [Candidate(a, None, "peer") for a in self._extra_peers]
-        if self._discovery is not None:
-            for provider in await self._discovery.find_key(folder.keys.discovery_key):
-                candidates.append(Candidate(provider.address, provider.node_id, provider.source))
+        async with trio.open_nursery() as nursery:
+            dialled = self._dial_candidates(nursery, folder, candidates)
+            if self._discovery is not None:
+                found = [
+                    Candidate(provider.address, provider.node_id, provider.source)
+                    for provider in await self._discovery.find_key(folder.keys.discovery_key)
+                ]
+                self._dial_candidates(nursery, folder, found, dialled)
+
+    def _dial_candidates(
+        self,
+        nursery: trio.Nursery,
+        folder: FolderSync,
+        candidates: list[Candidate],
+        dialled: set[tuple[NodeId | None, PeerAddress]] | None = None,
+    ) -> set[tuple[NodeId | None, PeerAddress]]:
+        """Start a dial per member among ``candidates`` not linked (all of one member's
+        addresses in one dial; each unpinned address on its own), leaving out the
+        (member, address) pairs in ``dialled``; returns those dialled, ``dialled`` too. A
+        member dialled already is dialled again at addresses new here (it may have moved)."""
+        dialled = set() if dialled is None else dialled
         linked = {peer for (folder_id, peer) in self._links if folder_id == folder.folder_id}
         by_node: dict[NodeId | None, list[Candidate]] = {}
         for candidate in candidates:
             if candidate.node is not None and candidate.node.raw in linked:
                 continue
-            if candidate.node == self._own_id:
+            if candidate.node == self._own_id or (candidate.node, candidate.address) in dialled:
                 continue
             by_node.setdefault(candidate.node, []).append(candidate)
-        async with trio.open_nursery() as nursery:
-            for node, group in by_node.items():
-                if node is None:  # unpinned: each address may be another member
-                    for candidate in group:
-                        nursery.start_soon(self._connect_one, folder, [candidate])
-                else:
-                    nursery.start_soon(self._connect_one, folder, group)
+        for node, group in by_node.items():
+            if node is None:  # unpinned: each address may be another member
+                for candidate in group:
+                    nursery.start_soon(self._connect_one, folder, [candidate])
+            else:
+                nursery.start_soon(self._connect_one, folder, group)
+        return dialled | {(c.node, c.address) for group in by_node.values() for c in group}
 
     async def _connect_one(self, folder: FolderSync, candidates: list[Candidate]) -> None:
         """Reach one member (any of its addresses) and link, unless a link exists."""
@@ -455,6 +468,25 @@ class FolderManager:
             await self._link(folder, conn)
         finally:
             self._dialer.release(conn, holder)
+
+    def _dial_named(self, folder: FolderSync, members: list[FolderMember]) -> None:
+        """Dial at once the members a welcome named that we have no link to (at the
+        address we met them at, else the one named), not at the next connect round: a
+        joiner then meets every member within its first round trips, and they can help
+        its first reconcile."""
+        nursery = self._folder_nurseries.get(folder.folder_id)
+        if nursery is None:
+            return
+        hinted = self._hinted.get(folder.folder_id, {})
+        for member in members:
+            key = (folder.folder_id, member.node_id)
+            if member.node_id == self._own_id.raw or key in self._links:
+                continue
+            known = folder.peers.get(member.node_id)
+            address = PeerAddress(*known) if known is not None else hinted.get(member.node_id)
+            if address is not None:
+                candidate = Candidate(address, NodeId(member.node_id), "named by a member")
+                nursery.start_soon(self._connect_one, folder, [candidate])
 
     def _hint(self, folder: FolderSync, node_id: bytes, host: str, port: int) -> None:
         """Keep a member address another member named: an IP literal and a real port only
@@ -499,12 +531,7 @@ class FolderManager:
             for member in members:
                 if member.node_id != self._own_id.raw and member.node_id not in folder.peers:
                     self._hint(folder, member.node_id, member.host, member.port)
-            if any(
-                member.node_id != self._own_id.raw
-                and (folder.folder_id, member.node_id) not in self._links
-                for member in members
-            ):
-                self._members_named.get(folder.folder_id, trio.Event()).set()
+            self._dial_named(folder, members)
             logger.info("folder %s: linked with %s", folder.path, conn.peer_id.short())
             stripes = self._stripes_for(folder, conn, joined_in)
             link.stripes_pending = stripes - 1
