@@ -265,7 +265,7 @@ class PiecePicker:
         endgame, duplicates come after fresh pieces, the pieces with the fewest requesters
         and then the newest requests first; ``endgame=False`` asks for fresh pieces only (a
         caller that duplicates only to idle peers, which wastes far less, passes
-        ``endgame=not in_flight``).
+        ``endgame=picker.idle(peer)``).
         """
         state = self._peer(peer)
         out: list[int] = []

@@ -161,7 +161,7 @@ class Placer:
     ) -> set[str]:
         """Place every file of ``planned.fetch``; returns the paths placed. ``helpers()``:
         links to other members at the same root, whose streams carry chunk batches too
-        (read at each step: a member that caught up meanwhile helps the next one)."""
+        (read again as batches complete: a member linked meanwhile joins in)."""
         for path, _version in planned.fetch:
             self.unplaced.pop(path, None)  # tried again now; reported again if it fails
         directories = [path for path, version in planned.fetch if version.is_directory]
@@ -449,8 +449,9 @@ class Placer:
                 (path, "") for _ref, places in batches[number] for path, _offset in places
             )
 
-        async def take(asked: list[int], helpers: Callable[[], Sequence[FolderLink]]) -> list[int]:
-            """One round over ``asked``: returns those a helper sent corrupt."""
+        async def take(asked: list[int], helping: Callable[[], Sequence[FolderLink]]) -> list[int]:
+            """One round over ``asked`` (``helping``: the helpers it may use); returns the
+            batches a helper sent corrupt."""
             again: list[int] = []
             writers = trio.Semaphore(WRITES_IN_FLIGHT)
             async with trio.open_nursery() as nursery:
@@ -482,7 +483,7 @@ class Placer:
                     [[ref for ref, _places in batches[number]] for number in asked],
                     write,
                     lambda position, exc: refused(asked[position], exc),
-                    helpers,
+                    helping,
                 )
             return sorted(again)
 
