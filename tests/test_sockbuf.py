@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -58,7 +59,7 @@ def test_without_the_capability_the_cap_stands_and_is_named() -> None:
         check=True,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
-    receive, send, short, advice = __import__("json").loads(completed.stdout)
+    receive, send, short, advice = json.loads(completed.stdout)
     assert (receive, send, short) == (cap, cap, True)
     assert f"net.core.rmem_max={2 * cap}" in advice
     assert f"net.core.wmem_max={2 * cap}" in advice
