@@ -15,6 +15,7 @@ SUITES = {
     "index": "benchmarks.index",
     "links": "benchmarks.links",
     "nat": "benchmarks.nat",
+    "placers": "benchmarks.placers",
     "swarm": "benchmarks.swarm",
     "sync": "benchmarks.sync",
     "transport": "benchmarks.transport",

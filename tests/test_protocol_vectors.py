@@ -152,11 +152,14 @@ WIRE_TYPES = {
     "folder-welcome-device": "FolderWelcome",
     "watch-folder": "WatchFolder",
     "watch-folder-push": "WatchFolder",
+    "watch-folder-placing": "WatchFolder",
     "folder-root": "FolderRoot",
     "folder-root-need": "FolderRoot",
     "folder-root-signed": "FolderRoot",
     "folder-nodes": "FolderNodes",
     "folder-nodes-last": "FolderNodes",
+    "folder-placing": "FolderPlacing",
+    "folder-placing-nothing": "FolderPlacing",
 }
 
 

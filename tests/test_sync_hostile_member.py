@@ -24,13 +24,14 @@ from p2pfs.daemon import service as service_module
 from p2pfs.daemon.folders.client import FolderLink
 from p2pfs.daemon.folders.engine import FIRST_BATCH_SHARE, join_batch_sizes
 from p2pfs.daemon.folders.server import FolderServer
+from p2pfs.daemon.folders.underway import PlacingChunks
 from p2pfs.daemon.service import ShareService
 from p2pfs.daemon.storage import AsyncIndex
 from p2pfs.daemon.streams import TransferCounters
 from p2pfs.identity import Identity
 from p2pfs.ids import ContentHash
 from p2pfs.net import PeerConnection, open_endpoint
-from p2pfs.store.assemble import is_partial_name
+from p2pfs.store.assemble import PartialFile, is_partial_name
 from p2pfs.store.index import ChunkLocation, IndexStore
 from p2pfs.store.scanner import scan_share
 from p2pfs.sync.keys import FolderKeys
@@ -69,6 +70,8 @@ class HostileFolder:
     """File-tree nodes of the content it serves (``content``)."""
     content: ContentHash | None = None
     """The share root of a directory scanned into its index: chunks are read there."""
+    placing: PlacingChunks = field(default_factory=PlacingChunks)
+    """What it tells watchers it is placing (nothing, unless a test says otherwise)."""
     root_signing: Callable[[FolderKeys, Child], bytes | None] = lambda _keys, _root: None
     """What it sends as its root's signature: none by default (its records are then
     checked one by one), the write key's (:func:`sign_root`, as a read-write member
@@ -457,15 +460,33 @@ def honest_and_victim(tmp_path: Path) -> Iterator[tuple[DaemonProcess, DaemonPro
         honest.stop()
 
 
+def claim_placing(hostile: HostileFolder, content: Path) -> None:
+    """Tell watchers that ``hostile`` places its current root and holds every chunk of
+    ``content`` (its chunks are read from its index, as any member's), and move its own
+    root to another one (an empty index)."""
+    every_chunk = [
+        ref.id
+        for path in sorted(content.iterdir())
+        for ref in Chunker().chunk_refs(path.read_bytes())
+    ]
+    anywhere = PartialFile(str(content), "x", bytes(32), 0)
+    hostile.placing.begin(hostile.root.hash)
+    hostile.placing.add((chunk_id, anywhere, 0) for chunk_id in every_chunk)
+    hostile.serve([])
+
+
+@pytest.mark.parametrize("placer", [False, True], ids=["at-the-root", "placing-the-root"])
 def test_a_helper_sending_a_chunk_that_fails_its_hash_is_dropped_and_the_member_serves_it(
     honest_and_victim: tuple[DaemonProcess, DaemonProcess],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    placer: bool,
 ) -> None:
-    """The victim joins through an honest member while a hostile member at the same root
-    helps with the chunks and corrupts every one it sends: it is dropped with the reason,
-    nothing it sent is written, the honest member serves its batches, and the files are
-    exact."""
+    """The victim joins through an honest member while a hostile member helps with the
+    chunks and corrupts every one it sends: it is dropped with the reason, nothing it sent
+    is written, the honest member serves its batches, and the files are exact. The hostile
+    member is at the same root, or (``placer``) at another root and claims to be placing
+    the victim's, holding every chunk of it (FolderPlacing)."""
     honest, victim = honest_and_victim
     honest_dir, victim_dir = tmp_path / "m-folder", tmp_path / "v-folder"
     honest_dir.mkdir()
@@ -515,6 +536,8 @@ def test_a_helper_sending_a_chunk_that_fails_its_hash_is_dropped_and_the_member_
                     lambda: wait_until(lambda: listing(honest_dir) == listing(content))
                 )
                 lying[0] = True
+                if placer:
+                    claim_placing(hostile, content)
                 await trio.to_thread.run_sync(victim.cli_json, "sync", str(victim_dir), ticket)
                 to_victim = await member_of(victim)
                 with trio.move_on_after(30) as timeout:

@@ -11,12 +11,15 @@ from p2pfs.ids import ContentHash
 from p2pfs.wire.codes import ErrorCode, WireError
 from p2pfs.wire.frames import MAX_FRAME_BYTES, FrameDecoder, encode_frame
 from p2pfs.wire.messages import (
+    MAX_PLACING_HELD,
+    MAX_PLACING_IDS,
     Cancel,
     ChunkData,
     ErrorReply,
     FolderMember,
     FolderNeed,
     FolderNodes,
+    FolderPlacing,
     FolderRoot,
     FolderWelcome,
     GetChunks,
@@ -77,6 +80,14 @@ messages = st.one_of(
         st.booleans(),
     ),
     st.builds(WatchFolder, request_ids, hashes, st.integers(0, 1 << 30)),
+    st.builds(WatchFolder, request_ids, hashes, st.integers(0, 1 << 30), st.just(True)),
+    st.builds(
+        FolderPlacing,
+        request_ids,
+        hashes,
+        st.integers(0, MAX_PLACING_HELD),
+        st.lists(st.binary(min_size=32, max_size=32), max_size=20).map(tuple),
+    ),
     st.builds(
         FolderNodes,
         request_ids,
@@ -508,13 +519,14 @@ def test_tree_push_beyond_its_budget_or_end_is_a_violation(frames: list[Message]
     assert info.value.code is ErrorCode.PROTOCOL_VIOLATION
 
 
-def watching(version: int = PROTOCOL_VERSION, budget: int = 100) -> StreamSession:
-    """A client session whose WatchFolder (push budget ``budget``) reached a server
-    speaking ``version``."""
+def watching(
+    version: int = PROTOCOL_VERSION, budget: int = 100, *, placing: bool = False
+) -> StreamSession:
+    """A client session whose WatchFolder (push budget ``budget``, asking for placements
+    if ``placing``) reached a server speaking ``version``."""
     client, server = StreamSession(Role.CLIENT), StreamSession(Role.SERVER, version=version)
-    server.receive_data(
-        client.hello() + client.send(WatchFolder(1, ContentHash(bytes(32)), budget))
-    )
+    watch = WatchFolder(1, ContentHash(bytes(32)), budget, placing)
+    server.receive_data(client.hello() + client.send(watch))
     client.receive_data(server.hello())
     assert isinstance(server.next_message(), Hello)
     assert isinstance(client.next_message(), Hello)
@@ -561,6 +573,62 @@ def test_a_folder_push_out_of_its_rules_is_a_violation(frames: list[Message]) ->
         for _frame in frames:
             client.next_message()
     assert info.value.code is ErrorCode.PROTOCOL_VIOLATION
+
+
+def placing_message(start: int = 0, ids: int = 1) -> FolderPlacing:
+    return FolderPlacing(1, ContentHash(bytes([7]) * 32), start, (bytes([9]) * 32,) * ids)
+
+
+def test_placements_come_between_roots_when_asked_for() -> None:
+    client = watching(placing=True)
+    frames: list[Message] = [
+        placing_message(),
+        root_message(1),
+        FolderNodes(1, (), (), (), True),
+        placing_message(1),
+        placing_message(2),
+        root_message(2),
+    ]
+    client.receive_data(b"".join(map(encode_message, frames)))
+    for frame in frames:
+        assert client.next_message() == frame
+    assert client.outstanding_count == 1
+
+
+@pytest.mark.parametrize(
+    ("placing", "frames"),
+    [
+        (False, [placing_message()]),  # not asked for
+        (False, [root_message(), FolderNodes(1, (), (), (), True), placing_message()]),
+        (True, [root_message(), placing_message()]),  # inside a push
+    ],
+)
+def test_a_placement_not_asked_for_or_inside_a_push_is_a_violation(
+    placing: bool, frames: list[Message]
+) -> None:
+    client = watching(placing=placing)
+    client.receive_data(b"".join(encode_message(frame) for frame in frames))
+    with pytest.raises(WireError) as info:
+        for _frame in frames:
+            client.next_message()
+    assert info.value.code is ErrorCode.PROTOCOL_VIOLATION
+
+
+def test_a_placement_with_a_malformed_chunk_id_is_a_violation() -> None:
+    fields = [1, bytes(32), 0, [bytes(31)]]
+    with pytest.raises(WireError) as info:
+        decode_one(encode_frame(FolderPlacing.TAG, msgpack.packb(fields)))
+    assert info.value.code is ErrorCode.PROTOCOL_VIOLATION
+    too_many = [1, bytes(32), 0, [bytes(32)] * (MAX_PLACING_IDS + 1)]
+    with pytest.raises(WireError):
+        decode_one(encode_frame(FolderPlacing.TAG, msgpack.packb(too_many)))
+
+
+def test_an_older_server_reads_a_watch_asking_for_placements_as_one_asking_a_push() -> None:
+    """Its decoder took three fields and ignored the rest: the fourth is only appended."""
+    root = ContentHash(bytes(32))
+    fields = msgpack.unpackb(encode_message(WatchFolder(1, root, 100, True))[5:])
+    assert fields[:3] == [1, bytes(root), 100] and fields[3] is True
 
 
 @pytest.mark.parametrize(("version", "budget"), [(1, 100), (PROTOCOL_VERSION, 0)])

@@ -39,6 +39,7 @@ from p2pfs.wire.messages import (
     ErrorReply,
     FolderHello,
     FolderNodes,
+    FolderPlacing,
     FolderProof,
     FolderRoot,
     GetChunks,
@@ -58,6 +59,7 @@ from p2pfs.wire.messages import (
 from p2pfs.wire.session import FOLDER_PUSH_VERSION, FRAME_DEADLINE, Role, StreamSession
 
 from .folders.server import FolderGrants, FolderServer
+from .folders.underway import PlacingChunks
 from .ratelimit import TokenBucket, throttle
 from .storage import AsyncIndex, in_thread
 from .streams import TransferCounters, receive_within_frame_deadline
@@ -281,7 +283,7 @@ class ShareService:
             if (session.version or 0) < FOLDER_PUSH_VERSION:
                 message = replace(message, push_budget=0)  # a client older than pushes
 
-            async def send(reply: FolderRoot | FolderNodes | ErrorReply) -> None:
+            async def send(reply: FolderRoot | FolderNodes | FolderPlacing | ErrorReply) -> None:
                 await self._send(stream, session.send(reply))
 
             async def watch(*, task_status: trio.TaskStatus[None]) -> None:
@@ -326,7 +328,10 @@ class ShareService:
                 return
             message = GetChunks(message.request_id, share_root, message.chunks)
         if isinstance(message, GetChunks):
-            await self._chunks(message, stream, session, conn, check_private=folder is None)
+            placing = folder.placing if folder is not None else None
+            await self._chunks(
+                message, stream, session, conn, check_private=folder is None, placing=placing
+            )
             return
         reply: ManifestReply | NodesReply | ErrorReply
         if isinstance(message, GetManifest):
@@ -577,11 +582,14 @@ class ShareService:
         conn: PeerConnection,
         *,
         check_private: bool,
+        placing: PlacingChunks | None = None,
     ) -> None:
         """Answer a GetChunks: each group of chunks read (and hash-checked) in one thread
         call, framed into one buffer and written with one send_all. Per chunk, a write
         would cost a transmit pass of the connection and a header+payload copy anyway; per
-        group, the bulk path pays those once per ~4 MiB (issue 13's sender profile)."""
+        group, the bulk path pays those once per ~4 MiB (issue 13's sender profile).
+        ``placing``: a folder's placement under way, whose chunks the index does not hold
+        yet (a member taking the same change asks for them)."""
         private = self._private_paths() if check_private else set()
         # The private-share check and the chunk lookups are one index call: each is a
         # thread hop, and the sender paid three per request.
@@ -601,6 +609,10 @@ class ShareService:
                         ChunkLocation(path, held.offset, ref.length)
                         for path in held.candidate_paths()
                     ]
+        if placing is not None:
+            for position, ref in enumerate(request.chunks):
+                if not locations[position]:
+                    locations[position] = placing.locations(ref.id, ref.length)
         index = 0
         while index < len(request.chunks):
             group_end = index

@@ -454,8 +454,13 @@ class WatchFolder:
     push_budget: int = 0
     """Appended field (absent from older peers, read as 0): node bytes the client takes
     pushed after each FolderRoot (FolderNodes); 0 asks for no push."""
+    placing: bool = False
+    """Appended after the budget (absent from older peers, read as false): the client takes
+    FolderPlacing between the server's roots (what the server is placing now)."""
 
     def fields(self) -> list[Any]:
+        if self.placing:
+            return [self.request_id, self.folder_id, self.push_budget, True]
         if self.push_budget:
             return [self.request_id, self.folder_id, self.push_budget]
         return [self.request_id, self.folder_id]
@@ -464,7 +469,12 @@ class WatchFolder:
     def from_fields_untrusted(cls, fields: list[Any]) -> WatchFolder:
         _need(fields, 2, "WatchFolder")
         budget = _uint(fields[2], "push_budget", MAX_TREE_BUDGET) if len(fields) > 2 else 0
-        return cls(_request_id(fields[0]), _hash(fields[1]), budget)
+        placing = False
+        if len(fields) > 3:
+            placing = fields[3]
+            if type(placing) is not bool:
+                raise WireError(ErrorCode.PROTOCOL_VIOLATION, "WatchFolder: placing must be bool")
+        return cls(_request_id(fields[0]), _hash(fields[1]), budget, placing)
 
 
 MAX_NEED = 1 << 48
@@ -613,6 +623,43 @@ class FolderNodes:
         return not (self.index_nodes or self.records or self.file_nodes)
 
 
+MAX_PLACING_IDS = 1024
+"""Chunk ids in one FolderPlacing frame (a sender splits a longer run)."""
+MAX_PLACING_HELD = 1 << 20
+"""Bound of a FolderPlacing's position: chunks one placement may tell of (a receiver holds
+an entry for each)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FolderPlacing:
+    """What the server is placing now (to a WatchFolder that asked, between its roots):
+    the index root it is taking, and chunk ids it holds verified toward it in files not
+    yet committed, which GetChunks on the folder may ask for. ``start`` is the position of
+    the first id in the server's list for that root: 0 begins a new list (a new root, or
+    the same root placed again); each later frame continues the last one. An all-zero
+    root with no ids says it places nothing now."""
+
+    TAG: ClassVar[int] = 0x27
+    request_id: int
+    root: ContentHash
+    start: int
+    chunk_ids: tuple[bytes, ...]
+
+    def fields(self) -> list[Any]:
+        return [self.request_id, self.root, self.start, list(self.chunk_ids)]
+
+    @classmethod
+    def from_fields_untrusted(cls, fields: list[Any]) -> FolderPlacing:
+        _need(fields, 4, "FolderPlacing")
+        ids = _list(fields[3], "chunk ids", MAX_PLACING_IDS)
+        return cls(
+            _request_id(fields[0]),
+            _hash(fields[1]),
+            _uint(fields[2], "start", MAX_PLACING_HELD),
+            tuple(_exact(chunk_id, "chunk id", 32) for chunk_id in ids),
+        )
+
+
 def bitfield_of(pieces: Iterable[int], piece_count: int) -> bytes:
     field = bytearray((piece_count + 7) // 8)
     for index in pieces:
@@ -642,6 +689,7 @@ Message = (
     | WatchFolder
     | FolderRoot
     | FolderNodes
+    | FolderPlacing
 )
 _FIELD_DECODERS: dict[int, Callable[[list[Any]], Message]] = {
     cls.TAG: cls.from_fields_untrusted
@@ -666,6 +714,7 @@ _FIELD_DECODERS: dict[int, Callable[[list[Any]], Message]] = {
         WatchFolder,
         FolderRoot,
         FolderNodes,
+        FolderPlacing,
     )
 }
 RESERVED_TAGS = frozenset({0x00, 0xFF})
@@ -724,11 +773,12 @@ BOUNDS: dict[int, Bounds] = {
     FolderWelcome.TAG: _bounds(
         MAX_FOLDER_MEMBERS * 128 + _HASH_BYTES, 3 + 4 * MAX_FOLDER_MEMBERS, 3
     ),
-    WatchFolder.TAG: _bounds(0, 2, 1),
+    WatchFolder.TAG: _bounds(0, 4, 1),
     FolderRoot.TAG: _bounds(0, 7, 1),
     FolderNodes.TAG: _bounds(
         MAX_NODES_PER_REPLY * (MAX_NODE_BYTES + 5), 5 + MAX_NODES_PER_REPLY, 2
     ),
+    FolderPlacing.TAG: _bounds(_HASH_BYTES + MAX_PLACING_IDS * _HASH_BYTES, 4 + MAX_PLACING_IDS, 2),
 }
 """Per message tag; a tag missing here is unknown to this version."""
 

@@ -25,6 +25,7 @@ from p2pfs.wire.messages import (
     FolderChallenge,
     FolderHello,
     FolderNodes,
+    FolderPlacing,
     FolderProof,
     FolderRoot,
     FolderWelcome,
@@ -71,6 +72,7 @@ Reply = (
     | FolderWelcome
     | FolderRoot
     | FolderNodes
+    | FolderPlacing
 )
 _SUBSCRIPTIONS = (GetHave, WatchFolder)
 _REPLY_TYPES = (
@@ -85,6 +87,7 @@ _REPLY_TYPES = (
     FolderWelcome,
     FolderRoot,
     FolderNodes,
+    FolderPlacing,
 )
 _EXPECTED_REPLY: dict[type, type] = {
     GetManifest: ManifestReply,
@@ -314,7 +317,12 @@ class StreamSession:
 
     def _check_watch(self, message: Message, request: WatchFolder, entry: _Outstanding) -> None:
         """FolderRoot per change; with a push budget each is followed by FolderNodes frames
-        within the budget, every one before the last holding something."""
+        within the budget, every one before the last holding something; FolderPlacing, if
+        asked for, between them (never inside a push)."""
+        if isinstance(message, FolderPlacing):
+            if not request.placing or entry.push_open:
+                raise WireError(ErrorCode.PROTOCOL_VIOLATION, "a FolderPlacing not asked for")
+            return
         if isinstance(message, FolderRoot):
             if entry.push_open:
                 raise WireError(ErrorCode.PROTOCOL_VIOLATION, "a FolderRoot inside a push")

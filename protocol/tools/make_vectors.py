@@ -56,6 +56,7 @@ from p2pfs.wire.messages import (
     FolderMember,
     FolderNeed,
     FolderNodes,
+    FolderPlacing,
     FolderProof,
     FolderRoot,
     FolderWelcome,
@@ -233,6 +234,7 @@ def wire_vectors() -> dict[str, Any]:
         ),
         ("watch-folder", WatchFolder(7, root)),
         ("watch-folder-push", WatchFolder(7, root, 256 << 10)),
+        ("watch-folder-placing", WatchFolder(7, root, 256 << 10, placing=True)),
         ("folder-root", FolderRoot(7, ContentHash(bytes([0x22]) * 32), 12)),
         (
             "folder-root-need",
@@ -253,6 +255,13 @@ def wire_vectors() -> dict[str, Any]:
             FolderNodes(7, (b"\x92\x01\x90",), (b"\x92\xc4\x01\x00\xc4\x00",), (), False),
         ),
         ("folder-nodes-last", FolderNodes(7, (), (), (), True)),
+        (
+            "folder-placing",
+            FolderPlacing(
+                7, ContentHash(bytes([0x33]) * 32), 2, (bytes([0x44]) * 32, bytes([0x55]) * 32)
+            ),
+        ),
+        ("folder-placing-nothing", FolderPlacing(7, ContentHash(bytes(32)), 0, ())),
     ]
     vectors = []
     for name, message in examples:

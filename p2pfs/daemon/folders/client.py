@@ -4,12 +4,15 @@ peer's index root, and read its nodes, records and chunks."""
 from __future__ import annotations
 
 import collections
+import hashlib
 import itertools
 import logging
 import math
 import os
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 
 import trio
 
@@ -37,6 +40,7 @@ from p2pfs.wire.messages import (
     FolderMember,
     FolderNeed,
     FolderNodes,
+    FolderPlacing,
     FolderProof,
     FolderRoot,
     FolderWelcome,
@@ -50,6 +54,7 @@ from ..requests import PeerRequestError, RequestStream
 from ..streams import TransferCounters
 from ..swarmfetch import INITIAL_IN_FLIGHT, MAX_IN_FLIGHT, MIN_IN_FLIGHT, in_flight_target
 from .server import CLIENT_ROLE, SERVER_ROLE
+from .underway import MemberPlacing
 from .work import FolderWork
 
 logger = logging.getLogger(__name__)
@@ -72,12 +77,34 @@ STRIPE_WAIT = 1.0
 HELPERS_POLL = 0.25
 """Seconds between looks for members that can help a chunk transfer, when no batch
 completes sooner."""
+PLACER_PATIENCE = 1.0
+"""Seconds since a member placing the same root last placed a batch, within which its
+share of the batches is left to it."""
 REQUESTS_IN_FLIGHT = 2
 """Chunk requests queued per request stream: the member reads the next request while the
 current one's replies are still on their way, so it never idles between requests."""
 
 Arrived = list[tuple[int, bytes | memoryview]]
 """A batch's chunks as they arrived: (position in the batch, unverified bytes)."""
+
+
+@dataclass(frozen=True, eq=False, slots=True)
+class Helper:
+    """Another member that may send chunks of the root being taken, beside the member it
+    is taken from: one at that root holds every chunk of it; one placing it now holds
+    what it told us it has placed (FolderPlacing)."""
+
+    link: FolderLink
+    root: ContentHash
+    at_root: Callable[[], bool]
+    """Whether the member's latest root is ``root`` (read anew: it may commit meanwhile)."""
+
+    def holds(self, chunk_ids: Sequence[bytes]) -> bool:
+        return self.at_root() or self.link.placing.holds(self.root, chunk_ids)
+
+    def placing_only(self) -> bool:
+        """Whether it is placing the root (and holds only what it told of)."""
+        return not self.at_root() and self.link.placing.root == self.root
 
 
 class FolderLink:
@@ -127,6 +154,8 @@ class FolderLink:
         )
         """Chunk bytes asked of this connection and not received, and its measured rate."""
         self._room_changed = trio.Event()
+        self.placing = MemberPlacing()
+        """What the member says it is placing now (FolderPlacing on its watch)."""
 
     async def join(self, *, watch: bool = True) -> list[FolderMember]:
         """Prove membership both ways; returns the other members the peer knows. With
@@ -152,7 +181,10 @@ class FolderLink:
         )
         requests: list[Message] = [FolderProof(stream.new_request_id(), folder_id, proof)]
         if watch:
-            requests.append(WatchFolder(stream.new_request_id(), folder_id, PUSH_BUDGET))
+            watch_request = WatchFolder(
+                stream.new_request_id(), folder_id, PUSH_BUDGET, placing=True
+            )
+            requests.append(watch_request)
         await stream.send_each(requests)
         welcome = await stream.next_reply()
         if isinstance(welcome, ErrorReply):
@@ -194,17 +226,33 @@ class FolderLink:
     ) -> None:
         """Call ``on_root`` with the peer's index root, its need and whether the root came
         signed by the write key (checked here: a signature that does not verify is a
-        forgery, RemoteProtocolError) now and after each change; returns only when the
-        peer ends the subscription."""
+        forgery, RemoteProtocolError) now and after each change, and keep
+        :attr:`placing` as the member tells it; returns only when the peer ends the
+        subscription."""
         stream, self._watch_stream = self._watch_stream, None
         if stream is None:
             stream = await RequestStream.open(self.conn, self._counters)
-            request = WatchFolder(stream.new_request_id(), self.keys.folder_id, PUSH_BUDGET)
+            request = WatchFolder(
+                stream.new_request_id(), self.keys.folder_id, PUSH_BUDGET, placing=True
+            )
             await stream.send(request)
+        try:
+            await self._watch_replies(stream, on_root)
+        finally:
+            self.placing.forget()
+
+    async def _watch_replies(
+        self,
+        stream: RequestStream,
+        on_root: Callable[[ContentHash, int, FolderNeed | None, bool], None],
+    ) -> None:
         while True:
             reply = await stream.next_reply()
             if isinstance(reply, ErrorReply):
                 raise PeerRequestError(reply.code, reply.message)
+            if isinstance(reply, FolderPlacing):
+                self.placing.update(reply)
+                continue
             assert isinstance(reply, FolderRoot)  # the session checked the order
             signed = reply.root_signature is not None
             if signed and not root_signature_valid(
@@ -264,7 +312,7 @@ class FolderLink:
         found: list[list[bytes]] = [[] for _ in batches]
         work = _BatchQueue(len(batches))
 
-        async def one_stream(link: FolderLink) -> None:
+        async def one_stream(link: FolderLink, _helper: Helper | None) -> None:
             async with link._stream() as stream:
                 while (number := await work.take()) is not None:
                     try:
@@ -281,8 +329,8 @@ class FolderLink:
     async def _on_every_stream(
         self,
         work: _BatchQueue,
-        one_stream: Callable[[FolderLink], Awaitable[None]],
-        helpers: Callable[[], Sequence[FolderLink]] = tuple,
+        one_stream: Callable[[FolderLink, Helper | None], Awaitable[None]],
+        helpers: Callable[[], Sequence[Helper]] = tuple,
     ) -> None:
         """Run ``one_stream`` on each request stream of this link and, for more than one
         batch, of its stripes, those that join while the call runs too, and of
@@ -291,15 +339,15 @@ class FolderLink:
         of this link's own connection ends the call."""
         batches = work.count
 
-        async def helper_stream(helper: FolderLink) -> None:
+        async def helper_stream(helper: Helper) -> None:
             try:
-                await one_stream(helper)
+                await one_stream(helper.link, helper)
             except (ConnectionClosedError, StreamResetError, PeerRequestError) as exc:
-                logger.info("member %s stopped helping: %s", helper.peer_id.short(), exc)
+                logger.info("member %s stopped helping: %s", helper.link.peer_id.short(), exc)
 
-        async def stripe_stream(stripe: FolderLink) -> None:
+        async def stripe_stream(stripe: FolderLink, _helper: None = None) -> None:
             try:
-                await one_stream(stripe)
+                await one_stream(stripe, None)
             except (ConnectionClosedError, StreamResetError) as exc:
                 if stripe in self.stripes:
                     logger.info("member %s: a stripe ended: %s", self.peer_id.short(), exc)
@@ -314,15 +362,15 @@ class FolderLink:
             # and a small transfer should still spread over every connection.
             for _ in range(min(REQUEST_STREAMS, batches)):
                 for link in links:
-                    nursery.start_soon(one_stream if link is self else stripe_stream, link)
+                    nursery.start_soon(one_stream if link is self else stripe_stream, link, None)
             if batches > 1:
 
                 async def take_in_helpers() -> None:
                     helping: set[FolderLink] = set()
                     while not work.finished:
                         for helper in helpers():
-                            if helper not in helping and not helper.conn.is_closed:
-                                helping.add(helper)
+                            if helper.link not in helping and not helper.link.conn.is_closed:
+                                helping.add(helper.link)
                                 for _ in range(REQUEST_STREAMS):
                                     nursery.start_soon(helper_stream, helper)
                         with trio.move_on_after(HELPERS_POLL):
@@ -336,7 +384,7 @@ class FolderLink:
                             if stripe not in links and not stripe.conn.is_closed:
                                 links.append(stripe)
                                 for _ in range(REQUEST_STREAMS):
-                                    nursery.start_soon(stripe_stream, stripe)
+                                    nursery.start_soon(stripe_stream, stripe, None)
                         await first_of(self._stripes_changed, work.changed)
 
                 nursery.start_soon(take_in_new_stripes)
@@ -377,10 +425,11 @@ class FolderLink:
         batches: Sequence[Sequence[ChunkRef]],
         on_batch: Callable[[int, Arrived, FolderLink], Awaitable[None]],
         on_refused: Callable[[int, PeerRequestError], None],
-        helpers: Callable[[], Sequence[FolderLink]] = tuple,
+        helpers: Callable[[], Sequence[Helper]] = tuple,
     ) -> None:
-        """Ask for every batch (each at most MAX_BATCH chunks) on all request streams at
-        once, this link's and its stripes', REQUESTS_IN_FLIGHT requests queued on each.
+        """Ask for every batch (each at most MAX_BATCH chunks, in an order of our own) on
+        all request streams at once, this link's and its stripes', REQUESTS_IN_FLIGHT
+        requests queued on each.
         ``on_batch(number, arrived, source)`` is awaited with each complete batch
         (unverified: the caller checks each chunk against its id before writing it, and
         ``source`` is the link that sent it); a batch the member refuses (content it no
@@ -388,18 +437,33 @@ class FolderLink:
         connection fails or stalls is dropped and its batches are asked again on the
         others; a failure of this link's own connection ends the call.
 
-        ``helpers()``: links to other members that hold the same content (at the same
-        root), read again as batches complete (a member linked meanwhile joins in): their
-        streams take batches from the same queue, so a join or a big change comes from
-        every such member at once, as a fetch swarms. A helper that refuses a batch, fails
-        or stalls stops helping and gives its batches back; this link's member still
-        answers for all of them."""
+        ``helpers()``: other members that hold the same content (at the same root, or
+        placing it now), read again as batches complete (a member linked meanwhile joins
+        in): their streams take the batches they hold from the same queue, so a join or a
+        big change comes from every such member at once, as a fetch swarms. This link's
+        own streams take their own share of the batches first, and leave to each placer
+        that keeps up its share and what it holds (``_PlacersShares``): members taking one
+        change at once each take a share of it from its maker and swap them. A helper that
+        refuses a batch, fails or stalls stops helping and gives its batches back; this
+        link's member still answers for all of them."""
         if len(batches) > 1:
             await self._wait_for_stripes()
-        work = _BatchQueue(len(batches))
+        work = _BatchQueue(len(batches), shuffled=True)
+        ids_of = [[ref.id for ref in batch] for batch in batches]
+        stopped: set[FolderLink] = set()
+        """Helpers that stopped helping: nothing is left to them any more."""
+        shares = _PlacersShares(self, batches, helpers, stopped)
 
-        async def one_stream(link: FolderLink) -> None:
-            refusal = on_refused if link.peer_id == self.peer_id else _stop_helping
+        async def take(helper: Helper | None) -> int | None:
+            if helper is not None:
+                return await work.take(
+                    accept=lambda number: helper.holds(ids_of[number]),
+                    wake=lambda: helper.link.placing.changed,
+                )
+            return await shares.take(work)
+
+        async def one_stream(link: FolderLink, helper: Helper | None) -> None:
+            refusal = on_refused if helper is None else _stop_helping
 
             async def arrived(number: int, chunks: Arrived) -> None:
                 await on_batch(number, chunks, link)
@@ -417,7 +481,7 @@ class FolderLink:
                     async with queued_send:
                         while True:
                             await link._room_for_a_batch()
-                            if (number := await work.take()) is None:
+                            if (number := await take(helper)) is None:
                                 return
                             asked.append(number)
                             refs = tuple(batches[number])
@@ -438,6 +502,10 @@ class FolderLink:
                                 )
                                 asked.remove(number)
                                 work.done()
+                except BaseException:
+                    if helper is not None:
+                        stopped.add(link)  # what was left to it is asked elsewhere now
+                    raise
                 finally:
                     work.give_back(asked)
                     link._settle(sum(left.values()))
@@ -513,10 +581,109 @@ def _stop_helping(number: int, exc: PeerRequestError) -> None:
     raise exc
 
 
+def _designated(chunk_id: bytes, nodes: Sequence[bytes]) -> bytes:
+    """The node among ``nodes`` whose turn a batch starting with ``chunk_id`` is: the
+    highest keyed hash, as every node computes it alike (rendezvous hashing)."""
+    return max(
+        nodes, key=lambda node: hashlib.blake2b(chunk_id, digest_size=8, key=node[:64]).digest()
+    )
+
+
 def refuse(conn: PeerConnection, reason: str) -> None:
     """Drop a member that sent something forged or malformed (its data is never applied)."""
     logger.warning("dropping member %s: %s", conn.peer_id.short(), reason)
     conn.close_nowait(CloseCode.PROTOCOL_ERROR, reason[:100])
+
+
+class _PlacersShares:
+    """How a link's own streams pick batches while other members place the same root
+    (Helper.placing_only): each takes its own share of the batches from the member, and
+    those a placer holds from that placer. A batch's share is one placer's by rendezvous
+    hashing over the placers, so all agree without a word."""
+
+    def __init__(
+        self,
+        link: FolderLink,
+        batches: Sequence[Sequence[ChunkRef]],
+        helpers: Callable[[], Sequence[Helper]],
+        stopped: set[FolderLink],
+    ) -> None:
+        self._link = link
+        self._ids_of = [[ref.id for ref in batch] for batch in batches]
+        chunks = sum(map(len, batches))
+        self._chunk_bytes = sum(ref.length for batch in batches for ref in batch) / max(1, chunks)
+        """The mean chunk length of the transfer (placers report chunks, not bytes)."""
+        self._helpers = helpers
+        self._stopped = stopped
+        """Helpers that stopped helping: nothing is left to them any more."""
+        self._everyone: tuple[bytes, ...] = ()
+        self._owner_of: dict[int, bytes] = {}
+        """Each batch's placer among ``_everyone`` (computed once per set of placers)."""
+
+    async def take(self, work: _BatchQueue) -> int | None:
+        """The next batch for one of the link's own streams (None once all are done),
+        looked for again whenever the queue or a placer's holdings change, or every
+        HELPERS_POLL: who keeps up changes while a stream waits."""
+        if len(self._ids_of) == 1:
+            return await work.take()  # one batch: no helper streams to leave it to
+        while True:
+            now = self._placers()
+            found = work.take_now(*self._choice(now))
+            if found is not None or work.finished:
+                return found
+            with trio.move_on_after(HELPERS_POLL):
+                await first_of(work.changed, *(h.link.placing.changed for h in now))
+
+    def _placers(self) -> list[Helper]:
+        return [
+            helper
+            for helper in self._helpers()
+            if helper.link not in self._stopped and helper.placing_only()
+        ]
+
+    def _choice(
+        self, placers: list[Helper]
+    ) -> tuple[Callable[[int], bool] | None, Callable[[int], int] | None]:
+        """(accept, rank) for a take now, against ``placers``."""
+        if not placers:
+            return None, None
+        own = self._link._own_id
+        everyone = (own, *sorted(h.link.peer_id.raw for h in placers))
+        if everyone != self._everyone:
+            self._everyone, self._owner_of = everyone, {}
+        waited_for = self._waited_for(placers)
+
+        def rank(number: int) -> int:
+            """0: ours to ask of the member; 1: to ask of it once ours are taken; 2: left
+            to a placer that keeps up (its share, or one it holds: its stream takes it)."""
+            ids = self._ids_of[number]
+            if any(h.link.placing.held.issuperset(ids) for h in waited_for):
+                return 2
+            owner = self._owner_of.get(number)
+            if owner is None:
+                owner = self._owner_of[number] = _designated(ids[0], everyone)
+            if owner == own:
+                return 0
+            return 2 if any(h.link.peer_id.raw == owner for h in waited_for) else 1
+
+        # Another placer's share is left to it while it keeps up: asked of the member
+        # here too, each batch would cross the member's uplink twice. A placer that
+        # stalls or is much slower than this link leaves its share to be asked here.
+        return (lambda number: rank(number) != 2), rank
+
+    def _waited_for(self, placers: list[Helper]) -> list[Helper]:
+        """The placers whose shares are left to them: placing now, at least half as fast
+        as this link takes chunks from its member (or that rate is not known yet)."""
+        now = trio.current_time()
+        ours = self._link.pipeline.throughput
+        return [
+            helper
+            for helper in placers
+            if now - helper.link.placing.grew_at < PLACER_PATIENCE
+            and (
+                ours is None or 2 * helper.link.placing.chunk_rate(now) * self._chunk_bytes >= ours
+            )
+        ]
 
 
 class _BatchQueue:
@@ -525,9 +692,12 @@ class _BatchQueue:
     taker waits while batches are out on other streams (one may come back) and gets None
     once every batch is done."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, *, shuffled: bool = False) -> None:
         self.count = count
-        self._waiting: collections.deque[int] = collections.deque(range(count))
+        order = list(range(count))
+        if shuffled:
+            random.shuffle(order)
+        self._waiting: collections.deque[int] = collections.deque(order)
         self._left = count
         self._changed = trio.Event()
 
@@ -540,12 +710,49 @@ class _BatchQueue:
         """Set when a batch is done or given back (then replaced)."""
         return self._changed
 
-    async def take(self) -> int | None:
-        while not self._waiting:
+    async def take(
+        self,
+        *,
+        accept: Callable[[int], bool] | None = None,
+        rank: Callable[[int], int] | None = None,
+        wake: Callable[[], trio.Event] | None = None,
+    ) -> int | None:
+        """The next waiting batch that ``accept`` takes (any, without it), the first of
+        the lowest ``rank`` (0 is best) if ranked. While none is acceptable it waits for
+        the queue to change, or ``wake()`` (what ``accept`` reads) to be set, or
+        HELPERS_POLL."""
+        while True:
+            found = self.take_now(accept, rank)
+            if found is not None:
+                return found
             if self._left == 0:
                 return None
-            await self._changed.wait()
-        return self._waiting.popleft()
+            with trio.move_on_after(HELPERS_POLL):
+                await (self._changed.wait() if wake is None else first_of(self._changed, wake()))
+
+    def take_now(
+        self,
+        accept: Callable[[int], bool] | None = None,
+        rank: Callable[[int], int] | None = None,
+    ) -> int | None:
+        """What :meth:`take` would return now, or None if it would wait."""
+        if accept is None and rank is None:
+            return self._waiting.popleft() if self._waiting else None
+        best: tuple[int, int] | None = None
+        """(rank, position in the queue) of the best so far."""
+        for position, number in enumerate(self._waiting):
+            if accept is not None and not accept(number):
+                continue
+            score = rank(number) if rank is not None else 0
+            if best is None or score < best[0]:
+                best = (score, position)
+                if score == 0:
+                    break
+        if best is None:
+            return None
+        number = self._waiting[best[1]]
+        del self._waiting[best[1]]
+        return number
 
     def done(self) -> None:
         self._left -= 1

@@ -63,9 +63,10 @@ from p2pfs.wire.messages import FolderMember, FolderNeed
 from ..allocator import release_free_memory
 from ..storage import AsyncIndex, in_thread
 from . import steps
-from .client import FolderLink
+from .client import FolderLink, Helper
 from .need import NeedTracker, is_file
 from .placing import DiskView, Placer, Planned
+from .underway import PlacingChunks
 from .work import FolderWork
 
 logger = logging.getLogger(__name__)
@@ -225,6 +226,8 @@ class FolderSync:
         """Where what happens here is told (the daemon's event bus)."""
         # This node's need (`sync list`'s N%; members hear it in FolderRoot).
         self._need = NeedTracker()
+        # The chunks of the reconcile under way, not committed yet (underway.py).
+        self.placing = PlacingChunks()
         self._placer = Placer(
             self.path,
             index,
@@ -234,6 +237,7 @@ class FolderSync:
             self.work,
             self._placed_bytes,
             self._received_bytes,
+            self.placing,
         )
 
     # -- state ----------------------------------------------------------------------------
@@ -650,12 +654,13 @@ class FolderSync:
         remote_root: Child,
         *,
         root_signed: bool = False,
-        helpers: Callable[[], Sequence[FolderLink]] = tuple,
+        helpers: Callable[[], Sequence[Helper]] = tuple,
     ) -> None:
         """Take what ``link``'s member has that we lack, by the planner's rules.
         ``root_signed``: the member sent the write key's signature over ``remote_root``
         (checked), so the records under it are not checked one by one. ``helpers()``:
-        links to other members at ``remote_root`` too, which send chunks beside it.
+        other members at ``remote_root`` too, or placing it now, which send the chunks
+        they hold beside it.
 
         Raises RemoteProtocolError (nothing applied) if the member sent a forged,
         malformed or backwards record.
@@ -677,32 +682,48 @@ class FolderSync:
             behind = any(remote_root == root for root, _removed in self._retired)
             if (same_root or behind) and not self.missing_content():
                 return
-            local_root = self._root
-            trees = [self._tree.node, *(removed for _root, removed in self._retired)]
+            # Members taking the same root hear what we place as we place it; told before
+            # the diff, they know of us before either asks for a chunk.
+            self.placing.begin(remote_root.hash)
+            try:
+                await self._reconcile_locked(link, remote_root, timer, root_signed, helpers)
+            finally:
+                self.placing.end()
 
-            def local_node(node_hash: ContentHash) -> bytes:
-                for node in trees:
-                    found = node(node_hash)
-                    if found is not None:
-                        return found
-                raise StorageError("folder index lost one of its own nodes")
+    async def _reconcile_locked(
+        self,
+        link: FolderLink,
+        remote_root: Child,
+        timer: steps.Phases,
+        root_signed: bool,
+        helpers: Callable[[], Sequence[Helper]],
+    ) -> None:
+        """The diff and the placing of a reconcile, under the folder's lock."""
+        same_root = remote_root.hash == self._root.hash
+        local_root = self._root
+        trees = [self._tree.node, *(removed for _root, removed in self._retired)]
 
-            def remote_nodes(hashes: object) -> list[bytes]:
-                return trio.from_thread.run(link.nodes, list(hashes))  # type: ignore[call-overload]
+        def local_node(node_hash: ContentHash) -> bytes:
+            for node in trees:
+                found = node(node_hash)
+                if found is not None:
+                    return found
+            raise StorageError("folder index lost one of its own nodes")
 
-            leaves = (
-                LeafQueue()
-                if same_root
-                else await trio.to_thread.run_sync(
-                    remote_changes, local_root, local_node, remote_root, remote_nodes
-                )
+        def remote_nodes(hashes: object) -> list[bytes]:
+            return trio.from_thread.run(link.nodes, list(hashes))  # type: ignore[call-overload]
+
+        leaves = (
+            LeafQueue()
+            if same_root
+            else await trio.to_thread.run_sync(
+                remote_changes, local_root, local_node, remote_root, remote_nodes
             )
-            timer.mark("diff")
-            with self._doing("syncing"):
-                await self._take_in_batches(
-                    link, leaves, timer, vouched=root_signed, helpers=helpers
-                )
-            logger.info("folder %s: reconcile with %s: %s", self.path, link.peer_id.short(), timer)
+        )
+        timer.mark("diff")
+        with self._doing("syncing"):
+            await self._take_in_batches(link, leaves, timer, vouched=root_signed, helpers=helpers)
+        logger.info("folder %s: reconcile with %s: %s", self.path, link.peer_id.short(), timer)
 
     async def _take_in_batches(
         self,
@@ -711,7 +732,7 @@ class FolderSync:
         timer: steps.Phases,
         *,
         vouched: bool,
-        helpers: Callable[[], Sequence[FolderLink]],
+        helpers: Callable[[], Sequence[Helper]],
     ) -> None:
         """Fetch, verify, plan and apply the member's differing records JOIN_BATCH at a
         time (a join's are every record): the decoded records and the plan of one batch are
@@ -988,7 +1009,7 @@ class FolderSync:
         link: FolderLink,
         planned: Planned,
         timer: steps.Phases,
-        helpers: Callable[[], Sequence[FolderLink]],
+        helpers: Callable[[], Sequence[Helper]],
     ) -> set[str]:
         """Place, delete and store what ``planned`` says; returns the paths placed."""
         moved = await self._placer.move_renamed(planned)

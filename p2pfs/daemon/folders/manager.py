@@ -52,7 +52,7 @@ from ..ratelimit import TokenBucket
 from ..requests import PeerRequestError
 from ..storage import AsyncIndex
 from ..streams import TransferCounters
-from .client import FolderLink, refuse
+from .client import FolderLink, Helper, refuse
 from .engine import JOIN_BATCH, FolderSync
 
 logger = logging.getLogger(__name__)
@@ -704,18 +704,22 @@ class FolderManager:
                 if arrived.is_set():
                     wake[0] = trio.Event()
 
-    def _helpers(self, folder: FolderSync, link: FolderLink, root: ContentHash) -> list[FolderLink]:
-        """Links to the folder's other members whose latest root is ``root``: they hold
-        what a reconcile toward it fetches, and carry chunk batches beside ``link``."""
-        return [
-            other
-            for key, other in self._links.items()
-            if key[0] == folder.folder_id
-            and other is not link
-            and not other.conn.is_closed
-            and (root_now := self._member_roots.get(key)) is not None
-            and root_now.hash == root
-        ]
+    def _helpers(self, folder: FolderSync, link: FolderLink, root: ContentHash) -> list[Helper]:
+        """The folder's other members whose latest root is ``root`` (they hold what a
+        reconcile toward it fetches) or that are placing ``root`` now (they hold what they
+        have placed): they carry chunk batches beside ``link``."""
+        helpers = []
+        for key, other in self._links.items():
+            if key[0] != folder.folder_id or other is link or other.conn.is_closed:
+                continue
+            at_root = functools.partial(self._member_at, key, root)
+            if at_root() or other.placing.root == root:
+                helpers.append(Helper(other, root, at_root))
+        return helpers
+
+    def _member_at(self, key: tuple[bytes, bytes], root: ContentHash) -> bool:
+        root_now = self._member_roots.get(key)
+        return root_now is not None and root_now.hash == root
 
     def links(self, folder: FolderSync) -> int:
         return sum(1 for (folder_id, _peer) in self._links if folder_id == folder.folder_id)

@@ -31,7 +31,8 @@ from ..requests import PeerRequestError
 from ..storage import AsyncIndex, in_thread
 from ..treewalk import TreeJob, walk_trees
 from . import steps
-from .client import MAX_BATCH, Arrived, FolderLink, refuse
+from .client import MAX_BATCH, Arrived, FolderLink, Helper, refuse
+from .underway import PlacingChunks
 from .work import FolderWork
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class Placer:
         work: FolderWork,
         on_placed: Callable[[int, int], None],
         on_received: Callable[[int], None] = lambda _bytes: None,
+        placing: PlacingChunks | None = None,
     ) -> None:
         self.path = path
         self._index = index
@@ -115,6 +117,9 @@ class Placer:
         """Told the files and bytes of each step once they are placed (progress)."""
         self.on_received = on_received
         """Told the bytes of each chunk received from a member (progress within a file)."""
+        self.placing = placing if placing is not None else PlacingChunks()
+        """Chunks written toward the root being placed, not committed yet: other members
+        taking the same change ask for them (underway.py)."""
 
     async def move_renamed(self, planned: Planned) -> dict[str, str]:
         """A file fetched under one path while the same content is deleted at another is a
@@ -157,7 +162,7 @@ class Placer:
         link: FolderLink,
         planned: Planned,
         timer: steps.Phases,
-        helpers: Callable[[], Sequence[FolderLink]] = tuple,
+        helpers: Callable[[], Sequence[Helper]] = tuple,
     ) -> set[str]:
         """Place every file of ``planned.fetch``; returns the paths placed. ``helpers()``:
         links to other members at the same root, whose streams carry chunk batches too
@@ -252,7 +257,7 @@ class Placer:
     async def _download_step(
         self,
         link: FolderLink,
-        helpers: Callable[[], Sequence[FolderLink]],
+        helpers: Callable[[], Sequence[Helper]],
         items: list[tuple[str, FileVersion]],
         parents: dict[str, str],
         trees: _StepTrees,
@@ -402,7 +407,7 @@ class Placer:
     async def _fill_from_peer(
         self,
         link: FolderLink,
-        helpers: Callable[[], Sequence[FolderLink]],
+        helpers: Callable[[], Sequence[Helper]],
         partials: dict[str, PartialFile],
         missing: dict[ContentHash, tuple[ChunkRef, list[tuple[str, int]]]],
         failed: dict[str, str],
@@ -413,17 +418,7 @@ class Placer:
         """The chunks still missing, from ``link``'s member and, beside it, from the other
         members ``helpers()`` names (at the same root). A helper whose batch fails its hash
         is dropped (as a member is) and the batch is asked again of the member."""
-        batches: list[list[tuple[ChunkRef, list[tuple[str, int]]]]] = []
-        current: list[tuple[ChunkRef, list[tuple[str, int]]]] = []
-        size = 0
-        for ref, places in missing.values():
-            current.append((ref, places))
-            size += ref.length
-            if len(current) >= MAX_BATCH or size >= CHUNK_BATCH_BYTES:
-                batches.append(current)
-                current, size = [], 0
-        if current:
-            batches.append(current)
+        batches = _batches_of(missing)
 
         def write_all(number: int, arrived: Arrived) -> None:
             # Every chunk verified before anything is written (a mismatch is the sender's
@@ -449,7 +444,7 @@ class Placer:
                 (path, "") for _ref, places in batches[number] for path, _offset in places
             )
 
-        async def take(asked: list[int], helping: Callable[[], Sequence[FolderLink]]) -> list[int]:
+        async def take(asked: list[int], helping: Callable[[], Sequence[Helper]]) -> list[int]:
             """One round over ``asked`` (``helping``: the helpers it may use); returns the
             batches a helper sent corrupt."""
             again: list[int] = []
@@ -468,6 +463,7 @@ class Placer:
                         # thread is running is waited for even when cancelled (MergedCalls).
                         try:
                             await writer.call(functools.partial(write_all, number, arrived))
+                            self._note_placed(batches[number], partials, failed, helpers)
                         except IntegrityError as exc:
                             if source.peer_id == link.peer_id:
                                 raise
@@ -490,6 +486,24 @@ class Placer:
         again = await take(list(range(len(batches))), helpers) if batches else []
         if again:
             await take(again, tuple)
+
+    def _note_placed(
+        self,
+        batch: list[tuple[ChunkRef, list[tuple[str, int]]]],
+        partials: dict[str, PartialFile],
+        failed: dict[str, str],
+        helpers: Callable[[], Sequence[Helper]],
+    ) -> None:
+        """A batch is written: its chunks can be served to members placing the same root
+        (from the first file each went to), told of while any such member is linked (a
+        join of 200k files with no one beside it would otherwise hold an entry a chunk)."""
+        if not any(helper.placing_only() for helper in helpers()):
+            return
+        self.placing.add(
+            (ref.id, partials[places[0][0]], places[0][1])
+            for ref, places in batch
+            if places and places[0][0] not in failed
+        )
 
     async def _record_placed(
         self,
@@ -517,6 +531,24 @@ class Placer:
                 )
             )
         await self._index.run(record_placed_files, self._index.index, self.path, files)
+
+
+def _batches_of(
+    missing: dict[ContentHash, tuple[ChunkRef, list[tuple[str, int]]]],
+) -> list[list[tuple[ChunkRef, list[tuple[str, int]]]]]:
+    """The chunks in request batches: at most MAX_BATCH, about CHUNK_BATCH_BYTES each."""
+    batches: list[list[tuple[ChunkRef, list[tuple[str, int]]]]] = []
+    current: list[tuple[ChunkRef, list[tuple[str, int]]]] = []
+    size = 0
+    for ref, places in missing.values():
+        current.append((ref, places))
+        size += ref.length
+        if len(current) >= MAX_BATCH or size >= CHUNK_BATCH_BYTES:
+            batches.append(current)
+            current, size = [], 0
+    if current:
+        batches.append(current)
+    return batches
 
 
 def _run_writes(writes: list[Callable[[], None]]) -> list[Exception | None]:

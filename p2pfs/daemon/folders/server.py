@@ -35,6 +35,7 @@ from p2pfs.wire.messages import (
     FolderMember,
     FolderNeed,
     FolderNodes,
+    FolderPlacing,
     FolderProof,
     FolderRoot,
     FolderWelcome,
@@ -44,6 +45,7 @@ from p2pfs.wire.messages import (
 )
 
 from ..storage import AsyncIndex
+from .underway import PlacingChunks
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ class ServedFolder(Protocol):
     keys: FolderKeys
     device: bytes
     """This node's device id in the folder (told to members in FolderWelcome)."""
+    placing: PlacingChunks
+    """What it is placing now (told to watchers that ask, FolderPlacing)."""
 
     def served_node(self, node_hash: ContentHash) -> bytes | None: ...
 
@@ -197,14 +201,15 @@ class FolderServer:
         self,
         request: WatchFolder,
         grants: FolderGrants,
-        send: Callable[[FolderRoot | FolderNodes | ErrorReply], Awaitable[None]],
+        send: Callable[[FolderRoot | FolderNodes | FolderPlacing | ErrorReply], Awaitable[None]],
         member: bytes,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Send the folder's index root and need now and after every change (latest values
         only; a change of the need alone at most every PROGRESS_INTERVAL) to ``member`` (its
-        node id), each followed by its push if the request asked for one."""
+        node id), each followed by its push if the request asked for one; and, if asked,
+        what the folder is placing as it grows (FolderPlacing, between roots)."""
         folder = self.is_member(grants, request.folder_id)
         if folder is None:
             task_status.started()
@@ -216,15 +221,23 @@ class FolderServer:
         budget = min(request.push_budget, FOLDER_PUSH_LIMIT)
         pushed_for: Child | None = None
         """The root the last push was for: the client, if in step, holds it."""
+        placing_seen: tuple[int, int] | None = None
+        """What the client was last told of our placement (generation, ids)."""
         while self._lookup(request.folder_id) is folder:
             root, count, changed = folder.current_root()
             need, progressed = folder.progress()
+            placed = (folder.placing.changed,) if request.placing else ()
+            if request.placing:
+                told = folder.placing.frames(request.request_id, placing_seen)
+                placing_seen = folder.placing.seen  # what ``told`` brings the client to
+                for placing in told:
+                    await send(placing)
             if sent is None or (root, need) != sent:
                 wait = sent_at + PROGRESS_INTERVAL - trio.current_time()
                 if sent is not None and root == sent[0] and wait > 0:
                     # The need alone changed: not sent more often (a new root is not held).
                     with trio.move_on_after(wait):
-                        await changed.wait()
+                        await first_of(changed, *placed)
                     continue
                 signature = folder.root_signature(root, count)
                 await send(FolderRoot(request.request_id, root, count, need, signature))
@@ -240,7 +253,7 @@ class FolderServer:
                     for frame in frames:
                         await send(replace(frame, request_id=request.request_id))
                     pushed_for = current
-            await first_of(changed, progressed)
+            await first_of(changed, progressed, *placed)
         # The folder was removed here (maybe joined again since): this subscription is over.
         await send(ErrorReply(request.request_id, ErrorCode.NOT_FOUND, "folder removed"))
 
