@@ -116,6 +116,9 @@ class HostileFolder:
     def share_root(self) -> ContentHash | None:
         return self.content
 
+    def share_id(self) -> int | None:
+        return None  # its chunks are located by its share root
+
 
 def _text_of(number: int) -> bytes:
     return (f"{number:04d} " * (25 + number % 40)).encode()

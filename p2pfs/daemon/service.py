@@ -320,9 +320,10 @@ class ShareService:
                 stream, session.send(await self._folders.nodes(message, grants.folders))
             )
             return
+        share_id = None
         if folder is not None and isinstance(message, GetChunks):
             # A member reads chunks of any file the folder holds now (its last scan).
-            share_root = folder.share_root()
+            share_root, share_id = folder.share_root(), folder.share_id()
             if share_root is None:
                 await self._send(stream, session.send(_not_found(message.request_id, "empty")))
                 return
@@ -330,7 +331,13 @@ class ShareService:
         if isinstance(message, GetChunks):
             placing = folder.placing if folder is not None else None
             await self._chunks(
-                message, stream, session, conn, check_private=folder is None, placing=placing
+                message,
+                stream,
+                session,
+                conn,
+                check_private=folder is None,
+                placing=placing,
+                share_id=share_id,
             )
             return
         reply: ManifestReply | NodesReply | ErrorReply
@@ -583,18 +590,20 @@ class ShareService:
         *,
         check_private: bool,
         placing: PlacingChunks | None = None,
+        share_id: int | None = None,
     ) -> None:
         """Answer a GetChunks: each group of chunks read (and hash-checked) in one thread
         call, framed into one buffer and written with one send_all. Per chunk, a write
         would cost a transmit pass of the connection and a header+payload copy anyway; per
         group, the bulk path pays those once per ~4 MiB (issue 13's sender profile).
         ``placing``: a folder's placement under way, whose chunks the index does not hold
-        yet (a member taking the same change asks for them)."""
+        yet (a member taking the same change asks for them). ``share_id``: a folder's
+        scan, where the chunks are located (else by the root)."""
         private = self._private_paths() if check_private else set()
         # The private-share check and the chunk lookups are one index call: each is a
         # thread hop, and the sender paid three per request.
         refused, locations = await self._index.run(
-            _locate_request, self._index.index, request, private
+            _locate_request, self._index.index, request, private, share_id
         )
         if refused:
             await self._send(stream, session.send(_not_found(request.request_id, "no share")))
@@ -669,14 +678,17 @@ def _not_found(request_id: int, message: str) -> ErrorReply:
 
 
 def _locate_request(
-    index: IndexStore, request: GetChunks, private: set[str]
+    index: IndexStore, request: GetChunks, private: set[str], share_id: int | None = None
 ) -> tuple[bool, list[list[ChunkLocation]]]:
     """(refused: the root names a private folder's scan, where each chunk may be read)."""
     if private:
         record = index.share_by_root(request.share_root)
         if record is not None and record.local_path in private:
             return True, []
-    return False, index.locate_chunks([chunk.id for chunk in request.chunks], request.share_root)
+    ids = [chunk.id for chunk in request.chunks]
+    if share_id is not None:
+        return False, index.locate_chunks(ids, share_id=share_id)
+    return False, index.locate_chunks(ids, request.share_root)
 
 
 def _read_group(wanted: list[tuple[ContentHash, list[ChunkLocation]]]) -> list[bytes | None]:

@@ -786,23 +786,27 @@ class IndexStore:
         return [_location(*row) for row in rows]
 
     def locate_chunks(
-        self, cids: Sequence[bytes], share_root: bytes | None = None
+        self, cids: Sequence[bytes], share_root: bytes | None = None, *, share_id: int | None = None
     ) -> list[list[ChunkLocation]]:
-        """``locate_chunk`` of each id, in one query per LOCATE_BATCH distinct ids: a
-        request of small files (one chunk each) made one query per chunk."""
+        """``locate_chunk`` of each id (in the share with root ``share_root``, or with id
+        ``share_id``, if given), in one query per LOCATE_BATCH distinct ids: a request of
+        small files (one chunk each) made one query per chunk."""
         prefixes = [chunk_prefix(cid) for cid in cids]
         found: dict[int, list[ChunkLocation]] = {}
         distinct = list(dict.fromkeys(prefixes))
         query = f"SELECT c.prefix, {_LOCATION_COLUMNS} FROM chunk_locations c {_LOCATION_JOINS}"
-        if share_root is not None:
+        scope: tuple[object, ...] = ()
+        if share_id is not None:
+            query += "WHERE d.share_id = ? AND "
+            scope = (share_id,)
+        elif share_root is not None:
             query += "JOIN shares s ON s.id = d.share_id WHERE s.root = ? AND "
+            scope = (share_root,)
         else:
             query += "WHERE "
         for start in range(0, len(distinct), LOCATE_BATCH):
             part = distinct[start : start + LOCATE_BATCH]
-            args: tuple[object, ...] = tuple(part)
-            if share_root is not None:
-                args = (share_root, *part)
+            args: tuple[object, ...] = (*scope, *part)
             marks = ",".join("?" * len(part))
             with _guard("locating chunks"):
                 rows = self._conn.execute(f"{query}c.prefix IN ({marks})", args).fetchall()

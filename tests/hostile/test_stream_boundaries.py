@@ -74,6 +74,9 @@ class Folder:
     def share_root(self) -> ContentHash | None:
         return None
 
+    def share_id(self) -> int | None:
+        return None  # its chunks are located by its share root
+
 
 def _get_nodes(tmp_path: Path, *, raise_on_lookup: bool) -> tuple[object, bool]:
     keys = FolderKeys.from_write_seed(os.urandom(32))

@@ -140,6 +140,9 @@ def _scanned(stats: ScanStats) -> int:
 class FolderSync:
     _root_signed: tuple[Child, bytes] | None = None
     """The last index root signed for FolderRoot, and its signature (one per change)."""
+    _share_root: ContentHash | None
+    _share_id: int | None
+    """The root and index id of the folder's last scan (the id stays across rescans)."""
 
     def __init__(
         self,
@@ -179,7 +182,7 @@ class FolderSync:
         # The files' states as scanned or placed are read from the scan index when asked
         # (a state per file held here cost ~0.34 KiB a file).
         self.disk = DiskView(self._scanned)
-        self._share_root: ContentHash | None = None
+        self._share_root, self._share_id = None, None
         self.absent: set[str] = set()
         """Live records whose content this node does not hold (stored while ignored here):
         their absence is not a delete, and they are fetched once no longer ignored."""
@@ -387,6 +390,9 @@ class FolderSync:
     def share_root(self) -> ContentHash | None:
         return self._share_root
 
+    def share_id(self) -> int | None:
+        return self._share_id
+
     async def remember_peer(self, node_id: bytes, host: str, port: int) -> None:
         """A member authenticated at ``host:port``: keep it (its last-met time refreshed at
         most daily, so a live member never expires)."""
@@ -464,7 +470,7 @@ class FolderSync:
         self.scans += 1
         self.work.full_scans += 1
         self.work.files_scanned += _scanned(result.stats)
-        self._share_root = result.root
+        self._share_root, self._share_id = result.root, result.share_id
         self.problems = [str(problem) for problem in result.problems]
         self.disk.ignored = set(result.ignored)
         # Records are SQLite reads: the directories' and the absent ones' in a thread.

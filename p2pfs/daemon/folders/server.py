@@ -103,6 +103,12 @@ class ServedFolder(Protocol):
         """The root of the folder's last scan, which locates its chunks in the index."""
         ...
 
+    def share_id(self) -> int | None:
+        """The index's id of the folder's scan (the same across rescans): its chunks are
+        located by it, so a request served while a rescan commits finds them (by the
+        root, the new root was in the index before the folder knew it). None: by root."""
+        ...
+
 
 @dataclass(slots=True)
 class FolderGrants:
