@@ -220,7 +220,7 @@ def test_chunks_come_from_every_member_in_step_or_placing_the_same_change(
     # those from it: m1 sends the file about once, not once to each (before: 2.8x).
     for machine in machines[1:]:
         machine.cap_uplink(1_000_000_000)
-    machines[0].cap_uplink(64_000_000)
+    machines[0].cap_uplink(128_000_000)
     before = [sent(machine) for machine in machines]
     new_size = 4 * size
     (dirs[0] / "second.bin").write_bytes(os.urandom(new_size))
