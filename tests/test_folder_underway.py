@@ -165,12 +165,3 @@ def test_a_taker_gets_only_what_it_accepts_and_the_best_ranked_first() -> None:
             assert taken == [5]
 
     trio.run(main)
-
-
-def test_a_shuffled_queue_holds_every_batch_once() -> None:
-    async def main() -> None:
-        work = _BatchQueue(50, shuffled=True)
-        taken = [await work.take() for _ in range(50)]
-        assert sorted(n for n in taken if n is not None) == list(range(50))
-
-    trio.run(main)

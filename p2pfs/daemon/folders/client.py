@@ -9,7 +9,6 @@ import itertools
 import logging
 import math
 import os
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -345,7 +344,7 @@ class FolderLink:
             except (ConnectionClosedError, StreamResetError, PeerRequestError) as exc:
                 logger.info("member %s stopped helping: %s", helper.link.peer_id.short(), exc)
 
-        async def stripe_stream(stripe: FolderLink, _helper: None = None) -> None:
+        async def stripe_stream(stripe: FolderLink) -> None:
             try:
                 await one_stream(stripe, None)
             except (ConnectionClosedError, StreamResetError) as exc:
@@ -362,7 +361,10 @@ class FolderLink:
             # and a small transfer should still spread over every connection.
             for _ in range(min(REQUEST_STREAMS, batches)):
                 for link in links:
-                    nursery.start_soon(one_stream if link is self else stripe_stream, link, None)
+                    if link is self:
+                        nursery.start_soon(one_stream, link, None)
+                    else:
+                        nursery.start_soon(stripe_stream, link)
             if batches > 1:
 
                 async def take_in_helpers() -> None:
@@ -384,7 +386,7 @@ class FolderLink:
                             if stripe not in links and not stripe.conn.is_closed:
                                 links.append(stripe)
                                 for _ in range(REQUEST_STREAMS):
-                                    nursery.start_soon(stripe_stream, stripe, None)
+                                    nursery.start_soon(stripe_stream, stripe)
                         await first_of(self._stripes_changed, work.changed)
 
                 nursery.start_soon(take_in_new_stripes)
@@ -427,9 +429,8 @@ class FolderLink:
         on_refused: Callable[[int, PeerRequestError], None],
         helpers: Callable[[], Sequence[Helper]] = tuple,
     ) -> None:
-        """Ask for every batch (each at most MAX_BATCH chunks, in an order of our own) on
-        all request streams at once, this link's and its stripes', REQUESTS_IN_FLIGHT
-        requests queued on each.
+        """Ask for every batch (each at most MAX_BATCH chunks) on all request streams at
+        once, this link's and its stripes', REQUESTS_IN_FLIGHT requests queued on each.
         ``on_batch(number, arrived, source)`` is awaited with each complete batch
         (unverified: the caller checks each chunk against its id before writing it, and
         ``source`` is the link that sent it); a batch the member refuses (content it no
@@ -448,8 +449,7 @@ class FolderLink:
         link's member still answers for all of them."""
         if len(batches) > 1:
             await self._wait_for_stripes()
-        work = _BatchQueue(len(batches), shuffled=True)
-        ids_of = [[ref.id for ref in batch] for batch in batches]
+        work = _BatchQueue(len(batches))
         stopped: set[FolderLink] = set()
         """Helpers that stopped helping: nothing is left to them any more."""
         shares = _PlacersShares(self, batches, helpers, stopped)
@@ -457,7 +457,7 @@ class FolderLink:
         async def take(helper: Helper | None) -> int | None:
             if helper is not None:
                 return await work.take(
-                    accept=lambda number: helper.holds(ids_of[number]),
+                    accept=lambda number: helper.holds(shares.ids_of[number]),
                     wake=lambda: helper.link.placing.changed,
                 )
             return await shares.take(work)
@@ -609,7 +609,8 @@ class _PlacersShares:
         stopped: set[FolderLink],
     ) -> None:
         self._link = link
-        self._ids_of = [[ref.id for ref in batch] for batch in batches]
+        self.ids_of = [[ref.id for ref in batch] for batch in batches]
+        """Each batch's chunk ids (what a placer must hold to take it)."""
         chunks = sum(map(len, batches))
         self._chunk_bytes = sum(ref.length for batch in batches for ref in batch) / max(1, chunks)
         """The mean chunk length of the transfer (placers report chunks, not bytes)."""
@@ -624,7 +625,7 @@ class _PlacersShares:
         """The next batch for one of the link's own streams (None once all are done),
         looked for again whenever the queue or a placer's holdings change, or every
         HELPERS_POLL: who keeps up changes while a stream waits."""
-        if len(self._ids_of) == 1:
+        if len(self.ids_of) == 1:
             return await work.take()  # one batch: no helper streams to leave it to
         while True:
             now = self._placers()
@@ -656,7 +657,7 @@ class _PlacersShares:
         def rank(number: int) -> int:
             """0: ours to ask of the member; 1: to ask of it once ours are taken; 2: left
             to a placer that keeps up (its share, or one it holds: its stream takes it)."""
-            ids = self._ids_of[number]
+            ids = self.ids_of[number]
             if any(h.link.placing.held.issuperset(ids) for h in waited_for):
                 return 2
             owner = self._owner_of.get(number)
@@ -692,12 +693,9 @@ class _BatchQueue:
     taker waits while batches are out on other streams (one may come back) and gets None
     once every batch is done."""
 
-    def __init__(self, count: int, *, shuffled: bool = False) -> None:
+    def __init__(self, count: int) -> None:
         self.count = count
-        order = list(range(count))
-        if shuffled:
-            random.shuffle(order)
-        self._waiting: collections.deque[int] = collections.deque(order)
+        self._waiting: collections.deque[int] = collections.deque(range(count))
         self._left = count
         self._changed = trio.Event()
 
