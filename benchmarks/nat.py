@@ -28,7 +28,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
@@ -38,7 +37,7 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from tests.support.netbed import Machine, NetBed, can_build_nat, can_build_upnp, new_tag
+from tests.support.netbed import Machine, NetBed, can_build_nat, can_build_upnp, scratch_bed
 
 MiB = 1 << 20
 RELAY_RATE = str(1 << 30)
@@ -59,12 +58,8 @@ def main(argv: list[str]) -> int:
         print(f"bench nat: cannot build the namespace bed here: {reason}")
         return 0
     sizes = {"small": args.small_kib * 1024, "large": args.large_mib * MiB}
-    with tempfile.TemporaryDirectory(prefix="p2pfs-bench-nat-") as scratch:
-        bed = NetBed(Path(scratch), new_tag("p2q"))
-        try:
-            figures = run(bed, Path(scratch), sizes, args.runs, args.connects)
-        finally:
-            bed.close()
+    with scratch_bed("p2pfs-bench-nat-", "p2q") as (bed, scratch):
+        figures = run(bed, scratch, sizes, args.runs, args.connects)
     if args.json:
         print(json.dumps(figures))
     else:

@@ -20,14 +20,13 @@ import argparse
 import json
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from tests.support.netbed import Machine, NetBed, can_build_namespaces, new_tag
+from tests.support.netbed import Machine, NetBed, can_build_namespaces, scratch_bed
 
 MiB = 1 << 20
 POLL = 0.005
@@ -46,12 +45,8 @@ def main(argv: list[str]) -> int:
     if reason is not None:
         print(f"bench placers: cannot build the namespace bed here: {reason}")
         return 0
-    with tempfile.TemporaryDirectory(prefix="p2pfs-bench-placers-") as scratch:
-        bed = NetBed(Path(scratch), new_tag("p2s"))
-        try:
-            figures = run(bed, Path(scratch), args)
-        finally:
-            bed.close()
+    with scratch_bed("p2pfs-bench-placers-", "p2s") as (bed, scratch):
+        figures = run(bed, scratch, args)
     if args.json:
         print(json.dumps(figures))
     else:

@@ -34,6 +34,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +97,18 @@ def can_build_upnp() -> str | None:
 def new_tag(kind: str) -> str:
     """A namespace-name prefix unique to this process and bed (``kind``: 3 letters)."""
     return f"{kind}{os.getpid() % 1000:03d}{next(_beds) % 100:02d}"
+
+
+@contextlib.contextmanager
+def scratch_bed(prefix: str, kind: str) -> Iterator[tuple[NetBed, Path]]:
+    """A bed (``kind``: its tag's 3 letters) in a scratch directory of its own, taken down
+    and the directory removed after (a benchmark's bed)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as scratch:
+        bed = NetBed(Path(scratch), new_tag(kind))
+        try:
+            yield bed, Path(scratch)
+        finally:
+            bed.close()
 
 
 @dataclass
