@@ -165,8 +165,8 @@ class Placer:
         helpers: Callable[[], Sequence[Helper]] = tuple,
     ) -> set[str]:
         """Place every file of ``planned.fetch``; returns the paths placed. ``helpers()``:
-        links to other members at the same root, whose streams carry chunk batches too
-        (read again as batches complete: a member linked meanwhile joins in)."""
+        other members at the same root or placing it now, whose streams carry chunk
+        batches too (read again as batches complete: a member linked meanwhile joins in)."""
         for path, _version in planned.fetch:
             self.unplaced.pop(path, None)  # tried again now; reported again if it fails
         directories = [path for path, version in planned.fetch if version.is_directory]
@@ -416,8 +416,9 @@ class Placer:
         writer: MergedCalls[Callable[[], None]],
     ) -> None:
         """The chunks still missing, from ``link``'s member and, beside it, from the other
-        members ``helpers()`` names (at the same root). A helper whose batch fails its hash
-        is dropped (as a member is) and the batch is asked again of the member."""
+        members ``helpers()`` names (at the same root, or placing it). A helper whose batch
+        fails its hash is dropped (as a member is) and the batch is asked again of the
+        member."""
         batches = _batches_of(missing)
 
         def write_all(number: int, arrived: Arrived) -> None:
