@@ -686,9 +686,7 @@ def _locate_request(
         if record is not None and record.local_path in private:
             return True, []
     ids = [chunk.id for chunk in request.chunks]
-    if share_id is not None:
-        return False, index.locate_chunks(ids, share_id=share_id)
-    return False, index.locate_chunks(ids, request.share_root)
+    return False, index.locate_chunks(ids, request.share_root, share_id=share_id)
 
 
 def _read_group(wanted: list[tuple[ContentHash, list[ChunkLocation]]]) -> list[bytes | None]:

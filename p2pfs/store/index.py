@@ -788,9 +788,10 @@ class IndexStore:
     def locate_chunks(
         self, cids: Sequence[bytes], share_root: bytes | None = None, *, share_id: int | None = None
     ) -> list[list[ChunkLocation]]:
-        """``locate_chunk`` of each id (in the share with root ``share_root``, or with id
-        ``share_id``, if given), in one query per LOCATE_BATCH distinct ids: a request of
-        small files (one chunk each) made one query per chunk."""
+        """``locate_chunk`` of each id (in the share with id ``share_id`` if given, else
+        the one with root ``share_root`` if given), in one query per LOCATE_BATCH
+        distinct ids: a request of small files (one chunk each) made one query per
+        chunk."""
         prefixes = [chunk_prefix(cid) for cid in cids]
         found: dict[int, list[ChunkLocation]] = {}
         distinct = list(dict.fromkeys(prefixes))

@@ -101,8 +101,8 @@ class Placer:
         unplaced: dict[str, str],
         work: FolderWork,
         on_placed: Callable[[int, int], None],
-        on_received: Callable[[int], None] = lambda _bytes: None,
-        placing: PlacingChunks | None = None,
+        on_received: Callable[[int], None],
+        placing: PlacingChunks,
     ) -> None:
         self.path = path
         self._index = index
@@ -117,7 +117,7 @@ class Placer:
         """Told the files and bytes of each step once they are placed (progress)."""
         self.on_received = on_received
         """Told the bytes of each chunk received from a member (progress within a file)."""
-        self.placing = placing if placing is not None else PlacingChunks()
+        self.placing = placing
         """Chunks written toward the root being placed, not committed yet: other members
         taking the same change ask for them (underway.py)."""
 

@@ -25,8 +25,6 @@ RATE_CHUNKS = 32
 """A member's placing rate is measured over at least this long and this many chunks."""
 NOTHING = ContentHash(bytes(32))
 """The root a FolderPlacing names when the server places nothing now."""
-
-
 MAX_PLACING_TOLD = 1 << 17
 """Chunks one placement tells of at most (8 GiB at the mean chunk; ~30 MiB of entries):
 beyond, members take the rest from its maker."""
