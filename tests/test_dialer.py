@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 
@@ -15,6 +16,7 @@ from p2pfs.daemon.addresses import OBSERVED_LIMIT, AddressBook, local_addresses,
 from p2pfs.daemon.dialer import Candidate, Dialer, DialError
 from p2pfs.errors import AuthenticationError, LocalProtocolError
 from p2pfs.identity import Identity
+from p2pfs.ids import NodeId
 from p2pfs.net import PeerConnection, auth, open_endpoint
 
 # -- addresses -------------------------------------------------------------------------------
@@ -220,7 +222,8 @@ def test_a_leased_connection_closes_with_its_last_user_only() -> None:
 def test_each_reaches_every_node_once() -> None:
     async def body(dialer: Dialer, holder: object, other: object, mine: object) -> None:
         token = object()
-        found = await dialer.each(
+        found: list[PeerConnection] = []
+        await dialer.each(
             [
                 Candidate(address_of(holder), None, "dht"),
                 Candidate(address_of(other), None, "dht"),
@@ -229,14 +232,54 @@ def test_each_reaches_every_node_once() -> None:
             ],
             token,
             exclude=[],
+            deliver=found.append,
         )
         assert {c.peer_id for c in found} == {holder.node_id, other.node_id}  # type: ignore[attr-defined]
-        again = await dialer.each(
+        again: list[PeerConnection] = []
+        await dialer.each(
             [Candidate(address_of(holder), holder.node_id, "dht")],  # type: ignore[attr-defined]
             token,
             exclude=[holder.node_id],  # type: ignore[attr-defined]
+            deliver=again.append,
         )
         assert again == []
+
+    run_dialer_test(body)
+
+
+def test_each_hands_over_open_and_answering_nodes_before_a_dead_candidate_times_out() -> None:
+    """A connection already open, and a candidate that answers, reach the caller while a
+    silent candidate's dial still waits out its timeout (a fetch whose relay died waited
+    that long beside its new circuit)."""
+
+    async def body(dialer: Dialer, holder: object, other: object, mine: object) -> None:
+        token = object()
+        holder_node = holder.node_id  # type: ignore[attr-defined]
+        other_node = other.node_id  # type: ignore[attr-defined]
+        already = await dialer.first([Candidate(address_of(holder), holder_node, "ticket")], token)
+        handed: list[NodeId] = []
+        both = trio.Event()
+
+        def deliver(conn: PeerConnection) -> None:
+            handed.append(conn.peer_id)
+            if len(handed) == 2:
+                both.set()
+
+        candidates = [
+            Candidate(silent_address(), None, "dht"),
+            Candidate(address_of(other), other_node, "dht"),
+            Candidate(address_of(holder), holder_node, "dht"),
+        ]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                functools.partial(dialer.each, candidates, token, exclude=[], deliver=deliver)
+            )
+            # The silent dial takes the dialer's whole timeout (1 s): both are handed over
+            # well before it ends.
+            with trio.fail_after(dialer.timeout * 0.8):
+                await both.wait()
+        assert handed == [holder_node, other_node]  # the open one first
+        assert dialer.open_to(holder_node) is already  # reused, not dialled again
 
     run_dialer_test(body)
 

@@ -117,6 +117,9 @@ def test_cone_nats_fetch_goes_direct_by_punching(natbed: NetBed, tmp_path: Path)
         fetch.kill()
     assert same_tree(source, tmp_path / "copy")
     assert b.daemon is not None and b.daemon.call("status")["punch"]["successes"] >= 1
+    # Once the relayed connection was retired, the fetch went on over the punched one at
+    # once (it waited for a discovery round, which dialled the dead relay first).
+    assert f"peer {a_id[:12]} carries on over its punched path" in b.daemon.log_path.read_text()
 
 
 def test_symmetric_nats_fetch_through_the_relay(natbed: NetBed, tmp_path: Path) -> None:

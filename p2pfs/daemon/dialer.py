@@ -234,42 +234,55 @@ class Dialer:
         return won[0] if won else None
 
     async def each(
-        self, candidates: Iterable[Candidate], holder: Hashable, *, exclude: Iterable[NodeId]
-    ) -> list[PeerConnection]:
+        self,
+        candidates: Iterable[Candidate],
+        holder: Hashable,
+        *,
+        exclude: Iterable[NodeId],
+        deliver: Callable[[PeerConnection], None],
+    ) -> None:
         """Every candidate reachable now, one connection per node, concurrently (at most
-        MAX_CONCURRENT handshakes at once)."""
+        MAX_CONCURRENT handshakes at once); each handed to ``deliver`` as soon as it is up,
+        open ones first. Handing them over only once every dial had ended held a live peer
+        back for a dead candidate's whole dial timeout (a fetch whose relay died waited 4 s
+        beside its new circuit)."""
         excluded = set(exclude)
         wanted = _dedupe(candidates)
-        connected: dict[NodeId, PeerConnection] = {}
+        delivered: set[NodeId] = set()
+
+        def hand_over(conn: PeerConnection) -> None:
+            if conn.peer_id in delivered:
+                self.release(conn, holder)  # two addresses of one node both answered
+                return
+            delivered.add(conn.peer_id)
+            deliver(conn)
+
         for candidate in wanted:
-            if candidate.node is not None and candidate.node not in excluded:
-                conn = self.open_to(candidate.node)
-                if conn is not None and candidate.node not in connected:
+            node = candidate.node
+            if node is not None and node not in excluded and node not in delivered:
+                conn = self.open_to(node)
+                if conn is not None:
                     self.acquire(conn, holder)
-                    connected[candidate.node] = conn
-        skip = excluded | set(connected)
+                    hand_over(conn)
+        skip = excluded | delivered
         attempts: list[tuple[Candidate, str]] = []
         resolved = [
             c for c in await self._resolve(wanted, attempts) if c.node is None or c.node not in skip
         ]
         limiter = trio.CapacityLimiter(MAX_CONCURRENT)
-        won: list[PeerConnection] = []
 
         async def one(candidate: Candidate) -> None:
+            won: list[PeerConnection] = []
             async with limiter:
                 await self._attempt(candidate, holder, skip, won, attempts, trio.Event(), None)
+            for conn in won:
+                hand_over(conn)
 
         async with trio.open_nursery() as nursery:
             for candidate in resolved:
                 nursery.start_soon(one, candidate)
-        for conn in won:
-            if conn.peer_id in connected:
-                self.release(conn, holder)  # two addresses of one node both answered
-            else:
-                connected[conn.peer_id] = conn
         for candidate, reason in attempts:
             logger.debug("dial %s failed: %s", candidate, reason)
-        return list(connected.values())
 
     async def _attempt(
         self,

@@ -72,6 +72,7 @@ from .swarmfetch import (
     MorePeers,
     OpenStripe,
     PeerPool,
+    Reconnect,
     Release,
     Subscribed,
     close_connection,
@@ -186,8 +187,10 @@ class Fetcher:
         workers: WorkerPool | None = None,
         open_stripe: OpenStripe | None = None,
         max_stripes: int = 1,
+        reconnect: Reconnect | None = None,
     ) -> None:
         self._workers = workers
+        self._reconnect = reconnect
         self._open_stripe = open_stripe
         self._max_stripes = max_stripes
         self._connect = connect
@@ -261,6 +264,7 @@ class Fetcher:
             placement=self if self._workers is not None else None,
             open_stripe=self._open_stripe,
             max_stripes=self._max_stripes,
+            reconnect=self._reconnect,
         )
         exhausted: HoldersExhaustedError | None = None
         # Full batches of finished files are committed (made durable, renamed) beside the
@@ -850,9 +854,8 @@ def _missing_files_error(exc: HoldersExhaustedError, files: list[_FileTask]) -> 
     )
 
 
-async def _no_more_peers(exclude: set[NodeId]) -> list[PeerConnection]:
+async def _no_more_peers(exclude: set[NodeId], deliver: Callable[[PeerConnection], None]) -> None:
     await trio.lowlevel.checkpoint()
-    return []
 
 
 def _make_directories(paths: list[str]) -> None:

@@ -183,12 +183,21 @@ class Fetches:
             # Other fetchers of this share find us (and trade pieces) while we fetch.
             await self._discovery.announce(ticket.root)
 
-            async def more_peers(exclude: set[NodeId]) -> list[PeerConnection]:
+            async def more_peers(
+                exclude: set[NodeId], deliver: Callable[[PeerConnection], None]
+            ) -> None:
                 candidates = await self._share_candidates(ticket, extra, discover=True)
-                return await self._dialer.each(candidates, holder, exclude=exclude)
+                await self._dialer.each(candidates, holder, exclude=exclude, deliver=deliver)
 
             def release(conn: PeerConnection) -> None:
                 self._dialer.release(conn, holder)
+
+            def reconnect(node: NodeId, ended: PeerConnection) -> PeerConnection | None:
+                conn = self._dialer.open_to(node)
+                if conn is None or conn is ended:
+                    return None
+                self._dialer.acquire(conn, holder)
+                return conn
 
             async def open_stripe(conn: PeerConnection) -> PeerConnection:
                 host, port = str(conn.remote_address[0]), int(conn.remote_address[1])
@@ -213,6 +222,7 @@ class Fetches:
                 workers=self._workers,
                 open_stripe=open_stripe,
                 max_stripes=self._max_stripes,
+                reconnect=reconnect,
             )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(pump_progress, emit, latest)

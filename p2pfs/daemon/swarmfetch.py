@@ -83,11 +83,15 @@ FRAME_OVERHEAD = 16
 
 Place = Callable[[list[tuple[int, bytes | memoryview]], NodeId], Awaitable[None]]
 """Verify and write arrived pieces (raising IntegrityError, writing nothing, if any fails)."""
-MorePeers = Callable[[set[NodeId]], Awaitable[list[PeerConnection]]]
-"""Connect to holders not yet connected (those named are excluded)."""
+MorePeers = Callable[[set[NodeId], Callable[[PeerConnection], None]], Awaitable[None]]
+"""Connect to holders not yet connected (those named are excluded), handing each
+connection over as soon as it is up."""
 Release = Callable[[PeerConnection], None]
 """The pool is done with a connection (whoever else uses it keeps it)."""
 OpenStripe = Callable[[PeerConnection], Awaitable[PeerConnection]]
+Reconnect = Callable[[NodeId, PeerConnection], PeerConnection | None]
+"""Another open connection to a peer than the one given (which ended), leased to the
+fetch; None if there is none."""
 """One more connection to the peer of the one given (the same address, its NodeId pinned)."""
 
 
@@ -201,6 +205,8 @@ class PeerPool:
     open_stripe: OpenStripe | None = None
     """Dials one more connection to a peer (its address, its NodeId pinned); None: no
     stripes."""
+    reconnect: Reconnect | None = None
+    """Set: a peer whose connection ends goes on over another open one at once."""
     max_stripes: int = 1
     """Connections to one peer at most (swarm/stripes.py decides how many below that)."""
     stats: dict[NodeId, PeerStats] = field(default_factory=dict)
@@ -276,8 +282,7 @@ class PeerPool:
         while not self.picker.complete:
             now = trio.current_time()
             resting = {peer for peer, until in self.resting.items() if until > now}
-            for conn in await more(set(self._connected) | self.banned | resting):
-                self.add(conn)
+            await more(set(self._connected) | self.banned | resting, self.add)
             if trio.current_time() - self._last_progress >= self.give_up_after:
                 self._done.set()
                 return
@@ -288,6 +293,7 @@ class PeerPool:
     async def _worker(self, conn: PeerConnection, subscribed: Subscribed | None = None) -> None:
         peer = conn.peer_id
         joined = False
+        carry_on = False
         try:
             have, reply, answered = await self._availability(conn, subscribed)
             self.picker.add_peer(peer, None if reply.complete else reply.pieces())
@@ -324,6 +330,7 @@ class PeerPool:
             self._worker_failures += 1
             self._fail(peer, group, ban=False)
             self.release(conn)
+            carry_on = True
             self._need_peers.set()
         except* PeerRequestError as group:
             # It answered, and said no (it does not hold the share, or no longer this
@@ -340,13 +347,28 @@ class PeerPool:
                 # the next dial take another relay now, not after the idle timeout.
                 conn.close_nowait(0, "relayed path stalled")
             self.release(conn)
+            carry_on = True
         finally:
-            if joined:
-                self.picker.remove_peer(peer)
-            del self._connected[peer]
-            self._changed()
-            if not self._connected:
-                self._need_peers.set()  # the last holder went: look for others at once
+            self._worker_ended(peer, conn, joined=joined, carry_on=carry_on)
+
+    def _worker_ended(
+        self, peer: NodeId, ended: PeerConnection, *, joined: bool, carry_on: bool
+    ) -> None:
+        """``carry_on``: the connection failed, not the peer, so if another connection to
+        it is open (the punched path that replaced its relay, one it made to us) the peer
+        goes on over that one at once. Waiting for the next discovery round cost a dial
+        timeout per dead candidate: a punched fetch stalled 10 s on a relay that had gone."""
+        if joined:
+            self.picker.remove_peer(peer)
+        del self._connected[peer]
+        self._changed()
+        if carry_on and self.reconnect is not None and not self._done.is_set():
+            other = self.reconnect(peer, ended)
+            if other is not None:
+                logger.info("peer %s carries on over its %s path", peer.short(), other.path)
+                self.add(other)
+        if not self._connected:
+            self._need_peers.set()  # the last holder went: look for others at once
 
     def _stop_for_local_error(
         self, group: BaseExceptionGroup[StorageError], conn: PeerConnection

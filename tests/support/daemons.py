@@ -63,6 +63,7 @@ class DaemonProcess:
             [
                 *self.prefix,
                 *self.program,
+                *(("-v",) if os.environ.get("S38_VERBOSE") else ()),
                 "--home",
                 str(self.home),
                 "daemon",
