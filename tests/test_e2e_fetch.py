@@ -235,7 +235,7 @@ def test_sharer_killed_mid_fetch_then_back(tmp_path: Path, daemons: DaemonFactor
     fetcher = daemons("fetcher")
     ticket = share(sharer, source)
     destination = tmp_path / "copy"
-    running = fetch_in_background(fetcher, ticket, destination, "--give-up-after", "5")
+    running = fetch_in_background(fetcher, ticket, destination, "--give-up-after", "3")
     wait_until(lambda: transfer_progress(fetcher) > 8 * MiB)
     sharer.kill(signal.SIGKILL)
     sharer.wait()
