@@ -26,6 +26,7 @@ replaced behind its back, or one with a byte never verified, is never committed.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -56,10 +57,20 @@ PARTIAL_NAME_BYTES = 100
 """Bytes of the final name kept in a temp name (so it stays under 255 bytes in UTF-8)."""
 
 
+PARTIAL_ROOT_DIGITS = 24
+"""Hex digits of the file's root in a temp name: what tells temp files of the same content
+apart from others (a collision only costs chunks that then fail verification)."""
+
+
 def partial_name(final_name: str, file_root: bytes) -> str:
     """Stable per (name, content), so a resumed fetch finds its own earlier progress."""
     kept = final_name.encode("utf-8")[:PARTIAL_NAME_BYTES].decode("utf-8", "ignore")
-    return f"{PARTIAL_PREFIX}{file_root.hex()[:24]}-{kept}"
+    return f"{PARTIAL_PREFIX}{file_root.hex()[:PARTIAL_ROOT_DIGITS]}-{kept}"
+
+
+def partial_content(name: str) -> str:
+    """The content part of a temp name (equal for temp files of the same file root)."""
+    return name[: len(PARTIAL_PREFIX) + PARTIAL_ROOT_DIGITS]
 
 
 def is_partial_name(name: str) -> bool:
@@ -69,6 +80,7 @@ def is_partial_name(name: str) -> bool:
 # O_NONBLOCK: a fifo planted under a temp name must not block the open.
 _OPEN_EXISTING = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _CREATE = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_DONOR = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
 _HOLDERS: dict[tuple[int, int], weakref.ref[PartialFile]] = {}
@@ -442,6 +454,36 @@ class PartialFile:
             self._verified[position] = max(self._verified.get(position, 0), length)
         return set(written)
 
+    def take_from(self, donor_name: str, leaves: Sequence[tuple[int, ChunkRef]]) -> set[int]:
+        """Copy in the chunks another temp file in this directory holds (one of the same
+        content under another name: a download refused because its file changed locally,
+        now wanted as the conflict copy); ``leaves`` are this file's chunks, in order from
+        offset 0, which is the donor's layout too. Each chunk is verified before it is
+        written, so a planted or half-written donor gives nothing wrong. A donor that gave
+        every chunk is removed (unless another fetch holds it): its content lives on here.
+        Returns the offsets written."""
+        if not leaves or donor_name == self.temp_name or not is_partial_name(donor_name):
+            return set()
+        dir_fd = self._directory_fd()
+        try:
+            donor = os.open(donor_name, _OPEN_DONOR, dir_fd=dir_fd)
+        except OSError:
+            return set()
+        try:
+            st = os.fstat(donor)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1:
+                return set()
+            fcntl.fcntl(donor, fcntl.F_SETFL, fcntl.fcntl(donor, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+            written = self.copy_chunks(donor, 0, 0, [ref for _offset, ref in leaves])
+            if len(written) == len(leaves) and _try_lock(donor):
+                with contextlib.suppress(OSError):
+                    named = os.lstat(donor_name, dir_fd=dir_fd)
+                    if (named.st_dev, named.st_ino) == (st.st_dev, st.st_ino):
+                        os.unlink(donor_name, dir_fd=dir_fd)
+            return written
+        finally:
+            os.close(donor)
+
     def _direct_descriptor(self) -> int:
         """A second, ``O_DIRECT`` descriptor of our temp file (checked to be the inode we
         hold); -1 where the file system has no direct I/O (tmpfs) or the name moved."""
@@ -576,10 +618,11 @@ def commit_files(
 ) -> list[Finished]:
     """Make every file durable, then rename each into place, then sync each directory.
 
-    ``before_replace(item)`` runs just before each rename; False skips that file (its temp
-    file is removed). Returns the files that were renamed into place. A file that cannot be
-    finished raises StorageError, or, given ``on_error``, is reported there (its temp file
-    removed) while the others go ahead: one bad path never holds back a batch.
+    ``before_replace(item)`` runs just before each rename; False skips that file (its
+    temp file is kept, verified and whole: a later attempt takes it up). Returns the files
+    that were renamed into place. A file that cannot be finished raises StorageError, or,
+    given ``on_error``, is reported there (its temp file removed) while the others go
+    ahead: one bad path never holds back a batch.
     """
     if not files:
         return []
@@ -616,7 +659,6 @@ def commit_files(
             _syncfs(dir_fd)  # raises StorageError: nothing of the batch is placed
         for item in ready:
             if before_replace is not None and not before_replace(item):
-                item.partial.discard()
                 continue
             try:
                 item.partial._place()

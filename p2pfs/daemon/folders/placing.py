@@ -21,6 +21,7 @@ from p2pfs.store import folderdisk, room
 from p2pfs.store.assemble import Finished, PartialFile, partial_name
 from p2pfs.store.directories import SharedDirectories
 from p2pfs.store.index import CHUNK_RECORD, ChunkLocation, ChunkReader, IndexStore
+from p2pfs.store.leftovers import take_leftovers
 from p2pfs.store.placed import PlacedFile, record_placed_files
 from p2pfs.sync.records import SignedRecord
 from p2pfs.sync.recordset import RecordSet
@@ -293,7 +294,8 @@ class Placer:
                 partials[path] = PartialFile(
                     parents[path], name, version.root, version.size, directories=directories
                 )
-            missing = await self._fill_from_local(partials, chunks_of, old_roots, failed)
+            held = await in_thread(take_leftovers, partials, chunks_of)
+            missing = await self._fill_from_local(partials, chunks_of, old_roots, failed, held)
             versions = dict(items)
             await self._fill_from_peer(
                 link, helpers, partials, missing, failed, versions, chunks_of, writer
@@ -334,15 +336,17 @@ class Placer:
         chunks_of: dict[str, list[tuple[int, ChunkRef]]],
         old_roots: Mapping[str, ContentHash],
         failed: dict[str, str],
+        held: Mapping[str, set[int]],
     ) -> dict[ContentHash, tuple[ChunkRef, list[tuple[str, int]]]]:
         """Copy every chunk this node already holds anywhere (renames and copies cost no
-        transfer); returns the rest: chunk id -> (ref, [(path, offset), ...])."""
-        covered = await self._copy_from_previous(partials, chunks_of, old_roots, failed)
+        transfer) beside those ``held`` (path -> offsets) from an earlier attempt's temp
+        files; returns the rest: chunk id -> (ref, [(path, offset), ...])."""
+        covered = await self._copy_from_previous(partials, chunks_of, old_roots, failed, held)
         wanted: dict[ContentHash, tuple[ChunkRef, list[tuple[str, int]]]] = {}
         for path, leaves in chunks_of.items():
             if path not in partials:
                 continue
-            done = covered.get(path, set())
+            done = covered.get(path, set()) | held.get(path, set())
             for offset, ref in leaves:
                 if offset not in done:
                     wanted.setdefault(ref.id, (ref, []))[1].append((path, offset))
@@ -378,6 +382,7 @@ class Placer:
         chunks_of: dict[str, list[tuple[int, ChunkRef]]],
         old_roots: Mapping[str, ContentHash],
         failed: dict[str, str],
+        held: Mapping[str, set[int]],
     ) -> dict[str, set[int]]:
         """An edited file's unchanged runs come from its previous version on this disk, a
         run at a time (no per-chunk index lookup; PartialFile.copy_chunks verifies each
@@ -396,7 +401,11 @@ class Placer:
         def copy_all() -> dict[str, set[int]]:
             return {
                 path: steps.copy_from_previous(
-                    self.path, path, partials[path], packed, chunks_of.get(path, [])
+                    self.path,
+                    path,
+                    partials[path],
+                    packed,
+                    [leaf for leaf in chunks_of.get(path, []) if leaf[0] not in held.get(path, ())],
                 )
                 for path, packed in previous.items()
                 if path not in failed
