@@ -1,10 +1,12 @@
 """Temp files of earlier attempts taken up by the next one (store/leftovers.py): on real
 files, every chunk taken is verified, a donor of the same content is removed once it gave
-all, and a commit refused just before its rename keeps its whole temp file."""
+all, a commit refused just before its rename keeps its whole temp file, and a full scan's
+temp files that stayed untouched for a day are removed unless a download holds them."""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,9 @@ from p2pfs.store.assemble import (
     is_partial_name,
     partial_name,
 )
-from p2pfs.store.leftovers import take_leftovers
+from p2pfs.store.index import IndexStore
+from p2pfs.store.leftovers import LEFTOVER_KEEP, remove_stale, take_leftovers
+from p2pfs.store.scanner import scan_share
 from tests.helpers_content import random_bytes
 
 ROOT = bytes(range(32))
@@ -140,3 +144,34 @@ def test_a_commit_refused_before_its_rename_keeps_its_temp_file_whole(tmp_path: 
     again = PartialFile(str(tmp_path), "f.bin", ROOT, len(DATA))
     with again:
         assert len(take_leftovers({"f": again}, {"f": LEAVES})["f"]) == len(LEAVES)
+
+
+def test_a_full_scan_lists_temp_files_at_any_depth_and_never_shares_them(
+    tmp_path: Path,
+) -> None:
+    share = tmp_path / "share"
+    (share / "sub").mkdir(parents=True)
+    (share / "kept.txt").write_bytes(b"content")
+    half_written(share / "sub", "f.bin", {LEAVES[0][0]}, set())
+    with IndexStore(tmp_path / "index.sqlite3") as index:
+        result = scan_share(share, index)
+    assert result.files == 1
+    assert result.leftovers == [str(share / "sub" / partial_name("f.bin", ROOT))]
+
+
+def test_only_stale_temp_files_no_one_holds_are_removed(tmp_path: Path) -> None:
+    for name in ("old.bin", "held.bin"):
+        half_written(tmp_path, name, {LEAVES[0][0]}, set())
+    (tmp_path / "plain.bin").write_bytes(b"not a temp file")
+    os.symlink(tmp_path / "plain.bin", tmp_path / partial_name("link.bin", ROOT))
+    paths = [str(tmp_path / name) for name in os.listdir(tmp_path)]
+    held = PartialFile(str(tmp_path), "held.bin", ROOT, len(DATA))
+    with held:
+        held.verified_chunks(LEAVES)  # a download in progress holds its temp file's lock
+        # Untouched for less than a day: kept.
+        assert remove_stale(paths, now=time.time()) == []
+        later = time.time() + LEFTOVER_KEEP + 60
+        assert remove_stale(paths, now=later) == [str(tmp_path / partial_name("old.bin", ROOT))]
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [partial_name("held.bin", ROOT), partial_name("link.bin", ROOT), "plain.bin"]
+    )

@@ -5,13 +5,18 @@ that dropped, a kill, or a commit refused because the file changed locally meanw
 download is whole and verified, and is wanted again as the conflict copy). The next attempt
 keeps what they hold instead of fetching it again: its own temp file's chunks are verified
 again in place, and a temp file of the same content under another name in the directory
-is copied from (verified chunk by chunk) and then removed.
+is copied from (verified chunk by chunk) and then removed. One that no attempt takes up
+for LEFTOVER_KEEP (its file changed again elsewhere meanwhile) is removed after a full scan
+saw it, as Syncthing removes its temp files after 24 h.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
+import stat
 from collections.abc import Hashable, Mapping, Sequence
 from typing import TypeVar
 
@@ -22,6 +27,11 @@ from p2pfs.store.assemble import PartialFile, is_partial_name, partial_content
 logger = logging.getLogger(__name__)
 
 Key = TypeVar("Key", bound=Hashable)
+
+LEFTOVER_KEEP = 24 * 3600.0
+"""Seconds a temp file untouched is kept for an attempt to take it up (by its ctime: a whole
+temp file has its version's mtime, however old, and no one can set a ctime)."""
+_OPEN_LEFTOVER = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
 def take_leftovers(
@@ -74,3 +84,37 @@ def _temps_by_content(directory: str) -> dict[str, list[str]]:
         if is_partial_name(name):
             temps.setdefault(partial_content(name), []).append(name)
     return temps
+
+
+def remove_stale(paths: Sequence[str], now: float, keep: float = LEFTOVER_KEEP) -> list[str]:
+    """Remove the temp files among ``paths`` untouched for ``keep`` seconds before ``now``
+    (wall clock), each only if it is still a regular file of ours that no one holds (a
+    download in progress locks its temp file). Returns the paths removed."""
+    removed = []
+    for path in paths:
+        if not is_partial_name(os.path.basename(path)):
+            continue
+        try:
+            fd = os.open(path, _OPEN_LEFTOVER)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if (
+                not stat.S_ISREG(st.st_mode)
+                or st.st_uid != os.geteuid()
+                or st.st_ctime > now - keep
+            ):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a download holds it
+            with contextlib.suppress(OSError):
+                named = os.lstat(path)
+                if (named.st_dev, named.st_ino) == (st.st_dev, st.st_ino):
+                    os.unlink(path)
+                    removed.append(path)
+        finally:
+            os.close(fd)
+    return removed

@@ -127,6 +127,8 @@ class ScanResult:
     stats: ScanStats
     ignored: list[str] = field(default_factory=list)
     """Files and directories the ignore rule left out (rel paths; nothing below them)."""
+    leftovers: list[str] = field(default_factory=list)
+    """Downloads' temp files seen (disk paths)."""
 
 
 def astuple_stat(found: Hashed) -> tuple[int, int, int, int]:
@@ -182,6 +184,8 @@ class Scan:
         self.ignored: list[str] = []
         """What the ignore rule left out: a sync folder on a file system that ignores case
         must not place a path over one of these names."""
+        self.leftovers: list[str] = []
+        """Disk paths of downloads' temp files seen (in progress, or left by an attempt)."""
         self.vanished: dict[tuple[int, int, int, int], tuple[bytes, bytes]] = {}
         self.done_files = 0
         self.done_bytes = 0
@@ -336,8 +340,10 @@ class Scan:
         for entry in entries:
             name = entry.name
             if name[0] == "." and (is_partial_name(name) or name.casefold() == STATE_DIR_NAME):
-                # A download in progress, or a sync folder's state (its kept versions among
+                # A download's temp file, or a sync folder's state (its kept versions among
                 # it) at any depth: never content of a share, even of a parent folder's.
+                if is_partial_name(name):
+                    self.leftovers.append(entry.path)
                 continue
             if name.isascii() and "\\" not in name and len(name) <= MAX_NAME_BYTES:
                 # What normalize_local_name returns for an ASCII name a directory listed
@@ -729,6 +735,7 @@ def scan_share(
         problems=scan.problems,
         stats=scan.stats,
         ignored=scan.ignored,
+        leftovers=scan.leftovers,
     )
 
 

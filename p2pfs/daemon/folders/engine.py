@@ -35,6 +35,7 @@ from p2pfs.net import PeerConnection
 from p2pfs.store import folderdisk, partscan
 from p2pfs.store.folders import FolderRow, FolderStore
 from p2pfs.store.index import IndexStore
+from p2pfs.store.leftovers import LEFTOVER_KEEP, remove_stale
 from p2pfs.store.partscan import PartScan
 from p2pfs.store.scanner import Problem, ScanStats
 from p2pfs.sync.ignore import IGNORE_FILE, IgnoreRules
@@ -436,6 +437,19 @@ class FolderSync:
                     if force:
                         self.last_full_scan_s = trio.current_time() - started
 
+    async def _remove_stale(self, leftovers: list[str]) -> None:
+        """Temp files a full scan saw that no download took up for LEFTOVER_KEEP (their
+        files changed again elsewhere meanwhile): nothing would ever remove them."""
+        removed = await in_thread(remove_stale, leftovers, time.time())
+        if removed:
+            logger.info(
+                "folder %s: removed %d temp files no download took up for %g h (first: %s)",
+                self.path,
+                len(removed),
+                LEFTOVER_KEEP / 3600,
+                min(removed),
+            )
+
     async def _rescan_locked(self, *, full: bool = True) -> None:
         pending, self._pending = self._pending, set()
         sifted, self._sifted = self._sifted, None
@@ -473,6 +487,8 @@ class FolderSync:
         self._share_root, self._share_id = result.root, result.share_id
         self.problems = [str(problem) for problem in result.problems]
         self.disk.ignored = set(result.ignored)
+        if result.leftovers:
+            await self._remove_stale(result.leftovers)
         # Records are SQLite reads: the directories' and the absent ones' in a thread.
         unmatched_dirs = await in_thread(
             self.records.unmatched, [(d, DIRECTORY_ROOT, False) for d in directories]
