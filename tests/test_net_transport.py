@@ -730,3 +730,18 @@ def test_a_connection_is_authenticated_in_two_round_trips(engine: str, round_tri
 
     took, _ = trio.run(main)
     assert took < (round_trips + 0.7) * rtt, f"{took / rtt:.2f} round trips"
+
+
+def test_datagrams_for_a_relay_circuit_that_is_gone_are_dropped_not_sent() -> None:
+    """A relayed connection outliving its circuit (a CONNECTION_CLOSE at shutdown) sends to
+    its tunnel address: with no circuit left, that went to the UDP socket and failed the
+    connection's engine with a TypeError (an IPv6 tunnel address on an IPv4 socket)."""
+
+    async def main() -> None:
+        async with open_endpoint(Identity.generate()) as endpoint:
+            endpoint.transmit([(b"\x40" + bytes(40), ("100::1", 1))])
+            endpoint.transmit([(b"\x40" + bytes(40), ("100::1", 1, 0, 0))])
+            endpoint.transmit([])
+            assert endpoint.datagrams_sent == 0
+
+    trio.run(main)

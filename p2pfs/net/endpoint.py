@@ -39,7 +39,7 @@ from p2pfs.ids import NodeId
 from p2pfs.net.admission import Admission, Admit
 from p2pfs.net.boundary import describe, split_fatal
 from p2pfs.net.codes import CloseCode
-from p2pfs.net.connection import Address, PeerConnection
+from p2pfs.net.connection import Address, PeerConnection, is_tunnel
 from p2pfs.net.control import RELAY_DATAGRAM
 from p2pfs.net.engine import Engine, EngineConnection, TransportConfig, load_engine
 from p2pfs.net.pathsize import PathSizes
@@ -301,7 +301,12 @@ class Endpoint:
     # -- EndpointHooks --------------------------------------------------------------------
 
     def transmit(self, datagrams: list[tuple[bytes, Address]]) -> None:
-        if self._tunnels:
+        if not datagrams:
+            return
+        # A connection's datagrams share its address: one tunnel check for the call, when
+        # no circuit is open (a relayed connection's last CONNECTION_CLOSE, its circuit
+        # gone, went to the socket as ("100::1", 1) and failed its engine with TypeError).
+        if self._tunnels or is_tunnel(datagrams[0][1]):
             datagrams = self._tunnel_out(datagrams)
             if not datagrams:
                 return
@@ -341,13 +346,15 @@ class Endpoint:
 
     def _tunnel_out(self, datagrams: list[tuple[bytes, Address]]) -> list[tuple[bytes, Address]]:
         """Datagrams for tunnel addresses become relay datagrams to their relay (still in
-        runs of one size to one address, so GSO carries them as it does direct ones)."""
+        runs of one size to one address, so GSO carries them as it does direct ones); those
+        for a circuit that is gone are lost with it."""
         tunnels = self._tunnels
         sent = []
         for item in datagrams:
             tunnel = tunnels.get(item[1])
             if tunnel is None:
-                sent.append(item)
+                if not is_tunnel(item[1]):
+                    sent.append(item)
             elif not tunnel.closed.is_set():
                 sent.append(tunnel.wrap(item[0]))
         return sent
