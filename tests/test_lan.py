@@ -20,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pfs.address import PeerAddress
+from p2pfs.daemon.discovery import FIND_TIMEOUT, Discovery
 from p2pfs.discovery.beacon import (
     HEADER_LEN,
     MAX_ANNOUNCE_PREFIXES,
@@ -33,6 +34,7 @@ from p2pfs.discovery.beacon import (
     parse_beacon_untrusted,
 )
 from p2pfs.discovery.lan import LanFinder
+from p2pfs.discovery.seam import MemoryDirectory, MemoryFinder, Provider
 from p2pfs.errors import LocalProtocolError, RemoteProtocolError
 from p2pfs.ids import NodeId
 
@@ -210,6 +212,28 @@ def test_token_bucket() -> None:
 
 
 # --- two finders on 127.0.0.1 (unicast targets instead of multicast) -------------------------
+
+
+def test_a_lan_query_no_one_answers_is_cut_short_once_the_other_backends_found_providers() -> None:
+    """The LAN's query ends only by its timeout when no one on the link holds the key (here
+    never: math.inf). Once the backends that end their own search answered with
+    providers, discovery gives it FIND_GRACE more, not its timeout (which capped every
+    merged lookup at FIND_TIMEOUT here, and 1 s at the LAN's default)."""
+
+    async def main() -> None:
+        lan = LanFinder(ID_A, 7001, port=0, targets=[], query_timeout=math.inf)
+        directory = MemoryDirectory()
+        holder = Provider(PeerAddress("192.0.2.7", 7337), NodeId(ID_B), "memory")
+        mine = Provider(PeerAddress("192.0.2.8", 7337), NodeId(ID_A), "memory")
+        discovery = Discovery([MemoryFinder(directory, mine), lan])
+        async with trio.open_nursery() as nursery:
+            await nursery.start(discovery.serve)
+            await MemoryFinder(directory, holder).announce(KEY_B)
+            with trio.fail_after(FIND_TIMEOUT / 2):
+                assert await discovery.find_key(KEY_B) == [holder]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
 
 
 def test_query_answer_on_loopback() -> None:

@@ -29,6 +29,11 @@ logger = logging.getLogger(__name__)
 
 FIND_TIMEOUT = 15.0
 """Longest a fetch waits on discovery before giving up on the backends still searching."""
+FIND_GRACE = 0.25
+"""Once the backends that end their own search have answered and providers are known, how
+much longer one that ends only by silence may take: the LAN's query waited its whole 1 s
+whenever no one on the link held the key, in every hint-less fetch, join and re-discovery
+round (a holder that answers the query does so in milliseconds)."""
 
 DHT_K_ENV = "P2PFS_DHT_K"
 """The private DHT's k (replication and bucket size) when ``DiscoveryConfig.dht_ksize`` is
@@ -172,15 +177,19 @@ class Discovery:
 
     async def find_key(self, key: bytes, limit: int = 16) -> list[Provider]:
         found: list[Provider] = []
+        searching = list(self.running)
 
         async def ask(finder: Finder) -> None:
             try:
                 found.extend(await finder.find(key, limit))
             except (OSError, P2pfsError) as exc:
                 logger.info("discovery lookup via %s failed: %s", finder.name, exc)
+            searching.remove(finder)
+            if found and all(other.ends_by_silence for other in searching):
+                scope.deadline = min(scope.deadline, trio.current_time() + FIND_GRACE)
 
         started = trio.current_time()
-        with trio.move_on_after(FIND_TIMEOUT):
+        with trio.move_on_after(FIND_TIMEOUT) as scope:
             async with trio.open_nursery() as nursery:
                 for finder in self.running:
                     nursery.start_soon(ask, finder)

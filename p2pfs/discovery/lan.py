@@ -88,6 +88,7 @@ class LanFinder:
     """
 
     name = SOURCE
+    ends_by_silence = True
 
     def __init__(
         self,

@@ -136,6 +136,7 @@ class MainlineFinder:
     """
 
     name = SOURCE
+    ends_by_silence = False
 
     def __init__(
         self,

@@ -31,6 +31,9 @@ class Finder(Protocol):
     cancelled; the others may be called once it has started."""
 
     name: str
+    ends_by_silence: bool
+    """Its lookup ends only by waiting out a timeout when no one answers (the LAN's query);
+    the others end when their search does."""
 
     async def serve(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -70,6 +73,7 @@ class MemoryFinder:
     one)."""
 
     name = "memory"
+    ends_by_silence = False
 
     def __init__(self, directory: MemoryDirectory, me: Provider) -> None:
         self._directory = directory

@@ -100,6 +100,7 @@ class DhtFinder:
     """
 
     name = "dht"
+    ends_by_silence = False
 
     def __init__(
         self,
