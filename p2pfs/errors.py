@@ -5,6 +5,10 @@ the data (it fails verification), or ourselves (a caller misused an API). Storag
 local I/O trouble, distinct from all three.
 """
 
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
+
 
 class P2pfsError(Exception):
     """Root of every error p2pfs raises on purpose."""
@@ -82,3 +86,11 @@ def blame(exc: P2pfsError) -> str:
     if isinstance(exc, LocalProtocolError):
         return "local"
     return type(exc).__name__
+
+
+def first_leaf(group: BaseExceptionGroup[E]) -> E:
+    """The first exception in ``group`` that is no group itself (for a log line)."""
+    leaf: BaseException = group
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf  # type: ignore[return-value]

@@ -555,4 +555,7 @@ def test_a_helper_sending_a_chunk_that_fails_its_hash_is_dropped_and_the_member_
     drops = [line for line in log.splitlines() if "dropping member" in line]
     assert len(drops) == 1 and "fails its hash" in drops[0], victim.log_tail()
     assert "Traceback" not in log, victim.log_tail()
+    # Dropping the helper left the link to the honest member alone (it ended that link
+    # too, and the join began again once the member had linked back, seconds later).
+    assert f"link with {honest.node_id()[:12]} ended" not in log, victim.log_tail()
     assert victim.call("id")

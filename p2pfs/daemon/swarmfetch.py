@@ -28,6 +28,7 @@ from p2pfs.errors import (
     P2pfsError,
     RemoteProtocolError,
     StorageError,
+    first_leaf,
 )
 from p2pfs.ids import ContentHash, NodeId
 from p2pfs.net import PeerConnection
@@ -383,10 +384,7 @@ class PeerPool:
     ) -> None:
         """Writing here failed: a local fault, not the peer's (it was counted as a peer
         failure: the peer dropped and dialled again while the fetch went on failing)."""
-        error: BaseException = group.exceptions[0]
-        while isinstance(error, BaseExceptionGroup):
-            error = error.exceptions[0]
-        assert isinstance(error, StorageError)
+        error = first_leaf(group)
         if self._local_error is None:
             self._local_error = error
             logger.warning("fetch: stopping, cannot write here: %s", error)
@@ -424,9 +422,7 @@ class PeerPool:
         return reply
 
     def _fail(self, peer: NodeId, group: BaseExceptionGroup[BaseException], ban: bool) -> None:
-        error = group.exceptions[0]
-        while isinstance(error, BaseExceptionGroup):
-            error = error.exceptions[0]
+        error = first_leaf(group)
         if isinstance(error, trio.TooSlowError):
             error = PeerStalledError(f"peer {peer.short()} did not answer GetHave in time")
         assert isinstance(error, P2pfsError)
@@ -636,7 +632,7 @@ class PeerPool:
             finally:
                 self.release(extra)
         except* (DialError, ConnectionClosedError, PeerStalledError) as group:
-            logger.info("peer %s: a stripe ended: %s", peer.short(), _first_error(group))
+            logger.info("peer %s: a stripe ended: %s", peer.short(), first_leaf(group))
         finally:
             self.picker.remove_peer(seat)  # what it had outstanding goes back to the pool
             self._changed()
@@ -781,13 +777,6 @@ def worker_failure(report: dict[str, Any], peer: NodeId) -> P2pfsError:
         # The peer's connection failed, not our worker: not counted against workers.
         return ConnectionClosedError(f"peer {peer.short()}: {message}")
     return WorkerEndedError(f"worker for peer {peer.short()}: {kind}: {message}")
-
-
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    error: BaseException = group
-    while isinstance(error, BaseExceptionGroup):
-        error = error.exceptions[0]
-    return error
 
 
 def in_flight_target(pipeline: PipelineController, connections: int = 1) -> int:

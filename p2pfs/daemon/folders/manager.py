@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import trio
 import watchfiles
@@ -32,6 +32,7 @@ from p2pfs.errors import (
     RemoteProtocolError,
     StorageError,
     StreamResetError,
+    first_leaf,
 )
 from p2pfs.ids import ContentHash, NodeId
 from p2pfs.net import CloseCode, PeerConnection
@@ -56,7 +57,6 @@ from .client import FolderLink, Helper, refuse
 from .engine import JOIN_BATCH, FolderSync
 
 logger = logging.getLogger(__name__)
-E = TypeVar("E", bound=BaseException)
 
 CONNECT_INTERVAL = 5.0
 """How often a folder looks for members it is not linked to."""
@@ -309,7 +309,7 @@ class FolderManager:
             logger.warning(
                 "folder %s: watcher failed (%s); periodic rescans only",
                 folder.path,
-                _first(group),
+                first_leaf(group),
             )
 
     async def _rescan_periodically(self, folder: FolderSync) -> None:
@@ -553,19 +553,19 @@ class FolderManager:
                 "folder %s: link with %s ended: %s",
                 folder.path,
                 conn.peer_id.short(),
-                _first(group),
+                first_leaf(group),
             )
         except* (RemoteProtocolError, IntegrityError) as group:
             # Forged, malformed or backwards records, or a chunk failing its hash: nothing
             # of it was applied; the member is dropped.
-            refuse(conn, f"folder {folder.path}: {_first(group)}")
+            refuse(conn, f"folder {folder.path}: {first_leaf(group)}")
         except* Exception as group:  # a link is a failure boundary
             # A bug met through one member's input ends that link only, with a log line.
             logger.exception(
                 "folder %s: link with %s failed unexpectedly",
                 folder.path,
                 conn.peer_id.short(),
-                exc_info=_first(group),
+                exc_info=first_leaf(group),
             )
             conn.close_nowait(0, "internal error")
         finally:
@@ -694,7 +694,7 @@ class FolderManager:
                                 "folder %s: sync with %s incomplete: %s",
                                 folder.path,
                                 link.peer_id.short(),
-                                _first(group),
+                                first_leaf(group),
                             )
                         continue
                 with trio.move_on_after(RETRY_INTERVAL) as timer:
@@ -887,7 +887,9 @@ class FolderManager:
                 await folder.reconcile(link, remote)
                 fetched = True
             except* (PeerRequestError, StorageError, OSError, ConnectionClosedError) as group:
-                logger.info("folder %s: revert fetch incomplete: %s", folder.path, _first(group))
+                logger.info(
+                    "folder %s: revert fetch incomplete: %s", folder.path, first_leaf(group)
+                )
             if fetched:
                 break
         pending = sorted(p for p in refetch if p in folder.absent)
@@ -908,13 +910,6 @@ class FolderManager:
         share = await self._index.run(self._index.index.share_for_path, folder.path, 0)
         await self._index.run(self._index.index.forget_share, share.id)
         return {"folder": folder.folder_id.hex(), "path": folder.path, "removed": True}
-
-
-def _first(group: BaseExceptionGroup[E]) -> E:
-    leaf: BaseException = group
-    while isinstance(leaf, BaseExceptionGroup):
-        leaf = leaf.exceptions[0]
-    return leaf  # type: ignore[return-value]
 
 
 def _keys_of(ticket: Ticket) -> FolderKeys:
