@@ -224,3 +224,22 @@ def test_a_home_finds_a_relay_through_the_dht(natbed: NetBed) -> None:
     assert isinstance(relays, list)
     assert [r["node_id"] for r in relays] == [ident(relay)["node_id"]]
     assert not ident(public)["relays"]  # a public node sees no NAT: it looks for none
+
+
+def test_a_home_whose_relay_goes_away_carries_on_and_registers_again(natbed: NetBed) -> None:
+    """The relay a home is registered with stops (its CONNECTION_CLOSE ends the registration
+    stream): the home logs it, keeps running and registers again once the relay is back.
+    The stream's error came out of a nursery in a group that the retry loop's plain except
+    missed: it ended the home's daemon."""
+    relay = natbed.machine("relay")
+    relay.start("--relay")
+    home = natbed.home("a", "cone")
+    home.start(*knowing(relay))
+    registered(home)
+    assert relay.daemon is not None and home.daemon is not None
+    relay.daemon.stop()
+    wait_until(lambda: not ident(home)["relays"], timeout=30)
+    relay.start("--relay")
+    registered(home)
+    assert home.daemon.process is not None and home.daemon.process.poll() is None
+    assert "Traceback" not in home.daemon.log_path.read_text(), home.daemon.log_tail()

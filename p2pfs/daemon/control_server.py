@@ -25,6 +25,7 @@ from p2pfs.errors import (
     P2pfsError,
     blame,
     explaining_error,
+    first_leaf,
 )
 
 logger = logging.getLogger(__name__)
@@ -92,20 +93,30 @@ class ControlServer:
                 return
             except (P2pfsError, BaseExceptionGroup) as raised:
                 ours = explaining_error(raised)
-                if ours is None:
-                    raise
-                logger.info("%s failed: %s", method, ours)
-                error = {"kind": blame(ours), "message": str(ours)}
-                await _send_quietly(stream, {"error": error})
-                return
-            except Exception as exc:
-                # The boundary of one request: a bug here must not take the node down with
-                # it. The traceback goes to the log, the client is told it was our fault.
-                logger.exception("%s failed unexpectedly", method)
-                message = f"internal error: {type(exc).__name__}: {exc}"
-                await _send_quietly(stream, {"error": {"kind": "internal", "message": message}})
+                if ours is not None:
+                    logger.info("%s failed: %s", method, ours)
+                    error = {"kind": blame(ours), "message": str(ours)}
+                    await _send_quietly(stream, {"error": error})
+                    return
+                if isinstance(raised, BaseExceptionGroup) and raised.split(Exception)[1] is None:
+                    # Errors only, none of ours, from a handler's nursery: a bug, as below
+                    # (the group passed that boundary by, and ended the daemon).
+                    await _internal_error(stream, str(method), raised)
+                    return
+                raise  # a cancellation among them: the node is stopping
+            except Exception as exc:  # noqa: BLE001 - the boundary of one request (logged)
+                # A bug here must not take the node down with it. The traceback goes to
+                # the log, the client is told it was our fault.
+                await _internal_error(stream, str(method), exc)
                 return
             await _send_quietly(stream, {"result": result})
+
+
+async def _internal_error(stream: trio.SocketStream, method: str, exc: BaseException) -> None:
+    logger.error("%s failed unexpectedly", method, exc_info=exc)
+    leaf = first_leaf(exc) if isinstance(exc, BaseExceptionGroup) else exc
+    message = f"internal error: {type(leaf).__name__}: {leaf}"
+    await _send_quietly(stream, {"error": {"kind": "internal", "message": message}})
 
 
 class _HungUp(Exception):

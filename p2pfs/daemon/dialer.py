@@ -26,6 +26,7 @@ from p2pfs.errors import (
     ConnectionClosedError,
     LocalProtocolError,
     RemoteProtocolError,
+    StreamResetError,
 )
 from p2pfs.ids import NodeId
 from p2pfs.net import Endpoint, PeerConnection
@@ -312,7 +313,15 @@ class Dialer:
             attempts.append((candidate, f"no answer in {self.timeout:g} s"))
             failed.set()
             return
-        except (ConnectionClosedError, RemoteProtocolError, LocalProtocolError, OSError) as exc:
+        except (
+            ConnectionClosedError,
+            StreamResetError,
+            RemoteProtocolError,
+            LocalProtocolError,
+            OSError,
+        ) as exc:
+            # StreamResetError: a relay that resets the CONNECT stream (its own handler
+            # failed); it escaped into the race's nursery and ended the whole dial.
             attempts.append((candidate, str(exc) or type(exc).__name__))
             failed.set()
             return

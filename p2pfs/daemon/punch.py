@@ -25,7 +25,12 @@ from dataclasses import dataclass, field
 import trio
 
 from p2pfs.address import PeerAddress
-from p2pfs.errors import AuthenticationError, ConnectionClosedError, LocalProtocolError
+from p2pfs.errors import (
+    ConnectionClosedError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    StreamResetError,
+)
 from p2pfs.ids import NodeId
 from p2pfs.net import Endpoint, PeerConnection, Stream
 from p2pfs.net.control import (
@@ -126,8 +131,9 @@ class Puncher:
                 conn = await self._endpoint.connect(address, peer)
         except (
             trio.TooSlowError,
-            AuthenticationError,
+            RemoteProtocolError,  # AuthenticationError, or a peer that speaks no p2pfs/1
             ConnectionClosedError,
+            StreamResetError,
             LocalProtocolError,
             OSError,
         ) as exc:

@@ -23,6 +23,8 @@ from p2pfs.errors import (
     LocalProtocolError,
     P2pfsError,
     RemoteProtocolError,
+    StreamResetError,
+    first_leaf,
 )
 from p2pfs.ids import NodeId
 from p2pfs.net import Endpoint, PeerConnection, Stream
@@ -284,9 +286,16 @@ class Reach:
         assert self._puncher is not None
         try:
             return await self._puncher.initiate(relayed)
-        except (RemoteProtocolError, ConnectionClosedError, LocalProtocolError) as exc:
-            logger.info("punch over %r failed: %s", relayed, exc)
-            return None
+        except* (
+            RemoteProtocolError,
+            ConnectionClosedError,
+            StreamResetError,
+            LocalProtocolError,
+        ) as group:
+            # Its dials run in a nursery: their errors come in a group (a plain except
+            # missed one, and it ended the daemon).
+            logger.info("punch over %r failed: %s", relayed, first_leaf(group))
+        return None
 
     def _punch_candidates(self) -> list[PeerAddress]:
         """Where peers may reach us directly: our addresses, then every observed one

@@ -25,7 +25,13 @@ from dataclasses import dataclass
 import trio
 
 from p2pfs.address import PeerAddress
-from p2pfs.errors import ConnectionClosedError, LocalProtocolError, RemoteProtocolError
+from p2pfs.errors import (
+    ConnectionClosedError,
+    LocalProtocolError,
+    RemoteProtocolError,
+    StreamResetError,
+    first_leaf,
+)
 from p2pfs.ids import NodeId
 from p2pfs.net import Endpoint, PeerConnection, Stream
 from p2pfs.net.connection import Address
@@ -138,6 +144,10 @@ class RelayClient:
         try:
             while not found or failures < GIVE_UP_AFTER:
                 holder = object()
+                refused: RelayRefused | None = None
+                # A registration ends inside its nursery, so its errors come in a group:
+                # a plain except missed them, and a relay that restarted ended the daemons
+                # of every home registered with it.
                 try:
                     conn = await self._dial(address, node, holder)
                     try:
@@ -147,14 +157,21 @@ class RelayClient:
                         self._routes.pop(address, None)
                         self._changed()
                         self._release(conn, holder)
-                except RelayRefused as exc:
-                    if found and exc.code is RefuseCode.NOT_A_RELAY:
+                except* RelayRefused as group:
+                    refused = first_leaf(group)
+                except* (
+                    RemoteProtocolError,
+                    ConnectionClosedError,
+                    StreamResetError,
+                    LocalProtocolError,
+                ) as group:
+                    logger.info("relay %s unreachable or lost: %s", address, first_leaf(group))
+                if refused is not None:
+                    if found and refused.code is RefuseCode.NOT_A_RELAY:
                         logger.debug("%s is not a relay", address)
                         self._not_relays[address] = trio.current_time() + NOT_A_RELAY_FOR
                         return
-                    logger.warning("relay %s: %s", address, exc)
-                except (RemoteProtocolError, ConnectionClosedError, LocalProtocolError) as exc:
-                    logger.info("relay %s unreachable or lost: %s", address, exc)
+                    logger.warning("relay %s: %s", address, refused)
                 delay = RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)]
                 failures += 1
                 await trio.sleep(delay)

@@ -113,7 +113,10 @@ class Session:
             async with sent_send:
                 async for batch in batches:
                     await stream.send(GetChunks(stream.new_request_id(), self.root, batch.refs))
-                    await sent_send.send(batch)
+                    try:
+                        await sent_send.send(batch)
+                    except trio.BrokenResourceError:
+                        return  # the reader stopped; its own error says why
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(sender)
