@@ -88,6 +88,16 @@ def blame(exc: P2pfsError) -> str:
     return type(exc).__name__
 
 
+CONNECTION_FAILURES = (
+    RemoteProtocolError,
+    ConnectionClosedError,
+    StreamResetError,
+    LocalProtocolError,
+)
+"""What a connection attempt or a stream on it raises when the path or the peer fails (our
+endpoint closing counts as LocalProtocolError): the caller ends that attempt alone."""
+
+
 def first_leaf(group: BaseExceptionGroup[E]) -> E:
     """The first exception in ``group`` that is no group itself (for a log line)."""
     leaf: BaseException = group

@@ -22,11 +22,11 @@ import trio
 
 from p2pfs.address import PeerAddress
 from p2pfs.errors import (
+    CONNECTION_FAILURES,
     AuthenticationError,
     ConnectionClosedError,
     LocalProtocolError,
     RemoteProtocolError,
-    StreamResetError,
 )
 from p2pfs.ids import NodeId
 from p2pfs.net import Endpoint, PeerConnection
@@ -313,13 +313,7 @@ class Dialer:
             attempts.append((candidate, f"no answer in {self.timeout:g} s"))
             failed.set()
             return
-        except (
-            ConnectionClosedError,
-            StreamResetError,
-            RemoteProtocolError,
-            LocalProtocolError,
-            OSError,
-        ) as exc:
+        except (*CONNECTION_FAILURES, OSError) as exc:
             # StreamResetError: a relay that resets the CONNECT stream (its own handler
             # failed); it escaped into the race's nursery and ended the whole dial.
             attempts.append((candidate, str(exc) or type(exc).__name__))

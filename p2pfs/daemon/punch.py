@@ -25,12 +25,7 @@ from dataclasses import dataclass, field
 import trio
 
 from p2pfs.address import PeerAddress
-from p2pfs.errors import (
-    ConnectionClosedError,
-    LocalProtocolError,
-    RemoteProtocolError,
-    StreamResetError,
-)
+from p2pfs.errors import CONNECTION_FAILURES
 from p2pfs.ids import NodeId
 from p2pfs.net import Endpoint, PeerConnection, Stream
 from p2pfs.net.control import (
@@ -129,14 +124,9 @@ class Puncher:
         try:
             with trio.fail_after(DIRECT_TIMEOUT):
                 conn = await self._endpoint.connect(address, peer)
-        except (
-            trio.TooSlowError,
-            RemoteProtocolError,  # AuthenticationError, or a peer that speaks no p2pfs/1
-            ConnectionClosedError,
-            StreamResetError,
-            LocalProtocolError,
-            OSError,
-        ) as exc:
+        except (trio.TooSlowError, *CONNECTION_FAILURES, OSError) as exc:
+            # RemoteProtocolError among them: AuthenticationError, or a peer that does not
+            # speak p2pfs/1 (it ended the daemon through the punch's nursery).
             logger.debug("punch: %s:%s failed: %s", address[0], address[1], exc)
             return
         if won:

@@ -18,14 +18,7 @@ import trio
 from p2pfs.address import PeerAddress
 from p2pfs.discovery.keys import relay_for_discovery_key, relays_discovery_key
 from p2pfs.discovery.seam import Finder
-from p2pfs.errors import (
-    ConnectionClosedError,
-    LocalProtocolError,
-    P2pfsError,
-    RemoteProtocolError,
-    StreamResetError,
-    first_leaf,
-)
+from p2pfs.errors import CONNECTION_FAILURES, P2pfsError, first_leaf
 from p2pfs.ids import NodeId
 from p2pfs.net import Endpoint, PeerConnection, Stream
 from p2pfs.net.control import ControlKind, Decoder, Incoming, Refuse, RefuseCode, encode
@@ -286,12 +279,7 @@ class Reach:
         assert self._puncher is not None
         try:
             return await self._puncher.initiate(relayed)
-        except* (
-            RemoteProtocolError,
-            ConnectionClosedError,
-            StreamResetError,
-            LocalProtocolError,
-        ) as group:
+        except* CONNECTION_FAILURES as group:
             # Its dials run in a nursery: their errors come in a group (a plain except
             # missed one, and it ended the daemon).
             logger.info("punch over %r failed: %s", relayed, first_leaf(group))

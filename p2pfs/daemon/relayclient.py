@@ -25,13 +25,7 @@ from dataclasses import dataclass
 import trio
 
 from p2pfs.address import PeerAddress
-from p2pfs.errors import (
-    ConnectionClosedError,
-    LocalProtocolError,
-    RemoteProtocolError,
-    StreamResetError,
-    first_leaf,
-)
+from p2pfs.errors import CONNECTION_FAILURES, first_leaf
 from p2pfs.ids import NodeId
 from p2pfs.net import Endpoint, PeerConnection, Stream
 from p2pfs.net.connection import Address
@@ -159,12 +153,7 @@ class RelayClient:
                         self._release(conn, holder)
                 except* RelayRefused as group:
                     refused = first_leaf(group)
-                except* (
-                    RemoteProtocolError,
-                    ConnectionClosedError,
-                    StreamResetError,
-                    LocalProtocolError,
-                ) as group:
+                except* CONNECTION_FAILURES as group:
                     logger.info("relay %s unreachable or lost: %s", address, first_leaf(group))
                 if refused is not None:
                     if found and refused.code is RefuseCode.NOT_A_RELAY:

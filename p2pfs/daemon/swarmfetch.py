@@ -90,10 +90,10 @@ connection over as soon as it is up."""
 Release = Callable[[PeerConnection], None]
 """The pool is done with a connection (whoever else uses it keeps it)."""
 OpenStripe = Callable[[PeerConnection], Awaitable[PeerConnection]]
+"""One more connection to the peer of the one given (the same address, its NodeId pinned)."""
 Reconnect = Callable[[NodeId, PeerConnection], PeerConnection | None]
 """Another open connection to a peer than the one given (which ended), leased to the
 fetch; None if there is none."""
-"""One more connection to the peer of the one given (the same address, its NodeId pinned)."""
 
 
 @dataclass(slots=True)
