@@ -305,7 +305,8 @@ class Endpoint:
             return
         # A connection's datagrams share its address: one tunnel check for the call, when
         # no circuit is open (a relayed connection's last CONNECTION_CLOSE, its circuit
-        # gone, went to the socket as ("100::1", 1) and failed its engine with TypeError).
+        # gone, went to the socket as ("100::1", 1, 0, 0), the engine's form of a tunnel
+        # address, and failed its engine with TypeError on an IPv4 socket).
         if self._tunnels or is_tunnel(datagrams[0][1]):
             datagrams = self._tunnel_out(datagrams)
             if not datagrams:
