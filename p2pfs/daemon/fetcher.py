@@ -329,10 +329,10 @@ class Fetcher:
                 peer = conn.peer_id
                 self._release(conn)
                 if isinstance(exc, trio.TooSlowError) and stalls.get(peer, 0) < METADATA_STALLS:
-                    # A stall is the path's or the engine's (a stream qh3 stopped sending
-                    # after late ACKs), not the holder's word: a fresh connection to it is
-                    # tried before it is passed over. The only holder of a lossy path's
-                    # fetch was given up after one stall (the test's 2% loss, under load).
+                    # A stall is more often the path's than the holder's word: a fresh
+                    # connection to it is tried before it is passed over. The only holder
+                    # of a lossy path's fetch was given up after one stall (the test's 2%
+                    # loss, under load; that stall was a dropped stream, since fixed).
                     stalls[peer] = stalls.get(peer, 0) + 1
                     logger.info("fetch: holder %s stalled: trying a new connection", peer.short())
                     conn.close_nowait(CloseCode.NO_ERROR, "stalled")

@@ -20,6 +20,7 @@ from p2pfs.certs import node_id_from_certificate_untrusted
 from p2pfs.errors import (
     AuthenticationError,
     ConnectionClosedError,
+    LocalProtocolError,
     P2pfsError,
     RemoteProtocolError,
 )
@@ -31,6 +32,7 @@ from p2pfs.net.codes import CloseCode
 from p2pfs.net.control import ControlKind
 from p2pfs.net.engine import ALPN, Engine, EngineConnection, TransportConfig
 from p2pfs.net.intake import Intake, IntakeLimits
+from p2pfs.net.peerstreams import PeerStreamIds
 from p2pfs.net.stream import Stream
 from p2pfs.waits import first_of
 
@@ -99,15 +101,15 @@ class PeerConnection:
             tuple[ControlKind, Stream]
         ](CONTROL_BACKLOG)
         self.path = "relayed" if is_tunnel(remote_address) else "direct"
+        """How the connection reaches the peer: direct, punched (a direct path opened by
+        hole punching) or relayed (through a relay's tunnel)."""
         self.bytes_sent = 0
         self.bytes_received = 0
+        """UDP payload bytes of this connection's datagrams (QUIC headers included), for
+        per-peer rates and metrics."""
         self.payload_sent = 0
         self.payload_received = 0
         """Chunk bytes the daemon sent and received over this connection (it counts them)."""
-        """UDP payload bytes of this connection's datagrams (QUIC headers included), for
-        per-peer rates and metrics."""
-        """How the connection reaches the peer: direct, punched (a direct path opened by
-        hole punching) or relayed (through a relay's tunnel)."""
         self._error: P2pfsError | None = None
         self._authenticated = False
         self.ready = trio.Event()
@@ -119,7 +121,8 @@ class PeerConnection:
         self._closed_locally = False
         self._linger_deadline = math.inf
         self._start_auth(now)
-        self._highest_peer_stream = -1
+        # The server's first stream (1) is the authentication exchange's, handled apart.
+        self._peer_streams = PeerStreamIds(first=5 if is_client else 0)
         self._intake: Intake[Stream, tuple[bytes, Address]] = Intake(
             IntakeLimits(
                 stream=config.stream_receive_limit,
@@ -190,13 +193,18 @@ class PeerConnection:
         return self._error is not None
 
     async def open_stream(self) -> Stream:
-        """A new bidirectional stream (the peer sees it on its first byte or FIN)."""
+        """A new bidirectional stream (the peer sees it on its first byte or FIN).
+
+        The engine takes the id when the stream is first written (aioquic refuses a lower
+        id once a higher one is written), so write on it before opening the next one."""
         await trio.lowlevel.checkpoint()
         self._check_open()
         stream_id = -1
         with self._guard:
             stream_id = self._quic.get_next_available_stream_id()
         self._check_open()
+        if stream_id in self._streams:
+            raise LocalProtocolError(f"stream {stream_id} opened twice: write on it first")
         stream = Stream(self, stream_id, self.config.send_buffer_limit)
         self._streams[stream_id] = stream
         return stream
@@ -581,9 +589,15 @@ class PeerConnection:
             return
         stream = self._streams.get(stream_id)
         if stream is None:
-            if self._is_local(stream_id) or stream_id <= self._highest_peer_stream:
+            if self._is_local(stream_id):
                 return  # a stream we already finished with: late data, nobody wants it
-            self._highest_peer_stream = stream_id
+            try:
+                opens = self._peer_streams.opens(stream_id)
+            except RemoteProtocolError as exc:
+                self._fail(exc, CloseCode.PROTOCOL_ERROR)
+                return
+            if not opens:
+                return  # the same, of the peer's
             stream = Stream(self, stream_id, self.config.send_buffer_limit)
             self._streams[stream_id] = stream
             data = event.data
