@@ -60,9 +60,11 @@ def test_a_folder_syncs_both_ways_through_a_lossy_reordering_path(tmp_path: Path
             (a_dir / "d2" / "f002.bin").write_bytes(rng.randbytes(20_000))
             (b_dir / "d3" / "new-on-b.bin").write_bytes(rng.randbytes(300_000))
             wait_until(
-                lambda: (b_dir / "d2" / "f002.bin").read_bytes()
-                == (a_dir / "d2" / "f002.bin").read_bytes()
-                and (a_dir / "d3" / "new-on-b.bin").exists(),
+                lambda: (
+                    (b_dir / "d2" / "f002.bin").read_bytes()
+                    == (a_dir / "d2" / "f002.bin").read_bytes()
+                    and (a_dir / "d3" / "new-on-b.bin").exists()
+                ),
                 timeout=120,
             )
             wait_until(same_root, timeout=60)
