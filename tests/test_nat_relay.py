@@ -33,6 +33,7 @@ from p2pfs.net.control import (
     relay_datagram,
 )
 from tests.support.daemons import DaemonProcess
+from tests.support.rebinding import RebindingForwarder
 
 BUDGET = 1_000_000
 
@@ -230,3 +231,53 @@ def test_a_client_past_its_byte_budget_is_cut_off(
     assert 0.5 * BUDGET < sink.received <= BUDGET
     assert info["bytes_forwarded"] == sink.received
     assert json.dumps(info)  # the relay's own account is plain JSON for `id --json`
+
+
+def test_a_circuit_follows_an_end_whose_nat_gives_it_a_new_port(
+    relay: tuple[DaemonProcess, tuple[str, int]],
+) -> None:
+    """A registered home's NAT mapping times out and its next packet leaves from a new
+    port: the relay's connection to it moves there (QUIC), and so must the circuit, which
+    takes an end's datagrams only from, and sends them only to, that connection's address."""
+    daemon, address = relay
+    sink = CircuitSink()
+    back = CircuitSink()
+
+    async def body(client: Endpoint, target: Endpoint) -> None:
+        _incoming_handler.append(sink.accept)
+        target.set_datagram_handler(bytes([RELAY_DATAGRAM]), sink.datagram)
+        client.set_datagram_handler(bytes([RELAY_DATAGRAM]), back.datagram)
+        async with trio.open_nursery() as nursery:
+            nat = RebindingForwarder(address)
+            nated_relay = await nursery.start(nat.run)
+            registered, _stream = await register(target, nated_relay)
+            nursery.start_soon(_serve_control, registered)
+            conn = await client.connect(address, None)
+            stream = await conn.open_control(ControlKind.RELAY, encode(Connect(target.node_id.raw)))
+            accept = await first_message(stream)
+            assert isinstance(accept, Accept)
+            back.circuits.append(accept.circuit)
+
+            async def both_ways(expected: int) -> None:
+                for _ in range(20):
+                    client.send_threadsafe(relay_datagram(accept.circuit, b"c" * 1000), address)
+                    target.send_threadsafe(relay_datagram(accept.circuit, b"t" * 1000), nated_relay)
+                    await trio.sleep(0.002)
+                with trio.move_on_after(5):
+                    while sink.received < expected or back.received < expected:
+                        await trio.sleep(0.01)
+
+            await both_ways(20_000)
+            assert (sink.received, back.received) == (20_000, 20_000)
+            await nat.rebind()
+            # The home's next packet (its keepalive, here at once) comes from the new port.
+            assert await registered.responsive(5)
+            await both_ways(40_000)
+            nursery.cancel_scope.cancel()
+
+    try:
+        run(body)
+    finally:
+        _incoming_handler.clear()
+    assert (sink.received, back.received) == (40_000, 40_000)
+    assert daemon.call("id")["relay"]["bytes_forwarded"] == 80_000

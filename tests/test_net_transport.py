@@ -24,6 +24,7 @@ from p2pfs.errors import (
 from p2pfs.identity import Identity
 from p2pfs.ids import NodeId
 from p2pfs.net import CloseCode, PeerConnection, Stream, TransportConfig, load_engine, open_endpoint
+from tests.support.rebinding import RebindingForwarder
 
 MiB = 1 << 20
 ENGINES = ["qh3", "aioquic"]
@@ -859,3 +860,57 @@ def test_datagrams_for_a_relay_circuit_that_is_gone_are_dropped_not_sent() -> No
             assert endpoint.datagrams_sent == 0
 
     trio.run(main)
+
+
+@engine_param
+def test_a_transfer_carries_on_when_the_clients_nat_gives_it_a_new_port(engine: str) -> None:
+    # A NAT whose mapping times out in a lull gives the next packet a new source port:
+    # the server sees the same connection ids come from a new address. QUIC moves the
+    # connection there (RFC 9000, 9.3); the server must send to the new address.
+    size = BULK[engine]
+    data = pattern(7, size)
+    server_id, client_id = Identity.generate(), Identity.generate()
+    seen: dict[str, Any] = {}
+
+    async def main() -> None:
+        async def handler(conn: PeerConnection) -> None:
+            stream = await conn.accept_stream()
+            await stream.receive_some()
+            await stream.send_all(data)
+            await stream.send_eof()
+            with contextlib.suppress(ConnectionClosedError):
+                await conn.wait_closed()
+            seen["server_view"] = conn.remote_address
+
+        with trio.fail_after(30):
+            async with (
+                open_endpoint(server_id, handler=handler, engine=engine) as server,
+                open_endpoint(client_id, engine=engine) as client,
+                trio.open_nursery() as nursery,
+            ):
+                host, port = server.local_address[:2]
+                nat = RebindingForwarder((host, port))
+                address = await nursery.start(nat.run)
+                conn = await client.connect(address, server_id.node_id)
+                stream = await conn.open_stream()
+                await stream.send_all(b"go")
+                parts: list[bytes] = []
+                got = 0
+                while got < size:
+                    chunk = await stream.receive_some()
+                    assert chunk
+                    parts.append(chunk)
+                    got += len(chunk)
+                    if got >= size // 4 and "first_port" not in seen:
+                        seen["first_port"] = nat.port
+                        await nat.rebind()
+                seen["data"] = b"".join(parts)
+                seen["port"] = nat.port
+                await conn.close()
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert seen["port"] != seen["first_port"]
+    assert seen["data"] == data
+    # The connection's address follows (the relay reads it to tell a circuit's ends apart).
+    assert tuple(seen["server_view"][:2]) == ("127.0.0.1", seen["port"])

@@ -486,9 +486,18 @@ class PeerConnection:
         datagrams = self._engine.datagrams_to_send(quic, trio.current_time())
         if datagrams:
             self.bytes_sent += sum(len(datagram) for datagram, _address in datagrams)
+            if datagrams[-1][1][:2] != self.remote_address[:2]:
+                self._moved(datagrams[-1][1])
             self._hooks.transmit(datagrams)
         if self._intake.blocked_writers:
             self._intake.retain_blocked(lambda s: not s.send_room_maybe())
+
+    def _moved(self, address: Address) -> None:
+        """The engine now sends to ``address``: the peer's packets come from there (a NAT
+        gave it a new port; RFC 9000, 9.3). ``remote_address`` follows, as the relay reads
+        it at each datagram to tell a circuit's ends apart."""
+        logger.info("%r: the peer moved to %s:%s", self, address[0], address[1])
+        self.remote_address = address
 
     def _hand_over(self, gathered: dict[int, tuple[Stream, list[bytes], bool]]) -> None:
         for stream, parts, end_stream in gathered.values():
