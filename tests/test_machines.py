@@ -444,3 +444,35 @@ def test_a_machine_whose_address_changes_is_found_at_its_new_one_at_once(
     wait_until(lambda: found_at(m3, ticket, moved), timeout=20)
     fetch_json(m3, ticket, tmp_path / "copy")
     assert same_tree(source, tmp_path / "copy")
+
+
+def test_a_fetch_and_a_folder_cross_a_lossy_internet(netbed: NetBed, tmp_path: Path) -> None:
+    """The router between two machines drops 5% of the datagrams it forwards, at random;
+    daemons at their defaults. Loss costs resends, never a request left unanswered (a
+    stream whose first bytes came after a later stream's was dropped, and the fetch or the
+    member link waiting on it sat out its stall timeout)."""
+    m1, m2 = netbed.machine("m1"), netbed.machine("m2")
+    for machine in (m1, m2):
+        machine.count_each_datagram()
+        machine.start()
+    netbed.lose_on_the_internet(per_mille=50)
+    source = tmp_path / "album"
+    sizes = {f"track-{number:02d}.flac": 150_000 + number * 9_000 for number in range(24)}
+    make_tree(source, {**sizes, "cover/front.jpg": 6 * MiB})
+    ticket = share(m1, source)
+    report = fetch_json(m2, ticket, tmp_path / "copy")
+    assert same_tree(source, tmp_path / "copy")
+    assert report["bytes_from_peer"] == sum(sizes.values()) + 6 * MiB
+    notes_a, notes_b = tmp_path / "a" / "notes", tmp_path / "b" / "notes"
+    make_tree(notes_a, {f"day-{number}.md": 3_000 + number for number in range(40)})
+    tickets = json.loads(m1.cli("sync", str(notes_a), "--json").stdout)
+    m2.cli("sync", str(notes_b), tickets["rw"])
+    wait_until(lambda: same_tree(notes_a, notes_b), timeout=60)
+    (notes_b / "from-b.md").write_bytes(os.urandom(200_000))
+    wait_until(lambda: same_tree(notes_a, notes_b), timeout=60)
+    assert netbed.dropped_on_the_internet() > 50
+    stalls = ("sent nothing for", "answered nothing for", "stalled", "link with")
+    for machine in (m1, m2):
+        assert machine.daemon is not None
+        log = machine.daemon.log_path.read_text().splitlines()
+        assert not [line for line in log if any(sign in line for sign in stalls)]

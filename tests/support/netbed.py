@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -331,6 +332,28 @@ class NetBed:
             self.machines.append(machine)
             machines.append(machine)
         return machines
+
+    def lose_on_the_internet(self, per_mille: int) -> None:
+        """The router drops ``per_mille`` of every thousand UDP datagrams it forwards, each
+        at random (nftables' numgen: the kernel here has no netem), as a lossy internet
+        path would. Give the machines ``count_each_datagram`` so that a GSO send is not
+        dropped, or kept, 64 datagrams at a time."""
+        rules = (
+            "table inet lossy {\n"
+            "  chain forward {\n"
+            "    type filter hook forward priority 0; policy accept;\n"
+            f"    meta l4proto udp numgen random mod 1000 < {per_mille} counter drop\n"
+            "  }\n"
+            "}\n"
+        )
+        _run("ip", "netns", "exec", self.router, "nft", "-f", "-", stdin=rules)
+
+    def dropped_on_the_internet(self) -> int:
+        """Datagrams ``lose_on_the_internet`` has dropped so far."""
+        listed = _run("ip", "netns", "exec", self.router, "nft", "list", "table", "inet", "lossy")
+        found = re.search(r"counter packets (\d+)", listed)
+        assert found is not None, listed
+        return int(found.group(1))
 
     def home(self, name: str, nat: str = "cone", upnp: bool = False) -> Machine:
         """A machine on a private LAN 192.168.(n).0/24 behind its own home router, whose
