@@ -67,6 +67,12 @@ CallResult = tuple[bool, Any]
 """The package's convention: (responded, validated reply or None)."""
 
 RESPONSE_KIND = 1
+RESENDS = (0.25, 0.5)
+"""When a request still unanswered goes out again (the same message, the same id), as
+fractions of the RPC timeout. A request is one datagram and so is its reply: one of the two
+lost failed the call, and a failed call evicts the contact (the package's upkeep), so every
+lost datagram cost a live contact. In the simulation (1,000 nodes) lookups succeeded 84% of
+the time at 1% loss and 30% at 5% (SPEC "Private DHT")."""
 PEER_TOKENS = 4096
 """Tokens other nodes gave us, kept to echo (least recently used dropped beyond this)."""
 
@@ -77,6 +83,8 @@ class Traffic:
 
     sent: int = 0
     sent_bytes: int = 0
+    resent: int = 0
+    """Of ``sent``: requests sent again for want of an answer (RESENDS)."""
     received: int = 0
     received_bytes: int = 0
     dropped: int = 0
@@ -95,6 +103,12 @@ class _Pending:
     timer: asyncio.TimerHandle
     address: Address
     parse: Callable[[object], Any]
+    resends: list[asyncio.TimerHandle]
+
+    def cancel_timers(self) -> None:
+        self.timer.cancel()
+        for resend in self.resends:
+            resend.cancel()
 
 
 class ExactRoutingTable(RoutingTable):  # type: ignore[misc]
@@ -196,7 +210,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
             logger.debug("dropping unexpected reply from %s", sender)
             return
         del self._pending[message.msg_id]
-        pending.timer.cancel()
+        pending.cancel_timers()
         try:
             result: CallResult = (True, pending.parse(message.payload))
         except DhtMessageError as exc:
@@ -350,22 +364,33 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]
         msg_id = self.random_bytes(MSG_ID_LEN)
         future: asyncio.Future[CallResult] = loop.create_future()
         timer = loop.call_later(self.rpc_timeout, self._expire_call, msg_id)
-        self._pending[msg_id] = _Pending(future, timer, address, parse)
+        request = encode_request(msg_id, method, args, from_client=self.client_mode)
+        resends = [
+            loop.call_later(self.rpc_timeout * share, self._resend, request, address)
+            for share in RESENDS
+        ]
+        self._pending[msg_id] = _Pending(future, timer, address, parse, resends)
         self.traffic.by_method[method] = self.traffic.by_method.get(method, 0) + 1
-        self._send(encode_request(msg_id, method, args, from_client=self.client_mode), address)
+        self._send(request, address)
         return future
+
+    def _resend(self, request: bytes, address: Address) -> None:
+        self.traffic.resent += 1
+        self._send(request, address)
 
     def _expire_call(self, msg_id: bytes) -> None:
         pending = self._pending.pop(msg_id, None)
-        if pending is not None and not pending.future.done():
-            pending.future.set_result((False, None))
+        if pending is not None:
+            pending.cancel_timers()
+            if not pending.future.done():
+                pending.future.set_result((False, None))
 
     def cancel_calls(self) -> None:
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
             self._expiry_timer = None
         for pending in self._pending.values():
-            pending.timer.cancel()
+            pending.cancel_timers()
             if not pending.future.done():
                 pending.future.set_result((False, None))
         self._pending.clear()
