@@ -476,3 +476,30 @@ def test_a_fetch_and_a_folder_cross_a_lossy_internet(netbed: NetBed, tmp_path: P
         assert machine.daemon is not None
         log = machine.daemon.log_path.read_text().splitlines()
         assert not [line for line in log if any(sign in line for sign in stalls)]
+
+
+def test_a_path_whose_mtu_is_under_the_base_datagram_size(netbed: NetBed, tmp_path: Path) -> None:
+    """m2's link carries packets of 1,300 bytes at most (a VPN on the path), under the
+    1,378 of a base-size datagram. The holder's kernel learns the path MTU from the
+    router's ICMP; its GSO sends of bigger datagrams then fail whole (EMSGSIZE), every
+    time: the listing came through and no file did (the fetch failed after 60 s). They go
+    out one by one, fragmented by the kernel, and new connections fit the path."""
+    m1, m2 = netbed.machine("m1"), netbed.machine("m2")
+    m2.set_link_mtu(1300)
+    m1.start()
+    m2.start()
+    source = tmp_path / "album"
+    make_tree(source, {"a.bin": 3 * MiB, "b.txt": 1000})
+    ticket = share(m1, source)
+    fetch_json(m2, ticket, tmp_path / "copy", "--give-up-after", "20")
+    assert same_tree(source, tmp_path / "copy")
+    assert m1.daemon is not None
+    assert "exceed the path MTU to" in m1.daemon.log_path.read_text()
+    # A folder joined across the same path, and an edit from the small side.
+    notes_a, notes_b = tmp_path / "a" / "notes", tmp_path / "b" / "notes"
+    make_tree(notes_a, {"big.bin": 2 * MiB, "todo.txt": 100})
+    tickets = json.loads(m1.cli("sync", str(notes_a), "--json").stdout)
+    m2.cli("sync", str(notes_b), tickets["rw"])
+    wait_until(lambda: same_tree(notes_a, notes_b), timeout=60)
+    (notes_b / "from-m2.bin").write_bytes(os.urandom(1 * MiB))
+    wait_until(lambda: same_tree(notes_a, notes_b), timeout=60)

@@ -79,11 +79,34 @@ def test_beyond_a_gateway_or_unknown_the_base_size() -> None:
     assert Kernel([]).sizes().datagram_size("192.168.1.20") == 1350
 
 
-def test_a_link_smaller_than_the_base_keeps_the_base() -> None:
-    """A tunnel interface of 1,280 on-link: the base size (the engine's own loss recovery is
-    what copes with a path under it, as anywhere)."""
-    kernel = Kernel([Route(ipaddress.IPv4Network("10.1.0.0/24"), False, "wg0", 0)], {"wg0": 1280})
-    assert kernel.sizes().datagram_size("10.1.0.7") == 1350
+def test_a_link_smaller_than_the_base_gets_datagrams_that_fit_it() -> None:
+    """A tunnel interface of 1,280 on-link (Tailscale's; WireGuard's is 1,420): the base
+    size did not fit, and a GSO send of datagrams bigger than the route's MTU fails whole,
+    every time. Under QUIC's 1,200 the kernel fragments."""
+    tunnel = Route(ipaddress.IPv4Network("10.1.0.0/24"), False, "wg0", 0)
+    assert Kernel([tunnel], {"wg0": 1280}).sizes().datagram_size("10.1.0.7") == 1280 - 28
+    assert Kernel([tunnel], {"wg0": 1420}).sizes().datagram_size("10.1.0.7") == 1420 - 28
+    assert Kernel([tunnel], {"wg0": 576}).sizes().datagram_size("10.1.0.7") == 1200
+
+
+def test_a_path_mtu_the_kernel_learnt_caps_the_base() -> None:
+    """Beyond a gateway the kernel's route MTU is the interface's until an ICMP "fragmentation
+    needed" teaches it the path's; then the size fits that, once the old answer is
+    forgotten (the endpoint forgets it when a send finds the path too small)."""
+    kernel = Kernel([LAN, DEFAULT])
+    learnt: dict[str, int] = {}
+
+    def route_mtu(address: IPAddress) -> int | None:
+        return learnt.get(str(address)) or kernel.route_mtu(address)
+
+    sizes = PathSizes(1350, 16384, read_routes=kernel.read_routes, route_mtu=route_mtu)
+    assert sizes.datagram_size("203.0.113.9") == 1350
+    learnt["203.0.113.9"] = 1300
+    assert sizes.datagram_size("203.0.113.9") == 1350  # still the cached answer
+    sizes.forget("203.0.113.9")
+    assert sizes.datagram_size("203.0.113.9") == 1300 - 28
+    assert sizes.datagram_size("::ffff:203.0.113.9") == 1300 - 28
+    assert sizes.datagram_size("203.0.113.10") == 1350
 
 
 def test_no_mtu_from_the_kernel_means_the_base_size() -> None:

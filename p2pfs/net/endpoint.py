@@ -72,6 +72,8 @@ SETTLE_BYTES = 1 << 20
 """One connection's GRO runs fed to its engine in a row before its events are handed over
 and its ACK sent (the intake limits then see them: overshoot bounded by this)."""
 GSO_MAX_BYTES = 65000
+PATHS_TOO_SMALL_KEPT = 256
+"""Hosts remembered as having a path smaller than our datagrams, for logging once each."""
 _U16 = struct.Struct("=H")
 PUNCH_PAYLOAD = b"\x02"
 """A punch datagram's one byte: neither QUIC (fixed bit clear) nor the DHT (0x00/0x01), so
@@ -113,6 +115,8 @@ class Endpoint:
             config.max_datagram_size,
             min(config.loopback_datagram_size, engine.largest_datagram),
         )
+        self._paths_too_small: set[str] = set()
+        """Peer hosts a send found the path MTU smaller than our datagrams (logged once)."""
         self._by_cid: dict[bytes, PeerConnection] = {}
         self._connections: set[PeerConnection] = set()
         self._admission: Admission[PeerConnection] = Admission(config, os.urandom(32))
@@ -267,9 +271,13 @@ class Endpoint:
     def datagram_size(self, remote: Address) -> int:
         """How big this node's datagrams to ``remote`` are (net/pathsize.py): the base size
         through a relay tunnel or where link-sized datagrams are off."""
-        if not self.config.link_sized_datagrams or remote in self._tunnels:
+        if remote in self._tunnels:
             return self.config.max_datagram_size
-        return self._path_sizes.datagram_size(str(remote[0]))
+        size = self._path_sizes.datagram_size(str(remote[0]))
+        if not self.config.link_sized_datagrams:
+            # The base size, or less where the kernel knows the path is smaller.
+            return min(size, self.config.max_datagram_size)
+        return size
 
     def _configuration(self, size: int, *, is_client: bool) -> Any:
         """The engine configuration for datagrams of ``size`` bytes (one per size)."""
@@ -332,6 +340,10 @@ class Endpoint:
                 self._queue(datagrams, i)
                 return
             except OSError as exc:
+                if end - i > 1 and exc.errno == errno.EMSGSIZE:
+                    self._too_big_for_path(datagrams[i:end], addr)
+                    i = end
+                    continue
                 if end - i > 1 and exc.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP):
                     logger.info("UDP GSO unavailable (%s), sending datagrams one by one", exc)
                     self._gso = False
@@ -344,6 +356,35 @@ class Endpoint:
             self.datagrams_sent += end - i
             self.bytes_sent += size
             i = end
+
+    def _too_big_for_path(self, run: list[tuple[bytes, Address]], addr: Address) -> None:
+        """A GSO run whose datagrams exceed the MTU the kernel knows for ``addr``'s route (an
+        interface or a learnt path MTU smaller than the size chosen): the kernel refuses the
+        whole send, each time, so the connection would lose every full datagram. Sent one
+        by one, the kernel fragments them; the next connection there is sized to fit."""
+        host = str(addr[0])
+        if host not in self._paths_too_small:
+            logger.info(
+                "datagrams of %d bytes exceed the path MTU to %s: sent as IP fragments; "
+                "new connections there use smaller ones",
+                len(run[0][0]),
+                host,
+            )
+            if len(self._paths_too_small) >= PATHS_TOO_SMALL_KEPT:
+                self._paths_too_small.clear()
+            self._paths_too_small.add(host)
+        self._path_sizes.forget(host)
+        sock = self._sock
+        for data, _addr in run:
+            try:
+                sock.sendto(data, addr)
+            except BlockingIOError:
+                return  # the socket buffer is full: the rest are lost, for QUIC to resend
+            except OSError as exc:
+                logger.debug("send to %s failed: %s", addr, exc)
+                return
+            self.datagrams_sent += 1
+            self.bytes_sent += len(data)
 
     def _tunnel_out(self, datagrams: list[tuple[bytes, Address]]) -> list[tuple[bytes, Address]]:
         """Datagrams for tunnel addresses become relay datagrams to their relay (still in

@@ -14,6 +14,13 @@ raised where the whole path is known:
 - anything else, relay tunnels included: the configured base size, which fits any path with
   an MTU of 1,400 or more.
 
+Never bigger than what the kernel knows fits, though: an interface smaller than the base
+(a WireGuard or Tailscale tunnel: 1,420 or 1,280) or a path MTU the kernel learnt from an
+ICMP "fragmentation needed" caps the size (at least QUIC's 1,200; below that the kernel
+fragments). A UDP GSO send whose datagrams exceed the route's MTU fails outright
+(EMSGSIZE), so a size above it lost every full datagram: a path of MTU 1,300 moved a
+listing and no file.
+
 The receiving side accepts anything up to the QUIC maximum (engine.RECEIVE_DATAGRAM_LIMIT),
 so each side's choice is its own.
 """
@@ -34,6 +41,9 @@ from p2pfs.net.linkroutes import IPAddress, Route, on_link, parse_ipv4_routes, p
 logger = logging.getLogger(__name__)
 
 ETHERNET_MTU = 1500
+QUIC_MIN_DATAGRAM = 1200
+"""RFC 9000, 14: the smallest datagram QUIC may be sent in; a path under it is the kernel's to
+fragment for."""
 IPV4_UDP_OVERHEAD = 20 + 8
 IPV6_UDP_OVERHEAD = 40 + 8
 # Linux's IP_MTU / IPV6_MTU socket options (linux/in.h, linux/in6.h): the MTU the kernel
@@ -86,6 +96,17 @@ class PathSizes:
             self._sizes.popitem(last=False)
         return size
 
+    def forget(self, host: str) -> None:
+        """Measure ``host`` again next time: a send to it found the path smaller than the
+        size given (the kernel has learnt the path's MTU since)."""
+        try:
+            address = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        self._sizes.pop(address, None)
+
     def _measure(self, address: IPAddress, now: float) -> int:
         overhead = IPV4_UDP_OVERHEAD if address.version == 4 else IPV6_UDP_OVERHEAD
         if address.is_loopback:
@@ -94,13 +115,13 @@ class PathSizes:
             if now - self._routes_read_at >= REFRESH_SECONDS:
                 self._routes = self._read_routes()
                 self._routes_read_at = now
-            if not on_link(self._routes, address):
-                return self.base
-            limit = ETHERNET_MTU - overhead
+            limit = ETHERNET_MTU - overhead if on_link(self._routes, address) else self.base
         mtu = self._route_mtu(address)
         if mtu is None:
             return self.base
-        return max(self.base, min(limit, mtu - overhead))
+        if address.is_loopback:
+            return max(self.base, min(limit, mtu - overhead))
+        return max(QUIC_MIN_DATAGRAM, min(limit, mtu - overhead))
 
 
 def read_kernel_routes() -> list[Route]:

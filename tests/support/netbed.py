@@ -237,6 +237,14 @@ class Machine:
             "tbf", "rate", f"{bits_per_second}bit", "burst", "64kb", "latency", "50ms",
         )  # fmt: skip
 
+    def set_link_mtu(self, mtu: int) -> None:
+        """Make the machine's link (both ends) carry IP packets of at most ``mtu`` bytes, as
+        a VPN or tunnel hop on its path would (Tailscale's is 1,280). Peers beyond the
+        router learn it from ICMP "fragmentation needed", this machine from its interface."""
+        router_side = self.veth[:-1] + "r"
+        _run("ip", "-n", self.namespace, "link", "set", self.veth, "mtu", str(mtu))
+        _run("ip", "-n", self.bed.router, "link", "set", router_side, "mtu", str(mtu))
+
     def count_each_datagram(self) -> None:
         """Make the link's packet counts count datagrams: a UDP GSO send (up to 64 datagrams
         in one buffer) otherwise crosses a veth whole and is counted as one packet."""
