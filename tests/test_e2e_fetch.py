@@ -273,6 +273,36 @@ def test_lossy_reordering_duplicating_path(tmp_path: Path, daemons: DaemonFactor
     assert "sent nothing for" not in fetcher.log_path.read_text()
 
 
+def test_a_slow_path_fetch_is_slow_not_stalled(tmp_path: Path) -> None:
+    """Through a 96 KB/s bottleneck each of the fetch's four streams gets ~24 KB/s, so a
+    64 KiB chunk reply takes ~2.7 s while its bytes keep coming. With patience of 1 s (the
+    shipped 10 s, shortened by the test hook: a path ten times slower, as a 600 ms round
+    trip with 3% loss is, shows the same), the fetch called the peer stalled when a reply
+    took longer and reset frames still arriving as left unfinished: it never finished."""
+    source = tmp_path / "slow.bin"
+    data = random.Random(11).randbytes(512 * 1024)
+    source.write_bytes(data)
+    hooked = ("--no-lan", "--no-link-datagrams", "--short-patience")
+    sharer = DaemonProcess(tmp_path / "sharer", extra_args=hooked, program=HOOKED_DAEMON).start()
+    fetcher = DaemonProcess(tmp_path / "fetcher", extra_args=hooked, program=HOOKED_DAEMON).start()
+    try:
+        real = parse_ticket_untrusted(share(sharer, source))
+        target = real.addresses[0]
+        slow = LinkConditions(rate=96_000, queue_bytes=256 * 1024)
+        with LinkForwarder((target.host, target.port), slow, seed=4) as link:
+            via_link = Ticket(
+                TicketKind.SHARE, real.root, real.node_id, (PeerAddress(*link.address),)
+            ).encode()
+            fetcher.cli_json("fetch", via_link, str(tmp_path / "out.bin"), "--give-up-after", "20")
+        assert (tmp_path / "out.bin").read_bytes() == data
+        log = fetcher.log_path.read_text()
+        assert "sent nothing for" not in log
+        assert "left unfinished" not in log
+    finally:
+        fetcher.stop()
+        sharer.stop()
+
+
 HOSTILE_CLIENT = r"""
 import os, sys, trio
 from pathlib import Path

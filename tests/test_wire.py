@@ -42,7 +42,13 @@ from p2pfs.wire.messages import (
     encode_chunk_data_header,
     encode_message,
 )
-from p2pfs.wire.session import PROTOCOL_VERSION, Role, StreamSession
+from p2pfs.wire.session import (
+    FRAME_DEADLINE,
+    FRAME_MIN_RATE,
+    PROTOCOL_VERSION,
+    Role,
+    StreamSession,
+)
 
 hashes = st.binary(min_size=32, max_size=32).map(ContentHash)
 request_ids = st.integers(1, 2**64 - 1)
@@ -684,3 +690,29 @@ def test_frames_inside_one_fed_object_are_views_and_spanning_ones_are_joined_onc
     assert bodies[1].obj is not first and bodies[1].obj is not second
     assert bodies[2].obj is second and bodies[3].obj is second
     assert decoder.buffered == 0 and decoder.unfinished_since is None
+
+
+@given(st.integers(min_value=1, max_value=40), st.floats(min_value=0.5, max_value=9.5))
+def test_a_frame_still_arriving_is_not_overdue_and_one_that_stops_is(
+    pieces: int, gap: float
+) -> None:
+    """A server's frame is overdue once its bytes stop coming for FRAME_DEADLINE, whatever
+    it took so far; one still arriving, however slowly, only past its size at FRAME_MIN_RATE
+    (64 KiB/s until session 39: frames sharing a slow path were reset while arriving)."""
+    client = StreamSession(Role.CLIENT)
+    client.receive_data(StreamSession(Role.SERVER).hello(), 0.0)
+    assert client.next_message() is not None
+    payload = bytes(64 * 1024)
+    frame = encode_message(ChunkData(1, 0, payload))
+    bound = FRAME_DEADLINE + len(frame) / FRAME_MIN_RATE  # its size at the floor rate
+    assert bound > 60  # a 64 KiB reply may take a minute (it was 11 s)
+    step = len(frame) // (pieces + 1)
+    now = 0.0
+    for index in range(pieces):
+        client.receive_data(frame[index * step : (index + 1) * step], now)
+        deadline = client.frame_deadline()
+        assert deadline is not None
+        assert abs(deadline - min(now + FRAME_DEADLINE, bound)) < 0.01  # bound: header aside
+        if now + gap <= 60:
+            assert now + gap < deadline  # its next bytes come in time
+        now += gap

@@ -36,7 +36,15 @@ from p2pfs.swarm.picker import PiecePicker
 from p2pfs.swarm.pipeline import PipelineController
 from p2pfs.swarm.stripes import stripes_for
 from p2pfs.wire.codes import ErrorCode
-from p2pfs.wire.messages import ChunkData, ErrorReply, GetChunks, GetHave, HaveReply, HaveUpdate
+from p2pfs.wire.messages import (
+    ChunkData,
+    ErrorReply,
+    GetChunks,
+    GetHave,
+    HaveReply,
+    HaveUpdate,
+    Message,
+)
 
 from .dialer import DialError
 from .liveness import TRANSFER_QUIET_AFTER, close_when_silent
@@ -71,8 +79,8 @@ REDISCOVER_INTERVAL = 2.0
 """How often discovery is asked again for holders while a fetch runs (late joiners)."""
 MAX_PEERS = 16
 GIVE_UP_AFTER = 60.0
-"""A fetch ends (resumable) once no piece has arrived for this long: every holder found is
-gone, refuses, or lacks what is missing."""
+"""A fetch ends (resumable) once no piece, nor any byte of a reply, has arrived for this
+long: every holder found is gone, refuses, or lacks what is missing."""
 REST_AFTER_REFUSAL = 30.0
 """A holder that refused is not dialled again for this long (a refusing holder re-dialled
 every round would loop forever)."""
@@ -287,6 +295,10 @@ class PeerPool:
             with trio.move_on_after(REDISCOVER_INTERVAL):
                 await self._need_peers.wait()
             self._need_peers = trio.Event()
+
+    def _still_coming(self) -> None:
+        """A reply is slow to arrive but its bytes keep coming: no reason to give up."""
+        self._last_progress = trio.current_time()
 
     async def _give_up_when_idle(self) -> None:
         """End the fetch once no piece has arrived for give_up_after seconds (holders gone,
@@ -531,12 +543,7 @@ class PeerPool:
         for piece in picked:
             reply = stream.buffered_reply()
             if reply is None:
-                with trio.move_on_after(STALL_TIMEOUT) as stalled:
-                    reply = await stream.next_reply()
-                if stalled.cancelled_caught:
-                    raise PeerStalledError(
-                        f"peer {peer.short()} sent nothing for {STALL_TIMEOUT:.0f} s"
-                    )
+                reply = await _reply_unless_stalled(conn, stream, peer, self._still_coming)
             if isinstance(reply, ErrorReply):
                 raise PeerRequestError(reply.code, reply.message)
             assert isinstance(reply, ChunkData)  # the session checked order and length
@@ -796,3 +803,22 @@ def new_rng() -> random.Random:
     """Picking randomness, seeded from the OS at the edge (the picker's tests and the
     swarm simulation pass seeded ones)."""
     return random.Random()
+
+
+async def _reply_unless_stalled(
+    conn: PeerConnection, stream: RequestStream, peer: NodeId, still_coming: Callable[[], None]
+) -> Message:
+    """The stream's next reply; PeerStalledError once the connection has carried no stream
+    data for STALL_TIMEOUT. Not this reply's own time: on a slow path (600 ms round trip,
+    3% loss: ~16 KB/s for the connection, shared by its streams) a chunk reply took longer
+    than that while its bytes kept coming, and each new connection was dropped as stalled
+    before one chunk arrived, until the fetch gave up. ``still_coming`` is called after each
+    such wait in which bytes did come: the fetch is slow, not idle."""
+    heard = conn.stream_bytes_received
+    while True:
+        with trio.move_on_after(STALL_TIMEOUT):
+            return await stream.next_reply()
+        if conn.stream_bytes_received == heard:
+            raise PeerStalledError(f"peer {peer.short()} sent nothing for {STALL_TIMEOUT:.0f} s")
+        heard = conn.stream_bytes_received
+        still_coming()

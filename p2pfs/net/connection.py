@@ -110,6 +110,9 @@ class PeerConnection:
         self.payload_sent = 0
         self.payload_received = 0
         """Chunk bytes the daemon sent and received over this connection (it counts them)."""
+        self.stream_bytes_received = 0
+        """Stream data handed to this connection's streams, any of them: a transfer's
+        progress as the peer's ACKs and PING answers are not."""
         self._error: P2pfsError | None = None
         self._authenticated = False
         self.ready = trio.Event()
@@ -505,6 +508,7 @@ class PeerConnection:
                 return
             kept = stream.data_received_parts(parts, end_stream)
             if kept:
+                self.stream_bytes_received += kept
                 was_paused = self._intake.paused
                 self._intake.received(stream, kept, stream.receive_buffered)
                 if self._intake.paused and not was_paused:
@@ -628,6 +632,7 @@ class PeerConnection:
         else:
             kept = stream.data_received(event.data, event.end_stream)
         if kept:
+            self.stream_bytes_received += kept
             was_paused = self._intake.paused
             self._intake.received(stream, kept, stream.receive_buffered)
             if self._intake.paused and not was_paused:

@@ -87,6 +87,11 @@ class FrameDecoder:
         return self._since if self._size else None
 
     @property
+    def last_fed(self) -> float:
+        """When bytes were last fed (the ``now`` they came with)."""
+        return self._last_feed
+
+    @property
     def pending_frame_length(self) -> int:
         """Declared length of the incomplete frame, once its header is in (else 0)."""
         if self._size < LENGTH_BYTES:

@@ -12,6 +12,9 @@
 - ``--stall-first-manifest``: the first GetManifest is never answered (a stalled holder).
 - ``--short-stalls``: a fetch gives a holder's metadata SHORT_STALL seconds, not
   fetcher.STALL_TIMEOUT (10 s), so that the stalled-holder test does not wait out 10 s.
+- ``--short-patience``: a fetch's swarm calls a peer stalled after SHORT_PATIENCE seconds
+  without its data, and a frame overdue after as long without its bytes (both 10 s), so a
+  slow path shows in seconds what a slower one does in minutes.
 
 Run as ``python tests/support/hooked_daemon.py [hooks] --home HOME daemon [daemon options]`` (the
 hooks may stand anywhere; the rest are the CLI's arguments), or give :data:`PROGRAM` to
@@ -32,12 +35,13 @@ import trio
 from p2pfs.cli import daemon_config, parse_args
 from p2pfs.content.folder import Manifest
 from p2pfs.content.tree import MAX_NODE_BYTES
-from p2pfs.daemon import fetcher
+from p2pfs.daemon import fetcher, swarmfetch
 from p2pfs.daemon.node import Node
 from p2pfs.daemon.service import ShareService
 from p2pfs.ids import ContentHash
 from p2pfs.net import PeerConnection, Stream
 from p2pfs.store.index import ChunkLocation
+from p2pfs.wire import session as wire_session
 from p2pfs.wire.messages import (
     MAX_NODES_PER_REPLY,
     GetChunks,
@@ -57,9 +61,11 @@ HOOKS = frozenset(
         "--push-bad-trees",
         "--stall-first-manifest",
         "--short-stalls",
+        "--short-patience",
     }
 )
 SHORT_STALL = 2.0
+SHORT_PATIENCE = 1.0
 SMALL_JOIN_BATCH = 256
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -160,6 +166,9 @@ def main(argv: list[str]) -> None:
     if "--short-stalls" in hooks:
         # The fetcher reads its (imported) bound at each wait: set where it reads it.
         setattr(fetcher, "STALL_TIMEOUT", SHORT_STALL)  # noqa: B010
+    if "--short-patience" in hooks:
+        setattr(swarmfetch, "STALL_TIMEOUT", SHORT_PATIENCE)  # noqa: B010
+        setattr(wire_session, "FRAME_DEADLINE", SHORT_PATIENCE)  # noqa: B010
     trio.run(node.run)
 
 
