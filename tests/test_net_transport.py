@@ -7,7 +7,7 @@ import hashlib
 import os
 import random
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -473,6 +473,32 @@ class DropOneForwarder:
                     await self.sock.sendto(data, destination)
 
 
+@contextlib.asynccontextmanager
+async def connected_through(
+    engine: str,
+    handler: Callable[[PeerConnection], Awaitable[None]],
+    forwarder_for: Callable[[tuple[str, int]], Any],
+    forwarders: list[Any],
+) -> AsyncIterator[PeerConnection]:
+    """A client connected to a server running ``handler`` through the forwarder that
+    ``forwarder_for(server address)`` makes (put in ``forwarders`` before the handler can
+    run); closed, and the forwarder stopped, at the end."""
+    server_id = Identity.generate()
+    async with (
+        open_endpoint(server_id, handler=handler, engine=engine) as server,
+        open_endpoint(Identity.generate(), engine=engine) as client,
+        trio.open_nursery() as nursery,
+    ):
+        host, port = server.local_address[:2]
+        forwarder = forwarder_for((host, port))
+        forwarders.append(forwarder)
+        address = await nursery.start(forwarder.run)
+        conn = await client.connect(address, server_id.node_id)
+        yield conn
+        await conn.close()
+        nursery.cancel_scope.cancel()
+
+
 async def echo_streams(conn: PeerConnection) -> None:
     with contextlib.suppress(ConnectionClosedError):
         await echo_handler(conn)
@@ -505,36 +531,30 @@ def test_a_stream_whose_first_bytes_come_after_a_later_streams_is_served(
     # stream's first bytes can come after a later one's. Both ends took it for a stream
     # already finished with and dropped its data: the request on it went unanswered
     # (a fetch over a lossy path stalled 10 s, one run in two).
-    server_id, client_id = Identity.generate(), Identity.generate()
     echoed: list[bytes] = []
+    links: list[DropOneForwarder] = []
+    towards = "client" if opener == "server" else "server"
 
     async def main() -> None:
         async def handler(conn: PeerConnection) -> None:
             if opener == "server":
-                echoed.extend(await earlier_stream_last(conn, link))
+                echoed.extend(await earlier_stream_last(conn, links[0]))
             else:
                 await echo_streams(conn)
 
+        def forwarder(address: tuple[str, int]) -> DropOneForwarder:
+            return DropOneForwarder(address, towards)
+
         with trio.fail_after(10):
-            async with (
-                open_endpoint(server_id, handler=handler, engine=engine) as server,
-                open_endpoint(client_id, engine=engine) as client,
-                trio.open_nursery() as nursery,
-            ):
-                host, port = server.local_address[:2]
-                link = DropOneForwarder((host, port), "client" if opener == "server" else "server")
-                address = await nursery.start(link.run)
-                conn = await client.connect(address, server_id.node_id)
+            async with connected_through(engine, handler, forwarder, links) as conn:
                 if opener == "client":
-                    echoed.extend(await earlier_stream_last(conn, link))
+                    echoed.extend(await earlier_stream_last(conn, links[0]))
                 else:
                     async with trio.open_nursery() as echoing:
                         echoing.start_soon(echo_streams, conn)
                         while not echoed:
                             await trio.sleep(0.01)
                         echoing.cancel_scope.cancel()
-                await conn.close()
-                nursery.cancel_scope.cancel()
 
     trio.run(main)
     assert len(echoed) == 2
@@ -869,8 +889,8 @@ def test_a_transfer_carries_on_when_the_clients_nat_gives_it_a_new_port(engine: 
     # connection there (RFC 9000, 9.3); the server must send to the new address.
     size = BULK[engine]
     data = pattern(7, size)
-    server_id, client_id = Identity.generate(), Identity.generate()
     seen: dict[str, Any] = {}
+    nats: list[RebindingForwarder] = []
 
     async def main() -> None:
         async def handler(conn: PeerConnection) -> None:
@@ -883,15 +903,8 @@ def test_a_transfer_carries_on_when_the_clients_nat_gives_it_a_new_port(engine: 
             seen["server_view"] = conn.remote_address
 
         with trio.fail_after(30):
-            async with (
-                open_endpoint(server_id, handler=handler, engine=engine) as server,
-                open_endpoint(client_id, engine=engine) as client,
-                trio.open_nursery() as nursery,
-            ):
-                host, port = server.local_address[:2]
-                nat = RebindingForwarder((host, port))
-                address = await nursery.start(nat.run)
-                conn = await client.connect(address, server_id.node_id)
+            async with connected_through(engine, handler, RebindingForwarder, nats) as conn:
+                nat = nats[0]
                 stream = await conn.open_stream()
                 await stream.send_all(b"go")
                 parts: list[bytes] = []
@@ -906,8 +919,6 @@ def test_a_transfer_carries_on_when_the_clients_nat_gives_it_a_new_port(engine: 
                         await nat.rebind()
                 seen["data"] = b"".join(parts)
                 seen["port"] = nat.port
-                await conn.close()
-                nursery.cancel_scope.cancel()
 
     trio.run(main)
     assert seen["port"] != seen["first_port"]
