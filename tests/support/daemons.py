@@ -16,6 +16,15 @@ from p2pfs.daemon.control_client import SOCKET_NAME, DaemonNotRunning, call
 
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
+TEST_LAN_PORT = 21140
+"""Loopback daemons beacon on this port plus the pytest-xdist worker's number, not on the
+shipped 21029: the suite runs on every core, and a daemon of one test must not find another
+test's holders (or a user's node on this host) through LAN discovery."""
+
+
+def lan_port_of_this_worker() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return TEST_LAN_PORT + int(worker.removeprefix("gw"))
 
 
 class DaemonProcess:
@@ -67,6 +76,7 @@ class DaemonProcess:
                 str(self.home),
                 "daemon",
                 *(("--listen", self.listen) if self.listen is not None else ()),
+                *self._lan_port_args(),
                 *self.extra_args,
             ],
             stdin=subprocess.DEVNULL,
@@ -89,6 +99,13 @@ class DaemonProcess:
                 # not up to 200 ms, which cost ~0.14 s a start, hundreds of them a suite.
                 time.sleep(delay)
                 delay = min(delay * 2, 0.02)
+
+    def _lan_port_args(self) -> tuple[str, ...]:
+        """A daemon in a namespace of its own (``prefix``) is a machine at its defaults; one
+        in this host's namespace shares the link with every other test's daemons."""
+        if self.prefix or "--no-lan" in self.extra_args or "--lan-port" in self.extra_args:
+            return ()
+        return ("--lan-port", str(lan_port_of_this_worker()))
 
     def call(self, method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         return call(self.socket_path, method, params)
