@@ -482,6 +482,64 @@ def test_a_fetch_and_a_folder_cross_a_lossy_internet(netbed: NetBed, tmp_path: P
         assert not [line for line in log if any(sign in line for sign in stalls)]
 
 
+def test_a_path_that_drops_big_datagrams_without_a_word(netbed: NetBed, tmp_path: Path) -> None:
+    """A hop between m1 and m2 carries packets of 1,300 bytes at most and says nothing of
+    the bigger ones it drops (its ICMP filtered; both kernels think the path is 1,500):
+    a black hole. qh3 pads its handshakes to 1,280-byte datagrams, so no connection was
+    ever made (the fetch failed "no answer in 4 s"). A handshake that hears nothing
+    full-sized for 1 s gets a second one in QUIC's minimum datagrams beside it, which asks
+    the peer for no bigger ones, and the path is kept at that size."""
+    if (no_nft := can_build_nat()) is not None:
+        pytest.skip(no_nft)
+    m1, m2 = netbed.machine("m1"), netbed.machine("m2")
+    m2.drop_packets_over(1300)
+    m1.count_each_datagram()
+    m1.start()
+    m2.start()
+    source = tmp_path / "album"
+    make_tree(source, {"a.bin": 3 * MiB, "b.txt": 1000})
+    ticket = share(m1, source)
+    fetch_json(m2, ticket, tmp_path / "copy", "--give-up-after", "20")
+    assert same_tree(source, tmp_path / "copy")
+    assert m2.daemon is not None
+    assert "only a handshake in 1200-byte datagrams was answered" in m2.daemon.log_path.read_text()
+    # A folder joined across it, edited on both sides: each side's own connections (either
+    # may dial, either may be the one sending) keep to the small size too.
+    notes_a, notes_b = tmp_path / "a" / "notes", tmp_path / "b" / "notes"
+    make_tree(notes_a, {"big.bin": 2 * MiB, "todo.txt": 100})
+    tickets = json.loads(m1.cli("sync", str(notes_a), "--json").stdout)
+    m2.cli("sync", str(notes_b), tickets["rw"])
+    wait_until(lambda: same_tree(notes_a, notes_b), timeout=60)
+    (notes_b / "from-m2.bin").write_bytes(os.urandom(1 * MiB))
+    (notes_a / "from-m1.bin").write_bytes(os.urandom(1 * MiB))
+    wait_until(lambda: same_tree(notes_a, notes_b), timeout=60)
+    assert m2.big_packets_dropped() > 0  # the hole was there, and was hit
+
+
+def test_a_path_that_passes_handshakes_but_drops_full_datagrams(
+    netbed: NetBed, tmp_path: Path
+) -> None:
+    """The same silent hop at 1,340 bytes: handshakes (1,280-byte datagrams) pass, a
+    transfer's 1,350-byte ones do not, so the connection is made and the holder seems to
+    stall. A stalled peer that never sent a datagram of the base size gets the next
+    connections to it in QUIC's minimum (the fetch failed after its give-up time)."""
+    if (no_nft := can_build_nat()) is not None:
+        pytest.skip(no_nft)
+    m1, m2 = netbed.machine("m1"), netbed.machine("m2")
+    m2.drop_packets_over(1340)
+    m1.count_each_datagram()
+    m1.start()
+    m2.start()
+    source = tmp_path / "album"
+    make_tree(source, {"a.bin": 2 * MiB})
+    ticket = share(m1, source)
+    fetch_json(m2, ticket, tmp_path / "copy", "--give-up-after", "30")
+    assert same_tree(source, tmp_path / "copy")
+    assert m2.daemon is not None
+    assert "the path to" in m2.daemon.log_path.read_text()
+    assert "stalled with no datagram from it over" in m2.daemon.log_path.read_text()
+
+
 def test_a_path_whose_mtu_is_under_the_base_datagram_size(netbed: NetBed, tmp_path: Path) -> None:
     """m2's link carries packets of 1,300 bytes at most (a VPN on the path), under the
     1,378 of a base-size datagram. The holder's kernel learns the path MTU from the

@@ -19,14 +19,18 @@ CLIENT, SERVER = ("192.0.2.1", 4001), ("192.0.2.2", 4002)
 
 
 def connected_pair(
-    engine: Engine, server_id: Identity, datagram_size: int | None = None
+    engine: Engine,
+    server_id: Identity,
+    datagram_size: int | None = None,
+    client_size: int | None = None,
 ) -> tuple[EngineConnection, EngineConnection]:
     """A client and server engine connection, handshake done in memory, no loss; both
-    send datagrams of up to ``datagram_size`` bytes (default: the base size)."""
+    send datagrams of up to ``datagram_size`` bytes (default: the base size), the client
+    ``client_size`` if given."""
     config = TransportConfig()
     client = engine.client_connection(
         engine.configuration(
-            Identity.generate(), config, is_client=True, datagram_size=datagram_size
+            Identity.generate(), config, is_client=True, datagram_size=client_size or datagram_size
         ),
         SERVER,
         0.0,
@@ -112,6 +116,38 @@ def test_both_sides_send_datagrams_as_big_as_configured(name: str) -> None:
         else:  # qh3's client probes its own way up to an Ethernet frame
             assert largest[server] <= size, (size, largest)
             assert largest[client] <= 1472, (size, largest)
+
+
+def largest_each_way(client: EngineConnection, server: EngineConnection) -> tuple[int, int]:
+    """(the server's, the client's) largest datagram moving 400 KB each way, in memory."""
+    largest = []
+    for sender, receiver, address in ((server, client, SERVER), (client, server, CLIENT)):
+        stream_id = sender.get_next_available_stream_id()
+        sender.send_stream_data(stream_id, b"x" * 400_000, end_stream=True)
+        sent = [d for t in (0.001, 0.002, 0.005, 0.01, 0.05) for d in sender.datagrams_to_send(t)]
+        largest.append(max(len(data) for data, _addr in sent))
+        for data, _addr in sent:
+            receiver.receive_datagram(data, address, 0.05)
+    return largest[0], largest[1]
+
+
+def test_a_connection_kept_small_asks_its_peer_for_small_datagrams_too() -> None:
+    """qh3: a connection configured to QUIC's minimum (a path kept small: pathsize) says so
+    in its transport parameters, whichever end it is, and the peer, configured far bigger,
+    keeps to it. Without that a client kept small still received the server's big
+    datagrams, which its path drops."""
+    engine = load_engine("qh3")
+    big = engine.largest_datagram
+    client, server = connected_pair(engine, Identity.generate(), big, client_size=1200)
+    from_server, from_client = largest_each_way(client, server)
+    assert from_server <= 1200, from_server
+    assert from_client <= 1472, from_client  # qh3's client probes its own way up
+    client, server = connected_pair(engine, Identity.generate(), 1200, client_size=big)
+    from_server, from_client = largest_each_way(client, server)
+    assert from_server <= 1200 and from_client <= 1200, (from_server, from_client)
+    # Not kept small: the same pair moves big datagrams both ways.
+    client, server = connected_pair(engine, Identity.generate(), big)
+    assert min(largest_each_way(client, server)) > 4 * 1472
 
 
 @pytest.mark.parametrize("name", ["qh3", "aioquic"])

@@ -5,7 +5,15 @@ from __future__ import annotations
 import ipaddress
 
 from p2pfs.net.linkroutes import IPAddress, Route
-from p2pfs.net.pathsize import REFRESH_SECONDS, PathSizes, kernel_route_mtu, read_kernel_routes
+from p2pfs.net.pathsize import (
+    QUIC_MIN_DATAGRAM,
+    REFRESH_SECONDS,
+    SMALL_PATH_SECONDS,
+    PathSizes,
+    is_loopback,
+    kernel_route_mtu,
+    read_kernel_routes,
+)
 
 LAN = Route(ipaddress.IPv4Network("192.168.1.0/24"), False, "eth0", 0)
 JUMBO_LAN = Route(ipaddress.IPv4Network("10.9.0.0/16"), False, "eth1", 0)
@@ -127,6 +135,36 @@ def test_answers_are_cached_and_refreshed_when_routes_may_have_changed() -> None
     kernel.now += REFRESH_SECONDS
     assert sizes.datagram_size("192.168.1.20") == 1350
     assert kernel.route_reads == 2
+
+
+def test_a_path_kept_small_gets_the_minimum_for_a_while() -> None:
+    """A path suspected of dropping big datagrams (endpoint.peer_stalled, the handshake
+    race) is held at QUIC's minimum, whatever its route says, then measured again."""
+    kernel = Kernel([LAN, LAN6, DEFAULT, DEFAULT6])
+    sizes = kernel.sizes()
+    assert sizes.datagram_size("192.168.1.20") == 1472
+    assert sizes.keep_small("192.168.1.20")
+    assert not sizes.keep_small("::ffff:192.168.1.20")  # the same host, already small
+    assert sizes.keep_small("203.0.113.9")
+    for host in ("192.168.1.20", "::ffff:192.168.1.20", "203.0.113.9"):
+        assert sizes.datagram_size(host) == QUIC_MIN_DATAGRAM
+    assert sizes.datagram_size("192.168.1.21") == 1472  # its neighbour is not
+    assert sizes.datagram_size("fd00::20") == 1452
+    kernel.now += SMALL_PATH_SECONDS - 1
+    assert sizes.datagram_size("192.168.1.20") == QUIC_MIN_DATAGRAM
+    kernel.now += 1
+    assert sizes.datagram_size("192.168.1.20") == 1472
+    assert sizes.datagram_size("203.0.113.9") == 1350
+    assert sizes.keep_small("192.168.1.20")  # may be kept small again
+
+
+def test_loopback_and_names_are_never_kept_small() -> None:
+    sizes = Kernel([LAN, DEFAULT]).sizes()
+    for host in ("127.0.0.1", "::1", "::ffff:127.0.0.1", "example.org"):
+        assert not sizes.keep_small(host)
+    assert sizes.datagram_size("127.0.0.1") == 16384
+    assert is_loopback("127.9.9.9") and is_loopback("::1") and not is_loopback("10.0.0.1")
+    assert not is_loopback("localhost")
 
 
 def test_this_machines_kernel_answers() -> None:

@@ -335,6 +335,7 @@ class Fetcher:
                     # loss, under load; that stall was a dropped stream, since fixed).
                     stalls[peer] = stalls.get(peer, 0) + 1
                     logger.info("fetch: holder %s stalled: trying a new connection", peer.short())
+                    conn.stalled()
                     conn.close_nowait(CloseCode.NO_ERROR, "stalled")
                     continue
                 logger.info("fetch: holder %s could not serve: %s", peer.short(), reason)

@@ -47,6 +47,8 @@ async def close_when_silent(
                     answer_within,
                     quiet_after,
                 )
+                # Its answers may be riding in datagrams the path drops (endpoint).
+                conn.stalled()
                 conn.close_nowait(CloseCode.NO_ERROR, "peer stopped answering")
             return
         seen = conn.bytes_received

@@ -819,6 +819,7 @@ async def _reply_unless_stalled(
         with trio.move_on_after(STALL_TIMEOUT):
             return await stream.next_reply()
         if conn.stream_bytes_received == heard:
+            conn.stalled()
             raise PeerStalledError(f"peer {peer.short()} sent nothing for {STALL_TIMEOUT:.0f} s")
         heard = conn.stream_bytes_received
         still_coming()

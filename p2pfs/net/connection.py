@@ -59,6 +59,7 @@ class EndpointHooks(Protocol):
     def connection_ready(self, conn: PeerConnection) -> None: ...
     def connection_finished(self, conn: PeerConnection) -> None: ...
     def engine_failed(self, conn: PeerConnection) -> None: ...
+    def peer_stalled(self, conn: PeerConnection) -> None: ...
 
 
 class PeerConnection:
@@ -113,6 +114,9 @@ class PeerConnection:
         self.stream_bytes_received = 0
         """Stream data handed to this connection's streams, any of them: a transfer's
         progress as the peer's ACKs and PING answers are not."""
+        self.largest_datagram_received = 0
+        """The biggest datagram the peer's packets came in: under the base size on a
+        connection that stalled, the path may be dropping the big ones (``stalled``)."""
         self._error: P2pfsError | None = None
         self._authenticated = False
         self.ready = trio.Event()
@@ -256,6 +260,12 @@ class PeerConnection:
         )
         self._after_input()
 
+    def stalled(self) -> None:
+        """The daemon found the peer stalled on this connection (it owed data and sent
+        none for its stall timeout); the caller closes or drops it. Said so that the
+        endpoint can tell a path that loses big datagrams from a peer that stopped."""
+        self._hooks.peer_stalled(self)
+
     def ping(self) -> None:
         """Send a PING: keeps an otherwise quiet connection from reaching its idle timeout
         (a folder link may carry nothing for hours between changes)."""
@@ -315,7 +325,9 @@ class PeerConnection:
         if intake.paused:
             intake.hold((d, addr) for d in datagrams)
             return
-        self.bytes_received += sum(map(len, datagrams))
+        sizes = list(map(len, datagrams))
+        self.bytes_received += sum(sizes)
+        self.largest_datagram_received = max(self.largest_datagram_received, *sizes)
         with self._guard:
             self._engine.receive(
                 self._quic, datagrams, addr, now, batched=self.config.batched_receive
@@ -344,6 +356,8 @@ class PeerConnection:
             )
             return
         self.bytes_received += len(buffer)
+        if segment > self.largest_datagram_received:
+            self.largest_datagram_received = min(segment, len(buffer))
         with self._guard:
             self._engine.receive_run(self._quic, buffer, segment, addr, now)
         self._unsettled = not settle

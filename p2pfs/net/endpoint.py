@@ -31,6 +31,7 @@ import trio
 from p2pfs.errors import (
     ConnectionClosedError,
     LocalProtocolError,
+    P2pfsError,
     RemoteProtocolError,
     StreamResetError,
 )
@@ -42,7 +43,7 @@ from p2pfs.net.codes import CloseCode
 from p2pfs.net.connection import Address, PeerConnection, is_tunnel
 from p2pfs.net.control import RELAY_DATAGRAM
 from p2pfs.net.engine import Engine, EngineConnection, TransportConfig, load_engine
-from p2pfs.net.pathsize import PathSizes
+from p2pfs.net.pathsize import QUIC_MIN_DATAGRAM, SMALL_PATH_SECONDS, PathSizes, is_loopback
 from p2pfs.net.sockbuf import SocketBuffers, kernel_drops, size_buffers
 from p2pfs.net.stream import Stream
 from p2pfs.net.tunnel import HEADER_LEN as TUNNEL_HEADER_LEN
@@ -72,6 +73,10 @@ SETTLE_BYTES = 1 << 20
 """One connection's GRO runs fed to its engine in a row before its events are handed over
 and its ACK sent (the intake limits then see them: overshoot bounded by this)."""
 GSO_MAX_BYTES = 65000
+SMALL_HANDSHAKE_AFTER = 1.0
+"""A handshake that has heard nothing for this long gets a second one beside it in QUIC's
+minimum datagrams (``_race_small``): well over a round trip on any path, and a quarter of
+the dialer's patience."""
 PATHS_TOO_SMALL_KEPT = 256
 """Hosts remembered as having a path smaller than our datagrams, for logging once each."""
 _U16 = struct.Struct("=H")
@@ -293,18 +298,81 @@ class Endpoint:
     async def _connect(self, remote: Address, expected_peer: NodeId | None) -> PeerConnection:
         now = trio.current_time()
         size = self.datagram_size(remote)
+        conn = self._open(remote, expected_peer, size, now)
+        try:
+            if size <= QUIC_MIN_DATAGRAM or is_loopback(str(remote[0])):
+                await conn.wait_authenticated()
+                return conn
+            with trio.move_on_after(SMALL_HANDSHAKE_AFTER):
+                await conn.wait_authenticated()
+                return conn
+            if conn.largest_datagram_received >= QUIC_MIN_DATAGRAM:
+                # The server's padded Initial came: a slow handshake, not a path that drops
+                # big datagrams (its small packets may come through one).
+                await conn.wait_authenticated()
+                return conn
+        except BaseException:
+            conn.close_nowait(CloseCode.NO_ERROR, "connect abandoned")
+            raise
+        return await self._race_small(conn, remote, expected_peer)
+
+    def _open(
+        self, remote: Address, expected_peer: NodeId | None, size: int, now: float
+    ) -> PeerConnection:
+        """A client connection to ``remote`` sending datagrams of ``size`` bytes, its first
+        flight sent."""
         quic = self.engine.client_connection(self._configuration(size, is_client=True), remote, now)
         conn = self._new_connection(quic, remote, expected_peer, now, True, size)
         self.register_cid(quic.host_cid, conn)
         conn.cids.add(quic.host_cid)
         conn.send_pending()  # the client's first flight
-        try:
-            await conn.wait_authenticated()
-        except BaseException:
-            conn.close_nowait(CloseCode.NO_ERROR, "connect abandoned")
-            raise
-        # Authenticated, even if already closed again: the caller's next operation says so.
         return conn
+
+    async def _race_small(
+        self, first: PeerConnection, remote: Address, expected_peer: NodeId | None
+    ) -> PeerConnection:
+        """``first``'s handshake has heard nothing full-sized for SMALL_HANDSHAKE_AFTER: its
+        Initial or the server's (padded, 1,280 bytes from qh3 at the base size) may be too
+        big for a hop of the path, whose ICMP is filtered. A second handshake in QUIC's
+        minimum datagrams, which also asks the peer for no bigger ones, runs beside it; the
+        first authenticated is kept. A dead peer costs one more Initial and no more time; a
+        path that needs the small size is then kept at it (PathSizes.keep_small)."""
+        small = self._open(remote, expected_peer, QUIC_MIN_DATAGRAM, trio.current_time())
+        winners: list[PeerConnection] = []
+        errors: list[P2pfsError] = []
+
+        async def wait(conn: PeerConnection, nursery: trio.Nursery) -> None:
+            try:
+                await conn.wait_authenticated()
+            except P2pfsError as exc:
+                errors.append(exc)
+                return
+            winners.append(conn)
+            nursery.cancel_scope.cancel()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for conn in (first, small):
+                    nursery.start_soon(wait, conn, nursery)
+        except BaseException:
+            for conn in (first, small):
+                conn.close_nowait(CloseCode.NO_ERROR, "connect abandoned")
+            raise
+        if not winners:
+            raise errors[0]
+        won = winners[0]
+        lost = small if won is first else first
+        lost.close_nowait(CloseCode.NO_ERROR, "connect abandoned: the other size answered first")
+        if won is small and self._path_sizes.keep_small(str(remote[0])):
+            logger.info(
+                "%r: only a handshake in %d-byte datagrams was answered; the path to %s "
+                "may drop big ones: new connections there use that size for %.0f s",
+                won,
+                QUIC_MIN_DATAGRAM,
+                remote[0],
+                SMALL_PATH_SECONDS,
+            )
+        return won
 
     # -- EndpointHooks --------------------------------------------------------------------
 
@@ -468,6 +536,29 @@ class Endpoint:
 
     def engine_failed(self, conn: PeerConnection) -> None:
         self.engine_failures += 1
+
+    def peer_stalled(self, conn: PeerConnection) -> None:
+        """A peer stalled having sent nothing as big as the base size: on a path with a hop
+        smaller than the datagrams (a tunnel, PPPoE inside a VPN) whose ICMP "fragmentation
+        needed" is filtered, big datagrams vanish while the handshake, ACKs, PINGs and short
+        answers pass, and every transfer stalls (RFC 8899's black hole; qh3 probes nothing
+        for a server). The next connections there keep to QUIC's minimum both ways.
+        A peer that really stopped costs its path that size for a while, nothing more."""
+        host = str(conn.remote_address[0])
+        if is_tunnel(conn.remote_address) or conn.datagram_size <= QUIC_MIN_DATAGRAM:
+            return
+        if conn.largest_datagram_received >= self.config.max_datagram_size:
+            return  # big datagrams came through: the peer, not the path
+        if self._path_sizes.keep_small(host):
+            logger.info(
+                "%r stalled with no datagram from it over %d bytes: the path to %s may drop "
+                "big ones; new connections there use %d-byte datagrams for %.0f s",
+                conn,
+                conn.largest_datagram_received,
+                host,
+                QUIC_MIN_DATAGRAM,
+                SMALL_PATH_SECONDS,
+            )
 
     def connection_finished(self, conn: PeerConnection) -> None:
         for cid in conn.cids:

@@ -25,6 +25,7 @@ from p2pfs.errors import ConnectionClosedError, LocalProtocolError
 from p2pfs.identity import Identity
 from p2pfs.net import engine_internals
 from p2pfs.net.boundary import is_fatal
+from p2pfs.net.pathsize import QUIC_MIN_DATAGRAM
 
 ENGINES = ("qh3", "aioquic")
 DEFAULT_ENGINE = "qh3"
@@ -358,7 +359,12 @@ def load_engine(name: str | None = None) -> Engine:
     connection_class = connection.QuicConnection
     if name == "qh3":
         connection_class = engine_internals.qh3_connection_class(
-            connection_class, packet, tls, buffer_module.Buffer, RECEIVE_DATAGRAM_LIMIT
+            connection_class,
+            packet,
+            tls,
+            buffer_module.Buffer,
+            RECEIVE_DATAGRAM_LIMIT,
+            QUIC_MIN_DATAGRAM,
         )
     return Engine(
         name=name,

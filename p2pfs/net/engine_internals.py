@@ -14,6 +14,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
+RECEIVE_MAXIMUM = 65527
+"""What a QUIC endpoint that advertises no ``max_udp_payload_size`` accepts (RFC 9000, 18.2)."""
+
 
 def qh3_fast_transmit(quic: Any, now: float) -> list[tuple[bytes, Any]] | None:
     """qh3 without a qlog: its native core's datagrams, skipping the Python wrapper.
@@ -113,27 +116,36 @@ def latest_rtt(quic: Any) -> float | None:
 
 
 def qh3_connection_class(
-    base: type, packet: ModuleType, tls: ModuleType, buffer_class: type, receive_limit: int
+    base: type,
+    packet: ModuleType,
+    tls: ModuleType,
+    buffer_class: type,
+    receive_limit: int,
+    smallest_datagram: int,
 ) -> type:
     """qh3's QuicConnection (``base``; ``packet``, ``tls`` and ``buffer_class``: qh3's own
-    modules), its client advertising ``receive_limit`` as the largest UDP payload it accepts.
+    modules), advertising in its transport parameters the largest UDP payload it accepts:
+    ``receive_limit``, or ``smallest_datagram`` when the connection is configured to send
+    datagrams of that size (a path that loses bigger ones: both directions keep to it).
 
-    Reach-in: ``QuicConnection._create_tls`` (qh3), and the transport parameters already
-    set in the new TLS context's ``handshake_extensions`` (public fields, rewritten before
-    the ClientHello is sent). qh3's client advertises 1,472 bytes whatever it can receive,
-    which caps what the server may send to an Ethernet frame even on loopback (servers
-    advertise nothing: the QUIC maximum). The endpoint reads up to the QUIC maximum, so the
-    advertisement says what is true. If the hook is gone, clients keep qh3's 1,472: big
-    datagrams then flow towards servers only.
+    Reach-in: ``QuicConnection._create_tls`` and ``QuicConnection._configuration`` (qh3),
+    and the transport parameters already set in the new TLS context's
+    ``handshake_extensions`` (public fields, rewritten before the ClientHello or the
+    server's EncryptedExtensions is sent). qh3's client advertises 1,472 bytes whatever it
+    can receive, which caps what the server may send to an Ethernet frame even on loopback
+    (servers advertise nothing: the QUIC maximum). The endpoint reads up to the QUIC
+    maximum, so the advertisement says what is true. If the hook is gone, clients keep
+    qh3's 1,472 (big datagrams then flow towards servers only) and a small path's peer is
+    not told to keep its datagrams small.
     """
     if not callable(getattr(base, "_create_tls", None)):
         return base
 
-    def advertised(value: bytes) -> bytes:
+    def advertised(value: bytes, limit: int) -> bytes:
         parameters = packet.pull_quic_transport_parameters(buffer_class(data=value))
-        if (parameters.max_udp_payload_size or receive_limit) >= receive_limit:
+        if (parameters.max_udp_payload_size or RECEIVE_MAXIMUM) == limit:
             return value
-        parameters.max_udp_payload_size = receive_limit
+        parameters.max_udp_payload_size = limit
         buffer = buffer_class(capacity=len(value) + 16)
         packet.push_quic_transport_parameters(buffer, parameters)
         return bytes(buffer.data)
@@ -141,11 +153,13 @@ def qh3_connection_class(
     class Connection(base):  # type: ignore[misc]
         def _create_tls(self, remote_source_cid: bytes | None) -> Any:
             bridge = super()._create_tls(remote_source_cid)
+            sending = getattr(getattr(self, "_configuration", None), "max_datagram_size", None)
+            limit = smallest_datagram if sending == smallest_datagram else receive_limit
             context: Any = getattr(bridge, "tls", None)
             extensions = getattr(context, "handshake_extensions", None)
             if isinstance(extensions, list):
                 context.handshake_extensions = [
-                    (kind, advertised(value))
+                    (kind, advertised(value, limit))
                     if kind == tls.ExtensionType.QUIC_TRANSPORT_PARAMETERS
                     else (kind, value)
                     for kind, value in extensions

@@ -22,13 +22,18 @@ fragments). A UDP GSO send whose datagrams exceed the route's MTU fails outright
 listing and no file.
 
 The receiving side accepts anything up to the QUIC maximum (engine.RECEIVE_DATAGRAM_LIMIT),
-so each side's choice is its own.
+so each side's choice is its own; except on a path kept small (``keep_small``), where a
+hop smaller than the base drops big datagrams and the ICMP that would tell the kernel is
+filtered (a black hole): the peer sent small packets and nothing big, and stalled. New
+connections there send QUIC's minimum and tell the peer to do the same (its transport
+parameters: engine_internals.qh3_connection_class), for SMALL_PATH_SECONDS.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import socket
 import sys
 import time
@@ -54,6 +59,10 @@ ROUTE_TABLES = (Path("/proc/net/route"), Path("/proc/net/ipv6_route"))
 # Routes change (a laptop moves between networks): tables and answers are re-read after this.
 REFRESH_SECONDS = 30.0
 CACHE_ENTRIES = 1024
+SMALL_PATH_SECONDS = 600.0
+"""How long a path suspected of losing big datagrams is kept at QUIC's minimum before the
+usual size is tried again (routes change; a wrong guess costs ~12% of that path's bytes in
+headers meanwhile, a right one is found again by the next stall)."""
 
 
 class PathSizes:
@@ -76,16 +85,19 @@ class PathSizes:
         self._routes: list[Route] = []
         self._routes_read_at = -float("inf")
         self._sizes: OrderedDict[IPAddress, tuple[float, int]] = OrderedDict()
+        self._small_until: OrderedDict[IPAddress, float] = OrderedDict()
 
     def datagram_size(self, host: str) -> int:
         """The datagram size to use towards ``host`` (an IP literal; anything else: base)."""
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
+        address = _address(host)
+        if address is None:
             return self.base
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
         now = self._clock()
+        small_until = self._small_until.get(address)
+        if small_until is not None:
+            if now < small_until:
+                return QUIC_MIN_DATAGRAM
+            del self._small_until[address]
         cached = self._sizes.get(address)
         if cached is not None and now - cached[0] < REFRESH_SECONDS:
             return cached[1]
@@ -99,13 +111,25 @@ class PathSizes:
     def forget(self, host: str) -> None:
         """Measure ``host`` again next time: a send to it found the path smaller than the
         size given (the kernel has learnt the path's MTU since)."""
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        self._sizes.pop(address, None)
+        address = _address(host)
+        if address is not None:
+            self._sizes.pop(address, None)
+
+    def keep_small(self, host: str) -> bool:
+        """Use QUIC's minimum towards ``host`` for SMALL_PATH_SECONDS: its path seems to lose
+        bigger datagrams without a word. False (nothing changes) for a loopback or
+        non-literal host, or one already kept small."""
+        address = _address(host)
+        if address is None or address.is_loopback:
+            return False
+        now = self._clock()
+        if self._small_until.get(address, -math.inf) > now:
+            return False
+        self._small_until[address] = now + SMALL_PATH_SECONDS
+        self._small_until.move_to_end(address)
+        while len(self._small_until) > CACHE_ENTRIES:
+            self._small_until.popitem(last=False)
+        return True
 
     def _measure(self, address: IPAddress, now: float) -> int:
         overhead = IPV4_UDP_OVERHEAD if address.version == 4 else IPV6_UDP_OVERHEAD
@@ -122,6 +146,23 @@ class PathSizes:
         if address.is_loopback:
             return max(self.base, min(limit, mtu - overhead))
         return max(QUIC_MIN_DATAGRAM, min(limit, mtu - overhead))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback IP literal: a path no hop of which can be smaller."""
+    address = _address(host)
+    return address is not None and address.is_loopback
+
+
+def _address(host: str) -> IPAddress | None:
+    """``host`` as an IP address (a v4-mapped IPv6 one as IPv4), None if no IP literal."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def read_kernel_routes() -> list[Route]:

@@ -245,6 +245,35 @@ class Machine:
         _run("ip", "-n", self.namespace, "link", "set", self.veth, "mtu", str(mtu))
         _run("ip", "-n", self.bed.router, "link", "set", router_side, "mtu", str(mtu))
 
+    def drop_packets_over(self, size: int) -> None:
+        """The router drops, without a word, every packet over ``size`` bytes to or from
+        this machine, fragmentable or not: a hop on its path smaller than the machine's
+        link (a tunnel) whose ICMP "fragmentation needed" is filtered, so neither end ever
+        learns the path's MTU (a black hole, RFC 8899). Give its peers
+        ``count_each_datagram`` too (this machine gets it here): the router sees a GSO send
+        as one packet, so it would drop a run of small datagrams whole.
+        ``big_packets_dropped`` counts."""
+        router_side = self.veth[:-1] + "r"
+        rules = (
+            f"table inet small{self.name} {{\n"
+            "  chain forward {\n"
+            "    type filter hook forward priority 0; policy accept;\n"
+            f'    oifname "{router_side}" ip length > {size} counter drop\n'
+            f'    iifname "{router_side}" ip length > {size} counter drop\n'
+            "  }\n"
+            "}\n"
+        )
+        _run("ip", "netns", "exec", self.bed.router, "nft", "-f", "-", stdin=rules)
+        self.count_each_datagram()
+
+    def big_packets_dropped(self) -> int:
+        """Packets ``drop_packets_over`` has dropped so far, both ways."""
+        listed = _run(
+            "ip", "netns", "exec", self.bed.router, "nft", "list", "table", "inet",
+            f"small{self.name}",
+        )  # fmt: skip
+        return sum(int(found) for found in re.findall(r"counter packets (\d+)", listed))
+
     def count_each_datagram(self) -> None:
         """Make the link's packet counts count datagrams: a UDP GSO send (up to 64 datagrams
         in one buffer) otherwise crosses a veth whole and is counted as one packet."""

@@ -216,6 +216,7 @@ class FolderLink:
             with trio.fail_after(STALL_TIMEOUT) as scope:
                 yield scope
         except trio.TooSlowError:
+            self.conn.stalled()
             self.conn.close_nowait(CloseCode.NO_ERROR, "stalled")
             raise ConnectionClosedError(
                 f"member {self.peer_id.short()} answered nothing for {STALL_TIMEOUT:.0f} s"
