@@ -616,11 +616,14 @@ class _Blackhole:
     """A UDP forwarder between one client and a server that can stop passing anything,
     as a peer that restarted or vanished (no CONNECTION_CLOSE ever comes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         self.target: tuple[str, int] | None = None
         self.silent = False
+        self.delay = delay
+        """Each datagram's one-way delay (s): a long path."""
         self.socket = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.client: Any = None
+        self._nursery: trio.Nursery | None = None
 
     def __enter__(self) -> _Blackhole:
         return self
@@ -631,6 +634,7 @@ class _Blackhole:
     async def start(self, nursery: trio.Nursery, target: tuple[str, int]) -> tuple[str, int]:
         """Forward to ``target`` from now on; returns the address a client dials."""
         self.target = target
+        self._nursery = nursery
         await self.socket.bind(("127.0.0.1", 0))
         nursery.start_soon(self._forward)
         return self.socket.getsockname()  # type: ignore[no-any-return]
@@ -642,10 +646,61 @@ class _Blackhole:
                 continue
             if source == self.target:
                 if self.client is not None:
-                    await self.socket.sendto(data, self.client)
+                    await self._send(data, self.client)
             elif self.target is not None:
                 self.client = source
-                await self.socket.sendto(data, self.target)
+                await self._send(data, self.target)
+
+    async def _send(self, data: bytes, destination: Any) -> None:
+        if not self.delay:
+            await self.socket.sendto(data, destination)
+            return
+
+        async def later() -> None:
+            await trio.sleep(self.delay)
+            await self.socket.sendto(data, destination)
+
+        assert self._nursery is not None
+        self._nursery.start_soon(later)
+
+
+@engine_param
+def test_a_ping_resent_on_a_long_path_is_waited_for_and_a_dead_peer_still_found(
+    engine: str,
+) -> None:
+    """A 600 ms round trip; the PING of an idle connection and its first resend are lost
+    (1.5 s of silence), the next gets through ~3-3.5 s after the PING. The engine was still
+    resending, so the peer is alive: it was closed at 2 s. Once the peer is gone for good,
+    the connection is still closed, after the engine's resends."""
+    server_id, client_id = Identity.generate(), Identity.generate()
+
+    async def main() -> None:
+        with trio.fail_after(45), _Blackhole(delay=0.3) as forwarder:
+            async with (
+                open_endpoint(server_id, handler=echo_streams, engine=engine) as server,
+                open_endpoint(client_id, engine=engine) as client,
+                trio.open_nursery() as nursery,
+            ):
+                via = await forwarder.start(nursery, server.local_address)
+                conn = await client.connect(via, server_id.node_id)
+                for _ in range(3):  # a few round-trip samples
+                    stream = await conn.open_stream()
+                    await stream.send_all(b"ping")
+                    await stream.send_eof()
+                    assert await read_all(stream) == b"ping"
+                nursery.start_soon(close_when_silent, conn, 1.0)
+                await trio.sleep(0.9)
+                forwarder.silent = True  # the PING goes out at 1.0 s, into the silence
+                await trio.sleep(1.6)
+                forwarder.silent = False
+                await trio.sleep(3.5)
+                assert not conn.is_closed
+                forwarder.silent = True
+                with trio.fail_after(25):
+                    await conn.wait_closed()
+                nursery.cancel_scope.cancel()
+
+    trio.run(main)
 
 
 @engine_param
@@ -711,7 +766,9 @@ def test_close_when_silent_spares_a_peer_we_do_not_read_and_closes_a_silent_one(
 
                 nursery.start_soon(drain)  # reading again: intake resumes
                 forwarder.silent = True
-                with trio.fail_after(TransportConfig().idle_timeout / 4):
+                # Its RTT estimate grew while we did not read (the peer's packets waited
+                # unread): the peer is given up to liveness.LONGEST_ANSWER.
+                with trio.fail_after(TransportConfig().idle_timeout / 3):
                     await conn.wait_closed()
                 nursery.cancel_scope.cancel()
 

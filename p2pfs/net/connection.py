@@ -191,6 +191,11 @@ class PeerConnection:
         return self._engine.latest_rtt(self._quic)
 
     @property
+    def smoothed_rtt(self) -> float | None:
+        """The QUIC engine's smoothed round-trip time (s); None before the first sample."""
+        return self._engine.smoothed_rtt(self._quic)
+
+    @property
     def held_dropped(self) -> int:
         """Datagrams dropped because intake was paused and the hold queue was full."""
         return self._intake.held_dropped

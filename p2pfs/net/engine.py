@@ -338,6 +338,10 @@ class Engine:
         """The connection's latest RTT sample in seconds; None before the first."""
         return engine_internals.latest_rtt(quic)
 
+    def smoothed_rtt(self, quic: EngineConnection) -> float | None:
+        """The connection's smoothed RTT in seconds; None before the first sample."""
+        return engine_internals.smoothed_rtt(quic)
+
     def close_pending(self, quic: EngineConnection) -> Any:
         """The ConnectionTerminated the engine has decided on but not yet emitted, if any."""
         return engine_internals.pending_close(quic)

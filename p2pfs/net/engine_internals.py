@@ -115,6 +115,22 @@ def latest_rtt(quic: Any) -> float | None:
     return float(rtt) if isinstance(rtt, (int, float)) and rtt > 0 else None
 
 
+def smoothed_rtt(quic: Any) -> float | None:
+    """The engine's smoothed round-trip time in seconds (RFC 9002 5.3), or None before
+    the first sample.
+
+    Reach-in: ``quic._core.smoothed_rtt`` (qh3's native core) or
+    ``quic._loss._rtt_smoothed`` (aioquic). The liveness probe sizes its patience by it: a
+    PING's answer on a 600 ms path with loss takes seconds. None: the fixed floor alone.
+    """
+    core = getattr(quic, "_core", None)
+    if core is not None:
+        rtt = getattr(core, "smoothed_rtt", None)
+    else:
+        rtt = getattr(getattr(quic, "_loss", None), "_rtt_smoothed", None)
+    return float(rtt) if isinstance(rtt, (int, float)) and rtt > 0 else None
+
+
 def qh3_connection_class(
     base: type,
     packet: ModuleType,
