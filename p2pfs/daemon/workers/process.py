@@ -132,6 +132,7 @@ class Session:
                 with trio.move_on_after(self.stall) as stalled:
                     reply = await stream.next_reply()
                 if stalled.cancelled_caught:
+                    self.conn.stalled()  # the worker's own endpoint may keep the path small
                     raise WorkerStalledError(f"peer sent nothing for {self.stall:.0f} s")
             if isinstance(reply, ErrorReply):
                 raise PeerRequestError(reply.code, reply.message)
