@@ -27,7 +27,7 @@ RTTS_TO_ANSWER = 8
 """On a long path the peer is given this many smoothed round trips instead. At a 600 ms
 round trip with 3% loss each way, one PING and its answer are lost 6% of the time, and
 the engine resent a lost PING only after ~1.8 s: 2 s closed a folder link that was alive
-at both ends (the link emulator, 1 of 2 runs)."""
+at both ends (the link emulator's folder join: 2 of 2 runs; SPEC, Swarming)."""
 LONGEST_ANSWER = 8.0
 """The most a peer is given (a round trip of a second or more): our own pauses inflate the
 engine's estimate (the peer's packets wait unread while we are not reading; the RTT

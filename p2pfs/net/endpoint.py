@@ -74,7 +74,8 @@ SETTLE_BYTES = 1 << 20
 and its ACK sent (the intake limits then see them: overshoot bounded by this)."""
 GSO_MAX_BYTES = 65000
 SMALL_HANDSHAKE_AFTER = 1.0
-"""A handshake that has heard nothing for this long gets a second one beside it in QUIC's
+"""A handshake that has heard nothing full-sized for this long (no datagram of QUIC's
+minimum or more: the server's padded Initial) gets a second one beside it in QUIC's
 minimum datagrams (``_race_small``): well over a round trip on any path, and a quarter of
 the dialer's patience."""
 PATHS_TOO_SMALL_KEPT = 256

@@ -61,8 +61,8 @@ REFRESH_SECONDS = 30.0
 CACHE_ENTRIES = 1024
 SMALL_PATH_SECONDS = 600.0
 """How long a path suspected of losing big datagrams is kept at QUIC's minimum before the
-usual size is tried again (routes change; a wrong guess costs ~12% of that path's bytes in
-headers meanwhile, a right one is found again by the next stall)."""
+usual size is tried again (routes change; a wrong guess costs that path ~12% more packets,
+so more CPU per byte, meanwhile; a right one is found again by the next stall)."""
 
 
 class PathSizes:
