@@ -92,7 +92,9 @@ class TransportConfig:
     gso: bool = True
     # Receive coalesced runs of datagrams with one recvmsg (Linux UDP_GRO), if available.
     gro: bool = True
-    # qh3's batched receive: much cheaper, but loses a FIN now and then (see Engine.receive).
+    # qh3's batched receive: much cheaper; the daemon uses it. Off here so that the transport
+    # bench's raw-engine reference stays what issue 13's figures were measured against
+    # (see Engine.receive for the FIN losses once blamed on it).
     batched_receive: bool = False
 
 
@@ -287,10 +289,13 @@ class Engine:
     ) -> None:
         """Feed a batch of datagrams from one address to one connection.
 
-        ``batched`` uses qh3's receive_many_datagrams: ~3x less receiver CPU, but with qh3
-        2.1 about one bulk transfer in ten lost the stream's FIN that way (all data acked and
-        delivered, end_stream never reported, both ends idle until the idle timeout); 0 of
-        24 one datagram at a time. Hence off by default (TransportConfig.batched_receive).
+        ``batched`` uses qh3's receive_many_datagrams: ~3x less receiver CPU. Early
+        measurements blamed it for lost FINs (one bulk echo in ten; 0 of 24 one datagram at
+        a time). Session 40 found none in 350 16 MiB echo transfers batched (200 of them
+        with the other core busy) nor in 200 one at a time, once the echoed data could not
+        start with a control stream's kind byte: random payloads do 2 times in 256, and the
+        connection then routes the stream to the control channel, so the echo never sees
+        it and the transfer looks like a lost FIN. Whether that was all of it is not known.
         """
         many = getattr(quic, "receive_many_datagrams", None)  # qh3 only
         if batched and many is not None and len(datagrams) > 1:
