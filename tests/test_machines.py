@@ -482,6 +482,27 @@ def test_a_fetch_and_a_folder_cross_a_lossy_internet(netbed: NetBed, tmp_path: P
         assert not [line for line in log if any(sign in line for sign in stalls)]
 
 
+def fetch_then_sync_across(m1: Machine, m2: Machine, tmp_path: Path) -> None:
+    """Daemons at their defaults on both: m2 fetches a share of m1's, then joins a folder of
+    m1's, and each side adds a file to it (either may dial, either may be the one
+    sending)."""
+    m1.start()
+    m2.start()
+    source = tmp_path / "album"
+    make_tree(source, {"a.bin": 3 * MiB, "b.txt": 1000})
+    ticket = share(m1, source)
+    fetch_json(m2, ticket, tmp_path / "copy", "--give-up-after", "20")
+    assert same_tree(source, tmp_path / "copy")
+    notes_a, notes_b = tmp_path / "a" / "notes", tmp_path / "b" / "notes"
+    make_tree(notes_a, {"big.bin": 2 * MiB, "todo.txt": 100})
+    tickets = json.loads(m1.cli("sync", str(notes_a), "--json").stdout)
+    m2.cli("sync", str(notes_b), tickets["rw"])
+    wait_until(lambda: same_tree(notes_a, notes_b), timeout=60)
+    (notes_b / "from-m2.bin").write_bytes(os.urandom(1 * MiB))
+    (notes_a / "from-m1.bin").write_bytes(os.urandom(1 * MiB))
+    wait_until(lambda: same_tree(notes_a, notes_b), timeout=60)
+
+
 def test_a_path_that_drops_big_datagrams_without_a_word(netbed: NetBed, tmp_path: Path) -> None:
     """A hop between m1 and m2 carries packets of 1,300 bytes at most and says nothing of
     the bigger ones it drops (its ICMP filtered; both kernels think the path is 1,500):
@@ -494,25 +515,9 @@ def test_a_path_that_drops_big_datagrams_without_a_word(netbed: NetBed, tmp_path
     m1, m2 = netbed.machine("m1"), netbed.machine("m2")
     m2.drop_packets_over(1300)
     m1.count_each_datagram()
-    m1.start()
-    m2.start()
-    source = tmp_path / "album"
-    make_tree(source, {"a.bin": 3 * MiB, "b.txt": 1000})
-    ticket = share(m1, source)
-    fetch_json(m2, ticket, tmp_path / "copy", "--give-up-after", "20")
-    assert same_tree(source, tmp_path / "copy")
+    fetch_then_sync_across(m1, m2, tmp_path)
     assert m2.daemon is not None
     assert "only a handshake in 1200-byte datagrams was answered" in m2.daemon.log_path.read_text()
-    # A folder joined across it, edited on both sides: each side's own connections (either
-    # may dial, either may be the one sending) keep to the small size too.
-    notes_a, notes_b = tmp_path / "a" / "notes", tmp_path / "b" / "notes"
-    make_tree(notes_a, {"big.bin": 2 * MiB, "todo.txt": 100})
-    tickets = json.loads(m1.cli("sync", str(notes_a), "--json").stdout)
-    m2.cli("sync", str(notes_b), tickets["rw"])
-    wait_until(lambda: same_tree(notes_a, notes_b), timeout=60)
-    (notes_b / "from-m2.bin").write_bytes(os.urandom(1 * MiB))
-    (notes_a / "from-m1.bin").write_bytes(os.urandom(1 * MiB))
-    wait_until(lambda: same_tree(notes_a, notes_b), timeout=60)
     assert m2.big_packets_dropped() > 0  # the hole was there, and was hit
 
 
@@ -548,20 +553,6 @@ def test_a_path_whose_mtu_is_under_the_base_datagram_size(netbed: NetBed, tmp_pa
     out one by one, fragmented by the kernel, and new connections fit the path."""
     m1, m2 = netbed.machine("m1"), netbed.machine("m2")
     m2.set_link_mtu(1300)
-    m1.start()
-    m2.start()
-    source = tmp_path / "album"
-    make_tree(source, {"a.bin": 3 * MiB, "b.txt": 1000})
-    ticket = share(m1, source)
-    fetch_json(m2, ticket, tmp_path / "copy", "--give-up-after", "20")
-    assert same_tree(source, tmp_path / "copy")
+    fetch_then_sync_across(m1, m2, tmp_path)
     assert m1.daemon is not None
     assert "exceed the path MTU to" in m1.daemon.log_path.read_text()
-    # A folder joined across the same path, and an edit from the small side.
-    notes_a, notes_b = tmp_path / "a" / "notes", tmp_path / "b" / "notes"
-    make_tree(notes_a, {"big.bin": 2 * MiB, "todo.txt": 100})
-    tickets = json.loads(m1.cli("sync", str(notes_a), "--json").stdout)
-    m2.cli("sync", str(notes_b), tickets["rw"])
-    wait_until(lambda: same_tree(notes_a, notes_b), timeout=60)
-    (notes_b / "from-m2.bin").write_bytes(os.urandom(1 * MiB))
-    wait_until(lambda: same_tree(notes_a, notes_b), timeout=60)

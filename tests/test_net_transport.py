@@ -664,6 +664,24 @@ class _Blackhole:
         self._nursery.start_soon(later)
 
 
+@contextlib.asynccontextmanager
+async def through(
+    forwarder: _Blackhole, engine: str, handler: Callable[[PeerConnection], Awaitable[None]]
+) -> AsyncIterator[tuple[PeerConnection, trio.Nursery]]:
+    """A client connected through ``forwarder`` to a server running ``handler``, and a
+    nursery that ends with the block."""
+    server_id = Identity.generate()
+    async with (
+        open_endpoint(server_id, handler=handler, engine=engine) as server,
+        open_endpoint(Identity.generate(), engine=engine) as client,
+        trio.open_nursery() as nursery,
+    ):
+        via = await forwarder.start(nursery, server.local_address)
+        conn = await client.connect(via, server_id.node_id)
+        yield conn, nursery
+        nursery.cancel_scope.cancel()
+
+
 @engine_param
 def test_a_ping_resent_on_a_long_path_is_waited_for_and_a_dead_peer_still_found(
     engine: str,
@@ -672,17 +690,10 @@ def test_a_ping_resent_on_a_long_path_is_waited_for_and_a_dead_peer_still_found(
     (1.5 s of silence), the next gets through ~3-3.5 s after the PING. The engine was still
     resending, so the peer is alive: it was closed at 2 s. Once the peer is gone for good,
     the connection is still closed, after the engine's resends."""
-    server_id, client_id = Identity.generate(), Identity.generate()
 
     async def main() -> None:
         with trio.fail_after(45), _Blackhole(delay=0.3) as forwarder:
-            async with (
-                open_endpoint(server_id, handler=echo_streams, engine=engine) as server,
-                open_endpoint(client_id, engine=engine) as client,
-                trio.open_nursery() as nursery,
-            ):
-                via = await forwarder.start(nursery, server.local_address)
-                conn = await client.connect(via, server_id.node_id)
+            async with through(forwarder, engine, echo_streams) as (conn, nursery):
                 for _ in range(3):  # a few round-trip samples
                     stream = await conn.open_stream()
                     await stream.send_all(b"ping")
@@ -698,24 +709,16 @@ def test_a_ping_resent_on_a_long_path_is_waited_for_and_a_dead_peer_still_found(
                 forwarder.silent = True
                 with trio.fail_after(25):
                     await conn.wait_closed()
-                nursery.cancel_scope.cancel()
 
     trio.run(main)
 
 
 @engine_param
 def test_responsive_tells_a_live_peer_from_a_silent_one(engine: str) -> None:
-    server_id, client_id = Identity.generate(), Identity.generate()
 
     async def main() -> None:
         with trio.fail_after(20), _Blackhole() as forwarder:
-            async with (
-                open_endpoint(server_id, handler=echo_handler, engine=engine) as server,
-                open_endpoint(client_id, engine=engine) as client,
-                trio.open_nursery() as nursery,
-            ):
-                via = await forwarder.start(nursery, server.local_address)
-                conn = await client.connect(via, server_id.node_id)
+            async with through(forwarder, engine, echo_handler) as (conn, _nursery):
                 assert await conn.responsive(2.0)
                 forwarder.silent = True
                 assert not await conn.responsive(1.0)
@@ -724,7 +727,6 @@ def test_responsive_tells_a_live_peer_from_a_silent_one(engine: str) -> None:
                 assert await conn.responsive(2.0)
                 conn.close_nowait()
                 assert not await conn.responsive(2.0)
-                nursery.cancel_scope.cancel()
 
     trio.run(main)
 
@@ -736,7 +738,6 @@ def test_close_when_silent_spares_a_peer_we_do_not_read_and_closes_a_silent_one(
     """A throttled transfer (we stop reading, so intake pauses and the peer's datagrams
     wait unprocessed) is a live peer and keeps its connection; once we read again, a peer
     whose packets stop coming has its connection closed long before the idle timeout."""
-    server_id, client_id = Identity.generate(), Identity.generate()
 
     async def flood(conn: PeerConnection) -> None:
         stream = await conn.accept_stream()
@@ -746,13 +747,7 @@ def test_close_when_silent_spares_a_peer_we_do_not_read_and_closes_a_silent_one(
 
     async def main() -> None:
         with trio.fail_after(30), _Blackhole() as forwarder:
-            async with (
-                open_endpoint(server_id, handler=flood, engine=engine) as server,
-                open_endpoint(client_id, engine=engine) as client,
-                trio.open_nursery() as nursery,
-            ):
-                via = await forwarder.start(nursery, server.local_address)
-                conn = await client.connect(via, server_id.node_id)
+            async with through(forwarder, engine, flood) as (conn, nursery):
                 stream = await conn.open_stream()
                 await stream.send_all(b"go")
                 nursery.start_soon(close_when_silent, conn, 0.3, 0.5)
@@ -770,7 +765,6 @@ def test_close_when_silent_spares_a_peer_we_do_not_read_and_closes_a_silent_one(
                 # unread): the peer is given up to liveness.LONGEST_ANSWER.
                 with trio.fail_after(TransportConfig().idle_timeout / 3):
                     await conn.wait_closed()
-                nursery.cancel_scope.cancel()
 
     trio.run(main)
 

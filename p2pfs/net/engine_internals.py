@@ -107,12 +107,7 @@ def latest_rtt(quic: Any) -> float | None:
     not do: it starts from the handshake's samples, which include the key exchange's CPU
     (15 ms measured on loopback). None (unknown) opens no extra connection.
     """
-    core = getattr(quic, "_core", None)
-    if core is not None:
-        rtt = getattr(core, "latest_rtt", None)
-    else:
-        rtt = getattr(getattr(quic, "_loss", None), "_rtt_latest", None)
-    return float(rtt) if isinstance(rtt, (int, float)) and rtt > 0 else None
+    return _rtt_field(quic, "latest_rtt", "_rtt_latest")
 
 
 def smoothed_rtt(quic: Any) -> float | None:
@@ -123,11 +118,17 @@ def smoothed_rtt(quic: Any) -> float | None:
     ``quic._loss._rtt_smoothed`` (aioquic). The liveness probe sizes its patience by it: a
     PING's answer on a 600 ms path with loss takes seconds. None: the fixed floor alone.
     """
+    return _rtt_field(quic, "smoothed_rtt", "_rtt_smoothed")
+
+
+def _rtt_field(quic: Any, qh3_name: str, aioquic_name: str) -> float | None:
+    """A round-trip figure in seconds from qh3's native core or aioquic's loss recovery;
+    None when missing or not yet sampled (0)."""
     core = getattr(quic, "_core", None)
     if core is not None:
-        rtt = getattr(core, "smoothed_rtt", None)
+        rtt = getattr(core, qh3_name, None)
     else:
-        rtt = getattr(getattr(quic, "_loss", None), "_rtt_smoothed", None)
+        rtt = getattr(getattr(quic, "_loss", None), aioquic_name, None)
     return float(rtt) if isinstance(rtt, (int, float)) and rtt > 0 else None
 
 
