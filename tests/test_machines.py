@@ -545,6 +545,32 @@ def test_a_path_that_passes_handshakes_but_drops_full_datagrams(
     assert "stalled with no datagram from it over" in m2.daemon.log_path.read_text()
 
 
+def test_a_data_plane_worker_keeps_to_a_path_the_daemon_found_small(
+    netbed: NetBed, tmp_path: Path
+) -> None:
+    """The 1,340-byte silent hop with `--data-workers 1` on the fetcher: a worker process
+    dials the holder from an endpoint of its own. It knew nothing of what the daemon had
+    learnt of the path, dialled at the base size, stalled, and so did every worker after
+    it until the fetch gave up. The daemon tells it to keep the path small (and learns of
+    a worker's stall itself)."""
+    if (no_nft := can_build_nat()) is not None:
+        pytest.skip(no_nft)
+    m1, m2 = netbed.machine("m1"), netbed.machine("m2")
+    m2.drop_packets_over(1340)
+    m1.count_each_datagram()
+    m1.start()
+    m2.start("--data-workers", "1")
+    source = tmp_path / "album"
+    make_tree(source, {"a.bin": 8 * MiB})
+    ticket = share(m1, source)
+    fetch_json(m2, ticket, tmp_path / "copy", "--give-up-after", "40")
+    assert same_tree(source, tmp_path / "copy")
+    assert m2.daemon is not None
+    log = m2.daemon.log_path.read_text()
+    assert "may drop big ones" in log
+    assert "worker" in log and "takes peer" in log  # a worker did the fetching
+
+
 def test_a_path_whose_mtu_is_under_the_base_datagram_size(netbed: NetBed, tmp_path: Path) -> None:
     """m2's link carries packets of 1,300 bytes at most (a VPN on the path), under the
     1,378 of a base-size datagram. The holder's kernel learns the path MTU from the

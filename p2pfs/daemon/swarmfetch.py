@@ -673,6 +673,7 @@ class PeerPool:
             streams=STREAMS_PER_PEER,
             in_flight=REQUESTS_IN_FLIGHT,
             stall=STALL_TIMEOUT,
+            small_path=conn.path_kept_small,
         ) as link:
             if link is not None:
                 self.stats[conn.peer_id].worker = link.pid
@@ -719,10 +720,20 @@ class PeerPool:
                     report = await link.next_report()
                     batch = landed_batch(report, outstanding, link, peer)
                     await self._landed(conn, peer, *batch, report, pipeline, seat)
-        except BaseException:
-            for picked, _sent_at in outstanding.values():
-                self.picker.failed(seat, [p for p in picked if not self.picker.holds(p)])
+        except PeerStalledError:
+            # The worker's endpoint ends with it: this process's learns of a path that
+            # drops big datagrams (the next worker is then told to keep it small).
+            conn.stalled()
+            self._give_back(seat, outstanding)
             raise
+        except BaseException:
+            self._give_back(seat, outstanding)
+            raise
+
+    def _give_back(self, seat: Hashable, outstanding: dict[int, tuple[list[int], float]]) -> None:
+        """A worker's unlanded batches, back to the picker."""
+        for picked, _sent_at in outstanding.values():
+            self.picker.failed(seat, [p for p in picked if not self.picker.holds(p)])
 
     async def _landed(
         self,

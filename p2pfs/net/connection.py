@@ -60,6 +60,7 @@ class EndpointHooks(Protocol):
     def connection_finished(self, conn: PeerConnection) -> None: ...
     def engine_failed(self, conn: PeerConnection) -> None: ...
     def peer_stalled(self, conn: PeerConnection) -> None: ...
+    def path_kept_small(self, remote: Address) -> bool: ...
 
 
 class PeerConnection:
@@ -264,6 +265,12 @@ class PeerConnection:
             )
         )
         self._after_input()
+
+    @property
+    def path_kept_small(self) -> bool:
+        """Whether new connections to this peer's address keep to QUIC's minimum datagram
+        size (its path seems to drop bigger ones: net/pathsize.py)."""
+        return self._hooks.path_kept_small(self.remote_address)
 
     def stalled(self) -> None:
         """The daemon found the peer stalled on this connection (it owed data and sent

@@ -538,6 +538,15 @@ class Endpoint:
     def engine_failed(self, conn: PeerConnection) -> None:
         self.engine_failures += 1
 
+    def keep_path_small(self, host: str) -> None:
+        """New connections to ``host`` use QUIC's minimum datagram size both ways for a
+        while (a data-plane worker told so by the daemon: pathsize.PathSizes.keep_small)."""
+        self._path_sizes.keep_small(host)
+
+    def path_kept_small(self, remote: Address) -> bool:
+        """Whether new connections to ``remote`` keep to QUIC's minimum datagram size."""
+        return not is_tunnel(remote) and self.datagram_size(remote) <= QUIC_MIN_DATAGRAM
+
     def peer_stalled(self, conn: PeerConnection) -> None:
         """A peer stalled having sent nothing as big as the base size: on a path with a hop
         smaller than the datagrams (a tunnel, PPPoE inside a VPN) whose ICMP "fragmentation

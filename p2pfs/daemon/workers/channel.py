@@ -6,7 +6,8 @@ parse is a bug; it ends the worker's session, never the daemon.
 
 Main -> worker:
 - ``{"op": "hello", "peer", "host", "port", "root", "batched", "link_datagrams",
-  "streams", "in_flight", "stall"}``: the peer to dial (its NodeId pinned) and the share;
+  "streams", "in_flight", "stall", "small_path"}``: the peer to dial (its NodeId pinned)
+  and the share (``small_path``: the daemon keeps that path at QUIC's minimum datagrams);
 - ``{"op": "file", "id", "path", "dev", "ino"}``: a temp file chunks may be written into (the
   worker writes only into that inode);
 - ``{"op": "batch", "id", "chunks": [[chunk id, length, [[file id, offset], ...]], ...]}``:

@@ -161,9 +161,12 @@ class WorkerPool:
         streams: int,
         in_flight: int,
         stall: float,
+        small_path: bool = False,
     ) -> AsyncIterator[WorkerLink | None]:
         """A worker dialling ``peer`` at ``address`` for the share ``root``; None when
-        ``limit`` sessions run already or no process can be started (fetch in main)."""
+        ``limit`` sessions run already or no process can be started (fetch in main).
+        ``small_path``: this process keeps the path at QUIC's minimum datagram size (it
+        drops bigger ones), and so must the worker's own endpoint."""
         if not self.available:
             yield None
             return
@@ -187,6 +190,7 @@ class WorkerPool:
                 "streams": streams,
                 "in_flight": in_flight,
                 "stall": stall,
+                "small_path": small_path,
             }
             try:
                 await channel.send(hello)

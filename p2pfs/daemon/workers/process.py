@@ -132,7 +132,7 @@ class Session:
                 with trio.move_on_after(self.stall) as stalled:
                     reply = await stream.next_reply()
                 if stalled.cancelled_caught:
-                    self.conn.stalled()  # the worker's own endpoint may keep the path small
+                    self.conn.stalled()  # its stall reaches the daemon's endpoint too
                     raise WorkerStalledError(f"peer sent nothing for {self.stall:.0f} s")
             if isinstance(reply, ErrorReply):
                 raise PeerRequestError(reply.code, reply.message)
@@ -249,6 +249,8 @@ async def serve(home: Path) -> None:
     bind = "::" if ":" in host else "0.0.0.0"
     try:
         async with open_endpoint(identity, bind, 0, config=config) as endpoint:
+            if hello.get("small_path"):
+                endpoint.keep_path_small(host)
             with trio.fail_after(CONNECT_TIMEOUT):
                 conn = await endpoint.connect((host, port), NodeId(bytes(hello["peer"])))
             await channel.send({"op": "ready"})
