@@ -521,6 +521,25 @@ def test_a_path_that_drops_big_datagrams_without_a_word(netbed: NetBed, tmp_path
     assert m2.big_packets_dropped() > 0  # the hole was there, and was hit
 
 
+def fetch_across_a_silent_hop(netbed: NetBed, tmp_path: Path, size: int, *flags: str) -> str:
+    """m2 behind a hop that silently drops packets over ``size`` bytes fetches 8 MiB shared
+    by m1 (daemons at their defaults, plus ``flags`` on m2's); m2's log."""
+    if (no_nft := can_build_nat()) is not None:
+        pytest.skip(no_nft)
+    m1, m2 = netbed.machine("m1"), netbed.machine("m2")
+    m2.drop_packets_over(size)
+    m1.count_each_datagram()
+    m1.start()
+    m2.start(*flags)
+    source = tmp_path / "album"
+    make_tree(source, {"a.bin": 8 * MiB})
+    ticket = share(m1, source)
+    fetch_json(m2, ticket, tmp_path / "copy", "--give-up-after", "40")
+    assert same_tree(source, tmp_path / "copy")
+    assert m2.daemon is not None
+    return m2.daemon.log_path.read_text()
+
+
 def test_a_path_that_passes_handshakes_but_drops_full_datagrams(
     netbed: NetBed, tmp_path: Path
 ) -> None:
@@ -528,21 +547,9 @@ def test_a_path_that_passes_handshakes_but_drops_full_datagrams(
     transfer's 1,350-byte ones do not, so the connection is made and the holder seems to
     stall. A stalled peer that never sent a datagram of the base size gets the next
     connections to it in QUIC's minimum (the fetch failed after its give-up time)."""
-    if (no_nft := can_build_nat()) is not None:
-        pytest.skip(no_nft)
-    m1, m2 = netbed.machine("m1"), netbed.machine("m2")
-    m2.drop_packets_over(1340)
-    m1.count_each_datagram()
-    m1.start()
-    m2.start()
-    source = tmp_path / "album"
-    make_tree(source, {"a.bin": 2 * MiB})
-    ticket = share(m1, source)
-    fetch_json(m2, ticket, tmp_path / "copy", "--give-up-after", "30")
-    assert same_tree(source, tmp_path / "copy")
-    assert m2.daemon is not None
-    assert "the path to" in m2.daemon.log_path.read_text()
-    assert "stalled with no datagram from it over" in m2.daemon.log_path.read_text()
+    log = fetch_across_a_silent_hop(netbed, tmp_path, 1340)
+    assert "the path to" in log
+    assert "stalled with no datagram from it over" in log
 
 
 def test_a_data_plane_worker_keeps_to_a_path_the_daemon_found_small(
@@ -553,20 +560,7 @@ def test_a_data_plane_worker_keeps_to_a_path_the_daemon_found_small(
     learnt of the path, dialled at the base size, stalled, and so did every worker after
     it until the fetch gave up. The daemon tells it to keep the path small (and learns of
     a worker's stall itself)."""
-    if (no_nft := can_build_nat()) is not None:
-        pytest.skip(no_nft)
-    m1, m2 = netbed.machine("m1"), netbed.machine("m2")
-    m2.drop_packets_over(1340)
-    m1.count_each_datagram()
-    m1.start()
-    m2.start("--data-workers", "1")
-    source = tmp_path / "album"
-    make_tree(source, {"a.bin": 8 * MiB})
-    ticket = share(m1, source)
-    fetch_json(m2, ticket, tmp_path / "copy", "--give-up-after", "40")
-    assert same_tree(source, tmp_path / "copy")
-    assert m2.daemon is not None
-    log = m2.daemon.log_path.read_text()
+    log = fetch_across_a_silent_hop(netbed, tmp_path, 1340, "--data-workers", "1")
     assert "may drop big ones" in log
     assert "worker" in log and "takes peer" in log  # a worker did the fetching
 
