@@ -720,20 +720,14 @@ class PeerPool:
                     report = await link.next_report()
                     batch = landed_batch(report, outstanding, link, peer)
                     await self._landed(conn, peer, *batch, report, pipeline, seat)
-        except PeerStalledError:
-            # The worker's endpoint ends with it: this process's learns of a path that
-            # drops big datagrams (the next worker is then told to keep it small).
-            conn.stalled()
-            self._give_back(seat, outstanding)
+        except BaseException as exc:
+            if isinstance(exc, PeerStalledError):
+                # The worker's endpoint ends with it: this process's learns of a path that
+                # drops big datagrams (the next worker is then told to keep it small).
+                conn.stalled()
+            for picked, _sent_at in outstanding.values():
+                self.picker.failed(seat, [p for p in picked if not self.picker.holds(p)])
             raise
-        except BaseException:
-            self._give_back(seat, outstanding)
-            raise
-
-    def _give_back(self, seat: Hashable, outstanding: dict[int, tuple[list[int], float]]) -> None:
-        """A worker's unlanded batches, back to the picker."""
-        for picked, _sent_at in outstanding.values():
-            self.picker.failed(seat, [p for p in picked if not self.picker.holds(p)])
 
     async def _landed(
         self,

@@ -339,7 +339,7 @@ class PeerConnection:
             return
         sizes = list(map(len, datagrams))
         self.bytes_received += sum(sizes)
-        self.largest_datagram_received = max(self.largest_datagram_received, *sizes, 0)
+        self.largest_datagram_received = max(self.largest_datagram_received, max(sizes, default=0))
         with self._guard:
             self._engine.receive(
                 self._quic, datagrams, addr, now, batched=self.config.batched_receive

@@ -132,7 +132,6 @@ class Session:
                 with trio.move_on_after(self.stall) as stalled:
                     reply = await stream.next_reply()
                 if stalled.cancelled_caught:
-                    self.conn.stalled()  # its stall reaches the daemon's endpoint too
                     raise WorkerStalledError(f"peer sent nothing for {self.stall:.0f} s")
             if isinstance(reply, ErrorReply):
                 raise PeerRequestError(reply.code, reply.message)
