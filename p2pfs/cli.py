@@ -28,7 +28,7 @@ from p2pfs.home import resolve_home
 from p2pfs.swarm.stripes import DEFAULT_MAX_STRIPES, STRIPE_MIN_RTT
 from p2pfs.wire.ticket import parse_ticket_untrusted
 
-DEFAULT_LISTEN = "0.0.0.0:7337"
+DEFAULT_LISTEN = "[::]:7337"
 """A fixed default port, so tickets made before a restart still name the right address."""
 DEFAULT_GUI = "127.0.0.1:8384"
 """Loopback only: the API key guards it from other local users, not from the network."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import itertools
 import socket
 
 import pytest
@@ -12,8 +13,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pfs.address import PeerAddress, parse_address
-from p2pfs.daemon.addresses import OBSERVED_LIMIT, AddressBook, local_addresses, rank
-from p2pfs.daemon.dialer import Candidate, Dialer, DialError
+from p2pfs.daemon.addresses import (
+    OBSERVED_LIMIT,
+    AddressBook,
+    best_of_each_family_first,
+    local_addresses,
+    rank,
+)
+from p2pfs.daemon.dialer import Candidate, Dialer, DialError, interleave_families
 from p2pfs.errors import AuthenticationError, LocalProtocolError
 from p2pfs.identity import Identity
 from p2pfs.ids import NodeId
@@ -40,6 +47,39 @@ def test_loopback_only_when_nothing_else_and_a_bound_address_alone() -> None:
     assert local_addresses("::", 4, ["fe80::1", "2001:db8::5", "::1", "10.0.0.1"]) == [
         PeerAddress("2001:db8::5", 4)
     ]
+
+
+def test_a_dual_stack_socket_advertises_both_families() -> None:
+    interfaces = ["fe80::1", "2001:db8::5", "::1", "10.0.0.1", "127.0.0.1", "9.9.9.9"]
+    found = local_addresses("::", 4, interfaces, dual_stack=True)
+    assert [a.host for a in found] == ["9.9.9.9", "2001:db8::5", "10.0.0.1"]
+    # Nothing listed at all: IPv4's loopback, which a dual-stack socket answers too.
+    assert local_addresses("::", 4, [], dual_stack=True) == [PeerAddress("127.0.0.1", 4)]
+    # Not dual-stack (IPV6_V6ONLY): IPv6 alone, as before.
+    assert local_addresses("::", 4, interfaces) == [PeerAddress("2001:db8::5", 4)]
+
+
+def test_a_ticket_names_the_best_address_of_each_family_first() -> None:
+    ranked = [PeerAddress(h, 1) for h in ("9.9.9.9", "9.9.9.8", "10.0.0.1", "2001:db8::5")]
+    assert [a.host for a in best_of_each_family_first(ranked)][:2] == ["9.9.9.9", "2001:db8::5"]
+    only_v4 = ranked[:3]
+    assert best_of_each_family_first(only_v4) == only_v4
+
+
+@given(st.lists(st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.0.3", "::1", "::2"])))
+def test_interleaved_families_keep_each_familys_order(hosts: list[str]) -> None:
+    mixed = interleave_families(hosts)
+    unique = list(dict.fromkeys(hosts))
+    assert sorted(mixed) == sorted(unique)
+    for v6 in (True, False):
+        assert [h for h in mixed if (":" in h) == v6] == [h for h in unique if (":" in h) == v6]
+    # Alternating while both families last, from the first address's family.
+    if mixed:
+        assert mixed[0] == unique[0]
+    for before, after in itertools.pairwise(mixed):
+        if (":" in before) == (":" in after):
+            rest = mixed[mixed.index(after) :]
+            assert all((":" in h) == (":" in after) for h in rest)
 
 
 ipv4s = st.integers(0, 2**32 - 1).map(lambda n: str(ipaddress.IPv4Address(n)))

@@ -71,7 +71,7 @@ def found_at(machine: Machine, ticket: str, address: str) -> bool:
     if completed.returncode != 0:
         return False
     providers = json.loads(completed.stdout)["providers"]
-    return address in {p["address"].split(":")[0] for p in providers}
+    return address in {p["address"].rsplit(":", 1)[0] for p in providers}
 
 
 def transfers(machine: Machine) -> list[dict[str, object]]:
@@ -482,12 +482,14 @@ def test_a_fetch_and_a_folder_cross_a_lossy_internet(netbed: NetBed, tmp_path: P
         assert not [line for line in log if any(sign in line for sign in stalls)]
 
 
-def fetch_then_sync_across(m1: Machine, m2: Machine, tmp_path: Path) -> None:
-    """Daemons at their defaults on both: m2 fetches a share of m1's, then joins a folder of
-    m1's, and each side adds a file to it (either may dial, either may be the one
-    sending)."""
+def fetch_then_sync_across(
+    m1: Machine, m2: Machine, tmp_path: Path, m2_flags: tuple[str, ...] = ()
+) -> None:
+    """Daemons at their defaults on both (and ``m2_flags`` on m2): m2 fetches a share of
+    m1's, then joins a folder of m1's, and each side adds a file to it (either may dial,
+    either may be the one sending)."""
     m1.start()
-    m2.start()
+    m2.start(*m2_flags)
     source = tmp_path / "album"
     make_tree(source, {"a.bin": 3 * MiB, "b.txt": 1000})
     ticket = share(m1, source)
@@ -576,3 +578,29 @@ def test_a_path_whose_mtu_is_under_the_base_datagram_size(netbed: NetBed, tmp_pa
     fetch_then_sync_across(m1, m2, tmp_path)
     assert m1.daemon is not None
     assert "exceed the path MTU to" in m1.daemon.log_path.read_text()
+
+
+def test_machines_that_reach_each_other_over_ipv6_alone(netbed: NetBed, tmp_path: Path) -> None:
+    """Two dual-stack machines whose IPv4 does not cross the internet between them (the
+    router forwards IPv6 alone: CGNAT on both sides, IPv6 routed). Daemons at their
+    defaults listen on both families; tickets name an address of each, and the IPv6 one
+    carries the fetch, the folder, and the private DHT (joined at m1's IPv6 address).
+    Before, a node listened on IPv4 alone and its tickets named nothing else."""
+    if (no_nft := can_build_nat()) is not None:
+        pytest.skip(no_nft)
+    m1, m2 = netbed.machine("m1", ipv6=True), netbed.machine("m2", ipv6=True)
+    assert m1.address6 is not None and m2.address6 is not None
+    netbed.forward_no_ipv4()
+    fetch_then_sync_across(m1, m2, tmp_path, ("--bootstrap", f"[{m1.address6}]:{DEFAULT_PORT}"))
+    ident = json.loads(m1.cli("id", "--json").stdout)
+    assert set(ident["addresses"]) == {f"[{m1.address6}]:7337", f"{m1.address}:7337"}
+    # Whoever dialled, each saw the other at its IPv6 address, not a mapped IPv4 one.
+    assert {"address": f"[{m1.address6}]:7337", "reporters": 1} in ident["observed"]
+    # A --no-hints ticket is found through the private DHT, which met over IPv6 alone.
+    source = tmp_path / "dht-only"
+    make_tree(source, {"song.flac": 400_000})
+    ticket = share(m2, source, "--no-hints")
+    wait_until(lambda: found_at(m1, ticket, f"[{m2.address6}]"), timeout=30)
+    fetch_json(m1, ticket, tmp_path / "dht-copy", "--give-up-after", "20")
+    assert same_tree(source, tmp_path / "dht-copy")
+    assert netbed.ipv4_refused() > 0  # IPv4 was tried (the tickets name it) and went nowhere

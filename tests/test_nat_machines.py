@@ -140,6 +140,41 @@ def test_symmetric_nats_fetch_through_the_relay(natbed: NetBed, tmp_path: Path) 
     assert isinstance(relay_info, dict) and relay_info["bytes_forwarded"] >= 3 * MiB
 
 
+def test_behind_symmetric_nats_the_punch_goes_over_ipv6(natbed: NetBed, tmp_path: Path) -> None:
+    """Two homes whose IPv4 is behind fully-random NATs (no punch gets through: above) and
+    whose IPv6 is routed, behind each router's stateful firewall (nothing comes in that
+    the LAN did not ask for, so a direct dial of a ticket's IPv6 address is dropped). The
+    punch runs over IPv6: each side's short-lived datagrams open its own firewall toward
+    the other's address, and the fetch goes direct, not through the relay."""
+    relay = natbed.machine("relay")
+    relay.start("--relay")
+    a, b = natbed.home("a", "symmetric", ipv6=True), natbed.home("b", "symmetric", ipv6=True)
+    a.start(*knowing(relay))
+    # B's downloads are slowed so the transfer is still running when we look at its peers.
+    b.start(*knowing(relay), "--max-download-rate", str(2 * MiB))
+    for home in (a, b):
+        registered(home)
+    a_id = str(ident(a)["node_id"])
+    assert f"[{a.address6}]:7337" in ident(a)["addresses"]  # type: ignore[operator]
+    source = tmp_path / "photos"
+    make_tree(source, {"big.bin": 16 * MiB, "small.txt": 1000})
+    ticket = share(a, source)
+    fetch = b.popen("fetch", ticket, str(tmp_path / "copy"), "--json")
+    try:
+        wait_until(lambda: "punched" in paths_to(b, a_id), timeout=60)
+        punched = [p for p in peers(b) if p["node_id"] == a_id and p["path"] == "punched"]
+        assert punched[0]["address"] == f"[{a.address6}]:7337"
+        _, stderr = fetch.communicate(timeout=120)
+        assert fetch.returncode == 0, stderr
+    finally:
+        fetch.kill()
+    assert same_tree(source, tmp_path / "copy")
+    # What the relayed connection had asked for before the punch (a few MiB in flight)
+    # still came through the relay; most of the file did not.
+    relay_info = ident(relay)["relay"]
+    assert isinstance(relay_info, dict) and relay_info["bytes_forwarded"] < 8 * MiB
+
+
 @pytest.mark.parametrize("nat", ["cone"])
 def test_homes_cannot_reach_each_other_without_the_relay(
     natbed: NetBed, tmp_path: Path, nat: str

@@ -121,6 +121,46 @@ def test_bulk_transfer_is_byte_identical_both_directions(engine: str) -> None:
     assert hashlib.sha256(received["client"]).digest() == hashlib.sha256(down).digest()
 
 
+async def echoed(conn: PeerConnection, payload: bytes) -> bytes:
+    stream = await conn.open_stream()
+    await stream.send_all(payload)
+    await stream.send_eof()
+    return await read_all(stream)
+
+
+@engine_param
+def test_a_dual_stack_endpoint_speaks_both_families(engine: str) -> None:
+    """An endpoint bound to ``::`` (the daemon's default) is dialled at 127.0.0.1 and at
+    ::1, sees its IPv4 peer at its plain address (never ::ffff:127.0.0.1, which rate
+    limits, path sizes and address reports would take for another host), and dials an
+    IPv4-only endpoint itself."""
+    server_id, v4_id, v6_id = Identity.generate(), Identity.generate(), Identity.generate()
+
+    async def main() -> None:
+        with trio.fail_after(20):
+            async with (
+                open_endpoint(server_id, "::", handler=echo_handler, engine=engine) as server,
+                open_endpoint(v4_id, "127.0.0.1", handler=echo_handler, engine=engine) as v4,
+                open_endpoint(v6_id, "::1", engine=engine) as v6,
+            ):
+                assert server.families == {socket.AF_INET, socket.AF_INET6}
+                assert v4.families == {socket.AF_INET}
+                assert not v4.speaks("::1") and server.speaks("127.0.0.1")
+                port = server.local_address[1]
+                from_v4 = await v4.connect(("127.0.0.1", port), server_id.node_id)
+                assert await echoed(from_v4, b"over IPv4" * 500) == b"over IPv4" * 500
+                from_v6 = await v6.connect(("::1", port), server_id.node_id)
+                assert await echoed(from_v6, b"over IPv6" * 500) == b"over IPv6" * 500
+                seen = {str(conn.remote_address[0]) for conn in server.connections}
+                assert seen == {"127.0.0.1", "::1"}
+                # The dual-stack endpoint dials out over IPv4 too (as a mapped address).
+                out = await server.connect(v4.local_address, v4_id.node_id)
+                assert out.remote_address[0] == "127.0.0.1"
+                assert await echoed(out, b"back" * 900) == b"back" * 900
+
+    trio.run(main)
+
+
 @engine_param
 def test_many_concurrent_streams_on_one_connection(engine: str) -> None:
     results: dict[int, bytes] = {}

@@ -1,9 +1,10 @@
 """Which addresses reach this node: what `id` shows, tickets carry and beacons announce.
 
 A node advertises exactly the addresses that can answer:
-- bound to a wildcard (``0.0.0.0`` / ``::``): every interface address of that family except
-  loopback and link-local (a link-local address means nothing off its link, and an IPv6 one
-  needs a scope id a ticket cannot carry); loopback only if there is nothing else;
+- bound to a wildcard (``0.0.0.0`` / ``::``): every interface address of that family (of
+  both families on a dual-stack ``::`` socket, the default) except loopback and link-local
+  (a link-local address means nothing off its link, and an IPv6 one needs a scope id a
+  ticket cannot carry); loopback only if there is nothing else;
 - bound to one address: that address alone (loopback included, when that is what it is);
 - plus the external address the gateway mapped for us (UPnP / NAT-PMP, ``portmap.py``):
   our own router's word, trusted as a local fact, and reachable from outside by
@@ -13,7 +14,8 @@ A node advertises exactly the addresses that can answer:
   single peer's word could otherwise point everyone who holds our tickets at a victim.
 
 Order is best first, since tickets keep only the first few: global addresses, then private
-(RFC 1918, ULA, other non-global ranges), then shared (CGNAT 100.64/10), then loopback.
+(RFC 1918, ULA, other non-global ranges), then shared (CGNAT 100.64/10), then loopback; a
+ticket puts the best address of each family first.
 """
 
 from __future__ import annotations
@@ -40,15 +42,15 @@ CONFIRMATIONS = 2
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
-def interface_addresses(family: socket.AddressFamily) -> list[str]:
-    """Every address of ``family`` configured on this machine's interfaces that are up."""
+def interface_addresses(*families: socket.AddressFamily) -> list[str]:
+    """Every address of ``families`` configured on this machine's interfaces that are up."""
     try:
         stats = psutil.net_if_stats()
         found: list[str] = []
         for name, entries in psutil.net_if_addrs().items():
             if name in stats and not stats[name].isup:
                 continue
-            found.extend(entry.address for entry in entries if entry.family == family)
+            found.extend(entry.address for entry in entries if entry.family in families)
     except OSError as exc:
         logger.warning("cannot list network interfaces: %s", exc)
         return []
@@ -75,8 +77,11 @@ def usable(address: IPAddress) -> bool:
     return not (address.is_link_local or address.is_multicast or address.is_unspecified)
 
 
-def local_addresses(bound_host: str, port: int, interfaces: Iterable[str]) -> list[PeerAddress]:
-    """The addresses a socket bound to ``bound_host:port`` is reachable at, best first.
+def local_addresses(
+    bound_host: str, port: int, interfaces: Iterable[str], *, dual_stack: bool = False
+) -> list[PeerAddress]:
+    """The addresses a socket bound to ``bound_host:port`` is reachable at, best first;
+    ``dual_stack``: the socket is bound to ``::`` and takes IPv4 too (both families count).
 
     ``interfaces`` is the machine's interface addresses of the socket's family (a parameter,
     so the rule is testable without the machine's own network).
@@ -90,12 +95,14 @@ def local_addresses(bound_host: str, port: int, interfaces: Iterable[str]) -> li
             address = ipaddress.ip_address(text)
         except ValueError:
             continue
-        if address.version == bound.version and usable(address) and address not in parsed:
+        family_ok = dual_stack or address.version == bound.version
+        if family_ok and usable(address) and address not in parsed:
             parsed.append(address)
     remote = [address for address in parsed if not address.is_loopback]
     chosen = remote or [address for address in parsed if address.is_loopback]
     if not chosen:
-        chosen = [ipaddress.ip_address("127.0.0.1" if bound.version == 4 else "::1")]
+        loopback = "127.0.0.1" if bound.version == 4 or dual_stack else "::1"
+        chosen = [ipaddress.ip_address(loopback)]
     chosen.sort(key=rank)
     return [PeerAddress(str(address), port) for address in chosen]
 
@@ -103,9 +110,11 @@ def local_addresses(bound_host: str, port: int, interfaces: Iterable[str]) -> li
 class AddressBook:
     """This node's advertised addresses: its interfaces, plus what peers observe."""
 
-    def __init__(self, bound_host: str, port: int) -> None:
+    def __init__(self, bound_host: str, port: int, *, dual_stack: bool = False) -> None:
         self.bound_host = bound_host
         self.port = port
+        self.dual_stack = dual_stack
+        """Bound to ``::`` on a socket that takes IPv4 too: both families are ours."""
         self._observed: OrderedDict[PeerAddress, set[str]] = OrderedDict()
         """Observed address -> the places (networks) of the peers that reported it."""
         self._mapped: PeerAddress | None = None
@@ -124,8 +133,18 @@ class AddressBook:
         return self._mapped
 
     @property
-    def family(self) -> socket.AddressFamily:
-        return socket.AF_INET6 if ":" in self.bound_host else socket.AF_INET
+    def families(self) -> tuple[socket.AddressFamily, ...]:
+        if self.dual_stack:
+            return (socket.AF_INET6, socket.AF_INET)
+        return (socket.AF_INET6 if ":" in self.bound_host else socket.AF_INET,)
+
+    def _own(self) -> list[PeerAddress]:
+        return local_addresses(
+            self.bound_host,
+            self.port,
+            interface_addresses(*self.families),
+            dual_stack=self.dual_stack,
+        )
 
     def observed(self, address: PeerAddress, reporter: str) -> None:
         """A peer at ``reporter`` (its IP) saw our packets come from ``address``."""
@@ -153,16 +172,15 @@ class AddressBook:
         test: it says we may need a relay, never that we are reachable."""
         if self._mapped is not None or not self._observed:
             return False
-        interfaces = set(interface_addresses(self.family)) | {self.bound_host}
+        interfaces = set(interface_addresses(*self.families)) | {self.bound_host}
         return any(address.host not in interfaces for address in self._observed)
 
     def interfaces_now(self) -> frozenset[str]:
         """The interface addresses we advertise, read now (to notice that they changed)."""
-        own = local_addresses(self.bound_host, self.port, interface_addresses(self.family))
-        return frozenset(address.host for address in own)
+        return frozenset(address.host for address in self._own())
 
     def all(self) -> list[PeerAddress]:
-        own = local_addresses(self.bound_host, self.port, interface_addresses(self.family))
+        own = self._own()
         extra = [
             address
             for address, places in reversed(self._observed.items())
@@ -175,7 +193,19 @@ class AddressBook:
         return merged
 
     def for_ticket(self) -> list[PeerAddress]:
-        return self.all()[:TICKET_ADDRESSES]
+        return best_of_each_family_first(self.all())[:TICKET_ADDRESSES]
+
+
+def best_of_each_family_first(addresses: list[PeerAddress]) -> list[PeerAddress]:
+    """``addresses`` (best first) with the best of each family at the front, in their
+    order: a ticket cut to its first few then still names both families where we have
+    both, so neither a peer without IPv6 nor one behind an IPv4-only path is left with
+    nothing to dial."""
+    firsts: dict[bool, PeerAddress] = {}
+    for address in addresses:
+        firsts.setdefault(":" in address.host, address)
+    leaders = [a for a in addresses if a in firsts.values()]
+    return leaders + [a for a in addresses if a not in leaders]
 
 
 def _place(reporter: IPAddress) -> str:

@@ -346,9 +346,11 @@ class Dialer:
     async def _resolve(
         self, candidates: list[Candidate], attempts: list[tuple[Candidate, str]]
     ) -> list[Candidate]:
-        """IP literals as they are; host names resolved to each address of the socket's
-        family (our one socket speaks one family)."""
-        family = socket.AF_INET6 if ":" in self._endpoint.local_address[0] else socket.AF_INET
+        """IP literals as they are; host names resolved to each address of a family our
+        socket speaks (both on a dual-stack socket: IPv6 and IPv4 alternating, RFC 8305)."""
+        endpoint = self._endpoint
+        families = endpoint.families
+        family = next(iter(families)) if len(families) == 1 else socket.AF_UNSPEC
         resolved: list[Candidate] = []
         for candidate in candidates:
             host = candidate.address.host
@@ -356,7 +358,7 @@ class Dialer:
                 attempts.append((candidate, "a relayed candidate needs the node's NodeId"))
                 continue
             if _is_ip(host):
-                if (":" in host) == (family == socket.AF_INET6):
+                if endpoint.speaks(host):
                     resolved.append(candidate)
                 else:
                     attempts.append((candidate, "other address family than this node's socket"))
@@ -368,16 +370,16 @@ class Dialer:
             except OSError as exc:
                 attempts.append((candidate, f"cannot resolve {host!r}: {exc}"))
                 continue
-            for info in infos:
-                ip = str(info[4][0])
-                resolved.append(
-                    Candidate(
-                        PeerAddress(ip, candidate.address.port),
-                        candidate.node,
-                        candidate.source,
-                        candidate.relay,
-                    )
+            ips = interleave_families(str(info[4][0]) for info in infos if info[0] in families)
+            resolved.extend(
+                Candidate(
+                    PeerAddress(ip, candidate.address.port),
+                    candidate.node,
+                    candidate.source,
+                    candidate.relay,
                 )
+                for ip in ips
+            )
         return _dedupe(resolved)
 
 
@@ -387,6 +389,22 @@ def _dedupe(candidates: Iterable[Candidate]) -> list[Candidate]:
     for candidate in candidates:
         seen.setdefault((candidate.address, candidate.relay), candidate)
     return list(seen.values())
+
+
+def interleave_families(hosts: Iterable[str]) -> list[str]:
+    """IP literals in their order within each family, IPv6 and IPv4 alternating from the
+    first one's family (RFC 8305 section 4): one family's dead paths cost a stagger each,
+    not every address of that family before the other is tried."""
+    ordered = list(dict.fromkeys(hosts))
+    if not ordered:
+        return []
+    first_v6 = ":" in ordered[0]
+    same = [h for h in ordered if (":" in h) == first_v6]
+    other = [h for h in ordered if (":" in h) != first_v6]
+    mixed: list[str] = []
+    for index in range(max(len(same), len(other))):
+        mixed.extend(group[index] for group in (same, other) if index < len(group))
+    return mixed
 
 
 def _is_ip(host: str) -> bool:

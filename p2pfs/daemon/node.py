@@ -89,7 +89,7 @@ SHUTDOWN_GRACE = 4.0
 @dataclass(frozen=True, slots=True)
 class NodeConfig:
     home: Path
-    listen: PeerAddress = field(default_factory=lambda: PeerAddress("0.0.0.0", 0))
+    listen: PeerAddress = field(default_factory=lambda: PeerAddress("::", 0))
     peers: tuple[PeerAddress, ...] = ()
     max_upload_rate: int | None = None
     max_download_rate: int | None = None
@@ -225,7 +225,9 @@ class Node:
         self, endpoint: Endpoint, service: ShareService, task_status: trio.TaskStatus[None]
     ) -> None:
         assert self._identity is not None
-        self._addresses = AddressBook(*endpoint.local_address)
+        self._addresses = AddressBook(
+            *endpoint.local_address, dual_stack=len(endpoint.families) == 2
+        )
         control = ControlServer(str(self.config.home / SOCKET_NAME), self._handlers())
         self._dht, finders = configured_finders(
             self.config.discovery, self._identity.node_id, endpoint.local_address[1], endpoint

@@ -82,12 +82,8 @@ class Puncher:
         self.successes = 0
 
     def _candidates(self) -> Candidates:
-        family_v6 = ":" in self._endpoint.local_address[0]
-        found = [
-            (a.host, a.port)
-            for a in self._own()
-            if punchable(a.host) and (":" in a.host) == family_v6
-        ]
+        speaks = self._endpoint.speaks
+        found = [(a.host, a.port) for a in self._own() if punchable(a.host) and speaks(a.host)]
         return Candidates(tuple(dict.fromkeys(found))[:MAX_CANDIDATES])
 
     async def initiate(self, relayed: PeerConnection) -> PeerConnection | None:
@@ -99,7 +95,8 @@ class Puncher:
         await stream.send_eof()
         if not isinstance(answer, Candidates):
             raise ControlError(f"answered CANDIDATES with {type(answer).__name__}")
-        targets = [a for a in answer.addresses if punchable(a[0])]
+        speaks = self._endpoint.speaks
+        targets = [a for a in answer.addresses if punchable(a[0]) and speaks(a[0])]
         logger.debug("punch: dialling %s directly at %s", peer.short(), targets)
         won: list[PeerConnection] = []
         async with trio.open_nursery() as nursery:

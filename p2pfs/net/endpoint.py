@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -81,6 +82,12 @@ the dialer's patience."""
 PATHS_TOO_SMALL_KEPT = 256
 """Hosts remembered as having a path smaller than our datagrams, for logging once each."""
 _U16 = struct.Struct("=H")
+V4_MAPPED_PREFIX = "::ffff:"
+"""How the socket writes an IPv4 peer's address on a dual-stack socket (RFC 4291 2.5.5.2)."""
+V4_MAPPED_LENGTH = len(V4_MAPPED_PREFIX)
+DUAL_STACK_HOST = "::"
+IPV4_ANY_HOST = "0.0.0.0"
+NO_IPV6_ERRORS = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT)
 PUNCH_PAYLOAD = b"\x02"
 """A punch datagram's one byte: neither QUIC (fixed bit clear) nor the DHT (0x00/0x01), so
 a receiver drops it unread (protocol/WIRE.md "One UDP port")."""
@@ -114,6 +121,9 @@ class Endpoint:
         self.engine = engine
         self.config = config
         self._sock = sock
+        self._dual_stack = _is_dual_stack(sock)
+        """An IPv6 socket that also speaks IPv4 (``::`` bound, IPV6_V6ONLY off): IPv4 peers
+        come and go as IPv4-mapped addresses, which only the socket calls see."""
         self._nursery = nursery
         self._handler = handler
         self._configs: dict[tuple[bool, int], Any] = {}
@@ -168,6 +178,17 @@ class Endpoint:
         return host, port
 
     @property
+    def families(self) -> frozenset[socket.AddressFamily]:
+        """The address families this endpoint reaches: both on a dual-stack socket."""
+        if self._dual_stack:
+            return frozenset((socket.AF_INET, socket.AF_INET6))
+        return frozenset((self._sock.family,))
+
+    def speaks(self, host: str) -> bool:
+        """Whether this endpoint can send to the IP literal ``host``."""
+        return (socket.AF_INET6 if ":" in host else socket.AF_INET) in self.families
+
+    @property
     def connections(self) -> frozenset[PeerConnection]:
         return frozenset(self._connections)
 
@@ -193,7 +214,7 @@ class Endpoint:
         the datagram joins that queue through trio (``transmit``), as QUIC's would. The
         endpoint's datagram counters are trio's alone and do not count these."""
         try:
-            self._sock.sendto(data, address)
+            self._sock.sendto(data, self._on_socket(address))
         except BlockingIOError:
             with contextlib.suppress(trio.RunFinishedError):
                 self._trio_token.run_sync_soon(self._transmit_foreign, data, address)
@@ -233,12 +254,14 @@ class Endpoint:
         """
         if self._closing:
             raise LocalProtocolError("endpoint is closed")
+        family = self._sock.family if len(self.families) == 1 else socket.AF_UNSPEC
         infos = await trio.socket.getaddrinfo(
-            address[0], address[1], family=self._sock.family, type=socket.SOCK_DGRAM
+            address[0], address[1], family=family, type=socket.SOCK_DGRAM
         )
-        if not infos:
-            raise LocalProtocolError(f"cannot resolve {address[0]!r}")
-        return await self._connect(infos[0][4], expected_peer)
+        spoken = [info[4] for info in infos if info[0] in self.families]
+        if not spoken:
+            raise LocalProtocolError(f"cannot resolve {address[0]!r} to an address we reach")
+        return await self._connect(spoken[0], expected_peer)
 
     async def connect_tunnel(self, tunnel: Tunnel, expected_peer: NodeId) -> PeerConnection:
         """Connect through ``tunnel`` (a relay circuit) and prove it is ``expected_peer``:
@@ -375,6 +398,12 @@ class Endpoint:
             )
         return won
 
+    def _on_socket(self, address: Address) -> Address:
+        """``address`` as the socket takes it: an IPv4 one mapped on a dual-stack socket."""
+        if self._dual_stack and ":" not in address[0]:
+            return _v4_mapped(address)
+        return address
+
     # -- EndpointHooks --------------------------------------------------------------------
 
     def transmit(self, datagrams: list[tuple[bytes, Address]]) -> None:
@@ -392,19 +421,21 @@ class Endpoint:
             self._queue(datagrams, 0)
             return
         sock = self._sock
+        dual_stack = self._dual_stack
         count = len(datagrams)
         i = 0
         while i < count:
             data, addr = datagrams[i]
             end, size = self._gso_run(datagrams, i) if self._gso else (i + 1, len(data))
+            target = _v4_mapped(addr) if dual_stack and ":" not in addr[0] else addr
             try:
                 if end - i == 1:
-                    sock.sendto(data, addr)
+                    sock.sendto(data, target)
                 else:
                     # The datagrams as the message's buffers (the kernel gathers them):
                     # joining them first copied every byte sent once more.
                     segment = [(socket.SOL_UDP, UDP_SEGMENT, _U16.pack(len(data)))]
-                    sock.sendmsg([d for d, _ in datagrams[i:end]], segment, 0, addr)
+                    sock.sendmsg([d for d, _ in datagrams[i:end]], segment, 0, target)
             except BlockingIOError:
                 self._queue(datagrams, i)
                 return
@@ -444,9 +475,10 @@ class Endpoint:
             self._paths_too_small.add(host)
         self._path_sizes.forget(host)
         sock = self._sock
+        target = self._on_socket(addr)
         for data, _addr in run:
             try:
-                sock.sendto(data, addr)
+                sock.sendto(data, target)
             except BlockingIOError:
                 return  # the socket buffer is full: the rest are lost, for QUIC to resend
             except OSError as exc:
@@ -497,18 +529,19 @@ class Endpoint:
         arrives there before the far side's own packet leaves makes Linux conntrack record
         an inbound flow, and masquerade then gives the far side's packet another port.
         Receivers that do get one drop it unread (it parses as no QUIC packet)."""
-        v6 = self._sock.family == socket.AF_INET6
-        level, option = (
-            (socket.IPPROTO_IPV6, socket.IPV6_HOPLIMIT)
-            if v6
-            else (socket.IPPROTO_IP, socket.IP_TTL)
-        )
-        ancillary = [(level, option, struct.pack("=i", ttl))]
         for address in addresses:
-            if (":" in address[0]) != v6:
+            if not self.speaks(address[0]):
                 continue
+            # A hop limit, per destination's family: on a dual-stack socket the kernel
+            # takes an IPv4 destination's IP_TTL and ignores IPV6_HOPLIMIT (measured).
+            level, option = (
+                (socket.IPPROTO_IPV6, socket.IPV6_HOPLIMIT)
+                if ":" in address[0]
+                else (socket.IPPROTO_IP, socket.IP_TTL)
+            )
+            ancillary = [(level, option, struct.pack("=i", ttl))]
             try:
-                self._sock.sendmsg([PUNCH_PAYLOAD], ancillary, 0, address)
+                self._sock.sendmsg([PUNCH_PAYLOAD], ancillary, 0, self._on_socket(address))
             except OSError as exc:
                 logger.debug("punch to %s failed: %s", address, exc)
             else:
@@ -755,6 +788,7 @@ class Endpoint:
         sock = self._sock
         limit = self.config.receive_batch
         gro = self._gro
+        dual_stack = self._dual_stack
         received: list[tuple[bytes, Address, int]] = []
         runs = False
         count = 0  # datagrams, a GRO run counting as the datagrams it holds
@@ -773,6 +807,8 @@ class Endpoint:
                 logger.debug("receive: %s", exc)
                 continue
             self.bytes_received += len(data)
+            if dual_stack and addr[0].startswith(V4_MAPPED_PREFIX):
+                addr = (addr[0][V4_MAPPED_LENGTH:], addr[1])
             segment = _gro_segment_size(ancillary)
             if segment and segment < len(data):
                 received.append((data, addr, segment))
@@ -843,7 +879,7 @@ class Endpoint:
         while queue:
             data, addr = queue[0]
             try:
-                sock.sendto(data, addr)
+                sock.sendto(data, self._on_socket(addr))
             except BlockingIOError:
                 return
             except OSError as exc:
@@ -913,14 +949,12 @@ async def open_endpoint(
     config = config or TransportConfig()
     if not isinstance(engine, Engine):
         engine = load_engine(engine)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock = bind_udp(host, port)
     try:
         sock.setblocking(False)
         buffers = size_buffers(sock, config.socket_buffer)
         if buffers.short:
             logger.warning("%s", buffers.advice())
-        sock.bind((host, port))
         async with trio.open_nursery() as nursery:
             endpoint = Endpoint(
                 identity=identity,
@@ -943,6 +977,31 @@ async def open_endpoint(
         sock.close()
 
 
+def bind_udp(host: str, port: int) -> socket.socket:
+    """A UDP socket bound to ``host:port``. ``::`` is both families on one socket (IPv4
+    peers as mapped addresses, IPV6_V6ONLY off whatever the system's default); where the
+    host has no IPv6 it is IPv4's wildcard instead, said in the log."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    except OSError as exc:
+        if host != DUAL_STACK_HOST:
+            raise
+        logger.info("no IPv6 here (%s): listening on IPv4 only", exc)
+        return bind_udp(IPV4_ANY_HOST, port)
+    try:
+        if host == DUAL_STACK_HOST:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if host != DUAL_STACK_HOST or exc.errno not in NO_IPV6_ERRORS:
+            raise
+        logger.info("cannot listen on IPv6 (%s): listening on IPv4 only", exc)
+        return bind_udp(IPV4_ANY_HOST, port)
+    return sock
+
+
 def one_connection_run(data: bytes, segment: int) -> bytes | None:
     """The destination connection id shared by every datagram of a GRO run of ``segment``
     bytes each (the last may be shorter), if each is a short-header QUIC packet; else None.
@@ -962,6 +1021,18 @@ def one_connection_run(data: bytes, segment: int) -> bytes | None:
         if data[1 + offset :: segment] != dcid[offset : offset + 1] * count:
             return None
     return dcid
+
+
+def _v4_mapped(address: Address) -> Address:
+    return (V4_MAPPED_PREFIX + address[0], address[1])
+
+
+def _is_dual_stack(sock: socket.socket) -> bool:
+    if sock.family != socket.AF_INET6:
+        return False
+    if sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY):
+        return False
+    return ipaddress.ip_address(sock.getsockname()[0]).is_unspecified
 
 
 def _tunnel_keys(tunnel: Tunnel) -> tuple[Address, Address]:

@@ -154,6 +154,8 @@ class Machine:
     """Behind a NAT: its router's internet address (what peers see); None: public itself."""
     gateway: Gateway | None = None
     """Behind a router that runs miniupnpd (``NetBed.home(..., upnp=True)``)."""
+    address6: str | None = None
+    """Its IPv6 address (``NetBed.machine(..., ipv6=True)``); None: IPv4 alone."""
 
     @property
     def prefix(self) -> tuple[str, ...]:
@@ -307,6 +309,10 @@ class NetBed:
     def __post_init__(self) -> None:
         self.router = self._namespace("r")
         _run("ip", "netns", "exec", self.router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        _run(
+            "ip", "netns", "exec", self.router, "sysctl", "-qw",
+            "net.ipv6.conf.all.forwarding=1",
+        )  # fmt: skip
 
     def _namespace(self, name: str) -> str:
         namespace = f"{self.tag}-{name}"
@@ -327,17 +333,48 @@ class NetBed:
         _run("ip", "-n", namespace, "link", "set", inside, "up")
         _run("ip", "-n", namespace, "route", "add", "default", "via", f"{subnet}.1")
 
-    def machine(self, name: str) -> Machine:
-        """A new machine alone on its own subnet 10.(bed).(n).0/24 behind the router."""
+    def machine(self, name: str, *, ipv6: bool = False) -> Machine:
+        """A new machine alone on its own subnet 10.(bed).(n).0/24 behind the router;
+        ``ipv6``: on 2001:db8:(bed):(n)::/64 too (the documentation prefix, routed nowhere
+        outside the bed), its IPv6 address ``address6``."""
         number = len(self.machines) + 1
         namespace = self._namespace(name)
         inside, outside = f"{self.tag}{number}m", f"{self.tag}{number}r"
-        subnet = f"10.{200 + int(self.tag[-2:]) % 50}.{number}"
+        bed_number = 200 + int(self.tag[-2:]) % 50
+        subnet = f"10.{bed_number}.{number}"
         self._link_to_router(namespace, inside, outside, subnet)
         machine = Machine(self, name, namespace, f"{subnet}.2", inside, self.root / name / "home")
+        if ipv6:
+            prefix = f"2001:db8:{bed_number}:{number}"
+            # nodad: an address under duplicate address detection (~2 s) cannot be bound.
+            _run("ip", "-n", self.router, "addr", "add", f"{prefix}::1/64", "dev", outside, "nodad")
+            _run("ip", "-n", namespace, "addr", "add", f"{prefix}::2/64", "dev", inside, "nodad")
+            _run("ip", "-n", namespace, "-6", "route", "add", "default", "via", f"{prefix}::1")
+            machine.address6 = f"{prefix}::2"
         machine.home.mkdir(parents=True)
         self.machines.append(machine)
         return machine
+
+    def forward_no_ipv4(self) -> None:
+        """The router forwards IPv6 alone (an IPv6-only internet between the machines, as
+        between two hosts whose IPv4 is behind carrier-grade NAT on both sides but whose
+        IPv6 is routed); ``ipv4_refused`` counts what it dropped."""
+        rules = (
+            "table ip noipv4 {\n"
+            "  chain forward {\n"
+            "    type filter hook forward priority 0; policy accept;\n"
+            "    counter drop\n"
+            "  }\n"
+            "}\n"
+        )
+        _run("ip", "netns", "exec", self.router, "nft", "-f", "-", stdin=rules)
+
+    def ipv4_refused(self) -> int:
+        """IPv4 packets ``forward_no_ipv4`` has dropped so far."""
+        listed = _run("ip", "netns", "exec", self.router, "nft", "list", "table", "ip", "noipv4")
+        found = re.search(r"counter packets (\d+)", listed)
+        assert found is not None, listed
+        return int(found.group(1))
 
     def lan(self, *names: str) -> list[Machine]:
         """Machines together on one LAN 10.(bed).(100 + n).0/24: a bridge in the router's
@@ -392,11 +429,17 @@ class NetBed:
         assert found is not None, listed
         return int(found.group(1))
 
-    def home(self, name: str, nat: str = "cone", upnp: bool = False) -> Machine:
+    def home(
+        self, name: str, nat: str = "cone", upnp: bool = False, *, ipv6: bool = False
+    ) -> Machine:
         """A machine on a private LAN 192.168.(n).0/24 behind its own home router, whose
         internet side is 10.(bed).(n).2 on the bed's router, masquerading (``nat``: "cone" or
         "symmetric", see NAT_RULES). ``upnp``: the router also runs miniupnpd (UPnP IGD and
-        NAT-PMP/PCP), its internet side is then 11.(bed).(n).2 (see the module doc)."""
+        NAT-PMP/PCP), its internet side is then 11.(bed).(n).2 (see the module doc).
+        ``ipv6``: the LAN has a routed IPv6 prefix too, 2001:db8:(bed):(100 + n)::/64, no
+        NAT, behind the router's stateful firewall (RFC 6092's default, as home routers
+        ship: what the LAN sent out may be answered, nothing else comes in); the machine's
+        IPv6 address is ``address6``."""
         rule = NAT_RULES[nat]
         number = len(self.machines) + 1
         gateway = self._namespace(f"{name}gw")
@@ -444,11 +487,53 @@ class NetBed:
         )
         machine.home.mkdir(parents=True)
         self.machines.append(machine)
+        if ipv6:
+            machine.address6 = self._home_ipv6(
+                gateway, (wan_in, wan_out), (outside, inside), number
+            )
         if upnp:
             machine.gateway = Gateway(gateway, wan_in, outside, f"{lan}.1", f"{subnet}.2")
             self._start_miniupnpd(machine.gateway, self.root / f"{name}gw")
             self.gateways.append(machine.gateway)
         return machine
+
+    def _home_ipv6(
+        self, gateway: str, wan: tuple[str, str], lan: tuple[str, str], number: int
+    ) -> str:
+        """IPv6 for a home (see ``home``): its router's internet side on the bed's router,
+        its LAN's prefix routed there, the stateful firewall; the machine's address."""
+        wan_in, wan_out = wan
+        lan_out, lan_in = lan
+        machine = self.machines[-1].namespace
+        bed_number = 200 + int(self.tag[-2:]) % 50
+        wan6, lan6 = f"2001:db8:{bed_number}:{number}", f"2001:db8:{bed_number}:{100 + number}"
+        # nodad: an address under duplicate address detection (~2 s) cannot be bound.
+        for namespace, device, address in (
+            (self.router, wan_out, f"{wan6}::1/64"),
+            (gateway, wan_in, f"{wan6}::2/64"),
+            (gateway, lan_out, f"{lan6}::1/64"),
+            (machine, lan_in, f"{lan6}::2/64"),
+        ):
+            _run("ip", "-n", namespace, "addr", "add", address, "dev", device, "nodad")
+        _run("ip", "-n", self.router, "-6", "route", "add", f"{lan6}::/64", "via", f"{wan6}::2")
+        _run("ip", "-n", gateway, "-6", "route", "add", "default", "via", f"{wan6}::1")
+        _run("ip", "-n", machine, "-6", "route", "add", "default", "via", f"{lan6}::1")
+        _run(
+            "ip", "netns", "exec", gateway, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"
+        )  # fmt: skip
+        rules = (
+            "table ip6 firewall {\n"
+            "  chain forward {\n"
+            "    type filter hook forward priority 0; policy drop;\n"
+            "    ct state established,related accept\n"
+            "    meta l4proto ipv6-icmp accept\n"
+            f'    iifname "{lan_out}" accept\n'
+            "    counter\n"
+            "  }\n"
+            "}\n"
+        )
+        _run("ip", "netns", "exec", gateway, "nft", "-f", "-", stdin=rules)
+        return f"{lan6}::2"
 
     def _start_miniupnpd(self, gateway: Gateway, directory: Path) -> None:
         """miniupnpd in the foreground (-d) on ``gateway``, its nftables chains made first:

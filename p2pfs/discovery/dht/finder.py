@@ -272,9 +272,13 @@ class DhtFinder:
 
     async def _resolve(self, addresses: Sequence[PeerAddress]) -> list[Address]:
         """Each address with its host name resolved now (a name that does not resolve is
-        left out, with a warning; it is tried again at the next join), in our socket's
-        address family."""
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        left out, with a warning; it is tried again at the next join), in an address
+        family our socket speaks (either, on the node's dual-stack port)."""
+        if self._shared is not None:
+            families = self._shared.families
+        else:
+            families = frozenset((socket.AF_INET6 if ":" in self.host else socket.AF_INET,))
+        family = next(iter(families)) if len(families) == 1 else socket.AF_UNSPEC
         resolved = []
         for address in addresses:
             try:
@@ -287,7 +291,11 @@ class DhtFinder:
             except (OSError, trio.TooSlowError) as exc:
                 logger.warning("DHT bootstrap %s does not resolve: %s", address, exc or "timed out")
                 continue
-            resolved.append((str(infos[0][4][0]), int(infos[0][4][1])))
+            spoken = [info[4] for info in infos if info[0] in families]
+            if not spoken:
+                logger.warning("DHT bootstrap %s: no address of a family we speak", address)
+                continue
+            resolved.append((str(spoken[0][0]), int(spoken[0][1])))
         return resolved
 
     async def _call(self, make: Callable[[DhtNode], Coroutine[Any, Any, T]]) -> T:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -33,6 +34,9 @@ class SharedPort(Protocol):
 
     @property
     def local_address(self) -> tuple[str, int]: ...
+
+    @property
+    def families(self) -> frozenset[socket.AddressFamily]: ...
 
     def set_datagram_handler(
         self, first_bytes: bytes, handler: Callable[[bytes, Any], None] | None
