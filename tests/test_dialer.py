@@ -19,6 +19,7 @@ from p2pfs.daemon.addresses import (
     best_of_each_family_first,
     local_addresses,
     rank,
+    unadvertised_ipv6,
 )
 from p2pfs.daemon.dialer import Candidate, Dialer, DialError, interleave_families
 from p2pfs.errors import AuthenticationError, LocalProtocolError
@@ -57,6 +58,25 @@ def test_a_dual_stack_socket_advertises_both_families() -> None:
     assert local_addresses("::", 4, [], dual_stack=True) == [PeerAddress("127.0.0.1", 4)]
     # Not dual-stack (IPV6_V6ONLY): IPv6 alone, as before.
     assert local_addresses("::", 4, interfaces) == [PeerAddress("2001:db8::5", 4)]
+
+
+def test_short_lived_ipv6_addresses_are_not_advertised() -> None:
+    text = (
+        "00000000000000000000000000000001 01 80 10 80       lo\n"
+        "20010db8000000000000000000000002 04 40 00 80     eth0\n"  # stable
+        "20010db8000000001111222233334444 04 40 00 01     eth0\n"  # temporary
+        "20010db8000000000000000000000005 04 40 00 20     eth0\n"  # deprecated
+        "20010db8000000000000000000000006 04 40 00 c0     eth0\n"  # tentative
+        "20010db8000000000000000000000007 04 40 00 08     eth0\n"  # DAD failed
+        "fe8000000000000000fc00fffe000001 04 40 20 80     eth0\n"
+        "not a line\n"
+    )
+    assert unadvertised_ipv6(text) == {
+        "2001:db8::1111:2222:3333:4444",
+        "2001:db8::5",
+        "2001:db8::6",
+        "2001:db8::7",
+    }
 
 
 def test_a_ticket_names_the_best_address_of_each_family_first() -> None:

@@ -90,6 +90,19 @@ def test_addresses_are_the_machines_own(netbed: NetBed, tmp_path: Path) -> None:
     assert ident["discovery"]["dht_port"] == DEFAULT_PORT  # one port for QUIC and the DHT
 
 
+def test_a_dual_stack_machine_advertises_its_lasting_addresses(netbed: NetBed) -> None:
+    """At its defaults a node on a machine with IPv4 and IPv6 names both, the machine's
+    lasting ones: not an address the kernel has deprecated (a privacy address past its
+    day, a withdrawn prefix), which a ticket would name until it vanished."""
+    m1 = netbed.machine("m1", ipv6=True)
+    assert m1.address6 is not None
+    leaving = m1.address6.replace("::2", "::3")
+    m1.add_ipv6(leaving, deprecated=True)
+    m1.start()
+    ident = json.loads(m1.cli("id", "--json").stdout)
+    assert set(ident["addresses"]) == {f"{m1.address}:7337", f"[{m1.address6}]:7337"}
+
+
 def test_share_on_one_machine_fetch_on_another(netbed: NetBed, tmp_path: Path) -> None:
     m1, m2 = netbed.machine("m1"), netbed.machine("m2")
     m1.start()

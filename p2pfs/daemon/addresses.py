@@ -25,6 +25,7 @@ import logging
 import socket
 from collections import OrderedDict
 from collections.abc import Iterable
+from pathlib import Path
 
 import psutil
 
@@ -56,6 +57,44 @@ def interface_addresses(*families: socket.AddressFamily) -> list[str]:
         return []
     # psutil writes IPv6 link-local addresses with a %scope suffix.
     return [address.split("%", 1)[0] for address in found]
+
+
+IF_INET6 = Path("/proc/net/if_inet6")
+"""Linux's IPv6 interface addresses with their flags (absent elsewhere: nothing dropped)."""
+# Address flags (linux/if_addr.h).
+IFA_F_TEMPORARY = 0x01
+IFA_F_DADFAILED = 0x08
+IFA_F_DEPRECATED = 0x20
+IFA_F_TENTATIVE = 0x40
+NOT_ADVERTISED = IFA_F_TEMPORARY | IFA_F_DADFAILED | IFA_F_DEPRECATED | IFA_F_TENTATIVE
+"""A temporary (privacy, RFC 8981) address is replaced within a day and then deprecated, so
+a ticket naming it stops working; a deprecated one is on its way out; a tentative or
+failed one does not answer yet or ever. A host with temporaries also has its stable one."""
+
+
+def unadvertised_ipv6(text: str) -> frozenset[str]:
+    """The addresses of ``/proc/net/if_inet6``'s text that are not worth advertising
+    (``NOT_ADVERTISED``). Lines that do not parse are skipped."""
+    found = set()
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 6 or len(fields[0]) != 32:
+            continue
+        try:
+            flags = int(fields[4], 16)
+            address = ipaddress.IPv6Address(bytes.fromhex(fields[0]))
+        except ValueError:
+            continue
+        if flags & NOT_ADVERTISED:
+            found.add(str(address))
+    return frozenset(found)
+
+
+def _unadvertised_here() -> frozenset[str]:
+    try:
+        return unadvertised_ipv6(IF_INET6.read_text())
+    except OSError:
+        return frozenset()
 
 
 def rank(address: IPAddress) -> int:
@@ -139,12 +178,12 @@ class AddressBook:
         return (socket.AF_INET6 if ":" in self.bound_host else socket.AF_INET,)
 
     def _own(self) -> list[PeerAddress]:
-        return local_addresses(
-            self.bound_host,
-            self.port,
-            interface_addresses(*self.families),
-            dual_stack=self.dual_stack,
-        )
+        interfaces = interface_addresses(*self.families)
+        if socket.AF_INET6 in self.families:
+            # Still ours (the NAT hint counts them, since we send from them), not advertised.
+            dropped = _unadvertised_here()
+            interfaces = [address for address in interfaces if address not in dropped]
+        return local_addresses(self.bound_host, self.port, interfaces, dual_stack=self.dual_stack)
 
     def observed(self, address: PeerAddress, reporter: str) -> None:
         """A peer at ``reporter`` (its IP) saw our packets come from ``address``."""

@@ -200,6 +200,16 @@ class Machine:
         self.address = new
         return new
 
+    def add_ipv6(self, address: str, *, deprecated: bool = False) -> None:
+        """Another IPv6 address on the machine's link (/64); ``deprecated``: with a
+        preferred lifetime of 0, as the kernel marks an address on its way out (a privacy
+        address past its day, a prefix the router withdrew)."""
+        lifetime = ("preferred_lft", "0") if deprecated else ()
+        _run(
+            "ip", "-n", self.namespace, "addr", "add", f"{address}/64", "dev", self.veth,
+            "nodad", *lifetime,
+        )  # fmt: skip
+
     def hosts(self, names: dict[str, str]) -> None:
         """Give this machine its own ``/etc/hosts`` (``ip netns exec`` binds
         ``/etc/netns/NAMESPACE/hosts`` over it for what it starts) listing ``names`` (name ->
