@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pfs.address import PeerAddress, parse_address
+from p2pfs.daemon import addresses
 from p2pfs.daemon.addresses import (
     OBSERVED_LIMIT,
     AddressBook,
@@ -77,6 +78,27 @@ def test_short_lived_ipv6_addresses_are_not_advertised() -> None:
         "2001:db8::6",
         "2001:db8::7",
     }
+
+
+def test_a_short_lived_address_peers_report_stays_unadvertised(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Peers report the address our packets came from, for IPv6 often a temporary one (the
+    kernel's preferred source): two places agreeing must not advertise it after all."""
+    temporary, stable = "2001:db8::1111:2222:3333:4444", "2001:db8::2"
+    monkeypatch.setattr(addresses, "interface_addresses", lambda *_: [stable, temporary])
+    monkeypatch.setattr(addresses, "_unadvertised_here", lambda: frozenset({temporary}))
+    book = AddressBook("::", 7337, dual_stack=True)
+    public = PeerAddress("203.0.113.5", 40000)  # an IPv4 NAT's mapping: advertised
+    for reporter in ("198.51.100.1", "192.0.2.1"):
+        book.observed(PeerAddress(temporary, 7337), reporter)
+        book.observed(public, reporter)
+    assert set(book.all()) == {public, PeerAddress(stable, 7337)}
+    # Our own address, however short-lived, is no sign of a NAT; the IPv4 mapping is.
+    alone = AddressBook("::", 7337, dual_stack=True)
+    alone.observed(PeerAddress(temporary, 7337), "198.51.100.1")
+    assert not alone.seen_through_nat()
+    assert book.seen_through_nat()
 
 
 def test_a_ticket_names_the_best_address_of_each_family_first() -> None:

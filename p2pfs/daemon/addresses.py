@@ -177,13 +177,14 @@ class AddressBook:
             return (socket.AF_INET6, socket.AF_INET)
         return (socket.AF_INET6 if ":" in self.bound_host else socket.AF_INET,)
 
-    def _own(self) -> list[PeerAddress]:
+    def _own(self) -> tuple[list[PeerAddress], frozenset[str]]:
+        """The interface addresses we advertise, and those we have but do not (short-lived
+        IPv6 ones: still ours, and the NAT hint counts them, since we send from them)."""
         interfaces = interface_addresses(*self.families)
-        if socket.AF_INET6 in self.families:
-            # Still ours (the NAT hint counts them, since we send from them), not advertised.
-            dropped = _unadvertised_here()
-            interfaces = [address for address in interfaces if address not in dropped]
-        return local_addresses(self.bound_host, self.port, interfaces, dual_stack=self.dual_stack)
+        dropped = _unadvertised_here() if socket.AF_INET6 in self.families else frozenset()
+        kept = [address for address in interfaces if address not in dropped]
+        own = local_addresses(self.bound_host, self.port, kept, dual_stack=self.dual_stack)
+        return own, dropped
 
     def observed(self, address: PeerAddress, reporter: str) -> None:
         """A peer at ``reporter`` (its IP) saw our packets come from ``address``."""
@@ -216,14 +217,16 @@ class AddressBook:
 
     def interfaces_now(self) -> frozenset[str]:
         """The interface addresses we advertise, read now (to notice that they changed)."""
-        return frozenset(address.host for address in self._own())
+        return frozenset(address.host for address in self._own()[0])
 
     def all(self) -> list[PeerAddress]:
-        own = self._own()
+        own, dropped = self._own()
+        # A peer reports the address our packets came from: for IPv6, often a temporary
+        # one (the kernel prefers them as sources), which we chose not to advertise.
         extra = [
             address
             for address, places in reversed(self._observed.items())
-            if len(places) >= CONFIRMATIONS and address not in own
+            if len(places) >= CONFIRMATIONS and address not in own and address.host not in dropped
         ]
         mapped = [self._mapped] if self._mapped is not None else []
         # An observed public address beats our private ones: it is what the internet sees.
