@@ -290,9 +290,10 @@ class Node:
                 await nursery.start(self._serve_api, self.config.gui)
             nursery.start_soon(self._wait_for_signal, nursery.cancel_scope)
             logger.info(
-                "node %s listening on %s:%d, reachable at %s",
+                "node %s listening on %s%s, reachable at %s",
                 self._identity.node_id,
-                *endpoint.local_address,
+                _format(endpoint.local_address),
+                " (IPv6 and IPv4)" if len(endpoint.families) == 2 else "",
                 ", ".join(str(a) for a in self._addresses.all()),
             )
             # What start-up built (modules, tables, the identity) lives as long as the
