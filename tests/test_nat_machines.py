@@ -140,6 +140,37 @@ def test_symmetric_nats_fetch_through_the_relay(natbed: NetBed, tmp_path: Path) 
     assert isinstance(relay_info, dict) and relay_info["bytes_forwarded"] >= 3 * MiB
 
 
+def test_homes_behind_carrier_grade_nat_punch_a_direct_path(natbed: NetBed, tmp_path: Path) -> None:
+    """Each home router is itself behind its ISP's NAT (two NATs in a row, both keeping
+    ports: what mobile and many fixed-line subscribers have). A punch that dies two hops
+    out dies inside the carrier's NAT and opens nothing there: such homes stayed relayed.
+    Later punches go the whole way, sent once the peer's own first packets are out."""
+    relay = natbed.machine("relay")
+    relay.start("--relay")
+    a = natbed.home("a", "cone", carrier_nat=True)
+    b = natbed.home("b", "cone", carrier_nat=True)
+    a.start(*knowing(relay))
+    b.start(*knowing(relay), "--max-download-rate", str(2 * MiB))
+    for home in (a, b):
+        registered(home)
+    a_id = str(ident(a)["node_id"])
+    source = tmp_path / "photos"
+    make_tree(source, {"big.bin": 16 * MiB, "small.txt": 1000})
+    ticket = share(a, source)
+    fetch = b.popen("fetch", ticket, str(tmp_path / "copy"), "--json")
+    try:
+        wait_until(lambda: "punched" in paths_to(b, a_id), timeout=60)
+        punched = [p for p in peers(b) if p["node_id"] == a_id and p["path"] == "punched"]
+        assert punched[0]["address"] == f"{a.public}:7337"
+        _, stderr = fetch.communicate(timeout=120)
+        assert fetch.returncode == 0, stderr
+    finally:
+        fetch.kill()
+    assert same_tree(source, tmp_path / "copy")
+    relay_info = ident(relay)["relay"]
+    assert isinstance(relay_info, dict) and relay_info["bytes_forwarded"] < 8 * MiB
+
+
 def test_behind_symmetric_nats_the_punch_goes_over_ipv6(natbed: NetBed, tmp_path: Path) -> None:
     """Two homes whose IPv4 is behind fully-random NATs (no punch gets through: above) and
     whose IPv6 is routed, behind each router's stateful firewall (nothing comes in that

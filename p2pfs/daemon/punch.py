@@ -49,14 +49,30 @@ answer, more while A's Initials may still be on their way or retransmitted."""
 DIRECT_TIMEOUT = 3.0
 """How long A's direct handshakes may take before the punch counts as failed."""
 PUNCH_TTL = 2
-"""Hops a punch datagram lives: enough to cross our own home router (hop 1) and die at
-the next, short of the far NAT (see Endpoint.send_punch for why it must not get there).
-A node behind two layers of NAT (carrier-grade NAT) would need more; not handled yet."""
+"""Hops the first punch datagrams live: enough to cross our own home router (hop 1) and
+die at the next, short of the far NAT, which they must not reach before the peer's own
+first packet has left through it (see Endpoint.send_punch). Behind a second NAT (the
+carrier's) they die inside it and open nothing there: the later ones go the whole way."""
+WHOLE_WAY_AFTER = 0.2
+"""The earliest a punch goes the whole way (the system's hop limit), in seconds from the
+first; later still on a slow relayed path (``whole_way_after``)."""
+RELAYED_RTTS_BEFORE_WHOLE_WAY = 1.5
+"""The peer dials once our answer reaches it over the relay (half a relayed round trip);
+a punch sent this many relayed round trips after the answer finds its first packet gone
+out, so it arrives at the peer's NAT as an answer to it."""
+
+
 PUNCHED_WINDOW = 10.0
 """B calls a direct connection from A "punched" if it arrives within this of the punch."""
 
 PUNCH_OUTCOMES_KEPT = 64
 """Outcomes of recent punches a node keeps for ``p2pfs connect`` to report."""
+
+
+def whole_way_after(relayed_rtt: float | None) -> float:
+    """From when on (seconds after the first punch) punches go the whole way."""
+    return max(WHOLE_WAY_AFTER, RELAYED_RTTS_BEFORE_WHOLE_WAY * (relayed_rtt or 0.0))
+
 
 OwnCandidates = Callable[[], list[PeerAddress]]
 
@@ -150,9 +166,10 @@ class Puncher:
         self._endpoint.send_punch(targets, PUNCH_TTL)
         await stream.send_all(encode(self._candidates()))
         await stream.send_eof()
+        whole_way_from = whole_way_after(relayed.smoothed_rtt)
         for offset in PUNCH_SCHEDULE[1:]:
             await trio.sleep_until(started + offset)
-            self._endpoint.send_punch(targets, PUNCH_TTL)
+            self._endpoint.send_punch(targets, None if offset >= whole_way_from else PUNCH_TTL)
 
     def mark(self, conn: PeerConnection) -> None:
         """B's side: a direct connection from a peer we just punched toward is punched."""

@@ -523,14 +523,23 @@ class Endpoint:
                 break
         return end, total
 
-    def send_punch(self, addresses: list[tuple[str, int]], ttl: int) -> None:
+    def send_punch(self, addresses: list[tuple[str, int]], ttl: int | None) -> None:
         """One tiny datagram to each address with a short ``ttl``, to open our own NAT's
         mapping toward it (hole punching) without reaching the far NAT: a datagram that
         arrives there before the far side's own packet leaves makes Linux conntrack record
         an inbound flow, and masquerade then gives the far side's packet another port.
+        ``ttl`` None: the system's hop limit (once the far side's packet has left).
         Receivers that do get one drop it unread (it parses as no QUIC packet)."""
         for address in addresses:
             if not self.speaks(address[0]):
+                continue
+            if ttl is None:
+                try:
+                    self._sock.sendto(PUNCH_PAYLOAD, self._on_socket(address))
+                except OSError as exc:
+                    logger.debug("punch to %s failed: %s", address, exc)
+                else:
+                    self.datagrams_sent += 1
                 continue
             # A hop limit, per destination's family: on a dual-stack socket the kernel
             # takes an IPv4 destination's IP_TTL and ignores IPV6_HOPLIMIT (measured).

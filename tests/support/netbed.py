@@ -440,7 +440,13 @@ class NetBed:
         return int(found.group(1))
 
     def home(
-        self, name: str, nat: str = "cone", upnp: bool = False, *, ipv6: bool = False
+        self,
+        name: str,
+        nat: str = "cone",
+        upnp: bool = False,
+        *,
+        ipv6: bool = False,
+        carrier_nat: bool = False,
     ) -> Machine:
         """A machine on a private LAN 192.168.(n).0/24 behind its own home router, whose
         internet side is 10.(bed).(n).2 on the bed's router, masquerading (``nat``: "cone" or
@@ -449,32 +455,52 @@ class NetBed:
         ``ipv6``: the LAN has a routed IPv6 prefix too, 2001:db8:(bed):(100 + n)::/64, no
         NAT, behind the router's stateful firewall (RFC 6092's default, as home routers
         ship: what the LAN sent out may be answered, nothing else comes in); the machine's
-        IPv6 address is ``address6``."""
+        IPv6 address is ``address6``.
+        ``carrier_nat``: the home router's internet side is itself behind the ISP's
+        carrier-grade NAT (a ``nat`` router of its own, namespace NAME-cgn), on
+        100.64.(n).0/24 (RFC 6598's shared space); the machine's ``public`` address is the
+        carrier's, 10.(bed).(n).2. Two NATs in a row: what mobile and many fixed-line
+        subscribers have. The carrier drops unsolicited inbound packets without recording
+        them, as carrier equipment does (RFC 6888's filtering), not as a bare Linux box."""
+        if carrier_nat and (upnp or ipv6):
+            raise ValueError("a carrier-NAT home is built without UPnP or IPv6")
         rule = NAT_RULES[nat]
         number = len(self.machines) + 1
         gateway = self._namespace(f"{name}gw")
         wan_in, wan_out = f"{self.tag}{number}w", f"{self.tag}{number}r"
         first = UPNP_WAN if upnp else 10
         subnet = f"{first}.{200 + int(self.tag[-2:]) % 50}.{number}"
-        self._link_to_router(gateway, wan_in, wan_out, subnet)
-        _run("ip", "netns", "exec", gateway, "sysctl", "-qw", "net.ipv4.ip_forward=1")
-        _run(
-            "ip",
-            "netns",
-            "exec",
-            gateway,
-            "nft",
-            "-f",
-            "-",
-            stdin=(
-                "table ip nat {\n"
-                "  chain postrouting {\n"
-                "    type nat hook postrouting priority 100; policy accept;\n"
-                f'    oifname "{wan_in}" {rule}\n'
+        if carrier_nat:
+            carrier = self._namespace(f"{name}cgn")
+            carrier_wan = f"{self.tag}{number}c"
+            self._link_to_router(carrier, carrier_wan, wan_out, subnet)
+            self._masquerade(carrier, carrier_wan, rule)
+            # A carrier's NAT keeps no state for what nobody inside asked for: dropped on
+            # input, the flow is never recorded (conntrack confirms an entry only once its
+            # packet gets through), where a bare Linux masquerade would record it as a flow
+            # to itself and map the subscriber's later packet to that peer elsewhere.
+            rules = (
+                "table ip carrier {\n"
+                "  chain input {\n"
+                "    type filter hook input priority 0; policy accept;\n"
+                f'    iifname "{carrier_wan}" ct state new counter drop\n'
                 "  }\n"
                 "}\n"
-            ),
-        )
+            )
+            _run("ip", "netns", "exec", carrier, "nft", "-f", "-", stdin=rules)
+            shared = f"100.64.{number}"
+            subscriber = f"{self.tag}{number}s"
+            _run("ip", "link", "add", wan_in, "type", "veth", "peer", "name", subscriber)
+            _run("ip", "link", "set", wan_in, "netns", gateway)
+            _run("ip", "link", "set", subscriber, "netns", carrier)
+            _run("ip", "-n", carrier, "addr", "add", f"{shared}.1/24", "dev", subscriber)
+            _run("ip", "-n", carrier, "link", "set", subscriber, "up")
+            _run("ip", "-n", gateway, "addr", "add", f"{shared}.2/24", "dev", wan_in)
+            _run("ip", "-n", gateway, "link", "set", wan_in, "up")
+            _run("ip", "-n", gateway, "route", "add", "default", "via", f"{shared}.1")
+        else:
+            self._link_to_router(gateway, wan_in, wan_out, subnet)
+        self._masquerade(gateway, wan_in, rule)
         namespace = self._namespace(name)
         inside, outside = f"{self.tag}{number}m", f"{self.tag}{number}l"
         lan = f"192.168.{number}"
@@ -506,6 +532,20 @@ class NetBed:
             self._start_miniupnpd(machine.gateway, self.root / f"{name}gw")
             self.gateways.append(machine.gateway)
         return machine
+
+    @staticmethod
+    def _masquerade(router: str, outward: str, rule: str) -> None:
+        """``router`` forwards, and NATs what leaves through ``outward`` by ``rule``."""
+        _run("ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        rules = (
+            "table ip nat {\n"
+            "  chain postrouting {\n"
+            "    type nat hook postrouting priority 100; policy accept;\n"
+            f'    oifname "{outward}" {rule}\n'
+            "  }\n"
+            "}\n"
+        )
+        _run("ip", "netns", "exec", router, "nft", "-f", "-", stdin=rules)
 
     def _home_ipv6(
         self, gateway: str, wan: tuple[str, str], lan: tuple[str, str], number: int
