@@ -7,6 +7,10 @@ One bed (tests/support/netbed.py; needs root, ``ip`` and ``nft``; the port-mappe
   miniupnpd (the home maps its port; no relay anywhere);
 - punched: two homes behind cone NATs, both registered with a public relay: the fetch
   starts relayed and goes direct once the punch succeeds;
+- punched behind CGNAT: two homes each behind a cone home router behind a cone carrier NAT
+  (``NetBed.home(..., carrier_nat=True)``): two NATs in a row, then as punched;
+- punched over IPv6: two homes whose IPv4 is behind symmetric NATs and whose IPv6 is routed
+  behind stateful firewalls: the punch opens the firewalls;
 - relayed: two homes behind symmetric (fully-random) NATs and the relay: relayed throughout.
 For a small and a larger share, per path: time to the first verified byte
 (``first_byte_seconds`` of the daemon's fetch report: from the fetch's start in the daemon,
@@ -76,28 +80,7 @@ def run(
 ) -> dict[str, dict[str, object]]:
     relay = bed.machine("relay")
     relay.start("--relay", "--relay-client-rate", RELAY_RATE)
-    via = ("--relay-via", f"{relay.address}:7337")
-    pub_a, pub_b = bed.machine("puba"), bed.machine("pubb")
-    pub_a.start()
-    pub_b.start()
-    pairs: dict[str, tuple[Machine, Machine] | str] = {"direct": (pub_a, pub_b)}
-    upnp_reason = can_build_upnp()
-    if upnp_reason is None:
-        mapped = bed.home("mapped", "cone", upnp=True)
-        mapped.start()
-        pairs["port-mapped"] = (mapped, pub_b)
-    else:
-        pairs["port-mapped"] = upnp_reason
-    cone_a, cone_b = bed.home("conea", "cone"), bed.home("coneb", "cone")
-    sym_a, sym_b = bed.home("syma", "symmetric"), bed.home("symb", "symmetric")
-    for home in (cone_a, cone_b, sym_a, sym_b):
-        home.start(*via)
-    pairs["punched"] = (cone_a, cone_b)
-    pairs["relayed"] = (sym_a, sym_b)
-    for home in (cone_a, cone_b, sym_a, sym_b):
-        _wait(partial(_registered, home), 30, "relay registration")
-    if isinstance(pairs["port-mapped"], tuple):
-        _wait(partial(_mapped, pairs["port-mapped"][0]), 30, "the gateway's mapping")
+    pairs = _pairs(bed, ("--relay-via", f"{relay.address}:7337"))
     sources = {}
     for name, size in sizes.items():
         source = root / "data" / name
@@ -135,6 +118,40 @@ def run(
         "bytes_forwarded": forwarded,
     }
     return figures
+
+
+def _pairs(bed: NetBed, via: tuple[str, ...]) -> dict[str, tuple[Machine, Machine] | str]:
+    """Each path's (holder, fetcher), their daemons up (homes registered with the relay
+    ``via`` names), or why the path is skipped."""
+    pub_a, pub_b = bed.machine("puba"), bed.machine("pubb")
+    pub_a.start()
+    pub_b.start()
+    pairs: dict[str, tuple[Machine, Machine] | str] = {"direct": (pub_a, pub_b)}
+    upnp_reason = can_build_upnp()
+    if upnp_reason is None:
+        mapped = bed.home("mapped", "cone", upnp=True)
+        mapped.start()
+        pairs["port-mapped"] = (mapped, pub_b)
+    else:
+        pairs["port-mapped"] = upnp_reason
+    cone_a, cone_b = bed.home("conea", "cone"), bed.home("coneb", "cone")
+    cgn_a = bed.home("cgna", "cone", carrier_nat=True)
+    cgn_b = bed.home("cgnb", "cone", carrier_nat=True)
+    six_a = bed.home("sixa", "symmetric", ipv6=True)
+    six_b = bed.home("sixb", "symmetric", ipv6=True)
+    sym_a, sym_b = bed.home("syma", "symmetric"), bed.home("symb", "symmetric")
+    homes = (cone_a, cone_b, cgn_a, cgn_b, six_a, six_b, sym_a, sym_b)
+    for home in homes:
+        home.start(*via)
+    pairs["punched"] = (cone_a, cone_b)
+    pairs["punched behind CGNAT"] = (cgn_a, cgn_b)
+    pairs["punched over IPv6"] = (six_a, six_b)
+    pairs["relayed"] = (sym_a, sym_b)
+    for home in homes:
+        _wait(partial(_registered, home), 30, "relay registration")
+    if isinstance(pairs["port-mapped"], tuple):
+        _wait(partial(_mapped, pairs["port-mapped"][0]), 30, "the gateway's mapping")
+    return pairs
 
 
 def _fetches(
