@@ -166,6 +166,51 @@ def test_on_one_lan_datagrams_fill_the_ethernet_frames(netbed: NetBed, tmp_path:
     assert mean_frame["m3"] <= 1350 + ip_udp + ethernet, mean_frame
 
 
+def test_a_lan_neighbours_link_local_address_gets_full_frames(netbed: NetBed) -> None:
+    """LAN discovery hears IPv6 beacons from link-local addresses (``fe80::...%eth0``),
+    which a dual-stack node dials: its datagrams there fill the Ethernet frames (1,452
+    bytes of UDP payload over IPv6), as to the neighbour's IPv4 address. The kernel's
+    answer needs the interface: without it the base size (1,350) was used."""
+    m1, m2 = netbed.lan("m1", "m2")
+
+    def link_local_line(machine: Machine) -> str:
+        return subprocess.run(
+            [
+                *machine.prefix,
+                "ip",
+                "-6",
+                "-o",
+                "addr",
+                "show",
+                "dev",
+                machine.veth,
+                "scope",
+                "link",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    # A link-local address is usable once duplicate address detection (~1-2 s) is done.
+    wait_until(lambda: all("tentative" not in link_local_line(m) for m in (m1, m2)), timeout=10)
+    neighbour = link_local_line(m2).split()[3].split("/")[0]
+    probe = (
+        "import sys; from p2pfs.net.pathsize import PathSizes; "
+        "print(PathSizes(1350, 16384).datagram_size(sys.argv[1]))"
+    )
+    sizes = [
+        subprocess.run(
+            [*m1.prefix, sys.executable, "-c", probe, host],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for host in (f"{neighbour}%{m1.veth}", m2.address)
+    ]
+    assert sizes == ["1452", "1472"]
+
+
 def test_sync_join_with_the_ticket_alone(netbed: NetBed, tmp_path: Path) -> None:
     m1, m2 = netbed.machine("m1"), netbed.machine("m2")
     m1.start()
@@ -419,6 +464,22 @@ def test_unreachable_candidates_are_passed_quickly(netbed: NetBed, tmp_path: Pat
 
 def _p2pfs(home: Path) -> list[str]:
     return [sys.executable, "-m", "p2pfs", "--home", str(home)]
+
+
+def test_a_dht_on_a_port_of_its_own_joins_from_the_dual_stack_default(
+    netbed: NetBed, tmp_path: Path
+) -> None:
+    """A node at its defaults (both families on one socket) but with the DHT on a socket
+    of its own (``--dht-port``) joins a DHT at an IPv4 address and announces there."""
+    m1, m2 = netbed.machine("m1"), netbed.machine("m2")
+    m1.start()
+    m2.start("--dht-port", "7338", "--bootstrap", f"{m1.address}:{DEFAULT_PORT}")
+    source = tmp_path / "own-port"
+    make_tree(source, {"notes.txt": 50_000})
+    ticket = share(m2, source, "--no-hints")
+    wait_until(lambda: found_at(m1, ticket, m2.address), timeout=20)
+    fetch_json(m1, ticket, tmp_path / "copy")
+    assert same_tree(source, tmp_path / "copy")
 
 
 def test_a_bootstrap_name_that_resolves_only_later_is_joined_then(

@@ -90,7 +90,7 @@ def configured_finders(
     dht = DhtFinder(
         node_id=node_id.raw,
         quic_port=quic_port,
-        host=config.dht_host,
+        host=own_dht_host(config.dht_host) if config.dht_port is not None else config.dht_host,
         port=config.dht_port or 0,
         bootstrap=config.bootstrap,
         ksize=dht_ksize(config, os.environ),
@@ -112,9 +112,18 @@ def configured_finders(
     return dht, finders
 
 
+def own_dht_host(listen_host: str) -> str:
+    """Where a DHT on a socket of its own (``--dht-port``) binds: the node's host, but
+    IPv4's wildcard for the dual-stack one (``::``): that socket is asyncio's, which would
+    see IPv4 peers as mapped addresses it cannot send to; only the node's own endpoint
+    translates them (SPEC "Both address families")."""
+    return "0.0.0.0" if listen_host == "::" else listen_host
+
+
 def dht_required(config: DiscoveryConfig) -> Required:
     """The private DHT is how --no-hints tickets work: it is never optional."""
-    return Required("private DHT", f"{config.dht_host}:{config.dht_port}", "--dht-port")
+    where = PeerAddress(own_dht_host(config.dht_host), config.dht_port or 0)
+    return Required("private DHT", str(where), "--dht-port")
 
 
 class Discovery:

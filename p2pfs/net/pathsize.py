@@ -11,6 +11,8 @@ raised where the whole path is known:
 - an on-link address (its route has no gateway, net/linkroutes.py): the path is one link,
   and the largest datagram is the kernel's MTU for that route, at most an Ethernet frame's
   (a jumbo-frame link is only as good as every device on it, and nothing here probes it);
+  an IPv6 link-local one (``fe80::1%eth0``, as LAN discovery finds peers) by its
+  interface;
 - anything else, relay tunnels included: the configured base size, which fits any path with
   an MTU of 1,400 or more.
 
@@ -155,9 +157,10 @@ def is_loopback(host: str) -> bool:
 
 
 def _address(host: str) -> IPAddress | None:
-    """``host`` as an IP address (a v4-mapped IPv6 one as IPv4), None if no IP literal."""
+    """``host`` as an IP address (a v4-mapped IPv6 one as IPv4; a link-local one with its
+    ``%interface``, which says which link), None if no IP literal."""
     try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
+        address = ipaddress.ip_address(host)
     except ValueError:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
@@ -188,8 +191,13 @@ def kernel_route_mtu(address: IPAddress) -> int | None:
         (socket.IPPROTO_IP, IP_MTU) if address.version == 4 else (socket.IPPROTO_IPV6, IPV6_MTU)
     )
     try:
+        # Resolved (numerically) to a socket address: a link-local one's interface then
+        # travels as its scope id, which a plain (host, port) pair cannot carry (EINVAL).
+        target = socket.getaddrinfo(
+            str(address), 9, family, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST
+        )[0][4]
         with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.connect((str(address), 9))
+            probe.connect(target)
             return int(probe.getsockopt(level, option))
     except OSError as exc:
         logger.debug("no route MTU for %s: %s", address, exc)
