@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Hashable, Iterable
@@ -408,8 +409,10 @@ def interleave_families(hosts: Iterable[str]) -> list[str]:
 
 
 def _is_ip(host: str) -> bool:
+    """An IP literal, a link-local IPv6 one with its ``%interface`` included (as LAN
+    discovery hears peers): dialled as it is, its interface kept."""
     try:
-        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
-    except OSError:
+        ipaddress.ip_address(host)
+    except ValueError:
         return False
     return True

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 import trio
 
+from p2pfs.address import PeerAddress
 from p2pfs.content.chunking import ChunkRef
 from p2pfs.errors import (
     ConnectionClosedError,
@@ -273,9 +274,7 @@ class PeerPool:
             return
         assert self._nursery is not None
         self._connected[peer] = conn
-        self.stats[peer] = PeerStats(
-            str(peer), f"{conn.remote_address[0]}:{conn.remote_address[1]}"
-        )
+        self.stats[peer] = PeerStats(str(peer), peer_address_text(conn))
         self._nursery.start_soon(self._worker, conn, subscribed)
 
     def _changed(self) -> None:
@@ -828,3 +827,11 @@ async def _reply_unless_stalled(
             raise PeerStalledError(f"peer {peer.short()} sent nothing for {STALL_TIMEOUT:.0f} s")
         heard = conn.stream_bytes_received
         still_coming()
+
+
+def peer_address_text(conn: PeerConnection) -> str:
+    """Where a peer is, as reports show it: ``HOST:PORT`` (``[V6]:PORT``), or ``relay``
+    through a relay circuit (whose synthetic address means nothing to a reader)."""
+    if conn.path == "relayed":
+        return "relay"
+    return str(PeerAddress(str(conn.remote_address[0]), int(conn.remote_address[1])))

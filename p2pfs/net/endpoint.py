@@ -302,7 +302,7 @@ class Endpoint:
         through a relay tunnel or where link-sized datagrams are off."""
         if remote in self._tunnels:
             return self.config.max_datagram_size
-        size = self._path_sizes.datagram_size(str(remote[0]))
+        size = self._path_sizes.datagram_size(path_host(remote))
         if not self.config.link_sized_datagrams:
             # The base size, or less where the kernel knows the path is smaller.
             return min(size, self.config.max_datagram_size)
@@ -387,7 +387,7 @@ class Endpoint:
         won = winners[0]
         lost = small if won is first else first
         lost.close_nowait(CloseCode.NO_ERROR, "connect abandoned: the other size answered first")
-        if won is small and self._path_sizes.keep_small(str(remote[0])):
+        if won is small and self._path_sizes.keep_small(path_host(remote)):
             logger.info(
                 "%r: only a handshake in %d-byte datagrams was answered; the path to %s "
                 "may drop big ones: new connections there use that size for %.0f s",
@@ -462,7 +462,7 @@ class Endpoint:
         interface or a learnt path MTU smaller than the size chosen): the kernel refuses the
         whole send, each time, so the connection would lose every full datagram. Sent one
         by one, the kernel fragments them; the next connection there is sized to fit."""
-        host = str(addr[0])
+        host = path_host(addr)
         if host not in self._paths_too_small:
             logger.info(
                 "datagrams of %d bytes exceed the path MTU to %s: sent as IP fragments; "
@@ -596,7 +596,7 @@ class Endpoint:
         answers pass, and every transfer stalls (RFC 8899's black hole; qh3 probes nothing
         for a server). The next connections there keep to QUIC's minimum both ways.
         A peer that really stopped costs its path that size for a while, nothing more."""
-        host = str(conn.remote_address[0])
+        host = path_host(conn.remote_address)
         if is_tunnel(conn.remote_address) or conn.datagram_size <= QUIC_MIN_DATAGRAM:
             return
         if conn.largest_datagram_received >= self.config.max_datagram_size:
@@ -1030,6 +1030,15 @@ def one_connection_run(data: bytes, segment: int) -> bytes | None:
         if data[1 + offset :: segment] != dcid[offset : offset + 1] * count:
             return None
     return dcid
+
+
+def path_host(address: Address) -> str:
+    """A socket address's host as net/pathsize.py takes it: a link-local IPv6 one with its
+    interface (the scope id), which says which link the kernel should answer for."""
+    host = str(address[0])
+    if len(address) == 4 and address[3] and "%" not in host:
+        return f"{host}%{address[3]}"
+    return host
 
 
 def _v4_mapped(address: Address) -> Address:

@@ -417,6 +417,19 @@ class NetBed:
             machines.append(machine)
         return machines
 
+    def lans_carry_ipv6_alone(self) -> None:
+        """The LANs' bridges (``lan``) drop IPv4 and ARP frames: neighbours there meet over
+        IPv6 link-local addresses alone (each interface has one), as on an IPv6-only LAN."""
+        rules = (
+            "table bridge noipv4 {\n"
+            "  chain forward {\n"
+            "    type filter hook forward priority 0; policy accept;\n"
+            "    ether type { ip, arp } counter drop\n"
+            "  }\n"
+            "}\n"
+        )
+        _run("ip", "netns", "exec", self.router, "nft", "-f", "-", stdin=rules)
+
     def lose_on_the_internet(self, per_mille: int) -> None:
         """The router drops ``per_mille`` of every thousand UDP datagrams it forwards, each
         at random (nftables' numgen: the kernel here has no netem), as a lossy internet
