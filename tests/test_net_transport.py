@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import random
@@ -24,6 +25,7 @@ from p2pfs.errors import (
 from p2pfs.identity import Identity
 from p2pfs.ids import NodeId
 from p2pfs.net import CloseCode, PeerConnection, Stream, TransportConfig, load_engine, open_endpoint
+from p2pfs.net.endpoint import bind_udp
 from tests.support.rebinding import RebindingForwarder
 
 MiB = 1 << 20
@@ -159,6 +161,29 @@ def test_a_dual_stack_endpoint_speaks_both_families(engine: str) -> None:
                 assert await echoed(out, b"back" * 900) == b"back" * 900
 
     trio.run(main)
+
+
+def test_without_ipv6_the_dual_stack_default_listens_on_ipv4(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A kernel booted without IPv6 refuses IPv6 sockets (EAFNOSUPPORT): the default
+    ``::`` then listens on IPv4's wildcard; an IPv6 address asked for by name fails."""
+    real_socket = socket.socket
+
+    def no_ipv6(family: int = socket.AF_INET, *args: Any, **kwargs: Any) -> socket.socket:
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        return real_socket(family, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "socket", no_ipv6)
+    sock = bind_udp("::", 0)
+    try:
+        assert sock.family == socket.AF_INET
+        assert sock.getsockname()[0] == "0.0.0.0"
+    finally:
+        sock.close()
+    with pytest.raises(OSError):
+        bind_udp("::1", 0)
 
 
 @engine_param
