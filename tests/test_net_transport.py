@@ -123,6 +123,10 @@ def test_bulk_transfer_is_byte_identical_both_directions(engine: str) -> None:
     assert hashlib.sha256(received["client"]).digest() == hashlib.sha256(down).digest()
 
 
+def port_of(endpoint: Any) -> int:
+    return int(endpoint.local_address[1])
+
+
 async def echoed(conn: PeerConnection, payload: bytes) -> bytes:
     stream = await conn.open_stream()
     await stream.send_all(payload)
@@ -159,6 +163,11 @@ def test_a_dual_stack_endpoint_speaks_both_families(engine: str) -> None:
                 out = await server.connect(v4.local_address, v4_id.node_id)
                 assert out.remote_address[0] == "127.0.0.1"
                 assert await echoed(out, b"back" * 900) == b"back" * 900
+                # An IPv4 peer written as an IPv4-mapped address (a ticket may say so) is the
+                # same peer: dialled and answered at its plain address.
+                mapped = await server.connect(("::ffff:127.0.0.1", port_of(v4)), v4_id.node_id)
+                assert mapped.remote_address[:2] == ("127.0.0.1", port_of(v4))
+                assert await echoed(mapped, b"mapped" * 900) == b"mapped" * 900
 
     trio.run(main)
 

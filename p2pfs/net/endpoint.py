@@ -261,7 +261,13 @@ class Endpoint:
         spoken = [info[4] for info in infos if info[0] in self.families]
         if not spoken:
             raise LocalProtocolError(f"cannot resolve {address[0]!r} to an address we reach")
-        return await self._connect(spoken[0], expected_peer)
+        remote: Address = spoken[0]
+        host = str(remote[0])
+        if host.startswith(V4_MAPPED_PREFIX) and "." in host:
+            # The peer answers from its plain IPv4 address (unmapped as read): a connection
+            # kept at the mapped spelling took every answer for another path, and timed out.
+            remote = (host[V4_MAPPED_LENGTH:], remote[1])
+        return await self._connect(remote, expected_peer)
 
     async def connect_tunnel(self, tunnel: Tunnel, expected_peer: NodeId) -> PeerConnection:
         """Connect through ``tunnel`` (a relay circuit) and prove it is ``expected_peer``:
