@@ -94,6 +94,11 @@ def test_a_short_lived_address_peers_report_stays_unadvertised(
         book.observed(PeerAddress(temporary, 7337), reporter)
         book.observed(public, reporter)
     assert set(book.all()) == {public, PeerAddress(stable, 7337)}
+    # Once the kernel has deleted the temporary address it is no longer flagged anywhere:
+    # still not ours to advertise (it is in our /64, and not configured).
+    monkeypatch.setattr(addresses, "interface_addresses", lambda *_: [stable])
+    monkeypatch.setattr(addresses, "_unadvertised_here", frozenset)
+    assert set(book.all()) == {public, PeerAddress(stable, 7337)}
     # Our own address, however short-lived, is no sign of a NAT; the IPv4 mapping is.
     alone = AddressBook("::", 7337, dual_stack=True)
     alone.observed(PeerAddress(temporary, 7337), "198.51.100.1")

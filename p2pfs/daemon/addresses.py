@@ -178,13 +178,20 @@ class AddressBook:
         return (socket.AF_INET6 if ":" in self.bound_host else socket.AF_INET,)
 
     def _own(self) -> tuple[list[PeerAddress], frozenset[str]]:
-        """The interface addresses we advertise, and those we have but do not (short-lived
-        IPv6 ones: still ours, and the NAT hint counts them, since we send from them)."""
+        """The interface addresses we advertise, and hosts of ours never to advertise:
+        short-lived IPv6 addresses (still ours: the NAT hint counts them, since we send
+        from them) and reported ones in our IPv6 prefixes that we no longer have."""
         interfaces = interface_addresses(*self.families)
         dropped = _unadvertised_here() if socket.AF_INET6 in self.families else frozenset()
         kept = [address for address in interfaces if address not in dropped]
         own = local_addresses(self.bound_host, self.port, kept, dual_stack=self.dual_stack)
-        return own, dropped
+        # Any other address in one of our IPv6 /64s was ours (a temporary one, deleted
+        # since) or never was: a report of it is stale, not a NAT's mapping.
+        ours = _ipv6_prefixes(interfaces)
+        stale = frozenset(dropped) | {
+            a.host for a, _ in self._observed.items() if _in_prefixes(a.host, ours)
+        }
+        return own, stale - {a.host for a in own}
 
     def observed(self, address: PeerAddress, reporter: str) -> None:
         """A peer at ``reporter`` (its IP) saw our packets come from ``address``."""
@@ -212,21 +219,31 @@ class AddressBook:
         test: it says we may need a relay, never that we are reachable."""
         if self._mapped is not None or not self._observed:
             return False
-        interfaces = set(interface_addresses(*self.families)) | {self.bound_host}
-        return any(address.host not in interfaces for address in self._observed)
+        listed = interface_addresses(*self.families)
+        interfaces = set(listed) | {self.bound_host}
+        # An address in one of our IPv6 /64s that we no longer have was ours (a temporary
+        # one, deleted since): no NAT.
+        ours = _ipv6_prefixes(listed)
+        return any(
+            address.host not in interfaces and not _in_prefixes(address.host, ours)
+            for address in self._observed
+        )
 
     def interfaces_now(self) -> frozenset[str]:
         """The interface addresses we advertise, read now (to notice that they changed)."""
         return frozenset(address.host for address in self._own()[0])
 
     def all(self) -> list[PeerAddress]:
-        own, dropped = self._own()
+        own, unadvertised = self._own()
         # A peer reports the address our packets came from: for IPv6, often a temporary
-        # one (the kernel prefers them as sources), which we chose not to advertise.
+        # one (the kernel prefers them as sources), which we chose not to advertise, or
+        # one gone since.
         extra = [
             address
             for address, places in reversed(self._observed.items())
-            if len(places) >= CONFIRMATIONS and address not in own and address.host not in dropped
+            if len(places) >= CONFIRMATIONS
+            and address not in own
+            and address.host not in unadvertised
         ]
         mapped = [self._mapped] if self._mapped is not None else []
         # An observed public address beats our private ones: it is what the internet sees.
@@ -248,6 +265,27 @@ def best_of_each_family_first(addresses: list[PeerAddress]) -> list[PeerAddress]
         firsts.setdefault(":" in address.host, address)
     leaders = [a for a in addresses if a in firsts.values()]
     return leaders + [a for a in addresses if a not in leaders]
+
+
+def _ipv6_prefixes(interfaces: Iterable[str]) -> frozenset[ipaddress.IPv6Network]:
+    """The /64s of our global and unique-local IPv6 addresses (not link-local ones)."""
+    prefixes = set()
+    for text in interfaces:
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            continue
+        if isinstance(address, ipaddress.IPv6Address) and usable(address):
+            prefixes.add(ipaddress.IPv6Network(f"{address}/64", strict=False))
+    return frozenset(prefixes)
+
+
+def _in_prefixes(host: str, prefixes: frozenset[ipaddress.IPv6Network]) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return isinstance(address, ipaddress.IPv6Address) and any(address in p for p in prefixes)
 
 
 def _place(reporter: IPAddress) -> str:

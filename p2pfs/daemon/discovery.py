@@ -24,6 +24,7 @@ from p2pfs.discovery.lan import LAN_PORT, LanFinder
 from p2pfs.discovery.seam import Finder, Provider
 from p2pfs.errors import LocalProtocolError, P2pfsError
 from p2pfs.ids import ContentHash, NodeId
+from p2pfs.net.endpoint import is_ipv6_wildcard
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def own_dht_host(listen_host: str) -> str:
     IPv4's wildcard for the dual-stack one (``::``): that socket is asyncio's, which would
     see IPv4 peers as mapped addresses it cannot send to; only the node's own endpoint
     translates them (SPEC "Both address families")."""
-    return "0.0.0.0" if listen_host == "::" else listen_host
+    return "0.0.0.0" if is_ipv6_wildcard(listen_host) else listen_host
 
 
 def dht_required(config: DiscoveryConfig) -> Required:

@@ -200,8 +200,7 @@ class Fetches:
                 return conn
 
             async def open_stripe(conn: PeerConnection) -> PeerConnection:
-                host, port = str(conn.remote_address[0]), int(conn.remote_address[1])
-                candidate = Candidate(PeerAddress(host, port), conn.peer_id, "stripe")
+                candidate = Candidate(PeerAddress(*conn.dial_address), conn.peer_id, "stripe")
                 return await self._dialer.first(
                     [candidate], holder, reuse=False, relay_lookup=False, what="a stripe"
                 )

@@ -667,7 +667,7 @@ class PeerPool:
             return
         async with self.workers.session(
             conn.peer_id,
-            (str(conn.remote_address[0]), int(conn.remote_address[1])),
+            conn.dial_address,
             self.root,
             streams=STREAMS_PER_PEER,
             in_flight=REQUESTS_IN_FLIGHT,

@@ -9,6 +9,8 @@ Sans-I/O bookkeeping for the endpoint (time comes in as a parameter):
 - Validated handshakes are bounded per address; when every slot is taken, the oldest
   unvalidated one makes room (the ones a spoofer can create).
 - Authenticated incoming connections are bounded per address and in total.
+- "Per address" means one IPv4 address or one IPv6 /64: a host picks any address in its
+  /64 at will (as the DHT's limits count it), so limits per IPv6 address would not bind.
 - Retry tokens are HMACs over the address, the client's first destination id and our Retry's
   source id, with a timestamp: stateless, and only the address they were sent to can use one.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import ipaddress
 from collections import Counter
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -29,6 +32,20 @@ C = TypeVar("C")
 TOKEN_VERSION = 1
 MAC_LEN = 16
 MAX_CID_LEN = 20
+
+
+def source_of(ip: str) -> str:
+    """What the per-address limits count: an IPv4 address, or an IPv6 address's /64 (a
+    link-local one by itself: every neighbour on a link shares fe80::/64)."""
+    if ":" not in ip:
+        return ip
+    try:
+        address = ipaddress.IPv6Address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if address.is_link_local:
+        return ip
+    return str(ipaddress.ip_network(f"{address}/64", strict=False))
 
 
 class Admit(enum.Enum):
@@ -66,6 +83,7 @@ class Admission(Generic[C]):
 
     def initial(self, ip: str, validated: bool) -> Admit:
         """What to do with an Initial that names no connection yet."""
+        ip = source_of(ip)
         config = self._config
         if not validated:
             if (
@@ -89,6 +107,7 @@ class Admission(Generic[C]):
         return None
 
     def add_pending(self, conn: C, ip: str, validated: bool) -> None:
+        ip = source_of(ip)
         self._pending[conn] = _Slot(ip, validated)
         self._pending_ip[(ip, validated)] += 1
 
@@ -105,6 +124,7 @@ class Admission(Generic[C]):
 
     def authenticated(self, conn: C, ip: str) -> bool:
         """Count ``conn`` as an incoming peer; False if its address or the node is full."""
+        ip = source_of(ip)
         self.pending_over(conn)
         if (
             self._incoming_ip[ip] >= self._config.max_connections_per_ip

@@ -32,6 +32,7 @@ from p2pfs.net.codes import CloseCode
 from p2pfs.net.control import ControlKind
 from p2pfs.net.engine import ALPN, Engine, EngineConnection, TransportConfig
 from p2pfs.net.intake import Intake, IntakeLimits
+from p2pfs.net.pathsize import path_host
 from p2pfs.net.peerstreams import PeerStreamIds
 from p2pfs.net.stream import Stream
 from p2pfs.waits import first_of
@@ -190,6 +191,12 @@ class PeerConnection:
     def latest_rtt(self) -> float | None:
         """The QUIC engine's latest round-trip sample (s); None before the first."""
         return self._engine.latest_rtt(self._quic)
+
+    @property
+    def dial_address(self) -> tuple[str, int]:
+        """Where to dial this peer again (a stripe, a worker, a remembered member): its
+        host, a link-local one with its interface, and port."""
+        return path_host(self.remote_address), int(self.remote_address[1])
 
     @property
     def smoothed_rtt(self) -> float | None:

@@ -41,10 +41,16 @@ from p2pfs.ids import NodeId
 from p2pfs.net.admission import Admission, Admit
 from p2pfs.net.boundary import describe, split_fatal
 from p2pfs.net.codes import CloseCode
-from p2pfs.net.connection import Address, PeerConnection, is_tunnel
+from p2pfs.net.connection import TUNNEL_PREFIX, Address, PeerConnection, is_tunnel
 from p2pfs.net.control import RELAY_DATAGRAM
 from p2pfs.net.engine import Engine, EngineConnection, TransportConfig, load_engine
-from p2pfs.net.pathsize import QUIC_MIN_DATAGRAM, SMALL_PATH_SECONDS, PathSizes, is_loopback
+from p2pfs.net.pathsize import (
+    QUIC_MIN_DATAGRAM,
+    SMALL_PATH_SECONDS,
+    PathSizes,
+    is_loopback,
+    path_host,
+)
 from p2pfs.net.sockbuf import SocketBuffers, kernel_drops, size_buffers
 from p2pfs.net.stream import Stream
 from p2pfs.net.tunnel import HEADER_LEN as TUNNEL_HEADER_LEN
@@ -85,7 +91,7 @@ _U16 = struct.Struct("=H")
 V4_MAPPED_PREFIX = "::ffff:"
 """How the socket writes an IPv4 peer's address on a dual-stack socket (RFC 4291 2.5.5.2)."""
 V4_MAPPED_LENGTH = len(V4_MAPPED_PREFIX)
-DUAL_STACK_HOST = "::"
+IPV6_ANY = ipaddress.IPv6Address("::")
 IPV4_ANY_HOST = "0.0.0.0"
 NO_IPV6_ERRORS = (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT)
 PUNCH_PAYLOAD = b"\x02"
@@ -804,6 +810,7 @@ class Endpoint:
         limit = self.config.receive_batch
         gro = self._gro
         dual_stack = self._dual_stack
+        v6 = sock.family == socket.AF_INET6
         received: list[tuple[bytes, Address, int]] = []
         runs = False
         count = 0  # datagrams, a GRO run counting as the datagrams it holds
@@ -822,8 +829,15 @@ class Endpoint:
                 logger.debug("receive: %s", exc)
                 continue
             self.bytes_received += len(data)
-            if dual_stack and addr[0].startswith(V4_MAPPED_PREFIX):
-                addr = (addr[0][V4_MAPPED_LENGTH:], addr[1])
+            if v6:
+                host = addr[0]
+                if host.startswith(TUNNEL_PREFIX):
+                    # Relay circuits' synthetic addresses (net/tunnel.py), spoofed: taken
+                    # for a circuit's, its Initial's answers went into that circuit and its
+                    # end closed it. No real packet comes from this discard-only prefix.
+                    continue
+                if dual_stack and host.startswith(V4_MAPPED_PREFIX):
+                    addr = (host[V4_MAPPED_LENGTH:], addr[1])
             segment = _gro_segment_size(ancillary)
             if segment and segment < len(data):
                 received.append((data, addr, segment))
@@ -997,24 +1011,33 @@ def bind_udp(host: str, port: int) -> socket.socket:
     peers as mapped addresses, IPV6_V6ONLY off whatever the system's default); where the
     host has no IPv6 it is IPv4's wildcard instead, said in the log."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    dual_stack = is_ipv6_wildcard(host)
     try:
         sock = socket.socket(family, socket.SOCK_DGRAM)
     except OSError as exc:
-        if host != DUAL_STACK_HOST:
+        if not dual_stack:
             raise
         logger.info("no IPv6 here (%s): listening on IPv4 only", exc)
         return bind_udp(IPV4_ANY_HOST, port)
     try:
-        if host == DUAL_STACK_HOST:
+        if dual_stack:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        if host != DUAL_STACK_HOST or exc.errno not in NO_IPV6_ERRORS:
+        if not dual_stack or exc.errno not in NO_IPV6_ERRORS:
             raise
         logger.info("cannot listen on IPv6 (%s): listening on IPv4 only", exc)
         return bind_udp(IPV4_ANY_HOST, port)
     return sock
+
+
+def is_ipv6_wildcard(host: str) -> bool:
+    """``::`` however it is written (``0::``, ``::0``): both families, on one socket."""
+    try:
+        return ipaddress.ip_address(host) == IPV6_ANY
+    except ValueError:
+        return False
 
 
 def one_connection_run(data: bytes, segment: int) -> bytes | None:
@@ -1036,15 +1059,6 @@ def one_connection_run(data: bytes, segment: int) -> bytes | None:
         if data[1 + offset :: segment] != dcid[offset : offset + 1] * count:
             return None
     return dcid
-
-
-def path_host(address: Address) -> str:
-    """A socket address's host as net/pathsize.py takes it: a link-local IPv6 one with its
-    interface (the scope id), which says which link the kernel should answer for."""
-    host = str(address[0])
-    if len(address) == 4 and address[3] and "%" not in host:
-        return f"{host}%{address[3]}"
-    return host
 
 
 def _v4_mapped(address: Address) -> Address:

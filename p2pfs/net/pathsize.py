@@ -150,6 +150,16 @@ class PathSizes:
         return max(QUIC_MIN_DATAGRAM, min(limit, mtu - overhead))
 
 
+def path_host(address: tuple[object, ...]) -> str:
+    """A socket address's host as this module (and a dialler) takes it: a link-local IPv6
+    one with its interface (the scope id, ``fe80::1%2``), which says which link is meant;
+    the kernel reports it apart from the host text."""
+    host = str(address[0])
+    if len(address) == 4 and address[3] and "%" not in host:
+        return f"{host}%{address[3]}"
+    return host
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` is a loopback IP literal: a path no hop of which can be smaller."""
     address = _address(host)

@@ -522,8 +522,7 @@ class FolderManager:
             joined_in = (trio.current_time() - asked) / 2
             # Only an address that authenticated is remembered; addresses other members
             # name are candidates until a connection to them proves the member's key.
-            host, port = conn.remote_address[:2]
-            await folder.remember_peer(conn.peer_id.raw, str(host), int(port))
+            await folder.remember_peer(conn.peer_id.raw, *conn.dial_address)
             if link.device is not None:
                 devices = self._devices.setdefault(folder.folder_id, {})
                 devices[conn.peer_id.raw] = link.device
@@ -611,8 +610,7 @@ class FolderManager:
         that cannot be opened or joined is given up with a log line: the link carries on."""
         assert self._dialer is not None
         conn = link.conn
-        host, port = conn.remote_address[:2]
-        candidate = Candidate(PeerAddress(str(host), int(port)), conn.peer_id, "stripe")
+        candidate = Candidate(PeerAddress(*conn.dial_address), conn.peer_id, "stripe")
         try:
             stripe = await self._dialer.first(
                 [candidate], holder, reuse=False, relay_lookup=False, what="a stripe"

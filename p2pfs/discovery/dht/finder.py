@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import ipaddress
 import logging
 import math
 import os
@@ -279,7 +280,7 @@ class DhtFinder:
         else:
             families = frozenset((socket.AF_INET6 if ":" in self.host else socket.AF_INET,))
         family = next(iter(families)) if len(families) == 1 else socket.AF_UNSPEC
-        resolved = []
+        resolved: list[Address] = []
         for address in addresses:
             try:
                 # Bounded: the announces wait while this runs (a resolver that does not
@@ -291,11 +292,17 @@ class DhtFinder:
             except (OSError, trio.TooSlowError) as exc:
                 logger.warning("DHT bootstrap %s does not resolve: %s", address, exc or "timed out")
                 continue
-            spoken = [info[4] for info in infos if info[0] in families]
+            spoken = [
+                (_unmapped(str(info[4][0])), int(info[4][1]))
+                for info in infos
+                if info[0] in families
+            ]
             if not spoken:
                 logger.warning("DHT bootstrap %s: no address of a family we speak", address)
                 continue
-            resolved.append((str(spoken[0][0]), int(spoken[0][1])))
+            # Every address a name has, both families: the node there may run its DHT on
+            # one of them only (an older node, or one on IPv4 alone).
+            resolved.extend(a for a in dict.fromkeys(spoken) if a not in resolved)
         return resolved
 
     async def _call(self, make: Callable[[DhtNode], Coroutine[Any, Any, T]]) -> T:
@@ -437,3 +444,12 @@ async def _drain_tasks() -> None:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _unmapped(host: str) -> str:
+    """An IPv4-mapped IPv6 address as the IPv4 one it is: the node's port reports IPv4
+    peers so (net/endpoint.py), and a reply must match the request's address."""
+    address = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return host
