@@ -470,7 +470,7 @@ class NetBed:
         ship: what the LAN sent out may be answered, nothing else comes in); the machine's
         IPv6 address is ``address6``.
         ``carrier_nat``: the home router's internet side is itself behind the ISP's
-        carrier-grade NAT (a ``nat`` router of its own, namespace NAME-cgn), on
+        carrier-grade NAT (a ``nat`` router of its own, namespace TAG-NAMEcgn), on
         100.64.(n).0/24 (RFC 6598's shared space); the machine's ``public`` address is the
         carrier's, 10.(bed).(n).2. Two NATs in a row: what mobile and many fixed-line
         subscribers have. The carrier drops unsolicited inbound packets without recording
