@@ -242,10 +242,13 @@ def test_the_error_names_every_candidate_and_its_reason() -> None:
             Candidate(address_of(other), holder_node, "ticket"),
             Candidate(address_of(mine), None, "peer"),
             Candidate(PeerAddress("no-such-host.invalid", 1), None, "peer"),
+            # A relayed connection's synthetic address, as once remembered for a member.
+            Candidate(PeerAddress("100::1:1", 1), holder_node, "member"),
         ]
         with pytest.raises(DialError) as caught:
             await dialer.first(candidates, object())
         reasons = dict((str(c.address), why) for c, why in caught.value.attempts)
+        assert reasons["[100::1:1]:1"] == "a relay circuit's address, not a peer's"
         assert "no answer" in reasons[str(dead)]
         assert "not the node expected" in reasons[str(address_of(other))]
         assert reasons[str(address_of(mine))] == "that is this node"

@@ -31,6 +31,7 @@ from p2pfs.errors import (
 )
 from p2pfs.ids import NodeId
 from p2pfs.net import Endpoint, PeerConnection
+from p2pfs.net.connection import is_tunnel
 
 logger = logging.getLogger(__name__)
 
@@ -357,6 +358,12 @@ class Dialer:
             host = candidate.address.host
             if candidate.relay is not None and candidate.node is None:
                 attempts.append((candidate, "a relayed candidate needs the node's NodeId"))
+                continue
+            if is_tunnel((host,)):
+                # A relayed connection's synthetic address (net/tunnel.py), remembered or
+                # passed on as if it were the peer's: on an IPv6 socket it would dial into
+                # whatever circuit has that number now.
+                attempts.append((candidate, "a relay circuit's address, not a peer's"))
                 continue
             if _is_ip(host):
                 if endpoint.speaks(host):

@@ -522,7 +522,8 @@ class FolderManager:
             joined_in = (trio.current_time() - asked) / 2
             # Only an address that authenticated is remembered; addresses other members
             # name are candidates until a connection to them proves the member's key.
-            await folder.remember_peer(conn.peer_id.raw, *conn.dial_address)
+            if conn.path != "relayed":  # a circuit's synthetic address is no one's
+                await folder.remember_peer(conn.peer_id.raw, *conn.dial_address)
             if link.device is not None:
                 devices = self._devices.setdefault(folder.folder_id, {})
                 devices[conn.peer_id.raw] = link.device
