@@ -166,21 +166,23 @@ def test_on_one_lan_datagrams_fill_the_ethernet_frames(netbed: NetBed, tmp_path:
     assert mean_frame["m3"] <= 1350 + ip_udp + ethernet, mean_frame
 
 
+@pytest.mark.parametrize("fetch_flags", [(), ("--data-workers", "1")], ids=["daemon", "worker"])
 def test_lan_neighbours_meet_over_link_local_ipv6_with_full_frames(
-    netbed: NetBed, tmp_path: Path
+    netbed: NetBed, tmp_path: Path, fetch_flags: tuple[str, ...]
 ) -> None:
     """On a LAN that carries IPv6 alone, daemons at their defaults find each other by LAN
     discovery (its IPv6 beacons come from link-local addresses), connect to the
     link-local address with its interface, fetch a ``--no-hints`` share, and send each
     other full Ethernet frames there (1,452 bytes of UDP payload over IPv6). Before, a
-    node on IPv4 alone had no way to such a neighbour."""
+    node on IPv4 alone had no way to such a neighbour. A data-plane worker dials it too,
+    with its interface (which a machine of one link, as here, can do without)."""
     if (no_nft := can_build_nat()) is not None:
         pytest.skip(no_nft)
     m1, m2 = netbed.lan("m1", "m2")
     netbed.lans_carry_ipv6_alone()
     m1.count_each_datagram()
     m1.start()
-    m2.start()
+    m2.start(*fetch_flags)
     source = tmp_path / "film"
     make_tree(source, {"reel.bin": 4 * MiB})
     ticket = share(m1, source, "--no-hints")
@@ -190,7 +192,10 @@ def test_lan_neighbours_meet_over_link_local_ipv6_with_full_frames(
     _, packets_after = m1.link_packets()
     _, bytes_after = m1.link_bytes()
     assert same_tree(source, tmp_path / "copy")
-    assert [p["address"].startswith("[fe80::") for p in report["peers"]] == [True], report  # type: ignore[union-attr]
+    peers = report["peers"]
+    assert isinstance(peers, list)
+    assert [p["address"].startswith("[fe80::") for p in peers] == [True], report
+    assert [p["worker"] is not None for p in peers] == [bool(fetch_flags)], report
     # Frames with their Ethernet header; the few small ones pull the mean a little down.
     mean_frame = (bytes_after - bytes_before) / (packets_after - packets_before)
     ethernet, ipv6_udp = 14, 48
