@@ -44,14 +44,21 @@ def fetch_json(machine: Machine, ticket: str, dest: Path, *extra: str) -> dict[s
 
 
 def same_tree(left: Path, right: Path) -> bool:
+    """The user's files of both trees are the same (a daemon's own state and the temp
+    files it is writing left out). False while a file vanishes under the walk, for
+    ``wait_until`` to look again."""
+
     def files(root: Path) -> dict[str, bytes]:
         return {
             str(p.relative_to(root)): p.read_bytes()
             for p in root.rglob("*")
-            if p.is_file() and ".p2pfs" not in p.parts
+            if p.is_file() and ".p2pfs" not in p.parts and not p.name.startswith(".p2pfs-")
         }
 
-    return files(left) == files(right)
+    try:
+        return files(left) == files(right)
+    except FileNotFoundError:  # a temp file renamed, or a file replaced, as it was read
+        return False
 
 
 def dht_of_three(netbed: NetBed) -> tuple[Machine, Machine, Machine]:

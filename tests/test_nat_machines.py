@@ -145,30 +145,9 @@ def test_homes_behind_carrier_grade_nat_punch_a_direct_path(natbed: NetBed, tmp_
     ports: what mobile and many fixed-line subscribers have). A punch that dies two hops
     out dies inside the carrier's NAT and opens nothing there: such homes stayed relayed.
     Later punches go the whole way, sent once the peer's own first packets are out."""
-    relay = natbed.machine("relay")
-    relay.start("--relay")
     a = natbed.home("a", "cone", carrier_nat=True)
     b = natbed.home("b", "cone", carrier_nat=True)
-    a.start(*knowing(relay))
-    b.start(*knowing(relay), "--max-download-rate", str(2 * MiB))
-    for home in (a, b):
-        registered(home)
-    a_id = str(ident(a)["node_id"])
-    source = tmp_path / "photos"
-    make_tree(source, {"big.bin": 16 * MiB, "small.txt": 1000})
-    ticket = share(a, source)
-    fetch = b.popen("fetch", ticket, str(tmp_path / "copy"), "--json")
-    try:
-        wait_until(lambda: "punched" in paths_to(b, a_id), timeout=60)
-        punched = [p for p in peers(b) if p["node_id"] == a_id and p["path"] == "punched"]
-        assert punched[0]["address"] == f"{a.public}:7337"
-        _, stderr = fetch.communicate(timeout=120)
-        assert fetch.returncode == 0, stderr
-    finally:
-        fetch.kill()
-    assert same_tree(source, tmp_path / "copy")
-    relay_info = ident(relay)["relay"]
-    assert isinstance(relay_info, dict) and relay_info["bytes_forwarded"] < 8 * MiB
+    fetch_goes_punched(natbed, a, b, tmp_path, f"{a.public}:7337")
 
 
 def test_behind_symmetric_nats_the_punch_goes_over_ipv6(natbed: NetBed, tmp_path: Path) -> None:
@@ -177,16 +156,24 @@ def test_behind_symmetric_nats_the_punch_goes_over_ipv6(natbed: NetBed, tmp_path
     the LAN did not ask for, so a direct dial of a ticket's IPv6 address is dropped). The
     punch runs over IPv6: each side's short-lived datagrams open its own firewall toward
     the other's address, and the fetch goes direct, not through the relay."""
-    relay = natbed.machine("relay")
-    relay.start("--relay")
     a, b = natbed.home("a", "symmetric", ipv6=True), natbed.home("b", "symmetric", ipv6=True)
+    fetch_goes_punched(natbed, a, b, tmp_path, f"[{a.address6}]:7337")
+    assert f"[{a.address6}]:7337" in ident(a)["addresses"]  # type: ignore[operator]
+
+
+def fetch_goes_punched(bed: NetBed, a: Machine, b: Machine, tmp_path: Path, expected: str) -> None:
+    """Homes ``a`` and ``b`` (built, not started) and a public relay they know: b fetches
+    a share of a's, which moves to a path punched to a's ``expected`` address; the relay
+    carries only what the relayed connection had asked for before (a few MiB in
+    flight), not most of the file."""
+    relay = bed.machine("relay")
+    relay.start("--relay")
     a.start(*knowing(relay))
     # B's downloads are slowed so the transfer is still running when we look at its peers.
     b.start(*knowing(relay), "--max-download-rate", str(2 * MiB))
     for home in (a, b):
         registered(home)
     a_id = str(ident(a)["node_id"])
-    assert f"[{a.address6}]:7337" in ident(a)["addresses"]  # type: ignore[operator]
     source = tmp_path / "photos"
     make_tree(source, {"big.bin": 16 * MiB, "small.txt": 1000})
     ticket = share(a, source)
@@ -194,14 +181,12 @@ def test_behind_symmetric_nats_the_punch_goes_over_ipv6(natbed: NetBed, tmp_path
     try:
         wait_until(lambda: "punched" in paths_to(b, a_id), timeout=60)
         punched = [p for p in peers(b) if p["node_id"] == a_id and p["path"] == "punched"]
-        assert punched[0]["address"] == f"[{a.address6}]:7337"
+        assert punched[0]["address"] == expected
         _, stderr = fetch.communicate(timeout=120)
         assert fetch.returncode == 0, stderr
     finally:
         fetch.kill()
     assert same_tree(source, tmp_path / "copy")
-    # What the relayed connection had asked for before the punch (a few MiB in flight)
-    # still came through the relay; most of the file did not.
     relay_info = ident(relay)["relay"]
     assert isinstance(relay_info, dict) and relay_info["bytes_forwarded"] < 8 * MiB
 

@@ -369,19 +369,27 @@ class NetBed:
         """The router forwards IPv6 alone (an IPv6-only internet between the machines, as
         between two hosts whose IPv4 is behind carrier-grade NAT on both sides but whose
         IPv6 is routed); ``ipv4_refused`` counts what it dropped."""
+        self._forwarding_rule("ip", "noipv4", "counter drop")
+
+    def ipv4_refused(self) -> int:
+        """IPv4 packets ``forward_no_ipv4`` has dropped so far."""
+        return self._counted("ip", "noipv4")
+
+    def _forwarding_rule(self, family: str, table: str, rule: str) -> None:
+        """``rule`` on what the bed's router forwards, in an nftables table of its own."""
         rules = (
-            "table ip noipv4 {\n"
+            f"table {family} {table} {{\n"
             "  chain forward {\n"
             "    type filter hook forward priority 0; policy accept;\n"
-            "    counter drop\n"
+            f"    {rule}\n"
             "  }\n"
             "}\n"
         )
         _run("ip", "netns", "exec", self.router, "nft", "-f", "-", stdin=rules)
 
-    def ipv4_refused(self) -> int:
-        """IPv4 packets ``forward_no_ipv4`` has dropped so far."""
-        listed = _run("ip", "netns", "exec", self.router, "nft", "list", "table", "ip", "noipv4")
+    def _counted(self, family: str, table: str) -> int:
+        """Packets the counter of the router's ``table`` has counted so far."""
+        listed = _run("ip", "netns", "exec", self.router, "nft", "list", "table", family, table)
         found = re.search(r"counter packets (\d+)", listed)
         assert found is not None, listed
         return int(found.group(1))
@@ -420,37 +428,20 @@ class NetBed:
     def lans_carry_ipv6_alone(self) -> None:
         """The LANs' bridges (``lan``) drop IPv4 and ARP frames: neighbours there meet over
         IPv6 link-local addresses alone (each interface has one), as on an IPv6-only LAN."""
-        rules = (
-            "table bridge noipv4 {\n"
-            "  chain forward {\n"
-            "    type filter hook forward priority 0; policy accept;\n"
-            "    ether type { ip, arp } counter drop\n"
-            "  }\n"
-            "}\n"
-        )
-        _run("ip", "netns", "exec", self.router, "nft", "-f", "-", stdin=rules)
+        self._forwarding_rule("bridge", "noipv4", "ether type { ip, arp } counter drop")
 
     def lose_on_the_internet(self, per_mille: int) -> None:
         """The router drops ``per_mille`` of every thousand UDP datagrams it forwards, each
         at random (nftables' numgen: the kernel here has no netem), as a lossy internet
         path would. Give the machines ``count_each_datagram`` so that a GSO send is not
         dropped, or kept, 64 datagrams at a time."""
-        rules = (
-            "table inet lossy {\n"
-            "  chain forward {\n"
-            "    type filter hook forward priority 0; policy accept;\n"
-            f"    meta l4proto udp numgen random mod 1000 < {per_mille} counter drop\n"
-            "  }\n"
-            "}\n"
+        self._forwarding_rule(
+            "inet", "lossy", f"meta l4proto udp numgen random mod 1000 < {per_mille} counter drop"
         )
-        _run("ip", "netns", "exec", self.router, "nft", "-f", "-", stdin=rules)
 
     def dropped_on_the_internet(self) -> int:
         """Datagrams ``lose_on_the_internet`` has dropped so far."""
-        listed = _run("ip", "netns", "exec", self.router, "nft", "list", "table", "inet", "lossy")
-        found = re.search(r"counter packets (\d+)", listed)
-        assert found is not None, listed
-        return int(found.group(1))
+        return self._counted("inet", "lossy")
 
     def home(
         self,
