@@ -6,6 +6,7 @@ real processes, at their defaults plus the flags each scenario names.
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -91,21 +92,9 @@ def test_cone_nats_fetch_goes_direct_by_punching(natbed: NetBed, tmp_path: Path)
     With the DHT on: the homes find they are behind a NAT and run it as clients, so no DHT
     node learns of them and sends them datagrams unasked (which would make their NATs
     refuse the punch: SPEC "Relays and hole punching")."""
-    relay = natbed.machine("relay")
-    relay.start("--relay")
     a, b = natbed.home("a", "cone"), natbed.home("b", "cone")
-    a.start(*knowing(relay))
-    # B's downloads are slowed so the transfer is still running when we look at its peers.
-    b.start(*knowing(relay), "--max-download-rate", str(2 * MiB))
-    for home in (a, b):
-        registered(home)
-    a_id = str(ident(a)["node_id"])
-    source = tmp_path / "photos"
-    make_tree(source, {"big.bin": 8 * MiB, "small.txt": 1000})
-    ticket = share(a, source)
-    fetch = b.popen("fetch", ticket, str(tmp_path / "copy"), "--json")
+    relay, a_id, source, fetch = fetch_until_punched(natbed, a, b, tmp_path, 8 * MiB)
     try:
-        wait_until(lambda: "punched" in paths_to(b, a_id), timeout=60)
         relay_info = ident(relay)["relay"]
         assert isinstance(relay_info, dict) and relay_info["circuits_total"] >= 1
         # The relay dies mid-transfer: the punched path carries the fetch to its end.
@@ -120,6 +109,32 @@ def test_cone_nats_fetch_goes_direct_by_punching(natbed: NetBed, tmp_path: Path)
     # Once the relayed connection was retired, the fetch went on over the punched one at
     # once (it waited for a discovery round, which dialled the dead relay first).
     assert f"peer {a_id[:12]} carries on over its punched path" in b.daemon.log_path.read_text()
+
+
+def fetch_until_punched(
+    bed: NetBed, a: Machine, b: Machine, tmp_path: Path, size: int
+) -> tuple[Machine, str, Path, subprocess.Popen[str]]:
+    """Homes ``a`` and ``b`` (built, not started) and a public relay they know: b starts
+    fetching a share of ``size`` bytes of a's (its downloads slowed, so the transfer is
+    still running when we look), and its status shows a punched path to a. Returns the
+    relay, a's NodeId, the share's source and the running fetch."""
+    relay = bed.machine("relay")
+    relay.start("--relay")
+    a.start(*knowing(relay))
+    b.start(*knowing(relay), "--max-download-rate", str(2 * MiB))
+    for home in (a, b):
+        registered(home)
+    a_id = str(ident(a)["node_id"])
+    source = tmp_path / "photos"
+    make_tree(source, {"big.bin": size, "small.txt": 1000})
+    ticket = share(a, source)
+    fetch = b.popen("fetch", ticket, str(tmp_path / "copy"), "--json")
+    try:
+        wait_until(lambda: "punched" in paths_to(b, a_id), timeout=60)
+    except BaseException:
+        fetch.kill()
+        raise
+    return relay, a_id, source, fetch
 
 
 def test_symmetric_nats_fetch_through_the_relay(natbed: NetBed, tmp_path: Path) -> None:
@@ -162,24 +177,11 @@ def test_behind_symmetric_nats_the_punch_goes_over_ipv6(natbed: NetBed, tmp_path
 
 
 def fetch_goes_punched(bed: NetBed, a: Machine, b: Machine, tmp_path: Path, expected: str) -> None:
-    """Homes ``a`` and ``b`` (built, not started) and a public relay they know: b fetches
-    a share of a's, which moves to a path punched to a's ``expected`` address; the relay
-    carries only what the relayed connection had asked for before (a few MiB in
-    flight), not most of the file."""
-    relay = bed.machine("relay")
-    relay.start("--relay")
-    a.start(*knowing(relay))
-    # B's downloads are slowed so the transfer is still running when we look at its peers.
-    b.start(*knowing(relay), "--max-download-rate", str(2 * MiB))
-    for home in (a, b):
-        registered(home)
-    a_id = str(ident(a)["node_id"])
-    source = tmp_path / "photos"
-    make_tree(source, {"big.bin": 16 * MiB, "small.txt": 1000})
-    ticket = share(a, source)
-    fetch = b.popen("fetch", ticket, str(tmp_path / "copy"), "--json")
+    """As ``fetch_until_punched``, then: the punched path is to a's ``expected`` address,
+    the fetch completes, and the relay carried only what the relayed connection had asked
+    for before (a few MiB in flight), not most of the file."""
+    relay, a_id, source, fetch = fetch_until_punched(bed, a, b, tmp_path, 16 * MiB)
     try:
-        wait_until(lambda: "punched" in paths_to(b, a_id), timeout=60)
         punched = [p for p in peers(b) if p["node_id"] == a_id and p["path"] == "punched"]
         assert punched[0]["address"] == expected
         _, stderr = fetch.communicate(timeout=120)

@@ -493,29 +493,16 @@ class NetBed:
             )
             _run("ip", "netns", "exec", carrier, "nft", "-f", "-", stdin=rules)
             shared = f"100.64.{number}"
-            subscriber = f"{self.tag}{number}s"
-            _run("ip", "link", "add", wan_in, "type", "veth", "peer", "name", subscriber)
-            _run("ip", "link", "set", wan_in, "netns", gateway)
-            _run("ip", "link", "set", subscriber, "netns", carrier)
-            _run("ip", "-n", carrier, "addr", "add", f"{shared}.1/24", "dev", subscriber)
-            _run("ip", "-n", carrier, "link", "set", subscriber, "up")
-            _run("ip", "-n", gateway, "addr", "add", f"{shared}.2/24", "dev", wan_in)
-            _run("ip", "-n", gateway, "link", "set", wan_in, "up")
-            _run("ip", "-n", gateway, "route", "add", "default", "via", f"{shared}.1")
+            self._wire(
+                (carrier, f"{self.tag}{number}s", f"{shared}.1"), (gateway, wan_in, f"{shared}.2")
+            )
         else:
             self._link_to_router(gateway, wan_in, wan_out, subnet)
         self._masquerade(gateway, wan_in, rule)
         namespace = self._namespace(name)
         inside, outside = f"{self.tag}{number}m", f"{self.tag}{number}l"
         lan = f"192.168.{number}"
-        _run("ip", "link", "add", inside, "type", "veth", "peer", "name", outside)
-        _run("ip", "link", "set", inside, "netns", namespace)
-        _run("ip", "link", "set", outside, "netns", gateway)
-        _run("ip", "-n", gateway, "addr", "add", f"{lan}.1/24", "dev", outside)
-        _run("ip", "-n", gateway, "link", "set", outside, "up")
-        _run("ip", "-n", namespace, "addr", "add", f"{lan}.2/24", "dev", inside)
-        _run("ip", "-n", namespace, "link", "set", inside, "up")
-        _run("ip", "-n", namespace, "route", "add", "default", "via", f"{lan}.1")
+        self._wire((gateway, outside, f"{lan}.1"), (namespace, inside, f"{lan}.2"))
         machine = Machine(
             self,
             name,
@@ -536,6 +523,17 @@ class NetBed:
             self._start_miniupnpd(machine.gateway, self.root / f"{name}gw")
             self.gateways.append(machine.gateway)
         return machine
+
+    @staticmethod
+    def _wire(upper: tuple[str, str, str], lower: tuple[str, str, str]) -> None:
+        """A veth pair between two namespaces, each end (namespace, device, address) on
+        one /24, the lower one's default route via the upper's address."""
+        _run("ip", "link", "add", lower[1], "type", "veth", "peer", "name", upper[1])
+        for namespace, device, address in (upper, lower):
+            _run("ip", "link", "set", device, "netns", namespace)
+            _run("ip", "-n", namespace, "addr", "add", f"{address}/24", "dev", device)
+            _run("ip", "-n", namespace, "link", "set", device, "up")
+        _run("ip", "-n", lower[0], "route", "add", "default", "via", upper[2])
 
     @staticmethod
     def _masquerade(router: str, outward: str, rule: str) -> None:
