@@ -545,14 +545,6 @@ class Endpoint:
         for address in addresses:
             if not self.speaks(address[0]):
                 continue
-            if ttl is None:
-                try:
-                    self._sock.sendto(PUNCH_PAYLOAD, self._on_socket(address))
-                except OSError as exc:
-                    logger.debug("punch to %s failed: %s", address, exc)
-                else:
-                    self.datagrams_sent += 1
-                continue
             # A hop limit, per destination's family: on a dual-stack socket the kernel
             # takes an IPv4 destination's IP_TTL and ignores IPV6_HOPLIMIT (measured).
             level, option = (
@@ -560,7 +552,7 @@ class Endpoint:
                 if ":" in address[0]
                 else (socket.IPPROTO_IP, socket.IP_TTL)
             )
-            ancillary = [(level, option, struct.pack("=i", ttl))]
+            ancillary = [] if ttl is None else [(level, option, struct.pack("=i", ttl))]
             try:
                 self._sock.sendmsg([PUNCH_PAYLOAD], ancillary, 0, self._on_socket(address))
             except OSError as exc:
