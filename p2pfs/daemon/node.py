@@ -66,6 +66,7 @@ from .relay import RelayLimits, guard
 from .service import ShareService
 from .storage import AsyncIndex
 from .streams import TransferCounters
+from .swarmfetch import peer_address_text
 from .swarmstate import SwarmRegistry
 from .workers import WorkerPool
 
@@ -700,7 +701,7 @@ class Node:
                 "node_id": str(conn.peer_id),
                 "path": conn.path,
                 "connect_seconds": trio.current_time() - started,
-                "address": _peer_address(conn),
+                "address": peer_address_text(conn),
                 "punch": None,
             }
             if conn.path == "relayed":
@@ -709,7 +710,7 @@ class Node:
                     report["punch"] = {
                         "succeeded": outcome.direct is not None,
                         "seconds": outcome.seconds,
-                        "address": _peer_address(outcome.direct) if outcome.direct else None,
+                        "address": peer_address_text(outcome.direct) if outcome.direct else None,
                     }
             return report
         finally:
@@ -906,13 +907,9 @@ def _peer_summaries(
             peer = conn.peer_id
         except ConnectionClosedError:
             continue
-        address = _peer_address(conn)
+        address = peer_address_text(conn)
         summaries.append((conn, {"node_id": str(peer), "address": address, "path": conn.path}))
     return summaries
-
-
-def _peer_address(conn: PeerConnection) -> str:
-    return "relay" if conn.path == "relayed" else _format(conn.remote_address)
 
 
 def _bucket(rate: int | None) -> TokenBucket | None:
