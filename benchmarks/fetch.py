@@ -174,6 +174,40 @@ class FetchRun:
         return self.bytes / self.fetch_seconds / MB
 
 
+@dataclass(frozen=True, slots=True)
+class BareWrites:
+    """The same files written by the simplest loop there is, on the same file system: what
+    the kernel and the disk cost before any fetch does anything of its own."""
+
+    seconds: float
+    """Create, write and close each file (its bytes already in memory)."""
+    cpu: float
+    sync_seconds: float
+    """Then one syncfs: the files made durable, as a p2pfs fetch's are when it reports."""
+
+
+def bare_writes_reference(source: Path, work: Path) -> BareWrites:
+    files = sorted(path for path in source.rglob("*") if path.is_file())
+    contents = [(path.relative_to(source), path.read_bytes()) for path in files]
+    top = work / "bare-writes"
+    for directory in sorted({rel.parent for rel, _data in contents}):
+        (top / directory).mkdir(parents=True, exist_ok=True)
+    cpu = own_cpu()
+    started = time.perf_counter()
+    for rel, data in contents:
+        fd = os.open(top / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(f"short write to {rel}")
+        finally:
+            os.close(fd)
+    seconds = time.perf_counter() - started
+    cpu = own_cpu() - cpu
+    synced = time.perf_counter()
+    syncfs(str(top))
+    return BareWrites(seconds, cpu, time.perf_counter() - synced)
+
+
 @contextmanager
 def daemon_pair(
     work: Path, profile: Path | None = None, extra: tuple[str, ...] = (), tag: str = ""
@@ -616,7 +650,7 @@ def big_file_rows(
 
 
 def small_files_rows(
-    files: int, size: int, run: FetchRun, torrent: TorrentRun, raw: Reference
+    files: int, size: int, run: FetchRun, torrent: TorrentRun, raw: Reference, bare: BareWrites
 ) -> list[Row]:
     label = f"{files:,} files of 1-64 KiB, {size / MB:.0f} MB"
     # The engine's floor for these bytes: one bulk stream of the same size, no files, no
@@ -660,6 +694,17 @@ def small_files_rows(
             f"libtorrent seeder {torrent.seeder_cpu:.2f} + downloader "
             f"{torrent.downloader_cpu:.2f}: >= {torrent_cpu / cores:.2f} s",
             ratio(p2pfs_cpu, torrent_cpu),
+            "",
+            None,
+        ),
+        Row(
+            # The kernel's and the disk's share, no network: a durable fetch of these files
+            # cannot end before they are created, written and synced.
+            "context: the same files, bare writes (s)",
+            f"{run.fetch_seconds:.2f}",
+            f"create, write, close each: {bare.seconds:.2f} (CPU {bare.cpu:.2f}), then a "
+            f"syncfs: {bare.sync_seconds:.2f}",
+            ratio(run.fetch_seconds, bare.seconds + bare.sync_seconds),
             "",
             None,
         ),
@@ -741,14 +786,18 @@ def run_benchmark(
         )
     if only != "big":
         small_torrent = libtorrent_fetch(small, work)
+        small_bare = bare_writes_reference(small, work)
         small_raw = raw_engine_reference(max(1, round(small_bytes / MiB)))
-        rows += small_files_rows(files, small_bytes, small_run, small_torrent, small_raw)
+        rows += small_files_rows(
+            files, small_bytes, small_run, small_torrent, small_raw, small_bare
+        )
         figures.update(figures_of("small", small_run, small_torrent))
         figures.update(
             small_files=files,
             small_bytes=small_bytes,
             small_raw_engine_mb_per_s=small_raw.mb_per_s,
             small_raw_engine_note=small_raw.note,
+            small_bare_writes=asdict(small_bare),
         )
     return rows, figures
 
