@@ -45,6 +45,17 @@ def test_pcp_map_request_is_laid_out_as_rfc_6887() -> None:
     assert struct.unpack_from("!HH", request, 40) == (7337, 7337)
     with pytest.raises(ValueError):
         wire.pcp_map_request("192.168.2.2", 7337, 7337, 3600, b"short")
+    # No preference for the external address: IPv4's "any", in its mapped spelling.
+    assert ipaddress.IPv6Address(request[44:60]).ipv4_mapped == ipaddress.IPv4Address("0.0.0.0")
+
+
+def test_a_pcp_request_from_ipv6_asks_for_a_pinhole_to_that_address() -> None:
+    request = wire.pcp_map_request("2001:db8:1::2", 7337, 7337, 3600, NONCE)
+    assert len(request) == 60
+    assert ipaddress.IPv6Address(request[8:24]) == ipaddress.IPv6Address("2001:db8:1::2")
+    # The suggested external address is IPv6's unspecified one (RFC 6887 11.1), not the
+    # mapped IPv4 "any", which a router would read as a request for a NAT mapping.
+    assert request[44:60] == bytes(16)
 
 
 def test_pcp_reply_gives_port_lifetime_and_address() -> None:

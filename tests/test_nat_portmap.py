@@ -5,6 +5,7 @@ mapping."""
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 from tests.e2e_helpers import wait_until
@@ -84,3 +85,56 @@ def test_no_port_mapping_asks_nothing(upnpbed: NetBed, tmp_path: Path) -> None:
     home.start()
     wait_until(lambda: (mapping(home) or {}).get("state") == "mapped", timeout=30)
     assert mapped_port(gateway, home.address, DEFAULT_PORT)
+
+
+def pinhole_rule(gateway: Gateway, host: str, port: int) -> bool:
+    """Whether miniupnpd's forward chain lets UDP to ``[host]:port`` in (its pinhole; nft
+    lists the destination as the raw 128 bits at the IPv6 header's offset 24)."""
+    destination = f"@nh,192,128 0x{ipaddress.IPv6Address(host).packed.hex()}"
+    return any(
+        destination in line and f"dport {port}" in line and line.endswith("accept")
+        for line in gateway.nft_rules().splitlines()
+    )
+
+
+def test_an_ipv6_home_opens_a_pinhole_and_is_fetched_from_directly(
+    upnpbed: NetBed, tmp_path: Path
+) -> None:
+    """A home with a routed IPv6 prefix behind its router's stateful firewall, the router
+    running miniupnpd; between it and a machine outside only IPv6 is forwarded. No relay
+    anywhere. With --no-port-mapping the home cannot be fetched from (the firewall drops
+    what nobody inside asked for). At its defaults the daemon asks its IPv6 router over
+    PCP for a pinhole to its address and port, the machine outside fetches with the ticket
+    alone, directly, and `stop` closes the pinhole."""
+    public = upnpbed.machine("pub", ipv6=True)
+    home = upnpbed.home("h", "cone", upnp=True, ipv6=True)
+    gateway = home.gateway
+    assert gateway is not None and home.address6 is not None
+    upnpbed.forward_no_ipv4()
+    public.start()
+    source = tmp_path / "album"
+    make_tree(source, {"track.flac": 3 * MiB, "cover.jpg": 20_000})
+
+    # First, so that no flow of the fetch below is in the firewall's state yet.
+    home.start("--no-port-mapping")
+    refused = public.cli(
+        "fetch", share(home, source), str(tmp_path / "refused"), "--give-up-after", "4",
+        check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0, refused.stdout
+    assert not (tmp_path / "refused" / "track.flac").exists()
+    home.cli("stop")
+    assert home.daemon is not None and home.daemon.wait() == 0
+
+    home.start()
+    pinhole = f"[{home.address6}]:{DEFAULT_PORT}"
+    wait_until(lambda: (mapping(home) or {}).get("ipv6_pinhole") == pinhole, timeout=30)
+    assert pinhole_rule(gateway, home.address6, DEFAULT_PORT), gateway.nft_rules()
+    home_id = str(ident(home)["node_id"])
+    seen = fetch_watching_paths(public, share(home, source), tmp_path / "copy", home_id)
+    assert same_tree(source, tmp_path / "copy")
+    assert seen == {"direct"}
+
+    home.cli("stop")
+    assert home.daemon.wait() == 0
+    assert not pinhole_rule(gateway, home.address6, DEFAULT_PORT), gateway.nft_rules()

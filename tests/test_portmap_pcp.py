@@ -39,11 +39,16 @@ def natpmp_answer(request: bytes) -> list[bytes]:
 
 
 async def run_gateway(
-    answer: Answer, heard: list[bytes], task_status: trio.TaskStatus[int]
+    answer: Answer,
+    heard: list[bytes],
+    host: str = "127.0.0.1",
+    *,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    family = trio.socket.AF_INET6 if ":" in host else trio.socket.AF_INET
+    sock = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
     with sock:
-        await sock.bind(("127.0.0.1", 0))
+        await sock.bind((host, 0))
         task_status.started(sock.getsockname()[1])
         while True:
             request, source = await sock.recvfrom(1100)
@@ -144,3 +149,45 @@ def test_a_lease_whose_renewal_is_refused_lets_its_socket_go() -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_an_ipv6_gateway_is_asked_for_a_pinhole_from_our_address() -> None:
+    """Over IPv6 the request goes out from the address the pinhole is for, names it, and
+    suggests no external address in IPv6's spelling; NAT-PMP (IPv4 only) is no fallback."""
+    heard: list[bytes] = []
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(
+                run_gateway, lambda request: [pcp_answer(request, external=PORT)], heard, "::1"
+            )
+            lease = await portmap.open_pcp_lease("::1", port, PORT, source="::1", via="lo")
+            assert lease.reply.external_port == PORT
+            await lease.delete()
+            refusing = await nursery.start(run_gateway, natpmp_answer, [], "::1")
+            with pytest.raises(wire.GatewayRefusedError):
+                await portmap.open_pcp_lease("::1", refusing, PORT, source="::1")
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert [struct.unpack_from("!I", r, 4)[0] for r in heard] == [3600, 0]
+    for request in heard:
+        assert ipaddress.IPv6Address(request[8:24]) == ipaddress.IPv6Address("::1")
+        assert request[44:60] == bytes(16)
+
+
+def test_ipv6_default_gateway_from_the_route_table(tmp_path: Path) -> None:
+    table = tmp_path / "ipv6_route"
+    any6, none = "0" * 32, "0" * 32
+    router = "fe80000000000000000000000000abcd"
+    table.write_text(
+        # On-link prefix, then the default route via a link-local router on eth0.
+        f"20010db8000100000000000000000000 40 {none} 00 {none} 00000100 00000001 "
+        "00000000 00000001 eth0\n"
+        f"{any6} 00 {none} 00 {router} 00000400 00000001 00000000 00000003 eth0\n"
+    )
+    assert portmap.default_gateway6(str(table)) == ("fe80::abcd", "eth0")
+    # An unreachable default (no next hop, as a host without IPv6 routes has on lo): none.
+    table.write_text(f"{any6} 00 {none} 00 {none} ffffffff 00000001 00000000 00200200 lo\n")
+    assert portmap.default_gateway6(str(table)) is None
+    assert portmap.default_gateway6(str(tmp_path / "missing")) is None

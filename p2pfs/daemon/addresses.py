@@ -229,6 +229,17 @@ class AddressBook:
             for address in self._observed
         )
 
+    def lasting_ipv6(self) -> str | None:
+        """Our best advertised IPv6 interface address that is not loopback (link-local ones
+        are never advertised), or None: the one a firewall pinhole is asked for."""
+        if socket.AF_INET6 not in self.families:
+            return None
+        for address in self._own()[0]:
+            parsed = ipaddress.ip_address(address.host)
+            if parsed.version == 6 and not parsed.is_loopback:
+                return address.host
+        return None
+
     def interfaces_now(self) -> frozenset[str]:
         """The interface addresses we advertise, read now (to notice that they changed)."""
         return frozenset(address.host for address in self._own()[0])

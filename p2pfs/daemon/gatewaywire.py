@@ -96,7 +96,8 @@ class MapReply:
 def pcp_map_request(
     client_host: str, internal_port: int, external_port: int, lifetime: int, nonce: bytes
 ) -> bytes:
-    """A PCP MAP request for UDP ``internal_port``; lifetime 0 deletes the mapping."""
+    """A PCP MAP request for UDP ``internal_port``; lifetime 0 deletes the mapping. From an
+    IPv6 ``client_host`` it asks for a firewall pinhole to that address."""
     if len(nonce) != 12:
         raise ValueError("a PCP nonce is 12 bytes")
     client = ipaddress.ip_address(client_host)
@@ -106,7 +107,14 @@ def pcp_map_request(
         else ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + client.packed).packed
     )
     header = struct.pack("!BBHI", PCP_VERSION, PCP_MAP, 0, lifetime) + client16
-    suggested = ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + b"\0\0\0\0").packed
+    # No preference for the external address, in the client's family: an IPv6 client asks
+    # its router's firewall for a pinhole (RFC 6887 section 11.1), an IPv4 one for a NAT
+    # mapping.
+    suggested = (
+        bytes(16)
+        if isinstance(client, ipaddress.IPv6Address)
+        else ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + b"\0\0\0\0").packed
+    )
     body = nonce + struct.pack("!B3xHH", UDP, internal_port, external_port) + suggested
     return header + body
 

@@ -269,7 +269,11 @@ class Node:
                 self.config.max_stripes,
             )
             if self.config.port_mapping and self._addresses.wildcard:
-                self._port_mapper = PortMapper(endpoint.local_address[1], self._addresses.mapped)
+                self._port_mapper = PortMapper(
+                    endpoint.local_address[1],
+                    self._addresses.mapped,
+                    ipv6_host=self._addresses.lasting_ipv6,
+                )
                 await nursery.start(self._port_mapper.serve)
             await nursery.start(
                 self._reach.serve, endpoint, self._dialer, self._addresses, self._dht
@@ -746,7 +750,7 @@ class Node:
                 for hint in self.reach.hints()
             ],
             "relay": self.reach.relay_info(),
-            "port_mapping": self._port_mapper.state.info() if self._port_mapper else None,
+            "port_mapping": self._port_mapper.info() if self._port_mapper else None,
             "api": self._api.to_json() if self._api is not None else None,
         }
 

@@ -7,12 +7,19 @@ the state says when to ask again. On exit the mappings are deleted (bounded by
 ``STOP_TIMEOUT``). The gateway is the default route's next hop (Linux: ``/proc/net/route``)
 for PCP/NAT-PMP, and whatever device answers the SSDP search for UPnP.
 
+Given a lasting IPv6 address of ours, one more task asks the IPv6 default route's next hop
+(``/proc/net/ipv6_route``) over PCP for a pinhole through its firewall to that address and
+our port (RFC 6887's IPv6 firewall case): a home router's stateful firewall drops what
+nobody inside asked for, so without one a peer outside reaches us over IPv6 only by a punch.
+It never touches the IPv4 mapping's state, and retries every ``PINHOLE_RETRY``.
+
 Port mapping never stops the daemon: any failure here is logged once and the node goes on
 without it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import os
@@ -51,6 +58,10 @@ CONFLICT_TRIES = 3
 """UPnP: external ports tried at random when another host holds ours (error 718)."""
 UPNP_CONFLICT = 718
 ROUTE_TABLE = "/proc/net/route"
+ROUTE_TABLE6 = "/proc/net/ipv6_route"
+PINHOLE_RETRY = 600.0
+"""Seconds between attempts at an IPv6 pinhole when none is open (no PCP server, no
+address, refused): a router that gains PCP, or an address that appears, is found again."""
 DESCRIPTION = "p2pfs"
 
 Failure = (P2pfsError, OSError, trio.TooSlowError)
@@ -69,6 +80,29 @@ def default_gateway(route_table: str = ROUTE_TABLE) -> str | None:
         # Destination 0.0.0.0, flags RTF_UP | RTF_GATEWAY.
         if len(fields) >= 4 and fields[1] == "00000000" and int(fields[3], 16) & 0x3 == 0x3:
             return stdlib_socket.inet_ntoa(struct.pack("<I", int(fields[2], 16)))
+    return None
+
+
+def default_gateway6(route_table: str = ROUTE_TABLE6) -> tuple[str, str] | None:
+    """The IPv6 default route's next hop and its interface (a link-local next hop, as
+    router advertisements give, is reached through that interface), or None."""
+    try:
+        with open(route_table, encoding="ascii") as table:
+            lines = table.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        # Destination ::/0, a next hop, flags RTF_UP | RTF_GATEWAY.
+        if len(fields) < 10 or fields[0] != "0" * 32 or fields[1] != "00":
+            continue
+        if int(fields[8], 16) & 0x3 != 0x3 or fields[4] == "0" * 32:
+            continue
+        try:
+            hop = ipaddress.IPv6Address(bytes.fromhex(fields[4]))
+        except ValueError:
+            continue
+        return str(hop), fields[9]
     return None
 
 
@@ -100,10 +134,19 @@ class PortMapper:
         changed: Callable[[PeerAddress | None], None],
         *,
         route_table: str = ROUTE_TABLE,
+        ipv6_host: Callable[[], str | None] = lambda: None,
+        route_table6: str = ROUTE_TABLE6,
     ) -> None:
+        """``ipv6_host``: the lasting IPv6 address of ours to open a pinhole to, read when
+        one is asked for (None: no pinhole)."""
         self.state = PortMapState(local_port, trio.current_time())
+        self.pinhole: PeerAddress | None = None
+        """Where the IPv6 firewall lets peers in, while the gateway grants it."""
         self._changed = changed
         self._route_table = route_table
+        self._ipv6_host = ipv6_host
+        self._route_table6 = route_table6
+        self._pinhole_error: str | None = None
         self._round = 0
         self._round_changed = trio.Event()
         self._leases: dict[str, _Lease] = {}
@@ -131,6 +174,7 @@ class PortMapper:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._keep, "natpmp", self._map_pcp)
                 nursery.start_soon(self._keep, "upnp", self._map_upnp)
+                nursery.start_soon(self._keep_pinhole)
                 while True:
                     retry = self.state.retry_at()
                     changed = self._round_changed
@@ -177,6 +221,56 @@ class PortMapper:
                 self._handle(MapFailed(transport, str(exc) or type(exc).__name__))
             while self._round == started_round:
                 await self._round_changed.wait()
+
+    async def _keep_pinhole(self) -> None:
+        """The IPv6 pinhole: opened, renewed halfway through its lease while our address
+        stays the same, asked again every PINHOLE_RETRY when there is none."""
+        while True:
+            lease: _Lease | None = None
+            try:
+                host = self._ipv6_host()
+                gateway = default_gateway6(self._route_table6)
+                if host is None or gateway is None:
+                    raise LocalProtocolError(
+                        "no lasting IPv6 address" if host is None else "no IPv6 default route"
+                    )
+                hop, interface = gateway
+                lease = await open_pcp_lease(
+                    hop, wire.GATEWAY_PORT, self.state.local_port, source=host, via=interface
+                )
+                self._leases["pcp6"] = lease
+                while host == self._ipv6_host():
+                    self._opened(PeerAddress(host, lease.reply.external_port))
+                    await trio.sleep(max(lease.reply.lifetime / 2, MIN_RENEW))
+                    lease.reply = await lease.renew()
+                # Our address changed: the pinhole to the old one goes, one to the new comes.
+                self._leases.pop("pcp6", None)
+                await _delete_quietly(lease)
+                continue
+            except Failure as exc:
+                self._leases.pop("pcp6", None)
+                if lease is not None:
+                    lease.close()
+                self._pinhole_failed(str(exc) or type(exc).__name__)
+            await trio.sleep(PINHOLE_RETRY)
+
+    def _opened(self, pinhole: PeerAddress) -> None:
+        if pinhole != self.pinhole:
+            logger.info("port mapping: the IPv6 firewall lets peers in at %s (PCP)", pinhole)
+        self.pinhole, self._pinhole_error = pinhole, None
+
+    def _pinhole_failed(self, why: str) -> None:
+        if self.pinhole is not None or self._pinhole_error is None:
+            logger.info("port mapping: no IPv6 pinhole (%s)", why)
+        self.pinhole, self._pinhole_error = None, why
+
+    def info(self) -> dict[str, object]:
+        """What ``id --json`` shows under ``port_mapping``."""
+        return {
+            **self.state.info(),
+            "ipv6_pinhole": str(self.pinhole) if self.pinhole is not None else None,
+            "ipv6_pinhole_error": self._pinhole_error,
+        }
 
     def _granted(self, transport: str, reply: wire.MapReply) -> None:
         if reply.external_host is not None:
@@ -347,10 +441,23 @@ async def _http(
     return wire.parse_http_response(bytes(received))
 
 
-async def open_pcp_lease(gateway: str, gateway_port: int, port: int) -> _Lease:
+async def open_pcp_lease(
+    gateway: str,
+    gateway_port: int,
+    port: int,
+    *,
+    source: str | None = None,
+    via: str | None = None,
+) -> _Lease:
     """Map UDP ``port`` over PCP, or NAT-PMP where the gateway answers PCP with "unsupported
-    version"; the lease renews and deletes over the protocol that granted it."""
-    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    version"; the lease renews and deletes over the protocol that granted it.
+
+    An IPv6 ``gateway`` is asked for a pinhole to ``source`` (our address: the request goes
+    out from it, as a PCP server checks), reached through interface ``via`` when it is
+    link-local; NAT-PMP has no IPv6, so there a refusal stands."""
+    ipv6 = ":" in gateway
+    family = trio.socket.AF_INET6 if ipv6 else trio.socket.AF_INET
+    sock = trio.socket.socket(family, trio.socket.SOCK_DGRAM)
     nonce = os.urandom(12)
     client = ""
 
@@ -365,13 +472,19 @@ async def open_pcp_lease(gateway: str, gateway_port: int, port: int) -> _Lease:
         return wire.MapReply(reply.external_port, reply.lifetime, host)
 
     try:
-        await sock.connect((gateway, gateway_port))
-        client = str(sock.getsockname()[0])  # a PCP server checks it against the source
+        if ipv6:
+            if source is not None:
+                await sock.bind((source, 0))
+            scope = stdlib_socket.if_nametoindex(via) if via is not None else 0
+            await sock.connect((gateway, gateway_port, 0, scope))
+        else:
+            await sock.connect((gateway, gateway_port))
+        client = str(sock.getsockname()[0]).partition("%")[0]  # checked against the source
         ask = pcp
         try:
             reply = await pcp(LEASE, port)
         except wire.GatewayRefusedError as exc:
-            if exc.code != wire.PCP_UNSUPPORTED_VERSION:
+            if exc.code != wire.PCP_UNSUPPORTED_VERSION or ipv6:
                 raise
             ask = natpmp
             reply = await natpmp(LEASE, port)

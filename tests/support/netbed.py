@@ -87,6 +87,17 @@ def can_build_nat() -> str | None:
     return reason
 
 
+def _ipv6_firewall(lan: str) -> str:
+    """A home router's stateful IPv6 firewall (RFC 6092's default), as nftables rules of a
+    forward chain: what the LAN sent out may be answered, nothing else comes in."""
+    return (
+        "    meta nfproto ipv6 ct state established,related accept\n"
+        "    meta nfproto ipv6 meta l4proto ipv6-icmp accept\n"
+        f'    meta nfproto ipv6 iifname "{lan}" accept\n'
+        "    meta nfproto ipv6 counter drop\n"
+    )
+
+
 def can_build_upnp() -> str | None:
     """None if this host can run homes whose routers run miniupnpd, else why not."""
     reason = can_build_nat()
@@ -515,12 +526,15 @@ class NetBed:
         machine.home.mkdir(parents=True)
         self.machines.append(machine)
         if ipv6:
+            # With UPnP, miniupnpd's table holds the firewall, so its pinholes come first.
             machine.address6 = self._home_ipv6(
-                gateway, (wan_in, wan_out), (outside, inside), number
+                gateway, (wan_in, wan_out), (outside, inside), number, firewall=not upnp
             )
         if upnp:
             machine.gateway = Gateway(gateway, wan_in, outside, f"{lan}.1", f"{subnet}.2")
-            self._start_miniupnpd(machine.gateway, self.root / f"{name}gw")
+            self._start_miniupnpd(
+                machine.gateway, self.root / f"{name}gw", ipv6_lan=outside if ipv6 else None
+            )
             self.gateways.append(machine.gateway)
         return machine
 
@@ -550,10 +564,17 @@ class NetBed:
         _run("ip", "netns", "exec", router, "nft", "-f", "-", stdin=rules)
 
     def _home_ipv6(
-        self, gateway: str, wan: tuple[str, str], lan: tuple[str, str], number: int
+        self,
+        gateway: str,
+        wan: tuple[str, str],
+        lan: tuple[str, str],
+        number: int,
+        *,
+        firewall: bool = True,
     ) -> str:
         """IPv6 for a home (see ``home``): its router's internet side on the bed's router,
-        its LAN's prefix routed there, the stateful firewall; the machine's address."""
+        its LAN's prefix routed there, the stateful firewall (unless ``firewall`` is
+        False: the caller puts it in a table of its own); the machine's address."""
         wan_in, wan_out = wan
         lan_out, lan_in = lan
         machine = self.machines[-1].namespace
@@ -573,23 +594,27 @@ class NetBed:
         _run(
             "ip", "netns", "exec", gateway, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"
         )  # fmt: skip
-        rules = (
-            "table ip6 firewall {\n"
-            "  chain forward {\n"
-            "    type filter hook forward priority 0; policy drop;\n"
-            "    ct state established,related accept\n"
-            "    meta l4proto ipv6-icmp accept\n"
-            f'    iifname "{lan_out}" accept\n'
-            "    counter\n"
-            "  }\n"
-            "}\n"
-        )
-        _run("ip", "netns", "exec", gateway, "nft", "-f", "-", stdin=rules)
+        if firewall:
+            rules = (
+                "table inet firewall {\n"
+                "  chain forward {\n"
+                "    type filter hook forward priority 0; policy accept;\n"
+                f"{_ipv6_firewall(lan_out)}"
+                "  }\n"
+                "}\n"
+            )
+            _run("ip", "netns", "exec", gateway, "nft", "-f", "-", stdin=rules)
         return f"{lan6}::2"
 
-    def _start_miniupnpd(self, gateway: Gateway, directory: Path) -> None:
+    def _start_miniupnpd(
+        self, gateway: Gateway, directory: Path, *, ipv6_lan: str | None = None
+    ) -> None:
         """miniupnpd in the foreground (-d) on ``gateway``, its nftables chains made first:
-        it only adds rules to chains that exist (Debian ships nft_init.sh for that)."""
+        it only adds rules to chains that exist (Debian ships nft_init.sh for that).
+        ``ipv6_lan``: the home has IPv6 (on that LAN device); its stateful firewall goes in
+        miniupnpd's forward chain after the pinholes (as OpenWrt's fw4 has it: a verdict in
+        one base chain does not spare a packet another base chain's drop), and miniupnpd
+        serves IPv6 too (PCP pinholes)."""
         table = "miniupnpd"
         _run(
             "ip",
@@ -604,7 +629,9 @@ class NetBed:
                 # Policy accept: the bed's routers filter nothing; what keeps the internet
                 # off the LAN is that only conntrack (or a DNAT rule) maps anything there.
                 "  chain forward { type filter hook forward priority 0; policy accept;\n"
-                "    jump miniupnpd; }\n"
+                "    jump miniupnpd;\n"
+                f"{'' if ipv6_lan is None else _ipv6_firewall(ipv6_lan)}"
+                "  }\n"
                 "  chain miniupnpd { }\n"
                 "  chain prerouting { type nat hook prerouting priority -100; policy accept;\n"
                 "    jump prerouting_miniupnpd; }\n"
@@ -643,7 +670,7 @@ class NetBed:
                 "exec",
                 gateway.namespace,
                 "miniupnpd",
-                "-4",
+                *(("-4",) if ipv6_lan is None else ()),
                 "-d",
                 "-f",
                 str(config),
