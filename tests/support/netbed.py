@@ -590,7 +590,10 @@ class NetBed:
             _run("ip", "-n", namespace, "addr", "add", address, "dev", device, "nodad")
         _run("ip", "-n", self.router, "-6", "route", "add", f"{lan6}::/64", "via", f"{wan6}::2")
         _run("ip", "-n", gateway, "-6", "route", "add", "default", "via", f"{wan6}::1")
-        _run("ip", "-n", machine, "-6", "route", "add", "default", "via", f"{lan6}::1")
+        # The machine's default route is via its router's link-local address, as router
+        # advertisements give it in a real home (a PCP client must reach it by interface).
+        _run("ip", "-n", gateway, "addr", "add", "fe80::1/64", "dev", lan_out, "nodad")
+        _run("ip", "-n", machine, "-6", "route", "add", "default", "via", "fe80::1", "dev", lan_in)
         _run(
             "ip", "netns", "exec", gateway, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"
         )  # fmt: skip
