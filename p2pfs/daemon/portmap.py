@@ -11,7 +11,8 @@ Given a lasting IPv6 address of ours, one more task asks the IPv6 default route'
 (``/proc/net/ipv6_route``) over PCP for a pinhole through its firewall to that address and
 our port (RFC 6887's IPv6 firewall case): a home router's stateful firewall drops what
 nobody inside asked for, so without one a peer outside reaches us over IPv6 only by a punch.
-It never touches the IPv4 mapping's state, and retries every ``PINHOLE_RETRY``.
+It never touches the IPv4 mapping's state; refused or unanswered, it asks again every
+``PINHOLE_RETRY``.
 
 Port mapping never stops the daemon: any failure here is logged once and the node goes on
 without it.
@@ -62,6 +63,10 @@ ROUTE_TABLE6 = "/proc/net/ipv6_route"
 PINHOLE_RETRY = 600.0
 """Seconds between attempts at an IPv6 pinhole when none is open (no PCP server, no
 address, refused): a router that gains PCP, or an address that appears, is found again."""
+PINHOLE_RECHECK = 60.0
+"""Seconds between looks for a lasting IPv6 address and route when there is none (only
+/proc is read): a machine whose address comes after the daemon starts (SLAAC at boot) gets
+its pinhole within a minute."""
 DESCRIPTION = "p2pfs"
 
 Failure = (P2pfsError, OSError, trio.TooSlowError)
@@ -231,9 +236,13 @@ class PortMapper:
                 host = self._ipv6_host()
                 gateway = default_gateway6(self._route_table6)
                 if host is None or gateway is None:
-                    raise LocalProtocolError(
+                    # Nothing to ask for, which is no failure of a gateway: not logged.
+                    self.pinhole = None
+                    self._pinhole_error = (
                         "no lasting IPv6 address" if host is None else "no IPv6 default route"
                     )
+                    await trio.sleep(PINHOLE_RECHECK)
+                    continue
                 hop, interface = gateway
                 lease = await open_pcp_lease(
                     hop, wire.GATEWAY_PORT, self.state.local_port, source=host, via=interface
