@@ -669,8 +669,34 @@ def _human_id(result: dict[str, Any]) -> None:
     print(f"node      {result['node_id']}")
     for address in result["addresses"]:
         print(f"address   {address}")
+    # How peers elsewhere reach this node: what they saw, the router's mapping and IPv6
+    # pinhole, the relays it is registered with (the first things to read when a machine
+    # elsewhere cannot connect).
+    for seen in result.get("observed", []):
+        print(f"seen as   {seen['address']} (by peers in {plural(seen['reporters'], 'network')})")
+    mapping = result.get("port_mapping")
+    if mapping is not None:
+        print(f"port map  {_port_map_text(mapping)}")
+        if mapping.get("ipv6_pinhole"):
+            print(f"pinhole   {mapping['ipv6_pinhole']} (the router's IPv6 firewall lets peers in)")
+        elif mapping.get("ipv6_pinhole_error"):
+            print(f"pinhole   none ({mapping['ipv6_pinhole_error']})")
+    for relay in result.get("relays", []):
+        print(f"relay     {relay['address']} (registered, {relay['node_id'][:12]})")
     if result.get("api"):
         print(f"web UI    {result['api']['ui']}")
+
+
+def _port_map_text(mapping: dict[str, Any]) -> str:
+    """The router's mapping of our UDP port, as ``id`` prints it."""
+    if mapping.get("state") == "mapped":
+        via = ", ".join(mapping.get("via") or [])
+        external = mapping.get("external") or "an external address the router does not name"
+        return f"UDP {mapping['local_port']} -> {external} (by the router, {via})"
+    if mapping.get("state") == "failed":
+        errors = "; ".join(f"{k}: {v}" for k, v in (mapping.get("errors") or {}).items())
+        return f"none ({errors})" if errors else "none"
+    return "asking the router"
 
 
 def _human_status(result: dict[str, Any]) -> None:

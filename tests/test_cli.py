@@ -1,4 +1,5 @@
-"""``p2pfs manifest`` in a real subprocess: output, JSON, exit codes, the home."""
+"""``p2pfs manifest`` in a real subprocess: output, JSON, exit codes, the home; ``id``'s
+human form."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from p2pfs import cli
 from p2pfs.content.chunking import Chunker
 
 
@@ -99,3 +103,48 @@ def test_commands_that_call_the_daemon_load_neither_the_index_nor_the_key_librar
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
     )
     assert loaded.stdout.strip() == "[]", loaded.stdout
+
+
+def test_id_prints_how_peers_elsewhere_reach_the_node(capsys: pytest.CaptureFixture[str]) -> None:
+    """`p2pfs id` names what peers saw, the router's mapping and IPv6 pinhole, and the
+    relays: what a user reads first when a machine elsewhere cannot connect."""
+    mapping = {
+        "protocol": "udp",
+        "local_port": 7337,
+        "external": "203.0.113.5:7337",
+        "state": "mapped",
+        "via": ["natpmp"],
+        "errors": {},
+        "ipv6_pinhole": "[2001:db8:1::2]:7337",
+        "ipv6_pinhole_error": None,
+    }
+    result = {
+        "node_id": "n" * 52,
+        "addresses": ["203.0.113.5:7337", "[2001:db8:1::2]:7337", "192.168.1.2:7337"],
+        "observed": [{"address": "203.0.113.5:7337", "reporters": 2}],
+        "relays": [{"node_id": "r" * 52, "address": "198.51.100.7:7337"}],
+        "port_mapping": mapping,
+        "api": None,
+    }
+    cli._human_id(result)
+    lines = capsys.readouterr().out.splitlines()
+    assert "seen as   203.0.113.5:7337 (by peers in 2 networks)" in lines
+    assert "port map  UDP 7337 -> 203.0.113.5:7337 (by the router, natpmp)" in lines
+    assert "pinhole   [2001:db8:1::2]:7337 (the router's IPv6 firewall lets peers in)" in lines
+    assert f"relay     198.51.100.7:7337 (registered, {'r' * 12})" in lines
+
+    failed = {
+        **mapping,
+        "state": "failed",
+        "external": None,
+        "via": [],
+        "errors": {"natpmp": "no answer from the gateway", "upnp": "no IGD answered"},
+        "ipv6_pinhole": None,
+        "ipv6_pinhole_error": "no lasting IPv6 address",
+    }
+    cli._human_id({**result, "observed": [], "relays": [], "port_mapping": failed})
+    lines = capsys.readouterr().out.splitlines()
+    assert "port map  none (natpmp: no answer from the gateway; upnp: no IGD answered)" in lines
+    assert "pinhole   none (no lasting IPv6 address)" in lines
+    cli._human_id({**result, "port_mapping": None})
+    assert "port map" not in capsys.readouterr().out  # --no-port-mapping: nothing to say

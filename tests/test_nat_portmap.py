@@ -130,6 +130,7 @@ def test_an_ipv6_home_opens_a_pinhole_and_is_fetched_from_directly(
     pinhole = f"[{home.address6}]:{DEFAULT_PORT}"
     wait_until(lambda: (mapping(home) or {}).get("ipv6_pinhole") == pinhole, timeout=30)
     assert pinhole_rule(gateway, home.address6, DEFAULT_PORT), gateway.nft_rules()
+    assert f"pinhole   {pinhole} (the router's IPv6 firewall" in home.cli("id").stdout
     home_id = str(ident(home)["node_id"])
     seen = fetch_watching_paths(public, share(home, source), tmp_path / "copy", home_id)
     assert same_tree(source, tmp_path / "copy")
