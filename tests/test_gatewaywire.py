@@ -78,6 +78,20 @@ def test_pcp_refusals_name_the_reason_and_code() -> None:
     assert caught.value.code == 2
 
 
+def test_a_pcp_refusal_without_our_nonce_is_not_believed() -> None:
+    """A refusal names the request it refuses (RFC 6887 7.2): one with another nonce, or
+    cut short, may be a LAN device forging the gateway's address, and is ignored (the
+    caller waits for the gateway's own answer); only "cannot read your request" refusals
+    may come without the request's fields."""
+    with pytest.raises(RemoteProtocolError, match="another request"):
+        wire.parse_pcp_map(pcp_reply(result=2, nonce=bytes(12)), NONCE, 7337)
+    with pytest.raises(RemoteProtocolError, match="shorter"):
+        wire.parse_pcp_map(pcp_reply(result=2)[:24], NONCE, 7337)
+    with pytest.raises(wire.GatewayRefusedError) as caught:
+        wire.parse_pcp_map(pcp_reply(result=3)[:24], NONCE, 7337)
+    assert caught.value.code == 3
+
+
 def test_a_natpmp_gateway_answering_pcp_means_fall_back() -> None:
     # RFC 6886 servers answer any other version with version 0, result 1.
     answer = struct.pack("!BBHI", 0, 0x81, 1, 12345)

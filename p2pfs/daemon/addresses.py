@@ -20,6 +20,7 @@ ticket puts the best address of each family first.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -52,7 +53,7 @@ def interface_addresses(*families: socket.AddressFamily) -> list[str]:
             if name in stats and not stats[name].isup:
                 continue
             found.extend(entry.address for entry in entries if entry.family in families)
-    except OSError as exc:
+    except (OSError, psutil.Error) as exc:
         logger.warning("cannot list network interfaces: %s", exc)
         return []
     # psutil writes IPv6 link-local addresses with a %scope suffix.
@@ -229,16 +230,13 @@ class AddressBook:
             for address in self._observed
         )
 
-    def lasting_ipv6(self) -> str | None:
-        """Our best advertised IPv6 interface address that is not loopback (link-local ones
-        are never advertised), or None: the one a firewall pinhole is asked for."""
+    def pinhole_ipv6(self) -> str | None:
+        """The IPv6 address a firewall pinhole is asked for (see ``pinhole_address``), or
+        None."""
         if socket.AF_INET6 not in self.families:
             return None
-        for address in self._own()[0]:
-            parsed = ipaddress.ip_address(address.host)
-            if parsed.version == 6 and not parsed.is_loopback:
-                return address.host
-        return None
+        own = [address.host for address in self._own()[0] if ":" in address.host]
+        return pinhole_address(default_route_source6(), own)
 
     def interfaces_now(self) -> frozenset[str]:
         """The interface addresses we advertise, read now (to notice that they changed)."""
@@ -264,6 +262,56 @@ class AddressBook:
 
     def for_ticket(self) -> list[PeerAddress]:
         return best_of_each_family_first(self.all())[:TICKET_ADDRESSES]
+
+
+ROUTE_PROBE6 = "2000::1"
+"""A global unicast destination (2000::/3) that no home network routes itself: the kernel's
+source address toward it is its choice on the IPv6 default route."""
+_IPV6_ADDR_PREFERENCES = 72
+_IPV6_PREFER_SRC_PUBLIC = 0x0002
+_ULA = ipaddress.ip_network("fc00::/7")
+
+
+def default_route_source6() -> str | None:
+    """The address the kernel sends from toward the IPv6 internet (RFC 6724's choice on
+    the default route's interface, a stable address preferred to a temporary one), or
+    None (no IPv6 route). A connected UDP socket sends nothing."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            with contextlib.suppress(OSError):  # Linux only; elsewhere the default choice
+                probe.setsockopt(
+                    socket.IPPROTO_IPV6, _IPV6_ADDR_PREFERENCES, _IPV6_PREFER_SRC_PUBLIC
+                )
+            probe.connect((ROUTE_PROBE6, 9))
+            return str(probe.getsockname()[0]).partition("%")[0]
+    except OSError:
+        return None
+
+
+def pinhole_address(source: str | None, advertised: Iterable[str]) -> str | None:
+    """Which of our ``advertised`` IPv6 addresses a router's firewall should let peers in
+    to: the default route's ``source`` if we advertise it, else an advertised one in the
+    same /64 (a temporary source's stable sibling); None when neither is (the route runs
+    through another interface than our advertised addresses, or none is reachable from
+    outside the site: unique local, link-local and loopback addresses never are)."""
+    if source is None:
+        return None
+    try:
+        route = ipaddress.IPv6Address(source)
+    except ValueError:
+        return None
+    candidates = []
+    for text in advertised:
+        try:
+            address = ipaddress.IPv6Address(text)
+        except ValueError:
+            continue
+        if not (address in _ULA or address.is_link_local or address.is_loopback):
+            candidates.append(address)
+    if route in candidates:
+        return str(route)
+    subnet = ipaddress.IPv6Network((route, 64), strict=False)
+    return next((str(address) for address in candidates if address in subnet), None)
 
 
 def best_of_each_family_first(addresses: list[PeerAddress]) -> list[PeerAddress]:

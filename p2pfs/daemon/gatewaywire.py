@@ -33,6 +33,9 @@ PCP_VERSION = 2
 PCP_MAP = 1
 PCP_UNSUPPORTED_VERSION = 1
 NATPMP_VERSION = 0
+_PCP_UNREAD = (1, 3, 4)
+"""Results whose reply may come without the request's fields: unsupported version,
+malformed request, unsupported opcode."""
 NATPMP_ADDRESS = 0
 NATPMP_MAP_UDP = 1
 
@@ -132,15 +135,20 @@ def parse_pcp_map(data: bytes, nonce: bytes, internal_port: int) -> MapReply:
     del version
     if r_opcode != 0x80 | PCP_MAP:
         raise RemoteProtocolError(f"not an answer to a PCP MAP (opcode {r_opcode:#x})")
-    if result != 0:
-        reason = _PCP_RESULTS.get(result, f"result {result}")
-        raise GatewayRefusedError(f"PCP: {reason}", result)
+    # A refusal carries our request's nonce too (RFC 6887 7.2), except where the server
+    # could not read the request at all: any other refusal without it is not believed
+    # (a LAN device forging the gateway's address could otherwise refuse for it).
+    if result in _PCP_UNREAD:
+        raise GatewayRefusedError(f"PCP: {_PCP_RESULTS[result]}", result)
     if len(data) < 60:
         raise RemoteProtocolError("a PCP MAP reply shorter than 60 bytes")
     reply_nonce = data[24:36]
     protocol, reply_internal, external_port = struct.unpack_from("!B3xHH", data, 36)
     if reply_nonce != nonce or protocol != UDP or reply_internal != internal_port:
         raise RemoteProtocolError("a PCP MAP reply to another request")
+    if result != 0:
+        reason = _PCP_RESULTS.get(result, f"result {result}")
+        raise GatewayRefusedError(f"PCP: {reason}", result)
     external = ipaddress.IPv6Address(data[44:60])
     mapped = external.ipv4_mapped
     host = str(mapped) if mapped is not None else str(external)

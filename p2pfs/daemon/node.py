@@ -272,7 +272,7 @@ class Node:
                 self._port_mapper = PortMapper(
                     endpoint.local_address[1],
                     self._addresses.mapped,
-                    ipv6_host=self._addresses.lasting_ipv6,
+                    ipv6_host=self._addresses.pinhole_ipv6,
                 )
                 await nursery.start(self._port_mapper.serve)
             await nursery.start(

@@ -63,10 +63,12 @@ ROUTE_TABLE6 = "/proc/net/ipv6_route"
 PINHOLE_RETRY = 600.0
 """Seconds between attempts at an IPv6 pinhole when none is open (no PCP server, no
 address, refused): a router that gains PCP, or an address that appears, is found again."""
+PINHOLE_REASK = 1.0
+"""Seconds before a pinhole is asked for a new address, after the old one's deletion."""
 PINHOLE_RECHECK = 60.0
-"""Seconds between looks for a lasting IPv6 address and route when there is none (only
-/proc is read): a machine whose address comes after the daemon starts (SLAAC at boot) gets
-its pinhole within a minute."""
+"""Seconds between looks at our IPv6 address (only the kernel is asked): a machine whose
+address comes after the daemon starts (SLAAC at boot) gets its pinhole within a minute, and
+a pinhole follows an address that changes within a minute."""
 DESCRIPTION = "p2pfs"
 
 Failure = (P2pfsError, OSError, trio.TooSlowError)
@@ -90,25 +92,30 @@ def default_gateway(route_table: str = ROUTE_TABLE) -> str | None:
 
 def default_gateway6(route_table: str = ROUTE_TABLE6) -> tuple[str, str] | None:
     """The IPv6 default route's next hop and its interface (a link-local next hop, as
-    router advertisements give, is reached through that interface), or None."""
+    router advertisements give, is reached through that interface), or None. Of several
+    default routes (two routers, or a second interface), the lowest metric's, as the
+    kernel prefers it."""
     try:
         with open(route_table, encoding="ascii") as table:
             lines = table.read().splitlines()
     except OSError:
         return None
+    best: tuple[int, str, str] | None = None
     for line in lines:
         fields = line.split()
         # Destination ::/0, a next hop, flags RTF_UP | RTF_GATEWAY.
         if len(fields) < 10 or fields[0] != "0" * 32 or fields[1] != "00":
             continue
-        if int(fields[8], 16) & 0x3 != 0x3 or fields[4] == "0" * 32:
-            continue
         try:
+            metric, flags = int(fields[5], 16), int(fields[8], 16)
             hop = ipaddress.IPv6Address(bytes.fromhex(fields[4]))
         except ValueError:
             continue
-        return str(hop), fields[9]
-    return None
+        if flags & 0x3 != 0x3 or hop.is_unspecified:
+            continue
+        if best is None or metric < best[0]:
+            best = (metric, str(hop), fields[9])
+    return None if best is None else (best[1], best[2])
 
 
 def _source_address(host: str, port: int) -> str:
@@ -142,8 +149,8 @@ class PortMapper:
         ipv6_host: Callable[[], str | None] = lambda: None,
         route_table6: str = ROUTE_TABLE6,
     ) -> None:
-        """``ipv6_host``: the lasting IPv6 address of ours to open a pinhole to, read when
-        one is asked for (None: no pinhole)."""
+        """``ipv6_host``: the IPv6 address of ours to open a pinhole to, read when one is
+        asked for and every PINHOLE_RECHECK while one is held (None: no pinhole)."""
         self.state = PortMapState(local_port, trio.current_time())
         self.pinhole: PeerAddress | None = None
         """Where the IPv6 firewall lets peers in, while the gateway grants it."""
@@ -228,40 +235,57 @@ class PortMapper:
                 await self._round_changed.wait()
 
     async def _keep_pinhole(self) -> None:
-        """The IPv6 pinhole: opened, renewed halfway through its lease while our address
-        stays the same, asked again every PINHOLE_RETRY when there is none."""
+        """The IPv6 pinhole: held while our address stays the same, asked for again a
+        moment after it changes, and every PINHOLE_RETRY while the router refuses."""
         while True:
-            lease: _Lease | None = None
-            try:
-                host = self._ipv6_host()
-                gateway = default_gateway6(self._route_table6)
-                if host is None or gateway is None:
-                    # Nothing to ask for, which is no failure of a gateway: not logged.
-                    self.pinhole = None
-                    self._pinhole_error = (
-                        "no lasting IPv6 address" if host is None else "no IPv6 default route"
-                    )
-                    await trio.sleep(PINHOLE_RECHECK)
-                    continue
-                hop, interface = gateway
-                lease = await open_pcp_lease(
-                    hop, wire.GATEWAY_PORT, self.state.local_port, source=host, via=interface
+            host = self._ipv6_host()
+            gateway = default_gateway6(self._route_table6)
+            if host is None or gateway is None:
+                # Nothing to ask for, which is no failure of a gateway: not logged.
+                self.pinhole = None
+                self._pinhole_error = (
+                    "no global IPv6 address on the default route"
+                    if host is None
+                    else "no IPv6 default route"
                 )
-                self._leases["pcp6"] = lease
-                while host == self._ipv6_host():
-                    self._opened(PeerAddress(host, lease.reply.external_port))
-                    await trio.sleep(max(lease.reply.lifetime / 2, MIN_RENEW))
-                    lease.reply = await lease.renew()
-                # Our address changed: the pinhole to the old one goes, one to the new comes.
-                self._leases.pop("pcp6", None)
-                await _delete_quietly(lease)
+                await trio.sleep(PINHOLE_RECHECK)
                 continue
+            try:
+                await self._hold_pinhole(host, gateway)
             except Failure as exc:
-                self._leases.pop("pcp6", None)
-                if lease is not None:
-                    lease.close()
                 self._pinhole_failed(str(exc) or type(exc).__name__)
-            await trio.sleep(PINHOLE_RETRY)
+                await trio.sleep(PINHOLE_RETRY)
+            else:
+                # An address that comes and goes cannot make a burst of requests.
+                await trio.sleep(PINHOLE_REASK)
+
+    async def _hold_pinhole(self, host: str, gateway: tuple[str, str]) -> None:
+        """Open a pinhole to ``host`` and renew it halfway through each lease; return once
+        our address is another (the pinhole deleted). Our address is looked at every
+        PINHOLE_RECHECK, so a pinhole follows a new address within a minute, not at the
+        next renewal. Cancelled (the daemon stops), the lease stays in ``_leases`` for
+        ``_serve`` to delete."""
+        hop, interface = gateway
+        port = self.state.local_port
+        lease = await open_pcp_lease(hop, wire.GATEWAY_PORT, port, source=host, via=interface)
+        self._leases["pcp6"] = lease
+        try:
+            while True:
+                self._opened(_pinhole_granted(host, port, lease.reply))
+                renew_at = trio.current_time() + max(lease.reply.lifetime / 2, MIN_RENEW)
+                while (now := trio.current_time()) < renew_at:
+                    if self._ipv6_host() != host:
+                        with trio.CancelScope(shield=True), trio.move_on_after(STOP_TIMEOUT):
+                            await _delete_quietly(lease)
+                        self._leases.pop("pcp6", None)
+                        self.pinhole = None
+                        return
+                    await trio.sleep(min(PINHOLE_RECHECK, renew_at - now))
+                lease.reply = await lease.renew()
+        except Failure:
+            self._leases.pop("pcp6", None)
+            lease.close()
+            raise
 
     def _opened(self, pinhole: PeerAddress) -> None:
         if pinhole != self.pinhole:
@@ -381,6 +405,22 @@ class PortMapper:
             )
 
         return _Lease(renew, delete, reply)
+
+
+def _pinhole_granted(host: str, port: int, reply: wire.MapReply) -> PeerAddress:
+    """Where the router's answer lets peers in: our own address and port, or the answer is
+    no pinhole for the address we advertise (a router that translates, NPTv6 or NAT66,
+    names another; a lifetime of 0 is a deletion, RFC 6887 15)."""
+    if reply.lifetime == 0:
+        raise RemoteProtocolError("the router answered with a lifetime of 0 (no pinhole)")
+    external = ipaddress.ip_address(reply.external_host or "::")
+    if not external.is_unspecified and external != ipaddress.ip_address(host):
+        raise RemoteProtocolError(f"the router would translate {host} to {external}")
+    if reply.external_port != port:
+        raise RemoteProtocolError(
+            f"the router would translate port {port} to {reply.external_port}"
+        )
+    return PeerAddress(host, port)
 
 
 async def _delete_quietly(lease: _Lease) -> None:

@@ -1,0 +1,179 @@
+"""The IPv6 pinhole's upkeep (p2pfs/daemon/portmap.py ``PortMapper._keep_pinhole``) on trio's
+mock clock, against a gateway scripted here in place of ``open_pcp_lease`` (the PCP
+exchange itself runs over real UDP in tests/test_portmap_pcp.py, and against miniupnpd in
+tests/test_nat_portmap.py): renewal, an address that changes, a refusal, a lifetime of 0,
+deletion at stop; and which address is opened (``pinhole_address``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from p2pfs.daemon import gatewaywire as wire
+from p2pfs.daemon import portmap
+from p2pfs.daemon.addresses import pinhole_address
+from p2pfs.errors import LocalProtocolError
+
+PORT = 7337
+ROUTER = "fe80000000000000000000000000abcd"
+NONE = "0" * 32
+
+
+def route_table(tmp_path: Path) -> str:
+    table = tmp_path / "ipv6_route"
+    table.write_text(f"{NONE} 00 {NONE} 00 {ROUTER} 00000400 00000001 00000000 00000003 eth0\n")
+    return str(table)
+
+
+@dataclass
+class ScriptedGateway:
+    """Stands in for ``open_pcp_lease``: records what the node asked for."""
+
+    lifetime: int = 120
+    refuse: bool = False
+    log: list[tuple[str, str]] = field(default_factory=list)
+
+    async def open(
+        self, gateway: str, gateway_port: int, port: int, *, source: str, via: str
+    ) -> portmap._Lease:
+        assert (gateway, gateway_port, port, via) == ("fe80::abcd", wire.GATEWAY_PORT, PORT, "eth0")
+        self.log.append(("open", source))
+        if self.refuse:
+            raise wire.GatewayRefusedError("PCP: not authorized", 2)
+        reply = wire.MapReply(PORT, self.lifetime, source)
+
+        async def renew() -> wire.MapReply:
+            self.log.append(("renew", source))
+            return reply
+
+        async def delete() -> None:
+            self.log.append(("delete", source))
+
+        return portmap._Lease(renew, delete, reply)
+
+
+def run_mapper(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    gateway: ScriptedGateway,
+    script: object,
+) -> None:
+    """A PortMapper whose IPv4 protocols fail at once (nothing leaves this machine), its
+    IPv6 address ``host[0]``; ``script(mapper, host)`` drives it, then it is stopped."""
+    monkeypatch.setattr(portmap, "open_pcp_lease", gateway.open)
+
+    async def no_ipv4(self: portmap.PortMapper) -> portmap._Lease:
+        raise LocalProtocolError("not in this test")
+
+    monkeypatch.setattr(portmap.PortMapper, "_map_pcp", no_ipv4)
+    monkeypatch.setattr(portmap.PortMapper, "_map_upnp", no_ipv4)
+    host = ["2001:db8:1::2"]
+
+    async def main() -> None:
+        mapper = portmap.PortMapper(
+            PORT, lambda _: None, ipv6_host=lambda: host[0], route_table6=route_table(tmp_path)
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mapper.serve)
+            await script(mapper, host)  # type: ignore[operator]
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_pinhole_is_renewed_and_deleted_at_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway = ScriptedGateway(lifetime=120)
+
+    async def script(mapper: portmap.PortMapper, host: list[str]) -> None:
+        await trio.sleep(1)
+        assert str(mapper.pinhole) == f"[2001:db8:1::2]:{PORT}"
+        assert mapper.info()["ipv6_pinhole"] == f"[2001:db8:1::2]:{PORT}"
+        await trio.sleep(130)  # renewed at 60 and 120 s (half the lease)
+
+    run_mapper(tmp_path, monkeypatch, gateway, script)
+    assert gateway.log == [("open", "2001:db8:1::2")] + [("renew", "2001:db8:1::2")] * 2 + [
+        ("delete", "2001:db8:1::2")
+    ]
+
+
+def test_a_pinhole_follows_a_new_address_within_a_minute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease is an hour; the address changes after 10 s: the old pinhole is deleted and
+    one to the new address asked for within PINHOLE_RECHECK, not at the next renewal."""
+    gateway = ScriptedGateway(lifetime=3600)
+
+    async def script(mapper: portmap.PortMapper, host: list[str]) -> None:
+        await trio.sleep(10)
+        host[0] = "2001:db8:1::99"
+        await trio.sleep(portmap.PINHOLE_RECHECK + portmap.PINHOLE_REASK + 1)
+        assert str(mapper.pinhole) == f"[2001:db8:1::99]:{PORT}"
+
+    run_mapper(tmp_path, monkeypatch, gateway, script)
+    assert gateway.log == [
+        ("open", "2001:db8:1::2"),
+        ("delete", "2001:db8:1::2"),
+        ("open", "2001:db8:1::99"),
+        ("delete", "2001:db8:1::99"),  # at stop
+    ]
+
+
+@pytest.mark.parametrize("case", ["refused", "lifetime 0"])
+def test_no_pinhole_is_reported_open_unless_granted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """A refusal, or a "success" of lifetime 0 (a deletion, RFC 6887 15), is no pinhole:
+    none reported, its reason shown, asked again after PINHOLE_RETRY."""
+    gateway = ScriptedGateway(refuse=case == "refused", lifetime=0)
+
+    async def script(mapper: portmap.PortMapper, host: list[str]) -> None:
+        await trio.sleep(1)
+        assert mapper.pinhole is None
+        error = mapper.info()["ipv6_pinhole_error"]
+        assert isinstance(error, str)
+        assert ("not authorized" if case == "refused" else "lifetime of 0") in error
+        await trio.sleep(portmap.PINHOLE_RETRY)
+
+    run_mapper(tmp_path, monkeypatch, gateway, script)
+    opens = [entry for entry in gateway.log if entry[0] == "open"]
+    assert len(opens) == 2
+    assert ("renew", "2001:db8:1::2") not in gateway.log
+
+
+def test_a_pinhole_to_a_translated_address_is_no_pinhole() -> None:
+    granted = wire.MapReply(PORT, 3600, "2001:db8:1::2")
+    assert str(portmap._pinhole_granted("2001:db8:1::2", PORT, granted)) == "[2001:db8:1::2]:7337"
+    for reply in (
+        wire.MapReply(PORT, 3600, "2001:db8:ffff::2"),  # NPTv6: peers would need that one
+        wire.MapReply(40000, 3600, "2001:db8:1::2"),
+    ):
+        with pytest.raises(portmap.RemoteProtocolError, match="translate"):
+            portmap._pinhole_granted("2001:db8:1::2", PORT, reply)
+
+
+def test_the_pinhole_is_for_the_default_routes_advertised_address() -> None:
+    advertised = ["2001:db8:1::2", "fd00::2", "2001:db8:9::5"]
+    assert pinhole_address("2001:db8:1::2", advertised) == "2001:db8:1::2"
+    # The route's source is a temporary address (never advertised): its stable sibling.
+    assert pinhole_address("2001:db8:1:0:a1b2:c3d4:e5f6:1", advertised) == "2001:db8:1::2"
+    # The route leaves by another interface than any advertised address: no pinhole.
+    assert pinhole_address("2001:db8:7::1", advertised) is None
+    # Unique local addresses are not reachable from outside the site.
+    assert pinhole_address("fd00::2", advertised) is None
+    assert pinhole_address(None, advertised) is None
+
+
+def test_ipv6_default_gateway_is_the_lowest_metric(tmp_path: Path) -> None:
+    table = tmp_path / "ipv6_route"
+    table.write_text(
+        f"{NONE} 00 {NONE} 00 fe800000000000000000000000000002 00000800 00000001 00000000 "
+        "00000003 wlan0\n"
+        f"{NONE} 00 {NONE} 00 {ROUTER} 00000400 00000001 00000000 00000003 eth0\n"
+    )
+    assert portmap.default_gateway6(str(table)) == ("fe80::abcd", "eth0")
