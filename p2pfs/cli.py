@@ -678,7 +678,9 @@ def _human_id(result: dict[str, Any]) -> None:
     if mapping is not None:
         print(f"port map  {_port_map_text(mapping)}")
         if mapping.get("ipv6_pinhole"):
-            print(f"pinhole   {mapping['ipv6_pinhole']} (the router's IPv6 firewall lets peers in)")
+            via = f", {mapping['ipv6_pinhole_via']}" if mapping.get("ipv6_pinhole_via") else ""
+            opened = f"the router's IPv6 firewall lets peers in{via}"
+            print(f"pinhole   {mapping['ipv6_pinhole']} ({opened})")
         elif mapping.get("ipv6_pinhole_error"):
             print(f"pinhole   none ({mapping['ipv6_pinhole_error']})")
     for relay in result.get("relays", []):

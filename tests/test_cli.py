@@ -116,6 +116,7 @@ def test_id_prints_how_peers_elsewhere_reach_the_node(capsys: pytest.CaptureFixt
         "via": ["natpmp"],
         "errors": {},
         "ipv6_pinhole": "[2001:db8:1::2]:7337",
+        "ipv6_pinhole_via": "pcp",
         "ipv6_pinhole_error": None,
     }
     result = {
@@ -130,7 +131,7 @@ def test_id_prints_how_peers_elsewhere_reach_the_node(capsys: pytest.CaptureFixt
     lines = capsys.readouterr().out.splitlines()
     assert "seen as   203.0.113.5:7337 (by peers in 2 networks)" in lines
     assert "port map  UDP 7337 -> 203.0.113.5:7337 (by the router, natpmp)" in lines
-    assert "pinhole   [2001:db8:1::2]:7337 (the router's IPv6 firewall lets peers in)" in lines
+    assert "pinhole   [2001:db8:1::2]:7337 (the router's IPv6 firewall lets peers in, pcp)" in lines
     assert f"relay     198.51.100.7:7337 (registered, {'r' * 12})" in lines
 
     failed = {

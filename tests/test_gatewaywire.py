@@ -162,6 +162,26 @@ def test_the_most_capable_wan_service_is_chosen() -> None:
         )
 
 
+def test_an_ipv6_search_and_the_firewall_control_service() -> None:
+    """IGD v2 over IPv6: the search goes to SSDP's IPv6 group (its HOST in brackets), and
+    the description's WANIPv6FirewallControl service is the one that opens pinholes."""
+    search = wire.ssdp_search(wire.PINHOLE_SEARCH_TARGETS[0], wire.SSDP_GROUP6)
+    assert b"HOST: [FF02::C]:1900\r\n" in search
+    assert b"ST: urn:schemas-upnp-org:service:WANIPv6FirewallControl:1\r\n" in search
+    description = DESCRIPTION.replace(
+        b"</serviceList>",
+        b"<service><serviceType>urn:schemas-upnp-org:service:WANIPv6FirewallControl:1"
+        b"</serviceType><controlURL>/ctl/IP6FCtl</controlURL></service></serviceList>",
+    )
+    location = "http://[2001:db8:1::1]:5000/rootDesc.xml"
+    service = wire.find_service(
+        description, location, wire.PINHOLE_SERVICES, "IPv6 firewall control service"
+    )
+    assert service.control_url == "http://[2001:db8:1::1]:5000/ctl/IP6FCtl"
+    with pytest.raises(RemoteProtocolError, match="no IPv6 firewall control"):
+        wire.find_service(DESCRIPTION, location, wire.PINHOLE_SERVICES, "IPv6 firewall control")
+
+
 def test_soap_call_and_answers() -> None:
     body = wire.soap_body(
         "urn:x", "AddPortMapping", {"NewProtocol": "UDP", "NewDescription": "<&>"}

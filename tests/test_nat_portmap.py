@@ -8,6 +8,8 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
+import pytest
+
 from tests.e2e_helpers import wait_until
 from tests.netbed import DEFAULT_PORT, Gateway, Machine, NetBed, upnpbed
 from tests.test_machines import make_tree, same_tree, share
@@ -97,17 +99,19 @@ def pinhole_rule(gateway: Gateway, host: str, port: int) -> bool:
     )
 
 
+@pytest.mark.parametrize("protocol", ["pcp", "upnp"])
 def test_an_ipv6_home_opens_a_pinhole_and_is_fetched_from_directly(
-    upnpbed: NetBed, tmp_path: Path
+    upnpbed: NetBed, tmp_path: Path, protocol: str
 ) -> None:
     """A home with a routed IPv6 prefix behind its router's stateful firewall, the router
-    running miniupnpd; between it and a machine outside only IPv6 is forwarded. No relay
-    anywhere. With --no-port-mapping the home cannot be fetched from (the firewall drops
-    what nobody inside asked for). At its defaults the daemon asks its IPv6 router over
-    PCP for a pinhole to its address and port, the machine outside fetches with the ticket
+    running miniupnpd (PCP and UPnP IGD v2, or UPnP alone); between it and a machine
+    outside only IPv6 is forwarded. No relay anywhere. With --no-port-mapping the home
+    cannot be fetched from (the firewall drops what nobody inside asked for). At its
+    defaults the daemon asks its router for a pinhole to its address and port (over PCP,
+    else UPnP's WANIPv6FirewallControl), the machine outside fetches with the ticket
     alone, directly, and `stop` closes the pinhole."""
     public = upnpbed.machine("pub", ipv6=True)
-    home = upnpbed.home("h", "cone", upnp=True, ipv6=True)
+    home = upnpbed.home("h", "cone", upnp=True, ipv6=True, pcp=protocol == "pcp")
     gateway = home.gateway
     assert gateway is not None and home.address6 is not None
     upnpbed.forward_no_ipv4()
@@ -129,6 +133,7 @@ def test_an_ipv6_home_opens_a_pinhole_and_is_fetched_from_directly(
     home.start()
     pinhole = f"[{home.address6}]:{DEFAULT_PORT}"
     wait_until(lambda: (mapping(home) or {}).get("ipv6_pinhole") == pinhole, timeout=30)
+    assert (mapping(home) or {})["ipv6_pinhole_via"] == protocol
     assert pinhole_rule(gateway, home.address6, DEFAULT_PORT), gateway.nft_rules()
     assert f"pinhole   {pinhole} (the router's IPv6 firewall" in home.cli("id").stdout
     home_id = str(ident(home)["node_id"])

@@ -31,19 +31,32 @@ def route_table(tmp_path: Path) -> str:
 
 @dataclass
 class ScriptedGateway:
-    """Stands in for ``open_pcp_lease``: records what the node asked for."""
+    """Stands in for ``open_pcp_lease`` and ``open_upnp_pinhole`` (nothing leaves this
+    machine): records what the node asked for; ``pcp``/``upnp``: whether each grants."""
 
     lifetime: int = 120
-    refuse: bool = False
+    pcp: bool = True
+    upnp: bool = False
     log: list[tuple[str, str]] = field(default_factory=list)
 
-    async def open(
+    async def open_pcp(
         self, gateway: str, gateway_port: int, port: int, *, source: str, via: str
     ) -> portmap._Lease:
         assert (gateway, gateway_port, port, via) == ("fe80::abcd", wire.GATEWAY_PORT, PORT, "eth0")
-        self.log.append(("open", source))
-        if self.refuse:
+        if not self.pcp:
+            self.log.append(("refused", "pcp"))
             raise wire.GatewayRefusedError("PCP: not authorized", 2)
+        return self._lease(source)
+
+    async def open_upnp(self, host: str, port: int, via: str) -> portmap._Lease:
+        assert (port, via) == (PORT, "eth0")
+        if not self.upnp:
+            self.log.append(("refused", "upnp"))
+            raise portmap.RemoteProtocolError("no UPnP gateway answered the search")
+        return self._lease(host)
+
+    def _lease(self, source: str) -> portmap._Lease:
+        self.log.append(("open", source))
         reply = wire.MapReply(PORT, self.lifetime, source)
 
         async def renew() -> wire.MapReply:
@@ -64,7 +77,8 @@ def run_mapper(
 ) -> None:
     """A PortMapper whose IPv4 protocols fail at once (nothing leaves this machine), its
     IPv6 address ``host[0]``; ``script(mapper, host)`` drives it, then it is stopped."""
-    monkeypatch.setattr(portmap, "open_pcp_lease", gateway.open)
+    monkeypatch.setattr(portmap, "open_pcp_lease", gateway.open_pcp)
+    monkeypatch.setattr(portmap, "open_upnp_pinhole", gateway.open_upnp)
 
     async def no_ipv4(self: portmap.PortMapper) -> portmap._Lease:
         raise LocalProtocolError("not in this test")
@@ -128,22 +142,44 @@ def test_a_pinhole_follows_a_new_address_within_a_minute(
 def test_no_pinhole_is_reported_open_unless_granted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
 ) -> None:
-    """A refusal, or a "success" of lifetime 0 (a deletion, RFC 6887 15), is no pinhole:
-    none reported, its reason shown, asked again after PINHOLE_RETRY."""
-    gateway = ScriptedGateway(refuse=case == "refused", lifetime=0)
+    """Both protocols refusing, or a "success" of lifetime 0 (a deletion, RFC 6887 15), is
+    no pinhole: none reported, the reasons shown, asked again after PINHOLE_RETRY."""
+    gateway = ScriptedGateway(pcp=case != "refused", lifetime=0)
 
     async def script(mapper: portmap.PortMapper, host: list[str]) -> None:
         await trio.sleep(1)
         assert mapper.pinhole is None
         error = mapper.info()["ipv6_pinhole_error"]
         assert isinstance(error, str)
-        assert ("not authorized" if case == "refused" else "lifetime of 0") in error
+        if case == "refused":
+            assert "pcp: PCP: not authorized; upnp: no UPnP gateway" in error
+        else:
+            assert "lifetime of 0" in error
         await trio.sleep(portmap.PINHOLE_RETRY)
 
     run_mapper(tmp_path, monkeypatch, gateway, script)
-    opens = [entry for entry in gateway.log if entry[0] == "open"]
-    assert len(opens) == 2
+    tries = [entry for entry in gateway.log if entry[0] in ("open", "refused")]
+    assert len(tries) == (4 if case == "refused" else 2)
     assert ("renew", "2001:db8:1::2") not in gateway.log
+
+
+def test_a_router_without_pcp_gives_its_pinhole_over_upnp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gateway = ScriptedGateway(pcp=False, upnp=True)
+
+    async def script(mapper: portmap.PortMapper, host: list[str]) -> None:
+        await trio.sleep(1)
+        info = mapper.info()
+        assert info["ipv6_pinhole"] == f"[2001:db8:1::2]:{PORT}"
+        assert info["ipv6_pinhole_via"] == "upnp"
+
+    run_mapper(tmp_path, monkeypatch, gateway, script)
+    assert gateway.log == [
+        ("refused", "pcp"),
+        ("open", "2001:db8:1::2"),
+        ("delete", "2001:db8:1::2"),
+    ]
 
 
 def test_a_pinhole_to_a_translated_address_is_no_pinhole() -> None:

@@ -25,6 +25,8 @@ from p2pfs.errors import RemoteProtocolError
 GATEWAY_PORT = 5351
 """PCP and NAT-PMP servers listen here on the gateway."""
 SSDP_GROUP = ("239.255.255.250", 1900)
+SSDP_GROUP6 = ("ff02::c", 1900)
+"""SSDP's IPv6 link-local group (UPnP Device Architecture 1.1)."""
 HTTP_LIMIT = 64 * 1024
 """Bytes read from a gateway's HTTP answer at most (a description is a few KiB)."""
 UDP = 17
@@ -68,6 +70,12 @@ WAN_SERVICES = (
     "urn:schemas-upnp-org:service:WANPPPConnection:1",
 )
 """Services that can map a port, most capable first."""
+PINHOLE_SERVICES = ("urn:schemas-upnp-org:service:WANIPv6FirewallControl:1",)
+"""IGD v2's service that opens IPv6 firewall pinholes."""
+PINHOLE_SEARCH_TARGETS = (
+    "urn:schemas-upnp-org:service:WANIPv6FirewallControl:1",
+    "urn:schemas-upnp-org:device:InternetGatewayDevice:2",
+)
 IGD_SEARCH_TARGETS = (
     "urn:schemas-upnp-org:device:InternetGatewayDevice:1",
     "urn:schemas-upnp-org:device:InternetGatewayDevice:2",
@@ -197,10 +205,11 @@ def parse_natpmp_map(data: bytes, internal_port: int) -> MapReply:
 # -- UPnP IGD -----------------------------------------------------------------------------
 
 
-def ssdp_search(target: str) -> bytes:
+def ssdp_search(target: str, group: tuple[str, int] = SSDP_GROUP) -> bytes:
+    host = f"[{group[0].upper()}]" if ":" in group[0] else group[0]
     return (
         "M-SEARCH * HTTP/1.1\r\n"
-        f"HOST: {SSDP_GROUP[0]}:{SSDP_GROUP[1]}\r\n"
+        f"HOST: {host}:{group[1]}\r\n"
         'MAN: "ssdp:discover"\r\n'
         "MX: 2\r\n"
         f"ST: {target}\r\n"
@@ -326,6 +335,14 @@ class WanService:
 
 def find_wan_service(description: bytes, description_url: str) -> WanService:
     """The WAN connection service of an IGD's device description, most capable first."""
+    return find_service(description, description_url, WAN_SERVICES, "WAN connection service")
+
+
+def find_service(
+    description: bytes, description_url: str, wanted: tuple[str, ...], what: str
+) -> WanService:
+    """The first of the ``wanted`` service types an IGD's device description has (in
+    ``wanted``'s order), with its control URL."""
     root = _xml(description)
     base = description_url
     found: dict[str, str] = {}
@@ -337,16 +354,16 @@ def find_wan_service(description: bytes, description_url: str) -> WanService:
         fields = {_local(child.tag): (child.text or "").strip() for child in element}
         service_type = fields.get("serviceType", "")
         control = fields.get("controlURL", "")
-        if service_type in WAN_SERVICES and control:
+        if service_type in wanted and control:
             found.setdefault(service_type, control)
-    for service_type in WAN_SERVICES:
+    for service_type in wanted:
         if service_type in found:
             try:
                 url = urljoin(base, found[service_type])
             except ValueError as exc:
                 raise RemoteProtocolError("a malformed control URL") from exc
             return WanService(service_type, http_url(url))
-    raise RemoteProtocolError("the gateway's description names no WAN connection service")
+    raise RemoteProtocolError(f"the gateway's description names no {what}")
 
 
 def soap_body(service_type: str, action: str, arguments: dict[str, str | int]) -> bytes:

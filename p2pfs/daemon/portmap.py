@@ -159,6 +159,8 @@ class PortMapper:
         self._ipv6_host = ipv6_host
         self._route_table6 = route_table6
         self._pinhole_error: str | None = None
+        self._pinhole_via: str | None = None
+        """"pcp" or "upnp": which granted the pinhole held."""
         self._round = 0
         self._round_changed = trio.Event()
         self._leases: dict[str, _Lease] = {}
@@ -265,10 +267,9 @@ class PortMapper:
         PINHOLE_RECHECK, so a pinhole follows a new address within a minute, not at the
         next renewal. Cancelled (the daemon stops), the lease stays in ``_leases`` for
         ``_serve`` to delete."""
-        hop, interface = gateway
+        lease = await self._open_pinhole(host, gateway)
         port = self.state.local_port
-        lease = await open_pcp_lease(hop, wire.GATEWAY_PORT, port, source=host, via=interface)
-        self._leases["pcp6"] = lease
+        self._leases["pinhole"] = lease
         try:
             while True:
                 self._opened(_pinhole_granted(host, port, lease.reply))
@@ -277,19 +278,42 @@ class PortMapper:
                     if self._ipv6_host() != host:
                         with trio.CancelScope(shield=True), trio.move_on_after(STOP_TIMEOUT):
                             await _delete_quietly(lease)
-                        self._leases.pop("pcp6", None)
+                        self._leases.pop("pinhole", None)
                         self.pinhole = None
                         return
                     await trio.sleep(min(PINHOLE_RECHECK, renew_at - now))
                 lease.reply = await lease.renew()
         except Failure:
-            self._leases.pop("pcp6", None)
+            self._leases.pop("pinhole", None)
             lease.close()
             raise
 
+    async def _open_pinhole(self, host: str, gateway: tuple[str, str]) -> _Lease:
+        """A pinhole from the IPv6 router over PCP, else from an IGD v2 on the link over
+        UPnP (routers offer either); both refusals named if neither grants one."""
+        hop, interface = gateway
+        port = self.state.local_port
+        try:
+            lease = await open_pcp_lease(hop, wire.GATEWAY_PORT, port, source=host, via=interface)
+            self._pinhole_via = "pcp"
+            return lease
+        except Failure as exc:
+            pcp_error = str(exc) or type(exc).__name__
+        try:
+            lease = await open_upnp_pinhole(host, port, interface)
+        except Failure as exc:
+            upnp_error = str(exc) or type(exc).__name__
+            raise RemoteProtocolError(f"pcp: {pcp_error}; upnp: {upnp_error}") from exc
+        self._pinhole_via = "upnp"
+        return lease
+
     def _opened(self, pinhole: PeerAddress) -> None:
         if pinhole != self.pinhole:
-            logger.info("port mapping: the IPv6 firewall lets peers in at %s (PCP)", pinhole)
+            logger.info(
+                "port mapping: the IPv6 firewall lets peers in at %s (%s)",
+                pinhole,
+                self._pinhole_via,
+            )
         self.pinhole, self._pinhole_error = pinhole, None
 
     def _pinhole_failed(self, why: str) -> None:
@@ -302,6 +326,7 @@ class PortMapper:
         return {
             **self.state.info(),
             "ipv6_pinhole": str(self.pinhole) if self.pinhole is not None else None,
+            "ipv6_pinhole_via": self._pinhole_via if self.pinhole is not None else None,
             "ipv6_pinhole_error": self._pinhole_error,
         }
 
@@ -449,34 +474,69 @@ async def _ask(
     raise trio.TooSlowError("no answer from the gateway")
 
 
-async def _ssdp_search() -> str:
-    """The description URL of the first IGD that answers an SSDP search on the LAN."""
-    sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+async def _ssdp_search(
+    targets: tuple[str, ...] = wire.IGD_SEARCH_TARGETS,
+    *,
+    source: str | None = None,
+    via: str | None = None,
+) -> str:
+    """The description URL of the first IGD that answers an SSDP search on the LAN: over
+    IPv4, or, given our IPv6 ``source`` address, over IPv6 on interface ``via``."""
+    ipv6 = source is not None
+    sock = trio.socket.socket(
+        trio.socket.AF_INET6 if ipv6 else trio.socket.AF_INET, trio.socket.SOCK_DGRAM
+    )
     with sock:
-        sock.setsockopt(trio.socket.IPPROTO_IP, trio.socket.IP_MULTICAST_TTL, 2)
-        await sock.bind(("0.0.0.0", 0))
-        for target in wire.IGD_SEARCH_TARGETS:
-            await sock.sendto(wire.ssdp_search(target), wire.SSDP_GROUP)
+        if ipv6:
+            assert source is not None
+            scope = stdlib_socket.if_nametoindex(via) if via is not None else 0
+            sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_MULTICAST_IF, scope)
+            await sock.bind((source, 0))
+            group: tuple[str, int] | tuple[str, int, int, int] = (*wire.SSDP_GROUP6, 0, scope)
+        else:
+            sock.setsockopt(trio.socket.IPPROTO_IP, trio.socket.IP_MULTICAST_TTL, 2)
+            await sock.bind(("0.0.0.0", 0))
+            group = wire.SSDP_GROUP
+        for target in targets:
+            search = wire.ssdp_search(target, wire.SSDP_GROUP6 if ipv6 else wire.SSDP_GROUP)
+            await sock.sendto(search, group)
         with trio.move_on_after(SSDP_WAIT):
             while True:
-                data, (sender, _port) = await sock.recvfrom(2048)
+                data, sender = await sock.recvfrom(2048)
                 try:
                     location = wire.parse_ssdp_location(data)
                 except RemoteProtocolError:
                     continue
                 # A device may only name itself: no answer on the LAN points us elsewhere.
-                if urlsplit(location).hostname == sender:
+                if _same_host(urlsplit(location).hostname, sender[0]):
                     return location
     raise RemoteProtocolError("no UPnP gateway answered the search")
 
 
+def _same_host(named: str | None, sender: str) -> bool:
+    """Whether a URL's host is the address an answer came from (IPv6 in any spelling)."""
+    if named is None:
+        return False
+    try:
+        return ipaddress.ip_address(named) == ipaddress.ip_address(sender.partition("%")[0])
+    except ValueError:
+        return False
+
+
 async def _http(
-    method: str, url: str, body: bytes = b"", soap_action: str | None = None
+    method: str,
+    url: str,
+    body: bytes = b"",
+    soap_action: str | None = None,
+    *,
+    source: str | None = None,
 ) -> wire.HttpResponse:
+    """One HTTP exchange with the gateway; ``source``: our address to connect from (an
+    IGD checks a pinhole's internal client against it)."""
     parts = urlsplit(url)
     assert parts.hostname is not None  # the wire module accepts http URLs with a host only
     with trio.fail_after(HTTP_TIMEOUT):
-        stream = await trio.open_tcp_stream(parts.hostname, parts.port or 80)
+        stream = await trio.open_tcp_stream(parts.hostname, parts.port or 80, local_address=source)
         async with stream:
             await stream.send_all(wire.http_request(method, url, body, soap_action))
             received = bytearray()
@@ -488,6 +548,53 @@ async def _http(
             else:
                 raise RemoteProtocolError("the gateway's HTTP answer is too long")
     return wire.parse_http_response(bytes(received))
+
+
+async def open_upnp_pinhole(host: str, port: int, via: str) -> _Lease:
+    """An IPv6 pinhole to ``[host]:port`` (UDP) from an IGD v2's WANIPv6FirewallControl,
+    found by an SSDP search over IPv6 on interface ``via``: every request goes out from
+    ``host``, which the device checks against the pinhole's internal client."""
+    location = await _ssdp_search(wire.PINHOLE_SEARCH_TARGETS, source=host, via=via)
+    description = await _http("GET", location, source=host)
+    if description.status != 200:
+        raise RemoteProtocolError(f"the gateway's description: HTTP {description.status}")
+    service = wire.find_service(
+        description.body, location, wire.PINHOLE_SERVICES, "IPv6 firewall control service"
+    )
+    if not _same_host(urlsplit(service.control_url).hostname, urlsplit(location).hostname or ""):
+        raise RemoteProtocolError("a control URL on another host than the gateway")
+
+    async def call(action: str, arguments: dict[str, str | int]) -> dict[str, str]:
+        body = wire.soap_body(service.service_type, action, arguments)
+        response = await _http(
+            "POST", service.control_url, body, f"{service.service_type}#{action}", source=host
+        )
+        return wire.parse_soap(response)
+
+    answer = await call(
+        "AddPinhole",
+        {
+            "RemoteHost": "",  # any peer
+            "RemotePort": 0,
+            "InternalClient": host,
+            "InternalPort": port,
+            "Protocol": wire.UDP,
+            "LeaseTime": LEASE,
+        },
+    )
+    unique = answer.get("UniqueID", "")
+    if not unique.isdigit():
+        raise RemoteProtocolError(f"AddPinhole answered no pinhole id: {unique[:20]!r}")
+    reply = wire.MapReply(port, LEASE, host)
+
+    async def renew() -> wire.MapReply:
+        await call("UpdatePinhole", {"UniqueID": unique, "NewLeaseTime": LEASE})
+        return reply
+
+    async def delete() -> None:
+        await call("DeletePinhole", {"UniqueID": unique})
+
+    return _Lease(renew, delete, reply)
 
 
 async def open_pcp_lease(

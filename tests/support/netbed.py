@@ -462,11 +462,13 @@ class NetBed:
         *,
         ipv6: bool = False,
         carrier_nat: bool = False,
+        pcp: bool = True,
     ) -> Machine:
         """A machine on a private LAN 192.168.(n).0/24 behind its own home router, whose
         internet side is 10.(bed).(n).2 on the bed's router, masquerading (``nat``: "cone" or
         "symmetric", see NAT_RULES). ``upnp``: the router also runs miniupnpd (UPnP IGD and
-        NAT-PMP/PCP), its internet side is then 11.(bed).(n).2 (see the module doc).
+        NAT-PMP/PCP; ``pcp`` False: UPnP alone), its internet side is then 11.(bed).(n).2
+        (see the module doc).
         ``ipv6``: the LAN has a routed IPv6 prefix too, 2001:db8:(bed):(100 + n)::/64, no
         NAT, behind the router's stateful firewall (RFC 6092's default, as home routers
         ship: what the LAN sent out may be answered, nothing else comes in); the machine's
@@ -533,7 +535,10 @@ class NetBed:
         if upnp:
             machine.gateway = Gateway(gateway, wan_in, outside, f"{lan}.1", f"{subnet}.2")
             self._start_miniupnpd(
-                machine.gateway, self.root / f"{name}gw", ipv6_lan=outside if ipv6 else None
+                machine.gateway,
+                self.root / f"{name}gw",
+                ipv6_lan=outside if ipv6 else None,
+                pcp=pcp,
             )
             self.gateways.append(machine.gateway)
         return machine
@@ -610,7 +615,7 @@ class NetBed:
         return f"{lan6}::2"
 
     def _start_miniupnpd(
-        self, gateway: Gateway, directory: Path, *, ipv6_lan: str | None = None
+        self, gateway: Gateway, directory: Path, *, ipv6_lan: str | None = None, pcp: bool = True
     ) -> None:
         """miniupnpd in the foreground (-d) on ``gateway``, its nftables chains made first:
         it only adds rules to chains that exist (Debian ships nft_init.sh for that).
@@ -642,7 +647,14 @@ class NetBed:
                 "    jump postrouting_miniupnpd; }\n"
                 "  chain prerouting_miniupnpd { }\n"
                 "  chain postrouting_miniupnpd { }\n"
-                "}\n"
+                # Without PCP: miniupnpd serves PCP over IPv6 whatever enable_natpmp says.
+                + (
+                    ""
+                    if pcp
+                    else "  chain input { type filter hook input priority 0; policy accept;\n"
+                    "    udp dport 5351 drop; }\n"
+                )
+                + "}\n"
             ),
         )
         directory.mkdir(parents=True, exist_ok=True)
@@ -652,7 +664,7 @@ class NetBed:
             f"listening_ip={gateway.lan}\n"
             "http_port=0\n"
             "enable_upnp=yes\n"
-            "enable_natpmp=yes\n"
+            f"enable_natpmp={'yes' if pcp else 'no'}\n"
             "secure_mode=yes\n"
             "system_uptime=yes\n"
             f"lease_file={directory / 'upnp.leases'}\n"
