@@ -106,6 +106,25 @@ def test_a_short_lived_address_peers_report_stays_unadvertised(
     assert book.seen_through_nat()
 
 
+def test_a_mapping_behind_another_nat_is_no_way_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A home router behind the ISP's carrier-grade NAT (or another router) grants a port
+    mapping at its own shared or private address: peers elsewhere still see the carrier's
+    address, so the node is still behind a NAT (it looks for relays, stays a DHT client);
+    a mapping at a public address is the way in. Before, any mapping meant "no NAT"."""
+    monkeypatch.setattr(addresses, "interface_addresses", lambda *_: ["192.168.1.2"])
+    # Public addresses (the documentation ranges are not global): the carrier's mapping
+    # of our packets, and a router's own public WAN address.
+    seen = PeerAddress("81.2.69.160", 40000)
+    for mapping, behind in (("100.64.3.2", True), ("10.0.0.7", True), ("81.2.69.161", False)):
+        book = AddressBook("0.0.0.0", 7337)
+        book.mapped(PeerAddress(mapping, 7337))
+        for reporter in ("198.51.100.1", "192.0.2.1"):
+            book.observed(seen, reporter)
+        assert book.seen_through_nat() is behind, mapping
+        # Advertised still, ranked by what it is: the carrier's address the peers saw first.
+        assert book.all()[0] == (seen if behind else PeerAddress(mapping, 7337))
+
+
 def test_a_ticket_names_the_best_address_of_each_family_first() -> None:
     ranked = [PeerAddress(h, 1) for h in ("9.9.9.9", "9.9.9.8", "10.0.0.1", "2001:db8::5")]
     assert [a.host for a in best_of_each_family_first(ranked)][:2] == ["9.9.9.9", "2001:db8::5"]

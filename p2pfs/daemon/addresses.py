@@ -8,7 +8,9 @@ A node advertises exactly the addresses that can answer:
 - bound to one address: that address alone (loopback included, when that is what it is);
 - plus the external address the gateway mapped for us (UPnP / NAT-PMP, ``portmap.py``):
   our own router's word, trusted as a local fact, and reachable from outside by
-  construction, so it goes first among addresses of its rank;
+  construction, so it goes first among addresses of its rank (a mapping at a shared or
+  private address, from a router behind another NAT, ranks as such and is no sign that
+  we are reachable);
 - plus the addresses peers report observing for it (a NAT's public mapping, say), once
   peers at two different places (other /24s, or /48s for IPv6) report the same one: a
   single peer's word could otherwise point everyone who holds our tickets at a victim.
@@ -110,6 +112,13 @@ def rank(address: IPAddress) -> int:
 
 
 _SHARED = ipaddress.ip_network("100.64.0.0/10")
+
+
+def _public(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_global
+    except ValueError:
+        return False
 
 
 def usable(address: IPAddress) -> bool:
@@ -218,7 +227,12 @@ class AddressBook:
         """Whether a peer saw our packets come from an IP none of our interfaces has (and
         no gateway mapping is ours): a NAT between us and it. A hint, not a reachability
         test: it says we may need a relay, never that we are reachable."""
-        if self._mapped is not None or not self._observed:
+        if not self._observed:
+            return False
+        # Only a mapping at a public address makes the internet reach us: a router behind
+        # the ISP's carrier-grade NAT (or behind another home router) maps its port at a
+        # shared or private address, and the NAT beyond it is still there.
+        if self._mapped is not None and _public(self._mapped.host):
             return False
         listed = interface_addresses(*self.families)
         interfaces = set(listed) | {self.bound_host}

@@ -353,7 +353,13 @@ class PortMapper:
     def _set_external(self, external: PeerAddress | None) -> None:
         if external != self._last:
             self._last = external
-            if external is not None:
+            if external is not None and not ipaddress.ip_address(external.host).is_global:
+                logger.info(
+                    "port mapping: the gateway mapped us at %s, not a public address: "
+                    "another NAT stands beyond it (the ISP's carrier-grade NAT?)",
+                    external,
+                )
+            elif external is not None:
                 logger.info("port mapping: reachable at %s through the gateway", external)
             self._changed(external)
 
