@@ -182,6 +182,21 @@ def test_an_ipv6_search_and_the_firewall_control_service() -> None:
         wire.find_service(DESCRIPTION, location, wire.PINHOLE_SERVICES, "IPv6 firewall control")
 
 
+def test_what_a_lan_device_can_send_is_a_protocol_error() -> None:
+    """A URL the request line cannot carry, or XML in an encoding Python does not know,
+    fail as the gateway's protocol error (a round of port mapping ends alone), not as a
+    UnicodeEncodeError or LookupError that ended the mapper."""
+    with pytest.raises(RemoteProtocolError, match="not ASCII"):
+        wire.http_url("http://192.168.1.1:5000/ctl/\u0100")
+    description = DESCRIPTION.replace(b"/ctl/IPConn", "/ctl/\u0100".encode())
+    with pytest.raises(RemoteProtocolError):
+        wire.find_wan_service(description, "http://192.168.1.1:5000/rootDesc.xml")
+    with pytest.raises(RemoteProtocolError, match="malformed XML"):
+        wire.find_wan_service(
+            b'<?xml version="1.0" encoding="no-such"?><root/>', "http://192.168.1.1/"
+        )
+
+
 def test_soap_call_and_answers() -> None:
     body = wire.soap_body(
         "urn:x", "AddPortMapping", {"NewProtocol": "UDP", "NewDescription": "<&>"}

@@ -213,3 +213,127 @@ def test_ipv6_default_gateway_is_the_lowest_metric(tmp_path: Path) -> None:
         f"{NONE} 00 {NONE} 00 {ROUTER} 00000400 00000001 00000000 00000003 eth0\n"
     )
     assert portmap.default_gateway6(str(table)) == ("fe80::abcd", "eth0")
+
+
+# -- UPnP IGD v2 over real TCP on loopback (the search replaced: multicast stays off) -----
+
+DESCRIPTION6 = b"""<?xml version="1.0"?>
+<root xmlns="urn:schemas-upnp-org:device-1-0"><device><serviceList>
+<service><serviceType>urn:schemas-upnp-org:service:WANIPv6FirewallControl:1</serviceType>
+<controlURL>/ctl/IP6FCtl</controlURL></service>
+</serviceList></device></root>"""
+
+
+def soap_response(action: str, inner: str) -> bytes:
+    return (
+        '<?xml version="1.0"?><s:Envelope xmlns:s="http://schemas.xmlsoap.org/soap/envelope/">'
+        f'<s:Body><u:{action}Response xmlns:u="x">{inner}</u:{action}Response></s:Body>'
+        "</s:Envelope>"
+    ).encode()
+
+
+async def serve_igd(
+    unique_id: str, heard: list[tuple[str, bytes]], *, task_status: trio.TaskStatus[int]
+) -> None:
+    """An IGD v2 on [::1]: its description, and the pinhole actions answered."""
+
+    async def answer(stream: trio.SocketStream) -> None:
+        async with stream:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive_some(4096)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = next(
+                (int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                 if line.lower().startswith(b"content-length")),
+                0,
+            )  # fmt: skip
+            while len(body) < length:
+                body += await stream.receive_some(4096)
+            request_line = head.split(b"\r\n")[0].decode()
+            heard.append((request_line, body))
+            if request_line.startswith("GET"):
+                payload = DESCRIPTION6
+            else:
+                action = body.split(b"<u:")[1].split(b" ")[0].decode()
+                inner = f"<UniqueID>{unique_id}</UniqueID>" if action == "AddPinhole" else ""
+                payload = soap_response(action, inner)
+            await stream.send_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/xml\r\n"
+                + f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+                + payload
+            )
+
+    listeners = await trio.open_tcp_listeners(0, host="::1")
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(answer, listeners)
+
+
+def upnp_pinhole(
+    monkeypatch: pytest.MonkeyPatch, unique_id: str
+) -> tuple[portmap._Lease | Exception, list[tuple[str, bytes]]]:
+    heard: list[tuple[str, bytes]] = []
+
+    async def main() -> portmap._Lease | Exception:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(serve_igd, unique_id, heard)
+
+            async def found(*_args: object, **_kwargs: object) -> str:
+                return f"http://[::1]:{port}/rootDesc.xml"
+
+            monkeypatch.setattr(portmap, "_ssdp_search", found)
+            try:
+                lease: portmap._Lease | Exception = await portmap.open_upnp_pinhole(
+                    "::1", PORT, "lo"
+                )
+            except portmap.RemoteProtocolError as exc:
+                lease = exc
+            else:
+                assert isinstance(lease, portmap._Lease)
+                await lease.renew()
+                await lease.delete()
+            nursery.cancel_scope.cancel()
+        return lease
+
+    return trio.run(main), heard
+
+
+def test_an_igd_opens_renews_and_deletes_a_pinhole_for_our_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    lease, heard = upnp_pinhole(monkeypatch, "7")
+    assert isinstance(lease, portmap._Lease)
+    assert lease.reply == wire.MapReply(PORT, portmap.LEASE, "::1")
+    assert [line.split()[0:2] for line, _ in heard] == [
+        ["GET", "/rootDesc.xml"],
+        ["POST", "/ctl/IP6FCtl"],
+        ["POST", "/ctl/IP6FCtl"],
+        ["POST", "/ctl/IP6FCtl"],
+    ]
+    add, update, delete = (body for _, body in heard[1:])
+    for field_ in (b"<RemoteHost></RemoteHost>", b"<RemotePort>0</RemotePort>",
+                   b"<InternalClient>::1</InternalClient>", b"<InternalPort>7337</InternalPort>",
+                   b"<Protocol>17</Protocol>", b"<LeaseTime>3600</LeaseTime>"):  # fmt: skip
+        assert field_ in add, add
+    assert b"<u:UpdatePinhole" in update and b"<UniqueID>7</UniqueID>" in update
+    assert b"<NewLeaseTime>3600</NewLeaseTime>" in update
+    assert b"<u:DeletePinhole" in delete and b"<UniqueID>7</UniqueID>" in delete
+
+
+@pytest.mark.parametrize("unique_id", ["", "x1", "\u00b2", "70000"])
+def test_an_igd_answer_without_a_pinhole_id_is_no_pinhole(
+    monkeypatch: pytest.MonkeyPatch, unique_id: str
+) -> None:
+    lease, heard = upnp_pinhole(monkeypatch, unique_id)
+    assert isinstance(lease, portmap.RemoteProtocolError)
+    assert "no pinhole id" in str(lease)
+    assert len(heard) == 2  # nothing renewed or deleted
+
+
+def test_an_answer_may_name_its_link_local_address_with_or_without_a_zone() -> None:
+    assert portmap._same_host("fe80::1%25eth0", "fe80::1%eth0")
+    assert portmap._same_host("fe80::1", "fe80::1%eth0")
+    assert portmap._same_host("2001:db8::1", "2001:db8:0::1")
+    assert not portmap._same_host("fe80::2", "fe80::1%eth0")
+    assert not portmap._same_host("gateway.lan", "192.168.1.1")
+    assert not portmap._same_host(None, "192.168.1.1")

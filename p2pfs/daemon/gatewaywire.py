@@ -230,7 +230,10 @@ def parse_ssdp_location(data: bytes) -> str:
 
 
 def http_url(url: str) -> str:
-    """``url`` if it is a plain http URL with a host and a valid port."""
+    """``url`` if it is a plain http URL with a host and a valid port, in ASCII (a request
+    line is sent as such)."""
+    if not url.isascii():
+        raise RemoteProtocolError(f"a URL from the gateway that is not ASCII: {url[:100]!r}")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 -- raises ValueError for a port out of range
@@ -319,7 +322,8 @@ def _xml(body: bytes) -> ElementTree.Element:
         raise RemoteProtocolError("an XML answer with a DTD")
     try:
         return ElementTree.fromstring(body)
-    except ElementTree.ParseError as exc:
+    except (ElementTree.ParseError, LookupError, ValueError) as exc:
+        # LookupError: an XML declaration naming an encoding Python does not know.
         raise RemoteProtocolError(f"malformed XML from the gateway: {exc}") from exc
 
 

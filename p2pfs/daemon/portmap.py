@@ -520,13 +520,18 @@ async def _ssdp_search(
 
 
 def _same_host(named: str | None, sender: str) -> bool:
-    """Whether a URL's host is the address an answer came from (IPv6 in any spelling)."""
+    """Whether a URL's host is the address an answer came from (IPv6 in any spelling; a
+    link-local one's zone, which a URL may carry as ``%25eth0``, left out)."""
     if named is None:
         return False
     try:
-        return ipaddress.ip_address(named) == ipaddress.ip_address(sender.partition("%")[0])
+        return _unzoned(named) == _unzoned(sender)
     except ValueError:
         return False
+
+
+def _unzoned(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    return ipaddress.ip_address(host.partition("%")[0])
 
 
 async def _http(
@@ -536,13 +541,23 @@ async def _http(
     soap_action: str | None = None,
     *,
     source: str | None = None,
+    via: str | None = None,
 ) -> wire.HttpResponse:
     """One HTTP exchange with the gateway; ``source``: our address to connect from (an
-    IGD checks a pinhole's internal client against it)."""
+    IGD checks a pinhole's internal client against it); ``via``: the interface a
+    link-local host is on (an IGD answering an IPv6 search may name its link-local
+    address, as the UPnP Device Architecture asks of it: AVM's routers do)."""
     parts = urlsplit(url)
     assert parts.hostname is not None  # the wire module accepts http URLs with a host only
+    host = parts.hostname.partition("%")[0]
+    try:
+        link_local = ipaddress.ip_address(host).is_link_local
+    except ValueError:
+        link_local = False
+    if link_local and via is not None:
+        host = f"{host}%{via}"
     with trio.fail_after(HTTP_TIMEOUT):
-        stream = await trio.open_tcp_stream(parts.hostname, parts.port or 80, local_address=source)
+        stream = await trio.open_tcp_stream(host, parts.port or 80, local_address=source)
         async with stream:
             await stream.send_all(wire.http_request(method, url, body, soap_action))
             received = bytearray()
@@ -561,7 +576,7 @@ async def open_upnp_pinhole(host: str, port: int, via: str) -> _Lease:
     found by an SSDP search over IPv6 on interface ``via``: every request goes out from
     ``host``, which the device checks against the pinhole's internal client."""
     location = await _ssdp_search(wire.PINHOLE_SEARCH_TARGETS, source=host, via=via)
-    description = await _http("GET", location, source=host)
+    description = await _http("GET", location, source=host, via=via)
     if description.status != 200:
         raise RemoteProtocolError(f"the gateway's description: HTTP {description.status}")
     service = wire.find_service(
@@ -573,7 +588,12 @@ async def open_upnp_pinhole(host: str, port: int, via: str) -> _Lease:
     async def call(action: str, arguments: dict[str, str | int]) -> dict[str, str]:
         body = wire.soap_body(service.service_type, action, arguments)
         response = await _http(
-            "POST", service.control_url, body, f"{service.service_type}#{action}", source=host
+            "POST",
+            service.control_url,
+            body,
+            f"{service.service_type}#{action}",
+            source=host,
+            via=via,
         )
         return wire.parse_soap(response)
 
@@ -589,7 +609,7 @@ async def open_upnp_pinhole(host: str, port: int, via: str) -> _Lease:
         },
     )
     unique = answer.get("UniqueID", "")
-    if not unique.isdigit():
+    if not (unique.isascii() and unique.isdigit() and int(unique) < 1 << 16):  # a ui2
         raise RemoteProtocolError(f"AddPinhole answered no pinhole id: {unique[:20]!r}")
     reply = wire.MapReply(port, LEASE, host)
 
