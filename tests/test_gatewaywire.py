@@ -276,3 +276,26 @@ def test_any_answer_after_a_valid_header_parses_or_is_a_protocol_error(
     ):
         with contextlib.suppress(RemoteProtocolError):
             parse(data)
+
+
+@given(
+    st.sampled_from(["utf-8", "latin-1", "no-such", "utf-16", "x" * 40, ""]),
+    st.text(max_size=40),
+    st.text(max_size=40),
+)
+def test_any_description_a_device_writes_is_a_service_or_a_protocol_error(
+    encoding: str, service_type: str, control: str
+) -> None:
+    """What a LAN device puts in a description (its declared encoding, any text where the
+    service and its control URL go) ends in a service whose URL a request can carry, or in
+    a protocol error; nothing else escapes to end the port mapper."""
+    declaration = f'<?xml version="1.0" encoding="{encoding}"?>' if encoding else ""
+    body = (
+        f"{declaration}<root><device><serviceList><service><serviceType>{service_type}"
+        f"</serviceType><controlURL>{control}</controlURL></service></serviceList></device>"
+        "</root>"
+    ).encode("utf-8", "surrogatepass")
+    for wanted in (wire.WAN_SERVICES, (service_type,)):
+        with contextlib.suppress(RemoteProtocolError):
+            service = wire.find_service(body, "http://192.168.2.1:5000/d.xml", wanted, "x")
+            wire.http_request("POST", service.control_url, b"", "x#y")
