@@ -161,6 +161,9 @@ def test_no_pinhole_is_reported_open_unless_granted(
     tries = [entry for entry in gateway.log if entry[0] in ("open", "refused")]
     assert len(tries) == (4 if case == "refused" else 2)
     assert ("renew", "2001:db8:1::2") not in gateway.log
+    # A grant of no use is given back at once, not left to lapse.
+    deleted = [entry for entry in gateway.log if entry[0] == "delete"]
+    assert len(deleted) == (0 if case == "refused" else 2)
 
 
 def test_a_router_without_pcp_gives_its_pinhole_over_upnp(

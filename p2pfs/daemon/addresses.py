@@ -225,8 +225,9 @@ class AddressBook:
 
     def seen_through_nat(self) -> bool:
         """Whether a peer saw our packets come from an IP none of our interfaces has (and
-        no gateway mapping is ours): a NAT between us and it. A hint, not a reachability
-        test: it says we may need a relay, never that we are reachable."""
+        no gateway mapping at a public address is ours): a NAT between us and it. A hint,
+        not a reachability test: it says we may need a relay, never that we are
+        reachable."""
         if not self._observed:
             return False
         # Only a mapping at a public address makes the internet reach us: a router behind

@@ -34,10 +34,10 @@ UDP = 17
 PCP_VERSION = 2
 PCP_MAP = 1
 PCP_UNSUPPORTED_VERSION = 1
-NATPMP_VERSION = 0
 _PCP_UNREAD = (1, 3, 4)
 """Results whose reply may come without the request's fields: unsupported version,
 malformed request, unsupported opcode."""
+NATPMP_VERSION = 0
 NATPMP_ADDRESS = 0
 NATPMP_MAP_UDP = 1
 

@@ -7,12 +7,13 @@ the state says when to ask again. On exit the mappings are deleted (bounded by
 ``STOP_TIMEOUT``). The gateway is the default route's next hop (Linux: ``/proc/net/route``)
 for PCP/NAT-PMP, and whatever device answers the SSDP search for UPnP.
 
-Given a lasting IPv6 address of ours, one more task asks the IPv6 default route's next hop
-(``/proc/net/ipv6_route``) over PCP for a pinhole through its firewall to that address and
-our port (RFC 6887's IPv6 firewall case): a home router's stateful firewall drops what
-nobody inside asked for, so without one a peer outside reaches us over IPv6 only by a punch.
-It never touches the IPv4 mapping's state; refused or unanswered, it asks again every
-``PINHOLE_RETRY``.
+Given an IPv6 address of ours on the default route, one more task asks the router for a
+pinhole through its firewall to that address and our port: over PCP to the route's next
+hop (``/proc/net/ipv6_route``; RFC 6887's IPv6 firewall case), else over UPnP IGD v2
+(WANIPv6FirewallControl, found by an SSDP search over IPv6). A home router's stateful
+firewall drops what nobody inside asked for, so without one a peer outside reaches us over
+IPv6 only by a punch. It never touches the IPv4 mapping's state; refused or unanswered, it
+asks again every ``PINHOLE_RETRY``.
 
 Port mapping never stops the daemon: any failure here is logged once and the node goes on
 without it.
@@ -161,6 +162,7 @@ class PortMapper:
         self._pinhole_error: str | None = None
         self._pinhole_via: str | None = None
         """"pcp" or "upnp": which granted the pinhole held."""
+        self._pinhole_failure_logged = False
         self._round = 0
         self._round_changed = trio.Event()
         self._leases: dict[str, _Lease] = {}
@@ -272,7 +274,12 @@ class PortMapper:
         self._leases["pinhole"] = lease
         try:
             while True:
-                self._opened(_pinhole_granted(host, port, lease.reply))
+                try:
+                    granted = _pinhole_granted(host, port, lease.reply)
+                except RemoteProtocolError:
+                    await _delete_quietly(lease)  # nothing of use: not left to lapse
+                    raise
+                self._opened(granted)
                 renew_at = trio.current_time() + max(lease.reply.lifetime / 2, MIN_RENEW)
                 while (now := trio.current_time()) < renew_at:
                     if self._ipv6_host() != host:
@@ -315,10 +322,13 @@ class PortMapper:
                 self._pinhole_via,
             )
         self.pinhole, self._pinhole_error = pinhole, None
+        self._pinhole_failure_logged = False
 
     def _pinhole_failed(self, why: str) -> None:
-        if self.pinhole is not None or self._pinhole_error is None:
+        """Logged once until a pinhole is granted again (retries say the same)."""
+        if not self._pinhole_failure_logged:
             logger.info("port mapping: no IPv6 pinhole (%s)", why)
+            self._pinhole_failure_logged = True
         self.pinhole, self._pinhole_error = None, why
 
     def info(self) -> dict[str, object]:
