@@ -30,11 +30,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import blake3
 import libtorrent as lt  # type: ignore[import-not-found,unused-ignore]
@@ -186,10 +186,10 @@ class BareWrites:
     """Then one syncfs: the files made durable, as a p2pfs fetch's are when it reports."""
 
 
-def bare_writes_reference(source: Path, work: Path) -> BareWrites:
+def bare_writes_reference(source: Path, top: Path) -> BareWrites:
+    """``source``'s files written into a new directory ``top`` by a bare loop."""
     files = sorted(path for path in source.rglob("*") if path.is_file())
     contents = [(path.relative_to(source), path.read_bytes()) for path in files]
-    top = work / "bare-writes"
     for directory in sorted({rel.parent for rel, _data in contents}):
         (top / directory).mkdir(parents=True, exist_ok=True)
     cpu = own_cpu()
@@ -412,11 +412,14 @@ def child_report(child: subprocess.Popen[str], who: str) -> dict[str, Any]:
     return record
 
 
-def libtorrent_fetch(content: Path, work: Path) -> TorrentRun:
-    """Seeder and downloader in two processes, connected directly over loopback."""
-    torrent = work / f"{content.name}.torrent"
+def libtorrent_fetch(content: Path, work: Path, tag: str = "") -> TorrentRun:
+    """Seeder and downloader in two processes, connected directly over loopback. With a
+    ``tag`` (a round of several), the download gets a directory of its own and is kept:
+    a removal just before the next round's fetch would slow its creates (ext4 without a
+    journal, above)."""
+    torrent = work / f"{content.name}{tag}.torrent"
     make_torrent(content, torrent, LT_PIECE_SIZE)
-    download = work / f"lt-{content.name}"
+    download = work / f"lt-{content.name}{tag}"
     download.mkdir()
     seed_args = ("--lt-seed", str(torrent), str(content.parent))
     with bench_child(*seed_args, stdin=subprocess.PIPE) as seeder:
@@ -432,7 +435,8 @@ def libtorrent_fetch(content: Path, work: Path) -> TorrentRun:
         seeder.stdin.flush()
         seeded = child_report(seeder, "libtorrent seeder")
     verify_copy(content, download / content.name, "libtorrent")
-    shutil.rmtree(download)
+    if not tag:
+        shutil.rmtree(download)
     return TorrentRun(
         got["seconds"], got["bytes"], seeded["cpu"], got["cpu"], load, got["sync_seconds"]
     )
@@ -727,6 +731,31 @@ def small_files_rows(
     ]
 
 
+T = TypeVar("T")
+
+
+def _median(runs: Iterable[T], key: Callable[[T], float]) -> T:
+    """The run whose ``key`` is the median (the lower middle of an even count)."""
+    ordered = sorted(runs, key=key)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def rounds_row(small_rounds: list[tuple[FetchRun, TorrentRun, BareWrites]]) -> Row:
+    """Every round's figures, in the order they ran (the rows above are the medians)."""
+    p2pfs = " / ".join(f"{p.fetch_seconds:.2f}" for p, _t, _b in small_rounds)
+    torrent = " / ".join(f"{t.seconds:.2f}" for _p, t, _b in small_rounds)
+    bare = " / ".join(f"{b.seconds + b.sync_seconds:.2f}" for _p, _t, b in small_rounds)
+    wins = sum(p.fetch_seconds < t.seconds for p, t, _b in small_rounds)
+    return Row(
+        f"context: {len(small_rounds)} rounds in turn (s; medians above)",
+        p2pfs,
+        f"libtorrent {torrent}; bare writes and syncfs {bare}",
+        f"{wins}/{len(small_rounds)} faster",
+        "",
+        None,
+    )
+
+
 def figures_of(prefix: str, run: FetchRun, torrent: TorrentRun) -> dict[str, Any]:
     figures = {f"{prefix}_p2pfs_{key}": value for key, value in asdict(run).items()}
     figures.update({f"{prefix}_libtorrent_{key}": v for key, v in asdict(torrent).items()})
@@ -736,10 +765,17 @@ def figures_of(prefix: str, run: FetchRun, torrent: TorrentRun) -> dict[str, Any
 
 
 def run_benchmark(
-    work: Path, size: int, files: int, only: str | None = None, profile: Path | None = None
+    work: Path,
+    size: int,
+    files: int,
+    only: str | None = None,
+    profile: Path | None = None,
+    rounds: int = 1,
 ) -> tuple[list[Row], dict[str, Any]]:
     """Both cases, or ``only`` one ("big": the 1 GiB file and its references; "small": the
-    small files beside libtorrent). ``profile``: the daemons run under cProfile into it."""
+    small files beside libtorrent). ``profile``: the daemons run under cProfile into it.
+    ``rounds`` > 1: the small files fetched that many times, p2pfs, libtorrent and the
+    bare writes in turn each round, and each figure the median of its rounds."""
     rows: list[Row] = []
     figures: dict[str, Any] = {}
     big = work / "big.bin"
@@ -754,7 +790,19 @@ def run_benchmark(
         if only != "small":
             big_run = p2pfs_fetch(sharer, getter, big, work / "fetched-big.bin")
             (work / "fetched-big.bin").unlink()
-        if only != "big":
+        small_rounds: list[tuple[FetchRun, TorrentRun, BareWrites]] = []
+        if only != "big" and rounds > 1:
+            # In turn, so that the machine's state (this VM hands out memory pages the host
+            # took back, slowly, at times: Small files in SPEC) falls on each alike.
+            for number in range(rounds):
+                small_rounds.append(
+                    (
+                        p2pfs_fetch(sharer, getter, small, work / f"fetched-small-{number}"),
+                        libtorrent_fetch(small, work, f"-{number}"),
+                        bare_writes_reference(small, work / f"bare-writes-{number}"),
+                    )
+                )
+        elif only != "big":
             # Kept until the end: removing 10,000 files just before libtorrent's run made
             # its creates slow (ext4 without a journal skips inodes freed in the last 30 s,
             # scanning past each of them on every create).
@@ -785,12 +833,25 @@ def run_benchmark(
             syncthing=syncthing_note(),
         )
     if only != "big":
-        small_torrent = libtorrent_fetch(small, work)
-        small_bare = bare_writes_reference(small, work)
+        if small_rounds:
+            small_run = _median([r[0] for r in small_rounds], key=lambda r: r.fetch_seconds)
+            small_torrent = _median([r[1] for r in small_rounds], key=lambda t: t.seconds)
+            small_bare = _median(
+                [r[2] for r in small_rounds], key=lambda b: b.seconds + b.sync_seconds
+            )
+        else:
+            small_torrent = libtorrent_fetch(small, work)
+            small_bare = bare_writes_reference(small, work / "bare-writes")
         small_raw = raw_engine_reference(max(1, round(small_bytes / MiB)))
         rows += small_files_rows(
             files, small_bytes, small_run, small_torrent, small_raw, small_bare
         )
+        if small_rounds:
+            rows.append(rounds_row(small_rounds))
+            figures["small_rounds"] = [
+                {"p2pfs": asdict(p), "libtorrent": asdict(t), "bare_writes": asdict(b)}
+                for p, t, b in small_rounds
+            ]
         figures.update(figures_of("small", small_run, small_torrent))
         figures.update(
             small_files=files,
@@ -822,6 +883,13 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size-mib", type=int, help="single file size (1024; --quick 256)")
     parser.add_argument("--files", type=int, help="small files (10,000; --quick 2,000)")
     parser.add_argument("--quick", action="store_true", help="a smoke run with smaller data")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="small files: fetch them this many times, p2pfs, libtorrent and bare writes in "
+        "turn, and print the medians and every round (default 1)",
+    )
     parser.add_argument("--workdir", help="scratch directory (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(
@@ -874,7 +942,7 @@ def run(args: argparse.Namespace) -> int:
             args.profile = args.profile.resolve()
             args.profile.mkdir(parents=True, exist_ok=True)
         rows, figures = run_benchmark(
-            scratch, args.size_mib * MiB, args.files, args.only, args.profile
+            scratch, args.size_mib * MiB, args.files, args.only, args.profile, args.rounds
         )
     finally:
         if args.keep:
