@@ -622,7 +622,7 @@ class NetBed:
         ``ipv6_lan``: the home has IPv6 (on that LAN device); its stateful firewall goes in
         miniupnpd's forward chain after the pinholes (as OpenWrt's fw4 has it: a verdict in
         one base chain does not spare a packet another base chain's drop), and miniupnpd
-        serves IPv6 too (PCP pinholes)."""
+        serves IPv6 too (pinholes over PCP and UPnP IGD v2)."""
         table = "miniupnpd"
         _run(
             "ip",
