@@ -258,7 +258,8 @@ def _daemon_arguments(daemon: argparse.ArgumentParser) -> None:
     daemon.add_argument(
         "--no-port-mapping",
         action="store_true",
-        help="do not ask the gateway (UPnP, NAT-PMP/PCP) to map this node's UDP port",
+        help="do not ask the gateway (UPnP, NAT-PMP/PCP) to map this node's UDP port, nor "
+        "its IPv6 firewall for a pinhole",
     )
     _relay_arguments(daemon)
     daemon.add_argument(
