@@ -13,9 +13,9 @@ import pytest
 import trio
 import trio.testing
 
+from p2pfs.daemon import addresses, portmap
 from p2pfs.daemon import gatewaywire as wire
-from p2pfs.daemon import portmap
-from p2pfs.daemon.addresses import pinhole_address
+from p2pfs.daemon.addresses import AddressBook, pinhole_address
 from p2pfs.errors import LocalProtocolError
 
 PORT = 7337
@@ -340,3 +340,18 @@ def test_an_answer_may_name_its_link_local_address_with_or_without_a_zone() -> N
     assert not portmap._same_host("fe80::2", "fe80::1%eth0")
     assert not portmap._same_host("gateway.lan", "192.168.1.1")
     assert not portmap._same_host(None, "192.168.1.1")
+
+
+def test_the_address_book_asks_for_its_default_routes_address(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``AddressBook.pinhole_ipv6``: the kernel's source on the default route, among the
+    addresses the node advertises; nothing for a node that listens on IPv4 alone."""
+    stable, temporary = "2001:db8:1::2", "2001:db8:1:0:a1b2:c3d4:e5f6:1"
+    monkeypatch.setattr(addresses, "interface_addresses", lambda *_: [stable, temporary, "fd00::2"])
+    monkeypatch.setattr(addresses, "_unadvertised_here", lambda: frozenset({temporary}))
+    monkeypatch.setattr(addresses, "default_route_source6", lambda: temporary)
+    assert AddressBook("::", PORT, dual_stack=True).pinhole_ipv6() == stable
+    assert AddressBook("0.0.0.0", PORT).pinhole_ipv6() is None
+    monkeypatch.setattr(addresses, "default_route_source6", lambda: None)  # no IPv6 route
+    assert AddressBook("::", PORT, dual_stack=True).pinhole_ipv6() is None
