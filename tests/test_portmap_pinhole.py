@@ -355,3 +355,31 @@ def test_the_address_book_asks_for_its_default_routes_address(
     assert AddressBook("0.0.0.0", PORT).pinhole_ipv6() is None
     monkeypatch.setattr(addresses, "default_route_source6", lambda: None)  # no IPv6 route
     assert AddressBook("::", PORT, dual_stack=True).pinhole_ipv6() is None
+
+
+def test_a_node_without_an_ipv6_socket_asks_for_no_pinhole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listening on IPv4 alone (``--listen 0.0.0.0:PORT``): no pinhole is asked for, and
+    `id` gives no reason for its absence (there is none to give)."""
+    gateway = ScriptedGateway()
+    monkeypatch.setattr(portmap, "open_pcp_lease", gateway.open_pcp)
+    monkeypatch.setattr(portmap, "open_upnp_pinhole", gateway.open_upnp)
+
+    async def no_ipv4(self: portmap.PortMapper) -> portmap._Lease:
+        raise LocalProtocolError("not in this test")
+
+    monkeypatch.setattr(portmap.PortMapper, "_map_pcp", no_ipv4)
+    monkeypatch.setattr(portmap.PortMapper, "_map_upnp", no_ipv4)
+
+    async def main() -> None:
+        mapper = portmap.PortMapper(PORT, lambda _: None, route_table6=route_table(tmp_path))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mapper.serve)
+            await trio.sleep(portmap.PINHOLE_RETRY)
+            info = mapper.info()
+            assert info["ipv6_pinhole"] is None and info["ipv6_pinhole_error"] is None
+            nursery.cancel_scope.cancel()
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert gateway.log == []

@@ -9,6 +9,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -272,7 +273,11 @@ class Node:
                 self._port_mapper = PortMapper(
                     endpoint.local_address[1],
                     self._addresses.mapped,
-                    ipv6_host=self._addresses.pinhole_ipv6,
+                    ipv6_host=(
+                        self._addresses.pinhole_ipv6
+                        if socket.AF_INET6 in endpoint.families
+                        else None
+                    ),
                 )
                 await nursery.start(self._port_mapper.serve)
             await nursery.start(

@@ -147,17 +147,19 @@ class PortMapper:
         changed: Callable[[PeerAddress | None], None],
         *,
         route_table: str = ROUTE_TABLE,
-        ipv6_host: Callable[[], str | None] = lambda: None,
+        ipv6_host: Callable[[], str | None] | None = None,
         route_table6: str = ROUTE_TABLE6,
     ) -> None:
         """``ipv6_host``: the IPv6 address of ours to open a pinhole to, read when one is
-        asked for and every PINHOLE_RECHECK while one is held (None: no pinhole)."""
+        asked for and every PINHOLE_RECHECK while one is held (it answers None: no pinhole
+        now); None: the node has no IPv6 socket, nothing is asked."""
         self.state = PortMapState(local_port, trio.current_time())
         self.pinhole: PeerAddress | None = None
         """Where the IPv6 firewall lets peers in, while the gateway grants it."""
         self._changed = changed
         self._route_table = route_table
-        self._ipv6_host = ipv6_host
+        self._ipv6_host = ipv6_host or (lambda: None)
+        self._pinholes = ipv6_host is not None
         self._route_table6 = route_table6
         self._pinhole_error: str | None = None
         self._pinhole_via: str | None = None
@@ -190,7 +192,8 @@ class PortMapper:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._keep, "natpmp", self._map_pcp)
                 nursery.start_soon(self._keep, "upnp", self._map_upnp)
-                nursery.start_soon(self._keep_pinhole)
+                if self._pinholes:
+                    nursery.start_soon(self._keep_pinhole)
                 while True:
                     retry = self.state.retry_at()
                     changed = self._round_changed
