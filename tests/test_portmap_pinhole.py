@@ -69,14 +69,9 @@ class ScriptedGateway:
         return portmap._Lease(renew, delete, reply)
 
 
-def run_mapper(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    gateway: ScriptedGateway,
-    script: object,
-) -> None:
-    """A PortMapper whose IPv4 protocols fail at once (nothing leaves this machine), its
-    IPv6 address ``host[0]``; ``script(mapper, host)`` drives it, then it is stopped."""
+def isolate(monkeypatch: pytest.MonkeyPatch, gateway: ScriptedGateway) -> None:
+    """Nothing leaves this machine: the pinhole protocols are ``gateway``'s, and the IPv4
+    mapping's fail at once."""
     monkeypatch.setattr(portmap, "open_pcp_lease", gateway.open_pcp)
     monkeypatch.setattr(portmap, "open_upnp_pinhole", gateway.open_upnp)
 
@@ -85,6 +80,17 @@ def run_mapper(
 
     monkeypatch.setattr(portmap.PortMapper, "_map_pcp", no_ipv4)
     monkeypatch.setattr(portmap.PortMapper, "_map_upnp", no_ipv4)
+
+
+def run_mapper(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    gateway: ScriptedGateway,
+    script: object,
+) -> None:
+    """A PortMapper whose IPv4 protocols fail at once (nothing leaves this machine), its
+    IPv6 address ``host[0]``; ``script(mapper, host)`` drives it, then it is stopped."""
+    isolate(monkeypatch, gateway)
     host = ["2001:db8:1::2"]
 
     async def main() -> None:
@@ -363,14 +369,7 @@ def test_a_node_without_an_ipv6_socket_asks_for_no_pinhole(
     """Listening on IPv4 alone (``--listen 0.0.0.0:PORT``): no pinhole is asked for, and
     `id` gives no reason for its absence (there is none to give)."""
     gateway = ScriptedGateway()
-    monkeypatch.setattr(portmap, "open_pcp_lease", gateway.open_pcp)
-    monkeypatch.setattr(portmap, "open_upnp_pinhole", gateway.open_upnp)
-
-    async def no_ipv4(self: portmap.PortMapper) -> portmap._Lease:
-        raise LocalProtocolError("not in this test")
-
-    monkeypatch.setattr(portmap.PortMapper, "_map_pcp", no_ipv4)
-    monkeypatch.setattr(portmap.PortMapper, "_map_upnp", no_ipv4)
+    isolate(monkeypatch, gateway)
 
     async def main() -> None:
         mapper = portmap.PortMapper(PORT, lambda _: None, route_table6=route_table(tmp_path))
