@@ -45,6 +45,8 @@ def fresh_ext4(size: int, under: Path | None = None, journal: bool = False) -> I
     mounted through a loop device for the block's duration; yields its mount point."""
     if os.geteuid() != 0:
         raise ScratchFsError("a fresh file system needs root (mount)")
+    if under is not None:
+        Path(under).mkdir(parents=True, exist_ok=True)  # a --workdir not made yet
     place = Path(tempfile.mkdtemp(prefix="p2pfs-bench-fs-", dir=under))
     image, mount_point = place / "fs.img", place / "mnt"
     mount_point.mkdir()

@@ -684,10 +684,29 @@ def _human_id(result: dict[str, Any]) -> None:
             print(f"pinhole   {mapping['ipv6_pinhole']} ({opened})")
         elif mapping.get("ipv6_pinhole_error"):
             print(f"pinhole   none ({mapping['ipv6_pinhole_error']})")
+    for family, found in sorted((result.get("reachability") or {}).items()):
+        print(f"reach     {_reach_text(family, found)}")
     for relay in result.get("relays", []):
         print(f"relay     {relay['address']} (registered, {relay['node_id'][:12]})")
     if result.get("api"):
         print(f"web UI    {result['api']['ui']}")
+
+
+def _reach_text(family: str, found: dict[str, Any]) -> str:
+    """Whether peers elsewhere reach us in ``family`` ("ipv4"), as their dial-backs found."""
+    name = "IPv" + family.removeprefix("ipv")
+    probes = found.get("probes") or []
+    if found.get("verdict") == "reachable":
+        by = next(p for p in probes if p["reached"])
+        arrived = f"the probe of {by['by']} in {by['place']} arrived"
+        return f"{name}: peers elsewhere reach us ({arrived})"
+    if found.get("verdict") == "unreachable":
+        places = plural(len(probes), "network")
+        return (
+            f"{name}: peers elsewhere cannot reach us (probes from {places} never arrived:"
+            " a firewall or NAT drops what we did not ask for); relays carry the way in"
+        )
+    return f"{name}: not checked yet (no peer beyond our own links to ask)"
 
 
 def _port_map_text(mapping: dict[str, Any]) -> str:

@@ -19,7 +19,8 @@ def test_fresh_ext4_is_mounted_empty_and_removed(tmp_path: Path) -> None:
             pass
         return
     try:
-        with fresh_ext4(64 * MiB, tmp_path) as mount_point:
+        # Under a directory not made yet (a bench's --workdir): made first.
+        with fresh_ext4(64 * MiB, tmp_path / "new" / "workdir") as mount_point:
             assert os.path.ismount(mount_point)
             assert describe(mount_point).startswith("ext4 on /dev/loop")
             assert describe(mount_point).endswith("no journal")
@@ -28,4 +29,4 @@ def test_fresh_ext4_is_mounted_empty_and_removed(tmp_path: Path) -> None:
     except ScratchFsError as exc:  # a machine without loop devices
         pytest.skip(str(exc))
     assert not os.path.ismount(mount_point)
-    assert list(tmp_path.iterdir()) == []  # image and mount point removed
+    assert list((tmp_path / "new" / "workdir").iterdir()) == []  # image and mount point gone

@@ -149,3 +149,25 @@ def test_id_prints_how_peers_elsewhere_reach_the_node(capsys: pytest.CaptureFixt
     assert "pinhole   none (no lasting IPv6 address)" in lines
     cli._human_id({**result, "port_mapping": None})
     assert "port map" not in capsys.readouterr().out  # --no-port-mapping: nothing to say
+
+
+def test_id_says_whether_peers_elsewhere_reach_the_node(capsys: pytest.CaptureFixture[str]) -> None:
+    probe = {"by": "abcdefabcdef", "place": "198.51.100.0/24", "seconds_ago": 3.0}
+    result = {
+        "node_id": "n" * 52,
+        "addresses": [],
+        "reachability": {
+            "ipv4": {"verdict": "unreachable", "probes": [{**probe, "reached": False}] * 2},
+            "ipv6": {"verdict": "reachable", "probes": [{**probe, "reached": True}]},
+        },
+    }
+    cli._human_id(result)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("reach     IPv4: peers elsewhere cannot reach us (probes from 2")
+    assert lines[1].endswith("relays carry the way in")
+    assert lines[2] == (
+        "reach     IPv6: peers elsewhere reach us"
+        " (the probe of abcdefabcdef in 198.51.100.0/24 arrived)"
+    )
+    cli._human_id({**result, "reachability": {"ipv4": {"verdict": "unknown", "probes": []}}})
+    assert "IPv4: not checked yet" in capsys.readouterr().out

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from p2pfs.wire.ticket import parse_ticket_untrusted
 from tests.e2e_helpers import wait_until
 from tests.netbed import Machine, NetBed, natbed
 from tests.test_machines import make_tree, same_tree, share
@@ -296,3 +297,47 @@ def test_a_home_whose_relay_goes_away_carries_on_and_registers_again(natbed: Net
     registered(home)
     assert home.daemon.process is not None and home.daemon.process.poll() is None
     assert "Traceback" not in home.daemon.log_path.read_text(), home.daemon.log_tail()
+
+
+def reach_verdict(machine: Machine, family: str = "ipv4") -> str:
+    reachability = ident(machine)["reachability"]
+    assert isinstance(reachability, dict)
+    return str(reachability[family]["verdict"])
+
+
+def test_a_firewalled_machine_learns_it_by_dial_back_and_is_fetched_from_through_a_relay(
+    natbed: NetBed, tmp_path: Path
+) -> None:
+    """A machine on a public address whose host firewall drops what it did not ask for: no
+    NAT stands in its way (peers see its own address), so it believed itself reachable,
+    looked for no relay, served the DHT, and nobody elsewhere could fetch from it. Now a
+    peer's dial-back probe never arrives: it becomes a DHT client, registers with the relay
+    announced in the DHT, and a machine elsewhere fetches its share."""
+    public, relay = natbed.machine("pub"), natbed.machine("relay")
+    public.start()
+    relay.start("--relay", "--bootstrap", f"{public.address}:7337")
+    walled = natbed.machine("walled")
+    walled.firewall()
+    walled.start(*knowing(public))
+    wait_until(lambda: reach_verdict(walled) == "unreachable", timeout=60)
+    assert walled.firewall_drops() >= 1  # the probes, dropped
+    registered(walled)
+    assert [r["node_id"] for r in ident(walled)["relays"]] == [ident(relay)["node_id"]]  # type: ignore[union-attr,index]
+    assert ident(walled)["discovery"]["dht"]["client_mode"] is True  # type: ignore[index]
+    # The others' probes arrive: they are reachable, and look for no relay.
+    wait_until(lambda: reach_verdict(public) == "reachable", timeout=60)
+    assert not ident(public)["relays"]
+    source = tmp_path / "docs"
+    make_tree(source, {"report.pdf": 2 * MiB, "notes/n.txt": 5000})
+    ticket = share(walled, source)
+    fetcher = natbed.machine("get")
+    fetcher.start(*knowing(public))
+    hints = parse_ticket_untrusted(ticket).relays
+    assert [str(hint.node_id) for hint in hints] == [ident(relay)["node_id"]]
+    # Any path: the relay's, a punch's, or direct once the walled machine's own DHT
+    # requests to the fetcher (from the same UDP port) opened its firewall to it. Before
+    # dial-back the ticket named no relay and the fetch failed ("no answer in 4 s").
+    fetch_watching_paths(fetcher, ticket, tmp_path / "copy", str(ident(walled)["node_id"]))
+    assert same_tree(source, tmp_path / "copy")
+    text = walled.cli("id").stdout
+    assert "IPv4: peers elsewhere cannot reach us" in text, text

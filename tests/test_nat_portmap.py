@@ -13,7 +13,7 @@ import pytest
 from tests.e2e_helpers import wait_until
 from tests.netbed import DEFAULT_PORT, Gateway, Machine, NetBed, upnpbed
 from tests.test_machines import make_tree, same_tree, share
-from tests.test_nat_machines import fetch_watching_paths, ident
+from tests.test_nat_machines import fetch_watching_paths, ident, reach_verdict
 
 __all__ = ["upnpbed"]
 
@@ -140,7 +140,18 @@ def test_an_ipv6_home_opens_a_pinhole_and_is_fetched_from_directly(
     seen = fetch_watching_paths(public, share(home, source), tmp_path / "copy", home_id)
     assert same_tree(source, tmp_path / "copy")
     assert seen == {"direct"}
+    # The fetcher's connection let the home ask it for a dial-back: its probe, from a
+    # port of its own, came in through the pinhole.
+    wait_until(lambda: reach_verdict(home, "ipv6") == "reachable", timeout=30)
 
     home.cli("stop")
     assert home.daemon.wait() == 0
     assert not pinhole_rule(gateway, home.address6, DEFAULT_PORT), gateway.nft_rules()
+
+    # No pinhole: the home's own connection to the machine outside (its --peer) works, the
+    # probe that machine sends back from a port of its own does not get in.
+    assert public.address6 is not None
+    home.start("--no-port-mapping", "--peer", f"[{public.address6}]:{DEFAULT_PORT}")
+    # (The machine outside answered the previous daemon's ask a moment ago: it says BUSY
+    # to this one at first, which asks again 15 s later.)
+    wait_until(lambda: reach_verdict(home, "ipv6") == "unreachable", timeout=40)

@@ -402,6 +402,10 @@ def control_message_of(name: str, fields: dict[str, Any]) -> control.ControlMess
         return control.Incoming(bytes.fromhex(fields["source"]), bytes.fromhex(fields["circuit"]))
     if name == "refuse":
         return control.Refuse(control.RefuseCode(fields["code"]), fields["reason"])
+    if name in ("dial_back", "dial_back-host"):
+        return control.DialBack(bytes.fromhex(fields["nonce"]), fields["port"], fields.get("host"))
+    if name == "probed":
+        return control.Probed()
     assert name == "candidates", name
     return control.Candidates(tuple((host, port) for host, port in fields["addresses"]))
 
@@ -429,6 +433,13 @@ def test_control_frame_vectors(vector: dict[str, Any]) -> None:
     decoder.feed(frame)
     assert decoder.next_untrusted() == message
     assert decoder.buffered == 0
+
+
+def test_probe_datagram_vector() -> None:
+    vector = TRANSPORT_VECTORS["probe-datagram"]
+    nonce = bytes.fromhex(vector["fields"]["nonce"])
+    assert control.probe_datagram(nonce) == encoding_of(vector)
+    assert control.probe_nonce_untrusted(encoding_of(vector)) == nonce
 
 
 # --- discovery keys, LAN beacons, DHT datagrams (vectors/discovery.json, DISCOVERY.md) -------

@@ -62,6 +62,48 @@ def interface_addresses(*families: socket.AddressFamily) -> list[str]:
     return [address.split("%", 1)[0] for address in found]
 
 
+def interface_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """The networks of this machine's interfaces that are up (address and netmask): who is
+    on one of our links. Loopback's too."""
+    try:
+        stats = psutil.net_if_stats()
+        entries = [
+            entry
+            for name, listed in psutil.net_if_addrs().items()
+            if name not in stats or stats[name].isup
+            for entry in listed
+            if entry.family in (socket.AF_INET, socket.AF_INET6)
+        ]
+    except (OSError, psutil.Error) as exc:
+        logger.warning("cannot list network interfaces: %s", exc)
+        return []
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for entry in entries:
+        if not entry.netmask:
+            continue
+        with contextlib.suppress(ValueError):
+            mask = ipaddress.ip_address(entry.netmask.split("/", 1)[0])
+            prefix = int(mask).bit_count()  # netmasks are contiguous
+            host = entry.address.split("%", 1)[0]
+            networks.append(ipaddress.ip_network(f"{host}/{prefix}", strict=False))
+    return networks
+
+
+def on_our_links(
+    host: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> bool:
+    """Whether ``host`` is in one of ``networks`` (loopback and link-local count as ours)."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_loopback or address.is_link_local:
+        return True
+    return any(address in network for network in networks if network.version == address.version)
+
+
 IF_INET6 = Path("/proc/net/if_inet6")
 """Linux's IPv6 interface addresses with their flags (absent elsewhere: nothing dropped)."""
 # Address flags (linux/if_addr.h).
@@ -207,7 +249,7 @@ class AddressBook:
         """A peer at ``reporter`` (its IP) saw our packets come from ``address``."""
         try:
             parsed = ipaddress.ip_address(address.host)
-            place = _place(ipaddress.ip_address(reporter))
+            place = place_of(ipaddress.ip_address(reporter))
         except ValueError:
             return
         if not usable(parsed) or parsed.is_loopback or not 0 < address.port < 65536:
@@ -362,7 +404,7 @@ def _in_prefixes(host: str, prefixes: frozenset[ipaddress.IPv6Network]) -> bool:
     return isinstance(address, ipaddress.IPv6Address) and any(address in p for p in prefixes)
 
 
-def _place(reporter: IPAddress) -> str:
+def place_of(reporter: IPAddress) -> str:
     """The network a reporter speaks for: one /24 (IPv4) or /48 (IPv6) is one place."""
     prefix = 24 if reporter.version == 4 else 48
     return str(ipaddress.ip_network(f"{reporter}/{prefix}", strict=False))

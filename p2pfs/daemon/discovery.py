@@ -218,6 +218,7 @@ def dht_info(dht: DhtFinder) -> dict[str, Any]:
     traffic = dht.traffic
     return {
         "k": dht.ksize,
+        "client_mode": dht.client_mode,
         "contacts": dht.contacts(),
         "records": dht.records(),
         "lookups": dataclasses.asdict(dht.lookups),

@@ -35,6 +35,7 @@ from p2pfs.home import hold_home_lock, load_identity, tighten_home
 from p2pfs.identity import Identity
 from p2pfs.ids import ContentHash
 from p2pfs.net import Endpoint, PeerConnection, TransportConfig, open_endpoint
+from p2pfs.net.control import ControlKind
 from p2pfs.store.folders import FolderStore
 from p2pfs.store.index import INDEX_FILENAME, IndexStore
 from p2pfs.store.scanner import scan_share
@@ -46,6 +47,7 @@ from .addresses import AddressBook
 from .allocator import tune_allocator
 from .control_client import SOCKET_NAME
 from .control_server import ControlServer, Emit, pump_progress
+from .dialback import DialBackService
 from .dialer import Dialer
 from .discovery import (
     Discovery,
@@ -63,6 +65,7 @@ from .folders.server import FolderServer
 from .portmap import PortMapper
 from .ratelimit import TokenBucket
 from .reach import Reach
+from .reachability import Reachability
 from .relay import RelayLimits, guard
 from .service import ShareService
 from .storage import AsyncIndex
@@ -155,6 +158,8 @@ class Node:
         self._service: ShareService | None = None
         self._fetches: Fetches | None = None
         self._reach: Reach | None = None
+        self._reachability = Reachability()
+        self._dial_back: DialBackService | None = None
         self._port_mapper: PortMapper | None = None
         self.events = EventBus()
         self._peer_rates = RateMeter()
@@ -281,8 +286,28 @@ class Node:
                 )
                 await nursery.start(self._port_mapper.serve)
             await nursery.start(
-                self._reach.serve, endpoint, self._dialer, self._addresses, self._dht
+                partial(
+                    self._reach.serve,
+                    endpoint,
+                    self._dialer,
+                    self._addresses,
+                    self._dht,
+                    needs_relay=self._needs_relay,
+                )
             )
+            self._dial_back = DialBackService(
+                endpoint,
+                self._addresses,
+                self._reachability,
+                dialer=self._dialer,
+                known=(
+                    *self.config.peers,
+                    *self.config.discovery.bootstrap,
+                    *self.config.relay_via,
+                ),
+                changed=self._reachability_changed,
+            )
+            await nursery.start(self._dial_back.serve)
             # Whether a NAT stands between us and our peers decides the DHT's mode, and
             # must be known before its first request: a node any other has added to its
             # routing table is contacted unasked, which makes a NAT refuse punches.
@@ -320,14 +345,27 @@ class Node:
             with trio.move_on_after(NAT_SETTLE):
                 while not self._addresses.observations():
                     await trio.sleep(0.02)
-        self._dht.client_mode = self._addresses.seen_through_nat()
+        self._dht.client_mode = self._needs_relay()
 
     async def _track_nat(self) -> None:
         """Follow what peers report later (a mapping granted, a network changed)."""
         assert self._addresses is not None and self._dht is not None
         while True:
             await trio.sleep(NAT_RECHECK)
-            self._dht.client_mode = self._addresses.seen_through_nat()
+            self._dht.client_mode = self._needs_relay()
+
+    def _needs_relay(self) -> bool:
+        """Whether peers elsewhere may fail to reach us directly: a peer saw us through a
+        NAT, or a dial-back found a family nobody reaches (a firewall). Then we look for
+        relays, and our DHT stays a client: nodes that listed us would fail to reach us."""
+        assert self._addresses is not None
+        return self._addresses.seen_through_nat() or self._reachability.unreachable(
+            trio.current_time()
+        )
+
+    def _reachability_changed(self) -> None:
+        if self._dht is not None:
+            self._dht.client_mode = self._needs_relay()
 
     async def _watch_addresses(self) -> None:
         """Announce everything again when this machine's addresses change: a DHT record
@@ -644,6 +682,8 @@ class Node:
         serve the streams it opens (request streams and control streams)."""
         if self._reach is not None:
             self._reach.mark(conn)
+        if self._dial_back is not None:
+            self._dial_back.offer(conn)
         observed = conn.observed_address
         # Through a relay, both ends see only the tunnel's synthetic address.
         if observed is not None and self._addresses is not None and conn.path != "relayed":
@@ -661,7 +701,10 @@ class Node:
             except ConnectionClosedError:
                 return
             what = f"{kind.name.lower()} stream from {conn.peer_id.short()}"
-            control = partial(self.reach.control, conn, kind, stream)
+            if kind is ControlKind.DIAL_BACK and self._dial_back is not None:
+                control = partial(self._dial_back.control, conn, stream)
+            else:
+                control = partial(self.reach.control, conn, kind, stream)
             nursery.start_soon(guard, what, control, stream)
 
     @property
@@ -756,6 +799,10 @@ class Node:
             ],
             "relay": self.reach.relay_info(),
             "port_mapping": self._port_mapper.info() if self._port_mapper else None,
+            "reachability": self._reachability.info(
+                trio.current_time(),
+                tuple(6 if f == socket.AF_INET6 else 4 for f in self.endpoint.families),
+            ),
             "api": self._api.to_json() if self._api is not None else None,
         }
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -66,6 +67,7 @@ class Reach:
         self._puncher: Puncher | None = None
         self._dialer: Dialer | None = None
         self._addresses: AddressBook | None = None
+        self._needs_relay: Callable[[], bool] = lambda: False
         self._nursery: trio.Nursery | None = None
         self._punch_outcomes: OrderedDict[PeerConnection, PunchOutcome] = OrderedDict()
         self._relays_for_cache: OrderedDict[NodeId, tuple[float, list[Candidate]]] = OrderedDict()
@@ -77,10 +79,14 @@ class Reach:
         addresses: AddressBook,
         dht: Finder,
         *,
+        needs_relay: Callable[[], bool] | None = None,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Run until cancelled (``dht`` may start serving later: announcements wait)."""
+        """Run until cancelled (``dht`` may start serving later: announcements wait).
+        ``needs_relay``: whether peers elsewhere cannot reach us directly (default: a peer
+        saw us through a NAT)."""
         self._dht = dht
+        self._needs_relay = needs_relay or addresses.seen_through_nat
         self._dialer = dialer
         self._addresses = addresses
         self._puncher = Puncher(endpoint, self._punch_candidates)
@@ -183,11 +189,11 @@ class Reach:
 
     async def _find_relays(self) -> list[tuple[PeerAddress, NodeId | None]]:
         """Where a relay may be: our --peer and --bootstrap nodes first (a refusal says
-        they are not), then, once a peer has seen us through a NAT, relays that announce
-        themselves in the private DHT (a lookup a node that needs none does not make)."""
+        they are not), then, once a peer has seen us through a NAT or its dial-back could
+        not reach us, relays that announce themselves in the private DHT (a lookup a node
+        that needs none does not make)."""
         found: dict[PeerAddress, NodeId | None] = dict.fromkeys(self._known)
-        assert self._addresses is not None
-        if self._dht is not None and self._addresses.seen_through_nat():
+        if self._dht is not None and self._needs_relay():
             try:
                 providers = await self._dht.find(relays_discovery_key())
             except (OSError, P2pfsError) as exc:

@@ -188,6 +188,11 @@ class PeerConnection:
         return self._peer_id
 
     @property
+    def authenticated(self) -> bool:
+        """Whether the peer proved its NodeId (and the connection has not failed since)."""
+        return self._authenticated and self._error is None
+
+    @property
     def latest_rtt(self) -> float | None:
         """The QUIC engine's latest round-trip sample (s); None before the first."""
         return self._engine.latest_rtt(self._quic)

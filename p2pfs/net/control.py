@@ -1,6 +1,8 @@
-"""Control streams: relaying and hole punching, sans-I/O (protocol/WIRE.md, "Relays").
+"""Control streams: relaying, hole punching and dial-back checks, sans-I/O (protocol/WIRE.md,
+"Control streams").
 
-A bidirectional stream whose first byte is a control kind (``RELAY`` or ``PUNCH``) is a
+A bidirectional stream whose first byte is a control kind (``RELAY``, ``PUNCH`` or
+``DIAL_BACK``) is a
 control stream rather than a p2pfs request stream: a request stream starts with a frame
 length below 16 MiB + 4096, so its first byte is 0x00 or 0x01 and the two never collide.
 The connection routes each new stream by that byte (``PeerConnection.accept_control``).
@@ -25,6 +27,7 @@ from p2pfs.net.auth import address_length_untrusted, decode_address_untrusted, e
 class ControlKind(enum.IntEnum):
     RELAY = 0x52  # "R"
     PUNCH = 0x50  # "P"
+    DIAL_BACK = 0x44  # "D"
 
 
 class FrameType(enum.IntEnum):
@@ -35,6 +38,8 @@ class FrameType(enum.IntEnum):
     REFUSE = 0x05
     CANDIDATES = 0x06
     # 0x07 carried tunnelled datagrams on the stream before relay datagrams: never reuse.
+    DIAL_BACK = 0x08
+    PROBED = 0x09
 
 
 class RefuseCode(enum.IntEnum):
@@ -56,6 +61,11 @@ CIRCUIT_LEN = 8
 RELAY_DATAGRAM = 0x03
 """First byte of a relay datagram on the node's UDP port: ``0x03 | circuit | datagram``
 (neither QUIC, whose fixed bit it clears, nor the DHT's 0x00/0x01, nor a punch's 0x02)."""
+PROBE_DATAGRAM = 0x05
+"""First byte of a dial-back probe on the node's UDP port: ``0x05 | nonce`` (neither QUIC,
+the DHT's 0x00/0x01/0x04, a punch's 0x02 nor a relay datagram's 0x03)."""
+NONCE_LEN = 16
+"""A dial-back's nonce: random, chosen by the node that asks, echoed in the probe."""
 MAX_CANDIDATES = 8
 MAX_REASON = 200
 MAX_FRAME = 1 + 1 + MAX_REASON
@@ -104,7 +114,26 @@ class Candidates:
     """Where the sender may be reached directly: interface and observed addresses."""
 
 
-ControlMessage = Register | Connect | Incoming | Accept | Refuse | Candidates
+@dataclass(frozen=True, slots=True)
+class DialBack:
+    """Asks the peer to send a probe carrying ``nonce`` to ``port`` at the IP address it
+    sees this connection come from (or at ``host``, an IPv6 address in that address's
+    /64), from a port of its own that this connection does not use: whether a node
+    elsewhere can open a path to us."""
+
+    nonce: bytes
+    port: int
+    host: str | None = None
+    """IPv6 only: our stable address, when the connection comes from a temporary one of
+    the same /64 (the kernel's default source) that no peer is told of."""
+
+
+@dataclass(frozen=True, slots=True)
+class Probed:
+    """The answer to DIAL_BACK: the probes have left."""
+
+
+ControlMessage = Register | Connect | Incoming | Accept | Refuse | Candidates | DialBack | Probed
 
 
 def encode(message: ControlMessage) -> bytes:
@@ -120,6 +149,14 @@ def encode(message: ControlMessage) -> bytes:
     if isinstance(message, Refuse):
         reason = message.reason.encode("utf-8")[:MAX_REASON]
         return _frame(FrameType.REFUSE, bytes([message.code]) + reason)
+    if isinstance(message, DialBack):
+        if not 0 < message.port < 65536:
+            raise ValueError(f"port {message.port}")
+        host = b"" if message.host is None else ipaddress.IPv6Address(message.host).packed
+        body = _nonce(message.nonce) + message.port.to_bytes(2, "big") + host
+        return _frame(FrameType.DIAL_BACK, body)
+    if isinstance(message, Probed):
+        return _frame(FrameType.PROBED, b"")
     addresses = message.addresses[:MAX_CANDIDATES]
     body = bytes([len(addresses)]) + b"".join(encode_address(h, p) for h, p in addresses)
     return _frame(FrameType.CANDIDATES, body)
@@ -138,6 +175,18 @@ def parse_relay_datagram_untrusted(data: bytes) -> tuple[bytes, bytes]:
     return data[1 : 1 + CIRCUIT_LEN], data[1 + CIRCUIT_LEN :]
 
 
+def probe_datagram(nonce: bytes) -> bytes:
+    """The datagram a dial-back sends: ``0x05 | nonce``."""
+    return bytes([PROBE_DATAGRAM]) + _nonce(nonce)
+
+
+def probe_nonce_untrusted(data: bytes) -> bytes | None:
+    """The nonce of a dial-back probe; None if ``data`` is none."""
+    if len(data) != 1 + NONCE_LEN or data[0] != PROBE_DATAGRAM:
+        return None
+    return bytes(data[1:])
+
+
 def _frame(kind: FrameType, body: bytes) -> bytes:
     length = 1 + len(body)
     if length > MAX_FRAME:
@@ -148,6 +197,12 @@ def _frame(kind: FrameType, body: bytes) -> bytes:
 def _node_id(raw: bytes) -> bytes:
     if len(raw) != NODE_ID_LEN:
         raise ValueError("a NodeId is 32 bytes")
+    return raw
+
+
+def _nonce(raw: bytes) -> bytes:
+    if len(raw) != NONCE_LEN:
+        raise ValueError(f"a dial-back nonce is {NONCE_LEN} bytes")
     return raw
 
 
@@ -221,6 +276,19 @@ def parse_untrusted(kind: int, body: bytes) -> ControlMessage:
         return Refuse(code, body[1:].decode("utf-8", errors="replace"))
     if kind == FrameType.CANDIDATES:
         return Candidates(_candidates_untrusted(body))
+    if kind == FrameType.DIAL_BACK:
+        if len(body) not in (NONCE_LEN + 2, NONCE_LEN + 2 + 16):
+            raise ControlError("DIAL_BACK is a nonce, a port and perhaps an IPv6 address")
+        port = int.from_bytes(body[NONCE_LEN : NONCE_LEN + 2], "big")
+        if port == 0:
+            raise ControlError("DIAL_BACK names port 0")
+        extra = body[NONCE_LEN + 2 :]
+        host = str(ipaddress.IPv6Address(extra)) if extra else None
+        return DialBack(body[:NONCE_LEN], port, host)
+    if kind == FrameType.PROBED:
+        if body:
+            raise ControlError("trailing bytes in PROBED")
+        return Probed()
     raise ControlError(f"unknown control frame type {kind:#x}")
 
 

@@ -49,6 +49,7 @@ CLIENT_SEED, CLIENT = identity_from_seed("client node key")
 SERVER_SEED, SERVER = identity_from_seed("server node key")
 RELAY_SEED, RELAY = identity_from_seed("relay node key")
 CIRCUIT = pseudo_random("relay circuit id", control.CIRCUIT_LEN)
+NONCE = pseudo_random("dial-back nonce", control.NONCE_LEN)
 
 
 def address_pieces(host: str, port: int, label: str) -> Pieces:
@@ -265,6 +266,23 @@ def control_vectors() -> list[dict[str, Any]]:
             [["02", "code 2 NOT_REGISTERED"], [b"not registered here".hex(), "reason (UTF-8)"]],
         ),
         (
+            "dial_back",
+            control.DialBack(NONCE, 7337),
+            {"nonce": NONCE.hex(), "port": 7337},
+            [[NONCE.hex(), "nonce (16 bytes)"], ["1ca9", "port 7337 (u16 big-endian)"]],
+        ),
+        (
+            "dial_back-host",
+            control.DialBack(NONCE, 7337, "2001:db8::1"),
+            {"nonce": NONCE.hex(), "port": 7337, "host": "2001:db8::1"},
+            [
+                [NONCE.hex(), "nonce (16 bytes)"],
+                ["1ca9", "port 7337 (u16 big-endian)"],
+                ["20010db8000000000000000000000001", "IPv6 address 2001:db8::1 (16 bytes)"],
+            ],
+        ),
+        ("probed", control.Probed(), {}, []),
+        (
             "candidates",
             control.Candidates(candidates),
             {"addresses": [list(c) for c in candidates]},
@@ -304,6 +322,17 @@ def relay_datagram_vectors() -> list[dict[str, Any]]:
     return [vector]
 
 
+def probe_datagram_vectors() -> list[dict[str, Any]]:
+    pieces = [
+        ["05", "dial-back probe (first byte on the node's UDP port)"],
+        [NONCE.hex(), "the asker's nonce, echoed"],
+    ]
+    encoded = control.probe_datagram(NONCE)
+    vector = pieces_vector("probe-datagram", "a dial-back probe", pieces, encoded)
+    vector["fields"] = {"nonce": NONCE.hex()}
+    return [vector]
+
+
 def transport_vectors() -> dict[str, Any]:
     return {
         "identities": {
@@ -314,7 +343,10 @@ def transport_vectors() -> dict[str, Any]:
         "node_id_texts": node_id_texts(),
         "rejected_node_id_texts": rejected_node_id_texts(),
         "control_kinds": {kind.name: f"{kind:02x}" for kind in control.ControlKind},
-        "vectors": auth_vectors() + control_vectors() + relay_datagram_vectors(),
+        "vectors": auth_vectors()
+        + control_vectors()
+        + relay_datagram_vectors()
+        + probe_datagram_vectors(),
     }
 
 

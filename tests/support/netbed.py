@@ -221,6 +221,26 @@ class Machine:
             "nodad", *lifetime,
         )  # fmt: skip
 
+    def firewall(self) -> None:
+        """A host firewall on this machine, as server distributions ship one: what the
+        machine sent may be answered, nothing else comes in (its loopback excepted)."""
+        rules = (
+            "table inet hostfw {\n"
+            "  chain input {\n"
+            "    type filter hook input priority 0; policy accept;\n"
+            "    ct state established,related accept\n"
+            '    iifname "lo" accept\n'
+            "    meta l4proto { udp, tcp } ct state new counter drop\n"
+            "  }\n"
+            "}\n"
+        )
+        _run(*self.prefix, "nft", "-f", "-", stdin=rules)
+
+    def firewall_drops(self) -> int:
+        """Packets ``firewall`` dropped so far."""
+        listed = _run(*self.prefix, "nft", "list", "table", "inet", "hostfw")
+        return sum(int(n) for n in re.findall(r"counter packets (\d+)", listed))
+
     def hosts(self, names: dict[str, str]) -> None:
         """Give this machine its own ``/etc/hosts`` (``ip netns exec`` binds
         ``/etc/netns/NAMESPACE/hosts`` over it for what it starts) listing ``names`` (name ->
