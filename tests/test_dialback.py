@@ -16,7 +16,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from p2pfs.daemon.addresses import AddressBook, interface_networks, on_our_links
-from p2pfs.daemon.dialback import Answer, DialBackService, family_of, same_slash64
+from p2pfs.daemon.dialback import (
+    Answer,
+    DialBackService,
+    family_of,
+    probe_target,
+    same_slash64,
+)
 from p2pfs.daemon.reachability import (
     CONFIRM_SOON,
     OUTCOME_TTL,
@@ -165,6 +171,41 @@ def test_slash64() -> None:
     v6 = ipaddress.IPv6Address
     assert same_slash64(v6("2001:db8:1:2::1"), v6("2001:db8:1:2:aaaa:bbbb:cccc:dddd"))
     assert not same_slash64(v6("2001:db8:1:2::1"), v6("2001:db8:1:3::1"))
+
+
+@given(st.ip_addresses(), st.none() | st.ip_addresses(v=6), st.integers(1, 65535))
+def test_probes_go_to_the_connections_address_or_its_own_slash64(
+    remote: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    named: ipaddress.IPv6Address | None,
+    port: int,
+) -> None:
+    request = DialBack(bytes(NONCE_LEN), port, None if named is None else str(named))
+    assert probe_target("relayed", str(remote), request) is None
+    target = probe_target("direct", str(remote), request)
+    if target is None:
+        return
+    host = ipaddress.ip_address(target[0])
+    assert target[1] == port
+    assert not (host.is_multicast or host.is_unspecified or host.is_link_local)
+    if named is None:
+        assert host == (getattr(remote, "ipv4_mapped", None) or remote)
+    else:
+        assert host == named and isinstance(remote, ipaddress.IPv6Address)
+        assert same_slash64(named, remote)
+        assert named.ipv4_mapped is None and named.teredo is None and not named.is_loopback
+
+
+@pytest.mark.parametrize(
+    ("remote", "named"),
+    [
+        ("::1", "::ffff:192.0.2.1"),  # v4-mapped: would go to an IPv4 host
+        ("64:ff9b::c000:201", "64:ff9b::c633:6401"),  # NAT64: any IPv4 host
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "2001:0:4136:e378::1"),  # Teredo
+        ("2001:db8:1:2::1", "2001:db8:1:3::1"),  # another /64
+    ],
+)
+def test_a_named_address_that_stands_for_other_hosts_is_refused(remote: str, named: str) -> None:
+    assert probe_target("direct", remote, DialBack(bytes(NONCE_LEN), 7337, named)) is None
 
 
 def test_on_our_links_and_families() -> None:

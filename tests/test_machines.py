@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -562,6 +563,10 @@ def fetch_then_sync_across(
     either may be the one sending)."""
     m1.start()
     m2.start(*m2_flags)
+    # m2's first connections to m1 (asking it to relay, a dial-back) end within a second:
+    # the fetch below is to dial afresh and race the ticket's addresses.
+    time.sleep(1.0)
+    wait_until(lambda: m2.daemon is not None and not m2.daemon.call("status")["peers"])
     source = tmp_path / "album"
     make_tree(source, {"a.bin": 3 * MiB, "b.txt": 1000})
     ticket = share(m1, source)

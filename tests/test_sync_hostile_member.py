@@ -242,11 +242,19 @@ def member(tmp_path: Path) -> Iterator[tuple[DaemonProcess, Path, str]]:
 
 
 def listing(root: Path) -> dict[str, bytes]:
-    return {
-        str(path.relative_to(root)): path.read_bytes()
-        for path in root.rglob("*")
-        if path.is_file() and ".p2pfs" not in path.relative_to(root).parts
-    }
+    """The user's files: the daemon's state and its temp files left out, and so is a file
+    that vanishes under the walk (a temp file renamed into place: ``wait_until`` looks
+    again)."""
+    found = {}
+    for path in root.rglob("*"):
+        if ".p2pfs" in path.relative_to(root).parts or path.name.startswith(".p2pfs-"):
+            continue
+        try:
+            if path.is_file():
+                found[str(path.relative_to(root))] = path.read_bytes()
+        except FileNotFoundError:
+            continue
+    return found
 
 
 FOREIGN = FolderKeys.from_write_seed(bytes(range(32)))

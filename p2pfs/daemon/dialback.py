@@ -36,10 +36,10 @@ from p2pfs.errors import (
     CONNECTION_FAILURES,
     ConnectionClosedError,
     LocalProtocolError,
-    P2pfsError,
     first_leaf,
 )
 from p2pfs.net import Endpoint, PeerConnection, Stream
+from p2pfs.net.boundary import describe, split_fatal
 from p2pfs.net.control import (
     NONCE_LEN,
     PROBE_DATAGRAM,
@@ -97,22 +97,27 @@ def family_of(host: str) -> int | None:
     return address.version
 
 
-def probe_target(conn: PeerConnection, request: DialBack) -> tuple[str, int] | None:
-    """Where the probes for ``conn``'s peer go: the IP its packets come from (or the IPv6
-    address it names in that address's /64), at the port it names; None where that is no
-    address to send to (a relay tunnel, a link-local, multicast or unspecified address,
-    a named address in another /64)."""
-    if conn.path == "relayed":
+def probe_target(path: str, remote_host: str, request: DialBack) -> tuple[str, int] | None:
+    """Where the probes go for a peer whose connection (``path``) comes from
+    ``remote_host``: that IP (or the IPv6 address it names in that address's /64), at the
+    port it names; None where that is no address to send to (a relay tunnel, a link-local,
+    multicast or unspecified address, a named address in another /64 or one that stands
+    for other hosts)."""
+    if path == "relayed":
         return None
     try:
-        address = ipaddress.ip_address(str(conn.remote_address[0]).split("%", 1)[0])
+        address = ipaddress.ip_address(remote_host.split("%", 1)[0])
     except ValueError:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     if request.host is not None:
         named = ipaddress.IPv6Address(request.host)
-        if not (isinstance(address, ipaddress.IPv6Address) and same_slash64(named, address)):
+        if not (
+            isinstance(address, ipaddress.IPv6Address)
+            and same_slash64(named, address)
+            and not _translated(named)
+        ):
             return None
         address = named
     if address.is_link_local or address.is_multicast or address.is_unspecified:
@@ -122,6 +127,18 @@ def probe_target(conn: PeerConnection, request: DialBack) -> tuple[str, int] | N
 
 def same_slash64(one: ipaddress.IPv6Address, other: ipaddress.IPv6Address) -> bool:
     return int(one) >> 64 == int(other) >> 64
+
+
+_TRANSLATION_PREFIXES = tuple(
+    ipaddress.IPv6Network(prefix)
+    for prefix in ("::/96", "::ffff:0:0/96", "64:ff9b::/96", "64:ff9b:1::/48", "2001::/32")
+)
+"""IPv4-compatible, v4-mapped, NAT64 (RFC 6052, 8215) and Teredo: a /64 of these spans other
+people's IPv4 hosts, so a named address there could aim our probes at any of them."""
+
+
+def _translated(address: ipaddress.IPv6Address) -> bool:
+    return address.is_loopback or any(address in prefix for prefix in _TRANSLATION_PREFIXES)
 
 
 class Answer(enum.Enum):
@@ -181,7 +198,7 @@ class DialBackService:
         """A peer asks us to probe it."""
         if not isinstance(first, DialBack):
             raise ControlError("a dial-back stream must start with DIAL_BACK")
-        target = probe_target(conn, first)
+        target = probe_target(conn.path, str(conn.remote_address[0]), first)
         refusal: Refuse | None
         if target is None:
             refusal = Refuse(RefuseCode.UNEXPECTED, "no address of yours to probe")
@@ -349,28 +366,78 @@ class DialBackService:
             await self._ask(servers[0], family)
             return
         for address in self._known:
-            if self._dialer is None or self._asked.get(address, -ASK_AGAIN) > now - ASK_AGAIN:
+            if self._asked.get((address, family), -ASK_AGAIN) > now - ASK_AGAIN:
                 continue
-            known_family = family_of(address.host)
-            if known_family not in (family, None) or on_our_links(address.host, networks):
+            self._asked[(address, family)] = now
+            target = await self._known_target(address, family, networks)
+            if target is None:
                 continue
-            self._asked[address] = now
+            conn = self._open_to(target)
             lease = object()
-            conn = await self._dial(address, lease)
+            if conn is not None and self._dialer is not None:
+                self._dialer.acquire(conn, lease)
+            elif conn is None:
+                conn = await self._dial(target, lease)
             if conn is None:
-                self._asked[address] = now - ASK_AGAIN + ASK_AGAIN_AFTER_FAILURE
+                self._asked[(address, family)] = now - ASK_AGAIN + ASK_AGAIN_AFTER_FAILURE
                 continue
             try:
                 if self._eligible(conn, family, now, networks):
                     await self._ask(conn, family)
                     # Asked again when its node is (sooner after a lost or busy ask).
-                    self._asked[address] = self._asked.get(conn.peer_id, now)
-                    with trio.move_on_after(LINGER):
-                        while conn in self._answering:
-                            await trio.sleep(0.05)  # a few polls, once per dialled ask
+                    self._asked[(address, family)] = self._asked.get(conn.peer_id, now)
+                    await self._linger(conn)
                     return
             finally:
-                self._dialer.release(conn, lease)
+                if self._dialer is not None:
+                    self._dialer.release(conn, lease)
+
+    async def _known_target(
+        self,
+        address: PeerAddress,
+        family: int,
+        networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+    ) -> PeerAddress | None:
+        """The known node's address of ``family`` beyond our links (a name resolved first:
+        a --peer nas.local on our LAN is no one to ask), or None."""
+        if self._dialer is None:
+            return None
+        hosts = [address.host]
+        if family_of(address.host) is None:
+            try:
+                found = await trio.socket.getaddrinfo(
+                    address.host, address.port, type=socket.SOCK_DGRAM
+                )
+            except OSError as exc:
+                logger.debug("dial-back: cannot resolve %s: %s", address.host, exc)
+                return None
+            hosts = [str(entry[4][0]) for entry in found]
+        for host in hosts:
+            if family_of(host) == family and not on_our_links(host, networks):
+                return PeerAddress(host.split("%", 1)[0], address.port)
+        return None
+
+    def _open_to(self, target: PeerAddress) -> PeerConnection | None:
+        """An open direct connection to ``target`` (reused rather than dialling again)."""
+        for conn in self._endpoint.connections:
+            if (
+                conn.authenticated
+                and conn.path != "relayed"
+                and (str(conn.remote_address[0]), int(conn.remote_address[1]))
+                == (target.host, target.port)
+            ):
+                return conn
+        return None
+
+    async def _linger(self, conn: PeerConnection) -> None:
+        """Keep a connection we dialled to ask open while its peer asks us in turn: from
+        when its request may arrive (two round trips, at least half a second) until we
+        answered it, up to LINGER."""
+        started = trio.current_time()
+        soonest = started + max(0.5, 2 * (conn.smoothed_rtt or 0.0))
+        with trio.move_on_after(LINGER):
+            while conn in self._answering or trio.current_time() < soonest:
+                await trio.sleep(0.05)  # a few polls, once per dialled ask
 
     async def _dial(self, address: PeerAddress, lease: object) -> PeerConnection | None:
         assert self._dialer is not None
@@ -449,7 +516,7 @@ class DialBackService:
         except* CONNECTION_FAILURES as group:
             failure = first_leaf(group)
         finally:
-            del self._waiting[request.nonce]
+            self._waiting.pop(request.nonce, None)
             if stream is not None:
                 stream.close_nowait()  # an early probe leaves the answer unread
         if arrived.is_set():
@@ -476,12 +543,18 @@ class DialBackService:
 
 
 async def _contained(check: Awaitable[None]) -> None:
-    """One check is a failure boundary: what the network or a peer makes it raise ends it
-    alone, with a log line (the asking side's streams are caught in ``ask``)."""
+    """One check is a failure boundary (as control streams are, relay.guard): anything but
+    cancellation ends it alone, with a log line."""
     try:
         await check
-    except (OSError, P2pfsError) as exc:
-        logger.warning("dial-back check failed: %s", exc)
+    except BaseException as exc:
+        fatal, failure = split_fatal(exc)
+        if failure is not None:
+            logger.error("dial-back check failed: %s", describe(failure))  # noqa: TRY400
+        if fatal is exc:
+            raise
+        if fatal is not None:
+            raise fatal from None
 
 
 def _is_global(host: str) -> bool:

@@ -285,16 +285,8 @@ class Node:
                     ),
                 )
                 await nursery.start(self._port_mapper.serve)
-            await nursery.start(
-                partial(
-                    self._reach.serve,
-                    endpoint,
-                    self._dialer,
-                    self._addresses,
-                    self._dht,
-                    needs_relay=self._needs_relay,
-                )
-            )
+            # Made before the relay client dials (a peer we dial asks us back at once): a
+            # DIAL_BACK that came before it was refused as if by an older node.
             self._dial_back = DialBackService(
                 endpoint,
                 self._addresses,
@@ -306,6 +298,16 @@ class Node:
                     *self.config.relay_via,
                 ),
                 changed=self._reachability_changed,
+            )
+            await nursery.start(
+                partial(
+                    self._reach.serve,
+                    endpoint,
+                    self._dialer,
+                    self._addresses,
+                    self._dht,
+                    needs_relay=self._needs_relay,
+                )
             )
             await nursery.start(self._dial_back.serve)
             # Whether a NAT stands between us and our peers decides the DHT's mode, and
