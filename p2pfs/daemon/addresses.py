@@ -89,16 +89,25 @@ def interface_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     return networks
 
 
+def plain_address(host: str) -> IPAddress | None:
+    """The IP of a host as sockets write it (a %zone dropped, a v4-mapped IPv6 address read
+    as the IPv4 one); None for anything else (a name)."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
 def on_our_links(
     host: str, networks: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]
 ) -> bool:
     """Whether ``host`` is in one of ``networks`` (loopback and link-local count as ours)."""
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
+    address = plain_address(host)
+    if address is None:
         return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
     if address.is_loopback or address.is_link_local:
         return True
     return any(address in network for network in networks if network.version == address.version)

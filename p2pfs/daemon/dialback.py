@@ -56,7 +56,7 @@ from p2pfs.net.control import (
     probe_nonce_untrusted,
 )
 
-from .addresses import AddressBook, interface_networks, on_our_links, place_of
+from .addresses import AddressBook, interface_networks, on_our_links, place_of, plain_address
 from .dialer import Candidate, Dialer
 from .reachability import Outcome, Reachability
 from .relay import read_first_untrusted
@@ -88,13 +88,8 @@ ANSWERS_PER_MINUTE = 60
 
 def family_of(host: str) -> int | None:
     """4 or 6 for an IP literal (a v4-mapped one is 4), None for anything else."""
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return 4
-    return address.version
+    address = plain_address(host)
+    return None if address is None else address.version
 
 
 def probe_target(path: str, remote_host: str, request: DialBack) -> tuple[str, int] | None:
@@ -103,14 +98,9 @@ def probe_target(path: str, remote_host: str, request: DialBack) -> tuple[str, i
     port it names; None where that is no address to send to (a relay tunnel, a link-local,
     multicast or unspecified address, a named address in another /64 or one that stands
     for other hosts)."""
-    if path == "relayed":
+    address = plain_address(remote_host)
+    if path == "relayed" or address is None:
         return None
-    try:
-        address = ipaddress.ip_address(remote_host.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
     if request.host is not None:
         named = ipaddress.IPv6Address(request.host)
         if not (
@@ -558,10 +548,8 @@ async def _contained(check: Awaitable[None]) -> None:
 
 
 def _is_global(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_global
-    except ValueError:
-        return False
+    address = plain_address(host)
+    return address is not None and address.is_global
 
 
 def _place(conn: PeerConnection) -> str:
