@@ -168,7 +168,8 @@ class DialBackService:
         self._changed = changed
         self._waiting: dict[bytes, trio.Event] = {}
         self._asked: dict[Hashable, float] = {}
-        """NodeIds and known addresses -> when they were last asked (or dialled)."""
+        """NodeIds, and (known address, family) pairs -> when last asked (or dialled);
+        kept for ASK_AGAIN."""
         self._answered: dict[str, float] = {}
         """Places of askers -> when we last probed for one of them."""
         self._answers: deque[float] = deque()
@@ -263,6 +264,9 @@ class DialBackService:
             for family in self._families():
                 if self._due(family):
                     await _contained(self._check(family))
+            stale = trio.current_time() - ASK_AGAIN
+            for key in [key for key, at in self._asked.items() if at <= stale]:
+                del self._asked[key]
             await trio.sleep(ROUND)
 
     def offer(self, conn: PeerConnection) -> None:
