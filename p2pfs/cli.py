@@ -696,15 +696,24 @@ def _reach_text(family: str, found: dict[str, Any]) -> str:
     """Whether peers elsewhere reach us in ``family`` ("ipv4"), as their dial-backs found."""
     name = "IPv" + family.removeprefix("ipv")
     probes = found.get("probes") or []
+    arrived = [p for p in probes if p["reached"]]
     if found.get("verdict") == "reachable":
-        by = next(p for p in probes if p["reached"])
-        arrived = f"the probe of {by['by']} in {by['place']} arrived"
-        return f"{name}: peers elsewhere reach us ({arrived})"
-    if found.get("verdict") == "unreachable":
-        places = plural(len(probes), "network")
+        by = arrived[0]
+        more = f" and {plural(len(arrived) - 1, 'more network')}" if len(arrived) > 1 else ""
         return (
-            f"{name}: peers elsewhere cannot reach us (probes from {places} never arrived:"
-            " a firewall or NAT drops what we did not ask for); relays carry the way in"
+            f"{name}: peers elsewhere reach us (the probe of {by['by']} in {by['place']}"
+            f"{more} arrived)"
+        )
+    if found.get("verdict") == "unreachable":
+        lost = plural(len(probes) - len(arrived), "network")
+        why = (
+            f"from {len(arrived)} they did: more networks are asked"
+            if arrived
+            else "a firewall or NAT drops what we did not ask for"
+        )
+        return (
+            f"{name}: peers elsewhere cannot reach us (probes from {lost} never arrived"
+            f"{', ' if arrived else ': '}{why}); relays carry the way in"
         )
     return f"{name}: not checked yet (no peer beyond our own links to ask)"
 

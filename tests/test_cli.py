@@ -171,3 +171,20 @@ def test_id_says_whether_peers_elsewhere_reach_the_node(capsys: pytest.CaptureFi
     )
     cli._human_id({**result, "reachability": {"ipv4": {"verdict": "unknown", "probes": []}}})
     assert "IPv4: not checked yet" in capsys.readouterr().out
+    split = [{**probe, "reached": True}, {**probe, "reached": False}]
+    cli._human_id({**result, "reachability": {"ipv4": {"verdict": "unreachable", "probes": split}}})
+    assert (
+        "reach     IPv4: peers elsewhere cannot reach us (probes from 1 network never arrived,"
+        " from 1 they did: more networks are asked); relays carry the way in"
+    ) in capsys.readouterr().out.splitlines()
+    cli._human_id(
+        {
+            **result,
+            "reachability": {
+                "ipv4": {"verdict": "reachable", "probes": [split[0]] * 3 + [split[1]]}
+            },
+        }
+    )
+    assert "(the probe of abcdefabcdef in 198.51.100.0/24 and 2 more networks arrived)" in (
+        capsys.readouterr().out
+    )

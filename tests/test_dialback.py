@@ -71,14 +71,23 @@ def test_one_probe_that_never_arrived_is_unreachable_and_asks_another_place_soon
     assert reach.due(4, 11.0) == 10.0 + CONFIRM_SOON
 
 
-def test_one_probe_that_arrived_outweighs_any_that_did_not() -> None:
+def test_places_that_disagree_are_asked_soon_and_the_majority_decides() -> None:
+    """One arrival against one loss (a neighbour inside our firewall, or a peer whose own
+    network drops its probes) is no way in; more places are asked soon; once more saw
+    their probe arrive than lost, it is reachable."""
     reach = Reachability()
-    reach.record(6, "2001:db8:1::/48", Outcome(False, 10.0, "a"))
-    reach.record(6, "2001:db8:2::/48", Outcome(True, 11.0, "b"))
-    reach.record(6, "2001:db8:3::/48", Outcome(False, 12.0, "c"))
+    reach.record(6, "2001:db8:1::/48", Outcome(True, 10.0, "a"))
+    assert reach.verdict(6, 10.5) is Verdict.REACHABLE
+    reach.record(6, "2001:db8:2::/48", Outcome(False, 11.0, "b"))
+    assert reach.verdict(6, 11.5) is Verdict.UNREACHABLE
+    assert reach.unreachable(11.5)
+    assert reach.due(6, 11.5) == 11.0 + CONFIRM_SOON
+    reach.record(6, "2001:db8:3::/48", Outcome(True, 12.0, "c"))
     assert reach.verdict(6, 13.0) is Verdict.REACHABLE
     assert not reach.unreachable(13.0)
-    assert reach.due(6, 13.0) == 12.0 + RECHECK
+    assert reach.due(6, 13.0) == 12.0 + CONFIRM_SOON
+    reach.record(6, "2001:db8:2::/48", Outcome(True, 14.0, "b"))  # b's network let it out
+    assert reach.due(6, 15.0) == 14.0 + RECHECK
 
 
 def test_a_place_speaks_by_its_newest_outcome_and_outcomes_expire() -> None:
@@ -104,7 +113,8 @@ def test_the_verdict_follows_each_places_newest_outcome(
     records: list[tuple[int, int, bool, float]], later: float
 ) -> None:
     """Against a plain model: per family the newest outcome of each of the last
-    PLACES_KEPT places heard from; reachable if any of those within the TTL arrived."""
+    PLACES_KEPT places heard from; reachable if more of those within the TTL arrived
+    than not; checked again soon while they disagree or one place alone speaks."""
     reach = Reachability()
     model: dict[int, dict[str, tuple[bool, float]]] = {4: {}, 6: {}}
     now = 0.0
@@ -119,11 +129,18 @@ def test_the_verdict_follows_each_places_newest_outcome(
     at = now + later
     for family in (4, 6):
         live = [reached for reached, when in model[family].values() if at - when < OUTCOME_TTL]
+        arrived = sum(live)
         expected = (
-            Verdict.REACHABLE if any(live) else Verdict.UNREACHABLE if live else Verdict.UNKNOWN
+            Verdict.UNKNOWN
+            if not live
+            else Verdict.REACHABLE
+            if arrived > len(live) - arrived
+            else Verdict.UNREACHABLE
         )
         assert reach.verdict(family, at) is expected
         assert reach.due(family, at) <= at + RECHECK
+        if live and 0 < arrived < len(live) < PLACES_KEPT:
+            assert reach.due(family, at) <= at + CONFIRM_SOON
     info = reach.info(at)
     assert {f: info[f"ipv{f}"]["verdict"] for f in (4, 6)} == {
         f: reach.verdict(f, at).value for f in (4, 6)
@@ -368,3 +385,50 @@ def test_a_malformed_dial_back_stream_ends_alone(
     run_asker(address, body)
     assert daemon.process is not None and daemon.process.poll() is None
     assert "Traceback" not in daemon.log_path.read_text()
+
+
+@pytest.mark.parametrize("honest", [False, True])
+def test_a_probe_from_a_peer_we_talk_with_proves_nothing(honest: bool) -> None:
+    """A lying peer sends the probe from its connection's own socket, where a stateful
+    firewall lets it in (we send there): the asker must not count it as reached. The same
+    peer probing from a socket of its own is believed (the test can fail both ways)."""
+
+    async def liar(conn: PeerConnection) -> None:
+        kind, stream = await conn.accept_control()
+        assert kind is ControlKind.DIAL_BACK
+        decoder = Decoder()
+        while (request := decoder.next_untrusted()) is None:
+            decoder.feed(await stream.receive_some())
+        assert isinstance(request, DialBack)
+        target = (str(conn.remote_address[0]), request.port)
+        if honest:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as own:
+                own.sendto(probe_datagram(request.nonce), target)
+        else:
+            assert liar_endpoint
+            liar_endpoint[0].send_threadsafe(probe_datagram(request.nonce), target)
+        await stream.send_all(encode(Probed()))
+        await stream.aclose()
+        await trio.sleep(5)
+
+    liar_endpoint: list[Endpoint] = []
+
+    async def main() -> None:
+        with trio.fail_after(30):
+            async with (
+                open_endpoint(Identity.generate(), handler=liar) as lying,
+                open_endpoint(Identity.generate()) as endpoint,
+            ):
+                liar_endpoint.append(lying)
+                host, own_port = endpoint.local_address[:2]
+                service = DialBackService(endpoint, AddressBook(host, own_port), Reachability())
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(service.serve)
+                    conn = await endpoint.connect(lying.local_address, None)
+                    request = service.request_for(conn)
+                    assert request is not None
+                    expected = Answer.REACHED if honest else Answer.NOT_REACHED
+                    assert await service.ask(conn, request) is expected
+                    nursery.cancel_scope.cancel()
+
+    trio.run(main)

@@ -487,11 +487,28 @@ class DialBackService:
     def _families(self) -> list[int]:
         return [6 if family == socket.AF_INET6 else 4 for family in self._endpoint.families]
 
-    def _on_probe(self, data: bytes, _address: tuple[str, int]) -> None:
+    def _on_probe(self, data: bytes, source: tuple[str, int]) -> None:
         nonce = probe_nonce_untrusted(data)
         arrived = self._waiting.get(nonce) if nonce is not None else None
-        if arrived is not None:
-            arrived.set()
+        if arrived is None:
+            return
+        if self._talks_with(source):
+            # Our firewall lets in what comes from where we send: such a probe proves
+            # nothing (an honest peer probes from a socket of its own). A peer that sent
+            # it so would make a firewalled node believe itself reachable, and so never
+            # look for a relay.
+            logger.info("dial-back: a probe from %s, a peer we talk with, ignored", source[0])
+            return
+        arrived.set()
+
+    def _talks_with(self, source: tuple[str, int]) -> bool:
+        """Whether ``source`` is the far end of one of our open connections."""
+        host = plain_address(str(source[0]))
+        return host is not None and any(
+            plain_address(str(conn.remote_address[0])) == host
+            and int(conn.remote_address[1]) == int(source[1])
+            for conn in self._endpoint.connections
+        )
 
     async def ask(self, conn: PeerConnection, request: DialBack) -> Answer:
         """Send ``request`` to ``conn``'s peer and wait for its probe."""

@@ -8,8 +8,12 @@ not a firewall. A peer that sends a probe from a port this node never sent to ca
 
 Outcomes are kept per address family and per place of the peer that sent the probe (one
 /24 or /48: a peer speaks for its network, and a second peer there adds nothing), the
-newest per place. One probe that arrived from anywhere proves a way in; probes that left
-and never arrived, with none that did, mean none.
+newest per place. A way in exists if more places saw their probe arrive than saw it lost.
+One place that disagrees with another must not decide: a neighbour in our own site on a
+global address sends from inside our firewall, and a peer whose own network drops its
+probes reports a firewall we do not have. A tie reads as unreachable, the cheaper mistake
+(a relay registration, a DHT client) beside the opposite one (nobody reaches us, no
+relay), and places that disagree are asked again soon, until a majority speaks.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ OUTCOME_TTL = 3600.0
 RECHECK = 1800.0
 """A family with a verdict is checked again this long after its newest outcome."""
 CONFIRM_SOON = 30.0
-"""A verdict that rests on one place alone is checked again this soon, by another place if
-one is there (a peer whose own network drops its probes must not decide for long)."""
+"""A verdict that rests on one place alone, or on places that disagree, is checked again
+this soon, by another place if one is there (a peer whose own network drops its probes,
+or one inside our firewall, must not decide for long)."""
 PLACES_KEPT = 8
 
 
@@ -71,9 +76,10 @@ class Reachability:
 
     def verdict(self, family: int, now: float) -> Verdict:
         live = self._live(family, now).values()
-        if any(outcome.reached for outcome in live):
-            return Verdict.REACHABLE
-        return Verdict.UNREACHABLE if live else Verdict.UNKNOWN
+        if not live:
+            return Verdict.UNKNOWN
+        arrived = sum(outcome.reached for outcome in live)
+        return Verdict.REACHABLE if 2 * arrived > len(live) else Verdict.UNREACHABLE
 
     def unreachable(self, now: float) -> bool:
         """Whether peers of some family cannot reach us directly (then we need a relay, and
@@ -90,7 +96,8 @@ class Reachability:
         if not live:
             return now
         newest = max(outcome.at for outcome in live.values())
-        if len(live) == 1:
+        agreed = len({outcome.reached for outcome in live.values()}) == 1
+        if len(live) == 1 or (not agreed and len(live) < PLACES_KEPT):
             return newest + CONFIRM_SOON
         return newest + RECHECK
 
