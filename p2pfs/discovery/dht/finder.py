@@ -408,17 +408,18 @@ class DhtFinder:
         await trio.lowlevel.checkpoint()
 
     async def find(self, key: bytes, limit: int = 16) -> Sequence[Provider]:
-        lookup = await self.lookup(key, limit + 1)
-        found = [
+        """Providers of ``key`` other than this node (its own records are left out)."""
+        lookup = await self.lookup(key, limit)
+        return [
             Provider(PeerAddress(p.ip, p.port), NodeId(p.node_id), self.name)
             for p in lookup.providers
-            if p.node_id != self.node_id
         ]
-        return found[:limit]
 
     async def lookup(self, key: bytes, limit: int = 16) -> Lookup:
         """``find`` with the lookup's statistics (rounds, nodes queried)."""
-        lookup = await self._call(lambda node: node.find_providers(dht_key(key), limit))
+        lookup = await self._call(
+            lambda node: node.find_providers(dht_key(key), limit, asker=self.node_id)
+        )
         self.lookups.lookups += 1
         self.lookups.local += int(lookup.queried == 0)
         self.lookups.rounds += lookup.rounds

@@ -157,9 +157,15 @@ class DhtNode:
         found: list[Node] = self.protocol.router.find_neighbors(target, self.ksize * SEED_FACTOR)
         return found
 
-    async def find_providers(self, key: bytes, limit: int) -> Lookup:
+    async def find_providers(self, key: bytes, limit: int, *, asker: bytes | None = None) -> Lookup:
+        """Providers of ``key``; records naming ``asker`` (our own provider id: we provide
+        the key too) are left out, so they neither answer nor end the lookup."""
         assert len(key) == ID_LEN
-        own = self.protocol.records.get(key, self.protocol.clock(), limit)
+        own = [
+            record
+            for record in self.protocol.records.get(key, self.protocol.clock(), limit + 1)
+            if record.node_id != asker
+        ][:limit]
         if own:
             now = self.protocol.clock()
             infos = tuple(
@@ -172,7 +178,7 @@ class DhtNode:
         if not nearest:
             return Lookup((), 0, 0)
         crawl = ProviderCrawl(
-            self.protocol, target, nearest, self.ksize, self.alpha, stop_on_found=True
+            self.protocol, target, nearest, self.ksize, self.alpha, stop_on_found=True, asker=asker
         )
         await crawl.find()
         return Lookup(tuple(crawl.providers.values())[:limit], crawl.rounds, crawl.queried)
