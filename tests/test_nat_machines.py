@@ -341,3 +341,24 @@ def test_a_firewalled_machine_learns_it_by_dial_back_and_is_fetched_from_through
     assert same_tree(source, tmp_path / "copy")
     text = walled.cli("id").stdout
     assert "IPv4: peers elsewhere cannot reach us" in text, text
+
+
+def test_a_machine_that_knows_only_a_lan_neighbour_is_checked_by_nodes_of_its_dht(
+    natbed: NetBed,
+) -> None:
+    """A machine whose one configured node is a neighbour on its own LAN (its DHT
+    bootstrap: whose word says nothing of the way in from beyond the router), holding no
+    connection elsewhere, was never checked: "not checked yet" for good. The nodes its DHT
+    met through the neighbour are reachable nodes beyond the router, and are asked."""
+    first, second = natbed.machine("pub1"), natbed.machine("pub2")
+    first.start()
+    second.start("--bootstrap", f"{first.address}:7337")
+    asker, neighbour = natbed.lan("ask", "nbr")
+    neighbour.start("--no-lan", "--bootstrap", f"{first.address}:7337")
+    asker.start("--no-lan", "--bootstrap", f"{neighbour.address}:7337")
+    wait_until(lambda: reach_verdict(asker) == "reachable", timeout=60)
+    reachability = ident(asker)["reachability"]
+    assert isinstance(reachability, dict)
+    places = {probe["place"] for probe in reachability["ipv4"]["probes"]}
+    publics = {f"{machine.address.rsplit('.', 1)[0]}.0/24" for machine in (first, second)}
+    assert places and places <= publics, (places, publics)

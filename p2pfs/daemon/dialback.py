@@ -27,7 +27,7 @@ import logging
 import secrets
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 
 import trio
 
@@ -84,6 +84,9 @@ ROUND = 5.0
 """How often the asking side looks whether a check is due and a peer is there to ask."""
 ANSWER_EVERY = 10.0
 ANSWERS_PER_MINUTE = 60
+CONTACTS_PER_CHECK = 2
+"""DHT contacts dialled at most per check (after the known nodes): one that runs its DHT
+on a port of its own answers no dial there, and each such dial waits DIAL_TIMEOUT."""
 
 
 def family_of(host: str) -> int | None:
@@ -156,15 +159,19 @@ class DialBackService:
         *,
         dialer: Dialer | None = None,
         known: tuple[PeerAddress, ...] = (),
+        contacts: Callable[[], Sequence[PeerAddress]] = tuple,
         changed: Callable[[], None] = lambda: None,
     ) -> None:
         """``known``: --peer, --bootstrap and --relay-via nodes, dialled to ask when no open
-        connection goes elsewhere; ``changed``: called when a check ended."""
+        connection goes elsewhere; ``contacts``: the nodes of our DHT's routing table
+        (reachable nodes all: DHT clients join no table), dialled after the known ones;
+        ``changed``: called when a check ended."""
         self._endpoint = endpoint
         self._addresses = addresses
         self.reachability = reachability
         self._dialer = dialer
         self._known = known
+        self._contacts = contacts
         self._changed = changed
         self._waiting: dict[bytes, trio.Event] = {}
         self._asked: dict[Hashable, float] = {}
@@ -359,7 +366,7 @@ class DialBackService:
         if servers:
             await self._ask(servers[0], family)
             return
-        for address in self._known:
+        for address in [*self._known, *self._contacts_to_dial(family, now, counted, networks)]:
             if self._asked.get((address, family), -ASK_AGAIN) > now - ASK_AGAIN:
                 continue
             self._asked[(address, family)] = now
@@ -385,6 +392,29 @@ class DialBackService:
             finally:
                 if self._dialer is not None:
                     self._dialer.release(conn, lease)
+
+    def _contacts_to_dial(
+        self,
+        family: int,
+        now: float,
+        counted: frozenset[str],
+        networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+    ) -> list[PeerAddress]:
+        """Up to CONTACTS_PER_CHECK routing-table nodes of ``family`` beyond our links, not
+        asked within ASK_AGAIN, places not heard from yet first (a node with no connection
+        and no configured node beyond its links was never checked: a LAN neighbour as its
+        only bootstrap, say). A routing table's node is reached at its DHT port, which is
+        its node port unless it runs the DHT on a port of its own."""
+        fresh = [
+            address
+            for address in self._contacts()
+            if family_of(address.host) == family
+            and not on_our_links(address.host, networks)
+            and self._asked.get((address, family), -ASK_AGAIN) <= now - ASK_AGAIN
+        ]
+        secrets.SystemRandom().shuffle(fresh)
+        fresh.sort(key=lambda address: _place_of_host(address.host) in counted)
+        return fresh[:CONTACTS_PER_CHECK]
 
     async def _known_target(
         self,
@@ -574,5 +604,9 @@ def _is_global(host: str) -> bool:
 
 
 def _place(conn: PeerConnection) -> str:
-    host = str(conn.remote_address[0]).split("%", 1)[0]
-    return place_of(ipaddress.ip_address(host))
+    return _place_of_host(str(conn.remote_address[0]))
+
+
+def _place_of_host(host: str) -> str:
+    address = plain_address(host)
+    return host if address is None else place_of(address)

@@ -188,6 +188,16 @@ class DhtFinder:
         """Routing table entries (length reads of the loop's lists: safe across threads)."""
         return self._node.contacts()
 
+    def contact_addresses(self) -> list[PeerAddress]:
+        """Where the routing table's nodes are (each bucket's dict copied whole: one C call
+        under the GIL, so safe to read from the trio thread while the loop's thread runs)."""
+        buckets = list(self._node.protocol.router.buckets)
+        return [
+            PeerAddress(_unmapped(node.ip), node.port)
+            for bucket in buckets
+            for node in list(bucket.nodes.values())
+        ]
+
     def records(self) -> int:
         """Provider records this node holds for others (a length read: safe across threads)."""
         return len(self._node.protocol.records)
