@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 
@@ -11,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kademlia.node import Node  # type: ignore[import-untyped]
 
+from p2pfs.discovery.dht.crawl import ProviderCrawl
 from p2pfs.discovery.dht.messages import (
     CLIENT_REQUEST,
     MAX_DATAGRAM,
@@ -296,3 +298,46 @@ def test_a_client_is_answered_but_joins_no_routing_table(from_client: bool) -> N
     assert len(sent.datagrams) == 1 and sent.datagrams[0][0][0] == RESPONSE
     known = {bytes(node.id) for bucket in protocol.router.buckets for node in bucket.get_nodes()}
     assert (asker in known) is not from_client
+
+
+def test_a_lookup_is_not_ended_by_records_that_name_the_asker() -> None:
+    """A crawl against a scripted protocol: the nearest node holds only the asker's own
+    record (it stored our announce, never the other provider's); the next holds the other
+    provider's. The lookup must go on past the first and find the other; on the code before
+    it ended there with nothing but itself (which the daemon then left out)."""
+    asker, other = b"\x01" * 32, b"\x02" * 32
+    target = Node(b"\x00" * 20)
+    near = Node(b"\x00" * 19 + b"\x01", "198.51.100.1", 7337)
+    far = Node(b"\x00" * 19 + b"\x07", "198.51.100.2", 7337)
+    mine = ProviderInfo(asker, "203.0.113.1", 7337, 600)
+    theirs = ProviderInfo(other, "203.0.113.2", 7337, 600)
+    replies = {
+        near.id: ProvidersReply(b"t", (Contact(far.id, far.ip, far.port),), (mine,)),
+        far.id: ProvidersReply(b"t", (), (mine, theirs)),
+    }
+
+    class Scripted:
+        async def call_get_providers(self, node: Node, key: bytes) -> tuple[bool, object]:
+            # The near node answers at once, the far one a moment later: the crawl must
+            # not have stopped in between.
+            await asyncio.sleep(0.0 if node.id == near.id else 0.01)
+            return True, replies[node.id]
+
+    async def crawl(exclude: bytes | None) -> ProviderCrawl:
+        found = ProviderCrawl(
+            Scripted(),  # type: ignore[arg-type]
+            target,
+            [near],
+            ksize=4,
+            alpha=1,
+            stop_on_found=True,
+            asker=exclude,
+        )
+        await found.find()
+        return found
+
+    with_asker = asyncio.run(crawl(asker))
+    assert [p.node_id for p in with_asker.providers.values()] == [other]
+    assert with_asker.queried == 2 and with_asker.rounds == 2
+    without = asyncio.run(crawl(None))  # what a crawl that counts our own record does
+    assert [p.node_id for p in without.providers.values()] == [asker]

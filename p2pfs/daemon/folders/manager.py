@@ -13,10 +13,11 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -60,6 +61,11 @@ logger = logging.getLogger(__name__)
 
 CONNECT_INTERVAL = 5.0
 """How often a folder looks for members it is not linked to."""
+LOOKUP_BACKOFF_MAX = 300.0
+"""A folder's discovery lookup that found no provider it had not found the time before
+waits twice as long for the next, up to this; a link lost, or a new provider found, starts
+again at CONNECT_INTERVAL. Why: every folder looked up its key every 5 s forever, and a DHT
+lookup that finds no other member crawls the key's 2k nearest nodes (16-40 queries)."""
 RESCAN_INTERVAL = 60.0
 """Full rescans: the safety net under the file-system watcher, at least this far apart."""
 RESCAN_SHARE = 0.01
@@ -163,6 +169,8 @@ class FolderManager:
         self._extra_peers: tuple[PeerAddress, ...] = ()
         self._hinted: dict[bytes, dict[bytes, PeerAddress]] = {}
         """Per folder: members other members named, not yet reached (bounded)."""
+        self._lookups: dict[bytes, LookupPace] = {}
+        """Per folder: when its next discovery lookup is due, and what the last one found."""
         self._ticket_relays: dict[bytes, list[Candidate]] = {}
         """Per folder, the relays the joining ticket named for its maker (kept until a
         restart; the private DHT's relay-for lookup finds them after that too)."""
@@ -403,13 +411,18 @@ class FolderManager:
         for node_id, address in self._hinted.get(folder.folder_id, {}).items():
             candidates.append(Candidate(address, NodeId(node_id), "named by a member"))
         candidates += [Candidate(a, None, "peer") for a in self._extra_peers]
+        pace = self._lookups.setdefault(folder.folder_id, LookupPace())
         async with trio.open_nursery() as nursery:
             dialled = self._dial_candidates(nursery, folder, candidates)
-            if self._discovery is not None:
+            if self._discovery is not None and pace.due <= trio.current_time():
                 found = [
                     Candidate(provider.address, provider.node_id, provider.source)
                     for provider in await self._discovery.find_key(folder.keys.discovery_key)
                 ]
+                pace.looked_up(
+                    {(c.node, c.address) for c in found if c.node != self._own_id},
+                    trio.current_time(),
+                )
                 self._dial_candidates(nursery, folder, found, dialled)
 
     def _dial_candidates(
@@ -576,6 +589,7 @@ class FolderManager:
                 del self._links[key]
                 self._member_roots.pop(key, None)
                 self._member_needs.pop(key, None)
+                self._lookups.pop(folder.folder_id, None)  # look for it again at once
             with trio.CancelScope(shield=True):
                 await self._forget_link(folder, link)
 
@@ -921,3 +935,20 @@ def _keys_of(ticket: Ticket) -> FolderKeys:
 
 def _nested(a: str, b: str) -> bool:
     return a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+@dataclass(slots=True)
+class LookupPace:
+    """When a folder's next discovery lookup is due (LOOKUP_BACKOFF_MAX)."""
+
+    due: float = -math.inf
+    interval: float = CONNECT_INTERVAL
+    found: set[tuple[NodeId | None, PeerAddress]] = field(default_factory=set)
+
+    def looked_up(self, found: set[tuple[NodeId | None, PeerAddress]], now: float) -> None:
+        if found - self.found:
+            self.interval = CONNECT_INTERVAL
+        else:
+            self.interval = min(self.interval * 2, LOOKUP_BACKOFF_MAX)
+        self.found = found
+        self.due = now + self.interval
