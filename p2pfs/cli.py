@@ -707,7 +707,7 @@ def _reach_text(family: str, found: dict[str, Any]) -> str:
     if found.get("verdict") == "unreachable":
         lost = plural(len(probes) - len(arrived), "network")
         why = (
-            f"from {len(arrived)} they did: more networks are asked"
+            f"from {len(arrived)} they did"
             if arrived
             else "a firewall or NAT drops what we did not ask for"
         )

@@ -175,7 +175,7 @@ def test_id_says_whether_peers_elsewhere_reach_the_node(capsys: pytest.CaptureFi
     cli._human_id({**result, "reachability": {"ipv4": {"verdict": "unreachable", "probes": split}}})
     assert (
         "reach     IPv4: peers elsewhere cannot reach us (probes from 1 network never arrived,"
-        " from 1 they did: more networks are asked); relays carry the way in"
+        " from 1 they did); relays carry the way in"
     ) in capsys.readouterr().out.splitlines()
     cli._human_id(
         {

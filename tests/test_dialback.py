@@ -72,22 +72,32 @@ def test_one_probe_that_never_arrived_is_unreachable_and_asks_another_place_soon
 
 
 def test_places_that_disagree_are_asked_soon_and_the_majority_decides() -> None:
-    """One arrival against one loss (a neighbour inside our firewall, or a peer whose own
-    network drops its probes) is no way in; more places are asked soon; once more saw
-    their probe arrive than lost, it is reachable."""
+    """A tie (a neighbour inside our firewall against a peer beyond it, or a peer whose own
+    network drops its probes against one that reached us) keeps the last verdict that was
+    no tie, unreachable if none; more places are asked soon; the majority decides."""
     reach = Reachability()
+    reach.record(6, "2001:db8:9::/48", Outcome(False, 9.0, "z"))
+    reach.record(6, "2001:db8:1::/48", Outcome(True, 10.0, "a"))
+    assert reach.verdict(6, 10.5) is Verdict.UNREACHABLE  # a tie, nothing settled before
+    assert reach.due(6, 10.5) == 10.0 + CONFIRM_SOON
+    assert reach.confirming(6, 10.5)
+    reach.forget()
     reach.record(6, "2001:db8:1::/48", Outcome(True, 10.0, "a"))
     assert reach.verdict(6, 10.5) is Verdict.REACHABLE
-    reach.record(6, "2001:db8:2::/48", Outcome(False, 11.0, "b"))
-    assert reach.verdict(6, 11.5) is Verdict.UNREACHABLE
-    assert reach.unreachable(11.5)
+    reach.record(6, "2001:db8:2::/48", Outcome(False, 11.0, "b"))  # says PROBED, sent none
+    assert reach.verdict(6, 11.5) is Verdict.REACHABLE  # one place cannot overturn it
+    assert not reach.unreachable(11.5)
     assert reach.due(6, 11.5) == 11.0 + CONFIRM_SOON
+    reach.record(6, "2001:db8:4::/48", Outcome(False, 11.2, "d"))
+    assert reach.verdict(6, 11.5) is Verdict.UNREACHABLE  # two against one
+    reach.record(6, "2001:db8:4::/48", Outcome(True, 11.3, "d"))
     reach.record(6, "2001:db8:3::/48", Outcome(True, 12.0, "c"))
     assert reach.verdict(6, 13.0) is Verdict.REACHABLE
     assert not reach.unreachable(13.0)
     assert reach.due(6, 13.0) == 12.0 + CONFIRM_SOON
     reach.record(6, "2001:db8:2::/48", Outcome(True, 14.0, "b"))  # b's network let it out
     assert reach.due(6, 15.0) == 14.0 + RECHECK
+    assert not reach.confirming(6, 15.0)
 
 
 def test_a_place_speaks_by_its_newest_outcome_and_outcomes_expire() -> None:
@@ -114,9 +124,19 @@ def test_the_verdict_follows_each_places_newest_outcome(
 ) -> None:
     """Against a plain model: per family the newest outcome of each of the last
     PLACES_KEPT places heard from; reachable if more of those within the TTL arrived
-    than not; checked again soon while they disagree or one place alone speaks."""
+    than not, unreachable if fewer, on a tie what the last record that was no tie gave
+    (unreachable if none); checked again soon while they disagree or one place speaks."""
     reach = Reachability()
     model: dict[int, dict[str, tuple[bool, float]]] = {4: {}, 6: {}}
+    settled: dict[int, Verdict] = {}
+
+    def majority(family: int, at: float) -> Verdict | None:
+        live = [reached for reached, when in model[family].values() if at - when < OUTCOME_TTL]
+        arrived = sum(live)
+        if arrived == len(live) - arrived:
+            return None
+        return Verdict.REACHABLE if arrived > len(live) - arrived else Verdict.UNREACHABLE
+
     now = 0.0
     for family, place_number, reached, step in records:
         now += step
@@ -126,6 +146,7 @@ def test_the_verdict_follows_each_places_newest_outcome(
         model[family][place] = (reached, now)
         while len(model[family]) > PLACES_KEPT:
             del model[family][next(iter(model[family]))]
+        settled[family] = majority(family, now) or settled.get(family, Verdict.UNREACHABLE)
     at = now + later
     for family in (4, 6):
         live = [reached for reached, when in model[family].values() if at - when < OUTCOME_TTL]
@@ -133,9 +154,7 @@ def test_the_verdict_follows_each_places_newest_outcome(
         expected = (
             Verdict.UNKNOWN
             if not live
-            else Verdict.REACHABLE
-            if arrived > len(live) - arrived
-            else Verdict.UNREACHABLE
+            else majority(family, at) or settled.get(family, Verdict.UNREACHABLE)
         )
         assert reach.verdict(family, at) is expected
         assert reach.due(family, at) <= at + RECHECK
@@ -387,11 +406,16 @@ def test_a_malformed_dial_back_stream_ends_alone(
     assert "Traceback" not in daemon.log_path.read_text()
 
 
-@pytest.mark.parametrize("honest", [False, True])
-def test_a_probe_from_a_peer_we_talk_with_proves_nothing(honest: bool) -> None:
-    """A lying peer sends the probe from its connection's own socket, where a stateful
-    firewall lets it in (we send there): the asker must not count it as reached. The same
-    peer probing from a socket of its own is believed (the test can fail both ways)."""
+@pytest.mark.parametrize("probe_from", ["its node port", "a port it made us send to", "its own"])
+def test_a_probe_from_where_we_sent_proves_nothing(
+    probe_from: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lying peer sends the probe from its connection's own port, or from a port it got
+    our node port to send to (as a DHT contact or a punch candidate it named would), where
+    a stateful firewall lets it in: the asker must not count it as reached. The same peer
+    probing from a socket of its own is believed (the test can fail both ways)."""
+    decoy = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    decoy.bind(("127.0.0.1", 0))
 
     async def liar(conn: PeerConnection) -> None:
         kind, stream = await conn.accept_control()
@@ -401,11 +425,12 @@ def test_a_probe_from_a_peer_we_talk_with_proves_nothing(honest: bool) -> None:
             decoder.feed(await stream.receive_some())
         assert isinstance(request, DialBack)
         target = (str(conn.remote_address[0]), request.port)
-        if honest:
+        if probe_from == "its own":
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as own:
                 own.sendto(probe_datagram(request.nonce), target)
+        elif probe_from == "a port it made us send to":
+            decoy.sendto(probe_datagram(request.nonce), target)
         else:
-            assert liar_endpoint
             liar_endpoint[0].send_threadsafe(probe_datagram(request.nonce), target)
         await stream.send_all(encode(Probed()))
         await stream.aclose()
@@ -425,10 +450,19 @@ def test_a_probe_from_a_peer_we_talk_with_proves_nothing(honest: bool) -> None:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(service.serve)
                     conn = await endpoint.connect(lying.local_address, None)
+                    # What a DHT request to a contact the liar named does.
+                    endpoint.send_threadsafe(b"\x64", decoy.getsockname())
                     request = service.request_for(conn)
                     assert request is not None
+                    honest = probe_from == "its own"
                     expected = Answer.REACHED if honest else Answer.NOT_REACHED
                     assert await service.ask(conn, request) is expected
+                    ignored = "where we sent, ignored" in caplog.text
+                    assert ignored is not honest
                     nursery.cancel_scope.cancel()
 
-    trio.run(main)
+    caplog.set_level("INFO", logger="p2pfs.daemon.dialback")
+    try:
+        trio.run(main)
+    finally:
+        decoy.close()

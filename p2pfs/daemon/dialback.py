@@ -159,7 +159,7 @@ class DialBackService:
         *,
         dialer: Dialer | None = None,
         known: tuple[PeerAddress, ...] = (),
-        contacts: Callable[[], Sequence[PeerAddress]] = tuple,
+        contacts: Callable[[], Awaitable[Sequence[PeerAddress]]] | None = None,
         changed: Callable[[], None] = lambda: None,
     ) -> None:
         """``known``: --peer, --bootstrap and --relay-via nodes, dialled to ask when no open
@@ -175,8 +175,8 @@ class DialBackService:
         self._changed = changed
         self._waiting: dict[bytes, trio.Event] = {}
         self._asked: dict[Hashable, float] = {}
-        """NodeIds, and (known address, family) pairs -> when last asked (or dialled);
-        kept for ASK_AGAIN."""
+        """NodeIds, and (configured node's or DHT contact's address, family) pairs -> when
+        last asked (or dialled); kept for ASK_AGAIN."""
         self._answered: dict[str, float] = {}
         """Places of askers -> when we last probed for one of them."""
         self._answers: deque[float] = deque()
@@ -353,25 +353,32 @@ class DialBackService:
             self._checking.discard(family)
 
     async def _check_one(self, family: int) -> None:
+        """Ask an open connection's peer elsewhere, else a configured node, else up to
+        CONTACTS_PER_CHECK nodes of our DHT's routing table. A check that is to confirm
+        (one place heard from, or places that disagree) asks only a place not heard from
+        yet: asking one again every CONFIRM_SOON settled nothing and cost a dial."""
         now = trio.current_time()
         counted = self.reachability.places(family, now)
+        new_place_only = self.reachability.confirming(family, now)
         networks = interface_networks()
         servers = [
             conn
             for conn in self._endpoint.connections
             if self._eligible(conn, family, now, networks)
+            and not (new_place_only and _place(conn) in counted)
         ]
         # A place not heard from yet first: a second place confirms or contradicts.
         servers.sort(key=lambda conn: _place(conn) in counted)
         if servers:
             await self._ask(servers[0], family)
             return
-        for address in [*self._known, *self._contacts_to_dial(family, now, counted, networks)]:
+        contacts = await self._contacts_to_dial(family, now, counted, networks)
+        for address in [*self._known, *contacts]:
             if self._asked.get((address, family), -ASK_AGAIN) > now - ASK_AGAIN:
                 continue
             self._asked[(address, family)] = now
             target = await self._known_target(address, family, networks)
-            if target is None:
+            if target is None or (new_place_only and _place_of_host(target.host) in counted):
                 continue
             conn = self._open_to(target)
             lease = object()
@@ -380,7 +387,9 @@ class DialBackService:
             elif conn is None:
                 conn = await self._dial(target, lease)
             if conn is None:
-                self._asked[(address, family)] = now - ASK_AGAIN + ASK_AGAIN_AFTER_FAILURE
+                if address not in contacts:  # a DHT contact waits ASK_AGAIN: it may
+                    # run its DHT on a port of its own, where no dial is answered
+                    self._asked[(address, family)] = now - ASK_AGAIN + ASK_AGAIN_AFTER_FAILURE
                 continue
             try:
                 if self._eligible(conn, family, now, networks):
@@ -393,7 +402,7 @@ class DialBackService:
                 if self._dialer is not None:
                     self._dialer.release(conn, lease)
 
-    def _contacts_to_dial(
+    async def _contacts_to_dial(
         self,
         family: int,
         now: float,
@@ -405,9 +414,11 @@ class DialBackService:
         and no configured node beyond its links was never checked: a LAN neighbour as its
         only bootstrap, say). A routing table's node is reached at its DHT port, which is
         its node port unless it runs the DHT on a port of its own."""
+        if self._contacts is None:
+            return []
         fresh = [
             address
-            for address in self._contacts()
+            for address in await self._contacts()
             if family_of(address.host) == family
             and not on_our_links(address.host, networks)
             and self._asked.get((address, family), -ASK_AGAIN) <= now - ASK_AGAIN
@@ -522,23 +533,15 @@ class DialBackService:
         arrived = self._waiting.get(nonce) if nonce is not None else None
         if arrived is None:
             return
-        if self._talks_with(source):
-            # Our firewall lets in what comes from where we send: such a probe proves
-            # nothing (an honest peer probes from a socket of its own). A peer that sent
-            # it so would make a firewalled node believe itself reachable, and so never
-            # look for a relay.
-            logger.info("dial-back: a probe from %s, a peer we talk with, ignored", source[0])
+        if self._endpoint.sent_to.includes(str(source[0]), int(source[1])):
+            # Our firewall lets in what comes from where our port sent (net/recent.py):
+            # such a probe proves nothing (an honest peer probes from a socket of its
+            # own). A peer that sent it so, from its connection's port or from one it got
+            # us to send to (a DHT contact or a punch candidate it named), would make a
+            # firewalled node believe itself reachable, and so never look for a relay.
+            logger.info("dial-back: a probe from %s, where we sent, ignored", source[0])
             return
         arrived.set()
-
-    def _talks_with(self, source: tuple[str, int]) -> bool:
-        """Whether ``source`` is the far end of one of our open connections."""
-        host = plain_address(str(source[0]))
-        return host is not None and any(
-            plain_address(str(conn.remote_address[0])) == host
-            and int(conn.remote_address[1]) == int(source[1])
-            for conn in self._endpoint.connections
-        )
 
     async def ask(self, conn: PeerConnection, request: DialBack) -> Answer:
         """Send ``request`` to ``conn``'s peer and wait for its probe."""
@@ -560,7 +563,7 @@ class DialBackService:
             self._waiting.pop(request.nonce, None)
             if stream is not None:
                 stream.close_nowait()  # an early probe leaves the answer unread
-        if arrived.is_set():
+        if arrived.is_set() and failure is None:
             return Answer.REACHED
         if failure is not None:
             logger.info("dial-back by %s failed: %s", conn.peer_id.short(), failure)

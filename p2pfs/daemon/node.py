@@ -297,7 +297,7 @@ class Node:
                     *self.config.discovery.bootstrap,
                     *self.config.relay_via,
                 ),
-                contacts=self._dht.contact_addresses if self._dht is not None else tuple,
+                contacts=self._dht.contact_addresses if self._dht is not None else None,
                 changed=self._reachability_changed,
             )
             await nursery.start(

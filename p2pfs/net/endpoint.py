@@ -22,6 +22,7 @@ import os
 import socket
 import struct
 import sys
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -51,6 +52,7 @@ from p2pfs.net.pathsize import (
     is_loopback,
     path_host,
 )
+from p2pfs.net.recent import RecentDestinations
 from p2pfs.net.sockbuf import SocketBuffers, kernel_drops, size_buffers
 from p2pfs.net.stream import Stream
 from p2pfs.net.tunnel import HEADER_LEN as TUNNEL_HEADER_LEN
@@ -150,6 +152,8 @@ class Endpoint:
         """The same circuits by their id, for relay datagrams arriving."""
         self._send_wakeup = trio.Event()
         self._foreign: dict[int, DatagramHandler] = {}
+        self.sent_to = RecentDestinations()
+        """Where our port sent lately (dial-back probes from there prove nothing)."""
         """First byte -> handler for datagrams of another protocol on this socket."""
         self._trio_token = trio.lowlevel.current_trio_token()
         self._closing = False
@@ -219,6 +223,7 @@ class Endpoint:
         ordering between the two protocols exists to keep. When the socket buffer is full
         the datagram joins that queue through trio (``transmit``), as QUIC's would. The
         endpoint's datagram counters are trio's alone and do not count these."""
+        self.sent_to.note(address)
         try:
             self._sock.sendto(data, self._on_socket(address))
         except BlockingIOError:
@@ -430,15 +435,19 @@ class Endpoint:
             if not datagrams:
                 return
         if self._send_queue:
+            for _data, queued in datagrams:
+                self.sent_to.note(queued)
             self._queue(datagrams, 0)
             return
         sock = self._sock
         dual_stack = self._dual_stack
+        note, now = self.sent_to.note, time.monotonic()  # the DHT thread's clock too
         count = len(datagrams)
         i = 0
         while i < count:
             data, addr = datagrams[i]
             end, size = self._gso_run(datagrams, i) if self._gso else (i + 1, len(data))
+            note(addr, now)
             target = _v4_mapped(addr) if dual_stack and ":" not in addr[0] else addr
             try:
                 if end - i == 1:
@@ -545,6 +554,7 @@ class Endpoint:
         for address in addresses:
             if not self.speaks(address[0]):
                 continue
+            self.sent_to.note(address)
             # A hop limit, per destination's family: on a dual-stack socket the kernel
             # takes an IPv4 destination's IP_TTL and ignores IPV6_HOPLIMIT (measured).
             level, option = (

@@ -209,7 +209,8 @@ class Simulation:
             key = self.rng.choice(keys)
             if self.loop.time() - self.announced[key] >= TTL * 2 / 3:
                 await self._announce(key)  # as a live provider's DhtFinder does
-            seeker = self.nodes[self.rng.choice(live)]
+            # Never the provider itself: a daemon leaves its own records out of a lookup.
+            seeker = self.nodes[self.rng.choice([i for i in live if i != self.keys[key]])]
             before = (self.network.datagrams, self.network.bytes, self.loop.time())
             lookup = await seeker.find_providers(dht_key(key), 16)
             messages += self.network.datagrams - before[0]

@@ -188,15 +188,20 @@ class DhtFinder:
         """Routing table entries (length reads of the loop's lists: safe across threads)."""
         return self._node.contacts()
 
-    def contact_addresses(self) -> list[PeerAddress]:
-        """Where the routing table's nodes are (each bucket's dict copied whole: one C call
-        under the GIL, so safe to read from the trio thread while the loop's thread runs)."""
-        buckets = list(self._node.protocol.router.buckets)
-        return [
-            PeerAddress(_unmapped(node.ip), node.port)
-            for bucket in buckets
-            for node in list(bucket.nodes.values())
-        ]
+    async def contact_addresses(self) -> list[PeerAddress]:
+        """Where the routing table's nodes are (read on the DHT's own thread, as every
+        other use of the table is); none while the DHT does not serve."""
+        if not self._accepting or self._loop is None:
+            return []
+
+        async def read(node: DhtNode) -> list[PeerAddress]:
+            return [
+                PeerAddress(_unmapped(contact.ip), contact.port)
+                for bucket in node.protocol.router.buckets
+                for contact in bucket.nodes.values()
+            ]
+
+        return await self._call(read)
 
     def records(self) -> int:
         """Provider records this node holds for others (a length read: safe across threads)."""

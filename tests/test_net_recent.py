@@ -1,0 +1,41 @@
+"""Where the node port sent lately (net/recent.py): a datagram from there proves nothing
+about the way in, for KEEP seconds; addresses match however they are written."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from p2pfs.net import recent
+from p2pfs.net.recent import KEEP, RecentDestinations
+
+
+def test_a_destination_counts_for_keep_seconds_however_it_is_written() -> None:
+    now = [100.0]
+    sent = RecentDestinations(clock=lambda: now[0])
+    sent.note(("::ffff:198.51.100.7", 7337, 0, 0))  # as a dual-stack socket writes it
+    sent.note(("fe80::1%eth0", 9000))
+    assert sent.includes("198.51.100.7", 7337)
+    assert not sent.includes("198.51.100.7", 7338)
+    assert not sent.includes("198.51.100.8", 7337)
+    assert sent.includes("fe80::1", 9000)
+    now[0] += KEEP - 1
+    assert sent.includes("::ffff:198.51.100.7", 7337)
+    now[0] += 1
+    assert not sent.includes("198.51.100.7", 7337)
+
+
+@given(st.lists(st.integers(1, 65535), min_size=1, max_size=300))
+def test_stale_destinations_are_swept_and_fresh_ones_kept(ports: list[int]) -> None:
+    limit = recent.LIMIT
+    recent.LIMIT = 50
+    try:
+        now = [0.0]
+        sent = RecentDestinations(clock=lambda: now[0])
+        for port in ports:
+            now[0] += KEEP / 40
+            sent.note(("203.0.113.1", port))
+            assert len(sent) <= 51  # LIMIT and the new one before a sweep; 41 fresh after
+            assert sent.includes("203.0.113.1", port)
+    finally:
+        recent.LIMIT = limit
