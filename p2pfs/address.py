@@ -50,3 +50,15 @@ def _is_host_name(text: str) -> bool:
         and all(c.isascii() and (c.isalnum() or c == "-") for c in label)
         for label in labels
     )
+
+
+def plain_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP of a host as sockets write it (a %zone dropped, a v4-mapped IPv6 address read
+    as the IPv4 one); None for anything else (a name)."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address

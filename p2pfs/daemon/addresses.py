@@ -32,7 +32,7 @@ from pathlib import Path
 
 import psutil
 
-from p2pfs.address import PeerAddress
+from p2pfs.address import PeerAddress, plain_address
 
 logger = logging.getLogger(__name__)
 
@@ -87,18 +87,6 @@ def interface_networks() -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
             host = entry.address.split("%", 1)[0]
             networks.append(ipaddress.ip_network(f"{host}/{prefix}", strict=False))
     return networks
-
-
-def plain_address(host: str) -> IPAddress | None:
-    """The IP of a host as sockets write it (a %zone dropped, a v4-mapped IPv6 address read
-    as the IPv4 one); None for anything else (a name)."""
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 def on_our_links(

@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 
 import trio
 
-from p2pfs.address import PeerAddress
+from p2pfs.address import PeerAddress, plain_address
 from p2pfs.errors import (
     CONNECTION_FAILURES,
     ConnectionClosedError,
@@ -56,7 +56,7 @@ from p2pfs.net.control import (
     probe_nonce_untrusted,
 )
 
-from .addresses import AddressBook, interface_networks, on_our_links, place_of, plain_address
+from .addresses import AddressBook, interface_networks, on_our_links, place_of
 from .dialer import Candidate, Dialer
 from .reachability import Outcome, Reachability
 from .relay import read_first_untrusted

@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from p2pfs.address import plain_address
+
 KEEP = 180.0
 """How long a destination counts: the longest a conntrack UDP flow lives unrefreshed."""
 LIMIT = 16384
@@ -54,10 +56,4 @@ class RecentDestinations:
 
 
 def _plain(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return host
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+    return plain_address(host) or host
