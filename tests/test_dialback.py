@@ -73,24 +73,16 @@ def test_one_probe_that_never_arrived_is_unreachable_and_asks_another_place_soon
 
 def test_places_that_disagree_are_asked_soon_and_the_majority_decides() -> None:
     """A tie (a neighbour inside our firewall against a peer beyond it, or a peer whose own
-    network drops its probes against one that reached us) keeps the last verdict that was
-    no tie, unreachable if none; more places are asked soon; the majority decides."""
+    network drops its probes against one that reached us) is unreachable, whichever spoke
+    first; more places are asked soon; the majority decides."""
     reach = Reachability()
-    reach.record(6, "2001:db8:9::/48", Outcome(False, 9.0, "z"))
-    reach.record(6, "2001:db8:1::/48", Outcome(True, 10.0, "a"))
-    assert reach.verdict(6, 10.5) is Verdict.UNREACHABLE  # a tie, nothing settled before
-    assert reach.due(6, 10.5) == 10.0 + CONFIRM_SOON
-    assert reach.confirming(6, 10.5)
-    reach.forget()
-    reach.record(6, "2001:db8:1::/48", Outcome(True, 10.0, "a"))
+    reach.record(6, "2001:db8:1::/48", Outcome(True, 10.0, "a"))  # inside our firewall
     assert reach.verdict(6, 10.5) is Verdict.REACHABLE
-    reach.record(6, "2001:db8:2::/48", Outcome(False, 11.0, "b"))  # says PROBED, sent none
-    assert reach.verdict(6, 11.5) is Verdict.REACHABLE  # one place cannot overturn it
-    assert not reach.unreachable(11.5)
+    reach.record(6, "2001:db8:2::/48", Outcome(False, 11.0, "b"))
+    assert reach.verdict(6, 11.5) is Verdict.UNREACHABLE
+    assert reach.unreachable(11.5)
     assert reach.due(6, 11.5) == 11.0 + CONFIRM_SOON
-    reach.record(6, "2001:db8:4::/48", Outcome(False, 11.2, "d"))
-    assert reach.verdict(6, 11.5) is Verdict.UNREACHABLE  # two against one
-    reach.record(6, "2001:db8:4::/48", Outcome(True, 11.3, "d"))
+    assert reach.confirming(6, 11.5)
     reach.record(6, "2001:db8:3::/48", Outcome(True, 12.0, "c"))
     assert reach.verdict(6, 13.0) is Verdict.REACHABLE
     assert not reach.unreachable(13.0)
@@ -124,19 +116,10 @@ def test_the_verdict_follows_each_places_newest_outcome(
 ) -> None:
     """Against a plain model: per family the newest outcome of each of the last
     PLACES_KEPT places heard from; reachable if more of those within the TTL arrived
-    than not, unreachable if fewer, on a tie what the last record that was no tie gave
-    (unreachable if none); checked again soon while they disagree or one place speaks."""
+    than not, else unreachable; checked again soon while they disagree or one place
+    alone speaks."""
     reach = Reachability()
     model: dict[int, dict[str, tuple[bool, float]]] = {4: {}, 6: {}}
-    settled: dict[int, Verdict] = {}
-
-    def majority(family: int, at: float) -> Verdict | None:
-        live = [reached for reached, when in model[family].values() if at - when < OUTCOME_TTL]
-        arrived = sum(live)
-        if arrived == len(live) - arrived:
-            return None
-        return Verdict.REACHABLE if arrived > len(live) - arrived else Verdict.UNREACHABLE
-
     now = 0.0
     for family, place_number, reached, step in records:
         now += step
@@ -146,7 +129,6 @@ def test_the_verdict_follows_each_places_newest_outcome(
         model[family][place] = (reached, now)
         while len(model[family]) > PLACES_KEPT:
             del model[family][next(iter(model[family]))]
-        settled[family] = majority(family, now) or settled.get(family, Verdict.UNREACHABLE)
     at = now + later
     for family in (4, 6):
         live = [reached for reached, when in model[family].values() if at - when < OUTCOME_TTL]
@@ -154,7 +136,9 @@ def test_the_verdict_follows_each_places_newest_outcome(
         expected = (
             Verdict.UNKNOWN
             if not live
-            else majority(family, at) or settled.get(family, Verdict.UNREACHABLE)
+            else Verdict.REACHABLE
+            if arrived > len(live) - arrived
+            else Verdict.UNREACHABLE
         )
         assert reach.verdict(family, at) is expected
         assert reach.due(family, at) <= at + RECHECK

@@ -23,7 +23,7 @@ def test_the_pace_backs_off_while_nothing_new_is_found_and_starts_again_on_news(
         pace.looked_up(set(), now)
         waits.append(pace.due - now)
         now = pace.due
-    assert waits == [10.0, 20.0, 40.0, 80.0, 160.0, 300.0, 300.0, 300.0, 300.0]
+    assert waits == [10.0, 20.0, 40.0, 60.0, 60.0, 60.0, 60.0, 60.0, 60.0]
     pace.looked_up({A}, now)  # a member announced itself
     assert pace.due - now == CONNECT_INTERVAL
     pace.looked_up({A}, now)  # the same member again: nothing new

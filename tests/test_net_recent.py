@@ -35,7 +35,33 @@ def test_stale_destinations_are_swept_and_fresh_ones_kept(ports: list[int]) -> N
         for port in ports:
             now[0] += KEEP / 40
             sent.note(("203.0.113.1", port))
-            assert len(sent) <= 51  # LIMIT and the new one before a sweep; 41 fresh after
+            assert len(sent) <= 41  # the stale ones leave as new ones come
             assert sent.includes("203.0.113.1", port)
+    finally:
+        recent.LIMIT = limit
+
+
+def test_an_overflowing_record_counts_every_address_as_sent_to_for_keep_seconds() -> None:
+    """Spoofed Initials make our port answer any number of forged sources: past LIMIT
+    the record cannot say where we did not send, so every probe is doubted (the cheaper
+    mistake) until KEEP after the last overflow; the record never grows past LIMIT."""
+    limit = recent.LIMIT
+    recent.LIMIT = 10
+    try:
+        now = [0.0]
+        sent = RecentDestinations(clock=lambda: now[0])
+        for port in range(1, 11):
+            sent.note(("198.51.100.1", port))
+        assert not sent.includes("203.0.113.5", 1)
+        now[0] = 1.0
+        sent.note(("198.51.100.1", 11))  # one too many
+        assert len(sent) == 10
+        assert sent.includes("203.0.113.5", 1)
+        now[0] = 1.0 + KEEP - 0.5
+        assert sent.includes("203.0.113.5", 1)
+        now[0] = 1.0 + KEEP
+        assert not sent.includes("203.0.113.5", 1)
+        sent.note(("198.51.100.1", 12))  # the old ones went stale and leave
+        assert len(sent) == 1 and sent.includes("198.51.100.1", 12)
     finally:
         recent.LIMIT = limit

@@ -286,7 +286,12 @@ class DialBackService:
         family = family_of(str(conn.remote_address[0]))
         if family is None or not self._due(family):
             return
-        if self._eligible(conn, family, trio.current_time(), interface_networks()):
+        now = trio.current_time()
+        if self.reachability.confirming(family, now) and _place(conn) in (
+            self.reachability.places(family, now)
+        ):
+            return  # heard from already: it settles nothing
+        if self._eligible(conn, family, now, interface_networks()):
             self._checking.add(family)
             try:
                 await self._ask(conn, family)
@@ -372,7 +377,7 @@ class DialBackService:
         if servers:
             await self._ask(servers[0], family)
             return
-        contacts = await self._contacts_to_dial(family, now, counted, networks)
+        contacts = await self._contacts_to_dial(family, now, counted, networks, new_place_only)
         for address in [*self._known, *contacts]:
             if self._asked.get((address, family), -ASK_AGAIN) > now - ASK_AGAIN:
                 continue
@@ -387,8 +392,8 @@ class DialBackService:
             elif conn is None:
                 conn = await self._dial(target, lease)
             if conn is None:
-                if address not in contacts:  # a DHT contact waits ASK_AGAIN: it may
-                    # run its DHT on a port of its own, where no dial is answered
+                if address in self._known:  # a DHT contact waits ASK_AGAIN: it may run
+                    # its DHT on a port of its own, where no dial is answered
                     self._asked[(address, family)] = now - ASK_AGAIN + ASK_AGAIN_AFTER_FAILURE
                 continue
             try:
@@ -408,9 +413,11 @@ class DialBackService:
         now: float,
         counted: frozenset[str],
         networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network],
+        new_place_only: bool,
     ) -> list[PeerAddress]:
         """Up to CONTACTS_PER_CHECK routing-table nodes of ``family`` beyond our links, not
-        asked within ASK_AGAIN, places not heard from yet first (a node with no connection
+        asked within ASK_AGAIN, places not heard from yet first (only those when
+        ``new_place_only``: a check to confirm; a node with no connection
         and no configured node beyond its links was never checked: a LAN neighbour as its
         only bootstrap, say). A routing table's node is reached at its DHT port, which is
         its node port unless it runs the DHT on a port of its own."""
@@ -422,6 +429,7 @@ class DialBackService:
             if family_of(address.host) == family
             and not on_our_links(address.host, networks)
             and self._asked.get((address, family), -ASK_AGAIN) <= now - ASK_AGAIN
+            and not (new_place_only and _place_of_host(address.host) in counted)
         ]
         secrets.SystemRandom().shuffle(fresh)
         fresh.sort(key=lambda address: _place_of_host(address.host) in counted)

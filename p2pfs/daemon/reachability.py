@@ -11,11 +11,13 @@ Outcomes are kept per address family and per place of the peer that sent the pro
 newest per place. A way in exists if more places saw their probe arrive than saw it lost.
 One place that disagrees with another must not decide: a neighbour in our own site on a
 global address sends from inside our firewall, and a peer whose own network drops its
-probes reports a firewall we do not have. A tie keeps the verdict the places last gave
-when they did not tie (one new place cannot overturn it: a peer that says PROBED and sends
-nothing must not flip a node that others reach), and is unreachable if there was none, the
-cheaper mistake (a relay registration, a DHT client) beside the opposite one (nobody
-reaches us, no relay). Places that disagree are asked again soon, until a majority speaks.
+probes reports a firewall we do not have. A tie is unreachable, the cheaper mistake (a
+relay registration, a DHT client) beside the opposite one (nobody reaches us, no relay):
+so one peer that answers PROBED and sends nothing can tie one honest place, and the node
+registers with a relay until another place is heard. Places that disagree are asked again
+soon, until a majority speaks. (A tie that kept the last verdict instead was tried and
+dropped: which place spoke first then decided, and a neighbour inside our firewall asked
+first kept a firewalled node "reachable" for an hour.)
 """
 
 from __future__ import annotations
@@ -55,8 +57,6 @@ class Reachability:
 
     def __init__(self) -> None:
         self._outcomes: dict[int, OrderedDict[str, Outcome]] = {4: OrderedDict(), 6: OrderedDict()}
-        self._settled: dict[int, Verdict] = {}
-        """Per family, the verdict of the last record after which the places did not tie."""
 
     def record(self, family: int, place: str, outcome: Outcome) -> None:
         """A dial-back from a peer in ``place`` ended: its probe arrived or not."""
@@ -65,15 +65,11 @@ class Reachability:
         kept[place] = outcome
         while len(kept) > PLACES_KEPT:
             kept.popitem(last=False)
-        settled = self._majority(family, outcome.at)
-        if settled is not None:
-            self._settled[family] = settled
 
     def forget(self) -> None:
         """Our addresses changed: what was found holds for the old ones only."""
         for kept in self._outcomes.values():
             kept.clear()
-        self._settled.clear()
 
     def _live(self, family: int, now: float) -> dict[str, Outcome]:
         return {
@@ -83,21 +79,11 @@ class Reachability:
         }
 
     def verdict(self, family: int, now: float) -> Verdict:
-        if not self._live(family, now):
-            return Verdict.UNKNOWN
-        majority = self._majority(family, now)
-        if majority is not None:
-            return majority
-        return self._settled.get(family, Verdict.UNREACHABLE)
-
-    def _majority(self, family: int, now: float) -> Verdict | None:
-        """What most places within the TTL say; None on a tie (or with none)."""
         live = self._live(family, now).values()
+        if not live:
+            return Verdict.UNKNOWN
         arrived = sum(outcome.reached for outcome in live)
-        lost = len(live) - arrived
-        if arrived == lost:
-            return None
-        return Verdict.REACHABLE if arrived > lost else Verdict.UNREACHABLE
+        return Verdict.REACHABLE if 2 * arrived > len(live) else Verdict.UNREACHABLE
 
     def confirming(self, family: int, now: float) -> bool:
         """Whether the check due is one for a new place: the verdict rests on one place,

@@ -152,9 +152,9 @@ class Endpoint:
         """The same circuits by their id, for relay datagrams arriving."""
         self._send_wakeup = trio.Event()
         self._foreign: dict[int, DatagramHandler] = {}
+        """First byte -> handler for datagrams of another protocol on this socket."""
         self.sent_to = RecentDestinations()
         """Where our port sent lately (dial-back probes from there prove nothing)."""
-        """First byte -> handler for datagrams of another protocol on this socket."""
         self._trio_token = trio.lowlevel.current_trio_token()
         self._closing = False
         self._gso = config.gso and sys.platform == "linux"
@@ -435,8 +435,6 @@ class Endpoint:
             if not datagrams:
                 return
         if self._send_queue:
-            for _data, queued in datagrams:
-                self.sent_to.note(queued)
             self._queue(datagrams, 0)
             return
         sock = self._sock
@@ -900,6 +898,9 @@ class Endpoint:
     def _queue(self, datagrams: list[tuple[bytes, Address]], start: int) -> None:
         room = SEND_QUEUE_LIMIT - len(self._send_queue)
         chunk = datagrams[start : start + max(room, 0)]
+        now = time.monotonic()
+        for _data, address in chunk:  # noted as they are queued: they leave in order
+            self.sent_to.note(address, now)
         self._send_queue.extend(chunk)
         self.datagrams_dropped += len(datagrams) - start - len(chunk)
         self._send_wakeup.set()

@@ -12,8 +12,10 @@ DHT's, punches), and a dial-back probe from any of them is not counted.
 from __future__ import annotations
 
 import ipaddress
+import math
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -22,32 +24,46 @@ from p2pfs.address import plain_address
 KEEP = 180.0
 """How long a destination counts: the longest a conntrack UDP flow lives unrefreshed."""
 LIMIT = 16384
-"""Destinations kept before the stale ones are swept (more are kept while fresh)."""
+"""Destinations kept. More within KEEP (anyone can make our port answer spoofed sources:
+a Retry to each forged Initial) and the record no longer says where we did not send: until
+KEEP after the last such overflow, every address counts as sent to (a dial-back probe is
+then not counted: the cheaper mistake)."""
 
 
 class RecentDestinations:
-    """Addresses sent to within KEEP seconds. ``note`` is called on the send path (the
-    trio thread's transmits, the DHT thread's sends): one dict store under a lock."""
+    """Addresses sent to within KEEP seconds, oldest first. ``note`` is called on the send
+    path (the trio thread's transmits, the DHT thread's sends): O(1) under a lock."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._sent: dict[tuple[str, int], float] = {}
+        self._sent: OrderedDict[tuple[str, int], float] = OrderedDict()
+        self._overflow_until = -math.inf
         self._lock = threading.Lock()
 
     def note(self, address: tuple[Any, ...], now: float | None = None) -> None:
         key = (str(address[0]), int(address[1]))
         when = self._clock() if now is None else now
         with self._lock:
-            self._sent[key] = when
-            if len(self._sent) > LIMIT:
-                self._sent = {k: at for k, at in self._sent.items() if when - at < KEEP}
+            sent = self._sent
+            if key in sent:
+                sent.move_to_end(key)
+            else:
+                while sent and when - next(iter(sent.values())) >= KEEP:
+                    sent.popitem(last=False)
+                if len(sent) >= LIMIT:
+                    self._overflow_until = when + KEEP
+                    return
+            sent[key] = when
 
     def includes(self, host: str, port: int) -> bool:
         """Whether ``host``:``port`` (however written: a v4-mapped IPv6 address is its
-        IPv4 one, a zone is dropped) was sent to within KEEP seconds."""
+        IPv4 one, a zone is dropped) was sent to within KEEP seconds; True while the
+        record has overflowed."""
         wanted = _plain(host)
         now = self._clock()
         with self._lock:
+            if now < self._overflow_until:
+                return True
             candidates = [(k, at) for k, at in self._sent.items() if k[1] == port]
         return any(now - at < KEEP and _plain(k[0]) == wanted for k, at in candidates)
 

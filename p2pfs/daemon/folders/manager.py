@@ -61,11 +61,13 @@ logger = logging.getLogger(__name__)
 
 CONNECT_INTERVAL = 5.0
 """How often a folder looks for members it is not linked to."""
-LOOKUP_BACKOFF_MAX = 300.0
+LOOKUP_BACKOFF_MAX = 60.0
 """A folder's discovery lookup that found no provider it had not found the time before
 waits twice as long for the next, up to this; a link lost, or a new provider found, starts
 again at CONNECT_INTERVAL. Why: every folder looked up its key every 5 s forever, and a DHT
-lookup that finds no other member crawls the key's 2k nearest nodes (16-40 queries)."""
+lookup that finds no other member crawls the key's 2k nearest nodes (16-40 queries). Why
+not longer: a member that came online, or a DHT that joined late, is found by the next
+lookup; one that cannot dial us itself (we are firewalled, no relay) waits for it."""
 RESCAN_INTERVAL = 60.0
 """Full rescans: the safety net under the file-system watcher, at least this far apart."""
 RESCAN_SHARE = 0.01
@@ -915,6 +917,7 @@ class FolderManager:
             scope.cancel()
         self.paused.discard(folder.folder_id)
         self._folder_nurseries.pop(folder.folder_id, None)
+        self._lookups.pop(folder.folder_id, None)
         del self.folders[folder.folder_id]
         folder.close()  # members watching it hear that it is gone
         async with folder.lock:  # an apply in a worker thread finishes first
