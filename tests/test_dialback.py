@@ -92,6 +92,19 @@ def test_places_that_disagree_are_asked_soon_and_the_majority_decides() -> None:
     assert not reach.confirming(6, 15.0)
 
 
+def test_a_place_heard_from_is_asked_again_once_the_recheck_is_due() -> None:
+    """Confirming (one place, or places that disagree) asks new places only, but not for
+    ever: after RECHECK any place may answer again, before its outcome expires and the
+    family falls back to unknown (a node whose one peer is its own server flapped hourly)."""
+    reach = Reachability()
+    reach.record(4, "198.51.100.0/24", Outcome(False, 0.0, "a"))
+    assert reach.confirming(4, 1.0) and reach.due(4, 1.0) == CONFIRM_SOON
+    assert reach.confirming(4, RECHECK - 1)
+    assert not reach.confirming(4, RECHECK)
+    assert reach.due(4, RECHECK) == RECHECK
+    assert reach.verdict(4, RECHECK) is Verdict.UNREACHABLE
+
+
 def test_a_place_speaks_by_its_newest_outcome_and_outcomes_expire() -> None:
     reach = Reachability()
     place = "203.0.113.0/24"

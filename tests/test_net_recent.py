@@ -57,6 +57,7 @@ def test_an_overflowing_record_counts_every_address_as_sent_to_for_keep_seconds(
         sent.note(("198.51.100.1", 11))  # one too many
         assert len(sent) == 10
         assert sent.includes("203.0.113.5", 1)
+        assert sent.overflowed()
         now[0] = 1.0 + KEEP - 0.5
         assert sent.includes("203.0.113.5", 1)
         now[0] = 1.0 + KEEP
@@ -65,3 +66,18 @@ def test_an_overflowing_record_counts_every_address_as_sent_to_for_keep_seconds(
         assert len(sent) == 1 and sent.includes("198.51.100.1", 12)
     finally:
         recent.LIMIT = limit
+
+
+def test_what_comes_in_keeps_a_destination_counted_and_adds_none() -> None:
+    """Conntrack keeps a flow alive on traffic either way: a peer that keeps sending from
+    a port we sent to once keeps our firewall open to it, and the record follows."""
+    now = [0.0]
+    sent = RecentDestinations(clock=lambda: now[0])
+    sent.note(("198.51.100.1", 4000))
+    for _ in range(5):
+        now[0] += KEEP / 2
+        sent.refresh({("198.51.100.1", 4000), ("198.51.100.2", 4000)})
+    assert sent.includes("198.51.100.1", 4000)  # 2.5 KEEP after its only send
+    assert not sent.includes("198.51.100.2", 4000)  # never sent to: not added
+    assert len(sent) == 1
+    assert not sent.overflowed()

@@ -381,9 +381,11 @@ class DialBackService:
         for address in [*self._known, *contacts]:
             if self._asked.get((address, family), -ASK_AGAIN) > now - ASK_AGAIN:
                 continue
-            self._asked[(address, family)] = now
             target = await self._known_target(address, family, networks)
-            if target is None or (new_place_only and _place_of_host(target.host) in counted):
+            if target is not None and new_place_only and _place_of_host(target.host) in counted:
+                continue  # heard from: not marked asked, so asked once no longer confirming
+            self._asked[(address, family)] = now
+            if target is None:
                 continue
             conn = self._open_to(target)
             lease = object()
@@ -571,6 +573,10 @@ class DialBackService:
             self._waiting.pop(request.nonce, None)
             if stream is not None:
                 stream.close_nowait()  # an early probe leaves the answer unread
+        if self._endpoint.sent_to.overflowed():
+            # Every probe is doubted meanwhile (net/recent.py): neither way is known.
+            logger.info("dial-back by %s: undecided, too many destinations", conn.peer_id.short())
+            return Answer.LOST
         if arrived.is_set() and failure is None:
             return Answer.REACHED
         if failure is not None:

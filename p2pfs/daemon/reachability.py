@@ -14,10 +14,12 @@ global address sends from inside our firewall, and a peer whose own network drop
 probes reports a firewall we do not have. A tie is unreachable, the cheaper mistake (a
 relay registration, a DHT client) beside the opposite one (nobody reaches us, no relay):
 so one peer that answers PROBED and sends nothing can tie one honest place, and the node
-registers with a relay until another place is heard. Places that disagree are asked again
-soon, until a majority speaks. (A tie that kept the last verdict instead was tried and
-dropped: which place spoke first then decided, and a neighbour inside our firewall asked
-first kept a firewalled node "reachable" for an hour.)
+registers with a relay until another place is heard. A verdict resting on one place, or
+on places that disagree (fewer than PLACES_KEPT), is checked again soon by a new place
+only, for up to RECHECK; after that any place is asked again. (A tie that kept the last
+verdict instead was tried and dropped: which place spoke first then decided, and a
+neighbour inside our firewall asked first kept a firewalled node "reachable" for an
+hour.)
 """
 
 from __future__ import annotations
@@ -89,8 +91,10 @@ class Reachability:
         """Whether the check due is one for a new place: the verdict rests on one place,
         or on places that disagree (asking a place heard from again settles nothing)."""
         live = self._live(family, now)
+        if not live or now - max(outcome.at for outcome in live.values()) >= RECHECK:
+            return False  # due for a plain recheck: a place heard from may answer again
         agreed = len({outcome.reached for outcome in live.values()}) == 1
-        return bool(live) and (len(live) == 1 or (not agreed and len(live) < PLACES_KEPT))
+        return len(live) == 1 or (not agreed and len(live) < PLACES_KEPT)
 
     def unreachable(self, now: float) -> bool:
         """Whether peers of some family cannot reach us directly (then we need a relay, and

@@ -762,6 +762,7 @@ class Endpoint:
             await trio.lowlevel.wait_readable(sock)
             received, runs = self._read_available()
             now = trio.current_time()
+            self.sent_to.refresh({addr for _data, addr, _segment in received})
             if not runs:
                 self._deliver([(data, addr) for data, addr, _segment in received], now)
                 continue
@@ -917,6 +918,7 @@ class Endpoint:
             except OSError as exc:
                 logger.debug("sendto %s failed: %s", addr, exc)
             else:
+                self.sent_to.note(addr)  # again as it leaves: noted first when queued
                 self.datagrams_sent += 1
                 self.bytes_sent += len(data)
             queue.popleft()

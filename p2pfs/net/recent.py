@@ -6,7 +6,10 @@ traffic both ways). So a datagram from such an address proves nothing about the 
 from elsewhere. A peer can make our port send to an address of its choosing without a
 connection: naming it as a DHT contact or a punch candidate, or by a connection that has
 closed or moved since. Every send of the port is noted (QUIC per destination run, the
-DHT's, punches), and a dial-back probe from any of them is not counted.
+DHT's, punches), and a dial-back probe from any of them is not counted. Conntrack also
+keeps a flow alive on what comes in, so a destination's time is refreshed by each receive
+batch from it (a peer sending from there keeps our firewall open to it, as it keeps this
+record).
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ KEEP = 180.0
 LIMIT = 16384
 """Destinations kept. More within KEEP (anyone can make our port answer spoofed sources:
 a Retry to each forged Initial) and the record no longer says where we did not send: until
-KEEP after the last such overflow, every address counts as sent to (a dial-back probe is
-then not counted: the cheaper mistake)."""
+KEEP after the last such overflow, every address counts as sent to, and a dial-back that
+comes then decides nothing either way (``overflowed``)."""
 
 
 class RecentDestinations:
@@ -47,13 +50,31 @@ class RecentDestinations:
             sent = self._sent
             if key in sent:
                 sent.move_to_end(key)
+                when = max(when, sent[key])  # two threads' clocks read a moment apart
             else:
                 while sent and when - next(iter(sent.values())) >= KEEP:
                     sent.popitem(last=False)
                 if len(sent) >= LIMIT:
-                    self._overflow_until = when + KEEP
+                    self._overflow_until = max(self._overflow_until, when + KEEP)
                     return
             sent[key] = when
+
+    def refresh(self, addresses: set[tuple[Any, ...]], now: float | None = None) -> None:
+        """Datagrams came from ``addresses``: those we sent to stay counted from ``now`` (a
+        conntrack flow lives on traffic either way). Never adds one."""
+        when = self._clock() if now is None else now
+        with self._lock:
+            sent = self._sent
+            for address in addresses:
+                key = (str(address[0]), int(address[1]))
+                if key in sent:
+                    sent.move_to_end(key)
+                    sent[key] = max(when, sent[key])
+
+    def overflowed(self) -> bool:
+        """Whether the record is overflowing (LIMIT): it says nothing of where we did not
+        send."""
+        return self._clock() < self._overflow_until
 
     def includes(self, host: str, port: int) -> bool:
         """Whether ``host``:``port`` (however written: a v4-mapped IPv6 address is its
