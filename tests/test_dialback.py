@@ -34,7 +34,7 @@ from p2pfs.daemon.reachability import (
 )
 from p2pfs.errors import ConnectionClosedError, StreamResetError
 from p2pfs.identity import Identity
-from p2pfs.net import Endpoint, PeerConnection, open_endpoint
+from p2pfs.net import Endpoint, PeerConnection, open_endpoint, recent
 from p2pfs.net.control import (
     NONCE_LEN,
     ControlError,
@@ -463,3 +463,26 @@ def test_a_probe_from_where_we_sent_proves_nothing(
         trio.run(main)
     finally:
         decoy.close()
+
+
+def test_while_the_sent_to_record_overflows_an_ask_decides_nothing_but_never_unknown(
+    answerer: tuple[DaemonProcess, tuple[str, int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flooded with Initials from changing source ports, our record of where we sent
+    overflows and cannot vouch for any probe: the ask is undecided, and a family whose
+    every outcome expired meanwhile reads unreachable (a relay), never unknown."""
+    _daemon, address = answerer
+    monkeypatch.setattr(recent, "LIMIT", 8)
+
+    async def body(endpoint: Endpoint, conn: PeerConnection, service: DialBackService) -> None:
+        for port in range(1, 20):
+            endpoint.sent_to.note(("203.0.113.77", port))
+        assert endpoint.sent_to.overflowed()
+        request = service.request_for(conn)
+        assert request is not None
+        assert await service.ask(conn, request) is Answer.UNDECIDED
+        assert service.reachability.verdict(4, trio.current_time()) is Verdict.UNKNOWN
+        await service._ask(conn, 4)
+        assert service.reachability.verdict(4, trio.current_time()) is Verdict.UNREACHABLE
+
+    run_asker(address, body)

@@ -78,6 +78,11 @@ def test_what_comes_in_keeps_a_destination_counted_and_adds_none() -> None:
         now[0] += KEEP / 2
         sent.refresh({("198.51.100.1", 4000), ("198.51.100.2", 4000)})
     assert sent.includes("198.51.100.1", 4000)  # 2.5 KEEP after its only send
+    sent.note(("::ffff:203.0.113.9", 5000))  # a DHT contact or punch candidate, so parsed
+    for _ in range(5):
+        now[0] += KEEP / 2
+        sent.refresh({("203.0.113.9", 5000), ("198.51.100.1", 4000)})  # as received
+    assert sent.includes("203.0.113.9", 5000)
     assert not sent.includes("198.51.100.2", 4000)  # never sent to: not added
-    assert len(sent) == 1
+    assert len(sent) == 2
     assert not sent.overflowed()

@@ -148,6 +148,9 @@ class Answer(enum.Enum):
     """The connection ended or the answer never came: asked again soon."""
     BUSY = "busy"
     """The peer refused for now (BUSY): asked again after ASK_AGAIN_WHEN_BUSY."""
+    UNDECIDED = "undecided"
+    """Our record of where we sent overflowed meanwhile (net/recent.py): no probe could
+    count, so neither way is known; asked again as after LOST."""
 
 
 class DialBackService:
@@ -383,7 +386,10 @@ class DialBackService:
                 continue
             target = await self._known_target(address, family, networks)
             if target is not None and new_place_only and _place_of_host(target.host) in counted:
-                continue  # heard from: not marked asked, so asked once no longer confirming
+                # Heard from: looked at again in a minute (not every round: a name is
+                # resolved each time), and asked once the check no longer confirms.
+                self._asked[(address, family)] = now - ASK_AGAIN + ASK_AGAIN_AFTER_FAILURE
+                continue
             self._asked[(address, family)] = now
             if target is None:
                 continue
@@ -512,7 +518,12 @@ class DialBackService:
         finally:
             if self._dialer is not None:
                 self._dialer.release(conn, lease)
-        if answer is Answer.LOST:
+        if answer is Answer.UNDECIDED and not self.reachability.places(family, trio.current_time()):
+            # Flooded for so long that every outcome expired: the cheaper mistake (a relay,
+            # a DHT client) rather than "unknown", which a firewalled node would read as
+            # no need for a relay.
+            answer = Answer.NOT_REACHED
+        if answer in (Answer.LOST, Answer.UNDECIDED):
             self._asked[peer] = trio.current_time() - ASK_AGAIN + ASK_AGAIN_AFTER_FAILURE
         elif answer is Answer.BUSY:
             self._asked[peer] = trio.current_time() - ASK_AGAIN + ASK_AGAIN_WHEN_BUSY
@@ -576,7 +587,7 @@ class DialBackService:
         if self._endpoint.sent_to.overflowed():
             # Every probe is doubted meanwhile (net/recent.py): neither way is known.
             logger.info("dial-back by %s: undecided, too many destinations", conn.peer_id.short())
-            return Answer.LOST
+            return Answer.UNDECIDED
         if arrived.is_set() and failure is None:
             return Answer.REACHED
         if failure is not None:

@@ -909,6 +909,7 @@ class Endpoint:
     def _flush_queue(self) -> None:
         queue = self._send_queue
         sock = self._sock
+        now = time.monotonic()
         while queue:
             data, addr = queue[0]
             try:
@@ -918,7 +919,7 @@ class Endpoint:
             except OSError as exc:
                 logger.debug("sendto %s failed: %s", addr, exc)
             else:
-                self.sent_to.note(addr)  # again as it leaves: noted first when queued
+                self.sent_to.note(addr, now)  # again as it leaves: noted first when queued
                 self.datagrams_sent += 1
                 self.bytes_sent += len(data)
             queue.popleft()

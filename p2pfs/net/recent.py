@@ -44,7 +44,7 @@ class RecentDestinations:
         self._lock = threading.Lock()
 
     def note(self, address: tuple[Any, ...], now: float | None = None) -> None:
-        key = (str(address[0]), int(address[1]))
+        key = _key(address)
         when = self._clock() if now is None else now
         with self._lock:
             sent = self._sent
@@ -66,7 +66,7 @@ class RecentDestinations:
         with self._lock:
             sent = self._sent
             for address in addresses:
-                key = (str(address[0]), int(address[1]))
+                key = _key(address)
                 if key in sent:
                     sent.move_to_end(key)
                     sent[key] = max(when, sent[key])
@@ -90,6 +90,15 @@ class RecentDestinations:
 
     def __len__(self) -> int:
         return len(self._sent)
+
+
+def _key(address: tuple[Any, ...]) -> tuple[str, int]:
+    """An address as the receive path writes it: a v4-mapped IPv6 host (as DHT contacts
+    and punch candidates parse) as its IPv4 one, so what comes in from it refreshes it."""
+    host = str(address[0])
+    if host.startswith("::ffff:"):
+        host = str(plain_address(host) or host)
+    return host, int(address[1])
 
 
 def _plain(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
