@@ -86,3 +86,20 @@ def test_what_comes_in_keeps_a_destination_counted_and_adds_none() -> None:
     assert not sent.includes("198.51.100.2", 4000)  # never sent to: not added
     assert len(sent) == 2
     assert not sent.overflowed()
+
+
+def test_one_host_changing_its_port_fills_one_entry_not_the_record() -> None:
+    """Past PORTS_PER_HOST ports, a host counts with every port: a host that changes its
+    source port for each Initial (each gets an answer) cannot overflow the record."""
+    now = [0.0]
+    sent = RecentDestinations(clock=lambda: now[0])
+    for port in range(1, 5001):
+        sent.note(("198.51.100.9", port))
+    assert len(sent) == recent.PORTS_PER_HOST + 1
+    assert not sent.overflowed()
+    assert sent.includes("198.51.100.9", 60000)  # any port of that host now
+    assert not sent.includes("198.51.100.10", 1)
+    now[0] = KEEP
+    sent.note(("198.51.100.9", 4000))  # the old entries went stale: one by one again
+    assert len(sent) == 1 and not sent.includes("198.51.100.9", 8)
+    assert sent.includes("198.51.100.9", 4000)

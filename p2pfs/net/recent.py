@@ -31,6 +31,10 @@ LIMIT = 16384
 a Retry to each forged Initial) and the record no longer says where we did not send: until
 KEEP after the last such overflow, every address counts as sent to, and a dial-back that
 comes then decides nothing either way (``overflowed``)."""
+PORTS_PER_HOST = 64
+"""Ports of one host kept one by one; past that the host counts with every port (one
+entry: its port 0). So a single host changing its source port for each Initial cannot
+overflow the record; only sources forged across LIMIT / PORTS_PER_HOST addresses can."""
 
 
 class RecentDestinations:
@@ -40,6 +44,8 @@ class RecentDestinations:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._sent: OrderedDict[tuple[str, int], float] = OrderedDict()
+        self._ports: dict[str, int] = {}
+        """Per host, its entries with a port (not its every-port entry)."""
         self._overflow_until = -math.inf
         self._lock = threading.Lock()
 
@@ -48,16 +54,34 @@ class RecentDestinations:
         when = self._clock() if now is None else now
         with self._lock:
             sent = self._sent
-            if key in sent:
+            if key in sent:  # the common case: a destination we keep sending to
                 sent.move_to_end(key)
-                when = max(when, sent[key])  # two threads' clocks read a moment apart
+                sent[key] = max(when, sent[key])  # two threads' clocks read a moment apart
+                return
+            while sent and when - next(iter(sent.values())) >= KEEP:
+                stale, _at = sent.popitem(last=False)
+                if stale[1]:
+                    self._forget_port(stale[0])
+            every_port = (key[0], 0)
+            if every_port in sent:  # the host counts with every port already
+                sent.move_to_end(every_port)
+                sent[every_port] = max(when, sent[every_port])
+                return
+            if len(sent) >= LIMIT:
+                self._overflow_until = max(self._overflow_until, when + KEEP)
+                return
+            if self._ports.get(key[0], 0) >= PORTS_PER_HOST:
+                key = (key[0], 0)
             else:
-                while sent and when - next(iter(sent.values())) >= KEEP:
-                    sent.popitem(last=False)
-                if len(sent) >= LIMIT:
-                    self._overflow_until = max(self._overflow_until, when + KEEP)
-                    return
+                self._ports[key[0]] = self._ports.get(key[0], 0) + 1
             sent[key] = when
+
+    def _forget_port(self, host: str) -> None:
+        left = self._ports[host] - 1
+        if left:
+            self._ports[host] = left
+        else:
+            del self._ports[host]
 
     def refresh(self, addresses: set[tuple[Any, ...]], now: float | None = None) -> None:
         """Datagrams came from ``addresses``: those we sent to stay counted from ``now`` (a
@@ -67,9 +91,10 @@ class RecentDestinations:
             sent = self._sent
             for address in addresses:
                 key = _key(address)
-                if key in sent:
-                    sent.move_to_end(key)
-                    sent[key] = max(when, sent[key])
+                for held in (key, (key[0], 0)):
+                    if held in sent:
+                        sent.move_to_end(held)
+                        sent[held] = max(when, sent[held])
 
     def overflowed(self) -> bool:
         """Whether the record is overflowing (LIMIT): it says nothing of where we did not
@@ -85,7 +110,7 @@ class RecentDestinations:
         with self._lock:
             if now < self._overflow_until:
                 return True
-            candidates = [(k, at) for k, at in self._sent.items() if k[1] == port]
+            candidates = [(k, at) for k, at in self._sent.items() if k[1] in (port, 0)]
         return any(now - at < KEEP and _plain(k[0]) == wanted for k, at in candidates)
 
     def __len__(self) -> int:
