@@ -425,10 +425,10 @@ class DialBackService:
     ) -> list[PeerAddress]:
         """Up to CONTACTS_PER_CHECK routing-table nodes of ``family`` beyond our links, not
         asked within ASK_AGAIN, places not heard from yet first (only those when
-        ``new_place_only``: a check to confirm; a node with no connection
-        and no configured node beyond its links was never checked: a LAN neighbour as its
-        only bootstrap, say). A routing table's node is reached at its DHT port, which is
-        its node port unless it runs the DHT on a port of its own."""
+        ``new_place_only``, a check to confirm). Why: a node with no connection and no
+        configured node beyond its links was never checked (a LAN neighbour as its only
+        bootstrap, say). A routing table's node is reached at its DHT port, which is its
+        node port unless it runs the DHT on a port of its own."""
         if self._contacts is None:
             return []
         fresh = [
